@@ -1,0 +1,64 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "holdfast",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "holdfast", targets: ["holdfast"]),
+        .library(name: "HoldfastCore", targets: ["HoldfastCore"]),
+        .library(name: "HoldfastPosix", targets: ["HoldfastPosix"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+    ],
+    targets: [
+        // C for what Swift cannot import: CMSG_* macros, sockaddr_vm, ioctl numbers, fork+exec.
+        .target(name: "CHoldfastShims"),
+        // Pure logic: ConnSlot, redial policy, registry, relays over abstract connections.
+        .target(
+            name: "HoldfastCore",
+            dependencies: [.product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            swiftSettings: strict),
+        // Thin, tested wrappers over syscalls: reactor, fds, sockets, addresses, pipes, ptys.
+        .target(
+            name: "HoldfastPosix",
+            dependencies: [
+                "CHoldfastShims", "HoldfastCore",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "holdfast",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        // Fakes and helpers shared by every test target: in-memory and fault-injecting
+        // connections, bounded waits, child-process helpers.
+        .target(
+            name: "HoldfastTestSupport",
+            dependencies: ["HoldfastCore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastCoreTests",
+            dependencies: [
+                "HoldfastCore", "HoldfastTestSupport", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastPosixTests", dependencies: ["HoldfastPosix", "HoldfastCore", "HoldfastTestSupport"],
+            swiftSettings: strict),
+    ]
+)

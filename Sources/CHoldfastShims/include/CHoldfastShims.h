@@ -1,0 +1,82 @@
+// C for what Swift cannot import directly: CMSG_* macros, sockaddr_vm, ioctl request numbers,
+// prctl options, and a fork+exec that only calls async-signal-safe functions in the child.
+#ifndef CHOLDFAST_SHIMS_H
+#define CHOLDFAST_SHIMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/epoll.h>
+
+// MARK: vsock
+
+/// Fills a sockaddr_vm; returns its length.
+socklen_t hf_sockaddr_vm(struct sockaddr_storage *storage, uint32_t cid, uint32_t port);
+/// Reads cid/port out of a sockaddr_vm; returns 0, or -1 if the family is not AF_VSOCK.
+int hf_sockaddr_vm_parse(const struct sockaddr_storage *storage, uint32_t *cid, uint32_t *port);
+int hf_af_vsock(void);
+uint32_t hf_vmaddr_cid_any(void);
+uint32_t hf_vmaddr_cid_host(void);
+uint32_t hf_vmaddr_cid_local(void);
+uint32_t hf_vmaddr_port_any(void);
+
+// MARK: SCM_RIGHTS
+
+/// Sends `len` bytes with `nfds` descriptors attached (nfds may be 0). Returns bytes sent or -1
+/// with errno. MSG_NOSIGNAL is always set.
+ssize_t hf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+/// Receives up to `len` bytes and up to `max_fds` descriptors with MSG_CMSG_CLOEXEC. On return
+/// *nfds is how many fds were stored in `fds`; *surplus how many more arrived and were closed;
+/// *truncated is 1 if the kernel set MSG_CTRUNC (the surplus fds are lost in the kernel and the
+/// message must be treated as an error) and *payload_truncated 1 for MSG_TRUNC. Returns bytes
+/// received (0 at end-of-file) or -1 with errno.
+ssize_t hf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
+                         int *surplus, int *truncated, int *payload_truncated, int flags);
+
+/// Peer credentials of a connected Unix socket (SO_PEERCRED). Returns 0 or -1 with errno.
+int hf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
+
+// MARK: terminals and processes
+
+int hf_set_window_size(int fd, uint16_t rows, uint16_t cols);
+int hf_get_window_size(int fd, uint16_t *rows, uint16_t *cols);
+int hf_set_child_subreaper(void);
+int hf_set_no_new_privs(void);
+int hf_set_pdeathsig(int sig);
+int hf_pipe_size(int fd, int size);
+/// pipe2(O_CLOEXEC).
+int hf_pipe_cloexec(int fds[2]);
+/// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC.
+int hf_accept_nonblocking(int fd);
+/// Opens a pty pair (master and slave both O_CLOEXEC, O_NOCTTY); writes the slave's path into
+/// `name`. Returns 0, or -1 with errno and *failed_step naming the call that failed.
+int hf_open_pty(int *master, int *slave, char *name, size_t name_len, const char **failed_step);
+
+/// Options for hf_spawn. Any fd may be -1 (inherit nothing on that number: /dev/null is used).
+typedef struct {
+    const char *path;          ///< executable; resolved with PATH when it has no '/'
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;           ///< NULL: unchanged
+    int stdin_fd, stdout_fd, stderr_fd;
+    int controlling_tty;       ///< 1: setsid() and make stdin (a pty slave) the controlling tty
+    int new_session;           ///< 1: setsid() (implied by controlling_tty)
+    int set_ids;               ///< 1: setgroups(ngroups, groups), setgid(gid), setuid(uid)
+    uid_t uid;
+    gid_t gid;
+    const gid_t *groups;
+    int ngroups;
+    int pdeathsig;             ///< 0: none; else signal the child gets when its parent dies
+    const int *keep_fds;       ///< extra fds the child keeps (their CLOEXEC flag is cleared)
+    int nkeep_fds;
+    int reset_signals;         ///< 1: default dispositions and an empty signal mask in the child
+} hf_spawn_options;
+
+/// fork + exec. Returns the pid, or -1 with errno set to why the child could not start (the
+/// child reports exec and set-up failures back through a CLOEXEC pipe, so a bad path is an error
+/// here, not a mysterious exit 127). *failed_step names the step that failed.
+pid_t hf_spawn(const hf_spawn_options *options, const char **failed_step);
+
+#endif

@@ -1,0 +1,265 @@
+#define _GNU_SOURCE
+#include "CHoldfastShims.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/vm_sockets.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+socklen_t hf_sockaddr_vm(struct sockaddr_storage *storage, uint32_t cid, uint32_t port) {
+    struct sockaddr_vm *vm = (struct sockaddr_vm *)storage;
+    memset(storage, 0, sizeof(*storage));
+    vm->svm_family = AF_VSOCK;
+    vm->svm_cid = cid;
+    vm->svm_port = port;
+    return sizeof(struct sockaddr_vm);
+}
+
+int hf_sockaddr_vm_parse(const struct sockaddr_storage *storage, uint32_t *cid, uint32_t *port) {
+    const struct sockaddr_vm *vm = (const struct sockaddr_vm *)storage;
+    if (vm->svm_family != AF_VSOCK) return -1;
+    *cid = vm->svm_cid;
+    *port = vm->svm_port;
+    return 0;
+}
+
+int hf_af_vsock(void) { return AF_VSOCK; }
+uint32_t hf_vmaddr_cid_any(void) { return VMADDR_CID_ANY; }
+uint32_t hf_vmaddr_cid_host(void) { return VMADDR_CID_HOST; }
+uint32_t hf_vmaddr_cid_local(void) { return 1; /* VMADDR_CID_LOCAL */ }
+uint32_t hf_vmaddr_port_any(void) { return VMADDR_PORT_ANY; }
+
+ssize_t hf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    char *control = NULL;
+    if (nfds > 0) {
+        size_t space = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        control = calloc(1, space);
+        if (!control) { errno = ENOMEM; return -1; }
+        msg.msg_control = control;
+        msg.msg_controllen = space;
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t sent;
+    do {
+        sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    int saved = errno;
+    free(control);
+    errno = saved;
+    return sent;
+}
+
+ssize_t hf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
+                         int *surplus, int *truncated, int *payload_truncated, int flags) {
+    // Room for max_fds plus a margin, so a sender that attaches a few more than allowed is seen
+    // (and its surplus closed) instead of silently truncated by the kernel.
+    size_t capacity = (size_t)(max_fds > 0 ? max_fds : 0) + 8;
+    size_t space = CMSG_SPACE(sizeof(int) * capacity);
+    char *control = calloc(1, space);
+    if (!control) { errno = ENOMEM; return -1; }
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = space;
+    *nfds = 0;
+    *surplus = 0;
+    *truncated = 0;
+    *payload_truncated = 0;
+    ssize_t got;
+    do {
+        got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | flags);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        int saved = errno;
+        free(control);
+        errno = saved;
+        return -1;
+    }
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *received = (int *)CMSG_DATA(cmsg);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, &received[i], sizeof(int));
+            if (*nfds < max_fds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                close(fd);
+                (*surplus)++;
+            }
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) *truncated = 1;
+    if (msg.msg_flags & MSG_TRUNC) *payload_truncated = 1;
+    free(control);
+    return got;
+}
+
+int hf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    *pid = cred.pid;
+    *uid = cred.uid;
+    *gid = cred.gid;
+    return 0;
+}
+
+int hf_set_window_size(int fd, uint16_t rows, uint16_t cols) {
+    struct winsize ws = {.ws_row = rows, .ws_col = cols};
+    return ioctl(fd, TIOCSWINSZ, &ws);
+}
+
+int hf_get_window_size(int fd, uint16_t *rows, uint16_t *cols) {
+    struct winsize ws;
+    if (ioctl(fd, TIOCGWINSZ, &ws) != 0) return -1;
+    *rows = ws.ws_row;
+    *cols = ws.ws_col;
+    return 0;
+}
+
+int hf_set_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); }
+int hf_set_no_new_privs(void) { return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); }
+int hf_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
+int hf_pipe_size(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
+
+int hf_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int hf_accept_nonblocking(int fd) { return accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
+
+int hf_open_pty(int *master, int *slave, char *name, size_t name_len, const char **failed_step) {
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) { *failed_step = "posix_openpt"; return -1; }
+    if (grantpt(m) != 0) { *failed_step = "grantpt"; goto fail; }
+    if (unlockpt(m) != 0) { *failed_step = "unlockpt"; goto fail; }
+    if (ptsname_r(m, name, name_len) != 0) { *failed_step = "ptsname_r"; goto fail; }
+    int s = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (s < 0) { *failed_step = "open(slave)"; goto fail; }
+    *master = m;
+    *slave = s;
+    return 0;
+fail:;
+    int saved = errno;
+    close(m);
+    errno = saved;
+    return -1;
+}
+
+// MARK: spawn
+
+struct spawn_failure {
+    int error;
+    int step;
+};
+
+static const char *const spawn_steps[] = {
+    "fork", "setsid", "TIOCSCTTY", "dup2", "chdir", "setgroups", "setgid", "setuid",
+    "prctl(PDEATHSIG)", "execve", "fcntl",
+};
+
+static void child_fail(int pipe_fd, int step) {
+    struct spawn_failure failure = {.error = errno, .step = step};
+    ssize_t ignored = write(pipe_fd, &failure, sizeof(failure));
+    (void)ignored;
+    _exit(127);
+}
+
+static int open_dev_null(void) { return open("/dev/null", O_RDWR); }
+
+pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) != 0) {
+        if (failed_step) *failed_step = "pipe";
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        int saved = errno;
+        close(report[0]);
+        close(report[1]);
+        if (failed_step) *failed_step = spawn_steps[0];
+        errno = saved;
+        return -1;
+    }
+    if (pid == 0) {
+        // Child: async-signal-safe calls only.
+        if (o->reset_signals) {
+            sigset_t empty;
+            sigemptyset(&empty);
+            for (int sig = 1; sig < NSIG; sig++) {
+                if (sig == SIGKILL || sig == SIGSTOP) continue;
+                signal(sig, SIG_DFL);
+            }
+            sigprocmask(SIG_SETMASK, &empty, NULL);
+        }
+        if (o->pdeathsig && prctl(PR_SET_PDEATHSIG, o->pdeathsig, 0, 0, 0) != 0) child_fail(report[1], 8);
+        if ((o->new_session || o->controlling_tty) && setsid() < 0) child_fail(report[1], 1);
+        int fds[3] = {o->stdin_fd, o->stdout_fd, o->stderr_fd};
+        // Move the sources above 2 first, so dup2 onto 0..2 never clobbers a source still needed.
+        for (int i = 0; i < 3; i++) {
+            if (fds[i] < 0) {
+                fds[i] = open_dev_null();
+                if (fds[i] < 0) child_fail(report[1], 3);
+            }
+            if (fds[i] <= 2) {
+                int moved = fcntl(fds[i], F_DUPFD, 3);
+                if (moved < 0) child_fail(report[1], 3);
+                fds[i] = moved;
+            }
+        }
+        for (int i = 0; i < 3; i++) {
+            if (dup2(fds[i], i) < 0) child_fail(report[1], 3);
+        }
+        if (o->controlling_tty && ioctl(0, TIOCSCTTY, 0) != 0) child_fail(report[1], 2);
+        for (int i = 0; i < o->nkeep_fds; i++) {
+            int flags = fcntl(o->keep_fds[i], F_GETFD);
+            if (flags < 0 || fcntl(o->keep_fds[i], F_SETFD, flags & ~FD_CLOEXEC) < 0) child_fail(report[1], 10);
+        }
+        if (o->cwd && chdir(o->cwd) != 0) child_fail(report[1], 4);
+        if (o->set_ids) {
+            if (setgroups((size_t)o->ngroups, o->groups) != 0) child_fail(report[1], 5);
+            if (setgid(o->gid) != 0) child_fail(report[1], 6);
+            if (setuid(o->uid) != 0) child_fail(report[1], 7);
+        }
+        if (strchr(o->path, '/')) {
+            execve(o->path, o->argv, o->envp);
+        } else {
+            execvpe(o->path, o->argv, o->envp);
+        }
+        child_fail(report[1], 9);
+    }
+    close(report[1]);
+    struct spawn_failure failure;
+    ssize_t got;
+    do {
+        got = read(report[0], &failure, sizeof(failure));
+    } while (got < 0 && errno == EINTR);
+    close(report[0]);
+    if (got == (ssize_t)sizeof(failure)) {
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+        if (failed_step) *failed_step = spawn_steps[failure.step];
+        errno = failure.error;
+        return -1;
+    }
+    return pid;
+}

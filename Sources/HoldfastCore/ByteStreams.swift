@@ -1,0 +1,45 @@
+/// The byte-moving vocabulary of Holdfast's core.
+///
+/// The core never makes a syscall: pipes, ptys and sockets are adapted to these protocols in
+/// `HoldfastPosix`, and tests adapt in-memory fakes. Buffers are raw pointers because the data
+/// plane moves hundreds of MiB/s and must not copy or zero-fill on the way.
+
+/// A source of bytes: a pipe's read end, a pty master, a connection.
+public protocol ByteReader: Sendable {
+    /// Suspends until a read is likely to make progress (bytes, end-of-file or an error pending).
+    /// A relay calls this before it borrows a buffer, so an idle stream holds no buffer.
+    func waitReadable() async throws
+
+    /// Reads at least one byte, suspending while none is available. Returns 0 at end-of-file.
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int
+
+    /// Reads what is available now without suspending: `nil` when nothing is, 0 at end-of-file.
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int?
+}
+
+/// A sink of bytes: a pipe's write end, a pty master, a connection.
+public protocol ByteWriter: Sendable {
+    /// Writes every byte, or throws how many bytes the sink accepted before it failed.
+    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure)
+}
+
+/// A bidirectional transport to the host for one stream (a Unix, TCP or vsock socket).
+/// Conformers are classes because a ConnSlot compares connections by identity.
+public protocol ByteConnection: ByteReader, ByteWriter, AnyObject {
+    /// Closes the transport; wakes any read or write suspended on it with an error. Idempotent.
+    func close()
+}
+
+/// A write that failed part-way. `accepted` bytes were taken by the sink (for a socket: copied
+/// into the kernel's send buffer) before `cause` happened; the rest were not.
+public struct WriteFailure: Error, Sendable, CustomStringConvertible {
+    public var accepted: Int
+    public var cause: any Error
+
+    public init(accepted: Int, cause: any Error) {
+        self.accepted = accepted
+        self.cause = cause
+    }
+
+    public var description: String { "write failed after \(accepted) bytes: \(cause)" }
+}

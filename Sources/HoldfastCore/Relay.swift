@@ -1,0 +1,128 @@
+/// How a relay ended, and what it moved.
+public struct RelayReport: Sendable, Equatable, CustomStringConvertible {
+    public enum Ending: String, Sendable {
+        /// The source reached end-of-file (output) or the host ended the stream (input).
+        case endOfStream
+        /// The stream was closed by its owner (release, shutdown).
+        case streamClosed
+        /// The process exited and the host stayed away past the drain timeout.
+        case abandoned
+        /// The process no longer reads its input (EPIPE), or its output failed.
+        case processGone
+        /// The relay task was cancelled.
+        case cancelled
+    }
+
+    public var ending: Ending
+    /// Bytes moved from source to destination.
+    public var bytes: UInt64
+    /// Bytes that were produced but could not be delivered.
+    public var undelivered: UInt64
+
+    public init(ending: Ending, bytes: UInt64, undelivered: UInt64) {
+        self.ending = ending
+        self.bytes = bytes
+        self.undelivered = undelivered
+    }
+
+    public var description: String { "\(ending.rawValue): \(bytes) bytes relayed, \(undelivered) undelivered" }
+}
+
+/// The relays: the loops that move bytes between a process's stdio and its host streams.
+public enum Relay {
+    /// Process output (a pipe's read end or a pty master) → host. Reads only when it can write
+    /// on: while the stream is parked the relay is parked too, so the pipe fills and the process
+    /// blocks in write(2) — back-pressure, never loss and never SIGPIPE.
+    public static func output(
+        from source: some ByteReader,
+        to stream: some OutboundStream,
+        pool: BufferPool = .shared
+    ) async -> RelayReport {
+        var relayed: UInt64 = 0
+        while true {
+            do {
+                try await source.waitReadable()
+            } catch {
+                return await finish(stream, relayed: relayed)
+            }
+            let buffer = pool.take()
+            let count: Int
+            do {
+                count = try await source.read(into: buffer.bytes)
+            } catch {
+                // A pty master reports EIO once the last slave fd closed: that is its end-of-file.
+                count = 0
+            }
+            if count == 0 {
+                pool.recycle(buffer)
+                return await finish(stream, relayed: relayed)
+            }
+            do {
+                try await stream.send(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
+                pool.recycle(buffer)
+                relayed &+= UInt64(count)
+            } catch {
+                pool.recycle(buffer)
+                if Task.isCancelled {
+                    return RelayReport(ending: .cancelled, bytes: relayed, undelivered: UInt64(error.unsent))
+                }
+                // The stream is gone for good. What the process still wrote is lost: count it,
+                // so the loss is reported and not hidden.
+                let left = error.abandoned ? countRemaining(source, pool: pool) : 0
+                return RelayReport(
+                    ending: error.abandoned ? .abandoned : .streamClosed,
+                    bytes: relayed + UInt64(count - error.unsent),
+                    undelivered: UInt64(error.unsent) + left)
+            }
+        }
+    }
+
+    /// Host → process input (a pipe's write end or a pty master). Ends when the host ends the
+    /// stream explicitly (the caller then closes the pipe: the process sees end-of-file) or when
+    /// the process stops reading (EPIPE).
+    public static func input(
+        from stream: some InboundStream,
+        to sink: some ByteWriter,
+        pool: BufferPool = .shared
+    ) async -> RelayReport {
+        var relayed: UInt64 = 0
+        while true {
+            await stream.waitReceivable()
+            if Task.isCancelled { return RelayReport(ending: .cancelled, bytes: relayed, undelivered: 0) }
+            let buffer = pool.take()
+            defer { pool.recycle(buffer) }
+            let count = await stream.receive(into: buffer.bytes)
+            if count == 0 {
+                let ending: RelayReport.Ending = Task.isCancelled ? .cancelled : .endOfStream
+                return RelayReport(ending: ending, bytes: relayed, undelivered: 0)
+            }
+            do {
+                try await sink.write(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
+                relayed &+= UInt64(count)
+            } catch {
+                return RelayReport(
+                    ending: .processGone, bytes: relayed + UInt64(error.accepted),
+                    undelivered: UInt64(count - error.accepted))
+            }
+        }
+    }
+
+    private static func finish(_ stream: some OutboundStream, relayed: UInt64) async -> RelayReport {
+        let undelivered = await stream.finish()
+        return RelayReport(
+            ending: undelivered == 0 ? .endOfStream : .abandoned,
+            bytes: relayed - min(relayed, undelivered), undelivered: undelivered)
+    }
+
+    /// Reads what is left in a source without waiting, to count it. Bounded: stops at
+    /// end-of-file, at an empty source, or after 1 GiB.
+    private static func countRemaining(_ source: some ByteReader, pool: BufferPool) -> UInt64 {
+        let buffer = pool.take()
+        defer { pool.recycle(buffer) }
+        var total: UInt64 = 0
+        while total < 1 << 30, let count = try? source.readNow(into: buffer.bytes), count > 0 {
+            total &+= UInt64(count)
+        }
+        return total
+    }
+}

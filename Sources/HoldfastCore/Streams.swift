@@ -1,0 +1,74 @@
+/// What a relay writes process output into: the host end of a stdout, stderr or tty-output stream.
+/// A raw stream is a `ConnSlot`; a resumable one adds offsets, acknowledgements and replay.
+public protocol OutboundStream: Sendable {
+    /// Sends every byte, parking while the host is away (which is what stops the relay reading
+    /// its source: back-pressure). Throws `StreamClosed` if the stream is closed first.
+    func send(_ bytes: UnsafeRawBufferPointer) async throws(StreamClosed)
+
+    /// The source ended: delivers what is still pending, tells the host end-of-stream, and
+    /// returns how many bytes could not be delivered (0 when everything arrived).
+    func finish() async -> UInt64
+}
+
+/// What a relay reads process input from: the host end of a stdin or tty-input stream.
+public protocol InboundStream: Sendable {
+    /// Suspends until `receive` is likely to make progress, or the stream ended. Lets a relay
+    /// hold no buffer while its stream is idle.
+    func waitReceivable() async
+
+    /// Receives at least one byte, parking while the host is away. Returns 0 only at the stream's
+    /// explicit end (the host closed stdin, or the stream was closed), never because a
+    /// connection died.
+    func receive(into buffer: UnsafeMutableRawBufferPointer) async -> Int
+}
+
+/// An outbound stream was closed before everything was sent.
+public struct StreamClosed: Error, Sendable, Equatable {
+    /// Bytes of the failed send that were not delivered.
+    public var unsent: Int
+    /// The stream was closed by its drain timeout (its process exited and the host stayed away),
+    /// not by its owner.
+    public var abandoned: Bool
+
+    public init(unsent: Int, abandoned: Bool) {
+        self.unsent = unsent
+        self.abandoned = abandoned
+    }
+}
+
+// MARK: - A ConnSlot is a raw stream.
+
+extension ConnSlot: OutboundStream {
+    public func send(_ bytes: UnsafeRawBufferPointer) async throws(StreamClosed) {
+        do {
+            try await write(bytes)
+        } catch {
+            throw StreamClosed(unsent: error.unsent, abandoned: error.abandoned)
+        }
+    }
+
+    /// Raw mode has no acknowledgements: what was written went to a connection, so only a close
+    /// remains (the host sees end-of-file). Bytes a dying connection had accepted are counted in
+    /// `statistics.bytesUnconfirmed`, not here.
+    public func finish() async -> UInt64 {
+        close()
+        return 0
+    }
+}
+
+extension ConnSlot: InboundStream {
+    public func waitReceivable() async {
+        while let lease = await current() {
+            do {
+                try await lease.connection.waitReadable()
+                return
+            } catch {
+                disconnect(ifCurrent: lease.generation, reason: .readFailed)
+            }
+        }
+    }
+
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) async -> Int {
+        await read(into: buffer)
+    }
+}

@@ -1,0 +1,69 @@
+import CHoldfastShims
+import HoldfastCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The two ends of a pipe, both close-on-exec (a child gets its end through dup2, nothing else).
+public struct PipeEnds: Sendable {
+    public var read: Int32
+    public var write: Int32
+
+    /// Creates a pipe. `capacity` asks the kernel for a bigger buffer (F_SETPIPE_SZ): fewer
+    /// wake-ups per MiB. A refusal (over /proc/sys/fs/pipe-max-size) leaves the default.
+    public static func make(capacity: Int? = nil) throws(SystemError) -> PipeEnds {
+        var fds: [Int32] = [-1, -1]
+        _ = try retryingInterrupts("pipe2") { hf_pipe_cloexec(&fds) }
+        if let capacity { _ = hf_pipe_size(fds[0], Int32(capacity)) }
+        return PipeEnds(read: fds[0], write: fds[1])
+    }
+}
+
+/// A pseudo-terminal pair: the master stays with Holdfast, the slave becomes a process's
+/// controlling terminal.
+public struct PseudoTerminal: Sendable {
+    public var master: Int32
+    public var slave: Int32
+    public var slavePath: String
+
+    public static func open(size: WindowSize? = nil) throws(SystemError) -> PseudoTerminal {
+        var master: Int32 = -1
+        var slave: Int32 = -1
+        var name = [CChar](repeating: 0, count: 128)
+        var step: UnsafePointer<CChar>?
+        guard hf_open_pty(&master, &slave, &name, name.count, &step) == 0 else {
+            throw .last(step.map { String(cString: $0) } ?? "open pty")
+        }
+        let path = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let terminal = PseudoTerminal(master: master, slave: slave, slavePath: path)
+        if let size {
+            do {
+                try terminal.resize(size)
+            } catch {
+                _ = Glibc.close(master)
+                _ = Glibc.close(slave)
+                throw error
+            }
+        }
+        return terminal
+    }
+
+    public func resize(_ size: WindowSize) throws(SystemError) {
+        try Terminal.resize(fd: master, to: size)
+    }
+}
+
+public enum Terminal {
+    /// TIOCSWINSZ: the process on the slave side gets SIGWINCH.
+    public static func resize(fd: Int32, to size: WindowSize) throws(SystemError) {
+        guard hf_set_window_size(fd, size.rows, size.columns) == 0 else { throw .last("ioctl(TIOCSWINSZ, fd \(fd))") }
+    }
+
+    public static func size(of fd: Int32) throws(SystemError) -> WindowSize {
+        var rows: UInt16 = 0
+        var columns: UInt16 = 0
+        guard hf_get_window_size(fd, &rows, &columns) == 0 else { throw .last("ioctl(TIOCGWINSZ, fd \(fd))") }
+        return WindowSize(rows: rows, columns: columns)
+    }
+}

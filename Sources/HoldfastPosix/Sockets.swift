@@ -1,0 +1,229 @@
+import CHoldfastShims
+import HoldfastCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A resolved sockaddr ready for connect(2) or bind(2).
+struct ResolvedAddress {
+    var storage = sockaddr_storage()
+    var length: socklen_t = 0
+    var family: Int32 = 0
+
+    init(_ address: SocketAddress) throws(SystemError) {
+        switch address {
+        case .vsock(let cid, let port):
+            family = hf_af_vsock()
+            length = hf_sockaddr_vm(&storage, cid, port)
+        case .unix(let path):
+            family = AF_UNIX
+            let sunPathOffset = MemoryLayout<sa_family_t>.size
+            withUnsafeMutableBytes(of: &storage) { raw in
+                raw.storeBytes(of: sa_family_t(AF_UNIX), as: sa_family_t.self)
+                let bytes = Array(path.utf8)
+                for (index, byte) in bytes.enumerated() { raw[sunPathOffset + index] = byte }
+                raw[sunPathOffset + bytes.count] = 0
+            }
+            length = socklen_t(sunPathOffset + path.utf8.count + 1)
+        case .tcp(let host, let port):
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG
+            var result: UnsafeMutablePointer<addrinfo>?
+            let status = getaddrinfo(host, String(port), &hints, &result)
+            guard status == 0, let first = result else {
+                let reason = String(cString: gai_strerror(status))
+                throw SystemError("resolve \(host): \(reason)", errno: .noSuchFileOrDirectory)
+            }
+            defer { freeaddrinfo(result) }
+            family = first.pointee.ai_family
+            length = first.pointee.ai_addrlen
+            withUnsafeMutableBytes(of: &storage) { raw in
+                raw.copyMemory(from: UnsafeRawBufferPointer(start: first.pointee.ai_addr, count: Int(length)))
+            }
+        }
+    }
+
+    func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+        withUnsafeBytes(of: storage) { raw in
+            body(raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), length)
+        }
+    }
+}
+
+/// A connect that did not finish in time.
+public struct ConnectTimedOut: Error, Sendable, CustomStringConvertible {
+    public var address: SocketAddress
+    public var timeout: Duration
+    public var description: String { "connect to \(address) timed out after \(timeout)" }
+}
+
+public enum Dialer {
+    /// Connects a stream socket to `address`, giving up after `timeout`. The returned connection
+    /// is non-blocking and registered with the reactor.
+    public static func connect(
+        to address: SocketAddress, timeout: Duration = .seconds(2), reactor: Reactor = .shared
+    ) async throws -> AsyncFD {
+        let resolved = try ResolvedAddress(address)
+        let fd = try retryingInterrupts("socket(\(address))") {
+            socket(resolved.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        }
+        let connection: AsyncFD
+        do {
+            connection = try AsyncFD(adopting: fd, reactor: reactor)
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
+        }
+        let started = resolved.withSockaddr { Glibc.connect(fd, $0, $1) }
+        if started == 0 { return connection }
+        let error = Glibc.errno
+        guard error == EINPROGRESS || error == EINTR else {
+            connection.close()
+            throw SystemError("connect(\(address))", errno: .init(rawValue: error))
+        }
+        do {
+            try await withDeadline(timeout, address: address) { try await connection.waitWritable() }
+        } catch {
+            connection.close()
+            throw error
+        }
+        var socketError: Int32 = 0
+        var size = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &socketError, &size)
+        guard socketError == 0 else {
+            connection.close()
+            throw SystemError("connect(\(address))", errno: .init(rawValue: socketError))
+        }
+        return connection
+    }
+
+    /// Runs `body`, throwing `ConnectTimedOut` if it has not finished within `timeout`. `body`
+    /// must honour cancellation (reactor waits do).
+    static func withDeadline(
+        _ timeout: Duration, address: SocketAddress, _ body: @escaping @Sendable () async throws -> Void
+    ) async throws {
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await body()
+                return true
+            }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                return false
+            }
+            defer { group.cancelAll() }
+            guard let finished = try await group.next(), finished else {
+                throw ConnectTimedOut(address: address, timeout: timeout)
+            }
+        }
+    }
+}
+
+/// A listening stream socket that accepts any number of connections.
+public final class Listener: Sendable {
+    public let address: SocketAddress
+    private let socket: AsyncFD
+    /// The inode of the Unix socket file we created, so `close` never unlinks a successor's.
+    private let unixInode: ino_t?
+
+    /// Binds and listens. A stale Unix socket file at the path is replaced; for vsock port
+    /// `VMADDR_PORT_ANY` the kernel picks a port (see `boundAddress`).
+    public init(
+        binding address: SocketAddress, backlog: Int32 = 1024, unixMode: mode_t? = nil, reactor: Reactor = .shared
+    ) throws(SystemError) {
+        let resolved = try ResolvedAddress(address)
+        let fd = try retryingInterrupts("socket(\(address))") {
+            Glibc.socket(resolved.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        }
+        do {
+            if case .unix(let path) = address {
+                var info = stat()
+                if lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+            }
+            if resolved.family == AF_INET || resolved.family == AF_INET6 {
+                var one: Int32 = 1
+                setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            }
+            _ = try retryingInterrupts("bind(\(address))") { resolved.withSockaddr { Glibc.bind(fd, $0, $1) } }
+            if case .unix(let path) = address, let unixMode {
+                _ = try retryingInterrupts("chmod(\(path))") { chmod(path, unixMode) }
+            }
+            _ = try retryingInterrupts("listen(\(address))") { Glibc.listen(fd, backlog) }
+            self.socket = try AsyncFD(adopting: fd, reactor: reactor)
+            if case .unix(let path) = address {
+                var info = stat()
+                self.unixInode = lstat(path, &info) == 0 ? info.st_ino : nil
+            } else {
+                self.unixInode = nil
+            }
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
+        }
+        self.address = address
+    }
+
+    /// The address actually bound (differs from `address` for TCP or vsock port 0).
+    public var boundAddress: SocketAddress {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutableBytes(of: &storage) { raw in
+            getsockname(socket.fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), &length) == 0
+        }
+        guard ok else { return address }
+        switch address {
+        case .tcp(let host, _):
+            let port: UInt16 = withUnsafeBytes(of: storage) { raw in
+                // sin_port and sin6_port sit at the same offset, in network byte order.
+                UInt16(bigEndian: raw.load(fromByteOffset: 2, as: UInt16.self))
+            }
+            return .tcp(host: host, port: port)
+        case .vsock:
+            var cid: UInt32 = 0
+            var port: UInt32 = 0
+            guard hf_sockaddr_vm_parse(&storage, &cid, &port) == 0 else { return address }
+            return .vsock(cid: cid, port: port)
+        case .unix:
+            return address
+        }
+    }
+
+    /// Accepts the next connection, suspending until one arrives. Throws `DescriptorClosed` after
+    /// `close()`.
+    public func accept() async throws -> AsyncFD {
+        while true {
+            let fd: Int32? = try socket.withSyscall { () throws(SystemError) -> Int32? in
+                while true {
+                    let fd = hf_accept_nonblocking(socket.fd)
+                    if fd >= 0 { return fd }
+                    switch Glibc.errno {
+                    case EINTR, ECONNABORTED: continue
+                    case EAGAIN, EWOULDBLOCK: return nil
+                    default: throw .last("accept(\(address))")
+                    }
+                }
+            }
+            if let fd {
+                do {
+                    return try AsyncFD(adopting: fd, reactor: .shared)
+                } catch {
+                    _ = Glibc.close(fd)
+                    throw error
+                }
+            }
+            try await socket.waitReadable()
+        }
+    }
+
+    /// Stops listening; a pending `accept` throws. Removes the Unix socket file.
+    public func close() {
+        guard !socket.isClosed else { return }
+        socket.close()
+        if case .unix(let path) = address, let unixInode {
+            var info = stat()
+            if lstat(path, &info) == 0, info.st_ino == unixInode { unlink(path) }
+        }
+    }
+}

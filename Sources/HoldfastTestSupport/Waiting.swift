@@ -1,0 +1,49 @@
+/// Bounded waiting for tests: every wait has a deadline, so a broken invariant fails a test
+/// instead of hanging the suite.
+
+public struct TimedOut: Error, CustomStringConvertible {
+    public var what: String
+    public var description: String { "timed out waiting for \(what)" }
+}
+
+/// Polls `condition` every millisecond until it holds; throws `TimedOut` after `timeout`.
+public func eventually(
+    _ what: String = "condition", timeout: Duration = .seconds(5), _ condition: () async throws -> Bool
+) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while true {
+        if try await condition() { return }
+        if ContinuousClock.now >= deadline { throw TimedOut(what: what) }
+        try await Task.sleep(for: .milliseconds(1))
+    }
+}
+
+/// Runs `body`, failing with `TimedOut` if it does not finish within `timeout`. The body must
+/// honour cancellation for the timeout to end it.
+public func withTimeout<T: Sendable>(
+    _ what: String = "operation", _ timeout: Duration = .seconds(10), _ body: @escaping @Sendable () async throws -> T
+) async throws -> T {
+    try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: timeout)
+            return nil
+        }
+        defer { group.cancelAll() }
+        guard let first = try await group.next(), let value = first else { throw TimedOut(what: what) }
+        return value
+    }
+}
+
+/// A tiny deterministic PRNG (SplitMix64) so randomized tests can print and replay their seed.
+public struct SeededRandom: RandomNumberGenerator, Sendable {
+    private var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
