@@ -19,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+        // Tests only: SHA-256 of relayed streams.
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // C for what Swift cannot import: CMSG_* macros, sockaddr_vm, ioctl numbers, fork+exec.
@@ -49,7 +51,11 @@ let package = Package(
         // connections, bounded waits, child-process helpers.
         .target(
             name: "HoldfastTestSupport",
-            dependencies: ["HoldfastCore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
             swiftSettings: strict),
         .testTarget(
             name: "HoldfastCoreTests",
@@ -58,7 +64,11 @@ let package = Package(
             ],
             swiftSettings: strict),
         .testTarget(
-            name: "HoldfastPosixTests", dependencies: ["HoldfastPosix", "HoldfastCore", "HoldfastTestSupport"],
+            name: "HoldfastPosixTests",
+            dependencies: [
+                "HoldfastPosix", "HoldfastCore", "HoldfastTestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
             swiftSettings: strict),
     ]
 )

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -162,6 +163,26 @@ fail:;
     close(m);
     errno = saved;
     return -1;
+}
+
+int hf_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+pid_t hf_wait(pid_t pid, int nohang, int *exited, int *code) {
+    int status = 0;
+    pid_t got;
+    do {
+        got = waitpid(pid, &status, nohang ? WNOHANG : 0);
+    } while (got < 0 && errno == EINTR);
+    if (got > 0) {
+        if (WIFEXITED(status)) {
+            *exited = 1;
+            *code = WEXITSTATUS(status);
+        } else {
+            *exited = 0;
+            *code = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+        }
+    }
+    return got;
 }
 
 // MARK: spawn

@@ -47,3 +47,6 @@ public struct SeededRandom: RandomNumberGenerator, Sendable {
         return z ^ (z >> 31)
     }
 }
+
+/// The UTF-8 bytes of a string.
+public func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }

@@ -47,7 +47,6 @@ final class DialScript: Sendable {
     }
 }
 
-func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
 
 extension Slot {
     func write(_ data: [UInt8]) async throws(Closed) {

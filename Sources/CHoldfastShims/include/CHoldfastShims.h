@@ -54,6 +54,12 @@ int hf_accept_nonblocking(int fd);
 /// `name`. Returns 0, or -1 with errno and *failed_step naming the call that failed.
 int hf_open_pty(int *master, int *slave, char *name, size_t name_len, const char **failed_step);
 
+/// pidfd_open(2): an fd that becomes readable when the process exits. -1 with errno on failure.
+int hf_pidfd_open(pid_t pid);
+/// waitpid wrappers that decode the status: returns the pid reaped, 0 if none, -1 with errno.
+/// *exited is 1 for a normal exit (code in *code) and 0 for death by signal (*code = signal).
+pid_t hf_wait(pid_t pid, int nohang, int *exited, int *code);
+
 /// Options for hf_spawn. Any fd may be -1 (inherit nothing on that number: /dev/null is used).
 typedef struct {
     const char *path;          ///< executable; resolved with PATH when it has no '/'

@@ -1,0 +1,192 @@
+import CHoldfastShims
+import HoldfastCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a process ended.
+public enum ExitStatus: Sendable, Equatable, Codable, CustomStringConvertible {
+    case exited(Int32)
+    case signaled(Int32)
+
+    /// The shell's convention: the exit code, or 128 + the signal number.
+    public var code: Int32 {
+        switch self {
+        case .exited(let code): return code
+        case .signaled(let signal): return 128 + signal
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .exited(let code): return "exit code \(code)"
+        case .signaled(let signal): return "killed by signal \(signal) (\(signalName(signal)))"
+        }
+    }
+}
+
+public func signalName(_ signal: Int32) -> String {
+    switch signal {
+    case SIGHUP: return "SIGHUP"
+    case SIGINT: return "SIGINT"
+    case SIGQUIT: return "SIGQUIT"
+    case SIGABRT: return "SIGABRT"
+    case SIGKILL: return "SIGKILL"
+    case SIGSEGV: return "SIGSEGV"
+    case SIGPIPE: return "SIGPIPE"
+    case SIGTERM: return "SIGTERM"
+    case SIGUSR1: return "SIGUSR1"
+    case SIGUSR2: return "SIGUSR2"
+    case SIGSYS: return "SIGSYS"
+    default: return "signal \(signal)"
+    }
+}
+
+/// What to start and how.
+public struct SpawnOptions: Sendable {
+    public var executable: String
+    public var arguments: [String]
+    public var environment: [String]
+    public var directory: String?
+    public var stdin: Int32?
+    public var stdout: Int32?
+    public var stderr: Int32?
+    /// setsid() and make `stdin` (a pty slave) the controlling terminal.
+    public var controllingTerminal = false
+    public var newSession = false
+    public var user: (uid: uid_t, gid: gid_t, groups: [gid_t])?
+    /// fds the child keeps beyond 0-2 (at the same numbers).
+    public var keepDescriptors: [Int32] = []
+    /// Signal the child receives if the spawning thread's process dies (PR_SET_PDEATHSIG).
+    public var parentDeathSignal: Int32?
+
+    /// `arguments[0]` is the program name the child sees; `executable` is resolved with PATH when
+    /// it has no slash.
+    public init(executable: String, arguments: [String], environment: [String] = SpawnOptions.inheritedEnvironment()) {
+        self.executable = executable
+        self.arguments = arguments
+        self.environment = environment
+    }
+
+    public static func inheritedEnvironment() -> [String] {
+        var result: [String] = []
+        var cursor = environ
+        while let entry = cursor.pointee {
+            result.append(String(cString: entry))
+            cursor += 1
+        }
+        return result
+    }
+}
+
+/// A process could not be started: which step failed and why.
+public struct SpawnError: Error, Sendable, CustomStringConvertible {
+    public var executable: String
+    public var step: String
+    public var errno: Int32
+
+    public var description: String {
+        "cannot start \(executable): \(step) failed: \(String(cString: strerror(errno))) (errno \(errno))"
+    }
+}
+
+public enum Spawner {
+    /// fork + exec. A failure in the child before exec (bad path, bad cwd, setuid refused) is
+    /// reported here as a `SpawnError`, not as a mysterious exit status later.
+    public static func spawn(_ options: SpawnOptions) throws(SpawnError) -> pid_t {
+        let argv = CStringArray(options.arguments)
+        let envp = CStringArray(options.environment)
+        let groups = options.user?.groups ?? []
+        var step: UnsafePointer<CChar>?
+        let pid: pid_t = options.executable.withCString { path in
+            withOptionalCString(options.directory) { directory in
+                groups.withUnsafeBufferPointer { groupBuffer in
+                    options.keepDescriptors.withUnsafeBufferPointer { keep in
+                        var raw = hf_spawn_options()
+                        raw.path = path
+                        raw.argv = UnsafePointer(argv.pointer)
+                        raw.envp = UnsafePointer(envp.pointer)
+                        raw.cwd = directory
+                        raw.stdin_fd = options.stdin ?? -1
+                        raw.stdout_fd = options.stdout ?? -1
+                        raw.stderr_fd = options.stderr ?? -1
+                        raw.controlling_tty = options.controllingTerminal ? 1 : 0
+                        raw.new_session = options.newSession ? 1 : 0
+                        if let user = options.user {
+                            raw.set_ids = 1
+                            raw.uid = user.uid
+                            raw.gid = user.gid
+                            raw.groups = groupBuffer.baseAddress
+                            raw.ngroups = Int32(groupBuffer.count)
+                        }
+                        raw.pdeathsig = options.parentDeathSignal ?? 0
+                        raw.keep_fds = keep.baseAddress
+                        raw.nkeep_fds = Int32(keep.count)
+                        raw.reset_signals = 1
+                        return hf_spawn(&raw, &step)
+                    }
+                }
+            }
+        }
+        guard pid > 0 else {
+            throw SpawnError(
+                executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: Glibc.errno)
+        }
+        return pid
+    }
+
+    /// Reaps `pid` if it has exited, without blocking.
+    public static func reap(_ pid: pid_t) -> ExitStatus? {
+        var exited: Int32 = 0
+        var code: Int32 = 0
+        guard hf_wait(pid, 1, &exited, &code) == pid else { return nil }
+        return exited == 1 ? .exited(code) : .signaled(code)
+    }
+
+    /// Waits for `pid` (a child of this process) to exit and reaps it, suspending the task — not
+    /// a thread — through a pidfd.
+    public static func waitForExit(_ pid: pid_t) async throws -> ExitStatus {
+        let pidfd = hf_pidfd_open(pid)
+        guard pidfd >= 0 else {
+            if let status = reap(pid) { return status }
+            throw SystemError.last("pidfd_open(\(pid))")
+        }
+        let handle = try AsyncFD(adopting: pidfd)
+        defer { handle.close() }
+        while true {
+            if let status = reap(pid) { return status }
+            try await handle.waitReadable()
+            if let status = reap(pid) { return status }
+            // Readable but not reapable: someone else reaped it (a subreaper's loop).
+            var exited: Int32 = 0
+            var code: Int32 = 0
+            if hf_wait(pid, 1, &exited, &code) < 0, Glibc.errno == ECHILD {
+                throw SystemError("waitpid(\(pid))", errno: .noChildProcess)
+            }
+        }
+    }
+}
+
+/// A NULL-terminated C array of C strings that lives as long as this object.
+final class CStringArray {
+    let pointer: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>
+    private let count: Int
+
+    init(_ strings: [String]) {
+        count = strings.count
+        pointer = .allocate(capacity: strings.count + 1)
+        for (index, string) in strings.enumerated() { pointer[index] = strdup(string) }
+        pointer[strings.count] = nil
+    }
+
+    deinit {
+        for index in 0..<count { free(pointer[index]) }
+        pointer.deallocate()
+    }
+}
+
+func withOptionalCString<R>(_ string: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+    guard let string else { return body(nil) }
+    return string.withCString { body($0) }
+}

@@ -1,0 +1,127 @@
+import HoldfastPosix
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The processes a test started, ended by pid when the test is done — never by name.
+///
+///     let processes = TestProcesses()
+///     defer { processes.killAll() }
+public final class TestProcesses: Sendable {
+    private let pids = NIOLockedValueBox<Set<pid_t>>([])
+
+    public init() {}
+
+    /// Starts `arguments[0]` (resolved with PATH) with the given stdio fds.
+    @discardableResult
+    public func start(
+        _ arguments: [String], stdin: Int32? = nil, stdout: Int32? = nil, stderr: Int32? = nil,
+        environment: [String]? = nil, directory: String? = nil
+    ) throws -> pid_t {
+        var options = SpawnOptions(executable: arguments[0], arguments: arguments)
+        if let environment { options.environment = environment }
+        options.stdin = stdin
+        options.stdout = stdout
+        options.stderr = stderr ?? 2
+        options.directory = directory
+        options.parentDeathSignal = SIGKILL
+        let pid = try Spawner.spawn(options)
+        pids.withLockedValue { _ = $0.insert(pid) }
+        return pid
+    }
+
+    /// Tracks a process started some other way, so it is ended with the rest.
+    public func adopt(_ pid: pid_t) {
+        pids.withLockedValue { _ = $0.insert(pid) }
+    }
+
+    public func signal(_ pid: pid_t, _ signal: Int32 = SIGKILL) {
+        _ = Glibc.kill(pid, signal)
+    }
+
+    /// Waits (bounded) for a process to exit and reaps it.
+    public func wait(_ pid: pid_t, timeout: Duration = .seconds(10)) async throws -> ExitStatus {
+        let status = try await withTimeout("process \(pid) to exit", timeout) { try await Spawner.waitForExit(pid) }
+        pids.withLockedValue { _ = $0.remove(pid) }
+        return status
+    }
+
+    /// SIGKILL and reap one process.
+    public func kill(_ pid: pid_t) {
+        _ = Glibc.kill(pid, SIGKILL)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        pids.withLockedValue { _ = $0.remove(pid) }
+    }
+
+    /// SIGKILL and reap every process still tracked.
+    public func killAll() {
+        for pid in pids.withLockedValue({ $0 }) { kill(pid) }
+    }
+}
+
+/// The number of open fds of a process, from /proc/PID/fd.
+public func openDescriptorCount(pid: pid_t = getpid()) -> Int {
+    guard let directory = opendir("/proc/\(pid)/fd") else { return -1 }
+    defer { closedir(directory) }
+    var count = 0
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        if name != "." && name != ".." { count += 1 }
+    }
+    return count - 1  // the directory stream's own fd
+}
+
+/// A private directory under /tmp, removed with everything in it by `remove()`.
+public struct TemporaryDirectory: Sendable {
+    public let path: String
+
+    public init(_ prefix: String = "holdfast-test") throws {
+        var template = Array("/tmp/\(prefix).XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) != nil }
+        guard made else { throw SystemError.last("mkdtemp") }
+        path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    public func file(_ name: String) -> String { "\(path)/\(name)" }
+
+    public func remove() {
+        var options = SpawnOptions(executable: "rm", arguments: ["rm", "-rf", path])
+        options.stdout = -1
+        if let pid = try? Spawner.spawn(options) {
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
+    }
+}
+
+/// Reads a whole file (tests only).
+public func readFile(_ path: String) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var result: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if count <= 0 { break }
+        result += buffer[..<count]
+    }
+    return result
+}
+
+public func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
+    guard fd >= 0 else { throw SystemError.last("open(\(path))") }
+    defer { close(fd) }
+    var offset = 0
+    while offset < bytes.count {
+        let count = bytes[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { throw SystemError.last("write(\(path))") }
+        offset += count
+    }
+}

@@ -1,0 +1,235 @@
+import CHoldfastShims
+import HoldfastCore
+import HoldfastTestSupport
+import Testing
+
+@testable import HoldfastPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func send(_ connection: AsyncFD, _ bytes: [UInt8]) async throws {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bytes.count), alignment: 1)
+    defer { buffer.deallocate() }
+    buffer.copyBytes(from: bytes)
+    try await connection.write(UnsafeRawBufferPointer(rebasing: buffer[..<bytes.count]))
+}
+
+/// Reads until end-of-file (bounded by `limit` bytes).
+func readAll(_ connection: some ByteReader, limit: Int = 1 << 30) async throws -> [UInt8] {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 1)
+    defer { buffer.deallocate() }
+    var result: [UInt8] = []
+    while result.count < limit {
+        let count = try await connection.read(into: buffer)
+        if count == 0 { break }
+        result += buffer[..<count]
+    }
+    return result
+}
+
+func readExactly(_ connection: some ByteReader, _ count: Int) async throws -> [UInt8] {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 1)
+    defer { buffer.deallocate() }
+    var result: [UInt8] = []
+    while result.count < count {
+        let got = try await connection.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<(count - result.count)]))
+        if got == 0 { break }
+        result += buffer[..<got]
+    }
+    return result
+}
+
+@Suite("Transports: dial and listen on loopback")
+struct TransportTests {
+    @Test func unixSocketRoundTrip() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let address = try SocketAddress(parsing: "unix:" + directory.file("s.sock"))
+        let listener = try Listener(binding: address)
+        defer { listener.close() }
+        async let accepted = listener.accept()
+        let client = try await Dialer.connect(to: address, timeout: .seconds(1))
+        let server = try await accepted
+        try await send(client, bytes("ping"))
+        #expect(try await readExactly(server, 4) == bytes("ping"))
+        try await send(server, bytes("pong"))
+        #expect(try await readExactly(client, 4) == bytes("pong"))
+        client.close()
+        #expect(try await readAll(server).isEmpty, "the peer sees end-of-file after close")
+        server.close()
+    }
+
+    @Test func tcpLoopbackRoundTrip() async throws {
+        let listener = try Listener(binding: .tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let address = listener.boundAddress
+        guard case .tcp(_, let port) = address else { Issue.record("not tcp"); return }
+        #expect(port != 0)
+        async let accepted = listener.accept()
+        let client = try await Dialer.connect(to: address, timeout: .seconds(1))
+        let server = try await accepted
+        try await send(client, bytes("over tcp"))
+        #expect(try await readExactly(server, 8) == bytes("over tcp"))
+        client.close()
+        server.close()
+    }
+
+    @Test func refusedDialNamesTheAddress() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let address = SocketAddress.unix(path: directory.file("nobody.sock"))
+        do {
+            _ = try await Dialer.connect(to: address, timeout: .seconds(1))
+            Issue.record("dial succeeded")
+        } catch let error as SystemError {
+            #expect(error.description.contains("nobody.sock"))
+            #expect(error.errno == .noSuchFileOrDirectory)
+        }
+    }
+
+    @Test func connectTimeoutIsEnforced() async throws {
+        // A TCP listener that never accepts, with its backlog full: the next SYN is dropped, so
+        // a connect hangs until our timeout ends it.
+        let listener = try Listener(binding: .tcp(host: "127.0.0.1", port: 0), backlog: 0)
+        defer { listener.close() }
+        let address = listener.boundAddress
+        var fillers: [AsyncFD] = []
+        defer { for filler in fillers { filler.close() } }
+        var timedOut = false
+        for _ in 0..<16 {
+            let started = ContinuousClock.now
+            do {
+                fillers.append(try await Dialer.connect(to: address, timeout: .milliseconds(200)))
+            } catch is ConnectTimedOut {
+                let elapsed = ContinuousClock.now - started
+                #expect(elapsed >= .milliseconds(150) && elapsed < .seconds(3))
+                timedOut = true
+                break
+            }
+        }
+        #expect(timedOut, "a connect to a full backlog must time out")
+    }
+
+    @Test func vsockListenerBindsLocally() throws {
+        // Never dial vsock here: the machine's CID 2 is not ours. Binding a listener is the most
+        // this test does.
+        let probe = socket(hf_af_vsock(), Int32(SOCK_STREAM.rawValue), 0)
+        guard probe >= 0 else {
+            print("skip: AF_VSOCK is not available on this kernel (errno \(errno)); vsock is covered by address parsing")
+            return
+        }
+        close(probe)
+        let listener = try Listener(binding: .vsock(cid: SocketAddress.vsockAnyCID, port: 0xFFFF_FFFF))
+        defer { listener.close() }
+        guard case .vsock(_, let port) = listener.boundAddress else {
+            Issue.record("bound address is not vsock")
+            return
+        }
+        #expect(port != 0xFFFF_FFFF, "the kernel picked a port")
+    }
+
+    @Test func listenerAcceptsAnyNumberOfConnections() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let address = SocketAddress.unix(path: directory.file("many.sock"))
+        let listener = try Listener(binding: address)
+        defer { listener.close() }
+        for round in 0..<50 {
+            async let accepted = listener.accept()
+            let client = try await Dialer.connect(to: address)
+            let server = try await accepted
+            try await send(client, [UInt8(round)])
+            #expect(try await readExactly(server, 1) == [UInt8(round)])
+            client.close()
+            server.close()
+        }
+    }
+
+    @Test func closingAListenerUnlinksOnlyItsOwnSocketFile() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let address = SocketAddress.unix(path: directory.file("s.sock"))
+        let first = try Listener(binding: address)
+        let second = try Listener(binding: address)  // replaces the stale file
+        first.close()
+        #expect(access(directory.file("s.sock"), F_OK) == 0, "the successor's socket file survives")
+        second.close()
+        #expect(access(directory.file("s.sock"), F_OK) != 0)
+    }
+}
+
+@Suite("AsyncFD")
+struct AsyncFDTests {
+    @Test func pipeRoundTripAndEndOfFile() async throws {
+        let pipe = try PipeEnds.make()
+        let reader = try AsyncFD(adopting: pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        try await send(writer, bytes("through the pipe"))
+        writer.close()
+        #expect(try await readAll(reader) == bytes("through the pipe"))
+        reader.close()
+    }
+
+    @Test func closeWakesAParkedRead() async throws {
+        let pipe = try PipeEnds.make()
+        let reader = try AsyncFD(adopting: pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        let parked = Task { () -> Bool in
+            do {
+                _ = try await readAll(reader)
+                return false
+            } catch is DescriptorClosed {
+                return true
+            } catch {
+                return false
+            }
+        }
+        try await Task.sleep(for: .milliseconds(20))
+        reader.close()
+        #expect(try await withTimeout("parked read") { await parked.value })
+        writer.close()
+    }
+
+    @Test func writeToAPipeWithoutReaderFailsWithoutSignal() async throws {
+        let pipe = try PipeEnds.make()
+        close(pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        do {
+            try await send(writer, bytes("x"))
+            Issue.record("write succeeded")
+        } catch let failure as WriteFailure {
+            #expect((failure.cause as? SystemError)?.errno == .brokenPipe)
+        }
+        writer.close()
+    }
+
+    @Test func descriptorsAreReleased() async throws {
+        guard try await isolated("descriptorsAreReleased") else { return }
+        _ = Reactor.shared  // its epoll fd is a one-time, process-wide cost
+        let before = openDescriptorCount()
+        for _ in 0..<500 {
+            let pipe = try PipeEnds.make()
+            let reader = try AsyncFD(adopting: pipe.read)
+            let writer = try AsyncFD(adopting: pipe.write)
+            try await send(writer, [1])
+            writer.close()
+            _ = try await readAll(reader)
+            reader.close()
+        }
+        #expect(openDescriptorCount() == before)
+    }
+
+    @Test func ptyResizeIsVisibleOnTheSlave() throws {
+        let terminal = try PseudoTerminal.open(size: WindowSize(rows: 24, columns: 80))
+        defer {
+            close(terminal.master)
+            close(terminal.slave)
+        }
+        #expect(try Terminal.size(of: terminal.slave) == WindowSize(rows: 24, columns: 80))
+        try terminal.resize(WindowSize(rows: 50, columns: 132))
+        #expect(try Terminal.size(of: terminal.slave) == WindowSize(rows: 50, columns: 132))
+    }
+}
+
