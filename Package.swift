@@ -39,10 +39,19 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict),
+        // Drivers for the demo and the command-line utilities.
+        .target(
+            name: "HoldfastTools",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // The executable: argument parsing only.
         .executableTarget(
             name: "holdfast",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix",
+                "HoldfastCore", "HoldfastTools",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

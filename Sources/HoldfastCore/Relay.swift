@@ -48,7 +48,13 @@ public enum Relay {
             let buffer = pool.take()
             let count: Int
             do {
-                count = try await source.read(into: buffer.bytes)
+                guard let available = try source.readNow(into: buffer.bytes) else {
+                    // Readiness was stale: give the buffer back before waiting again, so an idle
+                    // stream never sits on one.
+                    pool.recycle(buffer)
+                    continue
+                }
+                count = available
             } catch {
                 // A pty master reports EIO once the last slave fd closed: that is its end-of-file.
                 count = 0

@@ -24,6 +24,15 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         var closed = false
         var deregistered = false
         var released = false
+        var readHint = ReadHint.unknown
+    }
+
+    /// What the last read said about readability, so `waitReadable` can skip a probe.
+    private enum ReadHint {
+        case unknown
+        case ready
+        /// A read found nothing when the reactor had counted this many read edges.
+        case wouldBlock(UInt64)
     }
 
     /// Takes ownership of `fd` (it is closed by `close()` or on deinit) and makes it non-blocking.
@@ -50,14 +59,24 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
 
     // MARK: ByteReader
 
+    /// Returns at once while the last read made progress (the relay's fast path costs no extra
+    /// syscall); after a read found nothing, waits for the next readiness edge.
     public func waitReadable() async throws {
-        let seen = registration.edges(.read)
-        let ready: Bool = try withSyscall {
-            var probe = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            return poll(&probe, 1, 0) > 0
+        let hint = usage.withLockedValue { $0.readHint }
+        switch hint {
+        case .ready:
+            return
+        case .wouldBlock(let seen):
+            try await registration.wait(.read, after: seen)
+        case .unknown:
+            let seen = registration.edges(.read)
+            let ready: Bool = try withSyscall {
+                var probe = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                return poll(&probe, 1, 0) > 0
+            }
+            if ready { return }
+            try await registration.wait(.read, after: seen)
         }
-        if ready { return }
-        try await registration.wait(.read, after: seen)
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int {
@@ -69,7 +88,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     public func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
-        try withSyscall { () throws(SystemError) -> Int? in
+        let seen = registration.edges(.read)
+        let result = try withSyscall { () throws(SystemError) -> Int? in
             while true {
                 let count = Glibc.read(fd, buffer.baseAddress, buffer.count)
                 if count >= 0 { return count }
@@ -80,6 +100,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
+        usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
+        return result
     }
 
     // MARK: ByteWriter

@@ -15,8 +15,16 @@ public struct PipeEnds: Sendable {
     public static func make(capacity: Int? = nil) throws(SystemError) -> PipeEnds {
         var fds: [Int32] = [-1, -1]
         _ = try retryingInterrupts("pipe2") { hf_pipe_cloexec(&fds) }
-        if let capacity { _ = hf_pipe_size(fds[0], Int32(capacity)) }
+        if let capacity { setCapacity(of: fds[0], to: capacity) }
         return PipeEnds(read: fds[0], write: fds[1])
+    }
+
+    /// F_SETPIPE_SZ on either end of an existing pipe; returns the capacity now in effect, or nil
+    /// if the fd is not a pipe or the request was refused.
+    @discardableResult
+    public static func setCapacity(of fd: Int32, to capacity: Int) -> Int? {
+        let result = hf_pipe_size(fd, Int32(capacity))
+        return result > 0 ? Int(result) : nil
     }
 }
 

@@ -24,7 +24,9 @@ final class CountingReader: ByteReader {
         return count
     }
     func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
-        try inner.readNow(into: buffer)
+        let count = try inner.readNow(into: buffer)
+        if let count, count > 0 { counter.withLockedValue { $0 += 1 } }
+        return count
     }
 }
 

@@ -1,0 +1,41 @@
+import HoldfastPosix
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A plain lock for the tools' small bits of shared state.
+final class NIOLockedBox: Sendable {
+    private let lock = NIOLock()
+    func with<T>(_ body: () throws -> T) rethrows -> T { try lock.withLock(body) }
+}
+
+func makeTemporaryDirectory(_ prefix: String = "holdfast") throws -> String {
+    let base = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
+    var template = Array("\(base)/\(prefix).XXXXXX".utf8CString)
+    let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) != nil }
+    guard made else { throw SystemError.last("mkdtemp") }
+    return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// Removes a directory tree this process created (no symlink following).
+func removeTree(_ path: String) {
+    guard let directory = opendir(path) else {
+        unlink(path)
+        return
+    }
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name == "." || name == ".." { continue }
+        let child = path + "/" + name
+        var info = stat()
+        if lstat(child, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR {
+            removeTree(child)
+        } else {
+            unlink(child)
+        }
+    }
+    closedir(directory)
+    rmdir(path)
+}
