@@ -26,24 +26,35 @@ let package = Package(
         // C for what Swift cannot import: CMSG_* macros, sockaddr_vm, ioctl numbers, fork+exec.
         .target(name: "CHoldfastShims"),
         // Pure logic: ConnSlot, redial policy, registry, relays over abstract connections.
+        // Codecs: resumable stream frames, bridge frames, broker control messages.
+        .target(name: "HoldfastProtocol", swiftSettings: strict),
         .target(
             name: "HoldfastCore",
-            dependencies: [.product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            dependencies: ["HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
             swiftSettings: strict),
         // Thin, tested wrappers over syscalls: reactor, fds, sockets, addresses, pipes, ptys.
         .target(
             name: "HoldfastPosix",
             dependencies: [
-                "CHoldfastShims", "HoldfastCore",
+                "CHoldfastShims", "HoldfastCore", "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict),
+        // The host side: stream listeners (and later the bridge server), for tools, tests and
+        // host agents.
+        .target(
+            name: "HoldfastHost",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
         // Drivers for the demo and the command-line utilities.
         .target(
             name: "HoldfastTools",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix",
+                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -61,15 +72,24 @@ let package = Package(
         .target(
             name: "HoldfastTestSupport",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),
         .testTarget(
+            name: "HoldfastHostTests",
+            dependencies: [
+                "HoldfastHost", "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastTestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
+        .testTarget(
             name: "HoldfastCoreTests",
             dependencies: [
-                "HoldfastCore", "HoldfastTestSupport", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                "HoldfastCore", "HoldfastProtocol", "HoldfastTestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
         .testTarget(

@@ -21,6 +21,21 @@ public protocol ByteReader: Sendable {
 public protocol ByteWriter: Sendable {
     /// Writes every byte, or throws how many bytes the sink accepted before it failed.
     func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure)
+
+    /// Writes `header` then `body` as one stream (a socket does it in one writev). A failure
+    /// counts accepted bytes across both.
+    func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure)
+}
+
+extension ByteWriter {
+    public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
+        try await write(header)
+        do {
+            try await write(body)
+        } catch {
+            throw WriteFailure(accepted: header.count + error.accepted, cause: error.cause)
+        }
+    }
 }
 
 /// A bidirectional transport to the host for one stream (a Unix, TCP or vsock socket).

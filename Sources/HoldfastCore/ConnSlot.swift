@@ -168,6 +168,11 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         closeSlot(abandoned: false)
     }
 
+    /// Closes the slot as *abandoned*: the stream gave up waiting for its host (drain timeout).
+    public func abandon() {
+        closeSlot(abandoned: true)
+    }
+
     /// A bridge-up event: the host is reachable again, so dial now instead of waiting for the next
     /// tick of a cycle, and with a full attempt budget. Does nothing unless the slot is empty.
     public func redialNow() {

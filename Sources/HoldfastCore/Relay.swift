@@ -45,40 +45,23 @@ public enum Relay {
             } catch {
                 return await finish(stream, relayed: relayed)
             }
-            let buffer = pool.take()
-            let count: Int
             do {
-                guard let available = try source.readNow(into: buffer.bytes) else {
-                    // Readiness was stale: give the buffer back before waiting again, so an idle
-                    // stream never sits on one.
-                    pool.recycle(buffer)
-                    continue
+                switch try await stream.pull(from: source, pool: pool) {
+                case .moved(let count): relayed &+= UInt64(count)
+                case .nothing: continue
+                case .endOfFile: return await finish(stream, relayed: relayed)
                 }
-                count = available
             } catch {
-                // A pty master reports EIO once the last slave fd closed: that is its end-of-file.
-                count = 0
-            }
-            if count == 0 {
-                pool.recycle(buffer)
-                return await finish(stream, relayed: relayed)
-            }
-            do {
-                try await stream.send(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
-                pool.recycle(buffer)
-                relayed &+= UInt64(count)
-            } catch {
-                pool.recycle(buffer)
                 if Task.isCancelled {
-                    return RelayReport(ending: .cancelled, bytes: relayed, undelivered: UInt64(error.unsent))
+                    return RelayReport(ending: .cancelled, bytes: relayed - min(relayed, UInt64(error.unsent)), undelivered: UInt64(error.unsent))
                 }
                 // The stream is gone for good. What the process still wrote is lost: count it,
                 // so the loss is reported and not hidden.
                 let left = error.abandoned ? countRemaining(source, pool: pool) : 0
+                let unsent = UInt64(error.unsent)
                 return RelayReport(
                     ending: error.abandoned ? .abandoned : .streamClosed,
-                    bytes: relayed + UInt64(count - error.unsent),
-                    undelivered: UInt64(error.unsent) + left)
+                    bytes: relayed - min(relayed, unsent), undelivered: unsent + left)
             }
         }
     }

@@ -8,6 +8,39 @@ public protocol OutboundStream: Sendable {
     /// The source ended: delivers what is still pending, tells the host end-of-stream, and
     /// returns how many bytes could not be delivered (0 when everything arrived).
     func finish() async -> UInt64
+
+    /// Moves one chunk from `source` into the stream (parking while the stream cannot take
+    /// more). The default borrows a buffer from `pool` and calls `send`; a stream with its own
+    /// storage reads straight into it.
+    func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult
+
+    /// The stream's process exited: from now on a stream that cannot deliver gives up after its
+    /// drain timeout instead of waiting for the host forever.
+    func processExited()
+}
+
+public enum PullResult: Sendable, Equatable {
+    case moved(Int)
+    /// The source had nothing after all (a stale readiness report).
+    case nothing
+    case endOfFile
+}
+
+extension OutboundStream {
+    public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
+        let buffer = pool.take()
+        defer { pool.recycle(buffer) }
+        let count: Int
+        do {
+            guard let available = try source.readNow(into: buffer.bytes) else { return .nothing }
+            count = available
+        } catch {
+            return .endOfFile  // a pty's EIO after its last slave closed is its end-of-file
+        }
+        guard count > 0 else { return .endOfFile }
+        try await send(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
+        return .moved(count)
+    }
 }
 
 /// What a relay reads process input from: the host end of a stdin or tty-input stream.
@@ -54,7 +87,16 @@ extension ConnSlot: OutboundStream {
         close()
         return 0
     }
+
+    /// The raw stream's drain: once empty for the drain timeout, the slot is abandoned.
+    public func processExited() {
+        setDrainTimeout(rawDrainTimeout)
+    }
 }
+
+/// The drain timeout `processExited()` applies to raw slots (set per slot with
+/// `setDrainTimeout` for anything else).
+public let rawDrainTimeout: Duration = .seconds(30)
 
 extension ConnSlot: InboundStream {
     public func waitReceivable() async {

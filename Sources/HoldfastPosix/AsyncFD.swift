@@ -128,6 +128,58 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         }
     }
 
+    /// One writev per attempt for a frame's header and body, so a small header does not cost a
+    /// syscall (or a packet) of its own.
+    public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
+        let total = header.count + body.count
+        var written = 0
+        while written < header.count {
+            let seen = registration.edges(.write)
+            let result: Int?
+            do {
+                result = try withSyscall { () throws(SystemError) -> Int? in
+                    var vectors = [
+                        iovec(iov_base: UnsafeMutableRawPointer(mutating: header.baseAddress! + written), iov_len: header.count - written),
+                        iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count),
+                    ]
+                    let parts = body.count > 0 ? 2 : 1
+                    while true {
+                        let count = vectors.withUnsafeMutableBufferPointer { iov -> Int in
+                            guard isSocket else { return writev(fd, iov.baseAddress, Int32(parts)) }
+                            var message = msghdr()
+                            message.msg_iov = iov.baseAddress
+                            message.msg_iovlen = parts
+                            return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+                        }
+                        if count >= 0 { return count }
+                        switch Glibc.errno {
+                        case EINTR: continue
+                        case EAGAIN, EWOULDBLOCK: return nil
+                        default: throw .last("writev(fd \(fd))")
+                        }
+                    }
+                }
+            } catch {
+                throw WriteFailure(accepted: written, cause: error)
+            }
+            if let result {
+                written += result
+                continue
+            }
+            do {
+                try await registration.wait(.write, after: seen)
+            } catch {
+                throw WriteFailure(accepted: written, cause: error)
+            }
+        }
+        guard written < total else { return }
+        do {
+            try await write(UnsafeRawBufferPointer(rebasing: body[(written - header.count)...]))
+        } catch {
+            throw WriteFailure(accepted: written + error.accepted, cause: error.cause)
+        }
+    }
+
     /// Writes what fits now: the count written, or `nil` if nothing fits.
     public func writeNow(_ bytes: UnsafeRawBufferPointer) throws -> Int? {
         try withSyscall { () throws(SystemError) -> Int? in

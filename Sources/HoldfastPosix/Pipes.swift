@@ -75,3 +75,14 @@ public enum Terminal {
         return WindowSize(rows: rows, columns: columns)
     }
 }
+
+extension Terminal {
+    /// cfmakeraw on a terminal: no echo, no line editing, no output processing — bytes pass
+    /// unchanged (what `stty raw -echo` does).
+    public static func makeRaw(fd: Int32) throws(SystemError) {
+        var settings = termios()
+        guard tcgetattr(fd, &settings) == 0 else { throw .last("tcgetattr(fd \(fd))") }
+        cfmakeraw(&settings)
+        guard tcsetattr(fd, TCSANOW, &settings) == 0 else { throw .last("tcsetattr(fd \(fd))") }
+    }
+}

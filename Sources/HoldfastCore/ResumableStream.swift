@@ -1,0 +1,801 @@
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+/// Which way a resumable stream's data flows, seen from this end.
+public enum StreamDirection: String, Sendable, Codable {
+    /// This end produces the data and reads acknowledgements (guest stdout/stderr/tty output,
+    /// host stdin).
+    case send
+    /// This end consumes the data and sends acknowledgements (guest stdin/tty input, host
+    /// stdout/stderr).
+    case receive
+}
+
+public struct ResumableConfiguration: Sendable, Equatable {
+    /// Most unacknowledged bytes a sender keeps for replay; a full ring stops reading the source.
+    public var ringCapacity: Int
+    /// A receiver acknowledges after this many bytes...
+    public var ackEvery: Int
+    /// ...or this long after the first unacknowledged byte, whichever comes first.
+    public var ackDelay: Duration
+    /// The largest data frame a sender writes.
+    public var maxFrame: Int
+    /// After `processExited`/`finish`: how long the stream may make no progress (no
+    /// acknowledgement, no connection) before it gives up and reports what it could not deliver.
+    public var drainTimeout: Duration
+
+    public init(
+        ringCapacity: Int = 1 << 20, ackEvery: Int = 64 * 1024, ackDelay: Duration = .milliseconds(10),
+        maxFrame: Int = 64 * 1024, drainTimeout: Duration = .seconds(30)
+    ) {
+        precondition(maxFrame > 0 && maxFrame <= StreamFramePrefix.maxDataBody)
+        self.ringCapacity = ringCapacity
+        self.ackEvery = ackEvery
+        self.ackDelay = ackDelay
+        self.maxFrame = maxFrame
+        self.drainTimeout = drainTimeout
+    }
+}
+
+/// One resumable stream end: exactly once across any number of reconnects.
+///
+/// After every connect each side says hello with the stream's token and how much of the other's
+/// data it holds; the sender replays from there out of its `ReplayRing`. Cumulative ACK frames
+/// trim the ring; END ends the stream explicitly and is echoed back by the receiver, so a clean
+/// end is never confused with a lost connection. The connection itself lives in a `ConnSlot`, so
+/// everything the slot guarantees (parking, redial cycles, bridge-up) holds here too.
+///
+/// The guest end dials (`dial` is given); the host end accepts (`accept(_:hello:)`).
+public final class ResumableStream<Transport: ByteConnection>: OutboundStream, InboundStream, ManagedSlot {
+    public typealias Session = ResumableSession<Transport>
+
+    public let token: [UInt8]
+    public let role: StreamRole
+    public let direction: StreamDirection
+    public let configuration: ResumableConfiguration
+    public let slot: ConnSlot<Session>
+    private let engine: Engine
+
+    /// - Parameters:
+    ///   - dial: opens a transport to the peer (guest side). The stream adds the handshake; the
+    ///     slot's connect timeout bounds both together.
+    ///   - observer: slot events, for metrics and logs.
+    public init(
+        token: [UInt8], role: StreamRole, direction: StreamDirection,
+        configuration: ResumableConfiguration = ResumableConfiguration(),
+        policy: RedialPolicy = .default, pool: BufferPool = .ring,
+        dial: (@Sendable () async throws -> Transport)? = nil,
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
+    ) {
+        self.token = token
+        self.role = role
+        self.direction = direction
+        self.configuration = configuration
+        let engine = Engine(direction: direction, configuration: configuration, pool: pool)
+        self.engine = engine
+        var slotDial: ConnSlot<Session>.Dial?
+        if let dial {
+            slotDial = { [token, role] in
+                let transport = try await dial()
+                do {
+                    let hello = StreamHello(role: role, token: token, receivedOffset: engine.receivedForHello)
+                    return try await Handshake.initiate(on: transport, hello: hello) { peer in
+                        engine.validate(peer, token: token, ourRole: role)
+                    }
+                } catch {
+                    transport.close()
+                    if let problem = error as? StreamProtocolError, problem != .truncated {
+                        engine.count(\.refusedConnections)
+                    }
+                    throw error
+                }
+            }
+        }
+        self.slot = ConnSlot(
+            name: String(decoding: token, as: UTF8.self), policy: policy, dial: slotDial,
+            observer: { event in
+                engine.slotChanged(event)
+                observer?(event)
+            })
+        Task { [slot, engine] in await engine.pump(slot) }
+        if direction == .send {
+            Task { [slot, engine] in await engine.readAcknowledgements(slot) }
+        }
+    }
+
+    deinit {
+        slot.close()
+    }
+
+    // MARK: Host side
+
+    /// Accepts a connection whose hello was read by a listener: validates it, answers with our
+    /// hello and installs it. A hello that does not fit (wrong token, an offset from the future
+    /// or one already discarded) is refused with an ERROR frame; the stream is untouched.
+    public func accept(_ transport: Transport, hello: StreamHello) async throws(StreamProtocolError) {
+        if let problem = engine.validate(hello, token: token, ourRole: role) {
+            await Handshake.refuse(transport, problem)
+            engine.count(\.refusedConnections)
+            throw problem
+        }
+        let ours = StreamHello(role: role, token: token, receivedOffset: engine.receivedForHello)
+        do {
+            try await FrameIO.write(ours.encoded, to: transport)
+        } catch {
+            transport.close()
+            throw .truncated
+        }
+        slot.set(Session(transport: transport, peerHello: hello, ourReceivedOffset: ours.receivedOffset))
+    }
+
+    // MARK: Sending
+
+    public func send(_ bytes: UnsafeRawBufferPointer) async throws(StreamClosed) {
+        var offset = 0
+        while offset < bytes.count {
+            let space = try await engine.reserve(slot)
+            let chunk = min(space.count, bytes.count - offset)
+            space.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + chunk]))
+            engine.commit(chunk)
+            offset += chunk
+        }
+    }
+
+    /// Reads a pipe straight into the replay ring: the only copies are the kernel's.
+    public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
+        let space = try await engine.reserve(slot)
+        let count: Int?
+        do {
+            count = try source.readNow(into: space)
+        } catch {
+            count = 0  // a pty's EIO after its last slave closed is its end-of-file
+        }
+        engine.commit(count ?? 0)
+        guard let count else { return .nothing }
+        return count == 0 ? .endOfFile : .moved(count)
+    }
+
+    /// Sends END after the last byte and waits until the peer acknowledged everything and echoed
+    /// the END — or until the stream made no progress for the drain timeout. Returns the bytes
+    /// the peer never acknowledged (0 when everything arrived). Closes the stream.
+    public func finish() async -> UInt64 {
+        let undelivered = await engine.finish(slot)
+        slot.close()
+        return undelivered
+    }
+
+    /// The stream's process exited: from now on, no progress for the drain timeout abandons the
+    /// stream (so a parked relay is released and reports what it could not deliver).
+    public func processExited() {
+        engine.startDrainWatch(slot)
+    }
+
+    // MARK: Receiving
+
+    public func waitReceivable() async {
+        while !engine.inboundFinished, let lease = await slot.current() {
+            do {
+                if engine.hasBufferedFrame(for: lease.generation) { return }
+                try await lease.connection.waitReadable()
+                return
+            } catch {
+                slot.disconnect(ifCurrent: lease.generation, reason: .readFailed)
+            }
+        }
+    }
+
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) async -> Int {
+        await engine.receive(into: buffer, slot: slot)
+    }
+
+    /// After `receive` returned 0: waits (bounded) until our END echo went out, so the sender
+    /// learns the end arrived. Returns false on timeout or if the stream closed first.
+    public func waitEndEchoed(timeout: Duration) async -> Bool {
+        await engine.waitEndEchoed(timeout: timeout)
+    }
+
+    // MARK: Lifetime and inspection
+
+    public func close() {
+        slot.close()
+    }
+
+    public var isClosed: Bool { slot.isClosed }
+    public func disconnect() { slot.disconnect() }
+    public func redialNow() { slot.redialNow() }
+
+    public var statistics: ResumableStatistics { engine.statistics }
+
+    var engineForTests: Engine { engine }
+}
+
+extension BufferPool {
+    /// Replay-ring blocks: 64 KiB each.
+    public static let ring = BufferPool(bufferSize: 64 * 1024, retained: 64)
+}
+
+public struct ResumableStatistics: Sendable, Equatable {
+    /// Bytes this end accepted from its producer (send) or delivered to its consumer (receive).
+    public var offset: UInt64 = 0
+    /// Bytes the peer acknowledged (send side).
+    public var acknowledged: UInt64 = 0
+    /// Unacknowledged bytes held in the replay ring.
+    public var ringBytes: Int = 0
+    public var ringBlocks: Int = 0
+    /// Bytes sent again after a reconnect.
+    public var replayedBytes: UInt64 = 0
+    /// Connections refused: bad hello, wrong token, impossible offsets.
+    public var refusedConnections: UInt64 = 0
+    /// Connections dropped for a protocol violation after the hello.
+    public var protocolErrors: UInt64 = 0
+    public var ended = false
+}
+
+// MARK: - The engine: state and the loops that move frames
+
+extension ResumableStream {
+    final class Engine: Sendable {
+        let direction: StreamDirection
+        let configuration: ResumableConfiguration
+        private let state: NIOLockedValueBox<State>
+
+        struct State: Sendable {
+            // Send side.
+            var ring: ReplayRing
+            var finalOffset: UInt64?
+            var endEchoReceived = false
+            var producer: CheckedContinuation<Void, Never>?
+            /// For acknowledgement validation: the connection generation being sent on and the
+            /// highest offset handed to it. An ACK beyond that is a lie.
+            var sendGeneration: UInt64 = 0
+            var sentHighWater: UInt64 = 0
+            /// The highest offset ever handed to any connection (for the replay statistic).
+            var everSent: UInt64 = 0
+            // Receive side.
+            var received: UInt64 = 0
+            var inboundFinal: UInt64?
+            var ackTimerArmed = false
+            var ackDue = false
+            var endEchoSent = false
+            var echoWaiters: [CheckedContinuation<Void, Never>] = []
+            /// The DATA frame being read: bytes of it still to come, for this generation.
+            var frameGeneration: UInt64 = 0
+            var frameRemaining = 0
+            var frameSkip = 0
+            var deliveredSinceDoorbell = 0
+            // Both.
+            var doorbell = false
+            var pumpWaiter: CheckedContinuation<Void, Never>?
+            var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+            var nextWaiter: UInt64 = 0
+            var closed = false
+            var drainWatch = false
+            var statistics = ResumableStatistics()
+        }
+
+        init(direction: StreamDirection, configuration: ResumableConfiguration, pool: BufferPool) {
+            self.direction = direction
+            self.configuration = configuration
+            self.state = NIOLockedValueBox(State(ring: ReplayRing(capacity: configuration.ringCapacity, pool: pool)))
+        }
+
+        var statistics: ResumableStatistics {
+            state.withLockedValue { s in
+                var stats = s.statistics
+                stats.offset = direction == .send ? s.ring.end : s.received
+                stats.acknowledged = s.ring.acknowledged
+                stats.ringBytes = s.ring.count
+                stats.ringBlocks = s.ring.blockCount
+                stats.ended = direction == .send ? s.endEchoReceived : s.inboundFinal != nil
+                return stats
+            }
+        }
+
+        func count(_ counter: WritableKeyPath<ResumableStatistics, UInt64>) {
+            state.withLockedValue { $0.statistics[keyPath: counter] &+= 1 }
+        }
+
+        /// What we report as received in our hello.
+        var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.received : 0 } }
+
+        var inboundFinished: Bool { state.withLockedValue { $0.inboundFinal != nil && $0.inboundFinal == $0.received } }
+
+        // MARK: Hello validation
+
+        /// Checks a peer's hello against this end's state. A valid report of what the peer holds
+        /// also acknowledges it (it may have arrived just before the old connection died).
+        func validate(_ peer: StreamHello, token: [UInt8], ourRole: StreamRole) -> StreamProtocolError? {
+            guard peer.token == token else { return .wrongToken }
+            guard peer.role != ourRole else { return .malformed("both ends claim to be the \(ourRole)") }
+            var wake: [CheckedContinuation<Void, Never>] = []
+            defer { for waiter in wake { waiter.resume() } }
+            return state.withLockedValue { s -> StreamProtocolError? in
+                switch direction {
+                case .receive:
+                    // We never send data: the peer cannot hold any.
+                    guard peer.receivedOffset == 0 else {
+                        return .offsetFromTheFuture(reported: peer.receivedOffset, limit: 0)
+                    }
+                case .send:
+                    guard peer.receivedOffset <= s.ring.end else {
+                        return .offsetFromTheFuture(reported: peer.receivedOffset, limit: s.ring.end)
+                    }
+                    guard peer.receivedOffset >= s.ring.acknowledged else {
+                        return .offsetAlreadyDiscarded(reported: peer.receivedOffset, oldest: s.ring.acknowledged)
+                    }
+                    if peer.receivedOffset > s.ring.acknowledged {
+                        s.ring.acknowledge(upTo: peer.receivedOffset)
+                        wake = s.takeProgressWaiters()
+                    }
+                }
+                return nil
+            }
+        }
+
+        // MARK: Producer (send side)
+
+        /// Writable ring space, parking while the ring is full (back-pressure). Throws when the
+        /// stream closes, counting what it held unacknowledged.
+        func reserve(_ slot: ConnSlot<Session>) async throws(StreamClosed) -> UnsafeMutableRawBufferPointer {
+            while true {
+                let outcome: Result<UnsafeMutableRawBufferPointer, StreamClosed>? = state.withLockedValue { s in
+                    if s.closed || slot.isClosed {
+                        return .failure(StreamClosed(unsent: s.ring.count, abandoned: slot.phase == .abandoned))
+                    }
+                    let space = s.ring.reserve()
+                    return space.count > 0 ? .success(space) : nil
+                }
+                if let outcome { return try outcome.get() }
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let resumeNow = state.withLockedValue { s -> Bool in
+                        if s.closed || !s.ring.isFull || slot.isClosed { return true }
+                        s.producer = continuation
+                        return false
+                    }
+                    if resumeNow { continuation.resume() }
+                }
+            }
+        }
+
+        func commit(_ count: Int) {
+            let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                s.ring.commit(count)
+                return count > 0 ? s.ringDoorbell() : nil
+            }
+            pump?.resume()
+        }
+
+        func finish(_ slot: ConnSlot<Session>) async -> UInt64 {
+            let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                if s.finalOffset == nil { s.finalOffset = s.ring.end }
+                return s.ringDoorbell()
+            }
+            pump?.resume()
+            await waitForCompletion(slot) { $0.endEchoReceived && $0.ring.acknowledged == $0.finalOffset }
+            return state.withLockedValue { s in (s.finalOffset ?? s.ring.end) - s.ring.acknowledged }
+        }
+
+        func startDrainWatch(_ slot: ConnSlot<Session>) {
+            let start = state.withLockedValue { s -> Bool in
+                guard !s.drainWatch else { return false }
+                s.drainWatch = true
+                return true
+            }
+            guard start else { return }
+            Task {
+                await waitForCompletion(slot) { s in
+                    s.direction == .send ? (s.ring.count == 0 && s.finalOffset != nil) : s.inboundFinal != nil
+                }
+            }
+        }
+
+        /// Waits until `done` holds, giving up — and abandoning the stream — once nothing
+        /// progressed for the drain timeout. Progress is any acknowledgement or END echo.
+        private func waitForCompletion(_ slot: ConnSlot<Session>, _ done: @escaping @Sendable (StateView) -> Bool) async {
+            while true {
+                let (finished, mark) = state.withLockedValue { s in
+                    (done(StateView(s, direction: direction)) || s.closed, s.ring.acknowledged)
+                }
+                if finished { return }
+                let progressed = await waitForProgress(since: mark, timeout: configuration.drainTimeout)
+                if !progressed {
+                    abandon(slot)
+                    return
+                }
+            }
+        }
+
+        /// Suspends until the acknowledged offset moves past `mark` (true) or `timeout` passes
+        /// (false).
+        private func waitForProgress(since mark: UInt64, timeout: Duration) async -> Bool {
+            let id = state.withLockedValue { s -> UInt64 in
+                s.nextWaiter &+= 1
+                return s.nextWaiter
+            }
+            let timer = Task {
+                try? await Task.sleep(for: timeout)
+                state.withLockedValue { $0.progressWaiters.removeValue(forKey: id) }?.resume()
+            }
+            defer { timer.cancel() }
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLockedValue { s -> Bool in
+                    if s.ring.acknowledged != mark || s.closed || s.endEchoReceived { return true }
+                    s.progressWaiters[id] = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+            return state.withLockedValue { $0.ring.acknowledged != mark || $0.endEchoReceived || $0.closed }
+        }
+
+        private func abandon(_ slot: ConnSlot<Session>) {
+            slot.abandon()
+            closeDown()
+        }
+
+        // MARK: Slot events
+
+        func slotChanged(_ event: SlotEvent) {
+            switch event {
+            case .connected:
+                state.withLockedValue { $0.ringDoorbell() }?.resume()
+            case .closed, .abandoned:
+                closeDown()
+            default:
+                break
+            }
+        }
+
+        private func closeDown() {
+            let (pump, producer, progress, echo) = state.withLockedValue { s in
+                s.closed = true
+                let pump = s.ringDoorbell()
+                let producer = s.producer
+                s.producer = nil
+                let progress = Array(s.progressWaiters.values)
+                s.progressWaiters.removeAll()
+                let echo = s.echoWaiters
+                s.echoWaiters.removeAll()
+                return (pump, producer, progress, echo)
+            }
+            pump?.resume()
+            producer?.resume()
+            for waiter in progress { waiter.resume() }
+            for waiter in echo { waiter.resume() }
+        }
+
+        // MARK: The pump: everything this end writes
+
+        private enum Work {
+            case data(UnsafeRawBufferPointer, offset: UInt64)
+            case ack(UInt64)
+            case end(UInt64)
+            case idle
+        }
+
+        /// One task per stream writes every frame: data from the ring (replaying from the peer's
+        /// received offset after each reconnect), acknowledgements, END and its echo. Parks on a
+        /// doorbell when there is nothing to write: no timers tick on an idle stream.
+        func pump(_ slot: ConnSlot<Session>) async {
+            var generation: UInt64 = 0
+            var position: UInt64 = 0
+            var ackSent: UInt64 = 0
+            var endSent = false
+            let prefix = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamFramePrefix.size, alignment: 8)
+            defer { prefix.deallocate() }
+            while let lease = await slot.current() {
+                if lease.generation != generation {
+                    generation = lease.generation
+                    position = lease.connection.peerHello.receivedOffset
+                    ackSent = lease.connection.ourReceivedOffset
+                    endSent = false
+                    state.withLockedValue { s in
+                        position = max(position, s.ring.acknowledged)
+                        s.sendGeneration = generation
+                        s.sentHighWater = position
+                    }
+                }
+                let work: Work = state.withLockedValue { s in
+                    s.doorbell = false
+                    switch direction {
+                    case .send:
+                        if position < s.ring.end {
+                            let bytes = s.ring.bytes(from: position, limit: configuration.maxFrame)
+                            s.ring.pin(position)
+                            s.sentHighWater = max(s.sentHighWater, position + UInt64(bytes.count))
+                            return .data(bytes, offset: position)
+                        }
+                        if let final = s.finalOffset, position == final, !endSent { return .end(final) }
+                    case .receive:
+                        if s.received > ackSent, s.ackDue || s.received - ackSent >= UInt64(configuration.ackEvery) || s.inboundFinal != nil {
+                            s.ackDue = false
+                            return .ack(s.received)
+                        }
+                        if let final = s.inboundFinal, final == s.received, !endSent { return .end(final) }
+                    }
+                    return .idle
+                }
+                let failed: Bool
+                switch work {
+                case .idle:
+                    await waitForWork()
+                    continue
+                case .data(let bytes, let offset):
+                    StreamFramePrefix(type: .data, bodyLength: bytes.count, value: offset).encode(into: prefix)
+                    let sent: Int
+                    do {
+                        try await lease.connection.write(UnsafeRawBufferPointer(prefix), bytes)
+                        position = offset + UInt64(bytes.count)
+                        sent = bytes.count
+                        failed = false
+                    } catch {
+                        sent = max(0, error.accepted - StreamFramePrefix.size)
+                        failed = true
+                    }
+                    state.withLockedValue { s in
+                        s.ring.unpin()
+                        // Bytes below the highest offset ever handed to a connection are replays.
+                        let sentEnd = offset + UInt64(sent)
+                        if offset < s.everSent { s.statistics.replayedBytes &+= min(sentEnd, s.everSent) - offset }
+                        s.everSent = max(s.everSent, sentEnd)
+                    }
+                case .ack(let offset):
+                    failed = !(await writeControl(.ack, value: offset, on: lease.connection, prefix: prefix))
+                    if !failed { ackSent = offset }
+                case .end(let final):
+                    failed = !(await writeControl(.end, value: final, on: lease.connection, prefix: prefix))
+                    if !failed {
+                        endSent = true
+                        if direction == .receive { echoSent() }
+                    }
+                }
+                if failed { slot.disconnect(ifCurrent: lease.generation, reason: .writeFailed) }
+            }
+        }
+
+        private func writeControl(_ type: StreamFrameType, value: UInt64, on connection: Session, prefix: UnsafeMutableRawBufferPointer) async -> Bool {
+            StreamFramePrefix(type: type, bodyLength: 0, value: value).encode(into: prefix)
+            do {
+                try await connection.write(UnsafeRawBufferPointer(prefix))
+                return true
+            } catch {
+                return false
+            }
+        }
+
+        private func waitForWork() async {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLockedValue { s -> Bool in
+                    if s.doorbell || s.closed { return true }
+                    s.pumpWaiter = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        }
+
+        private func echoSent() {
+            let waiters = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                s.endEchoSent = true
+                defer { s.echoWaiters.removeAll() }
+                return s.echoWaiters
+            }
+            for waiter in waiters { waiter.resume() }
+        }
+
+        func waitEndEchoed(timeout: Duration) async -> Bool {
+            let timer = Task {
+                try? await Task.sleep(for: timeout)
+                let waiters = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                    defer { s.echoWaiters.removeAll() }
+                    return s.echoWaiters
+                }
+                for waiter in waiters { waiter.resume() }
+            }
+            defer { timer.cancel() }
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLockedValue { s -> Bool in
+                    if s.endEchoSent || s.closed { return true }
+                    s.echoWaiters.append(continuation)
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+            return state.withLockedValue { $0.endEchoSent }
+        }
+
+        // MARK: Reading acknowledgements (send side)
+
+        /// Reads what the receiver sends back: ACK and the END echo. Anything else, or an ACK for
+        /// bytes never sent on this connection, drops the connection (not the stream).
+        func readAcknowledgements(_ slot: ConnSlot<Session>) async {
+            while let lease = await slot.current() {
+                do {
+                    let (prefix, body) = try await FrameIO.readFrame(lease.connection)
+                    switch prefix.type {
+                    case .ack:
+                        try acknowledge(prefix.value, generation: lease.generation)
+                    case .end:
+                        try endEchoed(prefix.value)
+                    case .error:
+                        throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: body))
+                    case .data, .hello:
+                        throw StreamProtocolError.unexpectedFrame(expected: .ack, got: prefix.type)
+                    }
+                } catch {
+                    if error is StreamProtocolError { count(\.protocolErrors) }
+                    slot.disconnect(ifCurrent: lease.generation, reason: error is StreamProtocolError ? .protocolError : .readFailed)
+                }
+            }
+        }
+
+        private func acknowledge(_ offset: UInt64, generation: UInt64) throws {
+            let wake = try state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                guard s.sendGeneration == generation else { return [] }  // a stale connection
+                guard offset <= s.sentHighWater else {
+                    throw StreamProtocolError.offsetFromTheFuture(reported: offset, limit: s.sentHighWater)
+                }
+                guard offset > s.ring.acknowledged else { return [] }
+                s.ring.acknowledge(upTo: offset)
+                return s.takeProgressWaiters()
+            }
+            for continuation in wake { continuation.resume() }
+        }
+
+        private func endEchoed(_ offset: UInt64) throws {
+            let wake = try state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                guard let final = s.finalOffset, offset == final, s.ring.acknowledged == final || offset <= s.sentHighWater else {
+                    throw StreamProtocolError.malformed("END echo at \(offset) for a stream not ended there")
+                }
+                if s.ring.acknowledged < final { s.ring.acknowledge(upTo: final) }
+                s.endEchoReceived = true
+                return s.takeProgressWaiters()
+            }
+            for continuation in wake { continuation.resume() }
+        }
+
+        // MARK: Receiving data (receive side)
+
+        func hasBufferedFrame(for generation: UInt64) -> Bool {
+            state.withLockedValue { $0.frameGeneration == generation && $0.frameRemaining > 0 }
+        }
+
+        /// Reads frames from the current connection until it has data for the caller: DATA goes
+        /// straight into `buffer`; END ends the stream (returns 0 from then on). A dead
+        /// connection only makes it wait for the next one.
+        func receive(into buffer: UnsafeMutableRawBufferPointer, slot: ConnSlot<Session>) async -> Int {
+            while true {
+                if inboundFinished { return 0 }
+                guard let lease = await slot.current() else { return 0 }
+                do {
+                    if let count = try await receiveOnce(into: buffer, from: lease) { return count }
+                } catch {
+                    if error is StreamProtocolError { count(\.protocolErrors) }
+                    slot.disconnect(ifCurrent: lease.generation, reason: error is StreamProtocolError ? .protocolError : .readFailed)
+                }
+            }
+        }
+
+        /// Returns bytes delivered, 0 at the end, or nil when a control frame was consumed.
+        private func receiveOnce(into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease) async throws -> Int? {
+            let (remaining, skip) = state.withLockedValue { s -> (Int, Int) in
+                if s.frameGeneration != lease.generation {
+                    s.frameGeneration = lease.generation
+                    s.frameRemaining = 0
+                    s.frameSkip = 0
+                }
+                return (s.frameRemaining, s.frameSkip)
+            }
+            if remaining > 0 {
+                let want = min(remaining, buffer.count)
+                let count = try await lease.connection.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<want]))
+                if count == 0 { throw StreamProtocolError.truncated }
+                let skipped = min(skip, count)
+                let delivered = count - skipped
+                if skipped > 0, delivered > 0 {
+                    // Bytes we already had (a replay overlapping what we received): drop them.
+                    buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[skipped..<count]))
+                }
+                let timer = state.withLockedValue { s -> Bool in
+                    s.frameRemaining -= count
+                    s.frameSkip -= skipped
+                    s.received &+= UInt64(delivered)
+                    if delivered > 0, !s.ackTimerArmed {
+                        s.ackTimerArmed = true
+                        return true
+                    }
+                    return false
+                }
+                if timer { armAckTimer() }
+                let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                    s.deliveredSinceDoorbell += delivered
+                    guard s.deliveredSinceDoorbell >= configuration.ackEvery else { return nil }
+                    s.deliveredSinceDoorbell = 0
+                    return s.ringDoorbell()
+                }
+                pump?.resume()
+                return delivered > 0 ? delivered : nil
+            }
+            let (prefix, body) = try await FrameIO.readFrame(lease.connection)
+            switch prefix.type {
+            case .data:
+                try state.withLockedValue { s in
+                    guard prefix.value <= s.received else { throw StreamProtocolError.dataGap(expected: s.received, got: prefix.value) }
+                    if let final = s.inboundFinal, prefix.value + UInt64(prefix.bodyLength) > final {
+                        throw StreamProtocolError.malformed("data after the end of the stream")
+                    }
+                    s.frameRemaining = prefix.bodyLength
+                    s.frameSkip = Int(min(UInt64(prefix.bodyLength), s.received - prefix.value))
+                }
+                return nil
+            case .end:
+                let pump = try state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                    guard prefix.value == s.received else {
+                        throw StreamProtocolError.malformed("END at \(prefix.value) but \(s.received) bytes received")
+                    }
+                    s.inboundFinal = prefix.value
+                    s.ackDue = true
+                    return s.ringDoorbell()
+                }
+                pump?.resume()
+                return 0
+            case .ack:
+                guard prefix.value == 0 else { throw StreamProtocolError.offsetFromTheFuture(reported: prefix.value, limit: 0) }
+                return nil
+            case .error:
+                throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: body))
+            case .hello:
+                throw StreamProtocolError.unexpectedFrame(expected: .data, got: .hello)
+            }
+        }
+
+        private func armAckTimer() {
+            Task {
+                try? await Task.sleep(for: configuration.ackDelay)
+                let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                    s.ackTimerArmed = false
+                    s.ackDue = true
+                    return s.ringDoorbell()
+                }
+                pump?.resume()
+            }
+        }
+    }
+
+    /// A read-only view of the engine state for completion predicates.
+    struct StateView {
+        let endEchoReceived: Bool
+        let ring: (acknowledged: UInt64, count: Int)
+        let finalOffset: UInt64?
+        let inboundFinal: UInt64?
+        let direction: StreamDirection
+
+        init(_ s: Engine.State, direction: StreamDirection) {
+            endEchoReceived = s.endEchoReceived
+            ring = (s.ring.acknowledged, s.ring.count)
+            finalOffset = s.finalOffset
+            inboundFinal = s.inboundFinal
+            self.direction = direction
+        }
+    }
+}
+
+extension ResumableStream.Engine.State {
+    /// Marks work for the pump and returns its continuation (resume it outside the lock).
+    mutating func ringDoorbell() -> CheckedContinuation<Void, Never>? {
+        doorbell = true
+        defer { pumpWaiter = nil }
+        return pumpWaiter
+    }
+
+    /// Takes every continuation waiting for acknowledgement progress (the producer included).
+    mutating func takeProgressWaiters() -> [CheckedContinuation<Void, Never>] {
+        var waiters = Array(progressWaiters.values)
+        progressWaiters.removeAll()
+        if let producer {
+            self.producer = nil
+            waiters.append(producer)
+        }
+        return waiters
+    }
+}

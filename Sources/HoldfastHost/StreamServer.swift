@@ -1,0 +1,137 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+/// The host end of resumable streams: one listener that accepts any number of connections —
+/// never accept-once — reads each one's hello, and hands it to the stream its token names.
+///
+/// Every stream survives any number of reconnections: a new connection for a token replaces the
+/// old one, and the stream replays from what the guest reports. A connection that does not say
+/// a valid hello within `handshakeTimeout`, names an unknown token, or reports impossible
+/// offsets is refused with an ERROR frame and closed; nothing else is affected.
+///
+/// Generic over the transport so tests can wrap accepted sockets with fault injection.
+public final class StreamServer<Transport: ByteConnection>: Sendable {
+    public typealias Stream = ResumableStream<Transport>
+
+    public let address: SocketAddress
+    public let handshakeTimeout: Duration
+    private let listener: Listener
+    private let wrap: @Sendable (AsyncFD) -> Transport
+    private let state = NIOLockedValueBox(State())
+
+    private struct State: Sendable {
+        var streams: [[UInt8]: Stream] = [:]
+        var acceptTask: Task<Void, Never>?
+        var accepted: UInt64 = 0
+        var refused: UInt64 = 0
+        var handshaking = 0
+    }
+
+    /// Binds now (so the address is known, and a bad one fails here); call `start()` to accept.
+    public init(
+        listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5),
+        wrap: @escaping @Sendable (AsyncFD) -> Transport
+    ) throws {
+        self.listener = try Listener(binding: address)
+        self.address = listener.boundAddress
+        self.handshakeTimeout = handshakeTimeout
+        self.wrap = wrap
+    }
+
+    public func start() {
+        let task = Task { [self] in
+            while !Task.isCancelled {
+                guard let socket = try? await listener.accept() else { return }
+                state.withLockedValue {
+                    $0.accepted &+= 1
+                    $0.handshaking += 1
+                }
+                Task { await handshake(wrap(socket)) }
+            }
+        }
+        state.withLockedValue { $0.acceptTask = task }
+    }
+
+    /// Creates a host stream for `token` and registers it. For a guest's stdout/stderr use
+    /// `.receive`; for its stdin `.send`.
+    public func open(
+        token: [UInt8], direction: StreamDirection, configuration: ResumableConfiguration = ResumableConfiguration()
+    ) -> Stream {
+        let stream = Stream(token: token, role: .host, direction: direction, configuration: configuration)
+        state.withLockedValue { $0.streams[token] = stream }
+        return stream
+    }
+
+    /// Forgets a stream (its token is refused from now on) and closes it.
+    public func close(token: [UInt8]) {
+        state.withLockedValue { $0.streams.removeValue(forKey: token) }?.close()
+    }
+
+    public var statistics: (accepted: UInt64, refused: UInt64, handshaking: Int, streams: Int) {
+        state.withLockedValue { ($0.accepted, $0.refused, $0.handshaking, $0.streams.count) }
+    }
+
+    /// Drops every stream's current connection at once (what a live migration looks like).
+    public func dropAllConnections() {
+        for stream in state.withLockedValue({ Array($0.streams.values) }) { stream.slot.disconnect() }
+    }
+
+    public func close() {
+        let (task, streams) = state.withLockedValue { s -> (Task<Void, Never>?, [Stream]) in
+            defer { s.streams.removeAll() }
+            return (s.acceptTask, Array(s.streams.values))
+        }
+        task?.cancel()
+        listener.close()
+        for stream in streams { stream.close() }
+    }
+
+    private func handshake(_ transport: Transport) async {
+        defer { state.withLockedValue { $0.handshaking -= 1 } }
+        let hello: StreamHello
+        do {
+            hello = try await readHelloWithin(handshakeTimeout, transport)
+        } catch {
+            state.withLockedValue { $0.refused &+= 1 }
+            let problem = error as? StreamProtocolError ?? .truncated
+            await Handshake.refuse(transport, problem)
+            return
+        }
+        guard let stream = state.withLockedValue({ $0.streams[hello.token] }) else {
+            state.withLockedValue { $0.refused &+= 1 }
+            await Handshake.refuse(transport, .wrongToken)
+            return
+        }
+        do {
+            try await stream.accept(transport, hello: hello)
+        } catch {
+            state.withLockedValue { $0.refused &+= 1 }
+        }
+    }
+
+    /// Reads the hello, closing the transport if it does not arrive in time (a peer that
+    /// connects and says nothing must not hold a slot forever).
+    private func readHelloWithin(_ timeout: Duration, _ transport: Transport) async throws -> StreamHello {
+        let timedOut = NIOLockedValueBox(false)
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            timedOut.withLockedValue { $0 = true }
+            transport.close()
+        }
+        defer { timer.cancel() }
+        do {
+            return try await Handshake.readHello(from: transport)
+        } catch {
+            if timedOut.withLockedValue({ $0 }) { throw StreamProtocolError.handshakeTimedOut }
+            throw error
+        }
+    }
+}
+
+extension StreamServer where Transport == AsyncFD {
+    public convenience init(listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5)) throws {
+        try self.init(listeningOn: address, handshakeTimeout: handshakeTimeout, wrap: { $0 })
+    }
+}

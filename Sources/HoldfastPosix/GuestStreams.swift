@@ -1,0 +1,25 @@
+import HoldfastCore
+import HoldfastProtocol
+
+/// The guest's stream ends over real sockets: a ConnSlot (raw) or a ResumableStream
+/// (resumable) whose redial dials `address` with the policy's connect timeout.
+public enum GuestStreams {
+    public static func raw(
+        to address: SocketAddress, name: String = "stream", policy: RedialPolicy = .default,
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
+    ) -> ConnSlot<AsyncFD> {
+        ConnSlot(
+            name: name, policy: policy,
+            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) }, observer: observer)
+    }
+
+    public static func resumable(
+        to address: SocketAddress, token: [UInt8], direction: StreamDirection,
+        configuration: ResumableConfiguration = ResumableConfiguration(), policy: RedialPolicy = .default,
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
+    ) -> ResumableStream<AsyncFD> {
+        ResumableStream(
+            token: token, role: .guest, direction: direction, configuration: configuration, policy: policy,
+            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) }, observer: observer)
+    }
+}

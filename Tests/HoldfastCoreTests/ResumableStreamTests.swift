@@ -1,0 +1,325 @@
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+@testable import HoldfastCore
+
+extension ResumableStream {
+    func sendBytes(_ data: [UInt8]) async throws(StreamClosed) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, data.count), alignment: 1)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: data)
+        try await send(UnsafeRawBufferPointer(rebasing: buffer[..<data.count]))
+    }
+
+    /// Receives until the stream ends; bounded by `limit` bytes.
+    func receiveAll(limit: Int = 1 << 30) async -> [UInt8] {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 1)
+        defer { buffer.deallocate() }
+        var result: [UInt8] = []
+        while result.count < limit {
+            await waitReceivable()
+            let count = await receive(into: buffer)
+            if count == 0 { break }
+            result += buffer[..<count]
+        }
+        return result
+    }
+}
+
+@Suite("ReplayRing")
+struct ReplayRingTests {
+    @Test func growsOnDemandAndHoldsNothingWhenIdle() {
+        let pool = BufferPool(bufferSize: 1024, retained: 0)
+        let ring = ReplayRing(capacity: 4096, pool: pool)
+        #expect(ring.blockCount == 0)
+        let data = [UInt8](repeating: 7, count: 1500)
+        #expect(data.withUnsafeBytes { ring.append($0) } == 1500)
+        #expect(ring.blockCount == 2)
+        ring.acknowledge(upTo: 1024)
+        #expect(ring.blockCount == 1, "a fully acknowledged block goes back at once")
+        ring.acknowledge(upTo: 1500)
+        #expect(ring.blockCount == 0, "an idle stream holds no block, not even a partial tail")
+        #expect(ring.count == 0 && ring.end == 1500)
+    }
+
+    @Test func capStopsTheProducer() {
+        let ring = ReplayRing(capacity: 3000, pool: BufferPool(bufferSize: 1024))
+        let data = [UInt8](repeating: 1, count: 5000)
+        #expect(data.withUnsafeBytes { ring.append($0) } == 3000)
+        #expect(ring.isFull)
+        #expect(ring.reserve().count == 0)
+        ring.acknowledge(upTo: 1000)
+        #expect(data.withUnsafeBytes { ring.append($0) } == 1000)
+    }
+
+    @Test func bytesFromAnOffsetStopAtTheBlockEnd() {
+        let ring = ReplayRing(capacity: 10_000, pool: BufferPool(bufferSize: 1000))
+        let data = (0..<2500).map { UInt8(truncatingIfNeeded: $0) }
+        data.withUnsafeBytes { _ = ring.append($0) }
+        let first = ring.bytes(from: 900, limit: 10_000)
+        #expect(Array(first) == Array(data[900..<1000]))
+        let second = ring.bytes(from: 1000, limit: 300)
+        #expect(Array(second) == Array(data[1000..<1300]))
+        #expect(Array(ring.bytes(from: 2400, limit: 1000)) == Array(data[2400..<2500]))
+    }
+
+    @Test func aPinnedBlockSurvivesAnAcknowledgement() {
+        let pool = BufferPool(bufferSize: 1000, retained: 0)
+        let ring = ReplayRing(capacity: 10_000, pool: pool)
+        let data = [UInt8](repeating: 9, count: 2000)
+        data.withUnsafeBytes { _ = ring.append($0) }
+        ring.pin(1000)  // a sender is writing block 2
+        ring.acknowledge(upTo: 2000)  // an (early, hostile) ack of everything
+        #expect(ring.blockCount == 1, "the pinned block stays until the write is done")
+        ring.unpin()
+        #expect(ring.blockCount == 0)
+    }
+
+    @Test func aReservedTailSurvivesAnAcknowledgement() {
+        let ring = ReplayRing(capacity: 10_000, pool: BufferPool(bufferSize: 1000, retained: 0))
+        [UInt8](repeating: 1, count: 10).withUnsafeBytes { _ = ring.append($0) }
+        let space = ring.reserve()  // a producer is reading a pipe into it
+        ring.acknowledge(upTo: 10)
+        #expect(ring.blockCount == 1)
+        space[0] = 42
+        ring.commit(1)
+        #expect(ring.bytes(from: 10, limit: 1).first == 42)
+    }
+}
+
+@Suite("Resumable streams in memory")
+struct ResumableMemoryTests {
+    @Test func transfersAndEndsCleanly() async throws {
+        let pair = ResumablePair(guestDirection: .send)
+        defer { pair.close() }
+        pair.start()
+        let receiver = Task { await pair.host.receiveAll() }
+        try await pair.guest.sendBytes(bytes("hello, host"))
+        let undelivered = await pair.guest.finish()
+        #expect(undelivered == 0)
+        #expect(await receiver.value == bytes("hello, host"))
+        #expect(pair.host.statistics.ended)
+    }
+
+    @Test func reconnectReplaysExactlyWhatWasLost() async throws {
+        // Hold everything the first link carries, then cut it: nothing written on it arrives, so
+        // all of it must be replayed on the second link — once.
+        let holder = NIOLockedValueBox<MemoryPipe?>(nil)
+        let pair = ResumablePair(guestDirection: .send, beforeAccept: { link in
+            holder.withLockedValue { if $0 == nil { $0 = link } }
+        })
+        defer { pair.close() }
+        pair.start()
+        try await eventually("first connection") { pair.guest.slot.phase == .connected && pair.host.slot.phase == .connected }
+        holder.withLockedValue { $0 }?.holdDelivery()
+        try await pair.guest.sendBytes(bytes("in flight when the link died"))
+        // Two 37-byte hellos, then the 16-byte prefix and 28 bytes of data went into the held link.
+        try await eventually("bytes written into the held link") {
+            (holder.withLockedValue { $0 }?.bytesTransferred ?? 0) >= 2 * 37 + 16 + 28
+        }
+        pair.cutCurrentLink()
+        let receiver = Task { await pair.host.receiveAll() }
+        try await pair.guest.sendBytes(bytes(" + after"))
+        #expect(await pair.guest.finish() == 0)
+        #expect(await receiver.value == bytes("in flight when the link died + after"))
+        #expect(pair.dialCount >= 2)
+        #expect(pair.guest.statistics.replayedBytes >= 28)
+    }
+
+    @Test func stdinDirectionWorksToo() async throws {
+        let pair = ResumablePair(guestDirection: .receive)
+        defer { pair.close() }
+        pair.start()
+        let receiver = Task { await pair.guest.receiveAll() }
+        try await pair.host.sendBytes(bytes("typed by the host"))
+        #expect(await pair.host.finish() == 0)
+        #expect(await receiver.value == bytes("typed by the host"))
+        #expect(await pair.guest.waitEndEchoed(timeout: .seconds(5)))
+    }
+
+    @Test func aFullRingStopsTheProducerUntilAcknowledged() async throws {
+        let configuration = ResumableConfiguration(ringCapacity: 256 * 1024)
+        let pair = ResumablePair(guestDirection: .send, configuration: configuration)
+        defer { pair.close() }
+        let sent = NIOLockedValueBox(0)
+        let producer = Task {
+            for _ in 0..<8 {
+                try await pair.guest.sendBytes([UInt8](repeating: 1, count: 64 * 1024))
+                sent.withLockedValue { $0 += 64 * 1024 }
+            }
+        }
+        // Not connected yet: the ring takes 256 KiB, then the producer parks.
+        try await eventually("the ring to fill") { sent.withLockedValue { $0 } == 256 * 1024 }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(sent.withLockedValue { $0 } == 256 * 1024, "back-pressure: the producer is parked")
+        #expect(pair.guest.statistics.ringBytes == 256 * 1024)
+        pair.start()
+        let received = await pair.host.receiveAll(limit: 512 * 1024)
+        try await producer.value
+        #expect(received.count == 512 * 1024)
+    }
+
+    @Test func wrongTokenIsRefusedAndTheStreamStaysIntact() async throws {
+        let host = ResumableStream<MemoryPipe.End>(token: bytes("right"), role: .host, direction: .receive)
+        defer { host.close() }
+        let link = MemoryPipe()
+        let (guestEnd, hostEnd) = link.ends
+        let refused = Task { () -> StreamProtocolError? in
+            do throws(StreamProtocolError) {
+                try await host.accept(hostEnd, hello: StreamHello(role: .guest, token: bytes("wrong"), receivedOffset: 0))
+                return nil
+            } catch {
+                return error
+            }
+        }
+        #expect(await refused.value == .wrongToken)
+        let (prefix, body) = try await FrameIO.readFrame(guestEnd)
+        #expect(prefix.type == .error)
+        #expect(StreamRefusal.decode(prefix: prefix, body: body).code == .unknownToken)
+        #expect(host.slot.phase == .empty, "still parked, waiting for the real guest")
+        #expect(host.statistics.refusedConnections == 1)
+    }
+
+    @Test func offsetFromTheFutureIsRefused() async throws {
+        let guest = ResumableStream<MemoryPipe.End>(token: bytes("t"), role: .guest, direction: .send)
+        defer { guest.close() }
+        try await guest.sendBytes(bytes("12345"))
+        #expect(guest.engineValidate(StreamHello(role: .host, token: bytes("t"), receivedOffset: 6)) == .offsetFromTheFuture(reported: 6, limit: 5))
+        #expect(guest.engineValidate(StreamHello(role: .host, token: bytes("t"), receivedOffset: 3)) == nil)
+        #expect(guest.statistics.acknowledged == 3, "a valid hello acknowledges what the peer holds")
+        #expect(guest.engineValidate(StreamHello(role: .host, token: bytes("t"), receivedOffset: 2)) == .offsetAlreadyDiscarded(reported: 2, oldest: 3))
+        #expect(guest.engineValidate(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 3)) != nil, "same role")
+    }
+
+    @Test func garbageHelloIsRefusedAndTheStreamCarriesOn() async throws {
+        // The host answers the first dial with garbage: the guest refuses that connection, keeps
+        // its data, and delivers everything on the next.
+        let first = NIOLockedValueBox(true)
+        let pair = ResumablePair(guestDirection: .send, beforeAccept: { link in
+            if first.withLockedValue({ let was = $0; $0 = false; return was }) {
+                let (_, hostEnd) = link.ends
+                try? await FrameIO.write(Array("HTTP/1.1 400 Bad Request\r\n\r\n".utf8), to: hostEnd)
+                try? await Task.sleep(for: .milliseconds(20))
+                link.cut()
+            }
+        })
+        defer { pair.close() }
+        try await pair.guest.sendBytes(bytes("survives garbage"))
+        pair.start()
+        let receiver = Task { await pair.host.receiveAll() }
+        #expect(await pair.guest.finish() == 0)
+        #expect(await receiver.value == bytes("survives garbage"))
+        #expect(pair.dialCount >= 2)
+    }
+
+    @Test func exitDrainReportsUndeliveredBytesAfterTheDrainTimeout() async throws {
+        let configuration = ResumableConfiguration(drainTimeout: .milliseconds(100))
+        let guest = ResumableStream<MemoryPipe.End>(
+            token: bytes("t"), role: .guest, direction: .send, configuration: configuration)
+        try await guest.sendBytes([UInt8](repeating: 0, count: 5000))
+        // No host ever comes: finish must still return, reporting every byte undelivered.
+        let undelivered = try await withTimeout("finish") { await guest.finish() }
+        #expect(undelivered == 5000)
+        #expect(guest.slot.phase == .abandoned)
+    }
+
+    @Test func exitDrainWaitsForTheHostToAcknowledgeEveryByte() async throws {
+        let pair = ResumablePair(guestDirection: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(5)))
+        defer { pair.close() }
+        try await pair.guest.sendBytes([UInt8](repeating: 3, count: 100_000))
+        let finish = Task { await pair.guest.finish() }
+        try await Task.sleep(for: .milliseconds(50))
+        pair.start()  // the host turns up late, within the drain timeout
+        let received = await pair.host.receiveAll()
+        #expect(await finish.value == 0)
+        #expect(received.count == 100_000)
+        #expect(pair.guest.statistics.acknowledged == 100_000)
+    }
+
+    @Test func idleStreamHoldsNoRingMemory() async throws {
+        let pair = ResumablePair(guestDirection: .send)
+        defer { pair.close() }
+        pair.start()
+        let receiver = Task { await pair.host.receiveAll(limit: 300_000) }
+        for _ in 0..<3 { try await pair.guest.sendBytes([UInt8](repeating: 5, count: 100_000)) }
+        _ = await receiver.value
+        try await eventually("everything acknowledged") { pair.guest.statistics.acknowledged == 300_000 }
+        #expect(pair.guest.statistics.ringBlocks == 0)
+    }
+}
+
+extension ResumableStream {
+    /// Test access to hello validation.
+    func engineValidate(_ hello: StreamHello) -> StreamProtocolError? {
+        engineForTests.validate(hello, token: token, ourRole: role)
+    }
+}
+
+@Suite("Resumable streams under random faults")
+struct ResumableFaultTests {
+    /// Both directions at once over links cut at random byte counts (mid-hello, mid-data,
+    /// mid-ack, mid-END), with delayed hellos, until at least 10,000 connections were made.
+    /// Every byte must arrive exactly once, in order: checked with SHA-256 and byte counts.
+    @Test func tenThousandRandomReconnectsLoseAndRepeatNothing() async throws {
+        let seed = UInt64.random(in: 0..<UInt64.max)
+        print("seed \(seed)")
+        let random = NIOLockedValueBox(SeededRandom(seed: seed))
+        let budget: @Sendable () -> Int? = { random.withLockedValue { Int.random(in: 0...8000, using: &$0) } }
+        let delayHello: @Sendable (MemoryPipe) async -> Void = { _ in
+            if random.withLockedValue({ Int.random(in: 0..<10, using: &$0) }) == 0 { await Task.yield() }
+        }
+        let configuration = ResumableConfiguration(ringCapacity: 256 * 1024, ackEvery: 2048, ackDelay: .milliseconds(1), maxFrame: 1024)
+        let stdout = ResumablePair(guestDirection: .send, configuration: configuration, token: "stdout", budget: budget, beforeAccept: delayHello)
+        let stdin = ResumablePair(guestDirection: .receive, configuration: configuration, token: "stdin", budget: budget, beforeAccept: delayHello)
+        defer {
+            stdout.close()
+            stdin.close()
+        }
+        stdout.start()
+        stdin.start()
+        let cycles = 5000
+
+        @Sendable func produce(_ stream: ResumablePair.Stream, _ pair: ResumablePair, seed: UInt64) async throws -> (UInt64, String) {
+            var pattern = PatternBytes(seed: seed)
+            var digest = StreamDigest()
+            var chunkRandom = SeededRandom(seed: seed ^ 0xFF)
+            while pair.dialCount < cycles {
+                let chunk = pattern.next(Int.random(in: 1...20_000, using: &chunkRandom))
+                digest.update(chunk)
+                try await stream.sendBytes(chunk)
+            }
+            let undelivered = await stream.finish()
+            #expect(undelivered == 0)
+            return (digest.count, digest.hex())
+        }
+
+        @Sendable func consume(_ stream: ResumablePair.Stream) async -> (UInt64, String) {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16384, alignment: 1)
+            defer { buffer.deallocate() }
+            var digest = StreamDigest()
+            while true {
+                await stream.waitReceivable()
+                let count = await stream.receive(into: buffer)
+                if count == 0 { break }
+                digest.update(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+            }
+            return (digest.count, digest.hex())
+        }
+
+        let started = ContinuousClock.now
+        async let outSent = produce(stdout.guest, stdout, seed: seed &+ 1)
+        async let outReceived = consume(stdout.host)
+        async let inSent = produce(stdin.host, stdin, seed: seed &+ 2)
+        async let inReceived = consume(stdin.guest)
+        let (sentOut, receivedOut, sentIn, receivedIn) = try await (outSent, outReceived, inSent, inReceived)
+        let elapsed = ContinuousClock.now - started
+        let dials = stdout.dialCount + stdin.dialCount
+        print("\(dials) connections in \(elapsed): stdout \(sentOut.0) bytes, stdin \(sentIn.0) bytes; replayed \(stdout.guest.statistics.replayedBytes + stdin.host.statistics.replayedBytes) bytes")
+        #expect(dials >= 10_000)
+        #expect(receivedOut == sentOut, "stdout: bytes and sha256 equal")
+        #expect(receivedIn == sentIn, "stdin: bytes and sha256 equal")
+        #expect(stdout.guest.statistics.replayedBytes > 0, "the schedule did force replays")
+    }
+}
