@@ -69,6 +69,15 @@ let package = Package(
             swiftSettings: strict),
         // Fakes and helpers shared by every test target: in-memory and fault-injecting
         // connections, bounded waits, child-process helpers.
+        // Benchmarks that print numbers (not shipped).
+        .executableTarget(
+            name: "holdfast-bench",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .target(
             name: "HoldfastTestSupport",
             dependencies: [

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/vm_sockets.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -283,4 +284,8 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
         return -1;
     }
     return pid;
+}
+
+int hf_malloc_mmap_threshold(int bytes) {
+    return mallopt(M_MMAP_THRESHOLD, bytes) && mallopt(M_TRIM_THRESHOLD, bytes);
 }

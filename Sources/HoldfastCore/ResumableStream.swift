@@ -59,12 +59,15 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// - Parameters:
     ///   - dial: opens a transport to the peer (guest side). The stream adds the handshake; the
     ///     slot's connect timeout bounds both together.
+    ///   - attemptClock: a monotonic clock (nanoseconds) that numbers dials, so a restarted
+    ///     dialer's attempts still outrank its predecessor's at the acceptor.
     ///   - observer: slot events, for metrics and logs.
     public init(
         token: [UInt8], role: StreamRole, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(),
         policy: RedialPolicy = .default, pool: BufferPool = .ring,
         dial: (@Sendable () async throws -> Transport)? = nil,
+        attemptClock: (@Sendable () -> UInt64)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) {
         self.token = token
@@ -78,7 +81,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             slotDial = { [token, role] in
                 let transport = try await dial()
                 do {
-                    let hello = StreamHello(role: role, token: token, receivedOffset: engine.receivedForHello)
+                    let hello = StreamHello(
+                        role: role, token: token, receivedOffset: engine.receivedForHello, attempt: engine.nextAttempt(floor: attemptClock?() ?? 0))
                     return try await Handshake.initiate(on: transport, hello: hello) { peer in
                         engine.validate(peer, token: token, ourRole: role)
                     }
@@ -249,6 +253,8 @@ extension ResumableStream {
             /// highest offset handed to it. An ACK beyond that is a lie.
             var sendGeneration: UInt64 = 0
             var sentHighWater: UInt64 = 0
+            /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
+            var lastAttempt: UInt64 = 0
             /// The highest offset ever handed to any connection (for the replay statistic).
             var everSent: UInt64 = 0
             // Receive side.
@@ -295,6 +301,16 @@ extension ResumableStream {
             state.withLockedValue { $0.statistics[keyPath: counter] &+= 1 }
         }
 
+        /// A number larger than any this stream used for a previous dial: at least `floor` (the
+        /// owner's clock, so attempts also grow across restarts of the dialing process) and
+        /// always one more than the last.
+        func nextAttempt(floor: UInt64) -> UInt64 {
+            state.withLockedValue { s in
+                s.lastAttempt = max(s.lastAttempt &+ 1, floor)
+                return s.lastAttempt
+            }
+        }
+
         /// What we report as received in our hello.
         var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.received : 0 } }
 
@@ -310,6 +326,12 @@ extension ResumableStream {
             var wake: [CheckedContinuation<Void, Never>] = []
             defer { for waiter in wake { waiter.resume() } }
             return state.withLockedValue { s -> StreamProtocolError? in
+                if ourRole == .host {
+                    // The dialer's connections race through accept: only a newer one may
+                    // replace the current one.
+                    guard peer.attempt > s.lastAttempt else { return .staleAttempt(peer.attempt, newest: s.lastAttempt) }
+                    s.lastAttempt = peer.attempt
+                }
                 switch direction {
                 case .receive:
                     // We never send data: the peer cannot hold any.
@@ -623,10 +645,23 @@ extension ResumableStream {
                         throw StreamProtocolError.unexpectedFrame(expected: .ack, got: prefix.type)
                     }
                 } catch {
-                    if error is StreamProtocolError { count(\.protocolErrors) }
-                    slot.disconnect(ifCurrent: lease.generation, reason: error is StreamProtocolError ? .protocolError : .readFailed)
+                    dropConnection(lease.generation, slot: slot, after: error)
                 }
             }
+        }
+
+        /// A connection's read failed: a protocol violation is counted as one; a plain
+        /// end-of-file or error is just the connection going away.
+        private func dropConnection(_ generation: UInt64, slot: ConnSlot<Session>, after error: any Error) {
+            let reason: DisconnectReason
+            switch error as? StreamProtocolError {
+            case .truncated: reason = .endOfFile
+            case .some:
+                count(\.protocolErrors)
+                reason = .protocolError
+            case .none: reason = .readFailed
+            }
+            slot.disconnect(ifCurrent: generation, reason: reason)
         }
 
         private func acknowledge(_ offset: UInt64, generation: UInt64) throws {
@@ -670,8 +705,7 @@ extension ResumableStream {
                 do {
                     if let count = try await receiveOnce(into: buffer, from: lease) { return count }
                 } catch {
-                    if error is StreamProtocolError { count(\.protocolErrors) }
-                    slot.disconnect(ifCurrent: lease.generation, reason: error is StreamProtocolError ? .protocolError : .readFailed)
+                    dropConnection(lease.generation, slot: slot, after: error)
                 }
             }
         }

@@ -1,6 +1,10 @@
 import HoldfastCore
 import HoldfastProtocol
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The guest's stream ends over real sockets: a ConnSlot (raw) or a ResumableStream
 /// (resumable) whose redial dials `address` with the policy's connect timeout.
 public enum GuestStreams {
@@ -20,6 +24,14 @@ public enum GuestStreams {
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
             token: token, role: .guest, direction: direction, configuration: configuration, policy: policy,
-            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) }, observer: observer)
+            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) },
+            attemptClock: monotonicNanoseconds, observer: observer)
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: system-wide and never going back within a boot.
+@Sendable public func monotonicNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
 }

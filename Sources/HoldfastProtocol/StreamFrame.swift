@@ -87,9 +87,12 @@ public enum StreamRole: UInt8, Sendable {
 
 /// The hello each side sends first on every connection.
 ///
-/// Body: magic "HFST", version u16, role u8, reserved u8 (0), token length u16, token bytes.
-/// The prefix's value is the sender's *received offset*: how many bytes of the peer's data it
-/// holds. Each side then replays from the offset the other reported.
+/// Body: magic "HFST", version u16, role u8, reserved u8 (0), attempt u64, token length u16,
+/// token bytes. The prefix's value is the sender's *received offset*: how many bytes of the
+/// peer's data it holds. Each side then replays from the offset the other reported.
+///
+/// `attempt` orders the dialer's connections: it grows with every dial, so when two connections
+/// of one stream race through a slow accepting side, the older can never displace the newer.
 public struct StreamHello: Sendable, Equatable {
     public static let magic: [UInt8] = Array("HFST".utf8)
     public static let version: UInt16 = 1
@@ -97,12 +100,14 @@ public struct StreamHello: Sendable, Equatable {
 
     public var version: UInt16
     public var role: StreamRole
+    public var attempt: UInt64
     public var token: [UInt8]
     public var receivedOffset: UInt64
 
-    public init(role: StreamRole, token: [UInt8], receivedOffset: UInt64, version: UInt16 = StreamHello.version) {
+    public init(role: StreamRole, token: [UInt8], receivedOffset: UInt64, attempt: UInt64 = 0, version: UInt16 = StreamHello.version) {
         self.version = version
         self.role = role
+        self.attempt = attempt
         self.token = token
         self.receivedOffset = receivedOffset
     }
@@ -111,6 +116,7 @@ public struct StreamHello: Sendable, Equatable {
     public var encoded: [UInt8] {
         var body = Self.magic
         body += [UInt8(version >> 8), UInt8(version & 0xFF), role.rawValue, 0]
+        body += (0..<8).map { UInt8(truncatingIfNeeded: attempt >> (56 - 8 * $0)) }
         body += [UInt8(token.count >> 8), UInt8(token.count & 0xFF)]
         body += token
         return StreamFramePrefix(type: .hello, bodyLength: body.count, value: receivedOffset).encoded + body
@@ -118,15 +124,17 @@ public struct StreamHello: Sendable, Equatable {
 
     public static func decode(prefix: StreamFramePrefix, body: [UInt8]) throws(StreamProtocolError) -> StreamHello {
         guard prefix.type == .hello else { throw .unexpectedFrame(expected: .hello, got: prefix.type) }
-        guard body.count >= 10, Array(body[0..<4]) == magic else { throw .malformed("hello without the HFST magic") }
+        guard body.count >= 4, Array(body[0..<4]) == magic else { throw .malformed("hello without the HFST magic") }
+        guard body.count >= 18 else { throw .malformed("hello body of \(body.count) bytes is too short") }
         let version = UInt16(body[4]) << 8 | UInt16(body[5])
         guard version == Self.version else { throw .unsupportedVersion(version) }
         guard let role = StreamRole(rawValue: body[6]), body[7] == 0 else { throw .malformed("hello with an unknown role") }
-        let tokenLength = Int(body[8]) << 8 | Int(body[9])
-        guard tokenLength <= maxTokenLength, body.count == 10 + tokenLength else {
+        let attempt = body[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let tokenLength = Int(body[16]) << 8 | Int(body[17])
+        guard tokenLength <= maxTokenLength, body.count == 18 + tokenLength else {
             throw .malformed("hello token length \(tokenLength) does not match its body")
         }
-        return StreamHello(role: role, token: Array(body[10...]), receivedOffset: prefix.value, version: version)
+        return StreamHello(role: role, token: Array(body[18...]), receivedOffset: prefix.value, attempt: attempt, version: version)
     }
 }
 
@@ -138,6 +146,7 @@ public enum StreamErrorCode: UInt64, Sendable {
     case offsetAlreadyDiscarded = 4
     case unsupportedVersion = 5
     case busy = 6
+    case staleAttempt = 7
 }
 
 public struct StreamRefusal: Sendable, Equatable {
@@ -176,6 +185,7 @@ public enum StreamProtocolError: Error, Sendable, Equatable, CustomStringConvert
     case dataGap(expected: UInt64, got: UInt64)
     case refusedByPeer(StreamRefusal)
     case handshakeTimedOut
+    case staleAttempt(UInt64, newest: UInt64)
 
     public var description: String {
         switch self {
@@ -191,6 +201,7 @@ public enum StreamProtocolError: Error, Sendable, Equatable, CustomStringConvert
         case .dataGap(let expected, let got): return "data frame at offset \(got), expected \(expected)"
         case .refusedByPeer(let refusal): return "refused by peer (\(refusal.code)): \(refusal.message)"
         case .handshakeTimedOut: return "handshake timed out"
+        case .staleAttempt(let attempt, let newest): return "connection attempt \(attempt) is older than attempt \(newest), already accepted"
         }
     }
 
@@ -201,6 +212,7 @@ public enum StreamProtocolError: Error, Sendable, Equatable, CustomStringConvert
         case .offsetFromTheFuture: return .offsetFromTheFuture
         case .offsetAlreadyDiscarded: return .offsetAlreadyDiscarded
         case .unsupportedVersion: return .unsupportedVersion
+        case .staleAttempt: return .staleAttempt
         default: return .protocolViolation
         }
     }

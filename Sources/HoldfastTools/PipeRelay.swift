@@ -1,41 +1,100 @@
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
+import HoldfastProtocol
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// `holdfast pipe --to ADDR`: relays this process's stdin to ADDR through a ConnSlot, redialing
-/// whenever the connection is lost — socat's `-u - CONNECT` with Holdfast's reconnect semantics.
-/// Also the Holdfast row of `make bench`.
+/// The two ends of a single stream as command-line tools:
+/// `holdfast pipe` relays stdin to an address (the guest side), `holdfast receive` listens and
+/// writes what arrives to stdout (the host side). Raw mode works with any listener (socat);
+/// resumable mode needs the other end to speak the protocol — `holdfast receive` does.
+public enum StreamMode: String, Sendable, CaseIterable {
+    case raw, resumable
+}
+
 public enum PipeRelay {
     public struct Options: Sendable {
         public var destination: SocketAddress
+        public var mode: StreamMode
+        public var token: String
         public var policy: RedialPolicy
         public var bufferSize: Int
         public var pipeCapacity: Int?
 
-        public init(destination: SocketAddress, policy: RedialPolicy = .default, bufferSize: Int = 128 * 1024, pipeCapacity: Int? = nil) {
+        public init(
+            destination: SocketAddress, mode: StreamMode = .raw, token: String = "stdin", policy: RedialPolicy = .default,
+            bufferSize: Int = 128 * 1024, pipeCapacity: Int? = nil
+        ) {
             self.destination = destination
+            self.mode = mode
+            self.token = token
             self.policy = policy
             self.bufferSize = bufferSize
             self.pipeCapacity = pipeCapacity
         }
     }
 
-    /// Runs until stdin ends; returns the relay's report.
+    /// Runs until stdin ends; returns the relay's report (resumable: after the receiver
+    /// acknowledged every byte, or the drain timeout).
     public static func run(_ options: Options) async throws -> RelayReport {
         let input = dup(0)
         guard input >= 0 else { throw SystemError.last("dup(stdin)") }
         if let capacity = options.pipeCapacity { PipeEnds.setCapacity(of: input, to: capacity) }
         let source = try AsyncFD(adopting: input)
         defer { source.close() }
-        let destination = options.destination
-        let policy = options.policy
-        let slot = ConnSlot<AsyncFD>(
-            name: "stdin", policy: policy,
-            dial: { try await Dialer.connect(to: destination, timeout: policy.connectTimeout) })
-        slot.disconnect()  // starts the first dial
-        return await Relay.output(from: source, to: slot, pool: BufferPool(bufferSize: options.bufferSize, retained: 2))
+        let pool = BufferPool(bufferSize: options.bufferSize, retained: 2)
+        switch options.mode {
+        case .raw:
+            let slot = GuestStreams.raw(to: options.destination, name: "stdin", policy: options.policy)
+            slot.disconnect()  // starts the first dial
+            return await Relay.output(from: source, to: slot, pool: pool)
+        case .resumable:
+            let stream = GuestStreams.resumable(
+                to: options.destination, token: Array(options.token.utf8), direction: .send, policy: options.policy)
+            stream.slot.disconnect()
+            return await Relay.output(from: source, to: stream, pool: pool)
+        }
+    }
+}
+
+public enum StreamReceiver {
+    /// Listens on `address` and writes the stream to stdout until it ends: in resumable mode at
+    /// the sender's END; in raw mode when a connection ends after `connections` connections
+    /// (0: keep accepting forever). Returns the byte count.
+    public static func run(listen address: SocketAddress, mode: StreamMode, token: String, connections: Int = 1) async throws -> UInt64 {
+        let output = dup(1)
+        guard output >= 0 else { throw SystemError.last("dup(stdout)") }
+        let sink = try AsyncFD(adopting: output)
+        defer { sink.close() }
+        switch mode {
+        case .resumable:
+            let server = try StreamServer(listeningOn: address)
+            defer { server.close() }
+            let stream = server.open(token: Array(token.utf8), direction: .receive)
+            server.start()
+            let report = await Relay.input(from: stream, to: sink, pool: BufferPool(bufferSize: 256 * 1024, retained: 2))
+            _ = await stream.waitEndEchoed(timeout: .seconds(5))
+            return report.bytes
+        case .raw:
+            let listener = try Listener(binding: address)
+            defer { listener.close() }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 16)
+            defer { buffer.deallocate() }
+            var total: UInt64 = 0
+            var served = 0
+            while connections == 0 || served < connections {
+                let connection = try await listener.accept()
+                served += 1
+                while let count = try? await connection.read(into: buffer), count > 0 {
+                    try await sink.write(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+                    total += UInt64(count)
+                }
+                connection.close()
+            }
+            return total
+        }
     }
 }

@@ -17,7 +17,7 @@ struct Holdfast: AsyncParsableCommand {
             (VM live migration, host agent restart) without losing a byte.
             """,
         version: HoldfastVersion.string,
-        subcommands: [Demo.self, Pipe.self])
+        subcommands: [Demo.self, Pipe.self, Receive.self])
 }
 
 struct Demo: AsyncParsableCommand {
@@ -43,27 +43,50 @@ struct Demo: AsyncParsableCommand {
     }
 }
 
+extension StreamMode: ExpressibleByArgument {}
+
+func parseAddress(_ text: String) throws -> SocketAddress {
+    do {
+        return try SocketAddress(parsing: text)
+    } catch {
+        throw ValidationError(error.description)
+    }
+}
+
 struct Pipe: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Relay standard input to an address, redialing whenever the connection drops.")
 
     @Option(name: .customLong("to"), help: "Destination: unix:/path, tcp://HOST:PORT or vsock://CID:PORT.")
     var destination: String
+    @Option(help: "raw (any listener) or resumable (exactly once; the far end must be 'holdfast receive').")
+    var mode: StreamMode = .raw
+    @Option(help: "The stream's token (resumable mode).") var token = "stdin"
     @Option(help: "Redial attempts per cycle.") var attempts = 60
     @Option(help: "Relay buffer size in bytes.") var buffer = 128 * 1024
     @Option(help: "Ask the kernel for a stdin pipe of this many bytes (F_SETPIPE_SZ).") var pipeSize: Int?
 
     func run() async throws {
-        let address: SocketAddress
-        do {
-            address = try SocketAddress(parsing: destination)
-        } catch {
-            throw ValidationError(error.description)
-        }
+        let address = try parseAddress(destination)
         let report = try await PipeRelay.run(.init(
-            destination: address, policy: RedialPolicy(attempts: attempts), bufferSize: buffer, pipeCapacity: pipeSize))
+            destination: address, mode: mode, token: token, policy: RedialPolicy(attempts: attempts), bufferSize: buffer,
+            pipeCapacity: pipeSize))
         if report.undelivered > 0 {
             throw ValidationError("holdfast pipe: \(report)")
         }
+    }
+}
+
+struct Receive: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Listen for one stream and write it to standard output (the host end of 'holdfast pipe').")
+
+    @Option(help: "Where to listen: unix:/path, tcp://HOST:PORT or vsock://CID:PORT.") var listen: String
+    @Option(help: "raw or resumable.") var mode: StreamMode = .raw
+    @Option(help: "The stream's token (resumable mode).") var token = "stdin"
+    @Option(help: "Raw mode: end after this many connections (0: never).") var connections = 1
+
+    func run() async throws {
+        _ = try await StreamReceiver.run(listen: try parseAddress(listen), mode: mode, token: token, connections: connections)
     }
 }

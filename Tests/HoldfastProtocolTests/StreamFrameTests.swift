@@ -42,7 +42,7 @@ struct StreamFrameTests {
     }
 
     @Test func helloRoundTrips() throws {
-        let hello = StreamHello(role: .guest, token: Array("c0ffee-stdout".utf8), receivedOffset: 1 << 40)
+        let hello = StreamHello(role: .guest, token: Array("c0ffee-stdout".utf8), receivedOffset: 1 << 40, attempt: 0xDEAD_BEEF_0102)
         let bytes = hello.encoded
         let prefix = try bytes.withUnsafeBytes { try StreamFramePrefix.decode($0) }
         #expect(prefix.value == 1 << 40)
@@ -61,7 +61,7 @@ struct StreamFrameTests {
             try StreamHello.decode(prefix: wrongPrefix, body: Array(wrongVersion[16...]))
         }
         var badLength = StreamHello(role: .host, token: [1, 2, 3], receivedOffset: 0).encoded
-        badLength[16 + 9] = 200
+        badLength[16 + 17] = 200
         let badPrefix = try badLength.withUnsafeBytes { try StreamFramePrefix.decode($0) }
         #expect(throws: StreamProtocolError.self) {
             try StreamHello.decode(prefix: badPrefix, body: Array(badLength[16...]))

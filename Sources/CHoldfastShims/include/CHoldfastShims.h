@@ -85,4 +85,9 @@ typedef struct {
 /// here, not a mysterious exit 127). *failed_step names the step that failed.
 pid_t hf_spawn(const hf_spawn_options *options, const char **failed_step);
 
+
+
+/// mallopt(M_MMAP_THRESHOLD, bytes) and M_TRIM_THRESHOLD: allocations of at least `bytes` get
+/// their own mapping, returned to the system when freed. Returns 1 on success.
+int hf_malloc_mmap_threshold(int bytes);
 #endif
