@@ -83,9 +83,11 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                 do {
                     let hello = StreamHello(
                         role: role, token: token, receivedOffset: engine.receivedForHello, attempt: engine.nextAttempt(floor: attemptClock?() ?? 0))
-                    return try await Handshake.initiate(on: transport, hello: hello) { peer in
+                    let session = try await Handshake.initiate(on: transport, hello: hello) { peer in
                         engine.validate(peer, token: token, ourRole: role)
                     }
+                    engine.record(session)
+                    return session
                 } catch {
                     transport.close()
                     if let problem = error as? StreamProtocolError, problem != .truncated {
@@ -129,7 +131,9 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             transport.close()
             throw .truncated
         }
-        slot.set(Session(transport: transport, peerHello: hello, ourReceivedOffset: ours.receivedOffset))
+        let session = Session(transport: transport, peerHello: hello, ourReceivedOffset: ours.receivedOffset)
+        engine.record(session)
+        slot.set(session)
     }
 
     // MARK: Sending
@@ -253,6 +257,9 @@ extension ResumableStream {
             /// highest offset handed to it. An ACK beyond that is a lie.
             var sendGeneration: UInt64 = 0
             var sentHighWater: UInt64 = 0
+            /// The newest session: the peer's received offset and ours, for the pump (only the
+            /// newest matters: an older session is replaced before the pump could use it).
+            var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
             /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
             var lastAttempt: UInt64 = 0
             /// The highest offset ever handed to any connection (for the replay statistic).
@@ -308,6 +315,13 @@ extension ResumableStream {
             state.withLockedValue { s in
                 s.lastAttempt = max(s.lastAttempt &+ 1, floor)
                 return s.lastAttempt
+            }
+        }
+
+        /// Notes where a new session starts, for the pump (which reads it under this lock).
+        func record(_ session: Session) {
+            state.withLockedValue { s in
+                s.sessionStart = (ObjectIdentifier(session), session.peerHello.receivedOffset, session.ourReceivedOffset)
             }
         }
 
@@ -508,11 +522,13 @@ extension ResumableStream {
             while let lease = await slot.current() {
                 if lease.generation != generation {
                     generation = lease.generation
-                    position = lease.connection.peerHello.receivedOffset
-                    ackSent = lease.connection.ourReceivedOffset
                     endSent = false
                     state.withLockedValue { s in
-                        position = max(position, s.ring.acknowledged)
+                        let start = s.sessionStart?.id == ObjectIdentifier(lease.connection) ? s.sessionStart : nil
+                        // Without a record (a session replaced at once) the safe choice is to
+                        // replay from the oldest unacknowledged byte: the peer drops duplicates.
+                        position = max(start?.peer ?? 0, s.ring.acknowledged)
+                        ackSent = start?.ours ?? 0
                         s.sendGeneration = generation
                         s.sentHighWater = position
                     }

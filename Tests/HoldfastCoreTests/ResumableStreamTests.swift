@@ -238,6 +238,20 @@ struct ResumableMemoryTests {
         #expect(pair.guest.statistics.acknowledged == 100_000)
     }
 
+    @Test func processExitWithAFullRingAndNoHostReleasesTheRelayAndCountsEverything() async throws {
+        let configuration = ResumableConfiguration(ringCapacity: 64 * 1024, drainTimeout: .milliseconds(100))
+        let guest = ResumableStream<MemoryPipe.End>(token: bytes("t"), role: .guest, direction: .send, configuration: configuration)
+        let source = MemorySource([UInt8](repeating: 1, count: 100 * 1024))
+        let relay = Task { await Relay.output(from: source, to: guest) }
+        try await eventually("the ring to fill") { guest.statistics.ringBytes == 64 * 1024 }
+        source.finish()  // the process wrote 100 KiB and exited; 36 KiB are still in its pipe
+        guest.processExited()
+        let report = try await withTimeout("the relay to be released") { await relay.value }
+        #expect(report.ending == .abandoned)
+        #expect(report.undelivered == 100 * 1024, "64 KiB never acknowledged + 36 KiB left in the pipe")
+        #expect(guest.slot.phase == .abandoned)
+    }
+
     @Test func idleStreamHoldsNoRingMemory() async throws {
         let pair = ResumablePair(guestDirection: .send)
         defer { pair.close() }
