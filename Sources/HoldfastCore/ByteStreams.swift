@@ -43,6 +43,13 @@ extension ByteWriter {
 public protocol ByteConnection: ByteReader, ByteWriter, AnyObject {
     /// Closes the transport; wakes any read or write suspended on it with an error. Idempotent.
     func close()
+
+    /// Ends our direction only: the peer reads what was sent, then end-of-file.
+    func shutdownWrite()
+}
+
+extension ByteConnection {
+    public func shutdownWrite() {}
 }
 
 /// A write that failed part-way. `accepted` bytes were taken by the sink (for a socket: copied

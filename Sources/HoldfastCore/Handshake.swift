@@ -22,6 +22,7 @@ public final class ResumableSession<Transport: ByteConnection>: ByteConnection {
         try await transport.write(header, body)
     }
     public func close() { transport.close() }
+    public func shutdownWrite() { transport.shutdownWrite() }
 }
 
 /// Reading and writing whole frames on a ByteConnection.
@@ -83,9 +84,24 @@ public enum Handshake {
         return try StreamHello.decode(prefix: prefix, body: body)
     }
 
-    /// Sends an ERROR frame for `problem` (best effort) and closes the connection.
+    /// Sends an ERROR frame for `problem` (best effort) and closes the connection — gracefully:
+    /// our side is shut down first and what the peer still sends is drained for a moment, because
+    /// closing a socket with unread input resets it and the peer would never read why.
     public static func refuse(_ connection: some ByteConnection, _ problem: StreamProtocolError) async {
         try? await FrameIO.write(StreamRefusal(code: problem.code, message: problem.description).encoded, to: connection)
+        connection.shutdownWrite()
+        let drain = Task {
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 1)
+            defer { scratch.deallocate() }
+            var total = 0
+            while total < 1 << 16, let count = try? await connection.read(into: scratch), count > 0 { total += count }
+        }
+        let deadline = Task {
+            try? await Task.sleep(for: .milliseconds(200))
+            drain.cancel()
+        }
+        await drain.value
+        deadline.cancel()
         connection.close()
     }
 }

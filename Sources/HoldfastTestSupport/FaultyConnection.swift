@@ -66,6 +66,7 @@ public final class FaultyConnection<Inner: ByteConnection>: ByteConnection {
     }
 
     public func close() { inner.close() }
+    public func shutdownWrite() { inner.shutdownWrite() }
 
     private func before() throws(WriteFailure) {
         let first = writes.withLockedValue { count -> Bool in

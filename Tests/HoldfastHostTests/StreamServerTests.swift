@@ -1,0 +1,104 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+@Suite("StreamServer: refusals leave everything else intact")
+struct StreamServerTests {
+    func server(_ directory: TemporaryDirectory, timeout: Duration = .seconds(5)) throws -> StreamServer<AsyncFD> {
+        let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: timeout)
+        server.start()
+        return server
+    }
+
+    func expectRefusal(_ connection: AsyncFD, _ code: StreamErrorCode) async throws {
+        let (prefix, body) = try await FrameIO.readFrame(connection)
+        #expect(prefix.type == .error)
+        #expect(StreamRefusal.decode(prefix: prefix, body: body).code == code)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 1)
+        defer { buffer.deallocate() }
+        #expect(try await connection.read(into: buffer) == 0, "and the connection is closed")
+    }
+
+    @Test func unknownTokenIsRefused() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try server(directory)
+        defer { server.close() }
+        let connection = try await Dialer.connect(to: server.address)
+        try await FrameIO.write(StreamHello(role: .guest, token: bytes("nobody"), receivedOffset: 0, attempt: 1).encoded, to: connection)
+        try await expectRefusal(connection, .unknownToken)
+        connection.close()
+    }
+
+    @Test func garbageIsRefusedAndTheRealStreamStillFlows() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try server(directory)
+        defer { server.close() }
+        let host = server.open(token: bytes("real"), direction: .receive)
+        let garbage = try await Dialer.connect(to: server.address)
+        try await FrameIO.write(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8), to: garbage)
+        try await expectRefusal(garbage, .protocolViolation)
+        garbage.close()
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), direction: .send)
+        guest.slot.disconnect()
+        let receiver = Task { await digestOf(host) }
+        try await FrameIO.write(bytes("after the garbage"), to: GuestSender(stream: guest))
+        #expect(await guest.finish() == 0)
+        #expect(await receiver.value.count == 17)
+    }
+
+    @Test func aSilentPeerIsDroppedAfterTheHandshakeTimeout() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try server(directory, timeout: .milliseconds(200))
+        defer { server.close() }
+        let silent = try await Dialer.connect(to: server.address)
+        let started = ContinuousClock.now
+        // It gets at most an ERROR frame, then end-of-file; never a hang.
+        let outcome = try await withTimeout("the server to drop the silent peer", .seconds(5)) {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 1)
+            defer { buffer.deallocate() }
+            var total = 0
+            while let count = try? await silent.read(into: buffer), count > 0 { total += count }
+            return total
+        }
+        #expect(ContinuousClock.now - started >= .milliseconds(150))
+        #expect(outcome >= 0)
+        #expect(server.statistics.handshaking == 0)
+        silent.close()
+    }
+
+    @Test func aStaleAttemptCannotDisplaceANewerConnection() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try server(directory)
+        defer { server.close() }
+        let host = server.open(token: bytes("t"), direction: .receive)
+        let newer = try await Dialer.connect(to: server.address)
+        try await FrameIO.write(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0, attempt: 20).encoded, to: newer)
+        let (prefix, _) = try await FrameIO.readFrame(newer)
+        #expect(prefix.type == .hello)
+        let older = try await Dialer.connect(to: server.address)
+        try await FrameIO.write(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0, attempt: 10).encoded, to: older)
+        try await expectRefusal(older, .staleAttempt)
+        #expect(host.slot.phase == .connected)
+        older.close()
+        newer.close()
+    }
+}
+
+/// Lets FrameIO.write feed an OutboundStream in tests.
+struct GuestSender: ByteWriter {
+    let stream: ResumableStream<AsyncFD>
+    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) {
+        do {
+            try await stream.send(bytes)
+        } catch {
+            throw WriteFailure(accepted: bytes.count - error.unsent, cause: error)
+        }
+    }
+}
