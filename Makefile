@@ -39,9 +39,11 @@ test-core-tsan: deps
 demo: build
 	$(BUILD_DIR)/debug/holdfast demo
 
-# Throughput against socat and a C read/write loop; see BENCHMARKS.md.
+# Throughput against socat and a C read/write loop, raw against resumable, and the cost of
+# 3,000 idle resumable streams; see BENCHMARKS.md.
 bench: release
 	bench/run.sh $(BUILD_DIR)/release/holdfast
+	$(BUILD_DIR)/release/holdfast-bench idle-streams --count 3000 --seconds 10
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_DIR) bench/bin

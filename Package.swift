@@ -93,6 +93,7 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
+        .testTarget(name: "HoldfastToolsTests", dependencies: ["HoldfastTools", "HoldfastTestSupport"], swiftSettings: strict),
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
         .testTarget(
             name: "HoldfastCoreTests",

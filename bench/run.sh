@@ -9,8 +9,8 @@ set -euo pipefail
 holdfast=${1:?usage: bench/run.sh path/to/holdfast}
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$here/bin
-bytes=${BENCH_BYTES:-4294967296}
-runs=${BENCH_RUNS:-5}
+bytes=${BENCH_BYTES:-2147483648}
+runs=${BENCH_RUNS:-7}
 work=$(mktemp -d /tmp/holdfast-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 sock=$work/sink.sock
@@ -21,7 +21,7 @@ for tool in producer sink relay; do
 done
 
 # One timed run; prints seconds. The sink is started first, waited for by pid, and must report
-# (C sink) or count (holdfast receive, via wc -c) exactly the bytes sent.
+# (C sink, holdfast receive --count) exactly the bytes sent.
 one_run() {
     local sink_cmd=$1 relay_cmd=$2
     rm -f "$sock"
@@ -42,8 +42,8 @@ one_run() {
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 c_sink="\"$bin/sink\" \"$sock\""
-hf_sink_raw="\"$holdfast\" receive --listen unix:\"$sock\" | wc -c"
-hf_sink_res="\"$holdfast\" receive --mode resumable --listen unix:\"$sock\" | wc -c"
+hf_sink_raw="\"$holdfast\" receive --count --listen unix:\"$sock\""
+hf_sink_res="\"$holdfast\" receive --count --mode resumable --listen unix:\"$sock\""
 names=("C read/write loop" "socat -b 131072" "holdfast pipe (raw)"
        "holdfast raw -> holdfast receive" "holdfast resumable -> holdfast receive")
 sinks=("$c_sink" "$c_sink" "$c_sink" "$hf_sink_raw" "$hf_sink_res")
@@ -52,11 +52,17 @@ relays=("\"$bin/relay\" \"$sock\""
         "\"$holdfast\" pipe --to unix:\"$sock\""
         "\"$holdfast\" pipe --to unix:\"$sock\""
         "\"$holdfast\" pipe --mode resumable --to unix:\"$sock\"")
+# Round-robin: each repetition runs every configuration once, so drift in the machine's speed
+# (a shared VM) hits all of them alike; the median of each is reported.
 declare -a gbps
+declare -A times
+for r in $(seq 1 "$runs"); do
+    for i in "${!names[@]}"; do
+        times[$i]+="$(one_run "${sinks[$i]}" "${relays[$i]}") "
+    done
+done
 for i in "${!names[@]}"; do
-    times=()
-    for _ in $(seq 1 "$runs"); do times+=("$(one_run "${sinks[$i]}" "${relays[$i]}")"); done
-    m=$(printf '%s\n' "${times[@]}" | median)
+    m=$(printf '%s\n' ${times[$i]} | median)
     gbps[$i]=$(echo "$bytes / $m / 1000000000" | bc -l)
 done
 

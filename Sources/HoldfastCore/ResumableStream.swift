@@ -25,7 +25,7 @@ public struct ResumableConfiguration: Sendable, Equatable {
     public var drainTimeout: Duration
 
     public init(
-        ringCapacity: Int = 1 << 20, ackEvery: Int = 64 * 1024, ackDelay: Duration = .milliseconds(10),
+        ringCapacity: Int = 1 << 20, ackEvery: Int = 256 * 1024, ackDelay: Duration = .milliseconds(10),
         maxFrame: Int = 64 * 1024, drainTimeout: Duration = .seconds(30)
     ) {
         precondition(maxFrame > 0 && maxFrame <= StreamFramePrefix.maxDataBody)

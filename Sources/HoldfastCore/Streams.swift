@@ -114,3 +114,43 @@ extension ConnSlot: InboundStream {
         await read(into: buffer)
     }
 }
+
+// MARK: - Async sequence view
+
+extension InboundStream {
+    /// The stream as an async sequence of byte chunks (at most `maximumChunk` bytes each) that
+    /// ends at the stream's explicit end. Pull-driven: nothing is read ahead of the consumer, so
+    /// a slow consumer slows the sender instead of growing a buffer.
+    public func chunks(maximumChunk: Int = 64 * 1024) -> InboundChunks<Self> {
+        InboundChunks(stream: self, maximumChunk: maximumChunk)
+    }
+}
+
+public struct InboundChunks<Stream: InboundStream>: AsyncSequence, Sendable {
+    public typealias Element = [UInt8]
+    let stream: Stream
+    let maximumChunk: Int
+
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        let stream: Stream
+        let maximumChunk: Int
+        var ended = false
+
+        public mutating func next() async -> [UInt8]? {
+            guard !ended else { return nil }
+            await stream.waitReceivable()
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: maximumChunk, alignment: 16)
+            defer { buffer.deallocate() }
+            let count = await stream.receive(into: buffer)
+            guard count > 0 else {
+                ended = true
+                return nil
+            }
+            return Array(buffer[..<count])
+        }
+    }
+
+    public func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(stream: stream, maximumChunk: maximumChunk)
+    }
+}

@@ -26,6 +26,7 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var acceptTask: Task<Void, Never>?
         var accepted: UInt64 = 0
         var refused: UInt64 = 0
+        var acceptErrors: UInt64 = 0
         var handshaking = 0
     }
 
@@ -43,7 +44,20 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     public func start() {
         let task = Task { [self] in
             while !Task.isCancelled {
-                guard let socket = try? await listener.accept() else { return }
+                let socket: AsyncFD
+                do {
+                    socket = try await listener.accept()
+                } catch is DescriptorClosed {
+                    return  // closed
+                } catch is CancellationError {
+                    return
+                } catch {
+                    // Out of fds or memory for a moment (EMFILE, ENFILE, ENOBUFS): the listener
+                    // must outlive it, so pause and accept again rather than stop for good.
+                    state.withLockedValue { $0.acceptErrors &+= 1 }
+                    try? await Task.sleep(for: .milliseconds(50))
+                    continue
+                }
                 state.withLockedValue {
                     $0.accepted &+= 1
                     $0.handshaking += 1
@@ -57,9 +71,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     /// Creates a host stream for `token` and registers it. For a guest's stdout/stderr use
     /// `.receive`; for its stdin `.send`.
     public func open(
-        token: [UInt8], direction: StreamDirection, configuration: ResumableConfiguration = ResumableConfiguration()
+        token: [UInt8], direction: StreamDirection, configuration: ResumableConfiguration = ResumableConfiguration(),
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> Stream {
-        let stream = Stream(token: token, role: .host, direction: direction, configuration: configuration)
+        let stream = Stream(token: token, role: .host, direction: direction, configuration: configuration, observer: observer)
         state.withLockedValue { $0.streams[token] = stream }
         return stream
     }
@@ -69,8 +84,8 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         state.withLockedValue { $0.streams.removeValue(forKey: token) }?.close()
     }
 
-    public var statistics: (accepted: UInt64, refused: UInt64, handshaking: Int, streams: Int) {
-        state.withLockedValue { ($0.accepted, $0.refused, $0.handshaking, $0.streams.count) }
+    public var statistics: (accepted: UInt64, refused: UInt64, acceptErrors: UInt64, handshaking: Int, streams: Int) {
+        state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
     }
 
     /// Drops every stream's current connection at once (what a live migration looks like).

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 /// Bounded waiting for tests: every wait has a deadline, so a broken invariant fails a test
 /// instead of hanging the suite.
 
@@ -50,3 +51,11 @@ public struct SeededRandom: RandomNumberGenerator, Sendable {
 
 /// The UTF-8 bytes of a string.
 public func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
+
+/// A thread-safe list of strings (printed lines a test wants to inspect).
+public final class NIOLockedValueBoxLines: Sendable {
+    private let box = NIOConcurrencyHelpers.NIOLockedValueBox<[String]>([])
+    public init() {}
+    public func append(_ line: String) { box.withLockedValue { $0.append(line) } }
+    public var all: [String] { box.withLockedValue { $0 } }
+}

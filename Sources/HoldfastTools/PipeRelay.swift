@@ -64,18 +64,22 @@ public enum StreamReceiver {
     /// Listens on `address` and writes the stream to stdout until it ends: in resumable mode at
     /// the sender's END; in raw mode when a connection ends after `connections` connections
     /// (0: keep accepting forever). Returns the byte count.
-    public static func run(listen address: SocketAddress, mode: StreamMode, token: String, connections: Int = 1) async throws -> UInt64 {
+    /// With `discard`, received bytes are only counted (for measuring the transport alone).
+    public static func run(
+        listen address: SocketAddress, mode: StreamMode, token: String, connections: Int = 1, discard: Bool = false
+    ) async throws -> UInt64 {
         let output = dup(1)
         guard output >= 0 else { throw SystemError.last("dup(stdout)") }
-        let sink = try AsyncFD(adopting: output)
-        defer { sink.close() }
+        let stdout = try AsyncFD(adopting: output)
+        defer { stdout.close() }
+        let sink: any ByteWriter = discard ? Discard() : stdout
         switch mode {
         case .resumable:
             let server = try StreamServer(listeningOn: address)
             defer { server.close() }
             let stream = server.open(token: Array(token.utf8), direction: .receive)
             server.start()
-            let report = await Relay.input(from: stream, to: sink, pool: BufferPool(bufferSize: 256 * 1024, retained: 2))
+            let report = await Relay.input(from: stream, to: AnyWriter(sink), pool: BufferPool(bufferSize: 256 * 1024, retained: 2))
             _ = await stream.waitEndEchoed(timeout: .seconds(5))
             return report.bytes
         case .raw:
@@ -97,4 +101,16 @@ public enum StreamReceiver {
             return total
         }
     }
+}
+
+/// A sink that only counts.
+struct Discard: ByteWriter {
+    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) {}
+}
+
+/// Erases a writer's type for the generic relay.
+struct AnyWriter: ByteWriter {
+    let inner: any ByteWriter
+    init(_ inner: any ByteWriter) { self.inner = inner }
+    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) { try await inner.write(bytes) }
 }

@@ -103,6 +103,7 @@ struct IdleStreams: AsyncParsableCommand {
             "holdfast-bench", "idle-host", "--listen", address.description, "--count", String(count),
         ])
         options.parentDeathSignal = SIGKILL
+        options.stderr = 2
         let host = try Spawner.spawn(options)
         defer {
             kill(host, SIGKILL)
@@ -171,6 +172,7 @@ struct IdleStreams: AsyncParsableCommand {
         print("|---|---:|")
         for (name, value) in rows { print("| \(name) | \(value) |") }
         print("disconnects by reason: \(reasons.withLockedValue { $0 })")
+        try await Task.sleep(for: .milliseconds(1100))
 
         for writer in writers { close(writer) }
         for stream in streams { stream.close() }
@@ -188,8 +190,13 @@ struct IdleHost: AsyncParsableCommand {
         raiseDescriptorLimit()
         let server = try StreamServer(listeningOn: try SocketAddress(parsing: listen))
         var drains: [Task<Void, Never>] = []
+        let reasons = NIOLockedValueBox<[String: Int]>([:])
         for index in 0..<count {
-            let stream = server.open(token: Array("s\(index)".utf8), direction: .receive)
+            let stream = server.open(
+                token: Array("s\(index)".utf8), direction: .receive,
+                observer: { event in
+                    if case .disconnected(let reason) = event { reasons.withLockedValue { $0[reason.rawValue, default: 0] += 1 } }
+                })
             drains.append(Task {
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
                 defer { buffer.deallocate() }
@@ -202,9 +209,10 @@ struct IdleHost: AsyncParsableCommand {
         server.start()
         Task {
             while true {
-                try? await Task.sleep(for: .seconds(3))
+                try? await Task.sleep(for: .seconds(1))
                 let stats = server.statistics
-                print("idle-host: accepted \(stats.accepted) refused \(stats.refused) handshaking \(stats.handshaking)")
+                let line = "idle-host: accepted \(stats.accepted) refused \(stats.refused) accept errors \(stats.acceptErrors) handshaking \(stats.handshaking) disconnects \(reasons.withLockedValue { $0 })\n"
+                _ = line.withCString { write(2, $0, strlen($0)) }
             }
         }
         for drain in drains { await drain.value }

@@ -85,8 +85,11 @@ struct Receive: AsyncParsableCommand {
     @Option(help: "raw or resumable.") var mode: StreamMode = .raw
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
     @Option(help: "Raw mode: end after this many connections (0: never).") var connections = 1
+    @Flag(help: "Do not write the stream: print how many bytes arrived.") var count = false
 
     func run() async throws {
-        _ = try await StreamReceiver.run(listen: try parseAddress(listen), mode: mode, token: token, connections: connections)
+        let total = try await StreamReceiver.run(
+            listen: try parseAddress(listen), mode: mode, token: token, connections: connections, discard: count)
+        if count { print(total) }
     }
 }
