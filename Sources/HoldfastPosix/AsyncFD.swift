@@ -209,6 +209,14 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         try await registration.wait(.write, after: seen)
     }
 
+    // MARK: Building other operations (fd passing, accept)
+
+    /// The reactor's edge count for a direction: read it before a non-blocking syscall, and if
+    /// that syscall would block, wait for an edge after it.
+    func registrationEdges(_ direction: Direction) -> UInt64 { registration.edges(direction) }
+    func waitForReadEdge(after seen: UInt64) async throws { try await registration.wait(.read, after: seen) }
+    func waitForWriteEdge(after seen: UInt64) async throws { try await registration.wait(.write, after: seen) }
+
     // MARK: Lifetime
 
     /// Shuts down the write side of a socket: the peer reads end-of-file after every byte sent.

@@ -1,5 +1,6 @@
 import CHoldfastShims
 import HoldfastCore
+import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -94,7 +95,18 @@ public struct SpawnError: Error, Sendable, CustomStringConvertible {
 public enum Spawner {
     /// fork + exec. A failure in the child before exec (bad path, bad cwd, setuid refused) is
     /// reported here as a `SpawnError`, not as a mysterious exit status later.
+    ///
+    /// With a `parentDeathSignal`, the fork happens on one dedicated thread that lives as long as
+    /// the process: Linux sends that signal when the *forking thread* exits, and the concurrency
+    /// pool's threads come and go — a child forked from one of them would be killed at random.
     public static func spawn(_ options: SpawnOptions) throws(SpawnError) -> pid_t {
+        if options.parentDeathSignal != nil {
+            return try SpawnThread.shared.run { () throws(SpawnError) -> pid_t in try spawnHere(options) }
+        }
+        return try spawnHere(options)
+    }
+
+    private static func spawnHere(_ options: SpawnOptions) throws(SpawnError) -> pid_t {
         let argv = CStringArray(options.arguments)
         let envp = CStringArray(options.environment)
         let groups = options.user?.groups ?? []
@@ -189,4 +201,57 @@ final class CStringArray {
 func withOptionalCString<R>(_ string: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
     guard let string else { return body(nil) }
     return string.withCString { body($0) }
+}
+
+/// A thread that lives for the whole process and runs forks that set PR_SET_PDEATHSIG.
+final class SpawnThread: @unchecked Sendable {
+    static let shared = SpawnThread()
+
+    private let lock = ConditionLock(value: 0)  // 0: idle, 1: work queued
+    private var work: (() -> Void)?
+
+    private init() {
+        let box = Unmanaged.passRetained(self)
+        var thread = pthread_t()
+        let created = pthread_create(&thread, nil, { context in
+            Unmanaged<SpawnThread>.fromOpaque(context!).takeRetainedValue().loop()
+            return nil
+        }, box.toOpaque())
+        precondition(created == 0, "cannot start the spawn thread (errno \(created))")
+        pthread_detach(thread)
+    }
+
+    private func loop() {
+        while true {
+            lock.lock(whenValue: 1)
+            let job = work
+            work = nil
+            lock.unlock(withValue: 0)
+            job?()
+        }
+    }
+
+    /// Runs `body` on the spawn thread and waits for it. Calls are serialised.
+    func run<T>(_ body: @escaping () throws(SpawnError) -> T) throws(SpawnError) -> T {
+        let done = ConditionLock(value: 0)
+        var result: Result<T, SpawnError>?
+        submitLock.lock()
+        defer { submitLock.unlock() }
+        lock.lock(whenValue: 0)
+        work = {
+            done.lock()
+            do throws(SpawnError) {
+                result = .success(try body())
+            } catch {
+                result = .failure(error)
+            }
+            done.unlock(withValue: 1)
+        }
+        lock.unlock(withValue: 1)
+        done.lock(whenValue: 1)
+        done.unlock()
+        return try result!.get()
+    }
+
+    private let submitLock = NIOLock()
 }

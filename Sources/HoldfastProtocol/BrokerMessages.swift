@@ -1,0 +1,213 @@
+/// The broker's control protocol (docs/PROTOCOL.md, "Broker control"): requests from the
+/// supervisor on the internal socketpair and from container runtimes on the public handoff
+/// socket, one SOCK_SEQPACKET message each, fds attached with SCM_RIGHTS.
+public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
+    // Requests.
+    case adopt = 0x0101
+    case release = 0x0102
+    case list = 0x0103
+    case disconnectAll = 0x0104
+    case bridgeUp = 0x0105
+    case stats = 0x0106
+    case processExited = 0x0107
+    case closeStdin = 0x0108
+    case resize = 0x0109
+    // Responses (same id as the request).
+    case ok = 0x0001
+    case error = 0x0002
+    // Notifications from the broker (id 0).
+    case drained = 0x0201
+}
+
+/// What a stream carries.
+public enum StreamKind: String, Codable, Sendable, CaseIterable {
+    case stdin, stdout, stderr
+    /// A pty master, relayed both ways: `address` receives the terminal's output, `inputAddress`
+    /// (if any) sends the terminal its input.
+    case tty
+
+    /// Output streams go guest → host.
+    public var isOutput: Bool { self != .stdin }
+}
+
+public enum StreamModeName: String, Codable, Sendable, CaseIterable {
+    case raw, resumable
+}
+
+/// One stream of a process being handed to the broker.
+public struct StreamDescription: Codable, Sendable, Equatable {
+    public var kind: StreamKind
+    /// Index into the message's attached fds.
+    public var fd: Int
+    /// Where the guest dials for this stream (for a tty: its output).
+    public var address: String
+    public var mode: StreamModeName
+    /// The resumable stream's token (required in resumable mode).
+    public var token: String?
+    /// A tty's input stream.
+    public var inputAddress: String?
+    public var inputToken: String?
+
+    public init(
+        kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil,
+        inputAddress: String? = nil, inputToken: String? = nil
+    ) {
+        self.kind = kind
+        self.fd = fd
+        self.address = address
+        self.mode = mode
+        self.token = token
+        self.inputAddress = inputAddress
+        self.inputToken = inputToken
+    }
+}
+
+public struct AdoptRequest: Codable, Sendable, Equatable {
+    /// The process the streams belong to (the host's id, unique among live processes).
+    public var process: String
+    public var streams: [StreamDescription]
+
+    public init(process: String, streams: [StreamDescription]) {
+        self.process = process
+        self.streams = streams
+    }
+}
+
+public struct ProcessRequest: Codable, Sendable, Equatable {
+    public var process: String
+    public init(process: String) { self.process = process }
+}
+
+public struct ResizeRequest: Codable, Sendable, Equatable {
+    public var process: String
+    public var rows: UInt16
+    public var columns: UInt16
+    public init(process: String, rows: UInt16, columns: UInt16) {
+        self.process = process
+        self.rows = rows
+        self.columns = columns
+    }
+}
+
+public struct ProcessExitedRequest: Codable, Sendable, Equatable {
+    public var process: String
+    /// How long a stream may make no progress before it gives up (milliseconds); the broker's
+    /// configured drain timeout when absent.
+    public var drainTimeoutMilliseconds: Int?
+    public init(process: String, drainTimeoutMilliseconds: Int? = nil) {
+        self.process = process
+        self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
+    }
+}
+
+/// A stream as the broker reports it.
+public struct StreamStatus: Codable, Sendable, Equatable {
+    public var process: String
+    public var kind: StreamKind
+    /// "input" for a tty's input stream, else absent.
+    public var direction: String?
+    public var mode: StreamModeName
+    public var address: String
+    /// connected, parked, closed or abandoned.
+    public var state: String
+    public var bytesToHost: UInt64
+    public var bytesFromHost: UInt64
+    public var reconnects: UInt64
+    public var undelivered: UInt64
+
+    public init(
+        process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: String,
+        bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64
+    ) {
+        self.process = process
+        self.kind = kind
+        self.direction = direction
+        self.mode = mode
+        self.address = address
+        self.state = state
+        self.bytesToHost = bytesToHost
+        self.bytesFromHost = bytesFromHost
+        self.reconnects = reconnects
+        self.undelivered = undelivered
+    }
+}
+
+public struct ListResponse: Codable, Sendable, Equatable {
+    public var streams: [StreamStatus]
+    public init(streams: [StreamStatus]) { self.streams = streams }
+}
+
+public struct CountResponse: Codable, Sendable, Equatable {
+    public var count: Int
+    public init(count: Int) { self.count = count }
+}
+
+public struct BrokerStats: Codable, Sendable, Equatable {
+    public var processes: Int
+    public var streams: Int
+    public var connected: Int
+    public var parked: Int
+    public var bytesToHost: UInt64
+    public var bytesFromHost: UInt64
+    public var reconnects: UInt64
+    public var undelivered: UInt64
+    public var openDescriptors: Int
+    public var residentKiB: Int
+
+    public init(
+        processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,
+        reconnects: UInt64, undelivered: UInt64, openDescriptors: Int, residentKiB: Int
+    ) {
+        self.processes = processes
+        self.streams = streams
+        self.connected = connected
+        self.parked = parked
+        self.bytesToHost = bytesToHost
+        self.bytesFromHost = bytesFromHost
+        self.reconnects = reconnects
+        self.undelivered = undelivered
+        self.openDescriptors = openDescriptors
+        self.residentKiB = residentKiB
+    }
+}
+
+/// Sent by the broker when every stream of an exited process finished: output delivered (or
+/// abandoned after the drain timeout), so the process's exit can be reported after its output.
+public struct DrainedNotification: Codable, Sendable, Equatable {
+    public struct StreamResult: Codable, Sendable, Equatable {
+        public var kind: StreamKind
+        public var bytes: UInt64
+        public var undelivered: UInt64
+        public var ending: String
+        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String) {
+            self.kind = kind
+            self.bytes = bytes
+            self.undelivered = undelivered
+            self.ending = ending
+        }
+    }
+
+    public var process: String
+    public var streams: [StreamResult]
+    public init(process: String, streams: [StreamResult]) {
+        self.process = process
+        self.streams = streams
+    }
+}
+
+/// A release hands the fds back, in the order of `streams`.
+public struct ReleaseResponse: Codable, Sendable, Equatable {
+    public var streams: [StreamDescription]
+    public init(streams: [StreamDescription]) { self.streams = streams }
+}
+
+/// A coded error: the same shape on every control socket and on the bridge.
+public struct ErrorBody: Codable, Sendable, Equatable, Error, CustomStringConvertible {
+    public var code: String
+    public var message: String
+    public init(code: String, message: String) {
+        self.code = code
+        self.message = message
+    }
+    public var description: String { "\(code): \(message)" }
+}
