@@ -25,6 +25,8 @@ let package = Package(
     targets: [
         // C for what Swift cannot import: CMSG_* macros, sockaddr_vm, ioctl numbers, fork+exec.
         .target(name: "CHoldfastShims"),
+        // libseccomp, from Debian's libseccomp-dev.
+        .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         // Pure logic: ConnSlot, redial policy, registry, relays over abstract connections.
         // Codecs: resumable stream frames, bridge frames, broker control messages.
         .target(name: "HoldfastProtocol", swiftSettings: strict),
@@ -36,7 +38,7 @@ let package = Package(
         .target(
             name: "HoldfastPosix",
             dependencies: [
-                "CHoldfastShims", "HoldfastCore", "HoldfastProtocol",
+                "CHoldfastShims", "CSeccomp", "HoldfastCore", "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -47,6 +49,15 @@ let package = Package(
             name: "HoldfastHost",
             dependencies: [
                 "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // The broker role: owns every stdio fd, the streams and relays; seccomp-confined.
+        .target(
+            name: "HoldfastBroker",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),

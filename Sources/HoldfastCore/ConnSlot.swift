@@ -119,6 +119,14 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         }
     }
 
+    /// The current connection if there is one now; never parks.
+    public func connectedLease() -> Lease? {
+        state.withLockedValue { s in
+            if case .connected(let connection, let generation) = s.phase { return Lease(connection: connection, generation: generation) }
+            return nil
+        }
+    }
+
     /// Reads from the current connection, parking while the slot is empty. A connection's
     /// end-of-file or error is *not* the end of the stream — the host may simply have gone away
     /// for a migration — so it only drops that connection and the read waits for the next one.

@@ -146,6 +146,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             space.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + chunk]))
             engine.commit(chunk)
             offset += chunk
+            await engine.sendInline(slot)
         }
     }
 
@@ -159,6 +160,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             count = 0  // a pty's EIO after its last slave closed is its end-of-file
         }
         engine.commit(count ?? 0)
+        if let count, count > 0 { await engine.sendInline(slot) }
         guard let count else { return .nothing }
         return count == 0 ? .endOfFile : .moved(count)
     }
@@ -260,6 +262,10 @@ extension ResumableStream {
             /// The newest session: the peer's received offset and ours, for the pump (only the
             /// newest matters: an older session is replaced before the pump could use it).
             var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
+            /// Who may write frames now (the pump, or the producer sending inline), and where
+            /// the current connection stands.
+            var sending = false
+            var sender = SenderState()
             /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
             var lastAttempt: UInt64 = 0
             /// The highest offset ever handed to any connection (for the replay statistic).
@@ -393,12 +399,11 @@ extension ResumableStream {
             }
         }
 
+        /// Records bytes the producer put in the ring. Nobody is woken: the producer sends them
+        /// itself right after (`sendInline`), or whoever holds the sending token finds them
+        /// before letting go, or — with no connection — the next connection's doorbell does.
         func commit(_ count: Int) {
-            let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
-                s.ring.commit(count)
-                return count > 0 ? s.ringDoorbell() : nil
-            }
-            pump?.resume()
+            state.withLockedValue { $0.ring.commit(count) }
         }
 
         func finish(_ slot: ConnSlot<Session>) async -> UInt64 {
@@ -513,28 +518,69 @@ extension ResumableStream {
         /// received offset after each reconnect), acknowledgements, END and its echo. Parks on a
         /// doorbell when there is nothing to write: no timers tick on an idle stream.
         func pump(_ slot: ConnSlot<Session>) async {
-            var generation: UInt64 = 0
-            var position: UInt64 = 0
-            var ackSent: UInt64 = 0
-            var endSent = false
             let prefix = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamFramePrefix.size, alignment: 8)
             defer { prefix.deallocate() }
             while let lease = await slot.current() {
-                if lease.generation != generation {
-                    generation = lease.generation
-                    endSent = false
-                    state.withLockedValue { s in
+                guard takeSendingToken() else {
+                    // The producer, sending inline, holds the token; it wakes the pump when it
+                    // lets go.
+                    await waitForWork()
+                    continue
+                }
+                let didWork = await sendDue(on: lease, slot: slot, prefix: prefix)
+                if !didWork { await waitForWork() }
+            }
+        }
+
+        /// The producer's fast path after it put bytes in the ring: if nobody is sending, send
+        /// them from this task at once — no wake-up of the pump, no thread hop per chunk.
+        func sendInline(_ slot: ConnSlot<Session>) async {
+            guard direction == .send, let lease = slot.connectedLease(), takeSendingToken() else { return }
+            let prefix = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamFramePrefix.size, alignment: 8)
+            defer { prefix.deallocate() }
+            _ = await sendDue(on: lease, slot: slot, prefix: prefix)
+        }
+
+        /// Takes the right to write frames on the current connection. When it is held elsewhere
+        /// the doorbell is rung, so the holder looks for work once more before it lets go.
+        private func takeSendingToken() -> Bool {
+            state.withLockedValue { s in
+                if s.sending {
+                    s.doorbell = true
+                    return false
+                }
+                s.sending = true
+                return true
+            }
+        }
+
+        /// Gives the token back; wakes the pump if it was waiting for it.
+        private func releaseSendingToken(_ s: inout State) -> CheckedContinuation<Void, Never>? {
+            s.sending = false
+            defer { s.pumpWaiter = nil }
+            return s.pumpWaiter
+        }
+
+        /// Writes every frame that is due on `lease` (data from the ring, replaying from the
+        /// peer's received offset after a reconnect; acknowledgements; END and its echo), then
+        /// gives the sending token back. Returns whether anything was due. Caller holds the token.
+        private func sendDue(on lease: ConnSlot<Session>.Lease, slot: ConnSlot<Session>, prefix: UnsafeMutableRawBufferPointer) async -> Bool {
+            var didWork = false
+            while true {
+                var wake: CheckedContinuation<Void, Never>?
+                let work: Work = state.withLockedValue { s in
+                    if s.sender.generation != lease.generation {
                         let start = s.sessionStart?.id == ObjectIdentifier(lease.connection) ? s.sessionStart : nil
                         // Without a record (a session replaced at once) the safe choice is to
                         // replay from the oldest unacknowledged byte: the peer drops duplicates.
-                        position = max(start?.peer ?? 0, s.ring.acknowledged)
-                        ackSent = start?.ours ?? 0
-                        s.sendGeneration = generation
-                        s.sentHighWater = position
+                        s.sender = SenderState(
+                            generation: lease.generation, position: max(start?.peer ?? 0, s.ring.acknowledged),
+                            ackSent: start?.ours ?? 0, endSent: false)
+                        s.sendGeneration = lease.generation
+                        s.sentHighWater = s.sender.position
                     }
-                }
-                let work: Work = state.withLockedValue { s in
                     s.doorbell = false
+                    let position = s.sender.position
                     switch direction {
                     case .send:
                         if position < s.ring.end {
@@ -543,27 +589,29 @@ extension ResumableStream {
                             s.sentHighWater = max(s.sentHighWater, position + UInt64(bytes.count))
                             return .data(bytes, offset: position)
                         }
-                        if let final = s.finalOffset, position == final, !endSent { return .end(final) }
+                        if let final = s.finalOffset, position == final, !s.sender.endSent { return .end(final) }
                     case .receive:
+                        let ackSent = s.sender.ackSent
                         if s.received > ackSent, s.ackDue || s.received - ackSent >= UInt64(configuration.ackEvery) || s.inboundFinal != nil {
                             s.ackDue = false
                             return .ack(s.received)
                         }
-                        if let final = s.inboundFinal, final == s.received, !endSent { return .end(final) }
+                        if let final = s.inboundFinal, final == s.received, !s.sender.endSent { return .end(final) }
                     }
+                    // Nothing due: give the token back.
+                    wake = releaseSendingToken(&s)
                     return .idle
                 }
                 let failed: Bool
                 switch work {
                 case .idle:
-                    await waitForWork()
-                    continue
+                    wake?.resume()
+                    return didWork
                 case .data(let bytes, let offset):
                     StreamFramePrefix(type: .data, bodyLength: bytes.count, value: offset).encode(into: prefix)
                     let sent: Int
                     do {
                         try await lease.connection.write(UnsafeRawBufferPointer(prefix), bytes)
-                        position = offset + UInt64(bytes.count)
                         sent = bytes.count
                         failed = false
                     } catch {
@@ -572,6 +620,7 @@ extension ResumableStream {
                     }
                     state.withLockedValue { s in
                         s.ring.unpin()
+                        if !failed, s.sender.generation == lease.generation { s.sender.position = offset + UInt64(sent) }
                         // Bytes below the highest offset ever handed to a connection are replays.
                         let sentEnd = offset + UInt64(sent)
                         if offset < s.everSent { s.statistics.replayedBytes &+= min(sentEnd, s.everSent) - offset }
@@ -579,15 +628,20 @@ extension ResumableStream {
                     }
                 case .ack(let offset):
                     failed = !(await writeControl(.ack, value: offset, on: lease.connection, prefix: prefix))
-                    if !failed { ackSent = offset }
+                    if !failed { state.withLockedValue { if $0.sender.generation == lease.generation { $0.sender.ackSent = offset } } }
                 case .end(let final):
                     failed = !(await writeControl(.end, value: final, on: lease.connection, prefix: prefix))
                     if !failed {
-                        endSent = true
+                        state.withLockedValue { if $0.sender.generation == lease.generation { $0.sender.endSent = true } }
                         if direction == .receive { echoSent() }
                     }
                 }
-                if failed { slot.disconnect(ifCurrent: lease.generation, reason: .writeFailed) }
+                didWork = true
+                if failed {
+                    state.withLockedValue { releaseSendingToken(&$0) }?.resume()
+                    slot.disconnect(ifCurrent: lease.generation, reason: .writeFailed)
+                    return didWork
+                }
             }
         }
 
@@ -604,7 +658,7 @@ extension ResumableStream {
         private func waitForWork() async {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLockedValue { s -> Bool in
-                    if s.doorbell || s.closed { return true }
+                    if (s.doorbell && !s.sending) || s.closed { return true }
                     s.pumpWaiter = continuation
                     return false
                 }
@@ -810,6 +864,14 @@ extension ResumableStream {
                 pump?.resume()
             }
         }
+    }
+
+    /// Where sending stands on the current connection.
+    struct SenderState: Sendable {
+        var generation: UInt64 = 0
+        var position: UInt64 = 0
+        var ackSent: UInt64 = 0
+        var endSent = false
     }
 
     /// A read-only view of the engine state for completion predicates.

@@ -15,6 +15,8 @@ import Glibc
 public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let fd: Int32
     public let isSocket: Bool
+    /// The fd was blocking when adopted (restored when it is handed back by `detach`).
+    private let wasBlocking: Bool
     private let reactor: Reactor
     private let registration: Registration
     private let usage = NIOLockedValueBox(Usage())
@@ -42,6 +44,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         if flags & O_NONBLOCK == 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 {
             throw .last("fcntl(F_SETFL, fd \(fd))")
         }
+        self.wasBlocking = flags & O_NONBLOCK == 0
         var info = stat()
         isSocket = fstat(fd, &info) == 0 && (info.st_mode & S_IFMT) == S_IFSOCK
         self.fd = fd
@@ -222,6 +225,26 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// Shuts down the write side of a socket: the peer reads end-of-file after every byte sent.
     public func shutdownWrite() {
         try? withSyscall { _ = Glibc.shutdown(fd, Int32(SHUT_WR)) }
+    }
+
+    /// Stops managing the fd and hands the number to the caller, open: for giving an fd back
+    /// (a broker release). Waiters are woken with `DescriptorClosed`. Returns nil if the fd was
+    /// already closed or detached, or an operation is still in flight on it.
+    public func detach() -> Int32? {
+        let claimed: Bool = usage.withLockedValue { u in
+            guard !u.closed, u.inFlight == 0 else { return false }
+            u.closed = true
+            u.released = true  // nobody closes the number now: it belongs to the caller
+            return true
+        }
+        guard claimed else { return nil }
+        reactor.deregister(registration, fd: fd)
+        usage.withLockedValue { $0.deregistered = true }
+        if wasBlocking {
+            let flags = fcntl(fd, F_GETFL)
+            if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
+        }
+        return fd
     }
 
     /// Closes the fd. Waiters are woken with `DescriptorClosed`; the fd number itself is released

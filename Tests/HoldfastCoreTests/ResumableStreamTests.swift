@@ -260,7 +260,8 @@ struct ResumableMemoryTests {
         for _ in 0..<3 { try await pair.guest.sendBytes([UInt8](repeating: 5, count: 100_000)) }
         _ = await receiver.value
         try await eventually("everything acknowledged") { pair.guest.statistics.acknowledged == 300_000 }
-        #expect(pair.guest.statistics.ringBlocks == 0)
+        // The last write may still hold its block pinned for a moment after the ack arrived.
+        try await eventually("the ring to be empty") { pair.guest.statistics.ringBlocks == 0 }
     }
 }
 

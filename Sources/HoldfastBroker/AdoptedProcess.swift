@@ -1,0 +1,284 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+/// One connection-backed stream end of the broker: raw or resumable.
+enum StreamTransport: Sendable {
+    case raw(ConnSlot<AsyncFD>)
+    case resumable(ResumableStream<AsyncFD>)
+
+    static func make(
+        address: String, token: String?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings
+    ) -> StreamTransport {
+        // Addresses were validated on adopt.
+        let parsed = try! SocketAddress(parsing: address)
+        switch mode {
+        case .raw:
+            return .raw(GuestStreams.raw(to: parsed, name: address, policy: settings.redialPolicy))
+        case .resumable:
+            return .resumable(GuestStreams.resumable(
+                to: parsed, token: Array((token ?? "").utf8), direction: direction, configuration: settings.resumable,
+                policy: settings.redialPolicy))
+        }
+    }
+
+    var managed: any ManagedSlot {
+        switch self {
+        case .raw(let slot): return slot
+        case .resumable(let stream): return stream
+        }
+    }
+
+    var outbound: any OutboundStream {
+        switch self {
+        case .raw(let slot): return slot
+        case .resumable(let stream): return stream
+        }
+    }
+
+    var inbound: any InboundStream {
+        switch self {
+        case .raw(let slot): return slot
+        case .resumable(let stream): return stream
+        }
+    }
+
+    func close() {
+        switch self {
+        case .raw(let slot): slot.close()
+        case .resumable(let stream): stream.close()
+        }
+    }
+
+    func processExited(drainTimeout: Duration) {
+        switch self {
+        case .raw(let slot): slot.setDrainTimeout(drainTimeout)
+        case .resumable(let stream): stream.processExited()
+        }
+    }
+
+    var state: String {
+        let phase: SlotPhase
+        switch self {
+        case .raw(let slot): phase = slot.phase
+        case .resumable(let stream): phase = stream.slot.phase
+        }
+        switch phase {
+        case .connected: return "connected"
+        case .empty: return "parked"
+        case .closed: return "closed"
+        case .abandoned: return "abandoned"
+        }
+    }
+
+    /// (bytes to the host, bytes from the host, reconnects)
+    var figures: (UInt64, UInt64, UInt64) {
+        switch self {
+        case .raw(let slot):
+            let stats = slot.statistics
+            return (stats.bytesWritten, stats.bytesRead, stats.connects > 0 ? stats.connects - 1 : 0)
+        case .resumable(let stream):
+            let stats = stream.statistics
+            let connects = stream.slot.statistics.connects
+            let reconnects = connects > 0 ? connects - 1 : 0
+            return stream.direction == .send ? (stats.acknowledged, 0, reconnects) : (0, stats.offset, reconnects)
+        }
+    }
+}
+
+/// One fd of a process and the host streams it is relayed to.
+final class ManagedStream: Sendable {
+    let description: StreamDescription
+    let handle: AsyncFD
+    /// To the host: stdout, stderr, a tty's output.
+    let output: StreamTransport?
+    /// From the host: stdin, a tty's input.
+    let input: StreamTransport?
+    private let relay = NIOLockedValueBox<Task<[RelayReport], Never>?>(nil)
+
+    init(description: StreamDescription, handle: AsyncFD, broker: Broker) {
+        self.description = description
+        self.handle = handle
+        let settings = broker.settings
+        switch description.kind {
+        case .stdout, .stderr:
+            output = .make(address: description.address, token: description.token, mode: description.mode, direction: .send, settings: settings)
+            input = nil
+        case .stdin:
+            output = nil
+            input = .make(address: description.address, token: description.token, mode: description.mode, direction: .receive, settings: settings)
+        case .tty:
+            output = .make(address: description.address, token: description.token, mode: description.mode, direction: .send, settings: settings)
+            input = description.inputAddress.map {
+                .make(address: $0, token: description.inputToken, mode: description.mode, direction: .receive, settings: settings)
+            }
+        }
+    }
+
+    var transports: [StreamTransport] { [output, input].compactMap { $0 } }
+
+    func start(registry: SlotRegistry) {
+        for transport in transports {
+            registry.register(transport.managed)
+            transport.managed.disconnect()  // the first dial
+        }
+        let handle = handle
+        let output = output
+        let input = input
+        let task = Task { () -> [RelayReport] in
+            switch (output, input) {
+            case (let output?, let input?):
+                let report = await TtyRelay.run(master: handle, output: output.outbound, input: input.inbound)
+                input.close()
+                return [report.output, report.input]
+            case (let output?, nil):
+                return [await Relay.output(from: handle, to: output.outbound)]
+            case (nil, let input?):
+                let report = await Relay.input(from: input.inbound, to: handle)
+                // The host ended stdin (or the process stopped reading): the process now sees
+                // end-of-file. A resumable stream first makes sure the host saw its END echoed.
+                handle.close()
+                if case .resumable(let stream) = input, report.ending == .endOfStream {
+                    _ = await stream.waitEndEchoed(timeout: .seconds(5))
+                }
+                input.close()
+                return [report]
+            case (nil, nil):
+                return []
+            }
+        }
+        relay.withLockedValue { $0 = task }
+    }
+
+    /// Waits for the relay to finish (at most `timeout`); nil if it is still running.
+    func finished(within timeout: Duration) async -> [RelayReport]? {
+        guard let task = relay.withLockedValue({ $0 }) else { return [] }
+        return await withTaskGroup(of: [RelayReport]?.self) { group in
+            group.addTask { await task.value }
+            group.addTask {
+                try? await Task.sleep(for: timeout)
+                return nil
+            }
+            let first = await group.next()!
+            group.cancelAll()
+            return first
+        }
+    }
+
+    /// Stops relaying and closes the streams; the fd stays open for `detach`.
+    func stop() async {
+        let task = relay.withLockedValue { $0 }
+        task?.cancel()
+        for transport in transports { transport.close() }
+        _ = await task?.value
+    }
+
+    /// Closes everything (a stream that was never started).
+    func discard() {
+        for transport in transports { transport.close() }
+        handle.close()
+    }
+
+    func status(process: String) -> [StreamStatus] {
+        var result: [StreamStatus] = []
+        if let output {
+            let (toHost, fromHost, reconnects) = output.figures
+            result.append(StreamStatus(
+                process: process, kind: description.kind, mode: description.mode, address: description.address,
+                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0))
+        }
+        if let input {
+            let (toHost, fromHost, reconnects) = input.figures
+            result.append(StreamStatus(
+                process: process, kind: description.kind, direction: description.kind == .tty ? "input" : nil,
+                mode: description.mode, address: description.inputAddress ?? description.address, state: input.state,
+                bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0))
+        }
+        return result
+    }
+}
+
+/// The streams of one process.
+final class AdoptedProcess: Sendable {
+    let id: String
+    private let streams = NIOLockedValueBox<[ManagedStream]>([])
+
+    init(id: String) {
+        self.id = id
+    }
+
+    func start(_ managed: [ManagedStream], registry: SlotRegistry) {
+        streams.withLockedValue { $0 = managed }
+        for stream in managed { stream.start(registry: registry) }
+    }
+
+    private var all: [ManagedStream] { streams.withLockedValue { $0 } }
+
+    func release(registry: SlotRegistry) async -> ([StreamDescription], [Int32]) {
+        var descriptions: [StreamDescription] = []
+        var fds: [Int32] = []
+        for stream in all {
+            await stream.stop()
+            for transport in stream.transports { registry.unregister(transport.managed) }
+            guard let fd = stream.handle.detach() else { continue }
+            var description = stream.description
+            description.fd = fds.count
+            descriptions.append(description)
+            fds.append(fd)
+        }
+        return (descriptions, fds)
+    }
+
+    /// The process exited: inputs close; outputs get the drain timeout, then report.
+    func drain(timeout: Duration) async -> [DrainedNotification.StreamResult] {
+        var results: [DrainedNotification.StreamResult] = []
+        for stream in all {
+            if stream.output == nil {
+                await stream.stop()
+                stream.handle.close()
+                continue
+            }
+            stream.output?.processExited(drainTimeout: timeout)
+        }
+        for stream in all where stream.output != nil {
+            // The relay ends at the pipe's end-of-file; a grandchild that keeps the pipe open
+            // must not hold the exit report forever, so the wait is bounded too.
+            if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
+                results.append(.init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
+                stream.handle.close()
+            } else {
+                results.append(.init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+            }
+        }
+        return results
+    }
+
+    func closeInput() -> Bool {
+        let inputs = all.compactMap(\.input)
+        for input in inputs { input.close() }
+        return !inputs.isEmpty
+    }
+
+    func resize(_ size: WindowSize) throws(ErrorBody) {
+        guard let tty = all.first(where: { $0.description.kind == .tty }) else {
+            throw ErrorBody(code: "no-tty", message: "process '\(id)' has no terminal")
+        }
+        do {
+            try tty.handle.withSyscall { () throws(SystemError) in try Terminal.resize(fd: tty.handle.fd, to: size) }
+        } catch {
+            throw ErrorBody(code: "resize-failed", message: "\(error)")
+        }
+    }
+
+    func status() -> [StreamStatus] {
+        all.flatMap { $0.status(process: id) }
+    }
+
+    func stop() async {
+        for stream in all {
+            await stream.stop()
+            stream.handle.close()
+        }
+    }
+}

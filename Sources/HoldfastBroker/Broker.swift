@@ -1,0 +1,242 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The broker's heart: every stdio fd it was handed, a stream per fd (raw ConnSlot or
+/// resumable), the relays between them, and the registry that bridge events act on.
+///
+/// It never reads a file or starts a process; it only moves bytes between fds it holds and
+/// sockets it dials — which is what its seccomp profile allows.
+public final class Broker: Sendable {
+    public let settings: BrokerSettings
+    let logger: Logger
+    private let registry = SlotRegistry()
+    private let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
+    private let totals = NIOLockedValueBox(Totals())
+    /// Where `drained` notifications go (the supervisor's control channel).
+    private let notify: @Sendable (DrainedNotification) async -> Void
+
+    struct Totals: Sendable {
+        var bytesToHost: UInt64 = 0
+        var bytesFromHost: UInt64 = 0
+        var reconnects: UInt64 = 0
+        var undelivered: UInt64 = 0
+    }
+
+    public init(settings: BrokerSettings, logger: Logger, notify: @escaping @Sendable (DrainedNotification) async -> Void) {
+        self.settings = settings
+        self.logger = logger
+        self.notify = notify
+    }
+
+    // MARK: Adopt
+
+    /// Takes the fds of a process's streams and starts relaying them. On any error every fd of
+    /// the request is closed and nothing is left behind.
+    public func adopt(_ request: AdoptRequest, descriptors: [Int32]) throws(ErrorBody) {
+        var adopted: [AsyncFD?] = []
+        do {
+            try validate(request, descriptorCount: descriptors.count)
+            for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
+        } catch {
+            for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }
+            for handle in adopted { handle?.close() }
+            throw error as? ErrorBody ?? ErrorBody(code: "bad-descriptor", message: "\(error)")
+        }
+        let process = AdoptedProcess(id: request.process)
+        var streams: [ManagedStream] = []
+        for description in request.streams {
+            let handle = adopted[description.fd]!
+            streams.append(ManagedStream(description: description, handle: handle, broker: self))
+        }
+        // fds no stream refers to were handed over by mistake: do not keep them.
+        let used = Set(request.streams.map(\.fd))
+        for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
+
+        let inserted = processes.withLockedValue { table -> Bool in
+            guard table[request.process] == nil else { return false }
+            table[request.process] = process
+            return true
+        }
+        guard inserted else {
+            for stream in streams { stream.discard() }
+            throw ErrorBody(code: "process-exists", message: "process '\(request.process)' already has streams in the broker")
+        }
+        process.start(streams, registry: registry)
+        logger.info("adopted streams", metadata: [
+            "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
+        ])
+    }
+
+    private func validate(_ request: AdoptRequest, descriptorCount: Int) throws(ErrorBody) {
+        guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
+            throw ErrorBody(code: "bad-request", message: "process id must be 1 to 256 bytes")
+        }
+        guard !request.streams.isEmpty else { throw ErrorBody(code: "bad-request", message: "no streams") }
+        var kinds = Set<StreamKind>()
+        for (index, stream) in request.streams.enumerated() {
+            let name = "streams[\(index)]"
+            guard kinds.insert(stream.kind).inserted else {
+                throw ErrorBody(code: "bad-request", message: "\(name): a second \(stream.kind.rawValue) stream")
+            }
+            guard stream.fd >= 0, stream.fd < descriptorCount else {
+                throw ErrorBody(code: "bad-request", message: "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
+            }
+            for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {
+                guard let text else { continue }
+                do {
+                    _ = try SocketAddress(parsing: text)
+                } catch {
+                    throw ErrorBody(code: "bad-address", message: "\(name).\(key): \(error)")
+                }
+            }
+            if stream.mode == .resumable {
+                guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
+                    throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token of 1 to 256 bytes")
+                }
+                if stream.inputAddress != nil, stream.inputToken?.isEmpty ?? true {
+                    throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs inputToken")
+                }
+            }
+            if stream.inputAddress != nil, stream.kind != .tty {
+                throw ErrorBody(code: "bad-request", message: "\(name): inputAddress is only for a tty")
+            }
+        }
+    }
+
+    // MARK: Release
+
+    /// Stops relaying a process's streams and hands their fds back (in the order of the
+    /// returned descriptions). Bytes a relay had read but not delivered are lost with it.
+    public func release(_ process: String) async throws(ErrorBody) -> (ReleaseResponse, [Int32]) {
+        guard let adopted = processes.withLockedValue({ $0.removeValue(forKey: process) }) else {
+            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(process)'")
+        }
+        let (descriptions, fds) = await adopted.release(registry: registry)
+        logger.info("released streams", metadata: ["process": "\(process)", "fds": "\(fds.count)"])
+        return (ReleaseResponse(streams: descriptions), fds)
+    }
+
+    // MARK: Lifecycle events
+
+    /// The process exited: its output streams drain (bounded by the drain timeout), its input
+    /// streams close; a `drained` notification follows when every output stream is done.
+    public func processExited(_ request: ProcessExitedRequest) throws(ErrorBody) {
+        guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
+            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(request.process)'")
+        }
+        let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
+        Task { [self] in
+            let results = await adopted.drain(timeout: timeout)
+            processes.withLockedValue { table in
+                if table[request.process] === adopted { table.removeValue(forKey: request.process) }
+            }
+            let undelivered = results.reduce(0) { $0 + $1.undelivered }
+            totals.withLockedValue { $0.undelivered &+= undelivered }
+            logger.info("process streams drained", metadata: [
+                "process": "\(request.process)", "undelivered": "\(undelivered)",
+            ])
+            await notify(DrainedNotification(process: request.process, streams: results))
+        }
+    }
+
+    public func closeStdin(_ process: String) throws(ErrorBody) {
+        guard let adopted = processes.withLockedValue({ $0[process] }) else {
+            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(process)'")
+        }
+        guard adopted.closeInput() else {
+            throw ErrorBody(code: "no-stdin", message: "process '\(process)' has no input stream")
+        }
+    }
+
+    public func resize(_ request: ResizeRequest) throws(ErrorBody) {
+        guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
+            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(request.process)'")
+        }
+        try adopted.resize(WindowSize(rows: request.rows, columns: request.columns))
+    }
+
+    /// The bridge was lost: every stream drops its connection (the host is going away).
+    @discardableResult
+    public func disconnectAll() -> Int {
+        let count = registry.disconnectAll()
+        logger.info("bridge lost: disconnected every stream", metadata: ["streams": "\(count)"])
+        return count
+    }
+
+    /// The bridge is back: every parked stream dials now.
+    @discardableResult
+    public func bridgeUp() -> Int {
+        let count = registry.redialAll()
+        logger.info("bridge up: redialing every parked stream", metadata: ["streams": "\(count)"])
+        return count
+    }
+
+    // MARK: Inspection
+
+    public func list() -> [StreamStatus] {
+        processes.withLockedValue { Array($0.values) }.sorted { $0.id < $1.id }.flatMap { $0.status() }
+    }
+
+    public func stats() -> BrokerStats {
+        let streams = list()
+        let gone = totals.withLockedValue { $0 }
+        return BrokerStats(
+            processes: processes.withLockedValue { $0.count },
+            streams: streams.count,
+            connected: streams.filter { $0.state == "connected" }.count,
+            parked: streams.filter { $0.state == "parked" }.count,
+            bytesToHost: streams.reduce(gone.bytesToHost) { $0 + $1.bytesToHost },
+            bytesFromHost: streams.reduce(gone.bytesFromHost) { $0 + $1.bytesFromHost },
+            reconnects: streams.reduce(gone.reconnects) { $0 + $1.reconnects },
+            undelivered: gone.undelivered,
+            openDescriptors: ProcessFigures.openDescriptors(),
+            residentKiB: ProcessFigures.residentKiB())
+    }
+
+    /// Stops everything (shutdown): relays are cancelled, streams closed, fds closed.
+    public func shutdown() async {
+        let all = processes.withLockedValue { table -> [AdoptedProcess] in
+            defer { table.removeAll() }
+            return Array(table.values)
+        }
+        for process in all { await process.stop() }
+    }
+
+    func record(finished stream: StreamStatus) {
+        totals.withLockedValue {
+            $0.bytesToHost &+= stream.bytesToHost
+            $0.bytesFromHost &+= stream.bytesFromHost
+            $0.reconnects &+= stream.reconnects
+        }
+    }
+}
+
+/// Figures of the calling process, from /proc/self.
+public enum ProcessFigures {
+    public static func openDescriptors() -> Int {
+        guard let directory = opendir("/proc/self/fd") else { return -1 }
+        defer { closedir(directory) }
+        var count = -3  // ".", ".." and the directory stream itself
+        while readdir(directory) != nil { count += 1 }
+        return count
+    }
+
+    public static func residentKiB() -> Int {
+        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return -1 }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 128)
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return -1 }
+        let fields = String(decoding: buffer[..<count], as: UTF8.self).split(separator: " ")
+        guard fields.count > 1, let pages = Int(fields[1]) else { return -1 }
+        return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
+    }
+}

@@ -1,0 +1,45 @@
+import HoldfastCore
+import HoldfastPosix
+
+/// What the broker needs from the configuration. The supervisor validates the configuration
+/// file and hands the broker this, already checked, so the broker never reads a file after it
+/// dropped its privileges.
+public struct BrokerSettings: Codable, Sendable, Equatable {
+    public var user: String?
+    public var seccomp: SeccompAction
+    public var redialAttempts: Int
+    public var redialIntervalMilliseconds: Int
+    public var connectTimeoutMilliseconds: Int
+    public var drainTimeoutMilliseconds: Int
+    public var ringCapacity: Int
+    public var handoffAllowedUIDs: [UInt32]
+    public var handoffAllowedGIDs: [UInt32]
+
+    public init(
+        user: String? = nil, seccomp: SeccompAction = .kill, redialAttempts: Int = 60, redialIntervalMilliseconds: Int = 100,
+        connectTimeoutMilliseconds: Int = 2000, drainTimeoutMilliseconds: Int = 30_000, ringCapacity: Int = 1 << 20,
+        handoffAllowedUIDs: [UInt32] = [0], handoffAllowedGIDs: [UInt32] = []
+    ) {
+        self.user = user
+        self.seccomp = seccomp
+        self.redialAttempts = redialAttempts
+        self.redialIntervalMilliseconds = redialIntervalMilliseconds
+        self.connectTimeoutMilliseconds = connectTimeoutMilliseconds
+        self.drainTimeoutMilliseconds = drainTimeoutMilliseconds
+        self.ringCapacity = ringCapacity
+        self.handoffAllowedUIDs = handoffAllowedUIDs
+        self.handoffAllowedGIDs = handoffAllowedGIDs
+    }
+
+    public var redialPolicy: RedialPolicy {
+        RedialPolicy(
+            attempts: redialAttempts, interval: .milliseconds(redialIntervalMilliseconds),
+            connectTimeout: .milliseconds(connectTimeoutMilliseconds))
+    }
+
+    public var drainTimeout: Duration { .milliseconds(drainTimeoutMilliseconds) }
+
+    public var resumable: ResumableConfiguration {
+        ResumableConfiguration(ringCapacity: ringCapacity, drainTimeout: drainTimeout)
+    }
+}

@@ -1,0 +1,124 @@
+import CHoldfastShims
+import CSeccomp
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the filter does with a syscall outside the allow-list.
+public enum SeccompAction: String, Sendable, Codable, CaseIterable {
+    /// Kill the whole process (SIGSYS): the production default.
+    case kill
+    /// Allow it but log it to the kernel audit log: for auditing a new build.
+    case log
+    /// No filter at all (debugging only; the broker still drops its privileges).
+    case off
+}
+
+/// The broker's seccomp allow-list: what a process that only moves bytes between fds it was
+/// handed, dials sockets and answers a control socket needs — and nothing to start programs,
+/// fork, trace, mount or open files for writing.
+///
+/// - `clone` only with CLONE_THREAD (threads, never processes); `clone3` fails with ENOSYS so
+///   libc falls back to `clone`, whose flags a classic filter can inspect.
+/// - `open`/`openat` only read-only, without O_CREAT or O_TRUNC.
+/// - `socket` only for AF_UNIX, AF_INET, AF_INET6 and AF_VSOCK.
+public enum SeccompProfile {
+    /// Syscalls allowed without conditions.
+    static let allowed: [String] = [
+        // I/O on fds it holds.
+        "read", "readv", "pread64", "write", "writev", "pwrite64", "sendmsg", "recvmsg", "sendto", "recvfrom",
+        "sendmmsg", "recvmmsg", "close", "close_range", "dup", "dup3", "fcntl", "lseek", "fstat", "newfstatat",
+        "statx", "fstatfs", "readlink", "readlinkat", "getdents64", "pipe2", "ioctl",
+        // Sockets (domain checked below for socket()).
+        "connect", "accept4", "bind", "listen", "shutdown", "getsockopt", "setsockopt", "getsockname",
+        "getpeername", "socketpair",
+        // Waiting.
+        "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select",
+        "pselect6", "eventfd2", "timerfd_create", "timerfd_settime", "timerfd_gettime", "futex", "futex_waitv",
+        "nanosleep", "clock_nanosleep", "sched_yield", "restart_syscall",
+        // Memory.
+        "mmap", "munmap", "mprotect", "mremap", "madvise", "brk", "membarrier",
+        // Threads and the process itself.
+        "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "gettid", "getpid", "getppid", "tgkill",
+        "exit", "exit_group", "sched_getaffinity", "sched_setaffinity", "getpriority", "setpriority",
+        "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait", "sigaltstack",
+        "getrlimit", "prlimit64", "getrusage", "times", "uname", "sysinfo",
+        // Time and identity.
+        "clock_gettime", "clock_getres", "gettimeofday", "time", "getuid", "geteuid", "getgid", "getegid",
+        "getgroups", "getresuid", "getresgid", "getrandom", "getcwd", "access", "faccessat", "faccessat2",
+        "arch_prctl",
+    ]
+
+    /// Builds the broker's filter with `action` for everything not allowed and loads it into
+    /// every thread of the calling process (TSYNC). Sets no_new_privs first, which also lets an
+    /// unprivileged process load a filter. Irreversible.
+    public static func applyBrokerProfile(action: SeccompAction) throws(SystemError) {
+        guard action != .off else { return }
+        guard hf_set_no_new_privs() == 0 else { throw .last("prctl(PR_SET_NO_NEW_PRIVS)") }
+        let defaultAction = action == .kill ? hf_scmp_act_kill_process() : hf_scmp_act_log()
+        guard let context = seccomp_init(defaultAction) else { throw SystemError("seccomp_init", errno: .init(rawValue: ENOMEM)) }
+        defer { seccomp_release(context) }
+        // Apply to every thread that already exists (the reactor, the concurrency pool).
+        try check(seccomp_attr_set(context, SCMP_FLTATR_CTL_TSYNC, 1), "seccomp_attr_set(TSYNC)")
+        let allow = hf_scmp_act_allow()
+        for name in allowed {
+            let result = hf_scmp_rule(context, allow, name, -1, SCMP_CMP_EQ, 0, 0)
+            // A syscall this kernel/architecture lacks is simply not needed.
+            if result != 0 && result != -ENOENT && result != -EDOM { try check(result, "seccomp rule \(name)") }
+        }
+        // Threads only: clone(flags) must include CLONE_THREAD.
+        try check(
+            hf_scmp_rule(context, allow, "clone", 0, SCMP_CMP_MASKED_EQ, hf_clone_thread(), hf_clone_thread()),
+            "seccomp rule clone")
+        try check(hf_scmp_rule(context, hf_scmp_act_errno(ENOSYS), "clone3", -1, SCMP_CMP_EQ, 0, 0), "seccomp rule clone3")
+        // Read-only opens: none of O_WRONLY, O_RDWR, O_CREAT, O_TRUNC.
+        let writeFlags = UInt64(O_WRONLY | O_RDWR | O_CREAT | O_TRUNC)
+        try check(hf_scmp_rule(context, allow, "openat", 2, SCMP_CMP_MASKED_EQ, writeFlags, 0), "seccomp rule openat")
+        let openResult = hf_scmp_rule(context, allow, "open", 1, SCMP_CMP_MASKED_EQ, writeFlags, 0)
+        if openResult != 0 && openResult != -ENOENT && openResult != -EDOM { try check(openResult, "seccomp rule open") }
+        // Sockets of the families a stream may use.
+        for family in [AF_UNIX, AF_INET, AF_INET6, AF_VSOCK] {
+            try check(hf_scmp_rule(context, allow, "socket", 0, SCMP_CMP_EQ, UInt64(family), 0), "seccomp rule socket")
+        }
+        // Thread names and the few prctl options the runtime uses; not PR_SET_NO_NEW_PRIVS
+        // reversal (impossible anyway) nor PR_SET_SECCOMP.
+        for option in [PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_SET_VMA] {
+            try check(hf_scmp_rule(context, allow, "prctl", 0, SCMP_CMP_EQ, UInt64(option), 0), "seccomp rule prctl")
+        }
+        try check(seccomp_load(context), "seccomp_load")
+    }
+
+    private static func check(_ result: Int32, _ operation: String) throws(SystemError) {
+        guard result == 0 else { throw SystemError(operation, errno: .init(rawValue: -result)) }
+    }
+
+    /// The Seccomp: field of /proc/PID/status (0 none, 1 strict, 2 filter).
+    public static func mode(of pid: pid_t = getpid()) -> Int? {
+        guard let text = readSmallFile("/proc/\(pid)/status") else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("Seccomp:") {
+            return Int(line.dropFirst("Seccomp:".count).trimmingCharacters(in: " \t"))
+        }
+        return nil
+    }
+}
+
+func readSmallFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if count <= 0 { break }
+        bytes += buffer[..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+extension Substring {
+    func trimmingCharacters(in set: String) -> String {
+        String(drop { set.contains($0) }.reversed().drop { set.contains($0) }.reversed())
+    }
+}
