@@ -19,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-configuration", from: "1.4.0", traits: [.defaults, "YAML"]),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         // Tests only: SHA-256 of relayed streams.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
@@ -50,6 +52,16 @@ let package = Package(
             dependencies: [
                 "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // The daemon's configuration: file (YAML/JSON) + environment, checked key by key.
+        .target(
+            name: "HoldfastConfig",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix",
+                .product(name: "Configuration", package: "swift-configuration"),
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict),
         // The broker role: owns every stdio fd, the streams and relays; seccomp-confined.

@@ -63,11 +63,11 @@ public enum Dialer {
     /// Connects a stream socket to `address`, giving up after `timeout`. The returned connection
     /// is non-blocking and registered with the reactor.
     public static func connect(
-        to address: SocketAddress, timeout: Duration = .seconds(2), reactor: Reactor = .shared
+        to address: SocketAddress, kind: SocketKind = .stream, timeout: Duration = .seconds(2), reactor: Reactor = .shared
     ) async throws -> AsyncFD {
         let resolved = try ResolvedAddress(address)
         let fd = try retryingInterrupts("socket(\(address))") {
-            socket(resolved.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            socket(resolved.family, kind.rawValue | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
         let connection: AsyncFD
         do {
@@ -121,7 +121,19 @@ public enum Dialer {
     }
 }
 
-/// A listening stream socket that accepts any number of connections.
+/// SOCK_STREAM (a byte stream) or SOCK_SEQPACKET (messages, for fd passing).
+public enum SocketKind: Sendable {
+    case stream, seqpacket
+
+    var rawValue: Int32 {
+        switch self {
+        case .stream: return Int32(SOCK_STREAM.rawValue)
+        case .seqpacket: return Int32(SOCK_SEQPACKET.rawValue)
+        }
+    }
+}
+
+/// A listening socket that accepts any number of connections.
 public final class Listener: Sendable {
     public let address: SocketAddress
     private let socket: AsyncFD
@@ -131,11 +143,12 @@ public final class Listener: Sendable {
     /// Binds and listens. A stale Unix socket file at the path is replaced; for vsock port
     /// `VMADDR_PORT_ANY` the kernel picks a port (see `boundAddress`).
     public init(
-        binding address: SocketAddress, backlog: Int32 = 1024, unixMode: mode_t? = nil, reactor: Reactor = .shared
+        binding address: SocketAddress, kind: SocketKind = .stream, backlog: Int32 = 1024, unixMode: mode_t? = nil,
+        reactor: Reactor = .shared
     ) throws(SystemError) {
         let resolved = try ResolvedAddress(address)
         let fd = try retryingInterrupts("socket(\(address))") {
-            Glibc.socket(resolved.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            Glibc.socket(resolved.family, kind.rawValue | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
         do {
             if case .unix(let path) = address {
@@ -164,6 +177,16 @@ public final class Listener: Sendable {
         }
         self.address = address
     }
+
+    /// Takes over a socket that is already listening (handed down by a parent process).
+    public init(adopting fd: Int32, address: SocketAddress, reactor: Reactor = .shared) throws(SystemError) {
+        self.socket = try AsyncFD(adopting: fd, reactor: reactor)
+        self.address = address
+        self.unixInode = nil  // the creator owns the socket file
+    }
+
+    /// The listening fd (to hand to a child process; it stays owned by this listener).
+    public var descriptor: Int32 { socket.fd }
 
     /// The address actually bound (differs from `address` for TCP or vsock port 0).
     public var boundAddress: SocketAddress {

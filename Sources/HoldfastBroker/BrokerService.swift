@@ -1,0 +1,192 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Serves the broker's control protocol (docs/PROTOCOL.md, "Broker control") on the
+/// supervisor's socketpair and on the public handoff socket.
+public final class BrokerService: Sendable {
+    public let broker: Broker
+    private let logger: Logger
+    /// Where `drained` notifications go: the supervisor's channel, while it is connected.
+    private let supervisorChannel: NIOLockedValueBox<FDChannel?>
+
+    /// Who may use a request: the supervisor may do everything; a handoff peer only manages
+    /// the processes it hands over.
+    enum Caller: Sendable {
+        case supervisor
+        case handoff(PeerCredentials)
+    }
+
+    public init(settings: BrokerSettings, logger: Logger) {
+        self.logger = logger
+        let channel = NIOLockedValueBox<FDChannel?>(nil)
+        self.supervisorChannel = channel
+        self.broker = Broker(settings: settings, logger: logger) { notification in
+            guard let channel = channel.withLockedValue({ $0 }) else { return }
+            let frame = ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(notification))
+            try? await channel.send(frame.encoded)
+        }
+    }
+
+    // MARK: The supervisor's channel
+
+    /// Serves the supervisor's socketpair until it closes (the supervisor died or shut down).
+    public func serveSupervisor(_ channel: FDChannel) async {
+        supervisorChannel.withLockedValue { $0 = channel }
+        await serve(channel, caller: .supervisor)
+        supervisorChannel.withLockedValue { $0 = nil }
+    }
+
+    // MARK: The handoff socket
+
+    /// Accepts runtimes on the handoff listener (already bound by the supervisor, as root, with
+    /// mode 0660). Each peer is checked with SO_PEERCRED before anything else.
+    public func serveHandoff(_ listener: Listener) async {
+        while !Task.isCancelled {
+            let connection: AsyncFD
+            do {
+                connection = try await listener.accept()
+            } catch is DescriptorClosed {
+                return
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.warning("handoff accept failed", metadata: ["error": "\(error)"])
+                try? await Task.sleep(for: .milliseconds(50))
+                continue
+            }
+            Task { await serveHandoffPeer(FDChannel(connection)) }
+        }
+    }
+
+    private func serveHandoffPeer(_ channel: FDChannel) async {
+        defer { channel.close() }
+        let credentials: PeerCredentials
+        do {
+            credentials = try PeerCredentials.of(channel.socket)
+        } catch {
+            logger.warning("handoff peer without credentials", metadata: ["error": "\(error)"])
+            return
+        }
+        let settings = broker.settings
+        guard settings.handoffAllowedUIDs.contains(credentials.uid) || settings.handoffAllowedGIDs.contains(credentials.gid) else {
+            logger.warning("handoff peer refused", metadata: [
+                "pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "gid": "\(credentials.gid)",
+            ])
+            let refusal = ErrorBody(
+                code: "permission-denied",
+                message: "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
+            try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: 0, body: ControlJSON.encode(refusal)).encoded)
+            return
+        }
+        await serve(channel, caller: .handoff(credentials))
+    }
+
+    // MARK: Requests
+
+    /// Reads requests until the peer closes or breaks the protocol. Every reply, error or not,
+    /// carries the request's id; a message that cannot be parsed ends this connection only.
+    func serve(_ channel: FDChannel, caller: Caller) async {
+        while true {
+            let message: ReceivedMessage
+            do {
+                message = try await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody)
+            } catch .endOfFile {
+                return
+            } catch {
+                logger.warning("control message refused", metadata: ["error": "\(error)"])
+                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "\(error)"))
+                return
+            }
+            let frame: ControlFrame
+            do {
+                frame = try ControlFrame.decode(datagram: message.payload)
+            } catch {
+                message.closeDescriptors()
+                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "\(error)"))
+                return
+            }
+            do {
+                let (body, fds) = try await handle(frame, descriptors: message.descriptors, caller: caller)
+                let ok = ControlFrame(type: BrokerMessageType.ok.rawValue, id: frame.id, body: body)
+                do {
+                    try await channel.send(ok.encoded, descriptors: fds)
+                } catch {
+                    logger.warning("reply failed", metadata: ["error": "\(error)"])
+                }
+                for fd in fds { _ = close(fd) }  // the peer has its copies now
+            } catch {
+                await reply(channel, id: frame.id, error: error)
+            }
+        }
+    }
+
+    private func reply(_ channel: FDChannel, id: UInt64, error: ErrorBody) async {
+        let frame = ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
+        try? await channel.send(frame.encoded)
+    }
+
+    /// One request. Fds that come with a request the broker does not keep are closed here.
+    private func handle(_ frame: ControlFrame, descriptors: [Int32], caller: Caller) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+        guard let type = BrokerMessageType(rawValue: frame.type) else {
+            for fd in descriptors { _ = close(fd) }
+            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+        }
+        if type != .adopt {
+            for fd in descriptors { _ = close(fd) }
+            if !descriptors.isEmpty {
+                throw ErrorBody(code: "bad-request", message: "only adopt carries fds")
+            }
+        }
+        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+            do {
+                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
+            } catch {
+                throw ErrorBody(code: "bad-request", message: error.description)
+            }
+        }
+        let empty = ControlJSON.encode([String: String]())
+        switch type {
+        case .adopt:
+            let request: AdoptRequest
+            do {
+                request = try decode(AdoptRequest.self)
+            } catch {
+                for fd in descriptors { _ = close(fd) }
+                throw error
+            }
+            try broker.adopt(request, descriptors: descriptors)
+            return (empty, [])
+        case .release:
+            let (response, fds) = try await broker.release(try decode(ProcessRequest.self).process)
+            return (ControlJSON.encode(response), fds)
+        case .list:
+            return (ControlJSON.encode(ListResponse(streams: broker.list())), [])
+        case .stats:
+            return (ControlJSON.encode(broker.stats()), [])
+        case .disconnectAll, .bridgeUp:
+            guard case .supervisor = caller else {
+                throw ErrorBody(code: "permission-denied", message: "only the supervisor sends bridge events")
+            }
+            let count = type == .disconnectAll ? broker.disconnectAll() : broker.bridgeUp()
+            return (ControlJSON.encode(CountResponse(count: count)), [])
+        case .processExited:
+            try broker.processExited(try decode(ProcessExitedRequest.self))
+            return (empty, [])
+        case .closeStdin:
+            try broker.closeStdin(try decode(ProcessRequest.self).process)
+            return (empty, [])
+        case .resize:
+            try broker.resize(try decode(ResizeRequest.self))
+            return (empty, [])
+        case .ok, .error, .drained:
+            throw ErrorBody(code: "unknown-type", message: "\(type) is not a request")
+        }
+    }
+}

@@ -1,0 +1,232 @@
+import Configuration
+import HoldfastCore
+import HoldfastPosix
+import SystemPackage
+import Yams
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Reads and checks the daemon's configuration.
+///
+/// swift-configuration does the reading: the file (YAML or JSON, by extension) under
+/// `HOLDFAST_*` environment variables, which override single keys. Yams is used once more to
+/// list the keys the file actually has, so a misspelt key is an error rather than silently
+/// ignored.
+public enum ConfigurationLoader {
+    /// Every key the daemon understands, with its default (nil: required).
+    static let keys: [(key: String, fallback: String?)] = [
+        ("bridge.address", nil),
+        ("bridge.reconnect_initial", "100ms"),
+        ("bridge.reconnect_max", "5s"),
+        ("broker.user", ""),
+        ("broker.seccomp", "kill"),
+        ("handoff.socket", "{run}/broker.sock"),
+        ("handoff.mode", "0660"),
+        ("handoff.allowed_uids", "0"),
+        ("handoff.allowed_gids", ""),
+        ("streams.redial_attempts", "60"),
+        ("streams.redial_interval", "100ms"),
+        ("streams.connect_timeout", "2s"),
+        ("streams.drain_timeout", "30s"),
+        ("streams.ring_capacity", "1MiB"),
+        ("shutdown.signal", "SIGTERM"),
+        ("shutdown.grace", "10s"),
+        ("shutdown.timeout", "30s"),
+        ("control.socket", "{run}/control.sock"),
+        ("run_directory", "/run/holdfast"),
+    ]
+
+    /// The environment variable that moves every default path (`{run}` above) at once; it wins
+    /// over `run_directory` in the file, so parallel test runs never collide.
+    public static let runDirectoryVariable = "HOLDFAST_RUN_DIR"
+
+    public static func load(
+        path: String, environment: [String: String] = currentEnvironment()
+    ) async throws(ConfigurationError) -> DaemonConfiguration {
+        func fail(_ key: String, _ reason: String) -> ConfigurationError {
+            ConfigurationError(file: path, key: key, reason: reason)
+        }
+        guard access(path, R_OK) == 0 else {
+            throw fail("", errno == ENOENT ? "no such file" : "cannot read it (errno \(errno))")
+        }
+        let fileKeys = try listKeys(path: path)
+        let known = Set(keys.map(\.key))
+        if let unknown = fileKeys.sorted().first(where: { !known.contains($0) }) {
+            let suggestion = closest(to: unknown, in: known).map { " (did you mean '\($0)'?)" } ?? ""
+            throw fail(unknown, "unknown key\(suggestion)")
+        }
+
+        // HOLDFAST_BRIDGE_ADDRESS overrides bridge.address, and so on.
+        var overrides: [String: String] = [:]
+        for (name, value) in environment where name.hasPrefix("HOLDFAST_") && name != runDirectoryVariable {
+            overrides[String(name.dropFirst("HOLDFAST_".count))] = value
+        }
+        let reader: ConfigReader
+        do {
+            let file: any ConfigProvider
+            if path.hasSuffix(".json") {
+                file = try await FileProvider<JSONSnapshot>(filePath: FilePath(path))
+            } else {
+                file = try await FileProvider<YAMLSnapshot>(filePath: FilePath(path))
+            }
+            reader = ConfigReader(providers: [EnvironmentVariablesProvider(environmentVariables: overrides), file])
+        } catch {
+            throw fail("", "cannot parse it: \(error)")
+        }
+
+        let runDirectory = environment[runDirectoryVariable] ?? (reader.string(forKey: "run_directory") ?? "/run/holdfast")
+        func raw(_ key: String) throws(ConfigurationError) -> String {
+            let fallback = keys.first { $0.key == key }!.fallback
+            if let arrayValue = reader.stringArray(forKey: ConfigKey(key)), !arrayValue.isEmpty, reader.string(forKey: ConfigKey(key)) == nil {
+                return arrayValue.joined(separator: ",")
+            }
+            if let value = reader.string(forKey: ConfigKey(key)) { return value }
+            guard let fallback else { throw fail(key, "is required") }
+            return fallback.replacingRunDirectory(with: runDirectory)
+        }
+        func parse<T>(_ key: String, _ parser: (String) -> Result<T, Problem>) throws(ConfigurationError) -> T {
+            let text = try raw(key)
+            switch parser(text.trimmed) {
+            case .success(let value): return value
+            case .failure(let problem): throw fail(key, "'\(text)': \(problem.reason)")
+            }
+        }
+
+        let address = try parse("bridge.address") { text -> Result<SocketAddress, Problem> in
+            do throws(AddressError) { return .success(try SocketAddress(parsing: text)) } catch { return .failure(Problem(error.reason)) }
+        }
+        let reconnectInitial = try parse("bridge.reconnect_initial", ValueParsers.positiveDuration)
+        let reconnectMax = try parse("bridge.reconnect_max", ValueParsers.positiveDuration)
+        guard reconnectMax >= reconnectInitial else {
+            throw fail("bridge.reconnect_max", "must not be shorter than bridge.reconnect_initial")
+        }
+        let user = try parse("broker.user") { text -> Result<String?, Problem> in
+            guard !text.isEmpty else { return .success(nil) }
+            guard UserAccount.lookupName(text) else { return .failure("no such user on this system") }
+            return .success(text)
+        }
+        let seccomp = try parse("broker.seccomp") { text -> Result<String, Problem> in
+            ["kill", "log", "off"].contains(text) ? .success(text) : .failure("must be kill, log or off")
+        }
+        let handoffSocket = try parse("handoff.socket", ValueParsers.socketPath)
+        let mode = try parse("handoff.mode", ValueParsers.fileMode)
+        let uids = try parse("handoff.allowed_uids", ValueParsers.idList)
+        let gids = try parse("handoff.allowed_gids", ValueParsers.idList)
+        let attempts = try parse("streams.redial_attempts") { ValueParsers.integer($0, in: 1...1_000_000) }
+        let interval = try parse("streams.redial_interval", ValueParsers.positiveDuration)
+        let connectTimeout = try parse("streams.connect_timeout", ValueParsers.positiveDuration)
+        let drainTimeout = try parse("streams.drain_timeout", ValueParsers.positiveDuration)
+        let ring = try parse("streams.ring_capacity") { ValueParsers.size($0, in: (64 << 10)...(1 << 30)) }
+        let signal = try parse("shutdown.signal", ValueParsers.signal)
+        let grace = try parse("shutdown.grace", ValueParsers.positiveDuration)
+        let timeout = try parse("shutdown.timeout", ValueParsers.positiveDuration)
+        guard timeout >= grace else { throw fail("shutdown.timeout", "must not be shorter than shutdown.grace") }
+        let control = try parse("control.socket", ValueParsers.socketPath)
+        guard !control.isEmpty else { throw fail("control.socket", "is required") }
+        let run = try parse("run_directory") { text -> Result<String, Problem> in
+            text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
+        }
+
+        return DaemonConfiguration(
+            bridge: .init(address: address, reconnectInitial: reconnectInitial, reconnectMax: reconnectMax),
+            broker: .init(user: user, seccomp: seccomp),
+            handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids),
+            streams: .init(
+                redialAttempts: attempts, redialInterval: interval, connectTimeout: connectTimeout, drainTimeout: drainTimeout,
+                ringCapacity: ring),
+            shutdown: .init(signal: signal, grace: grace, timeout: timeout),
+            control: .init(socket: control),
+            runDirectory: environment[runDirectoryVariable] ?? run)
+    }
+
+    /// The dotted keys present in the file (leaves only).
+    static func listKeys(path: String) throws(ConfigurationError) -> [String] {
+        guard let bytes = readWholeFile(path) else { throw ConfigurationError(file: path, key: "", reason: "cannot read it") }
+        let text = String(decoding: bytes, as: UTF8.self)
+        let node: Node?
+        do {
+            node = try Yams.compose(yaml: text)
+        } catch {
+            throw ConfigurationError(file: path, key: "", reason: "not valid YAML or JSON: \(error)")
+        }
+        guard let node else { return [] }
+        guard case .mapping = node else {
+            throw ConfigurationError(file: path, key: "", reason: "the top level must be a mapping of keys")
+        }
+        var result: [String] = []
+        func walk(_ node: Node, _ prefix: String) {
+            if let mapping = node.mapping {
+                for (key, value) in mapping {
+                    let name = key.string ?? "\(key)"
+                    walk(value, prefix.isEmpty ? name : "\(prefix).\(name)")
+                }
+            } else {
+                result.append(prefix)
+            }
+        }
+        walk(node, "")
+        return result
+    }
+
+    public static func currentEnvironment() -> [String: String] {
+        var result: [String: String] = [:]
+        var cursor = environ
+        while let entry = cursor.pointee {
+            let text = String(cString: entry)
+            if let equals = text.firstIndex(of: "=") {
+                result[String(text[..<equals])] = String(text[text.index(after: equals)...])
+            }
+            cursor += 1
+        }
+        return result
+    }
+
+    /// The known key closest to a misspelt one (edit distance at most 3).
+    static func closest(to key: String, in known: Set<String>) -> String? {
+        func distance(_ a: [Character], _ b: [Character]) -> Int {
+            var previous = Array(0...b.count)
+            for (i, ca) in a.enumerated() {
+                var current = [i + 1]
+                for (j, cb) in b.enumerated() {
+                    current.append(min(previous[j + 1] + 1, current[j] + 1, previous[j] + (ca == cb ? 0 : 1)))
+                }
+                previous = current
+            }
+            return previous[b.count]
+        }
+        let candidates = known.map { ($0, distance(Array(key), Array($0))) }.filter { $0.1 <= 3 }
+        return candidates.min { $0.1 < $1.1 }?.0
+    }
+}
+
+func readWholeFile(_ path: String) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var result: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if count < 0 { return nil }
+        if count == 0 { break }
+        result += buffer[..<count]
+    }
+    return result
+}
+
+extension String {
+    var trimmed: String {
+        String(drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
+    }
+
+    func replacingRunDirectory(with directory: String) -> String {
+        guard hasPrefix("{run}") else { return self }
+        return directory + dropFirst("{run}".count)
+    }
+}
+
+extension UserAccount {
+    static func lookupName(_ name: String) -> Bool { lookup(name) != nil }
+}

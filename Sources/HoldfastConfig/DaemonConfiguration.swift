@@ -1,0 +1,85 @@
+import HoldfastCore
+
+/// The daemon's configuration: `config/holdfast.yaml` documents every key.
+///
+/// Loaded by `ConfigurationLoader` from a YAML or JSON file, with `HOLDFAST_*` environment
+/// variables overriding individual keys (`HOLDFAST_BRIDGE_ADDRESS` for `bridge.address`). Every
+/// value is checked at start-up; a bad one stops it with the file, the key and the reason.
+public struct DaemonConfiguration: Codable, Sendable, Equatable {
+    public struct Bridge: Codable, Sendable, Equatable {
+        /// Where the host's bridge listens; the guest dials it.
+        public var address: SocketAddress
+        /// First pause after a lost bridge, doubling up to `reconnectMax`.
+        public var reconnectInitial: Milliseconds
+        public var reconnectMax: Milliseconds
+    }
+
+    public struct Broker: Codable, Sendable, Equatable {
+        /// The unprivileged user the broker drops to; nil keeps the daemon's user (development).
+        public var user: String?
+        public var seccomp: String
+    }
+
+    public struct Handoff: Codable, Sendable, Equatable {
+        /// The broker's public handoff socket; empty disables it.
+        public var socket: String
+        public var mode: UInt32
+        public var allowedUIDs: [UInt32]
+        public var allowedGIDs: [UInt32]
+    }
+
+    public struct Streams: Codable, Sendable, Equatable {
+        public var redialAttempts: Int
+        public var redialInterval: Milliseconds
+        public var connectTimeout: Milliseconds
+        public var drainTimeout: Milliseconds
+        public var ringCapacity: Int
+    }
+
+    public struct Shutdown: Codable, Sendable, Equatable {
+        /// Sent to container processes first.
+        public var signal: Int32
+        /// Then SIGKILL after this.
+        public var grace: Milliseconds
+        /// The whole shutdown, relays draining included, ends within this.
+        public var timeout: Milliseconds
+    }
+
+    public struct Control: Codable, Sendable, Equatable {
+        /// The local socket `holdfast status` talks to.
+        public var socket: String
+    }
+
+    public var bridge: Bridge
+    public var broker: Broker
+    public var handoff: Handoff
+    public var streams: Streams
+    public var shutdown: Shutdown
+    public var control: Control
+    /// Where the daemon keeps its sockets (created if missing).
+    public var runDirectory: String
+}
+
+/// A duration in whole milliseconds (JSON-friendly; the config file says "100ms", "2s", "1m").
+public typealias Milliseconds = Int
+
+extension Int {
+    public var milliseconds: Duration { .milliseconds(self) }
+}
+
+/// A configuration problem: which file, which key, what is wrong with it.
+public struct ConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var file: String
+    public var key: String
+    public var reason: String
+
+    public init(file: String, key: String, reason: String) {
+        self.file = file
+        self.key = key
+        self.reason = reason
+    }
+
+    public var description: String {
+        key.isEmpty ? "\(file): \(reason)" : "\(file): \(key): \(reason)"
+    }
+}

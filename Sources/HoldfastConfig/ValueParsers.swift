@@ -1,0 +1,87 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Parsers for configuration values. Each returns the value or the reason it is wrong, in words
+/// an operator can act on.
+public enum ValueParsers {
+    /// "250ms", "2s", "1.5s", "5m", "1h" → milliseconds (> 0).
+    public static func positiveDuration(_ text: String) -> Result<Int, Problem> {
+        let units: [(String, Double)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
+        for (suffix, scale) in units where text.hasSuffix(suffix) {
+            let number = text.dropLast(suffix.count)
+            // "5ms" also ends in "s": only accept a clean number before the unit.
+            guard let value = Double(number), value.isFinite else { continue }
+            let milliseconds = (value * scale).rounded()
+            guard milliseconds >= 1 else { return .failure("must be at least 1ms") }
+            guard milliseconds <= 86_400_000 else { return .failure("must be at most 24h") }
+            return .success(Int(milliseconds))
+        }
+        return .failure("expected a duration with a unit: ms, s, m or h (e.g. 100ms, 2s)")
+    }
+
+    /// "1MiB", "64KiB", "1048576" → bytes.
+    public static func size(_ text: String, in range: ClosedRange<Int>) -> Result<Int, Problem> {
+        let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("B", 1), ("", 1)]
+        for (suffix, scale) in units where text.hasSuffix(suffix) {
+            guard let value = Int(text.dropLast(suffix.count)) else { continue }
+            let bytes = value.multipliedReportingOverflow(by: scale)
+            guard !bytes.overflow, range.contains(bytes.partialValue) else {
+                return .failure("must be between \(range.lowerBound) and \(range.upperBound) bytes")
+            }
+            return .success(bytes.partialValue)
+        }
+        return .failure("expected a size such as 1MiB, 256KiB or a number of bytes")
+    }
+
+    public static func integer(_ text: String, in range: ClosedRange<Int>) -> Result<Int, Problem> {
+        guard let value = Int(text) else { return .failure("expected a whole number") }
+        guard range.contains(value) else { return .failure("must be between \(range.lowerBound) and \(range.upperBound)") }
+        return .success(value)
+    }
+
+    /// "SIGTERM", "TERM" or "15".
+    public static func signal(_ text: String) -> Result<Int32, Problem> {
+        let names: [String: Int32] = [
+            "HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "USR1": SIGUSR1, "USR2": SIGUSR2,
+            "TERM": SIGTERM,
+        ]
+        if let number = Int32(text), number > 0, number < 65 { return .success(number) }
+        let name = text.uppercased().hasPrefix("SIG") ? String(text.uppercased().dropFirst(3)) : text.uppercased()
+        guard let number = names[name] else { return .failure("expected a signal such as SIGTERM, SIGINT or a number") }
+        return .success(number)
+    }
+
+    /// An octal file mode such as "0660".
+    public static func fileMode(_ text: String) -> Result<UInt32, Problem> {
+        guard let mode = UInt32(text, radix: 8), mode <= 0o777 else { return .failure("expected an octal mode such as 0660") }
+        return .success(mode)
+    }
+
+    /// "0, 1000" or a YAML list of numbers → ids.
+    public static func idList(_ text: String) -> Result<[UInt32], Problem> {
+        var ids: [UInt32] = []
+        for part in text.split(separator: ",") {
+            let item = part.filter { $0 != " " && $0 != "[" && $0 != "]" }
+            if item.isEmpty { continue }
+            guard let id = UInt32(item) else { return .failure("'\(item)' is not a numeric id") }
+            ids.append(id)
+        }
+        return .success(ids)
+    }
+
+    /// An absolute Unix socket path that fits a sockaddr_un; "" means "none".
+    public static func socketPath(_ text: String) -> Result<String, Problem> {
+        guard !text.isEmpty else { return .success("") }
+        guard text.hasPrefix("/") else { return .failure("must be an absolute path") }
+        guard text.utf8.count <= 107 else { return .failure("is \(text.utf8.count) bytes; a socket path holds at most 107") }
+        return .success(text)
+    }
+}
+
+/// Why a value is wrong, in words.
+public struct Problem: Error, Sendable, Equatable, ExpressibleByStringLiteral, ExpressibleByStringInterpolation {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public init(stringLiteral value: String) { reason = value }
+}
