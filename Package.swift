@@ -73,11 +73,31 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
+        // The supervisor role: `holdfast daemon`.
+        .target(
+            name: "HoldfastSupervisor",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastConfig", "HoldfastBroker",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // The bridge worker role.
+        .target(
+            name: "HoldfastBridge",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         // Drivers for the demo and the command-line utilities.
         .target(
             name: "HoldfastTools",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol",
+                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol", "HoldfastSupervisor", "HoldfastBroker",
+                "HoldfastBridge", "HoldfastConfig", "CHoldfastShims",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -85,7 +105,8 @@ let package = Package(
         .executableTarget(
             name: "holdfast",
             dependencies: [
-                "HoldfastCore", "HoldfastTools",
+                "HoldfastCore", "HoldfastTools", "HoldfastPosix", "HoldfastProtocol", "HoldfastSupervisor", "HoldfastBroker",
+                "HoldfastBridge",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

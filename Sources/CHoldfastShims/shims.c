@@ -289,3 +289,33 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
 int hf_malloc_mmap_threshold(int bytes) {
     return mallopt(M_MMAP_THRESHOLD, bytes) && mallopt(M_TRIM_THRESHOLD, bytes);
 }
+
+static int signal_pipe_fd = -1;
+
+static void signal_to_pipe_handler(int signo) {
+    int saved = errno;
+    unsigned char byte = (unsigned char)signo;
+    ssize_t ignored = write(signal_pipe_fd, &byte, 1);
+    (void)ignored;
+    errno = saved;
+}
+
+int hf_signal_to_pipe(int signo, int fd) {
+    signal_pipe_fd = fd;
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = signal_to_pipe_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART | (signo == SIGCHLD ? SA_NOCLDSTOP : 0);
+    return sigaction(signo, &action, NULL);
+}
+
+int hf_ignore_signal(int signo) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = SIG_IGN;
+    return sigaction(signo, &action, NULL);
+}
+
+#include <sys/ptrace.h>
+long hf_ptrace_attach(pid_t pid) { return ptrace(PTRACE_ATTACH, pid, NULL, NULL); }

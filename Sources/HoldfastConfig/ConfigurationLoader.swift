@@ -82,7 +82,7 @@ public enum ConfigurationLoader {
             if let arrayValue = reader.stringArray(forKey: ConfigKey(key)), !arrayValue.isEmpty, reader.string(forKey: ConfigKey(key)) == nil {
                 return arrayValue.joined(separator: ",")
             }
-            if let value = reader.string(forKey: ConfigKey(key)) { return value }
+            if let value = reader.string(forKey: ConfigKey(key)) { return value.replacingRunDirectory(with: runDirectory) }
             guard let fallback else { throw fail(key, "is required") }
             return fallback.replacingRunDirectory(with: runDirectory)
         }
@@ -221,9 +221,11 @@ extension String {
         String(drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }
 
+    /// "{run}" anywhere in a value stands for the run directory, so one setting (or
+    /// HOLDFAST_RUN_DIR) moves every path at once.
     func replacingRunDirectory(with directory: String) -> String {
-        guard hasPrefix("{run}") else { return self }
-        return directory + dropFirst("{run}".count)
+        guard contains("{run}") else { return self }
+        return split(separator: "{run}", omittingEmptySubsequences: false).joined(separator: directory)
     }
 }
 

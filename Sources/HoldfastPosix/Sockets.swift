@@ -29,7 +29,7 @@ struct ResolvedAddress {
         case .tcp(let host, let port):
             var hints = addrinfo()
             hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-            hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG
+            hints.ai_flags = AI_NUMERICSERV  // no AI_ADDRCONFIG: it asks netlink, which the broker may not open
             var result: UnsafeMutablePointer<addrinfo>?
             let status = getaddrinfo(host, String(port), &hints, &result)
             guard status == 0, let first = result else {

@@ -1,6 +1,12 @@
 import ArgumentParser
+import HoldfastBridge
+import HoldfastBroker
 import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastSupervisor
 import HoldfastTools
+import Logging
 
 #if canImport(Glibc)
 import Glibc
@@ -17,7 +23,104 @@ struct Holdfast: AsyncParsableCommand {
             (VM live migration, host agent restart) without losing a byte.
             """,
         version: HoldfastVersion.string,
-        subcommands: [Demo.self, Pipe.self, Receive.self])
+        subcommands: [
+            Daemon.self, Status.self, Demo.self, Pipe.self, Receive.self,
+            BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self,
+        ])
+}
+
+func makeLogger(_ label: String) -> Logger {
+    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    return Logger(label: label)
+}
+
+struct Daemon: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the Holdfast daemon: the supervisor, which starts the broker and the bridge worker.")
+
+    @Option(help: "The configuration file (YAML or JSON); see config/holdfast.yaml.") var config: String
+
+    func run() async throws {
+        let code = await DaemonCommand.run(configPath: config, logger: makeLogger("holdfast.supervisor"))
+        if code != 0 { throw ExitCode(code) }
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the daemon's roles, processes and streams.")
+
+    @Option(help: "The daemon's control socket.") var socket: String = StatusPrinter.defaultSocket
+    @Flag(help: "Print JSON for tools.") var json = false
+
+    func run() async throws {
+        let report: StatusReport
+        do {
+            report = try await StatusPrinter.fetch(socket: socket)
+        } catch {
+            throw ValidationError("cannot reach the daemon at \(socket): \(error)")
+        }
+        if json {
+            print(String(decoding: ControlJSON.encode(report), as: UTF8.self))
+        } else {
+            print(StatusPrinter.render(report, colour: isatty(1) == 1))
+        }
+    }
+}
+
+/// Internal: the broker role, started by the supervisor.
+struct BrokerRoleCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "broker", abstract: "(internal) The broker role.", shouldDisplay: false)
+
+    @Option var controlFd: Int32
+    @Option var handoffFd: Int32?
+    @Option var handoffPath: String?
+    @Option var settings: String
+
+    func run() async throws {
+        let logger = makeLogger("holdfast.broker")
+        let parsed = try ControlJSON.decode(BrokerSettings.self, from: Array(settings.utf8), frameType: 0)
+        try await BrokerRole.run(controlFD: controlFd, handoffFD: handoffFd, handoffPath: handoffPath, settings: parsed, logger: logger)
+    }
+}
+
+/// Internal: the bridge worker role, started by the supervisor.
+struct BridgeRoleCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bridge", abstract: "(internal) The bridge worker role.", shouldDisplay: false)
+
+    @Option var controlFd: Int32
+    @Option var address: String
+    @Option var reconnectInitialMs: Int = 100
+    @Option var reconnectMaxMs: Int = 5000
+
+    func run() async throws {
+        let logger = makeLogger("holdfast.bridge")
+        SignalDisposition.ignore(SIGPIPE)
+        let channel = FDChannel(try AsyncFD(adopting: controlFd))
+        await BridgeWorker.run(
+            supervisor: channel,
+            options: .init(
+                address: try parseAddress(address), reconnectInitial: .milliseconds(reconnectInitialMs),
+                reconnectMax: .milliseconds(reconnectMaxMs)),
+            logger: logger)
+    }
+}
+
+/// Internal: load the broker's seccomp profile and try one operation (for tests).
+struct SeccompProbeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "seccomp-probe", abstract: "(internal) Try an operation under the broker's seccomp profile.",
+        shouldDisplay: false)
+
+    @Option var action: String = "kill"
+    @Argument var attempt: String
+
+    func run() throws {
+        guard let attempt = SeccompProbe.Attempt(rawValue: attempt), let action = SeccompAction(rawValue: action) else {
+            throw ValidationError("unknown attempt or action")
+        }
+        let code = try SeccompProbe.run(attempt, action: action)
+        throw ExitCode(code)
+    }
 }
 
 struct Demo: AsyncParsableCommand {

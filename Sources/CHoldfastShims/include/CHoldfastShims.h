@@ -87,6 +87,17 @@ pid_t hf_spawn(const hf_spawn_options *options, const char **failed_step);
 
 
 
+/// Installs a handler for `signo` that writes the signal number as one byte to `fd` (a
+/// non-blocking pipe): the classic self-pipe, safe with any number of threads. SA_RESTART is
+/// set; for SIGCHLD also SA_NOCLDSTOP. Returns 0 or -1 with errno.
+int hf_signal_to_pipe(int signo, int fd);
+/// Blocks or unblocks a signal in the calling thread (for the spawn thread: children start with
+/// an empty mask anyway).
+int hf_ignore_signal(int signo);
+
+/// ptrace(PTRACE_ATTACH, pid) — only for the seccomp probe, which must be refused it.
+long hf_ptrace_attach(pid_t pid);
+
 /// mallopt(M_MMAP_THRESHOLD, bytes) and M_TRIM_THRESHOLD: allocations of at least `bytes` get
 /// their own mapping, returned to the system when freed. Returns 1 on success.
 int hf_malloc_mmap_threshold(int bytes);

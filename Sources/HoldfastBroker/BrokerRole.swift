@@ -1,0 +1,50 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The broker process (`holdfast broker`, started by the supervisor, never by hand).
+public enum BrokerRole {
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Takes over the fds the supervisor passed, drops to the unprivileged user, locks itself
+    /// down with seccomp, and serves until the supervisor's channel closes.
+    public static func run(
+        controlFD: Int32, handoffFD: Int32?, handoffPath: String?, settings: BrokerSettings, logger: Logger
+    ) async throws {
+        Memory.returnLargeBuffersToTheSystem()
+        SignalDisposition.ignore(SIGPIPE)
+        let control = FDChannel(try AsyncFD(adopting: controlFD))
+        let handoff = try handoffFD.map { try Listener(adopting: $0, address: .unix(path: handoffPath ?? "handoff")) }
+
+        if let name = settings.user {
+            guard let account = UserAccount.lookup(name) else { throw Failure(description: "broker.user: no such user '\(name)'") }
+            if Privileges.isRoot {
+                try Privileges.drop(to: account)
+            } else if getuid() != account.uid {
+                throw Failure(description: "broker.user is '\(name)' but the broker runs as uid \(getuid()) and cannot switch")
+            }
+        }
+        // Everything that needs a file or a privilege is done: from here on, only fds.
+        try SeccompProfile.applyBrokerProfile(action: settings.seccomp)
+        logger.info("broker ready", metadata: [
+            "pid": "\(getpid())", "uid": "\(getuid())", "seccomp": "\(settings.seccomp.rawValue)",
+            "seccompMode": "\(SeccompProfile.mode() ?? -1)",
+        ])
+
+        let service = BrokerService(settings: settings, logger: logger)
+        let handoffTask = handoff.map { listener in Task { await service.serveHandoff(listener) } }
+        await service.serveSupervisor(control)
+        // The supervisor is gone (shutdown or crash): nothing will report to it any more.
+        logger.info("supervisor channel closed; broker stopping")
+        handoffTask?.cancel()
+        handoff?.close()
+        await service.broker.shutdown()
+    }
+}

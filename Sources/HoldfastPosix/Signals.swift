@@ -1,0 +1,106 @@
+import CHoldfastShims
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Delivers signals to a task through a self-pipe: the handler only writes the signal's number
+/// to a non-blocking pipe, which is safe whatever the process's threads are doing, and a task
+/// reads them in order. One per process (a signal has one handler).
+public final class SignalPipe: Sendable {
+    private let reader: AsyncFD
+    private let writer: Int32
+
+    /// Routes `signals` (e.g. SIGCHLD, SIGTERM, SIGINT) to this pipe.
+    public init(signals: [Int32]) throws(SystemError) {
+        let ends = try PipeEnds.make()
+        let flags = fcntl(ends.write, F_GETFL)
+        _ = fcntl(ends.write, F_SETFL, flags | O_NONBLOCK)
+        reader = try AsyncFD(adopting: ends.read)
+        writer = ends.write
+        for signal in signals {
+            guard hf_signal_to_pipe(signal, writer) == 0 else { throw .last("sigaction(\(signalName(signal)))") }
+        }
+    }
+
+    /// The next signal delivered, in order. A burst of SIGCHLDs may arrive as fewer bytes than
+    /// children exited (the pipe can fill); a reaper must loop on waitpid anyway.
+    public func next() async -> Int32? {
+        let byte = UnsafeMutableRawBufferPointer.allocate(byteCount: 1, alignment: 1)
+        defer { byte.deallocate() }
+        guard let count = try? await reader.read(into: byte), count == 1 else { return nil }
+        return Int32(byte[0])
+    }
+}
+
+public enum SignalDisposition {
+    /// SIG_IGN for `signal` in this process (children get default dispositions back).
+    public static func ignore(_ signal: Int32) {
+        _ = hf_ignore_signal(signal)
+    }
+}
+
+/// Becomes the subreaper of every descendant: orphaned grandchildren are reparented here, not
+/// to init, so their exits are seen and reaped.
+public enum Subreaper {
+    public static func become() throws(SystemError) {
+        guard hf_set_child_subreaper() == 0 else { throw .last("prctl(PR_SET_CHILD_SUBREAPER)") }
+    }
+}
+
+/// Reaps every child of the process and hands each exit status to whoever waits for that pid.
+/// Must be the only caller of waitpid in the process. An exit nobody waits for yet is kept (the
+/// last 4,096), because a child can exit before its starter gets to `wait`; with a subreaper,
+/// orphans' exits land here too and are simply reaped.
+public final class ChildReaper: Sendable {
+    private struct State: Sendable {
+        var waiters: [pid_t: CheckedContinuation<ExitStatus, Never>] = [:]
+        var exited: [pid_t: ExitStatus] = [:]
+        var order: [pid_t] = []
+    }
+
+    private let state = NIOLockedValueBox(State())
+    private static let kept = 4096
+
+    public init() {}
+
+    /// Kept for call sites that declare their children; every exit is kept anyway.
+    public func expect(_ pid: pid_t) {}
+
+    /// Waits for a child's exit status.
+    public func wait(_ pid: pid_t) async -> ExitStatus {
+        await withCheckedContinuation { continuation in
+            let done = state.withLockedValue { s -> ExitStatus? in
+                if let status = s.exited.removeValue(forKey: pid) { return status }
+                s.waiters[pid] = continuation
+                return nil
+            }
+            if let done { continuation.resume(returning: done) }
+        }
+    }
+
+    /// Reaps every child that has exited (call on SIGCHLD, and once at start).
+    public func reapAll() {
+        while let (pid, status) = Self.reapOne() {
+            let waiter = state.withLockedValue { s -> CheckedContinuation<ExitStatus, Never>? in
+                if let waiter = s.waiters.removeValue(forKey: pid) { return waiter }
+                s.exited[pid] = status
+                s.order.append(pid)
+                if s.order.count > Self.kept {
+                    s.exited.removeValue(forKey: s.order.removeFirst())
+                }
+                return nil
+            }
+            waiter?.resume(returning: status)
+        }
+    }
+
+    private static func reapOne() -> (pid_t, ExitStatus)? {
+        var exited: Int32 = 0
+        var code: Int32 = 0
+        let pid = hf_wait(-1, 1, &exited, &code)
+        guard pid > 0 else { return nil }
+        return (pid, exited == 1 ? .exited(code) : .signaled(code))
+    }
+}

@@ -1,0 +1,158 @@
+/// Messages of the supervisor's local control socket (`holdfast status`, tools, tests) and of
+/// the bridge worker's channel to the supervisor. Control frames (see ControlFrame), one per
+/// SOCK_SEQPACKET message.
+public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
+    // Bridge worker → supervisor (notifications).
+    case bridgeUp = 0x0301
+    case bridgeDown = 0x0302
+    // Local control socket requests.
+    case status = 0x0401
+    case launch = 0x0402
+    case signal = 0x0403
+    case wait = 0x0404
+    case processes = 0x0405
+    // Responses.
+    case ok = 0x0001
+    case error = 0x0002
+}
+
+/// One stdio stream of a process to launch: where the guest dials, and how.
+public struct StreamSpec: Codable, Sendable, Equatable {
+    public var address: String
+    public var mode: StreamModeName
+    public var token: String?
+
+    public init(address: String, mode: StreamModeName = .resumable, token: String? = nil) {
+        self.address = address
+        self.mode = mode
+        self.token = token
+    }
+}
+
+/// A process to start (runtime `direct`): what the bridge's create request and the local
+/// `launch` request carry.
+public struct ProcessSpec: Codable, Sendable, Equatable {
+    public var id: String
+    public var argv: [String]
+    /// The environment, "NAME=value" each; a minimal PATH when absent.
+    public var env: [String]?
+    public var cwd: String?
+    /// A user name or a numeric uid; the daemon's user when absent.
+    public var user: String?
+    public var group: UInt32?
+    public var tty: Bool
+    public var rows: UInt16?
+    public var columns: UInt16?
+    /// A stream absent here is connected to /dev/null (a tty: no input stream).
+    public var stdin: StreamSpec?
+    public var stdout: StreamSpec?
+    public var stderr: StreamSpec?
+
+    public init(
+        id: String, argv: [String], env: [String]? = nil, cwd: String? = nil, user: String? = nil, group: UInt32? = nil,
+        tty: Bool = false, rows: UInt16? = nil, columns: UInt16? = nil, stdin: StreamSpec? = nil, stdout: StreamSpec? = nil,
+        stderr: StreamSpec? = nil
+    ) {
+        self.id = id
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.user = user
+        self.group = group
+        self.tty = tty
+        self.rows = rows
+        self.columns = columns
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+    }
+}
+
+public struct LaunchResponse: Codable, Sendable, Equatable {
+    public var pid: Int32
+    public init(pid: Int32) { self.pid = pid }
+}
+
+public struct SignalRequest: Codable, Sendable, Equatable {
+    public var id: String
+    public var signal: Int32
+    public init(id: String, signal: Int32) {
+        self.id = id
+        self.signal = signal
+    }
+}
+
+public struct WaitRequest: Codable, Sendable, Equatable {
+    public var id: String
+    public init(id: String) { self.id = id }
+}
+
+/// How a process ended, reported after its output was delivered (or given up on).
+public struct ExitReport: Codable, Sendable, Equatable {
+    public var id: String
+    /// The exit code, or 128 + the signal number.
+    public var exitCode: Int32
+    public var signal: Int32?
+    public var undelivered: UInt64
+
+    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64) {
+        self.id = id
+        self.exitCode = exitCode
+        self.signal = signal
+        self.undelivered = undelivered
+    }
+}
+
+public struct RoleStatus: Codable, Sendable, Equatable {
+    public var name: String
+    public var pid: Int32?
+    public var uptimeSeconds: Double
+    public var restarts: Int
+    public var lastExit: String?
+
+    public init(name: String, pid: Int32?, uptimeSeconds: Double, restarts: Int, lastExit: String?) {
+        self.name = name
+        self.pid = pid
+        self.uptimeSeconds = uptimeSeconds
+        self.restarts = restarts
+        self.lastExit = lastExit
+    }
+}
+
+public struct ProcessStatus: Codable, Sendable, Equatable {
+    public var id: String
+    public var pid: Int32
+    /// running, exited (waiting for its output to drain) or done.
+    public var state: String
+    public var exitCode: Int32?
+
+    public init(id: String, pid: Int32, state: String, exitCode: Int32?) {
+        self.id = id
+        self.pid = pid
+        self.state = state
+        self.exitCode = exitCode
+    }
+}
+
+public struct StatusReport: Codable, Sendable, Equatable {
+    public var version: String
+    public var pid: Int32
+    public var uptimeSeconds: Double
+    public var bridge: String
+    public var roles: [RoleStatus]
+    public var processes: [ProcessStatus]
+    public var streams: [StreamStatus]
+
+    public init(
+        version: String, pid: Int32, uptimeSeconds: Double, bridge: String, roles: [RoleStatus], processes: [ProcessStatus],
+        streams: [StreamStatus]
+    ) {
+        self.version = version
+        self.pid = pid
+        self.uptimeSeconds = uptimeSeconds
+        self.bridge = bridge
+        self.roles = roles
+        self.processes = processes
+        self.streams = streams
+    }
+}

@@ -1,0 +1,69 @@
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Supervisor {
+    /// Serves the local control socket (mode 0600: root only): status, launch, signal, wait.
+    func serveControl(_ listener: Listener) async {
+        while !Task.isCancelled {
+            guard let connection = try? await listener.accept() else { return }
+            Task { await serveControlPeer(FDChannel(connection)) }
+        }
+    }
+
+    private func serveControlPeer(_ channel: FDChannel) async {
+        defer { channel.close() }
+        while true {
+            guard let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) else {
+                return
+            }
+            message.closeDescriptors()  // nothing here takes fds
+            guard let frame = try? ControlFrame.decode(datagram: message.payload) else {
+                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "not a control frame"))
+                return
+            }
+            // Requests run concurrently: a `wait` must not hold up a `status`.
+            Task {
+                do throws(ErrorBody) {
+                    let body = try await handleControl(frame)
+                    try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
+                } catch {
+                    await reply(channel, id: frame.id, error: error)
+                }
+            }
+        }
+    }
+
+    private func reply(_ channel: FDChannel, id: UInt64, error: ErrorBody) async {
+        try? await channel.send(ControlFrame(type: SupervisorMessageType.error.rawValue, id: id, body: ControlJSON.encode(error)).encoded)
+    }
+
+    private func handleControl(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
+        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+            do {
+                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
+            } catch {
+                throw ErrorBody(code: "bad-request", message: error.description)
+            }
+        }
+        switch SupervisorMessageType(rawValue: frame.type) {
+        case .status:
+            return ControlJSON.encode(await status())
+        case .launch:
+            let pid = try await launch(try decode(ProcessSpec.self))
+            return ControlJSON.encode(LaunchResponse(pid: pid))
+        case .signal:
+            let request = try decode(SignalRequest.self)
+            try signal(request.id, request.signal)
+            return ControlJSON.encode([String: String]())
+        case .wait:
+            return ControlJSON.encode(try await wait(try decode(WaitRequest.self).id))
+        default:
+            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+        }
+    }
+}

@@ -1,0 +1,120 @@
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Keeps one role process (the broker or the bridge worker) running: starts it, serves its
+/// channel, and when it dies logs the cause and restarts it after an exponential back-off
+/// (100 ms doubling to 5 s; back to 100 ms once a run lasted a minute).
+final class RoleSupervisor: Sendable {
+    struct Incarnation: Sendable {
+        var pid: pid_t
+        var channel: FDChannel
+    }
+
+    let name: String
+    private let logger: Logger
+    private let reaper: ChildReaper
+    /// Starts a new incarnation (spawn with a fresh socketpair).
+    private let launch: @Sendable () throws -> Incarnation
+    /// Serves the incarnation's channel; returns when it closes.
+    private let serve: @Sendable (Incarnation) async -> Void
+    private let state = NIOLockedValueBox(State())
+
+    static let initialBackoff: Duration = .milliseconds(100)
+    static let maxBackoff: Duration = .seconds(5)
+    static let healthyAfter: Duration = .seconds(60)
+
+    private struct State: Sendable {
+        var current: Incarnation?
+        var startedAt: ContinuousClock.Instant?
+        var restarts = 0
+        var lastExit: String?
+        var stopping = false
+    }
+
+    init(
+        name: String, logger: Logger, reaper: ChildReaper, launch: @escaping @Sendable () throws -> Incarnation,
+        serve: @escaping @Sendable (Incarnation) async -> Void
+    ) {
+        self.name = name
+        self.logger = logger
+        self.reaper = reaper
+        self.launch = launch
+        self.serve = serve
+    }
+
+    var status: RoleStatus {
+        state.withLockedValue { s in
+            RoleStatus(
+                name: name, pid: s.current?.pid,
+                uptimeSeconds: s.startedAt.map { Double((ContinuousClock.now - $0).components.seconds) } ?? 0,
+                restarts: s.restarts, lastExit: s.lastExit)
+        }
+    }
+
+    var pid: pid_t? { state.withLockedValue { $0.current?.pid } }
+
+    /// Runs until `stop()`: start, serve, reap, back off, restart.
+    func run() async {
+        var backoff = Self.initialBackoff
+        while !state.withLockedValue({ $0.stopping }) {
+            let incarnation: Incarnation
+            do {
+                incarnation = try launch()
+            } catch {
+                logger.error("cannot start role", metadata: ["role": "\(name)", "error": "\(error)"])
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, Self.maxBackoff)
+                continue
+            }
+            reaper.expect(incarnation.pid)
+            let started = ContinuousClock.now
+            state.withLockedValue {
+                $0.current = incarnation
+                $0.startedAt = started
+            }
+            logger.info("role started", metadata: ["role": "\(name)", "pid": "\(incarnation.pid)"])
+            let serving = Task { await serve(incarnation) }
+            let status = await reaper.wait(incarnation.pid)
+            incarnation.channel.close()
+            await serving.value
+            let stopping = state.withLockedValue { s -> Bool in
+                s.current = nil
+                s.lastExit = status.description
+                if !s.stopping { s.restarts += 1 }
+                return s.stopping
+            }
+            if stopping {
+                logger.info("role stopped", metadata: ["role": "\(name)", "status": "\(status)"])
+                return
+            }
+            if ContinuousClock.now - started >= Self.healthyAfter { backoff = Self.initialBackoff }
+            logger.error("role died; restarting", metadata: [
+                "role": "\(name)", "pid": "\(incarnation.pid)", "cause": "\(status)", "backoff": "\(backoff)",
+            ])
+            try? await Task.sleep(for: backoff)
+            backoff = min(backoff * 2, Self.maxBackoff)
+        }
+    }
+
+    /// Stops restarting and signals the current incarnation.
+    func stop(signal: Int32 = SIGTERM) {
+        let pid = state.withLockedValue { s -> pid_t? in
+            s.stopping = true
+            return s.current?.pid
+        }
+        if let pid { Glibc.kill(pid, signal) }
+    }
+
+    /// Kills the current incarnation (tests and shutdown escalation).
+    func kill(signal: Int32) {
+        if let pid = pid { Glibc.kill(pid, signal) }
+    }
+
+    var channel: FDChannel? { state.withLockedValue { $0.current?.channel } }
+}

@@ -1,0 +1,376 @@
+import HoldfastBroker
+import HoldfastConfig
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The supervisor: `holdfast daemon`. Root, the child subreaper, small. It starts the broker and
+/// the bridge worker (re-executing its own binary), restarts them when they die, starts
+/// container processes and hands their stdio to the broker, reaps every child, and shuts all of
+/// it down gracefully on SIGTERM/SIGINT.
+public final class Supervisor: Sendable {
+    public let configuration: DaemonConfiguration
+    let logger: Logger
+    let executable: String
+    let reaper = ChildReaper()
+    let startedAt = ContinuousClock.now
+    private let brokerClient = NIOLockedValueBox<ControlClient?>(nil)
+    private let processes = NIOLockedValueBox<[String: ProcessRecord]>([:])
+    private let bridgeState = NIOLockedValueBox("down")
+    private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
+    private let shuttingDown = NIOLockedValueBox(false)
+
+    /// A container process the supervisor started.
+    final class ProcessRecord: Sendable {
+        let id: String
+        let pid: pid_t
+        let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
+            ("running", nil, []))
+
+        init(id: String, pid: pid_t) {
+            self.id = id
+            self.pid = pid
+        }
+
+        var status: ProcessStatus {
+            state.withLockedValue { ProcessStatus(id: id, pid: pid, state: $0.phase, exitCode: $0.report?.exitCode) }
+        }
+
+        func finish(_ report: ExitReport) {
+            let waiters = state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>] in
+                s.phase = "done"
+                s.report = report
+                defer { s.waiters.removeAll() }
+                return s.waiters
+            }
+            for waiter in waiters { waiter.resume(returning: report) }
+        }
+
+        func wait() async -> ExitReport {
+            await withCheckedContinuation { continuation in
+                let done = state.withLockedValue { s -> ExitReport? in
+                    if let report = s.report { return report }
+                    s.waiters.append(continuation)
+                    return nil
+                }
+                if let done { continuation.resume(returning: done) }
+            }
+        }
+    }
+
+    public init(configuration: DaemonConfiguration, logger: Logger, executable: String) {
+        self.configuration = configuration
+        self.logger = logger
+        self.executable = executable
+    }
+
+    // MARK: Running
+
+    /// Runs until SIGTERM or SIGINT, then shuts down; returns the exit code.
+    public func run() async throws -> Int32 {
+        try Subreaper.become()
+        let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM, SIGINT])
+        SignalDisposition.ignore(SIGPIPE)
+        try makeRunDirectory()
+        let handoff = try bindHandoff()
+        let control = try Listener(
+            binding: .unix(path: configuration.control.socket), kind: .seqpacket, unixMode: 0o600)
+
+        let broker = RoleSupervisor(
+            name: "broker", logger: logger, reaper: reaper, launch: { [self] in try launchBroker(handoff: handoff) },
+            serve: { [self] incarnation in await serveBroker(incarnation) })
+        let bridge = RoleSupervisor(
+            name: "bridge", logger: logger, reaper: reaper, launch: { [self] in try launchBridge() },
+            serve: { [self] incarnation in await serveBridge(incarnation) })
+        roles.withLockedValue { $0 = (broker, bridge) }
+        let brokerTask = Task { await broker.run() }
+        let bridgeTask = Task { await bridge.run() }
+        let controlTask = Task { await serveControl(control) }
+        logger.info("holdfast daemon started", metadata: [
+            "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
+        ])
+
+        reaper.reapAll()
+        var stopSignal: Int32?
+        while stopSignal == nil, let signal = await signals.next() {
+            switch signal {
+            case SIGCHLD: reaper.reapAll()
+            case SIGTERM, SIGINT: stopSignal = signal
+            default: break
+            }
+        }
+        logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
+        // Keep reaping while shutting down.
+        let reaping = Task {
+            while let signal = await signals.next() {
+                if signal == SIGCHLD { reaper.reapAll() }
+            }
+        }
+        let clean = await shutdown(broker: broker, bridge: bridge)
+        controlTask.cancel()
+        control.close()
+        handoff?.close()
+        _ = await brokerTask.value
+        _ = await bridgeTask.value
+        reaping.cancel()
+        logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
+        return 0
+    }
+
+    private func makeRunDirectory() throws {
+        let path = configuration.runDirectory
+        if mkdir(path, 0o755) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(path))") }
+    }
+
+    /// The public handoff socket, bound here as root with its configured mode, then passed down.
+    private func bindHandoff() throws -> Listener? {
+        guard !configuration.handoff.socket.isEmpty else { return nil }
+        return try Listener(
+            binding: .unix(path: configuration.handoff.socket), kind: .seqpacket, unixMode: mode_t(configuration.handoff.mode))
+    }
+
+    // MARK: Roles
+
+    private var brokerSettings: BrokerSettings {
+        BrokerSettings(
+            user: configuration.broker.user, seccomp: SeccompAction(rawValue: configuration.broker.seccomp) ?? .kill,
+            redialAttempts: configuration.streams.redialAttempts, redialIntervalMilliseconds: configuration.streams.redialInterval,
+            connectTimeoutMilliseconds: configuration.streams.connectTimeout,
+            drainTimeoutMilliseconds: configuration.streams.drainTimeout, ringCapacity: configuration.streams.ringCapacity,
+            handoffAllowedUIDs: configuration.handoff.allowedUIDs, handoffAllowedGIDs: configuration.handoff.allowedGIDs)
+    }
+
+    private func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
+        let (ours, theirs) = try FDChannel.pair()
+        defer { close(theirs) }
+        let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
+        var arguments = ["holdfast", "broker", "--control-fd", String(theirs), "--settings", settings]
+        var keep = [theirs]
+        if let handoff {
+            arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
+            keep.append(handoff.descriptor)
+        }
+        let pid = try spawnRole(arguments, keep: keep)
+        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
+    }
+
+    private func launchBridge() throws -> RoleSupervisor.Incarnation {
+        let (ours, theirs) = try FDChannel.pair()
+        defer { close(theirs) }
+        let arguments = [
+            "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
+            "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
+            "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
+        ]
+        let pid = try spawnRole(arguments, keep: [theirs])
+        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
+    }
+
+    private func spawnRole(_ arguments: [String], keep: [Int32]) throws -> pid_t {
+        var options = SpawnOptions(executable: executable, arguments: arguments)
+        options.stdout = 1
+        options.stderr = 2
+        options.keepDescriptors = keep
+        // A role never outlives the supervisor.
+        options.parentDeathSignal = SIGKILL
+        return try Spawner.spawn(options)
+    }
+
+    private func serveBroker(_ incarnation: RoleSupervisor.Incarnation) async {
+        let client = ControlClient(channel: incarnation.channel) { [self] frame in
+            guard frame.type == BrokerMessageType.drained.rawValue,
+                let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type)
+            else { return }
+            processDrained(drained)
+        }
+        brokerClient.withLockedValue { $0 = client }
+        // A new broker knows no streams; if the bridge is up, nothing to redial either.
+        await client.run()
+        brokerClient.withLockedValue { if $0 === client { $0 = nil } }
+        // The broker is gone with every stream it held: exits waiting for a drain will not get
+        // one. Report them now rather than never.
+        for record in processes.withLockedValue({ Array($0.values) }) where record.status.state == "exited" {
+            if let report = record.state.withLockedValue({ $0.report }) { record.finish(report) }
+        }
+    }
+
+    private func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
+        let client = ControlClient(channel: incarnation.channel) { [self] frame in
+            switch SupervisorMessageType(rawValue: frame.type) {
+            case .bridgeUp:
+                bridgeState.withLockedValue { $0 = "up" }
+                logger.info("bridge up")
+                _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
+            case .bridgeDown:
+                bridgeState.withLockedValue { $0 = "down" }
+                logger.warning("bridge lost")
+                _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            default:
+                break
+            }
+        }
+        await client.run()
+        // The worker died: the bridge is as good as lost.
+        if bridgeState.withLockedValue({ $0 }) == "up" {
+            bridgeState.withLockedValue { $0 = "down" }
+            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+        }
+    }
+
+    func broker() -> ControlClient? { brokerClient.withLockedValue { $0 } }
+
+    // MARK: Processes
+
+    /// Starts a process and hands its stdio to the broker; on any failure the process is gone
+    /// and every fd closed.
+    public func launch(_ spec: ProcessSpec) async throws(ErrorBody) -> pid_t {
+        guard !shuttingDown.withLockedValue({ $0 }) else {
+            throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
+        }
+        guard processes.withLockedValue({ $0[spec.id] == nil }) else {
+            throw ErrorBody(code: "process-exists", message: "a process with id '\(spec.id)' exists")
+        }
+        guard let broker = broker() else {
+            throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)")
+        }
+        let started = try Launcher.start(spec)
+        let record = ProcessRecord(id: spec.id, pid: started.pid)
+        if !started.adopt.streams.isEmpty {
+            do {
+                _ = try await broker.request(
+                    BrokerMessageType.adopt.rawValue, body: ControlJSON.encode(started.adopt), descriptors: started.descriptors)
+            } catch {
+                for fd in started.descriptors { close(fd) }
+                kill(started.pid, SIGKILL)
+                _ = await reaper.wait(started.pid)
+                throw error
+            }
+        }
+        for fd in started.descriptors { close(fd) }  // the broker has them now
+        processes.withLockedValue { $0[spec.id] = record }
+        logger.info("process started", metadata: ["process": "\(spec.id)", "pid": "\(started.pid)", "argv": "\(spec.argv)"])
+        Task { await watch(record, hasStreams: !started.adopt.streams.isEmpty) }
+        return started.pid
+    }
+
+    /// Waits for the process to exit, lets its output drain, then reports the exit.
+    private func watch(_ record: ProcessRecord, hasStreams: Bool) async {
+        let status = await reaper.wait(record.pid)
+        var signal: Int32?
+        if case .signaled(let number) = status { signal = number }
+        let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
+        record.state.withLockedValue {
+            $0.phase = "exited"
+            $0.report = report
+        }
+        logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
+        guard hasStreams, let broker = broker() else {
+            record.finish(report)
+            return
+        }
+        do {
+            _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(ProcessExitedRequest(process: record.id)))
+        } catch {
+            record.finish(report)
+        }
+        // The `drained` notification finishes it (processDrained).
+    }
+
+    private func processDrained(_ drained: DrainedNotification) {
+        guard let record = processes.withLockedValue({ $0[drained.process] }) else { return }
+        guard var report = record.state.withLockedValue({ $0.report }) else { return }
+        report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
+        record.finish(report)
+    }
+
+    public func wait(_ id: String) async throws(ErrorBody) -> ExitReport {
+        guard let record = processes.withLockedValue({ $0[id] }) else {
+            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+        }
+        let report = await record.wait()
+        processes.withLockedValue { table in
+            if table[id] === record { table.removeValue(forKey: id) }
+        }
+        return report
+    }
+
+    public func signal(_ id: String, _ signal: Int32) throws(ErrorBody) {
+        guard let record = processes.withLockedValue({ $0[id] }) else {
+            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+        }
+        guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
+        guard kill(record.pid, signal) == 0 else {
+            throw ErrorBody(code: "signal-failed", message: "kill(\(record.pid), \(signal)): errno \(errno)")
+        }
+    }
+
+    // MARK: Status
+
+    public func status() async -> StatusReport {
+        let streams = (try? await broker()?.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self))?.streams ?? []
+        let roleStatuses = roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
+        return StatusReport(
+            version: HoldfastVersion.string, pid: getpid(),
+            uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: bridgeState.withLockedValue { $0 },
+            roles: roleStatuses, processes: processes.withLockedValue { $0.values.map(\.status) }.sorted { $0.id < $1.id },
+            streams: streams)
+    }
+
+    /// The pid of a role (tests kill it to prove it comes back).
+    public func rolePID(_ name: String) -> pid_t? {
+        roles.withLockedValue { name == "broker" ? $0.broker?.pid : $0.bridge?.pid }
+    }
+
+    // MARK: Shutdown
+
+    /// Stops the bridge, signals every container process (then SIGKILL after the grace
+    /// period), lets the relays drain, stops the broker — all within the shutdown timeout.
+    /// Returns true if everything ended in time.
+    private func shutdown(broker: RoleSupervisor, bridge: RoleSupervisor) async -> Bool {
+        shuttingDown.withLockedValue { $0 = true }
+        let deadline = ContinuousClock.now + .milliseconds(configuration.shutdown.timeout)
+        bridge.stop()
+        let running = processes.withLockedValue { $0.values.filter { $0.status.state == "running" } }
+        for record in running { kill(record.pid, configuration.shutdown.signal) }
+        let graceEnd = min(deadline, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
+        var clean = await waitAll(processes.withLockedValue { Array($0.values) }, until: graceEnd)
+        if !clean {
+            for record in processes.withLockedValue({ Array($0.values) }) where record.status.state == "running" {
+                logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
+                kill(record.pid, SIGKILL)
+            }
+            clean = await waitAll(processes.withLockedValue { Array($0.values) }, until: deadline)
+        }
+        broker.stop()
+        return clean
+    }
+
+    /// Waits until every record reported its exit (output drained), or `deadline`. The waits
+    /// themselves cannot be cancelled, so they run unstructured and lose the race quietly.
+    private func waitAll(_ records: [ProcessRecord], until deadline: ContinuousClock.Instant) async -> Bool {
+        let outcome = NIOLockedValueBox<CheckedContinuation<Bool, Never>?>(nil)
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            outcome.withLockedValue { $0 = continuation }
+            Task {
+                for record in records { _ = await record.wait() }
+                outcome.withLockedValue { c in defer { c = nil }; return c }?.resume(returning: true)
+            }
+            Task {
+                try? await Task.sleep(until: deadline)
+                outcome.withLockedValue { c in defer { c = nil }; return c }?.resume(returning: false)
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+import CHoldfastShims
+import HoldfastPosix
+import HoldfastProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `holdfast status`: what the daemon is doing, readable at a glance.
+public enum StatusPrinter {
+    /// The default control socket: `$HOLDFAST_RUN_DIR/control.sock`, else /run/holdfast/control.sock.
+    public static var defaultSocket: String {
+        let directory = getenv("HOLDFAST_RUN_DIR").map { String(cString: $0) } ?? "/run/holdfast"
+        return directory + "/control.sock"
+    }
+
+    public static func fetch(socket: String) async throws -> StatusReport {
+        let client = try await ControlClient.connect(to: socket)
+        defer { client.close() }
+        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+    }
+
+    public static func render(_ report: StatusReport, colour: Bool) -> String {
+        func paint(_ text: String, _ code: String) -> String { colour ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text }
+        func state(_ text: String) -> String {
+            switch text {
+            case "connected", "up", "running": return paint(text, "32")
+            case "parked", "exited": return paint(text, "33")
+            case "down", "abandoned": return paint(text, "31")
+            default: return text
+            }
+        }
+        var lines = [
+            "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))", "",
+        ]
+        lines += table(
+            ["ROLE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],
+            report.roles.map { [$0.name, $0.pid.map(String.init) ?? "-", duration($0.uptimeSeconds), String($0.restarts), $0.lastExit ?? "-"] })
+        lines.append("")
+        if report.processes.isEmpty {
+            lines.append("no processes")
+        } else {
+            lines += table(
+                ["PROCESS", "PID", "STATE", "EXIT"],
+                report.processes.map { [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-"] })
+        }
+        lines.append("")
+        if report.streams.isEmpty {
+            lines.append("no streams")
+        } else {
+            lines += table(
+                ["PROCESS", "STREAM", "MODE", "STATE", "TO HOST", "FROM HOST", "RECONNECTS"],
+                report.streams.map {
+                    [$0.process, $0.kind.rawValue + ($0.direction.map { "/\($0)" } ?? ""), $0.mode.rawValue, state($0.state),
+                     bytes($0.bytesToHost), bytes($0.bytesFromHost), String($0.reconnects)]
+                })
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    static func table(_ header: [String], _ rows: [[String]]) -> [String] {
+        func visible(_ text: String) -> Int {
+            // Escape sequences take no columns.
+            var count = 0
+            var inEscape = false
+            for character in text {
+                if character == "\u{1B}" { inEscape = true } else if inEscape { if character == "m" { inEscape = false } } else { count += 1 }
+            }
+            return count
+        }
+        let widths = header.indices.map { column in ([header] + rows).map { visible($0[column]) }.max() ?? 0 }
+        return ([header] + rows).map { row in
+            row.enumerated().map { column, text in
+                column == row.count - 1 ? text : text + String(repeating: " ", count: widths[column] - visible(text) + 2)
+            }.joined()
+        }
+    }
+
+    static func duration(_ seconds: Double) -> String {
+        let total = Int(seconds)
+        if total < 60 { return "\(total)s" }
+        if total < 3600 { return "\(total / 60)m\(total % 60)s" }
+        return "\(total / 3600)h\(total % 3600 / 60)m"
+    }
+
+    static func bytes(_ count: UInt64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(count)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return unit == 0 ? "\(count) B" : "\((value * 10).rounded() / 10) \(units[unit])"
+    }
+}
+
+/// `holdfast seccomp-probe`: loads the broker's seccomp profile into this process, then tries
+/// one forbidden (or allowed) operation, so tests can show what the profile does.
+public enum SeccompProbe {
+    public enum Attempt: String, CaseIterable, Sendable {
+        case execve, fork, ptrace, openWrite = "open-write", openRead = "open-read", socketUnix = "socket-unix"
+    }
+
+    /// Returns the process exit code: 0 when the operation succeeded, 1 when it was refused
+    /// with an error. A killed probe never returns (SIGSYS).
+    public static func run(_ attempt: Attempt, action: SeccompAction) throws -> Int32 {
+        try SeccompProfile.applyBrokerProfile(action: action)
+        let result: Int32
+        switch attempt {
+        case .execve:
+            result = execv("/bin/true", [strdup("true"), nil])
+        case .fork:
+            let pid = fork()
+            if pid == 0 { _exit(0) }
+            result = pid > 0 ? 0 : -1
+        case .ptrace:
+            result = Int32(truncatingIfNeeded: hf_ptrace_attach(getppid()))
+        case .openWrite:
+            result = open("/tmp/holdfast-seccomp-probe", O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        case .openRead:
+            result = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
+        case .socketUnix:
+            result = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        }
+        return result >= 0 ? 0 : 1
+    }
+}
