@@ -137,6 +137,15 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastConfigTests", dependencies: ["HoldfastConfig", "HoldfastTestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastDaemonTests",
+            dependencies: [
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .testTarget(name: "HoldfastToolsTests", dependencies: ["HoldfastTools", "HoldfastTestSupport"], swiftSettings: strict),
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
         .testTarget(

@@ -213,6 +213,7 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
         if (failed_step) *failed_step = "pipe";
         return -1;
     }
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
         int saved = errno;
@@ -233,7 +234,6 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
             }
             sigprocmask(SIG_SETMASK, &empty, NULL);
         }
-        if (o->pdeathsig && prctl(PR_SET_PDEATHSIG, o->pdeathsig, 0, 0, 0) != 0) child_fail(report[1], 8);
         if ((o->new_session || o->controlling_tty) && setsid() < 0) child_fail(report[1], 1);
         int fds[3] = {o->stdin_fd, o->stdout_fd, o->stderr_fd};
         // Move the sources above 2 first, so dup2 onto 0..2 never clobbers a source still needed.
@@ -261,6 +261,11 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
             if (setgroups((size_t)o->ngroups, o->groups) != 0) child_fail(report[1], 5);
             if (setgid(o->gid) != 0) child_fail(report[1], 6);
             if (setuid(o->uid) != 0) child_fail(report[1], 7);
+        }
+        // After the id change, which would clear it; and if the parent is already gone, act now.
+        if (o->pdeathsig) {
+            if (prctl(PR_SET_PDEATHSIG, o->pdeathsig, 0, 0, 0) != 0) child_fail(report[1], 8);
+            if (getppid() != parent) _exit(128 + o->pdeathsig);
         }
         if (strchr(o->path, '/')) {
             execve(o->path, o->argv, o->envp);

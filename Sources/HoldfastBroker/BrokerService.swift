@@ -82,7 +82,18 @@ public final class BrokerService: Sendable {
             let refusal = ErrorBody(
                 code: "permission-denied",
                 message: "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
-            try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: 0, body: ControlJSON.encode(refusal)).encoded)
+            // Answer the peer's first request (closing any fds it attached) rather than hang up
+            // on connect, so the client reads why instead of hitting a broken pipe.
+            let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
+            let deadline = Task {
+                try? await Task.sleep(for: .seconds(2))
+                first.cancel()
+            }
+            let message = await first.value
+            deadline.cancel()
+            message?.closeDescriptors()
+            let id = message.flatMap { try? ControlFrame.decode(datagram: $0.payload).id } ?? 0
+            try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(refusal)).encoded)
             return
         }
         await serve(channel, caller: .handoff(credentials))

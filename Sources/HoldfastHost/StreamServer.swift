@@ -3,6 +3,10 @@ import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The host end of resumable streams: one listener that accepts any number of connections —
 /// never accept-once — reads each one's hello, and hands it to the stream its token names.
 ///
@@ -27,15 +31,18 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var accepted: UInt64 = 0
         var refused: UInt64 = 0
         var acceptErrors: UInt64 = 0
+        var refusing = false
         var handshaking = 0
     }
 
     /// Binds now (so the address is known, and a bad one fails here); call `start()` to accept.
+    /// - Parameter unixMode: for a Unix socket, its file mode (a guest-side broker running as
+    ///   an unprivileged user needs write permission on a development socket).
     public init(
-        listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5),
+        listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5), unixMode: mode_t? = nil,
         wrap: @escaping @Sendable (AsyncFD) -> Transport
     ) throws {
-        self.listener = try Listener(binding: address)
+        self.listener = try Listener(binding: address, unixMode: unixMode)
         self.address = listener.boundAddress
         self.handshakeTimeout = handshakeTimeout
         self.wrap = wrap
@@ -58,9 +65,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                     try? await Task.sleep(for: .milliseconds(50))
                     continue
                 }
-                state.withLockedValue {
-                    $0.accepted &+= 1
-                    $0.handshaking += 1
+                let refusing = state.withLockedValue { s -> Bool in
+                    s.accepted &+= 1
+                    if s.refusing { return true }
+                    s.handshaking += 1
+                    return false
+                }
+                if refusing {
+                    socket.close()  // a blackout: as if nobody listened
+                    continue
                 }
                 Task { await handshake(wrap(socket)) }
             }
@@ -86,6 +99,11 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     public var statistics: (accepted: UInt64, refused: UInt64, acceptErrors: UInt64, handshaking: Int, streams: Int) {
         state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
+    }
+
+    /// While refusing, every new connection is closed at once (a blackout: the host is away).
+    public func setRefusing(_ refusing: Bool) {
+        state.withLockedValue { $0.refusing = refusing }
     }
 
     /// Drops every stream's current connection at once (what a live migration looks like).
@@ -146,7 +164,7 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 }
 
 extension StreamServer where Transport == AsyncFD {
-    public convenience init(listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5)) throws {
-        try self.init(listeningOn: address, handshakeTimeout: handshakeTimeout, wrap: { $0 })
+    public convenience init(listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5), unixMode: mode_t? = nil) throws {
+        try self.init(listeningOn: address, handshakeTimeout: handshakeTimeout, unixMode: unixMode, wrap: { $0 })
     }
 }

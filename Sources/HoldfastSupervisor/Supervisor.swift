@@ -162,7 +162,11 @@ public final class Supervisor: Sendable {
             arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
             keep.append(handoff.descriptor)
         }
-        let pid = try spawnRole(arguments, keep: keep)
+        // The broker starts as its unprivileged user: it never holds root at all (it needs none:
+        // everything it uses arrives as fds). It still checks, and drops itself if it must.
+        var user: UserAccount?
+        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.lookup(name) }
+        let pid = try spawnRole(arguments, keep: keep, user: user)
         return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
 
@@ -178,8 +182,9 @@ public final class Supervisor: Sendable {
         return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
 
-    private func spawnRole(_ arguments: [String], keep: [Int32]) throws -> pid_t {
+    private func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> pid_t {
         var options = SpawnOptions(executable: executable, arguments: arguments)
+        if let user { options.user = (user.uid, user.gid, [user.gid]) }
         options.stdout = 1
         options.stderr = 2
         options.keepDescriptors = keep

@@ -1,0 +1,108 @@
+import HoldfastTestSupport
+import Testing
+
+@testable import HoldfastConfig
+
+@Suite("Configuration: every bad value names the file, the key and the reason")
+struct ConfigurationTests {
+    func write(_ text: String, name: String = "holdfast.yaml") throws -> (TemporaryDirectory, String) {
+        let directory = try TemporaryDirectory("holdfast-config")
+        let path = directory.file(name)
+        try writeFile(path, bytes(text))
+        return (directory, path)
+    }
+
+    @Test func shippedConfigurationsLoad() async throws {
+        // The production file names the 'holdfast' user the package creates; here it may not
+        // exist, so the environment override stands in (which also shows overrides work).
+        let environment = ["HOLDFAST_BROKER_USER": "nobody"]
+        for file in ["config/holdfast.yaml", "config/holdfast-dev.yaml"] {
+            let config = try await ConfigurationLoader.load(path: file, environment: environment)
+            #expect(config.streams.redialAttempts == 60)
+            #expect(config.shutdown.signal == 15)
+        }
+        let production = try await ConfigurationLoader.load(path: "config/holdfast.yaml", environment: environment)
+        #expect(production.bridge.address.description == "vsock://host:5000")
+        #expect(production.handoff.socket == "/run/holdfast/broker.sock")
+        #expect(production.handoff.mode == 0o660)
+        #expect(production.streams.ringCapacity == 1 << 20)
+    }
+
+    @Test func runDirectoryVariableMovesEveryDefaultPath() async throws {
+        let config = try await ConfigurationLoader.load(path: "config/holdfast-dev.yaml", environment: ["HOLDFAST_RUN_DIR": "/tmp/elsewhere"])
+        #expect(config.runDirectory == "/tmp/elsewhere")
+        #expect(config.bridge.address.description == "unix:/tmp/elsewhere/host-bridge.sock")
+        #expect(config.handoff.socket == "/tmp/elsewhere/broker.sock")
+        #expect(config.control.socket == "/tmp/elsewhere/control.sock")
+    }
+
+    @Test func environmentOverridesOneKey() async throws {
+        let (directory, path) = try write("bridge:\n  address: vsock://host:5000\n")
+        defer { directory.remove() }
+        let config = try await ConfigurationLoader.load(
+            path: path, environment: ["HOLDFAST_BRIDGE_ADDRESS": "tcp://127.0.0.1:7000", "HOLDFAST_STREAMS_REDIAL_ATTEMPTS": "5"])
+        #expect(config.bridge.address.description == "tcp://127.0.0.1:7000")
+        #expect(config.streams.redialAttempts == 5)
+        #expect(config.streams.connectTimeout == 2000, "defaults fill what is absent")
+    }
+
+    @Test(arguments: [
+        ("bridge:\n  address: vsock://x:5\n", "bridge.address", "CID"),
+        ("bridge:\n  reconnect_initial: 10\n", "bridge.address", "required"),
+        ("bridge:\n  address: vsock://host:1\n  reconnect_initial: 10\n", "bridge.reconnect_initial", "unit"),
+        ("bridge:\n  address: vsock://host:1\n  reconnect_max: 10ms\n", "bridge.reconnect_max", "shorter"),
+        ("bridge:\n  address: vsock://host:1\nbroker:\n  user: no-such-user-here\n", "broker.user", "no such user"),
+        ("bridge:\n  address: vsock://host:1\nbroker:\n  seccomp: maybe\n", "broker.seccomp", "kill, log or off"),
+        ("bridge:\n  address: vsock://host:1\nhandoff:\n  mode: rw\n", "handoff.mode", "octal"),
+        ("bridge:\n  address: vsock://host:1\nhandoff:\n  socket: relative.sock\n", "handoff.socket", "absolute"),
+        ("bridge:\n  address: vsock://host:1\nhandoff:\n  allowed_uids: [root]\n", "handoff.allowed_uids", "numeric"),
+        ("bridge:\n  address: vsock://host:1\nstreams:\n  redial_attempts: 0\n", "streams.redial_attempts", "between 1"),
+        ("bridge:\n  address: vsock://host:1\nstreams:\n  ring_capacity: 1KiB\n", "streams.ring_capacity", "between"),
+        ("bridge:\n  address: vsock://host:1\nshutdown:\n  signal: SIGWHAT\n", "shutdown.signal", "signal"),
+        ("bridge:\n  address: vsock://host:1\nshutdown:\n  grace: 40s\n", "shutdown.timeout", "shorter"),
+        ("bridge:\n  address: vsock://host:1\nstreams:\n  redial_atempts: 5\n", "streams.redial_atempts", "did you mean 'streams.redial_attempts'"),
+    ])
+    func refusesWithFileKeyAndReason(yaml: String, key: String, reason: String) async throws {
+        let (directory, path) = try write(yaml)
+        defer { directory.remove() }
+        do {
+            _ = try await ConfigurationLoader.load(path: path, environment: [:])
+            Issue.record("accepted a bad configuration")
+        } catch {
+            #expect(error.file == path)
+            #expect(error.key == key)
+            #expect(error.reason.contains(reason), "reason was: \(error.reason)")
+            #expect(error.description.hasPrefix("\(path): \(key): "))
+        }
+    }
+
+    @Test func aMissingOrMalformedFileIsReported() async throws {
+        await #expect(throws: ConfigurationError.self) { try await ConfigurationLoader.load(path: "/nonexistent/holdfast.yaml", environment: [:]) }
+        let (directory, path) = try write("bridge: [unclosed\n")
+        defer { directory.remove() }
+        do {
+            _ = try await ConfigurationLoader.load(path: path, environment: [:])
+            Issue.record("accepted malformed YAML")
+        } catch {
+            #expect(error.file == path)
+            #expect(error.reason.contains("YAML"))
+        }
+    }
+
+    @Test func jsonWorksToo() async throws {
+        let (directory, path) = try write(#"{"bridge": {"address": "unix:/tmp/b.sock"}, "streams": {"drain_timeout": "5s"}}"#, name: "h.json")
+        defer { directory.remove() }
+        let config = try await ConfigurationLoader.load(path: path, environment: [:])
+        #expect(config.bridge.address.description == "unix:/tmp/b.sock")
+        #expect(config.streams.drainTimeout == 5000)
+    }
+
+    @Test func durationAndSizeParsers() throws {
+        #expect(try ValueParsers.positiveDuration("100ms").get() == 100)
+        #expect(try ValueParsers.positiveDuration("1.5s").get() == 1500)
+        #expect(try ValueParsers.positiveDuration("2m").get() == 120_000)
+        #expect((try? ValueParsers.positiveDuration("0s").get()) == nil)
+        #expect(try ValueParsers.size("1MiB", in: 1...(1 << 30)).get() == 1 << 20)
+        #expect(try ValueParsers.size("65536", in: 1...(1 << 30)).get() == 65536)
+    }
+}

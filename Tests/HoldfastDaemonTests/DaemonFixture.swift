@@ -1,0 +1,217 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `holdfast` binary built next to the test bundle.
+func holdfastExecutable() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let me = String(decoding: buffer[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    let directory = me.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+    // The test bundle may sit inside `holdfastPackageTests.xctest` or next to it.
+    for candidate in [directory + "/holdfast", directory + "/../holdfast"] where access(candidate, X_OK) == 0 {
+        return candidate
+    }
+    return directory + "/holdfast"
+}
+
+/// A stand-in for the host's bridge listener: accepts the guest's bridge connections, reads and
+/// discards what they send, and can drop them or refuse new ones (a blackout).
+final class TestBridgeHost: Sendable {
+    let listener: Listener
+    private let state = NIOLockedValueBox<(connections: [AsyncFD], accepted: Int, refusing: Bool)>(([], 0, false))
+
+    init(path: String) throws {
+        listener = try Listener(binding: .unix(path: path), unixMode: 0o666)
+        Task { [self] in
+            while let connection = try? await listener.accept() {
+                let refuse = state.withLockedValue { s -> Bool in
+                    if s.refusing { return true }
+                    s.accepted += 1
+                    s.connections.append(connection)
+                    return false
+                }
+                if refuse {
+                    connection.close()
+                    continue
+                }
+                Task {
+                    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+                    defer { buffer.deallocate() }
+                    while let count = try? await connection.read(into: buffer), count > 0 {}
+                    connection.close()
+                }
+            }
+        }
+    }
+
+    var accepted: Int { state.withLockedValue { $0.accepted } }
+
+    func drop(refusing: Bool) {
+        let connections = state.withLockedValue { s -> [AsyncFD] in
+            s.refusing = refusing
+            defer { s.connections.removeAll() }
+            return s.connections
+        }
+        for connection in connections { connection.close() }
+    }
+
+    func close() {
+        drop(refusing: true)
+        listener.close()
+    }
+}
+
+/// A running `holdfast daemon` in a private run directory, with a test bridge host and a
+/// resumable stream server beside it. Everything it starts is ended by pid.
+final class DaemonFixture: Sendable {
+    let directory: TemporaryDirectory
+    let processes = TestProcesses()
+    let bridge: TestBridgeHost
+    let streams: StreamServer<AsyncFD>
+    let logPath: String
+    private let daemon = NIOLockedValueBox<pid_t?>(nil)
+
+    static var canRun: Bool { geteuid() == 0 }
+    static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
+
+    init(extraConfig: String = "") async throws {
+        directory = try TemporaryDirectory("holdfast-daemon")
+        chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
+        bridge = try TestBridgeHost(path: directory.file("host-bridge.sock"))
+        streams = try StreamServer(listeningOn: .unix(path: directory.file("streams.sock")), unixMode: 0o666)
+        streams.start()
+        logPath = directory.file("daemon.log")
+        let config = """
+            run_directory: \(directory.path)
+            bridge:
+              address: "unix:{run}/host-bridge.sock"
+              reconnect_initial: 50ms
+              reconnect_max: 200ms
+            broker:
+              user: nobody
+              seccomp: kill
+            streams:
+              redial_attempts: 200
+              redial_interval: 20ms
+              connect_timeout: 1s
+              drain_timeout: 3s
+            shutdown:
+              grace: 1s
+              timeout: 5s
+            \(extraConfig)
+            """
+        try writeFile(directory.file("holdfast.yaml"), bytes(config))
+        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let pid = try processes.start(
+            [holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")], stdout: log, stderr: log)
+        close(log)
+        daemon.withLockedValue { $0 = pid }
+        try await eventually("the daemon's control socket", timeout: .seconds(20)) {
+            access(self.directory.file("control.sock"), F_OK) == 0
+        }
+        try await eventually("the broker and the bridge", timeout: .seconds(20)) {
+            let report = try? await self.status()
+            return report?.bridge == "up" && report?.roles.allSatisfy({ $0.pid != nil }) == true
+        }
+    }
+
+    var streamAddress: String { "unix:" + directory.file("streams.sock") }
+    var daemonPID: pid_t { daemon.withLockedValue { $0 }! }
+
+    func control() async throws -> ControlClient {
+        try await ControlClient.connect(to: directory.file("control.sock"))
+    }
+
+    func status() async throws -> StatusReport {
+        let client = try await control()
+        defer { client.close() }
+        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+    }
+
+    func launch(_ spec: ProcessSpec) async throws -> Int32 {
+        let client = try await control()
+        defer { client.close() }
+        return try await client.call(SupervisorMessageType.launch.rawValue, spec, reply: LaunchResponse.self).pid
+    }
+
+    func wait(_ id: String) async throws -> ExitReport {
+        let client = try await control()
+        defer { client.close() }
+        return try await client.call(SupervisorMessageType.wait.rawValue, WaitRequest(id: id), reply: ExitReport.self)
+    }
+
+    func rolePID(_ name: String) async throws -> pid_t? {
+        try await status().roles.first { $0.name == name }?.pid
+    }
+
+    var log: String { String(decoding: readFile(logPath) ?? [], as: UTF8.self) }
+
+    /// SIGTERM, then the daemon must exit 0 on its own.
+    func stop() async throws -> HoldfastPosix.ExitStatus {
+        let pid = daemonPID
+        kill(pid, SIGTERM)
+        let status = try await processes.wait(pid, timeout: .seconds(20))
+        return status
+    }
+
+    func cleanUp() {
+        processes.killAll()
+        bridge.close()
+        streams.close()
+        directory.remove()
+    }
+}
+
+/// A raw host listener that accepts any number of connections and counts what arrives.
+final class CountingListener: Sendable {
+    let listener: Listener
+    private let counts = NIOLockedValueBox<(connections: Int, bytes: Int)>((0, 0))
+
+    init(path: String) throws {
+        listener = try Listener(binding: .unix(path: path), unixMode: 0o666)
+        Task { [self] in
+            while let connection = try? await listener.accept() {
+                counts.withLockedValue { $0.connections += 1 }
+                Task {
+                    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+                    defer { buffer.deallocate() }
+                    while let count = try? await connection.read(into: buffer), count > 0 {
+                        counts.withLockedValue { $0.bytes += count }
+                    }
+                    connection.close()
+                }
+            }
+        }
+    }
+
+    var connections: Int { counts.withLockedValue { $0.connections } }
+    var bytes: Int { counts.withLockedValue { $0.bytes } }
+    func close() { listener.close() }
+}
+
+/// Collects a host stream's bytes.
+func collect(_ stream: some InboundStream) -> Task<[UInt8], Never> {
+    Task {
+        var all: [UInt8] = []
+        for await chunk in stream.chunks() { all += chunk }
+        return all
+    }
+}
+
+/// The lines `seq`-style loops print: "line 1\n" ... "line N\n".
+func expectedLines(_ count: Int, prefix: String = "line") -> [UInt8] {
+    Array((1...count).map { "\(prefix) \($0)\n" }.joined().utf8)
+}
+
+func counterCommand(_ count: Int, prefix: String = "line", pause: String = "0.005") -> [String] {
+    ["sh", "-c", "i=0; while [ $i -lt \(count) ]; do i=$((i+1)); echo \(prefix) $i; sleep \(pause); done"]
+}

@@ -1,0 +1,247 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("The daemon: supervisor, broker and bridge worker as real processes")
+struct DaemonTests {
+    @Test func killedBridgeWorkerIsRestartedWithinASecondAndTheStreamLosesNothing() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let host = daemon.streams.open(token: bytes("p1-stdout"), direction: .receive)
+        let received = collect(host)
+        _ = try await daemon.launch(ProcessSpec(
+            id: "p1", argv: counterCommand(300),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "p1-stdout")))
+        try await Task.sleep(for: .milliseconds(300))
+        let old = try #require(try await daemon.rolePID("bridge"))
+        kill(old, SIGKILL)
+        let killedAt = ContinuousClock.now
+        try await eventually("a new bridge worker", timeout: .seconds(5)) {
+            let pid = try await daemon.rolePID("bridge")
+            return pid != nil && pid != old
+        }
+        let restartedIn = ContinuousClock.now - killedAt
+        print("bridge worker restarted in \(restartedIn)")
+        #expect(restartedIn < .seconds(1))
+        let report = try await daemon.wait("p1")
+        #expect(report.exitCode == 0)
+        #expect(report.undelivered == 0)
+        #expect(await received.value == expectedLines(300), "every line once, in order")
+        let status = try await daemon.status()
+        #expect(status.roles.first { $0.name == "bridge" }?.restarts == 1)
+        #expect(status.roles.first { $0.name == "broker" }?.restarts == 0, "the broker ran under its filter throughout")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test func bridgeLossParksEveryStreamAndEverythingResumesWhenTheHostIsBack() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let ids = (1...4).map { "q\($0)" }
+        var receivers: [String: Task<[UInt8], Never>] = [:]
+        for id in ids {
+            receivers[id] = collect(daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+            _ = try await daemon.launch(ProcessSpec(
+                id: id, argv: counterCommand(400, prefix: id, pause: "0.01"),
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "\(id)-out")))
+        }
+        try await eventually("every stream connected") {
+            let streams = try await daemon.status().streams
+            return streams.count == ids.count && streams.allSatisfy { $0.state == "connected" }
+        }
+        // A blackout: the bridge and every stream connection drop, and nothing is accepted.
+        daemon.streams.setRefusing(true)
+        daemon.bridge.drop(refusing: true)
+        daemon.streams.dropAllConnections()
+        try await eventually("every stream parked (disconnect-all)") {
+            let report = try await daemon.status()
+            return report.bridge == "down" && report.streams.allSatisfy { $0.state == "parked" }
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        daemon.streams.setRefusing(false)
+        daemon.bridge.drop(refusing: false)
+        try await eventually("every stream back", timeout: .seconds(10)) {
+            let report = try await daemon.status()
+            return report.bridge == "up" && report.streams.allSatisfy { $0.state == "connected" || $0.state == "closed" }
+        }
+        for id in ids {
+            let report = try await daemon.wait(id)
+            #expect(report.exitCode == 0)
+            #expect(report.undelivered == 0)
+            #expect(await receivers[id]!.value == expectedLines(400, prefix: id), "\(id): nothing in the pipes was lost")
+        }
+        #expect(try await daemon.status().roles.first { $0.name == "broker" }?.restarts == 0)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test func aThousandProcessLifecyclesLeaveNoDescriptorsBehind() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let sink = try CountingListener(path: daemon.directory.file("raw.sock"))
+        defer { sink.close() }
+        let address = "unix:" + daemon.directory.file("raw.sock")
+        func lifecycle(_ index: Int) async throws {
+            let id = "life-\(index)"
+            _ = try await daemon.launch(ProcessSpec(
+                id: id, argv: ["sh", "-c", "echo out \(index); echo err \(index) >&2"],
+                stdout: StreamSpec(address: address, mode: .raw), stderr: StreamSpec(address: address, mode: .raw)))
+            let report = try await daemon.wait(id)
+            #expect(report.exitCode == 0)
+        }
+        for index in 0..<20 { try await lifecycle(index) }  // warm-up: pools, threads, first allocations
+        let supervisor = daemon.daemonPID
+        let broker = try #require(try await daemon.rolePID("broker"))
+        try await Task.sleep(for: .milliseconds(200))
+        let baseline = (openDescriptorCount(pid: supervisor), openDescriptorCount(pid: broker), residentKiB(broker))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<8 {
+                group.addTask {
+                    for index in stride(from: 20 + worker, to: 1020, by: 8) { try await lifecycle(index) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        try await eventually("fd counts back at baseline", timeout: .seconds(10)) {
+            openDescriptorCount(pid: supervisor) == baseline.0 && openDescriptorCount(pid: broker) == baseline.1
+        }
+        let after = (openDescriptorCount(pid: supervisor), openDescriptorCount(pid: broker), residentKiB(broker))
+        print("1,000 lifecycles: supervisor fds \(baseline.0) → \(after.0), broker fds \(baseline.1) → \(after.1), broker RSS \(baseline.2) KiB → \(after.2) KiB; \(sink.connections) connections, \(sink.bytes) bytes")
+        #expect(after.0 == baseline.0)
+        #expect(after.1 == baseline.1)
+        #expect(after.2 - baseline.2 < 16 * 1024, "broker RSS must not grow without bound")
+        #expect(sink.bytes == (20..<1020).reduce(0) { $0 + "out \($1)\n".utf8.count + "err \($1)\n".utf8.count } + (0..<20).reduce(0) { $0 + "out \($1)\n".utf8.count + "err \($1)\n".utf8.count })
+        let status = try await daemon.status()
+        #expect(status.processes.isEmpty)
+        #expect(status.streams.isEmpty)
+        #expect(status.roles.first { $0.name == "broker" }?.restarts == 0)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test func liveBrokerIsUnderItsSeccompFilterAndUnprivileged() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        func status() -> String { String(decoding: readFile("/proc/\(broker)/status") ?? [], as: UTF8.self) }
+        // The broker locks itself down right after it starts.
+        try await eventually("the filter to be loaded") { status().contains("Seccomp:\t2") }
+        let status = status()
+        #expect(status.contains("Seccomp:\t2"), "filter mode")
+        #expect(status.contains("NoNewPrivs:\t1"))
+        #expect(status.contains("Uid:\t65534\t65534\t65534\t65534"), "dropped to nobody for good")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test func gracefulShutdownStopsProcessesAndExitsZero() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let host = daemon.streams.open(token: bytes("s-out"), direction: .receive)
+        let received = collect(host)
+        // A process that ignores SIGTERM: it gets SIGKILL after the 1 s grace period.
+        let pid = try await daemon.launch(ProcessSpec(
+            id: "stubborn", argv: ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "s-out")))
+        try await eventually("output") { host.statistics.offset >= 6 }
+        let started = ContinuousClock.now
+        #expect(try await daemon.stop() == .exited(0))
+        let took = ContinuousClock.now - started
+        print("shutdown took \(took)")
+        #expect(took < .seconds(5), "within shutdown.timeout")
+        #expect(kill(pid, 0) != 0, "the process is gone")
+        #expect(await received.value == bytes("ready\n"))
+    }
+
+    @Test func badConfigurationStopsStartUpWithFileKeyAndReason() async throws {
+        let directory = try TemporaryDirectory("holdfast-badconfig")
+        defer { directory.remove() }
+        let path = directory.file("holdfast.yaml")
+        try writeFile(path, bytes("bridge:\n  address: vsock://nowhere:5\n"))
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let log = open(directory.file("log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let pid = try processes.start([holdfastExecutable(), "daemon", "--config", path], stdout: log, stderr: log)
+        close(log)
+        #expect(try await processes.wait(pid) == .exited(2))
+        let output = String(decoding: readFile(directory.file("log")) ?? [], as: UTF8.self)
+        #expect(output.contains("\(path): bridge.address: 'vsock://nowhere:5'"))
+    }
+}
+
+@Suite("The broker's handoff socket and seccomp profile")
+struct BrokerBoundaryTests {
+    @Test func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0]\n")
+        defer { daemon.cleanUp() }
+        let script = """
+            import socket, struct, json, os, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(sys.argv[1])
+            r, w = os.pipe()
+            body = json.dumps({"process": "intruder", "streams": [{"kind": "stdout", "fd": 0, "address": "unix:/tmp/x", "mode": "raw"}]}).encode()
+            socket.send_fds(s, [struct.pack(">IIQ", 0x0101, len(body), 1) + body], [r])
+            reply = s.recv(65536)
+            kind, length, ident = struct.unpack(">IIQ", reply[:16])
+            print(hex(kind), json.loads(reply[16:])["code"])
+            """
+        try writeFile(daemon.directory.file("intruder.py"), bytes(script))
+        let out = daemon.directory.file("intruder.out")
+        let outFD = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o666)
+        var options = SpawnOptions(executable: "python3", arguments: ["python3", daemon.directory.file("intruder.py"), daemon.directory.file("broker.sock")])
+        options.user = (65534, 65534, [65534])
+        options.stdout = outFD
+        options.stderr = outFD
+        let pid = try Spawner.spawn(options)
+        daemon.processes.adopt(pid)
+        close(outFD)
+        #expect(try await daemon.processes.wait(pid) == .exited(0))
+        let printed = String(decoding: readFile(out) ?? [], as: UTF8.self)
+        #expect(printed.contains("0x2 permission-denied"), "printed: \(printed)")
+        try await eventually("the refusal in the log") { daemon.log.contains("handoff peer refused") && daemon.log.contains("uid=65534") }
+        #expect(try await daemon.status().streams.isEmpty, "nothing was adopted")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test(arguments: ["execve", "fork", "ptrace", "open-write"])
+    func theBrokerProfileKillsForbiddenOperations(attempt: String) async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let pid = try processes.start([holdfastExecutable(), "seccomp-probe", attempt], stdout: -1, stderr: -1)
+        #expect(try await processes.wait(pid) == .signaled(SIGSYS), "\(attempt) must be fatal under the filter")
+    }
+
+    @Test(arguments: ["open-read", "socket-unix"])
+    func theBrokerProfileAllowsWhatTheBrokerNeeds(attempt: String) async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let pid = try processes.start([holdfastExecutable(), "seccomp-probe", attempt], stdout: -1, stderr: -1)
+        #expect(try await processes.wait(pid) == .exited(0))
+    }
+
+    @Test func logActionAllowsAndReports() async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let pid = try processes.start([holdfastExecutable(), "seccomp-probe", "--action", "log", "open-write"], stdout: -1, stderr: -1)
+        #expect(try await processes.wait(pid) == .exited(0), "log lets it through (and the kernel logs it)")
+        unlink("/tmp/holdfast-seccomp-probe")
+    }
+}
+
+func residentKiB(_ pid: pid_t) -> Int {
+    let text = String(decoding: readFile("/proc/\(pid)/status") ?? [], as: UTF8.self)
+    for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        return Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "0") ?? 0
+    }
+    return 0
+}
