@@ -65,6 +65,26 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
 
     public var statistics: SlotStatistics { state.withLockedValue { $0.statistics } }
 
+    /// One line of internal state, for diagnosing a stuck stream (logs, test failures).
+    public var debugSummary: String {
+        state.withLockedValue { s in
+            let phase: String
+            switch s.phase {
+            case .connected(_, let generation): phase = "connected(gen \(generation))"
+            case .empty: phase = "empty"
+            case .closed: phase = s.abandoned ? "abandoned" : "closed"
+            }
+            let cycle: String
+            switch s.cycle {
+            case .idle: cycle = "idle"
+            case .dialing(let kicked): cycle = kicked ? "dialing(kicked)" : "dialing"
+            case .sleeping: cycle = "sleeping"
+            }
+            return "\(name): \(phase), generation \(s.generation), parked \(s.parked.count), cycle \(cycle), "
+                + "connects \(s.statistics.connects), disconnects \(s.statistics.disconnects), dials \(s.statistics.dialAttempts)"
+        }
+    }
+
     /// True while a redial cycle is dialing or waiting between attempts.
     public var isRedialing: Bool { state.withLockedValue { if case .idle = $0.cycle { false } else { true } } }
 
@@ -370,14 +390,19 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
             let timer = Task { [self] in
                 try? await Task.sleep(for: delay)
                 let sleeper: CheckedContinuation<Void, Never>? = state.withLockedValue { s in
-                    guard case .sleeping(token, let c, _) = s.cycle else { return nil }
+                    guard case .sleeping(token, let c, _) = s.cycle else {
+                        // The timer beat the registration below (a short delay on a busy
+                        // machine): leave a mark, or the sleep would never end.
+                        s.expiredSleepToken = token
+                        return nil
+                    }
                     s.cycle = .dialing(kicked: false)
                     return c
                 }
                 sleeper?.resume()
             }
             let resumeNow: Bool = state.withLockedValue { s in
-                guard case .empty = s.phase, case .dialing(kicked: false) = s.cycle else { return true }
+                guard case .empty = s.phase, case .dialing(kicked: false) = s.cycle, s.expiredSleepToken != token else { return true }
                 s.cycle = .sleeping(token, continuation, timer)
                 return false
             }
@@ -403,9 +428,14 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
                     _ = once.resume(returning: nil)
                 }
             }
-            Task {
+            let timer = Task {
                 try? await Task.sleep(for: timeout)
                 if once.resume(returning: nil) { dialTask.cancel() }
+            }
+            // A dial that finished first cancels its timer, so no sleeping task outlives it.
+            Task {
+                await dialTask.value
+                timer.cancel()
             }
         }
     }
@@ -470,6 +500,8 @@ extension ConnSlot {
         var nextParkID: UInt64 = 0
         var cycle: Cycle = .idle
         var nextSleepToken: UInt64 = 0
+        /// The last sleep whose timer fired before the cycle registered as sleeping.
+        var expiredSleepToken: UInt64 = 0
         var emptyEpoch: UInt64 = 0
         var drainTimeout: Duration?
         var abandoned = false

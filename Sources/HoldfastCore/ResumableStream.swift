@@ -216,6 +216,9 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
     public var statistics: ResumableStatistics { engine.statistics }
 
+    /// The slot's and the engine's internal state in two lines, for diagnosing a stuck stream.
+    public var debugSummary: String { "\(slot.debugSummary)\n  engine: \(engine.debugSummary)" }
+
     var engineForTests: Engine { engine }
 }
 
@@ -307,6 +310,17 @@ extension ResumableStream {
                 stats.ringBlocks = s.ring.blockCount
                 stats.ended = direction == .send ? s.endEchoReceived : s.inboundFinal != nil
                 return stats
+            }
+        }
+
+        var debugSummary: String {
+            state.withLockedValue { s in
+                "\(direction) ring [\(s.ring.acknowledged), \(s.ring.end)) final \(s.finalOffset.map(String.init) ?? "-") echo \(s.endEchoReceived) "
+                    + "producer \(s.producer != nil) sending \(s.sending) doorbell \(s.doorbell) pumpWaiter \(s.pumpWaiter != nil) "
+                    + "sender(gen \(s.sender.generation) pos \(s.sender.position) ackSent \(s.sender.ackSent) end \(s.sender.endSent)) "
+                    + "sendGen \(s.sendGeneration) high \(s.sentHighWater) received \(s.received) inboundFinal \(s.inboundFinal.map(String.init) ?? "-") "
+                    + "ackTimer \(s.ackTimerArmed) ackDue \(s.ackDue) frame(gen \(s.frameGeneration) remaining \(s.frameRemaining) skip \(s.frameSkip)) "
+                    + "progressWaiters \(s.progressWaiters.count) closed \(s.closed) lastAttempt \(s.lastAttempt)"
             }
         }
 

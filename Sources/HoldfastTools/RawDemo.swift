@@ -56,7 +56,12 @@ public enum RawDemo {
         }
         let report = await relay.value
         let status = try await Spawner.waitForExit(child)
-        try await Task.sleep(for: .milliseconds(100))
+        // The host may still be reading the last line on a busy machine: give it a moment
+        // (bounded), then kill it and judge.
+        let deadline = ContinuousClock.now + .seconds(5)
+        while host.numbers.last != beats, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
         host.kill()
         let received = host.numbers
         var duplicates = 0

@@ -104,6 +104,21 @@ struct ConnSlotBeyondTests {
         try await eventually("the sleeping cycle to end", timeout: .seconds(2)) { !slot.isRedialing }
     }
 
+    /// Regression: a pause between attempts whose timer fired before the cycle registered as
+    /// sleeping was never woken, and the stream stayed empty for good (seen with short intervals
+    /// on a loaded machine, in the 10,000-reconnect test). 20 cycles × 500 zero-length pauses
+    /// give the race every chance; each cycle must still end after exactly its attempts.
+    @Test func aPauseWhoseTimerFiresFirstStillEnds() async throws {
+        let policy = RedialPolicy(attempts: 500, interval: .zero, connectTimeout: .seconds(5))
+        for round in 1...20 {
+            let script = DialScript(.fail)
+            let slot = Slot(policy: policy, dial: script.dial)
+            slot.disconnect()
+            try await eventually("cycle \(round) to end", timeout: .seconds(10)) { !slot.isRedialing }
+            #expect(script.count == policy.attempts)
+        }
+    }
+
     @Test func parkedCallersAreTasksNotThreads() async throws {
         // Far more parked writers than the cooperative pool has threads: if a parked write held
         // a thread, this would deadlock instead of finishing when the connection arrives.

@@ -88,7 +88,7 @@ struct RelayIntegrationTests {
         let queued = queuedBytes(pipe.read)
         try await Task.sleep(for: .milliseconds(200))
         #expect(source.reads == 1, "a parked relay reads nothing more")
-        #expect(queuedBytes(pipe.read) == queued, "the producer is blocked, not the pipe draining")
+        #expect(queuedBytes(pipe.read) == queued, "the producer is blocked, not the pipe draining (our fd \(pipe.read): \(linkTarget("/proc/self/fd/\(pipe.read)")), seq's stdout: \(linkTarget("/proc/\(pid)/fd/1")))")
         #expect(Spawner.reap(pid) == nil, "seq is still alive, blocked in write")
         #expect(processState(pid) == "S", "blocked in the kernel, not spinning")
 
@@ -177,8 +177,15 @@ struct RelayIntegrationTests {
 /// Bytes waiting in a pipe (FIONREAD).
 func queuedBytes(_ fd: Int32) -> Int {
     var count: Int32 = 0
-    _ = ioctl(fd, UInt(FIONREAD), &count)
+    guard ioctl(fd, UInt(FIONREAD), &count) == 0 else { return -1 }  // not open: say so
     return Int(count)
+}
+
+/// What a /proc symlink points to (for failure messages).
+func linkTarget(_ path: String) -> String {
+    var buffer = [CChar](repeating: 0, count: 256)
+    let count = readlink(path, &buffer, buffer.count - 1)
+    return count < 0 ? "(errno \(errno))" : String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
 /// The state letter of /proc/PID/stat (R running, S sleeping, ...).
