@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
+import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -28,10 +29,15 @@ public enum BridgeWorker {
 
     /// Runs until the supervisor's channel closes.
     public static func run(supervisor: FDChannel, options: Options, logger: Logger) async {
-        // The supervisor never writes to this channel: end-of-file means it is gone, and a
-        // bridge worker without a supervisor has nothing to do.
+        let current = NIOLockedValueBox<ControlFrameWriter<AsyncFD>?>(nil)
+        // The supervisor pushes exits (id 0); they go to the host if one is connected, and are
+        // in the next hello otherwise (the supervisor keeps them until the host acknowledges).
+        let client = ControlClient(channel: supervisor) { frame in
+            guard frame.type == BridgeMessageType.exit.rawValue else { return }
+            current.withLockedValue { $0 }?.send(frame)
+        }
         Task {
-            _ = try? await supervisor.receive()
+            await client.run()
             logger.info("supervisor gone; bridge worker exiting")
             exit(0)
         }
@@ -46,41 +52,108 @@ public enum BridgeWorker {
                 backoff = min(backoff * 2, options.reconnectMax)
                 continue
             }
-            backoff = options.reconnectInitial
+            let hello: BridgeHello
             do {
-                try await FrameIO.write(ControlFrame(type: 0x1001, id: 0, body: ControlJSON.encode(hello())).encoded, to: connection)
+                let info = try await client.call(SupervisorMessageType.bridgeHello.rawValue, [String: String](), reply: BridgeHello.self)
+                hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits)
             } catch {
+                logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
                 connection.close()
+                try? await Task.sleep(for: backoff)
                 continue
             }
-            logger.info("bridge connected", metadata: ["address": "\(options.address)"])
-            try? await supervisor.send(ControlFrame(type: SupervisorMessageType.bridgeUp.rawValue, id: 0, body: []).encoded)
-            await drain(connection)
+            let writer = ControlFrameWriter(connection)
+            writer.send(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)))
+            current.withLockedValue { $0 = writer }
+            backoff = options.reconnectInitial
+            logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
+            await notify(client, .bridgeUp)
+            let reason = await serve(connection, writer: writer, supervisor: client, logger: logger)
+            current.withLockedValue { $0 = nil }
+            await writer.flush()  // an error reply explaining the close goes out first
             connection.close()
-            logger.warning("bridge lost", metadata: ["address": "\(options.address)"])
-            try? await supervisor.send(ControlFrame(type: SupervisorMessageType.bridgeDown.rawValue, id: 0, body: []).encoded)
+            logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
+            await notify(client, .bridgeDown)
             try? await Task.sleep(for: options.reconnectInitial)
         }
     }
 
-    /// Reads until the connection ends (the full request protocol comes with the next issue).
-    private static func drain(_ connection: AsyncFD) async {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
-        defer { buffer.deallocate() }
-        while let count = try? await connection.read(into: buffer), count > 0 {}
+    private static func notify(_ client: ControlClient, _ type: SupervisorMessageType) async {
+        try? await client.channel.send(ControlFrame(type: type.rawValue, id: 0, body: []).encoded)
     }
 
-    struct Hello: Codable {
-        var version: Int
-        var bootID: String
+    /// Reads the host's requests until the connection ends or breaks the framing; returns why.
+    /// Each request runs on its own task (a slow `create` must not hold up a `signal`).
+    static func serve(_ connection: AsyncFD, writer: ControlFrameWriter<AsyncFD>, supervisor: ControlClient, logger: Logger) async -> String {
+        while true {
+            let frame: ControlFrame
+            do {
+                frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
+            } catch let error as ControlFrameIO.ReadError {
+                if case .oversized(_, _, let id) = error {
+                    // Say why before closing: the host can log it. Only this connection ends.
+                    writer.send(errorFrame(id: id, ErrorBody(code: "frame-too-large", message: error.description)))
+                }
+                return error.description
+            } catch {
+                return "\(error)"
+            }
+            guard let type = BridgeMessageType(rawValue: frame.type), BridgeMessageType.requests.contains(type) else {
+                if frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue {
+                    logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"])
+                    continue
+                }
+                writer.send(errorFrame(id: frame.id, ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")))
+                continue
+            }
+            guard frame.id != 0 else {
+                writer.send(errorFrame(id: 0, ErrorBody(code: "bad-request", message: "a request needs a non-zero id")))
+                continue
+            }
+            if let problem = validate(type, frame) {
+                writer.send(errorFrame(id: frame.id, problem))
+                continue
+            }
+            Task {
+                do throws(ErrorBody) {
+                    let reply = try await supervisor.request(frame.type, body: frame.body)
+                    for fd in reply.descriptors { _ = Glibc.close(fd) }
+                    writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply.frame.body))
+                } catch {
+                    writer.send(errorFrame(id: frame.id, error))
+                }
+            }
+        }
     }
 
-    static func hello() -> Hello {
-        Hello(version: 1, bootID: bootID())
+    /// Parses a request body here, in the restartable worker, so the supervisor only ever sees
+    /// well-formed requests.
+    static func validate(_ type: BridgeMessageType, _ frame: ControlFrame) -> ErrorBody? {
+        func check<T: Decodable>(_: T.Type) -> ErrorBody? {
+            do {
+                _ = try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
+                return nil
+            } catch {
+                return ErrorBody(code: "bad-request", message: error.description)
+            }
+        }
+        switch type {
+        case .create: return check(ProcessSpec.self)
+        case .signal: return check(SignalRequest.self)
+        case .resize: return check(ProcessResizeRequest.self)
+        case .closeStdin: return check(ProcessIDRequest.self)
+        case .acknowledgeExit: return check(AcknowledgeExitRequest.self)
+        case .list, .stats: return nil
+        default: return ErrorBody(code: "unknown-type", message: "not a request")
+        }
+    }
+
+    static func errorFrame(id: UInt64, _ error: ErrorBody) -> ControlFrame {
+        ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
     }
 
     /// The kernel's boot id: changes on every boot of the VM, not on migration.
-    static func bootID() -> String {
+    public static func bootID() -> String {
         let fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return "unknown" }
         defer { close(fd) }

@@ -154,3 +154,13 @@ public struct InboundChunks<Stream: InboundStream>: AsyncSequence, Sendable {
         AsyncIterator(stream: stream, maximumChunk: maximumChunk)
     }
 }
+
+extension OutboundStream {
+    /// `send` for bytes in an array (host agents writing a process's stdin).
+    public func send(_ bytes: [UInt8]) async throws(StreamClosed) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 1)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: bytes)
+        try await send(UnsafeRawBufferPointer(rebasing: buffer[..<bytes.count]))
+    }
+}

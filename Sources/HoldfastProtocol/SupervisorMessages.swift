@@ -5,6 +5,8 @@ public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
     // Bridge worker → supervisor (notifications).
     case bridgeUp = 0x0301
     case bridgeDown = 0x0302
+    // Bridge worker → supervisor (request): what the next bridge hello must carry.
+    case bridgeHello = 0x0303
     // Local control socket requests.
     case status = 0x0401
     case launch = 0x0402

@@ -31,31 +31,42 @@ public final class Supervisor: Sendable {
     private let bridgeState = NIOLockedValueBox("down")
     private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
     private let shuttingDown = NIOLockedValueBox(false)
+    /// The bridge worker's channel while it runs (exits are pushed through it).
+    private let bridgeChannel = NIOLockedValueBox<FDChannel?>(nil)
+    /// Exits of processes the host created, kept until the host acknowledges them.
+    private let unacknowledgedExits = NIOLockedValueBox<[ExitReport]>([])
 
     /// A container process the supervisor started.
     final class ProcessRecord: Sendable {
         let id: String
         let pid: pid_t
+        /// Created by the host over the bridge: its exit is kept until the host acknowledges it.
+        let viaBridge: Bool
         let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
             ("running", nil, []))
 
-        init(id: String, pid: pid_t) {
+        init(id: String, pid: pid_t, viaBridge: Bool) {
             self.id = id
             self.pid = pid
+            self.viaBridge = viaBridge
         }
 
         var status: ProcessStatus {
             state.withLockedValue { ProcessStatus(id: id, pid: pid, state: $0.phase, exitCode: $0.report?.exitCode) }
         }
 
-        func finish(_ report: ExitReport) {
-            let waiters = state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>] in
+        /// Returns false if it was already finished.
+        func finish(_ report: ExitReport) -> Bool {
+            let waiters = state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
+                guard s.phase != "done" else { return nil }
                 s.phase = "done"
                 s.report = report
                 defer { s.waiters.removeAll() }
                 return s.waiters
             }
+            guard let waiters else { return false }
             for waiter in waiters { waiter.resume(returning: report) }
+            return true
         }
 
         func wait() async -> ExitReport {
@@ -207,30 +218,122 @@ public final class Supervisor: Sendable {
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
         for record in processes.withLockedValue({ Array($0.values) }) where record.status.state == "exited" {
-            if let report = record.state.withLockedValue({ $0.report }) { record.finish(report) }
+            if let report = record.state.withLockedValue({ $0.report }) { complete(record, report) }
         }
     }
 
+    /// The bridge worker's channel: it sends bridge-up/down notifications and forwards the
+    /// host's requests (already parsed and checked); we answer them and push exits to it.
     private func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
-        let client = ControlClient(channel: incarnation.channel) { [self] frame in
-            switch SupervisorMessageType(rawValue: frame.type) {
-            case .bridgeUp:
-                bridgeState.withLockedValue { $0 = "up" }
-                logger.info("bridge up")
-                _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
-            case .bridgeDown:
-                bridgeState.withLockedValue { $0 = "down" }
-                logger.warning("bridge lost")
-                _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
-            default:
-                break
+        let channel = incarnation.channel
+        bridgeChannel.withLockedValue { $0 = channel }
+        while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
+            message.closeDescriptors()
+            guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
+            if frame.id == 0 {
+                await bridgeNotification(frame)
+                continue
+            }
+            Task {
+                do throws(ErrorBody) {
+                    let body = try await handleBridge(frame)
+                    try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
+                } catch {
+                    try? await channel.send(
+                        ControlFrame(type: SupervisorMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
+                }
             }
         }
-        await client.run()
+        bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
         // The worker died: the bridge is as good as lost.
         if bridgeState.withLockedValue({ $0 }) == "up" {
             bridgeState.withLockedValue { $0 = "down" }
             _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+        }
+    }
+
+    private func bridgeNotification(_ frame: ControlFrame) async {
+        switch SupervisorMessageType(rawValue: frame.type) {
+        case .bridgeUp:
+            bridgeState.withLockedValue { $0 = "up" }
+            logger.info("bridge up")
+            _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
+        case .bridgeDown:
+            bridgeState.withLockedValue { $0 = "down" }
+            logger.warning("bridge lost")
+            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+        default:
+            break
+        }
+    }
+
+    /// A host request, forwarded by the bridge worker.
+    private func handleBridge(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
+        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+            do {
+                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
+            } catch {
+                throw ErrorBody(code: "bad-request", message: error.description)
+            }
+        }
+        let empty = ControlJSON.encode([String: String]())
+        if frame.type == SupervisorMessageType.bridgeHello.rawValue {
+            let live = processes.withLockedValue { $0.values.map(\.status) }.filter { $0.state != "done" }.sorted { $0.id < $1.id }
+            return ControlJSON.encode(BridgeHello(bootID: "", processes: live, exits: unacknowledgedExits.withLockedValue { $0 }))
+        }
+        switch BridgeMessageType(rawValue: frame.type) {
+        case .create:
+            let pid = try await launch(try decode(ProcessSpec.self), viaBridge: true)
+            return ControlJSON.encode(LaunchResponse(pid: pid))
+        case .signal:
+            let request = try decode(SignalRequest.self)
+            try signal(request.id, request.signal)
+            return empty
+        case .resize:
+            let request = try decode(ProcessResizeRequest.self)
+            try await brokerRequest(.resize, ResizeRequest(process: request.id, rows: request.rows, columns: request.columns))
+            return empty
+        case .closeStdin:
+            try await brokerRequest(.closeStdin, ProcessRequest(process: try decode(ProcessIDRequest.self).id))
+            return empty
+        case .list:
+            let streams = (try? await broker()?.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self))?.streams ?? []
+            let list = processes.withLockedValue { $0.values.map(\.status) }.sorted { $0.id < $1.id }
+            return ControlJSON.encode(BridgeListResponse(processes: list, streams: streams))
+        case .stats:
+            guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
+            return ControlJSON.encode(try await broker.call(BrokerMessageType.stats.rawValue, [String: String](), reply: BrokerStats.self))
+        case .acknowledgeExit:
+            acknowledgeExit(try decode(AcknowledgeExitRequest.self).id)
+            return empty
+        default:
+            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+        }
+    }
+
+    private func brokerRequest<T: Encodable>(_ type: BrokerMessageType, _ request: T) async throws(ErrorBody) {
+        guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
+        _ = try await broker.request(type.rawValue, body: ControlJSON.encode(request))
+    }
+
+    /// The host has an exit: forget it, and the process with it.
+    private func acknowledgeExit(_ id: String) {
+        unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
+        processes.withLockedValue { table in
+            if let record = table[id], record.viaBridge, record.status.state == "done" { table.removeValue(forKey: id) }
+        }
+    }
+
+    /// Every path that ends a process comes here once: waiters are woken, and an exit the host
+    /// asked for is kept until the host acknowledges it (sent now if the bridge is up, and in
+    /// every hello until then).
+    private func complete(_ record: ProcessRecord, _ report: ExitReport) {
+        guard record.finish(report) else { return }
+        guard record.viaBridge else { return }
+        unacknowledgedExits.withLockedValue { $0.append(report) }
+        if let channel = bridgeChannel.withLockedValue({ $0 }) {
+            let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+            Task { try? await channel.send(frame.encoded) }
         }
     }
 
@@ -240,7 +343,7 @@ public final class Supervisor: Sendable {
 
     /// Starts a process and hands its stdio to the broker; on any failure the process is gone
     /// and every fd closed.
-    public func launch(_ spec: ProcessSpec) async throws(ErrorBody) -> pid_t {
+    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> pid_t {
         guard !shuttingDown.withLockedValue({ $0 }) else {
             throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
         }
@@ -251,7 +354,7 @@ public final class Supervisor: Sendable {
             throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)")
         }
         let started = try Launcher.start(spec)
-        let record = ProcessRecord(id: spec.id, pid: started.pid)
+        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge)
         if !started.adopt.streams.isEmpty {
             do {
                 _ = try await broker.request(
@@ -282,13 +385,13 @@ public final class Supervisor: Sendable {
         }
         logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
         guard hasStreams, let broker = broker() else {
-            record.finish(report)
+            complete(record, report)
             return
         }
         do {
             _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(ProcessExitedRequest(process: record.id)))
         } catch {
-            record.finish(report)
+            complete(record, report)
         }
         // The `drained` notification finishes it (processDrained).
     }
@@ -297,7 +400,7 @@ public final class Supervisor: Sendable {
         guard let record = processes.withLockedValue({ $0[drained.process] }) else { return }
         guard var report = record.state.withLockedValue({ $0.report }) else { return }
         report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
-        record.finish(report)
+        complete(record, report)
     }
 
     public func wait(_ id: String) async throws(ErrorBody) -> ExitReport {

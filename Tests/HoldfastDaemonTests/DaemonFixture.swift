@@ -23,59 +23,12 @@ func holdfastExecutable() -> String {
     return directory + "/holdfast"
 }
 
-/// A stand-in for the host's bridge listener: accepts the guest's bridge connections, reads and
-/// discards what they send, and can drop them or refuse new ones (a blackout).
-final class TestBridgeHost: Sendable {
-    let listener: Listener
-    private let state = NIOLockedValueBox<(connections: [AsyncFD], accepted: Int, refusing: Bool)>(([], 0, false))
-
-    init(path: String) throws {
-        listener = try Listener(binding: .unix(path: path), unixMode: 0o666)
-        Task { [self] in
-            while let connection = try? await listener.accept() {
-                let refuse = state.withLockedValue { s -> Bool in
-                    if s.refusing { return true }
-                    s.accepted += 1
-                    s.connections.append(connection)
-                    return false
-                }
-                if refuse {
-                    connection.close()
-                    continue
-                }
-                Task {
-                    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
-                    defer { buffer.deallocate() }
-                    while let count = try? await connection.read(into: buffer), count > 0 {}
-                    connection.close()
-                }
-            }
-        }
-    }
-
-    var accepted: Int { state.withLockedValue { $0.accepted } }
-
-    func drop(refusing: Bool) {
-        let connections = state.withLockedValue { s -> [AsyncFD] in
-            s.refusing = refusing
-            defer { s.connections.removeAll() }
-            return s.connections
-        }
-        for connection in connections { connection.close() }
-    }
-
-    func close() {
-        drop(refusing: true)
-        listener.close()
-    }
-}
-
 /// A running `holdfast daemon` in a private run directory, with a test bridge host and a
 /// resumable stream server beside it. Everything it starts is ended by pid.
 final class DaemonFixture: Sendable {
     let directory: TemporaryDirectory
     let processes = TestProcesses()
-    let bridge: TestBridgeHost
+    let bridge: BridgeServer
     let streams: StreamServer<AsyncFD>
     let logPath: String
     private let daemon = NIOLockedValueBox<pid_t?>(nil)
@@ -86,7 +39,8 @@ final class DaemonFixture: Sendable {
     init(extraConfig: String = "") async throws {
         directory = try TemporaryDirectory("holdfast-daemon")
         chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
-        bridge = try TestBridgeHost(path: directory.file("host-bridge.sock"))
+        bridge = try BridgeServer(listeningOn: .unix(path: directory.file("host-bridge.sock")), unixMode: 0o666)
+        bridge.start()
         streams = try StreamServer(listeningOn: .unix(path: directory.file("streams.sock")), unixMode: 0o666)
         streams.start()
         logPath = directory.file("daemon.log")

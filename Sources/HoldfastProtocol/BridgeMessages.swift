@@ -1,0 +1,81 @@
+/// The bridge: the one control connection between the host and the guest (docs/PROTOCOL.md,
+/// "Bridge"). The guest dials; after every connect it says hello first. Control frames (a
+/// 16-byte header, then JSON) on a stream socket; requests go host → guest with a non-zero id
+/// and are answered with `ok` or `error` and the same id; notifications carry id 0.
+public enum BridgeMessageType: UInt32, Sendable, CaseIterable {
+    // Guest → host.
+    case hello = 0x1001
+    case exit = 0x1201
+    // Host → guest requests.
+    case create = 0x1101
+    case signal = 0x1102
+    case resize = 0x1103
+    case closeStdin = 0x1104
+    case list = 0x1105
+    case stats = 0x1106
+    case acknowledgeExit = 0x1107
+    // Responses (guest → host), with the request's id.
+    case ok = 0x0001
+    case error = 0x0002
+
+    /// The requests a host may send.
+    public static let requests: Set<BridgeMessageType> = [.create, .signal, .resize, .closeStdin, .list, .stats, .acknowledgeExit]
+}
+
+public enum BridgeProtocol {
+    public static let version = 1
+    /// The largest frame body either side accepts; a bigger one closes that connection.
+    public static let maxBody = 64 * 1024
+}
+
+/// The guest's first frame on every connection: who it is and what the host may have missed.
+public struct BridgeHello: Codable, Sendable, Equatable {
+    public var version: Int
+    /// The kernel's boot id: a new one means the VM rebooted (every earlier process is gone);
+    /// the same one after a migration means everything is still there.
+    public var bootID: String
+    /// Processes the guest is running or whose output is still draining.
+    public var processes: [ProcessStatus]
+    /// Exits the host has not acknowledged yet, oldest first.
+    public var exits: [ExitReport]
+
+    public init(version: Int = BridgeProtocol.version, bootID: String, processes: [ProcessStatus], exits: [ExitReport]) {
+        self.version = version
+        self.bootID = bootID
+        self.processes = processes
+        self.exits = exits
+    }
+}
+
+/// `list`: processes and their streams.
+public struct BridgeListResponse: Codable, Sendable, Equatable {
+    public var processes: [ProcessStatus]
+    public var streams: [StreamStatus]
+    public init(processes: [ProcessStatus], streams: [StreamStatus]) {
+        self.processes = processes
+        self.streams = streams
+    }
+}
+
+/// `acknowledge-exit`: the host has the exit of `id`; the guest forgets it.
+public struct AcknowledgeExitRequest: Codable, Sendable, Equatable {
+    public var id: String
+    public init(id: String) { self.id = id }
+}
+
+/// `resize` and `close-stdin` name the process by the id the host gave it.
+public struct ProcessResizeRequest: Codable, Sendable, Equatable {
+    public var id: String
+    public var rows: UInt16
+    public var columns: UInt16
+    public init(id: String, rows: UInt16, columns: UInt16) {
+        self.id = id
+        self.rows = rows
+        self.columns = columns
+    }
+}
+
+public struct ProcessIDRequest: Codable, Sendable, Equatable {
+    public var id: String
+    public init(id: String) { self.id = id }
+}

@@ -1,0 +1,205 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Exits as the host application sees them (`BridgeServer.exits`), in order.
+final class ExitLog: Sendable {
+    private let reports = NIOLockedValueBox<[ExitReport]>([])
+    private let task: Task<Void, Never>
+
+    init(_ bridge: BridgeServer) {
+        let reports = self.reports
+        task = Task {
+            for await report in bridge.exits { reports.withLockedValue { $0.append(report) } }
+        }
+    }
+
+    var all: [ExitReport] { reports.withLockedValue { $0 } }
+    func count(_ id: String) -> Int { all.filter { $0.id == id }.count }
+    func cancel() { task.cancel() }
+}
+
+@Suite("The bridge: the host creates processes; their stdio and exits survive migrations")
+struct BridgeTests {
+    /// Five "migrations" (bridge and every stream connection dropped at once, nothing accepted
+    /// for 200 ms) while a process created over the bridge prints; a second process exits in
+    /// the middle of a longer blackout. Every line arrives once, in order, and each exit reaches
+    /// the host exactly once — the one that happened in the dark after the reconnect.
+    @Test func processesCreatedOverTheBridgeSurviveMigrationsAndEachExitArrivesOnce() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
+        let hello = try #require(daemon.bridge.lastHello)
+        #expect(hello.version == BridgeProtocol.version)
+        #expect(hello.bootID.count == 36, "the kernel's boot id")
+
+        let stdout = collect(daemon.streams.open(token: bytes("m1-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "m1", argv: counterCommand(400, prefix: "m1", pause: "0.005"),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m1-out")))
+        for migration in 1...5 {
+            try await Task.sleep(for: .milliseconds(150))
+            blackout(daemon)
+            try await Task.sleep(for: .milliseconds(200))
+            lightsOn(daemon)
+            print("migration \(migration) done")
+        }
+        // m2 exits while nobody is there to hear it.
+        _ = try await daemon.bridge.create(ProcessSpec(id: "m2", argv: ["sh", "-c", "sleep 0.2; exit 7"]))
+        blackout(daemon)
+        try await eventually("m2 to exit in the dark", timeout: .seconds(5)) {
+            let report = try await daemon.status()
+            return report.processes.first { $0.id == "m2" }?.state == "done"
+        }
+        #expect(exits.count("m2") == 0, "nobody was connected")
+        lightsOn(daemon)
+
+        try await eventually("both exits", timeout: .seconds(20)) { exits.count("m1") == 1 && exits.count("m2") == 1 }
+        #expect(await stdout.value == expectedLines(400, prefix: "m1"), "every line once, in order")
+        let m1 = try #require(exits.all.first { $0.id == "m1" })
+        #expect(m1.exitCode == 0 && m1.undelivered == 0)
+        #expect(exits.all.first { $0.id == "m2" }?.exitCode == 7)
+        // Acknowledged exits are forgotten by the guest: a further reconnect repeats nothing.
+        try await eventually("the guest to forget acknowledged exits") { try await daemon.bridge.list().processes.isEmpty }
+        blackout(daemon)
+        lightsOn(daemon)
+        #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
+        try await eventually("a new hello") { daemon.bridge.lastHello?.exits.isEmpty == true }
+        #expect(exits.all.count == 2, "no exit delivered twice: \(exits.all)")
+        #expect(try await daemon.status().roles.allSatisfy { $0.restarts == 0 })
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test func signalResizeCloseStdinListAndStatsOverTheBridge() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        // `cat` ends when its stdin does: close-stdin must reach it as an explicit end.
+        let input = daemon.streams.open(token: bytes("c-in"), direction: .send)
+        let output = collect(daemon.streams.open(token: bytes("c-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "c", argv: ["cat"],
+            stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-in"),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-out")))
+        try await input.send(bytes("hello through the bridge\n"))
+        _ = await input.finish()
+        try await eventually("cat's exit") { exits.count("c") == 1 }
+        #expect(await output.value == bytes("hello through the bridge\n"))
+        #expect(exits.all.first?.exitCode == 0)
+
+        // A sleeper ended by a signal sent over the bridge; its exit says which signal.
+        _ = try await daemon.bridge.create(ProcessSpec(id: "s", argv: ["sleep", "60"]))
+        let listed = try await daemon.bridge.list()
+        #expect(listed.processes.contains { $0.id == "s" && $0.state == "running" })
+        let stats = try await daemon.bridge.stats()
+        #expect(stats.processes >= 0)
+        try await daemon.bridge.signal("s", SIGTERM)
+        try await eventually("the sleeper's exit") { exits.count("s") == 1 }
+        #expect(exits.all.first { $0.id == "s" }?.signal == SIGTERM)
+
+        // Errors come back coded.
+        await #expect(throws: ErrorBody.self) { try await daemon.bridge.signal("nobody", SIGTERM) }
+        do {
+            _ = try await daemon.bridge.create(ProcessSpec(id: "bad", argv: ["/nonexistent/binary"]))
+            Issue.record("created a process from a binary that does not exist")
+        } catch {
+            #expect(error.message.contains("/nonexistent/binary"), "\(error)")
+        }
+        do {
+            try await daemon.bridge.resize("nobody", rows: 10, columns: 10)
+            Issue.record("resized a process that does not exist")
+        } catch {
+            #expect(!error.code.isEmpty)
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A host that speaks garbage: an oversized frame gets an error reply and closes that
+    /// connection only; unknown types, bad JSON, a request without an id and replies to
+    /// requests never made get error replies (or are ignored) and the connection carries on.
+    /// Meanwhile a stream relays undisturbed and no role restarts.
+    @Test func hostileBridgeFramesCloseOnlyThatConnection() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = collect(daemon.streams.open(token: bytes("h-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "h", argv: counterCommand(300, prefix: "h", pause: "0.005"),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "h-out")))
+
+        // Replace the well-behaved host with a raw listener on the same path.
+        daemon.bridge.close()
+        let raw = try Listener(binding: .unix(path: daemon.directory.file("host-bridge.sock")), unixMode: 0o666)
+        defer { raw.close() }
+
+        let first = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
+        defer { print(daemon.log) }
+        let hello = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
+        #expect(hello.type == BridgeMessageType.hello.rawValue)
+        var oversized = ControlFrame(type: BridgeMessageType.list.rawValue, id: 41, body: []).encoded
+        oversized[4..<8] = [0, 0x10, 0, 0]  // announces 1 MiB
+        try await FrameIO.write(oversized, to: first)
+        let refusal = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
+        #expect(refusal.type == BridgeMessageType.error.rawValue && refusal.id == 41)
+        #expect(try ControlJSON.decode(ErrorBody.self, from: refusal.body, frameType: refusal.type).code == "frame-too-large")
+        await #expect(throws: ControlFrameIO.ReadError.endOfStream) {
+            _ = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
+        }
+        first.close()
+
+        // The worker redials; this time the framing is fine but the content is not.
+        let second = try await withTimeout("the guest to redial") { try await raw.accept() }
+        defer { second.close() }
+        _ = try await ControlFrameIO.read(from: second, maxBody: BridgeProtocol.maxBody)  // its hello
+        func exchange(_ frame: ControlFrame) async throws -> ControlFrame {
+            try await FrameIO.write(frame.encoded, to: second)
+            return try await withTimeout("a reply") { try await ControlFrameIO.read(from: second, maxBody: BridgeProtocol.maxBody) }
+        }
+        func code(_ frame: ControlFrame) -> String? {
+            (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))?.code
+        }
+        let unknown = try await exchange(ControlFrame(type: 0x9999, id: 5, body: []))
+        #expect(unknown.id == 5 && code(unknown) == "unknown-type")
+        let badJSON = try await exchange(ControlFrame(type: BridgeMessageType.create.rawValue, id: 6, body: bytes("{\"id\":")))
+        #expect(badJSON.id == 6 && code(badJSON) == "bad-request")
+        let noID = try await exchange(ControlFrame(type: BridgeMessageType.list.rawValue, id: 0, body: bytes("{}")))
+        #expect(code(noID) == "bad-request")
+        // A reply to a request the guest never made is ignored; the next request still works.
+        try await FrameIO.write(ControlFrame(type: BridgeMessageType.ok.rawValue, id: 77, body: bytes("{}")).encoded, to: second)
+        let list = try await exchange(ControlFrame(type: BridgeMessageType.list.rawValue, id: 7, body: bytes("{}")))
+        #expect(list.id == 7 && list.type == BridgeMessageType.ok.rawValue)
+        let listed = try ControlJSON.decode(BridgeListResponse.self, from: list.body, frameType: list.type)
+        #expect(listed.processes.contains { $0.id == "h" })
+
+        let report = try await daemon.wait("h")
+        #expect(report.exitCode == 0 && report.undelivered == 0)
+        #expect(await output.value == expectedLines(300, prefix: "h"), "the stream never noticed")
+        #expect(try await daemon.status().roles.allSatisfy { $0.restarts == 0 }, "garbage crashed nothing")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
+/// A migration's blackout: the bridge and every stream connection drop; nothing is accepted.
+private func blackout(_ daemon: DaemonFixture) {
+    daemon.streams.setRefusing(true)
+    daemon.bridge.drop(refusing: true)
+    daemon.streams.dropAllConnections()
+}
+
+private func lightsOn(_ daemon: DaemonFixture) {
+    daemon.streams.setRefusing(false)
+    daemon.bridge.drop(refusing: false)
+}
