@@ -142,6 +142,20 @@ struct ResumableMemoryTests {
         #expect(await pair.guest.waitEndEchoed(timeout: .seconds(5)))
     }
 
+    /// The host types and ends stdin before the guest's stream has ever connected (a fast
+    /// `holdfast host run` with piped input): the bytes and the END wait in the ring.
+    @Test func stdinSentAndEndedBeforeTheGuestConnectsArrives() async throws {
+        let pair = ResumablePair(guestDirection: .receive)
+        defer { pair.close() }
+        try await pair.host.sendBytes(bytes("typed before anyone listened"))
+        let finished = Task { await pair.host.finish() }
+        try await Task.sleep(for: .milliseconds(50))
+        pair.start()
+        let received = try await withTimeout("stdin") { await pair.guest.receiveAll() }
+        #expect(received == bytes("typed before anyone listened"))
+        #expect(await finished.value == 0)
+    }
+
     @Test func aFullRingStopsTheProducerUntilAcknowledged() async throws {
         let configuration = ResumableConfiguration(ringCapacity: 256 * 1024)
         let pair = ResumablePair(guestDirection: .send, configuration: configuration)

@@ -24,7 +24,7 @@ struct Holdfast: AsyncParsableCommand {
             """,
         version: HoldfastVersion.string,
         subcommands: [
-            Daemon.self, Status.self, Demo.self, Pipe.self, Receive.self,
+            Daemon.self, Status.self, Host.self, Demo.self, Pipe.self, Receive.self,
             BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self,
         ])
 }

@@ -1,0 +1,281 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Messages of `holdfast host serve`'s local control socket (SOCK_SEQPACKET, control frames):
+/// what `holdfast host run/ps/kill` send it.
+public enum HostMessageType: UInt32, Sendable {
+    case run = 0x2001
+    case wait = 0x2002
+    case list = 0x2003
+    case signal = 0x2004
+    case resize = 0x2005
+}
+
+/// `host run`: what to start. The reply carries one local socket per stream (stdin, stdout,
+/// stderr, in that order, those that exist) by SCM_RIGHTS.
+public struct HostRunRequest: Codable, Sendable, Equatable {
+    public var id: String?
+    public var argv: [String]
+    public var tty: Bool
+    public var mode: StreamModeName
+    public var rows: UInt16?
+    public var columns: UInt16?
+    public var env: [String]?
+    public var cwd: String?
+    /// Raw mode: where the guest dials for each stream ("stdin", "stdout", "stderr"), so any
+    /// listener (socat) can be the host end; a stream not named is /dev/null.
+    public var rawAddresses: [String: String]?
+
+    public init(id: String? = nil, argv: [String], tty: Bool = false, mode: StreamModeName = .resumable,
+                rows: UInt16? = nil, columns: UInt16? = nil, env: [String]? = nil, cwd: String? = nil,
+                rawAddresses: [String: String]? = nil) {
+        self.id = id
+        self.argv = argv
+        self.tty = tty
+        self.mode = mode
+        self.rows = rows
+        self.columns = columns
+        self.env = env
+        self.cwd = cwd
+        self.rawAddresses = rawAddresses
+    }
+}
+
+public struct HostRunResponse: Codable, Sendable, Equatable {
+    public var id: String
+    public var pid: Int32
+    /// Which local sockets came with the reply, in order: "stdin", "stdout", "stderr".
+    public var streams: [String]
+}
+
+/// The defaults `holdfast host` shares with config/holdfast-dev.yaml: everything under the run
+/// directory (`$HOLDFAST_RUN_DIR`, else /tmp/holdfast).
+public enum HostDefaults {
+    public static var runDirectory: String {
+        getenv("HOLDFAST_RUN_DIR").map { String(cString: $0) } ?? "/tmp/holdfast"
+    }
+    public static var bridge: String { "unix:\(runDirectory)/host-bridge.sock" }
+    public static var streams: String { "unix:\(runDirectory)/host-streams.sock" }
+    public static var control: String { "\(runDirectory)/host.sock" }
+}
+
+/// `holdfast host serve`: the host end for development, tests and demos. Accepts the guest's
+/// bridge and stream connections (any number of reconnections), and serves `host run/ps/kill`
+/// on a local control socket. Each stream of a process started with `host run` is handed to the
+/// `run` client as a plain local socket; the resumable protocol stays in here.
+public final class HostService: Sendable {
+    public let bridge: BridgeServer
+    public let streams: StreamServer<AsyncFD>
+    private let control: Listener
+    private let streamAddress: String
+    private let say: @Sendable (String) -> Void
+    private let exits = NIOLockedValueBox<(reports: [String: ExitReport], waiters: [String: [CheckedContinuation<ExitReport, Never>]])>(
+        ([:], [:]))
+
+    public init(bridge: SocketAddress, streams: SocketAddress, control: String, say: @escaping @Sendable (String) -> Void) throws {
+        self.say = say
+        self.bridge = try BridgeServer(listeningOn: bridge, unixMode: 0o666)
+        self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
+        self.streamAddress = self.streams.address.description
+        self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)
+    }
+
+    /// Serves until the task is cancelled.
+    public func run() async {
+        bridge.start()
+        streams.start()
+        say("holdfast host: bridge \(bridge.address), streams \(streams.address), control \(control.address)")
+        let hellos = Task { [bridge, say] in
+            for await hello in bridge.hellos {
+                say("guest connected: boot \(hello.bootID.prefix(8)), \(hello.processes.count) processes, \(hello.exits.count) unacknowledged exits")
+            }
+        }
+        let exitFeed = Task { [self] in
+            for await report in bridge.exits { recordExit(report) }
+        }
+        while !Task.isCancelled, let connection = try? await control.accept() {
+            Task { await serveClient(FDChannel(connection)) }
+        }
+        hellos.cancel()
+        exitFeed.cancel()
+    }
+
+    public func close() {
+        control.close()
+        bridge.close()
+        streams.close()
+    }
+
+    private func recordExit(_ report: ExitReport) {
+        say("process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")")
+        let waiters = exits.withLockedValue { e -> [CheckedContinuation<ExitReport, Never>] in
+            e.reports[report.id] = report
+            return e.waiters.removeValue(forKey: report.id) ?? []
+        }
+        for waiter in waiters { waiter.resume(returning: report) }
+    }
+
+    private func waitForExit(_ id: String) async -> ExitReport {
+        await withCheckedContinuation { continuation in
+            let done = exits.withLockedValue { e -> ExitReport? in
+                if let report = e.reports[id] { return report }
+                e.waiters[id, default: []].append(continuation)
+                return nil
+            }
+            if let done { continuation.resume(returning: done) }
+        }
+    }
+
+    private func serveClient(_ channel: FDChannel) async {
+        defer { channel.close() }
+        while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
+            message.closeDescriptors()
+            guard let frame = try? ControlFrame.decode(datagram: message.payload) else { return }
+            Task {
+                do throws(ErrorBody) {
+                    let (body, descriptors) = try await handle(frame)
+                    try? await channel.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: body).encoded, descriptors: descriptors)
+                    for fd in descriptors { _ = Glibc.close(fd) }  // the client has them now
+                } catch {
+                    try? await channel.send(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
+                }
+            }
+        }
+    }
+
+    private func handle(_ frame: ControlFrame) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+            do {
+                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
+            } catch {
+                throw ErrorBody(code: "bad-request", message: error.description)
+            }
+        }
+        switch HostMessageType(rawValue: frame.type) {
+        case .run:
+            return try await start(try decode(HostRunRequest.self))
+        case .wait:
+            return (ControlJSON.encode(await waitForExit(try decode(WaitRequest.self).id)), [])
+        case .list:
+            return (ControlJSON.encode(try await bridge.list()), [])
+        case .signal:
+            let request = try decode(SignalRequest.self)
+            try await bridge.signal(request.id, request.signal)
+            return (ControlJSON.encode([String: String]()), [])
+        case .resize:
+            let request = try decode(ProcessResizeRequest.self)
+            try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
+            return (ControlJSON.encode([String: String]()), [])
+        default:
+            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+        }
+    }
+
+    /// Opens the process's streams here, creates it in the guest, and returns one local socket
+    /// per stream for the client.
+    private func start(_ request: HostRunRequest) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+        let id = request.id ?? "p\(UInt32.random(in: 0..<UInt32.max))"
+        var kinds = request.tty ? ["stdin", "stdout"] : ["stdin", "stdout", "stderr"]
+        var local: [Int32] = []
+        var relays: [Task<Void, Never>] = []
+        var specs: [String: StreamSpec] = [:]
+        if request.mode == .raw {
+            // Raw streams go straight to the listeners named; nothing is relayed here.
+            for (kind, address) in request.rawAddresses ?? [:] where kinds.contains(kind) {
+                specs[kind] = StreamSpec(address: address, mode: .raw)
+            }
+            kinds = []
+        }
+        do {
+            for kind in kinds {
+                let pair = try Self.streamPair()
+                local.append(pair.theirs)
+                let token = "\(id)-\(kind)"
+                let ours = try AsyncFD(adopting: pair.ours)
+                if kind == "stdin" {
+                    let stream = streams.open(token: Array(token.utf8), direction: .send)
+                    relays.append(Task { await Self.pump(from: ours, to: stream) })
+                } else {
+                    let stream = streams.open(token: Array(token.utf8), direction: .receive)
+                    relays.append(Task { await Self.pump(from: stream, to: ours) })
+                }
+                specs[kind] = StreamSpec(address: streamAddress, mode: request.mode, token: request.mode == .resumable ? token : nil)
+            }
+        } catch {
+            for fd in local { _ = Glibc.close(fd) }
+            for relay in relays { relay.cancel() }
+            throw ErrorBody(code: "local-failed", message: "\(error)")
+        }
+        let spec = ProcessSpec(
+            id: id, argv: request.argv, env: request.env, cwd: request.cwd, tty: request.tty, rows: request.rows,
+            columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"])
+        let pid: Int32
+        do {
+            pid = try await bridge.create(spec)
+        } catch {
+            for fd in local { _ = Glibc.close(fd) }
+            for relay in relays { relay.cancel() }
+            for kind in kinds { streams.close(token: Array("\(id)-\(kind)".utf8)) }
+            throw error
+        }
+        say("process \(id) started in the guest: pid \(pid), \(request.argv)")
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds)), local)
+    }
+
+    static func streamPair() throws -> (ours: Int32, theirs: Int32) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            throw SystemError.last("socketpair")
+        }
+        return (fds[0], fds[1])
+    }
+
+    /// Guest output → the client's socket; end of stream closes the socket.
+    static func pump(from stream: some InboundStream, to socket: AsyncFD) async {
+        defer { socket.close() }
+        for await chunk in stream.chunks() {
+            do {
+                try await chunk.withUnsafeBytesAsync { try await socket.writeAll($0) }
+            } catch {
+                return
+            }
+        }
+    }
+
+    /// The client's socket → guest stdin; its end-of-file is the explicit end of stdin.
+    static func pump(from socket: AsyncFD, to stream: some OutboundStream) async {
+        defer { socket.close() }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        while let count = try? await socket.read(into: buffer), count > 0 {
+            do {
+                try await stream.send(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+            } catch {
+                return
+            }
+        }
+        _ = await stream.finish()
+    }
+}
+
+extension Array where Element == UInt8 {
+    func withUnsafeBytesAsync(_ body: (UnsafeRawBufferPointer) async throws -> Void) async throws {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Swift.max(count, 1), alignment: 1)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: self)
+        try await body(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+    }
+}
+
+extension AsyncFD {
+    func writeAll(_ bytes: UnsafeRawBufferPointer) async throws {
+        try await write(bytes)
+    }
+}

@@ -1,0 +1,123 @@
+import ArgumentParser
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTools
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `holdfast host ...`: the host side, for development, tests and demos.
+struct Host: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The host side: accept a guest's bridge and streams, start processes in it.",
+        discussion: """
+            With no flags, every command uses the addresses of config/holdfast-dev.yaml under \
+            $HOLDFAST_RUN_DIR (default /tmp/holdfast): run 'holdfast host serve' in one terminal, \
+            'holdfast daemon --config config/holdfast-dev.yaml' (as root) in another, then \
+            'holdfast host run -- CMD ARGS...'.
+            """,
+        subcommands: [HostServe.self, HostRun.self, HostPS.self, HostKill.self])
+}
+
+struct HostServe: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Accept the guest's bridge and stream connections; serve host run/ps/kill.")
+
+    @Option(help: "Where the guest's bridge dials.") var bridge = HostDefaults.bridge
+    @Option(help: "Where the guest's streams dial (any number of reconnections).") var streams = HostDefaults.streams
+    @Option(help: "The local control socket for host run/ps/kill.") var control = HostDefaults.control
+
+    func run() async throws {
+        let service = try HostService(
+            bridge: try parseAddress(bridge), streams: try parseAddress(streams), control: control) { writeLine($0) }
+        defer { service.close() }
+        let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
+        let serving = Task { await service.run() }
+        _ = await signals.next()
+        serving.cancel()
+    }
+}
+
+struct HostRun: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run", abstract: "Start a process in the guest, wire this terminal to it, exit with its exit code.")
+
+    @Flag(help: "Give the process a terminal (this terminal goes raw while it runs).") var tty = false
+    @Option(help: "Stream mode: resumable (exactly once) or raw.") var mode: StreamModeName = .resumable
+    @Option(help: "The process id (default: a random one).") var id: String?
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Option(help: "Raw mode: where the guest sends stdin's connection (any listener).") var stdin: String?
+    @Option(help: "Raw mode: where the guest sends stdout (any listener, e.g. socat).") var stdout: String?
+    @Option(help: "Raw mode: where the guest sends stderr.") var stderr: String?
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).") var command: [String]
+
+    func run() async throws {
+        let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        guard !argv.isEmpty else { throw ValidationError("name a command: holdfast host run -- CMD ARGS...") }
+        var raw: [String: String] = [:]
+        for (kind, address) in [("stdin", stdin), ("stdout", stdout), ("stderr", stderr)] {
+            guard let address else { continue }
+            guard mode == .raw else { throw ValidationError("--\(kind) names a listener for raw mode: add --mode raw") }
+            _ = try parseAddress(address)
+            raw[kind] = address
+        }
+        var size: WindowSize?
+        if tty { size = try? Terminal.size(of: 0) }
+        do {
+            let code = try await HostClient.run(
+                control: control,
+                request: HostRunRequest(
+                    id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns,
+                    rawAddresses: raw.isEmpty ? nil : raw))
+            throw ExitCode(code)
+        } catch let error as ErrorBody {
+            throw ValidationError("holdfast host run: \(error)")
+        }
+    }
+}
+
+struct HostPS: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ps", abstract: "List the guest's processes.")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() async throws {
+        let list = try await HostClient.list(control: control)
+        print(json ? String(decoding: ControlJSON.encode(list), as: UTF8.self) : HostClient.render(list))
+    }
+}
+
+struct HostKill: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "kill", abstract: "Signal a process in the guest.")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Argument(help: "The process id.") var id: String
+    @Argument(help: "The signal: a number or a name (TERM, SIGKILL...).") var signal = "TERM"
+
+    func run() async throws {
+        guard let number = signalNumber(signal) else { throw ValidationError("unknown signal '\(signal)'") }
+        try await HostClient.signal(control: control, id: id, signal: number)
+    }
+}
+
+func signalNumber(_ text: String) -> Int32? {
+    if let number = Int32(text) { return number }
+    let name = text.uppercased().hasPrefix("SIG") ? String(text.uppercased().dropFirst(3)) : text.uppercased()
+    let names: [String: Int32] = ["HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "TERM": SIGTERM, "USR1": SIGUSR1, "USR2": SIGUSR2, "STOP": SIGSTOP, "CONT": SIGCONT, "WINCH": SIGWINCH]
+    return names[name]
+}
+
+extension StreamModeName: ExpressibleByArgument {}
+
+/// One line to stdout, unbuffered: a log read while the service runs must be current.
+func writeLine(_ text: String) {
+    var line = Array((text + "\n").utf8)
+    var offset = 0
+    while offset < line.count {
+        let count = line[offset...].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
+        if count <= 0 { return }
+        offset += count
+    }
+    line.removeAll()
+}

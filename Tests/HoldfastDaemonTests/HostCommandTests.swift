@@ -1,0 +1,87 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("holdfast host serve / run / ps / kill against a real daemon")
+struct HostCommandTests {
+    /// The host side as a user drives it: `host serve` in place of the test's bridge host, then
+    /// `host run` with a file on stdin — its bytes come back on stdout (sha256), stderr is
+    /// separate, and `host run` exits with the process's exit code.
+    @Test func hostRunWiresStdioAndReturnsTheExitCode() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        daemon.bridge.close()
+        let dir = daemon.directory
+        let control = dir.file("host.sock")
+        let serveLog = open(dir.file("serve.log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        _ = try daemon.processes.start(
+            [holdfastExecutable(), "host", "serve", "--bridge", "unix:" + dir.file("host-bridge.sock"),
+             "--streams", "unix:" + dir.file("host-streams.sock"), "--control", control],
+            stdout: serveLog, stderr: serveLog)
+        close(serveLog)
+        try await eventually("the guest to say hello to host serve", timeout: .seconds(10)) {
+            String(decoding: readFile(dir.file("serve.log")) ?? [], as: UTF8.self).contains("guest connected")
+        }
+
+        let input = (0..<20_000).map { "stdin line \($0)\n" }.joined()
+        try writeFile(dir.file("in"), Array(input.utf8))
+        let code = try await hostRun(daemon, control: control, ["sh", "-c", "cat; echo to-stderr >&2; exit 3"], stdinPath: dir.file("in"))
+        #expect(code == .exited(3), "host run exits with the process's code")
+        #expect(sha256Hex(readFile(dir.file("out")) ?? []) == sha256Hex(Array(input.utf8)), "stdin came back on stdout, all of it")
+        #expect(readFile(dir.file("err")) == bytes("to-stderr\n"))
+
+        // Raw mode: the guest dials the listener named (here `holdfast receive`, socat would do).
+        let rawOut = open(dir.file("raw.out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let receiver = try daemon.processes.start(
+            [holdfastExecutable(), "receive", "--listen", "unix:" + dir.file("raw.sock"), "--mode", "raw"], stdout: rawOut)
+        close(rawOut)
+        try await eventually("the raw listener") { access(dir.file("raw.sock"), F_OK) == 0 }
+        chmod(dir.file("raw.sock"), 0o666)  // the broker dials as 'nobody'
+        let rawCode = try await hostRun(
+            daemon, control: control, ["sh", "-c", "echo raw-out"], stdinPath: "/dev/null",
+            options: ["--mode", "raw", "--stdout", "unix:" + dir.file("raw.sock")])
+        #expect(rawCode == .exited(0))
+        #expect(try await daemon.processes.wait(receiver, timeout: .seconds(10)) == .exited(0))
+        #expect(readFile(dir.file("raw.out")) == bytes("raw-out\n"))
+
+        // ps and kill: a sleeper listed, then ended by `host kill ID KILL`.
+        let sleeper = try daemon.processes.start(
+            [holdfastExecutable(), "host", "run", "--control", control, "--id", "napper", "--", "sleep", "60"])
+        try await eventually("the sleeper in host ps", timeout: .seconds(10)) {
+            try await hostOutput(daemon, ["host", "ps", "--control", control]).contains("napper")
+        }
+        _ = try await hostOutput(daemon, ["host", "kill", "--control", control, "napper", "KILL"])
+        #expect(try await daemon.processes.wait(sleeper, timeout: .seconds(10)) == .exited(128 + SIGKILL))
+        print(String(decoding: readFile(dir.file("serve.log")) ?? [], as: UTF8.self))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
+private func hostRun(
+    _ daemon: DaemonFixture, control: String, _ argv: [String], stdinPath: String, options: [String] = []
+) async throws -> HoldfastPosix.ExitStatus {
+    let dir = daemon.directory
+    let stdin = open(stdinPath, O_RDONLY | O_CLOEXEC)
+    let out = open(dir.file("out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    let err = open(dir.file("err"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    defer { close(stdin); close(out); close(err) }
+    let pid = try daemon.processes.start(
+        [holdfastExecutable(), "host", "run", "--control", control] + options + ["--"] + argv, stdin: stdin, stdout: out, stderr: err)
+    return try await daemon.processes.wait(pid, timeout: .seconds(30))
+}
+
+private func hostOutput(_ daemon: DaemonFixture, _ arguments: [String]) async throws -> String {
+    let path = daemon.directory.file("cli.\(UInt32.random(in: 0..<UInt32.max))")
+    let out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    let pid = try daemon.processes.start([holdfastExecutable()] + arguments, stdout: out, stderr: out)
+    close(out)
+    _ = try await daemon.processes.wait(pid, timeout: .seconds(10))
+    return String(decoding: readFile(path) ?? [], as: UTF8.self)
+}
