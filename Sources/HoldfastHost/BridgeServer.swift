@@ -99,7 +99,13 @@ public final class BridgeServer: Sendable {
     public func start() {
         Task { [self] in
             while let socket = try? await listener.accept() {
-                if state.withLockedValue({ $0.refusing || $0.closed }) {
+                // While refusing (a blackout) a new connection is held, unread, until the
+                // blackout ends — like a host that is not there yet: the guest waits for it
+                // instead of seeing a connection that opens and dies again and again.
+                while state.withLockedValue({ $0.refusing && !$0.closed }) {
+                    try? await Task.sleep(for: .milliseconds(10))
+                }
+                if state.withLockedValue({ $0.closed }) {
                     socket.close()
                     continue
                 }

@@ -70,6 +70,13 @@ public enum HostClient {
         _ = try await client.call(HostMessageType.signal.rawValue, SignalRequest(id: id, signal: signal), reply: [String: String].self)
     }
 
+    public static func migrate(control: String, blackout: Duration) async throws {
+        let client = try await connect(control)
+        defer { client.close() }
+        let milliseconds = Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000)
+        _ = try await client.call(HostMessageType.migrate.rawValue, MigrateRequest(blackoutMilliseconds: milliseconds), reply: [String: String].self)
+    }
+
     /// `holdfast host ps` as text.
     public static func render(_ list: BridgeListResponse) -> String {
         guard !list.processes.isEmpty else { return "no processes" }

@@ -16,6 +16,13 @@ public enum HostMessageType: UInt32, Sendable {
     case list = 0x2003
     case signal = 0x2004
     case resize = 0x2005
+    case migrate = 0x2006
+}
+
+/// `host migrate`: how long nothing is accepted after every connection is dropped.
+public struct MigrateRequest: Codable, Sendable, Equatable {
+    public var blackoutMilliseconds: Int
+    public init(blackoutMilliseconds: Int) { self.blackoutMilliseconds = blackoutMilliseconds }
 }
 
 /// `host run`: what to start. The reply carries one local socket per stream (stdin, stdout,
@@ -122,6 +129,9 @@ public final class HostService: Sendable {
         for waiter in waiters { waiter.resume(returning: report) }
     }
 
+    /// Exits seen so far (each once).
+    public var exitsSeen: [ExitReport] { exits.withLockedValue { Array($0.reports.values) } }
+
     private func waitForExit(_ id: String) async -> ExitReport {
         await withCheckedContinuation { continuation in
             let done = exits.withLockedValue { e -> ExitReport? in
@@ -173,9 +183,29 @@ public final class HostService: Sendable {
             let request = try decode(ProcessResizeRequest.self)
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
             return (ControlJSON.encode([String: String]()), [])
+        case .migrate:
+            let request = try decode(MigrateRequest.self)
+            guard (0...600_000).contains(request.blackoutMilliseconds) else {
+                throw ErrorBody(code: "bad-request", message: "blackout must be 0 to 600000 ms")
+            }
+            await migrate(blackout: .milliseconds(request.blackoutMilliseconds))
+            return (ControlJSON.encode([String: String]()), [])
         default:
             throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
         }
+    }
+
+    /// What a live migration looks like to the guest: the bridge and every stream connection
+    /// drop at once, and nothing is accepted for `blackout`.
+    public func migrate(blackout: Duration) async {
+        say("--- migration: every connection dropped, \(blackout) blackout ---")
+        streams.setRefusing(true)
+        bridge.drop(refusing: true)
+        streams.dropAllConnections()
+        try? await Task.sleep(for: blackout)
+        streams.setRefusing(false)
+        bridge.drop(refusing: false)
+        say("--- migration done: accepting again ---")
     }
 
     /// Opens the process's streams here, creates it in the guest, and returns one local socket

@@ -125,13 +125,42 @@ struct SeccompProbeCommand: ParsableCommand {
 
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Relay a heartbeat through a listener that is killed and restarted; print a verdict.")
+        abstract: "Run the daemon and a host peer, migrate three times under a heartbeat, and judge what arrived.",
+        discussion: """
+            Starts 'holdfast daemon' (needs root) and a host peer on Unix sockets in a temp dir, \
+            creates a heartbeat process over the bridge, drops every connection (bridge and streams) \
+            and refuses new ones for each blackout, and checks that every heartbeat arrived once, in \
+            order, and that the exit was reported once. --raw runs the older single-stream raw-mode \
+            demo instead (a listener killed and restarted; no daemon, no root).
+            """)
 
-    @Option(help: "Heartbeat lines to print.") var beats = 120
-    @Option(help: "Times the host listener is killed and restarted.") var restarts = 3
+    @Option(help: "Heartbeat lines to print.") var beats = 60
+    @Option(help: "Migrations (raw: listener restarts).") var migrations = 3
+    @Option(help: "Blackout per migration, in milliseconds.") var blackout = 500
+    @Flag(help: "The raw-mode relay demo (no daemon).") var raw = false
 
     func run() async throws {
-        let verdict = try await RawDemo.run(beats: beats, restarts: restarts) { print($0) }
+        if raw { return try await runRaw() }
+        let verdict: MigrationDemo.Verdict
+        do {
+            verdict = try await MigrationDemo.run(
+                beats: beats, migrations: migrations, blackout: .milliseconds(blackout), executable: ownExecutable()) { print($0) }
+        } catch let error as ErrorBody {
+            print("demo: \(error.message)")
+            throw ExitCode(1)
+        }
+        print("")
+        print("received \(verdict.received.count) of \(verdict.expected) heartbeats: missing \(verdict.missing), duplicates \(verdict.duplicates), in order \(verdict.inOrder); exit code \(verdict.exitCode.map(String.init) ?? "none"), reported \(verdict.exitsReported) time(s)")
+        if verdict.passed {
+            print("verdict: PASS — \(migrations) migrations, nothing lost, nothing repeated, the exit reported once.")
+        } else {
+            print("verdict: FAIL")
+            throw ExitCode(1)
+        }
+    }
+
+    func runRaw() async throws {
+        let verdict = try await RawDemo.run(beats: beats, restarts: migrations) { print($0) }
         print("")
         print("received \(verdict.received.count) of \(verdict.expected) heartbeats: duplicates \(verdict.duplicates), out of order \(verdict.outOfOrder), lost \(verdict.lost)")
         if verdict.passed {
@@ -144,6 +173,13 @@ struct Demo: AsyncParsableCommand {
             throw ExitCode(1)
         }
     }
+}
+
+/// This binary's path, for re-executing it (the demo starts the daemon).
+func ownExecutable() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    return String(decoding: buffer[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
 extension StreamMode: ExpressibleByArgument {}

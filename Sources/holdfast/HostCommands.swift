@@ -18,7 +18,7 @@ struct Host: AsyncParsableCommand {
             'holdfast daemon --config config/holdfast-dev.yaml' (as root) in another, then \
             'holdfast host run -- CMD ARGS...'.
             """,
-        subcommands: [HostServe.self, HostRun.self, HostPS.self, HostKill.self])
+        subcommands: [HostServe.self, HostRun.self, HostPS.self, HostKill.self, HostMigrate.self])
 }
 
 struct HostServe: AsyncParsableCommand {
@@ -98,6 +98,17 @@ struct HostKill: AsyncParsableCommand {
     func run() async throws {
         guard let number = signalNumber(signal) else { throw ValidationError("unknown signal '\(signal)'") }
         try await HostClient.signal(control: control, id: id, signal: number)
+    }
+}
+
+struct HostMigrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate", abstract: "Drop the bridge and every stream connection and refuse new ones for a while, as a live migration does.")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Option(help: "How long nothing is accepted, in milliseconds.") var blackout = 500
+
+    func run() async throws {
+        try await HostClient.migrate(control: control, blackout: .milliseconds(blackout))
     }
 }
 

@@ -81,6 +81,49 @@ struct BridgeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// Twenty migrations while a heartbeat prints and `cat` echoes lines typed before, during
+    /// and after the blackouts: every number once and in order; every typed line echoed once, in
+    /// order; `cat` never sees a false end-of-file (it runs until stdin is ended explicitly).
+    @Test func twentyMigrationsUnderAHeartbeatAndAnEcho() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let heartbeat = collect(daemon.streams.open(token: bytes("hb-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "hb", argv: counterCommand(250, prefix: "beat", pause: "0.02"),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "hb-out")))
+        let typed = daemon.streams.open(token: bytes("echo-in"), direction: .send)
+        let echoed = collect(daemon.streams.open(token: bytes("echo-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "echo", argv: ["cat"],
+            stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-in"),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-out")))
+        let typist = Task {
+            for line in 1...200 {
+                try await typed.send(bytes("typed \(line)\n"))
+                try await Task.sleep(for: .milliseconds(25))
+            }
+        }
+        for _ in 1...20 {
+            try await Task.sleep(for: .milliseconds(150))
+            blackout(daemon)
+            try await Task.sleep(for: .milliseconds(100))
+            lightsOn(daemon)
+        }
+        try await typist.value
+        try await eventually("echo still running: no false end-of-file", timeout: .seconds(5)) {
+            try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == "running" }
+        }
+        #expect(await typed.finish() == 0, "every typed byte acknowledged")
+        try await eventually("both exits", timeout: .seconds(20)) { exits.count("hb") == 1 && exits.count("echo") == 1 }
+        #expect(await heartbeat.value == expectedLines(250, prefix: "beat"))
+        #expect(await echoed.value == expectedLines(200, prefix: "typed"))
+        #expect(exits.all.allSatisfy { $0.exitCode == 0 && $0.undelivered == 0 })
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test func signalResizeCloseStdinListAndStatsOverTheBridge() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()

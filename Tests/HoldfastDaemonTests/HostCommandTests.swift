@@ -85,3 +85,26 @@ private func hostOutput(_ daemon: DaemonFixture, _ arguments: [String]) async th
     _ = try await daemon.processes.wait(pid, timeout: .seconds(10))
     return String(decoding: readFile(path) ?? [], as: UTF8.self)
 }
+
+@Suite("holdfast demo: the daemon, a host peer and three migrations")
+struct MigrationDemoTests {
+    @Test func theDemoPassesAndCleansUp() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let out = open(directory.file("demo.out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let pid = try processes.start([holdfastExecutable(), "demo", "--beats", "30"], stdout: out, stderr: out)
+        close(out)
+        let status = try await processes.wait(pid, timeout: .seconds(60))
+        let output = String(decoding: readFile(directory.file("demo.out")) ?? [], as: UTF8.self)
+        #expect(status == .exited(0), "\(output)")
+        #expect(output.contains("received 30 of 30 heartbeats: missing 0, duplicates 0, in order true; exit code 0, reported 1 time(s)"))
+        #expect(output.components(separatedBy: "--- migration: every connection dropped").count - 1 == 3)
+        // It removed its temp dir and stopped its daemon.
+        let dirLine = output.split(separator: "\n").first { $0.contains("host peer on Unix sockets in ") }
+        let demoDir = dirLine.map { String($0.split(separator: " ").last ?? "") } ?? ""
+        #expect(!demoDir.isEmpty && access(demoDir, F_OK) != 0, "the demo's directory \(demoDir) is gone")
+    }
+}
