@@ -30,6 +30,20 @@ public enum HostClient {
         defer {
             if var saved = rawTerminal { tcsetattr(0, TCSANOW, &saved) }
         }
+        // Window changes follow the process: SIGWINCH → the terminal's new size → resize.
+        var resizer: Task<Void, Never>?
+        if request.tty, isatty(0) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
+            let id = started.id
+            resizer = Task {
+                while await winch.next() != nil {
+                    guard let size = try? Terminal.size(of: 0) else { continue }
+                    _ = try? await client.call(
+                        HostMessageType.resize.rawValue, ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns),
+                        reply: [String: String].self)
+                }
+            }
+        }
+        defer { resizer?.cancel() }
         var outputs: [Task<Void, Never>] = []
         for (kind, fd) in zip(started.streams, reply.descriptors) {
             let socket = try AsyncFD(adopting: fd)

@@ -124,6 +124,65 @@ struct BridgeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A tty process: `stty size` inside sees the size given at create, then the size of a
+    /// resize sent over the bridge.
+    @Test func ttyResizeOverTheBridgeReachesTheProcess() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = collect(daemon.streams.open(token: bytes("t-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "t", argv: ["sh", "-c", "stty size; sleep 0.5; stty size"], tty: true, rows: 24, columns: 80,
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "t-out")))
+        try await Task.sleep(for: .milliseconds(200))
+        try await daemon.bridge.resize("t", rows: 50, columns: 132)
+        let text = String(decoding: await output.value, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
+        #expect(text == "24 80\n50 132\n")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Raw mode with socat as the host end; socat is stopped and restarted between migrations
+    /// and the stream reconnects each time: the file keeps growing, lines stay in order with no
+    /// duplicate, and the last line arrives (raw mode may lose what a dying listener accepted).
+    @Test func rawModeFollowsASocatListenerThroughRestartsAndMigrations() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let socketPath = daemon.directory.file("socat.sock")
+        let outPath = daemon.directory.file("socat.out")
+        func startSocat() throws -> pid_t {
+            let pid = try daemon.processes.start(
+                ["socat", "-u", "UNIX-LISTEN:\(socketPath),fork,unlink-early,mode=666", "OPEN:\(outPath),creat,append"])
+            return pid
+        }
+        var socat = try startSocat()
+        try await eventually("socat listening") { access(socketPath, F_OK) == 0 }
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "r", argv: counterCommand(200, prefix: "raw", pause: "0.02"),
+            stdout: StreamSpec(address: "unix:" + socketPath, mode: .raw)))
+        var sizes: [Int] = []
+        for _ in 1...3 {
+            try await Task.sleep(for: .milliseconds(400))
+            daemon.processes.kill(socat)  // the host end goes away...
+            blackout(daemon)  // ...during a migration
+            try await Task.sleep(for: .milliseconds(150))
+            lightsOn(daemon)
+            sizes.append(readFile(outPath)?.count ?? 0)
+            socat = try startSocat()
+        }
+        try await eventually("the raw process's exit", timeout: .seconds(20)) { exits.count("r") == 1 }
+        try await Task.sleep(for: .milliseconds(200))
+        daemon.processes.kill(socat)
+        let lines = String(decoding: readFile(outPath) ?? [], as: UTF8.self).split(separator: "\n").compactMap { Int($0.split(separator: " ").last ?? "") }
+        print("raw through socat restarts: \(lines.count) of 200 lines, file sizes at each restart \(sizes)")
+        #expect(lines == lines.sorted() && Set(lines).count == lines.count, "in order, no duplicate")
+        #expect(lines.last == 200, "the last line arrives after the last restart")
+        #expect(sizes == sizes.sorted() && (readFile(outPath)?.count ?? 0) > (sizes.last ?? 0), "the stream reconnected after every restart")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test func signalResizeCloseStdinListAndStatsOverTheBridge() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
