@@ -44,6 +44,8 @@ demo: build
 bench: release
 	bench/run.sh $(BUILD_DIR)/release/holdfast
 	$(BUILD_DIR)/release/holdfast-bench idle-streams --count 3000 --seconds 10
+	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 1 --rounds 50
+	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 2000 --rounds 5 --every 200
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_DIR) bench/bin

@@ -76,9 +76,20 @@ public enum Dialer {
             _ = Glibc.close(fd)
             throw error
         }
-        let started = resolved.withSockaddr { Glibc.connect(fd, $0, $1) }
+        // A Unix listener whose backlog is full answers a non-blocking connect with EAGAIN at
+        // once (TCP would queue it): that is transient — 2,000 streams redialled at the same
+        // bridge-up do it — so try again briefly, within the connect timeout.
+        let deadline = ContinuousClock.now + timeout
+        var started = resolved.withSockaddr { Glibc.connect(fd, $0, $1) }
+        var error = started == 0 ? 0 : Glibc.errno
+        var pause = Duration.milliseconds(1)
+        while started != 0, error == EAGAIN, ContinuousClock.now + pause < deadline {
+            try? await Task.sleep(for: pause)
+            pause = min(pause * 2, .milliseconds(50))
+            started = resolved.withSockaddr { Glibc.connect(fd, $0, $1) }
+            error = started == 0 ? 0 : Glibc.errno
+        }
         if started == 0 { return connection }
-        let error = Glibc.errno
         guard error == EINPROGRESS || error == EINTR else {
             connection.close()
             throw SystemError("connect(\(address))", errno: .init(rawValue: error))
@@ -143,7 +154,7 @@ public final class Listener: Sendable {
     /// Binds and listens. A stale Unix socket file at the path is replaced; for vsock port
     /// `VMADDR_PORT_ANY` the kernel picks a port (see `boundAddress`).
     public init(
-        binding address: SocketAddress, kind: SocketKind = .stream, backlog: Int32 = 1024, unixMode: mode_t? = nil,
+        binding address: SocketAddress, kind: SocketKind = .stream, backlog: Int32 = 4096, unixMode: mode_t? = nil,
         reactor: Reactor = .shared
     ) throws(SystemError) {
         let resolved = try ResolvedAddress(address)
