@@ -14,13 +14,27 @@ public enum HostClient {
         let client = try await connect(control)
         defer { client.close() }
         let reply = try await client.request(HostMessageType.run.rawValue, body: ControlJSON.encode(request))
+        return try await wire(client, reply, tty: request.tty)
+    }
+
+    /// Re-attaches this terminal to a process started with `host run` (whose client went away):
+    /// output produced meanwhile waited and arrives now. Returns its exit code.
+    public static func attach(control: String, id: String, tty: Bool) async throws -> Int32 {
+        let client = try await connect(control)
+        defer { client.close() }
+        let reply = try await client.request(HostMessageType.attach.rawValue, body: ControlJSON.encode(ProcessIDRequest(id: id)))
+        return try await wire(client, reply, tty: tty)
+    }
+
+    /// Relays our stdio to the sockets of a `run`/`attach` reply until the process's exit.
+    static func wire(_ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool) async throws -> Int32 {
         let started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
         guard reply.descriptors.count == started.streams.count else {
             for fd in reply.descriptors { close(fd) }
             throw ErrorBody(code: "bad-reply", message: "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
         }
         var rawTerminal: termios?
-        if request.tty, isatty(0) != 0 {
+        if tty, isatty(0) != 0 {
             var saved = termios()
             if tcgetattr(0, &saved) == 0 {
                 rawTerminal = saved
@@ -32,7 +46,7 @@ public enum HostClient {
         }
         // Window changes follow the process: SIGWINCH → the terminal's new size → resize.
         var resizer: Task<Void, Never>?
-        if request.tty, isatty(0) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
+        if tty, isatty(0) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
             let id = started.id
             resizer = Task {
                 while await winch.next() != nil {

@@ -17,6 +17,7 @@ public enum HostMessageType: UInt32, Sendable {
     case signal = 0x2004
     case resize = 0x2005
     case migrate = 0x2006
+    case attach = 0x2007
 }
 
 /// `host migrate`: how long nothing is accepted after every connection is dropped.
@@ -85,6 +86,9 @@ public final class HostService: Sendable {
     private let say: @Sendable (String) -> Void
     private let exits = NIOLockedValueBox<(reports: [String: ExitReport], waiters: [String: [CheckedContinuation<ExitReport, Never>]])>(
         ([:], [:]))
+    /// Per process started with `host run`: where each of its streams meets the client attached
+    /// now ("stdin", "stdout", "stderr").
+    private let outlets = NIOLockedValueBox<[String: [String: Outlet]]>([:])
 
     public init(bridge: SocketAddress, streams: SocketAddress, control: String, say: @escaping @Sendable (String) -> Void) throws {
         self.say = say
@@ -183,6 +187,8 @@ public final class HostService: Sendable {
             let request = try decode(ProcessResizeRequest.self)
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
             return (ControlJSON.encode([String: String]()), [])
+        case .attach:
+            return try attach(try decode(ProcessIDRequest.self).id)
         case .migrate:
             let request = try decode(MigrateRequest.self)
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
@@ -224,20 +230,24 @@ public final class HostService: Sendable {
             kinds = []
         }
         do {
+            var processOutlets: [String: Outlet] = [:]
             for kind in kinds {
                 let pair = try Self.streamPair()
                 local.append(pair.theirs)
                 let token = "\(id)-\(kind)"
-                let ours = try AsyncFD(adopting: pair.ours)
+                let outlet = Outlet()
+                outlet.attach(try AsyncFD(adopting: pair.ours))
+                processOutlets[kind] = outlet
                 if kind == "stdin" {
                     let stream = streams.open(token: Array(token.utf8), direction: .send)
-                    relays.append(Task { await Self.pump(from: ours, to: stream) })
+                    relays.append(Task { await Self.pump(from: outlet, to: stream) })
                 } else {
                     let stream = streams.open(token: Array(token.utf8), direction: .receive)
-                    relays.append(Task { await Self.pump(from: stream, to: ours) })
+                    relays.append(Task { await Self.pump(from: stream, to: outlet) })
                 }
                 specs[kind] = StreamSpec(address: streamAddress, mode: request.mode, token: request.mode == .resumable ? token : nil)
             }
+            if !processOutlets.isEmpty { outlets.withLockedValue { $0[id] = processOutlets } }
         } catch {
             for fd in local { _ = Glibc.close(fd) }
             for relay in relays { relay.cancel() }
@@ -259,6 +269,30 @@ public final class HostService: Sendable {
         return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds)), local)
     }
 
+    /// `host attach`: new local sockets for a process's streams; the previous client's are
+    /// closed. Output produced while no client was attached waited for this one.
+    private func attach(_ id: String) throws(ErrorBody) -> ([UInt8], [Int32]) {
+        guard let processOutlets = outlets.withLockedValue({ $0[id] }) else {
+            throw ErrorBody(code: "no-such-process", message: "no process '\(id)' started by this host serve")
+        }
+        var kinds: [String] = []
+        var local: [Int32] = []
+        for kind in ["stdin", "stdout", "stderr"] {
+            guard let outlet = processOutlets[kind], !outlet.isClosed else { continue }
+            do {
+                let pair = try Self.streamPair()
+                outlet.attach(try AsyncFD(adopting: pair.ours))
+                local.append(pair.theirs)
+                kinds.append(kind)
+            } catch {
+                for fd in local { _ = Glibc.close(fd) }
+                throw ErrorBody(code: "local-failed", message: "\(error)")
+            }
+        }
+        say("process \(id): client attached (\(kinds.joined(separator: ", ")))")
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: kinds)), local)
+    }
+
     static func streamPair() throws -> (ours: Int32, theirs: Int32) {
         var fds: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
@@ -267,24 +301,37 @@ public final class HostService: Sendable {
         return (fds[0], fds[1])
     }
 
-    /// Guest output → the client's socket; end of stream closes the socket.
-    static func pump(from stream: some InboundStream, to socket: AsyncFD) async {
-        defer { socket.close() }
+    /// Guest output → the attached client. A client that goes away does not lose the output:
+    /// the chunk waits for the next `attach`. The end of the stream closes the client's socket.
+    static func pump(from stream: some InboundStream, to outlet: Outlet) async {
+        defer { outlet.close() }
         for await chunk in stream.chunks() {
-            do {
-                try await chunk.withUnsafeBytesAsync { try await socket.writeAll($0) }
-            } catch {
-                return
+            while true {
+                guard let socket = await outlet.current() else { return }
+                do {
+                    try await chunk.withUnsafeBytesAsync { try await socket.writeAll($0) }
+                    break
+                } catch {
+                    outlet.detach(socket)
+                }
             }
         }
     }
 
-    /// The client's socket → guest stdin; its end-of-file is the explicit end of stdin.
-    static func pump(from socket: AsyncFD, to stream: some OutboundStream) async {
-        defer { socket.close() }
+    /// The attached client's input → guest stdin. Its end-of-file is the explicit end of stdin.
+    static func pump(from outlet: Outlet, to stream: some OutboundStream) async {
+        defer { outlet.close() }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
         defer { buffer.deallocate() }
-        while let count = try? await socket.read(into: buffer), count > 0 {
+        while let socket = await outlet.current() {
+            let count: Int
+            do {
+                count = try await socket.read(into: buffer)
+            } catch {
+                outlet.detach(socket)  // replaced by a newer client: read from that one
+                continue
+            }
+            if count == 0 { break }
             do {
                 try await stream.send(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             } catch {
@@ -292,6 +339,64 @@ public final class HostService: Sendable {
             }
         }
         _ = await stream.finish()
+    }
+}
+
+/// Where one stream of a `host run` process meets the client attached now. With no client, the
+/// stream's relay waits here (a suspended task).
+final class Outlet: Sendable {
+    private let state = NIOLockedValueBox<(socket: AsyncFD?, waiters: [CheckedContinuation<AsyncFD?, Never>], closed: Bool)>((nil, [], false))
+
+    var isClosed: Bool { state.withLockedValue { $0.closed } }
+
+    /// The attached client's socket, waiting for one; nil once closed.
+    func current() async -> AsyncFD? {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLockedValue { s -> AsyncFD?? in
+                if s.closed { return .some(nil) }
+                if let socket = s.socket { return .some(socket) }
+                s.waiters.append(continuation)
+                return .none
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    /// A new client: the previous one's socket is closed.
+    func attach(_ socket: AsyncFD) {
+        let (previous, waiters, rejected) = state.withLockedValue { s -> (AsyncFD?, [CheckedContinuation<AsyncFD?, Never>], Bool) in
+            if s.closed { return (nil, [], true) }
+            let previous = s.socket
+            s.socket = socket
+            defer { s.waiters.removeAll() }
+            return (previous, s.waiters, false)
+        }
+        if rejected { socket.close() }
+        previous?.close()
+        for waiter in waiters { waiter.resume(returning: socket) }
+    }
+
+    /// The client on `socket` is gone.
+    func detach(_ socket: AsyncFD) {
+        let gone = state.withLockedValue { s -> Bool in
+            guard s.socket === socket else { return false }
+            s.socket = nil
+            return true
+        }
+        if gone { socket.close() }
+    }
+
+    func close() {
+        let (socket, waiters) = state.withLockedValue { s -> (AsyncFD?, [CheckedContinuation<AsyncFD?, Never>]) in
+            s.closed = true
+            defer {
+                s.socket = nil
+                s.waiters.removeAll()
+            }
+            return (s.socket, s.waiters)
+        }
+        socket?.close()
+        for waiter in waiters { waiter.resume(returning: nil) }
     }
 }
 

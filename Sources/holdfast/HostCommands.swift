@@ -18,7 +18,7 @@ struct Host: AsyncParsableCommand {
             'holdfast daemon --config config/holdfast-dev.yaml' (as root) in another, then \
             'holdfast host run -- CMD ARGS...'.
             """,
-        subcommands: [HostServe.self, HostRun.self, HostPS.self, HostKill.self, HostMigrate.self])
+        subcommands: [HostServe.self, HostRun.self, HostAttach.self, HostPS.self, HostKill.self, HostMigrate.self])
 }
 
 struct HostServe: AsyncParsableCommand {
@@ -74,6 +74,22 @@ struct HostRun: AsyncParsableCommand {
             throw ExitCode(code)
         } catch let error as ErrorBody {
             throw ValidationError("holdfast host run: \(error)")
+        }
+    }
+}
+
+struct HostAttach: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "attach", abstract: "Wire this terminal to a process started with 'host run' again; exit with its exit code.")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Flag(help: "The process has a terminal (this one goes raw).") var tty = false
+    @Argument(help: "The process id.") var id: String
+
+    func run() async throws {
+        do {
+            throw ExitCode(try await HostClient.attach(control: control, id: id, tty: tty))
+        } catch let error as ErrorBody {
+            throw ValidationError("holdfast host attach: \(error)")
         }
     }
 }

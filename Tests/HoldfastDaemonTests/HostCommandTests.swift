@@ -59,6 +59,26 @@ struct HostCommandTests {
         }
         _ = try await hostOutput(daemon, ["host", "kill", "--control", control, "napper", "KILL"])
         #expect(try await daemon.processes.wait(sleeper, timeout: .seconds(10)) == .exited(128 + SIGKILL))
+        // attach: the first client dies, a migration happens, a second client attaches and
+        // gets everything from where the first stopped; the process printed on meanwhile (and
+        // blocked once nobody read it), nothing was lost, and the exit code comes back.
+        let firstOut = open(dir.file("first.out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let first = try daemon.processes.start(
+            [holdfastExecutable(), "host", "run", "--control", control, "--id", "att", "--",
+             "sh", "-c", "for i in $(seq 1 60); do echo $i; sleep 0.02; done; exit 5"], stdout: firstOut)
+        close(firstOut)
+        try await eventually("the first client's output") { (readFile(dir.file("first.out"))?.count ?? 0) > 0 }
+        daemon.processes.kill(first)
+        _ = try await hostOutput(daemon, ["host", "migrate", "--control", control, "--blackout", "300"])
+        let secondOut = open(dir.file("second.out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let second = try daemon.processes.start(
+            [holdfastExecutable(), "host", "attach", "--control", control, "att"], stdout: secondOut)
+        close(secondOut)
+        #expect(try await daemon.processes.wait(second, timeout: .seconds(30)) == .exited(5), "attach exits with the process's code")
+        let seen = (String(decoding: readFile(dir.file("first.out")) ?? [], as: UTF8.self)
+            + String(decoding: readFile(dir.file("second.out")) ?? [], as: UTF8.self)).split(separator: "\n").compactMap { Int($0) }
+        #expect(Set(seen) == Set(1...60), "every line reached one of the two clients")
+        #expect(seen.last == 60)
         print(String(decoding: readFile(dir.file("serve.log")) ?? [], as: UTF8.self))
         #expect(try await daemon.stop() == .exited(0))
     }
