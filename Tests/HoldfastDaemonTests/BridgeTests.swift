@@ -100,6 +100,11 @@ struct BridgeTests {
             id: "echo", argv: ["cat"],
             stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-in"),
             stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-out")))
+        // A process silent through the migrations that speaks afterwards is heard.
+        let quiet = collect(daemon.streams.open(token: bytes("quiet-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "quiet", argv: ["sh", "-c", "sleep 4; echo after the storm"],
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "quiet-out")))
         let typist = Task {
             for line in 1...200 {
                 try await typed.send(bytes("typed \(line)\n"))
@@ -120,6 +125,7 @@ struct BridgeTests {
         try await eventually("both exits", timeout: .seconds(20)) { exits.count("hb") == 1 && exits.count("echo") == 1 }
         #expect(await heartbeat.value == expectedLines(250, prefix: "beat"))
         #expect(await echoed.value == expectedLines(200, prefix: "typed"))
+        #expect(await quiet.value == bytes("after the storm\n"))
         #expect(exits.all.allSatisfy { $0.exitCode == 0 && $0.undelivered == 0 })
         #expect(try await daemon.stop() == .exited(0))
     }
@@ -246,6 +252,13 @@ struct BridgeTests {
         daemon.bridge.close()
         let raw = try Listener(binding: .unix(path: daemon.directory.file("host-bridge.sock")), unixMode: 0o666)
         defer { raw.close() }
+
+        // A frame cut in half (half a header, then the host goes away): that connection ends,
+        // the worker redials.
+        let cut = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
+        _ = try await ControlFrameIO.read(from: cut, maxBody: BridgeProtocol.maxBody)  // its hello
+        try await FrameIO.write(Array(ControlFrame(type: BridgeMessageType.list.rawValue, id: 40, body: bytes("{}")).encoded.prefix(8)), to: cut)
+        cut.close()
 
         let first = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
         defer { print(daemon.log) }
