@@ -75,10 +75,18 @@ struct HostCommandTests {
             [holdfastExecutable(), "host", "attach", "--control", control, "att"], stdout: secondOut)
         close(secondOut)
         #expect(try await daemon.processes.wait(second, timeout: .seconds(30)) == .exited(5), "attach exits with the process's code")
-        let seen = (String(decoding: readFile(dir.file("first.out")) ?? [], as: UTF8.self)
-            + String(decoding: readFile(dir.file("second.out")) ?? [], as: UTF8.self)).split(separator: "\n").compactMap { Int($0) }
-        #expect(Set(seen) == Set(1...60), "every line reached one of the two clients")
-        #expect(seen.last == 60)
+        func lines(_ name: String) -> [Int] {
+            String(decoding: readFile(dir.file(name)) ?? [], as: UTF8.self).split(separator: "\n").compactMap { Int($0) }
+        }
+        let before = lines("first.out")
+        let after = lines("second.out")
+        // The first client saw 1...k; the second sees a contiguous run to the end. What the
+        // kernel had accepted on the killed client's local socket but it never wrote out is
+        // the only gap (a limit stated in the README); nothing is repeated or reordered.
+        #expect(before == Array(1...(before.last ?? 0)), "first client: \(before)")
+        #expect(!after.isEmpty && after == Array(after.first!...60), "second client, contiguous to the end: \(after)")
+        #expect((after.first ?? 0) > (before.last ?? 0), "no line twice")
+        print("attach: first client got 1...\(before.last ?? 0), second \(after.first ?? 0)...60")
         print(String(decoding: readFile(dir.file("serve.log")) ?? [], as: UTF8.self))
         #expect(try await daemon.stop() == .exited(0))
     }
