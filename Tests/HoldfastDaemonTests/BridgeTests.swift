@@ -179,7 +179,10 @@ struct BridgeTests {
             socat = try startSocat()
         }
         try await eventually("the raw process's exit", timeout: .seconds(20)) { exits.count("r") == 1 }
-        try await Task.sleep(for: .milliseconds(200))
+        // The exit is reported once the broker wrote the last bytes; socat may still be copying.
+        try await eventually("socat to write the last line", timeout: .seconds(5)) {
+            String(decoding: readFile(outPath) ?? [], as: UTF8.self).hasSuffix("raw 200\n")
+        }
         daemon.processes.kill(socat)
         let lines = String(decoding: readFile(outPath) ?? [], as: UTF8.self).split(separator: "\n").compactMap { Int($0.split(separator: " ").last ?? "") }
         print("raw through socat restarts: \(lines.count) of 200 lines, file sizes at each restart \(sizes)")
