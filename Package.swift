@@ -140,7 +140,7 @@ let package = Package(
             ],
             swiftSettings: strict),
         .testTarget(
-            name: "HoldfastConfigTests", dependencies: ["HoldfastConfig", "HoldfastTestSupport"], swiftSettings: strict),
+            name: "HoldfastConfigTests", dependencies: ["HoldfastConfig", "HoldfastCore", "HoldfastTestSupport"], swiftSettings: strict),
         .testTarget(
             name: "HoldfastDaemonTests",
             dependencies: [

@@ -1,3 +1,4 @@
+import HoldfastCore
 import HoldfastTestSupport
 import Testing
 
@@ -22,7 +23,8 @@ struct ConfigurationTests {
             #expect(config.shutdown.signal == 15)
         }
         let production = try await ConfigurationLoader.load(path: "config/holdfast.yaml", environment: environment)
-        #expect(production.bridge.address.description == "vsock://host:5000")
+        // Parsed only, never dialled: the shipped file names the host's well-known CID.
+        #expect(production.bridge.address == .vsock(cid: SocketAddress.vsockHostCID, port: 5000))
         #expect(production.handoff.socket == "/run/holdfast/broker.sock")
         #expect(production.handoff.mode == 0o660)
         #expect(production.streams.ringCapacity == 1 << 20)
@@ -37,7 +39,7 @@ struct ConfigurationTests {
     }
 
     @Test func environmentOverridesOneKey() async throws {
-        let (directory, path) = try write("bridge:\n  address: vsock://host:5000\n")
+        let (directory, path) = try write("bridge:\n  address: vsock://3:5000\n")
         defer { directory.remove() }
         let config = try await ConfigurationLoader.load(
             path: path, environment: ["HOLDFAST_BRIDGE_ADDRESS": "tcp://127.0.0.1:7000", "HOLDFAST_STREAMS_REDIAL_ATTEMPTS": "5"])
@@ -49,18 +51,18 @@ struct ConfigurationTests {
     @Test(arguments: [
         ("bridge:\n  address: vsock://x:5\n", "bridge.address", "CID"),
         ("bridge:\n  reconnect_initial: 10\n", "bridge.address", "required"),
-        ("bridge:\n  address: vsock://host:1\n  reconnect_initial: 10\n", "bridge.reconnect_initial", "unit"),
-        ("bridge:\n  address: vsock://host:1\n  reconnect_max: 10ms\n", "bridge.reconnect_max", "shorter"),
-        ("bridge:\n  address: vsock://host:1\nbroker:\n  user: no-such-user-here\n", "broker.user", "no such user"),
-        ("bridge:\n  address: vsock://host:1\nbroker:\n  seccomp: maybe\n", "broker.seccomp", "kill, log or off"),
-        ("bridge:\n  address: vsock://host:1\nhandoff:\n  mode: rw\n", "handoff.mode", "octal"),
-        ("bridge:\n  address: vsock://host:1\nhandoff:\n  socket: relative.sock\n", "handoff.socket", "absolute"),
-        ("bridge:\n  address: vsock://host:1\nhandoff:\n  allowed_uids: [root]\n", "handoff.allowed_uids", "numeric"),
-        ("bridge:\n  address: vsock://host:1\nstreams:\n  redial_attempts: 0\n", "streams.redial_attempts", "between 1"),
-        ("bridge:\n  address: vsock://host:1\nstreams:\n  ring_capacity: 1KiB\n", "streams.ring_capacity", "between"),
-        ("bridge:\n  address: vsock://host:1\nshutdown:\n  signal: SIGWHAT\n", "shutdown.signal", "signal"),
-        ("bridge:\n  address: vsock://host:1\nshutdown:\n  grace: 40s\n", "shutdown.timeout", "shorter"),
-        ("bridge:\n  address: vsock://host:1\nstreams:\n  redial_atempts: 5\n", "streams.redial_atempts", "did you mean 'streams.redial_attempts'"),
+        ("bridge:\n  address: vsock://3:1\n  reconnect_initial: 10\n", "bridge.reconnect_initial", "unit"),
+        ("bridge:\n  address: vsock://3:1\n  reconnect_max: 10ms\n", "bridge.reconnect_max", "shorter"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: no-such-user-here\n", "broker.user", "no such user"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  seccomp: maybe\n", "broker.seccomp", "kill, log or off"),
+        ("bridge:\n  address: vsock://3:1\nhandoff:\n  mode: rw\n", "handoff.mode", "octal"),
+        ("bridge:\n  address: vsock://3:1\nhandoff:\n  socket: relative.sock\n", "handoff.socket", "absolute"),
+        ("bridge:\n  address: vsock://3:1\nhandoff:\n  allowed_uids: [root]\n", "handoff.allowed_uids", "numeric"),
+        ("bridge:\n  address: vsock://3:1\nstreams:\n  redial_attempts: 0\n", "streams.redial_attempts", "between 1"),
+        ("bridge:\n  address: vsock://3:1\nstreams:\n  ring_capacity: 1KiB\n", "streams.ring_capacity", "between"),
+        ("bridge:\n  address: vsock://3:1\nshutdown:\n  signal: SIGWHAT\n", "shutdown.signal", "signal"),
+        ("bridge:\n  address: vsock://3:1\nshutdown:\n  grace: 40s\n", "shutdown.timeout", "shorter"),
+        ("bridge:\n  address: vsock://3:1\nstreams:\n  redial_atempts: 5\n", "streams.redial_atempts", "did you mean 'streams.redial_attempts'"),
     ])
     func refusesWithFileKeyAndReason(yaml: String, key: String, reason: String) async throws {
         let (directory, path) = try write(yaml)
