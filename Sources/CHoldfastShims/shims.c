@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -205,7 +206,26 @@ static void child_fail(int pipe_fd, int step) {
     _exit(127);
 }
 
-static int open_dev_null(void) { return open("/dev/null", O_RDWR); }
+static int open_dev_null(void) { return open("/dev/null", O_RDWR | O_CLOEXEC); }
+
+// Marks every fd from 3 up close-on-exec. The parent is a multi-threaded process whose libraries
+// (and, in tests, whose other tests) may hold fds without O_CLOEXEC at the moment of the fork; a
+// child must start with its three stdio fds and the ones it was given, never a copy of an
+// unrelated pipe end (which would keep that pipe's reader from seeing end-of-file, or read its
+// bytes). close_range(CLOSE_RANGE_CLOEXEC) needs Linux 5.11; older kernels get the fcntl loop.
+static void cloexec_from_3(void) {
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, 3U, ~0U, 4U /* CLOSE_RANGE_CLOEXEC */) == 0) return;
+#endif
+    struct rlimit limit;
+    long highest = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur < 1048576)
+        highest = (long)limit.rlim_cur;
+    for (long fd = 3; fd < highest; fd++) {
+        int flags = fcntl((int)fd, F_GETFD);
+        if (flags >= 0 && !(flags & FD_CLOEXEC)) fcntl((int)fd, F_SETFD, flags | FD_CLOEXEC);
+    }
+}
 
 pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
     int report[2];
@@ -243,7 +263,7 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
                 if (fds[i] < 0) child_fail(report[1], 3);
             }
             if (fds[i] <= 2) {
-                int moved = fcntl(fds[i], F_DUPFD, 3);
+                int moved = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
                 if (moved < 0) child_fail(report[1], 3);
                 fds[i] = moved;
             }
@@ -252,6 +272,7 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
             if (dup2(fds[i], i) < 0) child_fail(report[1], 3);
         }
         if (o->controlling_tty && ioctl(0, TIOCSCTTY, 0) != 0) child_fail(report[1], 2);
+        cloexec_from_3();
         for (int i = 0; i < o->nkeep_fds; i++) {
             int flags = fcntl(o->keep_fds[i], F_GETFD);
             if (flags < 0 || fcntl(o->keep_fds[i], F_SETFD, flags & ~FD_CLOEXEC) < 0) child_fail(report[1], 10);

@@ -1,0 +1,58 @@
+import HoldfastTestSupport
+import Testing
+
+@testable import HoldfastPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The fd numbers a process has open, from /proc/PID/fd.
+private func descriptorNumbers(of pid: pid_t) -> [Int32] {
+    guard let directory = opendir("/proc/\(pid)/fd") else { return [] }
+    defer { closedir(directory) }
+    var numbers: [Int32] = []
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        if let number = Int32(name) { numbers.append(number) }
+    }
+    return numbers.sorted()
+}
+
+@Suite("Spawning children")
+struct SpawnTests {
+    /// A child must start with its stdio and the fds it was given, nothing else: a stray copy of
+    /// some other pipe's write end in a long-lived child keeps that pipe's reader from ever seeing
+    /// end-of-file. Here the parent holds a pipe opened *without* O_CLOEXEC on purpose.
+    @Test func aChildGetsOnlyItsStdioAndTheDescriptorsItIsGiven() async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        var leaky: [Int32] = [-1, -1]
+        #expect(pipe(&leaky) == 0)
+        defer { close(leaky[0]); close(leaky[1]) }
+        let given = try PipeEnds.make()
+        defer { close(given.read); close(given.write) }
+
+        let plain = try processes.start(["sleep", "30"], stdout: given.write)
+        var options = SpawnOptions(executable: "sleep", arguments: ["sleep", "30"])
+        options.keepDescriptors = [given.read]
+        options.stderr = 2
+        options.parentDeathSignal = SIGKILL
+        let keeping = try Spawner.spawn(options)
+        processes.adopt(keeping)
+
+        // exec has happened once /proc shows the new program.
+        for pid in [plain, keeping] {
+            try await eventually("exec of \(pid)") { readFile("/proc/\(pid)/comm") == Array("sleep\n".utf8) }
+        }
+        #expect(descriptorNumbers(of: plain) == [0, 1, 2])
+        #expect(descriptorNumbers(of: keeping) == [0, 1, 2, given.read].sorted())
+        // The child's stdout is the pipe it was given.
+        var ours = stat()
+        var theirs = stat()
+        #expect(fstat(given.write, &ours) == 0 && stat("/proc/\(plain)/fd/1", &theirs) == 0)
+        #expect(ours.st_ino == theirs.st_ino)
+    }
+}
