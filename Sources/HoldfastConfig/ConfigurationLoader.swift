@@ -35,6 +35,8 @@ public enum ConfigurationLoader {
         ("shutdown.grace", "10s"),
         ("shutdown.timeout", "30s"),
         ("control.socket", "{run}/control.sock"),
+        ("runc.path", "runc"),
+        ("runc.root", "{run}/runc"),
         ("run_directory", "/run/holdfast"),
     ]
 
@@ -125,6 +127,12 @@ public enum ConfigurationLoader {
         guard timeout >= grace else { throw fail("shutdown.timeout", "must not be shorter than shutdown.grace") }
         let control = try parse("control.socket", ValueParsers.socketPath)
         guard !control.isEmpty else { throw fail("control.socket", "is required") }
+        let runcPath = try parse("runc.path") { text -> Result<String, Problem> in
+            text.isEmpty ? .failure("must name the runc binary") : .success(text)
+        }
+        let runcRoot = try parse("runc.root") { text -> Result<String, Problem> in
+            text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
+        }
         let run = try parse("run_directory") { text -> Result<String, Problem> in
             text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
         }
@@ -138,12 +146,13 @@ public enum ConfigurationLoader {
                 ringCapacity: ring),
             shutdown: .init(signal: signal, grace: grace, timeout: timeout),
             control: .init(socket: control),
+            runc: .init(path: runcPath, root: runcRoot),
             runDirectory: environment[runDirectoryVariable] ?? run)
     }
 
     /// The dotted keys present in the file (leaves only).
     static func listKeys(path: String) throws(ConfigurationError) -> [String] {
-        guard let bytes = readWholeFile(path) else { throw ConfigurationError(file: path, key: "", reason: "cannot read it") }
+        guard let bytes = WholeFile.read(path) else { throw ConfigurationError(file: path, key: "", reason: "cannot read it") }
         let text = String(decoding: bytes, as: UTF8.self)
         let node: Node?
         do {
@@ -199,21 +208,6 @@ public enum ConfigurationLoader {
         let candidates = known.map { ($0, distance(Array(key), Array($0))) }.filter { $0.1 <= 3 }
         return candidates.min { $0.1 < $1.1 }?.0
     }
-}
-
-func readWholeFile(_ path: String) -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var result: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count < 0 { return nil }
-        if count == 0 { break }
-        result += buffer[..<count]
-    }
-    return result
 }
 
 extension String {

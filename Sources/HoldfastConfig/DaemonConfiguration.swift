@@ -45,6 +45,14 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var timeout: Milliseconds
     }
 
+    public struct Runc: Codable, Sendable, Equatable {
+        /// The runc binary (a bare name is looked up in PATH).
+        public var path: String
+        /// runc's state directory for Holdfast's containers (`runc --root`), kept apart from
+        /// other users of runc on the guest.
+        public var root: String
+    }
+
     public struct Control: Codable, Sendable, Equatable {
         /// The local socket `holdfast status` talks to.
         public var socket: String
@@ -56,6 +64,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var streams: Streams
     public var shutdown: Shutdown
     public var control: Control
+    public var runc: Runc
     /// Where the daemon keeps its sockets (created if missing).
     public var runDirectory: String
 }

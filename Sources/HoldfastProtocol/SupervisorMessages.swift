@@ -31,11 +31,26 @@ public struct StreamSpec: Codable, Sendable, Equatable {
     }
 }
 
-/// A process to start (runtime `direct`): what the bridge's create request and the local
-/// `launch` request carry.
+/// What starts a process.
+public enum RuntimeName: String, Codable, Sendable, CaseIterable {
+    /// fork + exec of `argv`, as a plain child of the supervisor.
+    case direct
+    /// An OCI container run by runc: `bundle` for a new container, or `container` (the id of a
+    /// running runc container) with `argv` for a process exec'd into it.
+    case runc
+}
+
+/// A process to start: what the bridge's create request and the local `launch` request carry.
 public struct ProcessSpec: Codable, Sendable, Equatable {
     public var id: String
+    /// The program and its arguments. Empty for a runc container (its bundle names the program).
     public var argv: [String]
+    /// `direct` when absent.
+    public var runtime: RuntimeName?
+    /// runc: the OCI bundle directory (config.json and the rootfs) of a new container.
+    public var bundle: String?
+    /// runc: exec `argv` into this running container (the id its create request gave it).
+    public var container: String?
     /// The environment, "NAME=value" each; a minimal PATH when absent.
     public var env: [String]?
     public var cwd: String?
@@ -53,10 +68,13 @@ public struct ProcessSpec: Codable, Sendable, Equatable {
     public init(
         id: String, argv: [String], env: [String]? = nil, cwd: String? = nil, user: String? = nil, group: UInt32? = nil,
         tty: Bool = false, rows: UInt16? = nil, columns: UInt16? = nil, stdin: StreamSpec? = nil, stdout: StreamSpec? = nil,
-        stderr: StreamSpec? = nil
+        stderr: StreamSpec? = nil, runtime: RuntimeName? = nil, bundle: String? = nil, container: String? = nil
     ) {
         self.id = id
         self.argv = argv
+        self.runtime = runtime
+        self.bundle = bundle
+        self.container = container
         self.env = env
         self.cwd = cwd
         self.user = user

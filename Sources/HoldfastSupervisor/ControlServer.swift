@@ -58,7 +58,7 @@ extension Supervisor {
             return ControlJSON.encode(LaunchResponse(pid: pid))
         case .signal:
             let request = try decode(SignalRequest.self)
-            try signal(request.id, request.signal)
+            try await signal(request.id, request.signal)
             return ControlJSON.encode([String: String]())
         case .wait:
             return ControlJSON.encode(try await wait(try decode(WaitRequest.self).id))

@@ -27,8 +27,19 @@ struct Launcher {
         guard !spec.id.isEmpty, spec.id.utf8.count <= 256 else {
             throw ErrorBody(code: "bad-request", message: "id must be 1 to 256 bytes")
         }
-        guard let program = spec.argv.first, !program.isEmpty else {
-            throw ErrorBody(code: "bad-request", message: "argv must name a program")
+        switch spec.runtime ?? .direct {
+        case .direct:
+            guard let program = spec.argv.first, !program.isEmpty else {
+                throw ErrorBody(code: "bad-request", message: "argv must name a program")
+            }
+            if spec.bundle != nil || spec.container != nil {
+                throw ErrorBody(code: "bad-request", message: "bundle and container need runtime 'runc'")
+            }
+            if let user = spec.user, UserAccount.lookup(user) == nil {
+                throw ErrorBody(code: "bad-user", message: "user: no such user '\(user)'")
+            }
+        case .runc:
+            try RuncRuntime.validate(spec)
         }
         for (name, stream) in [("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr)] {
             guard let stream else { continue }
@@ -44,9 +55,6 @@ struct Launcher {
         if spec.tty, spec.stderr != nil {
             throw ErrorBody(code: "bad-request", message: "stderr: a tty process has one output stream (stdout)")
         }
-        if let user = spec.user, UserAccount.lookup(user) == nil {
-            throw ErrorBody(code: "bad-user", message: "user: no such user '\(user)'")
-        }
     }
 
     /// What `launch` produced: the child's pid, and what to send the broker.
@@ -56,70 +64,107 @@ struct Launcher {
         var descriptors: [Int32]
     }
 
-    /// Creates the stdio, starts the process, and returns the host-side fds for the broker. On
-    /// failure nothing is left open and no process is left running.
-    static func start(_ spec: ProcessSpec) throws(ErrorBody) -> Started {
-        try validate(spec)
+    /// A process's stdio before it starts: the ends the process gets, the ends the broker gets,
+    /// and how the broker should relay each.
+    struct Stdio {
         var childEnds: [Int32] = []
         var hostEnds: [Int32] = []
         var streams: [StreamDescription] = []
+        /// What the process (or the runtime that starts it) gets as fd 0, 1 and 2; nil is /dev/null.
+        var stdin: Int32?
+        var stdout: Int32?
+        var stderr: Int32?
+
         func closeAll() {
             for fd in childEnds + hostEnds { _ = close(fd) }
         }
-        var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: spec.env ?? defaultEnvironment)
-        options.directory = spec.cwd
-        if let name = spec.user, let account = UserAccount.lookup(name) {
-            let gid = spec.group ?? account.gid
-            options.user = (account.uid, gid, [gid])
+
+        /// After the start: the process has its copies.
+        mutating func closeChildEnds() {
+            for fd in childEnds { _ = close(fd) }
+            childEnds = []
         }
+    }
+
+    /// Creates the pipes (or, with `terminal`, the pty) for a spec. A tty spec without
+    /// `terminal` gets only its stream description: the runtime brings the pty master (runc's
+    /// console socket) and appends it as host end 0.
+    static func makeStdio(_ spec: ProcessSpec, terminal: Bool) throws(ErrorBody) -> Stdio {
+        var stdio = Stdio()
         do throws(SystemError) {
             if spec.tty {
-                let size = WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80)
-                let terminal = try PseudoTerminal.open(size: size)
-                childEnds.append(terminal.slave)
-                hostEnds.append(terminal.master)
-                options.stdin = terminal.slave
-                options.stdout = terminal.slave
-                options.stderr = terminal.slave
-                options.controllingTerminal = true
+                if terminal {
+                    let size = WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80)
+                    let pty = try PseudoTerminal.open(size: size)
+                    stdio.childEnds.append(pty.slave)
+                    stdio.hostEnds.append(pty.master)
+                    stdio.stdin = pty.slave
+                    stdio.stdout = pty.slave
+                    stdio.stderr = pty.slave
+                }
                 if let output = spec.stdout {
-                    streams.append(StreamDescription(
+                    stdio.streams.append(StreamDescription(
                         kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
                         inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token))
                 }
             } else {
                 if let input = spec.stdin {
                     let pipe = try PipeEnds.make()
-                    childEnds.append(pipe.read)
-                    hostEnds.append(pipe.write)
-                    options.stdin = pipe.read
-                    streams.append(StreamDescription(kind: .stdin, fd: hostEnds.count - 1, address: input.address, mode: input.mode, token: input.token))
+                    stdio.childEnds.append(pipe.read)
+                    stdio.hostEnds.append(pipe.write)
+                    stdio.stdin = pipe.read
+                    stdio.streams.append(StreamDescription(
+                        kind: .stdin, fd: stdio.hostEnds.count - 1, address: input.address, mode: input.mode, token: input.token))
                 }
                 for (kind, stream) in [(StreamKind.stdout, spec.stdout), (.stderr, spec.stderr)] {
                     guard let stream else { continue }
                     let pipe = try PipeEnds.make(capacity: outputPipeCapacity)
-                    childEnds.append(pipe.write)
-                    hostEnds.append(pipe.read)
-                    if kind == .stdout { options.stdout = pipe.write } else { options.stderr = pipe.write }
-                    streams.append(StreamDescription(kind: kind, fd: hostEnds.count - 1, address: stream.address, mode: stream.mode, token: stream.token))
+                    stdio.childEnds.append(pipe.write)
+                    stdio.hostEnds.append(pipe.read)
+                    if kind == .stdout { stdio.stdout = pipe.write } else { stdio.stderr = pipe.write }
+                    stdio.streams.append(StreamDescription(
+                        kind: kind, fd: stdio.hostEnds.count - 1, address: stream.address, mode: stream.mode, token: stream.token))
                 }
             }
         } catch {
-            closeAll()
+            stdio.closeAll()
             throw ErrorBody(code: "stdio-failed", message: "\(error)")
         }
+        return stdio
+    }
+
+    /// Creates the stdio, starts the process (runtime `direct`), and returns the host-side fds
+    /// for the broker. On failure nothing is left open and no process is left running.
+    static func start(_ spec: ProcessSpec) throws(ErrorBody) -> Started {
+        try validate(spec)
+        var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: spec.env ?? defaultEnvironment)
+        options.directory = spec.cwd
+        if let name = spec.user, let account = UserAccount.lookup(name) {
+            let gid = spec.group ?? account.gid
+            options.user = (account.uid, gid, [gid])
+        }
+        var stdio = try makeStdio(spec, terminal: true)
+        options.stdin = stdio.stdin
+        options.stdout = stdio.stdout
+        options.stderr = stdio.stderr
+        options.controllingTerminal = spec.tty
         let pid: pid_t
         do {
             pid = try Spawner.spawn(options)
         } catch {
-            closeAll()
+            stdio.closeAll()
             throw ErrorBody(code: "start-failed", message: error.description)
         }
-        for fd in childEnds { _ = close(fd) }  // the child has them now
-        if streams.isEmpty {
-            for fd in hostEnds { _ = close(fd) }
-            hostEnds = []
+        stdio.closeChildEnds()
+        return started(pid: pid, id: spec.id, stdio: stdio)
+    }
+
+    /// The broker's part: no streams, no fds.
+    static func started(pid: pid_t, id: String, stdio: Stdio) -> Started {
+        if stdio.streams.isEmpty {
+            for fd in stdio.hostEnds { _ = close(fd) }
+            return Started(pid: pid, adopt: AdoptRequest(process: id, streams: []), descriptors: [])
         }
-        return Started(pid: pid, adopt: AdoptRequest(process: spec.id, streams: streams), descriptors: hostEnds)
+        return Started(pid: pid, adopt: AdoptRequest(process: id, streams: stdio.streams), descriptors: stdio.hostEnds)
     }
 }

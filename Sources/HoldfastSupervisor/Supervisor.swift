@@ -42,13 +42,17 @@ public final class Supervisor: Sendable {
         let pid: pid_t
         /// Created by the host over the bridge: its exit is kept until the host acknowledges it.
         let viaBridge: Bool
+        /// The runc container id when this process is a runc container's init (signals go
+        /// through `runc kill`; `runc delete` follows its exit).
+        let container: String?
         let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
             ("running", nil, []))
 
-        init(id: String, pid: pid_t, viaBridge: Bool) {
+        init(id: String, pid: pid_t, viaBridge: Bool, container: String? = nil) {
             self.id = id
             self.pid = pid
             self.viaBridge = viaBridge
+            self.container = container
         }
 
         var status: ProcessStatus {
@@ -81,10 +85,15 @@ public final class Supervisor: Sendable {
         }
     }
 
+    let runc: RuncRuntime
+
     public init(configuration: DaemonConfiguration, logger: Logger, executable: String) {
         self.configuration = configuration
         self.logger = logger
         self.executable = executable
+        runc = RuncRuntime(
+            path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
+            reaper: reaper, logger: logger)
     }
 
     // MARK: Running
@@ -141,8 +150,9 @@ public final class Supervisor: Sendable {
     }
 
     private func makeRunDirectory() throws {
-        let path = configuration.runDirectory
-        if mkdir(path, 0o755) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(path))") }
+        for (path, mode) in [(configuration.runDirectory, mode_t(0o755)), (runc.workDirectory, 0o700)] {
+            if mkdir(path, mode) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(path))") }
+        }
     }
 
     /// The public handoff socket, bound here as root with its configured mode, then passed down.
@@ -287,7 +297,7 @@ public final class Supervisor: Sendable {
             return ControlJSON.encode(LaunchResponse(pid: pid))
         case .signal:
             let request = try decode(SignalRequest.self)
-            try signal(request.id, request.signal)
+            try await signal(request.id, request.signal)
             return empty
         case .resize:
             let request = try decode(ProcessResizeRequest.self)
@@ -353,8 +363,27 @@ public final class Supervisor: Sendable {
         guard let broker = broker() else {
             throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)")
         }
-        let started = try Launcher.start(spec)
-        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge)
+        try Launcher.validate(spec)
+        let started: Launcher.Started
+        var container: String?
+        switch spec.runtime ?? .direct {
+        case .direct:
+            started = try Launcher.start(spec)
+        case .runc:
+            if let target = spec.container {
+                guard let record = processes.withLockedValue({ $0[target] }), record.container != nil else {
+                    throw ErrorBody(code: "no-such-container", message: "no runc container '\(target)'")
+                }
+                guard record.status.state == "running" else {
+                    throw ErrorBody(code: "not-running", message: "container '\(target)' has exited")
+                }
+                started = try await runc.exec(spec, in: record.container!)
+            } else {
+                started = try await runc.create(spec)
+                container = spec.id
+            }
+        }
+        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container)
         if !started.adopt.streams.isEmpty {
             do {
                 _ = try await broker.request(
@@ -363,12 +392,15 @@ public final class Supervisor: Sendable {
                 for fd in started.descriptors { close(fd) }
                 kill(started.pid, SIGKILL)
                 _ = await reaper.wait(started.pid)
+                if let container { await runc.delete(container) }
                 throw error
             }
         }
         for fd in started.descriptors { close(fd) }  // the broker has them now
         processes.withLockedValue { $0[spec.id] = record }
-        logger.info("process started", metadata: ["process": "\(spec.id)", "pid": "\(started.pid)", "argv": "\(spec.argv)"])
+        logger.info("process started", metadata: [
+            "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
+        ])
         Task { await watch(record, hasStreams: !started.adopt.streams.isEmpty) }
         return started.pid
     }
@@ -376,6 +408,7 @@ public final class Supervisor: Sendable {
     /// Waits for the process to exit, lets its output drain, then reports the exit.
     private func watch(_ record: ProcessRecord, hasStreams: Bool) async {
         let status = await reaper.wait(record.pid)
+        if let container = record.container { await runc.delete(container) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
@@ -414,11 +447,15 @@ public final class Supervisor: Sendable {
         return report
     }
 
-    public func signal(_ id: String, _ signal: Int32) throws(ErrorBody) {
+    public func signal(_ id: String, _ signal: Int32) async throws(ErrorBody) {
         guard let record = processes.withLockedValue({ $0[id] }) else {
             throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
         }
         guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
+        if let container = record.container {
+            try await runc.kill(container, signal: signal)
+            return
+        }
         guard kill(record.pid, signal) == 0 else {
             throw ErrorBody(code: "signal-failed", message: "kill(\(record.pid), \(signal)): errno \(errno)")
         }

@@ -99,29 +99,9 @@ public struct TemporaryDirectory: Sendable {
     }
 }
 
-/// Reads a whole file (tests only).
-public func readFile(_ path: String) -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var result: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count <= 0 { break }
-        result += buffer[..<count]
-    }
-    return result
-}
+/// Reads a whole file.
+public func readFile(_ path: String) -> [UInt8]? { WholeFile.read(path) }
 
 public func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
-    guard fd >= 0 else { throw SystemError.last("open(\(path))") }
-    defer { close(fd) }
-    var offset = 0
-    while offset < bytes.count {
-        let count = bytes[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { throw SystemError.last("write(\(path))") }
-        offset += count
-    }
+    try WholeFile.write(path, bytes, mode: mode)
 }

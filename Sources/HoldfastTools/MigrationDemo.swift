@@ -61,7 +61,7 @@ public enum MigrationDemo {
               grace: 1s
               timeout: 5s
             """
-        try writeWholeFile(directory + "/holdfast.yaml", Array(config.utf8))
+        try WholeFile.write(directory + "/holdfast.yaml", Array(config.utf8))
         let log = open(directory + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         var options = SpawnOptions(executable: executable, arguments: [executable, "daemon", "--config", directory + "/holdfast.yaml"])
         options.stdout = log
@@ -99,7 +99,7 @@ public enum MigrationDemo {
     ) async throws -> Verdict {
         say("demo: daemon pid \(daemon), host peer on Unix sockets in \(directory)")
         guard await service.bridge.waitForGuest(timeout: .seconds(20)) else {
-            let tail = String(decoding: readWholeFile(directory + "/daemon.log").suffix(2000), as: UTF8.self)
+            let tail = String(decoding: (WholeFile.read(directory + "/daemon.log") ?? []).suffix(2000), as: UTF8.self)
             throw ErrorBody(code: "no-guest", message: "the daemon never dialed the bridge; its log:\n\(tail)")
         }
         say("demo: guest connected over the bridge")
@@ -142,32 +142,11 @@ public enum MigrationDemo {
         try? await Task.sleep(for: .milliseconds(200))  // a repeated exit would show up by now
         let reports = service.exitsSeen
         if reports.isEmpty {
-            let tail = String(decoding: readWholeFile(directory + "/daemon.log").suffix(3000), as: UTF8.self)
+            let tail = String(decoding: (WholeFile.read(directory + "/daemon.log") ?? []).suffix(3000), as: UTF8.self)
             say("demo: no exit reported; the daemon's log ends with:\n\(tail)")
         }
         return Verdict(
             received: received.withLockedValue { $0 }, expected: beats,
             exitCode: reports.first { $0.id == "heartbeat" }?.exitCode, exitsReported: reports.filter { $0.id == "heartbeat" }.count)
     }
-}
-
-func writeWholeFile(_ path: String, _ bytes: [UInt8]) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-    guard fd >= 0 else { throw SystemError.last("open(\(path))") }
-    defer { close(fd) }
-    _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-}
-
-func readWholeFile(_ path: String) -> [UInt8] {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return [] }
-    defer { close(fd) }
-    var result: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count <= 0 { break }
-        result += buffer[..<count]
-    }
-    return result
 }

@@ -1,0 +1,302 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs OCI containers with runc, the way containerd's shim does: `runc create` detached (the
+/// container's init is reparented to the supervisor, the child subreaper, which reaps it and
+/// reads its exit status), `runc start`, `runc kill`, and `runc delete` once it has exited.
+///
+/// Stdio: without a tty, the pipes are runc's own stdio and runc passes them through to the
+/// container. With a tty, runc makes the pty inside the container and sends its master to a
+/// console socket we listen on (one message: the pty name as payload, the master by SCM_RIGHTS).
+/// Either way the host-side ends go to the broker like any other process's.
+///
+/// runc's own errors are read from its JSON log (`--log`), not its stderr: without a tty,
+/// runc's stderr *is* the container's stderr pipe.
+struct RuncRuntime: Sendable {
+    let path: String
+    let root: String
+    /// Pid files, logs and console sockets live here for the length of one command.
+    let workDirectory: String
+    let reaper: ChildReaper
+    let logger: Logger
+    /// A runc command that takes longer than this is killed and reported as failed.
+    static let commandTimeout: Duration = .seconds(60)
+
+    /// runc's rule for container ids; ours are the process ids the host gives.
+    static func isValidContainerID(_ id: String) -> Bool {
+        !id.isEmpty && id.utf8.count <= 1024
+            && id.unicodeScalars.allSatisfy { $0.properties.isAlphabetic && $0.isASCII || ("0"..."9").contains($0) || "_+-.".unicodeScalars.contains($0) }
+    }
+
+    static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
+        if let container = spec.container {
+            guard !container.isEmpty else { throw ErrorBody(code: "bad-request", message: "container must name a running container") }
+            guard let program = spec.argv.first, !program.isEmpty else {
+                throw ErrorBody(code: "bad-request", message: "argv must name the program to exec in container '\(container)'")
+            }
+            guard spec.bundle == nil else { throw ErrorBody(code: "bad-request", message: "an exec names a container, not a bundle") }
+            if let user = spec.user, !isNumericUser(user) {
+                throw ErrorBody(code: "bad-user", message: "user: an exec takes a numeric uid[:gid] inside the container, not '\(user)'")
+            }
+        } else {
+            guard isValidContainerID(spec.id) else {
+                throw ErrorBody(code: "bad-request", message: "id '\(spec.id)' is not a valid runc container id (letters, digits, _ + - .)")
+            }
+            guard let bundle = spec.bundle, bundle.hasPrefix("/") else {
+                throw ErrorBody(code: "bad-request", message: "bundle must be the absolute path of an OCI bundle")
+            }
+            guard spec.argv.isEmpty else {
+                throw ErrorBody(code: "bad-request", message: "argv must be empty for a runc container: its bundle's config.json names the program")
+            }
+            guard spec.user == nil, spec.env == nil, spec.cwd == nil else {
+                throw ErrorBody(code: "bad-request", message: "user, env and cwd of a runc container come from its bundle's config.json")
+            }
+        }
+    }
+
+    private static func isNumericUser(_ user: String) -> Bool {
+        let parts = user.split(separator: ":", omittingEmptySubsequences: false)
+        return (1...2).contains(parts.count) && parts.allSatisfy { UInt32($0) != nil }
+    }
+
+    // MARK: Lifecycle
+
+    /// `runc create` then `runc start`: the container runs when this returns. On failure no
+    /// container is left (runc delete --force) and every fd is closed.
+    func create(_ spec: ProcessSpec) async throws(ErrorBody) -> Launcher.Started {
+        let scratch = Scratch(directory: workDirectory)
+        defer { scratch.remove() }
+        var stdio = try Launcher.makeStdio(spec, terminal: false)
+        var arguments = ["create", "--bundle", spec.bundle!, "--pid-file", scratch.pidFile]
+        let console: ConsoleSocket?
+        do throws(ErrorBody) {
+            console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
+            if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
+            arguments.append(spec.id)
+            try await run(arguments, log: scratch.logFile, stdio: stdio, what: "runc create")
+        } catch {
+            stdio.closeAll()
+            await delete(spec.id)
+            throw error
+        }
+        stdio.closeChildEnds()  // the container's init has them now
+        do throws(ErrorBody) {
+            if let console {
+                let master = try await console.receiveMaster()
+                try? Terminal.resize(fd: master, to: WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80))
+                stdio.hostEnds.insert(master, at: 0)
+            }
+            let pid = try readPidFile(scratch.pidFile)
+            try await run(["start", spec.id], log: scratch.logFile, what: "runc start")
+            logger.info("container started", metadata: ["process": "\(spec.id)", "pid": "\(pid)", "bundle": "\(spec.bundle!)"])
+            return Launcher.started(pid: pid, id: spec.id, stdio: stdio)
+        } catch {
+            console?.close()
+            stdio.closeAll()
+            await delete(spec.id)
+            throw error
+        }
+    }
+
+    /// `runc exec --detach`: `spec.argv` in the running container `container`, with its own
+    /// streams; the process is reparented to the supervisor like a container's init.
+    func exec(_ spec: ProcessSpec, in container: String) async throws(ErrorBody) -> Launcher.Started {
+        let scratch = Scratch(directory: workDirectory)
+        defer { scratch.remove() }
+        var stdio = try Launcher.makeStdio(spec, terminal: false)
+        var arguments = ["exec", "--detach", "--pid-file", scratch.pidFile]
+        if let cwd = spec.cwd { arguments += ["--cwd", cwd] }
+        for variable in spec.env ?? [] { arguments += ["--env", variable] }
+        if let user = spec.user { arguments += ["--user", user] }
+        let console: ConsoleSocket?
+        do throws(ErrorBody) {
+            console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
+            if console != nil { arguments += ["--tty", "--console-socket", scratch.consoleSocket] }
+            try await run(arguments + [container] + spec.argv, log: scratch.logFile, stdio: stdio, what: "runc exec")
+        } catch {
+            stdio.closeAll()
+            throw error
+        }
+        stdio.closeChildEnds()
+        do throws(ErrorBody) {
+            if let console {
+                let master = try await console.receiveMaster()
+                try? Terminal.resize(fd: master, to: WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80))
+                stdio.hostEnds.insert(master, at: 0)
+            }
+            let pid = try readPidFile(scratch.pidFile)
+            logger.info("exec started", metadata: ["process": "\(spec.id)", "container": "\(container)", "pid": "\(pid)"])
+            return Launcher.started(pid: pid, id: spec.id, stdio: stdio)
+        } catch {
+            console?.close()
+            stdio.closeAll()
+            throw error
+        }
+    }
+
+    /// `runc kill ID SIGNAL`.
+    func kill(_ container: String, signal: Int32) async throws(ErrorBody) {
+        let scratch = Scratch(directory: workDirectory)
+        defer { scratch.remove() }
+        try await run(["kill", container, String(signal)], log: scratch.logFile, what: "runc kill")
+    }
+
+    /// `runc delete --force ID`: after the container's exit, or to undo a failed create. A
+    /// container that does not exist is not an error.
+    func delete(_ container: String) async {
+        let scratch = Scratch(directory: workDirectory)
+        defer { scratch.remove() }
+        do throws(ErrorBody) {
+            try await run(["delete", "--force", container], log: scratch.logFile, what: "runc delete")
+        } catch {
+            if !error.message.contains("does not exist") && !error.message.contains("not exist") {
+                logger.warning("runc delete failed", metadata: ["container": "\(container)", "error": "\(error.message)"])
+            }
+        }
+    }
+
+    // MARK: Running runc
+
+    /// Runs one runc command to its end (bounded), with `stdio` as its fds 0-2 (nil: /dev/null).
+    /// A non-zero exit becomes an error carrying runc's own message.
+    private func run(
+        _ arguments: [String], log: String, stdio: Launcher.Stdio = .init(), what: String
+    ) async throws(ErrorBody) {
+        var options = SpawnOptions(
+            executable: path, arguments: [path, "--root", root, "--log", log, "--log-format", "json"] + arguments,
+            environment: Launcher.defaultEnvironment)
+        options.stdin = stdio.stdin
+        options.stdout = stdio.stdout
+        options.stderr = stdio.stderr
+        let pid: pid_t
+        do {
+            pid = try Spawner.spawn(options)
+        } catch {
+            throw ErrorBody(code: "runtime-missing", message: "cannot run runc (runc.path '\(path)'): \(error)")
+        }
+        let expired = NIOLockedValueBox(false)
+        let watchdog = Task {
+            try await Task.sleep(for: Self.commandTimeout)
+            expired.withLockedValue { $0 = true }
+            _ = Glibc.kill(pid, SIGKILL)
+        }
+        let status = await reaper.wait(pid)
+        watchdog.cancel()
+        let timedOut = expired.withLockedValue { $0 }
+        guard status != .exited(0) else { return }
+        let message = Self.lastError(inLog: log) ?? (timedOut ? "timed out after \(Self.commandTimeout)" : "\(status)")
+        throw ErrorBody(code: "runtime-failed", message: "\(what): \(message)")
+    }
+
+    /// The last error runc logged (its JSON log: one object per line, `level` and `msg`).
+    static func lastError(inLog path: String) -> String? {
+        guard let bytes = WholeFile.read(path) else { return nil }
+        struct Line: Decodable {
+            var level: String
+            var msg: String
+        }
+        let decoder = JSONDecoder()
+        var last: String?
+        for line in bytes.split(separator: UInt8(ascii: "\n")) {
+            if let entry = try? decoder.decode(Line.self, from: Data(line)), entry.level == "error" || entry.level == "fatal" {
+                last = entry.msg
+            }
+        }
+        return last
+    }
+
+    private func readPidFile(_ path: String) throws(ErrorBody) -> pid_t {
+        guard let bytes = WholeFile.read(path),
+            let pid = pid_t(String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0
+        else {
+            throw ErrorBody(code: "runtime-failed", message: "runc wrote no pid file at \(path)")
+        }
+        return pid
+    }
+
+    /// Per-command file names under the work directory, removed when the command is done.
+    private struct Scratch {
+        let pidFile: String
+        let logFile: String
+        let consoleSocket: String
+
+        init(directory: String) {
+            // Short names: a Unix socket path has to fit in 108 bytes.
+            let tag = String(UInt64.random(in: 0..<UInt64.max), radix: 36)
+            pidFile = "\(directory)/r\(tag).pid"
+            logFile = "\(directory)/r\(tag).log"
+            consoleSocket = "\(directory)/r\(tag).sock"
+        }
+
+        func remove() {
+            for file in [pidFile, logFile, consoleSocket] { unlink(file) }
+        }
+    }
+}
+
+/// The console socket runc sends a container's pty master to.
+private final class ConsoleSocket: Sendable {
+    let listener: Listener
+    /// runc sends the master during create; this bounds the wait for a runc that never does.
+    static let timeout: Duration = .seconds(10)
+
+    init(path: String) throws(ErrorBody) {
+        do {
+            listener = try Listener(binding: .unix(path: path), unixMode: 0o600)
+        } catch {
+            throw ErrorBody(code: "runtime-failed", message: "cannot listen on the console socket \(path): \(error)")
+        }
+    }
+
+    /// Accepts runc's connection and takes the master: exactly one fd, the pty name as payload.
+    func receiveMaster() async throws(ErrorBody) -> Int32 {
+        let connection = NIOLockedValueBox<AsyncFD?>(nil)
+        let expired = NIOLockedValueBox(false)
+        let listener = self.listener
+        // Closing the listener and the connection wakes a pending accept or receive.
+        let watchdog = Task {
+            try await Task.sleep(for: Self.timeout)
+            expired.withLockedValue { $0 = true }
+            listener.close()
+            connection.withLockedValue { $0 }?.close()
+        }
+        defer {
+            watchdog.cancel()
+            connection.withLockedValue { $0 }?.close()
+            close()
+        }
+        do {
+            let accepted = try await listener.accept()
+            connection.withLockedValue { $0 = accepted }
+            if expired.withLockedValue({ $0 }) { accepted.close() }
+            let message = try await FDChannel(accepted).receive(maxPayload: 4096, maxDescriptors: 1)
+            guard message.descriptors.count == 1 else {
+                message.closeDescriptors()
+                throw ErrorBody(code: "runtime-failed", message: "runc sent \(message.descriptors.count) fds to the console socket, not 1")
+            }
+            return message.descriptors[0]
+        } catch let error as ErrorBody {
+            throw error
+        } catch {
+            if expired.withLockedValue({ $0 }) {
+                throw ErrorBody(code: "runtime-failed", message: "runc did not send the pty master within \(Self.timeout)")
+            }
+            throw ErrorBody(code: "runtime-failed", message: "console socket: \(error)")
+        }
+    }
+
+    func close() { listener.close() }
+}
