@@ -5,7 +5,7 @@ SWIFT      ?= swift
 BUILD_DIR  ?= .build
 TSAN_DIR   ?= .build-tsan
 # Debian packages the build, the tests, the demo and the benchmarks need.
-APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3
+APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static
 
 .PHONY: all deps build release test test-core-tsan demo bench clean
 

@@ -111,21 +111,26 @@ struct RuncRuntime: Sendable {
         }
     }
 
-    /// `runc exec --detach`: `spec.argv` in the running container `container`, with its own
-    /// streams; the process is reparented to the supervisor like a container's init.
-    func exec(_ spec: ProcessSpec, in container: String) async throws(ErrorBody) -> Launcher.Started {
+    /// `runc exec --detach`: `spec.argv` in the running container `container` (made from
+    /// `bundle`), with its own streams; the process is reparented to the supervisor like a
+    /// container's init.
+    func exec(_ spec: ProcessSpec, in container: String, bundle: String) async throws(ErrorBody) -> Launcher.Started {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
+        do {
+            try WholeFile.write(scratch.processFile, try Self.execProcess(bundle: bundle, spec: spec), mode: 0o600)
+        } catch let error as ErrorBody {
+            throw error
+        } catch {
+            throw ErrorBody(code: "runtime-failed", message: "cannot write the exec's process spec: \(error)")
+        }
         var stdio = try Launcher.makeStdio(spec, terminal: false)
-        var arguments = ["exec", "--detach", "--pid-file", scratch.pidFile]
-        if let cwd = spec.cwd { arguments += ["--cwd", cwd] }
-        for variable in spec.env ?? [] { arguments += ["--env", variable] }
-        if let user = spec.user { arguments += ["--user", user] }
+        var arguments = ["exec", "--detach", "--pid-file", scratch.pidFile, "--process", scratch.processFile]
         let console: ConsoleSocket?
         do throws(ErrorBody) {
             console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
-            if console != nil { arguments += ["--tty", "--console-socket", scratch.consoleSocket] }
-            try await run(arguments + [container] + spec.argv, log: scratch.logFile, stdio: stdio, what: "runc exec")
+            if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
+            try await run(arguments + [container], log: scratch.logFile, stdio: stdio, what: "runc exec")
         } catch {
             stdio.closeAll()
             throw error
@@ -232,6 +237,7 @@ struct RuncRuntime: Sendable {
         let pidFile: String
         let logFile: String
         let consoleSocket: String
+        let processFile: String
 
         init(directory: String) {
             // Short names: a Unix socket path has to fit in 108 bytes.
@@ -239,10 +245,11 @@ struct RuncRuntime: Sendable {
             pidFile = "\(directory)/r\(tag).pid"
             logFile = "\(directory)/r\(tag).log"
             consoleSocket = "\(directory)/r\(tag).sock"
+            processFile = "\(directory)/r\(tag).json"
         }
 
         func remove() {
-            for file in [pidFile, logFile, consoleSocket] { unlink(file) }
+            for file in [pidFile, logFile, consoleSocket, processFile] { unlink(file) }
         }
     }
 }

@@ -42,13 +42,13 @@ public final class Supervisor: Sendable {
         let pid: pid_t
         /// Created by the host over the bridge: its exit is kept until the host acknowledges it.
         let viaBridge: Bool
-        /// The runc container id when this process is a runc container's init (signals go
-        /// through `runc kill`; `runc delete` follows its exit).
-        let container: String?
+        /// Set when this process is a runc container's init: its runc id and bundle (signals go
+        /// through `runc kill`; `runc delete` follows its exit; an exec reads the bundle).
+        let container: (id: String, bundle: String)?
         let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
             ("running", nil, []))
 
-        init(id: String, pid: pid_t, viaBridge: Bool, container: String? = nil) {
+        init(id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil) {
             self.id = id
             self.pid = pid
             self.viaBridge = viaBridge
@@ -365,7 +365,7 @@ public final class Supervisor: Sendable {
         }
         try Launcher.validate(spec)
         let started: Launcher.Started
-        var container: String?
+        var container: (id: String, bundle: String)?
         switch spec.runtime ?? .direct {
         case .direct:
             started = try Launcher.start(spec)
@@ -377,10 +377,10 @@ public final class Supervisor: Sendable {
                 guard record.status.state == "running" else {
                     throw ErrorBody(code: "not-running", message: "container '\(target)' has exited")
                 }
-                started = try await runc.exec(spec, in: record.container!)
+                started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
             } else {
                 started = try await runc.create(spec)
-                container = spec.id
+                container = (spec.id, spec.bundle!)
             }
         }
         let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container)
@@ -392,7 +392,7 @@ public final class Supervisor: Sendable {
                 for fd in started.descriptors { close(fd) }
                 kill(started.pid, SIGKILL)
                 _ = await reaper.wait(started.pid)
-                if let container { await runc.delete(container) }
+                if let container { await runc.delete(container.id) }
                 throw error
             }
         }
@@ -408,7 +408,7 @@ public final class Supervisor: Sendable {
     /// Waits for the process to exit, lets its output drain, then reports the exit.
     private func watch(_ record: ProcessRecord, hasStreams: Bool) async {
         let status = await reaper.wait(record.pid)
-        if let container = record.container { await runc.delete(container) }
+        if let container = record.container { await runc.delete(container.id) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
@@ -453,7 +453,7 @@ public final class Supervisor: Sendable {
         }
         guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
         if let container = record.container {
-            try await runc.kill(container, signal: signal)
+            try await runc.kill(container.id, signal: signal)
             return
         }
         guard kill(record.pid, signal) == 0 else {

@@ -76,6 +76,33 @@ public func openDescriptorCount(pid: pid_t = getpid()) -> Int {
     return count - 1  // the directory stream's own fd
 }
 
+/// What a /proc symlink points to (for failure messages).
+public func linkTarget(_ path: String) -> String {
+    var buffer = [CChar](repeating: 0, count: 256)
+    let count = readlink(path, &buffer, buffer.count - 1)
+    return count < 0 ? "(errno \(errno))" : String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// A process's open fds, number → what it is ("pipe:[123]", "socket:[456]", a path), so a
+/// failed fd count can say which ones differ.
+public func descriptorTable(pid: pid_t = getpid()) -> [Int32: String] {
+    guard let directory = opendir("/proc/\(pid)/fd") else { return [:] }
+    defer { closedir(directory) }
+    var table: [Int32: String] = [:]
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        if let number = Int32(name) { table[number] = linkTarget("/proc/\(pid)/fd/\(name)") }
+    }
+    return table
+}
+
+/// The entries of `after` not in `before` (by number and target), for failure messages.
+public func descriptorsAdded(_ before: [Int32: String], _ after: [Int32: String]) -> [String] {
+    after.filter { before[$0.key] != $0.value }.sorted { $0.key < $1.key }.map { "\($0.key) → \($0.value)" }
+}
+
 /// A private directory under /tmp, removed with everything in it by `remove()`.
 public struct TemporaryDirectory: Sendable {
     public let path: String

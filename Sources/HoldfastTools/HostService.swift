@@ -40,10 +40,18 @@ public struct HostRunRequest: Codable, Sendable, Equatable {
     /// Raw mode: where the guest dials for each stream ("stdin", "stdout", "stderr"), so any
     /// listener (socat) can be the host end; a stream not named is /dev/null.
     public var rawAddresses: [String: String]?
+    /// `runc`: a container from `bundle` (argv empty), or `argv` exec'd into `container`.
+    public var runtime: RuntimeName?
+    public var bundle: String?
+    public var container: String?
 
     public init(id: String? = nil, argv: [String], tty: Bool = false, mode: StreamModeName = .resumable,
                 rows: UInt16? = nil, columns: UInt16? = nil, env: [String]? = nil, cwd: String? = nil,
-                rawAddresses: [String: String]? = nil) {
+                rawAddresses: [String: String]? = nil, runtime: RuntimeName? = nil, bundle: String? = nil,
+                container: String? = nil) {
+        self.runtime = runtime
+        self.bundle = bundle
+        self.container = container
         self.id = id
         self.argv = argv
         self.tty = tty
@@ -217,7 +225,7 @@ public final class HostService: Sendable {
     /// Opens the process's streams here, creates it in the guest, and returns one local socket
     /// per stream for the client.
     private func start(_ request: HostRunRequest) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        let id = request.id ?? "p\(UInt32.random(in: 0..<UInt32.max))"
+        let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
         var kinds = request.tty ? ["stdin", "stdout"] : ["stdin", "stdout", "stderr"]
         var local: [Int32] = []
         var relays: [Task<Void, Never>] = []
@@ -255,7 +263,8 @@ public final class HostService: Sendable {
         }
         let spec = ProcessSpec(
             id: id, argv: request.argv, env: request.env, cwd: request.cwd, tty: request.tty, rows: request.rows,
-            columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"])
+            columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
+            runtime: request.runtime, bundle: request.bundle, container: request.container)
         let pid: Int32
         do {
             pid = try await bridge.create(spec)
@@ -265,7 +274,7 @@ public final class HostService: Sendable {
             for kind in kinds { streams.close(token: Array("\(id)-\(kind)".utf8)) }
             throw error
         }
-        say("process \(id) started in the guest: pid \(pid), \(request.argv)")
+        say("process \(id) started in the guest: pid \(pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")")
         return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds)), local)
     }
 

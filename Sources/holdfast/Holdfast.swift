@@ -57,7 +57,7 @@ struct Status: AsyncParsableCommand {
         do {
             report = try await StatusPrinter.fetch(socket: socket)
         } catch {
-            throw ValidationError("cannot reach the daemon at \(socket): \(error)")
+            throw CommandFailure("cannot reach the daemon at \(socket): \(error)")
         }
         if json {
             print(String(decoding: ControlJSON.encode(report), as: UTF8.self))
@@ -211,7 +211,7 @@ struct Pipe: AsyncParsableCommand {
             destination: address, mode: mode, token: token, policy: RedialPolicy(attempts: attempts), bufferSize: buffer,
             pipeCapacity: pipeSize))
         if report.undelivered > 0 {
-            throw ValidationError("holdfast pipe: \(report)")
+            throw CommandFailure("holdfast pipe: \(report)")
         }
     }
 }
@@ -231,4 +231,11 @@ struct Receive: AsyncParsableCommand {
             listen: try parseAddress(listen), mode: mode, token: token, connections: connections, discard: count)
         if count { print(total) }
     }
+}
+
+/// A command that ran and failed (the daemon refused, the guest reported an error): printed as
+/// "Error: ..." with exit code 1, without the usage text a ValidationError adds.
+struct CommandFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }

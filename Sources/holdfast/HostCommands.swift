@@ -18,7 +18,7 @@ struct Host: AsyncParsableCommand {
             'holdfast daemon --config config/holdfast-dev.yaml' (as root) in another, then \
             'holdfast host run -- CMD ARGS...'.
             """,
-        subcommands: [HostServe.self, HostRun.self, HostAttach.self, HostPS.self, HostKill.self, HostMigrate.self])
+        subcommands: [HostServe.self, HostRun.self, HostExec.self, HostAttach.self, HostPS.self, HostKill.self, HostMigrate.self])
 }
 
 struct HostServe: AsyncParsableCommand {
@@ -51,11 +51,25 @@ struct HostRun: AsyncParsableCommand {
     @Option(help: "Raw mode: where the guest sends stdin's connection (any listener).") var stdin: String?
     @Option(help: "Raw mode: where the guest sends stdout (any listener, e.g. socat).") var stdout: String?
     @Option(help: "Raw mode: where the guest sends stderr.") var stderr: String?
-    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).") var command: [String]
+    @Option(help: "direct (fork+exec the command) or runc (an OCI container from --bundle).") var runtime: RuntimeName = .direct
+    @Option(help: "runc: the OCI bundle directory in the guest (config.json and rootfs); its config names the program.")
+    var bundle: String?
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).") var command: [String] = []
 
     func run() async throws {
         let argv = command.first == "--" ? Array(command.dropFirst()) : command
-        guard !argv.isEmpty else { throw ValidationError("name a command: holdfast host run -- CMD ARGS...") }
+        switch runtime {
+        case .direct:
+            guard !argv.isEmpty else { throw ValidationError("name a command: holdfast host run -- CMD ARGS...") }
+            guard bundle == nil else { throw ValidationError("--bundle needs --runtime runc") }
+        case .runc:
+            guard let bundle, bundle.hasPrefix("/") else {
+                throw ValidationError("--runtime runc needs --bundle with the bundle's absolute path in the guest")
+            }
+            guard argv.isEmpty else {
+                throw ValidationError("a runc container runs what its bundle's config.json names; to run a command in it: holdfast host exec ID -- CMD")
+            }
+        }
         var raw: [String: String] = [:]
         for (kind, address) in [("stdin", stdin), ("stdout", stdout), ("stderr", stderr)] {
             guard let address else { continue }
@@ -70,10 +84,38 @@ struct HostRun: AsyncParsableCommand {
                 control: control,
                 request: HostRunRequest(
                     id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns,
-                    rawAddresses: raw.isEmpty ? nil : raw))
+                    rawAddresses: raw.isEmpty ? nil : raw, runtime: runtime == .direct ? nil : runtime, bundle: bundle))
             throw ExitCode(code)
         } catch let error as ErrorBody {
-            throw ValidationError("holdfast host run: \(error)")
+            throw CommandFailure("holdfast host run: \(error)")
+        }
+    }
+}
+
+struct HostExec: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "exec",
+        abstract: "Run a command inside a running runc container (runc exec) with its own streams; exit with its exit code.")
+
+    @Flag(help: "Give the command a terminal (this terminal goes raw while it runs).") var tty = false
+    @Option(help: "The exec's process id (default: CONTAINER.execN).") var id: String?
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Argument(help: "The container: the id its 'host run --runtime runc' gave it.") var container: String
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).") var command: [String] = []
+
+    func run() async throws {
+        let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        guard !argv.isEmpty else { throw ValidationError("name a command: holdfast host exec CONTAINER -- CMD ARGS...") }
+        var size: WindowSize?
+        if tty { size = try? Terminal.size(of: 0) }
+        do {
+            let code = try await HostClient.run(
+                control: control,
+                request: HostRunRequest(
+                    id: id, argv: argv, tty: tty, rows: size?.rows, columns: size?.columns, runtime: .runc, container: container))
+            throw ExitCode(code)
+        } catch let error as ErrorBody {
+            throw CommandFailure("holdfast host exec: \(error)")
         }
     }
 }
@@ -89,7 +131,7 @@ struct HostAttach: AsyncParsableCommand {
         do {
             throw ExitCode(try await HostClient.attach(control: control, id: id, tty: tty))
         } catch let error as ErrorBody {
-            throw ValidationError("holdfast host attach: \(error)")
+            throw CommandFailure("holdfast host attach: \(error)")
         }
     }
 }
@@ -136,6 +178,7 @@ func signalNumber(_ text: String) -> Int32? {
 }
 
 extension StreamModeName: ExpressibleByArgument {}
+extension RuntimeName: ExpressibleByArgument {}
 
 /// One line to stdout, unbuffered: a log read while the service runs must be current.
 func writeLine(_ text: String) {

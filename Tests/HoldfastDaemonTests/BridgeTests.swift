@@ -311,13 +311,13 @@ struct BridgeTests {
 }
 
 /// A migration's blackout: the bridge and every stream connection drop; nothing is accepted.
-private func blackout(_ daemon: DaemonFixture) {
+func blackout(_ daemon: DaemonFixture) {
     daemon.streams.setRefusing(true)
     daemon.bridge.drop(refusing: true)
     daemon.streams.dropAllConnections()
 }
 
-private func lightsOn(_ daemon: DaemonFixture) {
+func lightsOn(_ daemon: DaemonFixture) {
     daemon.streams.setRefusing(false)
     daemon.bridge.drop(refusing: false)
 }

@@ -181,13 +181,6 @@ func queuedBytes(_ fd: Int32) -> Int {
     return Int(count)
 }
 
-/// What a /proc symlink points to (for failure messages).
-func linkTarget(_ path: String) -> String {
-    var buffer = [CChar](repeating: 0, count: 256)
-    let count = readlink(path, &buffer, buffer.count - 1)
-    return count < 0 ? "(errno \(errno))" : String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-}
-
 /// The state letter of /proc/PID/stat (R running, S sleeping, ...).
 func processState(_ pid: pid_t) -> String {
     guard let stat = readFile("/proc/\(pid)/stat") else { return "?" }
