@@ -144,7 +144,7 @@ let package = Package(
         .testTarget(
             name: "HoldfastDaemonTests",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport", "HoldfastSupervisor",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
