@@ -4,7 +4,7 @@
 A runtime on the guest that starts processes itself (rather than asking Holdfast to) can give
 the Holdfast broker the runtime-side ends of a process's stdio pipes. The broker then relays them
 to the host like its own streams, across lost connections. The protocol is in docs/PROTOCOL.md,
-"Handoff socket". Standard library only; Python 3.9+ (socket.send_fds / socket.recv_fds).
+"Handoff socket". Standard library only; Python 3.9+ (socket.send_fds, socket.recvmsg).
 
 As a library (put examples/ on sys.path):
 
@@ -29,6 +29,7 @@ As a command:
 """
 
 import argparse
+import array
 import json
 import os
 import socket
@@ -79,7 +80,7 @@ class Stream:
 
     kind: "stdin", "stdout", "stderr" or "tty" (a pty master, relayed both ways).
     fd: the runtime's end: the read end of a stdout/stderr pipe, the write end of a stdin
-        pipe, or a pty master. It must be pollable (a pipe, socket or pty; not a regular file).
+        pipe, or a pty master (a socket works too).
     address: where the broker dials the host for this stream: "vsock://CID:PORT",
         "unix:/path" or "tcp://HOST:PORT" (the broker runs as an unprivileged user: it must be
         allowed to connect there).
@@ -105,9 +106,9 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
-        except OSError:
+        except OSError as error:
             self.sock.close()
-            raise
+            raise OSError(error.errno, f"cannot connect to the broker at {path}: {error.strerror}") from None
         self.next_id = 1
 
     def close(self) -> None:
@@ -134,10 +135,17 @@ class Client:
         else:
             self.sock.send(frame)
 
-        # MSG_CMSG_CLOEXEC: fds handed back must not leak into processes we start later
-        # (Python's own fds are non-inheritable too; pass them on explicitly).
-        reply, received, flags, _ = socket.recv_fds(
-            self.sock, HEADER.size + MAX_BODY, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+        # recvmsg rather than socket.recv_fds, which drops its flags argument: with
+        # MSG_CMSG_CLOEXEC the fds handed back cannot leak into a process started meanwhile
+        # (like Python's own fds, they are non-inheritable; pass them on explicitly).
+        reply, ancillary, flags, _ = self.sock.recvmsg(
+            HEADER.size + MAX_BODY, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize),
+            socket.MSG_CMSG_CLOEXEC)
+        received = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(data[:len(data) - len(data) % received.itemsize])
+        received = list(received)
         try:
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
                 # Some fds or bytes were lost in flight: the reply cannot be trusted.
@@ -200,6 +208,7 @@ class Client:
 # ---- command line ---------------------------------------------------------------------------
 
 KINDS = ("stdin", "stdout", "stderr")
+MODES = ("resumable", "raw")
 
 
 def run_adopt(args: argparse.Namespace) -> int:
@@ -238,16 +247,26 @@ def run_adopt(args: argparse.Namespace) -> int:
         for fd in ours:
             os.close(fd)  # sent (the broker has its copy) or refused: either way not ours to keep
     report = {"process": args.process, "streams": [
-        {"kind": s.kind, "address": s.address, "mode": s.mode, "token": s.token} for s in streams]}
+        dict(kind=s.kind, address=s.address, mode=s.mode, **({"token": s.token} if s.token else {}))
+        for s in streams]}
     if not command:
         print(json.dumps(report), flush=True)
         return 0
 
-    # Streams not handed over are /dev/null, as for a process Holdfast starts itself.
+    # COMMAND's stdio without a pipe here is /dev/null, as for a process Holdfast starts itself.
     stdio = {kind: theirs.get(kind, subprocess.DEVNULL) for kind in KINDS}
-    child = subprocess.Popen(command, stdin=stdio["stdin"], stdout=stdio["stdout"], stderr=stdio["stderr"])
-    for fd in theirs.values():
-        os.close(fd)  # the process has them now; keeping a write end would hide its EOF
+    try:
+        child = subprocess.Popen(command, stdin=stdio["stdin"], stdout=stdio["stdout"],
+                                 stderr=stdio["stderr"])
+    except OSError:
+        # Nothing will ever write to those pipes: take the streams back, not leave them parked.
+        with Client(args.socket) as broker:
+            for _, fd in broker.release(args.process):
+                os.close(fd)
+        raise
+    finally:
+        for fd in theirs.values():
+            os.close(fd)  # the process has them now; keeping a write end would hide its EOF
     report["pid"] = child.pid
     print(json.dumps(report), flush=True)
     if not args.wait:
@@ -276,7 +295,8 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(streams, sort_keys=True))
         return 0
-    print(f"{'PROCESS':<16} {'STREAM':<12} {'MODE':<10} {'STATE':<10} {'TO HOST':>12} {'FROM HOST':>12}  ADDRESS")
+    print(f"{'PROCESS':<16} {'STREAM':<12} {'MODE':<10} {'STATE':<10} "
+          f"{'TO HOST':>12} {'FROM HOST':>12}  ADDRESS")
     for s in streams:
         name = s["kind"] + ("/in" if s.get("direction") == "input" else "")
         print(f"{s['process']:<16} {name:<12} {s['mode']:<10} {s['state']:<10} "
@@ -286,29 +306,33 @@ def run_list(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="handoff.py", description="Hand a process's stdio to the Holdfast broker, or take it back.",
+        prog="handoff.py",
+        description="Hand a process's stdio to the Holdfast broker, or take it back.",
         epilog="Exit status: 0 done; 1 the broker refused (its error code is printed); "
                "2 bad usage or no broker to talk to; with adopt --wait, the command's own status.")
-    parser.add_argument("--socket", default=os.environ.get("HOLDFAST_HANDOFF_SOCKET", DEFAULT_SOCKET),
-                        help=f"the broker's handoff socket (default $HOLDFAST_HANDOFF_SOCKET or {DEFAULT_SOCKET})")
+    parser.add_argument(
+        "--socket", default=os.environ.get("HOLDFAST_HANDOFF_SOCKET", DEFAULT_SOCKET),
+        help=f"the broker's handoff socket (default $HOLDFAST_HANDOFF_SOCKET or {DEFAULT_SOCKET})")
     commands = parser.add_subparsers(dest="action", required=True)
 
     adopt = commands.add_parser(
         "adopt", help="hand over a process's stdio",
-        description="Hand the broker the stdio of a process: fds this command inherited (--KIND-fd N), "
-                    "or pipes to COMMAND, which it then starts.")
-    adopt.add_argument("--process", required=True, help="the process id the streams are filed under")
-    adopt.add_argument("--mode", choices=("resumable", "raw"), default="resumable", help="every stream's mode")
+        description="Hand the broker the stdio of a process: fds this command inherited "
+                    "(--KIND-fd N), or pipes to COMMAND, which it then starts.")
+    adopt.add_argument("--process", required=True, help="the id the streams are filed under")
+    adopt.add_argument("--mode", choices=MODES, default="resumable", help="every stream's mode")
     for kind in KINDS:
-        adopt.add_argument(f"--{kind}", metavar="ADDRESS", help=f"where the broker dials the host for {kind}")
-        adopt.add_argument(f"--{kind}-mode", choices=("resumable", "raw"), help="this stream's mode, if not --mode")
-        adopt.add_argument(f"--{kind}-token", metavar="TOKEN", help="resumable token (default PROCESS-" + kind + ")")
-        adopt.add_argument(f"--{kind}-fd", type=int, metavar="N", help=f"hand over inherited fd N as {kind}")
+        adopt.add_argument(f"--{kind}", metavar="ADDRESS", help=f"where the broker dials for {kind}")
+        adopt.add_argument(f"--{kind}-mode", choices=MODES, help="this stream's mode, if not --mode")
+        adopt.add_argument(f"--{kind}-token", metavar="TOKEN",
+                           help=f"its resumable token (default PROCESS-{kind})")
+        adopt.add_argument(f"--{kind}-fd", type=int, metavar="N",
+                           help=f"hand over inherited fd N as {kind}")
     adopt.add_argument("--wait", action="store_true", help="wait for COMMAND and exit with its status")
     adopt.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS... to start")
     adopt.set_defaults(run=run_adopt)
 
-    release = commands.add_parser("release", help="take a process's stdio back (prints what came back)")
+    release = commands.add_parser("release", help="take a process's stdio back, print what came")
     release.add_argument("--process", required=True)
     release.set_defaults(run=run_release)
 
@@ -326,7 +350,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"handoff.py: the broker refused {args.action}: {error}", file=sys.stderr)
         return 1
     except (OSError, ProtocolError) as error:
-        print(f"handoff.py: {args.action} via {args.socket}: {error}", file=sys.stderr)
+        print(f"handoff.py {args.action}: {error}", file=sys.stderr)
         return 2
 
 
