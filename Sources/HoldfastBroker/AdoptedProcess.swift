@@ -136,6 +136,12 @@ final class ManagedStream: Sendable {
                 return [await Relay.output(from: handle, to: output.outbound)]
             case (nil, let input?):
                 let report = await Relay.input(from: input.inbound, to: handle)
+                // Cancelled: whoever stopped the relay owns the fd now — a release hands it
+                // back, a drain or shutdown closes it. Closing it here lost stdin on release.
+                if Task.isCancelled {
+                    input.close()
+                    return [report]
+                }
                 // The host ended stdin (or the process stopped reading): the process now sees
                 // end-of-file. A resumable stream first makes sure the host saw its END echoed.
                 handle.close()

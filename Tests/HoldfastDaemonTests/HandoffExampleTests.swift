@@ -1,0 +1,327 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// examples/handoff.py — the Python client another runtime would use — against a real daemon:
+/// what it hands over reaches the host byte for byte, and `release` gives back the same pipes
+/// and leaves the broker holding nothing.
+@Suite("Another runtime hands stdio to the broker with examples/handoff.py")
+struct HandoffExampleTests {
+    @Test func pipesHandedOverFromPythonReachTheHostAndReleaseGivesThemBack() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let baseline = try await warmUp(daemon, broker: broker)
+
+        // The host: stdout and stdin as resumable streams, stderr on a raw listener.
+        let hostOut = daemon.streams.open(token: bytes("h1-stdout"), direction: .receive)
+        let outReceived = accumulate(hostOut)
+        let hostIn = daemon.streams.open(token: bytes("h1-stdin"), direction: .send)
+        let rawErr = try RecordingListener(path: daemon.directory.file("stderr.sock"))
+        defer { rawErr.close() }
+
+        // Three pipes. The process's ends stay with the test (it plays the process); the
+        // runtime's ends are inherited by python, which hands them to the broker.
+        let out = try PipeEnds.make()
+        let err = try PipeEnds.make()
+        let input = try PipeEnds.make()
+        let identity = (out: descriptorIdentity(out.write), err: descriptorIdentity(err.write), input: descriptorIdentity(input.read))
+        let adopted = try await runHandoff(
+            daemon,
+            [
+                "adopt", "--process", "h1",
+                "--stdout", daemon.streamAddress, "--stdout-fd", "\(out.read)",
+                "--stderr", "unix:" + daemon.directory.file("stderr.sock"), "--stderr-mode", "raw", "--stderr-fd", "\(err.read)",
+                "--stdin", daemon.streamAddress, "--stdin-fd", "\(input.write)",
+            ],
+            keep: [out.read, err.read, input.write])
+        #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+        // The broker has its own copies now.
+        for fd in [out.read, err.read, input.write] { close(fd) }
+
+        var random = SeededRandom(seed: 0x4F_4646)
+        let outBytes = (0..<(512 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        let errBytes = (0..<(300 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        let inBytes = (0..<(200 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        let outWriter = try AsyncFD(adopting: out.write)
+        let errWriter = try AsyncFD(adopting: err.write)
+        let inReader = try AsyncFD(adopting: input.read)
+        defer {
+            outWriter.close()
+            errWriter.close()
+            inReader.close()
+        }
+        try await withBuffer(outBytes) { try await outWriter.write($0) }
+        try await withBuffer(errBytes) { try await errWriter.write($0) }
+        try await withBuffer(inBytes) { try await hostIn.send($0) }
+        let inReceived = try await withTimeout("stdin through the broker", .seconds(20)) {
+            try await readExactly(inReader, count: inBytes.count)
+        }
+        #expect(sha256Hex(inReceived) == sha256Hex(inBytes), "stdin: host → broker → the process's pipe")
+        try await eventually("stdout and stderr at the host", timeout: .seconds(20)) {
+            outReceived.count == outBytes.count && rawErr.bytes.count == errBytes.count
+        }
+        #expect(sha256Hex(outReceived.bytes) == sha256Hex(outBytes), "stdout: pipe → broker → host (resumable)")
+        #expect(sha256Hex(rawErr.bytes) == sha256Hex(errBytes), "stderr: pipe → broker → host (raw)")
+
+        let listed = try await runHandoff(daemon, ["list", "--json"])
+        #expect(listed.status == .exited(0), "stderr: \(listed.stderr)")
+        let streams = try ControlJSON.decode([StreamStatus].self, from: bytes(listed.stdout), frameType: 0)
+        #expect(Set(streams.filter { $0.process == "h1" }.map(\.kind)) == [.stdin, .stdout, .stderr])
+        #expect(streams.filter { $0.process == "h1" }.allSatisfy { $0.state == "connected" }, "\(streams)")
+
+        // Release: python gets the same three pipes back (their inodes), and the broker keeps
+        // no copy of any of them.
+        let released = try await runHandoff(daemon, ["release", "--process", "h1"])
+        #expect(released.status == .exited(0), "stderr: \(released.stderr)")
+        let returned = try released.stdout.split(separator: "\n").map {
+            try ControlJSON.decode(ReturnedStream.self, from: bytes(String($0)), frameType: 0)
+        }
+        #expect(returned.count == 3, "every stream comes back: \(released.stdout)")
+        #expect(returned.first { $0.kind == "stdout" }?.descriptor == identity.out)
+        #expect(returned.first { $0.kind == "stderr" }?.descriptor == identity.err)
+        #expect(returned.first { $0.kind == "stdin" }?.descriptor == identity.input)
+        #expect(returned.first { $0.kind == "stdout" }?.token == "h1-stdout")
+        #expect(returned.first { $0.kind == "stderr" }?.mode == "raw")
+
+        await expectBackAtBaseline(broker, baseline)
+        try await eventually("the raw stderr connection closed") { rawErr.closedConnections == 1 }
+        #expect(rawErr.bytes.count == errBytes.count, "nothing after the release")
+        #expect(outReceived.count == outBytes.count, "nothing after the release")
+        let after = try await runHandoff(daemon, ["list", "--json"])
+        #expect(try ControlJSON.decode([StreamStatus].self, from: bytes(after.stdout), frameType: 0).isEmpty)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test func pythonStartsACommandOnPipesTheBrokerRelaysAndARefusalIsPrintedPlainly() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let baseline = try await warmUp(daemon, broker: broker)
+        var random = SeededRandom(seed: 0xC0FFEE)
+        let data = (0..<(384 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        try writeFile(daemon.directory.file("data"), data)
+        let host = daemon.streams.open(token: bytes("h2-stdout"), direction: .receive)
+        let received = collect(host)
+
+        // The runtime starts `cat FILE` with its stdout on a pipe whose other end the broker
+        // holds; --wait returns when cat has written everything into the pipe and exited.
+        let adopted = try await runHandoff(
+            daemon,
+            ["adopt", "--process", "h2", "--stdout", daemon.streamAddress, "--wait", "--", "cat", daemon.directory.file("data")])
+        #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+        #expect(adopted.stdout.contains("\"pid\": "), "\(adopted.stdout)")
+        let all = try await withTimeout("stdout to its end", .seconds(20)) { await received.value }
+        #expect(sha256Hex(all) == sha256Hex(data), "every byte once, in order, then END")
+
+        let again = try await runHandoff(
+            daemon, ["adopt", "--process", "h2", "--stdout", daemon.streamAddress, "--", "true"])
+        #expect(again.status == .exited(1))
+        #expect(
+            again.stderr.contains("handoff.py: the broker refused adopt: process-exists: process 'h2' already has streams"),
+            "stderr: \(again.stderr)")
+
+        let released = try await runHandoff(daemon, ["release", "--process", "h2"])
+        #expect(released.status == .exited(0), "stderr: \(released.stderr)")
+        #expect(released.stdout.contains("\"kind\": \"stdout\""), "\(released.stdout)")
+        let missing = try await runHandoff(daemon, ["release", "--process", "h2"])
+        #expect(missing.status == .exited(1))
+        #expect(missing.stderr.contains("no-such-process"), "stderr: \(missing.stderr)")
+        await expectBackAtBaseline(broker, baseline)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
+/// A line `handoff.py release` prints for each stream that came back.
+private struct ReturnedStream: Decodable {
+    var kind: String
+    var mode: String
+    var token: String?
+    var descriptor: String
+}
+
+/// examples/handoff.py in this checkout (three levels above this file).
+private func handoffScript() -> String {
+    let source: String = #filePath
+    var parts = source.split(separator: "/", omittingEmptySubsequences: false)
+    parts.removeLast(3)
+    return parts.joined(separator: "/") + "/examples/handoff.py"
+}
+
+private func pythonCanPassDescriptors() -> Bool {
+    var options = SpawnOptions(executable: "python3", arguments: ["python3", "-c", "import socket; socket.send_fds"])
+    options.stdout = -1
+    options.stderr = -1
+    guard let pid = try? Spawner.spawn(options) else { return false }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    return status == 0
+}
+
+private struct HandoffRun {
+    var status: HoldfastPosix.ExitStatus
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs `python3 examples/handoff.py --socket <the daemon's> ARGS`, with `keep` inherited at
+/// the same numbers, and waits for it (it is ended by pid if the test fails first).
+private func runHandoff(_ daemon: DaemonFixture, _ arguments: [String], keep: [Int32] = []) async throws -> HandoffRun {
+    let name = "handoff-\(UInt32.random(in: 0...UInt32.max))"
+    let outPath = daemon.directory.file(name + ".out")
+    let errPath = daemon.directory.file(name + ".err")
+    let outFD = open(outPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    let errFD = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    var options = SpawnOptions(
+        executable: "python3",
+        arguments: ["python3", handoffScript(), "--socket", daemon.directory.file("broker.sock")] + arguments)
+    options.stdout = outFD
+    options.stderr = errFD
+    options.keepDescriptors = keep
+    options.parentDeathSignal = SIGKILL
+    let pid: pid_t
+    do {
+        pid = try Spawner.spawn(options)
+    } catch {
+        close(outFD)
+        close(errFD)
+        throw error
+    }
+    daemon.processes.adopt(pid)
+    close(outFD)
+    close(errFD)
+    let status = try await daemon.processes.wait(pid, timeout: .seconds(30))
+    return HandoffRun(
+        status: status, stdout: String(decoding: readFile(outPath) ?? [], as: UTF8.self),
+        stderr: String(decoding: readFile(errPath) ?? [], as: UTF8.self))
+}
+
+/// What /proc says an fd is ("pipe:[12345]": both ends of a pipe share the inode).
+private func descriptorIdentity(_ fd: Int32) -> String {
+    var buffer = [CChar](repeating: 0, count: 256)
+    let length = readlink("/proc/self/fd/\(fd)", &buffer, buffer.count - 1)
+    return String(decoding: buffer[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// `body` with a copy of `bytes` in memory that stays put across suspensions.
+private func withBuffer(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) async throws -> Void) async throws {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
+    defer { buffer.deallocate() }
+    buffer.copyBytes(from: bytes)
+    try await body(UnsafeRawBufferPointer(buffer))
+}
+
+private func readExactly(_ fd: AsyncFD, count: Int) async throws -> [UInt8] {
+    var result: [UInt8] = []
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+    defer { buffer.deallocate() }
+    while result.count < count {
+        let got = try await fd.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<min(buffer.count, count - result.count)]))
+        if got == 0 { break }
+        result += buffer[..<got]
+    }
+    return result
+}
+
+/// A host stream's bytes as they arrive (the stream need not end).
+private final class Accumulated: Sendable {
+    private let box = NIOLockedValueBox<[UInt8]>([])
+    func append(_ chunk: [UInt8]) { box.withLockedValue { $0 += chunk } }
+    var bytes: [UInt8] { box.withLockedValue { $0 } }
+    var count: Int { box.withLockedValue { $0.count } }
+}
+
+private func accumulate(_ stream: some InboundStream) -> Accumulated {
+    let result = Accumulated()
+    Task {
+        for await chunk in stream.chunks() { result.append(chunk) }
+    }
+    return result
+}
+
+/// A raw host listener that keeps every byte it is sent and counts connections that ended.
+private final class RecordingListener: Sendable {
+    let listener: Listener
+    private let state = NIOLockedValueBox<(bytes: [UInt8], closed: Int)>(([], 0))
+
+    init(path: String) throws {
+        listener = try Listener(binding: .unix(path: path), unixMode: 0o666)
+        Task { [self] in
+            while let connection = try? await listener.accept() {
+                Task {
+                    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+                    defer { buffer.deallocate() }
+                    while let count = try? await connection.read(into: buffer), count > 0 {
+                        state.withLockedValue { $0.bytes += buffer[..<count] }
+                    }
+                    connection.close()
+                    state.withLockedValue { $0.closed += 1 }
+                }
+            }
+        }
+    }
+
+    var bytes: [UInt8] { state.withLockedValue { $0.bytes } }
+    var closedConnections: Int { state.withLockedValue { $0.closed } }
+    func close() { listener.close() }
+}
+
+/// One adopt/release cycle before the broker's fds are counted: the first streams make the
+/// Swift runtime open what it opens once (a Dispatch timerfd). Returns the count it settles at.
+private func warmUp(_ daemon: DaemonFixture, broker: pid_t) async throws -> (count: Int, fds: [String]) {
+    let host = daemon.streams.open(token: bytes("warm-up-stdout"), direction: .receive)
+    let received = collect(host)
+    let pipe = try PipeEnds.make()
+    let adopted = try await runHandoff(
+        daemon, ["adopt", "--process", "warm-up", "--stdout", daemon.streamAddress, "--stdout-fd", "\(pipe.read)"], keep: [pipe.read])
+    close(pipe.read)
+    #expect(adopted.status == .exited(0), "warm-up adopt: \(adopted.stderr)")
+    _ = bytes("warm").withUnsafeBytes { write(pipe.write, $0.baseAddress, $0.count) }
+    close(pipe.write)
+    #expect(try await withTimeout("the warm-up stream", .seconds(20)) { await received.value } == bytes("warm"))
+    let released = try await runHandoff(daemon, ["release", "--process", "warm-up"])
+    #expect(released.status == .exited(0), "warm-up release: \(released.stderr)")
+    // Settled: the same count twice, 200 ms apart.
+    var last = openDescriptorCount(pid: broker)
+    for _ in 0..<50 {
+        try await Task.sleep(for: .milliseconds(200))
+        let now = openDescriptorCount(pid: broker)
+        if now == last { break }
+        last = now
+    }
+    return (last, brokerFDs(broker))
+}
+
+private func expectBackAtBaseline(_ broker: pid_t, _ baseline: (count: Int, fds: [String])) async {
+    let back = (try? await eventually("the broker's fds back at \(baseline.count)", timeout: .seconds(10)) {
+        openDescriptorCount(pid: broker) == baseline.count
+    }) != nil
+    #expect(back, "broker fds now: \(brokerFDs(broker)); at the baseline: \(baseline.fds)")
+}
+
+/// The broker's open fds and what they are, for a failure message.
+private func brokerFDs(_ pid: pid_t) -> [String] {
+    var result: [String] = []
+    guard let directory = opendir("/proc/\(pid)/fd") else { return [] }
+    defer { closedir(directory) }
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self) }
+        var buffer = [CChar](repeating: 0, count: 256)
+        let length = readlink("/proc/\(pid)/fd/\(name)", &buffer, buffer.count - 1)
+        guard name != "." && name != ".." else { continue }
+        result.append(name + "=" + String(decoding: buffer[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self))
+    }
+    return result.sorted()
+}

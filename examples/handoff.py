@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Hand a process's stdio to Holdfast, and take it back: a client of the broker's handoff socket.
+
+A runtime on the guest that starts processes itself (rather than asking Holdfast to) can give
+the Holdfast broker the runtime-side ends of a process's stdio pipes. The broker then relays them
+to the host like its own streams, across lost connections. The protocol is in docs/PROTOCOL.md,
+"Handoff socket". Standard library only; Python 3.9+ (socket.send_fds, socket.recvmsg).
+
+As a library (put examples/ on sys.path):
+
+    import os, subprocess, handoff
+    r, w = os.pipe()
+    child = subprocess.Popen(["my-server"], stdout=w)    # the process writes into w
+    os.close(w)
+    with handoff.Client("/run/holdfast/broker.sock") as broker:
+        broker.adopt("c1", [handoff.Stream("stdout", r, "vsock://host:6000", token="c1-stdout")])
+    os.close(r)                                          # the broker holds its own copy now
+    ...
+    with handoff.Client("/run/holdfast/broker.sock") as broker:
+        for description, fd in broker.release("c1"):     # the same pipe ends, back to us
+            ...
+
+As a command:
+
+    handoff.py --socket PATH adopt --process c1 --stdout vsock://host:6000 -- my-server --flag
+    handoff.py --socket PATH adopt --process c1 --mode raw --stdout unix:/run/h.sock --stdout-fd 3
+    handoff.py --socket PATH list
+    handoff.py --socket PATH release --process c1
+"""
+
+import argparse
+import array
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+# Message types (Sources/HoldfastProtocol/BrokerMessages.swift). Only these three are meant for
+# a runtime; the others on the same socket (stats, process-exited, close-stdin, resize) are the
+# supervisor's vocabulary.
+ADOPT = 0x0101
+RELEASE = 0x0102
+LIST = 0x0103
+OK = 0x0001
+ERROR = 0x0002
+
+# Every message is one control frame: type, body length, request id (big-endian), then JSON.
+HEADER = struct.Struct(">IIQ")
+# The broker refuses a bigger body or more fds per message (and then closes the connection).
+MAX_BODY = 64 * 1024
+MAX_FDS = 64
+
+DEFAULT_SOCKET = "/run/holdfast/broker.sock"
+
+
+class BrokerError(Exception):
+    """The broker answered with an error frame: `code` is stable, `message` says why."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(Exception):
+    """The broker's reply was not what the protocol allows (or the connection ended)."""
+
+
+class UsageError(Exception):
+    """The command line asks for something the command cannot do."""
+
+
+@dataclass
+class Stream:
+    """One stream of a process, as `adopt` hands it over.
+
+    kind: "stdin", "stdout", "stderr" or "tty" (a pty master, relayed both ways).
+    fd: the runtime's end: the read end of a stdout/stderr pipe, the write end of a stdin
+        pipe, or a pty master (a socket works too).
+    address: where the broker dials the host for this stream: "vsock://CID:PORT",
+        "unix:/path" or "tcp://HOST:PORT" (the broker runs as an unprivileged user: it must be
+        allowed to connect there).
+    mode: "resumable" (exactly once across reconnects; needs `token`) or "raw" (plain bytes).
+    input_address / input_token: a tty's input stream (host -> terminal), if any.
+    """
+
+    kind: str
+    fd: int
+    address: str
+    mode: str = "resumable"
+    token: Optional[str] = None
+    input_address: Optional[str] = None
+    input_token: Optional[str] = None
+
+
+class Client:
+    """One connection to the handoff socket. Requests are answered in order, one at a time."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 10.0):
+        # SOCK_SEQPACKET: one message is one frame, with its fds attached, never split or merged.
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as error:
+            self.sock.close()
+            raise OSError(error.errno, f"cannot connect to the broker at {path}: {error.strerror}") from None
+        self.next_id = 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, kind: int, body: dict, fds: Sequence[int] = ()) -> Tuple[dict, List[int]]:
+        """Sends one request and returns the `ok` body and any fds that came with it (ours to
+        close). Raises BrokerError for an `error` reply."""
+        request_id = self.next_id
+        self.next_id += 1
+        payload = json.dumps(body).encode()
+        if len(payload) > MAX_BODY:
+            raise ValueError(f"request body of {len(payload)} bytes exceeds the broker's {MAX_BODY}")
+        frame = HEADER.pack(kind, len(payload), request_id) + payload
+        if fds:
+            # SCM_RIGHTS: the kernel gives the broker its own copies; ours stay open.
+            socket.send_fds(self.sock, [frame], list(fds))
+        else:
+            self.sock.send(frame)
+
+        # recvmsg rather than socket.recv_fds, which drops its flags argument: with
+        # MSG_CMSG_CLOEXEC the fds handed back cannot leak into a process started meanwhile
+        # (like Python's own fds, they are non-inheritable; pass them on explicitly).
+        reply, ancillary, flags, _ = self.sock.recvmsg(
+            HEADER.size + MAX_BODY, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize),
+            socket.MSG_CMSG_CLOEXEC)
+        received = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(data[:len(data) - len(data) % received.itemsize])
+        received = list(received)
+        try:
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                # Some fds or bytes were lost in flight: the reply cannot be trusted.
+                raise ProtocolError("the broker's reply was truncated")
+            if not reply:
+                raise ProtocolError("the broker closed the connection")
+            if len(reply) < HEADER.size:
+                raise ProtocolError(f"a reply of {len(reply)} bytes is shorter than a header")
+            reply_type, length, reply_id = HEADER.unpack_from(reply)
+            if length != len(reply) - HEADER.size:
+                raise ProtocolError("the reply's length does not match its header")
+            answer = json.loads(reply[HEADER.size:]) if length else {}
+            if reply_type == ERROR:
+                # A refused peer gets this too (id 0 if it said nothing), then a hang-up.
+                raise BrokerError(answer.get("code", "?"), answer.get("message", ""))
+            if reply_type != OK or reply_id != request_id:
+                raise ProtocolError(f"unexpected reply type 0x{reply_type:04x} id {reply_id}")
+            return answer, received
+        except BaseException:
+            for fd in received:  # a refused reply's fds are nobody's: do not leak them
+                os.close(fd)
+            raise
+
+    def adopt(self, process: str, streams: Sequence[Stream]) -> None:
+        """Hands the streams' fds to the broker, which relays them from now on. Our fds stay
+        open: close them once this returns (the broker has its own copies)."""
+        described = []
+        for index, stream in enumerate(streams):
+            # `fd` in the JSON is an index into the fds attached to this message.
+            entry = {"kind": stream.kind, "fd": index, "address": stream.address, "mode": stream.mode}
+            if stream.token is not None:
+                entry["token"] = stream.token
+            if stream.input_address is not None:
+                entry["inputAddress"] = stream.input_address
+            if stream.input_token is not None:
+                entry["inputToken"] = stream.input_token
+            described.append(entry)
+        self.request(ADOPT, {"process": process, "streams": described}, [s.fd for s in streams])
+
+    def release(self, process: str) -> List[Tuple[dict, int]]:
+        """Stops relaying the process's streams and takes their fds back: a list of (stream
+        description, fd). A stream whose fd the broker had already closed (stdin the host
+        ended) is not in it. The fds are ours to close."""
+        answer, fds = self.request(RELEASE, {"process": process})
+        streams = answer.get("streams", [])
+        if any(not 0 <= s.get("fd", -1) < len(fds) for s in streams):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"release described {len(streams)} streams but carried {len(fds)} fds")
+        return [(s, fds[s["fd"]]) for s in streams]
+
+    def list(self) -> List[dict]:
+        """Every stream the broker holds (its own processes' too), with state and byte counts."""
+        answer, fds = self.request(LIST, {})
+        for fd in fds:
+            os.close(fd)
+        return answer.get("streams", [])
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+KINDS = ("stdin", "stdout", "stderr")
+MODES = ("resumable", "raw")
+
+
+def run_adopt(args: argparse.Namespace) -> int:
+    named = [kind for kind in KINDS if getattr(args, kind)]
+    if not named:
+        raise UsageError("name at least one of --stdin, --stdout, --stderr")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    piped = [kind for kind in named if getattr(args, f"{kind}_fd") is None]
+    if piped and not command:
+        raise UsageError(f"--{piped[0]} needs --{piped[0]}-fd N or a COMMAND to start")
+
+    streams, ours, theirs = [], [], {}
+    for kind in named:
+        fd = getattr(args, f"{kind}_fd")
+        if fd is None:
+            # A pipe between COMMAND and the broker: the process gets one end as its fd 0/1/2,
+            # the broker the other; we keep neither.
+            r, w = os.pipe()
+            fd, theirs[kind] = (w, r) if kind == "stdin" else (r, w)
+            ours.append(fd)
+        mode = getattr(args, f"{kind}_mode") or args.mode
+        token = getattr(args, f"{kind}_token")
+        if mode == "resumable" and token is None:
+            token = f"{args.process}-{kind}"  # the host must open a stream with this token
+        streams.append(Stream(kind, fd, getattr(args, kind), mode, token))
+
+    # Adopt before starting the process: if the broker refuses, nothing was started.
+    try:
+        with Client(args.socket) as broker:
+            broker.adopt(args.process, streams)
+    except BaseException:
+        for fd in theirs.values():
+            os.close(fd)
+        raise
+    finally:
+        for fd in ours:
+            os.close(fd)  # sent (the broker has its copy) or refused: either way not ours to keep
+    report = {"process": args.process, "streams": [
+        dict(kind=s.kind, address=s.address, mode=s.mode, **({"token": s.token} if s.token else {}))
+        for s in streams]}
+    if not command:
+        print(json.dumps(report), flush=True)
+        return 0
+
+    # COMMAND's stdio without a pipe here is /dev/null, as for a process Holdfast starts itself.
+    stdio = {kind: theirs.get(kind, subprocess.DEVNULL) for kind in KINDS}
+    try:
+        child = subprocess.Popen(command, stdin=stdio["stdin"], stdout=stdio["stdout"],
+                                 stderr=stdio["stderr"])
+    except OSError:
+        # Nothing will ever write to those pipes: take the streams back, not leave them parked.
+        with Client(args.socket) as broker:
+            for _, fd in broker.release(args.process):
+                os.close(fd)
+        raise
+    finally:
+        for fd in theirs.values():
+            os.close(fd)  # the process has them now; keeping a write end would hide its EOF
+    report["pid"] = child.pid
+    print(json.dumps(report), flush=True)
+    if not args.wait:
+        return 0
+    # The broker does not learn of the exit: it relays until the pipes reach end-of-file.
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+def run_release(args: argparse.Namespace) -> int:
+    with Client(args.socket) as broker:
+        returned = broker.release(args.process)
+    for description, fd in returned:
+        # Which file came back ("pipe:[12345]": the same inode as the pipe handed over).
+        description["descriptor"] = os.readlink(f"/proc/self/fd/{fd}")
+        description["fd"] = fd
+        print(json.dumps(description, sort_keys=True), flush=True)
+        # A command cannot hand fds on to anyone after it exits: use the library for that.
+        os.close(fd)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with Client(args.socket) as broker:
+        streams = broker.list()
+    if args.json:
+        print(json.dumps(streams, sort_keys=True))
+        return 0
+    print(f"{'PROCESS':<16} {'STREAM':<12} {'MODE':<10} {'STATE':<10} "
+          f"{'TO HOST':>12} {'FROM HOST':>12}  ADDRESS")
+    for s in streams:
+        name = s["kind"] + ("/in" if s.get("direction") == "input" else "")
+        print(f"{s['process']:<16} {name:<12} {s['mode']:<10} {s['state']:<10} "
+              f"{s['bytesToHost']:>12} {s['bytesFromHost']:>12}  {s['address']}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="handoff.py",
+        description="Hand a process's stdio to the Holdfast broker, or take it back.",
+        epilog="Exit status: 0 done; 1 the broker refused (its error code is printed); "
+               "2 bad usage or no broker to talk to; with adopt --wait, the command's own status.")
+    parser.add_argument(
+        "--socket", default=os.environ.get("HOLDFAST_HANDOFF_SOCKET", DEFAULT_SOCKET),
+        help=f"the broker's handoff socket (default $HOLDFAST_HANDOFF_SOCKET or {DEFAULT_SOCKET})")
+    commands = parser.add_subparsers(dest="action", required=True)
+
+    adopt = commands.add_parser(
+        "adopt", help="hand over a process's stdio",
+        description="Hand the broker the stdio of a process: fds this command inherited "
+                    "(--KIND-fd N), or pipes to COMMAND, which it then starts.")
+    adopt.add_argument("--process", required=True, help="the id the streams are filed under")
+    adopt.add_argument("--mode", choices=MODES, default="resumable", help="every stream's mode")
+    for kind in KINDS:
+        adopt.add_argument(f"--{kind}", metavar="ADDRESS", help=f"where the broker dials for {kind}")
+        adopt.add_argument(f"--{kind}-mode", choices=MODES, help="this stream's mode, if not --mode")
+        adopt.add_argument(f"--{kind}-token", metavar="TOKEN",
+                           help=f"its resumable token (default PROCESS-{kind})")
+        adopt.add_argument(f"--{kind}-fd", type=int, metavar="N",
+                           help=f"hand over inherited fd N as {kind}")
+    adopt.add_argument("--wait", action="store_true", help="wait for COMMAND and exit with its status")
+    adopt.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS... to start")
+    adopt.set_defaults(run=run_adopt)
+
+    release = commands.add_parser("release", help="take a process's stdio back, print what came")
+    release.add_argument("--process", required=True)
+    release.set_defaults(run=run_release)
+
+    listing = commands.add_parser("list", help="list every stream the broker holds")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=run_list)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"handoff.py {args.action}: {error}", file=sys.stderr)
+        return 2
+    except BrokerError as error:
+        print(f"handoff.py: the broker refused {args.action}: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ProtocolError) as error:
+        print(f"handoff.py {args.action}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
