@@ -9,17 +9,18 @@ enum StreamTransport: Sendable {
     case resumable(ResumableStream<AsyncFD>)
 
     static func make(
-        address: String, token: String?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings
+        address: String, token: String?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         // Addresses were validated on adopt.
         let parsed = try! SocketAddress(parsing: address)
         switch mode {
         case .raw:
-            return .raw(GuestStreams.raw(to: parsed, name: address, policy: settings.redialPolicy))
+            return .raw(GuestStreams.raw(to: parsed, name: address, policy: settings.redialPolicy, observer: observer))
         case .resumable:
             return .resumable(GuestStreams.resumable(
                 to: parsed, token: Array((token ?? "").utf8), direction: direction, configuration: settings.resumable,
-                policy: settings.redialPolicy))
+                policy: settings.redialPolicy, observer: observer))
         }
     }
 
@@ -100,19 +101,21 @@ final class ManagedStream: Sendable {
     init(description: StreamDescription, handle: AsyncFD, broker: Broker) {
         self.description = description
         self.handle = handle
-        let settings = broker.settings
+        func transport(_ address: String, _ token: String?, _ direction: StreamDirection) -> StreamTransport {
+            .make(
+                address: address, token: token, mode: description.mode, direction: direction, settings: broker.settings,
+                observer: broker.metrics.slotObserver())
+        }
         switch description.kind {
         case .stdout, .stderr:
-            output = .make(address: description.address, token: description.token, mode: description.mode, direction: .send, settings: settings)
+            output = transport(description.address, description.token, .send)
             input = nil
         case .stdin:
             output = nil
-            input = .make(address: description.address, token: description.token, mode: description.mode, direction: .receive, settings: settings)
+            input = transport(description.address, description.token, .receive)
         case .tty:
-            output = .make(address: description.address, token: description.token, mode: description.mode, direction: .send, settings: settings)
-            input = description.inputAddress.map {
-                .make(address: $0, token: description.inputToken, mode: description.mode, direction: .receive, settings: settings)
-            }
+            output = transport(description.address, description.token, .send)
+            input = description.inputAddress.map { transport($0, description.inputToken, .receive) }
         }
     }
 

@@ -15,6 +15,7 @@ import Glibc
 /// sockets it dials — which is what its seccomp profile allows.
 public final class Broker: Sendable {
     public let settings: BrokerSettings
+    public let metrics = BrokerMetrics()
     let logger: Logger
     private let registry = SlotRegistry()
     private let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
@@ -119,6 +120,7 @@ public final class Broker: Sendable {
             throw ErrorBody(code: "no-such-process", message: "no streams for process '\(process)'")
         }
         let (descriptions, fds) = await adopted.release(registry: registry)
+        for stream in adopted.status() { record(finished: stream) }
         logger.info("released streams", metadata: ["process": "\(process)", "fds": "\(fds.count)"])
         return (ReleaseResponse(streams: descriptions), fds)
     }
@@ -134,9 +136,14 @@ public final class Broker: Sendable {
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
             let results = await adopted.drain(timeout: timeout)
-            processes.withLockedValue { table in
-                if table[request.process] === adopted { table.removeValue(forKey: request.process) }
+            // Removed first, then counted in the totals: a `stats` in between sees the bytes
+            // neither here nor there (a dip the metrics absorb), never twice.
+            let removed = processes.withLockedValue { table -> Bool in
+                guard table[request.process] === adopted else { return false }
+                table.removeValue(forKey: request.process)
+                return true
             }
+            if removed { for stream in adopted.status() { record(finished: stream) } }
             let undelivered = results.reduce(0) { $0 + $1.undelivered }
             totals.withLockedValue { $0.undelivered &+= undelivered }
             logger.info("process streams drained", metadata: [
@@ -198,6 +205,11 @@ public final class Broker: Sendable {
             undelivered: gone.undelivered,
             openDescriptors: ProcessFigures.openDescriptors(),
             residentKiB: ProcessFigures.residentKiB())
+    }
+
+    /// Every broker metric in the Prometheus text format.
+    public func metricsText() -> String {
+        metrics.render(stats: stats(), states: list().map(\.state))
     }
 
     /// Stops everything (shutdown): relays are cancelled, streams closed, fds closed.

@@ -181,6 +181,8 @@ public final class BrokerService: Sendable {
             return (ControlJSON.encode(ListResponse(streams: broker.list())), [])
         case .stats:
             return (ControlJSON.encode(broker.stats()), [])
+        case .metrics:
+            return (ControlJSON.encode(MetricsResponse(text: broker.metricsText())), [])
         case .disconnectAll, .bridgeUp:
             guard case .supervisor = caller else {
                 throw ErrorBody(code: "permission-denied", message: "only the supervisor sends bridge events")

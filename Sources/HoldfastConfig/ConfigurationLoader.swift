@@ -37,6 +37,7 @@ public enum ConfigurationLoader {
         ("control.socket", "{run}/control.sock"),
         ("runc.path", "runc"),
         ("runc.root", "{run}/runc"),
+        ("metrics.address", ""),
         ("run_directory", "/run/holdfast"),
     ]
 
@@ -133,6 +134,13 @@ public enum ConfigurationLoader {
         let runcRoot = try parse("runc.root") { text -> Result<String, Problem> in
             text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
         }
+        let metricsAddress = try parse("metrics.address") { text -> Result<SocketAddress?, Problem> in
+            guard !text.isEmpty else { return .success(nil) }
+            // vsock too: the host's Prometheus cannot reach the guest's loopback.
+            do throws(AddressError) { return .success(try SocketAddress(parsing: text)) } catch {
+                return .failure(Problem(error.reason))
+            }
+        }
         let run = try parse("run_directory") { text -> Result<String, Problem> in
             text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
         }
@@ -147,6 +155,7 @@ public enum ConfigurationLoader {
             shutdown: .init(signal: signal, grace: grace, timeout: timeout),
             control: .init(socket: control),
             runc: .init(path: runcPath, root: runcRoot),
+            metrics: .init(address: metricsAddress),
             runDirectory: environment[runDirectoryVariable] ?? run)
     }
 

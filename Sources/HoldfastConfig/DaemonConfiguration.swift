@@ -53,6 +53,11 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var root: String
     }
 
+    public struct Metrics: Codable, Sendable, Equatable {
+        /// Where `GET /metrics` is served (Prometheus text format); nil: no endpoint.
+        public var address: SocketAddress?
+    }
+
     public struct Control: Codable, Sendable, Equatable {
         /// The local socket `holdfast status` talks to.
         public var socket: String
@@ -65,6 +70,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var shutdown: Shutdown
     public var control: Control
     public var runc: Runc
+    public var metrics: Metrics
     /// Where the daemon keeps its sockets (created if missing).
     public var runDirectory: String
 }

@@ -12,6 +12,7 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     case processExited = 0x0107
     case closeStdin = 0x0108
     case resize = 0x0109
+    case metrics = 0x010A
     // Responses (same id as the request).
     case ok = 0x0001
     case error = 0x0002
@@ -135,6 +136,12 @@ public struct StreamStatus: Codable, Sendable, Equatable {
 public struct ListResponse: Codable, Sendable, Equatable {
     public var streams: [StreamStatus]
     public init(streams: [StreamStatus]) { self.streams = streams }
+}
+
+/// `metrics`: the broker's metrics in the Prometheus text format.
+public struct MetricsResponse: Codable, Sendable, Equatable {
+    public var text: String
+    public init(text: String) { self.text = text }
 }
 
 public struct CountResponse: Codable, Sendable, Equatable {

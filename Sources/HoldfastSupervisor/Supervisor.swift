@@ -86,6 +86,7 @@ public final class Supervisor: Sendable {
     }
 
     let runc: RuncRuntime
+    let metrics = SupervisorMetrics()
 
     public init(configuration: DaemonConfiguration, logger: Logger, executable: String) {
         self.configuration = configuration
@@ -118,6 +119,7 @@ public final class Supervisor: Sendable {
         let brokerTask = Task { await broker.run() }
         let bridgeTask = Task { await bridge.run() }
         let controlTask = Task { await serveControl(control) }
+        let metricsTask = try startMetricsEndpoint()
         logger.info("holdfast daemon started", metadata: [
             "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
         ])
@@ -141,12 +143,40 @@ public final class Supervisor: Sendable {
         let clean = await shutdown(broker: broker, bridge: bridge)
         controlTask.cancel()
         control.close()
+        metricsTask?.cancel()
         handoff?.close()
         _ = await brokerTask.value
         _ = await bridgeTask.value
         reaping.cancel()
         logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
         return 0
+    }
+
+    /// The metrics endpoint, when `metrics.address` names one.
+    private func startMetricsEndpoint() throws -> Task<Void, Never>? {
+        guard let address = configuration.metrics.address else { return nil }
+        let listener = try Listener(binding: address, unixMode: 0o644)
+        let endpoint = MetricsEndpoint(listener: listener, logger: logger) { [self] in await metricsText() }
+        logger.info("metrics endpoint", metadata: ["address": "\(listener.boundAddress)"])
+        return Task {
+            await withTaskCancellationHandler {
+                await endpoint.serve()
+            } onCancel: {
+                listener.close()
+            }
+        }
+    }
+
+    /// The supervisor's metrics, then the broker's (absent while it restarts).
+    func metricsText() async -> String {
+        let roles = self.roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
+        var text = metrics.render(roles: roles)
+        if let broker = broker(),
+            let reply = try? await broker.call(BrokerMessageType.metrics.rawValue, [String: String](), reply: MetricsResponse.self)
+        {
+            text += reply.text
+        }
+        return text
     }
 
     private func makeRunDirectory() throws {
@@ -258,6 +288,7 @@ public final class Supervisor: Sendable {
         // The worker died: the bridge is as good as lost.
         if bridgeState.withLockedValue({ $0 }) == "up" {
             bridgeState.withLockedValue { $0 = "down" }
+            metrics.bridge(up: false)
             _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
         }
     }
@@ -266,10 +297,12 @@ public final class Supervisor: Sendable {
         switch SupervisorMessageType(rawValue: frame.type) {
         case .bridgeUp:
             bridgeState.withLockedValue { $0 = "up" }
+            metrics.bridge(up: true)
             logger.info("bridge up")
             _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
         case .bridgeDown:
             bridgeState.withLockedValue { $0 = "down" }
+            metrics.bridge(up: false)
             logger.warning("bridge lost")
             _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
         default:
@@ -354,6 +387,14 @@ public final class Supervisor: Sendable {
     /// Starts a process and hands its stdio to the broker; on any failure the process is gone
     /// and every fd closed.
     public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> pid_t {
+        var started = false
+        defer { if !started { metrics.processStartFailed() } }
+        let pid = try await startProcess(spec, viaBridge: viaBridge)
+        started = true
+        return pid
+    }
+
+    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
         guard !shuttingDown.withLockedValue({ $0 }) else {
             throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
         }
@@ -384,6 +425,7 @@ public final class Supervisor: Sendable {
             }
         }
         let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container)
+        metrics.processStarted(spec.runtime ?? .direct)
         if !started.adopt.streams.isEmpty {
             do {
                 _ = try await broker.request(
@@ -417,6 +459,7 @@ public final class Supervisor: Sendable {
             $0.report = report
         }
         logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
+        metrics.processExited()
         guard hasStreams, let broker = broker() else {
             complete(record, report)
             return

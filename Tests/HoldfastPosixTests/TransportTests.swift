@@ -9,38 +9,6 @@ import Testing
 import Glibc
 #endif
 
-func send(_ connection: AsyncFD, _ bytes: [UInt8]) async throws {
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bytes.count), alignment: 1)
-    defer { buffer.deallocate() }
-    buffer.copyBytes(from: bytes)
-    try await connection.write(UnsafeRawBufferPointer(rebasing: buffer[..<bytes.count]))
-}
-
-/// Reads until end-of-file (bounded by `limit` bytes).
-func readAll(_ connection: some ByteReader, limit: Int = 1 << 30) async throws -> [UInt8] {
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 1)
-    defer { buffer.deallocate() }
-    var result: [UInt8] = []
-    while result.count < limit {
-        let count = try await connection.read(into: buffer)
-        if count == 0 { break }
-        result += buffer[..<count]
-    }
-    return result
-}
-
-func readExactly(_ connection: some ByteReader, _ count: Int) async throws -> [UInt8] {
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 1)
-    defer { buffer.deallocate() }
-    var result: [UInt8] = []
-    while result.count < count {
-        let got = try await connection.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<(count - result.count)]))
-        if got == 0 { break }
-        result += buffer[..<got]
-    }
-    return result
-}
-
 @Suite("Transports: dial and listen on loopback")
 struct TransportTests {
     @Test func unixSocketRoundTrip() async throws {

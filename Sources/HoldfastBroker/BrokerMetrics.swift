@@ -1,0 +1,121 @@
+import CoreMetrics
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+import Prometheus
+
+/// The broker's metrics in its own Prometheus registry, through swift-metrics.
+///
+/// Each broker owns its registry and passes its factory explicitly: no process-wide
+/// `MetricsSystem.bootstrap`, so tests can run many brokers in one process. The supervisor asks
+/// for the text (`metrics` request) and serves it with its own on the metrics endpoint; the
+/// broker itself opens no listening socket (its seccomp profile stays as it is).
+///
+/// Stream events (dials, reconnect latency) are counted as they happen, from the streams'
+/// observers; byte and state figures are read at scrape time from the same totals `stats` uses,
+/// and counters are advanced by the difference since the last scrape.
+public final class BrokerMetrics: Sendable {
+    let registry = PrometheusCollectorRegistry()
+    private let bytesToHost: CoreMetrics.Counter
+    private let bytesFromHost: CoreMetrics.Counter
+    private let reconnects: CoreMetrics.Counter
+    private let undelivered: CoreMetrics.Counter
+    private let dialAttempts: CoreMetrics.Counter
+    private let dialFailures: CoreMetrics.Counter
+    private let redialsGivenUp: CoreMetrics.Counter
+    private let reconnectLatency: CoreMetrics.Timer
+    private let streams: [String: CoreMetrics.Gauge]
+    private let processes: CoreMetrics.Gauge
+    private let openDescriptors: CoreMetrics.Gauge
+    private let residentBytes: CoreMetrics.Gauge
+    private let fed = NIOLockedValueBox(Fed())
+
+    private struct Fed {
+        var bytesToHost: UInt64 = 0
+        var bytesFromHost: UInt64 = 0
+        var reconnects: UInt64 = 0
+        var undelivered: UInt64 = 0
+    }
+
+    static let streamStates = ["connected", "parked", "closed", "abandoned"]
+    /// From 1 ms (a reconnect on a live host) to a minute (a long blackout).
+    static let latencyBuckets: [Duration] = [
+        .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+        .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10),
+        .seconds(30), .seconds(60),
+    ]
+
+    public init() {
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.durationHistogramBuckets["holdfast_stream_reconnect_seconds"] = Self.latencyBuckets
+        bytesToHost = CoreMetrics.Counter(label: "holdfast_stream_bytes_total", dimensions: [("direction", "to_host")], factory: factory)
+        bytesFromHost = CoreMetrics.Counter(label: "holdfast_stream_bytes_total", dimensions: [("direction", "from_host")], factory: factory)
+        reconnects = CoreMetrics.Counter(label: "holdfast_stream_reconnects_total", factory: factory)
+        undelivered = CoreMetrics.Counter(label: "holdfast_stream_undelivered_bytes_total", factory: factory)
+        dialAttempts = CoreMetrics.Counter(label: "holdfast_stream_dial_attempts_total", factory: factory)
+        dialFailures = CoreMetrics.Counter(label: "holdfast_stream_dial_failures_total", factory: factory)
+        redialsGivenUp = CoreMetrics.Counter(label: "holdfast_stream_redials_given_up_total", factory: factory)
+        reconnectLatency = CoreMetrics.Timer(label: "holdfast_stream_reconnect_seconds", factory: factory)
+        var streams: [String: CoreMetrics.Gauge] = [:]
+        for state in Self.streamStates {
+            streams[state] = CoreMetrics.Gauge(label: "holdfast_streams", dimensions: [("state", state)], factory: factory)
+        }
+        self.streams = streams
+        processes = CoreMetrics.Gauge(label: "holdfast_broker_processes", factory: factory)
+        openDescriptors = CoreMetrics.Gauge(label: "holdfast_broker_open_fds", factory: factory)
+        residentBytes = CoreMetrics.Gauge(label: "holdfast_broker_resident_bytes", factory: factory)
+    }
+
+    /// An observer for one stream's slot: dial attempts and failures, redial cycles given up,
+    /// and the time from losing a connection to the next one.
+    func slotObserver() -> @Sendable (SlotEvent) -> Void {
+        let lostAt = NIOLockedValueBox<UInt64?>(nil)
+        return { [self] event in
+            switch event {
+            case .dialing(let attempt):
+                dialAttempts.increment()
+                if attempt > 1 { dialFailures.increment() }  // the attempt before this one failed
+            case .gaveUp:
+                dialFailures.increment()
+                redialsGivenUp.increment()
+            case .disconnected:
+                lostAt.withLockedValue { if $0 == nil { $0 = monotonicNanoseconds() } }
+            case .connected:
+                if let since = lostAt.withLockedValue({ at -> UInt64? in defer { at = nil }; return at }) {
+                    reconnectLatency.recordNanoseconds(Int64(clamping: monotonicNanoseconds() &- since))
+                }
+            case .closed, .abandoned:
+                break
+            }
+        }
+    }
+
+    /// The Prometheus text of every broker metric, figures read now.
+    func render(stats: BrokerStats, states: [String]) -> String {
+        let advance = fed.withLockedValue { last -> (UInt64, UInt64, UInt64, UInt64) in
+            defer {
+                last = Fed(
+                    bytesToHost: max(last.bytesToHost, stats.bytesToHost), bytesFromHost: max(last.bytesFromHost, stats.bytesFromHost),
+                    reconnects: max(last.reconnects, stats.reconnects), undelivered: max(last.undelivered, stats.undelivered))
+            }
+            return (
+                stats.bytesToHost &- min(stats.bytesToHost, last.bytesToHost),
+                stats.bytesFromHost &- min(stats.bytesFromHost, last.bytesFromHost),
+                stats.reconnects &- min(stats.reconnects, last.reconnects),
+                stats.undelivered &- min(stats.undelivered, last.undelivered)
+            )
+        }
+        bytesToHost.increment(by: Int64(clamping: advance.0))
+        bytesFromHost.increment(by: Int64(clamping: advance.1))
+        reconnects.increment(by: Int64(clamping: advance.2))
+        undelivered.increment(by: Int64(clamping: advance.3))
+        for state in Self.streamStates {
+            streams[state]?.record(Double(states.filter { $0 == state }.count))
+        }
+        processes.record(Double(stats.processes))
+        openDescriptors.record(Double(stats.openDescriptors))
+        residentBytes.record(Double(stats.residentKiB * 1024))
+        return registry.emitToString()
+    }
+}

@@ -1,0 +1,58 @@
+import CoreMetrics
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+import Prometheus
+
+/// The supervisor's own metrics (the bridge, the roles, processes), in its own registry; the
+/// metrics endpoint serves them followed by the broker's.
+final class SupervisorMetrics: Sendable {
+    let registry = PrometheusCollectorRegistry()
+    private let bridgeConnects: CoreMetrics.Counter
+    private let bridgeUp: CoreMetrics.Gauge
+    private let started: [RuntimeName: CoreMetrics.Counter]
+    private let startFailures: CoreMetrics.Counter
+    private let exits: CoreMetrics.Counter
+    private let restarts: [String: CoreMetrics.Counter]
+    private let restartsFed = NIOLockedValueBox<[String: Int]>([:])
+
+    init() {
+        let factory = PrometheusMetricsFactory(registry: registry)
+        bridgeConnects = CoreMetrics.Counter(label: "holdfast_bridge_connects_total", factory: factory)
+        bridgeUp = CoreMetrics.Gauge(label: "holdfast_bridge_up", factory: factory)
+        var started: [RuntimeName: CoreMetrics.Counter] = [:]
+        for runtime in RuntimeName.allCases {
+            started[runtime] = CoreMetrics.Counter(
+                label: "holdfast_processes_started_total", dimensions: [("runtime", runtime.rawValue)], factory: factory)
+        }
+        self.started = started
+        startFailures = CoreMetrics.Counter(label: "holdfast_process_start_failures_total", factory: factory)
+        exits = CoreMetrics.Counter(label: "holdfast_process_exits_total", factory: factory)
+        var restarts: [String: CoreMetrics.Counter] = [:]
+        for role in ["broker", "bridge"] {
+            restarts[role] = CoreMetrics.Counter(label: "holdfast_role_restarts_total", dimensions: [("role", role)], factory: factory)
+        }
+        self.restarts = restarts
+        bridgeUp.record(0)
+    }
+
+    func bridge(up: Bool) {
+        if up { bridgeConnects.increment() }
+        bridgeUp.record(up ? 1 : 0)
+    }
+
+    func processStarted(_ runtime: RuntimeName) { started[runtime]?.increment() }
+    func processStartFailed() { startFailures.increment() }
+    func processExited() { exits.increment() }
+
+    /// The supervisor's metrics now; role restarts are read from the role table.
+    func render(roles: [RoleStatus]) -> String {
+        for role in roles {
+            let advance = restartsFed.withLockedValue { fed -> Int in
+                defer { fed[role.name] = max(fed[role.name] ?? 0, role.restarts) }
+                return max(0, role.restarts - (fed[role.name] ?? 0))
+            }
+            if advance > 0 { restarts[role.name]?.increment(by: Int64(advance)) }
+        }
+        return registry.emitToString()
+    }
+}

@@ -1,0 +1,95 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+@testable import HoldfastSupervisor
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Samples of the Prometheus text format: `name{labels} value` → value; comments skipped.
+func parsePrometheus(_ text: String) -> [String: Double] {
+    var samples: [String: Double] = [:]
+    for line in text.split(separator: "\n") where !line.hasPrefix("#") {
+        guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
+        samples[String(line[..<space])] = value
+    }
+    return samples
+}
+
+/// One HTTP request over a fresh connection; the whole response.
+func httpExchange(_ address: SocketAddress, _ request: String) async throws -> String {
+    let connection = try await Dialer.connect(to: address, timeout: .seconds(2))
+    defer { connection.close() }
+    try await send(connection, Array(request.utf8))
+    return String(decoding: try await readAll(connection), as: UTF8.self)
+}
+
+@Suite("Metrics: the Prometheus endpoint")
+struct MetricsTests {
+    @Test func requestHeadsGetTheRightAnswer() async {
+        func answer(_ head: String) async -> String {
+            String(decoding: await MetricsEndpoint.response(toHead: Array(head.utf8)) { "holdfast_up 1\n" }, as: UTF8.self)
+        }
+        let ok = await answer("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        #expect(ok.hasPrefix("HTTP/1.1 200 OK\r\n"))
+        #expect(ok.contains("Content-Type: text/plain; version=0.0.4"))
+        #expect(ok.hasSuffix("\r\n\r\nholdfast_up 1\n"))
+        #expect(await answer("GET /metrics?x=1 HTTP/1.0\r\n\r\n").hasPrefix("HTTP/1.1 200"))
+        #expect(await answer("HEAD /metrics HTTP/1.1\r\n\r\n").hasSuffix("Content-Length: 0\r\nConnection: close\r\n\r\n"))
+        #expect(await answer("GET / HTTP/1.1\r\n\r\n").hasPrefix("HTTP/1.1 404"))
+        #expect(await answer("POST /metrics HTTP/1.1\r\n\r\n").hasPrefix("HTTP/1.1 405"))
+        #expect(await answer("\u{0}\u{1}garbage\r\n\r\n").hasPrefix("HTTP/1.1 400"))
+        #expect(await answer("GET /metrics\r\n\r\n").hasPrefix("HTTP/1.1 400"))
+        #expect(MetricsEndpoint.isComplete(Array("GET / HTTP/1.1\r\n\r\n".utf8)))
+        #expect(!MetricsEndpoint.isComplete(Array("GET / HTTP/1.1\r\n".utf8)))
+    }
+
+    /// A daemon with the endpoint on a Unix socket: scraped before and after a process sends
+    /// 100,000 bytes and a migration: the byte counter moves by exactly that, reconnects and the
+    /// latency histogram count move, the bridge is up, one direct process started.
+    @Test func countersMoveWhenBytesFlowAndStreamsReconnect() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let endpoint = SocketAddress.unix(path: daemon.directory.file("metrics.sock"))
+        func scrape() async throws -> [String: Double] {
+            let response = try await httpExchange(endpoint, "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n")
+            #expect(response.hasPrefix("HTTP/1.1 200 OK"))
+            return parsePrometheus(response)
+        }
+        let before = try await scrape()
+        #expect(before["holdfast_bridge_up"] == 1)
+        #expect((before["holdfast_bridge_connects_total"] ?? 0) >= 1)
+        #expect(before["holdfast_role_restarts_total{role=\"broker\"}"] == 0)
+        let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
+        #expect(before[toHost] == 0)
+
+        let output = collect(daemon.streams.open(token: bytes("m-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "m", argv: ["sh", "-c", "head -c 50000 /dev/zero; sleep 0.6; head -c 50000 /dev/zero"],
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m-out")))
+        try await Task.sleep(for: .milliseconds(300))
+        blackout(daemon)
+        try await Task.sleep(for: .milliseconds(100))
+        lightsOn(daemon)
+        #expect(await output.value.count == 100_000)
+        _ = try await daemon.wait("m")
+
+        let after = try await scrape()
+        #expect(after[toHost] == 100_000, "the counter moved by exactly the bytes the host received")
+        #expect((after["holdfast_stream_reconnects_total"] ?? 0) >= 1)
+        #expect((after["holdfast_stream_reconnect_seconds_count"] ?? 0) >= 1)
+        #expect((after["holdfast_stream_dial_attempts_total"] ?? 0) >= 2)
+        #expect(after["holdfast_processes_started_total{runtime=\"direct\"}"] == 1)
+        #expect(after["holdfast_process_exits_total"] == 1)
+        #expect((after["holdfast_broker_open_fds"] ?? 0) > 0)
+        #expect(try await httpExchange(endpoint, "GET /nope HTTP/1.1\r\n\r\n").hasPrefix("HTTP/1.1 404"))
+        // A scrape does not move anything by itself.
+        #expect(try await scrape()[toHost] == 100_000)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
