@@ -98,6 +98,29 @@ public func descriptorTable(pid: pid_t = getpid()) -> [Int32: String] {
     return table
 }
 
+/// Every process (pid, name, fd) that holds `target` (as /proc/PID/fd shows it, e.g.
+/// "pipe:[123]"): who else has a pipe end, when a test finds one drained or held open.
+public func holders(of target: String) -> [String] {
+    guard let proc = opendir("/proc") else { return [] }
+    defer { closedir(proc) }
+    var found: [String] = []
+    while let entry = readdir(proc) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        guard let pid = pid_t(name) else { continue }
+        for (fd, link) in descriptorTable(pid: pid) where link == target {
+            let comm = String(decoding: readFile("/proc/\(pid)/comm") ?? [], as: UTF8.self).trimmingSuffix("\n")
+            found.append("\(pid) (\(comm)) fd \(fd)")
+        }
+    }
+    return found.sorted()
+}
+
+extension String {
+    fileprivate func trimmingSuffix(_ suffix: String) -> String { hasSuffix(suffix) ? String(dropLast(suffix.count)) : self }
+}
+
 /// The entries of `after` not in `before` (by number and target), for failure messages.
 public func descriptorsAdded(_ before: [Int32: String], _ after: [Int32: String]) -> [String] {
     after.filter { before[$0.key] != $0.value }.sorted { $0.key < $1.key }.map { "\($0.key) → \($0.value)" }

@@ -138,9 +138,10 @@ struct BridgeTests {
         defer { daemon.cleanUp() }
         let output = collect(daemon.streams.open(token: bytes("t-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(
-            id: "t", argv: ["sh", "-c", "stty size; sleep 0.5; stty size"], tty: true, rows: 24, columns: 80,
+            id: "t", argv: ["sh", "-c", "stty size; while [ \"$(stty size)\" = '24 80' ]; do sleep 0.02; done; stty size"],
+            tty: true, rows: 24, columns: 80,
             stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "t-out")))
-        try await Task.sleep(for: .milliseconds(200))
+        // The process waits for the new size however long the resize takes to arrive.
         try await daemon.bridge.resize("t", rows: 50, columns: 132)
         let text = String(decoding: await output.value, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
         #expect(text == "24 80\n50 132\n")

@@ -31,7 +31,8 @@ struct Rig {
         let out = open(dataPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         let head = try processes.start(["head", "-c", String(bytes), "/dev/urandom"], stdout: out)
         close(out)
-        #expect(try await processes.wait(head) == .exited(0))
+        // 256 MiB from urandom while other suites load the machine: seconds to a minute.
+        #expect(try await processes.wait(head, timeout: .seconds(300)) == .exited(0))
         expectedDigest = try await Rig.sha256sum(dataPath, processes: processes, directory: directory)
     }
 
@@ -40,7 +41,7 @@ struct Rig {
         let out = open(outPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         let pid = try processes.start(["sha256sum", path], stdout: out)
         close(out)
-        #expect(try await processes.wait(pid) == .exited(0))
+        #expect(try await processes.wait(pid, timeout: .seconds(300)) == .exited(0))
         return String(decoding: readFile(outPath) ?? [], as: UTF8.self).split(separator: " ").first.map(String.init) ?? ""
     }
 

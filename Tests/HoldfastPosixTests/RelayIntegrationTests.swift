@@ -88,7 +88,10 @@ struct RelayIntegrationTests {
         let queued = queuedBytes(pipe.read)
         try await Task.sleep(for: .milliseconds(200))
         #expect(source.reads == 1, "a parked relay reads nothing more")
-        #expect(queuedBytes(pipe.read) == queued, "the producer is blocked, not the pipe draining (our fd \(pipe.read): \(linkTarget("/proc/self/fd/\(pipe.read)")), seq's stdout: \(linkTarget("/proc/\(pid)/fd/1")))")
+        let pipeName = linkTarget("/proc/self/fd/\(pipe.read)")
+        #expect(
+            queuedBytes(pipe.read) == queued,
+            "the producer is blocked, not the pipe draining (our fd \(pipe.read): \(pipeName), seq's stdout: \(linkTarget("/proc/\(pid)/fd/1")); holders: \(holders(of: pipeName)))")
         #expect(Spawner.reap(pid) == nil, "seq is still alive, blocked in write")
         #expect(processState(pid) == "S", "blocked in the kernel, not spinning")
 
