@@ -29,9 +29,14 @@ struct Holdfast: AsyncParsableCommand {
         ])
 }
 
-func makeLogger(_ label: String) -> Logger {
-    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-    return Logger(label: label)
+/// The logger of a role: journald priority prefixes under systemd, plain text otherwise, and the
+/// role and pid as metadata on every line.
+func makeLogger(_ label: String, role: String) -> Logger {
+    DaemonLogHandler.bootstrap()
+    var logger = Logger(label: label)
+    logger[metadataKey: "role"] = "\(role)"
+    logger[metadataKey: "pid"] = "\(getpid())"
+    return logger
 }
 
 struct Daemon: AsyncParsableCommand {
@@ -41,7 +46,7 @@ struct Daemon: AsyncParsableCommand {
     @Option(help: "The configuration file (YAML or JSON); see config/holdfast.yaml.") var config: String
 
     func run() async throws {
-        let code = await DaemonCommand.run(configPath: config, logger: makeLogger("holdfast.supervisor"))
+        let code = await DaemonCommand.run(configPath: config, logger: makeLogger("holdfast.supervisor", role: "supervisor"))
         if code != 0 { throw ExitCode(code) }
     }
 }
@@ -77,7 +82,7 @@ struct BrokerRoleCommand: AsyncParsableCommand {
     @Option var settings: String
 
     func run() async throws {
-        let logger = makeLogger("holdfast.broker")
+        let logger = makeLogger("holdfast.broker", role: "broker")
         let parsed = try ControlJSON.decode(BrokerSettings.self, from: Array(settings.utf8), frameType: 0)
         try await BrokerRole.run(controlFD: controlFd, handoffFD: handoffFd, handoffPath: handoffPath, settings: parsed, logger: logger)
     }
@@ -93,7 +98,7 @@ struct BridgeRoleCommand: AsyncParsableCommand {
     @Option var reconnectMaxMs: Int = 5000
 
     func run() async throws {
-        let logger = makeLogger("holdfast.bridge")
+        let logger = makeLogger("holdfast.bridge", role: "bridge")
         SignalDisposition.ignore(SIGPIPE)
         let channel = FDChannel(try AsyncFD(adopting: controlFd))
         await BridgeWorker.run(

@@ -1,0 +1,94 @@
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The daemon's log lines on stderr: under systemd (its journal is on stderr, `JOURNAL_STREAM`
+/// is set) each line starts with a syslog priority prefix (`<3>` for errors...) and carries no
+/// timestamp, since journald adds both its own; anywhere else, plain text with a timestamp.
+/// Metadata (process, stream, role, pid...) follows as `key=value`, sorted, so lines grep well.
+public struct DaemonLogHandler: LogHandler {
+    public var logLevel: Logger.Level = .info
+    public var metadata: Logger.Metadata = [:]
+    public var metadataProvider: Logger.MetadataProvider?
+    let label: String
+    let journal: Bool
+
+    public init(label: String, journal: Bool = DaemonLogHandler.stderrIsTheJournal) {
+        self.label = label
+        self.journal = journal
+    }
+
+    /// systemd sets JOURNAL_STREAM to "DEVICE:INODE" of the stream it connected; it is our
+    /// stderr only if those match (a child of a journald-connected shell inherits the variable).
+    public static var stderrIsTheJournal: Bool {
+        guard let value = getenv("JOURNAL_STREAM").map({ String(cString: $0) }) else { return false }
+        let parts = value.split(separator: ":")
+        var info = stat()
+        guard parts.count == 2, fstat(2, &info) == 0 else { return false }
+        return parts[0] == String(info.st_dev) && parts[1] == String(info.st_ino)
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var merged = metadata
+        if let provided = metadataProvider?.get() { merged.merge(provided) { $1 } }
+        if let extra = event.metadata { merged.merge(extra) { $1 } }
+        let line = Self.format(
+            level: event.level, label: label, message: "\(event.message)", metadata: merged, journal: journal,
+            timestamp: journal ? nil : Self.timestamp())
+        var bytes = Array(line.utf8)
+        bytes.append(UInt8(ascii: "\n"))
+        // One write per line: lines from concurrent tasks never interleave.
+        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+    }
+
+    /// One log line (pure, tested apart).
+    static func format(
+        level: Logger.Level, label: String, message: String, metadata: Logger.Metadata, journal: Bool, timestamp: String?
+    ) -> String {
+        let fields = metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        let body = fields.isEmpty ? message : "\(message) \(fields)"
+        if journal { return "<\(priority(level))>\(label): \(body)" }
+        return "\(timestamp ?? "") \(level) \(label): \(body)"
+    }
+
+    /// The syslog priority sd-daemon(3) prefixes use.
+    static func priority(_ level: Logger.Level) -> Int {
+        switch level {
+        case .trace, .debug: return 7
+        case .info: return 6
+        case .notice: return 5
+        case .warning: return 4
+        case .error: return 3
+        case .critical: return 2
+        }
+    }
+
+    static func timestamp() -> String {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        var parts = tm()
+        var seconds = now.tv_sec
+        gmtime_r(&seconds, &parts)
+        var buffer = [CChar](repeating: 0, count: 32)
+        let count = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S", &parts)
+        let millis = now.tv_nsec / 1_000_000
+        let base = String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return base + "." + String(repeating: "0", count: millis < 10 ? 2 : millis < 100 ? 1 : 0) + String(millis) + "Z"
+    }
+
+    /// Installs the handler for the whole process (once, at start-up), at `level`.
+    public static func bootstrap(level: Logger.Level = .info) {
+        LoggingSystem.bootstrap { label in
+            var handler = DaemonLogHandler(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }
+}
