@@ -73,7 +73,7 @@ public enum RawDemo {
             if number < last { outOfOrder += 1 }
             last = max(last, number)
         }
-        say("relay: \(report); heartbeat \(status)")
+        say("relay: \(report); heartbeat \(status); host connections: \(host.connections)")
         return Verdict(received: received, expected: beats, duplicates: duplicates, outOfOrder: outOfOrder)
     }
 }
@@ -87,6 +87,7 @@ final class DemoHost: @unchecked Sendable {
     private var listener: Listener?
     private var task: Task<Void, Never>?
     private var received: [Int] = []
+    private var accepted = 0
 
     init(address: SocketAddress, say: @escaping @Sendable (String) -> Void) {
         self.address = address
@@ -94,11 +95,13 @@ final class DemoHost: @unchecked Sendable {
     }
 
     var numbers: [Int] { lock.with { received } }
+    var connections: Int { lock.with { accepted } }
 
     func start() throws {
         let listener = try Listener(binding: address)
         let task = Task { [self] in
             while let connection = try? await listener.accept() {
+                lock.with { accepted += 1 }
                 await serve(connection)
             }
         }
