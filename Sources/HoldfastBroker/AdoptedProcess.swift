@@ -209,12 +209,28 @@ final class ManagedStream: Sendable {
 }
 
 /// The streams of one process.
+/// Who handed a process's stdio to the broker: the supervisor (processes it started), or a
+/// runtime on the handoff socket, by uid. A handoff peer manages only its own.
+public enum ProcessOwner: Sendable, Equatable, CustomStringConvertible {
+    case supervisor
+    case handoff(uid: UInt32)
+
+    public var description: String {
+        switch self {
+        case .supervisor: return "the supervisor"
+        case .handoff(let uid): return "a handoff peer with uid \(uid)"
+        }
+    }
+}
+
 final class AdoptedProcess: Sendable {
     let id: String
+    let owner: ProcessOwner
     private let streams = NIOLockedValueBox<[ManagedStream]>([])
 
-    init(id: String) {
+    init(id: String, owner: ProcessOwner) {
         self.id = id
+        self.owner = owner
     }
 
     func start(_ managed: [ManagedStream], registry: SlotRegistry) {

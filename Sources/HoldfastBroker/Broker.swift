@@ -40,7 +40,7 @@ public final class Broker: Sendable {
 
     /// Takes the fds of a process's streams and starts relaying them. On any error every fd of
     /// the request is closed and nothing is left behind.
-    public func adopt(_ request: AdoptRequest, descriptors: [Int32]) throws(ErrorBody) {
+    public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(ErrorBody) {
         var adopted: [AsyncFD?] = []
         do {
             try validate(request, descriptorCount: descriptors.count)
@@ -50,7 +50,7 @@ public final class Broker: Sendable {
             for handle in adopted { handle?.close() }
             throw error as? ErrorBody ?? ErrorBody(code: "bad-descriptor", message: "\(error)")
         }
-        let process = AdoptedProcess(id: request.process)
+        let process = AdoptedProcess(id: request.process, owner: owner)
         var streams: [ManagedStream] = []
         for description in request.streams {
             let handle = adopted[description.fd]!
@@ -187,8 +187,14 @@ public final class Broker: Sendable {
 
     // MARK: Inspection
 
-    public func list() -> [StreamStatus] {
-        processes.withLockedValue { Array($0.values) }.sorted { $0.id < $1.id }.flatMap { $0.status() }
+    public func list(ownedBy owner: ProcessOwner? = nil) -> [StreamStatus] {
+        processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }.sorted { $0.id < $1.id }
+            .flatMap { $0.status() }
+    }
+
+    /// Who handed `process` over, nil if the broker has no such process.
+    public func owner(of process: String) -> ProcessOwner? {
+        processes.withLockedValue { $0[process]?.owner }
     }
 
     public func stats() -> BrokerStats {

@@ -17,10 +17,24 @@ public final class BrokerService: Sendable {
     private let supervisorChannel: NIOLockedValueBox<FDChannel?>
 
     /// Who may use a request: the supervisor may do everything; a handoff peer only manages
-    /// the processes it hands over.
+    /// (lists, releases, resizes, ends) the processes handed over by its own uid.
     enum Caller: Sendable {
         case supervisor
         case handoff(PeerCredentials)
+
+        var owner: ProcessOwner {
+            switch self {
+            case .supervisor: return .supervisor
+            case .handoff(let credentials): return .handoff(uid: credentials.uid)
+            }
+        }
+
+        /// Throws unless this caller may manage `process` (a process the broker does not have
+        /// passes: the request itself then says no-such-process).
+        func mayManage(_ process: String, in broker: Broker) throws(ErrorBody) {
+            guard case .handoff = self, let owner = broker.owner(of: process), owner != self.owner else { return }
+            throw ErrorBody(code: "permission-denied", message: "process '\(process)' was handed over by \(owner), not by you")
+        }
     }
 
     public init(settings: BrokerSettings, logger: Logger) {
@@ -172,13 +186,16 @@ public final class BrokerService: Sendable {
                 for fd in descriptors { _ = close(fd) }
                 throw error
             }
-            try broker.adopt(request, descriptors: descriptors)
+            try broker.adopt(request, descriptors: descriptors, owner: caller.owner)
             return (empty, [])
         case .release:
-            let (response, fds) = try await broker.release(try decode(ProcessRequest.self).process)
+            let process = try decode(ProcessRequest.self).process
+            try caller.mayManage(process, in: broker)
+            let (response, fds) = try await broker.release(process)
             return (ControlJSON.encode(response), fds)
         case .list:
-            return (ControlJSON.encode(ListResponse(streams: broker.list())), [])
+            let owner: ProcessOwner? = if case .supervisor = caller { nil } else { caller.owner }
+            return (ControlJSON.encode(ListResponse(streams: broker.list(ownedBy: owner))), [])
         case .stats:
             return (ControlJSON.encode(broker.stats()), [])
         case .metrics:
@@ -190,13 +207,19 @@ public final class BrokerService: Sendable {
             let count = type == .disconnectAll ? broker.disconnectAll() : broker.bridgeUp()
             return (ControlJSON.encode(CountResponse(count: count)), [])
         case .processExited:
-            try broker.processExited(try decode(ProcessExitedRequest.self))
+            let request = try decode(ProcessExitedRequest.self)
+            try caller.mayManage(request.process, in: broker)
+            try broker.processExited(request)
             return (empty, [])
         case .closeStdin:
-            try broker.closeStdin(try decode(ProcessRequest.self).process)
+            let process = try decode(ProcessRequest.self).process
+            try caller.mayManage(process, in: broker)
+            try broker.closeStdin(process)
             return (empty, [])
         case .resize:
-            try broker.resize(try decode(ResizeRequest.self))
+            let request = try decode(ResizeRequest.self)
+            try caller.mayManage(request.process, in: broker)
+            try broker.resize(request)
             return (empty, [])
         case .ok, .error, .drained:
             throw ErrorBody(code: "unknown-type", message: "\(type) is not a request")

@@ -144,6 +144,43 @@ struct HandoffExampleTests {
     }
 }
 
+extension HandoffExampleTests {
+    /// A handoff peer manages only what its own uid handed over: not the supervisor's
+    /// processes, not another allowed uid's; `list` shows it its own.
+    @Test func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+        let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0, 65534]\n")
+        defer { daemon.cleanUp() }
+        chmod(daemon.directory.path, 0o755)
+        _ = daemon.streams.open(token: bytes("sup-out"), direction: .receive)
+        _ = try await daemon.launch(ProcessSpec(
+            id: "sup", argv: ["sleep", "30"], stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "sup-out")))
+        let stolen = try await runHandoff(daemon, ["release", "--process", "sup"])
+        #expect(stolen.status == .exited(1))
+        #expect(stolen.stderr.contains("permission-denied"), "\(stolen.stderr)")
+
+        _ = daemon.streams.open(token: bytes("h3-stdout"), direction: .receive)
+        let adopted = try await runHandoff(daemon, ["adopt", "--process", "h3", "--stdout", daemon.streamAddress, "--wait", "--", "true"])
+        #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+        for attempt in [["release", "--process", "h3"], ["list", "--json"]] {
+            let other = try await runHandoff(daemon, attempt, asUser: 65534)
+            if attempt[0] == "release" {
+                #expect(other.status == .exited(1))
+                #expect(other.stderr.contains("permission-denied") && other.stderr.contains("uid 0"), "\(other.stderr)")
+            } else {
+                #expect(try ControlJSON.decode([StreamStatus].self, from: bytes(other.stdout), frameType: 0).isEmpty, "\(other.stdout)")
+            }
+        }
+        let listed = try await runHandoff(daemon, ["list", "--json"])
+        let processes = Set(try ControlJSON.decode([StreamStatus].self, from: bytes(listed.stdout), frameType: 0).map(\.process))
+        #expect(processes == ["h3"], "a peer sees its own processes only")
+        #expect(try await runHandoff(daemon, ["release", "--process", "h3"]).status == .exited(0))
+        #expect(try await daemon.status().streams.contains { $0.process == "sup" }, "the supervisor's process kept its stream")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
 /// A line `handoff.py release` prints for each stream that came back.
 private struct ReturnedStream: Decodable {
     var kind: String
@@ -178,7 +215,9 @@ private struct HandoffRun {
 
 /// Runs `python3 examples/handoff.py --socket <the daemon's> ARGS`, with `keep` inherited at
 /// the same numbers, and waits for it (it is ended by pid if the test fails first).
-private func runHandoff(_ daemon: DaemonFixture, _ arguments: [String], keep: [Int32] = []) async throws -> HandoffRun {
+private func runHandoff(
+    _ daemon: DaemonFixture, _ arguments: [String], keep: [Int32] = [], asUser user: uid_t? = nil
+) async throws -> HandoffRun {
     let name = "handoff-\(UInt32.random(in: 0...UInt32.max))"
     let outPath = daemon.directory.file(name + ".out")
     let errPath = daemon.directory.file(name + ".err")
@@ -191,6 +230,7 @@ private func runHandoff(_ daemon: DaemonFixture, _ arguments: [String], keep: [I
     options.stderr = errFD
     options.keepDescriptors = keep
     options.parentDeathSignal = SIGKILL
+    if let user { options.user = (user, user, [user]) }
     let pid: pid_t
     do {
         pid = try Spawner.spawn(options)
