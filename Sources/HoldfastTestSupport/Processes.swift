@@ -139,12 +139,30 @@ public struct TemporaryDirectory: Sendable {
 
     public func file(_ name: String) -> String { "\(path)/\(name)" }
 
+    /// Removes the directory and everything in it, in this process (no `rm` child: a fork of a
+    /// large test process is slow, and waiting for it would block a concurrency thread).
     public func remove() {
-        var options = SpawnOptions(executable: "rm", arguments: ["rm", "-rf", path])
-        options.stdout = -1
-        if let pid = try? Spawner.spawn(options) {
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        Self.removeTree(path)
+    }
+
+    static func removeTree(_ path: String) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        if (info.st_mode & S_IFMT) == S_IFDIR {
+            if let directory = opendir(path) {
+                var names: [String] = []
+                while let entry = readdir(directory) {
+                    let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                        String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+                    }
+                    if name != "." && name != ".." { names.append(name) }
+                }
+                closedir(directory)
+                for name in names { removeTree(path + "/" + name) }
+            }
+            rmdir(path)
+        } else {
+            unlink(path)
         }
     }
 }

@@ -7,9 +7,11 @@ public struct TimedOut: Error, CustomStringConvertible {
     public var description: String { "timed out waiting for \(what)" }
 }
 
-/// Polls `condition` every millisecond until it holds; throws `TimedOut` after `timeout`.
+/// Polls `condition` every millisecond until it holds; throws `TimedOut` after `timeout`. The
+/// default is generous on purpose: it bounds a hang, it does not time anything (a loaded CI
+/// machine may take seconds for what takes milliseconds here).
 public func eventually(
-    _ what: String = "condition", timeout: Duration = .seconds(5), _ condition: () async throws -> Bool
+    _ what: String = "condition", timeout: Duration = .seconds(30), _ condition: () async throws -> Bool
 ) async throws {
     let deadline = ContinuousClock.now + timeout
     while true {
