@@ -21,6 +21,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     public let address: SocketAddress
     public let handshakeTimeout: Duration
+    /// Connections past this many still saying hello are closed at once: a flood of silent
+    /// peers can hold at most this many fds, each for at most `handshakeTimeout`.
+    public let maxConcurrentHandshakes: Int
     private let listener: Listener
     private let wrap: @Sendable (AsyncFD) -> Transport
     private let state = NIOLockedValueBox(State())
@@ -40,11 +43,12 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     ///   an unprivileged user needs write permission on a development socket).
     public init(
         listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5), unixMode: mode_t? = nil,
-        wrap: @escaping @Sendable (AsyncFD) -> Transport
+        maxConcurrentHandshakes: Int = 4096, wrap: @escaping @Sendable (AsyncFD) -> Transport
     ) throws {
         self.listener = try Listener(binding: address, unixMode: unixMode)
         self.address = listener.boundAddress
         self.handshakeTimeout = handshakeTimeout
+        self.maxConcurrentHandshakes = maxConcurrentHandshakes
         self.wrap = wrap
     }
 
@@ -68,11 +72,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                 let refusing = state.withLockedValue { s -> Bool in
                     s.accepted &+= 1
                     if s.refusing { return true }
+                    if s.handshaking >= maxConcurrentHandshakes {
+                        s.refused &+= 1
+                        return true
+                    }
                     s.handshaking += 1
                     return false
                 }
                 if refusing {
-                    socket.close()  // a blackout: as if nobody listened
+                    socket.close()  // a blackout (as if nobody listened), or a flood
                     continue
                 }
                 Task { await handshake(wrap(socket)) }
@@ -164,7 +172,12 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 }
 
 extension StreamServer where Transport == AsyncFD {
-    public convenience init(listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5), unixMode: mode_t? = nil) throws {
-        try self.init(listeningOn: address, handshakeTimeout: handshakeTimeout, unixMode: unixMode, wrap: { $0 })
+    public convenience init(
+        listeningOn address: SocketAddress, handshakeTimeout: Duration = .seconds(5), unixMode: mode_t? = nil,
+        maxConcurrentHandshakes: Int = 4096
+    ) throws {
+        try self.init(
+            listeningOn: address, handshakeTimeout: handshakeTimeout, unixMode: unixMode,
+            maxConcurrentHandshakes: maxConcurrentHandshakes, wrap: { $0 })
     }
 }

@@ -1,0 +1,114 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("StreamServer under a flood of hostile connections")
+struct StreamServerFloodTests {
+    /// 10,000 connection attempts in bursts of 500 — closed at once, garbage, a wrong token, a
+    /// hello with an offset from the future, silent until cut off — while a real stream carries
+    /// 8 MiB. The real stream delivers every byte (sha256), every hostile connection is refused
+    /// or dropped, no handshake is left, and the process's fds are back at the baseline.
+    @Test func tenThousandHostileConnectionsLeaveTheRealStreamAndNoFdsBehind() async throws {
+        guard try await isolated("tenThousandHostileConnectionsLeaveTheRealStreamAndNoFdsBehind") else { return }
+        _ = Reactor.shared
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        // The runtime's timer fd appears with the first sleep: create it before the baseline.
+        try await Task.sleep(for: .milliseconds(1))
+        let before = descriptorTable()
+        let residentBefore = ProcessFiguresForTests.residentKiB()
+        do {
+            let server = try StreamServer(
+                listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: .milliseconds(300), maxConcurrentHandshakes: 1024)
+            server.start()
+            defer { server.close() }
+            let host = server.open(token: bytes("real"), direction: .receive)
+            let received = Task { () -> [UInt8] in
+                var all: [UInt8] = []
+                for await chunk in host.chunks() { all += chunk }
+                return all
+            }
+            let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), direction: .send)
+            guest.slot.disconnect()
+            var random = SeededRandom(seed: 0x10_000)
+            let payload = (0..<(8 << 20)).map { _ in UInt8.random(in: 0...255, using: &random) }
+            let sender = Task {
+                for start in stride(from: 0, to: payload.count, by: 64 * 1024) {
+                    try await guest.send(Array(payload[start..<min(start + 64 * 1024, payload.count)]))
+                }
+                return await guest.finish()
+            }
+
+            let kinds = NIOLockedValueBox<[String: Int]>([:])
+            for burst in 0..<20 {
+                await withTaskGroup(of: Void.self) { group in
+                    for index in 0..<500 {
+                        group.addTask {
+                            let kind = (burst * 500 + index) % 5
+                            guard let connection = try? await Dialer.connect(to: server.address, timeout: .seconds(5)) else {
+                                kinds.withLockedValue { $0["dial failed", default: 0] += 1 }
+                                return
+                            }
+                            defer { connection.close() }
+                            switch kind {
+                            case 0:
+                                kinds.withLockedValue { $0["closed at once", default: 0] += 1 }
+                            case 1:
+                                try? await send(connection, Array(repeating: 0xFF, count: 64))
+                                kinds.withLockedValue { $0["garbage", default: 0] += 1 }
+                            case 2:
+                                try? await send(connection, StreamHello(role: .guest, token: bytes("nobody"), receivedOffset: 0, attempt: 1).encoded)
+                                kinds.withLockedValue { $0["wrong token", default: 0] += 1 }
+                            case 3:
+                                try? await send(connection, StreamHello(role: .guest, token: bytes("real"), receivedOffset: 1 << 40, attempt: 1).encoded)
+                                kinds.withLockedValue { $0["future offset", default: 0] += 1 }
+                            default:
+                                // Silent: wait to be cut off by the handshake timeout (or the cap).
+                                _ = try? await readAll(connection, limit: 4096)
+                                kinds.withLockedValue { $0["silent", default: 0] += 1 }
+                            }
+                            if kind != 4 { _ = try? await readAll(connection, limit: 4096) }
+                        }
+                    }
+                }
+            }
+            #expect(try await sender.value == 0, "every byte of the real stream acknowledged")
+            let got = await received.value
+            #expect(got.count == payload.count)
+            #expect(sha256Hex(got) == sha256Hex(payload))
+            try await eventually("no handshake left") { server.statistics.handshaking == 0 }
+            let stats = server.statistics
+            print("flood: \(kinds.withLockedValue { $0 }); server accepted \(stats.accepted), refused \(stats.refused)")
+            #expect(kinds.withLockedValue { $0.values.reduce(0, +) } == 10_000)
+            #expect(stats.accepted >= 10_000)
+            #expect(stats.refused >= 6_000, "garbage, wrong tokens, future offsets are refused")
+            guest.close()
+            server.close()
+        }
+        do {
+            try await eventually("fds back at the baseline") { descriptorTable().count == before.count }
+        } catch {
+            Issue.record("fds \(before.count) → \(descriptorTable().count); new: \(descriptorsAdded(before, descriptorTable()))")
+        }
+        let residentAfter = ProcessFiguresForTests.residentKiB()
+        print("flood: RSS \(residentBefore) KiB → \(residentAfter) KiB")
+    }
+}
+
+/// RSS of this process (tests only).
+enum ProcessFiguresForTests {
+    static func residentKiB() -> Int {
+        guard let text = readFile("/proc/self/statm").map({ String(decoding: $0, as: UTF8.self) }) else { return -1 }
+        let fields = text.split(separator: " ")
+        guard fields.count > 1, let pages = Int(fields[1]) else { return -1 }
+        return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
+    }
+}
