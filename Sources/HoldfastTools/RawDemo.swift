@@ -28,7 +28,11 @@ public enum RawDemo {
         let milliseconds = interval.components.attoseconds / 1_000_000_000_000_000 + interval.components.seconds * 1000
         var options = SpawnOptions(executable: "sh", arguments: [
             "sh", "-c",
-            "i=0; while [ $i -lt \(beats) ]; do i=$((i+1)); echo \"heartbeat $i\"; sleep \(Double(milliseconds) / 1000); done",
+            // The last beat waits for the demo's last listener restart, so it must arrive however
+            // slow the machine is: raw mode may lose what a killed listener had accepted, never
+            // what a live one gets.
+            "i=0; while [ $i -lt \(beats - 1) ]; do i=$((i+1)); echo \"heartbeat $i\"; sleep \(Double(milliseconds) / 1000); done; "
+                + "while [ ! -e \(directory)/restarted ]; do sleep 0.01; done; echo \"heartbeat \(beats)\"",
         ])
         options.stdout = pipe.write
         options.parentDeathSignal = SIGKILL
@@ -54,6 +58,7 @@ public enum RawDemo {
             try host.start()
             say("--- host listener restarted ---")
         }
+        try WholeFile.write(directory + "/restarted", [])
         let report = await relay.value
         let status = try await Spawner.waitForExit(child)
         // The host may still be reading the last line on a busy machine: give it a moment

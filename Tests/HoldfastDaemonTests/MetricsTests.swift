@@ -68,17 +68,23 @@ struct MetricsTests {
         let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
         #expect(before[toHost] == 0)
 
-        let output = collect(daemon.streams.open(token: bytes("m-out"), direction: .receive))
+        let output = Accumulator(daemon.streams.open(token: bytes("m-out"), direction: .receive))
+        let gate = daemon.directory.file("go")
         _ = try await daemon.bridge.create(ProcessSpec(
-            id: "m", argv: ["sh", "-c", "head -c 50000 /dev/zero; sleep 0.6; head -c 50000 /dev/zero"],
+            id: "m",
+            argv: ["sh", "-c", "head -c 50000 /dev/zero; while [ ! -e \(gate) ]; do sleep 0.02; done; head -c 50000 /dev/zero"],
             stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m-out")))
-        try await Task.sleep(for: .milliseconds(300))
+        // Half the bytes, a migration, the stream back (the process waits for the gate), the rest.
+        try await eventually("the first half") { output.count == 50_000 }
         blackout(daemon)
         try await Task.sleep(for: .milliseconds(100))
         lightsOn(daemon)
-        #expect(await output.value.count == 100_000)
+        try await eventually("the stream to reconnect") {
+            try await daemon.status().streams.first { $0.process == "m" }.map { $0.reconnects >= 1 && $0.state == "connected" } ?? false
+        }
+        try writeFile(gate, [])
         _ = try await daemon.wait("m")
-
+        try await eventually("every byte at the host") { output.count == 100_000 }
         let after = try await scrape()
         #expect(after[toHost] == 100_000, "the counter moved by exactly the bytes the host received")
         #expect((after["holdfast_stream_reconnects_total"] ?? 0) >= 1)

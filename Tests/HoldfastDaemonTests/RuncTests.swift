@@ -77,6 +77,8 @@ final class Accumulator: Sendable {
         }
     }
 
+    var count: Int { bytes.withLockedValue { $0.count } }
+
     /// The text so far, with a terminal's carriage returns removed.
     var text: String { String(decoding: bytes.withLockedValue { $0 }, as: UTF8.self).replacingOccurrences(of: "\r", with: "") }
 }

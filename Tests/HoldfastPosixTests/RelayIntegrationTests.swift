@@ -80,7 +80,10 @@ struct RelayIntegrationTests {
         close(pipe.write)
         let source = CountingReader(try AsyncFD(adopting: pipe.read))
         let address = SocketAddress.unix(path: directory.file("host.sock"))
-        let slot = unixSlot(address)  // empty: no listener yet, nobody to dial
+        // Empty: no listener yet, nobody to dial. The redial budget must outlast the test: a slot
+        // that gives up is abandoned, and an abandoned relay drains the pipe (counting the
+        // loss) — on a loaded machine 200 × 10 ms ran out before the checks below.
+        let slot = unixSlot(address, policy: RedialPolicy(attempts: 1_000_000, interval: .milliseconds(10)))
         let relay = Task { await Relay.output(from: source, to: slot) }
 
         // The relay reads one chunk and parks; the pipe fills; seq blocks in write(2).
