@@ -26,6 +26,11 @@ public enum DaemonCommand {
             return 1
         }
         let executable = String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        // Before any role starts: they inherit it.
+        let files = ResourceLimits.raiseOpenFiles()
+        if files.after != files.before {
+            logger.info("open file limit raised", metadata: ["from": "\(files.before)", "to": "\(files.after)"])
+        }
         let supervisor = Supervisor(configuration: configuration, logger: logger, executable: executable)
         do {
             return try await supervisor.run()

@@ -213,6 +213,72 @@ struct BrokerBoundaryTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// Hostile messages on the handoff socket from an admitted peer: 300 fds (more than the
+    /// kernel lets one message carry), the most it does carry (253), fds with an empty payload,
+    /// fds on a request that takes none. Each gets a refusal or a clear send error; the broker
+    /// keeps running and holds not one fd more than before.
+    @Test func hostileHandoffMessagesAreRefusedAndLeaveNoDescriptors() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let script = """
+            import socket, struct, json, os, sys
+            path = sys.argv[1]
+            def frame(kind, body, ident):
+                data = json.dumps(body).encode()
+                return struct.pack(">IIQ", kind, len(data), ident) + data
+            def exchange(payload, fds):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.connect(path)
+                try:
+                    socket.send_fds(s, [payload], fds)
+                except OSError as error:
+                    return "send refused: errno %d" % error.errno
+                reply = s.recv(65536)
+                if not reply:
+                    return "closed"
+                kind, length, ident = struct.unpack(">IIQ", reply[:16])
+                return "%s %s" % (hex(kind), json.loads(reply[16:]).get("code"))
+            pipes = [os.pipe() for _ in range(150)]
+            fds = [fd for pair in pipes for fd in pair]
+            adopt = {"process": "flood", "streams": [{"kind": "stdout", "fd": 0, "address": "unix:/tmp/none", "mode": "raw"}]}
+            print("300:", exchange(frame(0x0101, adopt, 1), fds))
+            print("253:", exchange(frame(0x0101, adopt, 2), fds[:253]))
+            print("empty:", exchange(b"", fds[:3]))
+            print("list+fds:", exchange(frame(0x0103, {}, 3), fds[:2]))
+            """
+        try writeFile(daemon.directory.file("hostile.py"), bytes(script))
+        // Warm up: one refused message first, so lazily made fds exist before the baseline.
+        func runScript() async throws -> String {
+            let out = daemon.directory.file("hostile.out")
+            let outFD = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let pid = try daemon.processes.start(
+                ["python3", daemon.directory.file("hostile.py"), daemon.directory.file("broker.sock")], stdout: outFD, stderr: outFD)
+            close(outFD)
+            #expect(try await daemon.processes.wait(pid, timeout: .seconds(30)) == .exited(0))
+            return String(decoding: readFile(out) ?? [], as: UTF8.self)
+        }
+        _ = try await runScript()
+        try await Task.sleep(for: .milliseconds(200))
+        let baseline = descriptorTable(pid: broker)
+        let printed = try await runScript()
+        #expect(printed.contains("300: send refused: errno 22"), "the kernel carries at most 253 fds: \(printed)")
+        #expect(printed.contains("253: 0x2 "), "too many fds: refused \(printed)")
+        #expect(printed.contains("empty: "), "\(printed)")
+        #expect(!printed.contains("empty: 0x1"), "fds without a request are not accepted: \(printed)")
+        #expect(printed.contains("list+fds: 0x2 bad-request"), "\(printed)")
+        do {
+            try await eventually("the broker's fds back at the baseline") { descriptorTable(pid: broker).count == baseline.count }
+        } catch {
+            Issue.record("broker fds \(baseline.count) → \(descriptorTable(pid: broker).count): \(descriptorsAdded(baseline, descriptorTable(pid: broker)))")
+        }
+        #expect(try await daemon.rolePID("broker") == broker, "the broker did not restart")
+        #expect(try await daemon.status().streams.isEmpty)
+        print("hostile handoff: \(printed)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(arguments: ["execve", "fork", "ptrace", "open-write"])
     func theBrokerProfileKillsForbiddenOperations(attempt: String) async throws {
         let processes = TestProcesses()
