@@ -195,7 +195,13 @@ public final class BrokerService: Sendable {
             return (ControlJSON.encode(response), fds)
         case .list:
             let owner: ProcessOwner? = if case .supervisor = caller { nil } else { caller.owner }
-            return (ControlJSON.encode(ListResponse(streams: broker.list(ownedBy: owner))), [])
+            // An empty body (older clients) asks for the first page.
+            let request = frame.body.isEmpty ? ListRequest() : ((try? decode(ListRequest.self)) ?? ListRequest())
+            let all = broker.list(ownedBy: owner)
+            let start = min(max(0, request.offset ?? 0), all.count)
+            let page = Array(all[start..<min(all.count, start + max(1, min(request.limit ?? 1000, 1000)))])
+            let (reply, _) = FrameBudget.fit(page) { ListResponse(streams: $0, total: all.count) }
+            return (ControlJSON.encode(reply), [])
         case .stats:
             return (ControlJSON.encode(broker.stats()), [])
         case .metrics:

@@ -53,3 +53,27 @@ public enum ResourceLimits {
         return (before, UInt64(limit.rlim_max))
     }
 }
+
+/// Directory trees.
+public enum FileTree {
+    /// Removes `path` and everything under it, without following symlinks and without an `rm`
+    /// child. Best effort: what cannot be removed stays.
+    public static func remove(_ path: String) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else {
+            unlink(path)
+            return
+        }
+        if let directory = opendir(path) {
+            var names: [String] = []
+            while let entry = readdir(directory) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if name != "." && name != ".." { names.append(name) }
+            }
+            closedir(directory)
+            for name in names { remove(path + "/" + name) }
+        }
+        rmdir(path)
+    }
+}

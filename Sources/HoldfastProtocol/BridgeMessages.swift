@@ -47,13 +47,18 @@ public struct BridgeHello: Codable, Sendable, Equatable {
     }
 }
 
-/// `list`: processes and their streams.
+/// `list`: processes and their streams. A reply holds what fits one frame; the counts of what
+/// did not fit are in `omittedProcesses` / `omittedStreams` (absent when nothing was left out).
 public struct BridgeListResponse: Codable, Sendable, Equatable {
     public var processes: [ProcessStatus]
     public var streams: [StreamStatus]
-    public init(processes: [ProcessStatus], streams: [StreamStatus]) {
+    public var omittedProcesses: Int?
+    public var omittedStreams: Int?
+    public init(processes: [ProcessStatus], streams: [StreamStatus], omittedProcesses: Int? = nil, omittedStreams: Int? = nil) {
         self.processes = processes
         self.streams = streams
+        self.omittedProcesses = omittedProcesses
+        self.omittedStreams = omittedStreams
     }
 }
 

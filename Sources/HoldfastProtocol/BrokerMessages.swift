@@ -133,9 +133,25 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     }
 }
 
+/// `list`: a page of streams, `offset` into the broker's list (sorted by process), at most
+/// `limit` (and never more than fits one frame).
+public struct ListRequest: Codable, Sendable, Equatable {
+    public var offset: Int?
+    public var limit: Int?
+    public init(offset: Int? = nil, limit: Int? = nil) {
+        self.offset = offset
+        self.limit = limit
+    }
+}
+
 public struct ListResponse: Codable, Sendable, Equatable {
     public var streams: [StreamStatus]
-    public init(streams: [StreamStatus]) { self.streams = streams }
+    /// How many streams the broker has in all (more pages follow when offset + count < total).
+    public var total: Int?
+    public init(streams: [StreamStatus], total: Int? = nil) {
+        self.streams = streams
+        self.total = total
+    }
 }
 
 /// `metrics`: the broker's metrics in the Prometheus text format.

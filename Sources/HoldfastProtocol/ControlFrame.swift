@@ -128,3 +128,27 @@ public enum ControlJSON {
         }
     }
 }
+
+/// Replies that list things (streams, processes, exits) must fit one frame (64 KiB): with
+/// thousands of streams they would not. `fit` keeps the longest prefix that fits and says how
+/// many were left out, so a reply is never refused for its size.
+public enum FrameBudget {
+    /// Leaves room below the 64 KiB frame limit for the rest of the body.
+    public static let bytes = 60 * 1024
+
+    /// `make(prefix)` for the longest prefix of `items` whose encoding fits `budget`, and how
+    /// many items did not fit.
+    public static func fit<Item, Reply: Encodable>(
+        _ items: [Item], budget: Int = bytes, _ make: ([Item]) -> Reply
+    ) -> (reply: Reply, omitted: Int) {
+        let whole = make(items)
+        if ControlJSON.encode(whole).count <= budget { return (whole, 0) }
+        var low = 0
+        var high = items.count
+        while low < high {
+            let middle = (low + high + 1) / 2
+            if ControlJSON.encode(make(Array(items.prefix(middle)))).count <= budget { low = middle } else { high = middle - 1 }
+        }
+        return (make(Array(items.prefix(low))), items.count - low)
+    }
+}

@@ -162,6 +162,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
     public var roles: [RoleStatus]
     public var processes: [ProcessStatus]
     public var streams: [StreamStatus]
+    /// Every stream counted by state (connected, parked...), the ones left out included.
+    public var streamStates: [String: Int]?
+    /// How many did not fit the reply (absent when none was left out).
+    public var omittedProcesses: Int?
+    public var omittedStreams: Int?
 
     public init(
         version: String, pid: Int32, uptimeSeconds: Double, bridge: String, roles: [RoleStatus], processes: [ProcessStatus],

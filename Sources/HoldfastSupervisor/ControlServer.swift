@@ -42,6 +42,29 @@ extension Supervisor {
         try? await channel.send(ControlFrame(type: SupervisorMessageType.error.rawValue, id: id, body: ControlJSON.encode(error)).encoded)
     }
 
+    /// A status report that fits one frame: the counts by state always, then as many processes
+    /// and streams as fit, and how many were left out.
+    static func fitted(_ full: StatusReport) -> StatusReport {
+        var counted = full
+        var states: [String: Int] = [:]
+        for stream in full.streams { states[stream.state, default: 0] += 1 }
+        counted.streamStates = states
+        let (withProcesses, processesOmitted) = FrameBudget.fit(full.processes, budget: FrameBudget.bytes / 2) { processes in
+            var report = counted
+            report.processes = processes
+            report.streams = []
+            return report
+        }
+        var (report, streamsOmitted) = FrameBudget.fit(full.streams) { streams in
+            var report = withProcesses
+            report.streams = streams
+            return report
+        }
+        if processesOmitted > 0 { report.omittedProcesses = processesOmitted }
+        if streamsOmitted > 0 { report.omittedStreams = streamsOmitted }
+        return report
+    }
+
     private func handleControl(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
         func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
             do {
@@ -52,7 +75,7 @@ extension Supervisor {
         }
         switch SupervisorMessageType(rawValue: frame.type) {
         case .status:
-            return ControlJSON.encode(await status())
+            return ControlJSON.encode(Self.fitted(await status()))
         case .launch:
             let pid = try await launch(try decode(ProcessSpec.self))
             return ControlJSON.encode(LaunchResponse(pid: pid))

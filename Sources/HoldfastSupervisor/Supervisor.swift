@@ -298,6 +298,7 @@ public final class Supervisor: Sendable {
         case .bridgeUp:
             bridgeState.withLockedValue { $0 = "up" }
             metrics.bridge(up: true)
+            resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
             _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
         case .bridgeDown:
@@ -321,8 +322,14 @@ public final class Supervisor: Sendable {
         }
         let empty = ControlJSON.encode([String: String]())
         if frame.type == SupervisorMessageType.bridgeHello.rawValue {
+            // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
+            // again once the bridge is up), then as many live processes as fit.
             let live = processes.withLockedValue { $0.values.map(\.status) }.filter { $0.state != "done" }.sorted { $0.id < $1.id }
-            return ControlJSON.encode(BridgeHello(bootID: "", processes: live, exits: unacknowledgedExits.withLockedValue { $0 }))
+            let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
+                BridgeHello(bootID: "", processes: [], exits: $0)
+            }
+            let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits) }
+            return ControlJSON.encode(hello)
         }
         switch BridgeMessageType(rawValue: frame.type) {
         case .create:
@@ -340,9 +347,18 @@ public final class Supervisor: Sendable {
             try await brokerRequest(.closeStdin, ProcessRequest(process: try decode(ProcessIDRequest.self).id))
             return empty
         case .list:
-            let streams = (try? await broker()?.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self))?.streams ?? []
+            let streams = await brokerStreams()
             let list = processes.withLockedValue { $0.values.map(\.status) }.sorted { $0.id < $1.id }
-            return ControlJSON.encode(BridgeListResponse(processes: list, streams: streams))
+            let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
+            let (reply, omitted) = FrameBudget.fit(streams) {
+                BridgeListResponse(processes: processesFit, streams: $0)
+            }
+            var fitted = reply
+            if omitted > 0 || processesOmitted > 0 {
+                fitted.omittedStreams = omitted
+                fitted.omittedProcesses = processesOmitted
+            }
+            return ControlJSON.encode(fitted)
         case .stats:
             guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
             return ControlJSON.encode(try await broker.call(BrokerMessageType.stats.rawValue, [String: String](), reply: BrokerStats.self))
@@ -377,6 +393,21 @@ public final class Supervisor: Sendable {
         if let channel = bridgeChannel.withLockedValue({ $0 }) {
             let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
             Task { try? await channel.send(frame.encoded) }
+        }
+    }
+
+    /// Exits the hello had no room for (thousands ended during one blackout) go out now, one
+    /// frame each; the host acknowledges repeats, so sending one twice is harmless.
+    private func resendExitsLeftOutOfTheHello() {
+        let exits = unacknowledgedExits.withLockedValue { $0 }
+        let (inHello, omitted) = FrameBudget.fit(exits, budget: FrameBudget.bytes / 2) { BridgeHello(bootID: "", processes: [], exits: $0) }
+        guard omitted > 0, let channel = bridgeChannel.withLockedValue({ $0 }) else { return }
+        let rest = exits.dropFirst(inHello.exits.count)
+        Task {
+            for report in rest {
+                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+                try? await channel.send(frame.encoded)
+            }
         }
     }
 
@@ -506,8 +537,22 @@ public final class Supervisor: Sendable {
 
     // MARK: Status
 
+    /// Every stream the broker holds, page by page (one reply holds what fits a frame).
+    func brokerStreams() async -> [StreamStatus] {
+        guard let broker = broker() else { return [] }
+        var streams: [StreamStatus] = []
+        while true {
+            guard let page = try? await broker.call(BrokerMessageType.list.rawValue, ListRequest(offset: streams.count), reply: ListResponse.self),
+                !page.streams.isEmpty
+            else { break }
+            streams += page.streams
+            if streams.count >= (page.total ?? streams.count) { break }
+        }
+        return streams
+    }
+
     public func status() async -> StatusReport {
-        let streams = (try? await broker()?.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self))?.streams ?? []
+        let streams = await brokerStreams()
         let roleStatuses = roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
         return StatusReport(
             version: HoldfastVersion.string, pid: getpid(),

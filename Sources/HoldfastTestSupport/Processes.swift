@@ -142,28 +142,7 @@ public struct TemporaryDirectory: Sendable {
     /// Removes the directory and everything in it, in this process (no `rm` child: a fork of a
     /// large test process is slow, and waiting for it would block a concurrency thread).
     public func remove() {
-        Self.removeTree(path)
-    }
-
-    static func removeTree(_ path: String) {
-        var info = stat()
-        guard lstat(path, &info) == 0 else { return }
-        if (info.st_mode & S_IFMT) == S_IFDIR {
-            if let directory = opendir(path) {
-                var names: [String] = []
-                while let entry = readdir(directory) {
-                    let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                        String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-                    }
-                    if name != "." && name != ".." { names.append(name) }
-                }
-                closedir(directory)
-                for name in names { removeTree(path + "/" + name) }
-            }
-            rmdir(path)
-        } else {
-            unlink(path)
-        }
+        FileTree.remove(path)
     }
 }
 

@@ -34,7 +34,7 @@ public enum MigrationDemo {
         }
         let directory = try makeTemporaryDirectory("holdfast-demo")
         chmod(directory, 0o755)  // the broker, as 'nobody', dials the sockets in here
-        defer { removeTree(directory) }
+        defer { FileTree.remove(directory) }
 
         let service = try HostService(
             bridge: .unix(path: directory + "/host-bridge.sock"), streams: .unix(path: directory + "/host-streams.sock"),

@@ -21,7 +21,7 @@ public enum RawDemo {
     public static func run(beats: Int = 120, interval: Duration = .milliseconds(25), restarts: Int = 3,
                            print say: @escaping @Sendable (String) -> Void) async throws -> Verdict {
         let directory = try makeTemporaryDirectory()
-        defer { removeTree(directory) }
+        defer { FileTree.remove(directory) }
         let address = SocketAddress.unix(path: directory + "/host.sock")
 
         let pipe = try PipeEnds.make()

@@ -44,6 +44,7 @@ public enum StatusPrinter {
                 ["PROCESS", "PID", "STATE", "EXIT"],
                 report.processes.map { [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-"] })
         }
+        if let omitted = report.omittedProcesses { lines.append("... and \(omitted) more processes") }
         lines.append("")
         if report.streams.isEmpty {
             lines.append("no streams")
@@ -54,6 +55,10 @@ public enum StatusPrinter {
                     [$0.process, $0.kind.rawValue + ($0.direction.map { "/\($0)" } ?? ""), $0.mode.rawValue, state($0.state),
                      bytes($0.bytesToHost), bytes($0.bytesFromHost), String($0.reconnects)]
                 })
+        }
+        if let omitted = report.omittedStreams {
+            let states = (report.streamStates ?? [:]).sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+            lines.append("... and \(omitted) more streams (all streams: \(states))")
         }
         return lines.joined(separator: "\n")
     }

@@ -18,24 +18,3 @@ func makeTemporaryDirectory(_ prefix: String = "holdfast") throws -> String {
     guard made else { throw SystemError.last("mkdtemp") }
     return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
-
-/// Removes a directory tree this process created (no symlink following).
-func removeTree(_ path: String) {
-    guard let directory = opendir(path) else {
-        unlink(path)
-        return
-    }
-    while let entry = readdir(directory) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name == "." || name == ".." { continue }
-        let child = path + "/" + name
-        var info = stat()
-        if lstat(child, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR {
-            removeTree(child)
-        } else {
-            unlink(child)
-        }
-    }
-    closedir(directory)
-    rmdir(path)
-}

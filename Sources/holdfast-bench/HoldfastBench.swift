@@ -16,7 +16,7 @@ struct HoldfastBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "holdfast-bench",
         abstract: "Holdfast benchmarks that print numbers (see BENCHMARKS.md).",
-        subcommands: [IdleStreams.self, IdleHost.self, Reconnect.self])
+        subcommands: [IdleStreams.self, IdleHost.self, Reconnect.self, Scale.self])
 }
 
 /// Figures read from /proc/self.

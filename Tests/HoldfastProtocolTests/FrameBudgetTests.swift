@@ -1,0 +1,33 @@
+import HoldfastProtocol
+import Testing
+
+@Suite("Replies that list things fit one frame")
+struct FrameBudgetTests {
+    func streams(_ count: Int) -> [StreamStatus] {
+        (0..<count).map {
+            StreamStatus(
+                process: "process-\($0)", kind: .stdout, mode: .resumable, address: "vsock://2:6000", state: "connected",
+                bytesToHost: UInt64($0) << 20, bytesFromHost: 0, reconnects: 3, undelivered: 0)
+        }
+    }
+
+    @Test func aSmallListIsWhole() {
+        let (reply, omitted) = FrameBudget.fit(streams(10)) { ListResponse(streams: $0, total: 10) }
+        #expect(reply.streams.count == 10 && omitted == 0)
+    }
+
+    /// 3,000 streams (1,000 containers) are ~600 KB of JSON: the reply keeps the first ones that
+    /// fit within the budget, in order, and counts the rest.
+    @Test func threeThousandStreamsAreCutToTheBudgetInOrder() {
+        let all = streams(3000)
+        let (reply, omitted) = FrameBudget.fit(all) { BridgeListResponse(processes: [], streams: $0) }
+        let size = ControlJSON.encode(reply).count
+        #expect(size <= FrameBudget.bytes)
+        #expect(size + ControlFrame.headerSize <= ControlFrame.defaultMaxBody)
+        #expect(reply.streams.count + omitted == 3000)
+        #expect(reply.streams == Array(all.prefix(reply.streams.count)))
+        // The longest prefix: one more would not fit.
+        let oneMore = BridgeListResponse(processes: [], streams: Array(all.prefix(reply.streams.count + 1)))
+        #expect(ControlJSON.encode(oneMore).count > FrameBudget.bytes)
+    }
+}
