@@ -146,8 +146,10 @@ struct Scale: AsyncParsableCommand {
         let results = finish.withLockedValue { $0 }
         let total = results.reduce(0) { $0 + $1.bytes }
         let seconds = Double((busyEnd - busyStart).components.attoseconds) / 1e18 + Double((busyEnd - busyStart).components.seconds)
+        // Each stream's own rate, first byte to last: launches are sequential, so a stream that
+        // starts later is not counted as slower.
         let rates = results.map { result -> Double in
-            let span = result.last - busyStart
+            let span = result.last - result.first
             return Double(result.bytes) / (Double(span.components.seconds) + Double(span.components.attoseconds) / 1e18)
         }
         let complete = results.filter { $0.bytes == bytes }.count
