@@ -46,6 +46,7 @@ bench: release
 	$(BUILD_DIR)/release/holdfast-bench idle-streams --count 3000 --seconds 10
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 1 --rounds 50
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 2000 --rounds 5 --every 200
+	$(BUILD_DIR)/release/holdfast-bench scale --processes 1000 --busy 100 --bytes 33554432
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_DIR) bench/bin
