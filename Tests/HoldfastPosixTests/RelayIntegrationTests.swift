@@ -87,7 +87,9 @@ struct RelayIntegrationTests {
         let relay = Task { await Relay.output(from: source, to: slot) }
 
         // The relay reads one chunk and parks; the pipe fills; seq blocks in write(2).
-        try await eventually("the pipe to fill") { queuedBytes(pipe.read) >= 65536 - 8192 }
+        // (On a starved machine the relay's first read can come after the pipe filled: wait for
+        // that read and for the pipe to be full again.)
+        try await eventually("the first read and the pipe to fill") { source.reads >= 1 && queuedBytes(pipe.read) >= 65536 - 8192 }
         let queued = queuedBytes(pipe.read)
         try await Task.sleep(for: .milliseconds(200))
         #expect(source.reads == 1, "a parked relay reads nothing more")

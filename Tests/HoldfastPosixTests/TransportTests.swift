@@ -72,7 +72,9 @@ struct TransportTests {
                 fillers.append(try await Dialer.connect(to: address, timeout: .milliseconds(200)))
             } catch is ConnectTimedOut {
                 let elapsed = ContinuousClock.now - started
-                #expect(elapsed >= .milliseconds(150) && elapsed < .seconds(3))
+                // Not before the timeout; the upper bound only catches a connect that ignores it
+                // (a starved machine can be seconds late).
+                #expect(elapsed >= .milliseconds(150) && elapsed < .seconds(30))
                 timedOut = true
                 break
             }
