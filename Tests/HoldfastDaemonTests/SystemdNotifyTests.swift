@@ -1,0 +1,158 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("The daemon under systemd: sd_notify and upgrades")
+struct SystemdNotifyTests {
+    /// Starts the daemon as systemd would (NOTIFY_SOCKET, WATCHDOG_USEC of 400 ms) and checks the
+    /// whole conversation: READY=1 only once both roles are up, watchdog pings, a status line
+    /// when a role dies and comes back, STOPPING=1 on SIGTERM.
+    @Test func readyWatchdogStatusAndStoppingArriveInOrder() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let directory = try TemporaryDirectory("holdfast-notify")
+        defer { directory.remove() }
+        let systemd = try NotifyListener(path: directory.file("notify.sock"))
+        let daemon = try await DaemonFixture(environment: [
+            "NOTIFY_SOCKET": systemd.notifySocket, "WATCHDOG_USEC": "400000",
+        ])
+        defer { daemon.cleanUp() }
+        try await eventually("READY=1", timeout: .seconds(10)) { systemd.assignments.contains("READY=1") }
+        let atReady = systemd.assignments
+        #expect(atReady.filter { $0 == "READY=1" }.count == 1)
+        let readyIndex = atReady.firstIndex(of: "READY=1")!
+        #expect(atReady.prefix(readyIndex).contains("STATUS=Starting the broker and the bridge worker"))
+        #expect(atReady[readyIndex + 1].hasPrefix("STATUS=Ready: broker and bridge worker up; bridge to unix:"), "\(atReady)")
+        let status = try await daemon.status()
+        #expect(status.roles.count == 2 && status.roles.allSatisfy { $0.pid != nil })
+
+        // Roles must not inherit what only the main process may use.
+        for role in status.roles {
+            let environ = String(decoding: readFile("/proc/\(role.pid!)/environ") ?? [], as: UTF8.self)
+            #expect(!environ.isEmpty, "\(role.name)'s environment is readable")
+            #expect(!environ.contains("NOTIFY_SOCKET="), "\(role.name) does not inherit NOTIFY_SOCKET")
+            #expect(!environ.contains("WATCHDOG_USEC="), "\(role.name) does not inherit WATCHDOG_USEC")
+        }
+
+        // WatchdogSec/2 = 200 ms: about 5 pings a second.
+        let before = systemd.assignments.filter { $0 == "WATCHDOG=1" }.count
+        try await Task.sleep(for: .seconds(1))
+        let pings = systemd.assignments.filter { $0 == "WATCHDOG=1" }.count - before
+        print("watchdog pings in 1 s at WATCHDOG_USEC=400000: \(pings)")
+        #expect(pings >= 3 && pings <= 7)
+
+        // A role dies and comes back: the status line says so.
+        let bridge = try #require(try await daemon.rolePID("bridge"))
+        kill(bridge, SIGKILL)
+        try await eventually("a status line for the restart", timeout: .seconds(5)) {
+            systemd.assignments.contains { $0.hasPrefix("STATUS=Ready: the bridge worker was restarted") }
+        }
+        let lines = systemd.assignments.filter { $0.hasPrefix("STATUS=") }
+        #expect(lines.contains("STATUS=The bridge worker died (killed by signal 9 (SIGKILL)); restarting in 100ms"), "\(lines)")
+
+        #expect(try await daemon.stop() == .exited(0))
+        let all = systemd.assignments
+        let stopping = try #require(all.firstIndex(of: "STOPPING=1"), "\(all)")
+        #expect(all[stopping + 1].hasPrefix("STATUS=Shutting down (SIGTERM)"))
+        #expect(all.filter { $0 == "READY=1" }.count == 1, "READY=1 once, however often roles restart")
+    }
+
+    @Test func aWatchdogMeantForAnotherProcessIsNotPinged() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let directory = try TemporaryDirectory("holdfast-notify")
+        defer { directory.remove() }
+        let systemd = try NotifyListener(path: "@holdfast-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        let daemon = try await DaemonFixture(environment: [
+            "NOTIFY_SOCKET": systemd.notifySocket, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1",
+        ])
+        defer { daemon.cleanUp() }
+        try await eventually("READY=1 through an abstract socket", timeout: .seconds(10)) { systemd.assignments.contains("READY=1") }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(!systemd.assignments.contains("WATCHDOG=1"))
+        #expect(try await daemon.stop() == .exited(0))
+        #expect(systemd.assignments.contains("STOPPING=1"))
+    }
+
+    /// A package upgrade replaces /usr/bin/holdfast under a running daemon. A role that dies
+    /// afterwards must come back as the binary the supervisor runs (it speaks its protocol),
+    /// not as whatever file is at the path now.
+    @Test func aRoleRestartedAfterItsBinaryWasReplacedRunsTheOriginal() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let directory = try TemporaryDirectory("holdfast-upgrade")
+        defer { directory.remove() }
+        chmod(directory.path, 0o755)
+        let installed = directory.file("holdfast")
+        try writeFile(installed, try #require(readFile(holdfastExecutable())), mode: 0o755)
+        let daemon = try await DaemonFixture(executable: installed)
+        defer { daemon.cleanUp() }
+        // The upgrade: a new file at the same path (dpkg renames the new one into place).
+        try writeFile(installed + ".new", bytes("#!/bin/sh\necho 'not the daemon' >&2\nexit 99\n"), mode: 0o755)
+        #expect(rename(installed + ".new", installed) == 0)
+        let old = try #require(try await daemon.rolePID("bridge"))
+        kill(old, SIGKILL)
+        try await eventually("the bridge worker back and the bridge up", timeout: .seconds(10)) {
+            let report = try await daemon.status()
+            let pid = report.roles.first { $0.name == "bridge" }?.pid
+            return pid != nil && pid != old && report.bridge == "up"
+        }
+        let new = try #require(try await daemon.rolePID("bridge"))
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let length = readlink("/proc/\(new)/exe", &buffer, buffer.count - 1)
+        let exe = String(decoding: buffer[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        #expect(exe == installed + " (deleted)", "the restarted role runs the replaced file's inode: \(exe)")
+        #expect(!daemon.log.contains("not the daemon"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
+@Suite("holdfast config check, as the user runs it")
+struct ConfigCheckCommandTests {
+    func run(_ arguments: [String], environment: [String] = []) async throws -> (status: HoldfastPosix.ExitStatus, out: String, err: String) {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let directory = try TemporaryDirectory("holdfast-config-cli")
+        defer { directory.remove() }
+        let out = open(directory.file("out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let err = open(directory.file("err"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let pid = try processes.start(
+            [holdfastExecutable(), "config", "check"] + arguments, stdout: out, stderr: err,
+            environment: SpawnOptions.inheritedEnvironment().filter { !$0.hasPrefix("HOLDFAST_") } + environment)
+        close(out)
+        close(err)
+        let status = try await processes.wait(pid, timeout: .seconds(20))
+        return (
+            status, String(decoding: readFile(directory.file("out")) ?? [], as: UTF8.self),
+            String(decoding: readFile(directory.file("err")) ?? [], as: UTF8.self)
+        )
+    }
+
+    @Test func aGoodFilePrintsEveryKeyAndExitsZero() async throws {
+        let result = try await run(["config/holdfast.yaml"], environment: ["HOLDFAST_BROKER_USER=nobody"])
+        #expect(result.status == .exited(0), "\(result.err)")
+        #expect(result.out.hasPrefix("config/holdfast.yaml: valid\n"))
+        for key in ["run_directory", "bridge.address", "broker.user", "handoff.allowed_gids", "streams.ring_capacity", "control.socket"] {
+            #expect(result.out.contains("\n\(key) "), "\(key) is listed")
+        }
+        #expect(result.out.contains("environment (HOLDFAST_BROKER_USER)"))
+        #expect(result.err.isEmpty)
+    }
+
+    @Test func aBadFileNamesFileKeyAndReasonAndExitsTwo() async throws {
+        let directory = try TemporaryDirectory("holdfast-config-cli")
+        defer { directory.remove() }
+        let path = directory.file("bad.yaml")
+        try writeFile(path, bytes("bridge:\n  address: vsock://x:5\n"))
+        let result = try await run([path])
+        #expect(result.status == .exited(2))
+        #expect(result.out.isEmpty)
+        #expect(result.err == "holdfast: \(path): bridge.address: 'vsock://x:5': the CID must be a number (0-4294967295), 'host' or 'any'\n")
+        let json = try await run(["--json", path])
+        #expect(json.status == .exited(2))
+        #expect(json.out.contains(#""valid":false"#) && json.out.contains(#""key":"bridge.address""#), "\(json.out)")
+    }
+}
