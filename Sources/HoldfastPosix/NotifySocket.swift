@@ -1,3 +1,4 @@
+import CHoldfastShims
 import HoldfastProtocol
 
 #if canImport(Glibc)

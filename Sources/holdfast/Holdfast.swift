@@ -39,7 +39,8 @@ struct Daemon: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the Holdfast daemon: the supervisor, which starts the broker and the bridge worker.")
 
-    @Option(help: "The configuration file (YAML or JSON); see config/holdfast.yaml.") var config: String
+    @Option(help: "The configuration file (YAML or JSON); every key is described in /etc/holdfast/holdfast.yaml (config/holdfast.yaml in the source).")
+    var config: String
 
     func run() async throws {
         let code = await DaemonCommand.run(configPath: config, logger: makeLogger("holdfast.supervisor"))
