@@ -15,7 +15,7 @@ APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 lintian
 # rpath, and BIND_NOW for a fully read-only relocation table.
 DEB_SWIFT_FLAGS := -c release --static-swift-stdlib --disable-local-rpath -Xlinker -z -Xlinker now
 
-.PHONY: all deps build release test test-core-tsan demo bench deb deb-check clean
+.PHONY: all deps build release test test-core-tsan demo bench deb deb-check deb-install-check clean
 
 all: build
 
@@ -67,6 +67,11 @@ deb: deps
 # config check, the manual page) and a smoke test of the unpacked daemon: packaging/check-deb.sh.
 deb-check: deb
 	packaging/check-deb.sh $(DIST_DIR)/holdfast_$$(sed -n '1s/^holdfast (\([^)]*\)) .*/\1/p' packaging/debian/changelog)_$$(dpkg --print-architecture).deb
+
+# Installs, reinstalls, removes and purges the .deb on THIS machine, checking what the maintainer
+# scripts did (creates and deletes the user 'holdfast'): for throwaway machines, not in `test`.
+deb-install-check: deb
+	packaging/install-check.sh $(DIST_DIR)/holdfast_$$(sed -n '1s/^holdfast (\([^)]*\)) .*/\1/p' packaging/debian/changelog)_$$(dpkg --print-architecture).deb
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_DIR) $(DEB_BUILD_DIR) $(DIST_DIR) bench/bin
