@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
@@ -107,5 +108,51 @@ struct SystemdNotifyTests {
         #expect(exe == installed + " (deleted)", "the restarted role runs the replaced file's inode: \(exe)")
         #expect(!daemon.log.contains("not the daemon"))
         #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// What `systemctl restart holdfast` does to running containers, measured: SIGTERM to the
+    /// supervisor (KillMode=mixed), then a new daemon. Every container process ends (a polite
+    /// one on shutdown.signal, a stubborn one on SIGKILL after shutdown.grace); what they wrote
+    /// before dying still reaches the host; their exits are not reported (the bridge is stopped
+    /// first), and the new daemon's hello lists no processes and no exits, with the same boot id.
+    @Test func aServiceRestartEndsEveryContainerProcessAndTheHostSeesThemGone() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
+        let bootID = try #require(daemon.bridge.lastHello?.bootID)
+        let marker = daemon.directory.file("trap-set")
+        let politeOut = collect(daemon.streams.open(token: bytes("polite-out"), direction: .receive))
+        let polite = try await daemon.bridge.create(ProcessSpec(
+            id: "polite",
+            argv: ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo started; touch \(marker)-polite; while :; do sleep 0.05; done"],
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "polite-out")))
+        let stubborn = try await daemon.bridge.create(ProcessSpec(
+            id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]))
+        // Not before both shells have set their traps.
+        try await eventually("both traps set") { access(marker + "-polite", F_OK) == 0 && access(marker + "-stubborn", F_OK) == 0 }
+
+        let stopping = ContinuousClock.now
+        #expect(try await daemon.stop() == .exited(0))
+        let stopTook = ContinuousClock.now - stopping
+        print("daemon stopped in \(stopTook) (shutdown.grace 1s in the fixture)")
+        #expect(stopTook >= .milliseconds(900), "the stubborn process held the shutdown until SIGKILL after the grace period")
+        #expect(kill(polite, 0) != 0 && kill(stubborn, 0) != 0, "both container processes are gone")
+        #expect(await politeOut.value == bytes("started\ngot TERM\n"), "output written while stopping still reached the host")
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(exits.all.isEmpty, "the bridge was stopped first: no exit reached the host: \(exits.all)")
+
+        // The new daemon (what systemd starts next).
+        let before = daemon.bridge.acceptedConnections
+        let log = open(daemon.directory.file("daemon2.log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        _ = try daemon.processes.start(
+            [holdfastExecutable(), "daemon", "--config", daemon.directory.file("holdfast.yaml")], stdout: log, stderr: log)
+        close(log)
+        try await eventually("the new daemon's hello", timeout: .seconds(20)) { daemon.bridge.acceptedConnections > before }
+        let hello = try #require(daemon.bridge.lastHello)
+        #expect(hello.processes.isEmpty && hello.exits.isEmpty, "the new daemon knows nothing of them: \(hello)")
+        #expect(hello.bootID == bootID, "same boot id: only the missing processes tell the host")
     }
 }
