@@ -40,17 +40,21 @@ struct SystemdNotifyTests {
             #expect(!environ.contains("WATCHDOG_USEC="), "\(role.name) does not inherit WATCHDOG_USEC")
         }
 
-        // WatchdogSec/2 = 200 ms: about 5 pings a second.
+        // WatchdogSec/2 = 200 ms: about 5 pings a second (bounds from the time that really
+        // passed: a loaded machine stretches the test's own sleep).
         let before = systemd.assignments.filter { $0 == "WATCHDOG=1" }.count
+        let from = ContinuousClock.now
         try await Task.sleep(for: .seconds(1))
         let pings = systemd.assignments.filter { $0 == "WATCHDOG=1" }.count - before
-        print("watchdog pings in 1 s at WATCHDOG_USEC=400000: \(pings)")
-        #expect(pings >= 3 && pings <= 7)
+        let elapsed = ContinuousClock.now - from
+        let most = Int(elapsed / .milliseconds(200)) + 2
+        print("watchdog pings in \(elapsed) at WATCHDOG_USEC=400000: \(pings) (at most \(most))")
+        #expect(pings >= 2 && pings <= most)
 
         // A role dies and comes back: the status line says so.
         let bridge = try #require(try await daemon.rolePID("bridge"))
         kill(bridge, SIGKILL)
-        try await eventually("a status line for the restart", timeout: .seconds(5)) {
+        try await eventually("a status line for the restart", timeout: .seconds(10)) {
             systemd.assignments.contains { $0.hasPrefix("STATUS=Ready: the bridge worker was restarted") }
         }
         let lines = systemd.assignments.filter { $0.hasPrefix("STATUS=") }
