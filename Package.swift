@@ -113,7 +113,7 @@ let package = Package(
             name: "holdfast",
             dependencies: [
                 "HoldfastCore", "HoldfastTools", "HoldfastPosix", "HoldfastProtocol", "HoldfastSupervisor", "HoldfastBroker",
-                "HoldfastBridge",
+                "HoldfastBridge", "HoldfastConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -166,7 +166,7 @@ let package = Package(
         .testTarget(
             name: "HoldfastPosixTests",
             dependencies: [
-                "HoldfastPosix", "HoldfastCore", "HoldfastTestSupport",
+                "HoldfastPosix", "HoldfastCore", "HoldfastProtocol", "HoldfastTestSupport",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),

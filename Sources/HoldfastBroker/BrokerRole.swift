@@ -31,11 +31,14 @@ public enum BrokerRole {
                 throw Failure(description: "broker.user is '\(name)' but the broker runs as uid \(getuid()) and cannot switch")
             }
         }
+        // The broker holds two fds or more per stream: the service manager's soft limit (1,024
+        // under systemd) would cap it at a few hundred streams. Processes keep the low limit.
+        let files = ResourceLimits.raiseOpenFileLimit()
         // Everything that needs a file or a privilege is done: from here on, only fds.
         try SeccompProfile.applyBrokerProfile(action: settings.seccomp)
         logger.info("broker ready", metadata: [
             "pid": "\(getpid())", "uid": "\(getuid())", "seccomp": "\(settings.seccomp.rawValue)",
-            "seccompMode": "\(SeccompProfile.mode() ?? -1)",
+            "seccompMode": "\(SeccompProfile.mode() ?? -1)", "openFiles": "\(files.soft)",
         ])
 
         let service = BrokerService(settings: settings, logger: logger)

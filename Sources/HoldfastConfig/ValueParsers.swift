@@ -41,11 +41,18 @@ public enum ValueParsers {
     }
 
     /// "SIGTERM", "TERM" or "15".
+    static let signalNames: [String: Int32] = [
+        "HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "USR1": SIGUSR1, "USR2": SIGUSR2,
+        "TERM": SIGTERM,
+    ]
+
+    /// The name `signal` accepts for a number ("SIGTERM"), or the number itself.
+    public static func signalName(_ number: Int32) -> String {
+        signalNames.first { $0.value == number }.map { "SIG" + $0.key } ?? String(number)
+    }
+
     public static func signal(_ text: String) -> Result<Int32, Problem> {
-        let names: [String: Int32] = [
-            "HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "USR1": SIGUSR1, "USR2": SIGUSR2,
-            "TERM": SIGTERM,
-        ]
+        let names = signalNames
         if let number = Int32(text), number > 0, number < 65 { return .success(number) }
         let name = text.uppercased().hasPrefix("SIG") ? String(text.uppercased().dropFirst(3)) : text.uppercased()
         guard let number = names[name] else { return .failure("expected a signal such as SIGTERM, SIGINT or a number") }

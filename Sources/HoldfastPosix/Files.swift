@@ -38,22 +38,6 @@ public enum WholeFile {
     }
 }
 
-/// Process resource limits.
-public enum ResourceLimits {
-    /// Raises the soft limit on open files to the hard limit (systemd starts services at a soft
-    /// 1,024; 1,000 containers' stdio needs several thousand). Returns (before, after).
-    @discardableResult
-    public static func raiseOpenFiles() -> (before: UInt64, after: UInt64) {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return (0, 0) }
-        let before = UInt64(limit.rlim_cur)
-        guard limit.rlim_cur < limit.rlim_max else { return (before, before) }
-        limit.rlim_cur = limit.rlim_max
-        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return (before, before) }
-        return (before, UInt64(limit.rlim_max))
-    }
-}
-
 /// Directory trees.
 public enum FileTree {
     /// Removes `path` and everything under it, without following symlinks and without an `rm`

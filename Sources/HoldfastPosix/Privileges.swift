@@ -41,3 +41,21 @@ public enum Privileges {
 
     public static var isRoot: Bool { geteuid() == 0 }
 }
+
+public enum ResourceLimits {
+    /// Raises this process's soft limit on open files to its hard limit and returns both limits
+    /// after the change (the soft one unchanged if raising failed). A service manager's default
+    /// soft limit (1,024 under systemd) is meant for select()-era programs; a process that holds
+    /// thousands of fds raises its own soft limit, so its children keep the low one.
+    @discardableResult
+    public static func raiseOpenFileLimit() -> (soft: UInt64, hard: UInt64) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return (0, 0) }
+        if limit.rlim_cur < limit.rlim_max {
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
+        }
+        return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
+    }
+}

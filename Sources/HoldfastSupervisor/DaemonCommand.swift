@@ -12,31 +12,30 @@ public enum DaemonCommand {
     /// Loads the configuration (a bad one stops here: file, key, reason on stderr, exit 2) and
     /// runs the supervisor until SIGTERM/SIGINT. Returns the exit code.
     public static func run(configPath: String, logger: Logger) async -> Int32 {
+        let environment = ConfigurationLoader.currentEnvironment()
+        let notifier = ServiceNotifier(environment: environment, logger: logger)
+        func fail(_ code: Int32, _ message: String) async -> Int32 {
+            logger.critical("\(message)")
+            notifier.status("Failed: \(message)")
+            await notifier.finish()
+            return code
+        }
         let configuration: DaemonConfiguration
         do {
-            configuration = try await ConfigurationLoader.load(path: configPath)
+            configuration = try await ConfigurationLoader.load(path: configPath, environment: environment)
         } catch {
-            logger.critical("bad configuration: \(error)")
-            return 2
+            return await fail(2, "bad configuration: \(error)")
         }
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard length > 0 else {
-            logger.critical("cannot find my own executable (/proc/self/exe)")
-            return 1
-        }
-        let executable = String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        // Before any role starts: they inherit it.
-        let files = ResourceLimits.raiseOpenFiles()
-        if files.after != files.before {
-            logger.info("open file limit raised", metadata: ["from": "\(files.before)", "to": "\(files.after)"])
-        }
-        let supervisor = Supervisor(configuration: configuration, logger: logger, executable: executable)
+        // The roles are this binary, re-executed through /proc/self/exe: the very file this
+        // process runs, even after an upgrade replaced /usr/bin/holdfast (a role restarted later
+        // must speak this supervisor's protocol).
+        let executable = "/proc/self/exe"
+        guard access(executable, X_OK) == 0 else { return await fail(1, "cannot find my own executable (/proc/self/exe)") }
+        let supervisor = Supervisor(configuration: configuration, logger: logger, executable: executable, notifier: notifier)
         do {
             return try await supervisor.run()
         } catch {
-            logger.critical("daemon failed: \(error)")
-            return 1
+            return await fail(1, "daemon failed: \(error)")
         }
     }
 }

@@ -16,6 +16,16 @@ final class RoleSupervisor: Sendable {
         var channel: FDChannel
     }
 
+    /// What happened to the role, for the service manager's status line.
+    enum Event: Sendable {
+        /// Started (`restarts`: how many times it had died before).
+        case started(pid: pid_t, restarts: Int)
+        /// Died while not stopping; restarted after `restartIn`.
+        case died(cause: String, restartIn: Duration)
+        /// Could not be started; tried again after `retryIn`.
+        case cannotStart(error: String, retryIn: Duration)
+    }
+
     let name: String
     private let logger: Logger
     private let reaper: ChildReaper
@@ -23,6 +33,7 @@ final class RoleSupervisor: Sendable {
     private let launch: @Sendable () throws -> Incarnation
     /// Serves the incarnation's channel; returns when it closes.
     private let serve: @Sendable (Incarnation) async -> Void
+    private let onEvent: @Sendable (Event) -> Void
     private let state = NIOLockedValueBox(State())
 
     static let initialBackoff: Duration = .milliseconds(100)
@@ -39,13 +50,14 @@ final class RoleSupervisor: Sendable {
 
     init(
         name: String, logger: Logger, reaper: ChildReaper, launch: @escaping @Sendable () throws -> Incarnation,
-        serve: @escaping @Sendable (Incarnation) async -> Void
+        serve: @escaping @Sendable (Incarnation) async -> Void, onEvent: @escaping @Sendable (Event) -> Void = { _ in }
     ) {
         self.name = name
         self.logger = logger
         self.reaper = reaper
         self.launch = launch
         self.serve = serve
+        self.onEvent = onEvent
     }
 
     var status: RoleStatus {
@@ -68,17 +80,20 @@ final class RoleSupervisor: Sendable {
                 incarnation = try launch()
             } catch {
                 logger.error("cannot start role", metadata: ["role": "\(name)", "error": "\(error)"])
+                onEvent(.cannotStart(error: "\(error)", retryIn: backoff))
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, Self.maxBackoff)
                 continue
             }
             reaper.expect(incarnation.pid)
             let started = ContinuousClock.now
-            state.withLockedValue {
+            let restarts = state.withLockedValue {
                 $0.current = incarnation
                 $0.startedAt = started
+                return $0.restarts
             }
             logger.info("role started", metadata: ["role": "\(name)", "pid": "\(incarnation.pid)"])
+            onEvent(.started(pid: incarnation.pid, restarts: restarts))
             let serving = Task { await serve(incarnation) }
             let status = await reaper.wait(incarnation.pid)
             incarnation.channel.close()
@@ -97,6 +112,7 @@ final class RoleSupervisor: Sendable {
             logger.error("role died; restarting", metadata: [
                 "role": "\(name)", "pid": "\(incarnation.pid)", "cause": "\(status)", "backoff": "\(backoff)",
             ])
+            onEvent(.died(cause: status.description, restartIn: backoff))
             try? await Task.sleep(for: backoff)
             backoff = min(backoff * 2, Self.maxBackoff)
         }

@@ -35,6 +35,10 @@ public final class Supervisor: Sendable {
     private let bridgeChannel = NIOLockedValueBox<FDChannel?>(nil)
     /// Exits of processes the host created, kept until the host acknowledges them.
     private let unacknowledgedExits = NIOLockedValueBox<[ExitReport]>([])
+    /// systemd's notification socket (a no-op when not started by systemd with Type=notify).
+    let notifier: ServiceNotifier
+    /// READY=1 has been sent: role restarts from now on are news.
+    private let ready = NIOLockedValueBox(false)
 
     /// A container process the supervisor started.
     final class ProcessRecord: Sendable {
@@ -88,10 +92,13 @@ public final class Supervisor: Sendable {
     let runc: RuncRuntime
     let metrics = SupervisorMetrics()
 
-    public init(configuration: DaemonConfiguration, logger: Logger, executable: String) {
+    /// `executable` is what the roles run: `/proc/self/exe` keeps them on this very binary even
+    /// after a package upgrade has replaced the file (a restarted role must speak our protocol).
+    public init(configuration: DaemonConfiguration, logger: Logger, executable: String, notifier: ServiceNotifier? = nil) {
         self.configuration = configuration
         self.logger = logger
         self.executable = executable
+        self.notifier = notifier ?? ServiceNotifier(environment: [:], logger: logger)
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
@@ -109,19 +116,25 @@ public final class Supervisor: Sendable {
         let control = try Listener(
             binding: .unix(path: configuration.control.socket), kind: .seqpacket, unixMode: 0o600)
 
+        notifier.status("Starting the broker and the bridge worker")
         let broker = RoleSupervisor(
             name: "broker", logger: logger, reaper: reaper, launch: { [self] in try launchBroker(handoff: handoff) },
-            serve: { [self] incarnation in await serveBroker(incarnation) })
+            serve: { [self] incarnation in await serveBroker(incarnation) },
+            onEvent: { [self] event in roleEvent("broker", event) })
         let bridge = RoleSupervisor(
             name: "bridge", logger: logger, reaper: reaper, launch: { [self] in try launchBridge() },
-            serve: { [self] incarnation in await serveBridge(incarnation) })
+            serve: { [self] incarnation in await serveBridge(incarnation) },
+            onEvent: { [self] event in roleEvent("bridge worker", event) })
         roles.withLockedValue { $0 = (broker, bridge) }
         let brokerTask = Task { await broker.run() }
         let bridgeTask = Task { await bridge.run() }
         let controlTask = Task { await serveControl(control) }
         let metricsTask = try startMetricsEndpoint()
+        let readiness = Task { await announceReadiness() }
+        let watchdog = Task { await notifier.runWatchdog() }
         logger.info("holdfast daemon started", metadata: [
             "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
+            "systemd": "\(notifier.isActive ? "notify" : "no")",
         ])
 
         reaper.reapAll()
@@ -134,6 +147,12 @@ public final class Supervisor: Sendable {
             }
         }
         logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
+        readiness.cancel()
+        let running = processes.withLockedValue { $0.values.filter { $0.status.state == "running" }.count }
+        notifier.post([
+            .stopping,
+            .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
+        ])
         // Keep reaping while shutting down.
         let reaping = Task {
             while let signal = await signals.next() {
@@ -148,6 +167,8 @@ public final class Supervisor: Sendable {
         _ = await brokerTask.value
         _ = await bridgeTask.value
         reaping.cancel()
+        watchdog.cancel()
+        await notifier.finish()
         logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
         return 0
     }
@@ -177,6 +198,54 @@ public final class Supervisor: Sendable {
             text += reply.text
         }
         return text
+    }
+
+    // MARK: Service manager
+
+    /// READY=1 once both roles are up: the broker has answered a request on its control channel
+    /// (so it dropped privileges, loaded its seccomp filter and serves), and the bridge worker
+    /// process runs (it was exec'd: the spawn reports exec failures). The host's bridge being
+    /// reachable is not part of readiness: the worker redials it forever, and a guest service
+    /// must not fail its start because the host is late.
+    private func announceReadiness() async {
+        while !Task.isCancelled {
+            if rolePID("bridge") != nil, let broker = broker(),
+                (try? await broker.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self)) != nil,
+                rolePID("bridge") != nil, !shuttingDown.withLockedValue({ $0 })
+            {
+                ready.withLockedValue { $0 = true }
+                notifier.post([.ready, .status("Ready: broker and bridge worker up; \(bridgeSummary)")])
+                logger.info("daemon ready", metadata: ["broker": "\(rolePID("broker") ?? 0)", "bridge": "\(rolePID("bridge") ?? 0)"])
+                return
+            }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    private var bridgeSummary: String {
+        let state = bridgeState.withLockedValue { $0 }
+        return "bridge to \(configuration.bridge.address) \(state == "up" ? "up" : "down (redialling)")"
+    }
+
+    /// A role started, died or could not start: the status line says so (restarts only once the
+    /// service is ready; the first starts are what readiness reports).
+    private func roleEvent(_ role: String, _ event: RoleSupervisor.Event) {
+        guard !shuttingDown.withLockedValue({ $0 }) else { return }
+        switch event {
+        case .started(let pid, let restarts):
+            guard restarts > 0, ready.withLockedValue({ $0 }) else { return }
+            notifier.status("Ready: the \(role) was restarted (pid \(pid), restart \(restarts)); \(bridgeSummary)")
+        case .died(let cause, let restartIn):
+            notifier.status("The \(role) died (\(cause)); restarting in \(Self.describe(restartIn))")
+        case .cannotStart(let error, let retryIn):
+            notifier.status("Cannot start the \(role): \(error); retrying in \(Self.describe(retryIn))")
+        }
+    }
+
+    /// "100ms", "5s".
+    static func describe(_ duration: Duration) -> String {
+        let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        return milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds)ms"
     }
 
     private func makeRunDirectory() throws {
@@ -234,7 +303,11 @@ public final class Supervisor: Sendable {
     }
 
     private func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> pid_t {
-        var options = SpawnOptions(executable: executable, arguments: arguments)
+        // Not NOTIFY_SOCKET and the watchdog's variables: only the supervisor speaks for the service.
+        let environment = SpawnOptions.inheritedEnvironment().filter { entry in
+            !ServiceNotify.environmentVariables.contains(String(entry.prefix { $0 != "=" }))
+        }
+        var options = SpawnOptions(executable: executable, arguments: arguments, environment: environment)
         if let user { options.user = (user.uid, user.gid, [user.gid]) }
         options.stdout = 1
         options.stderr = 2
@@ -300,11 +373,13 @@ public final class Supervisor: Sendable {
             metrics.bridge(up: true)
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
+            if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
             _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
         case .bridgeDown:
             bridgeState.withLockedValue { $0 = "down" }
             metrics.bridge(up: false)
             logger.warning("bridge lost")
+            if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
             _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
         default:
             break

@@ -1,6 +1,7 @@
 import ArgumentParser
 import HoldfastBridge
 import HoldfastBroker
+import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -24,7 +25,7 @@ struct Holdfast: AsyncParsableCommand {
             """,
         version: HoldfastVersion.string,
         subcommands: [
-            Daemon.self, Status.self, Host.self, Demo.self, Pipe.self, Receive.self,
+            Daemon.self, Status.self, ConfigCommand.self, Host.self, Demo.self, Pipe.self, Receive.self,
             BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self,
         ])
 }
@@ -43,7 +44,8 @@ struct Daemon: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the Holdfast daemon: the supervisor, which starts the broker and the bridge worker.")
 
-    @Option(help: "The configuration file (YAML or JSON); see config/holdfast.yaml.") var config: String
+    @Option(help: "The configuration file (YAML or JSON); every key is described in /etc/holdfast/holdfast.yaml (config/holdfast.yaml in the source).")
+    var config: String
 
     func run() async throws {
         let code = await DaemonCommand.run(configPath: config, logger: makeLogger("holdfast.supervisor", role: "supervisor"))
@@ -69,6 +71,45 @@ struct Status: AsyncParsableCommand {
         } else {
             print(StatusPrinter.render(report, colour: isatty(1) == 1))
         }
+    }
+}
+
+struct ConfigCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config", abstract: "Check a daemon configuration file.", subcommands: [Check.self])
+
+    struct Check: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate a configuration file and print the effective configuration.",
+            discussion: """
+                Loads FILE exactly as 'holdfast daemon --config FILE' would (HOLDFAST_* environment \
+                variables included) and prints every key with the value the daemon would use and \
+                where it came from (file, environment or default). A bad file prints the file, the \
+                key and the reason on standard error and exits with 2, as the daemon would.
+                """)
+
+        @Argument(help: "The configuration file (YAML or JSON).") var file: String
+        @Flag(help: "Print JSON for tools (on an invalid file too).") var json = false
+
+        func run() async throws {
+            let check = await ConfigurationCheck.run(path: file)
+            if json {
+                print(check.renderJSON())
+            } else if check.valid {
+                print(check.renderText())
+            } else {
+                var standardError = StandardError()
+                print("holdfast: \(check.renderText())", to: &standardError)
+            }
+            if !check.valid { throw ExitCode(2) }
+        }
+    }
+}
+
+struct StandardError: TextOutputStream {
+    mutating func write(_ string: String) {
+        var text = string
+        text.withUTF8 { bytes in _ = Glibc.write(2, bytes.baseAddress, bytes.count) }
     }
 }
 

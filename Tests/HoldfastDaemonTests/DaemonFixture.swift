@@ -36,7 +36,8 @@ final class DaemonFixture: Sendable {
     static var canRun: Bool { geteuid() == 0 }
     static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
 
-    init(extraConfig: String = "") async throws {
+    /// `environment` is added to the inherited one; `executable` replaces the built binary.
+    init(extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil) async throws {
         directory = try TemporaryDirectory("holdfast-daemon")
         chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
         bridge = try BridgeServer(listeningOn: .unix(path: directory.file("host-bridge.sock")), unixMode: 0o666)
@@ -66,7 +67,8 @@ final class DaemonFixture: Sendable {
         try writeFile(directory.file("holdfast.yaml"), bytes(config))
         let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         let pid = try processes.start(
-            [holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")], stdout: log, stderr: log)
+            [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")], stdout: log, stderr: log,
+            environment: SpawnOptions.inheritedEnvironment() + environment.map { "\($0.key)=\($0.value)" })
         close(log)
         daemon.withLockedValue { $0 = pid }
         try await eventually("the daemon's control socket", timeout: .seconds(20)) {

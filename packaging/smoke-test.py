@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Starts a packaged holdfast daemon the way systemd would and checks the conversation.
+
+    packaging/smoke-test.py ROOT      (ROOT: a .deb unpacked with dpkg-deb -x)
+
+The daemon runs ROOT/usr/bin/holdfast with ROOT/etc/holdfast/holdfast.yaml, under a temporary
+run directory and a bridge address nobody listens on (the bridge worker redials; readiness does
+not wait for the host). A Unix datagram socket stands in for systemd's NOTIFY_SOCKET, with
+WATCHDOG_USEC set. Checks: READY=1 arrives, `holdfast status` answers, the broker runs under
+seccomp as an unprivileged user, WATCHDOG=1 arrives, SIGTERM gives STOPPING=1 and exit 0.
+Needs root (the daemon starts the broker as another user); skips otherwise.
+"""
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def main() -> int:
+    root = sys.argv[1]
+    binary = f"{root}/usr/bin/holdfast"
+    config = f"{root}/etc/holdfast/holdfast.yaml"
+    if os.geteuid() != 0:
+        print("smoke test: skipped (needs root: the daemon starts the broker as another user)")
+        return 0
+    directory = tempfile.mkdtemp(prefix="holdfast-smoke.")
+    os.chmod(directory, 0o755)  # the broker, unprivileged, reaches its sockets in here
+    daemon = None
+    try:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(f"{directory}/notify.sock")
+        received: list[str] = []
+
+        def wait_for(assignment: str, seconds: float) -> bool:
+            deadline = time.monotonic() + seconds
+            while assignment not in received:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                notify.settimeout(left)
+                try:
+                    received.extend(notify.recv(4096).decode().split("\n"))
+                except socket.timeout:
+                    return False
+            return True
+
+        run = f"{directory}/run"
+        environment = dict(
+            os.environ,
+            NOTIFY_SOCKET=f"{directory}/notify.sock",
+            WATCHDOG_USEC="1000000",
+            HOLDFAST_RUN_DIR=run,
+            HOLDFAST_BRIDGE_ADDRESS=f"unix:{run}/host-bridge.sock",
+        )
+        try:
+            pwd.getpwnam("holdfast")
+        except KeyError:
+            # The package's postinst creates 'holdfast'; this machine has not installed it.
+            environment["HOLDFAST_BROKER_USER"] = "nobody"
+            print("smoke test: no user 'holdfast' here (postinst creates it): the broker runs as 'nobody'")
+        log = open(f"{directory}/daemon.log", "w")
+        started = time.monotonic()
+        daemon = subprocess.Popen([binary, "daemon", "--config", config], env=environment, stdout=log, stderr=subprocess.STDOUT)
+
+        def fail(why: str) -> int:
+            print(f"smoke test: FAIL: {why}\nnotifications: {received}\n--- daemon log ---")
+            with open(f"{directory}/daemon.log") as text:
+                print(text.read())
+            return 1
+
+        if not wait_for("READY=1", 20):
+            return fail("no READY=1 within 20 s")
+        ready_ms = (time.monotonic() - started) * 1000
+        status = subprocess.run(
+            [binary, "status", "--json", "--socket", f"{run}/control.sock"], capture_output=True, text=True, timeout=10)
+        if status.returncode != 0:
+            return fail(f"holdfast status: exit {status.returncode}: {status.stdout} {status.stderr}")
+        roles = {role["name"]: role.get("pid") for role in json.loads(status.stdout)["roles"]}
+        broker_pid = roles.get("broker")
+        if broker_pid is None or roles.get("bridge") is None:
+            return fail(f"holdfast status shows roles {roles}")
+        with open(f"/proc/{broker_pid}/status") as text:
+            fields = dict(line.split(":", 1) for line in text.read().splitlines() if ":" in line)
+        seccomp = fields["Seccomp"].strip()
+        uid = fields["Uid"].split()[0]
+        if seccomp != "2" or uid == "0":
+            return fail(f"the broker runs with Seccomp {seccomp}, uid {uid}")
+        if not wait_for("WATCHDOG=1", 3):
+            return fail("no WATCHDOG=1 within 3 s at WATCHDOG_USEC=1000000")
+        stopping_started = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            return fail("still running 40 s after SIGTERM")
+        stop_ms = (time.monotonic() - stopping_started) * 1000
+        if not wait_for("STOPPING=1", 1):
+            return fail("no STOPPING=1")
+        if code != 0:
+            return fail(f"exit status {code} after SIGTERM")
+        print(
+            f"smoke test: PASS: READY=1 after {ready_ms:.0f} ms; status answered; broker pid {broker_pid} uid {uid} "
+            f"Seccomp {seccomp}; WATCHDOG=1 seen; STOPPING=1; exit 0 {stop_ms:.0f} ms after SIGTERM")
+        return 0
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
