@@ -125,6 +125,9 @@ extension DaemonConfiguration {
             "shutdown.grace": (Self.duration(shutdown.grace), nil),
             "shutdown.timeout": (Self.duration(shutdown.timeout), nil),
             "control.socket": (control.socket, nil),
+            "runc.path": (runc.path, nil),
+            "runc.root": (runc.root, nil),
+            "metrics.address": (metrics.address?.description ?? "", metrics.address == nil ? "no metrics endpoint" : nil),
         ]
     }
 
