@@ -4,10 +4,17 @@
 SWIFT      ?= swift
 BUILD_DIR  ?= .build
 TSAN_DIR   ?= .build-tsan
+FUZZ_DIR   ?= .build-fuzz
+# Seconds per fuzz target for `make fuzz`; `make fuzz-smoke` runs each for 10.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := bridge broker stream config
+# libFuzzer's main replaces the replayer's (-parse-as-library, HOLDFAST_FUZZING); AddressSanitizer
+# checks every access on the way.
+FUZZ_FLAGS := -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library -Xswiftc -DHOLDFAST_FUZZING
 # Debian packages the build, the tests, the demo and the benchmarks need.
 APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static
 
-.PHONY: all deps build release test test-core-tsan demo bench clean
+.PHONY: all deps build release test test-core-tsan demo bench fuzz fuzz-build fuzz-smoke clean
 
 all: build
 
@@ -36,6 +43,17 @@ test: deps
 test-core-tsan: deps
 	$(SWIFT) test --sanitize=thread --scratch-path $(TSAN_DIR) --filter HoldfastCoreTests
 
+# libFuzzer on the bridge frames, the broker's control messages, the stream frames and hello,
+# and the configuration loader (README "Fuzzing"). Crashes land in $(FUZZ_DIR)/artifacts/.
+fuzz-build: deps
+	$(SWIFT) build --product holdfast-fuzz --scratch-path $(FUZZ_DIR) $(FUZZ_FLAGS)
+
+fuzz: fuzz-build
+	fuzz/run.sh $(FUZZ_DIR)/debug/holdfast-fuzz $(FUZZ_SECONDS) $(FUZZ_DIR) $(FUZZ_TARGETS)
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=10
+
 demo: build
 	$(BUILD_DIR)/debug/holdfast demo
 
@@ -48,4 +66,4 @@ bench: release
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 2000 --rounds 5 --every 200
 
 clean:
-	rm -rf $(BUILD_DIR) $(TSAN_DIR) bench/bin
+	rm -rf $(BUILD_DIR) $(TSAN_DIR) $(FUZZ_DIR) bench/bin

@@ -118,6 +118,17 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        // Fuzz targets (README "Fuzzing"): the harnesses, and one executable that is libFuzzer's
+        // driver in a fuzz build (`make fuzz`) and a replayer of inputs in a normal build.
+        .target(
+            name: "HoldfastFuzzing",
+            dependencies: [
+                "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastSupervisor",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(name: "holdfast-fuzz", dependencies: ["HoldfastFuzzing"], swiftSettings: strict),
         // Fakes and helpers shared by every test target: in-memory and fault-injecting
         // connections, bounded waits, child-process helpers.
         // Benchmarks that print numbers (not shipped).
@@ -156,6 +167,10 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "HoldfastToolsTests", dependencies: ["HoldfastTools", "HoldfastTestSupport"], swiftSettings: strict),
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastFuzzTests",
+            dependencies: ["HoldfastFuzzing", "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastProtocol"],
+            swiftSettings: strict),
         .testTarget(
             name: "HoldfastCoreTests",
             dependencies: [

@@ -145,37 +145,22 @@ public final class BrokerService: Sendable {
 
     /// One request. Fds that come with a request the broker does not keep are closed here.
     private func handle(_ frame: ControlFrame, descriptors: [Int32], caller: Caller) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        guard let type = BrokerMessageType(rawValue: frame.type) else {
+        let request: BrokerRequest
+        do {
+            let fromSupervisor = if case .supervisor = caller { true } else { false }
+            request = try BrokerRequest.parse(frame, descriptorCount: descriptors.count, fromSupervisor: fromSupervisor)
+        } catch {
             for fd in descriptors { _ = close(fd) }
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            throw error
         }
-        if type != .adopt {
-            for fd in descriptors { _ = close(fd) }
-            if !descriptors.isEmpty {
-                throw ErrorBody(code: "bad-request", message: "only adopt carries fds")
-            }
-        }
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
+        // Only adopt carries fds (parse refused any other request with fds).
         let empty = ControlJSON.encode([String: String]())
-        switch type {
-        case .adopt:
-            let request: AdoptRequest
-            do {
-                request = try decode(AdoptRequest.self)
-            } catch {
-                for fd in descriptors { _ = close(fd) }
-                throw error
-            }
-            try broker.adopt(request, descriptors: descriptors)
+        switch request {
+        case .adopt(let adopt):
+            try broker.adopt(adopt, descriptors: descriptors)
             return (empty, [])
-        case .release:
-            let (response, fds) = try await broker.release(try decode(ProcessRequest.self).process)
+        case .release(let process):
+            let (response, fds) = try await broker.release(process)
             return (ControlJSON.encode(response), fds)
         case .list:
             return (ControlJSON.encode(ListResponse(streams: broker.list())), [])
@@ -183,23 +168,19 @@ public final class BrokerService: Sendable {
             return (ControlJSON.encode(broker.stats()), [])
         case .metrics:
             return (ControlJSON.encode(MetricsResponse(text: broker.metricsText())), [])
-        case .disconnectAll, .bridgeUp:
-            guard case .supervisor = caller else {
-                throw ErrorBody(code: "permission-denied", message: "only the supervisor sends bridge events")
-            }
-            let count = type == .disconnectAll ? broker.disconnectAll() : broker.bridgeUp()
-            return (ControlJSON.encode(CountResponse(count: count)), [])
-        case .processExited:
-            try broker.processExited(try decode(ProcessExitedRequest.self))
+        case .disconnectAll:
+            return (ControlJSON.encode(CountResponse(count: broker.disconnectAll())), [])
+        case .bridgeUp:
+            return (ControlJSON.encode(CountResponse(count: broker.bridgeUp())), [])
+        case .processExited(let exited):
+            try broker.processExited(exited)
             return (empty, [])
-        case .closeStdin:
-            try broker.closeStdin(try decode(ProcessRequest.self).process)
+        case .closeStdin(let process):
+            try broker.closeStdin(process)
             return (empty, [])
-        case .resize:
-            try broker.resize(try decode(ResizeRequest.self))
+        case .resize(let resize):
+            try broker.resize(resize)
             return (empty, [])
-        case .ok, .error, .drained:
-            throw ErrorBody(code: "unknown-type", message: "\(type) is not a request")
         }
     }
 }

@@ -168,3 +168,12 @@ struct Launcher {
         return Started(pid: pid, adopt: AdoptRequest(process: id, streams: stdio.streams), descriptors: stdio.hostEnds)
     }
 }
+
+extension Supervisor {
+    /// The check a process spec (a bridge `create`, a local `launch`) passes before anything
+    /// starts. Pure apart from user look-ups, so the bridge fuzz target runs every create body
+    /// it decodes through it.
+    public static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
+        try Launcher.validate(spec)
+    }
+}

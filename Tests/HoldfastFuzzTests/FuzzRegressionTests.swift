@@ -1,0 +1,91 @@
+import HoldfastBridge
+import HoldfastBroker
+import HoldfastCore
+import HoldfastFuzzing
+import HoldfastProtocol
+import Testing
+
+/// The fuzz targets' inputs, replayed in the normal test suite: the seed corpus (so the
+/// harnesses themselves stay sound) and every crash the fuzzer found (fuzz/crashes/<target>/),
+/// each fixed and kept here as a regression test. A regression traps this test process.
+@Suite("Fuzz regressions")
+struct FuzzRegressionTests {
+    static let fuzzDirectory: String = {
+        // Tests/HoldfastFuzzTests/FuzzRegressionTests.swift → the package root.
+        var parts = "\(#filePath)".split(separator: "/", omittingEmptySubsequences: false)
+        parts.removeLast(3)
+        return parts.joined(separator: "/") + "/fuzz"
+    }()
+
+    @Test(arguments: FuzzTarget.allCases)
+    func seedCorpusRunsClean(target: FuzzTarget) async {
+        let inputs = FuzzInputs.load("\(Self.fuzzDirectory)/corpus/\(target.rawValue)")
+        #expect(inputs.count >= 5, "the seed corpus of \(target) is missing (fuzz/make-seeds.py writes it)")
+        for input in inputs { await target.run(input.bytes) }
+    }
+
+    @Test(arguments: FuzzTarget.allCases)
+    func everyCrashFoundRunsClean(target: FuzzTarget) async {
+        for input in FuzzInputs.load("\(Self.fuzzDirectory)/crashes/\(target.rawValue)") { await target.run(input.bytes) }
+    }
+
+    // MARK: The extracted checks behave as the I/O code did
+
+    static func frame(_ type: UInt32, id: UInt64, _ json: String) -> ControlFrame {
+        ControlFrame(type: type, id: id, body: Array(json.utf8))
+    }
+
+    @Test func bridgeClassifiesRequestsRepliesAndJunk() {
+        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")) == .request(.list))
+        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.ok.rawValue, id: 3, "{}")) == .strayReply)
+        guard case .refuse(let unknown) = BridgeWorker.classify(Self.frame(0x4242, id: 3, "{}")) else {
+            Issue.record("an unknown type was not refused")
+            return
+        }
+        #expect(unknown.code == "unknown-type")
+        guard case .refuse(let noID) = BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 0, "{}")) else {
+            Issue.record("a request with id 0 was not refused")
+            return
+        }
+        #expect(noID.code == "bad-request")
+        guard case .refuse(let badBody) = BridgeWorker.classify(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#))
+        else {
+            Issue.record("a signal without a signal number was not refused")
+            return
+        }
+        #expect(badBody.code == "bad-request" && badBody.message.contains("signal"))
+    }
+
+    @Test func brokerParsesAndChecksRequests() throws {
+        let adopt = #"{"process":"p","streams":[{"kind":"stdout","fd":0,"address":"tcp://127.0.0.1:1","mode":"raw"}]}"#
+        let parsed = try BrokerRequest.parse(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, adopt), descriptorCount: 1, fromSupervisor: false)
+        guard case .adopt(let request) = parsed else {
+            Issue.record("not an adopt: \(parsed)")
+            return
+        }
+        #expect(request.process == "p" && request.streams.count == 1)
+
+        func code(_ frame: ControlFrame, fds: Int = 0, supervisor: Bool = true) -> String? {
+            do {
+                _ = try BrokerRequest.parse(frame, descriptorCount: fds, fromSupervisor: supervisor)
+                return nil
+            } catch {
+                return error.code
+            }
+        }
+        #expect(code(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, adopt)) == "bad-request")  // fd 0 of 0
+        #expect(code(Self.frame(BrokerMessageType.list.rawValue, id: 1, "{}"), fds: 1) == "bad-request")
+        #expect(code(Self.frame(BrokerMessageType.bridgeUp.rawValue, id: 1, "{}"), supervisor: false) == "permission-denied")
+        #expect(code(Self.frame(BrokerMessageType.bridgeUp.rawValue, id: 1, "{}")) == nil)
+        #expect(code(Self.frame(BrokerMessageType.drained.rawValue, id: 1, "{}")) == "unknown-type")
+        #expect(code(Self.frame(0x0999, id: 1, "{}")) == "unknown-type")
+        let badAddress = adopt.replacingOccurrences(of: "tcp://127.0.0.1:1", with: "tcp://:1")
+        #expect(code(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, badAddress), fds: 1) == "bad-address")
+    }
+}
+
+extension String {
+    fileprivate func replacingOccurrences(of target: String, with replacement: String) -> String {
+        split(separator: target, omittingEmptySubsequences: false).joined(separator: replacement)
+    }
+}

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of each fuzz target (fuzz/corpus/<target>/): a handful of valid inputs
+(and a few near-misses) for libFuzzer to mutate. Run from anywhere; output is deterministic.
+
+Formats (Sources/HoldfastFuzzing/FuzzTarget.swift says what each target does with its input):
+  bridge  control frames back to back, as the host writes them on the bridge
+  broker  one selector byte (low 3 bits: fds attached; bit 3: sent by the supervisor), then
+          one control frame (a SOCK_SEQPACKET message)
+  stream  resumable stream frames back to back
+  config  a configuration file (JSON if it starts with '{', YAML otherwise)
+"""
+import json
+import os
+import shutil
+import struct
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(ROOT, "corpus")
+
+
+def control(type_, id_, body):
+    if not isinstance(body, bytes):
+        body = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return struct.pack(">IIQ", type_, len(body), id_) + body
+
+
+def stream_frame(type_, value, body=b""):
+    return struct.pack(">BBHIQ", type_, 0, 0, len(body), value) + body
+
+
+def hello(role, token, received, attempt=1):
+    body = b"HFST" + struct.pack(">HBBQH", 1, role, 0, attempt, len(token)) + token
+    return stream_frame(1, received, body)
+
+
+def write(target, name, data):
+    directory = os.path.join(CORPUS, target)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(data)
+
+
+def bridge():
+    streams = {
+        "stdin": {"address": "tcp://127.0.0.1:7000", "mode": "resumable", "token": "in-1"},
+        "stdout": {"address": "vsock://host:7001", "mode": "resumable", "token": "out-1"},
+        "stderr": {"address": "unix:/run/holdfast/err.sock", "mode": "raw"},
+    }
+    create = {"id": "p1", "argv": ["/bin/sh", "-c", "echo hi"], "env": ["PATH=/bin"], "cwd": "/", "tty": False, **streams}
+    tty = {"id": "t1", "argv": ["/bin/sh"], "tty": True, "rows": 24, "columns": 80, "user": "0",
+           "stdin": streams["stdin"], "stdout": streams["stdout"]}
+    runc = {"id": "c1", "argv": [], "runtime": "runc", "bundle": "/var/lib/bundles/c1", "tty": False, "stdout": streams["stdout"]}
+    exec_ = {"id": "e1", "argv": ["/bin/ls"], "runtime": "runc", "container": "c1", "user": "1000:1000", "tty": False}
+    write("bridge", "create-direct", control(0x1101, 1, create))
+    write("bridge", "create-tty", control(0x1101, 2, tty))
+    write("bridge", "create-runc", control(0x1101, 3, runc))
+    write("bridge", "create-runc-exec", control(0x1101, 4, exec_))
+    write("bridge", "signal", control(0x1102, 5, {"id": "p1", "signal": 15}))
+    write("bridge", "resize", control(0x1103, 6, {"id": "t1", "rows": 50, "columns": 132}))
+    write("bridge", "close-stdin", control(0x1104, 7, {"id": "p1"}))
+    write("bridge", "list", control(0x1105, 8, {}))
+    write("bridge", "stats", control(0x1106, 9, b""))
+    write("bridge", "acknowledge-exit", control(0x1107, 10, {"id": "p1"}))
+    write("bridge", "stray-ok", control(0x0001, 11, {}))
+    write("bridge", "unknown-type", control(0x7777, 12, {}))
+    write("bridge", "id-zero", control(0x1105, 0, {}))
+    write("bridge", "bad-json", control(0x1101, 13, b'{"id": "p1", "argv": [1]}'))
+    write("bridge", "oversized", struct.pack(">IIQ", 0x1101, 0x10001, 14))
+    write("bridge", "session", b"".join([
+        control(0x1101, 21, create), control(0x1105, 22, {}), control(0x1102, 23, {"id": "p1", "signal": 9}),
+        control(0x1107, 24, {"id": "p1"}),
+    ]))
+
+
+def broker():
+    raw = {"kind": "stdout", "fd": 0, "address": "tcp://127.0.0.1:7001", "mode": "raw"}
+    resumable = {"kind": "stderr", "fd": 1, "address": "vsock://2:7002", "mode": "resumable", "token": "err-1"}
+    stdin = {"kind": "stdin", "fd": 2, "address": "unix:///run/holdfast/in.sock", "mode": "resumable", "token": "in-1"}
+    tty = {"kind": "tty", "fd": 0, "address": "tcp://[::1]:7003", "mode": "resumable", "token": "tty-out",
+           "inputAddress": "tcp://[::1]:7004", "inputToken": "tty-in"}
+    supervisor, handoff = 0x08, 0x00
+    write("broker", "adopt-three", bytes([supervisor | 3]) + control(0x0101, 1, {"process": "p1", "streams": [raw, resumable, stdin]}))
+    write("broker", "adopt-tty", bytes([handoff | 1]) + control(0x0101, 2, {"process": "t1", "streams": [tty]}))
+    write("broker", "adopt-fd-out-of-range", bytes([handoff | 1]) + control(0x0101, 3, {"process": "p2", "streams": [resumable]}))
+    write("broker", "release", bytes([supervisor]) + control(0x0102, 4, {"process": "p1"}))
+    write("broker", "list", bytes([handoff]) + control(0x0103, 5, {}))
+    write("broker", "disconnect-all", bytes([supervisor]) + control(0x0104, 6, {}))
+    write("broker", "bridge-up-from-handoff", bytes([handoff]) + control(0x0105, 7, {}))
+    write("broker", "stats", bytes([supervisor]) + control(0x0106, 8, {}))
+    write("broker", "process-exited", bytes([supervisor]) + control(0x0107, 9, {"process": "p1", "drainTimeoutMilliseconds": 500}))
+    write("broker", "close-stdin", bytes([supervisor]) + control(0x0108, 10, {"process": "p1"}))
+    write("broker", "resize", bytes([handoff]) + control(0x0109, 11, {"process": "t1", "rows": 24, "columns": 80}))
+    write("broker", "metrics", bytes([supervisor]) + control(0x010A, 12, {}))
+    write("broker", "fds-with-list", bytes([supervisor | 2]) + control(0x0103, 13, {}))
+    write("broker", "not-a-request", bytes([supervisor]) + control(0x0201, 14, {}))
+
+
+def stream():
+    write("stream", "hello-guest", hello(0, b"stream-token-1", 0))
+    write("stream", "hello-host", hello(1, b"fuzz", 4096, attempt=7))
+    write("stream", "hello-empty-token", hello(1, b"", 0))
+    write("stream", "session", b"".join([
+        hello(1, b"fuzz", 0), stream_frame(2, 0, b"hello, world\n"), stream_frame(3, 13), stream_frame(2, 13, b"more"),
+        stream_frame(4, 17),
+    ]))
+    write("stream", "refusal", stream_frame(5, 2, b"wrong stream token"))
+    write("stream", "refusal-unknown-code", stream_frame(5, 99, "d\u00e9j\u00e0 vu".encode()))
+    write("stream", "ack-end", stream_frame(3, 1 << 40) + stream_frame(4, 1 << 40))
+
+
+def config():
+    shutil.copy(os.path.join(ROOT, "..", "config", "holdfast.yaml"), os.path.join(CORPUS, "config", "holdfast.yaml"))
+    shutil.copy(os.path.join(ROOT, "..", "config", "holdfast-dev.yaml"), os.path.join(CORPUS, "config", "holdfast-dev.yaml"))
+    write("config", "minimal.yaml", b"bridge:\n  address: tcp://127.0.0.1:5000\nbroker:\n  user: \"\"\n")
+    write("config", "full.json", json.dumps({
+        "bridge": {"address": "unix:/run/host.sock", "reconnect_initial": "250ms", "reconnect_max": "1m"},
+        "broker": {"user": "", "seccomp": "log"},
+        "handoff": {"socket": "", "mode": "0600", "allowed_uids": [0, 1000], "allowed_gids": "0, 5"},
+        "streams": {"redial_attempts": 10, "redial_interval": "1.5s", "connect_timeout": "2s", "drain_timeout": "1h",
+                    "ring_capacity": "64KiB"},
+        "shutdown": {"signal": "15", "grace": "1s", "timeout": "2s"},
+        "control": {"socket": "/tmp/hf/control.sock"},
+        "runc": {"path": "/usr/bin/runc", "root": "/tmp/hf/runc"},
+        "metrics": {"address": "vsock://any:9100"},
+        "run_directory": "/tmp/hf",
+    }, indent=2).encode())
+    write("config", "flow.yaml", b"{bridge: {address: 'vsock://3:5000'}, broker: {user: ''}, streams: {ring_capacity: 1048576}}\n")
+    write("config", "misspelt.yaml", b"bridge:\n  adress: tcp://127.0.0.1:5000\n")
+    write("config", "anchors.yaml", b"base: &b {address: tcp://h:1}\nbridge: *b\nbroker:\n  user: ''\n")
+
+
+if __name__ == "__main__":
+    for target in ["bridge", "broker", "stream", "config"]:
+        shutil.rmtree(os.path.join(CORPUS, target), ignore_errors=True)
+        os.makedirs(os.path.join(CORPUS, target))
+    bridge()
+    broker()
+    stream()
+    config()
+    for target in sorted(os.listdir(CORPUS)):
+        print(f"fuzz/corpus/{target}: {len(os.listdir(os.path.join(CORPUS, target)))} inputs")
