@@ -8,9 +8,9 @@ FUZZ_DIR   ?= .build-fuzz
 # Seconds per fuzz target for `make fuzz`; `make fuzz-smoke` runs each for 10.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := bridge broker stream config
-# libFuzzer's main replaces the replayer's (-parse-as-library, HOLDFAST_FUZZING); AddressSanitizer
-# checks every access on the way.
-FUZZ_FLAGS := -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library -Xswiftc -DHOLDFAST_FUZZING
+# Coverage-guided (libFuzzer) and AddressSanitizer on every Swift module; HOLDFAST_FUZZING makes
+# holdfast-fuzz's main libFuzzer's driver instead of the replayer.
+FUZZ_FLAGS := -Xswiftc -sanitize=fuzzer,address -Xswiftc -DHOLDFAST_FUZZING
 # Debian packages the build, the tests, the demo and the benchmarks need.
 APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static
 

@@ -128,7 +128,8 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        .executableTarget(name: "holdfast-fuzz", dependencies: ["HoldfastFuzzing"], swiftSettings: strict),
+        .target(name: "CFuzzerDriver"),
+        .executableTarget(name: "holdfast-fuzz", dependencies: ["CFuzzerDriver", "HoldfastFuzzing"], swiftSettings: strict),
         // Fakes and helpers shared by every test target: in-memory and fault-injecting
         // connections, bounded waits, child-process helpers.
         // Benchmarks that print numbers (not shipped).
