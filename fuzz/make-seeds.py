@@ -129,6 +129,30 @@ def config():
     write("config", "anchors.yaml", b"base: &b {address: tcp://h:1}\nbridge: *b\nbroker:\n  user: ''\n")
 
 
+def dictionaries():
+    """libFuzzer dictionaries (fuzz/dict/<target>.dict): keys and words a mutation cannot guess."""
+    words = {
+        "bridge": ["id", "argv", "runtime", "bundle", "container", "env", "cwd", "user", "group", "tty", "rows",
+                   "columns", "stdin", "stdout", "stderr", "address", "mode", "token", "signal", "direct", "runc",
+                   "raw", "resumable", "vsock://", "unix:", "tcp://", "host", "any", "true", "false", "null"],
+        "broker": ["process", "streams", "kind", "fd", "address", "mode", "token", "inputAddress", "inputToken",
+                   "drainTimeoutMilliseconds", "rows", "columns", "stdin", "stdout", "stderr", "tty", "raw",
+                   "resumable", "vsock://", "unix:", "unix://", "tcp://", "[::1]", "host", "any", "null"],
+        "stream": ["HFST"],
+        "config": ["bridge", "address", "reconnect_initial", "reconnect_max", "broker", "user", "seccomp", "handoff",
+                   "socket", "mode", "allowed_uids", "allowed_gids", "streams", "redial_attempts", "redial_interval",
+                   "connect_timeout", "drain_timeout", "ring_capacity", "shutdown", "signal", "grace", "timeout",
+                   "control", "runc", "path", "root", "metrics", "run_directory", "{run}", "ms", "KiB", "MiB", "GiB",
+                   "SIG", "vsock://", "unix:", "tcp://", "kill", "log", "off", "&a", "*a", "!!str", "---", "..."],
+    }
+    directory = os.path.join(ROOT, "dict")
+    os.makedirs(directory, exist_ok=True)
+    for target, entries in words.items():
+        with open(os.path.join(directory, f"{target}.dict"), "w") as f:
+            for word in entries:
+                f.write(json.dumps(word) + "\n")
+
+
 if __name__ == "__main__":
     for target in ["bridge", "broker", "stream", "config"]:
         shutil.rmtree(os.path.join(CORPUS, target), ignore_errors=True)
@@ -137,5 +161,6 @@ if __name__ == "__main__":
     broker()
     stream()
     config()
+    dictionaries()
     for target in sorted(os.listdir(CORPUS)):
         print(f"fuzz/corpus/{target}: {len(os.listdir(os.path.join(CORPUS, target)))} inputs")

@@ -16,8 +16,8 @@ for target in "$@"; do
     # The Swift runtime's backtracer would answer a trap before libFuzzer can save the input.
     HOLDFAST_FUZZ_TARGET=$target SWIFT_BACKTRACE=enable=no \
     ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:handle_abort=1} \
-        "$binary" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
-        -print_final_stats=1 -artifact_prefix="$work/artifacts/$target/" \
+        "$binary" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=8192 \
+        -print_final_stats=1 -artifact_prefix="$work/artifacts/$target/" -dict="$here/dict/$target.dict" \
         "$work/corpus/$target" "$here/corpus/$target" >"$log" 2>&1
     status=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
