@@ -72,6 +72,17 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                         try Supervisor.validate(spec)
                     } catch {
                         _ = errorReply(id: frame.id, error)
+                        continue
+                    }
+                    // The supervisor starts the process, then hands its streams to the broker,
+                    // which checks them again: what it would refuse must be refused up front.
+                    let streams = Supervisor.streamDescriptions(for: spec)
+                    if !streams.isEmpty {
+                        do {
+                            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
+                        } catch {
+                            preconditionFailure("the broker refuses the streams of a create the supervisor accepted: \(error)")
+                        }
                     }
                 }
             }
@@ -117,13 +128,28 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 for address in [stream.address, stream.inputAddress].compactMap({ $0 }) {
                     precondition((try? SocketAddress(parsing: address)) != nil, "an address that does not parse passed")
                 }
-                if stream.mode == .resumable { precondition(!(stream.token ?? "").isEmpty, "a resumable stream without a token passed") }
+                if stream.mode == .resumable {
+                    // The guest says hello with these tokens on every connect: the host must be
+                    // able to read that hello.
+                    precondition(helloIsReadable(token: stream.token ?? ""), "a resumable stream whose hello the host refuses passed")
+                    if stream.inputAddress != nil {
+                        precondition(helloIsReadable(token: stream.inputToken ?? ""), "a tty input whose hello the host refuses passed")
+                    }
+                }
             }
         case .disconnectAll, .bridgeUp:
             precondition(fromSupervisor, "a bridge event from a handoff peer passed")
         default:
             precondition(descriptorCount == 0, "fds passed with a request other than adopt")
         }
+    }
+
+    /// Whether the hello a guest stream sends with `token` decodes at the host.
+    static func helloIsReadable(token: String) -> Bool {
+        let bytes = StreamHello(role: .guest, token: Array(token.utf8), receivedOffset: 0, attempt: 1).encoded
+        guard let prefix = try? bytes.withUnsafeBytes({ try StreamFramePrefix.decode($0) }) else { return false }
+        guard let hello = try? StreamHello.decode(prefix: prefix, body: Array(bytes[StreamFramePrefix.size...])) else { return false }
+        return !hello.token.isEmpty && hello.token == Array(token.utf8)
     }
 
     // MARK: Stream

@@ -86,11 +86,31 @@ struct Launcher {
         }
     }
 
+    /// The streams a spec hands the broker, fd indexes counting its host ends: for a tty one
+    /// stream (the pty master, fd 0) carrying stdout and, as its input, stdin; otherwise stdin,
+    /// stdout and stderr, those present, in that order.
+    static func streamDescriptions(_ spec: ProcessSpec) -> [StreamDescription] {
+        if spec.tty {
+            guard let output = spec.stdout else { return [] }
+            return [StreamDescription(
+                kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
+                inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token)]
+        }
+        var streams: [StreamDescription] = []
+        for (kind, stream) in [(StreamKind.stdin, spec.stdin), (.stdout, spec.stdout), (.stderr, spec.stderr)] {
+            guard let stream else { continue }
+            streams.append(StreamDescription(kind: kind, fd: streams.count, address: stream.address, mode: stream.mode, token: stream.token))
+        }
+        return streams
+    }
+
     /// Creates the pipes (or, with `terminal`, the pty) for a spec. A tty spec without
     /// `terminal` gets only its stream description: the runtime brings the pty master (runc's
     /// console socket) and appends it as host end 0.
     static func makeStdio(_ spec: ProcessSpec, terminal: Bool) throws(ErrorBody) -> Stdio {
         var stdio = Stdio()
+        // Host ends below are made in the order of these descriptions' fd indexes.
+        stdio.streams = streamDescriptions(spec)
         do throws(SystemError) {
             if spec.tty {
                 if terminal {
@@ -102,28 +122,18 @@ struct Launcher {
                     stdio.stdout = pty.slave
                     stdio.stderr = pty.slave
                 }
-                if let output = spec.stdout {
-                    stdio.streams.append(StreamDescription(
-                        kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
-                        inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token))
-                }
             } else {
-                if let input = spec.stdin {
+                if spec.stdin != nil {
                     let pipe = try PipeEnds.make()
                     stdio.childEnds.append(pipe.read)
                     stdio.hostEnds.append(pipe.write)
                     stdio.stdin = pipe.read
-                    stdio.streams.append(StreamDescription(
-                        kind: .stdin, fd: stdio.hostEnds.count - 1, address: input.address, mode: input.mode, token: input.token))
                 }
-                for (kind, stream) in [(StreamKind.stdout, spec.stdout), (.stderr, spec.stderr)] {
-                    guard let stream else { continue }
+                for (kind, stream) in [(StreamKind.stdout, spec.stdout), (.stderr, spec.stderr)] where stream != nil {
                     let pipe = try PipeEnds.make(capacity: outputPipeCapacity)
                     stdio.childEnds.append(pipe.write)
                     stdio.hostEnds.append(pipe.read)
                     if kind == .stdout { stdio.stdout = pipe.write } else { stdio.stderr = pipe.write }
-                    stdio.streams.append(StreamDescription(
-                        kind: kind, fd: stdio.hostEnds.count - 1, address: stream.address, mode: stream.mode, token: stream.token))
                 }
             }
         } catch {
@@ -175,5 +185,10 @@ extension Supervisor {
     /// it decodes through it.
     public static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
         try Launcher.validate(spec)
+    }
+
+    /// The streams a spec that passed `validate` hands the broker (in its adopt request).
+    public static func streamDescriptions(for spec: ProcessSpec) -> [StreamDescription] {
+        Launcher.streamDescriptions(spec)
     }
 }
