@@ -3,9 +3,10 @@
 (and a few near-misses) for libFuzzer to mutate. Run from anywhere; output is deterministic.
 
 Formats (Sources/HoldfastFuzzing/FuzzTarget.swift says what each target does with its input):
-  bridge  control frames back to back, as the host writes them on the bridge
-  broker  one selector byte (low 3 bits: fds attached; bit 3: sent by the supervisor), then
-          one control frame (a SOCK_SEQPACKET message)
+  bridge  a mode byte, then: (even) control frames back to back, as the host writes them on
+          the bridge, or (odd) one frame without its length field
+  broker  one selector byte (low 3 bits: fds attached; bit 3: sent by the supervisor; bit 4:
+          no length field), then one control frame (a SOCK_SEQPACKET message)
   stream  resumable stream frames back to back
   config  a configuration file (JSON if it starts with '{', YAML otherwise)
 """
@@ -22,6 +23,12 @@ def control(type_, id_, body):
     if not isinstance(body, bytes):
         body = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     return struct.pack(">IIQ", type_, len(body), id_) + body
+
+
+def unframed(type_, id_, body):
+    """A control frame without its length field (the harness inserts it)."""
+    frame = control(type_, id_, body)
+    return frame[:4] + frame[8:]
 
 
 def stream_frame(type_, value, body=b""):
@@ -41,6 +48,13 @@ def write(target, name, data):
 
 
 def bridge():
+    def wire(name, data):
+        write("bridge", name, b"\x00" + data)
+
+    def request(name, type_, id_, body):
+        wire(name, control(type_, id_, body))
+        write("bridge", name + ".unframed", b"\x01" + unframed(type_, id_, body))
+
     streams = {
         "stdin": {"address": "tcp://127.0.0.1:7000", "mode": "resumable", "token": "in-1"},
         "stdout": {"address": "vsock://host:7001", "mode": "resumable", "token": "out-1"},
@@ -51,48 +65,52 @@ def bridge():
            "stdin": streams["stdin"], "stdout": streams["stdout"]}
     runc = {"id": "c1", "argv": [], "runtime": "runc", "bundle": "/var/lib/bundles/c1", "tty": False, "stdout": streams["stdout"]}
     exec_ = {"id": "e1", "argv": ["/bin/ls"], "runtime": "runc", "container": "c1", "user": "1000:1000", "tty": False}
-    write("bridge", "create-direct", control(0x1101, 1, create))
-    write("bridge", "create-tty", control(0x1101, 2, tty))
-    write("bridge", "create-runc", control(0x1101, 3, runc))
-    write("bridge", "create-runc-exec", control(0x1101, 4, exec_))
-    write("bridge", "signal", control(0x1102, 5, {"id": "p1", "signal": 15}))
-    write("bridge", "resize", control(0x1103, 6, {"id": "t1", "rows": 50, "columns": 132}))
-    write("bridge", "close-stdin", control(0x1104, 7, {"id": "p1"}))
-    write("bridge", "list", control(0x1105, 8, {}))
-    write("bridge", "stats", control(0x1106, 9, b""))
-    write("bridge", "acknowledge-exit", control(0x1107, 10, {"id": "p1"}))
-    write("bridge", "stray-ok", control(0x0001, 11, {}))
-    write("bridge", "unknown-type", control(0x7777, 12, {}))
-    write("bridge", "id-zero", control(0x1105, 0, {}))
-    write("bridge", "bad-json", control(0x1101, 13, b'{"id": "p1", "argv": [1]}'))
-    write("bridge", "oversized", struct.pack(">IIQ", 0x1101, 0x10001, 14))
-    write("bridge", "session", b"".join([
+    request("create-direct", 0x1101, 1, create)
+    request("create-tty", 0x1101, 2, tty)
+    request("create-runc", 0x1101, 3, runc)
+    request("create-runc-exec", 0x1101, 4, exec_)
+    request("signal", 0x1102, 5, {"id": "p1", "signal": 15})
+    request("resize", 0x1103, 6, {"id": "t1", "rows": 50, "columns": 132})
+    request("close-stdin", 0x1104, 7, {"id": "p1"})
+    request("list", 0x1105, 8, {})
+    request("stats", 0x1106, 9, b"")
+    request("acknowledge-exit", 0x1107, 10, {"id": "p1"})
+    request("stray-ok", 0x0001, 11, {})
+    request("unknown-type", 0x7777, 12, {})
+    request("id-zero", 0x1105, 0, {})
+    request("bad-json", 0x1101, 13, b'{"id": "p1", "argv": [1]}')
+    wire("oversized", struct.pack(">IIQ", 0x1101, 0x10001, 14))
+    wire("session", b"".join([
         control(0x1101, 21, create), control(0x1105, 22, {}), control(0x1102, 23, {"id": "p1", "signal": 9}),
         control(0x1107, 24, {"id": "p1"}),
     ]))
 
 
 def broker():
+    def message(name, selector, type_, id_, body):
+        write("broker", name, bytes([selector]) + control(type_, id_, body))
+        write("broker", name + ".unframed", bytes([selector | 0x10]) + unframed(type_, id_, body))
+
     raw = {"kind": "stdout", "fd": 0, "address": "tcp://127.0.0.1:7001", "mode": "raw"}
     resumable = {"kind": "stderr", "fd": 1, "address": "vsock://2:7002", "mode": "resumable", "token": "err-1"}
     stdin = {"kind": "stdin", "fd": 2, "address": "unix:///run/holdfast/in.sock", "mode": "resumable", "token": "in-1"}
     tty = {"kind": "tty", "fd": 0, "address": "tcp://[::1]:7003", "mode": "resumable", "token": "tty-out",
            "inputAddress": "tcp://[::1]:7004", "inputToken": "tty-in"}
     supervisor, handoff = 0x08, 0x00
-    write("broker", "adopt-three", bytes([supervisor | 3]) + control(0x0101, 1, {"process": "p1", "streams": [raw, resumable, stdin]}))
-    write("broker", "adopt-tty", bytes([handoff | 1]) + control(0x0101, 2, {"process": "t1", "streams": [tty]}))
-    write("broker", "adopt-fd-out-of-range", bytes([handoff | 1]) + control(0x0101, 3, {"process": "p2", "streams": [resumable]}))
-    write("broker", "release", bytes([supervisor]) + control(0x0102, 4, {"process": "p1"}))
-    write("broker", "list", bytes([handoff]) + control(0x0103, 5, {}))
-    write("broker", "disconnect-all", bytes([supervisor]) + control(0x0104, 6, {}))
-    write("broker", "bridge-up-from-handoff", bytes([handoff]) + control(0x0105, 7, {}))
-    write("broker", "stats", bytes([supervisor]) + control(0x0106, 8, {}))
-    write("broker", "process-exited", bytes([supervisor]) + control(0x0107, 9, {"process": "p1", "drainTimeoutMilliseconds": 500}))
-    write("broker", "close-stdin", bytes([supervisor]) + control(0x0108, 10, {"process": "p1"}))
-    write("broker", "resize", bytes([handoff]) + control(0x0109, 11, {"process": "t1", "rows": 24, "columns": 80}))
-    write("broker", "metrics", bytes([supervisor]) + control(0x010A, 12, {}))
-    write("broker", "fds-with-list", bytes([supervisor | 2]) + control(0x0103, 13, {}))
-    write("broker", "not-a-request", bytes([supervisor]) + control(0x0201, 14, {}))
+    message("adopt-three", supervisor | 3, 0x0101, 1, {"process": "p1", "streams": [raw, resumable, stdin]})
+    message("adopt-tty", handoff | 1, 0x0101, 2, {"process": "t1", "streams": [tty]})
+    message("adopt-fd-out-of-range", handoff | 1, 0x0101, 3, {"process": "p2", "streams": [resumable]})
+    message("release", supervisor, 0x0102, 4, {"process": "p1"})
+    message("list", handoff, 0x0103, 5, {})
+    message("disconnect-all", supervisor, 0x0104, 6, {})
+    message("bridge-up-from-handoff", handoff, 0x0105, 7, {})
+    message("stats", supervisor, 0x0106, 8, {})
+    message("process-exited", supervisor, 0x0107, 9, {"process": "p1", "drainTimeoutMilliseconds": 500})
+    message("close-stdin", supervisor, 0x0108, 10, {"process": "p1"})
+    message("resize", handoff, 0x0109, 11, {"process": "t1", "rows": 24, "columns": 80})
+    message("metrics", supervisor, 0x010A, 12, {})
+    message("fds-with-list", supervisor | 2, 0x0103, 13, {})
+    message("not-a-request", supervisor, 0x0201, 14, {})
 
 
 def stream():

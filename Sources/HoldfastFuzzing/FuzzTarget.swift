@@ -12,11 +12,15 @@ import HoldfastSupervisor
 /// crash found in the normal test suite (Tests/HoldfastFuzzTests).
 public enum FuzzTarget: String, CaseIterable, Sendable {
     /// Bridge frames from the host: ControlFrameIO over a byte stream, then the bridge worker's
-    /// checks (BridgeWorker.classify) and the supervisor's check of a create's ProcessSpec.
+    /// checks (BridgeWorker.classify) and the supervisor's check of a create's ProcessSpec. The
+    /// first byte picks the form of the rest: even, the bytes on the wire; odd, one frame without
+    /// its length field (type u32, id u64, body), which the harness fills in, so that mutations
+    /// of a JSON body that change its length still make a well-framed frame.
     case bridge
     /// Broker control messages: one datagram, ControlFrame.decode, then BrokerRequest.parse
     /// (JSON and the adopt checks). The first input byte is not part of the datagram: its low 3
-    /// bits are the number of attached fds, bit 3 says whether the supervisor sent it.
+    /// bits are the number of attached fds, bit 3 says whether the supervisor sent it, bit 4
+    /// that the datagram comes without its length field (as for the bridge).
     case broker
     /// Resumable stream frames: prefixes, HELLO, ERROR, and the handshake's reads.
     case stream
@@ -45,7 +49,10 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
 
     // MARK: Bridge
 
-    static func bridge(_ bytes: [UInt8]) async {
+    static func bridge(_ input: [UInt8]) async {
+        guard let mode = input.first else { return }
+        let rest = Array(input.dropFirst())
+        let bytes = mode & 1 == 0 ? rest : withLengthField(rest)
         // As the bridge worker reads them: a byte stream, frames back to back, in odd-sized reads.
         let connection = ScriptedConnection(bytes)
         while true {
@@ -89,6 +96,14 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         }
     }
 
+    /// A control frame from type (4 bytes), id (8 bytes) and body: the length field inserted.
+    static func withLengthField(_ bytes: [UInt8]) -> [UInt8] {
+        guard bytes.count >= 12 else { return bytes }
+        let length = UInt32(truncatingIfNeeded: bytes.count - 12)
+        return Array(bytes[..<4]) + [UInt8(length >> 24), UInt8(length >> 16 & 0xFF), UInt8(length >> 8 & 0xFF), UInt8(length & 0xFF)]
+            + Array(bytes[4...])
+    }
+
     /// The error frame a refusal becomes; encoding it must not fail either.
     static func errorReply(id: UInt64, _ error: ErrorBody) -> [UInt8] {
         let frame = ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
@@ -103,7 +118,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         guard let selector = bytes.first else { return }
         let descriptorCount = Int(selector & 0x07)
         let fromSupervisor = selector & 0x08 != 0
-        let datagram = Array(bytes.dropFirst())
+        let datagram = selector & 0x10 == 0 ? Array(bytes.dropFirst()) : withLengthField(Array(bytes.dropFirst()))
         let frame: ControlFrame
         do {
             frame = try ControlFrame.decode(datagram: datagram)
