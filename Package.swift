@@ -170,7 +170,10 @@ let package = Package(
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
         .testTarget(
             name: "HoldfastFuzzTests",
-            dependencies: ["HoldfastFuzzing", "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastProtocol"],
+            dependencies: [
+                "HoldfastFuzzing", "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastProtocol",
+                "HoldfastSupervisor",
+            ],
             swiftSettings: strict),
         .testTarget(
             name: "HoldfastCoreTests",

@@ -83,8 +83,11 @@ public enum BrokerRequest: Sendable, Equatable {
                 guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
                     throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token of 1 to 256 bytes")
                 }
-                if stream.inputAddress != nil, stream.inputToken?.isEmpty ?? true {
-                    throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs inputToken")
+                // The input stream says hello with inputToken: the host reads at most 256 bytes.
+                if stream.inputAddress != nil {
+                    guard let token = stream.inputToken, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
+                        throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs an inputToken of 1 to 256 bytes")
+                    }
                 }
             }
             if stream.inputAddress != nil, stream.kind != .tty {

@@ -1,3 +1,4 @@
+import HoldfastBroker
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -48,12 +49,24 @@ struct Launcher {
             } catch {
                 throw ErrorBody(code: "bad-address", message: "\(name).address: \(error)")
             }
-            if stream.mode == .resumable, stream.token?.isEmpty ?? true {
-                throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token")
+            // A tty's input is relayed in the mode of its output (one stream, both ways).
+            let tty = spec.tty && name == "stdin" && spec.stdout != nil
+            let mode = tty ? spec.stdout!.mode : stream.mode
+            if mode == .resumable {
+                guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
+                    let why = tty ? "a tty's input is resumable like its stdout and needs a token" : "resumable mode needs a token"
+                    throw ErrorBody(code: "bad-request", message: "\(name): \(why) of 1 to \(StreamHello.maxTokenLength) bytes")
+                }
             }
         }
         if spec.tty, spec.stderr != nil {
             throw ErrorBody(code: "bad-request", message: "stderr: a tty process has one output stream (stdout)")
+        }
+        // The broker checks the streams again when they are handed over, after the process has
+        // started; nothing it would refuse may get that far.
+        let streams = streamDescriptions(spec)
+        if !streams.isEmpty {
+            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
         }
     }
 

@@ -3,6 +3,7 @@ import HoldfastBroker
 import HoldfastCore
 import HoldfastFuzzing
 import HoldfastProtocol
+import HoldfastSupervisor
 import Testing
 
 /// The fuzz targets' inputs, replayed in the normal test suite: the seed corpus (so the
@@ -81,6 +82,71 @@ struct FuzzRegressionTests {
         #expect(code(Self.frame(0x0999, id: 1, "{}")) == "unknown-type")
         let badAddress = adopt.replacingOccurrences(of: "tcp://127.0.0.1:1", with: "tcp://:1")
         #expect(code(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, badAddress), fds: 1) == "bad-address")
+    }
+}
+
+// MARK: What the fuzz oracles found (fuzz/crashes/), fixed
+
+@Suite("Fuzz findings")
+struct FuzzFindingTests {
+    static let longToken = String(repeating: "a", count: 300)
+
+    static func refusal(_ spec: ProcessSpec) -> ErrorBody? {
+        do {
+            try Supervisor.validate(spec)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    /// bridge/create-token-over-256-bytes: the supervisor took a 300-byte token, started the
+    /// process, and only then did the broker refuse the stream (the process was killed after it
+    /// had run). Now the create is refused before anything starts.
+    @Test func aCreateWithATokenOver256BytesIsRefusedBeforeTheProcessStarts() {
+        let spec = ProcessSpec(
+            id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken))
+        let error = Self.refusal(spec)
+        #expect(error?.code == "bad-request")
+        #expect(error?.message.contains("stdout: resumable mode needs a token of 1 to 256 bytes") == true, "\(String(describing: error))")
+        var fine = spec
+        fine.stdout?.token = String(repeating: "a", count: 256)
+        #expect(Self.refusal(fine) == nil)
+    }
+
+    /// bridge/create-tty-raw-stdin-without-token: a tty's input is relayed in its stdout's mode;
+    /// a raw stdin without a token under a resumable stdout passed the supervisor's check and the
+    /// broker refused it after the start.
+    @Test func aResumableTtyWhoseStdinHasNoTokenIsRefusedBeforeTheProcessStarts() {
+        let spec = ProcessSpec(
+            id: "t", argv: ["/bin/sh"], tty: true, stdin: StreamSpec(address: "tcp://127.0.0.1:2", mode: .raw),
+            stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out"))
+        let error = Self.refusal(spec)
+        #expect(error?.code == "bad-request")
+        #expect(error?.message.contains("stdin: a tty's input is resumable like its stdout") == true, "\(String(describing: error))")
+        var raw = spec
+        raw.stdout = StreamSpec(address: "tcp://127.0.0.1:1", mode: .raw)
+        #expect(Self.refusal(raw) == nil)  // both raw: no tokens needed
+        var withToken = spec
+        withToken.stdin?.token = "in"
+        #expect(Self.refusal(withToken) == nil)
+    }
+
+    /// broker/adopt-tty-input-token-over-256-bytes: the broker adopted a tty whose inputToken was
+    /// longer than a hello carries; the input stream's every hello was refused by the host, so the
+    /// terminal's input never connected.
+    @Test func anAdoptedTtyInputTokenOver256BytesIsRefused() {
+        let tty = StreamDescription(
+            kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", inputAddress: "tcp://127.0.0.1:2",
+            inputToken: FuzzFindingTests.longToken)
+        #expect(throws: ErrorBody.self) {
+            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
+        }
+        var fine = tty
+        fine.inputToken = String(repeating: "b", count: 256)
+        #expect(throws: Never.self) {
+            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
+        }
     }
 }
 
