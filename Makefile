@@ -5,6 +5,13 @@
 SWIFT      ?= swift
 BUILD_DIR  ?= .build
 TSAN_DIR   ?= .build-tsan
+FUZZ_DIR   ?= .build-fuzz
+# Seconds per fuzz target for `make fuzz`; `make fuzz-smoke` runs each for 10.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := bridge broker stream config
+# Coverage-guided (libFuzzer) and AddressSanitizer on every Swift module; HOLDFAST_FUZZING makes
+# holdfast-fuzz's main libFuzzer's driver instead of the replayer.
+FUZZ_FLAGS := -Xswiftc -sanitize=fuzzer,address -Xswiftc -DHOLDFAST_FUZZING
 # The package's release build: its own scratch dir (other flags than `make release`).
 DEB_BUILD_DIR ?= .build-release
 DIST_DIR   ?= dist
@@ -16,7 +23,7 @@ APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc bu
 # rpath, and BIND_NOW for a fully read-only relocation table.
 DEB_SWIFT_FLAGS := -c release --static-swift-stdlib --disable-local-rpath -Xlinker -z -Xlinker now
 
-.PHONY: all deps build release test test-core-tsan demo bench deb deb-check deb-install-check clean
+.PHONY: all deps build release test test-core-tsan demo bench deb deb-check deb-install-check fuzz fuzz-build fuzz-smoke clean
 
 all: build
 
@@ -47,6 +54,17 @@ test: deps
 test-core-tsan: deps
 	$(SWIFT) test --sanitize=thread --scratch-path $(TSAN_DIR) --filter HoldfastCoreTests
 
+# libFuzzer on the bridge frames, the broker's control messages, the stream frames and hello,
+# and the configuration loader (README "Fuzzing"). Crashes land in $(FUZZ_DIR)/artifacts/.
+fuzz-build: deps
+	$(SWIFT) build --product holdfast-fuzz --scratch-path $(FUZZ_DIR) $(FUZZ_FLAGS)
+
+fuzz: fuzz-build
+	fuzz/run.sh $(FUZZ_DIR)/debug/holdfast-fuzz $(FUZZ_SECONDS) $(FUZZ_DIR) $(FUZZ_TARGETS)
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=10
+
 demo: build
 	$(BUILD_DIR)/debug/holdfast demo
 
@@ -76,4 +94,4 @@ deb-install-check: deb
 	packaging/install-check.sh $(DIST_DIR)/holdfast_$$(sed -n '1s/^holdfast (\([^)]*\)) .*/\1/p' packaging/debian/changelog)_$$(dpkg --print-architecture).deb
 
 clean:
-	rm -rf $(BUILD_DIR) $(TSAN_DIR) $(DEB_BUILD_DIR) $(DIST_DIR) bench/bin
+	rm -rf $(BUILD_DIR) $(TSAN_DIR) $(DEB_BUILD_DIR) $(DIST_DIR) $(FUZZ_DIR) bench/bin

@@ -118,6 +118,18 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        // Fuzz targets (README "Fuzzing"): the harnesses, and one executable that is libFuzzer's
+        // driver in a fuzz build (`make fuzz`) and a replayer of inputs in a normal build.
+        .target(
+            name: "HoldfastFuzzing",
+            dependencies: [
+                "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastSupervisor",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .target(name: "CFuzzerDriver"),
+        .executableTarget(name: "holdfast-fuzz", dependencies: ["CFuzzerDriver", "HoldfastFuzzing"], swiftSettings: strict),
         // Fakes and helpers shared by every test target: in-memory and fault-injecting
         // connections, bounded waits, child-process helpers.
         // Benchmarks that print numbers (not shipped).
@@ -156,6 +168,13 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "HoldfastToolsTests", dependencies: ["HoldfastTools", "HoldfastTestSupport"], swiftSettings: strict),
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastFuzzTests",
+            dependencies: [
+                "HoldfastFuzzing", "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastProtocol",
+                "HoldfastSupervisor",
+            ],
+            swiftSettings: strict),
         .testTarget(
             name: "HoldfastCoreTests",
             dependencies: [

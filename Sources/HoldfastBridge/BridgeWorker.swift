@@ -98,21 +98,15 @@ public enum BridgeWorker {
             } catch {
                 return "\(error)"
             }
-            guard let type = BridgeMessageType(rawValue: frame.type), BridgeMessageType.requests.contains(type) else {
-                if frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue {
-                    logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"])
-                    continue
-                }
-                writer.send(errorFrame(id: frame.id, ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")))
+            switch classify(frame) {
+            case .strayReply:
+                logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"])
                 continue
-            }
-            guard frame.id != 0 else {
-                writer.send(errorFrame(id: 0, ErrorBody(code: "bad-request", message: "a request needs a non-zero id")))
-                continue
-            }
-            if let problem = validate(type, frame) {
+            case .refuse(let problem):
                 writer.send(errorFrame(id: frame.id, problem))
                 continue
+            case .request:
+                break
             }
             Task {
                 do throws(ErrorBody) {
@@ -124,6 +118,32 @@ public enum BridgeWorker {
                 }
             }
         }
+    }
+
+    /// What to do with a frame the host sent.
+    public enum Inbound: Sendable, Equatable {
+        /// A well-formed request: forward it to the supervisor.
+        case request(BridgeMessageType)
+        /// An `ok` or `error` for a request the guest never made: log it, nothing else.
+        case strayReply
+        /// Answer with an error frame carrying the frame's id.
+        case refuse(ErrorBody)
+    }
+
+    /// Checks one frame from the host: a known request type, a non-zero id, a body that parses.
+    /// Pure (no I/O), so it can be fuzzed on its own (`make fuzz`).
+    public static func classify(_ frame: ControlFrame) -> Inbound {
+        guard let type = BridgeMessageType(rawValue: frame.type), BridgeMessageType.requests.contains(type) else {
+            if frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue {
+                return .strayReply
+            }
+            return .refuse(ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))"))
+        }
+        guard frame.id != 0 else {
+            return .refuse(ErrorBody(code: "bad-request", message: "a request needs a non-zero id"))
+        }
+        if let problem = validate(type, frame) { return .refuse(problem) }
+        return .request(type)
     }
 
     /// Parses a request body here, in the restartable worker, so the supervisor only ever sees

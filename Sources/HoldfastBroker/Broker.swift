@@ -43,7 +43,7 @@ public final class Broker: Sendable {
     public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(ErrorBody) {
         var adopted: [AsyncFD?] = []
         do {
-            try validate(request, descriptorCount: descriptors.count)
+            try BrokerRequest.validate(request, descriptorCount: descriptors.count)
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }
@@ -73,42 +73,6 @@ public final class Broker: Sendable {
         logger.info("adopted streams", metadata: [
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
         ])
-    }
-
-    private func validate(_ request: AdoptRequest, descriptorCount: Int) throws(ErrorBody) {
-        guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
-            throw ErrorBody(code: "bad-request", message: "process id must be 1 to 256 bytes")
-        }
-        guard !request.streams.isEmpty else { throw ErrorBody(code: "bad-request", message: "no streams") }
-        var kinds = Set<StreamKind>()
-        for (index, stream) in request.streams.enumerated() {
-            let name = "streams[\(index)]"
-            guard kinds.insert(stream.kind).inserted else {
-                throw ErrorBody(code: "bad-request", message: "\(name): a second \(stream.kind.rawValue) stream")
-            }
-            guard stream.fd >= 0, stream.fd < descriptorCount else {
-                throw ErrorBody(code: "bad-request", message: "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
-            }
-            for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {
-                guard let text else { continue }
-                do {
-                    _ = try SocketAddress(parsing: text)
-                } catch {
-                    throw ErrorBody(code: "bad-address", message: "\(name).\(key): \(error)")
-                }
-            }
-            if stream.mode == .resumable {
-                guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
-                    throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token of 1 to 256 bytes")
-                }
-                if stream.inputAddress != nil, stream.inputToken?.isEmpty ?? true {
-                    throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs inputToken")
-                }
-            }
-            if stream.inputAddress != nil, stream.kind != .tty {
-                throw ErrorBody(code: "bad-request", message: "\(name): inputAddress is only for a tty")
-            }
-        }
     }
 
     // MARK: Release

@@ -159,44 +159,27 @@ public final class BrokerService: Sendable {
 
     /// One request. Fds that come with a request the broker does not keep are closed here.
     private func handle(_ frame: ControlFrame, descriptors: [Int32], caller: Caller) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        guard let type = BrokerMessageType(rawValue: frame.type) else {
+        let request: BrokerRequest
+        do {
+            let fromSupervisor = if case .supervisor = caller { true } else { false }
+            request = try BrokerRequest.parse(frame, descriptorCount: descriptors.count, fromSupervisor: fromSupervisor)
+        } catch {
             for fd in descriptors { _ = close(fd) }
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            throw error
         }
-        if type != .adopt {
-            for fd in descriptors { _ = close(fd) }
-            if !descriptors.isEmpty {
-                throw ErrorBody(code: "bad-request", message: "only adopt carries fds")
-            }
-        }
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
+        // Only adopt carries fds (parse refused any other request with fds).
         let empty = ControlJSON.encode([String: String]())
-        switch type {
-        case .adopt:
-            let request: AdoptRequest
-            do {
-                request = try decode(AdoptRequest.self)
-            } catch {
-                for fd in descriptors { _ = close(fd) }
-                throw error
-            }
-            try broker.adopt(request, descriptors: descriptors, owner: caller.owner)
+        switch request {
+        case .adopt(let adopt):
+            try broker.adopt(adopt, descriptors: descriptors, owner: caller.owner)
             return (empty, [])
-        case .release:
-            let process = try decode(ProcessRequest.self).process
+        case .release(let process):
             try caller.mayManage(process, in: broker)
             let (response, fds) = try await broker.release(process)
             return (ControlJSON.encode(response), fds)
-        case .list:
+        case .list(let page):
             let owner: ProcessOwner? = if case .supervisor = caller { nil } else { caller.owner }
-            // An empty body (older clients) asks for the first page.
-            let request = frame.body.isEmpty ? ListRequest() : ((try? decode(ListRequest.self)) ?? ListRequest())
+            let request = page
             let all = broker.list(ownedBy: owner)
             let start = min(max(0, request.offset ?? 0), all.count)
             let page = Array(all[start..<min(all.count, start + max(1, min(request.limit ?? 1000, 1000)))])
@@ -206,29 +189,22 @@ public final class BrokerService: Sendable {
             return (ControlJSON.encode(broker.stats()), [])
         case .metrics:
             return (ControlJSON.encode(MetricsResponse(text: broker.metricsText())), [])
-        case .disconnectAll, .bridgeUp:
-            guard case .supervisor = caller else {
-                throw ErrorBody(code: "permission-denied", message: "only the supervisor sends bridge events")
-            }
-            let count = type == .disconnectAll ? broker.disconnectAll() : broker.bridgeUp()
-            return (ControlJSON.encode(CountResponse(count: count)), [])
-        case .processExited:
-            let request = try decode(ProcessExitedRequest.self)
-            try caller.mayManage(request.process, in: broker)
-            try broker.processExited(request)
+        case .disconnectAll:
+            return (ControlJSON.encode(CountResponse(count: broker.disconnectAll())), [])
+        case .bridgeUp:
+            return (ControlJSON.encode(CountResponse(count: broker.bridgeUp())), [])
+        case .processExited(let exited):
+            try caller.mayManage(exited.process, in: broker)
+            try broker.processExited(exited)
             return (empty, [])
-        case .closeStdin:
-            let process = try decode(ProcessRequest.self).process
+        case .closeStdin(let process):
             try caller.mayManage(process, in: broker)
             try broker.closeStdin(process)
             return (empty, [])
-        case .resize:
-            let request = try decode(ResizeRequest.self)
-            try caller.mayManage(request.process, in: broker)
-            try broker.resize(request)
+        case .resize(let resize):
+            try caller.mayManage(resize.process, in: broker)
+            try broker.resize(resize)
             return (empty, [])
-        case .ok, .error, .drained:
-            throw ErrorBody(code: "unknown-type", message: "\(type) is not a request")
         }
     }
 }

@@ -1,3 +1,4 @@
+import HoldfastBroker
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -48,12 +49,24 @@ struct Launcher {
             } catch {
                 throw ErrorBody(code: "bad-address", message: "\(name).address: \(error)")
             }
-            if stream.mode == .resumable, stream.token?.isEmpty ?? true {
-                throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token")
+            // A tty's input is relayed in the mode of its output (one stream, both ways).
+            let tty = spec.tty && name == "stdin" && spec.stdout != nil
+            let mode = tty ? spec.stdout!.mode : stream.mode
+            if mode == .resumable {
+                guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
+                    let why = tty ? "a tty's input is resumable like its stdout and needs a token" : "resumable mode needs a token"
+                    throw ErrorBody(code: "bad-request", message: "\(name): \(why) of 1 to \(StreamHello.maxTokenLength) bytes")
+                }
             }
         }
         if spec.tty, spec.stderr != nil {
             throw ErrorBody(code: "bad-request", message: "stderr: a tty process has one output stream (stdout)")
+        }
+        // The broker checks the streams again when they are handed over, after the process has
+        // started; nothing it would refuse may get that far.
+        let streams = streamDescriptions(spec)
+        if !streams.isEmpty {
+            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
         }
     }
 
@@ -86,11 +99,31 @@ struct Launcher {
         }
     }
 
+    /// The streams a spec hands the broker, fd indexes counting its host ends: for a tty one
+    /// stream (the pty master, fd 0) carrying stdout and, as its input, stdin; otherwise stdin,
+    /// stdout and stderr, those present, in that order.
+    static func streamDescriptions(_ spec: ProcessSpec) -> [StreamDescription] {
+        if spec.tty {
+            guard let output = spec.stdout else { return [] }
+            return [StreamDescription(
+                kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
+                inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token)]
+        }
+        var streams: [StreamDescription] = []
+        for (kind, stream) in [(StreamKind.stdin, spec.stdin), (.stdout, spec.stdout), (.stderr, spec.stderr)] {
+            guard let stream else { continue }
+            streams.append(StreamDescription(kind: kind, fd: streams.count, address: stream.address, mode: stream.mode, token: stream.token))
+        }
+        return streams
+    }
+
     /// Creates the pipes (or, with `terminal`, the pty) for a spec. A tty spec without
     /// `terminal` gets only its stream description: the runtime brings the pty master (runc's
     /// console socket) and appends it as host end 0.
     static func makeStdio(_ spec: ProcessSpec, terminal: Bool) throws(ErrorBody) -> Stdio {
         var stdio = Stdio()
+        // Host ends below are made in the order of these descriptions' fd indexes.
+        stdio.streams = streamDescriptions(spec)
         do throws(SystemError) {
             if spec.tty {
                 if terminal {
@@ -102,28 +135,18 @@ struct Launcher {
                     stdio.stdout = pty.slave
                     stdio.stderr = pty.slave
                 }
-                if let output = spec.stdout {
-                    stdio.streams.append(StreamDescription(
-                        kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
-                        inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token))
-                }
             } else {
-                if let input = spec.stdin {
+                if spec.stdin != nil {
                     let pipe = try PipeEnds.make()
                     stdio.childEnds.append(pipe.read)
                     stdio.hostEnds.append(pipe.write)
                     stdio.stdin = pipe.read
-                    stdio.streams.append(StreamDescription(
-                        kind: .stdin, fd: stdio.hostEnds.count - 1, address: input.address, mode: input.mode, token: input.token))
                 }
-                for (kind, stream) in [(StreamKind.stdout, spec.stdout), (.stderr, spec.stderr)] {
-                    guard let stream else { continue }
+                for (kind, stream) in [(StreamKind.stdout, spec.stdout), (.stderr, spec.stderr)] where stream != nil {
                     let pipe = try PipeEnds.make(capacity: outputPipeCapacity)
                     stdio.childEnds.append(pipe.write)
                     stdio.hostEnds.append(pipe.read)
                     if kind == .stdout { stdio.stdout = pipe.write } else { stdio.stderr = pipe.write }
-                    stdio.streams.append(StreamDescription(
-                        kind: kind, fd: stdio.hostEnds.count - 1, address: stream.address, mode: stream.mode, token: stream.token))
                 }
             }
         } catch {
@@ -166,5 +189,19 @@ struct Launcher {
             return Started(pid: pid, adopt: AdoptRequest(process: id, streams: []), descriptors: [])
         }
         return Started(pid: pid, adopt: AdoptRequest(process: id, streams: stdio.streams), descriptors: stdio.hostEnds)
+    }
+}
+
+extension Supervisor {
+    /// The check a process spec (a bridge `create`, a local `launch`) passes before anything
+    /// starts. Pure apart from user look-ups, so the bridge fuzz target runs every create body
+    /// it decodes through it.
+    public static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
+        try Launcher.validate(spec)
+    }
+
+    /// The streams a spec that passed `validate` hands the broker (in its adopt request).
+    public static func streamDescriptions(for spec: ProcessSpec) -> [StreamDescription] {
+        Launcher.streamDescriptions(spec)
     }
 }
