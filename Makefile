@@ -4,10 +4,11 @@
 SWIFT      ?= swift
 BUILD_DIR  ?= .build
 TSAN_DIR   ?= .build-tsan
+SOAK_MINUTES ?= 2
 # Debian packages the build, the tests, the demo and the benchmarks need.
 APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static
 
-.PHONY: all deps build release test test-core-tsan demo bench clean
+.PHONY: all deps build release test test-core-tsan demo bench soak clean
 
 all: build
 
@@ -46,6 +47,13 @@ bench: release
 	$(BUILD_DIR)/release/holdfast-bench idle-streams --count 3000 --seconds 10
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 1 --rounds 50
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 2000 --rounds 5 --every 200
+
+# A real daemon for SOAK_MINUTES (after a 30 s warm-up) under ~100 churning processes, a
+# migration every 2 s and SIGKILLs of the bridge worker; checks every byte (sha256), every exit
+# (exactly once), and the roles' fds and RSS against the warm-up baseline. As root. See
+# RELIABILITY.md.
+soak: release
+	$(BUILD_DIR)/release/holdfast-soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_DIR) bench/bin

@@ -1,0 +1,116 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A real `holdfast daemon` in a private run directory, as `holdfast demo` and the daemon
+/// tests start one: a temp config pointing the bridge at the in-process host, the broker as
+/// `nobody`. Ended by pid.
+struct Daemon: Sendable {
+    let pid: pid_t
+    let directory: String
+    var controlSocket: String { directory + "/control.sock" }
+    var logPath: String { directory + "/daemon.log" }
+
+    static func start(executable: String, directory: String) throws -> Daemon {
+        let config = """
+            # holdfast-soak: production defaults except where the sockets live and who the broker is.
+            run_directory: \(directory)
+            bridge:
+              address: "unix:{run}/host-bridge.sock"
+            broker:
+              user: nobody
+              seccomp: kill
+            shutdown:
+              grace: 2s
+              timeout: 20s
+            """
+        try WholeFile.write(directory + "/holdfast.yaml", Array(config.utf8))
+        let log = open(directory + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard log >= 0 else { throw SystemError.last("open(daemon.log)") }
+        defer { close(log) }
+        var options = SpawnOptions(executable: executable, arguments: [executable, "daemon", "--config", directory + "/holdfast.yaml"])
+        options.stdout = log
+        options.stderr = log
+        options.parentDeathSignal = SIGKILL
+        return Daemon(pid: try Spawner.spawn(options), directory: directory)
+    }
+
+    var isAlive: Bool { kill(pid, 0) == 0 && !isZombie(pid) }
+
+    /// `holdfast status --json`, over the control socket; bounded (closing the connection ends
+    /// a call that overruns).
+    func status(timeout: Duration) async throws -> StatusReport {
+        let client = try await ControlClient.connect(to: controlSocket)
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            client.close()
+        }
+        defer {
+            timer.cancel()
+            client.close()
+        }
+        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+    }
+
+    /// SIGTERM, then a bounded wait for the graceful shutdown; SIGKILL if it overruns
+    /// (`killed` says so).
+    func stop(timeout: Duration) async -> (status: ExitStatus?, killed: Bool) {
+        kill(pid, SIGTERM)
+        let killed = NIOLockedValueBox(false)
+        let timer = Task { [pid] in
+            try await Task.sleep(for: timeout)
+            killed.withLockedValue { $0 = true }
+            kill(pid, SIGKILL)
+        }
+        let status = try? await Spawner.waitForExit(pid)
+        timer.cancel()
+        return (status, killed.withLockedValue { $0 })
+    }
+
+    var logTail: String {
+        String(decoding: (WholeFile.read(logPath) ?? []).suffix(4000), as: UTF8.self)
+    }
+}
+
+func isZombie(_ pid: pid_t) -> Bool {
+    let stat = String(decoding: WholeFile.read("/proc/\(pid)/stat") ?? [], as: UTF8.self)
+    guard let close = stat.lastIndex(of: ")") else { return true }
+    return stat[stat.index(after: close)...].dropFirst().first == "Z"
+}
+
+/// One process's open fds and resident memory, from /proc.
+struct Footprint: Sendable, Equatable {
+    var pid: pid_t
+    var descriptors: Int
+    var residentKiB: Int
+
+    static func of(_ pid: pid_t) -> Footprint? {
+        guard let directory = opendir("/proc/\(pid)/fd") else { return nil }
+        var count = 0
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { count += 1 }
+        }
+        closedir(directory)
+        let status = String(decoding: WholeFile.read("/proc/\(pid)/status") ?? [], as: UTF8.self)
+        var rss = 0
+        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            rss = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? 0
+        }
+        return Footprint(pid: pid, descriptors: count, residentKiB: rss)
+    }
+}
+
+/// The three roles' footprints at one moment.
+struct RoleFootprints: Sendable {
+    var supervisor: Footprint
+    var broker: Footprint
+    var bridge: Footprint
+
+    var all: [(String, Footprint)] { [("supervisor", supervisor), ("broker", broker), ("bridge", bridge)] }
+}
