@@ -23,7 +23,15 @@ enum Chaos {
         until end: ContinuousClock.Instant, host: Host, daemon: Daemon, settings: ChaosSettings, seed: UInt64
     ) async {
         var rng = SeededGenerator(seed: seed)
-        var nextKill = settings.killEverySeconds.map { ContinuousClock.now + .seconds(Int.random(in: $0, using: &rng)) }
+        // The first kill comes early in the phase, so the warm-up has one too: a process's
+        // first sleep on a clock makes the runtime open a timerfd for that clock, and the
+        // supervisor's restart back-off sleeps on one it may not have used yet. The baseline
+        // must be taken after every such path ran once, or the first one in the soak would look
+        // like a leaked fd.
+        let phase = milliseconds(end - ContinuousClock.now) / 1000
+        var nextKill = settings.killEverySeconds.map {
+            ContinuousClock.now + .seconds(Int.random(in: 2...max(2, min($0.lowerBound, phase / 2)), using: &rng))
+        }
         var cycle = ContinuousClock.now
         while cycle < end {
             let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
@@ -36,7 +44,11 @@ enum Chaos {
                 $0.migrationEnds.append(on)
             }
             let cycleEnd = cycle + settings.period
-            if let due = nextKill, let range = settings.killEverySeconds, ContinuousClock.now >= due {
+            // No kill in the last cycles of a phase: the restarted worker must see a migration
+            // (and its redial back-off) before it is measured, as the one at the baseline had.
+            if let due = nextKill, let range = settings.killEverySeconds, ContinuousClock.now >= due,
+                ContinuousClock.now + settings.period * 3 < end
+            {
                 // Somewhere in the lights-on part of this cycle.
                 let room = milliseconds(cycleEnd - ContinuousClock.now) - 100
                 if room > 0 { try? await Task.sleep(for: .milliseconds(Int.random(in: 0...room, using: &rng))) }

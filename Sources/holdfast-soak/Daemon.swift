@@ -86,15 +86,36 @@ func isZombie(_ pid: pid_t) -> Bool {
 /// One process's open fds and resident memory, from /proc.
 struct Footprint: Sendable, Equatable {
     var pid: pid_t
-    var descriptors: Int
+    /// fd number → what it is ("socket", "pipe", "anon_inode:[eventfd]", a path...).
+    var table: [Int32: String]
     var residentKiB: Int
+
+    var descriptors: Int { table.count }
+
+    /// How many fds of each kind.
+    var kinds: [String: Int] { table.values.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
 
     static func of(_ pid: pid_t) -> Footprint? {
         guard let directory = opendir("/proc/\(pid)/fd") else { return nil }
-        var count = 0
+        var table: [Int32: String] = [:]
         while let entry = readdir(directory) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." { count += 1 }
+            guard let fd = Int32(name) else { continue }
+            var target = [CChar](repeating: 0, count: 512)
+            let length = readlink("/proc/\(pid)/fd/\(name)", &target, target.count - 1)
+            var what = String(decoding: target[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            // "socket:[12345]" → "socket": the inode differs between otherwise equal tables.
+            if let bracket = what.firstIndex(of: "["), what.hasPrefix("socket:") || what.hasPrefix("pipe:") {
+                what = String(what[..<what.index(before: bracket)])
+            }
+            // A timerfd says which clock it counts (the runtime makes one per clock it uses).
+            if what == "anon_inode:[timerfd]" {
+                let info = String(decoding: WholeFile.read("/proc/\(pid)/fdinfo/\(name)") ?? [], as: UTF8.self)
+                if let line = info.split(separator: "\n").first(where: { $0.hasPrefix("clockid:") }) {
+                    what += " clock " + line.dropFirst("clockid:".count).trimmingPrefix(while: { $0 == " " || $0 == "\t" })
+                }
+            }
+            table[fd] = what
         }
         closedir(directory)
         let status = String(decoding: WholeFile.read("/proc/\(pid)/status") ?? [], as: UTF8.self)
@@ -102,7 +123,7 @@ struct Footprint: Sendable, Equatable {
         for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
             rss = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? 0
         }
-        return Footprint(pid: pid, descriptors: count, residentKiB: rss)
+        return Footprint(pid: pid, table: table, residentKiB: rss)
     }
 }
 
@@ -113,4 +134,13 @@ struct RoleFootprints: Sendable {
     var bridge: Footprint
 
     var all: [(String, Footprint)] { [("supervisor", supervisor), ("broker", broker), ("bridge", bridge)] }
+}
+
+/// What differs between two fd tables, by kind: "+1 socket, -1 anon_inode:[pidfd]".
+func fdDifference(from before: Footprint, to after: Footprint) -> String {
+    let kinds = Set(before.kinds.keys).union(after.kinds.keys).sorted()
+    return kinds.compactMap { kind -> String? in
+        let change = (after.kinds[kind] ?? 0) - (before.kinds[kind] ?? 0)
+        return change == 0 ? nil : (change > 0 ? "+" : "") + "\(change) \(kind)"
+    }.joined(separator: ", ")
 }

@@ -127,7 +127,7 @@ struct Run {
             host.ledger.fail("the daemon did not come up: its log ends with:\n\(daemon.logTail)")
             return await finish(started: started, start: nil, baseline: nil, end: nil)
         }
-        printLine("daemon up: supervisor \(first.supervisor.pid), broker \(first.broker.pid), bridge \(first.bridge.pid)")
+        printLine("daemon up: " + describe(first))
 
         if options.warmup > 0 {
             printLine("warm-up: \(options.warmup) s")
@@ -164,14 +164,15 @@ struct Run {
             group.addTask { [host, daemon, chaos] in
                 await Chaos.run(until: end, host: host, daemon: daemon, settings: chaos, seed: chaosSeed)
             }
-            group.addTask { [host, options] in
+            group.addTask { [host, daemon, options] in
                 let began = ContinuousClock.now
                 let every = Duration.seconds(max(1, options.progressEvery))
                 var next = began + every
                 while !phaseDone.withLockedValue({ $0 }) {
                     try? await Task.sleep(for: .milliseconds(250))
                     if ContinuousClock.now >= next {
-                        printLine(progressLine(host: host, elapsed: ContinuousClock.now - began))
+                        let memory = await residentMemory(daemon)
+                        printLine(progressLine(host: host, elapsed: ContinuousClock.now - began) + "  " + memory)
                         next += every
                     }
                 }
@@ -235,7 +236,7 @@ struct Run {
             guard let supervisorNow = Footprint.of(daemon.pid), let brokerNow = Footprint.of(broker), let bridgeNow = Footprint.of(bridge)
             else { return nil }
             let current = RoleFootprints(supervisor: supervisorNow, broker: brokerNow, bridge: bridgeNow)
-            if let previous, previous.all.map(\.1.descriptors) == current.all.map(\.1.descriptors) { return current }
+            if let previous, previous.all.map(\.1.kinds) == current.all.map(\.1.kinds) { return current }
             previous = current
             try? await Task.sleep(for: .milliseconds(500))
         }
@@ -250,7 +251,7 @@ struct Run {
         repeat {
             last = await measure()
             guard let baseline, let current = last else { return last }
-            if baseline.all.map(\.1.descriptors) == current.all.map(\.1.descriptors) { return current }
+            if baseline.all.map(\.1.kinds) == current.all.map(\.1.kinds) { return current }
             try? await Task.sleep(for: .seconds(1))
         } while ContinuousClock.now < deadline
         return last
@@ -292,9 +293,11 @@ struct Run {
             var verdict = "ok"
             if let b, let e {
                 let allowed = b.residentKiB + max(b.residentKiB * options.rssTolerancePercent / 100, options.rssToleranceKiB)
-                if e.descriptors != b.descriptors {
+                if e.kinds != b.kinds {
                     verdict = "FDS CHANGED"
-                    ledger.fail("\(role): \(e.descriptors) fds after the soak, \(b.descriptors) at the baseline")
+                    ledger.fail(
+                        "\(role): \(e.descriptors) fds after the soak, \(b.descriptors) at the baseline (\(fdDifference(from: b, to: e))); pid \(b.pid) then \(e.pid); now \(e.table.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: " "))"
+                    )
                 }
                 if e.residentKiB > allowed {
                     verdict = verdict == "ok" ? "RSS GREW" : verdict + ", RSS GREW"
@@ -359,7 +362,7 @@ struct Run {
         for (name, value) in rows { printLine("| \(name) | \(value) |") }
         printLine("")
         printLine(
-            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB)))) |"
+            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal, kind by kind; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB)))) |"
         )
         printLine("|---|---:|---:|---:|---:|---:|---:|---|")
         for row in roleRows { printLine(row) }
@@ -382,8 +385,18 @@ func progressLine(host: Host, elapsed: Duration?) -> String {
     return "\(prefix) live \(host.live)  started \(started)  finished \(c.finished)  to host \(bytes(c.bytesToHost))  to guest \(bytes(c.bytesToGuest))  migrations \(c.migrations)  kills \(c.kills.count)  reconnects \(host.reconnects.figures.reconnects)  failures \(c.failureCount)"
 }
 
+/// "RSS supervisor 29 MiB, broker 35 MiB, bridge 24 MiB", for the progress lines.
+func residentMemory(_ daemon: Daemon) async -> String {
+    guard let status = try? await daemon.status(timeout: .seconds(5)) else { return "RSS: no status" }
+    let pids = [("supervisor", daemon.pid)] + status.roles.compactMap { role in role.pid.map { (role.name, $0) } }
+    return "RSS " + pids.map { "\($0.0) \(Footprint.of($0.1).map { mib($0.residentKiB) } ?? "-")" }.joined(separator: ", ")
+}
+
 func describe(_ footprints: RoleFootprints) -> String {
-    footprints.all.map { "\($0.0) \($0.1.descriptors) fds \(mib($0.1.residentKiB))" }.joined(separator: ", ")
+    footprints.all.map { role, footprint in
+        let kinds = footprint.kinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+        return "\(role) (pid \(footprint.pid)) \(footprint.descriptors) fds [\(kinds)] \(mib(footprint.residentKiB))"
+    }.joined(separator: "; ")
 }
 
 func latency(_ samples: [Duration]) -> String {
