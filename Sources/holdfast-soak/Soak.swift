@@ -34,6 +34,8 @@ struct Soak: AsyncParsableCommand {
     @Option(help: "RSS may grow by this many percent over the baseline...") var rssTolerancePercent = 10
     @Option(help: "...or by this many KiB, whichever is more.") var rssToleranceKiB = 2048
     @Option(help: "Print a progress line every this many seconds.") var progressEvery = 30
+    @Option(help: "Split the soak into this many parts, the roles measured in a quiet moment after each (default: one part per 5 minutes).")
+    var checkpoints: Int?
     @Option(help: "The holdfast binary (default: next to this one).") var holdfast: String?
     @Flag(help: "Keep the run directory (config, sockets, daemon log) even on success.") var keep = false
 
@@ -43,6 +45,7 @@ struct Soak: AsyncParsableCommand {
             throw ValidationError("need 0 < blackout-min <= blackout-max < migration-every")
         }
         guard killMin >= 0, killMin <= killMax else { throw ValidationError("need 0 <= kill-min <= kill-max") }
+        if let checkpoints, checkpoints < 1 { throw ValidationError("checkpoints must be at least 1") }
     }
 
     func run() async throws {
@@ -64,7 +67,7 @@ struct Soak: AsyncParsableCommand {
         let settings = Settings(
             minutes: minutes, warmup: warmup, processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
             blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, rssTolerancePercent: rssTolerancePercent,
-            rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery)
+            rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
         host.close()
         if verdict.passed && !keep {
@@ -89,6 +92,7 @@ struct Settings: Sendable {
     var rssTolerancePercent: Int
     var rssToleranceKiB: Int
     var progressEvery: Int
+    var checkpoints: Int
 }
 
 /// One soak run: phases, measurements, verdict.
@@ -125,7 +129,7 @@ struct Run {
         printLine("daemon pid \(daemon.pid), run directory \(daemon.directory)")
         guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measure() else {
             host.ledger.fail("the daemon did not come up: its log ends with:\n\(daemon.logTail)")
-            return await finish(started: started, start: nil, baseline: nil, end: nil)
+            return await finish(started: started, start: nil, baseline: nil, end: nil, checkpoints: [])
         }
         printLine("daemon up: " + describe(first))
 
@@ -141,16 +145,38 @@ struct Run {
             host.ledger.fail("no quiet moment after the warm-up to measure a baseline")
         }
 
-        printLine("soak: \(format(options.minutes)) min")
-        await phase(seconds: options.minutes * 60, chaosSeed: seed &+ 2)
-        var end: RoleFootprints?
-        if await quiesce() {
-            end = await measureUntilEqual(to: baseline)
-            if let end { printLine("after the soak: " + describe(end)) }
-        } else {
-            host.ledger.fail("the daemon did not become quiet after the soak")
+        // The soak, in parts: after each the guest goes quiet and the roles are measured, so a
+        // leak shows as a trend rather than one number.
+        let parts = options.checkpoints
+        printLine("soak: \(format(options.minutes)) min in \(parts) part(s), fds and RSS measured after each")
+        let soakStarted = ContinuousClock.now
+        var checkpoints: [Checkpoint] = []
+        for part in 1...parts {
+            await phase(seconds: options.minutes * 60 / Double(parts), chaosSeed: seed &+ 1 &+ UInt64(part))
+            guard await quiesce() else {
+                host.ledger.fail("the daemon did not become quiet after part \(part) of the soak")
+                break
+            }
+            guard let measured = await measureUntilEqual(to: baseline) else {
+                host.ledger.fail("could not measure the roles after part \(part) of the soak")
+                break
+            }
+            checkpoints.append(Checkpoint(soakTime: ContinuousClock.now - soakStarted, footprints: measured))
+            printLine("checkpoint \(part)/\(parts) (\(clock(ContinuousClock.now - soakStarted)) into the soak): " + describe(measured))
+            if part < parts, let baseline {
+                for ((role, now), (_, then)) in zip(measured.all, baseline.all) where now.kinds != then.kinds {
+                    host.ledger.fail("\(role): fds at checkpoint \(part) differ from the baseline (\(fdDifference(from: then, to: now)))")
+                }
+            }
         }
-        return await finish(started: started, start: first, baseline: baseline, end: end)
+        return await finish(
+            started: started, start: first, baseline: baseline, end: checkpoints.count == parts ? checkpoints.last?.footprints : nil,
+            checkpoints: checkpoints)
+    }
+
+    struct Checkpoint {
+        var soakTime: Duration
+        var footprints: RoleFootprints
     }
 
     // MARK: Phases
@@ -260,7 +286,8 @@ struct Run {
     // MARK: Verdict
 
     func finish(
-        started: ContinuousClock.Instant, start: RoleFootprints?, baseline: RoleFootprints?, end: RoleFootprints?
+        started: ContinuousClock.Instant, start: RoleFootprints?, baseline: RoleFootprints?, end: RoleFootprints?,
+        checkpoints: [Checkpoint]
     ) async -> Verdict {
         let ledger = host.ledger
         // Every exit exactly once.
@@ -366,6 +393,16 @@ struct Run {
         )
         printLine("|---|---:|---:|---:|---:|---:|---:|---|")
         for row in roleRows { printLine(row) }
+        if checkpoints.count > 1 || (checkpoints.count == 1 && baseline != nil) {
+            printLine("")
+            printLine("| quiet moment | soak time | supervisor fds, RSS | broker fds, RSS | bridge fds, RSS |")
+            printLine("|---|---:|---:|---:|---:|")
+            func cells(_ f: RoleFootprints) -> String { f.all.map { "\($0.1.descriptors), \(mib($0.1.residentKiB))" }.joined(separator: " | ") }
+            if let baseline { printLine("| baseline (after the warm-up) | 0m00s | \(cells(baseline)) |") }
+            for (index, checkpoint) in checkpoints.enumerated() {
+                printLine("| checkpoint \(index + 1) | \(clock(checkpoint.soakTime)) | \(cells(checkpoint.footprints)) |")
+            }
+        }
         if !final.failures.isEmpty {
             printLine("")
             printLine("failures:")
