@@ -97,10 +97,14 @@ final class ManagedStream: Sendable {
     /// From the host: stdin, a tty's input.
     let input: StreamTransport?
     private let relay = NIOLockedValueBox<Task<[RelayReport], Never>?>(nil)
+    /// The host ended this input: the relay is seeing its END echo home (see `start`).
+    private let inputEnded = NIOLockedValueBox(false)
+    private let lingerTimeout: Duration
 
     init(description: StreamDescription, handle: AsyncFD, broker: Broker) {
         self.description = description
         self.handle = handle
+        self.lingerTimeout = broker.settings.drainTimeout
         func transport(_ address: String, _ token: String?, _ direction: StreamDirection) -> StreamTransport {
             .make(
                 address: address, token: token, mode: description.mode, direction: direction, settings: broker.settings,
@@ -129,6 +133,8 @@ final class ManagedStream: Sendable {
         let handle = handle
         let output = output
         let input = input
+        let inputEnded = inputEnded
+        let lingerTimeout = lingerTimeout
         let task = Task { () -> [RelayReport] in
             switch (output, input) {
             case (let output?, let input?):
@@ -146,12 +152,19 @@ final class ManagedStream: Sendable {
                     return [report]
                 }
                 // The host ended stdin (or the process stopped reading): the process now sees
-                // end-of-file. A resumable stream first makes sure the host saw its END echoed.
-                handle.close()
-                if case .resumable(let stream) = input, report.ending == .endOfStream {
-                    _ = await stream.waitEndEchoed(timeout: .seconds(5))
+                // end-of-file. A resumable stream then stays, redialling if it must, until the
+                // host has its END echo (bounded by the drain timeout): closed as soon as the
+                // echo was written, a connection dropped with the echo unread (a migration at
+                // that moment) left the host waiting for a reconnect that never came, and
+                // reporting its last bytes as lost. The process exiting does not cut it short.
+                guard case .resumable(let stream) = input, report.ending == .endOfStream else {
+                    handle.close()
+                    input.close()
+                    return [report]
                 }
-                input.close()
+                inputEnded.withLockedValue { $0 = true }
+                handle.close()
+                _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 return [report]
             case (nil, nil):
                 return []
@@ -159,6 +172,10 @@ final class ManagedStream: Sendable {
         }
         relay.withLockedValue { $0 = task }
     }
+
+    /// The host ended this input and the relay is seeing its END echo home: leave it be when
+    /// the process exits (it closes itself, bounded).
+    var endedByHost: Bool { inputEnded.withLockedValue { $0 } }
 
     /// Waits for the relay to finish (at most `timeout`); nil if it is still running.
     func finished(within timeout: Duration) async -> [RelayReport]? {
@@ -260,8 +277,12 @@ final class AdoptedProcess: Sendable {
         var results: [DrainedNotification.StreamResult] = []
         for stream in all {
             if stream.output == nil {
-                await stream.stop()
-                stream.handle.close()
+                // An input the host ended finishes on its own (its END echo must reach the
+                // host); any other stops now.
+                if !stream.endedByHost {
+                    await stream.stop()
+                    stream.handle.close()
+                }
                 continue
             }
             stream.output?.processExited(drainTimeout: timeout)

@@ -204,6 +204,25 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         await engine.waitEndEchoed(timeout: timeout)
     }
 
+    /// After `receive` returned 0: keeps the stream until the sender evidently holds our END
+    /// echo, then closes it. An echo that went out is not yet an echo that arrived: a connection
+    /// dropped with it unread (a migration at that moment) would leave the sender waiting for a
+    /// reconnect that never comes, and reporting as lost bytes that arrived. So a connection
+    /// that ends otherwise than cleanly is redialled, and the echo goes out again on the next
+    /// one; the sender closing a connection that carried the echo, at a frame boundary, is the
+    /// sign it has it (a sender closes once it is complete). Gives up after `timeout`. Returns
+    /// whether the sender has the echo.
+    public func closeAfterEndDelivered(timeout: Duration) async -> Bool {
+        let timer = Task { [slot] in
+            guard (try? await Task.sleep(for: timeout)) != nil else { return }
+            slot.close()  // ends the wait below
+        }
+        let delivered = await engine.waitEndDelivered(slot)
+        timer.cancel()
+        slot.close()
+        return delivered
+    }
+
     // MARK: Lifetime and inspection
 
     public func close() {
@@ -708,6 +727,58 @@ extension ResumableStream {
                 if resumeNow { continuation.resume() }
             }
             return state.withLockedValue { $0.endEchoSent }
+        }
+
+        /// Receive side, after END: true once a connection on which our END echo went out
+        /// ended cleanly, at a frame boundary; false if the stream is closed first. Any other
+        /// end of a connection is a drop like any other: the slot redials and the pump echoes
+        /// END again on the next connection (it does once per connection).
+        func waitEndDelivered(_ slot: ConnSlot<Session>) async -> Bool {
+            let final = state.withLockedValue { $0.inboundFinal }
+            while let lease = await slot.current() {
+                do {
+                    while let prefix = try await Self.readFrameUnlessEnded(lease.connection) {
+                        switch prefix.type {
+                        case .end where prefix.value == final, .ack where prefix.value == 0:
+                            continue  // a sender repeats END on every new connection
+                        default:
+                            throw StreamProtocolError.unexpectedFrame(expected: .end, got: prefix.type)
+                        }
+                    }
+                    if await echoSent(on: lease.generation) { return true }
+                    slot.disconnect(ifCurrent: lease.generation, reason: .endOfFile)
+                } catch {
+                    dropConnection(lease.generation, slot: slot, after: error)
+                }
+            }
+            return false
+        }
+
+        /// Whether the pump wrote END on connection `generation`. Its write may have returned a
+        /// moment before it recorded so, hence the short wait.
+        private func echoSent(on generation: UInt64) async -> Bool {
+            for _ in 0..<50 {
+                if state.withLockedValue({ $0.sender.generation == generation && $0.sender.endSent }) { return true }
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+            return false
+        }
+
+        /// One frame's prefix (a body is read and dropped); nil at an end-of-file between frames.
+        private static func readFrameUnlessEnded(_ connection: Session) async throws -> StreamFramePrefix? {
+            let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamFramePrefix.size, alignment: 8)
+            defer { raw.deallocate() }
+            let first = try await connection.read(into: raw)
+            if first == 0 { return nil }
+            if first < raw.count { try await FrameIO.readExactly(connection, into: UnsafeMutableRawBufferPointer(rebasing: raw[first...])) }
+            let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(raw))
+            if prefix.type == .error {
+                let body = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, prefix.bodyLength), alignment: 1)
+                defer { body.deallocate() }
+                try await FrameIO.readExactly(connection, into: UnsafeMutableRawBufferPointer(rebasing: body[..<prefix.bodyLength]))
+                throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: Array(body[..<prefix.bodyLength])))
+            }
+            return prefix
         }
 
         // MARK: Reading acknowledgements (send side)

@@ -45,6 +45,8 @@ public final class MemoryPipe: Sendable {
         var closed: [Bool] = [false, false]
         var budget: Int?
         var held = false
+        /// Bytes toward this side are held (one-way `holdDelivery(toSide:)`).
+        var heldToward: [Bool] = [false, false]
         var readers: [Int: (side: Int, continuation: CheckedContinuation<Void, any Error>)] = [:]
         var nextReader = 0
         var transferred = 0
@@ -67,9 +69,14 @@ public final class MemoryPipe: Sendable {
 
     public func holdDelivery() { state.withLockedValue { $0.held = true } }
 
+    /// Holds only what travels toward `side` (0: whoever dialed, 1: whoever accepted): that
+    /// end stops hearing its peer while the other still does.
+    public func holdDelivery(toSide side: Int) { state.withLockedValue { $0.heldToward[side] = true } }
+
     public func releaseDelivery() {
         let readers = state.withLockedValue { s -> [CheckedContinuation<Void, any Error>] in
             s.held = false
+            s.heldToward = [false, false]
             defer { s.readers.removeAll() }
             return s.readers.values.map(\.continuation)
         }
@@ -110,7 +117,7 @@ public final class MemoryPipe: Sendable {
             s.budget = s.budget.map { $0 - accepted }
             s.queues[other] += bytes[..<accepted]
             s.transferred += accepted
-            guard !s.held else { return (accepted, [], cutNow) }
+            guard !s.held, !s.heldToward[other] else { return (accepted, [], cutNow) }
             var wake: [CheckedContinuation<Void, any Error>] = []
             for (key, reader) in s.readers where reader.side == other {
                 wake.append(reader.continuation)
@@ -129,7 +136,7 @@ public final class MemoryPipe: Sendable {
     fileprivate func readNow(_ side: Int, into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
         try state.withLockedValue { s -> Int? in
             if s.cut || s.closed[side] { throw LinkCut() }
-            if s.held { return nil }
+            if s.held || s.heldToward[side] { return nil }
             let available = s.queues[side].count - s.heads[side]
             guard available > 0 else { return s.closed[1 - side] ? 0 : nil }
             let count = min(available, buffer.count)
@@ -155,7 +162,7 @@ public final class MemoryPipe: Sendable {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
                 let outcome: Result<Void, any Error>? = state.withLockedValue { s in
                     if s.cut || s.closed[side] { return .failure(LinkCut()) }
-                    if !s.held, s.queues[side].count > s.heads[side] || s.closed[1 - side] { return .success(()) }
+                    if !s.held, !s.heldToward[side], s.queues[side].count > s.heads[side] || s.closed[1 - side] { return .success(()) }
                     if Task.isCancelled { return .failure(CancellationError()) }
                     s.readers[id] = (side, continuation)
                     return nil

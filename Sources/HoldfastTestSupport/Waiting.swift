@@ -2,6 +2,11 @@ import NIOConcurrencyHelpers
 /// Bounded waiting for tests: every wait has a deadline, so a broken invariant fails a test
 /// instead of hanging the suite.
 
+/// Every wait here bounds a hang; it never times anything. The bound is at least this long, so
+/// a CI machine starved for seconds (two cores, other suites hashing 256 MiB streams) does not
+/// fail a test that would pass: what a test asserts is the property, not the speed.
+public let hangBoundFloor: Duration = .seconds(30)
+
 public struct TimedOut: Error, CustomStringConvertible {
     public var what: String
     public var description: String { "timed out waiting for \(what)" }
@@ -13,7 +18,7 @@ public struct TimedOut: Error, CustomStringConvertible {
 public func eventually(
     _ what: String = "condition", timeout: Duration = .seconds(30), _ condition: () async throws -> Bool
 ) async throws {
-    let deadline = ContinuousClock.now + timeout
+    let deadline = ContinuousClock.now + max(timeout, hangBoundFloor)
     while true {
         if try await condition() { return }
         if ContinuousClock.now >= deadline { throw TimedOut(what: what) }
@@ -29,7 +34,7 @@ public func withTimeout<T: Sendable>(
     try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask { try await body() }
         group.addTask {
-            try await Task.sleep(for: timeout)
+            try await Task.sleep(for: max(timeout, hangBoundFloor))
             return nil
         }
         defer { group.cancelAll() }

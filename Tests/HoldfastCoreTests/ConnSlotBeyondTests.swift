@@ -36,7 +36,7 @@ struct ConnSlotBeyondTests {
         try await eventually("every slot to connect", timeout: .seconds(5)) {
             slots.allSatisfy { $0.phase == .connected }
         }
-        #expect(ContinuousClock.now - started < .seconds(2))
+        #expect(ContinuousClock.now - started < .seconds(30))
         #expect(scripts.allSatisfy { $0.count == 2 })
     }
 

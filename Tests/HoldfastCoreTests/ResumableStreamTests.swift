@@ -142,6 +142,52 @@ struct ResumableMemoryTests {
         #expect(await pair.guest.waitEndEchoed(timeout: .seconds(5)))
     }
 
+    /// The host ends stdin; the guest echoes the END, and the link dies before the host has
+    /// read the echo (a migration at that moment). Found by the soak: the guest closed its
+    /// stream as soon as the echo was written, so the host waited out its drain timeout for a
+    /// reconnect that never came and reported the last bytes — which had arrived — as lost. The
+    /// guest must stay, redial, echo again, and close only when the host closes after the echo.
+    @Test func anEndEchoLostWithItsLinkIsEchoedAgain() async throws {
+        let links = NIOLockedValueBox<[MemoryPipe]>([])
+        let pair = ResumablePair(
+            guestDirection: .receive, configuration: ResumableConfiguration(drainTimeout: .seconds(10)),
+            beforeAccept: { link in links.withLockedValue { $0.append(link) } })
+        defer { pair.close() }
+        pair.start()
+        try await eventually("the first connection") { pair.guest.slot.phase == .connected && pair.host.slot.phase == .connected }
+        let first = try #require(links.withLockedValue { $0.first })
+        first.holdDelivery(toSide: 1)  // the host stops hearing the guest on this link
+        try await pair.host.sendBytes(bytes("typed by the host"))
+        let finished = Task { await pair.host.finish() }
+        #expect(await pair.guest.receiveAll() == bytes("typed by the host"))
+        #expect(await pair.guest.waitEndEchoed(timeout: .seconds(5)), "the echo went out, into the held link")
+        let seen = Task { await pair.guest.closeAfterEndDelivered(timeout: .seconds(20)) }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(!pair.guest.isClosed, "an echo written is not an echo received")
+        first.cut()  // the migration: the ACK and the echo are lost with the link
+        let cut = ContinuousClock.now
+        #expect(await finished.value == 0, "the host learns that every byte arrived")
+        #expect(ContinuousClock.now - cut < .seconds(5), "from the echo sent again, not from its drain timeout")
+        #expect(await seen.value, "the guest saw the host close after the second echo")
+        #expect(pair.guest.isClosed)
+        #expect(pair.dialCount >= 2)
+    }
+
+    /// Without a drop, the guest closes as soon as the host, done, closes the connection.
+    @Test func anEndEchoThatArrivesEndsTheGuestAtOnce() async throws {
+        let pair = ResumablePair(guestDirection: .receive)
+        defer { pair.close() }
+        pair.start()
+        try await pair.host.sendBytes(bytes("typed by the host"))
+        let finished = Task { await pair.host.finish() }
+        #expect(await pair.guest.receiveAll() == bytes("typed by the host"))
+        let started = ContinuousClock.now
+        #expect(await pair.guest.closeAfterEndDelivered(timeout: .seconds(20)))
+        #expect(ContinuousClock.now - started < .seconds(5))
+        #expect(await finished.value == 0)
+        #expect(pair.dialCount == 1)
+    }
+
     /// The host types and ends stdin before the guest's stream has ever connected (a fast
     /// `holdfast host run` with piped input): the bytes and the END wait in the ring.
     @Test func stdinSentAndEndedBeforeTheGuestConnectsArrives() async throws {
@@ -243,7 +289,9 @@ struct ResumableMemoryTests {
     }
 
     @Test func exitDrainWaitsForTheHostToAcknowledgeEveryByte() async throws {
-        let pair = ResumablePair(guestDirection: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(5)))
+        // A drain timeout far beyond the host's lateness: on a starved machine "50 ms late" can
+        // be seconds.
+        let pair = ResumablePair(guestDirection: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(60)))
         defer { pair.close() }
         try await pair.guest.sendBytes([UInt8](repeating: 3, count: 100_000))
         let finish = Task { await pair.guest.finish() }

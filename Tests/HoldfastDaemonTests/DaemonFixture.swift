@@ -55,7 +55,8 @@ final class DaemonFixture: Sendable {
               user: nobody
               seccomp: kill
             streams:
-              redial_attempts: 200
+              # 60 s of redialing: a starved CI machine can take seconds per status poll.
+              redial_attempts: 3000
               redial_interval: 20ms
               connect_timeout: 1s
               drain_timeout: 3s

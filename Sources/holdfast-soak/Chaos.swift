@@ -1,0 +1,85 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct ChaosSettings: Sendable {
+    /// A migration starts this often.
+    var period: Duration
+    /// Each blackout lasts a random number of milliseconds in this range.
+    var blackoutMilliseconds: ClosedRange<Int>
+    /// The bridge worker is killed with SIGKILL every this many seconds (random in the range);
+    /// nil: never.
+    var killEverySeconds: ClosedRange<Int>?
+}
+
+/// Migrations on a fixed period with random blackouts, and SIGKILLs of the bridge worker at
+/// random times between them.
+enum Chaos {
+    static func run(
+        until end: ContinuousClock.Instant, host: Host, daemon: Daemon, settings: ChaosSettings, seed: UInt64
+    ) async {
+        var rng = SeededGenerator(seed: seed)
+        // The first kill comes early in the phase, so the warm-up has one too: a process's
+        // first sleep on a clock makes the runtime open a timerfd for that clock, and the
+        // supervisor's restart back-off sleeps on one it may not have used yet. The baseline
+        // must be taken after every such path ran once, or the first one in the soak would look
+        // like a leaked fd.
+        let phase = milliseconds(end - ContinuousClock.now) / 1000
+        var nextKill = settings.killEverySeconds.map {
+            ContinuousClock.now + .seconds(Int.random(in: 2...max(2, min($0.lowerBound, phase / 2)), using: &rng))
+        }
+        var cycle = ContinuousClock.now
+        while cycle < end {
+            let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
+            host.blackout()
+            try? await Task.sleep(for: blackout)
+            let on = host.lightsOn()
+            host.ledger.update {
+                $0.migrations += 1
+                $0.blackoutTotal += blackout
+                $0.migrationEnds.append(on)
+            }
+            let cycleEnd = cycle + settings.period
+            // No kill in the last cycles of a phase: the restarted worker must see a migration
+            // (and its redial back-off) before it is measured, as the one at the baseline had.
+            if let due = nextKill, let range = settings.killEverySeconds, ContinuousClock.now >= due,
+                ContinuousClock.now + settings.period * 3 < end
+            {
+                // Somewhere in the lights-on part of this cycle.
+                let room = milliseconds(cycleEnd - ContinuousClock.now) - 100
+                if room > 0 { try? await Task.sleep(for: .milliseconds(Int.random(in: 0...room, using: &rng))) }
+                await killBridge(host: host, daemon: daemon)
+                nextKill = ContinuousClock.now + .seconds(Int.random(in: range, using: &rng))
+            }
+            try? await Task.sleep(until: cycleEnd, clock: .continuous)
+            cycle = cycleEnd
+        }
+    }
+
+    /// Finds the bridge worker through the daemon's control socket (as `holdfast status` does)
+    /// and kills it with SIGKILL.
+    static func killBridge(host: Host, daemon: Daemon) async {
+        let status: StatusReport
+        do {
+            status = try await daemon.status(timeout: .seconds(10))
+        } catch {
+            host.ledger.fail("status over the control socket failed: \(error)")
+            return
+        }
+        guard let pid = status.roles.first(where: { $0.name == "bridge" })?.pid else {
+            printLine("note: the bridge worker is restarting; no kill this time")
+            return
+        }
+        kill(pid, SIGKILL)
+        let now = ContinuousClock.now
+        host.ledger.update { $0.kills.append(now) }
+    }
+}
+
+func milliseconds(_ duration: Duration) -> Int {
+    Int(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
+}

@@ -1,0 +1,146 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A real `holdfast daemon` in a private run directory, as `holdfast demo` and the daemon
+/// tests start one: a temp config pointing the bridge at the in-process host, the broker as
+/// `nobody`. Ended by pid.
+struct Daemon: Sendable {
+    let pid: pid_t
+    let directory: String
+    var controlSocket: String { directory + "/control.sock" }
+    var logPath: String { directory + "/daemon.log" }
+
+    static func start(executable: String, directory: String) throws -> Daemon {
+        let config = """
+            # holdfast-soak: production defaults except where the sockets live and who the broker is.
+            run_directory: \(directory)
+            bridge:
+              address: "unix:{run}/host-bridge.sock"
+            broker:
+              user: nobody
+              seccomp: kill
+            shutdown:
+              grace: 2s
+              timeout: 20s
+            """
+        try WholeFile.write(directory + "/holdfast.yaml", Array(config.utf8))
+        let log = open(directory + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard log >= 0 else { throw SystemError.last("open(daemon.log)") }
+        defer { close(log) }
+        var options = SpawnOptions(executable: executable, arguments: [executable, "daemon", "--config", directory + "/holdfast.yaml"])
+        options.stdout = log
+        options.stderr = log
+        options.parentDeathSignal = SIGKILL
+        return Daemon(pid: try Spawner.spawn(options), directory: directory)
+    }
+
+    var isAlive: Bool { kill(pid, 0) == 0 && !isZombie(pid) }
+
+    /// `holdfast status --json`, over the control socket; bounded (closing the connection ends
+    /// a call that overruns).
+    func status(timeout: Duration) async throws -> StatusReport {
+        let client = try await ControlClient.connect(to: controlSocket)
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            client.close()
+        }
+        defer {
+            timer.cancel()
+            client.close()
+        }
+        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+    }
+
+    /// SIGTERM, then a bounded wait for the graceful shutdown; SIGKILL if it overruns
+    /// (`killed` says so).
+    func stop(timeout: Duration) async -> (status: ExitStatus?, killed: Bool) {
+        kill(pid, SIGTERM)
+        let killed = NIOLockedValueBox(false)
+        let timer = Task { [pid] in
+            try await Task.sleep(for: timeout)
+            killed.withLockedValue { $0 = true }
+            kill(pid, SIGKILL)
+        }
+        let status = try? await Spawner.waitForExit(pid)
+        timer.cancel()
+        return (status, killed.withLockedValue { $0 })
+    }
+
+    var logTail: String {
+        String(decoding: (WholeFile.read(logPath) ?? []).suffix(4000), as: UTF8.self)
+    }
+}
+
+func isZombie(_ pid: pid_t) -> Bool {
+    let stat = String(decoding: WholeFile.read("/proc/\(pid)/stat") ?? [], as: UTF8.self)
+    guard let close = stat.lastIndex(of: ")") else { return true }
+    return stat[stat.index(after: close)...].dropFirst().first == "Z"
+}
+
+/// One process's open fds and resident memory, from /proc.
+struct Footprint: Sendable, Equatable {
+    var pid: pid_t
+    /// fd number → what it is ("socket", "pipe", "anon_inode:[eventfd]", a path...).
+    var table: [Int32: String]
+    var residentKiB: Int
+
+    var descriptors: Int { table.count }
+
+    /// How many fds of each kind.
+    var kinds: [String: Int] { table.values.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
+
+    static func of(_ pid: pid_t) -> Footprint? {
+        guard let directory = opendir("/proc/\(pid)/fd") else { return nil }
+        var table: [Int32: String] = [:]
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let fd = Int32(name) else { continue }
+            var target = [CChar](repeating: 0, count: 512)
+            let length = readlink("/proc/\(pid)/fd/\(name)", &target, target.count - 1)
+            var what = String(decoding: target[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            // "socket:[12345]" → "socket": the inode differs between otherwise equal tables.
+            if let bracket = what.firstIndex(of: "["), what.hasPrefix("socket:") || what.hasPrefix("pipe:") {
+                what = String(what[..<what.index(before: bracket)])
+            }
+            // A timerfd says which clock it counts (the runtime makes one per clock it uses).
+            if what == "anon_inode:[timerfd]" {
+                let info = String(decoding: WholeFile.read("/proc/\(pid)/fdinfo/\(name)") ?? [], as: UTF8.self)
+                if let line = info.split(separator: "\n").first(where: { $0.hasPrefix("clockid:") }) {
+                    what += " clock " + line.dropFirst("clockid:".count).trimmingPrefix(while: { $0 == " " || $0 == "\t" })
+                }
+            }
+            table[fd] = what
+        }
+        closedir(directory)
+        let status = String(decoding: WholeFile.read("/proc/\(pid)/status") ?? [], as: UTF8.self)
+        var rss = 0
+        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            rss = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? 0
+        }
+        return Footprint(pid: pid, table: table, residentKiB: rss)
+    }
+}
+
+/// The three roles' footprints at one moment.
+struct RoleFootprints: Sendable {
+    var supervisor: Footprint
+    var broker: Footprint
+    var bridge: Footprint
+
+    var all: [(String, Footprint)] { [("supervisor", supervisor), ("broker", broker), ("bridge", bridge)] }
+}
+
+/// What differs between two fd tables, by kind: "+1 socket, -1 anon_inode:[pidfd]".
+func fdDifference(from before: Footprint, to after: Footprint) -> String {
+    let kinds = Set(before.kinds.keys).union(after.kinds.keys).sorted()
+    return kinds.compactMap { kind -> String? in
+        let change = (after.kinds[kind] ?? 0) - (before.kinds[kind] ?? 0)
+        return change == 0 ? nil : (change > 0 ? "+" : "") + "\(change) \(kind)"
+    }.joined(separator: ", ")
+}

@@ -1,0 +1,206 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One process's life, as a host application lives it: open its streams, create it over the
+/// bridge, feed it, signal it, wait for its exit, then check every byte and the exit.
+enum Worker {
+    static func run(_ plan: Plan, host: Host) async {
+        let id = plan.id
+        var tokens: [String] = []
+        var consumers: [Task<Void, Never>] = []
+        var checks: [StreamCheck] = []
+
+        func output(_ kind: String, _ expected: [Piece]) -> (StreamSpec, StreamCheck) {
+            let token = "\(id)-\(kind)"
+            tokens.append(token)
+            let stream = host.open(token, .receive)
+            let check = StreamCheck(name: "\(id) (\(plan.kind.rawValue)) \(kind)", expected: expected)
+            checks.append(check)
+            consumers.append(Task {
+                for await chunk in stream.chunks() {
+                    check.feed(chunk)
+                    host.ledger.update { $0.bytesToHost += UInt64(chunk.count) }
+                }
+                check.ended()
+            })
+            return (StreamSpec(address: host.streamAddress, mode: .resumable, token: token), check)
+        }
+
+        let (stdoutSpec, stdoutCheck) = output("stdout", plan.stdout)
+        let stderrSpec = plan.stderr.map { output("stderr", $0).0 }
+        var stdinSpec: StreamSpec?
+        var input: ResumableStream<AsyncFD>?
+        if plan.hasStdin {
+            let token = "\(id)-stdin"
+            tokens.append(token)
+            input = host.open(token, .send)
+            stdinSpec = StreamSpec(address: host.streamAddress, mode: .resumable, token: token)
+        }
+        defer {
+            for token in tokens { host.close(token) }
+        }
+
+        let spec = ProcessSpec(
+            id: id, argv: plan.argv, tty: plan.tty, rows: plan.tty ? 24 : nil, columns: plan.tty ? 80 : nil, stdin: stdinSpec,
+            stdout: stdoutSpec, stderr: stderrSpec)
+        if let problem = await create(spec, host: host) {
+            host.ledger.fail("\(id) (\(plan.kind.rawValue)): \(problem)")
+            for consumer in consumers { consumer.cancel() }
+            return
+        }
+        host.ledger.update { $0.started[plan.kind, default: 0] += 1 }
+
+        // Wait for the process to say it is ready (a tty in raw mode, a sleeper that started).
+        @Sendable func ready() async -> Bool {
+            let deadline = ContinuousClock.now + .seconds(120)
+            while stdoutCheck.receivedBytes < plan.readyBytes {
+                if ContinuousClock.now > deadline { return false }
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+            return true
+        }
+
+        let problems = NIOLockedValueBox<[String]>([])
+        var helpers: [Task<Void, Never>] = []
+        if let input {
+            helpers.append(Task {
+                if plan.readyBytes > 0, !(await ready()) {
+                    problems.withLockedValue { $0.append("never said it was ready (\(stdoutCheck.receivedBytes) bytes of output)") }
+                    return
+                }
+                for (index, chunk) in plan.feed.enumerated() {
+                    do {
+                        try await input.send(chunk)
+                    } catch {
+                        problems.withLockedValue { $0.append("stdin closed after \(index) of \(plan.feed.count) chunks: \(error)") }
+                        return
+                    }
+                    host.ledger.update { $0.bytesToGuest += UInt64(chunk.count) }
+                    try? await Task.sleep(for: .milliseconds(plan.pausesMilliseconds[index]))
+                }
+                // `cat` ends when its stdin does; a tty's `head -c` when it has read enough.
+                if plan.kind == .echo {
+                    let undelivered = await input.finish()
+                    if undelivered != 0 { problems.withLockedValue { $0.append("stdin: \(undelivered) bytes never acknowledged") } }
+                }
+            })
+        }
+        if let signal = plan.signal {
+            helpers.append(Task {
+                guard await ready() else {
+                    problems.withLockedValue { $0.append("never said it started") }
+                    return
+                }
+                try? await Task.sleep(for: .milliseconds(plan.signalAfterMilliseconds))
+                if let problem = await send(signal, to: id, host: host) { problems.withLockedValue { $0.append(problem) } }
+                host.ledger.update { $0.signalsSent += 1 }
+            })
+        }
+
+        let exitTimeout = Duration.seconds(Int(plan.expectedSeconds * 3) + 300)
+        let report = await host.exits.wait(id, timeout: exitTimeout)
+        for helper in helpers {
+            if !(await finished(helper, within: .seconds(60))) {
+                problems.withLockedValue { $0.append("stdin feeder or signaller still running 60 s after the exit") }
+            }
+        }
+        // The exit is reported once the host acknowledged every byte: the streams have ended or
+        // are about to.
+        for (index, consumer) in consumers.enumerated() {
+            if !(await finished(consumer, within: .seconds(60))) {
+                problems.withLockedValue { $0.append("\(checks[index].name) did not end within 60 s of the exit") }
+            }
+        }
+        for token in tokens { host.close(token) }
+        for consumer in consumers { await consumer.value }
+
+        var failures = problems.withLockedValue { $0 }
+        if let report {
+            if report.exitCode != plan.exitCode || report.signal != plan.signal {
+                failures.append(
+                    "exit code \(report.exitCode) signal \(report.signal.map(String.init) ?? "none"), expected \(plan.exitCode) signal \(plan.signal.map(String.init) ?? "none")")
+            }
+            if report.undelivered != 0 { failures.append("the guest reported \(report.undelivered) undelivered bytes") }
+            host.ledger.update { $0.exitsChecked += 1 }
+        } else {
+            failures.append("no exit within \(exitTimeout)")
+        }
+        var passed = 0
+        for check in checks {
+            let result = check.result()
+            if result.passed {
+                passed += 1
+            } else {
+                failures.append(
+                    "\(result.name): received \(result.received) of \(result.expected) bytes, ended \(result.ended), first difference at \(result.firstDifference.map(String.init) ?? "-"), sha256 \(result.receivedDigest.prefix(16)) expected \(result.expectedDigest.prefix(16))"
+                )
+            }
+        }
+        host.ledger.update {
+            $0.streamsChecked += checks.count
+            $0.streamsPassed += passed
+            $0.finished += 1
+        }
+        if !failures.isEmpty {
+            host.ledger.fail("\(id) (\(plan.kind.rawValue), argv \(plan.argv.joined(separator: " ").prefix(160))): " + failures.joined(separator: "; "))
+        }
+    }
+
+    /// Creates the process. A bridge lost before the reply leaves it unknown whether the guest
+    /// carried the request out: the guest lists the process until its exit is acknowledged (and
+    /// the exit board has it after), so look before trying again.
+    static func create(_ spec: ProcessSpec, host: Host) async -> String? {
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                _ = try await host.bridge.create(spec, timeout: .seconds(120))
+                return nil
+            } catch {
+                switch error.code {
+                case "process-exists" where attempt > 1:
+                    return nil
+                case "bridge-lost", "no-guest":
+                    host.ledger.update { $0.createRetries += 1 }
+                    if attempt >= 30 { return "create gave up after \(attempt) attempts: \(error.code): \(error.message)" }
+                    if host.exits.has(spec.id) { return nil }
+                    if let listed = try? await host.bridge.list(timeout: .seconds(120)) {
+                        if listed.processes.contains(where: { $0.id == spec.id }) || host.exits.has(spec.id) { return nil }
+                    }
+                default:
+                    return "create failed: \(error.code): \(error.message)"
+                }
+            }
+        }
+    }
+
+    /// Signals the process over the bridge, again if the bridge was lost before the reply.
+    static func send(_ signal: Int32, to id: String, host: Host) async -> String? {
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                try await host.bridge.signal(id, signal, timeout: .seconds(120))
+                return nil
+            } catch {
+                switch error.code {
+                case "bridge-lost", "no-guest":
+                    if attempt >= 30 { return "signal gave up after \(attempt) attempts: \(error.code)" }
+                    if host.exits.has(id) { return nil }
+                case "not-running", "no-such-process":
+                    if attempt > 1 { return nil }  // the earlier attempt reached it
+                    return "signal \(signal) failed: \(error.code): \(error.message)"
+                default:
+                    return "signal \(signal) failed: \(error.code): \(error.message)"
+                }
+            }
+        }
+    }
+}

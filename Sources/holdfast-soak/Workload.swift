@@ -1,0 +1,274 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// SplitMix64: the same seed gives the same workload (every process's argv, input and expected
+/// output), so a failing run can be replayed with `--seed`.
+struct SeededGenerator: RandomNumberGenerator, Sendable {
+    private var state: UInt64
+
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// A piece of a stream's expected content, and (for process output) the shell command that
+/// prints exactly it, so the harness can compute every byte it should receive.
+enum Piece: Sendable {
+    /// `seq A B`: "A\n" ... "B\n".
+    case seq(Int, Int)
+    /// `yes WORD | head -n K`: K lines "WORD\n".
+    case repeated(String, Int)
+    /// `head -c N /dev/zero`: N zero bytes.
+    case zeros(Int)
+    /// awk printing "WORD-<i*M>\n" for i in 1...K.
+    case awk(String, Int, Int)
+    /// Bytes as they are: a line the shell echoes, or input the host feeds.
+    case text([UInt8])
+
+    var command: String {
+        switch self {
+        case .seq(let first, let last): return "seq \(first) \(last)"
+        case .repeated(let word, let count): return "yes \(word) | head -n \(count)"
+        case .zeros(let count): return "head -c \(count) /dev/zero"
+        case .awk(let word, let count, let step):
+            return "awk 'BEGIN{for(i=1;i<=\(count);i++)printf \"\(word)-%d\\n\",i*\(step)}'"
+        case .text: preconditionFailure("text is fed or echoed, not printed by a command")
+        }
+    }
+
+    /// Appends the piece's bytes.
+    func render(into out: inout [UInt8]) {
+        switch self {
+        case .seq(let first, let last):
+            for value in first...last {
+                appendDecimal(value, to: &out)
+                out.append(10)
+            }
+        case .repeated(let word, let count):
+            let line = Array(word.utf8) + [10]
+            out.reserveCapacity(out.count + line.count * count)
+            for _ in 0..<count { out += line }
+        case .zeros(let count):
+            out += repeatElement(0, count: count)
+        case .awk(let word, let count, let step):
+            let prefix = Array(word.utf8) + [UInt8(ascii: "-")]
+            for index in 1...count {
+                out += prefix
+                appendDecimal(index * step, to: &out)
+                out.append(10)
+            }
+        case .text(let bytes):
+            out += bytes
+        }
+    }
+}
+
+func appendDecimal(_ value: Int, to out: inout [UInt8]) {
+    var remaining = value
+    let start = out.count
+    repeat {
+        out.append(UInt8(48 + remaining % 10))
+        remaining /= 10
+    } while remaining > 0
+    out[start...].reverse()
+}
+
+/// What kind of traffic a process makes.
+enum Kind: String, CaseIterable, Sendable {
+    /// Bursts of stdout (seq, yes|head, head -c /dev/zero, awk), a line on stderr after each.
+    case burst
+    /// A steady line on stderr every 250–500 ms, one line on stdout at the end.
+    case ticker
+    /// `cat`: the host feeds stdin in chunks and closes it; stdout echoes every byte.
+    case echo
+    /// A raw-mode terminal: `head -c N` echoes what the host types.
+    case tty
+    /// Prints a line, then sleeps until the host signals it over the bridge.
+    case signalled
+}
+
+/// One process of the workload: what it runs, what it is fed, what must come back.
+struct Plan: Sendable {
+    var id: String
+    var kind: Kind
+    var argv: [String]
+    /// Expected stdout (a tty's output for `.tty`).
+    var stdout: [Piece] = []
+    /// Expected stderr; nil when the process has no stderr stream.
+    var stderr: [Piece]?
+    /// stdin, in the chunks the host sends, with a pause after each.
+    var feed: [[UInt8]] = []
+    var pausesMilliseconds: [Int] = []
+    /// How many output bytes must have arrived before feeding (tty) or signalling.
+    var readyBytes = 0
+    var exitCode: Int32
+    var signal: Int32?
+    var signalAfterMilliseconds = 0
+    /// Roughly how long the process runs, unloaded.
+    var expectedSeconds: Double
+
+    var tty: Bool { kind == .tty }
+    var hasStdin: Bool { kind == .echo || kind == .tty }
+    var feedBytes: Int { feed.reduce(0) { $0 + $1.count } }
+}
+
+enum Workload {
+    /// The plan of process number `index`. `budgetSeconds` caps its length, so processes
+    /// started near the end of a phase end with it.
+    static func plan(index: Int, seed: UInt64, budgetSeconds: Double) -> Plan {
+        var rng = SeededGenerator(seed: seed ^ (UInt64(index) &* 0xD129_0A2B_77C3_1F35))
+        let id = "p\(index)"
+        let roll = Int.random(in: 0..<100, using: &rng)
+        let kind: Kind =
+            roll < 50 ? .burst : roll < 65 ? .ticker : roll < 89 ? .echo : roll < 94 ? .tty : .signalled
+        let budget = max(2, budgetSeconds)
+        let exitCode = Int32.random(in: 0...9, using: &rng)
+        switch kind {
+        case .burst: return burst(id, exitCode, budget, &rng)
+        case .ticker: return ticker(id, exitCode, budget, &rng)
+        case .echo: return echo(id, exitCode, budget, &rng)
+        case .tty: return tty(id, exitCode, budget, &rng)
+        case .signalled: return signalled(id, budget, &rng)
+        }
+    }
+
+    private static func burst(_ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        var steps = Int.random(in: 5...60, using: &rng)
+        var sleeps = (0..<steps).map { _ in Int.random(in: 100...1000, using: &rng) }
+        while steps > 1, Double(sleeps.reduce(0, +)) / 1000 > budget {
+            steps -= 1
+            sleeps.removeLast()
+        }
+        var script = ""
+        var stdout: [Piece] = []
+        var stderr: [Piece] = []
+        for step in 0..<steps {
+            let piece = randomBurst(&rng)
+            stdout.append(piece)
+            let line = "\(id) e\(step + 1)"
+            stderr.append(.text(Array((line + "\n").utf8)))
+            script += "\(piece.command); echo '\(line)' >&2; sleep \(seconds(sleeps[step])); "
+        }
+        script += "exit \(exitCode)"
+        return Plan(
+            id: id, kind: .burst, argv: ["sh", "-c", script], stdout: stdout, stderr: stderr, exitCode: exitCode,
+            expectedSeconds: Double(sleeps.reduce(0, +)) / 1000)
+    }
+
+    /// Mostly small bursts, some of tens of KiB, a few of up to 1 MiB.
+    private static func randomBurst(_ rng: inout SeededGenerator) -> Piece {
+        let roll = Int.random(in: 0..<100, using: &rng)
+        let target =
+            roll < 70
+            ? Int.random(in: 200...4000, using: &rng)
+            : roll < 97 ? Int.random(in: 8_000...100_000, using: &rng) : Int.random(in: 200_000...1_048_576, using: &rng)
+        switch Int.random(in: 0..<4, using: &rng) {
+        case 0:
+            let first = Int.random(in: 1...900_000, using: &rng)
+            return .seq(first, first + max(1, target / 7) - 1)
+        case 1:
+            let word = randomWord(1...30, &rng)
+            return .repeated(word, max(1, target / (word.utf8.count + 1)))
+        case 2:
+            return .zeros(target)
+        default:
+            let word = randomWord(1...8, &rng)
+            let count = max(1, target / (word.utf8.count + 8))
+            let step = Int.random(in: 1...max(1, min(9999, 2_000_000_000 / count)), using: &rng)
+            return .awk(word, count, step)
+        }
+    }
+
+    private static func ticker(_ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        let interval = Int.random(in: 250...500, using: &rng)
+        let ticks = min(Int.random(in: 20...150, using: &rng), max(1, Int(budget * 1000) / interval))
+        let script =
+            "i=0; while [ $i -lt \(ticks) ]; do i=$((i+1)); echo \"\(id) t$i\" >&2; sleep \(seconds(interval)); done; echo '\(id) done'; exit \(exitCode)"
+        let lines = (1...ticks).map { Piece.text(Array("\(id) t\($0)\n".utf8)) }
+        return Plan(
+            id: id, kind: .ticker, argv: ["sh", "-c", script], stdout: [.text(Array("\(id) done\n".utf8))], stderr: lines,
+            exitCode: exitCode, expectedSeconds: Double(ticks * interval) / 1000)
+    }
+
+    private static func echo(_ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        var chunks = Int.random(in: 10...80, using: &rng)
+        var pauses = (0..<chunks).map { _ in Int.random(in: 50...600, using: &rng) }
+        while chunks > 1, Double(pauses.reduce(0, +)) / 1000 > budget {
+            chunks -= 1
+            pauses.removeLast()
+        }
+        let feed = (0..<chunks).map { _ in
+            randomText(Int.random(in: 0..<100, using: &rng) < 80 ? Int.random(in: 16...2000, using: &rng) : Int.random(in: 2000...32768, using: &rng), &rng)
+        }
+        return Plan(
+            id: id, kind: .echo, argv: ["sh", "-c", "cat; exit \(exitCode)"], stdout: feed.map { .text($0) }, feed: feed,
+            pausesMilliseconds: pauses, exitCode: exitCode, expectedSeconds: Double(pauses.reduce(0, +)) / 1000)
+    }
+
+    private static func tty(_ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        var chunks = Int.random(in: 5...40, using: &rng)
+        var pauses = (0..<chunks).map { _ in Int.random(in: 50...500, using: &rng) }
+        while chunks > 1, Double(pauses.reduce(0, +)) / 1000 > budget {
+            chunks -= 1
+            pauses.removeLast()
+        }
+        let feed = (0..<chunks).map { _ in randomText(Int.random(in: 16...4096, using: &rng), &rng) }
+        let total = feed.reduce(0) { $0 + $1.count }
+        // Raw mode, no echo: what comes back is exactly what head read. The host types only
+        // after "ready", so nothing meets the terminal in cooked mode.
+        let ready = Array("ready\n".utf8)
+        return Plan(
+            id: id, kind: .tty, argv: ["sh", "-c", "stty raw -echo; echo ready; head -c \(total); exit \(exitCode)"],
+            stdout: [.text(ready)] + feed.map { .text($0) }, feed: feed, pausesMilliseconds: pauses, readyBytes: ready.count,
+            exitCode: exitCode, expectedSeconds: Double(pauses.reduce(0, +)) / 1000)
+    }
+
+    private static func signalled(_ id: String, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        let signal = [SIGTERM, SIGKILL, SIGINT, SIGHUP][Int.random(in: 0..<4, using: &rng)]
+        let after = min(Int.random(in: 500...40_000, using: &rng), max(500, Int(budget * 1000)))
+        let started = Array("\(id) started\n".utf8)
+        return Plan(
+            id: id, kind: .signalled, argv: ["sh", "-c", "echo '\(id) started'; exec sleep 3600"], stdout: [.text(started)],
+            readyBytes: started.count, exitCode: 128 + signal, signal: signal, signalAfterMilliseconds: after,
+            expectedSeconds: Double(after) / 1000)
+    }
+
+    private static func randomWord(_ length: ClosedRange<Int>, _ rng: inout SeededGenerator) -> String {
+        let letters = Array("abcdefghijklmnopqrstuvwxyz".utf8)
+        return String(decoding: (0..<Int.random(in: length, using: &rng)).map { _ in letters.randomElement(using: &rng)! }, as: UTF8.self)
+    }
+
+    /// Printable ASCII in lines of up to 100 bytes, ending with a newline.
+    private static func randomText(_ count: Int, _ rng: inout SeededGenerator) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(count)
+        var line = 0
+        let lineLength = Int.random(in: 10...100, using: &rng)
+        while bytes.count < count - 1 {
+            let value = rng.next()
+            for shift in stride(from: 0, to: 64, by: 8) where bytes.count < count - 1 {
+                if line == lineLength {
+                    bytes.append(10)
+                    line = 0
+                } else {
+                    bytes.append(0x20 + UInt8(truncatingIfNeeded: value >> UInt64(shift)) % 95)
+                    line += 1
+                }
+            }
+        }
+        bytes.append(10)
+        return bytes
+    }
+
+    static func seconds(_ milliseconds: Int) -> String {
+        let fraction = String(milliseconds % 1000)
+        return "\(milliseconds / 1000)." + String(repeating: "0", count: 3 - fraction.count) + fraction
+    }
+}

@@ -1,0 +1,122 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A host connection whose reads can be held: while held, what the guest sends stays unread in
+/// the socket (a reader already waiting checks again before it reads).
+final class HeldReadsConnection: ByteConnection {
+    let socket: AsyncFD
+    private let gate = NIOLockedValueBox<(held: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    init(_ socket: AsyncFD) { self.socket = socket }
+
+    func holdReads() { gate.withLockedValue { $0.held = true } }
+
+    private func pass() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let open = gate.withLockedValue { g -> Bool in
+                if !g.held { return true }
+                g.waiters.append(continuation)
+                return false
+            }
+            if open { continuation.resume() }
+        }
+    }
+
+    private var held: Bool { gate.withLockedValue { $0.held } }
+
+    func waitReadable() async throws {
+        await pass()
+        try await socket.waitReadable()
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int {
+        while true {
+            await pass()
+            try await socket.waitReadable()
+            if held { continue }
+            if let count = try socket.readNow(into: buffer) { return count }
+        }
+    }
+
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
+        held ? nil : try socket.readNow(into: buffer)
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) { try await socket.write(bytes) }
+
+    func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
+        try await socket.write(header, body)
+    }
+
+    /// Closes the socket (with whatever is unread in it) and lets held readers find it closed.
+    func close() {
+        socket.close()
+        let waiters = gate.withLockedValue { g -> [CheckedContinuation<Void, Never>] in
+            g.held = false
+            defer { g.waiters.removeAll() }
+            return g.waiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+}
+
+@Suite("Stdin's end survives a migration")
+struct StdinEndTests {
+    /// Found by the soak (RELIABILITY.md): the host ends a process's stdin, the guest echoes the
+    /// END — and a migration drops the connection before the host has read the echo. The broker
+    /// used to close the stream as soon as the echo was written (and again when `cat` exited),
+    /// so the host waited out its drain timeout for a reconnect that never came and reported
+    /// every byte it had typed as undelivered, though `cat` had echoed them all. Now the broker
+    /// keeps the stream, redials after the migration, echoes again, and closes once the host,
+    /// done, closes the connection.
+    @Test func anEndEchoLostInAMigrationIsEchoedAgain() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
+        let path = daemon.directory.file("held.sock")
+        let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
+            let connection = HeldReadsConnection(socket)
+            connections.withLockedValue { $0.append(connection) }
+            return connection
+        }
+        held.start()
+        defer { held.close() }
+        let input = held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(10)))
+        let output = collect(daemon.streams.open(token: bytes("e-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "e", argv: ["cat"], stdin: StreamSpec(address: "unix:" + path, mode: .resumable, token: "e-in"),
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "e-out")))
+        try await eventually("stdin connected") { input.slot.phase == .connected }
+        // From now on the host does not read what the guest sends on this connection.
+        for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+        try await input.send(bytes("typed, then the host migrates\n"))
+        let finished = Task { await input.finish() }
+        // cat exits once its stdin ended: the guest had the END, and echoes it (unread here).
+        try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("e") == 1 }
+        try await Task.sleep(for: .milliseconds(300))
+        // The migration: the connection goes, the ACK and the echo unread in it.
+        held.setRefusing(true)
+        held.dropAllConnections()
+        try await Task.sleep(for: .milliseconds(200))
+        held.setRefusing(false)
+        let back = ContinuousClock.now
+        #expect(await finished.value == 0, "every typed byte acknowledged")
+        #expect(ContinuousClock.now - back < .seconds(5), "the guest echoed again: no drain timeout waited out")
+        #expect(await output.value == bytes("typed, then the host migrates\n"))
+        #expect(exits.all.first { $0.id == "e" }?.exitCode == 0)
+        #expect(connections.withLockedValue { $0.count } >= 2, "the guest came back for the echo")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
