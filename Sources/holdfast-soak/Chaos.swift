@@ -30,7 +30,7 @@ enum Chaos {
         // like a leaked fd.
         let phase = milliseconds(end - ContinuousClock.now) / 1000
         var nextKill = settings.killEverySeconds.map {
-            ContinuousClock.now + .seconds(Int.random(in: 2...max(2, min($0.lowerBound, phase / 2)), using: &rng))
+            ContinuousClock.now + .milliseconds(Int.random(in: 1000...max(1000, min($0.lowerBound, phase / 4) * 1000), using: &rng))
         }
         var cycle = ContinuousClock.now
         while cycle < end {

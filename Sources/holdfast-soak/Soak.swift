@@ -23,7 +23,12 @@ struct Soak: AsyncParsableCommand {
         discussion: "Needs root: the daemon's broker drops to the user 'nobody'. See RELIABILITY.md.")
 
     @Option(help: "Minutes of soak after the warm-up.") var minutes: Double = 2
-    @Option(help: "Seconds of warm-up (same workload) before the baseline is measured.") var warmup = 30
+    @Option(
+        help: """
+            Seconds of warm-up (the same workload) before the baseline is measured (default: 30 \
+            for a soak of up to 5 minutes, else a sixth of the soak, at most 300).
+            """)
+    var warmup: Int?
     @Option(help: "Processes kept live.") var processes = 100
     @Option(help: "Seed of the workload and the chaos (default: from the clock; printed).") var seed: UInt64?
     @Option(help: "A migration starts every this many milliseconds.") var migrationEvery = 2000
@@ -40,7 +45,7 @@ struct Soak: AsyncParsableCommand {
     @Flag(help: "Keep the run directory (config, sockets, daemon log) even on success.") var keep = false
 
     func validate() throws {
-        guard minutes > 0, warmup >= 0, processes > 0 else { throw ValidationError("minutes and processes must be positive") }
+        guard minutes > 0, (warmup ?? 0) >= 0, processes > 0 else { throw ValidationError("minutes and processes must be positive") }
         guard blackoutMin > 0, blackoutMin <= blackoutMax, blackoutMax < migrationEvery else {
             throw ValidationError("need 0 < blackout-min <= blackout-max < migration-every")
         }
@@ -65,7 +70,10 @@ struct Soak: AsyncParsableCommand {
         let host = try Host(directory: directory)
         let daemon = try Daemon.start(executable: executable, directory: directory)
         let settings = Settings(
-            minutes: minutes, warmup: warmup, processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
+            // The allocator and the broker's buffer pools take minutes of this workload to
+            // reach their working set (RELIABILITY.md): a long soak warms up longer, so its RSS
+            // is compared with a baseline that has.
+            minutes: minutes, warmup: warmup ?? (minutes <= 5 ? 30 : min(300, Int(minutes * 10))), processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
             blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, rssTolerancePercent: rssTolerancePercent,
             rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
@@ -141,6 +149,7 @@ struct Run {
         if await quiesce(), let measured = await measure() {
             baseline = measured
             printLine("baseline after warm-up: " + describe(measured))
+            printLine("  broker memory: " + memoryBreakdown(measured.broker.pid))
         } else {
             host.ledger.fail("no quiet moment after the warm-up to measure a baseline")
         }
@@ -163,6 +172,7 @@ struct Run {
             }
             checkpoints.append(Checkpoint(soakTime: ContinuousClock.now - soakStarted, footprints: measured))
             printLine("checkpoint \(part)/\(parts) (\(clock(ContinuousClock.now - soakStarted)) into the soak): " + describe(measured))
+            printLine("  broker memory: " + memoryBreakdown(measured.broker.pid))
             if part < parts, let baseline {
                 for ((role, now), (_, then)) in zip(measured.all, baseline.all) where now.kinds != then.kinds {
                     host.ledger.fail("\(role): fds at checkpoint \(part) differ from the baseline (\(fdDifference(from: then, to: now)))")
