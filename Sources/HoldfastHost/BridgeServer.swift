@@ -36,6 +36,7 @@ public final class BridgeServer: Sendable {
         var closed = false
         var accepted = 0
         var lastHello: BridgeHello?
+        var repeatedCreates = 0
     }
 
     /// One guest connection: its writer and the requests waiting for a reply on it.
@@ -116,12 +117,36 @@ public final class BridgeServer: Sendable {
 
     // MARK: Requests
 
-    /// Creates a process in the guest; returns its pid there.
+    /// Creates a process in the guest; returns its pid there. Exactly once, across bridge
+    /// drops: the create carries an idempotency key (a random one unless the spec names its
+    /// own), and when the bridge is lost before the reply it is sent again on the next
+    /// connection, until `timeout` — the guest answers a repeat with the first one's pid
+    /// instead of starting the program again (docs/PROTOCOL.md, "Repeating a create").
     public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> Int32 {
-        let pid = try await call(.create, spec, reply: LaunchResponse.self, timeout: timeout).pid
+        var keyed = spec
+        if keyed.idempotencyKey == nil { keyed.idempotencyKey = Self.randomKey() }
         // The id may be reused once its last exit was acknowledged: its next exit is news.
+        // (Before the first attempt: an exit of this very create may arrive before a repeat's
+        // reply, and must then not be delivered twice.)
         state.withLockedValue { _ = $0.deliveredExits.remove(spec.id) }
-        return pid
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            do {
+                return try await call(.create, keyed, reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now)).pid
+            } catch {
+                guard error.code == "bridge-lost", ContinuousClock.now < deadline else { throw error }
+                state.withLockedValue { $0.repeatedCreates += 1 }
+            }
+        }
+    }
+
+    /// 128 random bits, hex.
+    static func randomKey() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<2).map { _ in
+            let word = String(generator.next() as UInt64, radix: 16)
+            return String(repeating: "0", count: 16 - word.count) + word
+        }.joined()
     }
 
     public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
@@ -146,7 +171,7 @@ public final class BridgeServer: Sendable {
 
     /// Sends any request and decodes the reply. Waits up to `timeout` for a guest to be connected;
     /// a connection lost before the reply is the error `bridge-lost` (the request may or may not
-    /// have been carried out: `create` again answers `process-exists` if it was).
+    /// have been carried out; `create` handles that itself by sending its keyed request again).
     public func call<Request: Encodable, Reply: Decodable>(
         _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
     ) async throws(ErrorBody) -> Reply {
@@ -172,6 +197,8 @@ public final class BridgeServer: Sendable {
     public var isConnected: Bool { state.withLockedValue { $0.connection != nil } }
     public var acceptedConnections: Int { state.withLockedValue { $0.accepted } }
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
+    /// Creates sent again because the bridge was lost before their reply.
+    public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
 
     /// Waits (bounded) until a guest has said hello.
     public func waitForGuest(timeout: Duration) async -> Bool {

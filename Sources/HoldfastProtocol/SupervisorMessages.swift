@@ -64,13 +64,21 @@ public struct ProcessSpec: Codable, Sendable, Equatable {
     public var stdin: StreamSpec?
     public var stdout: StreamSpec?
     public var stderr: StreamSpec?
+    /// Names this one create, so that sending it again (the reply was lost with the bridge)
+    /// starts nothing new: the guest answers with the first one's pid (docs/PROTOCOL.md,
+    /// "Repeating a create"). 1 to 256 bytes; the host side library sets a random one.
+    public var idempotencyKey: String?
+
+    public static let maxIdempotencyKeyLength = 256
 
     public init(
         id: String, argv: [String], env: [String]? = nil, cwd: String? = nil, user: String? = nil, group: UInt32? = nil,
         tty: Bool = false, rows: UInt16? = nil, columns: UInt16? = nil, stdin: StreamSpec? = nil, stdout: StreamSpec? = nil,
-        stderr: StreamSpec? = nil, runtime: RuntimeName? = nil, bundle: String? = nil, container: String? = nil
+        stderr: StreamSpec? = nil, runtime: RuntimeName? = nil, bundle: String? = nil, container: String? = nil,
+        idempotencyKey: String? = nil
     ) {
         self.id = id
+        self.idempotencyKey = idempotencyKey
         self.argv = argv
         self.runtime = runtime
         self.bundle = bundle
@@ -90,7 +98,13 @@ public struct ProcessSpec: Codable, Sendable, Equatable {
 
 public struct LaunchResponse: Codable, Sendable, Equatable {
     public var pid: Int32
-    public init(pid: Int32) { self.pid = pid }
+    /// True when this create repeated an earlier one with the same idempotency key: nothing new
+    /// was started, `pid` is the first one's.
+    public var repeated: Bool?
+    public init(pid: Int32, repeated: Bool? = nil) {
+        self.pid = pid
+        self.repeated = repeated
+    }
 }
 
 public struct SignalRequest: Codable, Sendable, Equatable {
@@ -142,7 +156,8 @@ public struct RoleStatus: Codable, Sendable, Equatable {
 public struct ProcessStatus: Codable, Sendable, Equatable {
     public var id: String
     public var pid: Int32
-    /// running, exited (waiting for its output to drain) or done.
+    /// starting (a create in progress; pid 0), running, exited (waiting for its output to
+    /// drain) or done.
     public var state: String
     public var exitCode: Int32?
 

@@ -77,8 +77,7 @@ extension Supervisor {
         case .status:
             return ControlJSON.encode(Self.fitted(await status()))
         case .launch:
-            let pid = try await launch(try decode(ProcessSpec.self))
-            return ControlJSON.encode(LaunchResponse(pid: pid))
+            return ControlJSON.encode(try await launch(try decode(ProcessSpec.self)))
         case .signal:
             let request = try decode(SignalRequest.self)
             try await signal(request.id, request.signal)

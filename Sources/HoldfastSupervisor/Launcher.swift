@@ -28,6 +28,9 @@ struct Launcher {
         guard !spec.id.isEmpty, spec.id.utf8.count <= 256 else {
             throw ErrorBody(code: "bad-request", message: "id must be 1 to 256 bytes")
         }
+        if let key = spec.idempotencyKey, key.isEmpty || key.utf8.count > ProcessSpec.maxIdempotencyKeyLength {
+            throw ErrorBody(code: "bad-request", message: "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
+        }
         switch spec.runtime ?? .direct {
         case .direct:
             guard let program = spec.argv.first, !program.isEmpty else {

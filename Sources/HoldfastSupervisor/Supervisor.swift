@@ -27,7 +27,14 @@ public final class Supervisor: Sendable {
     let reaper = ChildReaper()
     let startedAt = ContinuousClock.now
     private let brokerClient = NIOLockedValueBox<ControlClient?>(nil)
-    private let processes = NIOLockedValueBox<[String: ProcessRecord]>([:])
+    /// The processes by id, and the creates in progress or remembered (one lock: checking that
+    /// an id is free and reserving it must be one step).
+    private let processes = NIOLockedValueBox(ProcessTable())
+
+    struct ProcessTable {
+        var records: [String: ProcessRecord] = [:]
+        var creates = CreateLedger()
+    }
     private let bridgeState = NIOLockedValueBox("down")
     private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
     private let shuttingDown = NIOLockedValueBox(false)
@@ -49,11 +56,14 @@ public final class Supervisor: Sendable {
         /// Set when this process is a runc container's init: its runc id and bundle (signals go
         /// through `runc kill`; `runc delete` follows its exit; an exec reads the bundle).
         let container: (id: String, bundle: String)?
+        /// The create's idempotency key: a repeat of that create answers with this process.
+        let idempotencyKey: String?
         let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
             ("running", nil, []))
 
-        init(id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil) {
+        init(id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil) {
             self.id = id
+            self.idempotencyKey = idempotencyKey
             self.pid = pid
             self.viaBridge = viaBridge
             self.container = container
@@ -148,7 +158,7 @@ public final class Supervisor: Sendable {
         }
         logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
         readiness.cancel()
-        let running = processes.withLockedValue { $0.values.filter { $0.status.state == "running" }.count }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" }.count }
         notifier.post([
             .stopping,
             .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
@@ -330,7 +340,7 @@ public final class Supervisor: Sendable {
         brokerClient.withLockedValue { if $0 === client { $0 = nil } }
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
-        for record in processes.withLockedValue({ Array($0.values) }) where record.status.state == "exited" {
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
             if let report = record.state.withLockedValue({ $0.report }) { complete(record, report) }
         }
     }
@@ -399,7 +409,7 @@ public final class Supervisor: Sendable {
         if frame.type == SupervisorMessageType.bridgeHello.rawValue {
             // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
             // again once the bridge is up), then as many live processes as fit.
-            let live = processes.withLockedValue { $0.values.map(\.status) }.filter { $0.state != "done" }.sorted { $0.id < $1.id }
+            let live = processStatuses().filter { $0.state != "done" }
             let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
@@ -408,8 +418,7 @@ public final class Supervisor: Sendable {
         }
         switch BridgeMessageType(rawValue: frame.type) {
         case .create:
-            let pid = try await launch(try decode(ProcessSpec.self), viaBridge: true)
-            return ControlJSON.encode(LaunchResponse(pid: pid))
+            return ControlJSON.encode(try await launch(try decode(ProcessSpec.self), viaBridge: true))
         case .signal:
             let request = try decode(SignalRequest.self)
             try await signal(request.id, request.signal)
@@ -423,7 +432,7 @@ public final class Supervisor: Sendable {
             return empty
         case .list:
             let streams = await brokerStreams()
-            let list = processes.withLockedValue { $0.values.map(\.status) }.sorted { $0.id < $1.id }
+            let list = processStatuses()
             let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
             let (reply, omitted) = FrameBudget.fit(streams) {
                 BridgeListResponse(processes: processesFit, streams: $0)
@@ -454,7 +463,10 @@ public final class Supervisor: Sendable {
     private func acknowledgeExit(_ id: String) {
         unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
         processes.withLockedValue { table in
-            if let record = table[id], record.viaBridge, record.status.state == "done" { table.removeValue(forKey: id) }
+            if let record = table.records[id], record.viaBridge, record.status.state == "done" {
+                table.records.removeValue(forKey: id)
+                table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
+            }
         }
     }
 
@@ -488,29 +500,67 @@ public final class Supervisor: Sendable {
 
     func broker() -> ControlClient? { brokerClient.withLockedValue { $0 } }
 
+    /// Every process by id, with creates still in progress as `starting` (pid 0): a host that
+    /// lost a create's reply sees that it arrived.
+    private func processStatuses() -> [ProcessStatus] {
+        processes.withLockedValue { table in
+            table.records.values.map(\.status)
+                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: "starting", exitCode: nil) }
+        }.sorted { $0.id < $1.id }
+    }
+
     // MARK: Processes
 
     /// Starts a process and hands its stdio to the broker; on any failure the process is gone
-    /// and every fd closed.
-    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> pid_t {
-        var started = false
-        defer { if !started { metrics.processStartFailed() } }
-        let pid = try await startProcess(spec, viaBridge: viaBridge)
-        started = true
-        return pid
-    }
-
-    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
+    /// and every fd closed. A repeat of a create (same id and idempotency key) starts nothing:
+    /// it answers with the first one's pid, waiting for the first if it is still starting.
+    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> LaunchResponse {
+        var answered = false
+        defer { if !answered { metrics.processStartFailed() } }
         guard !shuttingDown.withLockedValue({ $0 }) else {
             throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
         }
-        guard processes.withLockedValue({ $0[spec.id] == nil }) else {
-            throw ErrorBody(code: "process-exists", message: "a process with id '\(spec.id)' exists")
+        try Launcher.validate(spec)
+        let decision = processes.withLockedValue { table in
+            table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table.records[spec.id].map { ($0.idempotencyKey, $0.pid) })
         }
+        let reservation: CreateLedger.PendingStart
+        switch decision {
+        case .exists:
+            throw ErrorBody(code: "process-exists", message: "a process with id '\(spec.id)' exists")
+        case .repeated(let pid):
+            logger.info("create repeated: already started", metadata: ["process": "\(spec.id)", "pid": "\(pid)"])
+            answered = true
+            return LaunchResponse(pid: pid, repeated: true)
+        case .join(let first):
+            logger.info("create repeated while the first is starting: waiting for it", metadata: ["process": "\(spec.id)"])
+            switch await first.wait() {
+            case .success(let pid):
+                answered = true
+                return LaunchResponse(pid: pid, repeated: true)
+            case .failure(let error): throw error
+            }
+        case .start(let pending):
+            reservation = pending
+        }
+        do {
+            let pid = try await startProcess(spec, viaBridge: viaBridge)
+            reservation.resolve(.success(pid))
+            answered = true
+            return LaunchResponse(pid: pid)
+        } catch {
+            processes.withLockedValue { $0.creates.release(id: spec.id) }
+            reservation.resolve(.failure(error))
+            throw error
+        }
+    }
+
+    /// Starts the process of a create that holds its id's reservation; the record replaces the
+    /// reservation in one step.
+    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
         guard let broker = broker() else {
             throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)")
         }
-        try Launcher.validate(spec)
         let started: Launcher.Started
         var container: (id: String, bundle: String)?
         switch spec.runtime ?? .direct {
@@ -518,7 +568,7 @@ public final class Supervisor: Sendable {
             started = try Launcher.start(spec)
         case .runc:
             if let target = spec.container {
-                guard let record = processes.withLockedValue({ $0[target] }), record.container != nil else {
+                guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
                     throw ErrorBody(code: "no-such-container", message: "no runc container '\(target)'")
                 }
                 guard record.status.state == "running" else {
@@ -530,7 +580,7 @@ public final class Supervisor: Sendable {
                 container = (spec.id, spec.bundle!)
             }
         }
-        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container)
+        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey)
         metrics.processStarted(spec.runtime ?? .direct)
         if !started.adopt.streams.isEmpty {
             do {
@@ -545,7 +595,10 @@ public final class Supervisor: Sendable {
             }
         }
         for fd in started.descriptors { close(fd) }  // the broker has them now
-        processes.withLockedValue { $0[spec.id] = record }
+        processes.withLockedValue { table in
+            table.records[spec.id] = record
+            table.creates.release(id: spec.id)
+        }
         logger.info("process started", metadata: [
             "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
         ])
@@ -579,25 +632,28 @@ public final class Supervisor: Sendable {
     }
 
     private func processDrained(_ drained: DrainedNotification) {
-        guard let record = processes.withLockedValue({ $0[drained.process] }) else { return }
+        guard let record = processes.withLockedValue({ $0.records[drained.process] }) else { return }
         guard var report = record.state.withLockedValue({ $0.report }) else { return }
         report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
         complete(record, report)
     }
 
     public func wait(_ id: String) async throws(ErrorBody) -> ExitReport {
-        guard let record = processes.withLockedValue({ $0[id] }) else {
+        guard let record = processes.withLockedValue({ $0.records[id] }) else {
             throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
         }
         let report = await record.wait()
         processes.withLockedValue { table in
-            if table[id] === record { table.removeValue(forKey: id) }
+            if table.records[id] === record {
+                table.records.removeValue(forKey: id)
+                table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
+            }
         }
         return report
     }
 
     public func signal(_ id: String, _ signal: Int32) async throws(ErrorBody) {
-        guard let record = processes.withLockedValue({ $0[id] }) else {
+        guard let record = processes.withLockedValue({ $0.records[id] }) else {
             throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
         }
         guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
@@ -632,7 +688,7 @@ public final class Supervisor: Sendable {
         return StatusReport(
             version: HoldfastVersion.string, pid: getpid(),
             uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: bridgeState.withLockedValue { $0 },
-            roles: roleStatuses, processes: processes.withLockedValue { $0.values.map(\.status) }.sorted { $0.id < $1.id },
+            roles: roleStatuses, processes: processStatuses(),
             streams: streams)
     }
 
@@ -650,16 +706,16 @@ public final class Supervisor: Sendable {
         shuttingDown.withLockedValue { $0 = true }
         let deadline = ContinuousClock.now + .milliseconds(configuration.shutdown.timeout)
         bridge.stop()
-        let running = processes.withLockedValue { $0.values.filter { $0.status.state == "running" } }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" } }
         for record in running { kill(record.pid, configuration.shutdown.signal) }
         let graceEnd = min(deadline, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
-        var clean = await waitAll(processes.withLockedValue { Array($0.values) }, until: graceEnd)
+        var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
         if !clean {
-            for record in processes.withLockedValue({ Array($0.values) }) where record.status.state == "running" {
+            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "running" {
                 logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
                 kill(record.pid, SIGKILL)
             }
-            clean = await waitAll(processes.withLockedValue { Array($0.values) }, until: deadline)
+            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: deadline)
         }
         broker.stop()
         return clean

@@ -18,8 +18,13 @@ struct Daemon: Sendable {
 
     static func start(executable: String, directory: String) throws -> Daemon {
         let config = """
-            # holdfast-soak: production defaults except where the sockets live and who the broker is.
+            # holdfast-soak: production defaults except where the sockets live, who the broker
+            # is, and the drain timeout. The host here always comes back, so any byte given up
+            # on is a loss; the timeout's own job (a host that never returns) is tested apart,
+            # and the default 30 s can run out on a starved 2-core CI machine.
             run_directory: \(directory)
+            streams:
+              drain_timeout: 300s
             bridge:
               address: "unix:{run}/host-bridge.sock"
             broker:

@@ -218,7 +218,6 @@ final class Ledger: Sendable {
     struct Counters: Sendable {
         var started: [Kind: Int] = [:]
         var finished = 0
-        var createRetries = 0
         var signalsSent = 0
         var bytesToHost: UInt64 = 0
         var bytesToGuest: UInt64 = 0

@@ -383,7 +383,7 @@ struct Run {
             ("bridge back after a kill (SIGKILL → hello)", latency(bridgeAfterKill)),
             ("stream back after a migration (end of blackout → connected)", latency(streamFigures.latencies)),
             ("streams cut by a migration and not back before the next", "\(streamFigures.notBack)"),
-            ("creates retried (bridge lost before the reply)", "\(final.createRetries)"),
+            ("creates sent again (bridge lost before the reply; same idempotency key)", "\(host.bridge.repeatedCreates)"),
             ("signals sent over the bridge", "\(final.signalsSent)"),
             ("daemon shutdown (SIGTERM)", stopped.status.map { "\($0)" } ?? "no status"),
             ("failures", "\(final.failureCount)"),

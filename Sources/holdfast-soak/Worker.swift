@@ -153,31 +153,15 @@ enum Worker {
         }
     }
 
-    /// Creates the process. A bridge lost before the reply leaves it unknown whether the guest
-    /// carried the request out: the guest lists the process until its exit is acknowledged (and
-    /// the exit board has it after), so look before trying again.
+    /// Creates the process, exactly once: `BridgeServer.create` sends a create whose reply was
+    /// lost with the bridge again, with the same idempotency key, and the guest answers a
+    /// repeat without starting anything (an exit delivered twice would show it did).
     static func create(_ spec: ProcessSpec, host: Host) async -> String? {
-        var attempt = 0
-        while true {
-            attempt += 1
-            do {
-                _ = try await host.bridge.create(spec, timeout: .seconds(120))
-                return nil
-            } catch {
-                switch error.code {
-                case "process-exists" where attempt > 1:
-                    return nil
-                case "bridge-lost", "no-guest":
-                    host.ledger.update { $0.createRetries += 1 }
-                    if attempt >= 30 { return "create gave up after \(attempt) attempts: \(error.code): \(error.message)" }
-                    if host.exits.has(spec.id) { return nil }
-                    if let listed = try? await host.bridge.list(timeout: .seconds(120)) {
-                        if listed.processes.contains(where: { $0.id == spec.id }) || host.exits.has(spec.id) { return nil }
-                    }
-                default:
-                    return "create failed: \(error.code): \(error.message)"
-                }
-            }
+        do {
+            _ = try await host.bridge.create(spec, timeout: .seconds(300))
+            return nil
+        } catch {
+            return "create failed: \(error.code): \(error.message)"
         }
     }
 

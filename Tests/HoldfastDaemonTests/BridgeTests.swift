@@ -311,6 +311,110 @@ struct BridgeTests {
     }
 }
 
+/// Creates that may be repeats (docs/PROTOCOL.md, "Repeating a create"): what the host does
+/// when the bridge dropped before a create's reply.
+@Suite("Repeating a create starts nothing twice")
+struct RepeatedCreateTests {
+    /// Lines in a file each run of the process appends to.
+    func runs(_ path: String) -> Int {
+        (readFile(path) ?? []).filter { $0 == UInt8(ascii: "\n") }.count
+    }
+
+    /// Twenty creates of one id at once, each with its own key (as twenty hosts, or a host and
+    /// its retries without a key, would send them): the id is taken the moment the first is
+    /// accepted — before, every create that arrived while the first was still handing its
+    /// streams to the broker started the program again.
+    @Test func concurrentCreatesOfOneIdStartOneProcess() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let marker = daemon.directory.file("runs")
+        let output = collect(daemon.streams.open(token: bytes("same-out"), direction: .receive))
+        let spec = ProcessSpec(
+            id: "same", argv: ["sh", "-c", "echo run >> \(marker); echo out; sleep 0.5"],
+            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "same-out"))
+        let outcomes = await withTaskGroup(of: String.self) { group in
+            for _ in 0..<20 {
+                group.addTask {
+                    do {
+                        _ = try await daemon.bridge.create(spec)
+                        return "ok"
+                    } catch {
+                        return (error as? ErrorBody)?.code ?? "\(error)"
+                    }
+                }
+            }
+            return await group.reduce(into: [String]()) { $0.append($1) }
+        }
+        #expect(outcomes.filter { $0 == "ok" }.count == 1, "\(outcomes)")
+        #expect(outcomes.filter { $0 == "process-exists" }.count == 19, "\(outcomes)")
+        try await eventually("the exit") { exits.count("same") == 1 }
+        #expect(await output.value == bytes("out\n"))
+        #expect(runs(marker) == 1, "the program ran \(runs(marker)) times")
+        #expect(exits.count("same") == 1)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// One keyed create sent again: while it runs, after it exited, and after its exit was
+    /// acknowledged and the process forgotten — each time the first one's pid, `repeated`, and
+    /// nothing new started. A new key reuses the id.
+    @Test func aKeyedCreateSentAgainAnswersWithTheFirstOne() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let marker = daemon.directory.file("runs")
+        let gate = daemon.directory.file("gate")
+        var spec = ProcessSpec(
+            id: "job", argv: ["sh", "-c", "echo run >> \(marker); while [ ! -e \(gate) ]; do sleep 0.02; done; exit 3"],
+            idempotencyKey: "create-1")
+        func send(_ spec: ProcessSpec) async throws(ErrorBody) -> LaunchResponse {
+            try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30))
+        }
+        let first = try await send(spec)
+        #expect(first.repeated == nil)
+        let whileRunning = try await send(spec)
+        #expect(whileRunning == LaunchResponse(pid: first.pid, repeated: true))
+        let listed = try await daemon.bridge.list()
+        #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == ["running"])
+
+        #expect(creat(gate, 0o600) >= 0)
+        try await eventually("the exit") { exits.count("job") == 1 }
+        // BridgeServer acknowledged it: the guest forgets the process, but not the create.
+        try await eventually("the guest to forget the process") { try await !daemon.bridge.list().processes.contains { $0.id == "job" } }
+        let afterForgotten = try await send(spec)
+        #expect(afterForgotten == LaunchResponse(pid: first.pid, repeated: true))
+        #expect(try await !daemon.bridge.list().processes.contains { $0.id == "job" }, "nothing started")
+        #expect(runs(marker) == 1)
+
+        // Another key is another create: the id is free again (through `create`, which tells
+        // the host's exit board that this id's next exit is news).
+        spec.idempotencyKey = "create-2"
+        let second = try await daemon.bridge.create(spec)
+        #expect(second != first.pid)
+        try await eventually("the second exit") { exits.count("job") == 2 }
+        #expect(runs(marker) == 2)
+        #expect(exits.all.filter { $0.id == "job" }.map(\.exitCode) == [3, 3])
+
+        // A key out of bounds is refused before anything starts.
+        for bad in ["", String(repeating: "k", count: ProcessSpec.maxIdempotencyKeyLength + 1)] {
+            spec.idempotencyKey = bad
+            spec.id = "bad-key"
+            do {
+                _ = try await send(spec)
+                Issue.record("a create with a \(bad.utf8.count)-byte key was accepted")
+            } catch {
+                #expect(error.code == "bad-request" && error.message.contains("idempotencyKey"), "\(error)")
+            }
+        }
+        #expect(runs(marker) == 2)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
 /// A migration's blackout: the bridge and every stream connection drop; nothing is accepted.
 func blackout(_ daemon: DaemonFixture) {
     daemon.streams.setRefusing(true)

@@ -1,0 +1,88 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+/// `BridgeServer.create` against a scripted guest: the bridge drops after the guest has the
+/// create and before it replies — the case where the host cannot know whether it ran.
+@Suite("The host's create is exactly once across bridge drops")
+struct BridgeServerCreateTests {
+    /// A guest's bridge connection: says hello, then reads the host's requests.
+    struct ScriptedGuest {
+        let socket: AsyncFD
+
+        static func connect(_ address: SocketAddress) async throws -> ScriptedGuest {
+            let socket = try await Dialer.connect(to: address)
+            let hello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: [])
+            try await FrameIO.write(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)).encoded, to: socket)
+            return ScriptedGuest(socket: socket)
+        }
+
+        func nextCreate() async throws -> (frame: ControlFrame, spec: ProcessSpec) {
+            let frame = try await withTimeout("the host's create") { try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody) }
+            #expect(frame.type == BridgeMessageType.create.rawValue)
+            return (frame, try ControlJSON.decode(ProcessSpec.self, from: frame.body, frameType: frame.type))
+        }
+
+        func reply(to frame: ControlFrame, _ response: LaunchResponse) async throws {
+            try await FrameIO.write(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: ControlJSON.encode(response)).encoded, to: socket)
+        }
+    }
+
+    @Test func aCreateWhoseReplyIsLostIsSentAgainWithTheSameKey() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let address = SocketAddress.unix(path: directory.file("bridge.sock"))
+        let bridge = try BridgeServer(listeningOn: address)
+        bridge.start()
+        defer { bridge.close() }
+
+        let created = Task { () throws(ErrorBody) -> Int32 in
+            try await bridge.create(ProcessSpec(id: "job", argv: ["true"]), timeout: .seconds(60))
+        }
+        // First connection: the guest receives the create, then the connection dies.
+        let first = try await ScriptedGuest.connect(address)
+        let (_, original) = try await first.nextCreate()
+        let key = try #require(original.idempotencyKey, "the library names every create")
+        #expect(key.utf8.count == 32)
+        first.socket.close()
+
+        // The next connection gets the same create, same key; the guest answers it as a repeat.
+        let second = try await ScriptedGuest.connect(address)
+        defer { second.socket.close() }
+        let (frame, repeated) = try await second.nextCreate()
+        #expect(repeated == original, "the very same request, key included")
+        try await second.reply(to: frame, LaunchResponse(pid: 4242, repeated: true))
+
+        #expect(try await created.value == 4242)
+        #expect(bridge.repeatedCreates == 1)
+    }
+
+    @Test func aKeyTheCallerChoseIsKeptAndOtherErrorsAreNotRepeated() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let address = SocketAddress.unix(path: directory.file("bridge.sock"))
+        let bridge = try BridgeServer(listeningOn: address)
+        bridge.start()
+        defer { bridge.close() }
+
+        let created = Task { () throws(ErrorBody) -> Int32 in
+            try await bridge.create(ProcessSpec(id: "job", argv: ["true"], idempotencyKey: "mine-1"), timeout: .seconds(60))
+        }
+        let guest = try await ScriptedGuest.connect(address)
+        defer { guest.socket.close() }
+        let (frame, spec) = try await guest.nextCreate()
+        #expect(spec.idempotencyKey == "mine-1")
+        let refusal = ErrorBody(code: "process-exists", message: "a process with id 'job' exists")
+        try await FrameIO.write(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(refusal)).encoded, to: guest.socket)
+        do {
+            _ = try await created.value
+            Issue.record("a refused create succeeded")
+        } catch {
+            #expect(error as? ErrorBody == refusal)
+        }
+        #expect(bridge.repeatedCreates == 0, "only a lost bridge repeats a create")
+    }
+}
