@@ -316,6 +316,16 @@ int hf_malloc_mmap_threshold(int bytes) {
     return mallopt(M_MMAP_THRESHOLD, bytes) && mallopt(M_TRIM_THRESHOLD, bytes);
 }
 
+void hf_malloc_usage(size_t *in_use, size_t *free_bytes) {
+    struct mallinfo2 info = mallinfo2();
+    if (in_use) *in_use = info.uordblks + info.hblkhd;
+    if (free_bytes) *free_bytes = info.fordblks;
+}
+
+int hf_malloc_trim(void) {
+    return malloc_trim(0);
+}
+
 static int signal_pipe_fd = -1;
 
 static void signal_to_pipe_handler(int signo) {

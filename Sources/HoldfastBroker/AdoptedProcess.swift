@@ -2,6 +2,14 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
+import Synchronization
+
+/// Live instances of the broker's per-process objects: zero when the broker holds no process
+/// (`stats`; the soak checks it at every quiet moment — a leak shows here before it shows in RSS).
+enum LiveObjects {
+    static let processes = Atomic<Int>(0)
+    static let streams = Atomic<Int>(0)
+}
 
 /// One connection-backed stream end of the broker: raw or resumable.
 enum StreamTransport: Sendable {
@@ -101,7 +109,10 @@ final class ManagedStream: Sendable {
     private let inputEnded = NIOLockedValueBox(false)
     private let lingerTimeout: Duration
 
+    deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
+
     init(description: StreamDescription, handle: AsyncFD, broker: Broker) {
+        LiveObjects.streams.add(1, ordering: .relaxed)
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
@@ -245,7 +256,10 @@ final class AdoptedProcess: Sendable {
     let owner: ProcessOwner
     private let streams = NIOLockedValueBox<[ManagedStream]>([])
 
+    deinit { LiveObjects.processes.subtract(1, ordering: .relaxed) }
+
     init(id: String, owner: ProcessOwner) {
+        LiveObjects.processes.add(1, ordering: .relaxed)
         self.id = id
         self.owner = owner
     }

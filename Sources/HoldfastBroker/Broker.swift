@@ -20,6 +20,8 @@ public final class Broker: Sendable {
     private let registry = SlotRegistry()
     private let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
     private let totals = NIOLockedValueBox(Totals())
+    /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
+    private let streamsFinishedSinceTidy = NIOLockedValueBox(0)
     /// Where `drained` notifications go (the supervisor's control channel).
     private let notify: @Sendable (DrainedNotification) async -> Void
 
@@ -174,7 +176,11 @@ public final class Broker: Sendable {
             reconnects: streams.reduce(gone.reconnects) { $0 + $1.reconnects },
             undelivered: gone.undelivered,
             openDescriptors: ProcessFigures.openDescriptors(),
-            residentKiB: ProcessFigures.residentKiB())
+            residentKiB: ProcessFigures.residentKiB(),
+            mallocInUseKiB: Memory.mallocUsage().inUse / 1024,
+            mallocFreeKiB: Memory.mallocUsage().free / 1024,
+            liveProcessObjects: LiveObjects.processes.load(ordering: .relaxed),
+            liveStreamObjects: LiveObjects.streams.load(ordering: .relaxed))
     }
 
     /// Every broker metric in the Prometheus text format.
@@ -191,7 +197,24 @@ public final class Broker: Sendable {
         for process in all { await process.stop() }
     }
 
+    /// Gives malloc's free pages back to the system if streams finished since the last call
+    /// (the broker role calls it every couple of seconds): a burst's buffers and slot state,
+    /// freed from many threads, leave whole pages free in every thread's arena, resident until
+    /// trimmed (RELIABILITY.md, "Soak"). Nil when nothing finished.
+    public func tidyMemory() -> (streams: Int, residentBefore: Int, residentAfter: Int, took: Duration)? {
+        let finished = streamsFinishedSinceTidy.withLockedValue { count -> Int in
+            defer { count = 0 }
+            return count
+        }
+        guard finished > 0 else { return nil }
+        let before = ProcessFigures.residentKiB()
+        let started = ContinuousClock.now
+        Memory.returnFreePagesToTheSystem()
+        return (finished, before, ProcessFigures.residentKiB(), ContinuousClock.now - started)
+    }
+
     func record(finished stream: StreamStatus) {
+        streamsFinishedSinceTidy.withLockedValue { $0 += 1 }
         totals.withLockedValue {
             $0.bytesToHost &+= stream.bytesToHost
             $0.bytesFromHost &+= stream.bytesFromHost

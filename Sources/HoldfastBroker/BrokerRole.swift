@@ -43,7 +43,19 @@ public enum BrokerRole {
 
         let service = BrokerService(settings: settings, logger: logger)
         let handoffTask = handoff.map { listener in Task { await service.serveHandoff(listener) } }
+        let tidying = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(2))
+                if let tidied = service.broker.tidyMemory() {
+                    logger.debug("memory tidied", metadata: [
+                        "streamsFinished": "\(tidied.streams)", "residentKiB": "\(tidied.residentBefore) -> \(tidied.residentAfter)",
+                        "took": "\(tidied.took)",
+                    ])
+                }
+            }
+        }
         await service.serveSupervisor(control)
+        tidying.cancel()
         // The supervisor is gone (shutdown or crash): nothing will report to it any more.
         logger.info("supervisor channel closed; broker stopping")
         handoffTask?.cancel()

@@ -8,4 +8,21 @@ public enum Memory {
     public static func returnLargeBuffersToTheSystem(threshold: Int = 64 * 1024) {
         _ = hf_malloc_mmap_threshold(Int32(threshold))
     }
+
+    /// What malloc holds: bytes handed out and not returned (a leak grows this), and bytes
+    /// free inside its heap and arenas (fragmentation: RSS that is not in use).
+    public static func mallocUsage() -> (inUse: Int, free: Int) {
+        var inUse = 0
+        var free = 0
+        hf_malloc_usage(&inUse, &free)
+        return (inUse, free)
+    }
+
+    /// Gives malloc's free whole pages back to the system. The broker calls it after a burst
+    /// of streams has finished: small allocations freed by many threads leave pages free in
+    /// every thread's arena, which stay resident until trimmed.
+    @discardableResult
+    public static func returnFreePagesToTheSystem() -> Bool {
+        hf_malloc_trim() != 0
+    }
 }

@@ -176,11 +176,24 @@ public struct BrokerStats: Codable, Sendable, Equatable {
     public var undelivered: UInt64
     public var openDescriptors: Int
     public var residentKiB: Int
+    /// What the broker's malloc has handed out and not had back: a leak grows this.
+    public var mallocInUseKiB: Int?
+    /// Free memory malloc holds inside its heap and arenas (fragmentation: resident, unused).
+    public var mallocFreeKiB: Int?
+    /// Process and stream objects alive in the broker (diagnostics: when it holds no process,
+    /// anything above zero is a leak).
+    public var liveProcessObjects: Int?
+    public var liveStreamObjects: Int?
 
     public init(
         processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,
-        reconnects: UInt64, undelivered: UInt64, openDescriptors: Int, residentKiB: Int
+        reconnects: UInt64, undelivered: UInt64, openDescriptors: Int, residentKiB: Int, mallocInUseKiB: Int? = nil,
+        mallocFreeKiB: Int? = nil, liveProcessObjects: Int? = nil, liveStreamObjects: Int? = nil
     ) {
+        self.liveProcessObjects = liveProcessObjects
+        self.liveStreamObjects = liveStreamObjects
+        self.mallocInUseKiB = mallocInUseKiB
+        self.mallocFreeKiB = mallocFreeKiB
         self.processes = processes
         self.streams = streams
         self.connected = connected

@@ -17,6 +17,8 @@ struct Daemon: Sendable {
     var logPath: String { directory + "/daemon.log" }
 
     static func start(executable: String, directory: String) throws -> Daemon {
+        // HOLDFAST_SOAK_SECCOMP=log lets a heap profiler attach to the broker (RELIABILITY.md).
+        let seccomp = getenv("HOLDFAST_SOAK_SECCOMP").map { String(cString: $0) } ?? "kill"
         let config = """
             # holdfast-soak: production defaults except where the sockets live, who the broker
             # is, and the drain timeout. The host here always comes back, so any byte given up
@@ -29,7 +31,7 @@ struct Daemon: Sendable {
               address: "unix:{run}/host-bridge.sock"
             broker:
               user: nobody
-              seccomp: kill
+              seccomp: \(seccomp)
             shutdown:
               grace: 2s
               timeout: 20s
@@ -137,6 +139,11 @@ struct RoleFootprints: Sendable {
     var supervisor: Footprint
     var broker: Footprint
     var bridge: Footprint
+    /// The broker's malloc, from its `stats`: in use (a leak grows it) and free inside its
+    /// arenas (fragmentation); nil if the stats did not come.
+    var brokerMalloc: (inUseKiB: Int, freeKiB: Int)?
+    /// The broker's live process and stream objects (zero when quiet, unless leaked).
+    var brokerObjects: (processes: Int, streams: Int)?
 
     var all: [(String, Footprint)] { [("supervisor", supervisor), ("broker", broker), ("bridge", bridge)] }
 }

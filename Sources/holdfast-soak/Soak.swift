@@ -43,6 +43,8 @@ struct Soak: AsyncParsableCommand {
     var checkpoints: Int?
     @Option(help: "The holdfast binary (default: next to this one).") var holdfast: String?
     @Flag(help: "Keep the run directory (config, sockets, daemon log) even on success.") var keep = false
+    @Option(help: "For inspecting the roles (gdb, /proc): pause this many seconds at each quiet moment, after measuring.")
+    var pauseWhenQuiet = 0
 
     func validate() throws {
         guard minutes > 0, (warmup ?? 0) >= 0, processes > 0 else { throw ValidationError("minutes and processes must be positive") }
@@ -75,7 +77,7 @@ struct Soak: AsyncParsableCommand {
             // is compared with a baseline that has.
             minutes: minutes, warmup: warmup ?? (minutes <= 5 ? 30 : min(300, Int(minutes * 10))), processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
             blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, rssTolerancePercent: rssTolerancePercent,
-            rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
+            rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, pauseWhenQuiet: pauseWhenQuiet, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
         host.close()
         if verdict.passed && !keep {
@@ -100,6 +102,7 @@ struct Settings: Sendable {
     var rssTolerancePercent: Int
     var rssToleranceKiB: Int
     var progressEvery: Int
+    var pauseWhenQuiet: Int
     var checkpoints: Int
 }
 
@@ -149,7 +152,8 @@ struct Run {
         if await quiesce(), let measured = await measure() {
             baseline = measured
             printLine("baseline after warm-up: " + describe(measured))
-            printLine("  broker memory: " + memoryBreakdown(measured.broker.pid))
+            printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
+            await pauseIfAsked(measured)
         } else {
             host.ledger.fail("no quiet moment after the warm-up to measure a baseline")
         }
@@ -172,7 +176,8 @@ struct Run {
             }
             checkpoints.append(Checkpoint(soakTime: ContinuousClock.now - soakStarted, footprints: measured))
             printLine("checkpoint \(part)/\(parts) (\(clock(ContinuousClock.now - soakStarted)) into the soak): " + describe(measured))
-            printLine("  broker memory: " + memoryBreakdown(measured.broker.pid))
+            printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
+            await pauseIfAsked(measured)
             if part < parts, let baseline {
                 for ((role, now), (_, then)) in zip(measured.all, baseline.all) where now.kinds != then.kinds {
                     host.ledger.fail("\(role): fds at checkpoint \(part) differ from the baseline (\(fdDifference(from: then, to: now)))")
@@ -182,6 +187,18 @@ struct Run {
         return await finish(
             started: started, start: first, baseline: baseline, end: checkpoints.count == parts ? checkpoints.last?.footprints : nil,
             checkpoints: checkpoints)
+    }
+
+    /// `--pause-when-quiet`: time to look at the roles while nothing runs.
+    func pauseIfAsked(_ footprints: RoleFootprints) async {
+        guard options.pauseWhenQuiet > 0 else { return }
+        printLine("paused \(options.pauseWhenQuiet) s: supervisor \(footprints.supervisor.pid), broker \(footprints.broker.pid), bridge \(footprints.bridge.pid)")
+        try? await Task.sleep(for: .seconds(options.pauseWhenQuiet))
+    }
+
+    func mallocLine(_ footprints: RoleFootprints) -> String {
+        (footprints.brokerMalloc.map { "; malloc in use \(mib($0.inUseKiB)), free \(mib($0.freeKiB))" } ?? "; malloc: no stats")
+            + (footprints.brokerObjects.map { "; live objects: \($0.processes) processes, \($0.streams) streams" } ?? "")
     }
 
     struct Checkpoint {
@@ -271,8 +288,16 @@ struct Run {
         for _ in 0..<20 {
             guard let supervisorNow = Footprint.of(daemon.pid), let brokerNow = Footprint.of(broker), let bridgeNow = Footprint.of(bridge)
             else { return nil }
-            let current = RoleFootprints(supervisor: supervisorNow, broker: brokerNow, bridge: bridgeNow)
-            if let previous, previous.all.map(\.1.kinds) == current.all.map(\.1.kinds) { return current }
+            var current = RoleFootprints(supervisor: supervisorNow, broker: brokerNow, bridge: bridgeNow)
+            if let previous, previous.all.map(\.1.kinds) == current.all.map(\.1.kinds) {
+                if let stats = try? await host.bridge.stats(timeout: .seconds(10)) {
+                    if let inUse = stats.mallocInUseKiB, let free = stats.mallocFreeKiB { current.brokerMalloc = (inUse, free) }
+                    if let processes = stats.liveProcessObjects, let streams = stats.liveStreamObjects {
+                        current.brokerObjects = (processes, streams)
+                    }
+                }
+                return current
+            }
             previous = current
             try? await Task.sleep(for: .milliseconds(500))
         }
@@ -340,6 +365,17 @@ struct Run {
                     verdict = verdict == "ok" ? "RSS GREW" : verdict + ", RSS GREW"
                     ledger.fail("\(role): RSS \(e.residentKiB) KiB after the soak, baseline \(b.residentKiB) KiB (allowed up to \(allowed) KiB)")
                 }
+                // The broker holds every stream: what its malloc has handed out must come back
+                // (a leak), whatever the allocator keeps resident.
+                if role == "broker", let then = baseline?.brokerMalloc, let now = end?.brokerMalloc {
+                    let allowedInUse = then.inUseKiB + max(then.inUseKiB * options.rssTolerancePercent / 100, 1024)
+                    if now.inUseKiB > allowedInUse {
+                        verdict = verdict == "ok" ? "MALLOC GREW" : verdict + ", MALLOC GREW"
+                        ledger.fail("broker: malloc in use \(now.inUseKiB) KiB after the soak, baseline \(then.inUseKiB) KiB (allowed up to \(allowedInUse) KiB)")
+                    }
+                } else if role == "broker" {
+                    ledger.fail("broker: no malloc figures from its stats at the baseline or the end")
+                }
             } else {
                 verdict = "not measured"
             }
@@ -399,15 +435,18 @@ struct Run {
         for (name, value) in rows { printLine("| \(name) | \(value) |") }
         printLine("")
         printLine(
-            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal, kind by kind; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB)))) |"
+            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal, kind by kind; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB))); broker malloc in use ≤ baseline + max(\(options.rssTolerancePercent) %, 1 MiB)) |"
         )
         printLine("|---|---:|---:|---:|---:|---:|---:|---|")
         for row in roleRows { printLine(row) }
         if checkpoints.count > 1 || (checkpoints.count == 1 && baseline != nil) {
             printLine("")
-            printLine("| quiet moment | soak time | supervisor fds, RSS | broker fds, RSS | bridge fds, RSS |")
-            printLine("|---|---:|---:|---:|---:|")
-            func cells(_ f: RoleFootprints) -> String { f.all.map { "\($0.1.descriptors), \(mib($0.1.residentKiB))" }.joined(separator: " | ") }
+            printLine("| quiet moment | soak time | supervisor fds, RSS | broker fds, RSS | bridge fds, RSS | broker malloc in use, free |")
+            printLine("|---|---:|---:|---:|---:|---:|")
+            func cells(_ f: RoleFootprints) -> String {
+                f.all.map { "\($0.1.descriptors), \(mib($0.1.residentKiB))" }.joined(separator: " | ") + " | "
+                    + (f.brokerMalloc.map { "\(mib($0.inUseKiB)), \(mib($0.freeKiB))" } ?? "-")
+            }
             if let baseline { printLine("| baseline (after the warm-up) | 0m00s | \(cells(baseline)) |") }
             for (index, checkpoint) in checkpoints.enumerated() {
                 printLine("| checkpoint \(index + 1) | \(clock(checkpoint.soakTime)) | \(cells(checkpoint.footprints)) |")

@@ -101,4 +101,12 @@ long hf_ptrace_attach(pid_t pid);
 /// mallopt(M_MMAP_THRESHOLD, bytes) and M_TRIM_THRESHOLD: allocations of at least `bytes` get
 /// their own mapping, returned to the system when freed. Returns 1 on success.
 int hf_malloc_mmap_threshold(int bytes);
+
+/// mallinfo2(): bytes malloc has handed out and not had back (in the heap, the arenas and
+/// their own mappings), and bytes it holds free.
+void hf_malloc_usage(size_t *in_use, size_t *free_bytes);
+
+/// malloc_trim(0): gives free whole pages in every arena back to the system. Returns 1 if
+/// any memory was released.
+int hf_malloc_trim(void);
 #endif
