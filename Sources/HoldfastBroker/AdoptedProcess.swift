@@ -191,16 +191,7 @@ final class ManagedStream: Sendable {
     /// Waits for the relay to finish (at most `timeout`); nil if it is still running.
     func finished(within timeout: Duration) async -> [RelayReport]? {
         guard let task = relay.withLockedValue({ $0 }) else { return [] }
-        return await withTaskGroup(of: [RelayReport]?.self) { group in
-            group.addTask { await task.value }
-            group.addTask {
-                try? await Task.sleep(for: timeout)
-                return nil
-            }
-            let first = await group.next()!
-            group.cancelAll()
-            return first
-        }
+        return await task.value(within: timeout)
     }
 
     /// Stops relaying and closes the streams; the fd stays open for `detach`.

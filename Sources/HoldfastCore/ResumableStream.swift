@@ -213,12 +213,11 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// sign it has it (a sender closes once it is complete). Gives up after `timeout`. Returns
     /// whether the sender has the echo.
     public func closeAfterEndDelivered(timeout: Duration) async -> Bool {
-        let timer = Task { [slot] in
-            guard (try? await Task.sleep(for: timeout)) != nil else { return }
+        let timer = TimeoutWheel.shared.schedule(after: timeout) { [slot] in
             slot.close()  // ends the wait below
         }
         let delivered = await engine.waitEndDelivered(slot)
-        timer.cancel()
+        TimeoutWheel.shared.cancel(timer)
         slot.close()
         return delivered
     }
@@ -486,11 +485,12 @@ extension ResumableStream {
                 s.nextWaiter &+= 1
                 return s.nextWaiter
             }
-            let timer = Task {
-                try? await Task.sleep(for: timeout)
+            // Called once per acknowledgement while a stream drains: a sleeping task per call
+            // would leave its timer queued for the whole timeout (TimeoutWheel says why).
+            let timer = TimeoutWheel.shared.schedule(after: timeout) { [state] in
                 state.withLockedValue { $0.progressWaiters.removeValue(forKey: id) }?.resume()
             }
-            defer { timer.cancel() }
+            defer { TimeoutWheel.shared.cancel(timer) }
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLockedValue { s -> Bool in
                     if s.ring.acknowledged != mark || s.closed || s.endEchoReceived { return true }
@@ -709,15 +709,14 @@ extension ResumableStream {
         }
 
         func waitEndEchoed(timeout: Duration) async -> Bool {
-            let timer = Task {
-                try? await Task.sleep(for: timeout)
+            let timer = TimeoutWheel.shared.schedule(after: timeout) { [state] in
                 let waiters = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
                     defer { s.echoWaiters.removeAll() }
                     return s.echoWaiters
                 }
                 for waiter in waiters { waiter.resume() }
             }
-            defer { timer.cancel() }
+            defer { TimeoutWheel.shared.cancel(timer) }
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLockedValue { s -> Bool in
                     if s.endEchoSent || s.closed { return true }
