@@ -29,6 +29,7 @@ public final class BrokerMetrics: Sendable {
     private let processes: CoreMetrics.Gauge
     private let openDescriptors: CoreMetrics.Gauge
     private let residentBytes: CoreMetrics.Gauge
+    private let mallocInUseBytes: CoreMetrics.Gauge
     private let fed = NIOLockedValueBox(Fed())
 
     private struct Fed {
@@ -65,6 +66,7 @@ public final class BrokerMetrics: Sendable {
         processes = CoreMetrics.Gauge(label: "holdfast_broker_processes", factory: factory)
         openDescriptors = CoreMetrics.Gauge(label: "holdfast_broker_open_fds", factory: factory)
         residentBytes = CoreMetrics.Gauge(label: "holdfast_broker_resident_bytes", factory: factory)
+        mallocInUseBytes = CoreMetrics.Gauge(label: "holdfast_broker_malloc_in_use_bytes", factory: factory)
     }
 
     /// An observer for one stream's slot: dial attempts and failures, redial cycles given up,
@@ -116,6 +118,7 @@ public final class BrokerMetrics: Sendable {
         processes.record(Double(stats.processes))
         openDescriptors.record(Double(stats.openDescriptors))
         residentBytes.record(Double(stats.residentKiB * 1024))
+        if let inUse = stats.mallocInUseKiB { mallocInUseBytes.record(Double(inUse * 1024)) }
         return registry.emitToString()
     }
 }

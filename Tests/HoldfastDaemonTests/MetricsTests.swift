@@ -93,6 +93,7 @@ struct MetricsTests {
         #expect(after["holdfast_processes_started_total{runtime=\"direct\"}"] == 1)
         #expect(after["holdfast_process_exits_total"] == 1)
         #expect((after["holdfast_broker_open_fds"] ?? 0) > 0)
+        #expect((after["holdfast_broker_malloc_in_use_bytes"] ?? 0) > 0)
         #expect(try await httpExchange(endpoint, "GET /nope HTTP/1.1\r\n\r\n").hasPrefix("HTTP/1.1 404"))
         // A scrape does not move anything by itself.
         #expect(try await scrape()[toHost] == 100_000)
