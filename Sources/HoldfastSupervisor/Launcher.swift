@@ -24,10 +24,29 @@ struct Launcher {
     static let defaultEnvironment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 
     /// Validates a spec without starting anything; the error names the field.
+    /// Every string that ends up as a C string (a path, an argument, a user name) or names
+    /// something: a NUL byte would cut it short silently ("root\0x" looked up as "root").
+    static func refuseNULBytes(_ spec: ProcessSpec) throws(ErrorBody) {
+        var fields: [(String, String?)] = [
+            ("id", spec.id), ("cwd", spec.cwd), ("user", spec.user), ("bundle", spec.bundle), ("container", spec.container),
+            ("idempotencyKey", spec.idempotencyKey),
+        ]
+        fields += spec.argv.enumerated().map { ("argv[\($0.offset)]", $0.element) }
+        fields += (spec.env ?? []).enumerated().map { ("env[\($0.offset)]", $0.element) }
+        for (name, stream) in [("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr)] {
+            fields.append(("\(name).address", stream?.address))
+            fields.append(("\(name).token", stream?.token))
+        }
+        for case let (name, value?) in fields where value.utf8.contains(0) {
+            throw ErrorBody(code: "bad-request", message: "\(name) contains a NUL byte")
+        }
+    }
+
     static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
         guard !spec.id.isEmpty, spec.id.utf8.count <= 256 else {
             throw ErrorBody(code: "bad-request", message: "id must be 1 to 256 bytes")
         }
+        try refuseNULBytes(spec)
         if let key = spec.idempotencyKey, key.isEmpty || key.utf8.count > ProcessSpec.maxIdempotencyKeyLength {
             throw ErrorBody(code: "bad-request", message: "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
         }

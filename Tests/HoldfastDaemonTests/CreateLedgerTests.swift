@@ -108,3 +108,42 @@ struct CreateLedgerTests {
         #expect(ledger.orderLength <= 2 * 100 + 1)
     }
 }
+
+@Suite("A process spec with a NUL byte is refused, not cut short")
+struct NULByteTests {
+    @Test func everyStringThatBecomesACStringIsChecked() {
+        let stream = StreamSpec(address: "unix:/tmp/s.sock", mode: .resumable, token: "t")
+        let good = ProcessSpec(id: "p", argv: ["sh", "-c", "true"], env: ["A=b"], cwd: "/", user: "root", stdout: stream)
+        #expect(throws: Never.self) { try Supervisor.validate(good) }
+        var cases: [(String, ProcessSpec)] = []
+        var spec = good
+        spec.id = "p\0q"
+        cases.append(("id", spec))
+        spec = good
+        spec.argv[2] = "true\0; rm -rf /"
+        cases.append(("argv[2]", spec))
+        spec = good
+        spec.env = ["A=b\0c"]
+        cases.append(("env[0]", spec))
+        spec = good
+        spec.user = "root\0x"
+        cases.append(("user", spec))
+        spec = good
+        spec.cwd = "/\0tmp"
+        cases.append(("cwd", spec))
+        spec = good
+        spec.stdout?.token = "t\0"
+        cases.append(("stdout.token", spec))
+        spec = good
+        spec.idempotencyKey = "k\0"
+        cases.append(("idempotencyKey", spec))
+        for (field, spec) in cases {
+            do {
+                try Supervisor.validate(spec)
+                Issue.record("\(field) with a NUL byte passed")
+            } catch {
+                #expect(error.code == "bad-request" && error.message == "\(field) contains a NUL byte", "\(error)")
+            }
+        }
+    }
+}
