@@ -55,7 +55,7 @@ public enum BridgeWorker {
             let hello: BridgeHello
             do {
                 let info = try await client.call(SupervisorMessageType.bridgeHello.rawValue, [String: String](), reply: BridgeHello.self)
-                hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits)
+                hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID)
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
                 connection.close()

@@ -124,7 +124,7 @@ public final class BridgeServer: Sendable {
     /// instead of starting the program again (docs/PROTOCOL.md, "Repeating a create").
     public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> Int32 {
         var keyed = spec
-        if keyed.idempotencyKey == nil { keyed.idempotencyKey = Self.randomKey() }
+        if keyed.idempotencyKey == nil { keyed.idempotencyKey = RandomIdentifier.make() }
         // The id may be reused once its last exit was acknowledged: its next exit is news.
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
@@ -138,15 +138,6 @@ public final class BridgeServer: Sendable {
                 state.withLockedValue { $0.repeatedCreates += 1 }
             }
         }
-    }
-
-    /// 128 random bits, hex.
-    static func randomKey() -> String {
-        var generator = SystemRandomNumberGenerator()
-        return (0..<2).map { _ in
-            let word = String(generator.next() as UInt64, radix: 16)
-            return String(repeating: "0", count: 16 - word.count) + word
-        }.joined()
     }
 
     public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(ErrorBody) {

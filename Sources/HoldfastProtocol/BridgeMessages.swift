@@ -38,8 +38,15 @@ public struct BridgeHello: Codable, Sendable, Equatable {
     public var processes: [ProcessStatus]
     /// Exits the host has not acknowledged yet, oldest first.
     public var exits: [ExitReport]
+    /// The daemon's: new each time it starts. The same boot id with a new instance id means the
+    /// daemon restarted (every process it had, and every exit not yet acknowledged, is gone);
+    /// the same instance id means only the connection was lost (a migration, a host restart).
+    public var instanceID: String?
 
-    public init(version: Int = BridgeProtocol.version, bootID: String, processes: [ProcessStatus], exits: [ExitReport]) {
+    public init(
+        version: Int = BridgeProtocol.version, bootID: String, processes: [ProcessStatus], exits: [ExitReport], instanceID: String? = nil
+    ) {
+        self.instanceID = instanceID
         self.version = version
         self.bootID = bootID
         self.processes = processes
@@ -83,4 +90,15 @@ public struct ProcessResizeRequest: Codable, Sendable, Equatable {
 public struct ProcessIDRequest: Codable, Sendable, Equatable {
     public var id: String
     public init(id: String) { self.id = id }
+}
+
+/// Random identifiers (idempotency keys, the daemon's instance id): 128 bits, hex.
+public enum RandomIdentifier {
+    public static func make() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<2).map { _ in
+            let word = String(generator.next() as UInt64, radix: 16)
+            return String(repeating: "0", count: 16 - word.count) + word
+        }.joined()
+    }
 }

@@ -101,6 +101,8 @@ public final class Supervisor: Sendable {
 
     let runc: RuncRuntime
     let metrics = SupervisorMetrics()
+    /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
+    let instanceID = RandomIdentifier.make()
 
     /// `executable` is what the roles run: `/proc/self/exe` keeps them on this very binary even
     /// after a package upgrade has replaced the file (a restarted role must speak our protocol).
@@ -413,7 +415,7 @@ public final class Supervisor: Sendable {
             let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
-            let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits) }
+            let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
             return ControlJSON.encode(hello)
         }
         switch BridgeMessageType(rawValue: frame.type) {

@@ -312,6 +312,41 @@ struct BridgeTests {
     }
 }
 
+/// The hello's instance id: the same after a migration and after the bridge worker restarts
+/// (nothing was lost), new when the daemon itself started again (everything was).
+@Suite("The hello tells a daemon restart from a lost connection")
+struct InstanceIDTests {
+    @Test func theInstanceIDOutlivesConnectionsAndWorkersButNotTheDaemon() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let first = try await DaemonFixture()
+        defer { first.cleanUp() }
+        #expect(await first.bridge.waitForGuest(timeout: .seconds(10)))
+        let instance = try #require(first.bridge.lastHello?.instanceID)
+        #expect(instance.count == 32)
+
+        var accepted = first.bridge.acceptedConnections
+        blackout(first)
+        lightsOn(first)
+        try await eventually("the guest back after the migration") { first.bridge.acceptedConnections > accepted && first.bridge.isConnected }
+        #expect(first.bridge.lastHello?.instanceID == instance)
+
+        accepted = first.bridge.acceptedConnections
+        let worker = try #require(try await first.rolePID("bridge"))
+        kill(worker, SIGKILL)
+        try await eventually("the restarted worker's hello") { first.bridge.acceptedConnections > accepted && first.bridge.isConnected }
+        #expect(try await first.rolePID("bridge") != worker)
+        #expect(first.bridge.lastHello?.instanceID == instance, "a worker restart loses nothing")
+        #expect(try await first.stop() == .exited(0))
+
+        let second = try await DaemonFixture()
+        defer { second.cleanUp() }
+        #expect(await second.bridge.waitForGuest(timeout: .seconds(10)))
+        let other = try #require(second.bridge.lastHello?.instanceID)
+        #expect(other != instance && second.bridge.lastHello?.bootID == first.bridge.lastHello?.bootID)
+        #expect(try await second.stop() == .exited(0))
+    }
+}
+
 /// Creates that may be repeats (docs/PROTOCOL.md, "Repeating a create"): what the host does
 /// when the bridge dropped before a create's reply.
 @Suite("Repeating a create starts nothing twice")
