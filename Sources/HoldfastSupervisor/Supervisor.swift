@@ -707,7 +707,8 @@ public final class Supervisor: Sendable {
     private func shutdown(broker: RoleSupervisor, bridge: RoleSupervisor) async -> Bool {
         shuttingDown.withLockedValue { $0 = true }
         let deadline = ContinuousClock.now + .milliseconds(configuration.shutdown.timeout)
-        bridge.stop()
+        // The bridge stays up while the processes stop (new creates are refused as
+        // `shutting-down`): their exits, after their output, still reach the host.
         let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" } }
         for record in running { kill(record.pid, configuration.shutdown.signal) }
         let graceEnd = min(deadline, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
@@ -719,6 +720,15 @@ public final class Supervisor: Sendable {
             }
             clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: deadline)
         }
+        // Give a connected host a moment to acknowledge those exits (bounded: a host that does
+        // not answer must not hold the stop); what it did not acknowledge is lost with us.
+        let acknowledgeBy = min(deadline, ContinuousClock.now + .seconds(2))
+        while bridgeState.withLockedValue({ $0 }) == "up", !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
+            ContinuousClock.now < acknowledgeBy
+        {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        bridge.stop()
         broker.stop()
         return clean
     }

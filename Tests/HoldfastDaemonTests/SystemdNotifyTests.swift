@@ -113,8 +113,9 @@ struct SystemdNotifyTests {
     /// What `systemctl restart holdfast` does to running containers, measured: SIGTERM to the
     /// supervisor (KillMode=mixed), then a new daemon. Every container process ends (a polite
     /// one on shutdown.signal, a stubborn one on SIGKILL after shutdown.grace); what they wrote
-    /// before dying still reaches the host; their exits are not reported (the bridge is stopped
-    /// first), and the new daemon's hello lists no processes and no exits, with the same boot id.
+    /// before dying still reaches the host, and so do their exits (the bridge stops after them);
+    /// the new daemon's hello lists no processes and no exits, with the same boot id and a new
+    /// instance id.
     @Test func aServiceRestartEndsEveryContainerProcessAndTheHostSeesThemGone() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
@@ -141,8 +142,11 @@ struct SystemdNotifyTests {
         #expect(stopTook >= .milliseconds(900), "the stubborn process held the shutdown until SIGKILL after the grace period")
         #expect(kill(polite, 0) != 0 && kill(stubborn, 0) != 0, "both container processes are gone")
         #expect(await politeOut.value == bytes("started\ngot TERM\n"), "output written while stopping still reached the host")
-        try await Task.sleep(for: .milliseconds(200))
-        #expect(exits.all.isEmpty, "the bridge was stopped first: no exit reached the host: \(exits.all)")
+        // The bridge stops after the processes: their exits reached the host, once each.
+        try await eventually("both exits at the host") { exits.count("polite") == 1 && exits.count("stubborn") == 1 }
+        #expect(exits.all.first { $0.id == "polite" }.map { [$0.exitCode, Int32($0.undelivered)] } == [3, 0])
+        #expect(exits.all.first { $0.id == "stubborn" }?.signal == SIGKILL)
+        let instance = try #require(daemon.bridge.lastHello?.instanceID)
 
         // The new daemon (what systemd starts next).
         let before = daemon.bridge.acceptedConnections
@@ -153,6 +157,7 @@ struct SystemdNotifyTests {
         try await eventually("the new daemon's hello", timeout: .seconds(20)) { daemon.bridge.acceptedConnections > before }
         let hello = try #require(daemon.bridge.lastHello)
         #expect(hello.processes.isEmpty && hello.exits.isEmpty, "the new daemon knows nothing of them: \(hello)")
-        #expect(hello.bootID == bootID, "same boot id: only the missing processes tell the host")
+        #expect(hello.bootID == bootID, "same boot id")
+        #expect(hello.instanceID != nil && hello.instanceID != instance, "a new instance id: the daemon restarted")
     }
 }
