@@ -393,6 +393,55 @@ struct RepeatedCreateTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A create that takes its time (a runc that needs a second, then fails): meanwhile the id
+    /// is listed as `starting`, a different create of it is refused, a repeat with the same key
+    /// waits and gets the first one's outcome; after the failure the id is free again.
+    @Test func aSlowCreateIsListedAsStartingAndItsRepeatsShareItsOutcome() async throws {
+        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+        let scratch = try TemporaryDirectory("holdfast-slow-runc")
+        defer { scratch.remove() }
+        chmod(scratch.path, 0o755)
+        let runc = scratch.file("slow-runc")
+        try writeFile(runc, bytes("#!/bin/sh\nsleep 1\necho slow runc says no >&2\nexit 1\n"))
+        chmod(runc, 0o755)
+        #expect(mkdir(scratch.file("bundle"), 0o755) == 0)
+        let daemon = try await DaemonFixture(extraConfig: "runc:\n  path: \(runc)\n")
+        defer { daemon.cleanUp() }
+        let spec = ProcessSpec(id: "slow", argv: [], runtime: .runc, bundle: scratch.file("bundle"), idempotencyKey: "slow-1")
+        func send(_ spec: ProcessSpec) async -> Result<LaunchResponse, ErrorBody> {
+            do {
+                return .success(try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30)))
+            } catch {
+                return .failure(error)
+            }
+        }
+        let first = Task { await send(spec) }
+        try await eventually("the create to be listed as starting") {
+            try await daemon.bridge.list().processes.contains { $0.id == "slow" && $0.state == "starting" && $0.pid == 0 }
+        }
+        var other = spec
+        other.idempotencyKey = "slow-2"
+        guard case .failure(let refused) = await send(other) else {
+            Issue.record("a second create of a starting id was accepted")
+            return
+        }
+        #expect(refused.code == "process-exists")
+        let repeated = await send(spec)  // waits for the first
+        let original = await first.value
+        guard case .failure(let failed) = original, case .failure(let sameFailure) = repeated else {
+            Issue.record("the slow runc was expected to fail: \(original), \(repeated)")
+            return
+        }
+        #expect(failed.code == "runtime-failed" && sameFailure == failed, "\(failed) / \(sameFailure)")
+        #expect(try await !daemon.bridge.list().processes.contains { $0.id == "slow" }, "a failed create frees its id")
+        guard case .failure(let again) = await send(other) else {
+            Issue.record("the slow runc succeeded")
+            return
+        }
+        #expect(again.code == "runtime-failed", "tried again, not refused as process-exists")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// One keyed create sent again: while it runs, after it exited, and after its exit was
     /// acknowledged and the process forgotten — each time the first one's pid, `repeated`, and
     /// nothing new started. A new key reuses the id.
