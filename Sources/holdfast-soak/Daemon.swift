@@ -148,6 +148,22 @@ struct RoleFootprints: Sendable {
     var all: [(String, Footprint)] { [("supervisor", supervisor), ("broker", broker), ("bridge", bridge)] }
 }
 
+/// Whether a role's fds now agree with the baseline: the same, kind by kind. A role restarted
+/// since (a killed bridge worker; a new pid) may lack the timerfds the Swift runtime opens
+/// lazily, one per clock, at the first timer on that clock — a worker that has not slept yet
+/// has none for CLOCK_BOOTTIME. Fewer of those is not a leak; anything more, or fewer of any
+/// other kind, still fails.
+func fdsAgree(baseline: Footprint, now: Footprint) -> Bool {
+    if now.kinds == baseline.kinds { return true }
+    guard now.pid != baseline.pid else { return false }
+    for kind in Set(baseline.kinds.keys).union(now.kinds.keys) {
+        let then = baseline.kinds[kind] ?? 0
+        let count = now.kinds[kind] ?? 0
+        if kind.hasPrefix("anon_inode:[timerfd]") ? count > then : count != then { return false }
+    }
+    return true
+}
+
 /// What differs between two fd tables, by kind: "+1 socket, -1 anon_inode:[pidfd]".
 func fdDifference(from before: Footprint, to after: Footprint) -> String {
     let kinds = Set(before.kinds.keys).union(after.kinds.keys).sorted()

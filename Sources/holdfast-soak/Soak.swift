@@ -179,7 +179,7 @@ struct Run {
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
             await pauseIfAsked(measured)
             if part < parts, let baseline {
-                for ((role, now), (_, then)) in zip(measured.all, baseline.all) where now.kinds != then.kinds {
+                for ((role, now), (_, then)) in zip(measured.all, baseline.all) where !fdsAgree(baseline: then, now: now) {
                     host.ledger.fail("\(role): fds at checkpoint \(part) differ from the baseline (\(fdDifference(from: then, to: now)))")
                 }
             }
@@ -312,7 +312,7 @@ struct Run {
         repeat {
             last = await measure()
             guard let baseline, let current = last else { return last }
-            if baseline.all.map(\.1.kinds) == current.all.map(\.1.kinds) { return current }
+            if zip(baseline.all, current.all).allSatisfy({ fdsAgree(baseline: $0.1, now: $1.1) }) { return current }
             try? await Task.sleep(for: .seconds(1))
         } while ContinuousClock.now < deadline
         return last
@@ -355,7 +355,7 @@ struct Run {
             var verdict = "ok"
             if let b, let e {
                 let allowed = b.residentKiB + max(b.residentKiB * options.rssTolerancePercent / 100, options.rssToleranceKiB)
-                if e.kinds != b.kinds {
+                if !fdsAgree(baseline: b, now: e) {
                     verdict = "FDS CHANGED"
                     ledger.fail(
                         "\(role): \(e.descriptors) fds after the soak, \(b.descriptors) at the baseline (\(fdDifference(from: b, to: e))); pid \(b.pid) then \(e.pid); now \(e.table.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: " "))"
