@@ -217,7 +217,6 @@ struct BridgeTests {
         let listed = try await daemon.bridge.list()
         #expect(listed.processes.contains { $0.id == "s" && $0.state == "running" })
         let stats = try await daemon.bridge.stats()
-        #expect(stats.processes >= 1 && stats.streams >= 0)
         #expect(stats.residentKiB > 0 && (stats.mallocInUseKiB ?? 0) > 0 && stats.mallocFreeKiB != nil, "\(stats)")
         try await daemon.bridge.signal("s", SIGTERM)
         try await eventually("the sleeper's exit") { exits.count("s") == 1 }
