@@ -27,6 +27,17 @@ final class ExitLog: Sendable {
     func cancel() { task.cancel() }
 }
 
+/// Runs `body` with a new daemon and the host application's exit log, and cleans both up
+/// however it ends; skips (saying why) when not root.
+func withBridgeDaemon(_ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
+    guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    let daemon = try await DaemonFixture()
+    defer { daemon.cleanUp() }
+    let exits = ExitLog(daemon.bridge)
+    defer { exits.cancel() }
+    try await body(daemon, exits)
+}
+
 @Suite("The bridge: the host creates processes; their stdio and exits survive migrations")
 struct BridgeTests {
     /// Five "migrations" (bridge and every stream connection dropped at once, nothing accepted
@@ -34,100 +45,94 @@ struct BridgeTests {
     /// the middle of a longer blackout. Every line arrives once, in order, and each exit reaches
     /// the host exactly once — the one that happened in the dark after the reconnect.
     @Test func processesCreatedOverTheBridgeSurviveMigrationsAndEachExitArrivesOnce() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
-        let hello = try #require(daemon.bridge.lastHello)
-        #expect(hello.version == BridgeProtocol.version)
-        #expect(hello.bootID.count == 36, "the kernel's boot id")
+        try await withBridgeDaemon { daemon, exits in
+            #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
+            let hello = try #require(daemon.bridge.lastHello)
+            #expect(hello.version == BridgeProtocol.version)
+            #expect(hello.bootID.count == 36, "the kernel's boot id")
 
-        let stdout = collect(daemon.streams.open(token: bytes("m1-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "m1", argv: counterCommand(400, prefix: "m1", pause: "0.005"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m1-out")))
-        for migration in 1...5 {
-            try await Task.sleep(for: .milliseconds(150))
+            let stdout = collect(daemon.streams.open(token: bytes("m1-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "m1", argv: counterCommand(400, prefix: "m1", pause: "0.005"),
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m1-out")))
+            for migration in 1...5 {
+                try await Task.sleep(for: .milliseconds(150))
+                blackout(daemon)
+                try await Task.sleep(for: .milliseconds(200))
+                lightsOn(daemon)
+                print("migration \(migration) done")
+            }
+            // m2 exits while nobody is there to hear it.
+            _ = try await daemon.bridge.create(ProcessSpec(id: "m2", argv: ["sh", "-c", "sleep 0.2; exit 7"]))
             blackout(daemon)
-            try await Task.sleep(for: .milliseconds(200))
+            try await eventually("m2 to exit in the dark", timeout: .seconds(5)) {
+                let report = try await daemon.status()
+                return report.processes.first { $0.id == "m2" }?.state == "done"
+            }
+            #expect(exits.count("m2") == 0, "nobody was connected")
             lightsOn(daemon)
-            print("migration \(migration) done")
-        }
-        // m2 exits while nobody is there to hear it.
-        _ = try await daemon.bridge.create(ProcessSpec(id: "m2", argv: ["sh", "-c", "sleep 0.2; exit 7"]))
-        blackout(daemon)
-        try await eventually("m2 to exit in the dark", timeout: .seconds(5)) {
-            let report = try await daemon.status()
-            return report.processes.first { $0.id == "m2" }?.state == "done"
-        }
-        #expect(exits.count("m2") == 0, "nobody was connected")
-        lightsOn(daemon)
 
-        try await eventually("both exits", timeout: .seconds(20)) { exits.count("m1") == 1 && exits.count("m2") == 1 }
-        #expect(await stdout.value == expectedLines(400, prefix: "m1"), "every line once, in order")
-        let m1 = try #require(exits.all.first { $0.id == "m1" })
-        #expect(m1.exitCode == 0 && m1.undelivered == 0)
-        #expect(exits.all.first { $0.id == "m2" }?.exitCode == 7)
-        // Acknowledged exits are forgotten by the guest: a further reconnect repeats nothing.
-        try await eventually("the guest to forget acknowledged exits") { try await daemon.bridge.list().processes.isEmpty }
-        blackout(daemon)
-        lightsOn(daemon)
-        #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
-        try await eventually("a new hello") { daemon.bridge.lastHello?.exits.isEmpty == true }
-        #expect(exits.all.count == 2, "no exit delivered twice: \(exits.all)")
-        #expect(try await daemon.status().roles.allSatisfy { $0.restarts == 0 })
-        #expect(try await daemon.stop() == .exited(0))
+            try await eventually("both exits", timeout: .seconds(20)) { exits.count("m1") == 1 && exits.count("m2") == 1 }
+            #expect(await stdout.value == expectedLines(400, prefix: "m1"), "every line once, in order")
+            let m1 = try #require(exits.all.first { $0.id == "m1" })
+            #expect(m1.exitCode == 0 && m1.undelivered == 0)
+            #expect(exits.all.first { $0.id == "m2" }?.exitCode == 7)
+            // Acknowledged exits are forgotten by the guest: a further reconnect repeats nothing.
+            try await eventually("the guest to forget acknowledged exits") { try await daemon.bridge.list().processes.isEmpty }
+            blackout(daemon)
+            lightsOn(daemon)
+            #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
+            try await eventually("a new hello") { daemon.bridge.lastHello?.exits.isEmpty == true }
+            #expect(exits.all.count == 2, "no exit delivered twice: \(exits.all)")
+            #expect(try await daemon.status().roles.allSatisfy { $0.restarts == 0 })
+            #expect(try await daemon.stop() == .exited(0))
+        }
     }
 
     /// Twenty migrations while a heartbeat prints and `cat` echoes lines typed before, during
     /// and after the blackouts: every number once and in order; every typed line echoed once, in
     /// order; `cat` never sees a false end-of-file (it runs until stdin is ended explicitly).
     @Test func twentyMigrationsUnderAHeartbeatAndAnEcho() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        let heartbeat = collect(daemon.streams.open(token: bytes("hb-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "hb", argv: counterCommand(250, prefix: "beat", pause: "0.02"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "hb-out")))
-        let typed = daemon.streams.open(token: bytes("echo-in"), direction: .send)
-        let echoed = collect(daemon.streams.open(token: bytes("echo-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "echo", argv: ["cat"],
-            stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-in"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-out")))
-        // A process silent through the migrations that speaks afterwards is heard.
-        let quiet = collect(daemon.streams.open(token: bytes("quiet-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "quiet", argv: ["sh", "-c", "sleep 4; echo after the storm"],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "quiet-out")))
-        let typist = Task {
-            for line in 1...200 {
-                try await typed.send(bytes("typed \(line)\n"))
-                try await Task.sleep(for: .milliseconds(25))
+        try await withBridgeDaemon { daemon, exits in
+            let heartbeat = collect(daemon.streams.open(token: bytes("hb-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "hb", argv: counterCommand(250, prefix: "beat", pause: "0.02"),
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "hb-out")))
+            let typed = daemon.streams.open(token: bytes("echo-in"), direction: .send)
+            let echoed = collect(daemon.streams.open(token: bytes("echo-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "echo", argv: ["cat"],
+                stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-in"),
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-out")))
+            // A process silent through the migrations that speaks afterwards is heard.
+            let quiet = collect(daemon.streams.open(token: bytes("quiet-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "quiet", argv: ["sh", "-c", "sleep 4; echo after the storm"],
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "quiet-out")))
+            let typist = Task {
+                for line in 1...200 {
+                    try await typed.send(bytes("typed \(line)\n"))
+                    try await Task.sleep(for: .milliseconds(25))
+                }
             }
+            for _ in 1...20 {
+                try await Task.sleep(for: .milliseconds(150))
+                blackout(daemon)
+                try await Task.sleep(for: .milliseconds(100))
+                lightsOn(daemon)
+            }
+            try await typist.value
+            try await eventually("echo still running: no false end-of-file", timeout: .seconds(5)) {
+                try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == "running" }
+            }
+            #expect(await typed.finish() == 0, "every typed byte acknowledged")
+            try await eventually("both exits", timeout: .seconds(20)) { exits.count("hb") == 1 && exits.count("echo") == 1 }
+            #expect(await heartbeat.value == expectedLines(250, prefix: "beat"))
+            #expect(await echoed.value == expectedLines(200, prefix: "typed"))
+            #expect(await quiet.value == bytes("after the storm\n"))
+            #expect(exits.all.allSatisfy { $0.exitCode == 0 && $0.undelivered == 0 })
+            #expect(try await daemon.stop() == .exited(0))
         }
-        for _ in 1...20 {
-            try await Task.sleep(for: .milliseconds(150))
-            blackout(daemon)
-            try await Task.sleep(for: .milliseconds(100))
-            lightsOn(daemon)
-        }
-        try await typist.value
-        try await eventually("echo still running: no false end-of-file", timeout: .seconds(5)) {
-            try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == "running" }
-        }
-        #expect(await typed.finish() == 0, "every typed byte acknowledged")
-        try await eventually("both exits", timeout: .seconds(20)) { exits.count("hb") == 1 && exits.count("echo") == 1 }
-        #expect(await heartbeat.value == expectedLines(250, prefix: "beat"))
-        #expect(await echoed.value == expectedLines(200, prefix: "typed"))
-        #expect(await quiet.value == bytes("after the storm\n"))
-        #expect(exits.all.allSatisfy { $0.exitCode == 0 && $0.undelivered == 0 })
-        #expect(try await daemon.stop() == .exited(0))
     }
 
     /// A tty process: `stty size` inside sees the size given at create, then the size of a
@@ -152,91 +157,85 @@ struct BridgeTests {
     /// and the stream reconnects each time: the file keeps growing, lines stay in order with no
     /// duplicate, and the last line arrives (raw mode may lose what a dying listener accepted).
     @Test func rawModeFollowsASocatListenerThroughRestartsAndMigrations() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        let socketPath = daemon.directory.file("socat.sock")
-        let outPath = daemon.directory.file("socat.out")
-        func startSocat() throws -> pid_t {
-            let pid = try daemon.processes.start(
-                ["socat", "-u", "UNIX-LISTEN:\(socketPath),fork,unlink-early,mode=666", "OPEN:\(outPath),creat,append"])
-            return pid
+        try await withBridgeDaemon { daemon, exits in
+            let socketPath = daemon.directory.file("socat.sock")
+            let outPath = daemon.directory.file("socat.out")
+            func startSocat() throws -> pid_t {
+                let pid = try daemon.processes.start(
+                    ["socat", "-u", "UNIX-LISTEN:\(socketPath),fork,unlink-early,mode=666", "OPEN:\(outPath),creat,append"])
+                return pid
+            }
+            var socat = try startSocat()
+            try await eventually("socat listening") { access(socketPath, F_OK) == 0 }
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "r", argv: counterCommand(200, prefix: "raw", pause: "0.02"),
+                stdout: StreamSpec(address: "unix:" + socketPath, mode: .raw)))
+            var sizes: [Int] = []
+            for _ in 1...3 {
+                try await Task.sleep(for: .milliseconds(400))
+                daemon.processes.kill(socat)  // the host end goes away...
+                blackout(daemon)  // ...during a migration
+                try await Task.sleep(for: .milliseconds(150))
+                lightsOn(daemon)
+                sizes.append(readFile(outPath)?.count ?? 0)
+                socat = try startSocat()
+            }
+            try await eventually("the raw process's exit", timeout: .seconds(20)) { exits.count("r") == 1 }
+            // The exit is reported once the broker wrote the last bytes; socat may still be copying.
+            try await eventually("socat to write the last line", timeout: .seconds(5)) {
+                String(decoding: readFile(outPath) ?? [], as: UTF8.self).hasSuffix("raw 200\n")
+            }
+            daemon.processes.kill(socat)
+            let lines = String(decoding: readFile(outPath) ?? [], as: UTF8.self).split(separator: "\n").compactMap { Int($0.split(separator: " ").last ?? "") }
+            print("raw through socat restarts: \(lines.count) of 200 lines, file sizes at each restart \(sizes)")
+            #expect(lines == lines.sorted() && Set(lines).count == lines.count, "in order, no duplicate")
+            #expect(lines.last == 200, "the last line arrives after the last restart")
+            #expect(sizes == sizes.sorted() && (readFile(outPath)?.count ?? 0) > (sizes.last ?? 0), "the stream reconnected after every restart")
+            #expect(try await daemon.stop() == .exited(0))
         }
-        var socat = try startSocat()
-        try await eventually("socat listening") { access(socketPath, F_OK) == 0 }
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "r", argv: counterCommand(200, prefix: "raw", pause: "0.02"),
-            stdout: StreamSpec(address: "unix:" + socketPath, mode: .raw)))
-        var sizes: [Int] = []
-        for _ in 1...3 {
-            try await Task.sleep(for: .milliseconds(400))
-            daemon.processes.kill(socat)  // the host end goes away...
-            blackout(daemon)  // ...during a migration
-            try await Task.sleep(for: .milliseconds(150))
-            lightsOn(daemon)
-            sizes.append(readFile(outPath)?.count ?? 0)
-            socat = try startSocat()
-        }
-        try await eventually("the raw process's exit", timeout: .seconds(20)) { exits.count("r") == 1 }
-        // The exit is reported once the broker wrote the last bytes; socat may still be copying.
-        try await eventually("socat to write the last line", timeout: .seconds(5)) {
-            String(decoding: readFile(outPath) ?? [], as: UTF8.self).hasSuffix("raw 200\n")
-        }
-        daemon.processes.kill(socat)
-        let lines = String(decoding: readFile(outPath) ?? [], as: UTF8.self).split(separator: "\n").compactMap { Int($0.split(separator: " ").last ?? "") }
-        print("raw through socat restarts: \(lines.count) of 200 lines, file sizes at each restart \(sizes)")
-        #expect(lines == lines.sorted() && Set(lines).count == lines.count, "in order, no duplicate")
-        #expect(lines.last == 200, "the last line arrives after the last restart")
-        #expect(sizes == sizes.sorted() && (readFile(outPath)?.count ?? 0) > (sizes.last ?? 0), "the stream reconnected after every restart")
-        #expect(try await daemon.stop() == .exited(0))
     }
 
     @Test func signalResizeCloseStdinListAndStatsOverTheBridge() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        // `cat` ends when its stdin does: close-stdin must reach it as an explicit end.
-        let input = daemon.streams.open(token: bytes("c-in"), direction: .send)
-        let output = collect(daemon.streams.open(token: bytes("c-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "c", argv: ["cat"],
-            stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-in"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-out")))
-        try await input.send(bytes("hello through the bridge\n"))
-        _ = await input.finish()
-        try await eventually("cat's exit") { exits.count("c") == 1 }
-        #expect(await output.value == bytes("hello through the bridge\n"))
-        #expect(exits.all.first?.exitCode == 0)
+        try await withBridgeDaemon { daemon, exits in
+            // `cat` ends when its stdin does: close-stdin must reach it as an explicit end.
+            let input = daemon.streams.open(token: bytes("c-in"), direction: .send)
+            let output = collect(daemon.streams.open(token: bytes("c-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "c", argv: ["cat"],
+                stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-in"),
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-out")))
+            try await input.send(bytes("hello through the bridge\n"))
+            _ = await input.finish()
+            try await eventually("cat's exit") { exits.count("c") == 1 }
+            #expect(await output.value == bytes("hello through the bridge\n"))
+            #expect(exits.all.first?.exitCode == 0)
 
-        // A sleeper ended by a signal sent over the bridge; its exit says which signal.
-        _ = try await daemon.bridge.create(ProcessSpec(id: "s", argv: ["sleep", "60"]))
-        let listed = try await daemon.bridge.list()
-        #expect(listed.processes.contains { $0.id == "s" && $0.state == "running" })
-        let stats = try await daemon.bridge.stats()
-        #expect(stats.residentKiB > 0 && (stats.mallocInUseKiB ?? 0) > 0 && stats.mallocFreeKiB != nil, "\(stats)")
-        try await daemon.bridge.signal("s", SIGTERM)
-        try await eventually("the sleeper's exit") { exits.count("s") == 1 }
-        #expect(exits.all.first { $0.id == "s" }?.signal == SIGTERM)
+            // A sleeper ended by a signal sent over the bridge; its exit says which signal.
+            _ = try await daemon.bridge.create(ProcessSpec(id: "s", argv: ["sleep", "60"]))
+            let listed = try await daemon.bridge.list()
+            #expect(listed.processes.contains { $0.id == "s" && $0.state == "running" })
+            let stats = try await daemon.bridge.stats()
+            #expect(stats.residentKiB > 0 && (stats.mallocInUseKiB ?? 0) > 0 && stats.mallocFreeKiB != nil, "\(stats)")
+            try await daemon.bridge.signal("s", SIGTERM)
+            try await eventually("the sleeper's exit") { exits.count("s") == 1 }
+            #expect(exits.all.first { $0.id == "s" }?.signal == SIGTERM)
 
-        // Errors come back coded.
-        await #expect(throws: ErrorBody.self) { try await daemon.bridge.signal("nobody", SIGTERM) }
-        do {
-            _ = try await daemon.bridge.create(ProcessSpec(id: "bad", argv: ["/nonexistent/binary"]))
-            Issue.record("created a process from a binary that does not exist")
-        } catch {
-            #expect(error.message.contains("/nonexistent/binary"), "\(error)")
+            // Errors come back coded.
+            await #expect(throws: ErrorBody.self) { try await daemon.bridge.signal("nobody", SIGTERM) }
+            do {
+                _ = try await daemon.bridge.create(ProcessSpec(id: "bad", argv: ["/nonexistent/binary"]))
+                Issue.record("created a process from a binary that does not exist")
+            } catch let error as ErrorBody {
+                #expect(error.message.contains("/nonexistent/binary"), "\(error)")
+            }
+            do {
+                try await daemon.bridge.resize("nobody", rows: 10, columns: 10)
+                Issue.record("resized a process that does not exist")
+            } catch let error as ErrorBody {
+                #expect(!error.code.isEmpty)
+            }
+            #expect(try await daemon.stop() == .exited(0))
         }
-        do {
-            try await daemon.bridge.resize("nobody", rows: 10, columns: 10)
-            Issue.record("resized a process that does not exist")
-        } catch {
-            #expect(!error.code.isEmpty)
-        }
-        #expect(try await daemon.stop() == .exited(0))
     }
 
     /// A host that speaks garbage: an oversized frame gets an error reply and closes that
@@ -360,36 +359,33 @@ struct RepeatedCreateTests {
     /// accepted — before, every create that arrived while the first was still handing its
     /// streams to the broker started the program again.
     @Test func concurrentCreatesOfOneIdStartOneProcess() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        let marker = daemon.directory.file("runs")
-        let output = collect(daemon.streams.open(token: bytes("same-out"), direction: .receive))
-        let spec = ProcessSpec(
-            id: "same", argv: ["sh", "-c", "echo run >> \(marker); echo out; sleep 0.5"],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "same-out"))
-        let outcomes = await withTaskGroup(of: String.self) { group in
-            for _ in 0..<20 {
-                group.addTask {
-                    do {
-                        _ = try await daemon.bridge.create(spec)
-                        return "ok"
-                    } catch {
-                        return (error as? ErrorBody)?.code ?? "\(error)"
+        try await withBridgeDaemon { daemon, exits in
+            let marker = daemon.directory.file("runs")
+            let output = collect(daemon.streams.open(token: bytes("same-out"), direction: .receive))
+            let spec = ProcessSpec(
+                id: "same", argv: ["sh", "-c", "echo run >> \(marker); echo out; sleep 0.5"],
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "same-out"))
+            let outcomes = await withTaskGroup(of: String.self) { group in
+                for _ in 0..<20 {
+                    group.addTask {
+                        do {
+                            _ = try await daemon.bridge.create(spec)
+                            return "ok"
+                        } catch {
+                            return (error as? ErrorBody)?.code ?? "\(error)"
+                        }
                     }
                 }
+                return await group.reduce(into: [String]()) { $0.append($1) }
             }
-            return await group.reduce(into: [String]()) { $0.append($1) }
+            #expect(outcomes.filter { $0 == "ok" }.count == 1, "\(outcomes)")
+            #expect(outcomes.filter { $0 == "process-exists" }.count == 19, "\(outcomes)")
+            try await eventually("the exit") { exits.count("same") == 1 }
+            #expect(await output.value == bytes("out\n"))
+            #expect(runs(marker) == 1, "the program ran \(runs(marker)) times")
+            #expect(exits.count("same") == 1)
+            #expect(try await daemon.stop() == .exited(0))
         }
-        #expect(outcomes.filter { $0 == "ok" }.count == 1, "\(outcomes)")
-        #expect(outcomes.filter { $0 == "process-exists" }.count == 19, "\(outcomes)")
-        try await eventually("the exit") { exits.count("same") == 1 }
-        #expect(await output.value == bytes("out\n"))
-        #expect(runs(marker) == 1, "the program ran \(runs(marker)) times")
-        #expect(exits.count("same") == 1)
-        #expect(try await daemon.stop() == .exited(0))
     }
 
     /// A create that takes its time (a runc that needs a second, then fails): meanwhile the id
@@ -445,57 +441,54 @@ struct RepeatedCreateTests {
     /// acknowledged and the process forgotten — each time the first one's pid, `repeated`, and
     /// nothing new started. A new key reuses the id.
     @Test func aKeyedCreateSentAgainAnswersWithTheFirstOne() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        let marker = daemon.directory.file("runs")
-        let gate = daemon.directory.file("gate")
-        var spec = ProcessSpec(
-            id: "job", argv: ["sh", "-c", "echo run >> \(marker); while [ ! -e \(gate) ]; do sleep 0.02; done; exit 3"],
-            idempotencyKey: "create-1")
-        func send(_ spec: ProcessSpec) async throws(ErrorBody) -> LaunchResponse {
-            try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30))
-        }
-        let first = try await send(spec)
-        #expect(first.repeated == nil)
-        let whileRunning = try await send(spec)
-        #expect(whileRunning == LaunchResponse(pid: first.pid, repeated: true))
-        let listed = try await daemon.bridge.list()
-        #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == ["running"])
-
-        #expect(creat(gate, 0o600) >= 0)
-        try await eventually("the exit") { exits.count("job") == 1 }
-        // BridgeServer acknowledged it: the guest forgets the process, but not the create.
-        try await eventually("the guest to forget the process") { try await !daemon.bridge.list().processes.contains { $0.id == "job" } }
-        let afterForgotten = try await send(spec)
-        #expect(afterForgotten == LaunchResponse(pid: first.pid, repeated: true))
-        #expect(try await !daemon.bridge.list().processes.contains { $0.id == "job" }, "nothing started")
-        #expect(runs(marker) == 1)
-
-        // Another key is another create: the id is free again (through `create`, which tells
-        // the host's exit board that this id's next exit is news).
-        spec.idempotencyKey = "create-2"
-        let second = try await daemon.bridge.create(spec)
-        #expect(second != first.pid)
-        try await eventually("the second exit") { exits.count("job") == 2 }
-        #expect(runs(marker) == 2)
-        #expect(exits.all.filter { $0.id == "job" }.map(\.exitCode) == [3, 3])
-
-        // A key out of bounds is refused before anything starts.
-        for bad in ["", String(repeating: "k", count: ProcessSpec.maxIdempotencyKeyLength + 1)] {
-            spec.idempotencyKey = bad
-            spec.id = "bad-key"
-            do {
-                _ = try await send(spec)
-                Issue.record("a create with a \(bad.utf8.count)-byte key was accepted")
-            } catch {
-                #expect(error.code == "bad-request" && error.message.contains("idempotencyKey"), "\(error)")
+        try await withBridgeDaemon { daemon, exits in
+            let marker = daemon.directory.file("runs")
+            let gate = daemon.directory.file("gate")
+            var spec = ProcessSpec(
+                id: "job", argv: ["sh", "-c", "echo run >> \(marker); while [ ! -e \(gate) ]; do sleep 0.02; done; exit 3"],
+                idempotencyKey: "create-1")
+            func send(_ spec: ProcessSpec) async throws(ErrorBody) -> LaunchResponse {
+                try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30))
             }
+            let first = try await send(spec)
+            #expect(first.repeated == nil)
+            let whileRunning = try await send(spec)
+            #expect(whileRunning == LaunchResponse(pid: first.pid, repeated: true))
+            let listed = try await daemon.bridge.list()
+            #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == ["running"])
+
+            #expect(creat(gate, 0o600) >= 0)
+            try await eventually("the exit") { exits.count("job") == 1 }
+            // BridgeServer acknowledged it: the guest forgets the process, but not the create.
+            try await eventually("the guest to forget the process") { try await !daemon.bridge.list().processes.contains { $0.id == "job" } }
+            let afterForgotten = try await send(spec)
+            #expect(afterForgotten == LaunchResponse(pid: first.pid, repeated: true))
+            #expect(try await !daemon.bridge.list().processes.contains { $0.id == "job" }, "nothing started")
+            #expect(runs(marker) == 1)
+
+            // Another key is another create: the id is free again (through `create`, which tells
+            // the host's exit board that this id's next exit is news).
+            spec.idempotencyKey = "create-2"
+            let second = try await daemon.bridge.create(spec)
+            #expect(second != first.pid)
+            try await eventually("the second exit") { exits.count("job") == 2 }
+            #expect(runs(marker) == 2)
+            #expect(exits.all.filter { $0.id == "job" }.map(\.exitCode) == [3, 3])
+
+            // A key out of bounds is refused before anything starts.
+            for bad in ["", String(repeating: "k", count: ProcessSpec.maxIdempotencyKeyLength + 1)] {
+                spec.idempotencyKey = bad
+                spec.id = "bad-key"
+                do {
+                    _ = try await send(spec)
+                    Issue.record("a create with a \(bad.utf8.count)-byte key was accepted")
+                } catch let error as ErrorBody {
+                    #expect(error.code == "bad-request" && error.message.contains("idempotencyKey"), "\(error)")
+                }
+            }
+            #expect(runs(marker) == 2)
+            #expect(try await daemon.stop() == .exited(0))
         }
-        #expect(runs(marker) == 2)
-        #expect(try await daemon.stop() == .exited(0))
     }
 }
 

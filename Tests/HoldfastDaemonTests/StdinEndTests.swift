@@ -79,44 +79,41 @@ struct StdinEndTests {
     /// keeps the stream, redials after the migration, echoes again, and closes once the host,
     /// done, closes the connection.
     @Test func anEndEchoLostInAMigrationIsEchoedAgain() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
-        let path = daemon.directory.file("held.sock")
-        let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
-            let connection = HeldReadsConnection(socket)
-            connections.withLockedValue { $0.append(connection) }
-            return connection
+        try await withBridgeDaemon { daemon, exits in
+            let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
+            let path = daemon.directory.file("held.sock")
+            let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
+                let connection = HeldReadsConnection(socket)
+                connections.withLockedValue { $0.append(connection) }
+                return connection
+            }
+            held.start()
+            defer { held.close() }
+            let input = held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(10)))
+            let output = collect(daemon.streams.open(token: bytes("e-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "e", argv: ["cat"], stdin: StreamSpec(address: "unix:" + path, mode: .resumable, token: "e-in"),
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "e-out")))
+            try await eventually("stdin connected") { input.slot.phase == .connected }
+            // From now on the host does not read what the guest sends on this connection.
+            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+            try await input.send(bytes("typed, then the host migrates\n"))
+            let finished = Task { await input.finish() }
+            // cat exits once its stdin ended: the guest had the END, and echoes it (unread here).
+            try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("e") == 1 }
+            try await Task.sleep(for: .milliseconds(300))
+            // The migration: the connection goes, the ACK and the echo unread in it.
+            held.setRefusing(true)
+            held.dropAllConnections()
+            try await Task.sleep(for: .milliseconds(200))
+            held.setRefusing(false)
+            let back = ContinuousClock.now
+            #expect(await finished.value == 0, "every typed byte acknowledged")
+            #expect(ContinuousClock.now - back < .seconds(5), "the guest echoed again: no drain timeout waited out")
+            #expect(await output.value == bytes("typed, then the host migrates\n"))
+            #expect(exits.all.first { $0.id == "e" }?.exitCode == 0)
+            #expect(connections.withLockedValue { $0.count } >= 2, "the guest came back for the echo")
+            #expect(try await daemon.stop() == .exited(0))
         }
-        held.start()
-        defer { held.close() }
-        let input = held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(10)))
-        let output = collect(daemon.streams.open(token: bytes("e-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "e", argv: ["cat"], stdin: StreamSpec(address: "unix:" + path, mode: .resumable, token: "e-in"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "e-out")))
-        try await eventually("stdin connected") { input.slot.phase == .connected }
-        // From now on the host does not read what the guest sends on this connection.
-        for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
-        try await input.send(bytes("typed, then the host migrates\n"))
-        let finished = Task { await input.finish() }
-        // cat exits once its stdin ended: the guest had the END, and echoes it (unread here).
-        try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("e") == 1 }
-        try await Task.sleep(for: .milliseconds(300))
-        // The migration: the connection goes, the ACK and the echo unread in it.
-        held.setRefusing(true)
-        held.dropAllConnections()
-        try await Task.sleep(for: .milliseconds(200))
-        held.setRefusing(false)
-        let back = ContinuousClock.now
-        #expect(await finished.value == 0, "every typed byte acknowledged")
-        #expect(ContinuousClock.now - back < .seconds(5), "the guest echoed again: no drain timeout waited out")
-        #expect(await output.value == bytes("typed, then the host migrates\n"))
-        #expect(exits.all.first { $0.id == "e" }?.exitCode == 0)
-        #expect(connections.withLockedValue { $0.count } >= 2, "the guest came back for the echo")
-        #expect(try await daemon.stop() == .exited(0))
     }
 }

@@ -117,47 +117,44 @@ struct SystemdNotifyTests {
     /// the new daemon's hello lists no processes and no exits, with the same boot id and a new
     /// instance id.
     @Test func aServiceRestartEndsEveryContainerProcessAndTheHostSeesThemGone() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        let daemon = try await DaemonFixture()
-        defer { daemon.cleanUp() }
-        let exits = ExitLog(daemon.bridge)
-        defer { exits.cancel() }
-        #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
-        let bootID = try #require(daemon.bridge.lastHello?.bootID)
-        let marker = daemon.directory.file("trap-set")
-        let politeOut = collect(daemon.streams.open(token: bytes("polite-out"), direction: .receive))
-        let polite = try await daemon.bridge.create(ProcessSpec(
-            id: "polite",
-            argv: ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo started; touch \(marker)-polite; while :; do sleep 0.05; done"],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "polite-out")))
-        let stubborn = try await daemon.bridge.create(ProcessSpec(
-            id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]))
-        // Not before both shells have set their traps.
-        try await eventually("both traps set") { access(marker + "-polite", F_OK) == 0 && access(marker + "-stubborn", F_OK) == 0 }
+        try await withBridgeDaemon { daemon, exits in
+            #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
+            let bootID = try #require(daemon.bridge.lastHello?.bootID)
+            let marker = daemon.directory.file("trap-set")
+            let politeOut = collect(daemon.streams.open(token: bytes("polite-out"), direction: .receive))
+            let polite = try await daemon.bridge.create(ProcessSpec(
+                id: "polite",
+                argv: ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo started; touch \(marker)-polite; while :; do sleep 0.05; done"],
+                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "polite-out")))
+            let stubborn = try await daemon.bridge.create(ProcessSpec(
+                id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]))
+            // Not before both shells have set their traps.
+            try await eventually("both traps set") { access(marker + "-polite", F_OK) == 0 && access(marker + "-stubborn", F_OK) == 0 }
 
-        let stopping = ContinuousClock.now
-        #expect(try await daemon.stop() == .exited(0))
-        let stopTook = ContinuousClock.now - stopping
-        print("daemon stopped in \(stopTook) (shutdown.grace 1s in the fixture)")
-        #expect(stopTook >= .milliseconds(900), "the stubborn process held the shutdown until SIGKILL after the grace period")
-        #expect(kill(polite, 0) != 0 && kill(stubborn, 0) != 0, "both container processes are gone")
-        #expect(await politeOut.value == bytes("started\ngot TERM\n"), "output written while stopping still reached the host")
-        // The bridge stops after the processes: their exits reached the host, once each.
-        try await eventually("both exits at the host") { exits.count("polite") == 1 && exits.count("stubborn") == 1 }
-        #expect(exits.all.first { $0.id == "polite" }.map { [$0.exitCode, Int32($0.undelivered)] } == [3, 0])
-        #expect(exits.all.first { $0.id == "stubborn" }?.signal == SIGKILL)
-        let instance = try #require(daemon.bridge.lastHello?.instanceID)
+            let stopping = ContinuousClock.now
+            #expect(try await daemon.stop() == .exited(0))
+            let stopTook = ContinuousClock.now - stopping
+            print("daemon stopped in \(stopTook) (shutdown.grace 1s in the fixture)")
+            #expect(stopTook >= .milliseconds(900), "the stubborn process held the shutdown until SIGKILL after the grace period")
+            #expect(kill(polite, 0) != 0 && kill(stubborn, 0) != 0, "both container processes are gone")
+            #expect(await politeOut.value == bytes("started\ngot TERM\n"), "output written while stopping still reached the host")
+            // The bridge stops after the processes: their exits reached the host, once each.
+            try await eventually("both exits at the host") { exits.count("polite") == 1 && exits.count("stubborn") == 1 }
+            #expect(exits.all.first { $0.id == "polite" }.map { [$0.exitCode, Int32($0.undelivered)] } == [3, 0])
+            #expect(exits.all.first { $0.id == "stubborn" }?.signal == SIGKILL)
+            let instance = try #require(daemon.bridge.lastHello?.instanceID)
 
-        // The new daemon (what systemd starts next).
-        let before = daemon.bridge.acceptedConnections
-        let log = open(daemon.directory.file("daemon2.log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        _ = try daemon.processes.start(
-            [holdfastExecutable(), "daemon", "--config", daemon.directory.file("holdfast.yaml")], stdout: log, stderr: log)
-        close(log)
-        try await eventually("the new daemon's hello", timeout: .seconds(20)) { daemon.bridge.acceptedConnections > before }
-        let hello = try #require(daemon.bridge.lastHello)
-        #expect(hello.processes.isEmpty && hello.exits.isEmpty, "the new daemon knows nothing of them: \(hello)")
-        #expect(hello.bootID == bootID, "same boot id")
-        #expect(hello.instanceID != nil && hello.instanceID != instance, "a new instance id: the daemon restarted")
+            // The new daemon (what systemd starts next).
+            let before = daemon.bridge.acceptedConnections
+            let log = open(daemon.directory.file("daemon2.log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            _ = try daemon.processes.start(
+                [holdfastExecutable(), "daemon", "--config", daemon.directory.file("holdfast.yaml")], stdout: log, stderr: log)
+            close(log)
+            try await eventually("the new daemon's hello", timeout: .seconds(20)) { daemon.bridge.acceptedConnections > before }
+            let hello = try #require(daemon.bridge.lastHello)
+            #expect(hello.processes.isEmpty && hello.exits.isEmpty, "the new daemon knows nothing of them: \(hello)")
+            #expect(hello.bootID == bootID, "same boot id")
+            #expect(hello.instanceID != nil && hello.instanceID != instance, "a new instance id: the daemon restarted")
+        }
     }
 }

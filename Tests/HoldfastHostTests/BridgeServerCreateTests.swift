@@ -31,13 +31,20 @@ struct BridgeServerCreateTests {
         }
     }
 
-    @Test func aCreateWhoseReplyIsLostIsSentAgainWithTheSameKey() async throws {
+    static func startBridge() throws -> (TemporaryDirectory, BridgeServer) {
         let directory = try TemporaryDirectory()
-        defer { directory.remove() }
-        let address = SocketAddress.unix(path: directory.file("bridge.sock"))
-        let bridge = try BridgeServer(listeningOn: address)
+        let bridge = try BridgeServer(listeningOn: .unix(path: directory.file("bridge.sock")))
         bridge.start()
-        defer { bridge.close() }
+        return (directory, bridge)
+    }
+
+    @Test func aCreateWhoseReplyIsLostIsSentAgainWithTheSameKey() async throws {
+        let (directory, bridge) = try Self.startBridge()
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let address = bridge.address
 
         let created = Task { () throws(ErrorBody) -> Int32 in
             try await bridge.create(ProcessSpec(id: "job", argv: ["true"]), timeout: .seconds(60))
@@ -61,12 +68,12 @@ struct BridgeServerCreateTests {
     }
 
     @Test func aKeyTheCallerChoseIsKeptAndOtherErrorsAreNotRepeated() async throws {
-        let directory = try TemporaryDirectory()
-        defer { directory.remove() }
-        let address = SocketAddress.unix(path: directory.file("bridge.sock"))
-        let bridge = try BridgeServer(listeningOn: address)
-        bridge.start()
-        defer { bridge.close() }
+        let (directory, bridge) = try Self.startBridge()
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let address = bridge.address
 
         let created = Task { () throws(ErrorBody) -> Int32 in
             try await bridge.create(ProcessSpec(id: "job", argv: ["true"], idempotencyKey: "mine-1"), timeout: .seconds(60))
