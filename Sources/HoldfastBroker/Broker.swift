@@ -166,6 +166,7 @@ public final class Broker: Sendable {
     public func stats() -> BrokerStats {
         let streams = list()
         let gone = totals.withLockedValue { $0 }
+        let malloc = Memory.mallocUsage()
         return BrokerStats(
             processes: processes.withLockedValue { $0.count },
             streams: streams.count,
@@ -177,8 +178,8 @@ public final class Broker: Sendable {
             undelivered: gone.undelivered,
             openDescriptors: ProcessFigures.openDescriptors(),
             residentKiB: ProcessFigures.residentKiB(),
-            mallocInUseKiB: Memory.mallocUsage().inUse / 1024,
-            mallocFreeKiB: Memory.mallocUsage().free / 1024,
+            mallocInUseKiB: malloc.inUse / 1024,
+            mallocFreeKiB: malloc.free / 1024,
             liveProcessObjects: LiveObjects.processes.load(ordering: .relaxed),
             liveStreamObjects: LiveObjects.streams.load(ordering: .relaxed))
     }
