@@ -146,7 +146,8 @@ final class ManagedStream: Sendable {
         let input = input
         let inputEnded = inputEnded
         let lingerTimeout = lingerTimeout
-        let task = Task { () -> [RelayReport] in
+        // On the reactor's thread: a relay woken by readiness continues where it was seen.
+        let task = Task(executorPreference: Reactor.shared) { () -> [RelayReport] in
             switch (output, input) {
             case (let output?, let input?):
                 let report = await TtyRelay.run(master: handle, output: output.outbound, input: input.inbound)

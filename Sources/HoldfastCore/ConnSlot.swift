@@ -85,6 +85,9 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         }
     }
 
+    /// Callers parked in `current()`, waiting for a connection.
+    var parkedCount: Int { state.withLockedValue { $0.parked.count } }
+
     /// True while a redial cycle is dialing or waiting between attempts.
     public var isRedialing: Bool { state.withLockedValue { if case .idle = $0.cycle { false } else { true } } }
 
@@ -137,6 +140,24 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
                 disconnect(ifCurrent: lease.generation, reason: .writeFailed)
             }
         }
+    }
+
+    /// Counts bytes a connection took (for relays that write to the lease themselves).
+    func recordWrite(_ count: Int) {
+        state.withLockedValue { $0.statistics.bytesWritten &+= UInt64(count) }
+    }
+
+    /// Counts bytes a failing connection accepted before it failed: written, but unconfirmed.
+    func recordFailedWrite(accepted: Int) {
+        state.withLockedValue {
+            $0.statistics.bytesWritten &+= UInt64(accepted)
+            $0.statistics.bytesUnconfirmed &+= UInt64(accepted)
+        }
+    }
+
+    /// Counts bytes received from a connection.
+    func recordRead(_ count: Int) {
+        state.withLockedValue { $0.statistics.bytesRead &+= UInt64(count) }
     }
 
     /// The current connection if there is one now; never parks.

@@ -95,7 +95,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         token: [UInt8], direction: StreamDirection, configuration: ResumableConfiguration = ResumableConfiguration(),
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> Stream {
-        let stream = Stream(token: token, role: .host, direction: direction, configuration: configuration, observer: observer)
+        let stream = Stream(
+            token: token, role: .host, direction: direction, configuration: configuration, executor: Reactor.shared,
+            observer: observer)
         state.withLockedValue { $0.streams[token] = stream }
         return stream
     }

@@ -1,3 +1,4 @@
+import CHoldfastShims
 import HoldfastCore
 import NIOConcurrencyHelpers
 import Synchronization
@@ -15,11 +16,17 @@ import Glibc
 public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let fd: Int32
     public let isSocket: Bool
+    /// A pipe or FIFO: one end of a splice(2) must be one.
+    public let isPipe: Bool
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
     private let reactor: Reactor
     private let registration: Registration
     private let usage = NIOLockedValueBox(Usage())
+    /// IOV_MAX on Linux: the most iovecs one readv or writev takes.
+    static let maxVectors = 1024
+    /// A splice between this fd and another failed with EINVAL: copy instead.
+    private let spliceRefused = Atomic<Bool>(false)
 
     private struct Usage {
         var inFlight = 0
@@ -33,7 +40,10 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     private enum ReadHint {
         case unknown
         case ready
-        /// A read found nothing when the reactor had counted this many read edges.
+        /// A read found nothing — or less than it asked for, which on a pipe or a stream socket
+        /// means it emptied it — when the reactor had counted this many read edges. Waiting
+        /// then costs no EAGAIN probe: arming is level-checked, so bytes that came since are
+        /// reported at once.
         case wouldBlock(UInt64)
     }
 
@@ -46,7 +56,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         }
         self.wasBlocking = flags & O_NONBLOCK == 0
         var info = stat()
-        isSocket = fstat(fd, &info) == 0 && (info.st_mode & S_IFMT) == S_IFSOCK
+        let statted = fstat(fd, &info) == 0
+        isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
+        isPipe = statted && (info.st_mode & S_IFMT) == S_IFIFO
         self.fd = fd
         self.reactor = reactor
         self.registration = try reactor.register(fd)
@@ -103,7 +115,30 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
+        let drained = result.map { $0 > 0 && $0 < buffer.count } ?? true
+        usage.withLockedValue { $0.readHint = drained ? .wouldBlock(seen) : .ready }
+        return result
+    }
+
+    /// One readv for several buffers, filled in order.
+    public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        if buffers.count == 1 { return try readNow(into: buffers[0]) }
+        let seen = registration.edges(.read)
+        var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        let total = buffers.reduce(0) { $0 + $1.count }
+        let result = try withSyscall { () throws(SystemError) -> Int? in
+            while true {
+                let count = iov.withUnsafeMutableBufferPointer { readv(fd, $0.baseAddress, Int32(min($0.count, AsyncFD.maxVectors))) }
+                if count >= 0 { return count }
+                switch Glibc.errno {
+                case EINTR: continue
+                case EAGAIN, EWOULDBLOCK: return nil
+                default: throw .last("readv(fd \(fd))")
+                }
+            }
+        }
+        let drained = result.map { $0 > 0 && $0 < total } ?? true
+        usage.withLockedValue { $0.readHint = drained ? .wouldBlock(seen) : .ready }
         return result
     }
 
@@ -121,7 +156,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             }
             if let result {
                 written += result
-                continue
+                // A short write filled the pipe or the socket buffer: wait without an EAGAIN probe.
+                if written == bytes.count || result == 0 { continue }
             }
             do {
                 try await registration.wait(.write, after: seen)
@@ -131,26 +167,35 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         }
     }
 
-    /// One writev per attempt for a frame's header and body, so a small header does not cost a
-    /// syscall (or a packet) of its own.
+    /// One writev (sendmsg on a socket) per attempt for a frame's header and body, so a small
+    /// header does not cost a syscall (or a packet) of its own.
     public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
-        let total = header.count + body.count
+        try await write(vectors: [header, body])
+    }
+
+    /// One writev (sendmsg on a socket) per attempt for all of `vectors`; after a short write,
+    /// waits for room without an EAGAIN probe and goes on from where it stopped.
+    public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) {
+        var iov = vectors.compactMap { vector -> iovec? in
+            guard vector.count > 0 else { return nil }
+            return iovec(iov_base: UnsafeMutableRawPointer(mutating: vector.baseAddress), iov_len: vector.count)
+        }
+        let total = iov.reduce(0) { $0 + $1.iov_len }
         var written = 0
-        while written < header.count {
+        var first = 0
+        while written < total {
             let seen = registration.edges(.write)
+            let parts = min(iov.count - first, AsyncFD.maxVectors)
+            let offered = iov[first..<first + parts].reduce(0) { $0 + $1.iov_len }
             let result: Int?
             do {
                 result = try withSyscall { () throws(SystemError) -> Int? in
-                    var vectors = [
-                        iovec(iov_base: UnsafeMutableRawPointer(mutating: header.baseAddress! + written), iov_len: header.count - written),
-                        iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count),
-                    ]
-                    let parts = body.count > 0 ? 2 : 1
                     while true {
-                        let count = vectors.withUnsafeMutableBufferPointer { iov -> Int in
-                            guard isSocket else { return writev(fd, iov.baseAddress, Int32(parts)) }
+                        let count = iov.withUnsafeMutableBufferPointer { iov -> Int in
+                            let start = iov.baseAddress! + first
+                            guard isSocket else { return writev(fd, start, Int32(parts)) }
                             var message = msghdr()
-                            message.msg_iov = iov.baseAddress
+                            message.msg_iov = start
                             message.msg_iovlen = parts
                             return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
                         }
@@ -158,16 +203,30 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                         switch Glibc.errno {
                         case EINTR: continue
                         case EAGAIN, EWOULDBLOCK: return nil
-                        default: throw .last("writev(fd \(fd))")
+                        default: throw .last(isSocket ? "sendmsg(fd \(fd))" : "writev(fd \(fd))")
                         }
                     }
                 }
             } catch {
                 throw WriteFailure(accepted: written, cause: error)
             }
-            if let result {
+            if let result, result > 0 {
                 written += result
-                continue
+                // Step past what went out.
+                var consumed = result
+                while consumed > 0 {
+                    if consumed >= iov[first].iov_len {
+                        consumed -= iov[first].iov_len
+                        first += 1
+                    } else {
+                        iov[first].iov_base += consumed
+                        iov[first].iov_len -= consumed
+                        consumed = 0
+                    }
+                }
+                if written == total { return }
+                // A short write filled the socket buffer or the pipe: wait without a probe.
+                if result == offered { continue }
             }
             do {
                 try await registration.wait(.write, after: seen)
@@ -175,12 +234,108 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 throw WriteFailure(accepted: written, cause: error)
             }
         }
-        guard written < total else { return }
-        do {
-            try await write(UnsafeRawBufferPointer(rebasing: body[(written - header.count)...]))
-        } catch {
-            throw WriteFailure(accepted: written + error.accepted, cause: error.cause)
+    }
+
+    // MARK: Splicing
+
+    /// Moves bytes from `source` into this fd inside the kernel (splice(2)) when one of the two
+    /// is a pipe and the other a pipe or a socket — a process's output pipe into a connection, a
+    /// connection into a process's input pipe — until `limit` bytes moved or the source is empty;
+    /// suspends while this fd is full. `nil` for anything else (a terminal, a file, a fake).
+    ///
+    /// A splice that would block does not say which end would: after an EAGAIN one poll(2) of
+    /// both asks. A short splice is taken to mean the source was emptied (the usual case) and
+    /// ends the call without a probe; if the source was not empty after all, the caller's wait
+    /// for it to be readable returns at once and the next splice finds this fd full.
+    public func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult? {
+        guard let source = source as? AsyncFD, source !== self, !spliceRefused.load(ordering: .relaxed),
+            (source.isPipe && (isSocket || isPipe)) || (isPipe && source.isSocket)
+        else { return nil }
+        var moved = 0
+        var racedProbes = 0
+        while moved < limit {
+            let requested = limit - moved
+            let readSeen = source.registration.edges(.read)
+            let writeSeen = registration.edges(.write)
+            let outcome: (count: Int, errno: Int32)
+            do {
+                outcome = try source.withSyscall {
+                    try self.withSyscall { () -> (Int, Int32) in
+                        while true {
+                            let count = hf_splice(source.fd, self.fd, requested)
+                            if count >= 0 { return (count, 0) }
+                            if Glibc.errno != EINTR { return (-1, Glibc.errno) }
+                        }
+                    }
+                }
+            } catch {
+                // One of the two was closed: report it as a read or a write on it would be.
+                if source.isClosed { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
+                throw WriteFailure(accepted: moved, cause: error)
+            }
+            if outcome.count > 0 {
+                moved += outcome.count
+                if outcome.count < requested {
+                    source.noteRead(drained: true, seen: readSeen)
+                    return .moved(moved)
+                }
+                source.noteRead(drained: false, seen: readSeen)
+                continue
+            }
+            if outcome.count == 0 { return moved > 0 ? .moved(moved) : .endOfFile }
+            let error = SystemError("splice(fd \(source.fd) → fd \(fd))", errno: .init(rawValue: outcome.errno))
+            switch outcome.errno {
+            case EAGAIN, EWOULDBLOCK:
+                let (sourceReady, destinationReady) = pollBoth(source)
+                if !sourceReady {
+                    source.noteRead(drained: true, seen: readSeen)
+                    return moved > 0 ? .moved(moved) : .sourceEmpty
+                }
+                racedProbes = destinationReady ? racedProbes + 1 : 0
+                // Both look ready yet the splice would block (a race, or a socket that reports
+                // room it cannot use): after a few tries, wait for this fd all the same.
+                if !destinationReady || racedProbes > 3 {
+                    racedProbes = 0
+                    do {
+                        try await registration.wait(.write, after: writeSeen)
+                    } catch {
+                        throw WriteFailure(accepted: moved, cause: error)
+                    }
+                }
+            case EINVAL where moved == 0:
+                // These two cannot be spliced after all (a socket family without splice
+                // support): copy from now on.
+                spliceRefused.store(true, ordering: .relaxed)
+                return nil
+            case EPIPE:
+                throw WriteFailure(accepted: moved, cause: error)
+            default:
+                // A socket source fails by itself (a reset connection); anything else is this
+                // end refusing the bytes.
+                if source.isSocket { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
+                throw WriteFailure(accepted: moved, cause: error)
+            }
         }
+        return .moved(moved)
+    }
+
+    /// Records what a read (or a splice out of this fd) found, for `waitReadable`.
+    fileprivate func noteRead(drained: Bool, seen: UInt64) {
+        usage.withLockedValue { $0.readHint = drained ? .wouldBlock(seen) : .ready }
+    }
+
+    /// After a splice's EAGAIN: (source readable, this fd writable), from one poll(2).
+    private func pollBoth(_ source: AsyncFD) -> (Bool, Bool) {
+        var fds = [
+            pollfd(fd: source.fd, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: fd, events: Int16(POLLOUT), revents: 0),
+        ]
+        let ready = poll(&fds, 2, 0)
+        guard ready >= 0 else { return (true, true) }
+        // An error or hang-up counts as ready: the next splice reports it.
+        let sourceReady = fds[0].revents != 0
+        let destinationReady = fds[1].revents != 0
+        return (sourceReady, destinationReady)
     }
 
     /// Writes what fits now: the count written, or `nil` if nothing fits.

@@ -24,7 +24,7 @@ public enum GuestStreams {
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
             token: token, role: .guest, direction: direction, configuration: configuration, policy: policy,
-            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) },
+            executor: Reactor.shared, dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) },
             attemptClock: monotonicNanoseconds, observer: observer)
     }
 }

@@ -28,7 +28,7 @@ public enum SeccompProfile {
     static let allowed: [String] = [
         // I/O on fds it holds.
         "read", "readv", "pread64", "write", "writev", "pwrite64", "sendmsg", "recvmsg", "sendto", "recvfrom",
-        "sendmmsg", "recvmmsg", "close", "close_range", "dup", "dup3", "fcntl", "lseek", "fstat", "newfstatat",
+        "sendmmsg", "recvmmsg", "splice", "close", "close_range", "dup", "dup3", "fcntl", "lseek", "fstat", "newfstatat",
         "statx", "fstatfs", "readlink", "readlinkat", "getdents64", "pipe2", "ioctl",
         // Sockets (domain checked below for socket()).
         "connect", "accept4", "bind", "listen", "shutdown", "getsockopt", "setsockopt", "getsockname",

@@ -38,8 +38,12 @@ public enum PipeRelay {
     }
 
     /// Runs until stdin ends; returns the relay's report (resumable: after the receiver
-    /// acknowledged every byte, or the drain timeout).
+    /// acknowledged every byte, or the drain timeout). The relay runs on the reactor's thread.
     public static func run(_ options: Options) async throws -> RelayReport {
+        try await withTaskExecutorPreference(Reactor.shared) { try await relay(options) }
+    }
+
+    private static func relay(_ options: Options) async throws -> RelayReport {
         let input = dup(0)
         guard input >= 0 else { throw SystemError.last("dup(stdin)") }
         if let capacity = options.pipeCapacity { PipeEnds.setCapacity(of: input, to: capacity) }
@@ -67,6 +71,14 @@ public enum StreamReceiver {
     /// With `discard`, received bytes are only counted (for measuring the transport alone).
     public static func run(
         listen address: SocketAddress, mode: StreamMode, token: String, connections: Int = 1, discard: Bool = false
+    ) async throws -> UInt64 {
+        try await withTaskExecutorPreference(Reactor.shared) {
+            try await receive(listen: address, mode: mode, token: token, connections: connections, discard: discard)
+        }
+    }
+
+    private static func receive(
+        listen address: SocketAddress, mode: StreamMode, token: String, connections: Int, discard: Bool
     ) async throws -> UInt64 {
         let output = dup(1)
         guard output >= 0 else { throw SystemError.last("dup(stdout)") }
