@@ -284,53 +284,7 @@ extension ResumableStream {
         /// The next frame's header as it arrives (used by the one receiving task).
         private let inboundHeader = ScratchBytes(count: StreamFramePrefix.size)
 
-        struct State: Sendable {
-            // Send side.
-            var ring: ReplayRing
-            var finalOffset: UInt64?
-            var endEchoReceived = false
-            var producer: CheckedContinuation<Void, Never>?
-            /// For acknowledgement validation: the connection generation being sent on and the
-            /// highest offset handed to it. An ACK beyond that is a lie.
-            var sendGeneration: UInt64 = 0
-            var sentHighWater: UInt64 = 0
-            /// The newest session: the peer's received offset and ours, for the pump (only the
-            /// newest matters: an older session is replaced before the pump could use it).
-            var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
-            /// Who may write frames now (the pump, or the producer sending inline), and where
-            /// the current connection stands.
-            var sending = false
-            var sender = SenderState()
-            /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
-            var lastAttempt: UInt64 = 0
-            /// The highest offset ever handed to any connection (for the replay statistic).
-            var everSent: UInt64 = 0
-            /// How much the producer reserves for its next read: what the source gave last time,
-            /// doubled while it keeps filling what was offered.
-            var readAhead = Engine.minimumReadAhead
-            // Receive side.
-            var received: UInt64 = 0
-            var inboundFinal: UInt64?
-            var ackTimerArmed = false
-            var ackDue = false
-            var endEchoSent = false
-            var echoWaiters: [CheckedContinuation<Void, Never>] = []
-            /// The DATA frame being read: bytes of it still to come, for this generation.
-            var frameGeneration: UInt64 = 0
-            var frameRemaining = 0
-            var frameSkip = 0
-            /// Bytes of the next frame's header read so far (with the end of the previous body).
-            var headerFilled = 0
-            var deliveredSinceDoorbell = 0
-            // Both.
-            var doorbell = false
-            var pumpWaiter: CheckedContinuation<Void, Never>?
-            var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
-            var nextWaiter: UInt64 = 0
-            var closed = false
-            var drainWatch = false
-            var statistics = ResumableStatistics()
-        }
+        typealias State = ResumableEngineState
 
         /// Most bytes one producer read and one sender write take (one readv, one sendmsg).
         static var maximumBatch: Int { 1 << 20 }
@@ -579,12 +533,7 @@ extension ResumableStream {
 
         // MARK: The pump: everything this end writes
 
-        private enum Work {
-            case data([UnsafeRawBufferPointer], offset: UInt64, count: Int)
-            case ack(UInt64)
-            case end(UInt64)
-            case idle
-        }
+        private typealias Work = ResumableWork
 
         /// One task per stream writes every frame: data from the ring (replaying from the peer's
         /// received offset after each reconnect), acknowledgements, END and its echo. Parks on a
@@ -1073,30 +1022,9 @@ extension ResumableStream {
         }
     }
 
-    /// Where sending stands on the current connection.
-    struct SenderState: Sendable {
-        var generation: UInt64 = 0
-        var position: UInt64 = 0
-        var ackSent: UInt64 = 0
-        var endSent = false
-    }
+    typealias SenderState = ResumableSenderState
 
-    /// A read-only view of the engine state for completion predicates.
-    struct StateView {
-        let endEchoReceived: Bool
-        let ring: (acknowledged: UInt64, count: Int)
-        let finalOffset: UInt64?
-        let inboundFinal: UInt64?
-        let direction: StreamDirection
-
-        init(_ s: Engine.State, direction: StreamDirection) {
-            endEchoReceived = s.endEchoReceived
-            ring = (s.ring.acknowledged, s.ring.count)
-            finalOffset = s.finalOffset
-            inboundFinal = s.inboundFinal
-            self.direction = direction
-        }
-    }
+    typealias StateView = ResumableStateView
 }
 
 /// Reads a sender's incoming frames (acknowledgements, the END echo, an ERROR) through a small
@@ -1168,7 +1096,7 @@ final class ScratchBytes: @unchecked Sendable {
     }
 }
 
-extension ResumableStream.Engine.State {
+extension ResumableEngineState {
     /// Marks work for the pump and returns its continuation (resume it outside the lock).
     mutating func ringDoorbell() -> CheckedContinuation<Void, Never>? {
         doorbell = true
@@ -1185,5 +1113,88 @@ extension ResumableStream.Engine.State {
             waiters.append(producer)
         }
         return waiters
+    }
+}
+
+/// A resumable stream engine's state (outside the generic engine, so the lock around it needs
+/// no type metadata looked up at run time).
+struct ResumableEngineState: Sendable {
+    // Send side.
+    var ring: ReplayRing
+    var finalOffset: UInt64?
+    var endEchoReceived = false
+    var producer: CheckedContinuation<Void, Never>?
+    /// For acknowledgement validation: the connection generation being sent on and the
+    /// highest offset handed to it. An ACK beyond that is a lie.
+    var sendGeneration: UInt64 = 0
+    var sentHighWater: UInt64 = 0
+    /// The newest session: the peer's received offset and ours, for the pump (only the
+    /// newest matters: an older session is replaced before the pump could use it).
+    var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
+    /// Who may write frames now (the pump, or the producer sending inline), and where
+    /// the current connection stands.
+    var sending = false
+    var sender = ResumableSenderState()
+    /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
+    var lastAttempt: UInt64 = 0
+    /// The highest offset ever handed to any connection (for the replay statistic).
+    var everSent: UInt64 = 0
+    /// How much the producer reserves for its next read: what the source gave last time,
+    /// doubled while it keeps filling what was offered.
+    var readAhead = 64 * 1024
+    // Receive side.
+    var received: UInt64 = 0
+    var inboundFinal: UInt64?
+    var ackTimerArmed = false
+    var ackDue = false
+    var endEchoSent = false
+    var echoWaiters: [CheckedContinuation<Void, Never>] = []
+    /// The DATA frame being read: bytes of it still to come, for this generation.
+    var frameGeneration: UInt64 = 0
+    var frameRemaining = 0
+    var frameSkip = 0
+    /// Bytes of the next frame's header read so far (with the end of the previous body).
+    var headerFilled = 0
+    var deliveredSinceDoorbell = 0
+    // Both.
+    var doorbell = false
+    var pumpWaiter: CheckedContinuation<Void, Never>?
+    var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    var nextWaiter: UInt64 = 0
+    var closed = false
+    var drainWatch = false
+    var statistics = ResumableStatistics()
+}
+
+/// What the pump writes next.
+enum ResumableWork {
+    case data([UnsafeRawBufferPointer], offset: UInt64, count: Int)
+    case ack(UInt64)
+    case end(UInt64)
+    case idle
+}
+
+/// Where sending stands on the current connection.
+struct ResumableSenderState: Sendable {
+    var generation: UInt64 = 0
+    var position: UInt64 = 0
+    var ackSent: UInt64 = 0
+    var endSent = false
+}
+
+/// A read-only view of the engine state for completion predicates.
+struct ResumableStateView {
+    let endEchoReceived: Bool
+    let ring: (acknowledged: UInt64, count: Int)
+    let finalOffset: UInt64?
+    let inboundFinal: UInt64?
+    let direction: StreamDirection
+
+    init(_ s: ResumableEngineState, direction: StreamDirection) {
+        endEchoReceived = s.endEchoReceived
+        ring = (s.ring.acknowledged, s.ring.count)
+        finalOffset = s.finalOffset
+        inboundFinal = s.inboundFinal
+        self.direction = direction
     }
 }

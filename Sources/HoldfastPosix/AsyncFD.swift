@@ -40,11 +40,12 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     private enum ReadHint {
         case unknown
         case ready
-        /// A read found nothing — or less than it asked for, which on a pipe or a stream socket
-        /// means it emptied it — when the reactor had counted this many read edges. Waiting
-        /// then costs no EAGAIN probe: arming is level-checked, so bytes that came since are
-        /// reported at once.
+        /// A read found nothing when the reactor had counted this many read edges.
         case wouldBlock(UInt64)
+        /// A read of a pipe returned less than it asked for, which means it emptied the pipe:
+        /// the wait for more needs no EAGAIN probe — unless the pipe was hung up (a hang-up is
+        /// reported once, perhaps before that read: no edge would ever end the wait).
+        case drained(UInt64)
     }
 
     /// Takes ownership of `fd` (it is closed by `close()` or on deinit) and makes it non-blocking.
@@ -83,6 +84,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             return
         case .wouldBlock(let seen):
             try await registration.wait(.read, after: seen)
+        case .drained(let seen):
+            if registration.hungUp { return }  // the next read finds the end
+            try await registration.wait(.read, after: seen)
         case .unknown:
             let seen = registration.edges(.read)
             let ready: Bool = try withSyscall {
@@ -115,8 +119,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        let drained = result.map { $0 > 0 && $0 < buffer.count } ?? true
-        usage.withLockedValue { $0.readHint = drained ? .wouldBlock(seen) : .ready }
+        noteRead(result, of: buffer.count, seen: seen)
         return result
     }
 
@@ -137,9 +140,19 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        let drained = result.map { $0 > 0 && $0 < total } ?? true
-        usage.withLockedValue { $0.readHint = drained ? .wouldBlock(seen) : .ready }
+        noteRead(result, of: total, seen: seen)
         return result
+    }
+
+    /// Records what a read (or a splice out of this fd) of up to `asked` bytes found.
+    fileprivate func noteRead(_ result: Int?, of asked: Int, seen: UInt64) {
+        let hint: ReadHint
+        switch result {
+        case nil: hint = .wouldBlock(seen)
+        case let count? where isPipe && count > 0 && count < asked: hint = .drained(seen)
+        default: hint = .ready
+        }
+        usage.withLockedValue { $0.readHint = hint }
     }
 
     // MARK: ByteWriter
@@ -275,11 +288,10 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             }
             if outcome.count > 0 {
                 moved += outcome.count
-                if outcome.count < requested {
-                    source.noteRead(drained: true, seen: readSeen)
-                    return .moved(moved)
-                }
-                source.noteRead(drained: false, seen: readSeen)
+                source.noteRead(outcome.count, of: requested, seen: readSeen)
+                // A short splice most likely emptied a pipe source: return without a probe (the
+                // caller's wait for the source is the probe, and costs nothing if it is not).
+                if outcome.count < requested { return .moved(moved) }
                 continue
             }
             if outcome.count == 0 { return moved > 0 ? .moved(moved) : .endOfFile }
@@ -288,7 +300,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             case EAGAIN, EWOULDBLOCK:
                 let (sourceReady, destinationReady) = pollBoth(source)
                 if !sourceReady {
-                    source.noteRead(drained: true, seen: readSeen)
+                    source.noteRead(nil, of: requested, seen: readSeen)
                     return moved > 0 ? .moved(moved) : .sourceEmpty
                 }
                 racedProbes = destinationReady ? racedProbes + 1 : 0
@@ -317,11 +329,6 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             }
         }
         return .moved(moved)
-    }
-
-    /// Records what a read (or a splice out of this fd) found, for `waitReadable`.
-    fileprivate func noteRead(drained: Bool, seen: UInt64) {
-        usage.withLockedValue { $0.readHint = drained ? .wouldBlock(seen) : .ready }
     }
 
     /// After a splice's EAGAIN: (source readable, this fd writable), from one poll(2).

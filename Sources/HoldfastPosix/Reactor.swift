@@ -23,14 +23,15 @@ import Glibc
 /// its own thread. Jobs run in batches between polls, so a busy stream cannot keep the others'
 /// readiness from being seen; relays yield after a bounded amount of work.
 ///
-/// Interest is armed only while someone waits (EPOLLONESHOT): an fd nobody waits on — a socket's
-/// write side while its relay waits for the pipe, a pipe that fills while its relay is busy —
-/// never wakes the thread. Each registration counts the readiness edges it saw per direction.
-/// An operation reads the count, tries its syscall, and on EAGAIN (or after a read that emptied
-/// the fd) waits for an edge *after* that count. Arming is level-checked by the kernel, so
-/// readiness that came before the wait — bytes, or a hang-up that will never be reported again
-/// — is reported at once, never missed: which is also why interest is not left armed
-/// edge-triggered between waits (an edge seen while nobody waited is gone).
+/// Edge-triggered, with interest armed on demand (`epoll_ctl` is a syscall, and in a VM a dear
+/// one): an fd is watched for reading from the first time someone waits to read it, and from
+/// then on — such fds (a process's pipe, a connection's acknowledgements) are read again and
+/// again; it is watched for writing only while writers wait, so a socket whose relay waits for
+/// its pipe is not reported writable each time the peer reads. Each registration counts the
+/// readiness edges it saw per direction. An operation reads the count, tries its syscall, and on
+/// EAGAIN waits for an edge *after* that count; arming is level-checked by the kernel, so
+/// readiness that came before the wait is reported at once. A hang-up seen is remembered: it is
+/// never reported again, and a reader that skipped its EAGAIN probe must not wait for it.
 public final class Reactor: TaskExecutor, Sendable {
     public static let shared: Reactor = {
         do {
@@ -109,7 +110,7 @@ public final class Reactor: TaskExecutor, Sendable {
     func register(_ fd: Int32) throws(SystemError) -> Registration {
         let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
         var event = epoll_event()
-        event.events = EPOLLONESHOT.rawValue
+        event.events = EPOLLET.rawValue
         event.data.u64 = id
         let registration = Registration(id: id, fd: fd, epollFD: epollFD)
         registrations.withLockedValue { $0[id] = registration }
@@ -174,7 +175,8 @@ public final class Reactor: TaskExecutor, Sendable {
                 let error = flags & (EPOLLERR.rawValue | EPOLLHUP.rawValue) != 0
                 let readable = error || flags & (EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLPRI.rawValue) != 0
                 let writable = error || flags & EPOLLOUT.rawValue != 0
-                registration.signal(readable: readable, writable: writable)
+                let hangUp = flags & (EPOLLHUP.rawValue | EPOLLRDHUP.rawValue) != 0
+                registration.signal(readable: readable, writable: writable, hangUp: hangUp)
             }
         }
     }
@@ -198,9 +200,10 @@ final class Registration: Sendable {
         var waiters: [UInt64: Waiter] = [:]
         var nextWaiter: UInt64 = 0
         var cancelled = false
-        /// The directions armed in epoll (EPOLLONESHOT: the kernel disarms them all when it
-        /// reports an event, and the reactor re-arms what is still waited for).
+        /// The directions armed in epoll (edge-triggered).
         var armed: UInt32 = 0
+        /// A hang-up (EPOLLHUP or EPOLLRDHUP) was reported.
+        var hungUp = false
     }
 
     private struct Waiter {
@@ -247,25 +250,30 @@ final class Registration: Sendable {
         }
     }
 
-    /// The reactor saw an event: the kernel disarmed the fd (one-shot). Wakes the waiters of the
-    /// directions that became ready and re-arms for the others.
-    func signal(readable: Bool, writable: Bool) {
+    /// Whether a hang-up was reported: reads will find end-of-file (or an error), not block.
+    var hungUp: Bool { state.withLockedValue { $0.hungUp } }
+
+    /// The reactor saw an event: wakes the waiters of the directions that became ready. Write
+    /// interest that nobody waits for any more is disarmed; read interest stays.
+    func signal(readable: Bool, writable: Bool, hangUp: Bool) {
         let woken: [Waiter] = state.withLockedValue { s in
             if readable { s.readEdges &+= 1 }
             if writable { s.writeEdges &+= 1 }
-            s.armed = 0
-            guard !s.waiters.isEmpty else { return [] }
+            if hangUp { s.hungUp = true }
             var woken: [Waiter] = []
-            var remaining: UInt32 = 0
-            for (key, waiter) in s.waiters {
-                if (waiter.direction == .read && readable) || (waiter.direction == .write && writable) {
-                    woken.append(waiter)
-                    s.waiters.removeValue(forKey: key)
-                } else {
-                    remaining |= Self.mask(waiter.direction)
+            var writersLeft = false
+            if !s.waiters.isEmpty {
+                for (key, waiter) in s.waiters {
+                    if (waiter.direction == .read && readable) || (waiter.direction == .write && writable) {
+                        woken.append(waiter)
+                        s.waiters.removeValue(forKey: key)
+                    } else if waiter.direction == .write {
+                        writersLeft = true
+                    }
                 }
             }
-            if remaining != 0, !s.cancelled { arm(&s, remaining) }
+            let writeMask = Self.mask(.write)
+            if writable, !writersLeft, s.armed & writeMask != 0, !s.cancelled { arm(&s, s.armed & ~writeMask) }
             return woken
         }
         for waiter in woken { waiter.continuation.resume() }
@@ -284,7 +292,7 @@ final class Registration: Sendable {
     /// readiness as it arms: an fd already ready is reported at once.
     private func arm(_ s: inout State, _ directions: UInt32) {
         var event = epoll_event()
-        event.events = directions | EPOLLONESHOT.rawValue
+        event.events = directions | EPOLLET.rawValue
         event.data.u64 = id
         if epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &event) == 0 {
             s.armed = directions

@@ -69,6 +69,7 @@ public enum Dialer {
         let fd = try retryingInterrupts("socket(\(address))") {
             socket(resolved.family, kind.rawValue | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
+        if kind == .stream, resolved.family == AF_UNIX { requestSendBuffer(fd, bytes: unixSendBuffer) }
         let connection: AsyncFD
         do {
             connection = try AsyncFD(adopting: fd, reactor: reactor)
@@ -108,6 +109,18 @@ public enum Dialer {
             throw SystemError("connect(\(address))", errno: .init(rawValue: socketError))
         }
         return connection
+    }
+
+    /// The send buffer asked for on a Unix stream connection. The default (208 KiB of kernel
+    /// accounting, about 100 KiB of data in flight) makes a relay that outpaces its reader wait
+    /// for room every few dozen KiB; the kernel caps the request at `net.core.wmem_max`. TCP keeps
+    /// its own autotuning, which a fixed SO_SNDBUF would switch off.
+    static let unixSendBuffer = 1 << 20
+
+    /// SO_SNDBUF, best effort.
+    static func requestSendBuffer(_ fd: Int32, bytes: Int) {
+        var value = Int32(bytes)
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
     /// Runs `body`, throwing `ConnectTimedOut` if it has not finished within `timeout`. `body`
