@@ -70,6 +70,12 @@ func format(_ value: Double) -> String {
     return String(scaled)
 }
 
+/// Three decimals (CPU seconds per GiB are fractions of a second).
+func format3(_ value: Double) -> String {
+    let scaled = (value * 1000).rounded() / 1000
+    return String(scaled)
+}
+
 func raiseDescriptorLimit() {
     var limit = rlimit()
     getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
