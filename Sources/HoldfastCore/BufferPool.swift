@@ -56,7 +56,6 @@ public final class BufferPool: Sendable {
             s.free.append(buffer)
             guard s.free.count > retained, !s.trimScheduled else { return false }
             s.trimScheduled = true
-            s.lowWater = s.free.count
             return true
         }
         if scheduleTrim {
