@@ -197,7 +197,8 @@ final class Registration: Sendable {
     private struct State {
         var readEdges: UInt64 = 0
         var writeEdges: UInt64 = 0
-        var waiters: [UInt64: Waiter] = [:]
+        var readers = Waiters()
+        var writers = Waiters()
         var nextWaiter: UInt64 = 0
         var cancelled = false
         /// The directions armed in epoll (edge-triggered).
@@ -206,9 +207,43 @@ final class Registration: Sendable {
         var hungUp = false
     }
 
+    /// A suspended wait. Unsafe continuations: each is resumed exactly once, by whoever removes
+    /// it from `State` under the lock (the reactor, a cancellation, the close), and a checked one
+    /// would cost an allocation per wait.
     private struct Waiter {
-        var direction: Direction
-        var continuation: CheckedContinuation<Void, any Error>
+        var id: UInt64
+        var continuation: UnsafeContinuation<Void, any Error>
+    }
+
+    /// The waiters of one direction: nearly always none or one, held without allocating.
+    private struct Waiters {
+        var first: Waiter?
+        var more: [Waiter] = []
+
+        var isEmpty: Bool { first == nil }
+
+        mutating func add(_ waiter: Waiter) {
+            if first == nil { first = waiter } else { more.append(waiter) }
+        }
+
+        mutating func remove(id: UInt64) -> Waiter? {
+            if let waiter = first, waiter.id == id {
+                first = more.isEmpty ? nil : more.removeFirst()
+                return waiter
+            }
+            guard let index = more.firstIndex(where: { $0.id == id }) else { return nil }
+            return more.remove(at: index)
+        }
+
+        mutating func takeAll() -> Waiters {
+            defer { self = Waiters() }
+            return self
+        }
+
+        func resumeAll(with result: Result<Void, any Error>) {
+            first?.continuation.resume(with: result)
+            for waiter in more { waiter.continuation.resume(with: result) }
+        }
     }
 
     init(id: UInt64, fd: Int32, epollFD: Int32, alwaysReady: Bool = false) {
@@ -232,13 +267,14 @@ final class Registration: Sendable {
             return s.nextWaiter
         }
         try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<Void, any Error>) in
                 let outcome: Result<Void, any Error>? = state.withLockedValue { s in
                     if s.cancelled { return .failure(DescriptorClosed()) }
                     let now = direction == .read ? s.readEdges : s.writeEdges
                     if now != seen { return .success(()) }
                     if Task.isCancelled { return .failure(CancellationError()) }
-                    s.waiters[id] = Waiter(direction: direction, continuation: continuation)
+                    let waiter = Waiter(id: id, continuation: continuation)
+                    if direction == .read { s.readers.add(waiter) } else { s.writers.add(waiter) }
                     let wanted = Self.mask(direction)
                     if s.armed & wanted != wanted { arm(&s, s.armed | wanted) }
                     return nil
@@ -246,7 +282,10 @@ final class Registration: Sendable {
                 if let outcome { continuation.resume(with: outcome) }
             }
         } onCancel: {
-            state.withLockedValue { $0.waiters.removeValue(forKey: id) }?.continuation.resume(throwing: CancellationError())
+            let waiter = state.withLockedValue { s in
+                direction == .read ? s.readers.remove(id: id) : s.writers.remove(id: id)
+            }
+            waiter?.continuation.resume(throwing: CancellationError())
         }
     }
 
@@ -256,36 +295,28 @@ final class Registration: Sendable {
     /// The reactor saw an event: wakes the waiters of the directions that became ready. Write
     /// interest that nobody waits for any more is disarmed; read interest stays.
     func signal(readable: Bool, writable: Bool, hangUp: Bool) {
-        let woken: [Waiter] = state.withLockedValue { s in
+        let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             if readable { s.readEdges &+= 1 }
             if writable { s.writeEdges &+= 1 }
             if hangUp { s.hungUp = true }
-            var woken: [Waiter] = []
-            var writersLeft = false
-            if !s.waiters.isEmpty {
-                for (key, waiter) in s.waiters {
-                    if (waiter.direction == .read && readable) || (waiter.direction == .write && writable) {
-                        woken.append(waiter)
-                        s.waiters.removeValue(forKey: key)
-                    } else if waiter.direction == .write {
-                        writersLeft = true
-                    }
-                }
-            }
+            let readers = readable ? s.readers.takeAll() : Waiters()
+            let writers = writable ? s.writers.takeAll() : Waiters()
             let writeMask = Self.mask(.write)
-            if writable, !writersLeft, s.armed & writeMask != 0, !s.cancelled { arm(&s, s.armed & ~writeMask) }
-            return woken
+            // Nobody was waiting to write: a spurious report, so stop watching that side.
+            if writable, writers.isEmpty, s.armed & writeMask != 0, !s.cancelled { arm(&s, s.armed & ~writeMask) }
+            return (readers, writers)
         }
-        for waiter in woken { waiter.continuation.resume() }
+        readers.resumeAll(with: .success(()))
+        writers.resumeAll(with: .success(()))
     }
 
     func cancelAll() {
-        let woken: [Waiter] = state.withLockedValue { s in
+        let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             s.cancelled = true
-            defer { s.waiters.removeAll() }
-            return Array(s.waiters.values)
+            return (s.readers.takeAll(), s.writers.takeAll())
         }
-        for waiter in woken { waiter.continuation.resume(throwing: DescriptorClosed()) }
+        readers.resumeAll(with: .failure(DescriptorClosed()))
+        writers.resumeAll(with: .failure(DescriptorClosed()))
     }
 
     /// Arms `directions` (under the state lock, so two arms never race). The kernel checks
