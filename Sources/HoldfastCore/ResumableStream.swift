@@ -925,37 +925,7 @@ extension ResumableStream {
             }
             let size = StreamFramePrefix.size
             if remaining > 0 {
-                let want = min(remaining, buffer.count)
-                var targets = [UnsafeMutableRawBufferPointer(rebasing: buffer[..<want])]
-                if want == remaining, headerFilled < size { targets.append(inboundHeader.slice(headerFilled, size - headerFilled)) }
-                let total = try await Self.read(lease.connection, into: targets)
-                if total == 0 { throw StreamProtocolError.truncated }
-                let count = min(total, want)
-                let headerBytes = total - count
-                let skipped = min(skip, count)
-                let delivered = count - skipped
-                if skipped > 0, delivered > 0 {
-                    // Bytes we already had (a replay overlapping what we received): drop them.
-                    buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[skipped..<count]))
-                }
-                let (timer, pump) = state.withLockedValue { s -> (Bool, CheckedContinuation<Void, Never>?) in
-                    s.frameRemaining -= count
-                    s.frameSkip -= skipped
-                    s.headerFilled += headerBytes
-                    s.received &+= UInt64(delivered)
-                    var timer = false
-                    if delivered > 0, !s.ackTimerArmed {
-                        s.ackTimerArmed = true
-                        timer = true
-                    }
-                    s.deliveredSinceDoorbell += delivered
-                    guard s.deliveredSinceDoorbell >= configuration.ackEvery else { return (timer, nil) }
-                    s.deliveredSinceDoorbell = 0
-                    return (timer, s.ringDoorbell())
-                }
-                if timer { armAckTimer() }
-                pump?.resume()
-                return delivered > 0 ? delivered : nil
+                return try await receiveBodies(into: buffer, from: lease, remaining: remaining, skip: skip, headerFilled: headerFilled)
             }
             if headerFilled < size {
                 let count = try await Self.read(lease.connection, into: [inboundHeader.slice(headerFilled, size - headerFilled)])
@@ -998,6 +968,82 @@ extension ResumableStream {
             case .hello:
                 throw StreamProtocolError.unexpectedFrame(expected: .data, got: .hello)
             }
+        }
+
+        /// The body path of `receiveOnce`: the rest of the current DATA frame straight into
+        /// `buffer`, and — while the next frame's header came with it, is the DATA that follows
+        /// at once, and the buffer has room — the bodies of the frames after it too, as far as
+        /// they have arrived (no wait): many small frames cost one pass, not one each. Anything
+        /// else (a control frame, a replay overlap, a header that does not decode) is left for
+        /// the frame path. Returns bytes delivered, or nil when none were (a replay's overlap).
+        private func receiveBodies(
+            into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease, remaining: Int, skip: Int, headerFilled: Int
+        ) async throws -> Int? {
+            let size = StreamFramePrefix.size
+            var remaining = remaining
+            var skip = skip
+            var headerFilled = headerFilled
+            var filled = 0
+            var first = true
+            while true {
+                let room = UnsafeMutableRawBufferPointer(rebasing: buffer[filled...])
+                let want = min(remaining, room.count)
+                var targets = [UnsafeMutableRawBufferPointer(rebasing: room[..<want])]
+                if want == remaining, headerFilled < size { targets.append(inboundHeader.slice(headerFilled, size - headerFilled)) }
+                let total: Int
+                if first {
+                    total = try await Self.read(lease.connection, into: targets)
+                    if total == 0 { throw StreamProtocolError.truncated }
+                } else {
+                    // Later frames only as far as they have arrived: what is here is delivered now.
+                    guard let now = try? lease.connection.readNow(into: targets), now > 0 else { break }
+                    total = now
+                }
+                first = false
+                let count = min(total, want)
+                let headerBytes = total - count
+                let skipped = min(skip, count)
+                let delivered = count - skipped
+                if skipped > 0, delivered > 0 {
+                    // Bytes we already had (a replay overlapping what we received): drop them.
+                    room.copyMemory(from: UnsafeRawBufferPointer(rebasing: room[skipped..<count]))
+                }
+                filled += delivered
+                let (timer, pump, next) = state.withLockedValue { s -> (Bool, CheckedContinuation<Void, Never>?, Int?) in
+                    s.frameRemaining -= count
+                    s.frameSkip -= skipped
+                    s.headerFilled += headerBytes
+                    s.received &+= UInt64(delivered)
+                    var timer = false
+                    if delivered > 0, !s.ackTimerArmed {
+                        s.ackTimerArmed = true
+                        timer = true
+                    }
+                    var pump: CheckedContinuation<Void, Never>?
+                    s.deliveredSinceDoorbell += delivered
+                    if s.deliveredSinceDoorbell >= configuration.ackEvery {
+                        s.deliveredSinceDoorbell = 0
+                        pump = s.ringDoorbell()
+                    }
+                    // Go on into the next frame only if it is the DATA that follows at once.
+                    guard s.frameRemaining == 0, s.headerFilled == size, filled < buffer.count,
+                        let prefix = try? StreamFramePrefix.decode(UnsafeRawBufferPointer(inboundHeader.bytes)),
+                        prefix.type == .data, prefix.value == s.received,
+                        s.inboundFinal.map({ prefix.value + UInt64(prefix.bodyLength) <= $0 }) ?? true
+                    else { return (timer, pump, nil) }
+                    s.headerFilled = 0
+                    s.frameRemaining = prefix.bodyLength
+                    s.frameSkip = 0
+                    return (timer, pump, prefix.bodyLength)
+                }
+                if timer { armAckTimer() }
+                pump?.resume()
+                guard let next else { break }
+                remaining = next
+                skip = 0
+                headerFilled = 0
+            }
+            return filled > 0 ? filled : nil
         }
 
         /// Reads at least one byte into `targets` (in order), waiting while there is none; 0 at
