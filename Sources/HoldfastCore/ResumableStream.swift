@@ -1078,7 +1078,8 @@ extension ResumableStream {
 /// socket lets the next wait skip its EAGAIN probe. One per reading task; `reset` on every new
 /// connection (bytes of an old one are never read as the new one's).
 final class BufferedFrameReader: @unchecked Sendable {
-    private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+    /// Sixteen prefixes: small, because every outbound stream keeps one for its whole life.
+    private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * StreamFramePrefix.size, alignment: 8)
     private var start = 0
     private var end = 0
     private var generation: UInt64 = 0
@@ -1100,15 +1101,22 @@ final class BufferedFrameReader: @unchecked Sendable {
         return prefix
     }
 
-    /// The body of a non-DATA frame (at most a few hundred bytes, by the prefix's limits).
+    /// The body of a non-DATA frame (at most a few hundred bytes, by the prefix's limits): what
+    /// is buffered, then the rest read directly.
     func body(of prefix: StreamFramePrefix, from connection: some ByteReader) async throws -> [UInt8] {
-        try await fill(prefix.bodyLength, from: connection)
-        defer { start += prefix.bodyLength }
-        return Array(buffer[start..<start + prefix.bodyLength])
+        let buffered = min(prefix.bodyLength, end - start)
+        var body = Array(buffer[start..<start + buffered])
+        start += buffered
+        if body.count < prefix.bodyLength {
+            let rest = UnsafeMutableRawBufferPointer.allocate(byteCount: prefix.bodyLength - body.count, alignment: 1)
+            defer { rest.deallocate() }
+            try await FrameIO.readExactly(connection, into: rest)
+            body += rest
+        }
+        return body
     }
 
     private func fill(_ count: Int, from connection: some ByteReader) async throws {
-        precondition(count <= buffer.count)
         if buffer.count - start < count {
             buffer.baseAddress!.copyMemory(from: buffer.baseAddress! + start, byteCount: end - start)
             end -= start
