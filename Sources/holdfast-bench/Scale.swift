@@ -144,6 +144,9 @@ struct Scale: AsyncParsableCommand {
         for consumer in consumers { await consumer.value }
         let busyEnd = ContinuousClock.now
         let cpuAfter = ProcessSample.read(pid: brokerPID)
+        // The buffer pools give back what a burst no longer uses after two quiet trim intervals.
+        try await Task.sleep(for: .seconds(5))
+        let settled = ProcessSample.read(pid: brokerPID)
 
         let results = finish.withLockedValue { $0 }
         let total = results.reduce(0) { $0 + $1.bytes }
@@ -168,6 +171,7 @@ struct Scale: AsyncParsableCommand {
             ("fairness (min / max)", format((rates.min() ?? 0) / max(1, rates.max() ?? 1))),
             ("broker RSS: empty / \(idle * 3) idle streams / after the burst",
              "\(brokerBaseline.rssKiB / 1024) / \(idleSample.rssKiB / 1024) / \(cpuAfter.rssKiB / 1024) MiB"),
+            ("broker RSS 5 s after the burst", "\(settled.rssKiB / 1024) MiB"),
             ("broker CPU during the burst", format(brokerCPU) + " s (" + format(brokerCPU / seconds * 100) + " % of one core)"),
             ("broker CPU per GiB relayed", format3(brokerPerGiB) + " s"),
             ("broker threads", "\(cpuAfter.threads)"),
