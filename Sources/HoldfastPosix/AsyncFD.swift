@@ -37,15 +37,20 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     /// What the last read said about readability, so `waitReadable` can skip a probe.
+    ///
+    /// Only an EAGAIN (or a poll that found nothing) says "empty": a short read does not. A short
+    /// splice may have been cut by a full socket with bytes left in the pipe; a pipe created in
+    /// packet mode (O_DIRECT) gives one packet per read; a socket stops at a message carrying fds —
+    /// and
+    /// readiness is reported only for what arrives *after* a wait's count, so a relay that took
+    /// any of those for "empty" would wait for bytes that are already there (it did: a spliced
+    /// relay hung, once in a dozen 2 GiB runs, after a splice cut short while its producer sat
+    /// blocked on the full pipe).
     private enum ReadHint {
         case unknown
         case ready
         /// A read found nothing when the reactor had counted this many read edges.
         case wouldBlock(UInt64)
-        /// A read of a pipe returned less than it asked for, which means it emptied the pipe:
-        /// the wait for more needs no EAGAIN probe — unless the pipe was hung up (a hang-up is
-        /// reported once, perhaps before that read: no edge would ever end the wait).
-        case drained(UInt64)
     }
 
     /// Takes ownership of `fd` (it is closed by `close()` or on deinit) and makes it non-blocking.
@@ -84,9 +89,6 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             return
         case .wouldBlock(let seen):
             try await registration.wait(.read, after: seen)
-        case .drained(let seen):
-            if registration.hungUp { return }  // the next read finds the end
-            try await registration.wait(.read, after: seen)
         case .unknown:
             let seen = registration.edges(.read)
             let ready: Bool = try withSyscall {
@@ -119,7 +121,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        noteRead(result, of: buffer.count, seen: seen)
+        noteRead(result, seen: seen)
         return result
     }
 
@@ -128,7 +130,6 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         if buffers.count == 1 { return try readNow(into: buffers[0]) }
         let seen = registration.edges(.read)
         var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
-        let total = buffers.reduce(0) { $0 + $1.count }
         let result = try withSyscall { () throws(SystemError) -> Int? in
             while true {
                 let count = iov.withUnsafeMutableBufferPointer { readv(fd, $0.baseAddress, Int32(min($0.count, AsyncFD.maxVectors))) }
@@ -140,19 +141,13 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        noteRead(result, of: total, seen: seen)
+        noteRead(result, seen: seen)
         return result
     }
 
-    /// Records what a read (or a splice out of this fd) of up to `asked` bytes found.
-    fileprivate func noteRead(_ result: Int?, of asked: Int, seen: UInt64) {
-        let hint: ReadHint
-        switch result {
-        case nil: hint = .wouldBlock(seen)
-        case let count? where isPipe && count > 0 && count < asked: hint = .drained(seen)
-        default: hint = .ready
-        }
-        usage.withLockedValue { $0.readHint = hint }
+    /// Records what a read (or a splice out of this fd) found: `nil` for nothing (EAGAIN).
+    fileprivate func noteRead(_ result: Int?, seen: UInt64) {
+        usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
     }
 
     // MARK: ByteWriter
@@ -256,10 +251,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// connection into a process's input pipe — until `limit` bytes moved or the source is empty;
     /// suspends while this fd is full. `nil` for anything else (a terminal, a file, a fake).
     ///
-    /// A splice that would block does not say which end would: after an EAGAIN one poll(2) of
-    /// both asks. A short splice is taken to mean the source was emptied (the usual case) and
-    /// ends the call without a probe; if the source was not empty after all, the caller's wait
-    /// for it to be readable returns at once and the next splice finds this fd full.
+    /// A splice that would block, or comes back short, does not say which end stopped it: one
+    /// poll(2) of both asks — an empty source ends the call (the caller waits for it), a full
+    /// destination is waited for here.
     public func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult? {
         guard let source = source as? AsyncFD, source !== self, !spliceRefused.load(ordering: .relaxed),
             (source.isPipe && (isSocket || isPipe)) || (isPipe && source.isSocket)
@@ -288,10 +282,23 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             }
             if outcome.count > 0 {
                 moved += outcome.count
-                source.noteRead(outcome.count, of: requested, seen: readSeen)
-                // A short splice most likely emptied a pipe source: return without a probe (the
-                // caller's wait for the source is the probe, and costs nothing if it is not).
-                if outcome.count < requested { return .moved(moved) }
+                source.noteRead(outcome.count, seen: readSeen)
+                if outcome.count < requested {
+                    // Cut short: the source emptied or this fd filled, and the splice does not
+                    // say which. One poll of both does.
+                    let (sourceReady, destinationReady) = pollBoth(source)
+                    if !sourceReady {
+                        source.noteRead(nil, seen: readSeen)
+                        return .moved(moved)
+                    }
+                    if !destinationReady {
+                        do {
+                            try await registration.wait(.write, after: writeSeen)
+                        } catch {
+                            throw WriteFailure(accepted: moved, cause: error)
+                        }
+                    }
+                }
                 continue
             }
             if outcome.count == 0 { return moved > 0 ? .moved(moved) : .endOfFile }
@@ -300,7 +307,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             case EAGAIN, EWOULDBLOCK:
                 let (sourceReady, destinationReady) = pollBoth(source)
                 if !sourceReady {
-                    source.noteRead(nil, of: requested, seen: readSeen)
+                    source.noteRead(nil, seen: readSeen)
                     return moved > 0 ? .moved(moved) : .sourceEmpty
                 }
                 racedProbes = destinationReady ? racedProbes + 1 : 0
@@ -379,6 +386,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// The reactor's edge count for a direction: read it before a non-blocking syscall, and if
     /// that syscall would block, wait for an edge after it.
     func registrationEdges(_ direction: Direction) -> UInt64 { registration.edges(direction) }
+    /// Tasks waiting for this fd to become readable (for tests).
+    var readWaiters: Int { registration.waiting(.read) }
     func waitForReadEdge(after seen: UInt64) async throws { try await registration.wait(.read, after: seen) }
     func waitForWriteEdge(after seen: UInt64) async throws { try await registration.wait(.write, after: seen) }
 

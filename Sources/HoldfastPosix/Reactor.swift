@@ -28,10 +28,11 @@ import Glibc
 /// then on — such fds (a process's pipe, a connection's acknowledgements) are read again and
 /// again; it is watched for writing only while writers wait, so a socket whose relay waits for
 /// its pipe is not reported writable each time the peer reads. Each registration counts the
-/// readiness edges it saw per direction. An operation reads the count, tries its syscall, and on
-/// EAGAIN waits for an edge *after* that count; arming is level-checked by the kernel, so
-/// readiness that came before the wait is reported at once. A hang-up seen is remembered: it is
-/// never reported again, and a reader that skipped its EAGAIN probe must not wait for it.
+/// readiness edges it saw per direction. An operation reads the count, tries its syscall, and
+/// only when the syscall says EAGAIN waits for an edge *after* that count: edge-triggered
+/// readiness reports what changes, so a wait on the strength of anything weaker (a short read)
+/// could wait for bytes that were already there. Arming is level-checked by the kernel, so
+/// readiness that came before the first wait is reported at once.
 public final class Reactor: TaskExecutor, Sendable {
     public static let shared: Reactor = {
         do {
@@ -175,8 +176,7 @@ public final class Reactor: TaskExecutor, Sendable {
                 let error = flags & (EPOLLERR.rawValue | EPOLLHUP.rawValue) != 0
                 let readable = error || flags & (EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLPRI.rawValue) != 0
                 let writable = error || flags & EPOLLOUT.rawValue != 0
-                let hangUp = flags & (EPOLLHUP.rawValue | EPOLLRDHUP.rawValue) != 0
-                registration.signal(readable: readable, writable: writable, hangUp: hangUp)
+                registration.signal(readable: readable, writable: writable)
             }
         }
     }
@@ -203,8 +203,6 @@ final class Registration: Sendable {
         var cancelled = false
         /// The directions armed in epoll (edge-triggered).
         var armed: UInt32 = 0
-        /// A hang-up (EPOLLHUP or EPOLLRDHUP) was reported.
-        var hungUp = false
     }
 
     /// A suspended wait. Unsafe continuations: each is resumed exactly once, by whoever removes
@@ -289,16 +287,20 @@ final class Registration: Sendable {
         }
     }
 
-    /// Whether a hang-up was reported: reads will find end-of-file (or an error), not block.
-    var hungUp: Bool { state.withLockedValue { $0.hungUp } }
+    /// Waits suspended in a direction.
+    func waiting(_ direction: Direction) -> Int {
+        state.withLockedValue { s in
+            let waiters = direction == .read ? s.readers : s.writers
+            return (waiters.first == nil ? 0 : 1) + waiters.more.count
+        }
+    }
 
     /// The reactor saw an event: wakes the waiters of the directions that became ready. Write
     /// interest that nobody waits for any more is disarmed; read interest stays.
-    func signal(readable: Bool, writable: Bool, hangUp: Bool) {
+    func signal(readable: Bool, writable: Bool) {
         let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             if readable { s.readEdges &+= 1 }
             if writable { s.writeEdges &+= 1 }
-            if hangUp { s.hungUp = true }
             let readers = readable ? s.readers.takeAll() : Waiters()
             let writers = writable ? s.writers.takeAll() : Waiters()
             let writeMask = Self.mask(.write)

@@ -81,6 +81,48 @@ struct SpliceTests {
         #expect(try await readExactly(inputReader, hostBytes.count) == hostBytes)
     }
 
+    /// A splice that comes back short because the socket is full leaves bytes in the pipe. If
+    /// nothing more is written to the pipe (its writer blocked on a full pipe, in the worst
+    /// case), no new readiness will ever be reported for it: the wait for the pipe must find the
+    /// bytes that are there. (A relay that took the short splice to mean "the pipe is empty"
+    /// hung about once in twelve 2 GiB benchmark runs.)
+    @Test func aSpliceCutShortByAFullSocketDoesNotMakeTheSourceLookEmpty() async throws {
+        let (near, far) = try socketPair()
+        let pipe = try PipeEnds.make(capacity: 1 << 20)  // more than the socket takes at once
+        let reader = try AsyncFD(adopting: pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        defer { [near, far, reader, writer].forEach { $0.close() } }
+        // A wait on the empty pipe first, as a relay's: from then on the reactor watches the pipe
+        // for new bytes — and only new bytes are reported.
+        let firstWait = Task { try await reader.waitReadable() }
+        try await eventually("the relay to wait for its pipe") { reader.readWaiters == 1 }
+        // Fill the pipe: after this nothing is written to it again.
+        let chunk = pattern(0..<4096)
+        var filled = 0
+        while let count = try chunk.withUnsafeBytes({ try writer.writeNow($0) }), count > 0 { filled += count }
+        #expect(filled >= 1 << 20)
+        try await firstWait.value
+        // The relay's loop: wait for the pipe, splice. The host starts reading a moment later, so
+        // the first splice fills the socket and is cut short with most of the pipe left.
+        let inPipe = filled
+        let host = Task {
+            try await Task.sleep(for: .milliseconds(200))
+            return try await readExactly(far, inPipe)
+        }
+        var total = 0
+        while total < filled {
+            try await withTimeout("the pipe's remaining bytes to be seen") { try await reader.waitReadable() }
+            let result = try await withTimeout("the splice") { try await near.splice(from: reader, limit: 1 << 20) }
+            switch try #require(result) {
+            case .moved(let count): total += count
+            case .sourceEmpty: continue
+            default: Issue.record("the pipe ended early")
+            }
+        }
+        #expect(total == filled)
+        #expect(try await host.value == Array(repeating: chunk, count: filled / chunk.count).flatMap { $0 })  // 4 KiB pipe writes are atomic
+    }
+
     @Test func whatCannotBeSplicedIsLeftToTheCopyingRelay() async throws {
         let (near, far) = try socketPair()
         let terminal = try PseudoTerminal.open()
@@ -152,6 +194,48 @@ struct SpliceTests {
         let statistics = slot.statistics
         #expect(statistics.bytesWritten == UInt64(total), "every byte left the pipe into some connection")
         #expect(statistics.bytesUnconfirmed <= UInt64(lost), "unconfirmed bytes are among the lost ones")
+    }
+
+    /// A host slower than its process: the socket fills, so splices come back short with bytes
+    /// still in the pipe, and the producer blocks on the full pipe — no new bytes, so no new
+    /// readiness on the pipe. A relay that took a short splice to mean "the pipe is empty" waited
+    /// for the pipe forever (found by the benchmark). Every byte must arrive.
+    @Test func aSplicedRelayToASlowHostDeliversEverything() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let address = SocketAddress.unix(path: directory.file("host.sock"))
+        let listener = try Listener(binding: address)
+        defer { listener.close() }
+        let pipe = try PipeEnds.make(capacity: 1 << 20)
+        // A real producer that blocks in write(2) when the pipe is full, as a container does.
+        let pid = try processes.start(["seq", "1", "4000000"], stdout: pipe.write)
+        close(pipe.write)
+        let source = try AsyncFD(adopting: pipe.read)
+        defer { source.close() }
+        let slot = unixSlot(address)
+        slot.disconnect()
+        let relay = Task(executorPreference: Reactor.shared) { await Relay.output(from: source, to: slot) }
+        let host = try await listener.accept()
+        defer { host.close() }
+        let received = try await withTimeout("every byte to reach the slow host") {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 << 10, alignment: 1)
+            defer { buffer.deallocate() }
+            var got: [UInt8] = []
+            var reads = 0
+            while case let count = try await host.read(into: buffer), count > 0 {
+                got += buffer[..<count]
+                reads += 1
+                if reads % 2 == 0 { try await Task.sleep(for: .milliseconds(1)) }  // a slow reader
+            }
+            return got
+        }
+        let expected = Array((1...4_000_000).map { "\($0)\n" }.joined().utf8)
+        #expect(received.count == expected.count)
+        #expect(sha256Hex(received) == sha256Hex(expected))
+        #expect(try await processes.wait(pid) == .exited(0))
+        #expect(await relay.value == RelayReport(ending: .endOfStream, bytes: UInt64(expected.count), undelivered: 0))
     }
 
     /// Raw stdin through splice: the host's bytes go from the socket straight into the process's
