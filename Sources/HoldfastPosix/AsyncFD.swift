@@ -41,11 +41,10 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// Only an EAGAIN (or a poll that found nothing) says "empty": a short read does not. A short
     /// splice may have been cut by a full socket with bytes left in the pipe; a pipe created in
     /// packet mode (O_DIRECT) gives one packet per read; a socket stops at a message carrying fds —
-    /// and
-    /// readiness is reported only for what arrives *after* a wait's count, so a relay that took
-    /// any of those for "empty" would wait for bytes that are already there (it did: a spliced
-    /// relay hung, once in a dozen 2 GiB runs, after a splice cut short while its producer sat
-    /// blocked on the full pipe).
+    /// and readiness is reported only for what arrives *after* a wait's count, so a relay that
+    /// took any of those for "empty" would wait for bytes that are already there (it did: a
+    /// spliced relay hung, once in a dozen 2 GiB runs, after a splice cut short while its
+    /// producer sat blocked on the full pipe).
     private enum ReadHint {
         case unknown
         case ready
