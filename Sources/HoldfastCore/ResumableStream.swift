@@ -127,8 +127,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// or one already discarded) is refused with an ERROR frame; the stream is untouched.
     public func accept(_ transport: Transport, hello: StreamHello) async throws(StreamProtocolError) {
         if let problem = engine.validate(hello, token: token, ourRole: role, secret: secret, challenge: nil) {
-            await Handshake.refuse(transport, problem)
             engine.count(\.refusedConnections)
+            await Handshake.refuse(transport, problem)
             throw problem
         }
         let ours = StreamAuthentication.sign(
