@@ -105,6 +105,16 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         state.withLockedValue { $0.streams.removeValue(forKey: token) }?.close()
     }
 
+    /// Closes `stream` and forgets it — unless its token was opened again since, for a newer
+    /// stream, which stays. Every stream opened must end here (or in `close(token:)`): the
+    /// server holds each one, and its connection, until then.
+    public func close(_ stream: Stream) {
+        state.withLockedValue { s in
+            if s.streams[stream.token] === stream { s.streams.removeValue(forKey: stream.token) }
+        }
+        stream.close()
+    }
+
     public var statistics: (accepted: UInt64, refused: UInt64, acceptErrors: UInt64, handshaking: Int, streams: Int) {
         state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
     }
