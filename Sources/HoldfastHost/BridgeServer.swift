@@ -43,7 +43,7 @@ public final class BridgeServer: Sendable {
     private let handshakeTimeout: Duration
     private let observer: (@Sendable (Event) -> Void)?
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
-    public static let rememberedConfirmedExits = 16_384
+    public static let rememberedConfirmedExits = 4096
 
     private struct State {
         var connection: Connection?

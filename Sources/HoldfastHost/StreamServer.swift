@@ -164,14 +164,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     /// Reads the hello, closing the transport if it does not arrive in time (a peer that
     /// connects and says nothing must not hold a slot forever).
+    /// (The timer is the shared wheel's: a cancelled `Task.sleep` would keep its timer, and
+    /// the memory behind it, for the whole timeout — one per connection accepted.)
     private func readHelloWithin(_ timeout: Duration, _ transport: Transport) async throws -> StreamHello {
         let timedOut = NIOLockedValueBox(false)
-        let timer = Task {
-            try await Task.sleep(for: timeout)
+        let timer = TimeoutWheel.shared.schedule(after: timeout) {
             timedOut.withLockedValue { $0 = true }
             transport.close()
         }
-        defer { timer.cancel() }
+        defer { TimeoutWheel.shared.cancel(timer) }
         do {
             return try await Handshake.readHello(from: transport)
         } catch {

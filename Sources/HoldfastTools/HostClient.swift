@@ -154,6 +154,12 @@ public enum HostClient {
         return try await client.call(HostMessageType.list.rawValue, [String: String](), reply: BridgeListResponse.self)
     }
 
+    public static func stats(control: String) async throws(ErrorBody) -> HostStats {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(HostMessageType.stats.rawValue, [String: String](), reply: HostStats.self)
+    }
+
     public static func signal(control: String, id: String, signal: Int32) async throws(ErrorBody) {
         let client = try await connect(control)
         defer { client.close() }

@@ -13,6 +13,7 @@ import HoldfastProtocol
 /// | signal | `SignalRequest` | `{}` |
 /// | resize | `ProcessResizeRequest` | `{}` |
 /// | migrate | `MigrateRequest` | `{}` after the blackout |
+/// | stats | `{}` | `HostStats`: what host serve holds (leak checks) |
 public enum HostMessageType: UInt32, Sendable {
     case run = 0x2001
     case wait = 0x2002
@@ -21,6 +22,36 @@ public enum HostMessageType: UInt32, Sendable {
     case resize = 0x2005
     case migrate = 0x2006
     case attach = 0x2007
+    case stats = 0x2008
+}
+
+/// `stats`: what host serve holds now. Each figure returns to its idle value once the processes
+/// started through it are done (the bounded memories of past outcomes and exits aside).
+public struct HostStats: Codable, Sendable, Equatable {
+    /// Processes whose outcome or output is still pending.
+    public var processes: Int
+    /// Resumable streams open (three per process: stdin, stdout, stderr).
+    public var streams: Int
+    /// Outcomes kept for a late `wait`/`attach` (at most `HostService.rememberedOutcomes`).
+    public var rememberedOutcomes: Int
+    /// Exit ids the bridge keeps against repeats (at most its cap).
+    public var rememberedExits: Int
+    /// Open fds, from /proc/self/fd.
+    public var descriptors: Int
+    /// Bytes malloc has handed out and not had back: grows with a leak, not with fragmentation.
+    public var heapInUse: Int
+    /// Bytes free inside malloc's heap and arenas (resident, not in use).
+    public var heapFree: Int
+
+    public init(processes: Int, streams: Int, rememberedOutcomes: Int, rememberedExits: Int, descriptors: Int, heapInUse: Int, heapFree: Int) {
+        self.processes = processes
+        self.streams = streams
+        self.rememberedOutcomes = rememberedOutcomes
+        self.rememberedExits = rememberedExits
+        self.descriptors = descriptors
+        self.heapInUse = heapInUse
+        self.heapFree = heapFree
+    }
 }
 
 /// `host migrate`: how long nothing is accepted after every connection is dropped.

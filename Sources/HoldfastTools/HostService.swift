@@ -41,22 +41,10 @@ public final class HostService: Sendable {
     private let streamAddress: String
     private let say: @Sendable (String) -> Void
     private let listInterval: Duration
-    private let state = NIOLockedValueBox(State())
+    private let table: ProcessTable
 
     /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
-    public static let rememberedOutcomes = 1024
-
-    private struct State: Sendable {
-        var processes: [String: HostedProcess] = [:]
-        var outcomes: [String: HostWaitResponse] = [:]
-        var outcomeOrder: [String] = []
-        /// Exits of processes this service did not start (a library user's own creates), newest
-        /// last, bounded like `outcomes`.
-        var otherExits: [ExitReport] = []
-        var guest: GuestIdentity?
-        var listRound: UInt64 = 0
-        var closed = false
-    }
+    public static let rememberedOutcomes = ProcessTable.rememberedOutcomes
 
     public init(
         bridge: SocketAddress, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
@@ -64,14 +52,12 @@ public final class HostService: Sendable {
     ) throws {
         self.say = say
         self.listInterval = listInterval
-        let events = NIOLockedValueBox<(@Sendable (BridgeServer.Event) -> Void)?>(nil)
-        self.bridge = try BridgeServer(listeningOn: bridge, unixMode: 0o666) { event in
-            events.withLockedValue { $0 }?(event)
-        }
+        let table = ProcessTable(say: say)
+        self.table = table
+        self.bridge = try BridgeServer(listeningOn: bridge, unixMode: 0o666) { [table] event in table.guestSaid(event) }
         self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
         self.streamAddress = self.streams.address.description
         self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)
-        events.withLockedValue { $0 = { [weak self] event in self?.guestSaid(event) } }
     }
 
     /// Serves until the task is cancelled.
@@ -87,12 +73,7 @@ public final class HostService: Sendable {
     }
 
     public func close() {
-        let processes = state.withLockedValue { s -> [HostedProcess] in
-            s.closed = true
-            defer { s.processes.removeAll() }
-            return Array(s.processes.values)
-        }
-        for process in processes { process.abandon() }
+        for process in table.close() { process.abandon() }
         control.close()
         bridge.close()
         streams.close()
@@ -100,88 +81,38 @@ public final class HostService: Sendable {
 
     /// Exits seen so far, each once: the outcomes of processes started here, and the exits of
     /// any others (the newest `rememberedOutcomes` of each).
-    public var exitsSeen: [ExitReport] {
-        state.withLockedValue { s in s.outcomes.values.compactMap(\.exit) + s.otherExits }
-    }
+    public var exitsSeen: [ExitReport] { table.exitsSeen }
 
     /// Processes started here whose outcome or output is still pending (a leak check).
-    public var processesHeld: Int { state.withLockedValue { $0.processes.count } }
+    public var processesHeld: Int { table.counts.processes }
 
-    // MARK: What the guest says
-
-    /// The bridge's hellos and exits, in order (synchronously on its reader: no waiting here).
-    private func guestSaid(_ event: BridgeServer.Event) {
-        switch event {
-        case .hello(let hello):
-            say("guest connected: boot \(hello.bootID.prefix(8)), \(hello.processes.count) processes, \(hello.exits.count) unacknowledged exits")
-            let newer = GuestIdentity(hello)
-            let lost = state.withLockedValue { s -> [(HostedProcess, LostProcess)] in
-                s.guest = newer
-                return s.processes.values.compactMap { process in
-                    let guest = process.state.withLockedValue { $0.guest }
-                    return guest?.loss(to: newer, process: process.id).map { (process, $0) }
-                }
-            }
-            for (process, loss) in lost { end(process, HostWaitResponse(lost: loss)) }
-        case .exit(let report):
-            say("process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")")
-            let process = state.withLockedValue { s -> HostedProcess? in
-                if let process = s.processes[report.id] { return process }
-                s.otherExits.append(report)
-                if s.otherExits.count > Self.rememberedOutcomes { s.otherExits.removeFirst(s.otherExits.count - Self.rememberedOutcomes) }
-                return nil
-            }
-            if let process { end(process, HostWaitResponse(exit: report)) }
-        }
+    public var stats: HostStats {
+        let counts = table.counts
+        let heap = Memory.mallocUsage()
+        return HostStats(
+            processes: counts.processes, streams: streams.statistics.streams, rememberedOutcomes: counts.outcomes,
+            rememberedExits: bridge.rememberedExits, descriptors: Self.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free)
     }
 
-    private func end(_ process: HostedProcess, _ outcome: HostWaitResponse) {
-        guard process.end(with: outcome) else { return }
-        if let lost = outcome.lost { say("process \(process.id) lost: \(lost.message)") }
-        if let finished = process.finishIfEnding() { forget(process, finished) }
+    private static func openDescriptors() -> Int {
+        guard let directory = opendir("/proc/self/fd") else { return -1 }
+        defer { closedir(directory) }
+        var count = 0
+        while readdir(directory) != nil { count += 1 }
+        return count - 3  // ".", ".." and the directory stream's own fd
     }
 
-    /// The process's outcome and output are handed over: keep only the outcome (bounded).
-    private func forget(_ process: HostedProcess, _ outcome: HostWaitResponse) {
-        state.withLockedValue { s in
-            if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
-            if s.outcomes.updateValue(outcome, forKey: process.id) == nil { s.outcomeOrder.append(process.id) }
-            if s.outcomeOrder.count > Self.rememberedOutcomes {
-                let excess = s.outcomeOrder.count - Self.rememberedOutcomes
-                for id in s.outcomeOrder.prefix(excess) where s.processes[id] == nil { s.outcomes.removeValue(forKey: id) }
-                s.outcomeOrder.removeFirst(excess)
-            }
-        }
-    }
-
-    /// While processes wait for an outcome, asks the guest for its process list now and then: a
-    /// process that is not in it (a complete list, from the daemon that runs it, asked after the
-    /// create returned) and whose exit never came is lost. An exit is recorded before it is
-    /// acknowledged, and the guest forgets a process only on that acknowledgement, so a process
-    /// that exited cleanly is never taken for a lost one.
+    /// While processes wait for an outcome, asks the guest for its process list now and then
+    /// (`ProcessTable.listed` says what a missing process means).
     private func pollGuestList() async {
         while !Task.isCancelled {
             try? await Task.sleep(for: listInterval)
-            let (waiting, round) = state.withLockedValue { s -> (Bool, UInt64) in
-                s.listRound &+= 1
-                return (s.processes.values.contains { $0.isUnresolved }, s.listRound)
-            }
+            let (waiting, round) = table.beginListRound()
             guard waiting, bridge.isConnected,
                 let (list, hello) = try? await bridge.callReportingHello(.list, [String: String](), reply: BridgeListResponse.self, timeout: .seconds(5)),
                 (list.omittedProcesses ?? 0) == 0
             else { continue }
-            let present = Set(list.processes.map(\.id))
-            let answering = GuestIdentity(hello)
-            let vanished = state.withLockedValue { s in
-                s.processes.values.filter { process in
-                    guard !present.contains(process.id), process.isUnresolved else { return false }
-                    return process.state.withLockedValue { $0.guest == answering && $0.createdInRound < round }
-                }
-            }
-            for process in vanished {
-                end(process, HostWaitResponse(lost: LostProcess(
-                    reason: .vanished, message: "process \(process.id) is no longer in the guest's process list and no exit came")))
-            }
+            table.listed(Set(list.processes.map(\.id)), by: GuestIdentity(hello), round: round)
         }
     }
 
@@ -234,6 +165,8 @@ public final class HostService: Sendable {
             return (ControlJSON.encode([String: String]()), [])
         case .attach:
             return try attach(try decode(ProcessIDRequest.self).id)
+        case .stats:
+            return (ControlJSON.encode(stats), [])
         case .migrate:
             let request = try decode(MigrateRequest.self)
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
@@ -250,7 +183,7 @@ public final class HostService: Sendable {
         if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
             throw ErrorBody(code: "bad-request", message: "the drain timeout must be 0 to 86400000 ms")
         }
-        let (process, known) = state.withLockedValue { ($0.processes[request.id], $0.outcomes[request.id]) }
+        let (process, known) = table.lookup(request.id)
         guard let process else {
             if let known { return known }
             throw ErrorBody(code: "no-such-process", message: "no process '\(request.id)' started by this host serve")
@@ -292,8 +225,7 @@ public final class HostService: Sendable {
             }
             kinds = []
         }
-        let taken = state.withLockedValue { $0.processes[id] != nil }
-        if taken { throw ErrorBody(code: "process-exists", message: "host serve already runs a process '\(id)'") }
+        if table.isTaken(id) { throw ErrorBody(code: "process-exists", message: "host serve already runs a process '\(id)'") }
 
         var input: InputRelay?
         var outputs: [OutputRelay] = []
@@ -315,12 +247,7 @@ public final class HostService: Sendable {
             for output in outputs { output.discard() }
             throw error
         }
-        let registered = state.withLockedValue { s -> Bool in
-            guard !s.closed, s.processes[id] == nil else { return false }
-            s.processes[id] = process
-            return true
-        }
-        guard registered else {
+        guard table.register(process) else {
             for fd in local { _ = Glibc.close(fd) }
             input?.close()
             for output in outputs { output.discard() }
@@ -328,9 +255,9 @@ public final class HostService: Sendable {
         }
         if let input { Task { await input.run() } }
         for output in outputs {
-            Task { [self] in
+            Task { [table] in
                 await output.run(endEchoTimeout: { process.state.withLockedValue { $0.drainTimeout } }) {
-                    if let outcome = process.outputFinished() { self.forget(process, outcome) }
+                    table.outputFinished(process)
                 }
             }
         }
@@ -344,23 +271,12 @@ public final class HostService: Sendable {
             created = try await bridge.createProcess(spec)
         } catch {
             for fd in local { _ = Glibc.close(fd) }
-            state.withLockedValue { s in
-                if s.processes[id] === process { s.processes.removeValue(forKey: id) }
-            }
+            table.unregister(process)
             process.abandon()
             throw error
         }
         // Which daemon runs it; if another one said hello meanwhile, it is already gone.
-        let identity = GuestIdentity(created.hello)
-        let loss = state.withLockedValue { s -> LostProcess? in
-            process.state.withLockedValue { p in
-                p.guest = identity
-                p.createdInRound = s.listRound
-                if case .starting = p.phase { p.phase = .running }
-            }
-            return s.guest.flatMap { identity.loss(to: $0, process: id) }
-        }
-        if let loss { end(process, HostWaitResponse(lost: loss)) }
+        table.created(process, by: GuestIdentity(created.hello))
         say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")")
         return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: kinds)), local)
     }
@@ -369,7 +285,7 @@ public final class HostService: Sendable {
     /// closed. Output produced while no client was attached waited for this one. A process
     /// already finished gets no sockets; its `wait` answers at once.
     private func attach(_ id: String) throws(ErrorBody) -> ([UInt8], [Int32]) {
-        let (process, known) = state.withLockedValue { ($0.processes[id], $0.outcomes[id]) }
+        let (process, known) = table.lookup(id)
         guard let process else {
             if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
             throw ErrorBody(code: "no-such-process", message: "no process '\(id)' started by this host serve")

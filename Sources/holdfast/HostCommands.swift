@@ -31,6 +31,7 @@ struct HostServe: AsyncParsableCommand {
     @Option(help: "The local control socket for host run/ps/kill.") var control = HostDefaults.control
 
     func run() async throws {
+        Memory.returnLargeBuffersToTheSystem()
         let service = try HostService(
             bridge: try parseAddress(bridge), streams: try parseAddress(streams), control: control) { writeLine($0) }
         defer { service.close() }
@@ -66,7 +67,9 @@ struct DrainTimeoutOption: ParsableArguments {
 }
 
 /// Ends `host run/exec/attach`: the process's status, or 125 with the reason on stderr.
-func finishHostCommand(_ name: String, _ body: () async throws(ErrorBody) -> HostRunOutcome) async throws -> Never {
+func finishHostCommand(
+    _ name: String, drainTimeout: String, _ body: () async throws(ErrorBody) -> HostRunOutcome
+) async throws -> Never {
     let outcome: HostRunOutcome
     do {
         outcome = try await body()
@@ -77,7 +80,9 @@ func finishHostCommand(_ name: String, _ body: () async throws(ErrorBody) -> Hos
     switch outcome {
     case .exited(let report, let endedByHost):
         if !endedByHost.isEmpty {
-            writeError("holdfast \(name): \(endedByHost.joined(separator: " and ")) still open after the drain timeout (held by another process?): ended")
+            writeError(
+                "holdfast \(name): \(endedByHost.joined(separator: " and ")) had no end from the guest within the drain timeout "
+                    + "(\(drainTimeout)) after the exit (held open by another process, or lost with the broker): ended here")
         }
         if report.undelivered > 0 { writeError("holdfast \(name): \(report.undelivered) bytes of output were not delivered") }
         throw ExitCode(report.exitCode)
@@ -135,7 +140,7 @@ struct HostRun: AsyncParsableCommand {
         let request = HostRunRequest(
             id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns,
             rawAddresses: raw.isEmpty ? nil : raw, runtime: runtime == .direct ? nil : runtime, bundle: bundle)
-        try await finishHostCommand("host run") { () throws(ErrorBody) in
+        try await finishHostCommand("host run", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
             try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout)
         }
     }
@@ -164,7 +169,7 @@ struct HostExec: AsyncParsableCommand {
         var size: WindowSize?
         if tty { size = try? Terminal.size(of: 0) }
         let request = HostRunRequest(id: id, argv: argv, tty: tty, rows: size?.rows, columns: size?.columns, runtime: .runc, container: container)
-        try await finishHostCommand("host exec") { () throws(ErrorBody) in
+        try await finishHostCommand("host exec", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
             try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout)
         }
     }
@@ -181,7 +186,7 @@ struct HostAttach: AsyncParsableCommand {
 
     func run() async throws {
         let drainTimeout = try drain.duration()
-        try await finishHostCommand("host attach") { () throws(ErrorBody) in
+        try await finishHostCommand("host attach", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
             try await HostClient.attach(control: control, id: id, tty: tty, drainTimeout: drainTimeout)
         }
     }
