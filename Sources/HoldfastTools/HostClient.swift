@@ -141,6 +141,10 @@ public enum HostClient {
             waited = .success(try await client.call(
                 HostMessageType.wait.rawValue, HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds),
                 reply: HostWaitResponse.self))
+        } catch where error.code == "channel-closed" {
+            waited = .failure(ErrorBody(
+                code: "host-serve-gone",
+                message: "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
         } catch {
             waited = .failure(error)
         }

@@ -172,7 +172,8 @@ public final class HostService: Sendable {
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
                 throw ErrorBody(code: "bad-request", message: "blackout must be 0 to 600000 ms")
             }
-            await migrate(blackout: .milliseconds(request.blackoutMilliseconds))
+            // Unstructured: a client that goes away mid-blackout does not cut it short.
+            await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value
             return (ControlJSON.encode([String: String]()), [])
         case nil:
             throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")

@@ -200,4 +200,26 @@ struct HostServiceOutcomeTests {
         let outcome = try await withTimeout("host run's outcome") { try await run.value }
         #expect(outcome.exitCode == 0, "\(outcome)")
     }
+
+    /// host serve stopping is not a process's outcome: the client ends with an error saying so
+    /// (125 from the command line), not with a made-up exit code, and not never.
+    @Test func hostServeGoingAwayEndsTheClientWithAnError() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1")
+        defer { guest.close() }
+        let run = setup.run("job")
+        try await eventually("the create") { guest.creates.withLockedValue { $0.count } == 1 }
+        try await eventually("the client waiting") { setup.service.processesHeld == 1 }
+        try await Task.sleep(for: .milliseconds(100))  // its wait request on the way
+        setup.serving.cancel()
+        setup.service.close()
+        do {
+            let outcome = try await withTimeout("host run's end") { try await run.value }
+            Issue.record("an outcome without host serve: \(outcome)")
+        } catch let error as ErrorBody {
+            #expect(["host-serve-gone", "closing"].contains(error.code), "\(error)")
+        }
+    }
 }
