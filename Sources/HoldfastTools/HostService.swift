@@ -184,7 +184,7 @@ public final class HostService: Sendable {
         if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
             throw ErrorBody(code: "bad-request", message: "the drain timeout must be 0 to 86400000 ms")
         }
-        let (process, known) = table.lookup(request.id)
+        guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
         guard let process else {
             if let known { return known }
             throw ErrorBody(code: "no-such-process", message: "no process '\(request.id)' started by this host serve")
@@ -192,11 +192,11 @@ public final class HostService: Sendable {
         if let milliseconds = request.drainTimeoutMilliseconds {
             process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
         }
-        guard let outcome = await process.waitForOutcome() else {
-            throw ErrorBody(code: "closing", message: "host serve is closing (or the client went away)")
-        }
+        guard let outcome = await process.waitForOutcome() else { throw Self.closing }
         return outcome
     }
+
+    private static let closing = ErrorBody(code: "closing", message: "host serve is closing")
 
     /// What a live migration looks like to the guest: the bridge and every stream connection
     /// drop at once, and nothing is accepted for `blackout`.
@@ -286,7 +286,7 @@ public final class HostService: Sendable {
     /// closed. Output produced while no client was attached waited for this one. A process
     /// already finished gets no sockets; its `wait` answers at once.
     private func attach(_ id: String) throws(ErrorBody) -> ([UInt8], [Int32]) {
-        let (process, known) = table.lookup(id)
+        guard let (process, known) = table.lookup(id) else { throw Self.closing }
         guard let process else {
             if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
             throw ErrorBody(code: "no-such-process", message: "no process '\(id)' started by this host serve")

@@ -136,9 +136,9 @@ final class ProcessTable: Sendable {
         if let loss { end(process, HostWaitResponse(lost: loss)) }
     }
 
-    /// The process held now, or the outcome of one forgotten.
-    func lookup(_ id: String) -> (process: HostedProcess?, outcome: HostWaitResponse?) {
-        state.withLockedValue { ($0.processes[id], $0.outcomes[id]) }
+    /// The process held now, or the outcome of one forgotten; nil once the table is closed.
+    func lookup(_ id: String) -> (process: HostedProcess?, outcome: HostWaitResponse?)? {
+        state.withLockedValue { $0.closed ? nil : ($0.processes[id], $0.outcomes[id]) }
     }
 
     /// Host serve is closing: every process held, to abandon.
