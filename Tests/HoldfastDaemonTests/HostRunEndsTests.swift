@@ -58,10 +58,11 @@ struct HostRunEndsTests {
         print("supervisor killed: host run ended \(result.status): \(result.err)", terminator: "")
     }
 
-    /// The daemon stopped (SIGTERM) and started again. A plain process killed by the stop has
-    /// its exit reported (143). One whose orphan holds its stdout past the stop: if the stop
-    /// reported its exit, host run ends with it; if not, the new daemon's hello loses it (125).
-    /// Either way host run ends, with the code host serve learnt.
+    /// The daemon stopped (SIGTERM) and started again, under a plain process and one whose
+    /// orphan holds its stdout past the stop. The stop should report both exits (143); when it
+    /// does not (it did not for the second, and under load not always for the first: the guest's
+    /// side, issue 13), the new daemon's hello loses them (125). Either way each host run ends,
+    /// with what host serve learnt.
     @Test func aDaemonRestartEndsEveryHostRunWithWhatHostServeLearnt() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
@@ -78,17 +79,18 @@ struct HostRunEndsTests {
 
         #expect(try await daemon.stop() == .exited(0))
         try await daemon.startAgain()
-        let plainResult = try await plain.finish()
-        let heldResult = try await held.finish()
-        #expect(plainResult.status == .exited(128 + SIGTERM), "\(plainResult.err)")
-        let log = serve.log
-        if log.contains("process held exited: code 143") {
-            #expect(heldResult.status == .exited(128 + SIGTERM), "\(heldResult.err)")
-            print("daemon restart: the stop reported the exit of a process whose orphan held its stdout (143)")
-        } else {
-            #expect(heldResult.status == .exited(HostExitCode.holdfastFailure), "\(heldResult.err)")
-            #expect(heldResult.err.contains("lost: the guest's daemon restarted"), "\(heldResult.err)")
-            print("daemon restart: the stop did not report the exit of a process whose orphan held its stdout; host run: \(heldResult.err)", terminator: "")
+        for (id, run) in [("plain", plain), ("held", held)] {
+            let result = try await run.finish()
+            if serve.log.contains("process \(id) exited: code 143") {
+                #expect(result.status == .exited(128 + SIGTERM), "\(id): \(result.err)")
+                print("daemon restart: the stop reported \(id)'s exit (143)")
+            } else {
+                #expect(result.status == .exited(HostExitCode.holdfastFailure), "\(id): \(result.err)")
+                #expect(result.err.contains("lost: the guest's daemon restarted"), "\(id): \(result.err)")
+                let guestSaw = daemon.log.split(separator: "\n").filter { $0.contains("process=\(id) ") || $0.hasSuffix("process=\(id)") }
+                print("daemon restart: the stop did not report \(id)'s exit; host run: \(result.err)the daemon's log of it:\n"
+                    + guestSaw.joined(separator: "\n"))
+            }
         }
     }
 
