@@ -18,8 +18,8 @@ DEB_BUILD_DIR ?= .build-release
 DIST_DIR   ?= dist
 # Debian packages the build, the tests, the demo and the benchmarks need; lintian, systemd
 # (systemd-analyze) and dpkg-dev (dpkg-shlibdeps) check and build the .deb; runc and
-# busybox-static run the container tests.
-APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static lintian systemd dpkg-dev
+# busybox-static run the container tests; strace attaches to the broker in a containment test.
+APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static lintian systemd dpkg-dev strace
 # The Swift runtime and Foundation linked in statically (the guest needs no Swift), no $ORIGIN
 # rpath, and BIND_NOW for a fully read-only relocation table.
 DEB_SWIFT_FLAGS := -c release --static-swift-stdlib --disable-local-rpath -Xlinker -z -Xlinker now

@@ -41,6 +41,9 @@ public enum BridgeWorker {
             logger.info("supervisor gone; bridge worker exiting")
             exit(0)
         }
+        // A flood of requests leaves free pages in malloc's arenas; they go back afterwards.
+        let tidier = MemoryTidier()
+        Task { await tidier.run() }
         var backoff = options.reconnectInitial
         while true {
             let connection: AsyncFD
@@ -68,7 +71,7 @@ public enum BridgeWorker {
             backoff = options.reconnectInitial
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
-            let reason = await serve(connection, writer: writer, supervisor: client, logger: logger)
+            let reason = await serve(connection, writer: writer, supervisor: client, logger: logger, tidier: tidier)
             current.withLockedValue { $0 = nil }
             await writer.flush()  // an error reply explaining the close goes out first
             connection.close()
@@ -83,9 +86,15 @@ public enum BridgeWorker {
     }
 
     /// Reads the host's requests until the connection ends or breaks the framing; returns why.
-    /// Each request runs on its own task (a slow `create` must not hold up a `signal`).
-    static func serve(_ connection: AsyncFD, writer: ControlFrameWriter<AsyncFD>, supervisor: ControlClient, logger: Logger) async -> String {
+    /// Each request runs on its own task (a slow `create` must not hold up a `signal`), at most
+    /// `BridgeProtocol.requestsInFlight` at a time: the next request is read only once a permit is free.
+    static func serve(
+        _ connection: AsyncFD, writer: ControlFrameWriter<AsyncFD>, supervisor: ControlClient, logger: Logger,
+        tidier: MemoryTidier? = nil
+    ) async -> String {
+        let limit = RequestLimit(capacity: BridgeProtocol.requestsInFlight)
         while true {
+            await limit.acquire()
             let frame: ControlFrame
             do {
                 frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
@@ -98,12 +107,14 @@ public enum BridgeWorker {
             } catch {
                 return "\(error)"
             }
+            tidier?.noteWork()
             switch classify(frame) {
             case .strayReply:
                 logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"])
+                limit.release()
                 continue
             case .refuse(let problem):
-                writer.send(errorFrame(id: frame.id, problem))
+                writer.send(errorFrame(id: frame.id, problem), whenWritten: limit.release)
                 continue
             case .request:
                 break
@@ -112,9 +123,9 @@ public enum BridgeWorker {
                 do throws(ErrorBody) {
                     let reply = try await supervisor.request(frame.type, body: frame.body)
                     for fd in reply.descriptors { _ = Glibc.close(fd) }
-                    writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply.frame.body))
+                    writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply.frame.body), whenWritten: limit.release)
                 } catch {
-                    writer.send(errorFrame(id: frame.id, error))
+                    writer.send(errorFrame(id: frame.id, error), whenWritten: limit.release)
                 }
             }
         }

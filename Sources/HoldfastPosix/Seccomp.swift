@@ -43,6 +43,10 @@ public enum SeccompProfile {
         "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "gettid", "getpid", "getppid", "tgkill",
         "exit", "exit_group", "sched_getaffinity", "sched_setaffinity", "getpriority", "setpriority",
         "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait", "sigaltstack",
+        // A thread blocked in rt_sigsuspend re-enters it after a stop and continue (SIGSTOP,
+        // a ptrace attach by strace or a debugger, a cgroup freeze): without it a stopped
+        // broker died of SIGSYS when continued. Interrupted sleeps resume via restart_syscall.
+        "rt_sigsuspend",
         "getrlimit", "prlimit64", "getrusage", "times", "uname", "sysinfo",
         // Time and identity.
         "clock_gettime", "clock_getres", "gettimeofday", "time", "getuid", "geteuid", "getgid", "getegid",

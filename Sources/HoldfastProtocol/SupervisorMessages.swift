@@ -128,12 +128,17 @@ public struct ExitReport: Codable, Sendable, Equatable {
     public var exitCode: Int32
     public var signal: Int32?
     public var undelivered: UInt64
+    /// True when the process's output could not drain before its exit was reported: the daemon
+    /// was stopping (its shutdown timeout left no more time) or the broker holding the streams
+    /// died. `undelivered` is then a lower bound, not a count. Absent (nil) otherwise.
+    public var outputCutShort: Bool?
 
-    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64) {
+    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil) {
         self.id = id
         self.exitCode = exitCode
         self.signal = signal
         self.undelivered = undelivered
+        self.outputCutShort = outputCutShort
     }
 }
 

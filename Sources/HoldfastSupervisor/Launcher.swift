@@ -193,6 +193,10 @@ struct Launcher {
         options.stdout = stdio.stdout
         options.stderr = stdio.stderr
         options.controllingTerminal = spec.tty
+        // Its own session and process group: `kill 0` (the `trap 'kill 0' EXIT` idiom), a
+        // job-control signal or a terminal hangup in the process stays inside it and never
+        // reaches the supervisor, the roles or another container.
+        options.newSession = true
         let pid: pid_t
         do {
             pid = try Spawner.spawn(options)

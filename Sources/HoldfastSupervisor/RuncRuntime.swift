@@ -186,6 +186,10 @@ struct RuncRuntime: Sendable {
         options.stdin = stdio.stdin
         options.stdout = stdio.stdout
         options.stderr = stdio.stderr
+        // runc in its own session: a container init (or an exec) that runc does not move into a
+        // session of its own inherits this one, never the supervisor's process group, so its
+        // `kill 0` stays among runc's processes and the container's.
+        options.newSession = true
         let pid: pid_t
         do {
             pid = try Spawner.spawn(options)

@@ -38,6 +38,9 @@ public final class Supervisor: Sendable {
     private let bridgeState = NIOLockedValueBox("down")
     private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
     private let shuttingDown = NIOLockedValueBox(false)
+    /// While stopping: when every drain must be over, so that the exits still reach the host
+    /// before the shutdown timeout (a process that exits now drains only until then).
+    private let drainDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
     /// The bridge worker's channel while it runs (exits are pushed through it).
     private let bridgeChannel = NIOLockedValueBox<FDChannel?>(nil)
     /// Exits of processes the host created, kept until the host acknowledges them.
@@ -58,11 +61,18 @@ public final class Supervisor: Sendable {
         let container: (id: String, bundle: String)?
         /// The create's idempotency key: a repeat of that create answers with this process.
         let idempotencyKey: String?
+        /// Started directly in a session of its own (pid == process group id): a stop can end
+        /// the whole group, orphans holding its output included.
+        let leadsProcessGroup: Bool
         let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
             ("running", nil, []))
 
-        init(id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil) {
+        init(
+            id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil,
+            leadsProcessGroup: Bool = false
+        ) {
             self.id = id
+            self.leadsProcessGroup = leadsProcessGroup
             self.idempotencyKey = idempotencyKey
             self.pid = pid
             self.viaBridge = viaBridge
@@ -87,10 +97,12 @@ public final class Supervisor: Sendable {
             return true
         }
 
+        /// The exit report once the process is done: exited, and its output drained (or given
+        /// up on), so `undelivered` is final.
         func wait() async -> ExitReport {
             await withCheckedContinuation { continuation in
                 let done = state.withLockedValue { s -> ExitReport? in
-                    if let report = s.report { return report }
+                    if s.phase == "done", let report = s.report { return report }
                     s.waiters.append(continuation)
                     return nil
                 }
@@ -101,6 +113,8 @@ public final class Supervisor: Sendable {
 
     let runc: RuncRuntime
     let metrics = SupervisorMetrics()
+    /// Gives malloc's free pages back after bursts of requests.
+    let tidier = MemoryTidier()
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
     let instanceID = RandomIdentifier.make()
 
@@ -144,6 +158,7 @@ public final class Supervisor: Sendable {
         let metricsTask = try startMetricsEndpoint()
         let readiness = Task { await announceReadiness() }
         let watchdog = Task { await notifier.runWatchdog() }
+        let tidying = Task { await tidier.run() }
         logger.info("holdfast daemon started", metadata: [
             "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
             "systemd": "\(notifier.isActive ? "notify" : "no")",
@@ -180,6 +195,7 @@ public final class Supervisor: Sendable {
         _ = await bridgeTask.value
         reaping.cancel()
         watchdog.cancel()
+        tidying.cancel()
         await notifier.finish()
         logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
         return 0
@@ -326,6 +342,9 @@ public final class Supervisor: Sendable {
         options.keepDescriptors = keep
         // A role never outlives the supervisor.
         options.parentDeathSignal = SIGKILL
+        // Its own session: a Ctrl-C or hangup of the terminal the daemon runs in (SIGINT/SIGHUP
+        // to the foreground group) reaches only the supervisor, which stops the roles in order.
+        options.newSession = true
         return try Spawner.spawn(options)
     }
 
@@ -343,7 +362,10 @@ public final class Supervisor: Sendable {
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
         for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
-            if let report = record.state.withLockedValue({ $0.report }) { complete(record, report) }
+            if var report = record.state.withLockedValue({ $0.report }) {
+                report.outputCutShort = true
+                complete(record, report)
+            }
         }
     }
 
@@ -352,14 +374,22 @@ public final class Supervisor: Sendable {
     private func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
         let channel = incarnation.channel
         bridgeChannel.withLockedValue { $0 = channel }
-        while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
+        // The worker bounds what the host has in flight; this bounds what the worker can (a
+        // worker gone wrong must not grow the supervisor either).
+        let limit = RequestLimit(capacity: 2 * BridgeProtocol.requestsInFlight)
+        while true {
+            await limit.acquire()
+            guard let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) else { break }
             message.closeDescriptors()
             guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
+            tidier.noteWork()
             if frame.id == 0 {
                 await bridgeNotification(frame)
+                limit.release()
                 continue
             }
             Task {
+                defer { limit.release() }
                 do throws(ErrorBody) {
                     let body = try await handleBridge(frame)
                     try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
@@ -582,7 +612,9 @@ public final class Supervisor: Sendable {
                 container = (spec.id, spec.bundle!)
             }
         }
-        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey)
+        let record = ProcessRecord(
+            id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct)
         metrics.processStarted(spec.runtime ?? .direct)
         if !started.adopt.streams.isEmpty {
             do {
@@ -625,8 +657,14 @@ public final class Supervisor: Sendable {
             complete(record, report)
             return
         }
+        var exited = ProcessExitedRequest(process: record.id)
+        if let deadline = drainDeadline.withLockedValue({ $0 }) {
+            // Stopping: the drain may take only what is left before the exits must go out.
+            let left = max(Duration.zero, deadline - ContinuousClock.now)
+            exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+        }
         do {
-            _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(ProcessExitedRequest(process: record.id)))
+            _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(exited))
         } catch {
             complete(record, report)
         }
@@ -706,31 +744,55 @@ public final class Supervisor: Sendable {
     /// Returns true if everything ended in time.
     private func shutdown(broker: RoleSupervisor, bridge: RoleSupervisor) async -> Bool {
         shuttingDown.withLockedValue { $0 = true }
-        let deadline = ContinuousClock.now + .milliseconds(configuration.shutdown.timeout)
+        let timeout = Duration.milliseconds(configuration.shutdown.timeout)
+        let deadline = ContinuousClock.now + timeout
+        // The last part of the timeout belongs to the exits: every drain ends before it, so each
+        // exit this stop causes is reported while the bridge is still up.
+        let acknowledgementWindow = min(.seconds(2), timeout / 4)
+        let drainsEnd = deadline - acknowledgementWindow
+        drainDeadline.withLockedValue { $0 = drainsEnd }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
         let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" } }
         for record in running { kill(record.pid, configuration.shutdown.signal) }
-        let graceEnd = min(deadline, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
+        let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
         var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
         if !clean {
-            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "running" {
-                logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
-                kill(record.pid, SIGKILL)
+            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != "done" {
+                if record.status.state == "running" {
+                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
+                    kill(record.pid, SIGKILL)
+                }
+                // A direct process leads its own process group: what it left behind (an orphan
+                // holding its output open, which would hold the drain) ends with it.
+                if record.leadsProcessGroup { kill(-record.pid, SIGKILL) }
             }
-            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: deadline)
+            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: drainsEnd)
+        }
+        // A process that exited but whose output could not drain in time (a host that reads
+        // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
+        // never an exit the host waits for forever.
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
+            guard var report = record.state.withLockedValue({ $0.report }) else { continue }
+            report.outputCutShort = true
+            logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(record.id)"])
+            complete(record, report)
         }
         // Give a connected host a moment to acknowledge those exits (bounded: a host that does
         // not answer must not hold the stop); what it did not acknowledge is lost with us.
-        let acknowledgeBy = min(deadline, ContinuousClock.now + .seconds(2))
-        while bridgeState.withLockedValue({ $0 }) == "up", !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
-            ContinuousClock.now < acknowledgeBy
-        {
-            try? await Task.sleep(for: .milliseconds(20))
-        }
+        await waitForAcknowledgements(until: deadline)
         bridge.stop()
         broker.stop()
         return clean
+    }
+
+    /// Waits while the bridge is up and exits are unacknowledged, until `deadline`.
+    private func waitForAcknowledgements(until deadline: ContinuousClock.Instant) async {
+        while bridgeState.withLockedValue({ $0 }) == "up", !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
+            ContinuousClock.now < deadline
+        {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
     }
 
     /// Waits until every record reported its exit (output drained), or `deadline`. The waits

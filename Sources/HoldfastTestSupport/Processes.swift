@@ -18,7 +18,7 @@ public final class TestProcesses: Sendable {
     @discardableResult
     public func start(
         _ arguments: [String], stdin: Int32? = nil, stdout: Int32? = nil, stderr: Int32? = nil,
-        environment: [String]? = nil, directory: String? = nil
+        environment: [String]? = nil, directory: String? = nil, newSession: Bool = true
     ) throws -> pid_t {
         var options = SpawnOptions(executable: arguments[0], arguments: arguments)
         if let environment { options.environment = environment }
@@ -27,6 +27,8 @@ public final class TestProcesses: Sendable {
         options.stderr = stderr ?? 2
         options.directory = directory
         options.parentDeathSignal = SIGKILL
+        // Its own session (a daemon under test, a container's `kill 0`, never reach the runner).
+        options.newSession = newSession
         let pid = try Spawner.spawn(options)
         pids.withLockedValue { _ = $0.insert(pid) }
         return pid

@@ -228,6 +228,7 @@ final class Ledger: Sendable {
         var blackoutTotal: Duration = .zero
         var migrationEnds: [ContinuousClock.Instant] = []
         var kills: [ContinuousClock.Instant] = []
+        var brokerStops = 0
         var failureCount = 0
         var failures: [String] = []
     }

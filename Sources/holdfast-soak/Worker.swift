@@ -92,7 +92,7 @@ enum Worker {
                 }
             })
         }
-        if let signal = plan.signal {
+        if let signal = plan.signal, plan.kind == .signalled {
             helpers.append(Task {
                 guard await ready() else {
                     problems.withLockedValue { $0.append("never said it started") }

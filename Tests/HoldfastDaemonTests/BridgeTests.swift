@@ -29,9 +29,9 @@ final class ExitLog: Sendable {
 
 /// Runs `body` with a new daemon and the host application's exit log, and cleans both up
 /// however it ends; skips (saying why) when not root.
-func withBridgeDaemon(_ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
+func withBridgeDaemon(drainTimeout: String = "3s", _ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
     guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-    let daemon = try await DaemonFixture()
+    let daemon = try await DaemonFixture(drainTimeout: drainTimeout)
     defer { daemon.cleanUp() }
     let exits = ExitLog(daemon.bridge)
     defer { exits.cancel() }

@@ -39,7 +39,11 @@ final class DaemonFixture: Sendable {
     static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
 
     /// `environment` is added to the inherited one; `executable` replaces the built binary.
-    init(extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil) async throws {
+    /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
+    init(
+        extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "3s",
+        shutdown: (grace: String, timeout: String) = ("1s", "5s")
+    ) async throws {
         directory = try TemporaryDirectory("holdfast-daemon")
         chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
         bridge = try BridgeServer(listeningOn: .unix(path: directory.file("host-bridge.sock")), unixMode: 0o666)
@@ -61,10 +65,10 @@ final class DaemonFixture: Sendable {
               redial_attempts: 3000
               redial_interval: 20ms
               connect_timeout: 1s
-              drain_timeout: 3s
+              drain_timeout: \(drainTimeout)
             shutdown:
-              grace: 1s
-              timeout: 5s
+              grace: \(shutdown.grace)
+              timeout: \(shutdown.timeout)
             \(extraConfig)
             """
         try writeFile(directory.file("holdfast.yaml"), bytes(config))
