@@ -84,7 +84,13 @@ func finishHostCommand(
                 "holdfast \(name): \(endedByHost.joined(separator: " and ")) had no end from the guest within the drain timeout "
                     + "(\(drainTimeout)) after the exit (held open by another process, or lost with the broker): ended here")
         }
-        if report.undelivered > 0 { writeError("holdfast \(name): \(report.undelivered) bytes of output were not delivered") }
+        if report.outputCutShort == true {
+            writeError(
+                "holdfast \(name): the process's output was cut short in the guest (its daemon stopping, or its broker dying): "
+                    + "at least \(report.undelivered) bytes not delivered")
+        } else if report.undelivered > 0 {
+            writeError("holdfast \(name): \(report.undelivered) bytes of output were not delivered")
+        }
         throw ExitCode(report.exitCode)
     case .lost(let loss, _):
         writeError("holdfast \(name): lost: \(loss.message)")

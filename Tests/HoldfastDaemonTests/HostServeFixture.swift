@@ -72,8 +72,11 @@ struct HostRunClient {
     }
 }
 
-/// Ends a process that is not our child (an orphan a guest process left) by pid.
+/// Ends a process that is not our child (an orphan a guest process left) by pid — if that pid
+/// is still a `sleep` (it may have ended, and its number gone to someone else).
 func killOrphan(_ pid: pid_t?) {
     guard let pid, pid > 1 else { return }
+    let command = String(decoding: readFile("/proc/\(pid)/cmdline") ?? [], as: UTF8.self)
+    guard command.hasPrefix("sleep\u{0}") else { return }
     kill(pid, SIGKILL)
 }
