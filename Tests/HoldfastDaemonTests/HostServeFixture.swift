@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import Testing
 
 #if canImport(Glibc)
 import Glibc
@@ -27,7 +28,12 @@ struct HostServeFixture {
             stdout: log, stderr: log)
         close(log)
         let serve = HostServeFixture(daemon: daemon, pid: pid, control: control, logPath: logPath)
-        try await eventually("the guest to say hello to host serve", timeout: .seconds(10)) { serve.log.contains("guest connected") }
+        do {
+            try await eventually("the guest to say hello to host serve", timeout: .seconds(10)) { serve.log.contains("guest connected") }
+        } catch {
+            Issue.record("no hello at host serve; its log:\n\(serve.log)\nthe daemon's log:\n\(daemon.log.suffix(3000))")
+            throw error
+        }
         return serve
     }
 
