@@ -178,11 +178,17 @@ let package = Package(
         .testTarget(
             name: "HoldfastDaemonTests",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport", "HoldfastSupervisor",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport", "HoldfastSupervisor", "HoldfastTools",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        .testTarget(name: "HoldfastToolsTests", dependencies: ["HoldfastTools", "HoldfastTestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastToolsTests",
+            dependencies: [
+                "HoldfastTools", "HoldfastTestSupport", "HoldfastHost", "HoldfastProtocol", "HoldfastCore", "HoldfastPosix",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
         .testTarget(
             name: "HoldfastFuzzTests",

@@ -296,16 +296,25 @@ final class AdoptedProcess: Sendable {
             }
             stream.output?.processExited(drainTimeout: timeout)
         }
-        for stream in all where stream.output != nil {
-            // The relay ends at the pipe's end-of-file; a grandchild that keeps the pipe open
-            // must not hold the exit report forever, so the wait is bounded too.
-            if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
-                results.append(.init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
-                stream.handle.close()
-            } else {
-                results.append(.init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+        // The relay ends at the pipe's end-of-file; a grandchild that keeps the pipe open must not
+        // hold the exit report forever, so the wait is bounded too — and the streams are waited
+        // for together: an orphan holding stdout and stderr costs one bound, not two.
+        let outputs = all.filter { $0.output != nil }
+        let finished = await withTaskGroup(of: (Int, DrainedNotification.StreamResult).self) { group in
+            for (index, stream) in outputs.enumerated() {
+                group.addTask {
+                    if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
+                        stream.handle.close()
+                        return (index, .init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
+                    }
+                    return (index, .init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+                }
             }
+            var byIndex: [Int: DrainedNotification.StreamResult] = [:]
+            for await (index, result) in group { byIndex[index] = result }
+            return byIndex
         }
+        results += outputs.indices.compactMap { finished[$0] }
         return results
     }
 

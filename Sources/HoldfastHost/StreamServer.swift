@@ -125,6 +125,16 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         state.withLockedValue { $0.streams.removeValue(forKey: token) }?.close()
     }
 
+    /// Closes `stream` and forgets it — unless its token was opened again since, for a newer
+    /// stream, which stays. Every stream opened must end here (or in `close(token:)`): the
+    /// server holds each one, and its connection, until then.
+    public func close(_ stream: Stream) {
+        state.withLockedValue { s in
+            if s.streams[stream.token] === stream { s.streams.removeValue(forKey: stream.token) }
+        }
+        stream.close()
+    }
+
     public var statistics: (accepted: UInt64, refused: UInt64, acceptErrors: UInt64, handshaking: Int, streams: Int) {
         state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
     }
@@ -177,14 +187,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     /// Reads the hello, closing the transport if it does not arrive in time (a peer that
     /// connects and says nothing must not hold a slot forever).
+    /// (The timer is the shared wheel's: a cancelled `Task.sleep` would keep its timer, and
+    /// the memory behind it, for the whole timeout — one per connection accepted.)
     private func readHelloWithin(_ timeout: Duration, _ transport: Transport) async throws -> StreamHello {
         let timedOut = NIOLockedValueBox(false)
-        let timer = Task {
-            try await Task.sleep(for: timeout)
+        let timer = TimeoutWheel.shared.schedule(after: timeout) {
             timedOut.withLockedValue { $0 = true }
             transport.close()
         }
-        defer { timer.cancel() }
+        defer { TimeoutWheel.shared.cancel(timer) }
         do {
             return try await Handshake.readHello(from: transport)
         } catch {

@@ -31,7 +31,7 @@ extension ResumableStream {
     }
 }
 
-@Suite("ReplayRing")
+@Suite("ReplayRing", .timeLimit(.minutes(5)))
 struct ReplayRingTests {
     @Test func growsOnDemandAndHoldsNothingWhenIdle() {
         let pool = BufferPool(bufferSize: 1024, retained: 0)
@@ -92,7 +92,7 @@ struct ReplayRingTests {
     }
 }
 
-@Suite("Resumable streams in memory")
+@Suite("Resumable streams in memory", .timeLimit(.minutes(5)))
 struct ResumableMemoryTests {
     @Test func transfersAndEndsCleanly() async throws {
         let pair = ResumablePair(guestDirection: .send)
@@ -353,7 +353,7 @@ extension ResumableStream {
     }
 }
 
-@Suite("Resumable streams under random faults")
+@Suite("Resumable streams under random faults", .timeLimit(.minutes(5)))
 struct ResumableFaultTests {
     /// Both directions at once over links cut at random byte counts (mid-hello, mid-data,
     /// mid-ack, mid-END), with delayed hellos, until at least 10,000 connections were made.

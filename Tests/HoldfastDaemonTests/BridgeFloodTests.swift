@@ -13,7 +13,7 @@ import Glibc
 /// A hostile host that pipelines requests faster than it reads the replies must not grow the
 /// guest's memory: the bridge worker reads a bounded number of requests ahead, the kernel's
 /// socket buffers fill, and the host blocks in its own write. Afterwards memory goes back.
-@Suite("The bridge under a flood of pipelined requests")
+@Suite("The bridge under a flood of pipelined requests", .timeLimit(.minutes(5)))
 struct BridgeFloodTests {
     static let requestsPerRound = 20_000
     static let rounds = 3

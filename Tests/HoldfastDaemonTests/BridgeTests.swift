@@ -29,7 +29,7 @@ final class ExitLog: Sendable {
 
 /// Runs `body` with a new daemon and the host application's exit log, and cleans both up
 /// however it ends; skips (saying why) when not root.
-func withBridgeDaemon(drainTimeout: String = "3s", _ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
+func withBridgeDaemon(drainTimeout: String = "10s", _ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
     guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
     let daemon = try await DaemonFixture(drainTimeout: drainTimeout)
     defer { daemon.cleanUp() }
@@ -38,7 +38,7 @@ func withBridgeDaemon(drainTimeout: String = "3s", _ body: (DaemonFixture, ExitL
     try await body(daemon, exits)
 }
 
-@Suite("The bridge: the host creates processes; their stdio and exits survive migrations")
+@Suite("The bridge: the host creates processes; their stdio and exits survive migrations", .timeLimit(.minutes(5)))
 struct BridgeTests {
     /// Five "migrations" (bridge and every stream connection dropped at once, nothing accepted
     /// for 200 ms) while a process created over the bridge prints; a second process exits in
@@ -314,7 +314,7 @@ struct BridgeTests {
 
 /// The hello's instance id: the same after a migration and after the bridge worker restarts
 /// (nothing was lost), new when the daemon itself started again (everything was).
-@Suite("The hello tells a daemon restart from a lost connection")
+@Suite("The hello tells a daemon restart from a lost connection", .timeLimit(.minutes(5)))
 struct InstanceIDTests {
     @Test func theInstanceIDOutlivesConnectionsAndWorkersButNotTheDaemon() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
@@ -349,7 +349,7 @@ struct InstanceIDTests {
 
 /// Creates that may be repeats (docs/PROTOCOL.md, "Repeating a create"): what the host does
 /// when the bridge dropped before a create's reply.
-@Suite("Repeating a create starts nothing twice")
+@Suite("Repeating a create starts nothing twice", .timeLimit(.minutes(5)))
 struct RepeatedCreateTests {
     /// Lines in a file each run of the process appends to.
     func runs(_ path: String) -> Int {

@@ -13,7 +13,7 @@ import Glibc
 /// Nothing a container does, and nothing an operator does to one process, takes the others
 /// down: a container's `kill 0` stays in its own process group; a stopped, traced or frozen
 /// broker carries on when it is let go.
-@Suite("Containment: a container's kill 0, and a stopped, traced or frozen broker")
+@Suite("Containment: a container's kill 0, and a stopped, traced or frozen broker", .timeLimit(.minutes(5)))
 struct ContainmentTests {
     /// What the daemon's roles are now: pids and restart counts.
     static func roles(_ daemon: DaemonFixture) async throws -> [String: (pid: pid_t?, restarts: Int)] {

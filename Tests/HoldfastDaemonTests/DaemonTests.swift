@@ -10,7 +10,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The daemon: supervisor, broker and bridge worker as real processes")
+@Suite("The daemon: supervisor, broker and bridge worker as real processes", .timeLimit(.minutes(5)))
 struct DaemonTests {
     @Test func aKilledBridgeWorkerIsRestartedAndTheStreamLosesNothing() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
@@ -180,7 +180,7 @@ struct DaemonTests {
     }
 }
 
-@Suite("The broker's handoff socket and seccomp profile")
+@Suite("The broker's handoff socket and seccomp profile", .timeLimit(.minutes(5)))
 struct BrokerBoundaryTests {
     @Test func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }

@@ -13,7 +13,7 @@ import Glibc
 /// examples/handoff.py — the Python client another runtime would use — against a real daemon:
 /// what it hands over reaches the host byte for byte, and `release` gives back the same pipes
 /// and leaves the broker holding nothing.
-@Suite("Another runtime hands stdio to the broker with examples/handoff.py")
+@Suite("Another runtime hands stdio to the broker with examples/handoff.py", .timeLimit(.minutes(5)))
 struct HandoffExampleTests {
     @Test func pipesHandedOverFromPythonReachTheHostAndReleaseGivesThemBack() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }

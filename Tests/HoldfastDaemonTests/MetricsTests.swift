@@ -28,7 +28,7 @@ func httpExchange(_ address: SocketAddress, _ request: String) async throws -> S
     return String(decoding: try await readAll(connection), as: UTF8.self)
 }
 
-@Suite("Metrics: the Prometheus endpoint")
+@Suite("Metrics: the Prometheus endpoint", .timeLimit(.minutes(5)))
 struct MetricsTests {
     @Test func requestHeadsGetTheRightAnswer() async {
         func answer(_ head: String) async -> String {

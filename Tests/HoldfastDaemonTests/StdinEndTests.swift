@@ -69,7 +69,7 @@ final class HeldReadsConnection: ByteConnection {
     }
 }
 
-@Suite("Stdin's end survives a migration")
+@Suite("Stdin's end survives a migration", .timeLimit(.minutes(5)))
 struct StdinEndTests {
     /// Found by the soak (RELIABILITY.md): the host ends a process's stdin, the guest echoes the
     /// END — and a migration drops the connection before the host has read the echo. The broker

@@ -15,7 +15,7 @@ import Glibc
 /// hello must carry a proof under the stream's secret, which only the host and the broker hold.
 /// Each attack below runs against a real daemon while a victim process streams both ways; the
 /// attack is refused, and the victim's bytes arrive exactly, its stream never stalled.
-@Suite("Attacks on resumable streams from inside the guest")
+@Suite("Attacks on resumable streams from inside the guest", .timeLimit(.minutes(5)))
 struct StreamAttackTests {
     /// A victim: `cat` whose stdin the host types into, line by line, for the whole test, and
     /// whose stdout comes back. `attack` runs while it streams.

@@ -9,7 +9,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The daemon under systemd: sd_notify and upgrades")
+@Suite("The daemon under systemd: sd_notify and upgrades", .timeLimit(.minutes(5)))
 struct SystemdNotifyTests {
     /// Starts the daemon as systemd would (NOTIFY_SOCKET, WATCHDOG_USEC of 400 ms) and checks the
     /// whole conversation: READY=1 only once both roles are up, watchdog pings, a status line

@@ -9,7 +9,7 @@ import Testing
 /// The fuzz targets' inputs, replayed in the normal test suite: the seed corpus (so the
 /// harnesses themselves stay sound) and every crash the fuzzer found (fuzz/crashes/<target>/),
 /// each fixed and kept here as a regression test. A regression traps this test process.
-@Suite("Fuzz regressions")
+@Suite("Fuzz regressions", .timeLimit(.minutes(5)))
 struct FuzzRegressionTests {
     static let fuzzDirectory: String = {
         // Tests/HoldfastFuzzTests/FuzzRegressionTests.swift → the package root.
@@ -87,7 +87,7 @@ struct FuzzRegressionTests {
 
 // MARK: What the fuzz oracles found (fuzz/crashes/), fixed
 
-@Suite("Fuzz findings")
+@Suite("Fuzz findings", .timeLimit(.minutes(5)))
 struct FuzzFindingTests {
     static let longToken = String(repeating: "a", count: 300)
 

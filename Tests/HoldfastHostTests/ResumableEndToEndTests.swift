@@ -99,7 +99,7 @@ func digestOf(_ stream: some InboundStream) async -> (count: UInt64, hex: String
 
 let e2ePolicy = RedialPolicy(attempts: 10_000, interval: .milliseconds(5), connectTimeout: .seconds(2))
 
-@Suite("Resumable streams end to end: real processes, Unix sockets, forced disconnects")
+@Suite("Resumable streams end to end: real processes, Unix sockets, forced disconnects", .timeLimit(.minutes(5)))
 struct ResumableEndToEndTests {
     @Test func stdoutSurvivesFiftyDisconnectsExactlyOnce() async throws {
         let rig = try await Rig(bytes: streamBytes)

@@ -10,7 +10,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("StreamServer under a flood of hostile connections")
+@Suite("StreamServer under a flood of hostile connections", .timeLimit(.minutes(5)))
 struct StreamServerFloodTests {
     /// 10,000 connection attempts in bursts of 500 — closed at once, garbage, a wrong token, a
     /// hello with an offset from the future, silent until cut off — while a real stream carries

@@ -5,7 +5,7 @@ import HoldfastProtocol
 import HoldfastTestSupport
 import Testing
 
-@Suite("StreamServer: refusals leave everything else intact")
+@Suite("StreamServer: refusals leave everything else intact", .timeLimit(.minutes(5)))
 struct StreamServerTests {
     func server(_ directory: TemporaryDirectory, timeout: Duration = .seconds(5)) throws -> StreamServer<AsyncFD> {
         let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: timeout)
