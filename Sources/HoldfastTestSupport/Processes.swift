@@ -14,13 +14,15 @@ public final class TestProcesses: Sendable {
 
     public init() {}
 
-    /// Starts `arguments[0]` (resolved with PATH) with the given stdio fds.
+    /// Starts `arguments[0]` (resolved with PATH) with the given stdio fds (as `user`, if given).
     @discardableResult
     public func start(
         _ arguments: [String], stdin: Int32? = nil, stdout: Int32? = nil, stderr: Int32? = nil,
-        environment: [String]? = nil, directory: String? = nil, newSession: Bool = true
+        environment: [String]? = nil, directory: String? = nil, newSession: Bool = true, user: uid_t? = nil
     ) throws -> pid_t {
         var options = SpawnOptions(executable: arguments[0], arguments: arguments)
+        // As another user: its uid as gid too, no supplementary groups but that one.
+        if let user { options.user = (user, user, [user]) }
         if let environment { options.environment = environment }
         options.stdin = stdin
         options.stdout = stdout

@@ -122,84 +122,53 @@ struct TransportTests {
         defer { directory.remove() }
         let address = SocketAddress.unix(path: directory.file("s.sock"))
         let first = try Listener(binding: address)
-        let second = try Listener(binding: address)  // replaces the stale file
+        unlink(directory.file("s.sock"))  // someone removed it: a successor binds the path again
+        let second = try Listener(binding: address)
         first.close()
         #expect(access(directory.file("s.sock"), F_OK) == 0, "the successor's socket file survives")
         second.close()
         #expect(access(directory.file("s.sock"), F_OK) != 0)
     }
-}
 
-@Suite("AsyncFD")
-struct AsyncFDTests {
-    @Test func pipeRoundTripAndEndOfFile() async throws {
-        let pipe = try PipeEnds.make()
-        let reader = try AsyncFD(adopting: pipe.read)
-        let writer = try AsyncFD(adopting: pipe.write)
-        try await send(writer, bytes("through the pipe"))
-        writer.close()
-        #expect(try await readAll(reader) == bytes("through the pipe"))
-        reader.close()
-    }
-
-    @Test func closeWakesAParkedRead() async throws {
-        let pipe = try PipeEnds.make()
-        let reader = try AsyncFD(adopting: pipe.read)
-        let writer = try AsyncFD(adopting: pipe.write)
-        let parked = Task { () -> Bool in
-            do {
-                _ = try await readAll(reader)
-                return false
-            } catch is DescriptorClosed {
-                return true
-            } catch {
-                return false
-            }
-        }
-        try await Task.sleep(for: .milliseconds(20))
-        reader.close()
-        #expect(try await withTimeout("parked read") { await parked.value })
-        writer.close()
-    }
-
-    @Test func writeToAPipeWithoutReaderFailsWithoutSignal() async throws {
-        let pipe = try PipeEnds.make()
-        close(pipe.read)
-        let writer = try AsyncFD(adopting: pipe.write)
-        do {
-            try await send(writer, bytes("x"))
-            Issue.record("write succeeded")
-        } catch let failure as WriteFailure {
-            #expect((failure.cause as? SystemError)?.errno == .brokenPipe)
-        }
-        writer.close()
-    }
-
-    @Test func descriptorsAreReleased() async throws {
-        guard try await isolated("descriptorsAreReleased") else { return }
-        _ = Reactor.shared  // its epoll fd is a one-time, process-wide cost
-        let before = openDescriptorCount()
-        for _ in 0..<500 {
-            let pipe = try PipeEnds.make()
-            let reader = try AsyncFD(adopting: pipe.read)
-            let writer = try AsyncFD(adopting: pipe.write)
-            try await send(writer, [1])
-            writer.close()
-            _ = try await readAll(reader)
-            reader.close()
-        }
-        #expect(openDescriptorCount() == before)
-    }
-
-    @Test func ptyResizeIsVisibleOnTheSlave() throws {
-        let terminal = try PseudoTerminal.open(size: WindowSize(rows: 24, columns: 80))
-        defer {
-            close(terminal.master)
-            close(terminal.slave)
-        }
-        #expect(try Terminal.size(of: terminal.slave) == WindowSize(rows: 24, columns: 80))
-        try terminal.resize(WindowSize(rows: 50, columns: 132))
-        #expect(try Terminal.size(of: terminal.slave) == WindowSize(rows: 50, columns: 132))
+    @Test func bindingReplacesOnlyAStaleSocketOfOurOwn() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.file("s.sock")
+        // A live listener's path is not taken over: bind fails, the listener keeps its file.
+        let live = try Listener(binding: .unix(path: path))
+        var before = stat()
+        lstat(path, &before)
+        #expect(throws: SystemError.self) { try Listener(binding: .unix(path: path)) }
+        var after = stat()
+        #expect(lstat(path, &after) == 0 && after.st_ino == before.st_ino, "the live listener's socket file is untouched")
+        live.close()
+        // A socket file whose process died (bound, never unlinked): stale, ours, replaced.
+        makeStaleSocket(path)
+        #expect(UnixSocketFile.state(path) == .stale)
+        let replacing = try Listener(binding: .unix(path: path))
+        #expect(UnixSocketFile.state(path) == .live)
+        replacing.close()
+        // Another user's socket file is never removed.
+        makeStaleSocket(path)
+        chown(path, 65534, 65534)
+        lstat(path, &before)
+        #expect(UnixSocketFile.state(path) == .foreign(owner: 65534))
+        #expect(throws: SystemError.self) { try Listener(binding: .unix(path: path)) }
+        #expect(lstat(path, &after) == 0 && after.st_ino == before.st_ino && after.st_uid == 65534, "not unlinked")
     }
 }
 
+/// Leaves a socket file nobody listens on at `path`: bound, then its socket closed, as a
+/// crashed process leaves one.
+func makeStaleSocket(_ path: String) {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
+    }
+    _ = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    close(fd)
+}
