@@ -29,7 +29,8 @@ public enum SeccompAction: String, Sendable, Codable, CaseIterable {
 /// - `mmap`/`mprotect` never with PROT_EXEC: they answer EPERM (a dlopen, e.g. of an NSS module,
 ///   fails instead of killing the broker); no new code can be mapped.
 /// - `tgkill` only to its own threads (abort() uses it); `prlimit64` only to read its own
-///   limits; no `sched_setaffinity`, `setpriority`, `kill` or `tkill`.
+///   limits; `setpriority` only on the calling thread (libdispatch's worker threads); no
+///   `sched_setaffinity`, `kill` or `tkill`.
 /// - `prctl` only the options the runtime uses; not PR_SET_DUMPABLE (the broker made itself
 ///   non-dumpable before loading the filter, and stays so).
 ///
@@ -129,6 +130,12 @@ public enum SeccompProfile {
             try check(
                 hf_scmp_rule2(context, allow, "prlimit64", 0, SCMP_CMP_EQ, pid, 0, 2, SCMP_CMP_EQ, 0, 0), "seccomp rule prlimit64")
         }
+        // Its own thread's nice value only: setpriority(PRIO_PROCESS, 0, nice), which Linux
+        // applies to the calling thread. libdispatch sets it on a worker thread it starts for a
+        // QoS class (seen once in a 2-minute soak: forbidden, it would have killed the broker).
+        try check(
+            hf_scmp_rule2(context, allow, "setpriority", 0, SCMP_CMP_EQ, UInt64(PRIO_PROCESS.rawValue), 0, 1, SCMP_CMP_EQ, 0, 0),
+            "seccomp rule setpriority")
         // Thread names and the few prctl options the runtime uses; not PR_SET_DUMPABLE, nor
         // PR_SET_SECCOMP, nor PR_SET_NO_NEW_PRIVS reversal (impossible anyway).
         for option in [PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_SET_VMA] {

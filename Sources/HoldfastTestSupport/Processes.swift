@@ -156,3 +156,18 @@ public func readFile(_ path: String) -> [UInt8]? { WholeFile.read(path) }
 public func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
     try WholeFile.write(path, bytes, mode: mode)
 }
+
+/// Leaves a socket file nobody listens on at `path`: bound, then its socket closed, as a
+/// crashed process leaves one.
+public func makeStaleSocket(_ path: String) {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
+    }
+    _ = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    close(fd)
+}

@@ -21,7 +21,10 @@ public enum SeccompProbe {
         case tgkillSelf = "tgkill-self", tgkillOther = "tgkill-other", killOther = "kill-other"
         /// prlimit64 reading its own limit, writing it, reading the parent's.
         case prlimitReadSelf = "prlimit-read-self", prlimitWriteSelf = "prlimit-write-self", prlimitOther = "prlimit-other"
-        case schedSetaffinity = "sched-setaffinity", setpriority
+        /// sched_setaffinity(0) to its current mask; setpriority on itself (the calling thread),
+        /// on the parent, on its process group.
+        case schedSetaffinity = "sched-setaffinity", setpriority, setpriorityOther = "setpriority-other"
+        case setpriorityGroup = "setpriority-group"
         /// bind (an abstract Unix address: no file) and listen on a socket it may create.
         case bind, listen
         /// mmap with PROT_EXEC; mprotect of a writable page to PROT_EXEC; a plain writable mmap.
@@ -116,7 +119,12 @@ public enum SeccompProbe {
         case .schedSetaffinity:
             return Int(hf_sched_setaffinity_self())
         case .setpriority:
-            return Int(Glibc.setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 0))
+            return Int(Glibc.setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)))
+        case .setpriorityOther:
+            let parent = id_t(getppid())
+            return Int(Glibc.setpriority(__priority_which_t(PRIO_PROCESS.rawValue), parent, getpriority(__priority_which_t(PRIO_PROCESS.rawValue), parent)))
+        case .setpriorityGroup:
+            return Int(Glibc.setpriority(__priority_which_t(PRIO_PGRP.rawValue), 0, getpriority(__priority_which_t(PRIO_PGRP.rawValue), 0)))
         case .bind:
             // An abstract address ("\0holdfast-probe-PID"): nothing on disk to clean up.
             var address = sockaddr_un()
