@@ -24,7 +24,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
-        // Tests and holdfast-soak: SHA-256 of relayed streams.
+        // HMAC-SHA256 of stream hellos (HoldfastCore); SHA-256 of relayed streams in the tests and
+        // holdfast-soak.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
@@ -37,7 +38,11 @@ let package = Package(
         .target(name: "HoldfastProtocol", swiftSettings: strict),
         .target(
             name: "HoldfastCore",
-            dependencies: ["HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            dependencies: [
+                "HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                // HMAC-SHA256 of stream hellos (pure computation, no syscalls).
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
             swiftSettings: strict),
         // Thin, tested wrappers over syscalls: reactor, fds, sockets, addresses, pipes, ptys.
         .target(

@@ -230,6 +230,7 @@ public final class HostService: Sendable {
         var local: [Int32] = []
         var relays: [Task<Void, Never>] = []
         var specs: [String: StreamSpec] = [:]
+        var opened: [[UInt8]] = []
         if request.mode == .raw {
             // Raw streams go straight to the listeners named; nothing is relayed here.
             for (kind, address) in request.rawAddresses ?? [:] where kinds.contains(kind) {
@@ -247,18 +248,25 @@ public final class HostService: Sendable {
                 outlet.attach(try AsyncFD(adopting: pair.ours))
                 processOutlets[kind] = outlet
                 if kind == "stdin" {
-                    let stream = streams.open(token: Array(token.utf8), direction: .send)
+                    let stream = try streams.open(token: Array(token.utf8), direction: .send)
+                    opened.append(stream.token)
                     relays.append(Task { await Self.pump(from: outlet, to: stream) })
+                    specs[kind] = stream.streamSpec(at: streamAddress)
                 } else {
-                    let stream = streams.open(token: Array(token.utf8), direction: .receive)
+                    let stream = try streams.open(token: Array(token.utf8), direction: .receive)
+                    opened.append(stream.token)
                     relays.append(Task { await Self.pump(from: stream, to: outlet) })
+                    specs[kind] = stream.streamSpec(at: streamAddress)
                 }
-                specs[kind] = StreamSpec(address: streamAddress, mode: request.mode, token: request.mode == .resumable ? token : nil)
             }
             if !processOutlets.isEmpty { outlets.withLockedValue { $0[id] = processOutlets } }
         } catch {
             for fd in local { _ = Glibc.close(fd) }
             for relay in relays { relay.cancel() }
+            for token in opened { streams.close(token: token) }
+            if case StreamServerError.tokenInUse = error {
+                throw ErrorBody(code: "process-exists", message: "a process with id '\(id)' is running from this host serve")
+            }
             throw ErrorBody(code: "local-failed", message: "\(error)")
         }
         let spec = ProcessSpec(

@@ -23,10 +23,10 @@ struct BridgeFloodTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         // A bystander streams a counter throughout.
-        let output = collect(daemon.streams.open(token: bytes("b-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("b-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
             id: "b", argv: counterCommand(400, prefix: "b", pause: "0.01"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "b-out")))
+            stdout: daemon.spec("b-out")))
 
         daemon.bridge.close()
         let raw = try Listener(binding: .unix(path: daemon.directory.file("host-bridge.sock")), unixMode: 0o666)

@@ -112,7 +112,7 @@ struct CreateLedgerTests {
 @Suite("A process spec with a NUL byte is refused, not cut short")
 struct NULByteTests {
     @Test func everyStringThatBecomesACStringIsChecked() {
-        let stream = StreamSpec(address: "unix:/tmp/s.sock", mode: .resumable, token: "t")
+        let stream = StreamSpec(address: "unix:/tmp/s.sock", mode: .resumable, token: "t", secret: .random())
         let good = ProcessSpec(id: "p", argv: ["sh", "-c", "true"], env: ["A=b"], cwd: "/", user: "root", stdout: stream)
         #expect(throws: Never.self) { try Supervisor.validate(good) }
         var cases: [(String, ProcessSpec)] = []

@@ -89,6 +89,13 @@ final class DaemonFixture: Sendable {
     }
 
     var streamAddress: String { "unix:" + directory.file("streams.sock") }
+
+    /// What a create request says for the host stream `token` opened on `streams`: its address,
+    /// token and secret (a token not opened gets a random secret: the host will refuse it).
+    func spec(_ token: String) -> StreamSpec {
+        streams.stream(for: bytes(token))?.streamSpec(at: streamAddress)
+            ?? StreamSpec(address: streamAddress, mode: .resumable, token: token, secret: .random())
+    }
     var daemonPID: pid_t { daemon.withLockedValue { $0 }! }
 
     func control() async throws -> ControlClient {
