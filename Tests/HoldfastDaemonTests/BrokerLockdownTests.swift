@@ -95,12 +95,10 @@ struct BrokerLockdownTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let bystander = try await ContainmentTests.startBystander(daemon)
-        let typed = daemon.streams.open(token: bytes("victim-in"), direction: .send)
-        let echoed = collect(daemon.streams.open(token: bytes("victim-out"), direction: .receive))
+        let typed = try daemon.streams.open(token: bytes("victim-in"), direction: .send)
+        let echoed = collect(try daemon.streams.open(token: bytes("victim-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
-            id: "victim", argv: ["cat"],
-            stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "victim-in"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "victim-out")))
+            id: "victim", argv: ["cat"], stdin: daemon.spec("victim-in"), stdout: daemon.spec("victim-out")))
         let before = try await ContainmentTests.roles(daemon)
         let broker = try #require(before["broker"]?.pid)
         let lines = expectedLines(200, prefix: "typed")
