@@ -104,26 +104,37 @@ public enum Privileges {
 /// Processes by uid, from /proc.
 public enum ProcessScan {
     /// Every process (thread group) that has `uid` as its real, effective, saved or filesystem
-    /// uid, from the `Uid:` line of /proc/PID/status. A process that exits meanwhile is skipped.
+    /// uid, from the `Uid:` line of /proc/PID/status. A process that exits meanwhile is skipped,
+    /// and so is a zombie (it can no longer do anything; its parent has yet to reap it).
     public static func processes(withUID uid: uid_t) -> [pid_t] {
         guard let directory = opendir("/proc") else { return [] }
         defer { closedir(directory) }
         var found: [pid_t] = []
         while let entry = readdir(directory) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard let pid = pid_t(name), let ids = uids(of: pid) else { continue }
-            if ids.contains(uid) { found.append(pid) }
+            guard let pid = pid_t(name), let status = status(of: pid), !status.isZombie else { continue }
+            if status.uids.contains(uid) { found.append(pid) }
         }
         return found.sorted()
     }
 
     /// The real, effective, saved and filesystem uids of `pid`.
-    public static func uids(of pid: pid_t) -> [uid_t]? {
+    public static func uids(of pid: pid_t) -> [uid_t]? { status(of: pid)?.uids }
+
+    /// The `Uid:` and `State:` lines of /proc/PID/status.
+    private static func status(of pid: pid_t) -> (uids: [uid_t], isZombie: Bool)? {
         guard let text = readSmallFile("/proc/\(pid)/status") else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix("Uid:") {
-            return line.dropFirst("Uid:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { uid_t($0) }
+        var uids: [uid_t]?
+        var zombie = false
+        for line in text.split(separator: "\n") {
+            if line.hasPrefix("Uid:") {
+                uids = line.dropFirst("Uid:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { uid_t($0) }
+            } else if line.hasPrefix("State:") {
+                let state = line.dropFirst("State:".count).drop { $0 == " " || $0 == "\t" }.first
+                zombie = state == "Z" || state == "X"
+            }
         }
-        return nil
+        return uids.map { ($0, zombie) }
     }
 
     /// A process's command name (/proc/PID/comm), for messages.

@@ -39,11 +39,12 @@ extension Supervisor {
         guard !sharers.isEmpty else { return }
         let named = sharers.prefix(5).map { pid in "pid \(pid)" + (ProcessScan.commandName(of: pid).map { " (\($0))" } ?? "") }
         let more = sharers.count > 5 ? " and \(sharers.count - 5) more" : ""
-        let user = configuration.broker.user.map { "broker.user '\($0)' (uid \(uid))" } ?? "broker.user is empty: the broker would keep uid \(uid), and"
+        let whose = configuration.broker.user.map { "broker.user '\($0)' (uid \(uid)) is not the broker's own" }
+            ?? "broker.user is empty, so the broker would keep this daemon's uid \(uid), which is not its own"
         throw StartRefused(
-            "\(user) is not the broker's own: \(named.joined(separator: ", "))\(more) run as it and could signal the broker; "
-                + "give it a dedicated user or a uid no process uses (uid:N, e.g. from \(ReservedUIDs.range.lowerBound)-\(ReservedUIDs.range.upperBound)), "
-                + "or set broker.allow_shared_uid: true")
+            "\(whose): \(named.joined(separator: ", "))\(more) run as it and could signal the broker; "
+                + "give the broker a dedicated user or a uid no process uses (uid:N, e.g. from "
+                + "\(ReservedUIDs.range.lowerBound)-\(ReservedUIDs.range.upperBound)), or set broker.allow_shared_uid: true")
     }
 
     /// A process the host or a local client asks for may not run as the broker's uid.

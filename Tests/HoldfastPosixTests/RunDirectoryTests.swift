@@ -162,3 +162,32 @@ struct RunDirectoryTests {
         #expect(error?.description.contains("mode 0777") == true, "\(error?.description ?? "")")
     }
 }
+
+/// The scan behind "the broker's uid is its own", and `broker.user`'s forms.
+@Suite("Processes by uid, from /proc; broker users")
+struct ProcessScanTests {
+    @Test func aBareUIDNeedsNoPasswordEntry() {
+        let bare = UserAccount.resolve("uid:65600")
+        #expect(bare?.name == "uid:65600" && bare?.uid == 65600 && bare?.gid == 65600)
+        #expect(UserAccount.resolve("root")?.uid == 0, "a name is looked up")
+        for bad in ["uid:", "uid:0", "uid:-1", "uid:4294967295", "uid:1x", "uid: 5", "uid:+5"] {
+            #expect(UserAccount.resolve(bad) == nil, "\(bad)")
+        }
+    }
+
+    @Test(.enabled(if: geteuid() == 0, "needs root: processes as another uid"))
+    func aLiveProcessIsFoundAndAZombieIsNot() async throws {
+        let uid = ReservedUIDs.unused()
+        #expect(ProcessScan.processes(withUID: uid).isEmpty, "unused means unused")
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let live = try processes.start(["sleep", "300"], user: uid)
+        let done = try processes.start(["true"], user: uid)
+        try await eventually("the finished one to be a zombie (exited, not reaped)") {
+            String(decoding: readFile("/proc/\(done)/status") ?? [], as: UTF8.self).contains("State:\tZ")
+        }
+        #expect(ProcessScan.processes(withUID: uid) == [live], "a zombie can signal nobody")
+        #expect(ProcessScan.uids(of: live) == [uid, uid, uid, uid])
+        #expect(ReservedUIDs.unused() != uid, "a uid in use is not handed out")
+    }
+}
