@@ -157,3 +157,77 @@ struct TransportTests {
         #expect(lstat(path, &after) == 0 && after.st_ino == before.st_ino && after.st_uid == 65534, "not unlinked")
     }
 }
+
+@Suite("AsyncFD")
+struct AsyncFDTests {
+    @Test func pipeRoundTripAndEndOfFile() async throws {
+        let pipe = try PipeEnds.make()
+        let reader = try AsyncFD(adopting: pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        try await send(writer, bytes("through the pipe"))
+        writer.close()
+        #expect(try await readAll(reader) == bytes("through the pipe"))
+        reader.close()
+    }
+
+    @Test func closeWakesAParkedRead() async throws {
+        let pipe = try PipeEnds.make()
+        let reader = try AsyncFD(adopting: pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        let parked = Task { () -> Bool in
+            do {
+                _ = try await readAll(reader)
+                return false
+            } catch is DescriptorClosed {
+                return true
+            } catch {
+                return false
+            }
+        }
+        try await Task.sleep(for: .milliseconds(20))
+        reader.close()
+        #expect(try await withTimeout("parked read") { await parked.value })
+        writer.close()
+    }
+
+    @Test func writeToAPipeWithoutReaderFailsWithoutSignal() async throws {
+        let pipe = try PipeEnds.make()
+        close(pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        do {
+            try await send(writer, bytes("x"))
+            Issue.record("write succeeded")
+        } catch let failure as WriteFailure {
+            #expect((failure.cause as? SystemError)?.errno == .brokenPipe)
+        }
+        writer.close()
+    }
+
+    @Test func descriptorsAreReleased() async throws {
+        guard try await isolated("descriptorsAreReleased") else { return }
+        _ = Reactor.shared  // its epoll fd is a one-time, process-wide cost
+        let before = openDescriptorCount()
+        for _ in 0..<500 {
+            let pipe = try PipeEnds.make()
+            let reader = try AsyncFD(adopting: pipe.read)
+            let writer = try AsyncFD(adopting: pipe.write)
+            try await send(writer, [1])
+            writer.close()
+            _ = try await readAll(reader)
+            reader.close()
+        }
+        #expect(openDescriptorCount() == before)
+    }
+
+    @Test func ptyResizeIsVisibleOnTheSlave() throws {
+        let terminal = try PseudoTerminal.open(size: WindowSize(rows: 24, columns: 80))
+        defer {
+            close(terminal.master)
+            close(terminal.slave)
+        }
+        #expect(try Terminal.size(of: terminal.slave) == WindowSize(rows: 24, columns: 80))
+        try terminal.resize(WindowSize(rows: 50, columns: 132))
+        #expect(try Terminal.size(of: terminal.slave) == WindowSize(rows: 50, columns: 132))
+    }
+}
+
