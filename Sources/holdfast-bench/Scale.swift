@@ -21,7 +21,7 @@ struct Scale: AsyncParsableCommand {
 
     func run() async throws {
         guard geteuid() == 0 else {
-            print("holdfast-bench scale needs root (the daemon's broker runs as 'nobody')")
+            print("holdfast-bench scale needs root (the daemon's broker runs as a uid of its own)")
             throw ExitCode(2)
         }
         raiseDescriptorLimit()
@@ -44,7 +44,7 @@ struct Scale: AsyncParsableCommand {
             bridge:
               address: "unix:{run}/bridge.sock"
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
             streams:
               redial_attempts: 600
               redial_interval: 100ms

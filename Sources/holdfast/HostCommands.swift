@@ -32,8 +32,24 @@ struct HostServe: AsyncParsableCommand {
 
     func run() async throws {
         Memory.returnLargeBuffersToTheSystem()
-        let service = try HostService(
-            bridge: try parseAddress(bridge), streams: try parseAddress(streams), control: control) { writeLine($0) }
+        let bridgeAddress = try parseAddress(bridge)
+        let streamsAddress = try parseAddress(streams)
+        // The control socket's directory (the run directory by default) is ours alone while we
+        // serve: checked, locked (host.lock), and cleared only of our own stale sockets.
+        let lock: RunDirectoryLock
+        do throws(RunDirectory.Refusal) {
+            let directory = RunDirectory.directory(of: control.hasPrefix("/") ? control : currentDirectory() + "/" + control)
+            lock = try RunDirectory.claim(directory, lockName: "host.lock")
+            var sockets = [control]
+            for case .unix(let path) in [bridgeAddress, streamsAddress] { sockets.append(path) }
+            for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: directory) }
+        } catch {
+            var standardError = StandardError()
+            print("holdfast host serve: refusing to start: \(error)", to: &standardError)
+            throw ExitCode(2)
+        }
+        defer { withExtendedLifetime(lock) {} }
+        let service = try HostService(bridge: bridgeAddress, streams: streamsAddress, control: control) { writeLine($0) }
         defer { service.close() }
         let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
         let serving = Task { await service.run() }
@@ -241,6 +257,12 @@ func signalNumber(_ text: String) -> Int32? {
 
 extension StreamModeName: ExpressibleByArgument {}
 extension RuntimeName: ExpressibleByArgument {}
+
+func currentDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    guard getcwd(&buffer, buffer.count) != nil else { return "." }
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
 
 /// One line to stdout, unbuffered: a log read while the service runs must be current.
 func writeLine(_ text: String) {

@@ -31,21 +31,24 @@ final class DaemonFixture: Sendable {
     let bridge: BridgeServer
     let streams: StreamServer<AsyncFD>
     let logPath: String
+    /// The broker's uid: one no other process uses (`ReservedUIDs`), as the daemon requires.
+    let brokerUID: uid_t
     private let daemon = NIOLockedValueBox<pid_t?>(nil)
     private let command: [String]
     private let environment: [String]
 
     static var canRun: Bool { geteuid() == 0 }
-    static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
+    static let skipMessage = "skip: the daemon tests need root (the broker runs as a uid of its own); run make test as root"
 
     /// `environment` is added to the inherited one; `executable` replaces the built binary.
     /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
     init(
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
-        shutdown: (grace: String, timeout: String) = ("1s", "5s")
+        shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil
     ) async throws {
+        brokerUID = brokerUser ?? ReservedUIDs.unused()
         directory = try TemporaryDirectory("holdfast-daemon")
-        chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
+        chmod(directory.path, 0o755)  // the broker, unprivileged, must reach the sockets in here
         bridge = try BridgeServer(listeningOn: .unix(path: directory.file("host-bridge.sock")), unixMode: 0o666)
         bridge.start()
         streams = try StreamServer(listeningOn: .unix(path: directory.file("streams.sock")), unixMode: 0o666)
@@ -58,7 +61,7 @@ final class DaemonFixture: Sendable {
               reconnect_initial: 50ms
               reconnect_max: 200ms
             broker:
-              user: nobody
+              user: "uid:\(brokerUID)"
               seccomp: kill
             streams:
               # 60 s of redialing: a starved CI machine can take seconds per status poll.
