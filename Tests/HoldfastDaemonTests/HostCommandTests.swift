@@ -13,8 +13,7 @@ struct HostCommandTests {
     /// The host side as a user drives it: `host serve` in place of the test's bridge host, then
     /// `host run` with a file on stdin — its bytes come back on stdout (sha256), stderr is
     /// separate, and `host run` exits with the process's exit code.
-    @Test func hostRunWiresStdioAndReturnsTheExitCode() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func hostRunWiresStdioAndReturnsTheExitCode() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         daemon.bridge.close()
@@ -116,8 +115,7 @@ private func hostOutput(_ daemon: DaemonFixture, _ arguments: [String]) async th
 
 @Suite("holdfast demo: the daemon, a host peer and three migrations", .timeLimit(.minutes(5)))
 struct MigrationDemoTests {
-    @Test func theDemoPassesAndCleansUp() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func theDemoPassesAndCleansUp() async throws {
         let processes = TestProcesses()
         defer { processes.killAll() }
         let directory = try TemporaryDirectory()

@@ -36,7 +36,6 @@ struct TestBundle {
     }
 
     static var canRun: Bool { access("/bin/busybox", X_OK) == 0 && (try? runCommand(["runc", "--version"])) == .exited(0) }
-    static let skipMessage = "skip: the runc tests need root, runc and busybox-static (make test installs them as root)"
 }
 
 /// Runs a command to its end with its output discarded.
@@ -85,14 +84,6 @@ final class Accumulator: Sendable {
 
 @Suite("runc: real containers, their stdio through migrations, exec, errors", .timeLimit(.minutes(5)))
 struct RuncTests {
-    static func skip() -> Bool {
-        guard DaemonFixture.canRun, TestBundle.canRun else {
-            print(DaemonFixture.canRun ? TestBundle.skipMessage : DaemonFixture.skipMessage)
-            return true
-        }
-        return false
-    }
-
     func runcList(_ daemon: DaemonFixture) throws -> [String] {
         let text = try commandOutput(["runc", "--root", daemon.directory.file("runc"), "list", "-q"], in: daemon.directory)
         return text.split(separator: "\n").map(String.init)
@@ -100,8 +91,7 @@ struct RuncTests {
 
     /// A heartbeat container through five migrations: every number once, in order; the exit
     /// arrives once; the container is deleted afterwards.
-    @Test func aHeartbeatContainerSurvivesFiveMigrations() async throws {
-        if Self.skip() { return }
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static")) func aHeartbeatContainerSurvivesFiveMigrations() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
@@ -137,8 +127,7 @@ struct RuncTests {
 
     /// A tty container: `stty size` inside shows the size the host gave, then the size of a
     /// resize; a line typed during a migration is echoed by the terminal and read by the shell.
-    @Test func aTtyContainerSeesItsSizeAndResizesAndEchoesThroughAMigration() async throws {
-        if Self.skip() { return }
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static")) func aTtyContainerSeesItsSizeAndResizesAndEchoesThroughAMigration() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
@@ -171,8 +160,7 @@ struct RuncTests {
     /// runc exec into a running container: the command runs in the container's pid namespace
     /// (its pid 1 is the container's sleep), its output arrives on its own stream, its exit code
     /// comes back; a tty exec gets its size. Then `runc kill` through a bridge signal.
-    @Test func execRunsInsideTheContainerWithItsOwnStreams() async throws {
-        if Self.skip() { return }
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static")) func execRunsInsideTheContainerWithItsOwnStreams() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
@@ -210,8 +198,7 @@ struct RuncTests {
 
     /// runc's own errors come back as a coded error with runc's message, and leave nothing
     /// behind: no container in `runc list`, no fd in the supervisor or the broker.
-    @Test func aBadBundleIsACodedErrorAndLeavesNothingBehind() async throws {
-        if Self.skip() { return }
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static")) func aBadBundleIsACodedErrorAndLeavesNothingBehind() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let noRootfs = try TestBundle(in: daemon.directory, name: "norootfs", args: ["true"], terminal: false)
@@ -273,8 +260,7 @@ struct RuncTests {
     /// From the host CLI, as the README shows it: `host run --runtime runc --bundle` wires the
     /// container's stdout and stderr and exits with its code; `host exec` runs a command in a
     /// running container; a bad bundle is a one-line error, exit code 1.
-    @Test func hostRunAndHostExecFromTheCommandLine() async throws {
-        if Self.skip() { return }
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static")) func hostRunAndHostExecFromTheCommandLine() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         daemon.bridge.close()
