@@ -24,7 +24,7 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
-        // Tests and holdfast-soak: SHA-256 of relayed streams.
+        // The bridge's HMAC-SHA256 handshake; tests and holdfast-soak: SHA-256 of relayed streams.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
@@ -37,7 +37,11 @@ let package = Package(
         .target(name: "HoldfastProtocol", swiftSettings: strict),
         .target(
             name: "HoldfastCore",
-            dependencies: ["HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            dependencies: [
+                "HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                // HMAC-SHA256 of the bridge's authentication handshake.
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
             swiftSettings: strict),
         // Thin, tested wrappers over syscalls: reactor, fds, sockets, addresses, pipes, ptys.
         .target(
@@ -61,7 +65,7 @@ let package = Package(
         .target(
             name: "HoldfastConfig",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
                 .product(name: "Configuration", package: "swift-configuration"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "SystemPackage", package: "swift-system"),

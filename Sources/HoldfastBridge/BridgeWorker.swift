@@ -8,22 +8,40 @@ import NIOConcurrencyHelpers
 import Glibc
 #endif
 
-/// The bridge worker: dials the host's bridge, says hello, and tells the supervisor when the
-/// bridge is up and when it is lost; redials forever with capped exponential back-off. It
-/// parses everything the host sends, so a bug here is a crash of a restartable worker, never of
-/// the stdio.
+/// The bridge worker: dials the host's bridge, proves it holds the bridge key and checks that
+/// the host does (docs/PROTOCOL.md, "Bridge authentication"), says hello, and tells the
+/// supervisor when the bridge is up and when it is lost; redials forever with capped
+/// exponential back-off. It parses everything the host sends, so a bug here is a crash of a
+/// restartable worker, never of the stdio.
 public enum BridgeWorker {
+    /// How the worker authenticates the bridge.
+    public enum Authentication: Sendable, Equatable {
+        /// HMAC-SHA256 with the key in this file, read again before every dial (a replaced file
+        /// takes effect on the next connection: key rotation without a restart).
+        case keyFile(String)
+        /// No handshake (`bridge.authentication: none`).
+        case none
+    }
+
     public struct Options: Sendable {
         public var address: SocketAddress
+        public var authentication: Authentication
         public var reconnectInitial: Duration
         public var reconnectMax: Duration
         public var connectTimeout: Duration
+        /// The host's answer and verdict must arrive within this, or the worker redials.
+        public var handshakeTimeout: Duration
 
-        public init(address: SocketAddress, reconnectInitial: Duration, reconnectMax: Duration, connectTimeout: Duration = .seconds(2)) {
+        public init(
+            address: SocketAddress, authentication: Authentication, reconnectInitial: Duration, reconnectMax: Duration,
+            connectTimeout: Duration = .seconds(2), handshakeTimeout: Duration = .seconds(5)
+        ) {
             self.address = address
+            self.authentication = authentication
             self.reconnectInitial = reconnectInitial
             self.reconnectMax = reconnectMax
             self.connectTimeout = connectTimeout
+            self.handshakeTimeout = handshakeTimeout
         }
     }
 
@@ -44,8 +62,24 @@ public enum BridgeWorker {
         // A flood of requests leaves free pages in malloc's arenas; they go back afterwards.
         let tidier = MemoryTidier()
         Task { await tidier.run() }
+        if options.authentication == .none {
+            logger.warning(
+                "bridge authentication is off (bridge.authentication: none): any process in the guest can pose as this daemon to the host, and the host is not checked")
+        }
         var backoff = options.reconnectInitial
         while true {
+            // No key, no dial: an unauthenticated connection would be refused anyway.
+            var key: BridgeKey?
+            if case .keyFile(let path) = options.authentication {
+                do {
+                    key = try BridgeKeyFile.load(path)
+                } catch {
+                    logger.error("cannot use the bridge key; not dialling", metadata: ["bridge.key_file": "\(error)"])
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
             let connection: AsyncFD
             do {
                 connection = try await Dialer.connect(to: options.address, timeout: options.connectTimeout)
@@ -54,6 +88,27 @@ public enum BridgeWorker {
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, options.reconnectMax)
                 continue
+            }
+            if let key {
+                if let (failure, timedOut) = await authenticate(connection, key: key, timeout: options.handshakeTimeout) {
+                    connection.close()
+                    switch failure {
+                    case .connectionLost:
+                        logger.info(
+                            timedOut ? "the host did not complete the handshake in \(options.handshakeTimeout)" : "bridge connection lost during the handshake",
+                            metadata: ["address": "\(options.address)"])
+                    case .refused:
+                        logger.error("the host refused our bridge key: does bridge.key_file hold the host's key?", metadata: ["address": "\(options.address)"])
+                    case .malformed, .wrongProof:
+                        // An impostor, or a host with another key: it was sent nothing but our challenge.
+                        logger.warning("the host failed authentication; nothing sent to it", metadata: [
+                            "address": "\(options.address)", "reason": "\(failure)",
+                        ])
+                    }
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
             }
             let hello: BridgeHello
             do {
@@ -78,6 +133,26 @@ public enum BridgeWorker {
             logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
             await notify(client, .bridgeDown)
             try? await Task.sleep(for: options.reconnectInitial)
+        }
+    }
+
+    /// The handshake, bounded: a host that does not answer within `timeout` is given up on
+    /// (the connection is closed under the handshake, which then fails as lost).
+    static func authenticate(
+        _ connection: AsyncFD, key: BridgeKey, timeout: Duration
+    ) async -> (failure: BridgeHandshake.Failure, timedOut: Bool)? {
+        let timedOut = NIOLockedValueBox(false)
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            timedOut.withLockedValue { $0 = true }
+            connection.close()
+        }
+        defer { timer.cancel() }
+        do {
+            try await BridgeHandshake.authenticateHost(on: connection, key: key)
+            return nil
+        } catch {
+            return (error, timedOut.withLockedValue { $0 })
         }
     }
 

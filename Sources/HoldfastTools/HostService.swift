@@ -78,6 +78,8 @@ public enum HostDefaults {
         getenv("HOLDFAST_RUN_DIR").map { String(cString: $0) } ?? "/tmp/holdfast"
     }
     public static var bridge: String { "unix:\(runDirectory)/host-bridge.sock" }
+    /// The bridge key `host serve` creates if missing; config/holdfast-dev.yaml's `bridge.key_file`.
+    public static var keyFile: String { "\(runDirectory)/bridge.key" }
     public static var streams: String { "unix:\(runDirectory)/host-streams.sock" }
     public static var control: String { "\(runDirectory)/host.sock" }
 }
@@ -98,9 +100,13 @@ public final class HostService: Sendable {
     /// now ("stdin", "stdout", "stderr").
     private let outlets = NIOLockedValueBox<[String: [String: Outlet]]>([:])
 
-    public init(bridge: SocketAddress, streams: SocketAddress, control: String, say: @escaping @Sendable (String) -> Void) throws {
+    /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
+    public init(
+        bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, control: String, say: @escaping @Sendable (String) -> Void
+    ) throws {
         self.say = say
-        self.bridge = try BridgeServer(listeningOn: bridge, unixMode: 0o666)
+        self.bridge = try BridgeServer(
+            listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") })
         self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
         self.streamAddress = self.streams.address.description
         self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)

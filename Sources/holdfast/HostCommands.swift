@@ -28,10 +28,32 @@ struct HostServe: AsyncParsableCommand {
     @Option(help: "Where the guest's bridge dials.") var bridge = HostDefaults.bridge
     @Option(help: "Where the guest's streams dial (any number of reconnections).") var streams = HostDefaults.streams
     @Option(help: "The local control socket for host run/ps/kill.") var control = HostDefaults.control
+    @Option(help: ArgumentHelp(
+        "The bridge key the guest must prove it holds (hex digits, mode 0600).",
+        discussion: "Default: \(HostDefaults.keyFile), created with a new key if missing (config/holdfast-dev.yaml's bridge.key_file); a file named here must exist."))
+    var keyFile: String?
+    @Option(help: "hmac-sha256, or none: any process in the guest may pose as the guest (for a guest with bridge.authentication: none).")
+    var authentication: BridgeAuthenticationMethod = .hmacSHA256
 
     func run() async throws {
+        if authentication == .none, keyFile != nil { throw ValidationError("--key-file needs --authentication hmac-sha256") }
+        var key: BridgeKey?
+        if authentication == .hmacSHA256 {
+            do {
+                if let keyFile {
+                    key = try BridgeKeyFile.load(keyFile)
+                    writeLine("holdfast host: bridge key \(keyFile)")
+                } else {
+                    let (loaded, created) = try BridgeKeyFile.loadOrCreate(HostDefaults.keyFile)
+                    key = loaded
+                    writeLine("holdfast host: bridge key \(HostDefaults.keyFile)\(created ? " (new)" : "")")
+                }
+            } catch {
+                throw CommandFailure("holdfast host serve: bridge key \(error)")
+            }
+        }
         let service = try HostService(
-            bridge: try parseAddress(bridge), streams: try parseAddress(streams), control: control) { writeLine($0) }
+            bridge: try parseAddress(bridge), bridgeKey: key, streams: try parseAddress(streams), control: control) { writeLine($0) }
         defer { service.close() }
         let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
         let serving = Task { await service.run() }
@@ -179,6 +201,7 @@ func signalNumber(_ text: String) -> Int32? {
 
 extension StreamModeName: ExpressibleByArgument {}
 extension RuntimeName: ExpressibleByArgument {}
+extension BridgeAuthenticationMethod: ExpressibleByArgument {}
 
 /// One line to stdout, unbuffered: a log read while the service runs must be current.
 func writeLine(_ text: String) {
