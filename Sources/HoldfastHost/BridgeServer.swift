@@ -354,22 +354,24 @@ public final class BridgeServer: Sendable {
         else {
             state.withLockedValue { _ = $0.pendingHandshakes.removeValue(forKey: ticket) }
             socket.close()
-            refused(peer: peer, "its first frame after the handshake is not a hello")
-            return
-        }
-        // Authenticated: no longer one of the pending handshakes a flood may push out.
-        guard state.withLockedValue({ $0.pendingHandshakes.removeValue(forKey: ticket) != nil }) else {
-            socket.close()
+            refused(peer: peer, "its first frame is not a hello")
             return
         }
         let connection = Connection(socket)
-        let (previous, waiters) = state.withLockedValue { s -> (Connection?, [CheckedContinuation<Connection?, Never>]) in
+        // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
+        // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
+        let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
+            guard s.pendingHandshakes.removeValue(forKey: ticket) != nil, !s.closed else { return nil }
             let previous = s.connection
             s.connection = connection
             s.accepted += 1
             s.lastHello = hello
             defer { s.waitingForGuest.removeAll() }
             return (previous, Array(s.waitingForGuest.values))
+        }
+        guard let (previous, waiters) = installed else {
+            connection.close()
+            return
         }
         previous?.close()
         helloSink.yield(hello)
