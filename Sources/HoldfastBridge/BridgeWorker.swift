@@ -45,14 +45,30 @@ public enum BridgeWorker {
         }
     }
 
+    /// Where an exit the supervisor pushes goes.
+    enum Link {
+        /// No host: the exit is in the next hello (the supervisor keeps it until acknowledged).
+        case down
+        /// The hello has been taken from the supervisor and is on its way (the handshake may
+        /// still be finishing): an exit now may be missing from it, so it waits here and goes
+        /// out right after the hello (a repeat of one in the hello is acknowledged, not
+        /// delivered twice). Bounded by the handshake timeout.
+        case settingUp([ControlFrame])
+        case up(ControlFrameWriter<AsyncFD>)
+    }
+
     /// Runs until the supervisor's channel closes.
     public static func run(supervisor: FDChannel, options: Options, logger: Logger) async {
-        let current = NIOLockedValueBox<ControlFrameWriter<AsyncFD>?>(nil)
-        // The supervisor pushes exits (id 0); they go to the host if one is connected, and are
-        // in the next hello otherwise (the supervisor keeps them until the host acknowledges).
+        let link = NIOLockedValueBox(Link.down)
         let client = ControlClient(channel: supervisor) { frame in
             guard frame.type == BridgeMessageType.exit.rawValue else { return }
-            current.withLockedValue { $0 }?.send(frame)
+            link.withLockedValue { link in
+                switch link {
+                case .down: break
+                case .settingUp(let waiting): link = .settingUp(waiting + [frame])
+                case .up(let writer): writer.send(frame)
+                }
+            }
         }
         Task {
             await client.run()
@@ -89,45 +105,53 @@ public enum BridgeWorker {
                 backoff = min(backoff * 2, options.reconnectMax)
                 continue
             }
+            // The host proves itself first; our proof and hello go out together, then its verdict.
             if let key {
-                if let (failure, timedOut) = await authenticate(connection, key: key, timeout: options.handshakeTimeout) {
-                    connection.close()
-                    switch failure {
-                    case .connectionLost:
-                        logger.info(
-                            timedOut ? "the host did not complete the handshake in \(options.handshakeTimeout)" : "bridge connection lost during the handshake",
-                            metadata: ["address": "\(options.address)"])
-                    case .refused:
-                        logger.error("the host refused our bridge key: does bridge.key_file hold the host's key?", metadata: ["address": "\(options.address)"])
-                    case .malformed, .wrongProof:
-                        // An impostor, or a host with another key: it was sent nothing but our challenge.
-                        logger.warning("the host failed authentication; nothing sent to it", metadata: [
-                            "address": "\(options.address)", "reason": "\(failure)",
-                        ])
-                    }
+                let proven = await handshake(connection, options: options, logger: logger) { () async throws(BridgeHandshake.Failure) in
+                    try await BridgeHandshake.proveToHost(on: connection, key: key)
+                }
+                guard proven else {
                     try? await Task.sleep(for: backoff)
                     backoff = min(backoff * 2, options.reconnectMax)
                     continue
                 }
             }
+            link.withLockedValue { $0 = .settingUp([]) }
             let hello: BridgeHello
             do {
                 let info = try await client.call(SupervisorMessageType.bridgeHello.rawValue, [String: String](), reply: BridgeHello.self)
                 hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID)
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
+                link.withLockedValue { $0 = .down }
                 connection.close()
                 try? await Task.sleep(for: backoff)
                 continue
             }
+            let helloFrame = ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello))
+            if key != nil {
+                let accepted = await handshake(connection, options: options, logger: logger) { () async throws(BridgeHandshake.Failure) in
+                    try? await FrameIO.write(helloFrame.encoded, to: connection)  // a failed write shows as a lost verdict
+                    try await BridgeHandshake.receiveVerdict(on: connection)
+                }
+                guard accepted else {
+                    link.withLockedValue { $0 = .down }
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
             let writer = ControlFrameWriter(connection)
-            writer.send(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)))
-            current.withLockedValue { $0 = writer }
+            link.withLockedValue { link in
+                if key == nil { writer.send(helloFrame) }  // with a key it went out with our proof
+                if case .settingUp(let waiting) = link { for frame in waiting { writer.send(frame) } }
+                link = .up(writer)
+            }
             backoff = options.reconnectInitial
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
             let reason = await serve(connection, writer: writer, supervisor: client, logger: logger, tidier: tidier)
-            current.withLockedValue { $0 = nil }
+            link.withLockedValue { $0 = .down }
             await writer.flush()  // an error reply explaining the close goes out first
             connection.close()
             logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
@@ -136,23 +160,40 @@ public enum BridgeWorker {
         }
     }
 
-    /// The handshake, bounded: a host that does not answer within `timeout` is given up on
-    /// (the connection is closed under the handshake, which then fails as lost).
-    static func authenticate(
-        _ connection: AsyncFD, key: BridgeKey, timeout: Duration
-    ) async -> (failure: BridgeHandshake.Failure, timedOut: Bool)? {
+    /// One step of the handshake, bounded by `handshakeTimeout` (a host that does not answer is
+    /// given up on: the connection is closed under the step, which then fails as lost). On a
+    /// failure it logs why, closes the connection and returns false.
+    static func handshake(
+        _ connection: AsyncFD, options: Options, logger: Logger,
+        _ step: @escaping @Sendable () async throws(BridgeHandshake.Failure) -> Void
+    ) async -> Bool {
         let timedOut = NIOLockedValueBox(false)
         let timer = Task {
-            try await Task.sleep(for: timeout)
+            try await Task.sleep(for: options.handshakeTimeout)
             timedOut.withLockedValue { $0 = true }
             connection.close()
         }
         defer { timer.cancel() }
         do {
-            try await BridgeHandshake.authenticateHost(on: connection, key: key)
-            return nil
+            try await step()
+            return true
         } catch {
-            return (error, timedOut.withLockedValue { $0 })
+            connection.close()
+            let address: Logger.Metadata = ["address": "\(options.address)"]
+            switch error {
+            case .connectionLost:
+                let timedOut = timedOut.withLockedValue { $0 }
+                logger.info(
+                    timedOut ? "the host did not complete the handshake in \(options.handshakeTimeout)" : "bridge connection lost during the handshake",
+                    metadata: address)
+            case .refused:
+                logger.error("the host refused our bridge key: does bridge.key_file hold the host's key?", metadata: address)
+            case .malformed, .wrongProof:
+                // An impostor, or a host with another key: it was sent nothing but our challenge.
+                logger.warning(
+                    "the host failed authentication; nothing sent to it", metadata: address.merging(["reason": "\(error)"]) { $1 })
+            }
+            return false
         }
     }
 

@@ -8,8 +8,9 @@ import HoldfastProtocol
 /// fails. Proofs are compared in constant time (swift-crypto's `isValidAuthenticationCode`).
 ///
 /// Neither end says anything but these fixed-size messages until the peer has proved itself:
-/// the guest sends its hello only after the host accepted its proof, and the host reads the
-/// hello only after that.
+/// the guest sends its hello only after the host's proof checked out (with its own proof, not
+/// waiting for the verdict: one round trip fewer on every reconnect), and the host reads the
+/// hello only after the guest's proof checked out.
 public enum BridgeHandshake {
     /// Why a handshake failed. The descriptions are for the log of the side that saw it; the
     /// peer learns no more than "refused" (or a closed connection).
@@ -49,10 +50,21 @@ public enum BridgeHandshake {
         mac(key, BridgeHandshakeWire.guestLabel + hostNonce + guestNonce)
     }
 
-    /// The guest's side, right after it dialled. Returns once the host has proved it holds the
-    /// key and has accepted ours; the caller then sends its hello. On any failure nothing more
-    /// has been sent (after a wrong host proof, not even ours); the caller closes.
+    /// The guest's side, right after it dialled, for a guest with nothing to send before the
+    /// verdict: `proveToHost`, then `receiveVerdict`.
     public static func authenticateHost(
+        on connection: some ByteConnection, key: BridgeKey, guestNonce: [UInt8] = makeNonce()
+    ) async throws(Failure) {
+        try await proveToHost(on: connection, key: key, guestNonce: guestNonce)
+        try await receiveVerdict(on: connection)
+    }
+
+    /// The guest's first part: sends the challenge, checks the host's proof, sends ours.
+    /// Returns once the host has proved it holds the key: the guest may send its hello at once
+    /// (the host reads it only if our proof checks out), then must read the verdict. On any
+    /// failure nothing more has been sent (after a wrong host proof, not even ours); the caller
+    /// closes.
+    public static func proveToHost(
         on connection: some ByteConnection, key: BridgeKey, guestNonce: [UInt8] = makeNonce()
     ) async throws(Failure) {
         try await send(BridgeHandshakeWire.Challenge(guestNonce: guestNonce).encoded, on: connection)
@@ -67,6 +79,10 @@ public enum BridgeHandshake {
             throw .wrongProof
         }
         try await send(guestProof(key: key, hostNonce: answer.hostNonce, guestNonce: guestNonce), on: connection)
+    }
+
+    /// The guest's second part: the host's verdict on our proof.
+    public static func receiveVerdict(on connection: some ByteConnection) async throws(Failure) {
         let verdict: BridgeHandshakeWire.Verdict
         let verdictBytes = try await receive(BridgeHandshakeWire.verdictSize, on: connection)
         do {
