@@ -52,7 +52,8 @@ public final class Broker: Sendable {
             for handle in adopted { handle?.close() }
             throw error as? ErrorBody ?? ErrorBody(code: "bad-descriptor", message: "\(error)")
         }
-        let process = AdoptedProcess(id: request.process, owner: owner)
+        let identities = Set(ResumableIdentity.all(in: request.streams))
+        let process = AdoptedProcess(id: request.process, owner: owner, identities: identities)
         var streams: [ManagedStream] = []
         for description in request.streams {
             let handle = adopted[description.fd]!
@@ -62,14 +63,25 @@ public final class Broker: Sendable {
         let used = Set(request.streams.map(\.fd))
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
-        let inserted = processes.withLockedValue { table -> Bool in
-            guard table[request.process] == nil else { return false }
+        let refusal = processes.withLockedValue { table -> ErrorBody? in
+            guard table[request.process] == nil else {
+                return ErrorBody(code: "process-exists", message: "process '\(request.process)' already has streams in the broker")
+            }
+            // A token a live stream uses is taken: a second stream with it would take the
+            // first one's place at the host and splice its bytes onto the first one's.
+            if !identities.isEmpty {
+                for other in table.values {
+                    if let taken = other.identities.first(where: identities.contains) {
+                        return ErrorBody(code: "token-in-use", message: "token '\(taken.token)' is in use by another stream")
+                    }
+                }
+            }
             table[request.process] = process
-            return true
+            return nil
         }
-        guard inserted else {
+        if let refusal {
             for stream in streams { stream.discard() }
-            throw ErrorBody(code: "process-exists", message: "process '\(request.process)' already has streams in the broker")
+            throw refusal
         }
         process.start(streams, registry: registry)
         logger.info("adopted streams", metadata: [

@@ -84,16 +84,48 @@ public enum BrokerRequest: Sendable, Equatable {
                 guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
                     throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token of 1 to 256 bytes")
                 }
+                guard stream.secret != nil else {
+                    throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs the stream's secret (from the host)")
+                }
                 // The input stream says hello with inputToken: the host reads at most 256 bytes.
                 if stream.inputAddress != nil {
                     guard let token = stream.inputToken, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
                         throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs an inputToken of 1 to 256 bytes")
+                    }
+                    guard stream.inputSecret != nil else {
+                        throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs its inputSecret (from the host)")
                     }
                 }
             }
             if stream.inputAddress != nil, stream.kind != .tty {
                 throw ErrorBody(code: "bad-request", message: "\(name): inputAddress is only for a tty")
             }
+        }
+        // Two streams with one token would both dial one host stream: each would splice its
+        // bytes onto the other's.
+        var identities = Set<ResumableIdentity>()
+        for identity in ResumableIdentity.all(in: request.streams) where !identities.insert(identity).inserted {
+            throw ErrorBody(code: "token-in-use", message: "token '\(identity.token)' names two streams of this request")
+        }
+    }
+}
+
+/// Where a resumable stream dials and the token it says hello with: two live streams with the
+/// same identity would take each other's place at the host.
+struct ResumableIdentity: Hashable, Sendable {
+    var address: String
+    var token: String
+
+    /// The resumable identities of `streams` (a tty's input counts as its own stream).
+    static func all(in streams: [StreamDescription]) -> [ResumableIdentity] {
+        streams.flatMap { stream -> [ResumableIdentity] in
+            guard stream.mode == .resumable else { return [] }
+            var identities: [ResumableIdentity] = []
+            if let token = stream.token { identities.append(ResumableIdentity(address: stream.address, token: token)) }
+            if let address = stream.inputAddress, let token = stream.inputToken {
+                identities.append(ResumableIdentity(address: address, token: token))
+            }
+            return identities
         }
     }
 }

@@ -23,7 +23,11 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     /// bits are the number of attached fds, bit 3 says whether the supervisor sent it, bit 4
     /// that the datagram comes without its length field (as for the bridge).
     case broker
-    /// Resumable stream frames: prefixes, HELLO, ERROR, and the handshake's reads.
+    /// Resumable stream frames: prefixes, HELLO, ERROR, and the handshake's reads; and, when the
+    /// first byte has its high bit set, a whole session through a real `ResumableStream`: the
+    /// peer's hello (signed by the harness, which the fuzzer cannot do) and then whatever the
+    /// peer sends — DATA, ACK, END, ERROR, garbage — against a host or guest end that sends or
+    /// receives. No peer input may reach a precondition.
     case stream
     /// The configuration loader: the input is written to a temporary file and loaded, as JSON
     /// if its first non-blank byte is `{`, as YAML otherwise.
@@ -192,6 +196,10 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     // MARK: Stream
 
     static func stream(_ bytes: [UInt8]) async {
+        if let mode = bytes.first, mode & 0x80 != 0 {
+            await StreamSessionFuzz.run(mode: mode, Array(bytes.dropFirst()))
+            return
+        }
         // Frame by frame with the pure decoders.
         var rest = bytes[...]
         while rest.count >= StreamFramePrefix.size {

@@ -19,11 +19,17 @@ import Glibc
 /// Exits are delivered exactly once to `exits`: an exit the guest repeats (in a hello after a
 /// reconnect, because our acknowledgement was lost with the connection) is acknowledged again
 /// but not delivered again. Requests made while no guest is connected wait for one (bounded).
+///
+/// Hellos and exits are delivered in the order the guest sent them, across connections too: a
+/// new connection's hello only after everything the connection it replaces delivered. A host
+/// that must see them interleaved (an exit of the old daemon before the new daemon's hello)
+/// passes an `observer`, which then receives both, in that order, instead of `hellos`/`exits`.
 public final class BridgeServer: Sendable {
     public let address: SocketAddress
-    /// Every guest hello, in order (boot id, live processes, pending exits).
+    /// Every guest hello, in order (boot id, live processes, pending exits). Empty (finished at
+    /// once) when an observer was given.
     public let hellos: AsyncStream<BridgeHello>
-    /// Each process exit, once.
+    /// Each process exit, once. Empty (finished at once) when an observer was given.
     public let exits: AsyncStream<ExitReport>
 
     /// Whether guests must prove they hold the bridge key.
@@ -47,12 +53,24 @@ public final class BridgeServer: Sendable {
     /// handshake takes one round trip, theirs up to `handshakeTimeout`).
     public static let maxPendingHandshakes = 64
 
+    /// What the guest says, in order, for an observer.
+    public enum Event: Sendable, Equatable {
+        /// A guest connected: `hello.instanceID` and `hello.bootID` say whether it is the same
+        /// daemon as before. Delivered before any exit or reply of that connection.
+        case hello(BridgeHello)
+        /// A process exit, once (a repeat of one already delivered is not).
+        case exit(ExitReport)
+    }
+
     private let listener: Listener
     private let helloSink: AsyncStream<BridgeHello>.Continuation
     private let exitSink: AsyncStream<ExitReport>.Continuation
     private let state: NIOLockedValueBox<State>
     private let handshakeTimeout: Duration
     private let warn: @Sendable (String) -> Void
+    private let observer: (@Sendable (Event) -> Void)?
+    /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
+    public static let rememberedConfirmedExits = 4096
 
     private struct State {
         var authentication: Authentication
@@ -64,7 +82,13 @@ public final class BridgeServer: Sendable {
         var connection: Connection?
         var waitingForGuest: [UInt64: CheckedContinuation<Connection?, Never>] = [:]
         var nextWaiter: UInt64 = 0
-        var deliveredExits: Set<String> = []
+        /// Exits delivered (id → whether the guest confirmed our acknowledgement): a repeat of
+        /// one of these is acknowledged again, not delivered again. A confirmed exit is gone from
+        /// the guest's list, so only a copy already on its way can still come (a resend racing
+        /// the acknowledgement); the newest `rememberedConfirmedExits` confirmed ids are kept for
+        /// that, older ones forgotten, so memory does not grow with processes run.
+        var deliveredExits: [String: Bool] = [:]
+        var confirmedOrder = IDQueue()
         var refusing = false
         var closed = false
         var accepted = 0
@@ -75,13 +99,38 @@ public final class BridgeServer: Sendable {
     /// One guest connection: its writer and the requests waiting for a reply on it.
     final class Connection: Sendable {
         let socket: AsyncFD
+        let hello: BridgeHello
         let writer: ControlFrameWriter<AsyncFD>
         let pending = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: CheckedContinuation<ControlFrame?, Never>], closed: Bool)>(
             (0, [:], false))
+        /// Set once this connection's reader has stopped delivering (its last exit is out).
+        private let served = NIOLockedValueBox<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
 
-        init(_ socket: AsyncFD) {
+        init(_ socket: AsyncFD, hello: BridgeHello) {
             self.socket = socket
+            self.hello = hello
             self.writer = ControlFrameWriter(socket)
+        }
+
+        func markServed() {
+            let waiters = served.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                s.done = true
+                defer { s.waiters.removeAll() }
+                return s.waiters
+            }
+            for waiter in waiters { waiter.resume() }
+        }
+
+        /// Waits until the reader has stopped (after `close()`, promptly: its read fails).
+        func waitServed() async {
+            await withCheckedContinuation { continuation in
+                let done = served.withLockedValue { s -> Bool in
+                    if s.done { return true }
+                    s.waiters.append(continuation)
+                    return false
+                }
+                if done { continuation.resume() }
+            }
         }
 
         /// Sends a request and waits for its reply; nil if the connection ends first.
@@ -122,17 +171,26 @@ public final class BridgeServer: Sendable {
     /// `authentication` has no default: a host must say whether it checks the guest's key.
     /// `handshakeTimeout` bounds a connection's handshake and hello together; `warn` receives
     /// the warnings (refused peers, unauthenticated mode), by default on standard error.
+    /// - Parameter observer: receives hellos and exits in order, synchronously on the
+    ///   connection's reader (keep it short: no waiting); `hellos` and `exits` then stay empty,
+    ///   so nothing accumulates there unread.
     public init(
         listeningOn address: SocketAddress, authentication: Authentication, unixMode: mode_t? = nil,
-        handshakeTimeout: Duration = .seconds(5), warn: @escaping @Sendable (String) -> Void = BridgeServer.warnOnStandardError
+        handshakeTimeout: Duration = .seconds(5), warn: @escaping @Sendable (String) -> Void = BridgeServer.warnOnStandardError,
+        observer: (@Sendable (Event) -> Void)? = nil
     ) throws {
         self.address = address
         self.handshakeTimeout = handshakeTimeout
         self.warn = warn
+        self.observer = observer
         state = NIOLockedValueBox(State(authentication: authentication))
         listener = try Listener(binding: address, unixMode: unixMode)
         (hellos, helloSink) = AsyncStream<BridgeHello>.makeStream()
         (exits, exitSink) = AsyncStream<ExitReport>.makeStream()
+        if observer != nil {
+            helloSink.finish()
+            exitSink.finish()
+        }
         if case .none = authentication {
             warn("bridge \(address): authentication none: any process in the guest that can dial this address is taken as the guest")
         }
@@ -182,16 +240,31 @@ public final class BridgeServer: Sendable {
     /// connection, until `timeout` — the guest answers a repeat with the first one's pid
     /// instead of starting the program again (docs/PROTOCOL.md, "Repeating a create").
     public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> Int32 {
+        try await createProcess(spec, timeout: timeout).pid
+    }
+
+    /// A process the guest started, and which daemon started it.
+    public struct CreatedProcess: Sendable, Equatable {
+        public var pid: Int32
+        /// The hello of the connection that carried the reply: its `instanceID` is the daemon
+        /// that runs the process (a later hello with another one means that daemon is gone).
+        public var hello: BridgeHello
+    }
+
+    /// `create`, also saying which daemon (instance and boot) answered.
+    public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> CreatedProcess {
         var keyed = spec
         if keyed.idempotencyKey == nil { keyed.idempotencyKey = RandomIdentifier.make() }
         // The id may be reused once its last exit was acknowledged: its next exit is news.
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
-        state.withLockedValue { _ = $0.deliveredExits.remove(spec.id) }
+        state.withLockedValue { _ = $0.deliveredExits.removeValue(forKey: spec.id) }
         let deadline = ContinuousClock.now + timeout
         while true {
             do {
-                return try await call(.create, keyed, reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now)).pid
+                let (reply, hello) = try await callReportingHello(
+                    .create, keyed, reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
+                return CreatedProcess(pid: reply.pid, hello: hello)
             } catch {
                 guard error.code == "bridge-lost", ContinuousClock.now < deadline else { throw error }
                 state.withLockedValue { $0.repeatedCreates += 1 }
@@ -225,6 +298,13 @@ public final class BridgeServer: Sendable {
     public func call<Request: Encodable, Reply: Decodable>(
         _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
     ) async throws(ErrorBody) -> Reply {
+        try await callReportingHello(type, request, reply: reply, timeout: timeout).reply
+    }
+
+    /// `call`, also returning the hello of the connection that carried the reply.
+    public func callReportingHello<Request: Encodable, Reply: Decodable>(
+        _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
+    ) async throws(ErrorBody) -> (reply: Reply, hello: BridgeHello) {
         guard let connection = await guest(within: timeout) else {
             throw ErrorBody(code: "no-guest", message: "no guest connected to the bridge at \(address) within \(timeout)")
         }
@@ -236,7 +316,7 @@ public final class BridgeServer: Sendable {
                 ?? ErrorBody(code: "error", message: String(decoding: frame.body, as: UTF8.self))
         }
         do {
-            return try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type)
+            return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
         } catch {
             throw ErrorBody(code: "bad-reply", message: error.description)
         }
@@ -252,6 +332,11 @@ public final class BridgeServer: Sendable {
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
     /// Creates sent again because the bridge was lost before their reply.
     public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
+    /// Exits delivered whose acknowledgement the guest has not confirmed yet (bounded: a
+    /// confirmed one is forgotten).
+    public var unconfirmedExits: Int { state.withLockedValue { $0.deliveredExits.values.count { !$0 } } }
+    /// Every exit id kept against repeats, confirmed or not (bounded).
+    public var rememberedExits: Int { state.withLockedValue { $0.deliveredExits.count } }
 
     /// Waits (bounded) until a guest has said hello.
     public func waitForGuest(timeout: Duration) async -> Bool {
@@ -357,7 +442,8 @@ public final class BridgeServer: Sendable {
             refused(peer: peer, "its first frame is not a hello")
             return
         }
-        let connection = Connection(socket)
+        let connection = Connection(socket, hello: hello)
+        defer { connection.markServed() }
         // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
         // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
         let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
@@ -374,7 +460,10 @@ public final class BridgeServer: Sendable {
             return
         }
         previous?.close()
-        helloSink.yield(hello)
+        // Everything the previous connection delivered comes first: an exit the old daemon sent
+        // just before it died must not arrive after the new daemon's hello.
+        await previous?.waitServed()
+        if let observer { observer(.hello(hello)) } else { helloSink.yield(hello) }
         for report in hello.exits { deliver(report, on: connection) }
         for waiter in waiters { waiter.resume(returning: connection) }
 
@@ -395,12 +484,32 @@ public final class BridgeServer: Sendable {
         connection.close()
     }
 
-    /// Delivers an exit once, and acknowledges it every time the guest reports it.
+    /// Delivers an exit once, and acknowledges it every time the guest reports it. When the
+    /// guest confirms the acknowledgement it has forgotten the exit (it will not repeat it), so
+    /// we forget it too.
     private func deliver(_ report: ExitReport, on connection: Connection) {
-        let first = state.withLockedValue { $0.deliveredExits.insert(report.id).inserted }
-        if first { exitSink.yield(report) }
+        let first = state.withLockedValue { s -> Bool in
+            guard s.deliveredExits[report.id] == nil else { return false }
+            s.deliveredExits[report.id] = false
+            return true
+        }
+        if first {
+            if let observer { observer(.exit(report)) } else { exitSink.yield(report) }
+        }
         let body = ControlJSON.encode(AcknowledgeExitRequest(id: report.id))
-        Task { _ = await connection.request(.acknowledgeExit, body: body) }
+        Task { [self] in
+            // Any reply means the guest processed the acknowledgement (it answers ok even for an
+            // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
+            guard await connection.request(.acknowledgeExit, body: body) != nil else { return }
+            state.withLockedValue { s in
+                guard s.deliveredExits[report.id] == false else { return }
+                s.deliveredExits[report.id] = true
+                s.confirmedOrder.append(report.id)
+                while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
+                    if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
+                }
+            }
+        }
     }
 
     private func withHandshakeTimeout<T: Sendable>(
@@ -475,5 +584,27 @@ public final class BridgeServer: Sendable {
         guard let heldBack else { return }
         let more = heldBack > 0 ? " (and \(heldBack) more refused since the last warning)" : ""
         warn("bridge \(address): refused a connection\(peer): \(reason)\(more)")
+    }
+}
+
+/// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
+/// passes half of it (amortised O(1), no unbounded prefix kept).
+struct IDQueue: Sendable {
+    private var items: [String] = []
+    private var head = 0
+
+    var count: Int { items.count - head }
+
+    mutating func append(_ id: String) { items.append(id) }
+
+    mutating func popFirst() -> String? {
+        guard head < items.count else { return nil }
+        let first = items[head]
+        head += 1
+        if head >= 1024, head * 2 >= items.count {
+            items.removeFirst(head)
+            head = 0
+        }
+        return first
     }
 }

@@ -49,7 +49,16 @@ public final class ControlClient: Sendable {
         }
         guard let id else { throw ErrorBody(code: "channel-closed", message: "the control channel is closed") }
         let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>) in
-            state.withLockedValue { $0.pending[id] = continuation }
+            // The reader may have ended since the id was taken: then nobody would resume this.
+            let registered = state.withLockedValue { s -> Bool in
+                guard !s.closed else { return false }
+                s.pending[id] = continuation
+                return true
+            }
+            guard registered else {
+                continuation.resume(returning: .failure(ErrorBody(code: "channel-closed", message: "the peer closed the control channel")))
+                return
+            }
             Task {
                 do {
                     try await channel.send(ControlFrame(type: type, id: id, body: body).encoded, descriptors: descriptors)

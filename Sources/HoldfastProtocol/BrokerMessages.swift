@@ -45,21 +45,26 @@ public struct StreamDescription: Codable, Sendable, Equatable {
     public var mode: StreamModeName
     /// The resumable stream's token (required in resumable mode).
     public var token: String?
+    /// The resumable stream's secret (required in resumable mode): hellos prove it.
+    public var secret: StreamSecret?
     /// A tty's input stream.
     public var inputAddress: String?
     public var inputToken: String?
+    public var inputSecret: StreamSecret?
 
     public init(
-        kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil,
-        inputAddress: String? = nil, inputToken: String? = nil
+        kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil, secret: StreamSecret? = nil,
+        inputAddress: String? = nil, inputToken: String? = nil, inputSecret: StreamSecret? = nil
     ) {
         self.kind = kind
         self.fd = fd
         self.address = address
         self.mode = mode
         self.token = token
+        self.secret = secret
         self.inputAddress = inputAddress
         self.inputToken = inputToken
+        self.inputSecret = inputSecret
     }
 }
 

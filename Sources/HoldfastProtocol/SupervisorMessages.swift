@@ -23,11 +23,15 @@ public struct StreamSpec: Codable, Sendable, Equatable {
     public var address: String
     public var mode: StreamModeName
     public var token: String?
+    /// Resumable mode: the stream's secret, chosen by the host (`StreamSecret.random()`): every
+    /// hello for the stream must prove it (docs/PROTOCOL.md, "Authentication").
+    public var secret: StreamSecret?
 
-    public init(address: String, mode: StreamModeName = .resumable, token: String? = nil) {
+    public init(address: String, mode: StreamModeName = .resumable, token: String? = nil, secret: StreamSecret? = nil) {
         self.address = address
         self.mode = mode
         self.token = token
+        self.secret = secret
     }
 }
 

@@ -79,6 +79,10 @@ struct Launcher {
                     let why = tty ? "a tty's input is resumable like its stdout and needs a token" : "resumable mode needs a token"
                     throw ErrorBody(code: "bad-request", message: "\(name): \(why) of 1 to \(StreamHello.maxTokenLength) bytes")
                 }
+                guard stream.secret != nil else {
+                    let why = tty ? "a tty's input is resumable like its stdout and needs" : "resumable mode needs"
+                    throw ErrorBody(code: "bad-request", message: "\(name): \(why) the stream's secret (hex, 16 to 64 bytes, chosen by the host)")
+                }
             }
         }
         if spec.tty, spec.stderr != nil {
@@ -128,13 +132,14 @@ struct Launcher {
         if spec.tty {
             guard let output = spec.stdout else { return [] }
             return [StreamDescription(
-                kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
-                inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token)]
+                kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token, secret: output.secret,
+                inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token, inputSecret: spec.stdin?.secret)]
         }
         var streams: [StreamDescription] = []
         for (kind, stream) in [(StreamKind.stdin, spec.stdin), (.stdout, spec.stdout), (.stderr, spec.stderr)] {
             guard let stream else { continue }
-            streams.append(StreamDescription(kind: kind, fd: streams.count, address: stream.address, mode: stream.mode, token: stream.token))
+            streams.append(StreamDescription(
+                kind: kind, fd: streams.count, address: stream.address, mode: stream.mode, token: stream.token, secret: stream.secret))
         }
         return streams
     }

@@ -83,18 +83,16 @@ public final class Supervisor: Sendable {
             state.withLockedValue { ProcessStatus(id: id, pid: pid, state: $0.phase, exitCode: $0.report?.exitCode) }
         }
 
-        /// Returns false if it was already finished.
-        func finish(_ report: ExitReport) -> Bool {
-            let waiters = state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
+        /// Marks it done; returns its waiters, for the caller to wake once everything that
+        /// must happen before (the exit queued for the host) has; nil if it was already done.
+        func finish(_ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
+            state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
                 guard s.phase != "done" else { return nil }
                 s.phase = "done"
                 s.report = report
                 defer { s.waiters.removeAll() }
                 return s.waiters
             }
-            guard let waiters else { return false }
-            for waiter in waiters { waiter.resume(returning: report) }
-            return true
         }
 
         /// The exit report once the process is done: exited, and its output drained (or given
@@ -509,13 +507,17 @@ public final class Supervisor: Sendable {
     /// asked for is kept until the host acknowledges it (sent now if the bridge is up, and in
     /// every hello until then).
     private func complete(_ record: ProcessRecord, _ report: ExitReport) {
-        guard record.finish(report) else { return }
-        guard record.viaBridge else { return }
-        unacknowledgedExits.withLockedValue { $0.append(report) }
-        if let channel = bridgeChannel.withLockedValue({ $0 }) {
-            let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
-            Task { try? await channel.send(frame.encoded) }
+        guard let waiters = record.finish(report) else { return }
+        // Queued for the host before anyone waiting hears of it: a stop that waits for the
+        // records and then for the acknowledgements must find this exit among them.
+        if record.viaBridge {
+            unacknowledgedExits.withLockedValue { $0.append(report) }
+            if let channel = bridgeChannel.withLockedValue({ $0 }) {
+                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+                Task { try? await channel.send(frame.encoded) }
+            }
         }
+        for waiter in waiters { waiter.resume(returning: report) }
     }
 
     /// Exits the hello had no room for (thousands ended during one blackout) go out now, one

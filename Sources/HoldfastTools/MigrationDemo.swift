@@ -107,7 +107,7 @@ public enum MigrationDemo {
         }
         say("demo: guest connected over the bridge")
 
-        let stream = service.streams.open(token: Array("heartbeat-stdout".utf8), direction: .receive)
+        let stream = try service.streams.open(token: Array("heartbeat-stdout".utf8), direction: .receive)
         let received = NIOLockedValueBox<[Int]>([])
         let reader = Task {
             var pending: [UInt8] = []
@@ -125,7 +125,7 @@ public enum MigrationDemo {
         _ = try await service.bridge.create(ProcessSpec(
             id: "heartbeat",
             argv: ["sh", "-c", "i=0; while [ $i -lt \(beats) ]; do i=$((i+1)); echo \"heartbeat $i\"; sleep \(seconds); done"],
-            stdout: StreamSpec(address: service.streams.address.description, mode: .resumable, token: "heartbeat-stdout")))
+            stdout: stream.streamSpec(at: service.streams.address.description)))
         say("demo: heartbeat started in the guest: a line every \(interval), \(migrations) migrations with \(blackout) blackouts")
         let total = interval * beats
         for _ in 1...migrations {

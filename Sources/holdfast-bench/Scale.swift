@@ -90,13 +90,14 @@ struct Scale: AsyncParsableCommand {
         let started = ContinuousClock.now
         for index in 0..<idle {
             let id = "idle\(index)"
-            for kind in ["out", "err"] { _ = streams.open(token: Array("\(id)-\(kind)".utf8), direction: .receive) }
-            _ = streams.open(token: Array("\(id)-in".utf8), direction: .send)
+            let out = try streams.open(token: Array("\(id)-out".utf8), direction: .receive)
+            let err = try streams.open(token: Array("\(id)-err".utf8), direction: .receive)
+            let input = try streams.open(token: Array("\(id)-in".utf8), direction: .send)
             _ = try await control.call(
                 SupervisorMessageType.launch.rawValue,
                 ProcessSpec(
-                    id: id, argv: ["sleep", "3600"], stdin: StreamSpec(address: address, token: "\(id)-in"),
-                    stdout: StreamSpec(address: address, token: "\(id)-out"), stderr: StreamSpec(address: address, token: "\(id)-err")),
+                    id: id, argv: ["sleep", "3600"], stdin: input.streamSpec(at: address),
+                    stdout: out.streamSpec(at: address), stderr: err.streamSpec(at: address)),
                 reply: LaunchResponse.self)
         }
         let launched = ContinuousClock.now - started
@@ -114,11 +115,13 @@ struct Scale: AsyncParsableCommand {
         // The busy ones, all at once: each writes `bytes` to stdout as fast as it can.
         let finish = NIOLockedValueBox<[(first: ContinuousClock.Instant, last: ContinuousClock.Instant, bytes: Int)]>([])
         var consumers: [Task<Void, Never>] = []
+        var specs: [(stdin: StreamSpec, stdout: StreamSpec, stderr: StreamSpec)] = []
         for index in 0..<busy {
             let id = "busy\(index)"
-            let output = streams.open(token: Array("\(id)-out".utf8), direction: .receive)
-            _ = streams.open(token: Array("\(id)-err".utf8), direction: .receive)
-            _ = streams.open(token: Array("\(id)-in".utf8), direction: .send)
+            let output = try streams.open(token: Array("\(id)-out".utf8), direction: .receive)
+            let err = try streams.open(token: Array("\(id)-err".utf8), direction: .receive)
+            let input = try streams.open(token: Array("\(id)-in".utf8), direction: .send)
+            specs.append((input.streamSpec(at: address), output.streamSpec(at: address), err.streamSpec(at: address)))
             consumers.append(Task {
                 var first: ContinuousClock.Instant?
                 var total = 0
@@ -137,8 +140,8 @@ struct Scale: AsyncParsableCommand {
             _ = try await control.call(
                 SupervisorMessageType.launch.rawValue,
                 ProcessSpec(
-                    id: id, argv: ["head", "-c", String(bytes), "/dev/zero"], stdin: StreamSpec(address: address, token: "\(id)-in"),
-                    stdout: StreamSpec(address: address, token: "\(id)-out"), stderr: StreamSpec(address: address, token: "\(id)-err")),
+                    id: id, argv: ["head", "-c", String(bytes), "/dev/zero"], stdin: specs[index].stdin,
+                    stdout: specs[index].stdout, stderr: specs[index].stderr),
                 reply: LaunchResponse.self)
         }
         for consumer in consumers { await consumer.value }

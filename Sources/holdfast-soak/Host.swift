@@ -35,9 +35,10 @@ final class Host: Sendable {
     var streamAddress: String { streams.address.description }
 
     /// Opens a host stream whose connects and disconnects are tracked.
-    func open(_ token: String, _ direction: StreamDirection) -> ResumableStream<AsyncFD> {
+    /// Tokens are unique per process id, and ids are never reused in a soak.
+    func open(_ token: String, _ direction: StreamDirection) throws -> ResumableStream<AsyncFD> {
         let reconnects = reconnects
-        return streams.open(token: Array(token.utf8), direction: direction, observer: { event in reconnects.event(token, event) })
+        return try streams.open(token: Array(token.utf8), direction: direction, observer: { event in reconnects.event(token, event) })
     }
 
     func close(_ token: String) { streams.close(token: Array(token.utf8)) }

@@ -20,7 +20,8 @@ enum Worker {
         func output(_ kind: String, _ expected: [Piece]) -> (StreamSpec, StreamCheck) {
             let token = "\(id)-\(kind)"
             tokens.append(token)
-            let stream = host.open(token, .receive)
+            // Ids (and so tokens) are never reused in a soak: a refusal here is a bug.
+            let stream = try! host.open(token, .receive)
             let check = StreamCheck(name: "\(id) (\(plan.kind.rawValue)) \(kind)", expected: expected)
             checks.append(check)
             consumers.append(Task {
@@ -30,7 +31,7 @@ enum Worker {
                 }
                 check.ended()
             })
-            return (StreamSpec(address: host.streamAddress, mode: .resumable, token: token), check)
+            return (stream.streamSpec(at: host.streamAddress), check)
         }
 
         let (stdoutSpec, stdoutCheck) = output("stdout", plan.stdout)
@@ -40,8 +41,9 @@ enum Worker {
         if plan.hasStdin {
             let token = "\(id)-stdin"
             tokens.append(token)
-            input = host.open(token, .send)
-            stdinSpec = StreamSpec(address: host.streamAddress, mode: .resumable, token: token)
+            let stream = try! host.open(token, .send)
+            input = stream
+            stdinSpec = stream.streamSpec(at: host.streamAddress)
         }
         defer {
             for token in tokens { host.close(token) }

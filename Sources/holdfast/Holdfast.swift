@@ -259,15 +259,29 @@ struct Pipe: AsyncParsableCommand {
     @Option(help: "raw (any listener) or resumable (exactly once; the far end must be 'holdfast receive').")
     var mode: StreamMode = .raw
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
+    @Option(help: "Resumable mode: a file (mode 0600) with the stream's secret in hex, the one 'holdfast receive --secret-file' made.")
+    var secretFile: String?
     @Option(help: "Redial attempts per cycle.") var attempts = 60
     @Option(help: "Relay buffer size in bytes.") var buffer = 128 * 1024
     @Option(help: "Ask the kernel for a stdin pipe of this many bytes (F_SETPIPE_SZ).") var pipeSize: Int?
 
     func run() async throws {
         let address = try parseAddress(destination)
+        var secret: StreamSecret?
+        if mode == .resumable {
+            guard let secretFile else { throw ValidationError("resumable mode needs --secret-file: the stream's secret, shared with 'holdfast receive'") }
+            // `receive` makes the file when it starts: give it a moment (`receive ... &; pipe ...`).
+            let deadline = ContinuousClock.now + .seconds(5)
+            while access(secretFile, F_OK) != 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+            do {
+                secret = try SecretFile.read(secretFile)
+            } catch {
+                throw CommandFailure("holdfast pipe: \(error)")
+            }
+        }
         let report = try await PipeRelay.run(.init(
-            destination: address, mode: mode, token: token, policy: RedialPolicy(attempts: attempts), bufferSize: buffer,
-            pipeCapacity: pipeSize))
+            destination: address, mode: mode, token: token, secret: secret, policy: RedialPolicy(attempts: attempts),
+            bufferSize: buffer, pipeCapacity: pipeSize))
         if report.undelivered > 0 {
             throw CommandFailure("holdfast pipe: \(report)")
         }
@@ -281,12 +295,23 @@ struct Receive: AsyncParsableCommand {
     @Option(help: "Where to listen: unix:/path, tcp://HOST:PORT or vsock://CID:PORT.") var listen: String
     @Option(help: "raw or resumable.") var mode: StreamMode = .raw
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
+    @Option(help: "Resumable mode: a file (mode 0600) with the stream's secret in hex; made with a new random secret if it does not exist.")
+    var secretFile: String?
     @Option(help: "Raw mode: end after this many connections (0: never).") var connections = 1
     @Flag(help: "Do not write the stream: print how many bytes arrived.") var count = false
 
     func run() async throws {
+        var secret: StreamSecret?
+        if mode == .resumable {
+            guard let secretFile else { throw ValidationError("resumable mode needs --secret-file: the stream's secret, shared with 'holdfast pipe'") }
+            do {
+                secret = try SecretFile.readOrCreate(secretFile)
+            } catch {
+                throw CommandFailure("holdfast receive: \(error)")
+            }
+        }
         let total = try await StreamReceiver.run(
-            listen: try parseAddress(listen), mode: mode, token: token, connections: connections, discard: count)
+            listen: try parseAddress(listen), mode: mode, token: token, secret: secret, connections: connections, discard: count)
         if count { print(total) }
     }
 }

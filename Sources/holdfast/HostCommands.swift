@@ -1,4 +1,5 @@
 import ArgumentParser
+import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -37,6 +38,7 @@ struct HostServe: AsyncParsableCommand {
 
     func run() async throws {
         if authentication == .none, keyFile != nil { throw ValidationError("--key-file needs --authentication hmac-sha256") }
+        Memory.returnLargeBuffersToTheSystem()
         var key: BridgeKey?
         if authentication == .hmacSHA256 {
             do {
@@ -62,9 +64,66 @@ struct HostServe: AsyncParsableCommand {
     }
 }
 
+/// What `host run`, `exec` and `attach` say in their help about how they end.
+let hostExitStatusHelp = """
+    Exits with the process's exit status (its code, or 128 + the signal that killed it), once its \
+    output has arrived. Exits 125 when Holdfast itself cannot give it — host serve unreachable, \
+    the create refused, or the process lost (the guest's daemon restarted, the guest rebooted, \
+    or the process left the guest's list with no exit) — with one line on stderr saying why.
+    """
+
+/// `--drain-timeout`, shared by the commands that wait for a process.
+struct DrainTimeoutOption: ParsableArguments {
+    @Option(
+        help: ArgumentHelp(
+            "After the process's exit is known, how long an output stream may go without a byte before it is ended (e.g. 500ms, 30s, 2m).",
+            discussion: "The default, 30s, is the guest's streams.drain_timeout default. A stream still open then is held by something else (an orphan of the process, a broker that died with it)."))
+    var drainTimeout = "30s"
+
+    func duration() throws -> Duration {
+        switch ValueParsers.positiveDuration(drainTimeout) {
+        case .success(let milliseconds): return .milliseconds(milliseconds)
+        case .failure(let problem): throw ValidationError("--drain-timeout '\(drainTimeout)': \(problem.reason)")
+        }
+    }
+}
+
+/// Ends `host run/exec/attach`: the process's status, or 125 with the reason on stderr.
+func finishHostCommand(
+    _ name: String, drainTimeout: String, _ body: () async throws(ErrorBody) -> HostRunOutcome
+) async throws -> Never {
+    let outcome: HostRunOutcome
+    do {
+        outcome = try await body()
+    } catch {
+        writeError("holdfast \(name): \(error)")
+        throw ExitCode(HostExitCode.holdfastFailure)
+    }
+    switch outcome {
+    case .exited(let report, let endedByHost):
+        if !endedByHost.isEmpty {
+            writeError(
+                "holdfast \(name): \(endedByHost.joined(separator: " and ")) had no end from the guest within the drain timeout "
+                    + "(\(drainTimeout)) after the exit (held open by another process, or lost with the broker): ended here")
+        }
+        if report.outputCutShort == true {
+            writeError(
+                "holdfast \(name): the process's output was cut short in the guest (its daemon stopping, or its broker dying): "
+                    + "at least \(report.undelivered) bytes not delivered")
+        } else if report.undelivered > 0 {
+            writeError("holdfast \(name): \(report.undelivered) bytes of output were not delivered")
+        }
+        throw ExitCode(report.exitCode)
+    case .lost(let loss, _):
+        writeError("holdfast \(name): lost: \(loss.message)")
+        throw ExitCode(HostExitCode.holdfastFailure)
+    }
+}
+
 struct HostRun: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "run", abstract: "Start a process in the guest, wire this terminal to it, exit with its exit code.")
+        commandName: "run", abstract: "Start a process in the guest, wire this terminal to it, exit with its exit code.",
+        discussion: hostExitStatusHelp)
 
     @Flag(help: "Give the process a terminal (this terminal goes raw while it runs).") var tty = false
     @Option(help: "Stream mode: resumable (exactly once) or raw.") var mode: StreamModeName = .resumable
@@ -76,10 +135,15 @@ struct HostRun: AsyncParsableCommand {
     @Option(help: "direct (fork+exec the command) or runc (an OCI container from --bundle).") var runtime: RuntimeName = .direct
     @Option(help: "runc: the OCI bundle directory in the guest (config.json and rootfs); its config names the program.")
     var bundle: String?
+    @OptionGroup var drain: DrainTimeoutOption
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).") var command: [String] = []
 
     func run() async throws {
+        // The command is captured for passthrough, options it does not know included: a help
+        // request before any command is still ours.
+        if let first = command.first, first == "--help" || first == "-h" { throw CleanExit.helpRequest(self) }
         let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        let drainTimeout = try drain.duration()
         switch runtime {
         case .direct:
             guard !argv.isEmpty else { throw ValidationError("name a command: holdfast host run -- CMD ARGS...") }
@@ -101,15 +165,11 @@ struct HostRun: AsyncParsableCommand {
         }
         var size: WindowSize?
         if tty { size = try? Terminal.size(of: 0) }
-        do {
-            let code = try await HostClient.run(
-                control: control,
-                request: HostRunRequest(
-                    id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns,
-                    rawAddresses: raw.isEmpty ? nil : raw, runtime: runtime == .direct ? nil : runtime, bundle: bundle))
-            throw ExitCode(code)
-        } catch let error as ErrorBody {
-            throw CommandFailure("holdfast host run: \(error)")
+        let request = HostRunRequest(
+            id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns,
+            rawAddresses: raw.isEmpty ? nil : raw, runtime: runtime == .direct ? nil : runtime, bundle: bundle)
+        try await finishHostCommand("host run", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
+            try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout)
         }
     }
 }
@@ -117,43 +177,45 @@ struct HostRun: AsyncParsableCommand {
 struct HostExec: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "exec",
-        abstract: "Run a command inside a running runc container (runc exec) with its own streams; exit with its exit code.")
+        abstract: "Run a command inside a running runc container (runc exec) with its own streams; exit with its exit code.",
+        discussion: hostExitStatusHelp)
 
     @Flag(help: "Give the command a terminal (this terminal goes raw while it runs).") var tty = false
     @Option(help: "The exec's process id (default: CONTAINER.execN).") var id: String?
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @OptionGroup var drain: DrainTimeoutOption
     @Argument(help: "The container: the id its 'host run --runtime runc' gave it.") var container: String
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).") var command: [String] = []
 
     func run() async throws {
+        // The command is captured for passthrough, options it does not know included: a help
+        // request before any command is still ours.
+        if let first = command.first, first == "--help" || first == "-h" { throw CleanExit.helpRequest(self) }
         let argv = command.first == "--" ? Array(command.dropFirst()) : command
         guard !argv.isEmpty else { throw ValidationError("name a command: holdfast host exec CONTAINER -- CMD ARGS...") }
+        let drainTimeout = try drain.duration()
         var size: WindowSize?
         if tty { size = try? Terminal.size(of: 0) }
-        do {
-            let code = try await HostClient.run(
-                control: control,
-                request: HostRunRequest(
-                    id: id, argv: argv, tty: tty, rows: size?.rows, columns: size?.columns, runtime: .runc, container: container))
-            throw ExitCode(code)
-        } catch let error as ErrorBody {
-            throw CommandFailure("holdfast host exec: \(error)")
+        let request = HostRunRequest(id: id, argv: argv, tty: tty, rows: size?.rows, columns: size?.columns, runtime: .runc, container: container)
+        try await finishHostCommand("host exec", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
+            try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout)
         }
     }
 }
 
 struct HostAttach: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "attach", abstract: "Wire this terminal to a process started with 'host run' again; exit with its exit code.")
+        commandName: "attach", abstract: "Wire this terminal to a process started with 'host run' again; exit with its exit code.",
+        discussion: hostExitStatusHelp)
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
     @Flag(help: "The process has a terminal (this one goes raw).") var tty = false
+    @OptionGroup var drain: DrainTimeoutOption
     @Argument(help: "The process id.") var id: String
 
     func run() async throws {
-        do {
-            throw ExitCode(try await HostClient.attach(control: control, id: id, tty: tty))
-        } catch let error as ErrorBody {
-            throw CommandFailure("holdfast host attach: \(error)")
+        let drainTimeout = try drain.duration()
+        try await finishHostCommand("host attach", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
+            try await HostClient.attach(control: control, id: id, tty: tty, drainTimeout: drainTimeout)
         }
     }
 }
@@ -213,4 +275,15 @@ func writeLine(_ text: String) {
         offset += count
     }
     line.removeAll()
+}
+
+/// One line to stderr, unbuffered.
+func writeError(_ text: String) {
+    let line = Array((text + "\n").utf8)
+    var offset = 0
+    while offset < line.count {
+        let count = line[offset...].withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+        if count <= 0 { return }
+        offset += count
+    }
 }

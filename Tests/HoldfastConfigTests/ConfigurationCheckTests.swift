@@ -14,7 +14,7 @@ import FoundationEssentials
 import Foundation
 #endif
 
-@Suite("holdfast config check: the loader's verdict and the effective configuration")
+@Suite("holdfast config check: the loader's verdict and the effective configuration", .timeLimit(.minutes(5)))
 struct ConfigurationCheckTests {
     func write(_ text: String, name: String = "holdfast.yaml") throws -> (TemporaryDirectory, String) {
         let directory = try TemporaryDirectory("holdfast-config-check")

@@ -4,7 +4,7 @@ import Testing
 
 @testable import HoldfastConfig
 
-@Suite("Configuration: every bad value names the file, the key and the reason")
+@Suite("Configuration: every bad value names the file, the key and the reason", .timeLimit(.minutes(5)))
 struct ConfigurationTests {
     func write(_ text: String, name: String = "holdfast.yaml") throws -> (TemporaryDirectory, String) {
         let directory = try TemporaryDirectory("holdfast-config")

@@ -18,10 +18,10 @@ import Glibc
 struct BridgeAuthenticationTests {
     /// A process created over the bridge printing `lines` lines: its stdout, collected.
     static func startVictim(_ daemon: DaemonFixture, id: String, lines: Int = 300) async throws -> Task<[UInt8], Never> {
-        let output = collect(daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(
             id: id, argv: counterCommand(lines, prefix: id, pause: "0.01"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "\(id)-out")))
+            stdout: daemon.spec("\(id)-out")))
         return output
     }
 
@@ -104,10 +104,10 @@ struct BridgeAuthenticationTests {
         var jobs: [(String, Task<[UInt8], Never>)] = []
         for number in 1...5 {
             let id = "job\(number)"
-            let output = collect(daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+            let output = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: id, argv: ["sh", "-c", "echo \(id) ran"],
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "\(id)-out")))
+                stdout: daemon.spec("\(id)-out")))
             jobs.append((id, output))
             try await Task.sleep(for: .milliseconds(200))
         }

@@ -13,7 +13,7 @@ import Glibc
 /// A hostile host that pipelines requests faster than it reads the replies must not grow the
 /// guest's memory: the bridge worker reads a bounded number of requests ahead, the kernel's
 /// socket buffers fill, and the host blocks in its own write. Afterwards memory goes back.
-@Suite("The bridge under a flood of pipelined requests")
+@Suite("The bridge under a flood of pipelined requests", .timeLimit(.minutes(5)))
 struct BridgeFloodTests {
     static let requestsPerRound = 20_000
     static let rounds = 3
@@ -23,10 +23,10 @@ struct BridgeFloodTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         // A bystander streams a counter throughout.
-        let output = collect(daemon.streams.open(token: bytes("b-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("b-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
             id: "b", argv: counterCommand(400, prefix: "b", pause: "0.01"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "b-out")))
+            stdout: daemon.spec("b-out")))
 
         daemon.bridge.close()
         let raw = try Listener(binding: .unix(path: daemon.directory.file("host-bridge.sock")), unixMode: 0o666)

@@ -29,7 +29,7 @@ final class ExitLog: Sendable {
 
 /// Runs `body` with a new daemon and the host application's exit log, and cleans both up
 /// however it ends; skips (saying why) when not root.
-func withBridgeDaemon(drainTimeout: String = "3s", _ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
+func withBridgeDaemon(drainTimeout: String = "10s", _ body: (DaemonFixture, ExitLog) async throws -> Void) async throws {
     guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
     let daemon = try await DaemonFixture(drainTimeout: drainTimeout)
     defer { daemon.cleanUp() }
@@ -38,7 +38,7 @@ func withBridgeDaemon(drainTimeout: String = "3s", _ body: (DaemonFixture, ExitL
     try await body(daemon, exits)
 }
 
-@Suite("The bridge: the host creates processes; their stdio and exits survive migrations")
+@Suite("The bridge: the host creates processes; their stdio and exits survive migrations", .timeLimit(.minutes(5)))
 struct BridgeTests {
     /// Five "migrations" (bridge and every stream connection dropped at once, nothing accepted
     /// for 200 ms) while a process created over the bridge prints; a second process exits in
@@ -51,10 +51,10 @@ struct BridgeTests {
             #expect(hello.version == BridgeProtocol.version)
             #expect(hello.bootID.count == 36, "the kernel's boot id")
 
-            let stdout = collect(daemon.streams.open(token: bytes("m1-out"), direction: .receive))
+            let stdout = collect(try daemon.streams.open(token: bytes("m1-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "m1", argv: counterCommand(400, prefix: "m1", pause: "0.005"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m1-out")))
+                stdout: daemon.spec("m1-out")))
             for migration in 1...5 {
                 try await Task.sleep(for: .milliseconds(150))
                 blackout(daemon)
@@ -62,9 +62,11 @@ struct BridgeTests {
                 lightsOn(daemon)
                 print("migration \(migration) done")
             }
-            // m2 exits while nobody is there to hear it.
-            _ = try await daemon.bridge.create(ProcessSpec(id: "m2", argv: ["sh", "-c", "sleep 0.2; exit 7"]))
+            // m2 exits while nobody is there to hear it: once the blackout has begun.
+            let dark = daemon.directory.file("dark")
+            _ = try await daemon.bridge.create(ProcessSpec(id: "m2", argv: ["sh", "-c", "while [ ! -e \(dark) ]; do sleep 0.05; done; exit 7"]))
             blackout(daemon)
+            try writeFile(dark, [])
             try await eventually("m2 to exit in the dark", timeout: .seconds(5)) {
                 let report = try await daemon.status()
                 return report.processes.first { $0.id == "m2" }?.state == "done"
@@ -94,21 +96,21 @@ struct BridgeTests {
     /// order; `cat` never sees a false end-of-file (it runs until stdin is ended explicitly).
     @Test func twentyMigrationsUnderAHeartbeatAndAnEcho() async throws {
         try await withBridgeDaemon { daemon, exits in
-            let heartbeat = collect(daemon.streams.open(token: bytes("hb-out"), direction: .receive))
+            let heartbeat = collect(try daemon.streams.open(token: bytes("hb-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "hb", argv: counterCommand(250, prefix: "beat", pause: "0.02"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "hb-out")))
-            let typed = daemon.streams.open(token: bytes("echo-in"), direction: .send)
-            let echoed = collect(daemon.streams.open(token: bytes("echo-out"), direction: .receive))
+                stdout: daemon.spec("hb-out")))
+            let typed = try daemon.streams.open(token: bytes("echo-in"), direction: .send)
+            let echoed = collect(try daemon.streams.open(token: bytes("echo-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "echo", argv: ["cat"],
-                stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-in"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-out")))
+                stdin: daemon.spec("echo-in"),
+                stdout: daemon.spec("echo-out")))
             // A process silent through the migrations that speaks afterwards is heard.
-            let quiet = collect(daemon.streams.open(token: bytes("quiet-out"), direction: .receive))
+            let quiet = collect(try daemon.streams.open(token: bytes("quiet-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "quiet", argv: ["sh", "-c", "sleep 4; echo after the storm"],
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "quiet-out")))
+                stdout: daemon.spec("quiet-out")))
             let typist = Task {
                 for line in 1...200 {
                     try await typed.send(bytes("typed \(line)\n"))
@@ -141,11 +143,11 @@ struct BridgeTests {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let output = collect(daemon.streams.open(token: bytes("t-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("t-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "t", argv: ["sh", "-c", "stty size; while [ \"$(stty size)\" = '24 80' ]; do sleep 0.02; done; stty size"],
             tty: true, rows: 24, columns: 80,
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "t-out")))
+            stdout: daemon.spec("t-out")))
         // The process waits for the new size however long the resize takes to arrive.
         try await daemon.bridge.resize("t", rows: 50, columns: 132)
         let text = String(decoding: await output.value, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
@@ -198,12 +200,12 @@ struct BridgeTests {
     @Test func signalResizeCloseStdinListAndStatsOverTheBridge() async throws {
         try await withBridgeDaemon { daemon, exits in
             // `cat` ends when its stdin does: close-stdin must reach it as an explicit end.
-            let input = daemon.streams.open(token: bytes("c-in"), direction: .send)
-            let output = collect(daemon.streams.open(token: bytes("c-out"), direction: .receive))
+            let input = try daemon.streams.open(token: bytes("c-in"), direction: .send)
+            let output = collect(try daemon.streams.open(token: bytes("c-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "c", argv: ["cat"],
-                stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-in"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "c-out")))
+                stdin: daemon.spec("c-in"),
+                stdout: daemon.spec("c-out")))
             try await input.send(bytes("hello through the bridge\n"))
             _ = await input.finish()
             try await eventually("cat's exit") { exits.count("c") == 1 }
@@ -246,10 +248,10 @@ struct BridgeTests {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let output = collect(daemon.streams.open(token: bytes("h-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("h-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
             id: "h", argv: counterCommand(300, prefix: "h", pause: "0.005"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "h-out")))
+            stdout: daemon.spec("h-out")))
 
         // Replace the well-behaved host with a raw listener on the same path.
         daemon.bridge.close()
@@ -316,7 +318,7 @@ struct BridgeTests {
 
 /// The hello's instance id: the same after a migration and after the bridge worker restarts
 /// (nothing was lost), new when the daemon itself started again (everything was).
-@Suite("The hello tells a daemon restart from a lost connection")
+@Suite("The hello tells a daemon restart from a lost connection", .timeLimit(.minutes(5)))
 struct InstanceIDTests {
     @Test func theInstanceIDOutlivesConnectionsAndWorkersButNotTheDaemon() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
@@ -351,7 +353,7 @@ struct InstanceIDTests {
 
 /// Creates that may be repeats (docs/PROTOCOL.md, "Repeating a create"): what the host does
 /// when the bridge dropped before a create's reply.
-@Suite("Repeating a create starts nothing twice")
+@Suite("Repeating a create starts nothing twice", .timeLimit(.minutes(5)))
 struct RepeatedCreateTests {
     /// Lines in a file each run of the process appends to.
     func runs(_ path: String) -> Int {
@@ -365,10 +367,10 @@ struct RepeatedCreateTests {
     @Test func concurrentCreatesOfOneIdStartOneProcess() async throws {
         try await withBridgeDaemon { daemon, exits in
             let marker = daemon.directory.file("runs")
-            let output = collect(daemon.streams.open(token: bytes("same-out"), direction: .receive))
+            let output = collect(try daemon.streams.open(token: bytes("same-out"), direction: .receive))
             let spec = ProcessSpec(
                 id: "same", argv: ["sh", "-c", "echo run >> \(marker); echo out; sleep 0.5"],
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "same-out"))
+                stdout: daemon.spec("same-out"))
             let outcomes = await withTaskGroup(of: String.self) { group in
                 for _ in 0..<20 {
                     group.addTask {

@@ -13,7 +13,7 @@ import Glibc
 /// Nothing a container does, and nothing an operator does to one process, takes the others
 /// down: a container's `kill 0` stays in its own process group; a stopped, traced or frozen
 /// broker carries on when it is let go.
-@Suite("Containment: a container's kill 0, and a stopped, traced or frozen broker")
+@Suite("Containment: a container's kill 0, and a stopped, traced or frozen broker", .timeLimit(.minutes(5)))
 struct ContainmentTests {
     /// What the daemon's roles are now: pids and restart counts.
     static func roles(_ daemon: DaemonFixture) async throws -> [String: (pid: pid_t?, restarts: Int)] {
@@ -22,10 +22,10 @@ struct ContainmentTests {
 
     /// A bystander that streams a counter to the host for the whole test.
     static func startBystander(_ daemon: DaemonFixture, lines: Int = 400) async throws -> Task<[UInt8], Never> {
-        let output = collect(daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
             id: "bystander", argv: counterCommand(lines, prefix: "by", pause: "0.01"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "bystander-out")))
+            stdout: daemon.spec("bystander-out")))
         return output
     }
 
@@ -71,10 +71,10 @@ struct ContainmentTests {
         let bundle = try TestBundle(
             in: daemon.directory, name: "attacker",
             args: ["sh", "-c", "sleep 60 & sleep 0.3; kill -TERM 0; kill -KILL 0; echo still here"], terminal: false)
-        let output = collect(daemon.streams.open(token: bytes("attacker-out"), direction: .receive))
+        let output = collect(try daemon.streams.open(token: bytes("attacker-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
             id: "attacker", argv: [],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "attacker-out"),
+            stdout: daemon.spec("attacker-out"),
             runtime: .runc, bundle: bundle.path))
         let attacker = try await daemon.wait("attacker")
         print("runc container after kill 0: \(attacker), output \(String(decoding: await output.value, as: UTF8.self).debugDescription)")
@@ -93,12 +93,12 @@ struct ContainmentTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let bystander = try await Self.startBystander(daemon, lines: 600)
-        let typed = daemon.streams.open(token: bytes("echo-in"), direction: .send)
-        let echoed = collect(daemon.streams.open(token: bytes("echo-out"), direction: .receive))
+        let typed = try daemon.streams.open(token: bytes("echo-in"), direction: .send)
+        let echoed = collect(try daemon.streams.open(token: bytes("echo-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(
             id: "echo", argv: ["cat"],
-            stdin: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-in"),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "echo-out")))
+            stdin: daemon.spec("echo-in"),
+            stdout: daemon.spec("echo-out")))
         let before = try await Self.roles(daemon)
         let broker = try #require(before["broker"]?.pid)
         let lines = expectedLines(600, prefix: "typed")
@@ -155,12 +155,12 @@ struct ContainmentTests {
         defer { exits.cancel() }
         let marker = daemon.directory.file("ready")
         let nobodyListens = "unix:" + daemon.directory.file("nobody-listens.sock")
-        func stream(_ token: String) -> StreamSpec { StreamSpec(address: daemon.streamAddress, mode: .resumable, token: token) }
-        let ttyOut = collect(daemon.streams.open(token: bytes("tty-out"), direction: .receive))
-        _ = daemon.streams.open(token: bytes("tty-in"), direction: .send)
-        _ = daemon.streams.open(token: bytes("reader-in"), direction: .send)
-        let readerOut = collect(daemon.streams.open(token: bytes("reader-out"), direction: .receive))
-        let orphanOut = collect(daemon.streams.open(token: bytes("orphan-out"), direction: .receive))
+        func stream(_ token: String) -> StreamSpec { daemon.spec(token) }
+        let ttyOut = collect(try daemon.streams.open(token: bytes("tty-out"), direction: .receive))
+        _ = try daemon.streams.open(token: bytes("tty-in"), direction: .send)
+        _ = try daemon.streams.open(token: bytes("reader-in"), direction: .send)
+        let readerOut = collect(try daemon.streams.open(token: bytes("reader-out"), direction: .receive))
+        let orphanOut = collect(try daemon.streams.open(token: bytes("orphan-out"), direction: .receive))
         let specs = [
             ProcessSpec(id: "reader", argv: ["sh", "-c", "touch \(marker)-reader; cat"], stdin: stream("reader-in"), stdout: stream("reader-out")),
             ProcessSpec(

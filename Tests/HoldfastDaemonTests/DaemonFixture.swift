@@ -40,6 +40,8 @@ final class DaemonFixture: Sendable {
     /// listens on `real-bridge.sock`.
     let proxy: BridgeProxy?
     private let daemon = NIOLockedValueBox<pid_t?>(nil)
+    private let command: [String]
+    private let environment: [String]
 
     static var canRun: Bool { geteuid() == 0 }
     static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
@@ -47,7 +49,7 @@ final class DaemonFixture: Sendable {
     /// `environment` is added to the inherited one; `executable` replaces the built binary.
     /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
     init(
-        extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "3s",
+        extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
         shutdown: (grace: String, timeout: String) = ("1s", "5s"), authenticated: Bool = true, bridgeThroughProxy: Bool = false
     ) async throws {
         directory = try TemporaryDirectory("holdfast-daemon")
@@ -85,10 +87,21 @@ final class DaemonFixture: Sendable {
             \(extraConfig)
             """
         try writeFile(directory.file("holdfast.yaml"), bytes(config))
-        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let pid = try processes.start(
-            [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")], stdout: log, stderr: log,
-            environment: SpawnOptions.inheritedEnvironment() + environment.map { "\($0.key)=\($0.value)" })
+        command = [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")]
+        self.environment = SpawnOptions.inheritedEnvironment() + environment.map { "\($0.key)=\($0.value)" }
+        try await launch(truncatingLog: true)
+    }
+
+    /// Starts the daemon again on the same configuration, as systemd's `Restart=` would after
+    /// the previous one stopped or was killed (that one must be gone). Its log goes on in the
+    /// same file.
+    func startAgain() async throws {
+        try await launch(truncatingLog: false)
+    }
+
+    private func launch(truncatingLog: Bool) async throws {
+        let log = open(logPath, O_WRONLY | O_CREAT | O_CLOEXEC | (truncatingLog ? O_TRUNC : O_APPEND), 0o644)
+        let pid = try processes.start(command, stdout: log, stderr: log, environment: environment)
         close(log)
         daemon.withLockedValue { $0 = pid }
         try await eventually("the daemon's control socket", timeout: .seconds(20)) {
@@ -96,11 +109,18 @@ final class DaemonFixture: Sendable {
         }
         try await eventually("the broker and the bridge", timeout: .seconds(20)) {
             let report = try? await self.status()
-            return report?.bridge == "up" && report?.roles.allSatisfy({ $0.pid != nil }) == true
+            return report?.pid == pid && report?.bridge == "up" && report?.roles.allSatisfy({ $0.pid != nil }) == true
         }
     }
 
     var streamAddress: String { "unix:" + directory.file("streams.sock") }
+
+    /// What a create request says for the host stream `token` opened on `streams`: its address,
+    /// token and secret (a token not opened gets a random secret: the host will refuse it).
+    func spec(_ token: String) -> StreamSpec {
+        streams.stream(for: bytes(token))?.streamSpec(at: streamAddress)
+            ?? StreamSpec(address: streamAddress, mode: .resumable, token: token, secret: .random())
+    }
     var daemonPID: pid_t { daemon.withLockedValue { $0 }! }
 
     func control() async throws -> ControlClient {

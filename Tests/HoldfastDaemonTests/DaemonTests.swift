@@ -10,17 +10,17 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The daemon: supervisor, broker and bridge worker as real processes")
+@Suite("The daemon: supervisor, broker and bridge worker as real processes", .timeLimit(.minutes(5)))
 struct DaemonTests {
     @Test func aKilledBridgeWorkerIsRestartedAndTheStreamLosesNothing() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let host = daemon.streams.open(token: bytes("p1-stdout"), direction: .receive)
+        let host = try daemon.streams.open(token: bytes("p1-stdout"), direction: .receive)
         let received = collect(host)
         _ = try await daemon.launch(ProcessSpec(
             id: "p1", argv: counterCommand(300),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "p1-stdout")))
+            stdout: daemon.spec("p1-stdout")))
         try await Task.sleep(for: .milliseconds(300))
         let old = try #require(try await daemon.rolePID("bridge"))
         kill(old, SIGKILL)
@@ -48,10 +48,10 @@ struct DaemonTests {
         let ids = (1...4).map { "q\($0)" }
         var receivers: [String: Task<[UInt8], Never>] = [:]
         for id in ids {
-            receivers[id] = collect(daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+            receivers[id] = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
             _ = try await daemon.launch(ProcessSpec(
                 id: id, argv: counterCommand(400, prefix: id, pause: "0.01"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "\(id)-out")))
+                stdout: daemon.spec("\(id)-out")))
         }
         try await eventually("every stream connected") {
             let streams = try await daemon.status().streams
@@ -148,12 +148,12 @@ struct DaemonTests {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let host = daemon.streams.open(token: bytes("s-out"), direction: .receive)
+        let host = try daemon.streams.open(token: bytes("s-out"), direction: .receive)
         let received = collect(host)
         // A process that ignores SIGTERM: it gets SIGKILL after the 1 s grace period.
         let pid = try await daemon.launch(ProcessSpec(
             id: "stubborn", argv: ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "s-out")))
+            stdout: daemon.spec("s-out")))
         try await eventually("output") { host.statistics.offset >= 6 }
         let started = ContinuousClock.now
         #expect(try await daemon.stop() == .exited(0))
@@ -180,7 +180,7 @@ struct DaemonTests {
     }
 }
 
-@Suite("The broker's handoff socket and seccomp profile")
+@Suite("The broker's handoff socket and seccomp profile", .timeLimit(.minutes(5)))
 struct BrokerBoundaryTests {
     @Test func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }

@@ -8,7 +8,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("holdfast host serve / run / ps / kill against a real daemon")
+@Suite("holdfast host serve / run / ps / kill against a real daemon", .timeLimit(.minutes(5)))
 struct HostCommandTests {
     /// The host side as a user drives it: `host serve` in place of the test's bridge host, then
     /// `host run` with a file on stdin — its bytes come back on stdout (sha256), stderr is
@@ -114,7 +114,7 @@ private func hostOutput(_ daemon: DaemonFixture, _ arguments: [String]) async th
     return String(decoding: readFile(path) ?? [], as: UTF8.self)
 }
 
-@Suite("holdfast demo: the daemon, a host peer and three migrations")
+@Suite("holdfast demo: the daemon, a host peer and three migrations", .timeLimit(.minutes(5)))
 struct MigrationDemoTests {
     @Test func theDemoPassesAndCleansUp() async throws {
         guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }

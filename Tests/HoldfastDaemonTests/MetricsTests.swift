@@ -28,7 +28,7 @@ func httpExchange(_ address: SocketAddress, _ request: String) async throws -> S
     return String(decoding: try await readAll(connection), as: UTF8.self)
 }
 
-@Suite("Metrics: the Prometheus endpoint")
+@Suite("Metrics: the Prometheus endpoint", .timeLimit(.minutes(5)))
 struct MetricsTests {
     @Test func requestHeadsGetTheRightAnswer() async {
         func answer(_ head: String) async -> String {
@@ -68,12 +68,12 @@ struct MetricsTests {
         let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
         #expect(before[toHost] == 0)
 
-        let output = Accumulator(daemon.streams.open(token: bytes("m-out"), direction: .receive))
+        let output = Accumulator(try daemon.streams.open(token: bytes("m-out"), direction: .receive))
         let gate = daemon.directory.file("go")
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "m",
             argv: ["sh", "-c", "head -c 50000 /dev/zero; while [ ! -e \(gate) ]; do sleep 0.02; done; head -c 50000 /dev/zero"],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "m-out")))
+            stdout: daemon.spec("m-out")))
         // Half the bytes, a migration, the stream back (the process waits for the gate), the rest.
         try await eventually("the first half") { output.count == 50_000 }
         blackout(daemon)

@@ -69,7 +69,7 @@ final class HeldReadsConnection: ByteConnection {
     }
 }
 
-@Suite("Stdin's end survives a migration")
+@Suite("Stdin's end survives a migration", .timeLimit(.minutes(5)))
 struct StdinEndTests {
     /// Found by the soak (RELIABILITY.md): the host ends a process's stdin, the guest echoes the
     /// END — and a migration drops the connection before the host has read the echo. The broker
@@ -91,11 +91,11 @@ struct StdinEndTests {
             }
             held.start()
             defer { held.close() }
-            let input = held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
-            let output = collect(daemon.streams.open(token: bytes("e-out"), direction: .receive))
+            let input = try held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
+            let output = collect(try daemon.streams.open(token: bytes("e-out"), direction: .receive))
             _ = try await daemon.bridge.create(ProcessSpec(
-                id: "e", argv: ["cat"], stdin: StreamSpec(address: "unix:" + path, mode: .resumable, token: "e-in"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "e-out")))
+                id: "e", argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path),
+                stdout: daemon.spec("e-out")))
             try await eventually("stdin connected") { input.slot.phase == .connected }
             // From now on the host does not read what the guest sends on this connection.
             for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }

@@ -9,7 +9,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The daemon under systemd: sd_notify and upgrades")
+@Suite("The daemon under systemd: sd_notify and upgrades", .timeLimit(.minutes(5)))
 struct SystemdNotifyTests {
     /// Starts the daemon as systemd would (NOTIFY_SOCKET, WATCHDOG_USEC of 400 ms) and checks the
     /// whole conversation: READY=1 only once both roles are up, watchdog pings, a status line
@@ -121,11 +121,11 @@ struct SystemdNotifyTests {
             #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
             let bootID = try #require(daemon.bridge.lastHello?.bootID)
             let marker = daemon.directory.file("trap-set")
-            let politeOut = collect(daemon.streams.open(token: bytes("polite-out"), direction: .receive))
+            let politeOut = collect(try daemon.streams.open(token: bytes("polite-out"), direction: .receive))
             let polite = try await daemon.bridge.create(ProcessSpec(
                 id: "polite",
                 argv: ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo started; touch \(marker)-polite; while :; do sleep 0.05; done"],
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "polite-out")))
+                stdout: daemon.spec("polite-out")))
             let stubborn = try await daemon.bridge.create(ProcessSpec(
                 id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]))
             // Not before both shells have set their traps.

@@ -9,7 +9,7 @@ import Testing
 /// The fuzz targets' inputs, replayed in the normal test suite: the seed corpus (so the
 /// harnesses themselves stay sound) and every crash the fuzzer found (fuzz/crashes/<target>/),
 /// each fixed and kept here as a regression test. A regression traps this test process.
-@Suite("Fuzz regressions")
+@Suite("Fuzz regressions", .timeLimit(.minutes(5)))
 struct FuzzRegressionTests {
     static let fuzzDirectory: String = {
         // Tests/HoldfastFuzzTests/FuzzRegressionTests.swift → the package root.
@@ -87,7 +87,7 @@ struct FuzzRegressionTests {
 
 // MARK: What the fuzz oracles found (fuzz/crashes/), fixed
 
-@Suite("Fuzz findings")
+@Suite("Fuzz findings", .timeLimit(.minutes(5)))
 struct FuzzFindingTests {
     static let longToken = String(repeating: "a", count: 300)
 
@@ -105,7 +105,7 @@ struct FuzzFindingTests {
     /// had run). Now the create is refused before anything starts.
     @Test func aCreateWithATokenOver256BytesIsRefusedBeforeTheProcessStarts() {
         let spec = ProcessSpec(
-            id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken))
+            id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken, secret: .random()))
         let error = Self.refusal(spec)
         #expect(error?.code == "bad-request")
         #expect(error?.message.contains("stdout: resumable mode needs a token of 1 to 256 bytes") == true, "\(String(describing: error))")
@@ -120,7 +120,7 @@ struct FuzzFindingTests {
     @Test func aResumableTtyWhoseStdinHasNoTokenIsRefusedBeforeTheProcessStarts() {
         let spec = ProcessSpec(
             id: "t", argv: ["/bin/sh"], tty: true, stdin: StreamSpec(address: "tcp://127.0.0.1:2", mode: .raw),
-            stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out"))
+            stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random()))
         let error = Self.refusal(spec)
         #expect(error?.code == "bad-request")
         #expect(error?.message.contains("stdin: a tty's input is resumable like its stdout") == true, "\(String(describing: error))")
@@ -129,6 +129,8 @@ struct FuzzFindingTests {
         #expect(Self.refusal(raw) == nil)  // both raw: no tokens needed
         var withToken = spec
         withToken.stdin?.token = "in"
+        #expect(Self.refusal(withToken)?.message.contains("stdin: a tty's input is resumable like its stdout and needs the stream's secret") == true)
+        withToken.stdin?.secret = .random()
         #expect(Self.refusal(withToken) == nil)
     }
 
@@ -137,8 +139,8 @@ struct FuzzFindingTests {
     /// terminal's input never connected.
     @Test func anAdoptedTtyInputTokenOver256BytesIsRefused() {
         let tty = StreamDescription(
-            kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", inputAddress: "tcp://127.0.0.1:2",
-            inputToken: FuzzFindingTests.longToken)
+            kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random(),
+            inputAddress: "tcp://127.0.0.1:2", inputToken: FuzzFindingTests.longToken, inputSecret: .random())
         #expect(throws: ErrorBody.self) {
             try BrokerRequest.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
         }

@@ -7,7 +7,7 @@ import Testing
 
 /// `BridgeServer.create` against a scripted guest: the bridge drops after the guest has the
 /// create and before it replies — the case where the host cannot know whether it ran.
-@Suite("The host's create is exactly once across bridge drops")
+@Suite("The host's create is exactly once across bridge drops", .timeLimit(.minutes(5)))
 struct BridgeServerCreateTests {
     /// A guest's bridge connection: authenticates, says hello, then reads the host's requests.
     struct ScriptedGuest {

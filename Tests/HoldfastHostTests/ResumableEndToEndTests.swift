@@ -99,7 +99,7 @@ func digestOf(_ stream: some InboundStream) async -> (count: UInt64, hex: String
 
 let e2ePolicy = RedialPolicy(attempts: 10_000, interval: .milliseconds(5), connectTimeout: .seconds(2))
 
-@Suite("Resumable streams end to end: real processes, Unix sockets, forced disconnects")
+@Suite("Resumable streams end to end: real processes, Unix sockets, forced disconnects", .timeLimit(.minutes(5)))
 struct ResumableEndToEndTests {
     @Test func stdoutSurvivesFiftyDisconnectsExactlyOnce() async throws {
         let rig = try await Rig(bytes: streamBytes)
@@ -110,11 +110,11 @@ struct ResumableEndToEndTests {
         }
         server.start()
         defer { server.close() }
-        let host = server.open(token: bytes("c1-stdout"), direction: .receive)
+        let host = try server.open(token: bytes("c1-stdout"), direction: .receive)
         let pipe = try PipeEnds.make()
         let cat = try rig.processes.start(["cat", rig.dataPath], stdout: pipe.write)
         close(pipe.write)
-        let guest = GuestStreams.resumable(to: server.address, token: bytes("c1-stdout"), direction: .send, policy: e2ePolicy)
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("c1-stdout"), secret: host.secret, direction: .send, policy: e2ePolicy)
         guest.slot.disconnect()
         let source = try AsyncFD(adopting: pipe.read)
         let relay = Task { await Relay.output(from: source, to: guest) }
@@ -143,14 +143,14 @@ struct ResumableEndToEndTests {
         }
         server.start()
         defer { server.close() }
-        let host = server.open(token: bytes("c1-stdin"), direction: .send)
+        let host = try server.open(token: bytes("c1-stdin"), direction: .send)
         let pipe = try PipeEnds.make()
         let sumPath = rig.directory.file("stdin.sum")
         let sumOut = open(sumPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         let sha = try rig.processes.start(["sha256sum"], stdin: pipe.read, stdout: sumOut)
         close(pipe.read)
         close(sumOut)
-        let guest = GuestStreams.resumable(to: server.address, token: bytes("c1-stdin"), direction: .receive, policy: e2ePolicy)
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("c1-stdin"), secret: host.secret, direction: .receive, policy: e2ePolicy)
         guest.slot.disconnect()
         let sink = try AsyncFD(adopting: pipe.write)
         let relay = Task { () -> RelayReport in
@@ -195,12 +195,12 @@ struct ResumableEndToEndTests {
         }
         server.start()
         defer { server.close() }
-        let host = server.open(token: bytes("c1-tty"), direction: .receive)
+        let host = try server.open(token: bytes("c1-tty"), direction: .receive)
         let terminal = try PseudoTerminal.open(size: WindowSize(rows: 24, columns: 80))
         try Terminal.makeRaw(fd: terminal.slave)  // bytes pass unchanged, as `stty raw -echo`
         let cat = try rig.processes.start(["cat", rig.dataPath], stdout: terminal.slave)
         close(terminal.slave)
-        let guest = GuestStreams.resumable(to: server.address, token: bytes("c1-tty"), direction: .send, policy: e2ePolicy)
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("c1-tty"), secret: host.secret, direction: .send, policy: e2ePolicy)
         guest.slot.disconnect()
         let master = try AsyncFD(adopting: terminal.master)
         let relay = Task { await Relay.output(from: master, to: guest) }

@@ -9,7 +9,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("Transports: dial and listen on loopback")
+@Suite("Transports: dial and listen on loopback", .timeLimit(.minutes(5)))
 struct TransportTests {
     @Test func unixSocketRoundTrip() async throws {
         let directory = try TemporaryDirectory()
@@ -130,7 +130,7 @@ struct TransportTests {
     }
 }
 
-@Suite("AsyncFD")
+@Suite("AsyncFD", .timeLimit(.minutes(5)))
 struct AsyncFDTests {
     @Test func pipeRoundTripAndEndOfFile() async throws {
         let pipe = try PipeEnds.make()

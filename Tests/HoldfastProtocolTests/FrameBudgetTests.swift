@@ -1,7 +1,7 @@
 import HoldfastProtocol
 import Testing
 
-@Suite("Replies that list things fit one frame")
+@Suite("Replies that list things fit one frame", .timeLimit(.minutes(5)))
 struct FrameBudgetTests {
     func streams(_ count: Int) -> [StreamStatus] {
         (0..<count).map {
