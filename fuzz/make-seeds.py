@@ -149,7 +149,7 @@ def config():
     write("config", "minimal.yaml", b"bridge:\n  address: tcp://127.0.0.1:5000\nbroker:\n  user: \"\"\n")
     write("config", "full.json", json.dumps({
         "bridge": {"address": "unix:/run/host.sock", "reconnect_initial": "250ms", "reconnect_max": "1m"},
-        "broker": {"user": "", "seccomp": "log"},
+        "broker": {"user": "uid:65600", "seccomp": "log", "allow_shared_uid": "false"},
         "handoff": {"socket": "", "mode": "0600", "allowed_uids": [0, 1000], "allowed_gids": "0, 5"},
         "streams": {"redial_attempts": 10, "redial_interval": "1.5s", "connect_timeout": "2s", "drain_timeout": "1h",
                     "ring_capacity": "64KiB"},
@@ -174,7 +174,8 @@ def dictionaries():
                    "drainTimeoutMilliseconds", "rows", "columns", "stdin", "stdout", "stderr", "tty", "raw",
                    "resumable", "vsock://", "unix:", "unix://", "tcp://", "[::1]", "host", "any", "null"],
         "stream": ["HFST"],
-        "config": ["bridge", "address", "reconnect_initial", "reconnect_max", "broker", "user", "seccomp", "handoff",
+        "config": ["bridge", "address", "reconnect_initial", "reconnect_max", "broker", "user", "seccomp",
+                   "allow_shared_uid", "uid:", "true", "false", "handoff",
                    "socket", "mode", "allowed_uids", "allowed_gids", "streams", "redial_attempts", "redial_interval",
                    "connect_timeout", "drain_timeout", "ring_capacity", "shutdown", "signal", "grace", "timeout",
                    "control", "runc", "path", "root", "metrics", "run_directory", "{run}", "ms", "KiB", "MiB", "GiB",

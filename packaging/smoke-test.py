@@ -23,6 +23,30 @@ import tempfile
 import time
 
 
+def unused_uid() -> int:
+    """A uid of the range Holdfast picks from (65600-131071) with no password entry and no process."""
+    used = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                for line in status:
+                    if line.startswith("Uid:"):
+                        used.update(int(field) for field in line.split()[1:])
+        except OSError:
+            continue
+    start = 65601 + os.getpid() % 60000
+    for uid in list(range(start, 131072)) + list(range(65601, start)):
+        if uid in used:
+            continue
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise RuntimeError("no unused uid in 65601-131071")
+
+
 def main() -> int:
     root = sys.argv[1]
     binary = f"{root}/usr/bin/holdfast"
@@ -62,9 +86,11 @@ def main() -> int:
         try:
             pwd.getpwnam("holdfast")
         except KeyError:
-            # The package's postinst creates 'holdfast'; this machine has not installed it.
-            environment["HOLDFAST_BROKER_USER"] = "nobody"
-            print("smoke test: no user 'holdfast' here (postinst creates it): the broker runs as 'nobody'")
+            # The package's postinst creates 'holdfast'; this machine has not installed it. The
+            # broker's uid must be its own (the daemon refuses one a process runs as): a free one.
+            uid = unused_uid()
+            environment["HOLDFAST_BROKER_USER"] = f"uid:{uid}"
+            print(f"smoke test: no user 'holdfast' here (postinst creates it): the broker runs as uid {uid}")
         # The package ships no bridge key (each VM gets its own): without one the daemon does not
         # start, and says why.
         missing = subprocess.run(

@@ -105,8 +105,9 @@ extension DaemonConfiguration {
     var effectiveValues: [String: (value: String, note: String?)] {
         func ids(_ list: [UInt32]) -> String { "[" + list.map(String.init).joined(separator: ", ") + "]" }
         var userNote: String?
-        if let name = broker.user, let account = UserAccount.lookup(name) {
-            userNote = "uid \(account.uid), gid \(account.gid)"
+        if let name = broker.user, let account = UserAccount.resolve(name) {
+            let passwd = name.hasPrefix(UserAccount.numericPrefix) ? " (no password entry)" : ""
+            userNote = "uid \(account.uid), gid \(account.gid)\(passwd)"
         } else if broker.user == nil {
             userNote = "none: the broker keeps the daemon's user"
         }
@@ -122,6 +123,7 @@ extension DaemonConfiguration {
             "bridge.reconnect_max": (Self.duration(bridge.reconnectMax), nil),
             "broker.user": (broker.user ?? "", userNote),
             "broker.seccomp": (broker.seccomp, nil),
+            "broker.allow_shared_uid": (broker.allowSharedUID ? "true" : "false", nil),
             "handoff.socket": (handoff.socket, handoff.socket.isEmpty ? "no handoff socket" : nil),
             "handoff.mode": ("0" + String(handoff.mode, radix: 8), nil),
             "handoff.allowed_uids": (ids(handoff.allowedUIDs), nil),

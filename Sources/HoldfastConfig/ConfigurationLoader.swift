@@ -25,6 +25,7 @@ public enum ConfigurationLoader {
         ("bridge.reconnect_max", "5s"),
         ("broker.user", ""),
         ("broker.seccomp", "kill"),
+        ("broker.allow_shared_uid", "false"),
         ("handoff.socket", "{run}/broker.sock"),
         ("handoff.mode", "0660"),
         ("handoff.allowed_uids", "0"),
@@ -117,12 +118,19 @@ public enum ConfigurationLoader {
         }
         let user = try parse("broker.user") { text -> Result<String?, Problem> in
             guard !text.isEmpty else { return .success(nil) }
-            guard UserAccount.lookupName(text) else { return .failure("no such user on this system") }
+            guard let account = UserAccount.resolve(text) else {
+                return .failure(
+                    text.hasPrefix(UserAccount.numericPrefix)
+                        ? "expected uid:N with N from 1 to 4294967294 (e.g. uid:\(ReservedUIDs.development))"
+                        : "no such user on this system")
+            }
+            guard account.uid != 0 else { return .failure("the broker must not run as root") }
             return .success(text)
         }
         let seccomp = try parse("broker.seccomp") { text -> Result<String, Problem> in
             ["kill", "log", "off"].contains(text) ? .success(text) : .failure("must be kill, log or off")
         }
+        let allowSharedUID = try parse("broker.allow_shared_uid", ValueParsers.boolean)
         let handoffSocket = try parse("handoff.socket", ValueParsers.socketPath)
         let mode = try parse("handoff.mode", ValueParsers.fileMode)
         let uids = try parse("handoff.allowed_uids", ValueParsers.idList)
@@ -159,7 +167,7 @@ public enum ConfigurationLoader {
             bridge: .init(
                 address: address, authentication: authentication, keyFile: keyFile, reconnectInitial: reconnectInitial,
                 reconnectMax: reconnectMax),
-            broker: .init(user: user, seccomp: seccomp),
+            broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID),
             handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids),
             streams: .init(
                 redialAttempts: attempts, redialInterval: interval, connectTimeout: connectTimeout, drainTimeout: drainTimeout,
@@ -244,6 +252,3 @@ extension String {
     }
 }
 
-extension UserAccount {
-    static func lookupName(_ name: String) -> Bool { lookup(name) != nil }
-}

@@ -20,9 +20,19 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     }
 
     public struct Broker: Codable, Sendable, Equatable {
-        /// The unprivileged user the broker drops to; nil keeps the daemon's user (development).
+        /// The unprivileged user the broker runs as: a name, or `uid:N` (a uid with no password
+        /// entry); nil keeps the daemon's user (a uid shared with the supervisor).
         public var user: String?
         public var seccomp: String
+        /// Start the broker even though other processes run as its uid (they could signal it).
+        /// Off by default: the supervisor refuses, at start-up and at every restart.
+        public var allowSharedUID: Bool
+
+        public init(user: String?, seccomp: String, allowSharedUID: Bool = false) {
+            self.user = user
+            self.seccomp = seccomp
+            self.allowSharedUID = allowSharedUID
+        }
     }
 
     public struct Handoff: Codable, Sendable, Equatable {

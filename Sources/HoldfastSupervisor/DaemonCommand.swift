@@ -49,6 +49,8 @@ public enum DaemonCommand {
         let supervisor = Supervisor(configuration: configuration, logger: logger, executable: executable, notifier: notifier)
         do {
             return try await supervisor.run()
+        } catch let refused as StartRefused {
+            return await fail(2, "refusing to start: \(refused)")
         } catch {
             return await fail(1, "daemon failed: \(error)")
         }

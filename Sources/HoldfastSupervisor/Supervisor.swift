@@ -26,7 +26,10 @@ public final class Supervisor: Sendable {
     let executable: String
     let reaper = ChildReaper()
     let startedAt = ContinuousClock.now
-    private let brokerClient = NIOLockedValueBox<ControlClient?>(nil)
+    /// The broker's control channel while it runs; a create waits for it while it (re)starts.
+    private let brokerClient = Rendezvous<ControlClient>()
+    /// How long a create waits for a broker that is starting or restarting.
+    static let brokerWait = Duration.seconds(15)
     /// The processes by id, and the creates in progress or remembered (one lock: checking that
     /// an id is free and reserving it must be one step).
     private let processes = NIOLockedValueBox(ProcessTable())
@@ -131,7 +134,12 @@ public final class Supervisor: Sendable {
     // MARK: Running
 
     /// Runs until SIGTERM or SIGINT, then shuts down; returns the exit code.
+    /// Refuses to start (`StartRefused`, exit code 2) on an unsafe run directory, another
+    /// daemon holding it, a broker uid other processes use, or a socket path that is not ours.
     public func run() async throws -> Int32 {
+        let lock = try claimRunDirectory()
+        defer { withExtendedLifetime(lock) {} }
+        try checkBrokerUIDIsItsOwn()
         try Subreaper.become()
         let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM, SIGINT])
         SignalDisposition.ignore(SIGPIPE)
@@ -274,11 +282,29 @@ public final class Supervisor: Sendable {
         return milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds)ms"
     }
 
-    private func makeRunDirectory() throws {
-        for (path, mode) in [(configuration.runDirectory, mode_t(0o755)), (runc.workDirectory, 0o700)] {
-            if mkdir(path, mode) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(path))") }
+    /// The run directory, created if missing (0755), checked (root's, nobody else can write in
+    /// it or above it) and locked ({run}/holdfast.lock: a second daemon is refused with our pid);
+    /// then every Unix socket path we bind is checked and cleared of a previous instance's
+    /// socket — never of one another user made or a process listens on.
+    private func claimRunDirectory() throws(StartRefused) -> RunDirectoryLock {
+        do throws(RunDirectory.Refusal) {
+            let lock = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock")
+            var sockets = [configuration.control.socket]
+            if !configuration.handoff.socket.isEmpty { sockets.append(configuration.handoff.socket) }
+            if case .unix(let path) = configuration.metrics.address { sockets.append(path) }
+            for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: configuration.runDirectory) }
+            return lock
+        } catch {
+            throw StartRefused("run directory: \(error)")
         }
     }
+
+    private func makeRunDirectory() throws {
+        if mkdir(runc.workDirectory, 0o700) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(runc.workDirectory))") }
+    }
+
+    /// A process record by id (nil: none).
+    func record(_ id: String) -> ProcessRecord? { processes.withLockedValue { $0.records[id] } }
 
     /// The public handoff socket, bound here as root with its configured mode, then passed down.
     private func bindHandoff() throws -> Listener? {
@@ -299,6 +325,8 @@ public final class Supervisor: Sendable {
     }
 
     private func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
+        // Before every start: a process that took the broker's uid meanwhile would share it.
+        try checkBrokerUIDIsItsOwn()
         let (ours, theirs) = try FDChannel.pair()
         defer { close(theirs) }
         let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
@@ -311,7 +339,7 @@ public final class Supervisor: Sendable {
         // The broker starts as its unprivileged user: it never holds root at all (it needs none:
         // everything it uses arrives as fds). It still checks, and drops itself if it must.
         var user: UserAccount?
-        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.lookup(name) }
+        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.resolve(name) }
         let pid = try spawnRole(arguments, keep: keep, user: user)
         return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
@@ -356,10 +384,10 @@ public final class Supervisor: Sendable {
             else { return }
             processDrained(drained)
         }
-        brokerClient.withLockedValue { $0 = client }
+        brokerClient.set(client)
         // A new broker knows no streams; if the bridge is up, nothing to redial either.
         await client.run()
-        brokerClient.withLockedValue { if $0 === client { $0 = nil } }
+        brokerClient.clear { $0 === client }
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
         for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
@@ -535,7 +563,7 @@ public final class Supervisor: Sendable {
         }
     }
 
-    func broker() -> ControlClient? { brokerClient.withLockedValue { $0 } }
+    func broker() -> ControlClient? { brokerClient.current }
 
     /// Every process by id, with creates still in progress as `starting` (pid 0): a host that
     /// lost a create's reply sees that it arrived.
@@ -558,6 +586,7 @@ public final class Supervisor: Sendable {
             throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
         }
         try Launcher.validate(spec)
+        try refuseTheBrokersUID(spec)
         let decision = processes.withLockedValue { table in
             table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table.records[spec.id].map { ($0.idempotencyKey, $0.pid) })
         }
@@ -595,8 +624,9 @@ public final class Supervisor: Sendable {
     /// Starts the process of a create that holds its id's reservation; the record replaces the
     /// reservation in one step.
     private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
-        guard let broker = broker() else {
-            throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)")
+        // A broker starting (the daemon just came up) or restarting is waited for, not an error.
+        guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
+            throw ErrorBody(code: "broker-unavailable", message: "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
         let started: Launcher.Started
         var container: (id: String, bundle: String)?

@@ -30,10 +30,10 @@ public enum MigrationDemo {
         executable: String, say: @escaping @Sendable (String) -> Void
     ) async throws -> Verdict {
         guard geteuid() == 0 else {
-            throw ErrorBody(code: "needs-root", message: "the demo starts the daemon, which needs root (its broker drops to the user 'nobody'): run it as root, e.g. sudo make demo")
+            throw ErrorBody(code: "needs-root", message: "the demo starts the daemon, which needs root (its broker runs as a uid of its own): run it as root, e.g. sudo make demo")
         }
         let directory = try makeTemporaryDirectory("holdfast-demo")
-        chmod(directory, 0o755)  // the broker, as 'nobody', dials the sockets in here
+        chmod(directory, 0o755)  // the broker, unprivileged, dials the sockets in here
         defer { FileTree.remove(directory) }
 
         // The VM's bridge key, as a host agent provisions it: written before the guest starts.
@@ -56,7 +56,7 @@ public enum MigrationDemo {
               reconnect_initial: 20ms
               reconnect_max: 200ms
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
             streams:
               redial_interval: 20ms
               redial_attempts: 500

@@ -99,35 +99,3 @@ public enum StatusPrinter {
         return unit == 0 ? "\(count) B" : "\((value * 10).rounded() / 10) \(units[unit])"
     }
 }
-
-/// `holdfast seccomp-probe`: loads the broker's seccomp profile into this process, then tries
-/// one forbidden (or allowed) operation, so tests can show what the profile does.
-public enum SeccompProbe {
-    public enum Attempt: String, CaseIterable, Sendable {
-        case execve, fork, ptrace, openWrite = "open-write", openRead = "open-read", socketUnix = "socket-unix"
-    }
-
-    /// Returns the process exit code: 0 when the operation succeeded, 1 when it was refused
-    /// with an error. A killed probe never returns (SIGSYS).
-    public static func run(_ attempt: Attempt, action: SeccompAction) throws -> Int32 {
-        try SeccompProfile.applyBrokerProfile(action: action)
-        let result: Int32
-        switch attempt {
-        case .execve:
-            result = execv("/bin/true", [strdup("true"), nil])
-        case .fork:
-            let pid = fork()
-            if pid == 0 { _exit(0) }
-            result = pid > 0 ? 0 : -1
-        case .ptrace:
-            result = Int32(truncatingIfNeeded: hf_ptrace_attach(getppid()))
-        case .openWrite:
-            result = open("/tmp/holdfast-seccomp-probe", O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-        case .openRead:
-            result = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
-        case .socketUnix:
-            result = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        }
-        return result >= 0 ? 0 : 1
-    }
-}

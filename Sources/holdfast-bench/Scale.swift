@@ -21,7 +21,7 @@ struct Scale: AsyncParsableCommand {
 
     func run() async throws {
         guard geteuid() == 0 else {
-            print("holdfast-bench scale needs root (the daemon's broker runs as 'nobody')")
+            print("holdfast-bench scale needs root (the daemon's broker runs as a uid of its own)")
             throw ExitCode(2)
         }
         raiseDescriptorLimit()
@@ -46,7 +46,7 @@ struct Scale: AsyncParsableCommand {
               address: "unix:{run}/bridge.sock"
               key_file: "{run}/bridge.key"
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
             streams:
               redial_attempts: 600
               redial_interval: 100ms

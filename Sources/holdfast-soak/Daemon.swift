@@ -9,7 +9,7 @@ import Glibc
 
 /// A real `holdfast daemon` in a private run directory, as `holdfast demo` and the daemon
 /// tests start one: a temp config pointing the bridge at the in-process host, the broker as
-/// `nobody`. Ended by pid.
+/// an unused uid of its own (`ReservedUIDs`). Ended by pid.
 struct Daemon: Sendable {
     let pid: pid_t
     let directory: String
@@ -32,7 +32,7 @@ struct Daemon: Sendable {
               address: "unix:{run}/host-bridge.sock"
               key_file: "{run}/bridge.key"
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
               seccomp: \(seccomp)
             shutdown:
               grace: 2s

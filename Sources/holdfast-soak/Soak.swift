@@ -20,7 +20,7 @@ struct Soak: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "holdfast-soak",
         abstract: "Soak a real holdfast daemon: churning processes, migrations, bridge kills; check every byte and exit.",
-        discussion: "Needs root: the daemon's broker drops to the user 'nobody'. See RELIABILITY.md.")
+        discussion: "Needs root: the daemon's broker runs as a uid of its own. See RELIABILITY.md.")
 
     @Option(help: "Minutes of soak after the warm-up.") var minutes: Double = 2
     @Option(
@@ -60,7 +60,7 @@ struct Soak: AsyncParsableCommand {
 
     func run() async throws {
         guard geteuid() == 0 else {
-            printError("holdfast-soak: needs root: it starts a real holdfast daemon, whose broker drops to the user 'nobody' (run: sudo make soak)")
+            printError("holdfast-soak: needs root: it starts a real holdfast daemon, whose broker runs as a uid of its own (run: sudo make soak)")
             throw ExitCode(2)
         }
         let executable = holdfast ?? siblingExecutable("holdfast")
@@ -541,7 +541,7 @@ func raiseDescriptorLimit() {
     setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
 }
 
-/// A fresh directory under /tmp the broker (as 'nobody') can reach.
+/// A fresh directory under /tmp the broker (unprivileged) can reach.
 func makeRunDirectory() throws -> String {
     var template = Array("/tmp/holdfast-soak.XXXXXX".utf8CString)
     guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) != nil }) else {

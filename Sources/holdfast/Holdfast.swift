@@ -26,7 +26,7 @@ struct Holdfast: AsyncParsableCommand {
         version: HoldfastVersion.string,
         subcommands: [
             Daemon.self, Status.self, ConfigCommand.self, Host.self, Demo.self, Pipe.self, Receive.self,
-            BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self,
+            BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self, ReachProbeCommand.self,
         ])
 }
 
@@ -61,6 +61,12 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         let report: StatusReport
+        do throws(RunDirectory.Refusal) {
+            // Root's request must not go to a socket someone else could have put there.
+            try RunDirectory.checkBeforeConnecting(to: socket)
+        } catch {
+            throw CommandFailure("not asking \(socket): \(error)")
+        }
         do {
             report = try await StatusPrinter.fetch(socket: socket)
         } catch {
@@ -178,6 +184,23 @@ struct SeccompProbeCommand: ParsableCommand {
         }
         let code = try SeccompProbe.run(attempt, action: action)
         throw ExitCode(code)
+    }
+}
+
+/// Internal: from this process, try to take another's fds, trace it, read its memory and kill
+/// it (for tests, run as another uid than the broker's).
+struct ReachProbeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reach-probe", abstract: "(internal) Try to reach into another process: pidfd_getfd, ptrace, /proc/PID/mem, kill.",
+        shouldDisplay: false)
+
+    @Option var pid: Int32
+
+    func run() throws {
+        let attempts = ReachProbe.run(pid: pid)
+        for attempt in attempts { print(attempt) }
+        // 0: everything was refused.
+        if attempts.contains(where: { $0.refusedWith == nil }) { throw ExitCode(1) }
     }
 }
 

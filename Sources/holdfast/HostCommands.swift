@@ -39,6 +39,24 @@ struct HostServe: AsyncParsableCommand {
     func run() async throws {
         if authentication == .none, keyFile != nil { throw ValidationError("--key-file needs --authentication hmac-sha256") }
         Memory.returnLargeBuffersToTheSystem()
+        let bridgeAddress = try parseAddress(bridge)
+        let streamsAddress = try parseAddress(streams)
+        // The control socket's directory (the run directory by default) is ours alone while we
+        // serve: checked, locked (host.lock), and cleared only of our own stale sockets.
+        let lock: RunDirectoryLock
+        do throws(RunDirectory.Refusal) {
+            let directory = RunDirectory.directory(of: control.hasPrefix("/") ? control : currentDirectory() + "/" + control)
+            lock = try RunDirectory.claim(directory, lockName: "host.lock")
+            var sockets = [control]
+            for case .unix(let path) in [bridgeAddress, streamsAddress] { sockets.append(path) }
+            for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: directory) }
+        } catch {
+            var standardError = StandardError()
+            print("holdfast host serve: refusing to start: \(error)", to: &standardError)
+            throw ExitCode(2)
+        }
+        defer { withExtendedLifetime(lock) {} }
+        // The bridge key, after the directory it is made in was checked.
         var key: BridgeKey?
         if authentication == .hmacSHA256 {
             do {
@@ -54,8 +72,7 @@ struct HostServe: AsyncParsableCommand {
                 throw CommandFailure("holdfast host serve: bridge key \(error)")
             }
         }
-        let service = try HostService(
-            bridge: try parseAddress(bridge), bridgeKey: key, streams: try parseAddress(streams), control: control) { writeLine($0) }
+        let service = try HostService(bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, control: control) { writeLine($0) }
         defer { service.close() }
         let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
         let serving = Task { await service.run() }
@@ -264,6 +281,12 @@ func signalNumber(_ text: String) -> Int32? {
 extension StreamModeName: ExpressibleByArgument {}
 extension RuntimeName: ExpressibleByArgument {}
 extension BridgeAuthenticationMethod: ExpressibleByArgument {}
+
+func currentDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    guard getcwd(&buffer, buffer.count) != nil else { return "." }
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
 
 /// One line to stdout, unbuffered: a log read while the service runs must be current.
 func writeLine(_ text: String) {

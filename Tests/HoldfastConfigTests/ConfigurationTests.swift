@@ -56,6 +56,16 @@ struct ConfigurationTests {
         #expect(config.control.socket == "/tmp/elsewhere/control.sock")
     }
 
+    @Test func aBrokerUIDNeedsNoPasswordEntryAndSharingIsOffByDefault() async throws {
+        let (directory, path) = try write("bridge:\n  address: vsock://3:5000\nbroker:\n  user: \"uid:65600\"\n")
+        defer { directory.remove() }
+        let config = try await ConfigurationLoader.load(path: path, environment: [:])
+        #expect(config.broker.user == "uid:65600")
+        #expect(config.broker.allowSharedUID == false)
+        let shared = try await ConfigurationLoader.load(path: path, environment: ["HOLDFAST_BROKER_ALLOW_SHARED_UID": "true"])
+        #expect(shared.broker.allowSharedUID)
+    }
+
     @Test func environmentOverridesOneKey() async throws {
         let (directory, path) = try write("bridge:\n  address: vsock://3:5000\n")
         defer { directory.remove() }
@@ -76,6 +86,11 @@ struct ConfigurationTests {
         ("bridge:\n  address: vsock://3:1\n  key_file: \"\"\n", "bridge.key_file", "absolute"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  user: no-such-user-here\n", "broker.user", "no such user"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  seccomp: maybe\n", "broker.seccomp", "kill, log or off"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: root\n", "broker.user", "must not run as root"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: \"uid:0\"\n", "broker.user", "expected uid:N with N from 1"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: \"uid:12x\"\n", "broker.user", "expected uid:N"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: \"uid:4294967295\"\n", "broker.user", "expected uid:N"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  allow_shared_uid: perhaps\n", "broker.allow_shared_uid", "true or false"),
         ("bridge:\n  address: vsock://3:1\nhandoff:\n  mode: rw\n", "handoff.mode", "octal"),
         ("bridge:\n  address: vsock://3:1\nhandoff:\n  socket: relative.sock\n", "handoff.socket", "absolute"),
         ("bridge:\n  address: vsock://3:1\nhandoff:\n  allowed_uids: [root]\n", "handoff.allowed_uids", "numeric"),

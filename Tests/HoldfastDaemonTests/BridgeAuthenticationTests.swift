@@ -249,7 +249,7 @@ struct BridgeAuthenticationTests {
               address: "unix:{run}/host-bridge.sock"
               key_file: "{run}/bridge.key"
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
             """))
         let processes = TestProcesses()
         defer { processes.killAll() }

@@ -18,7 +18,7 @@ struct BridgeFloodTests {
     static let requestsPerRound = 20_000
     static let rounds = 3
 
-    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker drops to the user 'nobody'"))
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func pipelinedRequestsAreBoundedAndMemoryComesBack() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }

@@ -403,7 +403,11 @@ struct RepeatedCreateTests {
         defer { scratch.remove() }
         chmod(scratch.path, 0o755)
         let runc = scratch.file("slow-runc")
-        try writeFile(runc, bytes("#!/bin/sh\nsleep 1\necho slow runc says no >&2\nexit 1\n"))
+        // Slow until the test opens the gate (bounded at 60 s): a fixed sleep made the window in
+        // which the create is `starting` a race with a starved test's polling.
+        let gate = scratch.file("gate")
+        try writeFile(runc, bytes(
+            "#!/bin/sh\ni=0; while [ ! -e \(gate) ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done\necho slow runc says no >&2\nexit 1\n"))
         chmod(runc, 0o755)
         #expect(mkdir(scratch.file("bundle"), 0o755) == 0)
         let daemon = try await DaemonFixture(extraConfig: "runc:\n  path: \(runc)\n")
@@ -427,7 +431,10 @@ struct RepeatedCreateTests {
             return
         }
         #expect(refused.code == "process-exists")
-        let repeated = await send(spec)  // waits for the first
+        let repeating = Task { await send(spec) }  // waits for the first
+        try await eventually("the repeat to join the first") { daemon.log.contains("create repeated while the first is starting") }
+        try writeFile(gate, [])
+        let repeated = await repeating.value
         let original = await first.value
         guard case .failure(let failed) = original, case .failure(let sameFailure) = repeated else {
             Issue.record("the slow runc was expected to fail: \(original), \(repeated)")

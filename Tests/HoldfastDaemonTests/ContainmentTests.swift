@@ -45,7 +45,7 @@ struct ContainmentTests {
         #expect(await bystander.value == expectedLines(lines, prefix: "by"), "the bystander's every line, once, in order")
     }
 
-    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker drops to the user 'nobody'"), arguments: ["TERM", "KILL"])
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"), arguments: ["TERM", "KILL"])
     func killZeroInADirectProcessReachesOnlyItsOwnGroup(signal: String) async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
@@ -147,7 +147,7 @@ struct ContainmentTests {
     /// stdin, reading a terminal, writing to a stream nobody receives (its drain can never
     /// finish), leaving an orphan that holds its output, ignoring SIGTERM. The drain timeout
     /// (30 s) is longer than the whole shutdown (6 s): the exits must still reach the host.
-    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker drops to the user 'nobody'"))
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aDaemonStopReportsEveryExitItCauses() async throws {
         let daemon = try await DaemonFixture(drainTimeout: "30s", shutdown: ("1s", "6s"))
         defer { daemon.cleanUp() }

@@ -39,21 +39,25 @@ final class DaemonFixture: Sendable {
     /// With `bridgeThroughProxy`: what sits between the guest and the BridgeServer, which then
     /// listens on `real-bridge.sock`.
     let proxy: BridgeProxy?
+    /// The broker's uid: one no other process uses (`ReservedUIDs`), as the daemon requires.
+    let brokerUID: uid_t
     private let daemon = NIOLockedValueBox<pid_t?>(nil)
     private let command: [String]
     private let environment: [String]
 
     static var canRun: Bool { geteuid() == 0 }
-    static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
+    static let skipMessage = "skip: the daemon tests need root (the broker runs as a uid of its own); run make test as root"
 
     /// `environment` is added to the inherited one; `executable` replaces the built binary.
     /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
     init(
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
-        shutdown: (grace: String, timeout: String) = ("1s", "5s"), authenticated: Bool = true, bridgeThroughProxy: Bool = false
+        shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
+        bridgeThroughProxy: Bool = false
     ) async throws {
+        brokerUID = brokerUser ?? ReservedUIDs.unused()
         directory = try TemporaryDirectory("holdfast-daemon")
-        chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
+        chmod(directory.path, 0o755)  // the broker, unprivileged, must reach the sockets in here
         key = authenticated ? try BridgeKeyFile.loadOrCreate(directory.file("bridge.key")).key : nil
         let warnings = hostWarnings
         let bridgePath = directory.file(bridgeThroughProxy ? "real-bridge.sock" : "host-bridge.sock")
@@ -73,7 +77,7 @@ final class DaemonFixture: Sendable {
               reconnect_initial: 50ms
               reconnect_max: 200ms
             broker:
-              user: nobody
+              user: "uid:\(brokerUID)"
               seccomp: kill
             streams:
               # 60 s of redialing: a starved CI machine can take seconds per status poll.

@@ -140,7 +140,13 @@ struct DaemonTests {
         let status = status()
         #expect(status.contains("Seccomp:\t2"), "filter mode")
         #expect(status.contains("NoNewPrivs:\t1"))
-        #expect(status.contains("Uid:\t65534\t65534\t65534\t65534"), "dropped to nobody for good")
+        let uid = daemon.brokerUID
+        #expect(status.contains("Uid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)"), "its own uid, for good")
+        #expect(status.contains("Gid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)"))
+        #expect(status.contains("Groups:\t\(uid)"), "no supplementary group but its own")
+        // Non-dumpable: the kernel gives its /proc entries to root.
+        var info = stat()
+        #expect(stat("/proc/\(broker)/fd", &info) == 0 && info.st_uid == 0, "/proc/PID/fd owned by root: the broker is not dumpable")
         #expect(try await daemon.stop() == .exited(0))
     }
 

@@ -43,7 +43,7 @@ struct HostCommandTests {
             [holdfastExecutable(), "receive", "--listen", "unix:" + dir.file("raw.sock"), "--mode", "raw"], stdout: rawOut)
         close(rawOut)
         try await eventually("the raw listener") { access(dir.file("raw.sock"), F_OK) == 0 }
-        chmod(dir.file("raw.sock"), 0o666)  // the broker dials as 'nobody'
+        chmod(dir.file("raw.sock"), 0o666)  // the broker dials it as its own unprivileged uid
         let rawCode = try await hostRun(
             daemon, control: control, ["sh", "-c", "echo raw-out"], stdinPath: "/dev/null",
             options: ["--mode", "raw", "--stdout", "unix:" + dir.file("raw.sock")])

@@ -122,11 +122,39 @@ struct TransportTests {
         defer { directory.remove() }
         let address = SocketAddress.unix(path: directory.file("s.sock"))
         let first = try Listener(binding: address)
-        let second = try Listener(binding: address)  // replaces the stale file
+        unlink(directory.file("s.sock"))  // someone removed it: a successor binds the path again
+        let second = try Listener(binding: address)
         first.close()
         #expect(access(directory.file("s.sock"), F_OK) == 0, "the successor's socket file survives")
         second.close()
         #expect(access(directory.file("s.sock"), F_OK) != 0)
+    }
+
+    @Test func bindingReplacesOnlyAStaleSocketOfOurOwn() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.file("s.sock")
+        // A live listener's path is not taken over: bind fails, the listener keeps its file.
+        let live = try Listener(binding: .unix(path: path))
+        var before = stat()
+        lstat(path, &before)
+        #expect(throws: SystemError.self) { try Listener(binding: .unix(path: path)) }
+        var after = stat()
+        #expect(lstat(path, &after) == 0 && after.st_ino == before.st_ino, "the live listener's socket file is untouched")
+        live.close()
+        // A socket file whose process died (bound, never unlinked): stale, ours, replaced.
+        makeStaleSocket(path)
+        #expect(UnixSocketFile.state(path) == .stale)
+        let replacing = try Listener(binding: .unix(path: path))
+        #expect(UnixSocketFile.state(path) == .live)
+        replacing.close()
+        // Another user's socket file is never removed.
+        makeStaleSocket(path)
+        chown(path, 65534, 65534)
+        lstat(path, &before)
+        #expect(UnixSocketFile.state(path) == .foreign(owner: 65534))
+        #expect(throws: SystemError.self) { try Listener(binding: .unix(path: path)) }
+        #expect(lstat(path, &after) == 0 && after.st_ino == before.st_ino && after.st_uid == 65534, "not unlinked")
     }
 }
 
