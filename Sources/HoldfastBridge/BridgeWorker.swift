@@ -29,7 +29,8 @@ public enum BridgeWorker {
         public var reconnectInitial: Duration
         public var reconnectMax: Duration
         public var connectTimeout: Duration
-        /// The host's answer and verdict must arrive within this, or the worker redials.
+        /// The host's answer must arrive within this, or the worker redials. (Its verdict, after
+        /// our hello, is waited for like any reply.)
         public var handshakeTimeout: Duration
 
         public init(
@@ -107,7 +108,8 @@ public enum BridgeWorker {
             }
             // The host proves itself first; our proof and hello go out together, then its verdict.
             if let key {
-                let proven = await handshake(connection, options: options, logger: logger) { () async throws(BridgeHandshake.Failure) in
+                let proven = await handshake(connection, options: options, timeout: options.handshakeTimeout, logger: logger) {
+                    () async throws(BridgeHandshake.Failure) in
                     try await BridgeHandshake.proveToHost(on: connection, key: key)
                 }
                 guard proven else {
@@ -130,7 +132,11 @@ public enum BridgeWorker {
             }
             let helloFrame = ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello))
             if key != nil {
-                let accepted = await handshake(connection, options: options, logger: logger) { () async throws(BridgeHandshake.Failure) in
+                // No time limit once the hello is out: giving up now would leave the host a
+                // connection it may still take as the guest's, displacing the next one. The
+                // verdict comes, or the connection ends, as any reply would.
+                let accepted = await handshake(connection, options: options, timeout: nil, logger: logger) {
+                    () async throws(BridgeHandshake.Failure) in
                     try? await FrameIO.write(helloFrame.encoded, to: connection)  // a failed write shows as a lost verdict
                     try await BridgeHandshake.receiveVerdict(on: connection)
                 }
@@ -160,20 +166,22 @@ public enum BridgeWorker {
         }
     }
 
-    /// One step of the handshake, bounded by `handshakeTimeout` (a host that does not answer is
-    /// given up on: the connection is closed under the step, which then fails as lost). On a
-    /// failure it logs why, closes the connection and returns false.
+    /// One step of the handshake, bounded by `timeout` when there is one (a host that does not
+    /// answer is given up on: the connection is closed under the step, which then fails as
+    /// lost). On a failure it logs why, closes the connection and returns false.
     static func handshake(
-        _ connection: AsyncFD, options: Options, logger: Logger,
+        _ connection: AsyncFD, options: Options, timeout: Duration?, logger: Logger,
         _ step: @escaping @Sendable () async throws(BridgeHandshake.Failure) -> Void
     ) async -> Bool {
         let timedOut = NIOLockedValueBox(false)
-        let timer = Task {
-            try await Task.sleep(for: options.handshakeTimeout)
-            timedOut.withLockedValue { $0 = true }
-            connection.close()
+        let timer = timeout.map { timeout in
+            Task {
+                try await Task.sleep(for: timeout)
+                timedOut.withLockedValue { $0 = true }
+                connection.close()
+            }
         }
-        defer { timer.cancel() }
+        defer { timer?.cancel() }
         do {
             try await step()
             return true

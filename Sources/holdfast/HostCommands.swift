@@ -31,7 +31,7 @@ struct HostServe: AsyncParsableCommand {
     @Option(help: "The local control socket for host run/ps/kill.") var control = HostDefaults.control
     @Option(help: ArgumentHelp(
         "The bridge key the guest must prove it holds (hex digits, mode 0600).",
-        discussion: "Default: \(HostDefaults.keyFile), created with a new key if missing (config/holdfast-dev.yaml's bridge.key_file); a file named here must exist."))
+        discussion: "Default: bridge.key next to the control socket (\(HostDefaults.keyFile): config/holdfast-dev.yaml's bridge.key_file), created with a new key if missing; a file named here must exist."))
     var keyFile: String?
     @Option(help: "hmac-sha256, or none: any process in the guest may pose as the guest (for a guest with bridge.authentication: none).")
     var authentication: BridgeAuthenticationMethod = .hmacSHA256
@@ -44,8 +44,8 @@ struct HostServe: AsyncParsableCommand {
         // The control socket's directory (the run directory by default) is ours alone while we
         // serve: checked, locked (host.lock), and cleared only of our own stale sockets.
         let lock: RunDirectoryLock
+        let directory = RunDirectory.directory(of: control.hasPrefix("/") ? control : currentDirectory() + "/" + control)
         do throws(RunDirectory.Refusal) {
-            let directory = RunDirectory.directory(of: control.hasPrefix("/") ? control : currentDirectory() + "/" + control)
             lock = try RunDirectory.claim(directory, lockName: "host.lock")
             var sockets = [control]
             for case .unix(let path) in [bridgeAddress, streamsAddress] { sockets.append(path) }
@@ -56,7 +56,8 @@ struct HostServe: AsyncParsableCommand {
             throw ExitCode(2)
         }
         defer { withExtendedLifetime(lock) {} }
-        // The bridge key, after the directory it is made in was checked.
+        // The bridge key: by default in the directory just checked (the run directory), made there
+        // if missing.
         var key: BridgeKey?
         if authentication == .hmacSHA256 {
             do {
@@ -64,9 +65,10 @@ struct HostServe: AsyncParsableCommand {
                     key = try BridgeKeyFile.load(keyFile)
                     writeLine("holdfast host: bridge key \(keyFile)")
                 } else {
-                    let (loaded, created) = try BridgeKeyFile.loadOrCreate(HostDefaults.keyFile)
+                    let path = directory + "/bridge.key"
+                    let (loaded, created) = try BridgeKeyFile.loadOrCreate(path)
                     key = loaded
-                    writeLine("holdfast host: bridge key \(HostDefaults.keyFile)\(created ? " (new)" : "")")
+                    writeLine("holdfast host: bridge key \(path)\(created ? " (new)" : "")")
                 }
             } catch {
                 throw CommandFailure("holdfast host serve: bridge key \(error)")

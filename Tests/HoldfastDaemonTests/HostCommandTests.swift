@@ -23,7 +23,7 @@ struct HostCommandTests {
         let serveLog = open(dir.file("serve.log"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         _ = try daemon.processes.start(
             [holdfastExecutable(), "host", "serve", "--bridge", "unix:" + dir.file("host-bridge.sock"),
-             "--streams", "unix:" + dir.file("host-streams.sock"), "--control", control, "--key-file", dir.file("bridge.key")],
+             "--streams", "unix:" + dir.file("host-streams.sock"), "--control", control],
             stdout: serveLog, stderr: serveLog)
         close(serveLog)
         try await eventually("the guest to say hello to host serve", timeout: .seconds(10)) {
