@@ -13,8 +13,9 @@ import Glibc
 /// Attacks on the bridge against a real daemon (docs/PROTOCOL.md, "Bridge authentication"):
 /// a guest process posing as the daemon, without the key, with another key, or replaying a
 /// recorded handshake; an impostor host; a daemon without a usable key. Each time the real
-/// guest keeps the bridge and a victim process's bytes and exit arrive exactly.
-@Suite("Bridge authentication against a real daemon")
+/// guest keeps the bridge and a victim process's bytes and exit arrive exactly. One test at a
+/// time: each runs a daemon and an attacker at full tilt, which would starve the others.
+@Suite("Bridge authentication against a real daemon", .serialized, .timeLimit(.minutes(5)))
 struct BridgeAuthenticationTests {
     /// A process created over the bridge printing `lines` lines: its stdout, collected.
     static func startVictim(_ daemon: DaemonFixture, id: String, lines: Int = 300) async throws -> Task<[UInt8], Never> {
@@ -312,7 +313,7 @@ struct BridgeAuthenticationTests {
 }
 
 /// `holdfast host serve` and the bridge key: the development flow.
-@Suite("host serve provisions the development bridge key")
+@Suite("host serve provisions the development bridge key", .timeLimit(.minutes(5)))
 struct HostServeKeyTests {
     func serve(_ arguments: [String], runDirectory: String, processes: TestProcesses) throws -> (pid: pid_t, log: String) {
         let logPath = runDirectory + "/serve-\(UInt32.random(in: 0..<UInt32.max)).log"
