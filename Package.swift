@@ -24,8 +24,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
-        // HMAC-SHA256 of stream hellos (HoldfastCore); SHA-256 of relayed streams in the tests and
-        // holdfast-soak.
+        // HMAC-SHA256 of stream hellos and of the bridge's handshake (HoldfastCore); SHA-256 of
+        // relayed streams in the tests and holdfast-soak.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
@@ -40,7 +40,7 @@ let package = Package(
             name: "HoldfastCore",
             dependencies: [
                 "HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                // HMAC-SHA256 of stream hellos (pure computation, no syscalls).
+                // HMAC-SHA256 of stream hellos and of the bridge's handshake (pure computation).
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),
@@ -66,7 +66,7 @@ let package = Package(
         .target(
             name: "HoldfastConfig",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
                 .product(name: "Configuration", package: "swift-configuration"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "SystemPackage", package: "swift-system"),

@@ -6,7 +6,8 @@
 The daemon runs ROOT/usr/bin/holdfast with ROOT/etc/holdfast/holdfast.yaml, under a temporary
 run directory and a bridge address nobody listens on (the bridge worker redials; readiness does
 not wait for the host). A Unix datagram socket stands in for systemd's NOTIFY_SOCKET, with
-WATCHDOG_USEC set. Checks: READY=1 arrives, `holdfast status` answers, the broker runs under
+WATCHDOG_USEC set. Checks: without a bridge key it exits 2 naming bridge.key_file; with one
+provisioned (HOLDFAST_BRIDGE_KEY_FILE): READY=1 arrives, `holdfast status` answers, the broker runs under
 seccomp as an unprivileged user, WATCHDOG=1 arrives, SIGTERM gives STOPPING=1 and exit 0.
 Needs root (the daemon starts the broker as another user); skips otherwise.
 """
@@ -90,6 +91,20 @@ def main() -> int:
             uid = unused_uid()
             environment["HOLDFAST_BROKER_USER"] = f"uid:{uid}"
             print(f"smoke test: no user 'holdfast' here (postinst creates it): the broker runs as uid {uid}")
+        # The package ships no bridge key (each VM gets its own): without one the daemon does not
+        # start, and says why.
+        missing = subprocess.run(
+            [binary, "daemon", "--config", config], env=dict(environment, HOLDFAST_BRIDGE_KEY_FILE=f"{directory}/no.key"),
+            capture_output=True, text=True, timeout=20)
+        if missing.returncode != 2 or "bridge.key_file" not in missing.stdout + missing.stderr:
+            print(f"smoke test: FAIL: without a bridge key: exit {missing.returncode}: {missing.stdout} {missing.stderr}")
+            return 1
+        # As a VM builder provisions it: 64 hex digits, root-only.
+        key = f"{directory}/bridge.key"
+        descriptor = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(descriptor, os.urandom(32).hex().encode() + b"\n")
+        os.close(descriptor)
+        environment["HOLDFAST_BRIDGE_KEY_FILE"] = key
         log = open(f"{directory}/daemon.log", "w")
         started = time.monotonic()
         daemon = subprocess.Popen([binary, "daemon", "--config", config], env=environment, stdout=log, stderr=subprocess.STDOUT)

@@ -8,33 +8,68 @@ import NIOConcurrencyHelpers
 import Glibc
 #endif
 
-/// The bridge worker: dials the host's bridge, says hello, and tells the supervisor when the
-/// bridge is up and when it is lost; redials forever with capped exponential back-off. It
-/// parses everything the host sends, so a bug here is a crash of a restartable worker, never of
-/// the stdio.
+/// The bridge worker: dials the host's bridge, proves it holds the bridge key and checks that
+/// the host does (docs/PROTOCOL.md, "Bridge authentication"), says hello, and tells the
+/// supervisor when the bridge is up and when it is lost; redials forever with capped
+/// exponential back-off. It parses everything the host sends, so a bug here is a crash of a
+/// restartable worker, never of the stdio.
 public enum BridgeWorker {
+    /// How the worker authenticates the bridge.
+    public enum Authentication: Sendable, Equatable {
+        /// HMAC-SHA256 with the key in this file, read again before every dial (a replaced file
+        /// takes effect on the next connection: key rotation without a restart).
+        case keyFile(String)
+        /// No handshake (`bridge.authentication: none`).
+        case none
+    }
+
     public struct Options: Sendable {
         public var address: SocketAddress
+        public var authentication: Authentication
         public var reconnectInitial: Duration
         public var reconnectMax: Duration
         public var connectTimeout: Duration
+        /// The host's answer must arrive within this, or the worker redials. (Its verdict, after
+        /// our hello, is waited for like any reply.)
+        public var handshakeTimeout: Duration
 
-        public init(address: SocketAddress, reconnectInitial: Duration, reconnectMax: Duration, connectTimeout: Duration = .seconds(2)) {
+        public init(
+            address: SocketAddress, authentication: Authentication, reconnectInitial: Duration, reconnectMax: Duration,
+            connectTimeout: Duration = .seconds(2), handshakeTimeout: Duration = .seconds(5)
+        ) {
             self.address = address
+            self.authentication = authentication
             self.reconnectInitial = reconnectInitial
             self.reconnectMax = reconnectMax
             self.connectTimeout = connectTimeout
+            self.handshakeTimeout = handshakeTimeout
         }
+    }
+
+    /// Where an exit the supervisor pushes goes.
+    enum Link {
+        /// No host: the exit is in the next hello (the supervisor keeps it until acknowledged).
+        case down
+        /// The hello has been taken from the supervisor and is on its way (the handshake may
+        /// still be finishing): an exit now may be missing from it, so it waits here and goes
+        /// out right after the hello (a repeat of one in the hello is acknowledged, not
+        /// delivered twice). Bounded by the handshake timeout.
+        case settingUp([ControlFrame])
+        case up(ControlFrameWriter<AsyncFD>)
     }
 
     /// Runs until the supervisor's channel closes.
     public static func run(supervisor: FDChannel, options: Options, logger: Logger) async {
-        let current = NIOLockedValueBox<ControlFrameWriter<AsyncFD>?>(nil)
-        // The supervisor pushes exits (id 0); they go to the host if one is connected, and are
-        // in the next hello otherwise (the supervisor keeps them until the host acknowledges).
+        let link = NIOLockedValueBox(Link.down)
         let client = ControlClient(channel: supervisor) { frame in
             guard frame.type == BridgeMessageType.exit.rawValue else { return }
-            current.withLockedValue { $0 }?.send(frame)
+            link.withLockedValue { link in
+                switch link {
+                case .down: break
+                case .settingUp(let waiting): link = .settingUp(waiting + [frame])
+                case .up(let writer): writer.send(frame)
+                }
+            }
         }
         Task {
             await client.run()
@@ -44,8 +79,24 @@ public enum BridgeWorker {
         // A flood of requests leaves free pages in malloc's arenas; they go back afterwards.
         let tidier = MemoryTidier()
         Task { await tidier.run() }
+        if options.authentication == .none {
+            logger.warning(
+                "bridge authentication is off (bridge.authentication: none): any process in the guest can pose as this daemon to the host, and the host is not checked")
+        }
         var backoff = options.reconnectInitial
         while true {
+            // No key, no dial: an unauthenticated connection would be refused anyway.
+            var key: BridgeKey?
+            if case .keyFile(let path) = options.authentication {
+                do {
+                    key = try BridgeKeyFile.load(path)
+                } catch {
+                    logger.error("cannot use the bridge key; not dialling", metadata: ["bridge.key_file": "\(error)"])
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
             let connection: AsyncFD
             do {
                 connection = try await Dialer.connect(to: options.address, timeout: options.connectTimeout)
@@ -55,29 +106,102 @@ public enum BridgeWorker {
                 backoff = min(backoff * 2, options.reconnectMax)
                 continue
             }
+            // The host proves itself first; our proof and hello go out together, then its verdict.
+            if let key {
+                let proven = await handshake(connection, options: options, timeout: options.handshakeTimeout, logger: logger) {
+                    () async throws(BridgeHandshake.Failure) in
+                    try await BridgeHandshake.proveToHost(on: connection, key: key)
+                }
+                guard proven else {
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
+            link.withLockedValue { $0 = .settingUp([]) }
             let hello: BridgeHello
             do {
                 let info = try await client.call(SupervisorMessageType.bridgeHello.rawValue, [String: String](), reply: BridgeHello.self)
                 hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID)
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
+                link.withLockedValue { $0 = .down }
                 connection.close()
                 try? await Task.sleep(for: backoff)
                 continue
             }
+            let helloFrame = ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello))
+            if key != nil {
+                // No time limit once the hello is out: giving up now would leave the host a
+                // connection it may still take as the guest's, displacing the next one. The
+                // verdict comes, or the connection ends, as any reply would.
+                let accepted = await handshake(connection, options: options, timeout: nil, logger: logger) {
+                    () async throws(BridgeHandshake.Failure) in
+                    try? await FrameIO.write(helloFrame.encoded, to: connection)  // a failed write shows as a lost verdict
+                    try await BridgeHandshake.receiveVerdict(on: connection)
+                }
+                guard accepted else {
+                    link.withLockedValue { $0 = .down }
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
             let writer = ControlFrameWriter(connection)
-            writer.send(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)))
-            current.withLockedValue { $0 = writer }
+            link.withLockedValue { link in
+                if key == nil { writer.send(helloFrame) }  // with a key it went out with our proof
+                if case .settingUp(let waiting) = link { for frame in waiting { writer.send(frame) } }
+                link = .up(writer)
+            }
             backoff = options.reconnectInitial
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
             let reason = await serve(connection, writer: writer, supervisor: client, logger: logger, tidier: tidier)
-            current.withLockedValue { $0 = nil }
+            link.withLockedValue { $0 = .down }
             await writer.flush()  // an error reply explaining the close goes out first
             connection.close()
             logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
             await notify(client, .bridgeDown)
             try? await Task.sleep(for: options.reconnectInitial)
+        }
+    }
+
+    /// One step of the handshake, bounded by `timeout` when there is one (a host that does not
+    /// answer is given up on: the connection is closed under the step, which then fails as
+    /// lost). On a failure it logs why, closes the connection and returns false.
+    static func handshake(
+        _ connection: AsyncFD, options: Options, timeout: Duration?, logger: Logger,
+        _ step: @escaping @Sendable () async throws(BridgeHandshake.Failure) -> Void
+    ) async -> Bool {
+        let timedOut = NIOLockedValueBox(false)
+        let timer = timeout.map { timeout in
+            Task {
+                try await Task.sleep(for: timeout)
+                timedOut.withLockedValue { $0 = true }
+                connection.close()
+            }
+        }
+        defer { timer?.cancel() }
+        do {
+            try await step()
+            return true
+        } catch {
+            connection.close()
+            let address: Logger.Metadata = ["address": "\(options.address)"]
+            switch error {
+            case .connectionLost:
+                let timedOut = timedOut.withLockedValue { $0 }
+                logger.info(
+                    timedOut ? "the host did not complete the handshake in \(options.handshakeTimeout)" : "bridge connection lost during the handshake",
+                    metadata: address)
+            case .refused:
+                logger.error("the host refused our bridge key: does bridge.key_file hold the host's key?", metadata: address)
+            case .malformed, .wrongProof:
+                // An impostor, or a host with another key: it was sent nothing but our challenge.
+                logger.warning(
+                    "the host failed authentication; nothing sent to it", metadata: address.merging(["reason": "\(error)"]) { $1 })
+            }
+            return false
         }
     }
 

@@ -1,4 +1,9 @@
 import HoldfastPosix
+import HoldfastProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -109,6 +114,11 @@ extension DaemonConfiguration {
         return [
             "run_directory": (runDirectory, nil),
             "bridge.address": (bridge.address.description, nil),
+            "bridge.authentication": (
+                bridge.authentication.rawValue,
+                bridge.authentication == .none ? "WARNING: the bridge is not authenticated; any process in the guest can pose as the daemon" : nil
+            ),
+            "bridge.key_file": (bridge.keyFile, keyFileNote),
             "bridge.reconnect_initial": (Self.duration(bridge.reconnectInitial), nil),
             "bridge.reconnect_max": (Self.duration(bridge.reconnectMax), nil),
             "broker.user": (broker.user ?? "", userNote),
@@ -131,6 +141,20 @@ extension DaemonConfiguration {
             "runc.root": (runc.root, nil),
             "metrics.address": (metrics.address?.description ?? "", metrics.address == nil ? "no metrics endpoint" : nil),
         ]
+    }
+
+    /// What the daemon would make of the key file, checked as it would check it at start-up.
+    var keyFileNote: String {
+        guard bridge.authentication == .hmacSHA256 else { return "not used: bridge.authentication is none" }
+        do {
+            let key = try BridgeKeyFile.load(bridge.keyFile)
+            return "a \(key.bytes.count)-byte key that only its owner can read"
+        } catch {
+            switch error.kind {
+            case .unreadable where geteuid() != 0: return "cannot check it as uid \(geteuid()): \(error.reason)"
+            default: return "the daemon will refuse to start: \(error.reason)"
+            }
+        }
     }
 
     /// The largest whole unit: 90000 → "90s", 120000 → "2m", 1500 → "1500ms".

@@ -1,6 +1,7 @@
 import Configuration
 import HoldfastCore
 import HoldfastPosix
+import HoldfastProtocol
 import SystemPackage
 import Yams
 
@@ -18,6 +19,8 @@ public enum ConfigurationLoader {
     /// Every key the daemon understands, with its default (nil: required).
     static let keys: [(key: String, fallback: String?)] = [
         ("bridge.address", nil),
+        ("bridge.authentication", BridgeAuthenticationMethod.hmacSHA256.rawValue),
+        ("bridge.key_file", "/etc/holdfast/bridge.key"),
         ("bridge.reconnect_initial", "100ms"),
         ("bridge.reconnect_max", "5s"),
         ("broker.user", ""),
@@ -101,6 +104,13 @@ public enum ConfigurationLoader {
         let address = try parse("bridge.address") { text -> Result<SocketAddress, Problem> in
             do throws(AddressError) { return .success(try SocketAddress(parsing: text)) } catch { return .failure(Problem(error.reason)) }
         }
+        let authentication = try parse("bridge.authentication") { text -> Result<BridgeAuthenticationMethod, Problem> in
+            BridgeAuthenticationMethod(rawValue: text).map { .success($0) } ?? .failure("must be hmac-sha256 or none")
+        }
+        let keyFile = try parse("bridge.key_file") { text -> Result<String, Problem> in
+            if text.isEmpty, authentication == .none { return .success(text) }
+            return text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
+        }
         let reconnectInitial = try parse("bridge.reconnect_initial", ValueParsers.positiveDuration)
         let reconnectMax = try parse("bridge.reconnect_max", ValueParsers.positiveDuration)
         guard reconnectMax >= reconnectInitial else {
@@ -154,7 +164,9 @@ public enum ConfigurationLoader {
         }
 
         return DaemonConfiguration(
-            bridge: .init(address: address, reconnectInitial: reconnectInitial, reconnectMax: reconnectMax),
+            bridge: .init(
+                address: address, authentication: authentication, keyFile: keyFile, reconnectInitial: reconnectInitial,
+                reconnectMax: reconnectMax),
             broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID),
             handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids),
             streams: .init(

@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastProtocol
 
 /// The daemon's configuration: `config/holdfast.yaml` documents every key.
 ///
@@ -9,6 +10,10 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public struct Bridge: Codable, Sendable, Equatable {
         /// Where the host's bridge listens; the guest dials it.
         public var address: SocketAddress
+        /// Whether each end proves it holds the bridge key before anything else is said.
+        public var authentication: BridgeAuthenticationMethod
+        /// The bridge key (hex digits, root-only); unused with `authentication: none`.
+        public var keyFile: String
         /// First pause after a lost bridge, doubling up to `reconnectMax`.
         public var reconnectInitial: Milliseconds
         public var reconnectMax: Milliseconds

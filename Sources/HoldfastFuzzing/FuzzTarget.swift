@@ -15,7 +15,8 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     /// checks (BridgeWorker.classify) and the supervisor's check of a create's ProcessSpec. The
     /// first byte picks the form of the rest: even, the bytes on the wire; odd, one frame without
     /// its length field (type u32, id u64, body), which the harness fills in, so that mutations
-    /// of a JSON body that change its length still make a well-framed frame.
+    /// of a JSON body that change its length still make a well-framed frame. The whole input is
+    /// also fed to both ends of the authentication handshake (`bridgeHandshake`).
     case bridge
     /// Broker control messages: one datagram, ControlFrame.decode, then BrokerRequest.parse
     /// (JSON and the adopt checks). The first input byte is not part of the datagram: its low 3
@@ -55,6 +56,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
 
     static func bridge(_ input: [UInt8]) async {
         guard let mode = input.first else { return }
+        await bridgeHandshake(input)
         let rest = Array(input.dropFirst())
         let bytes = mode & 1 == 0 ? rest : withLengthField(rest)
         // As the bridge worker reads them: a byte stream, frames back to back, in odd-sized reads.
@@ -99,6 +101,26 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
             }
         }
     }
+
+    /// The authentication handshake's reads, at both ends, on the whole input as what the peer
+    /// sent: a challenge read by the host, an answer and a verdict read by the guest. Any input
+    /// must end in a failure (no input holds a proof for the harness's key): a success means
+    /// a proof was accepted that was never made with the key. Fixed nonces keep a run
+    /// deterministic, as libFuzzer wants.
+    static func bridgeHandshake(_ input: [UInt8]) async {
+        let key = fuzzingKey
+        let nonce = [UInt8](repeating: 0, count: BridgeHandshakeWire.nonceSize)
+        do {
+            try await BridgeHandshake.authenticateGuest(on: ScriptedConnection(input), key: key, hostNonce: nonce)
+            preconditionFailure("the host accepted a guest proof made without the key")
+        } catch {}
+        do {
+            try await BridgeHandshake.authenticateHost(on: ScriptedConnection(input), key: key, guestNonce: nonce)
+            preconditionFailure("the guest accepted a host proof made without the key")
+        } catch {}
+    }
+
+    static let fuzzingKey = try! BridgeKey(bytes: Array(repeating: 0x5A, count: BridgeKey.minimumBytes))
 
     /// A control frame from type (4 bytes), id (8 bytes) and body: the length field inserted.
     static func withLengthField(_ bytes: [UInt8]) -> [UInt8] {

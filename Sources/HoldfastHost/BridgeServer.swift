@@ -8,8 +8,13 @@ import Glibc
 #endif
 
 /// The host end of the bridge (docs/PROTOCOL.md, "Bridge"): accepts the guest's bridge
-/// connections — any number over time, the newest replacing the last — and offers the guest's
-/// requests as async calls and its exits as an async sequence.
+/// connections — any number over time, the newest authenticated one replacing the last — and
+/// offers the guest's requests as async calls and its exits as an async sequence.
+///
+/// A connection counts only once its peer has proved it holds the bridge key (docs/PROTOCOL.md,
+/// "Bridge authentication") and said hello: until then it is sent nothing but the handshake,
+/// it is read for nothing else, and it displaces nothing. A peer that fails is refused, and a
+/// warning (rate-limited) says so.
 ///
 /// Exits are delivered exactly once to `exits`: an exit the guest repeats (in a hello after a
 /// reconnect, because our acknowledgement was lost with the connection) is acknowledged again
@@ -27,6 +32,27 @@ public final class BridgeServer: Sendable {
     /// Each process exit, once. Empty (finished at once) when an observer was given.
     public let exits: AsyncStream<ExitReport>
 
+    /// Whether guests must prove they hold the bridge key.
+    public enum Authentication: Sendable, CustomStringConvertible {
+        /// The guest proves it holds this key, and we prove we do (HMAC-SHA256, both ways).
+        case key(BridgeKey)
+        /// Whoever dials is taken as the guest: any process in the guest can pose as the daemon.
+        /// For a guest configured with `bridge.authentication: none`; warned about at start.
+        case none
+
+        public var description: String {
+            switch self {
+            case .key: BridgeAuthenticationMethod.hmacSHA256.rawValue
+            case .none: BridgeAuthenticationMethod.none.rawValue
+            }
+        }
+    }
+
+    /// Unauthenticated connections in their handshake at once; one more closes the oldest (a
+    /// flood of silent connections costs bounded fds and never locks the guest out: its own
+    /// handshake takes one round trip, theirs up to `handshakeTimeout`).
+    public static let maxPendingHandshakes = 64
+
     /// What the guest says, in order, for an observer.
     public enum Event: Sendable, Equatable {
         /// A guest connected: `hello.instanceID` and `hello.bootID` say whether it is the same
@@ -39,13 +65,20 @@ public final class BridgeServer: Sendable {
     private let listener: Listener
     private let helloSink: AsyncStream<BridgeHello>.Continuation
     private let exitSink: AsyncStream<ExitReport>.Continuation
-    private let state = NIOLockedValueBox(State())
+    private let state: NIOLockedValueBox<State>
     private let handshakeTimeout: Duration
+    private let warn: @Sendable (String) -> Void
     private let observer: (@Sendable (Event) -> Void)?
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
     public static let rememberedConfirmedExits = 4096
 
     private struct State {
+        var authentication: Authentication
+        var pendingHandshakes: [UInt64: AsyncFD] = [:]
+        var nextHandshake: UInt64 = 0
+        var refused = 0
+        var lastWarning: ContinuousClock.Instant?
+        var warningsHeldBack = 0
         var connection: Connection?
         var waitingForGuest: [UInt64: CheckedContinuation<Connection?, Never>] = [:]
         var nextWaiter: UInt64 = 0
@@ -135,22 +168,46 @@ public final class BridgeServer: Sendable {
         }
     }
 
+    /// `authentication` has no default: a host must say whether it checks the guest's key.
+    /// `handshakeTimeout` bounds a connection's handshake and hello together; `warn` receives
+    /// the warnings (refused peers, unauthenticated mode), by default on standard error.
     /// - Parameter observer: receives hellos and exits in order, synchronously on the
     ///   connection's reader (keep it short: no waiting); `hellos` and `exits` then stay empty,
     ///   so nothing accumulates there unread.
     public init(
-        listeningOn address: SocketAddress, unixMode: mode_t? = nil, handshakeTimeout: Duration = .seconds(5),
+        listeningOn address: SocketAddress, authentication: Authentication, unixMode: mode_t? = nil,
+        handshakeTimeout: Duration = .seconds(5), warn: @escaping @Sendable (String) -> Void = BridgeServer.warnOnStandardError,
         observer: (@Sendable (Event) -> Void)? = nil
     ) throws {
         self.address = address
         self.handshakeTimeout = handshakeTimeout
+        self.warn = warn
         self.observer = observer
+        state = NIOLockedValueBox(State(authentication: authentication))
         listener = try Listener(binding: address, unixMode: unixMode)
         (hellos, helloSink) = AsyncStream<BridgeHello>.makeStream()
         (exits, exitSink) = AsyncStream<ExitReport>.makeStream()
         if observer != nil {
             helloSink.finish()
             exitSink.finish()
+        }
+        if case .none = authentication {
+            warn("bridge \(address): authentication none: any process in the guest that can dial this address is taken as the guest")
+        }
+    }
+
+    /// Writes "holdfast bridge: WARNING" lines to standard error.
+    public static let warnOnStandardError: @Sendable (String) -> Void = { message in
+        var line = Array("holdfast bridge: warning: \(message)\n".utf8)
+        _ = line.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+    }
+
+    /// Uses another key (or none) for connections from now on; the connected guest stays (key
+    /// rotation: README "Security").
+    public func setAuthentication(_ authentication: Authentication) {
+        state.withLockedValue { $0.authentication = authentication }
+        if case .none = authentication {
+            warn("bridge \(address): authentication none: any process in the guest that can dial this address is taken as the guest")
         }
     }
 
@@ -159,7 +216,7 @@ public final class BridgeServer: Sendable {
 
     public func start() {
         Task { [self] in
-            while let socket = try? await listener.accept() {
+            while let socket = await nextConnection() {
                 // While refusing (a blackout) a new connection is held, unread, until the
                 // blackout ends — like a host that is not there yet: the guest waits for it
                 // instead of seeing a connection that opens and dies again and again.
@@ -268,7 +325,10 @@ public final class BridgeServer: Sendable {
     // MARK: Inspection and faults
 
     public var isConnected: Bool { state.withLockedValue { $0.connection != nil } }
+    /// Connections that authenticated and said hello.
     public var acceptedConnections: Int { state.withLockedValue { $0.accepted } }
+    /// Connections refused: a handshake that failed, timed out or was pushed out by newer ones.
+    public var refusedConnections: Int { state.withLockedValue { $0.refused } }
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
     /// Creates sent again because the bridge was lost before their reply.
     public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
@@ -295,16 +355,19 @@ public final class BridgeServer: Sendable {
     }
 
     public func close() {
-        let (connection, waiters) = state.withLockedValue { s -> (Connection?, [CheckedContinuation<Connection?, Never>]) in
+        let (connection, waiters, pending) = state.withLockedValue {
+            s -> (Connection?, [CheckedContinuation<Connection?, Never>], [AsyncFD]) in
             s.closed = true
             s.refusing = true
             defer {
                 s.connection = nil
                 s.waitingForGuest.removeAll()
+                s.pendingHandshakes.removeAll()
             }
-            return (s.connection, Array(s.waitingForGuest.values))
+            return (s.connection, Array(s.waitingForGuest.values), Array(s.pendingHandshakes.values))
         }
         listener.close()
+        for socket in pending { socket.close() }
         connection?.close()
         for waiter in waiters { waiter.resume(returning: nil) }
         helloSink.finish()
@@ -335,32 +398,66 @@ public final class BridgeServer: Sendable {
         }
     }
 
-    /// One guest connection: the hello first (bounded), then replies and exits until it ends.
+    /// The next accepted connection; nil once the listener is closed. A failing `accept` (no fds
+    /// left: EMFILE) is retried after a pause instead of ending the server.
+    private func nextConnection() async -> AsyncFD? {
+        while true {
+            do {
+                return try await listener.accept()
+            } catch {
+                if state.withLockedValue({ $0.closed }) || error is DescriptorClosed { return nil }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+    }
+
+    /// One guest connection: the handshake and the hello first (bounded together), then replies
+    /// and exits until it ends. Nothing is installed, displaced or sent before both succeed.
     private func serve(_ socket: AsyncFD) async {
+        let peer = describePeer(socket)
+        let ticket = admit(socket)
+        let authentication = state.withLockedValue { $0.authentication }
+        let timedOut = NIOLockedValueBox(false)
         let first: ControlFrame
         do {
-            first = try await withHandshakeTimeout(socket) {
-                try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
+            first = try await withHandshakeTimeout(socket, timedOut: timedOut) {
+                if case .key(let key) = authentication {
+                    try await BridgeHandshake.authenticateGuest(on: socket, key: key)
+                }
+                return try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
             }
         } catch {
+            let evicted = state.withLockedValue { $0.pendingHandshakes.removeValue(forKey: ticket) == nil && !$0.closed }
             socket.close()
+            if let reason = refusalReason(error, timedOut: timedOut.withLockedValue { $0 }, evicted: evicted) {
+                refused(peer: peer, reason)
+            }
             return
         }
         guard first.type == BridgeMessageType.hello.rawValue,
             let hello = try? ControlJSON.decode(BridgeHello.self, from: first.body, frameType: first.type)
         else {
+            state.withLockedValue { _ = $0.pendingHandshakes.removeValue(forKey: ticket) }
             socket.close()
+            refused(peer: peer, "its first frame is not a hello")
             return
         }
         let connection = Connection(socket, hello: hello)
         defer { connection.markServed() }
-        let (previous, waiters) = state.withLockedValue { s -> (Connection?, [CheckedContinuation<Connection?, Never>]) in
+        // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
+        // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
+        let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
+            guard s.pendingHandshakes.removeValue(forKey: ticket) != nil, !s.closed else { return nil }
             let previous = s.connection
             s.connection = connection
             s.accepted += 1
             s.lastHello = hello
             defer { s.waitingForGuest.removeAll() }
             return (previous, Array(s.waitingForGuest.values))
+        }
+        guard let (previous, waiters) = installed else {
+            connection.close()
+            return
         }
         previous?.close()
         // Everything the previous connection delivered comes first: an exit the old daemon sent
@@ -415,13 +512,78 @@ public final class BridgeServer: Sendable {
         }
     }
 
-    private func withHandshakeTimeout<T: Sendable>(_ socket: AsyncFD, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    private func withHandshakeTimeout<T: Sendable>(
+        _ socket: AsyncFD, timedOut: NIOLockedValueBox<Bool>, _ body: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
         let timer = Task { [handshakeTimeout] in
             try await Task.sleep(for: handshakeTimeout)
+            timedOut.withLockedValue { $0 = true }
             socket.close()
         }
         defer { timer.cancel() }
         return try await body()
+    }
+
+    /// Registers a connection in its handshake; past `maxPendingHandshakes`, the oldest one is
+    /// closed (its `serve` sees the failure and counts it refused).
+    private func admit(_ socket: AsyncFD) -> UInt64 {
+        let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
+            s.nextHandshake &+= 1
+            s.pendingHandshakes[s.nextHandshake] = socket
+            var oldest: AsyncFD?
+            if s.pendingHandshakes.count > Self.maxPendingHandshakes, let key = s.pendingHandshakes.keys.min() {
+                oldest = s.pendingHandshakes.removeValue(forKey: key)
+            }
+            return (s.nextHandshake, oldest)
+        }
+        oldest?.close()
+        return ticket
+    }
+
+    /// Why a failed handshake is worth a warning, or nil: a peer that simply went away (the
+    /// guest gave up on a connection held through a blackout) is not one.
+    private func refusalReason(_ error: any Error, timedOut: Bool, evicted: Bool) -> String? {
+        if evicted { return "more than \(Self.maxPendingHandshakes) connections in their handshake at once; the oldest was closed" }
+        if timedOut { return "no handshake and hello within \(handshakeTimeout)" }
+        switch error {
+        case let failure as BridgeHandshake.Failure:
+            switch failure {
+            case .malformed(.notAHandshake): return "it does not start with the authentication handshake (a guest with bridge.authentication: none?)"
+            case .malformed(let problem): return "\(problem)"
+            case .wrongProof: return "authentication failed: its proof does not match the bridge key"
+            case .refused, .connectionLost: return nil
+            }
+        case ControlFrameIO.ReadError.oversized:
+            return "its hello is larger than \(BridgeProtocol.maxBody) bytes"
+        default:
+            return nil
+        }
+    }
+
+    /// " from pid N (uid U)" for a Unix socket's peer (the kernel's record: it cannot lie), so
+    /// an operator can find an impostor; "" otherwise.
+    private func describePeer(_ socket: AsyncFD) -> String {
+        guard case .unix = address, let credentials = try? PeerCredentials.of(socket) else { return "" }
+        return " from pid \(credentials.pid) (uid \(credentials.uid))"
+    }
+
+    /// Counts a refused connection and warns, at most once a second (an impostor dialling every
+    /// 50 ms must not flood the log): the next warning says how many were held back.
+    private func refused(peer: String, _ reason: String) {
+        let now = ContinuousClock.now
+        let heldBack = state.withLockedValue { s -> Int? in
+            s.refused += 1
+            if let last = s.lastWarning, now - last < .seconds(1) {
+                s.warningsHeldBack += 1
+                return nil
+            }
+            s.lastWarning = now
+            defer { s.warningsHeldBack = 0 }
+            return s.warningsHeldBack
+        }
+        guard let heldBack else { return }
+        let more = heldBack > 0 ? " (and \(heldBack) more refused since the last warning)" : ""
+        warn("bridge \(address): refused a connection\(peer): \(reason)\(more)")
     }
 }
 

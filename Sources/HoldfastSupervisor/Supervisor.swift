@@ -347,11 +347,14 @@ public final class Supervisor: Sendable {
     private func launchBridge() throws -> RoleSupervisor.Incarnation {
         let (ours, theirs) = try FDChannel.pair()
         defer { close(theirs) }
-        let arguments = [
+        var arguments = [
             "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
             "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
             "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
+            "--authentication", configuration.bridge.authentication.rawValue,
         ]
+        // The path, not the key: the worker (root) reads the file itself before every dial.
+        if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
         let pid = try spawnRole(arguments, keep: [theirs])
         return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
     }

@@ -15,6 +15,8 @@ public enum HostDefaults {
         getenv("HOLDFAST_RUN_DIR").map { String(cString: $0) } ?? "/tmp/holdfast"
     }
     public static var bridge: String { "unix:\(runDirectory)/host-bridge.sock" }
+    /// The bridge key `host serve` creates if missing; config/holdfast-dev.yaml's `bridge.key_file`.
+    public static var keyFile: String { "\(runDirectory)/bridge.key" }
     public static var streams: String { "unix:\(runDirectory)/host-streams.sock" }
     public static var control: String { "\(runDirectory)/host.sock" }
     /// After a process's outcome is known, how long an output stream may go without a byte
@@ -46,15 +48,18 @@ public final class HostService: Sendable {
     /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
     public static let rememberedOutcomes = ProcessTable.rememberedOutcomes
 
+    /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
     public init(
-        bridge: SocketAddress, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
+        bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
         say: @escaping @Sendable (String) -> Void
     ) throws {
         self.say = say
         self.listInterval = listInterval
         let table = ProcessTable(say: say)
         self.table = table
-        self.bridge = try BridgeServer(listeningOn: bridge, unixMode: 0o666) { [table] event in table.guestSaid(event) }
+        self.bridge = try BridgeServer(
+            listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
+        ) { [table] event in table.guestSaid(event) }
         self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
         self.streamAddress = self.streams.address.description
         self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)

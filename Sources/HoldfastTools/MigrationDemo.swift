@@ -36,9 +36,11 @@ public enum MigrationDemo {
         chmod(directory, 0o755)  // the broker, unprivileged, dials the sockets in here
         defer { FileTree.remove(directory) }
 
+        // The VM's bridge key, as a host agent provisions it: written before the guest starts.
+        let key = try BridgeKeyFile.loadOrCreate(directory + "/bridge.key").key
         let service = try HostService(
-            bridge: .unix(path: directory + "/host-bridge.sock"), streams: .unix(path: directory + "/host-streams.sock"),
-            control: directory + "/host.sock"
+            bridge: .unix(path: directory + "/host-bridge.sock"), bridgeKey: key,
+            streams: .unix(path: directory + "/host-streams.sock"), control: directory + "/host.sock"
         ) { line in
             if line.hasPrefix("---") { say(line) }
         }
@@ -50,6 +52,7 @@ public enum MigrationDemo {
             run_directory: \(directory)
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              key_file: "{run}/bridge.key"
               reconnect_initial: 20ms
               reconnect_max: 200ms
             broker:

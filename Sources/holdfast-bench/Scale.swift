@@ -33,7 +33,8 @@ struct Scale: AsyncParsableCommand {
         let streams = try StreamServer(
             listeningOn: .unix(path: directory + "/streams.sock"), unixMode: 0o666, maxConcurrentHandshakes: 8192)
         streams.start()
-        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/bridge.sock"), unixMode: 0o666)
+        let key = try BridgeKeyFile.loadOrCreate(directory + "/bridge.key").key
+        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/bridge.sock"), authentication: .key(key), unixMode: 0o666)
         bridge.start()
         defer {
             streams.close()
@@ -43,6 +44,7 @@ struct Scale: AsyncParsableCommand {
             run_directory: \(directory)
             bridge:
               address: "unix:{run}/bridge.sock"
+              key_file: "{run}/bridge.key"
             broker:
               user: "uid:\(ReservedUIDs.unused())"
             streams:

@@ -16,6 +16,7 @@ struct Daemon: Sendable {
     var controlSocket: String { directory + "/control.sock" }
     var logPath: String { directory + "/daemon.log" }
 
+    /// The bridge key must be in `directory` already (`Host` writes it).
     static func start(executable: String, directory: String) throws -> Daemon {
         // HOLDFAST_SOAK_SECCOMP=log lets a heap profiler attach to the broker (RELIABILITY.md).
         let seccomp = getenv("HOLDFAST_SOAK_SECCOMP").map { String(cString: $0) } ?? "kill"
@@ -29,6 +30,7 @@ struct Daemon: Sendable {
               drain_timeout: 300s
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              key_file: "{run}/bridge.key"
             broker:
               user: "uid:\(ReservedUIDs.unused())"
               seccomp: \(seccomp)

@@ -20,7 +20,9 @@ final class Host: Sendable {
     private let liveCount = NIOLockedValueBox(0)
 
     init(directory: String) throws {
-        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/host-bridge.sock"), unixMode: 0o666)
+        // The VM's bridge key, written before the daemon starts (its config names the file).
+        let key = try BridgeKeyFile.loadOrCreate(directory + "/bridge.key").key
+        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/host-bridge.sock"), authentication: .key(key), unixMode: 0o666)
         let streams = try StreamServer(listeningOn: .unix(path: directory + "/streams.sock"), unixMode: 0o666)
         self.bridge = bridge
         self.streams = streams

@@ -143,15 +143,27 @@ struct BridgeRoleCommand: AsyncParsableCommand {
     @Option var address: String
     @Option var reconnectInitialMs: Int = 100
     @Option var reconnectMaxMs: Int = 5000
+    @Option var authentication: String = BridgeAuthenticationMethod.hmacSHA256.rawValue
+    @Option var keyFile: String?
 
     func run() async throws {
         let logger = makeLogger("holdfast.bridge", role: "bridge")
         SignalDisposition.ignore(SIGPIPE)
+        let method: BridgeWorker.Authentication
+        guard let chosen = BridgeAuthenticationMethod(rawValue: authentication) else {
+            throw ValidationError("--authentication must be hmac-sha256 or none")
+        }
+        switch chosen {
+        case .hmacSHA256:
+            guard let keyFile else { throw ValidationError("--authentication hmac-sha256 needs --key-file") }
+            method = .keyFile(keyFile)
+        case .none: method = .none
+        }
         let channel = FDChannel(try AsyncFD(adopting: controlFd))
         await BridgeWorker.run(
             supervisor: channel,
             options: .init(
-                address: try parseAddress(address), reconnectInitial: .milliseconds(reconnectInitialMs),
+                address: try parseAddress(address), authentication: method, reconnectInitial: .milliseconds(reconnectInitialMs),
                 reconnectMax: .milliseconds(reconnectMaxMs)),
             logger: logger)
     }

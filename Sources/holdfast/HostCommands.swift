@@ -29,16 +29,23 @@ struct HostServe: AsyncParsableCommand {
     @Option(help: "Where the guest's bridge dials.") var bridge = HostDefaults.bridge
     @Option(help: "Where the guest's streams dial (any number of reconnections).") var streams = HostDefaults.streams
     @Option(help: "The local control socket for host run/ps/kill.") var control = HostDefaults.control
+    @Option(help: ArgumentHelp(
+        "The bridge key the guest must prove it holds (hex digits, mode 0600).",
+        discussion: "Default: bridge.key next to the control socket (\(HostDefaults.keyFile): config/holdfast-dev.yaml's bridge.key_file), created with a new key if missing; a file named here must exist."))
+    var keyFile: String?
+    @Option(help: "hmac-sha256, or none: any process in the guest may pose as the guest (for a guest with bridge.authentication: none).")
+    var authentication: BridgeAuthenticationMethod = .hmacSHA256
 
     func run() async throws {
+        if authentication == .none, keyFile != nil { throw ValidationError("--key-file needs --authentication hmac-sha256") }
         Memory.returnLargeBuffersToTheSystem()
         let bridgeAddress = try parseAddress(bridge)
         let streamsAddress = try parseAddress(streams)
         // The control socket's directory (the run directory by default) is ours alone while we
         // serve: checked, locked (host.lock), and cleared only of our own stale sockets.
         let lock: RunDirectoryLock
+        let directory = RunDirectory.directory(of: control.hasPrefix("/") ? control : currentDirectory() + "/" + control)
         do throws(RunDirectory.Refusal) {
-            let directory = RunDirectory.directory(of: control.hasPrefix("/") ? control : currentDirectory() + "/" + control)
             lock = try RunDirectory.claim(directory, lockName: "host.lock")
             var sockets = [control]
             for case .unix(let path) in [bridgeAddress, streamsAddress] { sockets.append(path) }
@@ -49,7 +56,25 @@ struct HostServe: AsyncParsableCommand {
             throw ExitCode(2)
         }
         defer { withExtendedLifetime(lock) {} }
-        let service = try HostService(bridge: bridgeAddress, streams: streamsAddress, control: control) { writeLine($0) }
+        // The bridge key: by default in the directory just checked (the run directory), made there
+        // if missing.
+        var key: BridgeKey?
+        if authentication == .hmacSHA256 {
+            do {
+                if let keyFile {
+                    key = try BridgeKeyFile.load(keyFile)
+                    writeLine("holdfast host: bridge key \(keyFile)")
+                } else {
+                    let path = directory + "/bridge.key"
+                    let (loaded, created) = try BridgeKeyFile.loadOrCreate(path)
+                    key = loaded
+                    writeLine("holdfast host: bridge key \(path)\(created ? " (new)" : "")")
+                }
+            } catch {
+                throw CommandFailure("holdfast host serve: bridge key \(error)")
+            }
+        }
+        let service = try HostService(bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, control: control) { writeLine($0) }
         defer { service.close() }
         let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
         let serving = Task { await service.run() }
@@ -257,6 +282,7 @@ func signalNumber(_ text: String) -> Int32? {
 
 extension StreamModeName: ExpressibleByArgument {}
 extension RuntimeName: ExpressibleByArgument {}
+extension BridgeAuthenticationMethod: ExpressibleByArgument {}
 
 func currentDirectory() -> String {
     var buffer = [CChar](repeating: 0, count: 4096)

@@ -30,6 +30,24 @@ struct ConfigurationTests {
         #expect(production.streams.ringCapacity == 1 << 20)
     }
 
+    /// The bridge key: authenticated by default, the production file at /etc/holdfast, the
+    /// development one in the run directory; `none` needs no file.
+    @Test func bridgeAuthenticationKeys() async throws {
+        let environment = ["HOLDFAST_BROKER_USER": "nobody"]
+        let production = try await ConfigurationLoader.load(path: "config/holdfast.yaml", environment: environment)
+        #expect(production.bridge.authentication == .hmacSHA256 && production.bridge.keyFile == "/etc/holdfast/bridge.key")
+        let development = try await ConfigurationLoader.load(path: "config/holdfast-dev.yaml", environment: ["HOLDFAST_RUN_DIR": "/tmp/x"])
+        #expect(development.bridge.authentication == .hmacSHA256 && development.bridge.keyFile == "/tmp/x/bridge.key")
+        let (directory, path) = try write("bridge:\n  address: vsock://3:1\n")
+        defer { directory.remove() }
+        let defaults = try await ConfigurationLoader.load(path: path, environment: [:])
+        #expect(defaults.bridge.authentication == .hmacSHA256, "authenticated unless the file says otherwise")
+        #expect(defaults.bridge.keyFile == "/etc/holdfast/bridge.key")
+        let none = try await ConfigurationLoader.load(
+            path: path, environment: ["HOLDFAST_BRIDGE_AUTHENTICATION": "none", "HOLDFAST_BRIDGE_KEY_FILE": ""])
+        #expect(none.bridge.authentication == .none && none.bridge.keyFile.isEmpty)
+    }
+
     @Test func runDirectoryVariableMovesEveryDefaultPath() async throws {
         let config = try await ConfigurationLoader.load(path: "config/holdfast-dev.yaml", environment: ["HOLDFAST_RUN_DIR": "/tmp/elsewhere"])
         #expect(config.runDirectory == "/tmp/elsewhere")
@@ -63,6 +81,9 @@ struct ConfigurationTests {
         ("bridge:\n  reconnect_initial: 10\n", "bridge.address", "required"),
         ("bridge:\n  address: vsock://3:1\n  reconnect_initial: 10\n", "bridge.reconnect_initial", "unit"),
         ("bridge:\n  address: vsock://3:1\n  reconnect_max: 10ms\n", "bridge.reconnect_max", "shorter"),
+        ("bridge:\n  address: vsock://3:1\n  authentication: maybe\n", "bridge.authentication", "hmac-sha256 or none"),
+        ("bridge:\n  address: vsock://3:1\n  key_file: bridge.key\n", "bridge.key_file", "absolute"),
+        ("bridge:\n  address: vsock://3:1\n  key_file: \"\"\n", "bridge.key_file", "absolute"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  user: no-such-user-here\n", "broker.user", "no such user"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  seccomp: maybe\n", "broker.seccomp", "kill, log or off"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  user: root\n", "broker.user", "must not run as root"),

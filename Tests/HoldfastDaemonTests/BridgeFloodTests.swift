@@ -33,6 +33,7 @@ struct BridgeFloodTests {
         defer { raw.close() }
         let host = try await withTimeout("the guest's bridge connection", .seconds(30)) { try await raw.accept() }
         defer { host.close() }
+        try await BridgeHandshake.authenticateGuest(on: host, key: try #require(daemon.key))
         let hello = try await ControlFrameIO.read(from: host, maxBody: BridgeProtocol.maxBody)
         #expect(hello.type == BridgeMessageType.hello.rawValue)
 

@@ -262,13 +262,16 @@ struct BridgeTests {
 
         // A frame cut in half (half a header, then the host goes away): that connection ends,
         // the worker redials.
+        let key = try #require(daemon.key)
         let cut = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
+        try await BridgeHandshake.authenticateGuest(on: cut, key: key)
         _ = try await ControlFrameIO.read(from: cut, maxBody: BridgeProtocol.maxBody)  // its hello
         try await FrameIO.write(Array(ControlFrame(type: BridgeMessageType.list.rawValue, id: 40, body: bytes("{}")).encoded.prefix(8)), to: cut)
         cut.close()
 
         let first = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
         defer { print(daemon.log) }
+        try await BridgeHandshake.authenticateGuest(on: first, key: key)
         let hello = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
         #expect(hello.type == BridgeMessageType.hello.rawValue)
         var oversized = ControlFrame(type: BridgeMessageType.list.rawValue, id: 41, body: []).encoded
@@ -285,6 +288,7 @@ struct BridgeTests {
         // The worker redials; this time the framing is fine but the content is not.
         let second = try await withTimeout("the guest to redial") { try await raw.accept() }
         defer { second.close() }
+        try await BridgeHandshake.authenticateGuest(on: second, key: key)
         _ = try await ControlFrameIO.read(from: second, maxBody: BridgeProtocol.maxBody)  // its hello
         func exchange(_ frame: ControlFrame) async throws -> ControlFrame {
             try await FrameIO.write(frame.encoded, to: second)

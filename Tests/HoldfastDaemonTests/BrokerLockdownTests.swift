@@ -196,10 +196,13 @@ struct BrokerLockdownTests {
 
     /// A daemon configuration for the refusal tests: the run directory and the broker's uid.
     static func writeConfig(_ directory: TemporaryDirectory, run: String, brokerUID: uid_t) throws -> String {
+        // A bridge key of root's beside the config (not in the run directory under test).
+        _ = try BridgeKeyFile.loadOrCreate(directory.file("bridge.key"))
         let config = """
             run_directory: \(run)
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              key_file: "\(directory.file("bridge.key"))"
             broker:
               user: "uid:\(brokerUID)"
             shutdown:

@@ -31,6 +31,14 @@ final class DaemonFixture: Sendable {
     let bridge: BridgeServer
     let streams: StreamServer<AsyncFD>
     let logPath: String
+    /// The VM's bridge key, provisioned as a VM builder would (`{run}/bridge.key`, 0600); nil
+    /// for a fixture started with `authenticated: false`.
+    let key: BridgeKey?
+    /// What the host's BridgeServer warned about (refused connections).
+    let hostWarnings = NIOLockedValueBox<[String]>([])
+    /// With `bridgeThroughProxy`: what sits between the guest and the BridgeServer, which then
+    /// listens on `real-bridge.sock`.
+    let proxy: BridgeProxy?
     /// The broker's uid: one no other process uses (`ReservedUIDs`), as the daemon requires.
     let brokerUID: uid_t
     private let daemon = NIOLockedValueBox<pid_t?>(nil)
@@ -43,13 +51,20 @@ final class DaemonFixture: Sendable {
     /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
     init(
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
-        shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil
+        shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
+        bridgeThroughProxy: Bool = false
     ) async throws {
         brokerUID = brokerUser ?? ReservedUIDs.unused()
         directory = try TemporaryDirectory("holdfast-daemon")
         chmod(directory.path, 0o755)  // the broker, unprivileged, must reach the sockets in here
-        bridge = try BridgeServer(listeningOn: .unix(path: directory.file("host-bridge.sock")), unixMode: 0o666)
+        key = authenticated ? try BridgeKeyFile.loadOrCreate(directory.file("bridge.key")).key : nil
+        let warnings = hostWarnings
+        let bridgePath = directory.file(bridgeThroughProxy ? "real-bridge.sock" : "host-bridge.sock")
+        bridge = try BridgeServer(
+            listeningOn: .unix(path: bridgePath), authentication: key.map { .key($0) } ?? .none, unixMode: 0o666,
+            warn: { message in warnings.withLockedValue { $0.append(message) } })
         bridge.start()
+        proxy = bridgeThroughProxy ? try BridgeProxy(listeningOn: directory.file("host-bridge.sock"), forwardingTo: bridgePath) : nil
         streams = try StreamServer(listeningOn: .unix(path: directory.file("streams.sock")), unixMode: 0o666)
         streams.start()
         logPath = directory.file("daemon.log")
@@ -57,6 +72,7 @@ final class DaemonFixture: Sendable {
             run_directory: \(directory.path)
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              \(authenticated ? "key_file: \"{run}/bridge.key\"" : "authentication: none")
               reconnect_initial: 50ms
               reconnect_max: 200ms
             broker:
@@ -148,6 +164,7 @@ final class DaemonFixture: Sendable {
 
     func cleanUp() {
         processes.killAll()
+        proxy?.close()
         bridge.close()
         streams.close()
         directory.remove()

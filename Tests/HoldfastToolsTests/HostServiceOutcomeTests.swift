@@ -16,7 +16,10 @@ import Glibc
 /// to happen on purpose. The client is `HostClient.run`, as `holdfast host run` uses it.
 @Suite("host serve: an exit, a restart or a vanished process ends host run", .timeLimit(.minutes(5)))
 struct HostServiceOutcomeTests {
-    /// A guest's bridge connection: says hello, answers creates, lists and acknowledgements as
+    /// The VM's bridge key, shared by host serve and the scripted guest.
+    static let key = BridgeKey.generate()
+
+    /// A guest's bridge connection: authenticates, says hello, answers creates, lists and acknowledgements as
     /// told, and can report exits.
     final class ScriptedGuest: Sendable {
         let socket: AsyncFD
@@ -29,6 +32,7 @@ struct HostServiceOutcomeTests {
 
         init(_ address: SocketAddress, instance: String, exits: [ExitReport] = []) async throws {
             socket = try await Dialer.connect(to: address)
+            try await BridgeHandshake.authenticateHost(on: socket, key: HostServiceOutcomeTests.key)
             writer = ControlFrameWriter(socket)
             let hello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: exits, instanceID: instance)
             writer.send(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)))
@@ -81,7 +85,8 @@ struct HostServiceOutcomeTests {
         init() throws {
             directory = try TemporaryDirectory()
             service = try HostService(
-                bridge: .unix(path: directory.file("bridge.sock")), streams: .unix(path: directory.file("streams.sock")),
+                bridge: .unix(path: directory.file("bridge.sock")), bridgeKey: HostServiceOutcomeTests.key,
+                streams: .unix(path: directory.file("streams.sock")),
                 control: directory.file("host.sock"), listInterval: .milliseconds(50)) { _ in }
             serving = Task { [service] in await service.run() }
             null = (open("/dev/null", O_RDONLY | O_CLOEXEC), open("/dev/null", O_WRONLY | O_CLOEXEC))
