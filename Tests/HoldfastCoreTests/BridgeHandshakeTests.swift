@@ -5,7 +5,7 @@ import Testing
 
 /// The bridge's mutual authentication over an in-memory connection: who proves what, what a
 /// peer without the key, with another key, or replaying a recorded handshake gets.
-@Suite("Bridge authentication: the handshake")
+@Suite("Bridge authentication: the handshake", .timeLimit(.minutes(5)))
 struct BridgeHandshakeTests {
     static let key = try! BridgeKey(bytes: Array(0..<32))
 

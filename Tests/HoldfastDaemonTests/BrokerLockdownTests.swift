@@ -14,7 +14,7 @@ import Glibc
 /// a broker uid another process uses, a run directory another user could write in, a second
 /// daemon on the same directory. And each rule of the broker's seccomp filter, refused and
 /// allowed, from a process that loads the same profile.
-@Suite("The broker's uid is its own, its filter is tight, its run directory is ours")
+@Suite("The broker's uid is its own, its filter is tight, its run directory is ours", .timeLimit(.minutes(5)))
 struct BrokerLockdownTests {
     static let nobody: uid_t = 65534
 

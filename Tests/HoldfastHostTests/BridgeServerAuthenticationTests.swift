@@ -11,7 +11,7 @@ import Glibc
 #endif
 
 /// BridgeServer against scripted guests: only a peer that proves it holds the key is the guest.
-@Suite("The host's bridge takes only an authenticated guest")
+@Suite("The host's bridge takes only an authenticated guest", .timeLimit(.minutes(5)))
 struct BridgeServerAuthenticationTests {
     typealias ScriptedGuest = BridgeServerCreateTests.ScriptedGuest
 

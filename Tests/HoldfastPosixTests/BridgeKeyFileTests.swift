@@ -7,7 +7,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The bridge key's file: what is accepted, what is refused and why")
+@Suite("The bridge key's file: what is accepted, what is refused and why", .timeLimit(.minutes(5)))
 struct BridgeKeyFileTests {
     let good = Array("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n".utf8)
 

@@ -8,7 +8,7 @@ import Glibc
 
 /// The run directory's rules, one by one: who may own it and what is above it, the lock, and
 /// which socket files may be replaced. (Daemon-level tests: BrokerLockdownTests.)
-@Suite("Run directories: ours alone, locked, and only our own stale sockets replaced")
+@Suite("Run directories: ours alone, locked, and only our own stale sockets replaced", .timeLimit(.minutes(5)))
 struct RunDirectoryTests {
     static let isRoot = geteuid() == 0
     static let nobody: uid_t = 65534
@@ -164,7 +164,7 @@ struct RunDirectoryTests {
 }
 
 /// The scan behind "the broker's uid is its own", and `broker.user`'s forms.
-@Suite("Processes by uid, from /proc; broker users")
+@Suite("Processes by uid, from /proc; broker users", .timeLimit(.minutes(5)))
 struct ProcessScanTests {
     @Test func aBareUIDNeedsNoPasswordEntry() {
         let bare = UserAccount.resolve("uid:65600")

@@ -1,7 +1,7 @@
 import HoldfastProtocol
 import Testing
 
-@Suite("Bridge authentication: the key's file format and the handshake's messages")
+@Suite("Bridge authentication: the key's file format and the handshake's messages", .timeLimit(.minutes(5)))
 struct BridgeAuthenticationWireTests {
     let hex64 = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 
