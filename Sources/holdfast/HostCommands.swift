@@ -145,7 +145,14 @@ struct HostRun: AsyncParsableCommand {
         discussion: hostExitStatusHelp)
 
     @Flag(help: "Give the process a terminal (this terminal goes raw while it runs).") var tty = false
-    @Option(help: "Stream mode: resumable (exactly once) or raw.") var mode: StreamModeName = .resumable
+    @Option(
+        help: """
+            Stream mode: resumable (exactly once; authenticated: only the guest's broker, holding the \
+            stream's secret, can connect for it) or raw (plain bytes to any listener named with \
+            --stdin/--stdout/--stderr: unauthenticated, anything that can reach that listener can \
+            write into it, and bytes in flight when a connection drops are lost).
+            """)
+    var mode: StreamModeName = .resumable
     @Option(help: "The process id (default: a random one).") var id: String?
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
     @Option(help: "Raw mode: where the guest sends stdin's connection (any listener).") var stdin: String?
