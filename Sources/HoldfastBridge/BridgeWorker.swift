@@ -225,7 +225,7 @@ public enum BridgeWorker {
             } catch let error as ControlFrameIO.ReadError {
                 if case .oversized(_, _, let id) = error {
                     // Say why before closing: the host can log it. Only this connection ends.
-                    writer.send(errorFrame(id: id, ErrorBody(code: "frame-too-large", message: error.description)))
+                    writer.send(errorFrame(id: id, HoldfastError(.frameTooLarge, error.description)))
                 }
                 return error.description
             } catch {
@@ -244,7 +244,7 @@ public enum BridgeWorker {
                 break
             }
             Task {
-                do throws(ErrorBody) {
+                do throws(HoldfastError) {
                     let reply = try await supervisor.request(frame.type, body: frame.body)
                     for fd in reply.descriptors { _ = Glibc.close(fd) }
                     writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply.frame.body), whenWritten: limit.release)
@@ -262,7 +262,7 @@ public enum BridgeWorker {
         /// An `ok` or `error` for a request the guest never made: log it, nothing else.
         case strayReply
         /// Answer with an error frame carrying the frame's id.
-        case refuse(ErrorBody)
+        case refuse(HoldfastError)
     }
 
     /// Checks one frame from the host: a known request type, a non-zero id, a body that parses.
@@ -272,10 +272,10 @@ public enum BridgeWorker {
             if frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue {
                 return .strayReply
             }
-            return .refuse(ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))"))
+            return .refuse(HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))"))
         }
         guard frame.id != 0 else {
-            return .refuse(ErrorBody(code: "bad-request", message: "a request needs a non-zero id"))
+            return .refuse(HoldfastError(.badRequest, "a request needs a non-zero id"))
         }
         if let problem = validate(type, frame) { return .refuse(problem) }
         return .request(type)
@@ -283,13 +283,13 @@ public enum BridgeWorker {
 
     /// Parses a request body here, in the restartable worker, so the supervisor only ever sees
     /// well-formed requests.
-    static func validate(_ type: BridgeMessageType, _ frame: ControlFrame) -> ErrorBody? {
-        func check<T: Decodable>(_: T.Type) -> ErrorBody? {
+    static func validate(_ type: BridgeMessageType, _ frame: ControlFrame) -> HoldfastError? {
+        func check<T: Decodable>(_: T.Type) -> HoldfastError? {
             do {
                 _ = try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
                 return nil
             } catch {
-                return ErrorBody(code: "bad-request", message: error.description)
+                return HoldfastError(.badRequest, error.description)
             }
         }
         switch type {
@@ -299,11 +299,11 @@ public enum BridgeWorker {
         case .closeStdin: return check(ProcessIDRequest.self)
         case .acknowledgeExit: return check(AcknowledgeExitRequest.self)
         case .list, .stats: return nil
-        default: return ErrorBody(code: "unknown-type", message: "not a request")
+        default: return HoldfastError(.unknownType, "not a request")
         }
     }
 
-    static func errorFrame(id: UInt64, _ error: ErrorBody) -> ControlFrame {
+    static func errorFrame(id: UInt64, _ error: HoldfastError) -> ControlFrame {
         ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
     }
 

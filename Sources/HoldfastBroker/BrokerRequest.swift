@@ -20,18 +20,18 @@ public enum BrokerRequest: Sendable, Equatable {
 
     /// Parses a frame that came with `descriptorCount` fds, from the supervisor or from a
     /// handoff peer. Errors carry the code the reply gets.
-    public static func parse(_ frame: ControlFrame, descriptorCount: Int, fromSupervisor: Bool) throws(ErrorBody) -> BrokerRequest {
+    public static func parse(_ frame: ControlFrame, descriptorCount: Int, fromSupervisor: Bool) throws(HoldfastError) -> BrokerRequest {
         guard let type = BrokerMessageType(rawValue: frame.type) else {
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            throw HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))")
         }
         if type != .adopt, descriptorCount > 0 {
-            throw ErrorBody(code: "bad-request", message: "only adopt carries fds")
+            throw HoldfastError(.badRequest, "only adopt carries fds")
         }
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+        func decode<T: Decodable>(_: T.Type) throws(HoldfastError) -> T {
             do {
                 return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
             } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
+                throw HoldfastError(.badRequest, error.description)
             }
         }
         switch type {
@@ -45,67 +45,67 @@ public enum BrokerRequest: Sendable, Equatable {
         case .metrics: return .metrics
         case .disconnectAll, .bridgeUp:
             guard fromSupervisor else {
-                throw ErrorBody(code: "permission-denied", message: "only the supervisor sends bridge events")
+                throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events")
             }
             return type == .disconnectAll ? .disconnectAll : .bridgeUp
         case .processExited: return .processExited(try decode(ProcessExitedRequest.self))
         case .closeStdin: return .closeStdin(process: try decode(ProcessRequest.self).process)
         case .resize: return .resize(try decode(ResizeRequest.self))
         case .ok, .error, .drained:
-            throw ErrorBody(code: "unknown-type", message: "\(type) is not a request")
+            throw HoldfastError(.unknownType, "\(type) is not a request")
         }
     }
 
     /// Checks an adopt request against the fds that came with it: a process id, one stream per
     /// kind, fd indexes in range, addresses that parse, tokens for resumable streams.
-    public static func validate(_ request: AdoptRequest, descriptorCount: Int) throws(ErrorBody) {
+    public static func validate(_ request: AdoptRequest, descriptorCount: Int) throws(HoldfastError) {
         guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
-            throw ErrorBody(code: "bad-request", message: "process id must be 1 to 256 bytes")
+            throw HoldfastError(.badRequest, "process id must be 1 to 256 bytes")
         }
-        guard !request.streams.isEmpty else { throw ErrorBody(code: "bad-request", message: "no streams") }
+        guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
         var kinds = Set<StreamKind>()
         for (index, stream) in request.streams.enumerated() {
             let name = "streams[\(index)]"
             guard kinds.insert(stream.kind).inserted else {
-                throw ErrorBody(code: "bad-request", message: "\(name): a second \(stream.kind.rawValue) stream")
+                throw HoldfastError(.badRequest, "\(name): a second \(stream.kind.rawValue) stream")
             }
             guard stream.fd >= 0, stream.fd < descriptorCount else {
-                throw ErrorBody(code: "bad-request", message: "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
+                throw HoldfastError(.badRequest, "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
             }
             for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {
                 guard let text else { continue }
                 do {
                     _ = try SocketAddress(parsing: text)
                 } catch {
-                    throw ErrorBody(code: "bad-address", message: "\(name).\(key): \(error)")
+                    throw HoldfastError(.badAddress, "\(name).\(key): \(error)")
                 }
             }
             if stream.mode == .resumable {
                 guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
-                    throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token of 1 to 256 bytes")
+                    throw HoldfastError(.badRequest, "\(name): resumable mode needs a token of 1 to 256 bytes")
                 }
                 guard stream.secret != nil else {
-                    throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs the stream's secret (from the host)")
+                    throw HoldfastError(.badRequest, "\(name): resumable mode needs the stream's secret (from the host)")
                 }
                 // The input stream says hello with inputToken: the host reads at most 256 bytes.
                 if stream.inputAddress != nil {
                     guard let token = stream.inputToken, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
-                        throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs an inputToken of 1 to 256 bytes")
+                        throw HoldfastError(.badRequest, "\(name): a resumable tty input needs an inputToken of 1 to 256 bytes")
                     }
                     guard stream.inputSecret != nil else {
-                        throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs its inputSecret (from the host)")
+                        throw HoldfastError(.badRequest, "\(name): a resumable tty input needs its inputSecret (from the host)")
                     }
                 }
             }
             if stream.inputAddress != nil, stream.kind != .tty {
-                throw ErrorBody(code: "bad-request", message: "\(name): inputAddress is only for a tty")
+                throw HoldfastError(.badRequest, "\(name): inputAddress is only for a tty")
             }
         }
         // Two streams with one token would both dial one host stream: each would splice its
         // bytes onto the other's.
         var identities = Set<ResumableIdentity>()
         for identity in ResumableIdentity.all(in: request.streams) where !identities.insert(identity).inserted {
-            throw ErrorBody(code: "token-in-use", message: "token '\(identity.token)' names two streams of this request")
+            throw HoldfastError(.tokenInUse, "token '\(identity.token)' names two streams of this request")
         }
     }
 }

@@ -31,9 +31,9 @@ public final class BrokerService: Sendable {
 
         /// Throws unless this caller may manage `process` (a process the broker does not have
         /// passes: the request itself then says no-such-process).
-        func mayManage(_ process: String, in broker: Broker) throws(ErrorBody) {
+        func mayManage(_ process: String, in broker: Broker) throws(HoldfastError) {
             guard case .handoff = self, let owner = broker.owner(of: process), owner != self.owner else { return }
-            throw ErrorBody(code: "permission-denied", message: "process '\(process)' was handed over by \(owner), not by you")
+            throw HoldfastError(.permissionDenied, "process '\(process)' was handed over by \(owner), not by you")
         }
     }
 
@@ -93,9 +93,7 @@ public final class BrokerService: Sendable {
             logger.warning("handoff peer refused", metadata: [
                 "pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "gid": "\(credentials.gid)",
             ])
-            let refusal = ErrorBody(
-                code: "permission-denied",
-                message: "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
+            let refusal = HoldfastError(.permissionDenied, "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
             // Answer the peer's first request (closing any fds it attached) rather than hang up
             // on connect, so the client reads why instead of hitting a broken pipe.
             let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
@@ -126,7 +124,7 @@ public final class BrokerService: Sendable {
                 return
             } catch {
                 logger.warning("control message refused", metadata: ["error": "\(error)"])
-                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "\(error)"))
+                await reply(channel, id: 0, error: HoldfastError(.badFrame, "\(error)"))
                 return
             }
             let frame: ControlFrame
@@ -134,7 +132,7 @@ public final class BrokerService: Sendable {
                 frame = try ControlFrame.decode(datagram: message.payload)
             } catch {
                 message.closeDescriptors()
-                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "\(error)"))
+                await reply(channel, id: 0, error: HoldfastError(.badFrame, "\(error)"))
                 return
             }
             do {
@@ -152,13 +150,13 @@ public final class BrokerService: Sendable {
         }
     }
 
-    private func reply(_ channel: FDChannel, id: UInt64, error: ErrorBody) async {
+    private func reply(_ channel: FDChannel, id: UInt64, error: HoldfastError) async {
         let frame = ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
         try? await channel.send(frame.encoded)
     }
 
     /// One request. Fds that come with a request the broker does not keep are closed here.
-    private func handle(_ frame: ControlFrame, descriptors: [Int32], caller: Caller) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+    private func handle(_ frame: ControlFrame, descriptors: [Int32], caller: Caller) async throws(HoldfastError) -> ([UInt8], [Int32]) {
         let request: BrokerRequest
         do {
             let fromSupervisor = if case .supervisor = caller { true } else { false }

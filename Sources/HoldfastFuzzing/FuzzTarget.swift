@@ -67,7 +67,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
             } catch {
                 if let error = error as? ControlFrameIO.ReadError, case .oversized(_, _, let id) = error {
-                    _ = errorReply(id: id, ErrorBody(code: "frame-too-large", message: error.description))
+                    _ = errorReply(id: id, HoldfastError(.frameTooLarge, error.description))
                 }
                 return
             }
@@ -131,7 +131,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     }
 
     /// The error frame a refusal becomes; encoding it must not fail either.
-    static func errorReply(id: UInt64, _ error: ErrorBody) -> [UInt8] {
+    static func errorReply(id: UInt64, _ error: HoldfastError) -> [UInt8] {
         let frame = ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
         let bytes = frame.encoded
         precondition((try? ControlFrame.decode(datagram: bytes, maxBody: Int.max)) == frame, "an error frame does not round-trip")

@@ -239,7 +239,7 @@ public final class BridgeServer: Sendable {
     /// own), and when the bridge is lost before the reply it is sent again on the next
     /// connection, until `timeout` — the guest answers a repeat with the first one's pid
     /// instead of starting the program again (docs/PROTOCOL.md, "Repeating a create").
-    public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> Int32 {
+    public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> Int32 {
         try await createProcess(spec, timeout: timeout).pid
     }
 
@@ -252,7 +252,7 @@ public final class BridgeServer: Sendable {
     }
 
     /// `create`, also saying which daemon (instance and boot) answered.
-    public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> CreatedProcess {
+    public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> CreatedProcess {
         var keyed = spec
         if keyed.idempotencyKey == nil { keyed.idempotencyKey = RandomIdentifier.make() }
         // The id may be reused once its last exit was acknowledged: its next exit is news.
@@ -266,29 +266,29 @@ public final class BridgeServer: Sendable {
                     .create, keyed, reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
                 return CreatedProcess(pid: reply.pid, hello: hello)
             } catch {
-                guard error.code == "bridge-lost", ContinuousClock.now < deadline else { throw error }
+                guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
                 state.withLockedValue { $0.repeatedCreates += 1 }
             }
         }
     }
 
-    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
+    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
         _ = try await call(.signal, SignalRequest(id: id, signal: signal), reply: [String: String].self, timeout: timeout)
     }
 
-    public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
+    public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
         _ = try await call(.resize, ProcessResizeRequest(id: id, rows: rows, columns: columns), reply: [String: String].self, timeout: timeout)
     }
 
-    public func closeStdin(_ id: String, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
+    public func closeStdin(_ id: String, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
         _ = try await call(.closeStdin, ProcessIDRequest(id: id), reply: [String: String].self, timeout: timeout)
     }
 
-    public func list(timeout: Duration = .seconds(10)) async throws(ErrorBody) -> BridgeListResponse {
+    public func list(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BridgeListResponse {
         try await call(.list, [String: String](), reply: BridgeListResponse.self, timeout: timeout)
     }
 
-    public func stats(timeout: Duration = .seconds(10)) async throws(ErrorBody) -> BrokerStats {
+    public func stats(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BrokerStats {
         try await call(.stats, [String: String](), reply: BrokerStats.self, timeout: timeout)
     }
 
@@ -297,28 +297,28 @@ public final class BridgeServer: Sendable {
     /// have been carried out; `create` handles that itself by sending its keyed request again).
     public func call<Request: Encodable, Reply: Decodable>(
         _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
-    ) async throws(ErrorBody) -> Reply {
+    ) async throws(HoldfastError) -> Reply {
         try await callReportingHello(type, request, reply: reply, timeout: timeout).reply
     }
 
     /// `call`, also returning the hello of the connection that carried the reply.
     public func callReportingHello<Request: Encodable, Reply: Decodable>(
         _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
-    ) async throws(ErrorBody) -> (reply: Reply, hello: BridgeHello) {
+    ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
         guard let connection = await guest(within: timeout) else {
-            throw ErrorBody(code: "no-guest", message: "no guest connected to the bridge at \(address) within \(timeout)")
+            throw HoldfastError(.noGuest, "no guest connected to the bridge at \(address) within \(timeout)")
         }
         guard let frame = await connection.request(type, body: ControlJSON.encode(request)) else {
-            throw ErrorBody(code: "bridge-lost", message: "the bridge connection was lost before the guest replied")
+            throw HoldfastError(.bridgeLost, "the bridge connection was lost before the guest replied")
         }
         if frame.type == BridgeMessageType.error.rawValue {
-            throw (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))
-                ?? ErrorBody(code: "error", message: String(decoding: frame.body, as: UTF8.self))
+            throw (try? HoldfastError(errorFrameBody: frame.body, frameType: frame.type))
+                ?? HoldfastError(.unknown, String(decoding: frame.body, as: UTF8.self))
         }
         do {
             return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
         } catch {
-            throw ErrorBody(code: "bad-reply", message: error.description)
+            throw HoldfastError(.badReply, error.description)
         }
     }
 

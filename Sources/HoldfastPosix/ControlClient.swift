@@ -15,7 +15,7 @@ public final class ControlClient: Sendable {
 
     private struct State: Sendable {
         var nextID: UInt64 = 0
-        var pending: [UInt64: CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>] = [:]
+        var pending: [UInt64: CheckedContinuation<Result<ReceivedFrame, HoldfastError>, Never>] = [:]
         var closed = false
     }
 
@@ -41,14 +41,14 @@ public final class ControlClient: Sendable {
     /// coded body. fds that come with the reply belong to the caller.
     public func request(
         _ type: UInt32, body: [UInt8], descriptors: [Int32] = [], okType: UInt32 = 0x0001
-    ) async throws(ErrorBody) -> ReceivedFrame {
+    ) async throws(HoldfastError) -> ReceivedFrame {
         let id = state.withLockedValue { s -> UInt64? in
             guard !s.closed else { return nil }
             s.nextID &+= 1
             return s.nextID
         }
-        guard let id else { throw ErrorBody(code: "channel-closed", message: "the control channel is closed") }
-        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>) in
+        guard let id else { throw HoldfastError(.channelClosed, "the control channel is closed") }
+        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedFrame, HoldfastError>, Never>) in
             // The reader may have ended since the id was taken: then nobody would resume this.
             let registered = state.withLockedValue { s -> Bool in
                 guard !s.closed else { return false }
@@ -56,7 +56,7 @@ public final class ControlClient: Sendable {
                 return true
             }
             guard registered else {
-                continuation.resume(returning: .failure(ErrorBody(code: "channel-closed", message: "the peer closed the control channel")))
+                continuation.resume(returning: .failure(HoldfastError(.channelClosed, "the peer closed the control channel")))
                 return
             }
             Task {
@@ -64,7 +64,7 @@ public final class ControlClient: Sendable {
                     try await channel.send(ControlFrame(type: type, id: id, body: body).encoded, descriptors: descriptors)
                 } catch {
                     state.withLockedValue { $0.pending.removeValue(forKey: id) }?
-                        .resume(returning: .failure(ErrorBody(code: "channel-closed", message: "\(error)")))
+                        .resume(returning: .failure(HoldfastError(.channelClosed, "\(error)")))
                 }
             }
         }
@@ -74,13 +74,13 @@ public final class ControlClient: Sendable {
     /// Convenience: encode a Codable request, decode a Codable reply.
     public func call<Request: Encodable, Reply: Decodable>(
         _ type: UInt32, _ request: Request, descriptors: [Int32] = [], reply: Reply.Type
-    ) async throws(ErrorBody) -> Reply {
+    ) async throws(HoldfastError) -> Reply {
         let received = try await self.request(type, body: ControlJSON.encode(request), descriptors: descriptors)
         for fd in received.descriptors { _ = Glibc.close(fd) }
         do {
             return try ControlJSON.decode(Reply.self, from: received.frame.body, frameType: received.frame.type)
         } catch {
-            throw ErrorBody(code: "bad-reply", message: error.description)
+            throw HoldfastError(.badReply, error.description)
         }
     }
 
@@ -108,20 +108,18 @@ public final class ControlClient: Sendable {
             }
             if frame.type == 0x0002 {
                 message.closeDescriptors()
-                let error = (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))
-                    ?? ErrorBody(code: "error", message: String(decoding: frame.body, as: UTF8.self))
-                waiter.resume(returning: .failure(error))
+                waiter.resume(returning: .failure(HoldfastError(errorFrameBody: frame.body, frameType: frame.type)))
             } else {
                 waiter.resume(returning: .success(ReceivedFrame(frame: frame, descriptors: message.descriptors)))
             }
         }
-        let pending = state.withLockedValue { s -> [CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>] in
+        let pending = state.withLockedValue { s -> [CheckedContinuation<Result<ReceivedFrame, HoldfastError>, Never>] in
             s.closed = true
             defer { s.pending.removeAll() }
             return Array(s.pending.values)
         }
         for waiter in pending {
-            waiter.resume(returning: .failure(ErrorBody(code: "channel-closed", message: "the peer closed the control channel")))
+            waiter.resume(returning: .failure(HoldfastError(.channelClosed, "the peer closed the control channel")))
         }
         channel.close()
     }

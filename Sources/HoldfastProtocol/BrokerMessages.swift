@@ -241,14 +241,3 @@ public struct ReleaseResponse: Codable, Sendable, Equatable {
     public var streams: [StreamDescription]
     public init(streams: [StreamDescription]) { self.streams = streams }
 }
-
-/// A coded error: the same shape on every control socket and on the bridge.
-public struct ErrorBody: Codable, Sendable, Equatable, Error, CustomStringConvertible {
-    public var code: String
-    public var message: String
-    public init(code: String, message: String) {
-        self.code = code
-        self.message = message
-    }
-    public var description: String { "\(code): \(message)" }
-}

@@ -23,12 +23,12 @@ extension Supervisor {
             }
             message.closeDescriptors()  // nothing here takes fds
             guard let frame = try? ControlFrame.decode(datagram: message.payload) else {
-                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "not a control frame"))
+                await reply(channel, id: 0, error: HoldfastError(.badFrame, "not a control frame"))
                 return
             }
             // Requests run concurrently: a `wait` must not hold up a `status`.
             Task {
-                do throws(ErrorBody) {
+                do throws(HoldfastError) {
                     let body = try await handleControl(frame)
                     try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
                 } catch {
@@ -38,7 +38,7 @@ extension Supervisor {
         }
     }
 
-    private func reply(_ channel: FDChannel, id: UInt64, error: ErrorBody) async {
+    private func reply(_ channel: FDChannel, id: UInt64, error: HoldfastError) async {
         try? await channel.send(ControlFrame(type: SupervisorMessageType.error.rawValue, id: id, body: ControlJSON.encode(error)).encoded)
     }
 
@@ -65,12 +65,12 @@ extension Supervisor {
         return report
     }
 
-    private func handleControl(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+    private func handleControl(_ frame: ControlFrame) async throws(HoldfastError) -> [UInt8] {
+        func decode<T: Decodable>(_: T.Type) throws(HoldfastError) -> T {
             do {
                 return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
             } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
+                throw HoldfastError(.badRequest, error.description)
             }
         }
         switch SupervisorMessageType(rawValue: frame.type) {
@@ -85,7 +85,7 @@ extension Supervisor {
         case .wait:
             return ControlJSON.encode(try await wait(try decode(WaitRequest.self).id))
         default:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            throw HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))")
         }
     }
 }

@@ -419,7 +419,7 @@ public final class Supervisor: Sendable {
             }
             Task {
                 defer { limit.release() }
-                do throws(ErrorBody) {
+                do throws(HoldfastError) {
                     let body = try await handleBridge(frame)
                     try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
                 } catch {
@@ -458,12 +458,12 @@ public final class Supervisor: Sendable {
     }
 
     /// A host request, forwarded by the bridge worker.
-    private func handleBridge(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+    private func handleBridge(_ frame: ControlFrame) async throws(HoldfastError) -> [UInt8] {
+        func decode<T: Decodable>(_: T.Type) throws(HoldfastError) -> T {
             do {
                 return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
             } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
+                throw HoldfastError(.badRequest, error.description)
             }
         }
         let empty = ControlJSON.encode([String: String]())
@@ -505,18 +505,18 @@ public final class Supervisor: Sendable {
             }
             return ControlJSON.encode(fitted)
         case .stats:
-            guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
+            guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
             return ControlJSON.encode(try await broker.call(BrokerMessageType.stats.rawValue, [String: String](), reply: BrokerStats.self))
         case .acknowledgeExit:
             acknowledgeExit(try decode(AcknowledgeExitRequest.self).id)
             return empty
         default:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            throw HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))")
         }
     }
 
-    private func brokerRequest<T: Encodable>(_ type: BrokerMessageType, _ request: T) async throws(ErrorBody) {
-        guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
+    private func brokerRequest<T: Encodable>(_ type: BrokerMessageType, _ request: T) async throws(HoldfastError) {
+        guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
         _ = try await broker.request(type.rawValue, body: ControlJSON.encode(request))
     }
 
@@ -579,11 +579,11 @@ public final class Supervisor: Sendable {
     /// Starts a process and hands its stdio to the broker; on any failure the process is gone
     /// and every fd closed. A repeat of a create (same id and idempotency key) starts nothing:
     /// it answers with the first one's pid, waiting for the first if it is still starting.
-    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> LaunchResponse {
+    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(HoldfastError) -> LaunchResponse {
         var answered = false
         defer { if !answered { metrics.processStartFailed() } }
         guard !shuttingDown.withLockedValue({ $0 }) else {
-            throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
+            throw HoldfastError(.shuttingDown, "the daemon is shutting down")
         }
         try Launcher.validate(spec)
         try refuseTheBrokersUID(spec)
@@ -593,7 +593,7 @@ public final class Supervisor: Sendable {
         let reservation: CreateLedger.PendingStart
         switch decision {
         case .exists:
-            throw ErrorBody(code: "process-exists", message: "a process with id '\(spec.id)' exists")
+            throw HoldfastError(.processExists, "a process with id '\(spec.id)' exists")
         case .repeated(let pid):
             logger.info("create repeated: already started", metadata: ["process": "\(spec.id)", "pid": "\(pid)"])
             answered = true
@@ -623,10 +623,10 @@ public final class Supervisor: Sendable {
 
     /// Starts the process of a create that holds its id's reservation; the record replaces the
     /// reservation in one step.
-    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
+    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(HoldfastError) -> pid_t {
         // A broker starting (the daemon just came up) or restarting is waited for, not an error.
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
-            throw ErrorBody(code: "broker-unavailable", message: "the broker has not been running for \(Self.describe(Self.brokerWait))")
+            throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
         let started: Launcher.Started
         var container: (id: String, bundle: String)?
@@ -636,10 +636,10 @@ public final class Supervisor: Sendable {
         case .runc:
             if let target = spec.container {
                 guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
-                    throw ErrorBody(code: "no-such-container", message: "no runc container '\(target)'")
+                    throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
                 }
                 guard record.status.state == "running" else {
-                    throw ErrorBody(code: "not-running", message: "container '\(target)' has exited")
+                    throw HoldfastError(.notRunning, "container '\(target)' has exited")
                 }
                 started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
             } else {
@@ -713,9 +713,9 @@ public final class Supervisor: Sendable {
         complete(record, report)
     }
 
-    public func wait(_ id: String) async throws(ErrorBody) -> ExitReport {
+    public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
         let report = await record.wait()
         processes.withLockedValue { table in
@@ -727,17 +727,17 @@ public final class Supervisor: Sendable {
         return report
     }
 
-    public func signal(_ id: String, _ signal: Int32) async throws(ErrorBody) {
+    public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
-        guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
+        guard record.status.state == "running" else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
             try await runc.kill(container.id, signal: signal)
             return
         }
         guard kill(record.pid, signal) == 0 else {
-            throw ErrorBody(code: "signal-failed", message: "kill(\(record.pid), \(signal)): errno \(errno)")
+            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): errno \(errno)")
         }
     }
 

@@ -28,7 +28,7 @@ public enum HostClient {
     /// waits for a stream that cannot end (an orphan holding it, a broker that died).
     public static func run(
         control: String, request: HostRunRequest, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited
-    ) async throws(ErrorBody) -> HostRunOutcome {
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
         let reply = try await client.request(HostMessageType.run.rawValue, body: ControlJSON.encode(request))
@@ -39,7 +39,7 @@ public enum HostClient {
     /// output produced meanwhile waited and arrives now. Returns how it ended, like `run`.
     public static func attach(
         control: String, id: String, tty: Bool, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited
-    ) async throws(ErrorBody) -> HostRunOutcome {
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
         let reply = try await client.request(HostMessageType.attach.rawValue, body: ControlJSON.encode(ProcessIDRequest(id: id)))
@@ -49,17 +49,17 @@ public enum HostClient {
     /// Relays `stdio` to the sockets of a `run`/`attach` reply until the process's outcome.
     static func wire(
         _ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool, drainTimeout: Duration, stdio: Stdio
-    ) async throws(ErrorBody) -> HostRunOutcome {
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let started: HostRunResponse
         do {
             started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
         } catch {
             for fd in reply.descriptors { close(fd) }
-            throw ErrorBody(code: "bad-reply", message: error.description)
+            throw HoldfastError(.badReply, error.description)
         }
         guard reply.descriptors.count == started.streams.count else {
             for fd in reply.descriptors { close(fd) }
-            throw ErrorBody(code: "bad-reply", message: "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
+            throw HoldfastError(.badReply, "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
         }
         var rawTerminal: termios?
         if tty, isatty(stdio.input) != 0 {
@@ -131,20 +131,18 @@ public enum HostClient {
                 }
             }
         } catch {
-            throw ErrorBody(code: "local-failed", message: "\(error)")
+            throw HoldfastError(.localFailed, "\(error)")
         }
         // host serve answers once the outcome is known and it has closed our output sockets
         // after their last byte: what is left to copy is in the sockets, then end-of-file.
         let milliseconds = Int(drainTimeout.components.seconds * 1000 + drainTimeout.components.attoseconds / 1_000_000_000_000_000)
-        let waited: Result<HostWaitResponse, ErrorBody>
+        let waited: Result<HostWaitResponse, HoldfastError>
         do {
             waited = .success(try await client.call(
                 HostMessageType.wait.rawValue, HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds),
                 reply: HostWaitResponse.self))
-        } catch where error.code == "channel-closed" {
-            waited = .failure(ErrorBody(
-                code: "host-serve-gone",
-                message: "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
+        } catch where error.code == .channelClosed {
+            waited = .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
         } catch {
             waited = .failure(error)
         }
@@ -152,25 +150,25 @@ public enum HostClient {
         return try waited.get().outcome
     }
 
-    public static func list(control: String) async throws(ErrorBody) -> BridgeListResponse {
+    public static func list(control: String) async throws(HoldfastError) -> BridgeListResponse {
         let client = try await connect(control)
         defer { client.close() }
         return try await client.call(HostMessageType.list.rawValue, [String: String](), reply: BridgeListResponse.self)
     }
 
-    public static func stats(control: String) async throws(ErrorBody) -> HostStats {
+    public static func stats(control: String) async throws(HoldfastError) -> HostStats {
         let client = try await connect(control)
         defer { client.close() }
         return try await client.call(HostMessageType.stats.rawValue, [String: String](), reply: HostStats.self)
     }
 
-    public static func signal(control: String, id: String, signal: Int32) async throws(ErrorBody) {
+    public static func signal(control: String, id: String, signal: Int32) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
         _ = try await client.call(HostMessageType.signal.rawValue, SignalRequest(id: id, signal: signal), reply: [String: String].self)
     }
 
-    public static func migrate(control: String, blackout: Duration) async throws(ErrorBody) {
+    public static func migrate(control: String, blackout: Duration) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
         let milliseconds = Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000)
@@ -186,11 +184,11 @@ public enum HostClient {
         ).joined(separator: "\n")
     }
 
-    static func connect(_ control: String) async throws(ErrorBody) -> ControlClient {
+    static func connect(_ control: String) async throws(HoldfastError) -> ControlClient {
         do {
             return try await ControlClient.connect(to: control)
         } catch {
-            throw ErrorBody(code: "no-host-service", message: "cannot reach 'holdfast host serve' at \(control): \(error)")
+            throw HoldfastError(.noHostService, "cannot reach 'holdfast host serve' at \(control): \(error)")
         }
     }
 

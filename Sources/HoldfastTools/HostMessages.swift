@@ -2,7 +2,7 @@ import HoldfastProtocol
 
 /// Messages of `holdfast host serve`'s local control socket (SOCK_SEQPACKET, control frames, the
 /// same framing as the daemon's control socket): what `holdfast host run/attach/ps/kill/migrate`
-/// send it. Replies are `ok` (0x0001, the reply's JSON) or `error` (0x0002, an `ErrorBody`).
+/// send it. Replies are `ok` (0x0001, the reply's JSON) or `error` (0x0002, an `HoldfastError`).
 ///
 /// | type | request | reply |
 /// |---|---|---|

@@ -132,7 +132,7 @@ public final class HostService: Sendable {
                 message.closeDescriptors()
                 guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
                 group.addTask { [self] in
-                    do throws(ErrorBody) {
+                    do throws(HoldfastError) {
                         let (body, descriptors) = try await handle(frame)
                         try? await channel.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: body).encoded, descriptors: descriptors)
                         for fd in descriptors { _ = Glibc.close(fd) }  // the client has them now
@@ -145,12 +145,12 @@ public final class HostService: Sendable {
         }
     }
 
-    private func handle(_ frame: ControlFrame) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
+    private func handle(_ frame: ControlFrame) async throws(HoldfastError) -> ([UInt8], [Int32]) {
+        func decode<T: Decodable>(_: T.Type) throws(HoldfastError) -> T {
             do {
                 return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
             } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
+                throw HoldfastError(.badRequest, error.description)
             }
         }
         switch HostMessageType(rawValue: frame.type) {
@@ -175,24 +175,24 @@ public final class HostService: Sendable {
         case .migrate:
             let request = try decode(MigrateRequest.self)
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
-                throw ErrorBody(code: "bad-request", message: "blackout must be 0 to 600000 ms")
+                throw HoldfastError(.badRequest, "blackout must be 0 to 600000 ms")
             }
             // Unstructured: a client that goes away mid-blackout does not cut it short.
             await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value
             return (ControlJSON.encode([String: String]()), [])
         case nil:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            throw HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))")
         }
     }
 
-    private func wait(_ request: HostWaitRequest) async throws(ErrorBody) -> HostWaitResponse {
+    private func wait(_ request: HostWaitRequest) async throws(HoldfastError) -> HostWaitResponse {
         if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
-            throw ErrorBody(code: "bad-request", message: "the drain timeout must be 0 to 86400000 ms")
+            throw HoldfastError(.badRequest, "the drain timeout must be 0 to 86400000 ms")
         }
         guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
         guard let process else {
             if let known { return known }
-            throw ErrorBody(code: "no-such-process", message: "no process '\(request.id)' started by this host serve")
+            throw HoldfastError(.noSuchProcess, "no process '\(request.id)' started by this host serve")
         }
         if let milliseconds = request.drainTimeoutMilliseconds {
             process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
@@ -201,7 +201,7 @@ public final class HostService: Sendable {
         return outcome
     }
 
-    private static let closing = ErrorBody(code: "closing", message: "host serve is closing")
+    private static let closing = HoldfastError(.closing, "host serve is closing")
 
     /// What a live migration looks like to the guest: the bridge and every stream connection
     /// drop at once, and nothing is accepted for `blackout`.
@@ -220,7 +220,7 @@ public final class HostService: Sendable {
 
     /// Opens the process's streams here, creates it in the guest, and returns one local socket
     /// per stream for the client.
-    private func start(_ request: HostRunRequest) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+    private func start(_ request: HostRunRequest) async throws(HoldfastError) -> ([UInt8], [Int32]) {
         let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
         var kinds = request.tty ? ["stdin", "stdout"] : ["stdin", "stdout", "stderr"]
         var specs: [String: StreamSpec] = [:]
@@ -231,7 +231,7 @@ public final class HostService: Sendable {
             }
             kinds = []
         }
-        if table.isTaken(id) { throw ErrorBody(code: "process-exists", message: "host serve already runs a process '\(id)'") }
+        if table.isTaken(id) { throw HoldfastError(.processExists, "host serve already runs a process '\(id)'") }
 
         var input: InputRelay?
         var outputs: [OutputRelay] = []
@@ -251,7 +251,7 @@ public final class HostService: Sendable {
         } catch {
             input?.close()
             for output in outputs { output.discard() }
-            throw ErrorBody(code: "process-exists", message: "host serve already has a stream of a process '\(id)': \(error)")
+            throw HoldfastError(.processExists, "host serve already has a stream of a process '\(id)': \(error)")
         }
         let process = HostedProcess(id: id, outputs: outputs, input: input, drainTimeout: HostDefaults.drainTimeout)
         let local: [Int32]
@@ -266,7 +266,7 @@ public final class HostService: Sendable {
             for fd in local { _ = Glibc.close(fd) }
             input?.close()
             for output in outputs { output.discard() }
-            throw ErrorBody(code: "process-exists", message: "host serve already runs a process '\(id)'")
+            throw HoldfastError(.processExists, "host serve already runs a process '\(id)'")
         }
         if let input { Task { await input.run() } }
         for output in outputs {
@@ -299,11 +299,11 @@ public final class HostService: Sendable {
     /// `host attach`: new local sockets for a process's streams; the previous client's are
     /// closed. Output produced while no client was attached waited for this one. A process
     /// already finished gets no sockets; its `wait` answers at once.
-    private func attach(_ id: String) throws(ErrorBody) -> ([UInt8], [Int32]) {
+    private func attach(_ id: String) throws(HoldfastError) -> ([UInt8], [Int32]) {
         guard let (process, known) = table.lookup(id) else { throw Self.closing }
         guard let process else {
             if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)' started by this host serve")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve")
         }
         let outlets = process.outlets
         let kinds = ["stdin", "stdout", "stderr"].filter { outlets[$0].map { !$0.isClosed } ?? false }
@@ -313,7 +313,7 @@ public final class HostService: Sendable {
     }
 
     /// A socket pair per outlet: ours attached to the outlet, theirs returned for the client.
-    private func connectClient(to outlets: [Outlet]) throws(ErrorBody) -> [Int32] {
+    private func connectClient(to outlets: [Outlet]) throws(HoldfastError) -> [Int32] {
         var local: [Int32] = []
         for outlet in outlets {
             do {
@@ -327,7 +327,7 @@ public final class HostService: Sendable {
                 }
             } catch {
                 for fd in local { _ = Glibc.close(fd) }
-                throw ErrorBody(code: "local-failed", message: "\(error)")
+                throw HoldfastError(.localFailed, "\(error)")
             }
         }
         return local

@@ -43,18 +43,18 @@ struct FuzzRegressionTests {
             Issue.record("an unknown type was not refused")
             return
         }
-        #expect(unknown.code == "unknown-type")
+        #expect(unknown.code == .unknownType)
         guard case .refuse(let noID) = BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 0, "{}")) else {
             Issue.record("a request with id 0 was not refused")
             return
         }
-        #expect(noID.code == "bad-request")
+        #expect(noID.code == .badRequest)
         guard case .refuse(let badBody) = BridgeWorker.classify(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#))
         else {
             Issue.record("a signal without a signal number was not refused")
             return
         }
-        #expect(badBody.code == "bad-request" && badBody.message.contains("signal"))
+        #expect(badBody.code == .badRequest && badBody.message.contains("signal"))
     }
 
     @Test func brokerParsesAndChecksRequests() throws {
@@ -71,7 +71,7 @@ struct FuzzRegressionTests {
                 _ = try BrokerRequest.parse(frame, descriptorCount: fds, fromSupervisor: supervisor)
                 return nil
             } catch {
-                return error.code
+                return error.code.rawValue
             }
         }
         #expect(code(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, adopt)) == "bad-request")  // fd 0 of 0
@@ -91,7 +91,7 @@ struct FuzzRegressionTests {
 struct FuzzFindingTests {
     static let longToken = String(repeating: "a", count: 300)
 
-    static func refusal(_ spec: ProcessSpec) -> ErrorBody? {
+    static func refusal(_ spec: ProcessSpec) -> HoldfastError? {
         do {
             try Supervisor.validate(spec)
             return nil
@@ -107,7 +107,7 @@ struct FuzzFindingTests {
         let spec = ProcessSpec(
             id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken, secret: .random()))
         let error = Self.refusal(spec)
-        #expect(error?.code == "bad-request")
+        #expect(error?.code == .badRequest)
         #expect(error?.message.contains("stdout: resumable mode needs a token of 1 to 256 bytes") == true, "\(String(describing: error))")
         var fine = spec
         fine.stdout?.token = String(repeating: "a", count: 256)
@@ -122,7 +122,7 @@ struct FuzzFindingTests {
             id: "t", argv: ["/bin/sh"], tty: true, stdin: StreamSpec(address: "tcp://127.0.0.1:2", mode: .raw),
             stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random()))
         let error = Self.refusal(spec)
-        #expect(error?.code == "bad-request")
+        #expect(error?.code == .badRequest)
         #expect(error?.message.contains("stdin: a tty's input is resumable like its stdout") == true, "\(String(describing: error))")
         var raw = spec
         raw.stdout = StreamSpec(address: "tcp://127.0.0.1:1", mode: .raw)
@@ -141,7 +141,7 @@ struct FuzzFindingTests {
         let tty = StreamDescription(
             kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random(),
             inputAddress: "tcp://127.0.0.1:2", inputToken: FuzzFindingTests.longToken, inputSecret: .random())
-        #expect(throws: ErrorBody.self) {
+        #expect(throws: HoldfastError.self) {
             try BrokerRequest.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
         }
         var fine = tty

@@ -222,7 +222,7 @@ struct HostServiceOutcomeTests {
         do {
             let outcome = try await withTimeout("host run's end") { try await run.value }
             Issue.record("an outcome without host serve: \(outcome)")
-        } catch let error as ErrorBody {
+        } catch let error as HoldfastError {
             // Which error depends on how far the run had got (its create's reply, its wait).
             print("host serve gone: the client ended with \(error)")
         }
