@@ -68,17 +68,17 @@ enum StreamTransport: Sendable {
         }
     }
 
-    var state: String {
+    var state: StreamState {
         let phase: SlotPhase
         switch self {
         case .raw(let slot): phase = slot.phase
         case .resumable(let stream): phase = stream.slot.phase
         }
         switch phase {
-        case .connected: return "connected"
-        case .empty: return "parked"
-        case .closed: return "closed"
-        case .abandoned: return "abandoned"
+        case .connected: return .connected
+        case .empty: return .parked
+        case .closed: return .closed
+        case .abandoned: return .abandoned
         }
     }
 

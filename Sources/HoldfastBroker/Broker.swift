@@ -182,8 +182,8 @@ public final class Broker: Sendable {
         return BrokerStats(
             processes: processes.withLockedValue { $0.count },
             streams: streams.count,
-            connected: streams.filter { $0.state == "connected" }.count,
-            parked: streams.filter { $0.state == "parked" }.count,
+            connected: streams.filter { $0.state == .connected }.count,
+            parked: streams.filter { $0.state == .parked }.count,
             bytesToHost: streams.reduce(gone.bytesToHost) { $0 + $1.bytesToHost },
             bytesFromHost: streams.reduce(gone.bytesFromHost) { $0 + $1.bytesFromHost },
             reconnects: streams.reduce(gone.reconnects) { $0 + $1.reconnects },

@@ -47,7 +47,7 @@ extension Supervisor {
     static func fitted(_ full: StatusReport) -> StatusReport {
         var counted = full
         var states: [String: Int] = [:]
-        for stream in full.streams { states[stream.state, default: 0] += 1 }
+        for stream in full.streams { states[stream.state.rawValue, default: 0] += 1 }
         counted.streamStates = states
         let (withProcesses, processesOmitted) = FrameBudget.fit(full.processes, budget: FrameBudget.bytes / 2) { processes in
             var report = counted

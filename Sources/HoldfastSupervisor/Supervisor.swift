@@ -38,7 +38,7 @@ public final class Supervisor: Sendable {
         var records: [String: ProcessRecord] = [:]
         var creates = CreateLedger()
     }
-    private let bridgeState = NIOLockedValueBox("down")
+    private let bridgeState = NIOLockedValueBox(BridgeState.down)
     private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
     private let shuttingDown = NIOLockedValueBox(false)
     /// While stopping: when every drain must be over, so that the exits still reach the host
@@ -67,8 +67,8 @@ public final class Supervisor: Sendable {
         /// Started directly in a session of its own (pid == process group id): a stop can end
         /// the whole group, orphans holding its output included.
         let leadsProcessGroup: Bool
-        let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
-            ("running", nil, []))
+        let state = NIOLockedValueBox<(phase: ProcessState, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
+            (.running, nil, []))
 
         init(
             id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil,
@@ -90,8 +90,8 @@ public final class Supervisor: Sendable {
         /// must happen before (the exit queued for the host) has; nil if it was already done.
         func finish(_ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
             state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
-                guard s.phase != "done" else { return nil }
-                s.phase = "done"
+                guard s.phase != .done else { return nil }
+                s.phase = .done
                 s.report = report
                 defer { s.waiters.removeAll() }
                 return s.waiters
@@ -103,7 +103,7 @@ public final class Supervisor: Sendable {
         func wait() async -> ExitReport {
             await withCheckedContinuation { continuation in
                 let done = state.withLockedValue { s -> ExitReport? in
-                    if s.phase == "done", let report = s.report { return report }
+                    if s.phase == .done, let report = s.report { return report }
                     s.waiters.append(continuation)
                     return nil
                 }
@@ -181,7 +181,7 @@ public final class Supervisor: Sendable {
         }
         logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
         readiness.cancel()
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" }.count }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running }.count }
         notifier.post([
             .stopping,
             .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
@@ -258,7 +258,7 @@ public final class Supervisor: Sendable {
 
     private var bridgeSummary: String {
         let state = bridgeState.withLockedValue { $0 }
-        return "bridge to \(configuration.bridge.address) \(state == "up" ? "up" : "down (redialling)")"
+        return "bridge to \(configuration.bridge.address) \(state == .up ? "up" : "down (redialling)")"
     }
 
     /// A role started, died or could not start: the status line says so (restarts only once the
@@ -390,7 +390,7 @@ public final class Supervisor: Sendable {
         brokerClient.clear { $0 === client }
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
             if var report = record.state.withLockedValue({ $0.report }) {
                 report.outputCutShort = true
                 complete(record, report)
@@ -430,8 +430,8 @@ public final class Supervisor: Sendable {
         }
         bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
         // The worker died: the bridge is as good as lost.
-        if bridgeState.withLockedValue({ $0 }) == "up" {
-            bridgeState.withLockedValue { $0 = "down" }
+        if bridgeState.withLockedValue({ $0 }) == .up {
+            bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
             _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
         }
@@ -440,14 +440,14 @@ public final class Supervisor: Sendable {
     private func bridgeNotification(_ frame: ControlFrame) async {
         switch SupervisorMessageType(rawValue: frame.type) {
         case .bridgeUp:
-            bridgeState.withLockedValue { $0 = "up" }
+            bridgeState.withLockedValue { $0 = .up }
             metrics.bridge(up: true)
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
             if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
             _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
         case .bridgeDown:
-            bridgeState.withLockedValue { $0 = "down" }
+            bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
             logger.warning("bridge lost")
             if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
@@ -470,7 +470,7 @@ public final class Supervisor: Sendable {
         if frame.type == SupervisorMessageType.bridgeHello.rawValue {
             // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
             // again once the bridge is up), then as many live processes as fit.
-            let live = processStatuses().filter { $0.state != "done" }
+            let live = processStatuses().filter { $0.state != .done }
             let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
@@ -524,7 +524,7 @@ public final class Supervisor: Sendable {
     private func acknowledgeExit(_ id: String) {
         unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
         processes.withLockedValue { table in
-            if let record = table.records[id], record.viaBridge, record.status.state == "done" {
+            if let record = table.records[id], record.viaBridge, record.status.state == .done {
                 table.records.removeValue(forKey: id)
                 table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
             }
@@ -570,7 +570,7 @@ public final class Supervisor: Sendable {
     private func processStatuses() -> [ProcessStatus] {
         processes.withLockedValue { table in
             table.records.values.map(\.status)
-                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: "starting", exitCode: nil) }
+                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: .starting, exitCode: nil) }
         }.sorted { $0.id < $1.id }
     }
 
@@ -638,7 +638,7 @@ public final class Supervisor: Sendable {
                 guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
                     throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
                 }
-                guard record.status.state == "running" else {
+                guard record.status.state == .running else {
                     throw HoldfastError(.notRunning, "container '\(target)' has exited")
                 }
                 started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
@@ -683,7 +683,7 @@ public final class Supervisor: Sendable {
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
         record.state.withLockedValue {
-            $0.phase = "exited"
+            $0.phase = .exited
             $0.report = report
         }
         logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
@@ -731,7 +731,7 @@ public final class Supervisor: Sendable {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
             throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
-        guard record.status.state == "running" else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
+        guard record.status.state == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
             try await runc.kill(container.id, signal: signal)
             return
@@ -788,13 +788,13 @@ public final class Supervisor: Sendable {
         drainDeadline.withLockedValue { $0 = drainsEnd }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" } }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running } }
         for record in running { kill(record.pid, configuration.shutdown.signal) }
         let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
         var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
         if !clean {
-            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != "done" {
-                if record.status.state == "running" {
+            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != .done {
+                if record.status.state == .running {
                     logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
                     kill(record.pid, SIGKILL)
                 }
@@ -807,7 +807,7 @@ public final class Supervisor: Sendable {
         // A process that exited but whose output could not drain in time (a host that reads
         // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
         // never an exit the host waits for forever.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
             guard var report = record.state.withLockedValue({ $0.report }) else { continue }
             report.outputCutShort = true
             logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(record.id)"])
@@ -823,7 +823,7 @@ public final class Supervisor: Sendable {
 
     /// Waits while the bridge is up and exits are unacknowledged, until `deadline`.
     private func waitForAcknowledgements(until deadline: ContinuousClock.Instant) async {
-        while bridgeState.withLockedValue({ $0 }) == "up", !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
+        while bridgeState.withLockedValue({ $0 }) == .up, !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
             ContinuousClock.now < deadline
         {
             try? await Task.sleep(for: .milliseconds(20))

@@ -180,7 +180,7 @@ public enum HostClient {
         guard !list.processes.isEmpty else { return "no processes" }
         return StatusPrinter.table(
             ["PROCESS", "PID", "STATE", "EXIT"],
-            list.processes.map { [$0.id, String($0.pid), $0.state, $0.exitCode.map(String.init) ?? "-"] }
+            list.processes.map { [$0.id, String($0.pid), $0.state.rawValue, $0.exitCode.map(String.init) ?? "-"] }
         ).joined(separator: "\n")
     }
 

@@ -77,7 +77,7 @@ struct Scale: AsyncParsableCommand {
         guard let control else { throw ValidationError("the daemon did not start; see \(directory)/daemon.log") }
         defer { control.close() }
         var report = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
-        while report.roles.contains(where: { $0.pid == nil }) || report.bridge != "up" {
+        while report.roles.contains(where: { $0.pid == nil }) || report.bridge != .up {
             try await Task.sleep(for: .milliseconds(50))
             report = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
         }

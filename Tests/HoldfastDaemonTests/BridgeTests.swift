@@ -68,7 +68,7 @@ struct BridgeTests {
             try writeFile(dark, [])
             try await eventually("m2 to exit in the dark", timeout: .seconds(5)) {
                 let report = try await daemon.status()
-                return report.processes.first { $0.id == "m2" }?.state == "done"
+                return report.processes.first { $0.id == "m2" }?.state == .done
             }
             #expect(exits.count("m2") == 0, "nobody was connected")
             lightsOn(daemon)
@@ -124,7 +124,7 @@ struct BridgeTests {
             }
             try await typist.value
             try await eventually("echo still running: no false end-of-file", timeout: .seconds(5)) {
-                try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == "running" }
+                try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == .running }
             }
             #expect(await typed.finish() == 0, "every typed byte acknowledged")
             try await eventually("both exits", timeout: .seconds(20)) { exits.count("hb") == 1 && exits.count("echo") == 1 }
@@ -218,7 +218,7 @@ struct BridgeTests {
             // A sleeper ended by a signal sent over the bridge; its exit says which signal.
             _ = try await daemon.bridge.create(ProcessSpec(id: "s", argv: ["sleep", "60"]))
             let listed = try await daemon.bridge.list()
-            #expect(listed.processes.contains { $0.id == "s" && $0.state == "running" })
+            #expect(listed.processes.contains { $0.id == "s" && $0.state == .running })
             let stats = try await daemon.bridge.stats()
             #expect(stats.residentKiB > 0 && (stats.mallocInUseKiB ?? 0) > 0 && stats.mallocFreeKiB != nil, "\(stats)")
             try await daemon.bridge.signal("s", SIGTERM)
@@ -422,7 +422,7 @@ struct RepeatedCreateTests {
         }
         let first = Task { await send(spec) }
         try await eventually("the create to be listed as starting") {
-            try await daemon.bridge.list().processes.contains { $0.id == "slow" && $0.state == "starting" && $0.pid == 0 }
+            try await daemon.bridge.list().processes.contains { $0.id == "slow" && $0.state == .starting && $0.pid == 0 }
         }
         var other = spec
         other.idempotencyKey = "slow-2"
@@ -468,7 +468,7 @@ struct RepeatedCreateTests {
             let whileRunning = try await send(spec)
             #expect(whileRunning == LaunchResponse(pid: first.pid, repeated: true))
             let listed = try await daemon.bridge.list()
-            #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == ["running"])
+            #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == [.running])
 
             #expect(creat(gate, 0o600) >= 0)
             try await eventually("the exit") { exits.count("job") == 1 }

@@ -112,7 +112,7 @@ final class DaemonFixture: Sendable {
         }
         try await eventually("the broker and the bridge", timeout: .seconds(20)) {
             let report = try? await self.status()
-            return report?.pid == pid && report?.bridge == "up" && report?.roles.allSatisfy({ $0.pid != nil }) == true
+            return report?.pid == pid && report?.bridge == .up && report?.roles.allSatisfy({ $0.pid != nil }) == true
         }
     }
 

@@ -52,7 +52,7 @@ struct HostServiceOutcomeTests {
                     lists.withLockedValue { $0 += 1 }
                     let ids = listed.withLockedValue { $0 }
                     reply = ControlJSON.encode(BridgeListResponse(
-                        processes: ids.map { ProcessStatus(id: $0, pid: 4242, state: "running", exitCode: nil) }, streams: []))
+                        processes: ids.map { ProcessStatus(id: $0, pid: 4242, state: .running, exitCode: nil) }, streams: []))
                 case .acknowledgeExit:
                     if let request = try? ControlJSON.decode(AcknowledgeExitRequest.self, from: frame.body, frameType: frame.type) {
                         acknowledged.withLockedValue { $0.append(request.id) }
