@@ -1,3 +1,5 @@
+import CHoldfastShims
+
 #if canImport(Glibc)
 import Glibc
 #endif
