@@ -45,7 +45,7 @@ public final class Broker: Sendable {
     public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
         var adopted: [AsyncFD?] = []
         do {
-            try BrokerRequest.validate(request, descriptorCount: descriptors.count)
+            try AdoptCheck.validate(request, descriptorCount: descriptors.count)
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }

@@ -92,7 +92,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                     let streams = Supervisor.streamDescriptions(for: spec)
                     if !streams.isEmpty {
                         do {
-                            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
+                            try AdoptCheck.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
                         } catch {
                             preconditionFailure("the broker refuses the streams of a create the supervisor accepted: \(error)")
                         }

@@ -312,8 +312,7 @@ public final class BridgeServer: Sendable {
             throw HoldfastError(.bridgeLost, "the bridge connection was lost before the guest replied")
         }
         if frame.type == BridgeMessageType.error.rawValue {
-            throw (try? HoldfastError(errorFrameBody: frame.body, frameType: frame.type))
-                ?? HoldfastError(.unknown, String(decoding: frame.body, as: UTF8.self))
+            throw HoldfastError(errorFrameBody: frame.body, frameType: frame.type)
         }
         do {
             return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)

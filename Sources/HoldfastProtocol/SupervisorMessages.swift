@@ -12,7 +12,6 @@ public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
     case launch = 0x0402
     case signal = 0x0403
     case wait = 0x0404
-    case processes = 0x0405
     // Responses.
     case ok = 0x0001
     case error = 0x0002

@@ -92,7 +92,7 @@ struct Launcher {
         // started; nothing it would refuse may get that far.
         let streams = streamDescriptions(spec)
         if !streams.isEmpty {
-            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
+            try AdoptCheck.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
         }
     }
 

@@ -279,7 +279,7 @@ struct BridgeTests {
         try await FrameIO.write(oversized, to: first)
         let refusal = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
         #expect(refusal.type == BridgeMessageType.error.rawValue && refusal.id == 41)
-        #expect(try HoldfastError(errorFrameBody: refusal.body, frameType: refusal.type).code == .frameTooLarge)
+        #expect(HoldfastError(errorFrameBody: refusal.body, frameType: refusal.type).code == .frameTooLarge)
         await #expect(throws: ControlFrameIO.ReadError.endOfStream) {
             _ = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
         }

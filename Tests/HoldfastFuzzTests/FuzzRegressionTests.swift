@@ -142,12 +142,12 @@ struct FuzzFindingTests {
             kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random(),
             inputAddress: "tcp://127.0.0.1:2", inputToken: FuzzFindingTests.longToken, inputSecret: .random())
         #expect(throws: HoldfastError.self) {
-            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
+            try AdoptCheck.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
         }
         var fine = tty
         fine.inputToken = String(repeating: "b", count: 256)
         #expect(throws: Never.self) {
-            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
+            try AdoptCheck.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
         }
     }
 }
