@@ -135,7 +135,10 @@ public enum RPCServer {
                 limit.release()
                 switch error {
                 case .ended: return .closedByPeer
-                case .broken(let why): return .broken(why)
+                case .broken(let why):
+                    // Best effort: on a message socket the peer can still read why.
+                    try? await transport.send(ControlFrame(type: RPCFrameType.error, id: 0, body: HoldfastError(.badFrame, why).errorFrameBody), descriptors: [])
+                    return .broken(why)
                 case .oversized(let id, let why):
                     // Say why before the connection goes: the peer can log it.
                     try? await transport.send(

@@ -227,7 +227,7 @@ public final class Supervisor: Sendable {
         let roles = self.roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
         var text = metrics.render(roles: roles)
         if let broker = broker(),
-            let reply = try? await broker.call(BrokerMessageType.metrics.rawValue, [String: String](), reply: MetricsResponse.self)
+            let reply = try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self)
         {
             text += reply.text
         }
@@ -244,7 +244,7 @@ public final class Supervisor: Sendable {
     private func announceReadiness() async {
         while !Task.isCancelled {
             if rolePID("bridge") != nil, let broker = broker(),
-                (try? await broker.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self)) != nil,
+                (try? await broker.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self)) != nil,
                 rolePID("bridge") != nil, !shuttingDown.withLockedValue({ $0 })
             {
                 ready.withLockedValue { $0 = true }
@@ -405,35 +405,22 @@ public final class Supervisor: Sendable {
         bridgeChannel.withLockedValue { $0 = channel }
         // The worker bounds what the host has in flight; this bounds what the worker can (a
         // worker gone wrong must not grow the supervisor either).
-        let limit = RequestLimit(capacity: 2 * BridgeProtocol.requestsInFlight)
-        while true {
-            await limit.acquire()
-            guard let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) else { break }
-            message.closeDescriptors()
-            guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
-            tidier.noteWork()
-            if frame.id == 0 {
+        _ = await RPCServer.serve(
+            channel, as: WorkerRequest.self, inFlight: 2 * BridgeProtocol.requestsInFlight,
+            notification: { [self] frame in
+                tidier.noteWork()
                 await bridgeNotification(frame)
-                limit.release()
-                continue
             }
-            Task {
-                defer { limit.release() }
-                do throws(HoldfastError) {
-                    let body = try await handleBridge(frame)
-                    try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
-                } catch {
-                    try? await channel.send(
-                        ControlFrame(type: SupervisorMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
-                }
-            }
+        ) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            tidier.noteWork()
+            return try await handle(request)
         }
         bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
         // The worker died: the bridge is as good as lost.
         if bridgeState.withLockedValue({ $0 }) == .up {
             bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
-            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         }
     }
 
@@ -445,29 +432,24 @@ public final class Supervisor: Sendable {
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
             if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
-            _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
         case .bridgeDown:
             bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
             logger.warning("bridge lost")
             if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
-            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         default:
             break
         }
     }
 
     /// A host request, forwarded by the bridge worker.
-    private func handleBridge(_ frame: ControlFrame) async throws(HoldfastError) -> [UInt8] {
-        func decode<T: Decodable>(_: T.Type) throws(HoldfastError) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw HoldfastError(.badRequest, error.description)
-            }
-        }
-        let empty = ControlJSON.encode([String: String]())
-        if frame.type == SupervisorMessageType.bridgeHello.rawValue {
+    /// A request of the bridge worker: the hello for a new bridge connection, or one the host
+    /// sent (decoded and checked by the worker, decoded again at this boundary).
+    private func handle(_ request: WorkerRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .hello:
             // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
             // again once the bridge is up), then as many live processes as fit.
             let live = processStatuses().filter { $0.state != .done }
@@ -475,22 +457,26 @@ public final class Supervisor: Sendable {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
             let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
-            return ControlJSON.encode(hello)
+            return RPCReply(hello)
+        case .host(let request):
+            return try await handle(request)
         }
-        switch BridgeMessageType(rawValue: frame.type) {
-        case .create:
-            return ControlJSON.encode(try await launch(try decode(ProcessSpec.self), viaBridge: true))
-        case .signal:
-            let request = try decode(SignalRequest.self)
+    }
+
+    /// What the host asked, over the bridge.
+    private func handle(_ request: BridgeRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .create(let spec):
+            return RPCReply(try await launch(spec, viaBridge: true))
+        case .signal(let request):
             try await signal(request.id, request.signal)
-            return empty
-        case .resize:
-            let request = try decode(ProcessResizeRequest.self)
-            try await brokerRequest(.resize, ResizeRequest(process: request.id, rows: request.rows, columns: request.columns))
-            return empty
-        case .closeStdin:
-            try await brokerRequest(.closeStdin, ProcessRequest(process: try decode(ProcessIDRequest.self).id))
-            return empty
+            return .empty
+        case .resize(let request):
+            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
+            return .empty
+        case .closeStdin(let request):
+            try await brokerRequest(.closeStdin(process: request.id))
+            return .empty
         case .list:
             let streams = await brokerStreams()
             let list = processStatuses()
@@ -503,21 +489,19 @@ public final class Supervisor: Sendable {
                 fitted.omittedStreams = omitted
                 fitted.omittedProcesses = processesOmitted
             }
-            return ControlJSON.encode(fitted)
+            return RPCReply(fitted)
         case .stats:
             guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
-            return ControlJSON.encode(try await broker.call(BrokerMessageType.stats.rawValue, [String: String](), reply: BrokerStats.self))
-        case .acknowledgeExit:
-            acknowledgeExit(try decode(AcknowledgeExitRequest.self).id)
-            return empty
-        default:
-            throw HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))")
+            return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
+        case .acknowledgeExit(let request):
+            acknowledgeExit(request.id)
+            return .empty
         }
     }
 
-    private func brokerRequest<T: Encodable>(_ type: BrokerMessageType, _ request: T) async throws(HoldfastError) {
+    private func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
         guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
-        _ = try await broker.request(type.rawValue, body: ControlJSON.encode(request))
+        _ = try await broker.request(request.frameType, body: request.body)
     }
 
     /// The host has an exit: forget it, and the process with it.
@@ -654,7 +638,7 @@ public final class Supervisor: Sendable {
         if !started.adopt.streams.isEmpty {
             do {
                 _ = try await broker.request(
-                    BrokerMessageType.adopt.rawValue, body: ControlJSON.encode(started.adopt), descriptors: started.descriptors)
+                    BrokerRequest.adopt(started.adopt).frameType, body: BrokerRequest.adopt(started.adopt).body, descriptors: started.descriptors)
             } catch {
                 for fd in started.descriptors { close(fd) }
                 kill(started.pid, SIGKILL)
@@ -699,7 +683,7 @@ public final class Supervisor: Sendable {
             exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
         }
         do {
-            _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(exited))
+            _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
         } catch {
             complete(record, report)
         }
@@ -748,7 +732,7 @@ public final class Supervisor: Sendable {
         guard let broker = broker() else { return [] }
         var streams: [StreamStatus] = []
         while true {
-            guard let page = try? await broker.call(BrokerMessageType.list.rawValue, ListRequest(offset: streams.count), reply: ListResponse.self),
+            guard let page = try? await broker.call(BrokerRequest.list(ListRequest(offset: streams.count)), reply: ListResponse.self),
                 !page.streams.isEmpty
             else { break }
             streams += page.streams

@@ -31,7 +31,7 @@ public enum HostClient {
     ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
-        let reply = try await client.request(HostMessageType.run.rawValue, body: ControlJSON.encode(request))
+        let reply = try await client.request(HostRequest.run(request).frameType, body: HostRequest.run(request).body)
         return try await wire(client, reply, tty: request.tty, drainTimeout: drainTimeout, stdio: stdio)
     }
 
@@ -42,7 +42,7 @@ public enum HostClient {
     ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
-        let reply = try await client.request(HostMessageType.attach.rawValue, body: ControlJSON.encode(ProcessIDRequest(id: id)))
+        let reply = try await client.request(HostRequest.attach(ProcessIDRequest(id: id)).frameType, body: HostRequest.attach(ProcessIDRequest(id: id)).body)
         return try await wire(client, reply, tty: tty, drainTimeout: drainTimeout, stdio: stdio)
     }
 
@@ -81,8 +81,7 @@ public enum HostClient {
                 while await winch.next() != nil {
                     guard let size = try? Terminal.size(of: terminal) else { continue }
                     _ = try? await client.call(
-                        HostMessageType.resize.rawValue, ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns),
-                        reply: [String: String].self)
+                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
                 }
             }
         }
@@ -139,8 +138,7 @@ public enum HostClient {
         let waited: Result<HostWaitResponse, HoldfastError>
         do {
             waited = .success(try await client.call(
-                HostMessageType.wait.rawValue, HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds),
-                reply: HostWaitResponse.self))
+                HostRequest.wait(HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds)), reply: HostWaitResponse.self))
         } catch where error.code == .channelClosed {
             waited = .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
         } catch {
@@ -153,26 +151,26 @@ public enum HostClient {
     public static func list(control: String) async throws(HoldfastError) -> BridgeListResponse {
         let client = try await connect(control)
         defer { client.close() }
-        return try await client.call(HostMessageType.list.rawValue, [String: String](), reply: BridgeListResponse.self)
+        return try await client.call(HostRequest.list, reply: BridgeListResponse.self)
     }
 
     public static func stats(control: String) async throws(HoldfastError) -> HostStats {
         let client = try await connect(control)
         defer { client.close() }
-        return try await client.call(HostMessageType.stats.rawValue, [String: String](), reply: HostStats.self)
+        return try await client.call(HostRequest.stats, reply: HostStats.self)
     }
 
     public static func signal(control: String, id: String, signal: Int32) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
-        _ = try await client.call(HostMessageType.signal.rawValue, SignalRequest(id: id, signal: signal), reply: [String: String].self)
+        _ = try await client.call(HostRequest.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self)
     }
 
     public static func migrate(control: String, blackout: Duration) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
         let milliseconds = Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000)
-        _ = try await client.call(HostMessageType.migrate.rawValue, MigrateRequest(blackoutMilliseconds: milliseconds), reply: [String: String].self)
+        _ = try await client.call(HostRequest.migrate(MigrateRequest(blackoutMilliseconds: milliseconds)), reply: [String: String].self)
     }
 
     /// `holdfast host ps` as text.

@@ -114,7 +114,7 @@ public final class HostService: Sendable {
             try? await Task.sleep(for: listInterval)
             let (waiting, round) = table.beginListRound()
             guard waiting, bridge.isConnected,
-                let (list, hello) = try? await bridge.callReportingHello(.list, [String: String](), reply: BridgeListResponse.self, timeout: .seconds(5)),
+                let (list, hello) = try? await bridge.callReportingHello(.list, reply: BridgeListResponse.self, timeout: .seconds(5)),
                 (list.omittedProcesses ?? 0) == 0
             else { continue }
             table.listed(Set(list.processes.map(\.id)), by: GuestIdentity(hello), round: round)
@@ -123,65 +123,43 @@ public final class HostService: Sendable {
 
     // MARK: The control socket
 
+    /// One client of the control socket. Requests run concurrently; when the client goes, its
+    /// waits are cancelled (a process attached to and left many times keeps no waiter per
+    /// client).
     private func serveClient(_ channel: FDChannel) async {
         defer { channel.close() }
-        // Requests run concurrently; when the client goes, its waits are cancelled (a process
-        // attached to and left many times keeps no waiter per client).
-        await withDiscardingTaskGroup { group in
-            while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
-                message.closeDescriptors()
-                guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
-                group.addTask { [self] in
-                    do throws(HoldfastError) {
-                        let (body, descriptors) = try await handle(frame)
-                        try? await channel.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: body).encoded, descriptors: descriptors)
-                        for fd in descriptors { _ = Glibc.close(fd) }  // the client has them now
-                    } catch {
-                        try? await channel.send(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
-                    }
-                }
-            }
-            group.cancelAll()
+        _ = await RPCServer.serve(channel, as: HostRequest.self, inFlight: 64, cancelWhenClosed: true) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            try await handle(request)
         }
     }
 
-    private func handle(_ frame: ControlFrame) async throws(HoldfastError) -> ([UInt8], [Int32]) {
-        func decode<T: Decodable>(_: T.Type) throws(HoldfastError) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw HoldfastError(.badRequest, error.description)
-            }
-        }
-        switch HostMessageType(rawValue: frame.type) {
-        case .run:
-            return try await start(try decode(HostRunRequest.self))
-        case .wait:
-            return (ControlJSON.encode(try await wait(try decode(HostWaitRequest.self))), [])
+    private func handle(_ request: HostRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .run(let request):
+            let (body, descriptors) = try await start(request)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .wait(let request):
+            return RPCReply(try await wait(request))
         case .list:
-            return (ControlJSON.encode(try await bridge.list()), [])
-        case .signal:
-            let request = try decode(SignalRequest.self)
+            return RPCReply(try await bridge.list())
+        case .signal(let request):
             try await bridge.signal(request.id, request.signal)
-            return (ControlJSON.encode([String: String]()), [])
-        case .resize:
-            let request = try decode(ProcessResizeRequest.self)
+            return .empty
+        case .resize(let request):
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
-            return (ControlJSON.encode([String: String]()), [])
-        case .attach:
-            return try attach(try decode(ProcessIDRequest.self).id)
+            return .empty
+        case .attach(let request):
+            let (body, descriptors) = try attach(request.id)
+            return RPCReply(body: body, descriptors: descriptors)
         case .stats:
-            return (ControlJSON.encode(stats), [])
-        case .migrate:
-            let request = try decode(MigrateRequest.self)
+            return RPCReply(stats)
+        case .migrate(let request):
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
                 throw HoldfastError(.badRequest, "blackout must be 0 to 600000 ms")
             }
             // Unstructured: a client that goes away mid-blackout does not cut it short.
             await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value
-            return (ControlJSON.encode([String: String]()), [])
-        case nil:
-            throw HoldfastError(.unknownType, "unknown request type 0x\(String(frame.type, radix: 16))")
+            return .empty
         }
     }
 

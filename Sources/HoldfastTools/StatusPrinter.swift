@@ -17,7 +17,7 @@ public enum StatusPrinter {
     public static func fetch(socket: String) async throws -> StatusReport {
         let client = try await ControlClient.connect(to: socket)
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     public static func render(_ report: StatusReport, colour: Bool) -> String {

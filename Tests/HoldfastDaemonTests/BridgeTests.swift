@@ -415,7 +415,7 @@ struct RepeatedCreateTests {
         let spec = ProcessSpec(id: "slow", argv: [], runtime: .runc, bundle: scratch.file("bundle"), idempotencyKey: "slow-1")
         func send(_ spec: ProcessSpec) async -> Result<LaunchResponse, HoldfastError> {
             do {
-                return .success(try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30)))
+                return .success(try await daemon.bridge.call(.create(spec), reply: LaunchResponse.self, timeout: .seconds(30)))
             } catch {
                 return .failure(error)
             }
@@ -461,7 +461,7 @@ struct RepeatedCreateTests {
                 id: "job", argv: ["sh", "-c", "echo run >> \(marker); while [ ! -e \(gate) ]; do sleep 0.02; done; exit 3"],
                 idempotencyKey: "create-1")
             func send(_ spec: ProcessSpec) async throws(HoldfastError) -> LaunchResponse {
-                try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30))
+                try await daemon.bridge.call(.create(spec), reply: LaunchResponse.self, timeout: .seconds(30))
             }
             let first = try await send(spec)
             #expect(first.repeated == nil)

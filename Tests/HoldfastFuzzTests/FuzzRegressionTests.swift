@@ -36,21 +36,19 @@ struct FuzzRegressionTests {
         ControlFrame(type: type, id: id, body: Array(json.utf8))
     }
 
-    @Test func bridgeClassifiesRequestsRepliesAndJunk() {
-        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")) == .request(.list))
-        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.ok.rawValue, id: 3, "{}")) == .strayReply)
-        guard case .refuse(let unknown) = BridgeWorker.classify(Self.frame(0x4242, id: 3, "{}")) else {
+    @Test func bridgeRequestsDecodeOnceAndJunkIsRefused() throws {
+        func decode(_ frame: ControlFrame) -> Result<BridgeRequest, HoldfastError> {
+            Result { () throws(HoldfastError) in try BridgeRequest.decode(type: frame.type, body: frame.body, descriptorCount: 0) }
+        }
+        #expect(try decode(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")).get() == .list)
+        #expect(try decode(Self.frame(BridgeMessageType.signal.rawValue, id: 3, #"{"id":"p","signal":15}"#)).get() == .signal(SignalRequest(id: "p", signal: 15)))
+        #expect(RPCFrameType.isReply(BridgeMessageType.ok.rawValue), "a reply is never taken as a request")
+        guard case .failure(let unknown) = decode(Self.frame(0x4242, id: 3, "{}")) else {
             Issue.record("an unknown type was not refused")
             return
         }
         #expect(unknown.code == .unknownType)
-        guard case .refuse(let noID) = BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 0, "{}")) else {
-            Issue.record("a request with id 0 was not refused")
-            return
-        }
-        #expect(noID.code == .badRequest)
-        guard case .refuse(let badBody) = BridgeWorker.classify(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#))
-        else {
+        guard case .failure(let badBody) = decode(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#)) else {
             Issue.record("a signal without a signal number was not refused")
             return
         }
