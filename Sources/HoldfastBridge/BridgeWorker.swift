@@ -55,7 +55,7 @@ public enum BridgeWorker {
         /// out right after the hello (a repeat of one in the hello is acknowledged, not
         /// delivered twice). Bounded by the handshake timeout.
         case settingUp([ControlFrame])
-        case up(ControlFrameWriter<AsyncFD>)
+        case up(StreamFrames<AsyncFD>)
     }
 
     /// Runs until the supervisor's channel closes.
@@ -67,7 +67,7 @@ public enum BridgeWorker {
                 switch link {
                 case .down: break
                 case .settingUp(let waiting): link = .settingUp(waiting + [frame])
-                case .up(let writer): writer.send(frame)
+                case .up(let frames): frames.post(frame)
                 }
             }
         }
@@ -121,7 +121,7 @@ public enum BridgeWorker {
             link.withLockedValue { $0 = .settingUp([]) }
             let hello: BridgeHello
             do {
-                let info = try await client.call(SupervisorMessageType.bridgeHello.rawValue, [String: String](), reply: BridgeHello.self)
+                let info = try await client.call(WorkerRequest.hello, reply: BridgeHello.self)
                 hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID)
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
@@ -147,18 +147,18 @@ public enum BridgeWorker {
                     continue
                 }
             }
-            let writer = ControlFrameWriter(connection)
+            let frames = StreamFrames(connection, maxBody: BridgeProtocol.maxBody)
             link.withLockedValue { link in
-                if key == nil { writer.send(helloFrame) }  // with a key it went out with our proof
-                if case .settingUp(let waiting) = link { for frame in waiting { writer.send(frame) } }
-                link = .up(writer)
+                if key == nil { frames.post(helloFrame) }  // with a key it went out with our proof
+                if case .settingUp(let waiting) = link { for frame in waiting { frames.post(frame) } }
+                link = .up(frames)
             }
             backoff = options.reconnectInitial
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
-            let reason = await serve(connection, writer: writer, supervisor: client, logger: logger, tidier: tidier)
+            let reason = await serve(frames, supervisor: client, logger: logger, tidier: tidier)
             link.withLockedValue { $0 = .down }
-            await writer.flush()  // an error reply explaining the close goes out first
+            await frames.writer.flush()  // an error reply explaining the close goes out first
             connection.close()
             logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
             await notify(client, .bridgeDown)
@@ -206,105 +206,27 @@ public enum BridgeWorker {
     }
 
     private static func notify(_ client: ControlClient, _ type: SupervisorMessageType) async {
-        try? await client.channel.send(ControlFrame(type: type.rawValue, id: 0, body: []).encoded)
+        try? await client.notify(type.rawValue)
     }
 
-    /// Reads the host's requests until the connection ends or breaks the framing; returns why.
-    /// Each request runs on its own task (a slow `create` must not hold up a `signal`), at most
-    /// `BridgeProtocol.requestsInFlight` at a time: the next request is read only once a permit is free.
-    static func serve(
-        _ connection: AsyncFD, writer: ControlFrameWriter<AsyncFD>, supervisor: ControlClient, logger: Logger,
-        tidier: MemoryTidier? = nil
-    ) async -> String {
-        let limit = RequestLimit(capacity: BridgeProtocol.requestsInFlight)
-        while true {
-            await limit.acquire()
-            let frame: ControlFrame
-            do {
-                frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
-            } catch let error as ControlFrameIO.ReadError {
-                if case .oversized(_, _, let id) = error {
-                    // Say why before closing: the host can log it. Only this connection ends.
-                    writer.send(errorFrame(id: id, ErrorBody(code: "frame-too-large", message: error.description)))
-                }
-                return error.description
-            } catch {
-                return "\(error)"
-            }
+    /// Serves the host's requests until the connection ends or breaks the framing; returns why.
+    /// Each request is decoded here, in the restartable worker (a bad one is answered here and
+    /// the supervisor never sees it), then forwarded; at most `BridgeProtocol.requestsInFlight`
+    /// at a time, each holding its permit until its reply is written (`RPCServer`).
+    static func serve(_ frames: StreamFrames<AsyncFD>, supervisor: ControlClient, logger: Logger, tidier: MemoryTidier? = nil) async -> RPCServerEnd {
+        await RPCServer.serve(
+            frames, as: BridgeRequest.self, inFlight: BridgeProtocol.requestsInFlight,
+            notification: { frame in
+                // The host sends the guest no notifications: a request without an id.
+                frames.post(ControlFrame(type: RPCFrameType.error, id: 0, body: HoldfastError(.badRequest, "a request needs a non-zero id").errorFrameBody))
+            },
+            stray: { frame in logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"]) },
+            closeDescriptors: { _ in }
+        ) { request, _ async throws(HoldfastError) -> RPCReply in
             tidier?.noteWork()
-            switch classify(frame) {
-            case .strayReply:
-                logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"])
-                limit.release()
-                continue
-            case .refuse(let problem):
-                writer.send(errorFrame(id: frame.id, problem), whenWritten: limit.release)
-                continue
-            case .request:
-                break
-            }
-            Task {
-                do throws(ErrorBody) {
-                    let reply = try await supervisor.request(frame.type, body: frame.body)
-                    for fd in reply.descriptors { _ = Glibc.close(fd) }
-                    writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply.frame.body), whenWritten: limit.release)
-                } catch {
-                    writer.send(errorFrame(id: frame.id, error), whenWritten: limit.release)
-                }
-            }
+            let reply = try await supervisor.request(WorkerRequest.host(request).frameType, body: request.body)
+            return RPCReply(body: reply.frame.body)
         }
-    }
-
-    /// What to do with a frame the host sent.
-    public enum Inbound: Sendable, Equatable {
-        /// A well-formed request: forward it to the supervisor.
-        case request(BridgeMessageType)
-        /// An `ok` or `error` for a request the guest never made: log it, nothing else.
-        case strayReply
-        /// Answer with an error frame carrying the frame's id.
-        case refuse(ErrorBody)
-    }
-
-    /// Checks one frame from the host: a known request type, a non-zero id, a body that parses.
-    /// Pure (no I/O), so it can be fuzzed on its own (`make fuzz`).
-    public static func classify(_ frame: ControlFrame) -> Inbound {
-        guard let type = BridgeMessageType(rawValue: frame.type), BridgeMessageType.requests.contains(type) else {
-            if frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue {
-                return .strayReply
-            }
-            return .refuse(ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))"))
-        }
-        guard frame.id != 0 else {
-            return .refuse(ErrorBody(code: "bad-request", message: "a request needs a non-zero id"))
-        }
-        if let problem = validate(type, frame) { return .refuse(problem) }
-        return .request(type)
-    }
-
-    /// Parses a request body here, in the restartable worker, so the supervisor only ever sees
-    /// well-formed requests.
-    static func validate(_ type: BridgeMessageType, _ frame: ControlFrame) -> ErrorBody? {
-        func check<T: Decodable>(_: T.Type) -> ErrorBody? {
-            do {
-                _ = try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-                return nil
-            } catch {
-                return ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        switch type {
-        case .create: return check(ProcessSpec.self)
-        case .signal: return check(SignalRequest.self)
-        case .resize: return check(ProcessResizeRequest.self)
-        case .closeStdin: return check(ProcessIDRequest.self)
-        case .acknowledgeExit: return check(AcknowledgeExitRequest.self)
-        case .list, .stats: return nil
-        default: return ErrorBody(code: "unknown-type", message: "not a request")
-        }
-    }
-
-    static func errorFrame(id: UInt64, _ error: ErrorBody) -> ControlFrame {
-        ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
     }
 
     /// The kernel's boot id: changes on every boot of the VM, not on migration.

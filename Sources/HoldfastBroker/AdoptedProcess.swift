@@ -68,17 +68,17 @@ enum StreamTransport: Sendable {
         }
     }
 
-    var state: String {
+    var state: StreamState {
         let phase: SlotPhase
         switch self {
         case .raw(let slot): phase = slot.phase
         case .resumable(let stream): phase = stream.slot.phase
         }
         switch phase {
-        case .connected: return "connected"
-        case .empty: return "parked"
-        case .closed: return "closed"
-        case .abandoned: return "abandoned"
+        case .connected: return .connected
+        case .empty: return .parked
+        case .closed: return .closed
+        case .abandoned: return .abandoned
         }
     }
 
@@ -324,14 +324,14 @@ final class AdoptedProcess: Sendable {
         return !inputs.isEmpty
     }
 
-    func resize(_ size: WindowSize) throws(ErrorBody) {
+    func resize(_ size: WindowSize) throws(HoldfastError) {
         guard let tty = all.first(where: { $0.description.kind == .tty }) else {
-            throw ErrorBody(code: "no-tty", message: "process '\(id)' has no terminal")
+            throw HoldfastError(.noTTY, "process '\(id)' has no terminal")
         }
         do {
             try tty.handle.withSyscall { () throws(SystemError) in try Terminal.resize(fd: tty.handle.fd, to: size) }
         } catch {
-            throw ErrorBody(code: "resize-failed", message: "\(error)")
+            throw HoldfastError(.resizeFailed, "\(error)")
         }
     }
 

@@ -67,35 +67,38 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
             } catch {
                 if let error = error as? ControlFrameIO.ReadError, case .oversized(_, _, let id) = error {
-                    _ = errorReply(id: id, ErrorBody(code: "frame-too-large", message: error.description))
+                    _ = errorReply(id: id, HoldfastError(.frameTooLarge, error.description))
                 }
                 return
             }
             precondition(frame.body.count <= BridgeProtocol.maxBody, "a frame over the limit was read")
-            switch BridgeWorker.classify(frame) {
-            case .strayReply:
-                precondition(frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue)
-            case .refuse(let problem):
-                _ = errorReply(id: frame.id, problem)
-            case .request(let type):
-                precondition(frame.id != 0 && BridgeMessageType.requests.contains(type), "an invalid request was forwarded")
-                // What the supervisor does next with a create: decode it again and check it.
-                if type == .create, let spec = try? ControlJSON.decode(ProcessSpec.self, from: frame.body, frameType: frame.type) {
+            // As the worker's RPC server takes it: id 0 is a notification (refused), a reply is
+            // stray, anything else is decoded once into a typed request or refused.
+            if frame.id == 0 || RPCFrameType.isReply(frame.type) { continue }
+            let request: BridgeRequest
+            do {
+                request = try BridgeRequest.decode(type: frame.type, body: frame.body, descriptorCount: 0)
+            } catch {
+                _ = errorReply(id: frame.id, error)
+                continue
+            }
+            precondition(BridgeMessageType.requests.contains(BridgeMessageType(rawValue: request.frameType)!), "an invalid request was forwarded")
+            // What the supervisor does next with a create: check it.
+            if case .create(let spec) = request {
+                do {
+                    try Supervisor.validate(spec)
+                } catch {
+                    _ = errorReply(id: frame.id, error)
+                    continue
+                }
+                // The supervisor starts the process, then hands its streams to the broker, which
+                // checks them again: what it would refuse must be refused up front.
+                let streams = Supervisor.streamDescriptions(for: spec)
+                if !streams.isEmpty {
                     do {
-                        try Supervisor.validate(spec)
+                        try AdoptCheck.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
                     } catch {
-                        _ = errorReply(id: frame.id, error)
-                        continue
-                    }
-                    // The supervisor starts the process, then hands its streams to the broker,
-                    // which checks them again: what it would refuse must be refused up front.
-                    let streams = Supervisor.streamDescriptions(for: spec)
-                    if !streams.isEmpty {
-                        do {
-                            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
-                        } catch {
-                            preconditionFailure("the broker refuses the streams of a create the supervisor accepted: \(error)")
-                        }
+                        preconditionFailure("the broker refuses the streams of a create the supervisor accepted: \(error)")
                     }
                 }
             }
@@ -131,7 +134,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     }
 
     /// The error frame a refusal becomes; encoding it must not fail either.
-    static func errorReply(id: UInt64, _ error: ErrorBody) -> [UInt8] {
+    static func errorReply(id: UInt64, _ error: HoldfastError) -> [UInt8] {
         let frame = ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
         let bytes = frame.encoded
         precondition((try? ControlFrame.decode(datagram: bytes, maxBody: Int.max)) == frame, "an error frame does not round-trip")

@@ -98,18 +98,31 @@ public final class BridgeServer: Sendable {
 
     /// One guest connection: its writer and the requests waiting for a reply on it.
     final class Connection: Sendable {
-        let socket: AsyncFD
         let hello: BridgeHello
-        let writer: ControlFrameWriter<AsyncFD>
-        let pending = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: CheckedContinuation<ControlFrame?, Never>], closed: Bool)>(
-            (0, [:], false))
+        let frames: StreamFrames<AsyncFD>
+        /// Requests to the guest, replies matched by id; its reader hands exits (id 0) on.
+        let rpc: RPCClient
+        private let onExit = NIOLockedValueBox<(@Sendable (ExitReport) -> Void)?>(nil)
         /// Set once this connection's reader has stopped delivering (its last exit is out).
         private let served = NIOLockedValueBox<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
 
         init(_ socket: AsyncFD, hello: BridgeHello) {
-            self.socket = socket
             self.hello = hello
-            self.writer = ControlFrameWriter(socket)
+            frames = StreamFrames(socket, maxBody: BridgeProtocol.maxBody)
+            let onExit = self.onExit
+            rpc = RPCClient(transport: frames, closeDescriptors: { _ in }) { frame in
+                guard frame.type == BridgeMessageType.exit.rawValue,
+                    let report = try? ControlJSON.decode(ExitReport.self, from: frame.body, frameType: frame.type)
+                else { return }
+                onExit.withLockedValue { $0 }?(report)
+            }
+        }
+
+        /// Reads replies and exits until the connection ends; `deliver` gets each exit.
+        func run(deliver: @escaping @Sendable (ExitReport) -> Void) async {
+            onExit.withLockedValue { $0 = deliver }
+            await rpc.run()
+            markServed()
         }
 
         func markServed() {
@@ -133,39 +146,17 @@ public final class BridgeServer: Sendable {
             }
         }
 
-        /// Sends a request and waits for its reply; nil if the connection ends first.
-        func request(_ type: BridgeMessageType, body: [UInt8]) async -> ControlFrame? {
-            await withCheckedContinuation { continuation in
-                let id = pending.withLockedValue { p -> UInt64? in
-                    guard !p.closed else { return nil }
-                    p.next &+= 1
-                    p.waiting[p.next] = continuation
-                    return p.next
-                }
-                guard let id else {
-                    continuation.resume(returning: nil)
-                    return
-                }
-                writer.send(ControlFrame(type: type.rawValue, id: id, body: body))
+        /// Sends a request; the guest's reply, or `bridge-lost` if the connection ends first.
+        func request(_ request: BridgeRequest) async throws(HoldfastError) -> ControlFrame {
+            do throws(HoldfastError) {
+                return try await rpc.request(request.frameType, body: request.body).frame
+            } catch {
+                guard error.code == .channelClosed else { throw error }
+                throw HoldfastError(.bridgeLost, "the bridge connection was lost before the guest replied", cause: error)
             }
         }
 
-        func reply(_ frame: ControlFrame) -> Bool {
-            guard let waiter = pending.withLockedValue({ $0.waiting.removeValue(forKey: frame.id) }) else { return false }
-            waiter.resume(returning: frame)
-            return true
-        }
-
-        func close() {
-            let waiters = pending.withLockedValue { p -> [CheckedContinuation<ControlFrame?, Never>] in
-                p.closed = true
-                defer { p.waiting.removeAll() }
-                return Array(p.waiting.values)
-            }
-            writer.finish()
-            socket.close()
-            for waiter in waiters { waiter.resume(returning: nil) }
-        }
+        func close() { frames.close() }
     }
 
     /// `authentication` has no default: a host must say whether it checks the guest's key.
@@ -239,7 +230,7 @@ public final class BridgeServer: Sendable {
     /// own), and when the bridge is lost before the reply it is sent again on the next
     /// connection, until `timeout` — the guest answers a repeat with the first one's pid
     /// instead of starting the program again (docs/PROTOCOL.md, "Repeating a create").
-    public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> Int32 {
+    public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> Int32 {
         try await createProcess(spec, timeout: timeout).pid
     }
 
@@ -252,7 +243,7 @@ public final class BridgeServer: Sendable {
     }
 
     /// `create`, also saying which daemon (instance and boot) answered.
-    public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> CreatedProcess {
+    public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> CreatedProcess {
         var keyed = spec
         if keyed.idempotencyKey == nil { keyed.idempotencyKey = RandomIdentifier.make() }
         // The id may be reused once its last exit was acknowledged: its next exit is news.
@@ -263,62 +254,56 @@ public final class BridgeServer: Sendable {
         while true {
             do {
                 let (reply, hello) = try await callReportingHello(
-                    .create, keyed, reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
+                    .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
                 return CreatedProcess(pid: reply.pid, hello: hello)
             } catch {
-                guard error.code == "bridge-lost", ContinuousClock.now < deadline else { throw error }
+                guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
                 state.withLockedValue { $0.repeatedCreates += 1 }
             }
         }
     }
 
-    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
-        _ = try await call(.signal, SignalRequest(id: id, signal: signal), reply: [String: String].self, timeout: timeout)
+    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        _ = try await call(.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
-        _ = try await call(.resize, ProcessResizeRequest(id: id, rows: rows, columns: columns), reply: [String: String].self, timeout: timeout)
+    public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        _ = try await call(.resize(ProcessResizeRequest(id: id, rows: rows, columns: columns)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func closeStdin(_ id: String, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
-        _ = try await call(.closeStdin, ProcessIDRequest(id: id), reply: [String: String].self, timeout: timeout)
+    public func closeStdin(_ id: String, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        _ = try await call(.closeStdin(ProcessIDRequest(id: id)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func list(timeout: Duration = .seconds(10)) async throws(ErrorBody) -> BridgeListResponse {
-        try await call(.list, [String: String](), reply: BridgeListResponse.self, timeout: timeout)
+    public func list(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BridgeListResponse {
+        try await call(.list, reply: BridgeListResponse.self, timeout: timeout)
     }
 
-    public func stats(timeout: Duration = .seconds(10)) async throws(ErrorBody) -> BrokerStats {
-        try await call(.stats, [String: String](), reply: BrokerStats.self, timeout: timeout)
+    public func stats(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BrokerStats {
+        try await call(.stats, reply: BrokerStats.self, timeout: timeout)
     }
 
     /// Sends any request and decodes the reply. Waits up to `timeout` for a guest to be connected;
     /// a connection lost before the reply is the error `bridge-lost` (the request may or may not
     /// have been carried out; `create` handles that itself by sending its keyed request again).
-    public func call<Request: Encodable, Reply: Decodable>(
-        _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
-    ) async throws(ErrorBody) -> Reply {
-        try await callReportingHello(type, request, reply: reply, timeout: timeout).reply
+    public func call<Reply: Decodable>(
+        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
+    ) async throws(HoldfastError) -> Reply {
+        try await callReportingHello(request, reply: reply, timeout: timeout).reply
     }
 
     /// `call`, also returning the hello of the connection that carried the reply.
-    public func callReportingHello<Request: Encodable, Reply: Decodable>(
-        _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
-    ) async throws(ErrorBody) -> (reply: Reply, hello: BridgeHello) {
+    public func callReportingHello<Reply: Decodable>(
+        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
+    ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
         guard let connection = await guest(within: timeout) else {
-            throw ErrorBody(code: "no-guest", message: "no guest connected to the bridge at \(address) within \(timeout)")
+            throw HoldfastError(.noGuest, "no guest connected to the bridge at \(address) within \(timeout)")
         }
-        guard let frame = await connection.request(type, body: ControlJSON.encode(request)) else {
-            throw ErrorBody(code: "bridge-lost", message: "the bridge connection was lost before the guest replied")
-        }
-        if frame.type == BridgeMessageType.error.rawValue {
-            throw (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))
-                ?? ErrorBody(code: "error", message: String(decoding: frame.body, as: UTF8.self))
-        }
+        let frame = try await connection.request(request)
         do {
             return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
         } catch {
-            throw ErrorBody(code: "bad-reply", message: error.description)
+            throw HoldfastError(.badReply, error.description)
         }
     }
 
@@ -443,7 +428,6 @@ public final class BridgeServer: Sendable {
             return
         }
         let connection = Connection(socket, hello: hello)
-        defer { connection.markServed() }
         // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
         // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
         let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
@@ -457,6 +441,7 @@ public final class BridgeServer: Sendable {
         }
         guard let (previous, waiters) = installed else {
             connection.close()
+            connection.markServed()
             return
         }
         previous?.close()
@@ -467,19 +452,8 @@ public final class BridgeServer: Sendable {
         for report in hello.exits { deliver(report, on: connection) }
         for waiter in waiters { waiter.resume(returning: connection) }
 
-        while true {
-            guard let frame = try? await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody) else { break }
-            switch BridgeMessageType(rawValue: frame.type) {
-            case .ok, .error:
-                _ = connection.reply(frame)  // a reply to nothing we asked is ignored
-            case .exit:
-                if let report = try? ControlJSON.decode(ExitReport.self, from: frame.body, frameType: frame.type) {
-                    deliver(report, on: connection)
-                }
-            default:
-                break
-            }
-        }
+        // Replies to our requests, and exits; a reply to nothing we asked is ignored.
+        await connection.run { [self] report in deliver(report, on: connection) }
         state.withLockedValue { if $0.connection === connection { $0.connection = nil } }
         connection.close()
     }
@@ -496,11 +470,14 @@ public final class BridgeServer: Sendable {
         if first {
             if let observer { observer(.exit(report)) } else { exitSink.yield(report) }
         }
-        let body = ControlJSON.encode(AcknowledgeExitRequest(id: report.id))
         Task { [self] in
             // Any reply means the guest processed the acknowledgement (it answers ok even for an
             // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
-            guard await connection.request(.acknowledgeExit, body: body) != nil else { return }
+            do throws(HoldfastError) {
+                _ = try await connection.request(.acknowledgeExit(AcknowledgeExitRequest(id: report.id)))
+            } catch {
+                if error.code == .bridgeLost { return }
+            }
             state.withLockedValue { s in
                 guard s.deliveredExits[report.id] == false else { return }
                 s.deliveredExits[report.id] = true

@@ -107,6 +107,17 @@ public struct ProcessExitedRequest: Codable, Sendable, Equatable {
 }
 
 /// A stream as the broker reports it.
+/// Where a stream's connection is.
+public enum StreamState: String, Codable, Sendable, CaseIterable {
+    case connected
+    /// No connection: the host is away (a migration) or being redialled.
+    case parked
+    /// Ended: everything delivered, or released.
+    case closed
+    /// Given up on after the drain timeout; what was not delivered is counted.
+    case abandoned
+}
+
 public struct StreamStatus: Codable, Sendable, Equatable {
     public var process: String
     public var kind: StreamKind
@@ -114,15 +125,14 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     public var direction: String?
     public var mode: StreamModeName
     public var address: String
-    /// connected, parked, closed or abandoned.
-    public var state: String
+    public var state: StreamState
     public var bytesToHost: UInt64
     public var bytesFromHost: UInt64
     public var reconnects: UInt64
     public var undelivered: UInt64
 
     public init(
-        process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: String,
+        process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: StreamState,
         bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64
     ) {
         self.process = process
@@ -240,15 +250,4 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
 public struct ReleaseResponse: Codable, Sendable, Equatable {
     public var streams: [StreamDescription]
     public init(streams: [StreamDescription]) { self.streams = streams }
-}
-
-/// A coded error: the same shape on every control socket and on the bridge.
-public struct ErrorBody: Codable, Sendable, Equatable, Error, CustomStringConvertible {
-    public var code: String
-    public var message: String
-    public init(code: String, message: String) {
-        self.code = code
-        self.message = message
-    }
-    public var description: String { "\(code): \(message)" }
 }

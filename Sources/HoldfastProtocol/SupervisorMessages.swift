@@ -12,7 +12,6 @@ public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
     case launch = 0x0402
     case signal = 0x0403
     case wait = 0x0404
-    case processes = 0x0405
     // Responses.
     case ok = 0x0001
     case error = 0x0002
@@ -162,15 +161,29 @@ public struct RoleStatus: Codable, Sendable, Equatable {
     }
 }
 
+/// Where a process is in its life, as the supervisor sees it.
+public enum ProcessState: String, Codable, Sendable, CaseIterable {
+    /// A create in progress: the id is taken, nothing runs yet (pid 0).
+    case starting
+    case running
+    /// Exited; its output is still draining to the host.
+    case exited
+    /// Exited and drained: its exit is final (and, for a bridge process, reported).
+    case done
+}
+
+/// Whether the bridge worker has the host.
+public enum BridgeState: String, Codable, Sendable {
+    case up, down
+}
+
 public struct ProcessStatus: Codable, Sendable, Equatable {
     public var id: String
     public var pid: Int32
-    /// starting (a create in progress; pid 0), running, exited (waiting for its output to
-    /// drain) or done.
-    public var state: String
+    public var state: ProcessState
     public var exitCode: Int32?
 
-    public init(id: String, pid: Int32, state: String, exitCode: Int32?) {
+    public init(id: String, pid: Int32, state: ProcessState, exitCode: Int32?) {
         self.id = id
         self.pid = pid
         self.state = state
@@ -182,7 +195,7 @@ public struct StatusReport: Codable, Sendable, Equatable {
     public var version: String
     public var pid: Int32
     public var uptimeSeconds: Double
-    public var bridge: String
+    public var bridge: BridgeState
     public var roles: [RoleStatus]
     public var processes: [ProcessStatus]
     public var streams: [StreamStatus]
@@ -193,7 +206,7 @@ public struct StatusReport: Codable, Sendable, Equatable {
     public var omittedStreams: Int?
 
     public init(
-        version: String, pid: Int32, uptimeSeconds: Double, bridge: String, roles: [RoleStatus], processes: [ProcessStatus],
+        version: String, pid: Int32, uptimeSeconds: Double, bridge: BridgeState, roles: [RoleStatus], processes: [ProcessStatus],
         streams: [StreamStatus]
     ) {
         self.version = version

@@ -48,7 +48,7 @@ extension Supervisor {
     }
 
     /// A process the host or a local client asks for may not run as the broker's uid.
-    func refuseTheBrokersUID(_ spec: ProcessSpec) throws(ErrorBody) {
+    func refuseTheBrokersUID(_ spec: ProcessSpec) throws(HoldfastError) {
         guard !configuration.broker.allowSharedUID, configuration.broker.user != nil else { return }
         let broker = brokerUID
         let uid: uid_t?
@@ -61,9 +61,7 @@ extension Supervisor {
             uid = bundle.flatMap { RuncBundleIdentity.hostUID(bundle: $0, containerUID: inContainer) }
         }
         if uid == broker {
-            throw ErrorBody(
-                code: "bad-user",
-                message: "the process would run as uid \(broker), the broker's: no other process may share the broker's uid")
+            throw HoldfastError(.badUser, "the process would run as uid \(broker), the broker's: no other process may share the broker's uid")
         }
     }
 }

@@ -38,7 +38,7 @@ public final class Supervisor: Sendable {
         var records: [String: ProcessRecord] = [:]
         var creates = CreateLedger()
     }
-    private let bridgeState = NIOLockedValueBox("down")
+    private let bridgeState = NIOLockedValueBox(BridgeState.down)
     private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
     private let shuttingDown = NIOLockedValueBox(false)
     /// While stopping: when every drain must be over, so that the exits still reach the host
@@ -67,8 +67,8 @@ public final class Supervisor: Sendable {
         /// Started directly in a session of its own (pid == process group id): a stop can end
         /// the whole group, orphans holding its output included.
         let leadsProcessGroup: Bool
-        let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
-            ("running", nil, []))
+        let state = NIOLockedValueBox<(phase: ProcessState, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
+            (.running, nil, []))
 
         init(
             id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil,
@@ -90,8 +90,8 @@ public final class Supervisor: Sendable {
         /// must happen before (the exit queued for the host) has; nil if it was already done.
         func finish(_ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
             state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
-                guard s.phase != "done" else { return nil }
-                s.phase = "done"
+                guard s.phase != .done else { return nil }
+                s.phase = .done
                 s.report = report
                 defer { s.waiters.removeAll() }
                 return s.waiters
@@ -103,7 +103,7 @@ public final class Supervisor: Sendable {
         func wait() async -> ExitReport {
             await withCheckedContinuation { continuation in
                 let done = state.withLockedValue { s -> ExitReport? in
-                    if s.phase == "done", let report = s.report { return report }
+                    if s.phase == .done, let report = s.report { return report }
                     s.waiters.append(continuation)
                     return nil
                 }
@@ -181,7 +181,7 @@ public final class Supervisor: Sendable {
         }
         logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
         readiness.cancel()
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" }.count }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running }.count }
         notifier.post([
             .stopping,
             .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
@@ -227,7 +227,7 @@ public final class Supervisor: Sendable {
         let roles = self.roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
         var text = metrics.render(roles: roles)
         if let broker = broker(),
-            let reply = try? await broker.call(BrokerMessageType.metrics.rawValue, [String: String](), reply: MetricsResponse.self)
+            let reply = try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self)
         {
             text += reply.text
         }
@@ -244,7 +244,7 @@ public final class Supervisor: Sendable {
     private func announceReadiness() async {
         while !Task.isCancelled {
             if rolePID("bridge") != nil, let broker = broker(),
-                (try? await broker.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self)) != nil,
+                (try? await broker.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self)) != nil,
                 rolePID("bridge") != nil, !shuttingDown.withLockedValue({ $0 })
             {
                 ready.withLockedValue { $0 = true }
@@ -258,7 +258,7 @@ public final class Supervisor: Sendable {
 
     private var bridgeSummary: String {
         let state = bridgeState.withLockedValue { $0 }
-        return "bridge to \(configuration.bridge.address) \(state == "up" ? "up" : "down (redialling)")"
+        return "bridge to \(configuration.bridge.address) \(state == .up ? "up" : "down (redialling)")"
     }
 
     /// A role started, died or could not start: the status line says so (restarts only once the
@@ -390,7 +390,7 @@ public final class Supervisor: Sendable {
         brokerClient.clear { $0 === client }
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
             if var report = record.state.withLockedValue({ $0.report }) {
                 report.outputCutShort = true
                 complete(record, report)
@@ -405,92 +405,78 @@ public final class Supervisor: Sendable {
         bridgeChannel.withLockedValue { $0 = channel }
         // The worker bounds what the host has in flight; this bounds what the worker can (a
         // worker gone wrong must not grow the supervisor either).
-        let limit = RequestLimit(capacity: 2 * BridgeProtocol.requestsInFlight)
-        while true {
-            await limit.acquire()
-            guard let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) else { break }
-            message.closeDescriptors()
-            guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
-            tidier.noteWork()
-            if frame.id == 0 {
+        _ = await RPCServer.serve(
+            channel, as: WorkerRequest.self, inFlight: 2 * BridgeProtocol.requestsInFlight,
+            notification: { [self] frame in
+                tidier.noteWork()
                 await bridgeNotification(frame)
-                limit.release()
-                continue
             }
-            Task {
-                defer { limit.release() }
-                do throws(ErrorBody) {
-                    let body = try await handleBridge(frame)
-                    try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
-                } catch {
-                    try? await channel.send(
-                        ControlFrame(type: SupervisorMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
-                }
-            }
+        ) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            tidier.noteWork()
+            return try await handle(request)
         }
         bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
         // The worker died: the bridge is as good as lost.
-        if bridgeState.withLockedValue({ $0 }) == "up" {
-            bridgeState.withLockedValue { $0 = "down" }
+        if bridgeState.withLockedValue({ $0 }) == .up {
+            bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
-            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         }
     }
 
     private func bridgeNotification(_ frame: ControlFrame) async {
         switch SupervisorMessageType(rawValue: frame.type) {
         case .bridgeUp:
-            bridgeState.withLockedValue { $0 = "up" }
+            bridgeState.withLockedValue { $0 = .up }
             metrics.bridge(up: true)
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
             if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
-            _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
         case .bridgeDown:
-            bridgeState.withLockedValue { $0 = "down" }
+            bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
             logger.warning("bridge lost")
             if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
-            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         default:
             break
         }
     }
 
     /// A host request, forwarded by the bridge worker.
-    private func handleBridge(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        let empty = ControlJSON.encode([String: String]())
-        if frame.type == SupervisorMessageType.bridgeHello.rawValue {
+    /// A request of the bridge worker: the hello for a new bridge connection, or one the host
+    /// sent (decoded and checked by the worker, decoded again at this boundary).
+    private func handle(_ request: WorkerRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .hello:
             // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
             // again once the bridge is up), then as many live processes as fit.
-            let live = processStatuses().filter { $0.state != "done" }
+            let live = processStatuses().filter { $0.state != .done }
             let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
             let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
-            return ControlJSON.encode(hello)
+            return RPCReply(hello)
+        case .host(let request):
+            return try await handle(request)
         }
-        switch BridgeMessageType(rawValue: frame.type) {
-        case .create:
-            return ControlJSON.encode(try await launch(try decode(ProcessSpec.self), viaBridge: true))
-        case .signal:
-            let request = try decode(SignalRequest.self)
+    }
+
+    /// What the host asked, over the bridge.
+    private func handle(_ request: BridgeRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .create(let spec):
+            return RPCReply(try await launch(spec, viaBridge: true))
+        case .signal(let request):
             try await signal(request.id, request.signal)
-            return empty
-        case .resize:
-            let request = try decode(ProcessResizeRequest.self)
-            try await brokerRequest(.resize, ResizeRequest(process: request.id, rows: request.rows, columns: request.columns))
-            return empty
-        case .closeStdin:
-            try await brokerRequest(.closeStdin, ProcessRequest(process: try decode(ProcessIDRequest.self).id))
-            return empty
+            return .empty
+        case .resize(let request):
+            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
+            return .empty
+        case .closeStdin(let request):
+            try await brokerRequest(.closeStdin(process: request.id))
+            return .empty
         case .list:
             let streams = await brokerStreams()
             let list = processStatuses()
@@ -503,28 +489,26 @@ public final class Supervisor: Sendable {
                 fitted.omittedStreams = omitted
                 fitted.omittedProcesses = processesOmitted
             }
-            return ControlJSON.encode(fitted)
+            return RPCReply(fitted)
         case .stats:
-            guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
-            return ControlJSON.encode(try await broker.call(BrokerMessageType.stats.rawValue, [String: String](), reply: BrokerStats.self))
-        case .acknowledgeExit:
-            acknowledgeExit(try decode(AcknowledgeExitRequest.self).id)
-            return empty
-        default:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
+            return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
+        case .acknowledgeExit(let request):
+            acknowledgeExit(request.id)
+            return .empty
         }
     }
 
-    private func brokerRequest<T: Encodable>(_ type: BrokerMessageType, _ request: T) async throws(ErrorBody) {
-        guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
-        _ = try await broker.request(type.rawValue, body: ControlJSON.encode(request))
+    private func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
+        guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
+        _ = try await broker.request(request.frameType, body: request.body)
     }
 
     /// The host has an exit: forget it, and the process with it.
     private func acknowledgeExit(_ id: String) {
         unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
         processes.withLockedValue { table in
-            if let record = table.records[id], record.viaBridge, record.status.state == "done" {
+            if let record = table.records[id], record.viaBridge, record.status.state == .done {
                 table.records.removeValue(forKey: id)
                 table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
             }
@@ -570,7 +554,7 @@ public final class Supervisor: Sendable {
     private func processStatuses() -> [ProcessStatus] {
         processes.withLockedValue { table in
             table.records.values.map(\.status)
-                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: "starting", exitCode: nil) }
+                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: .starting, exitCode: nil) }
         }.sorted { $0.id < $1.id }
     }
 
@@ -579,11 +563,11 @@ public final class Supervisor: Sendable {
     /// Starts a process and hands its stdio to the broker; on any failure the process is gone
     /// and every fd closed. A repeat of a create (same id and idempotency key) starts nothing:
     /// it answers with the first one's pid, waiting for the first if it is still starting.
-    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> LaunchResponse {
+    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(HoldfastError) -> LaunchResponse {
         var answered = false
         defer { if !answered { metrics.processStartFailed() } }
         guard !shuttingDown.withLockedValue({ $0 }) else {
-            throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
+            throw HoldfastError(.shuttingDown, "the daemon is shutting down")
         }
         try Launcher.validate(spec)
         try refuseTheBrokersUID(spec)
@@ -593,7 +577,7 @@ public final class Supervisor: Sendable {
         let reservation: CreateLedger.PendingStart
         switch decision {
         case .exists:
-            throw ErrorBody(code: "process-exists", message: "a process with id '\(spec.id)' exists")
+            throw HoldfastError(.processExists, "a process with id '\(spec.id)' exists")
         case .repeated(let pid):
             logger.info("create repeated: already started", metadata: ["process": "\(spec.id)", "pid": "\(pid)"])
             answered = true
@@ -623,10 +607,10 @@ public final class Supervisor: Sendable {
 
     /// Starts the process of a create that holds its id's reservation; the record replaces the
     /// reservation in one step.
-    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
+    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(HoldfastError) -> pid_t {
         // A broker starting (the daemon just came up) or restarting is waited for, not an error.
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
-            throw ErrorBody(code: "broker-unavailable", message: "the broker has not been running for \(Self.describe(Self.brokerWait))")
+            throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
         let started: Launcher.Started
         var container: (id: String, bundle: String)?
@@ -636,10 +620,10 @@ public final class Supervisor: Sendable {
         case .runc:
             if let target = spec.container {
                 guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
-                    throw ErrorBody(code: "no-such-container", message: "no runc container '\(target)'")
+                    throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
                 }
-                guard record.status.state == "running" else {
-                    throw ErrorBody(code: "not-running", message: "container '\(target)' has exited")
+                guard record.status.state == .running else {
+                    throw HoldfastError(.notRunning, "container '\(target)' has exited")
                 }
                 started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
             } else {
@@ -654,7 +638,7 @@ public final class Supervisor: Sendable {
         if !started.adopt.streams.isEmpty {
             do {
                 _ = try await broker.request(
-                    BrokerMessageType.adopt.rawValue, body: ControlJSON.encode(started.adopt), descriptors: started.descriptors)
+                    BrokerRequest.adopt(started.adopt).frameType, body: BrokerRequest.adopt(started.adopt).body, descriptors: started.descriptors)
             } catch {
                 for fd in started.descriptors { close(fd) }
                 kill(started.pid, SIGKILL)
@@ -683,7 +667,7 @@ public final class Supervisor: Sendable {
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
         record.state.withLockedValue {
-            $0.phase = "exited"
+            $0.phase = .exited
             $0.report = report
         }
         logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
@@ -699,7 +683,7 @@ public final class Supervisor: Sendable {
             exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
         }
         do {
-            _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(exited))
+            _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
         } catch {
             complete(record, report)
         }
@@ -713,9 +697,9 @@ public final class Supervisor: Sendable {
         complete(record, report)
     }
 
-    public func wait(_ id: String) async throws(ErrorBody) -> ExitReport {
+    public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
         let report = await record.wait()
         processes.withLockedValue { table in
@@ -727,17 +711,17 @@ public final class Supervisor: Sendable {
         return report
     }
 
-    public func signal(_ id: String, _ signal: Int32) async throws(ErrorBody) {
+    public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
-        guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
+        guard record.status.state == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
             try await runc.kill(container.id, signal: signal)
             return
         }
         guard kill(record.pid, signal) == 0 else {
-            throw ErrorBody(code: "signal-failed", message: "kill(\(record.pid), \(signal)): errno \(errno)")
+            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): errno \(errno)")
         }
     }
 
@@ -748,7 +732,7 @@ public final class Supervisor: Sendable {
         guard let broker = broker() else { return [] }
         var streams: [StreamStatus] = []
         while true {
-            guard let page = try? await broker.call(BrokerMessageType.list.rawValue, ListRequest(offset: streams.count), reply: ListResponse.self),
+            guard let page = try? await broker.call(BrokerRequest.list(ListRequest(offset: streams.count)), reply: ListResponse.self),
                 !page.streams.isEmpty
             else { break }
             streams += page.streams
@@ -788,13 +772,13 @@ public final class Supervisor: Sendable {
         drainDeadline.withLockedValue { $0 = drainsEnd }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" } }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running } }
         for record in running { kill(record.pid, configuration.shutdown.signal) }
         let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
         var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
         if !clean {
-            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != "done" {
-                if record.status.state == "running" {
+            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != .done {
+                if record.status.state == .running {
                     logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
                     kill(record.pid, SIGKILL)
                 }
@@ -807,7 +791,7 @@ public final class Supervisor: Sendable {
         // A process that exited but whose output could not drain in time (a host that reads
         // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
         // never an exit the host waits for forever.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
             guard var report = record.state.withLockedValue({ $0.report }) else { continue }
             report.outputCutShort = true
             logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(record.id)"])
@@ -823,7 +807,7 @@ public final class Supervisor: Sendable {
 
     /// Waits while the bridge is up and exits are unacknowledged, until `deadline`.
     private func waitForAcknowledgements(until deadline: ContinuousClock.Instant) async {
-        while bridgeState.withLockedValue({ $0 }) == "up", !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
+        while bridgeState.withLockedValue({ $0 }) == .up, !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
             ContinuousClock.now < deadline
         {
             try? await Task.sleep(for: .milliseconds(20))

@@ -28,10 +28,10 @@ public enum HostClient {
     /// waits for a stream that cannot end (an orphan holding it, a broker that died).
     public static func run(
         control: String, request: HostRunRequest, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited
-    ) async throws(ErrorBody) -> HostRunOutcome {
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
-        let reply = try await client.request(HostMessageType.run.rawValue, body: ControlJSON.encode(request))
+        let reply = try await client.request(HostRequest.run(request).frameType, body: HostRequest.run(request).body)
         return try await wire(client, reply, tty: request.tty, drainTimeout: drainTimeout, stdio: stdio)
     }
 
@@ -39,27 +39,27 @@ public enum HostClient {
     /// output produced meanwhile waited and arrives now. Returns how it ended, like `run`.
     public static func attach(
         control: String, id: String, tty: Bool, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited
-    ) async throws(ErrorBody) -> HostRunOutcome {
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
-        let reply = try await client.request(HostMessageType.attach.rawValue, body: ControlJSON.encode(ProcessIDRequest(id: id)))
+        let reply = try await client.request(HostRequest.attach(ProcessIDRequest(id: id)).frameType, body: HostRequest.attach(ProcessIDRequest(id: id)).body)
         return try await wire(client, reply, tty: tty, drainTimeout: drainTimeout, stdio: stdio)
     }
 
     /// Relays `stdio` to the sockets of a `run`/`attach` reply until the process's outcome.
     static func wire(
         _ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool, drainTimeout: Duration, stdio: Stdio
-    ) async throws(ErrorBody) -> HostRunOutcome {
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let started: HostRunResponse
         do {
             started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
         } catch {
             for fd in reply.descriptors { close(fd) }
-            throw ErrorBody(code: "bad-reply", message: error.description)
+            throw HoldfastError(.badReply, error.description)
         }
         guard reply.descriptors.count == started.streams.count else {
             for fd in reply.descriptors { close(fd) }
-            throw ErrorBody(code: "bad-reply", message: "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
+            throw HoldfastError(.badReply, "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
         }
         var rawTerminal: termios?
         if tty, isatty(stdio.input) != 0 {
@@ -81,8 +81,7 @@ public enum HostClient {
                 while await winch.next() != nil {
                     guard let size = try? Terminal.size(of: terminal) else { continue }
                     _ = try? await client.call(
-                        HostMessageType.resize.rawValue, ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns),
-                        reply: [String: String].self)
+                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
                 }
             }
         }
@@ -131,20 +130,17 @@ public enum HostClient {
                 }
             }
         } catch {
-            throw ErrorBody(code: "local-failed", message: "\(error)")
+            throw HoldfastError(.localFailed, "\(error)")
         }
         // host serve answers once the outcome is known and it has closed our output sockets
         // after their last byte: what is left to copy is in the sockets, then end-of-file.
         let milliseconds = Int(drainTimeout.components.seconds * 1000 + drainTimeout.components.attoseconds / 1_000_000_000_000_000)
-        let waited: Result<HostWaitResponse, ErrorBody>
+        let waited: Result<HostWaitResponse, HoldfastError>
         do {
             waited = .success(try await client.call(
-                HostMessageType.wait.rawValue, HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds),
-                reply: HostWaitResponse.self))
-        } catch where error.code == "channel-closed" {
-            waited = .failure(ErrorBody(
-                code: "host-serve-gone",
-                message: "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
+                HostRequest.wait(HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds)), reply: HostWaitResponse.self))
+        } catch where error.code == .channelClosed {
+            waited = .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
         } catch {
             waited = .failure(error)
         }
@@ -152,29 +148,29 @@ public enum HostClient {
         return try waited.get().outcome
     }
 
-    public static func list(control: String) async throws(ErrorBody) -> BridgeListResponse {
+    public static func list(control: String) async throws(HoldfastError) -> BridgeListResponse {
         let client = try await connect(control)
         defer { client.close() }
-        return try await client.call(HostMessageType.list.rawValue, [String: String](), reply: BridgeListResponse.self)
+        return try await client.call(HostRequest.list, reply: BridgeListResponse.self)
     }
 
-    public static func stats(control: String) async throws(ErrorBody) -> HostStats {
+    public static func stats(control: String) async throws(HoldfastError) -> HostStats {
         let client = try await connect(control)
         defer { client.close() }
-        return try await client.call(HostMessageType.stats.rawValue, [String: String](), reply: HostStats.self)
+        return try await client.call(HostRequest.stats, reply: HostStats.self)
     }
 
-    public static func signal(control: String, id: String, signal: Int32) async throws(ErrorBody) {
+    public static func signal(control: String, id: String, signal: Int32) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
-        _ = try await client.call(HostMessageType.signal.rawValue, SignalRequest(id: id, signal: signal), reply: [String: String].self)
+        _ = try await client.call(HostRequest.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self)
     }
 
-    public static func migrate(control: String, blackout: Duration) async throws(ErrorBody) {
+    public static func migrate(control: String, blackout: Duration) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
         let milliseconds = Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000)
-        _ = try await client.call(HostMessageType.migrate.rawValue, MigrateRequest(blackoutMilliseconds: milliseconds), reply: [String: String].self)
+        _ = try await client.call(HostRequest.migrate(MigrateRequest(blackoutMilliseconds: milliseconds)), reply: [String: String].self)
     }
 
     /// `holdfast host ps` as text.
@@ -182,15 +178,15 @@ public enum HostClient {
         guard !list.processes.isEmpty else { return "no processes" }
         return StatusPrinter.table(
             ["PROCESS", "PID", "STATE", "EXIT"],
-            list.processes.map { [$0.id, String($0.pid), $0.state, $0.exitCode.map(String.init) ?? "-"] }
+            list.processes.map { [$0.id, String($0.pid), $0.state.rawValue, $0.exitCode.map(String.init) ?? "-"] }
         ).joined(separator: "\n")
     }
 
-    static func connect(_ control: String) async throws(ErrorBody) -> ControlClient {
+    static func connect(_ control: String) async throws(HoldfastError) -> ControlClient {
         do {
             return try await ControlClient.connect(to: control)
         } catch {
-            throw ErrorBody(code: "no-host-service", message: "cannot reach 'holdfast host serve' at \(control): \(error)")
+            throw HoldfastError(.noHostService, "cannot reach 'holdfast host serve' at \(control): \(error)")
         }
     }
 

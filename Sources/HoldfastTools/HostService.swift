@@ -114,7 +114,7 @@ public final class HostService: Sendable {
             try? await Task.sleep(for: listInterval)
             let (waiting, round) = table.beginListRound()
             guard waiting, bridge.isConnected,
-                let (list, hello) = try? await bridge.callReportingHello(.list, [String: String](), reply: BridgeListResponse.self, timeout: .seconds(5)),
+                let (list, hello) = try? await bridge.callReportingHello(.list, reply: BridgeListResponse.self, timeout: .seconds(5)),
                 (list.omittedProcesses ?? 0) == 0
             else { continue }
             table.listed(Set(list.processes.map(\.id)), by: GuestIdentity(hello), round: round)
@@ -123,76 +123,54 @@ public final class HostService: Sendable {
 
     // MARK: The control socket
 
+    /// One client of the control socket. Requests run concurrently; when the client goes, its
+    /// waits are cancelled (a process attached to and left many times keeps no waiter per
+    /// client).
     private func serveClient(_ channel: FDChannel) async {
         defer { channel.close() }
-        // Requests run concurrently; when the client goes, its waits are cancelled (a process
-        // attached to and left many times keeps no waiter per client).
-        await withDiscardingTaskGroup { group in
-            while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
-                message.closeDescriptors()
-                guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
-                group.addTask { [self] in
-                    do throws(ErrorBody) {
-                        let (body, descriptors) = try await handle(frame)
-                        try? await channel.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: body).encoded, descriptors: descriptors)
-                        for fd in descriptors { _ = Glibc.close(fd) }  // the client has them now
-                    } catch {
-                        try? await channel.send(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
-                    }
-                }
-            }
-            group.cancelAll()
+        _ = await RPCServer.serve(channel, as: HostRequest.self, inFlight: 64, cancelWhenClosed: true) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            try await handle(request)
         }
     }
 
-    private func handle(_ frame: ControlFrame) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        switch HostMessageType(rawValue: frame.type) {
-        case .run:
-            return try await start(try decode(HostRunRequest.self))
-        case .wait:
-            return (ControlJSON.encode(try await wait(try decode(HostWaitRequest.self))), [])
+    private func handle(_ request: HostRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .run(let request):
+            let (body, descriptors) = try await start(request)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .wait(let request):
+            return RPCReply(try await wait(request))
         case .list:
-            return (ControlJSON.encode(try await bridge.list()), [])
-        case .signal:
-            let request = try decode(SignalRequest.self)
+            return RPCReply(try await bridge.list())
+        case .signal(let request):
             try await bridge.signal(request.id, request.signal)
-            return (ControlJSON.encode([String: String]()), [])
-        case .resize:
-            let request = try decode(ProcessResizeRequest.self)
+            return .empty
+        case .resize(let request):
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
-            return (ControlJSON.encode([String: String]()), [])
-        case .attach:
-            return try attach(try decode(ProcessIDRequest.self).id)
+            return .empty
+        case .attach(let request):
+            let (body, descriptors) = try attach(request.id)
+            return RPCReply(body: body, descriptors: descriptors)
         case .stats:
-            return (ControlJSON.encode(stats), [])
-        case .migrate:
-            let request = try decode(MigrateRequest.self)
+            return RPCReply(stats)
+        case .migrate(let request):
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
-                throw ErrorBody(code: "bad-request", message: "blackout must be 0 to 600000 ms")
+                throw HoldfastError(.badRequest, "blackout must be 0 to 600000 ms")
             }
             // Unstructured: a client that goes away mid-blackout does not cut it short.
             await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value
-            return (ControlJSON.encode([String: String]()), [])
-        case nil:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            return .empty
         }
     }
 
-    private func wait(_ request: HostWaitRequest) async throws(ErrorBody) -> HostWaitResponse {
+    private func wait(_ request: HostWaitRequest) async throws(HoldfastError) -> HostWaitResponse {
         if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
-            throw ErrorBody(code: "bad-request", message: "the drain timeout must be 0 to 86400000 ms")
+            throw HoldfastError(.badRequest, "the drain timeout must be 0 to 86400000 ms")
         }
         guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
         guard let process else {
             if let known { return known }
-            throw ErrorBody(code: "no-such-process", message: "no process '\(request.id)' started by this host serve")
+            throw HoldfastError(.noSuchProcess, "no process '\(request.id)' started by this host serve")
         }
         if let milliseconds = request.drainTimeoutMilliseconds {
             process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
@@ -201,7 +179,7 @@ public final class HostService: Sendable {
         return outcome
     }
 
-    private static let closing = ErrorBody(code: "closing", message: "host serve is closing")
+    private static let closing = HoldfastError(.closing, "host serve is closing")
 
     /// What a live migration looks like to the guest: the bridge and every stream connection
     /// drop at once, and nothing is accepted for `blackout`.
@@ -220,7 +198,7 @@ public final class HostService: Sendable {
 
     /// Opens the process's streams here, creates it in the guest, and returns one local socket
     /// per stream for the client.
-    private func start(_ request: HostRunRequest) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+    private func start(_ request: HostRunRequest) async throws(HoldfastError) -> ([UInt8], [Int32]) {
         let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
         var kinds = request.tty ? ["stdin", "stdout"] : ["stdin", "stdout", "stderr"]
         var specs: [String: StreamSpec] = [:]
@@ -231,7 +209,7 @@ public final class HostService: Sendable {
             }
             kinds = []
         }
-        if table.isTaken(id) { throw ErrorBody(code: "process-exists", message: "host serve already runs a process '\(id)'") }
+        if table.isTaken(id) { throw HoldfastError(.processExists, "host serve already runs a process '\(id)'") }
 
         var input: InputRelay?
         var outputs: [OutputRelay] = []
@@ -251,7 +229,7 @@ public final class HostService: Sendable {
         } catch {
             input?.close()
             for output in outputs { output.discard() }
-            throw ErrorBody(code: "process-exists", message: "host serve already has a stream of a process '\(id)': \(error)")
+            throw HoldfastError(.processExists, "host serve already has a stream of a process '\(id)': \(error)")
         }
         let process = HostedProcess(id: id, outputs: outputs, input: input, drainTimeout: HostDefaults.drainTimeout)
         let local: [Int32]
@@ -266,7 +244,7 @@ public final class HostService: Sendable {
             for fd in local { _ = Glibc.close(fd) }
             input?.close()
             for output in outputs { output.discard() }
-            throw ErrorBody(code: "process-exists", message: "host serve already runs a process '\(id)'")
+            throw HoldfastError(.processExists, "host serve already runs a process '\(id)'")
         }
         if let input { Task { await input.run() } }
         for output in outputs {
@@ -299,11 +277,11 @@ public final class HostService: Sendable {
     /// `host attach`: new local sockets for a process's streams; the previous client's are
     /// closed. Output produced while no client was attached waited for this one. A process
     /// already finished gets no sockets; its `wait` answers at once.
-    private func attach(_ id: String) throws(ErrorBody) -> ([UInt8], [Int32]) {
+    private func attach(_ id: String) throws(HoldfastError) -> ([UInt8], [Int32]) {
         guard let (process, known) = table.lookup(id) else { throw Self.closing }
         guard let process else {
             if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)' started by this host serve")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve")
         }
         let outlets = process.outlets
         let kinds = ["stdin", "stdout", "stderr"].filter { outlets[$0].map { !$0.isClosed } ?? false }
@@ -313,7 +291,7 @@ public final class HostService: Sendable {
     }
 
     /// A socket pair per outlet: ours attached to the outlet, theirs returned for the client.
-    private func connectClient(to outlets: [Outlet]) throws(ErrorBody) -> [Int32] {
+    private func connectClient(to outlets: [Outlet]) throws(HoldfastError) -> [Int32] {
         var local: [Int32] = []
         for outlet in outlets {
             do {
@@ -327,7 +305,7 @@ public final class HostService: Sendable {
                 }
             } catch {
                 for fd in local { _ = Glibc.close(fd) }
-                throw ErrorBody(code: "local-failed", message: "\(error)")
+                throw HoldfastError(.localFailed, "\(error)")
             }
         }
         return local

@@ -30,7 +30,7 @@ public enum MigrationDemo {
         executable: String, say: @escaping @Sendable (String) -> Void
     ) async throws -> Verdict {
         guard geteuid() == 0 else {
-            throw ErrorBody(code: "needs-root", message: "the demo starts the daemon, which needs root (its broker runs as a uid of its own): run it as root, e.g. sudo make demo")
+            throw HoldfastError(.needsRoot, "the demo starts the daemon, which needs root (its broker runs as a uid of its own): run it as root, e.g. sudo make demo")
         }
         let directory = try makeTemporaryDirectory("holdfast-demo")
         chmod(directory, 0o755)  // the broker, unprivileged, dials the sockets in here
@@ -103,7 +103,7 @@ public enum MigrationDemo {
         say("demo: daemon pid \(daemon), host peer on Unix sockets in \(directory)")
         guard await service.bridge.waitForGuest(timeout: .seconds(20)) else {
             let tail = String(decoding: (WholeFile.read(directory + "/daemon.log") ?? []).suffix(2000), as: UTF8.self)
-            throw ErrorBody(code: "no-guest", message: "the daemon never dialed the bridge; its log:\n\(tail)")
+            throw HoldfastError(.noGuest, "the daemon never dialed the bridge; its log:\n\(tail)")
         }
         say("demo: guest connected over the bridge")
 

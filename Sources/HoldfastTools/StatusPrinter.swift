@@ -17,17 +17,31 @@ public enum StatusPrinter {
     public static func fetch(socket: String) async throws -> StatusReport {
         let client = try await ControlClient.connect(to: socket)
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     public static func render(_ report: StatusReport, colour: Bool) -> String {
         func paint(_ text: String, _ code: String) -> String { colour ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text }
-        func state(_ text: String) -> String {
-            switch text {
-            case "connected", "up", "running": return paint(text, "32")
-            case "parked", "exited": return paint(text, "33")
-            case "down", "abandoned": return paint(text, "31")
-            default: return text
+        // Green for working, yellow for waiting, red for lost.
+        func state(_ bridge: BridgeState) -> String {
+            switch bridge {
+            case .up: return paint(bridge.rawValue, "32")
+            case .down: return paint(bridge.rawValue, "31")
+            }
+        }
+        func state(_ process: ProcessState) -> String {
+            switch process {
+            case .running: return paint(process.rawValue, "32")
+            case .exited: return paint(process.rawValue, "33")
+            case .starting, .done: return process.rawValue
+            }
+        }
+        func state(_ stream: StreamState) -> String {
+            switch stream {
+            case .connected: return paint(stream.rawValue, "32")
+            case .parked: return paint(stream.rawValue, "33")
+            case .abandoned: return paint(stream.rawValue, "31")
+            case .closed: return stream.rawValue
             }
         }
         var lines = [

@@ -76,10 +76,10 @@ struct Scale: AsyncParsableCommand {
         }
         guard let control else { throw ValidationError("the daemon did not start; see \(directory)/daemon.log") }
         defer { control.close() }
-        var report = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
-        while report.roles.contains(where: { $0.pid == nil }) || report.bridge != "up" {
+        var report = try await control.call(SupervisorRequest.status, reply: StatusReport.self)
+        while report.roles.contains(where: { $0.pid == nil }) || report.bridge != .up {
             try await Task.sleep(for: .milliseconds(50))
-            report = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+            report = try await control.call(SupervisorRequest.status, reply: StatusReport.self)
         }
         guard let brokerPID = report.roles.first(where: { $0.name == "broker" })?.pid else { throw ValidationError("no broker") }
         let address = "unix:" + directory + "/streams.sock"
@@ -94,15 +94,14 @@ struct Scale: AsyncParsableCommand {
             let err = try streams.open(token: Array("\(id)-err".utf8), direction: .receive)
             let input = try streams.open(token: Array("\(id)-in".utf8), direction: .send)
             _ = try await control.call(
-                SupervisorMessageType.launch.rawValue,
-                ProcessSpec(
+                SupervisorRequest.launch(ProcessSpec(
                     id: id, argv: ["sleep", "3600"], stdin: input.streamSpec(at: address),
-                    stdout: out.streamSpec(at: address), stderr: err.streamSpec(at: address)),
+                    stdout: out.streamSpec(at: address), stderr: err.streamSpec(at: address))),
                 reply: LaunchResponse.self)
         }
         let launched = ContinuousClock.now - started
         while true {
-            let list = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+            let list = try await control.call(SupervisorRequest.status, reply: StatusReport.self)
             let states = list.streamStates ?? [:]
             if states["connected", default: 0] >= idle * 3 { break }
             if ContinuousClock.now - started > .seconds(300) {
@@ -138,10 +137,9 @@ struct Scale: AsyncParsableCommand {
         for index in 0..<busy {
             let id = "busy\(index)"
             _ = try await control.call(
-                SupervisorMessageType.launch.rawValue,
-                ProcessSpec(
+                SupervisorRequest.launch(ProcessSpec(
                     id: id, argv: ["head", "-c", String(bytes), "/dev/zero"], stdin: specs[index].stdin,
-                    stdout: specs[index].stdout, stderr: specs[index].stderr),
+                    stdout: specs[index].stdout, stderr: specs[index].stderr)),
                 reply: LaunchResponse.self)
         }
         for consumer in consumers { await consumer.value }

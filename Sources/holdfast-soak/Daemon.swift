@@ -63,7 +63,7 @@ struct Daemon: Sendable {
             timer.cancel()
             client.close()
         }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     /// SIGTERM, then a bounded wait for the graceful shutdown; SIGKILL if it overruns

@@ -177,10 +177,10 @@ enum Worker {
                 return nil
             } catch {
                 switch error.code {
-                case "bridge-lost", "no-guest":
+                case .bridgeLost, .noGuest:
                     if attempt >= 30 { return "signal gave up after \(attempt) attempts: \(error.code)" }
                     if host.exits.has(id) { return nil }
-                case "not-running", "no-such-process":
+                case .notRunning, .noSuchProcess:
                     if attempt > 1 { return nil }  // the earlier attempt reached it
                     return "signal \(signal) failed: \(error.code): \(error.message)"
                 default:

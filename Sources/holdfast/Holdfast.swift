@@ -226,7 +226,7 @@ struct Demo: AsyncParsableCommand {
         do {
             verdict = try await MigrationDemo.run(
                 beats: beats, migrations: migrations, blackout: .milliseconds(blackout), executable: ownExecutable()) { print($0) }
-        } catch let error as ErrorBody {
+        } catch let error as HoldfastError {
             print("demo: \(error.message)")
             throw ExitCode(1)
         }

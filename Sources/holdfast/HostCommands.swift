@@ -109,7 +109,7 @@ struct DrainTimeoutOption: ParsableArguments {
 
 /// Ends `host run/exec/attach`: the process's status, or 125 with the reason on stderr.
 func finishHostCommand(
-    _ name: String, drainTimeout: String, _ body: () async throws(ErrorBody) -> HostRunOutcome
+    _ name: String, drainTimeout: String, _ body: () async throws(HoldfastError) -> HostRunOutcome
 ) async throws -> Never {
     let outcome: HostRunOutcome
     do {
@@ -194,7 +194,7 @@ struct HostRun: AsyncParsableCommand {
         let request = HostRunRequest(
             id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns,
             rawAddresses: raw.isEmpty ? nil : raw, runtime: runtime == .direct ? nil : runtime, bundle: bundle)
-        try await finishHostCommand("host run", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
+        try await finishHostCommand("host run", drainTimeout: drain.drainTimeout) { () throws(HoldfastError) in
             try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout)
         }
     }
@@ -223,7 +223,7 @@ struct HostExec: AsyncParsableCommand {
         var size: WindowSize?
         if tty { size = try? Terminal.size(of: 0) }
         let request = HostRunRequest(id: id, argv: argv, tty: tty, rows: size?.rows, columns: size?.columns, runtime: .runc, container: container)
-        try await finishHostCommand("host exec", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
+        try await finishHostCommand("host exec", drainTimeout: drain.drainTimeout) { () throws(HoldfastError) in
             try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout)
         }
     }
@@ -240,7 +240,7 @@ struct HostAttach: AsyncParsableCommand {
 
     func run() async throws {
         let drainTimeout = try drain.duration()
-        try await finishHostCommand("host attach", drainTimeout: drain.drainTimeout) { () throws(ErrorBody) in
+        try await finishHostCommand("host attach", drainTimeout: drain.drainTimeout) { () throws(HoldfastError) in
             try await HostClient.attach(control: control, id: id, tty: tty, drainTimeout: drainTimeout)
         }
     }

@@ -68,7 +68,7 @@ struct BridgeTests {
             try writeFile(dark, [])
             try await eventually("m2 to exit in the dark", timeout: .seconds(5)) {
                 let report = try await daemon.status()
-                return report.processes.first { $0.id == "m2" }?.state == "done"
+                return report.processes.first { $0.id == "m2" }?.state == .done
             }
             #expect(exits.count("m2") == 0, "nobody was connected")
             lightsOn(daemon)
@@ -124,7 +124,7 @@ struct BridgeTests {
             }
             try await typist.value
             try await eventually("echo still running: no false end-of-file", timeout: .seconds(5)) {
-                try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == "running" }
+                try await daemon.bridge.list().processes.contains { $0.id == "echo" && $0.state == .running }
             }
             #expect(await typed.finish() == 0, "every typed byte acknowledged")
             try await eventually("both exits", timeout: .seconds(20)) { exits.count("hb") == 1 && exits.count("echo") == 1 }
@@ -218,7 +218,7 @@ struct BridgeTests {
             // A sleeper ended by a signal sent over the bridge; its exit says which signal.
             _ = try await daemon.bridge.create(ProcessSpec(id: "s", argv: ["sleep", "60"]))
             let listed = try await daemon.bridge.list()
-            #expect(listed.processes.contains { $0.id == "s" && $0.state == "running" })
+            #expect(listed.processes.contains { $0.id == "s" && $0.state == .running })
             let stats = try await daemon.bridge.stats()
             #expect(stats.residentKiB > 0 && (stats.mallocInUseKiB ?? 0) > 0 && stats.mallocFreeKiB != nil, "\(stats)")
             try await daemon.bridge.signal("s", SIGTERM)
@@ -226,18 +226,18 @@ struct BridgeTests {
             #expect(exits.all.first { $0.id == "s" }?.signal == SIGTERM)
 
             // Errors come back coded.
-            await #expect(throws: ErrorBody.self) { try await daemon.bridge.signal("nobody", SIGTERM) }
+            await #expect(throws: HoldfastError.self) { try await daemon.bridge.signal("nobody", SIGTERM) }
             do {
                 _ = try await daemon.bridge.create(ProcessSpec(id: "bad", argv: ["/nonexistent/binary"]))
                 Issue.record("created a process from a binary that does not exist")
-            } catch let error as ErrorBody {
+            } catch let error as HoldfastError {
                 #expect(error.message.contains("/nonexistent/binary"), "\(error)")
             }
             do {
                 try await daemon.bridge.resize("nobody", rows: 10, columns: 10)
                 Issue.record("resized a process that does not exist")
-            } catch let error as ErrorBody {
-                #expect(!error.code.isEmpty)
+            } catch let error as HoldfastError {
+                #expect(!error.code.rawValue.isEmpty)
             }
             #expect(try await daemon.stop() == .exited(0))
         }
@@ -279,7 +279,7 @@ struct BridgeTests {
         try await FrameIO.write(oversized, to: first)
         let refusal = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
         #expect(refusal.type == BridgeMessageType.error.rawValue && refusal.id == 41)
-        #expect(try ControlJSON.decode(ErrorBody.self, from: refusal.body, frameType: refusal.type).code == "frame-too-large")
+        #expect(HoldfastError(errorFrameBody: refusal.body, frameType: refusal.type).code == .frameTooLarge)
         await #expect(throws: ControlFrameIO.ReadError.endOfStream) {
             _ = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
         }
@@ -295,7 +295,7 @@ struct BridgeTests {
             return try await withTimeout("a reply") { try await ControlFrameIO.read(from: second, maxBody: BridgeProtocol.maxBody) }
         }
         func code(_ frame: ControlFrame) -> String? {
-            (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))?.code
+            HoldfastError(errorFrameBody: frame.body, frameType: frame.type).code.rawValue
         }
         let unknown = try await exchange(ControlFrame(type: 0x9999, id: 5, body: []))
         #expect(unknown.id == 5 && code(unknown) == "unknown-type")
@@ -379,7 +379,7 @@ struct RepeatedCreateTests {
                             _ = try await daemon.bridge.create(spec)
                             return "ok"
                         } catch {
-                            return (error as? ErrorBody)?.code ?? "\(error)"
+                            return (error as? HoldfastError)?.code.rawValue ?? "\(error)"
                         }
                     }
                 }
@@ -413,16 +413,16 @@ struct RepeatedCreateTests {
         let daemon = try await DaemonFixture(extraConfig: "runc:\n  path: \(runc)\n")
         defer { daemon.cleanUp() }
         let spec = ProcessSpec(id: "slow", argv: [], runtime: .runc, bundle: scratch.file("bundle"), idempotencyKey: "slow-1")
-        func send(_ spec: ProcessSpec) async -> Result<LaunchResponse, ErrorBody> {
+        func send(_ spec: ProcessSpec) async -> Result<LaunchResponse, HoldfastError> {
             do {
-                return .success(try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30)))
+                return .success(try await daemon.bridge.call(.create(spec), reply: LaunchResponse.self, timeout: .seconds(30)))
             } catch {
                 return .failure(error)
             }
         }
         let first = Task { await send(spec) }
         try await eventually("the create to be listed as starting") {
-            try await daemon.bridge.list().processes.contains { $0.id == "slow" && $0.state == "starting" && $0.pid == 0 }
+            try await daemon.bridge.list().processes.contains { $0.id == "slow" && $0.state == .starting && $0.pid == 0 }
         }
         var other = spec
         other.idempotencyKey = "slow-2"
@@ -430,7 +430,7 @@ struct RepeatedCreateTests {
             Issue.record("a second create of a starting id was accepted")
             return
         }
-        #expect(refused.code == "process-exists")
+        #expect(refused.code == .processExists)
         let repeating = Task { await send(spec) }  // waits for the first
         try await eventually("the repeat to join the first") { daemon.log.contains("create repeated while the first is starting") }
         try writeFile(gate, [])
@@ -440,13 +440,13 @@ struct RepeatedCreateTests {
             Issue.record("the slow runc was expected to fail: \(original), \(repeated)")
             return
         }
-        #expect(failed.code == "runtime-failed" && sameFailure == failed, "\(failed) / \(sameFailure)")
+        #expect(failed.code == .runtimeFailed && sameFailure == failed, "\(failed) / \(sameFailure)")
         #expect(try await !daemon.bridge.list().processes.contains { $0.id == "slow" }, "a failed create frees its id")
         guard case .failure(let again) = await send(other) else {
             Issue.record("the slow runc succeeded")
             return
         }
-        #expect(again.code == "runtime-failed", "tried again, not refused as process-exists")
+        #expect(again.code == .runtimeFailed, "tried again, not refused as process-exists")
         #expect(try await daemon.stop() == .exited(0))
     }
 
@@ -460,15 +460,15 @@ struct RepeatedCreateTests {
             var spec = ProcessSpec(
                 id: "job", argv: ["sh", "-c", "echo run >> \(marker); while [ ! -e \(gate) ]; do sleep 0.02; done; exit 3"],
                 idempotencyKey: "create-1")
-            func send(_ spec: ProcessSpec) async throws(ErrorBody) -> LaunchResponse {
-                try await daemon.bridge.call(.create, spec, reply: LaunchResponse.self, timeout: .seconds(30))
+            func send(_ spec: ProcessSpec) async throws(HoldfastError) -> LaunchResponse {
+                try await daemon.bridge.call(.create(spec), reply: LaunchResponse.self, timeout: .seconds(30))
             }
             let first = try await send(spec)
             #expect(first.repeated == nil)
             let whileRunning = try await send(spec)
             #expect(whileRunning == LaunchResponse(pid: first.pid, repeated: true))
             let listed = try await daemon.bridge.list()
-            #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == ["running"])
+            #expect(listed.processes.filter { $0.id == "job" }.map(\.state) == [.running])
 
             #expect(creat(gate, 0o600) >= 0)
             try await eventually("the exit") { exits.count("job") == 1 }
@@ -495,8 +495,8 @@ struct RepeatedCreateTests {
                 do {
                     _ = try await send(spec)
                     Issue.record("a create with a \(bad.utf8.count)-byte key was accepted")
-                } catch let error as ErrorBody {
-                    #expect(error.code == "bad-request" && error.message.contains("idempotencyKey"), "\(error)")
+                } catch let error as HoldfastError {
+                    #expect(error.code == .badRequest && error.message.contains("idempotencyKey"), "\(error)")
                 }
             }
             #expect(runs(marker) == 2)

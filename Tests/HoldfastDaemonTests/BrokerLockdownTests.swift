@@ -290,8 +290,8 @@ struct BrokerLockdownTests {
             do {
                 _ = try await daemon.launch(ProcessSpec(id: name, argv: [], runtime: .runc, bundle: daemon.directory.file(name)))
                 Issue.record("\(name): started as the broker's uid")
-            } catch let error as ErrorBody {
-                #expect(error.code == "bad-user" && error.message.contains("the broker's"), "\(name): \(error)")
+            } catch let error as HoldfastError {
+                #expect(error.code == .badUser && error.message.contains("the broker's"), "\(name): \(error)")
             }
         }
         #expect(try await daemon.status().processes.isEmpty)

@@ -142,7 +142,7 @@ struct NULByteTests {
                 try Supervisor.validate(spec)
                 Issue.record("\(field) with a NUL byte passed")
             } catch {
-                #expect(error.code == "bad-request" && error.message == "\(field) contains a NUL byte", "\(error)")
+                #expect(error.code == .badRequest && error.message == "\(field) contains a NUL byte", "\(error)")
             }
         }
     }

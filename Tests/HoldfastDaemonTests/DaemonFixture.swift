@@ -112,7 +112,7 @@ final class DaemonFixture: Sendable {
         }
         try await eventually("the broker and the bridge", timeout: .seconds(20)) {
             let report = try? await self.status()
-            return report?.pid == pid && report?.bridge == "up" && report?.roles.allSatisfy({ $0.pid != nil }) == true
+            return report?.pid == pid && report?.bridge == .up && report?.roles.allSatisfy({ $0.pid != nil }) == true
         }
     }
 
@@ -133,19 +133,19 @@ final class DaemonFixture: Sendable {
     func status() async throws -> StatusReport {
         let client = try await control()
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     func launch(_ spec: ProcessSpec) async throws -> Int32 {
         let client = try await control()
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.launch.rawValue, spec, reply: LaunchResponse.self).pid
+        return try await client.call(SupervisorRequest.launch(spec), reply: LaunchResponse.self).pid
     }
 
     func wait(_ id: String) async throws -> ExitReport {
         let client = try await control()
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.wait.rawValue, WaitRequest(id: id), reply: ExitReport.self)
+        return try await client.call(SupervisorRequest.wait(WaitRequest(id: id)), reply: ExitReport.self)
     }
 
     func rolePID(_ name: String) async throws -> pid_t? {

@@ -53,7 +53,7 @@ struct DaemonTests {
         }
         try await eventually("every stream connected") {
             let streams = try await daemon.status().streams
-            return streams.count == ids.count && streams.allSatisfy { $0.state == "connected" }
+            return streams.count == ids.count && streams.allSatisfy { $0.state == .connected }
         }
         // A blackout: the bridge and every stream connection drop, and nothing is accepted.
         daemon.streams.setRefusing(true)
@@ -63,14 +63,14 @@ struct DaemonTests {
             let report = try await daemon.status()
             // A stream whose process finished meanwhile (a slow machine) is closed, not parked.
             // (Not the bridge's state, which may already be up again on a slow machine.)
-            return report.streams.allSatisfy { $0.state != "connected" }
+            return report.streams.allSatisfy { $0.state != .connected }
         }
         try await Task.sleep(for: .milliseconds(500))
         daemon.streams.setRefusing(false)
         daemon.bridge.drop(refusing: false)
         try await eventually("every stream back", timeout: .seconds(10)) {
             let report = try await daemon.status()
-            return report.bridge == "up" && report.streams.allSatisfy { $0.state == "connected" || $0.state == "closed" }
+            return report.bridge == .up && report.streams.allSatisfy { $0.state == .connected || $0.state == .closed }
         }
         for id in ids {
             let report = try await daemon.wait(id)

@@ -76,7 +76,7 @@ struct HandoffExampleTests {
         #expect(listed.status == .exited(0), "stderr: \(listed.stderr)")
         let streams = try ControlJSON.decode([StreamStatus].self, from: bytes(listed.stdout), frameType: 0)
         #expect(Set(streams.filter { $0.process == "h1" }.map(\.kind)) == [.stdin, .stdout, .stderr])
-        #expect(streams.filter { $0.process == "h1" }.allSatisfy { $0.state == "connected" }, "\(streams)")
+        #expect(streams.filter { $0.process == "h1" }.allSatisfy { $0.state == .connected }, "\(streams)")
 
         // Release: python gets the same three pipes back (their inodes), and the broker keeps
         // no copy of any of them.

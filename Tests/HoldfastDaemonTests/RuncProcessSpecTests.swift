@@ -45,7 +45,7 @@ struct RuncProcessSpecTests {
         #expect(second["consoleSize"] == nil)
         #expect(second["env"] as? [String] == ["PATH=/bin", "A=1"])
 
-        #expect(throws: ErrorBody.self) { try RuncRuntime.execProcess(bundle: directory.file("none"), spec: spec) }
+        #expect(throws: HoldfastError.self) { try RuncRuntime.execProcess(bundle: directory.file("none"), spec: spec) }
     }
 
     @Test func containerIDsFollowRuncsRule() {

@@ -186,7 +186,7 @@ struct RuncTests {
         #expect(sized == "33 99\n")
 
         // An exec into something that is not a running container is refused with a code.
-        await #expect(throws: ErrorBody.self) {
+        await #expect(throws: HoldfastError.self) {
             _ = try await daemon.bridge.create(ProcessSpec(id: "nope.x", argv: ["true"], runtime: .runc, container: "nope"))
         }
         try await daemon.bridge.signal("box", SIGKILL)  // runc kill
@@ -224,7 +224,7 @@ struct RuncTests {
                         runtime: .runc, bundle: path))
                     Issue.record("a bad bundle was accepted")
                 } catch {
-                    #expect(error.code == "runtime-failed")
+                    #expect(error.code == .runtimeFailed)
                     #expect(error.message.hasPrefix("runc create: "), "\(error.message)")
                     #expect(error.message.contains(needle), "runc's own message: \(error.message)")
                 }
@@ -239,7 +239,7 @@ struct RuncTests {
             await #expect {
                 _ = try await daemon.bridge.create(spec)
             } throws: { error in
-                (error as? ErrorBody)?.code == "bad-request" && (error as? ErrorBody)?.message.contains(field) == true
+                (error as? HoldfastError)?.code == .badRequest && (error as? HoldfastError)?.message.contains(field) == true
             }
         }
         #expect(try runcList(daemon).isEmpty, "no container left behind")

@@ -159,7 +159,7 @@ struct StreamAttackTests {
             // before anything is relayed; the process it started is ended.
             var reuse = daemon.spec("victim-stdout")
             reuse.secret = .random()
-            await #expect(throws: ErrorBody.self) {
+            await #expect(throws: HoldfastError.self) {
                 _ = try await daemon.launch(ProcessSpec(id: "copycat", argv: ["sh", "-c", "echo spliced"], stdout: reuse))
             }
             let listed = try await daemon.status().processes.map(\.id)

@@ -96,7 +96,7 @@ struct SystemdNotifyTests {
         try await eventually("the bridge worker back and the bridge up", timeout: .seconds(10)) {
             let report = try await daemon.status()
             let pid = report.roles.first { $0.name == "bridge" }?.pid
-            return pid != nil && pid != old && report.bridge == "up"
+            return pid != nil && pid != old && report.bridge == .up
         }
         let new = try #require(try await daemon.rolePID("bridge"))
         var buffer = [CChar](repeating: 0, count: 4096)

@@ -36,25 +36,23 @@ struct FuzzRegressionTests {
         ControlFrame(type: type, id: id, body: Array(json.utf8))
     }
 
-    @Test func bridgeClassifiesRequestsRepliesAndJunk() {
-        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")) == .request(.list))
-        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.ok.rawValue, id: 3, "{}")) == .strayReply)
-        guard case .refuse(let unknown) = BridgeWorker.classify(Self.frame(0x4242, id: 3, "{}")) else {
+    @Test func bridgeRequestsDecodeOnceAndJunkIsRefused() throws {
+        func decode(_ frame: ControlFrame) -> Result<BridgeRequest, HoldfastError> {
+            Result { () throws(HoldfastError) in try BridgeRequest.decode(type: frame.type, body: frame.body, descriptorCount: 0) }
+        }
+        #expect(try decode(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")).get() == .list)
+        #expect(try decode(Self.frame(BridgeMessageType.signal.rawValue, id: 3, #"{"id":"p","signal":15}"#)).get() == .signal(SignalRequest(id: "p", signal: 15)))
+        #expect(RPCFrameType.isReply(BridgeMessageType.ok.rawValue), "a reply is never taken as a request")
+        guard case .failure(let unknown) = decode(Self.frame(0x4242, id: 3, "{}")) else {
             Issue.record("an unknown type was not refused")
             return
         }
-        #expect(unknown.code == "unknown-type")
-        guard case .refuse(let noID) = BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 0, "{}")) else {
-            Issue.record("a request with id 0 was not refused")
-            return
-        }
-        #expect(noID.code == "bad-request")
-        guard case .refuse(let badBody) = BridgeWorker.classify(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#))
-        else {
+        #expect(unknown.code == .unknownType)
+        guard case .failure(let badBody) = decode(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#)) else {
             Issue.record("a signal without a signal number was not refused")
             return
         }
-        #expect(badBody.code == "bad-request" && badBody.message.contains("signal"))
+        #expect(badBody.code == .badRequest && badBody.message.contains("signal"))
     }
 
     @Test func brokerParsesAndChecksRequests() throws {
@@ -71,7 +69,7 @@ struct FuzzRegressionTests {
                 _ = try BrokerRequest.parse(frame, descriptorCount: fds, fromSupervisor: supervisor)
                 return nil
             } catch {
-                return error.code
+                return error.code.rawValue
             }
         }
         #expect(code(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, adopt)) == "bad-request")  // fd 0 of 0
@@ -91,7 +89,7 @@ struct FuzzRegressionTests {
 struct FuzzFindingTests {
     static let longToken = String(repeating: "a", count: 300)
 
-    static func refusal(_ spec: ProcessSpec) -> ErrorBody? {
+    static func refusal(_ spec: ProcessSpec) -> HoldfastError? {
         do {
             try Supervisor.validate(spec)
             return nil
@@ -107,7 +105,7 @@ struct FuzzFindingTests {
         let spec = ProcessSpec(
             id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken, secret: .random()))
         let error = Self.refusal(spec)
-        #expect(error?.code == "bad-request")
+        #expect(error?.code == .badRequest)
         #expect(error?.message.contains("stdout: resumable mode needs a token of 1 to 256 bytes") == true, "\(String(describing: error))")
         var fine = spec
         fine.stdout?.token = String(repeating: "a", count: 256)
@@ -122,7 +120,7 @@ struct FuzzFindingTests {
             id: "t", argv: ["/bin/sh"], tty: true, stdin: StreamSpec(address: "tcp://127.0.0.1:2", mode: .raw),
             stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random()))
         let error = Self.refusal(spec)
-        #expect(error?.code == "bad-request")
+        #expect(error?.code == .badRequest)
         #expect(error?.message.contains("stdin: a tty's input is resumable like its stdout") == true, "\(String(describing: error))")
         var raw = spec
         raw.stdout = StreamSpec(address: "tcp://127.0.0.1:1", mode: .raw)
@@ -141,13 +139,13 @@ struct FuzzFindingTests {
         let tty = StreamDescription(
             kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random(),
             inputAddress: "tcp://127.0.0.1:2", inputToken: FuzzFindingTests.longToken, inputSecret: .random())
-        #expect(throws: ErrorBody.self) {
-            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
+        #expect(throws: HoldfastError.self) {
+            try AdoptCheck.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
         }
         var fine = tty
         fine.inputToken = String(repeating: "b", count: 256)
         #expect(throws: Never.self) {
-            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
+            try AdoptCheck.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
         }
     }
 }

@@ -80,7 +80,7 @@ struct BridgeServerAuthenticationTests {
         }
         try await eventually("every impostor counted") { bridge.refusedConnections == 20 }
         #expect(bridge.acceptedConnections == 1 && bridge.lastHello?.bootID != "impostor")
-        let created = Task { () throws(ErrorBody) -> Int32 in try await bridge.create(ProcessSpec(id: "job", argv: ["true"])) }
+        let created = Task { () throws(HoldfastError) -> Int32 in try await bridge.create(ProcessSpec(id: "job", argv: ["true"])) }
         let (frame, spec) = try await guest.nextCreate()
         #expect(spec.id == "job", "the create went to the real guest")
         try await guest.reply(to: frame, LaunchResponse(pid: 77))

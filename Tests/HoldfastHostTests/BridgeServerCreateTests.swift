@@ -49,7 +49,7 @@ struct BridgeServerCreateTests {
         }
         let address = bridge.address
 
-        let created = Task { () throws(ErrorBody) -> Int32 in
+        let created = Task { () throws(HoldfastError) -> Int32 in
             try await bridge.create(ProcessSpec(id: "job", argv: ["true"]), timeout: .seconds(60))
         }
         // First connection: the guest receives the create, then the connection dies.
@@ -78,20 +78,20 @@ struct BridgeServerCreateTests {
         }
         let address = bridge.address
 
-        let created = Task { () throws(ErrorBody) -> Int32 in
+        let created = Task { () throws(HoldfastError) -> Int32 in
             try await bridge.create(ProcessSpec(id: "job", argv: ["true"], idempotencyKey: "mine-1"), timeout: .seconds(60))
         }
         let guest = try await ScriptedGuest.connect(address, key: Self.key)
         defer { guest.socket.close() }
         let (frame, spec) = try await guest.nextCreate()
         #expect(spec.idempotencyKey == "mine-1")
-        let refusal = ErrorBody(code: "process-exists", message: "a process with id 'job' exists")
+        let refusal = HoldfastError(.processExists, "a process with id 'job' exists")
         try await FrameIO.write(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(refusal)).encoded, to: guest.socket)
         do {
             _ = try await created.value
             Issue.record("a refused create succeeded")
         } catch {
-            #expect(error as? ErrorBody == refusal)
+            #expect(error as? HoldfastError == refusal)
         }
         #expect(bridge.repeatedCreates == 0, "only a lost bridge repeats a create")
     }

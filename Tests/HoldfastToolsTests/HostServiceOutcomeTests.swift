@@ -52,7 +52,7 @@ struct HostServiceOutcomeTests {
                     lists.withLockedValue { $0 += 1 }
                     let ids = listed.withLockedValue { $0 }
                     reply = ControlJSON.encode(BridgeListResponse(
-                        processes: ids.map { ProcessStatus(id: $0, pid: 4242, state: "running", exitCode: nil) }, streams: []))
+                        processes: ids.map { ProcessStatus(id: $0, pid: 4242, state: .running, exitCode: nil) }, streams: []))
                 case .acknowledgeExit:
                     if let request = try? ControlJSON.decode(AcknowledgeExitRequest.self, from: frame.body, frameType: frame.type) {
                         acknowledged.withLockedValue { $0.append(request.id) }
@@ -222,7 +222,7 @@ struct HostServiceOutcomeTests {
         do {
             let outcome = try await withTimeout("host run's end") { try await run.value }
             Issue.record("an outcome without host serve: \(outcome)")
-        } catch let error as ErrorBody {
+        } catch let error as HoldfastError {
             // Which error depends on how far the run had got (its create's reply, its wait).
             print("host serve gone: the client ended with \(error)")
         }

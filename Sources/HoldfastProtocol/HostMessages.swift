@@ -1,8 +1,6 @@
-import HoldfastProtocol
-
 /// Messages of `holdfast host serve`'s local control socket (SOCK_SEQPACKET, control frames, the
 /// same framing as the daemon's control socket): what `holdfast host run/attach/ps/kill/migrate`
-/// send it. Replies are `ok` (0x0001, the reply's JSON) or `error` (0x0002, an `ErrorBody`).
+/// send it. Replies are `ok` (0x0001, the reply's JSON) or `error` (0x0002, an `HoldfastError`).
 ///
 /// | type | request | reply |
 /// |---|---|---|
@@ -103,6 +101,12 @@ public struct HostRunResponse: Codable, Sendable, Equatable {
     public var pid: Int32
     /// Which local sockets came with the reply, in order: "stdin", "stdout", "stderr".
     public var streams: [String]
+
+    public init(id: String, pid: Int32, streams: [String]) {
+        self.id = id
+        self.pid = pid
+        self.streams = streams
+    }
 }
 
 /// `wait`: answered once the process's outcome is known — its exit, reported by the guest, or
