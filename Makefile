@@ -2,6 +2,7 @@
 #   make demo   installs what is missing, builds, runs the demo
 #   make test   installs what is missing, builds, runs every test, then builds and checks the .deb
 #   make deb    builds dist/holdfast_VERSION_ARCH.deb (see "Install" in README.md)
+SHELL      := /bin/bash
 SWIFT      ?= swift
 BUILD_DIR  ?= .build
 TSAN_DIR   ?= .build-tsan
@@ -18,13 +19,13 @@ DEB_BUILD_DIR ?= .build-release
 DIST_DIR   ?= dist
 # Debian packages the build, the tests, the demo and the benchmarks need; lintian, systemd
 # (systemd-analyze) and dpkg-dev (dpkg-shlibdeps) check and build the .deb; runc and
-# busybox-static run the container tests.
-APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static lintian systemd dpkg-dev
+# busybox-static run the container tests; strace attaches to the broker in a containment test.
+APT_PACKAGES := socat bc gcc libc6-dev pkg-config libseccomp-dev python3 runc busybox-static lintian systemd dpkg-dev strace
 # The Swift runtime and Foundation linked in statically (the guest needs no Swift), no $ORIGIN
 # rpath, and BIND_NOW for a fully read-only relocation table.
 DEB_SWIFT_FLAGS := -c release --static-swift-stdlib --disable-local-rpath -Xlinker -z -Xlinker now
 
-.PHONY: all deps build release test test-core-tsan demo bench deb deb-check deb-install-check fuzz fuzz-build fuzz-smoke soak soak-smoke clean
+.PHONY: all deps build release test test-skips test-core-tsan demo bench deb deb-check deb-install-check fuzz fuzz-build fuzz-smoke soak soak-smoke clean
 
 all: build
 
@@ -49,11 +50,20 @@ release: deps
 # minutes on 2 cores from a fresh clone).
 test: deps
 	$(SWIFT) build --build-tests --scratch-path $(BUILD_DIR)
-	$(SWIFT) test --skip-build --scratch-path $(BUILD_DIR)
+	set -o pipefail; $(SWIFT) test --skip-build --scratch-path $(BUILD_DIR) 2>&1 | tee $(BUILD_DIR)/test.log
 	$(MAKE) test-core-tsan
 	$(MAKE) fuzz-smoke
 	$(MAKE) soak-smoke
 	$(MAKE) deb-check
+	@$(MAKE) --no-print-directory test-skips
+
+# How many tests skipped themselves (a missing root, runc or python says so through a trait),
+# and which: as root with `make test`'s packages installed, none.
+test-skips:
+	@skipped=$$(sed 's/\x1b\[[0-9;]*m//g' $(BUILD_DIR)/test.log | grep -E '^. Test .* skipped' || true); \
+	count=$$(printf '%s' "$$skipped" | grep -c . || true); \
+	echo "skipped tests: $$count"; \
+	if [ "$$count" != 0 ]; then printf '%s\n' "$$skipped" | sed 's/^/  /'; fi
 
 test-core-tsan: deps
 	$(SWIFT) test --sanitize=thread --scratch-path $(TSAN_DIR) --filter HoldfastCoreTests

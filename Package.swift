@@ -28,7 +28,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
-        // Tests and holdfast-soak: SHA-256 of relayed streams.
+        // HMAC-SHA256 of stream hellos and of the bridge's handshake (HoldfastCore); SHA-256 of
+        // relayed streams in the tests and holdfast-soak.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
@@ -41,7 +42,11 @@ let package = Package(
         .target(name: "HoldfastProtocol", swiftSettings: strict),
         .target(
             name: "HoldfastCore",
-            dependencies: ["HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")],
+            dependencies: [
+                "HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                // HMAC-SHA256 of stream hellos and of the bridge's handshake (pure computation).
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
             swiftSettings: strict),
         // Thin, tested wrappers over syscalls: reactor, fds, sockets, addresses, pipes, ptys.
         .target(
@@ -65,7 +70,7 @@ let package = Package(
         .target(
             name: "HoldfastConfig",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
                 .product(name: "Configuration", package: "swift-configuration"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -177,11 +182,17 @@ let package = Package(
         .testTarget(
             name: "HoldfastDaemonTests",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport", "HoldfastSupervisor",
+                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport", "HoldfastSupervisor", "HoldfastTools",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        .testTarget(name: "HoldfastToolsTests", dependencies: ["HoldfastTools", "HoldfastTestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastToolsTests",
+            dependencies: [
+                "HoldfastTools", "HoldfastTestSupport", "HoldfastHost", "HoldfastProtocol", "HoldfastCore", "HoldfastPosix",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
         .testTarget(
             name: "HoldfastFuzzTests",

@@ -55,7 +55,8 @@ one_run() {
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 c_sink="\"$bin/sink\" \"$sock\""
-hf_sink="\"$holdfast\" receive --count --mode resumable --listen unix:\"$sock\""
+key=$work/stream.key  # the resumable stream's secret: holdfast receive makes it, holdfast pipe reads it
+hf_sink="\"$holdfast\" receive --count --mode resumable --listen unix:\"$sock\" --secret-file \"$key\""
 names=("splice(2) loop (the limit)" "C read/write loop" "socat -b 131072" "holdfast pipe, raw"
        "holdfast pipe, resumable")
 sink_names=("C sink" "C sink" "C sink" "C sink" "holdfast receive")
@@ -64,7 +65,7 @@ relays=("\"$bin/splice\" \"$sock\""
         "\"$bin/relay\" \"$sock\""
         "socat -b 131072 -u - UNIX-CONNECT:\"$sock\""
         "\"$holdfast\" pipe --to unix:\"$sock\""
-        "\"$holdfast\" pipe --mode resumable --to unix:\"$sock\"")
+        "\"$holdfast\" pipe --mode resumable --to unix:\"$sock\" --secret-file \"$key\"")
 declare -A walls relay_cpus sink_cpus
 for r in $(seq 1 "$runs"); do
     for pipe_size in "${pipe_sizes[@]}"; do

@@ -13,7 +13,8 @@ As a library (put examples/ on sys.path):
     child = subprocess.Popen(["my-server"], stdout=w)    # the process writes into w
     os.close(w)
     with handoff.Client("/run/holdfast/broker.sock") as broker:
-        broker.adopt("c1", [handoff.Stream("stdout", r, "vsock://host:6000", token="c1-stdout")])
+        broker.adopt("c1", [handoff.Stream("stdout", r, "vsock://host:6000", token="c1-stdout",
+                                           secret=SECRET_HEX_FROM_THE_HOST)])
     os.close(r)                                          # the broker holds its own copy now
     ...
     with handoff.Client("/run/holdfast/broker.sock") as broker:
@@ -22,7 +23,7 @@ As a library (put examples/ on sys.path):
 
 As a command:
 
-    handoff.py --socket PATH adopt --process c1 --stdout vsock://host:6000 -- my-server --flag
+    handoff.py --socket PATH adopt --process c1 --stdout vsock://host:6000 --secret-file c1.key -- my-server --flag
     handoff.py --socket PATH adopt --process c1 --mode raw --stdout unix:/run/h.sock --stdout-fd 3
     handoff.py --socket PATH list
     handoff.py --socket PATH release --process c1
@@ -84,8 +85,11 @@ class Stream:
     address: where the broker dials the host for this stream: "vsock://CID:PORT",
         "unix:/path" or "tcp://HOST:PORT" (the broker runs as an unprivileged user: it must be
         allowed to connect there).
-    mode: "resumable" (exactly once across reconnects; needs `token`) or "raw" (plain bytes).
-    input_address / input_token: a tty's input stream (host -> terminal), if any.
+    mode: "resumable" (exactly once across reconnects; needs `token` and `secret`) or "raw"
+        (plain bytes, any listener, unauthenticated).
+    secret: a resumable stream's secret, hex (16 to 64 bytes), as the host chose it: every
+        hello for the stream proves it, so only the broker and the host can speak for it.
+    input_address / input_token / input_secret: a tty's input stream (host -> terminal), if any.
     """
 
     kind: str
@@ -93,8 +97,10 @@ class Stream:
     address: str
     mode: str = "resumable"
     token: Optional[str] = None
+    secret: Optional[str] = None
     input_address: Optional[str] = None
     input_token: Optional[str] = None
+    input_secret: Optional[str] = None
 
 
 class Client:
@@ -178,10 +184,14 @@ class Client:
             entry = {"kind": stream.kind, "fd": index, "address": stream.address, "mode": stream.mode}
             if stream.token is not None:
                 entry["token"] = stream.token
+            if stream.secret is not None:
+                entry["secret"] = stream.secret
             if stream.input_address is not None:
                 entry["inputAddress"] = stream.input_address
             if stream.input_token is not None:
                 entry["inputToken"] = stream.input_token
+            if stream.input_secret is not None:
+                entry["inputSecret"] = stream.input_secret
             described.append(entry)
         self.request(ADOPT, {"process": process, "streams": described}, [s.fd for s in streams])
 
@@ -211,6 +221,26 @@ KINDS = ("stdin", "stdout", "stderr")
 MODES = ("resumable", "raw")
 
 
+def read_secret_file(path: str) -> str:
+    """The hex secret in `path`, a file only its owner may read (never on the command line,
+    where `ps` would show it)."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror} (the stream's secret, hex, from the host)")
+    if info.st_mode & 0o077:
+        raise UsageError(f"{path}: mode {info.st_mode & 0o777:o} lets others read it (chmod 600 {path})")
+    with open(path) as handle:
+        text = "".join(handle.read().split())
+    try:
+        length = len(bytes.fromhex(text))
+    except ValueError:
+        raise UsageError(f"{path}: a stream secret must be hex digits")
+    if not 16 <= length <= 64:
+        raise UsageError(f"{path}: a stream secret must be 16 to 64 bytes, not {length}")
+    return text
+
+
 def run_adopt(args: argparse.Namespace) -> int:
     named = [kind for kind in KINDS if getattr(args, kind)]
     if not named:
@@ -231,9 +261,15 @@ def run_adopt(args: argparse.Namespace) -> int:
             ours.append(fd)
         mode = getattr(args, f"{kind}_mode") or args.mode
         token = getattr(args, f"{kind}_token")
-        if mode == "resumable" and token is None:
-            token = f"{args.process}-{kind}"  # the host must open a stream with this token
-        streams.append(Stream(kind, fd, getattr(args, kind), mode, token))
+        secret = None
+        if mode == "resumable":
+            if token is None:
+                token = f"{args.process}-{kind}"  # the host must open a stream with this token
+            secret_file = getattr(args, f"{kind}_secret_file") or args.secret_file
+            if secret_file is None:
+                raise UsageError(f"--{kind} is resumable: name its secret with --secret-file or --{kind}-secret-file")
+            secret = read_secret_file(secret_file)
+        streams.append(Stream(kind, fd, getattr(args, kind), mode, token, secret))
 
     # Adopt before starting the process: if the broker refuses, nothing was started.
     try:
@@ -321,11 +357,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "(--KIND-fd N), or pipes to COMMAND, which it then starts.")
     adopt.add_argument("--process", required=True, help="the id the streams are filed under")
     adopt.add_argument("--mode", choices=MODES, default="resumable", help="every stream's mode")
+    adopt.add_argument("--secret-file", metavar="FILE",
+                       help="resumable streams' secret: hex, in a file only you can read (the host chose it)")
     for kind in KINDS:
         adopt.add_argument(f"--{kind}", metavar="ADDRESS", help=f"where the broker dials for {kind}")
         adopt.add_argument(f"--{kind}-mode", choices=MODES, help="this stream's mode, if not --mode")
         adopt.add_argument(f"--{kind}-token", metavar="TOKEN",
                            help=f"its resumable token (default PROCESS-{kind})")
+        adopt.add_argument(f"--{kind}-secret-file", metavar="FILE",
+                           help="its resumable secret, if not --secret-file's")
         adopt.add_argument(f"--{kind}-fd", type=int, metavar="N",
                            help=f"hand over inherited fd N as {kind}")
     adopt.add_argument("--wait", action="store_true", help="wait for COMMAND and exit with its status")

@@ -36,8 +36,16 @@ def stream_frame(type_, value, body=b""):
 
 
 def hello(role, token, received, attempt=1):
-    body = b"HFST" + struct.pack(">HBBQH", 1, role, 0, attempt, len(token)) + token
+    # Protocol version 2: the token, then a 16-byte nonce and a 32-byte proof (zeros here: the
+    # parsers do not check proofs; the session mode's harness signs the peer's hello itself).
+    body = b"HFST" + struct.pack(">HBBQH", 2, role, 0, attempt, len(token)) + token + bytes(16) + bytes(32)
     return stream_frame(1, received, body)
+
+
+def session_seed(mode, attempt, offset, frames):
+    """The stream target's session mode: the mode byte (high bit set; bit 0 guest end, bit 1
+    sending end), the peer hello's attempt and received offset, then the peer's frames."""
+    return bytes([0x80 | mode]) + struct.pack(">QQ", attempt, offset) + b"".join(frames)
 
 
 def write(target, name, data):
@@ -56,8 +64,8 @@ def bridge():
         write("bridge", name + ".unframed", b"\x01" + unframed(type_, id_, body))
 
     streams = {
-        "stdin": {"address": "tcp://127.0.0.1:7000", "mode": "resumable", "token": "in-1"},
-        "stdout": {"address": "vsock://host:7001", "mode": "resumable", "token": "out-1"},
+        "stdin": {"address": "tcp://127.0.0.1:7000", "mode": "resumable", "token": "in-1", "secret": "5a" * 32},
+        "stdout": {"address": "vsock://host:7001", "mode": "resumable", "token": "out-1", "secret": "5a" * 32},
         "stderr": {"address": "unix:/run/holdfast/err.sock", "mode": "raw"},
     }
     create = {"id": "p1", "argv": ["/bin/sh", "-c", "echo hi"], "env": ["PATH=/bin"], "cwd": "/", "tty": False, **streams}
@@ -92,10 +100,10 @@ def broker():
         write("broker", name + ".unframed", bytes([selector | 0x10]) + unframed(type_, id_, body))
 
     raw = {"kind": "stdout", "fd": 0, "address": "tcp://127.0.0.1:7001", "mode": "raw"}
-    resumable = {"kind": "stderr", "fd": 1, "address": "vsock://2:7002", "mode": "resumable", "token": "err-1"}
-    stdin = {"kind": "stdin", "fd": 2, "address": "unix:///run/holdfast/in.sock", "mode": "resumable", "token": "in-1"}
+    resumable = {"kind": "stderr", "fd": 1, "address": "vsock://2:7002", "mode": "resumable", "token": "err-1", "secret": "5a" * 32}
+    stdin = {"kind": "stdin", "fd": 2, "address": "unix:///run/holdfast/in.sock", "mode": "resumable", "token": "in-1", "secret": "5a" * 32}
     tty = {"kind": "tty", "fd": 0, "address": "tcp://[::1]:7003", "mode": "resumable", "token": "tty-out",
-           "inputAddress": "tcp://[::1]:7004", "inputToken": "tty-in"}
+           "inputAddress": "tcp://[::1]:7004", "inputToken": "tty-in", "secret": "5a" * 32, "inputSecret": "a5" * 32}
     supervisor, handoff = 0x08, 0x00
     message("adopt-three", supervisor | 3, 0x0101, 1, {"process": "p1", "streams": [raw, resumable, stdin]})
     message("adopt-tty", handoff | 1, 0x0101, 2, {"process": "t1", "streams": [tty]})
@@ -124,6 +132,15 @@ def stream():
     write("stream", "refusal", stream_frame(5, 2, b"wrong stream token"))
     write("stream", "refusal-unknown-code", stream_frame(5, 99, "d\u00e9j\u00e0 vu".encode()))
     write("stream", "ack-end", stream_frame(3, 1 << 40) + stream_frame(4, 1 << 40))
+    # Sessions through a real ResumableStream (host/guest end, receiving/sending).
+    data = [stream_frame(2, 0, b"hello, world\n"), stream_frame(2, 13, b"more"), stream_frame(4, 17), stream_frame(3, 0)]
+    write("stream", "session-host-receives", session_seed(0, 1, 0, data))
+    write("stream", "session-guest-receives", session_seed(1, 0, 0, data))
+    acks = [stream_frame(3, 4096), stream_frame(3, 65536), stream_frame(4, 98304), stream_frame(3, 98304)]
+    write("stream", "session-host-sends", session_seed(2, 1, 0, acks))
+    write("stream", "session-guest-sends", session_seed(3, 0, 1024, acks))
+    write("stream", "session-ack-beyond", session_seed(2, 1, 0, [stream_frame(3, 1 << 40)]))
+    write("stream", "session-gap", session_seed(0, 1, 0, [stream_frame(2, 100, b"gap")]))
 
 
 def config():
@@ -132,7 +149,7 @@ def config():
     write("config", "minimal.yaml", b"bridge:\n  address: tcp://127.0.0.1:5000\nbroker:\n  user: \"\"\n")
     write("config", "full.json", json.dumps({
         "bridge": {"address": "unix:/run/host.sock", "reconnect_initial": "250ms", "reconnect_max": "1m"},
-        "broker": {"user": "", "seccomp": "log"},
+        "broker": {"user": "uid:65600", "seccomp": "log", "allow_shared_uid": "false"},
         "handoff": {"socket": "", "mode": "0600", "allowed_uids": [0, 1000], "allowed_gids": "0, 5"},
         "streams": {"redial_attempts": 10, "redial_interval": "1.5s", "connect_timeout": "2s", "drain_timeout": "1h",
                     "ring_capacity": "64KiB"},
@@ -151,13 +168,14 @@ def dictionaries():
     """libFuzzer dictionaries (fuzz/dict/<target>.dict): keys and words a mutation cannot guess."""
     words = {
         "bridge": ["id", "argv", "runtime", "bundle", "container", "env", "cwd", "user", "group", "tty", "rows",
-                   "columns", "stdin", "stdout", "stderr", "address", "mode", "token", "signal", "direct", "runc",
+                   "columns", "stdin", "stdout", "stderr", "address", "mode", "token", "secret", "signal", "direct", "runc",
                    "raw", "resumable", "vsock://", "unix:", "tcp://", "host", "any", "true", "false", "null"],
-        "broker": ["process", "streams", "kind", "fd", "address", "mode", "token", "inputAddress", "inputToken",
+        "broker": ["process", "streams", "kind", "fd", "address", "mode", "token", "secret", "inputAddress", "inputToken", "inputSecret",
                    "drainTimeoutMilliseconds", "rows", "columns", "stdin", "stdout", "stderr", "tty", "raw",
                    "resumable", "vsock://", "unix:", "unix://", "tcp://", "[::1]", "host", "any", "null"],
         "stream": ["HFST"],
-        "config": ["bridge", "address", "reconnect_initial", "reconnect_max", "broker", "user", "seccomp", "handoff",
+        "config": ["bridge", "address", "reconnect_initial", "reconnect_max", "broker", "user", "seccomp",
+                   "allow_shared_uid", "uid:", "true", "false", "handoff",
                    "socket", "mode", "allowed_uids", "allowed_gids", "streams", "redial_attempts", "redial_interval",
                    "connect_timeout", "drain_timeout", "ring_capacity", "shutdown", "signal", "grace", "timeout",
                    "control", "runc", "path", "root", "metrics", "run_directory", "{run}", "ms", "KiB", "MiB", "GiB",

@@ -6,7 +6,8 @@
 The daemon runs ROOT/usr/bin/holdfast with ROOT/etc/holdfast/holdfast.yaml, under a temporary
 run directory and a bridge address nobody listens on (the bridge worker redials; readiness does
 not wait for the host). A Unix datagram socket stands in for systemd's NOTIFY_SOCKET, with
-WATCHDOG_USEC set. Checks: READY=1 arrives, `holdfast status` answers, the broker runs under
+WATCHDOG_USEC set. Checks: without a bridge key it exits 2 naming bridge.key_file; with one
+provisioned (HOLDFAST_BRIDGE_KEY_FILE): READY=1 arrives, `holdfast status` answers, the broker runs under
 seccomp as an unprivileged user, WATCHDOG=1 arrives, SIGTERM gives STOPPING=1 and exit 0.
 Needs root (the daemon starts the broker as another user); skips otherwise.
 """
@@ -20,6 +21,30 @@ import subprocess
 import sys
 import tempfile
 import time
+
+
+def unused_uid() -> int:
+    """A uid of the range Holdfast picks from (65600-131071) with no password entry and no process."""
+    used = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                for line in status:
+                    if line.startswith("Uid:"):
+                        used.update(int(field) for field in line.split()[1:])
+        except OSError:
+            continue
+    start = 65601 + os.getpid() % 60000
+    for uid in list(range(start, 131072)) + list(range(65601, start)):
+        if uid in used:
+            continue
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise RuntimeError("no unused uid in 65601-131071")
 
 
 def main() -> int:
@@ -61,9 +86,25 @@ def main() -> int:
         try:
             pwd.getpwnam("holdfast")
         except KeyError:
-            # The package's postinst creates 'holdfast'; this machine has not installed it.
-            environment["HOLDFAST_BROKER_USER"] = "nobody"
-            print("smoke test: no user 'holdfast' here (postinst creates it): the broker runs as 'nobody'")
+            # The package's postinst creates 'holdfast'; this machine has not installed it. The
+            # broker's uid must be its own (the daemon refuses one a process runs as): a free one.
+            uid = unused_uid()
+            environment["HOLDFAST_BROKER_USER"] = f"uid:{uid}"
+            print(f"smoke test: no user 'holdfast' here (postinst creates it): the broker runs as uid {uid}")
+        # The package ships no bridge key (each VM gets its own): without one the daemon does not
+        # start, and says why.
+        missing = subprocess.run(
+            [binary, "daemon", "--config", config], env=dict(environment, HOLDFAST_BRIDGE_KEY_FILE=f"{directory}/no.key"),
+            capture_output=True, text=True, timeout=20)
+        if missing.returncode != 2 or "bridge.key_file" not in missing.stdout + missing.stderr:
+            print(f"smoke test: FAIL: without a bridge key: exit {missing.returncode}: {missing.stdout} {missing.stderr}")
+            return 1
+        # As a VM builder provisions it: 64 hex digits, root-only.
+        key = f"{directory}/bridge.key"
+        descriptor = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(descriptor, os.urandom(32).hex().encode() + b"\n")
+        os.close(descriptor)
+        environment["HOLDFAST_BRIDGE_KEY_FILE"] = key
         log = open(f"{directory}/daemon.log", "w")
         started = time.monotonic()
         daemon = subprocess.Popen([binary, "daemon", "--config", config], env=environment, stdout=log, stderr=subprocess.STDOUT)

@@ -362,3 +362,32 @@ int hf_ignore_signal(int signo) {
 
 #include <sys/ptrace.h>
 long hf_ptrace_attach(pid_t pid) { return ptrace(PTRACE_ATTACH, pid, NULL, NULL); }
+
+int hf_set_dumpable(int value) { return prctl(PR_SET_DUMPABLE, value, 0, 0, 0); }
+int hf_get_dumpable(void) { return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0); }
+
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+long hf_pidfd_getfd(int pidfd, int target_fd) { return syscall(SYS_pidfd_getfd, pidfd, target_fd, 0); }
+long hf_tgkill(pid_t tgid, pid_t tid, int sig) { return syscall(SYS_tgkill, tgid, tid, sig); }
+
+#include <sys/resource.h>
+long hf_prlimit_nofile(pid_t pid, int set) {
+    struct rlimit current;
+    if (syscall(SYS_prlimit64, pid, RLIMIT_NOFILE, NULL, &current) != 0) return -1;
+    if (!set) return 0;
+    return syscall(SYS_prlimit64, pid, RLIMIT_NOFILE, &current, NULL);
+}
+
+int hf_ioctl_fionread(int fd, int *count) { return ioctl(fd, FIONREAD, count); }
+long hf_ptrace_detach(pid_t pid) { return ptrace(PTRACE_DETACH, pid, NULL, NULL); }
+
+pid_t hf_gettid(void) { return (pid_t)syscall(SYS_gettid); }
+
+#include <sched.h>
+int hf_sched_setaffinity_self(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    return sched_setaffinity(0, sizeof(set), &set);
+}

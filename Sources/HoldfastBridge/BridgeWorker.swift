@@ -8,41 +8,95 @@ import NIOConcurrencyHelpers
 import Glibc
 #endif
 
-/// The bridge worker: dials the host's bridge, says hello, and tells the supervisor when the
-/// bridge is up and when it is lost; redials forever with capped exponential back-off. It
-/// parses everything the host sends, so a bug here is a crash of a restartable worker, never of
-/// the stdio.
+/// The bridge worker: dials the host's bridge, proves it holds the bridge key and checks that
+/// the host does (docs/PROTOCOL.md, "Bridge authentication"), says hello, and tells the
+/// supervisor when the bridge is up and when it is lost; redials forever with capped
+/// exponential back-off. It parses everything the host sends, so a bug here is a crash of a
+/// restartable worker, never of the stdio.
 public enum BridgeWorker {
+    /// How the worker authenticates the bridge.
+    public enum Authentication: Sendable, Equatable {
+        /// HMAC-SHA256 with the key in this file, read again before every dial (a replaced file
+        /// takes effect on the next connection: key rotation without a restart).
+        case keyFile(String)
+        /// No handshake (`bridge.authentication: none`).
+        case none
+    }
+
     public struct Options: Sendable {
         public var address: SocketAddress
+        public var authentication: Authentication
         public var reconnectInitial: Duration
         public var reconnectMax: Duration
         public var connectTimeout: Duration
+        /// The host's answer must arrive within this, or the worker redials. (Its verdict, after
+        /// our hello, is waited for like any reply.)
+        public var handshakeTimeout: Duration
 
-        public init(address: SocketAddress, reconnectInitial: Duration, reconnectMax: Duration, connectTimeout: Duration = .seconds(2)) {
+        public init(
+            address: SocketAddress, authentication: Authentication, reconnectInitial: Duration, reconnectMax: Duration,
+            connectTimeout: Duration = .seconds(2), handshakeTimeout: Duration = .seconds(5)
+        ) {
             self.address = address
+            self.authentication = authentication
             self.reconnectInitial = reconnectInitial
             self.reconnectMax = reconnectMax
             self.connectTimeout = connectTimeout
+            self.handshakeTimeout = handshakeTimeout
         }
+    }
+
+    /// Where an exit the supervisor pushes goes.
+    enum Link {
+        /// No host: the exit is in the next hello (the supervisor keeps it until acknowledged).
+        case down
+        /// The hello has been taken from the supervisor and is on its way (the handshake may
+        /// still be finishing): an exit now may be missing from it, so it waits here and goes
+        /// out right after the hello (a repeat of one in the hello is acknowledged, not
+        /// delivered twice). Bounded by the handshake timeout.
+        case settingUp([ControlFrame])
+        case up(StreamFrames<AsyncFD>)
     }
 
     /// Runs until the supervisor's channel closes.
     public static func run(supervisor: FDChannel, options: Options, logger: Logger) async {
-        let current = NIOLockedValueBox<ControlFrameWriter<AsyncFD>?>(nil)
-        // The supervisor pushes exits (id 0); they go to the host if one is connected, and are
-        // in the next hello otherwise (the supervisor keeps them until the host acknowledges).
+        let link = NIOLockedValueBox(Link.down)
         let client = ControlClient(channel: supervisor) { frame in
             guard frame.type == BridgeMessageType.exit.rawValue else { return }
-            current.withLockedValue { $0 }?.send(frame)
+            link.withLockedValue { link in
+                switch link {
+                case .down: break
+                case .settingUp(let waiting): link = .settingUp(waiting + [frame])
+                case .up(let frames): frames.post(frame)
+                }
+            }
         }
         Task {
             await client.run()
             logger.info("supervisor gone; bridge worker exiting")
             exit(0)
         }
+        // A flood of requests leaves free pages in malloc's arenas; they go back afterwards.
+        let tidier = MemoryTidier()
+        Task { await tidier.run() }
+        if options.authentication == .none {
+            logger.warning(
+                "bridge authentication is off (bridge.authentication: none): any process in the guest can pose as this daemon to the host, and the host is not checked")
+        }
         var backoff = options.reconnectInitial
         while true {
+            // No key, no dial: an unauthenticated connection would be refused anyway.
+            var key: BridgeKey?
+            if case .keyFile(let path) = options.authentication {
+                do {
+                    key = try BridgeKeyFile.load(path)
+                } catch {
+                    logger.error("cannot use the bridge key; not dialling", metadata: ["bridge.key_file": "\(error)"])
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
             let connection: AsyncFD
             do {
                 connection = try await Dialer.connect(to: options.address, timeout: options.connectTimeout)
@@ -52,25 +106,59 @@ public enum BridgeWorker {
                 backoff = min(backoff * 2, options.reconnectMax)
                 continue
             }
+            // The host proves itself first; our proof and hello go out together, then its verdict.
+            if let key {
+                let proven = await handshake(connection, options: options, timeout: options.handshakeTimeout, logger: logger) {
+                    () async throws(BridgeHandshake.Failure) in
+                    try await BridgeHandshake.proveToHost(on: connection, key: key)
+                }
+                guard proven else {
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
+            link.withLockedValue { $0 = .settingUp([]) }
             let hello: BridgeHello
             do {
-                let info = try await client.call(SupervisorMessageType.bridgeHello.rawValue, [String: String](), reply: BridgeHello.self)
+                let info = try await client.call(WorkerRequest.hello, reply: BridgeHello.self)
                 hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID)
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
+                link.withLockedValue { $0 = .down }
                 connection.close()
                 try? await Task.sleep(for: backoff)
                 continue
             }
-            let writer = ControlFrameWriter(connection)
-            writer.send(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)))
-            current.withLockedValue { $0 = writer }
+            let helloFrame = ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello))
+            if key != nil {
+                // No time limit once the hello is out: giving up now would leave the host a
+                // connection it may still take as the guest's, displacing the next one. The
+                // verdict comes, or the connection ends, as any reply would.
+                let accepted = await handshake(connection, options: options, timeout: nil, logger: logger) {
+                    () async throws(BridgeHandshake.Failure) in
+                    try? await FrameIO.write(helloFrame.encoded, to: connection)  // a failed write shows as a lost verdict
+                    try await BridgeHandshake.receiveVerdict(on: connection)
+                }
+                guard accepted else {
+                    link.withLockedValue { $0 = .down }
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, options.reconnectMax)
+                    continue
+                }
+            }
+            let frames = StreamFrames(connection, maxBody: BridgeProtocol.maxBody)
+            link.withLockedValue { link in
+                if key == nil { frames.post(helloFrame) }  // with a key it went out with our proof
+                if case .settingUp(let waiting) = link { for frame in waiting { frames.post(frame) } }
+                link = .up(frames)
+            }
             backoff = options.reconnectInitial
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
-            let reason = await serve(connection, writer: writer, supervisor: client, logger: logger)
-            current.withLockedValue { $0 = nil }
-            await writer.flush()  // an error reply explaining the close goes out first
+            let reason = await serve(frames, supervisor: client, logger: logger, tidier: tidier)
+            link.withLockedValue { $0 = .down }
+            await frames.writer.flush()  // an error reply explaining the close goes out first
             connection.close()
             logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
             await notify(client, .bridgeDown)
@@ -78,98 +166,67 @@ public enum BridgeWorker {
         }
     }
 
-    private static func notify(_ client: ControlClient, _ type: SupervisorMessageType) async {
-        try? await client.channel.send(ControlFrame(type: type.rawValue, id: 0, body: []).encoded)
-    }
-
-    /// Reads the host's requests until the connection ends or breaks the framing; returns why.
-    /// Each request runs on its own task (a slow `create` must not hold up a `signal`).
-    static func serve(_ connection: AsyncFD, writer: ControlFrameWriter<AsyncFD>, supervisor: ControlClient, logger: Logger) async -> String {
-        while true {
-            let frame: ControlFrame
-            do {
-                frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
-            } catch let error as ControlFrameIO.ReadError {
-                if case .oversized(_, _, let id) = error {
-                    // Say why before closing: the host can log it. Only this connection ends.
-                    writer.send(errorFrame(id: id, ErrorBody(code: "frame-too-large", message: error.description)))
-                }
-                return error.description
-            } catch {
-                return "\(error)"
-            }
-            switch classify(frame) {
-            case .strayReply:
-                logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"])
-                continue
-            case .refuse(let problem):
-                writer.send(errorFrame(id: frame.id, problem))
-                continue
-            case .request:
-                break
-            }
+    /// One step of the handshake, bounded by `timeout` when there is one (a host that does not
+    /// answer is given up on: the connection is closed under the step, which then fails as
+    /// lost). On a failure it logs why, closes the connection and returns false.
+    static func handshake(
+        _ connection: AsyncFD, options: Options, timeout: Duration?, logger: Logger,
+        _ step: @escaping @Sendable () async throws(BridgeHandshake.Failure) -> Void
+    ) async -> Bool {
+        let timedOut = NIOLockedValueBox(false)
+        let timer = timeout.map { timeout in
             Task {
-                do throws(ErrorBody) {
-                    let reply = try await supervisor.request(frame.type, body: frame.body)
-                    for fd in reply.descriptors { _ = Glibc.close(fd) }
-                    writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply.frame.body))
-                } catch {
-                    writer.send(errorFrame(id: frame.id, error))
-                }
+                try await Task.sleep(for: timeout)
+                timedOut.withLockedValue { $0 = true }
+                connection.close()
             }
         }
-    }
-
-    /// What to do with a frame the host sent.
-    public enum Inbound: Sendable, Equatable {
-        /// A well-formed request: forward it to the supervisor.
-        case request(BridgeMessageType)
-        /// An `ok` or `error` for a request the guest never made: log it, nothing else.
-        case strayReply
-        /// Answer with an error frame carrying the frame's id.
-        case refuse(ErrorBody)
-    }
-
-    /// Checks one frame from the host: a known request type, a non-zero id, a body that parses.
-    /// Pure (no I/O), so it can be fuzzed on its own (`make fuzz`).
-    public static func classify(_ frame: ControlFrame) -> Inbound {
-        guard let type = BridgeMessageType(rawValue: frame.type), BridgeMessageType.requests.contains(type) else {
-            if frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue {
-                return .strayReply
+        defer { timer?.cancel() }
+        do {
+            try await step()
+            return true
+        } catch {
+            connection.close()
+            let address: Logger.Metadata = ["address": "\(options.address)"]
+            switch error {
+            case .connectionLost:
+                let timedOut = timedOut.withLockedValue { $0 }
+                logger.info(
+                    timedOut ? "the host did not complete the handshake in \(options.handshakeTimeout)" : "bridge connection lost during the handshake",
+                    metadata: address)
+            case .refused:
+                logger.error("the host refused our bridge key: does bridge.key_file hold the host's key?", metadata: address)
+            case .malformed, .wrongProof:
+                // An impostor, or a host with another key: it was sent nothing but our challenge.
+                logger.warning(
+                    "the host failed authentication; nothing sent to it", metadata: address.merging(["reason": "\(error)"]) { $1 })
             }
-            return .refuse(ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))"))
-        }
-        guard frame.id != 0 else {
-            return .refuse(ErrorBody(code: "bad-request", message: "a request needs a non-zero id"))
-        }
-        if let problem = validate(type, frame) { return .refuse(problem) }
-        return .request(type)
-    }
-
-    /// Parses a request body here, in the restartable worker, so the supervisor only ever sees
-    /// well-formed requests.
-    static func validate(_ type: BridgeMessageType, _ frame: ControlFrame) -> ErrorBody? {
-        func check<T: Decodable>(_: T.Type) -> ErrorBody? {
-            do {
-                _ = try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-                return nil
-            } catch {
-                return ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        switch type {
-        case .create: return check(ProcessSpec.self)
-        case .signal: return check(SignalRequest.self)
-        case .resize: return check(ProcessResizeRequest.self)
-        case .closeStdin: return check(ProcessIDRequest.self)
-        case .acknowledgeExit: return check(AcknowledgeExitRequest.self)
-        case .list, .stats: return nil
-        default: return ErrorBody(code: "unknown-type", message: "not a request")
+            return false
         }
     }
 
-    static func errorFrame(id: UInt64, _ error: ErrorBody) -> ControlFrame {
-        ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
+    private static func notify(_ client: ControlClient, _ type: SupervisorMessageType) async {
+        try? await client.notify(type.rawValue)
+    }
+
+    /// Serves the host's requests until the connection ends or breaks the framing; returns why.
+    /// Each request is decoded here, in the restartable worker (a bad one is answered here and
+    /// the supervisor never sees it), then forwarded; at most `BridgeProtocol.requestsInFlight`
+    /// at a time, each holding its permit until its reply is written (`RPCServer`).
+    static func serve(_ frames: StreamFrames<AsyncFD>, supervisor: ControlClient, logger: Logger, tidier: MemoryTidier? = nil) async -> RPCServerEnd {
+        await RPCServer.serve(
+            frames, as: BridgeRequest.self, inFlight: BridgeProtocol.requestsInFlight,
+            notification: { frame in
+                // The host sends the guest no notifications: a request without an id.
+                frames.post(ControlFrame(type: RPCFrameType.error, id: 0, body: HoldfastError(.badRequest, "a request needs a non-zero id").errorFrameBody))
+            },
+            stray: { frame in logger.warning("the host sent a reply to a request never made", metadata: ["id": "\(frame.id)"]) },
+            closeDescriptors: { _ in }
+        ) { request, _ async throws(HoldfastError) -> RPCReply in
+            tidier?.noteWork()
+            let reply = try await supervisor.request(WorkerRequest.host(request).frameType, body: request.body)
+            return RPCReply(body: reply.frame.body)
+        }
     }
 
     /// The kernel's boot id: changes on every boot of the VM, not on migration.

@@ -17,7 +17,7 @@ enum StreamTransport: Sendable {
     case resumable(ResumableStream<AsyncFD>)
 
     static func make(
-        address: String, token: String?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
+        address: String, token: String?, secret: StreamSecret?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         // Addresses were validated on adopt.
@@ -26,8 +26,9 @@ enum StreamTransport: Sendable {
         case .raw:
             return .raw(GuestStreams.raw(to: parsed, name: address, policy: settings.redialPolicy, observer: observer))
         case .resumable:
+            // Validated on adopt: a resumable stream has its token and secret.
             return .resumable(GuestStreams.resumable(
-                to: parsed, token: Array((token ?? "").utf8), direction: direction, configuration: settings.resumable,
+                to: parsed, token: Array((token ?? "").utf8), secret: secret!, direction: direction, configuration: settings.resumable,
                 policy: settings.redialPolicy, observer: observer))
         }
     }
@@ -67,17 +68,17 @@ enum StreamTransport: Sendable {
         }
     }
 
-    var state: String {
+    var state: StreamState {
         let phase: SlotPhase
         switch self {
         case .raw(let slot): phase = slot.phase
         case .resumable(let stream): phase = stream.slot.phase
         }
         switch phase {
-        case .connected: return "connected"
-        case .empty: return "parked"
-        case .closed: return "closed"
-        case .abandoned: return "abandoned"
+        case .connected: return .connected
+        case .empty: return .parked
+        case .closed: return .closed
+        case .abandoned: return .abandoned
         }
     }
 
@@ -116,21 +117,21 @@ final class ManagedStream: Sendable {
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
-        func transport(_ address: String, _ token: String?, _ direction: StreamDirection) -> StreamTransport {
+        func transport(_ address: String, _ token: String?, _ secret: StreamSecret?, _ direction: StreamDirection) -> StreamTransport {
             .make(
-                address: address, token: token, mode: description.mode, direction: direction, settings: broker.settings,
+                address: address, token: token, secret: secret, mode: description.mode, direction: direction, settings: broker.settings,
                 observer: broker.metrics.slotObserver())
         }
         switch description.kind {
         case .stdout, .stderr:
-            output = transport(description.address, description.token, .send)
+            output = transport(description.address, description.token, description.secret, .send)
             input = nil
         case .stdin:
             output = nil
-            input = transport(description.address, description.token, .receive)
+            input = transport(description.address, description.token, description.secret, .receive)
         case .tty:
-            output = transport(description.address, description.token, .send)
-            input = description.inputAddress.map { transport($0, description.inputToken, .receive) }
+            output = transport(description.address, description.token, description.secret, .send)
+            input = description.inputAddress.map { transport($0, description.inputToken, description.inputSecret, .receive) }
         }
     }
 
@@ -246,14 +247,17 @@ public enum ProcessOwner: Sendable, Equatable, CustomStringConvertible {
 final class AdoptedProcess: Sendable {
     let id: String
     let owner: ProcessOwner
+    /// Its resumable streams' (address, token) pairs: taken while it lives.
+    let identities: Set<ResumableIdentity>
     private let streams = NIOLockedValueBox<[ManagedStream]>([])
 
     deinit { LiveObjects.processes.subtract(1, ordering: .relaxed) }
 
-    init(id: String, owner: ProcessOwner) {
+    init(id: String, owner: ProcessOwner, identities: Set<ResumableIdentity> = []) {
         LiveObjects.processes.add(1, ordering: .relaxed)
         self.id = id
         self.owner = owner
+        self.identities = identities
     }
 
     func start(_ managed: [ManagedStream], registry: SlotRegistry) {
@@ -293,16 +297,25 @@ final class AdoptedProcess: Sendable {
             }
             stream.output?.processExited(drainTimeout: timeout)
         }
-        for stream in all where stream.output != nil {
-            // The relay ends at the pipe's end-of-file; a grandchild that keeps the pipe open
-            // must not hold the exit report forever, so the wait is bounded too.
-            if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
-                results.append(.init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
-                stream.handle.close()
-            } else {
-                results.append(.init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+        // The relay ends at the pipe's end-of-file; a grandchild that keeps the pipe open must not
+        // hold the exit report forever, so the wait is bounded too — and the streams are waited
+        // for together: an orphan holding stdout and stderr costs one bound, not two.
+        let outputs = all.filter { $0.output != nil }
+        let finished = await withTaskGroup(of: (Int, DrainedNotification.StreamResult).self) { group in
+            for (index, stream) in outputs.enumerated() {
+                group.addTask {
+                    if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
+                        stream.handle.close()
+                        return (index, .init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
+                    }
+                    return (index, .init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+                }
             }
+            var byIndex: [Int: DrainedNotification.StreamResult] = [:]
+            for await (index, result) in group { byIndex[index] = result }
+            return byIndex
         }
+        results += outputs.indices.compactMap { finished[$0] }
         return results
     }
 
@@ -312,14 +325,14 @@ final class AdoptedProcess: Sendable {
         return !inputs.isEmpty
     }
 
-    func resize(_ size: WindowSize) throws(ErrorBody) {
+    func resize(_ size: WindowSize) throws(HoldfastError) {
         guard let tty = all.first(where: { $0.description.kind == .tty }) else {
-            throw ErrorBody(code: "no-tty", message: "process '\(id)' has no terminal")
+            throw HoldfastError(.noTTY, "process '\(id)' has no terminal")
         }
         do {
             try tty.handle.withSyscall { () throws(SystemError) in try Terminal.resize(fd: tty.handle.fd, to: size) }
         } catch {
-            throw ErrorBody(code: "resize-failed", message: "\(error)")
+            throw HoldfastError(.resizeFailed, "\(error)")
         }
     }
 

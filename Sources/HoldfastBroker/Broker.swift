@@ -42,17 +42,18 @@ public final class Broker: Sendable {
 
     /// Takes the fds of a process's streams and starts relaying them. On any error every fd of
     /// the request is closed and nothing is left behind.
-    public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(ErrorBody) {
+    public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
         var adopted: [AsyncFD?] = []
         do {
-            try BrokerRequest.validate(request, descriptorCount: descriptors.count)
+            try AdoptCheck.validate(request, descriptorCount: descriptors.count)
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }
             for handle in adopted { handle?.close() }
-            throw error as? ErrorBody ?? ErrorBody(code: "bad-descriptor", message: "\(error)")
+            throw error as? HoldfastError ?? HoldfastError(.badDescriptor, "\(error)")
         }
-        let process = AdoptedProcess(id: request.process, owner: owner)
+        let identities = Set(ResumableIdentity.all(in: request.streams))
+        let process = AdoptedProcess(id: request.process, owner: owner, identities: identities)
         var streams: [ManagedStream] = []
         for description in request.streams {
             let handle = adopted[description.fd]!
@@ -62,14 +63,25 @@ public final class Broker: Sendable {
         let used = Set(request.streams.map(\.fd))
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
-        let inserted = processes.withLockedValue { table -> Bool in
-            guard table[request.process] == nil else { return false }
+        let refusal = processes.withLockedValue { table -> HoldfastError? in
+            guard table[request.process] == nil else {
+                return HoldfastError(.processExists, "process '\(request.process)' already has streams in the broker")
+            }
+            // A token a live stream uses is taken: a second stream with it would take the
+            // first one's place at the host and splice its bytes onto the first one's.
+            if !identities.isEmpty {
+                for other in table.values {
+                    if let taken = other.identities.first(where: identities.contains) {
+                        return HoldfastError(.tokenInUse, "token '\(taken.token)' is in use by another stream")
+                    }
+                }
+            }
             table[request.process] = process
-            return true
+            return nil
         }
-        guard inserted else {
+        if let refusal {
             for stream in streams { stream.discard() }
-            throw ErrorBody(code: "process-exists", message: "process '\(request.process)' already has streams in the broker")
+            throw refusal
         }
         process.start(streams, registry: registry)
         logger.info("adopted streams", metadata: [
@@ -81,9 +93,9 @@ public final class Broker: Sendable {
 
     /// Stops relaying a process's streams and hands their fds back (in the order of the
     /// returned descriptions). Bytes a relay had read but not delivered are lost with it.
-    public func release(_ process: String) async throws(ErrorBody) -> (ReleaseResponse, [Int32]) {
+    public func release(_ process: String) async throws(HoldfastError) -> (ReleaseResponse, [Int32]) {
         guard let adopted = processes.withLockedValue({ $0.removeValue(forKey: process) }) else {
-            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(process)'")
+            throw HoldfastError(.noSuchProcess, "no streams for process '\(process)'")
         }
         let (descriptions, fds) = await adopted.release(registry: registry)
         for stream in adopted.status() { record(finished: stream) }
@@ -95,9 +107,9 @@ public final class Broker: Sendable {
 
     /// The process exited: its output streams drain (bounded by the drain timeout), its input
     /// streams close; a `drained` notification follows when every output stream is done.
-    public func processExited(_ request: ProcessExitedRequest) throws(ErrorBody) {
+    public func processExited(_ request: ProcessExitedRequest) throws(HoldfastError) {
         guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(request.process)'")
+            throw HoldfastError(.noSuchProcess, "no streams for process '\(request.process)'")
         }
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
@@ -119,18 +131,18 @@ public final class Broker: Sendable {
         }
     }
 
-    public func closeStdin(_ process: String) throws(ErrorBody) {
+    public func closeStdin(_ process: String) throws(HoldfastError) {
         guard let adopted = processes.withLockedValue({ $0[process] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(process)'")
+            throw HoldfastError(.noSuchProcess, "no streams for process '\(process)'")
         }
         guard adopted.closeInput() else {
-            throw ErrorBody(code: "no-stdin", message: "process '\(process)' has no input stream")
+            throw HoldfastError(.noStdin, "process '\(process)' has no input stream")
         }
     }
 
-    public func resize(_ request: ResizeRequest) throws(ErrorBody) {
+    public func resize(_ request: ResizeRequest) throws(HoldfastError) {
         guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no streams for process '\(request.process)'")
+            throw HoldfastError(.noSuchProcess, "no streams for process '\(request.process)'")
         }
         try adopted.resize(WindowSize(rows: request.rows, columns: request.columns))
     }
@@ -170,8 +182,8 @@ public final class Broker: Sendable {
         return BrokerStats(
             processes: processes.withLockedValue { $0.count },
             streams: streams.count,
-            connected: streams.filter { $0.state == "connected" }.count,
-            parked: streams.filter { $0.state == "parked" }.count,
+            connected: streams.filter { $0.state == .connected }.count,
+            parked: streams.filter { $0.state == .parked }.count,
             bytesToHost: streams.reduce(gone.bytesToHost) { $0 + $1.bytesToHost },
             bytesFromHost: streams.reduce(gone.bytesFromHost) { $0 + $1.bytesFromHost },
             reconnects: streams.reduce(gone.reconnects) { $0 + $1.reconnects },

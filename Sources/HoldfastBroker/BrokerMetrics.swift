@@ -25,7 +25,7 @@ public final class BrokerMetrics: Sendable {
     private let dialFailures: CoreMetrics.Counter
     private let redialsGivenUp: CoreMetrics.Counter
     private let reconnectLatency: CoreMetrics.Timer
-    private let streams: [String: CoreMetrics.Gauge]
+    private let streams: [StreamState: CoreMetrics.Gauge]
     private let processes: CoreMetrics.Gauge
     private let openDescriptors: CoreMetrics.Gauge
     private let residentBytes: CoreMetrics.Gauge
@@ -39,7 +39,6 @@ public final class BrokerMetrics: Sendable {
         var undelivered: UInt64 = 0
     }
 
-    static let streamStates = ["connected", "parked", "closed", "abandoned"]
     /// From 1 ms (a reconnect on a live host) to a minute (a long blackout).
     static let latencyBuckets: [Duration] = [
         .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
@@ -58,9 +57,9 @@ public final class BrokerMetrics: Sendable {
         dialFailures = CoreMetrics.Counter(label: "holdfast_stream_dial_failures_total", factory: factory)
         redialsGivenUp = CoreMetrics.Counter(label: "holdfast_stream_redials_given_up_total", factory: factory)
         reconnectLatency = CoreMetrics.Timer(label: "holdfast_stream_reconnect_seconds", factory: factory)
-        var streams: [String: CoreMetrics.Gauge] = [:]
-        for state in Self.streamStates {
-            streams[state] = CoreMetrics.Gauge(label: "holdfast_streams", dimensions: [("state", state)], factory: factory)
+        var streams: [StreamState: CoreMetrics.Gauge] = [:]
+        for state in StreamState.allCases {
+            streams[state] = CoreMetrics.Gauge(label: "holdfast_streams", dimensions: [("state", state.rawValue)], factory: factory)
         }
         self.streams = streams
         processes = CoreMetrics.Gauge(label: "holdfast_broker_processes", factory: factory)
@@ -94,7 +93,7 @@ public final class BrokerMetrics: Sendable {
     }
 
     /// The Prometheus text of every broker metric, figures read now.
-    func render(stats: BrokerStats, states: [String]) -> String {
+    func render(stats: BrokerStats, states: [StreamState]) -> String {
         let advance = fed.withLockedValue { last -> (UInt64, UInt64, UInt64, UInt64) in
             defer {
                 last = Fed(
@@ -112,7 +111,7 @@ public final class BrokerMetrics: Sendable {
         bytesFromHost.increment(by: Int64(clamping: advance.1))
         reconnects.increment(by: Int64(clamping: advance.2))
         undelivered.increment(by: Int64(clamping: advance.3))
-        for state in Self.streamStates {
+        for state in StreamState.allCases {
             streams[state]?.record(Double(states.filter { $0 == state }.count))
         }
         processes.record(Double(stats.processes))

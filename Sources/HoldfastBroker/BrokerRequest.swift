@@ -1,99 +1,21 @@
 import HoldfastCore
 import HoldfastProtocol
 
-/// One request of the broker's control protocol, parsed and checked before anything acts on it.
-///
-/// Pure: no fds are touched and no state is read, so a message from any peer can be fuzzed
-/// through it (`make fuzz`). The caller closes the message's fds when this throws.
-public enum BrokerRequest: Sendable, Equatable {
-    case adopt(AdoptRequest)
-    case release(process: String)
-    /// A page of streams (an empty body asks for the first).
-    case list(ListRequest)
-    case stats
-    case metrics
-    case disconnectAll
-    case bridgeUp
-    case processExited(ProcessExitedRequest)
-    case closeStdin(process: String)
-    case resize(ResizeRequest)
-
-    /// Parses a frame that came with `descriptorCount` fds, from the supervisor or from a
-    /// handoff peer. Errors carry the code the reply gets.
-    public static func parse(_ frame: ControlFrame, descriptorCount: Int, fromSupervisor: Bool) throws(ErrorBody) -> BrokerRequest {
-        guard let type = BrokerMessageType(rawValue: frame.type) else {
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
-        }
-        if type != .adopt, descriptorCount > 0 {
-            throw ErrorBody(code: "bad-request", message: "only adopt carries fds")
-        }
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        switch type {
-        case .adopt:
-            let request = try decode(AdoptRequest.self)
-            try validate(request, descriptorCount: descriptorCount)
-            return .adopt(request)
-        case .release: return .release(process: try decode(ProcessRequest.self).process)
-        case .list: return .list(frame.body.isEmpty ? ListRequest() : try decode(ListRequest.self))
-        case .stats: return .stats
-        case .metrics: return .metrics
+extension BrokerRequest {
+    /// A request as the broker takes it from a peer: decoded (`BrokerRequest.decode`), an
+    /// adopt's streams checked (`AdoptCheck`), bridge events only from the supervisor. Pure: no
+    /// fds are touched and no state is read, so a message from any peer can be fuzzed through
+    /// it (`make fuzz`). The caller closes the message's fds when this throws.
+    public static func parse(_ frame: ControlFrame, descriptorCount: Int, fromSupervisor: Bool) throws(HoldfastError) -> BrokerRequest {
+        let request = try decode(type: frame.type, body: frame.body, descriptorCount: descriptorCount)
+        switch request {
+        case .adopt(let adopt):
+            try AdoptCheck.validate(adopt, descriptorCount: descriptorCount)
         case .disconnectAll, .bridgeUp:
-            guard fromSupervisor else {
-                throw ErrorBody(code: "permission-denied", message: "only the supervisor sends bridge events")
-            }
-            return type == .disconnectAll ? .disconnectAll : .bridgeUp
-        case .processExited: return .processExited(try decode(ProcessExitedRequest.self))
-        case .closeStdin: return .closeStdin(process: try decode(ProcessRequest.self).process)
-        case .resize: return .resize(try decode(ResizeRequest.self))
-        case .ok, .error, .drained:
-            throw ErrorBody(code: "unknown-type", message: "\(type) is not a request")
+            guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
+        case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize:
+            break
         }
-    }
-
-    /// Checks an adopt request against the fds that came with it: a process id, one stream per
-    /// kind, fd indexes in range, addresses that parse, tokens for resumable streams.
-    public static func validate(_ request: AdoptRequest, descriptorCount: Int) throws(ErrorBody) {
-        guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
-            throw ErrorBody(code: "bad-request", message: "process id must be 1 to 256 bytes")
-        }
-        guard !request.streams.isEmpty else { throw ErrorBody(code: "bad-request", message: "no streams") }
-        var kinds = Set<StreamKind>()
-        for (index, stream) in request.streams.enumerated() {
-            let name = "streams[\(index)]"
-            guard kinds.insert(stream.kind).inserted else {
-                throw ErrorBody(code: "bad-request", message: "\(name): a second \(stream.kind.rawValue) stream")
-            }
-            guard stream.fd >= 0, stream.fd < descriptorCount else {
-                throw ErrorBody(code: "bad-request", message: "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
-            }
-            for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {
-                guard let text else { continue }
-                do {
-                    _ = try SocketAddress(parsing: text)
-                } catch {
-                    throw ErrorBody(code: "bad-address", message: "\(name).\(key): \(error)")
-                }
-            }
-            if stream.mode == .resumable {
-                guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
-                    throw ErrorBody(code: "bad-request", message: "\(name): resumable mode needs a token of 1 to 256 bytes")
-                }
-                // The input stream says hello with inputToken: the host reads at most 256 bytes.
-                if stream.inputAddress != nil {
-                    guard let token = stream.inputToken, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
-                        throw ErrorBody(code: "bad-request", message: "\(name): a resumable tty input needs an inputToken of 1 to 256 bytes")
-                    }
-                }
-            }
-            if stream.inputAddress != nil, stream.kind != .tty {
-                throw ErrorBody(code: "bad-request", message: "\(name): inputAddress is only for a tty")
-            }
-        }
+        return request
     }
 }

@@ -18,15 +18,20 @@ public enum BrokerRole {
     public static func run(
         controlFD: Int32, handoffFD: Int32?, handoffPath: String?, settings: BrokerSettings, logger: Logger
     ) async throws {
+        // First of all, before it holds any stream: no ptrace, pidfd_getfd, /proc/PID/mem or
+        // core dump of the broker, whatever the uid of whoever tries.
+        try Privileges.makeNonDumpable()
         Memory.returnLargeBuffersToTheSystem()
         SignalDisposition.ignore(SIGPIPE)
         let control = FDChannel(try AsyncFD(adopting: controlFD))
         let handoff = try handoffFD.map { try Listener(adopting: $0, address: .unix(path: handoffPath ?? "handoff")) }
 
         if let name = settings.user {
-            guard let account = UserAccount.lookup(name) else { throw Failure(description: "broker.user: no such user '\(name)'") }
+            guard let account = UserAccount.resolve(name) else { throw Failure(description: "broker.user: no such user '\(name)'") }
             if Privileges.isRoot {
                 try Privileges.drop(to: account)
+                // A change of credentials resets dumpability to fs.suid_dumpable.
+                try Privileges.makeNonDumpable()
             } else if getuid() != account.uid {
                 throw Failure(description: "broker.user is '\(name)' but the broker runs as uid \(getuid()) and cannot switch")
             }
@@ -38,7 +43,7 @@ public enum BrokerRole {
         try SeccompProfile.applyBrokerProfile(action: settings.seccomp)
         logger.info("broker ready", metadata: [
             "pid": "\(getpid())", "uid": "\(getuid())", "seccomp": "\(settings.seccomp.rawValue)",
-            "seccompMode": "\(SeccompProfile.mode() ?? -1)", "openFiles": "\(files.soft)",
+            "seccompMode": "\(SeccompProfile.mode() ?? -1)", "openFiles": "\(files.soft)", "dumpable": "\(Privileges.isDumpable)",
         ])
 
         let service = BrokerService(settings: settings, logger: logger)

@@ -31,9 +31,9 @@ public final class BrokerService: Sendable {
 
         /// Throws unless this caller may manage `process` (a process the broker does not have
         /// passes: the request itself then says no-such-process).
-        func mayManage(_ process: String, in broker: Broker) throws(ErrorBody) {
+        func mayManage(_ process: String, in broker: Broker) throws(HoldfastError) {
             guard case .handoff = self, let owner = broker.owner(of: process), owner != self.owner else { return }
-            throw ErrorBody(code: "permission-denied", message: "process '\(process)' was handed over by \(owner), not by you")
+            throw HoldfastError(.permissionDenied, "process '\(process)' was handed over by \(owner), not by you")
         }
     }
 
@@ -93,9 +93,7 @@ public final class BrokerService: Sendable {
             logger.warning("handoff peer refused", metadata: [
                 "pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "gid": "\(credentials.gid)",
             ])
-            let refusal = ErrorBody(
-                code: "permission-denied",
-                message: "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
+            let refusal = HoldfastError(.permissionDenied, "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
             // Answer the peer's first request (closing any fds it attached) rather than hang up
             // on connect, so the client reads why instead of hitting a broken pipe.
             let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
@@ -115,68 +113,48 @@ public final class BrokerService: Sendable {
 
     // MARK: Requests
 
-    /// Reads requests until the peer closes or breaks the protocol. Every reply, error or not,
-    /// carries the request's id; a message that cannot be parsed ends this connection only.
+    /// Serves requests until the peer closes or breaks the protocol, one at a time. Every reply,
+    /// error or not, carries the request's id; a message that cannot be parsed ends this
+    /// connection only.
     func serve(_ channel: FDChannel, caller: Caller) async {
-        while true {
-            let message: ReceivedMessage
-            do {
-                message = try await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody)
-            } catch .endOfFile {
-                return
-            } catch {
-                logger.warning("control message refused", metadata: ["error": "\(error)"])
-                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "\(error)"))
-                return
-            }
-            let frame: ControlFrame
-            do {
-                frame = try ControlFrame.decode(datagram: message.payload)
-            } catch {
-                message.closeDescriptors()
-                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "\(error)"))
-                return
-            }
-            do {
-                let (body, fds) = try await handle(frame, descriptors: message.descriptors, caller: caller)
-                let ok = ControlFrame(type: BrokerMessageType.ok.rawValue, id: frame.id, body: body)
-                do {
-                    try await channel.send(ok.encoded, descriptors: fds)
-                } catch {
-                    logger.warning("reply failed", metadata: ["error": "\(error)"])
-                }
-                for fd in fds { _ = close(fd) }  // the peer has its copies now
-            } catch {
-                await reply(channel, id: frame.id, error: error)
-            }
+        let frames = SeqpacketFrames(channel)
+        let end = await RPCServer.serve(
+            frames, as: BrokerRequest.self, inFlight: 1,
+            notification: { _ in
+                try? await frames.send(
+                    ControlFrame(type: RPCFrameType.error, id: 0, body: HoldfastError(.badRequest, "a request needs a non-zero id").errorFrameBody),
+                    descriptors: [])
+            },
+            closeDescriptors: SeqpacketFrames.closeDescriptors
+        ) { [self] request, descriptors async throws(HoldfastError) -> RPCReply in
+            try await handle(request, descriptors: descriptors, caller: caller)
         }
+        if case .broken(let why) = end { logger.warning("control message refused", metadata: ["error": "\(why)"]) }
     }
 
-    private func reply(_ channel: FDChannel, id: UInt64, error: ErrorBody) async {
-        let frame = ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
-        try? await channel.send(frame.encoded)
-    }
-
-    /// One request. Fds that come with a request the broker does not keep are closed here.
-    private func handle(_ frame: ControlFrame, descriptors: [Int32], caller: Caller) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        let request: BrokerRequest
-        do {
-            let fromSupervisor = if case .supervisor = caller { true } else { false }
-            request = try BrokerRequest.parse(frame, descriptorCount: descriptors.count, fromSupervisor: fromSupervisor)
+    /// One request, decoded; what the broker checks beyond its shape (an adopt's streams, bridge
+    /// events from the supervisor only) is checked here. Fds of a request it refuses are closed.
+    private func handle(_ request: BrokerRequest, descriptors: [Int32], caller: Caller) async throws(HoldfastError) -> RPCReply {
+        do throws(HoldfastError) {
+            switch request {
+            case .adopt(let adopt): try AdoptCheck.validate(adopt, descriptorCount: descriptors.count)
+            case .disconnectAll, .bridgeUp:
+                guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
+            case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
+            }
         } catch {
-            for fd in descriptors { _ = close(fd) }
+            SeqpacketFrames.closeDescriptors(descriptors)
             throw error
         }
-        // Only adopt carries fds (parse refused any other request with fds).
-        let empty = ControlJSON.encode([String: String]())
+        // Only adopt carries fds (decode refused any other request with fds).
         switch request {
         case .adopt(let adopt):
             try broker.adopt(adopt, descriptors: descriptors, owner: caller.owner)
-            return (empty, [])
+            return .empty
         case .release(let process):
             try caller.mayManage(process, in: broker)
             let (response, fds) = try await broker.release(process)
-            return (ControlJSON.encode(response), fds)
+            return RPCReply(response, descriptors: fds)
         case .list(let page):
             let owner: ProcessOwner? = if case .supervisor = caller { nil } else { caller.owner }
             let request = page
@@ -184,27 +162,27 @@ public final class BrokerService: Sendable {
             let start = min(max(0, request.offset ?? 0), all.count)
             let page = Array(all[start..<min(all.count, start + max(1, min(request.limit ?? 1000, 1000)))])
             let (reply, _) = FrameBudget.fit(page) { ListResponse(streams: $0, total: all.count) }
-            return (ControlJSON.encode(reply), [])
+            return RPCReply(reply)
         case .stats:
-            return (ControlJSON.encode(broker.stats()), [])
+            return RPCReply(broker.stats())
         case .metrics:
-            return (ControlJSON.encode(MetricsResponse(text: broker.metricsText())), [])
+            return RPCReply(MetricsResponse(text: broker.metricsText()))
         case .disconnectAll:
-            return (ControlJSON.encode(CountResponse(count: broker.disconnectAll())), [])
+            return RPCReply(CountResponse(count: broker.disconnectAll()))
         case .bridgeUp:
-            return (ControlJSON.encode(CountResponse(count: broker.bridgeUp())), [])
+            return RPCReply(CountResponse(count: broker.bridgeUp()))
         case .processExited(let exited):
             try caller.mayManage(exited.process, in: broker)
             try broker.processExited(exited)
-            return (empty, [])
+            return .empty
         case .closeStdin(let process):
             try caller.mayManage(process, in: broker)
             try broker.closeStdin(process)
-            return (empty, [])
+            return .empty
         case .resize(let resize):
             try caller.mayManage(resize.process, in: broker)
             try broker.resize(resize)
-            return (empty, [])
+            return .empty
         }
     }
 }

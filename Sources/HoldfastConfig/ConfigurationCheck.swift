@@ -1,4 +1,9 @@
 import HoldfastPosix
+import HoldfastProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -100,18 +105,25 @@ extension DaemonConfiguration {
     var effectiveValues: [String: (value: String, note: String?)] {
         func ids(_ list: [UInt32]) -> String { "[" + list.map(String.init).joined(separator: ", ") + "]" }
         var userNote: String?
-        if let name = broker.user, let account = UserAccount.lookup(name) {
-            userNote = "uid \(account.uid), gid \(account.gid)"
+        if let name = broker.user, let account = UserAccount.resolve(name) {
+            let passwd = name.hasPrefix(UserAccount.numericPrefix) ? " (no password entry)" : ""
+            userNote = "uid \(account.uid), gid \(account.gid)\(passwd)"
         } else if broker.user == nil {
             userNote = "none: the broker keeps the daemon's user"
         }
         return [
             "run_directory": (runDirectory, nil),
             "bridge.address": (bridge.address.description, nil),
+            "bridge.authentication": (
+                bridge.authentication.rawValue,
+                bridge.authentication == .none ? "WARNING: the bridge is not authenticated; any process in the guest can pose as the daemon" : nil
+            ),
+            "bridge.key_file": (bridge.keyFile, keyFileNote),
             "bridge.reconnect_initial": (Self.duration(bridge.reconnectInitial), nil),
             "bridge.reconnect_max": (Self.duration(bridge.reconnectMax), nil),
             "broker.user": (broker.user ?? "", userNote),
             "broker.seccomp": (broker.seccomp, nil),
+            "broker.allow_shared_uid": (broker.allowSharedUID ? "true" : "false", nil),
             "handoff.socket": (handoff.socket, handoff.socket.isEmpty ? "no handoff socket" : nil),
             "handoff.mode": ("0" + String(handoff.mode, radix: 8), nil),
             "handoff.allowed_uids": (ids(handoff.allowedUIDs), nil),
@@ -129,6 +141,20 @@ extension DaemonConfiguration {
             "runc.root": (runc.root, nil),
             "metrics.address": (metrics.address?.description ?? "", metrics.address == nil ? "no metrics endpoint" : nil),
         ]
+    }
+
+    /// What the daemon would make of the key file, checked as it would check it at start-up.
+    var keyFileNote: String {
+        guard bridge.authentication == .hmacSHA256 else { return "not used: bridge.authentication is none" }
+        do {
+            let key = try BridgeKeyFile.load(bridge.keyFile)
+            return "a \(key.bytes.count)-byte key that only its owner can read"
+        } catch {
+            switch error.kind {
+            case .unreadable where geteuid() != 0: return "cannot check it as uid \(geteuid()): \(error.reason)"
+            default: return "the daemon will refuse to start: \(error.reason)"
+            }
+        }
     }
 
     /// The largest whole unit: 90000 → "90s", 120000 → "2m", 1500 → "1500ms".

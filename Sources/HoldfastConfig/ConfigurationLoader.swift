@@ -1,6 +1,7 @@
 import Configuration
 import HoldfastCore
 import HoldfastPosix
+import HoldfastProtocol
 import SystemPackage
 import Yams
 
@@ -18,10 +19,13 @@ public enum ConfigurationLoader {
     /// Every key the daemon understands, with its default (nil: required).
     static let keys: [(key: String, fallback: String?)] = [
         ("bridge.address", nil),
+        ("bridge.authentication", BridgeAuthenticationMethod.hmacSHA256.rawValue),
+        ("bridge.key_file", "/etc/holdfast/bridge.key"),
         ("bridge.reconnect_initial", "100ms"),
         ("bridge.reconnect_max", "5s"),
         ("broker.user", ""),
         ("broker.seccomp", "kill"),
+        ("broker.allow_shared_uid", "false"),
         ("handoff.socket", "{run}/broker.sock"),
         ("handoff.mode", "0660"),
         ("handoff.allowed_uids", "0"),
@@ -100,6 +104,13 @@ public enum ConfigurationLoader {
         let address = try parse("bridge.address") { text -> Result<SocketAddress, Problem> in
             do throws(AddressError) { return .success(try SocketAddress(parsing: text)) } catch { return .failure(Problem(error.reason)) }
         }
+        let authentication = try parse("bridge.authentication") { text -> Result<BridgeAuthenticationMethod, Problem> in
+            BridgeAuthenticationMethod(rawValue: text).map { .success($0) } ?? .failure("must be hmac-sha256 or none")
+        }
+        let keyFile = try parse("bridge.key_file") { text -> Result<String, Problem> in
+            if text.isEmpty, authentication == .none { return .success(text) }
+            return text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
+        }
         let reconnectInitial = try parse("bridge.reconnect_initial", ValueParsers.positiveDuration)
         let reconnectMax = try parse("bridge.reconnect_max", ValueParsers.positiveDuration)
         guard reconnectMax >= reconnectInitial else {
@@ -107,12 +118,19 @@ public enum ConfigurationLoader {
         }
         let user = try parse("broker.user") { text -> Result<String?, Problem> in
             guard !text.isEmpty else { return .success(nil) }
-            guard UserAccount.lookupName(text) else { return .failure("no such user on this system") }
+            guard let account = UserAccount.resolve(text) else {
+                return .failure(
+                    text.hasPrefix(UserAccount.numericPrefix)
+                        ? "expected uid:N with N from 1 to 4294967294 (e.g. uid:\(ReservedUIDs.development))"
+                        : "no such user on this system")
+            }
+            guard account.uid != 0 else { return .failure("the broker must not run as root") }
             return .success(text)
         }
         let seccomp = try parse("broker.seccomp") { text -> Result<String, Problem> in
             ["kill", "log", "off"].contains(text) ? .success(text) : .failure("must be kill, log or off")
         }
+        let allowSharedUID = try parse("broker.allow_shared_uid", ValueParsers.boolean)
         let handoffSocket = try parse("handoff.socket", ValueParsers.socketPath)
         let mode = try parse("handoff.mode", ValueParsers.fileMode)
         let uids = try parse("handoff.allowed_uids", ValueParsers.idList)
@@ -146,8 +164,10 @@ public enum ConfigurationLoader {
         }
 
         return DaemonConfiguration(
-            bridge: .init(address: address, reconnectInitial: reconnectInitial, reconnectMax: reconnectMax),
-            broker: .init(user: user, seccomp: seccomp),
+            bridge: .init(
+                address: address, authentication: authentication, keyFile: keyFile, reconnectInitial: reconnectInitial,
+                reconnectMax: reconnectMax),
+            broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID),
             handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids),
             streams: .init(
                 redialAttempts: attempts, redialInterval: interval, connectTimeout: connectTimeout, drainTimeout: drainTimeout,
@@ -232,6 +252,3 @@ extension String {
     }
 }
 
-extension UserAccount {
-    static func lookupName(_ name: String) -> Bool { lookup(name) != nil }
-}

@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastProtocol
 
 /// The daemon's configuration: `config/holdfast.yaml` documents every key.
 ///
@@ -9,15 +10,29 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public struct Bridge: Codable, Sendable, Equatable {
         /// Where the host's bridge listens; the guest dials it.
         public var address: SocketAddress
+        /// Whether each end proves it holds the bridge key before anything else is said.
+        public var authentication: BridgeAuthenticationMethod
+        /// The bridge key (hex digits, root-only); unused with `authentication: none`.
+        public var keyFile: String
         /// First pause after a lost bridge, doubling up to `reconnectMax`.
         public var reconnectInitial: Milliseconds
         public var reconnectMax: Milliseconds
     }
 
     public struct Broker: Codable, Sendable, Equatable {
-        /// The unprivileged user the broker drops to; nil keeps the daemon's user (development).
+        /// The unprivileged user the broker runs as: a name, or `uid:N` (a uid with no password
+        /// entry); nil keeps the daemon's user (a uid shared with the supervisor).
         public var user: String?
         public var seccomp: String
+        /// Start the broker even though other processes run as its uid (they could signal it).
+        /// Off by default: the supervisor refuses, at start-up and at every restart.
+        public var allowSharedUID: Bool
+
+        public init(user: String?, seccomp: String, allowSharedUID: Bool = false) {
+            self.user = user
+            self.seccomp = seccomp
+            self.allowSharedUID = allowSharedUID
+        }
     }
 
     public struct Handoff: Codable, Sendable, Equatable {

@@ -59,6 +59,15 @@ public enum ValueParsers {
         return .success(number)
     }
 
+    /// "true" or "false" (YAML's yes/no spellings too).
+    public static func boolean(_ text: String) -> Result<Bool, Problem> {
+        switch text.lowercased() {
+        case "true", "yes", "on": return .success(true)
+        case "false", "no", "off": return .success(false)
+        default: return .failure("expected true or false")
+        }
+    }
+
     /// An octal file mode such as "0660".
     public static func fileMode(_ text: String) -> Result<UInt32, Problem> {
         guard let mode = UInt32(text, radix: 8), mode <= 0o777 else { return .failure("expected an octal mode such as 0660") }

@@ -56,29 +56,43 @@ public enum ControlFrameIO {
 
 /// Serialises frame writes on one connection: request handlers and notifications run on
 /// different tasks, and two writes must never interleave on the wire. Frames queue in order;
-/// the first failed write closes the connection and drops the rest.
+/// the first failed write closes the connection and drops the rest (their `whenWritten` still
+/// runs, so whoever waits on one is never left waiting).
 public final class ControlFrameWriter<Connection: ByteConnection>: Sendable {
-    private let continuation: AsyncStream<[UInt8]>.Continuation
+    private struct Queued: Sendable {
+        var bytes: [UInt8]
+        var whenWritten: (@Sendable () -> Void)?
+    }
+
+    private let continuation: AsyncStream<Queued>.Continuation
     private let task: Task<Void, Never>
 
     public init(_ connection: Connection) {
-        let (stream, continuation) = AsyncStream<[UInt8]>.makeStream()
+        let (stream, continuation) = AsyncStream<Queued>.makeStream()
         self.continuation = continuation
         task = Task {
-            for await bytes in stream {
-                do {
-                    try await FrameIO.write(bytes, to: connection)
-                } catch {
-                    connection.close()
-                    continuation.finish()
-                    return
+            var failed = false
+            for await queued in stream {
+                if !failed {
+                    do {
+                        try await FrameIO.write(queued.bytes, to: connection)
+                    } catch {
+                        failed = true
+                        connection.close()
+                        continuation.finish()
+                    }
                 }
+                queued.whenWritten?()
             }
         }
     }
 
-    public func send(_ frame: ControlFrame) {
-        continuation.yield(frame.encoded)
+    /// Queues `frame`; `whenWritten` runs once it is written (or dropped with the connection):
+    /// a reader that holds a permit until then bounds what a slow peer can make us queue.
+    public func send(_ frame: ControlFrame, whenWritten: (@Sendable () -> Void)? = nil) {
+        if case .terminated = continuation.yield(Queued(bytes: frame.encoded, whenWritten: whenWritten)) {
+            whenWritten?()
+        }
     }
 
     /// Stops after the frames already queued.

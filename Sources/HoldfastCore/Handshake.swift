@@ -90,7 +90,7 @@ public enum Handshake {
     /// our side is shut down first and what the peer still sends is drained for a moment, because
     /// closing a socket with unread input resets it and the peer would never read why.
     public static func refuse(_ connection: some ByteConnection, _ problem: StreamProtocolError) async {
-        try? await FrameIO.write(StreamRefusal(code: problem.code, message: problem.description).encoded, to: connection)
+        try? await FrameIO.write(problem.refusal.encoded, to: connection)
         connection.shutdownWrite()
         let drain = Task {
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 1)

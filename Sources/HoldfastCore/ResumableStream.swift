@@ -55,6 +55,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     public let direction: StreamDirection
     public let configuration: ResumableConfiguration
     public let slot: ConnSlot<Session>
+    /// Proves our hellos and checks the peer's: only its holders speak for the stream.
+    public let secret: StreamSecret
     private let engine: Engine
 
     /// - Parameters:
@@ -68,7 +70,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     ///     the I/O reactor's thread for real sockets, so a frame read or written on readiness
     ///     costs no hop to another thread. `nil`: the global executor.
     public init(
-        token: [UInt8], role: StreamRole, direction: StreamDirection,
+        token: [UInt8], secret: StreamSecret, role: StreamRole, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(),
         policy: RedialPolicy = .default, storage: any RingBlockStorage = BufferPool.ring,
         executor: (any TaskExecutor)? = nil,
@@ -77,6 +79,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) {
         self.token = token
+        self.secret = secret
         self.role = role
         self.direction = direction
         self.configuration = configuration
@@ -87,10 +90,14 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             slotDial = { [token, role] in
                 let transport = try await dial()
                 do {
-                    let hello = StreamHello(
-                        role: role, token: token, receivedOffset: engine.receivedForHello, attempt: engine.nextAttempt(floor: attemptClock?() ?? 0))
+                    let hello = StreamAuthentication.sign(
+                        StreamHello(
+                            role: role, token: token, receivedOffset: engine.receivedForHello,
+                            attempt: engine.nextAttempt(floor: attemptClock?() ?? 0), nonce: StreamAuthentication.nonce()),
+                        secret: secret)
                     let session = try await Handshake.initiate(on: transport, hello: hello) { peer in
-                        engine.validate(peer, token: token, ourRole: role)
+                        // The host's proof covers our nonce: a recorded answer does not verify.
+                        engine.validate(peer, token: token, ourRole: role, secret: secret, challenge: hello.nonce)
                     }
                     engine.record(session)
                     return session
@@ -125,12 +132,14 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// hello and installs it. A hello that does not fit (wrong token, an offset from the future
     /// or one already discarded) is refused with an ERROR frame; the stream is untouched.
     public func accept(_ transport: Transport, hello: StreamHello) async throws(StreamProtocolError) {
-        if let problem = engine.validate(hello, token: token, ourRole: role) {
-            await Handshake.refuse(transport, problem)
+        if let problem = engine.validate(hello, token: token, ourRole: role, secret: secret, challenge: nil) {
             engine.count(\.refusedConnections)
+            await Handshake.refuse(transport, problem)
             throw problem
         }
-        let ours = StreamHello(role: role, token: token, receivedOffset: engine.receivedForHello)
+        let ours = StreamAuthentication.sign(
+            StreamHello(role: role, token: token, receivedOffset: engine.receivedForHello, nonce: StreamAuthentication.nonce()),
+            secret: secret, challenge: hello.nonce)
         do {
             try await FrameIO.write(ours.encoded, to: transport)
         } catch {
@@ -350,20 +359,24 @@ extension ResumableStream {
 
         // MARK: Hello validation
 
-        /// Checks a peer's hello against this end's state. A valid report of what the peer holds
-        /// also acknowledges it (it may have arrived just before the old connection died).
-        func validate(_ peer: StreamHello, token: [UInt8], ourRole: StreamRole) -> StreamProtocolError? {
+        /// Checks a peer's hello against this end's state: first its proof (nothing of the
+        /// stream's state is read or changed for a hello that does not verify), then the
+        /// attempt and the offsets, and only when everything holds does it change anything: the
+        /// attempt becomes the newest accepted, and a valid report of what the peer holds
+        /// acknowledges it (it may have arrived just before the old connection died).
+        /// `challenge`: our nonce on this connection, which the host's proof must cover.
+        func validate(
+            _ peer: StreamHello, token: [UInt8], ourRole: StreamRole, secret: StreamSecret, challenge: [UInt8]?
+        ) -> StreamProtocolError? {
             guard peer.token == token else { return .wrongToken }
-            guard peer.role != ourRole else { return .malformed("both ends claim to be the \(ourRole)") }
+            guard peer.role != ourRole else { return .unauthenticated }
+            guard StreamAuthentication.verify(peer, secret: secret, challenge: challenge) else { return .unauthenticated }
             var wake: [CheckedContinuation<Void, Never>] = []
             defer { for waiter in wake { waiter.resume() } }
             return state.withLockedValue { s -> StreamProtocolError? in
-                if ourRole == .host {
-                    // The dialer's connections race through accept: only a newer one may
-                    // replace the current one.
-                    guard peer.attempt > s.lastAttempt else { return .staleAttempt(peer.attempt, newest: s.lastAttempt) }
-                    s.lastAttempt = peer.attempt
-                }
+                // The dialer's connections race through accept: only a newer one may replace the
+                // current one (and a recorded hello, replayed, is never newer).
+                if ourRole == .host, peer.attempt <= s.lastAttempt { return .staleAttempt(peer.attempt, newest: s.lastAttempt) }
                 switch direction {
                 case .receive:
                     // We never send data: the peer cannot hold any.
@@ -371,16 +384,18 @@ extension ResumableStream {
                         return .offsetFromTheFuture(reported: peer.receivedOffset, limit: 0)
                     }
                 case .send:
-                    guard peer.receivedOffset <= s.ring.end else {
-                        return .offsetFromTheFuture(reported: peer.receivedOffset, limit: s.ring.end)
+                    // Against what was ever handed to a connection, not what the ring holds.
+                    guard peer.receivedOffset <= s.everHandedOut else {
+                        return .offsetFromTheFuture(reported: peer.receivedOffset, limit: s.everHandedOut)
                     }
                     guard peer.receivedOffset >= s.ring.acknowledged else {
                         return .offsetAlreadyDiscarded(reported: peer.receivedOffset, oldest: s.ring.acknowledged)
                     }
-                    if peer.receivedOffset > s.ring.acknowledged {
-                        s.ring.acknowledge(upTo: peer.receivedOffset)
-                        wake = s.takeProgressWaiters()
-                    }
+                }
+                if ourRole == .host { s.lastAttempt = peer.attempt }
+                if direction == .send, peer.receivedOffset > s.ring.acknowledged {
+                    s.ring.acknowledge(upTo: peer.receivedOffset)
+                    wake = s.takeProgressWaiters()
                 }
                 return nil
             }
@@ -598,6 +613,9 @@ extension ResumableStream {
                         s.sentHighWater = s.sender.position
                     }
                     s.doorbell = false
+                    // A newer connection's hello may have acknowledged past where this one is:
+                    // those bytes arrived, and the ring no longer holds them.
+                    if direction == .send, s.sender.position < s.ring.acknowledged { s.sender.position = s.ring.acknowledged }
                     let position = s.sender.position
                     switch direction {
                     case .send:
@@ -607,6 +625,7 @@ extension ResumableStream {
                             let count = regions.reduce(0) { $0 + $1.count }
                             s.ring.pin(position)
                             s.sentHighWater = max(s.sentHighWater, position + UInt64(count))
+                            s.everHandedOut = max(s.everHandedOut, position + UInt64(count))
                             return .data(regions, offset: position, count: count)
                         }
                         if let final = s.finalOffset, position == final, !s.sender.endSent { return .end(final) }
@@ -1193,6 +1212,9 @@ struct ResumableEngineState: Sendable {
     var lastAttempt: UInt64 = 0
     /// The highest offset ever handed to any connection (for the replay statistic).
     var everSent: UInt64 = 0
+    /// The highest offset ever handed to a write, on any connection: no peer can hold a
+    /// byte beyond it (a hello that says so is refused).
+    var everHandedOut: UInt64 = 0
     /// How much the producer reserves for its next read: what the source gave last time,
     /// doubled while it keeps filling what was offered.
     var readAhead = 64 * 1024

@@ -15,14 +15,19 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     /// checks (BridgeWorker.classify) and the supervisor's check of a create's ProcessSpec. The
     /// first byte picks the form of the rest: even, the bytes on the wire; odd, one frame without
     /// its length field (type u32, id u64, body), which the harness fills in, so that mutations
-    /// of a JSON body that change its length still make a well-framed frame.
+    /// of a JSON body that change its length still make a well-framed frame. The whole input is
+    /// also fed to both ends of the authentication handshake (`bridgeHandshake`).
     case bridge
     /// Broker control messages: one datagram, ControlFrame.decode, then BrokerRequest.parse
     /// (JSON and the adopt checks). The first input byte is not part of the datagram: its low 3
     /// bits are the number of attached fds, bit 3 says whether the supervisor sent it, bit 4
     /// that the datagram comes without its length field (as for the bridge).
     case broker
-    /// Resumable stream frames: prefixes, HELLO, ERROR, and the handshake's reads.
+    /// Resumable stream frames: prefixes, HELLO, ERROR, and the handshake's reads; and, when the
+    /// first byte has its high bit set, a whole session through a real `ResumableStream`: the
+    /// peer's hello (signed by the harness, which the fuzzer cannot do) and then whatever the
+    /// peer sends — DATA, ACK, END, ERROR, garbage — against a host or guest end that sends or
+    /// receives. No peer input may reach a precondition.
     case stream
     /// The configuration loader: the input is written to a temporary file and loaded, as JSON
     /// if its first non-blank byte is `{`, as YAML otherwise.
@@ -51,6 +56,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
 
     static func bridge(_ input: [UInt8]) async {
         guard let mode = input.first else { return }
+        await bridgeHandshake(input)
         let rest = Array(input.dropFirst())
         let bytes = mode & 1 == 0 ? rest : withLengthField(rest)
         // As the bridge worker reads them: a byte stream, frames back to back, in odd-sized reads.
@@ -61,40 +67,63 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 frame = try await ControlFrameIO.read(from: connection, maxBody: BridgeProtocol.maxBody)
             } catch {
                 if let error = error as? ControlFrameIO.ReadError, case .oversized(_, _, let id) = error {
-                    _ = errorReply(id: id, ErrorBody(code: "frame-too-large", message: error.description))
+                    _ = errorReply(id: id, HoldfastError(.frameTooLarge, error.description))
                 }
                 return
             }
             precondition(frame.body.count <= BridgeProtocol.maxBody, "a frame over the limit was read")
-            switch BridgeWorker.classify(frame) {
-            case .strayReply:
-                precondition(frame.type == BridgeMessageType.ok.rawValue || frame.type == BridgeMessageType.error.rawValue)
-            case .refuse(let problem):
-                _ = errorReply(id: frame.id, problem)
-            case .request(let type):
-                precondition(frame.id != 0 && BridgeMessageType.requests.contains(type), "an invalid request was forwarded")
-                // What the supervisor does next with a create: decode it again and check it.
-                if type == .create, let spec = try? ControlJSON.decode(ProcessSpec.self, from: frame.body, frameType: frame.type) {
+            // As the worker's RPC server takes it: id 0 is a notification (refused), a reply is
+            // stray, anything else is decoded once into a typed request or refused.
+            if frame.id == 0 || RPCFrameType.isReply(frame.type) { continue }
+            let request: BridgeRequest
+            do {
+                request = try BridgeRequest.decode(type: frame.type, body: frame.body, descriptorCount: 0)
+            } catch {
+                _ = errorReply(id: frame.id, error)
+                continue
+            }
+            precondition(BridgeMessageType.requests.contains(BridgeMessageType(rawValue: request.frameType)!), "an invalid request was forwarded")
+            // What the supervisor does next with a create: check it.
+            if case .create(let spec) = request {
+                do {
+                    try Supervisor.validate(spec)
+                } catch {
+                    _ = errorReply(id: frame.id, error)
+                    continue
+                }
+                // The supervisor starts the process, then hands its streams to the broker, which
+                // checks them again: what it would refuse must be refused up front.
+                let streams = Supervisor.streamDescriptions(for: spec)
+                if !streams.isEmpty {
                     do {
-                        try Supervisor.validate(spec)
+                        try AdoptCheck.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
                     } catch {
-                        _ = errorReply(id: frame.id, error)
-                        continue
-                    }
-                    // The supervisor starts the process, then hands its streams to the broker,
-                    // which checks them again: what it would refuse must be refused up front.
-                    let streams = Supervisor.streamDescriptions(for: spec)
-                    if !streams.isEmpty {
-                        do {
-                            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
-                        } catch {
-                            preconditionFailure("the broker refuses the streams of a create the supervisor accepted: \(error)")
-                        }
+                        preconditionFailure("the broker refuses the streams of a create the supervisor accepted: \(error)")
                     }
                 }
             }
         }
     }
+
+    /// The authentication handshake's reads, at both ends, on the whole input as what the peer
+    /// sent: a challenge read by the host, an answer and a verdict read by the guest. Any input
+    /// must end in a failure (no input holds a proof for the harness's key): a success means
+    /// a proof was accepted that was never made with the key. Fixed nonces keep a run
+    /// deterministic, as libFuzzer wants.
+    static func bridgeHandshake(_ input: [UInt8]) async {
+        let key = fuzzingKey
+        let nonce = [UInt8](repeating: 0, count: BridgeHandshakeWire.nonceSize)
+        do {
+            try await BridgeHandshake.authenticateGuest(on: ScriptedConnection(input), key: key, hostNonce: nonce)
+            preconditionFailure("the host accepted a guest proof made without the key")
+        } catch {}
+        do {
+            try await BridgeHandshake.authenticateHost(on: ScriptedConnection(input), key: key, guestNonce: nonce)
+            preconditionFailure("the guest accepted a host proof made without the key")
+        } catch {}
+    }
+
+    static let fuzzingKey = try! BridgeKey(bytes: Array(repeating: 0x5A, count: BridgeKey.minimumBytes))
 
     /// A control frame from type (4 bytes), id (8 bytes) and body: the length field inserted.
     static func withLengthField(_ bytes: [UInt8]) -> [UInt8] {
@@ -105,7 +134,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     }
 
     /// The error frame a refusal becomes; encoding it must not fail either.
-    static func errorReply(id: UInt64, _ error: ErrorBody) -> [UInt8] {
+    static func errorReply(id: UInt64, _ error: HoldfastError) -> [UInt8] {
         let frame = ControlFrame(type: BridgeMessageType.error.rawValue, id: id, body: ControlJSON.encode(error))
         let bytes = frame.encoded
         precondition((try? ControlFrame.decode(datagram: bytes, maxBody: Int.max)) == frame, "an error frame does not round-trip")
@@ -170,6 +199,10 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     // MARK: Stream
 
     static func stream(_ bytes: [UInt8]) async {
+        if let mode = bytes.first, mode & 0x80 != 0 {
+            await StreamSessionFuzz.run(mode: mode, Array(bytes.dropFirst()))
+            return
+        }
         // Frame by frame with the pure decoders.
         var rest = bytes[...]
         while rest.count >= StreamFramePrefix.size {

@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastProtocol
 import HoldfastPosix
 import NIOConcurrencyHelpers
 
@@ -10,16 +11,22 @@ import Glibc
 /// in several reads, as on a socket), then end-of-file; what is written to it is dropped.
 final class ScriptedConnection: ByteConnection {
     private struct State {
+        var input: [UInt8]
+        var answered = false
         var position = 0
         var reads = 0
         var closed = false
     }
 
-    private let input: [UInt8]
-    private let state = NIOLockedValueBox(State())
+    private var input: [UInt8] { state.withLockedValue { $0.input } }
+    private let state: NIOLockedValueBox<State>
+    /// For a dialing end under test: answers its hello (the first write) with bytes that go
+    /// before the script (a host's signed hello).
+    private let answering: (@Sendable (StreamHello) -> [UInt8])?
 
-    init(_ input: [UInt8]) {
-        self.input = input
+    init(_ input: [UInt8], answering: (@Sendable (StreamHello) -> [UInt8])? = nil) {
+        state = NIOLockedValueBox(State(input: input))
+        self.answering = answering
     }
 
     func waitReadable() async throws {}
@@ -30,6 +37,7 @@ final class ScriptedConnection: ByteConnection {
 
     func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
         state.withLockedValue { s in
+            let input = s.input
             let remaining = input.count - s.position
             guard !s.closed, remaining > 0, buffer.count > 0 else { return 0 }
             s.reads += 1
@@ -44,7 +52,20 @@ final class ScriptedConnection: ByteConnection {
         }
     }
 
-    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) {}
+    func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) {
+        guard let answering, !state.withLockedValue({ $0.answered }) else { return }
+        // The dialer's first write is its hello.
+        let written = Array(bytes)
+        guard written.count >= StreamFramePrefix.size,
+            let prefix = try? written.withUnsafeBytes({ try StreamFramePrefix.decode($0) }),
+            let hello = try? StreamHello.decode(prefix: prefix, body: Array(written[StreamFramePrefix.size...]))
+        else { return }
+        let answer = answering(hello)
+        state.withLockedValue { s in
+            s.answered = true
+            s.input = answer + s.input
+        }
+    }
 
     func close() {
         state.withLockedValue { $0.closed = true }

@@ -8,30 +8,87 @@ import Glibc
 #endif
 
 /// The host end of the bridge (docs/PROTOCOL.md, "Bridge"): accepts the guest's bridge
-/// connections — any number over time, the newest replacing the last — and offers the guest's
-/// requests as async calls and its exits as an async sequence.
+/// connections — any number over time, the newest authenticated one replacing the last — and
+/// offers the guest's requests as async calls and its exits as an async sequence.
+///
+/// A connection counts only once its peer has proved it holds the bridge key (docs/PROTOCOL.md,
+/// "Bridge authentication") and said hello: until then it is sent nothing but the handshake,
+/// it is read for nothing else, and it displaces nothing. A peer that fails is refused, and a
+/// warning (rate-limited) says so.
 ///
 /// Exits are delivered exactly once to `exits`: an exit the guest repeats (in a hello after a
 /// reconnect, because our acknowledgement was lost with the connection) is acknowledged again
 /// but not delivered again. Requests made while no guest is connected wait for one (bounded).
+///
+/// Hellos and exits are delivered in the order the guest sent them, across connections too: a
+/// new connection's hello only after everything the connection it replaces delivered. A host
+/// that must see them interleaved (an exit of the old daemon before the new daemon's hello)
+/// passes an `observer`, which then receives both, in that order, instead of `hellos`/`exits`.
 public final class BridgeServer: Sendable {
     public let address: SocketAddress
-    /// Every guest hello, in order (boot id, live processes, pending exits).
+    /// Every guest hello, in order (boot id, live processes, pending exits). Empty (finished at
+    /// once) when an observer was given.
     public let hellos: AsyncStream<BridgeHello>
-    /// Each process exit, once.
+    /// Each process exit, once. Empty (finished at once) when an observer was given.
     public let exits: AsyncStream<ExitReport>
+
+    /// Whether guests must prove they hold the bridge key.
+    public enum Authentication: Sendable, CustomStringConvertible {
+        /// The guest proves it holds this key, and we prove we do (HMAC-SHA256, both ways).
+        case key(BridgeKey)
+        /// Whoever dials is taken as the guest: any process in the guest can pose as the daemon.
+        /// For a guest configured with `bridge.authentication: none`; warned about at start.
+        case none
+
+        public var description: String {
+            switch self {
+            case .key: BridgeAuthenticationMethod.hmacSHA256.rawValue
+            case .none: BridgeAuthenticationMethod.none.rawValue
+            }
+        }
+    }
+
+    /// Unauthenticated connections in their handshake at once; one more closes the oldest (a
+    /// flood of silent connections costs bounded fds and never locks the guest out: its own
+    /// handshake takes one round trip, theirs up to `handshakeTimeout`).
+    public static let maxPendingHandshakes = 64
+
+    /// What the guest says, in order, for an observer.
+    public enum Event: Sendable, Equatable {
+        /// A guest connected: `hello.instanceID` and `hello.bootID` say whether it is the same
+        /// daemon as before. Delivered before any exit or reply of that connection.
+        case hello(BridgeHello)
+        /// A process exit, once (a repeat of one already delivered is not).
+        case exit(ExitReport)
+    }
 
     private let listener: Listener
     private let helloSink: AsyncStream<BridgeHello>.Continuation
     private let exitSink: AsyncStream<ExitReport>.Continuation
-    private let state = NIOLockedValueBox(State())
+    private let state: NIOLockedValueBox<State>
     private let handshakeTimeout: Duration
+    private let warn: @Sendable (String) -> Void
+    private let observer: (@Sendable (Event) -> Void)?
+    /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
+    public static let rememberedConfirmedExits = 4096
 
     private struct State {
+        var authentication: Authentication
+        var pendingHandshakes: [UInt64: AsyncFD] = [:]
+        var nextHandshake: UInt64 = 0
+        var refused = 0
+        var lastWarning: ContinuousClock.Instant?
+        var warningsHeldBack = 0
         var connection: Connection?
         var waitingForGuest: [UInt64: CheckedContinuation<Connection?, Never>] = [:]
         var nextWaiter: UInt64 = 0
-        var deliveredExits: Set<String> = []
+        /// Exits delivered (id → whether the guest confirmed our acknowledgement): a repeat of
+        /// one of these is acknowledged again, not delivered again. A confirmed exit is gone from
+        /// the guest's list, so only a copy already on its way can still come (a resend racing
+        /// the acknowledgement); the newest `rememberedConfirmedExits` confirmed ids are kept for
+        /// that, older ones forgotten, so memory does not grow with processes run.
+        var deliveredExits: [String: Bool] = [:]
+        var confirmedOrder = IDQueue()
         var refusing = false
         var closed = false
         var accepted = 0
@@ -41,57 +98,108 @@ public final class BridgeServer: Sendable {
 
     /// One guest connection: its writer and the requests waiting for a reply on it.
     final class Connection: Sendable {
-        let socket: AsyncFD
-        let writer: ControlFrameWriter<AsyncFD>
-        let pending = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: CheckedContinuation<ControlFrame?, Never>], closed: Bool)>(
-            (0, [:], false))
+        let hello: BridgeHello
+        let frames: StreamFrames<AsyncFD>
+        /// Requests to the guest, replies matched by id; its reader hands exits (id 0) on.
+        let rpc: RPCClient
+        private let onExit = NIOLockedValueBox<(@Sendable (ExitReport) -> Void)?>(nil)
+        /// Set once this connection's reader has stopped delivering (its last exit is out).
+        private let served = NIOLockedValueBox<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
 
-        init(_ socket: AsyncFD) {
-            self.socket = socket
-            self.writer = ControlFrameWriter(socket)
+        init(_ socket: AsyncFD, hello: BridgeHello) {
+            self.hello = hello
+            frames = StreamFrames(socket, maxBody: BridgeProtocol.maxBody)
+            let onExit = self.onExit
+            rpc = RPCClient(transport: frames, closeDescriptors: { _ in }) { frame in
+                guard frame.type == BridgeMessageType.exit.rawValue,
+                    let report = try? ControlJSON.decode(ExitReport.self, from: frame.body, frameType: frame.type)
+                else { return }
+                onExit.withLockedValue { $0 }?(report)
+            }
         }
 
-        /// Sends a request and waits for its reply; nil if the connection ends first.
-        func request(_ type: BridgeMessageType, body: [UInt8]) async -> ControlFrame? {
+        /// Reads replies and exits until the connection ends; `deliver` gets each exit.
+        func run(deliver: @escaping @Sendable (ExitReport) -> Void) async {
+            onExit.withLockedValue { $0 = deliver }
+            await rpc.run()
+            markServed()
+        }
+
+        func markServed() {
+            let waiters = served.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                s.done = true
+                defer { s.waiters.removeAll() }
+                return s.waiters
+            }
+            for waiter in waiters { waiter.resume() }
+        }
+
+        /// Waits until the reader has stopped (after `close()`, promptly: its read fails).
+        func waitServed() async {
             await withCheckedContinuation { continuation in
-                let id = pending.withLockedValue { p -> UInt64? in
-                    guard !p.closed else { return nil }
-                    p.next &+= 1
-                    p.waiting[p.next] = continuation
-                    return p.next
+                let done = served.withLockedValue { s -> Bool in
+                    if s.done { return true }
+                    s.waiters.append(continuation)
+                    return false
                 }
-                guard let id else {
-                    continuation.resume(returning: nil)
-                    return
-                }
-                writer.send(ControlFrame(type: type.rawValue, id: id, body: body))
+                if done { continuation.resume() }
             }
         }
 
-        func reply(_ frame: ControlFrame) -> Bool {
-            guard let waiter = pending.withLockedValue({ $0.waiting.removeValue(forKey: frame.id) }) else { return false }
-            waiter.resume(returning: frame)
-            return true
+        /// Sends a request; the guest's reply, or `bridge-lost` if the connection ends first.
+        func request(_ request: BridgeRequest) async throws(HoldfastError) -> ControlFrame {
+            do throws(HoldfastError) {
+                return try await rpc.request(request.frameType, body: request.body).frame
+            } catch {
+                guard error.code == .channelClosed else { throw error }
+                throw HoldfastError(.bridgeLost, "the bridge connection was lost before the guest replied", cause: error)
+            }
         }
 
-        func close() {
-            let waiters = pending.withLockedValue { p -> [CheckedContinuation<ControlFrame?, Never>] in
-                p.closed = true
-                defer { p.waiting.removeAll() }
-                return Array(p.waiting.values)
-            }
-            writer.finish()
-            socket.close()
-            for waiter in waiters { waiter.resume(returning: nil) }
-        }
+        func close() { frames.close() }
     }
 
-    public init(listeningOn address: SocketAddress, unixMode: mode_t? = nil, handshakeTimeout: Duration = .seconds(5)) throws {
+    /// `authentication` has no default: a host must say whether it checks the guest's key.
+    /// `handshakeTimeout` bounds a connection's handshake and hello together; `warn` receives
+    /// the warnings (refused peers, unauthenticated mode), by default on standard error.
+    /// - Parameter observer: receives hellos and exits in order, synchronously on the
+    ///   connection's reader (keep it short: no waiting); `hellos` and `exits` then stay empty,
+    ///   so nothing accumulates there unread.
+    public init(
+        listeningOn address: SocketAddress, authentication: Authentication, unixMode: mode_t? = nil,
+        handshakeTimeout: Duration = .seconds(5), warn: @escaping @Sendable (String) -> Void = BridgeServer.warnOnStandardError,
+        observer: (@Sendable (Event) -> Void)? = nil
+    ) throws {
         self.address = address
         self.handshakeTimeout = handshakeTimeout
+        self.warn = warn
+        self.observer = observer
+        state = NIOLockedValueBox(State(authentication: authentication))
         listener = try Listener(binding: address, unixMode: unixMode)
         (hellos, helloSink) = AsyncStream<BridgeHello>.makeStream()
         (exits, exitSink) = AsyncStream<ExitReport>.makeStream()
+        if observer != nil {
+            helloSink.finish()
+            exitSink.finish()
+        }
+        if case .none = authentication {
+            warn("bridge \(address): authentication none: any process in the guest that can dial this address is taken as the guest")
+        }
+    }
+
+    /// Writes "holdfast bridge: WARNING" lines to standard error.
+    public static let warnOnStandardError: @Sendable (String) -> Void = { message in
+        var line = Array("holdfast bridge: warning: \(message)\n".utf8)
+        _ = line.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+    }
+
+    /// Uses another key (or none) for connections from now on; the connected guest stays (key
+    /// rotation: README "Security").
+    public func setAuthentication(_ authentication: Authentication) {
+        state.withLockedValue { $0.authentication = authentication }
+        if case .none = authentication {
+            warn("bridge \(address): authentication none: any process in the guest that can dial this address is taken as the guest")
+        }
     }
 
     /// The address actually bound (a TCP port 0 becomes the port the kernel chose).
@@ -99,7 +207,7 @@ public final class BridgeServer: Sendable {
 
     public func start() {
         Task { [self] in
-            while let socket = try? await listener.accept() {
+            while let socket = await nextConnection() {
                 // While refusing (a blackout) a new connection is held, unread, until the
                 // blackout ends — like a host that is not there yet: the guest waits for it
                 // instead of seeing a connection that opens and dies again and again.
@@ -122,74 +230,98 @@ public final class BridgeServer: Sendable {
     /// own), and when the bridge is lost before the reply it is sent again on the next
     /// connection, until `timeout` — the guest answers a repeat with the first one's pid
     /// instead of starting the program again (docs/PROTOCOL.md, "Repeating a create").
-    public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(ErrorBody) -> Int32 {
+    public func create(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> Int32 {
+        try await createProcess(spec, timeout: timeout).pid
+    }
+
+    /// A process the guest started, and which daemon started it.
+    public struct CreatedProcess: Sendable, Equatable {
+        public var pid: Int32
+        /// The hello of the connection that carried the reply: its `instanceID` is the daemon
+        /// that runs the process (a later hello with another one means that daemon is gone).
+        public var hello: BridgeHello
+    }
+
+    /// `create`, also saying which daemon (instance and boot) answered.
+    public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> CreatedProcess {
         var keyed = spec
         if keyed.idempotencyKey == nil { keyed.idempotencyKey = RandomIdentifier.make() }
         // The id may be reused once its last exit was acknowledged: its next exit is news.
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
-        state.withLockedValue { _ = $0.deliveredExits.remove(spec.id) }
+        state.withLockedValue { _ = $0.deliveredExits.removeValue(forKey: spec.id) }
         let deadline = ContinuousClock.now + timeout
         while true {
             do {
-                return try await call(.create, keyed, reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now)).pid
+                let (reply, hello) = try await callReportingHello(
+                    .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
+                return CreatedProcess(pid: reply.pid, hello: hello)
             } catch {
-                guard error.code == "bridge-lost", ContinuousClock.now < deadline else { throw error }
+                guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
                 state.withLockedValue { $0.repeatedCreates += 1 }
             }
         }
     }
 
-    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
-        _ = try await call(.signal, SignalRequest(id: id, signal: signal), reply: [String: String].self, timeout: timeout)
+    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        _ = try await call(.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
-        _ = try await call(.resize, ProcessResizeRequest(id: id, rows: rows, columns: columns), reply: [String: String].self, timeout: timeout)
+    public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        _ = try await call(.resize(ProcessResizeRequest(id: id, rows: rows, columns: columns)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func closeStdin(_ id: String, timeout: Duration = .seconds(10)) async throws(ErrorBody) {
-        _ = try await call(.closeStdin, ProcessIDRequest(id: id), reply: [String: String].self, timeout: timeout)
+    public func closeStdin(_ id: String, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        _ = try await call(.closeStdin(ProcessIDRequest(id: id)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func list(timeout: Duration = .seconds(10)) async throws(ErrorBody) -> BridgeListResponse {
-        try await call(.list, [String: String](), reply: BridgeListResponse.self, timeout: timeout)
+    public func list(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BridgeListResponse {
+        try await call(.list, reply: BridgeListResponse.self, timeout: timeout)
     }
 
-    public func stats(timeout: Duration = .seconds(10)) async throws(ErrorBody) -> BrokerStats {
-        try await call(.stats, [String: String](), reply: BrokerStats.self, timeout: timeout)
+    public func stats(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BrokerStats {
+        try await call(.stats, reply: BrokerStats.self, timeout: timeout)
     }
 
     /// Sends any request and decodes the reply. Waits up to `timeout` for a guest to be connected;
     /// a connection lost before the reply is the error `bridge-lost` (the request may or may not
     /// have been carried out; `create` handles that itself by sending its keyed request again).
-    public func call<Request: Encodable, Reply: Decodable>(
-        _ type: BridgeMessageType, _ request: Request, reply: Reply.Type, timeout: Duration
-    ) async throws(ErrorBody) -> Reply {
+    public func call<Reply: Decodable>(
+        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
+    ) async throws(HoldfastError) -> Reply {
+        try await callReportingHello(request, reply: reply, timeout: timeout).reply
+    }
+
+    /// `call`, also returning the hello of the connection that carried the reply.
+    public func callReportingHello<Reply: Decodable>(
+        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
+    ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
         guard let connection = await guest(within: timeout) else {
-            throw ErrorBody(code: "no-guest", message: "no guest connected to the bridge at \(address) within \(timeout)")
+            throw HoldfastError(.noGuest, "no guest connected to the bridge at \(address) within \(timeout)")
         }
-        guard let frame = await connection.request(type, body: ControlJSON.encode(request)) else {
-            throw ErrorBody(code: "bridge-lost", message: "the bridge connection was lost before the guest replied")
-        }
-        if frame.type == BridgeMessageType.error.rawValue {
-            throw (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))
-                ?? ErrorBody(code: "error", message: String(decoding: frame.body, as: UTF8.self))
-        }
+        let frame = try await connection.request(request)
         do {
-            return try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type)
+            return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
         } catch {
-            throw ErrorBody(code: "bad-reply", message: error.description)
+            throw HoldfastError(.badReply, error.description)
         }
     }
 
     // MARK: Inspection and faults
 
     public var isConnected: Bool { state.withLockedValue { $0.connection != nil } }
+    /// Connections that authenticated and said hello.
     public var acceptedConnections: Int { state.withLockedValue { $0.accepted } }
+    /// Connections refused: a handshake that failed, timed out or was pushed out by newer ones.
+    public var refusedConnections: Int { state.withLockedValue { $0.refused } }
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
     /// Creates sent again because the bridge was lost before their reply.
     public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
+    /// Exits delivered whose acknowledgement the guest has not confirmed yet (bounded: a
+    /// confirmed one is forgotten).
+    public var unconfirmedExits: Int { state.withLockedValue { $0.deliveredExits.values.count { !$0 } } }
+    /// Every exit id kept against repeats, confirmed or not (bounded).
+    public var rememberedExits: Int { state.withLockedValue { $0.deliveredExits.count } }
 
     /// Waits (bounded) until a guest has said hello.
     public func waitForGuest(timeout: Duration) async -> Bool {
@@ -208,16 +340,19 @@ public final class BridgeServer: Sendable {
     }
 
     public func close() {
-        let (connection, waiters) = state.withLockedValue { s -> (Connection?, [CheckedContinuation<Connection?, Never>]) in
+        let (connection, waiters, pending) = state.withLockedValue {
+            s -> (Connection?, [CheckedContinuation<Connection?, Never>], [AsyncFD]) in
             s.closed = true
             s.refusing = true
             defer {
                 s.connection = nil
                 s.waitingForGuest.removeAll()
+                s.pendingHandshakes.removeAll()
             }
-            return (s.connection, Array(s.waitingForGuest.values))
+            return (s.connection, Array(s.waitingForGuest.values), Array(s.pendingHandshakes.values))
         }
         listener.close()
+        for socket in pending { socket.close() }
         connection?.close()
         for waiter in waiters { waiter.resume(returning: nil) }
         helloSink.finish()
@@ -248,25 +383,55 @@ public final class BridgeServer: Sendable {
         }
     }
 
-    /// One guest connection: the hello first (bounded), then replies and exits until it ends.
+    /// The next accepted connection; nil once the listener is closed. A failing `accept` (no fds
+    /// left: EMFILE) is retried after a pause instead of ending the server.
+    private func nextConnection() async -> AsyncFD? {
+        while true {
+            do {
+                return try await listener.accept()
+            } catch {
+                if state.withLockedValue({ $0.closed }) || error is DescriptorClosed { return nil }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+    }
+
+    /// One guest connection: the handshake and the hello first (bounded together), then replies
+    /// and exits until it ends. Nothing is installed, displaced or sent before both succeed.
     private func serve(_ socket: AsyncFD) async {
+        let peer = describePeer(socket)
+        let ticket = admit(socket)
+        let authentication = state.withLockedValue { $0.authentication }
+        let timedOut = NIOLockedValueBox(false)
         let first: ControlFrame
         do {
-            first = try await withHandshakeTimeout(socket) {
-                try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
+            first = try await withHandshakeTimeout(socket, timedOut: timedOut) {
+                if case .key(let key) = authentication {
+                    try await BridgeHandshake.authenticateGuest(on: socket, key: key)
+                }
+                return try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
             }
         } catch {
+            let evicted = state.withLockedValue { $0.pendingHandshakes.removeValue(forKey: ticket) == nil && !$0.closed }
             socket.close()
+            if let reason = refusalReason(error, timedOut: timedOut.withLockedValue { $0 }, evicted: evicted) {
+                refused(peer: peer, reason)
+            }
             return
         }
         guard first.type == BridgeMessageType.hello.rawValue,
             let hello = try? ControlJSON.decode(BridgeHello.self, from: first.body, frameType: first.type)
         else {
+            state.withLockedValue { _ = $0.pendingHandshakes.removeValue(forKey: ticket) }
             socket.close()
+            refused(peer: peer, "its first frame is not a hello")
             return
         }
-        let connection = Connection(socket)
-        let (previous, waiters) = state.withLockedValue { s -> (Connection?, [CheckedContinuation<Connection?, Never>]) in
+        let connection = Connection(socket, hello: hello)
+        // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
+        // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
+        let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
+            guard s.pendingHandshakes.removeValue(forKey: ticket) != nil, !s.closed else { return nil }
             let previous = s.connection
             s.connection = connection
             s.accepted += 1
@@ -274,42 +439,149 @@ public final class BridgeServer: Sendable {
             defer { s.waitingForGuest.removeAll() }
             return (previous, Array(s.waitingForGuest.values))
         }
+        guard let (previous, waiters) = installed else {
+            connection.close()
+            connection.markServed()
+            return
+        }
         previous?.close()
-        helloSink.yield(hello)
+        // Everything the previous connection delivered comes first: an exit the old daemon sent
+        // just before it died must not arrive after the new daemon's hello.
+        await previous?.waitServed()
+        if let observer { observer(.hello(hello)) } else { helloSink.yield(hello) }
         for report in hello.exits { deliver(report, on: connection) }
         for waiter in waiters { waiter.resume(returning: connection) }
 
-        while true {
-            guard let frame = try? await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody) else { break }
-            switch BridgeMessageType(rawValue: frame.type) {
-            case .ok, .error:
-                _ = connection.reply(frame)  // a reply to nothing we asked is ignored
-            case .exit:
-                if let report = try? ControlJSON.decode(ExitReport.self, from: frame.body, frameType: frame.type) {
-                    deliver(report, on: connection)
-                }
-            default:
-                break
-            }
-        }
+        // Replies to our requests, and exits; a reply to nothing we asked is ignored.
+        await connection.run { [self] report in deliver(report, on: connection) }
         state.withLockedValue { if $0.connection === connection { $0.connection = nil } }
         connection.close()
     }
 
-    /// Delivers an exit once, and acknowledges it every time the guest reports it.
+    /// Delivers an exit once, and acknowledges it every time the guest reports it. When the
+    /// guest confirms the acknowledgement it has forgotten the exit (it will not repeat it), so
+    /// we forget it too.
     private func deliver(_ report: ExitReport, on connection: Connection) {
-        let first = state.withLockedValue { $0.deliveredExits.insert(report.id).inserted }
-        if first { exitSink.yield(report) }
-        let body = ControlJSON.encode(AcknowledgeExitRequest(id: report.id))
-        Task { _ = await connection.request(.acknowledgeExit, body: body) }
+        let first = state.withLockedValue { s -> Bool in
+            guard s.deliveredExits[report.id] == nil else { return false }
+            s.deliveredExits[report.id] = false
+            return true
+        }
+        if first {
+            if let observer { observer(.exit(report)) } else { exitSink.yield(report) }
+        }
+        Task { [self] in
+            // Any reply means the guest processed the acknowledgement (it answers ok even for an
+            // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
+            do throws(HoldfastError) {
+                _ = try await connection.request(.acknowledgeExit(AcknowledgeExitRequest(id: report.id)))
+            } catch {
+                if error.code == .bridgeLost { return }
+            }
+            state.withLockedValue { s in
+                guard s.deliveredExits[report.id] == false else { return }
+                s.deliveredExits[report.id] = true
+                s.confirmedOrder.append(report.id)
+                while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
+                    if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
+                }
+            }
+        }
     }
 
-    private func withHandshakeTimeout<T: Sendable>(_ socket: AsyncFD, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    private func withHandshakeTimeout<T: Sendable>(
+        _ socket: AsyncFD, timedOut: NIOLockedValueBox<Bool>, _ body: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
         let timer = Task { [handshakeTimeout] in
             try await Task.sleep(for: handshakeTimeout)
+            timedOut.withLockedValue { $0 = true }
             socket.close()
         }
         defer { timer.cancel() }
         return try await body()
+    }
+
+    /// Registers a connection in its handshake; past `maxPendingHandshakes`, the oldest one is
+    /// closed (its `serve` sees the failure and counts it refused).
+    private func admit(_ socket: AsyncFD) -> UInt64 {
+        let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
+            s.nextHandshake &+= 1
+            s.pendingHandshakes[s.nextHandshake] = socket
+            var oldest: AsyncFD?
+            if s.pendingHandshakes.count > Self.maxPendingHandshakes, let key = s.pendingHandshakes.keys.min() {
+                oldest = s.pendingHandshakes.removeValue(forKey: key)
+            }
+            return (s.nextHandshake, oldest)
+        }
+        oldest?.close()
+        return ticket
+    }
+
+    /// Why a failed handshake is worth a warning, or nil: a peer that simply went away (the
+    /// guest gave up on a connection held through a blackout) is not one.
+    private func refusalReason(_ error: any Error, timedOut: Bool, evicted: Bool) -> String? {
+        if evicted { return "more than \(Self.maxPendingHandshakes) connections in their handshake at once; the oldest was closed" }
+        if timedOut { return "no handshake and hello within \(handshakeTimeout)" }
+        switch error {
+        case let failure as BridgeHandshake.Failure:
+            switch failure {
+            case .malformed(.notAHandshake): return "it does not start with the authentication handshake (a guest with bridge.authentication: none?)"
+            case .malformed(let problem): return "\(problem)"
+            case .wrongProof: return "authentication failed: its proof does not match the bridge key"
+            case .refused, .connectionLost: return nil
+            }
+        case ControlFrameIO.ReadError.oversized:
+            return "its hello is larger than \(BridgeProtocol.maxBody) bytes"
+        default:
+            return nil
+        }
+    }
+
+    /// " from pid N (uid U)" for a Unix socket's peer (the kernel's record: it cannot lie), so
+    /// an operator can find an impostor; "" otherwise.
+    private func describePeer(_ socket: AsyncFD) -> String {
+        guard case .unix = address, let credentials = try? PeerCredentials.of(socket) else { return "" }
+        return " from pid \(credentials.pid) (uid \(credentials.uid))"
+    }
+
+    /// Counts a refused connection and warns, at most once a second (an impostor dialling every
+    /// 50 ms must not flood the log): the next warning says how many were held back.
+    private func refused(peer: String, _ reason: String) {
+        let now = ContinuousClock.now
+        let heldBack = state.withLockedValue { s -> Int? in
+            s.refused += 1
+            if let last = s.lastWarning, now - last < .seconds(1) {
+                s.warningsHeldBack += 1
+                return nil
+            }
+            s.lastWarning = now
+            defer { s.warningsHeldBack = 0 }
+            return s.warningsHeldBack
+        }
+        guard let heldBack else { return }
+        let more = heldBack > 0 ? " (and \(heldBack) more refused since the last warning)" : ""
+        warn("bridge \(address): refused a connection\(peer): \(reason)\(more)")
+    }
+}
+
+/// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
+/// passes half of it (amortised O(1), no unbounded prefix kept).
+struct IDQueue: Sendable {
+    private var items: [String] = []
+    private var head = 0
+
+    var count: Int { items.count - head }
+
+    mutating func append(_ id: String) { items.append(id) }
+
+    mutating func popFirst() -> String? {
+        guard head < items.count else { return nil }
+        let first = items[head]
+        head += 1
+        if head >= 1024, head * 2 >= items.count {
+            items.removeFirst(head)
+            head = 0
+        }
+        return first
     }
 }

@@ -90,21 +90,50 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     }
 
     /// Creates a host stream for `token` and registers it. For a guest's stdout/stderr use
-    /// `.receive`; for its stdin `.send`.
+    /// `.receive`; for its stdin `.send`. The stream gets a new random secret unless one is
+    /// given: put `stream.streamSpec(at:)` (token and secret) in the create request, so that
+    /// the broker, and nobody else, can connect for it.
+    ///
+    /// A token already open here is refused (`tokenInUse`): two streams behind one token would
+    /// take each other's connections and splice their bytes together.
     public func open(
-        token: [UInt8], direction: StreamDirection, configuration: ResumableConfiguration = ResumableConfiguration(),
-        observer: (@Sendable (SlotEvent) -> Void)? = nil
-    ) -> Stream {
+        token: [UInt8], direction: StreamDirection, secret: StreamSecret = .random(),
+        configuration: ResumableConfiguration = ResumableConfiguration(), observer: (@Sendable (SlotEvent) -> Void)? = nil
+    ) throws(StreamServerError) -> Stream {
+        guard !token.isEmpty, token.count <= StreamHello.maxTokenLength else { throw .badToken(token.count) }
         let stream = Stream(
-            token: token, role: .host, direction: direction, configuration: configuration, executor: Reactor.shared,
-            observer: observer)
-        state.withLockedValue { $0.streams[token] = stream }
+            token: token, secret: secret, role: .host, direction: direction, configuration: configuration,
+            executor: Reactor.shared, observer: observer)
+        let taken = state.withLockedValue { s -> Bool in
+            if s.streams[token] != nil { return true }
+            s.streams[token] = stream
+            return false
+        }
+        if taken {
+            stream.close()
+            throw .tokenInUse(String(decoding: token, as: UTF8.self))
+        }
         return stream
+    }
+
+    /// The open stream `token` names, if any.
+    public func stream(for token: [UInt8]) -> Stream? {
+        state.withLockedValue { $0.streams[token] }
     }
 
     /// Forgets a stream (its token is refused from now on) and closes it.
     public func close(token: [UInt8]) {
         state.withLockedValue { $0.streams.removeValue(forKey: token) }?.close()
+    }
+
+    /// Closes `stream` and forgets it — unless its token was opened again since, for a newer
+    /// stream, which stays. Every stream opened must end here (or in `close(token:)`): the
+    /// server holds each one, and its connection, until then.
+    public func close(_ stream: Stream) {
+        state.withLockedValue { s in
+            if s.streams[stream.token] === stream { s.streams.removeValue(forKey: stream.token) }
+        }
+        stream.close()
     }
 
     public var statistics: (accepted: UInt64, refused: UInt64, acceptErrors: UInt64, handshaking: Int, streams: Int) {
@@ -144,6 +173,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         }
         guard let stream = state.withLockedValue({ $0.streams[hello.token] }) else {
             state.withLockedValue { $0.refused &+= 1 }
+            // The same work and the same refusal as a hello whose proof is wrong: a peer cannot
+            // tell which tokens exist.
+            StreamAuthentication.verifyNothing(hello)
             await Handshake.refuse(transport, .wrongToken)
             return
         }
@@ -156,14 +188,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     /// Reads the hello, closing the transport if it does not arrive in time (a peer that
     /// connects and says nothing must not hold a slot forever).
+    /// (The timer is the shared wheel's: a cancelled `Task.sleep` would keep its timer, and
+    /// the memory behind it, for the whole timeout — one per connection accepted.)
     private func readHelloWithin(_ timeout: Duration, _ transport: Transport) async throws -> StreamHello {
         let timedOut = NIOLockedValueBox(false)
-        let timer = Task {
-            try await Task.sleep(for: timeout)
+        let timer = TimeoutWheel.shared.schedule(after: timeout) {
             timedOut.withLockedValue { $0 = true }
             transport.close()
         }
-        defer { timer.cancel() }
+        defer { TimeoutWheel.shared.cancel(timer) }
         do {
             return try await Handshake.readHello(from: transport)
         } catch {
@@ -181,5 +214,28 @@ extension StreamServer where Transport == AsyncFD {
         try self.init(
             listeningOn: address, handshakeTimeout: handshakeTimeout, unixMode: unixMode,
             maxConcurrentHandshakes: maxConcurrentHandshakes, wrap: { $0 })
+    }
+}
+
+/// Why `StreamServer.open` refused a stream.
+public enum StreamServerError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// A stream with this token is open here.
+    case tokenInUse(String)
+    /// A token must be 1 to 256 bytes.
+    case badToken(Int)
+
+    public var description: String {
+        switch self {
+        case .tokenInUse(let token): return "token '\(token)' is in use by another open stream"
+        case .badToken(let length): return "a token must be 1 to \(StreamHello.maxTokenLength) bytes, not \(length)"
+        }
+    }
+}
+
+extension ResumableStream {
+    /// What a create request says about this (host) stream: the address the guest dials, the
+    /// token and the secret.
+    public func streamSpec(at address: String) -> StreamSpec {
+        StreamSpec(address: address, mode: .resumable, token: String(decoding: token, as: UTF8.self), secret: secret)
     }
 }

@@ -1,121 +1,84 @@
+import HoldfastCore
 import HoldfastProtocol
-import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Requests and responses over an `FDChannel` carrying control frames: each request gets an id,
-/// replies are matched by id, and frames with id 0 are notifications handed to `onNotification`.
-/// `run()` reads until the channel closes; pending requests then fail with `channel-closed`.
-public final class ControlClient: Sendable {
+/// Control frames over a SOCK_SEQPACKET channel: one frame per message, fds by SCM_RIGHTS (the
+/// daemon's control socket, the broker's channels, host serve's control socket).
+public final class SeqpacketFrames: FrameTransport {
     public let channel: FDChannel
-    private let state = NIOLockedValueBox(State())
-    private let onNotification: @Sendable (ControlFrame) async -> Void
 
-    private struct State: Sendable {
-        var nextID: UInt64 = 0
-        var pending: [UInt64: CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>] = [:]
-        var closed = false
+    public init(_ channel: FDChannel) { self.channel = channel }
+
+    public func receive() async throws(FrameTransportError) -> (frame: ControlFrame, descriptors: [Int32]) {
+        let message: ReceivedMessage
+        do {
+            message = try await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody)
+        } catch .endOfFile {
+            throw .ended
+        } catch {
+            throw .broken(error.description)
+        }
+        do {
+            return (try ControlFrame.decode(datagram: message.payload), message.descriptors)
+        } catch {
+            message.closeDescriptors()
+            throw .broken("not a control frame: \(error)")
+        }
     }
 
-    public struct ReceivedFrame: Sendable {
-        public var frame: ControlFrame
-        public var descriptors: [Int32]
+    public func send(_ frame: ControlFrame, descriptors: [Int32]) async throws(FrameTransportError) {
+        do {
+            try await channel.send(frame.encoded, descriptors: descriptors)
+        } catch {
+            throw .broken(error.description)
+        }
     }
 
-    public init(channel: FDChannel, onNotification: @escaping @Sendable (ControlFrame) async -> Void = { _ in }) {
-        self.channel = channel
-        self.onNotification = onNotification
+    public func close() { channel.close() }
+
+    /// Closes fds a frame brought that nobody keeps.
+    @Sendable public static func closeDescriptors(_ descriptors: [Int32]) {
+        for fd in descriptors { _ = Glibc.close(fd) }
+    }
+}
+
+/// The client end of a SOCK_SEQPACKET control socket: `RPCClient` over `SeqpacketFrames`.
+public typealias ControlClient = RPCClient
+
+extension RPCClient {
+    /// A client on `channel`; `run()` must be running for replies to arrive.
+    public convenience init(channel: FDChannel, onNotification: @escaping @Sendable (ControlFrame) async -> Void = { _ in }) {
+        self.init(transport: SeqpacketFrames(channel), closeDescriptors: SeqpacketFrames.closeDescriptors, onNotification: onNotification)
     }
 
-    /// Connects to a control socket (SOCK_SEQPACKET) and starts reading replies.
-    public static func connect(to path: String, timeout: Duration = .seconds(2)) async throws -> ControlClient {
+    /// Connects to a control socket and starts reading replies.
+    public static func connect(to path: String, timeout: Duration = .seconds(2)) async throws -> RPCClient {
         let socket = try await Dialer.connect(to: .unix(path: path), kind: .seqpacket, timeout: timeout)
-        let client = ControlClient(channel: FDChannel(socket))
+        let client = RPCClient(channel: FDChannel(socket))
         Task { await client.run() }
         return client
     }
 
-    /// Sends a request and waits for its reply. An `error` reply (type 0x0002) is thrown as its
-    /// coded body. fds that come with the reply belong to the caller.
-    public func request(
-        _ type: UInt32, body: [UInt8], descriptors: [Int32] = [], okType: UInt32 = 0x0001
-    ) async throws(ErrorBody) -> ReceivedFrame {
-        let id = state.withLockedValue { s -> UInt64? in
-            guard !s.closed else { return nil }
-            s.nextID &+= 1
-            return s.nextID
-        }
-        guard let id else { throw ErrorBody(code: "channel-closed", message: "the control channel is closed") }
-        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>) in
-            state.withLockedValue { $0.pending[id] = continuation }
-            Task {
-                do {
-                    try await channel.send(ControlFrame(type: type, id: id, body: body).encoded, descriptors: descriptors)
-                } catch {
-                    state.withLockedValue { $0.pending.removeValue(forKey: id) }?
-                        .resume(returning: .failure(ErrorBody(code: "channel-closed", message: "\(error)")))
-                }
-            }
-        }
-        return try result.get()
+    /// Sends a notification (id 0, no reply).
+    public func notify(_ type: UInt32, body: [UInt8] = []) async throws(FrameTransportError) {
+        try await transport.send(ControlFrame(type: type, id: 0, body: body), descriptors: [])
     }
 
-    /// Convenience: encode a Codable request, decode a Codable reply.
-    public func call<Request: Encodable, Reply: Decodable>(
-        _ type: UInt32, _ request: Request, descriptors: [Int32] = [], reply: Reply.Type
-    ) async throws(ErrorBody) -> Reply {
-        let received = try await self.request(type, body: ControlJSON.encode(request), descriptors: descriptors)
-        for fd in received.descriptors { _ = Glibc.close(fd) }
-        do {
-            return try ControlJSON.decode(Reply.self, from: received.frame.body, frameType: received.frame.type)
-        } catch {
-            throw ErrorBody(code: "bad-reply", message: error.description)
-        }
-    }
+    public typealias ReceivedFrame = RPCResponse
+}
 
-    public func run() async {
-        while true {
-            let message: ReceivedMessage
-            do {
-                message = try await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody)
-            } catch {
-                break
-            }
-            guard let frame = try? ControlFrame.decode(datagram: message.payload) else {
-                message.closeDescriptors()
-                break
-            }
-            if frame.id == 0 {
-                message.closeDescriptors()
-                await onNotification(frame)
-                continue
-            }
-            let waiter = state.withLockedValue { $0.pending.removeValue(forKey: frame.id) }
-            guard let waiter else {
-                message.closeDescriptors()  // a reply nobody asked for
-                continue
-            }
-            if frame.type == 0x0002 {
-                message.closeDescriptors()
-                let error = (try? ControlJSON.decode(ErrorBody.self, from: frame.body, frameType: frame.type))
-                    ?? ErrorBody(code: "error", message: String(decoding: frame.body, as: UTF8.self))
-                waiter.resume(returning: .failure(error))
-            } else {
-                waiter.resume(returning: .success(ReceivedFrame(frame: frame, descriptors: message.descriptors)))
-            }
-        }
-        let pending = state.withLockedValue { s -> [CheckedContinuation<Result<ReceivedFrame, ErrorBody>, Never>] in
-            s.closed = true
-            defer { s.pending.removeAll() }
-            return Array(s.pending.values)
-        }
-        for waiter in pending {
-            waiter.resume(returning: .failure(ErrorBody(code: "channel-closed", message: "the peer closed the control channel")))
-        }
-        channel.close()
+/// Serving a SOCK_SEQPACKET control socket with `RPCServer`.
+extension RPCServer {
+    public static func serve<Request: RPCRequest>(
+        _ channel: FDChannel, as request: Request.Type, inFlight: Int, cancelWhenClosed: Bool = false,
+        notification: @escaping @Sendable (ControlFrame) async -> Void = { _ in },
+        handle: @escaping Handler<Request>
+    ) async -> RPCServerEnd {
+        await serve(
+            SeqpacketFrames(channel), as: request, inFlight: inFlight, cancelWhenClosed: cancelWhenClosed, notification: notification,
+            closeDescriptors: SeqpacketFrames.closeDescriptors, handle: handle)
     }
-
-    public func close() { channel.close() }
 }

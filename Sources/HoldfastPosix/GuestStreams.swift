@@ -18,12 +18,12 @@ public enum GuestStreams {
     }
 
     public static func resumable(
-        to address: SocketAddress, token: [UInt8], direction: StreamDirection,
+        to address: SocketAddress, token: [UInt8], secret: StreamSecret, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(), policy: RedialPolicy = .default,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
-            token: token, role: .guest, direction: direction, configuration: configuration, policy: policy,
+            token: token, secret: secret, role: .guest, direction: direction, configuration: configuration, policy: policy,
             executor: Reactor.shared,
             dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout, sendBuffer: Dialer.resumableSendBuffer) },
             attemptClock: monotonicNanoseconds, observer: observer)

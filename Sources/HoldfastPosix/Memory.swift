@@ -1,4 +1,5 @@
 import CHoldfastShims
+import NIOConcurrencyHelpers
 
 public enum Memory {
     /// Makes glibc give data-plane buffers (64 KiB and up: relay buffers, replay-ring blocks)
@@ -24,5 +25,29 @@ public enum Memory {
     @discardableResult
     public static func returnFreePagesToTheSystem() -> Bool {
         hf_malloc_trim() != 0
+    }
+}
+
+/// Gives malloc's free pages back to the system every `interval` while work was done since the
+/// last time: a burst of requests (a host flooding the bridge) leaves pages free in every
+/// thread's arena, resident for the life of the process unless trimmed. Idle, it costs a timer.
+public final class MemoryTidier: Sendable {
+    private let workSinceTidy = NIOLockedValueBox(0)
+    public let interval: Duration
+
+    public init(interval: Duration = .seconds(2)) { self.interval = interval }
+
+    public func noteWork() { workSinceTidy.withLockedValue { $0 &+= 1 } }
+
+    /// Runs until the task is cancelled.
+    public func run() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: interval)
+            let worked = workSinceTidy.withLockedValue { count -> Bool in
+                defer { count = 0 }
+                return count > 0
+            }
+            if worked { Memory.returnFreePagesToTheSystem() }
+        }
     }
 }

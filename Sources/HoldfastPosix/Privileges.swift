@@ -1,3 +1,6 @@
+import CHoldfastShims
+import NIOConcurrencyHelpers
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -22,6 +25,52 @@ public struct UserAccount: Sendable, Equatable {
         guard status == 0, result != nil else { return nil }
         return UserAccount(name: String(cString: entry.pw_name), uid: entry.pw_uid, gid: entry.pw_gid)
     }
+
+    /// The prefix of a bare numeric identity: `uid:65600` is uid 65600 and gid 65600, with no
+    /// entry in the password database needed (a uid from a reserved range, for the broker).
+    public static let numericPrefix = "uid:"
+
+    /// `broker.user`: a user name from the password database, or `uid:N` (1 to 4294967294).
+    /// nil when the name is unknown or the number malformed.
+    public static func resolve(_ nameOrUID: String) -> UserAccount? {
+        guard nameOrUID.hasPrefix(numericPrefix) else { return lookup(nameOrUID) }
+        let digits = nameOrUID.dropFirst(numericPrefix.count)
+        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let uid = UInt32(digits), uid > 0, uid < UInt32.max
+        else { return nil }
+        return UserAccount(name: nameOrUID, uid: uid, gid: uid)
+    }
+}
+
+/// The uids Holdfast picks from when it needs one no other process has (a development or test
+/// broker): 65,600 to 131,071. systemd's users and groups document leaves 65,536–524,287
+/// unused, and Debian's adduser never allocates above 65,535, so no account is made there; the
+/// daemon still checks that no process runs as the uid before its broker takes it.
+public enum ReservedUIDs {
+    public static let range: ClosedRange<uid_t> = 65_600...131_071
+    /// `config/holdfast-dev.yaml`'s broker: the first of the range.
+    public static let development: uid_t = 65_600
+
+    /// A uid from the range that has no password entry and that no process uses now, for a
+    /// daemon under test: tried from a point derived from this process's pid and a counter, so
+    /// daemons started at once (parallel tests, other test processes) get different ones.
+    public static func unused() -> uid_t {
+        let span = UInt32(range.count - 1)  // the first is the development config's
+        let start = (UInt32(truncatingIfNeeded: getpid()) &* 97 &+ nextOffset()) % span
+        for step in 0..<span {
+            let candidate = range.lowerBound + 1 + (start + step) % span
+            if UserAccount.lookup(String(candidate)) == nil, ProcessScan.processes(withUID: candidate).isEmpty { return candidate }
+        }
+        return range.lowerBound + 1 + start
+    }
+
+    private static let counter = NIOLockedValueBox<UInt32>(0)
+
+    private static func nextOffset() -> UInt32 {
+        counter.withLockedValue { value in
+            value &+= 1
+            return value &* 16
+        }
+    }
 }
 
 public enum Privileges {
@@ -40,6 +89,58 @@ public enum Privileges {
     }
 
     public static var isRoot: Bool { geteuid() == 0 }
+
+    /// PR_SET_DUMPABLE 0: no core dump, /proc/PID/* owned by root, and no ptrace,
+    /// `pidfd_getfd` or /proc/PID/mem from a process of the same uid without CAP_SYS_PTRACE.
+    /// A change of credentials (setuid) resets it to fs.suid_dumpable, so set it after one too.
+    public static func makeNonDumpable() throws(SystemError) {
+        guard hf_set_dumpable(0) == 0 else { throw .last("prctl(PR_SET_DUMPABLE, 0)") }
+    }
+
+    /// Whether this process is dumpable (PR_GET_DUMPABLE).
+    public static var isDumpable: Bool { hf_get_dumpable() != 0 }
+}
+
+/// Processes by uid, from /proc.
+public enum ProcessScan {
+    /// Every process (thread group) that has `uid` as its real, effective, saved or filesystem
+    /// uid, from the `Uid:` line of /proc/PID/status. A process that exits meanwhile is skipped,
+    /// and so is a zombie (it can no longer do anything; its parent has yet to reap it).
+    public static func processes(withUID uid: uid_t) -> [pid_t] {
+        guard let directory = opendir("/proc") else { return [] }
+        defer { closedir(directory) }
+        var found: [pid_t] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let pid = pid_t(name), let status = status(of: pid), !status.isZombie else { continue }
+            if status.uids.contains(uid) { found.append(pid) }
+        }
+        return found.sorted()
+    }
+
+    /// The real, effective, saved and filesystem uids of `pid`.
+    public static func uids(of pid: pid_t) -> [uid_t]? { status(of: pid)?.uids }
+
+    /// The `Uid:` and `State:` lines of /proc/PID/status.
+    private static func status(of pid: pid_t) -> (uids: [uid_t], isZombie: Bool)? {
+        guard let text = readSmallFile("/proc/\(pid)/status") else { return nil }
+        var uids: [uid_t]?
+        var zombie = false
+        for line in text.split(separator: "\n") {
+            if line.hasPrefix("Uid:") {
+                uids = line.dropFirst("Uid:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { uid_t($0) }
+            } else if line.hasPrefix("State:") {
+                let state = line.dropFirst("State:".count).drop { $0 == " " || $0 == "\t" }.first
+                zombie = state == "Z" || state == "X"
+            }
+        }
+        return uids.map { ($0, zombie) }
+    }
+
+    /// A process's command name (/proc/PID/comm), for messages.
+    public static func commandName(of pid: pid_t) -> String? {
+        readSmallFile("/proc/\(pid)/comm").flatMap { $0.split(separator: "\n").first.map(String.init) }
+    }
 }
 
 public enum ResourceLimits {

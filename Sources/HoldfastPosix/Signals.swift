@@ -52,7 +52,14 @@ public enum Subreaper {
 /// Reaps every child of the process and hands each exit status to whoever waits for that pid.
 /// Must be the only caller of waitpid in the process. An exit nobody waits for yet is kept (the
 /// last 4,096), because a child can exit before its starter gets to `wait`; with a subreaper,
-/// orphans' exits land here too and are simply reaped.
+/// orphans' exits land here too.
+///
+/// A kept exit can be stale: an orphan (a container's background job, reparented to us) exits
+/// and is kept under its pid, and the kernel hands that pid to a process we start later. Its
+/// `wait` must not get the orphan's exit (the soak found a live `sleep` reported as killed by
+/// SIGTERM). So a kept exit is given to a waiter only if no child of ours has that pid now;
+/// reaping and recording happen under one lock, so "no child has it" cannot mean "its exit is
+/// being recorded this very moment".
 public final class ChildReaper: Sendable {
     private struct State: Sendable {
         var waiters: [pid_t: CheckedContinuation<ExitStatus, Never>] = [:]
@@ -62,8 +69,20 @@ public final class ChildReaper: Sendable {
 
     private let state = NIOLockedValueBox(State())
     private static let kept = 4096
+    /// Whether `pid` is a child of this process now (live or a zombie not reaped yet).
+    private let isChild: @Sendable (pid_t) -> Bool
 
-    public init() {}
+    public init(isChild: @escaping @Sendable (pid_t) -> Bool = ChildReaper.isChildOfThisProcess) {
+        self.isChild = isChild
+    }
+
+    /// /proc/PID/stat's parent pid is ours.
+    @Sendable public static func isChildOfThisProcess(_ pid: pid_t) -> Bool {
+        guard let stat = readSmallFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return false }
+        // After "pid (comm)": state, then the parent's pid.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > 1 && pid_t(fields[1]) == getpid()
+    }
 
     /// Kept for call sites that declare their children; every exit is kept anyway.
     public func expect(_ pid: pid_t) {}
@@ -72,7 +91,10 @@ public final class ChildReaper: Sendable {
     public func wait(_ pid: pid_t) async -> ExitStatus {
         await withCheckedContinuation { continuation in
             let done = state.withLockedValue { s -> ExitStatus? in
-                if let status = s.exited.removeValue(forKey: pid) { return status }
+                if let status = s.exited.removeValue(forKey: pid) {
+                    // A child of ours has this pid: the kept exit was an earlier process's.
+                    if !isChild(pid) { return status }
+                }
                 s.waiters[pid] = continuation
                 return nil
             }
@@ -82,18 +104,23 @@ public final class ChildReaper: Sendable {
 
     /// Reaps every child that has exited (call on SIGCHLD, and once at start).
     public func reapAll() {
-        while let (pid, status) = Self.reapOne() {
-            let waiter = state.withLockedValue { s -> CheckedContinuation<ExitStatus, Never>? in
-                if let waiter = s.waiters.removeValue(forKey: pid) { return waiter }
+        // waitpid(WNOHANG) under the lock: a `wait` never sees a pid reaped but not recorded.
+        let woken = state.withLockedValue { s -> [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] in
+            var woken: [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] = []
+            while let (pid, status) = Self.reapOne() {
+                if let waiter = s.waiters.removeValue(forKey: pid) {
+                    woken.append((waiter, status))
+                    continue
+                }
                 s.exited[pid] = status
                 s.order.append(pid)
                 if s.order.count > Self.kept {
                     s.exited.removeValue(forKey: s.order.removeFirst())
                 }
-                return nil
             }
-            waiter?.resume(returning: status)
+            return woken
         }
+        for (waiter, status) in woken { waiter.resume(returning: status) }
     }
 
     private static func reapOne() -> (pid_t, ExitStatus)? {

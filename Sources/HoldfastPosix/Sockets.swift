@@ -168,7 +168,8 @@ public final class Listener: Sendable {
     /// The inode of the Unix socket file we created, so `close` never unlinks a successor's.
     private let unixInode: ino_t?
 
-    /// Binds and listens. A stale Unix socket file at the path is replaced; for vsock port
+    /// Binds and listens. A stale Unix socket file at the path (ours, nobody listening) is
+    /// replaced; another user's, or a live one, is not (bind fails). For vsock port
     /// `VMADDR_PORT_ANY` the kernel picks a port (see `boundAddress`).
     public init(
         binding address: SocketAddress, kind: SocketKind = .stream, backlog: Int32 = 4096, unixMode: mode_t? = nil,
@@ -179,10 +180,9 @@ public final class Listener: Sendable {
             Glibc.socket(resolved.family, kind.rawValue | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
         do {
-            if case .unix(let path) = address {
-                var info = stat()
-                if lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
-            }
+            // Only a stale socket of our own replaces: never another user's, never one a process
+            // listens on (bind then fails with EADDRINUSE).
+            if case .unix(let path) = address, UnixSocketFile.state(path) == .stale { unlink(path) }
             if resolved.family == AF_INET || resolved.family == AF_INET6 {
                 var one: Int32 = 1
                 setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))

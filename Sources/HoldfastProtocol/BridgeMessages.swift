@@ -26,6 +26,11 @@ public enum BridgeProtocol {
     public static let version = 1
     /// The largest frame body either side accepts; a bigger one closes that connection.
     public static let maxBody = 64 * 1024
+    /// Requests of one connection the guest works on at once, replies not yet written included.
+    /// A host that pipelines more waits, in its own `write(2)`, for earlier replies to go out:
+    /// the guest's memory stays bounded (about this many requests and replies of at most
+    /// `maxBody` each), whatever the host sends and however slowly it reads.
+    public static let requestsInFlight = 32
 }
 
 /// The guest's first frame on every connection: who it is and what the host may have missed.

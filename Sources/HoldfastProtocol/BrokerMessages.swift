@@ -45,21 +45,26 @@ public struct StreamDescription: Codable, Sendable, Equatable {
     public var mode: StreamModeName
     /// The resumable stream's token (required in resumable mode).
     public var token: String?
+    /// The resumable stream's secret (required in resumable mode): hellos prove it.
+    public var secret: StreamSecret?
     /// A tty's input stream.
     public var inputAddress: String?
     public var inputToken: String?
+    public var inputSecret: StreamSecret?
 
     public init(
-        kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil,
-        inputAddress: String? = nil, inputToken: String? = nil
+        kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil, secret: StreamSecret? = nil,
+        inputAddress: String? = nil, inputToken: String? = nil, inputSecret: StreamSecret? = nil
     ) {
         self.kind = kind
         self.fd = fd
         self.address = address
         self.mode = mode
         self.token = token
+        self.secret = secret
         self.inputAddress = inputAddress
         self.inputToken = inputToken
+        self.inputSecret = inputSecret
     }
 }
 
@@ -102,6 +107,17 @@ public struct ProcessExitedRequest: Codable, Sendable, Equatable {
 }
 
 /// A stream as the broker reports it.
+/// Where a stream's connection is.
+public enum StreamState: String, Codable, Sendable, CaseIterable {
+    case connected
+    /// No connection: the host is away (a migration) or being redialled.
+    case parked
+    /// Ended: everything delivered, or released.
+    case closed
+    /// Given up on after the drain timeout; what was not delivered is counted.
+    case abandoned
+}
+
 public struct StreamStatus: Codable, Sendable, Equatable {
     public var process: String
     public var kind: StreamKind
@@ -109,15 +125,14 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     public var direction: String?
     public var mode: StreamModeName
     public var address: String
-    /// connected, parked, closed or abandoned.
-    public var state: String
+    public var state: StreamState
     public var bytesToHost: UInt64
     public var bytesFromHost: UInt64
     public var reconnects: UInt64
     public var undelivered: UInt64
 
     public init(
-        process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: String,
+        process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: StreamState,
         bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64
     ) {
         self.process = process
@@ -235,15 +250,4 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
 public struct ReleaseResponse: Codable, Sendable, Equatable {
     public var streams: [StreamDescription]
     public init(streams: [StreamDescription]) { self.streams = streams }
-}
-
-/// A coded error: the same shape on every control socket and on the bridge.
-public struct ErrorBody: Codable, Sendable, Equatable, Error, CustomStringConvertible {
-    public var code: String
-    public var message: String
-    public init(code: String, message: String) {
-        self.code = code
-        self.message = message
-    }
-    public var description: String { "\(code): \(message)" }
 }

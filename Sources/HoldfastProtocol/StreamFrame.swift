@@ -88,53 +88,83 @@ public enum StreamRole: UInt8, Sendable {
 /// The hello each side sends first on every connection.
 ///
 /// Body: magic "HFST", version u16, role u8, reserved u8 (0), attempt u64, token length u16,
-/// token bytes. The prefix's value is the sender's *received offset*: how many bytes of the
-/// peer's data it holds. Each side then replays from the offset the other reported.
+/// token bytes, nonce (16 bytes), proof (32 bytes). The prefix's value is the sender's
+/// *received offset*: how many bytes of the peer's data it holds. Each side then replays from
+/// the offset the other reported.
 ///
 /// `attempt` orders the dialer's connections: it grows with every dial, so when two connections
 /// of one stream race through a slow accepting side, the older can never displace the newer.
+///
+/// `proof` is an HMAC-SHA256 under the stream's secret of everything else the hello says (and,
+/// from the host, of the guest's nonce): only the host and the broker can make one
+/// (`StreamAuthentication` in HoldfastCore; docs/PROTOCOL.md, "Authentication").
 public struct StreamHello: Sendable, Equatable {
     public static let magic: [UInt8] = Array("HFST".utf8)
-    public static let version: UInt16 = 1
+    /// 2: hellos carry a nonce and a proof. A version-1 hello is refused (`unsupportedVersion`).
+    public static let version: UInt16 = 2
     public static let maxTokenLength = 256
+    public static let nonceLength = 16
+    public static let proofLength = 32
 
     public var version: UInt16
     public var role: StreamRole
     public var attempt: UInt64
     public var token: [UInt8]
     public var receivedOffset: UInt64
+    /// Fresh random bytes of this connection's sender.
+    public var nonce: [UInt8]
+    /// The sender's proof that it holds the stream's secret.
+    public var proof: [UInt8]
 
-    public init(role: StreamRole, token: [UInt8], receivedOffset: UInt64, attempt: UInt64 = 0, version: UInt16 = StreamHello.version) {
+    public init(
+        role: StreamRole, token: [UInt8], receivedOffset: UInt64, attempt: UInt64 = 0, version: UInt16 = StreamHello.version,
+        nonce: [UInt8] = [UInt8](repeating: 0, count: StreamHello.nonceLength),
+        proof: [UInt8] = [UInt8](repeating: 0, count: StreamHello.proofLength)
+    ) {
+        precondition(nonce.count == Self.nonceLength && proof.count == Self.proofLength, "a hello's nonce and proof have fixed sizes")
         self.version = version
         self.role = role
         self.attempt = attempt
         self.token = token
         self.receivedOffset = receivedOffset
+        self.nonce = nonce
+        self.proof = proof
     }
 
-    /// The whole frame: prefix and body.
-    public var encoded: [UInt8] {
+    /// The body up to (not including) the proof: what the proof covers, with the prefix's value.
+    public var authenticatedBody: [UInt8] {
         var body = Self.magic
         body += [UInt8(version >> 8), UInt8(version & 0xFF), role.rawValue, 0]
         body += (0..<8).map { UInt8(truncatingIfNeeded: attempt >> (56 - 8 * $0)) }
         body += [UInt8(token.count >> 8), UInt8(token.count & 0xFF)]
         body += token
+        body += nonce
+        return body
+    }
+
+    /// The whole frame: prefix and body.
+    public var encoded: [UInt8] {
+        let body = authenticatedBody + proof
         return StreamFramePrefix(type: .hello, bodyLength: body.count, value: receivedOffset).encoded + body
     }
 
     public static func decode(prefix: StreamFramePrefix, body: [UInt8]) throws(StreamProtocolError) -> StreamHello {
         guard prefix.type == .hello else { throw .unexpectedFrame(expected: .hello, got: prefix.type) }
         guard body.count >= 4, Array(body[0..<4]) == magic else { throw .malformed("hello without the HFST magic") }
-        guard body.count >= 18 else { throw .malformed("hello body of \(body.count) bytes is too short") }
+        guard body.count >= 6 else { throw .malformed("hello body of \(body.count) bytes is too short") }
         let version = UInt16(body[4]) << 8 | UInt16(body[5])
         guard version == Self.version else { throw .unsupportedVersion(version) }
+        guard body.count >= 18 else { throw .malformed("hello body of \(body.count) bytes is too short") }
         guard let role = StreamRole(rawValue: body[6]), body[7] == 0 else { throw .malformed("hello with an unknown role") }
         let attempt = body[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
         let tokenLength = Int(body[16]) << 8 | Int(body[17])
-        guard tokenLength <= maxTokenLength, body.count == 18 + tokenLength else {
+        guard tokenLength <= maxTokenLength, body.count == 18 + tokenLength + nonceLength + proofLength else {
             throw .malformed("hello token length \(tokenLength) does not match its body")
         }
-        return StreamHello(role: role, token: Array(body[18...]), receivedOffset: prefix.value, attempt: attempt, version: version)
+        let tokenEnd = 18 + tokenLength
+        return StreamHello(
+            role: role, token: Array(body[18..<tokenEnd]), receivedOffset: prefix.value, attempt: attempt, version: version,
+            nonce: Array(body[tokenEnd..<(tokenEnd + nonceLength)]), proof: Array(body[(tokenEnd + nonceLength)...]))
     }
 }
 
@@ -186,6 +216,9 @@ public enum StreamProtocolError: Error, Sendable, Equatable, CustomStringConvert
     case refusedByPeer(StreamRefusal)
     case handshakeTimedOut
     case staleAttempt(UInt64, newest: UInt64)
+    /// A hello whose proof does not verify under the stream's secret. Refused on the wire exactly
+    /// like an unknown token (`refusal`): the peer learns nothing about the stream.
+    case unauthenticated
 
     public var description: String {
         switch self {
@@ -202,13 +235,24 @@ public enum StreamProtocolError: Error, Sendable, Equatable, CustomStringConvert
         case .refusedByPeer(let refusal): return "refused by peer (\(refusal.code)): \(refusal.message)"
         case .handshakeTimedOut: return "handshake timed out"
         case .staleAttempt(let attempt, let newest): return "connection attempt \(attempt) is older than attempt \(newest), already accepted"
+        case .unauthenticated: return "the hello's proof does not verify under the stream's secret"
+        }
+    }
+
+    /// What the peer is told: an unauthenticated hello gets word for word the refusal of an
+    /// unknown token, and nothing about a stream's offsets is said to a peer that has not proved
+    /// it holds the stream's secret (the checks that name offsets run only after the proof).
+    public var refusal: StreamRefusal {
+        switch self {
+        case .wrongToken, .unauthenticated: return StreamRefusal(code: .unknownToken, message: "unknown stream")
+        default: return StreamRefusal(code: code, message: description)
         }
     }
 
     /// The code to send to the peer for this error.
     public var code: StreamErrorCode {
         switch self {
-        case .wrongToken: return .unknownToken
+        case .wrongToken, .unauthenticated: return .unknownToken
         case .offsetFromTheFuture: return .offsetFromTheFuture
         case .offsetAlreadyDiscarded: return .offsetAlreadyDiscarded
         case .unsupportedVersion: return .unsupportedVersion

@@ -12,7 +12,6 @@ public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
     case launch = 0x0402
     case signal = 0x0403
     case wait = 0x0404
-    case processes = 0x0405
     // Responses.
     case ok = 0x0001
     case error = 0x0002
@@ -23,11 +22,15 @@ public struct StreamSpec: Codable, Sendable, Equatable {
     public var address: String
     public var mode: StreamModeName
     public var token: String?
+    /// Resumable mode: the stream's secret, chosen by the host (`StreamSecret.random()`): every
+    /// hello for the stream must prove it (docs/PROTOCOL.md, "Authentication").
+    public var secret: StreamSecret?
 
-    public init(address: String, mode: StreamModeName = .resumable, token: String? = nil) {
+    public init(address: String, mode: StreamModeName = .resumable, token: String? = nil, secret: StreamSecret? = nil) {
         self.address = address
         self.mode = mode
         self.token = token
+        self.secret = secret
     }
 }
 
@@ -128,12 +131,17 @@ public struct ExitReport: Codable, Sendable, Equatable {
     public var exitCode: Int32
     public var signal: Int32?
     public var undelivered: UInt64
+    /// True when the process's output could not drain before its exit was reported: the daemon
+    /// was stopping (its shutdown timeout left no more time) or the broker holding the streams
+    /// died. `undelivered` is then a lower bound, not a count. Absent (nil) otherwise.
+    public var outputCutShort: Bool?
 
-    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64) {
+    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil) {
         self.id = id
         self.exitCode = exitCode
         self.signal = signal
         self.undelivered = undelivered
+        self.outputCutShort = outputCutShort
     }
 }
 
@@ -153,15 +161,29 @@ public struct RoleStatus: Codable, Sendable, Equatable {
     }
 }
 
+/// Where a process is in its life, as the supervisor sees it.
+public enum ProcessState: String, Codable, Sendable, CaseIterable {
+    /// A create in progress: the id is taken, nothing runs yet (pid 0).
+    case starting
+    case running
+    /// Exited; its output is still draining to the host.
+    case exited
+    /// Exited and drained: its exit is final (and, for a bridge process, reported).
+    case done
+}
+
+/// Whether the bridge worker has the host.
+public enum BridgeState: String, Codable, Sendable {
+    case up, down
+}
+
 public struct ProcessStatus: Codable, Sendable, Equatable {
     public var id: String
     public var pid: Int32
-    /// starting (a create in progress; pid 0), running, exited (waiting for its output to
-    /// drain) or done.
-    public var state: String
+    public var state: ProcessState
     public var exitCode: Int32?
 
-    public init(id: String, pid: Int32, state: String, exitCode: Int32?) {
+    public init(id: String, pid: Int32, state: ProcessState, exitCode: Int32?) {
         self.id = id
         self.pid = pid
         self.state = state
@@ -173,7 +195,7 @@ public struct StatusReport: Codable, Sendable, Equatable {
     public var version: String
     public var pid: Int32
     public var uptimeSeconds: Double
-    public var bridge: String
+    public var bridge: BridgeState
     public var roles: [RoleStatus]
     public var processes: [ProcessStatus]
     public var streams: [StreamStatus]
@@ -184,7 +206,7 @@ public struct StatusReport: Codable, Sendable, Equatable {
     public var omittedStreams: Int?
 
     public init(
-        version: String, pid: Int32, uptimeSeconds: Double, bridge: String, roles: [RoleStatus], processes: [ProcessStatus],
+        version: String, pid: Int32, uptimeSeconds: Double, bridge: BridgeState, roles: [RoleStatus], processes: [ProcessStatus],
         streams: [StreamStatus]
     ) {
         self.version = version

@@ -1,3 +1,4 @@
+import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
@@ -15,31 +16,13 @@ extension Supervisor {
         }
     }
 
+    /// One client of the control socket; its requests run concurrently (a `wait` must not hold
+    /// up a `status`).
     private func serveControlPeer(_ channel: FDChannel) async {
         defer { channel.close() }
-        while true {
-            guard let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) else {
-                return
-            }
-            message.closeDescriptors()  // nothing here takes fds
-            guard let frame = try? ControlFrame.decode(datagram: message.payload) else {
-                await reply(channel, id: 0, error: ErrorBody(code: "bad-frame", message: "not a control frame"))
-                return
-            }
-            // Requests run concurrently: a `wait` must not hold up a `status`.
-            Task {
-                do throws(ErrorBody) {
-                    let body = try await handleControl(frame)
-                    try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
-                } catch {
-                    await reply(channel, id: frame.id, error: error)
-                }
-            }
+        _ = await RPCServer.serve(channel, as: SupervisorRequest.self, inFlight: 64) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            try await handle(request)
         }
-    }
-
-    private func reply(_ channel: FDChannel, id: UInt64, error: ErrorBody) async {
-        try? await channel.send(ControlFrame(type: SupervisorMessageType.error.rawValue, id: id, body: ControlJSON.encode(error)).encoded)
     }
 
     /// A status report that fits one frame: the counts by state always, then as many processes
@@ -47,7 +30,7 @@ extension Supervisor {
     static func fitted(_ full: StatusReport) -> StatusReport {
         var counted = full
         var states: [String: Int] = [:]
-        for stream in full.streams { states[stream.state, default: 0] += 1 }
+        for stream in full.streams { states[stream.state.rawValue, default: 0] += 1 }
         counted.streamStates = states
         let (withProcesses, processesOmitted) = FrameBudget.fit(full.processes, budget: FrameBudget.bytes / 2) { processes in
             var report = counted
@@ -65,27 +48,14 @@ extension Supervisor {
         return report
     }
 
-    private func handleControl(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        switch SupervisorMessageType(rawValue: frame.type) {
-        case .status:
-            return ControlJSON.encode(Self.fitted(await status()))
-        case .launch:
-            return ControlJSON.encode(try await launch(try decode(ProcessSpec.self)))
-        case .signal:
-            let request = try decode(SignalRequest.self)
+    private func handle(_ request: SupervisorRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .status: return RPCReply(Self.fitted(await status()))
+        case .launch(let spec): return RPCReply(try await launch(spec))
+        case .signal(let request):
             try await signal(request.id, request.signal)
-            return ControlJSON.encode([String: String]())
-        case .wait:
-            return ControlJSON.encode(try await wait(try decode(WaitRequest.self).id))
-        default:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            return .empty
+        case .wait(let request): return RPCReply(try await wait(request.id))
         }
     }
 }

@@ -21,13 +21,13 @@ struct CreateLedger {
     /// A create in progress. Repeats of it wait here for its outcome.
     final class PendingStart: Sendable {
         let key: String?
-        private let outcome = NIOLockedValueBox<(result: Result<pid_t, ErrorBody>?, waiters: [CheckedContinuation<Result<pid_t, ErrorBody>, Never>])>(
+        private let outcome = NIOLockedValueBox<(result: Result<pid_t, HoldfastError>?, waiters: [CheckedContinuation<Result<pid_t, HoldfastError>, Never>])>(
             (nil, []))
 
         init(key: String?) { self.key = key }
 
-        func resolve(_ result: Result<pid_t, ErrorBody>) {
-            let waiters = outcome.withLockedValue { o -> [CheckedContinuation<Result<pid_t, ErrorBody>, Never>] in
+        func resolve(_ result: Result<pid_t, HoldfastError>) {
+            let waiters = outcome.withLockedValue { o -> [CheckedContinuation<Result<pid_t, HoldfastError>, Never>] in
                 o.result = result
                 defer { o.waiters.removeAll() }
                 return o.waiters
@@ -35,9 +35,9 @@ struct CreateLedger {
             for waiter in waiters { waiter.resume(returning: result) }
         }
 
-        func wait() async -> Result<pid_t, ErrorBody> {
+        func wait() async -> Result<pid_t, HoldfastError> {
             await withCheckedContinuation { continuation in
-                let known = outcome.withLockedValue { o -> Result<pid_t, ErrorBody>? in
+                let known = outcome.withLockedValue { o -> Result<pid_t, HoldfastError>? in
                     if let result = o.result { return result }
                     o.waiters.append(continuation)
                     return nil

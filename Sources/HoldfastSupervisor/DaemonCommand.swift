@@ -26,6 +26,21 @@ public enum DaemonCommand {
         } catch {
             return await fail(2, "bad configuration: \(error)")
         }
+        switch configuration.bridge.authentication {
+        case .hmacSHA256:
+            // Checked here so a daemon without a usable key does not start at all; the bridge
+            // worker reads the file again before every dial.
+            do {
+                _ = try BridgeKeyFile.load(configuration.bridge.keyFile)
+            } catch {
+                let hint = error.kind == .missing ? " (provision the VM's bridge key there: README \"Security\"; or set bridge.authentication: none)" : ""
+                let problem = ConfigurationError(file: configPath, key: "bridge.key_file", reason: "\(error)\(hint)")
+                return await fail(2, "bad configuration: \(problem)")
+            }
+        case .none:
+            logger.warning(
+                "bridge.authentication is none: the bridge is not authenticated; any process in the guest that can dial \(configuration.bridge.address) can pose as this daemon to the host")
+        }
         // The roles are this binary, re-executed through /proc/self/exe: the very file this
         // process runs, even after an upgrade replaced /usr/bin/holdfast (a role restarted later
         // must speak this supervisor's protocol).
@@ -34,6 +49,8 @@ public enum DaemonCommand {
         let supervisor = Supervisor(configuration: configuration, logger: logger, executable: executable, notifier: notifier)
         do {
             return try await supervisor.run()
+        } catch let refused as StartRefused {
+            return await fail(2, "refusing to start: \(refused)")
         } catch {
             return await fail(1, "daemon failed: \(error)")
         }

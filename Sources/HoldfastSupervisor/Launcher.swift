@@ -18,7 +18,7 @@ struct Launcher {
     static let outputPipeCapacity = 1 << 20
 
     enum Failure: Error {
-        case invalid(ErrorBody)
+        case invalid(HoldfastError)
     }
 
     static let defaultEnvironment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -26,7 +26,7 @@ struct Launcher {
     /// Validates a spec without starting anything; the error names the field.
     /// Every string that ends up as a C string (a path, an argument, a user name) or names
     /// something: a NUL byte would cut it short silently ("root\0x" looked up as "root").
-    static func refuseNULBytes(_ spec: ProcessSpec) throws(ErrorBody) {
+    static func refuseNULBytes(_ spec: ProcessSpec) throws(HoldfastError) {
         var fields: [(String, String?)] = [
             ("id", spec.id), ("cwd", spec.cwd), ("user", spec.user), ("bundle", spec.bundle), ("container", spec.container),
             ("idempotencyKey", spec.idempotencyKey),
@@ -38,28 +38,28 @@ struct Launcher {
             fields.append(("\(name).token", stream?.token))
         }
         for case let (name, value?) in fields where value.utf8.contains(0) {
-            throw ErrorBody(code: "bad-request", message: "\(name) contains a NUL byte")
+            throw HoldfastError(.badRequest, "\(name) contains a NUL byte")
         }
     }
 
-    static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
+    static func validate(_ spec: ProcessSpec) throws(HoldfastError) {
         guard !spec.id.isEmpty, spec.id.utf8.count <= 256 else {
-            throw ErrorBody(code: "bad-request", message: "id must be 1 to 256 bytes")
+            throw HoldfastError(.badRequest, "id must be 1 to 256 bytes")
         }
         try refuseNULBytes(spec)
         if let key = spec.idempotencyKey, key.isEmpty || key.utf8.count > ProcessSpec.maxIdempotencyKeyLength {
-            throw ErrorBody(code: "bad-request", message: "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
+            throw HoldfastError(.badRequest, "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
         }
         switch spec.runtime ?? .direct {
         case .direct:
             guard let program = spec.argv.first, !program.isEmpty else {
-                throw ErrorBody(code: "bad-request", message: "argv must name a program")
+                throw HoldfastError(.badRequest, "argv must name a program")
             }
             if spec.bundle != nil || spec.container != nil {
-                throw ErrorBody(code: "bad-request", message: "bundle and container need runtime 'runc'")
+                throw HoldfastError(.badRequest, "bundle and container need runtime 'runc'")
             }
             if let user = spec.user, UserAccount.lookup(user) == nil {
-                throw ErrorBody(code: "bad-user", message: "user: no such user '\(user)'")
+                throw HoldfastError(.badUser, "user: no such user '\(user)'")
             }
         case .runc:
             try RuncRuntime.validate(spec)
@@ -69,7 +69,7 @@ struct Launcher {
             do {
                 _ = try SocketAddress(parsing: stream.address)
             } catch {
-                throw ErrorBody(code: "bad-address", message: "\(name).address: \(error)")
+                throw HoldfastError(.badAddress, "\(name).address: \(error)")
             }
             // A tty's input is relayed in the mode of its output (one stream, both ways).
             let tty = spec.tty && name == "stdin" && spec.stdout != nil
@@ -77,18 +77,22 @@ struct Launcher {
             if mode == .resumable {
                 guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
                     let why = tty ? "a tty's input is resumable like its stdout and needs a token" : "resumable mode needs a token"
-                    throw ErrorBody(code: "bad-request", message: "\(name): \(why) of 1 to \(StreamHello.maxTokenLength) bytes")
+                    throw HoldfastError(.badRequest, "\(name): \(why) of 1 to \(StreamHello.maxTokenLength) bytes")
+                }
+                guard stream.secret != nil else {
+                    let why = tty ? "a tty's input is resumable like its stdout and needs" : "resumable mode needs"
+                    throw HoldfastError(.badRequest, "\(name): \(why) the stream's secret (hex, 16 to 64 bytes, chosen by the host)")
                 }
             }
         }
         if spec.tty, spec.stderr != nil {
-            throw ErrorBody(code: "bad-request", message: "stderr: a tty process has one output stream (stdout)")
+            throw HoldfastError(.badRequest, "stderr: a tty process has one output stream (stdout)")
         }
         // The broker checks the streams again when they are handed over, after the process has
         // started; nothing it would refuse may get that far.
         let streams = streamDescriptions(spec)
         if !streams.isEmpty {
-            try BrokerRequest.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
+            try AdoptCheck.validate(AdoptRequest(process: spec.id, streams: streams), descriptorCount: streams.count)
         }
     }
 
@@ -128,13 +132,14 @@ struct Launcher {
         if spec.tty {
             guard let output = spec.stdout else { return [] }
             return [StreamDescription(
-                kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token,
-                inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token)]
+                kind: .tty, fd: 0, address: output.address, mode: output.mode, token: output.token, secret: output.secret,
+                inputAddress: spec.stdin?.address, inputToken: spec.stdin?.token, inputSecret: spec.stdin?.secret)]
         }
         var streams: [StreamDescription] = []
         for (kind, stream) in [(StreamKind.stdin, spec.stdin), (.stdout, spec.stdout), (.stderr, spec.stderr)] {
             guard let stream else { continue }
-            streams.append(StreamDescription(kind: kind, fd: streams.count, address: stream.address, mode: stream.mode, token: stream.token))
+            streams.append(StreamDescription(
+                kind: kind, fd: streams.count, address: stream.address, mode: stream.mode, token: stream.token, secret: stream.secret))
         }
         return streams
     }
@@ -142,7 +147,7 @@ struct Launcher {
     /// Creates the pipes (or, with `terminal`, the pty) for a spec. A tty spec without
     /// `terminal` gets only its stream description: the runtime brings the pty master (runc's
     /// console socket) and appends it as host end 0.
-    static func makeStdio(_ spec: ProcessSpec, terminal: Bool) throws(ErrorBody) -> Stdio {
+    static func makeStdio(_ spec: ProcessSpec, terminal: Bool) throws(HoldfastError) -> Stdio {
         var stdio = Stdio()
         // Host ends below are made in the order of these descriptions' fd indexes.
         stdio.streams = streamDescriptions(spec)
@@ -173,14 +178,14 @@ struct Launcher {
             }
         } catch {
             stdio.closeAll()
-            throw ErrorBody(code: "stdio-failed", message: "\(error)")
+            throw HoldfastError(.stdioFailed, "\(error)")
         }
         return stdio
     }
 
     /// Creates the stdio, starts the process (runtime `direct`), and returns the host-side fds
     /// for the broker. On failure nothing is left open and no process is left running.
-    static func start(_ spec: ProcessSpec) throws(ErrorBody) -> Started {
+    static func start(_ spec: ProcessSpec) throws(HoldfastError) -> Started {
         try validate(spec)
         var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: spec.env ?? defaultEnvironment)
         options.directory = spec.cwd
@@ -193,12 +198,16 @@ struct Launcher {
         options.stdout = stdio.stdout
         options.stderr = stdio.stderr
         options.controllingTerminal = spec.tty
+        // Its own session and process group: `kill 0` (the `trap 'kill 0' EXIT` idiom), a
+        // job-control signal or a terminal hangup in the process stays inside it and never
+        // reaches the supervisor, the roles or another container.
+        options.newSession = true
         let pid: pid_t
         do {
             pid = try Spawner.spawn(options)
         } catch {
             stdio.closeAll()
-            throw ErrorBody(code: "start-failed", message: error.description)
+            throw HoldfastError(.startFailed, error.description)
         }
         stdio.closeChildEnds()
         return started(pid: pid, id: spec.id, stdio: stdio)
@@ -218,7 +227,7 @@ extension Supervisor {
     /// The check a process spec (a bridge `create`, a local `launch`) passes before anything
     /// starts. Pure apart from user look-ups, so the bridge fuzz target runs every create body
     /// it decodes through it.
-    public static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
+    public static func validate(_ spec: ProcessSpec) throws(HoldfastError) {
         try Launcher.validate(spec)
     }
 

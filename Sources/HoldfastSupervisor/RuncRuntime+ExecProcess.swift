@@ -74,15 +74,15 @@ extension RuncRuntime {
     /// terminal flag and — the reason for not using runc's flags — its console size, which runc
     /// applies before the program starts. Set afterwards, a quick program (`stty size`) could
     /// run first and see a 0×0 terminal.
-    static func execProcess(bundle: String, spec: ProcessSpec) throws(ErrorBody) -> [UInt8] {
+    static func execProcess(bundle: String, spec: ProcessSpec) throws(HoldfastError) -> [UInt8] {
         let path = bundle + "/config.json"
         guard let bytes = WholeFile.read(path) else {
-            throw ErrorBody(code: "runtime-failed", message: "cannot read the container's config \(path)")
+            throw HoldfastError(.runtimeFailed, "cannot read the container's config \(path)")
         }
         guard let config = try? JSONDecoder().decode(JSONValue.self, from: Data(bytes)), var process = config["process"],
             case .object = process
         else {
-            throw ErrorBody(code: "runtime-failed", message: "\(path) has no process object")
+            throw HoldfastError(.runtimeFailed, "\(path) has no process object")
         }
         process["args"] = .array(spec.argv.map { .string($0) })
         process["terminal"] = .bool(spec.tty)
@@ -111,7 +111,7 @@ extension RuncRuntime {
         do {
             return Array(try JSONEncoder().encode(process))
         } catch {
-            throw ErrorBody(code: "runtime-failed", message: "cannot encode the exec's process: \(error)")
+            throw HoldfastError(.runtimeFailed, "cannot encode the exec's process: \(error)")
         }
     }
 }

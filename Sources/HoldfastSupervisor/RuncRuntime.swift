@@ -41,28 +41,28 @@ struct RuncRuntime: Sendable {
             && id.unicodeScalars.allSatisfy { $0.properties.isAlphabetic && $0.isASCII || ("0"..."9").contains($0) || "_+-.".unicodeScalars.contains($0) }
     }
 
-    static func validate(_ spec: ProcessSpec) throws(ErrorBody) {
+    static func validate(_ spec: ProcessSpec) throws(HoldfastError) {
         if let container = spec.container {
-            guard !container.isEmpty else { throw ErrorBody(code: "bad-request", message: "container must name a running container") }
+            guard !container.isEmpty else { throw HoldfastError(.badRequest, "container must name a running container") }
             guard let program = spec.argv.first, !program.isEmpty else {
-                throw ErrorBody(code: "bad-request", message: "argv must name the program to exec in container '\(container)'")
+                throw HoldfastError(.badRequest, "argv must name the program to exec in container '\(container)'")
             }
-            guard spec.bundle == nil else { throw ErrorBody(code: "bad-request", message: "an exec names a container, not a bundle") }
+            guard spec.bundle == nil else { throw HoldfastError(.badRequest, "an exec names a container, not a bundle") }
             if let user = spec.user, !isNumericUser(user) {
-                throw ErrorBody(code: "bad-user", message: "user: an exec takes a numeric uid[:gid] inside the container, not '\(user)'")
+                throw HoldfastError(.badUser, "user: an exec takes a numeric uid[:gid] inside the container, not '\(user)'")
             }
         } else {
             guard isValidContainerID(spec.id) else {
-                throw ErrorBody(code: "bad-request", message: "id '\(spec.id)' is not a valid runc container id (letters, digits, _ + - .)")
+                throw HoldfastError(.badRequest, "id '\(spec.id)' is not a valid runc container id (letters, digits, _ + - .)")
             }
             guard let bundle = spec.bundle, bundle.hasPrefix("/") else {
-                throw ErrorBody(code: "bad-request", message: "bundle must be the absolute path of an OCI bundle")
+                throw HoldfastError(.badRequest, "bundle must be the absolute path of an OCI bundle")
             }
             guard spec.argv.isEmpty else {
-                throw ErrorBody(code: "bad-request", message: "argv must be empty for a runc container: its bundle's config.json names the program")
+                throw HoldfastError(.badRequest, "argv must be empty for a runc container: its bundle's config.json names the program")
             }
             guard spec.user == nil, spec.env == nil, spec.cwd == nil else {
-                throw ErrorBody(code: "bad-request", message: "user, env and cwd of a runc container come from its bundle's config.json")
+                throw HoldfastError(.badRequest, "user, env and cwd of a runc container come from its bundle's config.json")
             }
         }
     }
@@ -76,13 +76,13 @@ struct RuncRuntime: Sendable {
 
     /// `runc create` then `runc start`: the container runs when this returns. On failure no
     /// container is left (runc delete --force) and every fd is closed.
-    func create(_ spec: ProcessSpec) async throws(ErrorBody) -> Launcher.Started {
+    func create(_ spec: ProcessSpec) async throws(HoldfastError) -> Launcher.Started {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
         var stdio = try Launcher.makeStdio(spec, terminal: false)
         var arguments = ["create", "--bundle", spec.bundle!, "--pid-file", scratch.pidFile]
         let console: ConsoleSocket?
-        do throws(ErrorBody) {
+        do throws(HoldfastError) {
             console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
             if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
             arguments.append(spec.id)
@@ -93,7 +93,7 @@ struct RuncRuntime: Sendable {
             throw error
         }
         stdio.closeChildEnds()  // the container's init has them now
-        do throws(ErrorBody) {
+        do throws(HoldfastError) {
             if let console {
                 let master = try await console.receiveMaster()
                 try? Terminal.resize(fd: master, to: WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80))
@@ -114,20 +114,20 @@ struct RuncRuntime: Sendable {
     /// `runc exec --detach`: `spec.argv` in the running container `container` (made from
     /// `bundle`), with its own streams; the process is reparented to the supervisor like a
     /// container's init.
-    func exec(_ spec: ProcessSpec, in container: String, bundle: String) async throws(ErrorBody) -> Launcher.Started {
+    func exec(_ spec: ProcessSpec, in container: String, bundle: String) async throws(HoldfastError) -> Launcher.Started {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
         do {
             try WholeFile.write(scratch.processFile, try Self.execProcess(bundle: bundle, spec: spec), mode: 0o600)
-        } catch let error as ErrorBody {
+        } catch let error as HoldfastError {
             throw error
         } catch {
-            throw ErrorBody(code: "runtime-failed", message: "cannot write the exec's process spec: \(error)")
+            throw HoldfastError(.runtimeFailed, "cannot write the exec's process spec: \(error)")
         }
         var stdio = try Launcher.makeStdio(spec, terminal: false)
         var arguments = ["exec", "--detach", "--pid-file", scratch.pidFile, "--process", scratch.processFile]
         let console: ConsoleSocket?
-        do throws(ErrorBody) {
+        do throws(HoldfastError) {
             console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
             if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
             try await run(arguments + [container], log: scratch.logFile, stdio: stdio, what: "runc exec")
@@ -136,7 +136,7 @@ struct RuncRuntime: Sendable {
             throw error
         }
         stdio.closeChildEnds()
-        do throws(ErrorBody) {
+        do throws(HoldfastError) {
             if let console {
                 let master = try await console.receiveMaster()
                 try? Terminal.resize(fd: master, to: WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80))
@@ -153,7 +153,7 @@ struct RuncRuntime: Sendable {
     }
 
     /// `runc kill ID SIGNAL`.
-    func kill(_ container: String, signal: Int32) async throws(ErrorBody) {
+    func kill(_ container: String, signal: Int32) async throws(HoldfastError) {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
         try await run(["kill", container, String(signal)], log: scratch.logFile, what: "runc kill")
@@ -164,7 +164,7 @@ struct RuncRuntime: Sendable {
     func delete(_ container: String) async {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
-        do throws(ErrorBody) {
+        do throws(HoldfastError) {
             try await run(["delete", "--force", container], log: scratch.logFile, what: "runc delete")
         } catch {
             if !error.message.contains("does not exist") && !error.message.contains("not exist") {
@@ -179,18 +179,22 @@ struct RuncRuntime: Sendable {
     /// A non-zero exit becomes an error carrying runc's own message.
     private func run(
         _ arguments: [String], log: String, stdio: Launcher.Stdio = .init(), what: String
-    ) async throws(ErrorBody) {
+    ) async throws(HoldfastError) {
         var options = SpawnOptions(
             executable: path, arguments: [path, "--root", root, "--log", log, "--log-format", "json"] + arguments,
             environment: Launcher.defaultEnvironment)
         options.stdin = stdio.stdin
         options.stdout = stdio.stdout
         options.stderr = stdio.stderr
+        // runc in its own session: a container init (or an exec) that runc does not move into a
+        // session of its own inherits this one, never the supervisor's process group, so its
+        // `kill 0` stays among runc's processes and the container's.
+        options.newSession = true
         let pid: pid_t
         do {
             pid = try Spawner.spawn(options)
         } catch {
-            throw ErrorBody(code: "runtime-missing", message: "cannot run runc (runc.path '\(path)'): \(error)")
+            throw HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
         let expired = NIOLockedValueBox(false)
         let watchdog = Task {
@@ -203,7 +207,7 @@ struct RuncRuntime: Sendable {
         let timedOut = expired.withLockedValue { $0 }
         guard status != .exited(0) else { return }
         let message = Self.lastError(inLog: log) ?? (timedOut ? "timed out after \(Self.commandTimeout)" : "\(status)")
-        throw ErrorBody(code: "runtime-failed", message: "\(what): \(message)")
+        throw HoldfastError(.runtimeFailed, "\(what): \(message)")
     }
 
     /// The last error runc logged (its JSON log: one object per line, `level` and `msg`).
@@ -223,11 +227,11 @@ struct RuncRuntime: Sendable {
         return last
     }
 
-    private func readPidFile(_ path: String) throws(ErrorBody) -> pid_t {
+    private func readPidFile(_ path: String) throws(HoldfastError) -> pid_t {
         guard let bytes = WholeFile.read(path),
             let pid = pid_t(String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0
         else {
-            throw ErrorBody(code: "runtime-failed", message: "runc wrote no pid file at \(path)")
+            throw HoldfastError(.runtimeFailed, "runc wrote no pid file at \(path)")
         }
         return pid
     }
@@ -260,16 +264,16 @@ private final class ConsoleSocket: Sendable {
     /// runc sends the master during create; this bounds the wait for a runc that never does.
     static let timeout: Duration = .seconds(10)
 
-    init(path: String) throws(ErrorBody) {
+    init(path: String) throws(HoldfastError) {
         do {
             listener = try Listener(binding: .unix(path: path), unixMode: 0o600)
         } catch {
-            throw ErrorBody(code: "runtime-failed", message: "cannot listen on the console socket \(path): \(error)")
+            throw HoldfastError(.runtimeFailed, "cannot listen on the console socket \(path): \(error)")
         }
     }
 
     /// Accepts runc's connection and takes the master: exactly one fd, the pty name as payload.
-    func receiveMaster() async throws(ErrorBody) -> Int32 {
+    func receiveMaster() async throws(HoldfastError) -> Int32 {
         let connection = NIOLockedValueBox<AsyncFD?>(nil)
         let expired = NIOLockedValueBox(false)
         let listener = self.listener
@@ -292,16 +296,16 @@ private final class ConsoleSocket: Sendable {
             let message = try await FDChannel(accepted).receive(maxPayload: 4096, maxDescriptors: 1)
             guard message.descriptors.count == 1 else {
                 message.closeDescriptors()
-                throw ErrorBody(code: "runtime-failed", message: "runc sent \(message.descriptors.count) fds to the console socket, not 1")
+                throw HoldfastError(.runtimeFailed, "runc sent \(message.descriptors.count) fds to the console socket, not 1")
             }
             return message.descriptors[0]
-        } catch let error as ErrorBody {
+        } catch let error as HoldfastError {
             throw error
         } catch {
             if expired.withLockedValue({ $0 }) {
-                throw ErrorBody(code: "runtime-failed", message: "runc did not send the pty master within \(Self.timeout)")
+                throw HoldfastError(.runtimeFailed, "runc did not send the pty master within \(Self.timeout)")
             }
-            throw ErrorBody(code: "runtime-failed", message: "console socket: \(error)")
+            throw HoldfastError(.runtimeFailed, "console socket: \(error)")
         }
     }
 

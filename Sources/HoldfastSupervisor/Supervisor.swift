@@ -26,7 +26,10 @@ public final class Supervisor: Sendable {
     let executable: String
     let reaper = ChildReaper()
     let startedAt = ContinuousClock.now
-    private let brokerClient = NIOLockedValueBox<ControlClient?>(nil)
+    /// The broker's control channel while it runs; a create waits for it while it (re)starts.
+    private let brokerClient = Rendezvous<ControlClient>()
+    /// How long a create waits for a broker that is starting or restarting.
+    static let brokerWait = Duration.seconds(15)
     /// The processes by id, and the creates in progress or remembered (one lock: checking that
     /// an id is free and reserving it must be one step).
     private let processes = NIOLockedValueBox(ProcessTable())
@@ -35,9 +38,12 @@ public final class Supervisor: Sendable {
         var records: [String: ProcessRecord] = [:]
         var creates = CreateLedger()
     }
-    private let bridgeState = NIOLockedValueBox("down")
+    private let bridgeState = NIOLockedValueBox(BridgeState.down)
     private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
     private let shuttingDown = NIOLockedValueBox(false)
+    /// While stopping: when every drain must be over, so that the exits still reach the host
+    /// before the shutdown timeout (a process that exits now drains only until then).
+    private let drainDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
     /// The bridge worker's channel while it runs (exits are pushed through it).
     private let bridgeChannel = NIOLockedValueBox<FDChannel?>(nil)
     /// Exits of processes the host created, kept until the host acknowledges them.
@@ -58,11 +64,18 @@ public final class Supervisor: Sendable {
         let container: (id: String, bundle: String)?
         /// The create's idempotency key: a repeat of that create answers with this process.
         let idempotencyKey: String?
-        let state = NIOLockedValueBox<(phase: String, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
-            ("running", nil, []))
+        /// Started directly in a session of its own (pid == process group id): a stop can end
+        /// the whole group, orphans holding its output included.
+        let leadsProcessGroup: Bool
+        let state = NIOLockedValueBox<(phase: ProcessState, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
+            (.running, nil, []))
 
-        init(id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil) {
+        init(
+            id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil,
+            leadsProcessGroup: Bool = false
+        ) {
             self.id = id
+            self.leadsProcessGroup = leadsProcessGroup
             self.idempotencyKey = idempotencyKey
             self.pid = pid
             self.viaBridge = viaBridge
@@ -73,24 +86,24 @@ public final class Supervisor: Sendable {
             state.withLockedValue { ProcessStatus(id: id, pid: pid, state: $0.phase, exitCode: $0.report?.exitCode) }
         }
 
-        /// Returns false if it was already finished.
-        func finish(_ report: ExitReport) -> Bool {
-            let waiters = state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
-                guard s.phase != "done" else { return nil }
-                s.phase = "done"
+        /// Marks it done; returns its waiters, for the caller to wake once everything that
+        /// must happen before (the exit queued for the host) has; nil if it was already done.
+        func finish(_ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
+            state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
+                guard s.phase != .done else { return nil }
+                s.phase = .done
                 s.report = report
                 defer { s.waiters.removeAll() }
                 return s.waiters
             }
-            guard let waiters else { return false }
-            for waiter in waiters { waiter.resume(returning: report) }
-            return true
         }
 
+        /// The exit report once the process is done: exited, and its output drained (or given
+        /// up on), so `undelivered` is final.
         func wait() async -> ExitReport {
             await withCheckedContinuation { continuation in
                 let done = state.withLockedValue { s -> ExitReport? in
-                    if let report = s.report { return report }
+                    if s.phase == .done, let report = s.report { return report }
                     s.waiters.append(continuation)
                     return nil
                 }
@@ -101,6 +114,8 @@ public final class Supervisor: Sendable {
 
     let runc: RuncRuntime
     let metrics = SupervisorMetrics()
+    /// Gives malloc's free pages back after bursts of requests.
+    let tidier = MemoryTidier()
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
     let instanceID = RandomIdentifier.make()
 
@@ -119,7 +134,12 @@ public final class Supervisor: Sendable {
     // MARK: Running
 
     /// Runs until SIGTERM or SIGINT, then shuts down; returns the exit code.
+    /// Refuses to start (`StartRefused`, exit code 2) on an unsafe run directory, another
+    /// daemon holding it, a broker uid other processes use, or a socket path that is not ours.
     public func run() async throws -> Int32 {
+        let lock = try claimRunDirectory()
+        defer { withExtendedLifetime(lock) {} }
+        try checkBrokerUIDIsItsOwn()
         try Subreaper.become()
         let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM, SIGINT])
         SignalDisposition.ignore(SIGPIPE)
@@ -144,6 +164,7 @@ public final class Supervisor: Sendable {
         let metricsTask = try startMetricsEndpoint()
         let readiness = Task { await announceReadiness() }
         let watchdog = Task { await notifier.runWatchdog() }
+        let tidying = Task { await tidier.run() }
         logger.info("holdfast daemon started", metadata: [
             "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
             "systemd": "\(notifier.isActive ? "notify" : "no")",
@@ -160,7 +181,7 @@ public final class Supervisor: Sendable {
         }
         logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
         readiness.cancel()
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" }.count }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running }.count }
         notifier.post([
             .stopping,
             .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
@@ -180,6 +201,7 @@ public final class Supervisor: Sendable {
         _ = await bridgeTask.value
         reaping.cancel()
         watchdog.cancel()
+        tidying.cancel()
         await notifier.finish()
         logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
         return 0
@@ -205,7 +227,7 @@ public final class Supervisor: Sendable {
         let roles = self.roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
         var text = metrics.render(roles: roles)
         if let broker = broker(),
-            let reply = try? await broker.call(BrokerMessageType.metrics.rawValue, [String: String](), reply: MetricsResponse.self)
+            let reply = try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self)
         {
             text += reply.text
         }
@@ -222,7 +244,7 @@ public final class Supervisor: Sendable {
     private func announceReadiness() async {
         while !Task.isCancelled {
             if rolePID("bridge") != nil, let broker = broker(),
-                (try? await broker.call(BrokerMessageType.list.rawValue, [String: String](), reply: ListResponse.self)) != nil,
+                (try? await broker.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self)) != nil,
                 rolePID("bridge") != nil, !shuttingDown.withLockedValue({ $0 })
             {
                 ready.withLockedValue { $0 = true }
@@ -236,7 +258,7 @@ public final class Supervisor: Sendable {
 
     private var bridgeSummary: String {
         let state = bridgeState.withLockedValue { $0 }
-        return "bridge to \(configuration.bridge.address) \(state == "up" ? "up" : "down (redialling)")"
+        return "bridge to \(configuration.bridge.address) \(state == .up ? "up" : "down (redialling)")"
     }
 
     /// A role started, died or could not start: the status line says so (restarts only once the
@@ -260,11 +282,29 @@ public final class Supervisor: Sendable {
         return milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds)ms"
     }
 
-    private func makeRunDirectory() throws {
-        for (path, mode) in [(configuration.runDirectory, mode_t(0o755)), (runc.workDirectory, 0o700)] {
-            if mkdir(path, mode) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(path))") }
+    /// The run directory, created if missing (0755), checked (root's, nobody else can write in
+    /// it or above it) and locked ({run}/holdfast.lock: a second daemon is refused with our pid);
+    /// then every Unix socket path we bind is checked and cleared of a previous instance's
+    /// socket — never of one another user made or a process listens on.
+    private func claimRunDirectory() throws(StartRefused) -> RunDirectoryLock {
+        do throws(RunDirectory.Refusal) {
+            let lock = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock")
+            var sockets = [configuration.control.socket]
+            if !configuration.handoff.socket.isEmpty { sockets.append(configuration.handoff.socket) }
+            if case .unix(let path) = configuration.metrics.address { sockets.append(path) }
+            for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: configuration.runDirectory) }
+            return lock
+        } catch {
+            throw StartRefused("run directory: \(error)")
         }
     }
+
+    private func makeRunDirectory() throws {
+        if mkdir(runc.workDirectory, 0o700) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(runc.workDirectory))") }
+    }
+
+    /// A process record by id (nil: none).
+    func record(_ id: String) -> ProcessRecord? { processes.withLockedValue { $0.records[id] } }
 
     /// The public handoff socket, bound here as root with its configured mode, then passed down.
     private func bindHandoff() throws -> Listener? {
@@ -285,6 +325,8 @@ public final class Supervisor: Sendable {
     }
 
     private func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
+        // Before every start: a process that took the broker's uid meanwhile would share it.
+        try checkBrokerUIDIsItsOwn()
         let (ours, theirs) = try FDChannel.pair()
         defer { close(theirs) }
         let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
@@ -297,7 +339,7 @@ public final class Supervisor: Sendable {
         // The broker starts as its unprivileged user: it never holds root at all (it needs none:
         // everything it uses arrives as fds). It still checks, and drops itself if it must.
         var user: UserAccount?
-        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.lookup(name) }
+        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.resolve(name) }
         let pid = try spawnRole(arguments, keep: keep, user: user)
         return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
@@ -305,11 +347,14 @@ public final class Supervisor: Sendable {
     private func launchBridge() throws -> RoleSupervisor.Incarnation {
         let (ours, theirs) = try FDChannel.pair()
         defer { close(theirs) }
-        let arguments = [
+        var arguments = [
             "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
             "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
             "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
+            "--authentication", configuration.bridge.authentication.rawValue,
         ]
+        // The path, not the key: the worker (root) reads the file itself before every dial.
+        if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
         let pid = try spawnRole(arguments, keep: [theirs])
         return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
@@ -326,6 +371,9 @@ public final class Supervisor: Sendable {
         options.keepDescriptors = keep
         // A role never outlives the supervisor.
         options.parentDeathSignal = SIGKILL
+        // Its own session: a Ctrl-C or hangup of the terminal the daemon runs in (SIGINT/SIGHUP
+        // to the foreground group) reaches only the supervisor, which stops the roles in order.
+        options.newSession = true
         return try Spawner.spawn(options)
     }
 
@@ -336,14 +384,17 @@ public final class Supervisor: Sendable {
             else { return }
             processDrained(drained)
         }
-        brokerClient.withLockedValue { $0 = client }
+        brokerClient.set(client)
         // A new broker knows no streams; if the bridge is up, nothing to redial either.
         await client.run()
-        brokerClient.withLockedValue { if $0 === client { $0 = nil } }
+        brokerClient.clear { $0 === client }
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "exited" {
-            if let report = record.state.withLockedValue({ $0.report }) { complete(record, report) }
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
+            if var report = record.state.withLockedValue({ $0.report }) {
+                report.outputCutShort = true
+                complete(record, report)
+            }
         }
     }
 
@@ -352,86 +403,80 @@ public final class Supervisor: Sendable {
     private func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
         let channel = incarnation.channel
         bridgeChannel.withLockedValue { $0 = channel }
-        while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
-            message.closeDescriptors()
-            guard let frame = try? ControlFrame.decode(datagram: message.payload) else { break }
-            if frame.id == 0 {
+        // The worker bounds what the host has in flight; this bounds what the worker can (a
+        // worker gone wrong must not grow the supervisor either).
+        _ = await RPCServer.serve(
+            channel, as: WorkerRequest.self, inFlight: 2 * BridgeProtocol.requestsInFlight,
+            notification: { [self] frame in
+                tidier.noteWork()
                 await bridgeNotification(frame)
-                continue
             }
-            Task {
-                do throws(ErrorBody) {
-                    let body = try await handleBridge(frame)
-                    try? await channel.send(ControlFrame(type: SupervisorMessageType.ok.rawValue, id: frame.id, body: body).encoded)
-                } catch {
-                    try? await channel.send(
-                        ControlFrame(type: SupervisorMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
-                }
-            }
+        ) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            tidier.noteWork()
+            return try await handle(request)
         }
         bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
         // The worker died: the bridge is as good as lost.
-        if bridgeState.withLockedValue({ $0 }) == "up" {
-            bridgeState.withLockedValue { $0 = "down" }
+        if bridgeState.withLockedValue({ $0 }) == .up {
+            bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
-            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         }
     }
 
     private func bridgeNotification(_ frame: ControlFrame) async {
         switch SupervisorMessageType(rawValue: frame.type) {
         case .bridgeUp:
-            bridgeState.withLockedValue { $0 = "up" }
+            bridgeState.withLockedValue { $0 = .up }
             metrics.bridge(up: true)
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
             if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
-            _ = try? await broker()?.request(BrokerMessageType.bridgeUp.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
         case .bridgeDown:
-            bridgeState.withLockedValue { $0 = "down" }
+            bridgeState.withLockedValue { $0 = .down }
             metrics.bridge(up: false)
             logger.warning("bridge lost")
             if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
-            _ = try? await broker()?.request(BrokerMessageType.disconnectAll.rawValue, body: ControlJSON.encode([String: String]()))
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         default:
             break
         }
     }
 
     /// A host request, forwarded by the bridge worker.
-    private func handleBridge(_ frame: ControlFrame) async throws(ErrorBody) -> [UInt8] {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        let empty = ControlJSON.encode([String: String]())
-        if frame.type == SupervisorMessageType.bridgeHello.rawValue {
+    /// A request of the bridge worker: the hello for a new bridge connection, or one the host
+    /// sent (decoded and checked by the worker, decoded again at this boundary).
+    private func handle(_ request: WorkerRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .hello:
             // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
             // again once the bridge is up), then as many live processes as fit.
-            let live = processStatuses().filter { $0.state != "done" }
+            let live = processStatuses().filter { $0.state != .done }
             let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
             let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
-            return ControlJSON.encode(hello)
+            return RPCReply(hello)
+        case .host(let request):
+            return try await handle(request)
         }
-        switch BridgeMessageType(rawValue: frame.type) {
-        case .create:
-            return ControlJSON.encode(try await launch(try decode(ProcessSpec.self), viaBridge: true))
-        case .signal:
-            let request = try decode(SignalRequest.self)
+    }
+
+    /// What the host asked, over the bridge.
+    private func handle(_ request: BridgeRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .create(let spec):
+            return RPCReply(try await launch(spec, viaBridge: true))
+        case .signal(let request):
             try await signal(request.id, request.signal)
-            return empty
-        case .resize:
-            let request = try decode(ProcessResizeRequest.self)
-            try await brokerRequest(.resize, ResizeRequest(process: request.id, rows: request.rows, columns: request.columns))
-            return empty
-        case .closeStdin:
-            try await brokerRequest(.closeStdin, ProcessRequest(process: try decode(ProcessIDRequest.self).id))
-            return empty
+            return .empty
+        case .resize(let request):
+            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
+            return .empty
+        case .closeStdin(let request):
+            try await brokerRequest(.closeStdin(process: request.id))
+            return .empty
         case .list:
             let streams = await brokerStreams()
             let list = processStatuses()
@@ -444,28 +489,26 @@ public final class Supervisor: Sendable {
                 fitted.omittedStreams = omitted
                 fitted.omittedProcesses = processesOmitted
             }
-            return ControlJSON.encode(fitted)
+            return RPCReply(fitted)
         case .stats:
-            guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
-            return ControlJSON.encode(try await broker.call(BrokerMessageType.stats.rawValue, [String: String](), reply: BrokerStats.self))
-        case .acknowledgeExit:
-            acknowledgeExit(try decode(AcknowledgeExitRequest.self).id)
-            return empty
-        default:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
+            return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
+        case .acknowledgeExit(let request):
+            acknowledgeExit(request.id)
+            return .empty
         }
     }
 
-    private func brokerRequest<T: Encodable>(_ type: BrokerMessageType, _ request: T) async throws(ErrorBody) {
-        guard let broker = broker() else { throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)") }
-        _ = try await broker.request(type.rawValue, body: ControlJSON.encode(request))
+    private func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
+        guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
+        _ = try await broker.request(request.frameType, body: request.body)
     }
 
     /// The host has an exit: forget it, and the process with it.
     private func acknowledgeExit(_ id: String) {
         unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
         processes.withLockedValue { table in
-            if let record = table.records[id], record.viaBridge, record.status.state == "done" {
+            if let record = table.records[id], record.viaBridge, record.status.state == .done {
                 table.records.removeValue(forKey: id)
                 table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
             }
@@ -476,13 +519,17 @@ public final class Supervisor: Sendable {
     /// asked for is kept until the host acknowledges it (sent now if the bridge is up, and in
     /// every hello until then).
     private func complete(_ record: ProcessRecord, _ report: ExitReport) {
-        guard record.finish(report) else { return }
-        guard record.viaBridge else { return }
-        unacknowledgedExits.withLockedValue { $0.append(report) }
-        if let channel = bridgeChannel.withLockedValue({ $0 }) {
-            let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
-            Task { try? await channel.send(frame.encoded) }
+        guard let waiters = record.finish(report) else { return }
+        // Queued for the host before anyone waiting hears of it: a stop that waits for the
+        // records and then for the acknowledgements must find this exit among them.
+        if record.viaBridge {
+            unacknowledgedExits.withLockedValue { $0.append(report) }
+            if let channel = bridgeChannel.withLockedValue({ $0 }) {
+                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+                Task { try? await channel.send(frame.encoded) }
+            }
         }
+        for waiter in waiters { waiter.resume(returning: report) }
     }
 
     /// Exits the hello had no room for (thousands ended during one blackout) go out now, one
@@ -500,14 +547,14 @@ public final class Supervisor: Sendable {
         }
     }
 
-    func broker() -> ControlClient? { brokerClient.withLockedValue { $0 } }
+    func broker() -> ControlClient? { brokerClient.current }
 
     /// Every process by id, with creates still in progress as `starting` (pid 0): a host that
     /// lost a create's reply sees that it arrived.
     private func processStatuses() -> [ProcessStatus] {
         processes.withLockedValue { table in
             table.records.values.map(\.status)
-                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: "starting", exitCode: nil) }
+                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: .starting, exitCode: nil) }
         }.sorted { $0.id < $1.id }
     }
 
@@ -516,20 +563,21 @@ public final class Supervisor: Sendable {
     /// Starts a process and hands its stdio to the broker; on any failure the process is gone
     /// and every fd closed. A repeat of a create (same id and idempotency key) starts nothing:
     /// it answers with the first one's pid, waiting for the first if it is still starting.
-    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(ErrorBody) -> LaunchResponse {
+    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(HoldfastError) -> LaunchResponse {
         var answered = false
         defer { if !answered { metrics.processStartFailed() } }
         guard !shuttingDown.withLockedValue({ $0 }) else {
-            throw ErrorBody(code: "shutting-down", message: "the daemon is shutting down")
+            throw HoldfastError(.shuttingDown, "the daemon is shutting down")
         }
         try Launcher.validate(spec)
+        try refuseTheBrokersUID(spec)
         let decision = processes.withLockedValue { table in
             table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table.records[spec.id].map { ($0.idempotencyKey, $0.pid) })
         }
         let reservation: CreateLedger.PendingStart
         switch decision {
         case .exists:
-            throw ErrorBody(code: "process-exists", message: "a process with id '\(spec.id)' exists")
+            throw HoldfastError(.processExists, "a process with id '\(spec.id)' exists")
         case .repeated(let pid):
             logger.info("create repeated: already started", metadata: ["process": "\(spec.id)", "pid": "\(pid)"])
             answered = true
@@ -559,9 +607,10 @@ public final class Supervisor: Sendable {
 
     /// Starts the process of a create that holds its id's reservation; the record replaces the
     /// reservation in one step.
-    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(ErrorBody) -> pid_t {
-        guard let broker = broker() else {
-            throw ErrorBody(code: "broker-unavailable", message: "the broker is not running (restarting?)")
+    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(HoldfastError) -> pid_t {
+        // A broker starting (the daemon just came up) or restarting is waited for, not an error.
+        guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
+            throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
         let started: Launcher.Started
         var container: (id: String, bundle: String)?
@@ -571,10 +620,10 @@ public final class Supervisor: Sendable {
         case .runc:
             if let target = spec.container {
                 guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
-                    throw ErrorBody(code: "no-such-container", message: "no runc container '\(target)'")
+                    throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
                 }
-                guard record.status.state == "running" else {
-                    throw ErrorBody(code: "not-running", message: "container '\(target)' has exited")
+                guard record.status.state == .running else {
+                    throw HoldfastError(.notRunning, "container '\(target)' has exited")
                 }
                 started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
             } else {
@@ -582,12 +631,14 @@ public final class Supervisor: Sendable {
                 container = (spec.id, spec.bundle!)
             }
         }
-        let record = ProcessRecord(id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey)
+        let record = ProcessRecord(
+            id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct)
         metrics.processStarted(spec.runtime ?? .direct)
         if !started.adopt.streams.isEmpty {
             do {
                 _ = try await broker.request(
-                    BrokerMessageType.adopt.rawValue, body: ControlJSON.encode(started.adopt), descriptors: started.descriptors)
+                    BrokerRequest.adopt(started.adopt).frameType, body: BrokerRequest.adopt(started.adopt).body, descriptors: started.descriptors)
             } catch {
                 for fd in started.descriptors { close(fd) }
                 kill(started.pid, SIGKILL)
@@ -616,7 +667,7 @@ public final class Supervisor: Sendable {
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
         record.state.withLockedValue {
-            $0.phase = "exited"
+            $0.phase = .exited
             $0.report = report
         }
         logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
@@ -625,8 +676,14 @@ public final class Supervisor: Sendable {
             complete(record, report)
             return
         }
+        var exited = ProcessExitedRequest(process: record.id)
+        if let deadline = drainDeadline.withLockedValue({ $0 }) {
+            // Stopping: the drain may take only what is left before the exits must go out.
+            let left = max(Duration.zero, deadline - ContinuousClock.now)
+            exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+        }
         do {
-            _ = try await broker.request(BrokerMessageType.processExited.rawValue, body: ControlJSON.encode(ProcessExitedRequest(process: record.id)))
+            _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
         } catch {
             complete(record, report)
         }
@@ -640,9 +697,9 @@ public final class Supervisor: Sendable {
         complete(record, report)
     }
 
-    public func wait(_ id: String) async throws(ErrorBody) -> ExitReport {
+    public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
         let report = await record.wait()
         processes.withLockedValue { table in
@@ -654,17 +711,17 @@ public final class Supervisor: Sendable {
         return report
     }
 
-    public func signal(_ id: String, _ signal: Int32) async throws(ErrorBody) {
+    public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
         guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)'")
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
-        guard record.status.state == "running" else { throw ErrorBody(code: "not-running", message: "process '\(id)' has exited") }
+        guard record.status.state == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
             try await runc.kill(container.id, signal: signal)
             return
         }
         guard kill(record.pid, signal) == 0 else {
-            throw ErrorBody(code: "signal-failed", message: "kill(\(record.pid), \(signal)): errno \(errno)")
+            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): errno \(errno)")
         }
     }
 
@@ -675,7 +732,7 @@ public final class Supervisor: Sendable {
         guard let broker = broker() else { return [] }
         var streams: [StreamStatus] = []
         while true {
-            guard let page = try? await broker.call(BrokerMessageType.list.rawValue, ListRequest(offset: streams.count), reply: ListResponse.self),
+            guard let page = try? await broker.call(BrokerRequest.list(ListRequest(offset: streams.count)), reply: ListResponse.self),
                 !page.streams.isEmpty
             else { break }
             streams += page.streams
@@ -706,31 +763,55 @@ public final class Supervisor: Sendable {
     /// Returns true if everything ended in time.
     private func shutdown(broker: RoleSupervisor, bridge: RoleSupervisor) async -> Bool {
         shuttingDown.withLockedValue { $0 = true }
-        let deadline = ContinuousClock.now + .milliseconds(configuration.shutdown.timeout)
+        let timeout = Duration.milliseconds(configuration.shutdown.timeout)
+        let deadline = ContinuousClock.now + timeout
+        // The last part of the timeout belongs to the exits: every drain ends before it, so each
+        // exit this stop causes is reported while the bridge is still up.
+        let acknowledgementWindow = min(.seconds(2), timeout / 4)
+        let drainsEnd = deadline - acknowledgementWindow
+        drainDeadline.withLockedValue { $0 = drainsEnd }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == "running" } }
+        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running } }
         for record in running { kill(record.pid, configuration.shutdown.signal) }
-        let graceEnd = min(deadline, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
+        let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
         var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
         if !clean {
-            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == "running" {
-                logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
-                kill(record.pid, SIGKILL)
+            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != .done {
+                if record.status.state == .running {
+                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
+                    kill(record.pid, SIGKILL)
+                }
+                // A direct process leads its own process group: what it left behind (an orphan
+                // holding its output open, which would hold the drain) ends with it.
+                if record.leadsProcessGroup { kill(-record.pid, SIGKILL) }
             }
-            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: deadline)
+            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: drainsEnd)
+        }
+        // A process that exited but whose output could not drain in time (a host that reads
+        // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
+        // never an exit the host waits for forever.
+        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
+            guard var report = record.state.withLockedValue({ $0.report }) else { continue }
+            report.outputCutShort = true
+            logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(record.id)"])
+            complete(record, report)
         }
         // Give a connected host a moment to acknowledge those exits (bounded: a host that does
         // not answer must not hold the stop); what it did not acknowledge is lost with us.
-        let acknowledgeBy = min(deadline, ContinuousClock.now + .seconds(2))
-        while bridgeState.withLockedValue({ $0 }) == "up", !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
-            ContinuousClock.now < acknowledgeBy
-        {
-            try? await Task.sleep(for: .milliseconds(20))
-        }
+        await waitForAcknowledgements(until: deadline)
         bridge.stop()
         broker.stop()
         return clean
+    }
+
+    /// Waits while the bridge is up and exits are unacknowledged, until `deadline`.
+    private func waitForAcknowledgements(until deadline: ContinuousClock.Instant) async {
+        while bridgeState.withLockedValue({ $0 }) == .up, !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
+            ContinuousClock.now < deadline
+        {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
     }
 
     /// Waits until every record reported its exit (output drained), or `deadline`. The waits

@@ -14,19 +14,23 @@ public final class TestProcesses: Sendable {
 
     public init() {}
 
-    /// Starts `arguments[0]` (resolved with PATH) with the given stdio fds.
+    /// Starts `arguments[0]` (resolved with PATH) with the given stdio fds (as `user`, if given).
     @discardableResult
     public func start(
         _ arguments: [String], stdin: Int32? = nil, stdout: Int32? = nil, stderr: Int32? = nil,
-        environment: [String]? = nil, directory: String? = nil
+        environment: [String]? = nil, directory: String? = nil, newSession: Bool = true, user: uid_t? = nil
     ) throws -> pid_t {
         var options = SpawnOptions(executable: arguments[0], arguments: arguments)
+        // As another user: its uid as gid too, no supplementary groups but that one.
+        if let user { options.user = (user, user, [user]) }
         if let environment { options.environment = environment }
         options.stdin = stdin
         options.stdout = stdout
         options.stderr = stderr ?? 2
         options.directory = directory
         options.parentDeathSignal = SIGKILL
+        // Its own session (a daemon under test, a container's `kill 0`, never reach the runner).
+        options.newSession = newSession
         let pid = try Spawner.spawn(options)
         pids.withLockedValue { _ = $0.insert(pid) }
         return pid
@@ -151,4 +155,19 @@ public func readFile(_ path: String) -> [UInt8]? { WholeFile.read(path) }
 
 public func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
     try WholeFile.write(path, bytes, mode: mode)
+}
+
+/// Leaves a socket file nobody listens on at `path`: bound, then its socket closed, as a
+/// crashed process leaves one.
+public func makeStaleSocket(_ path: String) {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
+    }
+    _ = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    close(fd)
 }

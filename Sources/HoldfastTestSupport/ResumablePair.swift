@@ -26,14 +26,15 @@ public final class ResumablePair: Sendable {
         beforeAccept: @escaping @Sendable (MemoryPipe) async -> Void = { _ in }
     ) {
         let tokenBytes = Array(token.utf8)
+        let secret = StreamSecret.random()
         let host = Stream(
-            token: tokenBytes, role: .host, direction: guestDirection == .send ? .receive : .send,
+            token: tokenBytes, secret: secret, role: .host, direction: guestDirection == .send ? .receive : .send,
             configuration: configuration)
         self.host = host
         let links = self.links
         let dials = self.dials
         self.guest = Stream(
-            token: tokenBytes, role: .guest, direction: guestDirection, configuration: configuration, policy: policy,
+            token: tokenBytes, secret: secret, role: .guest, direction: guestDirection, configuration: configuration, policy: policy,
             dial: {
                 let link = MemoryPipe(budget: budget())
                 links.withLockedValue { $0.append(link) }

@@ -8,101 +8,169 @@ import Glibc
 
 /// `holdfast host run/ps/kill`: clients of `holdfast host serve`'s control socket.
 public enum HostClient {
-    /// Starts a process in the guest, wires this process's stdin/stdout/stderr to its streams,
-    /// and returns its exit code once its output has been delivered.
-    public static func run(control: String, request: HostRunRequest) async throws -> Int32 {
-        let client = try await connect(control)
-        defer { client.close() }
-        let reply = try await client.request(HostMessageType.run.rawValue, body: ControlJSON.encode(request))
-        return try await wire(client, reply, tty: request.tty)
+    /// The local fds a `run`/`attach` client wires to the process (its own stdio by default).
+    public struct Stdio: Sendable {
+        public var input: Int32
+        public var output: Int32
+        public var error: Int32
+        public init(input: Int32, output: Int32, error: Int32) {
+            self.input = input
+            self.output = output
+            self.error = error
+        }
+        public static let inherited = Stdio(input: 0, output: 1, error: 2)
     }
 
-    /// Re-attaches this terminal to a process started with `host run` (whose client went away):
-    /// output produced meanwhile waited and arrives now. Returns its exit code.
-    public static func attach(control: String, id: String, tty: Bool) async throws -> Int32 {
+    /// Starts a process in the guest, wires `stdio` to its streams, and returns how it ended
+    /// once its output has been delivered: its exit, or its loss (host serve learnt that the
+    /// guest's daemon restarted, or that the process vanished). After the exit each output
+    /// stream may go `drainTimeout` without a byte before host serve ends it, so this never
+    /// waits for a stream that cannot end (an orphan holding it, a broker that died).
+    public static func run(
+        control: String, request: HostRunRequest, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited
+    ) async throws(HoldfastError) -> HostRunOutcome {
         let client = try await connect(control)
         defer { client.close() }
-        let reply = try await client.request(HostMessageType.attach.rawValue, body: ControlJSON.encode(ProcessIDRequest(id: id)))
-        return try await wire(client, reply, tty: tty)
+        let reply = try await client.request(HostRequest.run(request).frameType, body: HostRequest.run(request).body)
+        return try await wire(client, reply, tty: request.tty, drainTimeout: drainTimeout, stdio: stdio)
     }
 
-    /// Relays our stdio to the sockets of a `run`/`attach` reply until the process's exit.
-    static func wire(_ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool) async throws -> Int32 {
-        let started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+    /// Re-attaches `stdio` to a process started with `host run` (whose client went away):
+    /// output produced meanwhile waited and arrives now. Returns how it ended, like `run`.
+    public static func attach(
+        control: String, id: String, tty: Bool, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited
+    ) async throws(HoldfastError) -> HostRunOutcome {
+        let client = try await connect(control)
+        defer { client.close() }
+        let reply = try await client.request(HostRequest.attach(ProcessIDRequest(id: id)).frameType, body: HostRequest.attach(ProcessIDRequest(id: id)).body)
+        return try await wire(client, reply, tty: tty, drainTimeout: drainTimeout, stdio: stdio)
+    }
+
+    /// Relays `stdio` to the sockets of a `run`/`attach` reply until the process's outcome.
+    static func wire(
+        _ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool, drainTimeout: Duration, stdio: Stdio
+    ) async throws(HoldfastError) -> HostRunOutcome {
+        let started: HostRunResponse
+        do {
+            started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+        } catch {
+            for fd in reply.descriptors { close(fd) }
+            throw HoldfastError(.badReply, error.description)
+        }
         guard reply.descriptors.count == started.streams.count else {
             for fd in reply.descriptors { close(fd) }
-            throw ErrorBody(code: "bad-reply", message: "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
+            throw HoldfastError(.badReply, "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
         }
         var rawTerminal: termios?
-        if tty, isatty(0) != 0 {
+        if tty, isatty(stdio.input) != 0 {
             var saved = termios()
-            if tcgetattr(0, &saved) == 0 {
+            if tcgetattr(stdio.input, &saved) == 0 {
                 rawTerminal = saved
-                try? Terminal.makeRaw(fd: 0)
+                try? Terminal.makeRaw(fd: stdio.input)
             }
         }
         defer {
-            if var saved = rawTerminal { tcsetattr(0, TCSANOW, &saved) }
+            if var saved = rawTerminal { tcsetattr(stdio.input, TCSANOW, &saved) }
         }
         // Window changes follow the process: SIGWINCH → the terminal's new size → resize.
         var resizer: Task<Void, Never>?
-        if tty, isatty(0) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
+        if tty, isatty(stdio.input) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
             let id = started.id
+            let terminal = stdio.input
             resizer = Task {
                 while await winch.next() != nil {
-                    guard let size = try? Terminal.size(of: 0) else { continue }
+                    guard let size = try? Terminal.size(of: terminal) else { continue }
                     _ = try? await client.call(
-                        HostMessageType.resize.rawValue, ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns),
-                        reply: [String: String].self)
+                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
                 }
             }
         }
         defer { resizer?.cancel() }
-        var outputs: [Task<Void, Never>] = []
-        for (kind, fd) in zip(started.streams, reply.descriptors) {
-            let socket = try AsyncFD(adopting: fd)
-            switch kind {
-            case "stdin":
-                // Our stdin → the guest; not awaited: a process may exit without reading it all.
-                let input = try AsyncFD(adopting: dup(0))
-                Task {
-                    await copy(from: input, to: socket)
-                    socket.shutdownWrite()
-                    if let fd = input.detach() { close(fd) }  // detach restores blocking mode on our stdin
-                }
-            case "stdout", "stderr":
-                let output = try AsyncFD(adopting: dup(kind == "stdout" ? 1 : 2))
-                outputs.append(Task {
-                    await copy(from: socket, to: output)
-                    if let fd = output.detach() { close(fd) }
-                    socket.close()
-                })
-            default:
-                close(fd)
-            }
+        // Our stdin's file status flags: reading it through the reactor makes it non-blocking,
+        // which the terminal (shared with the shell) must not keep after we are gone.
+        let inputFlags = fcntl(stdio.input, F_GETFL)
+        var input: AsyncFD?
+        defer {
+            input?.close()
+            if inputFlags >= 0 { _ = fcntl(stdio.input, F_SETFL, inputFlags) }
         }
-        let exit = try await client.call(HostMessageType.wait.rawValue, WaitRequest(id: started.id), reply: ExitReport.self)
+        var outputs: [Task<Void, Never>] = []
+        var sockets = Array(reply.descriptors.reversed())
+        defer { for fd in sockets { close(fd) } }
+        do {
+            for kind in started.streams {
+                let fd = sockets.removeLast()
+                let socket: AsyncFD
+                do {
+                    socket = try AsyncFD(adopting: fd)
+                } catch {
+                    close(fd)
+                    throw error
+                }
+                switch kind {
+                case "stdin":
+                    // Our stdin → the guest; not awaited: a process may exit without reading it all.
+                    let source = try AsyncFD(adopting: dup(stdio.input))
+                    input = source
+                    Task {
+                        await copy(from: source, to: socket)
+                        socket.shutdownWrite()
+                        if let fd = source.detach() { close(fd) }
+                        socket.close()
+                    }
+                case "stdout", "stderr":
+                    let output = try AsyncFD(adopting: dup(kind == "stdout" ? stdio.output : stdio.error))
+                    outputs.append(Task {
+                        await copy(from: socket, to: output)
+                        if let fd = output.detach() { close(fd) }
+                        socket.close()
+                    })
+                default:
+                    socket.close()
+                }
+            }
+        } catch {
+            throw HoldfastError(.localFailed, "\(error)")
+        }
+        // host serve answers once the outcome is known and it has closed our output sockets
+        // after their last byte: what is left to copy is in the sockets, then end-of-file.
+        let milliseconds = Int(drainTimeout.components.seconds * 1000 + drainTimeout.components.attoseconds / 1_000_000_000_000_000)
+        let waited: Result<HostWaitResponse, HoldfastError>
+        do {
+            waited = .success(try await client.call(
+                HostRequest.wait(HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds)), reply: HostWaitResponse.self))
+        } catch where error.code == .channelClosed {
+            waited = .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
+        } catch {
+            waited = .failure(error)
+        }
         for output in outputs { await output.value }
-        return exit.exitCode
+        return try waited.get().outcome
     }
 
-    public static func list(control: String) async throws -> BridgeListResponse {
+    public static func list(control: String) async throws(HoldfastError) -> BridgeListResponse {
         let client = try await connect(control)
         defer { client.close() }
-        return try await client.call(HostMessageType.list.rawValue, [String: String](), reply: BridgeListResponse.self)
+        return try await client.call(HostRequest.list, reply: BridgeListResponse.self)
     }
 
-    public static func signal(control: String, id: String, signal: Int32) async throws {
+    public static func stats(control: String) async throws(HoldfastError) -> HostStats {
         let client = try await connect(control)
         defer { client.close() }
-        _ = try await client.call(HostMessageType.signal.rawValue, SignalRequest(id: id, signal: signal), reply: [String: String].self)
+        return try await client.call(HostRequest.stats, reply: HostStats.self)
     }
 
-    public static func migrate(control: String, blackout: Duration) async throws {
+    public static func signal(control: String, id: String, signal: Int32) async throws(HoldfastError) {
+        let client = try await connect(control)
+        defer { client.close() }
+        _ = try await client.call(HostRequest.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self)
+    }
+
+    public static func migrate(control: String, blackout: Duration) async throws(HoldfastError) {
         let client = try await connect(control)
         defer { client.close() }
         let milliseconds = Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000)
-        _ = try await client.call(HostMessageType.migrate.rawValue, MigrateRequest(blackoutMilliseconds: milliseconds), reply: [String: String].self)
+        _ = try await client.call(HostRequest.migrate(MigrateRequest(blackoutMilliseconds: milliseconds)), reply: [String: String].self)
     }
 
     /// `holdfast host ps` as text.
@@ -110,15 +178,15 @@ public enum HostClient {
         guard !list.processes.isEmpty else { return "no processes" }
         return StatusPrinter.table(
             ["PROCESS", "PID", "STATE", "EXIT"],
-            list.processes.map { [$0.id, String($0.pid), $0.state, $0.exitCode.map(String.init) ?? "-"] }
+            list.processes.map { [$0.id, String($0.pid), $0.state.rawValue, $0.exitCode.map(String.init) ?? "-"] }
         ).joined(separator: "\n")
     }
 
-    static func connect(_ control: String) async throws -> ControlClient {
+    static func connect(_ control: String) async throws(HoldfastError) -> ControlClient {
         do {
             return try await ControlClient.connect(to: control)
         } catch {
-            throw ErrorBody(code: "no-host-service", message: "cannot reach 'holdfast host serve' at \(control): \(error)")
+            throw HoldfastError(.noHostService, "cannot reach 'holdfast host serve' at \(control): \(error)")
         }
     }
 

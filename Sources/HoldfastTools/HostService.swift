@@ -8,69 +8,6 @@ import NIOConcurrencyHelpers
 import Glibc
 #endif
 
-/// Messages of `holdfast host serve`'s local control socket (SOCK_SEQPACKET, control frames):
-/// what `holdfast host run/ps/kill` send it.
-public enum HostMessageType: UInt32, Sendable {
-    case run = 0x2001
-    case wait = 0x2002
-    case list = 0x2003
-    case signal = 0x2004
-    case resize = 0x2005
-    case migrate = 0x2006
-    case attach = 0x2007
-}
-
-/// `host migrate`: how long nothing is accepted after every connection is dropped.
-public struct MigrateRequest: Codable, Sendable, Equatable {
-    public var blackoutMilliseconds: Int
-    public init(blackoutMilliseconds: Int) { self.blackoutMilliseconds = blackoutMilliseconds }
-}
-
-/// `host run`: what to start. The reply carries one local socket per stream (stdin, stdout,
-/// stderr, in that order, those that exist) by SCM_RIGHTS.
-public struct HostRunRequest: Codable, Sendable, Equatable {
-    public var id: String?
-    public var argv: [String]
-    public var tty: Bool
-    public var mode: StreamModeName
-    public var rows: UInt16?
-    public var columns: UInt16?
-    public var env: [String]?
-    public var cwd: String?
-    /// Raw mode: where the guest dials for each stream ("stdin", "stdout", "stderr"), so any
-    /// listener (socat) can be the host end; a stream not named is /dev/null.
-    public var rawAddresses: [String: String]?
-    /// `runc`: a container from `bundle` (argv empty), or `argv` exec'd into `container`.
-    public var runtime: RuntimeName?
-    public var bundle: String?
-    public var container: String?
-
-    public init(id: String? = nil, argv: [String], tty: Bool = false, mode: StreamModeName = .resumable,
-                rows: UInt16? = nil, columns: UInt16? = nil, env: [String]? = nil, cwd: String? = nil,
-                rawAddresses: [String: String]? = nil, runtime: RuntimeName? = nil, bundle: String? = nil,
-                container: String? = nil) {
-        self.runtime = runtime
-        self.bundle = bundle
-        self.container = container
-        self.id = id
-        self.argv = argv
-        self.tty = tty
-        self.mode = mode
-        self.rows = rows
-        self.columns = columns
-        self.env = env
-        self.cwd = cwd
-        self.rawAddresses = rawAddresses
-    }
-}
-
-public struct HostRunResponse: Codable, Sendable, Equatable {
-    public var id: String
-    public var pid: Int32
-    /// Which local sockets came with the reply, in order: "stdin", "stdout", "stderr".
-    public var streams: [String]
-}
-
 /// The defaults `holdfast host` shares with config/holdfast-dev.yaml: everything under the run
 /// directory (`$HOLDFAST_RUN_DIR`, else /tmp/holdfast).
 public enum HostDefaults {
@@ -78,29 +15,51 @@ public enum HostDefaults {
         getenv("HOLDFAST_RUN_DIR").map { String(cString: $0) } ?? "/tmp/holdfast"
     }
     public static var bridge: String { "unix:\(runDirectory)/host-bridge.sock" }
+    /// The bridge key `host serve` creates if missing; config/holdfast-dev.yaml's `bridge.key_file`.
+    public static var keyFile: String { "\(runDirectory)/bridge.key" }
     public static var streams: String { "unix:\(runDirectory)/host-streams.sock" }
     public static var control: String { "\(runDirectory)/host.sock" }
+    /// After a process's outcome is known, how long an output stream may go without a byte
+    /// before host serve ends it: the guest's own default `streams.drain_timeout`.
+    public static let drainTimeout: Duration = .seconds(30)
 }
 
 /// `holdfast host serve`: the host end for development, tests and demos. Accepts the guest's
 /// bridge and stream connections (any number of reconnections), and serves `host run/ps/kill`
-/// on a local control socket. Each stream of a process started with `host run` is handed to the
-/// `run` client as a plain local socket; the resumable protocol stays in here.
+/// on a local control socket (`HostMessageType`). Each stream of a process started with
+/// `host run` is handed to the `run` client as a plain local socket; the resumable protocol
+/// stays in here.
+///
+/// Nothing waits for what cannot come: a process's `wait` is answered with its exit once the
+/// guest reports it (its output streams then get the drain timeout of silence at most), and
+/// with a loss when a hello shows another daemon (instance id) or guest (boot id), or the
+/// daemon's process list no longer has it. A finished process is forgotten — its streams
+/// closed, their connections too — keeping only its outcome among the last
+/// `rememberedOutcomes`, so fds and memory do not grow with processes run.
 public final class HostService: Sendable {
     public let bridge: BridgeServer
     public let streams: StreamServer<AsyncFD>
     private let control: Listener
     private let streamAddress: String
     private let say: @Sendable (String) -> Void
-    private let exits = NIOLockedValueBox<(reports: [String: ExitReport], waiters: [String: [CheckedContinuation<ExitReport, Never>]])>(
-        ([:], [:]))
-    /// Per process started with `host run`: where each of its streams meets the client attached
-    /// now ("stdin", "stdout", "stderr").
-    private let outlets = NIOLockedValueBox<[String: [String: Outlet]]>([:])
+    private let listInterval: Duration
+    private let table: ProcessTable
 
-    public init(bridge: SocketAddress, streams: SocketAddress, control: String, say: @escaping @Sendable (String) -> Void) throws {
+    /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
+    public static let rememberedOutcomes = ProcessTable.rememberedOutcomes
+
+    /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
+    public init(
+        bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
+        say: @escaping @Sendable (String) -> Void
+    ) throws {
         self.say = say
-        self.bridge = try BridgeServer(listeningOn: bridge, unixMode: 0o666)
+        self.listInterval = listInterval
+        let table = ProcessTable(say: say)
+        self.table = table
+        self.bridge = try BridgeServer(
+            listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
+        ) { [table] event in table.guestSaid(event) }
         self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
         self.streamAddress = self.streams.address.description
         self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)
@@ -111,103 +70,116 @@ public final class HostService: Sendable {
         bridge.start()
         streams.start()
         say("holdfast host: bridge \(bridge.address), streams \(streams.address), control \(control.address)")
-        let hellos = Task { [bridge, say] in
-            for await hello in bridge.hellos {
-                say("guest connected: boot \(hello.bootID.prefix(8)), \(hello.processes.count) processes, \(hello.exits.count) unacknowledged exits")
-            }
-        }
-        let exitFeed = Task { [self] in
-            for await report in bridge.exits { recordExit(report) }
-        }
+        let poller = Task { await pollGuestList() }
         while !Task.isCancelled, let connection = try? await control.accept() {
             Task { await serveClient(FDChannel(connection)) }
         }
-        hellos.cancel()
-        exitFeed.cancel()
+        poller.cancel()
     }
 
     public func close() {
+        for process in table.close() { process.abandon() }
         control.close()
         bridge.close()
         streams.close()
     }
 
-    private func recordExit(_ report: ExitReport) {
-        say("process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")")
-        let waiters = exits.withLockedValue { e -> [CheckedContinuation<ExitReport, Never>] in
-            e.reports[report.id] = report
-            return e.waiters.removeValue(forKey: report.id) ?? []
-        }
-        for waiter in waiters { waiter.resume(returning: report) }
+    /// Exits seen so far, each once: the outcomes of processes started here, and the exits of
+    /// any others (the newest `rememberedOutcomes` of each).
+    public var exitsSeen: [ExitReport] { table.exitsSeen }
+
+    /// Processes started here whose outcome or output is still pending (a leak check).
+    public var processesHeld: Int { table.counts.processes }
+
+    public var stats: HostStats {
+        let counts = table.counts
+        let heap = Memory.mallocUsage()
+        return HostStats(
+            processes: counts.processes, streams: streams.statistics.streams, rememberedOutcomes: counts.outcomes,
+            rememberedExits: bridge.rememberedExits, descriptors: Self.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free)
     }
 
-    /// Exits seen so far (each once).
-    public var exitsSeen: [ExitReport] { exits.withLockedValue { Array($0.reports.values) } }
+    private static func openDescriptors() -> Int {
+        guard let directory = opendir("/proc/self/fd") else { return -1 }
+        defer { closedir(directory) }
+        var count = 0
+        while readdir(directory) != nil { count += 1 }
+        return count - 3  // ".", ".." and the directory stream's own fd
+    }
 
-    private func waitForExit(_ id: String) async -> ExitReport {
-        await withCheckedContinuation { continuation in
-            let done = exits.withLockedValue { e -> ExitReport? in
-                if let report = e.reports[id] { return report }
-                e.waiters[id, default: []].append(continuation)
-                return nil
-            }
-            if let done { continuation.resume(returning: done) }
+    /// While processes wait for an outcome, asks the guest for its process list now and then
+    /// (`ProcessTable.listed` says what a missing process means).
+    private func pollGuestList() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: listInterval)
+            let (waiting, round) = table.beginListRound()
+            guard waiting, bridge.isConnected,
+                let (list, hello) = try? await bridge.callReportingHello(.list, reply: BridgeListResponse.self, timeout: .seconds(5)),
+                (list.omittedProcesses ?? 0) == 0
+            else { continue }
+            table.listed(Set(list.processes.map(\.id)), by: GuestIdentity(hello), round: round)
         }
     }
 
+    // MARK: The control socket
+
+    /// One client of the control socket. Requests run concurrently; when the client goes, its
+    /// waits are cancelled (a process attached to and left many times keeps no waiter per
+    /// client).
     private func serveClient(_ channel: FDChannel) async {
         defer { channel.close() }
-        while let message = try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) {
-            message.closeDescriptors()
-            guard let frame = try? ControlFrame.decode(datagram: message.payload) else { return }
-            Task {
-                do throws(ErrorBody) {
-                    let (body, descriptors) = try await handle(frame)
-                    try? await channel.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: body).encoded, descriptors: descriptors)
-                    for fd in descriptors { _ = Glibc.close(fd) }  // the client has them now
-                } catch {
-                    try? await channel.send(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(error)).encoded)
-                }
-            }
+        _ = await RPCServer.serve(channel, as: HostRequest.self, inFlight: 64, cancelWhenClosed: true) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            try await handle(request)
         }
     }
 
-    private func handle(_ frame: ControlFrame) async throws(ErrorBody) -> ([UInt8], [Int32]) {
-        func decode<T: Decodable>(_: T.Type) throws(ErrorBody) -> T {
-            do {
-                return try ControlJSON.decode(T.self, from: frame.body, frameType: frame.type)
-            } catch {
-                throw ErrorBody(code: "bad-request", message: error.description)
-            }
-        }
-        switch HostMessageType(rawValue: frame.type) {
-        case .run:
-            return try await start(try decode(HostRunRequest.self))
-        case .wait:
-            return (ControlJSON.encode(await waitForExit(try decode(WaitRequest.self).id)), [])
+    private func handle(_ request: HostRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .run(let request):
+            let (body, descriptors) = try await start(request)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .wait(let request):
+            return RPCReply(try await wait(request))
         case .list:
-            return (ControlJSON.encode(try await bridge.list()), [])
-        case .signal:
-            let request = try decode(SignalRequest.self)
+            return RPCReply(try await bridge.list())
+        case .signal(let request):
             try await bridge.signal(request.id, request.signal)
-            return (ControlJSON.encode([String: String]()), [])
-        case .resize:
-            let request = try decode(ProcessResizeRequest.self)
+            return .empty
+        case .resize(let request):
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
-            return (ControlJSON.encode([String: String]()), [])
-        case .attach:
-            return try attach(try decode(ProcessIDRequest.self).id)
-        case .migrate:
-            let request = try decode(MigrateRequest.self)
+            return .empty
+        case .attach(let request):
+            let (body, descriptors) = try attach(request.id)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .stats:
+            return RPCReply(stats)
+        case .migrate(let request):
             guard (0...600_000).contains(request.blackoutMilliseconds) else {
-                throw ErrorBody(code: "bad-request", message: "blackout must be 0 to 600000 ms")
+                throw HoldfastError(.badRequest, "blackout must be 0 to 600000 ms")
             }
-            await migrate(blackout: .milliseconds(request.blackoutMilliseconds))
-            return (ControlJSON.encode([String: String]()), [])
-        default:
-            throw ErrorBody(code: "unknown-type", message: "unknown request type 0x\(String(frame.type, radix: 16))")
+            // Unstructured: a client that goes away mid-blackout does not cut it short.
+            await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value
+            return .empty
         }
     }
+
+    private func wait(_ request: HostWaitRequest) async throws(HoldfastError) -> HostWaitResponse {
+        if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
+            throw HoldfastError(.badRequest, "the drain timeout must be 0 to 86400000 ms")
+        }
+        guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
+        guard let process else {
+            if let known { return known }
+            throw HoldfastError(.noSuchProcess, "no process '\(request.id)' started by this host serve")
+        }
+        if let milliseconds = request.drainTimeoutMilliseconds {
+            process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
+        }
+        guard let outcome = await process.waitForOutcome() else { throw Self.closing }
+        return outcome
+    }
+
+    private static let closing = HoldfastError(.closing, "host serve is closing")
 
     /// What a live migration looks like to the guest: the bridge and every stream connection
     /// drop at once, and nothing is accepted for `blackout`.
@@ -222,13 +194,13 @@ public final class HostService: Sendable {
         say("--- migration done: accepting again ---")
     }
 
+    // MARK: Starting and attaching
+
     /// Opens the process's streams here, creates it in the guest, and returns one local socket
     /// per stream for the client.
-    private func start(_ request: HostRunRequest) async throws(ErrorBody) -> ([UInt8], [Int32]) {
+    private func start(_ request: HostRunRequest) async throws(HoldfastError) -> ([UInt8], [Int32]) {
         let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
         var kinds = request.tty ? ["stdin", "stdout"] : ["stdin", "stdout", "stderr"]
-        var local: [Int32] = []
-        var relays: [Task<Void, Never>] = []
         var specs: [String: StreamSpec] = [:]
         if request.mode == .raw {
             // Raw streams go straight to the listeners named; nothing is relayed here.
@@ -237,69 +209,106 @@ public final class HostService: Sendable {
             }
             kinds = []
         }
-        do {
-            var processOutlets: [String: Outlet] = [:]
+        if table.isTaken(id) { throw HoldfastError(.processExists, "host serve already runs a process '\(id)'") }
+
+        var input: InputRelay?
+        var outputs: [OutputRelay] = []
+        do throws(StreamServerError) {
             for kind in kinds {
-                let pair = try Self.streamPair()
-                local.append(pair.theirs)
-                let token = "\(id)-\(kind)"
-                let outlet = Outlet()
-                outlet.attach(try AsyncFD(adopting: pair.ours))
-                processOutlets[kind] = outlet
+                let token = Array("\(id)-\(kind)".utf8)
                 if kind == "stdin" {
-                    let stream = streams.open(token: Array(token.utf8), direction: .send)
-                    relays.append(Task { await Self.pump(from: outlet, to: stream) })
+                    let relay = try InputRelay(token: token, server: streams)
+                    input = relay
+                    specs[kind] = relay.stream.streamSpec(at: streamAddress)
                 } else {
-                    let stream = streams.open(token: Array(token.utf8), direction: .receive)
-                    relays.append(Task { await Self.pump(from: stream, to: outlet) })
+                    let relay = try OutputRelay(kind: kind, token: token, server: streams)
+                    outputs.append(relay)
+                    specs[kind] = relay.stream.streamSpec(at: streamAddress)
                 }
-                specs[kind] = StreamSpec(address: streamAddress, mode: request.mode, token: request.mode == .resumable ? token : nil)
             }
-            if !processOutlets.isEmpty { outlets.withLockedValue { $0[id] = processOutlets } }
         } catch {
-            for fd in local { _ = Glibc.close(fd) }
-            for relay in relays { relay.cancel() }
-            throw ErrorBody(code: "local-failed", message: "\(error)")
+            input?.close()
+            for output in outputs { output.discard() }
+            throw HoldfastError(.processExists, "host serve already has a stream of a process '\(id)': \(error)")
         }
+        let process = HostedProcess(id: id, outputs: outputs, input: input, drainTimeout: HostDefaults.drainTimeout)
+        let local: [Int32]
+        do {
+            local = try connectClient(to: kinds.compactMap { process.outlets[$0] })
+        } catch {
+            input?.close()
+            for output in outputs { output.discard() }
+            throw error
+        }
+        guard table.register(process) else {
+            for fd in local { _ = Glibc.close(fd) }
+            input?.close()
+            for output in outputs { output.discard() }
+            throw HoldfastError(.processExists, "host serve already runs a process '\(id)'")
+        }
+        if let input { Task { await input.run() } }
+        for output in outputs {
+            Task { [table] in
+                await output.run(endEchoTimeout: { process.state.withLockedValue { $0.drainTimeout } }) {
+                    table.outputFinished(process)
+                }
+            }
+        }
+
         let spec = ProcessSpec(
             id: id, argv: request.argv, env: request.env, cwd: request.cwd, tty: request.tty, rows: request.rows,
             columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
             runtime: request.runtime, bundle: request.bundle, container: request.container)
-        let pid: Int32
+        let created: BridgeServer.CreatedProcess
         do {
-            pid = try await bridge.create(spec)
+            created = try await bridge.createProcess(spec)
         } catch {
             for fd in local { _ = Glibc.close(fd) }
-            for relay in relays { relay.cancel() }
-            for kind in kinds { streams.close(token: Array("\(id)-\(kind)".utf8)) }
+            table.unregister(process)
+            process.abandon()
             throw error
         }
-        say("process \(id) started in the guest: pid \(pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")")
-        return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds)), local)
+        // Which daemon runs it; if another one said hello meanwhile, it is already gone.
+        table.created(process, by: GuestIdentity(created.hello))
+        say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")")
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: kinds)), local)
     }
 
     /// `host attach`: new local sockets for a process's streams; the previous client's are
-    /// closed. Output produced while no client was attached waited for this one.
-    private func attach(_ id: String) throws(ErrorBody) -> ([UInt8], [Int32]) {
-        guard let processOutlets = outlets.withLockedValue({ $0[id] }) else {
-            throw ErrorBody(code: "no-such-process", message: "no process '\(id)' started by this host serve")
+    /// closed. Output produced while no client was attached waited for this one. A process
+    /// already finished gets no sockets; its `wait` answers at once.
+    private func attach(_ id: String) throws(HoldfastError) -> ([UInt8], [Int32]) {
+        guard let (process, known) = table.lookup(id) else { throw Self.closing }
+        guard let process else {
+            if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
+            throw HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve")
         }
-        var kinds: [String] = []
-        var local: [Int32] = []
-        for kind in ["stdin", "stdout", "stderr"] {
-            guard let outlet = processOutlets[kind], !outlet.isClosed else { continue }
-            do {
-                let pair = try Self.streamPair()
-                outlet.attach(try AsyncFD(adopting: pair.ours))
-                local.append(pair.theirs)
-                kinds.append(kind)
-            } catch {
-                for fd in local { _ = Glibc.close(fd) }
-                throw ErrorBody(code: "local-failed", message: "\(error)")
-            }
-        }
+        let outlets = process.outlets
+        let kinds = ["stdin", "stdout", "stderr"].filter { outlets[$0].map { !$0.isClosed } ?? false }
+        let local = try connectClient(to: kinds.compactMap { outlets[$0] })
         say("process \(id): client attached (\(kinds.joined(separator: ", ")))")
         return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: kinds)), local)
+    }
+
+    /// A socket pair per outlet: ours attached to the outlet, theirs returned for the client.
+    private func connectClient(to outlets: [Outlet]) throws(HoldfastError) -> [Int32] {
+        var local: [Int32] = []
+        for outlet in outlets {
+            do {
+                let pair = try Self.streamPair()
+                local.append(pair.theirs)
+                do {
+                    outlet.attach(try AsyncFD(adopting: pair.ours))
+                } catch {
+                    _ = Glibc.close(pair.ours)
+                    throw error
+                }
+            } catch {
+                for fd in local { _ = Glibc.close(fd) }
+                throw HoldfastError(.localFailed, "\(error)")
+            }
+        }
+        return local
     }
 
     static func streamPair() throws -> (ours: Int32, theirs: Int32) {
@@ -308,118 +317,5 @@ public final class HostService: Sendable {
             throw SystemError.last("socketpair")
         }
         return (fds[0], fds[1])
-    }
-
-    /// Guest output → the attached client. A client that goes away does not lose the output:
-    /// the chunk waits for the next `attach`. The end of the stream closes the client's socket.
-    static func pump(from stream: some InboundStream, to outlet: Outlet) async {
-        defer { outlet.close() }
-        for await chunk in stream.chunks() {
-            while true {
-                guard let socket = await outlet.current() else { return }
-                do {
-                    try await chunk.withUnsafeBytesAsync { try await socket.writeAll($0) }
-                    break
-                } catch {
-                    outlet.detach(socket)
-                }
-            }
-        }
-    }
-
-    /// The attached client's input → guest stdin. Its end-of-file is the explicit end of stdin.
-    static func pump(from outlet: Outlet, to stream: some OutboundStream) async {
-        defer { outlet.close() }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
-        defer { buffer.deallocate() }
-        while let socket = await outlet.current() {
-            let count: Int
-            do {
-                count = try await socket.read(into: buffer)
-            } catch {
-                outlet.detach(socket)  // replaced by a newer client: read from that one
-                continue
-            }
-            if count == 0 { break }
-            do {
-                try await stream.send(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
-            } catch {
-                return
-            }
-        }
-        _ = await stream.finish()
-    }
-}
-
-/// Where one stream of a `host run` process meets the client attached now. With no client, the
-/// stream's relay waits here (a suspended task).
-final class Outlet: Sendable {
-    private let state = NIOLockedValueBox<(socket: AsyncFD?, waiters: [CheckedContinuation<AsyncFD?, Never>], closed: Bool)>((nil, [], false))
-
-    var isClosed: Bool { state.withLockedValue { $0.closed } }
-
-    /// The attached client's socket, waiting for one; nil once closed.
-    func current() async -> AsyncFD? {
-        await withCheckedContinuation { continuation in
-            let ready = state.withLockedValue { s -> AsyncFD?? in
-                if s.closed { return .some(nil) }
-                if let socket = s.socket { return .some(socket) }
-                s.waiters.append(continuation)
-                return .none
-            }
-            if let ready { continuation.resume(returning: ready) }
-        }
-    }
-
-    /// A new client: the previous one's socket is closed.
-    func attach(_ socket: AsyncFD) {
-        let (previous, waiters, rejected) = state.withLockedValue { s -> (AsyncFD?, [CheckedContinuation<AsyncFD?, Never>], Bool) in
-            if s.closed { return (nil, [], true) }
-            let previous = s.socket
-            s.socket = socket
-            defer { s.waiters.removeAll() }
-            return (previous, s.waiters, false)
-        }
-        if rejected { socket.close() }
-        previous?.close()
-        for waiter in waiters { waiter.resume(returning: socket) }
-    }
-
-    /// The client on `socket` is gone.
-    func detach(_ socket: AsyncFD) {
-        let gone = state.withLockedValue { s -> Bool in
-            guard s.socket === socket else { return false }
-            s.socket = nil
-            return true
-        }
-        if gone { socket.close() }
-    }
-
-    func close() {
-        let (socket, waiters) = state.withLockedValue { s -> (AsyncFD?, [CheckedContinuation<AsyncFD?, Never>]) in
-            s.closed = true
-            defer {
-                s.socket = nil
-                s.waiters.removeAll()
-            }
-            return (s.socket, s.waiters)
-        }
-        socket?.close()
-        for waiter in waiters { waiter.resume(returning: nil) }
-    }
-}
-
-extension Array where Element == UInt8 {
-    func withUnsafeBytesAsync(_ body: (UnsafeRawBufferPointer) async throws -> Void) async throws {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Swift.max(count, 1), alignment: 1)
-        defer { buffer.deallocate() }
-        buffer.copyBytes(from: self)
-        try await body(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
-    }
-}
-
-extension AsyncFD {
-    func writeAll(_ bytes: UnsafeRawBufferPointer) async throws {
-        try await write(bytes)
     }
 }

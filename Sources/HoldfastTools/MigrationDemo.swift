@@ -30,15 +30,17 @@ public enum MigrationDemo {
         executable: String, say: @escaping @Sendable (String) -> Void
     ) async throws -> Verdict {
         guard geteuid() == 0 else {
-            throw ErrorBody(code: "needs-root", message: "the demo starts the daemon, which needs root (its broker drops to the user 'nobody'): run it as root, e.g. sudo make demo")
+            throw HoldfastError(.needsRoot, "the demo starts the daemon, which needs root (its broker runs as a uid of its own): run it as root, e.g. sudo make demo")
         }
         let directory = try makeTemporaryDirectory("holdfast-demo")
-        chmod(directory, 0o755)  // the broker, as 'nobody', dials the sockets in here
+        chmod(directory, 0o755)  // the broker, unprivileged, dials the sockets in here
         defer { FileTree.remove(directory) }
 
+        // The VM's bridge key, as a host agent provisions it: written before the guest starts.
+        let key = try BridgeKeyFile.loadOrCreate(directory + "/bridge.key").key
         let service = try HostService(
-            bridge: .unix(path: directory + "/host-bridge.sock"), streams: .unix(path: directory + "/host-streams.sock"),
-            control: directory + "/host.sock"
+            bridge: .unix(path: directory + "/host-bridge.sock"), bridgeKey: key,
+            streams: .unix(path: directory + "/host-streams.sock"), control: directory + "/host.sock"
         ) { line in
             if line.hasPrefix("---") { say(line) }
         }
@@ -50,10 +52,11 @@ public enum MigrationDemo {
             run_directory: \(directory)
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              key_file: "{run}/bridge.key"
               reconnect_initial: 20ms
               reconnect_max: 200ms
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
             streams:
               redial_interval: 20ms
               redial_attempts: 500
@@ -100,11 +103,11 @@ public enum MigrationDemo {
         say("demo: daemon pid \(daemon), host peer on Unix sockets in \(directory)")
         guard await service.bridge.waitForGuest(timeout: .seconds(20)) else {
             let tail = String(decoding: (WholeFile.read(directory + "/daemon.log") ?? []).suffix(2000), as: UTF8.self)
-            throw ErrorBody(code: "no-guest", message: "the daemon never dialed the bridge; its log:\n\(tail)")
+            throw HoldfastError(.noGuest, "the daemon never dialed the bridge; its log:\n\(tail)")
         }
         say("demo: guest connected over the bridge")
 
-        let stream = service.streams.open(token: Array("heartbeat-stdout".utf8), direction: .receive)
+        let stream = try service.streams.open(token: Array("heartbeat-stdout".utf8), direction: .receive)
         let received = NIOLockedValueBox<[Int]>([])
         let reader = Task {
             var pending: [UInt8] = []
@@ -122,7 +125,7 @@ public enum MigrationDemo {
         _ = try await service.bridge.create(ProcessSpec(
             id: "heartbeat",
             argv: ["sh", "-c", "i=0; while [ $i -lt \(beats) ]; do i=$((i+1)); echo \"heartbeat $i\"; sleep \(seconds); done"],
-            stdout: StreamSpec(address: service.streams.address.description, mode: .resumable, token: "heartbeat-stdout")))
+            stdout: stream.streamSpec(at: service.streams.address.description)))
         say("demo: heartbeat started in the guest: a line every \(interval), \(migrations) migrations with \(blackout) blackouts")
         let total = interval * beats
         for _ in 1...migrations {

@@ -20,17 +20,20 @@ public enum PipeRelay {
         public var destination: SocketAddress
         public var mode: StreamMode
         public var token: String
+        /// Resumable mode: the stream's secret (the receiver's `--secret-file`).
+        public var secret: StreamSecret?
         public var policy: RedialPolicy
         public var bufferSize: Int
         public var pipeCapacity: Int?
 
         public init(
-            destination: SocketAddress, mode: StreamMode = .raw, token: String = "stdin", policy: RedialPolicy = .default,
-            bufferSize: Int = 128 * 1024, pipeCapacity: Int? = nil
+            destination: SocketAddress, mode: StreamMode = .raw, token: String = "stdin", secret: StreamSecret? = nil,
+            policy: RedialPolicy = .default, bufferSize: Int = 128 * 1024, pipeCapacity: Int? = nil
         ) {
             self.destination = destination
             self.mode = mode
             self.token = token
+            self.secret = secret
             self.policy = policy
             self.bufferSize = bufferSize
             self.pipeCapacity = pipeCapacity
@@ -56,8 +59,9 @@ public enum PipeRelay {
             slot.disconnect()  // starts the first dial
             return await Relay.output(from: source, to: slot, pool: pool)
         case .resumable:
+            guard let secret = options.secret else { throw SecretFile.Failure.missing("--secret-file") }
             let stream = GuestStreams.resumable(
-                to: options.destination, token: Array(options.token.utf8), direction: .send, policy: options.policy)
+                to: options.destination, token: Array(options.token.utf8), secret: secret, direction: .send, policy: options.policy)
             stream.slot.disconnect()
             return await Relay.output(from: source, to: stream, pool: pool)
         }
@@ -70,15 +74,18 @@ public enum StreamReceiver {
     /// (0: keep accepting forever). Returns the byte count.
     /// With `discard`, received bytes are only counted (for measuring the transport alone).
     public static func run(
-        listen address: SocketAddress, mode: StreamMode, token: String, connections: Int = 1, discard: Bool = false
+        listen address: SocketAddress, mode: StreamMode, token: String, secret: StreamSecret? = nil, connections: Int = 1,
+        discard: Bool = false
     ) async throws -> UInt64 {
         try await withTaskExecutorPreference(Reactor.shared) {
-            try await receive(listen: address, mode: mode, token: token, connections: connections, discard: discard)
+            try await receive(
+                listen: address, mode: mode, token: token, secret: secret, connections: connections, discard: discard)
         }
     }
 
     private static func receive(
-        listen address: SocketAddress, mode: StreamMode, token: String, connections: Int, discard: Bool
+        listen address: SocketAddress, mode: StreamMode, token: String, secret: StreamSecret?, connections: Int,
+        discard: Bool
     ) async throws -> UInt64 {
         let output = dup(1)
         guard output >= 0 else { throw SystemError.last("dup(stdout)") }
@@ -89,7 +96,8 @@ public enum StreamReceiver {
         case .resumable:
             let server = try StreamServer(listeningOn: address)
             defer { server.close() }
-            let stream = server.open(token: Array(token.utf8), direction: .receive)
+            guard let secret else { throw SecretFile.Failure.missing("--secret-file") }
+            let stream = try server.open(token: Array(token.utf8), direction: .receive, secret: secret)
             server.start()
             let report = await Relay.input(from: stream, to: AnyWriter(sink), pool: BufferPool(bufferSize: 256 * 1024, retained: 2))
             _ = await stream.waitEndEchoed(timeout: .seconds(5))

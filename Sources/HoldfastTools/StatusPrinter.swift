@@ -17,17 +17,31 @@ public enum StatusPrinter {
     public static func fetch(socket: String) async throws -> StatusReport {
         let client = try await ControlClient.connect(to: socket)
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     public static func render(_ report: StatusReport, colour: Bool) -> String {
         func paint(_ text: String, _ code: String) -> String { colour ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text }
-        func state(_ text: String) -> String {
-            switch text {
-            case "connected", "up", "running": return paint(text, "32")
-            case "parked", "exited": return paint(text, "33")
-            case "down", "abandoned": return paint(text, "31")
-            default: return text
+        // Green for working, yellow for waiting, red for lost.
+        func state(_ bridge: BridgeState) -> String {
+            switch bridge {
+            case .up: return paint(bridge.rawValue, "32")
+            case .down: return paint(bridge.rawValue, "31")
+            }
+        }
+        func state(_ process: ProcessState) -> String {
+            switch process {
+            case .running: return paint(process.rawValue, "32")
+            case .exited: return paint(process.rawValue, "33")
+            case .starting, .done: return process.rawValue
+            }
+        }
+        func state(_ stream: StreamState) -> String {
+            switch stream {
+            case .connected: return paint(stream.rawValue, "32")
+            case .parked: return paint(stream.rawValue, "33")
+            case .abandoned: return paint(stream.rawValue, "31")
+            case .closed: return stream.rawValue
             }
         }
         var lines = [
@@ -97,37 +111,5 @@ public enum StatusPrinter {
             unit += 1
         }
         return unit == 0 ? "\(count) B" : "\((value * 10).rounded() / 10) \(units[unit])"
-    }
-}
-
-/// `holdfast seccomp-probe`: loads the broker's seccomp profile into this process, then tries
-/// one forbidden (or allowed) operation, so tests can show what the profile does.
-public enum SeccompProbe {
-    public enum Attempt: String, CaseIterable, Sendable {
-        case execve, fork, ptrace, openWrite = "open-write", openRead = "open-read", socketUnix = "socket-unix"
-    }
-
-    /// Returns the process exit code: 0 when the operation succeeded, 1 when it was refused
-    /// with an error. A killed probe never returns (SIGSYS).
-    public static func run(_ attempt: Attempt, action: SeccompAction) throws -> Int32 {
-        try SeccompProfile.applyBrokerProfile(action: action)
-        let result: Int32
-        switch attempt {
-        case .execve:
-            result = execv("/bin/true", [strdup("true"), nil])
-        case .fork:
-            let pid = fork()
-            if pid == 0 { _exit(0) }
-            result = pid > 0 ? 0 : -1
-        case .ptrace:
-            result = Int32(truncatingIfNeeded: hf_ptrace_attach(getppid()))
-        case .openWrite:
-            result = open("/tmp/holdfast-seccomp-probe", O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-        case .openRead:
-            result = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
-        case .socketUnix:
-            result = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        }
-        return result >= 0 ? 0 : 1
     }
 }

@@ -76,6 +76,12 @@ func format3(_ value: Double) -> String {
     return String(scaled)
 }
 
+/// The secret of the idle benchmark's stream `index`: its host end runs in another process, and
+/// both compute the same one (a benchmark's, not a secret).
+func benchSecret(_ index: Int) -> StreamSecret {
+    try! StreamSecret(bytes: (0..<32).map { UInt8(truncatingIfNeeded: index >> (8 * ($0 % 8))) ^ UInt8($0) })
+}
+
 func raiseDescriptorLimit() {
     var limit = rlimit()
     getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
@@ -126,7 +132,7 @@ struct IdleStreams: AsyncParsableCommand {
         for index in 0..<count {
             let pipe = try PipeEnds.make()
             let stream = GuestStreams.resumable(
-                to: address, token: Array("s\(index)".utf8), direction: .send, policy: policy,
+                to: address, token: Array("s\(index)".utf8), secret: benchSecret(index), direction: .send, policy: policy,
                 observer: { event in
                     if case .disconnected(let reason) = event { reasons.withLockedValue { $0[reason.rawValue, default: 0] += 1 } }
                 })
@@ -198,8 +204,8 @@ struct IdleHost: AsyncParsableCommand {
         var drains: [Task<Void, Never>] = []
         let reasons = NIOLockedValueBox<[String: Int]>([:])
         for index in 0..<count {
-            let stream = server.open(
-                token: Array("s\(index)".utf8), direction: .receive,
+            let stream = try server.open(
+                token: Array("s\(index)".utf8), direction: .receive, secret: benchSecret(index),
                 observer: { event in
                     if case .disconnected(let reason) = event { reasons.withLockedValue { $0[reason.rawValue, default: 0] += 1 } }
                 })

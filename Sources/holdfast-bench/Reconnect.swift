@@ -38,7 +38,7 @@ struct Reconnect: AsyncParsableCommand {
         let policy = RedialPolicy(attempts: 1_000_000, interval: .seconds(10), connectTimeout: .seconds(5))
         for index in 0..<streams {
             let token = Array("s\(index)".utf8)
-            let host = server.open(token: token, direction: .receive)
+            let host = try server.open(token: token, direction: .receive)
             tasks.append(Task {
                 for await _ in host.chunks() {
                     let now = ContinuousClock.now
@@ -47,7 +47,7 @@ struct Reconnect: AsyncParsableCommand {
                     }
                 }
             })
-            let guest = GuestStreams.resumable(to: server.address, token: token, direction: .send, policy: policy)
+            let guest = GuestStreams.resumable(to: server.address, token: token, secret: host.secret, direction: .send, policy: policy)
             guest.redialNow()
             guests.append(guest)
             tasks.append(Task { [every] in

@@ -23,7 +23,7 @@ struct Scale: AsyncParsableCommand {
 
     func run() async throws {
         guard geteuid() == 0 else {
-            print("holdfast-bench scale needs root (the daemon's broker runs as 'nobody')")
+            print("holdfast-bench scale needs root (the daemon's broker runs as a uid of its own)")
             throw ExitCode(2)
         }
         raiseDescriptorLimit()
@@ -35,7 +35,8 @@ struct Scale: AsyncParsableCommand {
         let streams = try StreamServer(
             listeningOn: .unix(path: directory + "/streams.sock"), unixMode: 0o666, maxConcurrentHandshakes: 8192)
         streams.start()
-        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/bridge.sock"), unixMode: 0o666)
+        let key = try BridgeKeyFile.loadOrCreate(directory + "/bridge.key").key
+        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/bridge.sock"), authentication: .key(key), unixMode: 0o666)
         bridge.start()
         defer {
             streams.close()
@@ -45,8 +46,9 @@ struct Scale: AsyncParsableCommand {
             run_directory: \(directory)
             bridge:
               address: "unix:{run}/bridge.sock"
+              key_file: "{run}/bridge.key"
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
             streams:
               redial_attempts: 600
               redial_interval: 100ms
@@ -76,10 +78,10 @@ struct Scale: AsyncParsableCommand {
         }
         guard let control else { throw ValidationError("the daemon did not start; see \(directory)/daemon.log") }
         defer { control.close() }
-        var report = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
-        while report.roles.contains(where: { $0.pid == nil }) || report.bridge != "up" {
+        var report = try await control.call(SupervisorRequest.status, reply: StatusReport.self)
+        while report.roles.contains(where: { $0.pid == nil }) || report.bridge != .up {
             try await Task.sleep(for: .milliseconds(50))
-            report = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+            report = try await control.call(SupervisorRequest.status, reply: StatusReport.self)
         }
         guard let brokerPID = report.roles.first(where: { $0.name == "broker" })?.pid else { throw ValidationError("no broker") }
         let address = "unix:" + directory + "/streams.sock"
@@ -90,18 +92,18 @@ struct Scale: AsyncParsableCommand {
         let started = ContinuousClock.now
         for index in 0..<idle {
             let id = "idle\(index)"
-            for kind in ["out", "err"] { _ = streams.open(token: Array("\(id)-\(kind)".utf8), direction: .receive) }
-            _ = streams.open(token: Array("\(id)-in".utf8), direction: .send)
+            let out = try streams.open(token: Array("\(id)-out".utf8), direction: .receive)
+            let err = try streams.open(token: Array("\(id)-err".utf8), direction: .receive)
+            let input = try streams.open(token: Array("\(id)-in".utf8), direction: .send)
             _ = try await control.call(
-                SupervisorMessageType.launch.rawValue,
-                ProcessSpec(
-                    id: id, argv: ["sleep", "3600"], stdin: StreamSpec(address: address, token: "\(id)-in"),
-                    stdout: StreamSpec(address: address, token: "\(id)-out"), stderr: StreamSpec(address: address, token: "\(id)-err")),
+                SupervisorRequest.launch(ProcessSpec(
+                    id: id, argv: ["sleep", "3600"], stdin: input.streamSpec(at: address),
+                    stdout: out.streamSpec(at: address), stderr: err.streamSpec(at: address))),
                 reply: LaunchResponse.self)
         }
         let launched = ContinuousClock.now - started
         while true {
-            let list = try await control.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+            let list = try await control.call(SupervisorRequest.status, reply: StatusReport.self)
             let states = list.streamStates ?? [:]
             if states["connected", default: 0] >= idle * 3 { break }
             if ContinuousClock.now - started > .seconds(300) {
@@ -114,11 +116,13 @@ struct Scale: AsyncParsableCommand {
         // The busy ones, all at once: each writes `bytes` to stdout as fast as it can.
         let finish = NIOLockedValueBox<[(first: ContinuousClock.Instant, last: ContinuousClock.Instant, bytes: Int)]>([])
         var consumers: [Task<Void, Never>] = []
+        var specs: [(stdin: StreamSpec, stdout: StreamSpec, stderr: StreamSpec)] = []
         for index in 0..<busy {
             let id = "busy\(index)"
-            let output = streams.open(token: Array("\(id)-out".utf8), direction: .receive)
-            _ = streams.open(token: Array("\(id)-err".utf8), direction: .receive)
-            _ = streams.open(token: Array("\(id)-in".utf8), direction: .send)
+            let output = try streams.open(token: Array("\(id)-out".utf8), direction: .receive)
+            let err = try streams.open(token: Array("\(id)-err".utf8), direction: .receive)
+            let input = try streams.open(token: Array("\(id)-in".utf8), direction: .send)
+            specs.append((input.streamSpec(at: address), output.streamSpec(at: address), err.streamSpec(at: address)))
             consumers.append(Task {
                 var first: ContinuousClock.Instant?
                 var total = 0
@@ -135,10 +139,9 @@ struct Scale: AsyncParsableCommand {
         for index in 0..<busy {
             let id = "busy\(index)"
             _ = try await control.call(
-                SupervisorMessageType.launch.rawValue,
-                ProcessSpec(
-                    id: id, argv: ["head", "-c", String(bytes), "/dev/zero"], stdin: StreamSpec(address: address, token: "\(id)-in"),
-                    stdout: StreamSpec(address: address, token: "\(id)-out"), stderr: StreamSpec(address: address, token: "\(id)-err")),
+                SupervisorRequest.launch(ProcessSpec(
+                    id: id, argv: ["head", "-c", String(bytes), "/dev/zero"], stdin: specs[index].stdin,
+                    stdout: specs[index].stdout, stderr: specs[index].stderr)),
                 reply: LaunchResponse.self)
         }
         for consumer in consumers { await consumer.value }

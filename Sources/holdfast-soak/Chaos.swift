@@ -14,6 +14,9 @@ struct ChaosSettings: Sendable {
     /// The bridge worker is killed with SIGKILL every this many seconds (random in the range);
     /// nil: never.
     var killEverySeconds: ClosedRange<Int>?
+    /// The broker is stopped (SIGSTOP) for a random 50–500 ms, then continued, every this many
+    /// seconds (random in the range); nil: never.
+    var brokerStopEverySeconds: ClosedRange<Int>?
 }
 
 /// Migrations on a fixed period with random blackouts, and SIGKILLs of the bridge worker at
@@ -32,6 +35,18 @@ enum Chaos {
         var nextKill = settings.killEverySeconds.map {
             ContinuousClock.now + .milliseconds(Int.random(in: 1000...max(1000, min($0.lowerBound, phase / 4) * 1000), using: &rng))
         }
+        let stops = settings.brokerStopEverySeconds.map { range in
+            Task { [rng] in
+                var rng = rng
+                _ = rng.next()
+                while true {
+                    try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
+                    guard ContinuousClock.now + .seconds(2) < end else { return }
+                    await stopBroker(for: .milliseconds(Int.random(in: 50...500, using: &rng)), host: host, daemon: daemon)
+                }
+            }
+        }
+        defer { stops?.cancel() }
         var cycle = ContinuousClock.now
         while cycle < end {
             let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
@@ -77,6 +92,20 @@ enum Chaos {
         kill(pid, SIGKILL)
         let now = ContinuousClock.now
         host.ledger.update { $0.kills.append(now) }
+    }
+}
+
+extension Chaos {
+    /// What an operator's Ctrl-Z, a debugger or a cgroup freeze does to the broker: SIGSTOP,
+    /// a pause, SIGCONT. Every stream must carry on, nothing restarted.
+    static func stopBroker(for pause: Duration, host: Host, daemon: Daemon) async {
+        guard let status = try? await daemon.status(timeout: .seconds(10)),
+            let pid = status.roles.first(where: { $0.name == "broker" })?.pid
+        else { return }
+        kill(pid, SIGSTOP)
+        try? await Task.sleep(for: pause)
+        kill(pid, SIGCONT)
+        host.ledger.update { $0.brokerStops += 1 }
     }
 }
 

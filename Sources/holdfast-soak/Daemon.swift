@@ -9,13 +9,14 @@ import Glibc
 
 /// A real `holdfast daemon` in a private run directory, as `holdfast demo` and the daemon
 /// tests start one: a temp config pointing the bridge at the in-process host, the broker as
-/// `nobody`. Ended by pid.
+/// an unused uid of its own (`ReservedUIDs`). Ended by pid.
 struct Daemon: Sendable {
     let pid: pid_t
     let directory: String
     var controlSocket: String { directory + "/control.sock" }
     var logPath: String { directory + "/daemon.log" }
 
+    /// The bridge key must be in `directory` already (`Host` writes it).
     static func start(executable: String, directory: String) throws -> Daemon {
         // HOLDFAST_SOAK_SECCOMP=log lets a heap profiler attach to the broker (RELIABILITY.md).
         let seccomp = getenv("HOLDFAST_SOAK_SECCOMP").map { String(cString: $0) } ?? "kill"
@@ -29,8 +30,9 @@ struct Daemon: Sendable {
               drain_timeout: 300s
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              key_file: "{run}/bridge.key"
             broker:
-              user: nobody
+              user: "uid:\(ReservedUIDs.unused())"
               seccomp: \(seccomp)
             shutdown:
               grace: 2s
@@ -61,7 +63,7 @@ struct Daemon: Sendable {
             timer.cancel()
             client.close()
         }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     /// SIGTERM, then a bounded wait for the graceful shutdown; SIGKILL if it overruns

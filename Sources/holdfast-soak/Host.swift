@@ -20,7 +20,9 @@ final class Host: Sendable {
     private let liveCount = NIOLockedValueBox(0)
 
     init(directory: String) throws {
-        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/host-bridge.sock"), unixMode: 0o666)
+        // The VM's bridge key, written before the daemon starts (its config names the file).
+        let key = try BridgeKeyFile.loadOrCreate(directory + "/bridge.key").key
+        let bridge = try BridgeServer(listeningOn: .unix(path: directory + "/host-bridge.sock"), authentication: .key(key), unixMode: 0o666)
         let streams = try StreamServer(listeningOn: .unix(path: directory + "/streams.sock"), unixMode: 0o666)
         self.bridge = bridge
         self.streams = streams
@@ -33,9 +35,10 @@ final class Host: Sendable {
     var streamAddress: String { streams.address.description }
 
     /// Opens a host stream whose connects and disconnects are tracked.
-    func open(_ token: String, _ direction: StreamDirection) -> ResumableStream<AsyncFD> {
+    /// Tokens are unique per process id, and ids are never reused in a soak.
+    func open(_ token: String, _ direction: StreamDirection) throws -> ResumableStream<AsyncFD> {
         let reconnects = reconnects
-        return streams.open(token: Array(token.utf8), direction: direction, observer: { event in reconnects.event(token, event) })
+        return try streams.open(token: Array(token.utf8), direction: direction, observer: { event in reconnects.event(token, event) })
     }
 
     func close(_ token: String) { streams.close(token: Array(token.utf8)) }
@@ -228,6 +231,7 @@ final class Ledger: Sendable {
         var blackoutTotal: Duration = .zero
         var migrationEnds: [ContinuousClock.Instant] = []
         var kills: [ContinuousClock.Instant] = []
+        var brokerStops = 0
         var failureCount = 0
         var failures: [String] = []
     }

@@ -20,7 +20,7 @@ struct Soak: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "holdfast-soak",
         abstract: "Soak a real holdfast daemon: churning processes, migrations, bridge kills; check every byte and exit.",
-        discussion: "Needs root: the daemon's broker drops to the user 'nobody'. See RELIABILITY.md.")
+        discussion: "Needs root: the daemon's broker runs as a uid of its own. See RELIABILITY.md.")
 
     @Option(help: "Minutes of soak after the warm-up.") var minutes: Double = 2
     @Option(
@@ -36,6 +36,8 @@ struct Soak: AsyncParsableCommand {
     @Option(help: "Longest blackout, milliseconds.") var blackoutMax = 1500
     @Option(help: "Shortest time between bridge worker kills, seconds (0: no kills).") var killMin = 15
     @Option(help: "Longest time between bridge worker kills, seconds.") var killMax = 45
+    @Option(help: "Shortest time between stops (SIGSTOP, 50–500 ms, SIGCONT) of the broker, seconds (0: none).") var stopMin = 5
+    @Option(help: "Longest time between stops of the broker, seconds.") var stopMax = 15
     @Option(help: "RSS may grow by this many percent over the baseline...") var rssTolerancePercent = 10
     @Option(help: "...or by this many KiB, whichever is more.") var rssToleranceKiB = 2048
     @Option(help: "Print a progress line every this many seconds.") var progressEvery = 30
@@ -52,12 +54,13 @@ struct Soak: AsyncParsableCommand {
             throw ValidationError("need 0 < blackout-min <= blackout-max < migration-every")
         }
         guard killMin >= 0, killMin <= killMax else { throw ValidationError("need 0 <= kill-min <= kill-max") }
+        guard stopMin >= 0, stopMin <= stopMax else { throw ValidationError("need 0 <= stop-min <= stop-max") }
         if let checkpoints, checkpoints < 1 { throw ValidationError("checkpoints must be at least 1") }
     }
 
     func run() async throws {
         guard geteuid() == 0 else {
-            printError("holdfast-soak: needs root: it starts a real holdfast daemon, whose broker drops to the user 'nobody' (run: sudo make soak)")
+            printError("holdfast-soak: needs root: it starts a real holdfast daemon, whose broker runs as a uid of its own (run: sudo make soak)")
             throw ExitCode(2)
         }
         let executable = holdfast ?? siblingExecutable("holdfast")
@@ -76,7 +79,7 @@ struct Soak: AsyncParsableCommand {
             // reach their working set (RELIABILITY.md): a long soak warms up longer, so its RSS
             // is compared with a baseline that has.
             minutes: minutes, warmup: warmup ?? (minutes <= 5 ? 30 : min(300, Int(minutes * 10))), processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
-            blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, rssTolerancePercent: rssTolerancePercent,
+            blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax, rssTolerancePercent: rssTolerancePercent,
             rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, pauseWhenQuiet: pauseWhenQuiet, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
         host.close()
@@ -99,6 +102,8 @@ struct Settings: Sendable {
     var blackoutMax: Int
     var killMin: Int
     var killMax: Int
+    var stopMin: Int
+    var stopMax: Int
     var rssTolerancePercent: Int
     var rssToleranceKiB: Int
     var progressEvery: Int
@@ -129,13 +134,14 @@ struct Run {
     var chaos: ChaosSettings {
         ChaosSettings(
             period: .milliseconds(options.migrationEvery), blackoutMilliseconds: options.blackoutMin...options.blackoutMax,
-            killEverySeconds: options.killMin > 0 ? options.killMin...options.killMax : nil)
+            killEverySeconds: options.killMin > 0 ? options.killMin...options.killMax : nil,
+            brokerStopEverySeconds: options.stopMin > 0 ? options.stopMin...options.stopMax : nil)
     }
 
     func drive() async -> Verdict {
         let started = ContinuousClock.now
         printLine(
-            "holdfast-soak: seed \(seed), \(options.processes) processes live, \(format(options.minutes)) min soak after \(options.warmup) s warm-up; migration every \(options.migrationEvery) ms (blackout \(options.blackoutMin)–\(options.blackoutMax) ms); bridge worker SIGKILL every \(options.killMin > 0 ? "\(options.killMin)–\(options.killMax) s" : "never")"
+            "holdfast-soak: seed \(seed), \(options.processes) processes live, \(format(options.minutes)) min soak after \(options.warmup) s warm-up; migration every \(options.migrationEvery) ms (blackout \(options.blackoutMin)–\(options.blackoutMax) ms); bridge worker SIGKILL every \(options.killMin > 0 ? "\(options.killMin)–\(options.killMax) s" : "never"); broker SIGSTOP/SIGCONT every \(options.stopMin > 0 ? "\(options.stopMin)–\(options.stopMax) s" : "never")"
         )
         printLine("daemon pid \(daemon.pid), run directory \(daemon.directory)")
         guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measure() else {
@@ -412,6 +418,7 @@ struct Run {
             ("bytes host → guest (stdin, tty input)", bytes(final.bytesToGuest)),
             ("migrations", "\(final.migrations), one every \(options.migrationEvery) ms, blackout \(options.blackoutMin)–\(options.blackoutMax) ms (mean \(final.migrations > 0 ? String(milliseconds(final.blackoutTotal) / final.migrations) : "-") ms)"),
             ("bridge worker kills (SIGKILL)", "\(final.kills.count); restarts the daemon counted: \(bridgeRestarts.map(String.init) ?? "?")"),
+            ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("broker restarts", brokerRestarts.map(String.init) ?? "?"),
             ("bridge connections accepted", "\(host.bridge.acceptedConnections)"),
             ("stream connections (host side)", "\(streamFigures.connects), of which reconnects \(streamFigures.reconnects)"),
@@ -534,7 +541,7 @@ func raiseDescriptorLimit() {
     setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
 }
 
-/// A fresh directory under /tmp the broker (as 'nobody') can reach.
+/// A fresh directory under /tmp the broker (unprivileged) can reach.
 func makeRunDirectory() throws -> String {
     var template = Array("/tmp/holdfast-soak.XXXXXX".utf8CString)
     guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) != nil }) else {

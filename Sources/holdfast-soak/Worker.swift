@@ -20,7 +20,8 @@ enum Worker {
         func output(_ kind: String, _ expected: [Piece]) -> (StreamSpec, StreamCheck) {
             let token = "\(id)-\(kind)"
             tokens.append(token)
-            let stream = host.open(token, .receive)
+            // Ids (and so tokens) are never reused in a soak: a refusal here is a bug.
+            let stream = try! host.open(token, .receive)
             let check = StreamCheck(name: "\(id) (\(plan.kind.rawValue)) \(kind)", expected: expected)
             checks.append(check)
             consumers.append(Task {
@@ -30,7 +31,7 @@ enum Worker {
                 }
                 check.ended()
             })
-            return (StreamSpec(address: host.streamAddress, mode: .resumable, token: token), check)
+            return (stream.streamSpec(at: host.streamAddress), check)
         }
 
         let (stdoutSpec, stdoutCheck) = output("stdout", plan.stdout)
@@ -40,8 +41,9 @@ enum Worker {
         if plan.hasStdin {
             let token = "\(id)-stdin"
             tokens.append(token)
-            input = host.open(token, .send)
-            stdinSpec = StreamSpec(address: host.streamAddress, mode: .resumable, token: token)
+            let stream = try! host.open(token, .send)
+            input = stream
+            stdinSpec = stream.streamSpec(at: host.streamAddress)
         }
         defer {
             for token in tokens { host.close(token) }
@@ -92,7 +94,7 @@ enum Worker {
                 }
             })
         }
-        if let signal = plan.signal {
+        if let signal = plan.signal, plan.kind == .signalled {
             helpers.append(Task {
                 guard await ready() else {
                     problems.withLockedValue { $0.append("never said it started") }
@@ -175,10 +177,10 @@ enum Worker {
                 return nil
             } catch {
                 switch error.code {
-                case "bridge-lost", "no-guest":
+                case .bridgeLost, .noGuest:
                     if attempt >= 30 { return "signal gave up after \(attempt) attempts: \(error.code)" }
                     if host.exits.has(id) { return nil }
-                case "not-running", "no-such-process":
+                case .notRunning, .noSuchProcess:
                     if attempt > 1 { return nil }  // the earlier attempt reached it
                     return "signal \(signal) failed: \(error.code): \(error.message)"
                 default:

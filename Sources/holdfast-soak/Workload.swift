@@ -92,6 +92,9 @@ enum Kind: String, CaseIterable, Sendable {
     case tty
     /// Prints a line, then sleeps until the host signals it over the bridge.
     case signalled
+    /// Prints a line, starts a child, then ends its own process group with `kill -TERM 0` (the
+    /// `trap 'kill 0' EXIT` idiom): only its own group may go, never the daemon or another.
+    case killsItsGroup = "kills-its-group"
 }
 
 /// One process of the workload: what it runs, what it is fed, what must come back.
@@ -109,6 +112,8 @@ struct Plan: Sendable {
     /// How many output bytes must have arrived before feeding (tty) or signalling.
     var readyBytes = 0
     var exitCode: Int32
+    /// The signal that ends it (sent by the host for `.signalled`, by itself for
+    /// `.killsItsGroup`).
     var signal: Int32?
     var signalAfterMilliseconds = 0
     /// Roughly how long the process runs, unloaded.
@@ -127,7 +132,7 @@ enum Workload {
         let id = "p\(index)"
         let roll = Int.random(in: 0..<100, using: &rng)
         let kind: Kind =
-            roll < 50 ? .burst : roll < 65 ? .ticker : roll < 89 ? .echo : roll < 94 ? .tty : .signalled
+            roll < 50 ? .burst : roll < 65 ? .ticker : roll < 89 ? .echo : roll < 94 ? .tty : roll < 97 ? .signalled : .killsItsGroup
         let budget = max(2, budgetSeconds)
         let exitCode = Int32.random(in: 0...9, using: &rng)
         switch kind {
@@ -136,6 +141,7 @@ enum Workload {
         case .echo: return echo(id, exitCode, budget, &rng)
         case .tty: return tty(id, exitCode, budget, &rng)
         case .signalled: return signalled(id, budget, &rng)
+        case .killsItsGroup: return killsItsGroup(id, budget, &rng)
         }
     }
 
@@ -238,6 +244,14 @@ enum Workload {
             id: id, kind: .signalled, argv: ["sh", "-c", "echo '\(id) started'; exec sleep 3600"], stdout: [.text(started)],
             readyBytes: started.count, exitCode: 128 + signal, signal: signal, signalAfterMilliseconds: after,
             expectedSeconds: Double(after) / 1000)
+    }
+
+    private static func killsItsGroup(_ id: String, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        let after = min(Int.random(in: 200...5_000, using: &rng), max(200, Int(budget * 1000)))
+        let started = Array("\(id) started\n".utf8)
+        return Plan(
+            id: id, kind: .killsItsGroup, argv: ["sh", "-c", "sleep 3600 & echo '\(id) started'; sleep \(seconds(after)); kill -TERM 0; sleep 3600"],
+            stdout: [.text(started)], exitCode: 128 + SIGTERM, signal: SIGTERM, expectedSeconds: Double(after) / 1000)
     }
 
     private static func randomWord(_ length: ClosedRange<Int>, _ rng: inout SeededGenerator) -> String {

@@ -26,7 +26,7 @@ struct Holdfast: AsyncParsableCommand {
         version: HoldfastVersion.string,
         subcommands: [
             Daemon.self, Status.self, ConfigCommand.self, Host.self, Demo.self, Pipe.self, Receive.self,
-            BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self,
+            BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self, ReachProbeCommand.self,
         ])
 }
 
@@ -61,6 +61,12 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         let report: StatusReport
+        do throws(RunDirectory.Refusal) {
+            // Root's request must not go to a socket someone else could have put there.
+            try RunDirectory.checkBeforeConnecting(to: socket)
+        } catch {
+            throw CommandFailure("not asking \(socket): \(error)")
+        }
         do {
             report = try await StatusPrinter.fetch(socket: socket)
         } catch {
@@ -137,15 +143,27 @@ struct BridgeRoleCommand: AsyncParsableCommand {
     @Option var address: String
     @Option var reconnectInitialMs: Int = 100
     @Option var reconnectMaxMs: Int = 5000
+    @Option var authentication: String = BridgeAuthenticationMethod.hmacSHA256.rawValue
+    @Option var keyFile: String?
 
     func run() async throws {
         let logger = makeLogger("holdfast.bridge", role: "bridge")
         SignalDisposition.ignore(SIGPIPE)
+        let method: BridgeWorker.Authentication
+        guard let chosen = BridgeAuthenticationMethod(rawValue: authentication) else {
+            throw ValidationError("--authentication must be hmac-sha256 or none")
+        }
+        switch chosen {
+        case .hmacSHA256:
+            guard let keyFile else { throw ValidationError("--authentication hmac-sha256 needs --key-file") }
+            method = .keyFile(keyFile)
+        case .none: method = .none
+        }
         let channel = FDChannel(try AsyncFD(adopting: controlFd))
         await BridgeWorker.run(
             supervisor: channel,
             options: .init(
-                address: try parseAddress(address), reconnectInitial: .milliseconds(reconnectInitialMs),
+                address: try parseAddress(address), authentication: method, reconnectInitial: .milliseconds(reconnectInitialMs),
                 reconnectMax: .milliseconds(reconnectMaxMs)),
             logger: logger)
     }
@@ -166,6 +184,23 @@ struct SeccompProbeCommand: ParsableCommand {
         }
         let code = try SeccompProbe.run(attempt, action: action)
         throw ExitCode(code)
+    }
+}
+
+/// Internal: from this process, try to take another's fds, trace it, read its memory and kill
+/// it (for tests, run as another uid than the broker's).
+struct ReachProbeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reach-probe", abstract: "(internal) Try to reach into another process: pidfd_getfd, ptrace, /proc/PID/mem, kill.",
+        shouldDisplay: false)
+
+    @Option var pid: Int32
+
+    func run() throws {
+        let attempts = ReachProbe.run(pid: pid)
+        for attempt in attempts { print(attempt) }
+        // 0: everything was refused.
+        if attempts.contains(where: { $0.refusedWith == nil }) { throw ExitCode(1) }
     }
 }
 
@@ -191,7 +226,7 @@ struct Demo: AsyncParsableCommand {
         do {
             verdict = try await MigrationDemo.run(
                 beats: beats, migrations: migrations, blackout: .milliseconds(blackout), executable: ownExecutable()) { print($0) }
-        } catch let error as ErrorBody {
+        } catch let error as HoldfastError {
             print("demo: \(error.message)")
             throw ExitCode(1)
         }
@@ -247,15 +282,29 @@ struct Pipe: AsyncParsableCommand {
     @Option(help: "raw (any listener) or resumable (exactly once; the far end must be 'holdfast receive').")
     var mode: StreamMode = .raw
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
+    @Option(help: "Resumable mode: a file (mode 0600) with the stream's secret in hex, the one 'holdfast receive --secret-file' made.")
+    var secretFile: String?
     @Option(help: "Redial attempts per cycle.") var attempts = 60
     @Option(help: "Relay buffer size in bytes.") var buffer = 128 * 1024
     @Option(help: "Ask the kernel for a stdin pipe of this many bytes (F_SETPIPE_SZ).") var pipeSize: Int?
 
     func run() async throws {
         let address = try parseAddress(destination)
+        var secret: StreamSecret?
+        if mode == .resumable {
+            guard let secretFile else { throw ValidationError("resumable mode needs --secret-file: the stream's secret, shared with 'holdfast receive'") }
+            // `receive` makes the file when it starts: give it a moment (`receive ... &; pipe ...`).
+            let deadline = ContinuousClock.now + .seconds(5)
+            while access(secretFile, F_OK) != 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+            do {
+                secret = try SecretFile.read(secretFile)
+            } catch {
+                throw CommandFailure("holdfast pipe: \(error)")
+            }
+        }
         let report = try await PipeRelay.run(.init(
-            destination: address, mode: mode, token: token, policy: RedialPolicy(attempts: attempts), bufferSize: buffer,
-            pipeCapacity: pipeSize))
+            destination: address, mode: mode, token: token, secret: secret, policy: RedialPolicy(attempts: attempts),
+            bufferSize: buffer, pipeCapacity: pipeSize))
         if report.undelivered > 0 {
             throw CommandFailure("holdfast pipe: \(report)")
         }
@@ -269,12 +318,23 @@ struct Receive: AsyncParsableCommand {
     @Option(help: "Where to listen: unix:/path, tcp://HOST:PORT or vsock://CID:PORT.") var listen: String
     @Option(help: "raw or resumable.") var mode: StreamMode = .raw
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
+    @Option(help: "Resumable mode: a file (mode 0600) with the stream's secret in hex; made with a new random secret if it does not exist.")
+    var secretFile: String?
     @Option(help: "Raw mode: end after this many connections (0: never).") var connections = 1
     @Flag(help: "Do not write the stream: print how many bytes arrived.") var count = false
 
     func run() async throws {
+        var secret: StreamSecret?
+        if mode == .resumable {
+            guard let secretFile else { throw ValidationError("resumable mode needs --secret-file: the stream's secret, shared with 'holdfast pipe'") }
+            do {
+                secret = try SecretFile.readOrCreate(secretFile)
+            } catch {
+                throw CommandFailure("holdfast receive: \(error)")
+            }
+        }
         let total = try await StreamReceiver.run(
-            listen: try parseAddress(listen), mode: mode, token: token, connections: connections, discard: count)
+            listen: try parseAddress(listen), mode: mode, token: token, secret: secret, connections: connections, discard: count)
         if count { print(total) }
     }
 }

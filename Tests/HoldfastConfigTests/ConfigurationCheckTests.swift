@@ -4,13 +4,17 @@ import Testing
 
 @testable import HoldfastConfig
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
 
-@Suite("holdfast config check: the loader's verdict and the effective configuration")
+@Suite("holdfast config check: the loader's verdict and the effective configuration", .timeLimit(.minutes(5)))
 struct ConfigurationCheckTests {
     func write(_ text: String, name: String = "holdfast.yaml") throws -> (TemporaryDirectory, String) {
         let directory = try TemporaryDirectory("holdfast-config-check")
@@ -44,6 +48,27 @@ struct ConfigurationCheckTests {
         #expect(values["shutdown.signal"] == "SIGTERM")
         #expect(values["shutdown.timeout"] == "30s")
         #expect(check.settings.first { $0.key == "broker.user" }?.note == "uid 65534, gid 65534")
+    }
+
+    /// The key file's row says what the daemon would make of the file, checked as the daemon
+    /// checks it, never showing the key.
+    @Test func theKeyFileRowSaysWhetherTheDaemonWouldStart() async throws {
+        let (directory, path) = try write("bridge:\n  address: unix:/tmp/b.sock\n  key_file: \"{run}/bridge.key\"\n")
+        defer { directory.remove() }
+        let environment = ["HOLDFAST_RUN_DIR": directory.path]
+        func note() async -> String? {
+            await ConfigurationCheck.run(path: path, environment: environment).settings.first { $0.key == "bridge.key_file" }?.note
+        }
+        #expect(await note() == "the daemon will refuse to start: no such file")
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n"
+        try writeFile(directory.file("bridge.key"), bytes(hex), mode: 0o644)
+        #expect(await note()?.hasPrefix("the daemon will refuse to start: mode 0644: group or other can read it") == true)
+        chmod(directory.file("bridge.key"), 0o600)
+        #expect(await note() == "a 32-byte key that only its owner can read")
+        #expect(await ConfigurationCheck.run(path: path, environment: environment).renderText().contains("00112233") == false)
+        let none = await ConfigurationCheck.run(path: path, environment: environment.merging(["HOLDFAST_BRIDGE_AUTHENTICATION": "none"]) { $1 })
+        #expect(none.settings.first { $0.key == "bridge.key_file" }?.note == "not used: bridge.authentication is none")
+        #expect(none.settings.first { $0.key == "bridge.authentication" }?.note?.hasPrefix("WARNING") == true)
     }
 
     @Test func sourcesSayWhereEachValueCameFrom() async throws {

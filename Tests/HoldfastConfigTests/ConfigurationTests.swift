@@ -4,7 +4,7 @@ import Testing
 
 @testable import HoldfastConfig
 
-@Suite("Configuration: every bad value names the file, the key and the reason")
+@Suite("Configuration: every bad value names the file, the key and the reason", .timeLimit(.minutes(5)))
 struct ConfigurationTests {
     func write(_ text: String, name: String = "holdfast.yaml") throws -> (TemporaryDirectory, String) {
         let directory = try TemporaryDirectory("holdfast-config")
@@ -30,12 +30,40 @@ struct ConfigurationTests {
         #expect(production.streams.ringCapacity == 1 << 20)
     }
 
+    /// The bridge key: authenticated by default, the production file at /etc/holdfast, the
+    /// development one in the run directory; `none` needs no file.
+    @Test func bridgeAuthenticationKeys() async throws {
+        let environment = ["HOLDFAST_BROKER_USER": "nobody"]
+        let production = try await ConfigurationLoader.load(path: "config/holdfast.yaml", environment: environment)
+        #expect(production.bridge.authentication == .hmacSHA256 && production.bridge.keyFile == "/etc/holdfast/bridge.key")
+        let development = try await ConfigurationLoader.load(path: "config/holdfast-dev.yaml", environment: ["HOLDFAST_RUN_DIR": "/tmp/x"])
+        #expect(development.bridge.authentication == .hmacSHA256 && development.bridge.keyFile == "/tmp/x/bridge.key")
+        let (directory, path) = try write("bridge:\n  address: vsock://3:1\n")
+        defer { directory.remove() }
+        let defaults = try await ConfigurationLoader.load(path: path, environment: [:])
+        #expect(defaults.bridge.authentication == .hmacSHA256, "authenticated unless the file says otherwise")
+        #expect(defaults.bridge.keyFile == "/etc/holdfast/bridge.key")
+        let none = try await ConfigurationLoader.load(
+            path: path, environment: ["HOLDFAST_BRIDGE_AUTHENTICATION": "none", "HOLDFAST_BRIDGE_KEY_FILE": ""])
+        #expect(none.bridge.authentication == .none && none.bridge.keyFile.isEmpty)
+    }
+
     @Test func runDirectoryVariableMovesEveryDefaultPath() async throws {
         let config = try await ConfigurationLoader.load(path: "config/holdfast-dev.yaml", environment: ["HOLDFAST_RUN_DIR": "/tmp/elsewhere"])
         #expect(config.runDirectory == "/tmp/elsewhere")
         #expect(config.bridge.address.description == "unix:/tmp/elsewhere/host-bridge.sock")
         #expect(config.handoff.socket == "/tmp/elsewhere/broker.sock")
         #expect(config.control.socket == "/tmp/elsewhere/control.sock")
+    }
+
+    @Test func aBrokerUIDNeedsNoPasswordEntryAndSharingIsOffByDefault() async throws {
+        let (directory, path) = try write("bridge:\n  address: vsock://3:5000\nbroker:\n  user: \"uid:65600\"\n")
+        defer { directory.remove() }
+        let config = try await ConfigurationLoader.load(path: path, environment: [:])
+        #expect(config.broker.user == "uid:65600")
+        #expect(config.broker.allowSharedUID == false)
+        let shared = try await ConfigurationLoader.load(path: path, environment: ["HOLDFAST_BROKER_ALLOW_SHARED_UID": "true"])
+        #expect(shared.broker.allowSharedUID)
     }
 
     @Test func environmentOverridesOneKey() async throws {
@@ -53,8 +81,16 @@ struct ConfigurationTests {
         ("bridge:\n  reconnect_initial: 10\n", "bridge.address", "required"),
         ("bridge:\n  address: vsock://3:1\n  reconnect_initial: 10\n", "bridge.reconnect_initial", "unit"),
         ("bridge:\n  address: vsock://3:1\n  reconnect_max: 10ms\n", "bridge.reconnect_max", "shorter"),
+        ("bridge:\n  address: vsock://3:1\n  authentication: maybe\n", "bridge.authentication", "hmac-sha256 or none"),
+        ("bridge:\n  address: vsock://3:1\n  key_file: bridge.key\n", "bridge.key_file", "absolute"),
+        ("bridge:\n  address: vsock://3:1\n  key_file: \"\"\n", "bridge.key_file", "absolute"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  user: no-such-user-here\n", "broker.user", "no such user"),
         ("bridge:\n  address: vsock://3:1\nbroker:\n  seccomp: maybe\n", "broker.seccomp", "kill, log or off"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: root\n", "broker.user", "must not run as root"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: \"uid:0\"\n", "broker.user", "expected uid:N with N from 1"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: \"uid:12x\"\n", "broker.user", "expected uid:N"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  user: \"uid:4294967295\"\n", "broker.user", "expected uid:N"),
+        ("bridge:\n  address: vsock://3:1\nbroker:\n  allow_shared_uid: perhaps\n", "broker.allow_shared_uid", "true or false"),
         ("bridge:\n  address: vsock://3:1\nhandoff:\n  mode: rw\n", "handoff.mode", "octal"),
         ("bridge:\n  address: vsock://3:1\nhandoff:\n  socket: relative.sock\n", "handoff.socket", "absolute"),
         ("bridge:\n  address: vsock://3:1\nhandoff:\n  allowed_uids: [root]\n", "handoff.allowed_uids", "numeric"),

@@ -4,7 +4,7 @@ import Testing
 
 @testable import HoldfastCore
 
-@Suite("ConnSlot: what the original design missed")
+@Suite("ConnSlot: what the original design missed", .timeLimit(.minutes(5)))
 struct ConnSlotBeyondTests {
     @Test func redialBoundHoldsWhenADialHangs() async throws {
         let script = DialScript(.hang)

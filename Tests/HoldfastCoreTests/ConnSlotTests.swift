@@ -73,7 +73,7 @@ final class Finished: Sendable {
 
 let fast = RedialPolicy(attempts: 5, interval: .milliseconds(1), connectTimeout: .milliseconds(200))
 
-@Suite("ConnSlot: the original design's cases")
+@Suite("ConnSlot: the original design's cases", .timeLimit(.minutes(5)))
 struct ConnSlotOriginalTests {
     @Test func passThroughWhileConnected() async throws {
         let slot = Slot()

@@ -3,7 +3,7 @@ import Testing
 
 @testable import HoldfastCore
 
-@Suite("SlotRegistry")
+@Suite("SlotRegistry", .timeLimit(.minutes(5)))
 struct SlotRegistryTests {
     @Test func tracksRegisteredSlots() {
         let registry = SlotRegistry()
@@ -67,7 +67,7 @@ struct SlotRegistryTests {
     }
 }
 
-@Suite("RedialPolicy")
+@Suite("RedialPolicy", .timeLimit(.minutes(5)))
 struct RedialPolicyTests {
     @Test func defaultIsSixtyAttemptsOfAHundredMilliseconds() {
         let policy = RedialPolicy.default
@@ -86,7 +86,7 @@ struct RedialPolicyTests {
     }
 }
 
-@Suite("Relay over memory streams")
+@Suite("Relay over memory streams", .timeLimit(.minutes(5)))
 struct RelayMemoryTests {
     @Test func inputRelayDeliversAndEndsOnlyAtExplicitEnd() async throws {
         let slot = Slot()

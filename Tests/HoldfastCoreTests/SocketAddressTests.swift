@@ -2,7 +2,7 @@ import Testing
 
 @testable import HoldfastCore
 
-@Suite("SocketAddress parsing")
+@Suite("SocketAddress parsing", .timeLimit(.minutes(5)))
 struct SocketAddressTests {
     @Test(arguments: [
         ("vsock://2:5000", SocketAddress.vsock(cid: 2, port: 5000)),

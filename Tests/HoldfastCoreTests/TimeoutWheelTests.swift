@@ -4,7 +4,7 @@ import Testing
 
 @testable import HoldfastCore
 
-@Suite("TimeoutWheel: timeouts that leave nothing behind when cancelled")
+@Suite("TimeoutWheel: timeouts that leave nothing behind when cancelled", .timeLimit(.minutes(5)))
 struct TimeoutWheelTests {
     @Test func aTimeoutFiresOnceAndNotBeforeItsDeadline() async throws {
         let wheel = TimeoutWheel(tick: .milliseconds(10))

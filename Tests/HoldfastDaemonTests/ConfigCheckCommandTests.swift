@@ -6,7 +6,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("holdfast config check, as the user runs it")
+@Suite("holdfast config check, as the user runs it", .timeLimit(.minutes(5)))
 struct ConfigCheckCommandTests {
     func run(_ arguments: [String], environment: [String] = []) async throws -> (status: HoldfastPosix.ExitStatus, out: String, err: String) {
         let processes = TestProcesses()

@@ -7,7 +7,7 @@ import Glibc
 
 @testable import HoldfastSupervisor
 
-@Suite("Repeating a create: reservations and remembered keys (CreateLedger)")
+@Suite("Repeating a create: reservations and remembered keys (CreateLedger)", .timeLimit(.minutes(5)))
 struct CreateLedgerTests {
     func reserved(_ decision: CreateLedger.Decision) -> CreateLedger.PendingStart? {
         if case .start(let pending) = decision { return pending }
@@ -109,10 +109,10 @@ struct CreateLedgerTests {
     }
 }
 
-@Suite("A process spec with a NUL byte is refused, not cut short")
+@Suite("A process spec with a NUL byte is refused, not cut short", .timeLimit(.minutes(5)))
 struct NULByteTests {
     @Test func everyStringThatBecomesACStringIsChecked() {
-        let stream = StreamSpec(address: "unix:/tmp/s.sock", mode: .resumable, token: "t")
+        let stream = StreamSpec(address: "unix:/tmp/s.sock", mode: .resumable, token: "t", secret: .random())
         let good = ProcessSpec(id: "p", argv: ["sh", "-c", "true"], env: ["A=b"], cwd: "/", user: "root", stdout: stream)
         #expect(throws: Never.self) { try Supervisor.validate(good) }
         var cases: [(String, ProcessSpec)] = []
@@ -142,7 +142,7 @@ struct NULByteTests {
                 try Supervisor.validate(spec)
                 Issue.record("\(field) with a NUL byte passed")
             } catch {
-                #expect(error.code == "bad-request" && error.message == "\(field) contains a NUL byte", "\(error)")
+                #expect(error.code == .badRequest && error.message == "\(field) contains a NUL byte", "\(error)")
             }
         }
     }

@@ -31,17 +31,40 @@ final class DaemonFixture: Sendable {
     let bridge: BridgeServer
     let streams: StreamServer<AsyncFD>
     let logPath: String
+    /// The VM's bridge key, provisioned as a VM builder would (`{run}/bridge.key`, 0600); nil
+    /// for a fixture started with `authenticated: false`.
+    let key: BridgeKey?
+    /// What the host's BridgeServer warned about (refused connections).
+    let hostWarnings = NIOLockedValueBox<[String]>([])
+    /// With `bridgeThroughProxy`: what sits between the guest and the BridgeServer, which then
+    /// listens on `real-bridge.sock`.
+    let proxy: BridgeProxy?
+    /// The broker's uid: one no other process uses (`ReservedUIDs`), as the daemon requires.
+    let brokerUID: uid_t
     private let daemon = NIOLockedValueBox<pid_t?>(nil)
+    private let command: [String]
+    private let environment: [String]
 
     static var canRun: Bool { geteuid() == 0 }
-    static let skipMessage = "skip: the daemon tests need root (the broker drops to the user 'nobody'); run make test as root"
 
     /// `environment` is added to the inherited one; `executable` replaces the built binary.
-    init(extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil) async throws {
+    /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
+    init(
+        extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
+        shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
+        bridgeThroughProxy: Bool = false
+    ) async throws {
+        brokerUID = brokerUser ?? ReservedUIDs.unused()
         directory = try TemporaryDirectory("holdfast-daemon")
-        chmod(directory.path, 0o755)  // the broker, as 'nobody', must reach the sockets in here
-        bridge = try BridgeServer(listeningOn: .unix(path: directory.file("host-bridge.sock")), unixMode: 0o666)
+        chmod(directory.path, 0o755)  // the broker, unprivileged, must reach the sockets in here
+        key = authenticated ? try BridgeKeyFile.loadOrCreate(directory.file("bridge.key")).key : nil
+        let warnings = hostWarnings
+        let bridgePath = directory.file(bridgeThroughProxy ? "real-bridge.sock" : "host-bridge.sock")
+        bridge = try BridgeServer(
+            listeningOn: .unix(path: bridgePath), authentication: key.map { .key($0) } ?? .none, unixMode: 0o666,
+            warn: { message in warnings.withLockedValue { $0.append(message) } })
         bridge.start()
+        proxy = bridgeThroughProxy ? try BridgeProxy(listeningOn: directory.file("host-bridge.sock"), forwardingTo: bridgePath) : nil
         streams = try StreamServer(listeningOn: .unix(path: directory.file("streams.sock")), unixMode: 0o666)
         streams.start()
         logPath = directory.file("daemon.log")
@@ -49,27 +72,39 @@ final class DaemonFixture: Sendable {
             run_directory: \(directory.path)
             bridge:
               address: "unix:{run}/host-bridge.sock"
+              \(authenticated ? "key_file: \"{run}/bridge.key\"" : "authentication: none")
               reconnect_initial: 50ms
               reconnect_max: 200ms
             broker:
-              user: nobody
+              user: "uid:\(brokerUID)"
               seccomp: kill
             streams:
               # 60 s of redialing: a starved CI machine can take seconds per status poll.
               redial_attempts: 3000
               redial_interval: 20ms
               connect_timeout: 1s
-              drain_timeout: 3s
+              drain_timeout: \(drainTimeout)
             shutdown:
-              grace: 1s
-              timeout: 5s
+              grace: \(shutdown.grace)
+              timeout: \(shutdown.timeout)
             \(extraConfig)
             """
         try writeFile(directory.file("holdfast.yaml"), bytes(config))
-        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let pid = try processes.start(
-            [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")], stdout: log, stderr: log,
-            environment: SpawnOptions.inheritedEnvironment() + environment.map { "\($0.key)=\($0.value)" })
+        command = [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")]
+        self.environment = SpawnOptions.inheritedEnvironment() + environment.map { "\($0.key)=\($0.value)" }
+        try await launch(truncatingLog: true)
+    }
+
+    /// Starts the daemon again on the same configuration, as systemd's `Restart=` would after
+    /// the previous one stopped or was killed (that one must be gone). Its log goes on in the
+    /// same file.
+    func startAgain() async throws {
+        try await launch(truncatingLog: false)
+    }
+
+    private func launch(truncatingLog: Bool) async throws {
+        let log = open(logPath, O_WRONLY | O_CREAT | O_CLOEXEC | (truncatingLog ? O_TRUNC : O_APPEND), 0o644)
+        let pid = try processes.start(command, stdout: log, stderr: log, environment: environment)
         close(log)
         daemon.withLockedValue { $0 = pid }
         try await eventually("the daemon's control socket", timeout: .seconds(20)) {
@@ -77,11 +112,18 @@ final class DaemonFixture: Sendable {
         }
         try await eventually("the broker and the bridge", timeout: .seconds(20)) {
             let report = try? await self.status()
-            return report?.bridge == "up" && report?.roles.allSatisfy({ $0.pid != nil }) == true
+            return report?.pid == pid && report?.bridge == .up && report?.roles.allSatisfy({ $0.pid != nil }) == true
         }
     }
 
     var streamAddress: String { "unix:" + directory.file("streams.sock") }
+
+    /// What a create request says for the host stream `token` opened on `streams`: its address,
+    /// token and secret (a token not opened gets a random secret: the host will refuse it).
+    func spec(_ token: String) -> StreamSpec {
+        streams.stream(for: bytes(token))?.streamSpec(at: streamAddress)
+            ?? StreamSpec(address: streamAddress, mode: .resumable, token: token, secret: .random())
+    }
     var daemonPID: pid_t { daemon.withLockedValue { $0 }! }
 
     func control() async throws -> ControlClient {
@@ -91,19 +133,19 @@ final class DaemonFixture: Sendable {
     func status() async throws -> StatusReport {
         let client = try await control()
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.status.rawValue, [String: String](), reply: StatusReport.self)
+        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
     func launch(_ spec: ProcessSpec) async throws -> Int32 {
         let client = try await control()
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.launch.rawValue, spec, reply: LaunchResponse.self).pid
+        return try await client.call(SupervisorRequest.launch(spec), reply: LaunchResponse.self).pid
     }
 
     func wait(_ id: String) async throws -> ExitReport {
         let client = try await control()
         defer { client.close() }
-        return try await client.call(SupervisorMessageType.wait.rawValue, WaitRequest(id: id), reply: ExitReport.self)
+        return try await client.call(SupervisorRequest.wait(WaitRequest(id: id)), reply: ExitReport.self)
     }
 
     func rolePID(_ name: String) async throws -> pid_t? {
@@ -122,6 +164,7 @@ final class DaemonFixture: Sendable {
 
     func cleanUp() {
         processes.killAll()
+        proxy?.close()
         bridge.close()
         streams.close()
         directory.remove()

@@ -10,28 +10,26 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The daemon: supervisor, broker and bridge worker as real processes")
+@Suite("The daemon: supervisor, broker and bridge worker as real processes", .timeLimit(.minutes(5)))
 struct DaemonTests {
-    @Test func killedBridgeWorkerIsRestartedWithinASecondAndTheStreamLosesNothing() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aKilledBridgeWorkerIsRestartedAndTheStreamLosesNothing() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let host = daemon.streams.open(token: bytes("p1-stdout"), direction: .receive)
+        let host = try daemon.streams.open(token: bytes("p1-stdout"), direction: .receive)
         let received = collect(host)
         _ = try await daemon.launch(ProcessSpec(
             id: "p1", argv: counterCommand(300),
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "p1-stdout")))
+            stdout: daemon.spec("p1-stdout")))
         try await Task.sleep(for: .milliseconds(300))
         let old = try #require(try await daemon.rolePID("bridge"))
         kill(old, SIGKILL)
         let killedAt = ContinuousClock.now
-        try await eventually("a new bridge worker", timeout: .seconds(5)) {
+        try await eventually("a new bridge worker") {
             let pid = try await daemon.rolePID("bridge")
             return pid != nil && pid != old
         }
-        let restartedIn = ContinuousClock.now - killedAt
-        print("bridge worker restarted in \(restartedIn)")
-        #expect(restartedIn < .seconds(1))
+        // A figure, not an assertion (a starved machine stretches it): the back-off is 100 ms.
+        print("bridge worker restarted in \(ContinuousClock.now - killedAt)")
         let report = try await daemon.wait("p1")
         #expect(report.exitCode == 0)
         #expect(report.undelivered == 0)
@@ -42,21 +40,20 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func bridgeLossParksEveryStreamAndEverythingResumesWhenTheHostIsBack() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func bridgeLossParksEveryStreamAndEverythingResumesWhenTheHostIsBack() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let ids = (1...4).map { "q\($0)" }
         var receivers: [String: Task<[UInt8], Never>] = [:]
         for id in ids {
-            receivers[id] = collect(daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+            receivers[id] = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
             _ = try await daemon.launch(ProcessSpec(
                 id: id, argv: counterCommand(400, prefix: id, pause: "0.01"),
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "\(id)-out")))
+                stdout: daemon.spec("\(id)-out")))
         }
         try await eventually("every stream connected") {
             let streams = try await daemon.status().streams
-            return streams.count == ids.count && streams.allSatisfy { $0.state == "connected" }
+            return streams.count == ids.count && streams.allSatisfy { $0.state == .connected }
         }
         // A blackout: the bridge and every stream connection drop, and nothing is accepted.
         daemon.streams.setRefusing(true)
@@ -65,16 +62,15 @@ struct DaemonTests {
         try await eventually("every stream parked (disconnect-all)") {
             let report = try await daemon.status()
             // A stream whose process finished meanwhile (a slow machine) is closed, not parked.
-            // (Not the bridge's state: the test host holds a new bridge connection unread rather
-            // than refusing it, and the worker counts a connect as up.)
-            return report.streams.allSatisfy { $0.state != "connected" }
+            // (Not the bridge's state, which may already be up again on a slow machine.)
+            return report.streams.allSatisfy { $0.state != .connected }
         }
         try await Task.sleep(for: .milliseconds(500))
         daemon.streams.setRefusing(false)
         daemon.bridge.drop(refusing: false)
         try await eventually("every stream back", timeout: .seconds(10)) {
             let report = try await daemon.status()
-            return report.bridge == "up" && report.streams.allSatisfy { $0.state == "connected" || $0.state == "closed" }
+            return report.bridge == .up && report.streams.allSatisfy { $0.state == .connected || $0.state == .closed }
         }
         for id in ids {
             let report = try await daemon.wait(id)
@@ -86,8 +82,7 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func aThousandProcessLifecyclesLeaveNoDescriptorsBehind() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aThousandProcessLifecyclesLeaveNoDescriptorsBehind() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let sink = try CountingListener(path: daemon.directory.file("raw.sock"))
@@ -130,8 +125,7 @@ struct DaemonTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func liveBrokerIsUnderItsSeccompFilterAndUnprivileged() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func liveBrokerIsUnderItsSeccompFilterAndUnprivileged() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -141,26 +135,31 @@ struct DaemonTests {
         let status = status()
         #expect(status.contains("Seccomp:\t2"), "filter mode")
         #expect(status.contains("NoNewPrivs:\t1"))
-        #expect(status.contains("Uid:\t65534\t65534\t65534\t65534"), "dropped to nobody for good")
+        let uid = daemon.brokerUID
+        #expect(status.contains("Uid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)"), "its own uid, for good")
+        #expect(status.contains("Gid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)"))
+        #expect(status.contains("Groups:\t\(uid)"), "no supplementary group but its own")
+        // Non-dumpable: the kernel gives its /proc entries to root.
+        var info = stat()
+        #expect(stat("/proc/\(broker)/fd", &info) == 0 && info.st_uid == 0, "/proc/PID/fd owned by root: the broker is not dumpable")
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func gracefulShutdownStopsProcessesAndExitsZero() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func gracefulShutdownStopsProcessesAndExitsZero() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let host = daemon.streams.open(token: bytes("s-out"), direction: .receive)
+        let host = try daemon.streams.open(token: bytes("s-out"), direction: .receive)
         let received = collect(host)
         // A process that ignores SIGTERM: it gets SIGKILL after the 1 s grace period.
         let pid = try await daemon.launch(ProcessSpec(
             id: "stubborn", argv: ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
-            stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "s-out")))
+            stdout: daemon.spec("s-out")))
         try await eventually("output") { host.statistics.offset >= 6 }
         let started = ContinuousClock.now
         #expect(try await daemon.stop() == .exited(0))
-        let took = ContinuousClock.now - started
-        print("shutdown took \(took)")
-        #expect(took < .seconds(5), "within shutdown.timeout")
+        // A figure, not an assertion (a starved machine stretches it); the stop itself is
+        // bounded (the fixture's wait), and exit 0 means the daemon was not killed.
+        print("shutdown took \(ContinuousClock.now - started) (shutdown.timeout 5s)")
         #expect(kill(pid, 0) != 0, "the process is gone")
         #expect(await received.value == bytes("ready\n"))
     }
@@ -181,10 +180,9 @@ struct DaemonTests {
     }
 }
 
-@Suite("The broker's handoff socket and seccomp profile")
+@Suite("The broker's handoff socket and seccomp profile", .timeLimit(.minutes(5)))
 struct BrokerBoundaryTests {
-    @Test func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aPeerWhoseUIDIsNotAllowedIsRefused() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0]\n")
         defer { daemon.cleanUp() }
         let script = """
@@ -220,8 +218,7 @@ struct BrokerBoundaryTests {
     /// kernel lets one message carry), the most it does carry (253), fds with an empty payload,
     /// fds on a request that takes none. Each gets a refusal or a clear send error; the broker
     /// keeps running and holds not one fd more than before.
-    @Test func hostileHandoffMessagesAreRefusedAndLeaveNoDescriptors() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func hostileHandoffMessagesAreRefusedAndLeaveNoDescriptors() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))

@@ -13,20 +13,18 @@ import Glibc
 /// examples/handoff.py — the Python client another runtime would use — against a real daemon:
 /// what it hands over reaches the host byte for byte, and `release` gives back the same pipes
 /// and leaves the broker holding nothing.
-@Suite("Another runtime hands stdio to the broker with examples/handoff.py")
+@Suite("Another runtime hands stdio to the broker with examples/handoff.py", .timeLimit(.minutes(5)))
 struct HandoffExampleTests {
-    @Test func pipesHandedOverFromPythonReachTheHostAndReleaseGivesThemBack() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func pipesHandedOverFromPythonReachTheHostAndReleaseGivesThemBack() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
         let baseline = try await warmUp(daemon, broker: broker)
 
         // The host: stdout and stdin as resumable streams, stderr on a raw listener.
-        let hostOut = daemon.streams.open(token: bytes("h1-stdout"), direction: .receive)
+        let hostOut = try daemon.streams.open(token: bytes("h1-stdout"), direction: .receive, secret: handoffSecret)
         let outReceived = accumulate(hostOut)
-        let hostIn = daemon.streams.open(token: bytes("h1-stdin"), direction: .send)
+        let hostIn = try daemon.streams.open(token: bytes("h1-stdin"), direction: .send, secret: handoffSecret)
         let rawErr = try RecordingListener(path: daemon.directory.file("stderr.sock"))
         defer { rawErr.close() }
 
@@ -78,7 +76,7 @@ struct HandoffExampleTests {
         #expect(listed.status == .exited(0), "stderr: \(listed.stderr)")
         let streams = try ControlJSON.decode([StreamStatus].self, from: bytes(listed.stdout), frameType: 0)
         #expect(Set(streams.filter { $0.process == "h1" }.map(\.kind)) == [.stdin, .stdout, .stderr])
-        #expect(streams.filter { $0.process == "h1" }.allSatisfy { $0.state == "connected" }, "\(streams)")
+        #expect(streams.filter { $0.process == "h1" }.allSatisfy { $0.state == .connected }, "\(streams)")
 
         // Release: python gets the same three pipes back (their inodes), and the broker keeps
         // no copy of any of them.
@@ -103,9 +101,7 @@ struct HandoffExampleTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    @Test func pythonStartsACommandOnPipesTheBrokerRelaysAndARefusalIsPrintedPlainly() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func pythonStartsACommandOnPipesTheBrokerRelaysAndARefusalIsPrintedPlainly() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -113,7 +109,7 @@ struct HandoffExampleTests {
         var random = SeededRandom(seed: 0xC0FFEE)
         let data = (0..<(384 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
         try writeFile(daemon.directory.file("data"), data)
-        let host = daemon.streams.open(token: bytes("h2-stdout"), direction: .receive)
+        let host = try daemon.streams.open(token: bytes("h2-stdout"), direction: .receive, secret: handoffSecret)
         let received = collect(host)
 
         // The runtime starts `cat FILE` with its stdout on a pipe whose other end the broker
@@ -147,20 +143,18 @@ struct HandoffExampleTests {
 extension HandoffExampleTests {
     /// A handoff peer manages only what its own uid handed over: not the supervisor's
     /// processes, not another allowed uid's; `list` shows it its own.
-    @Test func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
-        guard pythonCanPassDescriptors() else { print("skip: needs python3 3.9+ (socket.send_fds)"); return }
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0, 65534]\n")
         defer { daemon.cleanUp() }
         chmod(daemon.directory.path, 0o755)
-        _ = daemon.streams.open(token: bytes("sup-out"), direction: .receive)
+        _ = try daemon.streams.open(token: bytes("sup-out"), direction: .receive, secret: handoffSecret)
         _ = try await daemon.launch(ProcessSpec(
-            id: "sup", argv: ["sleep", "30"], stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "sup-out")))
+            id: "sup", argv: ["sleep", "30"], stdout: daemon.spec("sup-out")))
         let stolen = try await runHandoff(daemon, ["release", "--process", "sup"])
         #expect(stolen.status == .exited(1))
         #expect(stolen.stderr.contains("permission-denied"), "\(stolen.stderr)")
 
-        _ = daemon.streams.open(token: bytes("h3-stdout"), direction: .receive)
+        _ = try daemon.streams.open(token: bytes("h3-stdout"), direction: .receive, secret: handoffSecret)
         let adopted = try await runHandoff(daemon, ["adopt", "--process", "h3", "--stdout", daemon.streamAddress, "--wait", "--", "true"])
         #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
         for attempt in [["release", "--process", "h3"], ["list", "--json"]] {
@@ -213,11 +207,28 @@ private struct HandoffRun {
     var stderr: String
 }
 
+/// The secret of every resumable stream these tests hand over: the host streams are opened with
+/// it, and `runHandoff` passes it to an adopt in a file (`--secret-file`).
+private let handoffSecret = StreamSecret.random()
+
+/// Writes `handoffSecret` where the adopting user (root, or `user`) alone can read it.
+private func handoffSecretFile(_ daemon: DaemonFixture, for user: uid_t?) throws -> String {
+    let path = daemon.directory.file("handoff-\(user ?? 0).key")
+    if access(path, F_OK) != 0 {
+        try writeFile(path, Array((handoffSecret.hex + "\n").utf8), mode: 0o600)
+        if let user { chown(path, user, user) }
+    }
+    return path
+}
+
 /// Runs `python3 examples/handoff.py --socket <the daemon's> ARGS`, with `keep` inherited at
-/// the same numbers, and waits for it (it is ended by pid if the test fails first).
+/// the same numbers, and waits for it (it is ended by pid if the test fails first). An adopt
+/// gets `--secret-file` with `handoffSecret`.
 private func runHandoff(
     _ daemon: DaemonFixture, _ arguments: [String], keep: [Int32] = [], asUser user: uid_t? = nil
 ) async throws -> HandoffRun {
+    var arguments = arguments
+    if arguments.first == "adopt" { arguments.insert(contentsOf: ["--secret-file", try handoffSecretFile(daemon, for: user)], at: 1) }
     let name = "handoff-\(UInt32.random(in: 0...UInt32.max))"
     let outPath = daemon.directory.file(name + ".out")
     let errPath = daemon.directory.file(name + ".err")
@@ -321,7 +332,7 @@ private final class RecordingListener: Sendable {
 /// One adopt/release cycle before the broker's fds are counted: the first streams make the
 /// Swift runtime open what it opens once (a Dispatch timerfd). Returns the count it settles at.
 private func warmUp(_ daemon: DaemonFixture, broker: pid_t) async throws -> (count: Int, fds: [String]) {
-    let host = daemon.streams.open(token: bytes("warm-up-stdout"), direction: .receive)
+    let host = try daemon.streams.open(token: bytes("warm-up-stdout"), direction: .receive, secret: handoffSecret)
     let received = collect(host)
     let pipe = try PipeEnds.make()
     let adopted = try await runHandoff(

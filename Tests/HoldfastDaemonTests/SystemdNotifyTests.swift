@@ -9,13 +9,12 @@ import Testing
 import Glibc
 #endif
 
-@Suite("The daemon under systemd: sd_notify and upgrades")
+@Suite("The daemon under systemd: sd_notify and upgrades", .timeLimit(.minutes(5)))
 struct SystemdNotifyTests {
     /// Starts the daemon as systemd would (NOTIFY_SOCKET, WATCHDOG_USEC of 400 ms) and checks the
     /// whole conversation: READY=1 only once both roles are up, watchdog pings, a status line
     /// when a role dies and comes back, STOPPING=1 on SIGTERM.
-    @Test func readyWatchdogStatusAndStoppingArriveInOrder() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func readyWatchdogStatusAndStoppingArriveInOrder() async throws {
         let directory = try TemporaryDirectory("holdfast-notify")
         defer { directory.remove() }
         let systemd = try NotifyListener(path: directory.file("notify.sock"))
@@ -63,8 +62,7 @@ struct SystemdNotifyTests {
         #expect(all.filter { $0 == "READY=1" }.count == 1, "READY=1 once, however often roles restart")
     }
 
-    @Test func aWatchdogMeantForAnotherProcessIsNotPinged() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aWatchdogMeantForAnotherProcessIsNotPinged() async throws {
         let directory = try TemporaryDirectory("holdfast-notify")
         defer { directory.remove() }
         let systemd = try NotifyListener(path: "@holdfast-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
@@ -82,8 +80,7 @@ struct SystemdNotifyTests {
     /// A package upgrade replaces /usr/bin/holdfast under a running daemon. A role that dies
     /// afterwards must come back as the binary the supervisor runs (it speaks its protocol),
     /// not as whatever file is at the path now.
-    @Test func aRoleRestartedAfterItsBinaryWasReplacedRunsTheOriginal() async throws {
-        guard DaemonFixture.canRun else { print(DaemonFixture.skipMessage); return }
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aRoleRestartedAfterItsBinaryWasReplacedRunsTheOriginal() async throws {
         let directory = try TemporaryDirectory("holdfast-upgrade")
         defer { directory.remove() }
         chmod(directory.path, 0o755)
@@ -99,7 +96,7 @@ struct SystemdNotifyTests {
         try await eventually("the bridge worker back and the bridge up", timeout: .seconds(10)) {
             let report = try await daemon.status()
             let pid = report.roles.first { $0.name == "bridge" }?.pid
-            return pid != nil && pid != old && report.bridge == "up"
+            return pid != nil && pid != old && report.bridge == .up
         }
         let new = try #require(try await daemon.rolePID("bridge"))
         var buffer = [CChar](repeating: 0, count: 4096)
@@ -116,16 +113,16 @@ struct SystemdNotifyTests {
     /// before dying still reaches the host, and so do their exits (the bridge stops after them);
     /// the new daemon's hello lists no processes and no exits, with the same boot id and a new
     /// instance id.
-    @Test func aServiceRestartEndsEveryContainerProcessAndTheHostSeesThemGone() async throws {
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aServiceRestartEndsEveryContainerProcessAndTheHostSeesThemGone() async throws {
         try await withBridgeDaemon { daemon, exits in
             #expect(await daemon.bridge.waitForGuest(timeout: .seconds(10)))
             let bootID = try #require(daemon.bridge.lastHello?.bootID)
             let marker = daemon.directory.file("trap-set")
-            let politeOut = collect(daemon.streams.open(token: bytes("polite-out"), direction: .receive))
+            let politeOut = collect(try daemon.streams.open(token: bytes("polite-out"), direction: .receive))
             let polite = try await daemon.bridge.create(ProcessSpec(
                 id: "polite",
                 argv: ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo started; touch \(marker)-polite; while :; do sleep 0.05; done"],
-                stdout: StreamSpec(address: daemon.streamAddress, mode: .resumable, token: "polite-out")))
+                stdout: daemon.spec("polite-out")))
             let stubborn = try await daemon.bridge.create(ProcessSpec(
                 id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]))
             // Not before both shells have set their traps.

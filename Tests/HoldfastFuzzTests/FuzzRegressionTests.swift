@@ -9,7 +9,7 @@ import Testing
 /// The fuzz targets' inputs, replayed in the normal test suite: the seed corpus (so the
 /// harnesses themselves stay sound) and every crash the fuzzer found (fuzz/crashes/<target>/),
 /// each fixed and kept here as a regression test. A regression traps this test process.
-@Suite("Fuzz regressions")
+@Suite("Fuzz regressions", .timeLimit(.minutes(5)))
 struct FuzzRegressionTests {
     static let fuzzDirectory: String = {
         // Tests/HoldfastFuzzTests/FuzzRegressionTests.swift → the package root.
@@ -36,25 +36,23 @@ struct FuzzRegressionTests {
         ControlFrame(type: type, id: id, body: Array(json.utf8))
     }
 
-    @Test func bridgeClassifiesRequestsRepliesAndJunk() {
-        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")) == .request(.list))
-        #expect(BridgeWorker.classify(Self.frame(BridgeMessageType.ok.rawValue, id: 3, "{}")) == .strayReply)
-        guard case .refuse(let unknown) = BridgeWorker.classify(Self.frame(0x4242, id: 3, "{}")) else {
+    @Test func bridgeRequestsDecodeOnceAndJunkIsRefused() throws {
+        func decode(_ frame: ControlFrame) -> Result<BridgeRequest, HoldfastError> {
+            Result { () throws(HoldfastError) in try BridgeRequest.decode(type: frame.type, body: frame.body, descriptorCount: 0) }
+        }
+        #expect(try decode(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")).get() == .list)
+        #expect(try decode(Self.frame(BridgeMessageType.signal.rawValue, id: 3, #"{"id":"p","signal":15}"#)).get() == .signal(SignalRequest(id: "p", signal: 15)))
+        #expect(RPCFrameType.isReply(BridgeMessageType.ok.rawValue), "a reply is never taken as a request")
+        guard case .failure(let unknown) = decode(Self.frame(0x4242, id: 3, "{}")) else {
             Issue.record("an unknown type was not refused")
             return
         }
-        #expect(unknown.code == "unknown-type")
-        guard case .refuse(let noID) = BridgeWorker.classify(Self.frame(BridgeMessageType.list.rawValue, id: 0, "{}")) else {
-            Issue.record("a request with id 0 was not refused")
-            return
-        }
-        #expect(noID.code == "bad-request")
-        guard case .refuse(let badBody) = BridgeWorker.classify(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#))
-        else {
+        #expect(unknown.code == .unknownType)
+        guard case .failure(let badBody) = decode(Self.frame(BridgeMessageType.signal.rawValue, id: 4, #"{"id":"p"}"#)) else {
             Issue.record("a signal without a signal number was not refused")
             return
         }
-        #expect(badBody.code == "bad-request" && badBody.message.contains("signal"))
+        #expect(badBody.code == .badRequest && badBody.message.contains("signal"))
     }
 
     @Test func brokerParsesAndChecksRequests() throws {
@@ -71,7 +69,7 @@ struct FuzzRegressionTests {
                 _ = try BrokerRequest.parse(frame, descriptorCount: fds, fromSupervisor: supervisor)
                 return nil
             } catch {
-                return error.code
+                return error.code.rawValue
             }
         }
         #expect(code(Self.frame(BrokerMessageType.adopt.rawValue, id: 1, adopt)) == "bad-request")  // fd 0 of 0
@@ -87,11 +85,11 @@ struct FuzzRegressionTests {
 
 // MARK: What the fuzz oracles found (fuzz/crashes/), fixed
 
-@Suite("Fuzz findings")
+@Suite("Fuzz findings", .timeLimit(.minutes(5)))
 struct FuzzFindingTests {
     static let longToken = String(repeating: "a", count: 300)
 
-    static func refusal(_ spec: ProcessSpec) -> ErrorBody? {
+    static func refusal(_ spec: ProcessSpec) -> HoldfastError? {
         do {
             try Supervisor.validate(spec)
             return nil
@@ -105,9 +103,9 @@ struct FuzzFindingTests {
     /// had run). Now the create is refused before anything starts.
     @Test func aCreateWithATokenOver256BytesIsRefusedBeforeTheProcessStarts() {
         let spec = ProcessSpec(
-            id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken))
+            id: "p", argv: ["/bin/true"], stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: Self.longToken, secret: .random()))
         let error = Self.refusal(spec)
-        #expect(error?.code == "bad-request")
+        #expect(error?.code == .badRequest)
         #expect(error?.message.contains("stdout: resumable mode needs a token of 1 to 256 bytes") == true, "\(String(describing: error))")
         var fine = spec
         fine.stdout?.token = String(repeating: "a", count: 256)
@@ -120,15 +118,17 @@ struct FuzzFindingTests {
     @Test func aResumableTtyWhoseStdinHasNoTokenIsRefusedBeforeTheProcessStarts() {
         let spec = ProcessSpec(
             id: "t", argv: ["/bin/sh"], tty: true, stdin: StreamSpec(address: "tcp://127.0.0.1:2", mode: .raw),
-            stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out"))
+            stdout: StreamSpec(address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random()))
         let error = Self.refusal(spec)
-        #expect(error?.code == "bad-request")
+        #expect(error?.code == .badRequest)
         #expect(error?.message.contains("stdin: a tty's input is resumable like its stdout") == true, "\(String(describing: error))")
         var raw = spec
         raw.stdout = StreamSpec(address: "tcp://127.0.0.1:1", mode: .raw)
         #expect(Self.refusal(raw) == nil)  // both raw: no tokens needed
         var withToken = spec
         withToken.stdin?.token = "in"
+        #expect(Self.refusal(withToken)?.message.contains("stdin: a tty's input is resumable like its stdout and needs the stream's secret") == true)
+        withToken.stdin?.secret = .random()
         #expect(Self.refusal(withToken) == nil)
     }
 
@@ -137,15 +137,15 @@ struct FuzzFindingTests {
     /// terminal's input never connected.
     @Test func anAdoptedTtyInputTokenOver256BytesIsRefused() {
         let tty = StreamDescription(
-            kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", inputAddress: "tcp://127.0.0.1:2",
-            inputToken: FuzzFindingTests.longToken)
-        #expect(throws: ErrorBody.self) {
-            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
+            kind: .tty, fd: 0, address: "tcp://127.0.0.1:1", mode: .resumable, token: "out", secret: .random(),
+            inputAddress: "tcp://127.0.0.1:2", inputToken: FuzzFindingTests.longToken, inputSecret: .random())
+        #expect(throws: HoldfastError.self) {
+            try AdoptCheck.validate(AdoptRequest(process: "t", streams: [tty]), descriptorCount: 1)
         }
         var fine = tty
         fine.inputToken = String(repeating: "b", count: 256)
         #expect(throws: Never.self) {
-            try BrokerRequest.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
+            try AdoptCheck.validate(AdoptRequest(process: "t", streams: [fine]), descriptorCount: 1)
         }
     }
 }

@@ -7,14 +7,15 @@ import Testing
 
 /// `BridgeServer.create` against a scripted guest: the bridge drops after the guest has the
 /// create and before it replies — the case where the host cannot know whether it ran.
-@Suite("The host's create is exactly once across bridge drops")
+@Suite("The host's create is exactly once across bridge drops", .timeLimit(.minutes(5)))
 struct BridgeServerCreateTests {
-    /// A guest's bridge connection: says hello, then reads the host's requests.
+    /// A guest's bridge connection: authenticates, says hello, then reads the host's requests.
     struct ScriptedGuest {
         let socket: AsyncFD
 
-        static func connect(_ address: SocketAddress) async throws -> ScriptedGuest {
+        static func connect(_ address: SocketAddress, key: BridgeKey) async throws -> ScriptedGuest {
             let socket = try await Dialer.connect(to: address)
+            try await BridgeHandshake.authenticateHost(on: socket, key: key)
             let hello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: [])
             try await FrameIO.write(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)).encoded, to: socket)
             return ScriptedGuest(socket: socket)
@@ -31,9 +32,11 @@ struct BridgeServerCreateTests {
         }
     }
 
+    static let key = BridgeKey.generate()
+
     static func startBridge() throws -> (TemporaryDirectory, BridgeServer) {
         let directory = try TemporaryDirectory()
-        let bridge = try BridgeServer(listeningOn: .unix(path: directory.file("bridge.sock")))
+        let bridge = try BridgeServer(listeningOn: .unix(path: directory.file("bridge.sock")), authentication: .key(key))
         bridge.start()
         return (directory, bridge)
     }
@@ -46,18 +49,18 @@ struct BridgeServerCreateTests {
         }
         let address = bridge.address
 
-        let created = Task { () throws(ErrorBody) -> Int32 in
+        let created = Task { () throws(HoldfastError) -> Int32 in
             try await bridge.create(ProcessSpec(id: "job", argv: ["true"]), timeout: .seconds(60))
         }
         // First connection: the guest receives the create, then the connection dies.
-        let first = try await ScriptedGuest.connect(address)
+        let first = try await ScriptedGuest.connect(address, key: Self.key)
         let (_, original) = try await first.nextCreate()
         let key = try #require(original.idempotencyKey, "the library names every create")
         #expect(key.utf8.count == 32)
         first.socket.close()
 
         // The next connection gets the same create, same key; the guest answers it as a repeat.
-        let second = try await ScriptedGuest.connect(address)
+        let second = try await ScriptedGuest.connect(address, key: Self.key)
         defer { second.socket.close() }
         let (frame, repeated) = try await second.nextCreate()
         #expect(repeated == original, "the very same request, key included")
@@ -75,20 +78,20 @@ struct BridgeServerCreateTests {
         }
         let address = bridge.address
 
-        let created = Task { () throws(ErrorBody) -> Int32 in
+        let created = Task { () throws(HoldfastError) -> Int32 in
             try await bridge.create(ProcessSpec(id: "job", argv: ["true"], idempotencyKey: "mine-1"), timeout: .seconds(60))
         }
-        let guest = try await ScriptedGuest.connect(address)
+        let guest = try await ScriptedGuest.connect(address, key: Self.key)
         defer { guest.socket.close() }
         let (frame, spec) = try await guest.nextCreate()
         #expect(spec.idempotencyKey == "mine-1")
-        let refusal = ErrorBody(code: "process-exists", message: "a process with id 'job' exists")
+        let refusal = HoldfastError(.processExists, "a process with id 'job' exists")
         try await FrameIO.write(ControlFrame(type: BridgeMessageType.error.rawValue, id: frame.id, body: ControlJSON.encode(refusal)).encoded, to: guest.socket)
         do {
             _ = try await created.value
             Issue.record("a refused create succeeded")
         } catch {
-            #expect(error as? ErrorBody == refusal)
+            #expect(error as? HoldfastError == refusal)
         }
         #expect(bridge.repeatedCreates == 0, "only a lost bridge repeats a create")
     }

@@ -10,7 +10,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("StreamServer under a flood of hostile connections")
+@Suite("StreamServer under a flood of hostile connections", .timeLimit(.minutes(5)))
 struct StreamServerFloodTests {
     /// 10,000 connection attempts in bursts of 500 — closed at once, garbage, a wrong token, a
     /// hello with an offset from the future, silent until cut off — while a real stream carries
@@ -30,13 +30,13 @@ struct StreamServerFloodTests {
                 listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: .milliseconds(300), maxConcurrentHandshakes: 1024)
             server.start()
             defer { server.close() }
-            let host = server.open(token: bytes("real"), direction: .receive)
+            let host = try server.open(token: bytes("real"), direction: .receive)
             let received = Task { () -> [UInt8] in
                 var all: [UInt8] = []
                 for await chunk in host.chunks() { all += chunk }
                 return all
             }
-            let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), direction: .send)
+            let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), secret: host.secret, direction: .send)
             guest.slot.disconnect()
             var random = SeededRandom(seed: 0x10_000)
             let payload = (0..<(8 << 20)).map { _ in UInt8.random(in: 0...255, using: &random) }

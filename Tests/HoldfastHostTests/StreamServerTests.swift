@@ -5,7 +5,7 @@ import HoldfastProtocol
 import HoldfastTestSupport
 import Testing
 
-@Suite("StreamServer: refusals leave everything else intact")
+@Suite("StreamServer: refusals leave everything else intact", .timeLimit(.minutes(5)))
 struct StreamServerTests {
     func server(_ directory: TemporaryDirectory, timeout: Duration = .seconds(5)) throws -> StreamServer<AsyncFD> {
         let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: timeout)
@@ -38,12 +38,12 @@ struct StreamServerTests {
         defer { directory.remove() }
         let server = try server(directory)
         defer { server.close() }
-        let host = server.open(token: bytes("real"), direction: .receive)
+        let host = try server.open(token: bytes("real"), direction: .receive)
         let garbage = try await Dialer.connect(to: server.address)
         try await FrameIO.write(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8), to: garbage)
         try await expectRefusal(garbage, .protocolViolation)
         garbage.close()
-        let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), direction: .send)
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), secret: host.secret, direction: .send)
         guest.slot.disconnect()
         let receiver = Task { () -> [UInt8] in
             var all: [UInt8] = []
@@ -82,13 +82,17 @@ struct StreamServerTests {
         defer { directory.remove() }
         let server = try server(directory)
         defer { server.close() }
-        let host = server.open(token: bytes("t"), direction: .receive)
+        let host = try server.open(token: bytes("t"), direction: .receive)
         let newer = try await Dialer.connect(to: server.address)
-        try await FrameIO.write(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0, attempt: 20).encoded, to: newer)
+        try await FrameIO.write(
+            StreamAuthentication.sign(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0, attempt: 20), secret: host.secret).encoded,
+            to: newer)
         let (prefix, _) = try await FrameIO.readFrame(newer)
         #expect(prefix.type == .hello)
         let older = try await Dialer.connect(to: server.address)
-        try await FrameIO.write(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0, attempt: 10).encoded, to: older)
+        try await FrameIO.write(
+            StreamAuthentication.sign(StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0, attempt: 10), secret: host.secret).encoded,
+            to: older)
         try await expectRefusal(older, .staleAttempt)
         #expect(host.slot.phase == .connected)
         older.close()

@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// Every test here counts /proc/self/fd before and after, so each runs in a process of its own.
-@Suite("fd passing over SCM_RIGHTS")
+@Suite("fd passing over SCM_RIGHTS", .timeLimit(.minutes(5)))
 struct FDPassingTests {
     func channels() throws -> (FDChannel, FDChannel) {
         let (a, b) = try FDChannel.pair()

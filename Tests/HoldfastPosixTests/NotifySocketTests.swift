@@ -8,7 +8,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("NotifySocket: sd_notify datagrams without libsystemd")
+@Suite("NotifySocket: sd_notify datagrams without libsystemd", .timeLimit(.minutes(5)))
 struct NotifySocketTests {
     @Test func aDatagramReachesASocketFile() async throws {
         let directory = try TemporaryDirectory("holdfast-notify")

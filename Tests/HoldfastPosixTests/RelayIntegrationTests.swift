@@ -34,7 +34,7 @@ func unixSlot(_ address: SocketAddress, policy: RedialPolicy = RedialPolicy(atte
     SocketSlot(name: "test", policy: policy, dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) })
 }
 
-@Suite("Relays over real pipes, processes and sockets")
+@Suite("Relays over real pipes, processes and sockets", .timeLimit(.minutes(5)))
 struct RelayIntegrationTests {
     @Test func pipeRelayFollowsTheConnection() async throws {
         let directory = try TemporaryDirectory()

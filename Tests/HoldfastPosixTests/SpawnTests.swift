@@ -21,7 +21,7 @@ private func descriptorNumbers(of pid: pid_t) -> [Int32] {
     return numbers.sorted()
 }
 
-@Suite("Spawning children")
+@Suite("Spawning children", .timeLimit(.minutes(5)))
 struct SpawnTests {
     /// A child must start with its stdio and the fds it was given, nothing else: a stray copy of
     /// some other pipe's write end in a long-lived child keeps that pipe's reader from ever seeing

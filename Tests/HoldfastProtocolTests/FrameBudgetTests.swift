@@ -1,12 +1,12 @@
 import HoldfastProtocol
 import Testing
 
-@Suite("Replies that list things fit one frame")
+@Suite("Replies that list things fit one frame", .timeLimit(.minutes(5)))
 struct FrameBudgetTests {
     func streams(_ count: Int) -> [StreamStatus] {
         (0..<count).map {
             StreamStatus(
-                process: "process-\($0)", kind: .stdout, mode: .resumable, address: "vsock://2:6000", state: "connected",
+                process: "process-\($0)", kind: .stdout, mode: .resumable, address: "vsock://2:6000", state: .connected,
                 bytesToHost: UInt64($0) << 20, bytesFromHost: 0, reconnects: 3, undelivered: 0)
         }
     }

@@ -1,7 +1,7 @@
 import HoldfastProtocol
 import Testing
 
-@Suite("sd_notify: messages, NOTIFY_SOCKET, the watchdog interval")
+@Suite("sd_notify: messages, NOTIFY_SOCKET, the watchdog interval", .timeLimit(.minutes(5)))
 struct ServiceNotifyTests {
     @Test func messagesAreNewlineSeparatedAssignments() {
         #expect(ServiceNotify.message([.ready]) == Array("READY=1".utf8))

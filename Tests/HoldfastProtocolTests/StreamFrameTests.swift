@@ -2,7 +2,7 @@ import Testing
 
 @testable import HoldfastProtocol
 
-@Suite("Stream frames")
+@Suite("Stream frames", .timeLimit(.minutes(5)))
 struct StreamFrameTests {
     @Test func prefixRoundTrips() throws {
         for type in StreamFrameType.allCases {

@@ -3,7 +3,7 @@ import Testing
 
 @testable import HoldfastTools
 
-@Suite("Daemon log lines")
+@Suite("Daemon log lines", .timeLimit(.minutes(5)))
 struct DaemonLogHandlerTests {
     @Test func underSystemdLinesCarryThePriorityAndNoTimestamp() {
         let line = DaemonLogHandler.format(

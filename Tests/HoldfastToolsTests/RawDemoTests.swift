@@ -3,7 +3,7 @@ import Testing
 
 @testable import HoldfastTools
 
-@Suite("The raw demo")
+@Suite("The raw demo", .timeLimit(.minutes(5)))
 struct RawDemoTests {
     @Test func heartbeatFollowsEveryListenerRestartInOrder() async throws {
         let lines = LinesSeen()

@@ -102,8 +102,26 @@ int hf_signal_to_pipe(int signo, int fd);
 /// an empty mask anyway).
 int hf_ignore_signal(int signo);
 
-/// ptrace(PTRACE_ATTACH, pid) — only for the seccomp probe, which must be refused it.
+/// ptrace(PTRACE_ATTACH, pid) — only for the probes, which must be refused it.
 long hf_ptrace_attach(pid_t pid);
+
+/// prctl(PR_SET_DUMPABLE, value) / PR_GET_DUMPABLE.
+int hf_set_dumpable(int value);
+int hf_get_dumpable(void);
+
+// The raw calls the probes (`holdfast seccomp-probe`, `holdfast reach-probe`) try: each returns
+// what the syscall returned, -1 with errno on failure.
+long hf_pidfd_getfd(int pidfd, int target_fd);
+long hf_tgkill(pid_t tgid, pid_t tid, int sig);
+/// prlimit64(pid, RLIMIT_NOFILE): with `set`, writes back the current limit; reads it otherwise.
+long hf_prlimit_nofile(pid_t pid, int set);
+/// ioctl(fd, FIONREAD, &count).
+int hf_ioctl_fionread(int fd, int *count);
+pid_t hf_gettid(void);
+/// sched_setaffinity(0) to the affinity it has now.
+int hf_sched_setaffinity_self(void);
+/// ptrace(PTRACE_DETACH, pid, 0, 0).
+long hf_ptrace_detach(pid_t pid);
 
 /// mallopt(M_MMAP_THRESHOLD, bytes) and M_TRIM_THRESHOLD: allocations of at least `bytes` get
 /// their own mapping, returned to the system when freed. Returns 1 on success.

@@ -1,0 +1,80 @@
+import HoldfastProtocol
+
+/// The checks an adopt passes before the broker keeps anything: pure (no fds, no state), so the
+/// supervisor runs them before it starts a process (nothing the broker would refuse may start)
+/// and the fuzz targets run them on any input.
+public enum AdoptCheck {
+    /// Checks an adopt request against the fds that came with it: a process id, one stream per
+    /// kind, fd indexes in range, addresses that parse, tokens for resumable streams.
+    public static func validate(_ request: AdoptRequest, descriptorCount: Int) throws(HoldfastError) {
+        guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
+            throw HoldfastError(.badRequest, "process id must be 1 to 256 bytes")
+        }
+        guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
+        var kinds = Set<StreamKind>()
+        for (index, stream) in request.streams.enumerated() {
+            let name = "streams[\(index)]"
+            guard kinds.insert(stream.kind).inserted else {
+                throw HoldfastError(.badRequest, "\(name): a second \(stream.kind.rawValue) stream")
+            }
+            guard stream.fd >= 0, stream.fd < descriptorCount else {
+                throw HoldfastError(.badRequest, "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
+            }
+            for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {
+                guard let text else { continue }
+                do {
+                    _ = try SocketAddress(parsing: text)
+                } catch {
+                    throw HoldfastError(.badAddress, "\(name).\(key): \(error)")
+                }
+            }
+            if stream.mode == .resumable {
+                guard let token = stream.token, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
+                    throw HoldfastError(.badRequest, "\(name): resumable mode needs a token of 1 to 256 bytes")
+                }
+                guard stream.secret != nil else {
+                    throw HoldfastError(.badRequest, "\(name): resumable mode needs the stream's secret (from the host)")
+                }
+                // The input stream says hello with inputToken: the host reads at most 256 bytes.
+                if stream.inputAddress != nil {
+                    guard let token = stream.inputToken, !token.isEmpty, token.utf8.count <= StreamHello.maxTokenLength else {
+                        throw HoldfastError(.badRequest, "\(name): a resumable tty input needs an inputToken of 1 to 256 bytes")
+                    }
+                    guard stream.inputSecret != nil else {
+                        throw HoldfastError(.badRequest, "\(name): a resumable tty input needs its inputSecret (from the host)")
+                    }
+                }
+            }
+            if stream.inputAddress != nil, stream.kind != .tty {
+                throw HoldfastError(.badRequest, "\(name): inputAddress is only for a tty")
+            }
+        }
+        // Two streams with one token would both dial one host stream: each would splice its
+        // bytes onto the other's.
+        var identities = Set<ResumableIdentity>()
+        for identity in ResumableIdentity.all(in: request.streams) where !identities.insert(identity).inserted {
+            throw HoldfastError(.tokenInUse, "token '\(identity.token)' names two streams of this request")
+        }
+    }
+}
+
+
+/// Where a resumable stream dials and the token it says hello with: two live streams with the
+/// same identity would take each other's place at the host.
+public struct ResumableIdentity: Hashable, Sendable {
+    public var address: String
+    public var token: String
+
+    /// The resumable identities of `streams` (a tty's input counts as its own stream).
+    public static func all(in streams: [StreamDescription]) -> [ResumableIdentity] {
+        streams.flatMap { stream -> [ResumableIdentity] in
+            guard stream.mode == .resumable else { return [] }
+            var identities: [ResumableIdentity] = []
+            if let token = stream.token { identities.append(ResumableIdentity(address: stream.address, token: token)) }
+            if let address = stream.inputAddress, let token = stream.inputToken {
+                identities.append(ResumableIdentity(address: address, token: token))
+            }
+            return identities
+        }
+    }
+}

@@ -1,0 +1,103 @@
+/// What went wrong, anywhere in Holdfast: one error type with a code a program can switch on,
+/// a message a person can read, and (for logs only) the error underneath.
+///
+/// On every control protocol it travels as `{"code": "...", "message": "..."}` in an `error`
+/// frame; `wire` and `init(wire:)` are the one mapping between the two (docs/PROTOCOL.md lists
+/// the codes).
+public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Code: String, Sendable, Codable, CaseIterable {
+        // The request itself.
+        case badRequest = "bad-request"
+        case unknownType = "unknown-type"
+        case badFrame = "bad-frame"
+        case frameTooLarge = "frame-too-large"
+        case badAddress = "bad-address"
+        case badUser = "bad-user"
+        case badDescriptor = "bad-descriptor"
+        case permissionDenied = "permission-denied"
+        case needsRoot = "needs-root"
+        // Processes.
+        case processExists = "process-exists"
+        case noSuchProcess = "no-such-process"
+        case notRunning = "not-running"
+        case noSuchContainer = "no-such-container"
+        case tokenInUse = "token-in-use"
+        case noStdin = "no-stdin"
+        case noTTY = "no-tty"
+        case stdioFailed = "stdio-failed"
+        case startFailed = "start-failed"
+        case signalFailed = "signal-failed"
+        case resizeFailed = "resize-failed"
+        case runtimeFailed = "runtime-failed"
+        case runtimeMissing = "runtime-missing"
+        // The daemon and its channels.
+        case brokerUnavailable = "broker-unavailable"
+        case shuttingDown = "shutting-down"
+        case channelClosed = "channel-closed"
+        case badReply = "bad-reply"
+        // The host side (`holdfast host`, BridgeServer).
+        case noGuest = "no-guest"
+        case bridgeLost = "bridge-lost"
+        case noHostService = "no-host-service"
+        case hostServeGone = "host-serve-gone"
+        case closing = "closing"
+        case localFailed = "local-failed"
+        /// A code this build does not know (a newer peer's): the message starts with it.
+        case unknown = "error"
+    }
+
+    public var code: Code
+    public var message: String
+    /// The error underneath, for logs and `description`; never sent to a peer.
+    public var cause: (any Error & Sendable)?
+
+    public init(_ code: Code, _ message: String, cause: (any Error & Sendable)? = nil) {
+        self.code = code
+        self.message = message
+        self.cause = cause
+    }
+
+    public var description: String { "\(code.rawValue): \(message)" }
+
+    public static func == (lhs: HoldfastError, rhs: HoldfastError) -> Bool {
+        lhs.code == rhs.code && lhs.message == rhs.message
+    }
+
+    // MARK: The wire
+
+    /// The body of an `error` frame saying this.
+    public var errorFrameBody: [UInt8] { ControlJSON.encode(self) }
+
+    /// From an `error` frame's body; a body that is not a JSON error keeps its text.
+    public init(errorFrameBody body: [UInt8], frameType: UInt32) {
+        do {
+            self = try ControlJSON.decode(HoldfastError.self, from: body, frameType: frameType)
+        } catch {
+            self.init(.unknown, String(decoding: body, as: UTF8.self))
+        }
+    }
+}
+
+/// The one mapping to the wire: `{"code": "...", "message": "..."}` in an `error` frame on every
+/// control protocol. A code this build does not know decodes as `.unknown`, its text kept at the
+/// front of the message; the cause is never sent.
+extension HoldfastError: Codable {
+    private enum Keys: String, CodingKey { case code, message }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: Keys.self)
+        let raw = try container.decode(String.self, forKey: .code)
+        let message = try container.decode(String.self, forKey: .message)
+        if let code = Code(rawValue: raw) {
+            self.init(code, message)
+        } else {
+            self.init(.unknown, "\(raw): \(message)")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: Keys.self)
+        try container.encode(code.rawValue, forKey: .code)
+        try container.encode(message, forKey: .message)
+    }
+}

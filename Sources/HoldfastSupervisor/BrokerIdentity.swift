@@ -1,0 +1,101 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Start-up refused for a reason a restart would not cure — an unsafe run directory, another
+/// daemon on it, a broker uid other processes use, a socket path that is not ours: exit code 2,
+/// like a bad configuration (systemd's unit does not restart on it).
+public struct StartRefused: Error, Sendable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The broker's uid is its own: a process of the same uid could signal it (kill it, stop it)
+/// and, were it dumpable, take its fds with `pidfd_getfd` or trace it. So the supervisor starts
+/// it only when no process runs as that uid — at start-up and before every restart — and never
+/// starts a container process as that uid.
+extension Supervisor {
+    /// The uid the broker runs as: `broker.user`'s, or the daemon's own when it is empty.
+    var brokerUID: uid_t {
+        configuration.broker.user.flatMap(UserAccount.resolve)?.uid ?? geteuid()
+    }
+
+    /// Throws when a process runs as the broker's uid (unless `broker.allow_shared_uid`),
+    /// naming a few of them.
+    func checkBrokerUIDIsItsOwn() throws(StartRefused) {
+        guard !configuration.broker.allowSharedUID else { return }
+        let uid = brokerUID
+        let sharers = ProcessScan.processes(withUID: uid)
+        guard !sharers.isEmpty else { return }
+        let named = sharers.prefix(5).map { pid in "pid \(pid)" + (ProcessScan.commandName(of: pid).map { " (\($0))" } ?? "") }
+        let more = sharers.count > 5 ? " and \(sharers.count - 5) more" : ""
+        let whose = configuration.broker.user.map { "broker.user '\($0)' (uid \(uid)) is not the broker's own" }
+            ?? "broker.user is empty, so the broker would keep this daemon's uid \(uid), which is not its own"
+        throw StartRefused(
+            "\(whose): \(named.joined(separator: ", "))\(more) run as it and could signal the broker; "
+                + "give the broker a dedicated user or a uid no process uses (uid:N, e.g. from "
+                + "\(ReservedUIDs.range.lowerBound)-\(ReservedUIDs.range.upperBound)), or set broker.allow_shared_uid: true")
+    }
+
+    /// A process the host or a local client asks for may not run as the broker's uid.
+    func refuseTheBrokersUID(_ spec: ProcessSpec) throws(HoldfastError) {
+        guard !configuration.broker.allowSharedUID, configuration.broker.user != nil else { return }
+        let broker = brokerUID
+        let uid: uid_t?
+        switch spec.runtime ?? .direct {
+        case .direct:
+            if let user = spec.user { uid = UserAccount.lookup(user)?.uid } else { uid = geteuid() }
+        case .runc:
+            let bundle = spec.container.flatMap { id in record(id)?.container?.bundle } ?? spec.bundle
+            let inContainer = spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }
+            uid = bundle.flatMap { RuncBundleIdentity.hostUID(bundle: $0, containerUID: inContainer) }
+        }
+        if uid == broker {
+            throw HoldfastError(.badUser, "the process would run as uid \(broker), the broker's: no other process may share the broker's uid")
+        }
+    }
+}
+
+/// Which host uid a runc container's process runs as: its config.json's `process.user.uid` (or
+/// an exec's own), mapped through `linux.uidMappings` when the container has a user namespace.
+enum RuncBundleIdentity {
+    private struct Config: Decodable {
+        struct Process: Decodable {
+            struct User: Decodable { var uid: UInt32? }
+            var user: User?
+        }
+        struct Linux: Decodable {
+            struct Mapping: Decodable {
+                var containerID: UInt32
+                var hostID: UInt32
+                var size: UInt32
+            }
+            var uidMappings: [Mapping]?
+        }
+        var process: Process?
+        var linux: Linux?
+    }
+
+    /// nil when the bundle cannot be read (runc will say why) or the uid is not mapped.
+    static func hostUID(bundle: String, containerUID: uid_t?) -> uid_t? {
+        guard let bytes = WholeFile.read(bundle + "/config.json"),
+            let config = try? JSONDecoder().decode(Config.self, from: Data(bytes))
+        else { return nil }
+        let uid = containerUID ?? config.process?.user?.uid ?? 0
+        guard let mappings = config.linux?.uidMappings, !mappings.isEmpty else { return uid }
+        for mapping in mappings where uid >= mapping.containerID && UInt64(uid) < UInt64(mapping.containerID) + UInt64(mapping.size) {
+            return mapping.hostID + (uid - mapping.containerID)
+        }
+        return nil
+    }
+}

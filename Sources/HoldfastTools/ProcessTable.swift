@@ -1,0 +1,189 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+/// host serve's processes and what became of them: the bridge's hellos and exits come in here
+/// (in order), decide each process's outcome, and a process whose outcome and output are handed
+/// over is forgotten — only its outcome kept, among the last `rememberedOutcomes`.
+final class ProcessTable: Sendable {
+    static let rememberedOutcomes = 1024
+
+    private struct State: Sendable {
+        var processes: [String: HostedProcess] = [:]
+        var outcomes: [String: HostWaitResponse] = [:]
+        var outcomeOrder: [String] = []
+        /// Exits of processes this table does not hold (a library user's own creates), newest
+        /// last, bounded like `outcomes`.
+        var otherExits: [ExitReport] = []
+        /// The daemon the bridge's last hello came from.
+        var guest: GuestIdentity?
+        var listRound: UInt64 = 0
+        var closed = false
+        var trimScheduled = false
+    }
+
+    private let state = NIOLockedValueBox(State())
+    private let say: @Sendable (String) -> Void
+
+    init(say: @escaping @Sendable (String) -> Void) {
+        self.say = say
+    }
+
+    // MARK: What the guest says
+
+    /// The bridge's hellos and exits, in order (synchronously on its reader: no waiting here).
+    func guestSaid(_ event: BridgeServer.Event) {
+        switch event {
+        case .hello(let hello):
+            say("guest connected: boot \(hello.bootID.prefix(8)), \(hello.processes.count) processes, \(hello.exits.count) unacknowledged exits")
+            let newer = GuestIdentity(hello)
+            let lost = state.withLockedValue { s -> [(HostedProcess, LostProcess)] in
+                s.guest = newer
+                return s.processes.values.compactMap { process in
+                    let guest = process.state.withLockedValue { $0.guest }
+                    return guest?.loss(to: newer, process: process.id).map { (process, $0) }
+                }
+            }
+            for (process, loss) in lost { end(process, HostWaitResponse(lost: loss)) }
+        case .exit(let report):
+            say("process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")")
+            let process = state.withLockedValue { s -> HostedProcess? in
+                if let process = s.processes[report.id] { return process }
+                s.otherExits.append(report)
+                if s.otherExits.count > Self.rememberedOutcomes { s.otherExits.removeFirst(s.otherExits.count - Self.rememberedOutcomes) }
+                return nil
+            }
+            if let process { end(process, HostWaitResponse(exit: report)) }
+        }
+    }
+
+    /// The process's outcome is known (the first one stands).
+    func end(_ process: HostedProcess, _ outcome: HostWaitResponse) {
+        guard process.end(with: outcome) else { return }
+        if let lost = outcome.lost { say("process \(process.id) lost: \(lost.message)") }
+        if let finished = process.finishIfEnding() { forget(process, finished) }
+    }
+
+    /// An output relay of `process` is done; the last one may finish the process.
+    func outputFinished(_ process: HostedProcess) {
+        if let outcome = process.outputFinished() { forget(process, outcome) }
+    }
+
+    /// The process's outcome and output are handed over: keep only the outcome (bounded).
+    private func forget(_ process: HostedProcess, _ outcome: HostWaitResponse) {
+        let idle = state.withLockedValue { s -> Bool in
+            if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
+            if s.outcomes.updateValue(outcome, forKey: process.id) == nil { s.outcomeOrder.append(process.id) }
+            if s.outcomeOrder.count > Self.rememberedOutcomes {
+                let excess = s.outcomeOrder.count - Self.rememberedOutcomes
+                for id in s.outcomeOrder.prefix(excess) where s.processes[id] == nil { s.outcomes.removeValue(forKey: id) }
+                s.outcomeOrder.removeFirst(excess)
+            }
+            guard s.processes.isEmpty, !s.trimScheduled else { return false }
+            s.trimScheduled = true
+            return true
+        }
+        if idle { Task { await trimWhenIdle() } }
+    }
+
+    /// Once nothing has run for a second: small allocations freed by many threads leave pages
+    /// free in every thread's malloc arena, resident until trimmed (the broker does the same).
+    private func trimWhenIdle() async {
+        try? await Task.sleep(for: .seconds(1))
+        let idle = state.withLockedValue { s -> Bool in
+            s.trimScheduled = false
+            return s.processes.isEmpty
+        }
+        if idle { Memory.returnFreePagesToTheSystem() }
+    }
+
+    // MARK: Processes coming and going
+
+    func isTaken(_ id: String) -> Bool {
+        state.withLockedValue { $0.processes[id] != nil }
+    }
+
+    /// Registers a process before its create goes out (its exit may come before the reply).
+    /// False if the id is taken or the table closed.
+    func register(_ process: HostedProcess) -> Bool {
+        state.withLockedValue { s in
+            guard !s.closed, s.processes[process.id] == nil else { return false }
+            s.processes[process.id] = process
+            return true
+        }
+    }
+
+    /// The create failed: the process never ran.
+    func unregister(_ process: HostedProcess) {
+        state.withLockedValue { s in
+            if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
+        }
+    }
+
+    /// The create returned: `guest` runs the process. If another daemon said hello meanwhile,
+    /// the process is already lost.
+    func created(_ process: HostedProcess, by guest: GuestIdentity) {
+        let loss = state.withLockedValue { s -> LostProcess? in
+            process.state.withLockedValue { p in
+                p.guest = guest
+                p.createdInRound = s.listRound
+                if case .starting = p.phase { p.phase = .running }
+            }
+            return s.guest.flatMap { guest.loss(to: $0, process: process.id) }
+        }
+        if let loss { end(process, HostWaitResponse(lost: loss)) }
+    }
+
+    /// The process held now, or the outcome of one forgotten; nil once the table is closed.
+    func lookup(_ id: String) -> (process: HostedProcess?, outcome: HostWaitResponse?)? {
+        state.withLockedValue { $0.closed ? nil : ($0.processes[id], $0.outcomes[id]) }
+    }
+
+    /// Host serve is closing: every process held, to abandon.
+    func close() -> [HostedProcess] {
+        state.withLockedValue { s in
+            s.closed = true
+            defer { s.processes.removeAll() }
+            return Array(s.processes.values)
+        }
+    }
+
+    // MARK: The guest's process list
+
+    /// Starts a list round: whether any process waits for an outcome, and the round's number.
+    func beginListRound() -> (anyWaiting: Bool, round: UInt64) {
+        state.withLockedValue { s in
+            s.listRound &+= 1
+            return (s.processes.values.contains { $0.isUnresolved }, s.listRound)
+        }
+    }
+
+    /// A complete list from `answering`, asked in `round`: a process that daemon runs, created
+    /// before the round began, not in the list and with no outcome, is lost. (An exit is
+    /// recorded before it is acknowledged, and the guest forgets a process only on that
+    /// acknowledgement: a process that exited is never taken for a lost one.)
+    func listed(_ present: Set<String>, by answering: GuestIdentity, round: UInt64) {
+        let vanished = state.withLockedValue { s in
+            s.processes.values.filter { process in
+                guard !present.contains(process.id), process.isUnresolved else { return false }
+                return process.state.withLockedValue { $0.guest == answering && $0.createdInRound < round }
+            }
+        }
+        for process in vanished {
+            end(process, HostWaitResponse(lost: LostProcess(
+                reason: .vanished, message: "process \(process.id) is no longer in the guest's process list and no exit came")))
+        }
+    }
+
+    // MARK: Inspection
+
+    var exitsSeen: [ExitReport] {
+        state.withLockedValue { s in s.outcomes.values.compactMap(\.exit) + s.otherExits }
+    }
+
+    var counts: (processes: Int, outcomes: Int) {
+        state.withLockedValue { ($0.processes.count, $0.outcomes.count) }
+    }
+}

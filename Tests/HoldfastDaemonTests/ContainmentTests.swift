@@ -1,0 +1,266 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Nothing a container does, and nothing an operator does to one process, takes the others
+/// down: a container's `kill 0` stays in its own process group; a stopped, traced or frozen
+/// broker carries on when it is let go.
+@Suite("Containment: a container's kill 0, and a stopped, traced or frozen broker", .timeLimit(.minutes(5)))
+struct ContainmentTests {
+    /// What the daemon's roles are now: pids and restart counts.
+    static func roles(_ daemon: DaemonFixture) async throws -> [String: (pid: pid_t?, restarts: Int)] {
+        Dictionary(uniqueKeysWithValues: try await daemon.status().roles.map { ($0.name, ($0.pid, $0.restarts)) })
+    }
+
+    /// A bystander that streams a counter to the host for the whole test.
+    static func startBystander(_ daemon: DaemonFixture, lines: Int = 400) async throws -> Task<[UInt8], Never> {
+        let output = collect(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "bystander", argv: counterCommand(lines, prefix: "by", pause: "0.01"),
+            stdout: daemon.spec("bystander-out")))
+        return output
+    }
+
+    /// Everything is where it was: the supervisor runs, no role was restarted (same pids), and
+    /// the bystander's every line arrived once, in order, and it exited 0.
+    static func expectIntact(
+        _ daemon: DaemonFixture, roles before: [String: (pid: pid_t?, restarts: Int)], bystander: Task<[UInt8], Never>, lines: Int = 400
+    ) async throws {
+        #expect(kill(daemon.daemonPID, 0) == 0, "the supervisor runs")
+        let after = try await roles(daemon)
+        for (name, role) in before {
+            #expect(after[name]?.pid == role.pid, "the \(name) kept its pid")
+            #expect(after[name]?.restarts == role.restarts, "the \(name) was not restarted")
+        }
+        let report = try await daemon.wait("bystander")
+        #expect(report.exitCode == 0 && report.undelivered == 0)
+        #expect(await bystander.value == expectedLines(lines, prefix: "by"), "the bystander's every line, once, in order")
+    }
+
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"), arguments: ["TERM", "KILL"])
+    func killZeroInADirectProcessReachesOnlyItsOwnGroup(signal: String) async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon)
+        let before = try await Self.roles(daemon)
+        // The `trap 'kill 0' EXIT` idiom, with a child in the group that must go with it.
+        _ = try await daemon.launch(ProcessSpec(
+            id: "attacker", argv: ["sh", "-c", "sleep 60 & sleep 0.2; kill -\(signal) 0; sleep 60"]))
+        let attacker = try await daemon.wait("attacker")
+        #expect(attacker.exitCode == 128 + (signal == "TERM" ? SIGTERM : SIGKILL), "kill 0 ended the attacker's own group")
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(try await daemon.stop() == .exited(0), "the daemon stops only when told to")
+    }
+
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static"))
+    func killZeroInARuncContainerStaysInside() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon)
+        let before = try await Self.roles(daemon)
+        // The container's init is pid 1 in its namespace (signals without a handler do not
+        // reach it from inside); what kill 0 could reach outside is the point.
+        let bundle = try TestBundle(
+            in: daemon.directory, name: "attacker",
+            args: ["sh", "-c", "sleep 60 & sleep 0.3; kill -TERM 0; kill -KILL 0; echo still here"], terminal: false)
+        let output = collect(try daemon.streams.open(token: bytes("attacker-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "attacker", argv: [],
+            stdout: daemon.spec("attacker-out"),
+            runtime: .runc, bundle: bundle.path))
+        let attacker = try await daemon.wait("attacker")
+        print("runc container after kill 0: \(attacker), output \(String(decoding: await output.value, as: UTF8.self).debugDescription)")
+        #expect(attacker.exitCode == 0, "the container's init carried on")
+        #expect(await output.value == bytes("still here\n"))
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A debugger, a profiler, a cgroup freeze or a stopped terminal must never cost the
+    /// containers: the broker is stopped and continued 20 times, traced by `strace -f` for 2 s,
+    /// and (where the machine has cgroup v2) frozen and thawed, while a counter streams to the
+    /// host and `cat` echoes lines the host types.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasStrace, "needs root and strace"))
+    func aStoppedTracedAndFrozenBrokerCarriesOnWithEveryByte() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon, lines: 600)
+        let typed = try daemon.streams.open(token: bytes("echo-in"), direction: .send)
+        let echoed = collect(try daemon.streams.open(token: bytes("echo-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "echo", argv: ["cat"],
+            stdin: daemon.spec("echo-in"),
+            stdout: daemon.spec("echo-out")))
+        let before = try await Self.roles(daemon)
+        let broker = try #require(before["broker"]?.pid)
+        let lines = expectedLines(600, prefix: "typed")
+        let typing = Task {
+            for line in String(decoding: lines, as: UTF8.self).split(separator: "\n") {
+                try await typed.send(bytes(line + "\n"))
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            _ = await typed.finish()
+        }
+
+        for _ in 1...20 {
+            #expect(kill(broker, SIGSTOP) == 0)
+            try await Task.sleep(for: .milliseconds(30))
+            #expect(kill(broker, SIGCONT) == 0)
+            try await Task.sleep(for: .milliseconds(30))
+        }
+        let strace = try daemon.processes.start(["strace", "-f", "-q", "-o", "/dev/null", "-p", String(broker)])
+        try await Task.sleep(for: .seconds(2))
+        kill(strace, SIGINT)  // strace detaches from every thread and exits
+        print("strace detached: \(try await daemon.processes.wait(strace, timeout: .seconds(30)))")
+        if let freezer = CgroupFreezer.make() {
+            defer { freezer.remove() }
+            try freezer.adopt(broker)
+            try freezer.freeze(true)
+            try await eventually("the broker frozen") { freezer.isFrozen }
+            try await Task.sleep(for: .milliseconds(300))
+            try freezer.freeze(false)
+            try await eventually("the broker thawed") { !freezer.isFrozen }
+            try freezer.release(broker)
+            print("broker frozen and thawed in cgroup \(freezer.path)")
+        } else {
+            print("no writable cgroup v2 on this machine: the freeze part did not run")
+        }
+
+        try await typing.value
+        let echo = try await daemon.wait("echo")
+        #expect(echo.exitCode == 0 && echo.undelivered == 0)
+        #expect(await echoed.value == lines, "every typed line echoed once, in order")
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander, lines: 600)
+        #expect(try await daemon.status().roles.first { $0.name == "broker" }?.pid == broker, "the same broker throughout")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A daemon stop reports every exit it causes, whatever the processes were doing: reading
+    /// stdin, reading a terminal, writing to a stream nobody receives (its drain can never
+    /// finish), leaving an orphan that holds its output, ignoring SIGTERM. The drain timeout
+    /// (30 s) is longer than the whole shutdown (6 s): the exits must still reach the host.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aDaemonStopReportsEveryExitItCauses() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "30s", shutdown: ("1s", "6s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let marker = daemon.directory.file("ready")
+        let nobodyListens = "unix:" + daemon.directory.file("nobody-listens.sock")
+        func stream(_ token: String) -> StreamSpec { daemon.spec(token) }
+        let ttyOut = collect(try daemon.streams.open(token: bytes("tty-out"), direction: .receive))
+        _ = try daemon.streams.open(token: bytes("tty-in"), direction: .send)
+        _ = try daemon.streams.open(token: bytes("reader-in"), direction: .send)
+        let readerOut = collect(try daemon.streams.open(token: bytes("reader-out"), direction: .receive))
+        let orphanOut = collect(try daemon.streams.open(token: bytes("orphan-out"), direction: .receive))
+        let specs = [
+            ProcessSpec(id: "reader", argv: ["sh", "-c", "touch \(marker)-reader; cat"], stdin: stream("reader-in"), stdout: stream("reader-out")),
+            ProcessSpec(
+                id: "tty", argv: ["sh", "-c", "touch \(marker)-tty; echo waiting; read line"], tty: true,
+                stdin: stream("tty-in"), stdout: stream("tty-out")),
+            ProcessSpec(
+                id: "writer", argv: ["sh", "-c", "touch \(marker)-writer; while :; do echo to nobody; done"],
+                stdout: StreamSpec(address: nobodyListens, mode: .raw)),
+            ProcessSpec(
+                id: "orphan", argv: ["sh", "-c", "sleep 1000 & touch \(marker)-orphan; echo started; exec sleep 1000"],
+                stdout: stream("orphan-out")),
+            ProcessSpec(id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]),
+        ]
+        for spec in specs { _ = try await daemon.bridge.create(spec) }
+        try await eventually("every process under way") { specs.allSatisfy { access("\(marker)-\($0.id)", F_OK) == 0 } }
+
+        #expect(try await daemon.stop() == .exited(0))
+        // The bridge stopped after the exits went out: each arrived, once.
+        try await eventually("every exit at the host") { specs.allSatisfy { exits.count($0.id) == 1 } }
+        #expect(exits.all.count == specs.count, "each exit once: \(exits.all)")
+        let byID = Dictionary(uniqueKeysWithValues: exits.all.map { ($0.id, $0) })
+        #expect(byID["reader"]?.exitCode == 128 + SIGTERM)
+        #expect(byID["stubborn"]?.signal == SIGKILL)
+        // Output that could not drain is never reported as delivered: counted, or cut short.
+        let writer = try #require(byID["writer"])
+        print("the writer's exit, its output parked for a listener that never came: \(writer)")
+        #expect(writer.undelivered > 0 || writer.outputCutShort == true, "\(writer)")
+        #expect(byID["orphan"]?.outputCutShort != true, "the orphan holding the output went with its group, so the output drained")
+        #expect(await orphanOut.value == bytes("started\n"))
+        #expect(String(decoding: await ttyOut.value, as: UTF8.self).contains("waiting"))
+        #expect(await readerOut.value.isEmpty)
+    }
+
+    static var hasStrace: Bool { access("/usr/bin/strace", X_OK) == 0 }
+}
+
+/// A cgroup v2 of the test's own, to freeze a process in (where cgroup v2 is mounted and
+/// writable: a unified or hybrid hierarchy, as root).
+struct CgroupFreezer {
+    let path: String
+    let mount: String
+
+    static func make() -> CgroupFreezer? {
+        guard let mounts = readFile("/proc/self/mounts") else { return nil }
+        for line in String(decoding: mounts, as: UTF8.self).split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 2, fields[2] == "cgroup2" else { continue }
+            let mount = String(fields[1])
+            let path = "\(mount)/holdfast-test-\(UInt32.random(in: 0..<UInt32.max))"
+            guard mkdir(path, 0o755) == 0 else { continue }
+            guard access(path + "/cgroup.freeze", W_OK) == 0 else {
+                rmdir(path)
+                continue
+            }
+            return CgroupFreezer(path: path, mount: mount)
+        }
+        return nil
+    }
+
+    /// Where `pid` is now in this hierarchy (its `0::` line).
+    func home(of pid: pid_t) -> String {
+        let text = String(decoding: readFile("/proc/\(pid)/cgroup") ?? [], as: UTF8.self)
+        let line = text.split(separator: "\n").first { $0.hasPrefix("0::") } ?? "0::/"
+        return mount + String(line.dropFirst(3))
+    }
+
+    private static func write(_ text: String, to path: String) throws {
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError.last("open(\(path))") }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        guard bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+            throw SystemError.last("write(\(path))")
+        }
+    }
+
+    private static let homes = NIOLockedValueBox<[pid_t: String]>([:])
+
+    func adopt(_ pid: pid_t) throws {
+        let original = home(of: pid)
+        Self.homes.withLockedValue { $0[pid] = original }
+        try Self.write(String(pid), to: path + "/cgroup.procs")
+    }
+
+    func release(_ pid: pid_t) throws {
+        let original = Self.homes.withLockedValue { $0.removeValue(forKey: pid) } ?? mount
+        try Self.write(String(pid), to: original + "/cgroup.procs")
+    }
+
+    func freeze(_ frozen: Bool) throws { try Self.write(frozen ? "1" : "0", to: path + "/cgroup.freeze") }
+
+    var isFrozen: Bool {
+        String(decoding: readFile(path + "/cgroup.events") ?? [], as: UTF8.self).contains("frozen 1")
+    }
+
+    /// Thaws, moves anything left back to the hierarchy's root, and removes the cgroup.
+    func remove() {
+        try? freeze(false)
+        let procs = String(decoding: readFile(path + "/cgroup.procs") ?? [], as: UTF8.self)
+        for pid in procs.split(separator: "\n").compactMap({ pid_t($0) }) { try? release(pid) }
+        rmdir(path)
+    }
+}

@@ -1,0 +1,192 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import HoldfastTools
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `host run` never waits for what cannot come: with `host serve` and a real daemon, in each
+/// way a stream can end without END or an exit can go missing, the client ends — with the
+/// process's code when host serve learnt it, 125 and a one-line reason when the process was lost.
+/// Every wait is a hang bound; every process a test starts (the guest's orphans included) is
+/// ended by pid.
+@Suite("host run ends whatever happens to the guest", .serialized, .timeLimit(.minutes(10)))
+struct HostRunEndsTests {
+    /// A process that backgrounds a child holding its stdout: the guest reports the exit after
+    /// its own drain timeout, then host serve ends the silent streams after `--drain-timeout`.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func anOrphanHoldingStdoutDoesNotHoldHostRun() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let run = try serve.startRun(["sh", "-c", "sleep 1000 & echo $!; exit 6"], options: ["--id", "parent", "--drain-timeout", "1s"])
+        let orphan = try await printedPID(run)
+        defer { killOrphan(orphan) }
+        let result = try await run.finish()
+        #expect(result.status == .exited(6), "the process's own code: \(result.err)")
+        #expect(result.out == "\(orphan)\n")
+        #expect(result.err.contains("stdout and stderr had no end from the guest within the drain timeout (1s)"), "\(result.err)")
+        #expect(serve.log.contains("process parent exited: code 6"), "\(serve.log)")
+        #expect(kill(orphan, 0) == 0, "the orphan itself is not host run's business (ended here, by pid)")
+    }
+
+    /// The supervisor killed with SIGKILL, then started again as its service manager would: the
+    /// new daemon's hello has a new instance id, so the process is lost — and says so.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aKilledSupervisorsProcessIsLostWhenTheDaemonComesBack() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let run = try serve.startRun(["sh", "-c", "echo $$; exec sleep 1000"], options: ["--id", "stranded", "--drain-timeout", "1s"])
+        let stranded = try await printedPID(run)
+        defer { killOrphan(stranded) }
+
+        let supervisor = daemon.daemonPID
+        kill(supervisor, SIGKILL)
+        _ = try await daemon.processes.wait(supervisor, timeout: .seconds(30))
+        try await daemon.startAgain()
+        let result = try await run.finish()
+        #expect(result.status == .exited(HostExitCode.holdfastFailure), "\(result.err)")
+        #expect(result.err.hasPrefix("holdfast host run: lost: the guest's daemon restarted (instance "), "\(result.err)")
+        #expect(result.err.split(separator: "\n").count == 1, "one line: \(result.err)")
+        #expect(serve.hellos == 2)
+        #expect(serve.log.contains("process stranded lost: the guest's daemon restarted"), "\(serve.log)")
+        print("supervisor killed: host run ended \(result.status): \(result.err)", terminator: "")
+    }
+
+    /// The daemon stopped (SIGTERM) and started again, under a plain process and one whose
+    /// orphan holds its stdout. Each host run ends with what host serve learnt: the exit the
+    /// stop reported (143), or, when the stop did not report it, 125 once the new daemon's hello
+    /// shows it lost. That the stop reports both (the second after its orphan's process group is
+    /// killed at the end of the grace) is the guest's side of issue 13, checked here through
+    /// host serve; it still loses an exit under load (see the known issue below).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aDaemonRestartEndsEveryHostRunWithWhatHostServeLearnt() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let plain = try serve.startRun(["sh", "-c", "echo $$; exec sleep 1000"], options: ["--id", "plain", "--drain-timeout", "1s"])
+        let held = try serve.startRun(["sh", "-c", "sleep 1000 & echo $!; wait"], options: ["--id", "held", "--drain-timeout", "1s"])
+        let plainPID = try await printedPID(plain)
+        let orphan = try await printedPID(held)
+        defer {
+            killOrphan(plainPID)
+            killOrphan(orphan)
+        }
+
+        #expect(try await daemon.stop() == .exited(0))
+        try await daemon.startAgain()
+        for (id, run) in [("plain", plain), ("held", held)] {
+            let result = try await run.finish()
+            let reported = serve.log.contains("process \(id) exited: code 143")
+            if reported {
+                #expect(result.status == .exited(128 + SIGTERM), "\(id): \(result.err)")
+            } else {
+                #expect(result.status == .exited(HostExitCode.holdfastFailure), "\(id): \(result.err)")
+                #expect(result.err.contains("lost: the guest's daemon restarted"), "\(id): \(result.err)")
+            }
+            // On failure, the daemon's stop as it logged it (from the SIGTERM to the next start).
+            let lines = daemon.log.split(separator: "\n")
+            let stop = lines.drop { !$0.contains("shutting down") }.prefix { !$0.contains("holdfast daemon started") }
+            // A stop reports every exit it causes (Supervisor.complete queues the exit before it
+            // wakes the stop's wait).
+            #expect(reported, "\(id): the stop did not report its exit; the daemon's stop:\n\(stop.prefix(40).joined(separator: "\n"))")
+        }
+    }
+
+    /// The broker killed with SIGKILL (the supervisor restarts it; the streams it held are
+    /// lost): the process dies of SIGPIPE at its next write, its exit is reported, and host run
+    /// ends with it once its silent streams pass the drain timeout.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aKilledBrokerEndsHostRunWithTheProcesssCode() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let run = try serve.startRun(["sh", "-c", "while :; do echo tick; sleep 0.05; done"], options: ["--id", "ticker", "--drain-timeout", "1s"])
+        try await eventually("ticks through host run") { run.out.contains("tick\ntick\n") }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGKILL)
+        let result = try await run.finish()
+        #expect(result.status == .exited(128 + SIGPIPE), "\(result.err)")
+        #expect(serve.log.contains("process ticker exited: code 141"), "\(serve.log)")
+        #expect(Set(result.out.split(separator: "\n")) == ["tick"], "whole lines only")
+        #expect(result.err.contains("had no end from the guest"), "\(result.err)")
+        try await eventually("the broker back") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+    }
+
+    /// `host serve` leaked three Unix sockets per `host run` (16 → 606 fds after 200). Now a
+    /// thousand runs of `true` (eight at a time, through host serve's control socket as `host
+    /// run` does) leave its fds where they were, and its memory near.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func hostServesFdsReturnToBaselineAfterAThousandRuns() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let atStart = openDescriptorCount(pid: serve.pid)
+        let null = (input: open("/dev/null", O_RDONLY | O_CLOEXEC), output: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        defer {
+            close(null.input)
+            close(null.output)
+        }
+        let stdio = HostClient.Stdio(input: null.input, output: null.output, error: null.output)
+        @Sendable func runs(_ count: Int, from first: Int) async throws -> [HostRunOutcome] {
+            try await withThrowingTaskGroup(of: HostRunOutcome.self) { group in
+                var outcomes: [HostRunOutcome] = []
+                for index in first..<(first + count) {
+                    if index - first >= 8, let outcome = try await group.next() { outcomes.append(outcome) }
+                    group.addTask {
+                        try await HostClient.run(control: serve.control, request: HostRunRequest(id: "t\(index)", argv: ["true"]), stdio: stdio)
+                    }
+                }
+                for try await outcome in group { outcomes.append(outcome) }
+                return outcomes
+            }
+        }
+        func settled(at baseline: Int) async throws {
+            try await eventually("host serve's fds back to \(baseline)") { openDescriptorCount(pid: serve.pid) <= baseline }
+        }
+
+        // A few runs first: the reactor, timers and pools host serve starts once.
+        #expect(try await runs(20, from: 0).allSatisfy { $0.exitCode == 0 })
+        try await Task.sleep(for: .milliseconds(500))
+        let baseline = openDescriptorCount(pid: serve.pid)
+        let before = try await HostClient.stats(control: serve.control)
+        let memoryBefore = residentKiB(serve.pid)
+        let count = getenv("HOLDFAST_HOST_RUNS").flatMap { Int(String(cString: $0)) } ?? 1000
+        let started = ContinuousClock.now
+        let outcomes = try await withTimeout("\(count) runs", .seconds(600)) { try await runs(count, from: 20) }
+        let took = ContinuousClock.now - started
+        let peak = openDescriptorCount(pid: serve.pid)
+        #expect(outcomes.count == count)
+        #expect(outcomes.allSatisfy { $0.exitCode == 0 }, "\(outcomes.filter { $0.exitCode != 0 }.prefix(3))")
+        try await settled(at: baseline)
+        let settledFDs = openDescriptorCount(pid: serve.pid)
+        // Settled: no process, no stream held; malloc trimmed after a second idle.
+        try await eventually("host serve holding nothing") {
+            let stats = try await HostClient.stats(control: serve.control)
+            return stats.processes == 0 && stats.streams == 0
+        }
+        try await Task.sleep(for: .seconds(2))
+        let after = try await HostClient.stats(control: serve.control)
+        let memoryAfter = residentKiB(serve.pid)
+        print("host serve after \(count) runs of true (\(took)): fds \(atStart) at start, \(baseline) after 20 runs, \(peak) right after, "
+            + "\(settledFDs) settled; heap in use \(before.heapInUse / 1024) -> \(after.heapInUse / 1024) KiB; "
+            + "resident \(memoryBefore) -> \(memoryAfter) KiB; outcomes kept \(after.rememberedOutcomes), exit ids kept \(after.rememberedExits)")
+        #expect(settledFDs <= baseline, "\(descriptorTable(pid: serve.pid))")
+        #expect(after.processes == 0 && after.streams == 0)
+        // What stays is bounded: the last 1,024 outcomes and the exit ids the bridge keeps
+        // against repeats (4,096 at most). A run's streams, relays and sockets (kilobytes each)
+        // are gone: 1,000 of them would be megabytes.
+        let retained = after.heapInUse - before.heapInUse
+        #expect(retained < 1024 * min(count, HostService.rememberedOutcomes) + 64 * 1024, "\(retained) bytes of heap kept after \(count) runs")
+    }
+}
+
+/// The first line a `host run` prints: a pid its command echoed.
+private func printedPID(_ run: HostRunClient) async throws -> pid_t {
+    var pid: pid_t?
+    try await eventually("the pid on host run's stdout") {
+        pid = run.out.split(separator: "\n").first.flatMap { pid_t($0) }
+        return pid != nil
+    }
+    return pid!
+}

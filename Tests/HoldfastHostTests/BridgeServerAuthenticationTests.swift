@@ -1,0 +1,159 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// BridgeServer against scripted guests: only a peer that proves it holds the key is the guest.
+@Suite("The host's bridge takes only an authenticated guest", .timeLimit(.minutes(5)))
+struct BridgeServerAuthenticationTests {
+    typealias ScriptedGuest = BridgeServerCreateTests.ScriptedGuest
+
+    final class Warnings: Sendable {
+        let lines = NIOLockedValueBox<[String]>([])
+        var all: [String] { lines.withLockedValue { $0 } }
+        var sink: @Sendable (String) -> Void { { [lines] line in lines.withLockedValue { $0.append(line) } } }
+    }
+
+    static func start(
+        _ authentication: BridgeServer.Authentication, warnings: Warnings, handshakeTimeout: Duration = .seconds(5)
+    ) throws -> (TemporaryDirectory, BridgeServer) {
+        let directory = try TemporaryDirectory()
+        let bridge = try BridgeServer(
+            listeningOn: .unix(path: directory.file("bridge.sock")), authentication: authentication, handshakeTimeout: handshakeTimeout,
+            warn: warnings.sink)
+        bridge.start()
+        return (directory, bridge)
+    }
+
+    /// Every byte a connection receives until the server closes it (bounded; a reset after
+    /// the last byte counts as the end).
+    static func everythingReceived(_ connection: AsyncFD) async throws -> [UInt8] {
+        try await withTimeout("the server to close the connection") {
+            var received: [UInt8] = []
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 1)
+            defer { buffer.deallocate() }
+            while let count = try? await connection.read(into: buffer), count > 0 { received += buffer[..<count] }
+            return received
+        }
+    }
+
+    /// A guest is connected; impostors (no handshake, a wrong key) come and go: each is refused
+    /// with nothing but the handshake's own messages, the guest stays the guest and gets the
+    /// create, and the host warns.
+    @Test func impostorsGetNothingAndNeverDisplaceTheGuest() async throws {
+        let key = BridgeKey.generate()
+        let warnings = Warnings()
+        let (directory, bridge) = try Self.start(.key(key), warnings: warnings)
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let guest = try await ScriptedGuest.connect(bridge.address, key: key)
+        defer { guest.socket.close() }
+        #expect(await bridge.waitForGuest(timeout: .seconds(30)))
+        let hello = ControlFrame(
+            type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(BridgeHello(bootID: "impostor", processes: [], exits: [])))
+        let refused = BridgeHandshakeWire.Verdict.refused.encoded
+        for round in 0..<10 {
+            // Says a daemon's hello straight away.
+            let bare = try await Dialer.connect(to: bridge.address)
+            try await send(bare, hello.encoded)
+            let toBare = try await Self.everythingReceived(bare)
+            bare.close()
+            #expect(refused.starts(with: toBare), "round \(round): the impostor got \(toBare.count) bytes beyond a refusal")
+            // Runs the handshake with another key and sends a hello anyway.
+            let wrong = try await Dialer.connect(to: bridge.address)
+            let nonce = BridgeHandshake.makeNonce()
+            try await send(wrong, BridgeHandshakeWire.Challenge(guestNonce: nonce).encoded)
+            let answer = try BridgeHandshakeWire.Answer.decode(try await readExactly(wrong, BridgeHandshakeWire.answerSize))
+            try await send(wrong, BridgeHandshake.guestProof(key: BridgeKey.generate(), hostNonce: answer.hostNonce, guestNonce: nonce) + hello.encoded)
+            let toWrong = try await Self.everythingReceived(wrong)
+            wrong.close()
+            #expect(refused.starts(with: toWrong), "round \(round): \(toWrong.count) bytes after the answer")
+        }
+        try await eventually("every impostor counted") { bridge.refusedConnections == 20 }
+        #expect(bridge.acceptedConnections == 1 && bridge.lastHello?.bootID != "impostor")
+        let created = Task { () throws(HoldfastError) -> Int32 in try await bridge.create(ProcessSpec(id: "job", argv: ["true"])) }
+        let (frame, spec) = try await guest.nextCreate()
+        #expect(spec.id == "job", "the create went to the real guest")
+        try await guest.reply(to: frame, LaunchResponse(pid: 77))
+        #expect(try await created.value == 77)
+        #expect(warnings.all.first?.contains("refused a connection from pid \(getpid())") == true, "\(warnings.all)")
+        #expect(warnings.all.count <= 20)
+    }
+
+    /// More silent connections than the handshake limit (and a handshake timeout longer than
+    /// the test): the oldest are pushed out at once, so the server's fds stay bounded, and the
+    /// guest still gets in.
+    @Test func aFloodOfSilentConnectionsDoesNotLockTheGuestOut() async throws {
+        let key = BridgeKey.generate()
+        let warnings = Warnings()
+        let (directory, bridge) = try Self.start(.key(key), warnings: warnings, handshakeTimeout: .seconds(600))
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        var silent: [AsyncFD] = []
+        defer { for connection in silent { connection.close() } }
+        let flood = 3 * BridgeServer.maxPendingHandshakes
+        for _ in 0..<flood { silent.append(try await Dialer.connect(to: bridge.address)) }
+        let pushedOut = flood - BridgeServer.maxPendingHandshakes
+        try await eventually("the oldest pushed out") { bridge.refusedConnections >= pushedOut }
+        // The server closed its end of the oldest ones: they read end-of-file.
+        func closedByTheServer(_ connection: AsyncFD) -> Bool {
+            var byte: UInt8 = 0
+            return (try? withUnsafeMutableBytes(of: &byte) { try connection.readNow(into: $0) }) == 0
+        }
+        try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy(closedByTheServer) }
+        #expect(!silent.suffix(BridgeServer.maxPendingHandshakes).contains(where: closedByTheServer), "the newest are still waited for")
+        let guest = try await ScriptedGuest.connect(bridge.address, key: key)
+        defer { guest.socket.close() }
+        #expect(await bridge.waitForGuest(timeout: .seconds(30)))
+        #expect(bridge.acceptedConnections == 1)
+        #expect(warnings.all.contains { $0.contains("connections in their handshake at once") }, "\(warnings.all)")
+    }
+
+    /// A new key (rotation): the connected guest stays; the next connection must prove the new one.
+    @Test func aRotatedKeyAppliesToTheNextConnection() async throws {
+        let old = BridgeKey.generate()
+        let new = BridgeKey.generate()
+        let (directory, bridge) = try Self.start(.key(old), warnings: Warnings())
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let first = try await ScriptedGuest.connect(bridge.address, key: old)
+        #expect(await bridge.waitForGuest(timeout: .seconds(30)))
+        bridge.setAuthentication(.key(new))
+        #expect(bridge.isConnected, "the guest connected with the old key stays")
+        await #expect(throws: BridgeHandshake.Failure.wrongProof) { _ = try await ScriptedGuest.connect(bridge.address, key: old) }
+        first.socket.close()
+        let second = try await ScriptedGuest.connect(bridge.address, key: new)
+        defer { second.socket.close() }
+        try await eventually("the guest with the new key") { bridge.acceptedConnections == 2 }
+    }
+
+    /// Without authentication anyone who dials is the guest; the host says so when it starts.
+    @Test func noAuthenticationTakesAnyoneAndWarns() async throws {
+        let warnings = Warnings()
+        let (directory, bridge) = try Self.start(.none, warnings: warnings)
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        #expect(warnings.all.count == 1 && warnings.all[0].contains("authentication none"), "\(warnings.all)")
+        let socket = try await Dialer.connect(to: bridge.address)
+        defer { socket.close() }
+        let hello = BridgeHello(bootID: "anyone", processes: [], exits: [])
+        try await send(socket, ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)).encoded)
+        #expect(await bridge.waitForGuest(timeout: .seconds(30)))
+        #expect(bridge.lastHello?.bootID == "anyone")
+    }
+}

@@ -1,0 +1,230 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import HoldfastTools
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How `host serve` decides a process's outcome, against a scripted guest on its bridge (no
+/// daemon, no root): the cases a real daemon reaches only through a bug or bad luck, each made
+/// to happen on purpose. The client is `HostClient.run`, as `holdfast host run` uses it.
+@Suite("host serve: an exit, a restart or a vanished process ends host run", .timeLimit(.minutes(5)))
+struct HostServiceOutcomeTests {
+    /// The VM's bridge key, shared by host serve and the scripted guest.
+    static let key = BridgeKey.generate()
+
+    /// A guest's bridge connection: authenticates, says hello, answers creates, lists and acknowledgements as
+    /// told, and can report exits.
+    final class ScriptedGuest: Sendable {
+        let socket: AsyncFD
+        let writer: ControlFrameWriter<AsyncFD>
+        /// The ids `list` answers with.
+        let listed = NIOLockedValueBox<[String]>([])
+        let creates = NIOLockedValueBox<[ProcessSpec]>([])
+        let lists = NIOLockedValueBox(0)
+        let acknowledged = NIOLockedValueBox<[String]>([])
+
+        init(_ address: SocketAddress, instance: String, exits: [ExitReport] = []) async throws {
+            socket = try await Dialer.connect(to: address)
+            try await BridgeHandshake.authenticateHost(on: socket, key: HostServiceOutcomeTests.key)
+            writer = ControlFrameWriter(socket)
+            let hello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: exits, instanceID: instance)
+            writer.send(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)))
+            Task { [self] in await answer() }
+        }
+
+        private func answer() async {
+            while let frame = try? await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody) {
+                var reply: [UInt8] = ControlJSON.encode([String: String]())
+                switch BridgeMessageType(rawValue: frame.type) {
+                case .create:
+                    guard let spec = try? ControlJSON.decode(ProcessSpec.self, from: frame.body, frameType: frame.type) else { continue }
+                    creates.withLockedValue { $0.append(spec) }
+                    listed.withLockedValue { $0.append(spec.id) }
+                    reply = ControlJSON.encode(LaunchResponse(pid: 4242))
+                case .list:
+                    lists.withLockedValue { $0 += 1 }
+                    let ids = listed.withLockedValue { $0 }
+                    reply = ControlJSON.encode(BridgeListResponse(
+                        processes: ids.map { ProcessStatus(id: $0, pid: 4242, state: .running, exitCode: nil) }, streams: []))
+                case .acknowledgeExit:
+                    if let request = try? ControlJSON.decode(AcknowledgeExitRequest.self, from: frame.body, frameType: frame.type) {
+                        acknowledged.withLockedValue { $0.append(request.id) }
+                    }
+                default:
+                    break
+                }
+                writer.send(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: reply))
+            }
+        }
+
+        func reportExit(_ report: ExitReport) {
+            writer.send(ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report)))
+        }
+
+        func close() {
+            writer.finish()
+            socket.close()
+        }
+    }
+
+    /// host serve in this process, a scripted guest on its bridge, and /dev/null as the
+    /// client's stdio.
+    struct Setup {
+        let directory: TemporaryDirectory
+        let service: HostService
+        let serving: Task<Void, Never>
+        let null: (input: Int32, output: Int32)
+
+        init() throws {
+            directory = try TemporaryDirectory()
+            service = try HostService(
+                bridge: .unix(path: directory.file("bridge.sock")), bridgeKey: HostServiceOutcomeTests.key,
+                streams: .unix(path: directory.file("streams.sock")),
+                control: directory.file("host.sock"), listInterval: .milliseconds(50)) { _ in }
+            serving = Task { [service] in await service.run() }
+            null = (open("/dev/null", O_RDONLY | O_CLOEXEC), open("/dev/null", O_WRONLY | O_CLOEXEC))
+        }
+
+        var bridge: SocketAddress { .unix(path: directory.file("bridge.sock")) }
+
+        /// `host run` of `id` with a short drain timeout: the streams are never connected here,
+        /// so they are silent from the start.
+        func run(_ id: String) -> Task<HostRunOutcome, any Error> {
+            let control = directory.file("host.sock")
+            let stdio = HostClient.Stdio(input: null.input, output: null.output, error: null.output)
+            return Task {
+                try await HostClient.run(
+                    control: control, request: HostRunRequest(id: id, argv: ["true"]), drainTimeout: .milliseconds(200), stdio: stdio)
+            }
+        }
+
+        func tearDown() {
+            serving.cancel()
+            service.close()
+            close(null.input)
+            close(null.output)
+            directory.remove()
+        }
+    }
+
+    @Test func anExitEndsTheRunAndStreamsThatNeverEndAreEndedAfterTheDrainTimeout() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1")
+        defer { guest.close() }
+        let run = setup.run("job")
+        try await eventually("the create") { guest.creates.withLockedValue { $0.count } == 1 }
+        let report = ExitReport(id: "job", exitCode: 3, signal: nil, undelivered: 0)
+        guest.reportExit(report)
+        let outcome = try await withTimeout("host run's outcome") { try await run.value }
+        #expect(outcome == .exited(report, endedByHost: ["stdout", "stderr"]))
+        #expect(outcome.exitCode == 3)
+        try await eventually("the exit acknowledged") { guest.acknowledged.withLockedValue { $0 } == ["job"] }
+        try await eventually("the process forgotten, its streams closed") {
+            setup.service.processesHeld == 0 && setup.service.streams.statistics.streams == 0
+        }
+        // A late wait still gets the outcome.
+        let late = try await withTimeout("a late attach") {
+            try await HostClient.attach(
+                control: setup.directory.file("host.sock"), id: "job", tty: false,
+                stdio: HostClient.Stdio(input: setup.null.input, output: setup.null.output, error: setup.null.output))
+        }
+        #expect(late == outcome)
+    }
+
+    @Test func aHelloFromAnotherDaemonInstanceLosesTheProcess() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let first = try await ScriptedGuest(setup.bridge, instance: "a1")
+        let run = setup.run("job")
+        try await eventually("the create") { first.creates.withLockedValue { $0.count } == 1 }
+        first.close()
+        // The same instance again (a migration): nothing is lost.
+        let again = try await ScriptedGuest(setup.bridge, instance: "a1")
+        again.listed.withLockedValue { $0 = ["job"] }
+        try await eventually("a list from the same daemon") { again.lists.withLockedValue { $0 } >= 2 }
+        #expect(setup.service.processesHeld == 1)
+        again.close()
+        // Another instance: that daemon is gone, and the process with it.
+        let restarted = try await ScriptedGuest(setup.bridge, instance: "b2")
+        defer { restarted.close() }
+        let outcome = try await withTimeout("host run's outcome") { try await run.value }
+        guard case .lost(let loss, _) = outcome else {
+            Issue.record("expected a loss, got \(outcome)")
+            return
+        }
+        #expect(loss.reason == .daemonRestarted)
+        #expect(loss.message == "the guest's daemon restarted (instance a1 -> b2): process job is gone, its exit unknown")
+        #expect(outcome.exitCode == HostExitCode.holdfastFailure)
+    }
+
+    @Test func aProcessTheGuestNoLongerListsIsLost() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1")
+        defer { guest.close() }
+        let run = setup.run("job")
+        try await eventually("the create") { guest.creates.withLockedValue { $0.count } == 1 }
+        let listsBefore = guest.lists.withLockedValue { $0 }
+        try await eventually("two lists that have it") { guest.lists.withLockedValue { $0 } >= listsBefore + 2 }
+        #expect(setup.service.processesHeld == 1, "listed: still running")
+        guest.listed.withLockedValue { $0 = [] }
+        let outcome = try await withTimeout("host run's outcome") { try await run.value }
+        guard case .lost(let loss, _) = outcome else {
+            Issue.record("expected a loss, got \(outcome)")
+            return
+        }
+        #expect(loss.reason == .vanished)
+        #expect(loss.message == "process job is no longer in the guest's process list and no exit came")
+    }
+
+    /// An exit is recorded before it is acknowledged, and the guest forgets a process only on
+    /// that acknowledgement: a guest that drops the process from its list right after reporting
+    /// the exit never makes it look lost.
+    @Test func anExitFollowedByAnEmptyListIsAnExitNotALoss() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1")
+        defer { guest.close() }
+        let run = setup.run("job")
+        try await eventually("the create") { guest.creates.withLockedValue { $0.count } == 1 }
+        let report = ExitReport(id: "job", exitCode: 0, signal: nil, undelivered: 0)
+        guest.reportExit(report)
+        guest.listed.withLockedValue { $0 = [] }
+        let outcome = try await withTimeout("host run's outcome") { try await run.value }
+        #expect(outcome.exitCode == 0, "\(outcome)")
+    }
+
+    /// host serve stopping is not a process's outcome: the client ends with an error saying so
+    /// (125 from the command line), not with a made-up exit code, and not never.
+    @Test func hostServeGoingAwayEndsTheClientWithAnError() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1")
+        defer { guest.close() }
+        let run = setup.run("job")
+        try await eventually("the create") { guest.creates.withLockedValue { $0.count } == 1 }
+        try await eventually("the client waiting") { setup.service.processesHeld == 1 }
+        setup.serving.cancel()
+        setup.service.close()
+        do {
+            let outcome = try await withTimeout("host run's end") { try await run.value }
+            Issue.record("an outcome without host serve: \(outcome)")
+        } catch let error as HoldfastError {
+            // Which error depends on how far the run had got (its create's reply, its wait).
+            print("host serve gone: the client ended with \(error)")
+        }
+    }
+}
