@@ -110,10 +110,16 @@ extension ByteConnection {
 /// into the kernel's send buffer) before `cause` happened; the rest were not.
 public struct WriteFailure: Error, Sendable, CustomStringConvertible {
     public var accepted: Int
+    /// Of `accepted`, the bytes of the last hand-over before the failure: what a raw stream
+    /// counts as unconfirmed. All of `accepted` for a write of one buffer. A splice pass moves
+    /// one pipe-full after another, and the peer reads the earlier ones while the later ones
+    /// go in: counting all of them would report bytes that arrived as lost.
+    public var unconfirmed: Int
     public var cause: any Error
 
-    public init(accepted: Int, cause: any Error) {
+    public init(accepted: Int, unconfirmed: Int? = nil, cause: any Error) {
         self.accepted = accepted
+        self.unconfirmed = min(unconfirmed ?? accepted, accepted)
         self.cause = cause
     }
 

@@ -147,11 +147,12 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         state.withLockedValue { $0.statistics.bytesWritten &+= UInt64(count) }
     }
 
-    /// Counts bytes a failing connection accepted before it failed: written, but unconfirmed.
-    func recordFailedWrite(accepted: Int) {
+    /// Counts bytes a failing connection accepted before it failed (written), and of them those
+    /// its last hand-over had in flight (unconfirmed: see `WriteFailure.unconfirmed`).
+    func recordFailedWrite(_ failure: WriteFailure) {
         state.withLockedValue {
-            $0.statistics.bytesWritten &+= UInt64(accepted)
-            $0.statistics.bytesUnconfirmed &+= UInt64(accepted)
+            $0.statistics.bytesWritten &+= UInt64(failure.accepted)
+            $0.statistics.bytesUnconfirmed &+= UInt64(failure.unconfirmed)
         }
     }
 

@@ -101,9 +101,9 @@ extension ConnSlot: OutboundStream {
 
     /// Splices the source straight into the connection where both allow it (a pipe into a
     /// socket); otherwise copies through a buffer from `pool`. The loss accounting is the same
-    /// either way: a connection that fails counts what it accepted of this pull as
-    /// unconfirmed, and what it did not accept goes to the next connection — here by staying in
-    /// the pipe.
+    /// either way: a connection that fails counts as unconfirmed what its last hand-over had
+    /// still waiting for room (a copy's buffer, a splice's last pipe-full), and what it did not
+    /// accept goes to the next connection — here by staying in the pipe.
     public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
         while true {
             guard let lease = await current() else {
@@ -113,7 +113,7 @@ extension ConnSlot: OutboundStream {
             do {
                 result = try await lease.connection.splice(from: source, limit: spliceLimit)
             } catch {
-                recordFailedWrite(accepted: error.accepted)
+                recordFailedWrite(error)
                 disconnect(ifCurrent: lease.generation, reason: .writeFailed)
                 if error.accepted > 0 { return .moved(error.accepted) }
                 continue  // the bytes are still in the source: on to the next connection

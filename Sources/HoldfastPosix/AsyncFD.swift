@@ -258,6 +258,10 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             (source.isPipe && (isSocket || isPipe)) || (isPipe && source.isSocket)
         else { return nil }
         var moved = 0
+        // What a failure counts as in flight (WriteFailure.unconfirmed), as a copy does: the last
+        // splice's bytes while they wait in a full buffer for room; 0 once a splice went through
+        // with room to spare (its bytes, like a write completed, are the peer's to read).
+        var unconfirmed = 0
         var racedProbes = 0
         while moved < limit {
             let requested = limit - moved
@@ -277,10 +281,11 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             } catch {
                 // One of the two was closed: report it as a read or a write on it would be.
                 if source.isClosed { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
-                throw WriteFailure(accepted: moved, cause: error)
+                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
             }
             if outcome.count > 0 {
                 moved += outcome.count
+                unconfirmed = 0
                 source.noteRead(outcome.count, seen: readSeen)
                 if outcome.count < requested {
                     // Cut short: the source emptied or this fd filled, and the splice does not
@@ -291,10 +296,11 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                         return .moved(moved)
                     }
                     if !destinationReady {
+                        unconfirmed = outcome.count
                         do {
                             try await registration.wait(.write, after: writeSeen)
                         } catch {
-                            throw WriteFailure(accepted: moved, cause: error)
+                            throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
                         }
                     }
                 }
@@ -317,7 +323,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                     do {
                         try await registration.wait(.write, after: writeSeen)
                     } catch {
-                        throw WriteFailure(accepted: moved, cause: error)
+                        throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
                     }
                 }
             case EINVAL where moved == 0:
@@ -326,12 +332,12 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 spliceRefused.store(true, ordering: .relaxed)
                 return nil
             case EPIPE:
-                throw WriteFailure(accepted: moved, cause: error)
+                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
             default:
                 // A socket source fails by itself (a reset connection); anything else is this
                 // end refusing the bytes.
                 if source.isSocket { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
-                throw WriteFailure(accepted: moved, cause: error)
+                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
             }
         }
         return .moved(moved)
