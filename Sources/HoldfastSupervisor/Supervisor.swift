@@ -1,4 +1,3 @@
-import HoldfastBroker
 import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
