@@ -97,12 +97,9 @@ public final class BrokerService: Sendable {
             // Answer the peer's first request (closing any fds it attached) rather than hang up
             // on connect, so the client reads why instead of hitting a broken pipe.
             let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
-            let deadline = Task {
-                try? await Task.sleep(for: .seconds(2))
-                first.cancel()
-            }
+            let deadline = TimeoutWheel.shared.schedule(after: .seconds(2)) { first.cancel() }
             let message = await first.value
-            deadline.cancel()
+            TimeoutWheel.shared.cancel(deadline)
             message?.closeDescriptors()
             let id = message.flatMap { try? ControlFrame.decode(datagram: $0.payload).id } ?? 0
             try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(refusal)).encoded)
