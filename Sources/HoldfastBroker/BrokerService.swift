@@ -132,9 +132,14 @@ public final class BrokerService: Sendable {
     /// One request, decoded; what the broker checks beyond its shape (an adopt's streams, bridge
     /// events from the supervisor only) is checked here. Fds of a request it refuses are closed.
     private func handle(_ request: BrokerRequest, descriptors: [Int32], caller: Caller) async throws(HoldfastError) -> RPCReply {
+        var adoption: ValidatedAdoption?
         do throws(HoldfastError) {
             switch request {
-            case .adopt(let adopt): try AdoptCheck.validate(adopt, descriptorCount: descriptors.count)
+            case .adopt(let adopt):
+                // Checked here, once, whoever sent it: the handoff socket's peers are local
+                // runtimes the broker does not trust, and a supervisor bug must not hand the
+                // broker a stream it cannot hold either.
+                adoption = try AdoptCheck.validate(adopt, descriptorCount: descriptors.count)
             case .disconnectAll, .bridgeUp:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
             case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
@@ -145,8 +150,8 @@ public final class BrokerService: Sendable {
         }
         // Only adopt carries fds (decode refused any other request with fds).
         switch request {
-        case .adopt(let adopt):
-            try broker.adopt(adopt, descriptors: descriptors, owner: caller.owner)
+        case .adopt:
+            try broker.adopt(adoption!, descriptors: descriptors, owner: caller.owner)
             return .empty
         case .release(let process):
             try caller.mayManage(process, in: broker)
