@@ -1,4 +1,3 @@
-import HoldfastBroker
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol

@@ -1,4 +1,5 @@
 import CHoldfastShims
+import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 
@@ -47,14 +48,14 @@ public enum StatusPrinter {
         var lines = [
             "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))", "",
         ]
-        lines += table(
+        lines += TextTable.lines(
             ["ROLE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],
             report.roles.map { [$0.name, $0.pid.map(String.init) ?? "-", duration($0.uptimeSeconds), String($0.restarts), $0.lastExit ?? "-"] })
         lines.append("")
         if report.processes.isEmpty {
             lines.append("no processes")
         } else {
-            lines += table(
+            lines += TextTable.lines(
                 ["PROCESS", "PID", "STATE", "EXIT"],
                 report.processes.map { [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-"] })
         }
@@ -63,7 +64,7 @@ public enum StatusPrinter {
         if report.streams.isEmpty {
             lines.append("no streams")
         } else {
-            lines += table(
+            lines += TextTable.lines(
                 ["PROCESS", "STREAM", "MODE", "STATE", "TO HOST", "FROM HOST", "RECONNECTS"],
                 report.streams.map {
                     [$0.process, $0.kind.rawValue + ($0.direction.map { "/\($0)" } ?? ""), $0.mode.rawValue, state($0.state),
@@ -75,24 +76,6 @@ public enum StatusPrinter {
             lines.append("... and \(omitted) more streams (all streams: \(states))")
         }
         return lines.joined(separator: "\n")
-    }
-
-    static func table(_ header: [String], _ rows: [[String]]) -> [String] {
-        func visible(_ text: String) -> Int {
-            // Escape sequences take no columns.
-            var count = 0
-            var inEscape = false
-            for character in text {
-                if character == "\u{1B}" { inEscape = true } else if inEscape { if character == "m" { inEscape = false } } else { count += 1 }
-            }
-            return count
-        }
-        let widths = header.indices.map { column in ([header] + rows).map { visible($0[column]) }.max() ?? 0 }
-        return ([header] + rows).map { row in
-            row.enumerated().map { column, text in
-                column == row.count - 1 ? text : text + String(repeating: " ", count: widths[column] - visible(text) + 2)
-            }.joined()
-        }
     }
 
     static func duration(_ seconds: Double) -> String {

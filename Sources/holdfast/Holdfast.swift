@@ -3,9 +3,11 @@ import HoldfastBridge
 import HoldfastBroker
 import HoldfastConfig
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastSupervisor
+import HoldfastLogging
 import HoldfastTools
 import Logging
 

@@ -1,6 +1,7 @@
 import ArgumentParser
 import HoldfastConfig
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTools

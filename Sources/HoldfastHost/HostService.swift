@@ -1,5 +1,4 @@
 import HoldfastCore
-import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
@@ -43,10 +42,10 @@ public final class HostService: Sendable {
     private let streamAddress: String
     private let say: @Sendable (String) -> Void
     private let listInterval: Duration
-    private let table: ProcessTable
+    private let table: HostProcessTable
 
     /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
-    public static let rememberedOutcomes = ProcessTable.rememberedOutcomes
+    public static let rememberedOutcomes = HostProcessTable.rememberedOutcomes
 
     /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
     public init(
@@ -55,7 +54,7 @@ public final class HostService: Sendable {
     ) throws {
         self.say = say
         self.listInterval = listInterval
-        let table = ProcessTable(say: say)
+        let table = HostProcessTable(say: say)
         self.table = table
         self.bridge = try BridgeServer(
             listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
@@ -108,7 +107,7 @@ public final class HostService: Sendable {
     }
 
     /// While processes wait for an outcome, asks the guest for its process list now and then
-    /// (`ProcessTable.listed` says what a missing process means).
+    /// (`HostProcessTable.listed` says what a missing process means).
     private func pollGuestList() async {
         while !Task.isCancelled {
             try? await Task.sleep(for: listInterval)

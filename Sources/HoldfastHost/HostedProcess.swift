@@ -1,5 +1,4 @@
 import HoldfastCore
-import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers

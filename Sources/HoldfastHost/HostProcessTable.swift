@@ -1,5 +1,4 @@
 import HoldfastCore
-import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
@@ -7,7 +6,7 @@ import NIOConcurrencyHelpers
 /// host serve's processes and what became of them: the bridge's hellos and exits come in here
 /// (in order), decide each process's outcome, and a process whose outcome and output are handed
 /// over is forgotten — only its outcome kept, among the last `rememberedOutcomes`.
-final class ProcessTable: Sendable {
+final class HostProcessTable: Sendable {
     static let rememberedOutcomes = 1024
 
     private struct State: Sendable {

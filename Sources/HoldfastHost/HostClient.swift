@@ -176,7 +176,7 @@ public enum HostClient {
     /// `holdfast host ps` as text.
     public static func render(_ list: BridgeListResponse) -> String {
         guard !list.processes.isEmpty else { return "no processes" }
-        return StatusPrinter.table(
+        return TextTable.lines(
             ["PROCESS", "PID", "STATE", "EXIT"],
             list.processes.map { [$0.id, String($0.pid), $0.state.rawValue, $0.exitCode.map(String.init) ?? "-"] }
         ).joined(separator: "\n")
