@@ -4,7 +4,8 @@
 # syscall tracepoints: exact counts, steadier than CPU time on a shared machine.
 #
 # Usage: bench/syscalls.sh HOLDFAST_BINARY
-#   SYSCALL_BYTES (512 MiB) per run, BENCH_PIPE_SIZES ("1048576 65536") as in bench/run.sh.
+#   SYSCALL_BYTES (512 MiB) per run, BENCH_PIPE_SIZES ("1048576 65536") and BENCH_BASELINE (an
+#   older holdfast binary: its rows too) as in bench/run.sh.
 #   Needs perf (linux-perf) and root (tracepoints); says so and exits 0 without them.
 set -euo pipefail
 holdfast=${1:?usage: bench/syscalls.sh path/to/holdfast}
@@ -76,4 +77,14 @@ for pipe_size in "${pipe_sizes[@]}"; do
     one_run "$pipe_size" "$hf_sink" "\"$holdfast\" pipe --mode resumable --to unix:\"$sock\" --secret-file \"$key\"" yes
     row "holdfast pipe, resumable" "$work/relay.perf"
     row "holdfast receive (its sink)" "$work/sink.perf"
+    if [[ -n ${BENCH_BASELINE:-} ]]; then
+        base_secret=""
+        if "$BENCH_BASELINE" pipe --help 2>&1 | grep -q -- --secret-file; then base_secret=" --secret-file \"$key\""; fi
+        one_run "$pipe_size" "$c_sink" "\"$BENCH_BASELINE\" pipe --to unix:\"$sock\"" no
+        row "baseline pipe, raw" "$work/relay.perf"
+        one_run "$pipe_size" "\"$BENCH_BASELINE\" receive --count --mode resumable --listen unix:\"$sock\"$base_secret" \
+            "\"$BENCH_BASELINE\" pipe --mode resumable --to unix:\"$sock\"$base_secret" yes
+        row "baseline pipe, resumable" "$work/relay.perf"
+        row "baseline receive (its sink)" "$work/sink.perf"
+    fi
 done
