@@ -720,7 +720,7 @@ public final class Supervisor: Sendable {
             return
         }
         guard kill(record.pid, signal) == 0 else {
-            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): errno \(errno)")
+            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
         }
     }
 
