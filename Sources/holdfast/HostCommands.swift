@@ -269,7 +269,12 @@ func finishHostCommand(
             throw ExitCode.success
         case .interrupt:
             // Die of SIGINT, as a shell expects of an interrupted command (a script stops).
+            // (This thread may block it, as the concurrency pool's threads do: unblocked here.)
             signal(SIGINT, SIG_DFL)
+            var interrupt = sigset_t()
+            sigemptyset(&interrupt)
+            sigaddset(&interrupt, SIGINT)
+            pthread_sigmask(SIG_UNBLOCK, &interrupt, nil)
             raise(SIGINT)
             throw ExitCode(128 + SIGINT)
         }
