@@ -17,19 +17,19 @@ enum StreamTransport: Sendable {
     case resumable(ResumableStream<AsyncFD>)
 
     static func make(
-        address: String, token: String?, secret: StreamSecret?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
+        _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
-        // Addresses were validated on adopt.
-        let parsed = try! SocketAddress(parsing: address)
-        switch mode {
-        case .raw:
-            return .raw(GuestStreams.raw(to: parsed, name: address, policy: settings.redialPolicy, observer: observer))
-        case .resumable:
-            // Validated on adopt: a resumable stream has its token and secret.
+        switch (mode, endpoint.token, endpoint.secret) {
+        case (.resumable, let token?, let secret?):
             return .resumable(GuestStreams.resumable(
-                to: parsed, token: Array((token ?? "").utf8), secret: secret!, direction: direction, configuration: settings.resumable,
+                to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
                 policy: settings.redialPolicy, observer: observer))
+        case (.resumable, _, _):
+            // AdoptCheck refuses a resumable stream without its token and secret.
+            preconditionFailure("a validated resumable stream without its token or secret")
+        case (.raw, _, _):
+            return .raw(GuestStreams.raw(to: endpoint.address, name: endpoint.addressText, policy: settings.redialPolicy, observer: observer))
         }
     }
 
@@ -112,26 +112,25 @@ final class ManagedStream: Sendable {
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
-    init(description: StreamDescription, handle: AsyncFD, broker: Broker) {
+    init(_ stream: ValidatedStream, handle: AsyncFD, broker: Broker) {
         LiveObjects.streams.add(1, ordering: .relaxed)
+        let description = stream.description
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
-        func transport(_ address: String, _ token: String?, _ secret: StreamSecret?, _ direction: StreamDirection) -> StreamTransport {
-            .make(
-                address: address, token: token, secret: secret, mode: description.mode, direction: direction, settings: broker.settings,
-                observer: broker.metrics.slotObserver())
+        func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
+            .make(endpoint, mode: description.mode, direction: direction, settings: broker.settings, observer: broker.metrics.slotObserver())
         }
         switch description.kind {
         case .stdout, .stderr:
-            output = transport(description.address, description.token, description.secret, .send)
+            output = transport(stream.primary, .send)
             input = nil
         case .stdin:
             output = nil
-            input = transport(description.address, description.token, description.secret, .receive)
+            input = transport(stream.primary, .receive)
         case .tty:
-            output = transport(description.address, description.token, description.secret, .send)
-            input = description.inputAddress.map { transport($0, description.inputToken, description.inputSecret, .receive) }
+            output = transport(stream.primary, .send)
+            input = stream.ttyInput.map { transport($0, .receive) }
         }
     }
 

@@ -41,23 +41,24 @@ public final class Broker: Sendable {
     // MARK: Adopt
 
     /// Takes the fds of a process's streams and starts relaying them. On any error every fd of
-    /// the request is closed and nothing is left behind.
-    public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
+    /// the request is closed and nothing is left behind. The request was checked once, at the
+    /// broker's boundary (`AdoptCheck.validate` made `adoption`).
+    public func adopt(_ adoption: ValidatedAdoption, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
+        let request = adoption.request
         var adopted: [AsyncFD?] = []
         do {
-            try AdoptCheck.validate(request, descriptorCount: descriptors.count)
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }
             for handle in adopted { handle?.close() }
-            throw error as? HoldfastError ?? HoldfastError(.badDescriptor, "\(error)")
+            throw HoldfastError(.badDescriptor, "\(error)")
         }
-        let identities = Set(ResumableIdentity.all(in: request.streams))
+        let identities = adoption.identities
         let process = AdoptedProcess(id: request.process, owner: owner, identities: identities)
         var streams: [ManagedStream] = []
-        for description in request.streams {
-            let handle = adopted[description.fd]!
-            streams.append(ManagedStream(description: description, handle: handle, broker: self))
+        for stream in adoption.streams {
+            let handle = adopted[stream.description.fd]!
+            streams.append(ManagedStream(stream, handle: handle, broker: self))
         }
         // fds no stream refers to were handed over by mistake: do not keep them.
         let used = Set(request.streams.map(\.fd))

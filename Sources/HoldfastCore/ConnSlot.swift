@@ -320,10 +320,8 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
     }
 
     private func armDrainTimer(epoch: UInt64, timeout: Duration) {
-        Task { [self] in
-            try? await Task.sleep(for: timeout)
-            closeSlot(abandoned: true, ifEmptyAtEpoch: epoch)
-        }
+        // Through the wheel: a slot refilled in time leaves no sleeping task behind.
+        _ = TimeoutWheel.shared.schedule(after: timeout) { [self] in closeSlot(abandoned: true, ifEmptyAtEpoch: epoch) }
     }
 
     private func startCycle() {
@@ -428,14 +426,13 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
                     _ = once.resume(returning: nil)
                 }
             }
-            let timer = Task {
-                try? await Task.sleep(for: timeout)
+            let timer = TimeoutWheel.shared.schedule(after: timeout) {
                 if once.resume(returning: nil) { dialTask.cancel() }
             }
-            // A dial that finished first cancels its timer, so no sleeping task outlives it.
+            // A dial that finished first cancels its timer.
             Task {
                 await dialTask.value
-                timer.cancel()
+                TimeoutWheel.shared.cancel(timer)
             }
         }
     }

@@ -211,8 +211,10 @@ public final class BridgeServer: Sendable {
                 // While refusing (a blackout) a new connection is held, unread, until the
                 // blackout ends — like a host that is not there yet: the guest waits for it
                 // instead of seeing a connection that opens and dies again and again.
-                while state.withLockedValue({ $0.refusing && !$0.closed }) {
-                    try? await Task.sleep(for: .milliseconds(10))
+                while true {
+                    let generation = refusalChanges.generation
+                    guard state.withLockedValue({ $0.refusing && !$0.closed }) else { break }
+                    await refusalChanges.wait(since: generation, timeout: .seconds(1))
                 }
                 if state.withLockedValue({ $0.closed }) {
                     socket.close()
@@ -338,12 +340,16 @@ public final class BridgeServer: Sendable {
 
     /// Drops the current connection (a migration, a host agent restart); with `refusing`, new
     /// connections are closed at once until it is called again with `false`.
+    /// Rings when `refusing` or `closed` changes (a held connection waits on it).
+    private let refusalChanges = ChangeSignal()
+
     public func drop(refusing: Bool) {
         let connection = state.withLockedValue { s -> Connection? in
             s.refusing = refusing
             defer { s.connection = nil }
             return s.connection
         }
+        refusalChanges.notify()
         connection?.close()
     }
 
@@ -359,6 +365,7 @@ public final class BridgeServer: Sendable {
             }
             return (s.connection, Array(s.waitingForGuest.values), Array(s.pendingHandshakes.values))
         }
+        refusalChanges.notify()
         listener.close()
         for socket in pending { socket.close() }
         connection?.close()
@@ -375,11 +382,10 @@ public final class BridgeServer: Sendable {
             s.nextWaiter &+= 1
             return s.nextWaiter
         }
-        let timer = Task { [self] in
-            try? await Task.sleep(for: timeout)
+        let timer = TimeoutWheel.shared.schedule(after: timeout) { [self] in
             state.withLockedValue { $0.waitingForGuest.removeValue(forKey: id) }?.resume(returning: nil)
         }
-        defer { timer.cancel() }
+        defer { TimeoutWheel.shared.cancel(timer) }
         return await withCheckedContinuation { continuation in
             let ready = state.withLockedValue { s -> Connection?? in
                 if let connection = s.connection { return .some(connection) }
@@ -500,12 +506,11 @@ public final class BridgeServer: Sendable {
     private func withHandshakeTimeout<T: Sendable>(
         _ socket: AsyncFD, timedOut: NIOLockedValueBox<Bool>, _ body: @escaping @Sendable () async throws -> T
     ) async throws -> T {
-        let timer = Task { [handshakeTimeout] in
-            try await Task.sleep(for: handshakeTimeout)
+        let timer = TimeoutWheel.shared.schedule(after: handshakeTimeout) {
             timedOut.withLockedValue { $0 = true }
             socket.close()
         }
-        defer { timer.cancel() }
+        defer { TimeoutWheel.shared.cancel(timer) }
         return try await body()
     }
 

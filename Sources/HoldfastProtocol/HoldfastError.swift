@@ -38,6 +38,8 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         // The daemon and its channels.
         case brokerUnavailable = "broker-unavailable"
         case shuttingDown = "shutting-down"
+        /// State written by another version (a snapshot) that this binary cannot read.
+        case incompatibleState = "incompatible-state"
         case channelClosed = "channel-closed"
         case badReply = "bad-reply"
         // The host side (`holdfast host`, BridgeServer).

@@ -197,13 +197,12 @@ struct RuncRuntime: Sendable {
             throw HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
         let expired = NIOLockedValueBox(false)
-        let watchdog = Task {
-            try await Task.sleep(for: Self.commandTimeout)
+        let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) {
             expired.withLockedValue { $0 = true }
             _ = Glibc.kill(pid, SIGKILL)
         }
         let status = await reaper.wait(pid)
-        watchdog.cancel()
+        TimeoutWheel.shared.cancel(watchdog)
         let timedOut = expired.withLockedValue { $0 }
         guard status != .exited(0) else { return }
         let message = Self.lastError(inLog: log) ?? (timedOut ? "timed out after \(Self.commandTimeout)" : "\(status)")
@@ -289,14 +288,13 @@ private final class ConsoleSocket: Sendable {
         let expired = NIOLockedValueBox(false)
         let listener = self.listener
         // Closing the listener and the connection wakes a pending accept or receive.
-        let watchdog = Task {
-            try await Task.sleep(for: Self.timeout)
+        let watchdog = TimeoutWheel.shared.schedule(after: Self.timeout) {
             expired.withLockedValue { $0 = true }
             listener.close()
             connection.withLockedValue { $0 }?.close()
         }
         defer {
-            watchdog.cancel()
+            TimeoutWheel.shared.cancel(watchdog)
             connection.withLockedValue { $0 }?.close()
             close()
         }

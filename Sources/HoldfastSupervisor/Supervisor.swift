@@ -4,6 +4,7 @@ import HoldfastPosix
 import HoldfastProtocol
 import Logging
 import NIOConcurrencyHelpers
+import ServiceLifecycle
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -29,94 +30,39 @@ public final class Supervisor: Sendable {
     private let brokerClient = Rendezvous<ControlClient>()
     /// How long a create waits for a broker that is starting or restarting.
     static let brokerWait = Duration.seconds(15)
-    /// The processes by id, and the creates in progress or remembered (one lock: checking that
-    /// an id is free and reserving it must be one step).
-    private let processes = NIOLockedValueBox(ProcessTable())
-
-    struct ProcessTable {
-        var records: [String: ProcessRecord] = [:]
-        var creates = CreateLedger()
+    /// The processes, the create ledger and the exits the host has not acknowledged, one value
+    /// under one lock (ProcessTable.swift): checking that an id is free and reserving it, or
+    /// forgetting a process and remembering its key, are single steps.
+    private let table: NIOLockedValueBox<ProcessTable>
+    /// The daemon's own moving parts: not process state, not in the table's snapshot.
+    private struct Session {
+        var bridge: BridgeState = .down
+        var broker: RoleSupervisor?
+        var bridgeWorker: RoleSupervisor?
+        /// The bridge worker's channel while it runs (exits are pushed through it).
+        var bridgeChannel: FDChannel?
+        var shuttingDown = false
+        /// While stopping: when every drain must be over, so that the exits still reach the host
+        /// before the shutdown timeout (a process that exits now drains only until then).
+        var drainDeadline: ContinuousClock.Instant?
+        /// READY=1 has been sent: role restarts from now on are news.
+        var ready = false
     }
-    private let bridgeState = NIOLockedValueBox(BridgeState.down)
-    private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
-    private let shuttingDown = NIOLockedValueBox(false)
-    /// While stopping: when every drain must be over, so that the exits still reach the host
-    /// before the shutdown timeout (a process that exits now drains only until then).
-    private let drainDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
-    /// The bridge worker's channel while it runs (exits are pushed through it).
-    private let bridgeChannel = NIOLockedValueBox<FDChannel?>(nil)
-    /// Exits of processes the host created, kept until the host acknowledges them.
-    private let unacknowledgedExits = NIOLockedValueBox<[ExitReport]>([])
+    private let session = NIOLockedValueBox(Session())
+    /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the
+    /// stop waits on it instead of polling.
+    private let changes = ChangeSignal()
+    /// The bridge worker's pid once it started (readiness waits for it).
+    private let bridgeStarted = Rendezvous<pid_t>()
     /// systemd's notification socket (a no-op when not started by systemd with Type=notify).
     let notifier: ServiceNotifier
-    /// READY=1 has been sent: role restarts from now on are news.
-    private let ready = NIOLockedValueBox(false)
-
-    /// A container process the supervisor started.
-    final class ProcessRecord: Sendable {
-        let id: String
-        let pid: pid_t
-        /// Created by the host over the bridge: its exit is kept until the host acknowledges it.
-        let viaBridge: Bool
-        /// Set when this process is a runc container's init: its runc id and bundle (signals go
-        /// through `runc kill`; `runc delete` follows its exit; an exec reads the bundle).
-        let container: (id: String, bundle: String)?
-        /// The create's idempotency key: a repeat of that create answers with this process.
-        let idempotencyKey: String?
-        /// Started directly in a session of its own (pid == process group id): a stop can end
-        /// the whole group, orphans holding its output included.
-        let leadsProcessGroup: Bool
-        let state = NIOLockedValueBox<(phase: ProcessState, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
-            (.running, nil, []))
-
-        init(
-            id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil,
-            leadsProcessGroup: Bool = false
-        ) {
-            self.id = id
-            self.leadsProcessGroup = leadsProcessGroup
-            self.idempotencyKey = idempotencyKey
-            self.pid = pid
-            self.viaBridge = viaBridge
-            self.container = container
-        }
-
-        var status: ProcessStatus {
-            state.withLockedValue { ProcessStatus(id: id, pid: pid, state: $0.phase, exitCode: $0.report?.exitCode) }
-        }
-
-        /// Marks it done; returns its waiters, for the caller to wake once everything that
-        /// must happen before (the exit queued for the host) has; nil if it was already done.
-        func finish(_ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
-            state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
-                guard s.phase != .done else { return nil }
-                s.phase = .done
-                s.report = report
-                defer { s.waiters.removeAll() }
-                return s.waiters
-            }
-        }
-
-        /// The exit report once the process is done: exited, and its output drained (or given
-        /// up on), so `undelivered` is final.
-        func wait() async -> ExitReport {
-            await withCheckedContinuation { continuation in
-                let done = state.withLockedValue { s -> ExitReport? in
-                    if s.phase == .done, let report = s.report { return report }
-                    s.waiters.append(continuation)
-                    return nil
-                }
-                if let done { continuation.resume(returning: done) }
-            }
-        }
-    }
 
     let runc: RuncRuntime
     let metrics = SupervisorMetrics()
     /// Gives malloc's free pages back after bursts of requests.
     let tidier = MemoryTidier()
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
-    let instanceID = RandomIdentifier.make()
+    var instanceID: String { table.withLockedValue { $0.instanceID } }
 
     /// `executable` is what the roles run: `/proc/self/exe` keeps them on this very binary even
     /// after a package upgrade has replaced the file (a restarted role must speak our protocol).
@@ -125,6 +71,7 @@ public final class Supervisor: Sendable {
         self.logger = logger
         self.executable = executable
         self.notifier = notifier ?? ServiceNotifier(environment: [:], logger: logger)
+        table = NIOLockedValueBox(ProcessTable(instanceID: RandomIdentifier.make()))
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
@@ -156,75 +103,93 @@ public final class Supervisor: Sendable {
             name: "bridge", logger: logger, reaper: reaper, launch: { [self] in try launchBridge() },
             serve: { [self] incarnation in await serveBridge(incarnation) },
             onEvent: { [self] event in roleEvent("bridge worker", event) })
-        roles.withLockedValue { $0 = (broker, bridge) }
-        let brokerTask = Task { await broker.run() }
-        let bridgeTask = Task { await bridge.run() }
-        let controlTask = Task { await serveControl(control) }
-        let metricsTask = try startMetricsEndpoint()
+        session.withLockedValue {
+            $0.broker = broker
+            $0.bridgeWorker = bridge
+        }
+        // Started in this order and stopped in the reverse one: the processes stop first (with
+        // the roles, the bridge and the control socket still serving, so their exits reach the
+        // host), then the watchdog, metrics and control socket, then the bridge worker, the broker.
+        var services: [any Service] = [
+            DaemonService("broker", stop: { broker.stop() }) { await broker.run() },
+            DaemonService("bridge worker", stop: { bridge.stop() }) { await bridge.run() },
+            DaemonService("control socket", stop: { control.close() }) { [self] in await serveControl(control) },
+        ]
+        if let metrics = try metricsService() { services.append(metrics) }
+        services += [
+            DaemonService("systemd watchdog") { [notifier] in await notifier.runWatchdog() },
+            DaemonService("memory tidier") { [tidier] in await tidier.run() },
+            ShutdownSequence(description: "container processes") { [self] in await stopProcesses() },
+        ]
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
+        let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }
-        let watchdog = Task { await notifier.runWatchdog() }
-        let tidying = Task { await tidier.run() }
         logger.info("holdfast daemon started", metadata: [
             "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
             "systemd": "\(notifier.isActive ? "notify" : "no")",
         ])
 
-        reaper.reapAll()
-        var stopSignal: Int32?
-        while stopSignal == nil, let signal = await signals.next() {
-            switch signal {
-            case SIGCHLD: reaper.reapAll()
-            case SIGTERM, SIGINT: stopSignal = signal
-            default: break
-            }
-        }
-        logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
-        readiness.cancel()
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running }.count }
-        notifier.post([
-            .stopping,
-            .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
-        ])
-        // Keep reaping while shutting down.
-        let reaping = Task {
+        // Signals: children are reaped until the very end; the first SIGTERM or SIGINT starts
+        // the stop.
+        let signalLoop = Task { [self] in
+            reaper.reapAll()
+            var stopping = false
             while let signal = await signals.next() {
-                if signal == SIGCHLD { reaper.reapAll() }
+                switch signal {
+                case SIGCHLD:
+                    reaper.reapAll()
+                case SIGTERM, SIGINT:
+                    guard !stopping else { continue }
+                    stopping = true
+                    readiness.cancel()
+                    beginStop(signal)
+                    await group.triggerGracefulShutdown()
+                default:
+                    break
+                }
             }
         }
-        let clean = await shutdown(broker: broker, bridge: bridge)
-        controlTask.cancel()
-        control.close()
-        metricsTask?.cancel()
+        var clean = true
+        do {
+            try await running.value
+        } catch {
+            clean = false
+            logger.error("the daemon's services failed", metadata: ["error": "\(error)"])
+        }
+        signalLoop.cancel()
+        readiness.cancel()
         handoff?.close()
-        _ = await brokerTask.value
-        _ = await bridgeTask.value
-        reaping.cancel()
-        watchdog.cancel()
-        tidying.cancel()
         await notifier.finish()
-        logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
+        logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean && stopWasClean.withLockedValue { $0 })"])
         return 0
     }
 
+    /// Whether every process ended and drained within the shutdown timeout.
+    private let stopWasClean = NIOLockedValueBox(true)
+
+    /// The stop begins: creates are refused from now on, systemd hears why.
+    private func beginStop(_ signal: Int32) {
+        session.withLockedValue { $0.shuttingDown = true }
+        logger.info("shutting down", metadata: ["signal": "\(signalName(signal))"])
+        let running = table.withLockedValue { $0.ids(in: .running).count }
+        notifier.post([
+            .stopping,
+            .status("Shutting down (\(signalName(signal))): stopping \(running) container process\(running == 1 ? "" : "es")"),
+        ])
+    }
+
     /// The metrics endpoint, when `metrics.address` names one.
-    private func startMetricsEndpoint() throws -> Task<Void, Never>? {
+    private func metricsService() throws -> DaemonService? {
         guard let address = configuration.metrics.address else { return nil }
         let listener = try Listener(binding: address, unixMode: 0o644)
         let endpoint = MetricsEndpoint(listener: listener, logger: logger) { [self] in await metricsText() }
         logger.info("metrics endpoint", metadata: ["address": "\(listener.boundAddress)"])
-        return Task {
-            await withTaskCancellationHandler {
-                await endpoint.serve()
-            } onCancel: {
-                listener.close()
-            }
-        }
+        return DaemonService("metrics endpoint", stop: { listener.close() }) { await endpoint.serve() }
     }
 
     /// The supervisor's metrics, then the broker's (absent while it restarts).
     func metricsText() async -> String {
-        let roles = self.roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
-        var text = metrics.render(roles: roles)
+        var text = metrics.render(roles: roleStatuses)
         if let broker = broker(),
             let reply = try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self)
         {
@@ -242,31 +207,37 @@ public final class Supervisor: Sendable {
     /// must not fail its start because the host is late.
     private func announceReadiness() async {
         while !Task.isCancelled {
-            if rolePID("bridge") != nil, let broker = broker(),
+            // Each wait ends when the part is there (or, bounded, to look at cancellation again).
+            guard await bridgeStarted.wait(timeout: .seconds(1)) != nil, let broker = await brokerClient.wait(timeout: .seconds(1)),
                 (try? await broker.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self)) != nil,
-                rolePID("bridge") != nil, !shuttingDown.withLockedValue({ $0 })
-            {
-                ready.withLockedValue { $0 = true }
-                notifier.post([.ready, .status("Ready: broker and bridge worker up; \(bridgeSummary)")])
-                logger.info("daemon ready", metadata: ["broker": "\(rolePID("broker") ?? 0)", "bridge": "\(rolePID("bridge") ?? 0)"])
-                return
-            }
-            try? await Task.sleep(for: .milliseconds(20))
+                rolePID("bridge") != nil
+            else { continue }
+            guard !session.withLockedValue({ $0.shuttingDown }) else { return }
+            session.withLockedValue { $0.ready = true }
+            notifier.post([.ready, .status("Ready: broker and bridge worker up; \(bridgeSummary)")])
+            logger.info("daemon ready", metadata: ["broker": "\(rolePID("broker") ?? 0)", "bridge": "\(rolePID("bridge") ?? 0)"])
+            return
         }
     }
 
     private var bridgeSummary: String {
-        let state = bridgeState.withLockedValue { $0 }
+        let state = session.withLockedValue { $0.bridge }
         return "bridge to \(configuration.bridge.address) \(state == .up ? "up" : "down (redialling)")"
     }
 
     /// A role started, died or could not start: the status line says so (restarts only once the
     /// service is ready; the first starts are what readiness reports).
     private func roleEvent(_ role: String, _ event: RoleSupervisor.Event) {
-        guard !shuttingDown.withLockedValue({ $0 }) else { return }
+        if role == "bridge worker" {
+            switch event {
+            case .started(let pid, _): bridgeStarted.set(pid)
+            case .died, .cannotStart: bridgeStarted.clear { _ in true }
+            }
+        }
+        guard !session.withLockedValue({ $0.shuttingDown }) else { return }
         switch event {
         case .started(let pid, let restarts):
-            guard restarts > 0, ready.withLockedValue({ $0 }) else { return }
+            guard restarts > 0, session.withLockedValue({ $0.ready }) else { return }
             notifier.status("Ready: the \(role) was restarted (pid \(pid), restart \(restarts)); \(bridgeSummary)")
         case .died(let cause, let restartIn):
             notifier.status("The \(role) died (\(cause)); restarting in \(Self.describe(restartIn))")
@@ -302,8 +273,11 @@ public final class Supervisor: Sendable {
         if mkdir(runc.workDirectory, 0o700) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(runc.workDirectory))") }
     }
 
-    /// A process record by id (nil: none).
-    func record(_ id: String) -> ProcessRecord? { processes.withLockedValue { $0.records[id] } }
+    /// A process by id (nil: none).
+    func entry(_ id: String) -> ProcessTable.Entry? { table.withLockedValue { $0[id] } }
+
+    /// The process table as a snapshot (what a live upgrade hands over; tests round-trip it).
+    func snapshot() -> ProcessTable.Snapshot { table.withLockedValue { $0.snapshot() } }
 
     /// The public handoff socket, bound here as root with its configured mode, then passed down.
     private func bindHandoff() throws -> Listener? {
@@ -389,10 +363,10 @@ public final class Supervisor: Sendable {
         brokerClient.clear { $0 === client }
         // The broker is gone with every stream it held: exits waiting for a drain will not get
         // one. Report them now rather than never.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
-            if var report = record.state.withLockedValue({ $0.report }) {
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .exited {
+            if var report = entry.report {
                 report.outputCutShort = true
-                complete(record, report)
+                complete(entry.id, report)
             }
         }
     }
@@ -401,7 +375,7 @@ public final class Supervisor: Sendable {
     /// host's requests (already parsed and checked); we answer them and push exits to it.
     private func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
         let channel = incarnation.channel
-        bridgeChannel.withLockedValue { $0 = channel }
+        session.withLockedValue { $0.bridgeChannel = channel }
         // The worker bounds what the host has in flight; this bounds what the worker can (a
         // worker gone wrong must not grow the supervisor either).
         _ = await RPCServer.serve(
@@ -414,10 +388,10 @@ public final class Supervisor: Sendable {
             tidier.noteWork()
             return try await handle(request)
         }
-        bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
+        session.withLockedValue { if $0.bridgeChannel === channel { $0.bridgeChannel = nil } }
         // The worker died: the bridge is as good as lost.
-        if bridgeState.withLockedValue({ $0 }) == .up {
-            bridgeState.withLockedValue { $0 = .down }
+        if session.withLockedValue({ s in defer { s.bridge = .down }; return s.bridge == .up }) {
+            changes.notify()
             metrics.bridge(up: false)
             _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         }
@@ -426,17 +400,19 @@ public final class Supervisor: Sendable {
     private func bridgeNotification(_ frame: ControlFrame) async {
         switch SupervisorMessageType(rawValue: frame.type) {
         case .bridgeUp:
-            bridgeState.withLockedValue { $0 = .up }
+            session.withLockedValue { $0.bridge = .up }
+            changes.notify()
             metrics.bridge(up: true)
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
-            if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
+            if session.withLockedValue({ $0.ready }) { notifier.status("Ready: \(bridgeSummary)") }
             _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
         case .bridgeDown:
-            bridgeState.withLockedValue { $0 = .down }
+            session.withLockedValue { $0.bridge = .down }
+            changes.notify()
             metrics.bridge(up: false)
             logger.warning("bridge lost")
-            if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
+            if session.withLockedValue({ $0.ready }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
             _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
         default:
             break
@@ -452,7 +428,7 @@ public final class Supervisor: Sendable {
             // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
             // again once the bridge is up), then as many live processes as fit.
             let live = processStatuses().filter { $0.state != .done }
-            let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
+            let (withExits, _) = FrameBudget.fit(table.withLockedValue { $0.unacknowledgedExits }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
             let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
@@ -505,38 +481,33 @@ public final class Supervisor: Sendable {
 
     /// The host has an exit: forget it, and the process with it.
     private func acknowledgeExit(_ id: String) {
-        unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
-        processes.withLockedValue { table in
-            if let record = table.records[id], record.viaBridge, record.status.state == .done {
-                table.records.removeValue(forKey: id)
-                table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
-            }
-        }
+        table.withLockedValue { $0.acknowledgeExit(id) }
+        changes.notify()
     }
 
     /// Every path that ends a process comes here once: waiters are woken, and an exit the host
     /// asked for is kept until the host acknowledges it (sent now if the bridge is up, and in
-    /// every hello until then).
-    private func complete(_ record: ProcessRecord, _ report: ExitReport) {
-        guard let waiters = record.finish(report) else { return }
-        // Queued for the host before anyone waiting hears of it: a stop that waits for the
-        // records and then for the acknowledgements must find this exit among them.
-        if record.viaBridge {
-            unacknowledgedExits.withLockedValue { $0.append(report) }
-            if let channel = bridgeChannel.withLockedValue({ $0 }) {
-                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
-                Task { try? await channel.send(frame.encoded) }
-            }
+    /// every hello until then). It is queued for the host before anyone waiting hears of it: a
+    /// stop that waits for the processes and then for the acknowledgements finds it there.
+    private func complete(_ id: String, _ report: ExitReport) {
+        guard let (waiters, viaBridge) = table.withLockedValue({ t -> ([CheckedContinuation<ExitReport, Never>], Bool)? in
+            guard let waiters = t.finish(id, report) else { return nil }
+            return (waiters, t[id]?.viaBridge ?? false)
+        }) else { return }
+        if viaBridge, let channel = session.withLockedValue({ $0.bridgeChannel }) {
+            let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+            Task { try? await channel.send(frame.encoded) }
         }
         for waiter in waiters { waiter.resume(returning: report) }
+        changes.notify()
     }
 
     /// Exits the hello had no room for (thousands ended during one blackout) go out now, one
     /// frame each; the host acknowledges repeats, so sending one twice is harmless.
     private func resendExitsLeftOutOfTheHello() {
-        let exits = unacknowledgedExits.withLockedValue { $0 }
+        let exits = table.withLockedValue { $0.unacknowledgedExits }
         let (inHello, omitted) = FrameBudget.fit(exits, budget: FrameBudget.bytes / 2) { BridgeHello(bootID: "", processes: [], exits: $0) }
-        guard omitted > 0, let channel = bridgeChannel.withLockedValue({ $0 }) else { return }
+        guard omitted > 0, let channel = session.withLockedValue({ $0.bridgeChannel }) else { return }
         let rest = exits.dropFirst(inHello.exits.count)
         Task {
             for report in rest {
@@ -548,14 +519,8 @@ public final class Supervisor: Sendable {
 
     func broker() -> ControlClient? { brokerClient.current }
 
-    /// Every process by id, with creates still in progress as `starting` (pid 0): a host that
-    /// lost a create's reply sees that it arrived.
-    private func processStatuses() -> [ProcessStatus] {
-        processes.withLockedValue { table in
-            table.records.values.map(\.status)
-                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: .starting, exitCode: nil) }
-        }.sorted { $0.id < $1.id }
-    }
+    /// Every process by id, with creates still in progress as `starting` (pid 0).
+    private func processStatuses() -> [ProcessStatus] { table.withLockedValue { $0.statuses } }
 
     // MARK: Processes
 
@@ -565,13 +530,13 @@ public final class Supervisor: Sendable {
     public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(HoldfastError) -> LaunchResponse {
         var answered = false
         defer { if !answered { metrics.processStartFailed() } }
-        guard !shuttingDown.withLockedValue({ $0 }) else {
+        guard !session.withLockedValue({ $0.shuttingDown }) else {
             throw HoldfastError(.shuttingDown, "the daemon is shutting down")
         }
         try Launcher.validate(spec)
         try refuseTheBrokersUID(spec)
-        let decision = processes.withLockedValue { table in
-            table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table.records[spec.id].map { ($0.idempotencyKey, $0.pid) })
+        let decision = table.withLockedValue { table in
+            table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table[spec.id].map { ($0.idempotencyKey, $0.pid) })
         }
         let reservation: CreateLedger.PendingStart
         switch decision {
@@ -598,7 +563,7 @@ public final class Supervisor: Sendable {
             answered = true
             return LaunchResponse(pid: pid)
         } catch {
-            processes.withLockedValue { $0.creates.release(id: spec.id) }
+            table.withLockedValue { $0.creates.release(id: spec.id) }
             reservation.resolve(.failure(error))
             throw error
         }
@@ -612,27 +577,27 @@ public final class Supervisor: Sendable {
             throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
         let started: Launcher.Started
-        var container: (id: String, bundle: String)?
+        var container: ProcessTable.Entry.Container?
         switch spec.runtime ?? .direct {
         case .direct:
             started = try Launcher.start(spec)
         case .runc:
             if let target = spec.container {
-                guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
+                guard let target = entry(target), let targetContainer = target.container else {
                     throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
                 }
-                guard record.status.state == .running else {
-                    throw HoldfastError(.notRunning, "container '\(target)' has exited")
+                guard target.phase == .running else {
+                    throw HoldfastError(.notRunning, "container '\(target.id)' has exited")
                 }
-                started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
+                started = try await runc.exec(spec, in: targetContainer.id, bundle: targetContainer.bundle)
             } else {
                 started = try await runc.create(spec)
-                container = (spec.id, spec.bundle!)
+                container = .init(id: spec.id, bundle: spec.bundle!)
             }
         }
-        let record = ProcessRecord(
+        let entry = ProcessTable.Entry(
             id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
-            leadsProcessGroup: (spec.runtime ?? .direct) == .direct)
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, streams: started.adopt.streams)
         metrics.processStarted(spec.runtime ?? .direct)
         if !started.adopt.streams.isEmpty {
             do {
@@ -647,36 +612,30 @@ public final class Supervisor: Sendable {
             }
         }
         for fd in started.descriptors { close(fd) }  // the broker has them now
-        processes.withLockedValue { table in
-            table.records[spec.id] = record
-            table.creates.release(id: spec.id)
-        }
+        table.withLockedValue { $0.started(entry) }
         logger.info("process started", metadata: [
             "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
         ])
-        Task { await watch(record, hasStreams: !started.adopt.streams.isEmpty) }
+        Task { await watch(entry) }
         return started.pid
     }
 
     /// Waits for the process to exit, lets its output drain, then reports the exit.
-    private func watch(_ record: ProcessRecord, hasStreams: Bool) async {
-        let status = await reaper.wait(record.pid)
-        if let container = record.container { await runc.delete(container.id) }
+    private func watch(_ entry: ProcessTable.Entry) async {
+        let status = await reaper.wait(entry.pid)
+        if let container = entry.container { await runc.delete(container.id) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
-        let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
-        record.state.withLockedValue {
-            $0.phase = .exited
-            $0.report = report
-        }
-        logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
+        let report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
+        table.withLockedValue { $0.exited(entry.id, report) }
+        logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
         metrics.processExited()
-        guard hasStreams, let broker = broker() else {
-            complete(record, report)
+        guard !entry.streams.isEmpty, let broker = broker() else {
+            complete(entry.id, report)
             return
         }
-        var exited = ProcessExitedRequest(process: record.id)
-        if let deadline = drainDeadline.withLockedValue({ $0 }) {
+        var exited = ProcessExitedRequest(process: entry.id)
+        if let deadline = session.withLockedValue({ $0.drainDeadline }) {
             // Stopping: the drain may take only what is left before the exits must go out.
             let left = max(Duration.zero, deadline - ContinuousClock.now)
             exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
@@ -684,37 +643,38 @@ public final class Supervisor: Sendable {
         do {
             _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
         } catch {
-            complete(record, report)
+            complete(entry.id, report)
         }
         // The `drained` notification finishes it (processDrained).
     }
 
     private func processDrained(_ drained: DrainedNotification) {
-        guard let record = processes.withLockedValue({ $0.records[drained.process] }) else { return }
-        guard var report = record.state.withLockedValue({ $0.report }) else { return }
+        guard var report = entry(drained.process)?.report else { return }
         report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
-        complete(record, report)
+        complete(drained.process, report)
     }
 
+    /// The exit report once the process is done: exited, and its output drained (or given up
+    /// on), so `undelivered` is final. The process is forgotten once its exit is taken.
     public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
-        guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
-        }
-        let report = await record.wait()
-        processes.withLockedValue { table in
-            if table.records[id] === record {
-                table.records.removeValue(forKey: id)
-                table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
-            }
-        }
+        guard let pid = entry(id)?.pid else { throw HoldfastError(.noSuchProcess, "no process '\(id)'") }
+        let report = await exitReport(id)
+        table.withLockedValue { $0.forget(id, pid: pid) }
         return report
     }
 
+    /// Waits for `id`'s final exit report (the process must be in the table).
+    private func exitReport(_ id: String) async -> ExitReport {
+        await withCheckedContinuation { continuation in
+            if let done = table.withLockedValue({ $0.wait(for: id, continuation) }) { continuation.resume(returning: done) }
+        }
+    }
+
     public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
-        guard let record = processes.withLockedValue({ $0.records[id] }) else {
+        guard let record = entry(id) else {
             throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
-        guard record.status.state == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
+        guard record.phase == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
             try await runc.kill(container.id, signal: signal)
             return
@@ -742,91 +702,88 @@ public final class Supervisor: Sendable {
 
     public func status() async -> StatusReport {
         let streams = await brokerStreams()
-        let roleStatuses = roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
         return StatusReport(
             version: HoldfastVersion.string, pid: getpid(),
-            uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: bridgeState.withLockedValue { $0 },
+            uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: session.withLockedValue { $0.bridge },
             roles: roleStatuses, processes: processStatuses(),
             streams: streams)
     }
 
     /// The pid of a role (tests kill it to prove it comes back).
     public func rolePID(_ name: String) -> pid_t? {
-        roles.withLockedValue { name == "broker" ? $0.broker?.pid : $0.bridge?.pid }
+        session.withLockedValue { name == "broker" ? $0.broker?.pid : $0.bridgeWorker?.pid }
+    }
+
+    private var roleStatuses: [RoleStatus] {
+        session.withLockedValue { [$0.broker?.status, $0.bridgeWorker?.status].compactMap { $0 } }
     }
 
     // MARK: Shutdown
 
-    /// Stops the bridge, signals every container process (then SIGKILL after the grace
-    /// period), lets the relays drain, stops the broker — all within the shutdown timeout.
-    /// Returns true if everything ended in time.
-    private func shutdown(broker: RoleSupervisor, bridge: RoleSupervisor) async -> Bool {
-        shuttingDown.withLockedValue { $0 = true }
+    /// The first step of a stop (the `ShutdownSequence` service, run while the roles, the bridge
+    /// and the control socket still serve): signals every container process (then SIGKILL after
+    /// the grace period), lets the relays drain, reports every exit — all within the shutdown
+    /// timeout, whose last part belongs to the host's acknowledgements. The roles stop after it.
+    private func stopProcesses() async {
+        session.withLockedValue { $0.shuttingDown = true }
         let timeout = Duration.milliseconds(configuration.shutdown.timeout)
         let deadline = ContinuousClock.now + timeout
         // The last part of the timeout belongs to the exits: every drain ends before it, so each
         // exit this stop causes is reported while the bridge is still up.
         let acknowledgementWindow = min(.seconds(2), timeout / 4)
         let drainsEnd = deadline - acknowledgementWindow
-        drainDeadline.withLockedValue { $0 = drainsEnd }
+        session.withLockedValue { $0.drainDeadline = drainsEnd }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running } }
-        for record in running { kill(record.pid, configuration.shutdown.signal) }
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
+            kill(entry.pid, configuration.shutdown.signal)
+        }
         let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
-        var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
+        var clean = await waitUntilEveryProcessIsDone(until: graceEnd)
         if !clean {
-            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != .done {
-                if record.status.state == .running {
-                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
-                    kill(record.pid, SIGKILL)
+            for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase != .done {
+                if entry.phase == .running {
+                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(entry.id)"])
+                    kill(entry.pid, SIGKILL)
                 }
                 // A direct process leads its own process group: what it left behind (an orphan
                 // holding its output open, which would hold the drain) ends with it.
-                if record.leadsProcessGroup { kill(-record.pid, SIGKILL) }
+                if entry.leadsProcessGroup { kill(-entry.pid, SIGKILL) }
             }
-            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: drainsEnd)
+            clean = await waitUntilEveryProcessIsDone(until: drainsEnd)
         }
         // A process that exited but whose output could not drain in time (a host that reads
         // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
         // never an exit the host waits for forever.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
-            guard var report = record.state.withLockedValue({ $0.report }) else { continue }
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .exited {
+            guard var report = entry.report else { continue }
             report.outputCutShort = true
-            logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(record.id)"])
-            complete(record, report)
+            logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(entry.id)"])
+            complete(entry.id, report)
         }
         // Give a connected host a moment to acknowledge those exits (bounded: a host that does
         // not answer must not hold the stop); what it did not acknowledge is lost with us.
-        await waitForAcknowledgements(until: deadline)
-        bridge.stop()
-        broker.stop()
-        return clean
-    }
-
-    /// Waits while the bridge is up and exits are unacknowledged, until `deadline`.
-    private func waitForAcknowledgements(until deadline: ContinuousClock.Instant) async {
-        while bridgeState.withLockedValue({ $0 }) == .up, !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
-            ContinuousClock.now < deadline
-        {
-            try? await Task.sleep(for: .milliseconds(20))
+        await waitUntil(deadline) { [self] in
+            session.withLockedValue { $0.bridge != .up } || table.withLockedValue { $0.unacknowledgedExits.isEmpty }
         }
+        stopWasClean.withLockedValue { $0 = clean }
     }
 
-    /// Waits until every record reported its exit (output drained), or `deadline`. The waits
-    /// themselves cannot be cancelled, so they run unstructured and lose the race quietly.
-    private func waitAll(_ records: [ProcessRecord], until deadline: ContinuousClock.Instant) async -> Bool {
-        let outcome = NIOLockedValueBox<CheckedContinuation<Bool, Never>?>(nil)
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            outcome.withLockedValue { $0 = continuation }
-            Task {
-                for record in records { _ = await record.wait() }
-                outcome.withLockedValue { c in defer { c = nil }; return c }?.resume(returning: true)
-            }
-            Task {
-                try? await Task.sleep(until: deadline)
-                outcome.withLockedValue { c in defer { c = nil }; return c }?.resume(returning: false)
-            }
+    /// Waits until every process reported its exit (output drained), or `deadline`.
+    private func waitUntilEveryProcessIsDone(until deadline: ContinuousClock.Instant) async -> Bool {
+        await waitUntil(deadline) { [self] in table.withLockedValue { t in t.entries.allSatisfy { $0.phase == .done } } }
+    }
+
+    /// Waits until `condition` holds or `deadline` passes; re-checked at every change (a
+    /// process done, an exit acknowledged, the bridge up or down), never polled.
+    @discardableResult
+    private func waitUntil(_ deadline: ContinuousClock.Instant, _ condition: () -> Bool) async -> Bool {
+        while true {
+            let generation = changes.generation
+            if condition() { return true }
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return false }
+            await changes.wait(since: generation, timeout: left)
         }
     }
 }
