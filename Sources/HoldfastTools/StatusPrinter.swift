@@ -89,6 +89,12 @@ public enum StatusPrinter {
                      bytes($0.bytesToHost), bytes($0.bytesFromHost), String($0.reconnects)]
                 })
         }
+        // Why a parked stream cannot connect, one line each (the table stays narrow).
+        for stream in report.streams {
+            guard stream.state == .parked, let error = stream.lastDialError else { continue }
+            let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
+            lines.append("\(name): \(paint("cannot connect", "31")) to \(stream.address): \(error)")
+        }
         if let omitted = report.omittedStreams {
             let states = (report.streamStates ?? [:]).sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             lines.append("... and \(omitted) more streams (all streams: \(states))")

@@ -353,7 +353,12 @@ struct Pipe: AsyncParsableCommand {
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
     @Option(help: "Resumable mode: a file (mode 0600) with the stream's secret in hex, the one 'holdfast receive --secret-file' made.")
     var secretFile: String?
-    @Option(help: "Redial attempts per cycle.") var attempts = 60
+    @Option(help: "Dials before giving up (100 ms apart; each bounded by a 2 s connect timeout), at the start and whenever the connection drops.")
+    var attempts = 60
+
+    func validate() throws {
+        guard attempts >= 1 else { throw ValidationError("--attempts must be at least 1") }
+    }
     @Option(help: "Relay buffer size in bytes.") var buffer = 128 * 1024
     @Option(help: "Ask the kernel for a stdin pipe of this many bytes (F_SETPIPE_SZ).") var pipeSize: Int?
 
@@ -371,9 +376,14 @@ struct Pipe: AsyncParsableCommand {
                 throw CommandFailure("holdfast pipe: \(error)")
             }
         }
-        let report = try await PipeRelay.run(.init(
-            destination: address, mode: mode, token: token, secret: secret, policy: RedialPolicy(attempts: attempts),
-            bufferSize: buffer, pipeCapacity: pipeSize))
+        let report: RelayReport
+        do {
+            report = try await PipeRelay.run(.init(
+                destination: address, mode: mode, token: token, secret: secret, policy: RedialPolicy(attempts: attempts),
+                bufferSize: buffer, pipeCapacity: pipeSize, say: { writeError($0) }))
+        } catch let gaveUp as PipeRelay.GaveUp {
+            throw CommandFailure("holdfast pipe: \(gaveUp)")
+        }
         if report.undelivered > 0 {
             throw CommandFailure("holdfast pipe: \(report)")
         }
