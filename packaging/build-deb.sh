@@ -49,7 +49,8 @@ gzip -9n < "$changelog" > "$doc/changelog.Debian.gz"
 install -m 0644 "$debian/lintian-overrides" "$root/usr/share/lintian/overrides/holdfast"
 # Shell completions, as swift-argument-parser generates them from the binary's own commands and
 # options (so they cannot drift from it), where each shell looks for a package's.
-"$binary" --generate-completion-script bash > "$root/usr/share/bash-completion/completions/holdfast"
+# (bash's is sourced, not run: no #! line, which lintian flags.)
+"$binary" --generate-completion-script bash | sed '1{/^#!/d}' > "$root/usr/share/bash-completion/completions/holdfast"
 "$binary" --generate-completion-script zsh > "$root/usr/share/zsh/vendor-completions/_holdfast"
 "$binary" --generate-completion-script fish > "$root/usr/share/fish/vendor_completions.d/holdfast.fish"
 chmod 0644 "$root/usr/share/bash-completion/completions/holdfast" "$root/usr/share/zsh/vendor-completions/_holdfast" \
