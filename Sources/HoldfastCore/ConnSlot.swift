@@ -1,9 +1,13 @@
 import NIOConcurrencyHelpers
 
+// One file on purpose (over 500 lines): the slot's states, its redial cycle, its leases and
+// its drain timer share one lock and one set of invariants (at most one cycle per slot, a stale
+// failure never drops a newer connection); split apart they would be checked in no one place.
+
 /// The connection of one stream, replaceable while the stream's relays keep running.
 ///
 /// States: `connected`, `empty` (relays parked: suspended tasks, no thread held) and `closed`.
-/// See DESIGN.md, "ConnSlot — the heart". Everything here is pure logic over `ByteConnection`;
+/// docs/ARCHITECTURE.md, "ConnSlot semantics", lists its rules. Everything here is pure logic over `ByteConnection`;
 /// dialing is a closure supplied by the owner, so the same slot serves sockets, tests and the
 /// resumable-stream handshake.
 public final class ConnSlot<Connection: ByteConnection>: Sendable {
