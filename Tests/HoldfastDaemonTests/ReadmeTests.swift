@@ -546,7 +546,7 @@ final class Runner: Sendable {
                 let command = line.hasSuffix("&") ? String(line.dropLast()) : line
                 background.withLockedValue { $0["receive"] = try? self.start(command) }
             }),
-            ("head -c 100M /dev/urandom | tee original | holdfast pipe", { line in
+            ("head -c 10M /dev/urandom | tee original | holdfast pipe", { line in
                 let piped = try await self.run(line)
                 #expect(piped.status == .exited(0), "\(piped.err)")
                 let receiver = try #require(background.withLockedValue { $0["receive"] })
@@ -556,7 +556,7 @@ final class Runner: Sendable {
                 let compared = try await self.run(line)
                 #expect(compared.status == .exited(0), "\(compared.out)")
                 var info = stat()
-                #expect(stat(self.directory.file("t/copy"), &info) == 0 && info.st_size == 100 << 20)
+                #expect(stat(self.directory.file("t/copy"), &info) == 0 && info.st_size == 10 << 20)
             }),
         ]
     }
