@@ -4,6 +4,10 @@ import PackageDescription
 let strict: [SwiftSetting] = [
     .swiftLanguageMode(.v6),
     .enableUpcomingFeature("ExistentialAny"),
+    // A nonisolated async function runs on its caller's executor (SE-0461) instead of hopping
+    // to the global one at every call: on the data plane, whose tasks prefer the reactor's
+    // thread, each such hop was a look-up of the task's preferred executor under a lock.
+    .enableUpcomingFeature("NonisolatedNonsendingByDefault"),
 ]
 
 let package = Package(

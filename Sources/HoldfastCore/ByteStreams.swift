@@ -15,6 +15,21 @@ public protocol ByteReader: Sendable {
 
     /// Reads what is available now without suspending: `nil` when nothing is, 0 at end-of-file.
     func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int?
+
+    /// `readNow` into several buffers, filling them in order (an fd does it with one readv).
+    func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int?
+}
+
+extension ByteReader {
+    public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        var total = 0
+        for buffer in buffers {
+            guard let count = try readNow(into: buffer) else { return total > 0 ? total : nil }
+            total += count
+            if count < buffer.count { break }
+        }
+        return total
+    }
 }
 
 /// A sink of bytes: a pipe's write end, a pty master, a connection.
@@ -25,9 +40,48 @@ public protocol ByteWriter: Sendable {
     /// Writes `header` then `body` as one stream (a socket does it in one writev). A failure
     /// counts accepted bytes across both.
     func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure)
+
+    /// Writes every byte of `vectors`, in order, as one stream (a socket does it with one
+    /// sendmsg per attempt). A failure counts accepted bytes across all of them.
+    func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure)
+
+    /// Moves up to `limit` bytes from `source` into this writer inside the kernel (splice(2):
+    /// the bytes never enter this process), suspending while this writer is full. Returns `nil`
+    /// when the two ends cannot be spliced (not both fds, neither a pipe, a terminal): the caller
+    /// copies instead. Throws, with the bytes moved before, when this writer fails; a failing
+    /// source is reported as `.sourceFailed`. Bytes not moved stay in the source.
+    func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult?
+}
+
+/// What one `ByteWriter.splice(from:limit:)` did.
+public enum SpliceResult: Sendable {
+    /// This many bytes (at least one) moved; the source may hold more.
+    case moved(Int)
+    /// The source has nothing now: wait until it is readable.
+    case sourceEmpty
+    /// The source reached end-of-file.
+    case endOfFile
+    /// Reading the source failed (a connection reset).
+    case sourceFailed(any Error)
 }
 
 extension ByteWriter {
+    public func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult? { nil }
+}
+
+extension ByteWriter {
+    public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) {
+        var accepted = 0
+        for vector in vectors {
+            do {
+                try await write(vector)
+            } catch {
+                throw WriteFailure(accepted: accepted + error.accepted, cause: error.cause)
+            }
+            accepted += vector.count
+        }
+    }
+
     public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
         try await write(header)
         do {
@@ -56,10 +110,16 @@ extension ByteConnection {
 /// into the kernel's send buffer) before `cause` happened; the rest were not.
 public struct WriteFailure: Error, Sendable, CustomStringConvertible {
     public var accepted: Int
+    /// Of `accepted`, the bytes of the last hand-over before the failure: what a raw stream
+    /// counts as unconfirmed. All of `accepted` for a write of one buffer. A splice pass moves
+    /// one pipe-full after another, and the peer reads the earlier ones while the later ones
+    /// go in: counting all of them would report bytes that arrived as lost.
+    public var unconfirmed: Int
     public var cause: any Error
 
-    public init(accepted: Int, cause: any Error) {
+    public init(accepted: Int, unconfirmed: Int? = nil, cause: any Error) {
         self.accepted = accepted
+        self.unconfirmed = min(unconfirmed ?? accepted, accepted)
         self.cause = cause
     }
 

@@ -17,10 +17,12 @@ public final class ResumableSession<Transport: ByteConnection>: ByteConnection {
     public func waitReadable() async throws { try await transport.waitReadable() }
     public func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int { try await transport.read(into: buffer) }
     public func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? { try transport.readNow(into: buffer) }
+    public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? { try transport.readNow(into: buffers) }
     public func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) { try await transport.write(bytes) }
     public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
         try await transport.write(header, body)
     }
+    public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) { try await transport.write(vectors: vectors) }
     public func close() { transport.close() }
     public func shutdownWrite() { transport.shutdownWrite() }
 }

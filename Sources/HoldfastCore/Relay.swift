@@ -39,7 +39,12 @@ public enum Relay {
         pool: BufferPool = .shared
     ) async -> RelayReport {
         var relayed: UInt64 = 0
+        var sinceYield = 0
         while true {
+            if sinceYield >= yieldEvery {
+                sinceYield = 0
+                await Task.yield()
+            }
             do {
                 try await source.waitReadable()
             } catch {
@@ -47,7 +52,9 @@ public enum Relay {
             }
             do {
                 switch try await stream.pull(from: source, pool: pool) {
-                case .moved(let count): relayed &+= UInt64(count)
+                case .moved(let count):
+                    relayed &+= UInt64(count)
+                    sinceYield += count
                 case .nothing: continue
                 case .endOfFile: return await finish(stream, relayed: relayed)
                 }
@@ -75,6 +82,27 @@ public enum Relay {
         pool: BufferPool = .shared
     ) async -> RelayReport {
         var relayed: UInt64 = 0
+        var sinceYield = 0
+        // Straight from the connection into the pipe while the two can be spliced: no buffer.
+        while true {
+            let moved: Int?
+            do {
+                moved = try await stream.receive(into: sink, limit: pool.bufferSize)
+            } catch {
+                return RelayReport(ending: .processGone, bytes: relayed + UInt64(error.accepted), undelivered: 0)
+            }
+            guard let moved else { break }
+            if moved == 0 {
+                let ending: RelayReport.Ending = Task.isCancelled ? .cancelled : .endOfStream
+                return RelayReport(ending: ending, bytes: relayed, undelivered: 0)
+            }
+            relayed &+= UInt64(moved)
+            sinceYield += moved
+            if sinceYield >= yieldEvery {
+                sinceYield = 0
+                await Task.yield()
+            }
+        }
         while true {
             await stream.waitReceivable()
             if Task.isCancelled { return RelayReport(ending: .cancelled, bytes: relayed, undelivered: 0) }
@@ -93,8 +121,17 @@ public enum Relay {
                     ending: .processGone, bytes: relayed + UInt64(error.accepted),
                     undelivered: UInt64(count - error.accepted))
             }
+            sinceYield += count
+            if sinceYield >= yieldEvery {
+                sinceYield = 0
+                await Task.yield()
+            }
         }
     }
+
+    /// A relay that always finds data and room lets other tasks on its executor run after this
+    /// many bytes (relays share the reactor's thread: one busy stream must not starve the rest).
+    static let yieldEvery = 4 << 20
 
     private static func finish(_ stream: some OutboundStream, relayed: UInt64) async -> RelayReport {
         let undelivered = await stream.finish()

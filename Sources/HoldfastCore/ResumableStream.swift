@@ -18,7 +18,8 @@ public struct ResumableConfiguration: Sendable, Equatable {
     public var ackEvery: Int
     /// ...or this long after the first unacknowledged byte, whichever comes first.
     public var ackDelay: Duration
-    /// The largest data frame a sender writes.
+    /// The largest data frame a sender writes (the protocol's limit by default: fewer headers for
+    /// the receiver to read; a frame's body may span several ring blocks).
     public var maxFrame: Int
     /// After `processExited`/`finish`: how long the stream may make no progress (no
     /// acknowledgement, no connection) before it gives up and reports what it could not deliver.
@@ -26,7 +27,7 @@ public struct ResumableConfiguration: Sendable, Equatable {
 
     public init(
         ringCapacity: Int = 1 << 20, ackEvery: Int = 256 * 1024, ackDelay: Duration = .milliseconds(10),
-        maxFrame: Int = 64 * 1024, drainTimeout: Duration = .seconds(30)
+        maxFrame: Int = StreamFramePrefix.maxDataBody, drainTimeout: Duration = .seconds(30)
     ) {
         precondition(maxFrame > 0 && maxFrame <= StreamFramePrefix.maxDataBody)
         self.ringCapacity = ringCapacity
@@ -64,10 +65,15 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     ///   - attemptClock: a monotonic clock (nanoseconds) that numbers dials, so a restarted
     ///     dialer's attempts still outrank its predecessor's at the acceptor.
     ///   - observer: slot events, for metrics and logs.
+    ///   - storage: where the replay ring's blocks come from.
+    ///   - executor: where the stream's own tasks run (its pump, its acknowledgement reader):
+    ///     the I/O reactor's thread for real sockets, so a frame read or written on readiness
+    ///     costs no hop to another thread. `nil`: the global executor.
     public init(
         token: [UInt8], secret: StreamSecret, role: StreamRole, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(),
-        policy: RedialPolicy = .default, pool: BufferPool = .ring,
+        policy: RedialPolicy = .default, storage: any RingBlockStorage = BufferPool.ring,
+        executor: (any TaskExecutor)? = nil,
         dial: (@Sendable () async throws -> Transport)? = nil,
         attemptClock: (@Sendable () -> UInt64)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
@@ -77,7 +83,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         self.role = role
         self.direction = direction
         self.configuration = configuration
-        let engine = Engine(direction: direction, configuration: configuration, pool: pool)
+        let engine = Engine(direction: direction, configuration: configuration, storage: storage, executor: executor)
         self.engine = engine
         var slotDial: ConnSlot<Session>.Dial?
         if let dial {
@@ -110,9 +116,9 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                 engine.slotChanged(event)
                 observer?(event)
             })
-        Task { [slot, engine] in await engine.pump(slot) }
+        Task(executorPreference: executor) { [slot, engine] in await engine.pump(slot) }
         if direction == .send {
-            Task { [slot, engine] in await engine.readAcknowledgements(slot) }
+            Task(executorPreference: executor) { [slot, engine] in await engine.readAcknowledgements(slot) }
         }
     }
 
@@ -150,25 +156,28 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     public func send(_ bytes: UnsafeRawBufferPointer) async throws(StreamClosed) {
         var offset = 0
         while offset < bytes.count {
-            let space = try await engine.reserve(slot)
-            let chunk = min(space.count, bytes.count - offset)
-            space.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + chunk]))
-            engine.commit(chunk)
-            offset += chunk
+            let regions = try await engine.reserve(slot, upTo: bytes.count - offset)
+            for space in regions {
+                space.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + space.count]))
+                offset += space.count
+            }
+            engine.commit(regions.reduce(0) { $0 + $1.count }, of: regions)
             await engine.sendInline(slot)
         }
     }
 
-    /// Reads a pipe straight into the replay ring: the only copies are the kernel's.
+    /// Reads a pipe straight into the replay ring — one readv across as many free blocks as the
+    /// pipe is likely to fill — then sends from there: the only copies are the kernel's, and a
+    /// byte leaves the pipe only into the ring.
     public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
-        let space = try await engine.reserve(slot)
+        let regions = try await engine.reserve(slot, upTo: engine.readAhead)
         let count: Int?
         do {
-            count = try source.readNow(into: space)
+            count = try source.readNow(into: regions)
         } catch {
             count = 0  // a pty's EIO after its last slave closed is its end-of-file
         }
-        engine.commit(count ?? 0)
+        engine.commit(count ?? 0, of: regions)
         if let count, count > 0 { await engine.sendInline(slot) }
         guard let count else { return .nothing }
         return count == 0 ? .endOfFile : .moved(count)
@@ -277,58 +286,26 @@ extension ResumableStream {
     final class Engine: Sendable {
         let direction: StreamDirection
         let configuration: ResumableConfiguration
+        let executor: (any TaskExecutor)?
         private let state: NIOLockedValueBox<State>
+        /// Frame headers of one batched write (used by whoever holds the sending token).
+        private let headers = ScratchBytes(count: StreamFramePrefix.size * Engine.maxFramesPerWrite)
+        /// The next frame's header as it arrives (used by the one receiving task).
+        private let inboundHeader = ScratchBytes(count: StreamFramePrefix.size)
 
-        struct State: Sendable {
-            // Send side.
-            var ring: ReplayRing
-            var finalOffset: UInt64?
-            var endEchoReceived = false
-            var producer: CheckedContinuation<Void, Never>?
-            /// For acknowledgement validation: the connection generation being sent on and the
-            /// highest offset handed to it. An ACK beyond that is a lie.
-            var sendGeneration: UInt64 = 0
-            var sentHighWater: UInt64 = 0
-            /// The newest session: the peer's received offset and ours, for the pump (only the
-            /// newest matters: an older session is replaced before the pump could use it).
-            var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
-            /// Who may write frames now (the pump, or the producer sending inline), and where
-            /// the current connection stands.
-            var sending = false
-            var sender = SenderState()
-            /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
-            var lastAttempt: UInt64 = 0
-            /// The highest offset ever handed to any connection (for the replay statistic).
-            var everSent: UInt64 = 0
-            /// The highest offset ever handed to a write, on any connection: no peer can hold a
-            /// byte beyond it (a hello that says so is refused).
-            var everHandedOut: UInt64 = 0
-            // Receive side.
-            var received: UInt64 = 0
-            var inboundFinal: UInt64?
-            var ackTimerArmed = false
-            var ackDue = false
-            var endEchoSent = false
-            var echoWaiters: [CheckedContinuation<Void, Never>] = []
-            /// The DATA frame being read: bytes of it still to come, for this generation.
-            var frameGeneration: UInt64 = 0
-            var frameRemaining = 0
-            var frameSkip = 0
-            var deliveredSinceDoorbell = 0
-            // Both.
-            var doorbell = false
-            var pumpWaiter: CheckedContinuation<Void, Never>?
-            var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
-            var nextWaiter: UInt64 = 0
-            var closed = false
-            var drainWatch = false
-            var statistics = ResumableStatistics()
-        }
+        typealias State = ResumableEngineState
 
-        init(direction: StreamDirection, configuration: ResumableConfiguration, pool: BufferPool) {
+        /// Most bytes one producer read and one sender write take (one readv, one sendmsg).
+        static var maximumBatch: Int { 1 << 20 }
+        static var minimumReadAhead: Int { 64 * 1024 }
+        /// Frames one sendmsg may carry (each a header and its body's regions).
+        static var maxFramesPerWrite: Int { 16 }
+
+        init(direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?) {
             self.direction = direction
             self.configuration = configuration
-            self.state = NIOLockedValueBox(State(ring: ReplayRing(capacity: configuration.ringCapacity, pool: pool)))
+            self.executor = executor
+            self.state = NIOLockedValueBox(State(ring: ReplayRing(capacity: configuration.ringCapacity, storage: storage)))
         }
 
         var statistics: ResumableStatistics {
@@ -426,16 +403,17 @@ extension ResumableStream {
 
         // MARK: Producer (send side)
 
-        /// Writable ring space, parking while the ring is full (back-pressure). Throws when the
-        /// stream closes, counting what it held unacknowledged.
-        func reserve(_ slot: ConnSlot<Session>) async throws(StreamClosed) -> UnsafeMutableRawBufferPointer {
+        /// Writable ring space, up to `limit` bytes as regions in stream order, parking while the
+        /// ring is full (back-pressure). Throws when the stream closes, counting what it held
+        /// unacknowledged.
+        func reserve(_ slot: ConnSlot<Session>, upTo limit: Int) async throws(StreamClosed) -> [UnsafeMutableRawBufferPointer] {
             while true {
-                let outcome: Result<UnsafeMutableRawBufferPointer, StreamClosed>? = state.withLockedValue { s in
+                let outcome: Result<[UnsafeMutableRawBufferPointer], StreamClosed>? = state.withLockedValue { s in
                     if s.closed || slot.isClosed {
                         return .failure(StreamClosed(unsent: s.ring.count, abandoned: slot.phase == .abandoned))
                     }
-                    let space = s.ring.reserve()
-                    return space.count > 0 ? .success(space) : nil
+                    let regions = s.ring.reserve(upTo: limit)
+                    return regions.isEmpty ? nil : .success(regions)
                 }
                 if let outcome { return try outcome.get() }
                 await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
@@ -449,11 +427,23 @@ extension ResumableStream {
             }
         }
 
-        /// Records bytes the producer put in the ring. Nobody is woken: the producer sends them
-        /// itself right after (`sendInline`), or whoever holds the sending token finds them
-        /// before letting go, or — with no connection — the next connection's doorbell does.
-        func commit(_ count: Int) {
-            state.withLockedValue { $0.ring.commit(count) }
+        /// What the producer's next read should offer.
+        var readAhead: Int { state.withLockedValue { $0.readAhead } }
+
+        /// Records bytes the producer put in the ring (a prefix of the `regions` it reserved).
+        /// Nobody is woken: the producer sends them itself right after (`sendInline`), or
+        /// whoever holds the sending token finds them before letting go, or — with no
+        /// connection — the next connection's doorbell does.
+        func commit(_ count: Int, of regions: [UnsafeMutableRawBufferPointer]) {
+            let offered = regions.reduce(0) { $0 + $1.count }
+            state.withLockedValue { s in
+                s.ring.commit(count)
+                if count >= offered {
+                    s.readAhead = min(Self.maximumBatch, max(s.readAhead, offered) * 2)
+                } else if count > 0 {
+                    s.readAhead = max(Self.minimumReadAhead, count + count / 2)
+                }
+            }
         }
 
         func finish(_ slot: ConnSlot<Session>) async -> UInt64 {
@@ -473,7 +463,7 @@ extension ResumableStream {
                 return true
             }
             guard start else { return }
-            Task {
+            Task(executorPreference: executor) { [self] in
                 await waitForCompletion(slot) { s in
                     s.direction == .send ? (s.ring.count == 0 && s.finalOffset != nil) : s.inboundFinal != nil
                 }
@@ -558,19 +548,12 @@ extension ResumableStream {
 
         // MARK: The pump: everything this end writes
 
-        private enum Work {
-            case data(UnsafeRawBufferPointer, offset: UInt64)
-            case ack(UInt64)
-            case end(UInt64)
-            case idle
-        }
+        private typealias Work = ResumableWork
 
         /// One task per stream writes every frame: data from the ring (replaying from the peer's
         /// received offset after each reconnect), acknowledgements, END and its echo. Parks on a
         /// doorbell when there is nothing to write: no timers tick on an idle stream.
         func pump(_ slot: ConnSlot<Session>) async {
-            let prefix = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamFramePrefix.size, alignment: 8)
-            defer { prefix.deallocate() }
             while let lease = await slot.current() {
                 guard takeSendingToken() else {
                     // The producer, sending inline, holds the token; it wakes the pump when it
@@ -578,7 +561,7 @@ extension ResumableStream {
                     await waitForWork()
                     continue
                 }
-                let didWork = await sendDue(on: lease, slot: slot, prefix: prefix)
+                let didWork = await sendDue(on: lease, slot: slot)
                 if !didWork { await waitForWork() }
             }
         }
@@ -587,9 +570,7 @@ extension ResumableStream {
         /// them from this task at once — no wake-up of the pump, no thread hop per chunk.
         func sendInline(_ slot: ConnSlot<Session>) async {
             guard direction == .send, let lease = slot.connectedLease(), takeSendingToken() else { return }
-            let prefix = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamFramePrefix.size, alignment: 8)
-            defer { prefix.deallocate() }
-            _ = await sendDue(on: lease, slot: slot, prefix: prefix)
+            _ = await sendDue(on: lease, slot: slot)
         }
 
         /// Takes the right to write frames on the current connection. When it is held elsewhere
@@ -615,7 +596,8 @@ extension ResumableStream {
         /// Writes every frame that is due on `lease` (data from the ring, replaying from the
         /// peer's received offset after a reconnect; acknowledgements; END and its echo), then
         /// gives the sending token back. Returns whether anything was due. Caller holds the token.
-        private func sendDue(on lease: ConnSlot<Session>.Lease, slot: ConnSlot<Session>, prefix: UnsafeMutableRawBufferPointer) async -> Bool {
+        private func sendDue(on lease: ConnSlot<Session>.Lease, slot: ConnSlot<Session>) async -> Bool {
+            let prefix = headers.slice(0, StreamFramePrefix.size)
             var didWork = false
             while true {
                 var wake: CheckedContinuation<Void, Never>?
@@ -638,11 +620,13 @@ extension ResumableStream {
                     switch direction {
                     case .send:
                         if position < s.ring.end {
-                            let bytes = s.ring.bytes(from: position, limit: configuration.maxFrame)
+                            let limit = min(Self.maximumBatch, configuration.maxFrame * Self.maxFramesPerWrite)
+                            let regions = s.ring.regions(from: position, limit: limit)
+                            let count = regions.reduce(0) { $0 + $1.count }
                             s.ring.pin(position)
-                            s.sentHighWater = max(s.sentHighWater, position + UInt64(bytes.count))
-                            s.everHandedOut = max(s.everHandedOut, position + UInt64(bytes.count))
-                            return .data(bytes, offset: position)
+                            s.sentHighWater = max(s.sentHighWater, position + UInt64(count))
+                            s.everHandedOut = max(s.everHandedOut, position + UInt64(count))
+                            return .data(regions, offset: position, count: count)
                         }
                         if let final = s.finalOffset, position == final, !s.sender.endSent { return .end(final) }
                     case .receive:
@@ -662,15 +646,15 @@ extension ResumableStream {
                 case .idle:
                     wake?.resume()
                     return didWork
-                case .data(let bytes, let offset):
-                    StreamFramePrefix(type: .data, bodyLength: bytes.count, value: offset).encode(into: prefix)
+                case .data(let regions, let offset, let count):
+                    let (vectors, frames) = frameVectors(regions, offset: offset)
                     let sent: Int
                     do {
-                        try await lease.connection.write(UnsafeRawBufferPointer(prefix), bytes)
-                        sent = bytes.count
+                        try await lease.connection.write(vectors: vectors)
+                        sent = count
                         failed = false
                     } catch {
-                        sent = max(0, error.accepted - StreamFramePrefix.size)
+                        sent = Self.bodyBytes(accepted: error.accepted, frames: frames)
                         failed = true
                     }
                     state.withLockedValue { s in
@@ -698,6 +682,55 @@ extension ResumableStream {
                     return didWork
                 }
             }
+        }
+
+        /// The iovecs of one batched write: the regions cut into frames of at most `maxFrame`
+        /// bytes, each after its header (in `headers`). Returns them and the frames' body sizes.
+        private func frameVectors(_ regions: [UnsafeRawBufferPointer], offset: UInt64) -> ([UnsafeRawBufferPointer], [Int]) {
+            var vectors: [UnsafeRawBufferPointer] = []
+            vectors.reserveCapacity(regions.count + Self.maxFramesPerWrite + 1)
+            var frames: [Int] = []
+            var inFrame = 0
+            var headerIndex = -1
+            func openFrame() {
+                headerIndex += 1
+                vectors.append(UnsafeRawBufferPointer(headers.slice(headerIndex * StreamFramePrefix.size, StreamFramePrefix.size)))
+                frames.append(0)
+                inFrame = 0
+            }
+            openFrame()
+            for region in regions {
+                var rest = region
+                while !rest.isEmpty {
+                    if inFrame == configuration.maxFrame { openFrame() }
+                    let take = min(rest.count, configuration.maxFrame - inFrame)
+                    vectors.append(UnsafeRawBufferPointer(rebasing: rest[rest.startIndex..<rest.startIndex + take]))
+                    rest = UnsafeRawBufferPointer(rebasing: rest[(rest.startIndex + take)...])
+                    inFrame += take
+                    frames[headerIndex] = inFrame
+                }
+            }
+            var start = offset
+            for (index, length) in frames.enumerated() {
+                StreamFramePrefix(type: .data, bodyLength: length, value: start)
+                    .encode(into: headers.slice(index * StreamFramePrefix.size, StreamFramePrefix.size))
+                start += UInt64(length)
+            }
+            return (vectors, frames)
+        }
+
+        /// Of a batched write that failed after `accepted` bytes: the data bytes among them.
+        private static func bodyBytes(accepted: Int, frames: [Int]) -> Int {
+            var left = accepted
+            var body = 0
+            for length in frames {
+                guard left > StreamFramePrefix.size else { break }
+                left -= StreamFramePrefix.size
+                let taken = min(left, length)
+                body += taken
+                left -= taken
+            }
+            return body
         }
 
         private func writeControl(_ type: StreamFrameType, value: UInt64, on connection: Session, prefix: UnsafeMutableRawBufferPointer) async -> Bool {
@@ -807,15 +840,18 @@ extension ResumableStream {
         /// Reads what the receiver sends back: ACK and the END echo. Anything else, or an ACK for
         /// bytes never sent on this connection, drops the connection (not the stream).
         func readAcknowledgements(_ slot: ConnSlot<Session>) async {
+            let reader = BufferedFrameReader()
             while let lease = await slot.current() {
+                reader.reset(for: lease.generation)
                 do {
-                    let (prefix, body) = try await FrameIO.readFrame(lease.connection)
+                    let prefix = try await reader.next(from: lease.connection)
                     switch prefix.type {
                     case .ack:
                         try acknowledge(prefix.value, generation: lease.generation)
                     case .end:
                         try endEchoed(prefix.value)
                     case .error:
+                        let body = try await reader.body(of: prefix, from: lease.connection)
                         throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: body))
                     case .data, .hello:
                         throw StreamProtocolError.unexpectedFrame(expected: .ack, got: prefix.type)
@@ -867,8 +903,12 @@ extension ResumableStream {
 
         // MARK: Receiving data (receive side)
 
+        /// Whether `receive` can make progress without the connection becoming readable first: a
+        /// body under way, or a whole header already read with the last body (an END, say).
         func hasBufferedFrame(for generation: UInt64) -> Bool {
-            state.withLockedValue { $0.frameGeneration == generation && $0.frameRemaining > 0 }
+            state.withLockedValue {
+                $0.frameGeneration == generation && ($0.frameRemaining > 0 || $0.headerFilled == StreamFramePrefix.size)
+            }
         }
 
         /// Reads frames from the current connection until it has data for the caller: DATA goes
@@ -886,47 +926,34 @@ extension ResumableStream {
             }
         }
 
-        /// Returns bytes delivered, 0 at the end, or nil when a control frame was consumed.
+        /// Returns bytes delivered, 0 at the end, or nil when a frame header or a control frame
+        /// was consumed.
+        ///
+        /// A body is read straight into `buffer`. When the rest of the current body fits, the
+        /// same readv also takes the next frame's header (into `inboundHeader`), so a stream of
+        /// frames costs one read per body, not two.
         private func receiveOnce(into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease) async throws -> Int? {
-            let (remaining, skip) = state.withLockedValue { s -> (Int, Int) in
+            let (remaining, skip, headerFilled) = state.withLockedValue { s -> (Int, Int, Int) in
                 if s.frameGeneration != lease.generation {
                     s.frameGeneration = lease.generation
                     s.frameRemaining = 0
                     s.frameSkip = 0
+                    s.headerFilled = 0
                 }
-                return (s.frameRemaining, s.frameSkip)
+                return (s.frameRemaining, s.frameSkip, s.headerFilled)
             }
+            let size = StreamFramePrefix.size
             if remaining > 0 {
-                let want = min(remaining, buffer.count)
-                let count = try await lease.connection.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<want]))
-                if count == 0 { throw StreamProtocolError.truncated }
-                let skipped = min(skip, count)
-                let delivered = count - skipped
-                if skipped > 0, delivered > 0 {
-                    // Bytes we already had (a replay overlapping what we received): drop them.
-                    buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[skipped..<count]))
-                }
-                let timer = state.withLockedValue { s -> Bool in
-                    s.frameRemaining -= count
-                    s.frameSkip -= skipped
-                    s.received &+= UInt64(delivered)
-                    if delivered > 0, !s.ackTimerArmed {
-                        s.ackTimerArmed = true
-                        return true
-                    }
-                    return false
-                }
-                if timer { armAckTimer() }
-                let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
-                    s.deliveredSinceDoorbell += delivered
-                    guard s.deliveredSinceDoorbell >= configuration.ackEvery else { return nil }
-                    s.deliveredSinceDoorbell = 0
-                    return s.ringDoorbell()
-                }
-                pump?.resume()
-                return delivered > 0 ? delivered : nil
+                return try await receiveBodies(into: buffer, from: lease, remaining: remaining, skip: skip, headerFilled: headerFilled)
             }
-            let (prefix, body) = try await FrameIO.readFrame(lease.connection)
+            if headerFilled < size {
+                let count = try await Self.read(lease.connection, into: [inboundHeader.slice(headerFilled, size - headerFilled)])
+                if count == 0 { throw StreamProtocolError.truncated }
+                state.withLockedValue { $0.headerFilled += count }
+                if headerFilled + count < size { return nil }
+            }
+            state.withLockedValue { $0.headerFilled = 0 }
+            let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(inboundHeader.bytes))
             switch prefix.type {
             case .data:
                 try state.withLockedValue { s in
@@ -953,14 +980,102 @@ extension ResumableStream {
                 guard prefix.value == 0 else { throw StreamProtocolError.offsetFromTheFuture(reported: prefix.value, limit: 0) }
                 return nil
             case .error:
-                throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: body))
+                let body = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, prefix.bodyLength), alignment: 1)
+                defer { body.deallocate() }
+                try await FrameIO.readExactly(lease.connection, into: UnsafeMutableRawBufferPointer(rebasing: body[..<prefix.bodyLength]))
+                throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: Array(body[..<prefix.bodyLength])))
             case .hello:
                 throw StreamProtocolError.unexpectedFrame(expected: .data, got: .hello)
             }
         }
 
+        /// The body path of `receiveOnce`: the rest of the current DATA frame straight into
+        /// `buffer`, and — while the next frame's header came with it, is the DATA that follows
+        /// at once, and the buffer has room — the bodies of the frames after it too, as far as
+        /// they have arrived (no wait): many small frames cost one pass, not one each. Anything
+        /// else (a control frame, a replay overlap, a header that does not decode) is left for
+        /// the frame path. Returns bytes delivered, or nil when none were (a replay's overlap).
+        private func receiveBodies(
+            into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease, remaining: Int, skip: Int, headerFilled: Int
+        ) async throws -> Int? {
+            let size = StreamFramePrefix.size
+            var remaining = remaining
+            var skip = skip
+            var headerFilled = headerFilled
+            var filled = 0
+            var first = true
+            while true {
+                let room = UnsafeMutableRawBufferPointer(rebasing: buffer[filled...])
+                let want = min(remaining, room.count)
+                var targets = [UnsafeMutableRawBufferPointer(rebasing: room[..<want])]
+                if want == remaining, headerFilled < size { targets.append(inboundHeader.slice(headerFilled, size - headerFilled)) }
+                let total: Int
+                if first {
+                    total = try await Self.read(lease.connection, into: targets)
+                    if total == 0 { throw StreamProtocolError.truncated }
+                } else {
+                    // Later frames only as far as they have arrived: what is here is delivered now.
+                    guard let now = try? lease.connection.readNow(into: targets), now > 0 else { break }
+                    total = now
+                }
+                first = false
+                let count = min(total, want)
+                let headerBytes = total - count
+                let skipped = min(skip, count)
+                let delivered = count - skipped
+                if skipped > 0, delivered > 0 {
+                    // Bytes we already had (a replay overlapping what we received): drop them.
+                    room.copyMemory(from: UnsafeRawBufferPointer(rebasing: room[skipped..<count]))
+                }
+                filled += delivered
+                let (timer, pump, next) = state.withLockedValue { s -> (Bool, CheckedContinuation<Void, Never>?, Int?) in
+                    s.frameRemaining -= count
+                    s.frameSkip -= skipped
+                    s.headerFilled += headerBytes
+                    s.received &+= UInt64(delivered)
+                    var timer = false
+                    if delivered > 0, !s.ackTimerArmed {
+                        s.ackTimerArmed = true
+                        timer = true
+                    }
+                    var pump: CheckedContinuation<Void, Never>?
+                    s.deliveredSinceDoorbell += delivered
+                    if s.deliveredSinceDoorbell >= configuration.ackEvery {
+                        s.deliveredSinceDoorbell = 0
+                        pump = s.ringDoorbell()
+                    }
+                    // Go on into the next frame only if it is the DATA that follows at once.
+                    guard s.frameRemaining == 0, s.headerFilled == size, filled < buffer.count,
+                        let prefix = try? StreamFramePrefix.decode(UnsafeRawBufferPointer(inboundHeader.bytes)),
+                        prefix.type == .data, prefix.value == s.received,
+                        s.inboundFinal.map({ prefix.value + UInt64(prefix.bodyLength) <= $0 }) ?? true
+                    else { return (timer, pump, nil) }
+                    s.headerFilled = 0
+                    s.frameRemaining = prefix.bodyLength
+                    s.frameSkip = 0
+                    return (timer, pump, prefix.bodyLength)
+                }
+                if timer { armAckTimer() }
+                pump?.resume()
+                guard let next else { break }
+                remaining = next
+                skip = 0
+                headerFilled = 0
+            }
+            return filled > 0 ? filled : nil
+        }
+
+        /// Reads at least one byte into `targets` (in order), waiting while there is none; 0 at
+        /// end-of-file.
+        private static func read(_ connection: Session, into targets: [UnsafeMutableRawBufferPointer]) async throws -> Int {
+            while true {
+                if let count = try connection.readNow(into: targets) { return count }
+                try await connection.waitReadable()
+            }
+        }
+
         private func armAckTimer() {
-            Task {
+            Task(executorPreference: executor) { [self] in
                 try? await Task.sleep(for: configuration.ackDelay)
                 let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
                     s.ackTimerArmed = false
@@ -972,33 +1087,89 @@ extension ResumableStream {
         }
     }
 
-    /// Where sending stands on the current connection.
-    struct SenderState: Sendable {
-        var generation: UInt64 = 0
-        var position: UInt64 = 0
-        var ackSent: UInt64 = 0
-        var endSent = false
+    typealias SenderState = ResumableSenderState
+
+    typealias StateView = ResumableStateView
+}
+
+/// Reads a sender's incoming frames (acknowledgements, the END echo, an ERROR) through a small
+/// buffer, so acknowledgements that arrived together cost one read, and a read that emptied the
+/// socket lets the next wait skip its EAGAIN probe. One per reading task; `reset` on every new
+/// connection (bytes of an old one are never read as the new one's).
+final class BufferedFrameReader: @unchecked Sendable {
+    /// Sixteen prefixes: small, because every outbound stream keeps one for its whole life.
+    private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * StreamFramePrefix.size, alignment: 8)
+    private var start = 0
+    private var end = 0
+    private var generation: UInt64 = 0
+
+    deinit { buffer.deallocate() }
+
+    func reset(for generation: UInt64) {
+        guard generation != self.generation else { return }
+        self.generation = generation
+        start = 0
+        end = 0
     }
 
-    /// A read-only view of the engine state for completion predicates.
-    struct StateView {
-        let endEchoReceived: Bool
-        let ring: (acknowledged: UInt64, count: Int)
-        let finalOffset: UInt64?
-        let inboundFinal: UInt64?
-        let direction: StreamDirection
+    /// The next frame's prefix. A body is left for `body(of:from:)`.
+    func next(from connection: some ByteReader) async throws -> StreamFramePrefix {
+        try await fill(StreamFramePrefix.size, from: connection)
+        let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(rebasing: buffer[start..<start + StreamFramePrefix.size]))
+        start += StreamFramePrefix.size
+        return prefix
+    }
 
-        init(_ s: Engine.State, direction: StreamDirection) {
-            endEchoReceived = s.endEchoReceived
-            ring = (s.ring.acknowledged, s.ring.count)
-            finalOffset = s.finalOffset
-            inboundFinal = s.inboundFinal
-            self.direction = direction
+    /// The body of a non-DATA frame (at most a few hundred bytes, by the prefix's limits): what
+    /// is buffered, then the rest read directly.
+    func body(of prefix: StreamFramePrefix, from connection: some ByteReader) async throws -> [UInt8] {
+        let buffered = min(prefix.bodyLength, end - start)
+        var body = Array(buffer[start..<start + buffered])
+        start += buffered
+        if body.count < prefix.bodyLength {
+            let rest = UnsafeMutableRawBufferPointer.allocate(byteCount: prefix.bodyLength - body.count, alignment: 1)
+            defer { rest.deallocate() }
+            try await FrameIO.readExactly(connection, into: rest)
+            body += rest
+        }
+        return body
+    }
+
+    private func fill(_ count: Int, from connection: some ByteReader) async throws {
+        if buffer.count - start < count {
+            buffer.baseAddress!.copyMemory(from: buffer.baseAddress! + start, byteCount: end - start)
+            end -= start
+            start = 0
+        }
+        while end - start < count {
+            let target = UnsafeMutableRawBufferPointer(rebasing: buffer[end...])
+            guard let got = try connection.readNow(into: target) else {
+                try await connection.waitReadable()
+                continue
+            }
+            if got == 0 { throw StreamProtocolError.truncated }
+            end += got
         }
     }
 }
 
-extension ResumableStream.Engine.State {
+/// A few bytes of scratch memory owned by one engine and used by one task at a time (the
+/// holder of the sending token, or the one receiving task), which is why it is `@unchecked`.
+final class ScratchBytes: @unchecked Sendable {
+    let bytes: UnsafeMutableRawBufferPointer
+
+    init(count: Int) {
+        bytes = .allocate(byteCount: count, alignment: 8)
+    }
+
+    deinit { bytes.deallocate() }
+
+    func slice(_ offset: Int, _ count: Int) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(rebasing: bytes[offset..<offset + count])
+    }
+}
+
+extension ResumableEngineState {
     /// Marks work for the pump and returns its continuation (resume it outside the lock).
     mutating func ringDoorbell() -> CheckedContinuation<Void, Never>? {
         doorbell = true
@@ -1015,5 +1186,91 @@ extension ResumableStream.Engine.State {
             waiters.append(producer)
         }
         return waiters
+    }
+}
+
+/// A resumable stream engine's state (outside the generic engine, so the lock around it needs
+/// no type metadata looked up at run time).
+struct ResumableEngineState: Sendable {
+    // Send side.
+    var ring: ReplayRing
+    var finalOffset: UInt64?
+    var endEchoReceived = false
+    var producer: CheckedContinuation<Void, Never>?
+    /// For acknowledgement validation: the connection generation being sent on and the
+    /// highest offset handed to it. An ACK beyond that is a lie.
+    var sendGeneration: UInt64 = 0
+    var sentHighWater: UInt64 = 0
+    /// The newest session: the peer's received offset and ours, for the pump (only the
+    /// newest matters: an older session is replaced before the pump could use it).
+    var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
+    /// Who may write frames now (the pump, or the producer sending inline), and where
+    /// the current connection stands.
+    var sending = false
+    var sender = ResumableSenderState()
+    /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
+    var lastAttempt: UInt64 = 0
+    /// The highest offset ever handed to any connection (for the replay statistic).
+    var everSent: UInt64 = 0
+    /// The highest offset ever handed to a write, on any connection: no peer can hold a
+    /// byte beyond it (a hello that says so is refused).
+    var everHandedOut: UInt64 = 0
+    /// How much the producer reserves for its next read: what the source gave last time,
+    /// doubled while it keeps filling what was offered.
+    var readAhead = 64 * 1024
+    // Receive side.
+    var received: UInt64 = 0
+    var inboundFinal: UInt64?
+    var ackTimerArmed = false
+    var ackDue = false
+    var endEchoSent = false
+    var echoWaiters: [CheckedContinuation<Void, Never>] = []
+    /// The DATA frame being read: bytes of it still to come, for this generation.
+    var frameGeneration: UInt64 = 0
+    var frameRemaining = 0
+    var frameSkip = 0
+    /// Bytes of the next frame's header read so far (with the end of the previous body).
+    var headerFilled = 0
+    var deliveredSinceDoorbell = 0
+    // Both.
+    var doorbell = false
+    var pumpWaiter: CheckedContinuation<Void, Never>?
+    var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    var nextWaiter: UInt64 = 0
+    var closed = false
+    var drainWatch = false
+    var statistics = ResumableStatistics()
+}
+
+/// What the pump writes next.
+enum ResumableWork {
+    case data([UnsafeRawBufferPointer], offset: UInt64, count: Int)
+    case ack(UInt64)
+    case end(UInt64)
+    case idle
+}
+
+/// Where sending stands on the current connection.
+struct ResumableSenderState: Sendable {
+    var generation: UInt64 = 0
+    var position: UInt64 = 0
+    var ackSent: UInt64 = 0
+    var endSent = false
+}
+
+/// A read-only view of the engine state for completion predicates.
+struct ResumableStateView {
+    let endEchoReceived: Bool
+    let ring: (acknowledged: UInt64, count: Int)
+    let finalOffset: UInt64?
+    let inboundFinal: UInt64?
+    let direction: StreamDirection
+
+    init(_ s: ResumableEngineState, direction: StreamDirection) {
+        endEchoReceived = s.endEchoReceived
+        ring = (s.ring.acknowledged, s.ring.count)
+        finalOffset = s.finalOffset
+        inboundFinal = s.inboundFinal
+        self.direction = direction
     }
 }

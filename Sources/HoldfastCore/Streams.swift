@@ -53,6 +53,17 @@ public protocol InboundStream: Sendable {
     /// explicit end (the host closed stdin, or the stream was closed), never because a
     /// connection died.
     func receive(into buffer: UnsafeMutableRawBufferPointer) async -> Int
+
+    /// Moves up to `limit` received bytes straight into `sink` inside the kernel (splice(2)),
+    /// parking while the host is away and waiting while nothing arrives. Returns the bytes moved,
+    /// 0 at the stream's explicit end, or `nil` when the two cannot be spliced (the caller
+    /// receives into a buffer instead). Throws when `sink` fails; bytes it did not take stay
+    /// unreceived.
+    func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int?
+}
+
+extension InboundStream {
+    public func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int? { nil }
 }
 
 /// An outbound stream was closed before everything was sent.
@@ -88,11 +99,60 @@ extension ConnSlot: OutboundStream {
         return 0
     }
 
+    /// Splices the source straight into the connection where both allow it (a pipe into a
+    /// socket); otherwise copies through a buffer from `pool`. The loss accounting is the same
+    /// either way: a connection that fails counts as unconfirmed what its last hand-over had
+    /// still waiting for room (a copy's buffer, a splice's last pipe-full), and what it did not
+    /// accept goes to the next connection — here by staying in the pipe.
+    public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
+        while true {
+            guard let lease = await current() else {
+                throw StreamClosed(unsent: 0, abandoned: phase == .abandoned)
+            }
+            let result: SpliceResult?
+            do {
+                result = try await lease.connection.splice(from: source, limit: spliceLimit)
+            } catch {
+                recordFailedWrite(error)
+                disconnect(ifCurrent: lease.generation, reason: .writeFailed)
+                if error.accepted > 0 { return .moved(error.accepted) }
+                continue  // the bytes are still in the source: on to the next connection
+            }
+            guard let result else { return try await copy(from: source, pool: pool) }
+            switch result {
+            case .moved(let count):
+                recordWrite(count)
+                return .moved(count)
+            case .sourceEmpty: return .nothing
+            case .endOfFile, .sourceFailed: return .endOfFile
+            }
+        }
+    }
+
+    /// The copying pull: what `OutboundStream.pull` does by default.
+    private func copy(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
+        let buffer = pool.take()
+        defer { pool.recycle(buffer) }
+        let count: Int
+        do {
+            guard let available = try source.readNow(into: buffer.bytes) else { return .nothing }
+            count = available
+        } catch {
+            return .endOfFile  // a pty's EIO after its last slave closed is its end-of-file
+        }
+        guard count > 0 else { return .endOfFile }
+        try await send(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
+        return .moved(count)
+    }
+
     /// The raw stream's drain: once empty for the drain timeout, the slot is abandoned.
     public func processExited() {
         setDrainTimeout(rawDrainTimeout)
     }
 }
+
+/// The most one splice pass moves (no buffer is involved: only how long one pass may run).
+let spliceLimit = 1 << 20
 
 /// The drain timeout `processExited()` applies to raw slots (set per slot with
 /// `setDrainTimeout` for anything else).
@@ -112,6 +172,32 @@ extension ConnSlot: InboundStream {
 
     public func receive(into buffer: UnsafeMutableRawBufferPointer) async -> Int {
         await read(into: buffer)
+    }
+
+    /// Splices from the current connection into `sink` (a socket into a pipe). A connection's
+    /// end or failure only drops it; the next one continues. Returns 0 once the slot is closed
+    /// or the task cancelled.
+    public func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int? {
+        while true {
+            guard let lease = await current() else { return 0 }
+            guard let result = try await sink.splice(from: lease.connection, limit: max(limit, spliceLimit)) else { return nil }
+            switch result {
+            case .moved(let count):
+                recordRead(count)
+                return count
+            case .sourceEmpty:
+                do {
+                    try await lease.connection.waitReadable()
+                } catch {
+                    if Task.isCancelled { return 0 }
+                    disconnect(ifCurrent: lease.generation, reason: .readFailed)
+                }
+            case .endOfFile:
+                disconnect(ifCurrent: lease.generation, reason: .endOfFile)
+            case .sourceFailed:
+                disconnect(ifCurrent: lease.generation, reason: .readFailed)
+            }
+        }
     }
 }
 

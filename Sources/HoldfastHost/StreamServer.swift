@@ -102,7 +102,8 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     ) throws(StreamServerError) -> Stream {
         guard !token.isEmpty, token.count <= StreamHello.maxTokenLength else { throw .badToken(token.count) }
         let stream = Stream(
-            token: token, secret: secret, role: .host, direction: direction, configuration: configuration, observer: observer)
+            token: token, secret: secret, role: .host, direction: direction, configuration: configuration,
+            executor: Reactor.shared, observer: observer)
         let taken = state.withLockedValue { s -> Bool in
             if s.streams[token] != nil { return true }
             s.streams[token] = stream
@@ -145,8 +146,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     }
 
     /// Drops every stream's current connection at once (what a live migration looks like).
-    public func dropAllConnections() {
-        for stream in state.withLockedValue({ Array($0.streams.values) }) { stream.slot.disconnect() }
+    /// Drops every stream's connection (a migration); returns how many were connected.
+    @discardableResult
+    public func dropAllConnections() -> Int {
+        var connected = 0
+        for stream in state.withLockedValue({ Array($0.streams.values) }) {
+            if stream.slot.phase == .connected { connected += 1 }
+            stream.slot.disconnect()
+        }
+        return connected
     }
 
     public func close() {

@@ -1,3 +1,4 @@
+import CHoldfastShims
 import HoldfastCore
 import NIOConcurrencyHelpers
 import Synchronization
@@ -15,11 +16,17 @@ import Glibc
 public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let fd: Int32
     public let isSocket: Bool
+    /// A pipe or FIFO: one end of a splice(2) must be one.
+    public let isPipe: Bool
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
     private let reactor: Reactor
     private let registration: Registration
     private let usage = NIOLockedValueBox(Usage())
+    /// IOV_MAX on Linux: the most iovecs one readv or writev takes.
+    static let maxVectors = 1024
+    /// A splice between this fd and another failed with EINVAL: copy instead.
+    private let spliceRefused = Atomic<Bool>(false)
 
     private struct Usage {
         var inFlight = 0
@@ -30,6 +37,14 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     /// What the last read said about readability, so `waitReadable` can skip a probe.
+    ///
+    /// Only an EAGAIN (or a poll that found nothing) says "empty": a short read does not. A short
+    /// splice may have been cut by a full socket with bytes left in the pipe; a pipe created in
+    /// packet mode (O_DIRECT) gives one packet per read; a socket stops at a message carrying fds —
+    /// and readiness is reported only for what arrives *after* a wait's count, so a relay that
+    /// took any of those for "empty" would wait for bytes that are already there (it did: a
+    /// spliced relay hung, once in a dozen 2 GiB runs, after a splice cut short while its
+    /// producer sat blocked on the full pipe).
     private enum ReadHint {
         case unknown
         case ready
@@ -46,7 +61,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         }
         self.wasBlocking = flags & O_NONBLOCK == 0
         var info = stat()
-        isSocket = fstat(fd, &info) == 0 && (info.st_mode & S_IFMT) == S_IFSOCK
+        let statted = fstat(fd, &info) == 0
+        isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
+        isPipe = statted && (info.st_mode & S_IFMT) == S_IFIFO
         self.fd = fd
         self.reactor = reactor
         self.registration = try reactor.register(fd)
@@ -103,8 +120,33 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
+        noteRead(result, seen: seen)
         return result
+    }
+
+    /// One readv for several buffers, filled in order.
+    public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        if buffers.count == 1 { return try readNow(into: buffers[0]) }
+        let seen = registration.edges(.read)
+        var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        let result = try withSyscall { () throws(SystemError) -> Int? in
+            while true {
+                let count = iov.withUnsafeMutableBufferPointer { readv(fd, $0.baseAddress, Int32(min($0.count, AsyncFD.maxVectors))) }
+                if count >= 0 { return count }
+                switch Glibc.errno {
+                case EINTR: continue
+                case EAGAIN, EWOULDBLOCK: return nil
+                default: throw .last("readv(fd \(fd))")
+                }
+            }
+        }
+        noteRead(result, seen: seen)
+        return result
+    }
+
+    /// Records what a read (or a splice out of this fd) found: `nil` for nothing (EAGAIN).
+    fileprivate func noteRead(_ result: Int?, seen: UInt64) {
+        usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
     }
 
     // MARK: ByteWriter
@@ -121,7 +163,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             }
             if let result {
                 written += result
-                continue
+                // A short write filled the pipe or the socket buffer: wait without an EAGAIN probe.
+                if written == bytes.count || result == 0 { continue }
             }
             do {
                 try await registration.wait(.write, after: seen)
@@ -131,26 +174,35 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         }
     }
 
-    /// One writev per attempt for a frame's header and body, so a small header does not cost a
-    /// syscall (or a packet) of its own.
+    /// One writev (sendmsg on a socket) per attempt for a frame's header and body, so a small
+    /// header does not cost a syscall (or a packet) of its own.
     public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
-        let total = header.count + body.count
+        try await write(vectors: [header, body])
+    }
+
+    /// One writev (sendmsg on a socket) per attempt for all of `vectors`; after a short write,
+    /// waits for room without an EAGAIN probe and goes on from where it stopped.
+    public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) {
+        var iov = vectors.compactMap { vector -> iovec? in
+            guard vector.count > 0 else { return nil }
+            return iovec(iov_base: UnsafeMutableRawPointer(mutating: vector.baseAddress), iov_len: vector.count)
+        }
+        let total = iov.reduce(0) { $0 + $1.iov_len }
         var written = 0
-        while written < header.count {
+        var first = 0
+        while written < total {
             let seen = registration.edges(.write)
+            let parts = min(iov.count - first, AsyncFD.maxVectors)
+            let offered = iov[first..<first + parts].reduce(0) { $0 + $1.iov_len }
             let result: Int?
             do {
                 result = try withSyscall { () throws(SystemError) -> Int? in
-                    var vectors = [
-                        iovec(iov_base: UnsafeMutableRawPointer(mutating: header.baseAddress! + written), iov_len: header.count - written),
-                        iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count),
-                    ]
-                    let parts = body.count > 0 ? 2 : 1
                     while true {
-                        let count = vectors.withUnsafeMutableBufferPointer { iov -> Int in
-                            guard isSocket else { return writev(fd, iov.baseAddress, Int32(parts)) }
+                        let count = iov.withUnsafeMutableBufferPointer { iov -> Int in
+                            let start = iov.baseAddress! + first
+                            guard isSocket else { return writev(fd, start, Int32(parts)) }
                             var message = msghdr()
-                            message.msg_iov = iov.baseAddress
+                            message.msg_iov = start
                             message.msg_iovlen = parts
                             return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
                         }
@@ -158,16 +210,30 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                         switch Glibc.errno {
                         case EINTR: continue
                         case EAGAIN, EWOULDBLOCK: return nil
-                        default: throw .last("writev(fd \(fd))")
+                        default: throw .last(isSocket ? "sendmsg(fd \(fd))" : "writev(fd \(fd))")
                         }
                     }
                 }
             } catch {
                 throw WriteFailure(accepted: written, cause: error)
             }
-            if let result {
+            if let result, result > 0 {
                 written += result
-                continue
+                // Step past what went out.
+                var consumed = result
+                while consumed > 0 {
+                    if consumed >= iov[first].iov_len {
+                        consumed -= iov[first].iov_len
+                        first += 1
+                    } else {
+                        iov[first].iov_base += consumed
+                        iov[first].iov_len -= consumed
+                        consumed = 0
+                    }
+                }
+                if written == total { return }
+                // A short write filled the socket buffer or the pipe: wait without a probe.
+                if result == offered { continue }
             }
             do {
                 try await registration.wait(.write, after: seen)
@@ -175,12 +241,120 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 throw WriteFailure(accepted: written, cause: error)
             }
         }
-        guard written < total else { return }
-        do {
-            try await write(UnsafeRawBufferPointer(rebasing: body[(written - header.count)...]))
-        } catch {
-            throw WriteFailure(accepted: written + error.accepted, cause: error.cause)
+    }
+
+    // MARK: Splicing
+
+    /// Moves bytes from `source` into this fd inside the kernel (splice(2)) when one of the two
+    /// is a pipe and the other a pipe or a socket — a process's output pipe into a connection, a
+    /// connection into a process's input pipe — until `limit` bytes moved or the source is empty;
+    /// suspends while this fd is full. `nil` for anything else (a terminal, a file, a fake).
+    ///
+    /// A splice that would block, or comes back short, does not say which end stopped it: one
+    /// poll(2) of both asks — an empty source ends the call (the caller waits for it), a full
+    /// destination is waited for here.
+    public func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult? {
+        guard let source = source as? AsyncFD, source !== self, !spliceRefused.load(ordering: .relaxed),
+            (source.isPipe && (isSocket || isPipe)) || (isPipe && source.isSocket)
+        else { return nil }
+        var moved = 0
+        // What a failure counts as in flight (WriteFailure.unconfirmed), as a copy does: the last
+        // splice's bytes while they wait in a full buffer for room; 0 once a splice went through
+        // with room to spare (its bytes, like a write completed, are the peer's to read).
+        var unconfirmed = 0
+        var racedProbes = 0
+        while moved < limit {
+            let requested = limit - moved
+            let readSeen = source.registration.edges(.read)
+            let writeSeen = registration.edges(.write)
+            let outcome: (count: Int, errno: Int32)
+            do {
+                outcome = try source.withSyscall {
+                    try self.withSyscall { () -> (Int, Int32) in
+                        while true {
+                            let count = hf_splice(source.fd, self.fd, requested)
+                            if count >= 0 { return (count, 0) }
+                            if Glibc.errno != EINTR { return (-1, Glibc.errno) }
+                        }
+                    }
+                }
+            } catch {
+                // One of the two was closed: report it as a read or a write on it would be.
+                if source.isClosed { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
+                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+            }
+            if outcome.count > 0 {
+                moved += outcome.count
+                unconfirmed = 0
+                source.noteRead(outcome.count, seen: readSeen)
+                if outcome.count < requested {
+                    // Cut short: the source emptied or this fd filled, and the splice does not
+                    // say which. One poll of both does.
+                    let (sourceReady, destinationReady) = pollBoth(source)
+                    if !sourceReady {
+                        source.noteRead(nil, seen: readSeen)
+                        return .moved(moved)
+                    }
+                    if !destinationReady {
+                        unconfirmed = outcome.count
+                        do {
+                            try await registration.wait(.write, after: writeSeen)
+                        } catch {
+                            throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                        }
+                    }
+                }
+                continue
+            }
+            if outcome.count == 0 { return moved > 0 ? .moved(moved) : .endOfFile }
+            let error = SystemError("splice(fd \(source.fd) → fd \(fd))", errno: .init(rawValue: outcome.errno))
+            switch outcome.errno {
+            case EAGAIN, EWOULDBLOCK:
+                let (sourceReady, destinationReady) = pollBoth(source)
+                if !sourceReady {
+                    source.noteRead(nil, seen: readSeen)
+                    return moved > 0 ? .moved(moved) : .sourceEmpty
+                }
+                racedProbes = destinationReady ? racedProbes + 1 : 0
+                // Both look ready yet the splice would block (a race, or a socket that reports
+                // room it cannot use): after a few tries, wait for this fd all the same.
+                if !destinationReady || racedProbes > 3 {
+                    racedProbes = 0
+                    do {
+                        try await registration.wait(.write, after: writeSeen)
+                    } catch {
+                        throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                    }
+                }
+            case EINVAL where moved == 0:
+                // These two cannot be spliced after all (a socket family without splice
+                // support): copy from now on.
+                spliceRefused.store(true, ordering: .relaxed)
+                return nil
+            case EPIPE:
+                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+            default:
+                // A socket source fails by itself (a reset connection); anything else is this
+                // end refusing the bytes.
+                if source.isSocket { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
+                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+            }
         }
+        return .moved(moved)
+    }
+
+    /// After a splice's EAGAIN: (source readable, this fd writable), from one poll(2).
+    private func pollBoth(_ source: AsyncFD) -> (Bool, Bool) {
+        var fds = [
+            pollfd(fd: source.fd, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: fd, events: Int16(POLLOUT), revents: 0),
+        ]
+        let ready = poll(&fds, 2, 0)
+        guard ready >= 0 else { return (true, true) }
+        // An error or hang-up counts as ready: the next splice reports it.
+        let sourceReady = fds[0].revents != 0
+        let destinationReady = fds[1].revents != 0
+        return (sourceReady, destinationReady)
     }
 
     /// Writes what fits now: the count written, or `nil` if nothing fits.
@@ -217,6 +391,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// The reactor's edge count for a direction: read it before a non-blocking syscall, and if
     /// that syscall would block, wait for an edge after it.
     func registrationEdges(_ direction: Direction) -> UInt64 { registration.edges(direction) }
+    /// Tasks waiting for this fd to become readable (for tests).
+    var readWaiters: Int { registration.waiting(.read) }
     func waitForReadEdge(after seen: UInt64) async throws { try await registration.wait(.read, after: seen) }
     func waitForWriteEdge(after seen: UInt64) async throws { try await registration.wait(.write, after: seen) }
 

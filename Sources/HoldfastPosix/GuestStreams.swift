@@ -24,7 +24,8 @@ public enum GuestStreams {
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
             token: token, secret: secret, role: .guest, direction: direction, configuration: configuration, policy: policy,
-            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) },
+            executor: Reactor.shared,
+            dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout, sendBuffer: Dialer.resumableSendBuffer) },
             attemptClock: monotonicNanoseconds, observer: observer)
     }
 }

@@ -6,19 +6,34 @@ import Synchronization
 import Glibc
 #endif
 
-/// Readiness notification for non-blocking fds: one thread in `epoll_wait`, waking the tasks
-/// that wait for an fd to become readable or writable.
+/// Readiness notification for non-blocking fds, and the thread the data plane runs on: one
+/// thread in `epoll_wait` that wakes the tasks waiting for an fd to become readable or writable
+/// — and, for tasks that prefer it as their executor (`Reactor.shared` is a `TaskExecutor`),
+/// runs them itself.
 ///
 /// Why not SwiftNIO's channels for the data plane: a relay here makes the syscalls itself on the
 /// task that owns the stream, so the fast path (data in the pipe, room in the socket) is a
-/// read/write loop with no thread hop and no allocation, and a failed write knows exactly how many
-/// bytes the kernel accepted (raw mode's loss accounting depends on it). NIO still carries the
-/// framed control plane.
+/// read/write (or splice) loop with no thread hop and no allocation, and a failed write knows
+/// exactly how many bytes the kernel accepted (raw mode's loss accounting depends on it). NIO
+/// still carries the framed control plane.
 ///
-/// Edge-triggered: each registration counts the readiness edges per direction. An operation reads
-/// the count, tries its syscall, and on EAGAIN waits for an edge *after* that count, so an edge that
-/// arrives between the EAGAIN and the wait is never missed.
-public final class Reactor: Sendable {
+/// Why relays run on this thread: a task woken by readiness on the global pool costs a second
+/// thread's wake-up (a futex and a context switch) for every time a pipe runs dry; run here, a
+/// relay continues on the thread that saw the readiness, as a blocking C loop would continue in
+/// its own thread. Jobs run in batches between polls, so a busy stream cannot keep the others'
+/// readiness from being seen; relays yield after a bounded amount of work.
+///
+/// Edge-triggered, with interest armed on demand (`epoll_ctl` is a syscall, and in a VM a dear
+/// one): an fd is watched for reading from the first time someone waits to read it, and from
+/// then on — such fds (a process's pipe, a connection's acknowledgements) are read again and
+/// again; it is watched for writing only while writers wait, so a socket whose relay waits for
+/// its pipe is not reported writable each time the peer reads. Each registration counts the
+/// readiness edges it saw per direction. An operation reads the count, tries its syscall, and
+/// only when the syscall says EAGAIN waits for an edge *after* that count: edge-triggered
+/// readiness reports what changes, so a wait on the strength of anything weaker (a short read)
+/// could wait for bytes that were already there. Arming is level-checked by the kernel, so
+/// readiness that came before the first wait is reported at once.
+public final class Reactor: TaskExecutor, Sendable {
     public static let shared: Reactor = {
         do {
             return try Reactor()
@@ -28,13 +43,32 @@ public final class Reactor: Sendable {
     }()
 
     private let epollFD: Int32
+    /// Written to wake the thread from `epoll_wait` when a job is queued from another thread.
+    private let wakeFD: Int32
     private let registrations = NIOLockedValueBox<[UInt64: Registration]>([:])
     private let nextID = Atomic<UInt64>(1)
+    private let queue = NIOLockedValueBox(JobQueue())
+    /// The reactor thread (pthread_self), so jobs it queues itself never write the wake-up fd.
+    private let thread = Atomic<UInt>(0)
+
+    private struct JobQueue {
+        var jobs: [UnownedJob] = []
+        /// The thread is in (or about to enter) an `epoll_wait` without a timeout.
+        var sleeping = false
+    }
+
+    /// The reserved registration id of the wake-up fd.
+    private static let wakeID: UInt64 = 0
 
     public init() throws(SystemError) {
         // A write to a pipe whose reader is gone must fail with EPIPE, not kill the process.
         signal(SIGPIPE, SIG_IGN)
         epollFD = try retryingInterrupts("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
+        wakeFD = try retryingInterrupts("eventfd") { hf_eventfd() }
+        var event = epoll_event()
+        event.events = EPOLLIN.rawValue | EPOLLET.rawValue
+        event.data.u64 = Self.wakeID
+        guard epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event) == 0 else { throw .last("epoll_ctl(ADD, eventfd)") }
         let box = Unmanaged.passRetained(self)
         var thread = pthread_t()
         let created = pthread_create(&thread, nil, { context in
@@ -49,14 +83,37 @@ public final class Reactor: Sendable {
         pthread_detach(thread)
     }
 
-    /// Registers a non-blocking fd. Files that epoll cannot watch (regular files) get a
-    /// registration that is always ready: their reads and writes do not block for long anyway.
+    // MARK: TaskExecutor
+
+    /// Queues a job to run on the reactor thread (after the current batch of readiness events).
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let wake = queue.withLockedValue { q -> Bool in
+            q.jobs.append(job)
+            guard q.sleeping else { return false }
+            q.sleeping = false
+            return true
+        }
+        if wake, !isCurrent {
+            var one: UInt64 = 1
+            _ = Glibc.write(wakeFD, &one, 8)
+        }
+    }
+
+    /// Whether the calling code runs on the reactor thread.
+    public var isCurrent: Bool { pthread_self() == thread.load(ordering: .relaxed) }
+
+    // MARK: Registrations
+
+    /// Registers a non-blocking fd, with no interest armed until someone waits. Files that epoll
+    /// cannot watch (regular files) get a registration that is always ready: their reads and
+    /// writes do not block for long anyway.
     func register(_ fd: Int32) throws(SystemError) -> Registration {
         let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
         var event = epoll_event()
-        event.events = EPOLLIN.rawValue | EPOLLOUT.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue
+        event.events = EPOLLET.rawValue
         event.data.u64 = id
-        let registration = Registration(id: id)
+        let registration = Registration(id: id, fd: fd, epollFD: epollFD)
         registrations.withLockedValue { $0[id] = registration }
         if epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &event) != 0 {
             let error = Glibc.errno
@@ -64,7 +121,7 @@ public final class Reactor: Sendable {
             guard error == EPERM else {
                 throw SystemError("epoll_ctl(ADD, fd \(fd))", errno: .init(rawValue: error))
             }
-            return Registration(id: 0, alwaysReady: true)
+            return Registration(id: 0, fd: fd, epollFD: epollFD, alwaysReady: true)
         }
         return registration
     }
@@ -72,18 +129,36 @@ public final class Reactor: Sendable {
     /// Stops watching `fd` and wakes its waiters with `DescriptorClosed`. Call before close(2).
     func deregister(_ registration: Registration, fd: Int32) {
         if !registration.alwaysReady {
+            registration.cancelAll()  // first: no waiter may arm the fd again after the DEL
             var event = epoll_event()
             _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &event)
             registrations.withLockedValue { _ = $0.removeValue(forKey: registration.id) }
+        } else {
+            registration.cancelAll()
         }
-        registration.cancelAll()
     }
 
+    // MARK: The loop
+
     private func run() {
+        thread.store(pthread_self(), ordering: .relaxed)
         let capacity = 256
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
+        var batch: [UnownedJob] = []
+        let executor = asUnownedTaskExecutor()
         while true {
-            let count = epoll_wait(epollFD, events, Int32(capacity), -1)
+            // The jobs queued so far; what they queue runs after the next poll.
+            queue.withLockedValue { swap(&$0.jobs, &batch) }
+            for job in batch { job.runSynchronously(on: executor) }
+            batch.removeAll(keepingCapacity: true)
+
+            let timeout: Int32 = queue.withLockedValue { q in
+                guard q.jobs.isEmpty else { return 0 }
+                q.sleeping = true
+                return -1
+            }
+            let count = epoll_wait(epollFD, events, Int32(capacity), timeout)
+            if timeout != 0 { queue.withLockedValue { $0.sleeping = false } }
             if count < 0 {
                 if Glibc.errno == EINTR { continue }
                 fatalError("epoll_wait: errno \(Glibc.errno)")
@@ -91,6 +166,11 @@ public final class Reactor: Sendable {
             for index in 0..<Int(count) {
                 let event = events[index]
                 let id = event.data.u64
+                if id == Self.wakeID {
+                    var value: UInt64 = 0
+                    _ = Glibc.read(wakeFD, &value, 8)
+                    continue
+                }
                 guard let registration = registrations.withLockedValue({ $0[id] }) else { continue }
                 let flags = event.events
                 let error = flags & (EPOLLERR.rawValue | EPOLLHUP.rawValue) != 0
@@ -110,23 +190,64 @@ enum Direction: Sendable {
 final class Registration: Sendable {
     let id: UInt64
     let alwaysReady: Bool
+    private let fd: Int32
+    private let epollFD: Int32
     private let state = NIOLockedValueBox(State())
 
     private struct State {
         var readEdges: UInt64 = 0
         var writeEdges: UInt64 = 0
-        var waiters: [UInt64: Waiter] = [:]
+        var readers = Waiters()
+        var writers = Waiters()
         var nextWaiter: UInt64 = 0
         var cancelled = false
+        /// The directions armed in epoll (edge-triggered).
+        var armed: UInt32 = 0
     }
 
+    /// A suspended wait. Unsafe continuations: each is resumed exactly once, by whoever removes
+    /// it from `State` under the lock (the reactor, a cancellation, the close), and a checked one
+    /// would cost an allocation per wait.
     private struct Waiter {
-        var direction: Direction
-        var continuation: CheckedContinuation<Void, any Error>
+        var id: UInt64
+        var continuation: UnsafeContinuation<Void, any Error>
     }
 
-    init(id: UInt64, alwaysReady: Bool = false) {
+    /// The waiters of one direction: nearly always none or one, held without allocating.
+    private struct Waiters {
+        var first: Waiter?
+        var more: [Waiter] = []
+
+        var isEmpty: Bool { first == nil }
+
+        mutating func add(_ waiter: Waiter) {
+            if first == nil { first = waiter } else { more.append(waiter) }
+        }
+
+        mutating func remove(id: UInt64) -> Waiter? {
+            if let waiter = first, waiter.id == id {
+                first = more.isEmpty ? nil : more.removeFirst()
+                return waiter
+            }
+            guard let index = more.firstIndex(where: { $0.id == id }) else { return nil }
+            return more.remove(at: index)
+        }
+
+        mutating func takeAll() -> Waiters {
+            defer { self = Waiters() }
+            return self
+        }
+
+        func resumeAll(with result: Result<Void, any Error>) {
+            first?.continuation.resume(with: result)
+            for waiter in more { waiter.continuation.resume(with: result) }
+        }
+    }
+
+    init(id: UInt64, fd: Int32, epollFD: Int32, alwaysReady: Bool = false) {
         self.id = id
+        self.fd = fd
+        self.epollFD = epollFD
         self.alwaysReady = alwaysReady
     }
 
@@ -144,44 +265,76 @@ final class Registration: Sendable {
             return s.nextWaiter
         }
         try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<Void, any Error>) in
                 let outcome: Result<Void, any Error>? = state.withLockedValue { s in
                     if s.cancelled { return .failure(DescriptorClosed()) }
                     let now = direction == .read ? s.readEdges : s.writeEdges
                     if now != seen { return .success(()) }
                     if Task.isCancelled { return .failure(CancellationError()) }
-                    s.waiters[id] = Waiter(direction: direction, continuation: continuation)
+                    let waiter = Waiter(id: id, continuation: continuation)
+                    if direction == .read { s.readers.add(waiter) } else { s.writers.add(waiter) }
+                    let wanted = Self.mask(direction)
+                    if s.armed & wanted != wanted { arm(&s, s.armed | wanted) }
                     return nil
                 }
                 if let outcome { continuation.resume(with: outcome) }
             }
         } onCancel: {
-            state.withLockedValue { $0.waiters.removeValue(forKey: id) }?.continuation.resume(throwing: CancellationError())
+            let waiter = state.withLockedValue { s in
+                direction == .read ? s.readers.remove(id: id) : s.writers.remove(id: id)
+            }
+            waiter?.continuation.resume(throwing: CancellationError())
         }
     }
 
+    /// Waits suspended in a direction.
+    func waiting(_ direction: Direction) -> Int {
+        state.withLockedValue { s in
+            let waiters = direction == .read ? s.readers : s.writers
+            return (waiters.first == nil ? 0 : 1) + waiters.more.count
+        }
+    }
+
+    /// The reactor saw an event: wakes the waiters of the directions that became ready. Write
+    /// interest that nobody waits for any more is disarmed; read interest stays.
     func signal(readable: Bool, writable: Bool) {
-        let woken: [Waiter] = state.withLockedValue { s in
+        let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             if readable { s.readEdges &+= 1 }
             if writable { s.writeEdges &+= 1 }
-            guard !s.waiters.isEmpty else { return [] }
-            var woken: [Waiter] = []
-            for (key, waiter) in s.waiters
-            where (waiter.direction == .read && readable) || (waiter.direction == .write && writable) {
-                woken.append(waiter)
-                s.waiters.removeValue(forKey: key)
-            }
-            return woken
+            let readers = readable ? s.readers.takeAll() : Waiters()
+            let writers = writable ? s.writers.takeAll() : Waiters()
+            let writeMask = Self.mask(.write)
+            // Nobody was waiting to write: a spurious report, so stop watching that side.
+            if writable, writers.isEmpty, s.armed & writeMask != 0, !s.cancelled { arm(&s, s.armed & ~writeMask) }
+            return (readers, writers)
         }
-        for waiter in woken { waiter.continuation.resume() }
+        readers.resumeAll(with: .success(()))
+        writers.resumeAll(with: .success(()))
     }
 
     func cancelAll() {
-        let woken: [Waiter] = state.withLockedValue { s in
+        let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             s.cancelled = true
-            defer { s.waiters.removeAll() }
-            return Array(s.waiters.values)
+            return (s.readers.takeAll(), s.writers.takeAll())
         }
-        for waiter in woken { waiter.continuation.resume(throwing: DescriptorClosed()) }
+        readers.resumeAll(with: .failure(DescriptorClosed()))
+        writers.resumeAll(with: .failure(DescriptorClosed()))
+    }
+
+    /// Arms `directions` (under the state lock, so two arms never race). The kernel checks
+    /// readiness as it arms: an fd already ready is reported at once.
+    private func arm(_ s: inout State, _ directions: UInt32) {
+        var event = epoll_event()
+        event.events = directions | EPOLLET.rawValue
+        event.data.u64 = id
+        if epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &event) == 0 {
+            s.armed = directions
+        }
+        // A failure (the fd was closed under us) leaves it disarmed: the owner's close()
+        // deregisters and wakes every waiter with DescriptorClosed.
+    }
+
+    private static func mask(_ direction: Direction) -> UInt32 {
+        direction == .read ? EPOLLIN.rawValue | EPOLLRDHUP.rawValue : EPOLLOUT.rawValue
     }
 }

@@ -62,14 +62,17 @@ public struct ConnectTimedOut: Error, Sendable, CustomStringConvertible {
 
 public enum Dialer {
     /// Connects a stream socket to `address`, giving up after `timeout`. The returned connection
-    /// is non-blocking and registered with the reactor.
+    /// is non-blocking and registered with the reactor. `sendBuffer` asks for that much send
+    /// buffer on a Unix stream socket (see `resumableSendBuffer`).
     public static func connect(
-        to address: SocketAddress, kind: SocketKind = .stream, timeout: Duration = .seconds(2), reactor: Reactor = .shared
+        to address: SocketAddress, kind: SocketKind = .stream, timeout: Duration = .seconds(2), sendBuffer: Int? = nil,
+        reactor: Reactor = .shared
     ) async throws -> AsyncFD {
         let resolved = try ResolvedAddress(address)
         let fd = try retryingInterrupts("socket(\(address))") {
             socket(resolved.family, kind.rawValue | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
+        if let sendBuffer, kind == .stream, resolved.family == AF_UNIX { requestSendBuffer(fd, bytes: sendBuffer) }
         let connection: AsyncFD
         do {
             connection = try AsyncFD(adopting: fd, reactor: reactor)
@@ -109,6 +112,20 @@ public enum Dialer {
             throw SystemError("connect(\(address))", errno: .init(rawValue: socketError))
         }
         return connection
+    }
+
+    /// The send buffer a resumable stream asks for on a Unix stream connection. The default
+    /// (208 KiB of kernel accounting, about 100 KiB of data in flight) makes a relay that
+    /// outpaces its reader wait for room every few dozen KiB; the kernel caps the request at
+    /// `net.core.wmem_max`. Not for raw mode: a raw stream loses what a dying connection had
+    /// accepted, so a bigger buffer is a bigger loss (resumable mode replays it). TCP keeps its
+    /// own autotuning, which a fixed SO_SNDBUF would switch off.
+    public static let resumableSendBuffer = 1 << 20
+
+    /// SO_SNDBUF, best effort.
+    static func requestSendBuffer(_ fd: Int32, bytes: Int) {
+        var value = Int32(bytes)
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
     /// Runs `body`, throwing `ConnectTimedOut` if it has not finished within `timeout`. `body`

@@ -65,6 +65,12 @@ public final class FaultyConnection<Inner: ByteConnection>: ByteConnection {
         after()
     }
 
+    public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) {
+        try before()
+        try await inner.write(vectors: vectors)
+        after()
+    }
+
     public func close() { inner.close() }
     public func shutdownWrite() { inner.shutdownWrite() }
 

@@ -70,6 +70,12 @@ func format(_ value: Double) -> String {
     return String(scaled)
 }
 
+/// Three decimals (CPU seconds per GiB are fractions of a second).
+func format3(_ value: Double) -> String {
+    let scaled = (value * 1000).rounded() / 1000
+    return String(scaled)
+}
+
 /// The secret of the idle benchmark's stream `index`: its host end runs in another process, and
 /// both compute the same one (a benchmark's, not a secret).
 func benchSecret(_ index: Int) -> StreamSecret {

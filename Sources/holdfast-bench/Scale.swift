@@ -18,6 +18,8 @@ struct Scale: AsyncParsableCommand {
     @Option(help: "Processes (each with stdin, stdout and stderr streams).") var processes = 1000
     @Option(help: "How many of them write their stdout at full speed.") var busy = 100
     @Option(help: "Bytes each busy process writes.") var bytes = 32 << 20
+    @Option(help: "The single-stream resumable relay's CPU seconds per GiB (bench/run.sh), to print the ratio against.")
+    var referenceCpuPerGib: Double?
 
     func run() async throws {
         guard geteuid() == 0 else {
@@ -145,6 +147,9 @@ struct Scale: AsyncParsableCommand {
         for consumer in consumers { await consumer.value }
         let busyEnd = ContinuousClock.now
         let cpuAfter = ProcessSample.read(pid: brokerPID)
+        // The buffer pools give back what a burst no longer uses after two quiet trim intervals.
+        try await Task.sleep(for: .seconds(5))
+        let settled = ProcessSample.read(pid: brokerPID)
 
         let results = finish.withLockedValue { $0 }
         let total = results.reduce(0) { $0 + $1.bytes }
@@ -158,6 +163,7 @@ struct Scale: AsyncParsableCommand {
         let complete = results.filter { $0.bytes == bytes }.count
         let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
         let brokerCPU = Double(cpuAfter.cpuTicks - cpuBefore.cpuTicks) / ticks
+        let brokerPerGiB = brokerCPU / (Double(total) / Double(1 << 30))
         let rows: [(String, String)] = [
             ("processes / streams in the broker", "\(processes) / \(processes * 3)"),
             ("launching \(idle) idle processes", format(Double(launched.components.seconds) + Double(launched.components.attoseconds) / 1e18) + " s"),
@@ -168,13 +174,21 @@ struct Scale: AsyncParsableCommand {
             ("fairness (min / max)", format((rates.min() ?? 0) / max(1, rates.max() ?? 1))),
             ("broker RSS: empty / \(idle * 3) idle streams / after the burst",
              "\(brokerBaseline.rssKiB / 1024) / \(idleSample.rssKiB / 1024) / \(cpuAfter.rssKiB / 1024) MiB"),
+            ("broker RSS 5 s after the burst", "\(settled.rssKiB / 1024) MiB"),
             ("broker CPU during the burst", format(brokerCPU) + " s (" + format(brokerCPU / seconds * 100) + " % of one core)"),
+            ("broker CPU per GiB relayed", format3(brokerPerGiB) + " s"),
             ("broker threads", "\(cpuAfter.threads)"),
         ]
         print("scale: a real daemon, \(processes) processes × 3 resumable streams over Unix sockets; \(busy) write \(bytes >> 20) MiB each at once")
         print("| measure | value |")
         print("|---|---:|")
         for (name, value) in rows { print("| \(name) | \(value) |") }
+        if let reference = referenceCpuPerGib, reference > 0 {
+            let ratio = brokerPerGiB / reference
+            print(
+                "broker CPU per GiB, \(busy) busy of \(processes * 3) streams / single-stream resumable relay's = "
+                    + format(ratio) + "  (target <= 1.5) " + (ratio <= 1.5 ? "ok" : "MISS"))
+        }
         kill(daemon, SIGTERM)
         _ = try? await Spawner.waitForExit(daemon)
         if complete != busy { throw ExitCode(1) }

@@ -80,6 +80,54 @@ struct ReplayRingTests {
         #expect(ring.blockCount == 0)
     }
 
+    /// One readv fills several blocks: a reservation spans blocks in stream order, a commit
+    /// that does not reach the last ones gives them back at once, and the sender reads the bytes
+    /// back as regions across the blocks.
+    @Test func aReservationSpansBlocksAndACommitReturnsWhatItDidNotFill() {
+        let ring = ReplayRing(capacity: 10_000, pool: BufferPool(bufferSize: 1000, retained: 0))
+        [UInt8](repeating: 1, count: 300).withUnsafeBytes { _ = ring.append($0) }
+        let regions = ring.reserve(upTo: 2500)
+        #expect(regions.map(\.count) == [700, 1000, 800])
+        #expect(ring.blockCount == 3)
+        var next: UInt8 = 0
+        for region in regions {
+            for index in region.indices {
+                region[index] = next
+                next &+= 1
+            }
+        }
+        ring.commit(1200)  // the read filled the first region and half the second
+        #expect(ring.blockCount == 2, "the block the commit did not reach went back")
+        #expect(ring.end == 1500)
+        let read = ring.regions(from: 250, limit: 5000)
+        #expect(read.map(\.count) == [750, 500])
+        #expect(Array(read[0][50...]) + Array(read[1]) == (0..<1200).map { UInt8(truncatingIfNeeded: $0) })
+        #expect(ring.regions(from: 1400, limit: 50).map(\.count) == [50])
+        #expect(ring.reserve(upTo: 20_000).reduce(0) { $0 + $1.count } == 10_000 - 1500, "never beyond capacity")
+        ring.commit(0)
+        ring.acknowledge(upTo: 1500)
+        #expect(ring.blockCount == 0)
+    }
+
+    /// A burst's blocks stay in the pool while the burst needs them (no mapping, page faults
+    /// and unmapping per block); what stayed unused between two trims goes back.
+    @Test func aPoolKeepsWhatABurstUsesAndGivesBackWhatStayedUnused() {
+        let pool = BufferPool(bufferSize: 1024, retained: 2, trimInterval: .seconds(3600))
+        let burst = (0..<10).map { _ in pool.take() }
+        for buffer in burst { pool.recycle(buffer) }
+        #expect(pool.freeCount == 10, "kept beyond the baseline while the burst is recent")
+        pool.trim()
+        #expect(pool.freeCount == 10, "all ten were in use during this interval")
+        let again = (0..<4).map { _ in pool.take() }  // the burst goes on, smaller
+        for buffer in again { pool.recycle(buffer) }
+        pool.trim()
+        #expect(pool.freeCount == 6, "four were used in this interval, six were not: four go back, the baseline stays")
+        pool.trim()
+        #expect(pool.freeCount == 2, "a quiet interval leaves the baseline")
+        pool.trim()
+        #expect(pool.freeCount == 2)
+    }
+
     @Test func aReservedTailSurvivesAnAcknowledgement() {
         let ring = ReplayRing(capacity: 10_000, pool: BufferPool(bufferSize: 1000, retained: 0))
         [UInt8](repeating: 1, count: 10).withUnsafeBytes { _ = ring.append($0) }

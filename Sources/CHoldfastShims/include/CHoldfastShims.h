@@ -48,6 +48,13 @@ int hf_set_pdeathsig(int sig);
 int hf_pipe_size(int fd, int size);
 /// pipe2(O_CLOEXEC).
 int hf_pipe_cloexec(int fds[2]);
+/// splice(2) without offsets, SPLICE_F_NONBLOCK | SPLICE_F_MOVE: moves up to `len` bytes from
+/// `in_fd` to `out_fd` inside the kernel (one of them a pipe). Returns bytes moved, 0 at the
+/// source's end-of-file, or -1 with errno (EAGAIN: one side would block; EINVAL: these two fds
+/// cannot be spliced).
+ssize_t hf_splice(int in_fd, int out_fd, size_t len);
+/// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK).
+int hf_eventfd(void);
 /// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC.
 int hf_accept_nonblocking(int fd);
 /// Opens a pty pair (master and slave both O_CLOEXEC, O_NOCTTY); writes the slave's path into
