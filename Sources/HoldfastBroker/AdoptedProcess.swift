@@ -82,6 +82,17 @@ enum StreamTransport: Sendable {
         }
     }
 
+    /// While parked, why its last dial failed, and how many failed since it was last connected.
+    var dialTrouble: (lastError: String?, failures: UInt64?) {
+        guard state == .parked else { return (nil, nil) }
+        let statistics: SlotStatistics
+        switch self {
+        case .raw(let slot): statistics = slot.statistics
+        case .resumable(let stream): statistics = stream.slot.statistics
+        }
+        return (statistics.lastDialError, statistics.dialFailuresSinceConnected > 0 ? statistics.dialFailuresSinceConnected : nil)
+    }
+
     /// (bytes to the host, bytes from the host, reconnects)
     var figures: (UInt64, UInt64, UInt64) {
         switch self {
@@ -112,14 +123,22 @@ final class ManagedStream: Sendable {
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
-    init(_ stream: ValidatedStream, handle: AsyncFD, broker: Broker) {
+    init(_ stream: ValidatedStream, process: String, handle: AsyncFD, broker: Broker) {
         LiveObjects.streams.add(1, ordering: .relaxed)
         let description = stream.description
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
         func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
-            .make(endpoint, mode: description.mode, direction: direction, settings: broker.settings, observer: broker.metrics.slotObserver())
+            let name = description.kind == .tty && direction == .receive ? "tty/input" : description.kind.rawValue
+            let watch = DialWatch(process: process, stream: name, address: endpoint.addressText, broker: broker)
+            let metrics = broker.metrics.slotObserver()
+            let made = StreamTransport.make(endpoint, mode: description.mode, direction: direction, settings: broker.settings) { event in
+                metrics(event)
+                watch.event(event)
+            }
+            watch.watch(made.managed)
+            return made
         }
         switch description.kind {
         case .stdout, .stderr:
@@ -215,14 +234,16 @@ final class ManagedStream: Sendable {
             let (toHost, fromHost, reconnects) = output.figures
             result.append(StreamStatus(
                 process: process, kind: description.kind, mode: description.mode, address: description.address,
-                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0))
+                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
+                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures))
         }
         if let input {
             let (toHost, fromHost, reconnects) = input.figures
             result.append(StreamStatus(
                 process: process, kind: description.kind, direction: description.kind == .tty ? "input" : nil,
                 mode: description.mode, address: description.inputAddress ?? description.address, state: input.state,
-                bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0))
+                bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
+                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures))
         }
         return result
     }

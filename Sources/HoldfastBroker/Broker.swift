@@ -22,6 +22,11 @@ public final class Broker: Sendable {
     private let totals = NIOLockedValueBox(Totals())
     /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
     private let streamsFinishedSinceTidy = NIOLockedValueBox(0)
+    /// Whether the host's bridge is up, as the supervisor last said (up until told otherwise: a
+    /// broker restarted while the bridge is up hears no bridge-up). While it is, a stream whose
+    /// redial cycle gave up starts another after a back-off (`DialWatch`).
+    private let bridgeIsUp = NIOLockedValueBox(true)
+    var isBridgeUp: Bool { bridgeIsUp.withLockedValue { $0 } }
     /// Where `drained` notifications go (the supervisor's control channel).
     private let notify: @Sendable (DrainedNotification) async -> Void
 
@@ -58,7 +63,7 @@ public final class Broker: Sendable {
         var streams: [ManagedStream] = []
         for stream in adoption.streams {
             let handle = adopted[stream.description.fd]!
-            streams.append(ManagedStream(stream, handle: handle, broker: self))
+            streams.append(ManagedStream(stream, process: request.process, handle: handle, broker: self))
         }
         // fds no stream refers to were handed over by mistake: do not keep them.
         let used = Set(request.streams.map(\.fd))
@@ -151,6 +156,7 @@ public final class Broker: Sendable {
     /// The bridge was lost: every stream drops its connection (the host is going away).
     @discardableResult
     public func disconnectAll() -> Int {
+        bridgeIsUp.withLockedValue { $0 = false }
         let count = registry.disconnectAll()
         logger.info("bridge lost: disconnected every stream", metadata: ["streams": "\(count)"])
         return count
@@ -159,6 +165,7 @@ public final class Broker: Sendable {
     /// The bridge is back: every parked stream dials now.
     @discardableResult
     public func bridgeUp() -> Int {
+        bridgeIsUp.withLockedValue { $0 = true }
         let count = registry.redialAll()
         logger.info("bridge up: redialing every parked stream", metadata: ["streams": "\(count)"])
         return count

@@ -258,6 +258,8 @@ public final class BridgeServer: Sendable {
                 let (reply, hello) = try await callReportingHello(
                     .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
                 return CreatedProcess(pid: reply.pid, hello: hello)
+            } catch where error.code == .noGuest {
+                throw Self.noGuest(at: address, within: timeout)
             } catch {
                 guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
                 state.withLockedValue { $0.repeatedCreates += 1 }
@@ -298,9 +300,7 @@ public final class BridgeServer: Sendable {
     public func callReportingHello<Reply: Decodable>(
         _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
     ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
-        guard let connection = await guest(within: timeout) else {
-            throw HoldfastError(.noGuest, "no guest connected to the bridge at \(address) within \(timeout)")
-        }
+        guard let connection = await guest(within: timeout) else { throw Self.noGuest(at: address, within: timeout) }
         let frame = try await connection.request(request)
         do {
             return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
@@ -324,6 +324,14 @@ public final class BridgeServer: Sendable {
     public var unconfirmedExits: Int { state.withLockedValue { $0.deliveredExits.values.count { !$0 } } }
     /// Every exit id kept against repeats, confirmed or not (bounded).
     public var rememberedExits: Int { state.withLockedValue { $0.deliveredExits.count } }
+
+    /// What a request that found no guest says: how long it waited, and what to check.
+    static func noGuest(at address: SocketAddress, within timeout: Duration) -> HoldfastError {
+        HoldfastError(
+            .noGuest,
+            "no guest connected to the bridge at \(address) within \(timeout.spoken): is 'holdfast daemon' running in the guest, with "
+                + "bridge.address pointing here and the same bridge key? (its log says why it cannot connect)")
+    }
 
     /// Waits (bounded) until a guest has said hello.
     public func waitForGuest(timeout: Duration) async -> Bool {

@@ -21,6 +21,14 @@ public enum HostDefaults {
     /// After a process's outcome is known, how long an output stream may go without a byte
     /// before host serve ends it: the guest's own default `streams.drain_timeout`.
     public static let drainTimeout: Duration = .seconds(30)
+    /// What host serve keeps of each process's output for `host logs` (bytes).
+    public static let logSize = 1 << 20
+    /// How many finished processes' logs host serve keeps.
+    public static let logsKept = 64
+    /// `host stop`: how long the first signal gets before SIGKILL.
+    public static let stopTimeout: Duration = .seconds(10)
+    /// How long a create waits for a guest to be connected to the bridge.
+    public static let guestWait: Duration = .seconds(30)
 }
 
 /// `holdfast host serve`: the host end for development, tests and demos. Accepts the guest's
@@ -34,7 +42,8 @@ public enum HostDefaults {
 /// with a loss when a hello shows another daemon (instance id) or guest (boot id), or the
 /// daemon's process list no longer has it. A finished process is forgotten — its streams
 /// closed, their connections too — keeping only its outcome among the last
-/// `rememberedOutcomes`, so fds and memory do not grow with processes run.
+/// `rememberedOutcomes` and its log (`logSize` bytes at most) among the last `logsKept`, so fds
+/// and memory do not grow with processes run.
 public final class HostService: Sendable {
     public let bridge: BridgeServer
     public let streams: StreamServer<AsyncFD>
@@ -43,18 +52,22 @@ public final class HostService: Sendable {
     private let say: @Sendable (String) -> Void
     private let listInterval: Duration
     private let table: HostProcessTable
+    private let logSize: Int
 
     /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
     public static let rememberedOutcomes = HostProcessTable.rememberedOutcomes
 
     /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
+    /// `logSize`: bytes of each process's output kept for `host logs`; `logsKept`: how many
+    /// finished processes' logs are kept.
     public init(
         bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
-        say: @escaping @Sendable (String) -> Void
+        logSize: Int = HostDefaults.logSize, logsKept: Int = HostDefaults.logsKept, say: @escaping @Sendable (String) -> Void
     ) throws {
         self.say = say
         self.listInterval = listInterval
-        let table = HostProcessTable(say: say)
+        self.logSize = logSize
+        let table = HostProcessTable(logsKept: logsKept, say: say)
         self.table = table
         self.bridge = try BridgeServer(
             listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
@@ -95,7 +108,8 @@ public final class HostService: Sendable {
         let heap = Memory.mallocUsage()
         return HostStats(
             processes: counts.processes, streams: streams.statistics.streams, rememberedOutcomes: counts.outcomes,
-            rememberedExits: bridge.rememberedExits, descriptors: Self.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free)
+            rememberedExits: bridge.rememberedExits, descriptors: Self.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free,
+            guestConnected: bridge.isConnected, bridgeAddress: bridge.address.description)
     }
 
     private static func openDescriptors() -> Int {
@@ -139,11 +153,22 @@ public final class HostService: Sendable {
             return RPCReply(body: body, descriptors: descriptors)
         case .wait(let request):
             return RPCReply(try await wait(request))
+        case .closeStdin(let request):
+            try closeStdin(request.id)
+            return .empty
         case .list:
             return RPCReply(try await bridge.list())
+        case .processes(let request):
+            return RPCReply(await processes(all: request.all ?? false))
         case .signal(let request):
+            try Self.checkSignal(request.signal)
             try await bridge.signal(request.id, request.signal)
             return .empty
+        case .stop(let request):
+            return RPCReply(try await stop(request))
+        case .logs(let request):
+            let (body, descriptors) = try logs(request)
+            return RPCReply(body: body, descriptors: descriptors)
         case .resize(let request):
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
             return .empty
@@ -157,8 +182,13 @@ public final class HostService: Sendable {
                 throw HoldfastError(.badRequest, "blackout must be 0 to 600000 ms")
             }
             // Unstructured: a client that goes away mid-blackout does not cut it short.
-            await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value
-            return .empty
+            return RPCReply(await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value)
+        }
+    }
+
+    private static func checkSignal(_ signal: Int32) throws(HoldfastError) {
+        guard (1...SignalNames.highest).contains(signal) else {
+            throw HoldfastError(.badRequest, "\(signal) is not a signal: valid are \(SignalNames.validNames)")
         }
     }
 
@@ -169,37 +199,196 @@ public final class HostService: Sendable {
         guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
         guard let process else {
             if let known { return known }
-            throw HoldfastError(.noSuchProcess, "no process '\(request.id)' started by this host serve")
+            throw Self.noSuchProcess(request.id)
         }
         if let milliseconds = request.drainTimeoutMilliseconds {
             process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
         }
-        guard let outcome = await process.waitForOutcome() else { throw Self.closing }
+        guard let outcome = await process.waitForOutcome(untilExit: request.untilExit ?? false) else { throw Self.closing }
         return outcome
     }
 
     private static let closing = HoldfastError(.closing, "host serve is closing")
 
+    private static func noSuchProcess(_ id: String) -> HoldfastError {
+        HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve (holdfast host ps -a lists them)")
+    }
+
+    /// The attached client's stdin ended (after its last byte on the stdin socket).
+    private func closeStdin(_ id: String) throws(HoldfastError) {
+        guard let (process, known) = table.lookup(id) else { throw Self.closing }
+        guard let process else {
+            if known != nil { return }  // finished: nothing reads its stdin any more
+            throw Self.noSuchProcess(id)
+        }
+        guard let input = process.input else { throw HoldfastError(.noStdin, "process '\(id)' has no stdin stream") }
+        input.endOfInput()
+    }
+
+    /// `host ps`: the guest's list (asked briefly: a guest away leaves host serve's own view),
+    /// each process with what host serve knows of it; `all` adds the finished ones it remembers.
+    private func processes(all: Bool) async -> HostProcessList {
+        let known = table.infos(finished: all)
+        var byID: [String: HostProcessInfo] = [:]
+        for info in known { byID[info.id] = info }
+        var guestAnswered = false
+        if bridge.isConnected, let list = try? await bridge.list(timeout: .seconds(2)) {
+            guestAnswered = true
+            for process in list.processes {
+                let state: HostProcessInfo.State
+                switch process.state {
+                case .starting: state = .starting
+                case .running: state = .running
+                case .exited, .done: state = .exited
+                }
+                var info = byID[process.id] ?? HostProcessInfo(id: process.id, pid: nil, state: state, exitCode: nil, command: nil)
+                info.pid = process.pid > 0 ? process.pid : info.pid
+                if info.state != .lost {
+                    info.state = state
+                    info.exitCode = process.exitCode ?? info.exitCode
+                }
+                byID[process.id] = info
+            }
+            if !all {
+                // Without -a: what runs (or still drains) in the guest, and ours still starting.
+                let listed = Set(list.processes.map(\.id))
+                byID = byID.filter { listed.contains($0.key) || $0.value.state == .starting || $0.value.state == .running }
+            }
+        }
+        return HostProcessList(processes: byID.values.sorted { $0.id < $1.id }, guestAnswered: guestAnswered)
+    }
+
+    /// `host stop`: the signal, then SIGKILL if the outcome has not come within the timeout.
+    private func stop(_ request: HostStopRequest) async throws(HoldfastError) -> HostStopResponse {
+        let signal = request.signal ?? SIGTERM
+        try Self.checkSignal(signal)
+        let timeout = Duration.milliseconds(request.timeoutMilliseconds ?? Int(HostDefaults.stopTimeout.components.seconds * 1000))
+        guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
+        guard let process else {
+            if let known { return HostStopResponse(outcome: known, killed: false, alreadyEnded: true) }
+            throw Self.noSuchProcess(request.id)
+        }
+        if let outcome = process.knownOutcome { return HostStopResponse(outcome: outcome, killed: false, alreadyEnded: true) }
+        try await signalUnlessExited(request.id, signal)
+        if let outcome = await process.waitForExit(within: timeout) { return HostStopResponse(outcome: outcome, killed: false) }
+        say("process \(request.id) did not exit within \(timeout.spoken) of \(SignalNames.name(signal)): sending SIGKILL")
+        try await signalUnlessExited(request.id, SIGKILL)
+        guard let outcome = await process.waitForExit(within: HostDefaults.guestWait) else {
+            throw HoldfastError(
+                .notRunning,
+                "process '\(request.id)' was sent SIGKILL \(timeout.spoken) after \(SignalNames.name(signal)), and no exit came within \(HostDefaults.guestWait.spoken) more (is the guest connected? holdfast host wait \(request.id) goes on waiting)")
+        }
+        return HostStopResponse(outcome: outcome, killed: true)
+    }
+
+    /// A signal to a process that may have exited already (its exit not reported yet: that is
+    /// not an error for a stop).
+    private func signalUnlessExited(_ id: String, _ signal: Int32) async throws(HoldfastError) {
+        do {
+            try await bridge.signal(id, signal)
+        } catch where error.code == .notRunning {
+            return
+        }
+    }
+
+    /// `host logs`: a socket per output stream, carrying what the log kept of it (and, with
+    /// `follow`, what comes next until the output ends), then end-of-file.
+    private func logs(_ request: HostLogsRequest) throws(HoldfastError) -> ([UInt8], [Int32]) {
+        guard let found = table.log(of: request.id) else { throw Self.noSuchProcess(request.id) }
+        let kinds = ["stdout", "stderr"]
+        var ours: [String: AsyncFD] = [:]
+        var theirs: [Int32] = []
+        do {
+            for kind in kinds {
+                let pair = try Self.streamPair()
+                theirs.append(pair.theirs)
+                ours[kind] = try AsyncFD(adopting: pair.ours)
+            }
+        } catch {
+            for fd in theirs { _ = Glibc.close(fd) }
+            for socket in ours.values { socket.close() }
+            throw HoldfastError(.localFailed, "\(error)")
+        }
+        let log = found ?? ProcessLog(capacity: 0, streams: [])
+        let follow = request.follow ?? false
+        Task { await Self.sendLog(log, to: ours, follow: follow) }
+        return (ControlJSON.encode(HostRunResponse(id: request.id, pid: 0, streams: kinds)), theirs)
+    }
+
+    private static func sendLog(_ log: ProcessLog, to sockets: [String: AsyncFD], follow: Bool) async {
+        defer { for socket in sockets.values { socket.close() } }
+        // The client never writes: its stdout socket becoming readable is its going away.
+        let writer = Task {
+            var cursor: UInt64 = 0
+            while !Task.isCancelled {
+                let (entries, ended) = log.entries(after: cursor)
+                for entry in entries {
+                    cursor = entry.sequence
+                    guard let socket = sockets[entry.kind] else { continue }
+                    do {
+                        try await entry.bytes.withUnsafeBytesAsync { try await socket.write($0) }
+                    } catch {
+                        return
+                    }
+                }
+                if !follow || (ended && log.entries(after: cursor).entries.isEmpty) { return }
+                await log.waitForMore(after: cursor)
+            }
+        }
+        let watcher = Task {
+            guard let socket = sockets["stdout"] else { return }
+            let byte = UnsafeMutableRawBufferPointer.allocate(byteCount: 1, alignment: 1)
+            defer { byte.deallocate() }
+            _ = try? await socket.read(into: byte)
+            writer.cancel()
+        }
+        await writer.value
+        watcher.cancel()
+        for socket in sockets.values { socket.shutdownWrite() }
+    }
+
     /// What a live migration looks like to the guest: the bridge and every stream connection
-    /// drop at once, and nothing is accepted for `blackout`.
-    public func migrate(blackout: Duration) async {
-        say("--- migration: every connection dropped, \(blackout) blackout ---")
+    /// drop at once, and nothing is accepted for `blackout`. Answered once the guest is back
+    /// (or not, within `HostMigrateResponse.reconnectWait`).
+    public func migrate(blackout: Duration) async -> HostMigrateResponse {
+        let guestWasConnected = bridge.isConnected
+        let helloBefore = bridge.acceptedConnections
+        say("--- migration: every connection dropped, \(blackout.spoken) blackout ---")
         streams.setRefusing(true)
         bridge.drop(refusing: true)
-        streams.dropAllConnections()
+        let dropped = streams.dropAllConnections()
         try? await Task.sleep(for: blackout)
         streams.setRefusing(false)
         bridge.drop(refusing: false)
         say("--- migration done: accepting again ---")
+        let reopened = ContinuousClock.now
+        var backAfter: Duration?
+        if guestWasConnected {
+            let deadline = reopened + HostMigrateResponse.reconnectWait
+            while ContinuousClock.now < deadline {
+                if bridge.isConnected, bridge.acceptedConnections > helloBefore {
+                    backAfter = ContinuousClock.now - reopened
+                    break
+                }
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        return HostMigrateResponse(
+            bridgeDropped: guestWasConnected, streamConnectionsDropped: dropped,
+            blackoutMilliseconds: Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000),
+            guestBackAfterMilliseconds: backAfter.map { Int($0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000) })
     }
 
     // MARK: Starting and attaching
 
     /// Opens the process's streams here, creates it in the guest, and returns one local socket
-    /// per stream for the client.
+    /// per stream for the client (none for a detached start: its client is a later `attach`).
     private func start(_ request: HostRunRequest) async throws(HoldfastError) -> ([UInt8], [Int32]) {
         let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
-        var kinds = request.tty ? ["stdin", "stdout"] : ["stdin", "stdout", "stderr"]
+        let detached = request.detach ?? false
+        // A detached process has stdin only if asked (-i) or if it has a terminal.
+        let wantsInput = !detached || (request.interactive ?? false) || request.tty
+        var kinds = request.tty ? ["stdin", "stdout"] : wantsInput ? ["stdin", "stdout", "stderr"] : ["stdout", "stderr"]
         var specs: [String: StreamSpec] = [:]
         if request.mode == .raw {
             // Raw streams go straight to the listeners named; nothing is relayed here.
@@ -212,6 +401,7 @@ public final class HostService: Sendable {
 
         var input: InputRelay?
         var outputs: [OutputRelay] = []
+        let log = ProcessLog(capacity: logSize, streams: kinds.filter { $0 != "stdin" })
         do throws(StreamServerError) {
             for kind in kinds {
                 let token = Array("\(id)-\(kind)".utf8)
@@ -220,7 +410,7 @@ public final class HostService: Sendable {
                     input = relay
                     specs[kind] = relay.stream.streamSpec(at: streamAddress)
                 } else {
-                    let relay = try OutputRelay(kind: kind, token: token, server: streams)
+                    let relay = try OutputRelay(kind: kind, token: token, server: streams, log: log, held: !detached)
                     outputs.append(relay)
                     specs[kind] = relay.stream.streamSpec(at: streamAddress)
                 }
@@ -230,10 +420,12 @@ public final class HostService: Sendable {
             for output in outputs { output.discard() }
             throw HoldfastError(.processExists, "host serve already has a stream of a process '\(id)': \(error)")
         }
-        let process = HostedProcess(id: id, outputs: outputs, input: input, drainTimeout: HostDefaults.drainTimeout)
+        let command = request.bundle.map { "runc container from \($0)" } ?? Self.commandLine(request.argv)
+        let process = HostedProcess(
+            id: id, outputs: outputs, input: input, log: log, command: command, tty: request.tty, drainTimeout: HostDefaults.drainTimeout)
         let local: [Int32]
         do {
-            local = try connectClient(to: kinds.compactMap { process.outlets[$0] })
+            local = detached ? [] : try connectClient(to: kinds.compactMap { process.outlets[$0] })
         } catch {
             input?.close()
             for output in outputs { output.discard() }
@@ -255,12 +447,12 @@ public final class HostService: Sendable {
         }
 
         let spec = ProcessSpec(
-            id: id, argv: request.argv, env: request.env, cwd: request.cwd, tty: request.tty, rows: request.rows,
-            columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
+            id: id, argv: request.argv, env: request.env, cwd: request.cwd, user: request.user, group: request.group, tty: request.tty,
+            rows: request.rows, columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
             runtime: request.runtime, bundle: request.bundle, container: request.container)
         let created: BridgeServer.CreatedProcess
         do {
-            created = try await bridge.createProcess(spec)
+            created = try await bridge.createProcess(spec, timeout: HostDefaults.guestWait)
         } catch {
             for fd in local { _ = Glibc.close(fd) }
             table.unregister(process)
@@ -268,9 +460,17 @@ public final class HostService: Sendable {
             throw error
         }
         // Which daemon runs it; if another one said hello meanwhile, it is already gone.
-        table.created(process, by: GuestIdentity(created.hello))
-        say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")")
-        return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: kinds)), local)
+        table.created(process, pid: created.pid, by: GuestIdentity(created.hello))
+        say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")\(detached ? " (detached)" : "")")
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: detached ? [] : kinds, tty: request.tty)), local)
+    }
+
+    /// argv as a shell would show it (`ps`): words with spaces or quotes quoted.
+    static func commandLine(_ argv: [String]) -> String {
+        argv.map { word in
+            let plain = !word.isEmpty && word.allSatisfy { $0.isLetter || $0.isNumber || "-_./=:@%+,".contains($0) }
+            return plain ? word : "'" + word.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
+        }.joined(separator: " ")
     }
 
     /// `host attach`: new local sockets for a process's streams; the previous client's are
@@ -286,7 +486,8 @@ public final class HostService: Sendable {
         let kinds = ["stdin", "stdout", "stderr"].filter { outlets[$0].map { !$0.isClosed } ?? false }
         let local = try connectClient(to: kinds.compactMap { outlets[$0] })
         say("process \(id): client attached (\(kinds.joined(separator: ", ")))")
-        return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: kinds)), local)
+        let pid = process.state.withLockedValue { $0.pid } ?? 0
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds, tty: process.tty)), local)
     }
 
     /// A socket pair per outlet: ours attached to the outlet, theirs returned for the client.

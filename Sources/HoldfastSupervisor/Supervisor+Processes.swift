@@ -176,7 +176,7 @@ extension Supervisor {
             return
         }
         guard kill(record.pid, signal) == 0 else {
-            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): errno \(errno)")
+            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
         }
     }
 

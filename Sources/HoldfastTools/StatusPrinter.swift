@@ -21,6 +21,24 @@ public enum StatusPrinter {
         return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
+    /// What to check when the daemon's control socket cannot be reached.
+    public static func connectAdvice(_ error: any Error) -> String {
+        (error as? SystemError).map { connectAdvice(errno: $0.number) } ?? ""
+    }
+
+    public static func connectAdvice(errno: Int32) -> String {
+        switch errno {
+        case ENOENT:
+            return "; is the daemon running? (systemctl status holdfast; a daemon with another run_directory: --socket PATH or HOLDFAST_RUN_DIR)"
+        case EACCES, EPERM:
+            return "; the control socket is root's (mode 0600): run as root (sudo holdfast status)"
+        case ECONNREFUSED:
+            return "; nothing listens there: the daemon has stopped (systemctl status holdfast; journalctl -u holdfast)"
+        default:
+            return ""
+        }
+    }
+
     public static func render(_ report: StatusReport, colour: Bool) -> String {
         func paint(_ text: String, _ code: String) -> String { colour ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text }
         // Green for working, yellow for waiting, red for lost.
@@ -70,6 +88,12 @@ public enum StatusPrinter {
                     [$0.process, $0.kind.rawValue + ($0.direction.map { "/\($0)" } ?? ""), $0.mode.rawValue, state($0.state),
                      bytes($0.bytesToHost), bytes($0.bytesFromHost), String($0.reconnects)]
                 })
+        }
+        // Why a parked stream cannot connect, one line each (the table stays narrow).
+        for stream in report.streams {
+            guard stream.state == .parked, let error = stream.lastDialError else { continue }
+            let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
+            lines.append("\(name): \(paint("cannot connect", "31")) to \(stream.address): \(error)")
         }
         if let omitted = report.omittedStreams {
             let states = (report.streamStates ?? [:]).sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
