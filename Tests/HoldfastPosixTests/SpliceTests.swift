@@ -506,15 +506,18 @@ struct SpliceTests {
     }
 }
 
-/// Reads everything a socket holds and closes it, in one job on the reactor's thread: the
-/// reactor sees the room this makes only afterwards, so a writer waiting for room cannot put
-/// more in between (the host read everything there was when it went).
+/// Reads everything a socket holds and ends it, in one job on the reactor's thread: the reactor
+/// sees the room this makes only afterwards, so a writer waiting for room cannot put more in
+/// between (the host read everything there was when it went). Shut down before the close: a
+/// process another test forks meanwhile holds a copy of the fd until its exec, and the close
+/// alone would end the connection only then (the writer got another socket-full in).
 func drainAndClose(_ socket: AsyncFD) async throws -> Int {
     try await Task(executorPreference: Reactor.shared) { () throws -> Int in
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var total = 0
         while let count = try socket.readNow(into: buffer), count > 0 { total += count }
+        shutdown(socket.fd, Int32(SHUT_RDWR))
         socket.close()
         return total
     }.value
