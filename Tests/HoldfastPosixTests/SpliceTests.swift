@@ -32,7 +32,7 @@ func writeInBackground(_ writer: AsyncFD, _ bytes: [UInt8], thenClose: Bool) -> 
     }
 }
 
-@Suite("splice(2) in the raw relays, and the reactor as the relays' executor")
+@Suite("splice(2) in the raw relays, and the reactor as the relays' executor", .timeLimit(.minutes(5)))
 struct SpliceTests {
     @Test func aPipeSplicesIntoASocketAndASocketIntoAPipe() async throws {
         let (near, far) = try socketPair()
@@ -335,17 +335,28 @@ struct SpliceTests {
         let relay = Task(executorPreference: Reactor.shared) { await Relay.output(from: source, to: slot) }
         let host = try await listener.accept()
         defer { host.close() }
-        let received = try await withTimeout("every byte to reach the slow host") {
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 << 10, alignment: 1)
-            defer { buffer.deallocate() }
-            var got: [UInt8] = []
-            var reads = 0
-            while case let count = try await host.read(into: buffer), count > 0 {
-                got += buffer[..<count]
-                reads += 1
-                if reads % 2 == 0 { try await Task.sleep(for: .milliseconds(1)) }  // a slow reader
+        // About 31 MB at a 16 KiB read and a 1 ms pause every second read: seconds, and under
+        // ThreadSanitizer on a loaded machine over a minute; the bound is for a hang.
+        let arrived = NIOLockedValueBox(0)
+        let received: [UInt8]
+        do {
+            received = try await withTimeout("every byte to reach the slow host", .seconds(240)) {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 << 10, alignment: 1)
+                defer { buffer.deallocate() }
+                var got: [UInt8] = []
+                var reads = 0
+                while case let count = try await host.read(into: buffer), count > 0 {
+                    got += buffer[..<count]
+                    arrived.withLockedValue { $0 = got.count }
+                    reads += 1
+                    if reads % 2 == 0 { try await Task.sleep(for: .milliseconds(1)) }  // a slow reader
+                }
+                return got
             }
-            return got
+        } catch {
+            // Slow or stuck: say how far it got, and where the relay stands.
+            Issue.record("\(error): \(arrived.withLockedValue { $0 }) bytes arrived; the relay moved \(slot.statistics.bytesWritten)")
+            throw error
         }
         let expected = Array((1...4_000_000).map { "\($0)\n" }.joined().utf8)
         #expect(received.count == expected.count)
