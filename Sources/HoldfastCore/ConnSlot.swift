@@ -137,10 +137,7 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
                 return
             } catch {
                 offset += error.accepted
-                state.withLockedValue {
-                    $0.statistics.bytesWritten &+= UInt64(error.accepted)
-                    $0.statistics.bytesUnconfirmed &+= UInt64(error.accepted)
-                }
+                recordFailedWrite(error)
                 disconnect(ifCurrent: lease.generation, reason: .writeFailed)
             }
         }

@@ -159,7 +159,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             do {
                 result = try writeNow(UnsafeRawBufferPointer(rebasing: bytes[written...]))
             } catch {
-                throw WriteFailure(accepted: written, cause: error)
+                throw writeFailure(accepted: written, cause: error)
             }
             if let result {
                 written += result
@@ -169,7 +169,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             do {
                 try await registration.wait(.write, after: seen)
             } catch {
-                throw WriteFailure(accepted: written, cause: error)
+                throw writeFailure(accepted: written, cause: error)
             }
         }
     }
@@ -215,7 +215,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                     }
                 }
             } catch {
-                throw WriteFailure(accepted: written, cause: error)
+                throw writeFailure(accepted: written, cause: error)
             }
             if let result, result > 0 {
                 written += result
@@ -238,7 +238,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             do {
                 try await registration.wait(.write, after: seen)
             } catch {
-                throw WriteFailure(accepted: written, cause: error)
+                throw writeFailure(accepted: written, cause: error)
             }
         }
     }
@@ -281,7 +281,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             } catch {
                 // One of the two was closed: report it as a read or a write on it would be.
                 if source.isClosed { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
-                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
             }
             if outcome.count > 0 {
                 moved += outcome.count
@@ -300,7 +300,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                         do {
                             try await registration.wait(.write, after: writeSeen)
                         } catch {
-                            throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                            throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
                         }
                     }
                 }
@@ -323,7 +323,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                     do {
                         try await registration.wait(.write, after: writeSeen)
                     } catch {
-                        throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                        throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
                     }
                 }
             case EINVAL where moved == 0:
@@ -332,15 +332,39 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 spliceRefused.store(true, ordering: .relaxed)
                 return nil
             case EPIPE:
-                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
             default:
                 // A socket source fails by itself (a reset connection); anything else is this
                 // end refusing the bytes.
                 if source.isSocket { return moved > 0 ? .moved(moved) : .sourceFailed(error) }
-                throw WriteFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
             }
         }
         return .moved(moved)
+    }
+
+    /// A failed write's report: what this fd accepted before `cause`, and of that what counts as
+    /// unconfirmed. After EPIPE on a Unix stream socket the kernel says whether anything was
+    /// lost: a peer that closes with bytes unread leaves ECONNRESET pending on this end (the
+    /// send itself reports EPIPE); one that had read everything leaves nothing, and then nothing
+    /// this connection accepted is unconfirmed. (TCP says no such thing: bytes sent after the
+    /// peer's FIN are lost without it; vsock is not asked.)
+    fileprivate func writeFailure(accepted: Int, unconfirmed: Int? = nil, cause: any Error) -> WriteFailure {
+        var unconfirmed = unconfirmed ?? accepted
+        if unconfirmed > 0, isSocket, (cause as? SystemError)?.errno == .brokenPipe, peerReadEverything() { unconfirmed = 0 }
+        return WriteFailure(accepted: accepted, unconfirmed: unconfirmed, cause: cause)
+    }
+
+    /// A Unix stream socket whose peer closed after reading every byte (no ECONNRESET pending).
+    private func peerReadEverything() -> Bool {
+        (try? withSyscall { () -> Bool in
+            var value: Int32 = 0
+            var size = socklen_t(MemoryLayout<Int32>.size)
+            guard getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &value, &size) == 0, value == AF_UNIX else { return false }
+            size = socklen_t(MemoryLayout<Int32>.size)
+            guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &size) == 0 else { return false }
+            return value == 0
+        }) ?? false
     }
 
     /// After a splice's EAGAIN: (source readable, this fd writable), from one poll(2).
@@ -393,6 +417,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     func registrationEdges(_ direction: Direction) -> UInt64 { registration.edges(direction) }
     /// Tasks waiting for this fd to become readable (for tests).
     var readWaiters: Int { registration.waiting(.read) }
+    var writeWaiters: Int { registration.waiting(.write) }
     func waitForReadEdge(after seen: UInt64) async throws { try await registration.wait(.read, after: seen) }
     func waitForWriteEdge(after seen: UInt64) async throws { try await registration.wait(.write, after: seen) }
 

@@ -245,6 +245,73 @@ struct SpliceTests {
         #expect(failure.unconfirmed <= lost, "and only bytes that were lost")
     }
 
+    /// A host that read every byte before it went away lost nothing, so the failure that follows
+    /// counts nothing as unconfirmed, though the last splice had waited in the full socket (a
+    /// Unix socket's peer that closes with bytes unread leaves ECONNRESET pending on this end;
+    /// one that read everything leaves nothing). Otherwise a host that drained its socket and
+    /// then closed was counted as losing the last pipe-full (the end-to-end loss test, under
+    /// ThreadSanitizer's timing).
+    @Test func aHostThatReadEverythingBeforeItWentLostNothing() async throws {
+        let (near, far) = try socketPair()
+        var small: Int32 = 4096
+        setsockopt(near.fd, SOL_SOCKET, SO_SNDBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        let pipe = try PipeEnds.make(capacity: 1 << 20)
+        let source = try AsyncFD(adopting: pipe.read)
+        let writer = try AsyncFD(adopting: pipe.write)
+        defer { [near, far, source, writer].forEach { $0.close() } }
+        try await send(writer, pattern(0..<(512 << 10)))
+        let pass = Task(executorPreference: Reactor.shared) { () async -> WriteFailure? in
+            do throws(WriteFailure) {
+                _ = try await near.splice(from: source, limit: 1 << 20)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        try await eventually("the pass to wait for room in the full socket") { near.writeWaiters == 1 }
+        let read = try await drainAndClose(far)
+        let outcome = try await withTimeout("the pass to fail") { await pass.value }
+        let failure = try #require(outcome, "the pass failed when the host went")
+        #expect(failure.accepted == read, "the host read everything the pass moved")
+        #expect(failure.unconfirmed == 0, "nothing was lost, so nothing is unconfirmed")
+    }
+
+    /// The same for a copy (a terminal's relay): a write waiting for room in a socket whose host
+    /// read everything and left counts nothing unconfirmed; one whose host left bytes unread
+    /// counts what the write had handed over.
+    @Test func aCopyCountsUnconfirmedOnlyWhatTheHostLeftUnread() async throws {
+        for hostReads in [true, false] {
+            let (near, far) = try socketPair()
+            defer { [near, far].forEach { $0.close() } }
+            var small: Int32 = 4096
+            setsockopt(near.fd, SOL_SOCKET, SO_SNDBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            let data = pattern(0..<(256 << 10))
+            let write = Task(executorPreference: Reactor.shared) { () async -> WriteFailure? in
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 1)
+                defer { buffer.deallocate() }
+                buffer.copyBytes(from: data)
+                do throws(WriteFailure) {
+                    try await near.write(UnsafeRawBufferPointer(buffer))
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            try await eventually("the write to wait for room in the full socket") { near.writeWaiters == 1 }
+            let read = hostReads ? try await drainAndClose(far) : 0
+            if !hostReads { far.close() }
+            let outcome = try await withTimeout("the write to fail") { await write.value }
+            let failure = try #require(outcome, "the write failed when the host went")
+            #expect(failure.accepted > 0)
+            if hostReads {
+                #expect(failure.accepted == read)
+                #expect(failure.unconfirmed == 0, "the host read everything")
+            } else {
+                #expect(failure.unconfirmed == failure.accepted, "all of it was left unread")
+            }
+        }
+    }
+
     /// A host slower than its process: the socket fills, so splices come back short with bytes
     /// still in the pipe, and the producer blocks on the full pipe — no new bytes, so no new
     /// readiness on the pipe. A relay that took a short splice to mean "the pipe is empty" waited
@@ -437,4 +504,18 @@ struct SpliceTests {
         #expect(got == 100)
         #expect(Array(first) + Array(second[..<70]) == pattern(0..<100))
     }
+}
+
+/// Reads everything a socket holds and closes it, in one job on the reactor's thread: the
+/// reactor sees the room this makes only afterwards, so a writer waiting for room cannot put
+/// more in between (the host read everything there was when it went).
+func drainAndClose(_ socket: AsyncFD) async throws -> Int {
+    try await Task(executorPreference: Reactor.shared) { () throws -> Int in
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+        defer { buffer.deallocate() }
+        var total = 0
+        while let count = try socket.readNow(into: buffer), count > 0 { total += count }
+        socket.close()
+        return total
+    }.value
 }
