@@ -169,6 +169,10 @@ extension ResumableStream.Engine {
         }
     }
 
+    /// Makes an acknowledgement due `ackDelay` after the first unacknowledged byte. A sleep of
+    /// its own, not the `TimeoutWheel`: the wheel's tick (50 ms) is coarser than the delay
+    /// (10 ms), and this sleep is never cancelled, so it leaves no timer queued behind it (the
+    /// wheel's reason to exist).
     private func armAckTimer() {
         Task(executorPreference: executor) { [self] in
             try? await Task.sleep(for: configuration.ackDelay)
