@@ -84,10 +84,13 @@ demo: build
 
 # CPU per GiB and throughput against a splice(2) loop, a C read/write loop and socat, raw and
 # resumable, and the receiving side against a C sink (with the ratio lines of issue 19's
-# targets); the cost of 3,000 idle resumable streams; reconnect latency; the broker at scale (its
-# CPU per GiB against the single-stream resumable figure). See BENCHMARKS.md.
+# targets); syscalls per GiB (with perf); the cost of 3,000 idle resumable streams; reconnect
+# latency; the broker at scale (its CPU per GiB against the single-stream resumable figure).
+# BENCH_BASELINE=path/to/an/older/holdfast adds its rows to the first part (before/after).
+# See BENCHMARKS.md.
 bench: release
 	bench/run.sh $(BUILD_DIR)/release/holdfast bench/out/single-stream.txt
+	bench/syscalls.sh $(BUILD_DIR)/release/holdfast
 	$(BUILD_DIR)/release/holdfast-bench idle-streams --count 3000 --seconds 10
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 1 --rounds 50
 	$(BUILD_DIR)/release/holdfast-bench reconnect --streams 2000 --rounds 5 --every 200

@@ -28,6 +28,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        // The supervisor's parts as Services in a ServiceGroup (ordered graceful shutdown).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         // HMAC-SHA256 of stream hellos and of the bridge's handshake (HoldfastCore); SHA-256 of
         // relayed streams in the tests and holdfast-soak.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
@@ -35,34 +37,46 @@ let package = Package(
     targets: [
         // C for what Swift cannot import: CMSG_* macros, sockaddr_vm, ioctl numbers, fork+exec.
         .target(name: "CHoldfastShims"),
-        // libseccomp, from Debian's libseccomp-dev.
+        // libseccomp, from Debian's libseccomp-dev (the broker's filter).
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
-        // Pure logic: ConnSlot, redial policy, registry, relays over abstract connections.
-        // Codecs: resumable stream frames, bridge frames, broker control messages.
+        // Every wire message, request enum and error type: codecs only, no I/O.
         .target(name: "HoldfastProtocol", swiftSettings: strict),
+        // Pure logic, no syscalls: ConnSlot, ReplayRing, resumable streams, relays, the RPC loop, timeouts.
+        // Crypto: HMAC-SHA256 of stream hellos and of the bridge handshake (pure computation).
         .target(
             name: "HoldfastCore",
             dependencies: [
-                "HoldfastProtocol", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                // HMAC-SHA256 of stream hellos and of the bridge's handshake (pure computation).
+                "HoldfastProtocol",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),
-        // Thin, tested wrappers over syscalls: reactor, fds, sockets, addresses, pipes, ptys.
+        // Thin, tested wrappers over syscalls: reactor, fds, sockets, pipes, ptys, spawn, privileges.
         .target(
             name: "HoldfastPosix",
             dependencies: [
-                "CHoldfastShims", "CSeccomp", "HoldfastCore", "HoldfastProtocol",
+                "CHoldfastShims",
+                "HoldfastCore",
+                "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict),
-        // The host side: stream listeners (and later the bridge server), for tools, tests and
-        // host agents.
+        // The daemon's log handler (journald-friendly lines on stderr).
+        .target(
+            name: "HoldfastLogging",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        // The host side: stream listeners, the bridge server, and the host agent (`holdfast host serve`
+        // and its clients).
         .target(
             name: "HoldfastHost",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -70,50 +84,65 @@ let package = Package(
         .target(
             name: "HoldfastConfig",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "Configuration", package: "swift-configuration"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict),
-        // The broker role: owns every stdio fd, the streams and relays; seccomp-confined.
+        // The broker role: owns every stdio fd, the streams and relays; its own seccomp profile.
         .target(
             name: "HoldfastBroker",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "CHoldfastShims",
+                "CSeccomp",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: strict),
-        // The supervisor role: `holdfast daemon`.
+        // The supervisor role: `holdfast daemon` (never imports the broker: the broker is a process it starts).
         .target(
             name: "HoldfastSupervisor",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastConfig", "HoldfastBroker",
+                "HoldfastConfig",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: strict),
         // The bridge worker role.
         .target(
             name: "HoldfastBridge",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        // Drivers for the demo and the command-line utilities.
+        // The guest-side utilities and demos: status, pipe/receive, probes, the migration and raw demos.
         .target(
             name: "HoldfastTools",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol", "HoldfastSupervisor", "HoldfastBroker",
-                "HoldfastBridge", "HoldfastConfig", "CHoldfastShims",
-                .product(name: "Logging", package: "swift-log"),
+                "CHoldfastShims",
+                "HoldfastBroker",
+                "HoldfastCore",
+                "HoldfastHost",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -121,8 +150,16 @@ let package = Package(
         .executableTarget(
             name: "holdfast",
             dependencies: [
-                "HoldfastCore", "HoldfastTools", "HoldfastPosix", "HoldfastProtocol", "HoldfastSupervisor", "HoldfastBroker",
-                "HoldfastBridge", "HoldfastConfig",
+                "HoldfastBridge",
+                "HoldfastBroker",
+                "HoldfastConfig",
+                "HoldfastCore",
+                "HoldfastHost",
+                "HoldfastLogging",
+                "HoldfastPosix",
+                "HoldfastProtocol",
+                "HoldfastSupervisor",
+                "HoldfastTools",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -132,20 +169,26 @@ let package = Package(
         .target(
             name: "HoldfastFuzzing",
             dependencies: [
-                "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastBridge",
+                "HoldfastBroker",
+                "HoldfastConfig",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 "HoldfastSupervisor",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
         .target(name: "CFuzzerDriver"),
         .executableTarget(name: "holdfast-fuzz", dependencies: ["CFuzzerDriver", "HoldfastFuzzing"], swiftSettings: strict),
-        // Fakes and helpers shared by every test target: in-memory and fault-injecting
-        // connections, bounded waits, child-process helpers.
         // Benchmarks that print numbers (not shipped).
         .executableTarget(
             name: "holdfast-bench",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol",
+                "HoldfastCore",
+                "HoldfastHost",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -156,63 +199,101 @@ let package = Package(
         .executableTarget(
             name: "holdfast-soak",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastHost", "HoldfastProtocol",
+                "HoldfastCore",
+                "HoldfastHost",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),
+        // Fakes and helpers shared by every test target: in-memory and fault-injecting
+        // connections, bounded waits, child-process helpers.
         .target(
             name: "HoldfastTestSupport",
             dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),
         .testTarget(
-            name: "HoldfastHostTests",
+            name: "HoldfastProtocolTests",
             dependencies: [
-                "HoldfastHost", "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastTestSupport",
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            ],
-            swiftSettings: strict),
-        .testTarget(
-            name: "HoldfastConfigTests", dependencies: ["HoldfastConfig", "HoldfastCore", "HoldfastTestSupport"], swiftSettings: strict),
-        .testTarget(
-            name: "HoldfastDaemonTests",
-            dependencies: [
-                "HoldfastCore", "HoldfastPosix", "HoldfastProtocol", "HoldfastHost", "HoldfastTestSupport", "HoldfastSupervisor", "HoldfastTools",
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            ],
-            swiftSettings: strict),
-        .testTarget(
-            name: "HoldfastToolsTests",
-            dependencies: [
-                "HoldfastTools", "HoldfastTestSupport", "HoldfastHost", "HoldfastProtocol", "HoldfastCore", "HoldfastPosix",
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            ],
-            swiftSettings: strict),
-        .testTarget(name: "HoldfastProtocolTests", dependencies: ["HoldfastProtocol"], swiftSettings: strict),
-        .testTarget(
-            name: "HoldfastFuzzTests",
-            dependencies: [
-                "HoldfastFuzzing", "HoldfastBridge", "HoldfastBroker", "HoldfastConfig", "HoldfastCore", "HoldfastProtocol",
-                "HoldfastSupervisor",
+                "HoldfastProtocol",
             ],
             swiftSettings: strict),
         .testTarget(
             name: "HoldfastCoreTests",
             dependencies: [
-                "HoldfastCore", "HoldfastProtocol", "HoldfastTestSupport",
+                "HoldfastCore",
+                "HoldfastProtocol",
+                "HoldfastTestSupport",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
         .testTarget(
             name: "HoldfastPosixTests",
             dependencies: [
-                "HoldfastPosix", "HoldfastCore", "HoldfastProtocol", "HoldfastTestSupport",
+                "CHoldfastShims",
+                "HoldfastCore",
+                "HoldfastPosix",
+                "HoldfastProtocol",
+                "HoldfastTestSupport",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastHostTests",
+            dependencies: [
+                "HoldfastCore",
+                "HoldfastHost",
+                "HoldfastPosix",
+                "HoldfastProtocol",
+                "HoldfastTestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastConfigTests",
+            dependencies: [
+                "HoldfastConfig",
+                "HoldfastCore",
+                "HoldfastTestSupport",
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastDaemonTests",
+            dependencies: [
+                "HoldfastCore",
+                "HoldfastHost",
+                "HoldfastPosix",
+                "HoldfastProtocol",
+                "HoldfastSupervisor",
+                "HoldfastTestSupport",
+                "HoldfastTools",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastToolsTests",
+            dependencies: [
+                "HoldfastLogging", "HoldfastTestSupport", "HoldfastTools",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "HoldfastFuzzTests",
+            dependencies: [
+                "HoldfastBridge",
+                "HoldfastBroker",
+                "HoldfastCore",
+                "HoldfastFuzzing",
+                "HoldfastProtocol",
+                "HoldfastSupervisor",
             ],
             swiftSettings: strict),
     ]

@@ -14,7 +14,7 @@
 #
 # Usage: bench/run.sh HOLDFAST_BINARY [RESULTS_FILE]
 #   BENCH_BYTES (2 GiB), BENCH_RUNS (7), BENCH_PIPE_SIZES ("1048576 65536") override the
-#   conditions. RESULTS_FILE receives key=value lines of the first pipe size's figures (make bench
+#   conditions; BENCH_BASELINE (an older holdfast binary) adds its two rows, for before/after. RESULTS_FILE receives key=value lines of the first pipe size's figures (make bench
 #   hands the resumable relay's CPU per GiB to the scale benchmark, for its ratio).
 set -euo pipefail
 holdfast=${1:?usage: bench/run.sh path/to/holdfast [results-file]}
@@ -66,6 +66,17 @@ relays=("\"$bin/splice\" \"$sock\""
         "socat -b 131072 -u - UNIX-CONNECT:\"$sock\""
         "\"$holdfast\" pipe --to unix:\"$sock\""
         "\"$holdfast\" pipe --mode resumable --to unix:\"$sock\" --secret-file \"$key\"")
+# Before and after: BENCH_BASELINE=path/to/an/older/holdfast adds its raw and resumable rows,
+# interleaved with the rest (a binary from before stream secrets runs without a secret file).
+if [[ -n ${BENCH_BASELINE:-} ]]; then
+    base_secret=""
+    if "$BENCH_BASELINE" pipe --help 2>&1 | grep -q -- --secret-file; then base_secret=" --secret-file \"$key\""; fi
+    names+=("baseline pipe, raw" "baseline pipe, resumable")
+    sink_names+=("C sink" "baseline receive")
+    sinks+=("$c_sink" "\"$BENCH_BASELINE\" receive --count --mode resumable --listen unix:\"$sock\"$base_secret")
+    relays+=("\"$BENCH_BASELINE\" pipe --to unix:\"$sock\""
+             "\"$BENCH_BASELINE\" pipe --mode resumable --to unix:\"$sock\"$base_secret")
+fi
 declare -A walls relay_cpus sink_cpus
 for r in $(seq 1 "$runs"); do
     for pipe_size in "${pipe_sizes[@]}"; do
@@ -111,8 +122,8 @@ for pipe_size in "${pipe_sizes[@]}"; do
         mkdir -p "$(dirname "$results")"
         {
             echo "pipe_size=$pipe_size"
-            echo "resumable_relay_cpu_per_gib=${relay_per_gib[4]}"
-            echo "raw_relay_cpu_per_gib=${relay_per_gib[3]}"
+            printf 'resumable_relay_cpu_per_gib=%.4f\n' "${relay_per_gib[4]}"
+            printf 'raw_relay_cpu_per_gib=%.4f\n' "${relay_per_gib[3]}"
         } > "$results"
     fi
 done

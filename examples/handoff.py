@@ -55,7 +55,9 @@ HEADER = struct.Struct(">IIQ")
 MAX_BODY = 64 * 1024
 MAX_FDS = 64
 
-DEFAULT_SOCKET = "/run/holdfast/broker.sock"
+# The daemon's default handoff socket: {run}/broker.sock, where HOLDFAST_RUN_DIR moves {run} (as
+# it does for the daemon and every holdfast command).
+DEFAULT_SOCKET = os.path.join(os.environ.get("HOLDFAST_RUN_DIR") or "/run/holdfast", "broker.sock")
 
 
 class BrokerError(Exception):
@@ -348,7 +350,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                "2 bad usage or no broker to talk to; with adopt --wait, the command's own status.")
     parser.add_argument(
         "--socket", default=os.environ.get("HOLDFAST_HANDOFF_SOCKET", DEFAULT_SOCKET),
-        help=f"the broker's handoff socket (default $HOLDFAST_HANDOFF_SOCKET or {DEFAULT_SOCKET})")
+        help="the broker's handoff socket (default $HOLDFAST_HANDOFF_SOCKET, else $HOLDFAST_RUN_DIR/broker.sock, "
+             "else /run/holdfast/broker.sock)")
     commands = parser.add_subparsers(dest="action", required=True)
 
     adopt = commands.add_parser(

@@ -35,7 +35,8 @@ root=$work/holdfast
 doc=$root/usr/share/doc/holdfast
 
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/etc/holdfast" "$root/usr/lib/systemd/system" \
-    "$root/usr/share/man/man1" "$doc" "$root/usr/share/lintian/overrides"
+    "$root/usr/share/man/man1" "$doc" "$root/usr/share/lintian/overrides" \
+    "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" "$root/usr/share/fish/vendor_completions.d"
 # Debug info and symbol tables are not shipped (Swift's reflection metadata lives in allocated
 # sections, which strip keeps).
 install -m 0755 "$binary" "$root/usr/bin/holdfast"
@@ -46,6 +47,14 @@ sed "s/@VERSION@/$version/" "$here/holdfast.1" | gzip -9n > "$root/usr/share/man
 install -m 0644 "$debian/copyright" "$doc/copyright"
 gzip -9n < "$changelog" > "$doc/changelog.Debian.gz"
 install -m 0644 "$debian/lintian-overrides" "$root/usr/share/lintian/overrides/holdfast"
+# Shell completions, as swift-argument-parser generates them from the binary's own commands and
+# options (so they cannot drift from it), where each shell looks for a package's.
+# (bash's is sourced, not run: no #! line, which lintian flags.)
+"$binary" --generate-completion-script bash | sed '1{/^#!/d}' > "$root/usr/share/bash-completion/completions/holdfast"
+"$binary" --generate-completion-script zsh > "$root/usr/share/zsh/vendor-completions/_holdfast"
+"$binary" --generate-completion-script fish > "$root/usr/share/fish/vendor_completions.d/holdfast.fish"
+chmod 0644 "$root/usr/share/bash-completion/completions/holdfast" "$root/usr/share/zsh/vendor-completions/_holdfast" \
+    "$root/usr/share/fish/vendor_completions.d/holdfast.fish"
 
 # Depends: the shared libraries the binary loads, as dpkg-shlibdeps resolves them (it wants a
 # debian/control to read), plus adduser for postinst.

@@ -12,7 +12,8 @@
 # 4. The unpacked binary: --version is the package's upstream version; it loads no Swift
 #    runtime (ldd lists only libc, libm, libstdc++, libgcc_s, libseccomp and the loader);
 #    `config check` accepts the shipped configuration; the manual page covers every command.
-# 5. A smoke test (root only): the unpacked daemon under a stand-in for systemd.
+# 5. The shell completions (bash, zsh, fish) are there, and bash's completes the host commands.
+# 6. A smoke test (root only): the unpacked daemon under a stand-in for systemd.
 set -euo pipefail
 
 deb=${1:?usage: check-deb.sh DEB}
@@ -78,6 +79,26 @@ for command in $commands; do
     grep -q "\\b$command\\b" <<<"$page" || { echo "error: holdfast(1) does not mention '$command'"; exit 1; }
 done
 echo "holdfast(1) mentions:" $commands
+
+step "shell completions"
+bash_completion=$root/usr/share/bash-completion/completions/holdfast
+for file in "$bash_completion" "$root/usr/share/zsh/vendor-completions/_holdfast" "$root/usr/share/fish/vendor_completions.d/holdfast.fish"; do
+    [[ -s $file ]] || { echo "error: $file is missing or empty"; exit 1; }
+done
+bash -n "$bash_completion"
+# Loaded into a shell, it completes 'holdfast host ' with the host commands and 'holdfast host run -'
+# with run's options.
+words=$(bash -c 'source "$1"; COMP_WORDS=(holdfast host ""); COMP_CWORD=2; COMP_LINE="holdfast host "; COMP_POINT=${#COMP_LINE}
+    _holdfast holdfast "" host; printf "%s\n" "${COMPREPLY[@]}"' _ "$bash_completion")
+for command in serve run exec attach wait stop logs ps kill migrate; do
+    grep -qx "$command" <<<"$words" || { echo "error: bash does not complete 'holdfast host $command': $words"; exit 1; }
+done
+options=$(bash -c 'source "$1"; COMP_WORDS=(holdfast host run --de); COMP_CWORD=3; COMP_LINE="holdfast host run --de"; COMP_POINT=${#COMP_LINE}
+    _holdfast holdfast --de run; printf "%s\n" "${COMPREPLY[@]}"' _ "$bash_completion")
+for option in --detach --detach-keys; do
+    grep -qx -- "$option" <<<"$options" || { echo "error: bash does not complete 'holdfast host run $option': $options"; exit 1; }
+done
+echo "completions for bash, zsh and fish; bash completes the host commands and their options"
 
 step "smoke test: the unpacked daemon under a stand-in for systemd"
 python3 "$here/smoke-test.py" "$root"

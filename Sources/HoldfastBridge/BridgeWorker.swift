@@ -175,13 +175,12 @@ public enum BridgeWorker {
     ) async -> Bool {
         let timedOut = NIOLockedValueBox(false)
         let timer = timeout.map { timeout in
-            Task {
-                try await Task.sleep(for: timeout)
+            TimeoutWheel.shared.schedule(after: timeout) {
                 timedOut.withLockedValue { $0 = true }
                 connection.close()
             }
         }
-        defer { timer?.cancel() }
+        defer { if let timer { TimeoutWheel.shared.cancel(timer) } }
         do {
             try await step()
             return true

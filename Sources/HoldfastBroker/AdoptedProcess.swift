@@ -17,19 +17,19 @@ enum StreamTransport: Sendable {
     case resumable(ResumableStream<AsyncFD>)
 
     static func make(
-        address: String, token: String?, secret: StreamSecret?, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
+        _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
-        // Addresses were validated on adopt.
-        let parsed = try! SocketAddress(parsing: address)
-        switch mode {
-        case .raw:
-            return .raw(GuestStreams.raw(to: parsed, name: address, policy: settings.redialPolicy, observer: observer))
-        case .resumable:
-            // Validated on adopt: a resumable stream has its token and secret.
+        switch (mode, endpoint.token, endpoint.secret) {
+        case (.resumable, let token?, let secret?):
             return .resumable(GuestStreams.resumable(
-                to: parsed, token: Array((token ?? "").utf8), secret: secret!, direction: direction, configuration: settings.resumable,
+                to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
                 policy: settings.redialPolicy, observer: observer))
+        case (.resumable, _, _):
+            // AdoptCheck refuses a resumable stream without its token and secret.
+            preconditionFailure("a validated resumable stream without its token or secret")
+        case (.raw, _, _):
+            return .raw(GuestStreams.raw(to: endpoint.address, name: endpoint.addressText, policy: settings.redialPolicy, observer: observer))
         }
     }
 
@@ -82,6 +82,17 @@ enum StreamTransport: Sendable {
         }
     }
 
+    /// While parked, why its last dial failed, and how many failed since it was last connected.
+    var dialTrouble: (lastError: String?, failures: UInt64?) {
+        guard state == .parked else { return (nil, nil) }
+        let statistics: SlotStatistics
+        switch self {
+        case .raw(let slot): statistics = slot.statistics
+        case .resumable(let stream): statistics = stream.slot.statistics
+        }
+        return (statistics.lastDialError, statistics.dialFailuresSinceConnected > 0 ? statistics.dialFailuresSinceConnected : nil)
+    }
+
     /// (bytes to the host, bytes from the host, reconnects)
     var figures: (UInt64, UInt64, UInt64) {
         switch self {
@@ -112,26 +123,33 @@ final class ManagedStream: Sendable {
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
-    init(description: StreamDescription, handle: AsyncFD, broker: Broker) {
+    init(_ stream: ValidatedStream, process: String, handle: AsyncFD, broker: Broker) {
         LiveObjects.streams.add(1, ordering: .relaxed)
+        let description = stream.description
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
-        func transport(_ address: String, _ token: String?, _ secret: StreamSecret?, _ direction: StreamDirection) -> StreamTransport {
-            .make(
-                address: address, token: token, secret: secret, mode: description.mode, direction: direction, settings: broker.settings,
-                observer: broker.metrics.slotObserver())
+        func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
+            let name = description.kind == .tty && direction == .receive ? "tty/input" : description.kind.rawValue
+            let watch = DialWatch(process: process, stream: name, address: endpoint.addressText, broker: broker)
+            let metrics = broker.metrics.slotObserver()
+            let made = StreamTransport.make(endpoint, mode: description.mode, direction: direction, settings: broker.settings) { event in
+                metrics(event)
+                watch.event(event)
+            }
+            watch.watch(made.managed)
+            return made
         }
         switch description.kind {
         case .stdout, .stderr:
-            output = transport(description.address, description.token, description.secret, .send)
+            output = transport(stream.primary, .send)
             input = nil
         case .stdin:
             output = nil
-            input = transport(description.address, description.token, description.secret, .receive)
+            input = transport(stream.primary, .receive)
         case .tty:
-            output = transport(description.address, description.token, description.secret, .send)
-            input = description.inputAddress.map { transport($0, description.inputToken, description.inputSecret, .receive) }
+            output = transport(stream.primary, .send)
+            input = stream.ttyInput.map { transport($0, .receive) }
         }
     }
 
@@ -216,14 +234,16 @@ final class ManagedStream: Sendable {
             let (toHost, fromHost, reconnects) = output.figures
             result.append(StreamStatus(
                 process: process, kind: description.kind, mode: description.mode, address: description.address,
-                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0))
+                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
+                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures))
         }
         if let input {
             let (toHost, fromHost, reconnects) = input.figures
             result.append(StreamStatus(
                 process: process, kind: description.kind, direction: description.kind == .tty ? "input" : nil,
                 mode: description.mode, address: description.inputAddress ?? description.address, state: input.state,
-                bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0))
+                bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
+                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures))
         }
         return result
     }

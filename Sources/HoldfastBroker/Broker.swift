@@ -22,6 +22,11 @@ public final class Broker: Sendable {
     private let totals = NIOLockedValueBox(Totals())
     /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
     private let streamsFinishedSinceTidy = NIOLockedValueBox(0)
+    /// Whether the host's bridge is up, as the supervisor last said (up until told otherwise: a
+    /// broker restarted while the bridge is up hears no bridge-up). While it is, a stream whose
+    /// redial cycle gave up starts another after a back-off (`DialWatch`).
+    private let bridgeIsUp = NIOLockedValueBox(true)
+    var isBridgeUp: Bool { bridgeIsUp.withLockedValue { $0 } }
     /// Where `drained` notifications go (the supervisor's control channel).
     private let notify: @Sendable (DrainedNotification) async -> Void
 
@@ -41,23 +46,24 @@ public final class Broker: Sendable {
     // MARK: Adopt
 
     /// Takes the fds of a process's streams and starts relaying them. On any error every fd of
-    /// the request is closed and nothing is left behind.
-    public func adopt(_ request: AdoptRequest, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
+    /// the request is closed and nothing is left behind. The request was checked once, at the
+    /// broker's boundary (`AdoptCheck.validate` made `adoption`).
+    public func adopt(_ adoption: ValidatedAdoption, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
+        let request = adoption.request
         var adopted: [AsyncFD?] = []
         do {
-            try AdoptCheck.validate(request, descriptorCount: descriptors.count)
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }
             for handle in adopted { handle?.close() }
-            throw error as? HoldfastError ?? HoldfastError(.badDescriptor, "\(error)")
+            throw HoldfastError(.badDescriptor, "\(error)")
         }
-        let identities = Set(ResumableIdentity.all(in: request.streams))
+        let identities = adoption.identities
         let process = AdoptedProcess(id: request.process, owner: owner, identities: identities)
         var streams: [ManagedStream] = []
-        for description in request.streams {
-            let handle = adopted[description.fd]!
-            streams.append(ManagedStream(description: description, handle: handle, broker: self))
+        for stream in adoption.streams {
+            let handle = adopted[stream.description.fd]!
+            streams.append(ManagedStream(stream, process: request.process, handle: handle, broker: self))
         }
         // fds no stream refers to were handed over by mistake: do not keep them.
         let used = Set(request.streams.map(\.fd))
@@ -150,6 +156,7 @@ public final class Broker: Sendable {
     /// The bridge was lost: every stream drops its connection (the host is going away).
     @discardableResult
     public func disconnectAll() -> Int {
+        bridgeIsUp.withLockedValue { $0 = false }
         let count = registry.disconnectAll()
         logger.info("bridge lost: disconnected every stream", metadata: ["streams": "\(count)"])
         return count
@@ -158,6 +165,7 @@ public final class Broker: Sendable {
     /// The bridge is back: every parked stream dials now.
     @discardableResult
     public func bridgeUp() -> Int {
+        bridgeIsUp.withLockedValue { $0 = true }
         let count = registry.redialAll()
         logger.info("bridge up: redialing every parked stream", metadata: ["streams": "\(count)"])
         return count

@@ -74,11 +74,11 @@ public final class BrokerMetrics: Sendable {
         let lostAt = NIOLockedValueBox<UInt64?>(nil)
         return { [self] event in
             switch event {
-            case .dialing(let attempt):
+            case .dialing:
                 dialAttempts.increment()
-                if attempt > 1 { dialFailures.increment() }  // the attempt before this one failed
-            case .gaveUp:
+            case .dialFailed:
                 dialFailures.increment()
+            case .gaveUp:
                 redialsGivenUp.increment()
             case .disconnected:
                 lostAt.withLockedValue { if $0 == nil { $0 = monotonicNanoseconds() } }

@@ -97,12 +97,9 @@ public final class BrokerService: Sendable {
             // Answer the peer's first request (closing any fds it attached) rather than hang up
             // on connect, so the client reads why instead of hitting a broken pipe.
             let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
-            let deadline = Task {
-                try? await Task.sleep(for: .seconds(2))
-                first.cancel()
-            }
+            let deadline = TimeoutWheel.shared.schedule(after: .seconds(2)) { first.cancel() }
             let message = await first.value
-            deadline.cancel()
+            TimeoutWheel.shared.cancel(deadline)
             message?.closeDescriptors()
             let id = message.flatMap { try? ControlFrame.decode(datagram: $0.payload).id } ?? 0
             try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(refusal)).encoded)
@@ -135,9 +132,14 @@ public final class BrokerService: Sendable {
     /// One request, decoded; what the broker checks beyond its shape (an adopt's streams, bridge
     /// events from the supervisor only) is checked here. Fds of a request it refuses are closed.
     private func handle(_ request: BrokerRequest, descriptors: [Int32], caller: Caller) async throws(HoldfastError) -> RPCReply {
+        var adoption: ValidatedAdoption?
         do throws(HoldfastError) {
             switch request {
-            case .adopt(let adopt): try AdoptCheck.validate(adopt, descriptorCount: descriptors.count)
+            case .adopt(let adopt):
+                // Checked here, once, whoever sent it: the handoff socket's peers are local
+                // runtimes the broker does not trust, and a supervisor bug must not hand the
+                // broker a stream it cannot hold either.
+                adoption = try AdoptCheck.validate(adopt, descriptorCount: descriptors.count)
             case .disconnectAll, .bridgeUp:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
             case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
@@ -148,8 +150,8 @@ public final class BrokerService: Sendable {
         }
         // Only adopt carries fds (decode refused any other request with fds).
         switch request {
-        case .adopt(let adopt):
-            try broker.adopt(adopt, descriptors: descriptors, owner: caller.owner)
+        case .adopt:
+            try broker.adopt(adoption!, descriptors: descriptors, owner: caller.owner)
             return .empty
         case .release(let process):
             try caller.mayManage(process, in: broker)

@@ -56,7 +56,8 @@ public enum ConfigurationLoader {
             ConfigurationError(file: path, key: key, reason: reason)
         }
         guard access(path, R_OK) == 0 else {
-            throw fail("", errno == ENOENT ? "no such file" : "cannot read it (errno \(errno))")
+            let error = errno
+            throw fail("", error == ENOENT ? "no such file" : "cannot read it: \(String(cString: strerror(error))) (errno \(error))")
         }
         let fileKeys = try listKeys(path: path)
         let known = Set(keys.map(\.key))

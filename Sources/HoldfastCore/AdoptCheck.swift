@@ -1,17 +1,49 @@
 import HoldfastProtocol
 
+/// One stream end of an adopt, as checked: where it dials (parsed), and for a resumable stream
+/// the token and secret its hellos use.
+public struct ValidatedEndpoint: Sendable, Equatable {
+    public let address: SocketAddress
+    /// The text the request named it by (names the stream in logs and status).
+    public let addressText: String
+    public let token: [UInt8]?
+    public let secret: StreamSecret?
+}
+
+/// One stream of an adopt, as checked: its description, the fd index, and its ends.
+public struct ValidatedStream: Sendable, Equatable {
+    public let description: StreamDescription
+    /// Stdout, stderr, a tty's output (to the host); stdin's only end (from the host).
+    public let primary: ValidatedEndpoint
+    /// A tty's input (from the host), if the tty has one.
+    public let ttyInput: ValidatedEndpoint?
+}
+
+/// An adopt request that passed `AdoptCheck.validate`: only that function makes one, so code
+/// that takes it (the broker's `adopt`) never checks again or parses an address twice.
+public struct ValidatedAdoption: Sendable, Equatable {
+    public let request: AdoptRequest
+    public let streams: [ValidatedStream]
+    public var process: String { request.process }
+    /// The resumable identities its streams will use at the host (each must be unused).
+    public var identities: Set<ResumableIdentity> { Set(ResumableIdentity.all(in: request.streams)) }
+}
+
 /// The checks an adopt passes before the broker keeps anything: pure (no fds, no state), so the
-/// supervisor runs them before it starts a process (nothing the broker would refuse may start)
-/// and the fuzz targets run them on any input.
+/// supervisor runs them before it starts a process (nothing the broker would refuse may start),
+/// the broker runs them once at its boundary, and the fuzz targets run them on any input.
 public enum AdoptCheck {
     /// Checks an adopt request against the fds that came with it: a process id, one stream per
-    /// kind, fd indexes in range, addresses that parse, tokens for resumable streams.
-    public static func validate(_ request: AdoptRequest, descriptorCount: Int) throws(HoldfastError) {
+    /// kind, fd indexes in range, addresses that parse, tokens for resumable streams. Returns it
+    /// with its addresses parsed.
+    @discardableResult
+    public static func validate(_ request: AdoptRequest, descriptorCount: Int) throws(HoldfastError) -> ValidatedAdoption {
         guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
             throw HoldfastError(.badRequest, "process id must be 1 to 256 bytes")
         }
         guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
         var kinds = Set<StreamKind>()
+        var validated: [ValidatedStream] = []
         for (index, stream) in request.streams.enumerated() {
             let name = "streams[\(index)]"
             guard kinds.insert(stream.kind).inserted else {
@@ -20,10 +52,11 @@ public enum AdoptCheck {
             guard stream.fd >= 0, stream.fd < descriptorCount else {
                 throw HoldfastError(.badRequest, "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
             }
+            var parsed: [SocketAddress] = []
             for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {
                 guard let text else { continue }
                 do {
-                    _ = try SocketAddress(parsing: text)
+                    parsed.append(try SocketAddress(parsing: text))
                 } catch {
                     throw HoldfastError(.badAddress, "\(name).\(key): \(error)")
                 }
@@ -48,6 +81,16 @@ public enum AdoptCheck {
             if stream.inputAddress != nil, stream.kind != .tty {
                 throw HoldfastError(.badRequest, "\(name): inputAddress is only for a tty")
             }
+            let resumable = stream.mode == .resumable
+            let primary = ValidatedEndpoint(
+                address: parsed[0], addressText: stream.address, token: resumable ? stream.token.map { Array($0.utf8) } : nil,
+                secret: resumable ? stream.secret : nil)
+            let input = stream.inputAddress.map { text in
+                ValidatedEndpoint(
+                    address: parsed[1], addressText: text, token: resumable ? stream.inputToken.map { Array($0.utf8) } : nil,
+                    secret: resumable ? stream.inputSecret : nil)
+            }
+            validated.append(ValidatedStream(description: stream, primary: primary, ttyInput: input))
         }
         // Two streams with one token would both dial one host stream: each would splice its
         // bytes onto the other's.
@@ -55,6 +98,7 @@ public enum AdoptCheck {
         for identity in ResumableIdentity.all(in: request.streams) where !identities.insert(identity).inserted {
             throw HoldfastError(.tokenInUse, "token '\(identity.token)' names two streams of this request")
         }
+        return ValidatedAdoption(request: request, streams: validated)
     }
 }
 

@@ -1,9 +1,13 @@
 import NIOConcurrencyHelpers
 
+// One file on purpose (over 500 lines): the slot's states, its redial cycle, its leases and
+// its drain timer share one lock and one set of invariants (at most one cycle per slot, a stale
+// failure never drops a newer connection); split apart they would be checked in no one place.
+
 /// The connection of one stream, replaceable while the stream's relays keep running.
 ///
 /// States: `connected`, `empty` (relays parked: suspended tasks, no thread held) and `closed`.
-/// See DESIGN.md, "ConnSlot — the heart". Everything here is pure logic over `ByteConnection`;
+/// docs/ARCHITECTURE.md, "ConnSlot semantics", lists its rules. Everything here is pure logic over `ByteConnection`;
 /// dialing is a closure supplied by the owner, so the same slot serves sockets, tests and the
 /// resumable-stream handshake.
 public final class ConnSlot<Connection: ByteConnection>: Sendable {
@@ -342,10 +346,8 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
     }
 
     private func armDrainTimer(epoch: UInt64, timeout: Duration) {
-        Task { [self] in
-            try? await Task.sleep(for: timeout)
-            closeSlot(abandoned: true, ifEmptyAtEpoch: epoch)
-        }
+        // Through the wheel: a slot refilled in time leaves no sleeping task behind.
+        _ = TimeoutWheel.shared.schedule(after: timeout) { [self] in closeSlot(abandoned: true, ifEmptyAtEpoch: epoch) }
     }
 
     private func startCycle() {
@@ -373,7 +375,8 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
             attempt += 1
             state.withLockedValue { $0.statistics.dialAttempts &+= 1 }
             observer?(.dialing(attempt: attempt))
-            if let connection = await dialOnce(dial) {
+            let dialed = await dialOnce(dial)
+            if case .success(let connection) = dialed {
                 let installed: Bool = state.withLockedValue { s in
                     guard case .empty = s.phase else { return false }
                     s.cycle = .idle
@@ -387,7 +390,14 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
                 }
                 return
             }
-            state.withLockedValue { $0.statistics.dialFailures &+= 1 }
+            if case .failure(let failure) = dialed {
+                state.withLockedValue {
+                    $0.statistics.dialFailures &+= 1
+                    $0.statistics.dialFailuresSinceConnected &+= 1
+                    $0.statistics.lastDialError = failure.reason
+                }
+                observer?(.dialFailed(attempt: attempt, reason: failure.reason))
+            }
             let exhausted = state.withLockedValue { s -> Bool in
                 if case .dialing(kicked: true) = s.cycle { return false }
                 guard attempt >= policy.attempts else { return false }
@@ -438,26 +448,27 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
     /// One dial bounded by the connect timeout. The timeout does not rely on the dialer honouring
     /// cancellation: whichever of the dial and the timer finishes first decides, and a connection
     /// that arrives after the deadline is closed.
-    private func dialOnce(_ dial: @escaping Dial) async -> Connection? {
+    private func dialOnce(_ dial: @escaping Dial) async -> Result<Connection, DialFailure> {
         let timeout = policy.connectTimeout
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Connection?, Never>) in
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Result<Connection, DialFailure>, Never>) in
             let once = ResumeOnce(continuation)
             let dialTask = Task {
                 do {
                     let connection = try await dial()
-                    if !once.resume(returning: connection) { connection.close() }
+                    if !once.resume(returning: .success(connection)) { connection.close() }
                 } catch {
-                    _ = once.resume(returning: nil)
+                    _ = once.resume(returning: .failure(DialFailure(reason: "\(error)")))
                 }
             }
-            let timer = Task {
-                try? await Task.sleep(for: timeout)
-                if once.resume(returning: nil) { dialTask.cancel() }
+            let timer = TimeoutWheel.shared.schedule(after: timeout) {
+                if once.resume(returning: .failure(DialFailure(reason: "no connection within the connect timeout (\(timeout.spoken))"))) {
+                    dialTask.cancel()
+                }
             }
-            // A dial that finished first cancels its timer, so no sleeping task outlives it.
+            // A dial that finished first cancels its timer.
             Task {
                 await dialTask.value
-                timer.cancel()
+                TimeoutWheel.shared.cancel(timer)
             }
         }
     }
@@ -473,10 +484,17 @@ public enum DisconnectReason: String, Sendable {
     case requested, writeFailed, readFailed, endOfFile, protocolError
 }
 
+/// Why one dial failed, in words (the dialer's error, or the connect timeout).
+public struct DialFailure: Error, Sendable, Equatable {
+    public var reason: String
+}
+
 public enum SlotEvent: Sendable, Equatable {
     case connected(generation: UInt64)
     case disconnected(reason: DisconnectReason)
     case dialing(attempt: Int)
+    /// The `attempt`-th dial of a cycle failed, and why.
+    case dialFailed(attempt: Int, reason: String)
     case gaveUp(attempts: Int)
     case closed
     case abandoned
@@ -492,6 +510,10 @@ public struct SlotStatistics: Sendable, Equatable {
     public var disconnects: UInt64 = 0
     public var dialAttempts: UInt64 = 0
     public var dialFailures: UInt64 = 0
+    /// Why the last dial failed, while the slot has had no connection since (nil once connected).
+    public var lastDialError: String?
+    /// Failed dials since the last connection.
+    public var dialFailuresSinceConnected: UInt64 = 0
 }
 
 // MARK: - State
@@ -543,6 +565,8 @@ extension ConnSlot {
             generation &+= 1
             phase = .connected(connection, generation)
             statistics.connects &+= 1
+            statistics.lastDialError = nil
+            statistics.dialFailuresSinceConnected = 0
             let waiting = Array(parked.values)
             parked.removeAll()
             return (previous, waiting, Lease(connection: connection, generation: generation))

@@ -105,11 +105,8 @@ public final class ControlFrameWriter<Connection: ByteConnection>: Sendable {
     public func flush(timeout: Duration = .seconds(1)) async {
         continuation.finish()
         let writer = task
-        let timer = Task {
-            try? await Task.sleep(for: timeout)
-            writer.cancel()
-        }
+        let timer = TimeoutWheel.shared.schedule(after: timeout) { writer.cancel() }
         await writer.value
-        timer.cancel()
+        TimeoutWheel.shared.cancel(timer)
     }
 }

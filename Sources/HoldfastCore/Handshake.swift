@@ -98,12 +98,9 @@ public enum Handshake {
             var total = 0
             while total < 1 << 16, let count = try? await connection.read(into: scratch), count > 0 { total += count }
         }
-        let deadline = Task {
-            try? await Task.sleep(for: .milliseconds(200))
-            drain.cancel()
-        }
+        let deadline = TimeoutWheel.shared.schedule(after: .milliseconds(200)) { drain.cancel() }
         await drain.value
-        deadline.cancel()
+        TimeoutWheel.shared.cancel(deadline)
         connection.close()
     }
 }

@@ -62,17 +62,17 @@ public final class BridgeServer: Sendable {
         case exit(ExitReport)
     }
 
-    private let listener: Listener
-    private let helloSink: AsyncStream<BridgeHello>.Continuation
-    private let exitSink: AsyncStream<ExitReport>.Continuation
-    private let state: NIOLockedValueBox<State>
-    private let handshakeTimeout: Duration
-    private let warn: @Sendable (String) -> Void
-    private let observer: (@Sendable (Event) -> Void)?
+    let listener: Listener
+    let helloSink: AsyncStream<BridgeHello>.Continuation
+    let exitSink: AsyncStream<ExitReport>.Continuation
+    let state: NIOLockedValueBox<State>
+    let handshakeTimeout: Duration
+    let warn: @Sendable (String) -> Void
+    let observer: (@Sendable (Event) -> Void)?
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
     public static let rememberedConfirmedExits = 4096
 
-    private struct State {
+    struct State {
         var authentication: Authentication
         var pendingHandshakes: [UInt64: AsyncFD] = [:]
         var nextHandshake: UInt64 = 0
@@ -211,8 +211,10 @@ public final class BridgeServer: Sendable {
                 // While refusing (a blackout) a new connection is held, unread, until the
                 // blackout ends — like a host that is not there yet: the guest waits for it
                 // instead of seeing a connection that opens and dies again and again.
-                while state.withLockedValue({ $0.refusing && !$0.closed }) {
-                    try? await Task.sleep(for: .milliseconds(10))
+                while true {
+                    let generation = refusalChanges.generation
+                    guard state.withLockedValue({ $0.refusing && !$0.closed }) else { break }
+                    await refusalChanges.wait(since: generation, timeout: .seconds(1))
                 }
                 if state.withLockedValue({ $0.closed }) {
                     socket.close()
@@ -256,6 +258,8 @@ public final class BridgeServer: Sendable {
                 let (reply, hello) = try await callReportingHello(
                     .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
                 return CreatedProcess(pid: reply.pid, hello: hello)
+            } catch where error.code == .noGuest {
+                throw Self.noGuest(at: address, within: timeout)
             } catch {
                 guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
                 state.withLockedValue { $0.repeatedCreates += 1 }
@@ -296,9 +300,7 @@ public final class BridgeServer: Sendable {
     public func callReportingHello<Reply: Decodable>(
         _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
     ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
-        guard let connection = await guest(within: timeout) else {
-            throw HoldfastError(.noGuest, "no guest connected to the bridge at \(address) within \(timeout)")
-        }
+        guard let connection = await guest(within: timeout) else { throw Self.noGuest(at: address, within: timeout) }
         let frame = try await connection.request(request)
         do {
             return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
@@ -323,6 +325,14 @@ public final class BridgeServer: Sendable {
     /// Every exit id kept against repeats, confirmed or not (bounded).
     public var rememberedExits: Int { state.withLockedValue { $0.deliveredExits.count } }
 
+    /// What a request that found no guest says: how long it waited, and what to check.
+    static func noGuest(at address: SocketAddress, within timeout: Duration) -> HoldfastError {
+        HoldfastError(
+            .noGuest,
+            "no guest connected to the bridge at \(address) within \(timeout.spoken): is 'holdfast daemon' running in the guest, with "
+                + "bridge.address pointing here and the same bridge key? (its log says why it cannot connect)")
+    }
+
     /// Waits (bounded) until a guest has said hello.
     public func waitForGuest(timeout: Duration) async -> Bool {
         await guest(within: timeout) != nil
@@ -330,12 +340,16 @@ public final class BridgeServer: Sendable {
 
     /// Drops the current connection (a migration, a host agent restart); with `refusing`, new
     /// connections are closed at once until it is called again with `false`.
+    /// Rings when `refusing` or `closed` changes (a held connection waits on it).
+    let refusalChanges = ChangeSignal()
+
     public func drop(refusing: Bool) {
         let connection = state.withLockedValue { s -> Connection? in
             s.refusing = refusing
             defer { s.connection = nil }
             return s.connection
         }
+        refusalChanges.notify()
         connection?.close()
     }
 
@@ -351,6 +365,7 @@ public final class BridgeServer: Sendable {
             }
             return (s.connection, Array(s.waitingForGuest.values), Array(s.pendingHandshakes.values))
         }
+        refusalChanges.notify()
         listener.close()
         for socket in pending { socket.close() }
         connection?.close()
@@ -358,217 +373,13 @@ public final class BridgeServer: Sendable {
         helloSink.finish()
         exitSink.finish()
     }
-
-    // MARK: Internals
-
-    private func guest(within timeout: Duration) async -> Connection? {
-        if let connection = state.withLockedValue({ $0.connection }) { return connection }
-        let id = state.withLockedValue { s -> UInt64 in
-            s.nextWaiter &+= 1
-            return s.nextWaiter
-        }
-        let timer = Task { [self] in
-            try? await Task.sleep(for: timeout)
-            state.withLockedValue { $0.waitingForGuest.removeValue(forKey: id) }?.resume(returning: nil)
-        }
-        defer { timer.cancel() }
-        return await withCheckedContinuation { continuation in
-            let ready = state.withLockedValue { s -> Connection?? in
-                if let connection = s.connection { return .some(connection) }
-                if s.closed { return .some(nil) }
-                s.waitingForGuest[id] = continuation
-                return .none
-            }
-            if let ready { continuation.resume(returning: ready) }
-        }
-    }
-
-    /// The next accepted connection; nil once the listener is closed. A failing `accept` (no fds
-    /// left: EMFILE) is retried after a pause instead of ending the server.
-    private func nextConnection() async -> AsyncFD? {
-        while true {
-            do {
-                return try await listener.accept()
-            } catch {
-                if state.withLockedValue({ $0.closed }) || error is DescriptorClosed { return nil }
-                try? await Task.sleep(for: .milliseconds(100))
-            }
-        }
-    }
-
-    /// One guest connection: the handshake and the hello first (bounded together), then replies
-    /// and exits until it ends. Nothing is installed, displaced or sent before both succeed.
-    private func serve(_ socket: AsyncFD) async {
-        let peer = describePeer(socket)
-        let ticket = admit(socket)
-        let authentication = state.withLockedValue { $0.authentication }
-        let timedOut = NIOLockedValueBox(false)
-        let first: ControlFrame
-        do {
-            first = try await withHandshakeTimeout(socket, timedOut: timedOut) {
-                if case .key(let key) = authentication {
-                    try await BridgeHandshake.authenticateGuest(on: socket, key: key)
-                }
-                return try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
-            }
-        } catch {
-            let evicted = state.withLockedValue { $0.pendingHandshakes.removeValue(forKey: ticket) == nil && !$0.closed }
-            socket.close()
-            if let reason = refusalReason(error, timedOut: timedOut.withLockedValue { $0 }, evicted: evicted) {
-                refused(peer: peer, reason)
-            }
-            return
-        }
-        guard first.type == BridgeMessageType.hello.rawValue,
-            let hello = try? ControlJSON.decode(BridgeHello.self, from: first.body, frameType: first.type)
-        else {
-            state.withLockedValue { _ = $0.pendingHandshakes.removeValue(forKey: ticket) }
-            socket.close()
-            refused(peer: peer, "its first frame is not a hello")
-            return
-        }
-        let connection = Connection(socket, hello: hello)
-        // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
-        // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
-        let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
-            guard s.pendingHandshakes.removeValue(forKey: ticket) != nil, !s.closed else { return nil }
-            let previous = s.connection
-            s.connection = connection
-            s.accepted += 1
-            s.lastHello = hello
-            defer { s.waitingForGuest.removeAll() }
-            return (previous, Array(s.waitingForGuest.values))
-        }
-        guard let (previous, waiters) = installed else {
-            connection.close()
-            connection.markServed()
-            return
-        }
-        previous?.close()
-        // Everything the previous connection delivered comes first: an exit the old daemon sent
-        // just before it died must not arrive after the new daemon's hello.
-        await previous?.waitServed()
-        if let observer { observer(.hello(hello)) } else { helloSink.yield(hello) }
-        for report in hello.exits { deliver(report, on: connection) }
-        for waiter in waiters { waiter.resume(returning: connection) }
-
-        // Replies to our requests, and exits; a reply to nothing we asked is ignored.
-        await connection.run { [self] report in deliver(report, on: connection) }
-        state.withLockedValue { if $0.connection === connection { $0.connection = nil } }
-        connection.close()
-    }
-
-    /// Delivers an exit once, and acknowledges it every time the guest reports it. When the
-    /// guest confirms the acknowledgement it has forgotten the exit (it will not repeat it), so
-    /// we forget it too.
-    private func deliver(_ report: ExitReport, on connection: Connection) {
-        let first = state.withLockedValue { s -> Bool in
-            guard s.deliveredExits[report.id] == nil else { return false }
-            s.deliveredExits[report.id] = false
-            return true
-        }
-        if first {
-            if let observer { observer(.exit(report)) } else { exitSink.yield(report) }
-        }
-        Task { [self] in
-            // Any reply means the guest processed the acknowledgement (it answers ok even for an
-            // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
-            do throws(HoldfastError) {
-                _ = try await connection.request(.acknowledgeExit(AcknowledgeExitRequest(id: report.id)))
-            } catch {
-                if error.code == .bridgeLost { return }
-            }
-            state.withLockedValue { s in
-                guard s.deliveredExits[report.id] == false else { return }
-                s.deliveredExits[report.id] = true
-                s.confirmedOrder.append(report.id)
-                while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
-                    if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
-                }
-            }
-        }
-    }
-
-    private func withHandshakeTimeout<T: Sendable>(
-        _ socket: AsyncFD, timedOut: NIOLockedValueBox<Bool>, _ body: @escaping @Sendable () async throws -> T
-    ) async throws -> T {
-        let timer = Task { [handshakeTimeout] in
-            try await Task.sleep(for: handshakeTimeout)
-            timedOut.withLockedValue { $0 = true }
-            socket.close()
-        }
-        defer { timer.cancel() }
-        return try await body()
-    }
-
-    /// Registers a connection in its handshake; past `maxPendingHandshakes`, the oldest one is
-    /// closed (its `serve` sees the failure and counts it refused).
-    private func admit(_ socket: AsyncFD) -> UInt64 {
-        let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
-            s.nextHandshake &+= 1
-            s.pendingHandshakes[s.nextHandshake] = socket
-            var oldest: AsyncFD?
-            if s.pendingHandshakes.count > Self.maxPendingHandshakes, let key = s.pendingHandshakes.keys.min() {
-                oldest = s.pendingHandshakes.removeValue(forKey: key)
-            }
-            return (s.nextHandshake, oldest)
-        }
-        oldest?.close()
-        return ticket
-    }
-
-    /// Why a failed handshake is worth a warning, or nil: a peer that simply went away (the
-    /// guest gave up on a connection held through a blackout) is not one.
-    private func refusalReason(_ error: any Error, timedOut: Bool, evicted: Bool) -> String? {
-        if evicted { return "more than \(Self.maxPendingHandshakes) connections in their handshake at once; the oldest was closed" }
-        if timedOut { return "no handshake and hello within \(handshakeTimeout)" }
-        switch error {
-        case let failure as BridgeHandshake.Failure:
-            switch failure {
-            case .malformed(.notAHandshake): return "it does not start with the authentication handshake (a guest with bridge.authentication: none?)"
-            case .malformed(let problem): return "\(problem)"
-            case .wrongProof: return "authentication failed: its proof does not match the bridge key"
-            case .refused, .connectionLost: return nil
-            }
-        case ControlFrameIO.ReadError.oversized:
-            return "its hello is larger than \(BridgeProtocol.maxBody) bytes"
-        default:
-            return nil
-        }
-    }
-
-    /// " from pid N (uid U)" for a Unix socket's peer (the kernel's record: it cannot lie), so
-    /// an operator can find an impostor; "" otherwise.
-    private func describePeer(_ socket: AsyncFD) -> String {
-        guard case .unix = address, let credentials = try? PeerCredentials.of(socket) else { return "" }
-        return " from pid \(credentials.pid) (uid \(credentials.uid))"
-    }
-
-    /// Counts a refused connection and warns, at most once a second (an impostor dialling every
-    /// 50 ms must not flood the log): the next warning says how many were held back.
-    private func refused(peer: String, _ reason: String) {
-        let now = ContinuousClock.now
-        let heldBack = state.withLockedValue { s -> Int? in
-            s.refused += 1
-            if let last = s.lastWarning, now - last < .seconds(1) {
-                s.warningsHeldBack += 1
-                return nil
-            }
-            s.lastWarning = now
-            defer { s.warningsHeldBack = 0 }
-            return s.warningsHeldBack
-        }
-        guard let heldBack else { return }
-        let more = heldBack > 0 ? " (and \(heldBack) more refused since the last warning)" : ""
-        warn("bridge \(address): refused a connection\(peer): \(reason)\(more)")
-    }
 }
 
 /// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
 /// passes half of it (amortised O(1), no unbounded prefix kept).
 struct IDQueue: Sendable {
-    private var items: [String] = []
-    private var head = 0
+    var items: [String] = []
+    var head = 0
 
     var count: Int { items.count - head }
 

@@ -146,8 +146,15 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     }
 
     /// Drops every stream's current connection at once (what a live migration looks like).
-    public func dropAllConnections() {
-        for stream in state.withLockedValue({ Array($0.streams.values) }) { stream.slot.disconnect() }
+    /// Drops every stream's connection (a migration); returns how many were connected.
+    @discardableResult
+    public func dropAllConnections() -> Int {
+        var connected = 0
+        for stream in state.withLockedValue({ Array($0.streams.values) }) {
+            if stream.slot.phase == .connected { connected += 1 }
+            stream.slot.disconnect()
+        }
+        return connected
     }
 
     public func close() {

@@ -61,3 +61,8 @@ public enum FileTree {
         rmdir(path)
     }
 }
+
+/// A small text file (a /proc status file), or nil if it cannot be read.
+func readSmallFile(_ path: String) -> String? {
+    WholeFile.read(path).map { String(decoding: $0, as: UTF8.self) }
+}

@@ -10,6 +10,8 @@ public struct UserAccount: Sendable, Equatable {
     public var name: String
     public var uid: uid_t
     public var gid: gid_t
+    /// The home directory the password database gives; nil for a bare `uid:N`.
+    public var home: String? = nil
 
     /// Looks a user up by name, or by number (`"65534"`).
     public static func lookup(_ nameOrID: String) -> UserAccount? {
@@ -23,7 +25,7 @@ public struct UserAccount: Sendable, Equatable {
             status = getpwnam_r(nameOrID, &entry, &buffer, buffer.count, &result)
         }
         guard status == 0, result != nil else { return nil }
-        return UserAccount(name: String(cString: entry.pw_name), uid: entry.pw_uid, gid: entry.pw_gid)
+        return UserAccount(name: String(cString: entry.pw_name), uid: entry.pw_uid, gid: entry.pw_gid, home: String(cString: entry.pw_dir))
     }
 
     /// The prefix of a bare numeric identity: `uid:65600` is uid 65600 and gid 65600, with no

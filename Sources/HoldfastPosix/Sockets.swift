@@ -1,5 +1,6 @@
 import CHoldfastShims
 import HoldfastCore
+import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -132,20 +133,20 @@ public enum Dialer {
     static func withDeadline(
         _ timeout: Duration, address: SocketAddress, _ body: @escaping @Sendable () async throws -> Void
     ) async throws {
-        try await withThrowingTaskGroup(of: Bool.self) { group in
-            group.addTask {
-                try await body()
-                return true
-            }
-            group.addTask {
-                try await Task.sleep(for: timeout)
-                return false
-            }
-            defer { group.cancelAll() }
-            guard let finished = try await group.next(), finished else {
-                throw ConnectTimedOut(address: address, timeout: timeout)
-            }
+        let work = Task { try await body() }
+        let timedOut = NIOLockedValueBox(false)
+        let timer = TimeoutWheel.shared.schedule(after: timeout) {
+            timedOut.withLockedValue { $0 = true }
+            work.cancel()
         }
+        defer { TimeoutWheel.shared.cancel(timer) }
+        do {
+            try await withTaskCancellationHandler { try await work.value } onCancel: { work.cancel() }
+        } catch {
+            if timedOut.withLockedValue({ $0 }) { throw ConnectTimedOut(address: address, timeout: timeout) }
+            throw error
+        }
+        if timedOut.withLockedValue({ $0 }) { throw ConnectTimedOut(address: address, timeout: timeout) }
     }
 }
 

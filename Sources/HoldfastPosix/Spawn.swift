@@ -28,20 +28,7 @@ public enum ExitStatus: Sendable, Equatable, Codable, CustomStringConvertible {
 }
 
 public func signalName(_ signal: Int32) -> String {
-    switch signal {
-    case SIGHUP: return "SIGHUP"
-    case SIGINT: return "SIGINT"
-    case SIGQUIT: return "SIGQUIT"
-    case SIGABRT: return "SIGABRT"
-    case SIGKILL: return "SIGKILL"
-    case SIGSEGV: return "SIGSEGV"
-    case SIGPIPE: return "SIGPIPE"
-    case SIGTERM: return "SIGTERM"
-    case SIGUSR1: return "SIGUSR1"
-    case SIGUSR2: return "SIGUSR2"
-    case SIGSYS: return "SIGSYS"
-    default: return "signal \(signal)"
-    }
+    SignalNames.name(signal)
 }
 
 /// What to start and how.

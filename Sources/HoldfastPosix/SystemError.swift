@@ -20,6 +20,9 @@ public struct SystemError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String { "\(operation): \(errno) (errno \(errno.rawValue))" }
+
+    /// The errno as a number (ENOENT, EACCES...), for callers that say what to check.
+    public var number: Int32 { errno.rawValue }
 }
 
 /// The fd was closed (by its owner, or because the stream it belongs to ended) while an

@@ -130,11 +130,19 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     public var bytesFromHost: UInt64
     public var reconnects: UInt64
     public var undelivered: UInt64
+    /// While parked: why its last dial failed (a refused or unreachable listener, a socket the
+    /// broker's user may not open, a hello the host refused). Absent once it connects.
+    public var lastDialError: String?
+    /// Dials that failed since its last connection (absent when none).
+    public var failedDials: UInt64?
 
     public init(
         process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: StreamState,
-        bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64
+        bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64, lastDialError: String? = nil,
+        failedDials: UInt64? = nil
     ) {
+        self.lastDialError = lastDialError
+        self.failedDials = failedDials
         self.process = process
         self.kind = kind
         self.direction = direction

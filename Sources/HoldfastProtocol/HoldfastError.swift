@@ -26,6 +26,11 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         case noTTY = "no-tty"
         case stdioFailed = "stdio-failed"
         case startFailed = "start-failed"
+        /// The program does not exist (exec's ENOENT, runc's "executable file not found"): a
+        /// shell's 127.
+        case commandNotFound = "command-not-found"
+        /// The program exists but cannot be run (EACCES, ENOEXEC, a directory): a shell's 126.
+        case cannotExecute = "cannot-execute"
         case signalFailed = "signal-failed"
         case resizeFailed = "resize-failed"
         case runtimeFailed = "runtime-failed"
@@ -33,6 +38,8 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         // The daemon and its channels.
         case brokerUnavailable = "broker-unavailable"
         case shuttingDown = "shutting-down"
+        /// State written by another version (a snapshot) that this binary cannot read.
+        case incompatibleState = "incompatible-state"
         case channelClosed = "channel-closed"
         case badReply = "bad-reply"
         // The host side (`holdfast host`, BridgeServer).

@@ -189,13 +189,17 @@ public enum BrokerRequest: RPCRequest, Equatable {
 
 // MARK: host serve's control socket
 
-/// What `holdfast host run/attach/ps/kill/migrate` ask of `holdfast host serve`.
+/// What `holdfast host run/attach/wait/stop/logs/ps/kill/migrate` ask of `holdfast host serve`.
 public enum HostRequest: RPCRequest, Equatable {
     case run(HostRunRequest)
     case attach(ProcessIDRequest)
     case wait(HostWaitRequest)
+    case closeStdin(ProcessIDRequest)
     case list
+    case processes(HostProcessesRequest)
     case signal(SignalRequest)
+    case stop(HostStopRequest)
+    case logs(HostLogsRequest)
     case resize(ProcessResizeRequest)
     case migrate(MigrateRequest)
     case stats
@@ -206,8 +210,12 @@ public enum HostRequest: RPCRequest, Equatable {
         case .run: return .run(try RPCBody.decode(HostRunRequest.self, body, type: type))
         case .attach: return .attach(try RPCBody.decode(ProcessIDRequest.self, body, type: type))
         case .wait: return .wait(try RPCBody.decode(HostWaitRequest.self, body, type: type))
+        case .closeStdin: return .closeStdin(try RPCBody.decode(ProcessIDRequest.self, body, type: type))
         case .list: return .list
+        case .processes: return .processes(try RPCBody.decode(HostProcessesRequest.self, body, type: type))
         case .signal: return .signal(try RPCBody.decode(SignalRequest.self, body, type: type))
+        case .stop: return .stop(try RPCBody.decode(HostStopRequest.self, body, type: type))
+        case .logs: return .logs(try RPCBody.decode(HostLogsRequest.self, body, type: type))
         case .resize: return .resize(try RPCBody.decode(ProcessResizeRequest.self, body, type: type))
         case .migrate: return .migrate(try RPCBody.decode(MigrateRequest.self, body, type: type))
         case .stats: return .stats
@@ -220,8 +228,12 @@ public enum HostRequest: RPCRequest, Equatable {
         case .run: return HostMessageType.run.rawValue
         case .attach: return HostMessageType.attach.rawValue
         case .wait: return HostMessageType.wait.rawValue
+        case .closeStdin: return HostMessageType.closeStdin.rawValue
         case .list: return HostMessageType.list.rawValue
+        case .processes: return HostMessageType.processes.rawValue
         case .signal: return HostMessageType.signal.rawValue
+        case .stop: return HostMessageType.stop.rawValue
+        case .logs: return HostMessageType.logs.rawValue
         case .resize: return HostMessageType.resize.rawValue
         case .migrate: return HostMessageType.migrate.rawValue
         case .stats: return HostMessageType.stats.rawValue
@@ -231,10 +243,13 @@ public enum HostRequest: RPCRequest, Equatable {
     public var body: [UInt8] {
         switch self {
         case .run(let request): return ControlJSON.encode(request)
-        case .attach(let request): return ControlJSON.encode(request)
+        case .attach(let request), .closeStdin(let request): return ControlJSON.encode(request)
         case .wait(let request): return ControlJSON.encode(request)
         case .list, .stats: return RPCBody.empty
+        case .processes(let request): return ControlJSON.encode(request)
         case .signal(let request): return ControlJSON.encode(request)
+        case .stop(let request): return ControlJSON.encode(request)
+        case .logs(let request): return ControlJSON.encode(request)
         case .resize(let request): return ControlJSON.encode(request)
         case .migrate(let request): return ControlJSON.encode(request)
         }

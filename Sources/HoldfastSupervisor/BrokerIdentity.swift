@@ -56,7 +56,7 @@ extension Supervisor {
         case .direct:
             if let user = spec.user { uid = UserAccount.lookup(user)?.uid } else { uid = geteuid() }
         case .runc:
-            let bundle = spec.container.flatMap { id in record(id)?.container?.bundle } ?? spec.bundle
+            let bundle = spec.container.flatMap { id in entry(id)?.container?.bundle } ?? spec.bundle
             let inContainer = spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }
             uid = bundle.flatMap { RuncBundleIdentity.hostUID(bundle: $0, containerUID: inContainer) }
         }

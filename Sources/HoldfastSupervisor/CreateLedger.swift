@@ -71,6 +71,25 @@ struct CreateLedger {
         self.capacity = capacity
     }
 
+    /// A keyed create whose process was forgotten, as a snapshot keeps it.
+    struct Remembered: Codable, Sendable, Equatable {
+        var id: String
+        var key: String
+        var pid: pid_t
+    }
+
+    /// The remembered creates, oldest first (what a snapshot keeps; creates still starting are
+    /// not in it).
+    var rememberedInOrder: [Remembered] {
+        remembered.sorted { $0.value.sequence < $1.value.sequence }.map { Remembered(id: $0.key, key: $0.value.key, pid: $0.value.pid) }
+    }
+
+    /// A ledger that remembers what a snapshot listed, in the same order.
+    init(capacity: Int = 4096, restoring entries: [Remembered]) {
+        self.init(capacity: capacity)
+        for entry in entries { forgotten(id: entry.id, key: entry.key, pid: entry.pid) }
+    }
+
     var rememberedCount: Int { remembered.count }
     /// Entries kept to know the eviction order (bounded: at most about 2 × capacity).
     var orderLength: Int { order.count - orderStart }

@@ -1,4 +1,3 @@
-import HoldfastBroker
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -21,7 +20,37 @@ struct Launcher {
         case invalid(HoldfastError)
     }
 
-    static let defaultEnvironment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    static let defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    static let defaultEnvironment = [defaultPath]
+    /// A terminal's type when the host did not say (`host run --tty` passes its own `TERM`).
+    static let defaultTerminalType = "TERM=xterm"
+
+    /// A direct process's environment: the spec's, plus what a login would give it and the
+    /// spec left out — `PATH`, `HOME` (the user's home directory, `/` without one) and, with a
+    /// terminal, `TERM` — the way runc and podman fill in a container's.
+    static func environment(for spec: ProcessSpec, home: String?) -> [String] {
+        var environment = spec.env ?? []
+        let named = Set(environment.map { $0.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? $0 })
+        if !named.contains("PATH") { environment.append(defaultPath) }
+        if !named.contains("HOME") { environment.append("HOME=" + (home.flatMap { $0.isEmpty ? nil : $0 } ?? "/")) }
+        if spec.tty, !named.contains("TERM") { environment.append(defaultTerminalType) }
+        return environment
+    }
+
+    /// The error for a program that could not be started: exec's ENOENT is the shell's 127
+    /// ("command not found"), EACCES/ENOEXEC/EISDIR its 126 ("cannot execute"); a failure
+    /// before exec (the working directory, the user) is Holdfast's own.
+    static func startFailure(_ error: SpawnError) -> HoldfastError {
+        guard error.step.hasPrefix("exec") else { return HoldfastError(.startFailed, error.description) }
+        switch error.errno {
+        case ENOENT, ENOTDIR:
+            return HoldfastError(.commandNotFound, error.description)
+        case EACCES, ENOEXEC, EISDIR, EPERM, ETXTBSY:
+            return HoldfastError(.cannotExecute, error.description)
+        default:
+            return HoldfastError(.startFailed, error.description)
+        }
+    }
 
     /// Validates a spec without starting anything; the error names the field.
     /// Every string that ends up as a C string (a path, an argument, a user name) or names
@@ -187,9 +216,11 @@ struct Launcher {
     /// for the broker. On failure nothing is left open and no process is left running.
     static func start(_ spec: ProcessSpec) throws(HoldfastError) -> Started {
         try validate(spec)
-        var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: spec.env ?? defaultEnvironment)
-        options.directory = spec.cwd
-        if let name = spec.user, let account = UserAccount.lookup(name) {
+        let account = spec.user.flatMap(UserAccount.lookup) ?? UserAccount.lookup(String(geteuid()))
+        var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: environment(for: spec, home: account?.home))
+        // `/` unless told: never wherever the daemon happened to be started.
+        options.directory = spec.cwd ?? "/"
+        if spec.user != nil, let account {
             let gid = spec.group ?? account.gid
             options.user = (account.uid, gid, [gid])
         }
@@ -207,7 +238,7 @@ struct Launcher {
             pid = try Spawner.spawn(options)
         } catch {
             stdio.closeAll()
-            throw HoldfastError(.startFailed, error.description)
+            throw startFailure(error)
         }
         stdio.closeChildEnds()
         return started(pid: pid, id: spec.id, stdio: stdio)

@@ -47,11 +47,8 @@ struct MetricsEndpoint: Sendable {
     private func answer(_ connection: AsyncFD) async {
         defer { connection.close() }
         // A peer that never finishes its head is cut off.
-        let deadline = Task {
-            try await Task.sleep(for: Self.headTimeout)
-            connection.close()
-        }
-        defer { deadline.cancel() }
+        let deadline = TimeoutWheel.shared.schedule(after: Self.headTimeout) { connection.close() }
+        defer { TimeoutWheel.shared.cancel(deadline) }
         var head: [UInt8] = []
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 1)
         defer { buffer.deallocate() }
@@ -59,7 +56,7 @@ struct MetricsEndpoint: Sendable {
             guard head.count < Self.maxHead, let count = try? await connection.read(into: buffer), count > 0 else { return }
             head += buffer[..<count]
         }
-        deadline.cancel()
+        TimeoutWheel.shared.cancel(deadline)
         let response = await Self.response(toHead: head, body: render)
         let out = UnsafeMutableRawBufferPointer.allocate(byteCount: response.count, alignment: 1)
         defer { out.deallocate() }

@@ -197,17 +197,27 @@ struct RuncRuntime: Sendable {
             throw HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
         let expired = NIOLockedValueBox(false)
-        let watchdog = Task {
-            try await Task.sleep(for: Self.commandTimeout)
+        let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) {
             expired.withLockedValue { $0 = true }
             _ = Glibc.kill(pid, SIGKILL)
         }
         let status = await reaper.wait(pid)
-        watchdog.cancel()
+        TimeoutWheel.shared.cancel(watchdog)
         let timedOut = expired.withLockedValue { $0 }
         guard status != .exited(0) else { return }
         let message = Self.lastError(inLog: log) ?? (timedOut ? "timed out after \(Self.commandTimeout)" : "\(status)")
-        throw HoldfastError(.runtimeFailed, "\(what): \(message)")
+        throw HoldfastError(Self.failureCode(message), "\(what): \(message)")
+    }
+
+    /// runc's message for a program it could not exec in the container, as the shell's codes:
+    /// `exec: "x": executable file not found in $PATH` (127), `exec: "/etc": permission denied`
+    /// (126); anything else is the runtime's failure.
+    static func failureCode(_ message: String) -> HoldfastError.Code {
+        let text = message.lowercased()
+        guard text.contains("exec") else { return .runtimeFailed }
+        if text.contains("executable file not found") || text.contains("no such file or directory") { return .commandNotFound }
+        if text.contains("permission denied") || text.contains("exec format error") || text.contains("is a directory") { return .cannotExecute }
+        return .runtimeFailed
     }
 
     /// The last error runc logged (its JSON log: one object per line, `level` and `msg`).
@@ -278,14 +288,13 @@ private final class ConsoleSocket: Sendable {
         let expired = NIOLockedValueBox(false)
         let listener = self.listener
         // Closing the listener and the connection wakes a pending accept or receive.
-        let watchdog = Task {
-            try await Task.sleep(for: Self.timeout)
+        let watchdog = TimeoutWheel.shared.schedule(after: Self.timeout) {
             expired.withLockedValue { $0 = true }
             listener.close()
             connection.withLockedValue { $0 }?.close()
         }
         defer {
-            watchdog.cancel()
+            TimeoutWheel.shared.cancel(watchdog)
             connection.withLockedValue { $0 }?.close()
             close()
         }

@@ -1,10 +1,10 @@
-import HoldfastBroker
 import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
 import NIOConcurrencyHelpers
+import ServiceLifecycle
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -27,97 +27,42 @@ public final class Supervisor: Sendable {
     let reaper = ChildReaper()
     let startedAt = ContinuousClock.now
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.
-    private let brokerClient = Rendezvous<ControlClient>()
+    let brokerClient = Rendezvous<ControlClient>()
     /// How long a create waits for a broker that is starting or restarting.
     static let brokerWait = Duration.seconds(15)
-    /// The processes by id, and the creates in progress or remembered (one lock: checking that
-    /// an id is free and reserving it must be one step).
-    private let processes = NIOLockedValueBox(ProcessTable())
-
-    struct ProcessTable {
-        var records: [String: ProcessRecord] = [:]
-        var creates = CreateLedger()
+    /// The processes, the create ledger and the exits the host has not acknowledged, one value
+    /// under one lock (ProcessTable.swift): checking that an id is free and reserving it, or
+    /// forgetting a process and remembering its key, are single steps.
+    let table: NIOLockedValueBox<ProcessTable>
+    /// The daemon's own moving parts: not process state, not in the table's snapshot.
+    struct Session {
+        var bridge: BridgeState = .down
+        var broker: RoleSupervisor?
+        var bridgeWorker: RoleSupervisor?
+        /// The bridge worker's channel while it runs (exits are pushed through it).
+        var bridgeChannel: FDChannel?
+        var shuttingDown = false
+        /// While stopping: when every drain must be over, so that the exits still reach the host
+        /// before the shutdown timeout (a process that exits now drains only until then).
+        var drainDeadline: ContinuousClock.Instant?
+        /// READY=1 has been sent: role restarts from now on are news.
+        var ready = false
     }
-    private let bridgeState = NIOLockedValueBox(BridgeState.down)
-    private let roles = NIOLockedValueBox<(broker: RoleSupervisor?, bridge: RoleSupervisor?)>((nil, nil))
-    private let shuttingDown = NIOLockedValueBox(false)
-    /// While stopping: when every drain must be over, so that the exits still reach the host
-    /// before the shutdown timeout (a process that exits now drains only until then).
-    private let drainDeadline = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
-    /// The bridge worker's channel while it runs (exits are pushed through it).
-    private let bridgeChannel = NIOLockedValueBox<FDChannel?>(nil)
-    /// Exits of processes the host created, kept until the host acknowledges them.
-    private let unacknowledgedExits = NIOLockedValueBox<[ExitReport]>([])
+    let session = NIOLockedValueBox(Session())
+    /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the
+    /// stop waits on it instead of polling.
+    let changes = ChangeSignal()
+    /// The bridge worker's pid once it started (readiness waits for it).
+    let bridgeStarted = Rendezvous<pid_t>()
     /// systemd's notification socket (a no-op when not started by systemd with Type=notify).
     let notifier: ServiceNotifier
-    /// READY=1 has been sent: role restarts from now on are news.
-    private let ready = NIOLockedValueBox(false)
-
-    /// A container process the supervisor started.
-    final class ProcessRecord: Sendable {
-        let id: String
-        let pid: pid_t
-        /// Created by the host over the bridge: its exit is kept until the host acknowledges it.
-        let viaBridge: Bool
-        /// Set when this process is a runc container's init: its runc id and bundle (signals go
-        /// through `runc kill`; `runc delete` follows its exit; an exec reads the bundle).
-        let container: (id: String, bundle: String)?
-        /// The create's idempotency key: a repeat of that create answers with this process.
-        let idempotencyKey: String?
-        /// Started directly in a session of its own (pid == process group id): a stop can end
-        /// the whole group, orphans holding its output included.
-        let leadsProcessGroup: Bool
-        let state = NIOLockedValueBox<(phase: ProcessState, report: ExitReport?, waiters: [CheckedContinuation<ExitReport, Never>])>(
-            (.running, nil, []))
-
-        init(
-            id: String, pid: pid_t, viaBridge: Bool, container: (id: String, bundle: String)? = nil, idempotencyKey: String? = nil,
-            leadsProcessGroup: Bool = false
-        ) {
-            self.id = id
-            self.leadsProcessGroup = leadsProcessGroup
-            self.idempotencyKey = idempotencyKey
-            self.pid = pid
-            self.viaBridge = viaBridge
-            self.container = container
-        }
-
-        var status: ProcessStatus {
-            state.withLockedValue { ProcessStatus(id: id, pid: pid, state: $0.phase, exitCode: $0.report?.exitCode) }
-        }
-
-        /// Marks it done; returns its waiters, for the caller to wake once everything that
-        /// must happen before (the exit queued for the host) has; nil if it was already done.
-        func finish(_ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
-            state.withLockedValue { s -> [CheckedContinuation<ExitReport, Never>]? in
-                guard s.phase != .done else { return nil }
-                s.phase = .done
-                s.report = report
-                defer { s.waiters.removeAll() }
-                return s.waiters
-            }
-        }
-
-        /// The exit report once the process is done: exited, and its output drained (or given
-        /// up on), so `undelivered` is final.
-        func wait() async -> ExitReport {
-            await withCheckedContinuation { continuation in
-                let done = state.withLockedValue { s -> ExitReport? in
-                    if s.phase == .done, let report = s.report { return report }
-                    s.waiters.append(continuation)
-                    return nil
-                }
-                if let done { continuation.resume(returning: done) }
-            }
-        }
-    }
 
     let runc: RuncRuntime
     let metrics = SupervisorMetrics()
     /// Gives malloc's free pages back after bursts of requests.
     let tidier = MemoryTidier()
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
-    let instanceID = RandomIdentifier.make()
+    var instanceID: String { table.withLockedValue { $0.instanceID } }
 
     /// `executable` is what the roles run: `/proc/self/exe` keeps them on this very binary even
     /// after a package upgrade has replaced the file (a restarted role must speak our protocol).
@@ -126,6 +71,7 @@ public final class Supervisor: Sendable {
         self.logger = logger
         self.executable = executable
         self.notifier = notifier ?? ServiceNotifier(environment: [:], logger: logger)
+        table = NIOLockedValueBox(ProcessTable(instanceID: RandomIdentifier.make()))
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
@@ -157,75 +103,93 @@ public final class Supervisor: Sendable {
             name: "bridge", logger: logger, reaper: reaper, launch: { [self] in try launchBridge() },
             serve: { [self] incarnation in await serveBridge(incarnation) },
             onEvent: { [self] event in roleEvent("bridge worker", event) })
-        roles.withLockedValue { $0 = (broker, bridge) }
-        let brokerTask = Task { await broker.run() }
-        let bridgeTask = Task { await bridge.run() }
-        let controlTask = Task { await serveControl(control) }
-        let metricsTask = try startMetricsEndpoint()
+        session.withLockedValue {
+            $0.broker = broker
+            $0.bridgeWorker = bridge
+        }
+        // Started in this order and stopped in the reverse one: the processes stop first (with
+        // the roles, the bridge and the control socket still serving, so their exits reach the
+        // host), then the watchdog, metrics and control socket, then the bridge worker, the broker.
+        var services: [any Service] = [
+            DaemonService("broker", stop: { broker.stop() }) { await broker.run() },
+            DaemonService("bridge worker", stop: { bridge.stop() }) { await bridge.run() },
+            DaemonService("control socket", stop: { control.close() }) { [self] in await serveControl(control) },
+        ]
+        if let metrics = try metricsService() { services.append(metrics) }
+        services += [
+            DaemonService("systemd watchdog") { [notifier] in await notifier.runWatchdog() },
+            DaemonService("memory tidier") { [tidier] in await tidier.run() },
+            ShutdownSequence(description: "container processes") { [self] in await stopProcesses() },
+        ]
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
+        let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }
-        let watchdog = Task { await notifier.runWatchdog() }
-        let tidying = Task { await tidier.run() }
         logger.info("holdfast daemon started", metadata: [
             "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
             "systemd": "\(notifier.isActive ? "notify" : "no")",
         ])
 
-        reaper.reapAll()
-        var stopSignal: Int32?
-        while stopSignal == nil, let signal = await signals.next() {
-            switch signal {
-            case SIGCHLD: reaper.reapAll()
-            case SIGTERM, SIGINT: stopSignal = signal
-            default: break
-            }
-        }
-        logger.info("shutting down", metadata: ["signal": "\(signalName(stopSignal ?? SIGTERM))"])
-        readiness.cancel()
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running }.count }
-        notifier.post([
-            .stopping,
-            .status("Shutting down (\(signalName(stopSignal ?? SIGTERM))): stopping \(running) container process\(running == 1 ? "" : "es")"),
-        ])
-        // Keep reaping while shutting down.
-        let reaping = Task {
+        // Signals: children are reaped until the very end; the first SIGTERM or SIGINT starts
+        // the stop.
+        let signalLoop = Task { [self] in
+            reaper.reapAll()
+            var stopping = false
             while let signal = await signals.next() {
-                if signal == SIGCHLD { reaper.reapAll() }
+                switch signal {
+                case SIGCHLD:
+                    reaper.reapAll()
+                case SIGTERM, SIGINT:
+                    guard !stopping else { continue }
+                    stopping = true
+                    readiness.cancel()
+                    beginStop(signal)
+                    await group.triggerGracefulShutdown()
+                default:
+                    break
+                }
             }
         }
-        let clean = await shutdown(broker: broker, bridge: bridge)
-        controlTask.cancel()
-        control.close()
-        metricsTask?.cancel()
+        var clean = true
+        do {
+            try await running.value
+        } catch {
+            clean = false
+            logger.error("the daemon's services failed", metadata: ["error": "\(error)"])
+        }
+        signalLoop.cancel()
+        readiness.cancel()
         handoff?.close()
-        _ = await brokerTask.value
-        _ = await bridgeTask.value
-        reaping.cancel()
-        watchdog.cancel()
-        tidying.cancel()
         await notifier.finish()
-        logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean)"])
+        logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean && stopWasClean.withLockedValue { $0 })"])
         return 0
     }
 
+    /// Whether every process ended and drained within the shutdown timeout.
+    let stopWasClean = NIOLockedValueBox(true)
+
+    /// The stop begins: creates are refused from now on, systemd hears why.
+    func beginStop(_ signal: Int32) {
+        session.withLockedValue { $0.shuttingDown = true }
+        logger.info("shutting down", metadata: ["signal": "\(signalName(signal))"])
+        let running = table.withLockedValue { $0.ids(in: .running).count }
+        notifier.post([
+            .stopping,
+            .status("Shutting down (\(signalName(signal))): stopping \(running) container process\(running == 1 ? "" : "es")"),
+        ])
+    }
+
     /// The metrics endpoint, when `metrics.address` names one.
-    private func startMetricsEndpoint() throws -> Task<Void, Never>? {
+    func metricsService() throws -> DaemonService? {
         guard let address = configuration.metrics.address else { return nil }
         let listener = try Listener(binding: address, unixMode: 0o644)
         let endpoint = MetricsEndpoint(listener: listener, logger: logger) { [self] in await metricsText() }
         logger.info("metrics endpoint", metadata: ["address": "\(listener.boundAddress)"])
-        return Task {
-            await withTaskCancellationHandler {
-                await endpoint.serve()
-            } onCancel: {
-                listener.close()
-            }
-        }
+        return DaemonService("metrics endpoint", stop: { listener.close() }) { await endpoint.serve() }
     }
 
     /// The supervisor's metrics, then the broker's (absent while it restarts).
     func metricsText() async -> String {
-        let roles = self.roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
-        var text = metrics.render(roles: roles)
+        var text = metrics.render(roles: roleStatuses)
         if let broker = broker(),
             let reply = try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self)
         {
@@ -241,33 +205,39 @@ public final class Supervisor: Sendable {
     /// process runs (it was exec'd: the spawn reports exec failures). The host's bridge being
     /// reachable is not part of readiness: the worker redials it forever, and a guest service
     /// must not fail its start because the host is late.
-    private func announceReadiness() async {
+    func announceReadiness() async {
         while !Task.isCancelled {
-            if rolePID("bridge") != nil, let broker = broker(),
+            // Each wait ends when the part is there (or, bounded, to look at cancellation again).
+            guard await bridgeStarted.wait(timeout: .seconds(1)) != nil, let broker = await brokerClient.wait(timeout: .seconds(1)),
                 (try? await broker.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self)) != nil,
-                rolePID("bridge") != nil, !shuttingDown.withLockedValue({ $0 })
-            {
-                ready.withLockedValue { $0 = true }
-                notifier.post([.ready, .status("Ready: broker and bridge worker up; \(bridgeSummary)")])
-                logger.info("daemon ready", metadata: ["broker": "\(rolePID("broker") ?? 0)", "bridge": "\(rolePID("bridge") ?? 0)"])
-                return
-            }
-            try? await Task.sleep(for: .milliseconds(20))
+                rolePID("bridge") != nil
+            else { continue }
+            guard !session.withLockedValue({ $0.shuttingDown }) else { return }
+            session.withLockedValue { $0.ready = true }
+            notifier.post([.ready, .status("Ready: broker and bridge worker up; \(bridgeSummary)")])
+            logger.info("daemon ready", metadata: ["broker": "\(rolePID("broker") ?? 0)", "bridge": "\(rolePID("bridge") ?? 0)"])
+            return
         }
     }
 
-    private var bridgeSummary: String {
-        let state = bridgeState.withLockedValue { $0 }
+    var bridgeSummary: String {
+        let state = session.withLockedValue { $0.bridge }
         return "bridge to \(configuration.bridge.address) \(state == .up ? "up" : "down (redialling)")"
     }
 
     /// A role started, died or could not start: the status line says so (restarts only once the
     /// service is ready; the first starts are what readiness reports).
-    private func roleEvent(_ role: String, _ event: RoleSupervisor.Event) {
-        guard !shuttingDown.withLockedValue({ $0 }) else { return }
+    func roleEvent(_ role: String, _ event: RoleSupervisor.Event) {
+        if role == "bridge worker" {
+            switch event {
+            case .started(let pid, _): bridgeStarted.set(pid)
+            case .died, .cannotStart: bridgeStarted.clear { _ in true }
+            }
+        }
+        guard !session.withLockedValue({ $0.shuttingDown }) else { return }
         switch event {
         case .started(let pid, let restarts):
-            guard restarts > 0, ready.withLockedValue({ $0 }) else { return }
+            guard restarts > 0, session.withLockedValue({ $0.ready }) else { return }
             notifier.status("Ready: the \(role) was restarted (pid \(pid), restart \(restarts)); \(bridgeSummary)")
         case .died(let cause, let restartIn):
             notifier.status("The \(role) died (\(cause)); restarting in \(Self.describe(restartIn))")
@@ -286,7 +256,7 @@ public final class Supervisor: Sendable {
     /// it or above it) and locked ({run}/holdfast.lock: a second daemon is refused with our pid);
     /// then every Unix socket path we bind is checked and cleared of a previous instance's
     /// socket — never of one another user made or a process listens on.
-    private func claimRunDirectory() throws(StartRefused) -> RunDirectoryLock {
+    func claimRunDirectory() throws(StartRefused) -> RunDirectoryLock {
         do throws(RunDirectory.Refusal) {
             let lock = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock")
             var sockets = [configuration.control.socket]
@@ -299,535 +269,20 @@ public final class Supervisor: Sendable {
         }
     }
 
-    private func makeRunDirectory() throws {
+    func makeRunDirectory() throws {
         if mkdir(runc.workDirectory, 0o700) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(runc.workDirectory))") }
     }
 
-    /// A process record by id (nil: none).
-    func record(_ id: String) -> ProcessRecord? { processes.withLockedValue { $0.records[id] } }
+    /// A process by id (nil: none).
+    func entry(_ id: String) -> ProcessTable.Entry? { table.withLockedValue { $0[id] } }
+
+    /// The process table as a snapshot (what a live upgrade hands over; tests round-trip it).
+    func snapshot() -> ProcessTable.Snapshot { table.withLockedValue { $0.snapshot() } }
 
     /// The public handoff socket, bound here as root with its configured mode, then passed down.
-    private func bindHandoff() throws -> Listener? {
+    func bindHandoff() throws -> Listener? {
         guard !configuration.handoff.socket.isEmpty else { return nil }
         return try Listener(
             binding: .unix(path: configuration.handoff.socket), kind: .seqpacket, unixMode: mode_t(configuration.handoff.mode))
-    }
-
-    // MARK: Roles
-
-    private var brokerSettings: BrokerSettings {
-        BrokerSettings(
-            user: configuration.broker.user, seccomp: SeccompAction(rawValue: configuration.broker.seccomp) ?? .kill,
-            redialAttempts: configuration.streams.redialAttempts, redialIntervalMilliseconds: configuration.streams.redialInterval,
-            connectTimeoutMilliseconds: configuration.streams.connectTimeout,
-            drainTimeoutMilliseconds: configuration.streams.drainTimeout, ringCapacity: configuration.streams.ringCapacity,
-            handoffAllowedUIDs: configuration.handoff.allowedUIDs, handoffAllowedGIDs: configuration.handoff.allowedGIDs)
-    }
-
-    private func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
-        // Before every start: a process that took the broker's uid meanwhile would share it.
-        try checkBrokerUIDIsItsOwn()
-        let (ours, theirs) = try FDChannel.pair()
-        defer { close(theirs) }
-        let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
-        var arguments = ["holdfast", "broker", "--control-fd", String(theirs), "--settings", settings]
-        var keep = [theirs]
-        if let handoff {
-            arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
-            keep.append(handoff.descriptor)
-        }
-        // The broker starts as its unprivileged user: it never holds root at all (it needs none:
-        // everything it uses arrives as fds). It still checks, and drops itself if it must.
-        var user: UserAccount?
-        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.resolve(name) }
-        let pid = try spawnRole(arguments, keep: keep, user: user)
-        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
-    }
-
-    private func launchBridge() throws -> RoleSupervisor.Incarnation {
-        let (ours, theirs) = try FDChannel.pair()
-        defer { close(theirs) }
-        var arguments = [
-            "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
-            "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
-            "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
-            "--authentication", configuration.bridge.authentication.rawValue,
-        ]
-        // The path, not the key: the worker (root) reads the file itself before every dial.
-        if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
-        let pid = try spawnRole(arguments, keep: [theirs])
-        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
-    }
-
-    private func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> pid_t {
-        // Not NOTIFY_SOCKET and the watchdog's variables: only the supervisor speaks for the service.
-        let environment = SpawnOptions.inheritedEnvironment().filter { entry in
-            !ServiceNotify.environmentVariables.contains(String(entry.prefix { $0 != "=" }))
-        }
-        var options = SpawnOptions(executable: executable, arguments: arguments, environment: environment)
-        if let user { options.user = (user.uid, user.gid, [user.gid]) }
-        options.stdout = 1
-        options.stderr = 2
-        options.keepDescriptors = keep
-        // A role never outlives the supervisor.
-        options.parentDeathSignal = SIGKILL
-        // Its own session: a Ctrl-C or hangup of the terminal the daemon runs in (SIGINT/SIGHUP
-        // to the foreground group) reaches only the supervisor, which stops the roles in order.
-        options.newSession = true
-        return try Spawner.spawn(options)
-    }
-
-    private func serveBroker(_ incarnation: RoleSupervisor.Incarnation) async {
-        let client = ControlClient(channel: incarnation.channel) { [self] frame in
-            guard frame.type == BrokerMessageType.drained.rawValue,
-                let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type)
-            else { return }
-            processDrained(drained)
-        }
-        brokerClient.set(client)
-        // A new broker knows no streams; if the bridge is up, nothing to redial either.
-        await client.run()
-        brokerClient.clear { $0 === client }
-        // The broker is gone with every stream it held: exits waiting for a drain will not get
-        // one. Report them now rather than never.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
-            if var report = record.state.withLockedValue({ $0.report }) {
-                report.outputCutShort = true
-                complete(record, report)
-            }
-        }
-    }
-
-    /// The bridge worker's channel: it sends bridge-up/down notifications and forwards the
-    /// host's requests (already parsed and checked); we answer them and push exits to it.
-    private func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
-        let channel = incarnation.channel
-        bridgeChannel.withLockedValue { $0 = channel }
-        // The worker bounds what the host has in flight; this bounds what the worker can (a
-        // worker gone wrong must not grow the supervisor either).
-        _ = await RPCServer.serve(
-            channel, as: WorkerRequest.self, inFlight: 2 * BridgeProtocol.requestsInFlight,
-            notification: { [self] frame in
-                tidier.noteWork()
-                await bridgeNotification(frame)
-            }
-        ) { [self] request, _ async throws(HoldfastError) -> RPCReply in
-            tidier.noteWork()
-            return try await handle(request)
-        }
-        bridgeChannel.withLockedValue { if $0 === channel { $0 = nil } }
-        // The worker died: the bridge is as good as lost.
-        if bridgeState.withLockedValue({ $0 }) == .up {
-            bridgeState.withLockedValue { $0 = .down }
-            metrics.bridge(up: false)
-            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
-        }
-    }
-
-    private func bridgeNotification(_ frame: ControlFrame) async {
-        switch SupervisorMessageType(rawValue: frame.type) {
-        case .bridgeUp:
-            bridgeState.withLockedValue { $0 = .up }
-            metrics.bridge(up: true)
-            resendExitsLeftOutOfTheHello()
-            logger.info("bridge up")
-            if ready.withLockedValue({ $0 }) { notifier.status("Ready: \(bridgeSummary)") }
-            _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
-        case .bridgeDown:
-            bridgeState.withLockedValue { $0 = .down }
-            metrics.bridge(up: false)
-            logger.warning("bridge lost")
-            if ready.withLockedValue({ $0 }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
-            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
-        default:
-            break
-        }
-    }
-
-    /// A host request, forwarded by the bridge worker.
-    /// A request of the bridge worker: the hello for a new bridge connection, or one the host
-    /// sent (decoded and checked by the worker, decoded again at this boundary).
-    private func handle(_ request: WorkerRequest) async throws(HoldfastError) -> RPCReply {
-        switch request {
-        case .hello:
-            // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
-            // again once the bridge is up), then as many live processes as fit.
-            let live = processStatuses().filter { $0.state != .done }
-            let (withExits, _) = FrameBudget.fit(unacknowledgedExits.withLockedValue { $0 }, budget: FrameBudget.bytes / 2) {
-                BridgeHello(bootID: "", processes: [], exits: $0)
-            }
-            let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
-            return RPCReply(hello)
-        case .host(let request):
-            return try await handle(request)
-        }
-    }
-
-    /// What the host asked, over the bridge.
-    private func handle(_ request: BridgeRequest) async throws(HoldfastError) -> RPCReply {
-        switch request {
-        case .create(let spec):
-            return RPCReply(try await launch(spec, viaBridge: true))
-        case .signal(let request):
-            try await signal(request.id, request.signal)
-            return .empty
-        case .resize(let request):
-            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
-            return .empty
-        case .closeStdin(let request):
-            try await brokerRequest(.closeStdin(process: request.id))
-            return .empty
-        case .list:
-            let streams = await brokerStreams()
-            let list = processStatuses()
-            let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
-            let (reply, omitted) = FrameBudget.fit(streams) {
-                BridgeListResponse(processes: processesFit, streams: $0)
-            }
-            var fitted = reply
-            if omitted > 0 || processesOmitted > 0 {
-                fitted.omittedStreams = omitted
-                fitted.omittedProcesses = processesOmitted
-            }
-            return RPCReply(fitted)
-        case .stats:
-            guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
-            return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
-        case .acknowledgeExit(let request):
-            acknowledgeExit(request.id)
-            return .empty
-        }
-    }
-
-    private func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
-        guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
-        _ = try await broker.request(request.frameType, body: request.body)
-    }
-
-    /// The host has an exit: forget it, and the process with it.
-    private func acknowledgeExit(_ id: String) {
-        unacknowledgedExits.withLockedValue { $0.removeAll { $0.id == id } }
-        processes.withLockedValue { table in
-            if let record = table.records[id], record.viaBridge, record.status.state == .done {
-                table.records.removeValue(forKey: id)
-                table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
-            }
-        }
-    }
-
-    /// Every path that ends a process comes here once: waiters are woken, and an exit the host
-    /// asked for is kept until the host acknowledges it (sent now if the bridge is up, and in
-    /// every hello until then).
-    private func complete(_ record: ProcessRecord, _ report: ExitReport) {
-        guard let waiters = record.finish(report) else { return }
-        // Queued for the host before anyone waiting hears of it: a stop that waits for the
-        // records and then for the acknowledgements must find this exit among them.
-        if record.viaBridge {
-            unacknowledgedExits.withLockedValue { $0.append(report) }
-            if let channel = bridgeChannel.withLockedValue({ $0 }) {
-                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
-                Task { try? await channel.send(frame.encoded) }
-            }
-        }
-        for waiter in waiters { waiter.resume(returning: report) }
-    }
-
-    /// Exits the hello had no room for (thousands ended during one blackout) go out now, one
-    /// frame each; the host acknowledges repeats, so sending one twice is harmless.
-    private func resendExitsLeftOutOfTheHello() {
-        let exits = unacknowledgedExits.withLockedValue { $0 }
-        let (inHello, omitted) = FrameBudget.fit(exits, budget: FrameBudget.bytes / 2) { BridgeHello(bootID: "", processes: [], exits: $0) }
-        guard omitted > 0, let channel = bridgeChannel.withLockedValue({ $0 }) else { return }
-        let rest = exits.dropFirst(inHello.exits.count)
-        Task {
-            for report in rest {
-                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
-                try? await channel.send(frame.encoded)
-            }
-        }
-    }
-
-    func broker() -> ControlClient? { brokerClient.current }
-
-    /// Every process by id, with creates still in progress as `starting` (pid 0): a host that
-    /// lost a create's reply sees that it arrived.
-    private func processStatuses() -> [ProcessStatus] {
-        processes.withLockedValue { table in
-            table.records.values.map(\.status)
-                + table.creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: .starting, exitCode: nil) }
-        }.sorted { $0.id < $1.id }
-    }
-
-    // MARK: Processes
-
-    /// Starts a process and hands its stdio to the broker; on any failure the process is gone
-    /// and every fd closed. A repeat of a create (same id and idempotency key) starts nothing:
-    /// it answers with the first one's pid, waiting for the first if it is still starting.
-    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(HoldfastError) -> LaunchResponse {
-        var answered = false
-        defer { if !answered { metrics.processStartFailed() } }
-        guard !shuttingDown.withLockedValue({ $0 }) else {
-            throw HoldfastError(.shuttingDown, "the daemon is shutting down")
-        }
-        try Launcher.validate(spec)
-        try refuseTheBrokersUID(spec)
-        let decision = processes.withLockedValue { table in
-            table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table.records[spec.id].map { ($0.idempotencyKey, $0.pid) })
-        }
-        let reservation: CreateLedger.PendingStart
-        switch decision {
-        case .exists:
-            throw HoldfastError(.processExists, "a process with id '\(spec.id)' exists")
-        case .repeated(let pid):
-            logger.info("create repeated: already started", metadata: ["process": "\(spec.id)", "pid": "\(pid)"])
-            answered = true
-            return LaunchResponse(pid: pid, repeated: true)
-        case .join(let first):
-            logger.info("create repeated while the first is starting: waiting for it", metadata: ["process": "\(spec.id)"])
-            switch await first.wait() {
-            case .success(let pid):
-                answered = true
-                return LaunchResponse(pid: pid, repeated: true)
-            case .failure(let error): throw error
-            }
-        case .start(let pending):
-            reservation = pending
-        }
-        do {
-            let pid = try await startProcess(spec, viaBridge: viaBridge)
-            reservation.resolve(.success(pid))
-            answered = true
-            return LaunchResponse(pid: pid)
-        } catch {
-            processes.withLockedValue { $0.creates.release(id: spec.id) }
-            reservation.resolve(.failure(error))
-            throw error
-        }
-    }
-
-    /// Starts the process of a create that holds its id's reservation; the record replaces the
-    /// reservation in one step.
-    private func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(HoldfastError) -> pid_t {
-        // A broker starting (the daemon just came up) or restarting is waited for, not an error.
-        guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
-            throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
-        }
-        let started: Launcher.Started
-        var container: (id: String, bundle: String)?
-        switch spec.runtime ?? .direct {
-        case .direct:
-            started = try Launcher.start(spec)
-        case .runc:
-            if let target = spec.container {
-                guard let record = processes.withLockedValue({ $0.records[target] }), record.container != nil else {
-                    throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
-                }
-                guard record.status.state == .running else {
-                    throw HoldfastError(.notRunning, "container '\(target)' has exited")
-                }
-                started = try await runc.exec(spec, in: record.container!.id, bundle: record.container!.bundle)
-            } else {
-                started = try await runc.create(spec)
-                container = (spec.id, spec.bundle!)
-            }
-        }
-        let record = ProcessRecord(
-            id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
-            leadsProcessGroup: (spec.runtime ?? .direct) == .direct)
-        metrics.processStarted(spec.runtime ?? .direct)
-        if !started.adopt.streams.isEmpty {
-            do {
-                _ = try await broker.request(
-                    BrokerRequest.adopt(started.adopt).frameType, body: BrokerRequest.adopt(started.adopt).body, descriptors: started.descriptors)
-            } catch {
-                for fd in started.descriptors { close(fd) }
-                kill(started.pid, SIGKILL)
-                _ = await reaper.wait(started.pid)
-                if let container { await runc.delete(container.id) }
-                throw error
-            }
-        }
-        for fd in started.descriptors { close(fd) }  // the broker has them now
-        processes.withLockedValue { table in
-            table.records[spec.id] = record
-            table.creates.release(id: spec.id)
-        }
-        logger.info("process started", metadata: [
-            "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
-        ])
-        Task { await watch(record, hasStreams: !started.adopt.streams.isEmpty) }
-        return started.pid
-    }
-
-    /// Waits for the process to exit, lets its output drain, then reports the exit.
-    private func watch(_ record: ProcessRecord, hasStreams: Bool) async {
-        let status = await reaper.wait(record.pid)
-        if let container = record.container { await runc.delete(container.id) }
-        var signal: Int32?
-        if case .signaled(let number) = status { signal = number }
-        let report = ExitReport(id: record.id, exitCode: status.code, signal: signal, undelivered: 0)
-        record.state.withLockedValue {
-            $0.phase = .exited
-            $0.report = report
-        }
-        logger.info("process exited", metadata: ["process": "\(record.id)", "status": "\(status)"])
-        metrics.processExited()
-        guard hasStreams, let broker = broker() else {
-            complete(record, report)
-            return
-        }
-        var exited = ProcessExitedRequest(process: record.id)
-        if let deadline = drainDeadline.withLockedValue({ $0 }) {
-            // Stopping: the drain may take only what is left before the exits must go out.
-            let left = max(Duration.zero, deadline - ContinuousClock.now)
-            exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
-        }
-        do {
-            _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
-        } catch {
-            complete(record, report)
-        }
-        // The `drained` notification finishes it (processDrained).
-    }
-
-    private func processDrained(_ drained: DrainedNotification) {
-        guard let record = processes.withLockedValue({ $0.records[drained.process] }) else { return }
-        guard var report = record.state.withLockedValue({ $0.report }) else { return }
-        report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
-        complete(record, report)
-    }
-
-    public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
-        guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
-        }
-        let report = await record.wait()
-        processes.withLockedValue { table in
-            if table.records[id] === record {
-                table.records.removeValue(forKey: id)
-                table.creates.forgotten(id: id, key: record.idempotencyKey, pid: record.pid)
-            }
-        }
-        return report
-    }
-
-    public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
-        guard let record = processes.withLockedValue({ $0.records[id] }) else {
-            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
-        }
-        guard record.status.state == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
-        if let container = record.container {
-            try await runc.kill(container.id, signal: signal)
-            return
-        }
-        guard kill(record.pid, signal) == 0 else {
-            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): errno \(errno)")
-        }
-    }
-
-    // MARK: Status
-
-    /// Every stream the broker holds, page by page (one reply holds what fits a frame).
-    func brokerStreams() async -> [StreamStatus] {
-        guard let broker = broker() else { return [] }
-        var streams: [StreamStatus] = []
-        while true {
-            guard let page = try? await broker.call(BrokerRequest.list(ListRequest(offset: streams.count)), reply: ListResponse.self),
-                !page.streams.isEmpty
-            else { break }
-            streams += page.streams
-            if streams.count >= (page.total ?? streams.count) { break }
-        }
-        return streams
-    }
-
-    public func status() async -> StatusReport {
-        let streams = await brokerStreams()
-        let roleStatuses = roles.withLockedValue { [$0.broker?.status, $0.bridge?.status].compactMap { $0 } }
-        return StatusReport(
-            version: HoldfastVersion.string, pid: getpid(),
-            uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: bridgeState.withLockedValue { $0 },
-            roles: roleStatuses, processes: processStatuses(),
-            streams: streams)
-    }
-
-    /// The pid of a role (tests kill it to prove it comes back).
-    public func rolePID(_ name: String) -> pid_t? {
-        roles.withLockedValue { name == "broker" ? $0.broker?.pid : $0.bridge?.pid }
-    }
-
-    // MARK: Shutdown
-
-    /// Stops the bridge, signals every container process (then SIGKILL after the grace
-    /// period), lets the relays drain, stops the broker — all within the shutdown timeout.
-    /// Returns true if everything ended in time.
-    private func shutdown(broker: RoleSupervisor, bridge: RoleSupervisor) async -> Bool {
-        shuttingDown.withLockedValue { $0 = true }
-        let timeout = Duration.milliseconds(configuration.shutdown.timeout)
-        let deadline = ContinuousClock.now + timeout
-        // The last part of the timeout belongs to the exits: every drain ends before it, so each
-        // exit this stop causes is reported while the bridge is still up.
-        let acknowledgementWindow = min(.seconds(2), timeout / 4)
-        let drainsEnd = deadline - acknowledgementWindow
-        drainDeadline.withLockedValue { $0 = drainsEnd }
-        // The bridge stays up while the processes stop (new creates are refused as
-        // `shutting-down`): their exits, after their output, still reach the host.
-        let running = processes.withLockedValue { $0.records.values.filter { $0.status.state == .running } }
-        for record in running { kill(record.pid, configuration.shutdown.signal) }
-        let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
-        var clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: graceEnd)
-        if !clean {
-            for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state != .done {
-                if record.status.state == .running {
-                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(record.id)"])
-                    kill(record.pid, SIGKILL)
-                }
-                // A direct process leads its own process group: what it left behind (an orphan
-                // holding its output open, which would hold the drain) ends with it.
-                if record.leadsProcessGroup { kill(-record.pid, SIGKILL) }
-            }
-            clean = await waitAll(processes.withLockedValue { Array($0.records.values) }, until: drainsEnd)
-        }
-        // A process that exited but whose output could not drain in time (a host that reads
-        // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
-        // never an exit the host waits for forever.
-        for record in processes.withLockedValue({ Array($0.records.values) }) where record.status.state == .exited {
-            guard var report = record.state.withLockedValue({ $0.report }) else { continue }
-            report.outputCutShort = true
-            logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(record.id)"])
-            complete(record, report)
-        }
-        // Give a connected host a moment to acknowledge those exits (bounded: a host that does
-        // not answer must not hold the stop); what it did not acknowledge is lost with us.
-        await waitForAcknowledgements(until: deadline)
-        bridge.stop()
-        broker.stop()
-        return clean
-    }
-
-    /// Waits while the bridge is up and exits are unacknowledged, until `deadline`.
-    private func waitForAcknowledgements(until deadline: ContinuousClock.Instant) async {
-        while bridgeState.withLockedValue({ $0 }) == .up, !unacknowledgedExits.withLockedValue({ $0.isEmpty }),
-            ContinuousClock.now < deadline
-        {
-            try? await Task.sleep(for: .milliseconds(20))
-        }
-    }
-
-    /// Waits until every record reported its exit (output drained), or `deadline`. The waits
-    /// themselves cannot be cancelled, so they run unstructured and lose the race quietly.
-    private func waitAll(_ records: [ProcessRecord], until deadline: ContinuousClock.Instant) async -> Bool {
-        let outcome = NIOLockedValueBox<CheckedContinuation<Bool, Never>?>(nil)
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            outcome.withLockedValue { $0 = continuation }
-            Task {
-                for record in records { _ = await record.wait() }
-                outcome.withLockedValue { c in defer { c = nil }; return c }?.resume(returning: true)
-            }
-            Task {
-                try? await Task.sleep(until: deadline)
-                outcome.withLockedValue { c in defer { c = nil }; return c }?.resume(returning: false)
-            }
-        }
     }
 }

@@ -7,13 +7,13 @@ import Prometheus
 /// metrics endpoint serves them followed by the broker's.
 final class SupervisorMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
-    private let bridgeConnects: CoreMetrics.Counter
-    private let bridgeUp: CoreMetrics.Gauge
-    private let started: [RuntimeName: CoreMetrics.Counter]
-    private let startFailures: CoreMetrics.Counter
-    private let exits: CoreMetrics.Counter
-    private let restarts: [String: CoreMetrics.Counter]
-    private let restartsFed = NIOLockedValueBox<[String: Int]>([:])
+    let bridgeConnects: CoreMetrics.Counter
+    let bridgeUp: CoreMetrics.Gauge
+    let started: [RuntimeName: CoreMetrics.Counter]
+    let startFailures: CoreMetrics.Counter
+    let exits: CoreMetrics.Counter
+    let restarts: [String: CoreMetrics.Counter]
+    let restartsFed = NIOLockedValueBox<[String: Int]>([:])
 
     init() {
         let factory = PrometheusMetricsFactory(registry: registry)

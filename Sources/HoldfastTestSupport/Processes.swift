@@ -171,3 +171,33 @@ public func makeStaleSocket(_ path: String) {
     }
     close(fd)
 }
+
+/// A file another uid can run or read: `path` itself if every directory above it lets others
+/// through and the file lets them read it, else a copy in `directory` (which must let them in).
+/// A checkout in a directory only its owner can enter — Debian 12 makes home directories 0700 —
+/// holds programs and scripts a test runs as `nobody`: those must be copied out first.
+public func readableByOthers(_ path: String, copyInto directory: String) throws -> String {
+    guard !everyoneCanReach(path) else { return path }
+    let copy = directory + "/" + (path.split(separator: "/").last.map(String.init) ?? "copy")
+    if access(copy, F_OK) == 0 { return copy }
+    guard let bytes = WholeFile.read(path) else { throw SystemError.last("read \(path)") }
+    var info = stat()
+    _ = stat(path, &info)
+    try WholeFile.write(copy, bytes, mode: (info.st_mode & 0o111) != 0 ? 0o755 : 0o644)
+    chmod(copy, (info.st_mode & 0o111) != 0 ? 0o755 : 0o644)  // whatever the umask
+    return copy
+}
+
+/// Whether others (not the owner, not the group) may traverse every directory above `path` and
+/// read it.
+public func everyoneCanReach(_ path: String) -> Bool {
+    var info = stat()
+    guard stat(path, &info) == 0, info.st_mode & S_IROTH != 0 else { return false }
+    var components = path.split(separator: "/", omittingEmptySubsequences: true).dropLast()
+    while !components.isEmpty {
+        let directory = "/" + components.joined(separator: "/")
+        guard stat(directory, &info) == 0, info.st_mode & S_IXOTH != 0 else { return false }
+        components = components.dropLast()
+    }
+    return true
+}

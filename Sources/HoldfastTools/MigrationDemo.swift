@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
@@ -130,7 +131,7 @@ public enum MigrationDemo {
         let total = interval * beats
         for _ in 1...migrations {
             try await Task.sleep(for: total / (migrations + 1))
-            await service.migrate(blackout: blackout)
+            _ = await service.migrate(blackout: blackout)
         }
         let deadline = ContinuousClock.now + .seconds(30)
         while service.exitsSeen.isEmpty, ContinuousClock.now < deadline {

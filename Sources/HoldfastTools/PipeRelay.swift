@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
+import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -25,11 +26,15 @@ public enum PipeRelay {
         public var policy: RedialPolicy
         public var bufferSize: Int
         public var pipeCapacity: Int?
+        /// Where failed dials are reported (once per reason) and a connection after them.
+        public var say: (@Sendable (String) -> Void)?
 
         public init(
             destination: SocketAddress, mode: StreamMode = .raw, token: String = "stdin", secret: StreamSecret? = nil,
-            policy: RedialPolicy = .default, bufferSize: Int = 128 * 1024, pipeCapacity: Int? = nil
+            policy: RedialPolicy = .default, bufferSize: Int = 128 * 1024, pipeCapacity: Int? = nil,
+            say: (@Sendable (String) -> Void)? = nil
         ) {
+            self.say = say
             self.destination = destination
             self.mode = mode
             self.token = token
@@ -40,8 +45,22 @@ public enum PipeRelay {
         }
     }
 
+    /// A redial cycle (`policy.attempts` dials) ended without a connection: the relay stops.
+    public struct GaveUp: Error, CustomStringConvertible {
+        public var destination: String
+        public var attempts: Int
+        public var reason: String
+        public var report: RelayReport
+
+        public var description: String {
+            "gave up after \(attempts) attempts to connect to \(destination): \(reason)"
+                + (report.undelivered > 0 ? "; \(report.undelivered) bytes not delivered" : "")
+        }
+    }
+
     /// Runs until stdin ends; returns the relay's report (resumable: after the receiver
     /// acknowledged every byte, or the drain timeout). The relay runs on the reactor's thread.
+    /// Throws `GaveUp` when a redial cycle found no listener.
     public static func run(_ options: Options) async throws -> RelayReport {
         try await withTaskExecutorPreference(Reactor.shared) { try await relay(options) }
     }
@@ -53,17 +72,84 @@ public enum PipeRelay {
         let source = try AsyncFD(adopting: input)
         defer { source.close() }
         let pool = BufferPool(bufferSize: options.bufferSize, retained: 2)
+        let watch = PipeDialWatch(destination: "\(options.destination)", attempts: options.policy.attempts, say: options.say)
+        let report: RelayReport
         switch options.mode {
         case .raw:
-            let slot = GuestStreams.raw(to: options.destination, name: "stdin", policy: options.policy)
+            let slot = GuestStreams.raw(to: options.destination, name: "stdin", policy: options.policy) { watch.event($0) }
+            watch.onGiveUp { slot.close() }
             slot.disconnect()  // starts the first dial
-            return await Relay.output(from: source, to: slot, pool: pool)
+            report = await Relay.output(from: source, to: slot, pool: pool)
         case .resumable:
             guard let secret = options.secret else { throw SecretFile.Failure.missing("--secret-file") }
             let stream = GuestStreams.resumable(
-                to: options.destination, token: Array(options.token.utf8), secret: secret, direction: .send, policy: options.policy)
+                to: options.destination, token: Array(options.token.utf8), secret: secret, direction: .send, policy: options.policy
+            ) { watch.event($0) }
+            watch.onGiveUp { stream.close() }
             stream.slot.disconnect()
-            return await Relay.output(from: source, to: stream, pool: pool)
+            report = await Relay.output(from: source, to: stream, pool: pool)
+        }
+        if let reason = watch.gaveUpReason {
+            throw GaveUp(destination: "\(options.destination)", attempts: options.policy.attempts, reason: reason, report: report)
+        }
+        return report
+    }
+}
+
+/// `pipe`'s dials: each new reason for a failed dial said once, and a redial cycle that gave up
+/// ends the relay (there is no bridge-up to try again for it).
+final class PipeDialWatch: Sendable {
+    private struct State: Sendable {
+        var lastReason: String?
+        var failed = false
+        var gaveUp: String?
+        var giveUp: (@Sendable () -> Void)?
+    }
+
+    private let destination: String
+    private let attempts: Int
+    private let say: (@Sendable (String) -> Void)?
+    private let state = NIOLockedValueBox(State())
+
+    init(destination: String, attempts: Int, say: (@Sendable (String) -> Void)?) {
+        self.destination = destination
+        self.attempts = attempts
+        self.say = say
+    }
+
+    func onGiveUp(_ action: @escaping @Sendable () -> Void) {
+        state.withLockedValue { $0.giveUp = action }
+    }
+
+    var gaveUpReason: String? { state.withLockedValue { $0.gaveUp } }
+
+    func event(_ event: SlotEvent) {
+        switch event {
+        case .dialFailed(let attempt, let reason):
+            let new = state.withLockedValue { s -> Bool in
+                s.failed = true
+                defer { s.lastReason = reason }
+                return s.lastReason != reason
+            }
+            if new { say?("holdfast pipe: cannot connect to \(destination): \(reason) (attempt \(attempt) of \(attempts); retrying)") }
+        case .connected:
+            let recovered = state.withLockedValue { s -> Bool in
+                defer {
+                    s.failed = false
+                    s.lastReason = nil
+                }
+                return s.failed
+            }
+            if recovered { say?("holdfast pipe: connected to \(destination)") }
+        case .gaveUp:
+            let action = state.withLockedValue { s -> (@Sendable () -> Void)? in
+                s.gaveUp = s.lastReason ?? "no connection"
+                return s.giveUp
+            }
+            // Not from inside the slot's own event: the close runs on its own.
+            if let action { Task { action() } }
+        case .dialing, .disconnected, .closed, .abandoned:
+            break
         }
     }
 }

@@ -1,6 +1,8 @@
 import CHoldfastShims
+import HoldfastBroker
 import HoldfastCore
 import HoldfastPosix
+import HoldfastProtocol
 
 #if canImport(Glibc)
 import Glibc

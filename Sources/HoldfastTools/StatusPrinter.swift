@@ -1,4 +1,5 @@
 import CHoldfastShims
+import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 
@@ -18,6 +19,24 @@ public enum StatusPrinter {
         let client = try await ControlClient.connect(to: socket)
         defer { client.close() }
         return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
+    }
+
+    /// What to check when the daemon's control socket cannot be reached.
+    public static func connectAdvice(_ error: any Error) -> String {
+        (error as? SystemError).map { connectAdvice(errno: $0.number) } ?? ""
+    }
+
+    public static func connectAdvice(errno: Int32) -> String {
+        switch errno {
+        case ENOENT:
+            return "; is the daemon running? (systemctl status holdfast; a daemon with another run_directory: --socket PATH or HOLDFAST_RUN_DIR)"
+        case EACCES, EPERM:
+            return "; the control socket is root's (mode 0600): run as root (sudo holdfast status)"
+        case ECONNREFUSED:
+            return "; nothing listens there: the daemon has stopped (systemctl status holdfast; journalctl -u holdfast)"
+        default:
+            return ""
+        }
     }
 
     public static func render(_ report: StatusReport, colour: Bool) -> String {
@@ -47,14 +66,14 @@ public enum StatusPrinter {
         var lines = [
             "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))", "",
         ]
-        lines += table(
+        lines += TextTable.lines(
             ["ROLE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],
             report.roles.map { [$0.name, $0.pid.map(String.init) ?? "-", duration($0.uptimeSeconds), String($0.restarts), $0.lastExit ?? "-"] })
         lines.append("")
         if report.processes.isEmpty {
             lines.append("no processes")
         } else {
-            lines += table(
+            lines += TextTable.lines(
                 ["PROCESS", "PID", "STATE", "EXIT"],
                 report.processes.map { [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-"] })
         }
@@ -63,36 +82,24 @@ public enum StatusPrinter {
         if report.streams.isEmpty {
             lines.append("no streams")
         } else {
-            lines += table(
+            lines += TextTable.lines(
                 ["PROCESS", "STREAM", "MODE", "STATE", "TO HOST", "FROM HOST", "RECONNECTS"],
                 report.streams.map {
                     [$0.process, $0.kind.rawValue + ($0.direction.map { "/\($0)" } ?? ""), $0.mode.rawValue, state($0.state),
                      bytes($0.bytesToHost), bytes($0.bytesFromHost), String($0.reconnects)]
                 })
         }
+        // Why a parked stream cannot connect, one line each (the table stays narrow).
+        for stream in report.streams {
+            guard stream.state == .parked, let error = stream.lastDialError else { continue }
+            let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
+            lines.append("\(name): \(paint("cannot connect", "31")) to \(stream.address): \(error)")
+        }
         if let omitted = report.omittedStreams {
             let states = (report.streamStates ?? [:]).sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             lines.append("... and \(omitted) more streams (all streams: \(states))")
         }
         return lines.joined(separator: "\n")
-    }
-
-    static func table(_ header: [String], _ rows: [[String]]) -> [String] {
-        func visible(_ text: String) -> Int {
-            // Escape sequences take no columns.
-            var count = 0
-            var inEscape = false
-            for character in text {
-                if character == "\u{1B}" { inEscape = true } else if inEscape { if character == "m" { inEscape = false } } else { count += 1 }
-            }
-            return count
-        }
-        let widths = header.indices.map { column in ([header] + rows).map { visible($0[column]) }.max() ?? 0 }
-        return ([header] + rows).map { row in
-            row.enumerated().map { column, text in
-                column == row.count - 1 ? text : text + String(repeating: " ", count: widths[column] - visible(text) + 2)
-            }.joined()
-        }
     }
 
     static func duration(_ seconds: Double) -> String {

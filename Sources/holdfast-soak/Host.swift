@@ -192,7 +192,7 @@ final class ReconnectTracker: Sendable {
                 s.connectedNow.remove(token)
                 s.everConnected.remove(token)
                 s.awaiting.remove(token)
-            case .dialing, .gaveUp:
+            case .dialing, .dialFailed, .gaveUp:
                 break
             }
         }

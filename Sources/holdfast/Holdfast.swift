@@ -3,9 +3,11 @@ import HoldfastBridge
 import HoldfastBroker
 import HoldfastConfig
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastSupervisor
+import HoldfastLogging
 import HoldfastTools
 import Logging
 
@@ -28,6 +30,68 @@ struct Holdfast: AsyncParsableCommand {
             Daemon.self, Status.self, ConfigCommand.self, Host.self, Demo.self, Pipe.self, Receive.self,
             BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self, ReachProbeCommand.self,
         ])
+
+    /// ArgumentParser's main, with two changes: an error a command throws while running is
+    /// reported with that command's usage line (not the top level's), and the `host` commands
+    /// exit 125 for any failure of their own, usage errors included (podman's convention: a
+    /// process's 1 or 64 is never mistaken for Holdfast's).
+    static func main() async {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        let hostFamily = arguments.first == "host"
+        var command: any ParsableCommand
+        do {
+            command = try parseAsRoot(arguments)
+        } catch {
+            let code = exitCode(for: error)
+            let message = fullMessage(for: error)
+            if code == .success {
+                print(message)
+            } else if !message.isEmpty {
+                writeError(message)
+            }
+            Foundationless.exit(code == .success || !hostFamily ? code.rawValue : HostExitCode.holdfastFailure)
+        }
+        let usage = usageString(for: type(of: command))
+        do {
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch let exit as ExitCode {
+            Foundationless.exit(exit.rawValue)
+        } catch let error as ValidationError {
+            writeError("Error: \(error.message)\nUsage: \(usage)\n  See '\(commandPath(arguments, for: type(of: command))) --help' for more information.")
+            Foundationless.exit(command is any HostFamilyCommand ? HostExitCode.holdfastFailure : ExitCode.validationFailure.rawValue)
+        } catch let failure as CommandFailure {
+            writeError("Error: \(failure.description)")
+            Foundationless.exit(command is any HostFamilyCommand ? HostExitCode.holdfastFailure : 1)
+        } catch {
+            let code = exitCode(for: error)
+            let message = fullMessage(for: error)
+            if code == .success {
+                print(message)
+                Foundationless.exit(0)
+            }
+            if !message.isEmpty { writeError(message) }
+            Foundationless.exit(command is any HostFamilyCommand ? HostExitCode.holdfastFailure : code.rawValue)
+        }
+        Foundationless.exit(0)
+    }
+
+    /// "holdfast host run" for HostRun: the words of the command line up to its name.
+    static func commandPath(_ arguments: [String], for type: any ParsableCommand.Type) -> String {
+        let name = type._commandName
+        guard let index = arguments.firstIndex(of: name) else { return "holdfast" }
+        return (["holdfast"] + arguments[...index]).joined(separator: " ")
+    }
+}
+
+/// exit(3) without Foundation.
+enum Foundationless {
+    static func exit(_ code: Int32) -> Never {
+        Glibc.exit(code)
+    }
 }
 
 /// The logger of a role: journald priority prefixes under systemd, plain text otherwise, and the
@@ -61,6 +125,11 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         let report: StatusReport
+        // No run directory at all: no daemon has run there (the check below would only say ENOENT).
+        let directory = RunDirectory.directory(of: socket)
+        if access(directory, F_OK) != 0 {
+            throw CommandFailure("cannot reach the daemon at \(socket): \(directory) does not exist\(StatusPrinter.connectAdvice(errno: ENOENT))")
+        }
         do throws(RunDirectory.Refusal) {
             // Root's request must not go to a socket someone else could have put there.
             try RunDirectory.checkBeforeConnecting(to: socket)
@@ -70,7 +139,7 @@ struct Status: AsyncParsableCommand {
         do {
             report = try await StatusPrinter.fetch(socket: socket)
         } catch {
-            throw CommandFailure("cannot reach the daemon at \(socket): \(error)")
+            throw CommandFailure("cannot reach the daemon at \(socket): \(error)\(StatusPrinter.connectAdvice(error))")
         }
         if json {
             print(String(decoding: ControlJSON.encode(report), as: UTF8.self))
@@ -284,7 +353,12 @@ struct Pipe: AsyncParsableCommand {
     @Option(help: "The stream's token (resumable mode).") var token = "stdin"
     @Option(help: "Resumable mode: a file (mode 0600) with the stream's secret in hex, the one 'holdfast receive --secret-file' made.")
     var secretFile: String?
-    @Option(help: "Redial attempts per cycle.") var attempts = 60
+    @Option(help: "Dials before giving up (100 ms apart; each bounded by a 2 s connect timeout), at the start and whenever the connection drops.")
+    var attempts = 60
+
+    func validate() throws {
+        guard attempts >= 1 else { throw ValidationError("--attempts must be at least 1") }
+    }
     @Option(help: "Relay buffer size in bytes.") var buffer = 128 * 1024
     @Option(help: "Ask the kernel for a stdin pipe of this many bytes (F_SETPIPE_SZ).") var pipeSize: Int?
 
@@ -302,9 +376,14 @@ struct Pipe: AsyncParsableCommand {
                 throw CommandFailure("holdfast pipe: \(error)")
             }
         }
-        let report = try await PipeRelay.run(.init(
-            destination: address, mode: mode, token: token, secret: secret, policy: RedialPolicy(attempts: attempts),
-            bufferSize: buffer, pipeCapacity: pipeSize))
+        let report: RelayReport
+        do {
+            report = try await PipeRelay.run(.init(
+                destination: address, mode: mode, token: token, secret: secret, policy: RedialPolicy(attempts: attempts),
+                bufferSize: buffer, pipeCapacity: pipeSize, say: { writeError($0) }))
+        } catch let gaveUp as PipeRelay.GaveUp {
+            throw CommandFailure("holdfast pipe: \(gaveUp)")
+        }
         if report.undelivered > 0 {
             throw CommandFailure("holdfast pipe: \(report)")
         }

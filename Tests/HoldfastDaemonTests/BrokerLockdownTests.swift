@@ -109,7 +109,8 @@ struct BrokerLockdownTests {
         for uid in attackers {
             let out = daemon.directory.file("reach-\(uid).out")
             let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            let pid = try daemon.processes.start([holdfastExecutable(), "reach-probe", "--pid", String(broker)], stdout: fd, stderr: fd, user: uid)
+            let probe = try readableByOthers(holdfastExecutable(), copyInto: daemon.directory.path)
+            let pid = try daemon.processes.start([probe, "reach-probe", "--pid", String(broker)], stdout: fd, stderr: fd, user: uid)
             close(fd)
             let status = try await daemon.processes.wait(pid, timeout: .seconds(30))
             let printed = String(decoding: readFile(out) ?? [], as: UTF8.self)
@@ -136,7 +137,9 @@ struct BrokerLockdownTests {
     static func reach(_ processes: TestProcesses, _ target: pid_t, as uid: uid_t, in directory: TemporaryDirectory) async throws -> String {
         let out = directory.file("reach-\(uid)-\(target).out")
         let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let pid = try processes.start([holdfastExecutable(), "reach-probe", "--pid", String(target)], stdout: fd, stderr: fd, user: uid)
+        // The checkout may be in a directory only its owner can enter (a 0700 home).
+        let probe = try readableByOthers(holdfastExecutable(), copyInto: directory.path)
+        let pid = try processes.start([probe, "reach-probe", "--pid", String(target)], stdout: fd, stderr: fd, user: uid)
         close(fd)
         _ = try await processes.wait(pid, timeout: .seconds(30))
         return String(decoding: readFile(out) ?? [], as: UTF8.self)

@@ -45,16 +45,22 @@ struct DaemonTests {
         defer { daemon.cleanUp() }
         let ids = (1...4).map { "q\($0)" }
         var receivers: [String: Task<[UInt8], Never>] = [:]
+        // Each process waits for `go` before it counts: on a starved machine the first one must
+        // not be done before the last one's stream has connected.
+        let go = daemon.directory.file("go")
         for id in ids {
             receivers[id] = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+            let counter = counterCommand(400, prefix: id, pause: "0.01")[2]
             _ = try await daemon.launch(ProcessSpec(
-                id: id, argv: counterCommand(400, prefix: id, pause: "0.01"),
+                id: id, argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.01; done; \(counter)"],
                 stdout: daemon.spec("\(id)-out")))
         }
         try await eventually("every stream connected") {
             let streams = try await daemon.status().streams
             return streams.count == ids.count && streams.allSatisfy { $0.state == .connected }
         }
+        try writeFile(go, [])
+        try await Task.sleep(for: .milliseconds(200))
         // A blackout: the bridge and every stream connection drop, and nothing is accepted.
         daemon.streams.setRefusing(true)
         daemon.bridge.drop(refusing: true)

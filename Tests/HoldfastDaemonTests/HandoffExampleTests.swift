@@ -234,9 +234,12 @@ private func runHandoff(
     let errPath = daemon.directory.file(name + ".err")
     let outFD = open(outPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
     let errFD = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    // Another uid cannot read the script in a checkout only its owner can enter (a 0700 home):
+    // it runs a copy in the daemon's directory then.
+    let script = user == nil ? handoffScript() : try readableByOthers(handoffScript(), copyInto: daemon.directory.path)
     var options = SpawnOptions(
         executable: "python3",
-        arguments: ["python3", handoffScript(), "--socket", daemon.directory.file("broker.sock")] + arguments)
+        arguments: ["python3", script, "--socket", daemon.directory.file("broker.sock")] + arguments)
     options.stdout = outFD
     options.stderr = errFD
     options.keepDescriptors = keep

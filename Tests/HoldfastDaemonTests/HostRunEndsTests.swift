@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport

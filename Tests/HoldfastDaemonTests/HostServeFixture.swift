@@ -61,6 +61,38 @@ struct HostServeFixture {
     }
 }
 
+extension HostServeFixture {
+    /// Starts `holdfast host SUBCOMMAND --control ... ARGS` (the subcommand is `arguments[0]`)
+    /// with stdin from `stdin` (an fd, or `stdinPath`) and stdout/stderr into files.
+    func start(
+        _ arguments: [String], stdinPath: String = "/dev/null", stdin: Int32? = nil, stdout: Int32? = nil, environment: [String]? = nil
+    ) throws -> HostRunClient {
+        let tag = UInt32.random(in: 0..<UInt32.max)
+        let dir = daemon.directory
+        let input = stdin ?? open(stdinPath, O_RDONLY | O_CLOEXEC)
+        let out = stdout ?? open(dir.file("cli\(tag).out"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let err = stdout ?? open(dir.file("cli\(tag).err"), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer {
+            if stdin == nil { close(input) }
+            if stdout == nil {
+                close(out)
+                close(err)
+            }
+        }
+        let pid = try daemon.processes.start(
+            [holdfastExecutable(), "host", arguments[0], "--control", control] + arguments.dropFirst(), stdin: input, stdout: out,
+            stderr: err, environment: environment)
+        return HostRunClient(daemon: daemon, pid: pid, outPath: dir.file("cli\(tag).out"), errPath: dir.file("cli\(tag).err"))
+    }
+
+    /// Runs `holdfast host SUBCOMMAND --control ... ARGS` to its end (bounded).
+    func cli(
+        _ arguments: [String], stdinPath: String = "/dev/null", environment: [String]? = nil, within bound: Duration = .seconds(60)
+    ) async throws -> (status: HoldfastPosix.ExitStatus, out: String, err: String) {
+        try await start(arguments, stdinPath: stdinPath, environment: environment).finish(within: bound)
+    }
+}
+
 /// A running `holdfast host run`.
 struct HostRunClient {
     let daemon: DaemonFixture

@@ -311,8 +311,27 @@ struct RuncTests {
             stdin: dir.file("exec.in"))
         #expect(execCode == .exited(9), "\(execErr)")
         #expect(execOut == "from the host\npid1=sleep\n")
-        // The container's sleep is its pid 1, which ignores SIGTERM; runc kill with KILL ends it.
-        _ = try await holdfast(["host", "kill", "--control", control, "web", "KILL"])
+        // exec's options: environment, working directory, a numeric user; and the shell's codes
+        // for a program the container does not have (127) or cannot execute (126).
+        let (optionsCode, optionsOut, optionsErr) = try await holdfast(
+            ["host", "exec", "--control", control, "-e", "GREETING=hi", "-w", "/bin", "-u", "1:2", "web", "--",
+             "sh", "-c", "echo $GREETING $(pwd); cat /proc/self/status"])
+        #expect(optionsCode == .exited(0), "\(optionsErr)")
+        let statusLines = optionsOut.split(separator: "\n")
+        #expect(statusLines.first == "hi /bin", "\(optionsOut)")
+        #expect(statusLines.contains { $0.hasPrefix("Uid:") && $0.split(separator: "\t").dropFirst().first == "1" }, "\(optionsOut)")
+        #expect(statusLines.contains { $0.hasPrefix("Gid:") && $0.split(separator: "\t").dropFirst().first == "2" }, "\(optionsOut)")
+        let (missingCode, _, missingErr) = try await holdfast(["host", "exec", "--control", control, "web", "--", "no-such-program"])
+        #expect(missingCode == .exited(127), "\(missingErr)")
+        #expect(missingErr.contains("command-not-found"), "\(missingErr)")
+        let (directoryCode, _, directoryErr) = try await holdfast(["host", "exec", "--control", control, "web", "--", "/bin"])
+        #expect(directoryCode == .exited(126), "\(directoryErr)")
+        // The container's sleep is its pid 1, which ignores SIGTERM: `host stop` gives it
+        // --time seconds, then SIGKILL (runc kill), and does not hang.
+        let (stopCode, stopOut, stopErr) = try await holdfast(["host", "stop", "--control", control, "--time", "1", "web"])
+        #expect(stopCode == .exited(0), "\(stopErr)")
+        #expect(stopOut == "web\n")
+        #expect(stopErr.contains("web did not exit within 1s of SIGTERM: killed with SIGKILL"), "\(stopErr)")
         #expect(try await daemon.processes.wait(container, timeout: .seconds(10)) == .exited(128 + SIGKILL))
 
         let (badCode, _, badErr) = try await holdfast(

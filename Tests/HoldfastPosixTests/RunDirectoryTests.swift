@@ -102,7 +102,20 @@ struct RunDirectoryTests {
         let other = try RunDirectory.claim(base.path, lockName: "host.lock")
         withExtendedLifetime(first) {}
         first = nil
-        let again = try RunDirectory.claim(base.path, lockName: "holdfast.lock")
+        // Released with the lock's fd. Another test's spawn may have forked this process a moment
+        // ago and hold a copy of the fd until its exec (close-on-exec): a bounded wait for that.
+        func claimAgain() throws -> RunDirectoryLock {
+            let deadline = ContinuousClock.now + .seconds(30)
+            while true {
+                let attempt = Result { () throws(RunDirectory.Refusal) -> RunDirectoryLock in
+                    try RunDirectory.claim(base.path, lockName: "holdfast.lock")
+                }
+                if case .success = attempt { return try attempt.get() }
+                if ContinuousClock.now >= deadline { return try attempt.get() }
+                usleep(10_000)
+            }
+        }
+        let again = try claimAgain()
         withExtendedLifetime((other, again)) {}
     }
 

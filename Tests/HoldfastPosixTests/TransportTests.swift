@@ -18,7 +18,7 @@ struct TransportTests {
         let listener = try Listener(binding: address)
         defer { listener.close() }
         async let accepted = listener.accept()
-        let client = try await Dialer.connect(to: address, timeout: .seconds(1))
+        let client = try await Dialer.connect(to: address, timeout: .seconds(30))
         let server = try await accepted
         try await send(client, bytes("ping"))
         #expect(try await readExactly(server, 4) == bytes("ping"))
@@ -36,7 +36,7 @@ struct TransportTests {
         guard case .tcp(_, let port) = address else { Issue.record("not tcp"); return }
         #expect(port != 0)
         async let accepted = listener.accept()
-        let client = try await Dialer.connect(to: address, timeout: .seconds(1))
+        let client = try await Dialer.connect(to: address, timeout: .seconds(30))
         let server = try await accepted
         try await send(client, bytes("over tcp"))
         #expect(try await readExactly(server, 8) == bytes("over tcp"))

@@ -1,7 +1,7 @@
 import Logging
 import Testing
 
-@testable import HoldfastTools
+@testable import HoldfastLogging
 
 @Suite("Daemon log lines", .timeLimit(.minutes(5)))
 struct DaemonLogHandlerTests {

@@ -1,6 +1,3 @@
-import HoldfastCore
-import HoldfastPosix
-
 /// What the broker needs from the configuration. The supervisor validates the configuration
 /// file and hands the broker this, already checked, so the broker never reads a file after it
 /// dropped its privileges.
@@ -30,16 +27,15 @@ public struct BrokerSettings: Codable, Sendable, Equatable {
         self.handoffAllowedUIDs = handoffAllowedUIDs
         self.handoffAllowedGIDs = handoffAllowedGIDs
     }
+}
 
-    public var redialPolicy: RedialPolicy {
-        RedialPolicy(
-            attempts: redialAttempts, interval: .milliseconds(redialIntervalMilliseconds),
-            connectTimeout: .milliseconds(connectTimeoutMilliseconds))
-    }
-
-    public var drainTimeout: Duration { .milliseconds(drainTimeoutMilliseconds) }
-
-    public var resumable: ResumableConfiguration {
-        ResumableConfiguration(ringCapacity: ringCapacity, drainTimeout: drainTimeout)
-    }
+/// What the filter does with a syscall outside the broker's allow-list
+/// (`broker.seccomp` in the configuration).
+public enum SeccompAction: String, Sendable, Codable, CaseIterable {
+    /// Kill the whole process (SIGSYS): the production default.
+    case kill
+    /// Allow it but log it to the kernel audit log: for auditing a new build.
+    case log
+    /// No filter at all (debugging only; the broker still drops its privileges).
+    case off
 }

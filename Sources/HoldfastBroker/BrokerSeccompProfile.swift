@@ -1,19 +1,11 @@
 import CHoldfastShims
 import CSeccomp
+import HoldfastPosix
+import HoldfastProtocol
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// What the filter does with a syscall outside the allow-list.
-public enum SeccompAction: String, Sendable, Codable, CaseIterable {
-    /// Kill the whole process (SIGSYS): the production default.
-    case kill
-    /// Allow it but log it to the kernel audit log: for auditing a new build.
-    case log
-    /// No filter at all (debugging only; the broker still drops its privileges).
-    case off
-}
 
 /// The broker's seccomp allow-list: what a process that only moves bytes between fds it was
 /// handed, dials sockets and answers a control socket needs — and nothing to start programs,
@@ -150,26 +142,13 @@ public enum SeccompProfile {
 
     /// The Seccomp: field of /proc/PID/status (0 none, 1 strict, 2 filter).
     public static func mode(of pid: pid_t = getpid()) -> Int? {
-        guard let text = readSmallFile("/proc/\(pid)/status") else { return nil }
+        guard let bytes = WholeFile.read("/proc/\(pid)/status") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
         for line in text.split(separator: "\n") where line.hasPrefix("Seccomp:") {
             return Int(line.dropFirst("Seccomp:".count).trimmingCharacters(in: " \t"))
         }
         return nil
     }
-}
-
-func readSmallFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count <= 0 { break }
-        bytes += buffer[..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }
 
 extension Substring {

@@ -1,5 +1,4 @@
 import HoldfastCore
-import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
@@ -35,7 +34,8 @@ struct GuestIdentity: Sendable, Equatable {
 }
 
 /// One process started with `host run`, from the create to the moment its outcome and output
-/// are handed over; then host serve forgets it (keeping only the outcome, for a late `wait`).
+/// are handed over; then host serve forgets it (keeping its outcome, and its log, for a late
+/// `wait`, `ps -a` or `logs`).
 final class HostedProcess: Sendable {
     enum Phase: Sendable {
         /// The create is on its way; `guest` unknown yet.
@@ -54,20 +54,55 @@ final class HostedProcess: Sendable {
         /// prove the process gone.
         var createdInRound: UInt64 = .max
         var drainTimeout: Duration
-        var waiters: [UInt64: CheckedContinuation<HostWaitResponse?, Never>] = [:]
+        /// The guest's pid, once the create returned.
+        var pid: Int32?
+        /// Waiters for the outcome with its output handed over (`untilExit` false), or for the
+        /// outcome alone (true).
+        var waiters: [UInt64: (continuation: CheckedContinuation<HostWaitResponse?, Never>, untilExit: Bool)] = [:]
         var nextWaiter: UInt64 = 0
     }
 
     let id: String
     let outputs: [OutputRelay]
     let input: InputRelay?
+    /// What host serve keeps of its output (`host logs`).
+    let log: ProcessLog
+    /// The command, for `host ps`.
+    let command: String
+    let tty: Bool
     let state: NIOLockedValueBox<State>
 
-    init(id: String, outputs: [OutputRelay], input: InputRelay?, drainTimeout: Duration) {
+    init(id: String, outputs: [OutputRelay], input: InputRelay?, log: ProcessLog, command: String, tty: Bool, drainTimeout: Duration) {
         self.id = id
         self.outputs = outputs
         self.input = input
+        self.log = log
+        self.command = command
+        self.tty = tty
         self.state = NIOLockedValueBox(State(drainTimeout: drainTimeout))
+    }
+
+    /// The outcome, once known (the output may still be on its way).
+    var knownOutcome: HostWaitResponse? {
+        state.withLockedValue {
+            switch $0.phase {
+            case .starting, .running: return nil
+            case .ending(let outcome, _), .finished(let outcome): return outcome
+            }
+        }
+    }
+
+    /// For `host ps`.
+    var info: HostProcessInfo {
+        state.withLockedValue { s in
+            switch s.phase {
+            case .starting: return HostProcessInfo(id: id, pid: s.pid, state: .starting, exitCode: nil, command: command)
+            case .running: return HostProcessInfo(id: id, pid: s.pid, state: .running, exitCode: nil, command: command)
+            case .ending(let outcome, _), .finished(let outcome):
+                return HostProcessInfo(
+                    id: id, pid: s.pid, state: outcome.exit == nil ? .lost : .exited, exitCode: outcome.exit?.exitCode, command: command)
+            }
+        }
     }
 
     var outlets: [String: Outlet] {
@@ -89,16 +124,19 @@ final class HostedProcess: Sendable {
     /// The outcome is known: stdin is of no use any more, and the outputs start their drain
     /// watch. Returns false if an outcome was already known (the first one stands).
     func end(with outcome: HostWaitResponse) -> Bool {
-        let first = state.withLockedValue { s -> Bool in
+        let (first, exitWaiters) = state.withLockedValue { s -> (Bool, [CheckedContinuation<HostWaitResponse?, Never>]) in
             switch s.phase {
             case .starting, .running:
                 s.phase = .ending(outcome, since: .now)
-                return true
+                let waiting = s.waiters.filter { $0.value.untilExit }
+                for id in waiting.keys { s.waiters.removeValue(forKey: id) }
+                return (true, waiting.values.map(\.continuation))
             case .ending, .finished:
-                return false
+                return (false, [])
             }
         }
         guard first else { return false }
+        for waiter in exitWaiters { waiter.resume(returning: outcome) }
         input?.close()
         Task { await watchDrain() }
         return true
@@ -145,15 +183,16 @@ final class HostedProcess: Sendable {
             if !endedByHost.isEmpty { outcome.endedByHost = endedByHost }
             s.phase = .finished(outcome)
             defer { s.waiters.removeAll() }
-            return (outcome, Array(s.waiters.values))
+            return (outcome, s.waiters.values.map(\.continuation))
         }
         for waiter in waiters { waiter.resume(returning: response) }
         return response
     }
 
-    /// Waits for the outcome (nil if host serve closed first). Cancelling the waiting task
-    /// (its client went away) forgets the waiter.
-    func waitForOutcome() async -> HostWaitResponse? {
+    /// Waits for the outcome with the output handed over — or, `untilExit`, for the outcome
+    /// alone (nil if host serve closed first). Cancelling the waiting task (its client went
+    /// away) forgets the waiter.
+    func waitForOutcome(untilExit: Bool = false) async -> HostWaitResponse? {
         let id = state.withLockedValue { s -> UInt64 in
             s.nextWaiter &+= 1
             return s.nextWaiter
@@ -162,14 +201,29 @@ final class HostedProcess: Sendable {
             await withCheckedContinuation { continuation in
                 let done = state.withLockedValue { s -> HostWaitResponse?? in
                     if case .finished(let outcome) = s.phase { return .some(outcome) }
+                    if untilExit, case .ending(let outcome, _) = s.phase { return .some(outcome) }
                     if Task.isCancelled { return .some(nil) }
-                    s.waiters[id] = continuation
+                    s.waiters[id] = (continuation, untilExit)
                     return .none
                 }
                 if let done { continuation.resume(returning: done) }
             }
         } onCancel: {
-            state.withLockedValue { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+            state.withLockedValue { $0.waiters.removeValue(forKey: id) }?.continuation.resume(returning: nil)
+        }
+    }
+
+    /// The outcome, waiting at most `timeout` for it; nil when it did not come in time.
+    func waitForExit(within timeout: Duration) async -> HostWaitResponse? {
+        await withTaskGroup(of: HostWaitResponse?.self) { group in
+            group.addTask { await self.waitForOutcome(untilExit: true) }
+            group.addTask {
+                try? await Task.sleep(for: timeout)
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
         }
     }
 
@@ -180,30 +234,38 @@ final class HostedProcess: Sendable {
             output.endByHost()
             output.outlet.close()
         }
+        log.endAll()
         let waiters = state.withLockedValue { s -> [CheckedContinuation<HostWaitResponse?, Never>] in
             defer { s.waiters.removeAll() }
-            return Array(s.waiters.values)
+            return s.waiters.values.map(\.continuation)
         }
         for waiter in waiters { waiter.resume(returning: nil) }
     }
 }
 
-/// Guest output (stdout, stderr, a tty's output) → the attached client. A client that goes away
-/// does not lose the output: the chunk waits for the next `attach`. The stream's end — the
-/// guest's END, or host serve ending it — closes the client's socket after the last byte.
+/// Guest output (stdout, stderr, a tty's output) → the process's log and the attached client.
+/// A *held* output (a process started in the foreground) does not lose anything when its client
+/// goes away: the chunk waits for the next `attach` (back-pressure up to the guest). An output
+/// that is not held (a process started with `--detach`) goes on into the log while no client
+/// is attached, as conmon's does, and an `attach` follows it from then on. The stream's end —
+/// the guest's END, or host serve ending it — closes the client's socket after the last byte.
 final class OutputRelay: Sendable {
     let kind: String
     let token: [UInt8]
     let stream: ResumableStream<AsyncFD>
     let outlet = Outlet()
+    let held: Bool
+    private let log: ProcessLog
     private let server: StreamServer<AsyncFD>
     private let state = NIOLockedValueBox<(waitingSince: ContinuousClock.Instant?, finished: Bool, endedByHost: Bool)>((nil, false, false))
 
     /// Opens the host stream (with a new secret); refused if the token is open already.
-    init(kind: String, token: [UInt8], server: StreamServer<AsyncFD>) throws(StreamServerError) {
+    init(kind: String, token: [UInt8], server: StreamServer<AsyncFD>, log: ProcessLog, held: Bool) throws(StreamServerError) {
         self.kind = kind
         self.token = token
         self.server = server
+        self.log = log
+        self.held = held
         self.stream = try server.open(token: token, direction: .receive)
     }
 
@@ -231,17 +293,27 @@ final class OutputRelay: Sendable {
             state.withLockedValue { $0.waitingSince = .now }
             guard let chunk = await chunks.next() else { break }
             state.withLockedValue { $0.waitingSince = nil }
+            log.append(kind, chunk)
             while true {
-                guard let socket = await outlet.current() else { break relaying }
+                let client: AsyncFD
+                if held {
+                    guard let socket = await outlet.current() else { break relaying }
+                    client = socket
+                } else {
+                    if outlet.isClosed { break relaying }
+                    guard let socket = outlet.attachedNow else { break }  // in the log only
+                    client = socket
+                }
                 do {
-                    try await chunk.withUnsafeBytesAsync { try await socket.write($0) }
+                    try await chunk.withUnsafeBytesAsync { try await client.write($0) }
                     break
                 } catch {
-                    outlet.detach(socket)
+                    outlet.detach(client)
                 }
             }
         }
         let endedByGuest = stream.statistics.ended
+        log.end(kind)
         outlet.close()
         state.withLockedValue { $0.finished = true }
         finished()
@@ -253,18 +325,23 @@ final class OutputRelay: Sendable {
 
     /// For a relay that never ran (its process could not be started).
     func discard() {
+        log.end(kind)
         outlet.close()
         server.close(stream)
     }
 }
 
-/// The attached client's input → guest stdin. Its end-of-file is the explicit end of stdin.
-/// Closed when the process's outcome is known (nothing reads it any more).
+/// The attached client's input → guest stdin. A client going away (its socket's end-of-file
+/// with no word before it) is not the end of stdin: the next `attach` takes over. The end is
+/// explicit — the client's `closeStdin` after the last byte it wrote — and only then does the
+/// guest's stdin end. Closed when the process's outcome is known (nothing reads it any more).
 final class InputRelay: Sendable {
     let token: [UInt8]
     let stream: ResumableStream<AsyncFD>
     let outlet = Outlet()
     private let server: StreamServer<AsyncFD>
+    /// The client said its stdin ended.
+    private let endRequested = NIOLockedValueBox(false)
 
     /// Opens the host stream (with a new secret); refused if the token is open already.
     init(token: [UInt8], server: StreamServer<AsyncFD>) throws(StreamServerError) {
@@ -285,14 +362,28 @@ final class InputRelay: Sendable {
                 outlet.detach(socket)  // replaced by a newer client: read from that one
                 continue
             }
-            if count == 0 { break }
+            if count == 0 {
+                // This client is done writing: the end of stdin if it said so, else it went
+                // away and the next client takes over. (Checked after the detach: a closeStdin
+                // that comes later finds no client and ends the wait itself.)
+                outlet.detach(socket)
+                if endRequested.withLockedValue({ $0 }) { break }
+                continue
+            }
             do {
                 try await stream.send(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             } catch {
                 return
             }
         }
-        _ = await stream.finish()
+        if endRequested.withLockedValue({ $0 }) { _ = await stream.finish() }
+    }
+
+    /// The client's stdin ended, after the last byte it wrote on its socket: once that socket
+    /// has been read to its end, the guest's stdin ends.
+    func endOfInput() {
+        endRequested.withLockedValue { $0 = true }
+        outlet.closeIfNoClient()
     }
 
     func close() {
@@ -307,6 +398,20 @@ final class Outlet: Sendable {
     private let state = NIOLockedValueBox<(socket: AsyncFD?, waiters: [CheckedContinuation<AsyncFD?, Never>], closed: Bool)>((nil, [], false))
 
     var isClosed: Bool { state.withLockedValue { $0.closed } }
+
+    /// The client attached now, without waiting for one.
+    var attachedNow: AsyncFD? { state.withLockedValue { $0.socket } }
+
+    /// Closes the outlet if no client is attached (the one waiting for a client stops waiting).
+    func closeIfNoClient() {
+        let waiters = state.withLockedValue { s -> [CheckedContinuation<AsyncFD?, Never>] in
+            guard s.socket == nil, !s.closed else { return [] }
+            s.closed = true
+            defer { s.waiters.removeAll() }
+            return s.waiters
+        }
+        for waiter in waiters { waiter.resume(returning: nil) }
+    }
 
     /// The attached client's socket, waiting for one; nil once closed.
     func current() async -> AsyncFD? {

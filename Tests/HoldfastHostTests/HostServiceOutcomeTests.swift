@@ -3,7 +3,6 @@ import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
-import HoldfastTools
 import NIOConcurrencyHelpers
 import Testing
 

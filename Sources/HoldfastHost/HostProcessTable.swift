@@ -1,5 +1,4 @@
 import HoldfastCore
-import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
@@ -7,13 +6,23 @@ import NIOConcurrencyHelpers
 /// host serve's processes and what became of them: the bridge's hellos and exits come in here
 /// (in order), decide each process's outcome, and a process whose outcome and output are handed
 /// over is forgotten — only its outcome kept, among the last `rememberedOutcomes`.
-final class ProcessTable: Sendable {
+final class HostProcessTable: Sendable {
     static let rememberedOutcomes = 1024
+
+    /// A finished process as `ps -a` and `logs` still show it.
+    struct Finished: Sendable {
+        var info: HostProcessInfo
+        /// Its log, among the newest `logsKept` (nil once dropped, or if it printed nothing).
+        var log: ProcessLog?
+    }
 
     private struct State: Sendable {
         var processes: [String: HostedProcess] = [:]
         var outcomes: [String: HostWaitResponse] = [:]
+        var finished: [String: Finished] = [:]
         var outcomeOrder: [String] = []
+        /// The finished processes whose log is kept, oldest first.
+        var logOrder: [String] = []
         /// Exits of processes this table does not hold (a library user's own creates), newest
         /// last, bounded like `outcomes`.
         var otherExits: [ExitReport] = []
@@ -26,9 +35,12 @@ final class ProcessTable: Sendable {
 
     private let state = NIOLockedValueBox(State())
     private let say: @Sendable (String) -> Void
+    /// How many finished processes' logs are kept.
+    let logsKept: Int
 
-    init(say: @escaping @Sendable (String) -> Void) {
+    init(logsKept: Int = 64, say: @escaping @Sendable (String) -> Void) {
         self.say = say
+        self.logsKept = logsKept
     }
 
     // MARK: What the guest says
@@ -73,12 +85,25 @@ final class ProcessTable: Sendable {
 
     /// The process's outcome and output are handed over: keep only the outcome (bounded).
     private func forget(_ process: HostedProcess, _ outcome: HostWaitResponse) {
+        let info = process.info
+        let log = process.log.byteCount > 0 ? process.log : nil
+        let logsKept = logsKept
         let idle = state.withLockedValue { s -> Bool in
             if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
             if s.outcomes.updateValue(outcome, forKey: process.id) == nil { s.outcomeOrder.append(process.id) }
+            s.finished[process.id] = Finished(info: info, log: log)
+            s.logOrder.removeAll { $0 == process.id }
+            if log != nil { s.logOrder.append(process.id) }
+            if s.logOrder.count > logsKept {
+                for id in s.logOrder.prefix(s.logOrder.count - logsKept) { s.finished[id]?.log = nil }
+                s.logOrder.removeFirst(s.logOrder.count - logsKept)
+            }
             if s.outcomeOrder.count > Self.rememberedOutcomes {
                 let excess = s.outcomeOrder.count - Self.rememberedOutcomes
-                for id in s.outcomeOrder.prefix(excess) where s.processes[id] == nil { s.outcomes.removeValue(forKey: id) }
+                for id in s.outcomeOrder.prefix(excess) where s.processes[id] == nil {
+                    s.outcomes.removeValue(forKey: id)
+                    if s.finished.removeValue(forKey: id)?.log != nil { s.logOrder.removeAll { $0 == id } }
+                }
                 s.outcomeOrder.removeFirst(excess)
             }
             guard s.processes.isEmpty, !s.trimScheduled else { return false }
@@ -124,10 +149,11 @@ final class ProcessTable: Sendable {
 
     /// The create returned: `guest` runs the process. If another daemon said hello meanwhile,
     /// the process is already lost.
-    func created(_ process: HostedProcess, by guest: GuestIdentity) {
+    func created(_ process: HostedProcess, pid: Int32, by guest: GuestIdentity) {
         let loss = state.withLockedValue { s -> LostProcess? in
             process.state.withLockedValue { p in
                 p.guest = guest
+                p.pid = pid
                 p.createdInRound = s.listRound
                 if case .starting = p.phase { p.phase = .running }
             }
@@ -139,6 +165,24 @@ final class ProcessTable: Sendable {
     /// The process held now, or the outcome of one forgotten; nil once the table is closed.
     func lookup(_ id: String) -> (process: HostedProcess?, outcome: HostWaitResponse?)? {
         state.withLockedValue { $0.closed ? nil : ($0.processes[id], $0.outcomes[id]) }
+    }
+
+    /// The log of a process held now, or of a finished one whose log is kept. The outer nil:
+    /// no such process; the inner: it had one, but its log was dropped (or it printed nothing).
+    func log(of id: String) -> ProcessLog?? {
+        state.withLockedValue { s in
+            if let process = s.processes[id] { return .some(process.log) }
+            if let finished = s.finished[id] { return .some(finished.log) }
+            return nil
+        }
+    }
+
+    /// What `ps` shows of the processes held now and, with `finished`, of those remembered.
+    func infos(finished: Bool) -> [HostProcessInfo] {
+        let (live, done) = state.withLockedValue { s in
+            (Array(s.processes.values), finished ? s.finished.filter { s.processes[$0.key] == nil }.map(\.value.info) : [])
+        }
+        return live.map(\.info) + done
     }
 
     /// Host serve is closing: every process held, to abandon.

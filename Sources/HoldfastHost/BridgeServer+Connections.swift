@@ -1,0 +1,213 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Accepting guests: the handshake (bounded in time and in number), choosing which connection is
+/// the guest, serving it, and warning about refused connections without flooding the log.
+extension BridgeServer {
+
+    func guest(within timeout: Duration) async -> Connection? {
+        if let connection = state.withLockedValue({ $0.connection }) { return connection }
+        let id = state.withLockedValue { s -> UInt64 in
+            s.nextWaiter &+= 1
+            return s.nextWaiter
+        }
+        let timer = TimeoutWheel.shared.schedule(after: timeout) { [self] in
+            state.withLockedValue { $0.waitingForGuest.removeValue(forKey: id) }?.resume(returning: nil)
+        }
+        defer { TimeoutWheel.shared.cancel(timer) }
+        return await withCheckedContinuation { continuation in
+            let ready = state.withLockedValue { s -> Connection?? in
+                if let connection = s.connection { return .some(connection) }
+                if s.closed { return .some(nil) }
+                s.waitingForGuest[id] = continuation
+                return .none
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    /// The next accepted connection; nil once the listener is closed. A failing `accept` (no fds
+    /// left: EMFILE) is retried after a pause instead of ending the server.
+    func nextConnection() async -> AsyncFD? {
+        while true {
+            do {
+                return try await listener.accept()
+            } catch {
+                if state.withLockedValue({ $0.closed }) || error is DescriptorClosed { return nil }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+    }
+
+    /// One guest connection: the handshake and the hello first (bounded together), then replies
+    /// and exits until it ends. Nothing is installed, displaced or sent before both succeed.
+    func serve(_ socket: AsyncFD) async {
+        let peer = describePeer(socket)
+        let ticket = admit(socket)
+        let authentication = state.withLockedValue { $0.authentication }
+        let timedOut = NIOLockedValueBox(false)
+        let first: ControlFrame
+        do {
+            first = try await withHandshakeTimeout(socket, timedOut: timedOut) {
+                if case .key(let key) = authentication {
+                    try await BridgeHandshake.authenticateGuest(on: socket, key: key)
+                }
+                return try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
+            }
+        } catch {
+            let evicted = state.withLockedValue { $0.pendingHandshakes.removeValue(forKey: ticket) == nil && !$0.closed }
+            socket.close()
+            if let reason = refusalReason(error, timedOut: timedOut.withLockedValue { $0 }, evicted: evicted) {
+                refused(peer: peer, reason)
+            }
+            return
+        }
+        guard first.type == BridgeMessageType.hello.rawValue,
+            let hello = try? ControlJSON.decode(BridgeHello.self, from: first.body, frameType: first.type)
+        else {
+            state.withLockedValue { _ = $0.pendingHandshakes.removeValue(forKey: ticket) }
+            socket.close()
+            refused(peer: peer, "its first frame is not a hello")
+            return
+        }
+        let connection = Connection(socket, hello: hello)
+        // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
+        // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
+        let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in
+            guard s.pendingHandshakes.removeValue(forKey: ticket) != nil, !s.closed else { return nil }
+            let previous = s.connection
+            s.connection = connection
+            s.accepted += 1
+            s.lastHello = hello
+            defer { s.waitingForGuest.removeAll() }
+            return (previous, Array(s.waitingForGuest.values))
+        }
+        guard let (previous, waiters) = installed else {
+            connection.close()
+            connection.markServed()
+            return
+        }
+        previous?.close()
+        // Everything the previous connection delivered comes first: an exit the old daemon sent
+        // just before it died must not arrive after the new daemon's hello.
+        await previous?.waitServed()
+        if let observer { observer(.hello(hello)) } else { helloSink.yield(hello) }
+        for report in hello.exits { deliver(report, on: connection) }
+        for waiter in waiters { waiter.resume(returning: connection) }
+
+        // Replies to our requests, and exits; a reply to nothing we asked is ignored.
+        await connection.run { [self] report in deliver(report, on: connection) }
+        state.withLockedValue { if $0.connection === connection { $0.connection = nil } }
+        connection.close()
+    }
+
+    /// Delivers an exit once, and acknowledges it every time the guest reports it. When the
+    /// guest confirms the acknowledgement it has forgotten the exit (it will not repeat it), so
+    /// we forget it too.
+    func deliver(_ report: ExitReport, on connection: Connection) {
+        let first = state.withLockedValue { s -> Bool in
+            guard s.deliveredExits[report.id] == nil else { return false }
+            s.deliveredExits[report.id] = false
+            return true
+        }
+        if first {
+            if let observer { observer(.exit(report)) } else { exitSink.yield(report) }
+        }
+        Task { [self] in
+            // Any reply means the guest processed the acknowledgement (it answers ok even for an
+            // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
+            do throws(HoldfastError) {
+                _ = try await connection.request(.acknowledgeExit(AcknowledgeExitRequest(id: report.id)))
+            } catch {
+                if error.code == .bridgeLost { return }
+            }
+            state.withLockedValue { s in
+                guard s.deliveredExits[report.id] == false else { return }
+                s.deliveredExits[report.id] = true
+                s.confirmedOrder.append(report.id)
+                while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
+                    if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
+                }
+            }
+        }
+    }
+
+    func withHandshakeTimeout<T: Sendable>(
+        _ socket: AsyncFD, timedOut: NIOLockedValueBox<Bool>, _ body: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
+        let timer = TimeoutWheel.shared.schedule(after: handshakeTimeout) {
+            timedOut.withLockedValue { $0 = true }
+            socket.close()
+        }
+        defer { TimeoutWheel.shared.cancel(timer) }
+        return try await body()
+    }
+
+    /// Registers a connection in its handshake; past `maxPendingHandshakes`, the oldest one is
+    /// closed (its `serve` sees the failure and counts it refused).
+    func admit(_ socket: AsyncFD) -> UInt64 {
+        let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
+            s.nextHandshake &+= 1
+            s.pendingHandshakes[s.nextHandshake] = socket
+            var oldest: AsyncFD?
+            if s.pendingHandshakes.count > Self.maxPendingHandshakes, let key = s.pendingHandshakes.keys.min() {
+                oldest = s.pendingHandshakes.removeValue(forKey: key)
+            }
+            return (s.nextHandshake, oldest)
+        }
+        oldest?.close()
+        return ticket
+    }
+
+    /// Why a failed handshake is worth a warning, or nil: a peer that simply went away (the
+    /// guest gave up on a connection held through a blackout) is not one.
+    func refusalReason(_ error: any Error, timedOut: Bool, evicted: Bool) -> String? {
+        if evicted { return "more than \(Self.maxPendingHandshakes) connections in their handshake at once; the oldest was closed" }
+        if timedOut { return "no handshake and hello within \(handshakeTimeout)" }
+        switch error {
+        case let failure as BridgeHandshake.Failure:
+            switch failure {
+            case .malformed(.notAHandshake): return "it does not start with the authentication handshake (a guest with bridge.authentication: none?)"
+            case .malformed(let problem): return "\(problem)"
+            case .wrongProof: return "authentication failed: its proof does not match the bridge key"
+            case .refused, .connectionLost: return nil
+            }
+        case ControlFrameIO.ReadError.oversized:
+            return "its hello is larger than \(BridgeProtocol.maxBody) bytes"
+        default:
+            return nil
+        }
+    }
+
+    /// " from pid N (uid U)" for a Unix socket's peer (the kernel's record: it cannot lie), so
+    /// an operator can find an impostor; "" otherwise.
+    func describePeer(_ socket: AsyncFD) -> String {
+        guard case .unix = address, let credentials = try? PeerCredentials.of(socket) else { return "" }
+        return " from pid \(credentials.pid) (uid \(credentials.uid))"
+    }
+
+    /// Counts a refused connection and warns, at most once a second (an impostor dialling every
+    /// 50 ms must not flood the log): the next warning says how many were held back.
+    func refused(peer: String, _ reason: String) {
+        let now = ContinuousClock.now
+        let heldBack = state.withLockedValue { s -> Int? in
+            s.refused += 1
+            if let last = s.lastWarning, now - last < .seconds(1) {
+                s.warningsHeldBack += 1
+                return nil
+            }
+            s.lastWarning = now
+            defer { s.warningsHeldBack = 0 }
+            return s.warningsHeldBack
+        }
+        guard let heldBack else { return }
+        let more = heldBack > 0 ? " (and \(heldBack) more refused since the last warning)" : ""
+        warn("bridge \(address): refused a connection\(peer): \(reason)\(more)")
+    }
+}

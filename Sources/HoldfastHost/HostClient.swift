@@ -1,0 +1,413 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `holdfast host run/ps/kill`: clients of `holdfast host serve`'s control socket.
+public enum HostClient {
+    /// The local fds a `run`/`attach` client wires to the process (its own stdio by default).
+    public struct Stdio: Sendable {
+        public var input: Int32
+        public var output: Int32
+        public var error: Int32
+        public init(input: Int32, output: Int32, error: Int32) {
+            self.input = input
+            self.output = output
+            self.error = error
+        }
+        public static let inherited = Stdio(input: 0, output: 1, error: 2)
+    }
+
+    /// How a client lets go of its process without ending it (`holdfast host run/exec/attach`
+    /// in a terminal): the detach keys typed on a terminal stdin, or `interrupted` returning
+    /// (Ctrl-C). Either way the client returns `.detached`: the process runs on, its stdin
+    /// open and its output waiting for `host attach ID`.
+    public struct Interaction: Sendable {
+        public var detachKeys: DetachKeys
+        public var interrupted: (@Sendable () async -> Void)?
+
+        public init(detachKeys: DetachKeys = .default, interrupted: (@Sendable () async -> Void)? = nil) {
+            self.detachKeys = detachKeys
+            self.interrupted = interrupted
+        }
+
+        /// No detaching: a library caller's or a test's client runs until the outcome.
+        public static let none = Interaction(detachKeys: try! DetachKeys(parsing: ""))
+    }
+
+    /// Starts a process in the guest, wires `stdio` to its streams, and returns how it ended
+    /// once its output has been delivered: its exit, or its loss (host serve learnt that the
+    /// guest's daemon restarted, or that the process vanished) — or that the client detached.
+    /// After the exit each output stream may go `drainTimeout` without a byte before host serve
+    /// ends it, so this never waits for a stream that cannot end (an orphan holding it, a
+    /// broker that died). The end of `stdio.input` is the end of the process's stdin.
+    public static func run(
+        control: String, request: HostRunRequest, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited,
+        interaction: Interaction = .none
+    ) async throws(HoldfastError) -> HostRunOutcome {
+        let client = try await connect(control)
+        defer { client.close() }
+        var request = request
+        request.detach = nil
+        let reply = try await client.request(HostRequest.run(request).frameType, body: HostRequest.run(request).body)
+        return try await wire(client, reply, tty: request.tty, drainTimeout: drainTimeout, stdio: stdio, interaction: interaction)
+    }
+
+    /// Starts a process in the guest without a client (`host run --detach`): its output goes to
+    /// its log, and `host attach ID` can take it up.
+    public static func start(control: String, request: HostRunRequest) async throws(HoldfastError) -> HostRunResponse {
+        let client = try await connect(control)
+        defer { client.close() }
+        var request = request
+        request.detach = true
+        return try await client.call(HostRequest.run(request), reply: HostRunResponse.self)
+    }
+
+    /// Re-attaches `stdio` to a process started with `host run` (whose client went away):
+    /// output produced meanwhile waited and arrives now, and this client's stdin is the
+    /// process's from now on. `tty` makes the local terminal raw even if host serve does not
+    /// say the process has one. Returns how it ended, like `run`.
+    public static func attach(
+        control: String, id: String, tty: Bool = false, drainTimeout: Duration = HostDefaults.drainTimeout, stdio: Stdio = .inherited,
+        interaction: Interaction = .none
+    ) async throws(HoldfastError) -> HostRunOutcome {
+        let client = try await connect(control)
+        defer { client.close() }
+        let reply = try await client.request(HostRequest.attach(ProcessIDRequest(id: id)).frameType, body: HostRequest.attach(ProcessIDRequest(id: id)).body)
+        return try await wire(client, reply, tty: tty, drainTimeout: drainTimeout, stdio: stdio, interaction: interaction)
+    }
+
+    /// Waits for a process's outcome, whether or not its output has been read (`host wait`).
+    public static func waitForExit(control: String, id: String) async throws(HoldfastError) -> HostWaitResponse {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(HostRequest.wait(HostWaitRequest(id: id, untilExit: true)), reply: HostWaitResponse.self)
+    }
+
+    /// `host stop`: `signal`, then SIGKILL after `timeout`; returns once the outcome is known.
+    public static func stop(control: String, id: String, signal: Int32, timeout: Duration) async throws(HoldfastError) -> HostStopResponse {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(
+            HostRequest.stop(HostStopRequest(id: id, signal: signal, timeoutMilliseconds: milliseconds(timeout))), reply: HostStopResponse.self)
+    }
+
+    /// `host logs`: what host serve kept of the process's output, written to `stdio`'s output
+    /// and error; with `follow`, what comes next too, until the output ends.
+    public static func logs(control: String, id: String, follow: Bool, stdio: Stdio = .inherited) async throws(HoldfastError) {
+        let client = try await connect(control)
+        defer { client.close() }
+        let request = HostRequest.logs(HostLogsRequest(id: id, follow: follow))
+        let reply = try await client.request(request.frameType, body: request.body)
+        let response: HostRunResponse
+        do {
+            response = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+        } catch {
+            for fd in reply.descriptors { close(fd) }
+            throw HoldfastError(.badReply, error.description)
+        }
+        guard reply.descriptors.count == response.streams.count else {
+            for fd in reply.descriptors { close(fd) }
+            throw HoldfastError(.badReply, "expected \(response.streams.count) log sockets, got \(reply.descriptors.count)")
+        }
+        var copies: [Task<Void, Never>] = []
+        do {
+            for (kind, fd) in zip(response.streams, reply.descriptors) {
+                let socket = try AsyncFD(adopting: fd)
+                let output = try AsyncFD(adopting: dup(kind == "stderr" ? stdio.error : stdio.output))
+                copies.append(Task {
+                    await copy(from: socket, to: output)
+                    if let fd = output.detach() { close(fd) }
+                    socket.close()
+                })
+            }
+        } catch {
+            throw HoldfastError(.localFailed, "\(error)")
+        }
+        for copy in copies { await copy.value }
+    }
+
+    /// `host ps`: the guest's processes as host serve knows them (`all`: the finished ones too).
+    public static func processes(control: String, all: Bool) async throws(HoldfastError) -> HostProcessList {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(HostRequest.processes(HostProcessesRequest(all: all)), reply: HostProcessList.self)
+    }
+
+    /// Relays `stdio` to the sockets of a `run`/`attach` reply until the process's outcome, or
+    /// until the client detaches.
+    static func wire(
+        _ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool, drainTimeout: Duration, stdio: Stdio,
+        interaction: Interaction
+    ) async throws(HoldfastError) -> HostRunOutcome {
+        let started: HostRunResponse
+        do {
+            started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+        } catch {
+            for fd in reply.descriptors { close(fd) }
+            throw HoldfastError(.badReply, error.description)
+        }
+        guard reply.descriptors.count == started.streams.count else {
+            for fd in reply.descriptors { close(fd) }
+            throw HoldfastError(.badReply, "expected \(started.streams.count) stream sockets, got \(reply.descriptors.count)")
+        }
+        let tty = tty || (started.tty ?? false)
+        var rawTerminal: termios?
+        if tty, isatty(stdio.input) != 0 {
+            var saved = termios()
+            if tcgetattr(stdio.input, &saved) == 0 {
+                rawTerminal = saved
+                try? Terminal.makeRaw(fd: stdio.input)
+            }
+        }
+        defer {
+            if var saved = rawTerminal { tcsetattr(stdio.input, TCSANOW, &saved) }
+        }
+        // Window changes follow the process: SIGWINCH → the terminal's new size → resize.
+        var resizer: Task<Void, Never>?
+        if tty, isatty(stdio.input) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
+            let id = started.id
+            let terminal = stdio.input
+            resizer = Task {
+                // The terminal may have changed size while no client was attached.
+                if let size = try? Terminal.size(of: terminal) {
+                    _ = try? await client.call(
+                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
+                }
+                while await winch.next() != nil {
+                    guard let size = try? Terminal.size(of: terminal) else { continue }
+                    _ = try? await client.call(
+                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
+                }
+            }
+        }
+        defer { resizer?.cancel() }
+        // Our stdin's file status flags: reading it through the reactor makes it non-blocking,
+        // which the terminal (shared with the shell) must not keep after we are gone.
+        let inputFlags = fcntl(stdio.input, F_GETFL)
+        var input: AsyncFD?
+        var inputCopy: Task<Void, Never>?
+        defer {
+            inputCopy?.cancel()
+            input?.close()
+            if inputFlags >= 0 { _ = fcntl(stdio.input, F_SETFL, inputFlags) }
+        }
+        let detach = DetachSignal()
+        var outputs: [Task<Void, Never>] = []
+        var outputSockets: [AsyncFD] = []
+        var sockets = Array(reply.descriptors.reversed())
+        defer { for fd in sockets { close(fd) } }
+        do {
+            for kind in started.streams {
+                let fd = sockets.removeLast()
+                let socket: AsyncFD
+                do {
+                    socket = try AsyncFD(adopting: fd)
+                } catch {
+                    close(fd)
+                    throw error
+                }
+                switch kind {
+                case "stdin":
+                    // Our stdin → the guest; not awaited: a process may exit without reading it all.
+                    let source = try AsyncFD(adopting: dup(stdio.input))
+                    input = source
+                    let keys = isatty(stdio.input) != 0 ? interaction.detachKeys : try! DetachKeys(parsing: "")
+                    let id = started.id
+                    inputCopy = Task {
+                        let ended = await copyInput(from: source, to: socket, keys: keys)
+                        if ended {
+                            // Every byte is on the socket: then the process's stdin may end.
+                            socket.shutdownWrite()
+                            _ = try? await client.call(HostRequest.closeStdin(ProcessIDRequest(id: id)), reply: [String: String].self)
+                        } else if !Task.isCancelled {
+                            detach.fire(.detachKeys)
+                        }
+                        if let fd = source.detach() { close(fd) }
+                        socket.close()
+                    }
+                case "stdout", "stderr":
+                    let output = try AsyncFD(adopting: dup(kind == "stdout" ? stdio.output : stdio.error))
+                    outputSockets.append(socket)
+                    outputs.append(Task {
+                        await copy(from: socket, to: output)
+                        if let fd = output.detach() { close(fd) }
+                        socket.close()
+                    })
+                default:
+                    socket.close()
+                }
+            }
+        } catch {
+            throw HoldfastError(.localFailed, "\(error)")
+        }
+        if let interrupted = interaction.interrupted {
+            Task {
+                await interrupted()
+                detach.fire(.interrupt)
+            }
+        }
+        // host serve answers once the outcome is known and it has closed our output sockets
+        // after their last byte: what is left to copy is in the sockets, then end-of-file.
+        let waitRequest = HostRequest.wait(HostWaitRequest(id: started.id, drainTimeoutMilliseconds: milliseconds(drainTimeout)))
+        let waiting = Task { () -> Result<HostWaitResponse, HoldfastError> in
+            do throws(HoldfastError) {
+                return .success(try await client.call(waitRequest, reply: HostWaitResponse.self))
+            } catch where error.code == .channelClosed {
+                return .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process may still run in the guest"))
+            } catch {
+                return .failure(error)
+            }
+        }
+        Task {
+            let result = await waiting.value
+            detach.finish(result)
+        }
+        switch await detach.first() {
+        case .detached(let cause):
+            // The process runs on: our sockets close, host serve keeps its output for the next client.
+            inputCopy?.cancel()
+            for socket in outputSockets { socket.close() }
+            for output in outputs { output.cancel() }
+            return .detached(id: started.id, by: cause)
+        case .finished(let result):
+            for output in outputs { await output.value }
+            return try result.get().outcome
+        }
+    }
+
+    static func milliseconds(_ duration: Duration) -> Int {
+        Int(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
+    }
+
+    public static func list(control: String) async throws(HoldfastError) -> BridgeListResponse {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(HostRequest.list, reply: BridgeListResponse.self)
+    }
+
+    public static func stats(control: String) async throws(HoldfastError) -> HostStats {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(HostRequest.stats, reply: HostStats.self)
+    }
+
+    public static func signal(control: String, id: String, signal: Int32) async throws(HoldfastError) {
+        let client = try await connect(control)
+        defer { client.close() }
+        _ = try await client.call(HostRequest.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self)
+    }
+
+    @discardableResult
+    public static func migrate(control: String, blackout: Duration) async throws(HoldfastError) -> HostMigrateResponse {
+        let client = try await connect(control)
+        defer { client.close() }
+        return try await client.call(HostRequest.migrate(MigrateRequest(blackoutMilliseconds: milliseconds(blackout))), reply: HostMigrateResponse.self)
+    }
+
+    /// `holdfast host ps` as text.
+    public static func render(_ list: HostProcessList) -> String {
+        guard !list.processes.isEmpty else { return "no processes" }
+        return TextTable.lines(
+            ["PROCESS", "PID", "STATE", "EXIT", "COMMAND"],
+            list.processes.map {
+                [$0.id, $0.pid.map(String.init) ?? "-", $0.state.rawValue, $0.exitCode.map(String.init) ?? "-", $0.command ?? "-"]
+            }
+        ).joined(separator: "\n")
+    }
+
+    static func connect(_ control: String) async throws(HoldfastError) -> ControlClient {
+        do {
+            return try await ControlClient.connect(to: control)
+        } catch {
+            throw HoldfastError(.noHostService, "cannot reach 'holdfast host serve' at \(control): \(error)\(connectAdvice(error))")
+        }
+    }
+
+    /// What to check when host serve's control socket cannot be reached.
+    static func connectAdvice(_ error: any Error) -> String {
+        switch (error as? SystemError)?.number {
+        case ENOENT?:
+            return "; is 'holdfast host serve' running? It listens at $HOLDFAST_RUN_DIR/host.sock (default /tmp/holdfast); start it, or name its socket with --control"
+        case EACCES?, EPERM?:
+            return "; host serve's control socket is its owner's alone (mode 0600): run this as the user who started host serve (root: sudo)"
+        case ECONNREFUSED?:
+            return "; nothing listens there: host serve has stopped (start it again)"
+        default:
+            return ""
+        }
+    }
+
+    /// Our stdin → the process's stdin socket. True at our stdin's end; false when the detach
+    /// keys were typed (the rest is not sent), or the socket or the task ended.
+    static func copyInput(from source: AsyncFD, to sink: AsyncFD, keys: DetachKeys) async -> Bool {
+        var matcher = DetachKeyMatcher(keys)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        while !Task.isCancelled {
+            guard let count = try? await source.read(into: buffer) else { return false }
+            if count == 0 { return true }
+            let (forward, detach) = matcher.feed(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+            if !forward.isEmpty {
+                do {
+                    try await forward.withUnsafeBytesAsync { try await sink.write($0) }
+                } catch {
+                    return false
+                }
+            }
+            if detach { return false }
+        }
+        return false
+    }
+
+    static func copy(from source: AsyncFD, to sink: AsyncFD) async {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        while let count = try? await source.read(into: buffer), count > 0 {
+            do {
+                try await sink.write(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+            } catch {
+                return
+            }
+        }
+    }
+}
+
+/// The first of a client's endings: the process's outcome, or the client detaching.
+final class DetachSignal: Sendable {
+    enum Ending: Sendable {
+        case detached(HostRunOutcome.DetachCause)
+        case finished(Result<HostWaitResponse, HoldfastError>)
+    }
+
+    private let state = NIOLockedValueBox<(ending: Ending?, waiter: CheckedContinuation<Ending, Never>?)>((nil, nil))
+
+    func fire(_ cause: HostRunOutcome.DetachCause) { settle(.detached(cause)) }
+    func finish(_ result: Result<HostWaitResponse, HoldfastError>) { settle(.finished(result)) }
+
+    private func settle(_ ending: Ending) {
+        let waiter = state.withLockedValue { s -> CheckedContinuation<Ending, Never>? in
+            guard s.ending == nil else { return nil }
+            s.ending = ending
+            defer { s.waiter = nil }
+            return s.waiter
+        }
+        waiter?.resume(returning: ending)
+    }
+
+    /// Waits for the first ending (one waiter).
+    func first() async -> Ending {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLockedValue { s -> Ending? in
+                if let ending = s.ending { return ending }
+                s.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}

@@ -1,0 +1,521 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The defaults `holdfast host` shares with config/holdfast-dev.yaml: everything under the run
+/// directory (`$HOLDFAST_RUN_DIR`, else /tmp/holdfast).
+public enum HostDefaults {
+    public static var runDirectory: String {
+        getenv("HOLDFAST_RUN_DIR").map { String(cString: $0) } ?? "/tmp/holdfast"
+    }
+    public static var bridge: String { "unix:\(runDirectory)/host-bridge.sock" }
+    /// The bridge key `host serve` creates if missing; config/holdfast-dev.yaml's `bridge.key_file`.
+    public static var keyFile: String { "\(runDirectory)/bridge.key" }
+    public static var streams: String { "unix:\(runDirectory)/host-streams.sock" }
+    public static var control: String { "\(runDirectory)/host.sock" }
+    /// After a process's outcome is known, how long an output stream may go without a byte
+    /// before host serve ends it: the guest's own default `streams.drain_timeout`.
+    public static let drainTimeout: Duration = .seconds(30)
+    /// What host serve keeps of each process's output for `host logs` (bytes).
+    public static let logSize = 1 << 20
+    /// How many finished processes' logs host serve keeps.
+    public static let logsKept = 64
+    /// `host stop`: how long the first signal gets before SIGKILL.
+    public static let stopTimeout: Duration = .seconds(10)
+    /// How long a create waits for a guest to be connected to the bridge.
+    public static let guestWait: Duration = .seconds(30)
+}
+
+/// `holdfast host serve`: the host end for development, tests and demos. Accepts the guest's
+/// bridge and stream connections (any number of reconnections), and serves `host run/ps/kill`
+/// on a local control socket (`HostMessageType`). Each stream of a process started with
+/// `host run` is handed to the `run` client as a plain local socket; the resumable protocol
+/// stays in here.
+///
+/// Nothing waits for what cannot come: a process's `wait` is answered with its exit once the
+/// guest reports it (its output streams then get the drain timeout of silence at most), and
+/// with a loss when a hello shows another daemon (instance id) or guest (boot id), or the
+/// daemon's process list no longer has it. A finished process is forgotten — its streams
+/// closed, their connections too — keeping only its outcome among the last
+/// `rememberedOutcomes` and its log (`logSize` bytes at most) among the last `logsKept`, so fds
+/// and memory do not grow with processes run.
+public final class HostService: Sendable {
+    public let bridge: BridgeServer
+    public let streams: StreamServer<AsyncFD>
+    private let control: Listener
+    private let streamAddress: String
+    private let say: @Sendable (String) -> Void
+    private let listInterval: Duration
+    private let table: HostProcessTable
+    private let logSize: Int
+
+    /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
+    public static let rememberedOutcomes = HostProcessTable.rememberedOutcomes
+
+    /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
+    /// `logSize`: bytes of each process's output kept for `host logs`; `logsKept`: how many
+    /// finished processes' logs are kept.
+    public init(
+        bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
+        logSize: Int = HostDefaults.logSize, logsKept: Int = HostDefaults.logsKept, say: @escaping @Sendable (String) -> Void
+    ) throws {
+        self.say = say
+        self.listInterval = listInterval
+        self.logSize = logSize
+        let table = HostProcessTable(logsKept: logsKept, say: say)
+        self.table = table
+        self.bridge = try BridgeServer(
+            listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
+        ) { [table] event in table.guestSaid(event) }
+        self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
+        self.streamAddress = self.streams.address.description
+        self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)
+    }
+
+    /// Serves until the task is cancelled.
+    public func run() async {
+        bridge.start()
+        streams.start()
+        say("holdfast host: bridge \(bridge.address), streams \(streams.address), control \(control.address)")
+        let poller = Task { await pollGuestList() }
+        while !Task.isCancelled, let connection = try? await control.accept() {
+            Task { await serveClient(FDChannel(connection)) }
+        }
+        poller.cancel()
+    }
+
+    public func close() {
+        for process in table.close() { process.abandon() }
+        control.close()
+        bridge.close()
+        streams.close()
+    }
+
+    /// Exits seen so far, each once: the outcomes of processes started here, and the exits of
+    /// any others (the newest `rememberedOutcomes` of each).
+    public var exitsSeen: [ExitReport] { table.exitsSeen }
+
+    /// Processes started here whose outcome or output is still pending (a leak check).
+    public var processesHeld: Int { table.counts.processes }
+
+    public var stats: HostStats {
+        let counts = table.counts
+        let heap = Memory.mallocUsage()
+        return HostStats(
+            processes: counts.processes, streams: streams.statistics.streams, rememberedOutcomes: counts.outcomes,
+            rememberedExits: bridge.rememberedExits, descriptors: Self.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free,
+            guestConnected: bridge.isConnected, bridgeAddress: bridge.address.description)
+    }
+
+    private static func openDescriptors() -> Int {
+        guard let directory = opendir("/proc/self/fd") else { return -1 }
+        defer { closedir(directory) }
+        var count = 0
+        while readdir(directory) != nil { count += 1 }
+        return count - 3  // ".", ".." and the directory stream's own fd
+    }
+
+    /// While processes wait for an outcome, asks the guest for its process list now and then
+    /// (`HostProcessTable.listed` says what a missing process means).
+    private func pollGuestList() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: listInterval)
+            let (waiting, round) = table.beginListRound()
+            guard waiting, bridge.isConnected,
+                let (list, hello) = try? await bridge.callReportingHello(.list, reply: BridgeListResponse.self, timeout: .seconds(5)),
+                (list.omittedProcesses ?? 0) == 0
+            else { continue }
+            table.listed(Set(list.processes.map(\.id)), by: GuestIdentity(hello), round: round)
+        }
+    }
+
+    // MARK: The control socket
+
+    /// One client of the control socket. Requests run concurrently; when the client goes, its
+    /// waits are cancelled (a process attached to and left many times keeps no waiter per
+    /// client).
+    private func serveClient(_ channel: FDChannel) async {
+        defer { channel.close() }
+        _ = await RPCServer.serve(channel, as: HostRequest.self, inFlight: 64, cancelWhenClosed: true) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            try await handle(request)
+        }
+    }
+
+    private func handle(_ request: HostRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .run(let request):
+            let (body, descriptors) = try await start(request)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .wait(let request):
+            return RPCReply(try await wait(request))
+        case .closeStdin(let request):
+            try closeStdin(request.id)
+            return .empty
+        case .list:
+            return RPCReply(try await bridge.list())
+        case .processes(let request):
+            return RPCReply(await processes(all: request.all ?? false))
+        case .signal(let request):
+            try Self.checkSignal(request.signal)
+            try await bridge.signal(request.id, request.signal)
+            return .empty
+        case .stop(let request):
+            return RPCReply(try await stop(request))
+        case .logs(let request):
+            let (body, descriptors) = try logs(request)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .resize(let request):
+            try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
+            return .empty
+        case .attach(let request):
+            let (body, descriptors) = try attach(request.id)
+            return RPCReply(body: body, descriptors: descriptors)
+        case .stats:
+            return RPCReply(stats)
+        case .migrate(let request):
+            guard (0...600_000).contains(request.blackoutMilliseconds) else {
+                throw HoldfastError(.badRequest, "blackout must be 0 to 600000 ms")
+            }
+            // Unstructured: a client that goes away mid-blackout does not cut it short.
+            return RPCReply(await Task { await migrate(blackout: .milliseconds(request.blackoutMilliseconds)) }.value)
+        }
+    }
+
+    private static func checkSignal(_ signal: Int32) throws(HoldfastError) {
+        guard (1...SignalNames.highest).contains(signal) else {
+            throw HoldfastError(.badRequest, "\(signal) is not a signal: valid are \(SignalNames.validNames)")
+        }
+    }
+
+    private func wait(_ request: HostWaitRequest) async throws(HoldfastError) -> HostWaitResponse {
+        if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
+            throw HoldfastError(.badRequest, "the drain timeout must be 0 to 86400000 ms")
+        }
+        guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
+        guard let process else {
+            if let known { return known }
+            throw Self.noSuchProcess(request.id)
+        }
+        if let milliseconds = request.drainTimeoutMilliseconds {
+            process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
+        }
+        guard let outcome = await process.waitForOutcome(untilExit: request.untilExit ?? false) else { throw Self.closing }
+        return outcome
+    }
+
+    private static let closing = HoldfastError(.closing, "host serve is closing")
+
+    private static func noSuchProcess(_ id: String) -> HoldfastError {
+        HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve (holdfast host ps -a lists them)")
+    }
+
+    /// The attached client's stdin ended (after its last byte on the stdin socket).
+    private func closeStdin(_ id: String) throws(HoldfastError) {
+        guard let (process, known) = table.lookup(id) else { throw Self.closing }
+        guard let process else {
+            if known != nil { return }  // finished: nothing reads its stdin any more
+            throw Self.noSuchProcess(id)
+        }
+        guard let input = process.input else { throw HoldfastError(.noStdin, "process '\(id)' has no stdin stream") }
+        input.endOfInput()
+    }
+
+    /// `host ps`: the guest's list (asked briefly: a guest away leaves host serve's own view),
+    /// each process with what host serve knows of it; `all` adds the finished ones it remembers.
+    private func processes(all: Bool) async -> HostProcessList {
+        let known = table.infos(finished: all)
+        var byID: [String: HostProcessInfo] = [:]
+        for info in known { byID[info.id] = info }
+        var guestAnswered = false
+        if bridge.isConnected, let list = try? await bridge.list(timeout: .seconds(2)) {
+            guestAnswered = true
+            for process in list.processes {
+                let state: HostProcessInfo.State
+                switch process.state {
+                case .starting: state = .starting
+                case .running: state = .running
+                case .exited, .done: state = .exited
+                }
+                var info = byID[process.id] ?? HostProcessInfo(id: process.id, pid: nil, state: state, exitCode: nil, command: nil)
+                info.pid = process.pid > 0 ? process.pid : info.pid
+                if info.state != .lost {
+                    info.state = state
+                    info.exitCode = process.exitCode ?? info.exitCode
+                }
+                byID[process.id] = info
+            }
+            if !all {
+                // Without -a: what runs (or still drains) in the guest, and ours still starting.
+                let listed = Set(list.processes.map(\.id))
+                byID = byID.filter { listed.contains($0.key) || $0.value.state == .starting || $0.value.state == .running }
+            }
+        }
+        return HostProcessList(processes: byID.values.sorted { $0.id < $1.id }, guestAnswered: guestAnswered)
+    }
+
+    /// `host stop`: the signal, then SIGKILL if the outcome has not come within the timeout.
+    private func stop(_ request: HostStopRequest) async throws(HoldfastError) -> HostStopResponse {
+        let signal = request.signal ?? SIGTERM
+        try Self.checkSignal(signal)
+        let timeout = Duration.milliseconds(request.timeoutMilliseconds ?? Int(HostDefaults.stopTimeout.components.seconds * 1000))
+        guard let (process, known) = table.lookup(request.id) else { throw Self.closing }
+        guard let process else {
+            if let known { return HostStopResponse(outcome: known, killed: false, alreadyEnded: true) }
+            throw Self.noSuchProcess(request.id)
+        }
+        if let outcome = process.knownOutcome { return HostStopResponse(outcome: outcome, killed: false, alreadyEnded: true) }
+        try await signalUnlessExited(request.id, signal)
+        if let outcome = await process.waitForExit(within: timeout) { return HostStopResponse(outcome: outcome, killed: false) }
+        say("process \(request.id) did not exit within \(timeout.spoken) of \(SignalNames.name(signal)): sending SIGKILL")
+        try await signalUnlessExited(request.id, SIGKILL)
+        guard let outcome = await process.waitForExit(within: HostDefaults.guestWait) else {
+            throw HoldfastError(
+                .notRunning,
+                "process '\(request.id)' was sent SIGKILL \(timeout.spoken) after \(SignalNames.name(signal)), and no exit came within \(HostDefaults.guestWait.spoken) more (is the guest connected? holdfast host wait \(request.id) goes on waiting)")
+        }
+        return HostStopResponse(outcome: outcome, killed: true)
+    }
+
+    /// A signal to a process that may have exited already (its exit not reported yet: that is
+    /// not an error for a stop).
+    private func signalUnlessExited(_ id: String, _ signal: Int32) async throws(HoldfastError) {
+        do {
+            try await bridge.signal(id, signal)
+        } catch where error.code == .notRunning {
+            return
+        }
+    }
+
+    /// `host logs`: a socket per output stream, carrying what the log kept of it (and, with
+    /// `follow`, what comes next until the output ends), then end-of-file.
+    private func logs(_ request: HostLogsRequest) throws(HoldfastError) -> ([UInt8], [Int32]) {
+        guard let found = table.log(of: request.id) else { throw Self.noSuchProcess(request.id) }
+        let kinds = ["stdout", "stderr"]
+        var ours: [String: AsyncFD] = [:]
+        var theirs: [Int32] = []
+        do {
+            for kind in kinds {
+                let pair = try Self.streamPair()
+                theirs.append(pair.theirs)
+                ours[kind] = try AsyncFD(adopting: pair.ours)
+            }
+        } catch {
+            for fd in theirs { _ = Glibc.close(fd) }
+            for socket in ours.values { socket.close() }
+            throw HoldfastError(.localFailed, "\(error)")
+        }
+        let log = found ?? ProcessLog(capacity: 0, streams: [])
+        let follow = request.follow ?? false
+        Task { await Self.sendLog(log, to: ours, follow: follow) }
+        return (ControlJSON.encode(HostRunResponse(id: request.id, pid: 0, streams: kinds)), theirs)
+    }
+
+    private static func sendLog(_ log: ProcessLog, to sockets: [String: AsyncFD], follow: Bool) async {
+        defer { for socket in sockets.values { socket.close() } }
+        // The client never writes: its stdout socket becoming readable is its going away.
+        let writer = Task {
+            var cursor: UInt64 = 0
+            while !Task.isCancelled {
+                let (entries, ended) = log.entries(after: cursor)
+                for entry in entries {
+                    cursor = entry.sequence
+                    guard let socket = sockets[entry.kind] else { continue }
+                    do {
+                        try await entry.bytes.withUnsafeBytesAsync { try await socket.write($0) }
+                    } catch {
+                        return
+                    }
+                }
+                if !follow || (ended && log.entries(after: cursor).entries.isEmpty) { return }
+                await log.waitForMore(after: cursor)
+            }
+        }
+        let watcher = Task {
+            guard let socket = sockets["stdout"] else { return }
+            let byte = UnsafeMutableRawBufferPointer.allocate(byteCount: 1, alignment: 1)
+            defer { byte.deallocate() }
+            _ = try? await socket.read(into: byte)
+            writer.cancel()
+        }
+        await writer.value
+        watcher.cancel()
+        for socket in sockets.values { socket.shutdownWrite() }
+    }
+
+    /// What a live migration looks like to the guest: the bridge and every stream connection
+    /// drop at once, and nothing is accepted for `blackout`. Answered once the guest is back
+    /// (or not, within `HostMigrateResponse.reconnectWait`).
+    public func migrate(blackout: Duration) async -> HostMigrateResponse {
+        let guestWasConnected = bridge.isConnected
+        let helloBefore = bridge.acceptedConnections
+        say("--- migration: every connection dropped, \(blackout.spoken) blackout ---")
+        streams.setRefusing(true)
+        bridge.drop(refusing: true)
+        let dropped = streams.dropAllConnections()
+        try? await Task.sleep(for: blackout)
+        streams.setRefusing(false)
+        bridge.drop(refusing: false)
+        say("--- migration done: accepting again ---")
+        let reopened = ContinuousClock.now
+        var backAfter: Duration?
+        if guestWasConnected {
+            let deadline = reopened + HostMigrateResponse.reconnectWait
+            while ContinuousClock.now < deadline {
+                if bridge.isConnected, bridge.acceptedConnections > helloBefore {
+                    backAfter = ContinuousClock.now - reopened
+                    break
+                }
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        return HostMigrateResponse(
+            bridgeDropped: guestWasConnected, streamConnectionsDropped: dropped,
+            blackoutMilliseconds: Int(blackout.components.seconds * 1000 + blackout.components.attoseconds / 1_000_000_000_000_000),
+            guestBackAfterMilliseconds: backAfter.map { Int($0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000) })
+    }
+
+    // MARK: Starting and attaching
+
+    /// Opens the process's streams here, creates it in the guest, and returns one local socket
+    /// per stream for the client (none for a detached start: its client is a later `attach`).
+    private func start(_ request: HostRunRequest) async throws(HoldfastError) -> ([UInt8], [Int32]) {
+        let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
+        let detached = request.detach ?? false
+        // A detached process has stdin only if asked (-i) or if it has a terminal.
+        let wantsInput = !detached || (request.interactive ?? false) || request.tty
+        var kinds = request.tty ? ["stdin", "stdout"] : wantsInput ? ["stdin", "stdout", "stderr"] : ["stdout", "stderr"]
+        var specs: [String: StreamSpec] = [:]
+        if request.mode == .raw {
+            // Raw streams go straight to the listeners named; nothing is relayed here.
+            for (kind, address) in request.rawAddresses ?? [:] where kinds.contains(kind) {
+                specs[kind] = StreamSpec(address: address, mode: .raw)
+            }
+            kinds = []
+        }
+        if table.isTaken(id) { throw HoldfastError(.processExists, "host serve already runs a process '\(id)'") }
+
+        var input: InputRelay?
+        var outputs: [OutputRelay] = []
+        let log = ProcessLog(capacity: logSize, streams: kinds.filter { $0 != "stdin" })
+        do throws(StreamServerError) {
+            for kind in kinds {
+                let token = Array("\(id)-\(kind)".utf8)
+                if kind == "stdin" {
+                    let relay = try InputRelay(token: token, server: streams)
+                    input = relay
+                    specs[kind] = relay.stream.streamSpec(at: streamAddress)
+                } else {
+                    let relay = try OutputRelay(kind: kind, token: token, server: streams, log: log, held: !detached)
+                    outputs.append(relay)
+                    specs[kind] = relay.stream.streamSpec(at: streamAddress)
+                }
+            }
+        } catch {
+            input?.close()
+            for output in outputs { output.discard() }
+            throw HoldfastError(.processExists, "host serve already has a stream of a process '\(id)': \(error)")
+        }
+        let command = request.bundle.map { "runc container from \($0)" } ?? Self.commandLine(request.argv)
+        let process = HostedProcess(
+            id: id, outputs: outputs, input: input, log: log, command: command, tty: request.tty, drainTimeout: HostDefaults.drainTimeout)
+        let local: [Int32]
+        do {
+            local = detached ? [] : try connectClient(to: kinds.compactMap { process.outlets[$0] })
+        } catch {
+            input?.close()
+            for output in outputs { output.discard() }
+            throw error
+        }
+        guard table.register(process) else {
+            for fd in local { _ = Glibc.close(fd) }
+            input?.close()
+            for output in outputs { output.discard() }
+            throw HoldfastError(.processExists, "host serve already runs a process '\(id)'")
+        }
+        if let input { Task { await input.run() } }
+        for output in outputs {
+            Task { [table] in
+                await output.run(endEchoTimeout: { process.state.withLockedValue { $0.drainTimeout } }) {
+                    table.outputFinished(process)
+                }
+            }
+        }
+
+        let spec = ProcessSpec(
+            id: id, argv: request.argv, env: request.env, cwd: request.cwd, user: request.user, group: request.group, tty: request.tty,
+            rows: request.rows, columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
+            runtime: request.runtime, bundle: request.bundle, container: request.container)
+        let created: BridgeServer.CreatedProcess
+        do {
+            created = try await bridge.createProcess(spec, timeout: HostDefaults.guestWait)
+        } catch {
+            for fd in local { _ = Glibc.close(fd) }
+            table.unregister(process)
+            process.abandon()
+            throw error
+        }
+        // Which daemon runs it; if another one said hello meanwhile, it is already gone.
+        table.created(process, pid: created.pid, by: GuestIdentity(created.hello))
+        say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")\(detached ? " (detached)" : "")")
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: detached ? [] : kinds, tty: request.tty)), local)
+    }
+
+    /// argv as a shell would show it (`ps`): words with spaces or quotes quoted.
+    static func commandLine(_ argv: [String]) -> String {
+        argv.map { word in
+            let plain = !word.isEmpty && word.allSatisfy { $0.isLetter || $0.isNumber || "-_./=:@%+,".contains($0) }
+            return plain ? word : "'" + word.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "'\\''") + "'"
+        }.joined(separator: " ")
+    }
+
+    /// `host attach`: new local sockets for a process's streams; the previous client's are
+    /// closed. Output produced while no client was attached waited for this one. A process
+    /// already finished gets no sockets; its `wait` answers at once.
+    private func attach(_ id: String) throws(HoldfastError) -> ([UInt8], [Int32]) {
+        guard let (process, known) = table.lookup(id) else { throw Self.closing }
+        guard let process else {
+            if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
+            throw HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve")
+        }
+        let outlets = process.outlets
+        let kinds = ["stdin", "stdout", "stderr"].filter { outlets[$0].map { !$0.isClosed } ?? false }
+        let local = try connectClient(to: kinds.compactMap { outlets[$0] })
+        say("process \(id): client attached (\(kinds.joined(separator: ", ")))")
+        let pid = process.state.withLockedValue { $0.pid } ?? 0
+        return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds, tty: process.tty)), local)
+    }
+
+    /// A socket pair per outlet: ours attached to the outlet, theirs returned for the client.
+    private func connectClient(to outlets: [Outlet]) throws(HoldfastError) -> [Int32] {
+        var local: [Int32] = []
+        for outlet in outlets {
+            do {
+                let pair = try Self.streamPair()
+                local.append(pair.theirs)
+                do {
+                    outlet.attach(try AsyncFD(adopting: pair.ours))
+                } catch {
+                    _ = Glibc.close(pair.ours)
+                    throw error
+                }
+            } catch {
+                for fd in local { _ = Glibc.close(fd) }
+                throw HoldfastError(.localFailed, "\(error)")
+            }
+        }
+        return local
+    }
+
+    static func streamPair() throws -> (ours: Int32, theirs: Int32) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            throw SystemError.last("socketpair")
+        }
+        return (fds[0], fds[1])
+    }
+}

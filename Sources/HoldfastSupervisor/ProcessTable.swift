@@ -1,0 +1,152 @@
+import HoldfastProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The supervisor's state, one value: every process it started (with the streams it handed to
+/// the broker), the create ledger, the exits the host has not acknowledged, and the instance id
+/// of this daemon. The supervisor keeps it under one lock, so a decision that reads several of
+/// these (is the id free, reserve it; forget a process, remember its key) is one step.
+///
+/// `snapshot()` writes it down as a versioned, `Codable` value and `init(restoring:)` reads it
+/// back: what a live upgrade hands to the next binary, and what a restarted broker is fed
+/// from. Only what can outlive this process image is in it: creates still starting and the
+/// tasks waiting for exits are not (an upgrade waits for the creates in progress first).
+struct ProcessTable {
+    /// A container process the supervisor started.
+    struct Entry: Codable, Sendable, Equatable {
+        /// A runc container's init: its runc id and bundle (signals go through `runc kill`;
+        /// `runc delete` follows its exit; an exec reads the bundle).
+        struct Container: Codable, Sendable, Equatable {
+            var id: String
+            var bundle: String
+        }
+
+        var id: String
+        var pid: pid_t
+        /// Created by the host over the bridge: its exit is kept until the host acknowledges it.
+        var viaBridge: Bool
+        var container: Container?
+        /// The create's idempotency key: a repeat of that create answers with this process.
+        var idempotencyKey: String?
+        /// Started directly in a session of its own (pid == process group id): a stop can end
+        /// the whole group, orphans holding its output included.
+        var leadsProcessGroup: Bool
+        /// The streams handed to the broker with the process's stdio (secrets included: the
+        /// snapshot is handed over in memory, never written to disk or logged).
+        var streams: [StreamDescription]
+        var phase: ProcessState = .running
+        /// Known once the process exited; final once `phase` is `done` (output drained).
+        var report: ExitReport?
+
+        var status: ProcessStatus { ProcessStatus(id: id, pid: pid, state: phase, exitCode: report?.exitCode) }
+    }
+
+    /// The written-down form. `version` changes whenever a field changes meaning; a reader
+    /// refuses a version it does not know rather than guess.
+    struct Snapshot: Codable, Sendable, Equatable {
+        static let currentVersion = 1
+        var version: Int
+        var instanceID: String
+        var processes: [Entry]
+        var rememberedCreates: [CreateLedger.Remembered]
+        var unacknowledgedExits: [ExitReport]
+    }
+
+    /// New at every start (and kept across a live upgrade): tells the host a daemon restart
+    /// from a lost connection.
+    let instanceID: String
+    private(set) var processes: [String: Entry] = [:]
+    var creates = CreateLedger()
+    /// Exits of processes the host created, oldest first, kept until the host acknowledges them.
+    private(set) var unacknowledgedExits: [ExitReport] = []
+    /// Who waits for which process's exit report. Not part of the snapshot.
+    private var waiters: [String: [CheckedContinuation<ExitReport, Never>]] = [:]
+
+    init(instanceID: String) {
+        self.instanceID = instanceID
+    }
+
+    init(restoring snapshot: Snapshot) throws(HoldfastError) {
+        guard snapshot.version == Snapshot.currentVersion else {
+            throw HoldfastError(
+                .incompatibleState,
+                "the process table was written as version \(snapshot.version); this binary reads version \(Snapshot.currentVersion)")
+        }
+        instanceID = snapshot.instanceID
+        for entry in snapshot.processes { processes[entry.id] = entry }
+        creates = CreateLedger(restoring: snapshot.rememberedCreates)
+        unacknowledgedExits = snapshot.unacknowledgedExits
+    }
+
+    func snapshot() -> Snapshot {
+        Snapshot(
+            version: Snapshot.currentVersion, instanceID: instanceID, processes: processes.values.sorted { $0.id < $1.id },
+            rememberedCreates: creates.rememberedInOrder, unacknowledgedExits: unacknowledgedExits)
+    }
+
+    // MARK: Reading
+
+    subscript(id: String) -> Entry? { processes[id] }
+
+    var entries: Dictionary<String, Entry>.Values { processes.values }
+
+    /// Every process by id, with creates still in progress as `starting` (pid 0): a host that
+    /// lost a create's reply sees that it arrived.
+    var statuses: [ProcessStatus] {
+        (processes.values.map(\.status) + creates.starting.keys.map { ProcessStatus(id: $0, pid: 0, state: .starting, exitCode: nil) })
+            .sorted { $0.id < $1.id }
+    }
+
+    func ids(in phase: ProcessState) -> [String] { processes.values.filter { $0.phase == phase }.map(\.id) }
+
+    // MARK: Changes
+
+    /// A started process replaces its id's reservation in one step.
+    mutating func started(_ entry: Entry) {
+        processes[entry.id] = entry
+        creates.release(id: entry.id)
+    }
+
+    /// The process exited; its output may still be draining.
+    mutating func exited(_ id: String, _ report: ExitReport) {
+        guard var entry = processes[id], entry.phase == .running else { return }
+        entry.phase = .exited
+        entry.report = report
+        processes[id] = entry
+    }
+
+    /// Marks it done with its final report and queues the exit for the host if the host asked
+    /// for the process. Returns the waiters to wake (outside the lock), nil if it was already
+    /// done or is unknown.
+    mutating func finish(_ id: String, _ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
+        guard var entry = processes[id], entry.phase != .done else { return nil }
+        entry.phase = .done
+        entry.report = report
+        processes[id] = entry
+        if entry.viaBridge { unacknowledgedExits.append(report) }
+        return waiters.removeValue(forKey: id) ?? []
+    }
+
+    /// Registers a waiter for `id`'s final report; returns the report instead if it is done.
+    mutating func wait(for id: String, _ continuation: CheckedContinuation<ExitReport, Never>) -> ExitReport? {
+        if let entry = processes[id], entry.phase == .done, let report = entry.report { return report }
+        waiters[id, default: []].append(continuation)
+        return nil
+    }
+
+    /// Forgets a done process (its exit was taken by a waiter or acknowledged by the host) and
+    /// remembers its create's key. `pid` guards against forgetting a newer process of the id.
+    mutating func forget(_ id: String, pid: pid_t) {
+        guard let entry = processes[id], entry.pid == pid, entry.phase == .done else { return }
+        processes.removeValue(forKey: id)
+        creates.forgotten(id: id, key: entry.idempotencyKey, pid: entry.pid)
+    }
+
+    /// The host has the exit of `id`: forget the exit, and the process if the host created it.
+    mutating func acknowledgeExit(_ id: String) {
+        unacknowledgedExits.removeAll { $0.id == id }
+        if let entry = processes[id], entry.viaBridge { forget(id, pid: entry.pid) }
+    }
+}

@@ -1,0 +1,123 @@
+import HoldfastConfig
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+import ServiceLifecycle
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the host asks over the bridge, and the exits the supervisor owes it.
+extension Supervisor {
+    /// A host request, forwarded by the bridge worker.
+    /// A request of the bridge worker: the hello for a new bridge connection, or one the host
+    /// sent (decoded and checked by the worker, decoded again at this boundary).
+    func handle(_ request: WorkerRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .hello:
+            // The hello must fit one frame: the oldest exits first (every exit not in it is pushed
+            // again once the bridge is up), then as many live processes as fit.
+            let live = processStatuses().filter { $0.state != .done }
+            let (withExits, _) = FrameBudget.fit(table.withLockedValue { $0.unacknowledgedExits }, budget: FrameBudget.bytes / 2) {
+                BridgeHello(bootID: "", processes: [], exits: $0)
+            }
+            let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
+            return RPCReply(hello)
+        case .host(let request):
+            return try await handle(request)
+        }
+    }
+
+    /// What the host asked, over the bridge.
+    func handle(_ request: BridgeRequest) async throws(HoldfastError) -> RPCReply {
+        switch request {
+        case .create(let spec):
+            return RPCReply(try await launch(spec, viaBridge: true))
+        case .signal(let request):
+            try await signal(request.id, request.signal)
+            return .empty
+        case .resize(let request):
+            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
+            return .empty
+        case .closeStdin(let request):
+            try await brokerRequest(.closeStdin(process: request.id))
+            return .empty
+        case .list:
+            let streams = await brokerStreams()
+            let list = processStatuses()
+            let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
+            let (reply, omitted) = FrameBudget.fit(streams) {
+                BridgeListResponse(processes: processesFit, streams: $0)
+            }
+            var fitted = reply
+            if omitted > 0 || processesOmitted > 0 {
+                fitted.omittedStreams = omitted
+                fitted.omittedProcesses = processesOmitted
+            }
+            return RPCReply(fitted)
+        case .stats:
+            guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
+            return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
+        case .acknowledgeExit(let request):
+            acknowledgeExit(request.id)
+            return .empty
+        }
+    }
+
+    func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
+        guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
+        _ = try await broker.request(request.frameType, body: request.body)
+    }
+
+    /// The host has an exit: forget it, and the process with it.
+    func acknowledgeExit(_ id: String) {
+        table.withLockedValue { $0.acknowledgeExit(id) }
+        changes.notify()
+    }
+
+    /// Every path that ends a process comes here once: waiters are woken, and an exit the host
+    /// asked for is kept until the host acknowledges it (sent now if the bridge is up, and in
+    /// every hello until then). It is queued for the host before anyone waiting hears of it: a
+    /// stop that waits for the processes and then for the acknowledgements finds it there.
+    func complete(_ id: String, _ report: ExitReport) {
+        guard let (waiters, viaBridge) = table.withLockedValue({ t -> ([CheckedContinuation<ExitReport, Never>], Bool)? in
+            guard let waiters = t.finish(id, report) else { return nil }
+            return (waiters, t[id]?.viaBridge ?? false)
+        }) else { return }
+        if viaBridge, let channel = session.withLockedValue({ $0.bridgeChannel }) {
+            let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+            Task { try? await channel.send(frame.encoded) }
+        }
+        for waiter in waiters { waiter.resume(returning: report) }
+        changes.notify()
+    }
+
+    /// Exits the hello had no room for (thousands ended during one blackout) go out now, one
+    /// frame each; the host acknowledges repeats, so sending one twice is harmless.
+    func resendExitsLeftOutOfTheHello() {
+        let exits = table.withLockedValue { $0.unacknowledgedExits }
+        let (inHello, omitted) = FrameBudget.fit(exits, budget: FrameBudget.bytes / 2) { BridgeHello(bootID: "", processes: [], exits: $0) }
+        guard omitted > 0, let channel = session.withLockedValue({ $0.bridgeChannel }) else { return }
+        let rest = exits.dropFirst(inHello.exits.count)
+        Task {
+            for report in rest {
+                let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
+                try? await channel.send(frame.encoded)
+            }
+        }
+    }
+
+    func broker() -> ControlClient? { brokerClient.current }
+
+    /// Every process by id, with creates still in progress as `starting` (pid 0).
+    func processStatuses() -> [ProcessStatus] { table.withLockedValue { $0.statuses } }
+}

@@ -1,0 +1,216 @@
+import HoldfastConfig
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+import ServiceLifecycle
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Container processes: create (once per id and key), watch, wait, signal; and status.
+extension Supervisor {
+    // MARK: Processes
+
+    /// Starts a process and hands its stdio to the broker; on any failure the process is gone
+    /// and every fd closed. A repeat of a create (same id and idempotency key) starts nothing:
+    /// it answers with the first one's pid, waiting for the first if it is still starting.
+    public func launch(_ spec: ProcessSpec, viaBridge: Bool = false) async throws(HoldfastError) -> LaunchResponse {
+        var answered = false
+        defer { if !answered { metrics.processStartFailed() } }
+        guard !session.withLockedValue({ $0.shuttingDown }) else {
+            throw HoldfastError(.shuttingDown, "the daemon is shutting down")
+        }
+        try Launcher.validate(spec)
+        try refuseTheBrokersUID(spec)
+        let decision = table.withLockedValue { table in
+            table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table[spec.id].map { ($0.idempotencyKey, $0.pid) })
+        }
+        let reservation: CreateLedger.PendingStart
+        switch decision {
+        case .exists:
+            throw HoldfastError(.processExists, "a process with id '\(spec.id)' exists")
+        case .repeated(let pid):
+            logger.info("create repeated: already started", metadata: ["process": "\(spec.id)", "pid": "\(pid)"])
+            answered = true
+            return LaunchResponse(pid: pid, repeated: true)
+        case .join(let first):
+            logger.info("create repeated while the first is starting: waiting for it", metadata: ["process": "\(spec.id)"])
+            switch await first.wait() {
+            case .success(let pid):
+                answered = true
+                return LaunchResponse(pid: pid, repeated: true)
+            case .failure(let error): throw error
+            }
+        case .start(let pending):
+            reservation = pending
+        }
+        do {
+            let pid = try await startProcess(spec, viaBridge: viaBridge)
+            reservation.resolve(.success(pid))
+            answered = true
+            return LaunchResponse(pid: pid)
+        } catch {
+            table.withLockedValue { $0.creates.release(id: spec.id) }
+            reservation.resolve(.failure(error))
+            throw error
+        }
+    }
+
+    /// Starts the process of a create that holds its id's reservation; the record replaces the
+    /// reservation in one step.
+    func startProcess(_ spec: ProcessSpec, viaBridge: Bool) async throws(HoldfastError) -> pid_t {
+        // A broker starting (the daemon just came up) or restarting is waited for, not an error.
+        guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
+            throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
+        }
+        let started: Launcher.Started
+        var container: ProcessTable.Entry.Container?
+        switch spec.runtime ?? .direct {
+        case .direct:
+            started = try Launcher.start(spec)
+        case .runc:
+            if let target = spec.container {
+                guard let target = entry(target), let targetContainer = target.container else {
+                    throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
+                }
+                guard target.phase == .running else {
+                    throw HoldfastError(.notRunning, "container '\(target.id)' has exited")
+                }
+                started = try await runc.exec(spec, in: targetContainer.id, bundle: targetContainer.bundle)
+            } else {
+                started = try await runc.create(spec)
+                container = .init(id: spec.id, bundle: spec.bundle!)
+            }
+        }
+        let entry = ProcessTable.Entry(
+            id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, streams: started.adopt.streams)
+        metrics.processStarted(spec.runtime ?? .direct)
+        if !started.adopt.streams.isEmpty {
+            do {
+                _ = try await broker.request(
+                    BrokerRequest.adopt(started.adopt).frameType, body: BrokerRequest.adopt(started.adopt).body, descriptors: started.descriptors)
+            } catch {
+                for fd in started.descriptors { close(fd) }
+                kill(started.pid, SIGKILL)
+                _ = await reaper.wait(started.pid)
+                if let container { await runc.delete(container.id) }
+                throw error
+            }
+        }
+        for fd in started.descriptors { close(fd) }  // the broker has them now
+        table.withLockedValue { $0.started(entry) }
+        logger.info("process started", metadata: [
+            "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
+        ])
+        Task { await watch(entry) }
+        return started.pid
+    }
+
+    /// Waits for the process to exit, lets its output drain, then reports the exit.
+    func watch(_ entry: ProcessTable.Entry) async {
+        let status = await reaper.wait(entry.pid)
+        if let container = entry.container { await runc.delete(container.id) }
+        var signal: Int32?
+        if case .signaled(let number) = status { signal = number }
+        let report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
+        table.withLockedValue { $0.exited(entry.id, report) }
+        logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
+        metrics.processExited()
+        guard !entry.streams.isEmpty, let broker = broker() else {
+            complete(entry.id, report)
+            return
+        }
+        var exited = ProcessExitedRequest(process: entry.id)
+        if let deadline = session.withLockedValue({ $0.drainDeadline }) {
+            // Stopping: the drain may take only what is left before the exits must go out.
+            let left = max(Duration.zero, deadline - ContinuousClock.now)
+            exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+        }
+        do {
+            _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
+        } catch {
+            complete(entry.id, report)
+        }
+        // The `drained` notification finishes it (processDrained).
+    }
+
+    func processDrained(_ drained: DrainedNotification) {
+        guard var report = entry(drained.process)?.report else { return }
+        report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
+        complete(drained.process, report)
+    }
+
+    /// The exit report once the process is done: exited, and its output drained (or given up
+    /// on), so `undelivered` is final. The process is forgotten once its exit is taken.
+    public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
+        guard let pid = entry(id)?.pid else { throw HoldfastError(.noSuchProcess, "no process '\(id)'") }
+        let report = await exitReport(id)
+        table.withLockedValue { $0.forget(id, pid: pid) }
+        return report
+    }
+
+    /// Waits for `id`'s final exit report (the process must be in the table).
+    func exitReport(_ id: String) async -> ExitReport {
+        await withCheckedContinuation { continuation in
+            if let done = table.withLockedValue({ $0.wait(for: id, continuation) }) { continuation.resume(returning: done) }
+        }
+    }
+
+    public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
+        guard let record = entry(id) else {
+            throw HoldfastError(.noSuchProcess, "no process '\(id)'")
+        }
+        guard record.phase == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
+        if let container = record.container {
+            try await runc.kill(container.id, signal: signal)
+            return
+        }
+        guard kill(record.pid, signal) == 0 else {
+            throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
+        }
+    }
+
+    // MARK: Status
+
+    /// Every stream the broker holds, page by page (one reply holds what fits a frame).
+    func brokerStreams() async -> [StreamStatus] {
+        guard let broker = broker() else { return [] }
+        var streams: [StreamStatus] = []
+        while true {
+            guard let page = try? await broker.call(BrokerRequest.list(ListRequest(offset: streams.count)), reply: ListResponse.self),
+                !page.streams.isEmpty
+            else { break }
+            streams += page.streams
+            if streams.count >= (page.total ?? streams.count) { break }
+        }
+        return streams
+    }
+
+    public func status() async -> StatusReport {
+        let streams = await brokerStreams()
+        return StatusReport(
+            version: HoldfastVersion.string, pid: getpid(),
+            uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: session.withLockedValue { $0.bridge },
+            roles: roleStatuses, processes: processStatuses(),
+            streams: streams)
+    }
+
+    /// The pid of a role (tests kill it to prove it comes back).
+    public func rolePID(_ name: String) -> pid_t? {
+        session.withLockedValue { name == "broker" ? $0.broker?.pid : $0.bridgeWorker?.pid }
+    }
+
+    var roleStatuses: [RoleStatus] {
+        session.withLockedValue { [$0.broker?.status, $0.bridgeWorker?.status].compactMap { $0 } }
+    }
+}

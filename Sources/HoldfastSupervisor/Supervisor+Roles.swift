@@ -1,0 +1,153 @@
+import HoldfastConfig
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+import ServiceLifecycle
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The broker and the bridge worker: how they are started, and what the supervisor serves them.
+extension Supervisor {
+    // MARK: Roles
+
+    var brokerSettings: BrokerSettings {
+        BrokerSettings(
+            user: configuration.broker.user, seccomp: SeccompAction(rawValue: configuration.broker.seccomp) ?? .kill,
+            redialAttempts: configuration.streams.redialAttempts, redialIntervalMilliseconds: configuration.streams.redialInterval,
+            connectTimeoutMilliseconds: configuration.streams.connectTimeout,
+            drainTimeoutMilliseconds: configuration.streams.drainTimeout, ringCapacity: configuration.streams.ringCapacity,
+            handoffAllowedUIDs: configuration.handoff.allowedUIDs, handoffAllowedGIDs: configuration.handoff.allowedGIDs)
+    }
+
+    func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
+        // Before every start: a process that took the broker's uid meanwhile would share it.
+        try checkBrokerUIDIsItsOwn()
+        let (ours, theirs) = try FDChannel.pair()
+        defer { close(theirs) }
+        let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
+        var arguments = ["holdfast", "broker", "--control-fd", String(theirs), "--settings", settings]
+        var keep = [theirs]
+        if let handoff {
+            arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
+            keep.append(handoff.descriptor)
+        }
+        // The broker starts as its unprivileged user: it never holds root at all (it needs none:
+        // everything it uses arrives as fds). It still checks, and drops itself if it must.
+        var user: UserAccount?
+        if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.resolve(name) }
+        let pid = try spawnRole(arguments, keep: keep, user: user)
+        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
+    }
+
+    func launchBridge() throws -> RoleSupervisor.Incarnation {
+        let (ours, theirs) = try FDChannel.pair()
+        defer { close(theirs) }
+        var arguments = [
+            "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
+            "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
+            "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
+            "--authentication", configuration.bridge.authentication.rawValue,
+        ]
+        // The path, not the key: the worker (root) reads the file itself before every dial.
+        if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
+        let pid = try spawnRole(arguments, keep: [theirs])
+        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
+    }
+
+    func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> pid_t {
+        // Not NOTIFY_SOCKET and the watchdog's variables: only the supervisor speaks for the service.
+        let environment = SpawnOptions.inheritedEnvironment().filter { entry in
+            !ServiceNotify.environmentVariables.contains(String(entry.prefix { $0 != "=" }))
+        }
+        var options = SpawnOptions(executable: executable, arguments: arguments, environment: environment)
+        if let user { options.user = (user.uid, user.gid, [user.gid]) }
+        options.stdout = 1
+        options.stderr = 2
+        options.keepDescriptors = keep
+        // A role never outlives the supervisor.
+        options.parentDeathSignal = SIGKILL
+        // Its own session: a Ctrl-C or hangup of the terminal the daemon runs in (SIGINT/SIGHUP
+        // to the foreground group) reaches only the supervisor, which stops the roles in order.
+        options.newSession = true
+        return try Spawner.spawn(options)
+    }
+
+    func serveBroker(_ incarnation: RoleSupervisor.Incarnation) async {
+        let client = ControlClient(channel: incarnation.channel) { [self] frame in
+            guard frame.type == BrokerMessageType.drained.rawValue,
+                let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type)
+            else { return }
+            processDrained(drained)
+        }
+        brokerClient.set(client)
+        // A new broker knows no streams; if the bridge is up, nothing to redial either.
+        await client.run()
+        brokerClient.clear { $0 === client }
+        // The broker is gone with every stream it held: exits waiting for a drain will not get
+        // one. Report them now rather than never.
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .exited {
+            if var report = entry.report {
+                report.outputCutShort = true
+                complete(entry.id, report)
+            }
+        }
+    }
+
+    /// The bridge worker's channel: it sends bridge-up/down notifications and forwards the
+    /// host's requests (already parsed and checked); we answer them and push exits to it.
+    func serveBridge(_ incarnation: RoleSupervisor.Incarnation) async {
+        let channel = incarnation.channel
+        session.withLockedValue { $0.bridgeChannel = channel }
+        // The worker bounds what the host has in flight; this bounds what the worker can (a
+        // worker gone wrong must not grow the supervisor either).
+        _ = await RPCServer.serve(
+            channel, as: WorkerRequest.self, inFlight: 2 * BridgeProtocol.requestsInFlight,
+            notification: { [self] frame in
+                tidier.noteWork()
+                await bridgeNotification(frame)
+            }
+        ) { [self] request, _ async throws(HoldfastError) -> RPCReply in
+            tidier.noteWork()
+            return try await handle(request)
+        }
+        session.withLockedValue { if $0.bridgeChannel === channel { $0.bridgeChannel = nil } }
+        // The worker died: the bridge is as good as lost.
+        if session.withLockedValue({ s in defer { s.bridge = .down }; return s.bridge == .up }) {
+            changes.notify()
+            metrics.bridge(up: false)
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
+        }
+    }
+
+    func bridgeNotification(_ frame: ControlFrame) async {
+        switch SupervisorMessageType(rawValue: frame.type) {
+        case .bridgeUp:
+            session.withLockedValue { $0.bridge = .up }
+            changes.notify()
+            metrics.bridge(up: true)
+            resendExitsLeftOutOfTheHello()
+            logger.info("bridge up")
+            if session.withLockedValue({ $0.ready }) { notifier.status("Ready: \(bridgeSummary)") }
+            _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
+        case .bridgeDown:
+            session.withLockedValue { $0.bridge = .down }
+            changes.notify()
+            metrics.bridge(up: false)
+            logger.warning("bridge lost")
+            if session.withLockedValue({ $0.ready }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
+            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
+        default:
+            break
+        }
+    }
+}

@@ -1,0 +1,89 @@
+import HoldfastConfig
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+import ServiceLifecycle
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The first part of a stop: every container process ends and its exit reaches the host.
+extension Supervisor {
+    // MARK: Shutdown
+
+    /// The first step of a stop (the `ShutdownSequence` service, run while the roles, the bridge
+    /// and the control socket still serve): signals every container process (then SIGKILL after
+    /// the grace period), lets the relays drain, reports every exit — all within the shutdown
+    /// timeout, whose last part belongs to the host's acknowledgements. The roles stop after it.
+    func stopProcesses() async {
+        session.withLockedValue { $0.shuttingDown = true }
+        let timeout = Duration.milliseconds(configuration.shutdown.timeout)
+        let deadline = ContinuousClock.now + timeout
+        // The last part of the timeout belongs to the exits: every drain ends before it, so each
+        // exit this stop causes is reported while the bridge is still up.
+        let acknowledgementWindow = min(.seconds(2), timeout / 4)
+        let drainsEnd = deadline - acknowledgementWindow
+        session.withLockedValue { $0.drainDeadline = drainsEnd }
+        // The bridge stays up while the processes stop (new creates are refused as
+        // `shutting-down`): their exits, after their output, still reach the host.
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
+            kill(entry.pid, configuration.shutdown.signal)
+        }
+        let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
+        var clean = await waitUntilEveryProcessIsDone(until: graceEnd)
+        if !clean {
+            for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase != .done {
+                if entry.phase == .running {
+                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(entry.id)"])
+                    kill(entry.pid, SIGKILL)
+                }
+                // A direct process leads its own process group: what it left behind (an orphan
+                // holding its output open, which would hold the drain) ends with it.
+                if entry.leadsProcessGroup { kill(-entry.pid, SIGKILL) }
+            }
+            clean = await waitUntilEveryProcessIsDone(until: drainsEnd)
+        }
+        // A process that exited but whose output could not drain in time (a host that reads
+        // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
+        // never an exit the host waits for forever.
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .exited {
+            guard var report = entry.report else { continue }
+            report.outputCutShort = true
+            logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(entry.id)"])
+            complete(entry.id, report)
+        }
+        // Give a connected host a moment to acknowledge those exits (bounded: a host that does
+        // not answer must not hold the stop); what it did not acknowledge is lost with us.
+        await waitUntil(deadline) { [self] in
+            session.withLockedValue { $0.bridge != .up } || table.withLockedValue { $0.unacknowledgedExits.isEmpty }
+        }
+        stopWasClean.withLockedValue { $0 = clean }
+    }
+
+    /// Waits until every process reported its exit (output drained), or `deadline`.
+    func waitUntilEveryProcessIsDone(until deadline: ContinuousClock.Instant) async -> Bool {
+        await waitUntil(deadline) { [self] in table.withLockedValue { t in t.entries.allSatisfy { $0.phase == .done } } }
+    }
+
+    /// Waits until `condition` holds or `deadline` passes; re-checked at every change (a
+    /// process done, an exit acknowledged, the bridge up or down), never polled.
+    @discardableResult
+    func waitUntil(_ deadline: ContinuousClock.Instant, _ condition: () -> Bool) async -> Bool {
+        while true {
+            let generation = changes.generation
+            if condition() { return true }
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return false }
+            await changes.wait(since: generation, timeout: left)
+        }
+    }
+}

@@ -1,0 +1,264 @@
+import ArgumentParser
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+
+/// The end of a run: every check the soak makes, the report, and the verdict.
+extension Run {
+
+    func finish(
+        started: ContinuousClock.Instant, start: RoleFootprints?, baseline: RoleFootprints?, end: RoleFootprints?,
+        checkpoints: [Checkpoint]
+    ) async -> Verdict {
+        let ledger = host.ledger
+        // Every exit exactly once.
+        let deliveries = host.exits.deliveries
+        let created = Set(createdIDs.withLockedValue { $0 })
+        let counters = ledger.snapshot
+        let startedCount = counters.started.values.reduce(0, +)
+        let duplicates = deliveries.filter { $0.value > 1 }
+        let strangers = deliveries.keys.filter { !created.contains($0) }
+        for (id, count) in duplicates.sorted(by: { $0.key < $1.key }).prefix(20) { ledger.fail("\(id): exit delivered \(count) times") }
+        for id in strangers.sorted().prefix(20) { ledger.fail("\(id): an exit for a process the soak never created") }
+
+        // The daemon's roles.
+        let status = try? await daemon.status(timeout: .seconds(10))
+        let brokerRestarts = status?.roles.first { $0.name == "broker" }?.restarts
+        let bridgeRestarts = status?.roles.first { $0.name == "bridge" }?.restarts
+        if status == nil { ledger.fail("no status from the daemon at the end") }
+        if let brokerRestarts, brokerRestarts != 0 { ledger.fail("the broker restarted \(brokerRestarts) times (it holds every stream)") }
+        if let bridgeRestarts, bridgeRestarts != counters.kills.count {
+            ledger.fail("the bridge worker restarted \(bridgeRestarts) times for \(counters.kills.count) kills")
+        }
+        if let status, status.pid != daemon.pid { ledger.fail("the supervisor is pid \(status.pid), started as \(daemon.pid)") }
+
+        // fds exactly, RSS within the tolerance.
+        var roleRows: [String] = []
+        for (index, role) in ["supervisor", "broker", "bridge"].enumerated() {
+            let s = start?.all[index].1
+            let b = baseline?.all[index].1
+            let e = end?.all[index].1
+            var verdict = "ok"
+            if let b, let e {
+                let allowed = b.residentKiB + max(b.residentKiB * options.rssTolerancePercent / 100, options.rssToleranceKiB)
+                if !fdsAgree(baseline: b, now: e) {
+                    verdict = "FDS CHANGED"
+                    ledger.fail(
+                        "\(role): \(e.descriptors) fds after the soak, \(b.descriptors) at the baseline (\(fdDifference(from: b, to: e))); pid \(b.pid) then \(e.pid); now \(e.table.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: " "))"
+                    )
+                }
+                if e.residentKiB > allowed {
+                    verdict = verdict == "ok" ? "RSS GREW" : verdict + ", RSS GREW"
+                    ledger.fail("\(role): RSS \(e.residentKiB) KiB after the soak, baseline \(b.residentKiB) KiB (allowed up to \(allowed) KiB)")
+                }
+                // The broker holds every stream: what its malloc has handed out must come back
+                // (a leak), whatever the allocator keeps resident.
+                if role == "broker", let then = baseline?.brokerMalloc, let now = end?.brokerMalloc {
+                    let allowedInUse = then.inUseKiB + max(then.inUseKiB * options.rssTolerancePercent / 100, 1024)
+                    if now.inUseKiB > allowedInUse {
+                        verdict = verdict == "ok" ? "MALLOC GREW" : verdict + ", MALLOC GREW"
+                        ledger.fail("broker: malloc in use \(now.inUseKiB) KiB after the soak, baseline \(then.inUseKiB) KiB (allowed up to \(allowedInUse) KiB)")
+                    }
+                } else if role == "broker" {
+                    ledger.fail("broker: no malloc figures from its stats at the baseline or the end")
+                }
+            } else {
+                verdict = "not measured"
+            }
+            func fds(_ f: Footprint?) -> String { f.map { String($0.descriptors) } ?? "-" }
+            func rss(_ f: Footprint?) -> String { f.map { mib($0.residentKiB) } ?? "-" }
+            roleRows.append("| \(role) | \(fds(s)) | \(fds(b)) | \(fds(e)) | \(rss(s)) | \(rss(b)) | \(rss(e)) | \(verdict) |")
+        }
+
+        // Stop the daemon: it must shut down cleanly.
+        let stopped = await daemon.stop(timeout: .seconds(30))
+        if stopped.killed || stopped.status != .exited(0) {
+            ledger.fail("the daemon did not shut down cleanly: \(stopped.status.map { "\($0)" } ?? "unknown"), killed \(stopped.killed)")
+        }
+
+        // Latencies.
+        let final = ledger.snapshot
+        let bridgeAfterMigration = final.migrationEnds.compactMap { host.hellos.first(after: $0, within: .seconds(30)) }
+        let bridgeAfterKill = final.kills.compactMap { host.hellos.first(after: $0, within: .seconds(30)) }
+        let streamFigures = host.reconnects.figures
+        let total = ContinuousClock.now - started
+        let soakTime = options.minutes * 60
+        let passed = final.failureCount == 0
+        let kinds = Kind.allCases.map { "\($0.rawValue) \(final.started[$0] ?? 0)" }.joined(separator: ", ")
+        let exitsOnce = deliveries.filter { created.contains($0.key) && $0.value == 1 }.count
+
+        var rows: [(String, String)] = [
+            ("verdict", passed ? "**PASS**" : "**FAIL** (\(final.failureCount) failures)"),
+            ("time", "\(format(soakTime / 60)) min soak after a \(options.warmup) s warm-up; \(clock(total)) in all (counts below cover both)"),
+            ("seed", "\(seed)"),
+            ("processes run", "\(startedCount) (\(kinds)); \(options.processes) kept live"),
+            ("exits delivered exactly once", "\(exitsOnce) of \(startedCount); duplicates \(duplicates.count); exits checked (code, signal, nothing undelivered) \(final.exitsChecked)"),
+            ("streams checked (bytes and sha256)", "\(final.streamsChecked), passed \(final.streamsPassed)"),
+            ("bytes guest → host (stdout, stderr, tty)", bytes(final.bytesToHost)),
+            ("bytes host → guest (stdin, tty input)", bytes(final.bytesToGuest)),
+            ("migrations", "\(final.migrations), one every \(options.migrationEvery) ms, blackout \(options.blackoutMin)–\(options.blackoutMax) ms (mean \(final.migrations > 0 ? String(milliseconds(final.blackoutTotal) / final.migrations) : "-") ms)"),
+            ("bridge worker kills (SIGKILL)", "\(final.kills.count); restarts the daemon counted: \(bridgeRestarts.map(String.init) ?? "?")"),
+            ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
+            ("broker restarts", brokerRestarts.map(String.init) ?? "?"),
+            ("bridge connections accepted", "\(host.bridge.acceptedConnections)"),
+            ("stream connections (host side)", "\(streamFigures.connects), of which reconnects \(streamFigures.reconnects)"),
+            ("bridge back after a migration (end of blackout → hello)", latency(bridgeAfterMigration)),
+            ("bridge back after a kill (SIGKILL → hello)", latency(bridgeAfterKill)),
+            ("stream back after a migration (end of blackout → connected)", latency(streamFigures.latencies)),
+            ("streams cut by a migration and not back before the next", "\(streamFigures.notBack)"),
+            ("creates sent again (bridge lost before the reply; same idempotency key)", "\(host.bridge.repeatedCreates)"),
+            ("signals sent over the bridge", "\(final.signalsSent)"),
+            ("daemon shutdown (SIGTERM)", stopped.status.map { "\($0)" } ?? "no status"),
+            ("failures", "\(final.failureCount)"),
+        ]
+        if final.failureCount > 0, final.failures.count < final.failureCount {
+            rows.append(("failures listed", "first \(final.failures.count)"))
+        }
+        printLine("")
+        printLine("## holdfast soak: \(passed ? "PASS" : "FAIL")")
+        printLine("")
+        printLine("| measure | value |")
+        printLine("|---|---|")
+        for (name, value) in rows { printLine("| \(name) | \(value) |") }
+        printLine("")
+        printLine(
+            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal, kind by kind; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB))); broker malloc in use ≤ baseline + max(\(options.rssTolerancePercent) %, 1 MiB)) |"
+        )
+        printLine("|---|---:|---:|---:|---:|---:|---:|---|")
+        for row in roleRows { printLine(row) }
+        if checkpoints.count > 1 || (checkpoints.count == 1 && baseline != nil) {
+            printLine("")
+            printLine("| quiet moment | soak time | supervisor fds, RSS | broker fds, RSS | bridge fds, RSS | broker malloc in use, free |")
+            printLine("|---|---:|---:|---:|---:|---:|")
+            func cells(_ f: RoleFootprints) -> String {
+                f.all.map { "\($0.1.descriptors), \(mib($0.1.residentKiB))" }.joined(separator: " | ") + " | "
+                    + (f.brokerMalloc.map { "\(mib($0.inUseKiB)), \(mib($0.freeKiB))" } ?? "-")
+            }
+            if let baseline { printLine("| baseline (after the warm-up) | 0m00s | \(cells(baseline)) |") }
+            for (index, checkpoint) in checkpoints.enumerated() {
+                printLine("| checkpoint \(index + 1) | \(clock(checkpoint.soakTime)) | \(cells(checkpoint.footprints)) |")
+            }
+        }
+        if !final.failures.isEmpty {
+            printLine("")
+            printLine("failures:")
+            for failure in final.failures { printLine("- \(failure)") }
+            printLine("daemon log tail:\n\(daemon.logTail)")
+        }
+        return Verdict(passed: passed)
+    }
+}
+
+// MARK: - Helpers
+
+func progressLine(host: Host, elapsed: Duration?) -> String {
+    let c = host.ledger.snapshot
+    let started = c.started.values.reduce(0, +)
+    let prefix = elapsed.map { "[\(clock($0))]" } ?? "[phase end]"
+    return "\(prefix) live \(host.live)  started \(started)  finished \(c.finished)  to host \(bytes(c.bytesToHost))  to guest \(bytes(c.bytesToGuest))  migrations \(c.migrations)  kills \(c.kills.count)  reconnects \(host.reconnects.figures.reconnects)  failures \(c.failureCount)"
+}
+
+/// "RSS supervisor 29 MiB, broker 35 MiB, bridge 24 MiB", for the progress lines.
+func residentMemory(_ daemon: Daemon) async -> String {
+    guard let status = try? await daemon.status(timeout: .seconds(5)) else { return "RSS: no status" }
+    let pids = [("supervisor", daemon.pid)] + status.roles.compactMap { role in role.pid.map { (role.name, $0) } }
+    return "RSS " + pids.map { "\($0.0) \(Footprint.of($0.1).map { mib($0.residentKiB) } ?? "-")" }.joined(separator: ", ")
+}
+
+func describe(_ footprints: RoleFootprints) -> String {
+    footprints.all.map { role, footprint in
+        let kinds = footprint.kinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+        return "\(role) (pid \(footprint.pid)) \(footprint.descriptors) fds [\(kinds)] \(mib(footprint.residentKiB))"
+    }.joined(separator: "; ")
+}
+
+func latency(_ samples: [Duration]) -> String {
+    guard !samples.isEmpty else { return "no samples" }
+    let sorted = samples.map { Double(milliseconds($0 * 1000)) / 1000 }.sorted()
+    let mean = sorted.reduce(0, +) / Double(sorted.count)
+    func at(_ percentile: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count) * percentile))] }
+    return "mean \(format(mean)) ms, p50 \(format(at(0.5))) ms, p99 \(format(at(0.99))) ms, max \(format(sorted.last!)) ms (\(sorted.count) samples)"
+}
+
+func format(_ value: Double) -> String {
+    let scaled = (value * 10).rounded() / 10
+    return scaled == scaled.rounded() ? String(Int(scaled)) : String(scaled)
+}
+
+func bytes(_ count: UInt64) -> String {
+    let value = Double(count)
+    if count >= 1 << 30 { return format(value / Double(1 << 30)) + " GiB" }
+    if count >= 1 << 20 { return format(value / Double(1 << 20)) + " MiB" }
+    if count >= 1 << 10 { return format(value / Double(1 << 10)) + " KiB" }
+    return "\(count) B"
+}
+
+func mib(_ kib: Int) -> String { format(Double(kib) / 1024) + " MiB" }
+
+func clock(_ duration: Duration) -> String {
+    let seconds = Int(duration.components.seconds)
+    let rest = String(seconds % 60)
+    return "\(seconds / 60)m" + (rest.count < 2 ? "0" : "") + rest + "s"
+}
+
+func printError(_ line: String) {
+    let text = line + "\n"
+    _ = text.withCString { write(2, $0, strlen($0)) }
+}
+
+/// An executable built next to this one.
+func siblingExecutable(_ name: String) -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let me = String(decoding: buffer[..<max(0, length)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return me.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/") + "/" + name
+}
+
+func raiseDescriptorLimit() {
+    var limit = rlimit()
+    getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    limit.rlim_cur = limit.rlim_max
+    setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+}
+
+/// A fresh directory under /tmp the broker (unprivileged) can reach.
+func makeRunDirectory() throws -> String {
+    var template = Array("/tmp/holdfast-soak.XXXXXX".utf8CString)
+    guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) != nil }) else {
+        throw SystemError.last("mkdtemp")
+    }
+    let directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    chmod(directory, 0o755)
+    return directory
+}
+
+/// Removes a run directory: its files (config, log, sockets) and the runc work directory.
+func removeTree(_ path: String) {
+    guard let directory = opendir(path) else { return }
+    var entries: [String] = []
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name != "." && name != ".." { entries.append(name) }
+    }
+    closedir(directory)
+    for name in entries {
+        let child = path + "/" + name
+        var info = stat()
+        if lstat(child, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR { removeTree(child) } else { unlink(child) }
+    }
+    rmdir(path)
+}
+
+/// A number that differs between runs, for a default seed.
+func clockSeed() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return UInt64(truncatingIfNeeded: Int(now.tv_sec) &* 1_000_003 &+ Int(now.tv_nsec))
+}
