@@ -219,13 +219,16 @@ public enum HostClient {
                     let keys = isatty(stdio.input) != 0 ? interaction.detachKeys : try! DetachKeys(parsing: "")
                     let id = started.id
                     inputCopy = Task {
-                        let ended = await copyInput(from: source, to: socket, keys: keys)
-                        if ended {
+                        switch await copyInput(from: source, to: socket, keys: keys) {
+                        case .endOfInput:
                             // Every byte is on the socket: then the process's stdin may end.
                             socket.shutdownWrite()
                             _ = try? await client.call(HostRequest.closeStdin(ProcessIDRequest(id: id)), reply: [String: String].self)
-                        } else if !Task.isCancelled {
+                        case .detachKeys:
                             detach.fire(.detachKeys)
+                        case .stopped:
+                            // host serve closed the stdin (the process ended), or we were cancelled.
+                            break
                         }
                         if let fd = source.detach() { close(fd) }
                         socket.close()
@@ -342,26 +345,34 @@ public enum HostClient {
         }
     }
 
-    /// Our stdin → the process's stdin socket. True at our stdin's end; false when the detach
-    /// keys were typed (the rest is not sent), or the socket or the task ended.
-    static func copyInput(from source: AsyncFD, to sink: AsyncFD, keys: DetachKeys) async -> Bool {
+    enum InputEnding {
+        /// Our stdin ended: every byte of it is on the socket.
+        case endOfInput
+        /// The detach keys were typed (what followed them is not sent).
+        case detachKeys
+        /// The socket was closed (the process ended), our stdin failed, or the task was cancelled.
+        case stopped
+    }
+
+    /// Our stdin → the process's stdin socket, watching for the detach keys.
+    static func copyInput(from source: AsyncFD, to sink: AsyncFD, keys: DetachKeys) async -> InputEnding {
         var matcher = DetachKeyMatcher(keys)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
         defer { buffer.deallocate() }
         while !Task.isCancelled {
-            guard let count = try? await source.read(into: buffer) else { return false }
-            if count == 0 { return true }
+            guard let count = try? await source.read(into: buffer) else { return .stopped }
+            if count == 0 { return .endOfInput }
             let (forward, detach) = matcher.feed(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             if !forward.isEmpty {
                 do {
                     try await forward.withUnsafeBytesAsync { try await sink.write($0) }
                 } catch {
-                    return false
+                    return .stopped
                 }
             }
-            if detach { return false }
+            if detach { return .detachKeys }
         }
-        return false
+        return .stopped
     }
 
     static func copy(from source: AsyncFD, to sink: AsyncFD) async {

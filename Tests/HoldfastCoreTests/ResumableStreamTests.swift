@@ -331,7 +331,11 @@ struct ResumableMemoryTests {
         try await pair.guest.sendBytes(bytes("survives garbage"))
         pair.start()
         let receiver = Task { await pair.host.receiveAll() }
-        #expect(await pair.guest.finish() == 0)
+        let undelivered = await pair.guest.finish()
+        #expect(undelivered == 0)
+        // A guest that gave up (a starved machine) must fail the test, not hang it: closing the
+        // pair ends the host's receive.
+        if undelivered != 0 { pair.close() }
         #expect(await receiver.value == bytes("survives garbage"))
         #expect(pair.dialCount >= 2)
     }

@@ -210,6 +210,13 @@ struct OperatorCLITests {
         let resumed = try await serve.cli(["attach", "reader2"], stdinPath: daemon.directory.file("more"))
         #expect(resumed.out == "got two\ngot three\nstdin-ended\n", "\(resumed.err)")
         #expect(resumed.status == .exited(0))
+
+        // A process that ends without reading all its stdin: the client's writes fail, which is
+        // neither a detach nor an error — it ends with the process's code.
+        try writeFile(daemon.directory.file("big"), [UInt8](repeating: UInt8(ascii: "x"), count: 8 << 20))
+        let partial = try await serve.cli(["run", "--", "sh", "-c", "head -c 3; exit 5"], stdinPath: daemon.directory.file("big"))
+        #expect(partial.status == .exited(5), "\(partial.err)")
+        #expect(partial.out == "xxx" && partial.err.isEmpty, "\(partial.err)")
     }
 
     /// With a terminal: the detach keys (Ctrl-P Ctrl-Q, or others chosen) leave the process

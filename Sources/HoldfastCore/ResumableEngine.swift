@@ -1,0 +1,349 @@
+import HoldfastProtocol
+import NIOConcurrencyHelpers
+
+// MARK: - The engine: the protocol's two halves under one lock, and the tasks that move frames
+
+extension ResumableStream {
+    /// The driver of one resumable stream end. The protocol's decisions are made by two values,
+    /// `ResumableSender` (the send direction) and `ResumableReceiver` (the receive direction),
+    /// held under one lock with what only the driver needs: the tasks waiting (producer, pump,
+    /// drain, END echo), the right to write frames, hello attempts. The engine does the I/O the
+    /// machines ask for — one readv or sendmsg at a time, on the stream's executor — and reports
+    /// back what happened. Its tasks: the pump (`+Writing`: everything this end writes), and
+    /// the readers (`+Reading`: data on the receive side, acknowledgements on the send side).
+    final class Engine: Sendable {
+        let direction: StreamDirection
+        let configuration: ResumableConfiguration
+        let executor: (any TaskExecutor)?
+        let state: NIOLockedValueBox<State>
+        /// Frame headers of one batched write (used by whoever holds the sending token).
+        let headers = ScratchBytes(count: StreamFramePrefix.size * Engine.maxFramesPerWrite)
+        /// The next frame's header as it arrives (used by the one receiving task).
+        let inboundHeader = ScratchBytes(count: StreamFramePrefix.size)
+
+        typealias State = ResumableEngineState
+        /// The stream's session type, named here for the engine's extensions in other files.
+        typealias Session = ResumableSession<Transport>
+
+        /// Most bytes one sender write takes (one sendmsg).
+        static var maximumBatch: Int { 1 << 20 }
+        /// Frames one sendmsg may carry (each a header and its body's regions).
+        static var maxFramesPerWrite: Int { 16 }
+
+        init(direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?) {
+            self.direction = direction
+            self.configuration = configuration
+            self.executor = executor
+            self.state = NIOLockedValueBox(
+                State(
+                    sender: ResumableSender(ring: ReplayRing(capacity: configuration.ringCapacity, storage: storage)),
+                    receiver: ResumableReceiver(ackEvery: configuration.ackEvery)))
+        }
+
+        var statistics: ResumableStatistics {
+            state.withLockedValue { s in
+                var stats = s.statistics
+                stats.offset = direction == .send ? s.sender.offset : s.receiver.received
+                stats.acknowledged = s.sender.acknowledged
+                stats.ringBytes = s.sender.ring.count
+                stats.ringBlocks = s.sender.ring.blockCount
+                stats.replayedBytes = s.sender.replayedBytes
+                stats.ended = direction == .send ? s.sender.endEchoReceived : s.receiver.inboundFinal != nil
+                return stats
+            }
+        }
+
+        var debugSummary: String {
+            state.withLockedValue { s in
+                let sender = s.sender
+                let receiver = s.receiver
+                return "\(direction) ring [\(sender.acknowledged), \(sender.offset)) final \(sender.finalOffset.map(String.init) ?? "-") "
+                    + "echo \(sender.endEchoReceived) producer \(s.producer != nil) sending \(s.sending) doorbell \(s.doorbell) "
+                    + "pumpWaiter \(s.pumpWaiter != nil) "
+                    + "sender(gen \(sender.connection.generation) pos \(sender.connection.position) end \(sender.connection.endSent)) "
+                    + "high \(sender.sentHighWater) received \(receiver.received) inboundFinal \(receiver.inboundFinal.map(String.init) ?? "-") "
+                    + "receiver(gen \(receiver.connection.generation) ackSent \(receiver.connection.ackSent) end \(receiver.connection.endSent)) "
+                    + "ackTimer \(receiver.ackTimerArmed) ackDue \(receiver.ackDue) "
+                    + "frame(gen \(receiver.cursor.generation) remaining \(receiver.cursor.remaining) skip \(receiver.cursor.skip)) "
+                    + "progressWaiters \(s.progressWaiters.count) closed \(s.closed) lastAttempt \(s.lastAttempt)"
+            }
+        }
+
+        func count(_ counter: WritableKeyPath<ResumableStatistics, UInt64>) {
+            state.withLockedValue { $0.statistics[keyPath: counter] &+= 1 }
+        }
+
+        /// A number larger than any this stream used for a previous dial: at least `floor` (the
+        /// owner's clock, so attempts also grow across restarts of the dialing process) and
+        /// always one more than the last.
+        func nextAttempt(floor: UInt64) -> UInt64 {
+            state.withLockedValue { s in
+                s.lastAttempt = max(s.lastAttempt &+ 1, floor)
+                return s.lastAttempt
+            }
+        }
+
+        /// Notes where a new session starts, for the pump (which reads it under this lock).
+        func record(_ session: Session) {
+            state.withLockedValue { s in
+                s.sessionStart = (ObjectIdentifier(session), session.peerHello.receivedOffset, session.ourReceivedOffset)
+            }
+        }
+
+        /// What we report as received in our hello.
+        var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.receiver.received : 0 } }
+
+        var inboundFinished: Bool { state.withLockedValue { $0.receiver.isFinished } }
+
+        // MARK: Hello validation
+
+        /// Checks a peer's hello against this end's state: first its proof (nothing of the
+        /// stream's state is read or changed for a hello that does not verify), then the
+        /// attempt and the offsets, and only when everything holds does it change anything: the
+        /// attempt becomes the newest accepted, and a valid report of what the peer holds
+        /// acknowledges it (it may have arrived just before the old connection died).
+        /// `challenge`: our nonce on this connection, which the host's proof must cover.
+        func validate(
+            _ peer: StreamHello, token: [UInt8], ourRole: StreamRole, secret: StreamSecret, challenge: [UInt8]?
+        ) -> StreamProtocolError? {
+            guard peer.token == token else { return .wrongToken }
+            guard peer.role != ourRole else { return .unauthenticated }
+            guard StreamAuthentication.verify(peer, secret: secret, challenge: challenge) else { return .unauthenticated }
+            var wake: [CheckedContinuation<Void, Never>] = []
+            defer { for waiter in wake { waiter.resume() } }
+            return state.withLockedValue { s -> StreamProtocolError? in
+                // The dialer's connections race through accept: only a newer one may replace the
+                // current one (and a recorded hello, replayed, is never newer).
+                if ourRole == .host, peer.attempt <= s.lastAttempt { return .staleAttempt(peer.attempt, newest: s.lastAttempt) }
+                do throws(StreamProtocolError) {
+                    switch direction {
+                    case .receive:
+                        try s.receiver.acceptHello(peerReceived: peer.receivedOffset)
+                    case .send:
+                        if try s.sender.acceptHello(peerReceived: peer.receivedOffset) { wake = s.takeProgressWaiters() }
+                    }
+                } catch {
+                    return error
+                }
+                if ourRole == .host { s.lastAttempt = peer.attempt }
+                return nil
+            }
+        }
+
+        // MARK: Producer (send side)
+
+        /// Writable ring space, up to `limit` bytes as regions in stream order, parking while the
+        /// ring is full (back-pressure). Throws when the stream closes, counting what it held
+        /// unacknowledged.
+        func reserve(_ slot: ConnSlot<Session>, upTo limit: Int) async throws(StreamClosed) -> [UnsafeMutableRawBufferPointer] {
+            while true {
+                let outcome: Result<[UnsafeMutableRawBufferPointer], StreamClosed>? = state.withLockedValue { s in
+                    if s.closed || slot.isClosed {
+                        return .failure(StreamClosed(unsent: s.sender.ring.count, abandoned: slot.phase == .abandoned))
+                    }
+                    let regions = s.sender.reserve(upTo: limit)
+                    return regions.isEmpty ? nil : .success(regions)
+                }
+                if let outcome { return try outcome.get() }
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let resumeNow = state.withLockedValue { s -> Bool in
+                        if s.closed || !s.sender.ring.isFull || slot.isClosed { return true }
+                        s.producer = continuation
+                        return false
+                    }
+                    if resumeNow { continuation.resume() }
+                }
+            }
+        }
+
+        /// What the producer's next read should offer.
+        var readAhead: Int { state.withLockedValue { $0.sender.readAhead } }
+
+        /// Records bytes the producer put in the ring (a prefix of the `regions` it reserved).
+        /// Nobody is woken: the producer sends them itself right after (`sendInline`), or
+        /// whoever holds the sending token finds them before letting go, or — with no
+        /// connection — the next connection's doorbell does.
+        func commit(_ count: Int, of regions: [UnsafeMutableRawBufferPointer]) {
+            let offered = regions.reduce(0) { $0 + $1.count }
+            state.withLockedValue { $0.sender.commit(count, offered: offered) }
+        }
+
+        func finish(_ slot: ConnSlot<Session>) async -> UInt64 {
+            let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                s.sender.end()
+                return s.ringDoorbell()
+            }
+            pump?.resume()
+            await waitForCompletion(slot, until: .finished)
+            return state.withLockedValue { $0.sender.undelivered }
+        }
+
+        func startDrainWatch(_ slot: ConnSlot<Session>) {
+            let start = state.withLockedValue { s -> Bool in
+                guard !s.drainWatch else { return false }
+                s.drainWatch = true
+                return true
+            }
+            guard start else { return }
+            Task(executorPreference: executor) { [self] in
+                await waitForCompletion(slot, until: .drained)
+            }
+        }
+
+        /// Waits until `goal` is reached, giving up — and abandoning the stream — once nothing
+        /// progressed for the drain timeout. Progress is any acknowledgement or END echo.
+        private func waitForCompletion(_ slot: ConnSlot<Session>, until goal: State.Goal) async {
+            while true {
+                let (finished, mark) = state.withLockedValue { s in
+                    (s.reached(goal, direction: direction) || s.closed, s.sender.acknowledged)
+                }
+                if finished { return }
+                let progressed = await waitForProgress(since: mark, timeout: configuration.drainTimeout)
+                if !progressed {
+                    abandon(slot)
+                    return
+                }
+            }
+        }
+
+        /// Suspends until the acknowledged offset moves past `mark` (true) or `timeout` passes
+        /// (false).
+        private func waitForProgress(since mark: UInt64, timeout: Duration) async -> Bool {
+            let id = state.withLockedValue { s -> UInt64 in
+                s.nextWaiter &+= 1
+                return s.nextWaiter
+            }
+            // Called once per acknowledgement while a stream drains: a sleeping task per call
+            // would leave its timer queued for the whole timeout (TimeoutWheel says why).
+            let timer = TimeoutWheel.shared.schedule(after: timeout) { [state] in
+                state.withLockedValue { $0.progressWaiters.removeValue(forKey: id) }?.resume()
+            }
+            defer { TimeoutWheel.shared.cancel(timer) }
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLockedValue { s -> Bool in
+                    if s.progressed(since: mark) { return true }
+                    s.progressWaiters[id] = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+            return state.withLockedValue { $0.progressed(since: mark) }
+        }
+
+        private func abandon(_ slot: ConnSlot<Session>) {
+            slot.abandon()
+            closeDown()
+        }
+
+        // MARK: Slot events
+
+        func slotChanged(_ event: SlotEvent) {
+            switch event {
+            case .connected:
+                state.withLockedValue { $0.ringDoorbell() }?.resume()
+            case .closed, .abandoned:
+                closeDown()
+            default:
+                break
+            }
+        }
+
+        private func closeDown() {
+            let (pump, producer, progress, echo) = state.withLockedValue { s in
+                s.closed = true
+                let pump = s.ringDoorbell()
+                let producer = s.producer
+                s.producer = nil
+                let progress = Array(s.progressWaiters.values)
+                s.progressWaiters.removeAll()
+                let echo = s.echoWaiters
+                s.echoWaiters.removeAll()
+                return (pump, producer, progress, echo)
+            }
+            pump?.resume()
+            producer?.resume()
+            for waiter in progress { waiter.resume() }
+            for waiter in echo { waiter.resume() }
+        }
+
+        /// A connection's read failed: a protocol violation is counted as one; a plain
+        /// end-of-file or error is just the connection going away.
+        func dropConnection(_ generation: UInt64, slot: ConnSlot<Session>, after error: any Error) {
+            let reason: DisconnectReason
+            switch error as? StreamProtocolError {
+            case .truncated: reason = .endOfFile
+            case .some:
+                count(\.protocolErrors)
+                reason = .protocolError
+            case .none: reason = .readFailed
+            }
+            slot.disconnect(ifCurrent: generation, reason: reason)
+        }
+    }
+}
+
+/// A resumable stream engine's state (outside the generic engine, so the lock around it needs
+/// no type metadata looked up at run time): the protocol's two halves, and what the driver needs
+/// besides. A stream uses the half of its direction; the other stays as it was made.
+struct ResumableEngineState: Sendable {
+    var sender: ResumableSender
+    var receiver: ResumableReceiver
+    /// The newest session: the peer's received offset and ours, for the pump (only the
+    /// newest matters: an older session is replaced before the pump could use it).
+    var sessionStart: (id: ObjectIdentifier, peer: UInt64, ours: UInt64)?
+    /// Who may write frames now (the pump, or the producer sending inline).
+    var sending = false
+    /// Dialer: the last attempt number used. Acceptor: the newest attempt accepted.
+    var lastAttempt: UInt64 = 0
+    /// The producer, parked while the ring is full.
+    var producer: CheckedContinuation<Void, Never>?
+    /// There may be something to write: whoever holds the sending token looks again.
+    var doorbell = false
+    var pumpWaiter: CheckedContinuation<Void, Never>?
+    var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    var nextWaiter: UInt64 = 0
+    var echoWaiters: [CheckedContinuation<Void, Never>] = []
+    var closed = false
+    var drainWatch = false
+    /// The counters the engine keeps itself (refused connections, protocol errors); the rest of
+    /// `ResumableStatistics` is read from the machines.
+    var statistics = ResumableStatistics()
+
+    /// What a wait for the stream's completion waits for.
+    enum Goal {
+        /// `finish`: the end echoed and everything acknowledged.
+        case finished
+        /// The process exited: the send side acknowledged to its end, the receive side ended.
+        case drained
+    }
+
+    func reached(_ goal: Goal, direction: StreamDirection) -> Bool {
+        switch goal {
+        case .finished: return sender.isComplete
+        case .drained: return direction == .send ? sender.isDrained : receiver.inboundFinal != nil
+        }
+    }
+
+    /// Whether anything moved since the acknowledged offset was `mark` (or nothing will any more).
+    func progressed(since mark: UInt64) -> Bool {
+        sender.acknowledged != mark || sender.endEchoReceived || closed
+    }
+
+    /// Marks work for the pump and returns its continuation (resume it outside the lock).
+    mutating func ringDoorbell() -> CheckedContinuation<Void, Never>? {
+        doorbell = true
+        defer { pumpWaiter = nil }
+        return pumpWaiter
+    }
+
+    /// Takes every continuation waiting for acknowledgement progress (the producer included).
+    mutating func takeProgressWaiters() -> [CheckedContinuation<Void, Never>] {
+        var waiters = Array(progressWaiters.values)
+        progressWaiters.removeAll()
+        if let producer {
+            self.producer = nil
+            waiters.append(producer)
+        }
+        return waiters
+    }
+}
