@@ -30,7 +30,13 @@ final class CountingReader: ByteReader {
     }
 }
 
-func unixSlot(_ address: SocketAddress, policy: RedialPolicy = RedialPolicy(attempts: 200, interval: .milliseconds(10))) -> SocketSlot {
+/// A raw slot dialing `address`. The connect timeout is a hang bound: a Unix connect answers at
+/// once, but under ThreadSanitizer on a starved machine the dial's task ran after the 2 s default
+/// had passed, the slot closed that connection and dialled again, and the host's first accept
+/// got the abandoned one.
+func unixSlot(
+    _ address: SocketAddress, policy: RedialPolicy = RedialPolicy(attempts: 200, interval: .milliseconds(10), connectTimeout: .seconds(30))
+) -> SocketSlot {
     SocketSlot(name: "test", policy: policy, dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) })
 }
 

@@ -32,7 +32,7 @@ func writeInBackground(_ writer: AsyncFD, _ bytes: [UInt8], thenClose: Bool) -> 
     }
 }
 
-@Suite("splice(2) in the raw relays, and the reactor as the relays' executor")
+@Suite("splice(2) in the raw relays, and the reactor as the relays' executor", .timeLimit(.minutes(5)))
 struct SpliceTests {
     @Test func aPipeSplicesIntoASocketAndASocketIntoAPipe() async throws {
         let (near, far) = try socketPair()
@@ -335,17 +335,28 @@ struct SpliceTests {
         let relay = Task(executorPreference: Reactor.shared) { await Relay.output(from: source, to: slot) }
         let host = try await listener.accept()
         defer { host.close() }
-        let received = try await withTimeout("every byte to reach the slow host") {
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 << 10, alignment: 1)
-            defer { buffer.deallocate() }
-            var got: [UInt8] = []
-            var reads = 0
-            while case let count = try await host.read(into: buffer), count > 0 {
-                got += buffer[..<count]
-                reads += 1
-                if reads % 2 == 0 { try await Task.sleep(for: .milliseconds(1)) }  // a slow reader
+        // About 31 MB at a 16 KiB read and a 1 ms pause every second read: seconds, and under
+        // ThreadSanitizer on a loaded machine over a minute; the bound is for a hang.
+        let arrived = NIOLockedValueBox(0)
+        let received: [UInt8]
+        do {
+            received = try await withTimeout("every byte to reach the slow host", .seconds(240)) {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 << 10, alignment: 1)
+                defer { buffer.deallocate() }
+                var got: [UInt8] = []
+                var reads = 0
+                while case let count = try await host.read(into: buffer), count > 0 {
+                    got += buffer[..<count]
+                    arrived.withLockedValue { $0 = got.count }
+                    reads += 1
+                    if reads % 2 == 0 { try await Task.sleep(for: .milliseconds(1)) }  // a slow reader
+                }
+                return got
             }
-            return got
+        } catch {
+            // Slow or stuck: say how far it got, and where the relay stands.
+            Issue.record("\(error): \(arrived.withLockedValue { $0 }) bytes arrived; the relay moved \(slot.statistics.bytesWritten)")
+            throw error
         }
         let expected = Array((1...4_000_000).map { "\($0)\n" }.joined().utf8)
         #expect(received.count == expected.count)
@@ -506,15 +517,18 @@ struct SpliceTests {
     }
 }
 
-/// Reads everything a socket holds and closes it, in one job on the reactor's thread: the
-/// reactor sees the room this makes only afterwards, so a writer waiting for room cannot put
-/// more in between (the host read everything there was when it went).
+/// Reads everything a socket holds and ends it, in one job on the reactor's thread: the reactor
+/// sees the room this makes only afterwards, so a writer waiting for room cannot put more in
+/// between (the host read everything there was when it went). Shut down before the close: a
+/// process another test forks meanwhile holds a copy of the fd until its exec, and the close
+/// alone would end the connection only then (the writer got another socket-full in).
 func drainAndClose(_ socket: AsyncFD) async throws -> Int {
     try await Task(executorPreference: Reactor.shared) { () throws -> Int in
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var total = 0
         while let count = try socket.readNow(into: buffer), count > 0 { total += count }
+        shutdown(socket.fd, Int32(SHUT_RDWR))
         socket.close()
         return total
     }.value
