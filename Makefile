@@ -65,8 +65,11 @@ test-skips:
 	echo "skipped tests: $$count"; \
 	if [ "$$count" != 0 ]; then printf '%s\n' "$$skipped" | sed 's/^/  /'; fi
 
+# A report fails the step; every report is printed whole at the end (a CI log keeps the tail).
 test-core-tsan: deps
-	$(SWIFT) test --sanitize=thread --scratch-path $(TSAN_DIR) --filter HoldfastCoreTests
+	@mkdir -p $(TSAN_DIR) && rm -f $(TSAN_DIR)/tsan-report.*
+	TSAN_OPTIONS="log_path=$(CURDIR)/$(TSAN_DIR)/tsan-report" $(SWIFT) test --sanitize=thread --scratch-path $(TSAN_DIR) --filter HoldfastCoreTests; \
+	status=$$?; if ls $(TSAN_DIR)/tsan-report.* >/dev/null 2>&1; then cat $(TSAN_DIR)/tsan-report.*; exit 1; fi; exit $$status
 
 # libFuzzer on the bridge frames, the broker's control messages, the stream frames and hello,
 # and the configuration loader (README "Fuzzing"). Crashes land in $(FUZZ_DIR)/artifacts/.
