@@ -93,6 +93,14 @@ enum StreamTransport: Sendable {
         return (statistics.lastDialError, statistics.dialFailuresSinceConnected > 0 ? statistics.dialFailuresSinceConnected : nil)
     }
 
+    /// Bytes a broker crash took from this stream (0 for a raw one: it keeps nothing in memory).
+    var lostBytes: UInt64 {
+        switch self {
+        case .raw: return 0
+        case .resumable(let stream): return stream.statistics.lost.bytes
+        }
+    }
+
     /// (bytes to the host, bytes from the host, reconnects)
     var figures: (UInt64, UInt64, UInt64) {
         switch self {
@@ -326,7 +334,10 @@ final class AdoptedProcess: Sendable {
                 group.addTask {
                     if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
                         stream.handle.close()
-                        return (index, .init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
+                        let lost = stream.transports.reduce(0) { $0 + $1.lostBytes }
+                        return (index, .init(
+                            kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue,
+                            lost: lost > 0 ? lost : nil))
                     }
                     return (index, .init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
                 }
@@ -336,6 +347,13 @@ final class AdoptedProcess: Sendable {
             return byIndex
         }
         results += outputs.indices.compactMap { finished[$0] }
+        // An input reports only what a crash took from it (its bytes are not output to drain).
+        for stream in all where stream.output == nil {
+            let lost = stream.transports.reduce(0) { $0 + $1.lostBytes }
+            if lost > 0 {
+                results.append(.init(kind: stream.description.kind, bytes: stream.input?.figures.1 ?? 0, undelivered: 0, ending: "input", lost: lost))
+            }
+        }
         return results
     }
 

@@ -238,11 +238,14 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
         public var bytes: UInt64
         public var undelivered: UInt64
         public var ending: String
-        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String) {
+        /// Bytes a broker crash took from this stream (absent: none).
+        public var lost: UInt64?
+        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String, lost: UInt64? = nil) {
             self.kind = kind
             self.bytes = bytes
             self.undelivered = undelivered
             self.ending = ending
+            self.lost = lost
         }
     }
 

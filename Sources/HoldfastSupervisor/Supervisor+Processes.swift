@@ -147,6 +147,8 @@ extension Supervisor {
     func processDrained(_ drained: DrainedNotification) {
         guard var report = entry(drained.process)?.report else { return }
         report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
+        let lost = drained.streams.reduce(0) { $0 + ($1.lost ?? 0) }
+        if lost > 0 { report.lost = lost }
         complete(drained.process, report)
     }
 

@@ -1,0 +1,281 @@
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+@testable import HoldfastCore
+
+// A relay that crashed and the one that takes over (issue 16): the checkpoint it leaves, the
+// hello flag and GAP frame the protocol uses to say which bytes the crash took, and a stream
+// that resumes with every other byte exactly once.
+
+/// 64 bytes of 8-byte aligned memory standing in for a slot of the shared checkpoint memfd.
+private final class SlotMemory: @unchecked Sendable {
+    let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamCheckpoint.slotSize, alignment: 8)
+    init() { bytes.initializeMemory(as: UInt8.self, repeating: 0) }
+    deinit { bytes.deallocate() }
+    var checkpoint: StreamCheckpoint { StreamCheckpoint(slot: bytes.baseAddress!) }
+}
+
+private func filled(_ sender: inout ResumableSender, _ count: Int) {
+    var left = count
+    while left > 0 {
+        let regions = sender.reserve(upTo: left)
+        let offered = regions.reduce(0) { $0 + $1.count }
+        for region in regions { region.initializeMemory(as: UInt8.self, repeating: 7) }
+        sender.commit(offered, offered: offered)
+        left -= offered
+    }
+}
+
+@Suite("Checkpoints")
+struct StreamCheckpointTests {
+    @Test func aSlotNeverStartedOrClearedRecoversNothing() {
+        let memory = SlotMemory()
+        #expect(memory.checkpoint.recovered == nil)
+        memory.checkpoint.start(at: 0, resumed: false)
+        #expect(memory.checkpoint.recovered != nil)
+        memory.checkpoint.clear()
+        #expect(memory.checkpoint.recovered == nil)
+    }
+
+    @Test func aSettledTakeIsExactAndAnInterruptedOneIsBounded() throws {
+        let memory = SlotMemory()
+        let checkpoint = memory.checkpoint
+        checkpoint.start(at: 0, resumed: false)
+        checkpoint.beginTake(at: 0, upTo: 65536)
+        checkpoint.took(upTo: 1000)
+        checkpoint.acknowledged(400)
+        var recovered = try #require(checkpoint.recovered)
+        #expect(recovered.taken == 1000 && recovered.uncertain == 0 && recovered.acknowledged == 400)
+        #expect(recovered.outputResumesAt == 1000 && recovered.inputResumesAt == 1000)
+
+        // Killed inside the next read: up to 4096 bytes may have left the pipe.
+        checkpoint.beginTake(at: 1000, upTo: 4096)
+        recovered = try #require(checkpoint.recovered)
+        #expect(recovered.taken == 1000 && recovered.uncertain == 4096)
+        #expect(recovered.outputResumesAt == 5096, "an output resumes after every byte that may have left the pipe")
+        #expect(recovered.inputResumesAt == 1000, "an input resumes at the first byte not known to be in the pipe")
+    }
+
+    @Test func aResumeCountsTheRestartAndStartsWhereItWasTold() throws {
+        let memory = SlotMemory()
+        memory.checkpoint.start(at: 0, resumed: false)
+        memory.checkpoint.took(upTo: 300)
+        memory.checkpoint.start(at: 300, resumed: true)
+        memory.checkpoint.start(at: 300, resumed: true)
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.restarts == 2 && recovered.start == 300 && recovered.taken == 300)
+    }
+}
+
+@Suite("Gaps")
+struct GapProtocolTests {
+    @Test func gapRecordsMergeAndCountEachOffsetOnce() {
+        var record = GapRecord()
+        record.add(10..<20)
+        record.add(15..<30)
+        record.add(30..<31)
+        record.add(100..<100)
+        record.add(50..<60)
+        #expect(record.ranges == [10..<31, 50..<60])
+        #expect(record.bytes == 31)
+        record.add(10..<31)
+        #expect(record.bytes == 31, "a range told again (its GAP frame lost with a connection) is not counted twice")
+    }
+
+    @Test func aRestartedSenderTellsThePeerItsGapThenSendsOn() throws {
+        // The checkpoint said the crashed relay took 5,000 bytes; the host holds 3,000.
+        let ring = ReplayRing(capacity: 16 * 1024, pool: BufferPool(bufferSize: 1024, retained: 0), start: 5000)
+        var sender = ResumableSender(ring: ring, restarted: true)
+        filled(&sender, 100)
+        #expect(try sender.acceptHello(peerReceived: 3000) == false)
+        #expect(sender.lost.ranges == [3000..<5000] && sender.lost.bytes == 2000)
+        guard case .gap(let to) = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
+            Issue.record("the GAP goes first")
+            return
+        }
+        #expect(to == 5000)
+        // Until it is written, it stays due.
+        guard case .gap = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
+            Issue.record("an unwritten GAP is still due")
+            return
+        }
+        sender.wroteGap(generation: 1)
+        guard case .data(_, let offset, let count) = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
+            Issue.record("data follows the GAP")
+            return
+        }
+        #expect(offset == 5000 && count == 100)
+        // A peer claiming bytes the restarted relay never had is still refused.
+        #expect(throws: StreamProtocolError.self) { try sender.acceptHello(peerReceived: 6000) }
+    }
+
+    @Test func aSenderRefusesAGapUnlessOneSideRestarted() throws {
+        var sender = ResumableSender(ring: ReplayRing(capacity: 16 * 1024, pool: BufferPool(bufferSize: 1024, retained: 0)))
+        filled(&sender, 3000)
+        _ = sender.nextFrame(generation: 1, peerReceived: 0, limit: 1 << 20)
+        sender.wroteData(from: 0, written: 3000, generation: 1, connectionFailed: false)
+        #expect(try sender.acknowledge(2000, generation: 1))
+        #expect(throws: StreamProtocolError.offsetAlreadyDiscarded(reported: 1000, oldest: 2000)) {
+            try sender.acceptHello(peerReceived: 1000)
+        }
+        #expect(sender.lost.bytes == 0)
+        // The host's stdin after the guest's broker crashed: the new relay holds less than the
+        // old one acknowledged, and says it restarted.
+        #expect(try sender.acceptHello(peerReceived: 1000, peerRestarted: true) == false)
+        #expect(sender.lost.ranges == [1000..<2000])
+        guard case .gap(let to) = sender.nextFrame(generation: 2, peerReceived: 1000, limit: 1 << 20) else {
+            Issue.record("the GAP goes first")
+            return
+        }
+        #expect(to == 2000)
+    }
+
+    @Test func aReceiverSkipsAGapRecordsItAndAcknowledgesPastIt() throws {
+        var receiver = ResumableReceiver(ackEvery: 1 << 20)
+        _ = try receiver.take(StreamFramePrefix(type: .data, bodyLength: 100, value: 0))
+        _ = receiver.readBody(100, headerBytes: 0)
+        #expect(try receiver.take(StreamFramePrefix(type: .gap, bodyLength: 0, value: 400)) == .skipped)
+        #expect(receiver.received == 400 && receiver.lost.ranges == [100..<400])
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .ack(400))
+        // A repeat of it (its connection died before our ACK) changes nothing.
+        #expect(try receiver.take(StreamFramePrefix(type: .gap, bodyLength: 0, value: 400)) == .nothing)
+        #expect(receiver.lost.bytes == 300)
+        // Data goes on at the GAP's offset.
+        #expect(try receiver.take(StreamFramePrefix(type: .data, bodyLength: 10, value: 400)) == .body(length: 10, skip: 0))
+    }
+
+    @Test func aGapBeyondTheEndIsAProtocolError() throws {
+        var receiver = ResumableReceiver(ackEvery: 1 << 20)
+        #expect(try receiver.take(StreamFramePrefix(type: .end, bodyLength: 0, value: 0)) == .ended)
+        #expect(throws: StreamProtocolError.self) { try receiver.take(StreamFramePrefix(type: .gap, bodyLength: 0, value: 10)) }
+    }
+
+    @Test func aReceiverThatAcknowledgesDeliveredBytesHoldsBackUntilTheyAre() throws {
+        var receiver = ResumableReceiver(ackEvery: 100, start: 0, acknowledgeDelivered: true)
+        _ = try receiver.take(StreamFramePrefix(type: .data, bodyLength: 1000, value: 0))
+        _ = receiver.readBody(1000, headerBytes: 0)
+        #expect(receiver.received == 1000)
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .idle, "nothing reached the process yet")
+        #expect(receiver.acknowledgeable == 0, "and a hello says so: the sender keeps every byte")
+        receiver.delivered(600)
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .ack(600))
+        receiver.wroteAck(600, generation: 1)
+        receiver.delivered(400)
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .ack(1000))
+    }
+
+    @Test func helloCarriesTheRestartedFlagUnderItsProof() throws {
+        let secret = StreamSecret.random()
+        let hello = StreamAuthentication.sign(
+            StreamHello(role: .guest, token: Array("t".utf8), receivedOffset: 5, nonce: StreamAuthentication.nonce(), restarted: true),
+            secret: secret)
+        let encoded = hello.encoded
+        let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(start: encoded, count: 16))
+        let decoded = try StreamHello.decode(prefix: prefix, body: Array(encoded[16...]))
+        #expect(decoded.restarted)
+        #expect(StreamAuthentication.verify(decoded, secret: secret, challenge: nil))
+        // The flag is covered by the proof: flipping it breaks the hello.
+        var flipped = decoded
+        flipped.restarted = false
+        #expect(!StreamAuthentication.verify(flipped, secret: secret, challenge: nil))
+        // Unknown flags are refused.
+        var body = Array(encoded[16...])
+        body[7] = 0x80
+        #expect(throws: StreamProtocolError.self) { try StreamHello.decode(prefix: prefix, body: body) }
+    }
+}
+
+@Suite("A relay's crash, in memory", .timeLimit(.minutes(5)))
+struct CrashResumeStreamTests {
+    /// stdout: the first relay is killed with bytes in its ring the host never got; its
+    /// successor resumes at the checkpoint. The host gets every byte the source gave, in order,
+    /// except exactly the range both sides report lost — and nothing twice.
+    @Test func anOutputResumesAfterItsRelayDiesAndReportsExactlyWhatTheCrashTook() async throws {
+        let memory = SlotMemory()
+        let pair = ResumablePair(guestDirection: .send, checkpoint: memory.checkpoint)
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource()
+        let sent = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11) }
+        // The first relay: 200,000 bytes, of which the host gets what arrives before the kill.
+        source.append(Array(sent[..<200_000]))
+        let receiver = Task { await pair.host.receiveAll() }
+        var moved = 0
+        while moved < 200_000 {
+            guard case .moved(let count) = try await pair.guest.pull(from: source, pool: .shared) else { continue }
+            moved += count
+        }
+        // Hold what the link still carries, then kill the relay: its ring dies with it.
+        pair.cutCurrentLink()
+        pair.guest.close()
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 200_000 && recovered.uncertain == 0)
+
+        let successor = pair.restartGuest(resumeAt: recovered.outputResumesAt, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        source.append(Array(sent[200_000...]))
+        source.finish()
+        while true {
+            let result = try await successor.pull(from: source, pool: .shared)
+            if result == .endOfFile { break }
+        }
+        #expect(await successor.finish() == 0)
+        let received = await receiver.value
+
+        let lost = pair.host.statistics.lost
+        #expect(successor.statistics.lost == lost, "both sides report the same gap")
+        #expect(lost.ranges.count <= 1)
+        let gap = lost.ranges.first ?? 200_000..<200_000
+        #expect(gap.upperBound == 200_000, "only bytes the first relay held can be lost")
+        let expected = Array(sent[..<Int(gap.lowerBound)]) + Array(sent[Int(gap.upperBound)...])
+        #expect(received.count == expected.count)
+        #expect(received == expected, "every byte outside the reported gap, once, in order")
+        #expect(try #require(memory.checkpoint.recovered).restarts == 1)
+    }
+
+    /// stdin: the guest relay acknowledges only bytes it delivered, so when it dies with bytes
+    /// received but not delivered, the host still holds them and its successor gets them: no gap.
+    @Test func anInputThatAcknowledgesDeliveredBytesLosesNothingWhenItsRelayDies() async throws {
+        let memory = SlotMemory()
+        let pair = ResumablePair(guestDirection: .receive, checkpoint: memory.checkpoint)
+        defer { pair.close() }
+        pair.start()
+        let sent = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        try await pair.host.sendBytes(Array(sent[..<60_000]))
+        // The relay receives all 60,000 but delivers only 25,000 before it dies.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 60_000, alignment: 1)
+        defer { buffer.deallocate() }
+        var received = 0
+        while received < 60_000 {
+            await pair.guest.waitReceivable()
+            received += await pair.guest.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[received...]))
+        }
+        pair.guest.willDeliver(25_000)
+        pair.guest.delivered(25_000)
+        var delivered = Array(buffer[..<25_000])
+        pair.guest.willDeliver(35_000)  // killed inside this write: it may or may not have gone in
+        pair.cutCurrentLink()
+        pair.guest.close()
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 25_000 && recovered.uncertain == 35_000)
+
+        let successor = pair.restartGuest(resumeAt: recovered.inputResumesAt, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        try await pair.host.sendBytes(Array(sent[60_000...]))
+        let finished = Task { await pair.host.finish() }
+        // The successor's relay: receives, then delivers (and says so).
+        while true {
+            await successor.waitReceivable()
+            let count = await successor.receive(into: buffer)
+            if count == 0 { break }
+            successor.willDeliver(count)
+            delivered += Array(buffer[..<count])
+            successor.delivered(count)
+        }
+        #expect(await finished.value == 0)
+        #expect(pair.host.statistics.lost.bytes == 0 && successor.statistics.lost.bytes == 0, "the host still held what was not delivered")
+        #expect(delivered == sent, "every byte once, in order (the interrupted write is the one window, and it was not taken here)")
+    }
+}
