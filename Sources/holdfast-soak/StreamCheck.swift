@@ -23,6 +23,21 @@ final class StreamCheck: Sendable {
         var received = 0
         var firstDifference: Int?
         var ended = false
+        /// Bytes the stream reported lost (a broker crash's GAP): skipped in the expected content.
+        var lost = 0
+
+        /// The next expected piece becomes `current` (false: there is none). Expected bytes are
+        /// hashed as they are consumed, so skipped ones never are.
+        mutating func startNextPiece() -> Bool {
+            guard nextPiece < pieces.count else { return false }
+            var rendered: [UInt8] = []
+            pieces[nextPiece].render(into: &rendered)
+            nextPiece += 1
+            expectedRendered += rendered.count
+            current = rendered
+            position = 0
+            return true
+        }
     }
 
     struct Result: Sendable {
@@ -33,7 +48,9 @@ final class StreamCheck: Sendable {
         var expectedDigest: String
         var firstDifference: Int?
         var ended: Bool
-        var passed: Bool { ended && received == expected && receivedDigest == expectedDigest }
+        var lost: Int
+        /// Every byte arrived once, in order, except exactly the ones reported lost.
+        var passed: Bool { ended && received + lost == expected && receivedDigest == expectedDigest }
     }
 
     init(name: String, expected: [Piece]) {
@@ -49,21 +66,15 @@ final class StreamCheck: Sendable {
             var offset = 0
             while offset < chunk.count {
                 if s.position == s.current.count {
-                    guard s.nextPiece < s.pieces.count else {
+                    guard s.startNextPiece() else {
                         // More than expected.
                         if s.firstDifference == nil { s.firstDifference = s.received + offset }
                         break
                     }
-                    var rendered: [UInt8] = []
-                    s.pieces[s.nextPiece].render(into: &rendered)
-                    s.nextPiece += 1
-                    s.expectedHash.update(data: rendered)
-                    s.expectedRendered += rendered.count
-                    s.current = rendered
-                    s.position = 0
                     continue
                 }
                 let count = min(chunk.count - offset, s.current.count - s.position)
+                s.expectedHash.update(data: s.current[s.position..<s.position + count])
                 if s.firstDifference == nil {
                     let equal = chunk.withUnsafeBytes { got in
                         s.current.withUnsafeBytes { want in
@@ -83,6 +94,24 @@ final class StreamCheck: Sendable {
         }
     }
 
+    /// The stream reported `count` bytes lost here, before the next chunk: the expected content
+    /// skips them (unhashed), so every other byte must still match, in place.
+    func skip(_ count: Int) {
+        state.withLockedValue { s in
+            var left = count
+            while left > 0 {
+                if s.position == s.current.count {
+                    guard s.startNextPiece() else { break }
+                    continue
+                }
+                let take = min(left, s.current.count - s.position)
+                s.position += take
+                left -= take
+            }
+            s.lost += count
+        }
+    }
+
     func ended() {
         state.withLockedValue { $0.ended = true }
     }
@@ -90,21 +119,16 @@ final class StreamCheck: Sendable {
     /// Renders whatever expected content was not reached, and compares.
     func result() -> Result {
         state.withLockedValue { s in
-            while s.nextPiece < s.pieces.count {
-                var rendered: [UInt8] = []
-                s.pieces[s.nextPiece].render(into: &rendered)
-                s.nextPiece += 1
-                s.expectedHash.update(data: rendered)
-                s.expectedRendered += rendered.count
-            }
+            s.expectedHash.update(data: s.current[s.position...])
+            while s.startNextPiece() { s.expectedHash.update(data: s.current) }
             s.current = []
             s.pieces = []
             let expectedDigest = hex(s.expectedHash.finalize())
             let receivedDigest = hex(s.receivedHash.finalize())
-            if s.firstDifference == nil, s.received < s.expectedRendered { s.firstDifference = s.received }
+            if s.firstDifference == nil, s.received + s.lost < s.expectedRendered { s.firstDifference = s.received }
             return Result(
                 name: name, received: s.received, expected: s.expectedRendered, receivedDigest: receivedDigest,
-                expectedDigest: expectedDigest, firstDifference: s.firstDifference, ended: s.ended)
+                expectedDigest: expectedDigest, firstDifference: s.firstDifference, ended: s.ended, lost: s.lost)
         }
     }
 }
