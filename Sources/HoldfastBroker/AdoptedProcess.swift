@@ -16,15 +16,18 @@ enum StreamTransport: Sendable {
     case raw(ConnSlot<AsyncFD>)
     case resumable(ResumableStream<AsyncFD>)
 
+    /// - Parameters:
+    ///   - checkpoint: a resumable stream's slot in the shared checkpoint area, if it has one.
+    ///   - resumeAt: where a stream taken over from a crashed broker goes on (nil: a new stream).
     static func make(
         _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
-        observer: (@Sendable (SlotEvent) -> Void)? = nil
+        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         switch (mode, endpoint.token, endpoint.secret) {
         case (.resumable, let token?, let secret?):
             return .resumable(GuestStreams.resumable(
                 to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
-                policy: settings.redialPolicy, observer: observer))
+                policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, observer: observer))
         case (.resumable, _, _):
             // AdoptCheck refuses a resumable stream without its token and secret.
             preconditionFailure("a validated resumable stream without its token or secret")
@@ -93,12 +96,11 @@ enum StreamTransport: Sendable {
         return (statistics.lastDialError, statistics.dialFailuresSinceConnected > 0 ? statistics.dialFailuresSinceConnected : nil)
     }
 
-    /// Bytes a broker crash took from this stream (0 for a raw one: it keeps nothing in memory).
-    var lostBytes: UInt64 {
-        switch self {
-        case .raw: return 0
-        case .resumable(let stream): return stream.statistics.lost.bytes
-        }
+    /// Bytes a broker crash took from this stream (reported to the host as a gap); nil when none.
+    var lostBytes: UInt64? {
+        guard case .resumable(let stream) = self else { return nil }
+        let lost = stream.statistics.lost.bytes
+        return lost > 0 ? lost : nil
     }
 
     /// (bytes to the host, bytes from the host, reconnects)
@@ -128,6 +130,9 @@ final class ManagedStream: Sendable {
     /// The host ended this input: the relay is seeing its END echo home (see `start`).
     private let inputEnded = NIOLockedValueBox(false)
     private let lingerTimeout: Duration
+    /// Tells the supervisor the stdin pipe was closed here: it holds a copy (so a broker crash
+    /// gives the process no end-of-file), which must close too for the process to see one.
+    private let inputClosed: @Sendable () -> Void
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
@@ -137,11 +142,18 @@ final class ManagedStream: Sendable {
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
+        self.inputClosed = { [weak broker] in broker?.inputEnded(process) }
         func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
             let name = description.kind == .tty && direction == .receive ? "tty/input" : description.kind.rawValue
             let watch = DialWatch(process: process, stream: name, address: endpoint.addressText, broker: broker)
             let metrics = broker.metrics.slotObserver()
-            let made = StreamTransport.make(endpoint, mode: description.mode, direction: direction, settings: broker.settings) { event in
+            // Broker.adopt checked the slot exists. Read before the stream starts, which
+            // overwrites it.
+            let checkpoint = endpoint.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) }
+            let resumeAt = description.resume == true ? checkpoint.flatMap { broker.recover($0, process: process, stream: name, direction: direction) } : nil
+            let made = StreamTransport.make(
+                endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt
+            ) { event in
                 metrics(event)
                 watch.event(event)
             }
@@ -173,6 +185,7 @@ final class ManagedStream: Sendable {
         let input = input
         let inputEnded = inputEnded
         let lingerTimeout = lingerTimeout
+        let inputClosed = inputClosed
         // On the reactor's thread: a relay woken by readiness continues where it was seen.
         let task = Task(executorPreference: Reactor.shared) { () -> [RelayReport] in
             switch (output, input) {
@@ -197,11 +210,13 @@ final class ManagedStream: Sendable {
                 // that moment) left the host waiting for a reconnect that never came, and
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
+                    inputClosed()
                     handle.close()
                     input.close()
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
+                inputClosed()
                 handle.close()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 return [report]
@@ -243,7 +258,7 @@ final class ManagedStream: Sendable {
             result.append(StreamStatus(
                 process: process, kind: description.kind, mode: description.mode, address: description.address,
                 state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
-                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures))
+                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures, lostBytes: output.lostBytes))
         }
         if let input {
             let (toHost, fromHost, reconnects) = input.figures
@@ -251,7 +266,7 @@ final class ManagedStream: Sendable {
                 process: process, kind: description.kind, direction: description.kind == .tty ? "input" : nil,
                 mode: description.mode, address: description.inputAddress ?? description.address, state: input.state,
                 bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
-                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures))
+                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures, lostBytes: input.lostBytes))
         }
         return result
     }
@@ -334,12 +349,13 @@ final class AdoptedProcess: Sendable {
                 group.addTask {
                     if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
                         stream.handle.close()
-                        let lost = stream.transports.reduce(0) { $0 + $1.lostBytes }
                         return (index, .init(
                             kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue,
-                            lost: lost > 0 ? lost : nil))
+                            lost: stream.output?.lostBytes))
                     }
-                    return (index, .init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+                    return (index, .init(
+                        kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open",
+                        lost: stream.output?.lostBytes))
                 }
             }
             var byIndex: [Int: DrainedNotification.StreamResult] = [:]
@@ -349,7 +365,7 @@ final class AdoptedProcess: Sendable {
         results += outputs.indices.compactMap { finished[$0] }
         // An input reports only what a crash took from it (its bytes are not output to drain).
         for stream in all where stream.output == nil {
-            let lost = stream.transports.reduce(0) { $0 + $1.lostBytes }
+            let lost = stream.transports.reduce(0) { $0 + ($1.lostBytes ?? 0) }
             if lost > 0 {
                 results.append(.init(kind: stream.description.kind, bytes: stream.input?.figures.1 ?? 0, undelivered: 0, ending: "input", lost: lost))
             }
