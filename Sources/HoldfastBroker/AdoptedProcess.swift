@@ -99,7 +99,7 @@ enum StreamTransport: Sendable {
     /// Bytes a broker crash took from this stream (reported to the host as a gap); nil when none.
     var lostBytes: UInt64? {
         guard case .resumable(let stream) = self else { return nil }
-        let lost = stream.statistics.lost.bytes
+        let lost = stream.statistics.lostBytesInAll
         return lost > 0 ? lost : nil
     }
 

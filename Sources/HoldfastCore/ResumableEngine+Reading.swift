@@ -98,6 +98,7 @@ extension ResumableStream.Engine {
         case .body, .nothing:
             return nil
         case .skipped:
+            noteLoss(state.withLockedValue { $0.receiver.lost })
             pump?.resume()
             return nil
         case .ended:

@@ -34,6 +34,29 @@ extension ResumableStream {
         let restarted: Bool
         /// Where the stream's progress is kept for a relay that outlives a crash of this one.
         let checkpoint: StreamCheckpoint?
+        /// Bytes earlier incarnations of this stream reported lost, and where the highest of
+        /// them ended (from the checkpoint).
+        let lostBefore: (bytes: UInt64, to: UInt64)
+
+        /// This stream's loss over every incarnation: the earlier ones' count, and this one's
+        /// ranges above what they already counted.
+        func lostInAll(_ record: GapRecord) -> (bytes: UInt64, to: UInt64) {
+            var bytes = lostBefore.bytes
+            var to = lostBefore.to
+            for range in record.ranges {
+                let from = max(range.lowerBound, lostBefore.to)
+                if range.upperBound > from { bytes += range.upperBound - from }
+                to = max(to, range.upperBound)
+            }
+            return (bytes, to)
+        }
+
+        /// A gap was recorded: the checkpoint keeps the total for a successor.
+        func noteLoss(_ record: GapRecord) {
+            guard let checkpoint else { return }
+            let all = lostInAll(record)
+            checkpoint.lost(total: all.bytes, to: all.to)
+        }
 
         init(
             direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?,
@@ -45,6 +68,9 @@ extension ResumableStream {
             self.restarted = resumeAt != nil
             self.checkpoint = checkpoint
             let start = resumeAt ?? 0
+            // What earlier incarnations lost is this stream's too (read before `start` below).
+            let earlier = resumeAt != nil ? checkpoint?.recovered : nil
+            self.lostBefore = (earlier?.lost ?? 0, earlier?.lostTo ?? 0)
             self.state = NIOLockedValueBox(
                 State(
                     sender: ResumableSender(
@@ -65,6 +91,7 @@ extension ResumableStream {
                 stats.ringBlocks = s.sender.ring.blockCount
                 stats.replayedBytes = s.sender.replayedBytes
                 stats.lost = direction == .send ? s.sender.lost : s.receiver.lost
+                stats.lostBytesInAll = lostInAll(stats.lost).bytes
                 stats.ended = direction == .send ? s.sender.endEchoReceived : s.receiver.inboundFinal != nil
                 return stats
             }
@@ -154,10 +181,12 @@ extension ResumableStream {
                     case .receive:
                         try s.receiver.acceptHello(peerReceived: peer.receivedOffset)
                     case .send:
+                        let lostSoFar = s.sender.lost.bytes
                         if try s.sender.acceptHello(peerReceived: peer.receivedOffset, peerRestarted: peer.restarted) {
                             wake = s.takeProgressWaiters()
                             checkpoint?.acknowledged(s.sender.acknowledged)
                         }
+                        if s.sender.lost.bytes != lostSoFar { noteLoss(s.sender.lost) }
                     }
                 } catch {
                     return error

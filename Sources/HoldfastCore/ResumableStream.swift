@@ -311,6 +311,10 @@ public struct ResumableStatistics: Sendable, Equatable {
     /// Connections dropped for a protocol violation after the hello.
     public var protocolErrors: UInt64 = 0
     public var ended = false
-    /// Offsets that will never arrive (a relay's crash took them; each side reports them).
+    /// Offsets that will never arrive (a relay's crash took them; each side reports them), as
+    /// this end saw them...
     public var lost = GapRecord()
+    /// ...and the bytes lost over every incarnation of this end (a resumed end carries its
+    /// predecessors' count in the checkpoint).
+    public var lostBytesInAll: UInt64 = 0
 }

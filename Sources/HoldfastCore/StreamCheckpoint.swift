@@ -27,6 +27,8 @@ public struct StreamCheckpoint: @unchecked Sendable {
         case acknowledged = 24
         case start = 32
         case restarts = 40
+        case lost = 48
+        case lostTo = 56
     }
 
     /// What a checkpoint said when its writer died.
@@ -40,6 +42,12 @@ public struct StreamCheckpoint: @unchecked Sendable {
         /// Where the last incarnation started, and how many incarnations resumed before it.
         public var start: UInt64
         public var restarts: UInt64
+        /// Bytes reported lost (GAP) by every incarnation so far: a stream's loss is counted
+        /// once, however many brokers carried it.
+        public var lost: UInt64
+        /// The end of the highest range counted in `lost`: a later incarnation told the same
+        /// bytes again (its GAP lost with a connection) does not count them twice.
+        public var lostTo: UInt64
 
         /// An output stream resumes after every byte that may have left the pipe: the
         /// uncertain ones, if any, are reported missing.
@@ -62,9 +70,12 @@ public struct StreamCheckpoint: @unchecked Sendable {
     private func store(_ value: UInt64, _ field: Field) { base.storeBytes(of: value, toByteOffset: field.rawValue, as: UInt64.self) }
 
     /// A stream (re)starts at `offset`: a fresh stream at 0, a resumed one where its recovery
-    /// said. The restart count survives a resume.
+    /// said. The restart count and the loss so far survive a resume.
     public func start(at offset: UInt64, resumed: Bool) {
-        let restarts = resumed && load(.magic) == Self.magic ? load(.restarts) + 1 : 0
+        let carried = resumed && load(.magic) == Self.magic
+        let restarts = carried ? load(.restarts) + 1 : 0
+        store(carried ? load(.lost) : 0, .lost)
+        store(carried ? load(.lostTo) : 0, .lostTo)
         store(offset, .state)
         store(0, .pendingLength)
         store(offset, .acknowledged)
@@ -90,6 +101,13 @@ public struct StreamCheckpoint: @unchecked Sendable {
         store(offset, .acknowledged)
     }
 
+    /// The stream's loss over every incarnation is now `total` bytes, the highest of it ending
+    /// at `to`.
+    public func lost(total: UInt64, to: UInt64) {
+        store(to, .lostTo)
+        store(total, .lost)
+    }
+
     /// The slot is free again (its process is gone).
     public func clear() {
         store(0, .magic)
@@ -103,6 +121,7 @@ public struct StreamCheckpoint: @unchecked Sendable {
         let pending = state & Self.pendingBit != 0
         return Recovered(
             taken: state & ~Self.pendingBit, uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
-            acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts))
+            acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts), lost: load(.lost),
+            lostTo: load(.lostTo))
     }
 }

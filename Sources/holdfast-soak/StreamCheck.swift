@@ -122,7 +122,9 @@ final class StreamCheck: Sendable {
             s.expectedHash.update(data: s.current[s.position...])
             while s.startNextPiece() { s.expectedHash.update(data: s.current) }
             s.current = []
+            s.position = 0
             s.pieces = []
+            s.nextPiece = 0
             let expectedDigest = hex(s.expectedHash.finalize())
             let receivedDigest = hex(s.receivedHash.finalize())
             if s.firstDifference == nil, s.received + s.lost < s.expectedRendered { s.firstDifference = s.received }

@@ -58,6 +58,17 @@ struct StreamCheckpointTests {
         #expect(recovered.inputResumesAt == 1000, "an input resumes at the first byte not known to be in the pipe")
     }
 
+    @Test func lossIsCarriedAcrossIncarnationsAndCountedOnce() throws {
+        let memory = SlotMemory()
+        memory.checkpoint.start(at: 0, resumed: false)
+        memory.checkpoint.lost(total: 27, to: 207)
+        memory.checkpoint.start(at: 207, resumed: true)
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.lost == 27 && recovered.lostTo == 207)
+        memory.checkpoint.start(at: 0, resumed: false)
+        #expect(try #require(memory.checkpoint.recovered).lost == 0, "a new stream in the slot starts clean")
+    }
+
     @Test func aResumeCountsTheRestartAndStartsWhereItWasTold() throws {
         let memory = SlotMemory()
         memory.checkpoint.start(at: 0, resumed: false)
@@ -236,6 +247,12 @@ struct CrashResumeStreamTests {
         #expect(received.count == 200_000)
         #expect(received.elementsEqual(sent[..<100_000] + sent[200_000...]), "every other byte once, in order")
         #expect(try #require(memory.checkpoint.recovered).restarts == 1)
+        #expect(try #require(memory.checkpoint.recovered).lost == 100_000, "the checkpoint carries the loss to the next incarnation")
+
+        // A third incarnation: its predecessor's loss is counted in its figures, once.
+        let third = pair.restartGuest(resumeAt: try #require(memory.checkpoint.recovered).outputResumesAt, checkpoint: memory.checkpoint)
+        defer { third.close() }
+        #expect(third.statistics.lostBytesInAll == 100_000)
     }
 
     /// stdin: the guest relay acknowledges only bytes it delivered, so when it dies with bytes
