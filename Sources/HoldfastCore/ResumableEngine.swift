@@ -60,8 +60,9 @@ extension ResumableStream {
 
         init(
             direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?,
-            resumeAt: UInt64?, checkpoint: StreamCheckpoint?
+            resumeAt: UInt64?, restoring: RestoredRing?, checkpoint: StreamCheckpoint?
         ) {
+            precondition(restoring == nil || restoring?.end == resumeAt, "a restored ring ends where the stream resumes")
             self.direction = direction
             self.configuration = configuration
             self.executor = executor
@@ -74,7 +75,9 @@ extension ResumableStream {
             self.state = NIOLockedValueBox(
                 State(
                     sender: ResumableSender(
-                        ring: ReplayRing(capacity: configuration.ringCapacity, storage: storage, start: start), restarted: resumeAt != nil),
+                        ring: restoring.map { ReplayRing(capacity: configuration.ringCapacity, storage: storage, restoring: $0) }
+                            ?? ReplayRing(capacity: configuration.ringCapacity, storage: storage, start: start),
+                        restarted: resumeAt != nil),
                     receiver: ResumableReceiver(ackEvery: configuration.ackEvery, start: start, 
                         // A checkpointed receiver must acknowledge only what reached the process:
                         // its checkpoint counts delivered bytes, and a successor resumes there.

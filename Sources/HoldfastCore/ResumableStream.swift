@@ -77,6 +77,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     ///   - resumeAt: this end is a new relay taking over from one that crashed: the stream goes
     ///     on at this offset (what its checkpoint recovered), and its hellos say it restarted, so
     ///     bytes the crash took are reported as a gap rather than refused (docs/PROTOCOL.md, "Gaps").
+    ///   - restoring: what the crashed relay's ring held (its storage outlived it): sent again
+    ///     from where the peer stands, so only bytes it never had in that memory are a gap.
     ///   - checkpoint: where to keep this end's progress for such a successor.
     ///   - storage: where the replay ring's blocks come from.
     ///   - executor: where the stream's own tasks run (its pump, its acknowledgement reader):
@@ -87,7 +89,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         configuration: ResumableConfiguration = ResumableConfiguration(),
         policy: RedialPolicy = .default, storage: any RingBlockStorage = BufferPool.ring,
         executor: (any TaskExecutor)? = nil,
-        resumeAt: UInt64? = nil, checkpoint: StreamCheckpoint? = nil,
+        resumeAt: UInt64? = nil, restoring: RestoredRing? = nil, checkpoint: StreamCheckpoint? = nil,
         dial: (@Sendable () async throws -> Transport)? = nil,
         attemptClock: (@Sendable () -> UInt64)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
@@ -98,7 +100,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         self.direction = direction
         self.configuration = configuration
         let engine = Engine(
-            direction: direction, configuration: configuration, storage: storage, executor: executor, resumeAt: resumeAt, checkpoint: checkpoint)
+            direction: direction, configuration: configuration, storage: storage, executor: executor, resumeAt: resumeAt, restoring: restoring,
+            checkpoint: checkpoint)
         let restarted = resumeAt != nil
         self.engine = engine
         var slotDial: ConnSlot<Session>.Dial?

@@ -13,7 +13,7 @@ public final class ResumablePair: Sendable {
     private let links = NIOLockedValueBox<[MemoryPipe]>([])
     private let dials = NIOLockedValueBox(0)
     /// Makes a guest end that dials this pair's host (the first guest, and any successor).
-    private let makeGuestEnd: @Sendable (UInt64?, StreamCheckpoint?) -> Stream
+    private let makeGuestEnd: @Sendable (UInt64?, RestoredRing?, any RingBlockStorage, StreamCheckpoint?) -> Stream
 
     /// - Parameters:
     ///   - guestDirection: `.send` for an output stream (stdout), `.receive` for stdin.
@@ -27,7 +27,8 @@ public final class ResumablePair: Sendable {
         token: String = "test-stream",
         budget: @escaping @Sendable () -> Int? = { nil },
         beforeAccept: @escaping @Sendable (MemoryPipe) async -> Void = { _ in },
-        checkpoint: StreamCheckpoint? = nil
+        checkpoint: StreamCheckpoint? = nil,
+        guestStorage: any RingBlockStorage = BufferPool.ring
     ) {
         let tokenBytes = Array(token.utf8)
         let secret = StreamSecret.random()
@@ -61,19 +62,21 @@ public final class ResumablePair: Sendable {
             }
             return guestEnd
         }
-        makeGuestEnd = { resumeAt, checkpoint in
+        makeGuestEnd = { resumeAt, restoring, storage, checkpoint in
             Stream(
                 token: tokenBytes, secret: secret, role: .guest, direction: guestDirection, configuration: configuration, policy: policy,
-                resumeAt: resumeAt, checkpoint: checkpoint, dial: dial, attemptClock: attemptClock)
+                storage: storage, resumeAt: resumeAt, restoring: restoring, checkpoint: checkpoint, dial: dial, attemptClock: attemptClock)
         }
-        self.guest = makeGuestEnd(nil, checkpoint)
+        self.guest = makeGuestEnd(nil, nil, guestStorage, checkpoint)
     }
 
     /// A new guest end taking over from a crashed one (the first guest must be closed first:
     /// a crash is a relay gone): it resumes at `resumeAt` — what the crashed one's checkpoint
     /// recovered — and connects at once. The caller closes it.
-    public func restartGuest(resumeAt: UInt64, checkpoint: StreamCheckpoint? = nil) -> Stream {
-        let successor = makeGuestEnd(resumeAt, checkpoint)
+    public func restartGuest(
+        resumeAt: UInt64, restoring: RestoredRing? = nil, storage: any RingBlockStorage = BufferPool.ring, checkpoint: StreamCheckpoint? = nil
+    ) -> Stream {
+        let successor = makeGuestEnd(resumeAt, restoring, storage, checkpoint)
         successor.slot.disconnect()
         return successor
     }

@@ -255,6 +255,69 @@ struct CrashResumeStreamTests {
         #expect(third.statistics.lostBytesInAll == 100_000)
     }
 
+    /// stdout with its ring in memory that outlives the relay (the broker's shared ring): the
+    /// successor restores what the ring held and the host gets every byte, once — no gap.
+    @Test func anOutputWhoseRingOutlivesItsRelayLosesNothing() async throws {
+        let memory = SlotMemory()
+        let blockSize = 4096
+        let blockCount = SharedRingStorage.blockCount(capacity: 64 * 1024, blockSize: blockSize)
+        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
+        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        defer { region.deallocate() }
+        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let released = NIOLockedValueBox(0)
+        func storage() -> SharedRingStorage {
+            SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in released.withLockedValue { $0 += 1 } }
+        }
+        let first = storage()
+        first.start(restoringUpTo: nil)
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        let configuration = ResumableConfiguration(ringCapacity: 64 * 1024)
+        let pair = ResumablePair(
+            guestDirection: .send, configuration: configuration, beforeAccept: { pipe in link.withLockedValue { $0 = pipe } },
+            checkpoint: memory.checkpoint, guestStorage: first)
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource()
+        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        let receiver = Task { await pair.host.receiveAll() }
+        func pull(_ count: Int, _ stream: ResumablePair.Stream) async throws {
+            var moved = 0
+            while moved < count {
+                guard case .moved(let got) = try await stream.pull(from: source, pool: .shared) else { continue }
+                moved += got
+            }
+        }
+        source.append(Array(sent[..<40_000]))
+        try await pull(40_000, pair.guest)
+        try await eventually("the host acknowledged the first 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
+        // 50,000 more go into the ring and never reach the host; the relay dies.
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[40_000..<90_000]))
+        try await pull(50_000, pair.guest)
+        pair.guest.close()
+        pair.cutCurrentLink()
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 90_000 && recovered.uncertain == 0)
+
+        // The successor's storage over the same memory reads back what the ring held.
+        let successorStorage = storage()
+        let restored = try #require(successorStorage.start(restoringUpTo: recovered.taken))
+        #expect(restored.end == 90_000)
+        #expect(restored.start <= 40_000, "the ring still holds every byte the host lacks")
+        let successor = pair.restartGuest(
+            resumeAt: recovered.outputResumesAt, restoring: restored, storage: successorStorage, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        source.append(Array(sent[90_000...]))
+        source.finish()
+        while try await successor.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await successor.finish() == 0)
+        let received = await receiver.value
+        #expect(pair.host.statistics.lost.bytes == 0 && successor.statistics.lost.bytes == 0, "nothing lost")
+        #expect(received.count == sent.count)
+        #expect(received.elementsEqual(sent), "every byte once, in order")
+    }
+
     /// stdin: the guest relay acknowledges only bytes it delivered, so when it dies with bytes
     /// received but not delivered, the host still holds them and its successor gets them: no gap.
     @Test func anInputThatAcknowledgesDeliveredBytesLosesNothingWhenItsRelayDies() async throws {
