@@ -154,10 +154,13 @@ extension ResumableStream {
                     case .receive:
                         try s.receiver.acceptHello(peerReceived: peer.receivedOffset)
                     case .send:
+                        let lostBefore = s.sender.lost.bytes
                         if try s.sender.acceptHello(peerReceived: peer.receivedOffset, peerRestarted: peer.restarted) {
                             wake = s.takeProgressWaiters()
                             checkpoint?.acknowledged(s.sender.acknowledged)
                         }
+                        // A successor reports the gaps its predecessors told of, too.
+                        if s.sender.lost.bytes > lostBefore { checkpoint?.addLost(peer.receivedOffset..<s.sender.acknowledged) }
                     }
                 } catch {
                     return error

@@ -27,6 +27,11 @@ public struct StreamCheckpoint: @unchecked Sendable {
         case acknowledged = 24
         case start = 32
         case restarts = 40
+        /// Bytes every incarnation so far told the peer were lost (GAP frames it sent).
+        case lost = 48
+        /// Every gap below this offset is counted in `lost` (a peer that missed a GAP frame is
+        /// told again by a successor: counted once).
+        case lostUpTo = 56
     }
 
     /// What a checkpoint said when its writer died.
@@ -40,6 +45,8 @@ public struct StreamCheckpoint: @unchecked Sendable {
         /// Where the last incarnation started, and how many incarnations resumed before it.
         public var start: UInt64
         public var restarts: UInt64
+        /// Bytes the stream's incarnations have reported lost so far.
+        public var lost: UInt64 = 0
 
         /// An output stream resumes after every byte that may have left the pipe: the
         /// uncertain ones, if any, are reported missing.
@@ -62,9 +69,12 @@ public struct StreamCheckpoint: @unchecked Sendable {
     private func store(_ value: UInt64, _ field: Field) { base.storeBytes(of: value, toByteOffset: field.rawValue, as: UInt64.self) }
 
     /// A stream (re)starts at `offset`: a fresh stream at 0, a resumed one where its recovery
-    /// said. The restart count survives a resume.
+    /// said. The restart count and the lost bytes survive a resume.
     public func start(at offset: UInt64, resumed: Bool) {
-        let restarts = resumed && load(.magic) == Self.magic ? load(.restarts) + 1 : 0
+        let carried = resumed && load(.magic) == Self.magic
+        let restarts = carried ? load(.restarts) + 1 : 0
+        store(carried ? load(.lost) : 0, .lost)
+        store(carried ? load(.lostUpTo) : 0, .lostUpTo)
         store(offset, .state)
         store(0, .pendingLength)
         store(offset, .acknowledged)
@@ -90,6 +100,20 @@ public struct StreamCheckpoint: @unchecked Sendable {
         store(offset, .acknowledged)
     }
 
+    /// The stream told its peer that the bytes of `range` were lost (a GAP). What an earlier
+    /// incarnation counted already is not counted again.
+    public func addLost(_ range: Range<UInt64>) {
+        let counted = load(.lostUpTo)
+        guard range.upperBound > counted else { return }
+        store(load(.lost) + range.upperBound - max(range.lowerBound, counted), .lost)
+        store(range.upperBound, .lostUpTo)
+    }
+
+    /// Bytes lost so far, over every incarnation (0 for a slot never started or cleared).
+    public var lostSoFar: UInt64 {
+        load(.magic) == Self.magic ? load(.lost) : 0
+    }
+
     /// The slot is free again (its process is gone).
     public func clear() {
         store(0, .magic)
@@ -103,6 +127,6 @@ public struct StreamCheckpoint: @unchecked Sendable {
         let pending = state & Self.pendingBit != 0
         return Recovered(
             taken: state & ~Self.pendingBit, uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
-            acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts))
+            acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts), lost: load(.lost))
     }
 }
