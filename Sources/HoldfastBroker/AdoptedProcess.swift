@@ -96,7 +96,9 @@ enum StreamTransport: Sendable {
         return (statistics.lastDialError, statistics.dialFailuresSinceConnected > 0 ? statistics.dialFailuresSinceConnected : nil)
     }
 
-    /// Bytes a broker crash took from this stream (reported to the host as a gap); nil when none.
+    /// Bytes broker crashes took from this stream (reported to the host as gaps); nil when
+    /// none. Those every broker before this one reported count too (the engine reads them from
+    /// the checkpoint).
     var lostBytes: UInt64? {
         guard case .resumable(let stream) = self else { return nil }
         let lost = stream.statistics.lostBytesInAll
@@ -124,6 +126,9 @@ final class ManagedStream: Sendable {
     let handle: AsyncFD
     /// To the host: stdout, stderr, a tty's output.
     let output: StreamTransport?
+    /// Where the output's and the input's progress is kept, if they have slots.
+    let outputCheckpoint: StreamCheckpoint?
+    let inputCheckpoint: StreamCheckpoint?
     /// From the host: stdin, a tty's input.
     let input: StreamTransport?
     private let relay = NIOLockedValueBox<Task<[RelayReport], Never>?>(nil)
@@ -171,6 +176,9 @@ final class ManagedStream: Sendable {
             output = transport(stream.primary, .send)
             input = stream.ttyInput.map { transport($0, .receive) }
         }
+        let slot = { (endpoint: ValidatedEndpoint?) in endpoint?.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) } }
+        outputCheckpoint = output == nil ? nil : slot(stream.primary)
+        inputCheckpoint = input == nil ? nil : slot(description.kind == .stdin ? stream.primary : stream.ttyInput)
     }
 
     var transports: [StreamTransport] { [output, input].compactMap { $0 } }
@@ -258,7 +266,8 @@ final class ManagedStream: Sendable {
             result.append(StreamStatus(
                 process: process, kind: description.kind, mode: description.mode, address: description.address,
                 state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
-                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures, lostBytes: output.lostBytes))
+                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures,
+                lostBytes: output.lostBytes))
         }
         if let input {
             let (toHost, fromHost, reconnects) = input.figures
@@ -266,7 +275,8 @@ final class ManagedStream: Sendable {
                 process: process, kind: description.kind, direction: description.kind == .tty ? "input" : nil,
                 mode: description.mode, address: description.inputAddress ?? description.address, state: input.state,
                 bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
-                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures, lostBytes: input.lostBytes))
+                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures,
+                lostBytes: input.lostBytes))
         }
         return result
     }

@@ -33,6 +33,8 @@ struct StdioStore {
         var exited = false
         /// The incarnation that was told (nil: none yet).
         var exitSentTo: Int?
+        /// The broker that has it now was handed no stream (the only one, stdin, had ended).
+        var nothingHandedOver = false
     }
 
     /// What a broker started after a crash is sent for one process: the request with `resume`
@@ -119,6 +121,7 @@ struct StdioStore {
                 request.streams.append(stream)
                 descriptors.append(fd)
             }
+            held[process]?.nothingHandedOver = request.streams.isEmpty
             claimed.append(Readoption(process: process, request: request, descriptors: descriptors))
         }
         return claimed
@@ -133,14 +136,28 @@ struct StdioStore {
         held[process]?.exited = true
     }
 
+    /// What to do about an exited process's streams.
+    enum ExitDelivery {
+        /// Tell this broker (`processExited`): it has the streams and was not told yet.
+        case tell(ControlClient)
+        /// Nothing is left to drain (its only stream, stdin, was ended): report it now.
+        case nothingToDrain
+        /// Not exited, or no broker has its streams yet (the next one is told), or told already.
+        case notDue
+    }
+
     /// If `process` exited and the current broker has its streams but was not told yet: marks it
     /// told and returns the broker's channel (the caller sends `processExited`).
-    mutating func takeExitDue(_ process: String) -> ControlClient? {
+    mutating func takeExitDue(_ process: String) -> ExitDelivery {
         guard let entry = held[process], entry.exited, let client, entry.adoption == .adopted(incarnation),
             entry.exitSentTo != incarnation
-        else { return nil }
+        else { return .notDue }
+        guard !entry.nothingHandedOver else {
+            held[process]?.exitSentTo = incarnation
+            return .nothingToDrain
+        }
         held[process]?.exitSentTo = incarnation
-        return client
+        return .tell(client)
     }
 
     /// The broker closed `process`'s stdin: returns the fd to close (nil if none is held).

@@ -27,6 +27,13 @@ extension Supervisor {
             guard !batch.isEmpty else { return }
             for item in batch {
                 defer { for fd in item.descriptors where fd >= 0 { close(fd) } }
+                // Its only stream (stdin) was ended: nothing to hand over; its exit is reported
+                // without a drain.
+                guard !item.request.streams.isEmpty else {
+                    stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
+                    await deliverExit(item.process)
+                    continue
+                }
                 guard !item.descriptors.contains(where: { $0 < 0 }) else {
                     logger.error("cannot copy a process's fds for the restarted broker", metadata: [
                         "process": "\(item.process)", "error": "\(SystemError.last("fcntl(F_DUPFD_CLOEXEC)"))",
@@ -59,7 +66,14 @@ extension Supervisor {
     /// `drained` notification then completes it. Nothing happens while the broker restarts: the
     /// next one is told once it has the streams.
     func deliverExit(_ process: String) async {
-        guard let client = stdio.withLockedValue({ $0.takeExitDue(process) }) else { return }
+        let client: ControlClient
+        switch stdio.withLockedValue({ $0.takeExitDue(process) }) {
+        case .tell(let broker): client = broker
+        case .notDue: return
+        case .nothingToDrain:
+            if let report = entry(process)?.report { complete(process, report) }
+            return
+        }
         var exited = ProcessExitedRequest(process: process)
         if let deadline = session.withLockedValue({ $0.drainDeadline }) {
             // Stopping: the drain may take only what is left before the exits must go out.
