@@ -21,13 +21,15 @@ enum StreamTransport: Sendable {
     ///   - resumeAt: where a stream taken over from a crashed broker goes on (nil: a new stream).
     static func make(
         _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
-        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, observer: (@Sendable (SlotEvent) -> Void)? = nil
+        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, ring: (storage: SharedRingStorage, restored: RestoredRing?)? = nil,
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         switch (mode, endpoint.token, endpoint.secret) {
         case (.resumable, let token?, let secret?):
             return .resumable(GuestStreams.resumable(
                 to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
-                policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, observer: observer))
+                policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, storage: ring?.storage, restoring: ring?.restored,
+                observer: observer))
         case (.resumable, _, _):
             // AdoptCheck refuses a resumable stream without its token and secret.
             preconditionFailure("a validated resumable stream without its token or secret")
@@ -155,9 +157,23 @@ final class ManagedStream: Sendable {
             // Broker.adopt checked the slot exists. Read before the stream starts, which
             // overwrites it.
             let checkpoint = endpoint.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) }
-            let resumeAt = description.resume == true ? checkpoint.flatMap { broker.recover($0, process: process, stream: name, direction: direction) } : nil
+            let resumes = description.resume == true
+            let recovered = resumes ? checkpoint?.recovered : nil
+            let resumeAt = resumes ? checkpoint.flatMap { broker.recover($0, process: process, stream: name, direction: direction) } : nil
+            // An output's replay ring lives in the shared ring area when its slot has one: a
+            // resumed stream gets back what the crashed broker's ring held (unless the crash came
+            // inside a read: then the bytes after its offset cannot be told apart, and the gap
+            // covers the ring too).
+            var ring: (storage: SharedRingStorage, restored: RestoredRing?)?
+            if direction == .send, description.mode == .resumable, let slot = endpoint.checkpoint, let storage = broker.rings?.storage(slot) {
+                let restoreUpTo = recovered.flatMap { $0.uncertain == 0 ? $0.taken : nil }
+                let restored = storage.start(restoringUpTo: resumeAt == nil ? nil : restoreUpTo)
+                if let restored { broker.restoredRing(restored, process: process, stream: name) }
+                ring = (storage, restored)
+            }
             let made = StreamTransport.make(
-                endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt
+                endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt,
+                ring: ring
             ) { event in
                 metrics(event)
                 watch.event(event)

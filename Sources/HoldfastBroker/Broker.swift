@@ -32,6 +32,9 @@ public final class Broker: Sendable {
     /// The supervisor's shared checkpoint area (`--checkpoints-fd`): where resumable streams
     /// keep their progress, so a broker started after this one crashed resumes them.
     let checkpoints: CheckpointMemory?
+    /// The supervisor's shared ring area (`--rings-fd`): output streams' replay rings, so what
+    /// they held outlives this broker too.
+    let rings: RingMemory?
 
     struct Totals: Sendable {
         var bytesToHost: UInt64 = 0
@@ -42,12 +45,13 @@ public final class Broker: Sendable {
     }
 
     public init(
-        settings: BrokerSettings, logger: Logger, checkpoints: CheckpointMemory? = nil,
+        settings: BrokerSettings, logger: Logger, checkpoints: CheckpointMemory? = nil, rings: RingMemory? = nil,
         notify: @escaping @Sendable (BrokerNotification) async -> Void
     ) {
         self.settings = settings
         self.logger = logger
         self.checkpoints = checkpoints
+        self.rings = rings
         self.notify = notify
     }
 
@@ -139,6 +143,14 @@ public final class Broker: Sendable {
             logger.warning("stream resumed after a crash mid-write: bytes from..<to may reach the process twice", metadata: metadata)
         }
         return resumeAt
+    }
+
+    /// A resumed output got back what the crashed broker's ring held.
+    func restoredRing(_ restored: RestoredRing, process: String, stream: String) {
+        logger.info("replay ring restored from shared memory", metadata: [
+            "process": "\(process)", "stream": "\(stream)", "from": "\(restored.start)", "to": "\(restored.end)",
+            "bytes": "\(restored.end - restored.start)",
+        ])
     }
 
     /// A process's stdin pipe was closed here: the supervisor closes its copy.

@@ -37,11 +37,11 @@ public final class BrokerService: Sendable {
         }
     }
 
-    public init(settings: BrokerSettings, logger: Logger, checkpoints: CheckpointMemory? = nil) {
+    public init(settings: BrokerSettings, logger: Logger, checkpoints: CheckpointMemory? = nil, rings: RingMemory? = nil) {
         self.logger = logger
         let channel = NIOLockedValueBox<FDChannel?>(nil)
         self.supervisorChannel = channel
-        self.broker = Broker(settings: settings, logger: logger, checkpoints: checkpoints) { notification in
+        self.broker = Broker(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings) { notification in
             guard let channel = channel.withLockedValue({ $0 }) else { return }
             try? await channel.send(notification.frame.encoded)
         }

@@ -52,6 +52,9 @@ extension BufferPool: RingBlockStorage {
 /// reserved (the producer's regions) or pinned (the blocks a sender is writing from) — a hostile
 /// early acknowledgement cannot free memory under a write in progress.
 public final class ReplayRing: @unchecked Sendable {
+    /// A block: 64 KiB (a heap pool's, or a shared ring region's).
+    public static let defaultBlockSize = 64 * 1024
+
     public let capacity: Int
     private let storage: any RingBlockStorage
     private let blockSize: Int

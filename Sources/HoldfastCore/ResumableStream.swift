@@ -296,7 +296,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
 extension BufferPool {
     /// Replay-ring blocks: 64 KiB each.
-    public static let ring = BufferPool(bufferSize: 64 * 1024, retained: 64)
+    public static let ring = BufferPool(bufferSize: ReplayRing.defaultBlockSize, retained: 64)
 }
 
 public struct ResumableStatistics: Sendable, Equatable {

@@ -102,3 +102,56 @@ public final class CheckpointMemory: Sendable {
         return StreamCheckpoint(slot: memory.base + slot * StreamCheckpoint.slotSize)
     }
 }
+
+/// The replay rings of output streams in shared memory, one region per checkpoint slot
+/// (`SharedRingStorage`): what a killed broker's rings held is still there for the next one,
+/// so a crash costs no byte the host had not received — only, at most, one interrupted read.
+/// The supervisor creates it (sparse: a region costs memory only while its ring holds bytes,
+/// and an idle ring's pages are released) and hands it to every broker.
+public final class RingMemory: Sendable {
+    public let memory: SharedMemory
+    public let blockSize: Int
+    public let blockCount: Int
+    public let regionSize: Int
+    public var slotCount: Int { memory.size / regionSize }
+    public var descriptor: Int32 { memory.descriptor }
+
+    /// Slots with a ring (a checkpoint slot beyond them gets a heap ring: lost in a crash, and
+    /// reported as such).
+    public static let defaultSlotCount = 16_384
+
+    init(memory: SharedMemory, capacity: Int, blockSize: Int) {
+        self.memory = memory
+        self.blockSize = blockSize
+        self.blockCount = SharedRingStorage.blockCount(capacity: capacity, blockSize: blockSize)
+        self.regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
+    }
+
+    /// A new area for rings of `capacity` bytes (the supervisor's).
+    public static func create(capacity: Int, blockSize: Int, slots: Int = RingMemory.defaultSlotCount) throws(SystemError) -> RingMemory {
+        let count = SharedRingStorage.blockCount(capacity: capacity, blockSize: blockSize)
+        let size = slots * SharedRingStorage.regionSize(blockSize: blockSize, blockCount: count)
+        return RingMemory(memory: try SharedMemory.create(name: "holdfast-rings", size: size), capacity: capacity, blockSize: blockSize)
+    }
+
+    /// The area an inherited fd names (the broker's), for rings of `capacity` bytes: the same
+    /// layout as the supervisor's, computed from the same settings.
+    public static func inherit(_ fd: Int32, capacity: Int, blockSize: Int) throws(SystemError) -> RingMemory {
+        RingMemory(memory: try SharedMemory.inherit(fd), capacity: capacity, blockSize: blockSize)
+    }
+
+    /// The ring storage of `slot`; nil when the area has no such slot.
+    public func storage(_ slot: Int) -> SharedRingStorage? {
+        guard slot >= 0, slot < slotCount else { return nil }
+        return SharedRingStorage(region: memory.base + slot * regionSize, blockSize: blockSize, blockCount: blockCount) { block in
+            // The pages go back to the system; the next use faults in zeroed ones.
+            _ = madvise(block.baseAddress, block.count, MADV_REMOVE)
+        }
+    }
+
+    /// Releases every page of `slot`'s region (its process is gone: nothing will read it).
+    public func clear(_ slot: Int) {
+        guard slot >= 0, slot < slotCount else { return }
+        _ = madvise(memory.base + slot * regionSize, regionSize, MADV_REMOVE)
+    }
+}

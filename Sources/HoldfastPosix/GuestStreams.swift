@@ -24,12 +24,12 @@ public enum GuestStreams {
     public static func resumable(
         to address: SocketAddress, token: [UInt8], secret: StreamSecret, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(), policy: RedialPolicy = .default,
-        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil,
+        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, storage: (any RingBlockStorage)? = nil, restoring: RestoredRing? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
             token: token, secret: secret, role: .guest, direction: direction, configuration: configuration, policy: policy,
-            executor: Reactor.shared, resumeAt: resumeAt, checkpoint: checkpoint,
+            storage: storage ?? BufferPool.ring, executor: Reactor.shared, resumeAt: resumeAt, restoring: restoring, checkpoint: checkpoint,
             dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout, sendBuffer: Dialer.resumableSendBuffer) },
             attemptClock: monotonicNanoseconds, observer: observer)
     }

@@ -41,6 +41,10 @@ extension Supervisor {
             arguments += ["--checkpoints-fd", String(checkpoints.descriptor)]
             keep.append(checkpoints.descriptor)
         }
+        if let rings {
+            arguments += ["--rings-fd", String(rings.descriptor)]
+            keep.append(rings.descriptor)
+        }
         if let handoff {
             arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
             keep.append(handoff.descriptor)

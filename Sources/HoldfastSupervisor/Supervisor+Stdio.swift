@@ -105,7 +105,10 @@ extension Supervisor {
         let released = stdio.withLockedValue { store -> (descriptors: [Int32], slots: [Int])? in
             guard let released = store.release(process) else { return nil }
             // Cleared before another stream can be given the slot.
-            for slot in released.slots { checkpoints?.checkpoint(slot)?.clear() }
+            for slot in released.slots {
+                checkpoints?.checkpoint(slot)?.clear()
+                rings?.clear(slot)
+            }
             return released
         }
         for fd in released?.descriptors ?? [] { close(fd) }

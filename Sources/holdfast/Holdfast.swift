@@ -196,13 +196,15 @@ struct BrokerRoleCommand: AsyncParsableCommand {
     @Option var handoffFd: Int32?
     @Option var handoffPath: String?
     @Option var checkpointsFd: Int32?
+    @Option var ringsFd: Int32?
     @Option var settings: String
 
     func run() async throws {
         let logger = makeLogger("holdfast.broker", role: "broker")
         let parsed = try ControlJSON.decode(BrokerSettings.self, from: Array(settings.utf8), frameType: 0)
         try await BrokerRole.run(
-            controlFD: controlFd, handoffFD: handoffFd, handoffPath: handoffPath, checkpointsFD: checkpointsFd, settings: parsed, logger: logger)
+            controlFD: controlFd, handoffFD: handoffFd, handoffPath: handoffPath, checkpointsFD: checkpointsFd, ringsFD: ringsFd, settings: parsed,
+            logger: logger)
     }
 }
 
