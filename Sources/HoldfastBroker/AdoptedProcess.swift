@@ -21,7 +21,8 @@ enum StreamTransport: Sendable {
     ///   - resumeAt: where a stream taken over from a crashed broker goes on (nil: a new stream).
     static func make(
         _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
-        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, ring: (storage: SharedRingStorage, restored: RestoredRing?)? = nil,
+        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil,
+        ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         switch (mode, endpoint.token, endpoint.secret) {
@@ -29,6 +30,7 @@ enum StreamTransport: Sendable {
             return .resumable(GuestStreams.resumable(
                 to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
                 policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, storage: ring?.storage, restoring: ring?.restored,
+                hole: ring?.hole,
                 observer: observer))
         case (.resumable, _, _):
             // AdoptCheck refuses a resumable stream without its token and secret.
@@ -161,15 +163,18 @@ final class ManagedStream: Sendable {
             let recovered = resumes ? checkpoint?.recovered : nil
             let resumeAt = resumes ? checkpoint.flatMap { broker.recover($0, process: process, stream: name, direction: direction) } : nil
             // An output's replay ring lives in the shared ring area when its slot has one: a
-            // resumed stream gets back what the crashed broker's ring held (unless the crash came
-            // inside a read: then the bytes after its offset cannot be told apart, and the gap
-            // covers the ring too).
-            var ring: (storage: SharedRingStorage, restored: RestoredRing?)?
+            // resumed stream gets back what the crashed broker's ring held. A read the crash
+            // interrupted leaves a hole at its end — its blocks were taken, but how much of them
+            // the read filled cannot be known: those offsets go to the host as a gap.
+            var ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)?
             if direction == .send, description.mode == .resumable, let slot = endpoint.checkpoint, let storage = broker.rings?.storage(slot) {
-                let restoreUpTo = recovered.flatMap { $0.uncertain == 0 ? $0.taken : nil }
-                let restored = storage.start(restoringUpTo: resumeAt == nil ? nil : restoreUpTo)
-                if let restored { broker.restoredRing(restored, process: process, stream: name) }
-                ring = (storage, restored)
+                let restored = storage.start(restoringUpTo: resumeAt == nil ? nil : recovered.map(\.outputResumesAt))
+                var hole: Range<UInt64>?
+                if let restored, let recovered, recovered.uncertain > 0, restored.start <= recovered.taken {
+                    hole = recovered.taken..<recovered.outputResumesAt
+                }
+                if let restored { broker.restoredRing(restored, hole: hole, process: process, stream: name) }
+                ring = (storage, restored, hole)
             }
             let made = StreamTransport.make(
                 endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt,

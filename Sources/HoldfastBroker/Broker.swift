@@ -146,11 +146,13 @@ public final class Broker: Sendable {
     }
 
     /// A resumed output got back what the crashed broker's ring held.
-    func restoredRing(_ restored: RestoredRing, process: String, stream: String) {
-        logger.info("replay ring restored from shared memory", metadata: [
+    func restoredRing(_ restored: RestoredRing, hole: Range<UInt64>?, process: String, stream: String) {
+        var metadata: Logger.Metadata = [
             "process": "\(process)", "stream": "\(stream)", "from": "\(restored.start)", "to": "\(restored.end)",
             "bytes": "\(restored.end - restored.start)",
-        ])
+        ]
+        if let hole { metadata["unknown"] = "\(hole.lowerBound)..<\(hole.upperBound)" }
+        logger.info("replay ring restored from shared memory", metadata: metadata)
     }
 
     /// A process's stdin pipe was closed here: the supervisor closes its copy.

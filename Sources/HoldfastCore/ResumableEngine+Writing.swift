@@ -109,7 +109,7 @@ extension ResumableStream.Engine {
                 if !failed { state.withLockedValue { $0.sender.wroteEnd(generation: generation) } }
             case .gap(let to):
                 failed = !(await writeControl(.gap, value: to, on: lease.connection, prefix: prefix))
-                if !failed { state.withLockedValue { $0.sender.wroteGap(generation: generation) } }
+                if !failed { state.withLockedValue { $0.sender.wroteGap(to: to, generation: generation) } }
             case .ack(let offset):
                 failed = !(await writeControl(.ack, value: offset, on: lease.connection, prefix: prefix))
                 if !failed { state.withLockedValue { $0.receiver.wroteAck(offset, generation: generation) } }

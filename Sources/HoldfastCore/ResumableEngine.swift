@@ -60,7 +60,7 @@ extension ResumableStream {
 
         init(
             direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?,
-            resumeAt: UInt64?, restoring: RestoredRing?, checkpoint: StreamCheckpoint?
+            resumeAt: UInt64?, restoring: RestoredRing?, hole: Range<UInt64>?, checkpoint: StreamCheckpoint?
         ) {
             precondition(restoring == nil || restoring?.end == resumeAt, "a restored ring ends where the stream resumes")
             self.direction = direction
@@ -77,7 +77,7 @@ extension ResumableStream {
                     sender: ResumableSender(
                         ring: restoring.map { ReplayRing(capacity: configuration.ringCapacity, storage: storage, restoring: $0) }
                             ?? ReplayRing(capacity: configuration.ringCapacity, storage: storage, start: start),
-                        restarted: resumeAt != nil),
+                        restarted: resumeAt != nil, hole: hole),
                     receiver: ResumableReceiver(ackEvery: configuration.ackEvery, start: start, 
                         // A checkpointed receiver must acknowledge only what reached the process:
                         // its checkpoint counts delivered bytes, and a successor resumes there.

@@ -55,6 +55,9 @@ struct ResumableSender: Sendable {
     /// This end resumed after its relay crashed: its ring starts where the checkpoint said, and
     /// a peer holding less is told of the gap instead of refused.
     let restarted: Bool
+    /// Offsets inside the ring whose bytes are unknown: a read the crash interrupted took some of
+    /// them from the pipe, and how many cannot be known. Never sent as data: a GAP over them.
+    let hole: Range<UInt64>?
     /// The offsets the peer will never get (merged ranges), and their total.
     private(set) var lost = GapRecord()
     /// How much the producer reserves for its next read: what the source gave last time,
@@ -67,9 +70,11 @@ struct ResumableSender: Sendable {
 
     /// - Parameter restarted: the ring starts at a resumed offset (`ring.end`): nothing before it
     ///   can be sent, and nothing before it was handed out by this incarnation.
-    init(ring: ReplayRing, restarted: Bool = false) {
+    init(ring: ReplayRing, restarted: Bool = false, hole: Range<UInt64>? = nil) {
+        precondition(hole.map { $0.lowerBound >= ring.acknowledged && $0.upperBound == ring.end } ?? true, "a hole ends the restored ring")
         self.ring = ring
         self.restarted = restarted
+        self.hole = hole
         everHandedOut = ring.end
         everSent = ring.end
     }
@@ -155,7 +160,13 @@ struct ResumableSender: Sendable {
         // arrived, and the ring no longer holds them.
         if connection.position < ring.acknowledged { connection.position = ring.acknowledged }
         let position = connection.position
+        if let hole, hole.contains(position) {
+            lost.add(hole)
+            return .gap(to: hole.upperBound)
+        }
         if position < ring.end {
+            // Data stops where the hole starts.
+            let limit = hole.map { position < $0.lowerBound ? min(limit, Int($0.lowerBound - position)) : limit } ?? limit
             let regions = ring.regions(from: position, limit: limit)
             let count = regions.reduce(0) { $0 + $1.count }
             ring.pin(position)
@@ -179,9 +190,13 @@ struct ResumableSender: Sendable {
         everSent = max(everSent, sentEnd)
     }
 
-    /// The GAP went out on connection `generation`.
-    mutating func wroteGap(generation: UInt64) {
-        if connection.generation == generation { connection.gapDue = false }
+    /// The GAP to `to` went out on connection `generation`: sending goes on there.
+    mutating func wroteGap(to: UInt64, generation: UInt64) {
+        guard connection.generation == generation else { return }
+        connection.gapDue = false
+        connection.position = max(connection.position, to)
+        sentHighWater = max(sentHighWater, to)
+        everHandedOut = max(everHandedOut, to)
     }
 
     /// END went out on connection `generation`.

@@ -79,6 +79,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     ///     bytes the crash took are reported as a gap rather than refused (docs/PROTOCOL.md, "Gaps").
     ///   - restoring: what the crashed relay's ring held (its storage outlived it): sent again
     ///     from where the peer stands, so only bytes it never had in that memory are a gap.
+    ///   - hole: offsets at the end of the restored ring whose bytes are unknown (a read the
+    ///     crash interrupted): told to the peer as a gap, never sent.
     ///   - checkpoint: where to keep this end's progress for such a successor.
     ///   - storage: where the replay ring's blocks come from.
     ///   - executor: where the stream's own tasks run (its pump, its acknowledgement reader):
@@ -89,7 +91,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         configuration: ResumableConfiguration = ResumableConfiguration(),
         policy: RedialPolicy = .default, storage: any RingBlockStorage = BufferPool.ring,
         executor: (any TaskExecutor)? = nil,
-        resumeAt: UInt64? = nil, restoring: RestoredRing? = nil, checkpoint: StreamCheckpoint? = nil,
+        resumeAt: UInt64? = nil, restoring: RestoredRing? = nil, hole: Range<UInt64>? = nil, checkpoint: StreamCheckpoint? = nil,
         dial: (@Sendable () async throws -> Transport)? = nil,
         attemptClock: (@Sendable () -> UInt64)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
@@ -101,7 +103,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         self.configuration = configuration
         let engine = Engine(
             direction: direction, configuration: configuration, storage: storage, executor: executor, resumeAt: resumeAt, restoring: restoring,
-            checkpoint: checkpoint)
+            hole: hole, checkpoint: checkpoint)
         let restarted = resumeAt != nil
         self.engine = engine
         var slotDial: ConnSlot<Session>.Dial?

@@ -13,7 +13,7 @@ public final class ResumablePair: Sendable {
     private let links = NIOLockedValueBox<[MemoryPipe]>([])
     private let dials = NIOLockedValueBox(0)
     /// Makes a guest end that dials this pair's host (the first guest, and any successor).
-    private let makeGuestEnd: @Sendable (UInt64?, RestoredRing?, any RingBlockStorage, StreamCheckpoint?) -> Stream
+    private let makeGuestEnd: @Sendable (UInt64?, RestoredRing?, Range<UInt64>?, any RingBlockStorage, StreamCheckpoint?) -> Stream
 
     /// - Parameters:
     ///   - guestDirection: `.send` for an output stream (stdout), `.receive` for stdin.
@@ -62,21 +62,22 @@ public final class ResumablePair: Sendable {
             }
             return guestEnd
         }
-        makeGuestEnd = { resumeAt, restoring, storage, checkpoint in
+        makeGuestEnd = { resumeAt, restoring, hole, storage, checkpoint in
             Stream(
                 token: tokenBytes, secret: secret, role: .guest, direction: guestDirection, configuration: configuration, policy: policy,
-                storage: storage, resumeAt: resumeAt, restoring: restoring, checkpoint: checkpoint, dial: dial, attemptClock: attemptClock)
+                storage: storage, resumeAt: resumeAt, restoring: restoring, hole: hole, checkpoint: checkpoint, dial: dial, attemptClock: attemptClock)
         }
-        self.guest = makeGuestEnd(nil, nil, guestStorage, checkpoint)
+        self.guest = makeGuestEnd(nil, nil, nil, guestStorage, checkpoint)
     }
 
     /// A new guest end taking over from a crashed one (the first guest must be closed first:
     /// a crash is a relay gone): it resumes at `resumeAt` — what the crashed one's checkpoint
     /// recovered — and connects at once. The caller closes it.
     public func restartGuest(
-        resumeAt: UInt64, restoring: RestoredRing? = nil, storage: any RingBlockStorage = BufferPool.ring, checkpoint: StreamCheckpoint? = nil
+        resumeAt: UInt64, restoring: RestoredRing? = nil, hole: Range<UInt64>? = nil, storage: any RingBlockStorage = BufferPool.ring,
+        checkpoint: StreamCheckpoint? = nil
     ) -> Stream {
-        let successor = makeGuestEnd(resumeAt, restoring, storage, checkpoint)
+        let successor = makeGuestEnd(resumeAt, restoring, hole, storage, checkpoint)
         successor.slot.disconnect()
         return successor
     }

@@ -112,7 +112,7 @@ struct GapProtocolTests {
             Issue.record("an unwritten GAP is still due")
             return
         }
-        sender.wroteGap(generation: 1)
+        sender.wroteGap(to: 5000, generation: 1)
         guard case .data(_, let offset, let count) = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
             Issue.record("data follows the GAP")
             return
@@ -318,6 +318,71 @@ struct CrashResumeStreamTests {
         #expect(received.elementsEqual(sent), "every byte once, in order")
     }
 
+    /// A SIGKILL inside the read from the pipe: the read took 7,000 bytes into the shared ring,
+    /// but the checkpoint only says it was under way. The successor restores the ring, sends
+    /// every byte before the read, and tells the host the read's offsets as a gap: the only
+    /// bytes lost are the ones that read took.
+    @Test func aCrashInsideAReadCostsOnlyWhatThatReadTook() async throws {
+        let blockSize = 4096
+        let blockCount = SharedRingStorage.blockCount(capacity: 128 * 1024, blockSize: blockSize)
+        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
+        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        defer {
+            region.deallocate()
+            snapshot.deallocate()
+        }
+        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let memory = SlotMemory()
+        let crashed = SlotMemory()
+        let first = SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in }
+        first.start(restoringUpTo: nil)
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        let pair = ResumablePair(
+            guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024),
+            beforeAccept: { pipe in link.withLockedValue { $0 = pipe } }, checkpoint: memory.checkpoint, guestStorage: first)
+        defer { pair.close() }
+        pair.start()
+        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
+        let source = MemorySource(Array(sent[..<40_000]))
+        let receiver = Task { await pair.host.receiveAll() }
+        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        try await eventually("the host acknowledged 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[40_000..<90_000]))
+        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        // The next read takes 7,000 bytes and the broker dies inside it: what the memory holds
+        // at that instant is what a successor finds.
+        source.append(Array(sent[90_000...]))
+        let killed = KilledInsideRead(source, taking: 7000) {
+            crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
+            snapshot.copyMemory(from: region, byteCount: regionSize)
+        }
+        _ = try await pair.guest.pull(from: killed, pool: .shared)
+        pair.guest.close()
+        pair.cutCurrentLink()
+
+        let recovered = try #require(crashed.checkpoint.recovered)
+        #expect(recovered.taken == 90_000 && recovered.uncertain > 7000)
+        memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
+        let successorStorage = SharedRingStorage(region: snapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let restored = try #require(successorStorage.start(restoringUpTo: recovered.outputResumesAt))
+        #expect(restored.start <= 40_000 && restored.end == recovered.outputResumesAt)
+        let hole = recovered.taken..<recovered.outputResumesAt
+        let successor = pair.restartGuest(
+            resumeAt: recovered.outputResumesAt, restoring: restored, hole: hole, storage: successorStorage, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        source.finish()
+        while try await successor.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await successor.finish() == 0)
+        let received = await receiver.value
+        #expect(pair.host.statistics.lost.ranges == [hole], "the host is told the read's offsets, nothing else")
+        #expect(successor.statistics.lost.ranges == [hole])
+        let expected = sent[..<90_000] + sent[97_000...]
+        #expect(received.count == expected.count)
+        #expect(received.elementsEqual(expected), "every byte but the 7,000 the interrupted read took, once, in order")
+    }
+
     /// stdin: the guest relay acknowledges only bytes it delivered, so when it dies with bytes
     /// received but not delivered, the host still holds them and its successor gets them: no gap.
     @Test func anInputThatAcknowledgesDeliveredBytesLosesNothingWhenItsRelayDies() async throws {
@@ -361,5 +426,33 @@ struct CrashResumeStreamTests {
         #expect(pair.host.statistics.lost.bytes == 0 && successor.statistics.lost.bytes == 0, "the host still held what was not delivered")
         #expect(delivered.count == sent.count)
         #expect(delivered.elementsEqual(sent), "every byte once, in order (the interrupted write is the one window, and it was not taken here)")
+    }
+}
+
+/// A source whose next read takes `count` bytes and then "dies": `snapshot` runs after the bytes
+/// were copied and before the read returns, where a SIGKILL inside readv would leave memory.
+private final class KilledInsideRead: ByteReader, @unchecked Sendable {
+    let inner: MemorySource
+    let count: Int
+    let snapshot: () -> Void
+    init(_ inner: MemorySource, taking count: Int, snapshot: @escaping () -> Void) {
+        self.inner = inner
+        self.count = count
+        self.snapshot = snapshot
+    }
+    func waitReadable() async throws { try await inner.waitReadable() }
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int { try await inner.read(into: buffer) }
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? { try readNow(into: [buffer]) }
+    func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        var left = count
+        var taken = 0
+        for buffer in buffers where left > 0 {
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[..<min(buffer.count, left)])
+            guard let got = inner.readNow(into: part) else { break }
+            taken += got
+            left -= got
+        }
+        snapshot()
+        return taken
     }
 }
