@@ -23,8 +23,15 @@ final class StreamCheck: Sendable {
         var received = 0
         var firstDifference: Int?
         var ended = false
-        /// Bytes the stream reported lost (a broker crash's GAP): skipped in the expected content.
+        /// Offsets the stream reported lost (a broker crash's GAP). A GAP over a read the crash
+        /// interrupted names more offsets than bytes (how many that read took is unknown), so
+        /// from the first one on, what arrives is kept and checked at the end against the end of
+        /// the expected content: the bytes before the gap exact in place, the bytes after it
+        /// exact in place from the end, and at most `lost` bytes missing between.
         var lost = 0
+        var receivedBeforeGap: Int?
+        var afterGap: [UInt8] = []
+        let allPieces: [Piece]
 
         /// The next expected piece becomes `current` (false: there is none). Expected bytes are
         /// hashed as they are consumed, so skipped ones never are.
@@ -49,13 +56,19 @@ final class StreamCheck: Sendable {
         var firstDifference: Int?
         var ended: Bool
         var lost: Int
-        /// Every byte arrived once, in order, except exactly the ones reported lost.
-        var passed: Bool { ended && received + lost == expected && receivedDigest == expectedDigest }
+        /// With a gap: the bytes after it matched the end of the expected content, and no more
+        /// were missing than the gap's offsets.
+        var afterGapMatched: Bool?
+        /// Every byte arrived once, in order, except ones the reported gaps cover.
+        var passed: Bool {
+            if let afterGapMatched { return ended && afterGapMatched && firstDifference == nil }
+            return ended && received == expected && receivedDigest == expectedDigest
+        }
     }
 
     init(name: String, expected: [Piece]) {
         self.name = name
-        state = NIOLockedValueBox(State(pieces: expected))
+        state = NIOLockedValueBox(State(pieces: expected, allPieces: expected))
     }
 
     var receivedBytes: Int { state.withLockedValue { $0.received } }
@@ -63,6 +76,11 @@ final class StreamCheck: Sendable {
     func feed(_ chunk: [UInt8]) {
         state.withLockedValue { s in
             s.receivedHash.update(data: chunk)
+            if s.receivedBeforeGap != nil {
+                s.afterGap += chunk
+                s.received += chunk.count
+                return
+            }
             var offset = 0
             while offset < chunk.count {
                 if s.position == s.current.count {
@@ -98,16 +116,7 @@ final class StreamCheck: Sendable {
     /// skips them (unhashed), so every other byte must still match, in place.
     func skip(_ count: Int) {
         state.withLockedValue { s in
-            var left = count
-            while left > 0 {
-                if s.position == s.current.count {
-                    guard s.startNextPiece() else { break }
-                    continue
-                }
-                let take = min(left, s.current.count - s.position)
-                s.position += take
-                left -= take
-            }
+            if s.receivedBeforeGap == nil { s.receivedBeforeGap = s.received }
             s.lost += count
         }
     }
@@ -127,10 +136,20 @@ final class StreamCheck: Sendable {
             s.nextPiece = 0
             let expectedDigest = hex(s.expectedHash.finalize())
             let receivedDigest = hex(s.receivedHash.finalize())
-            if s.firstDifference == nil, s.received + s.lost < s.expectedRendered { s.firstDifference = s.received }
+            var afterGapMatched: Bool?
+            if let before = s.receivedBeforeGap {
+                var all: [UInt8] = []
+                for piece in s.allPieces { piece.render(into: &all) }
+                let missing = all.count - before - s.afterGap.count
+                afterGapMatched = missing >= 0 && missing <= s.lost && all[(all.count - s.afterGap.count)...].elementsEqual(s.afterGap)
+                if afterGapMatched == false, s.firstDifference == nil { s.firstDifference = before }
+            } else if s.firstDifference == nil, s.received < s.expectedRendered {
+                s.firstDifference = s.received
+            }
             return Result(
                 name: name, received: s.received, expected: s.expectedRendered, receivedDigest: receivedDigest,
-                expectedDigest: expectedDigest, firstDifference: s.firstDifference, ended: s.ended, lost: s.lost)
+                expectedDigest: expectedDigest, firstDifference: s.firstDifference, ended: s.ended, lost: s.lost,
+                afterGapMatched: afterGapMatched)
         }
     }
 }
