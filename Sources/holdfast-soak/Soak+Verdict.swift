@@ -109,7 +109,7 @@ extension Run {
             ("bridge worker kills (SIGKILL)", "\(final.kills.count); restarts the daemon counted: \(bridgeRestarts.map(String.init) ?? "?")"),
             ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("broker kills (SIGKILL)", "\(final.brokerKills.count); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
-            ("bytes lost to broker kills (reported by offset, checked skipped exactly)", "\(bytes(final.lostBytes)) in \(final.processesWithLoss) processes"),
+            ("offsets reported lost to broker kills (GAP; the bytes around each checked exactly)", "\(bytes(final.lostBytes)) in \(final.processesWithLoss) processes"),
             ("bridge connections accepted", "\(host.bridge.acceptedConnections)"),
             ("stream connections (host side)", "\(streamFigures.connects), of which reconnects \(streamFigures.reconnects)"),
             ("bridge back after a migration (end of blackout → hello)", latency(bridgeAfterMigration)),
