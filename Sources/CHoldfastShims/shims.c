@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -331,6 +332,10 @@ void hf_malloc_usage(size_t *in_use, size_t *free_bytes) {
 
 int hf_malloc_trim(void) {
     return malloc_trim(0);
+}
+
+int hf_memfd_create(const char *name) {
+    return memfd_create(name, MFD_CLOEXEC);
 }
 
 static int signal_pipe_fd = -1;

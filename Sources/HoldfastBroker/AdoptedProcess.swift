@@ -16,15 +16,22 @@ enum StreamTransport: Sendable {
     case raw(ConnSlot<AsyncFD>)
     case resumable(ResumableStream<AsyncFD>)
 
+    /// - Parameters:
+    ///   - checkpoint: a resumable stream's slot in the shared checkpoint area, if it has one.
+    ///   - resumeAt: where a stream taken over from a crashed broker goes on (nil: a new stream).
     static func make(
         _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
+        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil,
+        ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         switch (mode, endpoint.token, endpoint.secret) {
         case (.resumable, let token?, let secret?):
             return .resumable(GuestStreams.resumable(
                 to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
-                policy: settings.redialPolicy, observer: observer))
+                policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, storage: ring?.storage, restoring: ring?.restored,
+                hole: ring?.hole,
+                observer: observer))
         case (.resumable, _, _):
             // AdoptCheck refuses a resumable stream without its token and secret.
             preconditionFailure("a validated resumable stream without its token or secret")
@@ -93,6 +100,15 @@ enum StreamTransport: Sendable {
         return (statistics.lastDialError, statistics.dialFailuresSinceConnected > 0 ? statistics.dialFailuresSinceConnected : nil)
     }
 
+    /// Bytes broker crashes took from this stream (reported to the host as gaps); nil when
+    /// none. Those every broker before this one reported count too (the engine reads them from
+    /// the checkpoint).
+    var lostBytes: UInt64? {
+        guard case .resumable(let stream) = self else { return nil }
+        let lost = stream.statistics.lostBytesInAll
+        return lost > 0 ? lost : nil
+    }
+
     /// (bytes to the host, bytes from the host, reconnects)
     var figures: (UInt64, UInt64, UInt64) {
         switch self {
@@ -114,12 +130,18 @@ final class ManagedStream: Sendable {
     let handle: AsyncFD
     /// To the host: stdout, stderr, a tty's output.
     let output: StreamTransport?
+    /// Where the output's and the input's progress is kept, if they have slots.
+    let outputCheckpoint: StreamCheckpoint?
+    let inputCheckpoint: StreamCheckpoint?
     /// From the host: stdin, a tty's input.
     let input: StreamTransport?
     private let relay = NIOLockedValueBox<Task<[RelayReport], Never>?>(nil)
     /// The host ended this input: the relay is seeing its END echo home (see `start`).
     private let inputEnded = NIOLockedValueBox(false)
     private let lingerTimeout: Duration
+    /// Tells the supervisor the stdin pipe was closed here: it holds a copy (so a broker crash
+    /// gives the process no end-of-file), which must close too for the process to see one.
+    private let inputClosed: @Sendable () -> Void
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
@@ -129,11 +151,35 @@ final class ManagedStream: Sendable {
         self.description = description
         self.handle = handle
         self.lingerTimeout = broker.settings.drainTimeout
+        self.inputClosed = { [weak broker] in broker?.inputEnded(process) }
         func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
             let name = description.kind == .tty && direction == .receive ? "tty/input" : description.kind.rawValue
             let watch = DialWatch(process: process, stream: name, address: endpoint.addressText, broker: broker)
             let metrics = broker.metrics.slotObserver()
-            let made = StreamTransport.make(endpoint, mode: description.mode, direction: direction, settings: broker.settings) { event in
+            // Broker.adopt checked the slot exists. Read before the stream starts, which
+            // overwrites it.
+            let checkpoint = endpoint.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) }
+            let resumes = description.resume == true
+            let recovered = resumes ? checkpoint?.recovered : nil
+            let resumeAt = resumes ? checkpoint.flatMap { broker.recover($0, process: process, stream: name, direction: direction) } : nil
+            // An output's replay ring lives in the shared ring area when its slot has one: a
+            // resumed stream gets back what the crashed broker's ring held. A read the crash
+            // interrupted leaves a hole at its end — its blocks were taken, but how much of them
+            // the read filled cannot be known: those offsets go to the host as a gap.
+            var ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)?
+            if direction == .send, description.mode == .resumable, let slot = endpoint.checkpoint, let storage = broker.rings?.storage(slot) {
+                let restored = storage.start(restoringUpTo: resumeAt == nil ? nil : recovered.map(\.outputResumesAt))
+                var hole: Range<UInt64>?
+                if let restored, let recovered, recovered.uncertain > 0, restored.start <= recovered.taken {
+                    hole = recovered.taken..<recovered.outputResumesAt
+                }
+                if let restored { broker.restoredRing(restored, hole: hole, process: process, stream: name) }
+                ring = (storage, restored, hole)
+            }
+            let made = StreamTransport.make(
+                endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt,
+                ring: ring
+            ) { event in
                 metrics(event)
                 watch.event(event)
             }
@@ -151,6 +197,9 @@ final class ManagedStream: Sendable {
             output = transport(stream.primary, .send)
             input = stream.ttyInput.map { transport($0, .receive) }
         }
+        let slot = { (endpoint: ValidatedEndpoint?) in endpoint?.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) } }
+        outputCheckpoint = output == nil ? nil : slot(stream.primary)
+        inputCheckpoint = input == nil ? nil : slot(description.kind == .stdin ? stream.primary : stream.ttyInput)
     }
 
     var transports: [StreamTransport] { [output, input].compactMap { $0 } }
@@ -165,6 +214,7 @@ final class ManagedStream: Sendable {
         let input = input
         let inputEnded = inputEnded
         let lingerTimeout = lingerTimeout
+        let inputClosed = inputClosed
         // On the reactor's thread: a relay woken by readiness continues where it was seen.
         let task = Task(executorPreference: Reactor.shared) { () -> [RelayReport] in
             switch (output, input) {
@@ -189,11 +239,13 @@ final class ManagedStream: Sendable {
                 // that moment) left the host waiting for a reconnect that never came, and
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
+                    inputClosed()
                     handle.close()
                     input.close()
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
+                inputClosed()
                 handle.close()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 return [report]
@@ -235,7 +287,8 @@ final class ManagedStream: Sendable {
             result.append(StreamStatus(
                 process: process, kind: description.kind, mode: description.mode, address: description.address,
                 state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
-                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures))
+                lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures,
+                lostBytes: output.lostBytes))
         }
         if let input {
             let (toHost, fromHost, reconnects) = input.figures
@@ -243,7 +296,8 @@ final class ManagedStream: Sendable {
                 process: process, kind: description.kind, direction: description.kind == .tty ? "input" : nil,
                 mode: description.mode, address: description.inputAddress ?? description.address, state: input.state,
                 bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
-                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures))
+                lastDialError: input.dialTrouble.lastError, failedDials: input.dialTrouble.failures,
+                lostBytes: input.lostBytes))
         }
         return result
     }
@@ -326,9 +380,13 @@ final class AdoptedProcess: Sendable {
                 group.addTask {
                     if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
                         stream.handle.close()
-                        return (index, .init(kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue))
+                        return (index, .init(
+                            kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue,
+                            lost: stream.output?.lostBytes))
                     }
-                    return (index, .init(kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open"))
+                    return (index, .init(
+                        kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open",
+                        lost: stream.output?.lostBytes))
                 }
             }
             var byIndex: [Int: DrainedNotification.StreamResult] = [:]
@@ -336,6 +394,13 @@ final class AdoptedProcess: Sendable {
             return byIndex
         }
         results += outputs.indices.compactMap { finished[$0] }
+        // An input reports only what a crash took from it (its bytes are not output to drain).
+        for stream in all where stream.output == nil {
+            let lost = stream.transports.reduce(0) { $0 + ($1.lostBytes ?? 0) }
+            if lost > 0 {
+                results.append(.init(kind: stream.description.kind, bytes: stream.input?.figures.1 ?? 0, undelivered: 0, ending: "input", lost: lost))
+            }
+        }
         return results
     }
 

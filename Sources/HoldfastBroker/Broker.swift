@@ -27,19 +27,31 @@ public final class Broker: Sendable {
     /// redial cycle gave up starts another after a back-off (`DialWatch`).
     private let bridgeIsUp = NIOLockedValueBox(true)
     var isBridgeUp: Bool { bridgeIsUp.withLockedValue { $0 } }
-    /// Where `drained` notifications go (the supervisor's control channel).
-    private let notify: @Sendable (DrainedNotification) async -> Void
+    /// Where notifications go (the supervisor's control channel).
+    private let notify: @Sendable (BrokerNotification) async -> Void
+    /// The supervisor's shared checkpoint area (`--checkpoints-fd`): where resumable streams
+    /// keep their progress, so a broker started after this one crashed resumes them.
+    let checkpoints: CheckpointMemory?
+    /// The supervisor's shared ring area (`--rings-fd`): output streams' replay rings, so what
+    /// they held outlives this broker too.
+    let rings: RingMemory?
 
     struct Totals: Sendable {
         var bytesToHost: UInt64 = 0
         var bytesFromHost: UInt64 = 0
         var reconnects: UInt64 = 0
         var undelivered: UInt64 = 0
+        var lost: UInt64 = 0
     }
 
-    public init(settings: BrokerSettings, logger: Logger, notify: @escaping @Sendable (DrainedNotification) async -> Void) {
+    public init(
+        settings: BrokerSettings, logger: Logger, checkpoints: CheckpointMemory? = nil, rings: RingMemory? = nil,
+        notify: @escaping @Sendable (BrokerNotification) async -> Void
+    ) {
         self.settings = settings
         self.logger = logger
+        self.checkpoints = checkpoints
+        self.rings = rings
         self.notify = notify
     }
 
@@ -50,6 +62,13 @@ public final class Broker: Sendable {
     /// broker's boundary (`AdoptCheck.validate` made `adoption`).
     public func adopt(_ adoption: ValidatedAdoption, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
         let request = adoption.request
+        // A slot outside the area (or no area) would be memory the broker does not have.
+        for stream in adoption.streams {
+            for slot in [stream.primary.checkpoint, stream.ttyInput?.checkpoint].compactMap({ $0 }) where checkpoints?.checkpoint(slot) == nil {
+                for fd in descriptors { _ = close(fd) }
+                throw HoldfastError(.badRequest, "checkpoint slot \(slot) is not in the broker's checkpoint area (\(checkpoints?.slotCount ?? 0) slots)")
+            }
+        }
         var adopted: [AsyncFD?] = []
         do {
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
@@ -90,9 +109,55 @@ public final class Broker: Sendable {
             throw refusal
         }
         process.start(streams, registry: registry)
-        logger.info("adopted streams", metadata: [
+        logger.info(adoption.resumes ? "resumed streams a crashed broker held" : "adopted streams", metadata: [
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
         ])
+    }
+
+    /// Where a stream taken over from a crashed broker goes on, from its checkpoint (read before
+    /// the new stream overwrites it); nil when the checkpoint holds nothing (the crashed broker
+    /// never started the stream: it starts new, at 0). A take the crash interrupted is logged
+    /// with its exact offsets: output bytes that may be missing (the host is told of them as a
+    /// gap), input bytes that may reach the process twice.
+    func recover(_ checkpoint: StreamCheckpoint, process: String, stream: String, direction: StreamDirection) -> UInt64? {
+        guard let recovered = checkpoint.recovered else {
+            logger.info("resumed stream had no checkpoint: starting it new", metadata: ["process": "\(process)", "stream": "\(stream)"])
+            return nil
+        }
+        let resumeAt = direction == .send ? recovered.outputResumesAt : recovered.inputResumesAt
+        var metadata: Logger.Metadata = [
+            "process": "\(process)", "stream": "\(stream)", "offset": "\(resumeAt)", "acknowledged": "\(recovered.acknowledged)",
+            "restarts": "\(recovered.restarts + 1)",
+        ]
+        guard recovered.uncertain > 0 else {
+            logger.info("stream resumed from its checkpoint", metadata: metadata)
+            return resumeAt
+        }
+        metadata["uncertain"] = "\(recovered.uncertain)"
+        metadata["from"] = "\(recovered.taken)"
+        metadata["to"] = "\(recovered.taken + UInt64(recovered.uncertain))"
+        switch direction {
+        case .send:
+            logger.warning("stream resumed after a crash mid-read: bytes from..<to may be missing (the host is told)", metadata: metadata)
+        case .receive:
+            logger.warning("stream resumed after a crash mid-write: bytes from..<to may reach the process twice", metadata: metadata)
+        }
+        return resumeAt
+    }
+
+    /// A resumed output got back what the crashed broker's ring held.
+    func restoredRing(_ restored: RestoredRing, hole: Range<UInt64>?, process: String, stream: String) {
+        var metadata: Logger.Metadata = [
+            "process": "\(process)", "stream": "\(stream)", "from": "\(restored.start)", "to": "\(restored.end)",
+            "bytes": "\(restored.end - restored.start)",
+        ]
+        if let hole { metadata["unknown"] = "\(hole.lowerBound)..<\(hole.upperBound)" }
+        logger.info("replay ring restored from shared memory", metadata: metadata)
+    }
+
+    /// A process's stdin pipe was closed here: the supervisor closes its copy.
+    func inputEnded(_ process: String) {
+        Task { await notify(.inputEnded(ProcessRequest(process: process))) }
     }
 
     // MARK: Release
@@ -133,7 +198,7 @@ public final class Broker: Sendable {
             logger.info("process streams drained", metadata: [
                 "process": "\(request.process)", "undelivered": "\(undelivered)",
             ])
-            await notify(DrainedNotification(process: request.process, streams: results))
+            await notify(.drained(DrainedNotification(process: request.process, streams: results)))
         }
     }
 
@@ -201,8 +266,11 @@ public final class Broker: Sendable {
             mallocInUseKiB: malloc.inUse / 1024,
             mallocFreeKiB: malloc.free / 1024,
             liveProcessObjects: LiveObjects.processes.load(ordering: .relaxed),
-            liveStreamObjects: LiveObjects.streams.load(ordering: .relaxed))
+            liveStreamObjects: LiveObjects.streams.load(ordering: .relaxed),
+            lostBytes: Self.nonZero(streams.reduce(gone.lost) { $0 + ($1.lostBytes ?? 0) }))
     }
+
+    private static func nonZero(_ value: UInt64) -> UInt64? { value > 0 ? value : nil }
 
     /// Every broker metric in the Prometheus text format.
     public func metricsText() -> String {
@@ -240,6 +308,22 @@ public final class Broker: Sendable {
             $0.bytesToHost &+= stream.bytesToHost
             $0.bytesFromHost &+= stream.bytesFromHost
             $0.reconnects &+= stream.reconnects
+            $0.lost &+= stream.lostBytes ?? 0
+        }
+    }
+}
+
+/// What the broker tells the supervisor unasked (notifications, id 0).
+public enum BrokerNotification: Sendable, Equatable {
+    /// Every stream of an exited process finished: its exit can be reported.
+    case drained(DrainedNotification)
+    /// A process's stdin pipe was closed by the broker.
+    case inputEnded(ProcessRequest)
+
+    public var frame: ControlFrame {
+        switch self {
+        case .drained(let drained): return ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(drained))
+        case .inputEnded(let process): return ControlFrame(type: BrokerMessageType.inputEnded.rawValue, id: 0, body: ControlJSON.encode(process))
         }
     }
 }

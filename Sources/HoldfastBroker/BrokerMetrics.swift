@@ -21,6 +21,7 @@ public final class BrokerMetrics: Sendable {
     private let bytesFromHost: CoreMetrics.Counter
     private let reconnects: CoreMetrics.Counter
     private let undelivered: CoreMetrics.Counter
+    private let lost: CoreMetrics.Counter
     private let dialAttempts: CoreMetrics.Counter
     private let dialFailures: CoreMetrics.Counter
     private let redialsGivenUp: CoreMetrics.Counter
@@ -37,6 +38,7 @@ public final class BrokerMetrics: Sendable {
         var bytesFromHost: UInt64 = 0
         var reconnects: UInt64 = 0
         var undelivered: UInt64 = 0
+        var lost: UInt64 = 0
     }
 
     /// From 1 ms (a reconnect on a live host) to a minute (a long blackout).
@@ -53,6 +55,8 @@ public final class BrokerMetrics: Sendable {
         bytesFromHost = CoreMetrics.Counter(label: "holdfast_stream_bytes_total", dimensions: [("direction", "from_host")], factory: factory)
         reconnects = CoreMetrics.Counter(label: "holdfast_stream_reconnects_total", factory: factory)
         undelivered = CoreMetrics.Counter(label: "holdfast_stream_undelivered_bytes_total", factory: factory)
+        // Bytes a crashed broker took, found (and reported to the host as gaps) by its successor.
+        lost = CoreMetrics.Counter(label: "holdfast_stream_lost_bytes_total", factory: factory)
         dialAttempts = CoreMetrics.Counter(label: "holdfast_stream_dial_attempts_total", factory: factory)
         dialFailures = CoreMetrics.Counter(label: "holdfast_stream_dial_failures_total", factory: factory)
         redialsGivenUp = CoreMetrics.Counter(label: "holdfast_stream_redials_given_up_total", factory: factory)
@@ -94,23 +98,27 @@ public final class BrokerMetrics: Sendable {
 
     /// The Prometheus text of every broker metric, figures read now.
     func render(stats: BrokerStats, states: [StreamState]) -> String {
-        let advance = fed.withLockedValue { last -> (UInt64, UInt64, UInt64, UInt64) in
+        let lostBytes = stats.lostBytes ?? 0
+        let advance = fed.withLockedValue { last -> (UInt64, UInt64, UInt64, UInt64, UInt64) in
             defer {
                 last = Fed(
                     bytesToHost: max(last.bytesToHost, stats.bytesToHost), bytesFromHost: max(last.bytesFromHost, stats.bytesFromHost),
-                    reconnects: max(last.reconnects, stats.reconnects), undelivered: max(last.undelivered, stats.undelivered))
+                    reconnects: max(last.reconnects, stats.reconnects), undelivered: max(last.undelivered, stats.undelivered),
+                    lost: max(last.lost, lostBytes))
             }
             return (
                 stats.bytesToHost &- min(stats.bytesToHost, last.bytesToHost),
                 stats.bytesFromHost &- min(stats.bytesFromHost, last.bytesFromHost),
                 stats.reconnects &- min(stats.reconnects, last.reconnects),
-                stats.undelivered &- min(stats.undelivered, last.undelivered)
+                stats.undelivered &- min(stats.undelivered, last.undelivered),
+                lostBytes &- min(lostBytes, last.lost)
             )
         }
         bytesToHost.increment(by: Int64(clamping: advance.0))
         bytesFromHost.increment(by: Int64(clamping: advance.1))
         reconnects.increment(by: Int64(clamping: advance.2))
         undelivered.increment(by: Int64(clamping: advance.3))
+        lost.increment(by: Int64(clamping: advance.4))
         for state in StreamState.allCases {
             streams[state]?.record(Double(states.filter { $0 == state }.count))
         }

@@ -10,7 +10,10 @@ extension BrokerRequest {
         let request = try decode(type: frame.type, body: frame.body, descriptorCount: descriptorCount)
         switch request {
         case .adopt(let adopt):
-            try AdoptCheck.validate(adopt, descriptorCount: descriptorCount)
+            let adoption = try AdoptCheck.validate(adopt, descriptorCount: descriptorCount)
+            guard fromSupervisor || !adoption.needsTheSupervisor else {
+                throw HoldfastError(.permissionDenied, "only the supervisor names checkpoint slots or resumes streams")
+            }
         case .disconnectAll, .bridgeUp:
             guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
         case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize:

@@ -16,7 +16,8 @@ public enum BrokerRole {
     /// Takes over the fds the supervisor passed, drops to the unprivileged user, locks itself
     /// down with seccomp, and serves until the supervisor's channel closes.
     public static func run(
-        controlFD: Int32, handoffFD: Int32?, handoffPath: String?, settings: BrokerSettings, logger: Logger
+        controlFD: Int32, handoffFD: Int32?, handoffPath: String?, checkpointsFD: Int32? = nil, ringsFD: Int32? = nil, settings: BrokerSettings,
+        logger: Logger
     ) async throws {
         // First of all, before it holds any stream: no ptrace, pidfd_getfd, /proc/PID/mem or
         // core dump of the broker, whatever the uid of whoever tries.
@@ -25,6 +26,27 @@ public enum BrokerRole {
         SignalDisposition.ignore(SIGPIPE)
         let control = FDChannel(try AsyncFD(adopting: controlFD))
         let handoff = try handoffFD.map { try Listener(adopting: $0, address: .unix(path: handoffPath ?? "handoff")) }
+        // The supervisor's checkpoint area, mapped before the filter is loaded (mmap of a shared
+        // fd is allowed after it too: only PROT_EXEC is refused). Without it the broker still
+        // relays, but a crash of it loses what its streams held.
+        var checkpoints: CheckpointMemory?
+        if let checkpointsFD {
+            do {
+                checkpoints = try CheckpointMemory.inherit(checkpointsFD)
+            } catch {
+                logger.error("cannot map the checkpoint area: streams will not survive a broker crash", metadata: ["error": "\(error)"])
+            }
+        }
+        // The output streams' replay rings, likewise: laid out from the same ring capacity as
+        // the supervisor's.
+        var rings: RingMemory?
+        if let ringsFD {
+            do {
+                rings = try RingMemory.inherit(ringsFD, capacity: settings.ringCapacity, blockSize: ReplayRing.defaultBlockSize)
+            } catch {
+                logger.error("cannot map the ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
+            }
+        }
 
         if let name = settings.user {
             guard let account = UserAccount.resolve(name) else { throw Failure(description: "broker.user: no such user '\(name)'") }
@@ -44,9 +66,10 @@ public enum BrokerRole {
         logger.info("broker ready", metadata: [
             "pid": "\(getpid())", "uid": "\(getuid())", "seccomp": "\(settings.seccomp.rawValue)",
             "seccompMode": "\(SeccompProfile.mode() ?? -1)", "openFiles": "\(files.soft)", "dumpable": "\(Privileges.isDumpable)",
+            "checkpointSlots": "\(checkpoints?.slotCount ?? 0)",
         ])
 
-        let service = BrokerService(settings: settings, logger: logger)
+        let service = BrokerService(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings)
         let handoffTask = handoff.map { listener in Task { await service.serveHandoff(listener) } }
         let tidying = Task {
             while !Task.isCancelled {

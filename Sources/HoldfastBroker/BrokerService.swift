@@ -13,7 +13,7 @@ import Glibc
 public final class BrokerService: Sendable {
     public let broker: Broker
     private let logger: Logger
-    /// Where `drained` notifications go: the supervisor's channel, while it is connected.
+    /// Where notifications go: the supervisor's channel, while it is connected.
     private let supervisorChannel: NIOLockedValueBox<FDChannel?>
 
     /// Who may use a request: the supervisor may do everything; a handoff peer only manages
@@ -37,14 +37,13 @@ public final class BrokerService: Sendable {
         }
     }
 
-    public init(settings: BrokerSettings, logger: Logger) {
+    public init(settings: BrokerSettings, logger: Logger, checkpoints: CheckpointMemory? = nil, rings: RingMemory? = nil) {
         self.logger = logger
         let channel = NIOLockedValueBox<FDChannel?>(nil)
         self.supervisorChannel = channel
-        self.broker = Broker(settings: settings, logger: logger) { notification in
+        self.broker = Broker(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings) { notification in
             guard let channel = channel.withLockedValue({ $0 }) else { return }
-            let frame = ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(notification))
-            try? await channel.send(frame.encoded)
+            try? await channel.send(notification.frame.encoded)
         }
     }
 
@@ -140,6 +139,11 @@ public final class BrokerService: Sendable {
                 // runtimes the broker does not trust, and a supervisor bug must not hand the
                 // broker a stream it cannot hold either.
                 adoption = try AdoptCheck.validate(adopt, descriptorCount: descriptors.count)
+                // The checkpoint slots are the supervisor's: a handoff peer naming one could
+                // overwrite another stream's progress.
+                if case .handoff = caller, adoption!.needsTheSupervisor {
+                    throw HoldfastError(.permissionDenied, "only the supervisor names checkpoint slots or resumes streams")
+                }
             case .disconnectAll, .bridgeUp:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
             case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break

@@ -8,6 +8,9 @@ public struct ValidatedEndpoint: Sendable, Equatable {
     public let addressText: String
     public let token: [UInt8]?
     public let secret: StreamSecret?
+    /// The slot of the shared checkpoint area the stream keeps its progress in (resumable
+    /// streams from the supervisor), if any.
+    public let checkpoint: Int?
 }
 
 /// One stream of an adopt, as checked: its description, the fd index, and its ends.
@@ -27,6 +30,12 @@ public struct ValidatedAdoption: Sendable, Equatable {
     public var process: String { request.process }
     /// The resumable identities its streams will use at the host (each must be unused).
     public var identities: Set<ResumableIdentity> { Set(ResumableIdentity.all(in: request.streams)) }
+    /// It takes over streams a crashed broker held (`resume`).
+    public var resumes: Bool { request.streams.contains { $0.resume == true } }
+    /// It names checkpoint slots or resumes: only the supervisor, which owns the slots, may.
+    public var needsTheSupervisor: Bool {
+        resumes || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
+    }
 }
 
 /// The checks an adopt passes before the broker keeps anything: pure (no fds, no state), so the
@@ -43,6 +52,7 @@ public enum AdoptCheck {
         }
         guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
         var kinds = Set<StreamKind>()
+        var slots = Set<Int>()
         var validated: [ValidatedStream] = []
         for (index, stream) in request.streams.enumerated() {
             let name = "streams[\(index)]"
@@ -81,14 +91,26 @@ public enum AdoptCheck {
             if stream.inputAddress != nil, stream.kind != .tty {
                 throw HoldfastError(.badRequest, "\(name): inputAddress is only for a tty")
             }
+            // A checkpoint records a resumable stream's offsets: a raw stream has none (its
+            // splice moves nothing into the broker). Two streams in one slot would overwrite
+            // each other's progress.
+            for (key, slot) in [("checkpoint", stream.checkpoint), ("inputCheckpoint", stream.inputCheckpoint)] {
+                guard let slot else { continue }
+                guard stream.mode == .resumable else { throw HoldfastError(.badRequest, "\(name).\(key): only a resumable stream has one") }
+                guard slot >= 0 else { throw HoldfastError(.badRequest, "\(name).\(key): slot \(slot) is negative") }
+                guard slots.insert(slot).inserted else { throw HoldfastError(.badRequest, "\(name).\(key): slot \(slot) is named twice") }
+            }
+            if stream.inputCheckpoint != nil, stream.inputAddress == nil {
+                throw HoldfastError(.badRequest, "\(name).inputCheckpoint: the stream has no input")
+            }
             let resumable = stream.mode == .resumable
             let primary = ValidatedEndpoint(
                 address: parsed[0], addressText: stream.address, token: resumable ? stream.token.map { Array($0.utf8) } : nil,
-                secret: resumable ? stream.secret : nil)
+                secret: resumable ? stream.secret : nil, checkpoint: stream.checkpoint)
             let input = stream.inputAddress.map { text in
                 ValidatedEndpoint(
                     address: parsed[1], addressText: text, token: resumable ? stream.inputToken.map { Array($0.utf8) } : nil,
-                    secret: resumable ? stream.inputSecret : nil)
+                    secret: resumable ? stream.inputSecret : nil, checkpoint: stream.inputCheckpoint)
             }
             validated.append(ValidatedStream(description: stream, primary: primary, ttyInput: input))
         }

@@ -113,10 +113,13 @@ public enum Relay {
                 let ending: RelayReport.Ending = Task.isCancelled ? .cancelled : .endOfStream
                 return RelayReport(ending: ending, bytes: relayed, undelivered: 0)
             }
+            stream.willDeliver(count)
             do {
                 try await sink.write(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
+                stream.delivered(count)
                 relayed &+= UInt64(count)
             } catch {
+                stream.delivered(error.accepted)
                 return RelayReport(
                     ending: .processGone, bytes: relayed + UInt64(error.accepted),
                     undelivered: UInt64(count - error.accepted))

@@ -5,7 +5,28 @@
 public protocol RingBlockStorage: AnyObject, Sendable {
     var blockSize: Int { get }
     func takeBlock() -> UnsafeMutableRawBufferPointer
+    /// A block whose first byte will be stream offset `offset` (a storage that must be read
+    /// back after a crash records it; the ring always says).
+    func takeBlock(startingAt offset: UInt64) -> UnsafeMutableRawBufferPointer
     func recycleBlock(_ block: UnsafeMutableRawBufferPointer)
+}
+
+extension RingBlockStorage {
+    public func takeBlock(startingAt offset: UInt64) -> UnsafeMutableRawBufferPointer { takeBlock() }
+}
+
+/// A ring's blocks as a crashed relay left them in memory that outlived it: the blocks holding
+/// `[start, end)` in order, the first starting at `start`.
+public struct RestoredRing: @unchecked Sendable {
+    public var blocks: [UnsafeMutableRawBufferPointer]
+    public var start: UInt64
+    public var end: UInt64
+
+    public init(blocks: [UnsafeMutableRawBufferPointer], start: UInt64, end: UInt64) {
+        self.blocks = blocks
+        self.start = start
+        self.end = end
+    }
 }
 
 extension BufferPool: RingBlockStorage {
@@ -31,6 +52,9 @@ extension BufferPool: RingBlockStorage {
 /// reserved (the producer's regions) or pinned (the blocks a sender is writing from) — a hostile
 /// early acknowledgement cannot free memory under a write in progress.
 public final class ReplayRing: @unchecked Sendable {
+    /// A block: 64 KiB (a heap pool's, or a shared ring region's).
+    public static let defaultBlockSize = 64 * 1024
+
     public let capacity: Int
     private let storage: any RingBlockStorage
     private let blockSize: Int
@@ -51,6 +75,20 @@ public final class ReplayRing: @unchecked Sendable {
         self.firstBlockOffset = start
         self.acknowledged = start
         self.end = start
+    }
+
+    /// A ring holding again what a crashed relay's ring held (its storage's blocks): the bytes
+    /// `[restored.start, restored.end)`, none of them acknowledged yet.
+    public init(capacity: Int, storage: any RingBlockStorage, restoring restored: RestoredRing) {
+        precondition(capacity > 0)
+        precondition(restored.end >= restored.start && restored.end - restored.start <= UInt64(restored.blocks.count * storage.blockSize))
+        self.capacity = capacity
+        self.storage = storage
+        self.blockSize = storage.blockSize
+        self.firstBlockOffset = restored.start
+        self.acknowledged = restored.start
+        self.end = restored.end
+        self.blocks = restored.blocks
     }
 
     public convenience init(capacity: Int = 1 << 20, pool: BufferPool, start: UInt64 = 0) {
@@ -90,7 +128,7 @@ public final class ReplayRing: @unchecked Sendable {
         var regions: [UnsafeMutableRawBufferPointer] = []
         var used = usedInTail
         if blocks.isEmpty || used == blockSize {
-            blocks.append(storage.takeBlock())
+            blocks.append(storage.takeBlock(startingAt: nextBlockOffset))
             used = 0
         }
         reserved = true
@@ -100,7 +138,7 @@ public final class ReplayRing: @unchecked Sendable {
             regions.append(UnsafeMutableRawBufferPointer(rebasing: tail[used..<used + take]))
             wanted -= take
             if wanted > 0 {
-                blocks.append(storage.takeBlock())
+                blocks.append(storage.takeBlock(startingAt: nextBlockOffset))
                 used = 0
             }
         }
@@ -186,6 +224,9 @@ public final class ReplayRing: @unchecked Sendable {
     }
 
     // MARK: Internals
+
+    /// Where a block appended now starts.
+    private var nextBlockOffset: UInt64 { firstBlockOffset + UInt64(blocks.count * blockSize) }
 
     private var usedInTail: Int {
         guard !blocks.isEmpty else { return 0 }

@@ -19,7 +19,7 @@ extension ResumableStream.Engine {
                 case .error:
                     let body = try await reader.body(of: prefix, from: lease.connection)
                     throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: body))
-                case .data, .hello:
+                case .data, .hello, .gap:
                     throw StreamProtocolError.unexpectedFrame(expected: .ack, got: prefix.type)
                 }
             } catch {
@@ -30,7 +30,9 @@ extension ResumableStream.Engine {
 
     private func acknowledge(_ offset: UInt64, generation: UInt64) throws {
         let wake = try state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
-            try s.sender.acknowledge(offset, generation: generation) ? s.takeProgressWaiters() : []
+            guard try s.sender.acknowledge(offset, generation: generation) else { return [] }
+            checkpoint?.acknowledged(offset)
+            return s.takeProgressWaiters()
         }
         for continuation in wake { continuation.resume() }
     }
@@ -90,10 +92,14 @@ extension ResumableStream.Engine {
             let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(inboundHeader.bytes))
             let inbound = try s.receiver.take(prefix)
             // The end arrived: the pump acknowledges and echoes it.
-            return (prefix, inbound, inbound == .ended ? s.ringDoorbell() : nil)
+            return (prefix, inbound, inbound == .ended || inbound == .skipped ? s.ringDoorbell() : nil)
         }
         switch inbound {
         case .body, .nothing:
+            return nil
+        case .skipped:
+            noteLoss(state.withLockedValue { $0.receiver.lost })
+            pump?.resume()
             return nil
         case .ended:
             pump?.resume()

@@ -58,6 +58,7 @@ extension ResumableStream.Engine {
             switch s.sender.nextFrame(generation: lease.generation, peerReceived: start?.peer, limit: limit) {
             case .data(let regions, let offset, let count): return .data(regions, offset: offset, count: count)
             case .end(let final): return .end(final)
+            case .gap(let to): return .gap(to)
             case .idle: return .idle
             }
         case .receive:
@@ -106,6 +107,9 @@ extension ResumableStream.Engine {
             case .end(let final):
                 failed = !(await writeControl(.end, value: final, on: lease.connection, prefix: prefix))
                 if !failed { state.withLockedValue { $0.sender.wroteEnd(generation: generation) } }
+            case .gap(let to):
+                failed = !(await writeControl(.gap, value: to, on: lease.connection, prefix: prefix))
+                if !failed { state.withLockedValue { $0.sender.wroteGap(to: to, generation: generation) } }
             case .ack(let offset):
                 failed = !(await writeControl(.ack, value: offset, on: lease.connection, prefix: prefix))
                 if !failed { state.withLockedValue { $0.receiver.wroteAck(offset, generation: generation) } }
@@ -199,6 +203,8 @@ enum ResumableWork {
     case data([UnsafeRawBufferPointer], offset: UInt64, count: Int)
     /// Send side: END.
     case end(UInt64)
+    /// Send side: GAP (data goes on at the offset).
+    case gap(UInt64)
     /// Receive side: ACK.
     case ack(UInt64)
     /// Receive side: the END echo (an END frame).

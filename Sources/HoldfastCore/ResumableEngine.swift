@@ -30,14 +30,59 @@ extension ResumableStream {
         /// Frames one sendmsg may carry (each a header and its body's regions).
         static var maxFramesPerWrite: Int { 16 }
 
-        init(direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?) {
+        /// This end resumed after its relay crashed (its hellos say so).
+        let restarted: Bool
+        /// Where the stream's progress is kept for a relay that outlives a crash of this one.
+        let checkpoint: StreamCheckpoint?
+        /// Bytes earlier incarnations of this stream reported lost, and where the highest of
+        /// them ended (from the checkpoint).
+        let lostBefore: (bytes: UInt64, to: UInt64)
+
+        /// This stream's loss over every incarnation: the earlier ones' count, and this one's
+        /// ranges above what they already counted.
+        func lostInAll(_ record: GapRecord) -> (bytes: UInt64, to: UInt64) {
+            var bytes = lostBefore.bytes
+            var to = lostBefore.to
+            for range in record.ranges {
+                let from = max(range.lowerBound, lostBefore.to)
+                if range.upperBound > from { bytes += range.upperBound - from }
+                to = max(to, range.upperBound)
+            }
+            return (bytes, to)
+        }
+
+        /// A gap was recorded: the checkpoint keeps the total for a successor.
+        func noteLoss(_ record: GapRecord) {
+            guard let checkpoint else { return }
+            let all = lostInAll(record)
+            checkpoint.lost(total: all.bytes, to: all.to)
+        }
+
+        init(
+            direction: StreamDirection, configuration: ResumableConfiguration, storage: any RingBlockStorage, executor: (any TaskExecutor)?,
+            resumeAt: UInt64?, restoring: RestoredRing?, hole: Range<UInt64>?, checkpoint: StreamCheckpoint?
+        ) {
+            precondition(restoring == nil || restoring?.end == resumeAt, "a restored ring ends where the stream resumes")
             self.direction = direction
             self.configuration = configuration
             self.executor = executor
+            self.restarted = resumeAt != nil
+            self.checkpoint = checkpoint
+            let start = resumeAt ?? 0
+            // What earlier incarnations lost is this stream's too (read before `start` below).
+            let earlier = resumeAt != nil ? checkpoint?.recovered : nil
+            self.lostBefore = (earlier?.lost ?? 0, earlier?.lostTo ?? 0)
             self.state = NIOLockedValueBox(
                 State(
-                    sender: ResumableSender(ring: ReplayRing(capacity: configuration.ringCapacity, storage: storage)),
-                    receiver: ResumableReceiver(ackEvery: configuration.ackEvery)))
+                    sender: ResumableSender(
+                        ring: restoring.map { ReplayRing(capacity: configuration.ringCapacity, storage: storage, restoring: $0) }
+                            ?? ReplayRing(capacity: configuration.ringCapacity, storage: storage, start: start),
+                        restarted: resumeAt != nil, hole: hole),
+                    receiver: ResumableReceiver(ackEvery: configuration.ackEvery, start: start, 
+                        // A checkpointed receiver must acknowledge only what reached the process:
+                        // its checkpoint counts delivered bytes, and a successor resumes there.
+                        acknowledgeDelivered: configuration.acknowledgeDelivered || (checkpoint != nil && direction == .receive))))
+            checkpoint?.start(at: start, resumed: resumeAt != nil)
         }
 
         var statistics: ResumableStatistics {
@@ -48,6 +93,8 @@ extension ResumableStream {
                 stats.ringBytes = s.sender.ring.count
                 stats.ringBlocks = s.sender.ring.blockCount
                 stats.replayedBytes = s.sender.replayedBytes
+                stats.lost = direction == .send ? s.sender.lost : s.receiver.lost
+                stats.lostBytesInAll = lostInAll(stats.lost).bytes
                 stats.ended = direction == .send ? s.sender.endEchoReceived : s.receiver.inboundFinal != nil
                 return stats
             }
@@ -91,7 +138,24 @@ extension ResumableStream {
         }
 
         /// What we report as received in our hello.
-        var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.receiver.received : 0 } }
+        var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.receiver.acknowledgeable : 0 } }
+
+        /// Receive side: the relay is about to write `count` bytes to the process (the
+        /// checkpoint says so first)...
+        func willDeliver(_ count: Int) {
+            guard let checkpoint else { return }
+            checkpoint.beginTake(at: state.withLockedValue { $0.receiver.acknowledgeable }, upTo: count)
+        }
+
+        /// ...and `count` of them went in.
+        func delivered(_ count: Int) {
+            let (pump, delivered) = state.withLockedValue { s -> (CheckedContinuation<Void, Never>?, UInt64) in
+                s.receiver.delivered(count)
+                return (s.receiver.confirmed != nil && count > 0 ? s.ringDoorbell() : nil, s.receiver.acknowledgeable)
+            }
+            checkpoint?.took(upTo: delivered)
+            pump?.resume()
+        }
 
         var inboundFinished: Bool { state.withLockedValue { $0.receiver.isFinished } }
 
@@ -120,7 +184,12 @@ extension ResumableStream {
                     case .receive:
                         try s.receiver.acceptHello(peerReceived: peer.receivedOffset)
                     case .send:
-                        if try s.sender.acceptHello(peerReceived: peer.receivedOffset) { wake = s.takeProgressWaiters() }
+                        let lostSoFar = s.sender.lost.bytes
+                        if try s.sender.acceptHello(peerReceived: peer.receivedOffset, peerRestarted: peer.restarted) {
+                            wake = s.takeProgressWaiters()
+                            checkpoint?.acknowledged(s.sender.acknowledged)
+                        }
+                        if s.sender.lost.bytes != lostSoFar { noteLoss(s.sender.lost) }
                     }
                 } catch {
                     return error
@@ -165,7 +234,17 @@ extension ResumableStream {
         /// connection — the next connection's doorbell does.
         func commit(_ count: Int, of regions: [UnsafeMutableRawBufferPointer]) {
             let offered = regions.reduce(0) { $0 + $1.count }
-            state.withLockedValue { $0.sender.commit(count, offered: offered) }
+            let end = state.withLockedValue { s -> UInt64 in
+                s.sender.commit(count, offered: offered)
+                return s.sender.offset
+            }
+            checkpoint?.took(upTo: end)
+        }
+
+        /// The producer's next read may take up to `length` bytes: the checkpoint says so first.
+        func willTake(_ length: Int) {
+            guard let checkpoint else { return }
+            checkpoint.beginTake(at: state.withLockedValue { $0.sender.offset }, upTo: length)
         }
 
         func finish(_ slot: ConnSlot<Session>) async -> UInt64 {

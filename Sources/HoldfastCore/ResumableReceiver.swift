@@ -26,6 +26,9 @@ struct ResumableReceiver: Sendable {
         case ended
         /// Nothing to do (an ACK of 0: a sender has nothing to acknowledge).
         case nothing
+        /// A GAP moved the received offset on: the skipped bytes are recorded as lost; the pump
+        /// acknowledges the new offset.
+        case skipped
         /// The peer refuses the stream: read its ERROR body and drop the connection.
         case refusal
     }
@@ -75,9 +78,27 @@ struct ResumableReceiver: Sendable {
     /// The END echo went out on some connection.
     private(set) var endEchoSent = false
     private(set) var cursor = Cursor()
+    /// The offsets the sender said are gone (GAP frames): never delivered, reported instead.
+    private(set) var lost = GapRecord()
+    /// Acknowledging only delivered bytes: the consumer confirmed everything before this offset
+    /// (nil: every received byte counts as delivered).
+    private(set) var confirmed: UInt64?
+    /// What may be acknowledged, and reported in a hello.
+    var acknowledgeable: UInt64 { confirmed ?? received }
 
-    init(ackEvery: Int) {
+    /// - Parameter start: where a resumed stream stands (the checkpoint's offset); 0 when new.
+    init(ackEvery: Int, start: UInt64 = 0, acknowledgeDelivered: Bool = false) {
         self.ackEvery = ackEvery
+        self.received = start
+        self.confirmed = acknowledgeDelivered ? start : nil
+    }
+
+    /// The consumer delivered `count` more bytes (acknowledging delivered bytes only). They are
+    /// acknowledged at once: the sender's ring is what holds them until then.
+    mutating func delivered(_ count: Int) {
+        guard let confirmed else { return }
+        self.confirmed = min(received, confirmed + UInt64(count))
+        if count > 0 { ackDue = true }
     }
 
     /// END arrived and everything before it was delivered: `receive` returns 0 from now on.
@@ -87,6 +108,7 @@ struct ResumableReceiver: Sendable {
 
     /// A peer's hello: we never send data, so a peer that says it holds any is refused.
     func acceptHello(peerReceived: UInt64) throws(StreamProtocolError) {
+        // (A resumed receiver sends no data either: the same holds.)
         guard peerReceived == 0 else { throw .offsetFromTheFuture(reported: peerReceived, limit: 0) }
     }
 
@@ -137,6 +159,18 @@ struct ResumableReceiver: Sendable {
         case .ack:
             guard header.value == 0 else { throw .offsetFromTheFuture(reported: header.value, limit: 0) }
             return .nothing
+        case .gap:
+            // From an authenticated sender, as trustworthy as its DATA: it says which bytes no
+            // longer exist. One at or below what we hold is a repeat (its connection dropped
+            // before our ACK of it): nothing to do.
+            guard header.value > received else { return .nothing }
+            if let final = inboundFinal, header.value > final { throw .malformed("GAP beyond the end of the stream") }
+            lost.add(received..<header.value)
+            received = header.value
+            // Nothing is between the two to deliver: the consumer's confirmations go on from here.
+            if confirmed != nil { confirmed = header.value }
+            ackDue = true
+            return .skipped
         case .error:
             return .refusal
         case .hello:
@@ -196,13 +230,14 @@ struct ResumableReceiver: Sendable {
         if connection.generation != generation {
             connection = Connection(generation: generation, ackSent: ourHelloReceived ?? 0)
         }
-        if received > connection.ackSent,
-            ackDue || received - connection.ackSent >= UInt64(ackEvery) || inboundFinal != nil
+        let ackable = acknowledgeable
+        if ackable > connection.ackSent,
+            ackDue || ackable - connection.ackSent >= UInt64(ackEvery) || inboundFinal != nil
         {
             ackDue = false
-            return .ack(received)
+            return .ack(ackable)
         }
-        if let final = inboundFinal, final == received, !connection.endSent { return .endEcho(final: final) }
+        if let final = inboundFinal, final == ackable, !connection.endSent { return .endEcho(final: final) }
         return .idle
     }
 

@@ -18,6 +18,8 @@ struct ResumableSender: Sendable {
         case data([UnsafeRawBufferPointer], offset: UInt64, count: Int)
         /// END: every byte before `final` was written on this connection.
         case end(final: UInt64)
+        /// GAP: the bytes from the peer's offset up to `to` are gone; data goes on at `to`.
+        case gap(to: UInt64)
         case idle
     }
 
@@ -28,6 +30,9 @@ struct ResumableSender: Sendable {
         /// The next byte to write on it.
         var position: UInt64 = 0
         var endSent = false
+        /// The peer's hello said it holds less than the ring's oldest byte (a restart on one side
+        /// lost them): a GAP to `position` goes first.
+        var gapDue = false
     }
 
     /// The unacknowledged bytes, kept for replay. A reference (its blocks are memory that is
@@ -47,6 +52,14 @@ struct ResumableSender: Sendable {
     private(set) var everHandedOut: UInt64 = 0
     /// Bytes written again after a reconnect.
     private(set) var replayedBytes: UInt64 = 0
+    /// This end resumed after its relay crashed: its ring starts where the checkpoint said, and
+    /// a peer holding less is told of the gap instead of refused.
+    let restarted: Bool
+    /// Offsets inside the ring whose bytes are unknown: a read the crash interrupted took some of
+    /// them from the pipe, and how many cannot be known. Never sent as data: a GAP over them.
+    let hole: Range<UInt64>?
+    /// The offsets the peer will never get (merged ranges), and their total.
+    private(set) var lost = GapRecord()
     /// How much the producer reserves for its next read: what the source gave last time,
     /// doubled while it keeps filling what was offered.
     private(set) var readAhead = ResumableSender.minimumReadAhead
@@ -55,8 +68,15 @@ struct ResumableSender: Sendable {
     static var maximumReadAhead: Int { 1 << 20 }
     static var minimumReadAhead: Int { 64 * 1024 }
 
-    init(ring: ReplayRing) {
+    /// - Parameter restarted: the ring starts at a resumed offset (`ring.end`): nothing before it
+    ///   can be sent, and nothing before it was handed out by this incarnation.
+    init(ring: ReplayRing, restarted: Bool = false, hole: Range<UInt64>? = nil) {
+        precondition(hole.map { $0.lowerBound >= ring.acknowledged && $0.upperBound == ring.end } ?? true, "a hole ends the restored ring")
         self.ring = ring
+        self.restarted = restarted
+        self.hole = hole
+        everHandedOut = ring.end
+        everSent = ring.end
     }
 
     /// Bytes the producer gave.
@@ -100,12 +120,20 @@ struct ResumableSender: Sendable {
     /// lost) and not before what it already acknowledged (those bytes are gone); then what it
     /// holds is acknowledged (the ACK may have been lost with the old connection). A refused
     /// hello changes nothing. Returns whether it acknowledged anything new.
-    mutating func acceptHello(peerReceived: UInt64) throws(StreamProtocolError) -> Bool {
+    ///
+    /// A peer below the ring's oldest byte is refused — unless one side restarted after a crash
+    /// (this end, or the peer says so in its hello): then those bytes are lost, recorded, and the
+    /// connection starts with a GAP frame.
+    mutating func acceptHello(peerReceived: UInt64, peerRestarted: Bool = false) throws(StreamProtocolError) -> Bool {
         guard peerReceived <= everHandedOut else {
             throw .offsetFromTheFuture(reported: peerReceived, limit: everHandedOut)
         }
         guard peerReceived >= ring.acknowledged else {
-            throw .offsetAlreadyDiscarded(reported: peerReceived, oldest: ring.acknowledged)
+            guard restarted || peerRestarted else {
+                throw .offsetAlreadyDiscarded(reported: peerReceived, oldest: ring.acknowledged)
+            }
+            lost.add(peerReceived..<ring.acknowledged)
+            return false
         }
         guard peerReceived > ring.acknowledged else { return false }
         ring.acknowledge(upTo: peerReceived)
@@ -123,13 +151,22 @@ struct ResumableSender: Sendable {
     mutating func nextFrame(generation: UInt64, peerReceived: UInt64?, limit: Int) -> Frame {
         if connection.generation != generation {
             connection = Connection(generation: generation, position: max(peerReceived ?? 0, ring.acknowledged))
+            // Only a hello that was accepted below the ring (a restart) gets here with less.
+            connection.gapDue = (peerReceived ?? ring.acknowledged) < ring.acknowledged
             sentHighWater = connection.position
         }
+        if connection.gapDue { return .gap(to: connection.position) }
         // A newer connection's hello may have acknowledged past where this one is: those bytes
         // arrived, and the ring no longer holds them.
         if connection.position < ring.acknowledged { connection.position = ring.acknowledged }
         let position = connection.position
+        if let hole, hole.contains(position) {
+            lost.add(hole)
+            return .gap(to: hole.upperBound)
+        }
         if position < ring.end {
+            // Data stops where the hole starts.
+            let limit = hole.map { position < $0.lowerBound ? min(limit, Int($0.lowerBound - position)) : limit } ?? limit
             let regions = ring.regions(from: position, limit: limit)
             let count = regions.reduce(0) { $0 + $1.count }
             ring.pin(position)
@@ -151,6 +188,15 @@ struct ResumableSender: Sendable {
         // Bytes below the highest offset ever written are replays.
         if offset < everSent { replayedBytes &+= min(sentEnd, everSent) - offset }
         everSent = max(everSent, sentEnd)
+    }
+
+    /// The GAP to `to` went out on connection `generation`: sending goes on there.
+    mutating func wroteGap(to: UInt64, generation: UInt64) {
+        guard connection.generation == generation else { return }
+        connection.gapDue = false
+        connection.position = max(connection.position, to)
+        sentHighWater = max(sentHighWater, to)
+        everHandedOut = max(everHandedOut, to)
     }
 
     /// END went out on connection `generation`.
@@ -181,5 +227,41 @@ struct ResumableSender: Sendable {
         }
         if ring.acknowledged < final { ring.acknowledge(upTo: final) }
         endEchoReceived = true
+    }
+}
+
+/// Stream offsets that were lost (a relay's crash), as merged ranges: what a stream reports so
+/// nothing is lost silently. Keeps the first ranges in full and the total of all.
+public struct GapRecord: Sendable, Equatable {
+    /// At most this many ranges are kept (a stream with more is broken far beyond a report).
+    public static let keptRanges = 16
+    public private(set) var ranges: [Range<UInt64>] = []
+    public private(set) var bytes: UInt64 = 0
+
+    public init() {}
+
+    /// Records `range` (empty or already recorded parts add nothing).
+    public mutating func add(_ range: Range<UInt64>) {
+        guard !range.isEmpty else { return }
+        var merged = range
+        var kept: [Range<UInt64>] = []
+        var covered: UInt64 = 0
+        for existing in ranges {
+            if existing.overlaps(merged) || existing.upperBound == merged.lowerBound || merged.upperBound == existing.lowerBound {
+                covered += UInt64(existing.clamped(to: range).count)
+                merged = min(existing.lowerBound, merged.lowerBound)..<max(existing.upperBound, merged.upperBound)
+            } else {
+                kept.append(existing)
+            }
+        }
+        bytes += UInt64(range.count) - covered
+        kept.append(merged)
+        kept.sort { $0.lowerBound < $1.lowerBound }
+        ranges = Array(kept.prefix(Self.keptRanges))
+    }
+
+    /// "bytes 10-20, 30-31" (half-open offsets, as the protocol counts them).
+    public var summary: String {
+        ranges.map { "\($0.lowerBound)..<\($0.upperBound)" }.joined(separator: ", ")
     }
 }

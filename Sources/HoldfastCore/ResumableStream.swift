@@ -23,6 +23,11 @@ public struct ResumableConfiguration: Sendable, Equatable {
     /// After `processExited`/`finish`: how long the stream may make no progress (no
     /// acknowledgement, no connection) before it gives up and reports what it could not deliver.
     public var drainTimeout: Duration
+    /// Receive side: acknowledge (and report in hellos) only bytes the consumer confirmed it
+    /// delivered (`delivered`), not bytes merely received: the sender then keeps every byte
+    /// that is not in the process's pipe yet, so a relay that crashes with bytes in its buffer
+    /// loses none of them. The broker's stdin relays set it.
+    public var acknowledgeDelivered = false
 
     public init(
         ringCapacity: Int = 1 << 20, ackEvery: Int = 256 * 1024, ackDelay: Duration = .milliseconds(10),
@@ -69,6 +74,14 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     ///   - attemptClock: a monotonic clock (nanoseconds) that numbers dials, so a restarted
     ///     dialer's attempts still outrank its predecessor's at the acceptor.
     ///   - observer: slot events, for metrics and logs.
+    ///   - resumeAt: this end is a new relay taking over from one that crashed: the stream goes
+    ///     on at this offset (what its checkpoint recovered), and its hellos say it restarted, so
+    ///     bytes the crash took are reported as a gap rather than refused (docs/PROTOCOL.md, "Gaps").
+    ///   - restoring: what the crashed relay's ring held (its storage outlived it): sent again
+    ///     from where the peer stands, so only bytes it never had in that memory are a gap.
+    ///   - hole: offsets at the end of the restored ring whose bytes are unknown (a read the
+    ///     crash interrupted): told to the peer as a gap, never sent.
+    ///   - checkpoint: where to keep this end's progress for such a successor.
     ///   - storage: where the replay ring's blocks come from.
     ///   - executor: where the stream's own tasks run (its pump, its acknowledgement reader):
     ///     the I/O reactor's thread for real sockets, so a frame read or written on readiness
@@ -78,6 +91,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         configuration: ResumableConfiguration = ResumableConfiguration(),
         policy: RedialPolicy = .default, storage: any RingBlockStorage = BufferPool.ring,
         executor: (any TaskExecutor)? = nil,
+        resumeAt: UInt64? = nil, restoring: RestoredRing? = nil, hole: Range<UInt64>? = nil, checkpoint: StreamCheckpoint? = nil,
         dial: (@Sendable () async throws -> Transport)? = nil,
         attemptClock: (@Sendable () -> UInt64)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
@@ -87,7 +101,10 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         self.role = role
         self.direction = direction
         self.configuration = configuration
-        let engine = Engine(direction: direction, configuration: configuration, storage: storage, executor: executor)
+        let engine = Engine(
+            direction: direction, configuration: configuration, storage: storage, executor: executor, resumeAt: resumeAt, restoring: restoring,
+            hole: hole, checkpoint: checkpoint)
+        let restarted = resumeAt != nil
         self.engine = engine
         var slotDial: ConnSlot<Session>.Dial?
         if let dial {
@@ -97,7 +114,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                     let hello = StreamAuthentication.sign(
                         StreamHello(
                             role: role, token: token, receivedOffset: engine.receivedForHello,
-                            attempt: engine.nextAttempt(floor: attemptClock?() ?? 0), nonce: StreamAuthentication.nonce()),
+                            attempt: engine.nextAttempt(floor: attemptClock?() ?? 0), nonce: StreamAuthentication.nonce(), restarted: restarted),
                         secret: secret)
                     let session = try await Handshake.initiate(on: transport, hello: hello) { peer in
                         // The host's proof covers our nonce: a recorded answer does not verify.
@@ -142,7 +159,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             throw problem
         }
         let ours = StreamAuthentication.sign(
-            StreamHello(role: role, token: token, receivedOffset: engine.receivedForHello, nonce: StreamAuthentication.nonce()),
+            StreamHello(
+                role: role, token: token, receivedOffset: engine.receivedForHello, nonce: StreamAuthentication.nonce(), restarted: engine.restarted),
             secret: secret, challenge: hello.nonce)
         do {
             try await FrameIO.write(ours.encoded, to: transport)
@@ -156,6 +174,13 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     }
 
     // MARK: Sending
+
+    /// A producer that reads its source itself and then calls `send` (a terminal's relay) says
+    /// so before each read, so a crash between its read and the send is reported as a gap of
+    /// at most `length` bytes rather than lost silently.
+    public func willTake(upTo length: Int) {
+        engine.willTake(length)
+    }
 
     public func send(_ bytes: UnsafeRawBufferPointer) async throws(StreamClosed) {
         var offset = 0
@@ -175,6 +200,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// byte leaves the pipe only into the ring.
     public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
         let regions = try await engine.reserve(slot, upTo: engine.readAhead)
+        engine.willTake(regions.reduce(0) { $0 + $1.count })
         let count: Int?
         do {
             count = try source.readNow(into: regions)
@@ -218,6 +244,14 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
     public func receive(into buffer: UnsafeMutableRawBufferPointer) async -> Int {
         await engine.receive(into: buffer, slot: slot)
+    }
+
+    public func willDeliver(_ count: Int) {
+        engine.willDeliver(count)
+    }
+
+    public func delivered(_ count: Int) {
+        engine.delivered(count)
     }
 
     /// After `receive` returned 0: waits (bounded) until our END echo went out, so the sender
@@ -264,7 +298,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
 extension BufferPool {
     /// Replay-ring blocks: 64 KiB each.
-    public static let ring = BufferPool(bufferSize: 64 * 1024, retained: 64)
+    public static let ring = BufferPool(bufferSize: ReplayRing.defaultBlockSize, retained: 64)
 }
 
 public struct ResumableStatistics: Sendable, Equatable {
@@ -282,4 +316,10 @@ public struct ResumableStatistics: Sendable, Equatable {
     /// Connections dropped for a protocol violation after the hello.
     public var protocolErrors: UInt64 = 0
     public var ended = false
+    /// Offsets that will never arrive (a relay's crash took them; each side reports them), as
+    /// this end saw them...
+    public var lost = GapRecord()
+    /// ...and the bytes lost over every incarnation of this end (a resumed end carries its
+    /// predecessors' count in the checkpoint).
+    public var lostBytesInAll: UInt64 = 0
 }

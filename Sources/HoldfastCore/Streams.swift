@@ -60,10 +60,18 @@ public protocol InboundStream: Sendable {
     /// receives into a buffer instead). Throws when `sink` fails; bytes it did not take stay
     /// unreceived.
     func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int?
+
+    /// The relay is about to write `count` received bytes to its sink (a process's pipe)...
+    func willDeliver(_ count: Int)
+    /// ...and `count` of them went in: a stream that acknowledges only delivered bytes
+    /// (`ResumableConfiguration.acknowledgeDelivered`) may now acknowledge them.
+    func delivered(_ count: Int)
 }
 
 extension InboundStream {
     public func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int? { nil }
+    public func willDeliver(_ count: Int) {}
+    public func delivered(_ count: Int) {}
 }
 
 /// An outbound stream was closed before everything was sent.

@@ -231,7 +231,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 let refusal = StreamRefusal.decode(prefix: prefix, body: body)
                 _ = StreamProtocolError.refusedByPeer(refusal).description
                 precondition(refusal.encoded.count <= StreamFramePrefix.size + StreamFramePrefix.maxErrorBody)
-            case .data, .ack, .end:
+            case .data, .ack, .end, .gap:
                 break
             }
         }

@@ -60,7 +60,9 @@ final class HostProcessTable: Sendable {
             }
             for (process, loss) in lost { end(process, HostWaitResponse(lost: loss)) }
         case .exit(let report):
-            say("process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")")
+            say(
+                "process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")"
+                    + "\((report.lost ?? 0) > 0 ? ", \(report.lost ?? 0) bytes lost with the guest's broker" : "")")
             let process = state.withLockedValue { s -> HostedProcess? in
                 if let process = s.processes[report.id] { return process }
                 s.otherExits.append(report)

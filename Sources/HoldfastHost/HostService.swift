@@ -50,6 +50,14 @@ public final class HostService: Sendable {
     private let control: Listener
     private let streamAddress: String
     private let say: @Sendable (String) -> Void
+
+    /// Says which offsets of a stream a crash of the guest's broker took (GAP frames): never
+    /// silent. The exit report counts them too.
+    static func reportLoss(of stream: ResumableStream<AsyncFD>, id: String, kind: String, say: @Sendable (String) -> Void) {
+        let lost = stream.statistics.lost
+        guard lost.bytes > 0 else { return }
+        say("process \(id) \(kind): \(lost.bytes) bytes lost with the guest's broker (offsets \(lost.summary))")
+    }
     private let listInterval: Duration
     private let table: HostProcessTable
     private let logSize: Int
@@ -437,10 +445,17 @@ public final class HostService: Sendable {
             for output in outputs { output.discard() }
             throw HoldfastError(.processExists, "host serve already runs a process '\(id)'")
         }
-        if let input { Task { await input.run() } }
+        let say = say
+        if let input {
+            Task {
+                await input.run()
+                Self.reportLoss(of: input.stream, id: id, kind: "stdin", say: say)
+            }
+        }
         for output in outputs {
             Task { [table] in
                 await output.run(endEchoTimeout: { process.state.withLockedValue { $0.drainTimeout } }) {
+                    Self.reportLoss(of: output.stream, id: id, kind: output.kind, say: say)
                     table.outputFinished(process)
                 }
             }

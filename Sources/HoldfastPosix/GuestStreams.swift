@@ -17,14 +17,20 @@ public enum GuestStreams {
             dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout) }, observer: observer)
     }
 
+    /// - Parameters:
+    ///   - checkpoint: where the stream keeps its progress for a broker that outlives this one.
+    ///   - resumeAt: the stream was held by a broker that crashed: it goes on at this offset
+    ///     (what its checkpoint recovered), and the host hears of any gap.
     public static func resumable(
         to address: SocketAddress, token: [UInt8], secret: StreamSecret, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(), policy: RedialPolicy = .default,
-        observer: (@Sendable (SlotEvent) -> Void)? = nil
+        checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, storage: (any RingBlockStorage)? = nil, restoring: RestoredRing? = nil,
+        hole: Range<UInt64>? = nil, observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
             token: token, secret: secret, role: .guest, direction: direction, configuration: configuration, policy: policy,
-            executor: Reactor.shared,
+            storage: storage ?? BufferPool.ring, executor: Reactor.shared, resumeAt: resumeAt, restoring: restoring, hole: hole,
+            checkpoint: checkpoint,
             dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout, sendBuffer: Dialer.resumableSendBuffer) },
             attemptClock: monotonicNanoseconds, observer: observer)
     }

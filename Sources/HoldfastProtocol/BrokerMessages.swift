@@ -18,6 +18,9 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     case error = 0x0002
     // Notifications from the broker (id 0).
     case drained = 0x0201
+    /// A process's stdin pipe was closed by the broker (the host ended it, or the process
+    /// stopped reading): the supervisor closes its copy too, so the process sees end-of-file.
+    case inputEnded = 0x0202
 }
 
 /// What a stream carries.
@@ -51,11 +54,24 @@ public struct StreamDescription: Codable, Sendable, Equatable {
     public var inputAddress: String?
     public var inputToken: String?
     public var inputSecret: StreamSecret?
+    /// Resumable streams handed over by the supervisor: the slot of the shared checkpoint area
+    /// (the broker's `--checkpoints-fd`) where the stream keeps its progress, so a broker
+    /// started after this one crashed can resume it (docs/PROTOCOL.md, "Broker control").
+    public var checkpoint: Int?
+    /// The slot of a tty's input stream.
+    public var inputCheckpoint: Int?
+    /// True: this process's streams were held by a broker that crashed; they resume where
+    /// their checkpoints say (and tell the host of any bytes the crash took). Supervisor only.
+    public var resume: Bool?
 
     public init(
         kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil, secret: StreamSecret? = nil,
-        inputAddress: String? = nil, inputToken: String? = nil, inputSecret: StreamSecret? = nil
+        inputAddress: String? = nil, inputToken: String? = nil, inputSecret: StreamSecret? = nil, checkpoint: Int? = nil,
+        inputCheckpoint: Int? = nil, resume: Bool? = nil
     ) {
+        self.checkpoint = checkpoint
+        self.inputCheckpoint = inputCheckpoint
+        self.resume = resume
         self.kind = kind
         self.fd = fd
         self.address = address
@@ -135,12 +151,16 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     public var lastDialError: String?
     /// Dials that failed since its last connection (absent when none).
     public var failedDials: UInt64?
+    /// Bytes a broker crash took from this stream, reported to the host as a gap (absent when
+    /// none).
+    public var lostBytes: UInt64?
 
     public init(
         process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: StreamState,
         bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64, lastDialError: String? = nil,
-        failedDials: UInt64? = nil
+        failedDials: UInt64? = nil, lostBytes: UInt64? = nil
     ) {
+        self.lostBytes = lostBytes
         self.lastDialError = lastDialError
         self.failedDials = failedDials
         self.process = process
@@ -207,12 +227,16 @@ public struct BrokerStats: Codable, Sendable, Equatable {
     /// anything above zero is a leak).
     public var liveProcessObjects: Int?
     public var liveStreamObjects: Int?
+    /// Bytes broker crashes took from this broker's streams (its predecessors' crashes: it found
+    /// and reported the gaps when it resumed them). Absent when none.
+    public var lostBytes: UInt64?
 
     public init(
         processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,
         reconnects: UInt64, undelivered: UInt64, openDescriptors: Int, residentKiB: Int, mallocInUseKiB: Int? = nil,
-        mallocFreeKiB: Int? = nil, liveProcessObjects: Int? = nil, liveStreamObjects: Int? = nil
+        mallocFreeKiB: Int? = nil, liveProcessObjects: Int? = nil, liveStreamObjects: Int? = nil, lostBytes: UInt64? = nil
     ) {
+        self.lostBytes = lostBytes
         self.liveProcessObjects = liveProcessObjects
         self.liveStreamObjects = liveStreamObjects
         self.mallocInUseKiB = mallocInUseKiB
@@ -238,11 +262,16 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
         public var bytes: UInt64
         public var undelivered: UInt64
         public var ending: String
-        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String) {
+        /// Bytes a broker crash took (told to the host as a gap; absent when none). Not in
+        /// `undelivered`: the exit report carries them as `lost`.
+        public var lost: UInt64?
+        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String, lost: UInt64? = nil) {
+            self.lost = lost
             self.kind = kind
             self.bytes = bytes
             self.undelivered = undelivered
             self.ending = ending
+            self.lost = lost
         }
     }
 

@@ -22,6 +22,10 @@ public enum StreamFrameType: UInt8, Sendable, CaseIterable {
     case end = 4
     /// A refusal (`value` is the code; the body a UTF-8 message); the connection closes after it.
     case error = 5
+    /// From a sender: the bytes from the receiver's offset up to `value` no longer exist (they
+    /// were lost with a crashed relay, docs/PROTOCOL.md "Gaps"); data goes on at `value`. Only
+    /// on a connection where one side said in its hello that it restarted.
+    case gap = 6
 }
 
 public struct StreamFramePrefix: Sendable, Equatable {
@@ -71,7 +75,7 @@ public struct StreamFramePrefix: Sendable, Equatable {
         case .data: limit = maxDataBody
         case .hello: limit = maxHelloBody
         case .error: limit = maxErrorBody
-        case .ack, .end: limit = 0
+        case .ack, .end, .gap: limit = 0
         }
         guard length <= limit else { throw .oversized(type: type, length: length, limit: limit) }
         if type == .data, length == 0 { throw .malformed("empty data frame") }
@@ -87,7 +91,7 @@ public enum StreamRole: UInt8, Sendable {
 
 /// The hello each side sends first on every connection.
 ///
-/// Body: magic "HFST", version u16, role u8, reserved u8 (0), attempt u64, token length u16,
+/// Body: magic "HFST", version u16, role u8, flags u8 (bit 0: restarted), attempt u64, token length u16,
 /// token bytes, nonce (16 bytes), proof (32 bytes). The prefix's value is the sender's
 /// *received offset*: how many bytes of the peer's data it holds. Each side then replays from
 /// the offset the other reported.
@@ -105,6 +109,7 @@ public struct StreamHello: Sendable, Equatable {
     public static let maxTokenLength = 256
     public static let nonceLength = 16
     public static let proofLength = 32
+    static let restartedFlag: UInt8 = 1
 
     public var version: UInt16
     public var role: StreamRole
@@ -115,11 +120,14 @@ public struct StreamHello: Sendable, Equatable {
     public var nonce: [UInt8]
     /// The sender's proof that it holds the stream's secret.
     public var proof: [UInt8]
+    /// This end is a new incarnation of a relay that crashed: it resumed from its checkpoint, so
+    /// a gap may follow (a GAP frame, either way). Flag bit 0 of the hello's fourth byte.
+    public var restarted: Bool
 
     public init(
         role: StreamRole, token: [UInt8], receivedOffset: UInt64, attempt: UInt64 = 0, version: UInt16 = StreamHello.version,
         nonce: [UInt8] = [UInt8](repeating: 0, count: StreamHello.nonceLength),
-        proof: [UInt8] = [UInt8](repeating: 0, count: StreamHello.proofLength)
+        proof: [UInt8] = [UInt8](repeating: 0, count: StreamHello.proofLength), restarted: Bool = false
     ) {
         precondition(nonce.count == Self.nonceLength && proof.count == Self.proofLength, "a hello's nonce and proof have fixed sizes")
         self.version = version
@@ -129,12 +137,13 @@ public struct StreamHello: Sendable, Equatable {
         self.receivedOffset = receivedOffset
         self.nonce = nonce
         self.proof = proof
+        self.restarted = restarted
     }
 
     /// The body up to (not including) the proof: what the proof covers, with the prefix's value.
     public var authenticatedBody: [UInt8] {
         var body = Self.magic
-        body += [UInt8(version >> 8), UInt8(version & 0xFF), role.rawValue, 0]
+        body += [UInt8(version >> 8), UInt8(version & 0xFF), role.rawValue, restarted ? Self.restartedFlag : 0]
         body += (0..<8).map { UInt8(truncatingIfNeeded: attempt >> (56 - 8 * $0)) }
         body += [UInt8(token.count >> 8), UInt8(token.count & 0xFF)]
         body += token
@@ -155,7 +164,8 @@ public struct StreamHello: Sendable, Equatable {
         let version = UInt16(body[4]) << 8 | UInt16(body[5])
         guard version == Self.version else { throw .unsupportedVersion(version) }
         guard body.count >= 18 else { throw .malformed("hello body of \(body.count) bytes is too short") }
-        guard let role = StreamRole(rawValue: body[6]), body[7] == 0 else { throw .malformed("hello with an unknown role") }
+        guard let role = StreamRole(rawValue: body[6]) else { throw .malformed("hello with an unknown role") }
+        guard body[7] & ~Self.restartedFlag == 0 else { throw .malformed("hello with unknown flags") }
         let attempt = body[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
         let tokenLength = Int(body[16]) << 8 | Int(body[17])
         guard tokenLength <= maxTokenLength, body.count == 18 + tokenLength + nonceLength + proofLength else {
@@ -164,7 +174,8 @@ public struct StreamHello: Sendable, Equatable {
         let tokenEnd = 18 + tokenLength
         return StreamHello(
             role: role, token: Array(body[18..<tokenEnd]), receivedOffset: prefix.value, attempt: attempt, version: version,
-            nonce: Array(body[tokenEnd..<(tokenEnd + nonceLength)]), proof: Array(body[(tokenEnd + nonceLength)...]))
+            nonce: Array(body[tokenEnd..<(tokenEnd + nonceLength)]), proof: Array(body[(tokenEnd + nonceLength)...]),
+            restarted: body[7] & Self.restartedFlag != 0)
     }
 }
 

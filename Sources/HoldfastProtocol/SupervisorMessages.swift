@@ -135,13 +135,17 @@ public struct ExitReport: Codable, Sendable, Equatable {
     /// was stopping (its shutdown timeout left no more time) or the broker holding the streams
     /// died. `undelivered` is then a lower bound, not a count. Absent (nil) otherwise.
     public var outputCutShort: Bool?
+    /// Bytes of the process's streams a broker crash took (the offsets are in the daemon's log
+    /// and the host's): at most the few the crashed broker held in memory. Absent when none.
+    public var lost: UInt64?
 
-    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil) {
+    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil, lost: UInt64? = nil) {
         self.id = id
         self.exitCode = exitCode
         self.signal = signal
         self.undelivered = undelivered
         self.outputCutShort = outputCutShort
+        self.lost = lost
     }
 }
 

@@ -93,6 +93,7 @@ extension Supervisor {
             guard let waiters = t.finish(id, report) else { return nil }
             return (waiters, t[id]?.viaBridge ?? false)
         }) else { return }
+        releaseStdio(id)
         if viaBridge, let channel = session.withLockedValue({ $0.bridgeChannel }) {
             let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
             Task { try? await channel.send(frame.encoded) }

@@ -91,28 +91,38 @@ extension Supervisor {
                 container = .init(id: spec.id, bundle: spec.bundle!)
             }
         }
+        // Each resumable stream keeps its progress in a slot of the checkpoint area, so a broker
+        // started after a crash resumes it.
+        var adopt = started.adopt
+        let incarnation = stdio.withLockedValue { store -> Int in
+            store.assignCheckpoints(&adopt)
+            return store.incarnation(of: broker)
+        }
         let entry = ProcessTable.Entry(
             id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
-            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, streams: started.adopt.streams)
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, streams: adopt.streams)
         metrics.processStarted(spec.runtime ?? .direct)
-        if !started.adopt.streams.isEmpty {
+        if !adopt.streams.isEmpty {
             do {
-                _ = try await broker.request(
-                    BrokerRequest.adopt(started.adopt).frameType, body: BrokerRequest.adopt(started.adopt).body, descriptors: started.descriptors)
+                _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: started.descriptors)
             } catch {
                 for fd in started.descriptors { close(fd) }
+                _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
                 kill(started.pid, SIGKILL)
                 _ = await reaper.wait(started.pid)
                 if let container { await runc.delete(container.id) }
                 throw error
             }
+            // The broker has copies; ours stay until the process is done (Supervisor+Stdio.swift).
+            stdio.withLockedValue { $0.keep(spec.id, request: adopt, descriptors: started.descriptors, adoptedBy: incarnation) }
         }
-        for fd in started.descriptors { close(fd) }  // the broker has them now
         table.withLockedValue { $0.started(entry) }
         logger.info("process started", metadata: [
             "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
         ])
         Task { await watch(entry) }
+        // The broker that adopted it may have died since, its successor already up.
+        if !adopt.streams.isEmpty { await readoptIfBehind(incarnation) }
         return started.pid
     }
 
@@ -126,27 +136,22 @@ extension Supervisor {
         table.withLockedValue { $0.exited(entry.id, report) }
         logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
         metrics.processExited()
-        guard !entry.streams.isEmpty, let broker = broker() else {
+        guard !entry.streams.isEmpty else {
             complete(entry.id, report)
             return
         }
-        var exited = ProcessExitedRequest(process: entry.id)
-        if let deadline = session.withLockedValue({ $0.drainDeadline }) {
-            // Stopping: the drain may take only what is left before the exits must go out.
-            let left = max(Duration.zero, deadline - ContinuousClock.now)
-            exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
-        }
-        do {
-            _ = try await broker.call(BrokerRequest.processExited(exited), reply: [String: String].self)
-        } catch {
-            complete(entry.id, report)
-        }
-        // The `drained` notification finishes it (processDrained).
+        // The broker that has its streams is told (now, or once a restarted one has them);
+        // its `drained` notification finishes it (processDrained).
+        stdio.withLockedValue { $0.exited(entry.id) }
+        await deliverExit(entry.id)
     }
 
+    /// Bytes a broker crash took count as undelivered: the exit never looks clean over them.
     func processDrained(_ drained: DrainedNotification) {
         guard var report = entry(drained.process)?.report else { return }
         report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
+        let lost = drained.streams.reduce(0) { $0 + ($1.lost ?? 0) }
+        if lost > 0 { report.lost = lost }
         complete(drained.process, report)
     }
 

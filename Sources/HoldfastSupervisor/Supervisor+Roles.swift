@@ -37,6 +37,14 @@ extension Supervisor {
         let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
         var arguments = ["holdfast", "broker", "--control-fd", String(theirs), "--settings", settings]
         var keep = [theirs]
+        if let checkpoints {
+            arguments += ["--checkpoints-fd", String(checkpoints.descriptor)]
+            keep.append(checkpoints.descriptor)
+        }
+        if let rings {
+            arguments += ["--rings-fd", String(rings.descriptor)]
+            keep.append(rings.descriptor)
+        }
         if let handoff {
             arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
             keep.append(handoff.descriptor)
@@ -84,23 +92,28 @@ extension Supervisor {
 
     func serveBroker(_ incarnation: RoleSupervisor.Incarnation) async {
         let client = ControlClient(channel: incarnation.channel) { [self] frame in
-            guard frame.type == BrokerMessageType.drained.rawValue,
-                let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type)
-            else { return }
-            processDrained(drained)
-        }
-        brokerClient.set(client)
-        // A new broker knows no streams; if the bridge is up, nothing to redial either.
-        await client.run()
-        brokerClient.clear { $0 === client }
-        // The broker is gone with every stream it held: exits waiting for a drain will not get
-        // one. Report them now rather than never.
-        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .exited {
-            if var report = entry.report {
-                report.outputCutShort = true
-                complete(entry.id, report)
+            switch BrokerMessageType(rawValue: frame.type) {
+            case .drained:
+                guard let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type) else { return }
+                processDrained(drained)
+            case .inputEnded:
+                guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
+                stdinEnded(ended.process)
+            default:
+                break
             }
         }
+        let number = stdio.withLockedValue { $0.brokerStarted(client) }
+        let running = Task { await client.run() }
+        // A broker started after a crash gets every live process's streams back before anything
+        // else (creates wait for it meanwhile); the first one gets none.
+        await readopt(incarnation: number, client: client)
+        brokerClient.set(client)
+        await running.value
+        brokerClient.clear { $0 === client }
+        // The supervisor still holds every process's host ends and their checkpoints: the next
+        // broker takes the streams over, and exits waiting for a drain are reported by it.
+        stdio.withLockedValue { $0.brokerGone(client) }
     }
 
     /// The bridge worker's channel: it sends bridge-up/down notifications and forwards the

@@ -61,6 +61,14 @@ public final class Supervisor: Sendable {
     let metrics = SupervisorMetrics()
     /// Gives malloc's free pages back after bursts of requests.
     let tidier = MemoryTidier()
+    /// Where resumable streams keep their progress (every broker maps it): nil if the memfd
+    /// could not be made, and then a broker crash loses what the broker held.
+    let checkpoints: CheckpointMemory?
+    /// Where output streams keep their replay rings (every broker maps it): nil if the memfd
+    /// could not be made, and then a broker crash loses what its rings held (reported).
+    let rings: RingMemory?
+    /// The host ends of every live process's stdio, and which broker has them (StdioStore.swift).
+    let stdio: NIOLockedValueBox<StdioStore>
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
     var instanceID: String { table.withLockedValue { $0.instanceID } }
 
@@ -72,6 +80,23 @@ public final class Supervisor: Sendable {
         self.executable = executable
         self.notifier = notifier ?? ServiceNotifier(environment: [:], logger: logger)
         table = NIOLockedValueBox(ProcessTable(instanceID: RandomIdentifier.make()))
+        var checkpointError: (any Error)?
+        do {
+            checkpoints = try CheckpointMemory.create()
+        } catch {
+            checkpoints = nil
+            checkpointError = error
+        }
+        stdio = NIOLockedValueBox(StdioStore(slots: checkpoints?.slotCount ?? 0))
+        if let checkpointError {
+            logger.error("no checkpoint area: streams will not survive a broker crash", metadata: ["error": "\(checkpointError)"])
+        }
+        do {
+            rings = checkpoints == nil ? nil : try RingMemory.create(capacity: configuration.streams.ringCapacity, blockSize: ReplayRing.defaultBlockSize)
+        } catch {
+            rings = nil
+            logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
+        }
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)

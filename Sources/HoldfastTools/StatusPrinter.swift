@@ -95,6 +95,12 @@ public enum StatusPrinter {
             let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
             lines.append("\(name): \(paint("cannot connect", "31")) to \(stream.address): \(error)")
         }
+        // What broker crashes took from a stream (the host was told: a gap), one line each.
+        for stream in report.streams {
+            guard let lost = stream.lostBytes, lost > 0 else { continue }
+            let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
+            lines.append("\(name): \(paint("\(bytes(lost)) lost", "31")) in a broker crash (reported to the host as a gap)")
+        }
         if let omitted = report.omittedStreams {
             let states = (report.streamStates ?? [:]).sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             lines.append("... and \(omitted) more streams (all streams: \(states))")

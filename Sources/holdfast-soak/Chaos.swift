@@ -17,6 +17,9 @@ struct ChaosSettings: Sendable {
     /// The broker is stopped (SIGSTOP) for a random 50–500 ms, then continued, every this many
     /// seconds (random in the range); nil: never.
     var brokerStopEverySeconds: ClosedRange<Int>?
+    /// The broker is killed with SIGKILL every this many seconds (random in the range); nil:
+    /// never. Every stream must resume, every loss be reported exactly.
+    var brokerKillEverySeconds: ClosedRange<Int>?
 }
 
 /// Migrations on a fixed period with random blackouts, and SIGKILLs of the bridge worker at
@@ -47,6 +50,21 @@ enum Chaos {
             }
         }
         defer { stops?.cancel() }
+        // Like the bridge kills: the first early in the phase (so the warm-up's baseline is
+        // taken after a restarted broker's paths ran once), none in its last seconds.
+        let brokerKills = settings.brokerKillEverySeconds.map { range in
+            Task { [rng] in
+                var rng = rng
+                _ = rng.next()
+                _ = rng.next()
+                try await Task.sleep(for: .milliseconds(Int.random(in: 1000...max(1000, min(range.lowerBound, phase / 4) * 1000), using: &rng)))
+                while ContinuousClock.now + settings.period * 3 < end {
+                    await killBroker(host: host, daemon: daemon)
+                    try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
+                }
+            }
+        }
+        defer { brokerKills?.cancel() }
         var cycle = ContinuousClock.now
         while cycle < end {
             let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
@@ -106,6 +124,20 @@ extension Chaos {
         try? await Task.sleep(for: pause)
         kill(pid, SIGCONT)
         host.ledger.update { $0.brokerStops += 1 }
+    }
+
+    /// A broker crash: SIGKILL. The supervisor holds every fd and checkpoint; the next broker
+    /// takes every stream over.
+    static func killBroker(host: Host, daemon: Daemon) async {
+        guard let status = try? await daemon.status(timeout: .seconds(10)),
+            let pid = status.roles.first(where: { $0.name == "broker" })?.pid
+        else {
+            printLine("note: the broker is restarting; no kill this time")
+            return
+        }
+        kill(pid, SIGKILL)
+        let now = ContinuousClock.now
+        host.ledger.update { $0.brokerKills.append(now) }
     }
 }
 

@@ -232,6 +232,10 @@ final class Ledger: Sendable {
         var migrationEnds: [ContinuousClock.Instant] = []
         var kills: [ContinuousClock.Instant] = []
         var brokerStops = 0
+        var brokerKills: [ContinuousClock.Instant] = []
+        /// Bytes the streams reported lost to broker kills (GAP frames), and their exits' count.
+        var lostBytes: UInt64 = 0
+        var processesWithLoss = 0
         var failureCount = 0
         var failures: [String] = []
     }

@@ -195,12 +195,16 @@ struct BrokerRoleCommand: AsyncParsableCommand {
     @Option var controlFd: Int32
     @Option var handoffFd: Int32?
     @Option var handoffPath: String?
+    @Option var checkpointsFd: Int32?
+    @Option var ringsFd: Int32?
     @Option var settings: String
 
     func run() async throws {
         let logger = makeLogger("holdfast.broker", role: "broker")
         let parsed = try ControlJSON.decode(BrokerSettings.self, from: Array(settings.utf8), frameType: 0)
-        try await BrokerRole.run(controlFD: controlFd, handoffFD: handoffFd, handoffPath: handoffPath, settings: parsed, logger: logger)
+        try await BrokerRole.run(
+            controlFD: controlFd, handoffFD: handoffFd, handoffPath: handoffPath, checkpointsFD: checkpointsFd, ringsFD: ringsFd, settings: parsed,
+            logger: logger)
     }
 }
 

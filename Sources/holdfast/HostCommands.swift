@@ -257,6 +257,11 @@ func finishHostCommand(
         } else if report.undelivered > 0 {
             writeError("holdfast \(name): \(report.undelivered) bytes of output were not delivered")
         }
+        if let lost = report.lost, lost > 0 {
+            writeError(
+                "holdfast \(name): the guest's broker crashed while it held \(lost) bytes of this process's streams: they are lost "
+                    + "(the offsets are in host serve's log and the daemon's)")
+        }
         throw ExitCode(report.exitCode)
     case .lost(let loss, _):
         writeError("holdfast \(name): lost: \(loss.message)")

@@ -54,6 +54,8 @@ private func writeNext(_ sender: inout ResumableSender, generation: UInt64, peer
         sender.wroteData(from: offset, written: count, generation: generation, connectionFailed: false)
     case .end:
         sender.wroteEnd(generation: generation)
+    case .gap(let to):
+        sender.wroteGap(to: to, generation: generation)
     case .idle:
         break
     }

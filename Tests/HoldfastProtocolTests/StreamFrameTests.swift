@@ -6,7 +6,7 @@ import Testing
 struct StreamFrameTests {
     @Test func prefixRoundTrips() throws {
         for type in StreamFrameType.allCases {
-            let length = type == .data ? 65536 : (type == .ack || type == .end ? 0 : 10)
+            let length = type == .data ? 65536 : (type == .ack || type == .end || type == .gap ? 0 : 10)
             let prefix = StreamFramePrefix(type: type, bodyLength: length, value: 0x0102_0304_0506_0708)
             let decoded = try prefix.encoded.withUnsafeBytes { try StreamFramePrefix.decode($0) }
             #expect(decoded == prefix)

@@ -134,4 +134,7 @@ void hf_malloc_usage(size_t *in_use, size_t *free_bytes);
 /// malloc_trim(0): gives free whole pages in every arena back to the system. Returns 1 if
 /// any memory was released.
 int hf_malloc_trim(void);
+
+/// memfd_create(name, MFD_CLOEXEC): anonymous shared memory a child can inherit by fd.
+int hf_memfd_create(const char *name);
 #endif

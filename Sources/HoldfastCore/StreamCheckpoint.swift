@@ -1,0 +1,127 @@
+/// One stream's progress, written where the crash of its relay cannot take it: a 64-byte slot of
+/// memory shared with a process that outlives the relay (the broker writes, the supervisor holds
+/// the memfd, a new broker reads it back). It says where the stream stands in its producer's
+/// pipe, so a relay started after a crash resumes at the right offset and can say exactly which
+/// bytes may be missing or repeated (docs/ARCHITECTURE.md, "Surviving a broker crash").
+///
+/// One writer, one word per step. A *take* moves bytes between the process's pipe and the
+/// stream (output: a read from the pipe into the replay ring; input: a write into the pipe):
+///
+///     beginTake(at: o, upTo: n)   state = o | pending, pendingLength = n    (before the syscall)
+///     took(upTo: o + k)           state = o + k                              (one store after it)
+///
+/// A crash leaves either a settled state (every byte before it taken, none after) or a pending
+/// one: the syscall may have taken up to `n` bytes at `o`. The stores before the syscall need
+/// no order among themselves (the syscall has not run until both are done); the one after it is
+/// a single aligned 64-bit store, which a crash cannot tear. Nothing here orders stores for
+/// another CPU: the reader only reads after the writer is dead.
+public struct StreamCheckpoint: @unchecked Sendable {
+    public static let slotSize = 64
+    static let magic: UInt64 = 0x4846_434B_5054_3031  // "HFCKPT01"
+    static let pendingBit: UInt64 = 1 << 63
+
+    private enum Field: Int {
+        case magic = 0
+        case state = 8
+        case pendingLength = 16
+        case acknowledged = 24
+        case start = 32
+        case restarts = 40
+        case lost = 48
+        case lostTo = 56
+    }
+
+    /// What a checkpoint said when its writer died.
+    public struct Recovered: Sendable, Equatable {
+        /// Every byte before this offset was taken; none after it, except...
+        public var taken: UInt64
+        /// ...up to this many bytes at `taken`, by a take the crash interrupted (0: none was).
+        public var uncertain: Int
+        /// The peer's last acknowledgement the writer saw (output streams).
+        public var acknowledged: UInt64
+        /// Where the last incarnation started, and how many incarnations resumed before it.
+        public var start: UInt64
+        public var restarts: UInt64
+        /// Bytes reported lost (GAP) by every incarnation so far: a stream's loss is counted
+        /// once, however many brokers carried it.
+        public var lost: UInt64
+        /// The end of the highest range counted in `lost`: a later incarnation told the same
+        /// bytes again (its GAP lost with a connection) does not count them twice.
+        public var lostTo: UInt64
+
+        /// An output stream resumes after every byte that may have left the pipe: the
+        /// uncertain ones, if any, are reported missing.
+        public var outputResumesAt: UInt64 { taken + UInt64(uncertain) }
+        /// An input stream resumes at the first byte not known to be in the pipe: the
+        /// uncertain ones, if any, may reach the process twice.
+        public var inputResumesAt: UInt64 { taken }
+    }
+
+    private let base: UnsafeMutableRawPointer
+
+    /// A view of the 64 bytes at `slot` (8-byte aligned, inside a shared mapping that outlives
+    /// this value).
+    public init(slot: UnsafeMutableRawPointer) {
+        precondition(Int(bitPattern: slot) % 8 == 0, "a checkpoint slot is 8-byte aligned")
+        base = slot
+    }
+
+    private func load(_ field: Field) -> UInt64 { base.load(fromByteOffset: field.rawValue, as: UInt64.self) }
+    private func store(_ value: UInt64, _ field: Field) { base.storeBytes(of: value, toByteOffset: field.rawValue, as: UInt64.self) }
+
+    /// A stream (re)starts at `offset`: a fresh stream at 0, a resumed one where its recovery
+    /// said. The restart count and the loss so far survive a resume.
+    public func start(at offset: UInt64, resumed: Bool) {
+        let carried = resumed && load(.magic) == Self.magic
+        let restarts = carried ? load(.restarts) + 1 : 0
+        store(carried ? load(.lost) : 0, .lost)
+        store(carried ? load(.lostTo) : 0, .lostTo)
+        store(offset, .state)
+        store(0, .pendingLength)
+        store(offset, .acknowledged)
+        store(offset, .start)
+        store(restarts, .restarts)
+        store(Self.magic, .magic)
+    }
+
+    /// Before a syscall that may take up to `length` bytes at `offset`.
+    public func beginTake(at offset: UInt64, upTo length: Int) {
+        store(UInt64(length), .pendingLength)
+        store(offset | Self.pendingBit, .state)
+    }
+
+    /// After it: every byte before `end` was taken (`end` equal to the take's offset when it
+    /// took none).
+    public func took(upTo end: UInt64) {
+        store(end, .state)
+    }
+
+    /// The peer acknowledged everything before `offset`.
+    public func acknowledged(_ offset: UInt64) {
+        store(offset, .acknowledged)
+    }
+
+    /// The stream's loss over every incarnation is now `total` bytes, the highest of it ending
+    /// at `to`.
+    public func lost(total: UInt64, to: UInt64) {
+        store(to, .lostTo)
+        store(total, .lost)
+    }
+
+    /// The slot is free again (its process is gone).
+    public func clear() {
+        store(0, .magic)
+    }
+
+    /// What the slot says, read after its writer died; nil if it was never started or was
+    /// cleared.
+    public var recovered: Recovered? {
+        guard load(.magic) == Self.magic else { return nil }
+        let state = load(.state)
+        let pending = state & Self.pendingBit != 0
+        return Recovered(
+            taken: state & ~Self.pendingBit, uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
+            acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts), lost: load(.lost),
+            lostTo: load(.lostTo))
+    }
+}

@@ -1,0 +1,218 @@
+import HoldfastPosix
+import HoldfastProtocol
+
+/// The supervisor as the fd store (docs/ARCHITECTURE.md, "Surviving a broker crash"): the host
+/// ends of every live process's stdio stay here while the broker relays copies of them, so a
+/// broker's crash leaves every pipe with a holder — no process sees SIGPIPE, EPIPE or a false
+/// end-of-file — and the next broker is handed the same fds with the same stream descriptions,
+/// and resumes the streams from their checkpoints.
+///
+/// Pure bookkeeping under the supervisor's lock: which broker incarnation holds which process's
+/// streams, which exits it was told of, which checkpoint slots are taken. The fds are numbers
+/// here; the supervisor opens, duplicates and closes them.
+struct StdioStore {
+    /// Which broker incarnation has a process's streams, or is being handed them.
+    enum Adoption: Equatable {
+        case adopting(Int)
+        case adopted(Int)
+
+        var incarnation: Int {
+            switch self {
+            case .adopting(let incarnation), .adopted(let incarnation): return incarnation
+            }
+        }
+    }
+
+    struct Held {
+        /// As the first broker got it: fd indexes into `descriptors`, checkpoint slots named.
+        var request: AdoptRequest
+        /// The host ends (-1 once closed: a stdin the broker ended).
+        var descriptors: [Int32]
+        var adoption: Adoption
+        /// The process exited: every broker that takes the streams over is told so.
+        var exited = false
+        /// The incarnation that was told (nil: none yet).
+        var exitSentTo: Int?
+        /// The broker that has it now was handed no stream (the only one, stdin, had ended).
+        var nothingHandedOver = false
+    }
+
+    /// What a broker started after a crash is sent for one process: the request with `resume`
+    /// set, and the indexes of the fds it names (the stdin the host ended is left out).
+    struct Readoption {
+        var process: String
+        var request: AdoptRequest
+        var descriptors: [Int32]
+    }
+
+    /// The broker running now (its incarnation counts every start) and its channel.
+    private(set) var incarnation = 0
+    private(set) var client: ControlClient?
+    private(set) var held: [String: Held] = [:]
+    var slots: CheckpointSlots
+
+    init(slots: Int) {
+        self.slots = CheckpointSlots(count: slots)
+    }
+
+    // MARK: Brokers
+
+    /// A broker started: its incarnation.
+    mutating func brokerStarted(_ client: ControlClient) -> Int {
+        incarnation += 1
+        self.client = client
+        return incarnation
+    }
+
+    mutating func brokerGone(_ client: ControlClient) {
+        if self.client === client { self.client = nil }
+    }
+
+    /// The incarnation `client` belongs to: the current one, or (a channel of a broker that has
+    /// died since) an older one.
+    func incarnation(of client: ControlClient) -> Int {
+        self.client === client ? incarnation : incarnation - 1
+    }
+
+    /// The broker running now, if `incarnation` is behind it (a process adopted by a broker that
+    /// died before its successor looked).
+    func successor(of incarnation: Int) -> (incarnation: Int, client: ControlClient)? {
+        guard let client, self.incarnation > incarnation else { return nil }
+        return (self.incarnation, client)
+    }
+
+    // MARK: Processes
+
+    /// Gives each resumable stream of `request` a checkpoint slot (its tty input one too), as
+    /// far as slots last: a stream without one still relays, but does not survive a crash.
+    mutating func assignCheckpoints(_ request: inout AdoptRequest) {
+        for index in request.streams.indices where request.streams[index].mode == .resumable {
+            request.streams[index].checkpoint = slots.allocate()
+            if request.streams[index].inputAddress != nil { request.streams[index].inputCheckpoint = slots.allocate() }
+        }
+    }
+
+    /// The slots `request` names, given back (its process never started).
+    mutating func freeCheckpoints(of request: AdoptRequest) -> [Int] {
+        let named = request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }
+        for slot in named { slots.free(slot) }
+        return named
+    }
+
+    /// A process's streams were adopted by broker `incarnation`; its host ends stay here.
+    mutating func keep(_ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int) {
+        held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
+    }
+
+    /// The processes broker `incarnation` (the current one) does not have yet, each marked as
+    /// being handed to it. Empty once every one is, or if `incarnation` is no longer current.
+    mutating func claim(for incarnation: Int) -> [Readoption] {
+        guard incarnation == self.incarnation else { return [] }
+        var claimed: [Readoption] = []
+        for (process, entry) in held.sorted(by: { $0.key < $1.key }) where entry.adoption.incarnation < incarnation {
+            held[process]?.adoption = .adopting(incarnation)
+            var request = AdoptRequest(process: process, streams: [])
+            var descriptors: [Int32] = []
+            for var stream in entry.request.streams {
+                let fd = entry.descriptors[stream.fd]
+                guard fd >= 0 else { continue }
+                stream.fd = descriptors.count
+                stream.resume = true
+                request.streams.append(stream)
+                descriptors.append(fd)
+            }
+            held[process]?.nothingHandedOver = request.streams.isEmpty
+            claimed.append(Readoption(process: process, request: request, descriptors: descriptors))
+        }
+        return claimed
+    }
+
+    mutating func adopted(_ process: String, by incarnation: Int) {
+        guard held[process]?.adoption == .adopting(incarnation) else { return }
+        held[process]?.adoption = .adopted(incarnation)
+    }
+
+    mutating func exited(_ process: String) {
+        held[process]?.exited = true
+    }
+
+    /// What to do about an exited process's streams.
+    enum ExitDelivery {
+        /// Tell this broker (`processExited`): it has the streams and was not told yet.
+        case tell(ControlClient)
+        /// Nothing is left to drain (its only stream, stdin, was ended): report it now.
+        case nothingToDrain
+        /// Not exited, or no broker has its streams yet (the next one is told), or told already.
+        case notDue
+    }
+
+    /// If `process` exited and the current broker has its streams but was not told yet: marks it
+    /// told and returns the broker's channel (the caller sends `processExited`).
+    mutating func takeExitDue(_ process: String) -> ExitDelivery {
+        guard let entry = held[process], entry.exited, let client, entry.adoption == .adopted(incarnation),
+            entry.exitSentTo != incarnation
+        else { return .notDue }
+        guard !entry.nothingHandedOver else {
+            held[process]?.exitSentTo = incarnation
+            return .nothingToDrain
+        }
+        held[process]?.exitSentTo = incarnation
+        return .tell(client)
+    }
+
+    /// The broker closed `process`'s stdin: returns the fd to close (nil if none is held).
+    mutating func inputEnded(_ process: String) -> Int32? {
+        guard let entry = held[process], let stdin = entry.request.streams.first(where: { $0.kind == .stdin }) else { return nil }
+        let fd = entry.descriptors[stdin.fd]
+        guard fd >= 0 else { return nil }
+        held[process]?.descriptors[stdin.fd] = -1
+        return fd
+    }
+
+    /// The process is done (exit reported): its fds to close and its slots to clear; the slots
+    /// are free again.
+    mutating func release(_ process: String) -> (descriptors: [Int32], slots: [Int])? {
+        guard let entry = held.removeValue(forKey: process) else { return nil }
+        return (entry.descriptors.filter { $0 >= 0 }, freeCheckpoints(of: entry.request))
+    }
+}
+
+/// The slot numbers of the checkpoint area. A freed slot is reused only after many others were
+/// freed (first in, first out): a stream that outlived its process's report (an input seeing
+/// its END echo home) might still write one last value into its slot, and must not land in a
+/// newer stream's. New slots are taken while the quarantine fills, so the pages touched stay
+/// few (only those cost memory).
+struct CheckpointSlots {
+    let count: Int
+    /// Freed slots this many deep are reused before new ones.
+    static let quarantine = 1024
+    private var nextUnused = 0
+    private var freed: [Int] = []
+    private var freedHead = 0
+
+    init(count: Int) {
+        self.count = count
+    }
+
+    var inUse: Int { nextUnused - (freed.count - freedHead) }
+
+    mutating func allocate() -> Int? {
+        let waiting = freed.count - freedHead
+        if waiting > 0, waiting > Self.quarantine || nextUnused >= count {
+            let slot = freed[freedHead]
+            freedHead += 1
+            if freedHead > 4096, freedHead * 2 > freed.count {
+                freed.removeFirst(freedHead)
+                freedHead = 0
+            }
+            return slot
+        }
+        guard nextUnused < count else { return nil }
+        defer { nextUnused += 1 }
+        return nextUnused
+    }
+
+    mutating func free(_ slot: Int) {
+        freed.append(slot)
+    }
+}

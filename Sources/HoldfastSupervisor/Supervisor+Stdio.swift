@@ -1,0 +1,123 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Surviving a broker crash (docs/ARCHITECTURE.md): the supervisor keeps every process's host
+/// ends and the checkpoint area, and hands both to each broker it starts.
+extension Supervisor {
+    /// The next broker incarnation is up: every process the crashed one held is handed to it
+    /// again (copies of the kept fds, the same stream descriptions with `resume`), and every exit
+    /// it was told of is told again, so it drains and reports it. Returns when every process
+    /// was handed over, or the broker died meanwhile (its successor goes on).
+    func readopt(incarnation: Int, client: ControlClient) async {
+        while true {
+            // Copies made under the lock: a process completing meanwhile closes its own fds.
+            let batch = stdio.withLockedValue { store -> [StdioStore.Readoption] in
+                store.claim(for: incarnation).map { item in
+                    var copy = item
+                    copy.descriptors = item.descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
+                    return copy
+                }
+            }
+            guard !batch.isEmpty else { return }
+            for item in batch {
+                defer { for fd in item.descriptors where fd >= 0 { close(fd) } }
+                // Its only stream (stdin) was ended: nothing to hand over; its exit is reported
+                // without a drain.
+                guard !item.request.streams.isEmpty else {
+                    stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
+                    await deliverExit(item.process)
+                    continue
+                }
+                guard !item.descriptors.contains(where: { $0 < 0 }) else {
+                    logger.error("cannot copy a process's fds for the restarted broker", metadata: [
+                        "process": "\(item.process)", "error": "\(SystemError.last("fcntl(F_DUPFD_CLOEXEC)"))",
+                    ])
+                    stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
+                    await deliverExit(item.process)
+                    continue
+                }
+                do {
+                    let adopt = BrokerRequest.adopt(item.request)
+                    _ = try await client.request(adopt.frameType, body: adopt.body, descriptors: item.descriptors)
+                    logger.info("streams handed to the restarted broker", metadata: [
+                        "process": "\(item.process)", "streams": "\(item.request.streams.count)", "broker": "\(incarnation)",
+                    ])
+                } catch where error.code == .channelClosed {
+                    return  // this broker died too: the next one is handed everything
+                } catch {
+                    // Its streams are gone; its exit is still reported (cut short).
+                    logger.error("the restarted broker refused a process's streams", metadata: [
+                        "process": "\(item.process)", "error": "\(error)",
+                    ])
+                }
+                stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
+                await deliverExit(item.process)
+            }
+        }
+    }
+
+    /// Tells the broker that has `process`'s streams that it exited (once per broker); the
+    /// `drained` notification then completes it. Nothing happens while the broker restarts: the
+    /// next one is told once it has the streams.
+    func deliverExit(_ process: String) async {
+        let client: ControlClient
+        switch stdio.withLockedValue({ $0.takeExitDue(process) }) {
+        case .tell(let broker): client = broker
+        case .notDue: return
+        case .nothingToDrain:
+            if let report = entry(process)?.report { complete(process, report) }
+            return
+        }
+        var exited = ProcessExitedRequest(process: process)
+        if let deadline = session.withLockedValue({ $0.drainDeadline }) {
+            // Stopping: the drain may take only what is left before the exits must go out.
+            let left = max(Duration.zero, deadline - ContinuousClock.now)
+            exited.drainTimeoutMilliseconds = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+        }
+        do {
+            _ = try await client.call(BrokerRequest.processExited(exited), reply: [String: String].self)
+        } catch where error.code == .channelClosed {
+            // The broker died: its successor is told after it takes the streams over.
+        } catch {
+            guard var report = entry(process)?.report else { return }
+            logger.warning("the broker has no streams for an exited process: exit reported now", metadata: [
+                "process": "\(process)", "error": "\(error)",
+            ])
+            report.outputCutShort = true
+            complete(process, report)
+        }
+    }
+
+    /// The broker closed `process`'s stdin: ours closes too, so the process sees end-of-file.
+    func stdinEnded(_ process: String) {
+        guard let fd = stdio.withLockedValue({ $0.inputEnded(process) }) else { return }
+        close(fd)
+    }
+
+    /// `process` is done: its host ends close, its checkpoint slots are cleared and free.
+    func releaseStdio(_ process: String) {
+        let released = stdio.withLockedValue { store -> (descriptors: [Int32], slots: [Int])? in
+            guard let released = store.release(process) else { return nil }
+            // Cleared before another stream can be given the slot.
+            for slot in released.slots {
+                checkpoints?.checkpoint(slot)?.clear()
+                rings?.clear(slot)
+            }
+            return released
+        }
+        for fd in released?.descriptors ?? [] { close(fd) }
+    }
+
+    /// A process started by a broker that died before its successor took the streams over:
+    /// the successor is handed them now.
+    func readoptIfBehind(_ incarnation: Int) async {
+        guard let next = stdio.withLockedValue({ $0.successor(of: incarnation) }) else { return }
+        await readopt(incarnation: next.incarnation, client: next.client)
+    }
+}

@@ -1,0 +1,458 @@
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+@testable import HoldfastCore
+
+// A relay that crashed and the one that takes over (issue 16): the checkpoint it leaves, the
+// hello flag and GAP frame the protocol uses to say which bytes the crash took, and a stream
+// that resumes with every other byte exactly once.
+
+/// 64 bytes of 8-byte aligned memory standing in for a slot of the shared checkpoint memfd.
+private final class SlotMemory: @unchecked Sendable {
+    let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamCheckpoint.slotSize, alignment: 8)
+    init() { bytes.initializeMemory(as: UInt8.self, repeating: 0) }
+    deinit { bytes.deallocate() }
+    var checkpoint: StreamCheckpoint { StreamCheckpoint(slot: bytes.baseAddress!) }
+}
+
+private func filled(_ sender: inout ResumableSender, _ count: Int) {
+    var left = count
+    while left > 0 {
+        let regions = sender.reserve(upTo: left)
+        let offered = regions.reduce(0) { $0 + $1.count }
+        for region in regions { region.initializeMemory(as: UInt8.self, repeating: 7) }
+        sender.commit(offered, offered: offered)
+        left -= offered
+    }
+}
+
+@Suite("Checkpoints")
+struct StreamCheckpointTests {
+    @Test func aSlotNeverStartedOrClearedRecoversNothing() {
+        let memory = SlotMemory()
+        #expect(memory.checkpoint.recovered == nil)
+        memory.checkpoint.start(at: 0, resumed: false)
+        #expect(memory.checkpoint.recovered != nil)
+        memory.checkpoint.clear()
+        #expect(memory.checkpoint.recovered == nil)
+    }
+
+    @Test func aSettledTakeIsExactAndAnInterruptedOneIsBounded() throws {
+        let memory = SlotMemory()
+        let checkpoint = memory.checkpoint
+        checkpoint.start(at: 0, resumed: false)
+        checkpoint.beginTake(at: 0, upTo: 65536)
+        checkpoint.took(upTo: 1000)
+        checkpoint.acknowledged(400)
+        var recovered = try #require(checkpoint.recovered)
+        #expect(recovered.taken == 1000 && recovered.uncertain == 0 && recovered.acknowledged == 400)
+        #expect(recovered.outputResumesAt == 1000 && recovered.inputResumesAt == 1000)
+
+        // Killed inside the next read: up to 4096 bytes may have left the pipe.
+        checkpoint.beginTake(at: 1000, upTo: 4096)
+        recovered = try #require(checkpoint.recovered)
+        #expect(recovered.taken == 1000 && recovered.uncertain == 4096)
+        #expect(recovered.outputResumesAt == 5096, "an output resumes after every byte that may have left the pipe")
+        #expect(recovered.inputResumesAt == 1000, "an input resumes at the first byte not known to be in the pipe")
+    }
+
+    @Test func lossIsCarriedAcrossIncarnationsAndCountedOnce() throws {
+        let memory = SlotMemory()
+        memory.checkpoint.start(at: 0, resumed: false)
+        memory.checkpoint.lost(total: 27, to: 207)
+        memory.checkpoint.start(at: 207, resumed: true)
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.lost == 27 && recovered.lostTo == 207)
+        memory.checkpoint.start(at: 0, resumed: false)
+        #expect(try #require(memory.checkpoint.recovered).lost == 0, "a new stream in the slot starts clean")
+    }
+
+    @Test func aResumeCountsTheRestartAndStartsWhereItWasTold() throws {
+        let memory = SlotMemory()
+        memory.checkpoint.start(at: 0, resumed: false)
+        memory.checkpoint.took(upTo: 300)
+        memory.checkpoint.start(at: 300, resumed: true)
+        memory.checkpoint.start(at: 300, resumed: true)
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.restarts == 2 && recovered.start == 300 && recovered.taken == 300)
+    }
+}
+
+@Suite("Gaps")
+struct GapProtocolTests {
+    @Test func gapRecordsMergeAndCountEachOffsetOnce() {
+        var record = GapRecord()
+        record.add(10..<20)
+        record.add(15..<30)
+        record.add(30..<31)
+        record.add(100..<100)
+        record.add(50..<60)
+        #expect(record.ranges == [10..<31, 50..<60])
+        #expect(record.bytes == 31)
+        record.add(10..<31)
+        #expect(record.bytes == 31, "a range told again (its GAP frame lost with a connection) is not counted twice")
+    }
+
+    @Test func aRestartedSenderTellsThePeerItsGapThenSendsOn() throws {
+        // The checkpoint said the crashed relay took 5,000 bytes; the host holds 3,000.
+        let ring = ReplayRing(capacity: 16 * 1024, pool: BufferPool(bufferSize: 1024, retained: 0), start: 5000)
+        var sender = ResumableSender(ring: ring, restarted: true)
+        filled(&sender, 100)
+        #expect(try sender.acceptHello(peerReceived: 3000) == false)
+        #expect(sender.lost.ranges == [3000..<5000] && sender.lost.bytes == 2000)
+        guard case .gap(let to) = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
+            Issue.record("the GAP goes first")
+            return
+        }
+        #expect(to == 5000)
+        // Until it is written, it stays due.
+        guard case .gap = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
+            Issue.record("an unwritten GAP is still due")
+            return
+        }
+        sender.wroteGap(to: 5000, generation: 1)
+        guard case .data(_, let offset, let count) = sender.nextFrame(generation: 1, peerReceived: 3000, limit: 1 << 20) else {
+            Issue.record("data follows the GAP")
+            return
+        }
+        #expect(offset == 5000 && count == 100)
+        // A peer claiming bytes the restarted relay never had is still refused.
+        #expect(throws: StreamProtocolError.self) { try sender.acceptHello(peerReceived: 6000) }
+    }
+
+    @Test func aSenderRefusesAGapUnlessOneSideRestarted() throws {
+        var sender = ResumableSender(ring: ReplayRing(capacity: 16 * 1024, pool: BufferPool(bufferSize: 1024, retained: 0)))
+        filled(&sender, 3000)
+        _ = sender.nextFrame(generation: 1, peerReceived: 0, limit: 1 << 20)
+        sender.wroteData(from: 0, written: 3000, generation: 1, connectionFailed: false)
+        #expect(try sender.acknowledge(2000, generation: 1))
+        #expect(throws: StreamProtocolError.offsetAlreadyDiscarded(reported: 1000, oldest: 2000)) {
+            try sender.acceptHello(peerReceived: 1000)
+        }
+        #expect(sender.lost.bytes == 0)
+        // The host's stdin after the guest's broker crashed: the new relay holds less than the
+        // old one acknowledged, and says it restarted.
+        #expect(try sender.acceptHello(peerReceived: 1000, peerRestarted: true) == false)
+        #expect(sender.lost.ranges == [1000..<2000])
+        guard case .gap(let to) = sender.nextFrame(generation: 2, peerReceived: 1000, limit: 1 << 20) else {
+            Issue.record("the GAP goes first")
+            return
+        }
+        #expect(to == 2000)
+    }
+
+    @Test func aReceiverSkipsAGapRecordsItAndAcknowledgesPastIt() throws {
+        var receiver = ResumableReceiver(ackEvery: 1 << 20)
+        _ = try receiver.take(StreamFramePrefix(type: .data, bodyLength: 100, value: 0))
+        _ = receiver.readBody(100, headerBytes: 0)
+        #expect(try receiver.take(StreamFramePrefix(type: .gap, bodyLength: 0, value: 400)) == .skipped)
+        #expect(receiver.received == 400 && receiver.lost.ranges == [100..<400])
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .ack(400))
+        // A repeat of it (its connection died before our ACK) changes nothing.
+        #expect(try receiver.take(StreamFramePrefix(type: .gap, bodyLength: 0, value: 400)) == .nothing)
+        #expect(receiver.lost.bytes == 300)
+        // Data goes on at the GAP's offset.
+        #expect(try receiver.take(StreamFramePrefix(type: .data, bodyLength: 10, value: 400)) == .body(length: 10, skip: 0))
+    }
+
+    @Test func aGapBeyondTheEndIsAProtocolError() throws {
+        var receiver = ResumableReceiver(ackEvery: 1 << 20)
+        #expect(try receiver.take(StreamFramePrefix(type: .end, bodyLength: 0, value: 0)) == .ended)
+        #expect(throws: StreamProtocolError.self) { try receiver.take(StreamFramePrefix(type: .gap, bodyLength: 0, value: 10)) }
+    }
+
+    @Test func aReceiverThatAcknowledgesDeliveredBytesHoldsBackUntilTheyAre() throws {
+        var receiver = ResumableReceiver(ackEvery: 100, start: 0, acknowledgeDelivered: true)
+        _ = try receiver.take(StreamFramePrefix(type: .data, bodyLength: 1000, value: 0))
+        _ = receiver.readBody(1000, headerBytes: 0)
+        #expect(receiver.received == 1000)
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .idle, "nothing reached the process yet")
+        #expect(receiver.acknowledgeable == 0, "and a hello says so: the sender keeps every byte")
+        receiver.delivered(600)
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .ack(600))
+        receiver.wroteAck(600, generation: 1)
+        receiver.delivered(400)
+        #expect(receiver.nextFrame(generation: 1, ourHelloReceived: 0) == .ack(1000))
+    }
+
+    @Test func helloCarriesTheRestartedFlagUnderItsProof() throws {
+        let secret = StreamSecret.random()
+        let hello = StreamAuthentication.sign(
+            StreamHello(role: .guest, token: Array("t".utf8), receivedOffset: 5, nonce: StreamAuthentication.nonce(), restarted: true),
+            secret: secret)
+        let encoded = hello.encoded
+        let prefix = try encoded.withUnsafeBytes { raw throws(StreamProtocolError) in try StreamFramePrefix.decode(raw) }
+        let decoded = try StreamHello.decode(prefix: prefix, body: Array(encoded[16...]))
+        #expect(decoded.restarted)
+        #expect(StreamAuthentication.verify(decoded, secret: secret, challenge: nil))
+        // The flag is covered by the proof: flipping it breaks the hello.
+        var flipped = decoded
+        flipped.restarted = false
+        #expect(!StreamAuthentication.verify(flipped, secret: secret, challenge: nil))
+        // Unknown flags are refused.
+        var body = Array(encoded[16...])
+        body[7] = 0x80
+        #expect(throws: StreamProtocolError.self) { try StreamHello.decode(prefix: prefix, body: body) }
+    }
+}
+
+@Suite("A relay's crash, in memory", .timeLimit(.minutes(5)))
+struct CrashResumeStreamTests {
+    /// stdout: the first relay is killed with bytes in its ring the host never got; its
+    /// successor resumes at the checkpoint. The host gets every byte the source gave, in order,
+    /// except exactly the range both sides report lost — and nothing twice.
+    @Test func anOutputResumesAfterItsRelayDiesAndReportsExactlyWhatTheCrashTook() async throws {
+        let memory = SlotMemory()
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        let pair = ResumablePair(guestDirection: .send, beforeAccept: { pipe in link.withLockedValue { $0 = pipe } }, checkpoint: memory.checkpoint)
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource()
+        let sent = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11) }
+        let receiver = Task { await pair.host.receiveAll() }
+        func pull(_ count: Int, _ stream: ResumablePair.Stream) async throws {
+            var moved = 0
+            while moved < count {
+                guard case .moved(let got) = try await stream.pull(from: source, pool: .shared) else { continue }
+                moved += got
+            }
+        }
+        // The first relay: 100,000 bytes reach the host...
+        source.append(Array(sent[..<100_000]))
+        try await pull(100_000, pair.guest)
+        try await eventually("the host has the first 100,000 bytes") { pair.host.statistics.offset == 100_000 }
+        // ...the next 100,000 are taken from the pipe into its ring but never reach the host,
+        // and the relay is killed: its ring dies with it.
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[100_000..<200_000]))
+        try await pull(100_000, pair.guest)
+        // (Killed first, then its link cut: a relay that lived on would redial and replay.)
+        pair.guest.close()
+        pair.cutCurrentLink()
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 200_000 && recovered.uncertain == 0)
+
+        let successor = pair.restartGuest(resumeAt: recovered.outputResumesAt, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        source.append(Array(sent[200_000...]))
+        source.finish()
+        while try await successor.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await successor.finish() == 0)
+        let received = await receiver.value
+
+        #expect(pair.host.statistics.lost.ranges == [100_000..<200_000], "the host was told exactly what the crash took")
+        #expect(successor.statistics.lost.ranges == [100_000..<200_000], "and the relay that took over reports the same")
+        #expect(received.count == 200_000)
+        #expect(received.elementsEqual(sent[..<100_000] + sent[200_000...]), "every other byte once, in order")
+        #expect(try #require(memory.checkpoint.recovered).restarts == 1)
+        #expect(try #require(memory.checkpoint.recovered).lost == 100_000, "the checkpoint carries the loss to the next incarnation")
+
+        // A third incarnation: its predecessor's loss is counted in its figures, once.
+        let third = pair.restartGuest(resumeAt: try #require(memory.checkpoint.recovered).outputResumesAt, checkpoint: memory.checkpoint)
+        defer { third.close() }
+        #expect(third.statistics.lostBytesInAll == 100_000)
+    }
+
+    /// stdout with its ring in memory that outlives the relay (the broker's shared ring): the
+    /// successor restores what the ring held and the host gets every byte, once — no gap.
+    @Test func anOutputWhoseRingOutlivesItsRelayLosesNothing() async throws {
+        let memory = SlotMemory()
+        let blockSize = 4096
+        let blockCount = SharedRingStorage.blockCount(capacity: 64 * 1024, blockSize: blockSize)
+        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
+        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        defer { region.deallocate() }
+        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let released = NIOLockedValueBox(0)
+        func storage() -> SharedRingStorage {
+            SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in released.withLockedValue { $0 += 1 } }
+        }
+        let first = storage()
+        first.start(restoringUpTo: nil)
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        let configuration = ResumableConfiguration(ringCapacity: 64 * 1024)
+        let pair = ResumablePair(
+            guestDirection: .send, configuration: configuration, beforeAccept: { pipe in link.withLockedValue { $0 = pipe } },
+            checkpoint: memory.checkpoint, guestStorage: first)
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource()
+        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        let receiver = Task { await pair.host.receiveAll() }
+        func pull(_ count: Int, _ stream: ResumablePair.Stream) async throws {
+            var moved = 0
+            while moved < count {
+                guard case .moved(let got) = try await stream.pull(from: source, pool: .shared) else { continue }
+                moved += got
+            }
+        }
+        source.append(Array(sent[..<40_000]))
+        try await pull(40_000, pair.guest)
+        try await eventually("the host acknowledged the first 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
+        // 50,000 more go into the ring and never reach the host; the relay dies.
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[40_000..<90_000]))
+        try await pull(50_000, pair.guest)
+        pair.guest.close()
+        pair.cutCurrentLink()
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 90_000 && recovered.uncertain == 0)
+
+        // The successor's storage over the same memory reads back what the ring held.
+        let successorStorage = storage()
+        let restored = try #require(successorStorage.start(restoringUpTo: recovered.taken))
+        #expect(restored.end == 90_000)
+        #expect(restored.start <= 40_000, "the ring still holds every byte the host lacks")
+        let successor = pair.restartGuest(
+            resumeAt: recovered.outputResumesAt, restoring: restored, storage: successorStorage, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        source.append(Array(sent[90_000...]))
+        source.finish()
+        while try await successor.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await successor.finish() == 0)
+        let received = await receiver.value
+        #expect(pair.host.statistics.lost.bytes == 0 && successor.statistics.lost.bytes == 0, "nothing lost")
+        #expect(received.count == sent.count)
+        #expect(received.elementsEqual(sent), "every byte once, in order")
+    }
+
+    /// A SIGKILL inside the read from the pipe: the read took 7,000 bytes into the shared ring,
+    /// but the checkpoint only says it was under way. The successor restores the ring, sends
+    /// every byte before the read, and tells the host the read's offsets as a gap: the only
+    /// bytes lost are the ones that read took.
+    @Test func aCrashInsideAReadCostsOnlyWhatThatReadTook() async throws {
+        let blockSize = 4096
+        let blockCount = SharedRingStorage.blockCount(capacity: 128 * 1024, blockSize: blockSize)
+        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
+        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        defer {
+            region.deallocate()
+            snapshot.deallocate()
+        }
+        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let memory = SlotMemory()
+        let crashed = SlotMemory()
+        let first = SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in }
+        first.start(restoringUpTo: nil)
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        let pair = ResumablePair(
+            guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024),
+            beforeAccept: { pipe in link.withLockedValue { $0 = pipe } }, checkpoint: memory.checkpoint, guestStorage: first)
+        defer { pair.close() }
+        pair.start()
+        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
+        let source = MemorySource(Array(sent[..<40_000]))
+        let receiver = Task { await pair.host.receiveAll() }
+        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        try await eventually("the host acknowledged 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[40_000..<90_000]))
+        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        // The next read takes 7,000 bytes and the broker dies inside it: what the memory holds
+        // at that instant is what a successor finds.
+        source.append(Array(sent[90_000...]))
+        let killed = KilledInsideRead(source, taking: 7000) {
+            crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
+            snapshot.copyMemory(from: region, byteCount: regionSize)
+        }
+        _ = try await pair.guest.pull(from: killed, pool: .shared)
+        pair.guest.close()
+        pair.cutCurrentLink()
+
+        let recovered = try #require(crashed.checkpoint.recovered)
+        #expect(recovered.taken == 90_000 && recovered.uncertain > 7000)
+        memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
+        let successorStorage = SharedRingStorage(region: snapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let restored = try #require(successorStorage.start(restoringUpTo: recovered.outputResumesAt))
+        #expect(restored.start <= 40_000 && restored.end == recovered.outputResumesAt)
+        let hole = recovered.taken..<recovered.outputResumesAt
+        let successor = pair.restartGuest(
+            resumeAt: recovered.outputResumesAt, restoring: restored, hole: hole, storage: successorStorage, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        source.finish()
+        while try await successor.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await successor.finish() == 0)
+        let received = await receiver.value
+        #expect(pair.host.statistics.lost.ranges == [hole], "the host is told the read's offsets, nothing else")
+        #expect(successor.statistics.lost.ranges == [hole])
+        let expected = sent[..<90_000] + sent[97_000...]
+        #expect(received.count == expected.count)
+        #expect(received.elementsEqual(expected), "every byte but the 7,000 the interrupted read took, once, in order")
+    }
+
+    /// stdin: the guest relay acknowledges only bytes it delivered, so when it dies with bytes
+    /// received but not delivered, the host still holds them and its successor gets them: no gap.
+    @Test func anInputThatAcknowledgesDeliveredBytesLosesNothingWhenItsRelayDies() async throws {
+        let memory = SlotMemory()
+        let pair = ResumablePair(guestDirection: .receive, checkpoint: memory.checkpoint)
+        defer { pair.close() }
+        pair.start()
+        let sent = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        try await pair.host.sendBytes(Array(sent[..<60_000]))
+        // The relay receives all 60,000 but delivers only 25,000 before it dies.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 60_000, alignment: 1)
+        defer { buffer.deallocate() }
+        var received = 0
+        while received < 60_000 {
+            await pair.guest.waitReceivable()
+            received += await pair.guest.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[received...]))
+        }
+        pair.guest.willDeliver(25_000)
+        pair.guest.delivered(25_000)
+        var delivered = Array(buffer[..<25_000])
+        pair.guest.willDeliver(35_000)  // killed inside this write: it may or may not have gone in
+        pair.guest.close()
+        pair.cutCurrentLink()
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 25_000 && recovered.uncertain == 35_000)
+
+        let successor = pair.restartGuest(resumeAt: recovered.inputResumesAt, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        try await pair.host.sendBytes(Array(sent[60_000...]))
+        let finished = Task { await pair.host.finish() }
+        // The successor's relay: receives, then delivers (and says so).
+        while true {
+            await successor.waitReceivable()
+            let count = await successor.receive(into: buffer)
+            if count == 0 { break }
+            successor.willDeliver(count)
+            delivered += Array(buffer[..<count])
+            successor.delivered(count)
+        }
+        #expect(await finished.value == 0)
+        #expect(pair.host.statistics.lost.bytes == 0 && successor.statistics.lost.bytes == 0, "the host still held what was not delivered")
+        #expect(delivered.count == sent.count)
+        #expect(delivered.elementsEqual(sent), "every byte once, in order (the interrupted write is the one window, and it was not taken here)")
+    }
+}
+
+/// A source whose next read takes `count` bytes and then "dies": `snapshot` runs after the bytes
+/// were copied and before the read returns, where a SIGKILL inside readv would leave memory.
+private final class KilledInsideRead: ByteReader, @unchecked Sendable {
+    let inner: MemorySource
+    let count: Int
+    let snapshot: () -> Void
+    init(_ inner: MemorySource, taking count: Int, snapshot: @escaping () -> Void) {
+        self.inner = inner
+        self.count = count
+        self.snapshot = snapshot
+    }
+    func waitReadable() async throws { try await inner.waitReadable() }
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int { try await inner.read(into: buffer) }
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? { try readNow(into: [buffer]) }
+    func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        var left = count
+        var taken = 0
+        for buffer in buffers where left > 0 {
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[..<min(buffer.count, left)])
+            guard let got = inner.readNow(into: part) else { break }
+            taken += got
+            left -= got
+        }
+        snapshot()
+        return taken
+    }
+}
