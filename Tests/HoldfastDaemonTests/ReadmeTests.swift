@@ -445,13 +445,15 @@ final class Runner: Sendable {
         let background = NIOLockedValueBox<[String: Started]>([:])
         return [
             // Three terminals.
+            // The two servers run in place of their shell (`exec`): the pid the runner ends at
+            // cleanup is theirs, so none outlives the test.
             ("holdfast host serve", { line in
-                _ = try self.start(line, directory: checkout, output: self.serveLog)
+                _ = try self.start("exec " + line, directory: checkout, output: self.serveLog)
                 try await eventually("host serve listening") { access(self.directory.file("run/host.sock"), F_OK) == 0 }
             }),
             ("holdfast daemon --config config/holdfast-dev.yaml", { line in
                 let log = self.directory.file("daemon.log")
-                _ = try self.start(line, directory: checkout, output: log)
+                _ = try self.start("exec " + line, directory: checkout, output: log)
                 do {
                     try await eventually("the guest connected to host serve") { self.text(self.serveLog).contains("guest connected") }
                 } catch {

@@ -106,7 +106,8 @@ struct RuncTests {
             stdout: daemon.spec("hb-out"),
             stderr: daemon.spec("hb-err"),
             runtime: .runc, bundle: bundle.path))
-        #expect(try runcList(daemon) == ["hb"])
+        // runc writes its state after `start` returns: listed once it has (a hang bound).
+        try await eventually("runc lists the container") { try self.runcList(daemon) == ["hb"] }
         for _ in 1...5 {
             try await Task.sleep(for: .milliseconds(150))
             blackout(daemon)

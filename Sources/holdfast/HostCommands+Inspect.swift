@@ -1,0 +1,151 @@
+import ArgumentParser
+import HoldfastConfig
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTools
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// `host logs`, `ps`, `kill`, `migrate`, and the small helpers every host command shares.
+
+struct HostLogs: AsyncParsableCommand, HostFamilyCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "logs",
+        abstract: "Print what host serve kept of a process's output (stdout here, stderr on stderr), running or finished.",
+        discussion: """
+            host serve keeps the last --log-size bytes (default 1 MiB) of each process's output, and \\
+            the logs of the last --logs-kept finished processes (see 'host serve --help').
+            """)
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Flag(name: .shortAndLong, help: "Go on printing what comes next until the process's output ends.") var follow = false
+    @Argument(help: "The process id.") var id: String
+
+    func run() async throws {
+        do {
+            try await HostClient.logs(control: control, id: id, follow: follow)
+        } catch {
+            writeError("holdfast host logs: \(error)")
+            throw ExitCode(HostExitCode.holdfastFailure)
+        }
+    }
+}
+
+struct HostPS: AsyncParsableCommand, HostFamilyCommand {
+    static let configuration = CommandConfiguration(commandName: "ps", abstract: "List the guest's processes (-a: with those that ended).")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Flag(name: .shortAndLong, help: "Also the processes that ended, with their exit status (host serve remembers the last 1,024).")
+    var all = false
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() async throws {
+        let list: HostProcessList
+        do {
+            list = try await HostClient.processes(control: control, all: all)
+        } catch {
+            writeError("holdfast host ps: \(error)")
+            throw ExitCode(HostExitCode.holdfastFailure)
+        }
+        if !list.guestAnswered {
+            writeError("holdfast host ps: the guest is not connected to host serve: this is what host serve knows")
+        }
+        print(json ? String(decoding: ControlJSON.encode(list), as: UTF8.self) : HostClient.render(list))
+    }
+}
+
+struct HostKill: AsyncParsableCommand, HostFamilyCommand {
+    static let configuration = CommandConfiguration(commandName: "kill", abstract: "Signal a process in the guest.")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Argument(help: "The process id.") var id: String
+    @Argument(help: "The signal: a name (TERM, SIGKILL, RTMIN+1...) or a number from 1 to 64.") var signal = "TERM"
+
+    func validate() throws { _ = try parseSignal(signal) }
+
+    func run() async throws {
+        let number = try parseSignal(signal)
+        do {
+            try await HostClient.signal(control: control, id: id, signal: number)
+        } catch {
+            writeError("holdfast host kill: \(error)")
+            throw ExitCode(HostExitCode.holdfastFailure)
+        }
+    }
+}
+
+struct HostMigrate: AsyncParsableCommand, HostFamilyCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate", abstract: "Drop the bridge and every stream connection and refuse new ones for a while, as a live migration does.")
+    @Option(help: "host serve's control socket.") var control = HostDefaults.control
+    @Option(help: "How long nothing is accepted, in milliseconds.") var blackout = 500
+
+    func validate() throws {
+        guard (0...600_000).contains(blackout) else { throw ValidationError("--blackout must be 0 to 600000 ms") }
+    }
+
+    func run() async throws {
+        let result: HostMigrateResponse
+        do {
+            result = try await HostClient.migrate(control: control, blackout: .milliseconds(blackout))
+        } catch {
+            writeError("holdfast host migrate: \(error)")
+            throw ExitCode(HostExitCode.holdfastFailure)
+        }
+        let blackout = Duration.milliseconds(result.blackoutMilliseconds).spoken
+        guard result.bridgeDropped else {
+            print("migrated: no guest was connected; \(result.streamConnectionsDropped) stream connections dropped, nothing accepted for \(blackout)")
+            return
+        }
+        var line = "migrated: dropped the bridge and \(result.streamConnectionsDropped) stream connection"
+            + "\(result.streamConnectionsDropped == 1 ? "" : "s"), accepted nothing for \(blackout); "
+        if let back = result.guestBackAfterMilliseconds {
+            line += "the guest was back \(Duration.milliseconds(back).spoken) after"
+        } else {
+            line += "the guest was not back within \(HostMigrateResponse.reconnectWait.spoken) after (it redials with back-off: see 'host ps', 'holdfast status')"
+        }
+        print(line)
+    }
+}
+
+/// A signal named on the command line, or a usage error listing the valid names.
+func parseSignal(_ text: String) throws -> Int32 {
+    guard let number = SignalNames.number(text) else {
+        throw ValidationError("unknown signal '\(text)': valid are \(SignalNames.validNames)")
+    }
+    return number
+}
+
+extension StreamModeName: ExpressibleByArgument {}
+extension RuntimeName: ExpressibleByArgument {}
+extension BridgeAuthenticationMethod: ExpressibleByArgument {}
+
+func currentDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    guard getcwd(&buffer, buffer.count) != nil else { return "." }
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// One line to stdout, unbuffered: a log read while the service runs must be current.
+func writeLine(_ text: String) {
+    var line = Array((text + "\n").utf8)
+    var offset = 0
+    while offset < line.count {
+        let count = line[offset...].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
+        if count <= 0 { return }
+        offset += count
+    }
+    line.removeAll()
+}
+
+/// One line to stderr, unbuffered.
+func writeError(_ text: String) {
+    let line = Array((text + "\n").utf8)
+    var offset = 0
+    while offset < line.count {
+        let count = line[offset...].withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+        if count <= 0 { return }
+        offset += count
+    }
+}
