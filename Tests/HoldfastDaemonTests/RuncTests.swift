@@ -115,10 +115,11 @@ struct RuncTests {
             lightsOn(daemon)
         }
         try await eventually("the exit", timeout: .seconds(30)) { exits.count("hb") == 1 }
-        let received = await stdout.value
+        // Hang bounds: a stream given up on under starvation never ends here (fail, do not hang).
+        let received = try await withTimeout("the container's stdout", .seconds(60)) { await stdout.value }
         #expect(received == expectedLines(200, prefix: "beat"), "every number once, in order")
         #expect(sha256Hex(received) == sha256Hex(expectedLines(200, prefix: "beat")))
-        #expect(await stderr.value.isEmpty)
+        #expect(try await withTimeout("the container's stderr", .seconds(60)) { await stderr.value }.isEmpty)
         let report = try #require(exits.all.first { $0.id == "hb" })
         #expect(report.exitCode == 0 && report.undelivered == 0)
         try await eventually("runc delete") { try runcList(daemon).isEmpty }
