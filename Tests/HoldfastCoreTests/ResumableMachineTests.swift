@@ -238,6 +238,16 @@ private func header(_ type: StreamFrameType, _ value: UInt64, length: Int = 0) -
     StreamFramePrefix(type: type, bodyLength: length, value: value)
 }
 
+/// A receiver on connection 1 that has just taken the header of a DATA frame of `length` bytes
+/// at offset 0 (its body not read yet).
+private func receiverInsideData(length: Int) throws -> ResumableReceiver {
+    var receiver = ResumableReceiver(ackEvery: 1 << 20)
+    _ = receiver.reading(on: 1)
+    receiver.readHeader(StreamFramePrefix.size)
+    _ = try receiver.take(header(.data, 0, length: length))
+    return receiver
+}
+
 /// Reads a whole DATA frame on `generation` (its header, then its body in one piece) and returns
 /// what the body's read delivered.
 @discardableResult
@@ -377,10 +387,7 @@ struct ResumableReceiverTests {
     }
 
     @Test func aHeaderReadWithABodyGoesOnOnlyIntoTheDataThatFollows() throws {
-        var receiver = ResumableReceiver(ackEvery: 1 << 20)
-        _ = receiver.reading(on: 1)
-        receiver.readHeader(StreamFramePrefix.size)
-        _ = try receiver.take(header(.data, 0, length: 100))
+        var receiver = try receiverInsideData(length: 100)
         // The body's read took 10 bytes of the next header: not whole yet.
         _ = receiver.readBody(100, headerBytes: 10)
         #expect(!receiver.hasWholeHeader && receiver.hasBufferedFrame(on: 1) == false)
@@ -394,10 +401,7 @@ struct ResumableReceiverTests {
     }
 
     @Test func aNewConnectionStartsAtAFrameBoundary() throws {
-        var receiver = ResumableReceiver(ackEvery: 1 << 20)
-        _ = receiver.reading(on: 1)
-        receiver.readHeader(StreamFramePrefix.size)
-        _ = try receiver.take(header(.data, 0, length: 1000))
+        var receiver = try receiverInsideData(length: 1000)
         _ = receiver.readBody(400, headerBytes: 0)
         #expect(receiver.hasBufferedFrame(on: 1))
         #expect(!receiver.hasBufferedFrame(on: 2))
