@@ -456,22 +456,25 @@ struct ResumableFaultTests {
         }
 
         // A stall must fail with the state of every end, not hang the suite: a watchdog
-        // prints it and closes the streams once nothing moved for 10 s.
+        // prints it and closes the streams once no byte moved for 60 s (dials alone are no
+        // progress: a stream refused on every redial still dials; 60 s, not less, because a
+        // starved machine can hold a healthy pair back for seconds).
         let watchdog = Task {
             var last = ""
             var still = 0
             while !Task.isCancelled {
                 try await Task.sleep(for: .seconds(1))
-                let now = "\(stdout.dialCount) \(stdin.dialCount) \(stdout.guest.statistics) \(stdout.host.statistics) \(stdin.guest.statistics) \(stdin.host.statistics)"
+                let now = [stdout.guest, stdout.host, stdin.guest, stdin.host].map { "\($0.statistics.offset) \($0.statistics.acknowledged)" }.joined(separator: " ")
                 still = now == last ? still + 1 : 0
                 last = now
-                if still >= 10 {
+                if still >= 60 {
                     Issue.record("""
-                        no progress for 10 s (seed \(seed)):
+                        no progress for 60 s (seed \(seed), dials \(stdout.dialCount) \(stdin.dialCount)):
                         stdout guest \(stdout.guest.debugSummary)
                         stdout host  \(stdout.host.debugSummary)
                         stdin guest  \(stdin.guest.debugSummary)
                         stdin host   \(stdin.host.debugSummary)
+                        statistics: \([stdout.guest, stdout.host, stdin.guest, stdin.host].map { "\($0.statistics)" }.joined(separator: "\n"))
                         """)
                     stdout.close()
                     stdin.close()

@@ -31,9 +31,8 @@ struct BridgeFloodTests {
         daemon.bridge.close()
         let raw = try Listener(binding: .unix(path: daemon.directory.file("host-bridge.sock")), unixMode: 0o666)
         defer { raw.close() }
-        let host = try await withTimeout("the guest's bridge connection", .seconds(30)) { try await raw.accept() }
+        let host = try await acceptAuthenticatedGuest(on: raw, key: try #require(daemon.key))
         defer { host.close() }
-        try await BridgeHandshake.authenticateGuest(on: host, key: try #require(daemon.key))
         let hello = try await ControlFrameIO.read(from: host, maxBody: BridgeProtocol.maxBody)
         #expect(hello.type == BridgeMessageType.hello.rawValue)
 

@@ -141,15 +141,17 @@ struct BridgeTests {
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func ttyResizeOverTheBridgeReachesTheProcess() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let output = collect(try daemon.streams.open(token: bytes("t-out"), direction: .receive))
+        let output = Accumulator(try daemon.streams.open(token: bytes("t-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "t", argv: ["sh", "-c", "stty size; while [ \"$(stty size)\" = '24 80' ]; do sleep 0.02; done; stty size"],
             tty: true, rows: 24, columns: 80,
             stdout: daemon.spec("t-out")))
-        // The process waits for the new size however long the resize takes to arrive.
+        // The first size is printed before the resize is sent (a starved shell could otherwise
+        // see only the second); the process then waits for the new size however long it takes.
+        try await eventually("the size given at create", timeout: .seconds(30)) { output.text == "24 80\n" }
         try await daemon.bridge.resize("t", rows: 50, columns: 132)
-        let text = String(decoding: await output.value, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
-        #expect(text == "24 80\n50 132\n")
+        try await eventually("the size after the resize", timeout: .seconds(30)) { output.text == "24 80\n50 132\n" }
+        #expect(output.text == "24 80\n50 132\n")
         #expect(try await daemon.stop() == .exited(0))
     }
 
@@ -263,15 +265,13 @@ struct BridgeTests {
         // A frame cut in half (half a header, then the host goes away): that connection ends,
         // the worker redials.
         let key = try #require(daemon.key)
-        let cut = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
-        try await BridgeHandshake.authenticateGuest(on: cut, key: key)
+        let cut = try await acceptAuthenticatedGuest(on: raw, key: key)
         _ = try await ControlFrameIO.read(from: cut, maxBody: BridgeProtocol.maxBody)  // its hello
         try await FrameIO.write(Array(ControlFrame(type: BridgeMessageType.list.rawValue, id: 40, body: bytes("{}")).encoded.prefix(8)), to: cut)
         cut.close()
 
-        let first = try await withTimeout("the guest's bridge connection") { try await raw.accept() }
+        let first = try await acceptAuthenticatedGuest(on: raw, key: key)
         defer { print(daemon.log) }
-        try await BridgeHandshake.authenticateGuest(on: first, key: key)
         let hello = try await ControlFrameIO.read(from: first, maxBody: BridgeProtocol.maxBody)
         #expect(hello.type == BridgeMessageType.hello.rawValue)
         var oversized = ControlFrame(type: BridgeMessageType.list.rawValue, id: 41, body: []).encoded
@@ -286,9 +286,8 @@ struct BridgeTests {
         first.close()
 
         // The worker redials; this time the framing is fine but the content is not.
-        let second = try await withTimeout("the guest to redial") { try await raw.accept() }
+        let second = try await acceptAuthenticatedGuest(on: raw, key: key)
         defer { second.close() }
-        try await BridgeHandshake.authenticateGuest(on: second, key: key)
         _ = try await ControlFrameIO.read(from: second, maxBody: BridgeProtocol.maxBody)  // its hello
         func exchange(_ frame: ControlFrame) async throws -> ControlFrame {
             try await FrameIO.write(frame.encoded, to: second)

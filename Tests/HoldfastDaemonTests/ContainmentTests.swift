@@ -164,13 +164,13 @@ struct ContainmentTests {
         let specs = [
             ProcessSpec(id: "reader", argv: ["sh", "-c", "touch \(marker)-reader; cat"], stdin: stream("reader-in"), stdout: stream("reader-out")),
             ProcessSpec(
-                id: "tty", argv: ["sh", "-c", "touch \(marker)-tty; echo waiting; read line"], tty: true,
+                id: "tty", argv: ["sh", "-c", "echo waiting; touch \(marker)-tty; read line"], tty: true,
                 stdin: stream("tty-in"), stdout: stream("tty-out")),
             ProcessSpec(
                 id: "writer", argv: ["sh", "-c", "touch \(marker)-writer; while :; do echo to nobody; done"],
                 stdout: StreamSpec(address: nobodyListens, mode: .raw)),
             ProcessSpec(
-                id: "orphan", argv: ["sh", "-c", "sleep 1000 & touch \(marker)-orphan; echo started; exec sleep 1000"],
+                id: "orphan", argv: ["sh", "-c", "sleep 1000 & echo started; touch \(marker)-orphan; exec sleep 1000"],
                 stdout: stream("orphan-out")),
             ProcessSpec(id: "stubborn", argv: ["sh", "-c", "trap '' TERM; touch \(marker)-stubborn; while :; do sleep 0.05; done"]),
         ]

@@ -107,7 +107,7 @@ struct RuncTests {
             stderr: daemon.spec("hb-err"),
             runtime: .runc, bundle: bundle.path))
         // runc writes its state after `start` returns: listed once it has (a hang bound).
-        try await eventually("runc lists the container") { try self.runcList(daemon) == ["hb"] }
+        try await eventually("runc lists the container", timeout: .seconds(30)) { try self.runcList(daemon) == ["hb"] }
         for _ in 1...5 {
             try await Task.sleep(for: .milliseconds(150))
             blackout(daemon)
