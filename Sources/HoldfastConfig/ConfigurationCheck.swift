@@ -124,6 +124,7 @@ extension DaemonConfiguration {
             "broker.user": (broker.user ?? "", userNote),
             "broker.seccomp": (broker.seccomp, nil),
             "broker.allow_shared_uid": (broker.allowSharedUID ? "true" : "false", nil),
+            "broker.restart_backoff_max": (Self.duration(broker.restartBackoffMax), nil),
             "handoff.socket": (handoff.socket, handoff.socket.isEmpty ? "no handoff socket" : nil),
             "handoff.mode": ("0" + String(handoff.mode, radix: 8), nil),
             "handoff.allowed_uids": (ids(handoff.allowedUIDs), nil),

@@ -26,6 +26,7 @@ public enum ConfigurationLoader {
         ("broker.user", ""),
         ("broker.seccomp", "kill"),
         ("broker.allow_shared_uid", "false"),
+        ("broker.restart_backoff_max", "5s"),
         ("handoff.socket", "{run}/broker.sock"),
         ("handoff.mode", "0660"),
         ("handoff.allowed_uids", "0"),
@@ -132,6 +133,8 @@ public enum ConfigurationLoader {
             ["kill", "log", "off"].contains(text) ? .success(text) : .failure("must be kill, log or off")
         }
         let allowSharedUID = try parse("broker.allow_shared_uid", ValueParsers.boolean)
+        let restartBackoffMax = try parse("broker.restart_backoff_max", ValueParsers.positiveDuration)
+        guard restartBackoffMax >= 100 else { throw fail("broker.restart_backoff_max", "must be at least 100ms (the first back-off)") }
         let handoffSocket = try parse("handoff.socket", ValueParsers.socketPath)
         let mode = try parse("handoff.mode", ValueParsers.fileMode)
         let uids = try parse("handoff.allowed_uids", ValueParsers.idList)
@@ -168,7 +171,7 @@ public enum ConfigurationLoader {
             bridge: .init(
                 address: address, authentication: authentication, keyFile: keyFile, reconnectInitial: reconnectInitial,
                 reconnectMax: reconnectMax),
-            broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID),
+            broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID, restartBackoffMax: restartBackoffMax),
             handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids),
             streams: .init(
                 redialAttempts: attempts, redialInterval: interval, connectTimeout: connectTimeout, drainTimeout: drainTimeout,

@@ -27,11 +27,15 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         /// Start the broker even though other processes run as its uid (they could signal it).
         /// Off by default: the supervisor refuses, at start-up and at every restart.
         public var allowSharedUID: Bool
+        /// A broker that died is restarted after a back-off that starts at 100 ms and doubles
+        /// up to this (its streams wait that long; the supervisor holds their pipes meanwhile).
+        public var restartBackoffMax: Milliseconds
 
-        public init(user: String?, seccomp: String, allowSharedUID: Bool = false) {
+        public init(user: String?, seccomp: String, allowSharedUID: Bool = false, restartBackoffMax: Milliseconds = 5000) {
             self.user = user
             self.seccomp = seccomp
             self.allowSharedUID = allowSharedUID
+            self.restartBackoffMax = restartBackoffMax
         }
     }
 

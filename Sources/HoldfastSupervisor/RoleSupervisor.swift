@@ -9,7 +9,7 @@ import Glibc
 
 /// Keeps one role process (the broker or the bridge worker) running: starts it, serves its
 /// channel, and when it dies logs the cause and restarts it after an exponential back-off
-/// (100 ms doubling to 5 s; back to 100 ms once a run lasted a minute).
+/// (100 ms doubling to `maxBackoff`, 5 s unless configured; back to 100 ms once a run lasted 10 s).
 final class RoleSupervisor: Sendable {
     struct Incarnation: Sendable {
         var pid: pid_t
@@ -37,7 +37,8 @@ final class RoleSupervisor: Sendable {
     private let state = NIOLockedValueBox(State())
 
     static let initialBackoff: Duration = .milliseconds(100)
-    static let maxBackoff: Duration = .seconds(5)
+    /// The longest back-off (`broker.restart_backoff_max` for the broker).
+    private let maxBackoff: Duration
     /// A role that ran this long was not crash-looping: its next restart is immediate again.
     /// (60 s made a bridge worker killed every 15–45 s come back after 5 s each time in the
     /// soak; a crash loop dies within milliseconds of starting.)
@@ -53,9 +54,11 @@ final class RoleSupervisor: Sendable {
 
     init(
         name: String, logger: Logger, reaper: ChildReaper, launch: @escaping @Sendable () throws -> Incarnation,
-        serve: @escaping @Sendable (Incarnation) async -> Void, onEvent: @escaping @Sendable (Event) -> Void = { _ in }
+        serve: @escaping @Sendable (Incarnation) async -> Void, onEvent: @escaping @Sendable (Event) -> Void = { _ in },
+        maxBackoff: Duration = .seconds(5)
     ) {
         self.name = name
+        self.maxBackoff = maxBackoff
         self.logger = logger
         self.reaper = reaper
         self.launch = launch
@@ -85,7 +88,7 @@ final class RoleSupervisor: Sendable {
                 logger.error("cannot start role", metadata: ["role": "\(name)", "error": "\(error)"])
                 onEvent(.cannotStart(error: "\(error)", retryIn: backoff))
                 try? await Task.sleep(for: backoff)
-                backoff = min(backoff * 2, Self.maxBackoff)
+                backoff = min(backoff * 2, maxBackoff)
                 continue
             }
             reaper.expect(incarnation.pid)
@@ -117,7 +120,7 @@ final class RoleSupervisor: Sendable {
             ])
             onEvent(.died(cause: status.description, restartIn: backoff))
             try? await Task.sleep(for: backoff)
-            backoff = min(backoff * 2, Self.maxBackoff)
+            backoff = min(backoff * 2, maxBackoff)
         }
     }
 

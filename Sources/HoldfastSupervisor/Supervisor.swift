@@ -123,7 +123,8 @@ public final class Supervisor: Sendable {
         let broker = RoleSupervisor(
             name: "broker", logger: logger, reaper: reaper, launch: { [self] in try launchBroker(handoff: handoff) },
             serve: { [self] incarnation in await serveBroker(incarnation) },
-            onEvent: { [self] event in roleEvent("broker", event) })
+            onEvent: { [self] event in roleEvent("broker", event) },
+            maxBackoff: configuration.broker.restartBackoffMax.milliseconds)
         let bridge = RoleSupervisor(
             name: "bridge", logger: logger, reaper: reaper, launch: { [self] in try launchBridge() },
             serve: { [self] incarnation in await serveBridge(incarnation) },

@@ -167,7 +167,7 @@ struct ContainmentTests {
                 id: "tty", argv: ["sh", "-c", "echo waiting; touch \(marker)-tty; read line"], tty: true,
                 stdin: stream("tty-in"), stdout: stream("tty-out")),
             ProcessSpec(
-                id: "writer", argv: ["sh", "-c", "touch \(marker)-writer; while :; do echo to nobody; done"],
+                id: "writer", argv: ["sh", "-c", "echo to nobody; touch \(marker)-writer; while :; do echo to nobody; done"],
                 stdout: StreamSpec(address: nobodyListens, mode: .raw)),
             ProcessSpec(
                 id: "orphan", argv: ["sh", "-c", "sleep 1000 & echo started; touch \(marker)-orphan; exec sleep 1000"],

@@ -52,7 +52,7 @@ final class DaemonFixture: Sendable {
     init(
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
         shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
-        bridgeThroughProxy: Bool = false
+        bridgeThroughProxy: Bool = false, brokerRestartBackoffMax: String = "5s"
     ) async throws {
         brokerUID = brokerUser ?? ReservedUIDs.unused()
         directory = try TemporaryDirectory("holdfast-daemon")
@@ -78,6 +78,7 @@ final class DaemonFixture: Sendable {
             broker:
               user: "uid:\(brokerUID)"
               seccomp: kill
+              restart_backoff_max: \(brokerRestartBackoffMax)
             streams:
               # 60 s of redialing: a starved CI machine can take seconds per status poll.
               redial_attempts: 3000
