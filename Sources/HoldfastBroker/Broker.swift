@@ -19,6 +19,9 @@ public final class Broker: Sendable {
     let logger: Logger
     private let registry = SlotRegistry()
     private let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
+    /// Handoff peers' processes deposited with the supervisor, and the checkpoint slots this
+    /// broker gave their streams (`CheckpointMemory.handoffSlots`).
+    private let handoffs = NIOLockedValueBox(HandoffSlots())
     private let totals = NIOLockedValueBox(Totals())
     /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
     private let streamsFinishedSinceTidy = NIOLockedValueBox(0)
@@ -108,6 +111,10 @@ public final class Broker: Sendable {
             for stream in streams { stream.discard() }
             throw refusal
         }
+        if request.handoffOwner != nil {
+            // A handoff peer's process the supervisor hands back after a crash: its slots are ours.
+            handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }
+        }
         process.start(streams, registry: registry)
         logger.info(adoption.resumes ? "resumed streams a crashed broker held" : "adopted streams", metadata: [
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
@@ -155,6 +162,62 @@ public final class Broker: Sendable {
         logger.info("replay ring restored from shared memory", metadata: metadata)
     }
 
+    // MARK: Handoff peers' processes
+
+    /// A process a handoff peer hands over: its resumable streams get checkpoint slots of this
+    /// broker's range, copies of its fds go to the supervisor with its description (before the
+    /// adoption, so a crash right after it finds them there), and a broker started after a
+    /// crash of this one is handed it again by the supervisor, with the peer still its owner.
+    /// Without a checkpoint area, free slots or fd copies it is adopted as before: relayed, but
+    /// not kept across a crash.
+    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors: [Int32], uid: UInt32) async throws(HoldfastError) {
+        let process = adoption.process
+        var request = adoption.request
+        let slots: [Int]? = checkpoints == nil ? nil : handoffs.withLockedValue { table in
+            table.take(for: process, count: request.streams.reduce(0) { $0 + ($1.mode == .resumable ? ($1.inputAddress != nil ? 2 : 1) : 0) })
+        }
+        var withSlots = adoption
+        var copies: [Int32] = []
+        if let slots {
+            var next = slots.makeIterator()
+            for index in request.streams.indices where request.streams[index].mode == .resumable {
+                request.streams[index].checkpoint = next.next()
+                if request.streams[index].inputAddress != nil { request.streams[index].inputCheckpoint = next.next() }
+            }
+            copies = descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
+            do throws(HoldfastError) {
+                guard !copies.contains(where: { $0 < 0 }) else { throw HoldfastError(.badDescriptor, "cannot copy the fds for the supervisor") }
+                withSlots = try AdoptCheck.validate(request, descriptorCount: descriptors.count)
+            } catch {
+                logger.warning("a handoff process is adopted without surviving a broker crash", metadata: ["process": "\(process)", "error": "\(error)"])
+                for fd in copies where fd >= 0 { _ = close(fd) }
+                copies = []
+                _ = handoffs.withLockedValue { $0.end(process) }
+                withSlots = adoption
+            }
+        }
+        if !copies.isEmpty {
+            await notify(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
+        }
+        do {
+            try adopt(withSlots, descriptors: descriptors, owner: .handoff(uid: uid))
+        } catch {
+            if !copies.isEmpty { await handoffGone(process) }
+            throw error
+        }
+    }
+
+    /// A handoff peer's process left: its slots are cleared and free, the supervisor lets go of
+    /// its copies.
+    func handoffGone(_ process: String) async {
+        guard let slots = handoffs.withLockedValue({ $0.end(process) }) else { return }
+        for slot in slots {
+            checkpoints?.checkpoint(slot)?.clear()
+            rings?.clear(slot)
+        }
+        await notify(.handoffEnded(ProcessRequest(process: process)))
+    }
+
     /// A process's stdin pipe was closed here: the supervisor closes its copy.
     func inputEnded(_ process: String) {
         Task { await notify(.inputEnded(ProcessRequest(process: process))) }
@@ -171,6 +234,7 @@ public final class Broker: Sendable {
         let (descriptions, fds) = await adopted.release(registry: registry)
         for stream in adopted.status() { record(finished: stream) }
         logger.info("released streams", metadata: ["process": "\(process)", "fds": "\(fds.count)"])
+        await handoffGone(process)
         return (ReleaseResponse(streams: descriptions), fds)
     }
 
@@ -198,6 +262,7 @@ public final class Broker: Sendable {
             logger.info("process streams drained", metadata: [
                 "process": "\(request.process)", "undelivered": "\(undelivered)",
             ])
+            if removed { await handoffGone(request.process) }
             await notify(.drained(DrainedNotification(process: request.process, streams: results)))
         }
     }
@@ -319,12 +384,26 @@ public enum BrokerNotification: Sendable, Equatable {
     case drained(DrainedNotification)
     /// A process's stdin pipe was closed by the broker.
     case inputEnded(ProcessRequest)
+    /// A handoff peer's process was adopted: its request and copies of its fds (the sender
+    /// closes them once sent) for the supervisor to keep.
+    case handoffDeposited(HandoffDeposit, descriptors: [Int32])
+    /// A handoff peer's process left the broker.
+    case handoffEnded(ProcessRequest)
 
     public var frame: ControlFrame {
         switch self {
         case .drained(let drained): return ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(drained))
         case .inputEnded(let process): return ControlFrame(type: BrokerMessageType.inputEnded.rawValue, id: 0, body: ControlJSON.encode(process))
+        case .handoffDeposited(let deposit, _):
+            return ControlFrame(type: BrokerMessageType.handoffDeposited.rawValue, id: 0, body: ControlJSON.encode(deposit))
+        case .handoffEnded(let process): return ControlFrame(type: BrokerMessageType.handoffEnded.rawValue, id: 0, body: ControlJSON.encode(process))
         }
+    }
+
+    /// The fds that go with it.
+    public var descriptors: [Int32] {
+        if case .handoffDeposited(_, let descriptors) = self { return descriptors }
+        return []
     }
 }
 
@@ -348,5 +427,42 @@ public enum ProcessFigures {
         let fields = String(decoding: buffer[..<count], as: UTF8.self).split(separator: " ")
         guard fields.count > 1, let pages = Int(fields[1]) else { return -1 }
         return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
+    }
+}
+
+/// The checkpoint slots a broker gives handoff peers' streams (`CheckpointMemory.handoffSlots`),
+/// and which process has which. Taken round-robin: a slot comes back into use only after every
+/// other one did, so a stream that wrote one last value after its process left cannot land in
+/// a newer stream's slot.
+struct HandoffSlots: Sendable {
+    private var cursor = CheckpointMemory.handoffSlots.lowerBound
+    private var taken: Set<Int> = []
+    private var byProcess: [String: [Int]] = [:]
+
+    /// `count` free slots for `process`, nil if not that many are free.
+    mutating func take(for process: String, count: Int) -> [Int]? {
+        let range = CheckpointMemory.handoffSlots
+        guard byProcess[process] == nil, taken.count + count <= range.count else { return nil }
+        var slots: [Int] = []
+        while slots.count < count {
+            if !taken.contains(cursor) { slots.append(cursor) }
+            cursor = cursor + 1 == range.upperBound ? range.lowerBound : cursor + 1
+        }
+        taken.formUnion(slots)
+        byProcess[process] = slots
+        return slots
+    }
+
+    /// `process` has `slots` (named by the supervisor when it hands the process back).
+    mutating func claim(_ slots: [Int], for process: String) {
+        taken.formUnion(slots)
+        byProcess[process, default: []] += slots
+    }
+
+    /// `process` left: its slots, now free (nil if it had none here).
+    mutating func end(_ process: String) -> [Int]? {
+        guard let slots = byProcess.removeValue(forKey: process) else { return nil }
+        taken.subtract(slots)
+        return slots
     }
 }

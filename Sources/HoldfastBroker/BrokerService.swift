@@ -42,8 +42,10 @@ public final class BrokerService: Sendable {
         let channel = NIOLockedValueBox<FDChannel?>(nil)
         self.supervisorChannel = channel
         self.broker = Broker(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings) { notification in
+            // The kernel gives the supervisor its own copies of the fds: ours close either way.
+            defer { for fd in notification.descriptors { _ = close(fd) } }
             guard let channel = channel.withLockedValue({ $0 }) else { return }
-            try? await channel.send(notification.frame.encoded)
+            try? await channel.send(notification.frame.encoded, descriptors: notification.descriptors)
         }
     }
 
@@ -155,7 +157,14 @@ public final class BrokerService: Sendable {
         // Only adopt carries fds (decode refused any other request with fds).
         switch request {
         case .adopt:
-            try broker.adopt(adoption!, descriptors: descriptors, owner: caller.owner)
+            switch caller {
+            case .handoff(let credentials):
+                try await broker.adoptFromHandoff(adoption!, descriptors: descriptors, uid: credentials.uid)
+            case .supervisor:
+                // A handoff peer's process handed back after a crash stays that peer's.
+                let owner = adoption!.request.handoffOwner.map { ProcessOwner.handoff(uid: $0) } ?? .supervisor
+                try broker.adopt(adoption!, descriptors: descriptors, owner: owner)
+            }
             return .empty
         case .release(let process):
             try caller.mayManage(process, in: broker)

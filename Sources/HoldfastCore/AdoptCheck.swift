@@ -34,7 +34,7 @@ public struct ValidatedAdoption: Sendable, Equatable {
     public var resumes: Bool { request.streams.contains { $0.resume == true } }
     /// It names checkpoint slots or resumes: only the supervisor, which owns the slots, may.
     public var needsTheSupervisor: Bool {
-        resumes || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
+        resumes || request.handoffOwner != nil || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
     }
 }
 

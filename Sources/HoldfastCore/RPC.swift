@@ -197,11 +197,12 @@ public enum RPCServer {
 
 /// The one client of every control protocol: sends requests with fresh ids and matches replies
 /// to them; `run()` reads until the connection ends, handing frames with id 0 (notifications)
-/// to `onNotification`; then every request still waiting fails with `channel-closed`.
+/// to `onNotification` (with the fds attached to them: the handler's to close); then every
+/// request still waiting fails with `channel-closed`.
 public final class RPCClient: Sendable {
     public let transport: any FrameTransport
     private let state = NIOLockedValueBox(State())
-    private let onNotification: @Sendable (ControlFrame) async -> Void
+    private let onNotification: @Sendable (ControlFrame, [Int32]) async -> Void
     private let closeDescriptors: @Sendable ([Int32]) -> Void
 
     private struct State: Sendable {
@@ -222,7 +223,20 @@ public final class RPCClient: Sendable {
     ) {
         self.transport = transport
         self.closeDescriptors = closeDescriptors
-        self.onNotification = onNotification
+        self.onNotification = { frame, descriptors in
+            closeDescriptors(descriptors)
+            await onNotification(frame)
+        }
+    }
+
+    /// A client whose notifications may carry fds: `onNotification` gets them, and closes them.
+    public init(
+        transport: any FrameTransport, closeDescriptors: @escaping @Sendable ([Int32]) -> Void,
+        onNotificationWithDescriptors: @escaping @Sendable (ControlFrame, [Int32]) async -> Void
+    ) {
+        self.transport = transport
+        self.closeDescriptors = closeDescriptors
+        self.onNotification = onNotificationWithDescriptors
     }
 
     /// Sends a request and waits for its reply; an `error` reply is thrown as its
@@ -293,8 +307,7 @@ public final class RPCClient: Sendable {
                 break
             }
             if frame.id == 0 {
-                closeDescriptors(descriptors)
-                await onNotification(frame)
+                await onNotification(frame, descriptors)
                 continue
             }
             guard let waiter = state.withLockedValue({ $0.pending.removeValue(forKey: frame.id) }) else {

@@ -97,6 +97,10 @@ public final class CheckpointMemory: Sendable {
     }
 
     /// The checkpoint in `slot`; nil when the area has no such slot.
+    /// The slots a broker gives the streams a handoff peer hands it (it deposits them with the
+    /// supervisor, which never allocates these): the top quarter of the slots that have a ring.
+    public static let handoffSlots = (RingMemory.defaultSlotCount * 3 / 4)..<RingMemory.defaultSlotCount
+
     public func checkpoint(_ slot: Int) -> StreamCheckpoint? {
         guard slot >= 0, slot < slotCount else { return nil }
         return StreamCheckpoint(slot: memory.base + slot * StreamCheckpoint.slotSize)

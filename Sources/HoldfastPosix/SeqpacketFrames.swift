@@ -54,6 +54,13 @@ extension RPCClient {
         self.init(transport: SeqpacketFrames(channel), closeDescriptors: SeqpacketFrames.closeDescriptors, onNotification: onNotification)
     }
 
+    /// A client on `channel` whose notifications may carry fds (the handler closes them).
+    public convenience init(channel: FDChannel, onNotificationWithDescriptors: @escaping @Sendable (ControlFrame, [Int32]) async -> Void) {
+        self.init(
+            transport: SeqpacketFrames(channel), closeDescriptors: SeqpacketFrames.closeDescriptors,
+            onNotificationWithDescriptors: onNotificationWithDescriptors)
+    }
+
     /// Connects to a control socket and starts reading replies.
     public static func connect(to path: String, timeout: Duration = .seconds(2)) async throws -> RPCClient {
         let socket = try await Dialer.connect(to: .unix(path: path), kind: .seqpacket, timeout: timeout)

@@ -21,6 +21,13 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// A process's stdin pipe was closed by the broker (the host ended it, or the process
     /// stopped reading): the supervisor closes its copy too, so the process sees end-of-file.
     case inputEnded = 0x0202
+    /// A handoff peer's process was adopted: copies of its fds (attached) and its streams, with
+    /// the checkpoint slots the broker gave them, for the supervisor to keep — so a broker
+    /// started after a crash of this one is handed the process again, as the supervisor's own.
+    case handoffDeposited = 0x0203
+    /// A handoff peer's process is gone from the broker (released, drained or refused): the
+    /// supervisor closes its copies.
+    case handoffEnded = 0x0204
 }
 
 /// What a stream carries.
@@ -88,10 +95,26 @@ public struct AdoptRequest: Codable, Sendable, Equatable {
     /// The process the streams belong to (the host's id, unique among live processes).
     public var process: String
     public var streams: [StreamDescription]
+    /// The uid of the handoff peer that first handed the process over, when the supervisor
+    /// hands it to a broker started after a crash: that peer still manages it. Supervisor only.
+    public var handoffOwner: UInt32?
 
-    public init(process: String, streams: [StreamDescription]) {
+    public init(process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil) {
         self.process = process
         self.streams = streams
+        self.handoffOwner = handoffOwner
+    }
+}
+
+/// What a broker deposits with the supervisor for a process a handoff peer handed over
+/// (`handoffDeposited`): the request as adopted, checkpoint slots named, and the peer's uid.
+public struct HandoffDeposit: Codable, Sendable, Equatable {
+    public var request: AdoptRequest
+    public var owner: UInt32
+
+    public init(request: AdoptRequest, owner: UInt32) {
+        self.request = request
+        self.owner = owner
     }
 }
 

@@ -156,7 +156,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .processExited: return .processExited(try RPCBody.decode(ProcessExitedRequest.self, body, type: type))
         case .closeStdin: return .closeStdin(process: try RPCBody.decode(ProcessRequest.self, body, type: type).process)
         case .resize: return .resize(try RPCBody.decode(ResizeRequest.self, body, type: type))
-        case .ok, .error, .drained, .inputEnded: throw HoldfastError(.unknownType, "\(known) is not a request")
+        case .ok, .error, .drained, .inputEnded, .handoffDeposited, .handoffEnded: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
 

@@ -104,6 +104,17 @@ struct StdioStore {
         held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
     }
 
+    /// A handoff peer's process that broker `incarnation` adopted and deposited here (copies of
+    /// its fds, its streams with the broker's checkpoint slots): handed to the next broker like
+    /// the supervisor's own. False (the caller closes the fds) if the id is held already.
+    mutating func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], adoptedBy incarnation: Int) -> Bool {
+        guard held[deposit.request.process] == nil else { return false }
+        var request = deposit.request
+        request.handoffOwner = deposit.owner
+        held[request.process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
+        return true
+    }
+
     /// The processes broker `incarnation` (the current one) does not have yet, each marked as
     /// being handed to it. Empty once every one is, or if `incarnation` is no longer current.
     mutating func claim(for incarnation: Int) -> [Readoption] {
@@ -111,7 +122,7 @@ struct StdioStore {
         var claimed: [Readoption] = []
         for (process, entry) in held.sorted(by: { $0.key < $1.key }) where entry.adoption.incarnation < incarnation {
             held[process]?.adoption = .adopting(incarnation)
-            var request = AdoptRequest(process: process, streams: [])
+            var request = AdoptRequest(process: process, streams: [], handoffOwner: entry.request.handoffOwner)
             var descriptors: [Int32] = []
             for var stream in entry.request.streams {
                 let fd = entry.descriptors[stream.fd]
@@ -170,11 +181,16 @@ struct StdioStore {
     }
 
     /// The process is done (exit reported): its fds to close and its slots to clear; the slots
-    /// are free again.
+    /// are free again. A handoff peer's process's slots are the broker's: it clears and reuses
+    /// them itself, so none are returned.
     mutating func release(_ process: String) -> (descriptors: [Int32], slots: [Int])? {
         guard let entry = held.removeValue(forKey: process) else { return nil }
-        return (entry.descriptors.filter { $0 >= 0 }, freeCheckpoints(of: entry.request))
+        let slots = entry.request.handoffOwner == nil ? freeCheckpoints(of: entry.request) : []
+        return (entry.descriptors.filter { $0 >= 0 }, slots)
     }
+
+    /// Whether `process` is a handoff peer's (deposited by a broker).
+    func isHandoff(_ process: String) -> Bool { held[process]?.request.handoffOwner != nil }
 }
 
 /// The slot numbers of the checkpoint area. A freed slot is reused only after many others were
@@ -184,17 +200,18 @@ struct StdioStore {
 /// few (only those cost memory).
 struct CheckpointSlots {
     let count: Int
+    /// Slots never handed out here (the broker's, for handoff peers' streams).
+    let reserved: Range<Int>
     /// Freed slots this many deep are reused before new ones.
     static let quarantine = 1024
     private var nextUnused = 0
     private var freed: [Int] = []
     private var freedHead = 0
 
-    init(count: Int) {
+    init(count: Int, reserved: Range<Int> = CheckpointMemory.handoffSlots) {
         self.count = count
+        self.reserved = reserved
     }
-
-    var inUse: Int { nextUnused - (freed.count - freedHead) }
 
     mutating func allocate() -> Int? {
         let waiting = freed.count - freedHead
@@ -207,6 +224,7 @@ struct CheckpointSlots {
             }
             return slot
         }
+        if reserved.contains(nextUnused) { nextUnused = reserved.upperBound }
         guard nextUnused < count else { return nil }
         defer { nextUnused += 1 }
         return nextUnused

@@ -91,7 +91,27 @@ extension Supervisor {
     }
 
     func serveBroker(_ incarnation: RoleSupervisor.Incarnation) async {
-        let client = ControlClient(channel: incarnation.channel) { [self] frame in
+        // Set once the client exists: a deposit names the incarnation of the broker it came from.
+        let this = NIOLockedValueBox<ControlClient?>(nil)
+        let client = ControlClient(channel: incarnation.channel) { [self] frame, descriptors in
+            switch BrokerMessageType(rawValue: frame.type) {
+            case .handoffDeposited:
+                guard let deposit = try? ControlJSON.decode(HandoffDeposit.self, from: frame.body, frameType: frame.type),
+                    let from = this.withLockedValue({ $0 })
+                else {
+                    SeqpacketFrames.closeDescriptors(descriptors)
+                    return
+                }
+                keepHandoff(deposit, descriptors: descriptors, from: from)
+                return
+            case .handoffEnded:
+                if let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) {
+                    handoffEnded(ended.process)
+                }
+            default:
+                break
+            }
+            SeqpacketFrames.closeDescriptors(descriptors)
             switch BrokerMessageType(rawValue: frame.type) {
             case .drained:
                 guard let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type) else { return }
@@ -103,6 +123,7 @@ extension Supervisor {
                 break
             }
         }
+        this.withLockedValue { $0 = client }
         let number = stdio.withLockedValue { $0.brokerStarted(client) }
         let running = Task { await client.run() }
         // A broker started after a crash gets every live process's streams back before anything

@@ -55,6 +55,11 @@ extension Supervisor {
                     logger.error("the restarted broker refused a process's streams", metadata: [
                         "process": "\(item.process)", "error": "\(error)",
                     ])
+                    // A handoff peer's process has no exit of ours to wait for: let it go.
+                    if stdio.withLockedValue({ $0.isHandoff(item.process) }) {
+                        releaseStdio(item.process)
+                        continue
+                    }
                 }
                 stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
                 await deliverExit(item.process)
@@ -112,6 +117,31 @@ extension Supervisor {
             return released
         }
         for fd in released?.descriptors ?? [] { close(fd) }
+    }
+
+    /// A broker adopted a handoff peer's process and deposited copies of its fds: they are kept
+    /// like a process of our own, so the broker after a crash of that one is handed them too.
+    func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], from client: ControlClient) {
+        let kept = stdio.withLockedValue { store -> Bool in
+            guard deposit.request.streams.allSatisfy({ $0.fd >= 0 && $0.fd < descriptors.count }) else { return false }
+            return store.keepHandoff(deposit, descriptors: descriptors, adoptedBy: store.incarnation(of: client))
+        }
+        guard kept else {
+            SeqpacketFrames.closeDescriptors(descriptors)
+            logger.error("a handoff process's fds were not kept: it will not survive a broker crash", metadata: [
+                "process": "\(deposit.request.process)", "descriptors": "\(descriptors.count)",
+            ])
+            return
+        }
+        logger.info("keeping a handoff process's fds for a broker restart", metadata: [
+            "process": "\(deposit.request.process)", "owner": "\(deposit.owner)", "streams": "\(deposit.request.streams.count)",
+        ])
+    }
+
+    /// A handoff peer's process left the broker: our copies close (its slots are the broker's).
+    func handoffEnded(_ process: String) {
+        guard stdio.withLockedValue({ $0.isHandoff(process) }) else { return }
+        releaseStdio(process)
     }
 
     /// A process started by a broker that died before its successor took the streams over:

@@ -1,0 +1,107 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Issue 16 for a process a runtime hands over on the public handoff socket: the broker deposits
+/// copies of its fds with the supervisor, so every broker started after a crash is handed the
+/// process again — its streams resume exactly once, and the runtime that handed it over still
+/// manages it.
+@Suite("A handoff peer's process survives broker crashes", .timeLimit(.minutes(5)))
+struct BrokerCrashHandoffTests {
+    static let kills = 20
+
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aProcessHandedOverOnTheHandoffSocketResumesAfterEveryCrash() async throws {
+        let daemon = try await DaemonFixture(brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let output = try daemon.streams.open(token: bytes("h-out"), direction: .receive)
+        let input = try daemon.streams.open(token: bytes("h-in"), direction: .send)
+        let received = collect(output)
+        let copy = daemon.directory.file("stdin.copy")
+        // The runtime's process: a counter on stdout and `cat` copying stdin, its pipes ours.
+        let (outPipe, inPipe) = (try PipeEnds.make(), try PipeEnds.make())
+        let pid = try processes.start(
+            ["sh", "-c", "exec 3<&0; cat <&3 > \(copy) & exec 3<&-; i=0; while :; do i=$((i+1)); echo h $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"],
+            stdin: inPipe.read, stdout: outPipe.write)
+        close(outPipe.write)
+        close(inPipe.read)
+
+        // Handed over as a runtime does: over broker.sock, as a uid the daemon allows (root).
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let (outSpec, inSpec) = (daemon.spec("h-out"), daemon.spec("h-in"))
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: "handed", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: outSpec.address, mode: .resumable, token: outSpec.token, secret: outSpec.secret),
+            StreamDescription(kind: .stdin, fd: 1, address: inSpec.address, mode: .resumable, token: inSpec.token, secret: inSpec.secret),
+        ]))
+        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [outPipe.read, inPipe.write])
+        close(outPipe.read)
+        close(inPipe.write)
+        try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
+
+        let sending = NIOLockedValueBox(true)
+        let sender = Task { () -> [UInt8] in
+            var sent: [UInt8] = []
+            var number = 0
+            while sending.withLockedValue({ $0 }) {
+                number += 1
+                let line = bytes("in \(number)\n")
+                do { try await input.send(line) } catch { break }
+                sent += line
+                if number % 20 == 0 { try? await Task.sleep(for: .milliseconds(20)) }
+            }
+            return sent
+        }
+        var brokers = [try #require(try await daemon.rolePID("broker"))]
+        for round in 1...Self.kills {
+            try await Task.sleep(for: .milliseconds(Int.random(in: 50...300)))
+            kill(brokers.last!, SIGKILL)
+            try await eventually("broker \(round + 1)", timeout: .seconds(30)) {
+                let pid = try await daemon.rolePID("broker")
+                return pid != nil && pid != brokers.last
+            }
+            brokers.append(try #require(try await daemon.rolePID("broker")))
+            try await eventually("the handoff process handed to broker \(round + 1)", timeout: .seconds(20)) {
+                try await daemon.status().streams.filter { $0.process == "handed" }.count == 2
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        sending.withLockedValue { $0 = false }
+        let sent = await sender.value
+        #expect(await input.finish() == 0, "every stdin byte acknowledged")
+        #expect(kill(pid, 0) == 0, "the process lives: no SIGPIPE, no write error")
+
+        // The runtime that handed it over still manages it, through the last broker: it ends
+        // the process, reports the exit, and the output drains.
+        let runtimeNow = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        kill(pid, SIGTERM)
+        #expect(try await processes.wait(pid) == .signaled(SIGTERM))
+        let exited = BrokerRequest.processExited(ProcessExitedRequest(process: "handed"))
+        _ = try await runtimeNow.request(exited.frameType, body: exited.body)
+        let data = try await withTimeout("the output", .seconds(60)) { await received.value }
+
+        let numbers = BrokerCrashKindsTests.numbers(data, prefix: "h")
+        let last = try #require(numbers.last)
+        let lost = output.statistics.lost
+        let expected = removing(lost.ranges, from: expectedLines(last, prefix: "h"))
+        #expect(sha256Hex(Array(data.prefix(expected.count))) == sha256Hex(expected), "stdout: \(data.count) bytes, lost \(lost.summary)")
+        try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
+        let repeats = inputRepeats(in: daemon.log, process: "handed")
+        #expect(matches(readFile(copy) ?? [], sent: sent, repeats: repeats), "stdin exact but for logged repeats \(repeats)")
+        // Gone from the broker, the supervisor let go of its copies too.
+        try await eventually("the deposit released", timeout: .seconds(20)) {
+            try await daemon.status().streams.allSatisfy { $0.process != "handed" }
+        }
+        print("handoff process, \(Self.kills) broker kills: stdout \(data.count) bytes, \(lost.bytes) lost; stdin \(sent.count) bytes, \(repeats.count) possible repeats")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
