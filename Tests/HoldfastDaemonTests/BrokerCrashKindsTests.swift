@@ -12,7 +12,8 @@ import Glibc
 
 /// Issue 16's "done when": the broker killed with SIGKILL 100 times at random moments while
 /// processes of every kind stream — pipes both ways (resumable), a terminal (resumable), a
-/// raw-mode output, and a runc container — checked per kind.
+/// raw-mode output, a runc container, and a process a runtime handed over on the handoff
+/// socket — checked per kind.
 @Suite("A hundred broker crashes across every kind of stream", .timeLimit(.minutes(5)))
 struct BrokerCrashKindsTests {
     static let kills = 100
@@ -101,10 +102,26 @@ struct BrokerCrashKindsTests {
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "runc", argv: [], stdout: daemon.spec("r-out"), runtime: .runc, bundle: bundle.path))
         }
+        // A process another runtime started and handed over on the handoff socket.
+        let runtimeProcesses = TestProcesses()
+        defer { runtimeProcesses.killAll() }
+        let handedStream = try daemon.streams.open(token: bytes("h-out"), direction: .receive)
+        let handedOut = collect(handedStream)
+        let handedPipe = try PipeEnds.make()
+        let handedPID = try runtimeProcesses.start(["sh", "-c", counter("handed")], stdout: handedPipe.write)
+        close(handedPipe.write)
+        let handedSpec = daemon.spec("h-out")
+        let handOver = BrokerRequest.adopt(AdoptRequest(process: "handed", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: handedSpec.address, mode: .resumable, token: handedSpec.token, secret: handedSpec.secret)
+        ]))
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        _ = try await runtime.request(handOver.frameType, body: handOver.body, descriptors: [handedPipe.read])
+        close(handedPipe.read)
+
         let ids = ["pipes", "tty", "raw"] + (withRunc ? ["runc"] : [])
         try await eventually("every process streaming", timeout: .seconds(60)) {
             let streams = try await daemon.status().streams
-            return streams.filter { $0.state == .connected }.count >= (withRunc ? 5 : 4) && raw.connectionCount >= 1
+            return streams.filter { $0.state == .connected }.count >= (withRunc ? 6 : 5) && raw.connectionCount >= 1
         }
 
         // The host types numbered lines into the pipes process's stdin throughout.
@@ -143,6 +160,13 @@ struct BrokerCrashKindsTests {
         for id in ids {
             #expect(listed.contains { $0.id == id && $0.state == .running }, "\(id) still running after \(Self.kills) broker kills: \(listed)")
         }
+        #expect(kill(handedPID, 0) == 0, "the handed-over process still runs")
+        // Its runtime ends it and tells the last broker, as it would have told the first.
+        kill(handedPID, SIGTERM)
+        #expect(try await runtimeProcesses.wait(handedPID) == .signaled(SIGTERM))
+        let runtimeNow = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let handedExited = BrokerRequest.processExited(ProcessExitedRequest(process: "handed"))
+        _ = try await runtimeNow.request(handedExited.frameType, body: handedExited.body)
         // A container's pid 1 ignores SIGTERM (it has no handler): SIGKILL there.
         func stopSignal(_ id: String) -> Int32 { id == "runc" ? SIGKILL : SIGTERM }
         for id in ids { try await daemon.bridge.signal(id, stopSignal(id)) }
@@ -175,6 +199,7 @@ struct BrokerCrashKindsTests {
         var summary: [String] = []
         summary.append(checkResumable("pipe", await pipeOut.value, pipeStream.statistics.lost, lineEnd: "\n"))
         summary.append(checkResumable("tty", await ttyOut.value, ttyStream.statistics.lost, lineEnd: "\r\n"))
+        summary.append(checkResumable("handed", try await withTimeout("the handed-over output", .seconds(60)) { await handedOut.value }, handedStream.statistics.lost, lineEnd: "\n"))
         if let runcOut, let runcLost {
             summary.append(checkResumable("runc", await runcOut.value, runcLost(), lineEnd: "\n"))
         }
