@@ -18,9 +18,16 @@ public protocol ByteReader: Sendable {
 
     /// `readNow` into several buffers, filling them in order (an fd does it with one readv).
     func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int?
+
+    /// The most one read can return, if the source says (a terminal's master: its line
+    /// discipline hands over at most 4 KiB per read), else nil. A relay asks for no more: a
+    /// read a crash interrupts is reported as a gap of what was asked.
+    var largestRead: Int? { get }
 }
 
 extension ByteReader {
+    public var largestRead: Int? { nil }
+
     public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
         var total = 0
         for buffer in buffers {

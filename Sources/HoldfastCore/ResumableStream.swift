@@ -199,7 +199,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// pipe is likely to fill — then sends from there: the only copies are the kernel's, and a
     /// byte leaves the pipe only into the ring.
     public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
-        let regions = try await engine.reserve(slot, upTo: engine.readAhead)
+        let regions = try await engine.reserve(slot, upTo: min(engine.readAhead, source.largestRead ?? .max))
         engine.willTake(regions.reduce(0) { $0 + $1.count })
         let count: Int?
         do {

@@ -18,6 +18,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let isSocket: Bool
     /// A pipe or FIFO: one end of a splice(2) must be one.
     public let isPipe: Bool
+    /// A terminal's master (any character device here): a read returns at most 4 KiB (its line
+    /// discipline's buffer), so no more is asked for.
+    public let largestRead: Int?
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
     private let reactor: Reactor
@@ -64,6 +67,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         let statted = fstat(fd, &info) == 0
         isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
         isPipe = statted && (info.st_mode & S_IFMT) == S_IFIFO
+        largestRead = statted && (info.st_mode & S_IFMT) == S_IFCHR ? 4096 : nil
         self.fd = fd
         self.reactor = reactor
         self.registration = try reactor.register(fd)
