@@ -184,6 +184,12 @@ final class ManagedStream: Sendable {
                 watch.event(event)
             }
             watch.watch(made.managed)
+            // A write into the pipe the crash interrupted may have delivered its bytes: the
+            // next ones start before them, so they may reach the process twice. Counted in the
+            // slot (carried to later brokers) and reported with the exit.
+            if direction == .receive, resumeAt != nil, let recovered, recovered.uncertain > 0 {
+                checkpoint?.mayHaveRepeated(UInt64(recovered.uncertain))
+            }
             return made
         }
         switch description.kind {
@@ -394,11 +400,14 @@ final class AdoptedProcess: Sendable {
             return byIndex
         }
         results += outputs.indices.compactMap { finished[$0] }
-        // An input reports only what a crash took from it (its bytes are not output to drain).
+        // An input reports only what crashes did to it (its bytes are not output to drain).
         for stream in all where stream.output == nil {
             let lost = stream.transports.reduce(0) { $0 + ($1.lostBytes ?? 0) }
-            if lost > 0 {
-                results.append(.init(kind: stream.description.kind, bytes: stream.input?.figures.1 ?? 0, undelivered: 0, ending: "input", lost: lost))
+            let repeated = stream.inputCheckpoint?.repeated ?? 0
+            if lost > 0 || repeated > 0 {
+                results.append(.init(
+                    kind: stream.description.kind, bytes: stream.input?.figures.1 ?? 0, undelivered: 0, ending: "input", lost: lost > 0 ? lost : nil,
+                    repeated: repeated > 0 ? repeated : nil))
             }
         }
         return results

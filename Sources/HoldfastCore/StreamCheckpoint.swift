@@ -1,4 +1,4 @@
-/// One stream's progress, written where the crash of its relay cannot take it: a 64-byte slot of
+/// One stream's progress, written where the crash of its relay cannot take it: a 128-byte slot of
 /// memory shared with a process that outlives the relay (the broker writes, the supervisor holds
 /// the memfd, a new broker reads it back). It says where the stream stands in its producer's
 /// pipe, so a relay started after a crash resumes at the right offset and can say exactly which
@@ -16,8 +16,8 @@
 /// a single aligned 64-bit store, which a crash cannot tear. Nothing here orders stores for
 /// another CPU: the reader only reads after the writer is dead.
 public struct StreamCheckpoint: @unchecked Sendable {
-    public static let slotSize = 64
-    static let magic: UInt64 = 0x4846_434B_5054_3031  // "HFCKPT01"
+    public static let slotSize = 128
+    static let magic: UInt64 = 0x4846_434B_5054_3032  // "HFCKPT02"
     static let pendingBit: UInt64 = 1 << 63
 
     private enum Field: Int {
@@ -29,6 +29,7 @@ public struct StreamCheckpoint: @unchecked Sendable {
         case restarts = 40
         case lost = 48
         case lostTo = 56
+        case repeated = 64
     }
 
     /// What a checkpoint said when its writer died.
@@ -48,6 +49,9 @@ public struct StreamCheckpoint: @unchecked Sendable {
         /// The end of the highest range counted in `lost`: a later incarnation told the same
         /// bytes again (its GAP lost with a connection) does not count them twice.
         public var lostTo: UInt64
+        /// Input streams: bytes every incarnation so far may have written to the process twice
+        /// (a crash inside a write to its pipe), counted once each.
+        public var repeated: UInt64
 
         /// An output stream resumes after every byte that may have left the pipe: the
         /// uncertain ones, if any, are reported missing.
@@ -76,6 +80,7 @@ public struct StreamCheckpoint: @unchecked Sendable {
         let restarts = carried ? load(.restarts) + 1 : 0
         store(carried ? load(.lost) : 0, .lost)
         store(carried ? load(.lostTo) : 0, .lostTo)
+        store(carried ? load(.repeated) : 0, .repeated)
         store(offset, .state)
         store(0, .pendingLength)
         store(offset, .acknowledged)
@@ -108,6 +113,15 @@ public struct StreamCheckpoint: @unchecked Sendable {
         store(total, .lost)
     }
 
+    /// An input stream's bytes that may have reached its process twice, over every incarnation.
+    public var repeated: UInt64 { load(.repeated) }
+
+    /// A resumed input stream may have written `count` more bytes twice (its predecessor died
+    /// inside a write of them).
+    public func mayHaveRepeated(_ count: UInt64) {
+        store(load(.repeated) + count, .repeated)
+    }
+
     /// The slot is free again (its process is gone).
     public func clear() {
         store(0, .magic)
@@ -122,6 +136,6 @@ public struct StreamCheckpoint: @unchecked Sendable {
         return Recovered(
             taken: state & ~Self.pendingBit, uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
             acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts), lost: load(.lost),
-            lostTo: load(.lostTo))
+            lostTo: load(.lostTo), repeated: load(.repeated))
     }
 }

@@ -62,7 +62,8 @@ final class HostProcessTable: Sendable {
         case .exit(let report):
             say(
                 "process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")"
-                    + "\((report.lost ?? 0) > 0 ? ", \(report.lost ?? 0) bytes lost with the guest's broker" : "")")
+                    + "\((report.lost ?? 0) > 0 ? ", \(report.lost ?? 0) bytes lost with the guest's broker" : "")"
+                    + "\((report.inputRepeated ?? 0) > 0 ? ", up to \(report.inputRepeated ?? 0) stdin bytes may have reached it twice (a broker crash)" : "")")
             let process = state.withLockedValue { s -> HostedProcess? in
                 if let process = s.processes[report.id] { return process }
                 s.otherExits.append(report)

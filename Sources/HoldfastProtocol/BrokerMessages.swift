@@ -288,8 +288,11 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
         /// Bytes a broker crash took (told to the host as a gap; absent when none). Not in
         /// `undelivered`: the exit report carries them as `lost`.
         public var lost: UInt64?
-        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String, lost: UInt64? = nil) {
-            self.lost = lost
+        /// Input streams: bytes a broker crash inside a write to the process's pipe may have
+        /// delivered twice (absent when none).
+        public var repeated: UInt64?
+        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String, lost: UInt64? = nil, repeated: UInt64? = nil) {
+            self.repeated = repeated
             self.kind = kind
             self.bytes = bytes
             self.undelivered = undelivered

@@ -138,8 +138,15 @@ public struct ExitReport: Codable, Sendable, Equatable {
     /// Bytes of the process's streams a broker crash took (the offsets are in the daemon's log
     /// and the host's): at most the few the crashed broker held in memory. Absent when none.
     public var lost: UInt64?
+    /// Bytes of its stdin a broker crash may have written to the process twice (the crash came
+    /// inside a write to its pipe: whether that write happened cannot be known, so it is done
+    /// again; the offsets are in the daemon's log). Absent when none.
+    public var inputRepeated: UInt64?
 
-    public init(id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil, lost: UInt64? = nil) {
+    public init(
+        id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil, lost: UInt64? = nil, inputRepeated: UInt64? = nil
+    ) {
+        self.inputRepeated = inputRepeated
         self.id = id
         self.exitCode = exitCode
         self.signal = signal

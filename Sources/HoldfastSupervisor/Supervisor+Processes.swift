@@ -152,6 +152,8 @@ extension Supervisor {
         report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
         let lost = drained.streams.reduce(0) { $0 + ($1.lost ?? 0) }
         if lost > 0 { report.lost = lost }
+        let repeated = drained.streams.reduce(0) { $0 + ($1.repeated ?? 0) }
+        if repeated > 0 { report.inputRepeated = repeated }
         complete(drained.process, report)
     }
 

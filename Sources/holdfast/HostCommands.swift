@@ -262,6 +262,11 @@ func finishHostCommand(
                 "holdfast \(name): the guest's broker crashed while it held \(lost) bytes of this process's streams: they are lost "
                     + "(the offsets are in host serve's log and the daemon's)")
         }
+        if let repeated = report.inputRepeated, repeated > 0 {
+            writeError(
+                "holdfast \(name): the guest's broker crashed inside a write to the process's stdin: up to \(repeated) bytes of it "
+                    + "may have reached the process twice (the offsets are in the daemon's log)")
+        }
         throw ExitCode(report.exitCode)
     case .lost(let loss, _):
         writeError("holdfast \(name): lost: \(loss.message)")

@@ -69,6 +69,19 @@ struct StreamCheckpointTests {
         #expect(try #require(memory.checkpoint.recovered).lost == 0, "a new stream in the slot starts clean")
     }
 
+    @Test func possibleRepeatsAreCarriedAcrossIncarnationsAndAdded() throws {
+        let memory = SlotMemory()
+        memory.checkpoint.start(at: 0, resumed: false)
+        memory.checkpoint.start(at: 500, resumed: true)
+        memory.checkpoint.mayHaveRepeated(100)
+        memory.checkpoint.start(at: 900, resumed: true)
+        memory.checkpoint.mayHaveRepeated(40)
+        #expect(memory.checkpoint.repeated == 140)
+        #expect(try #require(memory.checkpoint.recovered).repeated == 140)
+        memory.checkpoint.start(at: 0, resumed: false)
+        #expect(memory.checkpoint.repeated == 0, "a new stream in the slot starts clean")
+    }
+
     @Test func aResumeCountsTheRestartAndStartsWhereItWasTold() throws {
         let memory = SlotMemory()
         memory.checkpoint.start(at: 0, resumed: false)

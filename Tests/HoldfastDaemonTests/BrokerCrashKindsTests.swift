@@ -210,6 +210,8 @@ struct BrokerCrashKindsTests {
         try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
         let copied = readFile(copy) ?? []
         let repeats = inputRepeats(in: daemon.log, process: "pipes")
+        let pipesExit = exits.all.first { $0.id == "pipes" }
+        #expect((pipesExit?.inputRepeated ?? 0) == UInt64(repeats.reduce(0) { $0 + $1.count }), "the exit counts the possible repeats the log names: \(String(describing: pipesExit))")
         #expect(matches(copied, sent: sent, repeats: repeats), "stdin: \(copied.count) bytes copied, \(sent.count) sent, repeats \(repeats)")
         // Raw: the relay splices from the pipe into the socket, so a byte is either still in the
         // pipe (the next broker sends it) or in the dead broker's socket (the kernel delivers

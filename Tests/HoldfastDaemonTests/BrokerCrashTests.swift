@@ -112,6 +112,7 @@ struct BrokerCrashTests {
         let copied = readFile(copy) ?? []
         #expect(inputUndelivered == 0)
         let inputMatches = matches(copied, sent: sent, repeats: repeats)
+        #expect((exit.inputRepeated ?? 0) == UInt64(repeats.reduce(0) { $0 + $1.count }), "the exit counts what the log names as possibly repeated: \(exit)")
         #expect(inputMatches, "stdin: \(copied.count) bytes copied, \(sent.count) sent, repeats \(repeats)")
 
         #expect(Set(brokers).count == Self.kills + 1, "a new broker each time: \(brokers)")
