@@ -169,10 +169,7 @@ final class ManagedStream: Sendable {
             var ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)?
             if direction == .send, description.mode == .resumable, let slot = endpoint.checkpoint, let storage = broker.rings?.storage(slot) {
                 let restored = storage.start(restoringUpTo: resumeAt == nil ? nil : recovered.map(\.outputResumesAt))
-                var hole: Range<UInt64>?
-                if let restored, let recovered, recovered.uncertain > 0, restored.start <= recovered.taken {
-                    hole = recovered.taken..<recovered.outputResumesAt
-                }
+                let hole = recovered?.outputHole(in: restored)
                 if let restored { broker.restoredRing(restored, hole: hole, process: process, stream: name) }
                 ring = (storage, restored, hole)
             }

@@ -83,6 +83,13 @@ extension ResumableStream {
                         // its checkpoint counts delivered bytes, and a successor resumes there.
                         acknowledgeDelivered: configuration.acknowledgeDelivered || (checkpoint != nil && direction == .receive))))
             checkpoint?.start(at: start, resumed: resumeAt != nil)
+            // A hole is lost from the start: in the slot now (the range and the count), so a
+            // broker killed before its GAP went out hands both to the next one, which must not
+            // send those offsets' bytes as data either.
+            if let hole {
+                checkpoint?.hole(hole)
+                noteLoss(state.withLockedValue { $0.sender.lost })
+            }
         }
 
         var statistics: ResumableStatistics {

@@ -71,10 +71,12 @@ struct ResumableSender: Sendable {
     /// - Parameter restarted: the ring starts at a resumed offset (`ring.end`): nothing before it
     ///   can be sent, and nothing before it was handed out by this incarnation.
     init(ring: ReplayRing, restarted: Bool = false, hole: Range<UInt64>? = nil) {
-        precondition(hole.map { $0.lowerBound >= ring.acknowledged && $0.upperBound == ring.end } ?? true, "a hole ends the restored ring")
+        precondition(hole.map { $0.lowerBound >= ring.acknowledged && $0.upperBound <= ring.end } ?? true, "a hole lies in the restored ring")
         self.ring = ring
         self.restarted = restarted
         self.hole = hole
+        // Those bytes are gone whether or not the GAP that tells it has gone out yet.
+        if let hole { lost.add(hole) }
         everHandedOut = ring.end
         everSent = ring.end
     }

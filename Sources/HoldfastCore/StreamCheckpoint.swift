@@ -30,6 +30,8 @@ public struct StreamCheckpoint: @unchecked Sendable {
         case lost = 48
         case lostTo = 56
         case repeated = 64
+        case holeFrom = 72
+        case holeTo = 80
     }
 
     /// What a checkpoint said when its writer died.
@@ -52,6 +54,10 @@ public struct StreamCheckpoint: @unchecked Sendable {
         /// Input streams: bytes every incarnation so far may have written to the process twice
         /// (a crash inside a write to its pipe), counted once each.
         public var repeated: UInt64
+        /// Output streams: offsets whose bytes are unknown (an earlier incarnation's interrupted
+        /// read), never to be sent as data — told to the host as a gap until it has moved past.
+        /// A successor that dies before its GAP went out leaves them here for the next.
+        public var hole: Range<UInt64>?
 
         /// An output stream resumes after every byte that may have left the pipe: the
         /// uncertain ones, if any, are reported missing.
@@ -59,6 +65,26 @@ public struct StreamCheckpoint: @unchecked Sendable {
         /// An input stream resumes at the first byte not known to be in the pipe: the
         /// uncertain ones, if any, may reach the process twice.
         public var inputResumesAt: UInt64 { taken }
+
+        /// The offsets of `restored` (an output's ring, as the crashed relay's memory left it)
+        /// whose bytes are unknown, so never sent as data: the read this crash interrupted, and
+        /// a hole an earlier incarnation started with whose GAP may never have gone out. Two
+        /// are merged into one (the bytes between them are then reported lost too: more than
+        /// was, never unknown bytes sent as data). Nil when the ring holds none.
+        public func outputHole(in restored: RestoredRing?) -> Range<UInt64>? {
+            guard let restored else { return nil }
+            // Within the restored ring (what is outside it is no ring byte to hold back).
+            func clamp(_ range: Range<UInt64>) -> Range<UInt64>? {
+                let lower = max(range.lowerBound, restored.start)
+                let upper = min(range.upperBound, restored.end)
+                return lower < upper ? lower..<upper : nil
+            }
+            var hole = uncertain > 0 ? clamp(taken..<outputResumesAt) : nil
+            if let carried = self.hole.flatMap(clamp) {
+                hole = hole.map { min($0.lowerBound, carried.lowerBound)..<max($0.upperBound, carried.upperBound) } ?? carried
+            }
+            return hole
+        }
     }
 
     private let base: UnsafeMutableRawPointer
@@ -81,6 +107,8 @@ public struct StreamCheckpoint: @unchecked Sendable {
         store(carried ? load(.lost) : 0, .lost)
         store(carried ? load(.lostTo) : 0, .lostTo)
         store(carried ? load(.repeated) : 0, .repeated)
+        store(carried ? load(.holeFrom) : 0, .holeFrom)
+        store(carried ? load(.holeTo) : 0, .holeTo)
         store(offset, .state)
         store(0, .pendingLength)
         store(offset, .acknowledged)
@@ -122,6 +150,12 @@ public struct StreamCheckpoint: @unchecked Sendable {
         store(load(.repeated) + count, .repeated)
     }
 
+    /// Offsets whose bytes this stream will never send (the hole a resumed output starts with).
+    public func hole(_ range: Range<UInt64>) {
+        store(range.lowerBound, .holeFrom)
+        store(range.upperBound, .holeTo)
+    }
+
     /// The slot is free again (its process is gone).
     public func clear() {
         store(0, .magic)
@@ -136,6 +170,7 @@ public struct StreamCheckpoint: @unchecked Sendable {
         return Recovered(
             taken: state & ~Self.pendingBit, uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
             acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts), lost: load(.lost),
-            lostTo: load(.lostTo), repeated: load(.repeated))
+            lostTo: load(.lostTo), repeated: load(.repeated),
+            hole: load(.holeTo) > load(.holeFrom) ? load(.holeFrom)..<load(.holeTo) : nil)
     }
 }

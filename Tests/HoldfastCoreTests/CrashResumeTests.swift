@@ -396,6 +396,95 @@ struct CrashResumeStreamTests {
         #expect(received.elementsEqual(expected), "every byte but the 7,000 the interrupted read took, once, in order")
     }
 
+    /// The same crash inside a read, then its successor killed too before it could tell the
+    /// host the gap (it never connected). Its checkpoint then says "everything up to the hole's
+    /// end was taken", and the ring memory holds the hole's unknown bytes: the next successor
+    /// must still send a GAP over them, never those bytes as data, and count them once.
+    @Test func aSuccessorKilledBeforeItsGapWentOutLeavesTheHoleToTheNext() async throws {
+        let blockSize = 4096
+        let blockCount = SharedRingStorage.blockCount(capacity: 128 * 1024, blockSize: blockSize)
+        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
+        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        let secondSnapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        defer {
+            region.deallocate()
+            snapshot.deallocate()
+            secondSnapshot.deallocate()
+        }
+        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let memory = SlotMemory()
+        let crashed = SlotMemory()
+        let first = SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in }
+        first.start(restoringUpTo: nil)
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        // While set, every connection is cut as soon as its hello arrives: the guest never connects.
+        let refuse = NIOLockedValueBox(false)
+        let pair = ResumablePair(
+            guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024),
+            beforeAccept: { pipe in
+                link.withLockedValue { $0 = pipe }
+                if refuse.withLockedValue({ $0 }) { pipe.cut() }
+            }, checkpoint: memory.checkpoint, guestStorage: first)
+        defer { pair.close() }
+        pair.start()
+        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
+        let source = MemorySource(Array(sent[..<40_000]))
+        let receiver = Task { await pair.host.receiveAll() }
+        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        try await eventually("the host acknowledged 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[40_000..<90_000]))
+        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        source.append(Array(sent[90_000...]))
+        let killed = KilledInsideRead(source, taking: 7000) {
+            crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
+            snapshot.copyMemory(from: region, byteCount: regionSize)
+        }
+        _ = try await pair.guest.pull(from: killed, pool: .shared)
+        refuse.withLockedValue { $0 = true }
+        pair.guest.close()
+        pair.cutCurrentLink()
+
+        // The first successor starts with the hole, and dies before any connection.
+        let recovered = try #require(crashed.checkpoint.recovered)
+        memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
+        let secondStorage = SharedRingStorage(region: snapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let restored = try #require(secondStorage.start(restoringUpTo: recovered.outputResumesAt))
+        let hole = try #require(recovered.outputHole(in: restored))
+        let dialsBefore = pair.dialCount
+        let second = pair.restartGuest(
+            resumeAt: recovered.outputResumesAt, restoring: restored, hole: hole, storage: secondStorage, checkpoint: memory.checkpoint)
+        try await eventually("the first successor tried and was refused") { pair.dialCount >= dialsBefore + 2 }
+        // Killed: what its slot and ring memory hold at that instant is what the next finds.
+        crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
+        secondSnapshot.copyMemory(from: snapshot, byteCount: regionSize)
+        second.close()
+        #expect(pair.host.statistics.lost.bytes == 0, "the host never heard of the gap")
+
+        let again = try #require(crashed.checkpoint.recovered)
+        #expect(again.uncertain == 0 && again.taken == hole.upperBound, "the slot says the hole's bytes were taken")
+        #expect(again.hole == hole, "and that they are unknown")
+        memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
+        let thirdStorage = SharedRingStorage(region: secondSnapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let restoredAgain = try #require(thirdStorage.start(restoringUpTo: again.outputResumesAt))
+        #expect(again.outputHole(in: restoredAgain) == hole)
+        refuse.withLockedValue { $0 = false }
+        let third = pair.restartGuest(
+            resumeAt: again.outputResumesAt, restoring: restoredAgain, hole: again.outputHole(in: restoredAgain), storage: thirdStorage,
+            checkpoint: memory.checkpoint)
+        defer { third.close() }
+        source.finish()
+        while try await third.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await third.finish() == 0)
+        let received = await receiver.value
+        #expect(pair.host.statistics.lost.ranges == [hole], "the host is told the hole's offsets, nothing else")
+        #expect(third.statistics.lostBytesInAll == UInt64(hole.count), "counted once over three incarnations")
+        let expected = sent[..<90_000] + sent[97_000...]
+        #expect(received.count == expected.count)
+        #expect(received.elementsEqual(expected), "no unknown byte sent as data: every byte but the 7,000 the read took, once, in order")
+    }
+
     /// stdin: the guest relay acknowledges only bytes it delivered, so when it dies with bytes
     /// received but not delivered, the host still holds them and its successor gets them: no gap.
     @Test func anInputThatAcknowledgesDeliveredBytesLosesNothingWhenItsRelayDies() async throws {
