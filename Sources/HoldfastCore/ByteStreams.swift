@@ -19,9 +19,9 @@ public protocol ByteReader: Sendable {
     /// `readNow` into several buffers, filling them in order (an fd does it with one readv).
     func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int?
 
-    /// The most one read can return, if the source says (a terminal's master: its line
-    /// discipline hands over at most 4 KiB per read), else nil. A relay asks for no more: a
-    /// read a crash interrupts is reported as a gap of what was asked.
+    /// The most a relay should ask one read for, if the source says (a terminal's master:
+    /// 4 KiB, what its line discipline holds, so its reads are small anyway), else nil. A read a
+    /// crash interrupts is reported as a gap of what was asked: this keeps that gap small.
     var largestRead: Int? { get }
 }
 

@@ -18,8 +18,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let isSocket: Bool
     /// A pipe or FIFO: one end of a splice(2) must be one.
     public let isPipe: Bool
-    /// A terminal's master (any character device here): a read returns at most 4 KiB (its line
-    /// discipline's buffer), so no more is asked for.
+    /// A terminal's master (any character device here) is read 4 KiB at a time, its line
+    /// discipline's buffer (`ByteReader.largestRead`); nil for anything else.
     public let largestRead: Int?
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool

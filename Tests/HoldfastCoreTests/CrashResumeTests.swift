@@ -533,6 +533,44 @@ struct CrashResumeStreamTests {
 
 /// A source whose next read takes `count` bytes and then "dies": `snapshot` runs after the bytes
 /// were copied and before the read returns, where a SIGKILL inside readv would leave memory.
+/// A source that reports a largest read, and records what each read asked for.
+private final class SmallReadSource: ByteReader, @unchecked Sendable {
+    let inner: MemorySource
+    let asked = NIOLockedValueBox<[Int]>([])
+    var largestRead: Int? { 1000 }
+    init(_ inner: MemorySource) { self.inner = inner }
+    func waitReadable() async throws { try await inner.waitReadable() }
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int { try await inner.read(into: buffer) }
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
+        asked.withLockedValue { $0.append(buffer.count) }
+        return inner.readNow(into: buffer)
+    }
+    func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        asked.withLockedValue { $0.append(buffers.reduce(0) { $0 + $1.count }) }
+        return try inner.readNow(into: buffers)
+    }
+}
+
+@Suite("A relay reads no more than its source says one read can give")
+struct LargestReadTests {
+    /// What a pull asks for is what a crash inside it reports as a gap: never more than the
+    /// source's largest read (a terminal's: 4 KiB).
+    @Test func aPullAsksForNoMoreThanTheSourcesLargestRead() async throws {
+        let pair = ResumablePair(guestDirection: .send)
+        defer { pair.close() }
+        pair.start()
+        let sent = (0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let source = SmallReadSource(MemorySource(sent))
+        let receiver = Task { await pair.host.receiveAll() }
+        source.inner.finish()
+        while try await pair.guest.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await pair.guest.finish() == 0)
+        #expect(await receiver.value == sent)
+        let asked = source.asked.withLockedValue { $0 }
+        #expect(!asked.isEmpty && asked.allSatisfy { $0 <= 1000 }, "asked \(asked.max() ?? 0) at most")
+    }
+}
+
 private final class KilledInsideRead: ByteReader, @unchecked Sendable {
     let inner: MemorySource
     let count: Int
