@@ -94,31 +94,25 @@ extension Supervisor {
         // Set once the client exists: a deposit names the incarnation of the broker it came from.
         let this = NIOLockedValueBox<ControlClient?>(nil)
         let client = ControlClient(channel: incarnation.channel) { [self] frame, descriptors in
-            switch BrokerMessageType(rawValue: frame.type) {
-            case .handoffDeposited:
-                guard let deposit = try? ControlJSON.decode(HandoffDeposit.self, from: frame.body, frameType: frame.type),
-                    let from = this.withLockedValue({ $0 })
-                else {
-                    SeqpacketFrames.closeDescriptors(descriptors)
-                    return
-                }
+            let type = BrokerMessageType(rawValue: frame.type)
+            // Only a deposit carries fds to keep; any others are closed.
+            if type == .handoffDeposited, let deposit = try? ControlJSON.decode(HandoffDeposit.self, from: frame.body, frameType: frame.type),
+                let from = this.withLockedValue({ $0 })
+            {
                 keepHandoff(deposit, descriptors: descriptors, from: from)
                 return
-            case .handoffEnded:
-                if let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) {
-                    handoffEnded(ended.process)
-                }
-            default:
-                break
             }
             SeqpacketFrames.closeDescriptors(descriptors)
-            switch BrokerMessageType(rawValue: frame.type) {
+            switch type {
             case .drained:
                 guard let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type) else { return }
                 processDrained(drained)
             case .inputEnded:
                 guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 stdinEnded(ended.process)
+            case .handoffEnded:
+                guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
+                handoffEnded(ended.process)
             default:
                 break
             }

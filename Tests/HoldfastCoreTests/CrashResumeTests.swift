@@ -336,49 +336,16 @@ struct CrashResumeStreamTests {
     /// every byte before the read, and tells the host the read's offsets as a gap: the only
     /// bytes lost are the ones that read took.
     @Test func aCrashInsideAReadCostsOnlyWhatThatReadTook() async throws {
-        let blockSize = 4096
-        let blockCount = SharedRingStorage.blockCount(capacity: 128 * 1024, blockSize: blockSize)
-        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
-        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        defer {
-            region.deallocate()
-            snapshot.deallocate()
-        }
-        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
-        let memory = SlotMemory()
-        let crashed = SlotMemory()
-        let first = SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in }
-        first.start(restoringUpTo: nil)
-        let link = NIOLockedValueBox<MemoryPipe?>(nil)
-        let pair = ResumablePair(
-            guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024),
-            beforeAccept: { pipe in link.withLockedValue { $0 = pipe } }, checkpoint: memory.checkpoint, guestStorage: first)
-        defer { pair.close() }
-        pair.start()
-        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
-        let source = MemorySource(Array(sent[..<40_000]))
-        let receiver = Task { await pair.host.receiveAll() }
-        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
-        try await eventually("the host acknowledged 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
-        link.withLockedValue { $0 }?.holdDelivery()
-        source.append(Array(sent[40_000..<90_000]))
-        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
-        // The next read takes 7,000 bytes and the broker dies inside it: what the memory holds
-        // at that instant is what a successor finds.
-        source.append(Array(sent[90_000...]))
-        let killed = KilledInsideRead(source, taking: 7000) {
-            crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
-            snapshot.copyMemory(from: region, byteCount: regionSize)
-        }
-        _ = try await pair.guest.pull(from: killed, pool: .shared)
+        let crash = try await ReadCrash()
+        defer { crash.close() }
+        let (pair, memory, crashed, source, sent) = (crash.pair, crash.memory, crash.crashed, crash.source, crash.sent)
         pair.guest.close()
         pair.cutCurrentLink()
 
         let recovered = try #require(crashed.checkpoint.recovered)
         #expect(recovered.taken == 90_000 && recovered.uncertain > 7000)
         memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
-        let successorStorage = SharedRingStorage(region: snapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let successorStorage = crash.storage(crash.snapshot)
         let restored = try #require(successorStorage.start(restoringUpTo: recovered.outputResumesAt))
         #expect(restored.start <= 40_000 && restored.end == recovered.outputResumesAt)
         let hole = recovered.taken..<recovered.outputResumesAt
@@ -388,7 +355,7 @@ struct CrashResumeStreamTests {
         source.finish()
         while try await successor.pull(from: source, pool: .shared) != .endOfFile {}
         #expect(await successor.finish() == 0)
-        let received = await receiver.value
+        let received = await crash.receiver.value
         #expect(pair.host.statistics.lost.ranges == [hole], "the host is told the read's offsets, nothing else")
         #expect(successor.statistics.lost.ranges == [hole])
         let expected = sent[..<90_000] + sent[97_000...]
@@ -401,47 +368,13 @@ struct CrashResumeStreamTests {
     /// end was taken", and the ring memory holds the hole's unknown bytes: the next successor
     /// must still send a GAP over them, never those bytes as data, and count them once.
     @Test func aSuccessorKilledBeforeItsGapWentOutLeavesTheHoleToTheNext() async throws {
-        let blockSize = 4096
-        let blockCount = SharedRingStorage.blockCount(capacity: 128 * 1024, blockSize: blockSize)
-        let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
-        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        let snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        let secondSnapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        defer {
-            region.deallocate()
-            snapshot.deallocate()
-            secondSnapshot.deallocate()
-        }
-        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
-        let memory = SlotMemory()
-        let crashed = SlotMemory()
-        let first = SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in }
-        first.start(restoringUpTo: nil)
-        let link = NIOLockedValueBox<MemoryPipe?>(nil)
         // While set, every connection is cut as soon as its hello arrives: the guest never connects.
         let refuse = NIOLockedValueBox(false)
-        let pair = ResumablePair(
-            guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024),
-            beforeAccept: { pipe in
-                link.withLockedValue { $0 = pipe }
-                if refuse.withLockedValue({ $0 }) { pipe.cut() }
-            }, checkpoint: memory.checkpoint, guestStorage: first)
-        defer { pair.close() }
-        pair.start()
-        let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
-        let source = MemorySource(Array(sent[..<40_000]))
-        let receiver = Task { await pair.host.receiveAll() }
-        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
-        try await eventually("the host acknowledged 40,000 bytes") { pair.guest.statistics.acknowledged == 40_000 }
-        link.withLockedValue { $0 }?.holdDelivery()
-        source.append(Array(sent[40_000..<90_000]))
-        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
-        source.append(Array(sent[90_000...]))
-        let killed = KilledInsideRead(source, taking: 7000) {
-            crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
-            snapshot.copyMemory(from: region, byteCount: regionSize)
-        }
-        _ = try await pair.guest.pull(from: killed, pool: .shared)
+        let crash = try await ReadCrash(refuse: refuse)
+        defer { crash.close() }
+        let (pair, memory, crashed, source, sent) = (crash.pair, crash.memory, crash.crashed, crash.source, crash.sent)
+        let secondSnapshot = UnsafeMutableRawPointer.allocate(byteCount: crash.regionSize, alignment: 4096)
+        defer { secondSnapshot.deallocate() }
         refuse.withLockedValue { $0 = true }
         pair.guest.close()
         pair.cutCurrentLink()
@@ -449,7 +382,7 @@ struct CrashResumeStreamTests {
         // The first successor starts with the hole, and dies before any connection.
         let recovered = try #require(crashed.checkpoint.recovered)
         memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
-        let secondStorage = SharedRingStorage(region: snapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let secondStorage = crash.storage(crash.snapshot)
         let restored = try #require(secondStorage.start(restoringUpTo: recovered.outputResumesAt))
         let hole = try #require(recovered.outputHole(in: restored))
         let dialsBefore = pair.dialCount
@@ -458,7 +391,7 @@ struct CrashResumeStreamTests {
         try await eventually("the first successor tried and was refused") { pair.dialCount >= dialsBefore + 2 }
         // Killed: what its slot and ring memory hold at that instant is what the next finds.
         crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
-        secondSnapshot.copyMemory(from: snapshot, byteCount: regionSize)
+        secondSnapshot.copyMemory(from: crash.snapshot, byteCount: crash.regionSize)
         second.close()
         #expect(pair.host.statistics.lost.bytes == 0, "the host never heard of the gap")
 
@@ -466,7 +399,7 @@ struct CrashResumeStreamTests {
         #expect(again.uncertain == 0 && again.taken == hole.upperBound, "the slot says the hole's bytes were taken")
         #expect(again.hole == hole, "and that they are unknown")
         memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
-        let thirdStorage = SharedRingStorage(region: secondSnapshot, blockSize: blockSize, blockCount: blockCount) { _ in }
+        let thirdStorage = crash.storage(secondSnapshot)
         let restoredAgain = try #require(thirdStorage.start(restoringUpTo: again.outputResumesAt))
         #expect(again.outputHole(in: restoredAgain) == hole)
         refuse.withLockedValue { $0 = false }
@@ -477,7 +410,7 @@ struct CrashResumeStreamTests {
         source.finish()
         while try await third.pull(from: source, pool: .shared) != .endOfFile {}
         #expect(await third.finish() == 0)
-        let received = await receiver.value
+        let received = await crash.receiver.value
         #expect(pair.host.statistics.lost.ranges == [hole], "the host is told the hole's offsets, nothing else")
         #expect(third.statistics.lostBytesInAll == UInt64(hole.count), "counted once over three incarnations")
         let expected = sent[..<90_000] + sent[97_000...]
@@ -533,6 +466,68 @@ struct CrashResumeStreamTests {
 
 /// A source whose next read takes `count` bytes and then "dies": `snapshot` runs after the bytes
 /// were copied and before the read returns, where a SIGKILL inside readv would leave memory.
+/// A relay whose ring is in shared memory sends 90,000 bytes (the host acknowledged the first
+/// 40,000, then stopped hearing), then dies inside a read that took 7,000 more: `crashed` and
+/// `snapshot` hold its slot and its ring memory as they were at that instant.
+private final class ReadCrash: @unchecked Sendable {
+    static let blockSize = 4096
+    let blockCount = SharedRingStorage.blockCount(capacity: 128 * 1024, blockSize: ReadCrash.blockSize)
+    let regionSize: Int
+    let region: UnsafeMutableRawPointer
+    let snapshot: UnsafeMutableRawPointer
+    let memory = SlotMemory()
+    let crashed = SlotMemory()
+    let pair: ResumablePair
+    let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
+    let source: MemorySource
+    let receiver: Task<[UInt8], Never>
+
+    /// - Parameter refuse: while it says so, every connection is cut as its hello arrives.
+    init(refuse: NIOLockedValueBox<Bool> = NIOLockedValueBox(false)) async throws {
+        regionSize = SharedRingStorage.regionSize(blockSize: Self.blockSize, blockCount: blockCount)
+        region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
+        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let first = SharedRingStorage(region: region, blockSize: Self.blockSize, blockCount: blockCount) { _ in }
+        first.start(restoringUpTo: nil)
+        let link = NIOLockedValueBox<MemoryPipe?>(nil)
+        pair = ResumablePair(
+            guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024),
+            beforeAccept: { pipe in
+                link.withLockedValue { $0 = pipe }
+                if refuse.withLockedValue({ $0 }) { pipe.cut() }
+            }, checkpoint: memory.checkpoint, guestStorage: first)
+        pair.start()
+        source = MemorySource(Array(sent[..<40_000]))
+        let host = pair.host
+        receiver = Task { await host.receiveAll() }
+        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        try await eventually("the host acknowledged 40,000 bytes") { self.pair.guest.statistics.acknowledged == 40_000 }
+        link.withLockedValue { $0 }?.holdDelivery()
+        source.append(Array(sent[40_000..<90_000]))
+        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        // The next read takes 7,000 bytes and the relay dies inside it: what the memory holds
+        // at that instant is what a successor finds.
+        source.append(Array(sent[90_000...]))
+        let killed = KilledInsideRead(source, taking: 7000) { [crashed, memory, snapshot, region, regionSize] in
+            crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
+            snapshot.copyMemory(from: region, byteCount: regionSize)
+        }
+        _ = try await pair.guest.pull(from: killed, pool: .shared)
+    }
+
+    /// A ring storage over `memory` (a copy of the ring area at some instant).
+    func storage(_ memory: UnsafeMutableRawPointer) -> SharedRingStorage {
+        SharedRingStorage(region: memory, blockSize: Self.blockSize, blockCount: blockCount) { _ in }
+    }
+
+    func close() {
+        pair.close()
+        region.deallocate()
+        snapshot.deallocate()
+    }
+}
+
 /// A source that reports a largest read, and records what each read asked for.
 private final class SmallReadSource: ByteReader, @unchecked Sendable {
     let inner: MemorySource

@@ -48,35 +48,14 @@ struct BrokerCrashHandoffTests {
         close(inPipe.write)
         try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
 
-        let sending = NIOLockedValueBox(true)
-        let sender = Task { () -> [UInt8] in
-            var sent: [UInt8] = []
-            var number = 0
-            while sending.withLockedValue({ $0 }) {
-                number += 1
-                let line = bytes("in \(number)\n")
-                do { try await input.send(line) } catch { break }
-                sent += line
-                if number % 20 == 0 { try? await Task.sleep(for: .milliseconds(20)) }
-            }
-            return sent
-        }
-        var brokers = [try #require(try await daemon.rolePID("broker"))]
-        for round in 1...Self.kills {
-            try await Task.sleep(for: .milliseconds(Int.random(in: 50...300)))
-            kill(brokers.last!, SIGKILL)
-            try await eventually("broker \(round + 1)", timeout: .seconds(30)) {
-                let pid = try await daemon.rolePID("broker")
-                return pid != nil && pid != brokers.last
-            }
-            brokers.append(try #require(try await daemon.rolePID("broker")))
-            try await eventually("the handoff process handed to broker \(round + 1)", timeout: .seconds(20)) {
+        let typist = NumberedTypist { try await input.send($0) }
+        _ = try await killBroker(of: daemon, times: Self.kills, pause: 50...300) { broker in
+            try await eventually("the handoff process handed to broker \(broker)", timeout: .seconds(20)) {
                 try await daemon.status().streams.filter { $0.process == "handed" }.count == 2
             }
         }
         try await Task.sleep(for: .milliseconds(300))
-        sending.withLockedValue { $0 = false }
-        let sent = await sender.value
+        let sent = await typist.stop()
         #expect(await input.finish() == 0, "every stdin byte acknowledged")
         #expect(kill(pid, 0) == 0, "the process lives: no SIGPIPE, no write error")
 

@@ -125,35 +125,12 @@ struct BrokerCrashKindsTests {
         }
 
         // The host types numbered lines into the pipes process's stdin throughout.
-        let sending = NIOLockedValueBox(true)
-        let sender = Task { () -> [UInt8] in
-            var sent: [UInt8] = []
-            var number = 0
-            while sending.withLockedValue({ $0 }) {
-                number += 1
-                let line = bytes("in \(number)\n")
-                do { try await pipeIn.send(line) } catch { break }
-                sent += line
-                if number % 20 == 0 { try? await Task.sleep(for: .milliseconds(20)) }
-            }
-            return sent
-        }
-
-        var brokers = [try #require(try await daemon.rolePID("broker"))]
+        let typist = NumberedTypist { try await pipeIn.send($0) }
         let started = ContinuousClock.now
-        for round in 1...Self.kills {
-            try await Task.sleep(for: .milliseconds(Int.random(in: 20...300)))
-            kill(brokers.last!, SIGKILL)
-            try await eventually("broker \(round + 1)", timeout: .seconds(30)) {
-                let pid = try await daemon.rolePID("broker")
-                return pid != nil && pid != brokers.last
-            }
-            brokers.append(try #require(try await daemon.rolePID("broker")))
-        }
+        let brokers = try await killBroker(of: daemon, times: Self.kills, pause: 20...300)
         let killing = ContinuousClock.now - started
         try await Task.sleep(for: .milliseconds(500))
-        sending.withLockedValue { $0 = false }
-        let sent = await sender.value
+        let sent = await typist.stop()
         #expect(await pipeIn.finish() == 0, "every stdin byte acknowledged")
         // Every process is still the one we started: none died of SIGPIPE or a write error.
         let listed = try await daemon.bridge.list().processes

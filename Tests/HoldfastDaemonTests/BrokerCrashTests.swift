@@ -57,34 +57,10 @@ struct BrokerCrashTests {
             return streams.count == 2 && streams.allSatisfy { $0.state == .connected }
         }
         // The host writes numbered lines to its stdin throughout.
-        let sending = NIOLockedValueBox(true)
-        let sender = Task { () -> [UInt8] in
-            var sent: [UInt8] = []
-            var number = 0
-            while sending.withLockedValue({ $0 }) {
-                number += 1
-                let line = bytes("in \(number)\n")
-                do { try await input.send(line) } catch { break }
-                sent += line
-                // Paced, like the process: the test must not starve the suites running beside it.
-                if number % 20 == 0 { try? await Task.sleep(for: .milliseconds(20)) }
-            }
-            return sent
-        }
-
-        var brokers = [try #require(try await daemon.rolePID("broker"))]
-        for round in 1...Self.kills {
-            try await Task.sleep(for: .milliseconds(Int.random(in: 20...400)))
-            kill(brokers.last!, SIGKILL)
-            try await eventually("broker \(round + 1)", timeout: .seconds(30)) {
-                let pid = try await daemon.rolePID("broker")
-                return pid != nil && pid != brokers.last
-            }
-            brokers.append(try #require(try await daemon.rolePID("broker")))
-        }
+        let typist = NumberedTypist { try await input.send($0) }
+        let brokers = try await killBroker(of: daemon, times: Self.kills, pause: 20...400)
         try await Task.sleep(for: .milliseconds(300))
-        sending.withLockedValue { $0 = false }
-        let sent = await sender.value
+        let sent = await typist.stop()
         let inputUndelivered = await input.finish()
         try writeFile(stop, [])
 
@@ -205,6 +181,55 @@ struct BrokerCrashTests {
         print("an exit waiting for its drain across a broker crash: \(lost.bytes) of \(payload.count) bytes lost (\(lost.summary))")
         #expect(try await daemon.stop() == .exited(0))
     }
+}
+
+/// The host typing numbered lines ("in 1", "in 2", ...) into a process's stdin until `stop()`,
+/// paced like the processes (20 lines, then 20 ms) so a crash test does not starve the tests
+/// beside it. `stop()` returns every byte it sent, in order.
+final class NumberedTypist: Sendable {
+    private let sending = NIOLockedValueBox(true)
+    private let task: Task<[UInt8], Never>
+
+    init(_ send: @escaping @Sendable ([UInt8]) async throws -> Void) {
+        let sending = self.sending
+        task = Task {
+            var sent: [UInt8] = []
+            var number = 0
+            while sending.withLockedValue({ $0 }) {
+                number += 1
+                let line = bytes("in \(number)\n")
+                do { try await send(line) } catch { break }
+                sent += line
+                if number % 20 == 0 { try? await Task.sleep(for: .milliseconds(20)) }
+            }
+            return sent
+        }
+    }
+
+    func stop() async -> [UInt8] {
+        sending.withLockedValue { $0 = false }
+        return await task.value
+    }
+}
+
+/// Kills the daemon's broker with SIGKILL `count` times, a random `pause` (ms) before each,
+/// waiting each time for its successor (and for `afterEach`, given the round). Returns every
+/// broker's pid, the first one's included.
+func killBroker(
+    of daemon: DaemonFixture, times count: Int, pause: ClosedRange<Int>, afterEach: (Int) async throws -> Void = { _ in }
+) async throws -> [pid_t] {
+    var brokers = [try #require(try await daemon.rolePID("broker"))]
+    for round in 1...count {
+        try await Task.sleep(for: .milliseconds(Int.random(in: pause)))
+        kill(brokers.last!, SIGKILL)
+        try await eventually("broker \(round + 1)", timeout: .seconds(30)) {
+            let pid = try await daemon.rolePID("broker")
+            return pid != nil && pid != brokers.last
+        }
+        brokers.append(try #require(try await daemon.rolePID("broker")))
+        try await afterEach(round + 1)
+    }
+    return brokers
 }
 
 /// The input bytes the daemon's log says may reach the process twice: (first offset, count),
