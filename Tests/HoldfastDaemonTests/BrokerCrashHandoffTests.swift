@@ -82,4 +82,46 @@ struct BrokerCrashHandoffTests {
         print("handoff process, \(Self.kills) broker kills: stdout \(data.count) bytes, \(lost.bytes) lost; stdin \(sent.count) bytes, \(repeats.count) possible repeats")
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// A handoff peer cannot claim what only the supervisor may say: a process's owner (to
+    /// manage another peer's process after a crash), a checkpoint slot (to write over another
+    /// stream's progress) or `resume`. Each is refused with permission-denied, changes nothing,
+    /// and a process streaming meanwhile is untouched.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aHandoffPeerCannotNameAnOwnerASlotOrAResume() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let victim = collect(try daemon.streams.open(token: bytes("v-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "v", argv: counterCommand(200, prefix: "v", pause: "0.005"), stdout: daemon.spec("v-out")))
+        let peer = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let spec = daemon.spec("x-out")
+        let stream = StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: "x-out", secret: spec.secret)
+        var slot = stream
+        slot.checkpoint = 0
+        var resume = stream
+        resume.resume = true
+        let attempts = [
+            ("an owner", AdoptRequest(process: "x", streams: [stream], handoffOwner: 12345)),
+            ("a checkpoint slot", AdoptRequest(process: "x", streams: [slot])),
+            ("a resume", AdoptRequest(process: "x", streams: [resume])),
+        ]
+        for (what, request) in attempts {
+            let pipe = try PipeEnds.make()
+            defer { close(pipe.write) }
+            let adopt = BrokerRequest.adopt(request)
+            do {
+                _ = try await peer.request(adopt.frameType, body: adopt.body, descriptors: [pipe.read])
+                Issue.record("a handoff peer named \(what) and was obeyed")
+            } catch {
+                #expect(error.code == .permissionDenied, "\(what): \(error)")
+            }
+            close(pipe.read)
+        }
+        #expect(try await daemon.status().streams.allSatisfy { $0.process != "x" }, "nothing adopted")
+        #expect(!daemon.log.contains("keeping a handoff process's fds"), "nothing deposited")
+        let report = try await daemon.wait("v")
+        #expect(report.exitCode == 0)
+        #expect(await victim.value == expectedLines(200, prefix: "v"), "the victim's output, exact")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
