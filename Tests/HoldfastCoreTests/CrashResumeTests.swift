@@ -9,11 +9,20 @@ import Testing
 // hello flag and GAP frame the protocol uses to say which bytes the crash took, and a stream
 // that resumes with every other byte exactly once.
 
-/// 64 bytes of 8-byte aligned memory standing in for a slot of the shared checkpoint memfd.
+/// Memory standing in for the broker's shared mappings, which live as long as the process: a
+/// stream's tasks end after its test returns and may still write a checkpoint or give a ring
+/// block back (its table entry), so this memory is never freed — freeing it corrupted the heap
+/// once in a full run ("corrupted double-linked list"). A few hundred KiB per test process.
+private func sharedMemoryForTests(_ count: Int) -> UnsafeMutableRawPointer {
+    let memory = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 4096)
+    memory.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+    return memory
+}
+
+/// A slot's worth of 8-byte aligned memory standing in for a slot of the shared checkpoint
+/// memfd (never freed: `sharedMemoryForTests`).
 private final class SlotMemory: @unchecked Sendable {
-    let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamCheckpoint.slotSize, alignment: 8)
-    init() { bytes.initializeMemory(as: UInt8.self, repeating: 0) }
-    deinit { bytes.deallocate() }
+    let bytes = UnsafeMutableRawBufferPointer(start: sharedMemoryForTests(StreamCheckpoint.slotSize), count: StreamCheckpoint.slotSize)
     var checkpoint: StreamCheckpoint { StreamCheckpoint(slot: bytes.baseAddress!) }
 }
 
@@ -275,9 +284,7 @@ struct CrashResumeStreamTests {
         let blockSize = 4096
         let blockCount = SharedRingStorage.blockCount(capacity: 64 * 1024, blockSize: blockSize)
         let regionSize = SharedRingStorage.regionSize(blockSize: blockSize, blockCount: blockCount)
-        let region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        defer { region.deallocate() }
-        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        let region = sharedMemoryForTests(regionSize)
         let released = NIOLockedValueBox(0)
         func storage() -> SharedRingStorage {
             SharedRingStorage(region: region, blockSize: blockSize, blockCount: blockCount) { _ in released.withLockedValue { $0 += 1 } }
@@ -373,8 +380,7 @@ struct CrashResumeStreamTests {
         let crash = try await ReadCrash(refuse: refuse)
         defer { crash.close() }
         let (pair, memory, crashed, source, sent) = (crash.pair, crash.memory, crash.crashed, crash.source, crash.sent)
-        let secondSnapshot = UnsafeMutableRawPointer.allocate(byteCount: crash.regionSize, alignment: 4096)
-        defer { secondSnapshot.deallocate() }
+        let secondSnapshot = sharedMemoryForTests(crash.regionSize)
         refuse.withLockedValue { $0 = true }
         pair.guest.close()
         pair.cutCurrentLink()
@@ -485,9 +491,8 @@ private final class ReadCrash: @unchecked Sendable {
     /// - Parameter refuse: while it says so, every connection is cut as its hello arrives.
     init(refuse: NIOLockedValueBox<Bool> = NIOLockedValueBox(false)) async throws {
         regionSize = SharedRingStorage.regionSize(blockSize: Self.blockSize, blockCount: blockCount)
-        region = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        snapshot = UnsafeMutableRawPointer.allocate(byteCount: regionSize, alignment: 4096)
-        region.initializeMemory(as: UInt8.self, repeating: 0, count: regionSize)
+        region = sharedMemoryForTests(regionSize)
+        snapshot = sharedMemoryForTests(regionSize)
         let first = SharedRingStorage(region: region, blockSize: Self.blockSize, blockCount: blockCount) { _ in }
         first.start(restoringUpTo: nil)
         let link = NIOLockedValueBox<MemoryPipe?>(nil)
@@ -523,8 +528,6 @@ private final class ReadCrash: @unchecked Sendable {
 
     func close() {
         pair.close()
-        region.deallocate()
-        snapshot.deallocate()
     }
 }
 
