@@ -431,6 +431,11 @@ final class AdoptedProcess: Sendable {
         all.flatMap { $0.status(process: id) }
     }
 
+    /// Where its streams keep their progress (a quiesce waits until none is inside a take).
+    var checkpoints: [StreamCheckpoint] {
+        all.flatMap { [$0.outputCheckpoint, $0.inputCheckpoint].compactMap { $0 } }
+    }
+
     func stop() async {
         for stream in all {
             await stream.stop()

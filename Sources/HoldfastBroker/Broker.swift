@@ -342,6 +342,39 @@ public final class Broker: Sendable {
         metrics.render(stats: stats(), states: list().map(\.state))
     }
 
+    // MARK: Live upgrade
+
+    /// A live upgrade hands every stream to the next binary's broker: this one exits at a moment
+    /// when no stream is inside a take (a read from a pipe into the replay ring, or a write into
+    /// a stdin pipe), so the successor resumes each one exactly from its checkpoint — no gap, no
+    /// repeat, unlike a crash. Every take runs on the reactor's thread within one job (it marks
+    /// the checkpoint pending, makes its syscall and settles it with no suspension in between,
+    /// but for a stdin write that waits for room in a full pipe), so the check runs there too
+    /// and exits in the same job: no take can begin between the two. A stream still inside a
+    /// take at `limit` (a process that stopped reading its stdin) is left as a crash would
+    /// leave it: its successor reports those bytes (`inputRepeated`), never silently. Exit
+    /// status 0: settled; 3: not settled in time.
+    public func quiesce(within limit: Duration) {
+        let deadline = ContinuousClock.now + limit
+        let started = ContinuousClock.now
+        Task(executorPreference: Reactor.shared) { [self] in
+            while true {
+                let pending = processes.withLockedValue { Array($0.values) }.flatMap { process in
+                    process.checkpoints.filter { ($0.recovered?.uncertain ?? 0) > 0 }.map { _ in process.id }
+                }
+                if pending.isEmpty || ContinuousClock.now >= deadline {
+                    if pending.isEmpty {
+                        logger.info("quiesced for a live upgrade: every stream settled", metadata: ["took": "\(ContinuousClock.now - started)"])
+                    } else {
+                        logger.warning("quiesce: streams still inside a take; their successors report it", metadata: ["processes": "\(Set(pending).sorted())"])
+                    }
+                    _exit(pending.isEmpty ? 0 : 3)
+                }
+                try? await Task.sleep(for: .milliseconds(1))
+            }
+        }
+    }
+
     /// Stops everything (shutdown): relays are cancelled, streams closed, fds closed.
     public func shutdown() async {
         let all = processes.withLockedValue { table -> [AdoptedProcess] in

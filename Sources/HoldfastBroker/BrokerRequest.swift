@@ -16,6 +16,8 @@ extension BrokerRequest {
             }
         case .disconnectAll, .bridgeUp:
             guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
+        case .quiesce:
+            guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor stops the broker") }
         case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize:
             break
         }

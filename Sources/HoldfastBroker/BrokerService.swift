@@ -49,6 +49,9 @@ public final class BrokerService: Sendable {
         }
     }
 
+    /// How long a quiesce waits for every stream to be outside a take.
+    static let quiesceLimit = Duration.seconds(2)
+
     // MARK: The supervisor's channel
 
     /// Serves the supervisor's socketpair until it closes (the supervisor died or shut down).
@@ -148,6 +151,8 @@ public final class BrokerService: Sendable {
                 }
             case .disconnectAll, .bridgeUp:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
+            case .quiesce:
+                guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor stops the broker") }
             case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
             }
         } catch {
@@ -186,6 +191,9 @@ public final class BrokerService: Sendable {
             return RPCReply(CountResponse(count: broker.disconnectAll()))
         case .bridgeUp:
             return RPCReply(CountResponse(count: broker.bridgeUp()))
+        case .quiesce:
+            broker.quiesce(within: Self.quiesceLimit)
+            return .empty
         case .processExited(let exited):
             try caller.mayManage(exited.process, in: broker)
             try broker.processExited(exited)

@@ -65,6 +65,12 @@ public final class ChildReaper: Sendable {
         var waiters: [pid_t: CheckedContinuation<ExitStatus, Never>] = [:]
         var exited: [pid_t: ExitStatus] = [:]
         var order: [pid_t] = []
+        /// Pids whose exit matters beyond the waiter's task (`waitTracked`), and the exits
+        /// handed to those waiters that they have not `settle`d yet.
+        var tracked: Set<pid_t> = []
+        var handed: [pid_t: ExitStatus] = [:]
+        /// A live upgrade is writing down what was reaped: nothing more is (`freeze`).
+        var frozen = false
     }
 
     private let state = NIOLockedValueBox(State())
@@ -93,7 +99,10 @@ public final class ChildReaper: Sendable {
             let done = state.withLockedValue { s -> ExitStatus? in
                 if let status = s.exited.removeValue(forKey: pid) {
                     // A child of ours has this pid: the kept exit was an earlier process's.
-                    if !isChild(pid) { return status }
+                    if !isChild(pid) {
+                        if s.tracked.contains(pid) { s.handed[pid] = status }
+                        return status
+                    }
                 }
                 s.waiters[pid] = continuation
                 return nil
@@ -102,13 +111,61 @@ public final class ChildReaper: Sendable {
         }
     }
 
+    /// `wait`, for an exit that must outlive this process image: until the waiter `settle`s it
+    /// (it recorded the exit where a live upgrade writes its state down), `freeze` returns it.
+    public func waitTracked(_ pid: pid_t) async -> ExitStatus {
+        state.withLockedValue { _ = $0.tracked.insert(pid) }
+        let status = await wait(pid)
+        state.withLockedValue { s in if s.tracked.contains(pid) { s.handed[pid] = status } }
+        return status
+    }
+
+    /// The waiter of `pid` recorded its exit.
+    public func settle(_ pid: pid_t) {
+        state.withLockedValue { s in
+            s.tracked.remove(pid)
+            s.handed.removeValue(forKey: pid)
+        }
+    }
+
+    /// Stops reaping (a live upgrade is about to replace this image: its children stay zombies
+    /// for the next one to reap) and returns every exit reaped but not recorded by its tracked
+    /// waiter, or not waited for at all, for the next image to `seed`.
+    public func freeze() -> [pid_t: ExitStatus] {
+        state.withLockedValue { s in
+            s.frozen = true
+            var exits = s.exited
+            for (pid, status) in s.handed { exits[pid] = status }
+            return exits
+        }
+    }
+
+    /// Reaps again (the upgrade did not happen).
+    public func thaw() {
+        state.withLockedValue { $0.frozen = false }
+        reapAll()
+    }
+
+    /// Exits an earlier image of this process reaped (`freeze`), kept for their waiters here.
+    public func seed(_ exits: [pid_t: ExitStatus]) {
+        state.withLockedValue { s in
+            for (pid, status) in exits where s.exited[pid] == nil {
+                s.exited[pid] = status
+                s.order.append(pid)
+            }
+        }
+    }
+
     /// Reaps every child that has exited (call on SIGCHLD, and once at start).
     public func reapAll() {
         // waitpid(WNOHANG) under the lock: a `wait` never sees a pid reaped but not recorded.
         let woken = state.withLockedValue { s -> [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] in
             var woken: [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] = []
+            guard !s.frozen else { return woken }
             while let (pid, status) = Self.reapOne() {
                 if let waiter = s.waiters.removeValue(forKey: pid) {
+                    // Handed over from here on: a freeze before its waiter settles keeps it.
+                    if s.tracked.contains(pid) { s.handed[pid] = status }
                     woken.append((waiter, status))
                     continue
                 }

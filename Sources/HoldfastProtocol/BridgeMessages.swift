@@ -47,11 +47,20 @@ public struct BridgeHello: Codable, Sendable, Equatable {
     /// daemon restarted (every process it had, and every exit not yet acknowledged, is gone);
     /// the same instance id means only the connection was lost (a migration, a host restart).
     public var instanceID: String?
+    /// The daemon's release (`holdfast --version`). After a live upgrade the instance id is the
+    /// same and this is the new binary's: the host tells an upgrade (same instance, processes
+    /// still there) from a restart (new instance, everything gone).
+    public var daemonVersion: String?
+    /// Live upgrades this instance went through (absent: none, or an older daemon).
+    public var upgrades: Int?
 
     public init(
-        version: Int = BridgeProtocol.version, bootID: String, processes: [ProcessStatus], exits: [ExitReport], instanceID: String? = nil
+        version: Int = BridgeProtocol.version, bootID: String, processes: [ProcessStatus], exits: [ExitReport], instanceID: String? = nil,
+        daemonVersion: String? = nil, upgrades: Int? = nil
     ) {
         self.instanceID = instanceID
+        self.daemonVersion = daemonVersion
+        self.upgrades = upgrades
         self.version = version
         self.bootID = bootID
         self.processes = processes

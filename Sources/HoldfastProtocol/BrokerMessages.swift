@@ -13,6 +13,9 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     case closeStdin = 0x0108
     case resize = 0x0109
     case metrics = 0x010A
+    /// Supervisor only, for a live upgrade: stop taking bytes from pipes at a moment when no
+    /// stream is inside a take, and exit 0 (a successor resumes every stream exactly).
+    case quiesce = 0x010B
     // Responses (same id as the request).
     case ok = 0x0001
     case error = 0x0002

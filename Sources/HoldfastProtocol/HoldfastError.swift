@@ -40,6 +40,9 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         case shuttingDown = "shutting-down"
         /// State written by another version (a snapshot) that this binary cannot read.
         case incompatibleState = "incompatible-state"
+        /// A live upgrade did not happen (the new binary is missing, cannot run, or cannot read
+        /// this daemon's state; another upgrade is under way): the running daemon goes on.
+        case upgradeFailed = "upgrade-failed"
         case channelClosed = "channel-closed"
         case badReply = "bad-reply"
         // The host side (`holdfast host`, BridgeServer).

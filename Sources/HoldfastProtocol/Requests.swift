@@ -93,6 +93,8 @@ public enum SupervisorRequest: RPCRequest, Equatable {
     case launch(ProcessSpec)
     case signal(SignalRequest)
     case wait(WaitRequest)
+    /// `holdfast upgrade`: re-execute the binary now at the daemon's path (docs/PROTOCOL.md).
+    case upgrade
 
     public static func decode(type: UInt32, body: [UInt8], descriptorCount: Int) throws(HoldfastError) -> SupervisorRequest {
         try RPCBody.noDescriptors(descriptorCount, type: type)
@@ -101,6 +103,7 @@ public enum SupervisorRequest: RPCRequest, Equatable {
         case .launch: return .launch(try RPCBody.decode(ProcessSpec.self, body, type: type))
         case .signal: return .signal(try RPCBody.decode(SignalRequest.self, body, type: type))
         case .wait: return .wait(try RPCBody.decode(WaitRequest.self, body, type: type))
+        case .upgrade: return .upgrade
         case .bridgeUp, .bridgeDown, .bridgeHello, .ok, .error, nil: throw RPCBody.unknown(type)
         }
     }
@@ -111,12 +114,13 @@ public enum SupervisorRequest: RPCRequest, Equatable {
         case .launch: return SupervisorMessageType.launch.rawValue
         case .signal: return SupervisorMessageType.signal.rawValue
         case .wait: return SupervisorMessageType.wait.rawValue
+        case .upgrade: return SupervisorMessageType.upgrade.rawValue
         }
     }
 
     public var body: [UInt8] {
         switch self {
-        case .status: return RPCBody.empty
+        case .status, .upgrade: return RPCBody.empty
         case .launch(let spec): return ControlJSON.encode(spec)
         case .signal(let request): return ControlJSON.encode(request)
         case .wait(let request): return ControlJSON.encode(request)
@@ -141,6 +145,8 @@ public enum BrokerRequest: RPCRequest, Equatable {
     case processExited(ProcessExitedRequest)
     case closeStdin(process: String)
     case resize(ResizeRequest)
+    /// A live upgrade: settle every stream and exit (supervisor only; the reply may not come).
+    case quiesce
 
     public static func decode(type: UInt32, body: [UInt8], descriptorCount: Int) throws(HoldfastError) -> BrokerRequest {
         guard let known = BrokerMessageType(rawValue: type) else { throw RPCBody.unknown(type) }
@@ -156,6 +162,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .processExited: return .processExited(try RPCBody.decode(ProcessExitedRequest.self, body, type: type))
         case .closeStdin: return .closeStdin(process: try RPCBody.decode(ProcessRequest.self, body, type: type).process)
         case .resize: return .resize(try RPCBody.decode(ResizeRequest.self, body, type: type))
+        case .quiesce: return .quiesce
         case .ok, .error, .drained, .inputEnded, .handoffDeposited, .handoffEnded: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
@@ -172,6 +179,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .processExited: return BrokerMessageType.processExited.rawValue
         case .closeStdin: return BrokerMessageType.closeStdin.rawValue
         case .resize: return BrokerMessageType.resize.rawValue
+        case .quiesce: return BrokerMessageType.quiesce.rawValue
         }
     }
 
@@ -180,7 +188,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .adopt(let request): return ControlJSON.encode(request)
         case .release(let process), .closeStdin(let process): return ControlJSON.encode(ProcessRequest(process: process))
         case .list(let request): return ControlJSON.encode(request)
-        case .stats, .metrics, .disconnectAll, .bridgeUp: return RPCBody.empty
+        case .stats, .metrics, .disconnectAll, .bridgeUp, .quiesce: return RPCBody.empty
         case .processExited(let request): return ControlJSON.encode(request)
         case .resize(let request): return ControlJSON.encode(request)
         }

@@ -12,6 +12,7 @@ public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
     case launch = 0x0402
     case signal = 0x0403
     case wait = 0x0404
+    case upgrade = 0x0405
     // Responses.
     case ok = 0x0001
     case error = 0x0002
@@ -215,6 +216,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
     /// How many did not fit the reply (absent when none was left out).
     public var omittedProcesses: Int?
     public var omittedStreams: Int?
+    /// The sha256 (hex) of the executable this daemon runs (absent if it could not be read).
+    public var executableSHA256: String?
+    /// Live upgrades (`holdfast upgrade`) since the daemon started: the pid, the containers and
+    /// `uptimeSeconds` span them.
+    public var upgrades: Int?
 
     public init(
         version: String, pid: Int32, uptimeSeconds: Double, bridge: BridgeState, roles: [RoleStatus], processes: [ProcessStatus],

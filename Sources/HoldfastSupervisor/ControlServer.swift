@@ -56,6 +56,10 @@ extension Supervisor {
             try await signal(request.id, request.signal)
             return .empty
         case .wait(let request): return RPCReply(try await wait(request.id))
+        case .upgrade:
+            // Returns only when the upgrade did not happen (it throws why).
+            try await upgrade()
+            return .empty
         }
     }
 }

@@ -1,17 +1,45 @@
 import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
+import HoldfastProtocol
 import Logging
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
+/// One line on stderr.
+private func printError(_ line: String) {
+    let bytes = Array((line + "\n").utf8)
+    _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+}
+
 /// `holdfast daemon --config FILE`.
 public enum DaemonCommand {
     /// Loads the configuration (a bad one stops here: file, key, reason on stderr, exit 2) and
     /// runs the supervisor until SIGTERM/SIGINT. Returns the exit code.
-    public static func run(configPath: String, logger: Logger) async -> Int32 {
+    ///
+    /// `resumeFrom`: a live upgrade (Supervisor+Upgrade.swift): the previous binary of this very
+    /// process left its state in that memfd, and this image takes over from it. `checkOnly`: the
+    /// previous binary asks whether this one can (`--check-resume-snapshot FD`): the
+    /// configuration loads, the bridge key is there and the state reads; prints what it found,
+    /// exit 0, or why not, exit 3 — and starts nothing.
+    public static func run(configPath: String, resumeFrom: Int32? = nil, checkOnly: Int32? = nil, logger: Logger) async -> Int32 {
+        var resumption: Resumption?
+        if let fd = resumeFrom {
+            do {
+                resumption = try Resumption.read(fd)
+            } catch {
+                logger.critical("cannot take over from the previous binary: \(error)")
+                return 1
+            }
+            // What the old image left open by mistake goes; what it passed is ours, and no
+            // process we start inherits it.
+            let kept = resumption!.keptDescriptors
+            let stray = ProcessImage.closeStrayDescriptors(keeping: Set(kept))
+            if !stray.isEmpty { logger.warning("closed fds the previous binary left open", metadata: ["fds": "\(stray)"]) }
+            ProcessImage.closeOnExec(kept)
+        }
         let environment = ConfigurationLoader.currentEnvironment()
         let notifier = ServiceNotifier(environment: environment, logger: logger)
         func fail(_ code: Int32, _ message: String) async -> Int32 {
@@ -44,9 +72,19 @@ public enum DaemonCommand {
         // The roles are this binary, re-executed through /proc/self/exe: the very file this
         // process runs, even after an upgrade replaced /usr/bin/holdfast (a role restarted later
         // must speak this supervisor's protocol).
+        if let fd = checkOnly {
+            do {
+                print(try Resumption.check(fd))
+                return 0
+            } catch {
+                printError("holdfast \(HoldfastVersion.string) cannot take over: \(error.message)")
+                return 3
+            }
+        }
         let executable = "/proc/self/exe"
         guard access(executable, X_OK) == 0 else { return await fail(1, "cannot find my own executable (/proc/self/exe)") }
-        let supervisor = Supervisor(configuration: configuration, logger: logger, executable: executable, notifier: notifier)
+        let supervisor = Supervisor(
+            configuration: configuration, logger: logger, executable: executable, notifier: notifier, configPath: configPath, resuming: resumption)
         do {
             return try await supervisor.run()
         } catch let refused as StartRefused {

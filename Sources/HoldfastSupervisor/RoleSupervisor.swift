@@ -1,3 +1,4 @@
+import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
@@ -50,13 +51,24 @@ final class RoleSupervisor: Sendable {
         var restarts = 0
         var lastExit: String?
         var stopping = false
+        /// A live upgrade holds the role down: its exit is not a death, it is not restarted
+        /// until `release` (the upgrade failed) — or ever (this image was replaced).
+        var held = false
+        /// The upgrade waiting for the held incarnation's exit (and its channel served to the end).
+        var holdWaiter: CheckedContinuation<ExitStatus?, Never>?
+        /// The run loop waiting for `release` while held.
+        var releaseWaiter: CheckedContinuation<Void, Never>?
     }
 
     init(
         name: String, logger: Logger, reaper: ChildReaper, launch: @escaping @Sendable () throws -> Incarnation,
         serve: @escaping @Sendable (Incarnation) async -> Void, onEvent: @escaping @Sendable (Event) -> Void = { _ in },
-        maxBackoff: Duration = .seconds(5)
+        maxBackoff: Duration = .seconds(5), restarts: Int = 0, lastExit: String? = nil
     ) {
+        state.withLockedValue {
+            $0.restarts = restarts
+            $0.lastExit = lastExit
+        }
         self.name = name
         self.maxBackoff = maxBackoff
         self.logger = logger
@@ -81,6 +93,10 @@ final class RoleSupervisor: Sendable {
     func run() async {
         var backoff = Self.initialBackoff
         while !state.withLockedValue({ $0.stopping }) {
+            if await waitWhileHeld() {
+                backoff = Self.initialBackoff
+                continue
+            }
             let incarnation: Incarnation
             do {
                 incarnation = try launch()
@@ -104,11 +120,20 @@ final class RoleSupervisor: Sendable {
             let status = await reaper.wait(incarnation.pid)
             incarnation.channel.close()
             await serving.value
-            let stopping = state.withLockedValue { s -> Bool in
+            let (stopping, holder) = state.withLockedValue { s -> (Bool, CheckedContinuation<ExitStatus?, Never>?) in
                 s.current = nil
+                if s.held {
+                    defer { s.holdWaiter = nil }
+                    return (s.stopping, s.holdWaiter)
+                }
                 s.lastExit = status.description
                 if !s.stopping { s.restarts += 1 }
-                return s.stopping
+                return (s.stopping, nil)
+            }
+            if let holder {
+                logger.info("role stopped for a live upgrade", metadata: ["role": "\(name)", "status": "\(status)"])
+                holder.resume(returning: status)
+                continue
             }
             if stopping {
                 logger.info("role stopped", metadata: ["role": "\(name)", "status": "\(status)"])
@@ -126,12 +151,65 @@ final class RoleSupervisor: Sendable {
 
     /// Stops restarting and signals the current incarnation.
     func stop(signal: Int32 = SIGTERM) {
-        let pid = state.withLockedValue { s -> pid_t? in
+        let (pid, released) = state.withLockedValue { s -> (pid_t?, CheckedContinuation<Void, Never>?) in
             s.stopping = true
-            return s.current?.pid
+            defer { s.releaseWaiter = nil }
+            return (s.current?.pid, s.releaseWaiter)
         }
         if let pid { Glibc.kill(pid, signal) }
+        released?.resume()
     }
+
+    // MARK: Live upgrade
+
+    /// Takes the role down for a live upgrade and keeps it down: `ask` makes the current
+    /// incarnation exit (a SIGTERM, the broker's quiesce); after `limit` it is killed. Returns
+    /// its exit status once it was reaped and its channel served to the end (every notification
+    /// it sent handled), nil if none was running (it was between restarts).
+    func hold(within limit: Duration, ask: @Sendable (Incarnation) -> Void) async -> ExitStatus? {
+        let incarnation = state.withLockedValue { s -> Incarnation? in
+            s.held = true
+            return s.current
+        }
+        guard let incarnation else { return nil }
+        let killer = TimeoutWheel.shared.schedule(after: limit) { Glibc.kill(incarnation.pid, SIGKILL) }
+        defer { TimeoutWheel.shared.cancel(killer) }
+        return await withCheckedContinuation { continuation in
+            let gone = state.withLockedValue { s -> Bool in
+                guard s.current?.pid == incarnation.pid else { return true }
+                s.holdWaiter = continuation
+                return false
+            }
+            if gone { continuation.resume(returning: nil) } else { ask(incarnation) }
+        }
+    }
+
+    /// The upgrade did not happen: the role starts again at once.
+    func release() {
+        let waiter = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+            s.held = false
+            defer { s.releaseWaiter = nil }
+            return s.releaseWaiter
+        }
+        waiter?.resume()
+    }
+
+    /// Waits while held; true if it waited (the role starts afresh).
+    private func waitWhileHeld() async -> Bool {
+        guard state.withLockedValue({ $0.held && !$0.stopping }) else { return false }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let free = state.withLockedValue { s -> Bool in
+                guard s.held, !s.stopping else { return true }
+                s.releaseWaiter = continuation
+                return false
+            }
+            if free { continuation.resume() }
+        }
+        return true
+    }
+
+    var restarts: Int { state.withLockedValue { $0.restarts } }
+    var lastExit: String? { state.withLockedValue { $0.lastExit } }
 
     /// Kills the current incarnation (tests and shutdown escalation).
     func kill(signal: Int32) {

@@ -12,7 +12,7 @@ import HoldfastProtocol
 /// here; the supervisor opens, duplicates and closes them.
 struct StdioStore {
     /// Which broker incarnation has a process's streams, or is being handed them.
-    enum Adoption: Equatable {
+    enum Adoption: Equatable, Codable, Sendable {
         case adopting(Int)
         case adopted(Int)
 
@@ -23,7 +23,10 @@ struct StdioStore {
         }
     }
 
-    struct Held {
+    /// Written down whole by a live upgrade (`Snapshot`): a field added here travels to the next
+    /// binary by itself. Every fd it holds must be listed in `heldDescriptors`, which the
+    /// upgrade keeps open across the exec (a test checks that every `Int32` in here is listed).
+    struct Held: Codable, Equatable, Sendable {
         /// As the first broker got it: fd indexes into `descriptors`, checkpoint slots named.
         var request: AdoptRequest
         /// The host ends (-1 once closed: a stdin the broker ended).
@@ -35,6 +38,36 @@ struct StdioStore {
         var exitSentTo: Int?
         /// The broker that has it now was handed no stream (the only one, stdin, had ended).
         var nothingHandedOver = false
+
+        /// Every fd this entry holds open (fd numbers survive an exec unchanged).
+        var heldDescriptors: [Int32] { descriptors.filter { $0 >= 0 } }
+    }
+
+    /// What a live upgrade hands to the next binary: every entry as it is (its fds are the same
+    /// numbers in the next image), and the checkpoint slots' bookkeeping. Which broker had what
+    /// is not in it: the next image's first broker is handed everything, as after a crash.
+    struct Snapshot: Codable, Equatable, Sendable {
+        var held: [String: Held]
+        var slots: CheckpointSlots
+
+        /// Every fd its entries hold, in a stable order.
+        var heldDescriptors: [Int32] { held.keys.sorted().flatMap { held[$0]!.heldDescriptors } }
+    }
+
+    func snapshot() -> Snapshot { Snapshot(held: held, slots: slots) }
+
+
+    /// The store a live upgrade wrote down: every process is for the first broker to take over
+    /// (adopted by incarnation 0, which never ran here), and every exit is owed to it.
+    init(restoring snapshot: Snapshot) {
+        slots = snapshot.slots
+        held = snapshot.held.mapValues { entry in
+            var entry = entry
+            entry.adoption = .adopted(0)
+            entry.exitSentTo = nil
+            entry.nothingHandedOver = false
+            return entry
+        }
     }
 
     /// What a broker started after a crash is sent for one process: the request with `resume`
@@ -198,7 +231,7 @@ struct StdioStore {
 /// its END echo home) might still write one last value into its slot, and must not land in a
 /// newer stream's. New slots are taken while the quarantine fills, so the pages touched stay
 /// few (only those cost memory).
-struct CheckpointSlots {
+struct CheckpointSlots: Codable, Equatable, Sendable {
     let count: Int
     /// Slots never handed out here (the broker's, for handoff peers' streams).
     let reserved: Range<Int>

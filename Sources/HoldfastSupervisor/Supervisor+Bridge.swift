@@ -30,7 +30,12 @@ extension Supervisor {
             let (withExits, _) = FrameBudget.fit(table.withLockedValue { $0.unacknowledgedExits }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
-            let (hello, _) = FrameBudget.fit(live) { BridgeHello(bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID) }
+            let upgrades = session.withLockedValue { $0.upgrades }
+            let (hello, _) = FrameBudget.fit(live) {
+                BridgeHello(
+                    bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID, daemonVersion: HoldfastVersion.string,
+                    upgrades: upgrades > 0 ? upgrades : nil)
+            }
             return RPCReply(hello)
         case .host(let request):
             return try await handle(request)

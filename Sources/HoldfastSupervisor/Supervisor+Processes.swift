@@ -29,6 +29,9 @@ extension Supervisor {
         guard !session.withLockedValue({ $0.shuttingDown }) else {
             throw HoldfastError(.shuttingDown, "the daemon is shutting down")
         }
+        // A live upgrade switching binaries holds it here (it is answered by the next image).
+        await upgradeGate.enter()
+        defer { upgradeGate.leave() }
         try Launcher.validate(spec)
         try refuseTheBrokersUID(spec)
         let decision = table.withLockedValue { table in
@@ -128,12 +131,16 @@ extension Supervisor {
 
     /// Waits for the process to exit, lets its output drain, then reports the exit.
     func watch(_ entry: ProcessTable.Entry) async {
-        let status = await reaper.wait(entry.pid)
+        // Tracked: an exit reaped but not yet written down here goes to the next image if a live
+        // upgrade comes in between (ChildReaper.freeze).
+        let status = await reaper.waitTracked(entry.pid)
         if let container = entry.container { await runc.delete(container.id) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
         table.withLockedValue { $0.exited(entry.id, report) }
+        if !entry.streams.isEmpty { stdio.withLockedValue { $0.exited(entry.id) } }
+        reaper.settle(entry.pid)
         logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
         metrics.processExited()
         guard !entry.streams.isEmpty else {
@@ -142,7 +149,6 @@ extension Supervisor {
         }
         // The broker that has its streams is told (now, or once a restarted one has them);
         // its `drained` notification finishes it (processDrained).
-        stdio.withLockedValue { $0.exited(entry.id) }
         await deliverExit(entry.id)
     }
 
@@ -174,6 +180,8 @@ extension Supervisor {
     }
 
     public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
+        await upgradeGate.enter()
+        defer { upgradeGate.leave() }
         guard let record = entry(id) else {
             throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
@@ -205,11 +213,14 @@ extension Supervisor {
 
     public func status() async -> StatusReport {
         let streams = await brokerStreams()
-        return StatusReport(
+        var report = StatusReport(
             version: HoldfastVersion.string, pid: getpid(),
             uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: session.withLockedValue { $0.bridge },
             roles: roleStatuses, processes: processStatuses(),
             streams: streams)
+        report.executableSHA256 = runningExecutableSHA256()
+        report.upgrades = session.withLockedValue { $0.upgrades }
+        return report
     }
 
     /// The pid of a role (tests kill it to prove it comes back).

@@ -149,8 +149,9 @@ extension Supervisor {
             return try await handle(request)
         }
         session.withLockedValue { if $0.bridgeChannel === channel { $0.bridgeChannel = nil } }
-        // The worker died: the bridge is as good as lost.
-        if session.withLockedValue({ s in defer { s.bridge = .down }; return s.bridge == .up }) {
+        // The worker died: the bridge is as good as lost. (Stopped for a live upgrade, the
+        // streams stay connected: the broker is about to hand them over as they are.)
+        if session.withLockedValue({ s in defer { s.bridge = .down }; return s.bridge == .up && !s.upgrading }) {
             changes.notify()
             metrics.bridge(up: false)
             _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)

@@ -25,7 +25,8 @@ public final class Supervisor: Sendable {
     let logger: Logger
     let executable: String
     let reaper = ChildReaper()
-    let startedAt = ContinuousClock.now
+    /// When the daemon started (before every live upgrade since: its uptime spans them).
+    let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.
     let brokerClient = Rendezvous<ControlClient>()
     /// How long a create waits for a broker that is starting or restarting.
@@ -47,6 +48,10 @@ public final class Supervisor: Sendable {
         var drainDeadline: ContinuousClock.Instant?
         /// READY=1 has been sent: role restarts from now on are news.
         var ready = false
+        /// Live upgrades since the daemon started (carried across them).
+        var upgrades = 0
+        /// A live upgrade is under way (one at a time).
+        var upgrading = false
     }
     let session = NIOLockedValueBox(Session())
     /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the
@@ -69,30 +74,71 @@ public final class Supervisor: Sendable {
     let rings: RingMemory?
     /// The host ends of every live process's stdio, and which broker has them (StdioStore.swift).
     let stdio: NIOLockedValueBox<StdioStore>
+    /// The configuration file's path (a live upgrade passes it on), the path this binary runs
+    /// from (what an upgrade execs again), and what the previous binary handed over, if any.
+    let configPath: String?
+    let selfPath: String?
+    let resumption: Resumption?
+    /// Creates and signals wait here while a live upgrade switches binaries.
+    let upgradeGate = UpgradeGate()
+    /// The listening fds a live upgrade passes on.
+    let controlListener = NIOLockedValueBox<Int32?>(nil)
+    let handoffListener = NIOLockedValueBox<Int32?>(nil)
+    /// The sha256 of the running executable, computed once (`status`).
+    let executableDigest = NIOLockedValueBox<String??>(nil)
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
     var instanceID: String { table.withLockedValue { $0.instanceID } }
 
     /// `executable` is what the roles run: `/proc/self/exe` keeps them on this very binary even
     /// after a package upgrade has replaced the file (a restarted role must speak our protocol).
-    public init(configuration: DaemonConfiguration, logger: Logger, executable: String, notifier: ServiceNotifier? = nil) {
+    /// `configPath` is what a live upgrade passes to the next binary (no upgrade without it);
+    /// `resuming` is what the previous binary handed this one (Supervisor+Upgrade.swift).
+    public init(
+        configuration: DaemonConfiguration, logger: Logger, executable: String, notifier: ServiceNotifier? = nil, configPath: String? = nil,
+        resuming: Resumption? = nil
+    ) {
+        var configuration = configuration
+        if let state = resuming?.state, state.ringCapacity != configuration.streams.ringCapacity {
+            // The ring area's layout is fixed for its life: the new size takes effect at the next start.
+            logger.warning("streams.ring_capacity changed: it takes effect at the next start, not across a live upgrade", metadata: [
+                "running": "\(state.ringCapacity)", "configured": "\(configuration.streams.ringCapacity)",
+            ])
+            configuration.streams.ringCapacity = state.ringCapacity
+        }
         self.configuration = configuration
         self.logger = logger
         self.executable = executable
+        self.configPath = configPath
+        self.resumption = resuming
+        self.selfPath = ProcessImage.executablePath()
         self.notifier = notifier ?? ServiceNotifier(environment: [:], logger: logger)
-        table = NIOLockedValueBox(ProcessTable(instanceID: RandomIdentifier.make()))
+        startedAt = ContinuousClock.now - .milliseconds(Int64((resuming?.state.uptimeSeconds ?? 0) * 1000))
+        table = NIOLockedValueBox(resuming?.table ?? ProcessTable(instanceID: RandomIdentifier.make()))
         var checkpointError: (any Error)?
         do {
-            checkpoints = try CheckpointMemory.create()
+            if let fd = resuming?.state.descriptors.checkpoints {
+                checkpoints = try CheckpointMemory.inherit(fd)
+            } else {
+                checkpoints = try CheckpointMemory.create()
+            }
         } catch {
             checkpoints = nil
             checkpointError = error
         }
-        stdio = NIOLockedValueBox(StdioStore(slots: checkpoints?.slotCount ?? 0))
+        if let snapshot = resuming?.state.stdio {
+            stdio = NIOLockedValueBox(StdioStore(restoring: snapshot))
+        } else {
+            stdio = NIOLockedValueBox(StdioStore(slots: checkpoints?.slotCount ?? 0))
+        }
         if let checkpointError {
             logger.error("no checkpoint area: streams will not survive a broker crash", metadata: ["error": "\(checkpointError)"])
         }
         do {
-            rings = checkpoints == nil ? nil : try RingMemory.create(capacity: configuration.streams.ringCapacity, blockSize: ReplayRing.defaultBlockSize)
+            if let fd = resuming?.state.descriptors.rings {
+                rings = try RingMemory.inherit(fd, capacity: configuration.streams.ringCapacity, blockSize: ReplayRing.defaultBlockSize)
+            } else {
+                rings = checkpoints == nil ? nil : try RingMemory.create(capacity: configuration.streams.ringCapacity, blockSize: ReplayRing.defaultBlockSize)
+            }
         } catch {
             rings = nil
             logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
@@ -100,6 +146,10 @@ public final class Supervisor: Sendable {
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
+        if let state = resuming?.state {
+            reaper.seed(Dictionary(state.reaped.map { ($0.pid, $0.status) }, uniquingKeysWith: { first, _ in first }))
+            session.withLockedValue { $0.upgrades = state.upgrades }
+        }
     }
 
     // MARK: Running
@@ -108,27 +158,43 @@ public final class Supervisor: Sendable {
     /// Refuses to start (`StartRefused`, exit code 2) on an unsafe run directory, another
     /// daemon holding it, a broker uid other processes use, or a socket path that is not ours.
     public func run() async throws -> Int32 {
-        let lock = try claimRunDirectory()
+        // After a live upgrade the sockets are ours already, listening (passed across the exec).
+        let lock = try claimRunDirectory(socketsPassed: resumption != nil)
         defer { withExtendedLifetime(lock) {} }
-        try checkBrokerUIDIsItsOwn()
+        if resumption == nil { try checkBrokerUIDIsItsOwn() }
         try Subreaper.become()
         let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM, SIGINT])
+        // The previous image blocked them for the exec: pending ones arrive now, to our handlers.
+        ProcessImage.unblock(Self.signalsBlockedAcrossExec)
         SignalDisposition.ignore(SIGPIPE)
         try makeRunDirectory()
-        let handoff = try bindHandoff()
-        let control = try Listener(
-            binding: .unix(path: configuration.control.socket), kind: .seqpacket, unixMode: 0o600)
+        let handoff: Listener?
+        let control: Listener
+        if let descriptors = resumption?.state.descriptors {
+            handoff = try descriptors.handoff.map { try Listener(adopting: $0, address: .unix(path: configuration.handoff.socket)) }
+            control = try Listener(adopting: descriptors.control, address: .unix(path: configuration.control.socket))
+        } else {
+            handoff = try bindHandoff()
+            control = try Listener(binding: .unix(path: configuration.control.socket), kind: .seqpacket, unixMode: 0o600)
+        }
+        controlListener.withLockedValue { $0 = control.descriptor }
+        handoffListener.withLockedValue { $0 = handoff?.descriptor }
 
         notifier.status("Starting the broker and the bridge worker")
+        let carried = { (name: String) in self.resumption?.state.roles.first { $0.name == name } }
         let broker = RoleSupervisor(
             name: "broker", logger: logger, reaper: reaper, launch: { [self] in try launchBroker(handoff: handoff) },
             serve: { [self] incarnation in await serveBroker(incarnation) },
             onEvent: { [self] event in roleEvent("broker", event) },
-            maxBackoff: configuration.broker.restartBackoffMax.milliseconds)
+            maxBackoff: configuration.broker.restartBackoffMax.milliseconds, restarts: carried("broker")?.restarts ?? 0,
+            lastExit: carried("broker")?.lastExit)
         let bridge = RoleSupervisor(
             name: "bridge", logger: logger, reaper: reaper, launch: { [self] in try launchBridge() },
             serve: { [self] incarnation in await serveBridge(incarnation) },
-            onEvent: { [self] event in roleEvent("bridge worker", event) })
+            onEvent: { [self] event in roleEvent("bridge worker", event) }, restarts: carried("bridge")?.restarts ?? 0,
+            lastExit: carried("bridge")?.lastExit)
+        // The processes the previous binary started are ours: their exits are waited for again.
+        if resumption != nil { watchResumedProcesses() }
         session.withLockedValue {
             $0.broker = broker
             $0.bridgeWorker = bridge
@@ -150,10 +216,17 @@ public final class Supervisor: Sendable {
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }
-        logger.info("holdfast daemon started", metadata: [
-            "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
-            "systemd": "\(notifier.isActive ? "notify" : "no")",
-        ])
+        if let state = resumption?.state {
+            logger.info("holdfast daemon resumed after a live upgrade", metadata: [
+                "pid": "\(getpid())", "from": "\(state.writtenBy)", "to": "\(HoldfastVersion.string)", "upgrades": "\(state.upgrades)",
+                "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",
+            ])
+        } else {
+            logger.info("holdfast daemon started", metadata: [
+                "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",
+                "systemd": "\(notifier.isActive ? "notify" : "no")",
+            ])
+        }
 
         // Signals: children are reaped until the very end; the first SIGTERM or SIGINT starts
         // the stop.
@@ -282,11 +355,14 @@ public final class Supervisor: Sendable {
     /// it or above it) and locked ({run}/holdfast.lock: a second daemon is refused with our pid);
     /// then every Unix socket path we bind is checked and cleared of a previous instance's
     /// socket — never of one another user made or a process listens on.
-    func claimRunDirectory() throws(StartRefused) -> RunDirectoryLock {
+    func claimRunDirectory(socketsPassed: Bool = false) throws(StartRefused) -> RunDirectoryLock {
         do throws(RunDirectory.Refusal) {
             let lock = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock")
-            var sockets = [configuration.control.socket]
-            if !configuration.handoff.socket.isEmpty { sockets.append(configuration.handoff.socket) }
+            var sockets: [String] = []
+            if !socketsPassed {
+                sockets.append(configuration.control.socket)
+                if !configuration.handoff.socket.isEmpty { sockets.append(configuration.handoff.socket) }
+            }
             if case .unix(let path) = configuration.metrics.address { sockets.append(path) }
             for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: configuration.runDirectory) }
             return lock

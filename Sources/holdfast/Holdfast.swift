@@ -27,7 +27,7 @@ struct Holdfast: AsyncParsableCommand {
             """,
         version: HoldfastVersion.string,
         subcommands: [
-            Daemon.self, Status.self, ConfigCommand.self, Host.self, Demo.self, Pipe.self, Receive.self,
+            Daemon.self, Status.self, Upgrade.self, ConfigCommand.self, Host.self, Demo.self, Pipe.self, Receive.self,
             BrokerRoleCommand.self, BridgeRoleCommand.self, SeccompProbeCommand.self, ReachProbeCommand.self,
         ])
 
@@ -111,9 +111,53 @@ struct Daemon: AsyncParsableCommand {
     @Option(help: "The configuration file (YAML or JSON); every key is described in /etc/holdfast/holdfast.yaml (config/holdfast.yaml in the source).")
     var config: String
 
+    /// A live upgrade: the previous binary of this process left its state in this memfd.
+    @Option(help: .hidden) var resumeFrom: Int32?
+
+    /// A live upgrade's check of this binary: read the state in this memfd, say whether it can
+    /// take over, start nothing.
+    @Option(help: .hidden) var checkResumeSnapshot: Int32?
+
     func run() async throws {
-        let code = await DaemonCommand.run(configPath: config, logger: makeLogger("holdfast.supervisor", role: "supervisor"))
+        let code = await DaemonCommand.run(
+            configPath: config, resumeFrom: resumeFrom, checkOnly: checkResumeSnapshot,
+            logger: makeLogger("holdfast.supervisor", role: "supervisor"))
         if code != 0 { throw ExitCode(code) }
+    }
+}
+
+struct Upgrade: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Live upgrade: the daemon re-executes the binary now at its path, keeping its containers and every stream.",
+        discussion: """
+            The new binary is checked first (it must run and read the daemon's state); if it cannot, \
+            the daemon goes on as it was and this command exits 1 with the reason. Otherwise it \
+            returns once the new binary serves (same pid, the same processes).
+            """)
+
+    @Option(help: "The daemon's control socket.") var socket: String = StatusPrinter.defaultSocket
+    @Option(help: "Seconds to wait for the new binary to serve.") var timeout: Int = 60
+
+    func run() async throws {
+        let directory = RunDirectory.directory(of: socket)
+        if access(directory, F_OK) != 0 {
+            throw CommandFailure("cannot reach the daemon at \(socket): \(directory) does not exist\(StatusPrinter.connectAdvice(errno: ENOENT))")
+        }
+        do throws(RunDirectory.Refusal) {
+            try RunDirectory.checkBeforeConnecting(to: socket)
+        } catch {
+            throw CommandFailure("not asking \(socket): \(error)")
+        }
+        do {
+            let outcome = try await UpgradeClient.upgrade(socket: socket, timeout: .seconds(max(1, timeout)))
+            let before = outcome.before
+            let after = outcome.after
+            let running = after.processes.filter { $0.state == .running }.count
+            print(
+                "upgraded: holdfast \(before.version) (sha256 \(before.executableSHA256?.prefix(12) ?? "?")) -> holdfast \(after.version) (sha256 \(after.executableSHA256?.prefix(12) ?? "?")), pid \(after.pid), \(running) process\(running == 1 ? "" : "es") still running, upgrade \(after.upgrades ?? 0) since start, in \(outcome.took)")
+        } catch {
+            throw CommandFailure("upgrade failed: \(error.description)")
+        }
     }
 }
 

@@ -1,0 +1,113 @@
+import CHoldfastShims
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Replacing this process's image while keeping its pid, its children and chosen fds: what a
+/// live upgrade does (systemd's daemon-reexec). The fds to keep lose `FD_CLOEXEC` just before
+/// the exec; every other fd this process opened is close-on-exec and goes.
+public enum ProcessImage {
+    /// Execs the file open at `executable` (`fexecve`: the very file that was checked, not
+    /// whatever its path names by now) with `arguments` and this process's environment, keeping
+    /// `keep` open and `blocked` blocked (a SIGTERM arriving before the new image has handlers
+    /// waits, pending, instead of killing it with the default action). Returns only if the exec
+    /// failed, with every flag and the signal mask as they were.
+    public static func replace(executable: Int32, arguments: [String], keep: [Int32], blocked: [Int32]) -> SystemError {
+        let previous = keep.map { fcntl($0, F_GETFD) }
+        for fd in keep { _ = fcntl(fd, F_SETFD, 0) }
+        var mask = sigset_t()
+        var old = sigset_t()
+        sigemptyset(&mask)
+        for signal in blocked { sigaddset(&mask, signal) }
+        pthread_sigmask(SIG_BLOCK, &mask, &old)
+        var pointers: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) }
+        pointers.append(nil)
+        fexecve(executable, &pointers, environ)
+        let error = SystemError.last("fexecve")
+        for pointer in pointers { free(pointer) }
+        pthread_sigmask(SIG_SETMASK, &old, nil)
+        for (fd, flags) in zip(keep, previous) where flags >= 0 { _ = fcntl(fd, F_SETFD, flags) }
+        return error
+    }
+
+    /// Unblocks `signals` in the calling thread (the new image, once its handlers are in place).
+    public static func unblock(_ signals: [Int32]) {
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        for signal in signals { sigaddset(&mask, signal) }
+        pthread_sigmask(SIG_UNBLOCK, &mask, nil)
+    }
+
+    /// Marks inherited fds close-on-exec again: nothing the new image starts gets them.
+    public static func closeOnExec(_ fds: [Int32]) {
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    }
+
+    /// Closes every fd from 3 up that is not close-on-exec and not in `keep`: what an earlier
+    /// image left open by mistake must not pile up over upgrades. Returns the fds closed.
+    @discardableResult
+    public static func closeStrayDescriptors(keeping keep: Set<Int32>) -> [Int32] {
+        guard let directory = opendir("/proc/self/fd") else { return [] }
+        var found: [Int32] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if let fd = Int32(name), fd > 2 { found.append(fd) }
+        }
+        let own = dirfd(directory)
+        closedir(directory)
+        var closed: [Int32] = []
+        for fd in found where fd != own && !keep.contains(fd) {
+            let flags = fcntl(fd, F_GETFD)
+            guard flags >= 0, flags & FD_CLOEXEC == 0 else { continue }
+            close(fd)
+            closed.append(fd)
+        }
+        return closed
+    }
+
+    /// A new memfd holding `bytes` (close-on-exec until handed over), its offset at 0.
+    public static func memoryFile(_ name: String, _ bytes: [UInt8]) throws(SystemError) -> Int32 {
+        let fd = hf_memfd_create(name)
+        guard fd >= 0 else { throw .last("memfd_create(\(name))") }
+        var offset = 0
+        while offset < bytes.count {
+            let count = bytes[offset...].withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else {
+                let error = SystemError.last("write(memfd)")
+                close(fd)
+                throw error
+            }
+            offset += count
+        }
+        return fd
+    }
+
+    /// Everything in the file open at `fd`, read from offset 0 (at most `limit` bytes).
+    public static func readAll(_ fd: Int32, limit: Int = 1 << 30) throws(SystemError) -> [UInt8] {
+        var result: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while result.count < limit {
+            let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(result.count)) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw .last("read(\(fd))")
+            }
+            if count == 0 { break }
+            result += buffer[..<count]
+        }
+        return result
+    }
+
+    /// The path this process's executable was started from (`/proc/self/exe`), without the
+    /// kernel's " (deleted)" suffix once a package upgrade replaced the file.
+    public static func executablePath() -> String? {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard length > 0 else { return nil }
+        var path = String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if path.hasSuffix(" (deleted)") { path.removeLast(" (deleted)".count) }
+        return path
+    }
+}

@@ -1,0 +1,308 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Logging
+import NIOConcurrencyHelpers
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a live upgrade handed this image: the state the previous binary wrote, and its process
+/// table read back (DaemonCommand reads both before the supervisor exists).
+public struct Resumption: Sendable {
+    let state: UpgradeState
+    let table: ProcessTable
+
+    /// Reads the state the previous image left in the memfd `fd` (and closes it).
+    public static func read(_ fd: Int32) throws(HoldfastError) -> Resumption {
+        defer { close(fd) }
+        let bytes: [UInt8]
+        do {
+            bytes = try ProcessImage.readAll(fd)
+        } catch {
+            throw HoldfastError(.incompatibleState, "cannot read the upgrade state from fd \(fd): \(error)")
+        }
+        let (state, table) = try UpgradeState.decode(bytes)
+        return Resumption(state: state, table: table)
+    }
+
+    /// What `--check-resume-snapshot FD` prints: this binary reads that state (or throws why not).
+    public static func check(_ fd: Int32) throws(HoldfastError) -> String {
+        let resumption = try read(fd)
+        return "holdfast \(HoldfastVersion.string) reads the upgrade state of holdfast \(resumption.state.writtenBy) (version \(resumption.state.version), \(resumption.state.table.processes.count) processes)"
+    }
+
+    /// Every fd the previous image passed: what must stay open here.
+    public var keptDescriptors: [Int32] { state.keptDescriptors }
+}
+
+/// Creates and signals pass here. A live upgrade closes it: what arrives then waits (and, once
+/// the image is replaced, is never answered by this one: a host repeats its create on the next
+/// bridge connection, a control client on its next connection), and the upgrade waits until
+/// what was already under way has finished.
+final class UpgradeGate: Sendable {
+    private struct State: Sendable {
+        var closed = false
+        var inFlight = 0
+        var waiting: [CheckedContinuation<Void, Never>] = []
+    }
+
+    private let state = NIOLockedValueBox(State())
+    private let changes = ChangeSignal()
+
+    func enter() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let open = state.withLockedValue { s -> Bool in
+                guard s.closed else {
+                    s.inFlight += 1
+                    return true
+                }
+                s.waiting.append(continuation)
+                return false
+            }
+            if open { continuation.resume() }
+        }
+    }
+
+    func leave() {
+        state.withLockedValue { $0.inFlight -= 1 }
+        changes.notify()
+    }
+
+    /// Closes the gate and waits until nothing is under way (false: still busy at `deadline`).
+    func close(until deadline: ContinuousClock.Instant) async -> Bool {
+        state.withLockedValue { $0.closed = true }
+        while true {
+            let generation = changes.generation
+            if state.withLockedValue({ $0.inFlight == 0 }) { return true }
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return false }
+            await changes.wait(since: generation, timeout: left)
+        }
+    }
+
+    func open() {
+        let waiting = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+            s.closed = false
+            s.inFlight += s.waiting.count
+            defer { s.waiting = [] }
+            return s.waiting
+        }
+        for waiter in waiting { waiter.resume() }
+    }
+}
+
+/// Live upgrade (docs/ARCHITECTURE.md, "Live upgrade"): the supervisor re-executes the binary
+/// now at its path, keeping its pid, its children and every fd it holds.
+extension Supervisor {
+    static let signalsBlockedAcrossExec = [SIGCHLD, SIGTERM, SIGINT]
+    /// How long the new binary's check may take, and what is under way may take to finish.
+    static let probeLimit = Duration.seconds(10)
+    static let settleLimit = Duration.seconds(15)
+
+    /// `holdfast upgrade`. Returns only if the upgrade did not happen (it throws why, and
+    /// everything runs on as before); on success this image is gone and the connection that
+    /// asked closes: the client finds the new image through the control socket.
+    func upgrade() async throws(HoldfastError) {
+        guard !session.withLockedValue({ $0.shuttingDown }) else { throw HoldfastError(.shuttingDown, "the daemon is shutting down") }
+        guard session.withLockedValue({ s in defer { s.upgrading = true }; return !s.upgrading }) else {
+            throw HoldfastError(.upgradeFailed, "another upgrade is under way")
+        }
+        var undo: [() -> Void] = [{ [self] in session.withLockedValue { $0.upgrading = false } }]
+        func fail(_ message: String) -> HoldfastError {
+            for step in undo.reversed() { step() }
+            logger.error("live upgrade failed: the daemon goes on as it was", metadata: ["reason": "\(message)"])
+            return HoldfastError(.upgradeFailed, message)
+        }
+        guard let path = selfPath, let configPath else { throw fail("the daemon does not know its executable's path or its configuration file") }
+        let started = ContinuousClock.now
+        logger.info("live upgrade: checking the new binary", metadata: ["executable": "\(path)"])
+
+        // 1. The new binary: the file we exec is the file we check (held open, exec'd by fd).
+        let executable = open(path, O_RDONLY | O_CLOEXEC)
+        guard executable >= 0 else { throw fail("cannot open the new binary \(path): \(String(cString: strerror(errno))) (errno \(errno))") }
+        undo.append { close(executable) }
+        var info = stat()
+        guard fstat(executable, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else { throw fail("\(path) is not a regular file") }
+        guard info.st_mode & 0o111 != 0 else { throw fail("\(path) is not executable (mode \(String(info.st_mode & 0o7777, radix: 8)))") }
+        let probed: String
+        do throws(HoldfastError) {
+            probed = try await probe(executable, path: path, configPath: configPath)
+        } catch {
+            throw fail(error.message)
+        }
+        logger.info("live upgrade: the new binary reads our state", metadata: ["check": "\(probed)"])
+
+        // 2. What is under way finishes; what arrives now waits.
+        guard await upgradeGate.close(until: ContinuousClock.now + Self.settleLimit) else {
+            upgradeGate.open()
+            throw fail("creates or signals were still under way after \(Self.describe(Self.settleLimit))")
+        }
+        undo.append { [self] in upgradeGate.open() }
+
+        // 3. The roles: the bridge worker ends (the host sees the bridge drop, and repeats what
+        // it had in flight on the next connection); the broker quiesces and exits: every stream
+        // settled in its checkpoint, nothing in a take.
+        let (brokerRole, bridgeRole) = session.withLockedValue { ($0.broker, $0.bridgeWorker) }
+        let bridgeExit = await bridgeRole?.hold(within: .seconds(5)) { incarnation in kill(incarnation.pid, SIGTERM) }
+        undo.append { bridgeRole?.release() }
+        let client = broker()
+        let brokerExit = await brokerRole?.hold(within: .seconds(5)) { _ in
+            Task { _ = try? await client?.call(BrokerRequest.quiesce, reply: [String: String].self) }
+        }
+        undo.append { brokerRole?.release() }
+        if let brokerExit, brokerExit != .exited(0) {
+            // Not settled (a stream in a take past the limit, or it had to be killed): its
+            // successor resumes as after a crash, and reports what that cost.
+            logger.warning("live upgrade: the broker did not quiesce cleanly", metadata: ["status": "\(brokerExit)"])
+        }
+
+        // 4. The state, written down with nothing reaped from now on (exits wait as zombies).
+        let reaped = reaper.freeze()
+        undo.append { [self] in reaper.thaw() }
+        let state = makeUpgradeState(path: path, configPath: configPath, reaped: reaped)
+        let memfd: Int32
+        do {
+            memfd = try ProcessImage.memoryFile("holdfast-upgrade", ControlJSON.encode(state))
+        } catch {
+            throw fail("cannot write the state down: \(error)")
+        }
+        let arguments = [path, "daemon", "--config", configPath, "--resume-from", String(memfd)]
+        logger.info("live upgrade: executing the new binary", metadata: [
+            "executable": "\(path)", "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",
+            "bridgeWorker": "\(bridgeExit.map(\.description) ?? "not running")", "broker": "\(brokerExit.map(\.description) ?? "not running")",
+            "took": "\(ContinuousClock.now - started)",
+        ])
+        let error = ProcessImage.replace(
+            executable: executable, arguments: arguments, keep: state.keptDescriptors + [memfd], blocked: Self.signalsBlockedAcrossExec)
+        close(memfd)
+        throw fail("cannot execute \(path): \(error)")
+    }
+
+    /// Runs the new binary on a copy of our state (`--check-resume-snapshot`): it must start,
+    /// read this state's version and exit 0 within the limit. Returns what it printed.
+    func probe(_ executable: Int32, path: String, configPath: String) async throws(HoldfastError) -> String {
+        let copy: Int32
+        do {
+            copy = try ProcessImage.memoryFile("holdfast-upgrade-check", ControlJSON.encode(makeUpgradeState(path: path, configPath: configPath, reaped: [:])))
+        } catch {
+            throw HoldfastError(.upgradeFailed, "cannot write the state down for the new binary's check: \(error)")
+        }
+        defer { close(copy) }
+        let output: PipeEnds
+        do {
+            output = try PipeEnds.make()
+        } catch {
+            throw HoldfastError(.upgradeFailed, "cannot make a pipe for the new binary's check: \(error)")
+        }
+        let environment = SpawnOptions.inheritedEnvironment().filter { entry in
+            !ServiceNotify.environmentVariables.contains(String(entry.prefix { $0 != "=" }))
+        }
+        var options = SpawnOptions(
+            executable: "/proc/self/fd/\(executable)",
+            arguments: [path, "daemon", "--config", configPath, "--check-resume-snapshot", String(copy)], environment: environment)
+        options.stdout = output.write
+        options.stderr = output.write
+        options.keepDescriptors = [copy, executable]
+        options.newSession = true
+        let pid: pid_t
+        do {
+            pid = try Spawner.spawn(options)
+        } catch {
+            close(output.read)
+            close(output.write)
+            let why: String
+            switch error.errno {
+            case ENOEXEC: why = "not a program the kernel runs (a corrupt or foreign file)"
+            case EACCES: why = "permission denied"
+            case ENOENT: why = "not found (or its interpreter is missing)"
+            default: why = String(cString: strerror(error.errno))
+            }
+            throw HoldfastError(.upgradeFailed, "the new binary \(path) cannot be executed: \(why) (errno \(error.errno))")
+        }
+        close(output.write)
+        let reading = Task { () -> [UInt8] in
+            guard let reader = try? AsyncFD(adopting: output.read) else { return [] }
+            defer { reader.close() }
+            var bytes: [UInt8] = []
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 1)
+            defer { buffer.deallocate() }
+            while bytes.count < 65536, let count = try? await reader.read(into: buffer), count > 0 {
+                bytes += UnsafeRawBufferPointer(rebasing: buffer[..<count])
+            }
+            return bytes
+        }
+        let waiting = Task { [reaper] in await reaper.wait(pid) }
+        guard let status = await waiting.value(within: Self.probeLimit) else {
+            kill(-pid, SIGKILL)
+            kill(pid, SIGKILL)
+            _ = await waiting.value
+            reading.cancel()
+            throw HoldfastError(.upgradeFailed, "the new binary \(path) did not finish its check within \(Self.describe(Self.probeLimit))")
+        }
+        let printed = await reading.value(within: .seconds(2)) ?? []
+        if printed.isEmpty { reading.cancel() }
+        let text = String(decoding: printed, as: UTF8.self).split(separator: "\n").map { String($0) }.filter { !$0.isEmpty }
+        guard status == .exited(0) else {
+            let said = text.suffix(3).joined(separator: " / ")
+            throw HoldfastError(.upgradeFailed, "the new binary \(path) failed its check (\(status))\(said.isEmpty ? "" : ": \(said)")")
+        }
+        return text.last ?? "(it printed nothing)"
+    }
+
+    /// The state as it stands (`reaped`: exits reaped but not yet written down).
+    func makeUpgradeState(path: String, configPath: String, reaped: [pid_t: HoldfastPosix.ExitStatus]) -> UpgradeState {
+        let (upgrades, broker, bridge) = session.withLockedValue { ($0.upgrades, $0.broker, $0.bridgeWorker) }
+        let roles = [broker, bridge].compactMap { $0 }.map { UpgradeState.Role(name: $0.name, restarts: $0.restarts, lastExit: $0.lastExit) }
+        let uptime = ContinuousClock.now - startedAt
+        return UpgradeState(
+            version: UpgradeState.currentVersion, writtenBy: HoldfastVersion.string, upgrades: upgrades + 1,
+            uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18, executable: path,
+            configPath: configPath, ringCapacity: configuration.streams.ringCapacity,
+            descriptors: UpgradeState.Descriptors(
+                control: controlListener.withLockedValue { $0 } ?? -1, handoff: handoffListener.withLockedValue { $0 },
+                checkpoints: checkpoints?.descriptor, rings: rings?.descriptor),
+            table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
+            reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles)
+    }
+
+    /// After a live upgrade: every process the previous image ran is watched again (its exit,
+    /// reaped there or here, reported once); one that exited there but had not drained is told
+    /// to the first broker with its streams (`readopt`).
+    func watchResumedProcesses() {
+        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
+            Task { await watch(entry) }
+        }
+    }
+
+    /// The sha256 of the executable this image runs (/proc/self/exe), read once.
+    func runningExecutableSHA256() -> String? {
+        if let known = executableDigest.withLockedValue({ $0 }) { return known }
+        let digest = Self.sha256(ofFile: "/proc/self/exe")
+        executableDigest.withLockedValue { $0 = .some(digest) }
+        return digest
+    }
+
+    static func sha256(ofFile path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var hasher = StreamingSHA256()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+        defer { buffer.deallocate() }
+        while true {
+            let count = read(fd, buffer.baseAddress, buffer.count)
+            if count < 0, errno == EINTR { continue }
+            guard count >= 0 else { return nil }
+            if count == 0 { return hasher.hex() }
+            hasher.update(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+        }
+    }
+}

@@ -1,0 +1,99 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Everything a live upgrade hands to the next binary (docs/ARCHITECTURE.md, "Live upgrade"):
+/// written by the supervisor into a memfd just before it execs the new binary with
+/// `--resume-from FD`, read back by the new image, which keeps the pid, the children and every
+/// fd listed here (fd numbers survive an exec). It holds stream secrets: it lives in memory
+/// only, never on disk or in a log.
+///
+/// `version` changes whenever a field changes meaning; a binary refuses a version it does not
+/// know — and the old daemon asks it first (`--check-resume-snapshot`), so a refusal leaves the
+/// old daemon running.
+struct UpgradeState: Codable, Sendable {
+    static let currentVersion = 1
+
+    /// The fds the new image takes over, by what each one is.
+    struct Descriptors: Codable, Sendable, Equatable {
+        /// The control socket's listener: connections made during the switch wait in its backlog.
+        var control: Int32
+        /// The public handoff socket's listener (nil: none configured).
+        var handoff: Int32?
+        /// The checkpoint area and the ring area (nil: the daemon has none).
+        var checkpoints: Int32?
+        var rings: Int32?
+    }
+
+    /// A role's history, so `holdfast status` goes on counting across upgrades.
+    struct Role: Codable, Sendable, Equatable {
+        var name: String
+        var restarts: Int
+        var lastExit: String?
+    }
+
+    /// A child's exit the old image reaped before its watcher wrote it down.
+    struct Reaped: Codable, Sendable, Equatable {
+        var pid: Int32
+        var status: HoldfastPosix.ExitStatus
+    }
+
+    var version: Int
+    /// The release of the binary that wrote this.
+    var writtenBy: String
+    /// Live upgrades before this one finishes (this one included once read back).
+    var upgrades: Int
+    /// How long the daemon had run: its uptime goes on from there.
+    var uptimeSeconds: Double
+    /// The path the daemon runs from (what the next upgrade execs again) and its configuration.
+    var executable: String
+    var configPath: String
+    /// The ring area's layout (each ring's capacity): fixed for the area's life, whatever the
+    /// configuration file says now.
+    var ringCapacity: Int
+    var descriptors: Descriptors
+    var table: ProcessTable.Snapshot
+    var stdio: StdioStore.Snapshot
+    var reaped: [Reaped]
+    var roles: [Role]
+
+    /// Every fd the new image must find open: the listeners, the shared memory areas, and every
+    /// process's stdio the store holds (whatever kinds of fds it holds).
+    var keptDescriptors: [Int32] {
+        [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings].compactMap { $0 } + stdio.heldDescriptors
+    }
+
+    private struct Envelope: Decodable {
+        var version: Int
+        var writtenBy: String?
+    }
+
+    /// Reads a state, refusing (`incompatible-state`) a version this binary does not know —
+    /// before decoding the rest, whose shape may differ — and a process table it cannot read.
+    static func decode(_ bytes: [UInt8]) throws(HoldfastError) -> (state: UpgradeState, table: ProcessTable) {
+        let envelope: Envelope
+        do {
+            envelope = try JSONDecoder().decode(Envelope.self, from: Data(bytes))
+        } catch {
+            throw HoldfastError(.incompatibleState, "the upgrade state is not readable: \(error)")
+        }
+        guard envelope.version == currentVersion else {
+            throw HoldfastError(
+                .incompatibleState,
+                "the upgrade state was written as version \(envelope.version) (by holdfast \(envelope.writtenBy ?? "?")); this binary (holdfast \(HoldfastVersion.string)) reads version \(currentVersion)")
+        }
+        let state: UpgradeState
+        do {
+            state = try JSONDecoder().decode(UpgradeState.self, from: Data(bytes))
+        } catch {
+            throw HoldfastError(.incompatibleState, "the upgrade state (version \(envelope.version)) is not readable: \(error)")
+        }
+        return (state, try ProcessTable(restoring: state.table))
+    }
+}
