@@ -122,7 +122,9 @@ public enum BridgeWorker {
             let hello: BridgeHello
             do {
                 let info = try await client.call(WorkerRequest.hello, reply: BridgeHello.self)
-                hello = BridgeHello(bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID)
+                hello = BridgeHello(
+                    bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID, daemonVersion: info.daemonVersion,
+                    upgrades: info.upgrades)
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
                 link.withLockedValue { $0 = .down }
