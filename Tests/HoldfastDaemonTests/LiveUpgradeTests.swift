@@ -104,4 +104,173 @@ struct LiveUpgradeTests {
         print("one live upgrade: \(upgrade.output)")
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    static let upgrades = 20
+
+    /// Issue 17's "done when": 20 live upgrades in a row, each onto a binary with another
+    /// sha256, while pipes stream both ways (resumable), a terminal and a raw-mode output print,
+    /// a runc container prints (where runc is), and a process a runtime handed over on the
+    /// handoff socket prints; creates go out over the bridge throughout, the switches included.
+    /// The supervisor and every process keep their pids, every byte arrives exactly (no gap, no
+    /// repeat: the broker quiesces instead of crashing), every exit is reported once, every
+    /// create runs.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func twentyUpgradesWhileEveryKindOfStreamFlows() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        func counter(_ prefix: String) -> String {
+            "i=0; while :; do i=$((i+1)); echo \(prefix) $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"
+        }
+        let copy = daemon.directory.file("stdin.copy")
+        let pipeStream = try daemon.streams.open(token: bytes("p-out"), direction: .receive)
+        let pipeOut = collect(pipeStream)
+        let pipeIn = try daemon.streams.open(token: bytes("p-in"), direction: .send)
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "pipes", argv: ["sh", "-c", "exec 3<&0; cat <&3 > \(copy) & exec 3<&-; \(counter("pipe"))"],
+            stdin: daemon.spec("p-in"), stdout: daemon.spec("p-out")))
+        let ttyStream = try daemon.streams.open(token: bytes("t-out"), direction: .receive)
+        let ttyOut = collect(ttyStream)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "tty", argv: ["sh", "-c", counter("tty")], tty: true, stdout: daemon.spec("t-out")))
+        let raw = try BrokerCrashKindsTests.RawCollector(path: daemon.directory.file("raw.sock"))
+        defer { raw.close() }
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "raw", argv: ["sh", "-c", counter("raw")], stdout: StreamSpec(address: "unix:" + daemon.directory.file("raw.sock"), mode: .raw)))
+        let withRunc = TestBundle.canRun
+        var runcStream: ResumableStream<AsyncFD>?
+        var runcOut: Task<[UInt8], Never>?
+        if withRunc {
+            let bundle = try TestBundle(in: daemon.directory, name: "counter", args: ["sh", "-c", counter("runc")], terminal: false)
+            let stream = try daemon.streams.open(token: bytes("r-out"), direction: .receive)
+            runcStream = stream
+            runcOut = collect(stream)
+            _ = try await daemon.bridge.create(ProcessSpec(id: "runc", argv: [], stdout: daemon.spec("r-out"), runtime: .runc, bundle: bundle.path))
+        }
+        let runtimeProcesses = TestProcesses()
+        defer { runtimeProcesses.killAll() }
+        let handedStream = try daemon.streams.open(token: bytes("h-out"), direction: .receive)
+        let handedOut = collect(handedStream)
+        let handedPipe = try PipeEnds.make()
+        let handedPID = try runtimeProcesses.start(["sh", "-c", counter("handed")], stdout: handedPipe.write)
+        close(handedPipe.write)
+        let handedSpec = daemon.spec("h-out")
+        let handOver = BrokerRequest.adopt(AdoptRequest(process: "handed", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: handedSpec.address, mode: .resumable, token: handedSpec.token, secret: handedSpec.secret)
+        ]))
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        _ = try await runtime.request(handOver.frameType, body: handOver.body, descriptors: [handedPipe.read])
+        close(handedPipe.read)
+
+        let ids = ["pipes", "tty", "raw"] + (withRunc ? ["runc"] : [])
+        try await eventually("every process streaming", timeout: .seconds(60)) {
+            let streams = try await daemon.status().streams
+            return streams.filter { $0.state == .connected }.count >= (withRunc ? 6 : 5) && raw.connectionCount >= 1
+        }
+        let first = try await daemon.status()
+        let pids = Dictionary(uniqueKeysWithValues: first.processes.map { ($0.id, $0.pid) })
+        let instance = try #require(daemon.bridge.lastHello?.instanceID)
+        let descriptorsBefore = openDescriptorCount(pid: daemon.daemonPID)
+
+        let typist = NumberedTypist { try await pipeIn.send($0) }
+        // Creates over the bridge all along: before, during and after each switch.
+        let creating = NIOLockedValueBox(true)
+        let creator = Task { () -> (ids: [String], waited: Int) in
+            var created: [String] = []
+            // Creates that took over 150 ms: they came while the daemon was switching binaries.
+            var waited = 0
+            while creating.withLockedValue({ $0 }) {
+                let id = "create-\(created.count + 1)"
+                do {
+                    let sentAt = ContinuousClock.now
+                    _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["sh", "-c", "exit 7"]))
+                    if ContinuousClock.now - sentAt > .milliseconds(150) { waited += 1 }
+                    created.append(id)
+                } catch {
+                    Issue.record("create \(id) refused: \(error)")
+                    break
+                }
+                try? await Task.sleep(for: .milliseconds(Int.random(in: 5...40)))
+            }
+            return (created, waited)
+        }
+        var switches: [Duration] = []
+        for round in 1...Self.upgrades {
+            let sha = try binary.install(variant: round)
+            let started = ContinuousClock.now
+            let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+            switches.append(ContinuousClock.now - started)
+            guard upgrade.status == .exited(0) else {
+                Issue.record("upgrade \(round): \(upgrade.status): \(upgrade.output)\n\(daemon.log.suffix(6000))")
+                break
+            }
+            let now = try await daemon.status()
+            #expect(now.pid == first.pid, "upgrade \(round): the same supervisor")
+            #expect(now.upgrades == round)
+            #expect(now.executableSHA256 == sha, "upgrade \(round): the new binary runs")
+            for id in ids { #expect(now.processes.first { $0.id == id }?.pid == pids[id], "upgrade \(round): \(id) is the same process") }
+            try await Task.sleep(for: .milliseconds(Int.random(in: 50...300)))
+        }
+        creating.withLockedValue { $0 = false }
+        let (created, waitedCreates) = await creator.value
+        try await eventually("the bridge after the last upgrade", timeout: .seconds(30)) { daemon.bridge.lastHello?.upgrades == Self.upgrades }
+        #expect(daemon.bridge.lastHello?.instanceID == instance, "one instance throughout: the host sees upgrades, not restarts")
+        #expect(daemon.bridge.lastHello?.daemonVersion == HoldfastVersion.string)
+        let descriptorsAfter = openDescriptorCount(pid: daemon.daemonPID)
+
+        try await Task.sleep(for: .milliseconds(300))
+        let sent = await typist.stop()
+        #expect(await pipeIn.finish() == 0, "every stdin byte acknowledged")
+        #expect(kill(handedPID, 0) == 0, "the handed-over process still runs")
+        kill(handedPID, SIGTERM)
+        #expect(try await runtimeProcesses.wait(handedPID) == .signaled(SIGTERM))
+        let runtimeNow = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let handedExited = BrokerRequest.processExited(ProcessExitedRequest(process: "handed"))
+        _ = try await runtimeNow.request(handedExited.frameType, body: handedExited.body)
+        func stopSignal(_ id: String) -> Int32 { id == "runc" ? SIGKILL : SIGTERM }
+        for id in ids { try await daemon.bridge.signal(id, stopSignal(id)) }
+        do {
+            try await eventually("every exit", timeout: .seconds(60)) { (ids + created).allSatisfy { exits.count($0) >= 1 } }
+        } catch {
+            Issue.record("exits so far: \(exits.all.map(\.id)); created \(created.count)\n\(daemon.log.suffix(6000))")
+            throw error
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(exits.all.count == ids.count + created.count, "each exit once: \(exits.all.count) for \(ids.count + created.count) processes")
+        for report in exits.all where ids.contains(report.id) {
+            #expect(report.signal == stopSignal(report.id), "ended by our signal: \(report)")
+            #expect(report.lost == nil && report.inputRepeated == nil, "nothing lost or repeated: \(report)")
+        }
+        #expect(exits.all.filter { $0.id.hasPrefix("create-") }.allSatisfy { $0.exitCode == 7 }, "every create ran")
+
+        // Every output exact, up to its last line: no gaps at all.
+        var summary: [String] = []
+        func checkExact(_ name: String, _ data: [UInt8], _ stream: ResumableStream<AsyncFD>, lineEnd: String) {
+            let numbers = BrokerCrashKindsTests.numbers(data, prefix: name)
+            guard let last = numbers.last else {
+                Issue.record("\(name): no output")
+                return
+            }
+            let all = Array((1...last).map { "\(name) \($0)\(lineEnd)" }.joined().utf8)
+            #expect(stream.statistics.lost.bytes == 0, "\(name): no gap reported: \(stream.statistics.lost.summary)")
+            #expect(data == all, "\(name): \(data.count) bytes, every one exact")
+            summary.append("\(name) \(data.count) B")
+        }
+        checkExact("pipe", await pipeOut.value, pipeStream, lineEnd: "\n")
+        checkExact("tty", await ttyOut.value, ttyStream, lineEnd: "\r\n")
+        checkExact("handed", try await withTimeout("the handed-over output", .seconds(60)) { await handedOut.value }, handedStream, lineEnd: "\n")
+        if let runcOut, let runcStream { checkExact("runc", await runcOut.value, runcStream, lineEnd: "\n") }
+        try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
+        #expect(readFile(copy) == sent, "stdin exact: \(sent.count) bytes sent")
+        let rawNumbers = BrokerCrashKindsTests.numbers(raw.all, prefix: "raw")
+        #expect(rawNumbers == Array(1...(rawNumbers.last ?? 0)), "raw: every line once, in order")
+        #expect(descriptorsAfter <= descriptorsBefore + 2, "the supervisor's fds: \(descriptorsBefore) before, \(descriptorsAfter) after \(Self.upgrades) upgrades")
+        let sorted = switches.sorted()
+        print("\(Self.upgrades) live upgrades (request to both roles serving, CLI included): median \(sorted[sorted.count / 2]), max \(sorted.last!); "
+            + summary.joined(separator: ", ") + ", stdin \(sent.count) B, raw \(raw.all.count) B over \(raw.connectionCount) connections; "
+            + "\(created.count) creates (\(waitedCreates) waited for a switch), all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
