@@ -219,6 +219,7 @@ struct LiveUpgradeTests {
         #expect(daemon.bridge.lastHello?.instanceID == instance, "one instance throughout: the host sees upgrades, not restarts")
         #expect(daemon.bridge.lastHello?.daemonVersion == HoldfastVersion.string)
         let descriptorsAfter = openDescriptorCount(pid: daemon.daemonPID)
+        #expect(waitedCreates > 0, "some creates came while the daemon switched binaries")
 
         try await Task.sleep(for: .milliseconds(300))
         let sent = await typist.stop()
@@ -271,6 +272,73 @@ struct LiveUpgradeTests {
         print("\(Self.upgrades) live upgrades (request to both roles serving, CLI included): median \(sorted[sorted.count / 2]), max \(sorted.last!); "
             + summary.joined(separator: ", ") + ", stdin \(sent.count) B, raw \(raw.all.count) B over \(raw.connectionCount) connections; "
             + "\(created.count) creates (\(waitedCreates) waited for a switch), all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Issue 17's item 2: a missing, non-executable or corrupt binary, one whose check fails,
+    /// crashes, or reads another version of the state: each upgrade is refused with its
+    /// reason (`holdfast upgrade` exits 1), and the old daemon still serves — the same pid, no
+    /// upgrade counted, a process it ran all along streams on exactly, a new create runs and
+    /// its output arrives. Then a good binary upgrades as usual.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aFailedUpgradeChangesNothingAndTheOldDaemonServes() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let real = binary.directory.file("real-holdfast")
+        try writeFile(real, binary.original, mode: 0o755)
+        chmod(real, 0o755)
+        let daemon = try await DaemonFixture(executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let steady = collect(try daemon.streams.open(token: bytes("s-out"), direction: .receive))
+        let steadyPID = try await daemon.bridge.create(ProcessSpec(
+            id: "steady", argv: counterCommand(4000, prefix: "steady", pause: "0.002"), stdout: daemon.spec("s-out")))
+        let before = try await daemon.status()
+        let state = binary.directory.file("state.json")
+        func script(_ body: String) -> [UInt8] { Array("#!/bin/sh\n\(body)\n".utf8) }
+        let cases: [(name: String, install: () throws -> Void, says: String)] = [
+            ("missing", { unlink(binary.path) }, "cannot open the new binary \(binary.path): No such file or directory"),
+            ("not executable", { try binary.replace(with: binary.original, mode: 0o644) }, "is not executable (mode 644)"),
+            ("corrupt", { try binary.replace(with: (0..<65536).map { _ in UInt8.random(in: 0...255) }, mode: 0o755) }, "not a program the kernel runs"),
+            ("check fails", { try binary.replace(with: script("echo 'holdfast 9.9: cannot read this' >&2; exit 3"), mode: 0o755) },
+             "failed its check (exit code 3): holdfast 9.9: cannot read this"),
+            ("check crashes", { try binary.replace(with: script("kill -SEGV $$"), mode: 0o755) }, "failed its check (killed by signal 11"),
+            // The real binary, handed the state as a newer daemon would write it (version 2).
+            ("another state version", {
+                try binary.replace(with: script("sed 's/\"version\":1/\"version\":2/g' /proc/self/fd/$5 > \(state); exec \(real) \"$1\" \"$2\" \"$3\" \"$4\" 9 9<\(state)"), mode: 0o755)
+            }, "the upgrade state was written as version 2"),
+            // A script passes the check (run by path) but cannot be exec'd from its fd: the exec
+            // itself fails after the roles were stopped, and the daemon brings them back.
+            ("exec fails", { try binary.replace(with: script("echo 'all good'"), mode: 0o755) }, "cannot execute \(binary.path)"),
+        ]
+        for (index, failure) in cases.enumerated() {
+            try failure.install()
+            let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+            #expect(upgrade.status == .exited(1), "\(failure.name): \(upgrade.status) \(upgrade.output)")
+            #expect(upgrade.output.contains("upgrade failed: the upgrade did not happen") && upgrade.output.contains(failure.says), "\(failure.name): \(upgrade.output)")
+            try await eventually("both roles running", timeout: .seconds(30)) {
+                try await daemon.status().roles.allSatisfy { $0.pid != nil }
+            }
+            let now = try await daemon.status()
+            #expect(now.pid == before.pid && (now.upgrades ?? 0) == 0 && now.executableSHA256 == before.executableSHA256, "\(failure.name): the old daemon runs on")
+            #expect(now.processes.first { $0.id == "steady" }?.pid == steadyPID)
+            // It serves: a create runs, its output arrives, its exit is reported.
+            let id = "after-\(index)"
+            let output = collect(try daemon.streams.open(token: bytes(id), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["echo", "served after: \(failure.name)"], stdout: daemon.spec(id)))
+            #expect(try await withTimeout("\(id)'s output", .seconds(30)) { await output.value } == bytes("served after: \(failure.name)\n"))
+            try await eventually("\(id)'s exit", timeout: .seconds(30)) { exits.count(id) == 1 }
+            print("refused (\(failure.name)): \(upgrade.output.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        // A good binary again: the daemon upgrades as if nothing had happened.
+        let sha = try binary.install(variant: 1)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.upgrades == 1 && after.executableSHA256 == sha)
+        #expect(try await withTimeout("steady's output", .seconds(60)) { await steady.value } == expectedLines(4000, prefix: "steady"))
+        try await eventually("steady's exit", timeout: .seconds(30)) { exits.count("steady") == 1 }
         #expect(try await daemon.stop() == .exited(0))
     }
 }
