@@ -164,6 +164,9 @@ extension Supervisor {
             logger.warning("live upgrade: the broker did not quiesce cleanly", metadata: ["status": "\(brokerExit)"])
         }
 
+        // A stop that began meanwhile wins: this image carries it out.
+        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop") }
+
         // 4. The state, written down with nothing reaped from now on (exits wait as zombies).
         let reaped = reaper.freeze()
         undo.append { [self] in reaper.thaw() }
@@ -268,7 +271,7 @@ extension Supervisor {
             configPath: configPath, ringCapacity: configuration.streams.ringCapacity,
             descriptors: UpgradeState.Descriptors(
                 control: controlListener.withLockedValue { $0 } ?? -1, handoff: handoffListener.withLockedValue { $0 },
-                checkpoints: checkpoints?.descriptor, rings: rings?.descriptor),
+                checkpoints: checkpoints?.descriptor, rings: rings?.descriptor, metrics: metricsListener.withLockedValue { $0 }),
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles)
     }

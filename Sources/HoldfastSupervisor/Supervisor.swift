@@ -84,6 +84,7 @@ public final class Supervisor: Sendable {
     /// The listening fds a live upgrade passes on.
     let controlListener = NIOLockedValueBox<Int32?>(nil)
     let handoffListener = NIOLockedValueBox<Int32?>(nil)
+    let metricsListener = NIOLockedValueBox<Int32?>(nil)
     /// The sha256 of the running executable, computed once (`status`).
     let executableDigest = NIOLockedValueBox<String??>(nil)
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.
@@ -280,7 +281,10 @@ public final class Supervisor: Sendable {
     /// The metrics endpoint, when `metrics.address` names one.
     func metricsService() throws -> DaemonService? {
         guard let address = configuration.metrics.address else { return nil }
-        let listener = try Listener(binding: address, unixMode: 0o644)
+        // After a live upgrade it is listening already (passed across the exec).
+        let listener = try resumption?.state.descriptors.metrics.map { try Listener(adopting: $0, address: address) }
+            ?? Listener(binding: address, unixMode: 0o644)
+        metricsListener.withLockedValue { $0 = listener.descriptor }
         let endpoint = MetricsEndpoint(listener: listener, logger: logger) { [self] in await metricsText() }
         logger.info("metrics endpoint", metadata: ["address": "\(listener.boundAddress)"])
         return DaemonService("metrics endpoint", stop: { listener.close() }) { await endpoint.serve() }
@@ -363,7 +367,7 @@ public final class Supervisor: Sendable {
                 sockets.append(configuration.control.socket)
                 if !configuration.handoff.socket.isEmpty { sockets.append(configuration.handoff.socket) }
             }
-            if case .unix(let path) = configuration.metrics.address { sockets.append(path) }
+            if !socketsPassed, case .unix(let path) = configuration.metrics.address { sockets.append(path) }
             for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: configuration.runDirectory) }
             return lock
         } catch {

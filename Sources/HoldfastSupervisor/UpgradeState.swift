@@ -29,6 +29,8 @@ struct UpgradeState: Codable, Sendable {
         /// The checkpoint area and the ring area (nil: the daemon has none).
         var checkpoints: Int32?
         var rings: Int32?
+        /// The metrics endpoint's listener (nil: none configured).
+        var metrics: Int32? = nil
     }
 
     /// A role's history, so `holdfast status` goes on counting across upgrades.
@@ -66,7 +68,7 @@ struct UpgradeState: Codable, Sendable {
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).
     var keptDescriptors: [Int32] {
-        [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings].compactMap { $0 } + stdio.heldDescriptors
+        [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics].compactMap { $0 } + stdio.heldDescriptors
     }
 
     private struct Envelope: Decodable {

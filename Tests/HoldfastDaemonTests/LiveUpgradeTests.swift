@@ -64,7 +64,8 @@ struct LiveUpgradeTests {
     func oneUpgradeKeepsThePidTheProcessAndEveryByte() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let daemon = try await DaemonFixture(executable: binary.path)
+        // The metrics endpoint's listener is passed across the exec too.
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"", executable: binary.path)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -93,6 +94,8 @@ struct LiveUpgradeTests {
             throw error
         }
         #expect(daemon.bridge.lastHello?.instanceID == instance, "the same instance: an upgrade, not a restart")
+        let metrics = try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
+        #expect(metrics.hasPrefix("HTTP/1.") && metrics.contains("holdfast_"), "the metrics endpoint serves after the upgrade: \(metrics.prefix(200))")
         try await Task.sleep(for: .milliseconds(300))
         let sent = await typist.stop()
         #expect(await input.finish() == 0)

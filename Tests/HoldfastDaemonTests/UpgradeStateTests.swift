@@ -1,0 +1,96 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+@testable import HoldfastSupervisor
+
+/// What a live upgrade writes down for the next binary, read back; and the rule that lets the
+/// fd store grow without the upgrade knowing its fields in advance.
+@Suite("The live upgrade's state")
+struct UpgradeStateTests {
+    func store() throws -> StdioStore {
+        var store = StdioStore(slots: 64)
+        let secret = try StreamSecret(hex: String(repeating: "cd", count: 32))
+        var request = AdoptRequest(process: "p1", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: "unix:/run/out.sock", mode: .resumable, token: "t-out", secret: secret),
+            StreamDescription(kind: .stdin, fd: 1, address: "unix:/run/in.sock", mode: .resumable, token: "t-in", secret: secret),
+        ])
+        store.assignCheckpoints(&request)
+        store.keep("p1", request: request, descriptors: [41, 42], adoptedBy: 3)
+        store.exited("p1")
+        var handoff = AdoptRequest(process: "h1", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: "unix:/run/out.sock", mode: .resumable, token: "h-out", secret: secret, checkpoint: 60_000)
+        ])
+        handoff.handoffOwner = nil
+        let kept = store.keepHandoff(HandoffDeposit(request: handoff, owner: 1000), descriptors: [43], adoptedBy: 3)
+        #expect(kept)
+        _ = store.inputEnded("p1")  // its stdin (fd 42) closed: -1 in the entry, not passed on
+        return store
+    }
+
+    @Test func theStateRoundTripsAndNamesEveryFdItPasses() throws {
+        let store = try store()
+        let table = ProcessTable(instanceID: "instance-9")
+        let state = UpgradeState(
+            version: UpgradeState.currentVersion, writtenBy: "0.1.0", upgrades: 3, uptimeSeconds: 12.5, executable: "/usr/bin/holdfast",
+            configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20,
+            descriptors: .init(control: 7, handoff: 8, checkpoints: 9, rings: 10), table: table.snapshot(), stdio: store.snapshot(),
+            reaped: [.init(pid: 4321, status: .exited(3))], roles: [.init(name: "broker", restarts: 2, lastExit: "exit code 0")])
+        #expect(Set(state.keptDescriptors) == [7, 8, 9, 10, 41, 43], "the listeners, the memory areas and every open stdio fd")
+        let (decoded, restoredTable) = try UpgradeState.decode(Array(try JSONEncoder().encode(state)))
+        #expect(decoded.stdio == state.stdio)
+        #expect(decoded.reaped == state.reaped && decoded.roles == state.roles && decoded.descriptors == state.descriptors)
+        #expect(restoredTable.instanceID == "instance-9")
+        // The next image's first broker is handed every process, and owes every exit.
+        var restored = StdioStore(restoring: decoded.stdio)
+        #expect(restored.slots == store.slots)
+        let (ours, theirs) = try FDChannel.pair()
+        defer { close(theirs) }
+        let client = RPCClient(channel: FDChannel(try AsyncFD(adopting: ours)))
+        defer { client.close() }
+        let first = restored.brokerStarted(client)
+        let claimed = restored.claim(for: first)
+        #expect(claimed.map(\.process) == ["h1", "p1"])
+        #expect(claimed.first { $0.process == "p1" }?.descriptors == [41], "the ended stdin is not handed over")
+        #expect(claimed.allSatisfy { $0.request.streams.allSatisfy { $0.resume == true } })
+    }
+
+    @Test func aStateOfAnotherVersionIsRefusedBeforeItsShapeIsRead() throws {
+        let newer = Array(#"{"version": 2, "writtenBy": "9.0.0", "whatever": {"comes": "next"}}"#.utf8)
+        #expect {
+            _ = try UpgradeState.decode(newer)
+        } throws: { error in
+            (error as? HoldfastError)?.code == .incompatibleState
+                && (error as? HoldfastError)?.message.contains("written as version 2 (by holdfast 9.0.0)") == true
+        }
+        #expect(throws: HoldfastError.self) { _ = try UpgradeState.decode(Array("not json".utf8)) }
+    }
+
+    /// The fd store is written down whole (`StdioStore.Held` is Codable), so a field added to it
+    /// travels by itself; but the fds it holds must stay open across the exec, which only those
+    /// `heldDescriptors` lists do. Every `Int32` anywhere in an entry is an fd (stream fds are
+    /// indexes, `Int`): this fails when one is added and not listed.
+    @Test func everyFdAnEntryHoldsIsListedForTheExec() throws {
+        let store = try store()
+        for (process, entry) in store.snapshot().held {
+            var found: [Int32] = []
+            func walk(_ value: Any) {
+                if let number = value as? Int32 { found.append(number) }
+                for child in Mirror(reflecting: value).children { walk(child.value) }
+            }
+            walk(entry)
+            #expect(Set(found.filter { $0 >= 0 }) == Set(entry.heldDescriptors), "\(process): Int32s \(found), listed \(entry.heldDescriptors)")
+        }
+    }
+}
