@@ -268,7 +268,8 @@ extension Supervisor {
         return UpgradeState(
             version: UpgradeState.currentVersion, writtenBy: HoldfastVersion.string, upgrades: upgrades + 1,
             uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18, executable: path,
-            configPath: configPath, ringCapacity: configuration.streams.ringCapacity,
+            configPath: configPath, ringCapacity: configuration.streams.ringCapacity, runDirectory: configuration.runDirectory,
+            controlSocket: configuration.control.socket, handoffSocket: configuration.handoff.socket,
             descriptors: UpgradeState.Descriptors(
                 control: controlListener.withLockedValue { $0 } ?? -1, handoff: handoffListener.withLockedValue { $0 },
                 checkpoints: checkpoints?.descriptor, rings: rings?.descriptor, metrics: metricsListener.withLockedValue { $0 }),

@@ -99,12 +99,20 @@ public final class Supervisor: Sendable {
         resuming: Resumption? = nil
     ) {
         var configuration = configuration
-        if let state = resuming?.state, state.ringCapacity != configuration.streams.ringCapacity {
-            // The ring area's layout is fixed for its life: the new size takes effect at the next start.
-            logger.warning("streams.ring_capacity changed: it takes effect at the next start, not across a live upgrade", metadata: [
-                "running": "\(state.ringCapacity)", "configured": "\(configuration.streams.ringCapacity)",
-            ])
-            configuration.streams.ringCapacity = state.ringCapacity
+        if let state = resuming?.state {
+            // What the passed fds are fixed for their life: a changed value takes effect at the
+            // next start, not across a live upgrade (the rest of the configuration does).
+            func keep<Value: Equatable>(_ key: String, _ path: WritableKeyPath<DaemonConfiguration, Value>, _ running: Value) {
+                guard configuration[keyPath: path] != running else { return }
+                logger.warning("\(key) changed: it takes effect at the next start, not across a live upgrade", metadata: [
+                    "running": "\(running)", "configured": "\(configuration[keyPath: path])",
+                ])
+                configuration[keyPath: path] = running
+            }
+            keep("streams.ring_capacity", \.streams.ringCapacity, state.ringCapacity)
+            keep("run_directory", \.runDirectory, state.runDirectory)
+            keep("control.socket", \.control.socket, state.controlSocket)
+            keep("handoff.socket", \.handoff.socket, state.handoffSocket)
         }
         self.configuration = configuration
         self.logger = logger

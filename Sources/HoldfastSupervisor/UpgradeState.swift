@@ -59,6 +59,10 @@ struct UpgradeState: Codable, Sendable {
     /// The ring area's layout (each ring's capacity): fixed for the area's life, whatever the
     /// configuration file says now.
     var ringCapacity: Int
+    /// Where the passed sockets are, and the run directory: kept for the process's life too.
+    var runDirectory: String
+    var controlSocket: String
+    var handoffSocket: String
     var descriptors: Descriptors
     var table: ProcessTable.Snapshot
     var stdio: StdioStore.Snapshot

@@ -63,8 +63,10 @@ public enum StatusPrinter {
             case .closed: return stream.rawValue
             }
         }
+        // Live upgrades since the start (its uptime spans them), when there were any.
+        let upgrades = (report.upgrades ?? 0) > 0 ? "  live upgrades: \(report.upgrades!)" : ""
         var lines = [
-            "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))", "",
+            "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))\(upgrades)", "",
         ]
         lines += TextTable.lines(
             ["ROLE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],

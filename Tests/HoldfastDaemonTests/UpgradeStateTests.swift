@@ -45,6 +45,7 @@ struct UpgradeStateTests {
         let state = UpgradeState(
             version: UpgradeState.currentVersion, writtenBy: "0.1.0", upgrades: 3, uptimeSeconds: 12.5, executable: "/usr/bin/holdfast",
             configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20,
+            runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock", handoffSocket: "/run/holdfast/broker.sock",
             descriptors: .init(control: 7, handoff: 8, checkpoints: 9, rings: 10), table: table.snapshot(), stdio: store.snapshot(),
             reaped: [.init(pid: 4321, status: .exited(3))], roles: [.init(name: "broker", restarts: 2, lastExit: "exit code 0")])
         #expect(Set(state.keptDescriptors) == [7, 8, 9, 10, 41, 43], "the listeners, the memory areas and every open stdio fd")
