@@ -8,9 +8,14 @@ run directory and a bridge address nobody listens on (the bridge worker redials;
 not wait for the host). A Unix datagram socket stands in for systemd's NOTIFY_SOCKET, with
 WATCHDOG_USEC set. Checks: without a bridge key it exits 2 naming bridge.key_file; with one
 provisioned (HOLDFAST_BRIDGE_KEY_FILE): READY=1 arrives, `holdfast status` answers, the broker runs under
-seccomp as an unprivileged user, WATCHDOG=1 arrives, SIGTERM gives STOPPING=1 and exit 0.
+seccomp as an unprivileged user, WATCHDOG=1 arrives; then a live upgrade while a process
+streams: the unpacked binary is replaced by a newer build (a copy with bytes appended, renamed
+over it as dpkg does) and `holdfast upgrade` (the unit's ExecReload) must keep the daemon's pid,
+report the new binary's sha256 and one upgrade, send READY=1 again, and lose not a line of a
+process handed over on the handoff socket (raw mode); SIGTERM gives STOPPING=1 and exit 0.
 Needs root (the daemon starts the broker as another user); skips otherwise.
 """
+import hashlib
 import json
 import os
 import pwd
@@ -20,7 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import handoff  # noqa: E402  (examples/handoff.py: the handoff socket's client)
 
 
 def unused_uid() -> int:
@@ -134,6 +143,66 @@ def main() -> int:
             return fail(f"the broker runs with Seccomp {seccomp}, uid {uid}")
         if not wait_for("WATCHDOG=1", 3):
             return fail("no WATCHDOG=1 within 3 s at WATCHDOG_USEC=1000000")
+
+        # A live upgrade while a process streams. The process is a runtime's, handed over on the
+        # handoff socket with its stdout in raw mode to a listener here (no host bridge needed).
+        lines = 3000
+        collected = bytearray()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"{directory}/out.sock")
+        os.chmod(f"{directory}/out.sock", 0o666)  # the broker, unprivileged, dials it
+        listener.listen(8)
+
+        def collect() -> None:
+            # Connections in order: the old broker's ends (at its exit) before the new one dials.
+            while len(collected) < len("".join(f"line {i}\n" for i in range(1, lines + 1))):
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    return
+                with connection:
+                    while chunk := connection.recv(65536):
+                        collected.extend(chunk)
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        read_end, write_end = os.pipe()
+        child = subprocess.Popen(
+            ["sh", "-c", f"i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo line $i; [ $((i % 100)) -ne 0 ] || sleep 0.05; done"],
+            stdout=write_end, start_new_session=True)
+        os.close(write_end)
+        with handoff.Client(f"{run}/broker.sock") as broker:
+            broker.adopt("smoke", [handoff.Stream("stdout", read_end, f"unix:{directory}/out.sock", mode="raw")])
+        os.close(read_end)
+        time.sleep(0.3)
+        newer = open(binary, "rb").read() + b"\nholdfast smoke test: a newer build\n"
+        with open(binary + ".new", "wb") as new_file:
+            new_file.write(newer)
+        os.chmod(binary + ".new", 0o755)
+        os.rename(binary + ".new", binary)
+        received.clear()
+        upgrade_started = time.monotonic()
+        upgrade = subprocess.run(
+            [binary, "upgrade", "--socket", f"{run}/control.sock"], capture_output=True, text=True, timeout=90)
+        upgrade_ms = (time.monotonic() - upgrade_started) * 1000
+        if upgrade.returncode != 0:
+            child.kill()
+            return fail(f"holdfast upgrade: exit {upgrade.returncode}: {upgrade.stdout} {upgrade.stderr}")
+        after = json.loads(subprocess.run(
+            [binary, "status", "--json", "--socket", f"{run}/control.sock"], capture_output=True, text=True, timeout=10).stdout)
+        if after["pid"] != daemon.pid or after.get("upgrades") != 1:
+            return fail(f"after the upgrade: pid {after['pid']} (daemon {daemon.pid}), upgrades {after.get('upgrades')}")
+        if after.get("executableSHA256") != hashlib.sha256(newer).hexdigest():
+            return fail(f"after the upgrade the daemon runs sha256 {after.get('executableSHA256')}, not the newer build's")
+        if not wait_for("READY=1", 20):
+            return fail("no READY=1 from the upgraded daemon")
+        if child.wait(timeout=60) != 0:
+            return fail("the streaming process failed")
+        reader.join(timeout=30)
+        listener.close()
+        expected = "".join(f"line {i}\n" for i in range(1, lines + 1)).encode()
+        if bytes(collected) != expected:
+            return fail(f"the process's output across the upgrade: {len(collected)} of {len(expected)} bytes, not exact")
         stopping_started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -147,7 +216,8 @@ def main() -> int:
             return fail(f"exit status {code} after SIGTERM")
         print(
             f"smoke test: PASS: READY=1 after {ready_ms:.0f} ms; status answered; broker pid {broker_pid} uid {uid} "
-            f"Seccomp {seccomp}; WATCHDOG=1 seen; STOPPING=1; exit 0 {stop_ms:.0f} ms after SIGTERM")
+            f"Seccomp {seccomp}; WATCHDOG=1 seen; live upgrade onto a newer build in {upgrade_ms:.0f} ms, same pid, "
+            f"{lines} lines streamed across it exactly; STOPPING=1; exit 0 {stop_ms:.0f} ms after SIGTERM")
         return 0
     finally:
         if daemon is not None and daemon.poll() is None:
