@@ -7,7 +7,12 @@
 #
 # Where systemd is not PID 1 (a container), the unit is enabled (its symlink recorded by
 # deb-systemd-helper) but nothing is started or stopped: that part of the scripts is guarded by
-# [ -d /run/systemd/system ] and is not exercised here.
+# [ -d /run/systemd/system ] and is not exercised here. The live upgrade is exercised either
+# way: a newer package (this one repacked with a higher version and a binary with another
+# sha256) is installed over a running daemon — the unit where systemd runs, else the daemon
+# started by hand, whose socket the postinst finds — while a process streams
+# (packaging/upgrade-check.py). The daemon's bridge points at a Unix path nobody listens on (it
+# redials; nothing dials vsock), and a bridge key is provisioned for it if there is none.
 set -euo pipefail
 
 deb=${1:?usage: install-check.sh DEB}
@@ -37,6 +42,52 @@ echo "# a local change" >> /etc/holdfast/holdfast.yaml
 dpkg -i --force-confold "$deb"
 check "the user is kept" 'getent passwd holdfast >/dev/null'
 check "the local change to the conffile is kept" 'grep -q "a local change" /etc/holdfast/holdfast.yaml'
+
+echo "== dpkg -i a newer package over a running daemon while a process streams"
+here=$(cd "$(dirname "$0")" && pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-install-check.XXXXXX")
+dpkg-deb -R "$deb" "$work/newer"
+sed -i "s/^Version: \(.*\)$/Version: \1+upgradecheck1/" "$work/newer/DEBIAN/control"
+printf '\nholdfast install-check: a newer build\n' >> "$work/newer/usr/bin/holdfast"
+(cd "$work/newer" && md5sum $(awk '{print $2}' DEBIAN/md5sums) > DEBIAN/md5sums.new && mv DEBIAN/md5sums.new DEBIAN/md5sums)
+dpkg-deb -b --root-owner-group "$work/newer" "$work/newer.deb" >/dev/null
+made_key=""
+if [[ ! -e /etc/holdfast/bridge.key ]]; then
+    (umask 077 && { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; } > /etc/holdfast/bridge.key)
+    made_key=1
+fi
+bridge="unix:/run/holdfast/no-host.sock"
+daemon_pid=""
+if [[ -d /run/systemd/system ]]; then
+    mkdir -p /run/systemd/system/holdfast.service.d
+    printf '[Service]\nEnvironment=HOLDFAST_BRIDGE_ADDRESS=%s\n' "$bridge" > /run/systemd/system/holdfast.service.d/install-check.conf
+    systemctl daemon-reload
+    systemctl start holdfast.service
+else
+    HOLDFAST_BRIDGE_ADDRESS=$bridge setsid /usr/bin/holdfast daemon --config /etc/holdfast/holdfast.yaml > "$work/daemon.log" 2>&1 &
+    daemon_pid=$!
+fi
+for _ in $(seq 150); do
+    /usr/bin/holdfast status --socket /run/holdfast/control.sock >/dev/null 2>&1 && break
+    sleep 0.2
+done
+upgrade_ok=0
+python3 "$here/upgrade-check.py" "$work/newer.deb" /run/holdfast || upgrade_ok=$?
+if [[ -n $daemon_pid ]]; then
+    kill -TERM "$daemon_pid"
+    wait "$daemon_pid" || true
+    [[ $upgrade_ok == 0 ]] || cat "$work/daemon.log"
+else
+    systemctl stop holdfast.service
+    rm -f /run/systemd/system/holdfast.service.d/install-check.conf
+    rmdir /run/systemd/system/holdfast.service.d 2>/dev/null || true
+    systemctl daemon-reload
+    [[ $upgrade_ok == 0 ]] || journalctl -u holdfast --no-pager -n 200
+fi
+[[ -n $made_key ]] && rm -f /etc/holdfast/bridge.key
+rm -rf "$work"
+check "a newer package upgraded the running daemon live, nothing lost" '[[ $upgrade_ok == 0 ]]'
+check "the newer version is installed" '[[ $(dpkg-query -W -f="\${Version}" holdfast) == *+upgradecheck1 ]]'
 
 echo "== dpkg -r"
 dpkg -r holdfast

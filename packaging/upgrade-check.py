@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Installs a newer holdfast package over a running daemon while a process streams, and checks
+that the package upgraded the daemon live (`make deb-install-check`, throwaway machines only).
+
+    packaging/upgrade-check.py NEWER_DEB [RUN_DIRECTORY]
+
+The daemon must be running from the installed package (RUN_DIRECTORY: /run/holdfast). A
+process is handed over on its handoff socket with its stdout in raw mode to a listener here
+(examples/handoff.py); then `dpkg -i NEWER_DEB`, whose postinst reloads the daemon (systemd) or
+runs `holdfast upgrade` (no systemd). Checks: dpkg succeeds, the daemon has the same pid, one
+live upgrade more, the sha256 of the newly installed /usr/bin/holdfast, and every line the
+process printed arrived exactly once, in order.
+"""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import handoff  # noqa: E402
+
+
+def status(run: str) -> dict:
+    result = subprocess.run(
+        ["/usr/bin/holdfast", "status", "--json", "--socket", f"{run}/control.sock"], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"holdfast status: exit {result.returncode}: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def main() -> int:
+    newer = sys.argv[1]
+    run = sys.argv[2] if len(sys.argv) > 2 else "/run/holdfast"
+    directory = tempfile.mkdtemp(prefix="holdfast-upgrade-check.")
+    os.chmod(directory, 0o755)  # the broker, unprivileged, dials the listener in here
+    before = status(run)
+    lines = 5000
+    expected = "".join(f"line {i}\n" for i in range(1, lines + 1)).encode()
+    collected = bytearray()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{directory}/out.sock")
+    os.chmod(f"{directory}/out.sock", 0o666)
+    listener.listen(8)
+
+    def collect() -> None:
+        # The old broker's connection ends (at its exit) before the new one's begins.
+        while len(collected) < len(expected):
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                while chunk := connection.recv(65536):
+                    collected.extend(chunk)
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen(
+        ["sh", "-c", f"i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo line $i; [ $((i % 100)) -ne 0 ] || sleep 0.05; done"],
+        stdout=write_end, start_new_session=True)
+    os.close(write_end)
+    with handoff.Client(f"{run}/broker.sock") as broker:
+        broker.adopt("upgrade-check", [handoff.Stream("stdout", read_end, f"unix:{directory}/out.sock", mode="raw")])
+    os.close(read_end)
+    installed = subprocess.run(["dpkg", "-i", newer], capture_output=True, text=True, timeout=300)
+    print(installed.stdout + installed.stderr, end="")
+    if installed.returncode != 0:
+        print(f"FAIL: dpkg -i {newer}: exit {installed.returncode}")
+        return 1
+    after = status(run)
+    with open("/usr/bin/holdfast", "rb") as binary:
+        sha = hashlib.sha256(binary.read()).hexdigest()
+    problems = []
+    if after["pid"] != before["pid"]:
+        problems.append(f"the daemon's pid changed ({before['pid']} -> {after['pid']}): it was restarted, not upgraded")
+    if after.get("upgrades", 0) != before.get("upgrades", 0) + 1:
+        problems.append(f"live upgrades {before.get('upgrades', 0)} -> {after.get('upgrades', 0)}")
+    if after.get("executableSHA256") != sha:
+        problems.append(f"the daemon runs sha256 {after.get('executableSHA256')}, /usr/bin/holdfast is {sha}")
+    if child.wait(timeout=120) != 0:
+        problems.append("the streaming process failed")
+    reader.join(timeout=60)
+    listener.close()
+    if bytes(collected) != expected:
+        problems.append(f"the process's output across the upgrade: {len(collected)} of {len(expected)} bytes, not exact")
+    for problem in problems:
+        print(f"FAIL: {problem}")
+    if problems:
+        return 1
+    print(f"ok: dpkg -i of a newer package upgraded the running daemon live (pid {after['pid']}, "
+          f"upgrade {after.get('upgrades')}), {lines} lines streamed across it exactly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
