@@ -10,8 +10,32 @@ import Glibc
 extension Supervisor {
     /// Serves the local control socket (mode 0600: root only): status, launch, signal, wait.
     func serveControl(_ listener: Listener) async {
+        // Clients a live upgrade parked in the previous image (connected during its switch,
+        // nothing read from them yet): served here from their first request.
+        for fd in resumption?.state.descriptors.parkedControl ?? [] {
+            guard let connection = try? AsyncFD(adopting: fd) else { continue }
+            Task { await serveControlPeer(FDChannel(connection)) }
+        }
         while !Task.isCancelled {
             guard let connection = try? await listener.accept() else { return }
+            // While a live upgrade is under way a new client is not read from: its connection
+            // goes to the next image with the listener (or back to this one's service if the
+            // upgrade fails), so what it asks is answered by the binary that runs on.
+            if session.withLockedValue({ $0.upgrading }), let fd = connection.detach() {
+                parkedControl.withLockedValue { $0.append(fd) }
+                continue
+            }
+            Task { await serveControlPeer(FDChannel(connection)) }
+        }
+    }
+
+    /// The clients parked during a live upgrade that did not happen: served now.
+    func serveParkedControlClients() {
+        for fd in parkedControl.withLockedValue({ parked in defer { parked = [] }; return parked }) {
+            guard let connection = try? AsyncFD(adopting: fd) else {
+                close(fd)
+                continue
+            }
             Task { await serveControlPeer(FDChannel(connection)) }
         }
     }

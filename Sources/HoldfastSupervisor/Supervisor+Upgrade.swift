@@ -115,7 +115,10 @@ extension Supervisor {
         guard session.withLockedValue({ s in defer { s.upgrading = true }; return !s.upgrading }) else {
             throw HoldfastError(.upgradeFailed, "another upgrade is under way")
         }
-        var undo: [() -> Void] = [{ [self] in session.withLockedValue { $0.upgrading = false } }]
+        var undo: [() -> Void] = [{ [self] in
+            session.withLockedValue { $0.upgrading = false }
+            serveParkedControlClients()
+        }]
         func fail(_ message: String) -> HoldfastError {
             for step in undo.reversed() { step() }
             logger.error("live upgrade failed: the daemon goes on as it was", metadata: ["reason": "\(message)"])
@@ -272,7 +275,8 @@ extension Supervisor {
             controlSocket: configuration.control.socket, handoffSocket: configuration.handoff.socket,
             descriptors: UpgradeState.Descriptors(
                 control: controlListener.withLockedValue { $0 } ?? -1, handoff: handoffListener.withLockedValue { $0 },
-                checkpoints: checkpoints?.descriptor, rings: rings?.descriptor, metrics: metricsListener.withLockedValue { $0 }),
+                checkpoints: checkpoints?.descriptor, rings: rings?.descriptor, metrics: metricsListener.withLockedValue { $0 },
+                parkedControl: parkedControl.withLockedValue { $0 }),
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles)
     }

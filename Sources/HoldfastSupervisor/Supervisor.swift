@@ -85,6 +85,8 @@ public final class Supervisor: Sendable {
     let controlListener = NIOLockedValueBox<Int32?>(nil)
     let handoffListener = NIOLockedValueBox<Int32?>(nil)
     let metricsListener = NIOLockedValueBox<Int32?>(nil)
+    /// Control clients that connected while a live upgrade was under way, not read from yet.
+    let parkedControl = NIOLockedValueBox<[Int32]>([])
     /// The sha256 of the running executable, computed once (`status`).
     let executableDigest = NIOLockedValueBox<String??>(nil)
     /// New at every start, in every hello: tells the host a daemon restart from a lost connection.

@@ -31,6 +31,9 @@ struct UpgradeState: Codable, Sendable {
         var rings: Int32?
         /// The metrics endpoint's listener (nil: none configured).
         var metrics: Int32? = nil
+        /// Control clients that connected during the switch, nothing read from them yet: the
+        /// next image serves them from their first request.
+        var parkedControl: [Int32] = []
     }
 
     /// A role's history, so `holdfast status` goes on counting across upgrades.
@@ -72,7 +75,8 @@ struct UpgradeState: Codable, Sendable {
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).
     var keptDescriptors: [Int32] {
-        [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics].compactMap { $0 } + stdio.heldDescriptors
+        [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics].compactMap { $0 }
+            + descriptors.parkedControl + stdio.heldDescriptors
     }
 
     private struct Envelope: Decodable {

@@ -199,6 +199,24 @@ struct LiveUpgradeTests {
             }
             return (created, waited)
         }
+        // And over the control socket, a new connection each (as `holdfast`-style tools do):
+        // one that connects during a switch waits in the listener's backlog, or parked, for
+        // the binary that runs on.
+        let launcher = Task { () -> [String] in
+            var launched: [String] = []
+            while creating.withLockedValue({ $0 }) {
+                let id = "launch-\(launched.count + 1)"
+                do {
+                    _ = try await daemon.launch(ProcessSpec(id: id, argv: ["sh", "-c", "exit 9"]))
+                    launched.append(id)
+                } catch {
+                    Issue.record("launch \(id) failed: \(error)")
+                    break
+                }
+                try? await Task.sleep(for: .milliseconds(Int.random(in: 5...40)))
+            }
+            return launched
+        }
         var switches: [Duration] = []
         for round in 1...Self.upgrades {
             let sha = try binary.install(variant: round)
@@ -218,6 +236,7 @@ struct LiveUpgradeTests {
         }
         creating.withLockedValue { $0 = false }
         let (created, waitedCreates) = await creator.value
+        let launched = await launcher.value
         try await eventually("the bridge after the last upgrade", timeout: .seconds(30)) { daemon.bridge.lastHello?.upgrades == Self.upgrades }
         #expect(daemon.bridge.lastHello?.instanceID == instance, "one instance throughout: the host sees upgrades, not restarts")
         #expect(daemon.bridge.lastHello?.daemonVersion == HoldfastVersion.string)
@@ -248,6 +267,11 @@ struct LiveUpgradeTests {
             #expect(report.lost == nil && report.inputRepeated == nil, "nothing lost or repeated: \(report)")
         }
         #expect(exits.all.filter { $0.id.hasPrefix("create-") }.allSatisfy { $0.exitCode == 7 }, "every create ran")
+        // The control socket's processes: each one ran (its exit code is the program's).
+        for id in launched {
+            let report = try await withTimeout("\(id)'s exit", .seconds(30)) { try await daemon.wait(id) }
+            #expect(report.exitCode == 9, "\(id): \(report)")
+        }
 
         // Every output exact, up to its last line: no gaps at all.
         var summary: [String] = []
@@ -274,7 +298,7 @@ struct LiveUpgradeTests {
         let sorted = switches.sorted()
         print("\(Self.upgrades) live upgrades (request to both roles serving, CLI included): median \(sorted[sorted.count / 2]), max \(sorted.last!); "
             + summary.joined(separator: ", ") + ", stdin \(sent.count) B, raw \(raw.all.count) B over \(raw.connectionCount) connections; "
-            + "\(created.count) creates (\(waitedCreates) waited for a switch), all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
+            + "\(created.count) creates over the bridge (\(waitedCreates) waited for a switch) and \(launched.count) on the control socket, all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
         #expect(try await daemon.stop() == .exited(0))
     }
 
