@@ -441,10 +441,10 @@ struct CrashResumeStreamTests {
             await pair.guest.waitReceivable()
             received += await pair.guest.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[received...]))
         }
-        pair.guest.willDeliver(25_000)
+        pair.guest.willDeliver(25_000, stageLevel: nil)
         pair.guest.delivered(25_000)
         var delivered = Array(buffer[..<25_000])
-        pair.guest.willDeliver(35_000)  // killed inside this write: it may or may not have gone in
+        pair.guest.willDeliver(35_000, stageLevel: nil)  // killed inside this write: it may or may not have gone in
         pair.guest.close()
         pair.cutCurrentLink()
         let recovered = try #require(memory.checkpoint.recovered)
@@ -459,7 +459,7 @@ struct CrashResumeStreamTests {
             await successor.waitReceivable()
             let count = await successor.receive(into: buffer)
             if count == 0 { break }
-            successor.willDeliver(count)
+            successor.willDeliver(count, stageLevel: nil)
             delivered += Array(buffer[..<count])
             successor.delivered(count)
         }
