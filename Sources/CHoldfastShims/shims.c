@@ -386,6 +386,8 @@ long hf_prlimit_nofile(pid_t pid, int set) {
 }
 
 int hf_ioctl_fionread(int fd, int *count) { return ioctl(fd, FIONREAD, count); }
+int hf_ioctl_tiocsti(int fd, char byte) { return ioctl(fd, TIOCSTI, &byte); }
+int hf_ioctl_tiocmget(int fd, int *lines) { return ioctl(fd, TIOCMGET, lines); }
 long hf_ptrace_detach(pid_t pid) { return ptrace(PTRACE_DETACH, pid, NULL, NULL); }
 
 pid_t hf_gettid(void) { return (pid_t)syscall(SYS_gettid); }

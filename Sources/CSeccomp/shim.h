@@ -24,6 +24,7 @@ static inline uint32_t hf_scmp_act_trap(void) { return SCMP_ACT_TRAP; }
 // ioctl requests and mmap protections the broker's rules name.
 static inline uint64_t hf_ioctl_tiocswinsz(void) { return TIOCSWINSZ; }
 static inline uint64_t hf_ioctl_tiocgwinsz(void) { return TIOCGWINSZ; }
+static inline uint64_t hf_ioctl_request_fionread(void) { return FIONREAD; }
 static inline uint64_t hf_prot_exec(void) { return PROT_EXEC; }
 
 /// Adds `action` for syscall `name` with up to one argument comparison (arg < 0: none).

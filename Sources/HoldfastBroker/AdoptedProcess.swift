@@ -135,6 +135,10 @@ final class ManagedStream: Sendable {
     let inputCheckpoint: StreamCheckpoint?
     /// From the host: stdin, a tty's input.
     let input: StreamTransport?
+    /// The output's window and the input's stage, with the level each had when this broker
+    /// took them over (nil: the stream has none — raw, or not the supervisor's).
+    private let outputWindow: (ends: WindowEnds, level: Int)?
+    private let inputStage: (ends: WindowEnds, level: Int)?
     private let relay = NIOLockedValueBox<Task<[RelayReport], Never>?>(nil)
     /// The host ended this input: the relay is seeing its END echo home (see `start`).
     private let inputEnded = NIOLockedValueBox(false)
@@ -145,11 +149,31 @@ final class ManagedStream: Sendable {
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
-    init(_ stream: ValidatedStream, process: String, handle: AsyncFD, broker: Broker) {
+    init(_ stream: ValidatedStream, process: String, handle: AsyncFD, window: WindowEnds?, inputWindow: WindowEnds?, broker: Broker) {
         LiveObjects.streams.add(1, ordering: .relaxed)
         let description = stream.description
         self.description = description
         self.handle = handle
+        // The windows (docs/ARCHITECTURE.md, "Surviving a broker crash"): a stdin's only window
+        // is its stage; a tty's output has `window` and its input `inputWindow`. Their levels
+        // now settle a take the crashed broker left pending, and are where the relays start.
+        func measured(_ ends: WindowEnds?, _ name: String) -> (ends: WindowEnds, level: Int)? {
+            guard let ends else { return nil }
+            do {
+                return (ends, try ends.level())
+            } catch {
+                broker.logger.error("cannot read a stream window's level: relayed without it", metadata: [
+                    "process": "\(process)", "stream": "\(name)", "error": "\(error)",
+                ])
+                ends.close()
+                return nil
+            }
+        }
+        let kind = description.kind
+        let measuredWindow = kind == .stdin ? nil : measured(window, kind.rawValue)
+        let measuredStage = kind == .stdin ? measured(window, "stdin") : kind == .tty ? measured(inputWindow, "tty/input") : nil
+        outputWindow = measuredWindow
+        inputStage = measuredStage
         self.lingerTimeout = broker.settings.drainTimeout
         self.inputClosed = { [weak broker] in broker?.inputEnded(process) }
         func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
@@ -160,8 +184,9 @@ final class ManagedStream: Sendable {
             // overwrites it.
             let checkpoint = endpoint.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) }
             let resumes = description.resume == true
-            let recovered = resumes ? checkpoint?.recovered : nil
-            let resumeAt = resumes ? checkpoint.flatMap { broker.recover($0, process: process, stream: name, direction: direction) } : nil
+            let level = (direction == .send ? measuredWindow : measuredStage)?.level
+            let recovered = resumes ? checkpoint.flatMap { broker.recover($0, windowLevel: level, process: process, stream: name, direction: direction) } : nil
+            let resumeAt = recovered.map { direction == .send ? $0.outputResumesAt : $0.inputResumesAt }
             // An output's replay ring lives in the shared ring area when its slot has one: a
             // resumed stream gets back what the crashed broker's ring held. A read the crash
             // interrupted leaves a hole at its end — its blocks were taken, but how much of them
@@ -213,22 +238,25 @@ final class ManagedStream: Sendable {
             transport.managed.disconnect()  // the first dial
         }
         let handle = handle
+        let source: any ByteReader = outputWindow.map { WindowedSource(source: handle, window: $0.ends, level: $0.level) } ?? handle
+        let sink: any ByteWriter = inputStage.map { StagingSink(sink: handle, stage: $0.ends, level: $0.level) } ?? handle
         let output = output
         let input = input
         let inputEnded = inputEnded
         let lingerTimeout = lingerTimeout
         let inputClosed = inputClosed
+        let closeAll = { [self] in close() }
         // On the reactor's thread: a relay woken by readiness continues where it was seen.
         let task = Task(executorPreference: Reactor.shared) { () -> [RelayReport] in
             switch (output, input) {
             case (let output?, let input?):
-                let report = await TtyRelay.run(master: handle, output: output.outbound, input: input.inbound)
+                let report = await TtyRelay.run(reading: source, writing: sink, output: output.outbound, input: input.inbound)
                 input.close()
                 return [report.output, report.input]
             case (let output?, nil):
-                return [await Relay.output(from: handle, to: output.outbound)]
+                return [await Relay.output(from: source, to: output.outbound)]
             case (nil, let input?):
-                let report = await Relay.input(from: input.inbound, to: handle)
+                let report = await Relay.input(from: input.inbound, to: sink)
                 // Cancelled: whoever stopped the relay owns the fd now — a release hands it
                 // back, a drain or shutdown closes it. Closing it here lost stdin on release.
                 if Task.isCancelled {
@@ -243,13 +271,13 @@ final class ManagedStream: Sendable {
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
                     inputClosed()
-                    handle.close()
+                    closeAll()
                     input.close()
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
                 inputClosed()
-                handle.close()
+                closeAll()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 return [report]
             case (nil, nil):
@@ -280,7 +308,14 @@ final class ManagedStream: Sendable {
     /// Closes everything (a stream that was never started).
     func discard() {
         for transport in transports { transport.close() }
+        close()
+    }
+
+    /// Closes the process's fd and the windows (the supervisor keeps its copies of both).
+    func close() {
         handle.close()
+        outputWindow?.ends.close()
+        inputStage?.ends.close()
     }
 
     func status(process: String) -> [StreamStatus] {
@@ -351,8 +386,11 @@ final class AdoptedProcess: Sendable {
             await stream.stop()
             for transport in stream.transports { registry.unregister(transport.managed) }
             guard let fd = stream.handle.detach() else { continue }
+            stream.close()  // the windows: the handle is detached
             var description = stream.description
             description.fd = fds.count
+            description.window = nil
+            description.inputWindow = nil
             descriptions.append(description)
             fds.append(fd)
         }
@@ -368,7 +406,7 @@ final class AdoptedProcess: Sendable {
                 // host); any other stops now.
                 if !stream.endedByHost {
                     await stream.stop()
-                    stream.handle.close()
+                    stream.close()
                 }
                 continue
             }
@@ -382,7 +420,7 @@ final class AdoptedProcess: Sendable {
             for (index, stream) in outputs.enumerated() {
                 group.addTask {
                     if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
-                        stream.handle.close()
+                        stream.close()
                         return (index, .init(
                             kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue,
                             lost: stream.output?.lostBytes))
@@ -439,7 +477,7 @@ final class AdoptedProcess: Sendable {
     func stop() async {
         for stream in all {
             await stream.stop()
-            stream.handle.close()
+            stream.close()
         }
     }
 }

@@ -85,10 +85,15 @@ public final class Broker: Sendable {
         var streams: [ManagedStream] = []
         for stream in adoption.streams {
             let handle = adopted[stream.description.fd]!
-            streams.append(ManagedStream(stream, process: request.process, handle: handle, broker: self))
+            let ends = { (window: WindowPipe?) in window.map { WindowEnds(read: adopted[$0.read]!, write: adopted[$0.write]!) } }
+            streams.append(ManagedStream(
+                stream, process: request.process, handle: handle, window: ends(stream.description.window),
+                inputWindow: ends(stream.description.inputWindow), broker: self))
         }
         // fds no stream refers to were handed over by mistake: do not keep them.
-        let used = Set(request.streams.map(\.fd))
+        let used = Set(request.streams.flatMap { stream in
+            [stream.fd] + [stream.window, stream.inputWindow].compactMap { $0 }.flatMap { [$0.read, $0.write] }
+        })
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
         let refusal = processes.withLockedValue { table -> HoldfastError? in
@@ -121,24 +126,37 @@ public final class Broker: Sendable {
         ])
     }
 
-    /// Where a stream taken over from a crashed broker goes on, from its checkpoint (read before
+    /// What a stream taken over from a crashed broker resumes from, its checkpoint (read before
     /// the new stream overwrites it); nil when the checkpoint holds nothing (the crashed broker
     /// never started the stream: it starts new, at 0). A take the crash interrupted is logged
     /// with its exact offsets: output bytes that may be missing (the host is told of them as a
     /// gap), input bytes that may reach the process twice.
-    func recover(_ checkpoint: StreamCheckpoint, process: String, stream: String, direction: StreamDirection) -> UInt64? {
-        guard let recovered = checkpoint.recovered else {
+    ///
+    /// A take through a window is settled first by the level the window has now
+    /// (`windowLevel`): then it is not uncertain at all.
+    func recover(
+        _ checkpoint: StreamCheckpoint, windowLevel: Int?, process: String, stream: String, direction: StreamDirection
+    ) -> StreamCheckpoint.Recovered? {
+        guard let found = checkpoint.recovered else {
             logger.info("resumed stream had no checkpoint: starting it new", metadata: ["process": "\(process)", "stream": "\(stream)"])
             return nil
         }
+        let recovered = windowLevel.map { found.settled(direction: direction, windowLevelNow: $0) } ?? found
         let resumeAt = direction == .send ? recovered.outputResumesAt : recovered.inputResumesAt
         var metadata: Logger.Metadata = [
             "process": "\(process)", "stream": "\(stream)", "offset": "\(resumeAt)", "acknowledged": "\(recovered.acknowledged)",
             "restarts": "\(recovered.restarts + 1)",
         ]
+        if let windowLevel { metadata["window"] = "\(windowLevel)" }
         guard recovered.uncertain > 0 else {
-            logger.info("stream resumed from its checkpoint", metadata: metadata)
-            return resumeAt
+            if found.uncertain > 0 {
+                metadata["interrupted"] = "\(found.taken)..<\(found.taken + UInt64(found.uncertain))"
+                metadata["moved"] = "\(recovered.taken - found.taken)"
+                logger.info("stream resumed from its checkpoint: the interrupted take was settled by its window's level", metadata: metadata)
+            } else {
+                logger.info("stream resumed from its checkpoint", metadata: metadata)
+            }
+            return recovered
         }
         metadata["uncertain"] = "\(recovered.uncertain)"
         metadata["from"] = "\(recovered.taken)"
@@ -149,7 +167,7 @@ public final class Broker: Sendable {
         case .receive:
             logger.warning("stream resumed after a crash mid-write: bytes from..<to may reach the process twice", metadata: metadata)
         }
-        return resumeAt
+        return recovered
     }
 
     /// A resumed output got back what the crashed broker's ring held.
@@ -170,8 +188,9 @@ public final class Broker: Sendable {
     /// crash of this one is handed it again by the supervisor, with the peer still its owner.
     /// Without a checkpoint area, free slots or fd copies it is adopted as before: relayed, but
     /// not kept across a crash.
-    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors: [Int32], uid: UInt32) async throws(HoldfastError) {
+    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) {
         let process = adoption.process
+        var descriptors = peerDescriptors
         var request = adoption.request
         let slots: [Int]? = checkpoints == nil ? nil : handoffs.withLockedValue { table in
             table.take(for: process, count: request.streams.reduce(0) { $0 + ($1.mode == .resumable ? ($1.inputAddress != nil ? 2 : 1) : 0) })
@@ -183,6 +202,14 @@ public final class Broker: Sendable {
             for index in request.streams.indices where request.streams[index].mode == .resumable {
                 request.streams[index].checkpoint = next.next()
                 if request.streams[index].inputAddress != nil { request.streams[index].inputCheckpoint = next.next() }
+            }
+            // Their windows are made here (a runtime hands over its process's fds only).
+            do {
+                try StreamWindows.add(to: &request, descriptors: &descriptors)
+            } catch {
+                logger.warning("a handoff process's streams have no windows: a crash inside a read may cost a gap", metadata: [
+                    "process": "\(process)", "error": "\(error)",
+                ])
             }
             copies = descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
             do throws(HoldfastError) {

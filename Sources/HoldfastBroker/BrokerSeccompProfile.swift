@@ -16,7 +16,7 @@ import Glibc
 /// - `open`/`openat` only read-only, without O_CREAT or O_TRUNC.
 /// - `socket` only for AF_UNIX, AF_INET, AF_INET6 and AF_VSOCK; no `bind` or `listen` (the
 ///   handoff socket arrives bound and listening from the supervisor; dials need neither).
-/// - `ioctl` only TIOCSWINSZ (a tty stream's resize) and TIOCGWINSZ; any other request answers
+/// - `ioctl` only TIOCSWINSZ (a tty stream's resize), TIOCGWINSZ and FIONREAD; any other request answers
 ///   ENOTTY, so a library's probe (isatty) gets "not a terminal" rather than killing the broker.
 /// - `mmap`/`mprotect` never with PROT_EXEC: they answer EPERM (a dlopen, e.g. of an NSS module,
 ///   fails instead of killing the broker); no new code can be mapped.
@@ -96,18 +96,21 @@ public enum SeccompProfile {
         for family in [AF_UNIX, AF_INET, AF_INET6, AF_VSOCK] {
             try check(hf_scmp_rule(context, allow, "socket", 0, SCMP_CMP_EQ, UInt64(family), 0), "seccomp rule socket")
         }
-        // ioctl: the window size only, compared whole (64 bits: the kernel keeps the low 32, so
-        // a request with high bits set is refused, never let past). Other requests answer
-        // ENOTTY: a filter cannot say "none of these" in one rule (one comparison per argument),
-        // so the refusal covers below the lowest and above the highest allowed request; a
-        // request between them that is not allowed meets the default action. TIOCGWINSZ and
-        // TIOCSWINSZ are neighbours (0x5413, 0x5414), so there is none.
-        let requests = [hf_ioctl_tiocgwinsz(), hf_ioctl_tiocswinsz()].sorted()
+        // ioctl: the window size (a tty stream's resize) and FIONREAD (a resumed stream's window
+        // level, read once), compared whole (64 bits: the kernel keeps the low 32, so a request
+        // with high bits set is refused, never let past). Other requests answer ENOTTY: a
+        // filter cannot say "none of these" in one rule (one comparison per argument), so the
+        // refusal covers below the lowest and above the highest allowed request, and each one
+        // between them (0x5415 to 0x541A: the modem-line requests) by name.
+        let requests = [hf_ioctl_tiocgwinsz(), hf_ioctl_tiocswinsz(), hf_ioctl_request_fionread()].sorted()
         for request in requests {
             try check(hf_scmp_rule(context, allow, "ioctl", 1, SCMP_CMP_EQ, request, 0), "seccomp rule ioctl")
         }
         try refuse("ioctl", with: ENOTTY, arg: 1, SCMP_CMP_LT, requests.first!, 0)
         try refuse("ioctl", with: ENOTTY, arg: 1, SCMP_CMP_GT, requests.last!, 0)
+        for between in requests.first!..<requests.last! where !requests.contains(between) {
+            try refuse("ioctl", with: ENOTTY, arg: 1, SCMP_CMP_EQ, between, 0)
+        }
         // No executable mappings: PROT_EXEC in mmap's or mprotect's protection (argument 2).
         let exec = hf_prot_exec()
         for name in ["mmap", "mprotect"] {

@@ -53,6 +53,7 @@ public enum AdoptCheck {
         guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
         var kinds = Set<StreamKind>()
         var slots = Set<Int>()
+        var windowEnds = Set<Int>()
         var validated: [ValidatedStream] = []
         for (index, stream) in request.streams.enumerated() {
             let name = "streams[\(index)]"
@@ -103,6 +104,20 @@ public enum AdoptCheck {
             if stream.inputCheckpoint != nil, stream.inputAddress == nil {
                 throw HoldfastError(.badRequest, "\(name).inputCheckpoint: the stream has no input")
             }
+            // A window serves a checkpointed stream (its level settles the checkpoint's pending
+            // take), and its ends are fds of their own: no stream's fd, no other window's.
+            for (key, window, slot) in [("window", stream.window, stream.checkpoint), ("inputWindow", stream.inputWindow, stream.inputCheckpoint)] {
+                guard let window else { continue }
+                guard slot != nil else { throw HoldfastError(.badRequest, "\(name).\(key): only a stream with a checkpoint has one") }
+                for end in [window.read, window.write] {
+                    guard end >= 0, end < descriptorCount else {
+                        throw HoldfastError(.badRequest, "\(name).\(key): fd index \(end) but \(descriptorCount) fds attached")
+                    }
+                    guard windowEnds.insert(end).inserted else {
+                        throw HoldfastError(.badRequest, "\(name).\(key): fd index \(end) is named twice")
+                    }
+                }
+            }
             let resumable = stream.mode == .resumable
             let primary = ValidatedEndpoint(
                 address: parsed[0], addressText: stream.address, token: resumable ? stream.token.map { Array($0.utf8) } : nil,
@@ -113,6 +128,9 @@ public enum AdoptCheck {
                     secret: resumable ? stream.inputSecret : nil, checkpoint: stream.inputCheckpoint)
             }
             validated.append(ValidatedStream(description: stream, primary: primary, ttyInput: input))
+        }
+        if let shared = request.streams.first(where: { windowEnds.contains($0.fd) }) {
+            throw HoldfastError(.badRequest, "fd index \(shared.fd) is both a \(shared.kind.rawValue) stream and a window")
         }
         // Two streams with one token would both dial one host stream: each would splice its
         // bytes onto the other's.

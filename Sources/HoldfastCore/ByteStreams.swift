@@ -23,10 +23,30 @@ public protocol ByteReader: Sendable {
     /// 4 KiB, what its line discipline holds, so its reads are small anyway), else nil. A read a
     /// crash interrupts is reported as a gap of what was asked: this keeps that gap small.
     var largestRead: Int? { get }
+
+    /// A source with a *window* (a pipe a process that outlives the relay holds, between the
+    /// process's pipe and the relay) moves up to `limit` bytes into it inside the kernel — if it
+    /// is empty — and says how many it holds; the relay then records that level before it reads
+    /// the window (`readNow`), so a crash inside that read is measured afterwards, not guessed
+    /// (docs/ARCHITECTURE.md, "Surviving a broker crash"). Any other source: `.unwindowed`.
+    func fillWindow(upTo limit: Int) throws -> WindowFill
+}
+
+/// What `ByteReader.fillWindow` found.
+public enum WindowFill: Sendable, Equatable {
+    /// The source has no window: read it directly.
+    case unwindowed
+    /// The window holds this many bytes (at least one): the next read takes them.
+    case holding(Int)
+    /// Nothing in the window, nothing in the source now.
+    case nothing
+    /// Nothing in the window, and the source reached end-of-file.
+    case endOfFile
 }
 
 extension ByteReader {
     public var largestRead: Int? { nil }
+    public func fillWindow(upTo limit: Int) throws -> WindowFill { .unwindowed }
 
     public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
         var total = 0
@@ -58,6 +78,20 @@ public protocol ByteWriter: Sendable {
     /// copies instead. Throws, with the bytes moved before, when this writer fails; a failing
     /// source is reported as `.sourceFailed`. Bytes not moved stay in the source.
     func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult?
+}
+
+/// A sink that puts bytes first in a *stage* (a pipe a process that outlives the relay holds)
+/// and moves them on into the process's pipe from there: a write into the stage that a crash
+/// interrupts is measured afterwards from the stage's level, and what the stage holds reaches
+/// the process whoever moves it on — so every byte is delivered exactly once.
+public protocol StagingWriter: ByteWriter {
+    /// Bytes in the stage, not yet moved on.
+    var staged: Int { get }
+    /// Puts up to `bytes.count` bytes in the stage without waiting: how many went in.
+    func stage(_ bytes: UnsafeRawBufferPointer) throws(WriteFailure) -> Int
+    /// Moves everything staged into the sink, waiting while it is full. A failure counts the
+    /// bytes that did move.
+    func flushStage() async throws(WriteFailure)
 }
 
 /// What one `ByteWriter.splice(from:limit:)` did.

@@ -103,6 +103,16 @@ public enum Relay {
                 await Task.yield()
             }
         }
+        // A sink with a stage (stdin under a checkpoint): what a crashed predecessor staged goes
+        // in first — it comes before anything the stream resumes with.
+        let staging = sink as? any StagingWriter
+        if let staging, staging.staged > 0 {
+            do {
+                try await staging.flushStage()
+            } catch {
+                return RelayReport(ending: .processGone, bytes: relayed, undelivered: UInt64(staging.staged))
+            }
+        }
         while true {
             await stream.waitReceivable()
             if Task.isCancelled { return RelayReport(ending: .cancelled, bytes: relayed, undelivered: 0) }
@@ -113,21 +123,60 @@ public enum Relay {
                 let ending: RelayReport.Ending = Task.isCancelled ? .cancelled : .endOfStream
                 return RelayReport(ending: ending, bytes: relayed, undelivered: 0)
             }
-            stream.willDeliver(count)
-            do {
-                try await sink.write(UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count]))
-                stream.delivered(count)
-                relayed &+= UInt64(count)
-            } catch {
-                stream.delivered(error.accepted)
-                return RelayReport(
-                    ending: .processGone, bytes: relayed + UInt64(error.accepted),
-                    undelivered: UInt64(count - error.accepted))
+            let bytes = UnsafeRawBufferPointer(rebasing: buffer.bytes[..<count])
+            if let staging {
+                do {
+                    try await deliver(bytes, through: staging, for: stream)
+                    relayed &+= UInt64(count)
+                } catch {
+                    // Staged bytes the process no longer takes are counted too: they never got in.
+                    let inside = error.accepted - staging.staged
+                    return RelayReport(ending: .processGone, bytes: relayed + UInt64(inside), undelivered: UInt64(count - inside))
+                }
+            } else {
+                stream.willDeliver(count, stageLevel: nil)
+                do {
+                    try await sink.write(bytes)
+                    stream.delivered(count)
+                    relayed &+= UInt64(count)
+                } catch {
+                    stream.delivered(error.accepted)
+                    return RelayReport(
+                        ending: .processGone, bytes: relayed + UInt64(error.accepted),
+                        undelivered: UInt64(count - error.accepted))
+                }
             }
             sinceYield += count
             if sinceYield >= yieldEvery {
                 sinceYield = 0
                 await Task.yield()
+            }
+        }
+    }
+
+    /// Puts `bytes` in the stage, each time recording the stage's level first, and moves them on
+    /// into the process's pipe. A crash inside a staging write is settled afterwards by the level
+    /// found (`StreamCheckpoint.Recovered.settled`); bytes in the stage are delivered — they
+    /// reach the process whichever broker moves them on. A failure counts the bytes staged.
+    private static func deliver(
+        _ bytes: UnsafeRawBufferPointer, through staging: any StagingWriter, for stream: some InboundStream
+    ) async throws(WriteFailure) {
+        var done = 0
+        while done < bytes.count {
+            stream.willDeliver(bytes.count - done, stageLevel: staging.staged)
+            let staged: Int
+            do {
+                staged = try staging.stage(UnsafeRawBufferPointer(rebasing: bytes[done...]))
+            } catch {
+                stream.delivered(error.accepted)
+                throw WriteFailure(accepted: done + error.accepted, cause: error.cause)
+            }
+            stream.delivered(staged)
+            done += staged
+            do {
+                try await staging.flushStage()
+            } catch {
+                throw WriteFailure(accepted: done, cause: error.cause)
             }
         }
     }

@@ -149,9 +149,10 @@ extension ResumableStream {
 
         /// Receive side: the relay is about to write `count` bytes to the process (the
         /// checkpoint says so first)...
-        func willDeliver(_ count: Int) {
+        /// Into a stage holding `stageLevel` bytes, if the sink has one.
+        func willDeliver(_ count: Int, stageLevel: Int? = nil) {
             guard let checkpoint else { return }
-            checkpoint.beginTake(at: state.withLockedValue { $0.receiver.acknowledgeable }, upTo: count)
+            checkpoint.beginTake(at: state.withLockedValue { $0.receiver.acknowledgeable }, upTo: count, windowLevel: stageLevel)
         }
 
         /// ...and `count` of them went in.
@@ -248,10 +249,11 @@ extension ResumableStream {
             checkpoint?.took(upTo: end)
         }
 
-        /// The producer's next read may take up to `length` bytes: the checkpoint says so first.
-        func willTake(_ length: Int) {
+        /// The producer's next read may take up to `length` bytes — out of a window holding
+        /// `windowLevel` bytes, if it reads one: the checkpoint says so first.
+        func willTake(_ length: Int, windowLevel: Int? = nil) {
             guard let checkpoint else { return }
-            checkpoint.beginTake(at: state.withLockedValue { $0.sender.offset }, upTo: length)
+            checkpoint.beginTake(at: state.withLockedValue { $0.sender.offset }, upTo: length, windowLevel: windowLevel)
         }
 
         func finish(_ slot: ConnSlot<Session>) async -> UInt64 {

@@ -197,10 +197,31 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
     /// Reads a pipe straight into the replay ring — one readv across as many free blocks as the
     /// pipe is likely to fill — then sends from there: the only copies are the kernel's, and a
-    /// byte leaves the pipe only into the ring.
+    /// byte leaves the pipe only into the ring. A source with a window is read from its window,
+    /// its level recorded first (`ByteReader.fillWindow`).
     public func pull(from source: some ByteReader, pool: BufferPool) async throws(StreamClosed) -> PullResult {
         let regions = try await engine.reserve(slot, upTo: min(engine.readAhead, source.largestRead ?? .max))
-        engine.willTake(regions.reduce(0) { $0 + $1.count })
+        let offered = regions.reduce(0) { $0 + $1.count }
+        let fill: WindowFill
+        do {
+            fill = try source.fillWindow(upTo: offered)
+        } catch {
+            fill = .endOfFile  // as a read's failure below: a pty's EIO after its last slave closed
+        }
+        switch fill {
+        case .unwindowed:
+            engine.willTake(offered)
+        case .holding(let level):
+            // The read below empties the window into the ring: the level before it settles,
+            // after a crash inside it, how much it took.
+            engine.willTake(min(level, offered), windowLevel: level)
+        case .nothing:
+            engine.commit(0, of: regions)
+            return .nothing
+        case .endOfFile:
+            engine.commit(0, of: regions)
+            return .endOfFile
+        }
         let count: Int?
         do {
             count = try source.readNow(into: regions)
@@ -246,8 +267,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         await engine.receive(into: buffer, slot: slot)
     }
 
-    public func willDeliver(_ count: Int) {
-        engine.willDeliver(count)
+    public func willDeliver(_ count: Int, stageLevel: Int?) {
+        engine.willDeliver(count, stageLevel: stageLevel)
     }
 
     public func delivered(_ count: Int) {

@@ -11,7 +11,10 @@
 ///     took(upTo: o + k)           state = o + k                              (one store after it)
 ///
 /// A crash leaves either a settled state (every byte before it taken, none after) or a pending
-/// one: the syscall may have taken up to `n` bytes at `o`. The stores before the syscall need
+/// one: the syscall may have taken up to `n` bytes at `o`. A take through a *window* (a pipe the
+/// supervisor holds, between the process's pipe and the relay) also records the window's level
+/// before the syscall, so a reader after the crash measures how many of the `n` bytes moved —
+/// from the level it finds — instead of guessing (`Recovered.settled`). The stores before the syscall need
 /// no order among themselves (the syscall has not run until both are done); the one after it is
 /// a single aligned 64-bit store, which a crash cannot tear. Nothing here orders stores for
 /// another CPU: the reader only reads after the writer is dead.
@@ -19,6 +22,8 @@ public struct StreamCheckpoint: @unchecked Sendable {
     public static let slotSize = 128
     static let magic: UInt64 = 0x4846_434B_5054_3032  // "HFCKPT02"
     static let pendingBit: UInt64 = 1 << 63
+    /// The pending take goes through a window whose level before it is in `windowLevel`.
+    static let windowBit: UInt64 = 1 << 62
 
     private enum Field: Int {
         case magic = 0
@@ -32,6 +37,7 @@ public struct StreamCheckpoint: @unchecked Sendable {
         case repeated = 64
         case holeFrom = 72
         case holeTo = 80
+        case windowLevel = 88
     }
 
     /// What a checkpoint said when its writer died.
@@ -58,6 +64,26 @@ public struct StreamCheckpoint: @unchecked Sendable {
         /// read), never to be sent as data — told to the host as a gap until it has moved past.
         /// A successor that dies before its GAP went out leaves them here for the next.
         public var hole: Range<UInt64>?
+        /// The interrupted take went through a window that held this many bytes before it
+        /// (nil: no window, or no take was interrupted).
+        public var windowLevel: Int? = nil
+
+        /// The interrupted take, settled by the window's level now (read after the writer
+        /// died): an output's read *out of* its window took `before - now` bytes of it, an
+        /// input's write *into* its stage put `now - before` there. Either way every one of them
+        /// is accounted for — in the ring (output) or in a pipe the process will read (input) —
+        /// so the take is no longer uncertain. A level outside what the take could have done
+        /// (the window touched by someone else) settles nothing.
+        public func settled(direction: StreamDirection, windowLevelNow now: Int) -> Recovered {
+            guard uncertain > 0, let before = windowLevel else { return self }
+            let moved = direction == .send ? before - now : now - before
+            guard moved >= 0, moved <= uncertain else { return self }
+            var settled = self
+            settled.taken += UInt64(moved)
+            settled.uncertain = 0
+            settled.windowLevel = nil
+            return settled
+        }
 
         /// An output stream resumes after every byte that may have left the pipe: the
         /// uncertain ones, if any, are reported missing.
@@ -117,10 +143,12 @@ public struct StreamCheckpoint: @unchecked Sendable {
         store(Self.magic, .magic)
     }
 
-    /// Before a syscall that may take up to `length` bytes at `offset`.
-    public func beginTake(at offset: UInt64, upTo length: Int) {
+    /// Before a syscall that may take up to `length` bytes at `offset` — through a window that
+    /// holds `windowLevel` bytes now, if it goes through one.
+    public func beginTake(at offset: UInt64, upTo length: Int, windowLevel: Int? = nil) {
         store(UInt64(length), .pendingLength)
-        store(offset | Self.pendingBit, .state)
+        if let windowLevel { store(UInt64(windowLevel), .windowLevel) }
+        store(offset | Self.pendingBit | (windowLevel == nil ? 0 : Self.windowBit), .state)
     }
 
     /// After it: every byte before `end` was taken (`end` equal to the take's offset when it
@@ -167,10 +195,12 @@ public struct StreamCheckpoint: @unchecked Sendable {
         guard load(.magic) == Self.magic else { return nil }
         let state = load(.state)
         let pending = state & Self.pendingBit != 0
+        let windowed = pending && state & Self.windowBit != 0
         return Recovered(
-            taken: state & ~Self.pendingBit, uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
+            taken: state & ~(Self.pendingBit | Self.windowBit), uncertain: pending ? Int(clamping: load(.pendingLength)) : 0,
             acknowledged: load(.acknowledged), start: load(.start), restarts: load(.restarts), lost: load(.lost),
             lostTo: load(.lostTo), repeated: load(.repeated),
-            hole: load(.holeTo) > load(.holeFrom) ? load(.holeFrom)..<load(.holeTo) : nil)
+            hole: load(.holeTo) > load(.holeFrom) ? load(.holeFrom)..<load(.holeTo) : nil,
+            windowLevel: windowed ? Int(clamping: load(.windowLevel)) : nil)
     }
 }

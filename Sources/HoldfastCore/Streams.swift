@@ -61,8 +61,9 @@ public protocol InboundStream: Sendable {
     /// unreceived.
     func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int?
 
-    /// The relay is about to write `count` received bytes to its sink (a process's pipe)...
-    func willDeliver(_ count: Int)
+    /// The relay is about to write `count` received bytes to its sink (a process's pipe) — into
+    /// its stage, holding `stageLevel` bytes, if the sink has one (`StagingWriter`)...
+    func willDeliver(_ count: Int, stageLevel: Int?)
     /// ...and `count` of them went in: a stream that acknowledges only delivered bytes
     /// (`ResumableConfiguration.acknowledgeDelivered`) may now acknowledge them.
     func delivered(_ count: Int)
@@ -70,7 +71,7 @@ public protocol InboundStream: Sendable {
 
 extension InboundStream {
     public func receive(into sink: some ByteWriter, limit: Int) async throws(WriteFailure) -> Int? { nil }
-    public func willDeliver(_ count: Int) {}
+    public func willDeliver(_ count: Int, stageLevel: Int?) {}
     public func delivered(_ count: Int) {}
 }
 

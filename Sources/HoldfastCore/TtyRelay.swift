@@ -26,9 +26,21 @@ public enum TtyRelay {
         input: some InboundStream,
         pool: BufferPool = .shared
     ) async -> Report {
+        await run(reading: master, writing: master, output: output, input: input, pool: pool)
+    }
+
+    /// The master read through one object and written through another (its windows: see
+    /// `ByteReader.fillWindow` and `StagingWriter`).
+    public static func run(
+        reading source: some ByteReader,
+        writing sink: some ByteWriter,
+        output: some OutboundStream,
+        input: some InboundStream,
+        pool: BufferPool = .shared
+    ) async -> Report {
         await withTaskGroup(of: (Bool, RelayReport).self) { group in
-            group.addTask { (true, await Relay.output(from: master, to: output, pool: pool)) }
-            group.addTask { (false, await Relay.input(from: input, to: master, pool: pool)) }
+            group.addTask { (true, await Relay.output(from: source, to: output, pool: pool)) }
+            group.addTask { (false, await Relay.input(from: input, to: sink, pool: pool)) }
             var outputReport: RelayReport?
             var inputReport: RelayReport?
             while let (isOutput, report) = await group.next() {

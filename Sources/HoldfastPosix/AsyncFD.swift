@@ -149,7 +149,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     /// Records what a read (or a splice out of this fd) found: `nil` for nothing (EAGAIN).
-    fileprivate func noteRead(_ result: Int?, seen: UInt64) {
+    func noteRead(_ result: Int?, seen: UInt64) {
         usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
     }
 

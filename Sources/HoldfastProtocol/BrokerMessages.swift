@@ -48,6 +48,17 @@ public enum StreamModeName: String, Codable, Sendable, CaseIterable {
     case raw, resumable
 }
 
+/// A window pipe's two ends, as indexes into the message's attached fds.
+public struct WindowPipe: Codable, Sendable, Equatable {
+    public var read: Int
+    public var write: Int
+
+    public init(read: Int, write: Int) {
+        self.read = read
+        self.write = write
+    }
+}
+
 /// One stream of a process being handed to the broker.
 public struct StreamDescription: Codable, Sendable, Equatable {
     public var kind: StreamKind
@@ -70,6 +81,13 @@ public struct StreamDescription: Codable, Sendable, Equatable {
     public var checkpoint: Int?
     /// The slot of a tty's input stream.
     public var inputCheckpoint: Int?
+    /// A checkpointed stream's window: a pipe the supervisor holds between the process's fd and
+    /// the broker (an output's bytes pass through it on their way to the ring, an input's on
+    /// their way to the process), so a crash inside a read or a write is measured from its
+    /// level, never guessed. Requires `checkpoint`.
+    public var window: WindowPipe?
+    /// A tty input's window (its stage). Requires `inputCheckpoint`.
+    public var inputWindow: WindowPipe?
     /// True: this process's streams were held by a broker that crashed; they resume where
     /// their checkpoints say (and tell the host of any bytes the crash took). Supervisor only.
     public var resume: Bool?

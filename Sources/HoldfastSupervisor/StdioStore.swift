@@ -157,13 +157,23 @@ struct StdioStore {
             held[process]?.adoption = .adopting(incarnation)
             var request = AdoptRequest(process: process, streams: [], handoffOwner: entry.request.handoffOwner)
             var descriptors: [Int32] = []
+            // A window goes with its stream, at the indexes of this request.
+            func carry(_ window: WindowPipe?) -> WindowPipe? {
+                guard let window, entry.descriptors.indices.contains(window.read), entry.descriptors.indices.contains(window.write),
+                    entry.descriptors[window.read] >= 0, entry.descriptors[window.write] >= 0
+                else { return nil }
+                descriptors += [entry.descriptors[window.read], entry.descriptors[window.write]]
+                return WindowPipe(read: descriptors.count - 2, write: descriptors.count - 1)
+            }
             for var stream in entry.request.streams {
                 let fd = entry.descriptors[stream.fd]
                 guard fd >= 0 else { continue }
                 stream.fd = descriptors.count
                 stream.resume = true
-                request.streams.append(stream)
                 descriptors.append(fd)
+                stream.window = carry(stream.window)
+                stream.inputWindow = carry(stream.inputWindow)
+                request.streams.append(stream)
             }
             held[process]?.nothingHandedOver = request.streams.isEmpty
             claimed.append(Readoption(process: process, request: request, descriptors: descriptors))

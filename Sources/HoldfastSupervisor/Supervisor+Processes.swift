@@ -97,6 +97,7 @@ extension Supervisor {
         // Each resumable stream keeps its progress in a slot of the checkpoint area, so a broker
         // started after a crash resumes it.
         var adopt = started.adopt
+        var descriptors = started.descriptors
         let incarnation = stdio.withLockedValue { store -> Int in
             store.assignCheckpoints(&adopt)
             return store.incarnation(of: broker)
@@ -106,10 +107,16 @@ extension Supervisor {
             leadsProcessGroup: (spec.runtime ?? .direct) == .direct, streams: adopt.streams)
         metrics.processStarted(spec.runtime ?? .direct)
         if !adopt.streams.isEmpty {
-            do {
-                _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: started.descriptors)
+            do throws(HoldfastError) {
+                // And a window each, which a crash inside a read or a write is measured by.
+                do {
+                    try StreamWindows.add(to: &adopt, descriptors: &descriptors, outputCapacity: Launcher.outputPipeCapacity)
+                } catch {
+                    throw HoldfastError(.stdioFailed, "cannot make the streams' windows: \(error)")
+                }
+                _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: descriptors)
             } catch {
-                for fd in started.descriptors { close(fd) }
+                for fd in descriptors { close(fd) }
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
                 kill(started.pid, SIGKILL)
                 _ = await reaper.wait(started.pid)
@@ -117,7 +124,7 @@ extension Supervisor {
                 throw error
             }
             // The broker has copies; ours stay until the process is done (Supervisor+Stdio.swift).
-            stdio.withLockedValue { $0.keep(spec.id, request: adopt, descriptors: started.descriptors, adoptedBy: incarnation) }
+            stdio.withLockedValue { $0.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation) }
         }
         table.withLockedValue { $0.started(entry) }
         logger.info("process started", metadata: [

@@ -17,8 +17,13 @@ public enum SeccompProbe {
         case execve, fork, ptrace, openWrite = "open-write", openRead = "open-read", socketUnix = "socket-unix"
         /// TIOCSWINSZ and TIOCGWINSZ on a pty master: what a tty stream's resize does.
         case ioctlWindowSize = "ioctl-window-size"
-        /// FIONREAD on a pipe: a request the broker never makes.
+        /// FIONREAD on a pipe: how a resumed stream reads its window's level.
+        case ioctlFionread = "ioctl-fionread"
+        /// TIOCSTI on a pty master (pushes a byte into the terminal's input): below every
+        /// allowed request.
         case ioctlOther = "ioctl-other"
+        /// TIOCMGET on a pty master: between two allowed requests.
+        case ioctlBetween = "ioctl-between"
         /// tgkill(own pid, own thread, 0) and tgkill(parent, parent, 0); kill(parent, 0).
         case tgkillSelf = "tgkill-self", tgkillOther = "tgkill-other", killOther = "kill-other"
         /// prlimit64 reading its own limit, writing it, reading the parent's.
@@ -59,10 +64,10 @@ public enum SeccompProbe {
     private static func prepare(_ attempt: Attempt) throws -> Prepared {
         var prepared = Prepared()
         switch attempt {
-        case .ioctlWindowSize:
+        case .ioctlWindowSize, .ioctlOther, .ioctlBetween:
             let pty = try PseudoTerminal.open(size: WindowSize(rows: 24, columns: 80))
             prepared.fd = pty.master
-        case .ioctlOther:
+        case .ioctlFionread:
             var fds: [Int32] = [0, 0]
             guard pipe(&fds) == 0 else { throw SystemError.last("pipe") }
             prepared.fd = fds[0]
@@ -103,9 +108,14 @@ public enum SeccompProbe {
                 errno = error.errno.rawValue
                 return -1
             }
-        case .ioctlOther:
+        case .ioctlFionread:
             var count: Int32 = 0
             return Int(hf_ioctl_fionread(prepared.fd, &count))
+        case .ioctlOther:
+            return Int(hf_ioctl_tiocsti(prepared.fd, 0x41))
+        case .ioctlBetween:
+            var lines: Int32 = 0
+            return Int(hf_ioctl_tiocmget(prepared.fd, &lines))
         case .tgkillSelf:
             return hf_tgkill(getpid(), hf_gettid(), 0)
         case .tgkillOther:

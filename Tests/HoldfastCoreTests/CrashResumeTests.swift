@@ -102,6 +102,46 @@ struct StreamCheckpointTests {
     }
 }
 
+extension StreamCheckpointTests {
+    /// A take through a window records the window's level first: the level found after the
+    /// crash says exactly how many bytes the interrupted syscall moved, in either direction.
+    @Test func aTakeThroughAWindowIsSettledByTheLevelFoundAfterTheCrash() throws {
+        let memory = SlotMemory()
+        let checkpoint = memory.checkpoint
+        checkpoint.start(at: 5000, resumed: false)
+        // Output: the window held 30,000 bytes; the read out of it asked for 20,000.
+        checkpoint.beginTake(at: 5000, upTo: 20_000, windowLevel: 30_000)
+        let output = try #require(checkpoint.recovered)
+        #expect(output.windowLevel == 30_000 && output.uncertain == 20_000 && output.taken == 5000)
+        for (now, taken) in [(30_000, 5000), (22_000, 13_000), (10_000, 25_000)] {
+            let settled = output.settled(direction: .send, windowLevelNow: now)
+            #expect(settled.taken == UInt64(taken) && settled.uncertain == 0 && settled.outputResumesAt == UInt64(taken))
+        }
+        // A level the read could not have left (more than before, or more taken than asked)
+        // settles nothing: the take stays uncertain and is reported.
+        for now in [31_000, 9_999] {
+            #expect(output.settled(direction: .send, windowLevelNow: now) == output)
+        }
+        // Input: the stage held 100 bytes; the write into it offered 4,000.
+        checkpoint.took(upTo: 5000)
+        checkpoint.beginTake(at: 5000, upTo: 4000, windowLevel: 100)
+        let input = try #require(checkpoint.recovered)
+        #expect(input.settled(direction: .receive, windowLevelNow: 100).inputResumesAt == 5000)
+        #expect(input.settled(direction: .receive, windowLevelNow: 2600).inputResumesAt == 7500)
+        #expect(input.settled(direction: .receive, windowLevelNow: 4100).inputResumesAt == 9000)
+        #expect(input.settled(direction: .receive, windowLevelNow: 50) == input)
+        // A take without a window has nothing to settle it.
+        checkpoint.took(upTo: 5000)
+        checkpoint.beginTake(at: 5000, upTo: 4000)
+        let unwindowed = try #require(checkpoint.recovered)
+        #expect(unwindowed.windowLevel == nil)
+        #expect(unwindowed.settled(direction: .send, windowLevelNow: 0) == unwindowed)
+        // A settled state records no window: the level is not read.
+        checkpoint.took(upTo: 6000)
+        #expect(try #require(checkpoint.recovered).windowLevel == nil)
+    }
+}
+
 @Suite("Gaps")
 struct GapProtocolTests {
     @Test func gapRecordsMergeAndCountEachOffsetOnce() {
@@ -370,6 +410,38 @@ struct CrashResumeStreamTests {
         #expect(received.elementsEqual(expected), "every byte but the 7,000 the interrupted read took, once, in order")
     }
 
+    /// The same crash inside a read, from a source with a window (a pipe the supervisor holds):
+    /// the checkpoint recorded the window's level before the read, so the successor learns
+    /// from the level it finds that the read took 7,000 bytes — they are in the restored ring —
+    /// and resumes after them. Nothing is lost and no gap is reported.
+    @Test func aCrashInsideAReadFromAWindowLosesNothing() async throws {
+        let crash = try await ReadCrash(windowed: true)
+        defer { crash.close() }
+        let (pair, memory, crashed, sent) = (crash.pair, crash.memory, crash.crashed, crash.sent)
+        let window = try #require(crash.window)
+        pair.guest.close()
+        pair.cutCurrentLink()
+
+        let interrupted = try #require(crashed.checkpoint.recovered)
+        #expect(interrupted.taken == 90_000 && interrupted.uncertain > 7000 && interrupted.windowLevel != nil)
+        let recovered = interrupted.settled(direction: .send, windowLevelNow: window.level)
+        #expect(recovered.taken == 97_000 && recovered.uncertain == 0, "the level says the read took exactly 7,000")
+        memory.bytes.copyMemory(from: UnsafeRawBufferPointer(crashed.bytes))
+        let successorStorage = crash.storage(crash.snapshot)
+        let restored = try #require(successorStorage.start(restoringUpTo: recovered.outputResumesAt))
+        #expect(restored.end == 97_000 && recovered.outputHole(in: restored) == nil)
+        let successor = pair.restartGuest(
+            resumeAt: recovered.outputResumesAt, restoring: restored, hole: nil, storage: successorStorage, checkpoint: memory.checkpoint)
+        defer { successor.close() }
+        crash.source.finish()
+        while try await successor.pull(from: window, pool: .shared) != .endOfFile {}
+        #expect(await successor.finish() == 0)
+        let received = await crash.receiver.value
+        #expect(pair.host.statistics.lost.bytes == 0 && successor.statistics.lost.bytes == 0, "no gap")
+        #expect(received.count == sent.count)
+        #expect(received.elementsEqual(sent), "every byte once, in order, the 7,000 the read took among them")
+    }
+
     /// The same crash inside a read, then its successor killed too before it could tell the
     /// host the gap (it never connected). Its checkpoint then says "everything up to the hole's
     /// end was taken", and the ring memory holds the hole's unknown bytes: the next successor
@@ -441,10 +513,10 @@ struct CrashResumeStreamTests {
             await pair.guest.waitReceivable()
             received += await pair.guest.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[received...]))
         }
-        pair.guest.willDeliver(25_000)
+        pair.guest.willDeliver(25_000, stageLevel: nil)
         pair.guest.delivered(25_000)
         var delivered = Array(buffer[..<25_000])
-        pair.guest.willDeliver(35_000)  // killed inside this write: it may or may not have gone in
+        pair.guest.willDeliver(35_000, stageLevel: nil)  // killed inside this write: it may or may not have gone in
         pair.guest.close()
         pair.cutCurrentLink()
         let recovered = try #require(memory.checkpoint.recovered)
@@ -459,7 +531,7 @@ struct CrashResumeStreamTests {
             await successor.waitReceivable()
             let count = await successor.receive(into: buffer)
             if count == 0 { break }
-            successor.willDeliver(count)
+            successor.willDeliver(count, stageLevel: nil)
             delivered += Array(buffer[..<count])
             successor.delivered(count)
         }
@@ -486,10 +558,14 @@ private final class ReadCrash: @unchecked Sendable {
     let pair: ResumablePair
     let sent = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ $0 >> 10) }
     let source: MemorySource
+    /// `windowed`: the relay reads `source` through this window.
+    let window: MemoryWindow?
     let receiver: Task<[UInt8], Never>
 
-    /// - Parameter refuse: while it says so, every connection is cut as its hello arrives.
-    init(refuse: NIOLockedValueBox<Bool> = NIOLockedValueBox(false)) async throws {
+    /// - Parameters:
+    ///   - refuse: while it says so, every connection is cut as its hello arrives.
+    ///   - windowed: the relay reads through a window, and the crash is inside a read from it.
+    init(refuse: NIOLockedValueBox<Bool> = NIOLockedValueBox(false), windowed: Bool = false) async throws {
         regionSize = SharedRingStorage.regionSize(blockSize: Self.blockSize, blockCount: blockCount)
         region = sharedMemoryForTests(regionSize)
         snapshot = sharedMemoryForTests(regionSize)
@@ -504,21 +580,28 @@ private final class ReadCrash: @unchecked Sendable {
             }, checkpoint: memory.checkpoint, guestStorage: first)
         pair.start()
         source = MemorySource(Array(sent[..<40_000]))
+        window = windowed ? MemoryWindow(source) : nil
+        let reader: any ByteReader = window ?? source
         let host = pair.host
         receiver = Task { await host.receiveAll() }
-        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        while pair.guest.statistics.offset < 40_000 { _ = try await pair.guest.pull(from: reader, pool: .shared) }
         try await eventually("the host acknowledged 40,000 bytes") { self.pair.guest.statistics.acknowledged == 40_000 }
         link.withLockedValue { $0 }?.holdDelivery()
         source.append(Array(sent[40_000..<90_000]))
-        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: source, pool: .shared) }
+        while pair.guest.statistics.offset < 90_000 { _ = try await pair.guest.pull(from: reader, pool: .shared) }
         // The next read takes 7,000 bytes and the relay dies inside it: what the memory holds
         // at that instant is what a successor finds.
         source.append(Array(sent[90_000...]))
-        let killed = KilledInsideRead(source, taking: 7000) { [crashed, memory, snapshot, region, regionSize] in
+        let crash = { [crashed, memory, snapshot, region, regionSize] in
             crashed.bytes.copyMemory(from: UnsafeRawBufferPointer(memory.bytes))
             snapshot.copyMemory(from: region, byteCount: regionSize)
         }
-        _ = try await pair.guest.pull(from: killed, pool: .shared)
+        if let window {
+            window.killInsideNextRead(taking: 7000, snapshot: crash)
+            _ = try await pair.guest.pull(from: window, pool: .shared)
+        } else {
+            _ = try await pair.guest.pull(from: KilledInsideRead(source, taking: 7000, snapshot: crash), pool: .shared)
+        }
     }
 
     /// A ring storage over `memory` (a copy of the ring area at some instant).
@@ -592,5 +675,73 @@ private final class KilledInsideRead: ByteReader, @unchecked Sendable {
         }
         snapshot()
         return taken
+    }
+}
+
+/// A source with a window, in memory (what `WindowedSource` does with two pipes): `fillWindow`
+/// moves bytes from `inner` into the window when it is empty, reads take from the window. A
+/// read can be made to die inside: it takes some bytes out of the window, then the crash is
+/// recorded (`snapshot`) before it returns.
+private final class MemoryWindow: ByteReader, @unchecked Sendable {
+    let inner: MemorySource
+    private let window = NIOLockedValueBox<[UInt8]>([])
+    private let kill = NIOLockedValueBox<(count: Int, snapshot: () -> Void)?>(nil)
+
+    init(_ inner: MemorySource) { self.inner = inner }
+
+    var level: Int { window.withLockedValue { $0.count } }
+
+    func killInsideNextRead(taking count: Int, snapshot: @escaping () -> Void) {
+        kill.withLockedValue { $0 = (count, snapshot) }
+    }
+
+    func waitReadable() async throws {
+        if level > 0 { return }
+        try await inner.waitReadable()
+    }
+
+    func fillWindow(upTo limit: Int) throws -> WindowFill {
+        if level > 0 { return .holding(level) }
+        var bytes = [UInt8](repeating: 0, count: limit)
+        guard let got = bytes.withUnsafeMutableBytes({ inner.readNow(into: $0) }) else { return .nothing }
+        if got == 0 { return .endOfFile }
+        window.withLockedValue { $0 = Array(bytes[..<got]) }
+        return .holding(got)
+    }
+
+    func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? {
+        if level == 0 {
+            switch try fillWindow(upTo: buffers.reduce(0) { $0 + $1.count }) {
+            case .nothing: return nil
+            case .endOfFile: return 0
+            case .holding, .unwindowed: break
+            }
+        }
+        let killing = kill.withLockedValue { k in
+            defer { k = nil }
+            return k
+        }
+        var left = min(killing?.count ?? .max, level)
+        var taken = 0
+        for buffer in buffers where left > 0 {
+            let count = min(buffer.count, left)
+            window.withLockedValue { bytes in
+                UnsafeMutableRawBufferPointer(rebasing: buffer[..<count]).copyBytes(from: bytes[..<count])
+                bytes.removeFirst(count)
+            }
+            taken += count
+            left -= count
+        }
+        killing?.snapshot()
+        return taken
+    }
+
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? { try readNow(into: [buffer]) }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int {
+        while true {
+            try await waitReadable()
+            if let count = try readNow(into: buffer) { return count }
+        }
     }
 }

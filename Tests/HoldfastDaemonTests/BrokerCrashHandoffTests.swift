@@ -75,6 +75,7 @@ struct BrokerCrashHandoffTests {
         try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
         let repeats = inputRepeats(in: daemon.log, process: "handed")
         #expect(matches(readFile(copy) ?? [], sent: sent, repeats: repeats), "stdin exact but for logged repeats \(repeats)")
+        #expect(lost.bytes == 0 && repeats.isEmpty, "the windows the broker made settle every interrupted take: \(lost.summary), \(repeats)")
         // Gone from the broker, the supervisor let go of its copies too.
         try await eventually("the deposit released", timeout: .seconds(20)) {
             try await daemon.status().streams.allSatisfy { $0.process != "handed" }

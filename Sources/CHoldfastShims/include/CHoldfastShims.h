@@ -117,6 +117,9 @@ long hf_tgkill(pid_t tgid, pid_t tid, int sig);
 long hf_prlimit_nofile(pid_t pid, int set);
 /// ioctl(fd, FIONREAD, &count).
 int hf_ioctl_fionread(int fd, int *count);
+/// Probes of the broker's seccomp profile: requests it must refuse.
+int hf_ioctl_tiocsti(int fd, char byte);
+int hf_ioctl_tiocmget(int fd, int *lines);
 pid_t hf_gettid(void);
 /// sched_setaffinity(0) to the affinity it has now.
 int hf_sched_setaffinity_self(void);
