@@ -379,8 +379,8 @@ public final class Broker: Sendable {
     /// but for a stdin write that waits for room in a full pipe), so the check runs there too
     /// and exits in the same job: no take can begin between the two. A stream still inside a
     /// take at `limit` (a process that stopped reading its stdin) is left as a crash would
-    /// leave it: its successor reports those bytes (`inputRepeated`), never silently. Exit
-    /// status 0: settled; 3: not settled in time.
+    /// leave it: its successor settles it from its window, or reports those bytes, never
+    /// silently. Exit status 0: settled; 3: not settled in time.
     public func quiesce(within limit: Duration) {
         let deadline = ContinuousClock.now + limit
         let started = ContinuousClock.now
