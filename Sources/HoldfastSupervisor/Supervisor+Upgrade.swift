@@ -135,6 +135,12 @@ extension Supervisor {
         var info = stat()
         guard fstat(executable, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else { throw fail("\(path) is not a regular file") }
         guard info.st_mode & 0o111 != 0 else { throw fail("\(path) is not executable (mode \(String(info.st_mode & 0o7777, radix: 8)))") }
+        // It will run as root with every container's stdio: only root (or our own user) may
+        // have been able to write it.
+        guard info.st_uid == 0 || info.st_uid == geteuid(), info.st_mode & 0o022 == 0 else {
+            throw fail(
+                "\(path) could have been written by another user (owner uid \(info.st_uid), mode \(String(info.st_mode & 0o7777, radix: 8))): not running it as the daemon")
+        }
         let probed: String
         do throws(HoldfastError) {
             probed = try await probe(executable, path: path, configPath: configPath)

@@ -302,7 +302,7 @@ struct LiveUpgradeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    /// Issue 17's item 2: a missing, non-executable or corrupt binary, one whose check fails,
+    /// Issue 17's item 2: a missing, non-executable, others-writable or corrupt binary, one whose check fails,
     /// crashes, or reads another version of the state: each upgrade is refused with its
     /// reason (`holdfast upgrade` exits 1), and the old daemon still serves — the same pid, no
     /// upgrade counted, a process it ran all along streams on exactly, a new create runs and
@@ -327,6 +327,7 @@ struct LiveUpgradeTests {
         let cases: [(name: String, install: () throws -> Void, says: String)] = [
             ("missing", { unlink(binary.path) }, "cannot open the new binary \(binary.path): No such file or directory"),
             ("not executable", { try binary.replace(with: binary.original, mode: 0o644) }, "is not executable (mode 644)"),
+            ("writable by others", { try binary.replace(with: binary.original, mode: 0o777) }, "could have been written by another user"),
             ("corrupt", { try binary.replace(with: (0..<65536).map { _ in UInt8.random(in: 0...255) }, mode: 0o755) }, "not a program the kernel runs"),
             ("check fails", { try binary.replace(with: script("echo 'holdfast 9.9: cannot read this' >&2; exit 3"), mode: 0o755) },
              "failed its check (exit code 3): holdfast 9.9: cannot read this"),
