@@ -102,7 +102,10 @@ final class UpgradeGate: Sendable {
 /// Live upgrade (docs/ARCHITECTURE.md, "Live upgrade"): the supervisor re-executes the binary
 /// now at its path, keeping its pid, its children and every fd it holds.
 extension Supervisor {
-    static let signalsBlockedAcrossExec = [SIGCHLD, SIGTERM, SIGINT]
+    /// Held pending across the exec, for the new image's handlers (their default action would
+    /// end the daemon in between). Not SIGCHLD: its default is to do nothing, and the new image
+    /// reaps every child that exited meanwhile as it starts.
+    static let signalsBlockedAcrossExec = [SIGTERM, SIGINT]
     /// How long the new binary's check may take, and what is under way may take to finish.
     static let probeLimit = Duration.seconds(10)
     static let settleLimit = Duration.seconds(15)

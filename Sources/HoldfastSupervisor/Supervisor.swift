@@ -175,8 +175,11 @@ public final class Supervisor: Sendable {
         if resumption == nil { try checkBrokerUIDIsItsOwn() }
         try Subreaper.become()
         let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM, SIGINT])
-        // The previous image blocked them for the exec: pending ones arrive now, to our handlers.
+        // The previous image blocked them for the exec (the mask survives it): pending ones
+        // arrive now, to our handlers. Unblocked on the main thread, which lives as long as the
+        // process (the mask is per thread, and the threads started meanwhile have it blocked).
         ProcessImage.unblock(Self.signalsBlockedAcrossExec)
+        await MainActor.run { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
         SignalDisposition.ignore(SIGPIPE)
         try makeRunDirectory()
         let handoff: Listener?
