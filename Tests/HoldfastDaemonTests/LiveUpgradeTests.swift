@@ -369,4 +369,28 @@ struct LiveUpgradeTests {
         try await eventually("steady's exit", timeout: .seconds(30)) { exits.count("steady") == 1 }
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// The new image holds SIGTERM and SIGINT blocked across the exec (so one in the gap waits
+    /// for its handlers); the mask is per thread, so they must be unblocked on a thread that
+    /// stays: the main thread (libdispatch's workers block nearly every signal, and end when
+    /// idle). Checked in /proc; then the upgraded daemon still sees a child exit and stops on
+    /// SIGTERM, in order.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anUpgradedDaemonHearsSignalsOnItsMainThread() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(executable: binary.path)
+        defer { daemon.cleanUp() }
+        try binary.install(variant: 1)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let status = String(decoding: readFile("/proc/\(daemon.daemonPID)/task/\(daemon.daemonPID)/status") ?? [], as: UTF8.self)
+        let blocked = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") }.flatMap { UInt64($0.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) }
+        let mask = try #require(blocked, "SigBlk of the main thread: \(status)")
+        #expect(mask & (1 << UInt64(SIGTERM - 1)) == 0 && mask & (1 << UInt64(SIGINT - 1)) == 0, "the main thread takes SIGTERM and SIGINT: SigBlk \(String(mask, radix: 16))")
+        _ = try await daemon.launch(ProcessSpec(id: "late", argv: ["sh", "-c", "exit 5"]))
+        let report = try await withTimeout("the late process's exit", .seconds(30)) { try await daemon.wait("late") }
+        #expect(report.exitCode == 5)
+        #expect(try await daemon.stop() == .exited(0), "SIGTERM heard: \(daemon.log.suffix(2000))")
+    }
 }
