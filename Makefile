@@ -113,12 +113,15 @@ deb: deps
 	@packaging/build-deb.sh $(DEB_BUILD_DIR)/release/holdfast $(DIST_DIR)
 
 # lintian (no errors or warnings), systemd-analyze verify, the unpacked binary (--version, ldd,
-# config check, the manual page) and a smoke test of the unpacked daemon: packaging/check-deb.sh.
+# config check, the manual page) and a smoke test of the unpacked daemon, a live upgrade onto a
+# newer build while a process streams included: packaging/check-deb.sh.
 deb-check: deb
 	packaging/check-deb.sh $(DIST_DIR)/holdfast_$$(sed -n '1s/^holdfast (\([^)]*\)) .*/\1/p' packaging/debian/changelog)_$$(dpkg --print-architecture).deb
 
-# Installs, reinstalls, removes and purges the .deb on THIS machine, checking what the maintainer
-# scripts did (creates and deletes the user 'holdfast'): for throwaway machines, not in `test`.
+# Installs, reinstalls, upgrades to a newer package under a running daemon while a process
+# streams (the postinst must upgrade it live), removes and purges the .deb on THIS machine,
+# checking what the maintainer scripts did (creates and deletes the user 'holdfast'): for
+# throwaway machines, not in `test`.
 deb-install-check: deb
 	packaging/install-check.sh $(DIST_DIR)/holdfast_$$(sed -n '1s/^holdfast (\([^)]*\)) .*/\1/p' packaging/debian/changelog)_$$(dpkg --print-architecture).deb
 
