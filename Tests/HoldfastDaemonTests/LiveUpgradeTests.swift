@@ -111,7 +111,7 @@ struct LiveUpgradeTests {
     static let upgrades = 20
 
     /// Issue 17's "done when": 20 live upgrades in a row, each onto a binary with another
-    /// sha256, while pipes stream both ways (resumable), a terminal and a raw-mode output print,
+    /// sha256, while pipes and a terminal stream both ways (resumable), a raw-mode output prints,
     /// a runc container prints (where runc is), and a process a runtime handed over on the
     /// handoff socket prints; creates go out over the bridge throughout, the switches included.
     /// The supervisor and every process keep their pids, every byte arrives exactly (no gap, no
@@ -135,9 +135,15 @@ struct LiveUpgradeTests {
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "pipes", argv: ["sh", "-c", "exec 3<&0; cat <&3 > \(copy) & exec 3<&-; \(counter("pipe"))"],
             stdin: daemon.spec("p-in"), stdout: daemon.spec("p-out")))
+        // A terminal both ways: its output counts, and what the host types is copied by cat
+        // (echo off, so the output is the counter's alone).
+        let ttyCopy = daemon.directory.file("tty.copy")
         let ttyStream = try daemon.streams.open(token: bytes("t-out"), direction: .receive)
         let ttyOut = collect(ttyStream)
-        _ = try await daemon.bridge.create(ProcessSpec(id: "tty", argv: ["sh", "-c", counter("tty")], tty: true, stdout: daemon.spec("t-out")))
+        let ttyIn = try daemon.streams.open(token: bytes("t-in"), direction: .send)
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "tty", argv: ["sh", "-c", "stty -echo; exec 3<&0; cat <&3 > \(ttyCopy) & exec 3<&-; \(counter("tty"))"], tty: true,
+            stdin: daemon.spec("t-in"), stdout: daemon.spec("t-out")))
         let raw = try BrokerCrashKindsTests.RawCollector(path: daemon.directory.file("raw.sock"))
         defer { raw.close() }
         _ = try await daemon.bridge.create(ProcessSpec(
@@ -178,6 +184,7 @@ struct LiveUpgradeTests {
         let descriptorsBefore = openDescriptorCount(pid: daemon.daemonPID)
 
         let typist = NumberedTypist { try await pipeIn.send($0) }
+        let ttyTypist = NumberedTypist { try await ttyIn.send($0) }
         // Creates over the bridge all along: before, during and after each switch.
         let creating = NIOLockedValueBox(true)
         let creator = Task { () -> (ids: [String], waited: Int) in
@@ -245,7 +252,10 @@ struct LiveUpgradeTests {
 
         try await Task.sleep(for: .milliseconds(300))
         let sent = await typist.stop()
+        let ttySent = await ttyTypist.stop()
         #expect(await pipeIn.finish() == 0, "every stdin byte acknowledged")
+        try await eventually("the terminal's copy complete", timeout: .seconds(30)) { (readFile(ttyCopy) ?? []).count >= ttySent.count }
+        #expect(readFile(ttyCopy) == ttySent, "terminal input exact: \(ttySent.count) bytes typed")
         #expect(kill(handedPID, 0) == 0, "the handed-over process still runs")
         kill(handedPID, SIGTERM)
         #expect(try await runtimeProcesses.wait(handedPID) == .signaled(SIGTERM))
@@ -297,7 +307,7 @@ struct LiveUpgradeTests {
         #expect(descriptorsAfter <= descriptorsBefore + 2, "the supervisor's fds: \(descriptorsBefore) before, \(descriptorsAfter) after \(Self.upgrades) upgrades")
         let sorted = switches.sorted()
         print("\(Self.upgrades) live upgrades (request to both roles serving, CLI included): median \(sorted[sorted.count / 2]), max \(sorted.last!); "
-            + summary.joined(separator: ", ") + ", stdin \(sent.count) B, raw \(raw.all.count) B over \(raw.connectionCount) connections; "
+            + summary.joined(separator: ", ") + ", stdin \(sent.count) B, terminal input \(ttySent.count) B, raw \(raw.all.count) B over \(raw.connectionCount) connections; "
             + "\(created.count) creates over the bridge (\(waitedCreates) waited for a switch) and \(launched.count) on the control socket, all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
         #expect(try await daemon.stop() == .exited(0))
     }
