@@ -154,7 +154,7 @@ struct Upgrade: AsyncParsableCommand {
             let after = outcome.after
             let running = after.processes.filter { $0.state == .running }.count
             print(
-                "upgraded: holdfast \(before.version) (sha256 \(before.executableSHA256?.prefix(12) ?? "?")) -> holdfast \(after.version) (sha256 \(after.executableSHA256?.prefix(12) ?? "?")), pid \(after.pid), \(running) process\(running == 1 ? "" : "es") still running, upgrade \(after.upgrades ?? 0) since start, in \(outcome.took)")
+                "upgraded: holdfast \(before.version) (sha256 \(before.executableSHA256?.prefix(12) ?? "?")) -> holdfast \(after.version) (sha256 \(after.executableSHA256?.prefix(12) ?? "?")), pid \(after.pid), \(running) process\(running == 1 ? "" : "es") still running, upgrade \(after.upgrades ?? 0) since start, in \(outcome.took.components.seconds * 1000 + outcome.took.components.attoseconds / 1_000_000_000_000_000) ms")
         } catch {
             throw CommandFailure("upgrade failed: \(error.description)")
         }
