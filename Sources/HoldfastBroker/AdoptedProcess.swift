@@ -238,8 +238,12 @@ final class ManagedStream: Sendable {
             transport.managed.disconnect()  // the first dial
         }
         let handle = handle
-        let source: any ByteReader = outputWindow.map { WindowedSource(source: handle, window: $0.ends, level: $0.level) } ?? handle
-        let sink: any ByteWriter = inputStage.map { StagingSink(sink: handle, stage: $0.ends, level: $0.level) } ?? handle
+        // Through the windows where the stream has them (concrete types either way: the relays
+        // are generic, and the data path should not go through an existential).
+        let windowed = outputWindow.map { WindowedSource(source: handle, window: $0.ends, level: $0.level) }
+        let staging = inputStage.map { StagingSink(sink: handle, stage: $0.ends, level: $0.level) }
+        let source: any ByteReader = windowed ?? handle
+        let sink: any ByteWriter = staging ?? handle
         let output = output
         let input = input
         let inputEnded = inputEnded
@@ -254,9 +258,15 @@ final class ManagedStream: Sendable {
                 input.close()
                 return [report.output, report.input]
             case (let output?, nil):
-                return [await Relay.output(from: source, to: output.outbound)]
+                if let windowed { return [await Relay.output(from: windowed, to: output.outbound)] }
+                return [await Relay.output(from: handle, to: output.outbound)]
             case (nil, let input?):
-                let report = await Relay.input(from: input.inbound, to: sink)
+                let report: RelayReport
+                if let staging {
+                    report = await Relay.input(from: input.inbound, to: staging)
+                } else {
+                    report = await Relay.input(from: input.inbound, to: handle)
+                }
                 // Cancelled: whoever stopped the relay owns the fd now — a release hands it
                 // back, a drain or shutdown closes it. Closing it here lost stdin on release.
                 if Task.isCancelled {
