@@ -68,7 +68,7 @@ struct BrokerCrashHandoffTests {
         _ = try await runtimeNow.request(exited.frameType, body: exited.body)
         let data = try await withTimeout("the output", .seconds(60)) { await received.value }
 
-        let numbers = BrokerCrashKindsTests.numbers(data, prefix: "h")
+        let numbers = EveryKindOfStream.numbers(data, prefix: "h")
         let last = try #require(numbers.last)
         let lost = output.statistics.lost
         #expect(matchesAcrossGaps(data, all: expectedLines(last, prefix: "h"), gaps: lost.ranges), "stdout: \(data.count) bytes, lost \(lost.summary)")

@@ -125,66 +125,16 @@ struct LiveUpgradeTests {
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
-        func counter(_ prefix: String) -> String {
-            "i=0; while :; do i=$((i+1)); echo \(prefix) $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"
-        }
-        let copy = daemon.directory.file("stdin.copy")
-        let pipeStream = try daemon.streams.open(token: bytes("p-out"), direction: .receive)
-        let pipeOut = collect(pipeStream)
-        let pipeIn = try daemon.streams.open(token: bytes("p-in"), direction: .send)
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "pipes", argv: ["sh", "-c", "exec 3<&0; cat <&3 > \(copy) & exec 3<&-; \(counter("pipe"))"],
-            stdin: daemon.spec("p-in"), stdout: daemon.spec("p-out")))
-        // A terminal both ways: its output counts, and what the host types is copied by cat
-        // (echo off, so the output is the counter's alone).
-        let ttyCopy = daemon.directory.file("tty.copy")
-        let ttyStream = try daemon.streams.open(token: bytes("t-out"), direction: .receive)
-        let ttyOut = collect(ttyStream)
-        let ttyIn = try daemon.streams.open(token: bytes("t-in"), direction: .send)
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "tty", argv: ["sh", "-c", "stty -echo; exec 3<&0; cat <&3 > \(ttyCopy) & exec 3<&-; \(counter("tty"))"], tty: true,
-            stdin: daemon.spec("t-in"), stdout: daemon.spec("t-out")))
-        let raw = try BrokerCrashKindsTests.RawCollector(path: daemon.directory.file("raw.sock"))
-        defer { raw.close() }
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "raw", argv: ["sh", "-c", counter("raw")], stdout: StreamSpec(address: "unix:" + daemon.directory.file("raw.sock"), mode: .raw)))
-        let withRunc = TestBundle.canRun
-        var runcStream: ResumableStream<AsyncFD>?
-        var runcOut: Task<[UInt8], Never>?
-        if withRunc {
-            let bundle = try TestBundle(in: daemon.directory, name: "counter", args: ["sh", "-c", counter("runc")], terminal: false)
-            let stream = try daemon.streams.open(token: bytes("r-out"), direction: .receive)
-            runcStream = stream
-            runcOut = collect(stream)
-            _ = try await daemon.bridge.create(ProcessSpec(id: "runc", argv: [], stdout: daemon.spec("r-out"), runtime: .runc, bundle: bundle.path))
-        }
-        let runtimeProcesses = TestProcesses()
-        defer { runtimeProcesses.killAll() }
-        let handedStream = try daemon.streams.open(token: bytes("h-out"), direction: .receive)
-        let handedOut = collect(handedStream)
-        let handedPipe = try PipeEnds.make()
-        let handedPID = try runtimeProcesses.start(["sh", "-c", counter("handed")], stdout: handedPipe.write)
-        close(handedPipe.write)
-        let handedSpec = daemon.spec("h-out")
-        let handOver = BrokerRequest.adopt(AdoptRequest(process: "handed", streams: [
-            StreamDescription(kind: .stdout, fd: 0, address: handedSpec.address, mode: .resumable, token: handedSpec.token, secret: handedSpec.secret)
-        ]))
-        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
-        _ = try await runtime.request(handOver.frameType, body: handOver.body, descriptors: [handedPipe.read])
-        close(handedPipe.read)
-
-        let ids = ["pipes", "tty", "raw"] + (withRunc ? ["runc"] : [])
-        try await eventually("every process streaming", timeout: .seconds(60)) {
-            let streams = try await daemon.status().streams
-            return streams.filter { $0.state == .connected }.count >= (withRunc ? 6 : 5) && raw.connectionCount >= 1
-        }
+        let streams = try await EveryKindOfStream(daemon)
+        defer { streams.close() }
+        let ids = streams.ids
         let first = try await daemon.status()
         let pids = Dictionary(uniqueKeysWithValues: first.processes.map { ($0.id, $0.pid) })
         let instance = try #require(daemon.bridge.lastHello?.instanceID)
         let descriptorsBefore = openDescriptorCount(pid: daemon.daemonPID)
 
-        let typist = NumberedTypist { try await pipeIn.send($0) }
-        let ttyTypist = NumberedTypist { try await ttyIn.send($0) }
+        let typist = NumberedTypist { try await streams.pipeIn.send($0) }
+        let ttyTypist = NumberedTypist { try await streams.ttyIn.send($0) }
         // Creates over the bridge all along: before, during and after each switch.
         let creating = NIOLockedValueBox(true)
         let creator = Task { () -> (ids: [String], waited: Int) in
@@ -238,7 +188,7 @@ struct LiveUpgradeTests {
             #expect(now.pid == first.pid, "upgrade \(round): the same supervisor")
             #expect(now.upgrades == round)
             #expect(now.executableSHA256 == sha, "upgrade \(round): the new binary runs")
-            for id in ids { #expect(now.processes.first { $0.id == id }?.pid == pids[id], "upgrade \(round): \(id) is the same process") }
+            for id in streams.ids { #expect(now.processes.first { $0.id == id }?.pid == pids[id], "upgrade \(round): \(id) is the same process") }
             try await Task.sleep(for: .milliseconds(Int.random(in: 50...300)))
         }
         creating.withLockedValue { $0 = false }
@@ -253,17 +203,8 @@ struct LiveUpgradeTests {
         try await Task.sleep(for: .milliseconds(300))
         let sent = await typist.stop()
         let ttySent = await ttyTypist.stop()
-        #expect(await pipeIn.finish() == 0, "every stdin byte acknowledged")
-        try await eventually("the terminal's copy complete", timeout: .seconds(30)) { (readFile(ttyCopy) ?? []).count >= ttySent.count }
-        #expect(readFile(ttyCopy) == ttySent, "terminal input exact: \(ttySent.count) bytes typed")
-        #expect(kill(handedPID, 0) == 0, "the handed-over process still runs")
-        kill(handedPID, SIGTERM)
-        #expect(try await runtimeProcesses.wait(handedPID) == .signaled(SIGTERM))
-        let runtimeNow = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
-        let handedExited = BrokerRequest.processExited(ProcessExitedRequest(process: "handed"))
-        _ = try await runtimeNow.request(handedExited.frameType, body: handedExited.body)
-        func stopSignal(_ id: String) -> Int32 { id == "runc" ? SIGKILL : SIGTERM }
-        for id in ids { try await daemon.bridge.signal(id, stopSignal(id)) }
+        #expect(await streams.pipeIn.finish() == 0, "every stdin byte acknowledged")
+        try await streams.stopAll()
         do {
             try await eventually("every exit", timeout: .seconds(60)) { (ids + created).allSatisfy { exits.count($0) >= 1 } }
         } catch {
@@ -273,7 +214,7 @@ struct LiveUpgradeTests {
         try await Task.sleep(for: .milliseconds(300))
         #expect(exits.all.count == ids.count + created.count, "each exit once: \(exits.all.count) for \(ids.count + created.count) processes")
         for report in exits.all where ids.contains(report.id) {
-            #expect(report.signal == stopSignal(report.id), "ended by our signal: \(report)")
+            #expect(report.signal == streams.stopSignal(report.id), "ended by our signal: \(report)")
             #expect(report.lost == nil && report.inputRepeated == nil, "nothing lost or repeated: \(report)")
         }
         #expect(exits.all.filter { $0.id.hasPrefix("create-") }.allSatisfy { $0.exitCode == 7 }, "every create ran")
@@ -282,33 +223,12 @@ struct LiveUpgradeTests {
             let report = try await withTimeout("\(id)'s exit", .seconds(30)) { try await daemon.wait(id) }
             #expect(report.exitCode == 9, "\(id): \(report)")
         }
-
-        // Every output exact, up to its last line: no gaps at all.
-        var summary: [String] = []
-        func checkExact(_ name: String, _ data: [UInt8], _ stream: ResumableStream<AsyncFD>, lineEnd: String) {
-            let numbers = BrokerCrashKindsTests.numbers(data, prefix: name)
-            guard let last = numbers.last else {
-                Issue.record("\(name): no output")
-                return
-            }
-            let all = Array((1...last).map { "\(name) \($0)\(lineEnd)" }.joined().utf8)
-            #expect(stream.statistics.lost.bytes == 0, "\(name): no gap reported: \(stream.statistics.lost.summary)")
-            #expect(data == all, "\(name): \(data.count) bytes, every one exact")
-            summary.append("\(name) \(data.count) B")
-        }
-        checkExact("pipe", await pipeOut.value, pipeStream, lineEnd: "\n")
-        checkExact("tty", await ttyOut.value, ttyStream, lineEnd: "\r\n")
-        checkExact("handed", try await withTimeout("the handed-over output", .seconds(60)) { await handedOut.value }, handedStream, lineEnd: "\n")
-        if let runcOut, let runcStream { checkExact("runc", await runcOut.value, runcStream, lineEnd: "\n") }
-        try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
-        #expect(readFile(copy) == sent, "stdin exact: \(sent.count) bytes sent")
-        let rawNumbers = BrokerCrashKindsTests.numbers(raw.all, prefix: "raw")
-        #expect(rawNumbers == Array(1...(rawNumbers.last ?? 0)), "raw: every line once, in order")
+        // Every output exact, up to its last line: no gaps at all; stdin and the terminal's input exact.
+        let summary = try await streams.checkOutputs(stdinSent: sent, ttySent: ttySent)
         #expect(descriptorsAfter <= descriptorsBefore + 2, "the supervisor's fds: \(descriptorsBefore) before, \(descriptorsAfter) after \(Self.upgrades) upgrades")
         let sorted = switches.sorted()
         print("\(Self.upgrades) live upgrades (request to both roles serving, CLI included): median \(sorted[sorted.count / 2]), max \(sorted.last!); "
-            + summary.joined(separator: ", ") + ", stdin \(sent.count) B, terminal input \(ttySent.count) B, raw \(raw.all.count) B over \(raw.connectionCount) connections; "
-            + "\(created.count) creates over the bridge (\(waitedCreates) waited for a switch) and \(launched.count) on the control socket, all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
+            + summary + "; \(created.count) creates over the bridge (\(waitedCreates) waited for a switch) and \(launched.count) on the control socket, all run; supervisor fds \(descriptorsBefore) -> \(descriptorsAfter)")
         #expect(try await daemon.stop() == .exited(0))
     }
 
