@@ -25,11 +25,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import handoff  # noqa: E402  (examples/handoff.py: the handoff socket's client)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import streaming  # noqa: E402  (packaging/streaming.py: a handed-over process streaming across the upgrade)
 
 
 def unused_uid() -> int:
@@ -147,33 +146,7 @@ def main() -> int:
         # A live upgrade while a process streams. The process is a runtime's, handed over on the
         # handoff socket with its stdout in raw mode to a listener here (no host bridge needed).
         lines = 3000
-        collected = bytearray()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(f"{directory}/out.sock")
-        os.chmod(f"{directory}/out.sock", 0o666)  # the broker, unprivileged, dials it
-        listener.listen(8)
-
-        def collect() -> None:
-            # Connections in order: the old broker's ends (at its exit) before the new one dials.
-            while len(collected) < len("".join(f"line {i}\n" for i in range(1, lines + 1))):
-                try:
-                    connection, _ = listener.accept()
-                except OSError:
-                    return
-                with connection:
-                    while chunk := connection.recv(65536):
-                        collected.extend(chunk)
-
-        reader = threading.Thread(target=collect, daemon=True)
-        reader.start()
-        read_end, write_end = os.pipe()
-        child = subprocess.Popen(
-            ["sh", "-c", f"i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo line $i; [ $((i % 100)) -ne 0 ] || sleep 0.05; done"],
-            stdout=write_end, start_new_session=True)
-        os.close(write_end)
-        with handoff.Client(f"{run}/broker.sock") as broker:
-            broker.adopt("smoke", [handoff.Stream("stdout", read_end, f"unix:{directory}/out.sock", mode="raw")])
-        os.close(read_end)
+        counter = streaming.HandedCounter(run, directory, lines, "smoke")
         time.sleep(0.3)
         newer = open(binary, "rb").read() + b"\nholdfast smoke test: a newer build\n"
         with open(binary + ".new", "wb") as new_file:
@@ -186,7 +159,7 @@ def main() -> int:
             [binary, "upgrade", "--socket", f"{run}/control.sock"], capture_output=True, text=True, timeout=90)
         upgrade_ms = (time.monotonic() - upgrade_started) * 1000
         if upgrade.returncode != 0:
-            child.kill()
+            counter.kill()
             return fail(f"holdfast upgrade: exit {upgrade.returncode}: {upgrade.stdout} {upgrade.stderr}")
         after = json.loads(subprocess.run(
             [binary, "status", "--json", "--socket", f"{run}/control.sock"], capture_output=True, text=True, timeout=10).stdout)
@@ -196,13 +169,9 @@ def main() -> int:
             return fail(f"after the upgrade the daemon runs sha256 {after.get('executableSHA256')}, not the newer build's")
         if not wait_for("READY=1", 20):
             return fail("no READY=1 from the upgraded daemon")
-        if child.wait(timeout=60) != 0:
-            return fail("the streaming process failed")
-        reader.join(timeout=30)
-        listener.close()
-        expected = "".join(f"line {i}\n" for i in range(1, lines + 1)).encode()
-        if bytes(collected) != expected:
-            return fail(f"the process's output across the upgrade: {len(collected)} of {len(expected)} bytes, not exact")
+        problems = counter.finish(timeout=60)
+        if problems:
+            return fail("; ".join(problems))
         stopping_started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         try:

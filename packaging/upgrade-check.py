@@ -14,14 +14,12 @@ process printed arrived exactly once, in order.
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import handoff  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import streaming  # noqa: E402  (packaging/streaming.py)
 
 
 def status(run: str) -> dict:
@@ -39,37 +37,11 @@ def main() -> int:
     os.chmod(directory, 0o755)  # the broker, unprivileged, dials the listener in here
     before = status(run)
     lines = 5000
-    expected = "".join(f"line {i}\n" for i in range(1, lines + 1)).encode()
-    collected = bytearray()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{directory}/out.sock")
-    os.chmod(f"{directory}/out.sock", 0o666)
-    listener.listen(8)
-
-    def collect() -> None:
-        # The old broker's connection ends (at its exit) before the new one's begins.
-        while len(collected) < len(expected):
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            with connection:
-                while chunk := connection.recv(65536):
-                    collected.extend(chunk)
-
-    reader = threading.Thread(target=collect, daemon=True)
-    reader.start()
-    read_end, write_end = os.pipe()
-    child = subprocess.Popen(
-        ["sh", "-c", f"i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo line $i; [ $((i % 100)) -ne 0 ] || sleep 0.05; done"],
-        stdout=write_end, start_new_session=True)
-    os.close(write_end)
-    with handoff.Client(f"{run}/broker.sock") as broker:
-        broker.adopt("upgrade-check", [handoff.Stream("stdout", read_end, f"unix:{directory}/out.sock", mode="raw")])
-    os.close(read_end)
+    counter = streaming.HandedCounter(run, directory, lines, "upgrade-check")
     installed = subprocess.run(["dpkg", "-i", newer], capture_output=True, text=True, timeout=300)
     print(installed.stdout + installed.stderr, end="")
     if installed.returncode != 0:
+        counter.kill()
         print(f"FAIL: dpkg -i {newer}: exit {installed.returncode}")
         return 1
     after = status(run)
@@ -82,12 +54,7 @@ def main() -> int:
         problems.append(f"live upgrades {before.get('upgrades', 0)} -> {after.get('upgrades', 0)}")
     if after.get("executableSHA256") != sha:
         problems.append(f"the daemon runs sha256 {after.get('executableSHA256')}, /usr/bin/holdfast is {sha}")
-    if child.wait(timeout=120) != 0:
-        problems.append("the streaming process failed")
-    reader.join(timeout=60)
-    listener.close()
-    if bytes(collected) != expected:
-        problems.append(f"the process's output across the upgrade: {len(collected)} of {len(expected)} bytes, not exact")
+    problems += counter.finish(timeout=120)
     for problem in problems:
         print(f"FAIL: {problem}")
     if problems:

@@ -139,15 +139,7 @@ struct Upgrade: AsyncParsableCommand {
     @Option(help: "Seconds to wait for the new binary to serve.") var timeout: Int = 60
 
     func run() async throws {
-        let directory = RunDirectory.directory(of: socket)
-        if access(directory, F_OK) != 0 {
-            throw CommandFailure("cannot reach the daemon at \(socket): \(directory) does not exist\(StatusPrinter.connectAdvice(errno: ENOENT))")
-        }
-        do throws(RunDirectory.Refusal) {
-            try RunDirectory.checkBeforeConnecting(to: socket)
-        } catch {
-            throw CommandFailure("not asking \(socket): \(error)")
-        }
+        try checkDaemonSocket(socket)
         do {
             let outcome = try await UpgradeClient.upgrade(socket: socket, timeout: .seconds(max(1, timeout)))
             let before = outcome.before
@@ -169,17 +161,7 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         let report: StatusReport
-        // No run directory at all: no daemon has run there (the check below would only say ENOENT).
-        let directory = RunDirectory.directory(of: socket)
-        if access(directory, F_OK) != 0 {
-            throw CommandFailure("cannot reach the daemon at \(socket): \(directory) does not exist\(StatusPrinter.connectAdvice(errno: ENOENT))")
-        }
-        do throws(RunDirectory.Refusal) {
-            // Root's request must not go to a socket someone else could have put there.
-            try RunDirectory.checkBeforeConnecting(to: socket)
-        } catch {
-            throw CommandFailure("not asking \(socket): \(error)")
-        }
+        try checkDaemonSocket(socket)
         do {
             report = try await StatusPrinter.fetch(socket: socket)
         } catch {
@@ -468,6 +450,21 @@ struct Receive: AsyncParsableCommand {
 
 /// A command that ran and failed (the daemon refused, the guest reported an error): printed as
 /// "Error: ..." with exit code 1, without the usage text a ValidationError adds.
+/// Before asking the daemon at `socket` anything: a run directory that does not exist means no
+/// daemon has run there (connecting would only say ENOENT), and root's request must not go to a
+/// socket someone else could have put there.
+func checkDaemonSocket(_ socket: String) throws(CommandFailure) {
+    let directory = RunDirectory.directory(of: socket)
+    if access(directory, F_OK) != 0 {
+        throw CommandFailure("cannot reach the daemon at \(socket): \(directory) does not exist\(StatusPrinter.connectAdvice(errno: ENOENT))")
+    }
+    do throws(RunDirectory.Refusal) {
+        try RunDirectory.checkBeforeConnecting(to: socket)
+    } catch {
+        throw CommandFailure("not asking \(socket): \(error)")
+    }
+}
+
 struct CommandFailure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
