@@ -18,6 +18,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let isSocket: Bool
     /// A pipe or FIFO: one end of a splice(2) must be one.
     public let isPipe: Bool
+    /// A SOCK_STREAM socket (Unix, TCP, vsock): a read that returns less than it asked for took
+    /// everything queued (`ReadHint`).
+    public let isStreamSocket: Bool
     /// A terminal's master (any character device here) is read 4 KiB at a time, its line
     /// discipline's buffer (`ByteReader.largestRead`); nil for anything else.
     public let largestRead: Int?
@@ -41,7 +44,13 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
 
     /// What the last read said about readability, so `waitReadable` can skip a probe.
     ///
-    /// Only an EAGAIN (or a poll that found nothing) says "empty": a short read does not. A short
+    /// Only an EAGAIN (or a poll that found nothing) says "empty" — or a short read of a stream
+    /// socket: a byte stream's read returns less than asked only when it took all that was
+    /// queued (no message boundaries; Holdfast sends no ancillary data on one, and none of its
+    /// stream sockets asks for credentials), and what arrives after it is a new readiness edge,
+    /// counted after `seen` — unless the peer had already hung up, which is reported once. That
+    /// spares the resumable receiver an EAGAIN probe per wake-up.
+    /// Otherwise a short read does not say "empty". A short
     /// splice may have been cut by a full socket with bytes left in the pipe; a pipe created in
     /// packet mode (O_DIRECT) gives one packet per read; a socket stops at a message carrying fds —
     /// and readiness is reported only for what arrives *after* a wait's count, so a relay that
@@ -67,6 +76,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         let statted = fstat(fd, &info) == 0
         isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
         isPipe = statted && (info.st_mode & S_IFMT) == S_IFIFO
+        var type: Int32 = 0
+        var size = socklen_t(MemoryLayout<Int32>.size)
+        isStreamSocket = isSocket && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == Int32(SOCK_STREAM.rawValue)
         largestRead = statted && (info.st_mode & S_IFMT) == S_IFCHR ? 4096 : nil
         self.fd = fd
         self.reactor = reactor
@@ -124,7 +136,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        noteRead(result, seen: seen)
+        noteRead(result, asked: buffer.count, seen: seen)
         return result
     }
 
@@ -144,13 +156,26 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
             }
         }
-        noteRead(result, seen: seen)
+        let asked = buffers.prefix(AsyncFD.maxVectors).reduce(0) { $0 + $1.count }
+        noteRead(result, asked: asked, seen: seen)
         return result
     }
 
     /// Records what a read (or a splice out of this fd) found: `nil` for nothing (EAGAIN).
     func noteRead(_ result: Int?, seen: UInt64) {
         usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
+    }
+
+    /// A read of this fd that asked for `asked` bytes: on a stream socket, fewer (but some)
+    /// means it took all that was queued.
+    private func noteRead(_ result: Int?, asked: Int, seen: UInt64) {
+        // Not after a hang-up: reported once, as an edge that may be counted already — the
+        // next read must find the end-of-file, not a wait for an edge that never comes.
+        if isStreamSocket, let result, result > 0, result < asked, !registration.hasHungUp {
+            usage.withLockedValue { $0.readHint = .wouldBlock(seen) }
+        } else {
+            noteRead(result, seen: seen)
+        }
     }
 
     // MARK: ByteWriter

@@ -176,7 +176,8 @@ public final class Reactor: TaskExecutor, Sendable {
                 let error = flags & (EPOLLERR.rawValue | EPOLLHUP.rawValue) != 0
                 let readable = error || flags & (EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLPRI.rawValue) != 0
                 let writable = error || flags & EPOLLOUT.rawValue != 0
-                registration.signal(readable: readable, writable: writable)
+                let hungUp = error || flags & EPOLLRDHUP.rawValue != 0
+                registration.signal(readable: readable, writable: writable, hungUp: hungUp)
             }
         }
     }
@@ -203,7 +204,12 @@ final class Registration: Sendable {
         var cancelled = false
         /// The directions armed in epoll (edge-triggered).
         var armed: UInt32 = 0
+        /// The peer hung up (or the fd failed): reported once, as an edge, never again.
+        var hungUp = false
     }
+
+    /// The fd reported a hang-up or an error: no later edge will say so again.
+    var hasHungUp: Bool { state.withLockedValue { $0.hungUp } }
 
     /// A suspended wait. Unsafe continuations: each is resumed exactly once, by whoever removes
     /// it from `State` under the lock (the reactor, a cancellation, the close), and a checked one
@@ -297,8 +303,9 @@ final class Registration: Sendable {
 
     /// The reactor saw an event: wakes the waiters of the directions that became ready. Write
     /// interest that nobody waits for any more is disarmed; read interest stays.
-    func signal(readable: Bool, writable: Bool) {
+    func signal(readable: Bool, writable: Bool, hungUp: Bool = false) {
         let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
+            if hungUp { s.hungUp = true }
             if readable { s.readEdges &+= 1 }
             if writable { s.writeEdges &+= 1 }
             let readers = readable ? s.readers.takeAll() : Waiters()
