@@ -447,6 +447,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// Tasks waiting for this fd to become readable (for tests).
     var readWaiters: Int { registration.waiting(.read) }
     var writeWaiters: Int { registration.waiting(.write) }
+    /// The reactor saw the peer hang up (for tests).
+    var registrationHasHungUp: Bool { registration.hasHungUp }
     func waitForReadEdge(after seen: UInt64) async throws { try await registration.wait(.read, after: seen) }
     func waitForWriteEdge(after seen: UInt64) async throws { try await registration.wait(.write, after: seen) }
 

@@ -179,3 +179,34 @@ struct StreamWindowTests {
         #expect(!check(WindowPipe(read: 0, write: 2)), "the stream's own fd")
     }
 }
+
+/// A short read of a stream socket means it took everything queued, so the next wait skips the
+/// EAGAIN probe — but a hang-up is reported once, and the wait after a short read must still
+/// see the end-of-file that came with it.
+@Suite("Short reads of a stream socket", .timeLimit(.minutes(2)))
+struct ShortStreamReadTests {
+    @Test func aShortReadWaitsForTheNextBytesAndAHangUpStillEnds() async throws {
+        let (near, far) = try socketPair()
+        defer { [near, far].forEach { $0.close() } }
+        #expect(near.isStreamSocket)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
+        defer { buffer.deallocate() }
+        // Bytes, a short read of them, and a wait that ends only when more arrive.
+        try await send(far, bytes("first"))
+        try await withTimeout("the first bytes") { try await near.waitReadable() }
+        #expect(try near.readNow(into: buffer) == 5)
+        let waiting = Task { try await near.waitReadable() }
+        try await eventually("the wait to need an edge, not a probe") { near.readWaiters == 1 }
+        try await send(far, bytes("second"))
+        try await withTimeout("the wait to see the new bytes") { try await waiting.value }
+        #expect(try near.readNow(into: buffer) == 6)
+        // Bytes and the peer's close, both seen by the reactor before the read: the short read
+        // takes the bytes, and the next wait must not wait for an edge the hang-up already was.
+        try await send(far, bytes("last"))
+        far.shutdownWrite()
+        try await eventually("the hang-up seen") { near.registrationHasHungUp }
+        #expect(try near.readNow(into: buffer) == 4)
+        try await withTimeout("the end-of-file after the hang-up") { try await near.waitReadable() }
+        #expect(try near.readNow(into: buffer) == 0)
+    }
+}
