@@ -161,6 +161,21 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         return result
     }
 
+    /// One non-blocking splice(2) from `source` into this fd, retried on EINTR, with both fds
+    /// held open for it: the bytes moved, or -1 and the errno. Throws `DescriptorClosed` if
+    /// either was closed.
+    func spliceOnce(from source: AsyncFD, limit: Int) throws -> (count: Int, errno: Int32) {
+        try source.withSyscall {
+            try withSyscall { () -> (count: Int, errno: Int32) in
+                while true {
+                    let count = hf_splice(source.fd, fd, limit)
+                    if count >= 0 { return (count, 0) }
+                    if Glibc.errno != EINTR { return (-1, Glibc.errno) }
+                }
+            }
+        }
+    }
+
     /// Records what a read (or a splice out of this fd) found: `nil` for nothing (EAGAIN).
     func noteRead(_ result: Int?, seen: UInt64) {
         usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
@@ -298,15 +313,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             let writeSeen = registration.edges(.write)
             let outcome: (count: Int, errno: Int32)
             do {
-                outcome = try source.withSyscall {
-                    try self.withSyscall { () -> (Int, Int32) in
-                        while true {
-                            let count = hf_splice(source.fd, self.fd, requested)
-                            if count >= 0 { return (count, 0) }
-                            if Glibc.errno != EINTR { return (-1, Glibc.errno) }
-                        }
-                    }
-                }
+                outcome = try spliceOnce(from: source, limit: requested)
             } catch {
                 // One of the two was closed: report it as a read or a write on it would be.
                 if source.isClosed { return moved > 0 ? .moved(moved) : .sourceFailed(error) }

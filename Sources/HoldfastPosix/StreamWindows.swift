@@ -111,15 +111,7 @@ public final class WindowedSource: ByteReader {
         let held = level.load(ordering: .relaxed)
         if held > 0 { return .holding(held) }
         let seen = source.registrationEdges(.read)
-        let outcome = try source.withSyscall {
-            try window.write.withSyscall { () -> (count: Int, errno: Int32) in
-                while true {
-                    let count = hf_splice(source.fd, window.write.fd, limit)
-                    if count >= 0 { return (count, 0) }
-                    if Glibc.errno != EINTR { return (-1, Glibc.errno) }
-                }
-            }
-        }
+        let outcome = try window.write.spliceOnce(from: source, limit: limit)
         if outcome.count > 0 {
             level.store(outcome.count, ordering: .relaxed)
             source.noteRead(outcome.count, seen: seen)
@@ -215,15 +207,7 @@ public final class StagingSink: StagingWriter {
             let seen = sink.registrationEdges(.write)
             let outcome: (count: Int, errno: Int32)
             do {
-                outcome = try stage.read.withSyscall {
-                    try sink.withSyscall { () -> (count: Int, errno: Int32) in
-                        while true {
-                            let count = hf_splice(stage.read.fd, sink.fd, held)
-                            if count >= 0 { return (count, 0) }
-                            if Glibc.errno != EINTR { return (-1, Glibc.errno) }
-                        }
-                    }
-                }
+                outcome = try sink.spliceOnce(from: stage.read, limit: held)
             } catch {
                 throw WriteFailure(accepted: moved, cause: error)
             }
