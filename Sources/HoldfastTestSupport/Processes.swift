@@ -31,9 +31,23 @@ public final class TestProcesses: Sendable {
         options.parentDeathSignal = SIGKILL
         // Its own session (a daemon under test, a container's `kill 0`, never reach the runner).
         options.newSession = newSession
-        let pid = try Spawner.spawn(options)
-        pids.withLockedValue { _ = $0.insert(pid) }
-        return pid
+        // A binary a test has just written (a live upgrade's new one) can be "busy" for a moment:
+        // a process another test forks meanwhile holds a copy of the writer's fd until its own
+        // exec closes it (O_CLOEXEC acts at exec, not at fork).
+        var attempts = 0
+        while true {
+            let pid: pid_t
+            do {
+                pid = try Spawner.spawn(options)
+            } catch {
+                attempts += 1
+                guard error.errno == ETXTBSY, attempts < 50 else { throw error }
+                usleep(20_000)
+                continue
+            }
+            pids.withLockedValue { _ = $0.insert(pid) }
+            return pid
+        }
     }
 
     /// Tracks a process started some other way, so it is ended with the rest.
