@@ -15,7 +15,6 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <sys/uio.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -152,10 +151,6 @@ int hf_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 ssize_t hf_splice(int in_fd, int out_fd, size_t len) {
     return splice(in_fd, NULL, out_fd, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-}
-
-ssize_t hf_vmsplice(int pipe_fd, const struct iovec *iov, unsigned long count) {
-    return vmsplice(pipe_fd, iov, count, SPLICE_F_NONBLOCK);
 }
 
 int hf_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }

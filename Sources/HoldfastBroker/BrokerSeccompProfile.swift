@@ -33,10 +33,7 @@ public enum SeccompProfile {
     static let allowed: [String] = [
         // I/O on fds it holds.
         "read", "readv", "pread64", "write", "writev", "pwrite64", "sendmsg", "recvmsg", "sendto", "recvfrom",
-        "sendmmsg", "recvmmsg", "splice",
-        // A resumable output's ring pages lent to its connection through a pipe
-        // (`AsyncFD+Lending`): vmsplice takes references to the broker's own pages only.
-        "vmsplice", "close", "close_range", "dup", "dup3", "fcntl", "lseek", "fstat", "newfstatat",
+        "sendmmsg", "recvmmsg", "splice", "close", "close_range", "dup", "dup3", "fcntl", "lseek", "fstat", "newfstatat",
         "statx", "fstatfs", "readlink", "readlinkat", "getdents64", "pipe2",
         // Sockets (domain checked below for socket()); accept4 on the handoff listener it was handed.
         "connect", "accept4", "shutdown", "getsockopt", "setsockopt", "getsockname", "getpeername", "socketpair",

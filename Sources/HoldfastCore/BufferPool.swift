@@ -17,9 +17,6 @@ public final class BufferPool: Sendable {
     public let bufferSize: Int
     /// Buffers kept however long they stay unused.
     public let retained: Int
-    /// Every buffer serves one stream, in a process that carries no other stream's bytes (a
-    /// `holdfast pipe`): a replay ring on it may lend its pages (`RingBlockStorage.lendsPages`).
-    public let servesOneStream: Bool
     public let trimInterval: Duration
     private let state: NIOLockedValueBox<State>
 
@@ -35,9 +32,8 @@ public final class BufferPool: Sendable {
         public let bytes: UnsafeMutableRawBufferPointer
     }
 
-    public init(bufferSize: Int = 128 * 1024, retained: Int = 32, trimInterval: Duration = .seconds(2), servesOneStream: Bool = false) {
+    public init(bufferSize: Int = 128 * 1024, retained: Int = 32, trimInterval: Duration = .seconds(2)) {
         precondition(bufferSize > 0)
-        self.servesOneStream = servesOneStream
         self.bufferSize = bufferSize
         self.retained = retained
         self.trimInterval = trimInterval
@@ -52,10 +48,7 @@ public final class BufferPool: Sendable {
             s.lowWater = min(s.lowWater, s.free.count)
             return buffer
         }
-        // A lending ring's blocks are whole pages: an unaligned 64 KiB block spans 17 pages, each
-        // a reference the pipe and the socket carry, and the lent relay measured no faster than
-        // the copying one until its blocks were page-aligned.
-        return buffer ?? Buffer(bytes: .allocate(byteCount: bufferSize, alignment: servesOneStream ? 4096 : 16))
+        return buffer ?? Buffer(bytes: .allocate(byteCount: bufferSize, alignment: 16))
     }
 
     public func recycle(_ buffer: Buffer) {

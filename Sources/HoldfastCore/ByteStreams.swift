@@ -72,16 +72,6 @@ public protocol ByteWriter: Sendable {
     /// sendmsg per attempt). A failure counts accepted bytes across all of them.
     func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure)
 
-    /// `write(vectors:)`, but the vectors `lent` marks may go by reference, not by copy: a
-    /// socket hands their pages to the kernel (vmsplice(2) into a pipe of its own, then
-    /// splice(2)), so the bytes are copied once, by the reader. The caller keeps those bytes
-    /// unchanged until the peer has acknowledged reading them — and, since a connection it gave
-    /// up may still hold references, reuses their memory only for later bytes of the same stream
-    /// (or replaces its pages first). Writers that cannot lend copy. Returns how many bytes went
-    /// by reference.
-    @discardableResult
-    func write(vectors: [UnsafeRawBufferPointer], lent: [Bool]) async throws(WriteFailure) -> Int
-
     /// Moves up to `limit` bytes from `source` into this writer inside the kernel (splice(2):
     /// the bytes never enter this process), suspending while this writer is full. Returns `nil`
     /// when the two ends cannot be spliced (not both fds, neither a pipe, a terminal): the caller
@@ -121,12 +111,6 @@ extension ByteWriter {
 }
 
 extension ByteWriter {
-    @discardableResult
-    public func write(vectors: [UnsafeRawBufferPointer], lent: [Bool]) async throws(WriteFailure) -> Int {
-        try await write(vectors: vectors)
-        return 0
-    }
-
     public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) {
         var accepted = 0
         for vector in vectors {

@@ -23,10 +23,6 @@ public final class ResumableSession<Transport: ByteConnection>: ByteConnection {
         try await transport.write(header, body)
     }
     public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) { try await transport.write(vectors: vectors) }
-    @discardableResult
-    public func write(vectors: [UnsafeRawBufferPointer], lent: [Bool]) async throws(WriteFailure) -> Int {
-        try await transport.write(vectors: vectors, lent: lent)
-    }
     public func close() { transport.close() }
     public func shutdownWrite() { transport.shutdownWrite() }
 }

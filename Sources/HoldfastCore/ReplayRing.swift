@@ -9,18 +9,10 @@ public protocol RingBlockStorage: AnyObject, Sendable {
     /// back after a crash records it; the ring always says).
     func takeBlock(startingAt offset: UInt64) -> UnsafeMutableRawBufferPointer
     func recycleBlock(_ block: UnsafeMutableRawBufferPointer)
-    /// Whether a ring may lend its blocks' pages to its connections
-    /// (`ByteWriter.write(vectors:lent:)`) rather than have them copied. A connection given up
-    /// may still point at lent pages — the peer could read them there — after their bytes were
-    /// acknowledged on another and the block reused. So only storage whose blocks serve this one
-    /// stream says yes: a stale page then shows later bytes of the same stream, on a connection
-    /// its own peer abandoned, never another stream's.
-    var lendsPages: Bool { get }
 }
 
 extension RingBlockStorage {
     public func takeBlock(startingAt offset: UInt64) -> UnsafeMutableRawBufferPointer { takeBlock() }
-    public var lendsPages: Bool { false }
 }
 
 /// A ring's blocks as a crashed relay left them in memory that outlived it: the blocks holding
@@ -39,7 +31,6 @@ public struct RestoredRing: @unchecked Sendable {
 
 extension BufferPool: RingBlockStorage {
     public var blockSize: Int { bufferSize }
-    public var lendsPages: Bool { servesOneStream }
     public func takeBlock() -> UnsafeMutableRawBufferPointer { take().bytes }
     public func recycleBlock(_ block: UnsafeMutableRawBufferPointer) { recycle(Buffer(bytes: block)) }
 }

@@ -91,16 +91,10 @@ extension ResumableStream.Engine {
                 wake?.resume()
                 return didWork
             case .data(let regions, let offset, let count):
-                let (vectors, frames, lent) = frameVectors(regions, offset: offset)
+                let (vectors, frames) = frameVectors(regions, offset: offset)
                 let written: Int
-                var lentBytes = 0
                 do {
-                    if lendsPages, count >= Self.smallestLentBatch {
-                        // The ring's pages stay as they are until the peer acknowledges them.
-                        lentBytes = try await lease.connection.write(vectors: vectors, lent: lent)
-                    } else {
-                        try await lease.connection.write(vectors: vectors)
-                    }
+                    try await lease.connection.write(vectors: vectors)
                     written = count
                     failed = false
                 } catch {
@@ -109,7 +103,6 @@ extension ResumableStream.Engine {
                 }
                 state.withLockedValue {
                     $0.sender.wroteData(from: offset, written: written, generation: generation, connectionFailed: failed)
-                    $0.statistics.lentBytes &+= UInt64(lentBytes)
                 }
             case .end(let final):
                 failed = !(await writeControl(.end, value: final, on: lease.connection, prefix: prefix))
@@ -134,21 +127,16 @@ extension ResumableStream.Engine {
     }
 
     /// The iovecs of one batched write: the regions cut into frames of at most `maxFrame`
-    /// bytes, each after its header (in `headers`). Returns them, the frames' body sizes, and
-    /// which vectors are ring bytes that may be lent (the headers' scratch memory is rewritten
-    /// by the next write: they are copied).
-    private func frameVectors(_ regions: [UnsafeRawBufferPointer], offset: UInt64) -> ([UnsafeRawBufferPointer], [Int], [Bool]) {
+    /// bytes, each after its header (in `headers`). Returns them and the frames' body sizes.
+    private func frameVectors(_ regions: [UnsafeRawBufferPointer], offset: UInt64) -> ([UnsafeRawBufferPointer], [Int]) {
         var vectors: [UnsafeRawBufferPointer] = []
         vectors.reserveCapacity(regions.count + Self.maxFramesPerWrite + 1)
-        var lent: [Bool] = []
-        lent.reserveCapacity(regions.count + Self.maxFramesPerWrite + 1)
         var frames: [Int] = []
         var inFrame = 0
         var headerIndex = -1
         func openFrame() {
             headerIndex += 1
             vectors.append(UnsafeRawBufferPointer(headers.slice(headerIndex * StreamFramePrefix.size, StreamFramePrefix.size)))
-            lent.append(false)
             frames.append(0)
             inFrame = 0
         }
@@ -159,7 +147,6 @@ extension ResumableStream.Engine {
                 if inFrame == configuration.maxFrame { openFrame() }
                 let take = min(rest.count, configuration.maxFrame - inFrame)
                 vectors.append(UnsafeRawBufferPointer(rebasing: rest[rest.startIndex..<rest.startIndex + take]))
-                lent.append(true)
                 rest = UnsafeRawBufferPointer(rebasing: rest[(rest.startIndex + take)...])
                 inFrame += take
                 frames[headerIndex] = inFrame
@@ -171,7 +158,7 @@ extension ResumableStream.Engine {
                 .encode(into: headers.slice(index * StreamFramePrefix.size, StreamFramePrefix.size))
             start += UInt64(length)
         }
-        return (vectors, frames, lent)
+        return (vectors, frames)
     }
 
     /// Of a batched write that failed after `accepted` bytes: the data bytes among them.

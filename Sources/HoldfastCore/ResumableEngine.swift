@@ -16,8 +16,6 @@ extension ResumableStream {
         let configuration: ResumableConfiguration
         let executor: (any TaskExecutor)?
         let state: NIOLockedValueBox<State>
-        /// The ring's pages may go to the connection by reference (`RingBlockStorage.lendsPages`).
-        let lendsPages: Bool
         /// Frame headers of one batched write (used by whoever holds the sending token).
         let headers = ScratchBytes(count: StreamFramePrefix.size * Engine.maxFramesPerWrite)
         /// The next frame's header as it arrives (used by the one receiving task).
@@ -31,9 +29,6 @@ extension ResumableStream {
         static var maximumBatch: Int { 1 << 20 }
         /// Frames one sendmsg may carry (each a header and its body's regions).
         static var maxFramesPerWrite: Int { 16 }
-        /// The smallest batch whose ring pages are lent rather than copied: below it one sendmsg's
-        /// copy costs less than the pipe's three syscalls and a page for each header.
-        static var smallestLentBatch: Int { 32 * 1024 }
 
         /// This end resumed after its relay crashed (its hellos say so).
         let restarted: Bool
@@ -71,7 +66,6 @@ extension ResumableStream {
             self.direction = direction
             self.configuration = configuration
             self.executor = executor
-            self.lendsPages = storage.lendsPages
             self.restarted = resumeAt != nil
             self.checkpoint = checkpoint
             let start = resumeAt ?? 0

@@ -332,9 +332,6 @@ public struct ResumableStatistics: Sendable, Equatable {
     public var ringBlocks: Int = 0
     /// Bytes sent again after a reconnect.
     public var replayedBytes: UInt64 = 0
-    /// Bytes whose ring pages went to the connection by reference rather than by copy
-    /// (`RingBlockStorage.lendsPages`).
-    public var lentBytes: UInt64 = 0
     /// Connections refused: bad hello, wrong token, impossible offsets.
     public var refusedConnections: UInt64 = 0
     /// Connections dropped for a protocol violation after the hello.

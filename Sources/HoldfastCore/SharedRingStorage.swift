@@ -117,10 +117,6 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
         return restored
     }
 
-    /// One stream's blocks, and given back by replacing their pages (MADV_REMOVE): lent pages
-    /// a connection still holds keep their bytes apart from whatever the region holds next.
-    public var lendsPages: Bool { true }
-
     public func takeBlock() -> UnsafeMutableRawBufferPointer {
         preconditionFailure("a shared ring's block is always taken with its offset")
     }

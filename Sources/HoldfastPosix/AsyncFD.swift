@@ -27,14 +27,12 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
     private let reactor: Reactor
-    let registration: Registration
+    private let registration: Registration
     private let usage = NIOLockedValueBox(Usage())
     /// IOV_MAX on Linux: the most iovecs one readv or writev takes.
     static let maxVectors = 1024
     /// A splice between this fd and another failed with EINVAL: copy instead.
     private let spliceRefused = Atomic<Bool>(false)
-    /// The pipe lent pages go through on their way into this socket (`write(vectors:lent:)`).
-    let lending = NIOLockedValueBox(Lending())
 
     private struct Usage {
         var inFlight = 0
@@ -387,7 +385,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// send itself reports EPIPE); one that had read everything leaves nothing, and then nothing
     /// this connection accepted is unconfirmed. (TCP says no such thing: bytes sent after the
     /// peer's FIN are lost without it; vsock is not asked.)
-    func writeFailure(accepted: Int, unconfirmed: Int? = nil, cause: any Error) -> WriteFailure {
+    fileprivate func writeFailure(accepted: Int, unconfirmed: Int? = nil, cause: any Error) -> WriteFailure {
         var unconfirmed = unconfirmed ?? accepted
         if unconfirmed > 0, isSocket, (cause as? SystemError)?.errno == .brokenPipe, peerReadEverything() { unconfirmed = 0 }
         return WriteFailure(accepted: accepted, unconfirmed: unconfirmed, cause: cause)
@@ -479,7 +477,6 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             return true
         }
         guard claimed else { return nil }
-        closeLendingPipe()
         reactor.deregister(registration, fd: fd)
         usage.withLockedValue { $0.deregistered = true }
         if wasBlocking {
@@ -507,14 +504,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             u.released = true
             return true
         }
-        if releaseNow { releaseDescriptors() }
-    }
-
-    /// The fd number goes back to the kernel (no syscall on it is in flight), and with it the
-    /// pipe lent pages went through.
-    private func releaseDescriptors() {
-        _ = Glibc.close(fd)
-        closeLendingPipe()
+        if releaseNow { _ = Glibc.close(fd) }
     }
 
     /// Runs `body` with the fd guaranteed open; throws `DescriptorClosed` after `close()`.
@@ -534,7 +524,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
                 return false
             }
-            if release { releaseDescriptors() }
+            if release { _ = Glibc.close(fd) }
         }
         return try body()
     }

@@ -82,12 +82,8 @@ public enum PipeRelay {
             report = await Relay.output(from: source, to: slot, pool: pool)
         case .resumable:
             guard let secret = options.secret else { throw SecretFile.Failure.missing("--secret-file") }
-            // The ring's blocks serve this stream alone (the process carries no other): its
-            // pages may be lent to the connection instead of copied.
-            let ring = BufferPool(bufferSize: ReplayRing.defaultBlockSize, retained: 64, servesOneStream: true)
             let stream = GuestStreams.resumable(
-                to: options.destination, token: Array(options.token.utf8), secret: secret, direction: .send, policy: options.policy,
-                storage: ring
+                to: options.destination, token: Array(options.token.utf8), secret: secret, direction: .send, policy: options.policy
             ) { watch.event($0) }
             watch.onGiveUp { stream.close() }
             stream.slot.disconnect()

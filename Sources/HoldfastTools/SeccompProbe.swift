@@ -19,8 +19,6 @@ public enum SeccompProbe {
         case ioctlWindowSize = "ioctl-window-size"
         /// FIONREAD on a pipe: how a resumed stream reads its window's level.
         case ioctlFionread = "ioctl-fionread"
-        /// vmsplice of a page into a pipe: how a resumable output lends its ring's pages.
-        case vmsplice
         /// TIOCSTI on a pty master (pushes a byte into the terminal's input): below every
         /// allowed request.
         case ioctlOther = "ioctl-other"
@@ -73,13 +71,6 @@ public enum SeccompProbe {
             var fds: [Int32] = [0, 0]
             guard pipe(&fds) == 0 else { throw SystemError.last("pipe") }
             prepared.fd = fds[0]
-        case .vmsplice:
-            var fds: [Int32] = [0, 0]
-            guard pipe(&fds) == 0 else { throw SystemError.last("pipe") }
-            prepared.fd = fds[1]
-            let page = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-            guard page != MAP_FAILED else { throw SystemError.last("mmap") }
-            prepared.page = page
         case .bind, .listen:
             prepared.fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         case .mprotectExec:
@@ -120,9 +111,6 @@ public enum SeccompProbe {
         case .ioctlFionread:
             var count: Int32 = 0
             return Int(hf_ioctl_fionread(prepared.fd, &count))
-        case .vmsplice:
-            var vector = iovec(iov_base: prepared.page, iov_len: 4096)
-            return hf_vmsplice(prepared.fd, &vector, 1) == 4096 ? 0 : -1
         case .ioctlOther:
             return Int(hf_ioctl_tiocsti(prepared.fd, 0x41))
         case .ioctlBetween:

@@ -39,7 +39,7 @@ struct BrokerLockdownTests {
     /// Every rule the broker's filter has beyond the plain allow-list, each way.
     static let rules: [(attempt: String, outcome: Outcome)] = [
         ("ioctl-window-size", .allowed), ("ioctl-fionread", .allowed), ("ioctl-other", .refused(ENOTTY)),
-        ("ioctl-between", .refused(ENOTTY)), ("vmsplice", .allowed),
+        ("ioctl-between", .refused(ENOTTY)),
         ("tgkill-self", .allowed), ("tgkill-other", .killed), ("kill-other", .killed),
         ("prlimit-read-self", .allowed), ("prlimit-write-self", .killed), ("prlimit-other", .killed),
         ("sched-setaffinity", .killed),

@@ -53,12 +53,6 @@ int hf_pipe_cloexec(int fds[2]);
 /// source's end-of-file, or -1 with errno (EAGAIN: one side would block; EINVAL: these two fds
 /// cannot be spliced).
 ssize_t hf_splice(int in_fd, int out_fd, size_t len);
-
-struct iovec;
-/// vmsplice(2) of `count` iovecs into the pipe `pipe_fd`, non-blocking: the pipe takes references
-/// to the pages, not copies (the caller leaves them unchanged until the bytes were read at the far
-/// end). Returns bytes taken, or -1 with errno (EAGAIN: the pipe is full).
-ssize_t hf_vmsplice(int pipe_fd, const struct iovec *iov, unsigned long count);
 /// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK).
 int hf_eventfd(void);
 /// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC.
