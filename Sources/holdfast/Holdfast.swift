@@ -146,7 +146,7 @@ struct Upgrade: AsyncParsableCommand {
             let after = outcome.after
             let running = after.processes.filter { $0.state == .running }.count
             print(
-                "upgraded: holdfast \(before.version) (sha256 \(before.executableSHA256?.prefix(12) ?? "?")) -> holdfast \(after.version) (sha256 \(after.executableSHA256?.prefix(12) ?? "?")), pid \(after.pid), \(running) process\(running == 1 ? "" : "es") still running, upgrade \(after.upgrades ?? 0) since start, in \(outcome.took.components.seconds * 1000 + outcome.took.components.attoseconds / 1_000_000_000_000_000) ms")
+                "upgraded: holdfast \(before.version) (sha256 \(before.executableSHA256?.prefix(12) ?? "?")) -> holdfast \(after.version) (sha256 \(after.executableSHA256?.prefix(12) ?? "?")), pid \(after.pid), \(running) process\(running == 1 ? "" : "es") still running, upgrade \(after.upgrades ?? 0) since start, in \(outcome.took.spoken)")
         } catch {
             throw CommandFailure("upgrade failed: \(error.description)")
         }
@@ -448,8 +448,6 @@ struct Receive: AsyncParsableCommand {
     }
 }
 
-/// A command that ran and failed (the daemon refused, the guest reported an error): printed as
-/// "Error: ..." with exit code 1, without the usage text a ValidationError adds.
 /// Before asking the daemon at `socket` anything: a run directory that does not exist means no
 /// daemon has run there (connecting would only say ENOENT), and root's request must not go to a
 /// socket someone else could have put there.
@@ -465,6 +463,8 @@ func checkDaemonSocket(_ socket: String) throws(CommandFailure) {
     }
 }
 
+/// A command that ran and failed (the daemon refused, the guest reported an error): printed as
+/// "Error: ..." with exit code 1, without the usage text a ValidationError adds.
 struct CommandFailure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
