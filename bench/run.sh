@@ -9,7 +9,9 @@
 # Rows, for each pipe size: a splice(2) loop (the limit: the bytes never enter the relay), the
 # C read/write loop, socat, holdfast pipe in raw mode (all four to the C sink), and holdfast pipe
 # in resumable mode to holdfast receive (whose CPU is the host's receiving side, set against the
-# C sink's). Pipe sizes: 1 MiB, what the daemon gives a container's stdout (the production data
+# C sink's). Two more rows measure receivers, fed by the C loop like the C sink: a C sink that
+# waits in epoll_wait as a reactor does (bench/epoll-sink.c: what a reactor costs at minimum),
+# and holdfast receive in raw mode (Holdfast's reactor with no protocol on top). Pipe sizes: 1 MiB, what the daemon gives a container's stdout (the production data
 # path; the targets are judged there), and 64 KiB, the kernel's default (a shell's pipe).
 #
 # Usage: bench/run.sh HOLDFAST_BINARY [RESULTS_FILE]
@@ -29,7 +31,7 @@ trap 'rm -rf "$work"' EXIT
 sock=$work/sink.sock
 
 mkdir -p "$bin"
-for tool in producer sink relay splice cputime; do
+for tool in producer sink epoll-sink relay splice cputime; do
     cc -O2 -Wall -o "$bin/$tool" "$here/$tool.c"
 done
 
@@ -66,6 +68,11 @@ relays=("\"$bin/splice\" \"$sock\""
         "socat -b 131072 -u - UNIX-CONNECT:\"$sock\""
         "\"$holdfast\" pipe --to unix:\"$sock\""
         "\"$holdfast\" pipe --mode resumable --to unix:\"$sock\" --secret-file \"$key\"")
+# The receivers' floor: the C loop feeding a reactor-style C sink, and holdfast receive in raw mode.
+names+=("C read/write loop" "C read/write loop")
+sink_names+=("C epoll sink" "holdfast receive, raw")
+sinks+=("\"$bin/epoll-sink\" \"$sock\"" "\"$holdfast\" receive --count --listen unix:\"$sock\"")
+relays+=("\"$bin/relay\" \"$sock\"" "\"$bin/relay\" \"$sock\"")
 # Before and after: BENCH_BASELINE=path/to/an/older/holdfast adds its raw and resumable rows,
 # interleaved with the rest (a binary from before stream secrets runs without a secret file).
 if [[ -n ${BENCH_BASELINE:-} ]]; then
@@ -105,10 +112,10 @@ for pipe_size in "${pipe_sizes[@]}"; do
         sink_per_gib[$i]=$(echo "$(printf '%s\n' ${sink_cpus[$pipe_size,$i]} | median) / $gib" | bc -l)
     done
     printf '\nsingle stream, pipe of %s bytes: %s bytes per run, median of %s interleaved runs\n' "$pipe_size" "$bytes" "$runs"
-    printf '| %-28s | %-16s | %6s | %18s | %17s |\n' "relay" "sink" "GB/s" "relay CPU s / GiB" "sink CPU s / GiB"
-    printf '|%s|%s|%s|%s|%s|\n' "------------------------------" "------------------" "-------:" "-------------------:" "------------------:"
+    printf '| %-28s | %-21s | %6s | %18s | %17s |\n' "relay" "sink" "GB/s" "relay CPU s / GiB" "sink CPU s / GiB"
+    printf '|%s|%s|%s|%s|%s|\n' "------------------------------" "-----------------------" "-------:" "-------------------:" "------------------:"
     for i in "${!names[@]}"; do
-        printf '| %-28s | %-16s | %6.2f | %18.3f | %17.3f |\n' "${names[$i]}" "${sink_names[$i]}" "${gbps[$i]}" \
+        printf '| %-28s | %-21s | %6.2f | %18.3f | %17.3f |\n' "${names[$i]}" "${sink_names[$i]}" "${gbps[$i]}" \
             "${relay_per_gib[$i]}" "${sink_per_gib[$i]}"
     done
     echo
@@ -118,6 +125,10 @@ for pipe_size in "${pipe_sizes[@]}"; do
     judge "resumable: throughput / raw's" "$(ratio "${gbps[4]}" "${gbps[3]}")" ">=" 0.9
     judge "resumable: holdfast receive CPU per GiB / the C sink's" "$(ratio "${sink_per_gib[4]}" "${sink_per_gib[1]}")" "<=" 1.3
     printf '%-56s %5.2f  (no target)\n' "raw: relay CPU per GiB / socat's" "$(ratio "${relay_per_gib[3]}" "${relay_per_gib[2]}")"
+    printf '%-56s %5.2f  (no target: waiting in epoll_wait)\n' "receiving: C epoll sink CPU per GiB / the C sink's" \
+        "$(ratio "${sink_per_gib[5]}" "${sink_per_gib[1]}")"
+    printf '%-56s %5.2f  (no target: the reactor, no protocol)\n' "receiving: holdfast receive, raw / the C sink's" \
+        "$(ratio "${sink_per_gib[6]}" "${sink_per_gib[1]}")"
     if [[ -n $results && $pipe_size == "${pipe_sizes[0]}" ]]; then
         mkdir -p "$(dirname "$results")"
         {

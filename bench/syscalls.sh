@@ -26,10 +26,12 @@ for tool in producer sink relay splice; do
     cc -O2 -Wall -o "$bin/$tool" "$here/$tool.c"
 done
 
-columns=(splice "read+readv" "write+sendto+sendmsg" epoll_wait epoll_ctl poll futex "context switches")
+columns=(splice "read+readv" "of which EAGAIN" "write+sendto+sendmsg" epoll_wait epoll_ctl poll futex "context switches")
 events=splice,read,readv,write,sendto,sendmsg,epoll_wait,epoll_pwait,epoll_ctl,poll,futex
 perf_events=$(printf 'syscalls:sys_enter_%s,' ${events//,/ })context-switches
-perf_stat=(perf stat -x, -e "$perf_events")
+# Reads that found nothing (EAGAIN, -11): the probes after a wake-up whose bytes were already taken.
+perf_stat=(perf stat -x, -e "$perf_events" -e syscalls:sys_exit_read --filter 'ret == -11'
+           -e syscalls:sys_exit_readv --filter 'ret == -11')
 
 # Prints one table row from a perf stat -x, file: each column per GiB.
 row() {
@@ -38,8 +40,9 @@ row() {
         { sub(/^syscalls:sys_enter_/, "", $3); n[$3] = ($1 ~ /^[0-9]+$/) ? $1 : 0 }
         function f(x) { x = int(x / gib + 0.5); return x == 0 ? "" : x }
         END {
-            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f(n["splice"]),
-                f(n["read"] + n["readv"]), f(n["write"] + n["sendto"] + n["sendmsg"]),
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f(n["splice"]),
+                f(n["read"] + n["readv"]), f(n["syscalls:sys_exit_read"] + n["syscalls:sys_exit_readv"]),
+                f(n["write"] + n["sendto"] + n["sendmsg"]),
                 f(n["epoll_wait"] + n["epoll_pwait"]), f(n["epoll_ctl"]), f(n["poll"]), f(n["futex"]),
                 f(n["context-switches"])
         }' "$file"

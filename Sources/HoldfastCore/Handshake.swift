@@ -1,5 +1,32 @@
 import HoldfastProtocol
 
+/// A stream connection after its hello exchange: the transport plus what the peer reported.
+public final class ResumableSession<Transport: ByteConnection>: ByteConnection {
+    public let transport: Transport
+    /// The peer's hello: its token and how much of our data it holds.
+    public let peerHello: StreamHello
+    /// The received offset we reported in our hello on this connection.
+    public let ourReceivedOffset: UInt64
+
+    public init(transport: Transport, peerHello: StreamHello, ourReceivedOffset: UInt64) {
+        self.transport = transport
+        self.peerHello = peerHello
+        self.ourReceivedOffset = ourReceivedOffset
+    }
+
+    public func waitReadable() async throws { try await transport.waitReadable() }
+    public func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int { try await transport.read(into: buffer) }
+    public func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? { try transport.readNow(into: buffer) }
+    public func readNow(into buffers: [UnsafeMutableRawBufferPointer]) throws -> Int? { try transport.readNow(into: buffers) }
+    public func write(_ bytes: UnsafeRawBufferPointer) async throws(WriteFailure) { try await transport.write(bytes) }
+    public func write(_ header: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) async throws(WriteFailure) {
+        try await transport.write(header, body)
+    }
+    public func write(vectors: [UnsafeRawBufferPointer]) async throws(WriteFailure) { try await transport.write(vectors: vectors) }
+    public func close() { transport.close() }
+    public func shutdownWrite() { transport.shutdownWrite() }
+}
+
 /// Reading and writing whole frames on a ByteConnection.
 public enum FrameIO {
     /// Reads exactly `buffer.count` bytes. Throws `StreamProtocolError.truncated` at end-of-file.

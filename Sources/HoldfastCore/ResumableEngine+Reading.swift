@@ -73,27 +73,20 @@ extension ResumableStream.Engine {
     /// Returns bytes delivered, 0 at the end, or nil when a frame header or a control frame
     /// was consumed.
     ///
-    /// A header is read together with a guess at its body — as long as the last DATA body, into
-    /// `buffer` — so a frame whose body has arrived costs one read, not two. Bytes the guess took
-    /// past the frame go back to the session, which returns them first on the next read. A body
-    /// under way is read straight into `buffer`; when the rest of it fits, the same readv also
-    /// takes the next frame's header (into `inboundHeader`).
+    /// A body is read straight into `buffer`. When the rest of the current body fits, the
+    /// same readv also takes the next frame's header (into `inboundHeader`), so a stream of
+    /// frames costs one read per body, not two.
     private func receiveOnce(into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease) async throws -> Int? {
-        let (cursor, guess) = state.withLockedValue { ($0.receiver.reading(on: lease.generation), $0.receiver.bodyGuess) }
+        let cursor = state.withLockedValue { $0.receiver.reading(on: lease.generation) }
         let size = StreamFramePrefix.size
         if cursor.remaining > 0 {
             return try await receiveBodies(into: buffer, from: lease, remaining: cursor.remaining, headerFilled: cursor.headerFilled)
         }
-        var ahead = 0
         if cursor.headerFilled < size {
-            let header = inboundHeader.slice(cursor.headerFilled, size - cursor.headerFilled)
-            let guessed = UnsafeMutableRawBufferPointer(rebasing: buffer[..<min(guess, buffer.count)])
-            let count = try await Self.read(lease.connection, into: guessed.isEmpty ? [header] : [header, guessed])
+            let count = try await Self.read(lease.connection, into: [inboundHeader.slice(cursor.headerFilled, size - cursor.headerFilled)])
             if count == 0 { throw StreamProtocolError.truncated }
-            let headerBytes = min(count, header.count)
-            ahead = count - headerBytes
-            state.withLockedValue { $0.receiver.readHeader(headerBytes) }
-            if cursor.headerFilled + headerBytes < size { return nil }
+            state.withLockedValue { $0.receiver.readHeader(count) }
+            if cursor.headerFilled + count < size { return nil }
         }
         let (prefix, inbound, pump) = try state.withLockedValue { s in
             let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(inboundHeader.bytes))
@@ -101,11 +94,6 @@ extension ResumableStream.Engine {
             // The end arrived: the pump acknowledges and echoes it.
             return (prefix, inbound, inbound == .ended || inbound == .skipped ? s.ringDoorbell() : nil)
         }
-        if case .body = inbound, ahead > 0 {
-            return deliverReadAhead(from: buffer, count: ahead, on: lease)
-        }
-        // Not a body: what came after the header is the frames that follow, for the next read.
-        lease.connection.unread(UnsafeRawBufferPointer(rebasing: buffer[..<ahead]))
         switch inbound {
         case .body, .nothing:
             return nil
@@ -122,24 +110,6 @@ extension ResumableStream.Engine {
             try await FrameIO.readExactly(lease.connection, into: UnsafeMutableRawBufferPointer(rebasing: body[..<prefix.bodyLength]))
             throw StreamProtocolError.refusedByPeer(StreamRefusal.decode(prefix: prefix, body: Array(body[..<prefix.bodyLength])))
         }
-    }
-
-    /// The first `count` bytes of `buffer` were read with a DATA header: as many as its body
-    /// has are delivered (less a replay's overlap), the rest go back to the session. Returns
-    /// bytes delivered, or nil when none were.
-    private func deliverReadAhead(from buffer: UnsafeMutableRawBufferPointer, count: Int, on lease: ConnSlot<Session>.Lease) -> Int? {
-        let (taken, delivery, pump) = state.withLockedValue { s in
-            let (taken, delivery) = s.receiver.readAhead(count)
-            return (taken, delivery, delivery.wakePump ? s.ringDoorbell() : nil)
-        }
-        lease.connection.unread(UnsafeRawBufferPointer(rebasing: buffer[taken..<count]))
-        if delivery.skipped > 0, delivery.delivered > 0 {
-            // Bytes we already had (a replay overlapping what we received): drop them.
-            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[delivery.skipped..<taken]))
-        }
-        if delivery.armAckTimer { armAckTimer() }
-        pump?.resume()
-        return delivery.delivered > 0 ? delivery.delivered : nil
     }
 
     /// The body path of `receiveOnce`: the rest of the current DATA frame straight into

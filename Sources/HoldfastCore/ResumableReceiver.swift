@@ -78,9 +78,6 @@ struct ResumableReceiver: Sendable {
     /// The END echo went out on some connection.
     private(set) var endEchoSent = false
     private(set) var cursor = Cursor()
-    /// The last DATA body's length: how much the next header's read also asks for, as the
-    /// body's start (a sender's frames tend to repeat their size: a pipe-full each).
-    private(set) var bodyGuess = 0
     /// The offsets the sender said are gone (GAP frames): never delivered, reported instead.
     private(set) var lost = GapRecord()
     /// Acknowledging only delivered bytes: the consumer confirmed everything before this offset
@@ -125,11 +122,9 @@ struct ResumableReceiver: Sendable {
     }
 
     /// Whether reading on `generation` can go on without the connection becoming readable: a
-    /// whole header already read with the last body. (The rest of a body under way is the
-    /// connection's to wait for: it knows whether its last read emptied it — asking again at
-    /// once after a read-ahead took what had come cost an EAGAIN read per frame.)
+    /// body under way, or a whole header already read with the last body.
     func hasBufferedFrame(on generation: UInt64) -> Bool {
-        cursor.generation == generation && hasWholeHeader
+        cursor.generation == generation && (cursor.remaining > 0 || hasWholeHeader)
     }
 
     /// The next frame's header is read entirely.
@@ -153,7 +148,6 @@ struct ResumableReceiver: Sendable {
             }
             cursor.remaining = header.bodyLength
             cursor.skip = Int(min(UInt64(header.bodyLength), received - header.value))
-            bodyGuess = header.bodyLength
             return .body(length: cursor.remaining, skip: cursor.skip)
         case .end:
             guard header.value == received else {
@@ -207,13 +201,6 @@ struct ResumableReceiver: Sendable {
         return Delivery(skipped: skipped, delivered: delivered, armAckTimer: armAckTimer, wakePump: wakePump)
     }
 
-    /// `available` bytes that followed a DATA header in the same read: as many as its body has
-    /// left are read as body; the rest (`taken` on) belong to what comes after it.
-    mutating func readAhead(_ available: Int) -> (taken: Int, delivery: Delivery) {
-        let taken = min(available, cursor.remaining)
-        return (taken, readBody(taken, headerBytes: 0))
-    }
-
     /// After a body: if the header read with it is the DATA that follows at once (no gap, no
     /// overlap, within the end), its body is read straight on — returns its length. Anything
     /// else is left for `take`.
@@ -224,7 +211,6 @@ struct ResumableReceiver: Sendable {
         cursor.headerFilled = 0
         cursor.remaining = header.bodyLength
         cursor.skip = 0
-        bodyGuess = header.bodyLength
         return header.bodyLength
     }
 

@@ -403,8 +403,8 @@ struct ResumableReceiverTests {
     @Test func aNewConnectionStartsAtAFrameBoundary() throws {
         var receiver = try receiverInsideData(length: 1000)
         _ = receiver.readBody(400, headerBytes: 0)
-        #expect(receiver.cursor.remaining == 600)
-        #expect(!receiver.hasBufferedFrame(on: 1), "the rest of a body is the connection's to wait for")
+        #expect(receiver.hasBufferedFrame(on: 1))
+        #expect(!receiver.hasBufferedFrame(on: 2))
         #expect(receiver.reading(on: 2) == ResumableReceiver.Cursor(generation: 2), "the rest of the body died with connection 1")
         #expect(receiver.received == 400)
     }

@@ -154,13 +154,12 @@ struct ResumableMemoryTests {
         #expect(pair.host.statistics.ended)
     }
 
-    /// A header is read with a guess at its body as long as the last DATA body. When a shorter
-    /// frame arrives together with the ones after it, that read takes part of what follows,
-    /// which the session gives back to the next read. Groups of frames of shrinking and growing
-    /// sizes, each group arriving at once after the receiver drained the one before (so each
-    /// group starts at a header read), END in the last: every byte arrives once, in order, and
-    /// the end with them.
-    @Test func framesReadAheadPastTheirEndArriveExactlyOnce() async throws {
+    /// Frames of shrinking and growing sizes arriving together — each group held back until the
+    /// receiver drained the one before, so a group starts at a header read and its frames are
+    /// read across one another's boundaries in a pass (a body with the next header, the next
+    /// body as far as it came) — with END in the last group: every byte arrives once, in order,
+    /// and the end with them.
+    @Test func framesOfVaryingSizesArrivingTogetherArriveExactlyOnce() async throws {
         let holder = NIOLockedValueBox<MemoryPipe?>(nil)
         let pair = ResumablePair(guestDirection: .send, beforeAccept: { link in
             holder.withLockedValue { if $0 == nil { $0 = link } }
@@ -552,43 +551,5 @@ struct ResumableFaultTests {
         #expect(receivedOut == sentOut, "stdout: bytes and sha256 equal")
         #expect(receivedIn == sentIn, "stdin: bytes and sha256 equal")
         #expect(stdout.guest.statistics.replayedBytes > 0, "the schedule did force replays")
-    }
-}
-
-@Suite("ResumableSession", .timeLimit(.minutes(1)))
-struct ResumableSessionTests {
-    /// Bytes given back come out first, in the order they were read, before the transport's;
-    /// while any are held the session is readable at once, though its transport is not.
-    @Test func bytesGivenBackAreReadFirstAndInOrder() async throws {
-        let pipe = MemoryPipe()
-        let (near, far) = pipe.ends
-        let hello = StreamHello(role: .guest, token: bytes("t"), receivedOffset: 0)
-        let session = ResumableSession(transport: near, peerHello: hello, ourReceivedOffset: 0)
-        defer { session.close() }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 1)
-        defer { buffer.deallocate() }
-        buffer.copyBytes(from: bytes("fghij"))
-        try await far.write(UnsafeRawBufferPointer(rebasing: buffer[..<5]))
-        let count = try await session.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<2]))
-        #expect(Array(buffer[..<count]) == bytes("fg"))
-        // Gave back "fg" (read last), then "abcde" (read before it): "abcde" comes first.
-        session.unread(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
-        bytes("abcde").withUnsafeBytes { session.unread($0) }
-        #expect(session.unreadCount == 7)
-        let first = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<3])
-        let second = UnsafeMutableRawBufferPointer(rebasing: buffer[3..<5])
-        #expect(try session.readNow(into: [first, second]) == 5)
-        #expect(Array(buffer[..<5]) == bytes("abcde"))
-        #expect(try session.readNow(into: buffer) == 2)
-        #expect(Array(buffer[..<2]) == bytes("fg"))
-        #expect(session.unreadCount == 0)
-        #expect(try session.readNow(into: buffer) == 3)
-        #expect(Array(buffer[..<3]) == bytes("hij"))
-        // The transport is empty: readable only while something is given back.
-        #expect(try session.readNow(into: buffer) == nil)
-        bytes("z").withUnsafeBytes { session.unread($0) }
-        try await session.waitReadable()
-        #expect(try await session.read(into: buffer) == 1)
-        #expect(buffer[0] == UInt8(ascii: "z"))
     }
 }
