@@ -9,15 +9,18 @@
 # Rows, for each pipe size: a splice(2) loop (the limit: the bytes never enter the relay), the
 # C read/write loop, socat, holdfast pipe in raw mode (all four to the C sink), and holdfast pipe
 # in resumable mode to holdfast receive (whose CPU is the host's receiving side, set against the
-# C sink's). Two more rows measure receivers, fed by the C loop like the C sink: a C sink that
-# waits in epoll_wait as a reactor does (bench/epoll-sink.c: what a reactor costs at minimum),
-# and holdfast receive in raw mode (Holdfast's reactor with no protocol on top). Pipe sizes: 1 MiB, what the daemon gives a container's stdout (the production data
-# path; the targets are judged there), and 64 KiB, the kernel's default (a shell's pipe).
+# C sink's). Then the floors of a reactor, the way Holdfast waits (epoll_wait, then non-blocking
+# I/O) done in C: two receivers fed by the C loop like the C sink — a C sink waiting in epoll_wait
+# (bench/epoll-sink.c) and holdfast receive in raw mode (Holdfast's reactor, no protocol on top) —
+# and the splice loop waiting in epoll_wait (bench/epoll-splice.c), raw mode's floor.
+# Pipe sizes: 1 MiB, what the daemon gives a container's stdout (the production data path), and
+# 64 KiB, the kernel's default (a shell's pipe); the targets are judged at both.
 #
 # Usage: bench/run.sh HOLDFAST_BINARY [RESULTS_FILE]
 #   BENCH_BYTES (2 GiB), BENCH_RUNS (7), BENCH_PIPE_SIZES ("1048576 65536") override the
-#   conditions; BENCH_BASELINE (an older holdfast binary) adds its two rows, for before/after. RESULTS_FILE receives key=value lines of the first pipe size's figures (make bench
-#   hands the resumable relay's CPU per GiB to the scale benchmark, for its ratio).
+#   conditions; BENCH_BASELINE (an older holdfast binary) adds its two rows, for before/after.
+#   RESULTS_FILE receives key=value lines of the first pipe size's figures (make bench hands the
+#   resumable relay's CPU per GiB to the scale benchmark, for its ratio).
 set -euo pipefail
 holdfast=${1:?usage: bench/run.sh path/to/holdfast [results-file]}
 results=${2:-}
@@ -31,7 +34,7 @@ trap 'rm -rf "$work"' EXIT
 sock=$work/sink.sock
 
 mkdir -p "$bin"
-for tool in producer sink epoll-sink relay splice cputime; do
+for tool in producer sink epoll-sink relay splice epoll-splice cputime; do
     cc -O2 -Wall -o "$bin/$tool" "$here/$tool.c"
 done
 
@@ -73,6 +76,11 @@ names+=("C read/write loop" "C read/write loop")
 sink_names+=("C epoll sink" "holdfast receive, raw")
 sinks+=("\"$bin/epoll-sink\" \"$sock\"" "\"$holdfast\" receive --count --listen unix:\"$sock\"")
 relays+=("\"$bin/relay\" \"$sock\"" "\"$bin/relay\" \"$sock\"")
+# Raw mode's floor: the splice loop waiting in epoll_wait.
+names+=("splice(2) loop, epoll")
+sink_names+=("C sink")
+sinks+=("$c_sink")
+relays+=("\"$bin/epoll-splice\" \"$sock\"")
 # Before and after: BENCH_BASELINE=path/to/an/older/holdfast adds its raw and resumable rows,
 # interleaved with the rest (a binary from before stream secrets runs without a secret file).
 if [[ -n ${BENCH_BASELINE:-} ]]; then
@@ -129,6 +137,10 @@ for pipe_size in "${pipe_sizes[@]}"; do
         "$(ratio "${sink_per_gib[5]}" "${sink_per_gib[1]}")"
     printf '%-56s %5.2f  (no target: the reactor, no protocol)\n' "receiving: holdfast receive, raw / the C sink's" \
         "$(ratio "${sink_per_gib[6]}" "${sink_per_gib[1]}")"
+    printf '%-56s %5.2f  (no target: waiting in epoll_wait)\n' "splice: the epoll splice loop's CPU / the splice loop's" \
+        "$(ratio "${relay_per_gib[7]}" "${relay_per_gib[0]}")"
+    printf '%-56s %5.2f  (no target)\n' "raw: relay CPU per GiB / the epoll splice loop's" \
+        "$(ratio "${relay_per_gib[3]}" "${relay_per_gib[7]}")"
     if [[ -n $results && $pipe_size == "${pipe_sizes[0]}" ]]; then
         mkdir -p "$(dirname "$results")"
         {
