@@ -306,6 +306,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         // splice's bytes while they wait in a full buffer for room; 0 once a splice went through
         // with room to spare (its bytes, like a write completed, are the peer's to read).
         var unconfirmed = 0
+        // The last splice's count when it was cut short: its bytes may wait in a full buffer.
+        var cutShort = 0
         var racedProbes = 0
         while moved < limit {
             let requested = limit - moved
@@ -323,23 +325,13 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 moved += outcome.count
                 unconfirmed = 0
                 source.noteRead(outcome.count, seen: readSeen)
-                if outcome.count < requested {
-                    // Cut short: the source emptied or this fd filled, and the splice does not
-                    // say which. One poll of both does.
-                    let (sourceReady, destinationReady) = pollBoth(source)
-                    if !sourceReady {
-                        source.noteRead(nil, seen: readSeen)
-                        return .moved(moved)
-                    }
-                    if !destinationReady {
-                        unconfirmed = outcome.count
-                        do {
-                            try await registration.wait(.write, after: writeSeen)
-                        } catch {
-                            throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
-                        }
-                    }
-                }
+                // Cut short: the source emptied or this fd filled, and the splice does not say
+                // which. The next splice is asked at once, before any poll: it takes the pipe's
+                // lock, so a write the producer is in the middle of is waited for and moved,
+                // where a poll would have found the pipe empty and put the relay to sleep (with
+                // 64 KiB pipes that was a sleep per pipe-full). Its EAGAIN says which end to
+                // wait for (below).
+                cutShort = outcome.count < requested ? outcome.count : 0
                 continue
             }
             if outcome.count == 0 { return moved > 0 ? .moved(moved) : .endOfFile }
@@ -351,6 +343,10 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                     source.noteRead(nil, seen: readSeen)
                     return moved > 0 ? .moved(moved) : .sourceEmpty
                 }
+                // This fd is full: the splice before, if it was cut short, may have its bytes
+                // waiting in it.
+                if !destinationReady { unconfirmed = cutShort }
+                cutShort = 0
                 racedProbes = destinationReady ? racedProbes + 1 : 0
                 // Both look ready yet the splice would block (a race, or a socket that reports
                 // room it cannot use): after a few tries, wait for this fd all the same.
