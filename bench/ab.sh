@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Before/after for one change on the resumable path: two holdfast binaries, alternating run by
-# run (ABBA...), producer -> pipe -> holdfast pipe --mode resumable -> Unix socket -> holdfast
-# receive --count, both ends from the same binary. Prints, per measure (wall time, the relay's CPU,
-# the receiver's CPU), the medians of each binary and the median of the per-round ratios
-# after / before with how many rounds came out better: pairing runs taken seconds apart cancels
-# most of the machine's drift, which moves medians of separate runs by more than a small change.
+# Before/after for one change: two holdfast binaries, alternating run by run (ABBA...),
+# producer -> pipe -> holdfast pipe -> Unix socket -> receiver. Resumable mode (the default): the
+# receiver is holdfast receive --count from the same binary; raw mode (AB_MODE=raw): the C sink.
+# Prints, per measure (wall time, the relay's CPU, the receiver's CPU), the medians of each binary
+# and the median of the per-round ratios after / before with how many rounds came out better:
+# pairing runs taken seconds apart cancels most of the machine's drift, which moves medians of
+# separate runs by more than a small change.
 #
-# Usage: bench/ab.sh BEFORE_BINARY AFTER_BINARY [ROUNDS (12)] [PIPE_SIZE (65536)] [BYTES (2 GiB)]
+# Usage: [AB_MODE=raw|resumable] bench/ab.sh BEFORE_BINARY AFTER_BINARY [ROUNDS (12)]
+#        [PIPE_SIZE (65536)] [BYTES (2 GiB)]
 set -euo pipefail
 before=${1:?usage: bench/ab.sh BEFORE AFTER [ROUNDS] [PIPE_SIZE] [BYTES]}
 after=${2:?usage: bench/ab.sh BEFORE AFTER [ROUNDS] [PIPE_SIZE] [BYTES]}
 rounds=${3:-12}
 pipe_size=${4:-65536}
 bytes=${5:-2147483648}
+mode=${AB_MODE:-resumable}
+case $mode in raw|resumable) ;; *) echo "AB_MODE must be raw or resumable, not '$mode'" >&2; exit 2 ;; esac
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$here/bin
 work=$(mktemp -d /tmp/holdfast-ab.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$bin"
-for tool in producer cputime; do
+for tool in producer sink cputime; do
     cc -O2 -Wall -o "$bin/$tool" "$here/$tool.c"
 done
 
@@ -26,14 +30,22 @@ done
 one_run() {
     local round=$1 which=$2 holdfast=$3 run=$work/run
     rm -rf "$run"; mkdir "$run"
-    "$bin/cputime" "$run/sink.cpu" "$holdfast" receive --count --mode resumable --listen "unix:$run/s" \
-        --secret-file "$run/key" > "$run/out" &
+    if [[ $mode == raw ]]; then
+        "$bin/cputime" "$run/sink.cpu" "$bin/sink" "$run/s" > "$run/out" &
+    else
+        "$bin/cputime" "$run/sink.cpu" "$holdfast" receive --count --mode resumable --listen "unix:$run/s" \
+            --secret-file "$run/key" > "$run/out" &
+    fi
     local sink_pid=$!
     for _ in $(seq 1 500); do [[ -S $run/s ]] && break; sleep 0.01; done
     local start end
     start=$(date +%s.%N)
-    "$bin/producer" "$bytes" "$pipe_size" | "$bin/cputime" "$run/relay.cpu" "$holdfast" pipe --mode resumable \
-        --to "unix:$run/s" --secret-file "$run/key"
+    if [[ $mode == raw ]]; then
+        "$bin/producer" "$bytes" "$pipe_size" | "$bin/cputime" "$run/relay.cpu" "$holdfast" pipe --to "unix:$run/s"
+    else
+        "$bin/producer" "$bytes" "$pipe_size" | "$bin/cputime" "$run/relay.cpu" "$holdfast" pipe --mode resumable \
+            --to "unix:$run/s" --secret-file "$run/key"
+    fi
     wait "$sink_pid"
     end=$(date +%s.%N)
     if [[ $(tr -d ' ' < "$run/out") != "$bytes" ]]; then echo "receiver got $(cat "$run/out") of $bytes bytes" >&2; exit 1; fi
@@ -46,7 +58,7 @@ for round in $(seq 1 "$rounds"); do
     echo "round $round of $rounds done" >&2
 done
 
-printf 'before: %s\nafter:  %s\n%s rounds, pipe of %s bytes, %s bytes per run\n' "$before" "$after" "$rounds" "$pipe_size" "$bytes"
+printf 'before: %s\nafter:  %s\n%s mode, %s rounds, pipe of %s bytes, %s bytes per run\n' "$before" "$after" "$mode" "$rounds" "$pipe_size" "$bytes"
 awk -v gib="$(echo "$bytes / 1073741824" | bc -l)" '
     function median(list, count,   i, j, t) {
         for (i = 1; i <= count; i++) for (j = i + 1; j <= count; j++) if (list[j] < list[i]) { t = list[i]; list[i] = list[j]; list[j] = t }

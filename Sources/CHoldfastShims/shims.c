@@ -147,6 +147,8 @@ int hf_set_no_new_privs(void) { return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); }
 int hf_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
 int hf_pipe_size(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
 
+int hf_pipe_capacity(int fd) { return fcntl(fd, F_GETPIPE_SZ); }
+
 int hf_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 ssize_t hf_splice(int in_fd, int out_fd, size_t len) {

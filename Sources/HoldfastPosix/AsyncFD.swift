@@ -18,6 +18,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let isSocket: Bool
     /// A pipe or FIFO: one end of a splice(2) must be one.
     public let isPipe: Bool
+    /// A pipe's capacity when adopted (F_GETPIPE_SZ); nil for anything else.
+    let pipeCapacity: Int?
     /// A SOCK_STREAM socket (Unix, TCP, vsock): a read that returns less than it asked for took
     /// everything queued (`ReadHint`).
     public let isStreamSocket: Bool
@@ -76,6 +78,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         let statted = fstat(fd, &info) == 0
         isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
         isPipe = statted && (info.st_mode & S_IFMT) == S_IFIFO
+        let capacity = isPipe ? hf_pipe_capacity(fd) : -1
+        pipeCapacity = capacity > 0 ? Int(capacity) : nil
         var type: Int32 = 0
         var size = socklen_t(MemoryLayout<Int32>.size)
         isStreamSocket = isSocket && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == Int32(SOCK_STREAM.rawValue)
@@ -325,13 +329,33 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 moved += outcome.count
                 unconfirmed = 0
                 source.noteRead(outcome.count, seen: readSeen)
+                cutShort = 0
+                guard outcome.count < requested else { continue }
                 // Cut short: the source emptied or this fd filled, and the splice does not say
-                // which. The next splice is asked at once, before any poll: it takes the pipe's
-                // lock, so a write the producer is in the middle of is waited for and moved,
-                // where a poll would have found the pipe empty and put the relay to sleep (with
-                // 64 KiB pipes that was a sleep per pipe-full). Its EAGAIN says which end to
-                // wait for (below).
-                cutShort = outcome.count < requested ? outcome.count : 0
+                // which. A splice that took a whole pipe-full woke a writer that was waiting for
+                // room, which is writing again right now: the next splice is asked at once. It
+                // takes the pipe's lock, so it waits for that write and moves it, where a poll
+                // would have found the pipe empty and put the relay to sleep — a sleep per
+                // pipe-full with 64 KiB pipes. Its EAGAIN says which end to wait for (below).
+                if let capacity = source.pipeCapacity, outcome.count >= capacity {
+                    cutShort = outcome.count
+                    continue
+                }
+                // Less than a pipe-full: the writer is slower than we are, and a retry would only
+                // find the pipe empty. One poll of both says which end stopped the splice.
+                let (sourceReady, destinationReady) = pollBoth(source)
+                if !sourceReady {
+                    source.noteRead(nil, seen: readSeen)
+                    return .moved(moved)
+                }
+                if !destinationReady {
+                    unconfirmed = outcome.count
+                    do {
+                        try await registration.wait(.write, after: writeSeen)
+                    } catch {
+                        throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                    }
+                }
                 continue
             }
             if outcome.count == 0 { return moved > 0 ? .moved(moved) : .endOfFile }

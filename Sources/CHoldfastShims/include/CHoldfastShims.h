@@ -46,6 +46,8 @@ int hf_set_child_subreaper(void);
 int hf_set_no_new_privs(void);
 int hf_set_pdeathsig(int sig);
 int hf_pipe_size(int fd, int size);
+/// fcntl(F_GETPIPE_SZ): a pipe's capacity in bytes, or -1.
+int hf_pipe_capacity(int fd);
 /// pipe2(O_CLOEXEC).
 int hf_pipe_cloexec(int fds[2]);
 /// splice(2) without offsets, SPLICE_F_NONBLOCK | SPLICE_F_MOVE: moves up to `len` bytes from
