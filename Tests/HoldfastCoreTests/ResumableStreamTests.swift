@@ -181,6 +181,7 @@ struct ResumableMemoryTests {
         }
         var pattern = PatternBytes(seed: 19)
         var sent: [UInt8] = []
+        var finisher: Task<UInt64, Never>?
         let groups = [[3000], [10, 700, 1, 2500], [2500], [64, 5, 40_000, 17], [40_000], [3, 9000, 2]]
         for (index, group) in groups.enumerated() {
             link.holdDelivery()
@@ -196,7 +197,7 @@ struct ResumableMemoryTests {
             }
             if index == groups.count - 1 {
                 let endWritten = written + StreamFramePrefix.size
-                Task { _ = await pair.guest.finish() }
+                finisher = Task { await pair.guest.finish() }
                 try await eventually("END written") { link.bytesTransferred >= endWritten }
             }
             link.releaseDelivery()
@@ -205,6 +206,7 @@ struct ResumableMemoryTests {
         }
         await receiver.value
         #expect(received.withLockedValue { $0 } == sent)
+        #expect(await finisher?.value == 0, "the sender learnt every byte arrived")
         #expect(pair.host.statistics.ended)
         #expect(pair.dialCount == 1)
     }
