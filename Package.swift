@@ -37,6 +37,8 @@ let package = Package(
     targets: [
         // C for what Swift cannot import: CMSG_* macros, sockaddr_vm, ioctl numbers, fork+exec.
         .target(name: "CHoldfastShims"),
+        // Test-only: adversaries that need ioctl(2), which Swift cannot call (never shipped).
+        .target(name: "CHoldfastTestShims"),
         // libseccomp, from Debian's libseccomp-dev (the broker's filter).
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         // Every wire message, request enum and error type: codecs only, no I/O.
@@ -239,6 +241,7 @@ let package = Package(
             name: "HoldfastPosixTests",
             dependencies: [
                 "CHoldfastShims",
+                "CHoldfastTestShims",
                 "HoldfastCore",
                 "HoldfastPosix",
                 "HoldfastProtocol",

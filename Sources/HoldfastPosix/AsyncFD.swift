@@ -18,8 +18,11 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let isSocket: Bool
     /// A pipe or FIFO: one end of a splice(2) must be one.
     public let isPipe: Bool
-    /// A pipe's capacity when adopted (F_GETPIPE_SZ); nil for anything else.
-    let pipeCapacity: Int?
+    /// A pipe's capacity (F_GETPIPE_SZ), asked by the first splice from it: 0 until then, -1 if
+    /// the kernel would not say. Not asked at adoption: F_GETPIPE_SZ takes the pipe's lock, which
+    /// a guest process can hold as long as it likes, and adoption may run on any thread, where
+    /// the first splice runs on the reactor's, whose watchdog takes over from a stuck thread.
+    private let knownPipeCapacity = Atomic<Int>(0)
     /// A SOCK_STREAM socket (Unix, TCP, vsock): a read that returns less than it asked for took
     /// everything queued (`ReadHint`).
     public let isStreamSocket: Bool
@@ -78,8 +81,6 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         let statted = fstat(fd, &info) == 0
         isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
         isPipe = statted && (info.st_mode & S_IFMT) == S_IFIFO
-        let capacity = isPipe ? hf_pipe_capacity(fd) : -1
-        pipeCapacity = capacity > 0 ? Int(capacity) : nil
         var type: Int32 = 0
         var size = socklen_t(MemoryLayout<Int32>.size)
         isStreamSocket = isSocket && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == Int32(SOCK_STREAM.rawValue)
@@ -96,6 +97,16 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public var description: String { "fd \(fd)" }
 
     public var isClosed: Bool { usage.withLockedValue { $0.closed } }
+
+    /// A pipe's capacity; nil for anything else, or if the kernel would not say.
+    var pipeCapacity: Int? {
+        var capacity = knownPipeCapacity.load(ordering: .relaxed)
+        if capacity == 0 {
+            capacity = isPipe ? (try? withSyscall { Int(hf_pipe_capacity(fd)) }) ?? -1 : -1
+            knownPipeCapacity.store(capacity > 0 ? capacity : -1, ordering: .relaxed)
+        }
+        return capacity > 0 ? capacity : nil
+    }
 
     // MARK: ByteReader
 

@@ -33,6 +33,14 @@ import Glibc
 /// readiness reports what changes, so a wait on the strength of anything weaker (a short read)
 /// could wait for bytes that were already there. Arming is level-checked by the kernel, so
 /// readiness that came before the first wait is reported at once.
+///
+/// Why a watchdog takes over a stuck thread (`Reactor+Watchdog.swift`): a non-blocking syscall
+/// still waits for the kernel's locks, and a guest process can hold one of them as long as it
+/// likes — a pipe's lock is held while the kernel copies a `write(2)`'s bytes from the writer's
+/// memory (or a `read(2)`'s to the reader's), so a write from a page that never arrives (a hung
+/// FUSE or network file, a userfaultfd) stops our read of that pipe in the kernel, uninterruptibly.
+/// On one shared thread that would stop every stream in the broker. Instead the stuck thread is
+/// left to its one syscall and a new thread runs the loop and the jobs queued behind it.
 public final class Reactor: TaskExecutor, Sendable {
     public static let shared: Reactor = {
         do {
@@ -47,20 +55,45 @@ public final class Reactor: TaskExecutor, Sendable {
     private let wakeFD: Int32
     private let registrations = NIOLockedValueBox<[UInt64: Registration]>([:])
     private let nextID = Atomic<UInt64>(1)
-    private let queue = NIOLockedValueBox(JobQueue())
+    let queue = NIOLockedValueBox(JobQueue())
     /// The reactor thread (pthread_self), so jobs it queues itself never write the wake-up fd.
-    private let thread = Atomic<UInt>(0)
+    let thread = Atomic<UInt>(0)
+    /// How long one job may run before the watchdog takes the loop to a new thread.
+    let stallLimit: Duration
+    /// The most threads left stuck at once; beyond it the watchdog only reports.
+    let maxStrandedThreads: Int
+    let stallHandler = NIOLockedValueBox<(@Sendable (Stall) -> Void)?>(nil)
 
-    private struct JobQueue {
+    struct JobQueue {
         var jobs: [UnownedJob] = []
         /// The thread is in (or about to enter) an `epoll_wait` without a timeout.
         var sleeping = false
+        /// The batch the loop works through, and its next job: here rather than on the thread's
+        /// stack so that a takeover can hand the jobs behind a stuck one to the new thread.
+        var batch: [UnownedJob] = []
+        var next = 0
+        /// Which thread runs the loop: a takeover makes a new number, and a thread that finds
+        /// its number superseded when its job returns ends.
+        var runner: UInt64 = 0
+        var runnerTID: pid_t = 0
+        /// Jobs started, and whether one runs now: what the watchdog samples.
+        var started: UInt64 = 0
+        var inJob = false
+        /// Threads taken over whose job has not returned yet, and takeovers so far.
+        var stranded = 0
+        var stalls = 0
     }
 
     /// The reserved registration id of the wake-up fd.
     private static let wakeID: UInt64 = 0
 
-    public init() throws(SystemError) {
+    /// - Parameters:
+    ///   - stallLimit: a job still running after this long (measured between one and two times
+    ///     it) is taken to be stuck in the kernel, and a new thread takes over the loop.
+    ///   - maxStrandedThreads: the most stuck threads kept at once.
+    public init(stallLimit: Duration = .seconds(1), maxStrandedThreads: Int = 64) throws(SystemError) {
+        self.stallLimit = stallLimit
+        self.maxStrandedThreads = maxStrandedThreads
         // A write to a pipe whose reader is gone must fail with EPIPE, not kill the process.
         signal(SIGPIPE, SIG_IGN)
         epollFD = try retryingInterrupts("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
@@ -69,16 +102,25 @@ public final class Reactor: TaskExecutor, Sendable {
         event.events = EPOLLIN.rawValue | EPOLLET.rawValue
         event.data.u64 = Self.wakeID
         guard epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event) == 0 else { throw .last("epoll_ctl(ADD, eventfd)") }
-        let box = Unmanaged.passRetained(self)
+        try Self.startThread("reactor") { [self] in runLoop(as: 0) }
+        try Self.startThread("reactor watchdog") { [self] in watch() }
+    }
+
+    /// Starts a detached thread running `body`.
+    static func startThread(_ name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) {
+        final class Body: Sendable {
+            let run: @Sendable () -> Void
+            init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+        }
+        let box = Unmanaged.passRetained(Body(body))
         var thread = pthread_t()
         let created = pthread_create(&thread, nil, { context in
-            let reactor = Unmanaged<Reactor>.fromOpaque(context!).takeRetainedValue()
-            reactor.run()
+            Unmanaged<Body>.fromOpaque(context!).takeRetainedValue().run()
             return nil
         }, box.toOpaque())
         guard created == 0 else {
             box.release()
-            throw SystemError("pthread_create(reactor)", errno: .init(rawValue: created))
+            throw SystemError("pthread_create(\(name))", errno: .init(rawValue: created))
         }
         pthread_detach(thread)
     }
@@ -140,17 +182,28 @@ public final class Reactor: TaskExecutor, Sendable {
 
     // MARK: The loop
 
-    private func run() {
+    /// The loop, run by thread number `runner` until a takeover supersedes it.
+    func runLoop(as runner: UInt64) {
         thread.store(pthread_self(), ordering: .relaxed)
+        let tid = hf_gettid()
+        queue.withLockedValue { q in if q.runner == runner { q.runnerTID = tid } }
         let capacity = 256
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
-        var batch: [UnownedJob] = []
+        defer { events.deallocate() }
         let executor = asUnownedTaskExecutor()
         while true {
             // The jobs queued so far; what they queue runs after the next poll.
-            queue.withLockedValue { swap(&$0.jobs, &batch) }
-            for job in batch { job.runSynchronously(on: executor) }
-            batch.removeAll(keepingCapacity: true)
+            queue.withLockedValue { q in
+                swap(&q.jobs, &q.batch)
+                q.next = 0
+            }
+            batch: while true {
+                switch nextJob(for: runner) {
+                case .run(let job): job.runSynchronously(on: executor)
+                case .batchDone: break batch
+                case .superseded: return  // a takeover moved the loop to another thread
+                }
+            }
 
             let timeout: Int32 = queue.withLockedValue { q in
                 guard q.jobs.isEmpty else { return 0 }
@@ -179,6 +232,33 @@ public final class Reactor: TaskExecutor, Sendable {
                 let hungUp = error || flags & EPOLLRDHUP.rawValue != 0
                 registration.signal(readable: readable, writable: writable, hungUp: hungUp)
             }
+        }
+    }
+
+    private enum Step {
+        case run(UnownedJob)
+        case batchDone
+        case superseded
+    }
+
+    /// The batch's next job for thread `runner`, marked as running for the watchdog. One lock
+    /// per job: what lets a takeover find the jobs behind a stuck one.
+    private func nextJob(for runner: UInt64) -> Step {
+        queue.withLockedValue { q in
+            guard q.runner == runner else {
+                q.stranded -= 1
+                return .superseded
+            }
+            guard q.next < q.batch.count else {
+                q.inJob = false
+                q.batch.removeAll(keepingCapacity: true)
+                return .batchDone
+            }
+            let job = q.batch[q.next]
+            q.next += 1
+            q.started &+= 1
+            q.inJob = true
+            return .run(job)
         }
     }
 }

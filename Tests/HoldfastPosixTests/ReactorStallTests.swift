@@ -1,0 +1,218 @@
+import CHoldfastTestShims
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+@testable import HoldfastPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A guest process can hold a pipe's lock inside the kernel for as long as it likes: the kernel
+/// copies a write(2)'s bytes from the writer's memory (a read(2)'s into the reader's) holding
+/// it, and a page that never arrives (here a userfaultfd page; a hung FUSE file's mapping does
+/// the same unprivileged) keeps it there. Our non-blocking syscall on that pipe then waits for
+/// the lock, uninterruptibly. These tests hold that lock and check that only the stream on that
+/// pipe waits: the reactor's watchdog hands the loop to a new thread.
+@Suite("Reactor stalls: a syscall stuck in the kernel stops only its own stream", .timeLimit(.minutes(2)))
+struct ReactorStallTests {
+    /// Kernel-mode userfaultfd faults need CAP_SYS_PTRACE unless the sysctl allows them.
+    static let canStallTheKernel: Bool = {
+        if geteuid() == 0 { return true }
+        let fd = open("/proc/sys/vm/unprivileged_userfaultfd", O_RDONLY)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var byte: UInt8 = 0
+        return read(fd, &byte, 1) == 1 && byte == UInt8(ascii: "1")
+    }()
+
+    /// Which end of the pipe the adversary holds the lock on.
+    enum Adversary: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        /// A container writing to its stdout from a page that never arrives: our read waits.
+        case writerHoldsOutput
+        /// A container reading its stdin into such a page: our write waits.
+        case readerHoldsInput
+
+        var testDescription: String { rawValue }
+    }
+
+    /// A held pipe lock, released by the test or, so that a failing run ends rather than hangs,
+    /// 20 s after it was taken.
+    /// `@unchecked`: the page pointer is only handed to the C shim, whose calls the test orders.
+    final class HeldLock: @unchecked Sendable {
+        let released = NIOLockedValueBox(false)
+        private let page: OpaquePointer
+
+        init(writingTo fd: Int32) throws {
+            page = try #require(hft_stalled_page_create(), "userfaultfd: errno \(errno)")
+            #expect(hft_stalled_page_write_async(page, fd, 4096) == 0)
+            #expect(hft_stalled_page_wait_fault(page) == 0)
+            armFallback()
+        }
+
+        init(readingFrom fd: Int32) throws {
+            page = try #require(hft_stalled_page_create(), "userfaultfd: errno \(errno)")
+            #expect(hft_stalled_page_read_async(page, fd, 4096) == 0)
+            #expect(hft_stalled_page_wait_fault(page) == 0)
+            armFallback()
+        }
+
+        private func armFallback() {
+            Task.detached { [self] in
+                try? await Task.sleep(for: .seconds(20))
+                release()
+            }
+        }
+
+        var isReleased: Bool { released.withLockedValue { $0 } }
+
+        /// Lets the adversary's syscall go on, the page filled with "z".
+        func release() {
+            let first = released.withLockedValue { done -> Bool in
+                defer { done = true }
+                return !done
+            }
+            if first { #expect(hft_stalled_page_release(page, UInt8(ascii: "z")) == 0) }
+        }
+
+        /// The adversary's syscall result, and the page's first `count` bytes.
+        func join(reading count: Int) -> (result: Int, bytes: [UInt8]) {
+            let result = hft_stalled_page_join(page)
+            let bytes = Array(UnsafeBufferPointer(start: hft_stalled_page_bytes(page), count: count))
+            hft_stalled_page_destroy(page)
+            return (result, bytes)
+        }
+    }
+
+    @Test(
+        .enabled(if: Self.canStallTheKernel, "needs root (or vm.unprivileged_userfaultfd=1) for a kernel-mode fault"),
+        arguments: Adversary.allCases)
+    func aStreamWhosePipeLockIsHeldStopsNoOtherStream(adversary: Adversary) async throws {
+        let reactor = try Reactor(stallLimit: .milliseconds(100))
+        let reports = NIOLockedValueBox<[Reactor.Stall]>([])
+        reactor.onStall { report in reports.withLockedValue { $0.append(report) } }
+
+        let victim = try PipeEnds.make()
+        let other = try PipeEnds.make()
+        let otherReader = try AsyncFD(adopting: other.read, reactor: reactor)
+        let otherWriter = try AsyncFD(adopting: other.write, reactor: reactor)
+        defer { [otherReader, otherWriter].forEach { $0.close() } }
+
+        // The victim stream's first byte is in the pipe; the adversary then takes the lock.
+        var first = UInt8(ascii: "x")
+        #expect(write(victim.write, &first, 1) == 1)
+        let held: HeldLock
+        let stuck: Task<[UInt8], any Error>
+        let ours: AsyncFD
+        switch adversary {
+        case .writerHoldsOutput:
+            held = try HeldLock(writingTo: victim.write)
+            ours = try AsyncFD(adopting: victim.read, reactor: reactor)
+            // Our read of the victim's output: waits for the lock inside the kernel.
+            stuck = Task(executorPreference: reactor) { try await readExactly(ours, 1 + 4096) }
+        case .readerHoldsInput:
+            held = try HeldLock(readingFrom: victim.read)
+            ours = try AsyncFD(adopting: victim.write, reactor: reactor)
+            // Our write of the victim's input: waits for the lock inside the kernel.
+            stuck = Task(executorPreference: reactor) {
+                try await send(ours, bytes("more input"))
+                return []
+            }
+        }
+        defer { ours.close() }
+        try await eventually("the watchdog to take over") { reactor.stalls == 1 }
+
+        // Another stream on the same reactor: its read waits for readiness, which only the
+        // reactor's loop reports, and its bytes come while the victim's lock is still held.
+        let heard = Task(executorPreference: reactor) { try await readExactly(otherReader, 11) }
+        try await Task.sleep(for: .milliseconds(20))
+        try await send(otherWriter, bytes("still heard"))
+        #expect(try await heard.value == bytes("still heard"))
+        #expect(!held.isReleased, "served while the victim's pipe lock was held")
+
+        let report = try #require(reports.withLockedValue { $0.first })
+        #expect(report.tookOver && report.strandedThreads == 1)
+        let expectedFD = adversary == .writerHoldsOutput ? victim.read : victim.write
+        #expect(report.fd == expectedFD, "the report names the fd: \(report.syscall ?? "nil")")
+        #expect(reactor.strandedThreads == 1)
+
+        // Let go: the victim's stream goes on with every byte, and the stuck thread ends.
+        held.release()
+        switch adversary {
+        case .writerHoldsOutput:
+            let (written, _) = held.join(reading: 0)
+            #expect(written == 4096)
+            #expect(try await stuck.value == bytes("x") + [UInt8](repeating: UInt8(ascii: "z"), count: 4096))
+            close(victim.write)
+        case .readerHoldsInput:
+            let (count, page) = held.join(reading: 1)
+            #expect(count == 1 && page == bytes("x"), "the adversary read the byte before ours")
+            _ = try await stuck.value
+            let reader = try AsyncFD(adopting: victim.read, reactor: reactor)
+            defer { reader.close() }
+            #expect(try await readExactly(reader, 10) == bytes("more input"))
+        }
+        try await eventually("the stuck thread to end") { reactor.strandedThreads == 0 }
+        #expect(reactor.stalls == 1, "one takeover, no spurious ones")
+
+        // The new thread serves as the old one did.
+        let again = Task(executorPreference: reactor) { try await readExactly(otherReader, 5) }
+        try await send(otherWriter, bytes("again"))
+        #expect(try await again.value == bytes("again"))
+    }
+
+    /// Beyond `maxStrandedThreads` the watchdog starts no thread: it reports once, and the loop
+    /// goes on when the stuck thread comes back. Bounded: a guest cannot make the broker spawn
+    /// threads without end.
+    @Test(.enabled(if: Self.canStallTheKernel, "needs root (or vm.unprivileged_userfaultfd=1) for a kernel-mode fault"))
+    func strandedThreadsAreBounded() async throws {
+        let reactor = try Reactor(stallLimit: .milliseconds(100), maxStrandedThreads: 1)
+        let reports = NIOLockedValueBox<[Reactor.Stall]>([])
+        reactor.onStall { report in reports.withLockedValue { $0.append(report) } }
+        var pipes: [PipeEnds] = []
+        var locks: [HeldLock] = []
+        var readers: [AsyncFD] = []
+        var reads: [Task<[UInt8], any Error>] = []
+        for round in 0..<2 {
+            let pipe = try PipeEnds.make()
+            var first = UInt8(ascii: "x")
+            #expect(write(pipe.write, &first, 1) == 1)
+            locks.append(try HeldLock(writingTo: pipe.write))
+            let reader = try AsyncFD(adopting: pipe.read, reactor: reactor)
+            readers.append(reader)
+            pipes.append(pipe)
+            reads.append(Task(executorPreference: reactor) { try await readExactly(reader, 1 + 4096) })
+            try await eventually("report \(round + 1)") { reports.withLockedValue { $0.count } == round + 1 }
+        }
+        let all = reports.withLockedValue { $0 }
+        #expect(all.map(\.tookOver) == [true, false])
+        #expect(reactor.stalls == 1 && reactor.strandedThreads == 1)
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(reports.withLockedValue { $0.count } == 2, "the limit is reported once")
+
+        for (lock, read) in zip(locks, reads) {
+            lock.release()
+            #expect(lock.join(reading: 0).result == 4096)
+            #expect(try await read.value == bytes("x") + [UInt8](repeating: UInt8(ascii: "z"), count: 4096))
+        }
+        try await eventually("the stuck thread to end") { reactor.strandedThreads == 0 }
+        readers.forEach { $0.close() }
+        pipes.forEach { close($0.write) }
+    }
+
+    @Test func theKernelsSyscallLineIsDescribed() {
+        #if arch(x86_64)
+        let read = "0 0x11 0x7f0000001000 0x1000 0x0 0x0 0x0 0x7ffd00000000 0x7f0000002000\n"
+        let splice = "275 0x5 0x0 0x7 0x0 0x100000 0x3 0x7ffd 0x7f00\n"
+        #else
+        let read = "63 0x11 0x7f0000001000 0x1000 0x0 0x0 0x0 0x7ffd00000000 0x7f0000002000\n"
+        let splice = "76 0x5 0x0 0x7 0x0 0x100000 0x3 0x7ffd 0x7f00\n"
+        #endif
+        #expect(Reactor.describeSyscall(read) == ("read(fd 17)", 17))
+        #expect(Reactor.describeSyscall(splice) == ("splice(fd 5)", 5))
+        #expect(Reactor.describeSyscall("running\n") == (nil, nil))
+        #expect(Reactor.describeSyscall("-1 0x7ffd 0x7f00\n") == (nil, nil))
+        #expect(Reactor.describeSyscall("999 0x1 0x2\n") == ("syscall 999", nil))
+    }
+}
