@@ -389,6 +389,10 @@ final class AdoptedProcess: Sendable {
 
     private var all: [ManagedStream] { streams.withLockedValue { $0 } }
 
+    func streamKind(onFD fd: Int32) -> StreamKind? {
+        all.first { $0.handle.fd == fd }?.description.kind
+    }
+
     func release(registry: SlotRegistry) async -> ([StreamDescription], [Int32]) {
         var descriptions: [StreamDescription] = []
         var fds: [Int32] = []

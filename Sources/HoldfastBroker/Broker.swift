@@ -359,7 +359,17 @@ public final class Broker: Sendable {
             mallocFreeKiB: malloc.free / 1024,
             liveProcessObjects: LiveObjects.processes.load(ordering: .relaxed),
             liveStreamObjects: LiveObjects.streams.load(ordering: .relaxed),
-            lostBytes: Self.nonZero(streams.reduce(gone.lost) { $0 + ($1.lostBytes ?? 0) }))
+            lostBytes: Self.nonZero(streams.reduce(gone.lost) { $0 + ($1.lostBytes ?? 0) }),
+            reactorStalls: Reactor.shared.stalls > 0 ? Reactor.shared.stalls : nil,
+            strandedReactorThreads: Reactor.shared.strandedThreads > 0 ? Reactor.shared.strandedThreads : nil)
+    }
+
+    /// The process and stream whose fd is `fd` (the one a stuck syscall was given), if any.
+    public func stream(onFD fd: Int32) -> (process: String, stream: StreamKind)? {
+        for process in processes.withLockedValue({ Array($0.values) }) {
+            if let kind = process.streamKind(onFD: fd) { return (process.id, kind) }
+        }
+        return nil
     }
 
     private static func nonZero(_ value: UInt64) -> UInt64? { value > 0 ? value : nil }

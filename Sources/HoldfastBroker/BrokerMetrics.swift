@@ -31,6 +31,8 @@ public final class BrokerMetrics: Sendable {
     private let openDescriptors: CoreMetrics.Gauge
     private let residentBytes: CoreMetrics.Gauge
     private let mallocInUseBytes: CoreMetrics.Gauge
+    private let reactorStalls: CoreMetrics.Counter
+    private let strandedReactorThreads: CoreMetrics.Gauge
     private let fed = NIOLockedValueBox(Fed())
 
     private struct Fed {
@@ -39,6 +41,7 @@ public final class BrokerMetrics: Sendable {
         var reconnects: UInt64 = 0
         var undelivered: UInt64 = 0
         var lost: UInt64 = 0
+        var reactorStalls = 0
     }
 
     /// From 1 ms (a reconnect on a live host) to a minute (a long blackout).
@@ -70,6 +73,9 @@ public final class BrokerMetrics: Sendable {
         openDescriptors = CoreMetrics.Gauge(label: "holdfast_broker_open_fds", factory: factory)
         residentBytes = CoreMetrics.Gauge(label: "holdfast_broker_resident_bytes", factory: factory)
         mallocInUseBytes = CoreMetrics.Gauge(label: "holdfast_broker_malloc_in_use_bytes", factory: factory)
+        // The I/O thread found stuck in one syscall, taken over by a new thread (README, "Trust").
+        reactorStalls = CoreMetrics.Counter(label: "holdfast_broker_reactor_stalls_total", factory: factory)
+        strandedReactorThreads = CoreMetrics.Gauge(label: "holdfast_broker_reactor_stranded_threads", factory: factory)
     }
 
     /// An observer for one stream's slot: dial attempts and failures, redial cycles given up,
@@ -126,6 +132,13 @@ public final class BrokerMetrics: Sendable {
         openDescriptors.record(Double(stats.openDescriptors))
         residentBytes.record(Double(stats.residentKiB * 1024))
         if let inUse = stats.mallocInUseKiB { mallocInUseBytes.record(Double(inUse * 1024)) }
+        let stalls = stats.reactorStalls ?? 0
+        let newStalls = fed.withLockedValue { last -> Int in
+            defer { last.reactorStalls = max(last.reactorStalls, stalls) }
+            return max(0, stalls - last.reactorStalls)
+        }
+        reactorStalls.increment(by: Int64(newStalls))
+        strandedReactorThreads.record(Double(stats.strandedReactorThreads ?? 0))
         return registry.emitToString()
     }
 }

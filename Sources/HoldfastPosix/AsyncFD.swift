@@ -546,7 +546,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             return true
         }
         guard open else { throw DescriptorClosed() }
+        let noted = reactor.beginSyscall(on: fd)
         defer {
+            reactor.endSyscall(noted)
             let release: Bool = usage.withLockedValue { u in
                 u.inFlight -= 1
                 if u.deregistered, u.inFlight == 0, !u.released {

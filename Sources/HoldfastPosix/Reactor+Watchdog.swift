@@ -9,11 +9,11 @@ import Glibc
 extension Reactor {
     /// A takeover: the loop's thread was found inside one job for longer than `stallLimit`.
     public struct Stall: Sendable, Equatable {
-        /// The syscall the stuck thread sat in when it was found, as the kernel reports it
-        /// (e.g. "read(fd 17)"); nil if it was not in one or the kernel would not say.
-        public var syscall: String?
-        /// The fd that syscall was given, when it takes one first.
-        public var fd: Int32?
+        /// The fds of the syscall the stuck thread sat in (a splice has two), as the data plane
+        /// noted them before making it; empty if it was in no syscall of an `AsyncFD`.
+        public var fds: [Int32]
+        /// Where in the kernel it waits (/proc's wchan, e.g. "pipe_write"); nil if not asleep.
+        public var kernelFunction: String?
         /// Threads left stuck now, this one included.
         public var strandedThreads: Int
         /// False when `maxStrandedThreads` were already stuck: no new thread took over, and the
@@ -27,7 +27,7 @@ extension Reactor {
     /// Threads taken over whose stuck job has not returned yet.
     public var strandedThreads: Int { queue.withLockedValue { $0.stranded } }
 
-    /// Calls `handler` (on the watchdog's thread; it must not block) at every takeover.
+    /// Calls `handler` (from a task of its own) at every takeover.
     public func onStall(_ handler: @escaping @Sendable (Stall) -> Void) {
         stallHandler.withLockedValue { $0 = handler }
     }
@@ -55,10 +55,11 @@ extension Reactor {
                     return nil
                 }
                 let stuckTID = q.runnerTID
+                let fds = [outerSyscallFD.load(ordering: .relaxed), innerSyscallFD.load(ordering: .relaxed)].filter { $0 >= 0 }
                 guard q.stranded < maxStrandedThreads else {
                     if reportedLimit { return nil }
                     reportedLimit = true
-                    return (Stall(strandedThreads: q.stranded, tookOver: false), nil, stuckTID)
+                    return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: false), nil, stuckTID)
                 }
                 // The jobs behind the stuck one go first, before anything queued since.
                 q.jobs.insert(contentsOf: q.batch[q.next...], at: 0)
@@ -70,15 +71,42 @@ extension Reactor {
                 q.stranded += 1
                 q.stalls += 1
                 last = nil
-                return (Stall(strandedThreads: q.stranded, tookOver: true), q.runner, stuckTID)
+                // The stuck thread is no longer the loop's: its syscall's end must not clear
+                // what the new one notes.
+                thread.store(0, ordering: .relaxed)
+                outerSyscallFD.store(-1, ordering: .relaxed)
+                innerSyscallFD.store(-1, ordering: .relaxed)
+                return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), q.runner, stuckTID)
             }
             guard let stall else { continue }
             var report = stall.0
-            (report.syscall, report.fd) = Self.syscall(of: stall.stuckTID)
+            report.kernelFunction = Self.kernelFunction(of: stall.stuckTID)
             if let runner = stall.runner { startRunner(runner) }
-            let handler = stallHandler.withLockedValue { $0 }
-            handler?(report)
+            // Reported from a task: a handler that logs may block (a full log pipe), and this
+            // thread must go on watching.
+            if let handler = stallHandler.withLockedValue({ $0 }) { Task.detached { handler(report) } }
         }
+    }
+
+    // MARK: Syscalls in progress
+
+    /// Notes that the loop's thread is about to make a syscall on `fd` (for a takeover's report);
+    /// nothing on any other thread. Returns what `endSyscall` needs.
+    @inline(__always)
+    func beginSyscall(on fd: Int32) -> Int {
+        guard isCurrent else { return 0 }
+        if outerSyscallFD.load(ordering: .relaxed) < 0 {
+            outerSyscallFD.store(fd, ordering: .relaxed)
+            return 1
+        }
+        innerSyscallFD.store(fd, ordering: .relaxed)
+        return 2
+    }
+
+    @inline(__always)
+    func endSyscall(_ noted: Int) {
+        guard noted != 0, isCurrent else { return }
+        if noted == 1 { outerSyscallFD.store(-1, ordering: .relaxed) } else { innerSyscallFD.store(-1, ordering: .relaxed) }
     }
 
     /// Starts the thread that runs the loop as `runner`, retrying while the system has no thread
@@ -101,39 +129,23 @@ extension Reactor {
         while nanosleep(&request, &remaining) != 0, errno == EINTR { request = remaining }
     }
 
-    /// What `/proc/self/task/TID/syscall` says of a thread: the syscall's name (for the ones
-    /// the data plane makes) and its first argument, an fd for all of those.
-    static func syscall(of tid: pid_t) -> (String?, Int32?) {
-        guard tid > 0 else { return (nil, nil) }
-        let fd = open("/proc/self/task/\(tid)/syscall", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return (nil, nil) }
+    /// Where a thread sleeps in the kernel: /proc's wchan, readable by a process about its own
+    /// threads even when it is not dumpable (unlike `syscall`, whose file is then root's).
+    static func kernelFunction(of tid: pid_t) -> String? {
+        guard tid > 0 else { return nil }
+        let fd = open("/proc/self/task/\(tid)/wchan", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
         defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 256)
+        var buffer = [UInt8](repeating: 0, count: 128)
         let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { return (nil, nil) }
-        return describeSyscall(String(decoding: buffer[..<count], as: UTF8.self))
+        guard count > 0 else { return nil }
+        let name = String(decoding: buffer[..<count], as: UTF8.self).trimmingSuffix("\n")
+        return name.isEmpty || name == "0" ? nil : name
     }
+}
 
-    /// Parses the kernel's "NR ARG1 ARG2 …" line ("running" or "-1 …" when not in a syscall).
-    static func describeSyscall(_ line: String) -> (String?, Int32?) {
-        let fields = line.split(whereSeparator: { $0 == " " || $0 == "\n" })
-        guard fields.count >= 2, let number = Int(fields[0]), number >= 0 else { return (nil, nil) }
-        let argument = fields[1].hasPrefix("0x") ? Int64(fields[1].dropFirst(2), radix: 16) : nil
-        let fd = argument.flatMap { Int32(exactly: $0) }
-        guard let name = dataPlaneSyscalls[number] else { return ("syscall \(number)", nil) }
-        return (fd.map { "\(name)(fd \($0))" } ?? name, fd)
+extension String {
+    fileprivate func trimmingSuffix(_ suffix: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
     }
-
-    /// The syscalls the data plane makes on an fd, by number for this architecture.
-    private static let dataPlaneSyscalls: [Int: String] = {
-        #if arch(x86_64)
-        return [0: "read", 1: "write", 19: "readv", 20: "writev", 44: "sendto", 45: "recvfrom", 46: "sendmsg",
-                47: "recvmsg", 275: "splice", 3: "close", 16: "ioctl"]
-        #elseif arch(arm64)
-        return [63: "read", 64: "write", 65: "readv", 66: "writev", 206: "sendto", 207: "recvfrom", 211: "sendmsg",
-                212: "recvmsg", 76: "splice", 57: "close", 29: "ioctl"]
-        #else
-        return [:]
-        #endif
-    }()
 }

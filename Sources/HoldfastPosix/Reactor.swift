@@ -63,6 +63,9 @@ public final class Reactor: TaskExecutor, Sendable {
     /// The most threads left stuck at once; beyond it the watchdog only reports.
     let maxStrandedThreads: Int
     let stallHandler = NIOLockedValueBox<(@Sendable (Stall) -> Void)?>(nil)
+    /// The fds of the syscall the loop's thread is in (`beginSyscall`): a splice has two.
+    let outerSyscallFD = Atomic<Int32>(-1)
+    let innerSyscallFD = Atomic<Int32>(-1)
 
     struct JobQueue {
         var jobs: [UnownedJob] = []

@@ -274,12 +274,20 @@ public struct BrokerStats: Codable, Sendable, Equatable {
     /// Bytes broker crashes took from this broker's streams (its predecessors' crashes: it found
     /// and reported the gaps when it resumed them). Absent when none.
     public var lostBytes: UInt64?
+    /// Times the broker's I/O thread was found stuck inside one syscall (a guest process holding
+    /// a pipe's lock in the kernel) and a new thread took over; absent when none.
+    public var reactorStalls: Int?
+    /// Threads left stuck in such a syscall now; absent when none.
+    public var strandedReactorThreads: Int?
 
     public init(
         processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,
         reconnects: UInt64, undelivered: UInt64, openDescriptors: Int, residentKiB: Int, mallocInUseKiB: Int? = nil,
-        mallocFreeKiB: Int? = nil, liveProcessObjects: Int? = nil, liveStreamObjects: Int? = nil, lostBytes: UInt64? = nil
+        mallocFreeKiB: Int? = nil, liveProcessObjects: Int? = nil, liveStreamObjects: Int? = nil, lostBytes: UInt64? = nil,
+        reactorStalls: Int? = nil, strandedReactorThreads: Int? = nil
     ) {
+        self.reactorStalls = reactorStalls
+        self.strandedReactorThreads = strandedReactorThreads
         self.lostBytes = lostBytes
         self.liveProcessObjects = liveProcessObjects
         self.liveStreamObjects = liveStreamObjects

@@ -1,0 +1,98 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A container that holds its own stdin pipe's lock inside the kernel: it reads stdin into a
+/// page that never arrives (userfaultfd; a hung FUSE file's mapping does the same without
+/// privileges), so the broker's next write to that pipe waits for the lock, uninterruptibly.
+/// Released by a file appearing (or after 60 s), it echoes all it read.
+private let pipeLockHolder = #"""
+import ctypes, fcntl, mmap, os, platform, struct, sys, threading, time
+release = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+uffd = libc.syscall({"x86_64": 323, "aarch64": 282}[platform.machine()], os.O_CLOEXEC)
+if uffd < 0:
+    sys.exit("userfaultfd: errno %d" % ctypes.get_errno())
+fcntl.ioctl(uffd, 0xC018AA3F, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))            # UFFDIO_API
+page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+fcntl.ioctl(uffd, 0xC020AA00, bytearray(struct.pack("QQQQ", address, 4096, 1, 0)))  # REGISTER, MISSING
+got = []
+reader = threading.Thread(target=lambda: got.append(os.readv(0, [page])))
+reader.start()
+os.write(1, b"ready\n")
+os.read(uffd, 32)  # the fault: the reader is in the kernel, holding the stdin pipe's lock
+os.write(1, b"holding\n")
+deadline = time.monotonic() + 60
+while not os.path.exists(release) and time.monotonic() < deadline:
+    time.sleep(0.05)
+fcntl.ioctl(uffd, 0xC020AA04, bytearray(struct.pack("QQQQ", address, 4096, 0, 0)))  # ZEROPAGE
+reader.join()
+data = page[:got[0]]
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    data += chunk
+os.write(1, b"echo:" + data)
+"""#
+
+extension ContainmentTests {
+    static var hasPython: Bool { access("/usr/bin/python3", X_OK) == 0 }
+
+    /// The broker's one I/O thread would wait with that write, and every stream with it. Its
+    /// watchdog hands the loop to a new thread: a bystander started while the lock is held
+    /// streams every line; the broker names the process and stream in its log; when the holder
+    /// lets go, its stdin arrives whole.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"))
+    func aContainerHoldingItsPipesLockStopsOnlyItsOwnStream() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let script = daemon.directory.file("hold-lock.py")
+        let release = daemon.directory.file("release")
+        try writeFile(script, Array(pipeLockHolder.utf8))
+        let before = try await Self.roles(daemon)
+
+        let input = try daemon.streams.open(token: bytes("holder-in"), direction: .send)
+        let output = try daemon.streams.open(token: bytes("holder-out"), direction: .receive)
+        let received = NIOLockedValueBox<[UInt8]>([])
+        let collector = Task {
+            for await chunk in output.chunks() { received.withLockedValue { $0 += chunk } }
+        }
+        func said(_ text: String) -> Bool { String(decoding: received.withLockedValue { $0 }, as: UTF8.self).contains(text) }
+        _ = try await daemon.launch(ProcessSpec(
+            id: "holder", argv: ["python3", script, release], stdin: daemon.spec("holder-in"), stdout: daemon.spec("holder-out")))
+        try await eventually("the holder ready") { said("ready\n") }
+        try await input.send(bytes("first\n"))
+        try await eventually("the holder to hold its stdin's lock") { said("holding\n") }
+        // The broker's write of this waits for the lock.
+        try await input.send(bytes("second\n"))
+        try await eventually("the broker's watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
+
+        let bystander = try await Self.startBystander(daemon)
+        let lines = try await withTimeout("the bystander's lines while the lock is held", .seconds(60)) { await bystander.value }
+        #expect(lines == expectedLines(400, prefix: "by"), "every line, once, in order")
+        #expect(access(release, F_OK) != 0, "all of it while the holder still held the lock")
+        let warning = try #require(daemon.log.split(separator: "\n").first { $0.contains("I/O thread stuck in the kernel") })
+        print("the broker's warning: \(warning)")
+        #expect(warning.contains("process=holder") && warning.contains("stream=stdin"), "the log names the process and stream")
+
+        try writeFile(release, [])
+        let undelivered = await input.finish()
+        #expect(undelivered == 0)
+        let report = try await daemon.wait("holder")
+        #expect(report.exitCode == 0)
+        await collector.value
+        #expect(received.withLockedValue { $0 } == bytes("ready\nholding\necho:first\nsecond\n"), "the holder's stdin, whole")
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
