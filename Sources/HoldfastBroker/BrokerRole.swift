@@ -71,18 +71,12 @@ public enum BrokerRole {
 
         let service = BrokerService(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings)
         Reactor.shared.onStall { [broker = service.broker] stall in
-            var metadata: Logger.Metadata = [
-                "kernelWait": "\(stall.kernelFunction ?? "unknown")", "fds": "\(stall.fds)", "strandedThreads": "\(stall.strandedThreads)",
-            ]
+            var metadata = Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) })
             if let owner = stall.fds.lazy.compactMap({ broker.stream(onFD: $0) }).first {
                 metadata["process"] = "\(owner.process)"
                 metadata["stream"] = "\(owner.stream.rawValue)"
             }
-            if stall.tookOver {
-                logger.warning("I/O thread stuck in the kernel (a process holds its pipe's lock); a new thread serves the other streams", metadata: metadata)
-            } else {
-                logger.error("I/O thread stuck in the kernel, and the limit of stuck threads is reached: every stream waits for it", metadata: metadata)
-            }
+            logger.log(level: stall.tookOver ? .warning : .error, "\(stall.message)", metadata: metadata)
         }
         let handoffTask = handoff.map { listener in Task { await service.serveHandoff(listener) } }
         let tidying = Task {

@@ -518,7 +518,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     /// Closes the fd. Waiters are woken with `DescriptorClosed`; the fd number itself is released
-    /// when the last in-flight syscall on it returns. Idempotent.
+    /// when the last in-flight syscall on it returns — a pipe's on the reactor's thread, a moment
+    /// later if called elsewhere (`Reactor.closeOnLoop`). Idempotent.
     public func close() {
         let first: Bool = usage.withLockedValue { u in
             guard !u.closed else { return false }
@@ -535,7 +536,13 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             u.released = true
             return true
         }
-        if releaseNow { _ = Glibc.close(fd) }
+        if releaseNow { release() }
+    }
+
+    /// Closes the number: a pipe's on the reactor's thread (`Reactor.closeOnLoop`: its last
+    /// close takes the pipe's lock, which a guest process can hold).
+    private func release() {
+        if isPipe { reactor.closeOnLoop(fd) } else { _ = Glibc.close(fd) }
     }
 
     /// Runs `body` with the fd guaranteed open; throws `DescriptorClosed` after `close()`.
@@ -557,7 +564,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 }
                 return false
             }
-            if release { _ = Glibc.close(fd) }
+            if release { self.release() }
         }
         return try body()
     }

@@ -19,6 +19,18 @@ extension Reactor {
         /// False when `maxStrandedThreads` were already stuck: no new thread took over, and the
         /// loop waits for a stuck thread to come back.
         public var tookOver: Bool
+
+        /// What a role's log says of it (a warning if `tookOver`, else an error).
+        public var message: String {
+            tookOver
+                ? "I/O thread stuck in the kernel (a process holds its pipe's lock); a new thread serves the other streams"
+                : "I/O thread stuck in the kernel, and the limit of stuck threads is reached: every stream waits for it"
+        }
+
+        /// The log line's fields.
+        public var fields: [(String, String)] {
+            [("kernelWait", kernelFunction ?? "unknown"), ("fds", "\(fds)"), ("strandedThreads", "\(strandedThreads)")]
+        }
     }
 
     /// Takeovers so far.
@@ -86,6 +98,20 @@ extension Reactor {
             // thread must go on watching.
             if let handler = stallHandler.withLockedValue({ $0 }) { Task.detached { handler(report) } }
         }
+    }
+
+    /// Closes `fd` on the loop's thread (at once if called there). The last close of a pipe's
+    /// end takes the pipe's lock to let the pipe go, and a guest process may hold that lock:
+    /// there the watchdog takes over from a stuck close as from any stuck syscall; on a thread of
+    /// the global pool it would hold that thread, and the supervisor's or broker's tasks with it.
+    public func closeOnLoop(_ fd: Int32) {
+        guard !isCurrent else {
+            let noted = beginSyscall(on: fd)
+            _ = Glibc.close(fd)
+            endSyscall(noted)
+            return
+        }
+        Task(executorPreference: self) { [self] in closeOnLoop(fd) }
     }
 
     // MARK: Syscalls in progress

@@ -102,7 +102,8 @@ extension Supervisor {
     /// The broker closed `process`'s stdin: ours closes too, so the process sees end-of-file.
     func stdinEnded(_ process: String) {
         guard let fd = stdio.withLockedValue({ $0.inputEnded(process) }) else { return }
-        close(fd)
+        // The pipe's last close: the process may hold the pipe's lock (README, "Security").
+        Reactor.shared.closeOnLoop(fd)
     }
 
     /// `process` is done: its host ends close, its checkpoint slots are cleared and free.
@@ -116,7 +117,7 @@ extension Supervisor {
             }
             return released
         }
-        for fd in released?.descriptors ?? [] { close(fd) }
+        for fd in released?.descriptors ?? [] { Reactor.shared.closeOnLoop(fd) }
     }
 
     /// A broker adopted a handoff peer's process and deposited copies of its fds: they are kept

@@ -227,6 +227,13 @@ public final class Supervisor: Sendable {
             DaemonService("memory tidier") { [tidier] in await tidier.run() },
             ShutdownSequence(description: "container processes") { [self] in await stopProcesses() },
         ]
+        // A process holding its pipe's lock can stop a syscall of ours in the kernel (README,
+        // "Security"); the reactor's watchdog takes over, and says so here.
+        Reactor.shared.onStall { [logger] stall in
+            logger.log(
+                level: stall.tookOver ? .warning : .error, "\(stall.message)",
+                metadata: Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) }))
+        }
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }

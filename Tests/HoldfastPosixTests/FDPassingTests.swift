@@ -134,6 +134,9 @@ struct FDPassingTests {
             notASocket.close()
             close(pipe.write)
         }
+        // A pipe's number is released on the reactor's thread, a moment after close(): by the
+        // time a job queued after it has run (no sleep here: a timer is an fd of its own).
+        await Task(executorPreference: Reactor.shared) {}.value
         #expect(openDescriptorCount() == before)
     }
 
