@@ -372,6 +372,7 @@ final class AdoptedProcess: Sendable {
     /// Its resumable streams' (address, token) pairs: taken while it lives.
     let identities: Set<ResumableIdentity>
     private let streams = NIOLockedValueBox<[ManagedStream]>([])
+    private let terminalSizer = NIOLockedValueBox<TerminalSizer?>(nil)
 
     deinit { LiveObjects.processes.subtract(1, ordering: .relaxed) }
 
@@ -468,14 +469,25 @@ final class AdoptedProcess: Sendable {
         return !inputs.isEmpty
     }
 
-    func resize(_ size: WindowSize) throws(HoldfastError) {
+    /// Resizes its terminal on the reactor's thread (`TerminalSizer`: the process can hold the
+    /// terminal's size lock), answering within 2 s.
+    func resize(_ size: WindowSize) async throws(HoldfastError) {
         guard let tty = all.first(where: { $0.description.kind == .tty }) else {
             throw HoldfastError(.noTTY, "process '\(id)' has no terminal")
         }
-        do {
-            try tty.handle.withSyscall { () throws(SystemError) in try Terminal.resize(fd: tty.handle.fd, to: size) }
-        } catch {
+        let sizer = terminalSizer.withLockedValue { sizer in
+            if sizer == nil { sizer = TerminalSizer(tty.handle) }
+            return sizer!
+        }
+        switch await sizer.resize(to: size) {
+        case .applied:
+            return
+        case .failed(let error):
             throw HoldfastError(.resizeFailed, "\(error)")
+        case .pending:
+            throw HoldfastError(
+                .resizeFailed,
+                "the terminal's process holds the terminal's size lock in the kernel: the size is applied when it lets go")
         }
     }
 

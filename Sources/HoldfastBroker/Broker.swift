@@ -303,11 +303,11 @@ public final class Broker: Sendable {
         }
     }
 
-    public func resize(_ request: ResizeRequest) throws(HoldfastError) {
+    public func resize(_ request: ResizeRequest) async throws(HoldfastError) {
         guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
             throw HoldfastError(.noSuchProcess, "no streams for process '\(request.process)'")
         }
-        try adopted.resize(WindowSize(rows: request.rows, columns: request.columns))
+        try await adopted.resize(WindowSize(rows: request.rows, columns: request.columns))
     }
 
     /// The bridge was lost: every stream drops its connection (the host is going away).

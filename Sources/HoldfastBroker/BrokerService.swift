@@ -204,7 +204,7 @@ public final class BrokerService: Sendable {
             return .empty
         case .resize(let resize):
             try caller.mayManage(resize.process, in: broker)
-            try broker.resize(resize)
+            try await broker.resize(resize)
             return .empty
         }
     }

@@ -31,7 +31,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public let largestRead: Int?
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
-    private let reactor: Reactor
+    let reactor: Reactor
     private let registration: Registration
     private let usage = NIOLockedValueBox(Usage())
     /// IOV_MAX on Linux: the most iovecs one readv or writev takes.

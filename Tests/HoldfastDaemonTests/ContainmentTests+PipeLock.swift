@@ -125,3 +125,90 @@ extension ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+/// A terminal's process that holds its terminal's size lock inside the kernel: TIOCGWINSZ
+/// copies the size out holding it, here into a page that never arrives; the broker's resize of
+/// that terminal (TIOCSWINSZ on the master) waits for the same lock. Released by a file
+/// appearing (or after 60 s), it prints each size it sees for 20 s.
+private let sizeLockHolder = #"""
+import ctypes, fcntl, mmap, os, platform, struct, sys, termios, threading, time
+release = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+uffd = libc.syscall({"x86_64": 323, "aarch64": 282}[platform.machine()], os.O_CLOEXEC)
+if uffd < 0:
+    sys.exit("userfaultfd: errno %d" % ctypes.get_errno())
+fcntl.ioctl(uffd, 0xC018AA3F, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))            # UFFDIO_API
+page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+fcntl.ioctl(uffd, 0xC020AA00, bytearray(struct.pack("QQQQ", address, 4096, 1, 0)))  # REGISTER, MISSING
+asker = threading.Thread(target=lambda: libc.ioctl(1, termios.TIOCGWINSZ, ctypes.c_void_p(address)))
+asker.start()
+os.read(uffd, 32)  # the fault: the asker is in the kernel, holding the terminal's size lock
+os.write(1, b"holding\n")
+deadline = time.monotonic() + 60
+while not os.path.exists(release) and time.monotonic() < deadline:
+    time.sleep(0.05)
+fcntl.ioctl(uffd, 0xC020AA04, bytearray(struct.pack("QQQQ", address, 4096, 0, 0)))  # ZEROPAGE
+asker.join()
+# Every size it sees for 20 s: the broker applies the resizes it kept, newest last.
+seen = None
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    size = struct.unpack("HHHH", fcntl.ioctl(1, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    if size != seen:
+        os.write(1, b"size %d %d\n" % size)
+        seen = size
+    time.sleep(0.02)
+"""#
+
+extension ContainmentTests {
+    /// The broker serves its control requests one at a time: a resize waiting for that lock
+    /// would hold every later one (adopting a new process's streams among them). The resize
+    /// waits on the reactor's thread, whose watchdog takes over; the request is answered within
+    /// a bound, a bystander is adopted and streams meanwhile, and the size reaches the holder
+    /// when it lets go.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"))
+    func aTerminalHoldingItsSizeLockStopsOnlyItsOwnResize() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let script = daemon.directory.file("hold-size.py")
+        let release = daemon.directory.file("release")
+        try writeFile(script, Array(sizeLockHolder.utf8))
+        let before = try await Self.roles(daemon)
+        let output = Accumulator(try daemon.streams.open(token: bytes("t-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "t", argv: ["python3", script, release], tty: true, rows: 24, columns: 80, stdout: daemon.spec("t-out")))
+        try await eventually("the holder to hold its terminal's size lock") { output.text.contains("holding") }
+
+        // Three resizes while held (a window being dragged): each answered within a bound,
+        // the last size kept for when the holder lets go, one thread held for all three.
+        for (rows, columns) in [(50, 132), (40, 100), (30, 90)] as [(UInt16, UInt16)] {
+            let resized = Task { () -> HoldfastError? in
+                do throws(HoldfastError) {
+                    try await daemon.bridge.resize("t", rows: rows, columns: columns)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            let answer = try await withTimeout("a resize's answer while the lock is held", .seconds(60)) { await resized.value }
+            #expect(answer?.code == .resizeFailed && answer?.message.contains("applied when it lets go") == true, "\(String(describing: answer))")
+        }
+        let warnings = daemon.log.split(separator: "\n").filter { $0.contains("I/O thread stuck in the kernel") }
+        #expect(warnings.count == 1, "one thread held for three resizes: \(warnings)")
+        #expect(warnings.first?.contains("process=t ") == true && warnings.first?.contains("stream=tty") == true)
+        let bystander = try await Self.startBystander(daemon)
+        let lines = try await withTimeout("the bystander's lines while the lock is held", .seconds(60)) { await bystander.value }
+        #expect(lines == expectedLines(400, prefix: "by"), "every line, once, in order")
+        #expect(access(release, F_OK) != 0, "all of it while the holder still held the lock")
+
+        try writeFile(release, [])
+        try await eventually("the last size at the holder") { output.text.contains("size 30 90") }
+        #expect(kill(daemon.daemonPID, 0) == 0, "the supervisor runs")
+        let after = try await Self.roles(daemon)
+        for (name, role) in before {
+            #expect(after[name]?.pid == role.pid && after[name]?.restarts == role.restarts, "the \(name) was not restarted")
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
