@@ -68,7 +68,7 @@ public final class Broker: Sendable {
         // A slot outside the area (or no area) would be memory the broker does not have.
         for stream in adoption.streams {
             for slot in [stream.primary.checkpoint, stream.ttyInput?.checkpoint].compactMap({ $0 }) where checkpoints?.checkpoint(slot) == nil {
-                for fd in descriptors { _ = close(fd) }
+                for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
                 throw HoldfastError(.badRequest, "checkpoint slot \(slot) is not in the broker's checkpoint area (\(checkpoints?.slotCount ?? 0) slots)")
             }
         }
@@ -76,7 +76,7 @@ public final class Broker: Sendable {
         do {
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
         } catch {
-            for (index, fd) in descriptors.enumerated() where index >= adopted.count { _ = close(fd) }
+            for (index, fd) in descriptors.enumerated() where index >= adopted.count { Reactor.shared.closeOnLoop(fd) }
             for handle in adopted { handle?.close() }
             throw HoldfastError(.badDescriptor, "\(error)")
         }

@@ -11,9 +11,11 @@ public struct ReceivedMessage: Sendable {
     public var payload: [UInt8]
     public var descriptors: [Int32]
 
-    /// Closes every fd that came with the message (for a message that is refused).
+    /// Closes every fd that came with the message (for a message that is refused), on the
+    /// reactor's thread (`Reactor.closeOnLoop`: a pipe's last close waits for a lock its sender
+    /// may hold).
     public func closeDescriptors() {
-        for fd in descriptors { _ = Glibc.close(fd) }
+        for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
     }
 }
 

@@ -39,9 +39,10 @@ public final class SeqpacketFrames: FrameTransport {
 
     public func close() { channel.close() }
 
-    /// Closes fds a frame brought that nobody keeps.
+    /// Closes fds a frame brought that nobody keeps, on the reactor's thread
+    /// (`Reactor.closeOnLoop`: the last close of a pipe's end waits for a lock its sender may hold).
     @Sendable public static func closeDescriptors(_ descriptors: [Int32]) {
-        for fd in descriptors { _ = Glibc.close(fd) }
+        for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
     }
 }
 

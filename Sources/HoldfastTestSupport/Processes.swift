@@ -81,6 +81,12 @@ public final class TestProcesses: Sendable {
 }
 
 /// The number of open fds of a process, from /proc/PID/fd.
+/// Waits until the closes handed to the reactor's thread so far (`Reactor.closeOnLoop`) have
+/// run: a job queued after them has. No sleep: a timer is an fd of its own.
+public func reactorClosesDone() async {
+    await Task(executorPreference: Reactor.shared) {}.value
+}
+
 public func openDescriptorCount(pid: pid_t = getpid()) -> Int {
     guard let directory = opendir("/proc/\(pid)/fd") else { return -1 }
     defer { closedir(directory) }

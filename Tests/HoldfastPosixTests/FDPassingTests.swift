@@ -39,6 +39,8 @@ struct FDPassingTests {
             left.close()
             right.close()
         }
+        // Pipes and refused fds are closed on the reactor's thread, a moment later.
+        await reactorClosesDone()
         #expect(openDescriptorCount() == before)
     }
 
@@ -58,6 +60,8 @@ struct FDPassingTests {
             left.close()
             right.close()
         }
+        // Pipes and refused fds are closed on the reactor's thread, a moment later.
+        await reactorClosesDone()
         #expect(openDescriptorCount() == before, "every received fd was closed")
     }
 
@@ -76,6 +80,8 @@ struct FDPassingTests {
             left.close()
             right.close()
         }
+        // Pipes and refused fds are closed on the reactor's thread, a moment later.
+        await reactorClosesDone()
         #expect(openDescriptorCount() == before)
     }
 
@@ -94,6 +100,8 @@ struct FDPassingTests {
             left.close()
             right.close()
         }
+        // Pipes and refused fds are closed on the reactor's thread, a moment later.
+        await reactorClosesDone()
         #expect(openDescriptorCount() == before)
     }
 
@@ -113,6 +121,8 @@ struct FDPassingTests {
             await #expect(throws: FDPassingError.endOfFile) { try await receiver.receive() }
             receiver.close()
         }
+        // Pipes and refused fds are closed on the reactor's thread, a moment later.
+        await reactorClosesDone()
         #expect(openDescriptorCount() == before)
     }
 
@@ -134,9 +144,8 @@ struct FDPassingTests {
             notASocket.close()
             close(pipe.write)
         }
-        // A pipe's number is released on the reactor's thread, a moment after close(): by the
-        // time a job queued after it has run (no sleep here: a timer is an fd of its own).
-        await Task(executorPreference: Reactor.shared) {}.value
+        // Pipes and refused fds are closed on the reactor's thread, a moment later.
+        await reactorClosesDone()
         #expect(openDescriptorCount() == before)
     }
 
