@@ -81,6 +81,14 @@ struct Daemon: Sendable {
         return (status, killed.withLockedValue { $0 })
     }
 
+    /// The reactor takeovers the daemon's log reports, by role.
+    var takeovers: String {
+        let lines = String(decoding: WholeFile.read(logPath) ?? [], as: UTF8.self).split(separator: "\n")
+            .filter { $0.contains("I/O thread stuck in the kernel") }
+        let broker = lines.filter { $0.contains("role=broker") }.count
+        return "broker \(broker), supervisor \(lines.filter { $0.contains("role=supervisor") }.count)"
+    }
+
     var logTail: String {
         String(decoding: (WholeFile.read(logPath) ?? []).suffix(4000), as: UTF8.self)
     }

@@ -101,7 +101,7 @@ enum Worker {
                     try? await Task.sleep(for: .milliseconds(plan.pausesMilliseconds[index]))
                 }
                 // `cat` ends when its stdin does; a tty's `head -c` when it has read enough.
-                if plan.kind == .echo {
+                if plan.kind == .echo || plan.kind == .holdsItsPipe {
                     let undelivered = await input.finish()
                     if undelivered != 0 { problems.withLockedValue { $0.append("stdin: \(undelivered) bytes never acknowledged") } }
                 }

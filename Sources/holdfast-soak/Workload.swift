@@ -95,7 +95,44 @@ enum Kind: String, CaseIterable, Sendable {
     /// Prints a line, starts a child, then ends its own process group with `kill -TERM 0` (the
     /// `trap 'kill 0' EXIT` idiom): only its own group may go, never the daemon or another.
     case killsItsGroup = "kills-its-group"
+    /// An echo that first holds its stdin pipe's lock inside the kernel for a while (a read into
+    /// a userfaultfd page: `pipeHolder`), so the broker's write of the next chunk waits for the
+    /// lock and its reactor's watchdog takes over (README, "Security"). Plain `cat` where
+    /// userfaultfd is not allowed.
+    case holdsItsPipe = "holds-its-pipe"
 }
+
+/// The `holdsItsPipe` process: python, argv[1] the milliseconds to hold, argv[2] the exit code.
+let pipeHolder = #"""
+import ctypes, fcntl, mmap, os, platform, struct, sys, threading, time
+hold, code = int(sys.argv[1]) / 1000.0, int(sys.argv[2])
+def echo():
+    while True:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            sys.exit(code)
+        os.write(1, chunk)
+libc = ctypes.CDLL(None, use_errno=True)
+uffd = libc.syscall({"x86_64": 323, "aarch64": 282}.get(platform.machine(), -1), os.O_CLOEXEC)
+try:
+    fcntl.ioctl(uffd, 0xC018AA3F, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))
+    page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    fcntl.ioctl(uffd, 0xC020AA00, bytearray(struct.pack("QQQQ", address, 4096, 1, 0)))
+except OSError:
+    echo()
+got = []
+reader = threading.Thread(target=lambda: got.append(os.readv(0, [page])))
+reader.start()
+os.read(uffd, 32)
+time.sleep(hold)
+fcntl.ioctl(uffd, 0xC020AA04, bytearray(struct.pack("QQQQ", address, 4096, 0, 0)))
+reader.join()
+if got[0] == 0:
+    sys.exit(code)
+os.write(1, page[:got[0]])
+echo()
+"""#
 
 /// One process of the workload: what it runs, what it is fed, what must come back.
 struct Plan: Sendable {
@@ -120,7 +157,7 @@ struct Plan: Sendable {
     var expectedSeconds: Double
 
     var tty: Bool { kind == .tty }
-    var hasStdin: Bool { kind == .echo || kind == .tty }
+    var hasStdin: Bool { kind == .echo || kind == .holdsItsPipe || kind == .tty }
     var feedBytes: Int { feed.reduce(0) { $0 + $1.count } }
 }
 
@@ -132,13 +169,22 @@ enum Workload {
         let id = "p\(index)"
         let roll = Int.random(in: 0..<100, using: &rng)
         let kind: Kind =
-            roll < 50 ? .burst : roll < 65 ? .ticker : roll < 89 ? .echo : roll < 94 ? .tty : roll < 97 ? .signalled : .killsItsGroup
+            roll < 50
+            ? .burst
+            : roll < 65 ? .ticker : roll < 86 ? .echo : roll < 89 ? .holdsItsPipe : roll < 94 ? .tty : roll < 97 ? .signalled : .killsItsGroup
         let budget = max(2, budgetSeconds)
         let exitCode = Int32.random(in: 0...9, using: &rng)
         switch kind {
         case .burst: return burst(id, exitCode, budget, &rng)
         case .ticker: return ticker(id, exitCode, budget, &rng)
         case .echo: return echo(id, exitCode, budget, &rng)
+        case .holdsItsPipe:
+            var plan = echo(id, exitCode, budget, &rng)
+            let hold = Int.random(in: 300...3000, using: &rng)
+            plan.kind = .holdsItsPipe
+            plan.argv = ["python3", "-c", pipeHolder, "\(hold)", "\(exitCode)"]
+            plan.expectedSeconds += Double(hold) / 1000
+            return plan
         case .tty: return tty(id, exitCode, budget, &rng)
         case .signalled: return signalled(id, budget, &rng)
         case .killsItsGroup: return killsItsGroup(id, budget, &rng)
