@@ -68,7 +68,7 @@ extension ContainmentTests {
         .enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"),
         arguments: HostWhileHeld.allCases)
     func aContainerHoldingItsPipesLockStopsOnlyItsOwnStream(host: HostWhileHeld) async throws {
-        let daemon = try await DaemonFixture()
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
         defer { daemon.cleanUp() }
         let script = daemon.directory.file("hold-lock.py")
         let release = daemon.directory.file("release")
@@ -106,8 +106,14 @@ extension ContainmentTests {
         #expect(access(release, F_OK) != 0, "all of it while the holder still held the lock")
         let warning = try #require(daemon.log.split(separator: "\n").first { $0.contains("I/O thread stuck in the kernel") })
         print("the warning: \(warning)")
+        // The broker's metrics count the takeover, and the thread still stuck.
+        let metrics = parsePrometheus(
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
         if host == .typesMore {
             #expect(warning.contains("process=holder") && warning.contains("stream=stdin"), "the broker's log names the process and stream")
+            #expect(metrics["holdfast_broker_reactor_stalls_total"] == 1 && metrics["holdfast_broker_reactor_stranded_threads"] == 1, "\(metrics.filter { $0.key.contains("reactor") })")
+        } else {
+            #expect(metrics["holdfast_broker_reactor_stalls_total"] == 0, "the supervisor's close was the one held")
         }
 
         try writeFile(release, [])
