@@ -57,7 +57,9 @@ extension Supervisor {
             try await brokerRequest(.closeStdin(process: request.id))
             return .empty
         case .list:
-            let streams = await brokerStreams()
+            // A broker that does not answer (stopped, or not finishing dying) costs the list its
+            // streams, not its answer.
+            let streams = await brokerStreams() ?? []
             let list = processStatuses()
             let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
             let (reply, omitted) = FrameBudget.fit(streams) {

@@ -204,27 +204,36 @@ extension Supervisor {
 
     // MARK: Status
 
-    /// Every stream the broker holds, page by page (one reply holds what fits a frame).
-    func brokerStreams() async -> [StreamStatus] {
+    /// Every stream the broker holds, page by page (one reply holds what fits a frame); nil if
+    /// a page is not answered within `brokerAnswerBound` (a stopped broker, or one that cannot
+    /// finish dying), so that `status` answers all the same.
+    func brokerStreams() async -> [StreamStatus]? {
         guard let broker = broker() else { return [] }
         var streams: [StreamStatus] = []
         while true {
-            guard let page = try? await broker.call(BrokerRequest.list(ListRequest(offset: streams.count)), reply: ListResponse.self),
-                !page.streams.isEmpty
-            else { break }
+            let offset = streams.count
+            let call = Task { try? await broker.call(BrokerRequest.list(ListRequest(offset: offset)), reply: ListResponse.self) }
+            guard let answer = await call.value(within: Self.brokerAnswerBound) else { return nil }
+            guard let page = answer, !page.streams.isEmpty else { break }
             streams += page.streams
             if streams.count >= (page.total ?? streams.count) { break }
         }
         return streams
     }
 
+    static let brokerAnswerBound: Duration = .seconds(2)
+
     public func status() async -> StatusReport {
         let streams = await brokerStreams()
+        var roles = roleStatuses
+        if streams == nil, let index = roles.firstIndex(where: { $0.name == "broker" }) {
+            roles[index].notAnswering = roles[index].pid.map { ProcessRunState.of($0).explanation } ?? "not running"
+        }
         var report = StatusReport(
             version: HoldfastVersion.string, pid: getpid(),
             uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: session.withLockedValue { $0.bridge },
-            roles: roleStatuses, processes: processStatuses(),
-            streams: streams)
+            roles: roles, processes: processStatuses(),
+            streams: streams ?? [])
         report.executableSHA256 = runningExecutableSHA256()
         report.upgrades = session.withLockedValue { $0.upgrades }
         return report

@@ -71,6 +71,10 @@ public enum StatusPrinter {
         lines += TextTable.lines(
             ["ROLE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],
             report.roles.map { [$0.name, $0.pid.map(String.init) ?? "-", duration($0.uptimeSeconds), String($0.restarts), $0.lastExit ?? "-"] })
+        for role in report.roles {
+            guard let why = role.notAnswering else { continue }
+            lines.append("\(role.name): \(paint("not answering", "31")): \(why)")
+        }
         lines.append("")
         if report.processes.isEmpty {
             lines.append("no processes")

@@ -218,3 +218,59 @@ extension ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+extension ContainmentTests {
+    /// The kernel's limit, and what follows it: a broker SIGKILLed while a thread of it waits for
+    /// a held pipe lock cannot finish dying (that wait is not interruptible), so it is replaced
+    /// only when the holder lets go — and then the holder's stdin still arrives as it was sent
+    /// (at most the bytes the log names as uncertain twice, as after any crash inside a write).
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"))
+    func aBrokerKilledWhileAThreadWaitsForAHeldLockIsReplacedWhenTheHolderLetsGo() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let script = daemon.directory.file("hold-lock.py")
+        let release = daemon.directory.file("release")
+        try writeFile(script, Array(pipeLockHolder.utf8))
+        let input = try daemon.streams.open(token: bytes("holder-in"), direction: .send)
+        let output = try daemon.streams.open(token: bytes("holder-out"), direction: .receive)
+        let received = NIOLockedValueBox<[UInt8]>([])
+        let collector = Task {
+            for await chunk in output.chunks() { received.withLockedValue { $0 += chunk } }
+        }
+        func said(_ text: String) -> Bool { String(decoding: received.withLockedValue { $0 }, as: UTF8.self).contains(text) }
+        _ = try await daemon.launch(ProcessSpec(
+            id: "holder", argv: ["python3", script, release], stdin: daemon.spec("holder-in"), stdout: daemon.spec("holder-out")))
+        try await eventually("the holder ready") { said("ready\n") }
+        try await input.send(bytes("first\n"))
+        try await eventually("the holder to hold its stdin's lock") { said("holding\n") }
+        try await input.send(bytes("second\n"))
+        try await eventually("the broker's watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
+
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGKILL)
+        try await Task.sleep(for: .seconds(2))
+        #expect(access("/proc/\(broker)/task", F_OK) == 0, "the killed broker is still there, a thread in the kernel's wait")
+        // `status` answers all the same, and says why the broker does not.
+        let status = try await withTimeout("status while the broker cannot finish dying", .seconds(30)) { try await daemon.status() }
+        let role = try #require(status.roles.first { $0.name == "broker" })
+        print("the broker's role while it cannot finish dying: \(role)")
+        #expect(role.pid == broker, "not replaced yet")
+        #expect(role.notAnswering?.hasPrefix("dying, a thread still in the kernel (waiting in ") == true)
+
+        try writeFile(release, [])
+        try await eventually("a new broker", timeout: .seconds(30)) { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await input.send(bytes("third\n"))
+        #expect(await input.finish() == 0)
+        let report = try await daemon.wait("holder")
+        #expect(report.exitCode == 0 && report.undelivered == 0, "\(report)")
+        await collector.value
+        let all = received.withLockedValue { $0 }
+        let prefix = bytes("ready\nholding\necho:")
+        #expect(Array(all.prefix(prefix.count)) == prefix)
+        let echoed = Array(all.dropFirst(prefix.count))
+        let repeats = inputRepeats(in: daemon.log, process: "holder")
+        print("the holder's stdin after the broker's death: \(String(decoding: echoed, as: UTF8.self).debugDescription), repeats named in the log: \(repeats)")
+        #expect(matches(echoed, sent: bytes("first\nsecond\nthird\n"), repeats: repeats), "the stdin as sent")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}

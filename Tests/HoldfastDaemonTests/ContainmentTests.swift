@@ -116,6 +116,12 @@ struct ContainmentTests {
             #expect(kill(broker, SIGCONT) == 0)
             try await Task.sleep(for: .milliseconds(30))
         }
+        // While it is stopped, `status` still answers (its broker part within a bound) and says so.
+        #expect(kill(broker, SIGSTOP) == 0)
+        let whileStopped = try await withTimeout("status while the broker is stopped", .seconds(30)) { try await daemon.status() }
+        #expect(kill(broker, SIGCONT) == 0)
+        let stoppedRole = whileStopped.roles.first { $0.name == "broker" }
+        #expect(stoppedRole?.notAnswering?.hasPrefix("stopped") == true, "\(String(describing: stoppedRole))")
         let strace = try daemon.processes.start(["strace", "-f", "-q", "-o", "/dev/null", "-p", String(broker)])
         try await Task.sleep(for: .seconds(2))
         kill(strace, SIGINT)  // strace detaches from every thread and exits

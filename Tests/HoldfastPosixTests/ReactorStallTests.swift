@@ -203,3 +203,17 @@ struct ReactorStallTests {
         pipes.forEach { close($0.write) }
     }
 }
+
+@Suite("A process's run state, from /proc")
+struct ProcessRunStateTests {
+    @Test func theStateIsTheFieldAfterTheCommandsLastParenthesis() {
+        #expect(ProcessRunState.state(ofStatLine: "4242 (holdfast) S 1 4242 4242 0 -1") == "S")
+        #expect(ProcessRunState.state(ofStatLine: "4242 (a (b) c) T 1 4242") == "T", "a command with parentheses and spaces")
+        #expect(ProcessRunState.state(ofStatLine: "garbage") == nil)
+    }
+
+    @Test func thisProcessRunsAndANonexistentOneIsGone() {
+        #expect(ProcessRunState.of(getpid()) == .running)
+        #expect(ProcessRunState.of(Int32.max) == .gone)
+    }
+}

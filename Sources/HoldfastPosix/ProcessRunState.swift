@@ -1,0 +1,71 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the kernel says a process is doing, for a status that must explain why it does not
+/// answer: stopped (SIGSTOP, a debugger), or dying with a thread still inside the kernel — a
+/// killed process whose thread waits for a lock no signal can interrupt (a pipe's lock that a
+/// guest process holds: README, "Security") cannot finish dying until the lock is let go.
+public enum ProcessRunState: Sendable, Equatable {
+    case running
+    case stopped
+    /// Its main thread has exited, yet a thread is still in the kernel, waiting in `waitingIn`
+    /// (/proc's wchan) if the kernel says.
+    case dying(waitingIn: String?)
+    /// No such process (reaped, or never was).
+    case gone
+
+    public static func of(_ pid: pid_t) -> ProcessRunState {
+        guard let leader = state(of: "/proc/\(pid)/stat") else { return .gone }
+        switch leader {
+        case "T", "t": return .stopped
+        case "Z", "X":
+            // The main thread is a zombie: any task left is what keeps the process from dying.
+            var waiting: String?
+            if let directory = opendir("/proc/\(pid)/task") {
+                defer { closedir(directory) }
+                while let entry = readdir(directory) {
+                    let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                    guard let tid = Int32(name), tid != pid, let task = state(of: "/proc/\(pid)/task/\(tid)/stat"), task != "Z" else { continue }
+                    waiting = firstLine(of: "/proc/\(pid)/task/\(tid)/wchan").flatMap { $0.isEmpty || $0 == "0" ? nil : $0 }
+                    if waiting != nil { break }
+                }
+            }
+            return .dying(waitingIn: waiting)
+        default: return .running
+        }
+    }
+
+    /// The one-letter state of a /proc `stat` line: the field after the command's last ')'.
+    static func state(ofStatLine line: String) -> Character? {
+        guard let close = line.lastIndex(of: ")") else { return nil }
+        return line[line.index(after: close)...].first { $0 != " " }
+    }
+
+    private static func state(of path: String) -> Character? {
+        firstLine(of: path).flatMap(state(ofStatLine:))
+    }
+
+    private static func firstLine(of path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 512)
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count >= 0 else { return nil }
+        return String(decoding: buffer[..<count].prefix { $0 != 10 }, as: UTF8.self)
+    }
+
+    /// For an operator: why a process that should answer does not.
+    public var explanation: String {
+        switch self {
+        case .running: return "running, but not answering"
+        case .stopped: return "stopped (SIGSTOP, or a debugger): it answers when continued"
+        case .dying(let waitingIn):
+            return "dying, a thread still in the kernel\(waitingIn.map { " (waiting in \($0))" } ?? ""): "
+                + "a process holds a lock it waits for; the broker's last \"I/O thread stuck\" warning names it, "
+                + "and the successor starts when that process lets go or is killed"
+        case .gone: return "gone: being restarted"
+        }
+    }
+}
