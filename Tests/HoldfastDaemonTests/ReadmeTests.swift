@@ -46,6 +46,7 @@ struct ReadmeTests {
                 + "same handoff.py subcommands — adopt with a command and with --stdout-fd, list, release — against a real daemon")),
         ("$ printf 'streams:", .transcript),
         ("holdfast 0.1.0  pid", .output),
+        ("broker: not answering:", .output),
         ("make deb ", .notRun("installs the package on this machine: `make deb-install-check` does that on a throwaway machine, and `make test` runs `make deb-check`")),
         ("curl -s --unix-socket", .notRun("needs metrics.address, off by default: MetricsTests scrapes the same endpoint from a daemon that has it")),
         ("<6>holdfast.supervisor", .output),
