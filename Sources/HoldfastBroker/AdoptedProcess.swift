@@ -144,8 +144,9 @@ final class ManagedStream: Sendable {
     private let inputEnded = NIOLockedValueBox(false)
     private let lingerTimeout: Duration
     /// Tells the supervisor the stdin pipe was closed here: it holds a copy (so a broker crash
-    /// gives the process no end-of-file), which must close too for the process to see one.
-    private let inputClosed: @Sendable () -> Void
+    /// gives the process no end-of-file), which must close too for the process to see one; and
+    /// whether the host ended it (what a successor after a crash still owes the host).
+    private let inputClosed: @Sendable (_ endedByHost: Bool) -> Void
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
@@ -175,7 +176,7 @@ final class ManagedStream: Sendable {
         outputWindow = measuredWindow
         inputStage = measuredStage
         self.lingerTimeout = broker.settings.drainTimeout
-        self.inputClosed = { [weak broker] in broker?.inputEnded(process) }
+        self.inputClosed = { [weak broker] endedByHost in broker?.inputEnded(process, endedByHost: endedByHost) }
         func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
             let name = description.kind == .tty && direction == .receive ? "tty/input" : description.kind.rawValue
             let watch = DialWatch(process: process, stream: name, address: endpoint.addressText, broker: broker)
@@ -280,13 +281,13 @@ final class ManagedStream: Sendable {
                 // that moment) left the host waiting for a reconnect that never came, and
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
-                    inputClosed()
+                    inputClosed(false)
                     closeAll()
                     input.close()
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
-                inputClosed()
+                inputClosed(true)
                 closeAll()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 return [report]

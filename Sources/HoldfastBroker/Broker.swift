@@ -246,8 +246,8 @@ public final class Broker: Sendable {
     }
 
     /// A process's stdin pipe was closed here: the supervisor closes its copy.
-    func inputEnded(_ process: String) {
-        Task { await notify(.inputEnded(ProcessRequest(process: process))) }
+    func inputEnded(_ process: String, endedByHost: Bool) {
+        Task { await notify(.inputEnded(InputEndedNotification(process: process, endedByHost: endedByHost))) }
     }
 
     // MARK: Release
@@ -453,7 +453,7 @@ public enum BrokerNotification: Sendable, Equatable {
     /// Every stream of an exited process finished: its exit can be reported.
     case drained(DrainedNotification)
     /// A process's stdin pipe was closed by the broker.
-    case inputEnded(ProcessRequest)
+    case inputEnded(InputEndedNotification)
     /// A handoff peer's process was adopted: its request and copies of its fds (the sender
     /// closes them once sent) for the supervisor to keep.
     case handoffDeposited(HandoffDeposit, descriptors: [Int32])
@@ -463,7 +463,7 @@ public enum BrokerNotification: Sendable, Equatable {
     public var frame: ControlFrame {
         switch self {
         case .drained(let drained): return ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(drained))
-        case .inputEnded(let process): return ControlFrame(type: BrokerMessageType.inputEnded.rawValue, id: 0, body: ControlJSON.encode(process))
+        case .inputEnded(let ended): return ControlFrame(type: BrokerMessageType.inputEnded.rawValue, id: 0, body: ControlJSON.encode(ended))
         case .handoffDeposited(let deposit, _):
             return ControlFrame(type: BrokerMessageType.handoffDeposited.rawValue, id: 0, body: ControlJSON.encode(deposit))
         case .handoffEnded(let process): return ControlFrame(type: BrokerMessageType.handoffEnded.rawValue, id: 0, body: ControlJSON.encode(process))

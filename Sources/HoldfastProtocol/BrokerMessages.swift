@@ -144,6 +144,19 @@ public struct ProcessRequest: Codable, Sendable, Equatable {
     public init(process: String) { self.process = process }
 }
 
+/// The broker closed a process's stdin (notification `input-ended`). `endedByHost`: the host
+/// ended it (an END received, every byte before it written), rather than the process stopping
+/// reading: a broker started after a crash then still owes the host its acknowledgements and
+/// the END echo. Absent from brokers before it (decoded as not ended by the host).
+public struct InputEndedNotification: Codable, Sendable, Equatable {
+    public var process: String
+    public var endedByHost: Bool?
+    public init(process: String, endedByHost: Bool) {
+        self.process = process
+        self.endedByHost = endedByHost
+    }
+}
+
 public struct ResizeRequest: Codable, Sendable, Equatable {
     public var process: String
     public var rows: UInt16

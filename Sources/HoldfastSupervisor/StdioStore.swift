@@ -38,6 +38,11 @@ struct StdioStore {
         var exitSentTo: Int?
         /// The broker that has it now was handed no stream (the only one, stdin, had ended).
         var nothingHandedOver = false
+        /// Its stdin was ended by the host (an END, every byte before it written): a broker after
+        /// a crash still owes the host the acknowledgements and the END echo the dead one may not
+        /// have sent (a migration's blackout, say), and is handed the stream for them. Optional:
+        /// absent from the state an older daemon hands over in a live upgrade.
+        var inputEndedByHost: Bool?
 
         /// Every fd this entry holds open (fd numbers survive an exec unchanged).
         var heldDescriptors: [Int32] { descriptors.filter { $0 >= 0 } }
@@ -166,8 +171,14 @@ struct StdioStore {
                 return WindowPipe(read: descriptors.count - 2, write: descriptors.count - 1)
             }
             for var stream in entry.request.streams {
-                let fd = entry.descriptors[stream.fd]
-                guard fd >= 0 else { continue }
+                var fd = entry.descriptors[stream.fd]
+                if fd < 0 {
+                    // Closed: handed over only if the host ended it, resumably, with a checkpoint
+                    // to resume from (then at offset of its END, so nothing more is taken).
+                    guard stream.kind == .stdin, stream.mode == .resumable, stream.checkpoint != nil, entry.inputEndedByHost == true
+                    else { continue }
+                    fd = Self.endedInput
+                }
                 stream.fd = descriptors.count
                 stream.resume = true
                 descriptors.append(fd)
@@ -215,13 +226,19 @@ struct StdioStore {
     }
 
     /// The broker closed `process`'s stdin: returns the fd to close (nil if none is held).
-    mutating func inputEnded(_ process: String) -> Int32? {
+    mutating func inputEnded(_ process: String, endedByHost: Bool) -> Int32? {
         guard let entry = held[process], let stdin = entry.request.streams.first(where: { $0.kind == .stdin }) else { return nil }
         let fd = entry.descriptors[stdin.fd]
         guard fd >= 0 else { return nil }
         held[process]?.descriptors[stdin.fd] = -1
+        if endedByHost { held[process]?.inputEndedByHost = true }
         return fd
     }
+
+    /// In a `Readoption`'s descriptors: an input the host ended, handed over on /dev/null (the
+    /// caller opens it): its successor resumes it from its checkpoint only to acknowledge what
+    /// was written and echo the END.
+    static let endedInput: Int32 = -2
 
     /// The process is done (exit reported): its fds to close and its slots to clear; the slots
     /// are free again. A handoff peer's process's slots are the broker's: it clears and reuses

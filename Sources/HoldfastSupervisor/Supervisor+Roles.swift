@@ -108,8 +108,8 @@ extension Supervisor {
                 guard let drained = try? ControlJSON.decode(DrainedNotification.self, from: frame.body, frameType: frame.type) else { return }
                 processDrained(drained)
             case .inputEnded:
-                guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
-                stdinEnded(ended.process)
+                guard let ended = try? ControlJSON.decode(InputEndedNotification.self, from: frame.body, frameType: frame.type) else { return }
+                stdinEnded(ended.process, endedByHost: ended.endedByHost ?? false)
             case .handoffEnded:
                 guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 handoffEnded(ended.process)

@@ -20,7 +20,10 @@ extension Supervisor {
             let batch = stdio.withLockedValue { store -> [StdioStore.Readoption] in
                 store.claim(for: incarnation).map { item in
                     var copy = item
-                    copy.descriptors = item.descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
+                    copy.descriptors = item.descriptors.map { fd in
+                        // An input the host ended: its successor only acknowledges and echoes, on /dev/null.
+                        fd == StdioStore.endedInput ? open("/dev/null", O_WRONLY | O_CLOEXEC) : fcntl(fd, F_DUPFD_CLOEXEC, 0)
+                    }
                     return copy
                 }
             }
@@ -100,8 +103,8 @@ extension Supervisor {
     }
 
     /// The broker closed `process`'s stdin: ours closes too, so the process sees end-of-file.
-    func stdinEnded(_ process: String) {
-        guard let fd = stdio.withLockedValue({ $0.inputEnded(process) }) else { return }
+    func stdinEnded(_ process: String, endedByHost: Bool) {
+        guard let fd = stdio.withLockedValue({ $0.inputEnded(process, endedByHost: endedByHost) }) else { return }
         // The pipe's last close: the process may hold the pipe's lock (README, "Security").
         Reactor.shared.closeOnLoop(fd)
     }

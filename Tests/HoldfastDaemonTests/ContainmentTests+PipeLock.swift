@@ -95,7 +95,9 @@ extension ContainmentTests {
             finishing = Task { await input.finish() }
         case .endsInput:
             finishing = Task { await input.finish() }
-            try await eventually("the supervisor's watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
+            // The last close of the stdin's write end waits for the lock: the supervisor's (its
+            // kept copy) or the broker's, whichever closes second.
+            try await eventually("a watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
         }
 
         let bystander = try await Self.startBystander(daemon)
@@ -112,8 +114,6 @@ extension ContainmentTests {
         if host == .typesMore {
             #expect(warning.contains("process=holder") && warning.contains("stream=stdin"), "the broker's log names the process and stream")
             #expect(metrics["holdfast_broker_reactor_stalls_total"] == 1 && metrics["holdfast_broker_reactor_stranded_threads"] == 1, "\(metrics.filter { $0.key.contains("reactor") })")
-        } else {
-            #expect(metrics["holdfast_broker_reactor_stalls_total"] == 0, "the supervisor's close was the one held")
         }
 
         try writeFile(release, [])

@@ -119,4 +119,51 @@ struct StdinEndTests {
             #expect(try await daemon.stop() == .exited(0))
         }
     }
+
+    /// Found by the soak (RELIABILITY.md): the host ends a process's stdin during a migration's
+    /// blackout; the broker writes the last bytes, closes the stdin — and is killed before the
+    /// host is back for the ACK and the END echo. Its successor used to be handed only the
+    /// streams the supervisor still held, not the ended stdin, so nobody acknowledged the bytes
+    /// (which the process had read) and the host reported them undelivered. Now the successor
+    /// resumes the ended stream (on /dev/null, from its checkpoint: at its END) to acknowledge
+    /// and echo.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aBrokerKilledBeforeTheHostHadItsEchoLeavesTheEchoToItsSuccessor() async throws {
+        try await withBridgeDaemon(drainTimeout: "60s") { daemon, exits in
+            let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
+            let path = daemon.directory.file("held.sock")
+            let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
+                let connection = HeldReadsConnection(socket)
+                connections.withLockedValue { $0.append(connection) }
+                return connection
+            }
+            held.start()
+            defer { held.close() }
+            let input = try held.open(token: bytes("k-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
+            let output = collect(try daemon.streams.open(token: bytes("k-out"), direction: .receive))
+            let catDone = daemon.directory.file("cat-done")
+            // Alive after its stdin ended: its streams are still the supervisor's to hand over.
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "k", argv: ["sh", "-c", "cat; touch \(catDone); sleep 2"], stdin: input.streamSpec(at: "unix:" + path),
+                stdout: daemon.spec("k-out")))
+            try await eventually("stdin connected") { input.slot.phase == .connected }
+            // From now on the host reads nothing the guest sends: no ACK, no echo.
+            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+            try await input.send(bytes("typed, then the broker dies\n"))
+            let finished = Task { await input.finish() }
+            try await eventually("cat's end of file", timeout: .seconds(10)) { access(catDone, F_OK) == 0 }
+            let broker = try #require(try await daemon.rolePID("broker"))
+            kill(broker, SIGKILL)
+            held.dropAllConnections()
+            try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+            // Without the successor's ACK and echo the host would wait out its 120 s drain timeout.
+            let undelivered = try await withTimeout("the successor's ACK and END echo", .seconds(60)) { await finished.value }
+            #expect(undelivered == 0, "every typed byte acknowledged")
+            #expect(await output.value == bytes("typed, then the broker dies\n"), "read once by the process")
+            try await eventually("the exit", timeout: .seconds(30)) { exits.count("k") == 1 }
+            #expect(exits.all.first { $0.id == "k" }?.exitCode == 0)
+            #expect(daemon.log.contains("resumed streams a crashed broker held") && daemon.log.contains("process=k "))
+            #expect(try await daemon.stop() == .exited(0))
+        }
+    }
 }

@@ -35,7 +35,7 @@ struct UpgradeStateTests {
         handoff.handoffOwner = nil
         let kept = store.keepHandoff(HandoffDeposit(request: handoff, owner: 1000), descriptors: [43], adoptedBy: 3)
         #expect(kept)
-        _ = store.inputEnded("p1")  // its stdin (fd 42) closed: -1 in the entry, not passed on
+        _ = store.inputEnded("p1", endedByHost: true)  // its stdin (fd 42) closed: -1 in the entry, not passed on
         return store
     }
 
@@ -63,7 +63,9 @@ struct UpgradeStateTests {
         let first = restored.brokerStarted(client)
         let claimed = restored.claim(for: first)
         #expect(claimed.map(\.process) == ["h1", "p1"])
-        #expect(claimed.first { $0.process == "p1" }?.descriptors == [41], "the ended stdin is not handed over")
+        // The stdin the host ended goes over as a placeholder (the supervisor opens /dev/null for
+        // it): the successor owes the host its acknowledgements and END echo.
+        #expect(claimed.first { $0.process == "p1" }?.descriptors == [41, StdioStore.endedInput], "the ended stdin is handed over, without its pipe")
         #expect(claimed.allSatisfy { $0.request.streams.allSatisfy { $0.resume == true } })
     }
 
