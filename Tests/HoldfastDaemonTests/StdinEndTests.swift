@@ -69,6 +69,19 @@ final class HeldReadsConnection: ByteConnection {
     }
 }
 
+/// A stream server on `held.sock` in the daemon's directory whose connections' reads can be held.
+func heldReadsServer(in daemon: DaemonFixture) throws -> (StreamServer<HeldReadsConnection>, NIOLockedValueBox<[HeldReadsConnection]>, String) {
+    let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
+    let path = daemon.directory.file("held.sock")
+    let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
+        let connection = HeldReadsConnection(socket)
+        connections.withLockedValue { $0.append(connection) }
+        return connection
+    }
+    held.start()
+    return (held, connections, path)
+}
+
 @Suite("Stdin's end survives a migration", .timeLimit(.minutes(5)))
 struct StdinEndTests {
     /// Found by the soak (RELIABILITY.md): the host ends a process's stdin, the guest echoes the
@@ -83,14 +96,7 @@ struct StdinEndTests {
         // The guest lingers up to its drain timeout for the host to have the echo; a long one,
         // so that a starved machine cannot make it give up before the host is back.
         try await withBridgeDaemon(drainTimeout: "60s") { daemon, exits in
-            let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
-            let path = daemon.directory.file("held.sock")
-            let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
-                let connection = HeldReadsConnection(socket)
-                connections.withLockedValue { $0.append(connection) }
-                return connection
-            }
-            held.start()
+            let (held, connections, path) = try heldReadsServer(in: daemon)
             defer { held.close() }
             let input = try held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
             let output = collect(try daemon.streams.open(token: bytes("e-out"), direction: .receive))
@@ -130,14 +136,7 @@ struct StdinEndTests {
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func aBrokerKilledBeforeTheHostHadItsEchoLeavesTheEchoToItsSuccessor() async throws {
         try await withBridgeDaemon(drainTimeout: "60s") { daemon, exits in
-            let connections = NIOLockedValueBox<[HeldReadsConnection]>([])
-            let path = daemon.directory.file("held.sock")
-            let held = try StreamServer<HeldReadsConnection>(listeningOn: .unix(path: path), unixMode: 0o666) { socket in
-                let connection = HeldReadsConnection(socket)
-                connections.withLockedValue { $0.append(connection) }
-                return connection
-            }
-            held.start()
+            let (held, connections, path) = try heldReadsServer(in: daemon)
             defer { held.close() }
             let input = try held.open(token: bytes("k-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
             let output = collect(try daemon.streams.open(token: bytes("k-out"), direction: .receive))
