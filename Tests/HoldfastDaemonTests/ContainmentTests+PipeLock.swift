@@ -10,11 +10,9 @@ import Testing
 import Glibc
 #endif
 
-/// A container that holds its own stdin pipe's lock inside the kernel: it reads stdin into a
-/// page that never arrives (userfaultfd; a hung FUSE file's mapping does the same without
-/// privileges), so the broker's next write to that pipe waits for the lock, uninterruptibly.
-/// Released by a file appearing (or after 60 s), it echoes all it read.
-private let pipeLockHolder = #"""
+/// The start of both adversaries: one page registered with userfaultfd (argv[1] the file whose
+/// appearance releases it, after 60 s at most), and `wait_for_release()` that fills it then.
+private let userfaultfdPage = #"""
 import ctypes, fcntl, mmap, os, platform, struct, sys, threading, time
 release = sys.argv[1]
 libc = ctypes.CDLL(None, use_errno=True)
@@ -25,16 +23,26 @@ fcntl.ioctl(uffd, 0xC018AA3F, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))        
 page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 address = ctypes.addressof(ctypes.c_char.from_buffer(page))
 fcntl.ioctl(uffd, 0xC020AA00, bytearray(struct.pack("QQQQ", address, 4096, 1, 0)))  # REGISTER, MISSING
+def wait_for_release():
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fcntl.ioctl(uffd, 0xC020AA04, bytearray(struct.pack("QQQQ", address, 4096, 0, 0)))  # ZEROPAGE
+
+"""#
+
+/// A container that holds its own stdin pipe's lock inside the kernel: it reads stdin into a
+/// page that never arrives (userfaultfd; a hung FUSE file's mapping does the same without
+/// privileges), so the broker's next write to that pipe waits for the lock, uninterruptibly.
+/// Released by a file appearing (or after 60 s), it echoes all it read.
+private let pipeLockHolder = userfaultfdPage + #"""
 got = []
 reader = threading.Thread(target=lambda: got.append(os.readv(0, [page])))
 reader.start()
 os.write(1, b"ready\n")
 os.read(uffd, 32)  # the fault: the reader is in the kernel, holding the stdin pipe's lock
 os.write(1, b"holding\n")
-deadline = time.monotonic() + 60
-while not os.path.exists(release) and time.monotonic() < deadline:
-    time.sleep(0.05)
-fcntl.ioctl(uffd, 0xC020AA04, bytearray(struct.pack("QQQQ", address, 4096, 0, 0)))  # ZEROPAGE
+wait_for_release()
 reader.join()
 data = page[:got[0]]
 while True:
@@ -45,8 +53,52 @@ while True:
 os.write(1, b"echo:" + data)
 """#
 
+/// The `pipeLockHolder` process ("holder"), started: it has read "first\n" from the host and
+/// holds its stdin pipe's lock; creating `release` lets it go.
+struct StdinHolder {
+    let input: ResumableStream<AsyncFD>
+    let release: String
+    private let received: NIOLockedValueBox<[UInt8]>
+    private let collector: Task<Void, Never>
+
+    static func start(in daemon: DaemonFixture) async throws -> StdinHolder {
+        let script = daemon.directory.file("hold-lock.py")
+        try writeFile(script, Array(pipeLockHolder.utf8))
+        let input = try daemon.streams.open(token: bytes("holder-in"), direction: .send)
+        let output = try daemon.streams.open(token: bytes("holder-out"), direction: .receive)
+        let received = NIOLockedValueBox<[UInt8]>([])
+        let collector = Task {
+            for await chunk in output.chunks() { received.withLockedValue { $0 += chunk } }
+        }
+        let holder = StdinHolder(input: input, release: daemon.directory.file("release"), received: received, collector: collector)
+        _ = try await daemon.launch(ProcessSpec(
+            id: "holder", argv: ["python3", script, holder.release], stdin: daemon.spec("holder-in"), stdout: daemon.spec("holder-out")))
+        try await eventually("the holder ready") { holder.said("ready\n") }
+        try await input.send(bytes("first\n"))
+        try await eventually("the holder to hold its stdin's lock") { holder.said("holding\n") }
+        return holder
+    }
+
+    func said(_ text: String) -> Bool { String(decoding: received.withLockedValue { $0 }, as: UTF8.self).contains(text) }
+
+    /// Everything it wrote, once its output stream ended.
+    func output() async -> [UInt8] {
+        await collector.value
+        return received.withLockedValue { $0 }
+    }
+}
+
 extension ContainmentTests {
     static var hasPython: Bool { access("/usr/bin/python3", X_OK) == 0 }
+
+    /// The supervisor runs, and no role was restarted since `before` (same pids).
+    static func expectRolesUnchanged(_ daemon: DaemonFixture, since before: [String: (pid: pid_t?, restarts: Int)]) async throws {
+        #expect(kill(daemon.daemonPID, 0) == 0, "the supervisor runs")
+        let after = try await roles(daemon)
+        for (name, role) in before {
+            #expect(after[name]?.pid == role.pid && after[name]?.restarts == role.restarts, "the \(name) was not restarted")
+        }
+    }
 
     /// What the host does while the container holds its stdin's lock.
     enum HostWhileHeld: String, CaseIterable, Sendable, CustomTestStringConvertible {
@@ -70,23 +122,9 @@ extension ContainmentTests {
     func aContainerHoldingItsPipesLockStopsOnlyItsOwnStream(host: HostWhileHeld) async throws {
         let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
         defer { daemon.cleanUp() }
-        let script = daemon.directory.file("hold-lock.py")
-        let release = daemon.directory.file("release")
-        try writeFile(script, Array(pipeLockHolder.utf8))
         let before = try await Self.roles(daemon)
-
-        let input = try daemon.streams.open(token: bytes("holder-in"), direction: .send)
-        let output = try daemon.streams.open(token: bytes("holder-out"), direction: .receive)
-        let received = NIOLockedValueBox<[UInt8]>([])
-        let collector = Task {
-            for await chunk in output.chunks() { received.withLockedValue { $0 += chunk } }
-        }
-        func said(_ text: String) -> Bool { String(decoding: received.withLockedValue { $0 }, as: UTF8.self).contains(text) }
-        _ = try await daemon.launch(ProcessSpec(
-            id: "holder", argv: ["python3", script, release], stdin: daemon.spec("holder-in"), stdout: daemon.spec("holder-out")))
-        try await eventually("the holder ready") { said("ready\n") }
-        try await input.send(bytes("first\n"))
-        try await eventually("the holder to hold its stdin's lock") { said("holding\n") }
+        let holder = try await StdinHolder.start(in: daemon)
+        let (input, release) = (holder.input, holder.release)
         let finishing: Task<UInt64, Never>
         switch host {
         case .typesMore:
@@ -120,14 +158,9 @@ extension ContainmentTests {
         #expect(await finishing.value == 0)
         let report = try await daemon.wait("holder")
         #expect(report.exitCode == 0)
-        await collector.value
         let echoed = host == .typesMore ? "first\nsecond\n" : "first\n"
-        #expect(received.withLockedValue { $0 } == bytes("ready\nholding\necho:" + echoed), "the holder's stdin, whole")
-        #expect(kill(daemon.daemonPID, 0) == 0, "the supervisor runs")
-        let after = try await Self.roles(daemon)
-        for (name, role) in before {
-            #expect(after[name]?.pid == role.pid && after[name]?.restarts == role.restarts, "the \(name) was not restarted")
-        }
+        #expect(await holder.output() == bytes("ready\nholding\necho:" + echoed), "the holder's stdin, whole")
+        try await Self.expectRolesUnchanged(daemon, since: before)
         #expect(try await daemon.stop() == .exited(0))
     }
 }
@@ -136,25 +169,13 @@ extension ContainmentTests {
 /// copies the size out holding it, here into a page that never arrives; the broker's resize of
 /// that terminal (TIOCSWINSZ on the master) waits for the same lock. Released by a file
 /// appearing (or after 60 s), it prints each size it sees for 20 s.
-private let sizeLockHolder = #"""
-import ctypes, fcntl, mmap, os, platform, struct, sys, termios, threading, time
-release = sys.argv[1]
-libc = ctypes.CDLL(None, use_errno=True)
-uffd = libc.syscall({"x86_64": 323, "aarch64": 282}[platform.machine()], os.O_CLOEXEC)
-if uffd < 0:
-    sys.exit("userfaultfd: errno %d" % ctypes.get_errno())
-fcntl.ioctl(uffd, 0xC018AA3F, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))            # UFFDIO_API
-page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-fcntl.ioctl(uffd, 0xC020AA00, bytearray(struct.pack("QQQQ", address, 4096, 1, 0)))  # REGISTER, MISSING
+private let sizeLockHolder = userfaultfdPage + #"""
+import termios
 asker = threading.Thread(target=lambda: libc.ioctl(1, termios.TIOCGWINSZ, ctypes.c_void_p(address)))
 asker.start()
 os.read(uffd, 32)  # the fault: the asker is in the kernel, holding the terminal's size lock
 os.write(1, b"holding\n")
-deadline = time.monotonic() + 60
-while not os.path.exists(release) and time.monotonic() < deadline:
-    time.sleep(0.05)
-fcntl.ioctl(uffd, 0xC020AA04, bytearray(struct.pack("QQQQ", address, 4096, 0, 0)))  # ZEROPAGE
+wait_for_release()
 asker.join()
 # Every size it sees for 20 s: the broker applies the resizes it kept, newest last.
 seen = None
@@ -210,11 +231,7 @@ extension ContainmentTests {
 
         try writeFile(release, [])
         try await eventually("the last size at the holder") { output.text.contains("size 30 90") }
-        #expect(kill(daemon.daemonPID, 0) == 0, "the supervisor runs")
-        let after = try await Self.roles(daemon)
-        for (name, role) in before {
-            #expect(after[name]?.pid == role.pid && after[name]?.restarts == role.restarts, "the \(name) was not restarted")
-        }
+        try await Self.expectRolesUnchanged(daemon, since: before)
         #expect(try await daemon.stop() == .exited(0))
     }
 }
@@ -228,21 +245,8 @@ extension ContainmentTests {
     func aBrokerKilledWhileAThreadWaitsForAHeldLockIsReplacedWhenTheHolderLetsGo() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let script = daemon.directory.file("hold-lock.py")
-        let release = daemon.directory.file("release")
-        try writeFile(script, Array(pipeLockHolder.utf8))
-        let input = try daemon.streams.open(token: bytes("holder-in"), direction: .send)
-        let output = try daemon.streams.open(token: bytes("holder-out"), direction: .receive)
-        let received = NIOLockedValueBox<[UInt8]>([])
-        let collector = Task {
-            for await chunk in output.chunks() { received.withLockedValue { $0 += chunk } }
-        }
-        func said(_ text: String) -> Bool { String(decoding: received.withLockedValue { $0 }, as: UTF8.self).contains(text) }
-        _ = try await daemon.launch(ProcessSpec(
-            id: "holder", argv: ["python3", script, release], stdin: daemon.spec("holder-in"), stdout: daemon.spec("holder-out")))
-        try await eventually("the holder ready") { said("ready\n") }
-        try await input.send(bytes("first\n"))
-        try await eventually("the holder to hold its stdin's lock") { said("holding\n") }
+        let holder = try await StdinHolder.start(in: daemon)
+        let (input, release) = (holder.input, holder.release)
         try await input.send(bytes("second\n"))
         try await eventually("the broker's watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
 
@@ -263,8 +267,7 @@ extension ContainmentTests {
         #expect(await input.finish() == 0)
         let report = try await daemon.wait("holder")
         #expect(report.exitCode == 0 && report.undelivered == 0, "\(report)")
-        await collector.value
-        let all = received.withLockedValue { $0 }
+        let all = await holder.output()
         let prefix = bytes("ready\nholding\necho:")
         #expect(Array(all.prefix(prefix.count)) == prefix)
         let echoed = Array(all.dropFirst(prefix.count))
