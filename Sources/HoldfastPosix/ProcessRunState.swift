@@ -46,7 +46,8 @@ public enum ProcessRunState: Sendable, Equatable {
         firstLine(of: path).flatMap(state(ofStatLine:))
     }
 
-    private static func firstLine(of path: String) -> String? {
+    /// The first line of a small file (/proc's), nil if it cannot be read.
+    static func firstLine(of path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }

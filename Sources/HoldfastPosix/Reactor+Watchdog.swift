@@ -158,20 +158,8 @@ extension Reactor {
     /// Where a thread sleeps in the kernel: /proc's wchan, readable by a process about its own
     /// threads even when it is not dumpable (unlike `syscall`, whose file is then root's).
     static func kernelFunction(of tid: pid_t) -> String? {
-        guard tid > 0 else { return nil }
-        let fd = open("/proc/self/task/\(tid)/wchan", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 128)
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { return nil }
-        let name = String(decoding: buffer[..<count], as: UTF8.self).trimmingSuffix("\n")
+        guard tid > 0, let name = ProcessRunState.firstLine(of: "/proc/self/task/\(tid)/wchan") else { return nil }
         return name.isEmpty || name == "0" ? nil : name
     }
 }
 
-extension String {
-    fileprivate func trimmingSuffix(_ suffix: String) -> String {
-        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
-    }
-}
