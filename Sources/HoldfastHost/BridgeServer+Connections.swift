@@ -47,9 +47,9 @@ extension BridgeServer {
 
     /// One guest connection: the handshake and the hello first (bounded together), then replies
     /// and exits until it ends. Nothing is installed, displaced or sent before both succeed.
-    func serve(_ socket: AsyncFD) async {
+    /// `ticket` is its place among the pending handshakes (`admit`).
+    func serve(_ socket: AsyncFD, ticket: UInt64) async {
         let peer = describePeer(socket)
-        let ticket = admit(socket)
         let authentication = state.withLockedValue { $0.authentication }
         let timedOut = NIOLockedValueBox(false)
         let first: ControlFrame

@@ -220,7 +220,10 @@ public final class BridgeServer: Sendable {
                     socket.close()
                     continue
                 }
-                Task { await serve(socket) }
+                // Admitted here, in accept order, not in the task: "the oldest" pushed out by a
+                // flood must be the one that came first, not the one whose task ran last.
+                let ticket = admit(socket)
+                Task { await serve(socket, ticket: ticket) }
             }
         }
     }

@@ -219,6 +219,7 @@ struct AsyncFDTests {
             _ = try await readAll(reader)
             reader.close()
         }
+        await reactorClosesDone()  // a pipe's close runs on the reactor's thread
         #expect(openDescriptorCount() == before)
     }
 
