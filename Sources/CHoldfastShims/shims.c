@@ -206,7 +206,7 @@ struct spawn_failure {
 
 static const char *const spawn_steps[] = {
     "fork", "setsid", "TIOCSCTTY", "dup2", "chdir", "setgroups", "setgid", "setuid",
-    "prctl(PDEATHSIG)", "execve", "fcntl",
+    "prctl(PDEATHSIG)", "execve", "fcntl", "setrlimit(RLIMIT_NOFILE)",
 };
 
 static void child_fail(int pipe_fd, int step) {
@@ -286,6 +286,15 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
         for (int i = 0; i < o->nkeep_fds; i++) {
             int flags = fcntl(o->keep_fds[i], F_GETFD);
             if (flags < 0 || fcntl(o->keep_fds[i], F_SETFD, flags & ~FD_CLOEXEC) < 0) child_fail(report[1], 10);
+        }
+        // After the close-on-exec pass, which the parent's (higher) limit bounds.
+        if (o->nofile_soft || o->nofile_hard) {
+            struct rlimit limit;
+            if (getrlimit(RLIMIT_NOFILE, &limit) != 0) child_fail(report[1], 11);
+            if (o->nofile_hard) limit.rlim_max = (rlim_t)o->nofile_hard;
+            if (o->nofile_soft) limit.rlim_cur = (rlim_t)o->nofile_soft;
+            if (limit.rlim_cur > limit.rlim_max) limit.rlim_cur = limit.rlim_max;
+            if (setrlimit(RLIMIT_NOFILE, &limit) != 0) child_fail(report[1], 11);
         }
         if (o->cwd && chdir(o->cwd) != 0) child_fail(report[1], 4);
         if (o->set_ids) {

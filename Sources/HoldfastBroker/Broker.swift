@@ -477,29 +477,6 @@ public enum BrokerNotification: Sendable, Equatable {
     }
 }
 
-/// Figures of the calling process, from /proc/self.
-public enum ProcessFigures {
-    public static func openDescriptors() -> Int {
-        guard let directory = opendir("/proc/self/fd") else { return -1 }
-        defer { closedir(directory) }
-        var count = -3  // ".", ".." and the directory stream itself
-        while readdir(directory) != nil { count += 1 }
-        return count
-    }
-
-    public static func residentKiB() -> Int {
-        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return -1 }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 128)
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { return -1 }
-        let fields = String(decoding: buffer[..<count], as: UTF8.self).split(separator: " ")
-        guard fields.count > 1, let pages = Int(fields[1]) else { return -1 }
-        return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
-    }
-}
-
 /// The checkpoint slots a broker gives handoff peers' streams (`CheckpointMemory.handoffSlots`),
 /// and which process has which. Taken round-robin: a slot comes back into use only after every
 /// other one did, so a stream that wrote one last value after its process left cannot land in

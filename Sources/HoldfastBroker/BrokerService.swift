@@ -49,6 +49,9 @@ public final class BrokerService: Sendable {
         }
     }
 
+    /// fds kept free for redials and the control channel (`ProcessFigures.ensureDescriptorRoom`).
+    static let descriptorReserve = 64
+
     /// How long a quiesce waits for every stream to be outside a take.
     static let quiesceLimit = Duration.seconds(2)
 
@@ -148,6 +151,13 @@ public final class BrokerService: Sendable {
                 // overwrite another stream's progress.
                 if case .handoff = caller, adoption!.needsTheSupervisor {
                     throw HoldfastError(.permissionDenied, "only the supervisor names checkpoint slots or resumes streams")
+                }
+                // A new process (nothing resumed) needs a socket per stream, and the streams
+                // already held need room to redial; one taken over after a restart is let in
+                // whatever the count: refusing it would only lose its streams.
+                if !adopt.streams.contains(where: { $0.resume == true }) {
+                    try ProcessFigures.ensureDescriptorRoom(
+                        needed: adopt.streams.count, reserve: Self.descriptorReserve, holder: "the broker", keptFor: "for the streams it serves to redial")
                 }
             case .disconnectAll, .bridgeUp:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }

@@ -21,12 +21,16 @@ public enum FrameTransportError: Error, Sendable, Equatable, CustomStringConvert
     case broken(String)
     /// A frame announced a body over the limit; `id` is its id, for the refusal.
     case oversized(id: UInt64, String)
+    /// Frame `id` arrived but cannot be served (its fds did not all arrive: the receiver is at
+    /// its limit on open files); the connection goes on.
+    case refused(id: UInt64, HoldfastError)
 
     public var description: String {
         switch self {
         case .ended: return "end of stream"
         case .broken(let why): return why
         case .oversized(_, let why): return why
+        case .refused(_, let error): return error.description
         }
     }
 }
@@ -144,6 +148,12 @@ public enum RPCServer {
                     try? await transport.send(
                         ControlFrame(type: RPCFrameType.error, id: id, body: HoldfastError(.frameTooLarge, why).errorFrameBody), descriptors: [])
                     return .broken(why)
+                case .refused(let id, let refusal):
+                    // That request only: the next one may fit.
+                    if id != 0 {
+                        try? await transport.send(ControlFrame(type: RPCFrameType.error, id: id, body: refusal.errorFrameBody), descriptors: [])
+                    }
+                    continue
                 }
             }
             if frame.id == 0 {
@@ -303,6 +313,10 @@ public final class RPCClient: Sendable {
             let descriptors: [Int32]
             do {
                 (frame, descriptors) = try await transport.receive()
+            } catch .refused(let id, let refusal) {
+                // A reply whose fds did not arrive: that request fails, the channel goes on.
+                state.withLockedValue { $0.pending.removeValue(forKey: id) }?.resume(returning: .failure(refusal))
+                continue
             } catch {
                 break
             }

@@ -87,6 +87,9 @@ public final class HostService: Sendable {
 
     /// Serves until the task is cancelled.
     public func run() async {
+        // Each process it serves holds its streams' sockets and its log: a shell's soft limit of
+        // 1,024 would refuse the streams of a few hundred processes.
+        ResourceLimits.raiseOpenFileLimit()
         bridge.start()
         streams.start()
         say("holdfast host: bridge \(bridge.address), streams \(streams.address), control \(control.address)")
@@ -116,16 +119,8 @@ public final class HostService: Sendable {
         let heap = Memory.mallocUsage()
         return HostStats(
             processes: counts.processes, streams: streams.statistics.streams, rememberedOutcomes: counts.outcomes,
-            rememberedExits: bridge.rememberedExits, descriptors: Self.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free,
+            rememberedExits: bridge.rememberedExits, descriptors: ProcessFigures.openDescriptors(), heapInUse: heap.inUse, heapFree: heap.free,
             guestConnected: bridge.isConnected, bridgeAddress: bridge.address.description)
-    }
-
-    private static func openDescriptors() -> Int {
-        guard let directory = opendir("/proc/self/fd") else { return -1 }
-        defer { closedir(directory) }
-        var count = 0
-        while readdir(directory) != nil { count += 1 }
-        return count - 3  // ".", ".." and the directory stream's own fd
     }
 
     /// While processes wait for an outcome, asks the guest for its process list now and then

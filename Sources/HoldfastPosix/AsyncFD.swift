@@ -38,6 +38,12 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     static let maxVectors = 1024
     /// A splice between this fd and another failed with EINVAL: copy instead.
     private let spliceRefused = Atomic<Bool>(false)
+    #if DEBUG
+    /// The file adopted (device, inode), checked at `close()` in debug builds (every test): an fd
+    /// someone else closed, its number then given to a new file, would otherwise be taken out
+    /// of epoll and closed here — the new file's owner waiting for ever on a file nobody watches.
+    private let adoptedFile: (device: UInt, inode: UInt)?
+    #endif
 
     private struct Usage {
         var inFlight = 0
@@ -87,6 +93,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         largestRead = statted && (info.st_mode & S_IFMT) == S_IFCHR ? 4096 : nil
         self.fd = fd
         self.reactor = reactor
+        #if DEBUG
+        adoptedFile = statted ? (UInt(info.st_dev), UInt(info.st_ino)) : nil
+        #endif
         self.registration = try reactor.register(fd)
     }
 
@@ -527,6 +536,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             return true
         }
         guard first else { return }
+        #if DEBUG
+        checkStillAdopted()
+        #endif
         // Deregister before the fd number can be released: epoll_ctl(DEL) on a number the kernel
         // already recycled would remove someone else's registration.
         reactor.deregister(registration, fd: fd)
@@ -538,6 +550,20 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         }
         if releaseNow { release() }
     }
+
+    #if DEBUG
+    /// Stops a debug build (every test) at once if the number no longer holds the adopted file.
+    private func checkStillAdopted() {
+        guard let adoptedFile else { return }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            fatalError("AsyncFD fd \(fd) was closed behind its back (fstat: errno \(errno)): a double close")
+        }
+        guard UInt(info.st_dev) == adoptedFile.device, UInt(info.st_ino) == adoptedFile.inode else {
+            fatalError("AsyncFD fd \(fd) was closed behind its back and the number now holds another file: a double close")
+        }
+    }
+    #endif
 
     /// Closes the number: a pipe's on the reactor's thread (`Reactor.closeOnLoop`: its last
     /// close takes the pipe's lock, which a guest process can hold).

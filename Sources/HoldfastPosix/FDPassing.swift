@@ -26,8 +26,10 @@ public enum FDPassingError: Error, Sendable, Equatable, CustomStringConvertible 
     case endOfFile
     /// More fds than this receiver accepts per message were attached; they were closed.
     case tooManyDescriptors(received: Int, limit: Int)
-    /// The kernel truncated the fds (MSG_CTRUNC): some were lost in flight.
-    case descriptorsTruncated
+    /// The kernel truncated the fds (MSG_CTRUNC): some were lost in flight — the receiver was
+    /// at its limit on open files. The message's bytes, for a refusal that names it; the fds
+    /// that did arrive are closed.
+    case descriptorsTruncated(payload: [UInt8])
     /// The payload did not fit the receive buffer (MSG_TRUNC on a datagram socket).
     case payloadTruncated(limit: Int)
     /// More fds than a sender may attach to one message.
@@ -173,7 +175,7 @@ public final class FDChannel: Sendable {
         let received = ReceivedMessage(payload: Array(buffer[..<got]), descriptors: Array(fds[..<Int(count)]))
         if truncated != 0 {
             received.closeDescriptors()
-            return .failure(.descriptorsTruncated)
+            return .failure(.descriptorsTruncated(payload: received.payload))
         }
         if surplus > 0 {
             received.closeDescriptors()

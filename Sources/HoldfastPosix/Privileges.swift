@@ -149,16 +149,31 @@ public enum ResourceLimits {
     /// Raises this process's soft limit on open files to its hard limit and returns both limits
     /// after the change (the soft one unchanged if raising failed). A service manager's default
     /// soft limit (1,024 under systemd) is meant for select()-era programs; a process that holds
-    /// thousands of fds raises its own soft limit, so its children keep the low one.
+    /// thousands of fds raises its own soft limit, and every child `Spawner` starts from then on
+    /// gets the soft limit back: `childrenKeep`, or the one this process had before (a live
+    /// upgrade's new image passes what the first one found, as its own is raised already).
     @discardableResult
-    public static func raiseOpenFileLimit() -> (soft: UInt64, hard: UInt64) {
+    public static func raiseOpenFileLimit(childrenKeep original: UInt64? = nil) -> (soft: UInt64, hard: UInt64) {
         var limit = rlimit()
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return (0, 0) }
+        let before = UInt64(limit.rlim_cur)
         if limit.rlim_cur < limit.rlim_max {
             var raised = limit
             raised.rlim_cur = limit.rlim_max
             if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
         }
+        childSoftLimit.withLockedValue { $0 = original ?? before }
+        return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
+    }
+
+    /// The soft limit on open files children get (`raiseOpenFileLimit`); nil: they inherit ours.
+    public static var childOpenFileSoftLimit: UInt64? { childSoftLimit.withLockedValue { $0 } }
+    private static let childSoftLimit = NIOLockedValueBox<UInt64?>(nil)
+
+    /// This process's limits on open files now (soft, hard).
+    public static var openFileLimit: (soft: UInt64, hard: UInt64) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return (0, 0) }
         return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
     }
 }

@@ -18,6 +18,14 @@ public final class SeqpacketFrames: FrameTransport {
             message = try await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody)
         } catch .endOfFile {
             throw .ended
+        } catch .descriptorsTruncated(let payload) {
+            // This process is at its limit on open files: that frame is refused, not the channel
+            // (a broker that ended its supervisor's channel here would be restarted, only to
+            // hit the same limit).
+            guard let frame = try? ControlFrame.decode(datagram: payload) else { throw .broken(FDPassingError.descriptorsTruncated(payload: payload).description) }
+            throw .refused(
+                id: frame.id,
+                HoldfastError(.tooManyOpenFiles, "the fds sent with this request did not all arrive: the receiver is at its limit on open files"))
         } catch {
             throw .broken(error.description)
         }

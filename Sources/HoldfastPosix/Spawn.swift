@@ -48,6 +48,9 @@ public struct SpawnOptions: Sendable {
     public var keepDescriptors: [Int32] = []
     /// Signal the child receives if the spawning thread's process dies (PR_SET_PDEATHSIG).
     public var parentDeathSignal: Int32?
+    /// The child's limits on open files (hard nil: unchanged); by default the soft limit this
+    /// process had before it raised its own (`ResourceLimits.raiseOpenFileLimit`), else inherited.
+    public var openFileLimit: (soft: UInt64, hard: UInt64?)? = ResourceLimits.childOpenFileSoftLimit.map { ($0, nil) }
 
     /// `arguments[0]` is the program name the child sees; `executable` is resolved with PATH when
     /// it has no slash.
@@ -123,6 +126,10 @@ public enum Spawner {
                         raw.keep_fds = keep.baseAddress
                         raw.nkeep_fds = Int32(keep.count)
                         raw.reset_signals = 1
+                        if let limit = options.openFileLimit {
+                            raw.nofile_soft = limit.soft
+                            raw.nofile_hard = limit.hard ?? 0
+                        }
                         return hf_spawn(&raw, &step)
                     }
                 }

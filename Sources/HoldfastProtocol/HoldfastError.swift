@@ -25,6 +25,9 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         case noStdin = "no-stdin"
         case noTTY = "no-tty"
         case stdioFailed = "stdio-failed"
+        /// The supervisor is near its limit on open files: a create is refused while it keeps
+        /// enough for a broker restart to take every running process over.
+        case tooManyOpenFiles = "too-many-open-files"
         case startFailed = "start-failed"
         /// The program does not exist (exec's ENOENT, runc's "executable file not found"): a
         /// shell's 127.

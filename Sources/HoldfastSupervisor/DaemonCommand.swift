@@ -40,6 +40,10 @@ public enum DaemonCommand {
             if !stray.isEmpty { logger.warning("closed fds the previous binary left open", metadata: ["fds": "\(stray)"]) }
             ProcessImage.closeOnExec(kept)
         }
+        // The supervisor keeps about six fds per process (README, "Open files"): a service
+        // manager's soft limit of 1,024 would stop it at about 170 processes, and then a broker
+        // restart could not even create its socketpair. Its children get the soft limit back.
+        ResourceLimits.raiseOpenFileLimit(childrenKeep: resumption?.state.childOpenFileLimit)
         let environment = ConfigurationLoader.currentEnvironment()
         let notifier = ServiceNotifier(environment: environment, logger: logger)
         func fail(_ code: Int32, _ message: String) async -> Int32 {

@@ -153,12 +153,15 @@ struct StdioStore {
         return true
     }
 
-    /// The processes broker `incarnation` (the current one) does not have yet, each marked as
-    /// being handed to it. Empty once every one is, or if `incarnation` is no longer current.
-    mutating func claim(for incarnation: Int) -> [Readoption] {
+    /// Up to `limit` of the processes broker `incarnation` (the current one) does not have yet,
+    /// each marked as being handed to it. Empty once every one is, or if `incarnation` is no
+    /// longer current. The caller copies each batch's fds to send them: a bounded batch bounds
+    /// the fds a restart needs on top of those kept (`Supervisor.descriptorReserve`).
+    mutating func claim(for incarnation: Int, limit: Int = .max) -> [Readoption] {
         guard incarnation == self.incarnation else { return [] }
         var claimed: [Readoption] = []
         for (process, entry) in held.sorted(by: { $0.key < $1.key }) where entry.adoption.incarnation < incarnation {
+            guard claimed.count < limit else { break }
             held[process]?.adoption = .adopting(incarnation)
             var request = AdoptRequest(process: process, streams: [], handoffOwner: entry.request.handoffOwner)
             var descriptors: [Int32] = []

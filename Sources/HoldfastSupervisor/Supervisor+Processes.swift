@@ -34,6 +34,7 @@ extension Supervisor {
         defer { upgradeGate.leave() }
         try Launcher.validate(spec)
         try refuseTheBrokersUID(spec)
+        try refuseWhenShortOfDescriptors()
         let decision = table.withLockedValue { table in
             table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table[spec.id].map { ($0.idempotencyKey, $0.pid) })
         }
@@ -66,6 +67,15 @@ extension Supervisor {
             reservation.resolve(.failure(error))
             throw error
         }
+    }
+
+    /// Refuses a create that would leave fewer than `descriptorReserve` fds free: a broker that
+    /// restarts then needs its socketpair, its start-up pipe and copies of a batch of processes'
+    /// fds, and without them it could take no process over (it did: at systemd's default soft
+    /// limit, before the daemon raised its own, a broker restart failed with EMFILE).
+    func refuseWhenShortOfDescriptors() throws(HoldfastError) {
+        try ProcessFigures.ensureDescriptorRoom(
+            needed: Self.descriptorsPerStart, reserve: Self.descriptorReserve, holder: "the daemon", keptFor: "for a broker restart")
     }
 
     /// Starts the process of a create that holds its id's reservation; the record replaces the

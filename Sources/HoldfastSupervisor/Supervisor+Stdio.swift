@@ -18,7 +18,7 @@ extension Supervisor {
         while true {
             // Copies made under the lock: a process completing meanwhile closes its own fds.
             let batch = stdio.withLockedValue { store -> [StdioStore.Readoption] in
-                store.claim(for: incarnation).map { item in
+                store.claim(for: incarnation, limit: Self.readoptionBatch).map { item in
                     var copy = item
                     copy.descriptors = item.descriptors.map { fd in
                         // An input the host ended: its successor only acknowledges and echoes, on /dev/null.

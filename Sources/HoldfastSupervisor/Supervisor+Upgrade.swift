@@ -287,7 +287,8 @@ extension Supervisor {
                 checkpoints: checkpoints?.descriptor, rings: rings?.descriptor, metrics: metricsListener.withLockedValue { $0 },
                 parkedControl: parkedControl.withLockedValue { $0 }),
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
-            reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles)
+            reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
+            childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit)
     }
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,

@@ -31,6 +31,14 @@ public final class Supervisor: Sendable {
     let brokerClient = Rendezvous<ControlClient>()
     /// How long a create waits for a broker that is starting or restarting.
     static let brokerWait = Duration.seconds(15)
+    /// After a broker restart, processes are handed over this many at a time (`readopt`).
+    static let readoptionBatch = 8
+    /// The most fds one create takes while it starts: the process's stdio and windows (kept),
+    /// their other ends, runc's console socket and pipes (closed once it runs).
+    static let descriptorsPerStart = 24
+    /// Kept free for a broker restart (`refuseWhenShortOfDescriptors`): its socketpair and
+    /// start-up pipe, the copies of one batch of processes' fds (up to 11 each), a control client.
+    static let descriptorReserve = 128
     /// The processes, the create ledger and the exits the host has not acknowledged, one value
     /// under one lock (ProcessTable.swift): checking that an id is free and reserving it, or
     /// forgetting a process and remembering its key, are single steps.

@@ -1,4 +1,5 @@
 import CoreMetrics
+import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
 import Prometheus
@@ -13,6 +14,8 @@ final class SupervisorMetrics: Sendable {
     let startFailures: CoreMetrics.Counter
     let exits: CoreMetrics.Counter
     let restarts: [String: CoreMetrics.Counter]
+    let openFiles: CoreMetrics.Gauge
+    let openFileLimit: CoreMetrics.Gauge
     let restartsFed = NIOLockedValueBox<[String: Int]>([:])
 
     init() {
@@ -32,6 +35,8 @@ final class SupervisorMetrics: Sendable {
             restarts[role] = CoreMetrics.Counter(label: "holdfast_role_restarts_total", dimensions: [("role", role)], factory: factory)
         }
         self.restarts = restarts
+        openFiles = CoreMetrics.Gauge(label: "holdfast_supervisor_open_fds", factory: factory)
+        openFileLimit = CoreMetrics.Gauge(label: "holdfast_supervisor_fd_limit", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -44,8 +49,11 @@ final class SupervisorMetrics: Sendable {
     func processStartFailed() { startFailures.increment() }
     func processExited() { exits.increment() }
 
-    /// The supervisor's metrics now; role restarts are read from the role table.
+    /// The supervisor's metrics now; role restarts are read from the role table, its fds from
+    /// /proc (it keeps several per process: creates are refused before they run out).
     func render(roles: [RoleStatus]) -> String {
+        openFiles.record(Int64(ProcessFigures.openDescriptors()))
+        openFileLimit.record(Int64(clamping: ResourceLimits.openFileLimit.soft))
         for role in roles {
             let advance = restartsFed.withLockedValue { fed -> Int in
                 defer { fed[role.name] = max(fed[role.name] ?? 0, role.restarts) }

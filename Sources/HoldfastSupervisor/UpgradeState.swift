@@ -71,6 +71,10 @@ struct UpgradeState: Codable, Sendable {
     var stdio: StdioStore.Snapshot
     var reaped: [Reaped]
     var roles: [Role]
+    /// The soft limit on open files the daemon found at its first start, which its children
+    /// get back (`ResourceLimits.raiseOpenFileLimit`): the new image's own is raised already.
+    /// Absent from an older binary's state (which did not raise it: its limit is the one).
+    var childOpenFileLimit: UInt64? = nil
 
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).

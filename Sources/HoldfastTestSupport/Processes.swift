@@ -18,9 +18,11 @@ public final class TestProcesses: Sendable {
     @discardableResult
     public func start(
         _ arguments: [String], stdin: Int32? = nil, stdout: Int32? = nil, stderr: Int32? = nil,
-        environment: [String]? = nil, directory: String? = nil, newSession: Bool = true, user: uid_t? = nil
+        environment: [String]? = nil, directory: String? = nil, newSession: Bool = true, user: uid_t? = nil,
+        openFileLimit: (soft: UInt64, hard: UInt64?)? = nil
     ) throws -> pid_t {
         var options = SpawnOptions(executable: arguments[0], arguments: arguments)
+        if let openFileLimit { options.openFileLimit = openFileLimit }
         // As another user: its uid as gid too, no supplementary groups but that one.
         if let user { options.user = (user, user, [user]) }
         if let environment { options.environment = environment }
@@ -61,9 +63,32 @@ public final class TestProcesses: Sendable {
 
     /// Waits (bounded) for a process to exit and reaps it.
     public func wait(_ pid: pid_t, timeout: Duration = .seconds(10)) async throws -> ExitStatus {
-        let status = try await withTimeout("process \(pid) to exit", timeout) { try await Spawner.waitForExit(pid) }
+        let status: ExitStatus
+        do {
+            status = try await withTimeout("process \(pid) to exit", timeout) { try await Spawner.waitForExit(pid) }
+        } catch is TimedOut {
+            // Which side hung: a process still running (and where), or one that exited and was
+            // never reaped (a zombie: this process's reactor missed its pidfd).
+            throw TimedOut(what: "process \(pid) to exit (\(Self.diagnosis(of: pid)))")
+        }
         pids.withLockedValue { _ = $0.remove(pid) }
         return status
+    }
+
+    /// What /proc says of `pid` and of this process's reactor, for a wait that timed out.
+    public static func diagnosis(of pid: pid_t) -> String {
+        func line(_ path: String) -> String {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return "unreadable" }
+            defer { close(fd) }
+            var buffer = [UInt8](repeating: 0, count: 512)
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            return count < 0 ? "unreadable" : String(decoding: buffer[..<count].prefix { $0 != 10 }, as: UTF8.self)
+        }
+        let stat = line("/proc/\(pid)/stat")
+        let state = stat.lastIndex(of: ")").map { String(stat[stat.index(after: $0)...].prefix(3)) } ?? stat
+        return "state:\(state), waiting in \(line("/proc/\(pid)/wchan")); this process's reactor: "
+            + "\(Reactor.shared.stalls) takeovers, \(Reactor.shared.strandedThreads) stranded"
     }
 
     /// SIGKILL and reap one process.

@@ -239,7 +239,15 @@ struct BrokerLockdownTests {
         // The refusal takes well under a second; the bound is for the runner: amid the full
         // suite on two cores, the task that reaps the daemon waited behind other tests' work
         // for over 30 s once (measured: the daemon itself had exited after 0.08–0.3 s).
-        #expect(try await processes.wait(daemon, timeout: .seconds(120)) == .exited(2), "refused like a bad configuration")
+        func logs() -> String {
+            ["log", "log2"].map { "\($0): " + String(decoding: readFile(directory.file($0)) ?? [], as: UTF8.self) }.joined(separator: "\n")
+        }
+        do {
+            #expect(try await processes.wait(daemon, timeout: .seconds(120)) == .exited(2), "refused like a bad configuration")
+        } catch {
+            Issue.record("\(error)\n\(logs())")
+            return
+        }
         let log = String(decoding: readFile(directory.file("log")) ?? [], as: UTF8.self)
         #expect(log.contains("refusing to start: broker.user 'uid:\(uid)' (uid \(uid)) is not the broker's own: pid \(squatter) (sleep)"), "\(log)")
         #expect(kill(squatter, 0) == 0, "the other process was left alone")
@@ -252,7 +260,11 @@ struct BrokerLockdownTests {
             return broker.count == 1 && ProcessScan.uids(of: broker[0]) == [uid, uid, uid, uid]
         }
         kill(second, SIGTERM)
-        #expect(try await processes.wait(second, timeout: .seconds(120)) == .exited(0))
+        do {
+            #expect(try await processes.wait(second, timeout: .seconds(120)) == .exited(0))
+        } catch {
+            Issue.record("\(error)\n\(logs())")
+        }
     }
 
     /// The check runs before every restart too: a broker that died is not started again while

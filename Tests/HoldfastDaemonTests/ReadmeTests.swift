@@ -50,6 +50,7 @@ struct ReadmeTests {
         ("make deb ", .notRun("installs the package on this machine: `make deb-install-check` does that on a throwaway machine, and `make test` runs `make deb-check`")),
         ("curl -s --unix-socket", .notRun("needs metrics.address, off by default: MetricsTests scrapes the same endpoint from a daemon that has it")),
         ("<6>holdfast.supervisor", .output),
+        ("holdfast host run: too-many-open-files", .output),
         ("make fuzz ", .notRun("minutes of fuzzing: `make test` runs `make fuzz-smoke`")),
     ]
 

@@ -24,7 +24,7 @@ struct StreamServerFloodTests {
         // The concurrency runtime opens timer fds of its own as it needs them: not ours to count.
         func ours() -> [Int32: String] { descriptorTable().filter { $0.value != "anon_inode:[timerfd]" } }
         let before = ours()
-        let residentBefore = ProcessFiguresForTests.residentKiB()
+        let residentBefore = ProcessFigures.residentKiB()
         do {
             let server = try StreamServer(
                 listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: .milliseconds(300), maxConcurrentHandshakes: 1024)
@@ -98,17 +98,7 @@ struct StreamServerFloodTests {
         } catch {
             Issue.record("fds \(before.count) → \(ours().count); new: \(descriptorsAdded(before, ours()))")
         }
-        let residentAfter = ProcessFiguresForTests.residentKiB()
+        let residentAfter = ProcessFigures.residentKiB()
         print("flood: RSS \(residentBefore) KiB → \(residentAfter) KiB")
-    }
-}
-
-/// RSS of this process (tests only).
-enum ProcessFiguresForTests {
-    static func residentKiB() -> Int {
-        guard let text = readFile("/proc/self/statm").map({ String(decoding: $0, as: UTF8.self) }) else { return -1 }
-        let fields = text.split(separator: " ")
-        guard fields.count > 1, let pages = Int(fields[1]) else { return -1 }
-        return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
     }
 }

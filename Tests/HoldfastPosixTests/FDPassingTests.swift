@@ -1,5 +1,6 @@
 import CHoldfastShims
 import HoldfastCore
+import HoldfastProtocol
 import HoldfastTestSupport
 import Testing
 
@@ -169,5 +170,64 @@ struct FDPassingTests {
         }
         let credentials = try PeerCredentials.of(left.socket)
         #expect(credentials == PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid()))
+    }
+
+    /// A request to a process at its limit on open files, whose fds the kernel could not all
+    /// install (MSG_CTRUNC): that request is refused (`too-many-open-files`), its fds that did
+    /// arrive are closed, and the channel serves the next request. (Before, the channel ended:
+    /// a broker out of fds lost its supervisor's channel, exited and was restarted into the
+    /// same limit.)
+    @Test func aRequestWhoseDescriptorsDoNotFitIsRefusedAndTheChannelGoesOn() async throws {
+        guard try await isolated("aRequestWhoseDescriptorsDoNotFitIsRefusedAndTheChannelGoesOn") else { return }
+        _ = Reactor.shared
+        let (serverEnd, clientEnd) = try channels()
+        let served = Task {
+            _ = await RPCServer.serve(
+                SeqpacketFrames(serverEnd), as: CountingRequest.self, inFlight: 1, closeDescriptors: SeqpacketFrames.closeDescriptors
+            ) { _, descriptors async throws(HoldfastError) -> RPCReply in
+                SeqpacketFrames.closeDescriptors(descriptors)
+                return RPCReply(CountResponse(count: descriptors.count))
+            }
+        }
+        let client = ControlClient(channel: clientEnd)
+        Task { await client.run() }
+        var fds: [Int32] = []
+        for _ in 0..<8 { fds.append(open("/dev/null", O_RDONLY | O_CLOEXEC)) }
+        // Room for three more fds in this process: eight cannot all arrive.
+        let before = openDescriptorCount()
+        var limit = rlimit()
+        getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        let saved = limit
+        limit.rlim_cur = rlim_t(fds.max()! + 4)
+        #expect(setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0)
+        for attempt in 1...2 {
+            do {
+                _ = try await client.request(CountingRequest.type, body: [], descriptors: fds)
+                Issue.record("request \(attempt) was served with 8 fds and room for 3")
+            } catch {
+                #expect(error.code == .tooManyOpenFiles && error.message.contains("limit on open files"), "\(error)")
+            }
+        }
+        var restored = saved
+        setrlimit(Int32(RLIMIT_NOFILE.rawValue), &restored)
+        // The channel goes on: the same request, with room, is served.
+        let reply = try await client.request(CountingRequest.type, body: [], descriptors: fds)
+        #expect(try ControlJSON.decode(CountResponse.self, from: reply.frame.body, frameType: reply.frame.type) == CountResponse(count: 8))
+        for fd in fds { close(fd) }
+        client.close()
+        await served.value
+        await reactorClosesDone()
+        #expect(openDescriptorCount() <= before - 8, "the fds that arrived with the refused requests were closed")
+    }
+}
+
+/// A request that takes any number of fds; the server answers with how many arrived.
+struct CountingRequest: RPCRequest {
+    static let type: UInt32 = 0x7E01
+    var frameType: UInt32 { Self.type }
+    var body: [UInt8] { [] }
+    static func decode(type: UInt32, body: [UInt8], descriptorCount: Int) throws(HoldfastError) -> CountingRequest {
+        guard type == Self.type else { throw HoldfastError(.unknownType, "type \(type)") }
+        return CountingRequest()
     }
 }

@@ -87,6 +87,8 @@ typedef struct {
     const int *keep_fds;       ///< extra fds the child keeps (their CLOEXEC flag is cleared)
     int nkeep_fds;
     int reset_signals;         ///< 1: default dispositions and an empty signal mask in the child
+    unsigned long long nofile_soft; ///< 0: unchanged; else the child's RLIMIT_NOFILE soft limit
+    unsigned long long nofile_hard; ///< 0: unchanged; else the child's RLIMIT_NOFILE hard limit
 } hf_spawn_options;
 
 /// fork + exec. Returns the pid, or -1 with errno set to why the child could not start (the
