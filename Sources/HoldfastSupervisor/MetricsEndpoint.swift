@@ -1,6 +1,7 @@
 import HoldfastCore
 import HoldfastPosix
 import Logging
+import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -8,14 +9,41 @@ import Glibc
 
 /// The metrics endpoint: `GET /metrics` in the Prometheus text format, on a local TCP or Unix
 /// address (`metrics.address`; off by default). HTTP/1.0-style: one request per connection,
-/// answered and closed. A request head larger than 8 KiB or slower than 5 s is dropped.
-struct MetricsEndpoint: Sendable {
+/// answered and closed. A request head larger than 8 KiB or slower than 5 s is dropped, and a
+/// whole exchange gets 15 s.
+///
+/// Any process in the guest may dial it, and every connection is an fd of the supervisor, the
+/// process that must never run out (it keeps every container's stdio): at most
+/// `maxWaitingForHead` connections wait for their head — one more closes the oldest, so a
+/// flood cannot keep a scraper out — and at most `maxConnections` are open at once; beyond
+/// that the endpoint stops accepting and the kernel's backlog holds (or refuses) the rest.
+final class MetricsEndpoint: Sendable {
     let listener: Listener
     let logger: Logger
     let render: @Sendable () async -> String
+    private let open = RequestLimit(capacity: MetricsEndpoint.maxConnections)
+    private let waiting = NIOLockedValueBox(Waiting())
+
+    private struct Waiting {
+        var next: UInt64 = 0
+        var connections: [UInt64: AsyncFD] = [:]
+        var pushedOut = 0
+    }
 
     static let maxHead = 8 * 1024
     static let headTimeout: Duration = .seconds(5)
+    static let exchangeTimeout: Duration = .seconds(15)
+    static let maxWaitingForHead = 16
+    static let maxConnections = 64
+
+    init(listener: Listener, logger: Logger, render: @escaping @Sendable () async -> String) {
+        self.listener = listener
+        self.logger = logger
+        self.render = render
+    }
+
+    /// Connections closed before their head arrived because newer ones came (a flood).
+    var pushedOut: Int { waiting.withLockedValue { $0.pushedOut } }
 
     /// What to answer a request head with (pure, tested apart).
     static func response(toHead head: [UInt8], body: () async -> String) async -> [UInt8] {
@@ -39,24 +67,52 @@ struct MetricsEndpoint: Sendable {
 
     func serve() async {
         while !Task.isCancelled {
-            guard let connection = try? await listener.accept() else { return }
-            Task { await answer(connection) }
+            await open.acquire()
+            guard let connection = try? await listener.accept() else {
+                open.release()
+                return
+            }
+            let ticket = waitForHead(connection)
+            Task {
+                defer { open.release() }
+                await answer(connection, ticket: ticket)
+            }
         }
     }
 
-    private func answer(_ connection: AsyncFD) async {
+    /// Files `connection` among those waiting for their head, closing the oldest beyond
+    /// `maxWaitingForHead` (its `answer` then reads nothing and ends).
+    private func waitForHead(_ connection: AsyncFD) -> UInt64 {
+        let (ticket, oldest) = waiting.withLockedValue { w -> (UInt64, AsyncFD?) in
+            w.next &+= 1
+            w.connections[w.next] = connection
+            guard w.connections.count > Self.maxWaitingForHead, let key = w.connections.keys.min() else { return (w.next, nil) }
+            w.pushedOut += 1
+            return (w.next, w.connections.removeValue(forKey: key))
+        }
+        oldest?.close()
+        return ticket
+    }
+
+    private func answer(_ connection: AsyncFD, ticket: UInt64) async {
         defer { connection.close() }
-        // A peer that never finishes its head is cut off.
-        let deadline = TimeoutWheel.shared.schedule(after: Self.headTimeout) { connection.close() }
-        defer { TimeoutWheel.shared.cancel(deadline) }
+        // A peer that never finishes its head, or never reads the answer, is cut off.
+        let headDeadline = TimeoutWheel.shared.schedule(after: Self.headTimeout) { connection.close() }
+        let exchangeDeadline = TimeoutWheel.shared.schedule(after: Self.exchangeTimeout) { connection.close() }
+        defer { TimeoutWheel.shared.cancel(exchangeDeadline) }
         var head: [UInt8] = []
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 1)
         defer { buffer.deallocate() }
         while !Self.isComplete(head) {
-            guard head.count < Self.maxHead, let count = try? await connection.read(into: buffer), count > 0 else { return }
+            guard head.count < Self.maxHead, let count = try? await connection.read(into: buffer), count > 0 else {
+                _ = waiting.withLockedValue { $0.connections.removeValue(forKey: ticket) }
+                TimeoutWheel.shared.cancel(headDeadline)
+                return
+            }
             head += buffer[..<count]
         }
-        TimeoutWheel.shared.cancel(deadline)
+        _ = waiting.withLockedValue { $0.connections.removeValue(forKey: ticket) }
+        TimeoutWheel.shared.cancel(headDeadline)
         let response = await Self.response(toHead: head, body: render)
         let out = UnsafeMutableRawBufferPointer.allocate(byteCount: response.count, alignment: 1)
         defer { out.deallocate() }

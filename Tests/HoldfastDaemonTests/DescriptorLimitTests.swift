@@ -66,6 +66,12 @@ struct DescriptorLimitTests {
             #expect(report.exitCode == 0, "\(id): \(report)")
             #expect(await received[id]!.value == Self.printed, "\(id)'s output, exact")
         }
+        // A live upgrade's new image starts with the raised limit: it is told the first one.
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let after = try await daemon.launch(ProcessSpec(id: "after-upgrade", argv: ["sleep", "60"]))
+        #expect(OpenFileLimits.of(after) == OpenFileLimits(soft: 64, hard: 4096), "a process started after an upgrade")
+        #expect(OpenFileLimits.of(daemon.daemonPID) == OpenFileLimits(soft: 4096, hard: 4096))
         #expect(try await daemon.stop() == .exited(0))
     }
 

@@ -93,9 +93,48 @@ struct MetricsTests {
         #expect(after["holdfast_process_exits_total"] == 1)
         #expect((after["holdfast_broker_open_fds"] ?? 0) > 0)
         #expect((after["holdfast_broker_malloc_in_use_bytes"] ?? 0) > 0)
+        #expect((after["holdfast_supervisor_open_fds"] ?? 0) > 10)
+        #expect((after["holdfast_supervisor_fd_limit"] ?? 0) >= (after["holdfast_supervisor_open_fds"] ?? .infinity))
         #expect(try await httpExchange(endpoint, "GET /nope HTTP/1.1\r\n\r\n").hasPrefix("HTTP/1.1 404"))
         // A scrape does not move anything by itself.
         #expect(try await scrape()[toHost] == 100_000)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Any process in the guest may dial the endpoint, and each connection is an fd of the
+    /// supervisor. 300 connections that never send a head: the supervisor holds at most
+    /// `maxConnections` of them at any moment (sampled while they come; before, it held every
+    /// one for 5 s), closes the oldest as newer ones come, and a scrape among them is answered.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aFloodOfSilentConnectionsNeitherExhaustsTheSupervisorNorKeepsAScraperOut() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let endpoint = SocketAddress.unix(path: daemon.directory.file("metrics.sock"))
+        #expect(try await httpExchange(endpoint, "GET /metrics HTTP/1.0\r\n\r\n").hasPrefix("HTTP/1.1 200 OK"))
+        let baseline = openDescriptorCount(pid: daemon.daemonPID)
+        var silent: [AsyncFD] = []
+        defer { for connection in silent { connection.close() } }
+        var most = baseline
+        for index in 0..<300 {
+            silent.append(try await Dialer.connect(to: endpoint, timeout: .seconds(10)))
+            if index % 10 == 0 { most = max(most, openDescriptorCount(pid: daemon.daemonPID)) }
+        }
+        for _ in 0..<20 {
+            most = max(most, openDescriptorCount(pid: daemon.daemonPID))
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        // The broker's reply to a scrape and a control client come and go: a little slack.
+        #expect(most - baseline <= MetricsEndpoint.maxConnections + 4, "the supervisor held \(most - baseline) more fds at most")
+        let scrape = try await httpExchange(endpoint, "GET /metrics HTTP/1.0\r\n\r\n")
+        #expect(scrape.hasPrefix("HTTP/1.1 200 OK"), "a scrape among the flood: \(scrape.prefix(200))")
+        func closedByTheServer(_ connection: AsyncFD) -> Bool {
+            var byte: UInt8 = 0
+            return (try? withUnsafeMutableBytes(of: &byte) { try connection.readNow(into: $0) }) == 0
+        }
+        try await eventually("the oldest closed by the supervisor") { silent.prefix(200).allSatisfy(closedByTheServer) }
+        try await eventually("the supervisor's fds back near the baseline") {
+            openDescriptorCount(pid: daemon.daemonPID) - baseline <= MetricsEndpoint.maxWaitingForHead + 4
+        }
         #expect(try await daemon.stop() == .exited(0))
     }
 }
