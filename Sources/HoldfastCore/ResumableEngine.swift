@@ -144,6 +144,9 @@ extension ResumableStream {
             }
         }
 
+        /// Receive side: every byte and the END arrived; what is left is echoing the END.
+        var hasTheWholeInput: Bool { state.withLockedValue { direction == .receive && $0.receiver.isFinished } }
+
         /// What we report as received in our hello.
         var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.receiver.acknowledgeable : 0 } }
 

@@ -1,4 +1,5 @@
 import HoldfastProtocol
+import NIOConcurrencyHelpers
 
 /// Which way a resumable stream's data flows, seen from this end.
 public enum StreamDirection: String, Sendable, Codable {
@@ -106,6 +107,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
             hole: hole, checkpoint: checkpoint)
         let restarted = resumeAt != nil
         self.engine = engine
+        // Set once the slot exists: a dial that learns the peer forgot the stream closes it.
+        let forgottenSlot = NIOLockedValueBox<ConnSlot<Session>?>(nil)
         var slotDial: ConnSlot<Session>.Dial?
         if let dial {
             slotDial = { [token, role] in
@@ -127,6 +130,15 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                     if let problem = error as? StreamProtocolError, problem != .truncated {
                         engine.count(\.refusedConnections)
                     }
+                    // An input that has every byte and its END, redialling only to echo the END:
+                    // "unknown stream" means the peer no longer waits for the echo (it had it and
+                    // closed the stream, the connection cut before we saw that; or it restarted).
+                    // Redialling on would hold the stream until the drain timeout for nobody.
+                    if case .refusedByPeer(let refusal)? = error as? StreamProtocolError, refusal.code == .unknownToken,
+                        engine.hasTheWholeInput, let slot = forgottenSlot.withLockedValue({ $0 })
+                    {
+                        Task { slot.close() }
+                    }
                     throw error
                 }
             }
@@ -137,6 +149,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                 engine.slotChanged(event)
                 observer?(event)
             })
+        forgottenSlot.withLockedValue { $0 = slot }
         Task(executorPreference: executor) { [slot, engine] in await engine.pump(slot) }
         if direction == .send {
             Task(executorPreference: executor) { [slot, engine] in await engine.readAcknowledgements(slot) }

@@ -149,6 +149,58 @@ struct ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The supervisor stopped (SIGSTOP, a debugger attached to it) for 2 s: the broker alone
+    /// carries the streams, so output goes on reaching the host and typed lines go on echoing
+    /// during the stop; only what needs the supervisor waits — a create sent during the stop
+    /// and an exit that happened during it are answered and reported, once, when it goes on.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aStoppedSupervisorHoldsOnlyCreatesAndExitsNotStreams() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "counter", argv: counterCommand(400, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
+        let typed = try daemon.streams.open(token: bytes("echo-in"), direction: .send)
+        let echoed = Accumulator(try daemon.streams.open(token: bytes("echo-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "echo", argv: ["cat"], stdin: daemon.spec("echo-in"), stdout: daemon.spec("echo-out")))
+        let go = daemon.directory.file("go")
+        // Created over the bridge: its exit is reported to the host (ExitLog), once.
+        _ = try await daemon.bridge.create(ProcessSpec(id: "ends", argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.01; done; exit 7"]))
+        let before = try await Self.roles(daemon)
+        try await eventually("the counter streaming") { output.count > 0 }
+
+        #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
+        let stopped = ContinuousClock.now
+        try writeFile(go, [])  // "ends" exits while the supervisor is stopped
+        let created = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["true"])) }
+        let atStop = output.count
+        try await typed.send(bytes("typed while the supervisor is stopped\n"))
+        try await eventually("an echo during the stop", timeout: .seconds(10)) { echoed.text == "typed while the supervisor is stopped\n" }
+        try await eventually("output during the stop", timeout: .seconds(10)) { output.count > atStop + 100 }
+        try await Task.sleep(until: stopped + .seconds(2))
+        let streamedWhileStopped = output.count - atStop
+        #expect(exits.count("ends") == 0, "no exit while the supervisor is stopped")
+        #expect(ProcessRunState.of(daemon.daemonPID) == .stopped, "the supervisor was stopped throughout")
+        #expect(kill(daemon.daemonPID, SIGCONT) == 0)
+        print("2 s with the supervisor stopped: \(streamedWhileStopped) bytes streamed, an echo came back")
+
+        #expect(try await created.value > 0, "the create sent during the stop is answered")
+        try await eventually("the exit that happened during the stop") { exits.count("ends") == 1 }
+        #expect(exits.all.first { $0.id == "ends" }?.exitCode == 7)
+        _ = await typed.finish()
+        #expect(try await daemon.wait("echo").exitCode == 0)
+        let report = try await daemon.wait("counter")
+        #expect(report.exitCode == 0 && report.undelivered == 0)
+        try await eventually("the counter's every line") { output.count == expectedLines(400, prefix: "by").count }
+        #expect(output.text == String(decoding: expectedLines(400, prefix: "by"), as: UTF8.self), "every line once, in order")
+        #expect(exits.count("ends") == 1, "reported once")
+        let after = try await Self.roles(daemon)
+        for (name, role) in before { #expect(after[name]?.pid == role.pid && after[name]?.restarts == role.restarts, "\(name) untouched") }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A daemon stop reports every exit it causes, whatever the processes were doing: reading
     /// stdin, reading a terminal, writing to a stream nobody receives (its drain can never
     /// finish), leaving an orphan that holds its output, ignoring SIGTERM. The drain timeout

@@ -126,6 +126,44 @@ struct StdinEndTests {
         }
     }
 
+    /// Found by the soak (RELIABILITY.md): an input the host ended stays in the broker only to
+    /// see its END echo home. When the host no longer knows the stream — it had the echo and
+    /// closed, the connection cut before the broker saw that; or the host agent restarted —
+    /// every redial is refused "unknown stream", and the broker went on redialling until its
+    /// drain timeout, for nobody (the soak's end found such streams alive, and their memory).
+    /// Now the first such refusal ends it. Here the host agent restarts with the echo unread.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anEndedInputTheHostForgotIsLetGoAtTheFirstRefusal() async throws {
+        try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
+            let (held, connections, path) = try heldReadsServer(in: daemon)
+            let input = try held.open(token: bytes("f-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
+            let output = collect(try daemon.streams.open(token: bytes("f-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "f", argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("f-out")))
+            try await eventually("stdin connected") { input.slot.phase == .connected }
+            // The host reads nothing more on this connection: the echo stays unread.
+            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+            try await input.send(bytes("typed, then the host agent restarts\n"))
+            let finished = Task { await input.finish() }
+            try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("f") == 1 }
+            #expect(await output.value == bytes("typed, then the host agent restarts\n"))
+            // The host agent restarts: its stream listener and every stream it knew go, and a
+            // new one listens at the same address, knowing nothing of "f-in".
+            held.close()
+            finished.cancel()
+            unlink(path)
+            let restarted = try StreamServer<AsyncFD>(listeningOn: .unix(path: path), unixMode: 0o666)
+            restarted.start()
+            defer { restarted.close() }
+            let letGo = ContinuousClock.now
+            try await eventually("the broker lets the forgotten input go (its drain timeout is 300 s)") {
+                (try? await daemon.bridge.stats(timeout: .seconds(5)))?.liveStreamObjects == 0
+            }
+            print("an ended input the host forgot: let go after \(ContinuousClock.now - letGo)")
+            #expect(try await daemon.stop() == .exited(0))
+        }
+    }
+
     /// Found by the soak (RELIABILITY.md): the host ends a process's stdin during a migration's
     /// blackout; the broker writes the last bytes, closes the stdin — and is killed before the
     /// host is back for the ACK and the END echo. Its successor used to be handed only the
