@@ -209,6 +209,28 @@ static const char *const spawn_steps[] = {
     "prctl(PDEATHSIG)", "execve", "fcntl", "setrlimit(RLIMIT_NOFILE)",
 };
 
+// Writes `value` (-1000…1000) to /proc/self/oom_score_adj, async-signal-safely (after fork).
+static int write_oom_score_adj(int value) {
+    char text[8];
+    int length = 0;
+    unsigned magnitude = value < 0 ? (unsigned)(-value) : (unsigned)value;
+    char digits[8];
+    int count = 0;
+    do {
+        digits[count++] = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude > 0 && count < 7);
+    if (value < 0) text[length++] = '-';
+    while (count > 0) text[length++] = digits[--count];
+    int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t written = write(fd, text, (size_t)length);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return written == length ? 0 : -1;
+}
+
 static void child_fail(int pipe_fd, int step) {
     struct spawn_failure failure = {.error = errno, .step = step};
     ssize_t ignored = write(pipe_fd, &failure, sizeof(failure));
@@ -287,6 +309,11 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
             int flags = fcntl(o->keep_fds[i], F_GETFD);
             if (flags < 0 || fcntl(o->keep_fds[i], F_SETFD, flags & ~FD_CLOEXEC) < 0) child_fail(report[1], 10);
         }
+        // The OOM score adjustment: before the id change (lowering it takes a privilege), and
+        // before the limit on open files drops (its open needs a free fd number under the new
+        // limit, and the parent's fds are all still open here). Best effort: where the kernel
+        // refuses (no CAP_SYS_RESOURCE: a container), the child keeps ours.
+        if (o->set_oom_score_adj) (void)write_oom_score_adj(o->oom_score_adj);
         // After the close-on-exec pass, which the parent's (higher) limit bounds.
         if (o->nofile_soft || o->nofile_hard) {
             struct rlimit limit;

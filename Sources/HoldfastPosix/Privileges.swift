@@ -177,3 +177,37 @@ public enum ResourceLimits {
         return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
     }
 }
+
+/// The OOM killer's adjustment of this process's badness (/proc/self/oom_score_adj, -1000 to
+/// 1000; -1000: never chosen). The supervisor protects itself, since its death ends every
+/// container, and every process it starts gets the adjustment it had found back — children
+/// inherit the value, and a container must stay the OOM killer's choice before Holdfast.
+public enum OOMScore {
+    /// The supervisor: its death ends every container.
+    public static let supervisor: Int32 = -1000
+    /// The broker and the bridge worker: each survives its own death (restarted, nothing lost),
+    /// so they are spared before a container, not at any price.
+    public static let role: Int32 = -500
+
+    /// This process's adjustment now; nil if /proc cannot say.
+    public static var current: Int32? {
+        ProcessRunState.firstLine(of: "/proc/self/oom_score_adj").flatMap { Int32($0.filter { $0 != " " }) }
+    }
+
+    /// Sets this process's adjustment to `value` and records what children get back:
+    /// `childrenKeep`, or the adjustment this process had (a live upgrade's new image passes
+    /// what the first one found). Throws if the kernel refuses (no CAP_SYS_RESOURCE).
+    public static func protect(_ value: Int32, childrenKeep original: Int32? = nil) throws(SystemError) {
+        let before = current ?? 0
+        childValue.withLockedValue { $0 = original ?? before }
+        let fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .last("open(/proc/self/oom_score_adj)") }
+        defer { close(fd) }
+        let text = Array(String(value).utf8)
+        guard write(fd, text, text.count) == text.count else { throw .last("write(/proc/self/oom_score_adj, \(value))") }
+    }
+
+    /// The adjustment children get (`protect`); nil: they inherit ours.
+    public static var childAdjustment: Int32? { childValue.withLockedValue { $0 } }
+    private static let childValue = NIOLockedValueBox<Int32?>(nil)
+}

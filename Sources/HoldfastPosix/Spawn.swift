@@ -51,6 +51,9 @@ public struct SpawnOptions: Sendable {
     /// The child's limits on open files (hard nil: unchanged); by default the soft limit this
     /// process had before it raised its own (`ResourceLimits.raiseOpenFileLimit`), else inherited.
     public var openFileLimit: (soft: UInt64, hard: UInt64?)? = ResourceLimits.childOpenFileSoftLimit.map { ($0, nil) }
+    /// The child's OOM score adjustment; by default the one this process had before it protected
+    /// itself (`OOMScore.protect`), else inherited.
+    public var oomScoreAdjustment: Int32? = OOMScore.childAdjustment
 
     /// `arguments[0]` is the program name the child sees; `executable` is resolved with PATH when
     /// it has no slash.
@@ -126,6 +129,10 @@ public enum Spawner {
                         raw.keep_fds = keep.baseAddress
                         raw.nkeep_fds = Int32(keep.count)
                         raw.reset_signals = 1
+                        if let adjustment = options.oomScoreAdjustment {
+                            raw.set_oom_score_adj = 1
+                            raw.oom_score_adj = adjustment
+                        }
                         if let limit = options.openFileLimit {
                             raw.nofile_soft = limit.soft
                             raw.nofile_hard = limit.hard ?? 0

@@ -44,6 +44,14 @@ public enum DaemonCommand {
         // manager's soft limit of 1,024 would stop it at about 170 processes, and then a broker
         // restart could not even create its socketpair. Its children get the soft limit back.
         ResourceLimits.raiseOpenFileLimit(childrenKeep: resumption?.state.childOpenFileLimit)
+        // The OOM killer must choose a container before the process whose death ends them all
+        // (README, "Memory"); the containers get the adjustment the daemon found.
+        do {
+            try OOMScore.protect(OOMScore.supervisor, childrenKeep: resumption?.state.childOOMScoreAdjustment)
+        } catch {
+            // Lowering it takes CAP_SYS_RESOURCE, which a daemon run in a container may lack.
+            logger.warning("cannot protect the supervisor from the OOM killer (it needs CAP_SYS_RESOURCE)", metadata: ["error": "\(error)"])
+        }
         let environment = ConfigurationLoader.currentEnvironment()
         let notifier = ServiceNotifier(environment: environment, logger: logger)
         func fail(_ code: Int32, _ message: String) async -> Int32 {

@@ -27,7 +27,6 @@ final class MetricsEndpoint: Sendable {
     private struct Waiting {
         var next: UInt64 = 0
         var connections: [UInt64: AsyncFD] = [:]
-        var pushedOut = 0
     }
 
     static let maxHead = 8 * 1024
@@ -41,9 +40,6 @@ final class MetricsEndpoint: Sendable {
         self.logger = logger
         self.render = render
     }
-
-    /// Connections closed before their head arrived because newer ones came (a flood).
-    var pushedOut: Int { waiting.withLockedValue { $0.pushedOut } }
 
     /// What to answer a request head with (pure, tested apart).
     static func response(toHead head: [UInt8], body: () async -> String) async -> [UInt8] {
@@ -87,7 +83,6 @@ final class MetricsEndpoint: Sendable {
             w.next &+= 1
             w.connections[w.next] = connection
             guard w.connections.count > Self.maxWaitingForHead, let key = w.connections.keys.min() else { return (w.next, nil) }
-            w.pushedOut += 1
             return (w.next, w.connections.removeValue(forKey: key))
         }
         oldest?.close()

@@ -87,6 +87,9 @@ extension Supervisor {
         // Its own session: a Ctrl-C or hangup of the terminal the daemon runs in (SIGINT/SIGHUP
         // to the foreground group) reaches only the supervisor, which stops the roles in order.
         options.newSession = true
+        // Spared by the OOM killer before a container (a role survives its own death, the
+        // containers do not), never below what the service manager gave the daemon.
+        options.oomScoreAdjustment = min(OOMScore.childAdjustment ?? OOMScore.current ?? 0, OOMScore.role)
         return try Spawner.spawn(options)
     }
 

@@ -288,7 +288,7 @@ extension Supervisor {
                 parkedControl: parkedControl.withLockedValue { $0 }),
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
-            childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit)
+            childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment)
     }
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,

@@ -75,6 +75,8 @@ struct UpgradeState: Codable, Sendable {
     /// get back (`ResourceLimits.raiseOpenFileLimit`): the new image's own is raised already.
     /// Absent from an older binary's state (which did not raise it: its limit is the one).
     var childOpenFileLimit: UInt64? = nil
+    /// Likewise the OOM score adjustment the daemon found (`OOMScore.protect`).
+    var childOOMScoreAdjustment: Int32? = nil
 
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).

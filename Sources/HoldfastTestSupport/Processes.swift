@@ -19,10 +19,11 @@ public final class TestProcesses: Sendable {
     public func start(
         _ arguments: [String], stdin: Int32? = nil, stdout: Int32? = nil, stderr: Int32? = nil,
         environment: [String]? = nil, directory: String? = nil, newSession: Bool = true, user: uid_t? = nil,
-        openFileLimit: (soft: UInt64, hard: UInt64?)? = nil
+        openFileLimit: (soft: UInt64, hard: UInt64?)? = nil, oomScoreAdjustment: Int32? = nil
     ) throws -> pid_t {
         var options = SpawnOptions(executable: arguments[0], arguments: arguments)
         if let openFileLimit { options.openFileLimit = openFileLimit }
+        if let oomScoreAdjustment { options.oomScoreAdjustment = oomScoreAdjustment }
         // As another user: its uid as gid too, no supplementary groups but that one.
         if let user { options.user = (user, user, [user]) }
         if let environment { options.environment = environment }

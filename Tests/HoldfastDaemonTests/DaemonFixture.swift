@@ -46,6 +46,8 @@ final class DaemonFixture: Sendable {
     private let environment: [String]
     /// The daemon's limits on open files as its service manager would set them (nil: ours).
     private let openFileLimit: (soft: UInt64, hard: UInt64?)?
+    /// The daemon's OOM score adjustment as its service manager would set it (nil: ours).
+    private let oomScoreAdjustment: Int32?
 
     static var canRun: Bool { geteuid() == 0 }
 
@@ -54,9 +56,11 @@ final class DaemonFixture: Sendable {
     init(
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
         shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
-        bridgeThroughProxy: Bool = false, brokerRestartBackoffMax: String = "5s", openFileLimit: (soft: UInt64, hard: UInt64?)? = nil
+        bridgeThroughProxy: Bool = false, brokerRestartBackoffMax: String = "5s", openFileLimit: (soft: UInt64, hard: UInt64?)? = nil,
+        oomScoreAdjustment: Int32? = nil
     ) async throws {
         self.openFileLimit = openFileLimit
+        self.oomScoreAdjustment = oomScoreAdjustment
         brokerUID = brokerUser ?? ReservedUIDs.unused()
         directory = try TemporaryDirectory("holdfast-daemon")
         chmod(directory.path, 0o755)  // the broker, unprivileged, must reach the sockets in here
@@ -108,7 +112,7 @@ final class DaemonFixture: Sendable {
 
     private func launch(truncatingLog: Bool) async throws {
         let log = open(logPath, O_WRONLY | O_CREAT | O_CLOEXEC | (truncatingLog ? O_TRUNC : O_APPEND), 0o644)
-        let pid = try processes.start(command, stdout: log, stderr: log, environment: environment, openFileLimit: openFileLimit)
+        let pid = try processes.start(command, stdout: log, stderr: log, environment: environment, openFileLimit: openFileLimit, oomScoreAdjustment: oomScoreAdjustment)
         close(log)
         daemon.withLockedValue { $0 = pid }
         try await eventually("the daemon's control socket", timeout: .seconds(20)) {

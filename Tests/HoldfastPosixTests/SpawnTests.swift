@@ -60,4 +60,29 @@ struct SpawnTests {
         #expect(fstat(given.write, &ours) == 0 && stat("/proc/\(plain)/fd/1", &theirs) == 0)
         #expect(ours.st_ino == theirs.st_ino)
     }
+
+    /// What a child is started with, whatever this process has: its open-file limits and its
+    /// OOM score adjustment (raised here: lowering one takes CAP_SYS_RESOURCE, which a test
+    /// run in a container lacks — then the child keeps ours, and starts all the same).
+    @Test func aChildGetsTheOpenFileLimitsAndOOMAdjustmentItIsGiven() async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        var options = SpawnOptions(executable: "sleep", arguments: ["sleep", "30"])
+        options.openFileLimit = (soft: 77, hard: nil)
+        options.oomScoreAdjustment = 123
+        let pid = try Spawner.spawn(options)
+        processes.adopt(pid)
+        let limits = String(decoding: readFile("/proc/\(pid)/limits") ?? [], as: UTF8.self)
+        let line = try #require(limits.split(separator: "\n").first { $0.hasPrefix("Max open files") })
+        #expect(line.split(separator: " ").dropFirst(3).first == "77", "\(line)")
+        #expect(String(decoding: readFile("/proc/\(pid)/oom_score_adj") ?? [], as: UTF8.self) == "123\n")
+        // Lower than ours: granted with CAP_SYS_RESOURCE, else ours is kept and the child runs.
+        var lower = SpawnOptions(executable: "sleep", arguments: ["sleep", "30"])
+        lower.oomScoreAdjustment = -321
+        let second = try Spawner.spawn(lower)
+        processes.adopt(second)
+        let got = String(decoding: readFile("/proc/\(second)/oom_score_adj") ?? [], as: UTF8.self)
+        let ours = String(decoding: readFile("/proc/self/oom_score_adj") ?? [], as: UTF8.self)
+        #expect(got == "-321\n" || got == ours, "\(got)")
+    }
 }

@@ -89,6 +89,8 @@ typedef struct {
     int reset_signals;         ///< 1: default dispositions and an empty signal mask in the child
     unsigned long long nofile_soft; ///< 0: unchanged; else the child's RLIMIT_NOFILE soft limit
     unsigned long long nofile_hard; ///< 0: unchanged; else the child's RLIMIT_NOFILE hard limit
+    int set_oom_score_adj;     ///< 1: write oom_score_adj into the child's /proc/self/oom_score_adj
+    int oom_score_adj;
 } hf_spawn_options;
 
 /// fork + exec. Returns the pid, or -1 with errno set to why the child could not start (the
