@@ -109,6 +109,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         self.engine = engine
         // Set once the slot exists: a dial that learns the peer forgot the stream closes it.
         let forgottenSlot = NIOLockedValueBox<ConnSlot<Session>?>(nil)
+        // When the peer first said "unknown stream" with no connection since (nil: it has not).
+        let forgottenSince = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
         var slotDial: ConnSlot<Session>.Dial?
         if let dial {
             slotDial = { [token, role] in
@@ -124,6 +126,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                         engine.validate(peer, token: token, ourRole: role, secret: secret, challenge: hello.nonce)
                     }
                     engine.record(session)
+                    forgottenSince.withLockedValue { $0 = nil }
                     return session
                 } catch {
                     transport.close()
@@ -133,11 +136,18 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                     // An input that has every byte and its END, redialling only to echo the END:
                     // "unknown stream" means the peer no longer waits for the echo (it had it and
                     // closed the stream, the connection cut before we saw that; or it restarted).
-                    // Redialling on would hold the stream until the drain timeout for nobody.
+                    // Redialling on would hold the stream until the drain timeout for nobody. A
+                    // peer that says so for a second, without a connection between, means it (a
+                    // host agent restarting registers its streams again within that).
                     if case .refusedByPeer(let refusal)? = error as? StreamProtocolError, refusal.code == .unknownToken,
                         engine.hasTheWholeInput, let slot = forgottenSlot.withLockedValue({ $0 })
                     {
-                        Task { slot.close() }
+                        let now = ContinuousClock.now
+                        let since = forgottenSince.withLockedValue { first in
+                            if first == nil { first = now }
+                            return first!
+                        }
+                        if now - since >= Self.forgottenAfter { Task { slot.close() } }
                     }
                     throw error
                 }
@@ -313,6 +323,9 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     }
 
     // MARK: Lifetime and inspection
+
+    /// How long an input with its END is refused "unknown stream" before it lets go.
+    static var forgottenAfter: Duration { .seconds(1) }
 
     public func close() {
         slot.close()

@@ -28,6 +28,16 @@ struct DescriptorLimitTests {
 
     static let printed = bytes((1...500).map { "\($0)\n" }.joined())
 
+    /// Lets the printers go; each exits 0 and its output arrives exact.
+    static func expectEveryPrinterExact(_ daemon: DaemonFixture, ids: [String], received: [String: Task<[UInt8], Never>], go: String) async throws {
+        try writeFile(go, [])
+        for id in ids {
+            let report = try await daemon.wait(id)
+            #expect(report.exitCode == 0, "\(id): \(report)")
+            #expect(await received[id]!.value == Self.printed, "\(id)'s output, exact")
+        }
+    }
+
     /// Kills the broker and waits for the next one to have taken over `count` processes.
     static func killTheBroker(_ daemon: DaemonFixture, expecting count: Int) async throws {
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -60,12 +70,7 @@ struct DescriptorLimitTests {
         #expect(openDescriptorCount(pid: daemon.daemonPID) > 64, "the supervisor holds more fds than the soft limit it was given")
 
         try await Self.killTheBroker(daemon, expecting: ids.count)
-        try writeFile(go, [])
-        for id in ids {
-            let report = try await daemon.wait(id)
-            #expect(report.exitCode == 0, "\(id): \(report)")
-            #expect(await received[id]!.value == Self.printed, "\(id)'s output, exact")
-        }
+        try await Self.expectEveryPrinterExact(daemon, ids: ids, received: received, go: go)
         // A live upgrade's new image starts with the raised limit: it is told the first one.
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
@@ -104,12 +109,7 @@ struct DescriptorLimitTests {
         print("created \(ids.count) processes at a hard limit of 320 fds; then: \(refused)")
 
         try await Self.killTheBroker(daemon, expecting: ids.count)
-        try writeFile(go, [])
-        for id in ids {
-            let report = try await daemon.wait(id)
-            #expect(report.exitCode == 0, "\(id): \(report)")
-            #expect(await received[id]!.value == Self.printed, "\(id)'s output, exact")
-        }
+        try await Self.expectEveryPrinterExact(daemon, ids: ids, received: received, go: go)
         // Their fds are given back once they ended: room again.
         try await eventually("a create succeeds again") {
             do {

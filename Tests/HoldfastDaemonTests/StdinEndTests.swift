@@ -131,9 +131,11 @@ struct StdinEndTests {
     /// closed, the connection cut before the broker saw that; or the host agent restarted —
     /// every redial is refused "unknown stream", and the broker went on redialling until its
     /// drain timeout, for nobody (the soak's end found such streams alive, and their memory).
-    /// Now the first such refusal ends it. Here the host agent restarts with the echo unread.
+    /// Now a second of such refusals, with no connection between, ends it (a host agent that
+    /// restarts registers its streams again within that). Here the host agent restarts with the
+    /// echo unread, and comes back without the stream.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
-    func anEndedInputTheHostForgotIsLetGoAtTheFirstRefusal() async throws {
+    func anEndedInputTheHostForgotIsLetGoAfterASecondOfRefusals() async throws {
         try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
             let (held, connections, path) = try heldReadsServer(in: daemon)
             let input = try held.open(token: bytes("f-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
