@@ -147,6 +147,9 @@ final class ManagedStream: Sendable {
     /// gives the process no end-of-file), which must close too for the process to see one; and
     /// whether the host ended it (what a successor after a crash still owes the host).
     private let inputClosed: @Sendable (_ endedByHost: Bool) -> Void
+    /// Tells the supervisor a stdin the host ended is done with its END echo (its slot): the
+    /// supervisor keeps such a stdin past the exit report until then (`input-settled`).
+    private let inputSettled: @Sendable (_ checkpoint: Int) -> Void
 
     deinit { LiveObjects.streams.subtract(1, ordering: .relaxed) }
 
@@ -177,6 +180,9 @@ final class ManagedStream: Sendable {
         inputStage = measuredStage
         self.lingerTimeout = broker.settings.drainTimeout
         self.inputClosed = { [weak broker] endedByHost in broker?.inputEnded(process, endedByHost: endedByHost) }
+        self.inputSettled = { [weak broker] checkpoint in broker?.inputSettled(process, checkpoint: checkpoint) }
+        // Handed over only to acknowledge and echo: ended from the start, so a drain leaves it be.
+        if description.kind == .stdin, description.ended == true { inputEnded.withLockedValue { $0 = true } }
         func transport(_ endpoint: ValidatedEndpoint, _ direction: StreamDirection) -> StreamTransport {
             let name = description.kind == .tty && direction == .receive ? "tty/input" : description.kind.rawValue
             let watch = DialWatch(process: process, stream: name, address: endpoint.addressText, broker: broker)
@@ -250,6 +256,12 @@ final class ManagedStream: Sendable {
         let inputEnded = inputEnded
         let lingerTimeout = lingerTimeout
         let inputClosed = inputClosed
+        let inputSettled = inputSettled
+        // A stdin the host ended, resumed by a successor on /dev/null: the host's sender sends
+        // END again on the next connection and gets its echo. A host that never comes back, or
+        // forgot the stream, must not keep it for ever: bounded by the drain timeout.
+        let resumedEnded = description.kind == .stdin && description.ended == true
+        let settledSlot = description.mode == .resumable && description.kind == .stdin ? description.checkpoint : nil
         let closeAll = { [self] in close() }
         // On the reactor's thread: a relay woken by readiness continues where it was seen.
         let task = Task(executorPreference: Reactor.shared) { () -> [RelayReport] in
@@ -262,6 +274,8 @@ final class ManagedStream: Sendable {
                 if let windowed { return [await Relay.output(from: windowed, to: output.outbound)] }
                 return [await Relay.output(from: handle, to: output.outbound)]
             case (nil, let input?):
+                let bound = resumedEnded ? TimeoutWheel.shared.schedule(after: lingerTimeout) { input.close() } : nil
+                defer { if let bound { TimeoutWheel.shared.cancel(bound) } }
                 let report: RelayReport
                 if let staging {
                     report = await Relay.input(from: input.inbound, to: staging)
@@ -281,15 +295,17 @@ final class ManagedStream: Sendable {
                 // that moment) left the host waiting for a reconnect that never came, and
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
-                    inputClosed(false)
+                    if !resumedEnded { inputClosed(false) }
                     closeAll()
                     input.close()
+                    if resumedEnded, let settledSlot { inputSettled(settledSlot) }
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
-                inputClosed(true)
+                if !resumedEnded { inputClosed(true) }
                 closeAll()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
+                if let settledSlot { inputSettled(settledSlot) }
                 return [report]
             case (nil, nil):
                 return []

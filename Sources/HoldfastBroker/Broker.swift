@@ -121,6 +121,19 @@ public final class Broker: Sendable {
             handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }
         }
         process.start(streams, registry: registry)
+        if request.endingInput == true {
+            // Its process is done and reported: only the stdin's echo is owed, which its relay
+            // sees home by itself (and reports `input-settled`). Not in the table, so that the
+            // id is free for the host's next process of that name.
+            let removed = processes.withLockedValue { table -> Bool in
+                guard table[request.process] === process else { return false }
+                table.removeValue(forKey: request.process)
+                return true
+            }
+            if removed { for stream in process.status() { record(finished: stream) } }
+            logger.info("resumed an ended stdin a crashed broker held, for its END echo", metadata: ["process": "\(request.process)"])
+            return
+        }
         logger.info(adoption.resumes ? "resumed streams a crashed broker held" : "adopted streams", metadata: [
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
         ])
@@ -248,6 +261,11 @@ public final class Broker: Sendable {
     /// A process's stdin pipe was closed here: the supervisor closes its copy.
     func inputEnded(_ process: String, endedByHost: Bool) {
         Task { await notify(.inputEnded(InputEndedNotification(process: process, endedByHost: endedByHost))) }
+    }
+
+    /// A stdin the host ended is done with its END echo: the supervisor lets its slot go.
+    func inputSettled(_ process: String, checkpoint: Int) {
+        Task { await notify(.inputSettled(InputSettledNotification(process: process, checkpoint: checkpoint))) }
     }
 
     // MARK: Release
@@ -454,6 +472,7 @@ public enum BrokerNotification: Sendable, Equatable {
     case drained(DrainedNotification)
     /// A process's stdin pipe was closed by the broker.
     case inputEnded(InputEndedNotification)
+    case inputSettled(InputSettledNotification)
     /// A handoff peer's process was adopted: its request and copies of its fds (the sender
     /// closes them once sent) for the supervisor to keep.
     case handoffDeposited(HandoffDeposit, descriptors: [Int32])
@@ -464,6 +483,7 @@ public enum BrokerNotification: Sendable, Equatable {
         switch self {
         case .drained(let drained): return ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(drained))
         case .inputEnded(let ended): return ControlFrame(type: BrokerMessageType.inputEnded.rawValue, id: 0, body: ControlJSON.encode(ended))
+        case .inputSettled(let settled): return ControlFrame(type: BrokerMessageType.inputSettled.rawValue, id: 0, body: ControlJSON.encode(settled))
         case .handoffDeposited(let deposit, _):
             return ControlFrame(type: BrokerMessageType.handoffDeposited.rawValue, id: 0, body: ControlJSON.encode(deposit))
         case .handoffEnded(let process): return ControlFrame(type: BrokerMessageType.handoffEnded.rawValue, id: 0, body: ControlJSON.encode(process))

@@ -31,6 +31,10 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// A handoff peer's process is gone from the broker (released, drained or refused): the
     /// supervisor closes its copies.
     case handoffEnded = 0x0204
+    /// A stdin the host ended finished seeing its END echo home (or gave up, bounded by the
+    /// drain timeout): the supervisor, which keeps such a stdin past its process's exit report
+    /// so that a broker crash in between does not lose the echo, lets it go.
+    case inputSettled = 0x0205
 }
 
 /// What a stream carries.
@@ -91,6 +95,10 @@ public struct StreamDescription: Codable, Sendable, Equatable {
     /// True: this process's streams were held by a broker that crashed; they resume where
     /// their checkpoints say (and tell the host of any bytes the crash took). Supervisor only.
     public var resume: Bool?
+    /// True: a stdin the host ended (every byte written, the pipe closed), handed over with
+    /// /dev/null in place of its pipe, only to acknowledge and echo the END the crashed broker
+    /// may not have. It counts as ended from the start. Supervisor only.
+    public var ended: Bool?
 
     public init(
         kind: StreamKind, fd: Int, address: String, mode: StreamModeName, token: String? = nil, secret: StreamSecret? = nil,
@@ -119,11 +127,16 @@ public struct AdoptRequest: Codable, Sendable, Equatable {
     /// The uid of the handoff peer that first handed the process over, when the supervisor
     /// hands it to a broker started after a crash: that peer still manages it. Supervisor only.
     public var handoffOwner: UInt32?
+    /// True: the process is done and its exit was reported; all that is left of it is its
+    /// ended stdin (`ended`), whose END echo a crashed broker may not have delivered. The broker
+    /// relays it and reports `input-settled`; no `process-exited` follows. Supervisor only.
+    public var endingInput: Bool?
 
-    public init(process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil) {
+    public init(process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil, endingInput: Bool? = nil) {
         self.process = process
         self.streams = streams
         self.handoffOwner = handoffOwner
+        self.endingInput = endingInput
     }
 }
 
@@ -154,6 +167,18 @@ public struct InputEndedNotification: Codable, Sendable, Equatable {
     public init(process: String, endedByHost: Bool) {
         self.process = process
         self.endedByHost = endedByHost
+    }
+}
+
+/// A stdin the host ended is done with its END echo (notification `input-settled`): the echo
+/// reached the host, or the stream gave up after the drain timeout. `checkpoint` is its slot,
+/// which tells this stdin from a later process's of the same id.
+public struct InputSettledNotification: Codable, Sendable, Equatable {
+    public var process: String
+    public var checkpoint: Int
+    public init(process: String, checkpoint: Int) {
+        self.process = process
+        self.checkpoint = checkpoint
     }
 }
 

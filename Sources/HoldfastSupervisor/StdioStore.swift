@@ -43,6 +43,12 @@ struct StdioStore {
         /// have sent (a migration's blackout, say), and is handed the stream for them. Optional:
         /// absent from the state an older daemon hands over in a live upgrade.
         var inputEndedByHost: Bool?
+        /// That ended stdin is done with its END echo (`input-settled`): nothing is owed for it.
+        var inputSettled: Bool?
+        /// The process is done and its exit reported; kept only for its ended stdin, whose END
+        /// echo a broker crash must not lose (its outputs' fds and slots are gone). Released at
+        /// `input-settled`.
+        var keptForEcho: Bool?
 
         /// Every fd this entry holds open (fd numbers survive an exec unchanged).
         var heldDescriptors: [Int32] { descriptors.filter { $0 >= 0 } }
@@ -138,8 +144,13 @@ struct StdioStore {
     }
 
     /// A process's streams were adopted by broker `incarnation`; its host ends stay here.
-    mutating func keep(_ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int) {
+    /// Returns the slots of an earlier process of the same id that was kept only for its stdin's
+    /// END echo (the caller clears them): the new process takes the id, the old echo is given up.
+    @discardableResult
+    mutating func keep(_ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int) -> [Int] {
+        let evicted = held[process]?.keptForEcho == true ? release(process, evenForEcho: true)?.slots ?? [] : []
         held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
+        return evicted
     }
 
     /// A handoff peer's process that broker `incarnation` adopted and deposited here (copies of
@@ -163,7 +174,8 @@ struct StdioStore {
         for (process, entry) in held.sorted(by: { $0.key < $1.key }) where entry.adoption.incarnation < incarnation {
             guard claimed.count < limit else { break }
             held[process]?.adoption = .adopting(incarnation)
-            var request = AdoptRequest(process: process, streams: [], handoffOwner: entry.request.handoffOwner)
+            var request = AdoptRequest(
+                process: process, streams: [], handoffOwner: entry.request.handoffOwner, endingInput: entry.keptForEcho == true ? true : nil)
             var descriptors: [Int32] = []
             // A window goes with its stream, at the indexes of this request.
             func carry(_ window: WindowPipe?) -> WindowPipe? {
@@ -178,9 +190,12 @@ struct StdioStore {
                 if fd < 0 {
                     // Closed: handed over only if the host ended it, resumably, with a checkpoint
                     // to resume from (then at offset of its END, so nothing more is taken).
-                    guard stream.kind == .stdin, stream.mode == .resumable, stream.checkpoint != nil, entry.inputEndedByHost == true
+                    // and not once its echo was seen home (`input-settled`).
+                    guard stream.kind == .stdin, stream.mode == .resumable, stream.checkpoint != nil, entry.inputEndedByHost == true,
+                        entry.inputSettled != true
                     else { continue }
                     fd = Self.endedInput
+                    stream.ended = true
                 }
                 stream.fd = descriptors.count
                 stream.resume = true
@@ -246,11 +261,47 @@ struct StdioStore {
     /// The process is done (exit reported): its fds to close and its slots to clear; the slots
     /// are free again. A handoff peer's process's slots are the broker's: it clears and reuses
     /// them itself, so none are returned.
-    mutating func release(_ process: String) -> (descriptors: [Int32], slots: [Int])? {
+    ///
+    /// A stdin the host ended whose END echo is not known to be home (no `input-settled` yet)
+    /// stays, alone, unless `evenForEcho`: a broker crash before the echo reached the host would
+    /// otherwise leave the host's sender waiting out its drain timeout and reporting delivered
+    /// bytes as undelivered. Everything else of the process is returned.
+    mutating func release(_ process: String, evenForEcho: Bool = false) -> (descriptors: [Int32], slots: [Int])? {
         guard let entry = held.removeValue(forKey: process) else { return nil }
+        if !evenForEcho, entry.request.handoffOwner == nil, entry.inputEndedByHost == true, entry.inputSettled != true,
+            let stdin = entry.request.streams.first(where: { $0.kind == .stdin && $0.mode == .resumable }),
+            let slot = stdin.checkpoint, entry.descriptors.indices.contains(stdin.fd), entry.descriptors[stdin.fd] < 0
+        {
+            var kept = entry
+            var stream = stdin
+            stream.fd = 0
+            stream.window = nil
+            kept.request.streams = [stream]
+            kept.descriptors = [-1]
+            kept.keptForEcho = true
+            held[process] = kept
+            let others = entry.request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }.filter { $0 != slot }
+            for other in others { slots.free(other) }
+            return (entry.descriptors.filter { $0 >= 0 }, others)
+        }
         let slots = entry.request.handoffOwner == nil ? freeCheckpoints(of: entry.request) : []
         return (entry.descriptors.filter { $0 >= 0 }, slots)
     }
+
+    /// The broker says `process`'s ended stdin (checkpoint `slot`) is done with its END echo.
+    /// If the process was kept only for that echo, it is released now (its fds and slots are
+    /// returned); a `slot` that is not this process's stdin's (a later process of the same id)
+    /// changes nothing.
+    mutating func inputSettled(_ process: String, slot: Int) -> (descriptors: [Int32], slots: [Int])? {
+        guard let entry = held[process], entry.request.streams.contains(where: { $0.kind == .stdin && $0.checkpoint == slot }) else {
+            return nil
+        }
+        held[process]?.inputSettled = true
+        return entry.keptForEcho == true ? release(process, evenForEcho: true) : nil
+    }
+
+    /// Whether `process` is kept only for its stdin's END echo.
+    func isKeptForEcho(_ process: String) -> Bool { held[process]?.keptForEcho == true }
 
     /// Whether `process` is a handoff peer's (deposited by a broker).
     func isHandoff(_ process: String) -> Bool { held[process]?.request.handoffOwner != nil }

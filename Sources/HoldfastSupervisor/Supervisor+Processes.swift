@@ -134,7 +134,13 @@ extension Supervisor {
                 throw error
             }
             // The broker has copies; ours stay until the process is done (Supervisor+Stdio.swift).
-            stdio.withLockedValue { $0.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation) }
+            stdio.withLockedValue { store in
+                // An earlier process of this id still kept for its stdin's echo gives it up.
+                for slot in store.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation) {
+                    checkpoints?.checkpoint(slot)?.clear()
+                    rings?.clear(slot)
+                }
+            }
         }
         table.withLockedValue { $0.started(entry) }
         logger.info("process started", metadata: [

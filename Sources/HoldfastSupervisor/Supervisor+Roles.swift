@@ -113,6 +113,9 @@ extension Supervisor {
             case .inputEnded:
                 guard let ended = try? ControlJSON.decode(InputEndedNotification.self, from: frame.body, frameType: frame.type) else { return }
                 stdinEnded(ended.process, endedByHost: ended.endedByHost ?? false)
+            case .inputSettled:
+                guard let settled = try? ControlJSON.decode(InputSettledNotification.self, from: frame.body, frameType: frame.type) else { return }
+                stdinSettled(settled.process, slot: settled.checkpoint)
             case .handoffEnded:
                 guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 handoffEnded(ended.process)

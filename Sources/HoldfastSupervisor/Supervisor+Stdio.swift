@@ -51,6 +51,11 @@ extension Supervisor {
                     logger.info("streams handed to the restarted broker", metadata: [
                         "process": "\(item.process)", "streams": "\(item.request.streams.count)", "broker": "\(incarnation)",
                     ])
+                    if item.request.endingInput == true {
+                        // Done and reported: no exit to tell; `input-settled` releases it.
+                        stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
+                        continue
+                    }
                 } catch where error.code == .channelClosed {
                     return  // this broker died too: the next one is handed everything
                 } catch {
@@ -58,9 +63,10 @@ extension Supervisor {
                     logger.error("the restarted broker refused a process's streams", metadata: [
                         "process": "\(item.process)", "error": "\(error)",
                     ])
-                    // A handoff peer's process has no exit of ours to wait for: let it go.
-                    if stdio.withLockedValue({ $0.isHandoff(item.process) }) {
-                        releaseStdio(item.process)
+                    // A handoff peer's process has no exit of ours to wait for, nor one kept for
+                    // its stdin's echo: let it go.
+                    if stdio.withLockedValue({ $0.isHandoff(item.process) || $0.isKeptForEcho(item.process) }) {
+                        releaseStdio(item.process, evenForEcho: true)
                         continue
                     }
                 }
@@ -109,10 +115,23 @@ extension Supervisor {
         Reactor.shared.closeOnLoop(fd)
     }
 
-    /// `process` is done: its host ends close, its checkpoint slots are cleared and free.
-    func releaseStdio(_ process: String) {
+    /// `process` is done: its host ends close, its checkpoint slots are cleared and free — but
+    /// for a stdin the host ended whose END echo is not known to be home, kept until the broker's
+    /// `input-settled` (StdioStore.release), unless `evenForEcho`.
+    func releaseStdio(_ process: String, evenForEcho: Bool = false) {
+        freeStdio { $0.release(process, evenForEcho: evenForEcho) }
+    }
+
+    /// The broker saw the END echo of `process`'s ended stdin home (or gave up): a process kept
+    /// only for it is let go.
+    func stdinSettled(_ process: String, slot: Int) {
+        freeStdio { $0.inputSettled(process, slot: slot) }
+    }
+
+    /// Closes the fds and clears the slots `release` takes out of the store.
+    private func freeStdio(_ release: (inout StdioStore) -> (descriptors: [Int32], slots: [Int])?) {
         let released = stdio.withLockedValue { store -> (descriptors: [Int32], slots: [Int])? in
-            guard let released = store.release(process) else { return nil }
+            guard let released = release(&store) else { return nil }
             // Cleared before another stream can be given the slot.
             for slot in released.slots {
                 checkpoints?.checkpoint(slot)?.clear()

@@ -89,7 +89,7 @@ struct BrokerCrashHandoffTests {
     /// stream's progress) or `resume`. Each is refused with permission-denied, changes nothing,
     /// and a process streaming meanwhile is untouched.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
-    func aHandoffPeerCannotNameAnOwnerASlotOrAResume() async throws {
+    func aHandoffPeerCannotNameAnOwnerASlotAResumeOrAnEnding() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let victim = collect(try daemon.streams.open(token: bytes("v-out"), direction: .receive))
@@ -101,10 +101,14 @@ struct BrokerCrashHandoffTests {
         slot.checkpoint = 0
         var resume = stream
         resume.resume = true
+        var ended = stream
+        ended.ended = true
         let attempts = [
             ("an owner", AdoptRequest(process: "x", streams: [stream], handoffOwner: 12345)),
             ("a checkpoint slot", AdoptRequest(process: "x", streams: [slot])),
             ("a resume", AdoptRequest(process: "x", streams: [resume])),
+            ("an ended input", AdoptRequest(process: "x", streams: [ended])),
+            ("an ending input", AdoptRequest(process: "x", streams: [stream], endingInput: true)),
         ]
         for (what, request) in attempts {
             let pipe = try PipeEnds.make()

@@ -205,4 +205,39 @@ struct StdinEndTests {
             #expect(try await daemon.stop() == .exited(0))
         }
     }
+
+    /// The same kill, after the process's exit was reported: its outputs drained while the
+    /// host still held the stdin's ACK and echo unread. The supervisor released the process with
+    /// the exit report, so its successor was handed nothing and the host waited out its drain
+    /// timeout. Now a stdin the host ended stays in the fd store past the report, until the
+    /// broker says its echo is home (`input-settled`), and a successor resumes it alone.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aBrokerKilledAfterTheExitReportStillEchoesTheEndedStdin() async throws {
+        try await withBridgeDaemon(drainTimeout: "60s") { daemon, exits in
+            let (held, connections, path) = try heldReadsServer(in: daemon)
+            defer { held.close() }
+            let input = try held.open(token: bytes("e-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
+            let output = collect(try daemon.streams.open(token: bytes("e-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "e", argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("e-out")))
+            try await eventually("stdin connected") { input.slot.phase == .connected }
+            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+            try await input.send(bytes("typed, the process gone, then the broker\n"))
+            let finished = Task { await input.finish() }
+            // cat saw its end of file, exited, and its output drained: the exit is reported.
+            try await eventually("the exit", timeout: .seconds(30)) { exits.count("e") == 1 }
+            #expect(exits.all.first { $0.id == "e" }?.exitCode == 0)
+            #expect(await output.value == bytes("typed, the process gone, then the broker\n"), "read once by the process")
+            let broker = try #require(try await daemon.rolePID("broker"))
+            kill(broker, SIGKILL)
+            held.dropAllConnections()
+            try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+            // Without the kept stdin the host would wait out its 120 s drain timeout.
+            let undelivered = try await withTimeout("the successor's ACK and END echo", .seconds(60)) { await finished.value }
+            #expect(undelivered == 0, "every typed byte acknowledged")
+            #expect(daemon.log.contains("resumed an ended stdin a crashed broker held, for its END echo"))
+            #expect(exits.count("e") == 1, "the exit reported once")
+            #expect(try await daemon.stop() == .exited(0))
+        }
+    }
 }

@@ -1,0 +1,95 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@testable import HoldfastSupervisor
+
+/// The fd store keeps a stdin the host ended past its process's exit report, until the broker
+/// says its END echo is home (`input-settled`): a broker crash in between must not leave the
+/// host's sender without its echo. Pure bookkeeping; `StdinEndTests` runs it against a daemon.
+@Suite("The fd store and an ended stdin's echo")
+struct StdioStoreEchoTests {
+    /// p1: stdout (fd 41, with a window 50/51) and stdin (fd 42), both resumable, exited; the
+    /// host ended its stdin.
+    func store(endedByHost: Bool = true) throws -> (StdioStore, outSlot: Int, inSlot: Int) {
+        var store = StdioStore(slots: 64)
+        let secret = try StreamSecret(hex: String(repeating: "ab", count: 32))
+        var request = AdoptRequest(process: "p1", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: "unix:/run/out.sock", mode: .resumable, token: "t-out", secret: secret),
+            StreamDescription(kind: .stdin, fd: 1, address: "unix:/run/in.sock", mode: .resumable, token: "t-in", secret: secret),
+        ])
+        store.assignCheckpoints(&request)
+        request.streams[0].window = WindowPipe(read: 2, write: 3)
+        store.keep("p1", request: request, descriptors: [41, 42, 50, 51], adoptedBy: 0)
+        #expect(store.inputEnded("p1", endedByHost: endedByHost) == 42)
+        store.exited("p1")
+        return (store, try #require(request.streams[0].checkpoint), try #require(request.streams[1].checkpoint))
+    }
+
+    func claimOne(_ store: inout StdioStore) throws -> StdioStore.Readoption {
+        let (ours, theirs) = try FDChannel.pair()
+        close(theirs)
+        let client = RPCClient(channel: FDChannel(try AsyncFD(adopting: ours)))
+        client.close()
+        let next = store.brokerStarted(client)
+        let claimed = store.claim(for: next)
+        return try #require(claimed.first)
+    }
+
+    @Test func theExitReportReleasesAllButAStdinWhoseEchoIsNotHome() throws {
+        var (store, outSlot, inSlot) = try store()
+        let releasing = store.release("p1")
+        let released = try #require(releasing)
+        #expect(released.descriptors == [41, 50, 51], "the output's fd and window close")
+        #expect(released.slots == [outSlot], "the output's slot is free; the stdin's is kept")
+        #expect(store.isKeptForEcho("p1"))
+        // A broker started now is handed the stdin alone, ended, on the /dev/null placeholder.
+        let item = try claimOne(&store)
+        #expect(item.request.endingInput == true)
+        #expect(item.request.streams.map(\.kind) == [.stdin])
+        #expect(item.request.streams.first?.ended == true && item.request.streams.first?.resume == true)
+        #expect(item.request.streams.first?.checkpoint == inSlot)
+        #expect(item.descriptors == [StdioStore.endedInput])
+        // The broker says the echo is home: the rest goes.
+        #expect(store.inputSettled("p1", slot: inSlot + 1) == nil, "another slot (a later process of the id) changes nothing")
+        #expect(store.isKeptForEcho("p1"))
+        let settling = store.inputSettled("p1", slot: inSlot)
+        let rest = try #require(settling)
+        #expect(rest.descriptors.isEmpty && rest.slots == [inSlot])
+        #expect(store.held["p1"] == nil)
+    }
+
+    @Test func anEchoSeenHomeBeforeTheExitReportLeavesNothingToKeep() throws {
+        var (store, outSlot, inSlot) = try store()
+        #expect(store.inputSettled("p1", slot: inSlot) == nil, "the process is not done yet")
+        // A broker started now owes nothing for that stdin.
+        let item = try claimOne(&store)
+        #expect(item.request.streams.map(\.kind) == [.stdout])
+        let releasing = store.release("p1")
+        let released = try #require(releasing)
+        #expect(released.descriptors == [41, 50, 51])
+        #expect(Set(released.slots) == [outSlot, inSlot])
+        #expect(store.held["p1"] == nil)
+    }
+
+    @Test func aNewProcessOfTheIdTakesItOverAndFreesTheOldStdinsSlot() throws {
+        var (store, _, inSlot) = try store()
+        _ = store.release("p1")
+        let evicted = store.keep("p1", request: AdoptRequest(process: "p1", streams: []), descriptors: [], adoptedBy: 1)
+        #expect(evicted == [inSlot])
+        #expect(!store.isKeptForEcho("p1"))
+    }
+
+    @Test func aStdinTheProcessStoppedReadingIsNotKept() throws {
+        var (store, _, _) = try store(endedByHost: false)
+        let releasing = store.release("p1")
+        let released = try #require(releasing)
+        #expect(released.slots.count == 2)
+        #expect(store.held["p1"] == nil)
+    }
+}
