@@ -22,7 +22,7 @@ enum StreamTransport: Sendable {
     static func make(
         _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
         checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil,
-        ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)? = nil,
+        ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)? = nil, inputEnded: Bool = false,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         switch (mode, endpoint.token, endpoint.secret) {
@@ -30,7 +30,7 @@ enum StreamTransport: Sendable {
             return .resumable(GuestStreams.resumable(
                 to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
                 policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, storage: ring?.storage, restoring: ring?.restored,
-                hole: ring?.hole,
+                hole: ring?.hole, inputEnded: inputEnded,
                 observer: observer))
         case (.resumable, _, _):
             // AdoptCheck refuses a resumable stream without its token and secret.
@@ -207,7 +207,7 @@ final class ManagedStream: Sendable {
             }
             let made = StreamTransport.make(
                 endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt,
-                ring: ring
+                ring: ring, inputEnded: direction == .receive && resumeAt != nil && description.ended == true
             ) { event in
                 metrics(event)
                 watch.event(event)

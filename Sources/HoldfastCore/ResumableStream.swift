@@ -83,6 +83,9 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     ///   - hole: offsets at the end of the restored ring whose bytes are unknown (a read the
     ///     crash interrupted): told to the peer as a gap, never sent.
     ///   - checkpoint: where to keep this end's progress for such a successor.
+    ///   - inputEnded: such a successor resuming an input the peer had already ended (its END
+    ///     arrived at the crashed relay): it holds the whole input, so a peer that no longer
+    ///     knows the stream waits for no echo from it.
     ///   - storage: where the replay ring's blocks come from.
     ///   - executor: where the stream's own tasks run (its pump, its acknowledgement reader):
     ///     the I/O reactor's thread for real sockets, so a frame read or written on readiness
@@ -93,6 +96,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         policy: RedialPolicy = .default, storage: any RingBlockStorage = BufferPool.ring,
         executor: (any TaskExecutor)? = nil,
         resumeAt: UInt64? = nil, restoring: RestoredRing? = nil, hole: Range<UInt64>? = nil, checkpoint: StreamCheckpoint? = nil,
+        inputEnded: Bool = false,
         dial: (@Sendable () async throws -> Transport)? = nil,
         attemptClock: (@Sendable () -> UInt64)? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
@@ -140,7 +144,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                     // peer that says so for a second, without a connection between, means it (a
                     // host agent restarting registers its streams again within that).
                     if case .refusedByPeer(let refusal)? = error as? StreamProtocolError, refusal.code == .unknownToken,
-                        engine.hasTheWholeInput, let slot = forgottenSlot.withLockedValue({ $0 })
+                        inputEnded || engine.hasTheWholeInput, let slot = forgottenSlot.withLockedValue({ $0 })
                     {
                         let now = ContinuousClock.now
                         let since = forgottenSince.withLockedValue { first in

@@ -25,12 +25,12 @@ public enum GuestStreams {
         to address: SocketAddress, token: [UInt8], secret: StreamSecret, direction: StreamDirection,
         configuration: ResumableConfiguration = ResumableConfiguration(), policy: RedialPolicy = .default,
         checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil, storage: (any RingBlockStorage)? = nil, restoring: RestoredRing? = nil,
-        hole: Range<UInt64>? = nil, observer: (@Sendable (SlotEvent) -> Void)? = nil
+        hole: Range<UInt64>? = nil, inputEnded: Bool = false, observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> ResumableStream<AsyncFD> {
         ResumableStream(
             token: token, secret: secret, role: .guest, direction: direction, configuration: configuration, policy: policy,
             storage: storage ?? BufferPool.ring, executor: Reactor.shared, resumeAt: resumeAt, restoring: restoring, hole: hole,
-            checkpoint: checkpoint,
+            checkpoint: checkpoint, inputEnded: inputEnded,
             dial: { try await Dialer.connect(to: address, timeout: policy.connectTimeout, sendBuffer: Dialer.resumableSendBuffer) },
             attemptClock: monotonicNanoseconds, observer: observer)
     }

@@ -166,6 +166,47 @@ struct StdinEndTests {
         }
     }
 
+    /// The kept stdin of the test below, when the host no longer knows it (it had the echo, or
+    /// its agent restarted): the successor resumed at its END must let it go after a second of
+    /// `unknown stream`, as a live stream does, not after the drain timeout. Found by the
+    /// fresh-clone soak of the first version: a resumed ended stdin kept a stream object and its
+    /// /dev/null in the broker past the quiet moment (drain timeout 300 s there).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aKeptStdinTheHostForgotIsLetGoBytheSuccessorAfterASecond() async throws {
+        try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
+            let (held, connections, path) = try heldReadsServer(in: daemon)
+            let input = try held.open(token: bytes("g-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
+            let output = collect(try daemon.streams.open(token: bytes("g-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "g", argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("g-out")))
+            try await eventually("stdin connected") { input.slot.phase == .connected }
+            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+            try await input.send(bytes("typed, then the host forgets\n"))
+            let finished = Task { await input.finish() }
+            try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("g") == 1 }
+            #expect(await output.value == bytes("typed, then the host forgets\n"))
+            // The host agent restarts knowing nothing of "g-in", and the broker is killed.
+            held.close()
+            finished.cancel()
+            unlink(path)
+            let restarted = try StreamServer<AsyncFD>(listeningOn: .unix(path: path), unixMode: 0o666)
+            restarted.start()
+            defer { restarted.close() }
+            let broker = try #require(try await daemon.rolePID("broker"))
+            kill(broker, SIGKILL)
+            try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+            try await eventually("the successor resumed the kept stdin") {
+                daemon.log.contains("resumed an ended stdin a crashed broker held, for its END echo")
+            }
+            let letGo = ContinuousClock.now
+            try await eventually("the successor lets the forgotten stdin go (its drain timeout is 300 s)", timeout: .seconds(30)) {
+                (try? await daemon.bridge.stats(timeout: .seconds(5)))?.liveStreamObjects == 0
+            }
+            print("a kept stdin the host forgot: let go by the successor after \(ContinuousClock.now - letGo)")
+            #expect(try await daemon.stop() == .exited(0))
+        }
+    }
+
     /// Found by the soak (RELIABILITY.md): the host ends a process's stdin during a migration's
     /// blackout; the broker writes the last bytes, closes the stdin — and is killed before the
     /// host is back for the ACK and the END echo. Its successor used to be handed only the
