@@ -224,6 +224,10 @@ public struct StatusReport: Codable, Sendable, Equatable {
     /// Live upgrades (`holdfast upgrade`) since the daemon started: the pid, the containers and
     /// `uptimeSeconds` span them.
     public var upgrades: Int?
+    /// The supervisor's own malloc, in KiB: handed out and not returned (a leak grows it), and
+    /// free inside its heap and arenas (RSS that is not in use). The soak tracks both.
+    public var mallocInUseKiB: Int?
+    public var mallocFreeKiB: Int?
 
     public init(
         version: String, pid: Int32, uptimeSeconds: Double, bridge: BridgeState, roles: [RoleStatus], processes: [ProcessStatus],

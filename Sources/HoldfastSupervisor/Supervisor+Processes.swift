@@ -252,6 +252,9 @@ extension Supervisor {
             streams: streams ?? [])
         report.executableSHA256 = runningExecutableSHA256()
         report.upgrades = session.withLockedValue { $0.upgrades }
+        let malloc = Memory.mallocUsage()
+        report.mallocInUseKiB = malloc.inUse / 1024
+        report.mallocFreeKiB = malloc.free / 1024
         return report
     }
 

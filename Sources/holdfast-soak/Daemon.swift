@@ -152,6 +152,8 @@ struct RoleFootprints: Sendable {
     /// The broker's malloc, from its `stats`: in use (a leak grows it) and free inside its
     /// arenas (fragmentation); nil if the stats did not come.
     var brokerMalloc: (inUseKiB: Int, freeKiB: Int)?
+    /// The supervisor's malloc, from its status report, the same two figures.
+    var supervisorMalloc: (inUseKiB: Int, freeKiB: Int)?
     /// The broker's live process and stream objects (zero when quiet, unless leaked).
     var brokerObjects: (processes: Int, streams: Int)?
 

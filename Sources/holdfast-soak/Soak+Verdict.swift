@@ -139,11 +139,13 @@ extension Run {
         for row in roleRows { printLine(row) }
         if checkpoints.count > 1 || (checkpoints.count == 1 && baseline != nil) {
             printLine("")
-            printLine("| quiet moment | soak time | supervisor fds, RSS | broker fds, RSS | bridge fds, RSS | broker malloc in use, free |")
-            printLine("|---|---:|---:|---:|---:|---:|")
+            printLine(
+                "| quiet moment | soak time | supervisor fds, RSS | broker fds, RSS | bridge fds, RSS | broker malloc in use, free | supervisor malloc in use, free |")
+            printLine("|---|---:|---:|---:|---:|---:|---:|")
             func cells(_ f: RoleFootprints) -> String {
                 f.all.map { "\($0.1.descriptors), \(mib($0.1.residentKiB))" }.joined(separator: " | ") + " | "
-                    + (f.brokerMalloc.map { "\(mib($0.inUseKiB)), \(mib($0.freeKiB))" } ?? "-")
+                    + (f.brokerMalloc.map { "\(mib($0.inUseKiB)), \(mib($0.freeKiB))" } ?? "-") + " | "
+                    + (f.supervisorMalloc.map { "\(mib($0.inUseKiB)), \(mib($0.freeKiB))" } ?? "-")
             }
             if let baseline { printLine("| baseline (after the warm-up) | 0m00s | \(cells(baseline)) |") }
             for (index, checkpoint) in checkpoints.enumerated() {

@@ -150,7 +150,7 @@ struct Run {
             "holdfast-soak: seed \(seed), \(options.processes) processes live, \(format(options.minutes)) min soak after \(options.warmup) s warm-up; migration every \(options.migrationEvery) ms (blackout \(options.blackoutMin)–\(options.blackoutMax) ms); bridge worker SIGKILL every \(options.killMin > 0 ? "\(options.killMin)–\(options.killMax) s" : "never"); broker SIGSTOP/SIGCONT every \(options.stopMin > 0 ? "\(options.stopMin)–\(options.stopMax) s" : "never"); broker SIGKILL every \(options.brokerKillMin > 0 ? "\(options.brokerKillMin)–\(options.brokerKillMax) s" : "never")"
         )
         printLine("daemon pid \(daemon.pid), run directory \(daemon.directory)")
-        guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measure() else {
+        guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measureOnceUp(timeout: .seconds(30)) else {
             host.ledger.fail("the daemon did not come up: its log ends with:\n\(daemon.logTail)")
             return await finish(started: started, start: nil, baseline: nil, end: nil, checkpoints: [])
         }
@@ -165,6 +165,7 @@ struct Run {
             baseline = measured
             printLine("baseline after warm-up: " + describe(measured))
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
+            printLine("  supervisor memory: " + memoryBreakdown(measured.supervisor.pid) + supervisorMallocLine(measured))
             await pauseIfAsked(measured)
         } else {
             host.ledger.fail("no quiet moment after the warm-up to measure a baseline")
@@ -189,6 +190,7 @@ struct Run {
             checkpoints.append(Checkpoint(soakTime: ContinuousClock.now - soakStarted, footprints: measured))
             printLine("checkpoint \(part)/\(parts) (\(clock(ContinuousClock.now - soakStarted)) into the soak): " + describe(measured))
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
+            printLine("  supervisor memory: " + memoryBreakdown(measured.supervisor.pid) + supervisorMallocLine(measured))
             await pauseIfAsked(measured)
             if part < parts, let baseline {
                 for ((role, now), (_, then)) in zip(measured.all, baseline.all) where !fdsAgree(baseline: then, now: now) {
@@ -206,6 +208,10 @@ struct Run {
         guard options.pauseWhenQuiet > 0 else { return }
         printLine("paused \(options.pauseWhenQuiet) s: supervisor \(footprints.supervisor.pid), broker \(footprints.broker.pid), bridge \(footprints.bridge.pid)")
         try? await Task.sleep(for: .seconds(options.pauseWhenQuiet))
+    }
+
+    func supervisorMallocLine(_ footprints: RoleFootprints) -> String {
+        footprints.supervisorMalloc.map { "; malloc in use \(mib($0.inUseKiB)), free \(mib($0.freeKiB))" } ?? "; malloc: no status"
     }
 
     func mallocLine(_ footprints: RoleFootprints) -> String {
@@ -302,6 +308,9 @@ struct Run {
             else { return nil }
             var current = RoleFootprints(supervisor: supervisorNow, broker: brokerNow, bridge: bridgeNow)
             if let previous, previous.all.map(\.1.kinds) == current.all.map(\.1.kinds) {
+                if let status = try? await daemon.status(timeout: .seconds(10)), let inUse = status.mallocInUseKiB, let free = status.mallocFreeKiB {
+                    current.supervisorMalloc = (inUse, free)
+                }
                 if let stats = try? await host.bridge.stats(timeout: .seconds(10)) {
                     if let inUse = stats.mallocInUseKiB, let free = stats.mallocFreeKiB { current.brokerMalloc = (inUse, free) }
                     if let processes = stats.liveProcessObjects, let streams = stats.liveStreamObjects {
@@ -314,6 +323,18 @@ struct Run {
             try? await Task.sleep(for: .milliseconds(500))
         }
         return previous
+    }
+
+    /// The first measurement, once the status names both roles' pids: the bridge worker may
+    /// greet the host before the supervisor has started the broker (a fresh clone's soak
+    /// measured in that gap once and failed with "the daemon did not come up").
+    func measureOnceUp(timeout: Duration) async -> RoleFootprints? {
+        let deadline = ContinuousClock.now + timeout
+        repeat {
+            if let measured = await measure() { return measured }
+            try? await Task.sleep(for: .milliseconds(200))
+        } while ContinuousClock.now < deadline
+        return nil
     }
 
     /// Measures until the fds equal the baseline's, for at most 30 s (a socket may still be
