@@ -172,7 +172,7 @@ struct StdinEndTests {
     /// fresh-clone soak of the first version: a resumed ended stdin kept a stream object and its
     /// /dev/null in the broker past the quiet moment (drain timeout 300 s there).
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
-    func aKeptStdinTheHostForgotIsLetGoBytheSuccessorAfterASecond() async throws {
+    func aKeptStdinTheHostForgotIsLetGoByTheSuccessorAfterASecond() async throws {
         try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
             let (held, connections, path) = try heldReadsServer(in: daemon)
             let input = try held.open(token: bytes("g-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
