@@ -127,8 +127,9 @@ deb-install-check: deb
 
 # A real daemon for SOAK_MINUTES (after a warm-up: 30 s, or a sixth of a longer soak, at most
 # 5 min) under ~100 churning processes, a migration every 2 s and SIGKILLs of the bridge worker;
-# checks every byte (sha256), every exit (exactly once), the roles' fds and RSS and the broker's
-# malloc against the warm-up baseline. As root. See RELIABILITY.md.
+# checks every byte (sha256), every exit (exactly once), the roles' fds and RSS, the broker's and
+# the supervisor's malloc against the warm-up baseline, and no live broker object when quiet.
+# As root. See RELIABILITY.md.
 soak: release
 	$(BUILD_DIR)/release/holdfast-soak --minutes $(SOAK_MINUTES)
 

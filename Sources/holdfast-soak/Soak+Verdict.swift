@@ -60,16 +60,19 @@ extension Run {
                     verdict = verdict == "ok" ? "RSS GREW" : verdict + ", RSS GREW"
                     ledger.fail("\(role): RSS \(e.residentKiB) KiB after the soak, baseline \(b.residentKiB) KiB (allowed up to \(allowed) KiB)")
                 }
-                // The broker holds every stream: what its malloc has handed out must come back
-                // (a leak), whatever the allocator keeps resident.
-                if role == "broker", let then = baseline?.brokerMalloc, let now = end?.brokerMalloc {
-                    let allowedInUse = then.inUseKiB + max(then.inUseKiB * options.rssTolerancePercent / 100, 1024)
-                    if now.inUseKiB > allowedInUse {
-                        verdict = verdict == "ok" ? "MALLOC GREW" : verdict + ", MALLOC GREW"
-                        ledger.fail("broker: malloc in use \(now.inUseKiB) KiB after the soak, baseline \(then.inUseKiB) KiB (allowed up to \(allowedInUse) KiB)")
+                // What malloc has handed out must come back (a leak), whatever the allocator
+                // keeps resident.
+                let heap = role == "broker" ? (baseline?.brokerMalloc, end?.brokerMalloc) : role == "supervisor" ? (baseline?.supervisorMalloc, end?.supervisorMalloc) : nil
+                if let heap {
+                    if let then = heap.0, let now = heap.1 {
+                        let allowedInUse = then.inUseKiB + HeapAllowance.of(role: role, sameProcess: b.pid == e.pid, baselineKiB: then.inUseKiB)
+                        if now.inUseKiB > allowedInUse {
+                            verdict = verdict == "ok" ? "MALLOC GREW" : verdict + ", MALLOC GREW"
+                            ledger.fail("\(role): malloc in use \(now.inUseKiB) KiB after the soak, baseline \(then.inUseKiB) KiB (allowed up to \(allowedInUse) KiB\(b.pid == e.pid ? "" : "; pid \(b.pid) then \(e.pid)"))")
+                        }
+                    } else {
+                        ledger.fail("\(role): no malloc figures at the baseline or the end")
                     }
-                } else if role == "broker" {
-                    ledger.fail("broker: no malloc figures from its stats at the baseline or the end")
                 }
             } else {
                 verdict = "not measured"
@@ -133,7 +136,7 @@ extension Run {
         for (name, value) in rows { printLine("| \(name) | \(value) |") }
         printLine("")
         printLine(
-            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal, kind by kind; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB))); broker malloc in use ≤ baseline + max(\(options.rssTolerancePercent) %, 1 MiB)) |"
+            "| role | fds start | fds baseline | fds end | RSS start | RSS baseline | RSS end | check (fds equal, kind by kind; RSS ≤ baseline + max(\(options.rssTolerancePercent) %, \(mib(options.rssToleranceKiB))); malloc in use ≤ baseline + \(HeapAllowance.summary); no live broker object at any quiet moment) |"
         )
         printLine("|---|---:|---:|---:|---:|---:|---:|---|")
         for row in roleRows { printLine(row) }
@@ -267,4 +270,26 @@ func clockSeed() -> UInt64 {
     var now = timespec()
     clock_gettime(CLOCK_REALTIME, &now)
     return UInt64(truncatingIfNeeded: Int(now.tv_sec) &* 1_000_003 &+ Int(now.tv_nsec))
+}
+
+/// How far a role's malloc in use may be above its baseline at the end of the soak.
+enum HeapAllowance {
+    /// - The broker, the same process as at the baseline: 10 % or 1 MiB, whichever is more.
+    ///   Streams and processes come and go; what they took must come back.
+    /// - A broker started since (the soak kills it every 20–40 s): 50 % or 3 MiB. A quiet
+    ///   broker's heap depends on its own short life (its threads' malloc caches): with no live
+    ///   object, successors held 4.0–6.7 MiB at the 11 quiet moments of a 20-minute soak. Its
+    ///   leaks show as live objects, which must be none at every quiet moment.
+    /// - The supervisor: 10 % or 2 MiB. It remembers up to 4,096 creates made over the bridge
+    ///   after their processes are gone (about 1 MiB when full, measured: 1.7 → 2.7 MiB over
+    ///   the first ~4,100 creates, flat after).
+    static func of(role: String, sameProcess: Bool, baselineKiB: Int) -> Int {
+        switch (role, sameProcess) {
+        case ("broker", true): max(baselineKiB / 10, 1024)
+        case ("broker", false): max(baselineKiB / 2, 3072)
+        default: max(baselineKiB / 10, 2048)
+        }
+    }
+
+    static let summary = "max(10 %, 1 MiB) for the broker (50 %, 3 MiB for a successor), max(10 %, 2 MiB) for the supervisor"
 }

@@ -161,8 +161,9 @@ struct Run {
             await phase(seconds: Double(options.warmup), chaosSeed: seed &+ 1)
         }
         var baseline: RoleFootprints?
-        if await quiesce(), let measured = await measure() {
+        if await quiesce(), let measured = await measureUntilEqual(to: nil) {
             baseline = measured
+            checkLiveObjects(measured, at: "the baseline")
             printLine("baseline after warm-up: " + describe(measured))
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
             printLine("  supervisor memory: " + memoryBreakdown(measured.supervisor.pid) + supervisorMallocLine(measured))
@@ -192,6 +193,7 @@ struct Run {
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
             printLine("  supervisor memory: " + memoryBreakdown(measured.supervisor.pid) + supervisorMallocLine(measured))
             await pauseIfAsked(measured)
+            checkLiveObjects(measured, at: "checkpoint \(part)")
             if part < parts, let baseline {
                 for ((role, now), (_, then)) in zip(measured.all, baseline.all) where !fdsAgree(baseline: then, now: now) {
                     host.ledger.fail("\(role): fds at checkpoint \(part) differ from the baseline (\(fdDifference(from: then, to: now)))")
@@ -208,6 +210,18 @@ struct Run {
         guard options.pauseWhenQuiet > 0 else { return }
         printLine("paused \(options.pauseWhenQuiet) s: supervisor \(footprints.supervisor.pid), broker \(footprints.broker.pid), bridge \(footprints.bridge.pid)")
         try? await Task.sleep(for: .seconds(options.pauseWhenQuiet))
+    }
+
+    /// A quiet broker holds no process and no stream: one left over is a leak whatever the
+    /// heap says (a stream object and its /dev/null were how the last two leaks showed).
+    func checkLiveObjects(_ footprints: RoleFootprints, at moment: String) {
+        guard let objects = footprints.brokerObjects else {
+            host.ledger.fail("broker: no live-object counts in its stats at \(moment)")
+            return
+        }
+        if objects.processes != 0 || objects.streams != 0 {
+            host.ledger.fail("broker: \(objects.processes) process and \(objects.streams) stream objects alive at \(moment), with nothing running")
+        }
     }
 
     func supervisorMallocLine(_ footprints: RoleFootprints) -> String {
@@ -337,15 +351,18 @@ struct Run {
         return nil
     }
 
-    /// Measures until the fds equal the baseline's, for at most 30 s (a socket may still be
-    /// closing); returns the last measurement.
+    /// Measures until the fds equal the baseline's and the broker has no live process or
+    /// stream object, for at most 30 s (a socket may still be closing); returns the last
+    /// measurement (with no baseline, until the broker has no live object).
     func measureUntilEqual(to baseline: RoleFootprints?) async -> RoleFootprints? {
         let deadline = ContinuousClock.now + .seconds(30)
         var last: RoleFootprints?
         repeat {
             last = await measure()
-            guard let baseline, let current = last else { return last }
-            if zip(baseline.all, current.all).allSatisfy({ fdsAgree(baseline: $0.1, now: $1.1) }) { return current }
+            guard let current = last else { return nil }
+            let settled = current.brokerObjects.map { $0.processes == 0 && $0.streams == 0 } ?? true
+            let fdsBack = baseline.map { zip($0.all, current.all).allSatisfy({ fdsAgree(baseline: $0.1, now: $1.1) }) } ?? true
+            if settled, fdsBack { return current }
             try? await Task.sleep(for: .seconds(1))
         } while ContinuousClock.now < deadline
         return last
