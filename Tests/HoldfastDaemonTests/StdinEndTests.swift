@@ -137,25 +137,7 @@ struct StdinEndTests {
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func anEndedInputTheHostForgotIsLetGoAfterASecondOfRefusals() async throws {
         try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
-            let (held, connections, path) = try heldReadsServer(in: daemon)
-            let input = try held.open(token: bytes("f-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
-            let output = collect(try daemon.streams.open(token: bytes("f-out"), direction: .receive))
-            _ = try await daemon.bridge.create(ProcessSpec(
-                id: "f", argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("f-out")))
-            try await eventually("stdin connected") { input.slot.phase == .connected }
-            // The host reads nothing more on this connection: the echo stays unread.
-            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
-            try await input.send(bytes("typed, then the host agent restarts\n"))
-            let finished = Task { await input.finish() }
-            try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("f") == 1 }
-            #expect(await output.value == bytes("typed, then the host agent restarts\n"))
-            // The host agent restarts: its stream listener and every stream it knew go, and a
-            // new one listens at the same address, knowing nothing of "f-in".
-            held.close()
-            finished.cancel()
-            unlink(path)
-            let restarted = try StreamServer<AsyncFD>(listeningOn: .unix(path: path), unixMode: 0o666)
-            restarted.start()
+            let restarted = try await catWhoseEndedStdinTheHostForgets(id: "f", text: "typed, then the host agent restarts\n", daemon, exits)
             defer { restarted.close() }
             let letGo = ContinuousClock.now
             try await eventually("the broker lets the forgotten input go (its drain timeout is 300 s)") {
@@ -166,6 +148,33 @@ struct StdinEndTests {
         }
     }
 
+    /// `cat` under a daemon, its stdin from a host that holds its reads (the END echo stays
+    /// unread): the host sends a line and ends the stdin, `cat` prints it and exits, then the
+    /// host agent restarts — a new listener at the same address, knowing nothing of the stream.
+    /// Returns that listener.
+    func catWhoseEndedStdinTheHostForgets(
+        id: String, text: String, _ daemon: DaemonFixture, _ exits: ExitLog
+    ) async throws -> StreamServer<AsyncFD> {
+        let (held, connections, path) = try heldReadsServer(in: daemon)
+        let input = try held.open(token: bytes("\(id)-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
+        let output = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: id, argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("\(id)-out")))
+        try await eventually("stdin connected") { input.slot.phase == .connected }
+        // The host reads nothing more on this connection: the echo stays unread.
+        for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
+        try await input.send(bytes(text))
+        let finished = Task { await input.finish() }
+        try await eventually("cat's exit", timeout: .seconds(10)) { exits.count(id) == 1 }
+        #expect(await output.value == bytes(text))
+        held.close()
+        finished.cancel()
+        unlink(path)
+        let restarted = try StreamServer<AsyncFD>(listeningOn: .unix(path: path), unixMode: 0o666)
+        restarted.start()
+        return restarted
+    }
+
     /// The kept stdin of the test below, when the host no longer knows it (it had the echo, or
     /// its agent restarted): the successor resumed at its END must let it go after a second of
     /// `unknown stream`, as a live stream does, not after the drain timeout. Found by the
@@ -174,24 +183,9 @@ struct StdinEndTests {
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func aKeptStdinTheHostForgotIsLetGoByTheSuccessorAfterASecond() async throws {
         try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
-            let (held, connections, path) = try heldReadsServer(in: daemon)
-            let input = try held.open(token: bytes("g-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(300)))
-            let output = collect(try daemon.streams.open(token: bytes("g-out"), direction: .receive))
-            _ = try await daemon.bridge.create(ProcessSpec(
-                id: "g", argv: ["cat"], stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("g-out")))
-            try await eventually("stdin connected") { input.slot.phase == .connected }
-            for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
-            try await input.send(bytes("typed, then the host forgets\n"))
-            let finished = Task { await input.finish() }
-            try await eventually("cat's exit", timeout: .seconds(10)) { exits.count("g") == 1 }
-            #expect(await output.value == bytes("typed, then the host forgets\n"))
-            // The host agent restarts knowing nothing of "g-in", and the broker is killed.
-            held.close()
-            finished.cancel()
-            unlink(path)
-            let restarted = try StreamServer<AsyncFD>(listeningOn: .unix(path: path), unixMode: 0o666)
-            restarted.start()
+            let restarted = try await catWhoseEndedStdinTheHostForgets(id: "g", text: "typed, then the host forgets\n", daemon, exits)
             defer { restarted.close() }
+            // The host agent restarted knowing nothing of "g-in"; now the broker is killed.
             let broker = try #require(try await daemon.rolePID("broker"))
             kill(broker, SIGKILL)
             try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
