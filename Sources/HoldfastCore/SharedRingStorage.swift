@@ -160,17 +160,22 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
 
     /// Releases the pages of the free blocks — unless the ring took a block since the last trim
     /// (it is busy: they will be used again soon), in which case it looks again later.
+    ///
+    /// The pages are released under the lock `takeBlock` takes: a block released outside it
+    /// could be taken, and filled from the process's pipe, between the choice and the release,
+    /// which then zeroed those bytes — a stream of the right length with a run of zeros where a
+    /// write should be (seen once in a soak). The reader waits at most the few madvise calls.
     func trim() {
-        let (release, again) = state.withLockedValue { s -> ([Int], Bool) in
+        let again = state.withLockedValue { s -> Bool in
             if s.usedSinceTrim {
                 s.usedSinceTrim = false
-                return ([], true)
+                return true
             }
             s.trimScheduled = false
-            defer { s.resident.removeAll() }
-            return (Array(s.resident), false)
+            for index in s.resident { release(block(index)) }
+            s.resident.removeAll()
+            return false
         }
-        for index in release { self.release(block(index)) }
         if again { TimeoutWheel.shared.schedule(after: trimAfter) { [weak self] in self?.trim() } }
     }
 }
