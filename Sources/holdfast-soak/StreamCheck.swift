@@ -22,6 +22,10 @@ final class StreamCheck: Sendable {
         var expectedRendered = 0
         var received = 0
         var firstDifference: Int?
+        /// Up to 16 bytes from the first difference on, as received and as expected (a run of
+        /// zeros, another stream's bytes or a repeat each look different here).
+        var differenceGot: [UInt8] = []
+        var differenceWanted: [UInt8] = []
         var ended = false
         /// Offsets the stream reported lost (a broker crash's GAP). A GAP over a read the crash
         /// interrupted names more offsets than bytes (how many that read took is unknown), so
@@ -54,6 +58,8 @@ final class StreamCheck: Sendable {
         var receivedDigest: String
         var expectedDigest: String
         var firstDifference: Int?
+        var differenceGot: [UInt8]
+        var differenceWanted: [UInt8]
         var ended: Bool
         var lost: Int
         /// With a gap: the bytes after it matched the end of the expected content, and no more
@@ -86,7 +92,10 @@ final class StreamCheck: Sendable {
                 if s.position == s.current.count {
                     guard s.startNextPiece() else {
                         // More than expected.
-                        if s.firstDifference == nil { s.firstDifference = s.received + offset }
+                        if s.firstDifference == nil {
+                            s.firstDifference = s.received + offset
+                            s.differenceGot = Array(chunk[offset..<min(chunk.count, offset + 16)])
+                        }
                         break
                     }
                     continue
@@ -103,6 +112,9 @@ final class StreamCheck: Sendable {
                         var index = 0
                         while chunk[offset + index] == s.current[s.position + index] { index += 1 }
                         s.firstDifference = s.received + offset + index
+                        let shown = min(16, count - index)
+                        s.differenceGot = Array(chunk[(offset + index)..<(offset + index + shown)])
+                        s.differenceWanted = Array(s.current[(s.position + index)..<(s.position + index + shown)])
                     }
                 }
                 offset += count
@@ -148,7 +160,8 @@ final class StreamCheck: Sendable {
             }
             return Result(
                 name: name, received: s.received, expected: s.expectedRendered, receivedDigest: receivedDigest,
-                expectedDigest: expectedDigest, firstDifference: s.firstDifference, ended: s.ended, lost: s.lost,
+                expectedDigest: expectedDigest, firstDifference: s.firstDifference, differenceGot: s.differenceGot,
+                differenceWanted: s.differenceWanted, ended: s.ended, lost: s.lost,
                 afterGapMatched: afterGapMatched)
         }
     }
@@ -162,4 +175,18 @@ func hex(_ digest: some Sequence<UInt8>) -> String {
         out.append(digits[Int(byte & 0xF)])
     }
     return String(decoding: out, as: UTF8.self)
+}
+
+/// Bytes for a failure message: printable ASCII as it is, anything else as \xNN.
+func escaped(_ bytes: [UInt8]) -> String {
+    var out = ""
+    for byte in bytes {
+        if byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "\\") {
+            out.unicodeScalars.append(Unicode.Scalar(byte))
+        } else {
+            let digits = Array("0123456789abcdef")
+            out += "\\x" + String(digits[Int(byte >> 4)]) + String(digits[Int(byte & 0xF)])
+        }
+    }
+    return "\"" + out + "\""
 }

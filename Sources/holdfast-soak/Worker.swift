@@ -160,7 +160,7 @@ enum Worker {
                 passed += 1
             } else {
                 failures.append(
-                    "\(result.name): received \(result.received) of \(result.expected) bytes, ended \(result.ended), first difference at \(result.firstDifference.map(String.init) ?? "-"), sha256 \(result.receivedDigest.prefix(16)) expected \(result.expectedDigest.prefix(16))"
+                    "\(result.name): received \(result.received) of \(result.expected) bytes, ended \(result.ended), first difference at \(result.firstDifference.map(String.init) ?? "-")\(result.differenceGot.isEmpty && result.differenceWanted.isEmpty ? "" : " (got \(escaped(result.differenceGot)), expected \(escaped(result.differenceWanted)))"), sha256 \(result.receivedDigest.prefix(16)) expected \(result.expectedDigest.prefix(16))"
                 )
             }
         }
