@@ -260,6 +260,20 @@ static void cloexec_from_3(void) {
 }
 
 pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
+    int report_fd = -1;
+    pid_t pid = hf_spawn_fork(o, &report_fd, failed_step);
+    if (pid < 0) return -1;
+    if (hf_spawn_result(report_fd, failed_step) != 0) {
+        int saved = errno;
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+        errno = saved;
+        return -1;
+    }
+    return pid;
+}
+
+pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **failed_step) {
     int report[2];
     if (pipe2(report, O_CLOEXEC) != 0) {
         if (failed_step) *failed_step = "pipe";
@@ -342,20 +356,23 @@ pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
         child_fail(report[1], 9);
     }
     close(report[1]);
+    *report_fd = report[0];
+    return pid;
+}
+
+int hf_spawn_result(int report_fd, const char **failed_step) {
     struct spawn_failure failure;
     ssize_t got;
     do {
-        got = read(report[0], &failure, sizeof(failure));
+        got = read(report_fd, &failure, sizeof(failure));
     } while (got < 0 && errno == EINTR);
-    close(report[0]);
+    close(report_fd);
     if (got == (ssize_t)sizeof(failure)) {
-        int status;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
         if (failed_step) *failed_step = spawn_steps[failure.step];
         errno = failure.error;
         return -1;
     }
-    return pid;
+    return 0;
 }
 
 int hf_malloc_mmap_threshold(int bytes) {

@@ -60,7 +60,23 @@ public enum Subreaper {
 /// SIGTERM). So a kept exit is given to a waiter only if no child of ours has that pid now;
 /// reaping and recording happen under one lock, so "no child has it" cannot mean "its exit is
 /// being recorded this very moment".
+///
+/// That rule cannot tell two children of ours apart when the kernel reuses a pid at once (pids
+/// run short: pid_max 32,768 and a busy guest, or a container that forks until it cannot): a
+/// child exits and is reaped before its watcher asks, the next child gets its pid, and the first
+/// watcher's `wait(pid)` finds a child of ours under that pid, drops the exit as stale and then
+/// gets the second child's — whose own watcher waits for ever (a full test run lost two exits
+/// so). So the children the daemon starts are registered as they are forked (`spawn`), under
+/// the lock reaping takes, and each exit goes to its own registration (`wait(_: Child)`),
+/// whatever pid reuse. `wait(pid)` and its rule stay for children that are not forked here: a
+/// runc container's init (reparented to us) and processes an earlier image started.
 public final class ChildReaper: Sendable {
+    /// A child registered as it was forked: its exit is its own, even if its pid is reused.
+    public struct Child: Sendable, Hashable {
+        public let pid: pid_t
+        let registration: UInt64
+    }
+
     private struct State: Sendable {
         var waiters: [pid_t: CheckedContinuation<ExitStatus, Never>] = [:]
         var exited: [pid_t: ExitStatus] = [:]
@@ -71,6 +87,15 @@ public final class ChildReaper: Sendable {
         var handed: [pid_t: ExitStatus] = [:]
         /// A live upgrade is writing down what was reaped: nothing more is (`freeze`).
         var frozen = false
+        /// Registered children not reaped yet, by pid (a pid names one live child at a time).
+        var registered: [pid_t: UInt64] = [:]
+        var nextRegistration: UInt64 = 0
+        /// Registered children's exits their waiter has not asked for yet, and waiters for
+        /// exits not reaped yet, by registration.
+        var registeredExits: [UInt64: (pid: pid_t, status: ExitStatus)] = [:]
+        var registeredWaiters: [UInt64: CheckedContinuation<ExitStatus, Never>] = [:]
+        /// Registrations whose exit nobody will ask for (the child failed before exec).
+        var abandoned: Set<UInt64> = []
     }
 
     private let state = NIOLockedValueBox(State())
@@ -90,8 +115,61 @@ public final class ChildReaper: Sendable {
         return fields.count > 1 && pid_t(fields[1]) == getpid()
     }
 
-    /// Kept for call sites that declare their children; every exit is kept anyway.
-    public func expect(_ pid: pid_t) {}
+    /// Starts a child registered as it is forked (see the type's comment): wait for it with
+    /// `wait(_: Child)`.
+    public func spawn(_ options: SpawnOptions) throws(SpawnError) -> Child {
+        let spawned = try Spawner.spawn(options, reaper: self)
+        guard let child = spawned.child else { preconditionFailure("a child forked for a reaper is registered") }
+        return child
+    }
+
+    /// Runs `fork` (which returns a pid, or ≤ 0) under the lock reaping takes, and registers the
+    /// child it forked: its exit cannot be reaped before it is registered.
+    func registering(_ fork: () -> pid_t) -> (pid: pid_t, child: Child?) {
+        state.withLockedValue { s in
+            let pid = fork()
+            guard pid > 0 else { return (pid, nil) }
+            s.nextRegistration += 1
+            s.registered[pid] = s.nextRegistration
+            return (pid, Child(pid: pid, registration: s.nextRegistration))
+        }
+    }
+
+    /// Registrations of children not reaped, exits not asked for and failed children not
+    /// reaped yet (tests: nothing is held for ever).
+    var registrationsHeld: Int {
+        state.withLockedValue { $0.registered.count + $0.registeredExits.count + $0.abandoned.count }
+    }
+
+    /// Nobody will wait for `child` (it failed before exec): its exit is dropped when reaped.
+    func abandon(_ child: Child) {
+        state.withLockedValue { s in
+            if s.registeredExits.removeValue(forKey: child.registration) == nil { s.abandoned.insert(child.registration) }
+        }
+    }
+
+    /// Waits for a registered child's exit status: its own, whatever pid reuse.
+    public func wait(_ child: Child) async -> ExitStatus {
+        await withCheckedContinuation { continuation in
+            let done = state.withLockedValue { s -> ExitStatus? in
+                if let exit = s.registeredExits.removeValue(forKey: child.registration) {
+                    if s.tracked.contains(child.pid) { s.handed[child.pid] = exit.status }
+                    return exit.status
+                }
+                s.registeredWaiters[child.registration] = continuation
+                return nil
+            }
+            if let done { continuation.resume(returning: done) }
+        }
+    }
+
+    /// `wait(_: Child)`, tracked like `waitTracked(_: pid_t)`.
+    public func waitTracked(_ child: Child) async -> ExitStatus {
+        state.withLockedValue { _ = $0.tracked.insert(child.pid) }
+        let status = await wait(child)
+        state.withLockedValue { s in if s.tracked.contains(child.pid) { s.handed[child.pid] = status } }
+        return status
+    }
 
     /// Waits for a child's exit status.
     public func wait(_ pid: pid_t) async -> ExitStatus {
@@ -135,6 +213,7 @@ public final class ChildReaper: Sendable {
         state.withLockedValue { s in
             s.frozen = true
             var exits = s.exited
+            for exit in s.registeredExits.values { exits[exit.pid] = exit.status }
             for (pid, status) in s.handed { exits[pid] = status }
             return exits
         }
@@ -163,6 +242,16 @@ public final class ChildReaper: Sendable {
             var woken: [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] = []
             guard !s.frozen else { return woken }
             while let (pid, status) = Self.reapOne() {
+                if let registration = s.registered.removeValue(forKey: pid) {
+                    if s.abandoned.remove(registration) != nil { continue }
+                    if let waiter = s.registeredWaiters.removeValue(forKey: registration) {
+                        if s.tracked.contains(pid) { s.handed[pid] = status }
+                        woken.append((waiter, status))
+                    } else {
+                        s.registeredExits[registration] = (pid, status)
+                    }
+                    continue
+                }
                 if let waiter = s.waiters.removeValue(forKey: pid) {
                     // Handed over from here on: a freeze before its waiter settles keeps it.
                     if s.tracked.contains(pid) { s.handed[pid] = status }

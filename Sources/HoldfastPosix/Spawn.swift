@@ -93,17 +93,25 @@ public enum Spawner {
     /// the process: Linux sends that signal when the *forking thread* exits, and the concurrency
     /// pool's threads come and go — a child forked from one of them would be killed at random.
     public static func spawn(_ options: SpawnOptions) throws(SpawnError) -> pid_t {
-        if options.parentDeathSignal != nil {
-            return try SpawnThread.shared.run { () throws(SpawnError) -> pid_t in try spawnHere(options) }
-        }
-        return try spawnHere(options)
+        try spawn(options, reaper: nil).pid
     }
 
-    private static func spawnHere(_ options: SpawnOptions) throws(SpawnError) -> pid_t {
+    /// `spawn`, the child registered with `reaper` as it is forked (`ChildReaper.spawn`).
+    static func spawn(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
+        if options.parentDeathSignal != nil {
+            return try SpawnThread.shared.run { () throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) in
+                try spawnHere(options, reaper: reaper)
+            }
+        }
+        return try spawnHere(options, reaper: reaper)
+    }
+
+    private static func spawnHere(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
         let argv = CStringArray(options.arguments)
         let envp = CStringArray(options.environment)
         let groups = options.user?.groups ?? []
         var step: UnsafePointer<CChar>?
+        var child: ChildReaper.Child?
         let pid: pid_t = options.executable.withCString { path in
             withOptionalCString(options.directory) { directory in
                 groups.withUnsafeBufferPointer { groupBuffer in
@@ -137,16 +145,24 @@ public enum Spawner {
                             raw.nofile_soft = limit.soft
                             raw.nofile_hard = limit.hard ?? 0
                         }
-                        return hf_spawn(&raw, &step)
+                        guard let reaper else { return hf_spawn(&raw, &step) }
+                        var reportFD: Int32 = -1
+                        let forked = reaper.registering { hf_spawn_fork(&raw, &reportFD, &step) }
+                        child = forked.child
+                        guard forked.pid > 0 else { return forked.pid }
+                        // Outside the reaper's lock: the child's set-up and exec can block.
+                        return hf_spawn_result(reportFD, &step) == 0 ? forked.pid : -1
                     }
                 }
             }
         }
         guard pid > 0 else {
-            throw SpawnError(
-                executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: Glibc.errno)
+            let error = Glibc.errno
+            // A child that failed before exec exits 127: the reaper reaps it, nobody waits.
+            if let reaper, let child { reaper.abandon(child) }
+            throw SpawnError(executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: error)
         }
-        return pid
+        return (pid, child)
     }
 
     /// Reaps `pid` if it has exited, without blocking.

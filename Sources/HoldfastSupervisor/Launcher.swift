@@ -128,6 +128,9 @@ struct Launcher {
     /// What `launch` produced: the child's pid, and what to send the broker.
     struct Started {
         var pid: pid_t
+        /// Its registration with the reaper, when the supervisor forked it (runtime `direct`);
+        /// nil for a runc container's init, which runc forked.
+        var child: ChildReaper.Child?
         var adopt: AdoptRequest
         var descriptors: [Int32]
     }
@@ -214,7 +217,7 @@ struct Launcher {
 
     /// Creates the stdio, starts the process (runtime `direct`), and returns the host-side fds
     /// for the broker. On failure nothing is left open and no process is left running.
-    static func start(_ spec: ProcessSpec) throws(HoldfastError) -> Started {
+    static func start(_ spec: ProcessSpec, reaper: ChildReaper) throws(HoldfastError) -> Started {
         try validate(spec)
         let account = spec.user.flatMap(UserAccount.lookup) ?? UserAccount.lookup(String(geteuid()))
         var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: environment(for: spec, home: account?.home))
@@ -233,15 +236,17 @@ struct Launcher {
         // job-control signal or a terminal hangup in the process stays inside it and never
         // reaches the supervisor, the roles or another container.
         options.newSession = true
-        let pid: pid_t
+        let child: ChildReaper.Child
         do {
-            pid = try Spawner.spawn(options)
+            child = try reaper.spawn(options)
         } catch {
             stdio.closeAll()
             throw startFailure(error)
         }
         stdio.closeChildEnds()
-        return started(pid: pid, id: spec.id, stdio: stdio)
+        var started = started(pid: child.pid, id: spec.id, stdio: stdio)
+        started.child = child
+        return started
     }
 
     /// The broker's part: no streams, no fds.

@@ -14,6 +14,8 @@ import Glibc
 final class RoleSupervisor: Sendable {
     struct Incarnation: Sendable {
         var pid: pid_t
+        /// Its registration with the reaper (nil in tests that fake a role).
+        var child: ChildReaper.Child?
         var channel: FDChannel
     }
 
@@ -107,7 +109,6 @@ final class RoleSupervisor: Sendable {
                 backoff = min(backoff * 2, maxBackoff)
                 continue
             }
-            reaper.expect(incarnation.pid)
             let started = ContinuousClock.now
             let restarts = state.withLockedValue {
                 $0.current = incarnation
@@ -117,7 +118,7 @@ final class RoleSupervisor: Sendable {
             logger.info("role started", metadata: ["role": "\(name)", "pid": "\(incarnation.pid)"])
             onEvent(.started(pid: incarnation.pid, restarts: restarts))
             let serving = Task { await serve(incarnation) }
-            let status = await reaper.wait(incarnation.pid)
+            let status = if let child = incarnation.child { await reaper.wait(child) } else { await reaper.wait(incarnation.pid) }
             incarnation.channel.close()
             await serving.value
             let (stopping, holder) = state.withLockedValue { s -> (Bool, CheckedContinuation<ExitStatus?, Never>?) in

@@ -190,18 +190,19 @@ struct RuncRuntime: Sendable {
         // session of its own inherits this one, never the supervisor's process group, so its
         // `kill 0` stays among runc's processes and the container's.
         options.newSession = true
-        let pid: pid_t
+        let child: ChildReaper.Child
         do {
-            pid = try Spawner.spawn(options)
+            child = try reaper.spawn(options)
         } catch {
             throw HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
+        let pid = child.pid
         let expired = NIOLockedValueBox(false)
         let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) {
             expired.withLockedValue { $0 = true }
             _ = Glibc.kill(pid, SIGKILL)
         }
-        let status = await reaper.wait(pid)
+        let status = await reaper.wait(child)
         TimeoutWheel.shared.cancel(watchdog)
         let timedOut = expired.withLockedValue { $0 }
         guard status != .exited(0) else { return }

@@ -89,7 +89,7 @@ extension Supervisor {
         var container: ProcessTable.Entry.Container?
         switch spec.runtime ?? .direct {
         case .direct:
-            started = try Launcher.start(spec)
+            started = try Launcher.start(spec, reaper: reaper)
         case .runc:
             if let target = spec.container {
                 guard let target = entry(target), let targetContainer = target.container else {
@@ -129,7 +129,7 @@ extension Supervisor {
                 for fd in descriptors { close(fd) }
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
                 kill(started.pid, SIGKILL)
-                _ = await reaper.wait(started.pid)
+                if let child = started.child { _ = await reaper.wait(child) } else { _ = await reaper.wait(started.pid) }
                 if let container { await runc.delete(container.id) }
                 throw error
             }
@@ -146,17 +146,19 @@ extension Supervisor {
         logger.info("process started", metadata: [
             "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
         ])
-        Task { await watch(entry) }
+        Task { [child = started.child] in await watch(entry, child: child) }
         // The broker that adopted it may have died since, its successor already up.
         if !adopt.streams.isEmpty { await readoptIfBehind(incarnation) }
         return started.pid
     }
 
     /// Waits for the process to exit, lets its output drain, then reports the exit.
-    func watch(_ entry: ProcessTable.Entry) async {
+    /// `child`: its registration when this image forked it (its exit is its own even if the
+    /// kernel reused its pid at once); nil for a runc init or a process an earlier image started.
+    func watch(_ entry: ProcessTable.Entry, child: ChildReaper.Child? = nil) async {
         // Tracked: an exit reaped but not yet written down here goes to the next image if a live
         // upgrade comes in between (ChildReaper.freeze).
-        let status = await reaper.waitTracked(entry.pid)
+        let status = if let child { await reaper.waitTracked(child) } else { await reaper.waitTracked(entry.pid) }
         if let container = entry.container { await runc.delete(container.id) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }

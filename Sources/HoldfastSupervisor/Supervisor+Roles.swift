@@ -53,8 +53,8 @@ extension Supervisor {
         // everything it uses arrives as fds). It still checks, and drops itself if it must.
         var user: UserAccount?
         if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.resolve(name) }
-        let pid = try spawnRole(arguments, keep: keep, user: user)
-        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
+        let child = try spawnRole(arguments, keep: keep, user: user)
+        return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
 
     func launchBridge() throws -> RoleSupervisor.Incarnation {
@@ -68,11 +68,11 @@ extension Supervisor {
         ]
         // The path, not the key: the worker (root) reads the file itself before every dial.
         if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
-        let pid = try spawnRole(arguments, keep: [theirs])
-        return .init(pid: pid, channel: FDChannel(try AsyncFD(adopting: ours)))
+        let child = try spawnRole(arguments, keep: [theirs])
+        return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
     }
 
-    func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> pid_t {
+    func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> ChildReaper.Child {
         // Not NOTIFY_SOCKET and the watchdog's variables: only the supervisor speaks for the service.
         let environment = SpawnOptions.inheritedEnvironment().filter { entry in
             !ServiceNotify.environmentVariables.contains(String(entry.prefix { $0 != "=" }))
@@ -90,7 +90,7 @@ extension Supervisor {
         // Spared by the OOM killer before a container (a role survives its own death, the
         // containers do not), never below what the service manager gave the daemon.
         options.oomScoreAdjustment = min(OOMScore.childAdjustment ?? OOMScore.current ?? 0, OOMScore.role)
-        return try Spawner.spawn(options)
+        return try reaper.spawn(options)
     }
 
     func serveBroker(_ incarnation: RoleSupervisor.Incarnation) async {

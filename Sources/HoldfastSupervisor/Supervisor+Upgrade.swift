@@ -227,9 +227,9 @@ extension Supervisor {
         options.stderr = output.write
         options.keepDescriptors = [copy, executable]
         options.newSession = true
-        let pid: pid_t
+        let child: ChildReaper.Child
         do {
-            pid = try Spawner.spawn(options)
+            child = try reaper.spawn(options)
         } catch {
             close(output.read)
             close(output.write)
@@ -243,6 +243,7 @@ extension Supervisor {
             throw HoldfastError(.upgradeFailed, "the new binary \(path) cannot be executed: \(why) (errno \(error.errno))")
         }
         close(output.write)
+        let pid = child.pid
         let reading = Task { () -> [UInt8] in
             guard let reader = try? AsyncFD(adopting: output.read) else { return [] }
             defer { reader.close() }
@@ -254,7 +255,7 @@ extension Supervisor {
             }
             return bytes
         }
-        let waiting = Task { [reaper] in await reaper.wait(pid) }
+        let waiting = Task { [reaper] in await reaper.wait(child) }
         guard let status = await waiting.value(within: Self.probeLimit) else {
             kill(-pid, SIGKILL)
             kill(pid, SIGKILL)

@@ -58,4 +58,61 @@ struct ChildReaperTests {
         }
         #expect(await reaper.wait(child) == .exited(7))
     }
+
+    /// The daemon's case (a full test run lost two exits so): a registered child exits and is
+    /// reaped before its watcher asks, the kernel gives its pid to the next child at once, and
+    /// that one exits too before anyone asks. Each watcher gets its own child's exit, in either
+    /// order. (By pid alone, the first `wait` found a child of ours under the pid, dropped the
+    /// kept exit as stale and took the second child's; the second waited for ever.)
+    @Test(.enabled(if: geteuid() == 0, "needs root: sets /proc/sys/kernel/ns_last_pid"))
+    func twoChildrenGivenOnePIDInTurnEachGetTheirOwnExit() async throws {
+        guard try await isolated("twoChildrenGivenOnePIDInTurnEachGetTheirOwnExit") else { return }
+        let reaper = ChildReaper()
+        func reaped(_ child: ChildReaper.Child) async throws {
+            try await eventually("child \(child.pid) reaped") {
+                reaper.reapAll()
+                return access("/proc/\(child.pid)", F_OK) != 0
+            }
+        }
+        for _ in 1..<50 {
+            let first = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 3"]))
+            try await reaped(first)
+            try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(first.pid - 1).utf8), mode: 0o644)
+            let second = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 5"]))
+            try await reaped(second)
+            guard second.pid == first.pid else {
+                // Something else forked first: both exits are kept, each for its own wait.
+                #expect(await reaper.wait(first) == .exited(3))
+                #expect(await reaper.wait(second) == .exited(5))
+                continue
+            }
+            // The later child's watcher asks first here; the earlier one's still gets its own.
+            #expect(await reaper.wait(second) == .exited(5))
+            #expect(await reaper.wait(first) == .exited(3))
+            #expect(reaper.registrationsHeld == 0, "nothing kept once both were asked for")
+            return
+        }
+        Issue.record("no pid came round again in 50 tries (something else forked each time)")
+    }
+
+    /// A child that fails before exec (no such program) is an error at `spawn`; its exit 127,
+    /// which nobody will ask for, is not kept.
+    @Test func aChildThatCannotStartIsAnErrorAndLeavesNothingKept() async throws {
+        guard try await isolated("aChildThatCannotStartIsAnErrorAndLeavesNothingKept") else { return }
+        let reaper = ChildReaper()
+        #expect(throws: SpawnError.self) {
+            try reaper.spawn(SpawnOptions(executable: "/nonexistent/holdfast-test", arguments: ["x"]))
+        }
+        try await eventually("the failed child reaped and dropped") {
+            reaper.reapAll()
+            return reaper.registrationsHeld == 0
+        }
+        let child = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 4"]))
+        try await eventually("the child reaped") {
+            reaper.reapAll()
+            return access("/proc/\(child.pid)", F_OK) != 0
+        }
+        #expect(await reaper.wait(child) == .exited(4))
+        #expect(reaper.registrationsHeld == 0)
+    }
 }

@@ -98,6 +98,14 @@ typedef struct {
 /// here, not a mysterious exit 127). *failed_step names the step that failed.
 pid_t hf_spawn(const hf_spawn_options *options, const char **failed_step);
 
+/// hf_spawn in two steps, for a caller that must record the child between the fork and anything
+/// that could reap it (a reaper's lock held across hf_spawn_fork only: the child's set-up and
+/// exec, which can block, run after). hf_spawn_fork returns the pid (or -1) and the read end of
+/// the report pipe; hf_spawn_result returns 0 once the child exec'd, or -1 with errno and
+/// *failed_step from its report (the child exits 127 and is left for the caller to reap).
+pid_t hf_spawn_fork(const hf_spawn_options *options, int *report_fd, const char **failed_step);
+int hf_spawn_result(int report_fd, const char **failed_step);
+
 
 
 /// Installs a handler for `signo` that writes the signal number as one byte to `fd` (a
