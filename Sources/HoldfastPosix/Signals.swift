@@ -176,8 +176,10 @@ public final class ChildReaper: Sendable {
         await withCheckedContinuation { continuation in
             let done = state.withLockedValue { s -> ExitStatus? in
                 if let status = s.exited.removeValue(forKey: pid) {
-                    // A child of ours has this pid: the kept exit was an earlier process's.
-                    if !isChild(pid) {
+                    // A child of ours has this pid: the kept exit was an earlier process's —
+                    // unless that child is a registered one, whose exit is never kept here: then
+                    // the kept exit is this waiter's (a runc init whose pid went to our next fork).
+                    if !isChild(pid) || s.registered[pid] != nil {
                         if s.tracked.contains(pid) { s.handed[pid] = status }
                         return status
                     }

@@ -1,4 +1,5 @@
 import HoldfastTestSupport
+import NIOConcurrencyHelpers
 import Testing
 
 @testable import HoldfastPosix
@@ -6,6 +7,15 @@ import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// A `wait`, bounded: a lost exit (a waiter never resumed) fails the test in 10 s instead of
+/// hanging it.
+private func bounded(_ wait: @escaping @Sendable () async -> HoldfastPosix.ExitStatus) async throws -> HoldfastPosix.ExitStatus {
+    let result = NIOLockedValueBox<HoldfastPosix.ExitStatus?>(nil)
+    Task { let status = await wait(); result.withLockedValue { $0 = status } }
+    try await eventually("the exit handed to its waiter", timeout: .seconds(10)) { result.withLockedValue { $0 } != nil }
+    return result.withLockedValue { $0 }!
+}
 
 @Suite("ChildReaper: every exit to its own waiter", .timeLimit(.minutes(5)))
 struct ChildReaperTests {
@@ -82,13 +92,13 @@ struct ChildReaperTests {
             try await reaped(second)
             guard second.pid == first.pid else {
                 // Something else forked first: both exits are kept, each for its own wait.
-                #expect(await reaper.wait(first) == .exited(3))
-                #expect(await reaper.wait(second) == .exited(5))
+                #expect(try await bounded { await reaper.wait(first) } == .exited(3))
+                #expect(try await bounded { await reaper.wait(second) } == .exited(5))
                 continue
             }
             // The later child's watcher asks first here; the earlier one's still gets its own.
-            #expect(await reaper.wait(second) == .exited(5))
-            #expect(await reaper.wait(first) == .exited(3))
+            #expect(try await bounded { await reaper.wait(second) } == .exited(5))
+            #expect(try await bounded { await reaper.wait(first) } == .exited(3))
             #expect(reaper.registrationsHeld == 0, "nothing kept once both were asked for")
             return
         }
@@ -112,7 +122,35 @@ struct ChildReaperTests {
             reaper.reapAll()
             return access("/proc/\(child.pid)", F_OK) != 0
         }
-        #expect(await reaper.wait(child) == .exited(4))
+        #expect(try await bounded { await reaper.wait(child) } == .exited(4))
         #expect(reaper.registrationsHeld == 0)
+    }
+
+    /// A child forked elsewhere (a runc init, reparented to us) is waited for by pid. If its exit
+    /// is kept and its pid already went to a child the reaper registered, the kept exit is still
+    /// its own: a registered child's exit is never kept under a pid.
+    @Test(.enabled(if: geteuid() == 0, "needs root: sets /proc/sys/kernel/ns_last_pid"))
+    func aKeptExitWhosePIDWentToARegisteredChildStillReachesItsWaiter() async throws {
+        guard try await isolated("aKeptExitWhosePIDWentToARegisteredChildStillReachesItsWaiter") else { return }
+        let reaper = ChildReaper()
+        for _ in 1..<50 {
+            let elsewhere = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 6"]))
+            try await eventually("the unregistered child reaped") {
+                reaper.reapAll()
+                return access("/proc/\(elsewhere)", F_OK) != 0
+            }
+            try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(elsewhere - 1).utf8), mode: 0o644)
+            let registered = try reaper.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
+            let sameSlot = registered.pid == elsewhere
+            #expect(try await bounded { await reaper.wait(elsewhere) } == .exited(6), "the kept exit, even with a child of ours under the pid now")
+            kill(registered.pid, SIGKILL)
+            try await eventually("the registered child reaped") {
+                reaper.reapAll()
+                return access("/proc/\(registered.pid)", F_OK) != 0
+            }
+            #expect(try await bounded { await reaper.wait(registered) } == .signaled(SIGKILL))
+            if sameSlot { return }
+        }
+        Issue.record("no pid came round again in 50 tries (something else forked each time)")
     }
 }
