@@ -141,6 +141,26 @@ public final class ChildReaper: Sendable {
         state.withLockedValue { $0.registered.count + $0.registeredExits.count + $0.abandoned.count }
     }
 
+    /// What `signal(_:_:)` did.
+    public enum SignalOutcome: Sendable, Equatable {
+        case sent
+        /// The child was reaped already: its pid may name another process by now, so nothing
+        /// was sent (its exit is known, or on its way to its waiter).
+        case reaped
+        /// kill(2) failed with this errno.
+        case failed(errno: Int32)
+    }
+
+    /// Sends `signal` to `child` only while it is not reaped, under the lock reaping takes: until
+    /// then its pid cannot name anything else (a zombie keeps it), so a signal for a process that
+    /// just exited never reaches whichever process the kernel gave its pid to next.
+    public func signal(_ child: Child, _ signal: Int32) -> SignalOutcome {
+        state.withLockedValue { s in
+            guard s.registered[child.pid] == child.registration else { return .reaped }
+            return Glibc.kill(child.pid, signal) == 0 ? .sent : .failed(errno: Glibc.errno)
+        }
+    }
+
     /// Nobody will wait for `child` (it failed before exec): its exit is dropped when reaped.
     func abandon(_ child: Child) {
         state.withLockedValue { s in

@@ -143,6 +143,7 @@ extension Supervisor {
             }
         }
         table.withLockedValue { $0.started(entry) }
+        if let child = started.child { forked.withLockedValue { $0[spec.id] = child } }
         logger.info("process started", metadata: [
             "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
         ])
@@ -164,6 +165,7 @@ extension Supervisor {
         if case .signaled(let number) = status { signal = number }
         let report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
         table.withLockedValue { $0.exited(entry.id, report) }
+        if let child { forked.withLockedValue { if $0[entry.id] == child { $0[entry.id] = nil } } }
         if !entry.streams.isEmpty { stdio.withLockedValue { $0.exited(entry.id) } }
         reaper.settle(entry.pid)
         logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
@@ -215,8 +217,27 @@ extension Supervisor {
             try await runc.kill(container.id, signal: signal)
             return
         }
+        if let child = forked.withLockedValue({ $0[id] }) {
+            switch reaper.signal(child, signal) {
+            case .sent: return
+            case .reaped: throw HoldfastError(.notRunning, "process '\(id)' has exited")
+            case .failed(let errno):
+                throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
+            }
+        }
+        // A process an earlier image started: by pid.
         guard kill(record.pid, signal) == 0 else {
             throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
+        }
+    }
+
+    /// Signals a process of the table: through its registration when this image forked it
+    /// (never a pid the kernel gave to another process after it was reaped), else by pid.
+    func signalProcess(_ entry: ProcessTable.Entry, _ signal: Int32) {
+        if let child = forked.withLockedValue({ $0[entry.id] }), child.pid == entry.pid {
+            _ = reaper.signal(child, signal)
+        } else {
+            kill(entry.pid, signal)
         }
     }
 

@@ -36,7 +36,7 @@ extension Supervisor {
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
         for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
-            kill(entry.pid, configuration.shutdown.signal)
+            signalProcess(entry, configuration.shutdown.signal)
         }
         let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
         var clean = await waitUntilEveryProcessIsDone(until: graceEnd)
@@ -44,7 +44,7 @@ extension Supervisor {
             for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase != .done {
                 if entry.phase == .running {
                     logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(entry.id)"])
-                    kill(entry.pid, SIGKILL)
+                    signalProcess(entry, SIGKILL)
                 }
                 // A direct process leads its own process group: what it left behind (an orphan
                 // holding its output open, which would hold the drain) ends with it.

@@ -25,6 +25,9 @@ public final class Supervisor: Sendable {
     let logger: Logger
     let executable: String
     let reaper = ChildReaper()
+    /// The processes this image forked, by id, until their exit is recorded: signals go through
+    /// their registration (`ChildReaper.signal`), never to a pid the kernel may have reused.
+    let forked = NIOLockedValueBox<[String: ChildReaper.Child]>([:])
     /// When the daemon started (before every live upgrade since: its uptime spans them).
     let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.

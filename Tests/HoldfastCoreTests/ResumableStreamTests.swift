@@ -474,7 +474,11 @@ struct ResumableFaultTests {
         let delayHello: @Sendable (MemoryPipe) async -> Void = { _ in
             if random.withLockedValue({ Int.random(in: 0..<10, using: &$0) }) == 0 { await Task.yield() }
         }
-        let configuration = ResumableConfiguration(ringCapacity: 256 * 1024, ackEvery: 2048, ackDelay: .milliseconds(1), maxFrame: 1024)
+        // The drain timeout (a host that never comes back) is not under test: its 30 s default
+        // ran out once with two full suites on two cores, the last 64,824 bytes of stdin still
+        // crossing links cut every ≤ 8,000 bytes. The watchdog below judges a stall instead.
+        let configuration = ResumableConfiguration(
+            ringCapacity: 256 * 1024, ackEvery: 2048, ackDelay: .milliseconds(1), maxFrame: 1024, drainTimeout: .seconds(300))
         let stdout = ResumablePair(guestDirection: .send, configuration: configuration, token: "stdout", budget: budget, beforeAccept: delayHello)
         let stdin = ResumablePair(guestDirection: .receive, configuration: configuration, token: "stdin", budget: budget, beforeAccept: delayHello)
         defer {

@@ -153,4 +153,43 @@ struct ChildReaperTests {
         }
         Issue.record("no pid came round again in 50 tries (something else forked each time)")
     }
+
+    /// A signal for a child that was reaped a moment ago must not reach the process the kernel
+    /// gave its pid to next (another container's, say): it is sent only while the child is
+    /// unreaped, and says `reaped` after.
+    @Test(.enabled(if: geteuid() == 0, "needs root: sets /proc/sys/kernel/ns_last_pid"))
+    func aSignalForAReapedChildNeverReachesTheProcessThatGotItsPID() async throws {
+        guard try await isolated("aSignalForAReapedChildNeverReachesTheProcessThatGotItsPID") else { return }
+        let reaper = ChildReaper()
+        let stopped = try reaper.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
+        #expect(reaper.signal(stopped, 0) == .sent, "an unreaped child is signalled")
+        #expect(reaper.signal(stopped, SIGKILL) == .sent)
+        try await eventually("the child reaped") {
+            reaper.reapAll()
+            return access("/proc/\(stopped.pid)", F_OK) != 0
+        }
+        #expect(try await bounded { await reaper.wait(stopped) } == .signaled(SIGKILL))
+        for _ in 1..<50 {
+            let first = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 0"]))
+            try await eventually("the first child reaped") {
+                reaper.reapAll()
+                return access("/proc/\(first.pid)", F_OK) != 0
+            }
+            try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(first.pid - 1).utf8), mode: 0o644)
+            let victim = try reaper.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
+            let samePID = victim.pid == first.pid
+            // The late signal for the first child.
+            #expect(reaper.signal(first, SIGKILL) == .reaped)
+            #expect(kill(victim.pid, 0) == 0 && access("/proc/\(victim.pid)", F_OK) == 0, "the victim is alive")
+            #expect(reaper.signal(victim, SIGKILL) == .sent)
+            try await eventually("the victim reaped") {
+                reaper.reapAll()
+                return access("/proc/\(victim.pid)", F_OK) != 0
+            }
+            #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGKILL))
+            #expect(try await bounded { await reaper.wait(first) } == .exited(0))
+            if samePID { return }
+        }
+        Issue.record("no pid came round again in 50 tries (something else forked each time)")
+    }
 }
