@@ -152,13 +152,23 @@ final class RoleSupervisor: Sendable {
 
     /// Stops restarting and signals the current incarnation.
     func stop(signal: Int32 = SIGTERM) {
-        let (pid, released) = state.withLockedValue { s -> (pid_t?, CheckedContinuation<Void, Never>?) in
+        let (current, released) = state.withLockedValue { s -> (Incarnation?, CheckedContinuation<Void, Never>?) in
             s.stopping = true
             defer { s.releaseWaiter = nil }
-            return (s.current?.pid, s.releaseWaiter)
+            return (s.current, s.releaseWaiter)
         }
-        if let pid { Glibc.kill(pid, signal) }
+        if let current { send(signal, to: current) }
         released?.resume()
+    }
+
+    /// Signals an incarnation through its registration with the reaper: never a pid the kernel
+    /// gave to another process after the role died (`ChildReaper.signal`).
+    func send(_ signal: Int32, to incarnation: Incarnation) {
+        if let child = incarnation.child {
+            _ = reaper.signal(child, signal)
+        } else {
+            Glibc.kill(incarnation.pid, signal)
+        }
     }
 
     // MARK: Live upgrade
@@ -173,7 +183,7 @@ final class RoleSupervisor: Sendable {
             return s.current
         }
         guard let incarnation else { return nil }
-        let killer = TimeoutWheel.shared.schedule(after: limit) { Glibc.kill(incarnation.pid, SIGKILL) }
+        let killer = TimeoutWheel.shared.schedule(after: limit) { [self] in send(SIGKILL, to: incarnation) }
         defer { TimeoutWheel.shared.cancel(killer) }
         return await withCheckedContinuation { continuation in
             let gone = state.withLockedValue { s -> Bool in
@@ -214,7 +224,7 @@ final class RoleSupervisor: Sendable {
 
     /// Kills the current incarnation (tests and shutdown escalation).
     func kill(signal: Int32) {
-        if let pid = pid { Glibc.kill(pid, signal) }
+        if let current = state.withLockedValue({ $0.current }) { send(signal, to: current) }
     }
 
     var channel: FDChannel? { state.withLockedValue { $0.current?.channel } }

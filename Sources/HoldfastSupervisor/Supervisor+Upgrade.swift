@@ -163,7 +163,7 @@ extension Supervisor {
         // it had in flight on the next connection); the broker quiesces and exits: every stream
         // settled in its checkpoint, nothing in a take.
         let (brokerRole, bridgeRole) = session.withLockedValue { ($0.broker, $0.bridgeWorker) }
-        let bridgeExit = await bridgeRole?.hold(within: .seconds(5)) { incarnation in kill(incarnation.pid, SIGTERM) }
+        let bridgeExit = await bridgeRole?.hold(within: .seconds(5)) { incarnation in bridgeRole?.send(SIGTERM, to: incarnation) }
         undo.append { bridgeRole?.release() }
         let client = broker()
         let brokerExit = await brokerRole?.hold(within: .seconds(5)) { _ in

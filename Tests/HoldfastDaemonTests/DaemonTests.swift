@@ -141,7 +141,16 @@ struct DaemonTests {
             }
             try await group.waitForAll()
         }
-        let heapAfter = try #require(try await daemon.status().mallocInUseKiB)
+        // Measured once the supervisor is done with the last exits (their reports and drains
+        // finish after the waits return): amid the full suite, a reading taken at once was up to
+        // +153 KiB, and a few seconds later back at the level alone (−64 to +23 KiB). A leak
+        // does not come back down.
+        var heapAfter = Int.max
+        try? await eventually("the supervisor's heap back near its level", timeout: .seconds(15)) {
+            let status = try await daemon.status()
+            heapAfter = status.mallocInUseKiB ?? .max
+            return status.processes.isEmpty && heapAfter - heapBefore < 128
+        }
         print("a second 1,000 lifecycles: supervisor malloc in use \(heapBefore) KiB → \(heapAfter) KiB")
         #expect(heapAfter - heapBefore < 128, "the supervisor's heap must not grow with processes it forgot")
         #expect(try await daemon.stop() == .exited(0))
