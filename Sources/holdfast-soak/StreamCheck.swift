@@ -184,8 +184,7 @@ func escaped(_ bytes: [UInt8]) -> String {
         if byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "\\") {
             out.unicodeScalars.append(Unicode.Scalar(byte))
         } else {
-            let digits = Array("0123456789abcdef")
-            out += "\\x" + String(digits[Int(byte >> 4)]) + String(digits[Int(byte & 0xF)])
+            out += "\\x" + hex([byte])
         }
     }
     return "\"" + out + "\""
