@@ -135,6 +135,35 @@ public final class ChildReaper: Sendable {
         }
     }
 
+    /// Registers a child this image did not fork, as soon as its pid is known: a runc init or
+    /// exec'd process (reparented to us, the subreaper, when runc exits; its pid from runc's
+    /// pid file) and, after a live upgrade, each process the earlier image forked. From here on
+    /// its exit and its signals are its own, as if `spawn` had forked it. Nil when the pid
+    /// names no child of ours and no exit is kept for it (the caller falls back to `wait(pid)`).
+    ///
+    /// Until this call only the pid tells it apart: an exit reaped before it is taken to be this
+    /// child's unless an unregistered child holds the pid now (then that child is this one, and
+    /// the kept exit an earlier process's, `wait(pid)`'s rule). Two unregistered children given
+    /// the pid in turn, both reaped, within that moment, still cannot be told apart.
+    public func adopt(_ pid: pid_t) -> Child? {
+        state.withLockedValue { s in
+            let holder = s.registered[pid] != nil ? nil : (isChild(pid) ? pid : nil)
+            let kept = s.exited[pid]
+            guard kept != nil || holder != nil else { return nil }
+            s.nextRegistration += 1
+            let child = Child(pid: pid, registration: s.nextRegistration)
+            if holder != nil {
+                // Alive or a zombie not reaped yet: its pid is its own until reaped here.
+                if kept != nil { s.exited.removeValue(forKey: pid) }
+                s.registered[pid] = child.registration
+            } else if let kept {
+                s.exited.removeValue(forKey: pid)
+                s.registeredExits[child.registration] = (pid, kept)
+            }
+            return child
+        }
+    }
+
     /// Registrations of children not reaped, exits not asked for and failed children not
     /// reaped yet (tests: nothing is held for ever).
     var registrationsHeld: Int {
@@ -161,8 +190,18 @@ public final class ChildReaper: Sendable {
         }
     }
 
-    /// Nobody will wait for `child` (it failed before exec): its exit is dropped when reaped.
-    func abandon(_ child: Child) {
+    /// Sends `signal` to the process group `child` leads (kill(-pid)), only while `child` is not
+    /// reaped: until then its pid, and so the group's number, names nothing else.
+    public func signalGroup(_ child: Child, _ signal: Int32) -> SignalOutcome {
+        state.withLockedValue { s in
+            guard s.registered[child.pid] == child.registration else { return .reaped }
+            return Glibc.kill(-child.pid, signal) == 0 ? .sent : .failed(errno: Glibc.errno)
+        }
+    }
+
+    /// Nobody will wait for `child` (it failed before exec, or its start was undone): its exit
+    /// is dropped when reaped.
+    public func abandon(_ child: Child) {
         state.withLockedValue { s in
             if s.registeredExits.removeValue(forKey: child.registration) == nil { s.abandoned.insert(child.registration) }
         }

@@ -128,8 +128,9 @@ struct Launcher {
     /// What `launch` produced: the child's pid, and what to send the broker.
     struct Started {
         var pid: pid_t
-        /// Its registration with the reaper, when the supervisor forked it (runtime `direct`);
-        /// nil for a runc container's init, which runc forked.
+        /// Its registration with the reaper: made as it was forked (runtime `direct`), or as
+        /// soon as runc's pid file named it (`ChildReaper.adopt`); nil only if runc's process
+        /// was no child of ours by then (waited for by pid).
         var child: ChildReaper.Child?
         var adopt: AdoptRequest
         var descriptors: [Int32]
@@ -244,18 +245,17 @@ struct Launcher {
             throw startFailure(error)
         }
         stdio.closeChildEnds()
-        var started = started(pid: child.pid, id: spec.id, stdio: stdio)
-        started.child = child
+        let started = started(pid: child.pid, child: child, id: spec.id, stdio: stdio)
         return started
     }
 
     /// The broker's part: no streams, no fds.
-    static func started(pid: pid_t, id: String, stdio: Stdio) -> Started {
+    static func started(pid: pid_t, child: ChildReaper.Child? = nil, id: String, stdio: Stdio) -> Started {
         if stdio.streams.isEmpty {
             for fd in stdio.hostEnds { _ = close(fd) }
-            return Started(pid: pid, adopt: AdoptRequest(process: id, streams: []), descriptors: [])
+            return Started(pid: pid, child: child, adopt: AdoptRequest(process: id, streams: []), descriptors: [])
         }
-        return Started(pid: pid, adopt: AdoptRequest(process: id, streams: stdio.streams), descriptors: stdio.hostEnds)
+        return Started(pid: pid, child: child, adopt: AdoptRequest(process: id, streams: stdio.streams), descriptors: stdio.hostEnds)
     }
 }
 

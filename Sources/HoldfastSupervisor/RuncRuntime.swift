@@ -93,6 +93,7 @@ struct RuncRuntime: Sendable {
             throw error
         }
         stdio.closeChildEnds()  // the container's init has them now
+        var child: ChildReaper.Child?
         do throws(HoldfastError) {
             if let console {
                 let master = try await console.receiveMaster()
@@ -100,13 +101,18 @@ struct RuncRuntime: Sendable {
                 stdio.hostEnds.insert(master, at: 0)
             }
             let pid = try readPidFile(scratch.pidFile)
+            // Registered now, before `runc start` lets it run: its exit and signals are its own
+            // from here on, whatever the kernel does with its pid.
+            child = reaper.adopt(pid)
             try await run(["start", spec.id], log: scratch.logFile, what: "runc start")
             logger.info("container started", metadata: ["process": "\(spec.id)", "pid": "\(pid)", "bundle": "\(spec.bundle!)"])
-            return Launcher.started(pid: pid, id: spec.id, stdio: stdio)
+            return Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
         } catch {
             console?.close()
             stdio.closeAll()
             await delete(spec.id)
+            // Nobody will wait for the init `runc delete` ended.
+            if let child { reaper.abandon(child) }
             throw error
         }
     }
@@ -143,8 +149,9 @@ struct RuncRuntime: Sendable {
                 stdio.hostEnds.insert(master, at: 0)
             }
             let pid = try readPidFile(scratch.pidFile)
+            let child = reaper.adopt(pid)
             logger.info("exec started", metadata: ["process": "\(spec.id)", "container": "\(container)", "pid": "\(pid)"])
-            return Launcher.started(pid: pid, id: spec.id, stdio: stdio)
+            return Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
         } catch {
             console?.close()
             stdio.closeAll()
@@ -196,11 +203,12 @@ struct RuncRuntime: Sendable {
         } catch {
             throw HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
-        let pid = child.pid
         let expired = NIOLockedValueBox(false)
-        let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) {
+        let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) { [reaper] in
             expired.withLockedValue { $0 = true }
-            _ = Glibc.kill(pid, SIGKILL)
+            // Through the registration: a runc that ended as the watchdog fired is not killed
+            // by number (its pid may be another process's by then).
+            _ = reaper.signal(child, SIGKILL)
         }
         let status = await reaper.wait(child)
         TimeoutWheel.shared.cancel(watchdog)

@@ -128,8 +128,13 @@ extension Supervisor {
             } catch {
                 for fd in descriptors { close(fd) }
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
-                kill(started.pid, SIGKILL)
-                if let child = started.child { _ = await reaper.wait(child) } else { _ = await reaper.wait(started.pid) }
+                if let child = started.child {
+                    _ = reaper.signal(child, SIGKILL)
+                    _ = await reaper.wait(child)
+                } else {
+                    kill(started.pid, SIGKILL)
+                    _ = await reaper.wait(started.pid)
+                }
                 if let container { await runc.delete(container.id) }
                 throw error
             }
@@ -231,14 +236,31 @@ extension Supervisor {
         }
     }
 
-    /// Signals a process of the table: through its registration when this image forked it
-    /// (never a pid the kernel gave to another process after it was reaped), else by pid.
+    /// Signals a process of the table: through its registration (never a pid the kernel gave
+    /// to another process after it was reaped), else by pid.
     func signalProcess(_ entry: ProcessTable.Entry, _ signal: Int32) {
         if let child = forked.withLockedValue({ $0[entry.id] }), child.pid == entry.pid {
             _ = reaper.signal(child, signal)
         } else {
             kill(entry.pid, signal)
         }
+    }
+
+    /// Signals the process group a direct process leads (what it left behind: an orphan that
+    /// holds its output open). While the leader is not reaped, through its registration: exact.
+    /// After, by number. That number is still this group's while any member of the group or of
+    /// its session lives (the kernel gives a number out again only once no process uses it as
+    /// a pid, a group or a session), and the stop sends this only for a process whose output
+    /// is still held open, as a rule by such a member. It can reach another group only if
+    /// every member ended in the instant before it and the kernel handed the number to a new
+    /// process that made itself a group leader in that same instant.
+    func signalProcessGroup(_ entry: ProcessTable.Entry, _ signal: Int32) {
+        if let child = forked.withLockedValue({ $0[entry.id] }), child.pid == entry.pid,
+            reaper.signalGroup(child, signal) != .reaped
+        {
+            return
+        }
+        kill(-entry.pid, signal)
     }
 
     // MARK: Status

@@ -48,7 +48,7 @@ extension Supervisor {
                 }
                 // A direct process leads its own process group: what it left behind (an orphan
                 // holding its output open, which would hold the drain) ends with it.
-                if entry.leadsProcessGroup { kill(-entry.pid, SIGKILL) }
+                if entry.leadsProcessGroup { signalProcessGroup(entry, SIGKILL) }
             }
             clean = await waitUntilEveryProcessIsDone(until: drainsEnd)
         }

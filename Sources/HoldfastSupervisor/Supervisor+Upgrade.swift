@@ -243,7 +243,6 @@ extension Supervisor {
             throw HoldfastError(.upgradeFailed, "the new binary \(path) cannot be executed: \(why) (errno \(error.errno))")
         }
         close(output.write)
-        let pid = child.pid
         let reading = Task { () -> [UInt8] in
             guard let reader = try? AsyncFD(adopting: output.read) else { return [] }
             defer { reader.close() }
@@ -257,8 +256,10 @@ extension Supervisor {
         }
         let waiting = Task { [reaper] in await reaper.wait(child) }
         guard let status = await waiting.value(within: Self.probeLimit) else {
-            kill(-pid, SIGKILL)
-            kill(pid, SIGKILL)
+            // Through the registration: a probe that ended as its time ran out is not
+            // killed by number (its pid, and its group's, may be another process's by then).
+            _ = reaper.signalGroup(child, SIGKILL)
+            _ = reaper.signal(child, SIGKILL)
             _ = await waiting.value
             reading.cancel()
             throw HoldfastError(.upgradeFailed, "the new binary \(path) did not finish its check within \(Self.describe(Self.probeLimit))")
@@ -294,10 +295,13 @@ extension Supervisor {
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,
     /// reaped there or here, reported once); one that exited there but had not drained is told
-    /// to the first broker with its streams (`readopt`).
+    /// to the first broker with its streams (`readopt`). Each is registered with this image's
+    /// reaper first (`adopt`), before anything is forked here: its exit and signals stay its own.
     func watchResumedProcesses() {
         for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
-            Task { await watch(entry) }
+            let child = reaper.adopt(entry.pid)
+            if let child { forked.withLockedValue { $0[entry.id] = child } }
+            Task { await watch(entry, child: child) }
         }
     }
 

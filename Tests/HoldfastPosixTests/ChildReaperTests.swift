@@ -192,4 +192,103 @@ struct ChildReaperTests {
         }
         Issue.record("no pid came round again in 50 tries (something else forked each time)")
     }
+
+    /// A child forked elsewhere (a runc init; a process an earlier image forked) is registered
+    /// as soon as its pid is known (`adopt`). Two such children given one pid in turn, both
+    /// reaped before anyone asks, then each get their own exit. By pid alone the second exit
+    /// replaced the first under the pid: one waiter got exit 5, the other waited for ever.
+    @Test(.enabled(if: geteuid() == 0, "needs root: sets /proc/sys/kernel/ns_last_pid"))
+    func anAdoptedChildKeepsItsOwnExitWhenItsPIDGoesToAnotherUnregisteredChild() async throws {
+        guard try await isolated("anAdoptedChildKeepsItsOwnExitWhenItsPIDGoesToAnotherUnregisteredChild") else { return }
+        let reaper = ChildReaper()
+        for _ in 1..<50 {
+            let initPID = try Spawner.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
+            let adopted = try #require(reaper.adopt(initPID), "a live child of ours is adopted")
+            #expect(reaper.signal(adopted, SIGKILL) == .sent)
+            try await eventually("the adopted child reaped") {
+                reaper.reapAll()
+                return access("/proc/\(initPID)", F_OK) != 0
+            }
+            try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(initPID - 1).utf8), mode: 0o644)
+            let next = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 5"]))
+            try await eventually("the next unregistered child reaped") {
+                reaper.reapAll()
+                return access("/proc/\(next)", F_OK) != 0
+            }
+            // The later child's waiter asks first, by pid, as a second runc init's would.
+            #expect(try await bounded { await reaper.wait(next) } == .exited(5))
+            #expect(try await bounded { await reaper.wait(adopted) } == .signaled(SIGKILL), "its own exit, not exit 5")
+            #expect(reaper.registrationsHeld == 0)
+            if next == initPID { return }
+        }
+        Issue.record("no pid came round again in 50 tries (something else forked each time)")
+    }
+
+    /// Adopting a child whose exit was reaped already hands that exit to the registration; a
+    /// pid that names no child of ours and no kept exit is not adopted (waited for by pid).
+    @Test func adoptingAChildThatExitedAlreadyHandsItItsKeptExit() async throws {
+        guard try await isolated("adoptingAChildThatExitedAlreadyHandsItItsKeptExit") else { return }
+        let reaper = ChildReaper()
+        let pid = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 7"]))
+        try await eventually("the child reaped") {
+            reaper.reapAll()
+            return access("/proc/\(pid)", F_OK) != 0
+        }
+        let adopted = try #require(reaper.adopt(pid))
+        #expect(try await bounded { await reaper.wait(adopted) } == .exited(7))
+        #expect(reaper.signal(adopted, SIGKILL) == .reaped, "no signal for a reaped child")
+        #expect(reaper.adopt(1) == nil, "init is nobody's child")
+        #expect(reaper.registrationsHeld == 0)
+    }
+
+    /// A group signal (the stop's SIGKILL to what a process left behind) reaches the whole group
+    /// while its leader is unreaped, and nothing once the leader is reaped: the group's number
+    /// may lead another group by then, which stays alive.
+    @Test(.enabled(if: geteuid() == 0, "needs root: sets /proc/sys/kernel/ns_last_pid"))
+    func aGroupSignalNeverReachesTheGroupThatGotItsNumber() async throws {
+        guard try await isolated("aGroupSignalNeverReachesTheGroupThatGotItsNumber") else { return }
+        let reaper = ChildReaper()
+        func session(_ script: String) -> SpawnOptions {
+            var options = SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", script])
+            options.newSession = true
+            return options
+        }
+        // A leader and a member it left in its group (as a container's background job).
+        let files = try TemporaryDirectory()
+        let leader = try reaper.spawn(session("sleep 30 & echo $! > \(files.file("member")); exec sleep 30"))
+        try await eventually("the member's pid written") { readFile(files.file("member")).map { $0.count > 1 } ?? false }
+        let member = pid_t(String(decoding: readFile(files.file("member"))!.dropLast(), as: UTF8.self))!
+        #expect(reaper.signalGroup(leader, SIGKILL) == .sent)
+        try await eventually("the leader reaped") {
+            reaper.reapAll()
+            return access("/proc/\(leader.pid)", F_OK) != 0
+        }
+        try await eventually("the member killed with its group") {
+            // Reparented to whichever subreaper or init is above this process: gone, or a zombie.
+            guard let stat = readFile("/proc/\(member)/stat"), let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return true }
+            return stat.count > close + 2 && stat[close + 2] == UInt8(ascii: "Z")
+        }
+        #expect(try await bounded { await reaper.wait(leader) } == .signaled(SIGKILL))
+        for _ in 1..<50 {
+            let first = try reaper.spawn(session("exit 0"))
+            try await eventually("the first leader reaped") {
+                reaper.reapAll()
+                return access("/proc/\(first.pid)", F_OK) != 0
+            }
+            try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(first.pid - 1).utf8), mode: 0o644)
+            let victim = try reaper.spawn(session("exec sleep 30"))
+            let sameNumber = victim.pid == first.pid
+            #expect(reaper.signalGroup(first, SIGKILL) == .reaped, "the late group signal is not sent")
+            #expect(kill(victim.pid, 0) == 0 && access("/proc/\(victim.pid)", F_OK) == 0, "the group that got the number is alive")
+            #expect(reaper.signal(victim, SIGKILL) == .sent)
+            try await eventually("the victim reaped") {
+                reaper.reapAll()
+                return access("/proc/\(victim.pid)", F_OK) != 0
+            }
+            #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGKILL))
+            #expect(try await bounded { await reaper.wait(first) } == .exited(0))
+            if sameNumber { return }
+        }
+        Issue.record("no pid came round again in 50 tries (something else forked each time)")
+    }
 }
