@@ -17,6 +17,13 @@ private func bounded(_ wait: @escaping @Sendable () async -> HoldfastPosix.ExitS
     return result.withLockedValue { $0 }!
 }
 
+/// Whether `pid` is a process that has not exited: /proc/PID exists and is not a zombie (a
+/// killed child not reaped yet answers kill(pid, 0) too).
+private func isRunning(_ pid: pid_t) -> Bool {
+    guard let stat = readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: UInt8(ascii: ")")), stat.count > close + 2 else { return false }
+    return stat[close + 2] != UInt8(ascii: "Z")
+}
+
 @Suite("ChildReaper: every exit to its own waiter", .timeLimit(.minutes(5)))
 struct ChildReaperTests {
     /// An exit nobody waited for (an orphan's, under a subreaper) is kept under its pid; when the
@@ -180,13 +187,14 @@ struct ChildReaperTests {
             let samePID = victim.pid == first.pid
             // The late signal for the first child.
             #expect(reaper.signal(first, SIGKILL) == .reaped)
-            #expect(kill(victim.pid, 0) == 0 && access("/proc/\(victim.pid)", F_OK) == 0, "the victim is alive")
-            #expect(reaper.signal(victim, SIGKILL) == .sent)
+            #expect(isRunning(victim.pid), "the victim is alive")
+            // Ended with SIGTERM: a SIGKILL status would be the late signal's.
+            #expect(reaper.signal(victim, SIGTERM) == .sent)
             try await eventually("the victim reaped") {
                 reaper.reapAll()
                 return access("/proc/\(victim.pid)", F_OK) != 0
             }
-            #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGKILL))
+            #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGTERM), "ended by its own SIGTERM, not the late SIGKILL")
             #expect(try await bounded { await reaper.wait(first) } == .exited(0))
             if samePID { return }
         }
@@ -263,11 +271,8 @@ struct ChildReaperTests {
             reaper.reapAll()
             return access("/proc/\(leader.pid)", F_OK) != 0
         }
-        try await eventually("the member killed with its group") {
-            // Reparented to whichever subreaper or init is above this process: gone, or a zombie.
-            guard let stat = readFile("/proc/\(member)/stat"), let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return true }
-            return stat.count > close + 2 && stat[close + 2] == UInt8(ascii: "Z")
-        }
+        // Reparented to whichever subreaper or init is above this process: gone, or a zombie.
+        try await eventually("the member killed with its group") { !isRunning(member) }
         #expect(try await bounded { await reaper.wait(leader) } == .signaled(SIGKILL))
         for _ in 1..<50 {
             let first = try reaper.spawn(session("exit 0"))
@@ -279,13 +284,13 @@ struct ChildReaperTests {
             let victim = try reaper.spawn(session("exec sleep 30"))
             let sameNumber = victim.pid == first.pid
             #expect(reaper.signalGroup(first, SIGKILL) == .reaped, "the late group signal is not sent")
-            #expect(kill(victim.pid, 0) == 0 && access("/proc/\(victim.pid)", F_OK) == 0, "the group that got the number is alive")
-            #expect(reaper.signal(victim, SIGKILL) == .sent)
+            #expect(isRunning(victim.pid), "the group that got the number is alive")
+            #expect(reaper.signal(victim, SIGTERM) == .sent)
             try await eventually("the victim reaped") {
                 reaper.reapAll()
                 return access("/proc/\(victim.pid)", F_OK) != 0
             }
-            #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGKILL))
+            #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGTERM), "ended by its own SIGTERM, not the late SIGKILL")
             #expect(try await bounded { await reaper.wait(first) } == .exited(0))
             if sameNumber { return }
         }
