@@ -205,6 +205,7 @@ let package = Package(
                 "HoldfastHost",
                 "HoldfastPosix",
                 "HoldfastProtocol",
+                "HoldfastTools",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),

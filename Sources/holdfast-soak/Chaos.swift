@@ -1,6 +1,7 @@
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
+import HoldfastTools
 
 #if canImport(Glibc)
 import Glibc
@@ -20,6 +21,27 @@ struct ChaosSettings: Sendable {
     /// The broker is killed with SIGKILL every this many seconds (random in the range); nil:
     /// never. Every stream must resume, every loss be reported exactly.
     var brokerKillEverySeconds: ClosedRange<Int>?
+    /// A live upgrade (`holdfast upgrade`: the daemon re-executes its binary, keeping its pid,
+    /// its processes and their streams; new roles) every this many seconds (random in the
+    /// range); nil: never. Nothing may be lost or repeated, each exit reported once.
+    var upgradeEverySeconds: ClosedRange<Int>?
+}
+
+/// Role kills and live upgrades one at a time: an upgrade stops the roles and starts new ones,
+/// and a kill of a role the upgrade is stopping would count as neither a crash nor a restart
+/// (the soak checks each kill's restart). Migrations and broker stops overlap everything.
+actor FaultGate {
+    private var busy = false
+    private var queue: [CheckedContinuation<Void, Never>] = []
+
+    func exclusive(_ body: @Sendable () async -> Void) async {
+        if busy {
+            await withCheckedContinuation { queue.append($0) }
+        }
+        busy = true
+        await body()
+        if queue.isEmpty { busy = false } else { queue.removeFirst().resume() }
+    }
 }
 
 /// Migrations on a fixed period with random blackouts, and SIGKILLs of the bridge worker at
@@ -29,6 +51,7 @@ enum Chaos {
         until end: ContinuousClock.Instant, host: Host, daemon: Daemon, settings: ChaosSettings, seed: UInt64
     ) async {
         var rng = SeededGenerator(seed: seed)
+        let gate = FaultGate()
         // The first kill comes early in the phase, so the warm-up has one too: a process's
         // first sleep on a clock makes the runtime open a timerfd for that clock, and the
         // supervisor's restart back-off sleeps on one it may not have used yet. The baseline
@@ -59,12 +82,27 @@ enum Chaos {
                 _ = rng.next()
                 try await Task.sleep(for: .milliseconds(Int.random(in: 1000...max(1000, min(range.lowerBound, phase / 4) * 1000), using: &rng)))
                 while ContinuousClock.now + settings.period * 3 < end {
-                    await killBroker(host: host, daemon: daemon)
+                    await gate.exclusive { await killBroker(host: host, daemon: daemon) }
                     try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
                 }
             }
         }
         defer { brokerKills?.cancel() }
+        // Like the kills: the first early in the phase (the baseline is then taken with the
+        // image an upgrade starts, its fds and heap), none in its last cycles. Awaited, not
+        // only cancelled, at the end: an upgrade under way finishes before a quiet moment.
+        let upgrades = settings.upgradeEverySeconds.map { range in
+            Task { [rng] in
+                var rng = rng
+                for _ in 0..<3 { _ = rng.next() }
+                try await Task.sleep(for: .milliseconds(Int.random(in: 1000...max(1000, min(range.lowerBound, phase / 4) * 1000), using: &rng)))
+                while ContinuousClock.now + settings.period * 3 < end {
+                    // Its own task: a cancelled phase must not cut an upgrade's wait short.
+                    await Task { await gate.exclusive { await upgrade(host: host, daemon: daemon) } }.value
+                    try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
+                }
+            }
+        }
         var cycle = ContinuousClock.now
         while cycle < end {
             let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
@@ -85,12 +123,14 @@ enum Chaos {
                 // Somewhere in the lights-on part of this cycle.
                 let room = milliseconds(cycleEnd - ContinuousClock.now) - 100
                 if room > 0 { try? await Task.sleep(for: .milliseconds(Int.random(in: 0...room, using: &rng))) }
-                await killBridge(host: host, daemon: daemon)
+                await gate.exclusive { await killBridge(host: host, daemon: daemon) }
                 nextKill = ContinuousClock.now + .seconds(Int.random(in: range, using: &rng))
             }
             try? await Task.sleep(until: cycleEnd, clock: .continuous)
             cycle = cycleEnd
         }
+        upgrades?.cancel()
+        _ = await upgrades?.result
     }
 
     /// Finds the bridge worker through the daemon's control socket (as `holdfast status` does)
@@ -138,6 +178,20 @@ extension Chaos {
         kill(pid, SIGKILL)
         let now = ContinuousClock.now
         host.ledger.update { $0.brokerKills.append(now) }
+    }
+}
+
+extension Chaos {
+    /// A package upgrade's `systemctl reload`: `holdfast upgrade` over the control socket, the
+    /// daemon re-executing the binary at its path (the same one here: the whole hand-over runs
+    /// all the same), waited for until the new image serves with both roles.
+    static func upgrade(host: Host, daemon: Daemon) async {
+        do {
+            let outcome = try await UpgradeClient.upgrade(socket: daemon.controlSocket, timeout: .seconds(60))
+            host.ledger.update { $0.upgrades.append(outcome.took) }
+        } catch {
+            host.ledger.fail("live upgrade: \(error)")
+        }
     }
 }
 

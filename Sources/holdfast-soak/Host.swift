@@ -233,6 +233,8 @@ final class Ledger: Sendable {
         var kills: [ContinuousClock.Instant] = []
         var brokerStops = 0
         var brokerKills: [ContinuousClock.Instant] = []
+        /// Each live upgrade's time, request to the new image serving with both roles.
+        var upgrades: [Duration] = []
         /// Bytes the streams reported lost to broker kills (GAP frames), and their exits' count.
         var lostBytes: UInt64 = 0
         var processesWithLoss = 0

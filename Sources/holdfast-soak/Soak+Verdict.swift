@@ -40,6 +40,9 @@ extension Run {
             ledger.fail("the bridge worker restarted \(bridgeRestarts) times for \(counters.kills.count) kills")
         }
         if let status, status.pid != daemon.pid { ledger.fail("the supervisor is pid \(status.pid), started as \(daemon.pid)") }
+        if let status, (status.upgrades ?? 0) != counters.upgrades.count {
+            ledger.fail("the daemon counted \(status.upgrades ?? 0) upgrades for \(counters.upgrades.count) made")
+        }
 
         // fds exactly, RSS within the tolerance.
         var roleRows: [String] = []
@@ -112,6 +115,7 @@ extension Run {
             ("bridge worker kills (SIGKILL)", "\(final.kills.count); restarts the daemon counted: \(bridgeRestarts.map(String.init) ?? "?")"),
             ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("broker kills (SIGKILL)", "\(final.brokerKills.count); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
+            ("live upgrades (holdfast upgrade: a re-exec, new roles; request → new image serving)", upgradeFigures(final.upgrades, counted: status?.upgrades)),
             ("offsets reported lost to broker kills (GAP; the bytes around each checked exactly)", "\(bytes(final.lostBytes)) in \(final.processesWithLoss) processes"),
             ("bridge connections accepted", "\(host.bridge.acceptedConnections)"),
             ("stream connections (host side)", "\(streamFigures.connects), of which reconnects \(streamFigures.reconnects)"),
@@ -171,7 +175,7 @@ func progressLine(host: Host, elapsed: Duration?) -> String {
     let c = host.ledger.snapshot
     let started = c.started.values.reduce(0, +)
     let prefix = elapsed.map { "[\(clock($0))]" } ?? "[phase end]"
-    return "\(prefix) live \(host.live)  started \(started)  finished \(c.finished)  to host \(bytes(c.bytesToHost))  to guest \(bytes(c.bytesToGuest))  migrations \(c.migrations)  kills \(c.kills.count)  reconnects \(host.reconnects.figures.reconnects)  failures \(c.failureCount)"
+    return "\(prefix) live \(host.live)  started \(started)  finished \(c.finished)  to host \(bytes(c.bytesToHost))  to guest \(bytes(c.bytesToGuest))  migrations \(c.migrations)  kills \(c.kills.count)  upgrades \(c.upgrades.count)  reconnects \(host.reconnects.figures.reconnects)  failures \(c.failureCount)"
 }
 
 /// "RSS supervisor 29 MiB, broker 35 MiB, bridge 24 MiB", for the progress lines.
@@ -292,4 +296,11 @@ enum HeapAllowance {
     }
 
     static let summary = "max(10 %, 1 MiB) for the broker (50 %, 3 MiB for a successor), max(10 %, 2 MiB) for the supervisor"
+}
+
+/// "N; took median X ms, longest Y ms; the daemon counted: Z".
+func upgradeFigures(_ took: [Duration], counted: Int?) -> String {
+    let sorted = took.map(milliseconds).sorted()
+    let spread = sorted.isEmpty ? "" : "; took median \(sorted[sorted.count / 2]) ms, longest \(sorted.last!) ms"
+    return "\(took.count)\(spread); the daemon counted: \(counted.map(String.init) ?? "?")"
 }
