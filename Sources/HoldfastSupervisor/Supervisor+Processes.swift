@@ -159,8 +159,9 @@ extension Supervisor {
     }
 
     /// Waits for the process to exit, lets its output drain, then reports the exit.
-    /// `child`: its registration when this image forked it (its exit is its own even if the
-    /// kernel reused its pid at once); nil for a runc init or a process an earlier image started.
+    /// `child`: its registration (its exit is its own even if the kernel reused its pid at
+    /// once): made as this image forked it, or by `adopt` for a runc init or a process an
+    /// earlier image started; nil only where `adopt` found no child of ours (then by pid).
     func watch(_ entry: ProcessTable.Entry, child: ChildReaper.Child? = nil) async {
         // Tracked: an exit reaped but not yet written down here goes to the next image if a live
         // upgrade comes in between (ChildReaper.freeze).
@@ -230,7 +231,7 @@ extension Supervisor {
                 throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
             }
         }
-        // A process an earlier image started: by pid.
+        // No registration (`adopt` found no child of ours under its pid): by pid.
         guard kill(record.pid, signal) == 0 else {
             throw HoldfastError(.signalFailed, "kill(\(record.pid), \(signal)): \(String(cString: strerror(errno))) (errno \(errno))")
         }
