@@ -28,8 +28,13 @@ extension Supervisor {
                 }
             }
             guard !batch.isEmpty else { return }
+            // Every copy of the batch is closed, sent or not: a broker that dies during the
+            // batch ends this loop early, and the copies of the items after the one it died
+            // on would otherwise stay open in this image for good (a crash-looping broker, or
+            // one killed just after a live upgrade's new image handed it everything, leaked up
+            // to the batch's worth at each death: the soak's supervisor fd check found 12).
+            defer { for item in batch { for fd in item.descriptors where fd >= 0 { close(fd) } } }
             for item in batch {
-                defer { for fd in item.descriptors where fd >= 0 { close(fd) } }
                 // Its only stream (stdin) was ended: nothing to hand over; its exit is reported
                 // without a drain.
                 guard !item.request.streams.isEmpty else {
