@@ -30,8 +30,9 @@ public final class Broker: Sendable {
     /// redial cycle gave up starts another after a back-off (`DialWatch`).
     private let bridgeIsUp = NIOLockedValueBox(true)
     var isBridgeUp: Bool { bridgeIsUp.withLockedValue { $0 } }
-    /// Where notifications go (the supervisor's control channel).
-    private let notify: @Sendable (BrokerNotification) async -> Void
+    /// Where notifications go (the supervisor's control channel), in the order they happened
+    /// (`OrderedDelivery`: a stdin's end before the `drained` of the process it let exit).
+    private let notifications: OrderedDelivery<BrokerNotification>
     /// The supervisor's shared checkpoint area (`--checkpoints-fd`): where resumable streams
     /// keep their progress, so a broker started after this one crashed resumes them.
     let checkpoints: CheckpointMemory?
@@ -55,7 +56,7 @@ public final class Broker: Sendable {
         self.logger = logger
         self.checkpoints = checkpoints
         self.rings = rings
-        self.notify = notify
+        self.notifications = OrderedDelivery(notify)
     }
 
     // MARK: Adopt
@@ -237,7 +238,7 @@ public final class Broker: Sendable {
             }
         }
         if !copies.isEmpty {
-            await notify(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
+            await notifications.send(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
         }
         do {
             try adopt(withSlots, descriptors: descriptors, owner: .handoff(uid: uid))
@@ -255,17 +256,17 @@ public final class Broker: Sendable {
             checkpoints?.checkpoint(slot)?.clear()
             rings?.clear(slot)
         }
-        await notify(.handoffEnded(ProcessRequest(process: process)))
+        await notifications.send(.handoffEnded(ProcessRequest(process: process)))
     }
 
     /// A process's stdin pipe was closed here: the supervisor closes its copy.
     func inputEnded(_ process: String, endedByHost: Bool) {
-        Task { await notify(.inputEnded(InputEndedNotification(process: process, endedByHost: endedByHost))) }
+        notifications.post(.inputEnded(InputEndedNotification(process: process, endedByHost: endedByHost)))
     }
 
     /// A stdin the host ended is done with its END echo: the supervisor lets its slot go.
     func inputSettled(_ process: String, checkpoint: Int) {
-        Task { await notify(.inputSettled(InputSettledNotification(process: process, checkpoint: checkpoint))) }
+        notifications.post(.inputSettled(InputSettledNotification(process: process, checkpoint: checkpoint)))
     }
 
     // MARK: Release
@@ -308,7 +309,7 @@ public final class Broker: Sendable {
                 "process": "\(request.process)", "undelivered": "\(undelivered)",
             ])
             if removed { await handoffGone(request.process) }
-            await notify(.drained(DrainedNotification(process: request.process, streams: results)))
+            await notifications.send(.drained(DrainedNotification(process: request.process, streams: results)))
         }
     }
 
