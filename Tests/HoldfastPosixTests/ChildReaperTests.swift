@@ -17,6 +17,15 @@ private func bounded(_ wait: @escaping @Sendable () async -> HoldfastPosix.ExitS
     return result.withLockedValue { $0 }!
 }
 
+/// Reaps until `pid` is gone from /proc (bounded by `eventually`): the reaper's own loop, as a
+/// SIGCHLD would run it.
+private func reapUntilGone(_ reaper: ChildReaper, _ pid: pid_t, _ what: String) async throws {
+    try await eventually(what) {
+        reaper.reapAll()
+        return access("/proc/\(pid)", F_OK) != 0
+    }
+}
+
 /// Whether `pid` is a process that has not exited: /proc/PID exists and is not a zombie (a
 /// killed child not reaped yet answers kill(pid, 0) too).
 private func isRunning(_ pid: pid_t) -> Bool {
@@ -36,10 +45,7 @@ struct ChildReaperTests {
         for _ in 1..<50 {
             // The earlier process: exits with 0, and nobody waits for it.
             let earlier = try Spawner.spawn(SpawnOptions(executable: "/bin/true", arguments: ["true"]))
-            try await eventually("the earlier child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(earlier)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, earlier, "the earlier child reaped")
             // The next fork takes the same pid (unless something else forks first: try again).
             try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(earlier - 1).utf8), mode: 0o644)
             let later = try Spawner.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
@@ -47,18 +53,12 @@ struct ChildReaperTests {
                 // Reaped by reapAll like the others: nothing else calls it here, so a wait for it
                 // would never return (the test hung whenever another process forked first).
                 kill(later, SIGKILL)
-                try await eventually("the child with another pid reaped") {
-                    reaper.reapAll()
-                    return access("/proc/\(later)", F_OK) != 0
-                }
+                try await reapUntilGone(reaper, later, "the child with another pid reaped")
                 continue
             }
             let waiting = Task { await reaper.wait(later) }
             kill(later, SIGKILL)
-            try await eventually("the later child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(later)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, later, "the later child reaped")
             #expect(await waiting.value == .signaled(SIGKILL), "its own exit, not the earlier process's exit code 0")
             return
         }
@@ -69,10 +69,7 @@ struct ChildReaperTests {
         guard try await isolated("anExitBeforeTheWaitIsKeptForIt") else { return }
         let reaper = ChildReaper()
         let child = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 7"]))
-        try await eventually("the child reaped") {
-            reaper.reapAll()
-            return access("/proc/\(child)", F_OK) != 0
-        }
+        try await reapUntilGone(reaper, child, "the child reaped")
         #expect(await reaper.wait(child) == .exited(7))
     }
 
@@ -86,10 +83,7 @@ struct ChildReaperTests {
         guard try await isolated("twoChildrenGivenOnePIDInTurnEachGetTheirOwnExit") else { return }
         let reaper = ChildReaper()
         func reaped(_ child: ChildReaper.Child) async throws {
-            try await eventually("child \(child.pid) reaped") {
-                reaper.reapAll()
-                return access("/proc/\(child.pid)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, child.pid, "child \(child.pid) reaped")
         }
         for _ in 1..<50 {
             let first = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 3"]))
@@ -125,10 +119,7 @@ struct ChildReaperTests {
             return reaper.registrationsHeld == 0
         }
         let child = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 4"]))
-        try await eventually("the child reaped") {
-            reaper.reapAll()
-            return access("/proc/\(child.pid)", F_OK) != 0
-        }
+        try await reapUntilGone(reaper, child.pid, "the child reaped")
         #expect(try await bounded { await reaper.wait(child) } == .exited(4))
         #expect(reaper.registrationsHeld == 0)
     }
@@ -142,19 +133,13 @@ struct ChildReaperTests {
         let reaper = ChildReaper()
         for _ in 1..<50 {
             let elsewhere = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 6"]))
-            try await eventually("the unregistered child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(elsewhere)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, elsewhere, "the unregistered child reaped")
             try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(elsewhere - 1).utf8), mode: 0o644)
             let registered = try reaper.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
             let sameSlot = registered.pid == elsewhere
             #expect(try await bounded { await reaper.wait(elsewhere) } == .exited(6), "the kept exit, even with a child of ours under the pid now")
             kill(registered.pid, SIGKILL)
-            try await eventually("the registered child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(registered.pid)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, registered.pid, "the registered child reaped")
             #expect(try await bounded { await reaper.wait(registered) } == .signaled(SIGKILL))
             if sameSlot { return }
         }
@@ -171,17 +156,11 @@ struct ChildReaperTests {
         let stopped = try reaper.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
         #expect(reaper.signal(stopped, 0) == .sent, "an unreaped child is signalled")
         #expect(reaper.signal(stopped, SIGKILL) == .sent)
-        try await eventually("the child reaped") {
-            reaper.reapAll()
-            return access("/proc/\(stopped.pid)", F_OK) != 0
-        }
+        try await reapUntilGone(reaper, stopped.pid, "the child reaped")
         #expect(try await bounded { await reaper.wait(stopped) } == .signaled(SIGKILL))
         for _ in 1..<50 {
             let first = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 0"]))
-            try await eventually("the first child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(first.pid)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, first.pid, "the first child reaped")
             try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(first.pid - 1).utf8), mode: 0o644)
             let victim = try reaper.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
             let samePID = victim.pid == first.pid
@@ -190,10 +169,7 @@ struct ChildReaperTests {
             #expect(isRunning(victim.pid), "the victim is alive")
             // Ended with SIGTERM: a SIGKILL status would be the late signal's.
             #expect(reaper.signal(victim, SIGTERM) == .sent)
-            try await eventually("the victim reaped") {
-                reaper.reapAll()
-                return access("/proc/\(victim.pid)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, victim.pid, "the victim reaped")
             #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGTERM), "ended by its own SIGTERM, not the late SIGKILL")
             #expect(try await bounded { await reaper.wait(first) } == .exited(0))
             if samePID { return }
@@ -213,16 +189,10 @@ struct ChildReaperTests {
             let initPID = try Spawner.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
             let adopted = try #require(reaper.adopt(initPID), "a live child of ours is adopted")
             #expect(reaper.signal(adopted, SIGKILL) == .sent)
-            try await eventually("the adopted child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(initPID)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, initPID, "the adopted child reaped")
             try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(initPID - 1).utf8), mode: 0o644)
             let next = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 5"]))
-            try await eventually("the next unregistered child reaped") {
-                reaper.reapAll()
-                return access("/proc/\(next)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, next, "the next unregistered child reaped")
             // The later child's waiter asks first, by pid, as a second runc init's would.
             #expect(try await bounded { await reaper.wait(next) } == .exited(5))
             #expect(try await bounded { await reaper.wait(adopted) } == .signaled(SIGKILL), "its own exit, not exit 5")
@@ -238,10 +208,7 @@ struct ChildReaperTests {
         guard try await isolated("adoptingAChildThatExitedAlreadyHandsItItsKeptExit") else { return }
         let reaper = ChildReaper()
         let pid = try Spawner.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "exit 7"]))
-        try await eventually("the child reaped") {
-            reaper.reapAll()
-            return access("/proc/\(pid)", F_OK) != 0
-        }
+        try await reapUntilGone(reaper, pid, "the child reaped")
         let adopted = try #require(reaper.adopt(pid))
         #expect(try await bounded { await reaper.wait(adopted) } == .exited(7))
         #expect(reaper.signal(adopted, SIGKILL) == .reaped, "no signal for a reaped child")
@@ -267,29 +234,20 @@ struct ChildReaperTests {
         try await eventually("the member's pid written") { readFile(files.file("member")).map { $0.count > 1 } ?? false }
         let member = pid_t(String(decoding: readFile(files.file("member"))!.dropLast(), as: UTF8.self))!
         #expect(reaper.signalGroup(leader, SIGKILL) == .sent)
-        try await eventually("the leader reaped") {
-            reaper.reapAll()
-            return access("/proc/\(leader.pid)", F_OK) != 0
-        }
+        try await reapUntilGone(reaper, leader.pid, "the leader reaped")
         // Reparented to whichever subreaper or init is above this process: gone, or a zombie.
         try await eventually("the member killed with its group") { !isRunning(member) }
         #expect(try await bounded { await reaper.wait(leader) } == .signaled(SIGKILL))
         for _ in 1..<50 {
             let first = try reaper.spawn(session("exit 0"))
-            try await eventually("the first leader reaped") {
-                reaper.reapAll()
-                return access("/proc/\(first.pid)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, first.pid, "the first leader reaped")
             try WholeFile.write("/proc/sys/kernel/ns_last_pid", Array(String(first.pid - 1).utf8), mode: 0o644)
             let victim = try reaper.spawn(session("exec sleep 30"))
             let sameNumber = victim.pid == first.pid
             #expect(reaper.signalGroup(first, SIGKILL) == .reaped, "the late group signal is not sent")
             #expect(isRunning(victim.pid), "the group that got the number is alive")
             #expect(reaper.signal(victim, SIGTERM) == .sent)
-            try await eventually("the victim reaped") {
-                reaper.reapAll()
-                return access("/proc/\(victim.pid)", F_OK) != 0
-            }
+            try await reapUntilGone(reaper, victim.pid, "the victim reaped")
             #expect(try await bounded { await reaper.wait(victim) } == .signaled(SIGTERM), "ended by its own SIGTERM, not the late SIGKILL")
             #expect(try await bounded { await reaper.wait(first) } == .exited(0))
             if sameNumber { return }
