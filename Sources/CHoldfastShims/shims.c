@@ -206,7 +206,7 @@ struct spawn_failure {
 
 static const char *const spawn_steps[] = {
     "fork", "setsid", "TIOCSCTTY", "dup2", "chdir", "setgroups", "setgid", "setuid",
-    "prctl(PDEATHSIG)", "execve", "fcntl", "setrlimit(RLIMIT_NOFILE)",
+    "prctl(PDEATHSIG)", "execve", "fcntl", "setrlimit(RLIMIT_NOFILE)", "joining its cgroup",
 };
 
 // Writes `value` (-1000…1000) to /proc/self/oom_score_adj, async-signal-safely (after fork).
@@ -291,6 +291,9 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
     }
     if (pid == 0) {
         // Child: async-signal-safe calls only.
+        // The cgroup first: whatever the child starts from here on is born inside it, so a
+        // kill of the cgroup reaches every descendant, however it left the process group.
+        if (o->join_cgroup && write(o->cgroup_procs_fd, "0", 1) != 1) child_fail(report[1], 12);
         if (o->reset_signals) {
             sigset_t empty;
             sigemptyset(&empty);

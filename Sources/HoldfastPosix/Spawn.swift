@@ -54,6 +54,9 @@ public struct SpawnOptions: Sendable {
     /// The child's OOM score adjustment; by default the one this process had before it protected
     /// itself (`OOMScore.protect`), else inherited.
     public var oomScoreAdjustment: Int32? = OOMScore.childAdjustment
+    /// An open `cgroup.procs` of a cgroup v2 directory: the child joins that cgroup before
+    /// anything else, so all it starts is born inside it (`ProcessCgroups`).
+    public var cgroupProcs: Int32?
 
     /// `arguments[0]` is the program name the child sees; `executable` is resolved with PATH when
     /// it has no slash.
@@ -140,6 +143,10 @@ public enum Spawner {
                         if let adjustment = options.oomScoreAdjustment {
                             raw.set_oom_score_adj = 1
                             raw.oom_score_adj = adjustment
+                        }
+                        if let procs = options.cgroupProcs {
+                            raw.join_cgroup = 1
+                            raw.cgroup_procs_fd = procs
                         }
                         if let limit = options.openFileLimit {
                             raw.nofile_soft = limit.soft

@@ -134,6 +134,10 @@ struct Launcher {
         var child: ChildReaper.Child?
         var adopt: AdoptRequest
         var descriptors: [Int32]
+        /// Its cgroup's name (`ProcessCgroups`), for a direct process where the daemon has them.
+        var cgroup: String? = nil
+        /// Why a direct process runs without a cgroup although the daemon has them.
+        var cgroupFailure: SystemError? = nil
     }
 
     /// A process's stdio before it starts: the ends the process gets, the ends the broker gets,
@@ -218,7 +222,7 @@ struct Launcher {
 
     /// Creates the stdio, starts the process (runtime `direct`), and returns the host-side fds
     /// for the broker. On failure nothing is left open and no process is left running.
-    static func start(_ spec: ProcessSpec, reaper: ChildReaper) throws(HoldfastError) -> Started {
+    static func start(_ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?) throws(HoldfastError) -> Started {
         try validate(spec)
         let account = spec.user.flatMap(UserAccount.lookup) ?? UserAccount.lookup(String(geteuid()))
         var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: environment(for: spec, home: account?.home))
@@ -237,15 +241,34 @@ struct Launcher {
         // job-control signal or a terminal hangup in the process stays inside it and never
         // reaches the supervisor, the roles or another container.
         options.newSession = true
+        // And its own cgroup, which also holds what leaves that session (`setsid`).
+        // A cgroup that cannot be made (cgroup.max.descendants, a hierarchy gone read-only) is
+        // no reason to refuse the process: it runs without, and its process group does the job.
+        var cgroup: String?
+        var cgroupFailure: SystemError?
+        if let cgroups {
+            do {
+                let created = try cgroups.create()
+                cgroup = created.name
+                options.cgroupProcs = created.procs
+            } catch {
+                cgroupFailure = error
+            }
+        }
+        defer { if let procs = options.cgroupProcs { close(procs) } }
         let child: ChildReaper.Child
         do {
             child = try reaper.spawn(options)
         } catch {
             stdio.closeAll()
+            // Removed once the child that failed to start is reaped.
+            if let cgroup { cgroups?.release(cgroup) }
             throw startFailure(error)
         }
         stdio.closeChildEnds()
-        let started = started(pid: child.pid, child: child, id: spec.id, stdio: stdio)
+        var started = started(pid: child.pid, child: child, id: spec.id, stdio: stdio)
+        started.cgroup = cgroup
+        started.cgroupFailure = cgroupFailure
         return started
     }
 

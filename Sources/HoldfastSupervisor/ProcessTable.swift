@@ -33,6 +33,10 @@ struct ProcessTable {
         /// Started directly in a session of its own (pid == process group id): a stop can end
         /// the whole group, orphans holding its output included.
         var leadsProcessGroup: Bool
+        /// Its cgroup (`ProcessCgroups`), for a direct process where the daemon has them: a stop
+        /// kills everything in it, whatever left the process group. Absent from a state an
+        /// earlier binary wrote (decoded as nil: the process group is used).
+        var cgroup: String? = nil
         /// The streams handed to the broker with the process's stdio (secrets included: the
         /// snapshot is handed over in memory, never written to disk or logged).
         var streams: [StreamDescription]

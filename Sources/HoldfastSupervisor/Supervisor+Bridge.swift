@@ -96,11 +96,13 @@ extension Supervisor {
     /// every hello until then). It is queued for the host before anyone waiting hears of it: a
     /// stop that waits for the processes and then for the acknowledgements finds it there.
     func complete(_ id: String, _ report: ExitReport) {
-        guard let (waiters, viaBridge) = table.withLockedValue({ t -> ([CheckedContinuation<ExitReport, Never>], Bool)? in
+        guard let (waiters, viaBridge, cgroup) = table.withLockedValue({ t -> ([CheckedContinuation<ExitReport, Never>], Bool, String?)? in
             guard let waiters = t.finish(id, report) else { return nil }
-            return (waiters, t[id]?.viaBridge ?? false)
+            return (waiters, t[id]?.viaBridge ?? false, t[id]?.cgroup)
         }) else { return }
         releaseStdio(id)
+        // Its cgroup goes once it is empty: now, or when what the process left running ends.
+        if let cgroup { cgroups?.release(cgroup) }
         if viaBridge, let channel = session.withLockedValue({ $0.bridgeChannel }) {
             let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
             Task { try? await channel.send(frame.encoded) }

@@ -89,7 +89,12 @@ extension Supervisor {
         var container: ProcessTable.Entry.Container?
         switch spec.runtime ?? .direct {
         case .direct:
-            started = try Launcher.start(spec, reaper: reaper)
+            started = try Launcher.start(spec, reaper: reaper, cgroups: cgroups)
+            if let failure = started.cgroupFailure {
+                logger.warning("process runs without a cgroup: a stop ends its process group only", metadata: [
+                    "process": "\(spec.id)", "error": "\(failure)",
+                ])
+            }
         case .runc:
             if let target = spec.container {
                 guard let target = entry(target), let targetContainer = target.container else {
@@ -114,7 +119,7 @@ extension Supervisor {
         }
         let entry = ProcessTable.Entry(
             id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
-            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, streams: adopt.streams)
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, cgroup: started.cgroup, streams: adopt.streams)
         metrics.processStarted(spec.runtime ?? .direct)
         if !adopt.streams.isEmpty {
             do throws(HoldfastError) {
@@ -134,6 +139,10 @@ extension Supervisor {
                 } else {
                     kill(started.pid, SIGKILL)
                     _ = await reaper.wait(started.pid)
+                }
+                if let cgroup = started.cgroup, let cgroups {
+                    cgroups.kill(cgroup)
+                    cgroups.release(cgroup)
                 }
                 if let container { await runc.delete(container.id) }
                 throw error

@@ -46,8 +46,12 @@ extension Supervisor {
                     logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(entry.id)"])
                     signalProcess(entry, SIGKILL)
                 }
-                // A direct process leads its own process group: what it left behind (an orphan
-                // holding its output open, which would hold the drain) ends with it.
+                // What a direct process left behind (an orphan holding its output open, which
+                // would hold the drain) ends with it: everything in its cgroup, else its process
+                // group (which misses what called setsid).
+                if let cgroup = entry.cgroup, let cgroups, cgroups.kill(cgroup) {
+                    continue
+                }
                 if entry.leadsProcessGroup { signalProcessGroup(entry, SIGKILL) }
             }
             clean = await waitUntilEveryProcessIsDone(until: drainsEnd)
@@ -67,6 +71,17 @@ extension Supervisor {
             session.withLockedValue { $0.bridge != .up } || table.withLockedValue { $0.unacknowledgedExits.isEmpty }
         }
         stopWasClean.withLockedValue { $0 = clean }
+        // What processes left running after they were done (a daemon started with setsid, an
+        // orphan whose exit was taken long ago) ends with the daemon, as systemd would end it
+        // in the unit's control group; the daemon's cgroup directory goes with them.
+        if let cgroups {
+            let stuck = await cgroups.endEverything(within: .seconds(2))
+            if stuck.isEmpty {
+                cgroups.removeDirectory()
+            } else {
+                logger.warning("processes left running in cgroups after SIGKILL", metadata: ["cgroups": "\(stuck)"])
+            }
+        }
     }
 
     /// Waits until every process reported its exit (output drained), or `deadline`.

@@ -25,6 +25,10 @@ public final class Supervisor: Sendable {
     let logger: Logger
     let executable: String
     let reaper = ChildReaper()
+    /// A cgroup per direct process, nil where the system has none to give
+    /// (`cgroupsUnavailable` says why).
+    let cgroups: ProcessCgroups?
+    let cgroupsUnavailable: ProcessCgroups.Unavailable?
     /// The processes this image forked, by id, until their exit is recorded: signals go through
     /// their registration (`ChildReaper.signal`), never to a pid the kernel may have reused.
     let forked = NIOLockedValueBox<[String: ChildReaper.Child]>([:])
@@ -165,6 +169,16 @@ public final class Supervisor: Sendable {
             rings = nil
             logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
         }
+        switch ProcessCgroups.open(tag: ProcessCgroups.tag(runDirectory: configuration.runDirectory)) {
+        case .success(let opened):
+            cgroups = opened
+            cgroupsUnavailable = nil
+            // After a live upgrade the processes handed over keep theirs.
+            if let table = resuming?.table { opened.track(table.entries.compactMap(\.cgroup)) }
+        case .failure(let why):
+            cgroups = nil
+            cgroupsUnavailable = why
+        }
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
@@ -193,6 +207,7 @@ public final class Supervisor: Sendable {
         await MainActor.run { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
         SignalDisposition.ignore(SIGPIPE)
         try makeRunDirectory()
+        await takeProcessCgroups()
         let handoff: Listener?
         let control: Listener
         if let descriptors = resumption?.state.descriptors {
@@ -293,6 +308,28 @@ public final class Supervisor: Sendable {
         await notifier.finish()
         logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean && stopWasClean.withLockedValue { $0 })"])
         return 0
+    }
+
+    /// Says whether direct processes get cgroups; on a fresh start (the run directory just
+    /// claimed, so this daemon alone uses the tag) ends what a crashed predecessor's processes
+    /// left in them.
+    func takeProcessCgroups() async {
+        guard let cgroups else {
+            logger.notice("direct processes run without cgroups: a stop ends each one's process group only", metadata: [
+                "reason": "\(cgroupsUnavailable.map { "\($0)" } ?? "unknown")",
+            ])
+            return
+        }
+        if resumption == nil {
+            let left = cgroups.cgroupNames()
+            if !left.isEmpty {
+                let stuck = await cgroups.endEverything(within: .seconds(2))
+                logger.warning("ended what an earlier daemon's processes left running", metadata: [
+                    "cgroups": "\(left.count)", "stuck": "\(stuck.count)",
+                ])
+            }
+        }
+        logger.info("direct processes run in cgroups of their own", metadata: ["directory": "\(cgroups.directory)"])
     }
 
     /// Whether every process ended and drained within the shutdown timeout.

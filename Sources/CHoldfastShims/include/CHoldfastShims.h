@@ -91,6 +91,8 @@ typedef struct {
     unsigned long long nofile_hard; ///< 0: unchanged; else the child's RLIMIT_NOFILE hard limit
     int set_oom_score_adj;     ///< 1: write oom_score_adj into the child's /proc/self/oom_score_adj
     int oom_score_adj;
+    int join_cgroup;           ///< 1: write "0" to cgroup_procs_fd first (the child joins that cgroup)
+    int cgroup_procs_fd;       ///< an open cgroup.procs of a cgroup v2 directory (with join_cgroup)
 } hf_spawn_options;
 
 /// fork + exec. Returns the pid, or -1 with errno set to why the child could not start (the

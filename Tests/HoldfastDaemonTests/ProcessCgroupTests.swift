@@ -1,0 +1,216 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Each direct process runs in a cgroup of its own: what it starts stays inside, even after
+/// `setsid`, so a daemon stop ends it, a restart after a crash ends what the crashed daemon's
+/// processes left, and a live upgrade keeps it.
+@Suite("Process cgroups: what a process starts ends with it", .timeLimit(.minutes(5)))
+struct ProcessCgroupTests {
+    /// Where cgroup v2 is mounted and writable with `cgroup.kill` (Linux 5.14), as root.
+    static var available: Bool {
+        guard DaemonFixture.canRun, let mountinfo = readFile("/proc/self/mountinfo") else { return false }
+        return CgroupLocation.unifiedMounts(mountinfo: String(decoding: mountinfo, as: UTF8.self)).contains { mount in
+            let probe = mount.mountPoint + "/holdfast-probe-\(UInt32.random(in: 0..<UInt32.max))"
+            guard mkdir(probe, 0o755) == 0 else { return false }
+            defer { rmdir(probe) }
+            return access(probe + "/cgroup.kill", W_OK) == 0
+        }
+    }
+
+    /// A process that is not in our process's group or session any more: `setsid` (no fork: the
+    /// background child of a non-interactive shell leads no group), its pid written to
+    /// `pidFile`, holding the process's stdout if it has one.
+    static func escapingCommand(pidFile: String, then rest: String = "exec sleep 1000") -> [String] {
+        ["sh", "-c", "setsid sh -c 'echo $$ > \(pidFile); exec sleep 1000' & echo started; \(rest)"]
+    }
+
+    /// A process identified by its pid and its start time, so a pid the kernel gave again is
+    /// never taken for it.
+    struct Tracked: CustomStringConvertible {
+        let pid: pid_t
+        let startTime: String
+
+        init(_ pid: pid_t) throws {
+            self.pid = pid
+            startTime = try #require(Self.stat(pid)?.startTime, "process \(pid) runs")
+        }
+
+        static func stat(_ pid: pid_t) -> (state: String, startTime: String)? {
+            guard let bytes = readFile("/proc/\(pid)/stat") else { return nil }
+            let text = String(decoding: bytes, as: UTF8.self)
+            guard let close = text.lastIndex(of: ")") else { return nil }
+            let fields = text[text.index(after: close)...].split(separator: " ")
+            guard fields.count > 20 else { return nil }
+            return (String(fields[0]), String(fields[19]))
+        }
+
+        /// Running (or stopped): not exited, not a zombie, not another process under its pid.
+        var isAlive: Bool {
+            guard let now = Self.stat(pid) else { return false }
+            return now.startTime == startTime && now.state != "Z" && now.state != "X"
+        }
+
+        /// Its cgroup v2 path (`0::` line of /proc/PID/cgroup).
+        var cgroup: String? {
+            readFile("/proc/\(pid)/cgroup").flatMap { CgroupLocation.unifiedPath(procCgroup: String(decoding: $0, as: UTF8.self)) }
+        }
+
+        /// Ends it, by pid, if it is still the process the test saw.
+        func end() {
+            if isAlive { kill(pid, SIGKILL) }
+        }
+
+        var description: String { "pid \(pid)" }
+    }
+
+    static func pid(in file: String) async throws -> pid_t {
+        var found: pid_t?
+        try await eventually("the pid in \(file)") {
+            found = readFile(file).flatMap { pid_t(String(decoding: $0, as: UTF8.self).filter { $0.isNumber }) }
+            return found != nil
+        }
+        return found!
+    }
+
+    /// The directory of a cgroup v2 path, under the mount that shows it.
+    static func directory(of path: String) throws -> String {
+        let mountinfo = String(decoding: try #require(readFile("/proc/self/mountinfo")), as: UTF8.self)
+        let mount = try #require(CgroupLocation.unifiedMounts(mountinfo: mountinfo).first { $0.root == "/" })
+        return mount.mountPoint + path
+    }
+
+    static func parent(_ path: String) -> String {
+        String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+    }
+
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aDaemonStopEndsWhatAProcessStartedOutsideItsProcessGroup() async throws {
+        // The drain timeout (30 s) is longer than the whole stop (6 s): the output drains only
+        // if the escaped child holding it ends.
+        let daemon = try await DaemonFixture(drainTimeout: "30s", shutdown: ("1s", "6s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let pidFile = daemon.directory.file("escaped.pid")
+        let output = collect(try daemon.streams.open(token: bytes("e-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "e", argv: Self.escapingCommand(pidFile: pidFile), stdout: daemon.spec("e-out")))
+        let escaped = try Tracked(try await Self.pid(in: pidFile))
+        defer { escaped.end() }
+        let cgroup = try #require(escaped.cgroup)
+        #expect(cgroup.split(separator: "/").last?.hasPrefix("process-") == true, "in a process cgroup: \(cgroup)")
+        #expect(getsid(escaped.pid) == escaped.pid, "in a session of its own, out of reach of a group signal")
+        let daemonDirectory = try Self.directory(of: Self.parent(cgroup))
+        #expect(access(daemonDirectory, F_OK) == 0)
+        // And one that is done already, its exit taken, with a child it left running.
+        let leftFile = daemon.directory.file("left.pid")
+        _ = try await daemon.launch(ProcessSpec(id: "done", argv: Self.escapingCommand(pidFile: leftFile, then: "exit 0")))
+        #expect(try await daemon.wait("done").exitCode == 0)
+        let left = try Tracked(try await Self.pid(in: leftFile))
+        defer { left.end() }
+
+        #expect(try await daemon.stop() == .exited(0))
+        try await eventually("the exit at the host") { exits.count("e") == 1 }
+        let exit = try #require(exits.all.first { $0.id == "e" })
+        #expect(exit.outputCutShort != true && exit.undelivered == 0, "the output drained: what held it ended \(exit)")
+        #expect(await output.value == bytes("started\n"))
+        #expect(!escaped.isAlive, "what left the process group ended with the stop")
+        #expect(!left.isAlive, "what a done process left running ended with the stop")
+        #expect(access(daemonDirectory, F_OK) != 0, "the daemon's cgroup directory is gone")
+    }
+
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aProcessCgroupGoesOnceTheProcessIsDoneAndWhatItLeftEnds() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = collect(try daemon.streams.open(token: bytes("c-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "c", argv: ["cat", "/proc/self/cgroup"], stdout: daemon.spec("c-out")))
+        #expect(try await daemon.wait("c").exitCode == 0)
+        let own = try #require(CgroupLocation.unifiedPath(procCgroup: String(decoding: await output.value, as: UTF8.self)))
+        #expect(own.split(separator: "/").last?.hasPrefix("process-") == true, "\(own)")
+        try await eventually("its cgroup removed once it is done") { access(try Self.directory(of: own), F_OK) != 0 }
+
+        // One that leaves a child running (no stream for it to hold): the cgroup stays while
+        // the child lives, and goes once it ended and another process is done.
+        let pidFile = daemon.directory.file("left.pid")
+        _ = try await daemon.launch(ProcessSpec(id: "l", argv: Self.escapingCommand(pidFile: pidFile, then: "exit 0")))
+        #expect(try await daemon.wait("l").exitCode == 0)
+        let left = try Tracked(try await Self.pid(in: pidFile))
+        defer { left.end() }
+        let leftCgroup = try Self.directory(of: try #require(left.cgroup))
+        #expect(access(leftCgroup, F_OK) == 0, "kept while something runs in it")
+        left.end()
+        try await eventually("the child ended") { !left.isAlive }
+        _ = try await daemon.launch(ProcessSpec(id: "next", argv: ["true"]))
+        #expect(try await daemon.wait("next").exitCode == 0)
+        try await eventually("the emptied cgroup removed") { access(leftCgroup, F_OK) != 0 }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A cgroup that cannot be made is no reason to refuse a process: it runs without one.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aProcessRunsWithoutACgroupWhenNoneCanBeMade() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let own = try #require(try Tracked(daemon.daemonPID).cgroup)
+        let daemonDirectory = try Self.directory(of: own) + "/holdfast-" + ProcessCgroups.tag(runDirectory: daemon.directory.path)
+        try writeFile(daemonDirectory + "/cgroup.max.descendants", bytes("0"))
+        let output = collect(try daemon.streams.open(token: bytes("n-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "n", argv: ["cat", "/proc/self/cgroup"], stdout: daemon.spec("n-out")))
+        #expect(try await daemon.wait("n").exitCode == 0)
+        let path = CgroupLocation.unifiedPath(procCgroup: String(decoding: await output.value, as: UTF8.self))
+        #expect(path == own, "in the daemon's own cgroup")
+        #expect(daemon.log.contains("process runs without a cgroup"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aRestartedDaemonEndsWhatACrashedOneLeftRunning() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let pidFile = daemon.directory.file("orphan.pid")
+        let leaderPID = try await daemon.launch(ProcessSpec(id: "o", argv: Self.escapingCommand(pidFile: pidFile)))
+        let leader = try Tracked(leaderPID)
+        defer { leader.end() }
+        let escaped = try Tracked(try await Self.pid(in: pidFile))
+        defer { escaped.end() }
+
+        // A crash: the roles die with the supervisor (parent-death signal), the processes do not.
+        kill(daemon.daemonPID, SIGKILL)
+        _ = try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(20))
+        #expect(leader.isAlive && escaped.isAlive, "a crash leaves the container processes running")
+
+        try await daemon.startAgain()
+        #expect(!leader.isAlive, "the new daemon ended the crashed one's process")
+        #expect(!escaped.isAlive, "and what it started in a session of its own")
+        #expect(daemon.log.contains("ended what an earlier daemon's processes left running"))
+        #expect(try await daemon.status().processes.isEmpty)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aLiveUpgradeKeepsEachProcessInItsCgroup() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "30s", shutdown: ("1s", "6s"))
+        defer { daemon.cleanUp() }
+        let pidFile = daemon.directory.file("kept.pid")
+        _ = try await daemon.launch(ProcessSpec(id: "k", argv: Self.escapingCommand(pidFile: pidFile)))
+        let escaped = try Tracked(try await Self.pid(in: pidFile))
+        defer { escaped.end() }
+        let before = escaped.cgroup
+
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == 1 }
+        #expect(escaped.isAlive && escaped.cgroup == before, "the process's cgroup is untouched by the upgrade")
+
+        #expect(try await daemon.stop() == .exited(0))
+        #expect(!escaped.isAlive, "the stop after the upgrade ends what the process started, through its cgroup")
+    }
+}
