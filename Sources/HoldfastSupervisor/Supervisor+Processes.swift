@@ -227,6 +227,14 @@ extension Supervisor {
         guard let record = entry(id) else {
             throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }
+        // SIGKILL ends a direct process the way it ends a container: everything in its cgroup,
+        // what it started in a session of its own included. Also once the process itself has
+        // exited while something it left still holds its output (a `host stop` whose SIGTERM
+        // ended only the process): that is what keeps its exit from being reported.
+        if signal == SIGKILL, record.phase != .done, let cgroup = record.cgroup, let cgroups, cgroups.kill(cgroup) {
+            logger.info("SIGKILL to every process in the cgroup", metadata: ["process": "\(id)", "cgroup": "\(cgroup)"])
+            return
+        }
         guard record.phase == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
             try await runc.kill(container.id, signal: signal)

@@ -154,6 +154,37 @@ struct ProcessCgroupTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// `host stop`'s sequence: SIGTERM ends the process, but a child in a session of its own
+    /// holds the output, so the exit is not reported (the drain timeout is 30 s); the SIGKILL
+    /// that follows ends the child through the cgroup, the output drains, the exit comes.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aSIGKILLEndsEverythingInTheCgroupEvenAfterTheProcessExited() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "30s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let pidFile = daemon.directory.file("held.pid")
+        let output = collect(try daemon.streams.open(token: bytes("h-out"), direction: .receive))
+        let leaderPID = try await daemon.bridge.create(ProcessSpec(id: "h", argv: Self.escapingCommand(pidFile: pidFile), stdout: daemon.spec("h-out")))
+        let leader = try Tracked(leaderPID)
+        defer { leader.end() }
+        let escaped = try Tracked(try await Self.pid(in: pidFile))
+        defer { escaped.end() }
+
+        try await daemon.bridge.signal("h", SIGTERM)
+        try await eventually("the process itself ended") { !leader.isAlive }
+        try await eventually("the daemon saw it exit") { (try? await daemon.status())?.processes.first { $0.id == "h" }?.state == .exited }
+        #expect(escaped.isAlive && exits.count("h") == 0, "its child holds the output: no exit yet")
+
+        try await daemon.bridge.signal("h", SIGKILL)
+        try await eventually("the exit at the host", timeout: .seconds(10)) { exits.count("h") == 1 }
+        let exit = try #require(exits.all.first { $0.id == "h" })
+        #expect(exit.signal == SIGTERM && exit.outputCutShort != true && exit.undelivered == 0, "\(exit)")
+        #expect(!escaped.isAlive, "the child ended with the cgroup")
+        #expect(await output.value == bytes("started\n"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A cgroup that cannot be made is no reason to refuse a process: it runs without one.
     @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
     func aProcessRunsWithoutACgroupWhenNoneCanBeMade() async throws {
