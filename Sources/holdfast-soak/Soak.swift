@@ -229,6 +229,11 @@ struct Run {
         if objects.processes != 0 || objects.streams != 0 {
             host.ledger.fail("broker: \(objects.processes) process and \(objects.streams) stream objects alive at \(moment), with nothing running")
         }
+        // Every process done and what it left ended: no process cgroup may be left.
+        if case .success(let cgroups) = ProcessCgroups.open(tag: ProcessCgroups.tag(runDirectory: daemon.directory)) {
+            let left = cgroups.cgroupNames()
+            if !left.isEmpty { host.ledger.fail("supervisor: \(left.count) process cgroups left at \(moment), with nothing running: \(left.prefix(5))") }
+        }
     }
 
     func supervisorMallocLine(_ footprints: RoleFootprints) -> String {

@@ -100,6 +100,10 @@ enum Kind: String, CaseIterable, Sendable {
     /// lock and its reactor's watchdog takes over (README, "Security"). Plain `cat` where
     /// userfaultfd is not allowed.
     case holdsItsPipe = "holds-its-pipe"
+    /// Prints a line and exits, leaving a child in a session of its own (`setsid`) that holds
+    /// stdout and prints its own line later: the exit is reported once that output drained, and
+    /// the process's cgroup goes once the child ended too.
+    case leavesAChild = "leaves-a-child"
 }
 
 /// The `holdsItsPipe` process: python, argv[1] the milliseconds to hold, argv[2] the exit code.
@@ -171,7 +175,10 @@ enum Workload {
         let kind: Kind =
             roll < 50
             ? .burst
-            : roll < 65 ? .ticker : roll < 86 ? .echo : roll < 89 ? .holdsItsPipe : roll < 94 ? .tty : roll < 97 ? .signalled : .killsItsGroup
+            : roll < 65
+                ? .ticker
+                : roll < 84
+                    ? .echo : roll < 87 ? .holdsItsPipe : roll < 92 ? .tty : roll < 95 ? .signalled : roll < 98 ? .killsItsGroup : .leavesAChild
         let budget = max(2, budgetSeconds)
         let exitCode = Int32.random(in: 0...9, using: &rng)
         switch kind {
@@ -188,6 +195,7 @@ enum Workload {
         case .tty: return tty(id, exitCode, budget, &rng)
         case .signalled: return signalled(id, budget, &rng)
         case .killsItsGroup: return killsItsGroup(id, budget, &rng)
+        case .leavesAChild: return leavesAChild(id, exitCode, budget, &rng)
         }
     }
 
@@ -298,6 +306,14 @@ enum Workload {
         return Plan(
             id: id, kind: .killsItsGroup, argv: ["sh", "-c", "sleep 3600 & echo '\(id) started'; sleep \(seconds(after)); kill -TERM 0; sleep 3600"],
             stdout: [.text(started)], exitCode: 128 + SIGTERM, signal: SIGTERM, expectedSeconds: Double(after) / 1000)
+    }
+
+    private static func leavesAChild(_ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+        let after = min(Int.random(in: 200...3_000, using: &rng), max(200, Int(budget * 1000)))
+        let script = "setsid sh -c 'sleep \(seconds(after)); echo \"\(id) late\"' & echo '\(id) started'; exit \(exitCode)"
+        return Plan(
+            id: id, kind: .leavesAChild, argv: ["sh", "-c", script], stdout: [.text(Array("\(id) started\n\(id) late\n".utf8))],
+            exitCode: exitCode, expectedSeconds: Double(after) / 1000)
     }
 
     private static func randomWord(_ length: ClosedRange<Int>, _ rng: inout SeededGenerator) -> String {
