@@ -124,6 +124,16 @@ public final class ProcessCgroups: Sendable {
         return events.split(separator: "\n").contains("populated 1")
     }
 
+    /// The CPU time everything in the cgroup `name` used (`cpu.stat`'s `usage_usec`, there
+    /// without the cpu controller), in seconds, and how many processes are in it now; nil when
+    /// the cgroup is gone.
+    public func usage(_ name: String) -> (cpuSeconds: Double, tasks: Int)? {
+        guard Self.isProcessCgroupName(name), let stat = readSmallFile(directory + "/" + name + "/cpu.stat") else { return nil }
+        let line = stat.split(separator: "\n").first { $0.hasPrefix("usage_usec ") }
+        guard let microseconds = line.flatMap({ UInt64($0.dropFirst("usage_usec ".count)) }) else { return nil }
+        return (Double(microseconds) / 1_000_000, members(name).count)
+    }
+
     /// The pids in the cgroup `name`, for status and tests.
     public func members(_ name: String) -> [pid_t] {
         guard let procs = readSmallFile(directory + "/" + name + "/cgroup.procs") else { return [] }

@@ -197,6 +197,11 @@ public struct ProcessStatus: Codable, Sendable, Equatable {
     public var pid: Int32
     public var state: ProcessState
     public var exitCode: Int32?
+    /// `status` only, for a direct process in a cgroup of its own: the CPU time of everything
+    /// in it (the process and all it started, also what ended), in seconds, and how many
+    /// processes are in it now.
+    public var cpuSeconds: Double?
+    public var tasks: Int?
 
     public init(id: String, pid: Int32, state: ProcessState, exitCode: Int32?) {
         self.id = id

@@ -311,7 +311,7 @@ extension Supervisor {
         var report = StatusReport(
             version: HoldfastVersion.string, pid: getpid(),
             uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: session.withLockedValue { $0.bridge },
-            roles: roles, processes: processStatuses(),
+            roles: roles, processes: processStatusesWithUsage(),
             streams: streams ?? [])
         report.executableSHA256 = runningExecutableSHA256()
         report.upgrades = session.withLockedValue { $0.upgrades }

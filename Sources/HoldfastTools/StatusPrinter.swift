@@ -80,8 +80,11 @@ public enum StatusPrinter {
             lines.append("no processes")
         } else {
             lines += TextTable.lines(
-                ["PROCESS", "PID", "STATE", "EXIT"],
-                report.processes.map { [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-"] })
+                ["PROCESS", "PID", "STATE", "EXIT", "CPU", "PROCS"],
+                report.processes.map {
+                    [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-", $0.cpuSeconds.map(cpu) ?? "-",
+                     $0.tasks.map(String.init) ?? "-"]
+                })
         }
         if let omitted = report.omittedProcesses { lines.append("... and \(omitted) more processes") }
         lines.append("")
@@ -119,6 +122,11 @@ public enum StatusPrinter {
         if total < 60 { return "\(total)s" }
         if total < 3600 { return "\(total / 60)m\(total % 60)s" }
         return "\(total / 3600)h\(total % 3600 / 60)m"
+    }
+
+    /// CPU seconds: "0.42s" under a minute, then as `duration`.
+    static func cpu(_ seconds: Double) -> String {
+        seconds < 60 ? "\((seconds * 100).rounded() / 100)s" : duration(seconds)
     }
 
     static func bytes(_ count: UInt64) -> String {

@@ -185,6 +185,29 @@ struct ProcessCgroupTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// `status` counts what is in each process's cgroup: its processes, and the CPU time of
+    /// all of them, what ended included.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func statusCountsTheProcessesAndTheCPUTimeOfEachCgroup() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let marker = daemon.directory.file("busy-done")
+        // A child that burns CPU and ends, two that sleep, and the process itself.
+        let burn = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"
+        let pid = try await daemon.launch(ProcessSpec(
+            id: "busy", argv: ["sh", "-c", "sh -c '\(burn)'; sleep 1000 & sleep 1000 & touch \(marker); exec sleep 1000"]))
+        let leader = try Tracked(pid)
+        defer { leader.end() }
+        try await eventually("the burner done") { access(marker, F_OK) == 0 }
+        let cgroup = try Self.directory(of: try #require(leader.cgroup))
+        let usage = String(decoding: readFile(cgroup + "/cpu.stat") ?? [], as: UTF8.self)
+        let status = try #require(try await daemon.status().processes.first { $0.id == "busy" })
+        #expect(status.tasks == 3, "the process and its two sleeping children: \(status)")
+        let cpu = try #require(status.cpuSeconds)
+        #expect(cpu > 0.05, "the ended burner's CPU time is counted: \(cpu) s; \(usage)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A cgroup that cannot be made is no reason to refuse a process: it runs without one.
     @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
     func aProcessRunsWithoutACgroupWhenNoneCanBeMade() async throws {
