@@ -81,17 +81,23 @@ public final class ProcessCgroups: Sendable {
         while true {
             let name = Self.namePrefix + String(UInt64.random(in: 1...UInt64.max), radix: 16)
             let path = directory + "/" + name
+            // Tracked before it exists: `removeIdle` (another process done, on another thread)
+            // removes only untracked cgroups, under the same lock, so it never takes this one
+            // between its mkdir and the child joining it (which then failed with ENODEV).
+            guard tracked.withLockedValue({ $0.insert(name).inserted }) else { continue }
             guard mkdir(path, 0o755) == 0 else {
-                if errno == EEXIST { continue }
-                throw .last("mkdir(\(path))")
+                let error = SystemError.last("mkdir(\(path))")
+                tracked.withLockedValue { _ = $0.remove(name) }
+                if error.errno == .fileExists { continue }
+                throw error
             }
             let procs = Glibc.open(path + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
             guard procs >= 0 else {
                 let error = SystemError.last("open(\(path)/cgroup.procs)")
                 rmdir(path)
+                tracked.withLockedValue { _ = $0.remove(name) }
                 throw error
             }
-            tracked.withLockedValue { _ = $0.insert(name) }
             return (name, procs)
         }
     }
@@ -143,9 +149,10 @@ public final class ProcessCgroups: Sendable {
     /// Removes every cgroup that is no process's any more and is empty. One that still holds
     /// something (what a process left running after its exit was taken) stays until it empties.
     public func removeIdle() {
-        let keep = tracked.withLockedValue { $0 }
-        for name in cgroupNames() where !keep.contains(name) {
-            rmdir(directory + "/" + name)
+        for name in cgroupNames() {
+            tracked.withLockedValue { tracked in
+                if !tracked.contains(name) { rmdir(directory + "/" + name) }
+            }
         }
     }
 
