@@ -25,10 +25,11 @@ public final class Supervisor: Sendable {
     let logger: Logger
     let executable: String
     let reaper = ChildReaper()
-    /// A cgroup per direct process, nil where the system has none to give
-    /// (`cgroupsUnavailable` says why).
-    let cgroups: ProcessCgroups?
-    let cgroupsUnavailable: ProcessCgroups.Unavailable?
+    /// A cgroup per direct process: nil until `run` took them (after the run directory is
+    /// claimed: a daemon refused at start leaves nothing in the cgroup tree), and where the
+    /// system has none to give.
+    var cgroups: ProcessCgroups? { processCgroups.withLockedValue { $0 } }
+    let processCgroups = NIOLockedValueBox<ProcessCgroups?>(nil)
     /// The processes this image forked, by id, until their exit is recorded: signals go through
     /// their registration (`ChildReaper.signal`), never to a pid the kernel may have reused.
     let forked = NIOLockedValueBox<[String: ChildReaper.Child]>([:])
@@ -169,16 +170,6 @@ public final class Supervisor: Sendable {
             rings = nil
             logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
         }
-        switch ProcessCgroups.open(tag: ProcessCgroups.tag(runDirectory: configuration.runDirectory)) {
-        case .success(let opened):
-            cgroups = opened
-            cgroupsUnavailable = nil
-            // After a live upgrade the processes handed over keep theirs.
-            if let table = resuming?.table { opened.track(table.entries.compactMap(\.cgroup)) }
-        case .failure(let why):
-            cgroups = nil
-            cgroupsUnavailable = why
-        }
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
@@ -207,7 +198,6 @@ public final class Supervisor: Sendable {
         await MainActor.run { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
         SignalDisposition.ignore(SIGPIPE)
         try makeRunDirectory()
-        await takeProcessCgroups()
         let handoff: Listener?
         let control: Listener
         if let descriptors = resumption?.state.descriptors {
@@ -260,6 +250,8 @@ public final class Supervisor: Sendable {
                 level: stall.tookOver ? .warning : .error, "\(stall.message)",
                 metadata: Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) }))
         }
+        // Last before anything serves: every check that can refuse the start has passed.
+        await takeProcessCgroups()
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }
@@ -305,6 +297,12 @@ public final class Supervisor: Sendable {
         signalLoop.cancel()
         readiness.cancel()
         handoff?.close()
+        // After a start that failed once the services ran (a bad key file): no empty cgroup
+        // directory left behind. Only empty ones go; a stop removed them already.
+        if let cgroups {
+            cgroups.removeIdle()
+            cgroups.removeDirectory()
+        }
         await notifier.finish()
         logger.info("holdfast daemon stopped", metadata: ["clean": "\(clean && stopWasClean.withLockedValue { $0 })"])
         return 0
@@ -314,13 +312,18 @@ public final class Supervisor: Sendable {
     /// claimed, so this daemon alone uses the tag) ends what a crashed predecessor's processes
     /// left in them.
     func takeProcessCgroups() async {
-        guard let cgroups else {
-            logger.notice("direct processes run without cgroups: a stop ends each one's process group only", metadata: [
-                "reason": "\(cgroupsUnavailable.map { "\($0)" } ?? "unknown")",
-            ])
+        let cgroups: ProcessCgroups
+        switch ProcessCgroups.open(tag: ProcessCgroups.tag(runDirectory: configuration.runDirectory)) {
+        case .success(let opened):
+            cgroups = opened
+        case .failure(let why):
+            logger.notice("direct processes run without cgroups: a stop ends each one's process group only", metadata: ["reason": "\(why)"])
             return
         }
-        if resumption == nil {
+        if resumption != nil {
+            // The processes the earlier image handed over keep theirs.
+            cgroups.track(table.withLockedValue { $0.entries.compactMap(\.cgroup) })
+        } else {
             let left = cgroups.cgroupNames()
             if !left.isEmpty {
                 let stuck = await cgroups.endEverything(within: .seconds(2))
@@ -329,6 +332,7 @@ public final class Supervisor: Sendable {
                 ])
             }
         }
+        processCgroups.withLockedValue { $0 = cgroups }
         logger.info("direct processes run in cgroups of their own", metadata: ["directory": "\(cgroups.directory)"])
     }
 

@@ -247,3 +247,35 @@ public func everyoneCanReach(_ path: String) -> Bool {
     }
     return true
 }
+
+/// A process as the kernel knows it: its pid and its start time (clock ticks since boot, field
+/// 22 of /proc/PID/stat), so a pid the kernel gave again, at once, is never taken for the
+/// process a test saw (the suite's `ns_last_pid` writes make that happen beside them).
+public struct ProcessIdentity: Equatable, Sendable, CustomStringConvertible {
+    public let pid: pid_t
+    public let startTime: UInt64
+
+    /// nil if there is no such process.
+    public init?(_ pid: pid_t) {
+        guard let (_, startTime) = Self.stat(pid) else { return nil }
+        self.pid = pid
+        self.startTime = startTime
+    }
+
+    static func stat(_ pid: pid_t) -> (state: Character, startTime: UInt64)? {
+        guard let bytes = WholeFile.read("/proc/\(pid)/stat") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count > 20, let state = fields[0].first, let start = UInt64(fields[19]) else { return nil }
+        return (state, start)
+    }
+
+    /// Running or stopped: not exited, not a zombie, not another process under its pid.
+    public var isAlive: Bool {
+        guard let now = Self.stat(pid) else { return false }
+        return now.startTime == startTime && now.state != "Z" && now.state != "X"
+    }
+
+    public var description: String { "pid \(pid) (started at tick \(startTime))" }
+}

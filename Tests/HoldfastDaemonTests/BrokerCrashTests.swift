@@ -127,6 +127,7 @@ struct BrokerCrashTests {
             return streams.count == 2 && streams.allSatisfy { $0.state == .connected }
         }
         let broker = try #require(try await daemon.rolePID("broker"))
+        let killedBroker = ProcessIdentity(broker)
         let pipes = descriptorTable(pid: pid)
         let (stdin, stdout) = (try #require(pipes[0]), try #require(pipes[1]))
         kill(broker, SIGKILL)
@@ -136,7 +137,7 @@ struct BrokerCrashTests {
         let supervisor = Set(descriptorTable(pid: daemon.daemonPID).values)
         #expect(supervisor.contains(stdin), "the supervisor holds the stdin pipe (\(stdin)): \(holders(of: stdin))")
         #expect(supervisor.contains(stdout), "the supervisor holds the stdout pipe (\(stdout)): \(holders(of: stdout))")
-        try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
         try await input.send(bytes("after the crash\n"))
         _ = await input.finish()
         let report = try await daemon.wait(id)
@@ -169,8 +170,9 @@ struct BrokerCrashTests {
             try await daemon.status().processes.first { $0.id == id }?.state == .exited
         }
         let broker = try #require(try await daemon.rolePID("broker"))
+        let killedBroker = ProcessIdentity(broker)
         kill(broker, SIGKILL)
-        try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
         try await eventually("the stream handed over again") {
             try await daemon.status().streams.contains { $0.process == id }
         }

@@ -180,6 +180,7 @@ struct BrokerLockdownTests {
         let daemon = try await DaemonFixture(environment: ["HOLDFAST_BROKER_ALLOW_SHARED_UID": "true"])
         defer { daemon.cleanUp() }
         let broker = try #require(try await daemon.rolePID("broker"))
+        let killedBroker = ProcessIdentity(broker)
         let onBroker = try await Self.reach(daemon.processes, broker, as: daemon.brokerUID, in: directory)
         print("reach-probe as the broker's own uid on the broker:\n\(onBroker)")
         for attempt in ["pidfd_getfd", "ptrace(PTRACE_ATTACH)"] {
@@ -190,8 +191,7 @@ struct BrokerLockdownTests {
         }
         #expect(onBroker.contains("kill(SIGKILL): SUCCEEDED"), "a shared uid can kill the broker: why it must be its own")
         try await eventually("the killed broker restarted") {
-            let pid = try await daemon.rolePID("broker")
-            return pid != nil && pid != broker
+            try await daemon.roleIsAnother("broker", than: killedBroker)
         }
         #expect(try await daemon.stop() == .exited(0))
     }

@@ -251,6 +251,8 @@ extension ContainmentTests {
         try await eventually("the broker's watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
 
         let broker = try #require(try await daemon.rolePID("broker"))
+
+        let killedBroker = ProcessIdentity(broker)
         kill(broker, SIGKILL)
         try await Task.sleep(for: .seconds(2))
         #expect(access("/proc/\(broker)/task", F_OK) == 0, "the killed broker is still there, a thread in the kernel's wait")
@@ -262,7 +264,7 @@ extension ContainmentTests {
         #expect(role.notAnswering?.hasPrefix("dying, a thread still in the kernel (waiting in ") == true)
 
         try writeFile(release, [])
-        try await eventually("a new broker", timeout: .seconds(30)) { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await eventually("a new broker", timeout: .seconds(30)) { try await daemon.roleIsAnother("broker", than: killedBroker) }
         try await input.send(bytes("third\n"))
         #expect(await input.finish() == 0)
         let report = try await daemon.wait("holder")

@@ -178,6 +178,13 @@ final class DaemonFixture: Sendable {
         try await status().roles.first { $0.name == name }?.pid
     }
 
+    /// Whether the role runs as another process than `old` (which may have had the same pid:
+    /// the suite's ns_last_pid writes make the kernel give a pid again at once).
+    func roleIsAnother(_ name: String, than old: ProcessIdentity?) async throws -> Bool {
+        guard let now = try await rolePID(name).flatMap(ProcessIdentity.init) else { return false }
+        return now != old
+    }
+
     var log: String { String(decoding: readFile(logPath) ?? [], as: UTF8.self) }
 
     /// SIGTERM, then the daemon must exit 0 on its own.

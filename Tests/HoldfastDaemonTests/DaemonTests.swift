@@ -22,12 +22,10 @@ struct DaemonTests {
             stdout: daemon.spec("p1-stdout")))
         try await Task.sleep(for: .milliseconds(300))
         let old = try #require(try await daemon.rolePID("bridge"))
+        let killed = ProcessIdentity(old)
         kill(old, SIGKILL)
         let killedAt = ContinuousClock.now
-        try await eventually("a new bridge worker") {
-            let pid = try await daemon.rolePID("bridge")
-            return pid != nil && pid != old
-        }
+        try await eventually("a new bridge worker") { try await daemon.roleIsAnother("bridge", than: killed) }
         // A figure, not an assertion (a starved machine stretches it): the back-off is 100 ms.
         print("bridge worker restarted in \(ContinuousClock.now - killedAt)")
         let report = try await daemon.wait("p1")

@@ -111,8 +111,9 @@ struct HostRunEndsTests {
             options: ["--id", "ticker", "--drain-timeout", "5s"])
         try await eventually("ticks through host run") { run.out.contains("tick\ntick\n") }
         let broker = try #require(try await daemon.rolePID("broker"))
+        let killedBroker = ProcessIdentity(broker)
         kill(broker, SIGKILL)
-        try await eventually("the broker back") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await eventually("the broker back") { try await daemon.roleIsAnother("broker", than: killedBroker) }
         let result = try await run.finish()
         #expect(result.status == .exited(0), "the process never saw SIGPIPE: \(result.err)")
         #expect(serve.log.contains("process ticker exited: code 0"), "\(serve.log)")

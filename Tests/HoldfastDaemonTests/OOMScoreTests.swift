@@ -58,8 +58,10 @@ struct OOMScoreTests {
         #expect(Self.adjustment(container) == given, "a container gets back what the daemon was started with")
 
         let broker = try #require(try await daemon.rolePID("broker"))
+
+        let killedBroker = ProcessIdentity(broker)
         kill(broker, SIGKILL)
-        try await eventually("the next broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await eventually("the next broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
         try await expectRoles()

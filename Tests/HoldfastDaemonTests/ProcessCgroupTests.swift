@@ -32,31 +32,17 @@ struct ProcessCgroupTests {
         ["sh", "-c", "setsid sh -c 'echo $$ > \(pidFile); exec sleep 1000' & echo started; \(rest)"]
     }
 
-    /// A process identified by its pid and its start time, so a pid the kernel gave again is
-    /// never taken for it.
+    /// A process the test saw (`ProcessIdentity`: a pid given again is never taken for it),
+    /// with its cgroup.
     struct Tracked: CustomStringConvertible {
-        let pid: pid_t
-        let startTime: String
+        let identity: ProcessIdentity
 
         init(_ pid: pid_t) throws {
-            self.pid = pid
-            startTime = try #require(Self.stat(pid)?.startTime, "process \(pid) runs")
+            identity = try #require(ProcessIdentity(pid), "process \(pid) runs")
         }
 
-        static func stat(_ pid: pid_t) -> (state: String, startTime: String)? {
-            guard let bytes = readFile("/proc/\(pid)/stat") else { return nil }
-            let text = String(decoding: bytes, as: UTF8.self)
-            guard let close = text.lastIndex(of: ")") else { return nil }
-            let fields = text[text.index(after: close)...].split(separator: " ")
-            guard fields.count > 20 else { return nil }
-            return (String(fields[0]), String(fields[19]))
-        }
-
-        /// Running (or stopped): not exited, not a zombie, not another process under its pid.
-        var isAlive: Bool {
-            guard let now = Self.stat(pid) else { return false }
-            return now.startTime == startTime && now.state != "Z" && now.state != "X"
-        }
+        var pid: pid_t { identity.pid }
+        var isAlive: Bool { identity.isAlive }
 
         /// Its cgroup v2 path (`0::` line of /proc/PID/cgroup).
         var cgroup: String? {
@@ -68,7 +54,7 @@ struct ProcessCgroupTests {
             if isAlive { kill(pid, SIGKILL) }
         }
 
-        var description: String { "pid \(pid)" }
+        var description: String { identity.description }
     }
 
     static func pid(in file: String) async throws -> pid_t {

@@ -187,8 +187,9 @@ struct StdinEndTests {
             defer { restarted.close() }
             // The host agent restarted knowing nothing of "g-in"; now the broker is killed.
             let broker = try #require(try await daemon.rolePID("broker"))
+            let killedBroker = ProcessIdentity(broker)
             kill(broker, SIGKILL)
-            try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+            try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
             try await eventually("the successor resumed the kept stdin") {
                 daemon.log.contains("resumed an ended stdin a crashed broker held, for its END echo")
             }
@@ -227,9 +228,10 @@ struct StdinEndTests {
             let finished = Task { await input.finish() }
             try await eventually("cat's end of file", timeout: .seconds(10)) { access(catDone, F_OK) == 0 }
             let broker = try #require(try await daemon.rolePID("broker"))
+            let killedBroker = ProcessIdentity(broker)
             kill(broker, SIGKILL)
             held.dropAllConnections()
-            try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+            try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
             // Without the successor's ACK and echo the host would wait out its 120 s drain timeout.
             let undelivered = try await withTimeout("the successor's ACK and END echo", .seconds(60)) { await finished.value }
             #expect(undelivered == 0, "every typed byte acknowledged")
@@ -264,9 +266,10 @@ struct StdinEndTests {
             #expect(exits.all.first { $0.id == "e" }?.exitCode == 0)
             #expect(await output.value == bytes("typed, the process gone, then the broker\n"), "read once by the process")
             let broker = try #require(try await daemon.rolePID("broker"))
+            let killedBroker = ProcessIdentity(broker)
             kill(broker, SIGKILL)
             held.dropAllConnections()
-            try await eventually("a new broker") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+            try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
             // Without the kept stdin the host would wait out its 120 s drain timeout.
             let undelivered = try await withTimeout("the successor's ACK and END echo", .seconds(60)) { await finished.value }
             #expect(undelivered == 0, "every typed byte acknowledged")

@@ -92,11 +92,12 @@ struct SystemdNotifyTests {
         try writeFile(installed + ".new", bytes("#!/bin/sh\necho 'not the daemon' >&2\nexit 99\n"), mode: 0o755)
         #expect(rename(installed + ".new", installed) == 0)
         let old = try #require(try await daemon.rolePID("bridge"))
+        let killed = ProcessIdentity(old)
         kill(old, SIGKILL)
         try await eventually("the bridge worker back and the bridge up", timeout: .seconds(10)) {
             let report = try await daemon.status()
             let pid = report.roles.first { $0.name == "bridge" }?.pid
-            return pid != nil && pid != old && report.bridge == .up
+            return pid.flatMap(ProcessIdentity.init).map { $0 != killed } == true && report.bridge == .up
         }
         let new = try #require(try await daemon.rolePID("bridge"))
         var buffer = [CChar](repeating: 0, count: 4096)
