@@ -109,6 +109,23 @@ extension Supervisor {
     /// How long the new binary's check may take, and what is under way may take to finish.
     static let probeLimit = Duration.seconds(10)
     static let settleLimit = Duration.seconds(15)
+    /// How long the upgrade waits for a process to let go of a pipe lock a broker thread waits
+    /// for, and for the broker to finish exiting once asked.
+    static let heldLockLimit = Duration.seconds(10)
+    static let brokerStopLimit = Duration.seconds(15)
+
+    /// Waits until the broker has no reactor thread stuck in the kernel (its stats), or
+    /// `deadline`; returns how many are still stuck (nil: no broker, or it did not answer).
+    func brokerThreadsWaitingForHeldLocks(until deadline: ContinuousClock.Instant) async -> Int? {
+        while true {
+            guard let broker = broker() else { return nil }
+            let call = Task { try? await broker.call(BrokerRequest.stats, reply: BrokerStats.self) }
+            guard let answer = await call.value(within: Self.brokerAnswerBound), let stats = answer else { return nil }
+            let stranded = stats.strandedReactorThreads ?? 0
+            if stranded == 0 || ContinuousClock.now >= deadline { return stranded }
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+    }
 
     /// `holdfast upgrade`. Returns only if the upgrade did not happen (it throws why, and
     /// everything runs on as before); on success this image is gone and the connection that
@@ -152,6 +169,15 @@ extension Supervisor {
         }
         logger.info("live upgrade: the new binary reads our state", metadata: ["check": "\(probed)"])
 
+        // A broker thread waiting in the kernel for a lock a container process holds (README,
+        // "Security") would keep a stopped broker from finishing its exit until that process
+        // lets go: the upgrade would wait as long as the process pleases. It waits a while,
+        // and otherwise does not happen, the broker serving on.
+        if let stranded = await brokerThreadsWaitingForHeldLocks(until: ContinuousClock.now + Self.heldLockLimit), stranded > 0 {
+            throw fail(
+                "\(stranded) thread\(stranded == 1 ? "" : "s") of the broker still wait\(stranded == 1 ? "s" : "") in the kernel, after \(Self.describe(Self.heldLockLimit)), for a pipe lock a container process holds (the broker's log names it: \"I/O thread stuck in the kernel\"); a broker stopped now could not finish exiting until it lets go. Retry once it does, or end that process")
+        }
+
         // 2. What is under way finishes; what arrives now waits.
         guard await upgradeGate.close(until: ContinuousClock.now + Self.settleLimit) else {
             upgradeGate.open()
@@ -166,10 +192,20 @@ extension Supervisor {
         let bridgeExit = await bridgeRole?.hold(within: .seconds(5)) { incarnation in bridgeRole?.send(SIGTERM, to: incarnation) }
         undo.append { bridgeRole?.release() }
         let client = broker()
-        let brokerExit = await brokerRole?.hold(within: .seconds(5)) { _ in
-            Task { _ = try? await client?.call(BrokerRequest.quiesce, reply: [String: String].self) }
+        let brokerPID = brokerRole?.pid
+        let holding = Task {
+            await brokerRole?.hold(within: .seconds(5)) { _ in
+                Task { _ = try? await client?.call(BrokerRequest.quiesce, reply: [String: String].self) }
+            }
         }
         undo.append { brokerRole?.release() }
+        // SIGKILL comes after 5 s, but a process cannot finish exiting while a thread of it
+        // waits in the kernel (a lock taken after the check above): bounded, then no upgrade;
+        // the role starts a new broker once that one is gone, as after a crash.
+        guard let brokerExit = await holding.value(within: Self.brokerStopLimit) else {
+            let state = brokerPID.map { ProcessRunState.of($0).explanation } ?? "unknown"
+            throw fail("the broker did not finish stopping within \(Self.describe(Self.brokerStopLimit)): \(state); it is replaced once it is gone")
+        }
         if let brokerExit, brokerExit != .exited(0) {
             // Not settled (a stream in a take past the limit, or it had to be killed): its
             // successor resumes as after a crash, and reports what that cost.

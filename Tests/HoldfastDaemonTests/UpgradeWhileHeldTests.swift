@@ -1,0 +1,51 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("Live upgrade while a container process holds its pipe's lock", .timeLimit(.minutes(5)))
+struct UpgradeWhileHeldTests {
+    /// A container holds its stdin pipe's lock and a broker thread waits for it in the kernel: a
+    /// broker stopped then could not finish exiting until the holder lets go, and the upgrade
+    /// waited that long (58 s here, the holder letting go after 60 s; for ever for one that never
+    /// does, the daemon refusing creates meanwhile). Now the upgrade waits 10 s, then does not
+    /// happen and says why; the broker serves on untouched; once the holder let go, the upgrade
+    /// goes through and the holder's stdin arrives whole.
+    @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"))
+    func anUpgradeDoesNotWaitForAProcessThatHoldsItsPipesLock() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let holder = try await StdinHolder.start(in: daemon)
+        try await holder.input.send(bytes("second\n"))
+        try await eventually("the broker's watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
+        let brokerPID = try #require(try await daemon.rolePID("broker"))
+        let broker = try #require(ProcessIdentity(brokerPID))
+
+        let refused = try await runUpgrade(daemon, processes: daemon.processes)
+        print("the upgrade while the lock is held: \(refused.status): \(refused.output)")
+        #expect(refused.status == .exited(1), "\(refused.output)")
+        #expect(refused.output.contains("for a pipe lock a container process holds"), "\(refused.output)")
+        #expect(try await daemon.status().upgrades ?? 0 == 0)
+        let another = try await daemon.roleIsAnother("broker", than: broker)
+        #expect(broker.isAlive && !another, "the same broker serves on")
+        let bystander = collect(try daemon.streams.open(token: bytes("by-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "by", argv: counterCommand(100, prefix: "by"), stdout: daemon.spec("by-out")))
+        #expect(try await daemon.wait("by").exitCode == 0)
+        #expect(await bystander.value == expectedLines(100, prefix: "by"), "a process started after it streams every line")
+
+        // Let go: the upgrade's own wait sees the thread come back.
+        try writeFile(holder.release, [])
+        let upgraded = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgraded.status == .exited(0), "once the holder let go: \(upgraded.output)")
+        #expect(await holder.input.finish() == 0)
+        #expect(try await daemon.wait("holder").exitCode == 0)
+        #expect(await holder.output() == bytes("ready\nholding\necho:first\nsecond\n"), "the holder's stdin whole")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
