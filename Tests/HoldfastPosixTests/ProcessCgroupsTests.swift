@@ -92,9 +92,11 @@ struct ProcessCgroupsTests {
     }
 
     /// A child joins before it execs: everything it starts is inside, and `cgroup.kill` ends all
-    /// of it, what left its session included.
+    /// of it, what left its session included. In a test process of its own: its reaper reaps
+    /// every child of the process, other tests' too.
     @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
     func aKilledCgroupTakesEverythingTheChildStarted() async throws {
+        guard try await isolated("aKilledCgroupTakesEverythingTheChildStarted") else { return }
         let cgroups = try Self.opened()
         defer {
             cgroups.endEverythingBlocking(within: .seconds(2))
