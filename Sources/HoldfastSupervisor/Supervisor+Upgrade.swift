@@ -169,6 +169,11 @@ extension Supervisor {
         }
         logger.info("live upgrade: the new binary reads our state", metadata: ["check": "\(probed)"])
 
+        // A broker restarted after a crash is reachable only once it has every stream back
+        // (creates wait for the same): asked to quiesce before that, it never heard it and was
+        // SIGKILLed 5 s later (a soak upgrade 83 ms after a broker kill took 5.2 s).
+        _ = await brokerClient.wait(timeout: Self.brokerWait)
+
         // A broker thread waiting in the kernel for a lock a container process holds (README,
         // "Security") would keep a stopped broker from finishing its exit until that process
         // lets go: the upgrade would wait as long as the process pleases. It waits a while,

@@ -9,7 +9,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("Live upgrade while a container process holds its pipe's lock", .timeLimit(.minutes(5)))
+@Suite("Live upgrade: a broker still taking the streams over, a container holding its pipe lock", .timeLimit(.minutes(5)))
 struct UpgradeWhileHeldTests {
     /// A container holds its stdin pipe's lock and a broker thread waits for it in the kernel: a
     /// broker stopped then could not finish exiting until the holder lets go, and the upgrade
@@ -17,6 +17,57 @@ struct UpgradeWhileHeldTests {
     /// does, the daemon refusing creates meanwhile). Now the upgrade waits 10 s, then does not
     /// happen and says why; the broker serves on untouched; once the holder let go, the upgrade
     /// goes through and the holder's stdin arrives whole.
+    /// An upgrade that comes while a restarted broker is still being handed the streams waits
+    /// for it, and it quiesces: found by the soak, where such an upgrade found no broker to ask,
+    /// and the broker was SIGKILLed after 5 s instead ("did not quiesce cleanly").
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anUpgradeDuringABrokersTakeOverWaitsForItAndItQuiesces() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let go = daemon.directory.file("go")
+        var outputs: [String: Task<[UInt8], Never>] = [:]
+        for index in 0..<16 {
+            let id = "t\(index)"
+            outputs[id] = collect(try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive))
+            _ = try await daemon.launch(ProcessSpec(
+                id: id, argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.2; done; echo \(id) done"], stdout: daemon.spec("\(id)-out")))
+        }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        var offset = (readFile(daemon.logPath) ?? []).count
+        kill(broker, SIGKILL)
+        // Its successor, stopped as soon as it was handed its first process: the take-over is
+        // under way, and stays so while the upgrade begins.
+        var successor: pid_t?
+        let deadline = ContinuousClock.now + .seconds(30)
+        while successor == nil && ContinuousClock.now < deadline {
+            let tail = BrokerCrashReadoptionTests.logTail(daemon.logPath, from: offset)
+            offset = tail.end
+            if let line = tail.text.split(separator: "\n").first(where: { $0.contains("resumed streams a crashed broker held") }),
+                let field = line.split(separator: " ").first(where: { $0.hasPrefix("pid=") })
+            {
+                successor = pid_t(field.dropFirst(4))
+                if let successor { kill(successor, SIGSTOP) }
+            } else {
+                usleep(200)
+            }
+        }
+        let stopped = try #require(successor, "the successor was handed a process within 30 s")
+        defer { kill(stopped, SIGCONT) }
+        let upgrade = Task { try await runUpgrade(daemon, processes: daemon.processes) }
+        try await Task.sleep(for: .seconds(1))
+        kill(stopped, SIGCONT)
+        let outcome = try await upgrade.value
+        #expect(outcome.status == .exited(0), "\(outcome.output)")
+        #expect(daemon.log.contains("quiesced for a live upgrade: every stream settled"), "the broker was asked and quiesced")
+        #expect(!daemon.log.contains("did not quiesce cleanly"))
+        try writeFile(go, [])
+        for (id, output) in outputs {
+            #expect(await output.value == bytes("\(id) done\n"), "\(id)'s output exact")
+            #expect(try await daemon.wait(id).exitCode == 0)
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"))
     func anUpgradeDoesNotWaitForAProcessThatHoldsItsPipesLock() async throws {
         let daemon = try await DaemonFixture()
