@@ -39,9 +39,16 @@ public final class ProcessCgroups: Sendable {
 
     /// `<this process's cgroup>/holdfast-<tag>`: every process cgroup is a directory in it.
     public let directory: String
-    /// The cgroups whose process the daemon still tracks: never removed as idle. A cgroup not in
-    /// it (its process was forgotten, or it was left by an earlier instance) goes once it empties.
-    private let tracked = NIOLockedValueBox<Set<String>>([])
+    private struct Names {
+        /// The cgroups whose process the daemon still tracks: never removed as idle.
+        var tracked: Set<String> = []
+        /// Released ones that still held something (what a process left running): removed
+        /// once empty, at a later `removeIdle`. Kept apart so that a process's end tries a few
+        /// rmdirs, not a listing of thousands of cgroups.
+        var lingering: Set<String> = []
+    }
+
+    private let names = NIOLockedValueBox(Names())
 
     static let namePrefix = "process-"
 
@@ -81,13 +88,14 @@ public final class ProcessCgroups: Sendable {
         while true {
             let name = Self.namePrefix + String(UInt64.random(in: 1...UInt64.max), radix: 16)
             let path = directory + "/" + name
-            // Tracked before it exists: `removeIdle` (another process done, on another thread)
-            // removes only untracked cgroups, under the same lock, so it never takes this one
-            // between its mkdir and the child joining it (which then failed with ENODEV).
-            guard tracked.withLockedValue({ $0.insert(name).inserted }) else { continue }
+            // Tracked before it exists, and `removeIdle` (another process done, on another
+            // thread) removes only released ones: never this one between its mkdir and the
+            // child joining it (it did when it removed whatever it listed untracked: the join
+            // failed with ENODEV).
+            guard names.withLockedValue({ $0.tracked.insert(name).inserted }) else { continue }
             guard mkdir(path, 0o755) == 0 else {
                 let error = SystemError.last("mkdir(\(path))")
-                tracked.withLockedValue { _ = $0.remove(name) }
+                names.withLockedValue { _ = $0.tracked.remove(name) }
                 if error.errno == .fileExists { continue }
                 throw error
             }
@@ -95,23 +103,30 @@ public final class ProcessCgroups: Sendable {
             guard procs >= 0 else {
                 let error = SystemError.last("open(\(path)/cgroup.procs)")
                 rmdir(path)
-                tracked.withLockedValue { _ = $0.remove(name) }
+                names.withLockedValue { _ = $0.tracked.remove(name) }
                 throw error
             }
             return (name, procs)
         }
     }
 
-    /// Marks cgroups as tracked: after a live upgrade, those of the processes the earlier image
-    /// handed over.
-    public func track(_ names: some Sequence<String>) {
-        tracked.withLockedValue { $0.formUnion(names.filter(Self.isProcessCgroupName)) }
+    /// After a live upgrade: the cgroups of the processes the earlier image handed over are
+    /// tracked, and every other one there is lingering (what a done process left running).
+    public func track(_ handedOver: some Sequence<String>) {
+        let present = cgroupNames()
+        names.withLockedValue { names in
+            names.tracked.formUnion(handedOver.filter(Self.isProcessCgroupName))
+            names.lingering = Set(present).subtracting(names.tracked)
+        }
     }
 
-    /// The process is forgotten: its cgroup goes as soon as it is empty (now, or once what the
+    /// The process is done: its cgroup goes as soon as it is empty (now, or once what the
     /// process left running ends and a later `removeIdle` runs).
     public func release(_ name: String) {
-        tracked.withLockedValue { _ = $0.remove(name) }
+        names.withLockedValue { names in
+            guard names.tracked.remove(name) != nil else { return }
+            names.lingering.insert(name)
+        }
         removeIdle()
     }
 
@@ -149,10 +164,8 @@ public final class ProcessCgroups: Sendable {
     /// Removes every cgroup that is no process's any more and is empty. One that still holds
     /// something (what a process left running after its exit was taken) stays until it empties.
     public func removeIdle() {
-        for name in cgroupNames() {
-            tracked.withLockedValue { tracked in
-                if !tracked.contains(name) { rmdir(directory + "/" + name) }
-            }
+        names.withLockedValue { names in
+            names.lingering = names.lingering.filter { rmdir(directory + "/" + $0) != 0 && errno != ENOENT }
         }
     }
 
@@ -184,7 +197,7 @@ public final class ProcessCgroups: Sendable {
     }
 
     private func killEverything() -> [String] {
-        tracked.withLockedValue { $0.removeAll() }
+        self.names.withLockedValue { $0 = Names() }
         let names = cgroupNames()
         for name in names { kill(name) }
         return names
