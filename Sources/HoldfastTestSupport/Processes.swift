@@ -279,3 +279,11 @@ public struct ProcessIdentity: Equatable, Sendable, CustomStringConvertible {
 
     public var description: String { "pid \(pid) (started at tick \(startTime))" }
 }
+
+/// Ends what a daemon on `runDirectory` left in its process cgroups and removes them: a test
+/// that killed its daemon (no stop to do it) leaves no process and no directory behind.
+public func endDaemonCgroups(runDirectory: String) {
+    guard case .success(let cgroups) = ProcessCgroups.open(tag: ProcessCgroups.tag(runDirectory: runDirectory)) else { return }
+    cgroups.endEverythingBlocking(within: .seconds(2))
+    cgroups.removeDirectory()
+}

@@ -199,10 +199,7 @@ final class DaemonFixture: Sendable {
         processes.killAll()
         // What the daemon's processes started, wherever it went (a daemon killed by a test
         // leaves its container processes running).
-        if case .success(let cgroups) = ProcessCgroups.open(tag: ProcessCgroups.tag(runDirectory: directory.path)) {
-            cgroups.endEverythingBlocking(within: .seconds(2))
-            cgroups.removeDirectory()
-        }
+        endDaemonCgroups(runDirectory: directory.path)
         proxy?.close()
         bridge.close()
         streams.close()

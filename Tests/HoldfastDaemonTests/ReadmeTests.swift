@@ -369,6 +369,8 @@ final class Runner: Sendable {
 
     func cleanUp() {
         processes.killAll()
+        // The daemon is killed, not stopped: what its processes left goes with their cgroups.
+        endDaemonCgroups(runDirectory: directory.file("run"))
         directory.remove()
     }
 
