@@ -262,11 +262,9 @@ struct CgroupFreezer {
     let mount: String
 
     static func make() -> CgroupFreezer? {
-        guard let mounts = readFile("/proc/self/mounts") else { return nil }
-        for line in String(decoding: mounts, as: UTF8.self).split(separator: "\n") {
-            let fields = line.split(separator: " ")
-            guard fields.count > 2, fields[2] == "cgroup2" else { continue }
-            let mount = String(fields[1])
+        guard let mountinfo = readFile("/proc/self/mountinfo") else { return nil }
+        for unified in CgroupLocation.unifiedMounts(mountinfo: String(decoding: mountinfo, as: UTF8.self)) where unified.root == "/" {
+            let mount = unified.mountPoint
             let path = "\(mount)/holdfast-test-\(UInt32.random(in: 0..<UInt32.max))"
             guard mkdir(path, 0o755) == 0 else { continue }
             guard access(path + "/cgroup.freeze", W_OK) == 0 else {
@@ -281,8 +279,7 @@ struct CgroupFreezer {
     /// Where `pid` is now in this hierarchy (its `0::` line).
     func home(of pid: pid_t) -> String {
         let text = String(decoding: readFile("/proc/\(pid)/cgroup") ?? [], as: UTF8.self)
-        let line = text.split(separator: "\n").first { $0.hasPrefix("0::") } ?? "0::/"
-        return mount + String(line.dropFirst(3))
+        return mount + (CgroupLocation.unifiedPath(procCgroup: text) ?? "/")
     }
 
     private static func write(_ text: String, to path: String) throws {
