@@ -99,7 +99,10 @@ struct LiveUpgradeTests {
         try await Task.sleep(for: .milliseconds(300))
         let sent = await typist.stop()
         #expect(await input.finish() == 0)
-        let report = try await withTimeout("the exit", .seconds(60)) { try await daemon.wait("u") }
+        // The host's copy of the exit: created over the bridge, the process is forgotten once
+        // the host acknowledges it, and a `wait` on the control socket after that finds none.
+        try await eventually("the exit at the host", timeout: .seconds(60)) { exits.count("u") == 1 }
+        let report = try #require(exits.all.first { $0.id == "u" })
         #expect(report.exitCode == 0 && report.lost == nil && report.inputRepeated == nil, "\(report)")
         #expect(await output.value == expectedLines(3000), "every output byte once, in order")
         try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
