@@ -23,6 +23,8 @@ public final class Broker: Sendable {
     /// broker gave their streams (`CheckpointMemory.handoffSlots`).
     private let handoffs = NIOLockedValueBox(HandoffSlots())
     private let totals = NIOLockedValueBox(Totals())
+    /// The handoff socket's connections (`BrokerService.serveHandoff`), counted in `stats`.
+    let handoffGate: NIOLockedValueBox<HandoffConnectionGate>
     /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
     private let streamsFinishedSinceTidy = NIOLockedValueBox(0)
     /// Whether the host's bridge is up, as the supervisor last said (up until told otherwise: a
@@ -53,6 +55,7 @@ public final class Broker: Sendable {
         notify: @escaping @Sendable (BrokerNotification) async -> Void
     ) {
         self.settings = settings
+        self.handoffGate = NIOLockedValueBox(HandoffConnectionGate(maxServed: max(1, settings.handoffMaxConnections)))
         self.logger = logger
         self.checkpoints = checkpoints
         self.rings = rings
@@ -363,7 +366,8 @@ public final class Broker: Sendable {
         let streams = list()
         let gone = totals.withLockedValue { $0 }
         let malloc = Memory.mallocUsage()
-        return BrokerStats(
+        let handoff = handoffGate.withLockedValue { ($0.served, $0.turnedAway) }
+        var stats = BrokerStats(
             processes: processes.withLockedValue { $0.count },
             streams: streams.count,
             connected: streams.filter { $0.state == .connected }.count,
@@ -381,6 +385,9 @@ public final class Broker: Sendable {
             lostBytes: Self.nonZero(streams.reduce(gone.lost) { $0 + ($1.lostBytes ?? 0) }),
             reactorStalls: Reactor.shared.stalls > 0 ? Reactor.shared.stalls : nil,
             strandedReactorThreads: Reactor.shared.strandedThreads > 0 ? Reactor.shared.strandedThreads : nil)
+        stats.handoffConnections = handoff.0
+        stats.handoffTurnedAway = handoff.1
+        return stats
     }
 
     /// The process and stream whose fd is `fd` (the one a stuck syscall was given), if any.

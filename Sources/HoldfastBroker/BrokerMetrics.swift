@@ -33,6 +33,8 @@ public final class BrokerMetrics: Sendable {
     private let mallocInUseBytes: CoreMetrics.Gauge
     private let reactorStalls: CoreMetrics.Counter
     private let strandedReactorThreads: CoreMetrics.Gauge
+    private let handoffConnections: CoreMetrics.Gauge
+    private let handoffTurnedAway: CoreMetrics.Counter
     private let fed = NIOLockedValueBox(Fed())
 
     private struct Fed {
@@ -42,6 +44,7 @@ public final class BrokerMetrics: Sendable {
         var undelivered: UInt64 = 0
         var lost: UInt64 = 0
         var reactorStalls = 0
+        var handoffTurnedAway: UInt64 = 0
     }
 
     /// From 1 ms (a reconnect on a live host) to a minute (a long blackout).
@@ -76,6 +79,10 @@ public final class BrokerMetrics: Sendable {
         // The I/O thread found stuck in one syscall, taken over by a new thread (README, "Trust").
         reactorStalls = CoreMetrics.Counter(label: "holdfast_broker_reactor_stalls_total", factory: factory)
         strandedReactorThreads = CoreMetrics.Gauge(label: "holdfast_broker_reactor_stranded_threads", factory: factory)
+        // The handoff socket's admitted connections, and those refused or closed at once
+        // (README, "Handing a process over").
+        handoffConnections = CoreMetrics.Gauge(label: "holdfast_broker_handoff_connections", factory: factory)
+        handoffTurnedAway = CoreMetrics.Counter(label: "holdfast_broker_handoff_connections_refused_total", factory: factory)
     }
 
     /// An observer for one stream's slot: dial attempts and failures, redial cycles given up,
@@ -139,6 +146,13 @@ public final class BrokerMetrics: Sendable {
         }
         reactorStalls.increment(by: Int64(newStalls))
         strandedReactorThreads.record(Double(stats.strandedReactorThreads ?? 0))
+        handoffConnections.record(Double(stats.handoffConnections ?? 0))
+        let turnedAway = stats.handoffTurnedAway ?? 0
+        let newlyTurnedAway = fed.withLockedValue { last -> UInt64 in
+            defer { last.handoffTurnedAway = max(last.handoffTurnedAway, turnedAway) }
+            return turnedAway &- min(turnedAway, last.handoffTurnedAway)
+        }
+        handoffTurnedAway.increment(by: Int64(clamping: newlyTurnedAway))
         return registry.emitToString()
     }
 }

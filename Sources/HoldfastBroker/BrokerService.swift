@@ -15,6 +15,10 @@ public final class BrokerService: Sendable {
     private let logger: Logger
     /// Where notifications go: the supervisor's channel, while it is connected.
     private let supervisorChannel: NIOLockedValueBox<FDChannel?>
+    /// Handoff connections served and being refused (`serveHandoff`; the broker's stats read it).
+    private var handoffGate: NIOLockedValueBox<HandoffConnectionGate> { broker.handoffGate }
+    /// The log lines turned-away handoff connections get (a flood gets a summary, not a line each).
+    private let turnAwayLog = NIOLockedValueBox(TurnAwayLog())
 
     /// Who may use a request: the supervisor may do everything; a handoff peer only manages
     /// (lists, releases, resizes, ends) the processes handed over by its own uid.
@@ -67,7 +71,9 @@ public final class BrokerService: Sendable {
     // MARK: The handoff socket
 
     /// Accepts runtimes on the handoff listener (already bound by the supervisor, as root, with
-    /// mode 0660). Each peer is checked with SO_PEERCRED before anything else.
+    /// mode 0660). Each peer is checked with SO_PEERCRED before anything else, and what it may
+    /// hold is bounded by `handoffGate`: any process that can connect costs an fd per connection,
+    /// and the broker's fds are what its streams redial with.
     public func serveHandoff(_ listener: Listener) async {
         while !Task.isCancelled {
             let connection: AsyncFD
@@ -82,38 +88,102 @@ public final class BrokerService: Sendable {
                 try? await Task.sleep(for: .milliseconds(50))
                 continue
             }
-            Task { await serveHandoffPeer(FDChannel(connection)) }
+            let channel = FDChannel(connection)
+            let credentials: PeerCredentials
+            do {
+                credentials = try PeerCredentials.of(channel.socket)
+            } catch {
+                logger.warning("handoff peer without credentials", metadata: ["error": "\(error)"])
+                channel.close()
+                continue
+            }
+            // Decided here, on the accepting task, so a flood never becomes a task per connection.
+            let settings = broker.settings
+            let allowed = settings.handoffAllowedUIDs.contains(credentials.uid) || settings.handoffAllowedGIDs.contains(credentials.gid)
+            let verdict = handoffGate.withLockedValue { gate in
+                gate.admit(allowed: allowed) {
+                    (try? ProcessFigures.ensureDescriptorRoom(
+                        needed: 1, reserve: Self.descriptorReserve, holder: "the broker", keptFor: "for the streams it serves to redial")) != nil
+                }
+            }
+            switch verdict {
+            case .serve:
+                Task {
+                    defer { handoffGate.withLockedValue { $0.release(verdict) } }
+                    defer { channel.close() }
+                    await serve(channel, caller: .handoff(credentials))
+                }
+            case .refuse(let refusal):
+                Task {
+                    defer { handoffGate.withLockedValue { $0.release(verdict) } }
+                    defer { channel.close() }
+                    await refuse(channel, credentials, why: refusal)
+                }
+            case .drop:
+                channel.close()
+                logTurnedAway(dropped: true) {
+                    logger.warning(
+                        "handoff connection closed at once: every place to serve or refuse one is taken",
+                        metadata: ["pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "gid": "\(credentials.gid)"])
+                }
+            }
         }
     }
 
-    private func serveHandoffPeer(_ channel: FDChannel) async {
-        defer { channel.close() }
-        let credentials: PeerCredentials
-        do {
-            credentials = try PeerCredentials.of(channel.socket)
-        } catch {
-            logger.warning("handoff peer without credentials", metadata: ["error": "\(error)"])
-            return
+    /// Answers the peer's first request (closing any fds it attached) rather than hang up on
+    /// connect, so the client reads why instead of hitting a broken pipe; waits at most 2 s.
+    private func refuse(_ channel: FDChannel, _ credentials: PeerCredentials, why refusal: HandoffConnectionGate.Refusal) async {
+        let metadata: Logger.Metadata = ["pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "gid": "\(credentials.gid)"]
+        let error: HoldfastError
+        switch refusal {
+        case .notAllowed:
+            logTurnedAway(dropped: false) { logger.warning("handoff peer refused", metadata: metadata) }
+            error = HoldfastError(.permissionDenied, "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
+        case .full:
+            let most = broker.settings.handoffMaxConnections
+            logTurnedAway(dropped: false) { logger.warning("handoff connection refused: the broker serves \(most) at once", metadata: metadata) }
+            error = HoldfastError(
+                .tooManyConnections,
+                "the broker serves \(most) handoff connections at once (handoff.max_connections); close idle ones or retry")
+        case .noDescriptorRoom:
+            logTurnedAway(dropped: false) {
+                logger.warning("handoff connection refused: the broker's fds are kept for its streams", metadata: metadata)
+            }
+            error = HoldfastError(
+                .tooManyOpenFiles,
+                "the broker keeps its remaining fds for the streams it serves to redial; raise the daemon's hard limit "
+                    + "(LimitNOFILE= in its unit) or end some processes")
         }
-        let settings = broker.settings
-        guard settings.handoffAllowedUIDs.contains(credentials.uid) || settings.handoffAllowedGIDs.contains(credentials.gid) else {
-            logger.warning("handoff peer refused", metadata: [
-                "pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "gid": "\(credentials.gid)",
-            ])
-            let refusal = HoldfastError(.permissionDenied, "uid \(credentials.uid) / gid \(credentials.gid) may not use the handoff socket")
-            // Answer the peer's first request (closing any fds it attached) rather than hang up
-            // on connect, so the client reads why instead of hitting a broken pipe.
-            let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
-            let deadline = TimeoutWheel.shared.schedule(after: .seconds(2)) { first.cancel() }
-            let message = await first.value
-            TimeoutWheel.shared.cancel(deadline)
-            message?.closeDescriptors()
-            let id = message.flatMap { try? ControlFrame.decode(datagram: $0.payload).id } ?? 0
-            try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(refusal)).encoded)
-            return
-        }
-        await serve(channel, caller: .handoff(credentials))
+        let first = Task { try? await channel.receive(maxPayload: ControlFrame.headerSize + ControlFrame.defaultMaxBody) }
+        let deadline = TimeoutWheel.shared.schedule(after: .seconds(2)) { first.cancel() }
+        let message = await first.value
+        TimeoutWheel.shared.cancel(deadline)
+        message?.closeDescriptors()
+        let id = message.flatMap { try? ControlFrame.decode(datagram: $0.payload).id } ?? 0
+        try? await channel.send(ControlFrame(type: BrokerMessageType.error.rawValue, id: id, body: ControlJSON.encode(error)).encoded)
     }
+
+    /// Logs a turned-away connection with `line`, or only counts it once this window's lines
+    /// are spent: a flood costs the journal at most 8 lines and a summary per 10 s.
+    private func logTurnedAway(dropped: Bool, line: () -> Void) {
+        switch turnAwayLog.withLockedValue({ $0.note(dropped: dropped) }) {
+        case .logLine(let windowStarted):
+            line()
+            guard windowStarted else { return }
+            _ = TimeoutWheel.shared.schedule(after: Self.turnAwayLogWindow) { [self] in
+                let (refusals, drops) = turnAwayLog.withLockedValue { $0.closeWindow() }
+                guard refusals + drops > 0 else { return }
+                let (served, refusing) = handoffGate.withLockedValue { ($0.served, $0.refusing) }
+                logger.warning("handoff connections turned away without a line of their own", metadata: [
+                    "refused": "\(refusals)", "closedAtOnce": "\(drops)", "served": "\(served)", "refusing": "\(refusing)",
+                ])
+            }
+        case .counted:
+            break
+        }
+    }
+
+    static let turnAwayLogWindow = Duration.seconds(10)
 
     // MARK: Requests
 

@@ -129,6 +129,7 @@ extension DaemonConfiguration {
             "handoff.mode": ("0" + String(handoff.mode, radix: 8), nil),
             "handoff.allowed_uids": (ids(handoff.allowedUIDs), nil),
             "handoff.allowed_gids": (ids(handoff.allowedGIDs), nil),
+            "handoff.max_connections": (String(handoff.maxConnections), nil),
             "streams.redial_attempts": (String(streams.redialAttempts), nil),
             "streams.redial_interval": (Self.duration(streams.redialInterval), nil),
             "streams.connect_timeout": (Self.duration(streams.connectTimeout), nil),

@@ -31,6 +31,7 @@ public enum ConfigurationLoader {
         ("handoff.mode", "0660"),
         ("handoff.allowed_uids", "0"),
         ("handoff.allowed_gids", ""),
+        ("handoff.max_connections", "256"),
         ("streams.redial_attempts", "60"),
         ("streams.redial_interval", "100ms"),
         ("streams.connect_timeout", "2s"),
@@ -139,6 +140,7 @@ public enum ConfigurationLoader {
         let mode = try parse("handoff.mode", ValueParsers.fileMode)
         let uids = try parse("handoff.allowed_uids", ValueParsers.idList)
         let gids = try parse("handoff.allowed_gids", ValueParsers.idList)
+        let handoffConnections = try parse("handoff.max_connections") { ValueParsers.integer($0, in: 1...65_536) }
         let attempts = try parse("streams.redial_attempts") { ValueParsers.integer($0, in: 1...1_000_000) }
         let interval = try parse("streams.redial_interval", ValueParsers.positiveDuration)
         let connectTimeout = try parse("streams.connect_timeout", ValueParsers.positiveDuration)
@@ -172,7 +174,7 @@ public enum ConfigurationLoader {
                 address: address, authentication: authentication, keyFile: keyFile, reconnectInitial: reconnectInitial,
                 reconnectMax: reconnectMax),
             broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID, restartBackoffMax: restartBackoffMax),
-            handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids),
+            handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids, maxConnections: handoffConnections),
             streams: .init(
                 redialAttempts: attempts, redialInterval: interval, connectTimeout: connectTimeout, drainTimeout: drainTimeout,
                 ringCapacity: ring),

@@ -45,6 +45,8 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var mode: UInt32
         public var allowedUIDs: [UInt32]
         public var allowedGIDs: [UInt32]
+        /// Admitted peers' connections the broker serves at once; more are refused.
+        public var maxConnections: Int
     }
 
     public struct Streams: Codable, Sendable, Equatable {

@@ -317,6 +317,10 @@ public struct BrokerStats: Codable, Sendable, Equatable {
     public var reactorStalls: Int?
     /// Threads left stuck in such a syscall now; absent when none.
     public var strandedReactorThreads: Int?
+    /// Handoff connections the broker serves now, and those it refused or closed at once since
+    /// it started (`handoff.max_connections`, the allow-lists); absent from an older broker.
+    public var handoffConnections: Int?
+    public var handoffTurnedAway: UInt64?
 
     public init(
         processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,

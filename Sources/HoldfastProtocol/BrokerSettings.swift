@@ -11,11 +11,13 @@ public struct BrokerSettings: Codable, Sendable, Equatable {
     public var ringCapacity: Int
     public var handoffAllowedUIDs: [UInt32]
     public var handoffAllowedGIDs: [UInt32]
+    /// Admitted handoff connections served at once (`handoff.max_connections`).
+    public var handoffMaxConnections: Int
 
     public init(
         user: String? = nil, seccomp: SeccompAction = .kill, redialAttempts: Int = 60, redialIntervalMilliseconds: Int = 100,
         connectTimeoutMilliseconds: Int = 2000, drainTimeoutMilliseconds: Int = 30_000, ringCapacity: Int = 1 << 20,
-        handoffAllowedUIDs: [UInt32] = [0], handoffAllowedGIDs: [UInt32] = []
+        handoffAllowedUIDs: [UInt32] = [0], handoffAllowedGIDs: [UInt32] = [], handoffMaxConnections: Int = 256
     ) {
         self.user = user
         self.seccomp = seccomp
@@ -26,6 +28,7 @@ public struct BrokerSettings: Codable, Sendable, Equatable {
         self.ringCapacity = ringCapacity
         self.handoffAllowedUIDs = handoffAllowedUIDs
         self.handoffAllowedGIDs = handoffAllowedGIDs
+        self.handoffMaxConnections = handoffMaxConnections
     }
 }
 

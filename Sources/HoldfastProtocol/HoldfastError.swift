@@ -28,6 +28,8 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         /// The supervisor is near its limit on open files: a create is refused while it keeps
         /// enough for a broker restart to take every running process over.
         case tooManyOpenFiles = "too-many-open-files"
+        /// The broker already serves `handoff.max_connections` handoff connections.
+        case tooManyConnections = "too-many-connections"
         case startFailed = "start-failed"
         /// The program does not exist (exec's ENOENT, runc's "executable file not found"): a
         /// shell's 127.

@@ -26,7 +26,8 @@ extension Supervisor {
             redialAttempts: configuration.streams.redialAttempts, redialIntervalMilliseconds: configuration.streams.redialInterval,
             connectTimeoutMilliseconds: configuration.streams.connectTimeout,
             drainTimeoutMilliseconds: configuration.streams.drainTimeout, ringCapacity: configuration.streams.ringCapacity,
-            handoffAllowedUIDs: configuration.handoff.allowedUIDs, handoffAllowedGIDs: configuration.handoff.allowedGIDs)
+            handoffAllowedUIDs: configuration.handoff.allowedUIDs, handoffAllowedGIDs: configuration.handoff.allowedGIDs,
+            handoffMaxConnections: configuration.handoff.maxConnections)
     }
 
     func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
