@@ -105,6 +105,13 @@ class Stream:
     input_secret: Optional[str] = None
 
 
+# What a connection the broker closed without a word means: it was past the broker's budgets
+# (docs/PROTOCOL.md, "Handoff socket": every place to serve or refuse one was taken), or the
+# broker was restarting.
+CLOSED_AT_ONCE = ("the broker closed the connection without an answer (it closes connections beyond its "
+                  "budgets at once, and a restarting broker drops them): retry")
+
+
 class Client:
     """One connection to the handoff socket. Requests are answered in order, one at a time."""
 
@@ -137,11 +144,14 @@ class Client:
         if len(payload) > MAX_BODY:
             raise ValueError(f"request body of {len(payload)} bytes exceeds the broker's {MAX_BODY}")
         frame = HEADER.pack(kind, len(payload), request_id) + payload
-        if fds:
-            # SCM_RIGHTS: the kernel gives the broker its own copies; ours stay open.
-            socket.send_fds(self.sock, [frame], list(fds))
-        else:
-            self.sock.send(frame)
+        try:
+            if fds:
+                # SCM_RIGHTS: the kernel gives the broker its own copies; ours stay open.
+                socket.send_fds(self.sock, [frame], list(fds))
+            else:
+                self.sock.send(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            raise ProtocolError(CLOSED_AT_ONCE) from None
 
         # recvmsg rather than socket.recv_fds, which drops its flags argument: with
         # MSG_CMSG_CLOEXEC the fds handed back cannot leak into a process started meanwhile
@@ -159,7 +169,7 @@ class Client:
                 # Some fds or bytes were lost in flight: the reply cannot be trusted.
                 raise ProtocolError("the broker's reply was truncated")
             if not reply:
-                raise ProtocolError("the broker closed the connection")
+                raise ProtocolError(CLOSED_AT_ONCE)
             if len(reply) < HEADER.size:
                 raise ProtocolError(f"a reply of {len(reply)} bytes is shorter than a header")
             reply_type, length, reply_id = HEADER.unpack_from(reply)
