@@ -101,6 +101,7 @@ let package = Package(
                 "CHoldfastShims",
                 "CSeccomp",
                 "HoldfastCore",
+                "HoldfastLogging",
                 "HoldfastPosix",
                 "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),
@@ -115,6 +116,7 @@ let package = Package(
             dependencies: [
                 "HoldfastConfig",
                 "HoldfastCore",
+                "HoldfastLogging",
                 "HoldfastPosix",
                 "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),
@@ -129,6 +131,7 @@ let package = Package(
             name: "HoldfastBridge",
             dependencies: [
                 "HoldfastCore",
+                "HoldfastLogging",
                 "HoldfastPosix",
                 "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),

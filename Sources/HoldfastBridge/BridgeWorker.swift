@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastLogging
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
@@ -74,6 +75,7 @@ public enum BridgeWorker {
         Task {
             await client.run()
             logger.info("supervisor gone; bridge worker exiting")
+            DaemonLogHandler.flush()
             exit(0)
         }
         // A flood of requests leaves free pages in malloc's arenas; they go back afterwards.

@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastLogging
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
@@ -431,6 +432,8 @@ public final class Broker: Sendable {
                     } else {
                         logger.warning("quiesce: streams still inside a take; their successors report it", metadata: ["processes": "\(Set(pending).sorted())"])
                     }
+                    // The upgrade waits for this exit: a log nobody reads may delay it this long.
+                    DaemonLogHandler.flush(withinMilliseconds: 500)
                     _exit(pending.isEmpty ? 0 : 3)
                 }
                 try? await Task.sleep(for: .milliseconds(1))

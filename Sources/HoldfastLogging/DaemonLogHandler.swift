@@ -44,8 +44,24 @@ public struct DaemonLogHandler: LogHandler {
             timestamp: journal ? nil : Self.timestamp())
         var bytes = Array(line.utf8)
         bytes.append(UInt8(ascii: "\n"))
-        // One write per line: lines from concurrent tasks never interleave.
-        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+        // Queued, never written here: a log nobody reads must not hold the thread that logs.
+        Self.queue.append(bytes)
+    }
+
+    /// Where every line of this process goes: stderr, through a writer thread of its own; at
+    /// most 1 MiB waits while stderr is not read, beyond that lines are dropped and counted.
+    public static let queue = LogLineQueue(descriptor: 2, capacity: 1 << 20) { count in
+        let journal = stderrIsTheJournal
+        return format(
+            level: .warning, label: "holdfast.log",
+            message: "\(count) log line\(count == 1 ? "" : "s") dropped: stderr was not being read (the journal stopped or too slow)",
+            metadata: ["pid": "\(getpid())"], journal: journal, timestamp: journal ? nil : timestamp())
+    }
+
+    /// Writes what is queued before the process ends or replaces its image, waiting at most
+    /// `milliseconds` for a reader that does not read.
+    public static func flush(withinMilliseconds milliseconds: Int = 1000) {
+        queue.flush(withinMilliseconds: milliseconds)
     }
 
     /// One log line (pure, tested apart).

@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastLogging
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
@@ -236,6 +237,9 @@ extension Supervisor {
             "bridgeWorker": "\(bridgeExit.map(\.description) ?? "not running")", "broker": "\(brokerExit.map(\.description) ?? "not running")",
             "took": "\(ContinuousClock.now - started)",
         ])
+        // The new image starts with an empty queue: what this one logged goes out first (a log
+        // nobody reads delays the upgrade at most this long; what is left then is lost).
+        DaemonLogHandler.flush(withinMilliseconds: 500)
         let error = ProcessImage.replace(
             executable: executable, arguments: arguments, keep: state.keptDescriptors + [memfd], blocked: Self.signalsBlockedAcrossExec)
         close(memfd)

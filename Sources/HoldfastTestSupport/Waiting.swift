@@ -43,6 +43,34 @@ public func withTimeout<T: Sendable>(
     }
 }
 
+/// Runs `body`, failing with `TimedOut` if it does not finish within `timeout`, whether or not
+/// it honours cancellation: on a timeout the body is left running, abandoned. For a wait on a
+/// process that may never answer (a control request to a daemon whose threads are stuck), where
+/// `withTimeout` would wait for the body's end and hang the test instead of failing it.
+public func withDeadline<T: Sendable>(
+    _ what: String = "operation", _ timeout: Duration = .seconds(10), _ body: @escaping @Sendable () async throws -> T
+) async throws -> T {
+    let resumed = NIOLockedValueBox(false)
+    return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+        @Sendable func finish(_ result: Result<T, any Error>) {
+            guard resumed.withLockedValue({ done in defer { done = true }; return !done }) else { return }
+            continuation.resume(with: result)
+        }
+        Task { finish(await Result { try await body() }) }
+        Task {
+            try? await Task.sleep(for: max(timeout, hangBoundFloor))
+            finish(.failure(TimedOut(what: what)))
+        }
+    }
+}
+
+extension Result where Failure == any Error {
+    /// The result of an async throwing `body`.
+    init(_ body: () async throws -> Success) async {
+        do { self = .success(try await body()) } catch { self = .failure(error) }
+    }
+}
+
 /// A tiny deterministic PRNG (SplitMix64) so randomized tests can print and replay their seed.
 public struct SeededRandom: RandomNumberGenerator, Sendable {
     private var state: UInt64

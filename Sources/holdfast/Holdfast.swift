@@ -90,6 +90,7 @@ struct Holdfast: AsyncParsableCommand {
 /// exit(3) without Foundation.
 enum Foundationless {
     static func exit(_ code: Int32) -> Never {
+        DaemonLogHandler.flush()
         Glibc.exit(code)
     }
 }

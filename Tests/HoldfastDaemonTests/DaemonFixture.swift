@@ -31,6 +31,11 @@ final class DaemonFixture: Sendable {
     let bridge: BridgeServer
     let streams: StreamServer<AsyncFD>
     let logPath: String
+    /// With `logToPipe`: the read end of the pipe the daemon's stdout and stderr go to instead of
+    /// `logPath` (a 4 KiB pipe, as a journal stream nobody reads would be). The test reads it, or
+    /// does not; `cleanUp` closes it.
+    let logPipe: Int32?
+    private let logPipeWriteEnd: Int32?
     /// The VM's bridge key, provisioned as a VM builder would (`{run}/bridge.key`, 0600); nil
     /// for a fixture started with `authenticated: false`.
     let key: BridgeKey?
@@ -57,8 +62,15 @@ final class DaemonFixture: Sendable {
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
         shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
         bridgeThroughProxy: Bool = false, brokerRestartBackoffMax: String = "5s", openFileLimit: (soft: UInt64, hard: UInt64?)? = nil,
-        oomScoreAdjustment: Int32? = nil
+        oomScoreAdjustment: Int32? = nil, logToPipe: Bool = false
     ) async throws {
+        if logToPipe {
+            let ends = try PipeEnds.make()
+            PipeEnds.setCapacity(of: ends.write, to: 4096)
+            (logPipe, logPipeWriteEnd) = (ends.read, ends.write)
+        } else {
+            (logPipe, logPipeWriteEnd) = (nil, nil)
+        }
         self.openFileLimit = openFileLimit
         self.oomScoreAdjustment = oomScoreAdjustment
         brokerUID = brokerUser ?? ReservedUIDs.unused()
@@ -111,9 +123,9 @@ final class DaemonFixture: Sendable {
     }
 
     private func launch(truncatingLog: Bool) async throws {
-        let log = open(logPath, O_WRONLY | O_CREAT | O_CLOEXEC | (truncatingLog ? O_TRUNC : O_APPEND), 0o644)
+        let log = logPipeWriteEnd ?? open(logPath, O_WRONLY | O_CREAT | O_CLOEXEC | (truncatingLog ? O_TRUNC : O_APPEND), 0o644)
         let pid = try processes.start(command, stdout: log, stderr: log, environment: environment, openFileLimit: openFileLimit, oomScoreAdjustment: oomScoreAdjustment)
-        close(log)
+        if logPipeWriteEnd == nil { close(log) }
         daemon.withLockedValue { $0 = pid }
         try await eventually("the daemon's control socket", timeout: .seconds(20)) {
             access(self.directory.file("control.sock"), F_OK) == 0
@@ -204,6 +216,7 @@ final class DaemonFixture: Sendable {
         bridge.close()
         streams.close()
         directory.remove()
+        for fd in [logPipe, logPipeWriteEnd].compactMap({ $0 }) { close(fd) }
     }
 }
 
