@@ -24,6 +24,8 @@ public final class LogLineQueue: @unchecked Sendable {
     private var queuedBytes = 0
     private var dropped = 0
     private var writing = false
+    /// Lines of the batch being written that are not out yet.
+    private var batchLeft = 0
     private var writerStarted = false
 
     public let descriptor: Int32
@@ -84,6 +86,14 @@ public final class LogLineQueue: @unchecked Sendable {
         return true
     }
 
+    /// Lines not written yet: queued, dropped and unsaid, or in the batch being written (one of
+    /// which may be inside its `write(2)` now). What an image replaced now would lose.
+    public var unwritten: Int {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return lines.count + dropped + batchLeft
+    }
+
     /// Lines dropped and not yet said (for tests).
     public var droppedNow: Int {
         pthread_mutex_lock(mutex)
@@ -121,11 +131,17 @@ public final class LogLineQueue: @unchecked Sendable {
             queuedBytes = 0
             dropped = 0
             writing = true
+            batchLeft = batch.count
             pthread_mutex_unlock(mutex)
 
             // One write per line, as before: lines from the daemon's other processes, which
             // share the descriptor, never interleave with ours.
-            for line in batch { writeWhole(line) }
+            for line in batch {
+                writeWhole(line)
+                pthread_mutex_lock(mutex)
+                batchLeft -= 1
+                pthread_mutex_unlock(mutex)
+            }
             if lost > 0 { writeWhole(Array((droppedNotice(lost) + "\n").utf8)) }
         }
     }

@@ -224,7 +224,18 @@ extension Supervisor {
         // 4. The state, written down with nothing reaped from now on (exits wait as zombies).
         let reaped = reaper.freeze()
         undo.append { [self] in reaper.thaw() }
-        let state = makeUpgradeState(path: path, configPath: configPath, reaped: reaped)
+        var state = makeUpgradeState(path: path, configPath: configPath, reaped: reaped)
+        logger.info("live upgrade: executing the new binary", metadata: [
+            "executable": "\(path)", "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",
+            "bridgeWorker": "\(bridgeExit.map(\.description) ?? "not running")", "broker": "\(brokerExit.map(\.description) ?? "not running")",
+            "took": "\(ContinuousClock.now - started)",
+        ])
+        // The new image starts with an empty queue: what this one logged goes out first (a log
+        // nobody reads delays the upgrade at most this long); what is left then, the new image
+        // says it lost.
+        DaemonLogHandler.flush(withinMilliseconds: 500)
+        let unwritten = DaemonLogHandler.queue.unwritten
+        state.unwrittenLogLines = unwritten > 0 ? unwritten : nil
         let memfd: Int32
         do {
             memfd = try ProcessImage.memoryFile("holdfast-upgrade", ControlJSON.encode(state))
@@ -232,14 +243,6 @@ extension Supervisor {
             throw fail("cannot write the state down: \(error)")
         }
         let arguments = [path, "daemon", "--config", configPath, "--resume-from", String(memfd)]
-        logger.info("live upgrade: executing the new binary", metadata: [
-            "executable": "\(path)", "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",
-            "bridgeWorker": "\(bridgeExit.map(\.description) ?? "not running")", "broker": "\(brokerExit.map(\.description) ?? "not running")",
-            "took": "\(ContinuousClock.now - started)",
-        ])
-        // The new image starts with an empty queue: what this one logged goes out first (a log
-        // nobody reads delays the upgrade at most this long; what is left then is lost).
-        DaemonLogHandler.flush(withinMilliseconds: 500)
         let error = ProcessImage.replace(
             executable: executable, arguments: arguments, keep: state.keptDescriptors + [memfd], blocked: Self.signalsBlockedAcrossExec)
         close(memfd)

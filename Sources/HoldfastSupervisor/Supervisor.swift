@@ -260,6 +260,9 @@ public final class Supervisor: Sendable {
                 "pid": "\(getpid())", "from": "\(state.writtenBy)", "to": "\(HoldfastVersion.string)", "upgrades": "\(state.upgrades)",
                 "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",
             ])
+            if let lost = state.unwrittenLogLines {
+                logger.warning("up to \(lost) log lines of the image before this live upgrade were not written: stderr was not being read")
+            }
         } else {
             logger.info("holdfast daemon started", metadata: [
                 "pid": "\(getpid())", "bridge": "\(configuration.bridge.address)", "control": "\(configuration.control.socket)",

@@ -77,6 +77,9 @@ struct UpgradeState: Codable, Sendable {
     var childOpenFileLimit: UInt64? = nil
     /// Likewise the OOM score adjustment the daemon found (`OOMScore.protect`).
     var childOOMScoreAdjustment: Int32? = nil
+    /// Log lines the previous image had queued and could not write before its exec (stderr not
+    /// read: `LogLineQueue`), which the new image says; absent when none.
+    var unwrittenLogLines: Int? = nil
 
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).

@@ -25,11 +25,14 @@ struct LogStallTests {
 
     /// The daemon's stdout and stderr: a 4 KiB pipe, filled and then not read. Processes are
     /// created, stream and exit, `status` answers, the broker is killed and its successor takes
-    /// the streams over — all while every line any of the three processes logs waits. Read
-    /// again, the log gives what was logged meanwhile, in order.
+    /// the streams over, and a live upgrade replaces all three with a stream flowing across it —
+    /// all while every line any of the processes logs waits. Read again, the log gives what was
+    /// logged meanwhile, in order.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
-    func aLogNobodyReadsStallsNeitherCreatesNorStreamsNorABrokerRestart() async throws {
-        let daemon = try await DaemonFixture(logToPipe: true)
+    func aLogNobodyReadsStallsNeitherCreatesNorStreamsNorABrokerRestartNorAnUpgrade() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(executable: binary.path, logToPipe: true)
         defer { daemon.cleanUp() }
         let log = try #require(daemon.logPipe)
 
@@ -85,6 +88,20 @@ struct LogStallTests {
         #expect(report.exitCode == 0)
         #expect(await crashReceived.value == expectedLines(1000, prefix: "crash"), "taken over by the next broker, exact")
 
+        // A live upgrade: each image waits at most 0.5 s for its queue before the exec (what is
+        // still queued then is lost), the broker as long before its quiesce exit.
+        let across = collect(try daemon.streams.open(token: bytes("across-out"), direction: .receive))
+        _ = try await withDeadline("the create of across") {
+            try await daemon.launch(ProcessSpec(id: "across", argv: counterCommand(800, prefix: "across", pause: "0.003"), stdout: daemon.spec("across-out")))
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let acrossReport = try await withDeadline("the exit of across", .seconds(60)) { try await daemon.wait("across") }
+        #expect(acrossReport.exitCode == 0)
+        #expect(await across.value == expectedLines(800, prefix: "across"), "streamed across the upgrade, exact")
+        #expect(Self.waiting(log) == full, "the pipe still as full: nobody read it")
+
         // The reader is back: what was logged meanwhile comes out, and it reads on to the end.
         let drained = NIOLockedValueBox<[UInt8]>([])
         let reading = NIOLockedValueBox(true)
@@ -98,8 +115,12 @@ struct LogStallTests {
             }
         }
         func text() -> String { String(decoding: drained.withLockedValue { $0 }, as: UTF8.self) }
-        try await eventually("the lines of the crash", timeout: .seconds(20)) { text().contains("streams handed to the restarted broker") }
-        #expect(text().contains("r2p3"), "lines of the last round's creates")
+        // The old image's queue went with its exec (nobody read for its 0.5 s): the new image says
+        // how many lines that was.
+        try await eventually("the new image's lines", timeout: .seconds(20)) { text().contains("resumed after a live upgrade") }
+        let lostLine = try #require(text().split(separator: "\n").first { $0.contains("log lines of the image before this live upgrade were not written") })
+        let lost = lostLine.components(separatedBy: "up to ").last?.split(separator: " ").first.flatMap { Int($0) } ?? 0
+        #expect(lost > 0, "\(lostLine)")
         #expect(!text().contains("log lines dropped"), "a few hundred lines fit the queue: none dropped")
         #expect(try await withDeadline("the stop") { try await daemon.stop() } == .exited(0))
         try await eventually("the supervisor's last line, written before it exited", timeout: .seconds(10)) { text().contains("holdfast daemon stopped") }
