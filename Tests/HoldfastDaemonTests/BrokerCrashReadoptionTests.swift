@@ -50,6 +50,19 @@ struct BrokerCrashReadoptionTests {
         // Three times: kill the broker, and kill its successor as soon as it was handed its
         // first process (the supervisor is then inside a batch of 8, its copies made).
         for round in 1...3 {
+            // The broker to kill has every process, and the log has every line of its handing:
+            // lines go out through a writer thread, so one about the last broker could otherwise
+            // land after the offset below and pass for its successor's.
+            try await eventually("round \(round): every process with the broker", timeout: .seconds(30)) {
+                try await daemon.status().streams.count >= count
+            }
+            var size = -1
+            try await eventually("round \(round): the log written out") {
+                let now = (readFile(daemon.logPath) ?? []).count
+                defer { size = now }
+                try await Task.sleep(for: .milliseconds(100))
+                return now == size
+            }
             let broker = try #require(try await daemon.rolePID("broker"))
             let killed = ProcessIdentity(broker)
             var offset = (readFile(daemon.logPath) ?? []).count
