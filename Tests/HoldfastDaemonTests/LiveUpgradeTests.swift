@@ -213,7 +213,14 @@ struct LiveUpgradeTests {
         do {
             try await eventually("every exit", timeout: .seconds(60)) { (ids + created).allSatisfy { exits.count($0) >= 1 } }
         } catch {
-            Issue.record("exits so far: \(exits.all.map(\.id)); created \(created.count)\n\(daemon.log.suffix(6000))")
+            // Every line the daemon logged about the missing ones (and its warnings), not only
+            // the tail: what a miss needs to be explained.
+            let missing = (ids + created).filter { exits.count($0) == 0 }
+            let lines = daemon.log.split(separator: "\n").filter { line in
+                missing.contains { line.contains("process=\($0) ") || line.hasSuffix("process=\($0)") } || line.contains(" warning ")
+                    || line.contains(" error ") || line.contains("live upgrade")
+            }
+            Issue.record("missing exits: \(missing); \(exits.all.count) arrived; created \(created.count)\n\(lines.suffix(400).joined(separator: "\n"))")
             throw error
         }
         try await Task.sleep(for: .milliseconds(300))
