@@ -80,7 +80,7 @@ public final class BrokerMetrics: Sendable {
         reactorStalls = CoreMetrics.Counter(label: "holdfast_broker_reactor_stalls_total", factory: factory)
         strandedReactorThreads = CoreMetrics.Gauge(label: "holdfast_broker_reactor_stranded_threads", factory: factory)
         // The handoff socket's admitted connections, and those refused or closed at once
-        // (README, "Handing a process over").
+        // (README, "Handing stdio to Holdfast from another runtime").
         handoffConnections = CoreMetrics.Gauge(label: "holdfast_broker_handoff_connections", factory: factory)
         handoffTurnedAway = CoreMetrics.Counter(label: "holdfast_broker_handoff_connections_refused_total", factory: factory)
     }
