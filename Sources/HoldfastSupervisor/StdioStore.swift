@@ -215,8 +215,12 @@ struct StdioStore {
         held[process]?.adoption = .adopted(incarnation)
     }
 
-    mutating func exited(_ process: String) {
+    /// Marks `process` exited; false if the store holds nothing of it.
+    @discardableResult
+    mutating func exited(_ process: String) -> Bool {
+        guard held[process] != nil else { return false }
         held[process]?.exited = true
+        return true
     }
 
     /// What to do about an exited process's streams.

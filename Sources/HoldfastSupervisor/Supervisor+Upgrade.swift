@@ -353,6 +353,27 @@ extension Supervisor {
         }
     }
 
+    /// After a live upgrade: the processes the previous image had seen exit but not reported
+    /// yet. A watcher records an exit in the table first and reports it after (at once, or once
+    /// the broker drained the streams); a state written in between hands this image a process
+    /// already `exited` that no watcher here would ever report (the 20-upgrade test lost one
+    /// create's exit so, once under load). Reported here: one without streams at once; one with
+    /// streams once the first broker has drained them (the store is told it exited, so the
+    /// readoption tells that broker). Called once the cgroups are known, so that a process's
+    /// cgroup goes with it, and before any broker or bridge worker runs.
+    func reportExitsRecordedBeforeTheUpgrade() {
+        let recorded = table.withLockedValue { $0.entries.filter { $0.phase == .exited } }
+        for entry in recorded {
+            guard let report = entry.report else { continue }
+            let drainsFirst = !entry.streams.isEmpty && stdio.withLockedValue { $0.exited(entry.id) }
+            logger.info("process exited before the live upgrade, not reported yet: reported by this image", metadata: [
+                "process": "\(entry.id)", "status": "\(report.signal.map { "killed by signal \($0)" } ?? "exit code \(report.exitCode)")",
+                "after": "\(drainsFirst ? "its output drains" : "nothing")",
+            ])
+            if !drainsFirst { complete(entry.id, report) }
+        }
+    }
+
     /// The sha256 of the executable this image runs (/proc/self/exe), read once.
     func runningExecutableSHA256() -> String? {
         if let known = executableDigest.withLockedValue({ $0 }) { return known }

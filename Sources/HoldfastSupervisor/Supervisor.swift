@@ -252,6 +252,7 @@ public final class Supervisor: Sendable {
         }
         // Last before anything serves: every check that can refuse the start has passed.
         await takeProcessCgroups()
+        if resumption != nil { reportExitsRecordedBeforeTheUpgrade() }
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }

@@ -56,7 +56,8 @@ final class DaemonFixture: Sendable {
 
     static var canRun: Bool { geteuid() == 0 }
 
-    /// `environment` is added to the inherited one; `executable` replaces the built binary.
+    /// `environment` is added to the inherited one (a name in both: this value); `executable`
+    /// replaces the built binary.
     /// `drainTimeout` and `shutdown` (grace, timeout) are the config's values, YAML durations.
     init(
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
@@ -111,7 +112,8 @@ final class DaemonFixture: Sendable {
             """
         try writeFile(directory.file("holdfast.yaml"), bytes(config))
         command = [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")]
-        self.environment = SpawnOptions.inheritedEnvironment() + environment.map { "\($0.key)=\($0.value)" }
+        self.environment = SpawnOptions.inheritedEnvironment().filter { environment[String($0.prefix { $0 != "=" })] == nil }
+            + environment.map { "\($0.key)=\($0.value)" }
         try await launch(truncatingLog: true)
     }
 

@@ -166,7 +166,9 @@ struct ProcessCgroupTests {
         try await eventually("the exit at the host", timeout: .seconds(10)) { exits.count("h") == 1 }
         let exit = try #require(exits.all.first { $0.id == "h" })
         #expect(exit.signal == SIGTERM && exit.outputCutShort != true && exit.undelivered == 0, "\(exit)")
-        #expect(!escaped.isAlive, "the child ended with the cgroup")
+        // Its output ended as the kernel closed its files, which comes before the rest of its
+        // exit: on a busy machine the report can arrive while it is still finishing (seen once).
+        try await eventually("the child ended with the cgroup", timeout: .seconds(5)) { !escaped.isAlive }
         #expect(await output.value == bytes("started\n"))
         #expect(try await daemon.stop() == .exited(0))
     }
