@@ -164,7 +164,8 @@ public struct RoleStatus: Codable, Sendable, Equatable {
     public var restarts: Int
     public var lastExit: String?
     /// Set when the role did not answer the supervisor within the status's bound (the broker's
-    /// stream list): what its process is doing, as the kernel says.
+    /// stream list), or is stopped (the bridge worker, which is not asked): what its process is
+    /// doing, as the kernel says.
     public var notAnswering: String?
 
     public init(name: String, pid: Int32?, uptimeSeconds: Double, restarts: Int, lastExit: String?) {

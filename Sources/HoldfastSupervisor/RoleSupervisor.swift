@@ -150,25 +150,57 @@ final class RoleSupervisor: Sendable {
         }
     }
 
-    /// Stops restarting and signals the current incarnation.
+    /// How long a role may take to end once asked to stop before it is killed: one an operator
+    /// stopped is continued with the request, but a debugger's stop (ptrace) holds a signal other
+    /// than SIGKILL for as long as the debugger likes, and the daemon's stop must not.
+    static let stopLimit: Duration = .seconds(10)
+
+    /// Stops restarting and signals the current incarnation; kills it if it has not ended
+    /// within `stopLimit`.
     func stop(signal: Int32 = SIGTERM) {
         let (current, released) = state.withLockedValue { s -> (Incarnation?, CheckedContinuation<Void, Never>?) in
             s.stopping = true
             defer { s.releaseWaiter = nil }
             return (s.current, s.releaseWaiter)
         }
-        if let current { send(signal, to: current) }
+        if let current {
+            send(signal, to: current)
+            // Through its registration only: once reaped, nothing is sent (a fake role in a test
+            // has none, and its pid may be anyone's by then).
+            if let child = current.child {
+                _ = TimeoutWheel.shared.schedule(after: Self.stopLimit) { [self] in
+                    guard reaper.signal(child, SIGKILL) == .sent else { return }
+                    logger.warning("role did not end within \(Self.stopLimit.spoken) of being asked to stop: killed", metadata: [
+                        "role": "\(name)", "pid": "\(child.pid)", "state": "\(ProcessRunState.of(child.pid).explanation)",
+                    ])
+                }
+            }
+        }
         released?.resume()
     }
 
     /// Signals an incarnation through its registration with the reaper: never a pid the kernel
-    /// gave to another process after the role died (`ChildReaper.signal`).
+    /// gave to another process after the role died (`ChildReaper.signal`). A signal that asks it
+    /// to end is followed by SIGCONT, as systemd does: a role an operator stopped (SIGSTOP,
+    /// Ctrl-Z) would otherwise hold it until continued, and its stop or a live upgrade with it.
     func send(_ signal: Int32, to incarnation: Incarnation) {
+        let continues = signal != SIGKILL && signal != SIGSTOP && signal != SIGCONT
         if let child = incarnation.child {
             _ = reaper.signal(child, signal)
+            if continues { _ = reaper.signal(child, SIGCONT) }
         } else {
             Glibc.kill(incarnation.pid, signal)
+            if continues { Glibc.kill(incarnation.pid, SIGCONT) }
         }
+    }
+
+    /// Continues the current incarnation if an operator stopped it (SIGSTOP, Ctrl-Z): a live
+    /// upgrade is about to ask it to end, which a stopped broker would not hear. True if it was
+    /// stopped. (A debugger's stop is not ended by SIGCONT: that one is killed after the limit.)
+    func continueIfStopped() -> Bool {
+        guard let current = state.withLockedValue({ $0.current }), ProcessRunState.of(current.pid) == .stopped else { return false }
+        send(SIGCONT, to: current)
+        return true
     }
 
     // MARK: Live upgrade

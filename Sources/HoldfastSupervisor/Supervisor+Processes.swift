@@ -308,6 +308,11 @@ extension Supervisor {
         if streams == nil, let index = roles.firstIndex(where: { $0.name == "broker" }) {
             roles[index].notAnswering = roles[index].pid.map { ProcessRunState.of($0).explanation } ?? "not running"
         }
+        // The bridge worker is not asked anything here: a stopped one (SIGSTOP, a debugger)
+        // is seen in /proc. The host's requests and the exits wait for it meanwhile.
+        if let index = roles.firstIndex(where: { $0.name == "bridge" }), let pid = roles[index].pid, ProcessRunState.of(pid) == .stopped {
+            roles[index].notAnswering = ProcessRunState.stopped.explanation + "; the host's requests and the exits wait until then"
+        }
         var report = StatusReport(
             version: HoldfastVersion.string, pid: getpid(),
             uptimeSeconds: Double((ContinuousClock.now - startedAt).components.seconds), bridge: session.withLockedValue { $0.bridge },

@@ -161,8 +161,19 @@ extension Supervisor {
         if session.withLockedValue({ s in defer { s.bridge = .down }; return s.bridge == .up && !s.upgrading }) {
             changes.notify()
             metrics.bridge(up: false)
-            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
+            await tellBroker(.disconnectAll)
         }
+    }
+
+    /// Tells the broker the bridge went up or down, waiting at most `brokerAnswerBound` for its
+    /// answer. These are told from the bridge worker's channel, read in order, and at the
+    /// worker's end: a broker an operator stopped (SIGSTOP, a debugger) held the host's next
+    /// requests behind it, and a daemon stop for as long as it stayed stopped. The request stays
+    /// on the broker's channel, in order, and is carried out once the broker runs again.
+    func tellBroker(_ request: BrokerRequest) async {
+        guard let broker = broker() else { return }
+        let call = Task { _ = try? await broker.call(request, reply: CountResponse.self) }
+        _ = await call.value(within: Self.brokerAnswerBound)
     }
 
     func bridgeNotification(_ frame: ControlFrame) async {
@@ -174,14 +185,14 @@ extension Supervisor {
             resendExitsLeftOutOfTheHello()
             logger.info("bridge up")
             if session.withLockedValue({ $0.ready }) { notifier.status("Ready: \(bridgeSummary)") }
-            _ = try? await broker()?.call(BrokerRequest.bridgeUp, reply: CountResponse.self)
+            await tellBroker(.bridgeUp)
         case .bridgeDown:
             session.withLockedValue { $0.bridge = .down }
             changes.notify()
             metrics.bridge(up: false)
             logger.warning("bridge lost")
             if session.withLockedValue({ $0.ready }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
-            _ = try? await broker()?.call(BrokerRequest.disconnectAll, reply: CountResponse.self)
+            await tellBroker(.disconnectAll)
         default:
             break
         }

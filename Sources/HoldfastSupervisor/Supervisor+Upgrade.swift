@@ -174,6 +174,12 @@ extension Supervisor {
         // (creates wait for the same): asked to quiesce before that, it never heard it and was
         // SIGKILLed 5 s later (a soak upgrade 83 ms after a broker kill took 5.2 s).
         _ = await brokerClient.wait(timeout: Self.brokerWait)
+        // A broker an operator stopped (SIGSTOP, Ctrl-Z) would answer neither the checks below
+        // nor the quiesce: it is about to be replaced, so it is continued (else it was killed
+        // after 5 s and its successor resumed as after a crash).
+        if session.withLockedValue({ $0.broker })?.continueIfStopped() == true {
+            logger.notice("live upgrade: the broker was stopped (SIGSTOP, or a debugger): continued, to quiesce")
+        }
 
         // A broker thread waiting in the kernel for a lock a container process holds (README,
         // "Security") would keep a stopped broker from finishing its exit until that process

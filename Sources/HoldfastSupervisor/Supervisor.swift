@@ -366,13 +366,13 @@ public final class Supervisor: Sendable {
         return DaemonService("metrics endpoint", stop: { listener.close() }) { await endpoint.serve() }
     }
 
-    /// The supervisor's metrics, then the broker's (absent while it restarts).
+    /// The supervisor's metrics, then the broker's (absent while it restarts, or when it does not
+    /// answer within `brokerAnswerBound`: stopped by an operator, a scrape still gets ours).
     func metricsText() async -> String {
         var text = metrics.render(roles: roleStatuses)
-        if let broker = broker(),
-            let reply = try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self)
-        {
-            text += reply.text
+        if let broker = broker() {
+            let call = Task { try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self) }
+            if let answer = await call.value(within: Self.brokerAnswerBound), let reply = answer { text += reply.text }
         }
         return text
     }

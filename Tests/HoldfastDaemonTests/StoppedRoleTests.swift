@@ -1,0 +1,224 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An operator stops a role (SIGSTOP, Ctrl-Z on a foreground daemon, a debugger): the bridge
+/// worker's stop holds only what goes through it, and neither a live upgrade nor the daemon's
+/// stop waits on a stopped role (SIGCONT after SIGTERM, as systemd does; a debugger's stop,
+/// which SIGCONT does not end, is cut by SIGKILL after `RoleSupervisor.stopLimit`).
+@Suite("Stopped roles: a bridge worker or broker an operator stopped", .timeLimit(.minutes(5)))
+struct StoppedRoleTests {
+    /// The line a live upgrade logs as it execs: how each role ended.
+    static func upgradeLine(_ daemon: DaemonFixture) -> String? {
+        daemon.log.split(separator: "\n").last { $0.contains("live upgrade: executing the new binary") }.map(String.init)
+    }
+
+    /// The bridge worker stopped for 2 s: the streams go on (the broker carries them), `status`
+    /// answers and says the worker is stopped; a create sent meanwhile and an exit that
+    /// happened meanwhile wait, and are answered and reported, once, when it is continued.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aStoppedBridgeWorkerHoldsOnlyTheHostsRequestsAndExits() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(600, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
+        let go = daemon.directory.file("go")
+        _ = try await daemon.bridge.create(ProcessSpec(id: "ends", argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.01; done; exit 7"]))
+        try await eventually("the counter streaming") { output.count > 0 }
+        let worker = try #require(try await daemon.rolePID("bridge"))
+
+        #expect(kill(worker, SIGSTOP) == 0)
+        let stopped = ContinuousClock.now
+        try writeFile(go, [])
+        let created = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["true"])) }
+        let atStop = output.count
+        try await eventually("output during the stop", timeout: .seconds(10)) { output.count > atStop + 100 }
+        let status = try await withTimeout("status while the bridge worker is stopped", .seconds(10)) { try await daemon.status() }
+        let role = status.roles.first { $0.name == "bridge" }
+        #expect(role?.notAnswering?.hasPrefix("stopped") == true && role?.notAnswering?.contains("the host's requests") == true, "\(String(describing: role))")
+        try await Task.sleep(until: stopped + .seconds(2))
+        #expect(exits.count("ends") == 0 && exits.count("late") == 0, "nothing reaches the host through a stopped worker")
+        #expect(ProcessRunState.of(worker) == .stopped, "stopped throughout")
+        #expect(kill(worker, SIGCONT) == 0)
+
+        #expect(try await withTimeout("the create sent during the stop", .seconds(30)) { try await created.value } > 0)
+        try await eventually("the exits that happened during the stop") { exits.count("ends") == 1 && exits.count("late") == 1 }
+        #expect(exits.all.first { $0.id == "ends" }?.exitCode == 7)
+        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        #expect(output.text == String(decoding: expectedLines(600, prefix: "by"), as: UTF8.self), "every line once, in order")
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(exits.all.map(\.id).sorted() == ["counter", "ends", "late"], "each exit once")
+        let now = try await daemon.status()
+        #expect(now.roles.first { $0.name == "bridge" }?.pid == worker && now.roles.allSatisfy { $0.restarts == 0 && $0.notAnswering == nil })
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// The broker stopped: what does not need it goes on. The bridge drops and comes back
+    /// (the worker tells the supervisor, which tells the broker: bounded now, it held the
+    /// worker's channel, and so the host's requests behind it, for as long as the broker stayed
+    /// stopped); a create without stdio is answered and its exit reported; a metrics scrape
+    /// gets the supervisor's part. Continued, the broker carries its stream on, every line once.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aStoppedBrokerHoldsNeitherTheBridgeNorWhatDoesNotNeedIt() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(600, prefix: "by", pause: "0.005"), stdout: daemon.spec("counter-out")))
+        try await eventually("the counter streaming") { output.count > 0 }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let accepted = daemon.bridge.acceptedConnections
+
+        #expect(kill(broker, SIGSTOP) == 0)
+        defer { kill(broker, SIGCONT) }
+        daemon.bridge.drop(refusing: false)
+        try await eventually("the bridge back", timeout: .seconds(20)) { daemon.bridge.acceptedConnections > accepted && daemon.bridge.isConnected }
+        let pid = try await withTimeout("a create without stdio while the broker is stopped", .seconds(20)) {
+            try await daemon.bridge.create(ProcessSpec(id: "plain", argv: ["sh", "-c", "exit 4"]))
+        }
+        #expect(pid > 0)
+        try await eventually("its exit", timeout: .seconds(20)) { exits.count("plain") == 1 }
+        #expect(exits.all.first { $0.id == "plain" }?.exitCode == 4)
+        let metrics = try await withTimeout("a scrape while the broker is stopped", .seconds(10)) {
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
+        }
+        #expect(metrics.hasPrefix("HTTP/1.1 200") && metrics.contains("holdfast_supervisor_open_fds"), "\(metrics.prefix(300))")
+        #expect(ProcessRunState.of(broker) == .stopped, "stopped throughout")
+        #expect(kill(broker, SIGCONT) == 0)
+
+        try await eventually("the counter's exit", timeout: .seconds(60)) { exits.count("counter") == 1 }
+        #expect(output.text == String(decoding: expectedLines(600, prefix: "by"), as: UTF8.self), "every line once, in order")
+        #expect(try await daemon.rolePID("broker") == broker, "the same broker")
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
+    /// A live upgrade with both roles stopped: the broker is continued and quiesces (settled,
+    /// not killed after 5 s and resumed as after a crash), the bridge worker ends on its SIGTERM
+    /// (continued with it), and a stream flowing across the upgrade arrives exactly.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aLiveUpgradeContinuesStoppedRolesInsteadOfKillingThem() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(800, prefix: "by", pause: "0.005"), stdout: daemon.spec("counter-out")))
+        let status = try await daemon.status()
+        let broker = try #require(status.roles.first { $0.name == "broker" }?.pid)
+        let worker = try #require(status.roles.first { $0.name == "bridge" }?.pid)
+        #expect(kill(broker, SIGSTOP) == 0 && kill(worker, SIGSTOP) == 0)
+        try await eventually("both stopped") { ProcessRunState.of(broker) == .stopped && ProcessRunState.of(worker) == .stopped }
+
+        try binary.install(variant: 1)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let line = try #require(Self.upgradeLine(daemon))
+        print("a live upgrade with both roles stopped: \(line.split(separator: " ").filter { $0.hasPrefix("broker=") || $0.hasPrefix("took=") || $0.hasPrefix("bridgeWorker=") }.joined(separator: " ")) \(upgrade.output.trimmingCharacters(in: .whitespacesAndNewlines))")
+        #expect(line.contains("broker=exit code 0"), "the broker quiesced: \(line)")
+        #expect(line.contains("bridgeWorker=killed by signal 15"), "the worker ended on its SIGTERM: \(line)")
+        #expect(!daemon.log.contains("did not quiesce cleanly"))
+        #expect(daemon.log.contains("the broker was stopped (SIGSTOP, or a debugger): continued"))
+
+        #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(800, prefix: "by"))
+        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        let report = try #require(exits.all.first { $0.id == "counter" })
+        #expect(report.exitCode == 0 && report.lost == nil && report.outputCutShort == nil, "\(report)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// The daemon's stop with both roles stopped ends them on their SIGTERM (continued with it);
+    /// with the broker held by a debugger (every thread ptrace-stopped, which SIGCONT does not
+    /// end) it kills the broker after `RoleSupervisor.stopLimit` and ends. Before, both stops
+    /// waited for ever (systemd's stop timeout would have killed the whole unit).
+    @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (the broker runs as a uid of its own) and python3"))
+    func aDaemonStopEndsStoppedAndTracedRoles() async throws {
+        do {
+            let daemon = try await DaemonFixture()
+            defer { daemon.cleanUp() }
+            let status = try await daemon.status()
+            let broker = try #require(status.roles.first { $0.name == "broker" }?.pid)
+            let worker = try #require(status.roles.first { $0.name == "bridge" }?.pid)
+            #expect(kill(broker, SIGSTOP) == 0 && kill(worker, SIGSTOP) == 0)
+            try await eventually("both stopped") { ProcessRunState.of(broker) == .stopped && ProcessRunState.of(worker) == .stopped }
+            #expect(try await Self.stop(daemon) == .exited(0))
+            let stops = daemon.log.split(separator: "\n").filter { $0.contains("role stopped") }
+            #expect(stops.count == 2 && stops.allSatisfy { $0.contains("killed by signal 15") }, "each ended on its SIGTERM: \(stops)")
+            #expect(!daemon.log.contains("did not end within"))
+        }
+        do {
+            let daemon = try await DaemonFixture()
+            defer { daemon.cleanUp() }
+            let broker = try #require(try await daemon.rolePID("broker"))
+            // A debugger: every thread attached (ptrace-stopped) and held stopped.
+            let said = daemon.directory.file("tracer.out")
+            let out = open(said, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let tracer = try daemon.processes.start(["python3", "-c", Self.tracer, String(broker)], stdout: out, stderr: out)
+            close(out)
+            defer { kill(tracer, SIGKILL) }
+            func tracerSaid() -> String { String(decoding: readFile(said) ?? [], as: UTF8.self) }
+            try await eventually("every broker thread traced", timeout: .seconds(10)) { tracerSaid().contains("tracer: attached") || tracerSaid().contains("cannot") }
+            #expect(tracerSaid().contains("tracer: attached"), "\(tracerSaid())")
+            #expect(ProcessRunState.of(broker) == .stopped)
+            let started = ContinuousClock.now
+            #expect(try await Self.stop(daemon) == .exited(0))
+            print("a stop with the broker held by a debugger took \(ContinuousClock.now - started)")
+            #expect(daemon.log.contains("role did not end within 10s of being asked to stop: killed"), "\(daemon.log.suffix(2000))")
+            #expect(daemon.log.split(separator: "\n").contains { $0.contains("role stopped") && $0.contains("role=broker") && $0.contains("killed by signal 9") })
+        }
+    }
+
+    /// `daemon.stop()`, saying what the daemon logged if it did not stop.
+    static func stop(_ daemon: DaemonFixture) async throws -> HoldfastPosix.ExitStatus {
+        do {
+            return try await daemon.stop()
+        } catch {
+            Issue.record("the daemon did not stop: \(error)\n\(daemon.log.suffix(3000))")
+            throw error
+        }
+    }
+
+    /// Attaches to every thread of the process in argv[1] and keeps them stopped, as a debugger
+    /// does (bounded: it ends by itself after 2 minutes).
+    static let tracer = """
+        import ctypes, os, sys, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        pid = int(sys.argv[1])
+        attached = set()
+        while True:
+            tids = set(int(t) for t in os.listdir("/proc/%d/task" % pid)) - attached
+            if not tids:
+                break
+            for tid in tids:
+                if libc.ptrace(16, tid, None, None) != 0:
+                    sys.exit("tracer: cannot attach to %d: errno %d" % (tid, ctypes.get_errno()))
+                os.waitpid(tid, 0x40000000)
+                attached.add(tid)
+        print("tracer: attached to %d threads" % len(attached), flush=True)
+        # As a debugger at its prompt: every stop (a signal on its way) is seen and left stopped;
+        # the tracee's death is seen too, which releases it to its parent.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                tid, status = os.waitpid(-1, 0x40000000)
+            except ChildProcessError:
+                break
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                print("tracer: %d ended" % tid, flush=True)
+        """
+}
