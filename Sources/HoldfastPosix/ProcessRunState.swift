@@ -9,6 +9,9 @@ import Glibc
 public enum ProcessRunState: Sendable, Equatable {
     case running
     case stopped
+    /// Attached by a tracer (a debugger, strace): it runs, stops, or even finishes dying only as
+    /// that process lets it (a traced process's death is the tracer's to collect first).
+    case traced(by: pid_t)
     /// Its main thread has exited, yet a thread is still in the kernel, waiting in `waitingIn`
     /// (/proc's wchan) if the kernel says.
     case dying(waitingIn: String?)
@@ -17,6 +20,7 @@ public enum ProcessRunState: Sendable, Equatable {
 
     public static func of(_ pid: pid_t) -> ProcessRunState {
         guard let leader = state(of: "/proc/\(pid)/stat") else { return .gone }
+        if let tracer = tracerPID(of: pid), tracer > 0 { return .traced(by: tracer) }
         switch leader {
         case "T", "t": return .stopped
         case "Z", "X":
@@ -46,6 +50,24 @@ public enum ProcessRunState: Sendable, Equatable {
         firstLine(of: path).flatMap(state(ofStatLine:))
     }
 
+    /// The `TracerPid:` of a /proc `status` text (0: not traced), nil if it has none.
+    static func tracerPID(inStatus text: String) -> pid_t? {
+        for line in text.split(separator: "\n") where line.hasPrefix("TracerPid:") {
+            return pid_t(String(line.dropFirst("TracerPid:".count).filter { !$0.isWhitespace }))
+        }
+        return nil
+    }
+
+    private static func tracerPID(of pid: pid_t) -> pid_t? {
+        let fd = open("/proc/\(pid)/status", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return nil }
+        return tracerPID(inStatus: String(decoding: buffer[..<count], as: UTF8.self))
+    }
+
     /// The first line of a small file (/proc's), nil if it cannot be read.
     static func firstLine(of path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -62,6 +84,8 @@ public enum ProcessRunState: Sendable, Equatable {
         switch self {
         case .running: return "running, but not answering"
         case .stopped: return "stopped (SIGSTOP, or a debugger): it answers when continued"
+        case .traced(let tracer):
+            return "held by a tracer (pid \(tracer): a debugger, strace): it answers, or finishes dying, only as that process lets it"
         case .dying(let waitingIn):
             return "dying, a thread still in the kernel\(waitingIn.map { " (waiting in \($0))" } ?? ""): "
                 + "a process holds a lock it waits for; the broker's last \"I/O thread stuck\" warning names it, "

@@ -227,14 +227,20 @@ final class RoleSupervisor: Sendable {
         }
     }
 
-    /// The upgrade did not happen: the role starts again at once.
+    /// The upgrade did not happen: the role starts again at once (or, if the held incarnation
+    /// has not ended yet, once it has: its end then counts as a death, and is restarted). An
+    /// upgrade that gave up waiting for it leaves its `hold` waiting: answered now, with nil.
     func release() {
-        let waiter = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+        let (waiter, holder) = state.withLockedValue { s -> (CheckedContinuation<Void, Never>?, CheckedContinuation<ExitStatus?, Never>?) in
             s.held = false
-            defer { s.releaseWaiter = nil }
-            return s.releaseWaiter
+            defer {
+                s.releaseWaiter = nil
+                s.holdWaiter = nil
+            }
+            return (s.releaseWaiter, s.holdWaiter)
         }
         waiter?.resume()
+        holder?.resume(returning: nil)
     }
 
     /// Waits while held; true if it waited (the role starts afresh).

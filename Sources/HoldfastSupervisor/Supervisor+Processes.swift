@@ -308,10 +308,16 @@ extension Supervisor {
         if streams == nil, let index = roles.firstIndex(where: { $0.name == "broker" }) {
             roles[index].notAnswering = roles[index].pid.map { ProcessRunState.of($0).explanation } ?? "not running"
         }
-        // The bridge worker is not asked anything here: a stopped one (SIGSTOP, a debugger)
-        // is seen in /proc. The host's requests and the exits wait for it meanwhile.
-        if let index = roles.firstIndex(where: { $0.name == "bridge" }), let pid = roles[index].pid, ProcessRunState.of(pid) == .stopped {
-            roles[index].notAnswering = ProcessRunState.stopped.explanation + "; the host's requests and the exits wait until then"
+        // The bridge worker is not asked anything here: a stopped or traced one (SIGSTOP, a
+        // debugger) is seen in /proc. The host's requests and the exits wait for it meanwhile.
+        if let index = roles.firstIndex(where: { $0.name == "bridge" }), let pid = roles[index].pid {
+            let state = ProcessRunState.of(pid)
+            switch state {
+            case .stopped, .traced:
+                roles[index].notAnswering = state.explanation + "; the host's requests and the exits wait until then"
+            case .running, .dying, .gone:
+                break
+            }
         }
         var report = StatusReport(
             version: HoldfastVersion.string, pid: getpid(),

@@ -173,13 +173,65 @@ struct StoppedRoleTests {
             func tracerSaid() -> String { String(decoding: readFile(said) ?? [], as: UTF8.self) }
             try await eventually("every broker thread traced", timeout: .seconds(10)) { tracerSaid().contains("tracer: attached") || tracerSaid().contains("cannot") }
             #expect(tracerSaid().contains("tracer: attached"), "\(tracerSaid())")
-            #expect(ProcessRunState.of(broker) == .stopped)
+            #expect(ProcessRunState.of(broker) == .traced(by: tracer))
+            let status = try await daemon.status()
+            #expect(status.roles.first { $0.name == "broker" }?.notAnswering?.hasPrefix("held by a tracer (pid \(tracer)") == true, "\(status.roles)")
             let started = ContinuousClock.now
             #expect(try await Self.stop(daemon) == .exited(0))
             print("a stop with the broker held by a debugger took \(ContinuousClock.now - started)")
             #expect(daemon.log.contains("role did not end within 10s of being asked to stop: killed"), "\(daemon.log.suffix(2000))")
             #expect(daemon.log.split(separator: "\n").contains { $0.contains("role stopped") && $0.contains("role=broker") && $0.contains("killed by signal 9") })
         }
+    }
+
+    /// A broker the upgrade cannot stop: every thread held by a tracer that never collects its
+    /// death (a hung debugger), so even SIGKILL leaves a process its parent cannot reap. The
+    /// upgrade gives up `brokerStopLimit` (15 s) after asking it, says so, and the daemon runs on
+    /// as it was; once the tracer lets go, the role starts a new broker, which takes the stream
+    /// over as after a crash (every line once). The one path that bound guards, forced.
+    @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (the broker runs as a uid of its own) and python3"))
+    func anUpgradeGivesUpOnABrokerItCannotStopAndTheDaemonRunsOn() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(3000, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
+        let before = try await daemon.status()
+        let broker = try #require(before.roles.first { $0.name == "broker" }?.pid)
+        let said = daemon.directory.file("tracer.out")
+        let out = open(said, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        // Holds every thread for 25 s and never waits for the tracee: then exits (detaching it).
+        let tracer = try daemon.processes.start(["python3", "-c", Self.tracer, String(broker), "hold", "25"], stdout: out, stderr: out)
+        close(out)
+        defer { kill(tracer, SIGKILL) }
+        func tracerSaid() -> String { String(decoding: readFile(said) ?? [], as: UTF8.self) }
+        try await eventually("every broker thread traced", timeout: .seconds(10)) { tracerSaid().contains("tracer: attached") || tracerSaid().contains("cannot") }
+        #expect(tracerSaid().contains("tracer: attached"), "\(tracerSaid())")
+
+        try binary.install(variant: 1)
+        let started = ContinuousClock.now
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        print("an upgrade with the broker held by a hung debugger: \(ContinuousClock.now - started): \(upgrade.output.trimmingCharacters(in: .whitespacesAndNewlines))")
+        #expect(upgrade.status == .exited(1), "\(upgrade.output)")
+        #expect(upgrade.output.contains("the broker did not finish stopping within 15s: held by a tracer (pid \(tracer)"), "\(upgrade.output)")
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && (after.upgrades ?? 0) == 0 && after.executableSHA256 == before.executableSHA256, "the old daemon runs on")
+
+        // The tracer lets go: the killed broker is reaped and replaced; the stream goes on.
+        #expect(try await daemon.processes.wait(tracer, timeout: .seconds(40)) == .exited(0))
+        try await eventually("a new broker", timeout: .seconds(30)) {
+            let now = try await daemon.rolePID("broker")
+            return now != nil && now != broker
+        }
+        #expect(try await withTimeout("the counter's output", .seconds(90)) { await output.value } == expectedLines(3000, prefix: "by"))
+        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        let report = try #require(exits.all.first { $0.id == "counter" })
+        #expect(report.exitCode == 0 && report.lost == nil, "\(report)")
+        #expect(try await Self.stop(daemon) == .exited(0))
     }
 
     /// `daemon.stop()`, saying what the daemon logged if it did not stop.
@@ -193,7 +245,8 @@ struct StoppedRoleTests {
     }
 
     /// Attaches to every thread of the process in argv[1] and keeps them stopped, as a debugger
-    /// does (bounded: it ends by itself after 2 minutes).
+    /// does (bounded: it ends by itself after 2 minutes); with `hold SECONDS`, as a hung one
+    /// (it never waits for the tracee) that exits after that long.
     static let tracer = """
         import ctypes, os, sys, time
         libc = ctypes.CDLL(None, use_errno=True)
@@ -210,6 +263,10 @@ struct StoppedRoleTests {
                 os.waitpid(tid, 0x40000000)
                 attached.add(tid)
         print("tracer: attached to %d threads" % len(attached), flush=True)
+        if sys.argv[2:3] == ["hold"]:
+            # A hung debugger: it never collects what happens to the tracee; exiting detaches it.
+            time.sleep(float(sys.argv[3]))
+            sys.exit(0)
         # As a debugger at its prompt: every stop (a signal on its way) is seen and left stopped;
         # the tracee's death is seen too, which releases it to its parent.
         deadline = time.time() + 120

@@ -210,6 +210,9 @@ struct ProcessRunStateTests {
         #expect(ProcessRunState.state(ofStatLine: "4242 (holdfast) S 1 4242 4242 0 -1") == "S")
         #expect(ProcessRunState.state(ofStatLine: "4242 (a (b) c) T 1 4242") == "T", "a command with parentheses and spaces")
         #expect(ProcessRunState.state(ofStatLine: "garbage") == nil)
+        #expect(ProcessRunState.tracerPID(inStatus: "Name:\tholdfast\nState:\tt (tracing stop)\nTracerPid:\t4711\nUid:\t0\n") == 4711)
+        #expect(ProcessRunState.tracerPID(inStatus: "Name:\tholdfast\nTracerPid:\t0\n") == 0)
+        #expect(ProcessRunState.tracerPID(inStatus: "Name:\tholdfast\n") == nil)
     }
 
     @Test func thisProcessRunsAndANonexistentOneIsGone() {
