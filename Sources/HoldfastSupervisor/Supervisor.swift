@@ -190,7 +190,7 @@ public final class Supervisor: Sendable {
         defer { withExtendedLifetime(lock) {} }
         if resumption == nil { try checkBrokerUIDIsItsOwn() }
         try Subreaper.become()
-        let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM, SIGINT])
+        let signals = try SignalPipe(signals: Self.handledSignals)
         // The previous image blocked them for the exec (the mask survives it): pending ones
         // arrive now, to our handlers. Unblocked on the main thread, which lives as long as the
         // process (the mask is per thread, and the threads started meanwhile have it blocked).
@@ -271,8 +271,8 @@ public final class Supervisor: Sendable {
             ])
         }
 
-        // Signals: children are reaped until the very end; the first SIGTERM or SIGINT starts
-        // the stop.
+        // Signals: children are reaped until the very end; the first SIGTERM, SIGINT or SIGQUIT
+        // starts the stop; SIGHUP reloads (below); SIGUSR1 and SIGUSR2 are said and ignored.
         let signalLoop = Task { [self] in
             reaper.reapAll()
             var stopping = false
@@ -280,14 +280,17 @@ public final class Supervisor: Sendable {
                 switch signal {
                 case SIGCHLD:
                     reaper.reapAll()
-                case SIGTERM, SIGINT:
+                case SIGTERM, SIGINT, SIGQUIT:
                     guard !stopping else { continue }
                     stopping = true
                     readiness.cancel()
                     beginStop(signal)
                     await group.triggerGracefulShutdown()
+                case SIGHUP:
+                    guard !stopping else { continue }
+                    reloadOnHangup()
                 default:
-                    break
+                    logger.notice("\(signalName(signal)) ignored: it asks nothing of holdfast (reload: SIGHUP, systemctl reload or holdfast upgrade; stop: SIGTERM)")
                 }
             }
         }
@@ -344,6 +347,26 @@ public final class Supervisor: Sendable {
     let stopWasClean = NIOLockedValueBox(true)
 
     /// The stop begins: creates are refused from now on, systemd hears why.
+    /// Every signal the supervisor takes: each one whose default action would end it, so that
+    /// none an operator sends by habit (`kill -HUP` to reload, `kill -USR1` for a dump, Ctrl-\ in a terminal)
+    /// ends every container with it. Held across a live upgrade's exec too.
+    static let handledSignals = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2]
+
+    /// SIGHUP: what it asks of a daemon by habit, a reload — the live upgrade `holdfast upgrade`
+    /// does (it execs the binary at the daemon's path, which reads the configuration again;
+    /// sshd does the same on SIGHUP). Before, its default action ended the supervisor, and every
+    /// container with it. Its outcome is logged (there is no client to answer).
+    func reloadOnHangup() {
+        logger.notice("SIGHUP: reloading (a live upgrade onto the binary at the daemon's path, which reads the configuration again)")
+        Task { [self] in
+            do throws(HoldfastError) {
+                try await upgrade()
+            } catch {
+                logger.warning("SIGHUP: no reload", metadata: ["reason": "\(error.message)"])
+            }
+        }
+    }
+
     func beginStop(_ signal: Int32) {
         session.withLockedValue { $0.shuttingDown = true }
         logger.info("shutting down", metadata: ["signal": "\(signalName(signal))"])

@@ -312,8 +312,8 @@ struct LiveUpgradeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    /// The new image holds SIGTERM and SIGINT blocked across the exec (so one in the gap waits
-    /// for its handlers); the mask is per thread, so they must be unblocked on a thread that
+    /// The new image holds SIGTERM, SIGINT and the other signals it handles blocked across the
+    /// exec (so one in the gap waits for its handlers); the mask is per thread, so they must be unblocked on a thread that
     /// stays: the main thread (libdispatch's workers block nearly every signal, and end when
     /// idle). Checked in /proc; then the upgraded daemon still sees a child exit and stops on
     /// SIGTERM, in order.
@@ -329,7 +329,9 @@ struct LiveUpgradeTests {
         let status = String(decoding: readFile("/proc/\(daemon.daemonPID)/task/\(daemon.daemonPID)/status") ?? [], as: UTF8.self)
         let blocked = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") }.flatMap { UInt64($0.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) }
         let mask = try #require(blocked, "SigBlk of the main thread: \(status)")
-        #expect(mask & (1 << UInt64(SIGTERM - 1)) == 0 && mask & (1 << UInt64(SIGINT - 1)) == 0, "the main thread takes SIGTERM and SIGINT: SigBlk \(String(mask, radix: 16))")
+        for signal in [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2] {
+            #expect(mask & (1 << UInt64(signal - 1)) == 0, "the main thread takes \(signalName(signal)): SigBlk \(String(mask, radix: 16))")
+        }
         _ = try await daemon.launch(ProcessSpec(id: "late", argv: ["sh", "-c", "exit 5"]))
         let report = try await withTimeout("the late process's exit", .seconds(30)) { try await daemon.wait("late") }
         #expect(report.exitCode == 5)
