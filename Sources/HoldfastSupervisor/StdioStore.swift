@@ -215,13 +215,12 @@ struct StdioStore {
         held[process]?.adoption = .adopted(incarnation)
     }
 
-    /// Marks `process` exited; false if the store holds nothing of it.
-    @discardableResult
-    mutating func exited(_ process: String) -> Bool {
-        guard held[process] != nil else { return false }
+    mutating func exited(_ process: String) {
         held[process]?.exited = true
-        return true
     }
+
+    /// Whether the store was told `process` exited; nil if it holds nothing of it.
+    func knowsExited(_ process: String) -> Bool? { held[process]?.exited }
 
     /// What to do about an exited process's streams.
     enum ExitDelivery {

@@ -181,7 +181,7 @@ extension Supervisor {
         let report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
         table.withLockedValue { $0.exited(entry.id, report) }
         if let child { forked.withLockedValue { if $0[entry.id] == child { $0[entry.id] = nil } } }
-        if !entry.streams.isEmpty { stdio.withLockedValue { _ = $0.exited(entry.id) } }
+        if !entry.streams.isEmpty { stdio.withLockedValue { $0.exited(entry.id) } }
         reaper.settle(entry.pid)
         logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
         metrics.processExited()

@@ -371,8 +371,13 @@ extension Supervisor {
         let recorded = table.withLockedValue { $0.entries.filter { $0.phase == .exited } }
         for entry in recorded {
             guard let report = entry.report else { continue }
-            let drainsFirst = !entry.streams.isEmpty && stdio.withLockedValue { $0.exited(entry.id) }
-            logger.info("process exited before the live upgrade, not reported yet: reported by this image", metadata: [
+            let known = entry.streams.isEmpty ? nil : stdio.withLockedValue { $0.knowsExited(entry.id) }
+            // Told already: its streams are draining, and the first broker is told again with
+            // them (the usual case: nothing was missed).
+            if known == true { continue }
+            let drainsFirst = known == false
+            if drainsFirst { stdio.withLockedValue { $0.exited(entry.id) } }
+            logger.notice("process exited before the live upgrade, not reported yet: reported by this image", metadata: [
                 "process": "\(entry.id)", "status": "\(report.signal.map { "killed by signal \($0)" } ?? "exit code \(report.exitCode)")",
                 "after": "\(drainsFirst ? "its output drains" : "nothing")",
             ])

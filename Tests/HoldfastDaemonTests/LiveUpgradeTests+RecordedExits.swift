@@ -75,6 +75,9 @@ struct LiveUpgradeRecordedExitTests {
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
         #expect(kill(quietPID, 0) != 0 && kill(loudPID, 0) != 0, "the wrapper ended both")
+        let said = daemon.log.split(separator: "\n").filter { $0.contains("process exited before the live upgrade, not reported yet") }
+        #expect(said.count == 2 && said.contains { $0.contains("process=quiet") && $0.contains("after=nothing") }
+            && said.contains { $0.contains("process=loud") && $0.contains("after=its output drains") }, "the new image says what it found: \(said)")
 
         // Each exit reaches the host once, with the report the old image wrote down; the
         // stream's output first, every line.
