@@ -118,12 +118,24 @@ extension Supervisor {
     /// Waits until the broker has no reactor thread stuck in the kernel (its stats), or
     /// `deadline`; returns how many are still stuck (nil: no broker, or it did not answer).
     func brokerThreadsWaitingForHeldLocks(until deadline: ContinuousClock.Instant) async -> Int? {
+        var said = false
+        let started = ContinuousClock.now
         while true {
             guard let broker = broker() else { return nil }
             let call = Task { try? await broker.call(BrokerRequest.stats, reply: BrokerStats.self) }
             guard let answer = await call.value(within: Self.brokerAnswerBound), let stats = answer else { return nil }
             let stranded = stats.strandedReactorThreads ?? 0
+            if stranded == 0, said {
+                logger.info("live upgrade: the broker's stuck threads came back", metadata: ["waited": "\(ContinuousClock.now - started)"])
+            }
             if stranded == 0 || ContinuousClock.now >= deadline { return stranded }
+            if !said {
+                // What an upgrade that takes seconds is waiting for, said while it waits.
+                said = true
+                logger.notice("live upgrade: waiting for broker threads stuck in the kernel on a pipe lock a container process holds", metadata: [
+                    "threads": "\(stranded)", "upTo": "\(Self.describe(Self.heldLockLimit))",
+                ])
+            }
             try? await Task.sleep(for: .milliseconds(100))
         }
     }

@@ -159,6 +159,13 @@ extension Run {
                 printLine("| checkpoint \(index + 1) | \(clock(checkpoint.soakTime)) | \(cells(checkpoint.footprints)) |")
             }
         }
+        let account = slowestUpgradeAccount(String(decoding: WholeFile.read(daemon.logPath) ?? [], as: UTF8.self))
+        if !account.isEmpty {
+            // A figure that explains itself: what the daemon did during its slowest upgrade.
+            printLine("")
+            printLine("slowest live upgrade, as the daemon logged it:")
+            for line in account { printLine("    \(line)") }
+        }
         if !final.failures.isEmpty {
             printLine("")
             printLine("failures:")
@@ -299,6 +306,41 @@ enum HeapAllowance {
 }
 
 /// "N; took median X ms, longest Y ms; the daemon counted: Z".
+/// The daemon's log lines of its slowest live upgrade (from "checking the new binary" to the new
+/// image's "resumed after a live upgrade"): its steps, the roles' ends, stuck broker threads and
+/// the supervisor's warnings, at most `limit`, the first line saying how long it took by the
+/// log's clock. Empty without an upgrade.
+func slowestUpgradeAccount(_ log: String, limit: Int = 24) -> [String] {
+    let lines = log.split(separator: "\n").map(String.init)
+    /// Milliseconds into the day of a line's leading `YYYY-MM-DDTHH:MM:SS.mmmZ` stamp.
+    func stamp(_ line: String) -> Int? {
+        guard let t = line.firstIndex(of: "T") else { return nil }
+        let clock = line[line.index(after: t)...].prefix(12)  // HH:MM:SS.mmm
+        let parts = clock.split(whereSeparator: { $0 == ":" || $0 == "." }).compactMap { Int($0) }
+        guard parts.count == 4 else { return nil }
+        return ((parts[0] * 60 + parts[1]) * 60 + parts[2]) * 1000 + parts[3]
+    }
+    var slowest: (range: Range<Int>, took: Int)?
+    var start: Int?
+    for (index, line) in lines.enumerated() {
+        if line.contains("live upgrade: checking the new binary") {
+            start = index
+        } else if line.contains("holdfast daemon resumed after a live upgrade"), let first = start,
+            let begun = stamp(lines[first]), let ended = stamp(line)
+        {
+            let took = ended - begun
+            if took > (slowest?.took ?? -1) { slowest = (first..<(index + 1), took) }
+            start = nil
+        }
+    }
+    guard let slowest else { return [] }
+    let kept = lines[slowest.range].filter { line in
+        line.contains("live upgrade") || line.contains("role stopped") || line.contains("stuck in the kernel") || line.contains("quiesce")
+            || (line.contains("role=supervisor") && (line.contains(" warning ") || line.contains(" error ")))
+    }
+    return ["(\(slowest.took) ms by the log's clock)"] + kept.prefix(limit)
+}
+
 func upgradeFigures(_ took: [Duration], counted: Int?) -> String {
     let sorted = took.map(milliseconds).sorted()
     let spread = sorted.isEmpty ? "" : "; took median \(sorted[sorted.count / 2]) ms, longest \(sorted.last!) ms"
