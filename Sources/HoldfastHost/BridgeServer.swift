@@ -290,9 +290,12 @@ public final class BridgeServer: Sendable {
         try await call(.stats, reply: BrokerStats.self, timeout: timeout)
     }
 
-    /// Sends any request and decodes the reply. Waits up to `timeout` for a guest to be connected;
-    /// a connection lost before the reply is the error `bridge-lost` (the request may or may not
-    /// have been carried out; `create` handles that itself by sending its keyed request again).
+    /// Sends any request and decodes the reply. Waits up to `timeout` for a guest to be connected
+    /// and to answer: no reply by then is the error `guest-not-answering` (a guest daemon that
+    /// is stopped, traced or overloaded; before, the call waited for as long as the connection
+    /// lived). A connection lost before the reply is the error `bridge-lost`. Either way the
+    /// request may or may not have been carried out (`create` handles a lost connection itself
+    /// by sending its keyed request again).
     public func call<Reply: Decodable>(
         _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
     ) async throws(HoldfastError) -> Reply {
@@ -303,8 +306,21 @@ public final class BridgeServer: Sendable {
     public func callReportingHello<Reply: Decodable>(
         _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
     ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
+        let deadline = ContinuousClock.now + timeout
         guard let connection = await guest(within: timeout) else { throw Self.noGuest(at: address, within: timeout) }
-        let frame = try await connection.request(request)
+        // Bounded by what is left of `timeout`: the request's task goes on until the reply or the
+        // connection's end (the channel does not take cancellation), its answer then unread.
+        let exchange = Task { () -> Result<ControlFrame, HoldfastError> in
+            do throws(HoldfastError) {
+                return .success(try await connection.request(request))
+            } catch {
+                return .failure(error)
+            }
+        }
+        guard let outcome = await exchange.value(within: max(.zero, deadline - ContinuousClock.now)) else {
+            throw Self.notAnswering(request, within: timeout)
+        }
+        let frame = try outcome.get()
         do {
             return (try ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type), connection.hello)
         } catch {
@@ -327,6 +343,24 @@ public final class BridgeServer: Sendable {
     public var unconfirmedExits: Int { state.withLockedValue { $0.deliveredExits.values.count { !$0 } } }
     /// Every exit id kept against repeats, confirmed or not (bounded).
     public var rememberedExits: Int { state.withLockedValue { $0.deliveredExits.count } }
+
+    /// What a request the guest took and did not answer in time says.
+    static func notAnswering(_ request: BridgeRequest, within timeout: Duration) -> HoldfastError {
+        let what: String
+        switch request {
+        case .create(let spec):
+            what = "the create of '\(spec.id)' (sending it again with the same id and idempotency key starts nothing twice)"
+        case .signal(let signal): what = "the signal to '\(signal.id)'"
+        case .resize(let resize): what = "the resize of '\(resize.id)'"
+        case .closeStdin(let close): what = "the end of '\(close.id)''s stdin"
+        case .list: what = "the list"
+        case .stats: what = "the stats request"
+        case .acknowledgeExit(let acknowledgement): what = "the acknowledgement of '\(acknowledgement.id)''s exit"
+        }
+        return HoldfastError(
+            .guestNotAnswering,
+            "the guest did not answer \(what) within \(timeout.spoken): its daemon may be stopped, traced or overloaded ('holdfast status' in the guest says which); the request may still be carried out when it goes on")
+    }
 
     /// What a request that found no guest says: how long it waited, and what to check.
     static func noGuest(at address: SocketAddress, within timeout: Duration) -> HoldfastError {

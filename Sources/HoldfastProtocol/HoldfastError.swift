@@ -53,6 +53,9 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         // The host side (`holdfast host`, BridgeServer).
         case noGuest = "no-guest"
         case bridgeLost = "bridge-lost"
+        /// The guest took a request and did not answer it within the caller's time (its daemon
+        /// stopped, traced or overloaded): the request may still be carried out.
+        case guestNotAnswering = "guest-not-answering"
         case noHostService = "no-host-service"
         case hostServeGone = "host-serve-gone"
         case closing = "closing"

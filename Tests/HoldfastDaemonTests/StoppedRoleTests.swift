@@ -21,8 +21,10 @@ struct StoppedRoleTests {
     }
 
     /// The bridge worker stopped for 2 s: the streams go on (the broker carries them), `status`
-    /// answers and says the worker is stopped; a create sent meanwhile and an exit that
-    /// happened meanwhile wait, and are answered and reported, once, when it is continued.
+    /// answers and says the worker is stopped; the host's calls with a short timeout end with
+    /// `guest-not-answering`; a create sent meanwhile and an exit that happened meanwhile wait,
+    /// and are answered and reported, once, when it is continued (and the timed-out signal is
+    /// carried out then, as its error said it might be).
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aStoppedBridgeWorkerHoldsOnlyTheHostsRequestsAndExits() async throws {
         let daemon = try await DaemonFixture()
@@ -34,6 +36,7 @@ struct StoppedRoleTests {
             id: "counter", argv: counterCommand(600, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
         let go = daemon.directory.file("go")
         _ = try await daemon.bridge.create(ProcessSpec(id: "ends", argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.01; done; exit 7"]))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "victim", argv: ["sleep", "1000"]))
         try await eventually("the counter streaming") { output.count > 0 }
         let worker = try #require(try await daemon.rolePID("bridge"))
 
@@ -46,6 +49,20 @@ struct StoppedRoleTests {
         let status = try await withTimeout("status while the bridge worker is stopped", .seconds(10)) { try await daemon.status() }
         let role = status.roles.first { $0.name == "bridge" }
         #expect(role?.notAnswering?.hasPrefix("stopped") == true && role?.notAnswering?.contains("the host's requests") == true, "\(String(describing: role))")
+        // The host's calls end at their timeout with a clear error (before: they waited for as
+        // long as the connection lived), and what they asked may still be done later.
+        for call in ["list", "signal"] {
+            let asked = ContinuousClock.now
+            do {
+                if call == "list" { _ = try await daemon.bridge.list(timeout: .milliseconds(500)) } else {
+                    try await daemon.bridge.signal("victim", SIGTERM, timeout: .milliseconds(500))
+                }
+                Issue.record("\(call) answered through a stopped bridge worker")
+            } catch {
+                #expect(error.code == .guestNotAnswering && error.message.contains("within 500ms") && error.message.contains("may still be carried out"), "\(error)")
+            }
+            #expect(ContinuousClock.now - asked < .seconds(10), "\(call) ended at its timeout")
+        }
         try await Task.sleep(until: stopped + .seconds(2))
         #expect(exits.count("ends") == 0 && exits.count("late") == 0, "nothing reaches the host through a stopped worker")
         #expect(ProcessRunState.of(worker) == .stopped, "stopped throughout")
@@ -53,11 +70,13 @@ struct StoppedRoleTests {
 
         #expect(try await withTimeout("the create sent during the stop", .seconds(30)) { try await created.value } > 0)
         try await eventually("the exits that happened during the stop") { exits.count("ends") == 1 && exits.count("late") == 1 }
+        try await eventually("the signal that timed out, carried out once the worker went on") { exits.count("victim") == 1 }
+        #expect(exits.all.first { $0.id == "victim" }?.signal == SIGTERM)
         #expect(exits.all.first { $0.id == "ends" }?.exitCode == 7)
         try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
         #expect(output.text == String(decoding: expectedLines(600, prefix: "by"), as: UTF8.self), "every line once, in order")
         try await Task.sleep(for: .milliseconds(300))
-        #expect(exits.all.map(\.id).sorted() == ["counter", "ends", "late"], "each exit once")
+        #expect(exits.all.map(\.id).sorted() == ["counter", "ends", "late", "victim"], "each exit once")
         let now = try await daemon.status()
         #expect(now.roles.first { $0.name == "bridge" }?.pid == worker && now.roles.allSatisfy { $0.restarts == 0 && $0.notAnswering == nil })
         #expect(try await daemon.stop() == .exited(0))
