@@ -28,6 +28,17 @@ public struct UserAccount: Sendable, Equatable {
         return UserAccount(name: String(cString: entry.pw_name), uid: entry.pw_uid, gid: entry.pw_gid, home: String(cString: entry.pw_dir))
     }
 
+    /// A process spec's `user`: a name or a number from the password database, or else a bare
+    /// number (1 to 4294967294) that has no entry there — what a minimal guest image's
+    /// containers often run as (podman and runc take any uid too): uid and gid that number, no
+    /// home. nil for an unknown name or a malformed number.
+    public static func forProcess(_ nameOrUID: String) -> UserAccount? {
+        if let known = lookup(nameOrUID) { return known }
+        guard !nameOrUID.isEmpty, nameOrUID.allSatisfy({ $0.isASCII && $0.isNumber }), let uid = UInt32(nameOrUID), uid > 0, uid < UInt32.max
+        else { return nil }
+        return UserAccount(name: nameOrUID, uid: uid, gid: uid)
+    }
+
     /// The prefix of a bare numeric identity: `uid:65600` is uid 65600 and gid 65600, with no
     /// entry in the password database needed (a uid from a reserved range, for the broker).
     public static let numericPrefix = "uid:"

@@ -54,7 +54,7 @@ extension Supervisor {
         let uid: uid_t?
         switch spec.runtime ?? .direct {
         case .direct:
-            if let user = spec.user { uid = UserAccount.lookup(user)?.uid } else { uid = geteuid() }
+            if let user = spec.user { uid = UserAccount.forProcess(user)?.uid } else { uid = geteuid() }
         case .runc:
             let bundle = spec.container.flatMap { id in entry(id)?.container?.bundle } ?? spec.bundle
             let inContainer = spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }

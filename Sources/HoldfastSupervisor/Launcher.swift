@@ -87,8 +87,8 @@ struct Launcher {
             if spec.bundle != nil || spec.container != nil {
                 throw HoldfastError(.badRequest, "bundle and container need runtime 'runc'")
             }
-            if let user = spec.user, UserAccount.lookup(user) == nil {
-                throw HoldfastError(.badUser, "user: no such user '\(user)'")
+            if let user = spec.user, UserAccount.forProcess(user) == nil {
+                throw HoldfastError(.badUser, "user: no such user '\(user)' (a name from the password database, or a number)")
             }
         case .runc:
             try RuncRuntime.validate(spec)
@@ -224,7 +224,7 @@ struct Launcher {
     /// for the broker. On failure nothing is left open and no process is left running.
     static func start(_ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?) throws(HoldfastError) -> Started {
         try validate(spec)
-        let account = spec.user.flatMap(UserAccount.lookup) ?? UserAccount.lookup(String(geteuid()))
+        let account = spec.user.flatMap(UserAccount.forProcess) ?? UserAccount.lookup(String(geteuid()))
         var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: environment(for: spec, home: account?.home))
         // `/` unless told: never wherever the daemon happened to be started.
         options.directory = spec.cwd ?? "/"

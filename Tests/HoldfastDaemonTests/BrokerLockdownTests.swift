@@ -313,6 +313,14 @@ struct BrokerLockdownTests {
                 #expect(error.code == .badUser && error.message.contains("the broker's"), "\(name): \(error)")
             }
         }
+        // A direct process given the broker's uid as a bare number (no entry in the password
+        // database: a number is taken as it is) is refused the same way.
+        do {
+            _ = try await daemon.launch(ProcessSpec(id: "direct-as-the-broker", argv: ["true"], user: String(uid)))
+            Issue.record("a direct process started as the broker's uid")
+        } catch let error as HoldfastError {
+            #expect(error.code == .badUser && error.message.contains("the broker's"), "\(error)")
+        }
         #expect(try await daemon.status().processes.isEmpty)
         #expect(try await daemon.stop() == .exited(0))
     }

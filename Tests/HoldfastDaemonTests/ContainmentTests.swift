@@ -60,6 +60,33 @@ struct ContainmentTests {
         #expect(try await daemon.stop() == .exited(0), "the daemon stops only when told to")
     }
 
+    /// `kill -KILL -1` from a direct process running as an unprivileged user: the kernel sends it
+    /// to every process that user may signal, which is its own uid's. None of Holdfast's is one
+    /// (the supervisor and the bridge worker are root, the broker has a uid of its own), so the
+    /// daemon, its roles and a bystander stream are untouched, and so is a process of another
+    /// unprivileged uid; a process of the attacker's own uid ends, as in any Unix.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func killMinusOneAsAnUnprivilegedUserReachesOnlyThatUsersProcesses() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon)
+        let before = try await Self.roles(daemon)
+        let (attackerNumber, otherNumber) = (ReservedUIDs.unused(), ReservedUIDs.unused())
+        try #require(attackerNumber != otherNumber && attackerNumber != daemon.brokerUID && otherNumber != daemon.brokerUID)
+        let (attackerUID, otherUID) = ("\(attackerNumber)", "\(otherNumber)")
+        _ = try await daemon.launch(ProcessSpec(id: "same-uid", argv: ["sleep", "600"], user: attackerUID))
+        _ = try await daemon.launch(ProcessSpec(id: "other-uid", argv: ["sleep", "600"], user: otherUID))
+        // kill(-1) spares the caller itself: the attacker's shell goes on and says it was done.
+        _ = try await daemon.launch(ProcessSpec(id: "attacker", argv: ["sh", "-c", "sleep 0.2; kill -KILL -1 && exit 3"], user: attackerUID))
+        let attacker = try await daemon.wait("attacker")
+        #expect(attacker.exitCode == 3, "kill -1 was sent: \(attacker)")
+        let sameUID = try await daemon.wait("same-uid")
+        #expect(sameUID.signal == SIGKILL, "a process of its own uid ends with it: \(sameUID)")
+        #expect(try await daemon.status().processes.first { $0.id == "other-uid" }?.state == .running, "another uid's process runs on")
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(try await daemon.stop() == .exited(0), "the daemon stops only when told to (and ends the other uid's process)")
+    }
+
     @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static"))
     func killZeroInARuncContainerStaysInside() async throws {
         let daemon = try await DaemonFixture()
