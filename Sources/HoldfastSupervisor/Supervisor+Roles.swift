@@ -168,12 +168,21 @@ extension Supervisor {
     /// Tells the broker the bridge went up or down, waiting at most `brokerAnswerBound` for its
     /// answer. These are told from the bridge worker's channel, read in order, and at the
     /// worker's end: a broker an operator stopped (SIGSTOP, a debugger) held the host's next
-    /// requests behind it, and a daemon stop for as long as it stayed stopped. The request stays
-    /// on the broker's channel, in order, and is carried out once the broker runs again.
+    /// requests behind it, and a daemon stop for as long as it stayed stopped. What is not
+    /// answered in time is still told, in order: each notice goes out once the one before it
+    /// was answered (or its broker died), to the broker running then.
     func tellBroker(_ request: BrokerRequest) async {
-        guard let broker = broker() else { return }
-        let call = Task { _ = try? await broker.call(request, reply: CountResponse.self) }
-        _ = await call.value(within: Self.brokerAnswerBound)
+        let notice = brokerNoticeTail.withLockedValue { tail -> Task<Void, Never> in
+            let previous = tail
+            let next = Task { [self] in
+                await previous?.value
+                guard let broker = broker() else { return }
+                _ = try? await broker.call(request, reply: CountResponse.self)
+            }
+            tail = next
+            return next
+        }
+        _ = await notice.value(within: Self.brokerAnswerBound)
     }
 
     func bridgeNotification(_ frame: ControlFrame) async {

@@ -33,6 +33,9 @@ public final class Supervisor: Sendable {
     /// The processes this image forked, by id, until their exit is recorded: signals go through
     /// their registration (`ChildReaper.signal`), never to a pid the kernel may have reused.
     let forked = NIOLockedValueBox<[String: ChildReaper.Child]>([:])
+    /// The last of what the supervisor told the broker about the bridge (`tellBroker`): each
+    /// one is sent once the one before it was answered, so the broker hears them in order.
+    let brokerNoticeTail = NIOLockedValueBox<Task<Void, Never>?>(nil)
     /// When the daemon started (before every live upgrade since: its uptime spans them).
     let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.
