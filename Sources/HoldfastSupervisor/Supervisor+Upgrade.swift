@@ -218,7 +218,10 @@ extension Supervisor {
         let client = broker()
         let brokerPID = brokerRole?.pid
         let holding = Task {
-            await brokerRole?.hold(within: .seconds(5)) { _ in
+            await brokerRole?.hold(within: .seconds(5)) { incarnation in
+                // Continued again as it is asked: a stop since the check above (the soak's broker
+                // stops overlap upgrades) would otherwise hold the quiesce until it ends.
+                brokerRole?.send(SIGCONT, to: incarnation)
                 Task { _ = try? await client?.call(BrokerRequest.quiesce, reply: [String: String].self) }
             }
         }
