@@ -63,7 +63,7 @@ final class DaemonFixture: Sendable {
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
         shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
         bridgeThroughProxy: Bool = false, brokerRestartBackoffMax: String = "5s", openFileLimit: (soft: UInt64, hard: UInt64?)? = nil,
-        oomScoreAdjustment: Int32? = nil, logToPipe: Bool = false
+        oomScoreAdjustment: Int32? = nil, logToPipe: Bool = false, ringCapacity: String? = nil
     ) async throws {
         if logToPipe {
             let ends = try PipeEnds.make()
@@ -105,6 +105,7 @@ final class DaemonFixture: Sendable {
               redial_interval: 20ms
               connect_timeout: 1s
               drain_timeout: \(drainTimeout)
+            \(ringCapacity.map { "  ring_capacity: \($0)" } ?? "")
             shutdown:
               grace: \(shutdown.grace)
               timeout: \(shutdown.timeout)
