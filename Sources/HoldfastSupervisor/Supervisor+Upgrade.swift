@@ -203,11 +203,16 @@ extension Supervisor {
         }
 
         // 2. What is under way finishes; what arrives now waits.
+        let settling = ContinuousClock.now
         guard await upgradeGate.close(until: ContinuousClock.now + Self.settleLimit) else {
             upgradeGate.open()
             throw fail("creates or signals were still under way after \(Self.describe(Self.settleLimit))")
         }
         undo.append { [self] in upgradeGate.open() }
+        // Each step that can take a while is in the log (a slow upgrade explains itself).
+        logger.info("live upgrade: creates and signals under way finished; stopping the roles", metadata: [
+            "waited": "\(ContinuousClock.now - settling)", "sinceStart": "\(ContinuousClock.now - started)",
+        ])
 
         // 3. The roles: the bridge worker ends (the host sees the bridge drop, and repeats what
         // it had in flight on the next connection); the broker quiesces and exits: every stream
