@@ -115,7 +115,14 @@ final class DaemonFixture: Sendable {
         command = [executable ?? holdfastExecutable(), "daemon", "--config", directory.file("holdfast.yaml")]
         self.environment = SpawnOptions.inheritedEnvironment().filter { environment[String($0.prefix { $0 != "=" })] == nil }
             + environment.map { "\($0.key)=\($0.value)" }
-        try await launch(truncatingLog: true)
+        do {
+            try await launch(truncatingLog: true)
+        } catch {
+            // A daemon that did not come up (a bad configuration) leaves nothing behind either:
+            // its process, its listeners and its directory.
+            cleanUp()
+            throw error
+        }
     }
 
     /// Starts the daemon again on the same configuration, as systemd's `Restart=` would after

@@ -230,6 +230,7 @@ struct ChildReaperTests {
         }
         // A leader and a member it left in its group (as a container's background job).
         let files = try TemporaryDirectory()
+        defer { files.remove() }
         let leader = try reaper.spawn(session("sleep 30 & echo $! > \(files.file("member")); exec sleep 30"))
         try await eventually("the member's pid written") { readFile(files.file("member")).map { $0.count > 1 } ?? false }
         let member = pid_t(String(decoding: readFile(files.file("member"))!.dropLast(), as: UTF8.self))!
