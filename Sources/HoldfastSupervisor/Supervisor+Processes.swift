@@ -291,8 +291,7 @@ extension Supervisor {
         var streams: [StreamStatus] = []
         while true {
             let offset = streams.count
-            let call = Task { try? await broker.call(BrokerRequest.list(ListRequest(offset: offset)), reply: ListResponse.self) }
-            guard let answer = await call.value(within: Self.brokerAnswerBound) else { return nil }
+            guard let answer = await ask(broker, .list(ListRequest(offset: offset)), reply: ListResponse.self) else { return nil }
             guard let page = answer, !page.streams.isEmpty else { break }
             streams += page.streams
             if streams.count >= (page.total ?? streams.count) { break }
@@ -301,6 +300,15 @@ extension Supervisor {
     }
 
     static let brokerAnswerBound: Duration = .seconds(2)
+
+    /// Asks `broker`, waiting at most `brokerAnswerBound`: nil when it did not answer in time (a
+    /// stopped broker, or one that cannot finish dying); `.some(nil)` when it answered with an
+    /// error or its channel closed. The request's task goes on until the answer or the channel's
+    /// end (the channel does not take cancellation).
+    func ask<Reply: Decodable & Sendable>(_ broker: ControlClient, _ request: BrokerRequest, reply: Reply.Type) async -> Reply?? {
+        let call = Task { try? await broker.call(request, reply: reply) }
+        return await call.value(within: Self.brokerAnswerBound)
+    }
 
     public func status() async -> StatusReport {
         let streams = await brokerStreams()

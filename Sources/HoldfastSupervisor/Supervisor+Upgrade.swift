@@ -122,8 +122,7 @@ extension Supervisor {
         let started = ContinuousClock.now
         while true {
             guard let broker = broker() else { return nil }
-            let call = Task { try? await broker.call(BrokerRequest.stats, reply: BrokerStats.self) }
-            guard let answer = await call.value(within: Self.brokerAnswerBound), let stats = answer else { return nil }
+            guard let answer = await ask(broker, .stats, reply: BrokerStats.self), let stats = answer else { return nil }
             let stranded = stats.strandedReactorThreads ?? 0
             if stranded == 0, said {
                 logger.info("live upgrade: the broker's stuck threads came back", metadata: ["waited": "\(ContinuousClock.now - started)"])

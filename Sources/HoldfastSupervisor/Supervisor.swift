@@ -396,9 +396,8 @@ public final class Supervisor: Sendable {
     /// answer within `brokerAnswerBound`: stopped by an operator, a scrape still gets ours).
     func metricsText() async -> String {
         var text = metrics.render(roles: roleStatuses)
-        if let broker = broker() {
-            let call = Task { try? await broker.call(BrokerRequest.metrics, reply: MetricsResponse.self) }
-            if let answer = await call.value(within: Self.brokerAnswerBound), let reply = answer { text += reply.text }
+        if let broker = broker(), let answer = await ask(broker, .metrics, reply: MetricsResponse.self), let reply = answer {
+            text += reply.text
         }
         return text
     }

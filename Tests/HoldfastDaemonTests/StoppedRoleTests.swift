@@ -137,11 +137,7 @@ struct StoppedRoleTests {
         let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "counter", argv: counterCommand(800, prefix: "by", pause: "0.005"), stdout: daemon.spec("counter-out")))
-        let status = try await daemon.status()
-        let broker = try #require(status.roles.first { $0.name == "broker" }?.pid)
-        let worker = try #require(status.roles.first { $0.name == "bridge" }?.pid)
-        #expect(kill(broker, SIGSTOP) == 0 && kill(worker, SIGSTOP) == 0)
-        try await eventually("both stopped") { ProcessRunState.of(broker) == .stopped && ProcessRunState.of(worker) == .stopped }
+        try await Self.stopBothRoles(daemon)
 
         try binary.install(variant: 1)
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
@@ -169,11 +165,7 @@ struct StoppedRoleTests {
         do {
             let daemon = try await DaemonFixture()
             defer { daemon.cleanUp() }
-            let status = try await daemon.status()
-            let broker = try #require(status.roles.first { $0.name == "broker" }?.pid)
-            let worker = try #require(status.roles.first { $0.name == "bridge" }?.pid)
-            #expect(kill(broker, SIGSTOP) == 0 && kill(worker, SIGSTOP) == 0)
-            try await eventually("both stopped") { ProcessRunState.of(broker) == .stopped && ProcessRunState.of(worker) == .stopped }
+            try await Self.stopBothRoles(daemon)
             #expect(try await Self.stop(daemon) == .exited(0))
             let stops = daemon.log.split(separator: "\n").filter { $0.contains("role stopped") }
             #expect(stops.count == 2 && stops.allSatisfy { $0.contains("killed by signal 15") }, "each ended on its SIGTERM: \(stops)")
@@ -184,14 +176,8 @@ struct StoppedRoleTests {
             defer { daemon.cleanUp() }
             let broker = try #require(try await daemon.rolePID("broker"))
             // A debugger: every thread attached (ptrace-stopped) and held stopped.
-            let said = daemon.directory.file("tracer.out")
-            let out = open(said, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            let tracer = try daemon.processes.start(["python3", "-c", Self.tracer, String(broker)], stdout: out, stderr: out)
-            close(out)
+            let tracer = try await Self.trace(broker, in: daemon)
             defer { kill(tracer, SIGKILL) }
-            func tracerSaid() -> String { String(decoding: readFile(said) ?? [], as: UTF8.self) }
-            try await eventually("every broker thread traced", timeout: .seconds(10)) { tracerSaid().contains("tracer: attached") || tracerSaid().contains("cannot") }
-            #expect(tracerSaid().contains("tracer: attached"), "\(tracerSaid())")
             #expect(ProcessRunState.of(broker) == .traced(by: tracer))
             let status = try await daemon.status()
             #expect(status.roles.first { $0.name == "broker" }?.notAnswering?.hasPrefix("held by a tracer (pid \(tracer)") == true, "\(status.roles)")
@@ -221,15 +207,9 @@ struct StoppedRoleTests {
             id: "counter", argv: counterCommand(3000, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
         let before = try await daemon.status()
         let broker = try #require(before.roles.first { $0.name == "broker" }?.pid)
-        let said = daemon.directory.file("tracer.out")
-        let out = open(said, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         // Holds every thread for 25 s and never waits for the tracee: then exits (detaching it).
-        let tracer = try daemon.processes.start(["python3", "-c", Self.tracer, String(broker), "hold", "25"], stdout: out, stderr: out)
-        close(out)
+        let tracer = try await Self.trace(broker, in: daemon, hungFor: 25)
         defer { kill(tracer, SIGKILL) }
-        func tracerSaid() -> String { String(decoding: readFile(said) ?? [], as: UTF8.self) }
-        try await eventually("every broker thread traced", timeout: .seconds(10)) { tracerSaid().contains("tracer: attached") || tracerSaid().contains("cannot") }
-        #expect(tracerSaid().contains("tracer: attached"), "\(tracerSaid())")
 
         try binary.install(variant: 1)
         let started = ContinuousClock.now
@@ -251,6 +231,31 @@ struct StoppedRoleTests {
         let report = try #require(exits.all.first { $0.id == "counter" })
         #expect(report.exitCode == 0 && report.lost == nil, "\(report)")
         #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
+    /// SIGSTOPs the broker and the bridge worker, as an operator would, and waits until both are.
+    static func stopBothRoles(_ daemon: DaemonFixture) async throws {
+        let status = try await daemon.status()
+        let broker = try #require(status.roles.first { $0.name == "broker" }?.pid)
+        let worker = try #require(status.roles.first { $0.name == "bridge" }?.pid)
+        #expect(kill(broker, SIGSTOP) == 0 && kill(worker, SIGSTOP) == 0)
+        try await eventually("both stopped") { ProcessRunState.of(broker) == .stopped && ProcessRunState.of(worker) == .stopped }
+    }
+
+    /// Starts `tracer` on every thread of `pid` (as a debugger at its prompt, or, with `hungFor`,
+    /// a hung one that exits after that many seconds) and returns its pid once it has them all.
+    static func trace(_ pid: pid_t, in daemon: DaemonFixture, hungFor seconds: Int? = nil) async throws -> pid_t {
+        let said = daemon.directory.file("tracer-\(pid).out")
+        let out = open(said, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let tracer = try daemon.processes.start(
+            ["python3", "-c", Self.tracer, String(pid)] + (seconds.map { ["hold", String($0)] } ?? []), stdout: out, stderr: out)
+        close(out)
+        func tracerSaid() -> String { String(decoding: readFile(said) ?? [], as: UTF8.self) }
+        try await eventually("every thread of \(pid) traced", timeout: .seconds(10)) {
+            tracerSaid().contains("tracer: attached") || tracerSaid().contains("cannot")
+        }
+        #expect(tracerSaid().contains("tracer: attached"), "\(tracerSaid())")
+        return tracer
     }
 
     /// `daemon.stop()`, saying what the daemon logged if it did not stop.
