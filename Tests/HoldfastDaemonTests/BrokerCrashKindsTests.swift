@@ -43,6 +43,7 @@ struct BrokerCrashKindsTests {
         for id in streams.ids {
             #expect(listed.contains { $0.id == id && $0.state == .running }, "\(id) still running after \(Self.kills) broker kills: \(listed)")
         }
+        try await streams.waitForTerminalCopy(of: ttySent)
         try await streams.stopAll()
         do {
             try await eventually("every exit", timeout: .seconds(60)) { streams.ids.allSatisfy { exits.count($0) == 1 } }

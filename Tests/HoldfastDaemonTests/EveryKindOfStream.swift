@@ -99,6 +99,14 @@ final class EveryKindOfStream: Sendable {
     /// handler), so SIGKILL there.
     func stopSignal(_ id: String) -> Int32 { id == "runc" ? SIGKILL : SIGTERM }
 
+    /// Waits until cat has copied every byte typed into the terminal. Call it before `stopAll`:
+    /// the terminal's input has no end to send and wait for (the pipes' stdin has), and a broker
+    /// restarted just before may still be handing the last bytes in when the process is stopped
+    /// (the 100-kill test's copy came out short once, the process already gone).
+    func waitForTerminalCopy(of ttySent: [UInt8]) async throws {
+        try await eventually("the terminal's copy complete", timeout: .seconds(30)) { (readFile(self.ttyCopy) ?? []).count >= ttySent.count }
+    }
+
     /// Stops every process: the handed-over one by its runtime (which tells the broker running
     /// now, as it told the first), the others over the bridge.
     func stopAll() async throws {

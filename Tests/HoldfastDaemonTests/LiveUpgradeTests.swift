@@ -209,6 +209,7 @@ struct LiveUpgradeTests {
         let sent = await typist.stop()
         let ttySent = await ttyTypist.stop()
         #expect(await streams.pipeIn.finish() == 0, "every stdin byte acknowledged")
+        try await streams.waitForTerminalCopy(of: ttySent)
         try await streams.stopAll()
         do {
             try await eventually("every exit", timeout: .seconds(60)) { (ids + created).allSatisfy { exits.count($0) >= 1 } }
