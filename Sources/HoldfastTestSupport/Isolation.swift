@@ -15,7 +15,12 @@ import Glibc
 /// environment marker, waits for it, and returns false after reporting its outcome through
 /// the returned `IsolatedRun` (thrown as an error if it failed). Inside that child run it returns
 /// true and the test body does the real work, alone in its process.
-public func isolated(_ testName: String, timeout: Duration = .seconds(300)) async throws -> Bool {
+///
+/// `timeout` bounds the child run and must stay below the suite's time limit: a child that
+/// outlives it is killed with an account of where it was (its output so far, the state of it and
+/// of every process under it, its threads' stacks when gdb is there), which a suite's time limit
+/// would cut short with no word of it.
+public func isolated(_ testName: String, timeout: Duration = .seconds(120)) async throws -> Bool {
     let marker = "HOLDFAST_ISOLATED_TEST"
     if let value = getenv(marker), String(cString: value) == testName { return true }
     let directory = try TemporaryDirectory("holdfast-isolated")
@@ -34,17 +39,27 @@ public func isolated(_ testName: String, timeout: Duration = .seconds(300)) asyn
         stdout: log, stderr: log,
         environment: SpawnOptions.inheritedEnvironment() + ["\(marker)=\(testName)"])
     close(log)
-    let status = try await processes.wait(pid, timeout: timeout)
+    let status: ExitStatus
+    do {
+        status = try await processes.wait(pid, timeout: timeout)
+    } catch let timedOut as TimedOut {
+        // Taken before the kill: where the child and what it started are.
+        let account = await ProcessAccount.tree(under: pid)
+        _ = kill(-pid, SIGKILL)  // its process group: what it started without a session of its own
+        processes.kill(pid)
+        let output = String(decoding: readFile(logPath) ?? [], as: UTF8.self)
+        throw IsolatedRunFailed(testName: testName, outcome: "\(timedOut); killed", output: output + "\n" + account)
+    }
     let output = String(decoding: readFile(logPath) ?? [], as: UTF8.self)
     guard status == .exited(0), output.contains("passed") else {
-        throw IsolatedRunFailed(testName: testName, status: status, output: output)
+        throw IsolatedRunFailed(testName: testName, outcome: "ended with \(status)", output: output)
     }
     return false
 }
 
 public struct IsolatedRunFailed: Error, CustomStringConvertible {
     public var testName: String
-    public var status: ExitStatus
+    public var outcome: String
     public var output: String
-    public var description: String { "isolated run of \(testName) ended with \(status):\n\(output)" }
+    public var description: String { "isolated run of \(testName): \(outcome):\n\(output)" }
 }

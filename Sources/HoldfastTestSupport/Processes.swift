@@ -78,17 +78,8 @@ public final class TestProcesses: Sendable {
 
     /// What /proc says of `pid` and of this process's reactor, for a wait that timed out.
     public static func diagnosis(of pid: pid_t) -> String {
-        func line(_ path: String) -> String {
-            let fd = open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { return "unreadable" }
-            defer { close(fd) }
-            var buffer = [UInt8](repeating: 0, count: 512)
-            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            return count < 0 ? "unreadable" : String(decoding: buffer[..<count].prefix { $0 != 10 }, as: UTF8.self)
-        }
-        let stat = line("/proc/\(pid)/stat")
-        let state = stat.lastIndex(of: ")").map { String(stat[stat.index(after: $0)...].prefix(3)) } ?? stat
-        return "state:\(state), waiting in \(line("/proc/\(pid)/wchan")); this process's reactor: "
+        let state = ProcessAccount.Stat(ProcessAccount.line("/proc/\(pid)/stat"))?.state ?? "gone"
+        return "state:\(state), waiting in \(ProcessAccount.line("/proc/\(pid)/wchan")); this process's reactor: "
             + "\(Reactor.shared.stalls) takeovers, \(Reactor.shared.strandedThreads) stranded"
     }
 

@@ -28,7 +28,7 @@ private final class PlainThread: @unchecked Sendable {
     func join() { pthread_join(thread, nil) }
 }
 
-@Suite("ProcessCgroups: a cgroup per process, made, joined, killed and removed", .timeLimit(.minutes(2)))
+@Suite("ProcessCgroups: a cgroup per process, made, joined, killed and removed", .timeLimit(.minutes(5)))
 struct ProcessCgroupsTests {
     /// This process's cgroup can hold ours, with cgroup.kill (root, cgroup v2, Linux 5.14).
     static var available: Bool {
