@@ -304,10 +304,21 @@ extension Supervisor {
     /// Asks `broker`, waiting at most `brokerAnswerBound`: nil when it did not answer in time (a
     /// stopped broker, or one that cannot finish dying); `.some(nil)` when it answered with an
     /// error or its channel closed. The request's task goes on until the answer or the channel's
-    /// end (the channel does not take cancellation).
+    /// end (the channel does not take cancellation), so a question of a kind still overdue is
+    /// not asked again: nil at once. A monitor polling `status` or a scraper while an operator
+    /// holds the broker in a debugger for an hour would otherwise pile up a request (and two
+    /// tasks) per poll, every one of them answered in a burst when the broker goes on.
     func ask<Reply: Decodable & Sendable>(_ broker: ControlClient, _ request: BrokerRequest, reply: Reply.Type) async -> Reply?? {
+        let kind = request.frameType
+        guard !overdueQuestions.withLockedValue({ $0.contains(kind) }) else { return nil }
         let call = Task { try? await broker.call(request, reply: reply) }
-        return await call.value(within: Self.brokerAnswerBound)
+        if let answer = await call.value(within: Self.brokerAnswerBound) { return answer }
+        overdueQuestions.withLockedValue { _ = $0.insert(kind) }
+        Task { [overdueQuestions] in
+            _ = await call.value
+            overdueQuestions.withLockedValue { _ = $0.remove(kind) }
+        }
+        return nil
     }
 
     public func status() async -> StatusReport {

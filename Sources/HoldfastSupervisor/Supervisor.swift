@@ -36,6 +36,9 @@ public final class Supervisor: Sendable {
     /// The last of what the supervisor told the broker about the bridge (`tellBroker`): each
     /// one is sent once the one before it was answered, so the broker hears them in order.
     let brokerNoticeTail = NIOLockedValueBox<Task<Void, Never>?>(nil)
+    /// The kinds of question (frame types) the broker left unanswered past `brokerAnswerBound`
+    /// and has still not answered: not asked again until it does (`ask`).
+    let overdueQuestions = NIOLockedValueBox<Set<UInt32>>([])
     /// When the daemon started (before every live upgrade since: its uptime spans them).
     let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.

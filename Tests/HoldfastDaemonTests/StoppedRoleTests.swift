@@ -123,6 +123,54 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// A stopped broker is asked a question of each kind once, not once per poll: the first
+    /// `status` waits out the bound, the next ones (and scrapes) answer at once that it is not
+    /// answering, and once it goes on it is asked again. Before, every poll waited 2 s and left
+    /// a request and two tasks behind, all answered in a burst when the broker went on.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aStoppedBrokerIsAskedOnceHoweverOftenItIsPolled() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(400, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
+        try await eventually("the counter streaming") { output.count > 0 }
+        #expect(try await daemon.status().streams.count == 1)
+        let broker = try #require(try await daemon.rolePID("broker"))
+        func scrape() async throws -> String {
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
+        }
+
+        #expect(kill(broker, SIGSTOP) == 0)
+        defer { kill(broker, SIGCONT) }
+        let first = try await daemon.status()
+        #expect(first.streams.isEmpty && first.roles.first { $0.name == "broker" }?.notAnswering != nil, "\(first.roles)")
+        _ = try await scrape()  // the metrics question goes overdue too
+        let started = ContinuousClock.now
+        for _ in 0..<10 {
+            let report = try await daemon.status()
+            #expect(report.roles.first { $0.name == "broker" }?.notAnswering != nil, "said not answering")
+            let metrics = try await scrape()
+            #expect(metrics.contains("holdfast_supervisor_open_fds") && !metrics.contains("holdfast_broker_"), "the supervisor's part alone")
+        }
+        let polled = ContinuousClock.now - started
+        print("20 polls of a stopped broker (10 status, 10 scrapes): \(polled)")
+        // Each would wait out the 2 s bound: 40 s. At once, they take well under a second each.
+        #expect(polled < .seconds(15), "the polls did not wait for the broker again: \(polled)")
+        #expect(ProcessRunState.of(broker) == .stopped, "stopped throughout")
+
+        #expect(kill(broker, SIGCONT) == 0)
+        try await eventually("the broker asked again once it goes on", timeout: .seconds(20)) {
+            try await daemon.status().streams.count == 1
+        }
+        #expect(try await scrape().contains("holdfast_broker_"), "the scrape has the broker's part again")
+        try await eventually("the counter's exit", timeout: .seconds(60)) { exits.count("counter") == 1 }
+        #expect(output.text == String(decoding: expectedLines(400, prefix: "by"), as: UTF8.self), "every line once, in order")
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// A live upgrade with both roles stopped: the broker is continued and quiesces (settled,
     /// not killed after 5 s and resumed as after a crash), the bridge worker ends on its SIGTERM
     /// (continued with it), and a stream flowing across the upgrade arrives exactly.
