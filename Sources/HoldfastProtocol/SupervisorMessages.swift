@@ -230,6 +230,11 @@ public struct StatusReport: Codable, Sendable, Equatable {
     /// Live upgrades (`holdfast upgrade`) since the daemon started: the pid, the containers and
     /// `uptimeSeconds` span them.
     public var upgrades: Int?
+    /// Live upgrades whose new binary started but could not take over, so that this binary
+    /// took over again (every process and stream kept), and what the last one said (absent:
+    /// none since the start).
+    public var upgradesFellBack: Int?
+    public var lastUpgradeFailure: String?
     /// The supervisor's own malloc, in KiB: handed out and not returned (a leak grows it), and
     /// free inside its heap and arenas (RSS that is not in use). The soak tracks both.
     public var mallocInUseKiB: Int?

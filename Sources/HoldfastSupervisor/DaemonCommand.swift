@@ -24,7 +24,13 @@ public enum DaemonCommand {
     /// previous binary asks whether this one can (`--check-resume-snapshot FD`): the
     /// configuration loads, the bridge key is there and the state reads; prints what it found,
     /// exit 0, or why not, exit 3 — and starts nothing.
-    public static func run(configPath: String, resumeFrom: Int32? = nil, checkOnly: Int32? = nil, logger: Logger) async -> Int32 {
+    ///
+    /// A resumed image that fails before it serves executes the previous binary again on the
+    /// same state (`Resumption.fallBack`); that one is started with `fellBackFrom`, a memfd
+    /// holding why.
+    public static func run(
+        configPath: String, resumeFrom: Int32? = nil, checkOnly: Int32? = nil, fellBackFrom: Int32? = nil, logger: Logger
+    ) async -> Int32 {
         var resumption: Resumption?
         if let fd = resumeFrom {
             do {
@@ -33,6 +39,7 @@ public enum DaemonCommand {
                 logger.critical("cannot take over from the previous binary: \(error)")
                 return 1
             }
+            if let fd = fellBackFrom { resumption!.readFallBackReason(fd) }
             // What the old image left open by mistake goes; what it passed is ours, and no
             // process we start inherits it.
             let kept = resumption!.keptDescriptors
@@ -54,11 +61,21 @@ public enum DaemonCommand {
         }
         let environment = ConfigurationLoader.currentEnvironment()
         let notifier = ServiceNotifier(environment: environment, logger: logger)
-        func fail(_ code: Int32, _ message: String) async -> Int32 {
+        func failWithoutFallBack(_ code: Int32, _ message: String) async -> Int32 {
             logger.critical("\(message)")
             notifier.status("Failed: \(message)")
             await notifier.finish()
             return code
+        }
+        /// After a live upgrade's exec, nothing of this image serving yet: the previous binary
+        /// takes over again rather than the daemon exit with every container.
+        func fail(_ code: Int32, _ message: String) async -> Int32 {
+            if let resumption, checkOnly == nil {
+                // Returns only if there is no way back.
+                let why = resumption.fallBack(reason: message, logger: logger)
+                logger.critical("live upgrade: no fallback", metadata: ["why": "\(why)"])
+            }
+            return await failWithoutFallBack(code, message)
         }
         let configuration: DaemonConfiguration
         do {
@@ -97,12 +114,16 @@ public enum DaemonCommand {
         guard access(executable, X_OK) == 0 else { return await fail(1, "cannot find my own executable (/proc/self/exe)") }
         let supervisor = Supervisor(
             configuration: configuration, logger: logger, executable: executable, notifier: notifier, configPath: configPath, resuming: resumption)
+        // After the start's checks something runs: a failure then is no longer a failed takeover.
+        func failRunning(_ code: Int32, _ message: String) async -> Int32 {
+            supervisor.tookOver.withLockedValue { $0 } ? await failWithoutFallBack(code, message) : await fail(code, message)
+        }
         do {
             return try await supervisor.run()
         } catch let refused as StartRefused {
-            return await fail(2, "refusing to start: \(refused)")
+            return await failRunning(2, "refusing to start: \(refused)")
         } catch {
-            return await fail(1, "daemon failed: \(error)")
+            return await failRunning(1, "daemon failed: \(error)")
         }
     }
 }

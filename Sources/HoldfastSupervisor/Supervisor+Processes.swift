@@ -344,7 +344,11 @@ extension Supervisor {
             roles: roles, processes: processStatusesWithUsage(),
             streams: streams ?? [])
         report.executableSHA256 = runningExecutableSHA256()
-        report.upgrades = session.withLockedValue { $0.upgrades }
+        session.withLockedValue { s in
+            report.upgrades = s.upgrades
+            report.upgradesFellBack = s.upgradesFellBack > 0 ? s.upgradesFellBack : nil
+            report.lastUpgradeFailure = s.lastUpgradeFailure
+        }
         let malloc = Memory.mallocUsage()
         report.mallocInUseKiB = malloc.inUse / 1024
         report.mallocFreeKiB = malloc.free / 1024

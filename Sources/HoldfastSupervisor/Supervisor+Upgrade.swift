@@ -20,6 +20,11 @@ import Glibc
 public struct Resumption: Sendable {
     let state: UpgradeState
     let table: ProcessTable
+    /// The state as the previous image wrote it: what a fallback hands it back, unchanged.
+    let written: [UInt8]
+    /// Set when this image is that previous image again: the upgrade it asked for fell back,
+    /// for this reason (`fallBack`).
+    public internal(set) var fellBack: String?
 
     /// Reads the state the previous image left in the memfd `fd` (and closes it).
     public static func read(_ fd: Int32) throws(HoldfastError) -> Resumption {
@@ -31,7 +36,45 @@ public struct Resumption: Sendable {
             throw HoldfastError(.incompatibleState, "cannot read the upgrade state from fd \(fd): \(error)")
         }
         let (state, table) = try UpgradeState.decode(bytes)
-        return Resumption(state: state, table: table)
+        return Resumption(state: state, table: table, written: bytes)
+    }
+
+    /// Reads why the upgrade fell back (`--upgrade-fell-back FD`, a memfd: closed here).
+    public mutating func readFallBackReason(_ fd: Int32) {
+        defer { close(fd) }
+        let text = (try? ProcessImage.readAll(fd, limit: 1 << 16)).map { String(decoding: $0, as: UTF8.self) }
+        fellBack = text.flatMap { $0.isEmpty ? nil : $0 } ?? "the new binary could not take over (it did not say why)"
+    }
+
+    /// This image cannot take over (`reason`) and nothing of it serves yet: the previous image,
+    /// open as `previousImage`, is executed again on the state it wrote, told why. Returns only
+    /// if that cannot be done (no previous image, an exec that failed), with what to log; the
+    /// caller then exits, which ends every container as it always did.
+    func fallBack(reason: String, logger: Logger) -> String {
+        guard let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0 else {
+            return "no way back to the previous binary (its state names none: an older binary wrote it)"
+        }
+        logger.critical("live upgrade: this binary cannot take over; the previous one takes over again", metadata: [
+            "reason": "\(reason)", "previous": "\(state.writtenBy)",
+        ])
+        DaemonLogHandler.flush(withinMilliseconds: 500)
+        let stateFD: Int32
+        let reasonFD: Int32
+        do {
+            stateFD = try ProcessImage.memoryFile("holdfast-upgrade", written)
+            reasonFD = try ProcessImage.memoryFile("holdfast-upgrade-fell-back", Array(reason.utf8))
+        } catch {
+            return "cannot hand the state back: \(error)"
+        }
+        let arguments = [
+            state.executable, "daemon", "--config", state.configPath, "--resume-from", String(stateFD), "--upgrade-fell-back", String(reasonFD),
+        ]
+        let error = ProcessImage.replace(
+            executable: previous, arguments: arguments, keep: state.keptDescriptors + [stateFD, reasonFD],
+            blocked: Supervisor.signalsBlockedAcrossExec)
+        close(stateFD)
+        close(reasonFD)
+        return "cannot execute the previous binary again: \(error)"
     }
 
     /// What `--check-resume-snapshot FD` prints: this binary reads that state (or throws why not).
@@ -250,6 +293,16 @@ extension Supervisor {
         let reaped = reaper.freeze()
         undo.append { [self] in reaper.thaw() }
         var state = makeUpgradeState(path: path, configPath: configPath, reaped: reaped)
+        // The way back, should the new image fail before it serves: this very image.
+        let previousImage = open("/proc/self/exe", O_RDONLY | O_CLOEXEC)
+        if previousImage >= 0 {
+            state.previousImage = previousImage
+            undo.append { close(previousImage) }
+        } else {
+            logger.warning("live upgrade: cannot open this binary to fall back to: a new image that cannot take over ends the daemon", metadata: [
+                "error": "\(String(cString: strerror(errno))) (errno \(errno))",
+            ])
+        }
         logger.info("live upgrade: executing the new binary", metadata: [
             "executable": "\(path)", "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",
             "bridgeWorker": "\(bridgeExit.map(\.description) ?? "not running")", "broker": "\(brokerExit.map(\.description) ?? "not running")",
@@ -349,7 +402,9 @@ extension Supervisor {
 
     /// The state as it stands (`reaped`: exits reaped but not yet written down).
     func makeUpgradeState(path: String, configPath: String, reaped: [pid_t: HoldfastPosix.ExitStatus]) -> UpgradeState {
-        let (upgrades, broker, bridge) = session.withLockedValue { ($0.upgrades, $0.broker, $0.bridgeWorker) }
+        let (upgrades, fellBack, lastFailure, broker, bridge) = session.withLockedValue {
+            ($0.upgrades, $0.upgradesFellBack, $0.lastUpgradeFailure, $0.broker, $0.bridgeWorker)
+        }
         let roles = [broker, bridge].compactMap { $0 }.map { UpgradeState.Role(name: $0.name, restarts: $0.restarts, lastExit: $0.lastExit) }
         let uptime = ContinuousClock.now - startedAt
         return UpgradeState(
@@ -363,7 +418,8 @@ extension Supervisor {
                 parkedControl: parkedControl.withLockedValue { $0 }),
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
-            childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment)
+            childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment,
+            upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure)
     }
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,

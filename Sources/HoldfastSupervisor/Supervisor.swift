@@ -72,6 +72,10 @@ public final class Supervisor: Sendable {
         var ready = false
         /// Live upgrades since the daemon started (carried across them).
         var upgrades = 0
+        /// Upgrades whose new binary could not take over after its exec, so that the binary
+        /// before it took over again (`Resumption.fallBack`), and the last one's reason.
+        var upgradesFellBack = 0
+        var lastUpgradeFailure: String?
         /// A live upgrade is under way (one at a time).
         var upgrading = false
     }
@@ -103,6 +107,9 @@ public final class Supervisor: Sendable {
     let resumption: Resumption?
     /// Creates and signals wait here while a live upgrade switches binaries.
     let upgradeGate = UpgradeGate()
+    /// Every step of the start that can fail has passed, and something now runs: a failure
+    /// after a live upgrade's exec no longer falls back to the previous binary from here on.
+    let tookOver = NIOLockedValueBox(false)
     /// The listening fds a live upgrade passes on.
     let controlListener = NIOLockedValueBox<Int32?>(nil)
     let handoffListener = NIOLockedValueBox<Int32?>(nil)
@@ -181,7 +188,17 @@ public final class Supervisor: Sendable {
             reaper: reaper, logger: logger)
         if let state = resuming?.state {
             reaper.seed(Dictionary(state.reaped.map { ($0.pid, $0.status) }, uniquingKeysWith: { first, _ in first }))
-            session.withLockedValue { $0.upgrades = state.upgrades }
+            session.withLockedValue {
+                $0.upgrades = state.upgrades
+                $0.upgradesFellBack = state.upgradesFellBack ?? 0
+                $0.lastUpgradeFailure = state.lastUpgradeFailure
+                if let reason = resuming?.fellBack {
+                    // The state counted the upgrade that did not happen.
+                    $0.upgrades = max(0, state.upgrades - 1)
+                    $0.upgradesFellBack += 1
+                    $0.lastUpgradeFailure = reason
+                }
+            }
         }
     }
 
@@ -216,6 +233,13 @@ public final class Supervisor: Sendable {
         controlListener.withLockedValue { $0 = control.descriptor }
         handoffListener.withLockedValue { $0 = handoff?.descriptor }
 
+        // Made here, as the last step that can fail: after a live upgrade's exec, a failure up to
+        // this point hands everything back to the previous binary (`Resumption.fallBack`), so
+        // nothing that runs, watches or reaps may have started before it.
+        let metrics = try metricsService()
+        tookOver.withLockedValue { $0 = true }
+        if let previous = resumption?.state.previousImage { close(previous) }
+
         notifier.status("Starting the broker and the bridge worker")
         let carried = { (name: String) in self.resumption?.state.roles.first { $0.name == name } }
         let broker = RoleSupervisor(
@@ -243,7 +267,7 @@ public final class Supervisor: Sendable {
             DaemonService("bridge worker", stop: { bridge.stop() }) { await bridge.run() },
             DaemonService("control socket", stop: { control.close() }) { [self] in await serveControl(control) },
         ]
-        if let metrics = try metricsService() { services.append(metrics) }
+        if let metrics { services.append(metrics) }
         services += [
             DaemonService("systemd watchdog") { [notifier] in await notifier.runWatchdog() },
             DaemonService("memory tidier") { [tidier] in await tidier.run() },
@@ -262,7 +286,12 @@ public final class Supervisor: Sendable {
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
         let readiness = Task { await announceReadiness() }
-        if let state = resumption?.state {
+        if let state = resumption?.state, let reason = resumption?.fellBack {
+            logger.error("live upgrade failed after its exec: the new binary could not take over, and this one took over again: every process and stream kept", metadata: [
+                "pid": "\(getpid())", "version": "\(HoldfastVersion.string)", "reason": "\(reason)",
+                "processes": "\(state.table.processes.count)",
+            ])
+        } else if let state = resumption?.state {
             logger.info("holdfast daemon resumed after a live upgrade", metadata: [
                 "pid": "\(getpid())", "from": "\(state.writtenBy)", "to": "\(HoldfastVersion.string)", "upgrades": "\(state.upgrades)",
                 "processes": "\(state.table.processes.count)", "descriptors": "\(state.keptDescriptors.count)",

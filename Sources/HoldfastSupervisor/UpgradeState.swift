@@ -80,12 +80,22 @@ struct UpgradeState: Codable, Sendable {
     /// Log lines the previous image had queued and could not write before its exec (stderr not
     /// read: `LogLineQueue`), which the new image says; absent when none.
     var unwrittenLogLines: Int? = nil
+    /// The binary that wrote this state, open on the very file it runs (even if a package has
+    /// replaced the path since): if the next image cannot take over (its configuration no
+    /// longer loads, a listener cannot be adopted, anything before it serves), it executes this
+    /// one again on the same state rather than exit and take every container with it. Absent
+    /// from an older binary's state (no way back there).
+    var previousImage: Int32? = nil
+    /// Upgrades that fell back so (`Resumption.fallBack`) since the start, and the last one's
+    /// reason: `status` says them.
+    var upgradesFellBack: Int? = nil
+    var lastUpgradeFailure: String? = nil
 
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).
     var keptDescriptors: [Int32] {
         [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics].compactMap { $0 }
-            + descriptors.parkedControl + stdio.heldDescriptors
+            + descriptors.parkedControl + stdio.heldDescriptors + [previousImage].compactMap { $0 }
     }
 
     private struct Envelope: Decodable {

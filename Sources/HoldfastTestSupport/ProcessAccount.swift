@@ -53,14 +53,19 @@ public enum ProcessAccount {
         return "gdb (\(status.map { "\($0)" } ?? "timed out")), Swift frames:\n" + kept.prefix(400).joined(separator: "\n")
     }
 
-    struct Stat {
-        var name: String
-        var state: String
-        var parent: pid_t
+    /// Whether `pid` has exited and waits to be reaped.
+    public static func isZombie(_ pid: pid_t) -> Bool {
+        Stat(line("/proc/\(pid)/stat"))?.state == "Z"
+    }
+
+    public struct Stat {
+        public var name: String
+        public var state: String
+        public var parent: pid_t
 
         /// `pid (name) state ppid ...`: the name may hold spaces and parentheses, so it is
         /// what lies between the first "(" and the last ")".
-        init?(_ line: String) {
+        public init?(_ line: String) {
             guard let open = line.firstIndex(of: "("), let close = line.lastIndex(of: ")"), open < close else { return nil }
             let rest = line[line.index(after: close)...].split(separator: " ")
             guard rest.count >= 2, let parent = pid_t(rest[1]) else { return nil }
@@ -90,7 +95,7 @@ public enum ProcessAccount {
     }
 
     /// The first line of a small /proc file, or "-".
-    static func line(_ path: String) -> String {
+    public static func line(_ path: String) -> String {
         guard let bytes = readFile(path) else { return "-" }
         let text = String(decoding: bytes.prefix { $0 != 10 }, as: UTF8.self)
         return text.isEmpty ? "-" : text

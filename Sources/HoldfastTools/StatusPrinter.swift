@@ -26,6 +26,11 @@ public enum StatusPrinter {
         (error as? SystemError).map { connectAdvice(errno: $0.number) } ?? ""
     }
 
+    /// Nothing listens on the socket (its process is gone).
+    public static func isRefused(_ error: any Error) -> Bool {
+        (error as? SystemError)?.number == ECONNREFUSED
+    }
+
     public static func connectAdvice(errno: Int32) -> String {
         switch errno {
         case ENOENT:
@@ -68,6 +73,11 @@ public enum StatusPrinter {
         var lines = [
             "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))\(upgrades)", "",
         ]
+        if let fellBack = report.upgradesFellBack, fellBack > 0 {
+            lines.insert(
+                "live upgrades that fell back: \(fellBack) (the new binary could not take over; this one did again), the last: \(report.lastUpgradeFailure ?? "?")",
+                at: 1)
+        }
         lines += TextTable.lines(
             ["ROLE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],
             report.roles.map { [$0.name, $0.pid.map(String.init) ?? "-", duration($0.uptimeSeconds), String($0.restarts), $0.lastExit ?? "-"] })

@@ -51,12 +51,30 @@ public enum UpgradeClient {
         // meanwhile); it is done once its roles run.
         let deadline = ContinuousClock.now + timeout
         var last = "no answer yet"
+        // The listener is passed across the exec: connections wait in its backlog meanwhile,
+        // never refused. Refused for seconds means no process holds it any more.
+        var refusedSince: ContinuousClock.Instant?
         while ContinuousClock.now < deadline {
             let fetch = Task { try await StatusPrinter.fetch(socket: socket) }
-            switch await fetch.result(within: .seconds(5)) {
+            let result = await fetch.result(within: .seconds(5))
+            if case .failure(let error)? = result, StatusPrinter.isRefused(error) {
+                let since = refusedSince ?? ContinuousClock.now
+                refusedSince = since
+                if ContinuousClock.now - since >= .seconds(3) {
+                    throw Failure(
+                        "the daemon (pid \(before.pid)) is gone: its control socket refuses connections since the upgrade began (the new binary failed to start, and no way back to the previous one: see its log, journalctl -u holdfast); its containers ended with it")
+                }
+            } else {
+                refusedSince = nil
+            }
+            switch result {
             case .success(let report)?:
                 guard report.pid == before.pid else {
                     throw Failure("the daemon restarted instead of upgrading (pid \(before.pid) -> \(report.pid)): its containers are gone")
+                }
+                if (report.upgradesFellBack ?? 0) > (before.upgradesFellBack ?? 0) {
+                    throw Failure(
+                        "the new binary started but could not take over: \(report.lastUpgradeFailure ?? "(it did not say why)"); holdfast \(report.version) took over again (pid \(report.pid)): every process and stream kept")
                 }
                 if (report.upgrades ?? 0) > (before.upgrades ?? 0), report.roles.count == 2, report.roles.allSatisfy({ $0.pid != nil }) {
                     return Outcome(before: before, after: report, took: ContinuousClock.now - started)

@@ -118,10 +118,12 @@ struct Daemon: AsyncParsableCommand {
     /// A live upgrade's check of this binary: read the state in this memfd, say whether it can
     /// take over, start nothing.
     @Option(help: .hidden) var checkResumeSnapshot: Int32?
+    /// A live upgrade fell back: this image is the previous binary again; a memfd says why.
+    @Option(help: .hidden) var upgradeFellBack: Int32?
 
     func run() async throws {
         let code = await DaemonCommand.run(
-            configPath: config, resumeFrom: resumeFrom, checkOnly: checkResumeSnapshot,
+            configPath: config, resumeFrom: resumeFrom, checkOnly: checkResumeSnapshot, fellBackFrom: upgradeFellBack,
             logger: makeLogger("holdfast.supervisor", role: "supervisor"))
         if code != 0 { throw ExitCode(code) }
     }

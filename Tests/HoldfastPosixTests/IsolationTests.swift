@@ -30,7 +30,7 @@ struct IsolationTests {
             let named = Self.pids(in: account)
             #expect(named.count >= 2, "the child and its sleep: \(named)")
             try await eventually("every process of the hung run gone") {
-                named.allSatisfy { kill($0, 0) != 0 || Self.isZombie($0) }
+                named.allSatisfy { kill($0, 0) != 0 || ProcessAccount.isZombie($0) }
             }
             return
         }
@@ -50,10 +50,5 @@ struct IsolationTests {
         let lines = account.split(separator: "\n")
         guard let start = lines.firstIndex(where: { $0.hasPrefix("processes under") }) else { return [] }
         return lines[(start + 1)...].prefix { $0.hasPrefix("  ") }.compactMap { pid_t($0.split(separator: " ").first ?? "") }
-    }
-
-    static func isZombie(_ pid: pid_t) -> Bool {
-        guard let stat = readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return false }
-        return stat.count > close + 2 && stat[close + 2] == UInt8(ascii: "Z")
     }
 }

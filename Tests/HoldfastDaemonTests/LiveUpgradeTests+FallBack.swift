@@ -1,0 +1,145 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A new binary that passes its check but cannot take over once exec'd (its configuration no
+/// longer loads, a listener cannot be adopted: anything before it serves). Before, the daemon
+/// then exited, and every container with it: a package upgrade could end them all. Now the new
+/// image executes the previous binary again (open since before the exec, the very image even
+/// though the package replaced its file), on the state it wrote, and that one takes over again.
+@Suite("Live upgrade: a new image that cannot take over falls back to the previous one", .serialized, .timeLimit(.minutes(3)))
+struct LiveUpgradeFallBackTests {
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aNewImageThatCannotTakeOverHandsEverythingBackToThePreviousOne() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let real = binary.directory.file("real-holdfast")
+        try writeFile(real, binary.original, mode: 0o755)
+        chmod(real, 0o755)
+        // The "new binary" the daemon execs (by fd: a script cannot be) is a copy of env(1),
+        // which runs `daemon` from PATH: the script below, which passes the check as is and
+        // then starts the real binary on a configuration file that is gone — as if an operator
+        // had removed it between the check and the exec.
+        let commands = binary.directory.file("bin")
+        mkdir(commands, 0o755)
+        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(1500, prefix: "across", pause: "0.002"), stdout: daemon.spec("counter-out")))
+        try await eventually("the stream connected", timeout: .seconds(30)) {
+            try await daemon.status().streams.contains { $0.state == .connected }
+        }
+        let before = try await daemon.status()
+
+        // Called as `daemon --config FILE --resume-from FD` (or `--check-resume-snapshot FD`).
+        try writeFile(
+            commands + "/daemon",
+            Array("""
+                #!/bin/sh
+                if [ "$3" = "--resume-from" ]; then exec \(real) daemon --config \(binary.directory.file("gone.yaml")) "$3" "$4"; fi
+                exec \(real) daemon "$@"
+
+                """.utf8),
+            mode: 0o755)
+        chmod(commands + "/daemon", 0o755)
+        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        print("holdfast upgrade onto an image that cannot take over: \(upgrade.status): \(upgrade.output)")
+        #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
+        #expect(upgrade.output.contains("could not take over") && upgrade.output.contains("gone.yaml"), "and says why: \(upgrade.output)")
+
+        // The same daemon, on the binary it ran before, with everything.
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid, "the same pid")
+        #expect(after.executableSHA256 == before.executableSHA256, "the previous binary runs")
+        #expect((after.upgrades ?? 0) == 0, "no upgrade counted: \(after.upgrades ?? 0)")
+        #expect(after.upgradesFellBack == 1 && after.lastUpgradeFailure?.contains("gone.yaml") == true, "\(String(describing: after.lastUpgradeFailure))")
+        #expect(daemon.log.contains("this binary cannot take over; the previous one takes over again"))
+        #expect(daemon.log.contains("live upgrade failed after its exec"))
+        #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "across"),
+            "every line once, in order, across the fallback")
+        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        let report = try #require(exits.all.first { $0.id == "counter" })
+        #expect(report.exitCode == 0 && report.lost == nil && report.outputCutShort == nil, "\(report)")
+        // It serves: a create and its exit.
+        _ = try await daemon.bridge.create(ProcessSpec(id: "after", argv: ["sh", "-c", "exit 3"]))
+        try await eventually("the later process's exit", timeout: .seconds(30)) { exits.count("after") == 1 }
+        #expect(exits.all.first { $0.id == "after" }?.exitCode == 3)
+        // Neither the state's memfds nor the previous image's fd are left open in the supervisor.
+        try await eventually("every process gone", timeout: .seconds(15)) { try await daemon.status().processes.isEmpty }
+        let left = Self.descriptors(of: before.pid).filter { $0.contains("holdfast-upgrade") || $0.contains(binary.directory.path) }
+        #expect(left.isEmpty, "the supervisor holds none of the upgrade's fds: \(left)")
+
+        // A good binary then upgrades it as usual.
+        let sha = try binary.install(variant: 1)
+        let second = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(second.status == .exited(0), "\(second.output)")
+        let upgraded = try await daemon.status()
+        #expect(upgraded.pid == before.pid && upgraded.upgrades == 1 && upgraded.executableSHA256 == sha, "upgraded once")
+        #expect(upgraded.upgradesFellBack == 1, "the fallback is still counted")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A new image that dies before it could read the state (a crash, or a binary that is not
+    /// holdfast at all) cannot fall back: the daemon is gone. `holdfast upgrade` says so as soon
+    /// as the control socket refuses connections (passed across the exec, it never does while
+    /// an image holds it), not after its 60 s timeout.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anImageThatDiesAtOnceIsSaidToHaveEndedTheDaemon() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let real = binary.directory.file("real-holdfast")
+        try writeFile(real, binary.original, mode: 0o755)
+        chmod(real, 0o755)
+        let commands = binary.directory.file("bin")
+        mkdir(commands, 0o755)
+        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        defer { daemon.cleanUp() }
+        let before = try await daemon.status()
+        try writeFile(
+            commands + "/daemon",
+            Array("""
+                #!/bin/sh
+                if [ "$3" = "--resume-from" ]; then echo "the new image dies"; exit 70; fi
+                exec \(real) daemon "$@"
+
+                """.utf8),
+            mode: 0o755)
+        chmod(commands + "/daemon", 0o755)
+        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+        let started = ContinuousClock.now
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        let took = ContinuousClock.now - started
+        print("holdfast upgrade onto an image that dies at once: \(upgrade.status) after \(took): \(upgrade.output)")
+        #expect(upgrade.status == .exited(1))
+        #expect(upgrade.output.contains("is gone") && upgrade.output.contains("pid \(before.pid)"), "\(upgrade.output)")
+        #expect(took < .seconds(30), "said when the socket refused, not at the 60 s timeout: \(took)")
+        #expect(kill(before.pid, 0) != 0 || ProcessAccount.isZombie(before.pid), "the daemon is gone")
+    }
+
+    static func descriptors(of pid: pid_t) -> [String] {
+        guard let directory = opendir("/proc/\(pid)/fd") else { return [] }
+        defer { closedir(directory) }
+        var found: [String] = []
+        var target = [CChar](repeating: 0, count: 512)
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard Int32(name) != nil else { continue }
+            let length = readlink("/proc/\(pid)/fd/\(name)", &target, target.count - 1)
+            found.append("\(name)->\(length > 0 ? String(decoding: target[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?")")
+        }
+        return found.sorted()
+    }
+}
