@@ -20,8 +20,9 @@ import Glibc
 public struct Resumption: Sendable {
     let state: UpgradeState
     let table: ProcessTable
-    /// The state as the previous image wrote it: what a fallback hands it back, unchanged.
-    let written: [UInt8]
+    /// The state as the previous image wrote it: what a fallback hands it back, unchanged;
+    /// dropped once this image took over (it can run to megabytes).
+    let written: NIOLockedValueBox<[UInt8]?>
     /// Set when this image is that previous image again: the upgrade it asked for fell back,
     /// for this reason (`fallBack`).
     public internal(set) var fellBack: String?
@@ -36,7 +37,7 @@ public struct Resumption: Sendable {
             throw HoldfastError(.incompatibleState, "cannot read the upgrade state from fd \(fd): \(error)")
         }
         let (state, table) = try UpgradeState.decode(bytes)
-        return Resumption(state: state, table: table, written: bytes)
+        return Resumption(state: state, table: table, written: NIOLockedValueBox(bytes))
     }
 
     /// Reads why the upgrade fell back (`--upgrade-fell-back FD`, a memfd: closed here).
@@ -51,7 +52,7 @@ public struct Resumption: Sendable {
     /// if that cannot be done (no previous image, an exec that failed), with what to log; the
     /// caller then exits, which ends every container as it always did.
     func fallBack(reason: String, logger: Logger) -> String {
-        guard let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0 else {
+        guard let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0, let written = written.withLockedValue({ $0 }) else {
             return "no way back to the previous binary (its state names none: an older binary wrote it)"
         }
         logger.critical("live upgrade: this binary cannot take over; the previous one takes over again", metadata: [
@@ -81,6 +82,13 @@ public struct Resumption: Sendable {
     public static func check(_ fd: Int32) throws(HoldfastError) -> String {
         let resumption = try read(fd)
         return "holdfast \(HoldfastVersion.string) reads the upgrade state of holdfast \(resumption.state.writtenBy) (version \(resumption.state.version), \(resumption.state.table.processes.count) processes)"
+    }
+
+    /// This image took over: there is no way back any more (the previous image's fd is closed,
+    /// the state's bytes let go).
+    func tookOver() {
+        written.withLockedValue { $0 = nil }
+        if let previous = state.previousImage { close(previous) }
     }
 
     /// Every fd the previous image passed: what must stay open here.

@@ -238,7 +238,7 @@ public final class Supervisor: Sendable {
         // nothing that runs, watches or reaps may have started before it.
         let metrics = try metricsService()
         tookOver.withLockedValue { $0 = true }
-        if let previous = resumption?.state.previousImage { close(previous) }
+        resumption?.tookOver()
 
         notifier.status("Starting the broker and the bridge worker")
         let carried = { (name: String) in self.resumption?.state.roles.first { $0.name == name } }
