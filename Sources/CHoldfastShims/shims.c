@@ -423,6 +423,94 @@ int hf_ignore_signal(int signo) {
     return sigaction(signo, &action, NULL);
 }
 
+static const int fallback_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGTRAP, SIGFPE, SIGABRT, SIGSYS};
+#define FALLBACK_SIGNAL_COUNT ((int)(sizeof(fallback_signals) / sizeof(fallback_signals[0])))
+
+static struct {
+    int executable;
+    char **argv;
+    char **envp;
+    int *keep;
+    int nkeep;
+    int reason_fd;
+    sigset_t blocked;
+    struct sigaction replaced[FALLBACK_SIGNAL_COUNT];
+    volatile sig_atomic_t armed;
+} fallback;
+
+static char **copy_strings(char *const strings[]) {
+    int count = 0;
+    while (strings[count] != NULL) count++;
+    char **copy = calloc((size_t)count + 1, sizeof(char *));
+    if (copy == NULL) return NULL;
+    for (int i = 0; i < count; i++) {
+        copy[i] = strdup(strings[i]);
+        if (copy[i] == NULL) return NULL;
+    }
+    return copy;
+}
+
+static void fallback_handler(int signo) {
+    sigprocmask(SIG_BLOCK, &fallback.blocked, NULL);
+    for (int i = 0; i < fallback.nkeep; i++) fcntl(fallback.keep[i], F_SETFD, 0);
+    char text[96];
+    const char *prefix = "the new image was killed by signal ";
+    size_t length = 0;
+    while (prefix[length] != 0 && length < sizeof(text)) { text[length] = prefix[length]; length++; }
+    char digits[8];
+    int count = 0;
+    int value = signo;
+    do { digits[count++] = (char)('0' + value % 10); value /= 10; } while (value > 0 && count < 8);
+    while (count > 0 && length < sizeof(text)) text[length++] = digits[--count];
+    const char *suffix = " before it served (a crash)";
+    for (size_t i = 0; suffix[i] != 0 && length < sizeof(text); i++) text[length++] = suffix[i];
+    if (pwrite(fallback.reason_fd, text, length, 0) < 0) { /* the previous image says it did not say why */ }
+    syscall(SYS_execveat, fallback.executable, "", fallback.argv, fallback.envp, AT_EMPTY_PATH);
+    // No way back: die of the signal, as without this handler.
+    struct sigaction original;
+    memset(&original, 0, sizeof(original));
+    original.sa_handler = SIG_DFL;
+    sigemptyset(&original.sa_mask);
+    sigaction(signo, &original, NULL);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, signo);
+    sigprocmask(SIG_UNBLOCK, &one, NULL);
+    raise(signo);
+}
+
+int hf_fallback_arm(int executable, char *const argv[], const int *keep, int nkeep, int reason_fd, const int *blocked, int nblocked) {
+    extern char **environ;
+    if (fallback.armed) hf_fallback_disarm();
+    fallback.executable = executable;
+    fallback.reason_fd = reason_fd;
+    fallback.argv = copy_strings(argv);
+    fallback.envp = copy_strings(environ);
+    fallback.keep = malloc(sizeof(int) * (size_t)(nkeep > 0 ? nkeep : 1));
+    if (fallback.argv == NULL || fallback.envp == NULL || fallback.keep == NULL) { errno = ENOMEM; return -1; }
+    memcpy(fallback.keep, keep, sizeof(int) * (size_t)nkeep);
+    fallback.nkeep = nkeep;
+    sigemptyset(&fallback.blocked);
+    for (int i = 0; i < nblocked; i++) sigaddset(&fallback.blocked, blocked[i]);
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = fallback_handler;
+    sigemptyset(&action.sa_mask);
+    for (int i = 0; i < FALLBACK_SIGNAL_COUNT; i++) sigaddset(&action.sa_mask, fallback_signals[i]);
+    for (int i = 0; i < FALLBACK_SIGNAL_COUNT; i++) {
+        if (sigaction(fallback_signals[i], &action, &fallback.replaced[i]) != 0) return -1;
+    }
+    fallback.armed = 1;
+    return 0;
+}
+
+void hf_fallback_disarm(void) {
+    if (!fallback.armed) return;
+    for (int i = 0; i < FALLBACK_SIGNAL_COUNT; i++) sigaction(fallback_signals[i], &fallback.replaced[i], NULL);
+    fallback.armed = 0;
+    // The copies stay: a handler already running on another thread may still read them.
+}
+
 #include <sys/ptrace.h>
 long hf_ptrace_attach(pid_t pid) { return ptrace(PTRACE_ATTACH, pid, NULL, NULL); }
 

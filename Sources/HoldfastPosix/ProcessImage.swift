@@ -31,6 +31,31 @@ public enum ProcessImage {
         return error
     }
 
+    /// Until `keepCrashesFatal`, a fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGTRAP, SIGFPE,
+    /// SIGABRT, SIGSYS) makes this process execute `executable` (an fd) with `arguments`, the
+    /// fds in `keep` passed and `blocked` blocked, after writing why into `reasonFD`: what
+    /// `replace` does, from a signal handler (everything it needs is copied now; it calls only
+    /// what is safe there). If that exec fails, the process dies of the signal as before.
+    public static func replaceOnCrash(executable: Int32, arguments: [String], keep: [Int32], reasonFD: Int32, blocked: [Int32]) throws(SystemError) {
+        let argv = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        let result = argv.withUnsafeBufferPointer { argvBuffer in
+            keep.withUnsafeBufferPointer { keepBuffer in
+                blocked.withUnsafeBufferPointer { blockedBuffer in
+                    hf_fallback_arm(
+                        executable, argvBuffer.baseAddress, keepBuffer.baseAddress, Int32(keep.count), reasonFD, blockedBuffer.baseAddress,
+                        Int32(blocked.count))
+                }
+            }
+        }
+        guard result == 0 else { throw .last("sigaction") }
+    }
+
+    /// Puts back the handlers `replaceOnCrash` replaced.
+    public static func keepCrashesFatal() {
+        hf_fallback_disarm()
+    }
+
     /// Unblocks `signals` in the calling thread (the new image, once its handlers are in place).
     public static func unblock(_ signals: [Int32]) {
         var mask = sigset_t()

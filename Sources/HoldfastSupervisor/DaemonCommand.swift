@@ -46,6 +46,8 @@ public enum DaemonCommand {
             let stray = ProcessImage.closeStrayDescriptors(keeping: Set(kept))
             if !stray.isEmpty { logger.warning("closed fds the previous binary left open", metadata: ["fds": "\(stray)"]) }
             ProcessImage.closeOnExec(kept)
+            // From here until it serves, a crash of this image hands everything back too.
+            resumption!.armFallBackOnCrash(logger: logger)
         }
         // The supervisor keeps about six fds per process (README, "Open files"): a service
         // manager's soft limit of 1,024 would stop it at about 170 processes, and then a broker

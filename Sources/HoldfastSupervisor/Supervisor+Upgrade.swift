@@ -37,7 +37,7 @@ public struct Resumption: Sendable {
             throw HoldfastError(.incompatibleState, "cannot read the upgrade state from fd \(fd): \(error)")
         }
         let (state, table) = try UpgradeState.decode(bytes)
-        return Resumption(state: state, table: table, written: NIOLockedValueBox(bytes))
+        return Resumption(state: state, table: table, written: NIOLockedValueBox(bytes), fellBack: nil)
     }
 
     /// Reads why the upgrade fell back (`--upgrade-fell-back FD`, a memfd: closed here).
@@ -84,9 +84,48 @@ public struct Resumption: Sendable {
         return "holdfast \(HoldfastVersion.string) reads the upgrade state of holdfast \(resumption.state.writtenBy) (version \(resumption.state.version), \(resumption.state.table.processes.count) processes)"
     }
 
-    /// This image took over: there is no way back any more (the previous image's fd is closed,
-    /// the state's bytes let go).
+    /// The fds of the way back prepared for a crash (`armFallBackOnCrash`): the state and the
+    /// reason memfds.
+    let armed = NIOLockedValueBox<[Int32]>([])
+
+    /// Until this image takes over, a fatal signal (a crash in its start: SIGSEGV, SIGILL from a
+    /// Swift trap, SIGABRT, ...) executes the previous image on its state too, as `fallBack`
+    /// does for an error: everything the signal handler needs (a memfd with the state, one for
+    /// the reason, the arguments, the fds to keep) is made now, the handler itself only calls
+    /// what is safe in one. False if there is no way back to arm.
+    @discardableResult
+    func armFallBackOnCrash(logger: Logger) -> Bool {
+        guard let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0, let written = written.withLockedValue({ $0 }) else { return false }
+        let stateFD: Int32
+        let reasonFD: Int32
+        do {
+            stateFD = try ProcessImage.memoryFile("holdfast-upgrade", written)
+            reasonFD = try ProcessImage.memoryFile("holdfast-upgrade-fell-back", [])
+        } catch {
+            logger.warning("live upgrade: no way back if this image crashes before it serves", metadata: ["error": "\(error)"])
+            return false
+        }
+        armed.withLockedValue { $0 = [stateFD, reasonFD] }
+        let arguments = [
+            state.executable, "daemon", "--config", state.configPath, "--resume-from", String(stateFD), "--upgrade-fell-back", String(reasonFD),
+        ]
+        do {
+            try ProcessImage.replaceOnCrash(
+                executable: previous, arguments: arguments, keep: state.keptDescriptors + [stateFD, reasonFD], reasonFD: reasonFD,
+                blocked: Supervisor.signalsBlockedAcrossExec)
+        } catch {
+            logger.warning("live upgrade: no way back if this image crashes before it serves", metadata: ["error": "\(error)"])
+            return false
+        }
+        return true
+    }
+
+    /// This image took over: there is no way back any more (the crash handlers put back, the
+    /// previous image's fd and the memfds closed, the state's bytes let go).
     func tookOver() {
+        ProcessImage.keepCrashesFatal()
+        for fd in armed.withLockedValue({ $0 }) { close(fd) }
+        armed.withLockedValue { $0 = [] }
         written.withLockedValue { $0 = nil }
         if let previous = state.previousImage { close(previous) }
     }

@@ -91,6 +91,71 @@ struct LiveUpgradeFallBackTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A new image that crashes before it serves (here: a SIGSEGV while it waits to read its
+    /// configuration, a FIFO nobody writes) falls back too: its handler for fatal signals,
+    /// armed from the moment it read the state until it took over, executes the previous image.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aNewImageThatCrashesBeforeItServesHandsEverythingBackToo() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let real = binary.directory.file("real-holdfast")
+        try writeFile(real, binary.original, mode: 0o755)
+        chmod(real, 0o755)
+        let commands = binary.directory.file("bin")
+        mkdir(commands, 0o755)
+        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(1500, prefix: "crash", pause: "0.002"), stdout: daemon.spec("counter-out")))
+        try await eventually("the stream connected", timeout: .seconds(30)) {
+            try await daemon.status().streams.contains { $0.state == .connected }
+        }
+        let before = try await daemon.status()
+        // The new image blocks opening the FIFO (after it read the state); a helper waits for
+        // that (bounded) and sends the SIGSEGV.
+        let fifo = binary.directory.file("config.fifo")
+        try writeFile(
+            commands + "/daemon",
+            Array("""
+                #!/bin/sh
+                if [ "$3" = "--resume-from" ]; then
+                  mkfifo \(fifo)
+                  daemon=$$
+                  ( i=0; while [ $i -lt 600 ] && ! cat /proc/$daemon/task/*/wchan 2>/dev/null | grep -q -e fifo -e partner; do sleep 0.05; i=$((i+1)); done
+                    kill -SEGV $daemon ) &
+                  exec \(real) daemon --config \(fifo) "$3" "$4"
+                fi
+                exec \(real) daemon "$@"
+
+                """.utf8),
+            mode: 0o755)
+        chmod(commands + "/daemon", 0o755)
+        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        print("holdfast upgrade onto an image that crashes: \(upgrade.status): \(upgrade.output)")
+        #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
+        #expect(upgrade.output.contains("killed by signal 11"), "and says why: \(upgrade.output)")
+
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.executableSHA256 == before.executableSHA256 && (after.upgrades ?? 0) == 0)
+        #expect(after.upgradesFellBack == 1 && after.lastUpgradeFailure?.contains("killed by signal 11") == true, "\(String(describing: after.lastUpgradeFailure))")
+        #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "crash"),
+            "every line once, in order, across the crash and the fallback")
+        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        let report = try #require(exits.all.first { $0.id == "counter" })
+        #expect(report.exitCode == 0 && report.lost == nil && report.outputCutShort == nil, "\(report)")
+        _ = try await daemon.bridge.create(ProcessSpec(id: "after", argv: ["sh", "-c", "exit 3"]))
+        try await eventually("the later process's exit", timeout: .seconds(30)) { exits.count("after") == 1 }
+        try await eventually("every process gone", timeout: .seconds(15)) { try await daemon.status().processes.isEmpty }
+        let left = Self.descriptors(of: before.pid).filter { $0.contains("holdfast-upgrade") || $0.contains(binary.directory.path) }
+        #expect(left.isEmpty, "the supervisor holds none of the upgrade's fds: \(left)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A new image that dies before it could read the state (a crash, or a binary that is not
     /// holdfast at all) cannot fall back: the daemon is gone. `holdfast upgrade` says so as soon
     /// as the control socket refuses connections (passed across the exec, it never does while

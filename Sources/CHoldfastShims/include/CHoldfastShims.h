@@ -118,6 +118,16 @@ int hf_signal_to_pipe(int signo, int fd);
 /// an empty mask anyway).
 int hf_ignore_signal(int signo);
 
+/// A live upgrade's way back for a new image that dies of a fatal signal (SIGSEGV, SIGBUS,
+/// SIGILL, SIGTRAP, SIGFPE, SIGABRT, SIGSYS) before it serves: the handler blocks `blocked`,
+/// clears close-on-exec on `keep`, writes why into `reason_fd` (at offset 0) and executes
+/// `executable` (execveat, AT_EMPTY_PATH) with copies of `argv` and the environment taken now,
+/// using only async-signal-safe calls. If that exec fails the process dies of the signal, as it
+/// would have. Returns 0, or -1 with errno.
+int hf_fallback_arm(int executable, char *const argv[], const int *keep, int nkeep, int reason_fd, const int *blocked, int nblocked);
+/// Puts back the handlers `hf_fallback_arm` replaced (the image took over: no way back).
+void hf_fallback_disarm(void);
+
 /// ptrace(PTRACE_ATTACH, pid) — only for the probes, which must be refused it.
 long hf_ptrace_attach(pid_t pid);
 
