@@ -83,7 +83,16 @@ public enum DaemonCommand {
         do {
             configuration = try await ConfigurationLoader.load(path: configPath, environment: environment)
         } catch {
-            return await fail(2, "bad configuration: \(error)")
+            // Fallen back to after an upgrade whose new image could not take over (likely for
+            // this very reason): exiting now would end every container, so this image goes on
+            // with the configuration it ran with.
+            guard resumption?.fellBack != nil, let running = resumption?.state.configuration else {
+                return await fail(2, "bad configuration: \(error)")
+            }
+            logger.error("the configuration file does not load: going on with the configuration this daemon ran with before the upgrade it fell back from (fix the file: the next start or upgrade reads it)", metadata: [
+                "error": "\(error)",
+            ])
+            configuration = running
         }
         switch configuration.bridge.authentication {
         case .hmacSHA256:
@@ -94,7 +103,10 @@ public enum DaemonCommand {
             } catch {
                 let hint = error.kind == .missing ? " (provision the VM's bridge key there: README \"Security\"; or set bridge.authentication: none)" : ""
                 let problem = ConfigurationError(file: configPath, key: "bridge.key_file", reason: "\(error)\(hint)")
-                return await fail(2, "bad configuration: \(problem)")
+                // Fallen back to: the containers run on, the bridge worker retries its dials
+                // (it reads the key before each) until the key is back.
+                guard resumption?.fellBack != nil else { return await fail(2, "bad configuration: \(problem)") }
+                logger.error("no usable bridge key: the bridge stays down until there is one; every container runs on", metadata: ["error": "\(problem)"])
             }
         case .none:
             logger.warning(

@@ -52,6 +52,8 @@ public struct Resumption: Sendable {
     /// if that cannot be done (no previous image, an exec that failed), with what to log; the
     /// caller then exits, which ends every container as it always did.
     func fallBack(reason: String, logger: Logger) -> String {
+        // The previous image, itself failing to take over again, would execute itself for ever.
+        guard fellBack == nil else { return "this is the previous binary already, fallen back to" }
         guard let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0, let written = written.withLockedValue({ $0 }) else {
             return "no way back to the previous binary (its state names none: an older binary wrote it)"
         }
@@ -95,7 +97,7 @@ public struct Resumption: Sendable {
     /// what is safe in one. False if there is no way back to arm.
     @discardableResult
     func armFallBackOnCrash(logger: Logger) -> Bool {
-        guard let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0, let written = written.withLockedValue({ $0 }) else { return false }
+        guard fellBack == nil, let previous = state.previousImage, fcntl(previous, F_GETFD) >= 0, let written = written.withLockedValue({ $0 }) else { return false }
         let stateFD: Int32
         let reasonFD: Int32
         do {
@@ -466,7 +468,7 @@ extension Supervisor {
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
             childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment,
-            upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure)
+            upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure, configuration: configuration)
     }
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,

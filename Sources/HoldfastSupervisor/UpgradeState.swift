@@ -1,3 +1,4 @@
+import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -90,6 +91,9 @@ struct UpgradeState: Codable, Sendable {
     /// reason: `status` says them.
     var upgradesFellBack: Int? = nil
     var lastUpgradeFailure: String? = nil
+    /// The configuration the writer ran with: what it goes on with if, fallen back to, its
+    /// configuration file no longer loads (the likely reason its successor could not take over).
+    var configuration: DaemonConfiguration? = nil
 
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).

@@ -42,12 +42,17 @@ struct LiveUpgradeFallBackTests {
         }
         let before = try await daemon.status()
 
-        // Called as `daemon --config FILE --resume-from FD` (or `--check-resume-snapshot FD`).
+        // Called as `daemon --config FILE --resume-from FD` (or `--check-resume-snapshot FD`):
+        // after the check, the configuration file is moved away, as an operator might in that
+        // moment: the new image cannot load it, and neither can the previous one once fallen
+        // back to, which goes on with the configuration it ran with.
+        let configuration = daemon.directory.file("holdfast.yaml")
+        let aside = daemon.directory.file("holdfast.yaml.aside")
         try writeFile(
             commands + "/daemon",
             Array("""
                 #!/bin/sh
-                if [ "$3" = "--resume-from" ]; then exec \(real) daemon --config \(binary.directory.file("gone.yaml")) "$3" "$4"; fi
+                if [ "$3" = "--resume-from" ]; then mv \(configuration) \(aside); fi
                 exec \(real) daemon "$@"
 
                 """.utf8),
@@ -57,16 +62,17 @@ struct LiveUpgradeFallBackTests {
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         print("holdfast upgrade onto an image that cannot take over: \(upgrade.status): \(upgrade.output)")
         #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
-        #expect(upgrade.output.contains("could not take over") && upgrade.output.contains("gone.yaml"), "and says why: \(upgrade.output)")
+        #expect(upgrade.output.contains("could not take over") && upgrade.output.contains("holdfast.yaml"), "and says why: \(upgrade.output)")
 
         // The same daemon, on the binary it ran before, with everything.
         let after = try await daemon.status()
         #expect(after.pid == before.pid, "the same pid")
         #expect(after.executableSHA256 == before.executableSHA256, "the previous binary runs")
         #expect((after.upgrades ?? 0) == 0, "no upgrade counted: \(after.upgrades ?? 0)")
-        #expect(after.upgradesFellBack == 1 && after.lastUpgradeFailure?.contains("gone.yaml") == true, "\(String(describing: after.lastUpgradeFailure))")
+        #expect(after.upgradesFellBack == 1 && after.lastUpgradeFailure?.contains("bad configuration") == true, "\(String(describing: after.lastUpgradeFailure))")
         #expect(daemon.log.contains("this binary cannot take over; the previous one takes over again"))
         #expect(daemon.log.contains("live upgrade failed after its exec"))
+        #expect(daemon.log.contains("going on with the configuration this daemon ran with"), "the previous image could not load it either")
         #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "across"),
             "every line once, in order, across the fallback")
         try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
@@ -81,7 +87,8 @@ struct LiveUpgradeFallBackTests {
         let left = Self.descriptors(of: before.pid).filter { $0.contains("holdfast-upgrade") || $0.contains(binary.directory.path) }
         #expect(left.isEmpty, "the supervisor holds none of the upgrade's fds: \(left)")
 
-        // A good binary then upgrades it as usual.
+        // The file back, a good binary then upgrades it as usual.
+        #expect(rename(aside, configuration) == 0)
         let sha = try binary.install(variant: 1)
         let second = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(second.status == .exited(0), "\(second.output)")

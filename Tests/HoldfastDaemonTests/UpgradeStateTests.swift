@@ -1,3 +1,4 @@
+import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -67,6 +68,22 @@ struct UpgradeStateTests {
         // it): the successor owes the host its acknowledgements and END echo.
         #expect(claimed.first { $0.process == "p1" }?.descriptors == [41, StdioStore.endedInput], "the ended stdin is handed over, without its pipe")
         #expect(claimed.allSatisfy { $0.request.streams.allSatisfy { $0.resume == true } })
+    }
+
+    /// The configuration a fallen-back image goes on with when its file no longer loads
+    /// (`Resumption.fallBack`) travels in the state whole: every shipped one round-trips.
+    @Test(arguments: ["config/holdfast.yaml", "config/holdfast-dev.yaml"])
+    func theRunningConfigurationRoundTrips(file: String) async throws {
+        let configuration = try await ConfigurationLoader.load(path: file, environment: ["HOLDFAST_BROKER_USER": "nobody"])
+        let state = UpgradeState(
+            version: UpgradeState.currentVersion, writtenBy: "0.1.0", upgrades: 1, uptimeSeconds: 1, executable: "/usr/bin/holdfast",
+            configPath: file, ringCapacity: 1 << 20, runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock",
+            handoffSocket: "/run/holdfast/broker.sock", descriptors: .init(control: 7), table: ProcessTable(instanceID: "i").snapshot(),
+            stdio: try store().snapshot(), reaped: [], roles: [], previousImage: 12, configuration: configuration)
+        #expect(state.keptDescriptors.contains(12), "the way back is passed across the exec")
+        let (decoded, _) = try UpgradeState.decode(Array(try JSONEncoder().encode(state)))
+        #expect(decoded.configuration == configuration)
+        #expect(decoded.previousImage == 12)
     }
 
     @Test func aStateOfAnotherVersionIsRefusedBeforeItsShapeIsRead() throws {
