@@ -214,11 +214,6 @@ public final class Supervisor: Sendable {
         if resumption == nil { try checkBrokerUIDIsItsOwn() }
         try Subreaper.become()
         let signals = try SignalPipe(signals: Self.handledSignals)
-        // The previous image blocked them for the exec (the mask survives it): pending ones
-        // arrive now, to our handlers. Unblocked on the main thread, which lives as long as the
-        // process (the mask is per thread, and the threads started meanwhile have it blocked).
-        ProcessImage.unblock(Self.signalsBlockedAcrossExec)
-        await MainActor.run { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
         SignalDisposition.ignore(SIGPIPE)
         try makeRunDirectory()
         let handoff: Listener?
@@ -239,6 +234,14 @@ public final class Supervisor: Sendable {
         let metrics = try metricsService()
         tookOver.withLockedValue { $0 = true }
         resumption?.tookOver()
+        // The previous image blocked them for the exec (the mask survives it): pending ones
+        // arrive now, to our handlers. Not before this point: a stop asked for while this image
+        // could still fall back stays pending across that exec for the previous image, instead
+        // of going into this image's signal pipe and with it. Unblocked on the main thread,
+        // which lives as long as the process (the mask is per thread, and the threads started
+        // meanwhile have it blocked).
+        ProcessImage.unblock(Self.signalsBlockedAcrossExec)
+        await MainActor.run { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
 
         notifier.status("Starting the broker and the bridge worker")
         let carried = { (name: String) in self.resumption?.state.roles.first { $0.name == name } }
