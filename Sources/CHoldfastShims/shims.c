@@ -451,7 +451,9 @@ static char **copy_strings(char *const strings[]) {
 }
 
 static void fallback_handler(int signo) {
-    sigprocmask(SIG_BLOCK, &fallback.blocked, NULL);
+    // The mask survives the exec: exactly the stop signals blocked, for the previous image to
+    // receive, and not the fatal ones this handler runs with blocked.
+    sigprocmask(SIG_SETMASK, &fallback.blocked, NULL);
     for (int i = 0; i < fallback.nkeep; i++) fcntl(fallback.keep[i], F_SETFD, 0);
     char text[96];
     const char *prefix = "the new image was killed by signal ";

@@ -149,6 +149,12 @@ struct LiveUpgradeFallBackTests {
 
         let after = try await daemon.status()
         #expect(after.pid == before.pid && after.executableSHA256 == before.executableSHA256 && (after.upgrades ?? 0) == 0)
+        // Executed from a signal handler, the previous image does not start with the fatal
+        // signals blocked (the handler's mask), nor the stop signals once it serves.
+        let blocked = Self.blockedSignals(of: before.pid)
+        for signal in [SIGSEGV, SIGBUS, SIGILL, SIGTRAP, SIGFPE, SIGABRT, SIGSYS, SIGTERM, SIGHUP, SIGCHLD] {
+            #expect(blocked & (UInt64(1) << UInt64(signal - 1)) == 0, "\(signalName(signal)) blocked in the main thread: \(String(blocked, radix: 16))")
+        }
         #expect(after.upgradesFellBack == 1 && after.lastUpgradeFailure?.contains("killed by signal 11") == true, "\(String(describing: after.lastUpgradeFailure))")
         #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "crash"),
             "every line once, in order, across the crash and the fallback")
@@ -199,6 +205,13 @@ struct LiveUpgradeFallBackTests {
         #expect(upgrade.output.contains("is gone") && upgrade.output.contains("pid \(before.pid)"), "\(upgrade.output)")
         #expect(took < .seconds(30), "said when the socket refused, not at the 60 s timeout: \(took)")
         #expect(kill(before.pid, 0) != 0 || ProcessAccount.isZombie(before.pid), "the daemon is gone")
+    }
+
+    /// The main thread's blocked signals (SigBlk in /proc/PID/status).
+    static func blockedSignals(of pid: pid_t) -> UInt64 {
+        let status = String(decoding: readFile("/proc/\(pid)/status") ?? [], as: UTF8.self)
+        let line = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") }
+        return line.flatMap { UInt64($0.dropFirst("SigBlk:".count).trimmingCharacters(in: .whitespaces), radix: 16) } ?? UInt64.max
     }
 
     static func descriptors(of pid: pid_t) -> [String] {
