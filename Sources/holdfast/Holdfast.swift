@@ -134,7 +134,9 @@ struct Upgrade: AsyncParsableCommand {
         abstract: "Live upgrade: the daemon re-executes the binary now at its path, keeping its containers and every stream.",
         discussion: """
             The new binary is checked first (it must run and read the daemon's state); if it cannot, \
-            the daemon goes on as it was and this command exits 1 with the reason. Otherwise it \
+            the daemon goes on as it was and this command exits 1 with the reason. A new binary \
+            that starts but cannot take over (or crashes before it serves) hands everything back \
+            to the previous one: exit 1 with the reason, every process kept. Otherwise it \
             returns once the new binary serves (same pid, the same processes).
             """)
 
