@@ -25,6 +25,9 @@ struct ChaosSettings: Sendable {
     /// its processes and their streams; new roles) every this many seconds (random in the
     /// range); nil: never. Nothing may be lost or repeated, each exit reported once.
     var upgradeEverySeconds: ClosedRange<Int>?
+    /// Every this many upgrades, one whose new image cannot take over and must fall back (0:
+    /// never).
+    var fallbackEvery: Int = 0
 }
 
 /// Role kills and live upgrades one at a time: an upgrade stops the roles and starts new ones,
@@ -96,9 +99,12 @@ enum Chaos {
                 var rng = rng
                 for _ in 0..<3 { _ = rng.next() }
                 try await Task.sleep(for: .milliseconds(Int.random(in: 1000...max(1000, min(range.lowerBound, phase / 4) * 1000), using: &rng)))
+                var made = 0
                 while ContinuousClock.now + settings.period * 3 < end {
+                    made += 1
+                    let fallBack = settings.fallbackEvery > 0 && made % settings.fallbackEvery == 0
                     // Its own task: a cancelled phase must not cut an upgrade's wait short.
-                    await Task { await gate.exclusive { await upgrade(host: host, daemon: daemon) } }.value
+                    await Task { await gate.exclusive { await upgrade(host: host, daemon: daemon, fallBack: fallBack) } }.value
                     try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
                 }
             }
@@ -185,12 +191,35 @@ extension Chaos {
     /// A package upgrade's `systemctl reload`: `holdfast upgrade` over the control socket, the
     /// daemon re-executing the binary at its path (the same one here: the whole hand-over runs
     /// all the same), waited for until the new image serves with both roles.
-    static func upgrade(host: Host, daemon: Daemon) async {
+    ///
+    /// `fallBack`: the new binary is one that cannot take over (`Daemon.installBinaryThatFallsBack`):
+    /// the upgrade must fail saying the previous binary took over again, and nothing be lost.
+    static func upgrade(host: Host, daemon: Daemon, fallBack: Bool = false) async {
+        if fallBack {
+            do {
+                try daemon.installBinaryThatFallsBack()
+            } catch {
+                host.ledger.fail("cannot install the binary that falls back: \(error)")
+                return
+            }
+        }
+        defer {
+            if fallBack {
+                do { try daemon.restoreBinary() } catch { host.ledger.fail("cannot put the daemon's binary back: \(error)") }
+            }
+        }
+        let started = ContinuousClock.now
         do {
             let outcome = try await UpgradeClient.upgrade(socket: daemon.controlSocket, timeout: .seconds(60))
-            host.ledger.update { $0.upgrades.append(outcome.took) }
+            if fallBack {
+                host.ledger.fail("an upgrade onto a binary that cannot take over succeeded: \(outcome.after.version)")
+            } else {
+                host.ledger.update { $0.upgrades.append(outcome.took) }
+            }
+        } catch let failure where fallBack && failure.description.contains("could not take over") && failure.description.contains("took over again") {
+            host.ledger.update { $0.fallbacks.append(ContinuousClock.now - started) }
         } catch {
-            host.ledger.fail("live upgrade: \(error)")
+            host.ledger.fail("live upgrade\(fallBack ? " meant to fall back" : ""): \(error)")
         }
     }
 }

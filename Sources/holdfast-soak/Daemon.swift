@@ -16,6 +16,12 @@ struct Daemon: Sendable {
     var controlSocket: String { directory + "/control.sock" }
     var logPath: String { directory + "/daemon.log" }
 
+    /// The daemon runs from its own copy, `holdfast`: a live upgrade re-executes what is at that
+    /// path. `holdfast.real` is a second copy, and `bin/daemon` (first on the daemon's PATH) what
+    /// the binary that falls back runs (`installBinaryThatFallsBack`).
+    var installedBinary: String { directory + "/holdfast" }
+    var configPath: String { directory + "/holdfast.yaml" }
+
     /// The bridge key must be in `directory` already (`Host` writes it).
     static func start(executable: String, directory: String) throws -> Daemon {
         // HOLDFAST_SOAK_SECCOMP=log lets a heap profiler attach to the broker (RELIABILITY.md).
@@ -39,10 +45,31 @@ struct Daemon: Sendable {
               timeout: 20s
             """
         try WholeFile.write(directory + "/holdfast.yaml", Array(config.utf8))
+        guard let image = WholeFile.read(executable) else { throw SystemError.last("read(\(executable))") }
+        for copy in ["/holdfast", "/holdfast.real"] {
+            try WholeFile.write(directory + copy, image, mode: 0o755)
+            chmod(directory + copy, 0o755)
+        }
+        // Run as `daemon --config FILE --resume-from FD` by env(1) (the binary that falls back):
+        // after the daemon's check of it, the configuration file goes, as an operator might move
+        // it in that moment; the new image cannot load it, nor can the previous one fallen back
+        // to (it goes on with the configuration it ran with). `restoreBinary` puts it back.
+        mkdir(directory + "/bin", 0o755)
+        let script = """
+            #!/bin/sh
+            if [ "$3" = "--resume-from" ]; then mv \(directory)/holdfast.yaml \(directory)/holdfast.yaml.aside; fi
+            exec \(directory)/holdfast.real daemon "$@"
+
+            """
+        try WholeFile.write(directory + "/bin/daemon", Array(script.utf8), mode: 0o755)
+        chmod(directory + "/bin/daemon", 0o755)
         let log = open(directory + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard log >= 0 else { throw SystemError.last("open(daemon.log)") }
         defer { close(log) }
-        var options = SpawnOptions(executable: executable, arguments: [executable, "daemon", "--config", directory + "/holdfast.yaml"])
+        let installed = directory + "/holdfast"
+        var options = SpawnOptions(executable: installed, arguments: [installed, "daemon", "--config", directory + "/holdfast.yaml"])
+        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        options.environment = SpawnOptions.inheritedEnvironment().filter { !$0.hasPrefix("PATH=") } + ["PATH=\(directory)/bin:\(path)"]
         options.stdout = log
         options.stderr = log
         options.parentDeathSignal = SIGKILL
@@ -50,6 +77,29 @@ struct Daemon: Sendable {
     }
 
     var isAlive: Bool { kill(pid, 0) == 0 && !isZombie(pid) }
+
+    /// Puts at the daemon's path a binary that passes the upgrade's check but cannot take over:
+    /// a copy of env(1), which runs `bin/daemon` (see `start`).
+    func installBinaryThatFallsBack() throws(SystemError) {
+        try replace(installedBinary, with: "/usr/bin/env")
+    }
+
+    /// The daemon's own binary back at its path, and its configuration file.
+    func restoreBinary() throws(SystemError) {
+        try replace(installedBinary, with: directory + "/holdfast.real")
+        if access(configPath + ".aside", F_OK) == 0, rename(configPath + ".aside", configPath) != 0 {
+            throw .last("rename(\(configPath).aside)")
+        }
+    }
+
+    /// Written aside and renamed over: the running image's file is never written to.
+    private func replace(_ path: String, with source: String) throws(SystemError) {
+        guard let bytes = WholeFile.read(source) else { throw .last("read(\(source))") }
+        let aside = directory + "/.holdfast.new"
+        try WholeFile.write(aside, bytes, mode: 0o755)
+        chmod(aside, 0o755)
+        guard rename(aside, path) == 0 else { throw .last("rename(\(aside), \(path))") }
+    }
 
     /// `holdfast status --json`, over the control socket; bounded (closing the connection ends
     /// a call that overruns).

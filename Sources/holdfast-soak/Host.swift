@@ -235,6 +235,9 @@ final class Ledger: Sendable {
         var brokerKills: [ContinuousClock.Instant] = []
         /// Each live upgrade's time, request to the new image serving with both roles.
         var upgrades: [Duration] = []
+        /// Each upgrade onto a binary that could not take over and fell back, request to the
+        /// failure's answer (the previous image serving again).
+        var fallbacks: [Duration] = []
         /// Bytes the streams reported lost to broker kills (GAP frames), and their exits' count.
         var lostBytes: UInt64 = 0
         var processesWithLoss = 0

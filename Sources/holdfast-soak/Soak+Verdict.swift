@@ -43,6 +43,9 @@ extension Run {
         if let status, (status.upgrades ?? 0) != counters.upgrades.count {
             ledger.fail("the daemon counted \(status.upgrades ?? 0) upgrades for \(counters.upgrades.count) made")
         }
+        if let status, (status.upgradesFellBack ?? 0) != counters.fallbacks.count {
+            ledger.fail("the daemon counted \(status.upgradesFellBack ?? 0) upgrades that fell back for \(counters.fallbacks.count) made")
+        }
 
         // fds exactly, RSS within the tolerance.
         var roleRows: [String] = []
@@ -116,6 +119,7 @@ extension Run {
             ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("broker kills (SIGKILL)", "\(final.brokerKills.count); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
             ("live upgrades (holdfast upgrade: a re-exec, new roles; request → new image serving)", upgradeFigures(final.upgrades, counted: status?.upgrades)),
+            ("upgrades that fell back (the new image could not take over: its configuration moved away after its check; request → the previous image serving again)", upgradeFigures(final.fallbacks, counted: status?.upgradesFellBack)),
             ("offsets reported lost to broker kills (GAP; the bytes around each checked exactly)", "\(bytes(final.lostBytes)) in \(final.processesWithLoss) processes"),
             ("bridge connections accepted", "\(host.bridge.acceptedConnections)"),
             ("stream connections (host side)", "\(streamFigures.connects), of which reconnects \(streamFigures.reconnects)"),

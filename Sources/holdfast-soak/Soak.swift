@@ -43,6 +43,8 @@ struct Soak: AsyncParsableCommand {
     @Option(help: "Shortest time between live upgrades (holdfast upgrade: the daemon re-executes its binary), seconds (0: none).")
     var upgradeMin = 30
     @Option(help: "Longest time between live upgrades, seconds.") var upgradeMax = 60
+    @Option(help: "Every this many live upgrades, one onto a new binary that cannot take over (the configuration file moved away between its check and its exec): it must fall back to the previous one with nothing lost (0: never).")
+    var fallbackEvery = 3
     @Option(help: "RSS may grow by this many percent over the baseline...") var rssTolerancePercent = 10
     @Option(help: "...or by this many KiB, whichever is more.") var rssToleranceKiB = 2048
     @Option(help: "Print a progress line every this many seconds.") var progressEvery = 30
@@ -86,7 +88,7 @@ struct Soak: AsyncParsableCommand {
             // reach their working set (RELIABILITY.md): a long soak warms up longer, so its RSS
             // is compared with a baseline that has.
             minutes: minutes, warmup: warmup ?? (minutes <= 5 ? 30 : min(300, Int(minutes * 10))), processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
-            blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax, brokerKillMin: brokerKillMin, brokerKillMax: brokerKillMax, upgradeMin: upgradeMin, upgradeMax: upgradeMax, rssTolerancePercent: rssTolerancePercent,
+            blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax, brokerKillMin: brokerKillMin, brokerKillMax: brokerKillMax, upgradeMin: upgradeMin, upgradeMax: upgradeMax, fallbackEvery: fallbackEvery, rssTolerancePercent: rssTolerancePercent,
             rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, pauseWhenQuiet: pauseWhenQuiet, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
         host.close()
@@ -115,6 +117,7 @@ struct Settings: Sendable {
     var brokerKillMax: Int
     var upgradeMin: Int
     var upgradeMax: Int
+    var fallbackEvery: Int
     var rssTolerancePercent: Int
     var rssToleranceKiB: Int
     var progressEvery: Int
@@ -148,7 +151,7 @@ struct Run {
             killEverySeconds: options.killMin > 0 ? options.killMin...options.killMax : nil,
             brokerStopEverySeconds: options.stopMin > 0 ? options.stopMin...options.stopMax : nil,
             brokerKillEverySeconds: options.brokerKillMin > 0 ? options.brokerKillMin...options.brokerKillMax : nil,
-            upgradeEverySeconds: options.upgradeMin > 0 ? options.upgradeMin...options.upgradeMax : nil)
+            upgradeEverySeconds: options.upgradeMin > 0 ? options.upgradeMin...options.upgradeMax : nil, fallbackEvery: options.fallbackEvery)
     }
 
     func drive() async -> Verdict {
