@@ -178,6 +178,10 @@ fail:;
 }
 
 int hf_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+int hf_pidfd_send_signal(int pidfd, int signo) { return (int)syscall(SYS_pidfd_send_signal, pidfd, signo, NULL, 0); }
 
 pid_t hf_wait(pid_t pid, int nohang, int *exited, int *code) {
     int status = 0;

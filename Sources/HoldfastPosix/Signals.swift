@@ -34,6 +34,15 @@ public final class SignalPipe: Sendable {
     }
 }
 
+/// pidfd_open(2) and pidfd_send_signal(2): a signal that reaches the process the pidfd was
+/// opened on, or no one (never a later holder of its pid).
+public enum PidFD {
+    /// A pidfd for `pid` (close-on-exec), or -1 with errno.
+    public static func open(_ pid: pid_t) -> Int32 { hf_pidfd_open(pid) }
+
+    public static func send(_ signal: Int32, through pidfd: Int32) -> Bool { hf_pidfd_send_signal(pidfd, signal) == 0 }
+}
+
 public enum SignalDisposition {
     /// SIG_IGN for `signal` in this process (children get default dispositions back).
     public static func ignore(_ signal: Int32) {

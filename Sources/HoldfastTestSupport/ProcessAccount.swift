@@ -53,6 +53,11 @@ public enum ProcessAccount {
         return "gdb (\(status.map { "\($0)" } ?? "timed out")), Swift frames:\n" + kept.prefix(400).joined(separator: "\n")
     }
 
+    /// The state letter of each thread of `pid` (`T`: stopped); empty once it is gone.
+    public static func threadStates(of pid: pid_t) -> [String] {
+        numericEntries("/proc/\(pid)/task").compactMap { Stat(line("/proc/\(pid)/task/\($0)/stat"))?.state }
+    }
+
     /// Whether `pid` has exited and waits to be reaped.
     public static func isZombie(_ pid: pid_t) -> Bool {
         Stat(line("/proc/\(pid)/stat"))?.state == "Z"

@@ -271,6 +271,31 @@ public struct ProcessIdentity: Equatable, Sendable, CustomStringConvertible {
     public var description: String { "pid \(pid) (started at tick \(startTime))" }
 }
 
+/// A process pinned by a pidfd opened while it ran: a signal sent later reaches it or no one,
+/// never a process the kernel gave its pid since (the suite's `ns_last_pid` writes make that
+/// instant, and a start time in clock ticks cannot tell two processes of one tick apart). A
+/// test's deferred `kill(pid, SIGCONT)` once continued another test's stopped broker that way.
+public final class PinnedProcess: Sendable {
+    public let pid: pid_t
+    private let pidfd: Int32
+
+    /// nil if there is no such process.
+    public init?(_ pid: pid_t) {
+        let pidfd = PidFD.open(pid)
+        guard pidfd >= 0 else { return nil }
+        self.pid = pid
+        self.pidfd = pidfd
+    }
+
+    deinit { close(pidfd) }
+
+    /// False once it has exited (or on another error).
+    @discardableResult
+    public func signal(_ signal: Int32) -> Bool {
+        PidFD.send(signal, through: pidfd)
+    }
+}
+
 /// Ends what a daemon on `runDirectory` left in its process cgroups and removes them: a test
 /// that killed its daemon (no stop to do it) leaves no process and no directory behind.
 public func endDaemonCgroups(runDirectory: String) {

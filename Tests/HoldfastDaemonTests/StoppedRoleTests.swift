@@ -100,8 +100,9 @@ struct StoppedRoleTests {
         let broker = try #require(try await daemon.rolePID("broker"))
         let accepted = daemon.bridge.acceptedConnections
 
+        let pinned = try #require(PinnedProcess(broker))
         #expect(kill(broker, SIGSTOP) == 0)
-        defer { kill(broker, SIGCONT) }
+        defer { pinned.signal(SIGCONT) }
         daemon.bridge.drop(refusing: false)
         try await eventually("the bridge back", timeout: .seconds(20)) { daemon.bridge.acceptedConnections > accepted && daemon.bridge.isConnected }
         let pid = try await withTimeout("a create without stdio while the broker is stopped", .seconds(20)) {
@@ -143,8 +144,14 @@ struct StoppedRoleTests {
             try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
         }
 
+        let pinned = try #require(PinnedProcess(broker))
         #expect(kill(broker, SIGSTOP) == 0)
-        defer { kill(broker, SIGCONT) }
+        defer { pinned.signal(SIGCONT) }
+        // Every thread: one still running could answer the first question (it did once in CI).
+        try await eventually("every thread of the broker stopped") {
+            let states = ProcessAccount.threadStates(of: broker)
+            return !states.isEmpty && states.allSatisfy { $0 == "T" }
+        }
         let first = try await daemon.status()
         #expect(first.streams.isEmpty && first.roles.first { $0.name == "broker" }?.notAnswering != nil, "\(first.roles)")
         _ = try await scrape()  // the metrics question goes overdue too
@@ -225,7 +232,8 @@ struct StoppedRoleTests {
             let broker = try #require(try await daemon.rolePID("broker"))
             // A debugger: every thread attached (ptrace-stopped) and held stopped.
             let tracer = try await Self.trace(broker, in: daemon)
-            defer { kill(tracer, SIGKILL) }
+            let pinnedTracer = PinnedProcess(tracer)
+            defer { pinnedTracer?.signal(SIGKILL) }
             #expect(ProcessRunState.of(broker) == .traced(by: tracer))
             let status = try await daemon.status()
             #expect(status.roles.first { $0.name == "broker" }?.notAnswering?.hasPrefix("held by a tracer (pid \(tracer)") == true, "\(status.roles)")
@@ -257,7 +265,8 @@ struct StoppedRoleTests {
         let broker = try #require(before.roles.first { $0.name == "broker" }?.pid)
         // Holds every thread for 25 s and never waits for the tracee: then exits (detaching it).
         let tracer = try await Self.trace(broker, in: daemon, hungFor: 25)
-        defer { kill(tracer, SIGKILL) }
+        let pinnedTracer = PinnedProcess(tracer)
+        defer { pinnedTracer?.signal(SIGKILL) }
 
         try binary.install(variant: 1)
         let started = ContinuousClock.now

@@ -52,7 +52,8 @@ struct UpgradeWhileHeldTests {
             }
         }
         let stopped = try #require(successor, "the successor was handed a process within 30 s")
-        defer { kill(stopped, SIGCONT) }
+        let pinned = PinnedProcess(stopped)
+        defer { pinned?.signal(SIGCONT) }
         let upgrade = Task { try await runUpgrade(daemon, processes: daemon.processes) }
         try await Task.sleep(for: .seconds(1))
         kill(stopped, SIGCONT)

@@ -65,6 +65,9 @@ int hf_open_pty(int *master, int *slave, char *name, size_t name_len, const char
 
 /// pidfd_open(2): an fd that becomes readable when the process exits. -1 with errno on failure.
 int hf_pidfd_open(pid_t pid);
+/// pidfd_send_signal(2): a signal to the very process a pidfd names, never to a later holder
+/// of its pid.
+int hf_pidfd_send_signal(int pidfd, int signo);
 /// waitpid wrappers that decode the status: returns the pid reaped, 0 if none, -1 with errno.
 /// *exited is 1 for a normal exit (code in *code) and 0 for death by signal (*code = signal).
 pid_t hf_wait(pid_t pid, int nohang, int *exited, int *code);
