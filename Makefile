@@ -136,7 +136,7 @@ soak: release
 # A short soak from the debug build, for SOAK_MINUTES (2), as `make test` runs it.
 soak-smoke: build
 	@if [ "$$(id -u)" != 0 ]; then echo "skip: the soak needs root (the broker runs as 'nobody')"; \
-	else $(BUILD_DIR)/debug/holdfast-soak --minutes $(SOAK_MINUTES); fi
+	else $(BUILD_DIR)/debug/holdfast-soak --minutes $(SOAK_MINUTES) --fallback-every 2; fi
 
 clean:
 	rm -rf $(BUILD_DIR) $(TSAN_DIR) $(DEB_BUILD_DIR) $(DIST_DIR) $(FUZZ_DIR) bench/bin
