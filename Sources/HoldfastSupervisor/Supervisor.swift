@@ -430,7 +430,8 @@ public final class Supervisor: Sendable {
     /// The supervisor's metrics, then the broker's (absent while it restarts, or when it does not
     /// answer within `brokerAnswerBound`: stopped by an operator, a scrape still gets ours).
     func metricsText() async -> String {
-        var text = metrics.render(roles: roleStatuses)
+        let (upgrades, fellBack) = session.withLockedValue { ($0.upgrades, $0.upgradesFellBack) }
+        var text = metrics.render(roles: roleStatuses, upgrades: upgrades, fellBack: fellBack)
         if let broker = broker(), let answer = await ask(broker, .metrics, reply: MetricsResponse.self), let reply = answer {
             text += reply.text
         }

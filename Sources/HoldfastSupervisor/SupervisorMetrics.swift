@@ -17,6 +17,11 @@ final class SupervisorMetrics: Sendable {
     let openFiles: CoreMetrics.Gauge
     let openFileLimit: CoreMetrics.Gauge
     let restartsFed = NIOLockedValueBox<[String: Int]>([:])
+    /// Live upgrades and upgrades that fell back since the daemon started: fed from the counts
+    /// the session carries across upgrades, like the restarts.
+    let upgrades: CoreMetrics.Counter
+    let upgradesFellBack: CoreMetrics.Counter
+    let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
         let factory = PrometheusMetricsFactory(registry: registry)
@@ -37,6 +42,8 @@ final class SupervisorMetrics: Sendable {
         self.restarts = restarts
         openFiles = CoreMetrics.Gauge(label: "holdfast_supervisor_open_fds", factory: factory)
         openFileLimit = CoreMetrics.Gauge(label: "holdfast_supervisor_fd_limit", factory: factory)
+        upgrades = CoreMetrics.Counter(label: "holdfast_live_upgrades_total", factory: factory)
+        upgradesFellBack = CoreMetrics.Counter(label: "holdfast_live_upgrade_fallbacks_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -51,7 +58,13 @@ final class SupervisorMetrics: Sendable {
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).
-    func render(roles: [RoleStatus]) -> String {
+    func render(roles: [RoleStatus], upgrades upgradeCount: Int, fellBack fellBackCount: Int) -> String {
+        let (upgraded, fellBack) = upgradesFed.withLockedValue { fed -> (Int, Int) in
+            defer { fed = (max(fed.upgrades, upgradeCount), max(fed.fellBack, fellBackCount)) }
+            return (max(0, upgradeCount - fed.upgrades), max(0, fellBackCount - fed.fellBack))
+        }
+        if upgraded > 0 { upgrades.increment(by: Int64(upgraded)) }
+        if fellBack > 0 { upgradesFellBack.increment(by: Int64(fellBack)) }
         openFiles.record(Int64(ProcessFigures.openDescriptors()))
         openFileLimit.record(Int64(clamping: ResourceLimits.openFileLimit.soft))
         for role in roles {

@@ -30,8 +30,13 @@ struct LiveUpgradeFallBackTests {
         let commands = binary.directory.file("bin")
         mkdir(commands, 0o755)
         let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        let daemon = try await DaemonFixture(
+            extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"", environment: ["PATH": "\(commands):\(inheritedPath)"],
+            executable: binary.path)
         defer { daemon.cleanUp() }
+        func scrape() async throws -> String {
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
+        }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
         let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
@@ -73,6 +78,8 @@ struct LiveUpgradeFallBackTests {
         #expect(daemon.log.contains("this binary cannot take over; the previous one takes over again"))
         #expect(daemon.log.contains("live upgrade failed after its exec"))
         #expect(daemon.log.contains("going on with the configuration this daemon ran with"), "the previous image could not load it either")
+        let metrics = try await scrape()
+        #expect(metrics.contains("holdfast_live_upgrade_fallbacks_total 1") && metrics.contains("holdfast_live_upgrades_total 0"), "\(metrics.split(separator: "\n").filter { $0.contains("upgrade") })")
         #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "across"),
             "every line once, in order, across the fallback")
         try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
@@ -95,6 +102,8 @@ struct LiveUpgradeFallBackTests {
         let upgraded = try await daemon.status()
         #expect(upgraded.pid == before.pid && upgraded.upgrades == 1 && upgraded.executableSHA256 == sha, "upgraded once")
         #expect(upgraded.upgradesFellBack == 1, "the fallback is still counted")
+        let counted = try await scrape()
+        #expect(counted.contains("holdfast_live_upgrade_fallbacks_total 1") && counted.contains("holdfast_live_upgrades_total 1"), "carried across the upgrade")
         #expect(try await daemon.stop() == .exited(0))
     }
 
