@@ -20,7 +20,6 @@ struct Daemon: Sendable {
     /// path. `holdfast.real` is a second copy, and `bin/daemon` (first on the daemon's PATH) what
     /// the binary that falls back runs (`installBinaryThatFallsBack`).
     var installedBinary: String { directory + "/holdfast" }
-    var configPath: String { directory + "/holdfast.yaml" }
 
     /// The bridge key must be in `directory` already (`Host` writes it).
     static func start(executable: String, directory: String) throws -> Daemon {
@@ -51,13 +50,14 @@ struct Daemon: Sendable {
             chmod(directory + copy, 0o755)
         }
         // Run as `daemon --config FILE --resume-from FD` by env(1) (the binary that falls back):
-        // after the daemon's check of it, the configuration file goes, as an operator might move
-        // it in that moment; the new image cannot load it, nor can the previous one fallen back
-        // to (it goes on with the configuration it ran with). `restoreBinary` puts it back.
+        // after the daemon's check of it, the real binary starts on a configuration file that is
+        // not there, and cannot take over. Builtins only: this shell runs as the daemon's pid, so
+        // every container process is its child, and a shell that waits for a child of its own
+        // (an `mv`) reaps whichever child exits then — a container's exit was lost so.
         mkdir(directory + "/bin", 0o755)
         let script = """
             #!/bin/sh
-            if [ "$3" = "--resume-from" ]; then mv \(directory)/holdfast.yaml \(directory)/holdfast.yaml.aside; fi
+            if [ "$3" = "--resume-from" ]; then exec \(directory)/holdfast.real daemon --config \(directory)/gone.yaml "$3" "$4"; fi
             exec \(directory)/holdfast.real daemon "$@"
 
             """
@@ -84,12 +84,9 @@ struct Daemon: Sendable {
         try replace(installedBinary, with: "/usr/bin/env")
     }
 
-    /// The daemon's own binary back at its path, and its configuration file.
+    /// The daemon's own binary back at its path.
     func restoreBinary() throws(SystemError) {
         try replace(installedBinary, with: directory + "/holdfast.real")
-        if access(configPath + ".aside", F_OK) == 0, rename(configPath + ".aside", configPath) != 0 {
-            throw .last("rename(\(configPath).aside)")
-        }
     }
 
     /// Written aside and renamed over: the running image's file is never written to.

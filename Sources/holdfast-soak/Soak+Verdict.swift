@@ -119,7 +119,7 @@ extension Run {
             ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("broker kills (SIGKILL)", "\(final.brokerKills.count); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
             ("live upgrades (holdfast upgrade: a re-exec, new roles; request → new image serving)", upgradeFigures(final.upgrades, counted: status?.upgrades)),
-            ("upgrades that fell back (the new image could not take over: its configuration moved away after its check; request → the previous image serving again)", upgradeFigures(final.fallbacks, counted: status?.upgradesFellBack)),
+            ("upgrades that fell back (the new image could not take over: started on a configuration file that is not there, after its check; request → the previous image serving again)", upgradeFigures(final.fallbacks, counted: status?.upgradesFellBack)),
             ("offsets reported lost to broker kills (GAP; the bytes around each checked exactly)", "\(bytes(final.lostBytes)) in \(final.processesWithLoss) processes"),
             ("bridge connections accepted", "\(host.bridge.acceptedConnections)"),
             ("stream connections (host side)", "\(streamFigures.connects), of which reconnects \(streamFigures.reconnects)"),

@@ -43,7 +43,7 @@ struct Soak: AsyncParsableCommand {
     @Option(help: "Shortest time between live upgrades (holdfast upgrade: the daemon re-executes its binary), seconds (0: none).")
     var upgradeMin = 30
     @Option(help: "Longest time between live upgrades, seconds.") var upgradeMax = 60
-    @Option(help: "Every this many live upgrades, one onto a new binary that cannot take over (the configuration file moved away between its check and its exec): it must fall back to the previous one with nothing lost (0: never).")
+    @Option(help: "Every this many live upgrades, one onto a new binary that cannot take over (it starts on a configuration file that is not there, after its check): it must fall back to the previous one with nothing lost (0: never).")
     var fallbackEvery = 3
     @Option(help: "RSS may grow by this many percent over the baseline...") var rssTolerancePercent = 10
     @Option(help: "...or by this many KiB, whichever is more.") var rssToleranceKiB = 2048

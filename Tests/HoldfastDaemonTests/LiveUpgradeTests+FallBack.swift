@@ -16,7 +16,7 @@ import Glibc
 /// though the package replaced its file), on the state it wrote, and that one takes over again.
 @Suite("Live upgrade: a new image that cannot take over falls back to the previous one", .serialized, .timeLimit(.minutes(3)))
 struct LiveUpgradeFallBackTests {
-    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (the daemon's broker runs as a uid of its own) and python3"))
     func aNewImageThatCannotTakeOverHandsEverythingBackToThePreviousOne() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
@@ -50,14 +50,19 @@ struct LiveUpgradeFallBackTests {
         // Called as `daemon --config FILE --resume-from FD` (or `--check-resume-snapshot FD`):
         // after the check, the configuration file is moved away, as an operator might in that
         // moment: the new image cannot load it, and neither can the previous one once fallen
-        // back to, which goes on with the configuration it ran with.
+        // back to, which goes on with the configuration it ran with. Moved by python exec'd in
+        // the shell's place, which then execs the real binary: nothing forked. This runs as the
+        // daemon's pid, every container process is its child, and a shell that waits for a child
+        // of its own (an `mv`) reaps whichever child exits then (the soak lost an exit so).
         let configuration = daemon.directory.file("holdfast.yaml")
         let aside = daemon.directory.file("holdfast.yaml.aside")
         try writeFile(
             commands + "/daemon",
             Array("""
                 #!/bin/sh
-                if [ "$3" = "--resume-from" ]; then mv \(configuration) \(aside); fi
+                if [ "$3" = "--resume-from" ]; then
+                  exec python3 -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2]); os.execv(sys.argv[3], sys.argv[3:])' \(configuration) \(aside) \(real) daemon "$@"
+                fi
                 exec \(real) daemon "$@"
 
                 """.utf8),
@@ -132,14 +137,16 @@ struct LiveUpgradeFallBackTests {
         }
         let before = try await daemon.status()
         // The new image blocks opening the FIFO (after it read the state); a helper waits for
-        // that (bounded) and sends the SIGSEGV.
+        // that (bounded) and sends the SIGSEGV. The FIFO is made here: the script forks nothing
+        // it waits for (it runs as the daemon's pid: a wait of its own could reap a container's
+        // exit); the helper runs in the background, not waited for.
         let fifo = binary.directory.file("config.fifo")
+        #expect(mkfifo(fifo, 0o600) == 0)
         try writeFile(
             commands + "/daemon",
             Array("""
                 #!/bin/sh
                 if [ "$3" = "--resume-from" ]; then
-                  mkfifo \(fifo)
                   daemon=$$
                   ( i=0; while [ $i -lt 600 ] && ! cat /proc/$daemon/task/*/wchan 2>/dev/null | grep -q -e fifo -e partner; do sleep 0.05; i=$((i+1)); done
                     kill -SEGV $daemon ) &
