@@ -105,7 +105,7 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
             s.nextParkID &+= 1
             return s.nextParkID
         }
-        return await withTaskCancellationHandler {
+        let lease = await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Lease?, Never>) in
                 let resumeNow: Lease?? = state.withLockedValue { s in
                     if let ready = s.immediateLease() { return .some(ready) }
@@ -118,6 +118,13 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         } onCancel: {
             state.withLockedValue { $0.parked.removeValue(forKey: id) }?.resume(returning: nil)
         }
+        // `install` resumes a parked caller after releasing the lock it stored the connection
+        // under. Resumed before this task had suspended, the value comes over through the
+        // runtime's own atomics, which ThreadSanitizer does not see (it reported the new
+        // connection's fields as a race once); taking the lock again makes the hand-over one
+        // it sees. Only on the parked path, once per park.
+        state.withLockedValue { _ in }
+        return lease
     }
 
     /// Writes every byte, across as many connections as it takes. While the slot is empty the
