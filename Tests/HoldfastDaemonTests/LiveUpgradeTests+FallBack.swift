@@ -20,18 +20,13 @@ struct LiveUpgradeFallBackTests {
     func aNewImageThatCannotTakeOverHandsEverythingBackToThePreviousOne() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let real = binary.directory.file("real-holdfast")
-        try writeFile(real, binary.original, mode: 0o755)
-        chmod(real, 0o755)
         // The "new binary" the daemon execs (by fd: a script cannot be) is a copy of env(1),
         // which runs `daemon` from PATH: the script below, which passes the check as is and
         // then starts the real binary on a configuration file that is gone — as if an operator
         // had removed it between the check and the exec.
-        let commands = binary.directory.file("bin")
-        mkdir(commands, 0o755)
-        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        let (real, standInPath) = try binary.prepareStandIn()
         let daemon = try await DaemonFixture(
-            extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"", environment: ["PATH": "\(commands):\(inheritedPath)"],
+            extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"", environment: ["PATH": standInPath],
             executable: binary.path)
         defer { daemon.cleanUp() }
         func scrape() async throws -> String {
@@ -56,19 +51,14 @@ struct LiveUpgradeFallBackTests {
         // of its own (an `mv`) reaps whichever child exits then (the soak lost an exit so).
         let configuration = daemon.directory.file("holdfast.yaml")
         let aside = daemon.directory.file("holdfast.yaml.aside")
-        try writeFile(
-            commands + "/daemon",
-            Array("""
+        try binary.installStandIn(script: """
                 #!/bin/sh
                 if [ "$3" = "--resume-from" ]; then
                   exec python3 -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2]); os.execv(sys.argv[3], sys.argv[3:])' \(configuration) \(aside) \(real) daemon "$@"
                 fi
                 exec \(real) daemon "$@"
 
-                """.utf8),
-            mode: 0o755)
-        chmod(commands + "/daemon", 0o755)
-        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+                """)
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         print("holdfast upgrade onto an image that cannot take over: \(upgrade.status): \(upgrade.output)")
         #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
@@ -119,13 +109,8 @@ struct LiveUpgradeFallBackTests {
     func aNewImageThatCrashesBeforeItServesHandsEverythingBackToo() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let real = binary.directory.file("real-holdfast")
-        try writeFile(real, binary.original, mode: 0o755)
-        chmod(real, 0o755)
-        let commands = binary.directory.file("bin")
-        mkdir(commands, 0o755)
-        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        let (real, standInPath) = try binary.prepareStandIn()
+        let daemon = try await DaemonFixture(environment: ["PATH": standInPath], executable: binary.path)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -142,9 +127,7 @@ struct LiveUpgradeFallBackTests {
         // exit); the helper runs in the background, not waited for.
         let fifo = binary.directory.file("config.fifo")
         #expect(mkfifo(fifo, 0o600) == 0)
-        try writeFile(
-            commands + "/daemon",
-            Array("""
+        try binary.installStandIn(script: """
                 #!/bin/sh
                 if [ "$3" = "--resume-from" ]; then
                   daemon=$$
@@ -154,10 +137,7 @@ struct LiveUpgradeFallBackTests {
                 fi
                 exec \(real) daemon "$@"
 
-                """.utf8),
-            mode: 0o755)
-        chmod(commands + "/daemon", 0o755)
-        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+                """)
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         print("holdfast upgrade onto an image that crashes: \(upgrade.status): \(upgrade.output)")
         #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
@@ -193,26 +173,16 @@ struct LiveUpgradeFallBackTests {
     func anImageThatDiesAtOnceIsSaidToHaveEndedTheDaemon() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let real = binary.directory.file("real-holdfast")
-        try writeFile(real, binary.original, mode: 0o755)
-        chmod(real, 0o755)
-        let commands = binary.directory.file("bin")
-        mkdir(commands, 0o755)
-        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        let (real, standInPath) = try binary.prepareStandIn()
+        let daemon = try await DaemonFixture(environment: ["PATH": standInPath], executable: binary.path)
         defer { daemon.cleanUp() }
         let before = try await daemon.status()
-        try writeFile(
-            commands + "/daemon",
-            Array("""
+        try binary.installStandIn(script: """
                 #!/bin/sh
                 if [ "$3" = "--resume-from" ]; then echo "the new image dies"; exit 70; fi
                 exec \(real) daemon "$@"
 
-                """.utf8),
-            mode: 0o755)
-        chmod(commands + "/daemon", 0o755)
-        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+                """)
         let started = ContinuousClock.now
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         let took = ContinuousClock.now - started

@@ -25,15 +25,10 @@ struct LiveUpgradeRecordedExitTests {
     func theNextImageReportsEachExitOnceWithItsOutput() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let real = binary.directory.file("real-holdfast")
-        try writeFile(real, binary.original, mode: 0o755)
-        chmod(real, 0o755)
         // The "new binary" the daemon execs (by fd: a script cannot be) is a copy of env(1),
         // which runs the first argument it is given, `daemon`, from PATH: the script below.
-        let commands = binary.directory.file("bin")
-        mkdir(commands, 0o755)
-        let inheritedPath = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        let daemon = try await DaemonFixture(environment: ["PATH": "\(commands):\(inheritedPath)"], executable: binary.path)
+        let (real, standInPath) = try binary.prepareStandIn()
+        let daemon = try await DaemonFixture(environment: ["PATH": standInPath], executable: binary.path)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -66,12 +61,7 @@ struct LiveUpgradeRecordedExitTests {
             json.dump(state, open(target, "w"))
             """
         // Called as `daemon --config FILE --resume-from FD` (or `--check-resume-snapshot FD`).
-        try writeFile(
-            commands + "/daemon",
-            Array("#!/bin/sh\npython3 - \"$3\" /proc/self/fd/$4 \(state) <<'EOF'\n\(edit)\nEOF\nexec \(real) daemon \"$1\" \"$2\" \"$3\" 9 9<\(state)\n".utf8),
-            mode: 0o755)
-        chmod(commands + "/daemon", 0o755)
-        try binary.replace(with: try #require(readFile("/usr/bin/env")), mode: 0o755)
+        try binary.installStandIn(script: "#!/bin/sh\npython3 - \"$3\" /proc/self/fd/$4 \(state) <<'EOF'\n\(edit)\nEOF\nexec \(real) daemon \"$1\" \"$2\" \"$3\" 9 9<\(state)\n")
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
         #expect(kill(quietPID, 0) != 0 && kill(loudPID, 0) != 0, "the wrapper ended both")

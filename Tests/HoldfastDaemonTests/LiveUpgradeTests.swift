@@ -44,6 +44,29 @@ struct InstalledBinary {
     }
 
     func remove() { directory.remove() }
+
+    /// A stand-in new binary (the daemon execs by fd, which a script cannot be): a copy of the
+    /// real one, and a directory for `daemon`, first on the returned PATH, which env(1) put at
+    /// the daemon's path runs (`installStandIn`). The script runs as the daemon's pid: every
+    /// container process is its child, so it must fork nothing it waits for (a shell's wait
+    /// reaps whichever child exits then).
+    func prepareStandIn() throws -> (real: String, path: String) {
+        let real = directory.file("real-holdfast")
+        try writeFile(real, original, mode: 0o755)
+        chmod(real, 0o755)
+        mkdir(directory.file("bin"), 0o755)
+        let inherited = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        return (real, "\(directory.file("bin")):\(inherited)")
+    }
+
+    /// `script` as `daemon`, and env(1) at the daemon's path: the next upgrade runs the script.
+    func installStandIn(script: String) throws {
+        let daemon = directory.file("bin") + "/daemon"
+        try writeFile(daemon, Array(script.utf8), mode: 0o755)
+        chmod(daemon, 0o755)
+        guard let env = readFile("/usr/bin/env") else { throw SystemError.last("read(/usr/bin/env)") }
+        try replace(with: env, mode: 0o755)
+    }
 }
 
 /// `holdfast upgrade --socket` against the fixture's daemon: its exit status and what it said.
