@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -193,12 +194,29 @@ pid_t hf_wait(pid_t pid, int nohang, int *exited, int *code) {
         if (WIFEXITED(status)) {
             *exited = 1;
             *code = WEXITSTATUS(status);
+        } else if (WIFSTOPPED(status)) {
+            // Only a tracee's stops come here (no WUNTRACED): a child that made us its tracer.
+            *exited = 2;
+            *code = WSTOPSIG(status);
         } else {
             *exited = 0;
             *code = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
         }
     }
     return got;
+}
+
+int hf_ptrace_stop_sender(pid_t pid, int *code, pid_t *sender) {
+    siginfo_t info;
+    memset(&info, 0, sizeof(info));
+    if (ptrace(PTRACE_GETSIGINFO, pid, 0, &info) != 0) return -1;
+    *code = info.si_code;
+    *sender = info.si_pid;
+    return 0;
+}
+
+int hf_ptrace_let_go(pid_t pid, int signo) {
+    return (int)ptrace(PTRACE_DETACH, pid, 0, (void *)(long)signo);
 }
 
 // MARK: spawn
@@ -416,7 +434,10 @@ int hf_signal_to_pipe(int signo, int fd) {
     memset(&action, 0, sizeof(action));
     action.sa_handler = signal_to_pipe_handler;
     sigemptyset(&action.sa_mask);
-    action.sa_flags = SA_RESTART | (signo == SIGCHLD ? SA_NOCLDSTOP : 0);
+    // No SA_NOCLDSTOP: it also silences a tracee's stops (a child that made this process its
+    // tracer with PTRACE_TRACEME), which must be let go at once (UnwantedTracee.swift). A child's
+    // ordinary stop or continue costs one waitpid that finds nothing.
+    action.sa_flags = SA_RESTART;
     return sigaction(signo, &action, NULL);
 }
 

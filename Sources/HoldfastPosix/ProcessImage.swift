@@ -64,6 +64,17 @@ public enum ProcessImage {
         pthread_sigmask(SIG_UNBLOCK, &mask, nil)
     }
 
+    /// Unblocks every signal but `kept` (left as they are) in the calling thread: the main
+    /// thread, which takes the process's signals (the concurrency pool's threads block them all).
+    /// Its mask is whatever the thread that started or exec'd this image had: after a live
+    /// upgrade, a pool thread's.
+    public static func unblockAll(except kept: [Int32]) {
+        var mask = sigset_t()
+        sigfillset(&mask)
+        for signal in kept { sigdelset(&mask, signal) }
+        pthread_sigmask(SIG_UNBLOCK, &mask, nil)
+    }
+
     /// Marks inherited fds close-on-exec again: nothing the new image starts gets them.
     public static func closeOnExec(_ fds: [Int32]) {
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }

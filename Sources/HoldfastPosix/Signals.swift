@@ -105,6 +105,10 @@ public final class ChildReaper: Sendable {
         var registeredWaiters: [UInt64: CheckedContinuation<ExitStatus, Never>] = [:]
         /// Registrations whose exit nobody will ask for (the child failed before exec).
         var abandoned: Set<UInt64> = []
+        /// Stops of tracees let go (`reapOne`).
+        var traceesLetGo: (count: UInt64, last: pid_t?, failed: UInt64) = (0, nil, 0)
+        /// Tracees found stopped by the reap in progress, let go after it (`reapAll`).
+        var stopped: [(pid: pid_t, signal: Int32)] = []
     }
 
     private let state = NIOLockedValueBox(State())
@@ -308,10 +312,11 @@ public final class ChildReaper: Sendable {
     /// Reaps every child that has exited (call on SIGCHLD, and once at start).
     public func reapAll() {
         // waitpid(WNOHANG) under the lock: a `wait` never sees a pid reaped but not recorded.
-        let woken = state.withLockedValue { s -> [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] in
+        let (woken, stopped) = state.withLockedValue { s -> ([(CheckedContinuation<ExitStatus, Never>, ExitStatus)], [(pid: pid_t, signal: Int32)]) in
             var woken: [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] = []
-            guard !s.frozen else { return woken }
-            while let (pid, status) = Self.reapOne() {
+            guard !s.frozen else { return (woken, []) }
+            defer { s.stopped = [] }
+            while let (pid, status) = Self.reapOne(&s) {
                 if let registration = s.registered.removeValue(forKey: pid) {
                     if s.abandoned.remove(registration) != nil { continue }
                     if let waiter = s.registeredWaiters.removeValue(forKey: registration) {
@@ -334,16 +339,35 @@ public final class ChildReaper: Sendable {
                     s.exited.removeValue(forKey: s.order.removeFirst())
                 }
             }
-            return woken
+            return (woken, s.stopped)
         }
         for (waiter, status) in woken { waiter.resume(returning: status) }
+        for tracee in stopped {
+            let letGo = UnwantedTracee.letGo(tracee.pid, stoppedBy: tracee.signal)
+            state.withLockedValue { s in
+                s.traceesLetGo.count += 1
+                s.traceesLetGo.last = tracee.pid
+                if !letGo { s.traceesLetGo.failed += 1 }
+            }
+        }
     }
 
-    private static func reapOne() -> (pid_t, ExitStatus)? {
-        var exited: Int32 = 0
-        var code: Int32 = 0
-        let pid = hf_wait(-1, 1, &exited, &code)
-        guard pid > 0 else { return nil }
-        return (pid, exited == 1 ? .exited(code) : .signaled(code))
+    /// The next exit, if any. A stop on the way is a child that made this process its tracer
+    /// (`UnwantedTracee`): never taken for an exit, kept in `s.stopped` to be let go.
+    private static func reapOne(_ s: inout State) -> (pid_t, ExitStatus)? {
+        while true {
+            switch Spawner.waitOnce(-1) {
+            case .nothing, .failed: return nil
+            case .exited(let pid, let status): return (pid, status)
+            case .stopped(let pid, let signal):
+                // Let go once the lock is released: on the spawn thread, which takes this lock
+                // to register what it forks.
+                s.stopped.append((pid, signal))
+            }
+        }
     }
+
+    /// How many stops of children that had made this process their tracer were let go, and the
+    /// last one's pid (for the daemon's log and metrics).
+    public var traceesLetGo: (count: UInt64, last: pid_t?, failed: UInt64) { state.withLockedValue { $0.traceesLetGo } }
 }

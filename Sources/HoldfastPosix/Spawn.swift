@@ -92,21 +92,18 @@ public enum Spawner {
     /// fork + exec. A failure in the child before exec (bad path, bad cwd, setuid refused) is
     /// reported here as a `SpawnError`, not as a mysterious exit status later.
     ///
-    /// With a `parentDeathSignal`, the fork happens on one dedicated thread that lives as long as
-    /// the process: Linux sends that signal when the *forking thread* exits, and the concurrency
-    /// pool's threads come and go — a child forked from one of them would be killed at random.
+    /// The fork happens on one thread that lives as long as the process (`SpawnThread`): Linux
+    /// sends a `parentDeathSignal` when the *forking thread* exits, and a child that makes its
+    /// parent its tracer can be let go by that thread alone.
     public static func spawn(_ options: SpawnOptions) throws(SpawnError) -> pid_t {
         try spawn(options, reaper: nil).pid
     }
 
     /// `spawn`, the child registered with `reaper` as it is forked (`ChildReaper.spawn`).
     static func spawn(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
-        if options.parentDeathSignal != nil {
-            return try SpawnThread.shared.run { () throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) in
-                try spawnHere(options, reaper: reaper)
-            }
+        try SpawnThread.shared.run { () throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) in
+            try spawnHere(options, reaper: reaper)
         }
-        return try spawnHere(options, reaper: reaper)
     }
 
     private static func spawnHere(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
@@ -172,12 +169,47 @@ public enum Spawner {
         return (pid, child)
     }
 
+    /// What one waitpid(WNOHANG) found.
+    enum WaitOutcome {
+        case nothing
+        case failed(errno: Int32)
+        case exited(pid_t, ExitStatus)
+        /// A child that made this process its tracer stopped (`UnwantedTracee`): still there.
+        case stopped(pid_t, signal: Int32)
+    }
+
+    /// One waitpid(`pid`, WNOHANG).
+    static func waitOnce(_ pid: pid_t) -> WaitOutcome {
+        var kind: Int32 = 0
+        var code: Int32 = 0
+        let got = hf_wait(pid, 1, &kind, &code)
+        if got < 0 { return .failed(errno: Glibc.errno) }
+        guard got > 0 else { return .nothing }
+        switch kind {
+        case 1: return .exited(got, .exited(code))
+        case 2: return .stopped(got, signal: code)
+        default: return .exited(got, .signaled(code))
+        }
+    }
+
+    /// Reaps `pid` if it has exited, without blocking; a stop of it as a tracee of ours is let
+    /// go on the way (`UnwantedTracee`). Throws only when `pid` is no child of this process.
+    static func reapChecked(_ pid: pid_t) throws(SystemError) -> ExitStatus? {
+        while true {
+            switch waitOnce(pid) {
+            case .nothing: return nil
+            case .failed(let errno):
+                guard errno == ECHILD else { return nil }
+                throw SystemError("waitpid(\(pid))", errno: .noChildProcess)
+            case .exited(_, let status): return status
+            case .stopped(_, let signal): UnwantedTracee.letGo(pid, stoppedBy: signal)
+            }
+        }
+    }
+
     /// Reaps `pid` if it has exited, without blocking.
     public static func reap(_ pid: pid_t) -> ExitStatus? {
-        var exited: Int32 = 0
-        var code: Int32 = 0
-        guard hf_wait(pid, 1, &exited, &code) == pid else { return nil }
-        return exited == 1 ? .exited(code) : .signaled(code)
+        (try? reapChecked(pid)) ?? nil
     }
 
     /// Waits for `pid` (a child of this process) to exit and reaps it, suspending the task — not
@@ -191,15 +223,10 @@ public enum Spawner {
         let handle = try AsyncFD(adopting: pidfd)
         defer { handle.close() }
         while true {
-            if let status = reap(pid) { return status }
+            if let status = try reapChecked(pid) { return status }
+            // Readable but not reapable and no child of ours (ECHILD, thrown): someone else
+            // reaped it (a subreaper's loop).
             try await handle.waitReadable()
-            if let status = reap(pid) { return status }
-            // Readable but not reapable: someone else reaped it (a subreaper's loop).
-            var exited: Int32 = 0
-            var code: Int32 = 0
-            if hf_wait(pid, 1, &exited, &code) < 0, Glibc.errno == ECHILD {
-                throw SystemError("waitpid(\(pid))", errno: .noChildProcess)
-            }
         }
     }
 }
@@ -227,25 +254,65 @@ func withOptionalCString<R>(_ string: String?, _ body: (UnsafePointer<CChar>?) -
     return string.withCString { body($0) }
 }
 
-/// A thread that lives for the whole process and runs forks that set PR_SET_PDEATHSIG.
-final class SpawnThread: @unchecked Sendable {
-    static let shared = SpawnThread()
+/// The one thread every child of this process is forked on, living as long as the process.
+///
+/// Why one: a child's parent is the *thread* that forked it, and two things go by that thread.
+/// PR_SET_PDEATHSIG fires when it exits, and the concurrency pool's threads come and go (a child
+/// forked from one would be killed at random). And a child that calls `ptrace(PTRACE_TRACEME)`
+/// makes that thread its tracer, and only the tracer thread can let it go (`UnwantedTracee`): a
+/// pool thread cannot be asked to, and when it exits its tracees are let go with their signal
+/// unchanged, an exec's SIGTRAP included, which kills them.
+///
+/// In `holdfast` it is the main thread (`serveOnThisThread`): the kernel also gives it the
+/// orphans the subreaper takes in (a runc container's init once runc has exited, what a
+/// process left running), since it hands them to the group's first live thread. Elsewhere (the
+/// test runner) it is a thread of its own, started on first use.
+public final class SpawnThread: @unchecked Sendable {
+    private static let instance = NIOLockedValueBox<SpawnThread?>(nil)
+
+    static var shared: SpawnThread {
+        instance.withLockedValue { existing in
+            if let existing { return existing }
+            let made = SpawnThread()
+            made.startThread()
+            existing = made
+            return made
+        }
+    }
 
     private let lock = ConditionLock(value: 0)  // 0: idle, 1: work queued
     private var work: (() -> Void)?
+    /// The serving thread, once it serves.
+    private let serving = NIOLockedValueBox<pthread_t?>(nil)
 
-    private init() {
+    private init() {}
+
+    /// Makes the calling thread (the main thread: the first live thread of the process, to which
+    /// the kernel reparents orphans) the spawn thread, starts `start` as a detached task, and
+    /// serves forks for the rest of the process's life. Call it before anything is spawned.
+    public static func serveOnThisThread(running start: @escaping @Sendable () async -> Void) -> Never {
+        let spawner = instance.withLockedValue { existing -> SpawnThread in
+            precondition(existing == nil, "the spawn thread is chosen before anything is spawned")
+            let made = SpawnThread()
+            existing = made
+            return made
+        }
+        Task.detached { await start() }
+        spawner.loop()
+    }
+
+    private func startThread() {
         let box = Unmanaged.passRetained(self)
         var thread = pthread_t()
         let created = pthread_create(&thread, nil, { context in
             Unmanaged<SpawnThread>.fromOpaque(context!).takeRetainedValue().loop()
-            return nil
         }, box.toOpaque())
         precondition(created == 0, "cannot start the spawn thread (errno \(created))")
         pthread_detach(thread)
     }
 
-    private func loop() {
+    private func loop() -> Never {
+        serving.withLockedValue { $0 = pthread_self() }
         while true {
             lock.lock(whenValue: 1)
             let job = work
@@ -255,16 +322,23 @@ final class SpawnThread: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` on the spawn thread and waits for it. Calls are serialised.
-    func run<T>(_ body: @escaping () throws(SpawnError) -> T) throws(SpawnError) -> T {
+    /// Whether the caller runs on the spawn thread.
+    var isCurrent: Bool {
+        serving.withLockedValue { $0.map { pthread_equal($0, pthread_self()) != 0 } ?? false }
+    }
+
+    /// Runs `body` on the spawn thread and waits for it (at once when called there). Calls are
+    /// serialised.
+    func run<T, Failure: Error>(_ body: @escaping () throws(Failure) -> T) throws(Failure) -> T {
+        if isCurrent { return try body() }
         let done = ConditionLock(value: 0)
-        var result: Result<T, SpawnError>?
+        var result: Result<T, Failure>?
         submitLock.lock()
         defer { submitLock.unlock() }
         lock.lock(whenValue: 0)
         work = {
             done.lock()
-            do throws(SpawnError) {
+            do throws(Failure) {
                 result = .success(try body())
             } catch {
                 result = .failure(error)
@@ -275,6 +349,11 @@ final class SpawnThread: @unchecked Sendable {
         done.lock(whenValue: 1)
         done.unlock()
         return try result!.get()
+    }
+
+    /// `run` for work that cannot fail.
+    public static func perform<T>(_ body: @escaping () -> T) -> T {
+        shared.run { () throws(Never) -> T in body() }
     }
 
     private let submitLock = NIOLock()

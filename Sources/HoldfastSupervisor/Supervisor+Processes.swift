@@ -194,6 +194,43 @@ extension Supervisor {
         await deliverExit(entry.id)
     }
 
+    /// What the signal loop has said of the stops of processes that made the supervisor their
+    /// tracer (`UnwantedTracee`): each is counted in the metrics; the log names the last one,
+    /// at most every 10 s, so a process that does it in a loop cannot flood the journal.
+    struct TraceeNotes {
+        var counted: UInt64 = 0
+        var said: UInt64 = 0
+        var failed: UInt64 = 0
+        var saidAt: ContinuousClock.Instant?
+        static let logInterval = Duration.seconds(10)
+    }
+
+    /// After a reap: counts and says the tracee stops let go since the last call.
+    func noteTraceesLetGo(_ notes: inout TraceeNotes) {
+        let (count, last, failed) = reaper.traceesLetGo
+        guard count > notes.counted else { return }
+        if failed > notes.failed {
+            // Not expected: every child is forked on the spawn thread, which lets go.
+            logger.error("a process that made the supervisor its tracer could not be let go: it stays stopped until killed", metadata: [
+                "pid": "\(last.map(String.init) ?? "?")", "failures": "\(failed - notes.failed)",
+            ])
+            notes.failed = failed
+        }
+        metrics.traceeStopsLetGo(count - notes.counted)
+        notes.counted = count
+        let now = ContinuousClock.now
+        if let saidAt = notes.saidAt, now - saidAt < TraceeNotes.logInterval { return }
+        let process = last.flatMap { pid in table.withLockedValue { $0.processes.values.first { $0.pid == pid }?.id } }
+        logger.warning(
+            "a process made the supervisor its tracer (PTRACE_TRACEME, a debugger check): let go at its stop, the signal handed on; it runs untraced",
+            metadata: [
+                "pid": "\(last.map(String.init) ?? "?")", "process": "\(process ?? "(not one the daemon started)")",
+                "stops": "\(count - notes.said)",
+            ])
+        notes.said = count
+        notes.saidAt = now
+    }
+
     /// Bytes a broker crash took count as undelivered: the exit never looks clean over them.
     func processDrained(_ drained: DrainedNotification) {
         guard var report = entry(drained.process)?.report else { return }

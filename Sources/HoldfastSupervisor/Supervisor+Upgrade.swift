@@ -198,7 +198,7 @@ extension Supervisor {
     /// Held pending across the exec, for the new image's handlers (their default action would
     /// end the daemon in between). Not SIGCHLD: its default is to do nothing, and the new image
     /// reaps every child that exited meanwhile as it starts.
-    static let signalsBlockedAcrossExec = Supervisor.handledSignals.filter { $0 != SIGCHLD }
+    public static let signalsBlockedAcrossExec = Supervisor.handledSignals.filter { $0 != SIGCHLD }
     /// How long the new binary's check may take, and what is under way may take to finish.
     static let probeLimit = Duration.seconds(10)
     static let settleLimit = Duration.seconds(15)

@@ -237,11 +237,11 @@ public final class Supervisor: Sendable {
         // The previous image blocked them for the exec (the mask survives it): pending ones
         // arrive now, to our handlers. Not before this point: a stop asked for while this image
         // could still fall back stays pending across that exec for the previous image, instead
-        // of going into this image's signal pipe and with it. Unblocked on the main thread,
-        // which lives as long as the process (the mask is per thread, and the threads started
-        // meanwhile have it blocked).
+        // of going into this image's signal pipe and with it. Unblocked on the spawn thread (the
+        // main thread in `holdfast`), which lives as long as the process (the mask is per thread,
+        // and the threads started meanwhile have it blocked).
         ProcessImage.unblock(Self.signalsBlockedAcrossExec)
-        await MainActor.run { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
+        SpawnThread.perform { ProcessImage.unblock(Self.signalsBlockedAcrossExec) }
 
         notifier.status("Starting the broker and the bridge worker")
         let carried = { (name: String) in self.resumption?.state.roles.first { $0.name == name } }
@@ -314,10 +314,12 @@ public final class Supervisor: Sendable {
         let signalLoop = Task { [self] in
             reaper.reapAll()
             var stopping = false
+            var tracees = TraceeNotes()
             while let signal = await signals.next() {
                 switch signal {
                 case SIGCHLD:
                     reaper.reapAll()
+                    noteTraceesLetGo(&tracees)
                 case SIGTERM, SIGINT, SIGQUIT:
                     guard !stopping else { continue }
                     stopping = true

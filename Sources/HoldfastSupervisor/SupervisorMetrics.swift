@@ -21,6 +21,7 @@ final class SupervisorMetrics: Sendable {
     /// the session carries across upgrades, like the restarts.
     let upgrades: CoreMetrics.Counter
     let upgradesFellBack: CoreMetrics.Counter
+    let traceesLetGo: CoreMetrics.Counter
     let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
@@ -44,6 +45,7 @@ final class SupervisorMetrics: Sendable {
         openFileLimit = CoreMetrics.Gauge(label: "holdfast_supervisor_fd_limit", factory: factory)
         upgrades = CoreMetrics.Counter(label: "holdfast_live_upgrades_total", factory: factory)
         upgradesFellBack = CoreMetrics.Counter(label: "holdfast_live_upgrade_fallbacks_total", factory: factory)
+        traceesLetGo = CoreMetrics.Counter(label: "holdfast_tracee_stops_let_go_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -55,6 +57,7 @@ final class SupervisorMetrics: Sendable {
     func processStarted(_ runtime: RuntimeName) { started[runtime]?.increment() }
     func processStartFailed() { startFailures.increment() }
     func processExited() { exits.increment() }
+    func traceeStopsLetGo(_ count: UInt64) { traceesLetGo.increment(by: Int64(clamping: count)) }
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).

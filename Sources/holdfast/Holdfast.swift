@@ -15,7 +15,23 @@ import Logging
 import Glibc
 #endif
 
+/// The entry point: the main thread becomes the spawn thread (`SpawnThread`) and the command
+/// runs as a task. Every child is forked on that thread, and the kernel reparents orphans to it
+/// (the group's first live thread), so it is the thread that can let go of a child that makes
+/// its parent its tracer. Under an async `main` it would sit in libdispatch's `sigsuspend` for
+/// good instead.
+///
+/// It is also the thread that takes the process's signals (the pool's threads block them), so
+/// it unblocks all of them but the ones a live upgrade blocks across its exec: those stay as
+/// they came until the new image has taken over (`Supervisor.signalsBlockedAcrossExec`).
 @main
+enum HoldfastMain {
+    static func main() {
+        ProcessImage.unblockAll(except: Supervisor.signalsBlockedAcrossExec)
+        SpawnThread.serveOnThisThread { await Holdfast.main() }
+    }
+}
+
 struct Holdfast: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "holdfast",

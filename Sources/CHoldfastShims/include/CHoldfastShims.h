@@ -69,8 +69,15 @@ int hf_pidfd_open(pid_t pid);
 /// of its pid.
 int hf_pidfd_send_signal(int pidfd, int signo);
 /// waitpid wrappers that decode the status: returns the pid reaped, 0 if none, -1 with errno.
-/// *exited is 1 for a normal exit (code in *code) and 0 for death by signal (*code = signal).
+/// *exited is 1 for a normal exit (code in *code), 0 for death by signal (*code = signal), and
+/// 2 for a stop of a child that made this process its tracer (PTRACE_TRACEME; *code = the stop
+/// signal): not an exit, the child is still there.
 pid_t hf_wait(pid_t pid, int nohang, int *exited, int *code);
+/// PTRACE_GETSIGINFO of a tracee in a signal-delivery stop: the signal's si_code and sender.
+/// 0, or -1 with errno (EINVAL: a group stop, which has no siginfo).
+int hf_ptrace_stop_sender(pid_t pid, int *code, pid_t *sender);
+/// PTRACE_DETACH, handing `signo` (0: none) on to the tracee. 0, or -1 with errno.
+int hf_ptrace_let_go(pid_t pid, int signo);
 
 /// Options for hf_spawn. Any fd may be -1 (inherit nothing on that number: /dev/null is used).
 typedef struct {
