@@ -281,18 +281,11 @@ static void cloexec_from_3(void) {
     }
 }
 
-pid_t hf_spawn(const hf_spawn_options *o, const char **failed_step) {
-    int report_fd = -1;
-    pid_t pid = hf_spawn_fork(o, &report_fd, failed_step);
-    if (pid < 0) return -1;
-    if (hf_spawn_result(report_fd, failed_step) != 0) {
-        int saved = errno;
-        int status;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
-        errno = saved;
-        return -1;
-    }
-    return pid;
+void hf_reap_failed_child(pid_t pid) {
+    int saved = errno;
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    errno = saved;
 }
 
 pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **failed_step) {

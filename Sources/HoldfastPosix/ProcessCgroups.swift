@@ -215,13 +215,18 @@ public final class ProcessCgroups: Sendable {
 
     /// The names of the process cgroups in the daemon's directory.
     public func cgroupNames() -> [String] {
+        Self.processCgroupNames(in: directory)
+    }
+
+    /// The names of the process cgroups in `directory` (a daemon's `holdfast-<tag>`).
+    public static func processCgroupNames(in directory: String) -> [String] {
         guard let handle = opendir(directory) else { return [] }
         defer { closedir(handle) }
         var names: [String] = []
         while let entry = readdir(handle) {
             guard entry.pointee.d_type == UInt8(DT_DIR) else { continue }
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if Self.isProcessCgroupName(name) { names.append(name) }
+            if isProcessCgroupName(name) { names.append(name) }
         }
         return names
     }

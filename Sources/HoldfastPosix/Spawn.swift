@@ -101,9 +101,7 @@ public enum Spawner {
 
     /// `spawn`, the child registered with `reaper` as it is forked (`ChildReaper.spawn`).
     static func spawn(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
-        try SpawnThread.shared.run { () throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) in
-            try spawnHere(options, reaper: reaper)
-        }
+        try spawnHere(options, reaper: reaper)
     }
 
     private static func spawnHere(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
@@ -149,13 +147,24 @@ public enum Spawner {
                             raw.nofile_soft = limit.soft
                             raw.nofile_hard = limit.hard ?? 0
                         }
-                        guard let reaper else { return hf_spawn(&raw, &step) }
+                        // The fork alone on the spawn thread (the child's parent for good); the
+                        // wait for its exec here, on the caller's: the child's set-up and exec can
+                        // block (a directory or binary on a hung file system), and the spawn
+                        // thread serves every other fork and lets go of tracees meanwhile.
                         var reportFD: Int32 = -1
-                        let forked = reaper.registering { hf_spawn_fork(&raw, &reportFD, &step) }
+                        let forked = SpawnThread.shared.run { () -> (pid: pid_t, child: ChildReaper.Child?) in
+                            var options = raw
+                            guard let reaper else { return (hf_spawn_fork(&options, &reportFD, &step), nil) }
+                            return reaper.registering { hf_spawn_fork(&options, &reportFD, &step) }
+                        }
                         child = forked.child
                         guard forked.pid > 0 else { return forked.pid }
-                        // Outside the reaper's lock: the child's set-up and exec can block.
-                        return hf_spawn_result(reportFD, &step) == 0 ? forked.pid : -1
+                        // Outside the reaper's lock too.
+                        guard hf_spawn_result(reportFD, &step) == 0 else {
+                            if reaper == nil { hf_reap_failed_child(forked.pid) }
+                            return -1
+                        }
+                        return forked.pid
                     }
                 }
             }

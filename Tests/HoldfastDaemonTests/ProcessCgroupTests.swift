@@ -3,6 +3,7 @@ import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import NIOConcurrencyHelpers
 import Testing
 
 #if canImport(Glibc)
@@ -220,6 +221,47 @@ struct ProcessCgroupTests {
         let path = CgroupLocation.unifiedPath(procCgroup: String(decoding: await output.value, as: UTF8.self))
         #expect(path == own, "in the daemon's own cgroup")
         #expect(daemon.log.contains("process runs without a cgroup"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Every child is forked on one thread (the daemon's main thread, `SpawnThread`: the tracer
+    /// of a child that traces itself), but the wait for its exec is not made there. A process
+    /// whose set-up cannot finish — here its cgroup is frozen before it execs, as a working
+    /// directory or binary on a hung file system would hold it — holds its own create only: a
+    /// broker killed meanwhile is forked again and serves, and the process starts when let.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aProcessThatCannotStartYetHoldsNoOtherFork() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let own = try #require(try Tracked(daemon.daemonPID).cgroup)
+        let processes = try Self.directory(of: own) + "/holdfast-" + ProcessCgroups.tag(runDirectory: daemon.directory.path)
+        try writeFile(processes + "/cgroup.freeze", bytes("1"))
+        let frozen = NIOLockedValueBox(true)
+        defer { if frozen.withLockedValue({ $0 }) { try? writeFile(processes + "/cgroup.freeze", bytes("0")) } }
+        let output = collect(try daemon.streams.open(token: bytes("held-out"), direction: .receive))
+        let started = NIOLockedValueBox(false)
+        let held = Task {
+            defer { started.withLockedValue { $0 = true } }
+            return try await daemon.launch(ProcessSpec(id: "held", argv: ["echo", "started"], stdout: daemon.spec("held-out")))
+        }
+        try await eventually("the process frozen in its cgroup before its exec") {
+            ProcessCgroups.processCgroupNames(in: processes).contains { !(readFile(processes + "/" + $0 + "/cgroup.procs") ?? []).isEmpty }
+        }
+
+        let broker = try #require(try await daemon.rolePID("broker").flatMap(ProcessIdentity.init))
+        #expect(kill(broker.pid, SIGKILL) == 0)
+        // Bounded as a whole: the daemon's answers themselves may wait for a broker it cannot
+        // start (the hang this test guards against).
+        try await withDeadline("a new broker forked while the create waits", .seconds(60)) {
+            try await eventually("a new broker forked while the create waits") { try await daemon.roleIsAnother("broker", than: broker) }
+        }
+        #expect(!started.withLockedValue { $0 }, "the create still waits for its process")
+
+        try writeFile(processes + "/cgroup.freeze", bytes("0"))
+        frozen.withLockedValue { $0 = false }
+        _ = try await withDeadline("the create once its process may start", .seconds(60)) { try await held.value }
+        #expect(try await daemon.wait("held").exitCode == 0)
+        #expect(String(decoding: try await withDeadline("its output", .seconds(60)) { await output.value }, as: UTF8.self) == "started\n")
         #expect(try await daemon.stop() == .exited(0))
     }
 

@@ -105,18 +105,18 @@ typedef struct {
     int cgroup_procs_fd;       ///< an open cgroup.procs of a cgroup v2 directory (with join_cgroup)
 } hf_spawn_options;
 
-/// fork + exec. Returns the pid, or -1 with errno set to why the child could not start (the
-/// child reports exec and set-up failures back through a CLOEXEC pipe, so a bad path is an error
-/// here, not a mysterious exit 127). *failed_step names the step that failed.
-pid_t hf_spawn(const hf_spawn_options *options, const char **failed_step);
-
-/// hf_spawn in two steps, for a caller that must record the child between the fork and anything
-/// that could reap it (a reaper's lock held across hf_spawn_fork only: the child's set-up and
-/// exec, which can block, run after). hf_spawn_fork returns the pid (or -1) and the read end of
-/// the report pipe; hf_spawn_result returns 0 once the child exec'd, or -1 with errno and
-/// *failed_step from its report (the child exits 127 and is left for the caller to reap).
+/// fork + exec in two steps, so that a caller can fork on one thread (the child's parent) and
+/// record the child between the fork and anything that could reap it (a reaper's lock held
+/// across hf_spawn_fork only), and wait for the exec on another (the child's set-up and exec can
+/// block). hf_spawn_fork returns the pid (or -1) and the read end of the report pipe;
+/// hf_spawn_result returns 0 once the child exec'd, or -1 with errno set to why the child could
+/// not start and *failed_step naming the step (the child reports set-up and exec failures through
+/// a CLOEXEC pipe, so a bad path is an error here, not a mysterious exit 127; it then exits 127
+/// and is left for the caller to reap: hf_reap_failed_child, or the caller's reaper).
 pid_t hf_spawn_fork(const hf_spawn_options *options, int *report_fd, const char **failed_step);
 int hf_spawn_result(int report_fd, const char **failed_step);
+/// waitpid(pid) for a child hf_spawn_result said failed, errno kept.
+void hf_reap_failed_child(pid_t pid);
 
 
 
