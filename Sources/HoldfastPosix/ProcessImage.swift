@@ -13,7 +13,18 @@ public enum ProcessImage {
     /// `keep` open and `blocked` blocked (a SIGTERM arriving before the new image has handlers
     /// waits, pending, instead of killing it with the default action). Returns only if the exec
     /// failed, with every flag and the signal mask as they were.
+    ///
+    /// The exec is made on the spawn thread (`SpawnThread`: the main thread in `holdfast`), the
+    /// parent and tracer of every child. An exec from another thread ends that one with the rest,
+    /// and the kernel lets go of its tracees with their pending signal unchanged: a process that
+    /// had made the supervisor its tracer and stopped just then (the reaper is frozen during an
+    /// upgrade) would get the exec's SIGTRAP, which kills it. Made there, the thread goes on as
+    /// the new image's main thread, tracer of the same tracees, and the new reaper lets them go.
     public static func replace(executable: Int32, arguments: [String], keep: [Int32], blocked: [Int32]) -> SystemError {
+        SpawnThread.perform { replaceHere(executable: executable, arguments: arguments, keep: keep, blocked: blocked) }
+    }
+
+    private static func replaceHere(executable: Int32, arguments: [String], keep: [Int32], blocked: [Int32]) -> SystemError {
         let previous = keep.map { fcntl($0, F_GETFD) }
         for fd in keep { _ = fcntl(fd, F_SETFD, 0) }
         var mask = sigset_t()

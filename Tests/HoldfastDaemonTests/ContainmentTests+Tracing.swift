@@ -120,4 +120,45 @@ extension ContainmentTests {
         try await Self.expectIntact(daemon, roles: before, bystander: bystander)
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// The tracer of a process that traced itself is a thread: the supervisor's main thread. A
+    /// live upgrade's exec is made on it, so it goes on as the new image's main thread and the
+    /// process stays its tracee: had the exec come from another thread, the kernel would have
+    /// ended the main thread and let its tracees go with their pending signal — for one stopped
+    /// just then (the reaper is frozen while the state is written down), the exec's SIGTRAP,
+    /// which kills it. Checked here by the relationship itself (`TracerPid` across the upgrade),
+    /// then by the process's exec after it, which the new image lets go.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (the daemon's broker runs as a uid of its own) and python3"))
+    func aProcessTracedBeforeALiveUpgradeIsLetGoByTheNewImage() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let go = daemon.directory.file("go")
+        let output = Accumulator(try daemon.streams.open(token: bytes("traced-out"), direction: .receive))
+        let pid = try await daemon.launch(ProcessSpec(
+            id: "traced", argv: Self.tracedPython("""
+                say("traced", traceme())
+                deadline = time.monotonic() + 120
+                while not os.path.exists("\(go)") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.execvp("sh", ["sh", "-c", "echo after the upgrade; exit 5"])
+                """),
+            stdout: daemon.spec("traced-out")))
+        try await eventually("the process traced") { output.text == "traced 0\n" }
+        let tracer = { () -> pid_t? in
+            readFile("/proc/\(pid)/status").flatMap { String(decoding: $0, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("TracerPid:") } }
+                .flatMap { pid_t($0.dropFirst("TracerPid:".count).trimmingCharacters(in: .whitespaces)) }
+        }
+        #expect(tracer() == daemon.daemonPID, "its tracer is the supervisor's main thread")
+
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == 1 }
+        #expect(tracer() == daemon.daemonPID, "still its tracer after the upgrade: the exec was made on that thread")
+
+        try writeFile(go, [])
+        let report = try await withDeadline("its exit", .seconds(60)) { try await daemon.wait("traced") }
+        #expect(report.exitCode == 5 && report.signal == nil, "its own exit after its exec: \(report)")
+        #expect(output.text == "traced 0\nafter the upgrade\n")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
