@@ -47,6 +47,9 @@ public enum UnwantedTracee {
     }
 
     private static func letGoHere(_ pid: pid_t, stoppedBy stopSignal: Int32) -> Bool {
+        // Who sent it matters for SIGTRAP alone: any other signal goes on without the two
+        // lookups (a process that traces itself in a loop is let go once per stop).
+        guard stopSignal == SIGTRAP else { return hf_ptrace_let_go(pid, stopSignal) == 0 }
         var code: Int32 = 0
         var sender: pid_t = 0
         let known = hf_ptrace_stop_sender(pid, &code, &sender) == 0
