@@ -144,16 +144,12 @@ extension ContainmentTests {
                 """),
             stdout: daemon.spec("traced-out")))
         try await eventually("the process traced") { output.text == "traced 0\n" }
-        let tracer = { () -> pid_t? in
-            readFile("/proc/\(pid)/status").flatMap { String(decoding: $0, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("TracerPid:") } }
-                .flatMap { pid_t($0.dropFirst("TracerPid:".count).trimmingCharacters(in: .whitespaces)) }
-        }
-        #expect(tracer() == daemon.daemonPID, "its tracer is the supervisor's main thread")
+        #expect(ProcessRunState.of(pid) == .traced(by: daemon.daemonPID), "its tracer is the supervisor's main thread")
 
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
         try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == 1 }
-        #expect(tracer() == daemon.daemonPID, "still its tracer after the upgrade: the exec was made on that thread")
+        #expect(ProcessRunState.of(pid) == .traced(by: daemon.daemonPID), "still its tracer after the upgrade: the exec was made on that thread")
 
         try writeFile(go, [])
         let report = try await withDeadline("its exit", .seconds(60)) { try await daemon.wait("traced") }

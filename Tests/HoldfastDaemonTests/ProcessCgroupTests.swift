@@ -74,6 +74,12 @@ struct ProcessCgroupTests {
         return mount.mountPoint + path
     }
 
+    /// The daemon's directory of process cgroups (`<its cgroup>/holdfast-<tag>`).
+    static func processCgroupsDirectory(of daemon: DaemonFixture) throws -> String {
+        let own = try #require(try Tracked(daemon.daemonPID).cgroup)
+        return try directory(of: own) + "/holdfast-" + ProcessCgroups.tag(runDirectory: daemon.directory.path)
+    }
+
     static func parent(_ path: String) -> String {
         String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
     }
@@ -213,7 +219,7 @@ struct ProcessCgroupTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let own = try #require(try Tracked(daemon.daemonPID).cgroup)
-        let daemonDirectory = try Self.directory(of: own) + "/holdfast-" + ProcessCgroups.tag(runDirectory: daemon.directory.path)
+        let daemonDirectory = try Self.processCgroupsDirectory(of: daemon)
         try writeFile(daemonDirectory + "/cgroup.max.descendants", bytes("0"))
         let output = collect(try daemon.streams.open(token: bytes("n-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(id: "n", argv: ["cat", "/proc/self/cgroup"], stdout: daemon.spec("n-out")))
@@ -233,8 +239,7 @@ struct ProcessCgroupTests {
     func aProcessThatCannotStartYetHoldsNoOtherFork() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let own = try #require(try Tracked(daemon.daemonPID).cgroup)
-        let processes = try Self.directory(of: own) + "/holdfast-" + ProcessCgroups.tag(runDirectory: daemon.directory.path)
+        let processes = try Self.processCgroupsDirectory(of: daemon)
         try writeFile(processes + "/cgroup.freeze", bytes("1"))
         let frozen = NIOLockedValueBox(true)
         defer { if frozen.withLockedValue({ $0 }) { try? writeFile(processes + "/cgroup.freeze", bytes("0")) } }
