@@ -342,13 +342,12 @@ public final class ChildReaper: Sendable {
             return (woken, s.stopped)
         }
         for (waiter, status) in woken { waiter.resume(returning: status) }
-        for tracee in stopped {
-            let letGo = UnwantedTracee.letGo(tracee.pid, stoppedBy: tracee.signal)
-            state.withLockedValue { s in
-                s.traceesLetGo.count += 1
-                s.traceesLetGo.last = tracee.pid
-                if !letGo { s.traceesLetGo.failed += 1 }
-            }
+        guard let last = stopped.last else { return }
+        let failed = UnwantedTracee.letGo(stopped)
+        state.withLockedValue { s in
+            s.traceesLetGo.count += UInt64(stopped.count)
+            s.traceesLetGo.last = last.pid
+            s.traceesLetGo.failed += UInt64(failed)
         }
     }
 

@@ -46,6 +46,12 @@ public enum UnwantedTracee {
         SpawnThread.perform { letGoHere(pid, stoppedBy: stopSignal) }
     }
 
+    /// `letGo` for every tracee one reap found, in one trip to the spawn thread; returns how
+    /// many could not be let go.
+    static func letGo(_ tracees: [(pid: pid_t, signal: Int32)]) -> Int {
+        SpawnThread.perform { tracees.count { !letGoHere($0.pid, stoppedBy: $0.signal) } }
+    }
+
     private static func letGoHere(_ pid: pid_t, stoppedBy stopSignal: Int32) -> Bool {
         // Who sent it matters for SIGTRAP alone: any other signal goes on without the two
         // lookups (a process that traces itself in a loop is let go once per stop).
