@@ -1,13 +1,16 @@
 #!/bin/sh
-# What a container that traces itself in a loop costs the supervisor (README, "Security": "A
-# process cannot make the supervisor its debugger"): a process calls PTRACE_TRACEME and signals
-# itself N times; each stop is one let-go by the supervisor. Prints the supervisor's CPU seconds
-# (user + system, from /proc) over the loop and the loop's wall time.
+# What containers that trace themselves in a loop cost the supervisor (README, "Security": "A
+# process cannot make the supervisor its debugger"): each of P processes calls PTRACE_TRACEME and
+# signals itself, again and again, for S seconds; every stop is a let-go by the supervisor, held
+# to a pace after a process's first 16 (TraceeLetGoPace). Prints, for each P, the stops made and
+# the supervisor's CPU (user + system, from /proc) over the run, per second and per stop.
 #
-#   bench/tracee-loop.sh [path/to/holdfast]     (as root, with python3; N=20000 by default)
+#   bench/tracee-loop.sh [path/to/holdfast]     (as root, with python3)
+#   PROCS="1 20" SECONDS_EACH=10 by default
 set -e
 H=${1:-.build/release/holdfast}
-N=${N:-20000}
+PROCS=${PROCS:-1 20}
+S=${SECONDS_EACH:-10}
 export HOLDFAST_RUN_DIR=$(mktemp -d)
 # The broker (its own uid) dials the host's stream socket in this directory.
 chmod 755 "$HOLDFAST_RUN_DIR"
@@ -17,21 +20,33 @@ setsid "$H" daemon --config config/holdfast-dev.yaml > "$HOLDFAST_RUN_DIR/daemon
 trap 'kill $DAEMON 2>/dev/null; sleep 3; kill $SERVE 2>/dev/null; rm -rf "$HOLDFAST_RUN_DIR"' EXIT
 sleep 2
 ticks() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
-before=$(ticks)
-t0=$(date +%s.%N)
-"$H" host run --id loop -- python3 -c "
-import ctypes, os, signal
+for p in $PROCS; do
+    before=$(ticks)
+    i=0
+    pids=""
+    while [ $i -lt "$p" ]; do
+        "$H" host run --id "loop-$p-$i" -- python3 -c "
+import ctypes, os, signal, time
 libc = ctypes.CDLL(None)
 signal.signal(signal.SIGUSR1, lambda *_: None)
-for i in range($N):
+rounds = 0
+end = time.monotonic() + $S
+while time.monotonic() < end:
     libc.ptrace(0, 0, None, None)  # PTRACE_TRACEME
     os.kill(os.getpid(), signal.SIGUSR1)
-print('done', $N)
-"
-t1=$(date +%s.%N)
-after=$(ticks)
-awk -v n="$N" -v b="$before" -v a="$after" -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN {
-    cpu = (a - b) / hz
-    printf "stops %d; supervisor CPU %.2f s (%.0f us per stop); wall %.2f s\n", n, cpu, cpu / n * 1e6, t1 - t0
-}'
-echo "log lines about it: $(grep -c 'made the supervisor its tracer' "$HOLDFAST_RUN_DIR/daemon.out" || true)"
+    rounds += 1
+print(rounds)
+" > "$HOLDFAST_RUN_DIR/rounds-$p-$i" &
+        pids="$pids $!"
+        i=$((i + 1))
+    done
+    wait $pids
+    after=$(ticks)
+    stops=$(cat "$HOLDFAST_RUN_DIR"/rounds-$p-* | awk '{s += $1} END {print s}')
+    awk -v p="$p" -v s="$S" -v n="$stops" -v b="$before" -v a="$after" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        cpu = (a - b) / hz
+        printf "%d process(es), %d s: %d stops (%.0f per second); supervisor CPU %.2f s (%.1f %% of a CPU, %.0f us per stop)\n",
+            p, s, n, n / s, cpu, cpu / s * 100, (n > 0 ? cpu / n * 1e6 : 0)
+    }'
+done
+echo "log lines about it: $(grep -c 'tracee\|its tracer' "$HOLDFAST_RUN_DIR/daemon.out" || true)"

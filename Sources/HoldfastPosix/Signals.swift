@@ -1,4 +1,5 @@
 import CHoldfastShims
+import HoldfastCore
 import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
@@ -105,10 +106,33 @@ public final class ChildReaper: Sendable {
         var registeredWaiters: [UInt64: CheckedContinuation<ExitStatus, Never>] = [:]
         /// Registrations whose exit nobody will ask for (the child failed before exec).
         var abandoned: Set<UInt64> = []
-        /// Stops of tracees let go (`reapOne`).
-        var traceesLetGo: (count: UInt64, last: pid_t?, failed: UInt64) = (0, nil, 0)
+        /// Stops of tracees let go (`reapOne`), and how many of them were held first.
+        var traceesLetGo = TraceeStops()
         /// Tracees found stopped by the reap in progress, let go after it (`reapAll`).
         var stopped: [(pid: pid_t, signal: Int32)] = []
+        /// When each tracee stop is let go (`TraceeLetGoPace`), and the stops it holds, by pid:
+        /// the signal to hand on and when (`letGoHeld`). A task serves them while any are held.
+        var pace = TraceeLetGoPace()
+        var held: [pid_t: (signal: Int32, due: ContinuousClock.Instant)] = [:]
+        var servingHeld = false
+    }
+
+    /// What the reaper has done with the stops of children that made this process their
+    /// tracer (for the daemon's log and metrics).
+    public struct TraceeStops: Sendable, Equatable {
+        /// Stops let go, held ones included once let go.
+        public var count: UInt64 = 0
+        /// The pid of the last one.
+        public var last: pid_t?
+        /// Let-gos that failed (the process was killed meanwhile, or another thread traces it).
+        public var failed: UInt64 = 0
+        /// Stops held for a while before their let-go (`TraceeLetGoPace`: a process that
+        /// stops more often than a debugger check does).
+        public var held: UInt64 = 0
+        /// The pid of the last one held.
+        public var lastHeld: pid_t?
+
+        public init() {}
     }
 
     private let state = NIOLockedValueBox(State())
@@ -283,14 +307,21 @@ public final class ChildReaper: Sendable {
     /// Stops reaping (a live upgrade is about to replace this image: its children stay zombies
     /// for the next one to reap) and returns every exit reaped but not recorded by its tracked
     /// waiter, or not waited for at all, for the next image to `seed`.
+    ///
+    /// A tracee stop held for later (`TraceeLetGoPace`) is let go now: its stop has been reported
+    /// and the next image's waitpid would not see it again, so it would stay stopped for ever.
     public func freeze() -> [pid_t: ExitStatus] {
-        state.withLockedValue { s in
+        let (exits, held) = state.withLockedValue { s in
             s.frozen = true
             var exits = s.exited
             for exit in s.registeredExits.values { exits[exit.pid] = exit.status }
             for (pid, status) in s.handed { exits[pid] = status }
-            return exits
+            let held = s.held.map { (pid: $0.key, signal: $0.value.signal) }
+            s.held = [:]
+            return (exits, held)
         }
+        letGo(held)
+        return exits
     }
 
     /// Reaps again (the upgrade did not happen).
@@ -342,31 +373,77 @@ public final class ChildReaper: Sendable {
             return (woken, s.stopped)
         }
         for (waiter, status) in woken { waiter.resume(returning: status) }
-        guard let last = stopped.last else { return }
-        let failed = UnwantedTracee.letGo(stopped)
+        letGo(stopped)
+        serveHeldStops()
+    }
+
+    /// Lets go of tracees found stopped (on the spawn thread, outside the lock) and counts them.
+    private func letGo(_ tracees: [(pid: pid_t, signal: Int32)]) {
+        guard let last = tracees.last else { return }
+        let failed = UnwantedTracee.letGo(tracees)
         state.withLockedValue { s in
-            s.traceesLetGo.count += UInt64(stopped.count)
+            s.traceesLetGo.count += UInt64(tracees.count)
             s.traceesLetGo.last = last.pid
             s.traceesLetGo.failed += UInt64(failed)
         }
     }
 
+    /// Starts the task that lets go of held stops when they are due, unless it runs.
+    private func serveHeldStops() {
+        let start = state.withLockedValue { s in
+            guard !s.held.isEmpty, !s.servingHeld else { return false }
+            s.servingHeld = true
+            return true
+        }
+        guard start else { return }
+        Task.detached { await self.letGoHeldStops() }
+    }
+
+    /// Until none is held: sleeps until the next held stop is due, then lets go of every one
+    /// that is. A held process that exits meanwhile (killed: SIGKILL ends a stopped tracee) is
+    /// dropped from `held` by the reap that finds its exit.
+    private func letGoHeldStops() async {
+        while true {
+            let now = ContinuousClock.now
+            let (due, next) = state.withLockedValue { s -> ([(pid: pid_t, signal: Int32)], ContinuousClock.Instant?) in
+                let due = s.held.filter { $0.value.due <= now }
+                for pid in due.keys { s.held.removeValue(forKey: pid) }
+                let next = s.held.values.map(\.due).min()
+                if next == nil { s.servingHeld = false }
+                return (due.map { (pid: $0.key, signal: $0.value.signal) }, next)
+            }
+            letGo(due)
+            guard let next else { return }
+            try? await Task.sleep(until: next, clock: .continuous)
+        }
+    }
+
     /// The next exit, if any. A stop on the way is a child that made this process its tracer
-    /// (`UnwantedTracee`): never taken for an exit, kept in `s.stopped` to be let go.
+    /// (`UnwantedTracee`): never taken for an exit, kept in `s.stopped` to be let go now, or in
+    /// `s.held` to be let go later (`TraceeLetGoPace`).
     private static func reapOne(_ s: inout State) -> (pid_t, ExitStatus)? {
         while true {
             switch Spawner.waitOnce(-1) {
             case .nothing, .failed: return nil
-            case .exited(let pid, let status): return (pid, status)
+            case .exited(let pid, let status):
+                s.pace.exited(pid)
+                s.held.removeValue(forKey: pid)
+                return (pid, status)
             case .stopped(let pid, let signal):
                 // Let go once the lock is released: on the spawn thread, which takes this lock
                 // to register what it forks.
-                s.stopped.append((pid, signal))
+                if let due = s.pace.stopped(pid, at: .now) {
+                    s.held[pid] = (signal, due)
+                    s.traceesLetGo.held += 1
+                    s.traceesLetGo.lastHeld = pid
+                } else {
+                    s.stopped.append((pid, signal))
+                }
             }
         }
     }
 
-    /// How many stops of children that had made this process their tracer were let go, and the
-    /// last one's pid (for the daemon's log and metrics).
-    public var traceesLetGo: (count: UInt64, last: pid_t?, failed: UInt64) { state.withLockedValue { $0.traceesLetGo } }
+    /// What became of the stops of children that had made this process their tracer (for the
+    /// daemon's log and metrics).
+    public var traceesLetGo: TraceeStops { state.withLockedValue { $0.traceesLetGo } }
 }

@@ -198,36 +198,48 @@ extension Supervisor {
     /// tracer (`UnwantedTracee`): each is counted in the metrics; the log names the last one,
     /// at most every 10 s, so a process that does it in a loop cannot flood the journal.
     struct TraceeNotes {
-        var counted: UInt64 = 0
-        var said: UInt64 = 0
-        var failed: UInt64 = 0
+        var counted = ChildReaper.TraceeStops()
+        var said = ChildReaper.TraceeStops()
         var saidAt: ContinuousClock.Instant?
         static let logInterval = Duration.seconds(10)
     }
 
-    /// After a reap: counts and says the tracee stops let go since the last call.
+    /// After a reap: counts and says the tracee stops let go (and held) since the last call.
     func noteTraceesLetGo(_ notes: inout TraceeNotes) {
-        let (count, last, failed) = reaper.traceesLetGo
-        guard count > notes.counted else { return }
-        if failed > notes.failed {
+        let stops = reaper.traceesLetGo
+        guard stops.count > notes.counted.count || stops.held > notes.counted.held else { return }
+        if stops.failed > notes.counted.failed {
             // Not expected: every child is forked on the spawn thread, which lets go.
             logger.error("a process that made the supervisor its tracer could not be let go: it stays stopped until killed", metadata: [
-                "pid": "\(last.map(String.init) ?? "?")", "failures": "\(failed - notes.failed)",
+                "pid": "\(stops.last.map(String.init) ?? "?")", "failures": "\(stops.failed - notes.counted.failed)",
             ])
-            notes.failed = failed
         }
-        metrics.traceeStopsLetGo(count - notes.counted)
-        notes.counted = count
+        metrics.traceeStopsLetGo(stops.count - notes.counted.count)
+        metrics.traceeStopsHeld(stops.held - notes.counted.held)
+        notes.counted = stops
         let now = ContinuousClock.now
         if let saidAt = notes.saidAt, now - saidAt < TraceeNotes.logInterval { return }
-        let process = last.flatMap { pid in table.withLockedValue { $0.processes.values.first { $0.pid == pid }?.id } }
-        logger.warning(
-            "a process made the supervisor its tracer (PTRACE_TRACEME, a debugger check): let go at its stop, the signal handed on; it runs untraced",
-            metadata: [
-                "pid": "\(last.map(String.init) ?? "?")", "process": "\(process ?? "(not one the daemon started)")",
-                "stops": "\(count - notes.said)",
-            ])
-        notes.said = count
+        func process(_ pid: pid_t?) -> String {
+            let id = pid.flatMap { pid in table.withLockedValue { $0.processes.values.first { $0.pid == pid }?.id } }
+            return id ?? "(not one the daemon started)"
+        }
+        if stops.held > notes.said.held {
+            let limits = TraceeLetGoPace.Limits.standard
+            logger.warning(
+                "a process stops as the supervisor's tracee more often than a debugger check does: after its first \(limits.freeStops) stops, each is let go at most every \(limits.perProcessInterval.spoken) (it alone is slowed)",
+                metadata: [
+                    "pid": "\(stops.lastHeld.map(String.init) ?? "?")", "process": "\(process(stops.lastHeld))",
+                    "held": "\(stops.held - notes.said.held)",
+                ])
+        } else {
+            logger.warning(
+                "a process made the supervisor its tracer (PTRACE_TRACEME, a debugger check): let go at its stop, the signal handed on; it runs untraced",
+                metadata: [
+                    "pid": "\(stops.last.map(String.init) ?? "?")", "process": "\(process(stops.last))",
+                    "stops": "\(stops.count - notes.said.count)",
+                ])
+        }
+        notes.said = stops
         notes.saidAt = now
     }
 

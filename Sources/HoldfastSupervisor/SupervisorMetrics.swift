@@ -22,6 +22,7 @@ final class SupervisorMetrics: Sendable {
     let upgrades: CoreMetrics.Counter
     let upgradesFellBack: CoreMetrics.Counter
     let traceesLetGo: CoreMetrics.Counter
+    let traceeStopsHeld: CoreMetrics.Counter
     let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
@@ -46,6 +47,7 @@ final class SupervisorMetrics: Sendable {
         upgrades = CoreMetrics.Counter(label: "holdfast_live_upgrades_total", factory: factory)
         upgradesFellBack = CoreMetrics.Counter(label: "holdfast_live_upgrade_fallbacks_total", factory: factory)
         traceesLetGo = CoreMetrics.Counter(label: "holdfast_tracee_stops_let_go_total", factory: factory)
+        traceeStopsHeld = CoreMetrics.Counter(label: "holdfast_tracee_stops_held_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -58,6 +60,7 @@ final class SupervisorMetrics: Sendable {
     func processStartFailed() { startFailures.increment() }
     func processExited() { exits.increment() }
     func traceeStopsLetGo(_ count: UInt64) { traceesLetGo.increment(by: Int64(clamping: count)) }
+    func traceeStopsHeld(_ count: UInt64) { traceeStopsHeld.increment(by: Int64(clamping: count)) }
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).

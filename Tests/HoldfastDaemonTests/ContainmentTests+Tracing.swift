@@ -157,4 +157,118 @@ extension ContainmentTests {
         #expect(output.text == "traced 0\nafter the upgrade\n")
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// Each stop of a process that traced itself is a let-go on the supervisor's one spawn
+    /// thread; let go at once, a process that traced itself and signalled itself in a loop took
+    /// about 0.6 of a CPU from the supervisor. Now after its first 16 stops each is let go at most
+    /// every 10 ms (`TraceeLetGoPace`): the loop is slowed, and nobody else — a debugger check
+    /// made meanwhile is let go at once, a process held in its stop can be killed, a bystander
+    /// streams on.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (the daemon's broker runs as a uid of its own) and python3"))
+    func aProcessThatStopsAsATraceeInALoopIsSlowedAndNoOneElse() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon)
+        let before = try await Self.roles(daemon)
+
+        // 216 rounds: 16 let go at once, 200 held 10 ms each — 2 s at the least, however fast
+        // the machine (let go at once, it took about 20 ms).
+        let loopOutput = collect(try daemon.streams.open(token: bytes("loop-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "loop", argv: Self.tracedPython("""
+                handled = [0]
+                def count(*_):
+                    handled[0] += 1
+                signal.signal(signal.SIGUSR1, count)
+                started = time.monotonic()
+                for _ in range(216):
+                    traceme()
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                say("handled", handled[0])
+                say("took", time.monotonic() - started)
+                """),
+            stdout: daemon.spec("loop-out")))
+        // One that never stops looping, to be killed while held.
+        let foreverPID = try await daemon.launch(ProcessSpec(
+            id: "forever", argv: Self.tracedPython("""
+                signal.signal(signal.SIGUSR1, lambda *_: None)
+                while True:
+                    traceme()
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                """)))
+        // Meanwhile a program's debugger check (a stop at its exec) is let go at once.
+        let checkOutput = collect(try daemon.streams.open(token: bytes("check-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "check", argv: Self.tracedPython("""
+                say("traced", traceme())
+                os.execvp("sh", ["sh", "-c", "echo after exec; exit 7"])
+                """),
+            stdout: daemon.spec("check-out")))
+        let check = try await daemon.wait("check")
+        #expect(check.exitCode == 7 && check.signal == nil, "\(check)")
+        #expect(try await Self.text(checkOutput) == "traced 0\nafter exec\n")
+
+        let loop = try await withDeadline("the loop's exit", .seconds(120)) { try await daemon.wait("loop") }
+        #expect(loop.exitCode == 0 && loop.signal == nil, "\(loop)")
+        let lines = try await Self.text(loopOutput).split(separator: "\n")
+        #expect(lines.first == "handled 216", "every signal handed on, once: \(lines)")
+        let took = lines.count == 2 ? Double(lines[1].dropFirst("took ".count)) : nil
+        #expect((took ?? 0) >= 1.9, "200 stops held 10 ms each: \(lines)")
+
+        // The one held for ever ends when killed, held or not, and its exit is its own.
+        try await eventually("the endless loop held") { ProcessRunState.of(foreverPID) == .traced(by: daemon.daemonPID) }
+        let client = try await daemon.control()
+        defer { client.close() }
+        let killing = SupervisorRequest.signal(SignalRequest(id: "forever", signal: SIGKILL))
+        _ = try await client.request(killing.frameType, body: killing.body)
+        let forever = try await withDeadline("the killed loop's exit", .seconds(30)) { try await daemon.wait("forever") }
+        #expect(forever.signal == SIGKILL, "\(forever)")
+
+        let metrics = parsePrometheus(try await httpExchange(
+            .unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect((metrics["holdfast_tracee_stops_held_total"] ?? 0) >= 200, "held stops counted: \(metrics["holdfast_tracee_stops_held_total"] ?? -1)")
+        #expect((metrics["holdfast_tracee_stops_let_go_total"] ?? 0) >= 216, "let-gos counted")
+
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A held stop has been reported by waitpid once and never will be again, so an image
+    /// that took it with it through a live upgrade's exec would leave the process stopped for
+    /// ever. The freeze lets the held ones go: a loop that spends nearly all its time held runs
+    /// on across two upgrades to its exit, every signal handled.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (the daemon's broker runs as a uid of its own) and python3"))
+    func aStopHeldWhenALiveUpgradeComesIsLetGoBeforeItsExec() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("loop-out"), direction: .receive))
+        let pid = try await daemon.launch(ProcessSpec(
+            id: "loop", argv: Self.tracedPython("""
+                handled = [0]
+                def count(*_):
+                    handled[0] += 1
+                signal.signal(signal.SIGUSR1, count)
+                for round in range(1, 100001):
+                    traceme()
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    if round == 20:
+                        say("held from now on")
+                    if os.path.exists("\(daemon.directory.file("go"))"):
+                        break
+                say("handled", handled[0] == round)
+                """),
+            stdout: daemon.spec("loop-out")))
+        try await eventually("the loop held") { output.text == "held from now on\n" }
+        for upgrades in 1...2 {
+            #expect(ProcessRunState.of(pid) == .traced(by: daemon.daemonPID))
+            let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+            #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+            try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == upgrades }
+        }
+        try writeFile(daemon.directory.file("go"), [])
+        let report = try await withDeadline("the loop's exit", .seconds(60)) { try await daemon.wait("loop") }
+        #expect(report.exitCode == 0 && report.signal == nil, "\(report)")
+        #expect(output.text == "held from now on\nhandled True\n")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
