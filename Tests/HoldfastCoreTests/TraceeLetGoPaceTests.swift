@@ -56,7 +56,7 @@ struct TraceeLetGoPaceTests {
         for _ in 0..<3 { #expect(pace.stopped(9, at: start + .milliseconds(1)) == nil) }
     }
 
-    @Test func theStandardLimitsBoundHeldLetGosToFiveHundredASecond() {
+    @Test func theStandardLimitsBoundHeldLetGosToTwoHundredASecond() {
         let standard = TraceeLetGoPace.Limits.standard
         #expect(standard.freeStops == 16)
         var pace = TraceeLetGoPace()
@@ -73,7 +73,7 @@ struct TraceeLetGoPaceTests {
             if due < end { letGo += 1 }
             next[pid] = due
         }
-        #expect(letGo <= 501, "held let-gos in one second: \(letGo)")
-        #expect(letGo >= 490, "the pace holds no more than it must: \(letGo)")
+        #expect(letGo <= 201, "held let-gos in one second: \(letGo)")
+        #expect(letGo >= 195, "the pace holds no more than it must: \(letGo)")
     }
 }
