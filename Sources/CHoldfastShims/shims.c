@@ -16,6 +16,7 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -155,6 +156,10 @@ int hf_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 ssize_t hf_splice(int in_fd, int out_fd, size_t len) {
     return splice(in_fd, NULL, out_fd, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
 }
+
+ssize_t hf_readv_nowait(int fd, const struct iovec *iov, int count) { return preadv2(fd, iov, count, -1, RWF_NOWAIT); }
+
+ssize_t hf_writev_nowait(int fd, const struct iovec *iov, int count) { return pwritev2(fd, iov, count, -1, RWF_NOWAIT); }
 
 int hf_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
 

@@ -79,7 +79,7 @@ public final class Broker: Sendable {
         }
         var adopted: [AsyncFD?] = []
         do {
-            for fd in descriptors { adopted.append(try AsyncFD(adopting: fd)) }
+            for fd in descriptors { adopted.append(try AsyncFD(adopting: fd, foreignDescription: true)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { Reactor.shared.closeOnLoop(fd) }
             for handle in adopted { handle?.close() }

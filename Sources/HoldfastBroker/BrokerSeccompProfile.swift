@@ -32,7 +32,7 @@ public enum SeccompProfile {
     /// Syscalls allowed without conditions.
     static let allowed: [String] = [
         // I/O on fds it holds.
-        "read", "readv", "pread64", "write", "writev", "pwrite64", "sendmsg", "recvmsg", "sendto", "recvfrom",
+        "read", "readv", "pread64", "preadv2", "write", "writev", "pwrite64", "pwritev2", "sendmsg", "recvmsg", "sendto", "recvfrom",
         "sendmmsg", "recvmmsg", "splice", "close", "close_range", "dup", "dup3", "fcntl", "lseek", "fstat", "newfstatat",
         "statx", "fstatfs", "readlink", "readlinkat", "getdents64", "pipe2",
         // Sockets (domain checked below for socket()); accept4 on the handoff listener it was handed.

@@ -118,7 +118,7 @@ public enum HostClient {
         do {
             for (kind, fd) in zip(response.streams, reply.descriptors) {
                 let socket = try AsyncFD(adopting: fd)
-                let output = try AsyncFD(adopting: dup(kind == "stderr" ? stdio.error : stdio.output))
+                let output = try AsyncFD(adopting: dup(kind == "stderr" ? stdio.error : stdio.output), foreignDescription: true)
                 copies.append(Task {
                     await copy(from: socket, to: output)
                     if let fd = output.detach() { close(fd) }
@@ -214,7 +214,7 @@ public enum HostClient {
                 switch kind {
                 case "stdin":
                     // Our stdin → the guest; not awaited: a process may exit without reading it all.
-                    let source = try AsyncFD(adopting: dup(stdio.input))
+                    let source = try AsyncFD(adopting: dup(stdio.input), foreignDescription: true)
                     input = source
                     let keys = isatty(stdio.input) != 0 ? interaction.detachKeys : try! DetachKeys(parsing: "")
                     let id = started.id
@@ -234,7 +234,7 @@ public enum HostClient {
                         socket.close()
                     }
                 case "stdout", "stderr":
-                    let output = try AsyncFD(adopting: dup(kind == "stdout" ? stdio.output : stdio.error))
+                    let output = try AsyncFD(adopting: dup(kind == "stdout" ? stdio.output : stdio.error), foreignDescription: true)
                     outputSockets.append(socket)
                     outputs.append(Task {
                         await copy(from: socket, to: output)

@@ -29,6 +29,18 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// A terminal's master (any character device here) is read 4 KiB at a time, its line
     /// discipline's buffer (`ByteReader.largestRead`); nil for anything else.
     public let largestRead: Int?
+    /// The file description may be shared with processes that are not ours (a process's side of
+    /// its stdio: a runtime's copy, a shell that inherited it), any of which can clear the
+    /// description's O_NONBLOCK after we set it. Every read and write here asks for non-blocking
+    /// itself (`MSG_DONTWAIT` on a socket, `RWF_NOWAIT` on a pipe) whatever the description
+    /// says; a splice does too for a pipe, but waits for a socket's room (or, over TCP, its
+    /// data) as its description says — so a foreign socket is never spliced.
+    public let foreignDescription: Bool
+    /// An AF_UNIX socket (`spliceNeverWaits`).
+    private let isUnixSocket: Bool
+    /// This kernel's pipes refused `RWF_NOWAIT` (EOPNOTSUPP): plain reads and writes, relying on
+    /// the description's O_NONBLOCK, as before the flag existed.
+    private let noWaitRefused = Atomic<Bool>(false)
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
     let reactor: Reactor
@@ -76,13 +88,15 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     /// Takes ownership of `fd` (it is closed by `close()` or on deinit) and makes it non-blocking.
-    public init(adopting fd: Int32, reactor: Reactor = .shared) throws(SystemError) {
+    /// `foreignDescription`: the description may be shared with processes that are not ours.
+    public init(adopting fd: Int32, reactor: Reactor = .shared, foreignDescription: Bool = false) throws(SystemError) {
         let flags = fcntl(fd, F_GETFL)
         guard flags >= 0 else { throw .last("fcntl(F_GETFL, fd \(fd))") }
         if flags & O_NONBLOCK == 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 {
             throw .last("fcntl(F_SETFL, fd \(fd))")
         }
         self.wasBlocking = flags & O_NONBLOCK == 0
+        self.foreignDescription = foreignDescription
         var info = stat()
         let statted = fstat(fd, &info) == 0
         isSocket = statted && (info.st_mode & S_IFMT) == S_IFSOCK
@@ -90,6 +104,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         var type: Int32 = 0
         var size = socklen_t(MemoryLayout<Int32>.size)
         isStreamSocket = isSocket && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == Int32(SOCK_STREAM.rawValue)
+        var domain: Int32 = 0
+        size = socklen_t(MemoryLayout<Int32>.size)
+        isUnixSocket = isSocket && getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &size) == 0 && domain == AF_UNIX
         largestRead = statted && (info.st_mode & S_IFMT) == S_IFCHR ? 4096 : nil
         self.fd = fd
         self.reactor = reactor
@@ -150,8 +167,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     public func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
         let seen = registration.edges(.read)
         let result = try withSyscall { () throws(SystemError) -> Int? in
+            var iov = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
             while true {
-                let count = Glibc.read(fd, buffer.baseAddress, buffer.count)
+                let count = readOnce(&iov, 1)
                 if count >= 0 { return count }
                 switch Glibc.errno {
                 case EINTR: continue
@@ -171,7 +189,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
         let result = try withSyscall { () throws(SystemError) -> Int? in
             while true {
-                let count = iov.withUnsafeMutableBufferPointer { readv(fd, $0.baseAddress, Int32(min($0.count, AsyncFD.maxVectors))) }
+                let count = iov.withUnsafeMutableBufferPointer { readOnce($0.baseAddress!, min($0.count, AsyncFD.maxVectors)) }
                 if count >= 0 { return count }
                 switch Glibc.errno {
                 case EINTR: continue
@@ -185,11 +203,57 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         return result
     }
 
+    /// Whether a splice(2) with SPLICE_F_NONBLOCK out of (or into) this fd returns rather than
+    /// waits, whatever its description's O_NONBLOCK says: always for a pipe; for a socket, only
+    /// out of a Unix one (a splice waits for a socket's room, and for a TCP or vsock socket's
+    /// data, as the description says). Ours are non-blocking for good; a foreign one may not be.
+    func spliceNeverWaits(asSource: Bool) -> Bool {
+        guard isSocket, foreignDescription else { return true }
+        return asSource && isUnixSocket
+    }
+
+    /// One read that never waits (`foreignDescription`): recvmsg with MSG_DONTWAIT on a socket,
+    /// preadv2 with RWF_NOWAIT on a pipe, readv elsewhere (a terminal: its O_NONBLOCK). The
+    /// count, or -1 with errno.
+    private func readOnce(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Int {
+        if isSocket {
+            var message = msghdr()
+            message.msg_iov = iov
+            message.msg_iovlen = count
+            return recvmsg(fd, &message, Int32(MSG_DONTWAIT))
+        }
+        if isPipe, !noWaitRefused.load(ordering: .relaxed) {
+            let result = hf_readv_nowait(fd, iov, Int32(count))
+            guard result < 0, Glibc.errno == EOPNOTSUPP else { return result }
+            noWaitRefused.store(true, ordering: .relaxed)
+        }
+        return readv(fd, iov, Int32(count))
+    }
+
+    /// One write that never waits: sendmsg with MSG_DONTWAIT (and no SIGPIPE) on a socket,
+    /// pwritev2 with RWF_NOWAIT on a pipe, writev elsewhere. The count, or -1 with errno.
+    private func writeOnce(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Int {
+        if isSocket {
+            var message = msghdr()
+            message.msg_iov = iov
+            message.msg_iovlen = count
+            return sendmsg(fd, &message, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+        }
+        if isPipe, !noWaitRefused.load(ordering: .relaxed) {
+            let result = hf_writev_nowait(fd, iov, Int32(count))
+            guard result < 0, Glibc.errno == EOPNOTSUPP else { return result }
+            noWaitRefused.store(true, ordering: .relaxed)
+        }
+        return writev(fd, iov, Int32(count))
+    }
+
     /// One non-blocking splice(2) from `source` into this fd, retried on EINTR, with both fds
     /// held open for it: the bytes moved, or -1 and the errno. Throws `DescriptorClosed` if
     /// either was closed.
     func spliceOnce(from source: AsyncFD, limit: Int) throws -> (count: Int, errno: Int32) {
-        try source.withSyscall {
+        // As the kernel answers two fds it cannot splice: the caller reads and writes instead.
+        guard source.spliceNeverWaits(asSource: true), spliceNeverWaits(asSource: false) else { return (-1, EINVAL) }
+        return try source.withSyscall {
             try withSyscall { () -> (count: Int, errno: Int32) in
                 while true {
                     let count = hf_splice(source.fd, fd, limit)
@@ -266,14 +330,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             do {
                 result = try withSyscall { () throws(SystemError) -> Int? in
                     while true {
-                        let count = iov.withUnsafeMutableBufferPointer { iov -> Int in
-                            let start = iov.baseAddress! + first
-                            guard isSocket else { return writev(fd, start, Int32(parts)) }
-                            var message = msghdr()
-                            message.msg_iov = start
-                            message.msg_iovlen = parts
-                            return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
-                        }
+                        let count = iov.withUnsafeMutableBufferPointer { writeOnce($0.baseAddress! + first, parts) }
                         if count >= 0 { return count }
                         switch Glibc.errno {
                         case EINTR: continue
@@ -323,7 +380,8 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// destination is waited for here.
     public func splice(from source: some ByteReader, limit: Int) async throws(WriteFailure) -> SpliceResult? {
         guard let source = source as? AsyncFD, source !== self, !spliceRefused.load(ordering: .relaxed),
-            (source.isPipe && (isSocket || isPipe)) || (isPipe && source.isSocket)
+            (source.isPipe && (isSocket || isPipe)) || (isPipe && source.isSocket),
+            source.spliceNeverWaits(asSource: true), spliceNeverWaits(asSource: false)
         else { return nil }
         var moved = 0
         // What a failure counts as in flight (WriteFailure.unconfirmed), as a copy does: the last
@@ -460,11 +518,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// Writes what fits now: the count written, or `nil` if nothing fits.
     public func writeNow(_ bytes: UnsafeRawBufferPointer) throws -> Int? {
         try withSyscall { () throws(SystemError) -> Int? in
+            var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)
             while true {
-                let count =
-                    isSocket
-                    ? Glibc.send(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
-                    : Glibc.write(fd, bytes.baseAddress, bytes.count)
+                let count = writeOnce(&iov, 1)
                 if count >= 0 { return count }
                 switch Glibc.errno {
                 case EINTR: continue

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/epoll.h>
 
 // MARK: vsock
@@ -55,6 +56,12 @@ int hf_pipe_cloexec(int fds[2]);
 /// source's end-of-file, or -1 with errno (EAGAIN: one side would block; EINVAL: these two fds
 /// cannot be spliced).
 ssize_t hf_splice(int in_fd, int out_fd, size_t len);
+/// preadv2/pwritev2 at the current position with RWF_NOWAIT: a read or write that does not
+/// wait whatever the file description's O_NONBLOCK says (another holder of the description can
+/// clear that flag). -1 with errno: EAGAIN (would wait), EOPNOTSUPP (this file, or this kernel's
+/// pipes, cannot be asked per call).
+ssize_t hf_readv_nowait(int fd, const struct iovec *iov, int count);
+ssize_t hf_writev_nowait(int fd, const struct iovec *iov, int count);
 /// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK).
 int hf_eventfd(void);
 /// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC.
