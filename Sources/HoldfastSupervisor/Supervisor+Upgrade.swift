@@ -276,7 +276,9 @@ extension Supervisor {
         // A broker restarted after a crash is reachable only once it has every stream back
         // (creates wait for the same): asked to quiesce before that, it never heard it and was
         // SIGKILLed 5 s later (a soak upgrade 83 ms after a broker kill took 5.2 s).
+        let reaching = ContinuousClock.now
         _ = await brokerClient.wait(timeout: Self.brokerWait)
+        let reached = ContinuousClock.now
         // A broker an operator stopped (SIGSTOP, Ctrl-Z) would answer neither the checks below
         // nor the quiesce: it is about to be replaced, so it is continued (else it was killed
         // after 5 s and its successor resumed as after a crash).
@@ -295,15 +297,21 @@ extension Supervisor {
 
         // 2. What is under way finishes; what arrives now waits.
         let settling = ContinuousClock.now
+        // Before the gate: reaching the broker (one restarted after a crash answers once it has
+        // every stream back) and asking it about stuck threads — where a slow upgrade's time
+        // went before the roles stop, when not in the settling (soaks saw upgrades of 1–4 s).
+        let beforeGate: Logger.Metadata = [
+            "brokerReachedAfter": "\(reached - reaching)", "stuckThreadsAskedIn": "\(settling - reached)",
+        ]
         guard await upgradeGate.close(until: ContinuousClock.now + Self.settleLimit) else {
             upgradeGate.open()
             throw fail("creates or signals were still under way after \(Self.describe(Self.settleLimit))")
         }
         undo.append { [self] in upgradeGate.open() }
         // Each step that can take a while is in the log (a slow upgrade explains itself).
-        logger.info("live upgrade: creates and signals under way finished; stopping the roles", metadata: [
+        logger.info("live upgrade: creates and signals under way finished; stopping the roles", metadata: beforeGate.merging([
             "waited": "\(ContinuousClock.now - settling)", "sinceStart": "\(ContinuousClock.now - started)",
-        ])
+        ]) { $1 })
 
         // 3. The roles: the bridge worker ends (the host sees the bridge drop, and repeats what
         // it had in flight on the next connection); the broker quiesces and exits: every stream
