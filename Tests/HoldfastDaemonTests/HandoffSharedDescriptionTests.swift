@@ -33,7 +33,9 @@ struct HandoffSharedDescriptionTests {
                 return (ends.read, ends.write)
             case .socketPair:
                 var fds: [Int32] = [-1, -1]
-                try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+                guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+                    throw SystemError.last("socketpair")
+                }
                 return (fds[0], fds[1])
             }
         }

@@ -1,3 +1,4 @@
+import CHoldfastShims
 import Dispatch
 import HoldfastTestSupport
 import Testing
@@ -55,7 +56,9 @@ struct ForeignDescriptionTests {
                 return (ends.read, ends.write)
             case .unixSocket:
                 var fds: [Int32] = [-1, -1]
-                try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+                guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+                    throw SystemError.last("socketpair")
+                }
                 return (fds[0], fds[1])
             }
         }
