@@ -248,7 +248,14 @@ final class ManagedStream: Sendable {
         // Through the windows where the stream has them (concrete types either way: the relays
         // are generic, and the data path should not go through an existential).
         let windowed = outputWindow.map { WindowedSource(source: handle, window: $0.ends, level: $0.level) }
-        let staging = inputStage.map { StagingSink(sink: handle, stage: $0.ends, level: $0.level) }
+        // A stage is emptied by splicing it into the process's input. Into a sink a splice could
+        // wait on (a handed-over socket: AsyncFD.foreignDescription) it would be bounced through
+        // a buffer instead, and a crash between that read and its write loses the bytes unseen;
+        // written directly, a crash inside a write is reported (possibly repeated). A stage a
+        // predecessor left bytes in is still emptied first.
+        let staging = inputStage.flatMap { stage in
+            handle.spliceNeverWaits(asSource: false) || stage.level > 0 ? StagingSink(sink: handle, stage: stage.ends, level: stage.level) : nil
+        }
         let source: any ByteReader = windowed ?? handle
         let sink: any ByteWriter = staging ?? handle
         let output = output

@@ -207,7 +207,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// waits, whatever its description's O_NONBLOCK says: always for a pipe; for a socket, only
     /// out of a Unix one (a splice waits for a socket's room, and for a TCP or vsock socket's
     /// data, as the description says). Ours are non-blocking for good; a foreign one may not be.
-    func spliceNeverWaits(asSource: Bool) -> Bool {
+    public func spliceNeverWaits(asSource: Bool) -> Bool {
         guard isSocket, foreignDescription else { return true }
         return asSource && isUnixSocket
     }

@@ -18,8 +18,10 @@ import Glibc
 struct BrokerCrashHandoffTests {
     static let kills = 20
 
-    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
-    func aProcessHandedOverOnTheHandoffSocketResumesAfterEveryCrash() async throws {
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        arguments: HandoffSharedDescriptionTests.Transport.allCases)
+    func aProcessHandedOverOnTheHandoffSocketResumesAfterEveryCrash(transport: HandoffSharedDescriptionTests.Transport) async throws {
         let daemon = try await DaemonFixture(brokerRestartBackoffMax: "200ms")
         defer { daemon.cleanUp() }
         let processes = TestProcesses()
@@ -29,7 +31,7 @@ struct BrokerCrashHandoffTests {
         let received = collect(output)
         let copy = daemon.directory.file("stdin.copy")
         // The runtime's process: a counter on stdout and `cat` copying stdin, its pipes ours.
-        let (outPipe, inPipe) = (try PipeEnds.make(), try PipeEnds.make())
+        let (outPipe, inPipe) = (try transport.make(), try transport.make())
         let pid = try processes.start(
             ["sh", "-c", "exec 3<&0; cat <&3 > \(copy) & exec 3<&-; i=0; while :; do i=$((i+1)); echo h $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"],
             stdin: inPipe.read, stdout: outPipe.write)
@@ -75,12 +77,14 @@ struct BrokerCrashHandoffTests {
         try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
         let repeats = inputRepeats(in: daemon.log, process: "handed")
         #expect(matches(readFile(copy) ?? [], sent: sent, repeats: repeats), "stdin exact but for logged repeats \(repeats)")
-        #expect(lost.bytes == 0 && repeats.isEmpty, "the windows the broker made settle every interrupted take: \(lost.summary), \(repeats)")
+        // A handed-over socket takes no stage (it is never spliced into): a kill inside a write
+        // of its stdin is reported as possibly repeated, never lost unseen.
+        #expect(lost.bytes == 0 && (transport == .socketPair || repeats.isEmpty), "the windows the broker made settle every interrupted take: \(lost.summary), \(repeats)")
         // Gone from the broker, the supervisor let go of its copies too.
         try await eventually("the deposit released", timeout: .seconds(20)) {
             try await daemon.status().streams.allSatisfy { $0.process != "handed" }
         }
-        print("handoff process, \(Self.kills) broker kills: stdout \(data.count) bytes, \(lost.bytes) lost; stdin \(sent.count) bytes, \(repeats.count) possible repeats")
+        print("handoff process (\(transport)), \(Self.kills) broker kills: stdout \(data.count) bytes, \(lost.bytes) lost; stdin \(sent.count) bytes, \(repeats.count) possible repeats")
         #expect(try await daemon.stop() == .exited(0))
     }
 
