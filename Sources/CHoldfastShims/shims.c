@@ -418,10 +418,17 @@ int hf_memfd_create(const char *name) {
 
 static int signal_pipe_fd = -1;
 
-static void signal_to_pipe_handler(int signo) {
+static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
+    (void)context;
     int saved = errno;
-    unsigned char byte = (unsigned char)signo;
-    ssize_t ignored = write(signal_pipe_fd, &byte, 1);
+    // One write of a whole record (well under PIPE_BUF): never split, never interleaved with
+    // another handler's.
+    hf_signal_record record = {signo, 0, 0};
+    if (info != NULL && info->si_code <= 0) {  // SI_USER, SI_QUEUE, SI_TKILL: a process sent it
+        record.sender_pid = info->si_pid;
+        record.sender_uid = info->si_uid;
+    }
+    ssize_t ignored = write(signal_pipe_fd, &record, sizeof(record));
     (void)ignored;
     errno = saved;
 }
@@ -430,14 +437,18 @@ int hf_signal_to_pipe(int signo, int fd) {
     signal_pipe_fd = fd;
     struct sigaction action;
     memset(&action, 0, sizeof(action));
-    action.sa_handler = signal_to_pipe_handler;
+    action.sa_sigaction = signal_to_pipe_handler;
     sigemptyset(&action.sa_mask);
     // No SA_NOCLDSTOP: it also silences a tracee's stops (a child that made this process its
     // tracer with PTRACE_TRACEME), which must be let go at once (UnwantedTracee.swift). A child's
     // ordinary stop or continue costs one waitpid that finds nothing.
-    action.sa_flags = SA_RESTART;
+    action.sa_flags = SA_RESTART | SA_SIGINFO;
     return sigaction(signo, &action, NULL);
 }
+
+int hf_sigrtmin(void) { return SIGRTMIN; }
+
+int hf_sigrtmax(void) { return SIGRTMAX; }
 
 int hf_ignore_signal(int signo) {
     struct sigaction action;

@@ -61,6 +61,9 @@ public enum BridgeWorker {
 
     /// Runs until the supervisor's channel closes.
     public static func run(supervisor: FDChannel, options: Options, logger: Logger) async {
+        // Only the supervisor signals a role (SIGTERM to stop it); a stray SIGHUP, SIGUSR1 or
+        // realtime signal an operator sends every holdfast process would otherwise end it.
+        StraySignals.ignoreInThisRole()
         let link = NIOLockedValueBox(Link.down)
         let client = ControlClient(channel: supervisor) { frame in
             guard frame.type == BridgeMessageType.exit.rawValue else { return }

@@ -24,6 +24,10 @@ public enum BrokerRole {
         try Privileges.makeNonDumpable()
         Memory.returnLargeBuffersToTheSystem()
         SignalDisposition.ignore(SIGPIPE)
+        // Only the supervisor signals it (SIGTERM, SIGKILL, SIGCONT); a stray SIGHUP, SIGUSR1 or
+        // realtime signal (`killall -USR1 holdfast`) would otherwise end it, and every stream
+        // would have to be taken over by its successor.
+        StraySignals.ignoreInThisRole()
         let control = FDChannel(try AsyncFD(adopting: controlFD))
         let handoff = try handoffFD.map { try Listener(adopting: $0, address: .unix(path: handoffPath ?? "handoff")) }
         // The supervisor's checkpoint area, mapped before the filter is loaded (mmap of a shared

@@ -69,7 +69,7 @@ public enum ProcessRunState: Sendable, Equatable {
     }
 
     /// The first line of a small file (/proc's), nil if it cannot be read.
-    static func firstLine(of path: String) -> String? {
+    public static func firstLine(of path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }

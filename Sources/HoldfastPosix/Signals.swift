@@ -6,9 +6,50 @@ import NIOConcurrencyHelpers
 import Glibc
 #endif
 
-/// Delivers signals to a task through a self-pipe: the handler only writes the signal's number
-/// to a non-blocking pipe, which is safe whatever the process's threads are doing, and a task
-/// reads them in order. One per process (a signal has one handler).
+/// A signal as the self-pipe delivered it: its number and, when a process sent it, which one.
+public struct ReceivedSignal: Sendable, Equatable {
+    public var number: Int32
+    /// The process that sent it (kill(2), sigqueue(3)) and its real uid; nil when the kernel did
+    /// (SIGCHLD, SIGXCPU, a terminal's SIGINT...).
+    public var senderPID: pid_t?
+    public var senderUID: uid_t?
+
+    public init(number: Int32, senderPID: pid_t? = nil, senderUID: uid_t? = nil) {
+        self.number = number
+        self.senderPID = senderPID
+        self.senderUID = senderUID
+    }
+
+    /// Who sent it, for a log line: `pid 4242 (uid 0, kill)`, or `the kernel`.
+    public var sender: String {
+        guard let senderPID, senderPID > 0 else { return "the kernel" }
+        let command = ProcessRunState.firstLine(of: "/proc/\(senderPID)/comm").map { ", \($0)" } ?? ""
+        return "pid \(senderPID) (uid \(senderUID.map(String.init) ?? "?")\(command))"
+    }
+}
+
+/// Signals that ask nothing of a Holdfast process, yet whose default action would end it: an
+/// operator's `kill -USR1` (a dump, in other daemons), `kill -ALRM`, a `kill -s RTMIN+3` meant for
+/// another program, SIGXCPU from a `LimitCPU=` in the unit. The supervisor says and ignores
+/// them (its death would end every container); the roles ignore them. SIGHUP is not here: the
+/// supervisor reloads on it. The signals a crash raises (SIGSEGV, SIGILL, SIGABRT, ...) are not
+/// either: those must still end a process that hit a bug.
+public enum StraySignals {
+    public static let all: [Int32] =
+        [SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGSTKFLT, SIGXCPU, SIGXFSZ]
+        + Array(hf_sigrtmin()...hf_sigrtmax())
+
+    /// SIG_IGN for each of them and for SIGHUP, in a process that starts no other program (a
+    /// role: an ignored signal stays ignored across an exec).
+    public static func ignoreInThisRole() {
+        for signal in all + [SIGHUP] { SignalDisposition.ignore(signal) }
+    }
+}
+
+/// Delivers signals to a task through a self-pipe: the handler only writes a record of the
+/// signal (`hf_signal_record`: its number and sender) to a non-blocking pipe, which is safe
+/// whatever the process's threads are doing, and a task reads them in order. One per process (a
+/// signal has one handler).
 public final class SignalPipe: Sendable {
     private let reader: AsyncFD
     private let writer: Int32
@@ -25,13 +66,17 @@ public final class SignalPipe: Sendable {
         }
     }
 
-    /// The next signal delivered, in order. A burst of SIGCHLDs may arrive as fewer bytes than
+    /// The next signal delivered, in order. A burst of SIGCHLDs may arrive as fewer records than
     /// children exited (the pipe can fill); a reaper must loop on waitpid anyway.
-    public func next() async -> Int32? {
-        let byte = UnsafeMutableRawBufferPointer.allocate(byteCount: 1, alignment: 1)
-        defer { byte.deallocate() }
-        guard let count = try? await reader.read(into: byte), count == 1 else { return nil }
-        return Int32(byte[0])
+    public func next() async -> ReceivedSignal? {
+        // Each record was one write under PIPE_BUF, so a read of one record's size takes a whole one.
+        let size = MemoryLayout<hf_signal_record>.size
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: MemoryLayout<hf_signal_record>.alignment)
+        defer { buffer.deallocate() }
+        guard let count = try? await reader.read(into: buffer), count == size else { return nil }
+        let record = buffer.load(as: hf_signal_record.self)
+        guard record.sender_pid > 0 else { return ReceivedSignal(number: record.signo) }
+        return ReceivedSignal(number: record.signo, senderPID: record.sender_pid, senderUID: record.sender_uid)
     }
 }
 

@@ -310,12 +310,15 @@ public final class Supervisor: Sendable {
         }
 
         // Signals: children are reaped until the very end; the first SIGTERM, SIGINT or SIGQUIT
-        // starts the stop; SIGHUP reloads (below); SIGUSR1 and SIGUSR2 are said and ignored.
+        // starts the stop; SIGHUP reloads (below); the stray ones (SIGUSR1, SIGALRM, a realtime
+        // signal...) are said, at most every 10 s each, and ignored.
         let signalLoop = Task { [self] in
             reaper.reapAll()
             var stopping = false
             var tracees = TraceeNotes()
-            while let signal = await signals.next() {
+            var strays = LogPacer<Int32>(interval: .seconds(10))
+            while let received = await signals.next() {
+                let signal = received.number
                 switch signal {
                 case SIGCHLD:
                     reaper.reapAll()
@@ -330,7 +333,12 @@ public final class Supervisor: Sendable {
                     guard !stopping else { continue }
                     reloadOnHangup()
                 default:
-                    logger.notice("\(signalName(signal)) ignored: it asks nothing of holdfast (reload: SIGHUP, systemctl reload or holdfast upgrade; stop: SIGTERM)")
+                    guard let unsaid = strays.note(signal) else { continue }
+                    var metadata: Logger.Metadata = ["sentBy": "\(received.sender)"]
+                    if unsaid > 0 { metadata["alsoIgnoredSinceLastSaid"] = "\(unsaid)" }
+                    logger.notice(
+                        "\(signalName(signal)) ignored: it asks nothing of holdfast (reload: SIGHUP, systemctl reload or holdfast upgrade; stop: SIGTERM)",
+                        metadata: metadata)
                 }
             }
         }
@@ -388,9 +396,12 @@ public final class Supervisor: Sendable {
 
     /// The stop begins: creates are refused from now on, systemd hears why.
     /// Every signal the supervisor takes: each one whose default action would end it, so that
-    /// none an operator sends by habit (`kill -HUP` to reload, `kill -USR1` for a dump, Ctrl-\ in a terminal)
-    /// ends every container with it. Held across a live upgrade's exec too.
-    static let handledSignals = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2]
+    /// none an operator sends by habit (`kill -HUP` to reload, `kill -USR1` for a dump, Ctrl-\ in
+    /// a terminal) or by mistake (`kill -ALRM`, a realtime signal meant for another program)
+    /// ends every container with it: `StraySignals`. Held across a live upgrade's exec too. Not
+    /// the signals a crash raises (a bug must still end the process: its fallback or systemd
+    /// takes over), nor SIGTSTP, SIGTTIN and SIGTTOU, which stop it (the streams go on).
+    static let handledSignals = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP] + StraySignals.all
 
     /// SIGHUP: what it asks of a daemon by habit, a reload — the live upgrade `holdfast upgrade`
     /// does (it execs the binary at the daemon's path, which reads the configuration again;

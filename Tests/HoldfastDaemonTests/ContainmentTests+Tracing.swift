@@ -260,7 +260,10 @@ extension ContainmentTests {
             stdout: daemon.spec("loop-out")))
         try await eventually("the loop held") { output.text == "held from now on\n" }
         for upgrades in 1...2 {
-            #expect(ProcessRunState.of(pid) == .traced(by: daemon.daemonPID))
+            // Held (stopped, traced by the supervisor) nearly all the time; a sample can still
+            // find it running between a let-go and its next stop, the more so on a loaded
+            // machine and just after an upgrade let it go (a full suite saw that once).
+            try await eventually("the loop held") { ProcessRunState.of(pid) == .traced(by: daemon.daemonPID) }
             let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
             #expect(upgrade.status == .exited(0), "\(upgrade.output)")
             try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == upgrades }

@@ -12,7 +12,7 @@ import Glibc
 /// Signals an operator sends the supervisor by habit. Each one's default action would end it,
 /// and every container with it: SIGHUP (`kill -HUP` to reload, a terminal hangup), SIGUSR1 and
 /// SIGUSR2 (a dump, in other daemons), SIGQUIT (Ctrl-\).
-@Suite("The supervisor's signals: HUP reloads, USR1 and USR2 are ignored, QUIT stops in order", .timeLimit(.minutes(3)))
+@Suite("Signals to holdfast: HUP reloads, stray ones are ignored, QUIT stops in order", .timeLimit(.minutes(3)))
 struct DaemonSignalTests {
     /// SIGHUP reloads: a live upgrade onto the binary now at the daemon's path (the same pid,
     /// the new sha256, a stream across it exact). SIGUSR1 and SIGUSR2 change nothing but a log
@@ -62,6 +62,57 @@ struct DaemonSignalTests {
         let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
         #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order, across the reload: \(numbers.count) lines")
         print("SIGHUP reloaded (\(before.executableSHA256?.prefix(12) ?? "?") -> \(sha.prefix(12))); SIGQUIT stopped it in order after \(numbers.count) lines")
+    }
+
+    /// Signals that ask nothing of Holdfast but whose default action ends a process, sent to the
+    /// supervisor and to both roles (and SIGHUP to the roles, which the supervisor reloads on):
+    /// an operator's `kill -ALRM`, `killall -USR1 holdfast`, a realtime signal meant for another
+    /// program, SIGXCPU as a `LimitCPU=` sends it. Nothing may change: the same supervisor and
+    /// role pids, no role restarted, no upgrade, the counter's every line once; the supervisor
+    /// names each signal and its sender once per 10 s however many come. Before, the first of
+    /// them (SIGALRM) ended the supervisor, and every container with it.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func straySignalsToEveryHoldfastProcessChangeNothing() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("stray-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("stray-out")))
+        try await eventually("the counter streaming") { output.count > 0 }
+        try await eventually("both roles serving", timeout: .seconds(30)) { try await daemon.status().roles.allSatisfy { $0.pid != nil } }
+        let before = try await daemon.status()
+        let rolePIDs = before.roles.compactMap(\.pid)
+        #expect(rolePIDs.count == 2)
+
+        let strays = StraySignals.all
+        #expect(strays.contains(SIGALRM) && strays.contains(64) && strays.count >= 40, "\(strays)")
+        for signal in strays {
+            #expect(kill(daemon.daemonPID, signal) == 0, "\(signalName(signal))")
+            for role in rolePIDs { #expect(kill(role, signal) == 0, "\(signalName(signal)) to role \(role)") }
+        }
+        for role in rolePIDs { #expect(kill(role, SIGHUP) == 0) }
+        // The same signal again and again: said once (the first), the rest counted.
+        for _ in 0..<20 { _ = kill(daemon.daemonPID, SIGALRM) }
+        try await eventually("each said") {
+            strays.allSatisfy { daemon.log.contains("\(signalName($0)) ignored") }
+        }
+        let atSignals = output.count
+        try await eventually("output after the signals") { output.count > atSignals + 200 }
+        // A role that a signal ended is seen gone within a moment (its restart counted after).
+        try await Task.sleep(for: .milliseconds(500))
+
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.upgrades == 0, "the same supervisor, not reloaded")
+        #expect(after.roles.map(\.pid) == before.roles.map(\.pid), "the same roles: \(after.roles)")
+        #expect(after.roles.map(\.restarts) == before.roles.map(\.restarts), "no role restarted: \(after.roles)")
+        #expect(after.processes.first { $0.id == "counter" }?.pid == before.processes.first { $0.id == "counter" }?.pid)
+        let log = daemon.log
+        #expect(log.components(separatedBy: "SIGALRM ignored").count - 1 == 1, "SIGALRM said once in 10 s however many came")
+        #expect(log.contains("pid \(getpid()) (uid \(getuid())"), "the sender named")
+        // Every line once, in order, up to the last one printed.
+        let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
+        #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order: \(numbers.count) lines")
+        print("\(strays.count) stray signals to the supervisor and both roles, SIGHUP to the roles: nothing changed, \(numbers.count) lines exact")
     }
 
     static let endlessCounter = "i=0; while :; do i=$((i+1)); echo by $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"

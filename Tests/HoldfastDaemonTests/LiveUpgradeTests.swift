@@ -353,7 +353,7 @@ struct LiveUpgradeTests {
         let status = String(decoding: readFile("/proc/\(daemon.daemonPID)/task/\(daemon.daemonPID)/status") ?? [], as: UTF8.self)
         let blocked = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") }.flatMap { UInt64($0.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) }
         let mask = try #require(blocked, "SigBlk of the main thread: \(status)")
-        for signal in [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2] {
+        for signal in [SIGTERM, SIGINT, SIGQUIT, SIGHUP] + StraySignals.all {
             #expect(mask & (1 << UInt64(signal - 1)) == 0, "the main thread takes \(signalName(signal)): SigBlk \(String(mask, radix: 16))")
         }
         _ = try await daemon.launch(ProcessSpec(id: "late", argv: ["sh", "-c", "exit 5"]))

@@ -127,13 +127,23 @@ void hf_reap_failed_child(pid_t pid);
 
 
 
-/// Installs a handler for `signo` that writes the signal number as one byte to `fd` (a
-/// non-blocking pipe): the classic self-pipe, safe with any number of threads. SA_RESTART is
-/// set; for SIGCHLD also SA_NOCLDSTOP. Returns 0 or -1 with errno.
+/// What the handler `hf_signal_to_pipe` installs writes for each signal, in one write.
+typedef struct {
+    int32_t signo;
+    int32_t sender_pid;   ///< the process that sent it (kill, sigqueue, tkill); 0 if the kernel did
+    uint32_t sender_uid;  ///< its real uid; 0 if the kernel sent it
+} hf_signal_record;
+
+/// Installs a handler for `signo` that writes an `hf_signal_record` to `fd` (a non-blocking
+/// pipe): the classic self-pipe, safe with any number of threads. SA_RESTART and SA_SIGINFO are
+/// set (not SA_NOCLDSTOP). Returns 0 or -1 with errno.
 int hf_signal_to_pipe(int signo, int fd);
-/// Blocks or unblocks a signal in the calling thread (for the spawn thread: children start with
-/// an empty mask anyway).
+/// SIG_IGN for `signo` in this process (a child gets it too unless its spawn resets it).
 int hf_ignore_signal(int signo);
+/// The realtime signals this libc leaves to programs (SIGRTMIN and SIGRTMAX are functions of
+/// the running glibc, which keeps the first two for its threads).
+int hf_sigrtmin(void);
+int hf_sigrtmax(void);
 
 /// A live upgrade's way back for a new image that dies of a fatal signal (SIGSEGV, SIGBUS,
 /// SIGILL, SIGTRAP, SIGFPE, SIGABRT, SIGSYS) before it serves: the handler blocks `blocked`,

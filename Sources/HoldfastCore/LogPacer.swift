@@ -1,0 +1,23 @@
+/// Says a recurring event at once the first time, then at most once per `interval` for each
+/// key, with how many went unsaid in between: a log line an outsider can provoke (a signal sent
+/// in a loop, SIGXCPU every second past a soft CPU limit) must not flood the journal.
+public struct LogPacer<Key: Hashable & Sendable>: Sendable {
+    public let interval: Duration
+    private var lastSaid: [Key: ContinuousClock.Instant] = [:]
+    private var unsaid: [Key: Int] = [:]
+
+    public init(interval: Duration) {
+        self.interval = interval
+    }
+
+    /// An occurrence of `key` at `now`: nil if it is not to be said now (it is counted), else how
+    /// many occurrences since the last one said went unsaid (0 the first time).
+    public mutating func note(_ key: Key, at now: ContinuousClock.Instant = .now) -> Int? {
+        if let last = lastSaid[key], now - last < interval {
+            unsaid[key, default: 0] += 1
+            return nil
+        }
+        lastSaid[key] = now
+        return unsaid.removeValue(forKey: key) ?? 0
+    }
+}
