@@ -160,6 +160,9 @@ public final class ChildReaper: Sendable {
         var pace = TraceeLetGoPace()
         var held: [pid_t: (signal: Int32, due: ContinuousClock.Instant)] = [:]
         var servingHeld = false
+        /// The last exits reaped, with when: a signal's sender that has just exited is still
+        /// known as a child (`isOrWasChild`).
+        var recentlyReaped: [(pid: pid_t, at: ContinuousClock.Instant)] = []
     }
 
     /// What the reaper has done with the stops of children that made this process their
@@ -473,6 +476,8 @@ public final class ChildReaper: Sendable {
             case .exited(let pid, let status):
                 s.pace.exited(pid)
                 s.held.removeValue(forKey: pid)
+                if s.recentlyReaped.count >= Self.recentlyReapedKept { s.recentlyReaped.removeFirst() }
+                s.recentlyReaped.append((pid, .now))
                 return (pid, status)
             case .stopped(let pid, let signal):
                 // Let go once the lock is released: on the spawn thread, which takes this lock
@@ -486,6 +491,19 @@ public final class ChildReaper: Sendable {
                 }
             }
         }
+    }
+
+    static let recentlyReapedKept = 64
+
+    /// Whether `pid` is a child of this process (alive, or a zombie not reaped yet), or was one
+    /// reaped within `window`: who sent a signal is looked up after it was sent, and a sender
+    /// that exited at once (`sh -c 'kill $PPID'`) may be reaped by then — always by us, if it
+    /// was our child. A pid reused within the window by a process that is not our child would
+    /// still count as one; the window is short for that.
+    public func isOrWasChild(_ pid: pid_t, within window: Duration) -> Bool {
+        if isChild(pid) { return true }
+        let now = ContinuousClock.now
+        return state.withLockedValue { s in s.recentlyReaped.contains { $0.pid == pid && now - $0.at <= window } }
     }
 
     /// What became of the stops of children that had made this process their tracer (for the

@@ -317,6 +317,7 @@ public final class Supervisor: Sendable {
             var stopping = false
             var tracees = TraceeNotes()
             var strays = LogPacer<Int32>(interval: .seconds(10))
+            var refusals = LogPacer<Int32>(interval: .seconds(10))
             while let received = await signals.next() {
                 let signal = received.number
                 switch signal {
@@ -324,17 +325,19 @@ public final class Supervisor: Sendable {
                     reaper.reapAll()
                     noteTraceesLetGo(&tracees)
                 case SIGTERM, SIGINT, SIGQUIT:
-                    guard !stopping else { continue }
+                    guard !stopping, !refusedAsSentByAChild(received, pacer: &refusals) else { continue }
                     stopping = true
                     readiness.cancel()
                     beginStop(signal)
                     await group.triggerGracefulShutdown()
                 case SIGHUP:
-                    guard !stopping else { continue }
+                    guard !stopping, !refusedAsSentByAChild(received, pacer: &refusals) else { continue }
                     reloadOnHangup()
                 default:
+                    self.metrics.straySignalIgnored()
                     guard let unsaid = strays.note(signal) else { continue }
                     var metadata: Logger.Metadata = ["sentBy": "\(received.sender)"]
+                    if let process = childNamed(by: received) { metadata["process"] = "\(process)" }
                     if unsaid > 0 { metadata["alsoIgnoredSinceLastSaid"] = "\(unsaid)" }
                     logger.notice(
                         "\(signalName(signal)) ignored: it asks nothing of holdfast (reload: SIGHUP, systemctl reload or holdfast upgrade; stop: SIGTERM)",
@@ -402,6 +405,34 @@ public final class Supervisor: Sendable {
     /// the signals a crash raises (a bug must still end the process: its fallback or systemd
     /// takes over), nor SIGTSTP, SIGTTIN and SIGTTOU, which stop it (the streams go on).
     static let handledSignals = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP] + StraySignals.all
+
+    /// A stop or a reload asked by a child of the supervisor is refused: a process the daemon
+    /// runs without a pid namespace (a direct process) has the supervisor for parent, so a root
+    /// one's `kill $PPID` — a script ending "its shell" — would stop the daemon and every
+    /// container, or reload it. Its children are container processes, orphans it took in, runc
+    /// and the roles: none of them may. An operator, systemd or a terminal is never a child of
+    /// it. Logged (paced per signal); true if refused.
+    func refusedAsSentByAChild(_ received: ReceivedSignal, pacer: inout LogPacer<Int32>) -> Bool {
+        guard let pid = received.senderPID, pid != getpid(), reaper.isOrWasChild(pid, within: .seconds(5)) else { return false }
+        metrics.signalRefused()
+        guard let unsaid = pacer.note(received.number) else { return true }
+        var metadata: Logger.Metadata = [
+            "sentBy": "\(received.sender)", "process": "\(childNamed(by: received) ?? "(not one the daemon started: an orphan it took in)")",
+        ]
+        if unsaid > 0 { metadata["alsoRefusedSinceLastSaid"] = "\(unsaid)" }
+        logger.warning(
+            "\(signalName(received.number)) from a child of the supervisor refused: a container process cannot stop or reload holdfast (kill $PPID in a process run without a pid namespace); stop it from outside (systemctl stop holdfast, or SIGTERM from the host's agent or a shell)",
+            metadata: metadata)
+        return true
+    }
+
+    /// The process (its id) or role that sent `received`, if it is one of ours.
+    func childNamed(by received: ReceivedSignal) -> String? {
+        guard let pid = received.senderPID else { return nil }
+        if let id = table.withLockedValue({ $0.processes.values.first { $0.pid == pid }?.id }) { return id }
+        let roles = session.withLockedValue { [$0.broker, $0.bridgeWorker] }
+        return roles.compactMap { $0 }.first { $0.pid == pid }.map { "the \($0.name) role" }
+    }
 
     /// SIGHUP: what it asks of a daemon by habit, a reload — the live upgrade `holdfast upgrade`
     /// does (it execs the binary at the daemon's path, which reads the configuration again;

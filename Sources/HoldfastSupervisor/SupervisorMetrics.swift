@@ -23,6 +23,8 @@ final class SupervisorMetrics: Sendable {
     let upgradesFellBack: CoreMetrics.Counter
     let traceesLetGo: CoreMetrics.Counter
     let traceeStopsHeld: CoreMetrics.Counter
+    let straySignals: CoreMetrics.Counter
+    let signalsRefused: CoreMetrics.Counter
     let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
@@ -48,6 +50,8 @@ final class SupervisorMetrics: Sendable {
         upgradesFellBack = CoreMetrics.Counter(label: "holdfast_live_upgrade_fallbacks_total", factory: factory)
         traceesLetGo = CoreMetrics.Counter(label: "holdfast_tracee_stops_let_go_total", factory: factory)
         traceeStopsHeld = CoreMetrics.Counter(label: "holdfast_tracee_stops_held_total", factory: factory)
+        straySignals = CoreMetrics.Counter(label: "holdfast_stray_signals_ignored_total", factory: factory)
+        signalsRefused = CoreMetrics.Counter(label: "holdfast_signals_refused_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -61,6 +65,8 @@ final class SupervisorMetrics: Sendable {
     func processExited() { exits.increment() }
     func traceeStopsLetGo(_ count: UInt64) { traceesLetGo.increment(by: Int64(clamping: count)) }
     func traceeStopsHeld(_ count: UInt64) { traceeStopsHeld.increment(by: Int64(clamping: count)) }
+    func straySignalIgnored() { straySignals.increment() }
+    func signalRefused() { signalsRefused.increment() }
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).

@@ -115,5 +115,50 @@ struct DaemonSignalTests {
         print("\(strays.count) stray signals to the supervisor and both roles, SIGHUP to the roles: nothing changed, \(numbers.count) lines exact")
     }
 
+    /// A direct process's parent is the supervisor, so a root one's `kill $PPID` (a script
+    /// ending "its shell") stopped the daemon and every container, and SIGHUP reloaded it. Now a
+    /// stop or a reload from a child of the supervisor is refused, whether the sender lives on
+    /// or exits at once (reaped before the supervisor looks): the same daemon, no upgrade, a
+    /// create served after, the refusals logged and counted, a bystander's every line; and a
+    /// SIGTERM from outside (this test) still stops it in order.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aContainerProcessCannotStopOrReloadItsParentTheSupervisor() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "bystander", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("bystander-out")))
+        try await eventually("the bystander streaming") { output.count > 0 }
+        let before = try await daemon.status()
+
+        // One that lives on after each kill, one that exits right after its kills.
+        _ = try await daemon.launch(ProcessSpec(id: "lives-on", argv: [
+            "sh", "-c", "for s in TERM INT QUIT HUP TERM; do kill -s $s $PPID || exit 9; sleep 0.1; done; sleep 1",
+        ]))
+        _ = try await daemon.launch(ProcessSpec(id: "exits-at-once", argv: ["sh", "-c", "kill $PPID && kill -s HUP $PPID"]))
+        for id in ["lives-on", "exits-at-once"] {
+            let report = try await withDeadline("\(id)'s exit", .seconds(30)) { try await daemon.wait(id) }
+            #expect(report.exitCode == 0, "\(id): every kill went through: \(report)")
+        }
+        try await eventually("the refusals said") {
+            daemon.log.contains("SIGTERM from a child of the supervisor refused")
+                && daemon.log.contains("SIGHUP from a child of the supervisor refused")
+                && daemon.log.contains("process=lives-on") && daemon.log.contains("process=exits-at-once")
+        }
+        _ = try await daemon.launch(ProcessSpec(id: "after", argv: ["sh", "-c", "exit 4"]))
+        #expect(try await withDeadline("a create after", .seconds(30)) { try await daemon.wait("after") }.exitCode == 4)
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.upgrades == 0, "neither stopped nor reloaded")
+        let metrics = parsePrometheus(try await httpExchange(
+            .unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect(metrics["holdfast_signals_refused_total"] == 7, "every stop and reload asked by a child: \(metrics["holdfast_signals_refused_total"] ?? -1)")
+
+        let atStop = output.count
+        try await eventually("the bystander still streaming") { output.count > atStop + 200 }
+        #expect(try await daemon.stop() == .exited(0), "a SIGTERM from outside stops it")
+        let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
+        #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order: \(numbers.count) lines")
+    }
+
     static let endlessCounter = "i=0; while :; do i=$((i+1)); echo by $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"
 }

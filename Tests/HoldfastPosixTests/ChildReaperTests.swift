@@ -35,6 +35,21 @@ private func isRunning(_ pid: pid_t) -> Bool {
 
 @Suite("ChildReaper: every exit to its own waiter", .timeLimit(.minutes(5)))
 struct ChildReaperTests {
+    /// Who sent the supervisor a signal is looked up after it was sent: a child that exited at
+    /// once may already be reaped. It is still known as a child within the window, and only then.
+    @Test func aChildReapedAMomentAgoIsStillKnownAsOne() async throws {
+        guard try await isolated("aChildReapedAMomentAgoIsStillKnownAsOne") else { return }
+        let reaper = ChildReaper()
+        let child = try Spawner.spawn(SpawnOptions(executable: "/bin/sleep", arguments: ["sleep", "30"]))
+        #expect(reaper.isOrWasChild(child, within: .seconds(5)), "alive")
+        kill(child, SIGKILL)
+        try await reapUntilGone(reaper, child, "the child reaped")
+        #expect(reaper.isOrWasChild(child, within: .seconds(5)), "reaped a moment ago")
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(!reaper.isOrWasChild(child, within: .milliseconds(10)), "reaped longer ago than the window")
+        #expect(!reaper.isOrWasChild(getppid(), within: .seconds(5)), "this process's parent is not its child")
+    }
+
     /// An exit nobody waited for (an orphan's, under a subreaper) is kept under its pid; when the
     /// kernel gives that pid to a child started later, that child's `wait` must get its own exit,
     /// not the kept one. The pid is made to repeat with /proc/sys/kernel/ns_last_pid.
