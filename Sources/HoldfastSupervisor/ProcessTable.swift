@@ -105,6 +105,9 @@ struct ProcessTable {
 
     func ids(in phase: ProcessState) -> [String] { processes.values.filter { $0.phase == phase }.map(\.id) }
 
+    /// The id of the process that runs (or ran) as `pid`, for a log line about that pid.
+    func id(ofPID pid: pid_t) -> String? { processes.values.first { $0.pid == pid }?.id }
+
     // MARK: Changes
 
     /// A started process replaces its id's reservation in one step.

@@ -220,7 +220,7 @@ extension Supervisor {
         let now = ContinuousClock.now
         if let saidAt = notes.saidAt, now - saidAt < TraceeNotes.logInterval { return }
         func process(_ pid: pid_t?) -> String {
-            let id = pid.flatMap { pid in table.withLockedValue { $0.processes.values.first { $0.pid == pid }?.id } }
+            let id = pid.flatMap { pid in table.withLockedValue { $0.id(ofPID: pid) } }
             return id ?? "(not one the daemon started)"
         }
         if stops.held > notes.said.held {

@@ -429,7 +429,7 @@ public final class Supervisor: Sendable {
     /// The process (its id) or role that sent `received`, if it is one of ours.
     func childNamed(by received: ReceivedSignal) -> String? {
         guard let pid = received.senderPID else { return nil }
-        if let id = table.withLockedValue({ $0.processes.values.first { $0.pid == pid }?.id }) { return id }
+        if let id = table.withLockedValue({ $0.id(ofPID: pid) }) { return id }
         let roles = session.withLockedValue { [$0.broker, $0.bridgeWorker] }
         return roles.compactMap { $0 }.first { $0.pid == pid }.map { "the \($0.name) role" }
     }
