@@ -66,6 +66,17 @@ public final class SignalPipe: Sendable {
         }
     }
 
+    /// Lets the kernel discard `signal` (SIG_IGN) until `hear` is called: for a signal that
+    /// comes in a flood. Pending ones are dropped too.
+    public func mute(_ signal: Int32) {
+        SignalDisposition.ignore(signal)
+    }
+
+    /// Routes `signal` to this pipe again after `mute`.
+    public func hear(_ signal: Int32) {
+        _ = hf_signal_to_pipe(signal, writer)
+    }
+
     /// The next signal delivered, in order. A burst of SIGCHLDs may arrive as fewer records than
     /// children exited (the pipe can fill); a reaper must loop on waitpid anyway.
     public func next() async -> ReceivedSignal? {

@@ -318,6 +318,7 @@ public final class Supervisor: Sendable {
             var tracees = TraceeNotes()
             var strays = LogPacer<Int32>(interval: .seconds(10))
             var refusals = LogPacer<Int32>(interval: .seconds(10))
+            var bursts = SignalBurstLimit()
             while let received = await signals.next() {
                 let signal = received.number
                 switch signal {
@@ -335,6 +336,13 @@ public final class Supervisor: Sendable {
                     reloadOnHangup()
                 default:
                     self.metrics.straySignalIgnored()
+                    switch bursts.arrived(signal) {
+                    case .heard: break
+                    case .mute:
+                        muteFlood(of: received, limits: bursts, signals: signals)
+                        continue
+                    case .muted: continue
+                    }
                     guard let unsaid = strays.note(signal) else { continue }
                     var metadata: Logger.Metadata = ["sentBy": "\(received.sender)"]
                     if let process = childNamed(by: received) { metadata["process"] = "\(process)" }
@@ -417,13 +425,30 @@ public final class Supervisor: Sendable {
         metrics.signalRefused()
         guard let unsaid = pacer.note(received.number) else { return true }
         var metadata: Logger.Metadata = [
-            "sentBy": "\(received.sender)", "process": "\(childNamed(by: received) ?? "(not one the daemon started: an orphan it took in)")",
+            "sentBy": "\(received.sender)", "process": "\(childNamed(by: received) ?? "(not in its table: an orphan it took in, or one it is just starting)")",
         ]
         if unsaid > 0 { metadata["alsoRefusedSinceLastSaid"] = "\(unsaid)" }
         logger.warning(
             "\(signalName(received.number)) from a child of the supervisor refused: a container process cannot stop or reload holdfast (kill $PPID in a process run without a pid namespace); stop it from outside (systemctl stop holdfast, or SIGTERM from the host's agent or a shell)",
             metadata: metadata)
         return true
+    }
+
+    /// A stray signal that comes in a flood (`SignalBurstLimit`) is left to the kernel to
+    /// discard for a while: each one heard costs the supervisor a wake-up of its main thread —
+    /// the one that forks every container — and a trip through this loop.
+    func muteFlood(of received: ReceivedSignal, limits: SignalBurstLimit, signals: SignalPipe) {
+        let signal = received.number
+        signals.mute(signal)
+        var metadata: Logger.Metadata = ["sentBy": "\(received.sender)"]
+        if let process = childNamed(by: received) { metadata["process"] = "\(process)" }
+        logger.warning(
+            "\(signalName(signal)) came more than \(limits.limit) times within \(limits.window.spoken): the kernel discards it for the next \(limits.muted.spoken) (it asks nothing of holdfast)",
+            metadata: metadata)
+        Task {
+            try? await Task.sleep(for: limits.muted)
+            signals.hear(signal)
+        }
     }
 
     /// The process (its id) or role that sent `received`, if it is one of ours.
