@@ -100,6 +100,7 @@ extension ResumableStream {
                 stats.ringBytes = s.sender.ring.count
                 stats.ringBlocks = s.sender.ring.blockCount
                 stats.replayedBytes = s.sender.replayedBytes
+                stats.sentBytes = s.sender.everSent
                 stats.lost = direction == .send ? s.sender.lost : s.receiver.lost
                 stats.lostBytesInAll = lostInAll(stats.lost).bytes
                 stats.ended = direction == .send ? s.sender.endEchoReceived : s.receiver.inboundFinal != nil

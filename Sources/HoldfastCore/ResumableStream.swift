@@ -362,6 +362,9 @@ public struct ResumableStatistics: Sendable, Equatable {
     public var ringBlocks: Int = 0
     /// Bytes sent again after a reconnect.
     public var replayedBytes: UInt64 = 0
+    /// The highest offset a write to a connection has completed (send side): what a reconnect
+    /// would have to replay if the peer had none of it.
+    public var sentBytes: UInt64 = 0
     /// Connections refused: bad hello, wrong token, impossible offsets.
     public var refusedConnections: UInt64 = 0
     /// Connections dropped for a protocol violation after the hello.

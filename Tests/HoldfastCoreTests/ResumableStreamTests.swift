@@ -227,6 +227,10 @@ struct ResumableMemoryTests {
         try await eventually("bytes written into the held link") {
             (holder.withLockedValue { $0 }?.bytesTransferred ?? 0) >= 2 * 37 + 16 + 28
         }
+        // And the sender has seen that write complete: cut before that, its bytes count as a
+        // first send on the next link rather than a replay (a loaded full suite cut there once:
+        // the bytes arrived exactly, `replayedBytes` was 0).
+        try await eventually("the sender saw its write go out") { pair.guest.statistics.sentBytes >= 28 }
         pair.cutCurrentLink()
         let receiver = Task { await pair.host.receiveAll() }
         try await pair.guest.sendBytes(bytes(" + after"))
