@@ -11,15 +11,7 @@ set -e
 H=${1:-.build/release/holdfast}
 PROCS=${PROCS:-1 20}
 S=${SECONDS_EACH:-10}
-export HOLDFAST_RUN_DIR=$(mktemp -d)
-# The broker (its own uid) dials the host's stream socket in this directory.
-chmod 755 "$HOLDFAST_RUN_DIR"
-setsid "$H" host serve > "$HOLDFAST_RUN_DIR/serve.out" 2>&1 & SERVE=$!
-sleep 1
-setsid "$H" daemon --config config/holdfast-dev.yaml > "$HOLDFAST_RUN_DIR/daemon.out" 2>&1 & DAEMON=$!
-trap 'kill $DAEMON 2>/dev/null; sleep 3; kill $SERVE 2>/dev/null; rm -rf "$HOLDFAST_RUN_DIR"' EXIT
-sleep 2
-ticks() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
+. "$(dirname "$0")/dev-daemon.sh"
 for p in $PROCS; do
     before=$(ticks)
     i=0

@@ -66,7 +66,7 @@ struct DaemonSignalTests {
 
     /// Signals that ask nothing of Holdfast but whose default action ends a process, sent to the
     /// supervisor and to both roles (and SIGHUP to the roles, which the supervisor reloads on):
-    /// an operator's `kill -ALRM`, `killall -USR1 holdfast`, a realtime signal meant for another
+    /// an operator's `kill -ALRM`, SIGUSR1 sent to every holdfast process by name, a realtime signal meant for another
     /// program, SIGXCPU as a `LimitCPU=` sends it. Nothing may change: the same supervisor and
     /// role pids, no role restarted, no upgrade, the counter's every line once; the supervisor
     /// names each signal and its sender once per 10 s however many come. Before, the first of
