@@ -17,9 +17,9 @@ As a library (put examples/ on sys.path):
                                            secret=SECRET_HEX_FROM_THE_HOST)])
     os.close(r)                                          # the broker holds its own copy now
     ...
-    with handoff.Client("/run/holdfast/broker.sock") as broker:
-        for description, fd in broker.release("c1"):     # the same pipe ends, back to us
-            ...
+    for description, fd in handoff.release("/run/holdfast/broker.sock", "c1"):
+        ...                                              # the same pipe ends, back to us
+                                                         # (asked again if the broker died inside)
 
 As a command:
 
@@ -37,6 +37,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -227,6 +228,35 @@ class Client:
         return answer.get("streams", [])
 
 
+def release(path: str, process: str, within: float = 30.0,
+            said=lambda message: None) -> List[Tuple[dict, int]]:
+    """`Client.release` on a connection of its own, asked again if the broker dies inside it.
+
+    A broker that dies while it releases a process may or may not have sent the fds: the
+    connection ends without an answer (ProtocolError). The restarted broker keeps the fds for
+    `handoff.release_kept_for` (60 s by default) and answers the next release of the process
+    with them, so this asks again, on a new connection, until `within` seconds have passed (the
+    socket stays open while the broker restarts: a connection waits for the next broker; for a
+    moment the process is not handed back to it yet, `no-such-process`, and asked again too).
+    Any other error is raised at once. `said` gets a line per retry."""
+    deadline = time.monotonic() + within
+    interrupted = False
+    while True:
+        try:
+            with Client(path) as broker:
+                return broker.release(process)
+        except (ProtocolError, ConnectionError, socket.timeout) as error:
+            if time.monotonic() >= deadline:
+                raise
+            interrupted = True
+            said(f"the release got no answer ({error}): asking again")
+        except BrokerError as error:
+            # Only after an interrupted release: the process may not be back with the broker yet.
+            if not interrupted or error.code != "no-such-process" or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 KINDS = ("stdin", "stdout", "stderr")
@@ -325,8 +355,7 @@ def run_adopt(args: argparse.Namespace) -> int:
 
 
 def run_release(args: argparse.Namespace) -> int:
-    with Client(args.socket) as broker:
-        returned = broker.release(args.process)
+    returned = release(args.socket, args.process, said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
     for description, fd in returned:
         # Which file came back ("pipe:[12345]": the same inode as the pipe handed over).
         description["descriptor"] = os.readlink(f"/proc/self/fd/{fd}")

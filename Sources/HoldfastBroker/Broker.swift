@@ -18,11 +18,14 @@ public final class Broker: Sendable {
     public let settings: BrokerSettings
     public let metrics = BrokerMetrics()
     let logger: Logger
-    private let registry = SlotRegistry()
-    private let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
+    let registry = SlotRegistry()
+    let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
     /// Handoff peers' processes deposited with the supervisor, and the checkpoint slots this
     /// broker gave their streams (`CheckpointMemory.handoffSlots`).
-    private let handoffs = NIOLockedValueBox(HandoffSlots())
+    let handoffs = NIOLockedValueBox(HandoffSlots())
+    /// Released handoff processes whose answer may not have reached the peer, kept for its next
+    /// `release` (Broker+Release.swift).
+    let keptReleases = NIOLockedValueBox(KeptReleases())
     private let totals = NIOLockedValueBox(Totals())
     /// The handoff socket's connections (`BrokerService.serveHandoff`), counted in `stats`.
     let handoffGate: NIOLockedValueBox<HandoffConnectionGate>
@@ -35,7 +38,7 @@ public final class Broker: Sendable {
     var isBridgeUp: Bool { bridgeIsUp.withLockedValue { $0 } }
     /// Where notifications go (the supervisor's control channel), in the order they happened
     /// (`OrderedDelivery`: a stdin's end before the `drained` of the process it let exit).
-    private let notifications: OrderedDelivery<BrokerNotification>
+    let notifications: OrderedDelivery<BrokerNotification>
     /// The supervisor's shared checkpoint area (`--checkpoints-fd`): where resumable streams
     /// keep their progress, so a broker started after this one crashed resumes them.
     let checkpoints: CheckpointMemory?
@@ -104,6 +107,10 @@ public final class Broker: Sendable {
         let refusal = processes.withLockedValue { table -> HoldfastError? in
             guard table[request.process] == nil else {
                 return HoldfastError(.processExists, "process '\(request.process)' already has streams in the broker")
+            }
+            if keptReleases.withLockedValue({ $0.owner(of: request.process) }) != nil {
+                return HoldfastError(
+                    .processExists, "process '\(request.process)' is being released: its fds are kept for its peer's next release (ask it first)")
             }
             // A token a live stream uses is taken: a second stream with it would take the
             // first one's place at the host and splice its bytes onto the first one's.
@@ -273,21 +280,6 @@ public final class Broker: Sendable {
         notifications.post(.inputSettled(InputSettledNotification(process: process, checkpoint: checkpoint)))
     }
 
-    // MARK: Release
-
-    /// Stops relaying a process's streams and hands their fds back (in the order of the
-    /// returned descriptions). Bytes a relay had read but not delivered are lost with it.
-    public func release(_ process: String) async throws(HoldfastError) -> (ReleaseResponse, [Int32]) {
-        guard let adopted = processes.withLockedValue({ $0.removeValue(forKey: process) }) else {
-            throw HoldfastError(.noSuchProcess, "no streams for process '\(process)'")
-        }
-        let (descriptions, fds) = await adopted.release(registry: registry)
-        for stream in adopted.status() { record(finished: stream) }
-        logger.info("released streams", metadata: ["process": "\(process)", "fds": "\(fds.count)"])
-        await handoffGone(process)
-        return (ReleaseResponse(streams: descriptions), fds)
-    }
-
     // MARK: Lifecycle events
 
     /// The process exited: its output streams drain (bounded by the drain timeout), its input
@@ -360,7 +352,7 @@ public final class Broker: Sendable {
 
     /// Who handed `process` over, nil if the broker has no such process.
     public func owner(of process: String) -> ProcessOwner? {
-        processes.withLockedValue { $0[process]?.owner }
+        processes.withLockedValue { $0[process]?.owner } ?? keptReleases.withLockedValue { $0.owner(of: process) }
     }
 
     public func stats() -> BrokerStats {
@@ -489,6 +481,8 @@ public enum BrokerNotification: Sendable, Equatable {
     case handoffDeposited(HandoffDeposit, descriptors: [Int32])
     /// A handoff peer's process left the broker.
     case handoffEnded(ProcessRequest)
+    /// A handoff peer's process is being released: the answer with its fds comes next.
+    case handoffReleasing(ProcessRequest)
 
     public var frame: ControlFrame {
         switch self {
@@ -498,6 +492,8 @@ public enum BrokerNotification: Sendable, Equatable {
         case .handoffDeposited(let deposit, _):
             return ControlFrame(type: BrokerMessageType.handoffDeposited.rawValue, id: 0, body: ControlJSON.encode(deposit))
         case .handoffEnded(let process): return ControlFrame(type: BrokerMessageType.handoffEnded.rawValue, id: 0, body: ControlJSON.encode(process))
+        case .handoffReleasing(let process):
+            return ControlFrame(type: BrokerMessageType.handoffReleasing.rawValue, id: 0, body: ControlJSON.encode(process))
         }
     }
 
@@ -536,6 +532,9 @@ struct HandoffSlots: Sendable {
         taken.formUnion(slots)
         byProcess[process, default: []] += slots
     }
+
+    /// Whether `process` has slots here (its fds were deposited with the supervisor).
+    func has(_ process: String) -> Bool { byProcess[process] != nil }
 
     /// `process` left: its slots, now free (nil if it had none here).
     mutating func end(_ process: String) -> [Int]? {

@@ -224,8 +224,9 @@ public final class BrokerService: Sendable {
                 }
                 // A new process (nothing resumed) needs a socket per stream, and the streams
                 // already held need room to redial; one taken over after a restart is let in
-                // whatever the count: refusing it would only lose its streams.
-                if !adopt.streams.contains(where: { $0.resume == true }) {
+                // whatever the count: refusing it would only lose its streams (nor does a release
+                // a crash interrupted need any: it dials nothing).
+                if !adopt.streams.contains(where: { $0.resume == true }), adopt.releasing != true {
                     try ProcessFigures.ensureDescriptorRoom(
                         needed: adopt.streams.count, reserve: Self.descriptorReserve, holder: "the broker", keptFor: "for the streams it serves to redial")
                 }
@@ -246,6 +247,10 @@ public final class BrokerService: Sendable {
             case .handoff(let credentials):
                 try await broker.adoptFromHandoff(adoption!, descriptors: descriptors, uid: credentials.uid)
             case .supervisor:
+                if adoption!.request.releasing == true {
+                    try broker.keepInterruptedRelease(adoption!.request, descriptors: descriptors)
+                    return .empty
+                }
                 // A handoff peer's process handed back after a crash stays that peer's.
                 let owner = adoption!.request.handoffOwner.map { ProcessOwner.handoff(uid: $0) } ?? .supervisor
                 try broker.adopt(adoption!, descriptors: descriptors, owner: owner)
@@ -253,8 +258,8 @@ public final class BrokerService: Sendable {
             return .empty
         case .release(let process):
             try caller.mayManage(process, in: broker)
-            let (response, fds) = try await broker.release(process)
-            return RPCReply(response, descriptors: fds)
+            let release = try await broker.release(process)
+            return RPCReply(release.response, descriptors: release.descriptors, afterSent: release.afterSent)
         case .list(let page):
             let owner: ProcessOwner? = if case .supervisor = caller { nil } else { caller.owner }
             let request = page

@@ -130,6 +130,7 @@ extension DaemonConfiguration {
             "handoff.allowed_uids": (ids(handoff.allowedUIDs), nil),
             "handoff.allowed_gids": (ids(handoff.allowedGIDs), nil),
             "handoff.max_connections": (String(handoff.maxConnections), nil),
+            "handoff.release_kept_for": (Self.duration(handoff.releaseKeptFor ?? BrokerSettings.defaultReleaseKeptFor), nil),
             "streams.redial_attempts": (String(streams.redialAttempts), nil),
             "streams.redial_interval": (Self.duration(streams.redialInterval), nil),
             "streams.connect_timeout": (Self.duration(streams.connectTimeout), nil),

@@ -32,6 +32,7 @@ public enum ConfigurationLoader {
         ("handoff.allowed_uids", "0"),
         ("handoff.allowed_gids", ""),
         ("handoff.max_connections", "256"),
+        ("handoff.release_kept_for", "60s"),
         ("streams.redial_attempts", "60"),
         ("streams.redial_interval", "100ms"),
         ("streams.connect_timeout", "2s"),
@@ -141,6 +142,7 @@ public enum ConfigurationLoader {
         let uids = try parse("handoff.allowed_uids", ValueParsers.idList)
         let gids = try parse("handoff.allowed_gids", ValueParsers.idList)
         let handoffConnections = try parse("handoff.max_connections") { ValueParsers.integer($0, in: 1...65_536) }
+        let releaseKeptFor = try parse("handoff.release_kept_for", ValueParsers.positiveDuration)
         let attempts = try parse("streams.redial_attempts") { ValueParsers.integer($0, in: 1...1_000_000) }
         let interval = try parse("streams.redial_interval", ValueParsers.positiveDuration)
         let connectTimeout = try parse("streams.connect_timeout", ValueParsers.positiveDuration)
@@ -174,7 +176,8 @@ public enum ConfigurationLoader {
                 address: address, authentication: authentication, keyFile: keyFile, reconnectInitial: reconnectInitial,
                 reconnectMax: reconnectMax),
             broker: .init(user: user, seccomp: seccomp, allowSharedUID: allowSharedUID, restartBackoffMax: restartBackoffMax),
-            handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids, maxConnections: handoffConnections),
+            handoff: .init(socket: handoffSocket, mode: mode, allowedUIDs: uids, allowedGIDs: gids, maxConnections: handoffConnections,
+                releaseKeptFor: releaseKeptFor),
             streams: .init(
                 redialAttempts: attempts, redialInterval: interval, connectTimeout: connectTimeout, drainTimeout: drainTimeout,
                 ringCapacity: ring),

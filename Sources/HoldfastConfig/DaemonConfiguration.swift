@@ -47,6 +47,10 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var allowedGIDs: [UInt32]
         /// Admitted peers' connections the broker serves at once; more are refused.
         public var maxConnections: Int
+        /// How long the fds of a `release` whose answer may not have reached its peer (a broker
+        /// crash between the two, or the peer gone) wait for the peer's next `release`. Nil in a
+        /// configuration an older image wrote down in a live upgrade: the default.
+        public var releaseKeptFor: Milliseconds?
     }
 
     public struct Streams: Codable, Sendable, Equatable {

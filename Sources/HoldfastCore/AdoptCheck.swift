@@ -34,7 +34,7 @@ public struct ValidatedAdoption: Sendable, Equatable {
     public var resumes: Bool { request.streams.contains { $0.resume == true } }
     /// It names checkpoint slots, resumes or hands over an ending input: only the supervisor, which owns the slots, may.
     public var needsTheSupervisor: Bool {
-        resumes || request.handoffOwner != nil || request.endingInput != nil || request.streams.contains { $0.ended != nil } || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
+        resumes || request.handoffOwner != nil || request.endingInput != nil || request.releasing != nil || request.streams.contains { $0.ended != nil } || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
     }
 }
 

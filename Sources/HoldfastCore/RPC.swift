@@ -181,6 +181,7 @@ public enum RPCServer {
                 }
                 let reply: ControlFrame
                 var sent: [Int32] = []
+                var afterSent: RPCReply.AfterSent?
                 do throws(HoldfastError) {
                     let request: Request
                     do throws(HoldfastError) {
@@ -191,12 +192,23 @@ public enum RPCServer {
                     }
                     let answer = try await handle(request, descriptors)
                     sent = answer.descriptors
+                    afterSent = answer.afterSent
                     reply = ControlFrame(type: RPCFrameType.ok, id: frame.id, body: answer.body)
                 } catch {
                     reply = ControlFrame(type: RPCFrameType.error, id: frame.id, body: error.errorFrameBody)
                 }
-                try? await transport.send(reply, descriptors: sent)
-                closeDescriptors(sent)  // the peer has its copies
+                let delivered: Bool
+                do {
+                    try await transport.send(reply, descriptors: sent)
+                    delivered = true
+                } catch {
+                    delivered = false
+                }
+                if let afterSent {
+                    await afterSent(delivered)  // the fds are its own
+                } else {
+                    closeDescriptors(sent)  // the peer has its copies
+                }
             }
             running.withLockedValue { r in
                 if r.finished.remove(key) == nil { r.tasks[key] = task }

@@ -35,6 +35,12 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// drain timeout): the supervisor, which keeps such a stdin past its process's exit report
     /// so that a broker crash in between does not lose the echo, lets it go.
     case inputSettled = 0x0205
+    /// A handoff peer's process is being released: its streams are stopped and its fds are about
+    /// to go back to the peer. Sent (and written) before the answer: a broker that dies between
+    /// the two leaves the supervisor's copies neither relayed by the next broker (the peer may
+    /// hold the fds already) nor closed (it may not), but kept for the peer's `release` to take
+    /// (`AdoptRequest.releasing`). `handoff-ended` follows once the answer was written.
+    case handoffReleasing = 0x0206
 }
 
 /// What a stream carries.
@@ -131,12 +137,17 @@ public struct AdoptRequest: Codable, Sendable, Equatable {
     /// ended stdin (`ended`), whose END echo a crashed broker may not have delivered. The broker
     /// relays it and reports `input-settled`; no `process-exited` follows. Supervisor only.
     public var endingInput: Bool?
+    /// True: a handoff peer's process whose `release` a broker crash interrupted. The broker
+    /// relays nothing of it and keeps its fds for that peer's next `release` (they answer it),
+    /// closing them if none comes within `handoff.release_kept_for`. Supervisor only.
+    public var releasing: Bool?
 
-    public init(process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil, endingInput: Bool? = nil) {
+    public init(process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil, endingInput: Bool? = nil, releasing: Bool? = nil) {
         self.process = process
         self.streams = streams
         self.handoffOwner = handoffOwner
         self.endingInput = endingInput
+        self.releasing = releasing
     }
 }
 

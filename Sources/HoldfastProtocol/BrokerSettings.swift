@@ -13,11 +13,20 @@ public struct BrokerSettings: Codable, Sendable, Equatable {
     public var handoffAllowedGIDs: [UInt32]
     /// Admitted handoff connections served at once (`handoff.max_connections`).
     public var handoffMaxConnections: Int
+    /// How long a release a crash interrupted, or whose answer did not reach its peer, is kept
+    /// for the peer's next `release` (`handoff.release_kept_for`). Nil: the default.
+    public var handoffReleaseKeptForMilliseconds: Int?
+
+    /// `handoff.release_kept_for` by default.
+    public static let defaultReleaseKeptFor = 60_000
+
+    public var handoffReleaseKeptFor: Duration { .milliseconds(handoffReleaseKeptForMilliseconds ?? Self.defaultReleaseKeptFor) }
 
     public init(
         user: String? = nil, seccomp: SeccompAction = .kill, redialAttempts: Int = 60, redialIntervalMilliseconds: Int = 100,
         connectTimeoutMilliseconds: Int = 2000, drainTimeoutMilliseconds: Int = 30_000, ringCapacity: Int = 1 << 20,
-        handoffAllowedUIDs: [UInt32] = [0], handoffAllowedGIDs: [UInt32] = [], handoffMaxConnections: Int = 256
+        handoffAllowedUIDs: [UInt32] = [0], handoffAllowedGIDs: [UInt32] = [], handoffMaxConnections: Int = 256,
+        handoffReleaseKeptForMilliseconds: Int? = nil
     ) {
         self.user = user
         self.seccomp = seccomp
@@ -29,6 +38,7 @@ public struct BrokerSettings: Codable, Sendable, Equatable {
         self.handoffAllowedUIDs = handoffAllowedUIDs
         self.handoffAllowedGIDs = handoffAllowedGIDs
         self.handoffMaxConnections = handoffMaxConnections
+        self.handoffReleaseKeptForMilliseconds = handoffReleaseKeptForMilliseconds
     }
 }
 

@@ -56,16 +56,24 @@ public enum RPCBody {
 /// What a handler answers: the `ok` frame's body and any fds to send with it (the server
 /// closes its copies once they are sent).
 public struct RPCReply: Sendable {
+    /// Called once the reply was written (`delivered`) or could not be (the peer is gone).
+    public typealias AfterSent = @Sendable (_ delivered: Bool) async -> Void
+
     public var body: [UInt8]
     public var descriptors: [Int32]
+    /// Given: runs after the write, and the fds are its own to close or keep — a reply whose
+    /// fds never reached the peer (a `release` whose asker left) need not lose them.
+    /// Absent: the server closes them (the peer has its copies).
+    public var afterSent: AfterSent?
 
-    public init(body: [UInt8], descriptors: [Int32] = []) {
+    public init(body: [UInt8], descriptors: [Int32] = [], afterSent: AfterSent? = nil) {
         self.body = body
         self.descriptors = descriptors
+        self.afterSent = afterSent
     }
 
-    public init(_ value: some Encodable, descriptors: [Int32] = []) {
-        self.init(body: ControlJSON.encode(value), descriptors: descriptors)
+    public init(_ value: some Encodable, descriptors: [Int32] = [], afterSent: AfterSent? = nil) {
+        self.init(body: ControlJSON.encode(value), descriptors: descriptors, afterSent: afterSent)
     }
 
     public static let empty = RPCReply(body: RPCBody.empty)

@@ -163,7 +163,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .closeStdin: return .closeStdin(process: try RPCBody.decode(ProcessRequest.self, body, type: type).process)
         case .resize: return .resize(try RPCBody.decode(ResizeRequest.self, body, type: type))
         case .quiesce: return .quiesce
-        case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded: throw HoldfastError(.unknownType, "\(known) is not a request")
+        case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
 

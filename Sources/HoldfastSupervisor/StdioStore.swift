@@ -49,6 +49,10 @@ struct StdioStore {
         /// echo a broker crash must not lose (its outputs' fds and slots are gone). Released at
         /// `input-settled`.
         var keptForEcho: Bool?
+        /// A handoff peer's process its broker was releasing (`handoff-releasing`): whether the
+        /// peer got the fds is not known here, so a broker after a crash is handed them to keep,
+        /// unrelayed, for the peer's next `release` (`AdoptRequest.releasing`).
+        var releasing: Bool?
 
         /// Every fd this entry holds open (fd numbers survive an exec unchanged).
         var heldDescriptors: [Int32] { descriptors.filter { $0 >= 0 } }
@@ -174,6 +178,10 @@ struct StdioStore {
         for (process, entry) in held.sorted(by: { $0.key < $1.key }) where entry.adoption.incarnation < incarnation {
             guard claimed.count < limit else { break }
             held[process]?.adoption = .adopting(incarnation)
+            if entry.releasing == true {
+                claimed.append(Self.keptRelease(of: process, entry))
+                continue
+            }
             var request = AdoptRequest(
                 process: process, streams: [], handoffOwner: entry.request.handoffOwner, endingInput: entry.keptForEcho == true ? true : nil)
             var descriptors: [Int32] = []
@@ -208,6 +216,28 @@ struct StdioStore {
             claimed.append(Readoption(process: process, request: request, descriptors: descriptors))
         }
         return claimed
+    }
+
+    /// A release a broker crash interrupted, for the next broker to keep: each stream whose fd
+    /// is still held, without its windows (nothing is relayed) and nothing to resume.
+    private static func keptRelease(of process: String, _ entry: Held) -> Readoption {
+        var request = AdoptRequest(process: process, streams: [], handoffOwner: entry.request.handoffOwner, releasing: true)
+        var descriptors: [Int32] = []
+        for var stream in entry.request.streams where entry.descriptors.indices.contains(stream.fd) && entry.descriptors[stream.fd] >= 0 {
+            descriptors.append(entry.descriptors[stream.fd])
+            stream.fd = descriptors.count - 1
+            stream.window = nil
+            stream.inputWindow = nil
+            request.streams.append(stream)
+        }
+        return Readoption(process: process, request: request, descriptors: descriptors)
+    }
+
+    /// `process`'s broker is releasing it to its handoff peer (`handoff-releasing`); nothing
+    /// for a process of the supervisor's own.
+    mutating func releasing(_ process: String) {
+        guard held[process]?.request.handoffOwner != nil else { return }
+        held[process]?.releasing = true
     }
 
     mutating func adopted(_ process: String, by incarnation: Int) {

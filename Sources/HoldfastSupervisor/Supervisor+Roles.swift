@@ -27,7 +27,8 @@ extension Supervisor {
             connectTimeoutMilliseconds: configuration.streams.connectTimeout,
             drainTimeoutMilliseconds: configuration.streams.drainTimeout, ringCapacity: configuration.streams.ringCapacity,
             handoffAllowedUIDs: configuration.handoff.allowedUIDs, handoffAllowedGIDs: configuration.handoff.allowedGIDs,
-            handoffMaxConnections: configuration.handoff.maxConnections)
+            handoffMaxConnections: configuration.handoff.maxConnections,
+            handoffReleaseKeptForMilliseconds: configuration.handoff.releaseKeptFor)
     }
 
     func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
@@ -120,6 +121,9 @@ extension Supervisor {
             case .handoffEnded:
                 guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 handoffEnded(ended.process)
+            case .handoffReleasing:
+                guard let releasing = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
+                stdio.withLockedValue { $0.releasing(releasing.process) }
             default:
                 break
             }

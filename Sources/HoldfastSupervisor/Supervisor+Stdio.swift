@@ -38,6 +38,11 @@ extension Supervisor {
                 // Its only stream (stdin) was ended: nothing to hand over; its exit is reported
                 // without a drain.
                 guard !item.request.streams.isEmpty else {
+                    // A release a crash interrupted with no pipe left to give back: done.
+                    if item.request.releasing == true {
+                        releaseStdio(item.process, evenForEcho: true)
+                        continue
+                    }
                     stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
                     await deliverExit(item.process)
                     continue
@@ -53,9 +58,11 @@ extension Supervisor {
                 do {
                     let adopt = BrokerRequest.adopt(item.request)
                     _ = try await client.request(adopt.frameType, body: adopt.body, descriptors: item.descriptors)
-                    logger.info("streams handed to the restarted broker", metadata: [
-                        "process": "\(item.process)", "streams": "\(item.request.streams.count)", "broker": "\(incarnation)",
-                    ])
+                    logger.info(
+                        item.request.releasing == true
+                            ? "a release a broker crash interrupted handed to the restarted broker to keep for its peer"
+                            : "streams handed to the restarted broker",
+                        metadata: ["process": "\(item.process)", "streams": "\(item.request.streams.count)", "broker": "\(incarnation)"])
                     if item.request.endingInput == true {
                         // Done and reported: no exit to tell; `input-settled` releases it.
                         stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }

@@ -44,6 +44,7 @@ struct ConfigurationCheckTests {
         #expect(values["handoff.mode"] == "0660")
         #expect(values["handoff.allowed_uids"] == "[0]")
         #expect(values["handoff.allowed_gids"] == "[]")
+        #expect(values["handoff.release_kept_for"] == "1m")
         #expect(values["streams.ring_capacity"] == "1MiB")
         #expect(values["shutdown.signal"] == "SIGTERM")
         #expect(values["shutdown.timeout"] == "30s")

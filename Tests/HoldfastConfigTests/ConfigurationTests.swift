@@ -27,6 +27,7 @@ struct ConfigurationTests {
         #expect(production.bridge.address == .vsock(cid: SocketAddress.vsockHostCID, port: 5000))
         #expect(production.handoff.socket == "/run/holdfast/broker.sock")
         #expect(production.handoff.mode == 0o660)
+        #expect(production.handoff.releaseKeptFor == 60_000)
         #expect(production.streams.ringCapacity == 1 << 20)
     }
 

@@ -141,6 +141,36 @@ struct HandoffExampleTests {
 }
 
 extension HandoffExampleTests {
+    /// The broker dies inside `handoff.py release`, before its answer: the command asks the
+    /// restarted broker again, which answers with the fds it kept (HandoffReleaseCrashTests has
+    /// the rest of it), and prints the same pipe that was handed over.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker dies at a failpoint, which only debug builds have"))
+    func releaseAsksAgainWhenTheBrokerDiesInsideIt() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.brokerReleaseMarked):h4"], brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        _ = try daemon.streams.open(token: bytes("h4-stdout"), direction: .receive, secret: handoffSecret)
+        let out = try PipeEnds.make()
+        defer { close(out.write) }
+        let identity = descriptorIdentity(out.write)
+        let adopted = try await runHandoff(
+            daemon, ["adopt", "--process", "h4", "--stdout", daemon.streamAddress, "--stdout-fd", "\(out.read)"], keep: [out.read])
+        #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+        close(out.read)
+        try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
+        let firstBroker = try await daemon.rolePID("broker")
+
+        let released = try await runHandoff(daemon, ["release", "--process", "h4"])
+        #expect(released.status == .exited(0), "stderr: \(released.stderr)")
+        #expect(released.stderr.contains("handoff.py: the release got no answer"), "stderr: \(released.stderr)")
+        #expect(released.stdout.contains("\"descriptor\": \"\(identity)\""), "the pipe handed over: \(released.stdout)")
+        #expect(try await daemon.rolePID("broker") != firstBroker, "the broker did die inside")
+        #expect(daemon.log.contains("a release kept for its peer handed over"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A handoff peer manages only what its own uid handed over: not the supervisor's
     /// processes, not another allowed uid's; `list` shows it its own.
     @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {

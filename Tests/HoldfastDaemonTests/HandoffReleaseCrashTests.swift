@@ -1,0 +1,157 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A runtime takes its process's stdio back (`release`) and the broker dies inside the release:
+/// before its answer with the fds was written, or after it but before the supervisor let go of
+/// its copies. Neither may leave the process's pipes with no holder (its next write a SIGPIPE,
+/// its stdin a false end-of-file), nor relayed by the next broker while the runtime reads them
+/// too. The next broker keeps the fds, unrelayed: the runtime's next `release` gets them, or,
+/// if none comes (it had them), they close after `handoff.release_kept_for`.
+@Suite("A release the broker dies inside loses no pipe", .timeLimit(.minutes(5)))
+struct HandoffReleaseCrashTests {
+    enum Moment: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        case beforeTheAnswer, afterTheAnswer
+
+        var failpoint: String { self == .beforeTheAnswer ? Failpoint.brokerReleaseMarked : Failpoint.brokerReleaseAnswered }
+        var testDescription: String { rawValue }
+    }
+
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker dies at a failpoint, which only debug builds have"),
+        arguments: Moment.allCases)
+    func aReleaseTheBrokerDiesInsideLeavesEveryPipeHeld(moment: Moment) async throws {
+        let daemon = try await DaemonFixture(
+            extraConfig: "handoff:\n  release_kept_for: 3s", environment: ["HOLDFAST_FAILPOINT": "\(moment.failpoint):rel"],
+            brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let received = collect(try daemon.streams.open(token: bytes("r-out"), direction: .receive))
+        let input = try daemon.streams.open(token: bytes("r-in"), direction: .send)
+        let copy = daemon.directory.file("stdin.copy")
+        let (outPipe, inPipe) = (try PipeEnds.make(), try PipeEnds.make())
+        let pid = try processes.start(
+            ["sh", "-c", "exec 3<&0; (cat <&3 > \(copy); echo > \(copy).ended) & exec 3<&-; i=0; while :; do i=$((i+1)); echo r $i || exit 3; sleep 0.005; done"],
+            stdin: inPipe.read, stdout: outPipe.write)
+        close(outPipe.write)
+        close(inPipe.read)
+        let pipes = [linkTarget("/proc/self/fd/\(outPipe.read)"), linkTarget("/proc/self/fd/\(inPipe.write)")]
+
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let (outSpec, inSpec) = (daemon.spec("r-out"), daemon.spec("r-in"))
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: "rel", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: outSpec.address, mode: .resumable, token: outSpec.token, secret: outSpec.secret),
+            StreamDescription(kind: .stdin, fd: 1, address: inSpec.address, mode: .resumable, token: inSpec.token, secret: inSpec.secret),
+        ]))
+        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [outPipe.read, inPipe.write])
+        close(outPipe.read)
+        close(inPipe.write)
+        try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
+        // (Not ended: an END would close the process's stdin, with nothing left to release.)
+        try await input.send(bytes("before the release\n"))
+        try await eventually("the host's stdin bytes copied", timeout: .seconds(20)) {
+            String(decoding: readFile(copy) ?? [], as: UTF8.self) == "before the release\n"
+        }
+        try await eventually("the output relayed", timeout: .seconds(20)) {
+            try await daemon.status().streams.contains { $0.process == "rel" && $0.kind == .stdout && $0.bytesToHost > 100 }
+        }
+        let firstBroker = try #require(try await daemon.rolePID("broker"))
+
+        // The release the broker dies inside.
+        let release = BrokerRequest.release(process: "rel")
+        var returned: [Int32] = []
+        switch moment {
+        case .beforeTheAnswer:
+            do {
+                let reply = try await runtime.request(release.frameType, body: release.body)
+                returned = reply.descriptors
+                Issue.record("answered although the broker was to die before its answer")
+            } catch {
+                #expect(error.code == .channelClosed, "\(error)")
+            }
+        case .afterTheAnswer:
+            let reply = try await runtime.request(release.frameType, body: release.body)
+            returned = reply.descriptors
+            let streams = try ControlJSON.decode(ReleaseResponse.self, from: reply.frame.body, frameType: reply.frame.type).streams
+            #expect(streams.map(\.kind) == [.stdout, .stdin] && returned.count == 2, "\(streams)")
+        }
+        try await eventually("a broker after the one that died", timeout: .seconds(30)) {
+            let broker = try await daemon.rolePID("broker")
+            return broker != nil && broker != firstBroker
+        }
+        try await eventually("the process handed to the next broker", timeout: .seconds(20)) { daemon.log.contains("handed to the restarted broker") }
+        #expect(daemon.log.contains("a release a broker crash interrupted handed to the restarted broker to keep for its peer"))
+        // Kept, not relayed: nothing of it streams (the runtime may be reading these pipes).
+        #expect(try await daemon.status().streams.allSatisfy { $0.process != "rel" }, "not relayed by the next broker")
+        #expect(kill(pid, 0) == 0, "the process lives")
+        // Held by the supervisor meanwhile (its copies; the broker, not dumpable, cannot be
+        // looked into: that it let go shows below, as the stdin's end-of-file).
+        func heldBySupervisor(_ pipe: String) -> Bool { holders(of: pipe).contains { $0.hasPrefix("\(daemon.daemonPID) ") } }
+        #expect(pipes.allSatisfy(heldBySupervisor), "\(pipes.map { holders(of: $0) })")
+
+        switch moment {
+        case .beforeTheAnswer:
+            // The runtime got no answer: it asks again, of the broker that runs now.
+            let again = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+            let reply = try await again.request(release.frameType, body: release.body)
+            returned = reply.descriptors
+            let streams = try ControlJSON.decode(ReleaseResponse.self, from: reply.frame.body, frameType: reply.frame.type).streams
+            #expect(streams.map(\.kind) == [.stdout, .stdin] && returned.count == 2, "\(streams)")
+            #expect(streams.allSatisfy { $0.window == nil && $0.resume == nil }, "\(streams)")
+            #expect(daemon.log.contains("a release kept for its peer handed over"))
+        case .afterTheAnswer:
+            // It had them: nobody asks, and they close when the time kept is up.
+            try await eventually("the kept fds closed", timeout: .seconds(20)) {
+                daemon.log.contains("no release came for a process's kept fds: closed")
+            }
+        }
+        // The supervisor's copies are gone.
+        try await eventually("the supervisor's copies closed", timeout: .seconds(20)) { !pipes.contains(where: heldBySupervisor) }
+        #expect(returned.map { linkTarget("/proc/self/fd/\($0)") } == pipes, "the same pipes came back")
+
+        // The process wrote on into the pipe all along, and goes on: its lines are consecutive.
+        let lines = try await readLines(returned[0], atLeast: 50)
+        let numbers = EveryKindOfStream.numbers(bytes(lines.joined()), prefix: "r")
+        #expect(numbers.count >= 50 && numbers == Array(numbers[0]...numbers[0] + numbers.count - 1), "\(numbers.prefix(5))…")
+        // Its stdin is ours: what we write reaches it, and our close is its end-of-file (no
+        // other holder, the broker's kept fds included, keeps it open), so `cat` finishes.
+        #expect(write(returned[1], "after the release\n", 18) == 18)
+        close(returned[1])
+        try await eventually("cat's copy complete", timeout: .seconds(20)) {
+            String(decoding: readFile(copy) ?? [], as: UTF8.self) == "before the release\nafter the release\n"
+        }
+        try await eventually("cat ended by the end-of-file", timeout: .seconds(20)) { readFile(copy + ".ended") != nil }
+        #expect(kill(pid, 0) == 0, "no SIGPIPE, no write error: the process lives")
+        kill(pid, SIGTERM)
+        #expect(try await processes.wait(pid) == .signaled(SIGTERM))
+        close(returned[0])
+        _ = received
+        print("release interrupted \(moment.rawValue): pipes held throughout, \(numbers.count) lines read after it, consecutive")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Reads lines from a non-blocking `fd` until `atLeast` complete ones came (10 s at most).
+    func readLines(_ fd: Int32, atLeast count: Int) async throws -> [String] {
+        var text: [UInt8] = []
+        let deadline = ContinuousClock.now + .seconds(10)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while text.filter({ $0 == 10 }).count < count + 1, ContinuousClock.now < deadline {
+            var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 100) > 0 else { continue }
+            let got = read(fd, &buffer, buffer.count)
+            if got > 0 { text += buffer[..<got] } else if got == 0 { break }
+        }
+        // The first line may be a tail the broker's last read cut: from the first whole one on.
+        let lines = String(decoding: text, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map { String($0) + "\n" }
+        return Array(lines.dropFirst().dropLast())
+    }
+}
