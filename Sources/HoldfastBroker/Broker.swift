@@ -380,6 +380,8 @@ public final class Broker: Sendable {
             strandedReactorThreads: Reactor.shared.strandedThreads > 0 ? Reactor.shared.strandedThreads : nil)
         stats.handoffConnections = handoff.0
         stats.handoffTurnedAway = handoff.1
+        let kept = keptReleases.withLockedValue { $0.count }
+        stats.keptReleases = kept > 0 ? kept : nil
         return stats
     }
 

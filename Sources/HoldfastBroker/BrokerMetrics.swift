@@ -35,6 +35,7 @@ public final class BrokerMetrics: Sendable {
     private let strandedReactorThreads: CoreMetrics.Gauge
     private let handoffConnections: CoreMetrics.Gauge
     private let handoffTurnedAway: CoreMetrics.Counter
+    private let keptReleases: CoreMetrics.Gauge
     private let fed = NIOLockedValueBox(Fed())
 
     private struct Fed {
@@ -83,6 +84,8 @@ public final class BrokerMetrics: Sendable {
         // (README, "Handing stdio to Holdfast from another runtime").
         handoffConnections = CoreMetrics.Gauge(label: "holdfast_broker_handoff_connections", factory: factory)
         handoffTurnedAway = CoreMetrics.Counter(label: "holdfast_broker_handoff_connections_refused_total", factory: factory)
+        // Releases kept for their peers (docs/PROTOCOL.md, "release").
+        keptReleases = CoreMetrics.Gauge(label: "holdfast_broker_kept_releases", factory: factory)
     }
 
     /// An observer for one stream's slot: dial attempts and failures, redial cycles given up,
@@ -153,6 +156,7 @@ public final class BrokerMetrics: Sendable {
             return turnedAway &- min(turnedAway, last.handoffTurnedAway)
         }
         handoffTurnedAway.increment(by: Int64(clamping: newlyTurnedAway))
+        keptReleases.record(Double(stats.keptReleases ?? 0))
         return registry.emitToString()
     }
 }

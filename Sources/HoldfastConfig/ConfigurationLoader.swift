@@ -32,7 +32,7 @@ public enum ConfigurationLoader {
         ("handoff.allowed_uids", "0"),
         ("handoff.allowed_gids", ""),
         ("handoff.max_connections", "256"),
-        ("handoff.release_kept_for", "60s"),
+        ("handoff.release_kept_for", "1m"),
         ("streams.redial_attempts", "60"),
         ("streams.redial_interval", "100ms"),
         ("streams.connect_timeout", "2s"),

@@ -332,6 +332,9 @@ public struct BrokerStats: Codable, Sendable, Equatable {
     /// it started (`handoff.max_connections`, the allow-lists); absent from an older broker.
     public var handoffConnections: Int?
     public var handoffTurnedAway: UInt64?
+    /// Handoff peers' processes whose fds wait for the peer's next `release` (a release the
+    /// broker died inside, or whose answer the peer was gone for); absent when none.
+    public var keptReleases: Int?
 
     public init(
         processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,

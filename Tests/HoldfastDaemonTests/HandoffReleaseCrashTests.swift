@@ -30,7 +30,7 @@ struct HandoffReleaseCrashTests {
         arguments: Moment.allCases)
     func aReleaseTheBrokerDiesInsideLeavesEveryPipeHeld(moment: Moment) async throws {
         let daemon = try await DaemonFixture(
-            extraConfig: "handoff:\n  release_kept_for: 3s", environment: ["HOLDFAST_FAILPOINT": "\(moment.failpoint):rel"],
+            extraConfig: "handoff:\n  release_kept_for: 3s\nmetrics:\n  address: \"unix:{run}/metrics.sock\"", environment: ["HOLDFAST_FAILPOINT": "\(moment.failpoint):rel"],
             brokerRestartBackoffMax: "200ms")
         defer { daemon.cleanUp() }
         let processes = TestProcesses()
@@ -97,6 +97,11 @@ struct HandoffReleaseCrashTests {
         // looked into: that it let go shows below, as the stdin's end-of-file).
         func heldBySupervisor(_ pipe: String) -> Bool { holders(of: pipe).contains { $0.hasPrefix("\(daemon.daemonPID) ") } }
         #expect(pipes.allSatisfy(heldBySupervisor), "\(pipes.map { holders(of: $0) })")
+        func keptReleases() async throws -> Double? {
+            parsePrometheus(try await httpExchange(
+                .unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))["holdfast_broker_kept_releases"]
+        }
+        #expect(try await keptReleases() == 1, "counted while kept")
 
         switch moment {
         case .beforeTheAnswer:
@@ -117,6 +122,7 @@ struct HandoffReleaseCrashTests {
         // The supervisor's copies are gone.
         try await eventually("the supervisor's copies closed", timeout: .seconds(20)) { !pipes.contains(where: heldBySupervisor) }
         #expect(returned.map { linkTarget("/proc/self/fd/\($0)") } == pipes, "the same pipes came back")
+        #expect(try await keptReleases() == 0, "none kept after")
 
         // The process wrote on into the pipe all along, and goes on: its lines are consecutive.
         let lines = try await readLines(returned[0], atLeast: 50)
