@@ -236,11 +236,10 @@ def release(path: str, process: str, within: float = 30.0,
     connection ends without an answer (ProtocolError). The restarted broker keeps the fds for
     `handoff.release_kept_for` (60 s by default) and answers the next release of the process
     with them, so this asks again, on a new connection, until `within` seconds have passed (the
-    socket stays open while the broker restarts: a connection waits for the next broker; for a
-    moment the process is not handed back to it yet, `no-such-process`, and asked again too).
-    Any other error is raised at once. `said` gets a line per retry."""
+    socket stays open while the broker restarts: a connection waits for the next broker, which
+    answers once every process is back with it). Any error the broker answers is raised at
+    once. `said` gets a line per retry."""
     deadline = time.monotonic() + within
-    interrupted = False
     while True:
         try:
             with Client(path) as broker:
@@ -248,12 +247,7 @@ def release(path: str, process: str, within: float = 30.0,
         except (ProtocolError, ConnectionError, socket.timeout) as error:
             if time.monotonic() >= deadline:
                 raise
-            interrupted = True
             said(f"the release got no answer ({error}): asking again")
-        except BrokerError as error:
-            # Only after an interrupted release: the process may not be back with the broker yet.
-            if not interrupted or error.code != "no-such-process" or time.monotonic() >= deadline:
-                raise
         time.sleep(0.2)
 
 

@@ -18,6 +18,8 @@ extension BrokerRequest {
             guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
         case .quiesce:
             guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor stops the broker") }
+        case .openHandoff:
+            guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor opens the handoff socket") }
         case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize:
             break
         }

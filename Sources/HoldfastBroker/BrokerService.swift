@@ -19,6 +19,8 @@ public final class BrokerService: Sendable {
     private var handoffGate: NIOLockedValueBox<HandoffConnectionGate> { broker.handoffGate }
     /// The log lines turned-away handoff connections get (a flood gets a summary, not a line each).
     private let turnAwayLog = NIOLockedValueBox(TurnAwayLog())
+    /// Set by the supervisor's `open-handoff`, once every process is handed to this broker.
+    private let handoffOpened = Rendezvous<Bool>()
 
     /// Who may use a request: the supervisor may do everything; a handoff peer only manages
     /// (lists, releases, resizes, ends) the processes handed over by its own uid.
@@ -58,6 +60,9 @@ public final class BrokerService: Sendable {
 
     /// How long a quiesce waits for every stream to be outside a take.
     static let quiesceLimit = Duration.seconds(2)
+    /// The longest the handoff socket waits for `open-handoff` (a takeover of thousands of
+    /// processes on a loaded guest takes seconds).
+    static let handoffOpenLimit = Duration.seconds(60)
 
     // MARK: The supervisor's channel
 
@@ -75,6 +80,13 @@ public final class BrokerService: Sendable {
     /// hold is bounded by `handoffGate`: any process that can connect costs an fd per connection,
     /// and the broker's fds are what its streams redial with.
     public func serveHandoff(_ listener: Listener) async {
+        // Not before the supervisor says every process is back (`open-handoff`): connections
+        // wait in the listener's backlog meanwhile. Bounded, in case that word never comes.
+        if await handoffOpened.wait(timeout: Self.handoffOpenLimit) == nil {
+            logger.warning("the supervisor did not say every process was handed back: the handoff socket is served all the same", metadata: [
+                "waited": "\(Self.handoffOpenLimit.spoken)",
+            ])
+        }
         while !Task.isCancelled {
             let connection: AsyncFD
             do {
@@ -234,6 +246,8 @@ public final class BrokerService: Sendable {
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor sends bridge events") }
             case .quiesce:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor stops the broker") }
+            case .openHandoff:
+                guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor opens the handoff socket") }
             case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
             }
         } catch {
@@ -278,6 +292,9 @@ public final class BrokerService: Sendable {
             return RPCReply(CountResponse(count: broker.bridgeUp()))
         case .quiesce:
             broker.quiesce(within: Self.quiesceLimit)
+            return .empty
+        case .openHandoff:
+            handoffOpened.set(true)
             return .empty
         case .processExited(let exited):
             try caller.mayManage(exited.process, in: broker)

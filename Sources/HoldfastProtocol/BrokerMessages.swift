@@ -16,6 +16,11 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// Supervisor only, for a live upgrade: stop taking bytes from pipes at a moment when no
     /// stream is inside a take, and exit 0 (a successor resumes every stream exactly).
     case quiesce = 0x010B
+    /// Supervisor only: every process the broker before this one held (and every release it
+    /// was inside) has been handed to this one, so the handoff socket is served from now on. A
+    /// runtime's request before that would not find its process (`no-such-process` for a
+    /// process about to be handed back, an adopt that would then collide with it).
+    case openHandoff = 0x010C
     // Responses (same id as the request).
     case ok = 0x0001
     case error = 0x0002

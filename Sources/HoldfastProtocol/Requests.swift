@@ -147,6 +147,8 @@ public enum BrokerRequest: RPCRequest, Equatable {
     case resize(ResizeRequest)
     /// A live upgrade: settle every stream and exit (supervisor only; the reply may not come).
     case quiesce
+    /// Every process is handed over: serve the handoff socket (supervisor only).
+    case openHandoff
 
     public static func decode(type: UInt32, body: [UInt8], descriptorCount: Int) throws(HoldfastError) -> BrokerRequest {
         guard let known = BrokerMessageType(rawValue: type) else { throw RPCBody.unknown(type) }
@@ -163,6 +165,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .closeStdin: return .closeStdin(process: try RPCBody.decode(ProcessRequest.self, body, type: type).process)
         case .resize: return .resize(try RPCBody.decode(ResizeRequest.self, body, type: type))
         case .quiesce: return .quiesce
+        case .openHandoff: return .openHandoff
         case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
@@ -180,6 +183,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .closeStdin: return BrokerMessageType.closeStdin.rawValue
         case .resize: return BrokerMessageType.resize.rawValue
         case .quiesce: return BrokerMessageType.quiesce.rawValue
+        case .openHandoff: return BrokerMessageType.openHandoff.rawValue
         }
     }
 
@@ -188,7 +192,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .adopt(let request): return ControlJSON.encode(request)
         case .release(let process), .closeStdin(let process): return ControlJSON.encode(ProcessRequest(process: process))
         case .list(let request): return ControlJSON.encode(request)
-        case .stats, .metrics, .disconnectAll, .bridgeUp, .quiesce: return RPCBody.empty
+        case .stats, .metrics, .disconnectAll, .bridgeUp, .quiesce, .openHandoff: return RPCBody.empty
         case .processExited(let request): return ControlJSON.encode(request)
         case .resize(let request): return ControlJSON.encode(request)
         }

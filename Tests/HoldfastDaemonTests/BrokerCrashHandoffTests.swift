@@ -88,6 +88,51 @@ struct BrokerCrashHandoffTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A runtime that asks about its processes right after a broker crash (its connection
+    /// waiting in the socket's backlog while the broker restarts) is answered only once every
+    /// process is back with the new broker (`open-handoff`): it finds all of them, never a
+    /// `no-such-process` for one the supervisor was about to hand back. Twelve processes: two
+    /// batches of the hand-back.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aRuntimeAskingRightAfterACrashFindsEveryProcess() async throws {
+        let daemon = try await DaemonFixture(brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let ids = (0..<12).map { "q\(String(format: "%02d", $0))" }
+        var writers: [Int32] = []
+        defer { for fd in writers { close(fd) } }
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        for id in ids {
+            _ = try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive)
+            let spec = daemon.spec("\(id)-out")
+            let pipe = try PipeEnds.make()
+            writers.append(pipe.write)
+            let adopt = BrokerRequest.adopt(AdoptRequest(process: id, streams: [
+                StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
+            ]))
+            _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [pipe.read])
+            close(pipe.read)
+        }
+        try await eventually("every deposit kept", timeout: .seconds(20)) {
+            daemon.log.components(separatedBy: "keeping a handoff process's fds").count - 1 == ids.count
+        }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGKILL)
+        // As soon as it is gone (and reaped: no longer accepting), before the next one starts
+        // (after 100 ms): the connection waits for the next broker, and is its first.
+        try await eventually("the broker gone", timeout: .seconds(10)) { kill(broker, 0) != 0 }
+        let asking = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let list = BrokerRequest.list(ListRequest())
+        let reply = try await asking.request(list.frameType, body: list.body)
+        let listed = try ControlJSON.decode(ListResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+        #expect(Set(listed.streams.map(\.process)) == Set(ids), "every process listed by the next broker: \(listed.streams.map(\.process))")
+        let release = BrokerRequest.release(process: ids.last!)
+        let released = try await asking.request(release.frameType, body: release.body)
+        #expect(released.descriptors.count == 1)
+        for fd in released.descriptors { close(fd) }
+        #expect(try await daemon.rolePID("broker") != broker)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A handoff peer cannot claim what only the supervisor may say: a process's owner (to
     /// manage another peer's process after a crash), a checkpoint slot (to write over another
     /// stream's progress) or `resume`. Each is refused with permission-denied, changes nothing,
