@@ -119,8 +119,16 @@ final class RoleSupervisor: Sendable {
             onEvent(.started(pid: incarnation.pid, restarts: restarts))
             let serving = Task { await serve(incarnation) }
             let status = if let child = incarnation.child { await reaper.wait(child) } else { await reaper.wait(incarnation.pid) }
-            incarnation.channel.close()
+            // Its end of the channel closed with it: the reader reaches end-of-file after the
+            // last frames it wrote, and those are handled before the next incarnation starts (a
+            // broker's `handoff-releasing` or `handoff-deposited` written just before it died
+            // decides what the next one is handed). Closing our end at once threw unread frames
+            // away: a loaded run reaped the broker before its last notification was read. Closed
+            // here only if end-of-file does not come (a copy of its end left in another process).
+            let closer = TimeoutWheel.shared.schedule(after: Self.channelDrainLimit) { incarnation.channel.close() }
             await serving.value
+            TimeoutWheel.shared.cancel(closer)
+            incarnation.channel.close()
             let (stopping, holder) = state.withLockedValue { s -> (Bool, CheckedContinuation<ExitStatus?, Never>?) in
                 s.current = nil
                 if s.held {
@@ -154,6 +162,9 @@ final class RoleSupervisor: Sendable {
     /// stopped is continued with the request, but a debugger's stop (ptrace) holds a signal other
     /// than SIGKILL for as long as the debugger likes, and the daemon's stop must not.
     static let stopLimit: Duration = .seconds(10)
+
+    /// How long a dead role's channel is read for what it wrote last before it is closed.
+    static let channelDrainLimit: Duration = .seconds(2)
 
     /// Stops restarting and signals the current incarnation; kills it if it has not ended
     /// within `stopLimit`.

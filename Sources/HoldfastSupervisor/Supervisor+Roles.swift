@@ -134,9 +134,9 @@ extension Supervisor {
         // A broker started after a crash gets every live process's streams back before anything
         // else (creates wait for it meanwhile); the first one gets none.
         await readopt(incarnation: number, client: client)
+        brokerClient.set(client)
         // Only now may runtimes ask it about their processes: every one is back.
         _ = try? await client.call(BrokerRequest.openHandoff, reply: [String: String].self)
-        brokerClient.set(client)
         await running.value
         brokerClient.clear { $0 === client }
         // The supervisor still holds every process's host ends and their checkpoints: the next
