@@ -42,6 +42,9 @@ struct HandoffReleaseCrashTests {
         let pid = try processes.start(
             ["sh", "-c", "exec 3<&0; (cat <&3 > \(copy); echo > \(copy).ended) & exec 3<&-; i=0; while :; do i=$((i+1)); echo r $i || exit 3; sleep 0.005; done"],
             stdin: inPipe.read, stdout: outPipe.write)
+        // Its subshell and `cat` are in its process group (it leads a session of its own): a
+        // test that fails halfway ends them too, not only the shell.
+        defer { kill(-pid, SIGKILL) }
         close(outPipe.write)
         close(inPipe.read)
         let pipes = [linkTarget("/proc/self/fd/\(outPipe.read)"), linkTarget("/proc/self/fd/\(inPipe.write)")]
