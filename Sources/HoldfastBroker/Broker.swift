@@ -284,9 +284,17 @@ public final class Broker: Sendable {
 
     /// The process exited: its output streams drain (bounded by the drain timeout), its input
     /// streams close; a `drained` notification follows when every output stream is done.
-    public func processExited(_ request: ProcessExitedRequest) throws(HoldfastError) {
+    /// `byPeer`: a handoff peer said it (the supervisor, which tells it again after a crash, is
+    /// told so first); the supervisor's own word needs no telling back.
+    public func processExited(_ request: ProcessExitedRequest, byPeer: Bool = false) async throws(HoldfastError) {
         guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
             throw HoldfastError(.noSuchProcess, "no streams for process '\(request.process)'")
+        }
+        if byPeer, handoffs.withLockedValue({ $0.has(request.process) }) {
+            // Written before the answer: a crash during the drain leaves the supervisor to tell
+            // the next broker, which would otherwise relay the process for good.
+            await notifications.send(.handoffExited(ProcessRequest(process: request.process)))
+            Failpoint.pass(Failpoint.brokerExitMarked, process: request.process)
         }
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
@@ -485,6 +493,8 @@ public enum BrokerNotification: Sendable, Equatable {
     case handoffEnded(ProcessRequest)
     /// A handoff peer's process is being released: the answer with its fds comes next.
     case handoffReleasing(ProcessRequest)
+    /// A handoff peer said its process exited: the drain starts next.
+    case handoffExited(ProcessRequest)
 
     public var frame: ControlFrame {
         switch self {
@@ -496,6 +506,8 @@ public enum BrokerNotification: Sendable, Equatable {
         case .handoffEnded(let process): return ControlFrame(type: BrokerMessageType.handoffEnded.rawValue, id: 0, body: ControlJSON.encode(process))
         case .handoffReleasing(let process):
             return ControlFrame(type: BrokerMessageType.handoffReleasing.rawValue, id: 0, body: ControlJSON.encode(process))
+        case .handoffExited(let process):
+            return ControlFrame(type: BrokerMessageType.handoffExited.rawValue, id: 0, body: ControlJSON.encode(process))
         }
     }
 

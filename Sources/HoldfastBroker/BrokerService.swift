@@ -298,7 +298,8 @@ public final class BrokerService: Sendable {
             return .empty
         case .processExited(let exited):
             try caller.mayManage(exited.process, in: broker)
-            try broker.processExited(exited)
+            let byPeer = if case .handoff = caller { true } else { false }
+            try await broker.processExited(exited, byPeer: byPeer)
             return .empty
         case .closeStdin(let process):
             try caller.mayManage(process, in: broker)

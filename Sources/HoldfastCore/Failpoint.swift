@@ -12,6 +12,8 @@ public enum Failpoint {
     public static let brokerReleaseMarked = "broker-release-marked"
     /// The broker wrote the answer to a `release`; the supervisor was not told it ended yet.
     public static let brokerReleaseAnswered = "broker-release-answered"
+    /// The broker told the supervisor a handoff peer's process exited; its drain has not begun.
+    public static let brokerExitMarked = "broker-exit-marked"
 
     /// Whether this build has failpoints (tests that need one skip without).
     public static var compiledIn: Bool {

@@ -46,6 +46,11 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// hold the fds already) nor closed (it may not), but kept for the peer's `release` to take
     /// (`AdoptRequest.releasing`). `handoff-ended` follows once the answer was written.
     case handoffReleasing = 0x0206
+    /// A handoff peer said its process exited (`process-exited`): written before the answer, so
+    /// that a broker dying during the drain leaves the supervisor knowing it, and the next broker
+    /// is told `process-exited` for it too — it drains and lets the process go, where it would
+    /// otherwise relay the process for good (the peer, answered, never says it again).
+    case handoffExited = 0x0207
 }
 
 /// What a stream carries.

@@ -166,7 +166,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .resize: return .resize(try RPCBody.decode(ResizeRequest.self, body, type: type))
         case .quiesce: return .quiesce
         case .openHandoff: return .openHandoff
-        case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing: throw HoldfastError(.unknownType, "\(known) is not a request")
+        case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing, .handoffExited: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
 

@@ -240,6 +240,15 @@ struct StdioStore {
         held[process]?.releasing = true
     }
 
+    /// A handoff peer told the broker its process exited (`handoff-exited`): marked exited, and
+    /// told to this broker already, so only a broker after a crash of it is told again (it then
+    /// drains the process and lets it go). Nothing for a process of the supervisor's own.
+    mutating func handoffExited(_ process: String) {
+        guard let entry = held[process], entry.request.handoffOwner != nil else { return }
+        held[process]?.exited = true
+        held[process]?.exitSentTo = entry.adoption.incarnation
+    }
+
     mutating func adopted(_ process: String, by incarnation: Int) {
         guard held[process]?.adoption == .adopting(incarnation) else { return }
         held[process]?.adoption = .adopted(incarnation)

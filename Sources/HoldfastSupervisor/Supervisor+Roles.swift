@@ -124,6 +124,9 @@ extension Supervisor {
             case .handoffReleasing:
                 guard let releasing = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 stdio.withLockedValue { $0.releasing(releasing.process) }
+            case .handoffExited:
+                guard let exited = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
+                stdio.withLockedValue { $0.handoffExited(exited.process) }
             default:
                 break
             }

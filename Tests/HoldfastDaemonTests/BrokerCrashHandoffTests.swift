@@ -133,6 +133,58 @@ struct BrokerCrashHandoffTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The runtime says its process exited (`process-exited`, answered at once) and the broker
+    /// dies before the drain is done: the next broker is handed the process and told it exited
+    /// too, so it drains it and lets it go. Before, it relayed the process for good (the
+    /// runtime, answered, never says it again) and the supervisor kept its copies.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker dies at a failpoint, which only debug builds have"))
+    func aProcessExitedTheBrokerDiesAfterIsDrainedByTheNextOne() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.brokerExitMarked):ex"], brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let received = collect(try daemon.streams.open(token: bytes("ex-out"), direction: .receive))
+        let pipe = try PipeEnds.make()
+        let target = linkTarget("/proc/self/fd/\(pipe.read)")
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let spec = daemon.spec("ex-out")
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: "ex", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
+        ]))
+        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [pipe.read])
+        close(pipe.read)
+        try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
+        // What the process wrote before it exited; its end closed (it is gone).
+        var random = SeededRandom(seed: 0xE417)
+        let written = (0..<(48 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        #expect(written.withUnsafeBytes { write(pipe.write, $0.baseAddress, $0.count) } == written.count)
+        close(pipe.write)
+        let firstBroker = try await daemon.rolePID("broker")
+
+        let exited = BrokerRequest.processExited(ProcessExitedRequest(process: "ex"))
+        do {
+            _ = try await runtime.request(exited.frameType, body: exited.body)
+            Issue.record("answered although the broker was to die first")
+        } catch {
+            #expect(error.code == .channelClosed, "\(error)")
+        }
+        let data = try await withTimeout("the output to its end", .seconds(30)) { await received.value }
+        #expect(sha256Hex(data) == sha256Hex(written), "every byte once, then END: \(data.count) of \(written.count)")
+        try await eventually("the next broker", timeout: .seconds(30)) {
+            let broker = try await daemon.rolePID("broker")
+            return broker != nil && broker != firstBroker
+        }
+        // Drained and let go by the next broker: gone from it, and the supervisor's copy closed.
+        try await eventually("the process gone from the next broker", timeout: .seconds(30)) {
+            try await daemon.status().streams.allSatisfy { $0.process != "ex" }
+        }
+        try await eventually("the supervisor's copy closed", timeout: .seconds(20)) {
+            !holders(of: target).contains { $0.hasPrefix("\(daemon.daemonPID) ") }
+        }
+        #expect(daemon.log.contains("process streams drained") && daemon.log.contains("process=ex"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A handoff peer cannot claim what only the supervisor may say: a process's owner (to
     /// manage another peer's process after a crash), a checkpoint slot (to write over another
     /// stream's progress) or `resume`. Each is refused with permission-denied, changes nothing,
