@@ -39,15 +39,7 @@ struct BrokerCrashHandoffTests {
         close(inPipe.read)
 
         // Handed over as a runtime does: over broker.sock, as a uid the daemon allows (root).
-        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
-        let (outSpec, inSpec) = (daemon.spec("h-out"), daemon.spec("h-in"))
-        let adopt = BrokerRequest.adopt(AdoptRequest(process: "handed", streams: [
-            StreamDescription(kind: .stdout, fd: 0, address: outSpec.address, mode: .resumable, token: outSpec.token, secret: outSpec.secret),
-            StreamDescription(kind: .stdin, fd: 1, address: inSpec.address, mode: .resumable, token: inSpec.token, secret: inSpec.secret),
-        ]))
-        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [outPipe.read, inPipe.write])
-        close(outPipe.read)
-        close(inPipe.write)
+        try await daemon.handOver("handed", [(.stdout, "h-out"), (.stdin, "h-in")], descriptors: [outPipe.read, inPipe.write])
         try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
 
         let typist = NumberedTypist { try await input.send($0) }
@@ -103,14 +95,9 @@ struct BrokerCrashHandoffTests {
         let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
         for id in ids {
             _ = try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive)
-            let spec = daemon.spec("\(id)-out")
             let pipe = try PipeEnds.make()
             writers.append(pipe.write)
-            let adopt = BrokerRequest.adopt(AdoptRequest(process: id, streams: [
-                StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
-            ]))
-            _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [pipe.read])
-            close(pipe.read)
+            try await daemon.handOver(id, [(.stdout, "\(id)-out")], descriptors: [pipe.read], on: runtime)
         }
         try await eventually("every deposit kept", timeout: .seconds(20)) {
             daemon.log.components(separatedBy: "keeping a handoff process's fds").count - 1 == ids.count
@@ -146,13 +133,7 @@ struct BrokerCrashHandoffTests {
         let received = collect(try daemon.streams.open(token: bytes("ex-out"), direction: .receive))
         let pipe = try PipeEnds.make()
         let target = linkTarget("/proc/self/fd/\(pipe.read)")
-        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
-        let spec = daemon.spec("ex-out")
-        let adopt = BrokerRequest.adopt(AdoptRequest(process: "ex", streams: [
-            StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
-        ]))
-        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [pipe.read])
-        close(pipe.read)
+        let runtime = try await daemon.handOver("ex", [(.stdout, "ex-out")], descriptors: [pipe.read])
         try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
         // What the process wrote before it exited; its end closed (it is gone).
         var random = SeededRandom(seed: 0xE417)

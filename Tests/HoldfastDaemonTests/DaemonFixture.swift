@@ -274,3 +274,23 @@ func expectedLines(_ count: Int, prefix: String = "line") -> [UInt8] {
 func counterCommand(_ count: Int, prefix: String = "line", pause: String = "0.005") -> [String] {
     ["sh", "-c", "i=0; while [ $i -lt \(count) ]; do i=$((i+1)); echo \(prefix) $i; sleep \(pause); done"]
 }
+
+extension DaemonFixture {
+    /// Hands a process's fds to the broker as a runtime does: `adopt` over the handoff socket
+    /// (as root, which the daemon admits), one resumable stream per `(kind, token)` on the fd at
+    /// the same index, to the host stream of that token. The fds are closed once sent (the broker
+    /// has its copies). Returns the connection, for the runtime's later requests.
+    @discardableResult
+    func handOver(
+        _ process: String, _ streams: [(kind: StreamKind, token: String)], descriptors: [Int32], on connection: ControlClient? = nil
+    ) async throws -> ControlClient {
+        let runtime = if let connection { connection } else { try await ControlClient.connect(to: directory.file("broker.sock")) }
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: process, streams: streams.enumerated().map { index, stream in
+            let spec = self.spec(stream.token)
+            return StreamDescription(kind: stream.kind, fd: index, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
+        }))
+        defer { for fd in descriptors { close(fd) } }
+        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: descriptors)
+        return runtime
+    }
+}

@@ -49,15 +49,7 @@ struct HandoffReleaseCrashTests {
         close(inPipe.read)
         let pipes = [linkTarget("/proc/self/fd/\(outPipe.read)"), linkTarget("/proc/self/fd/\(inPipe.write)")]
 
-        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
-        let (outSpec, inSpec) = (daemon.spec("r-out"), daemon.spec("r-in"))
-        let adopt = BrokerRequest.adopt(AdoptRequest(process: "rel", streams: [
-            StreamDescription(kind: .stdout, fd: 0, address: outSpec.address, mode: .resumable, token: outSpec.token, secret: outSpec.secret),
-            StreamDescription(kind: .stdin, fd: 1, address: inSpec.address, mode: .resumable, token: inSpec.token, secret: inSpec.secret),
-        ]))
-        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [outPipe.read, inPipe.write])
-        close(outPipe.read)
-        close(inPipe.write)
+        let runtime = try await daemon.handOver("rel", [(.stdout, "r-out"), (.stdin, "r-in")], descriptors: [outPipe.read, inPipe.write])
         try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
         // (Not ended: an END would close the process's stdin, with nothing left to release.)
         try await input.send(bytes("before the release\n"))
