@@ -191,6 +191,8 @@ struct BrokerCrashHandoffTests {
             ("a resume", AdoptRequest(process: "x", streams: [resume])),
             ("an ended input", AdoptRequest(process: "x", streams: [ended])),
             ("an ending input", AdoptRequest(process: "x", streams: [stream], endingInput: true)),
+            // Its fds would be kept unrelayed and handed to whoever releases "x" as that uid.
+            ("a release to keep", AdoptRequest(process: "x", streams: [stream], releasing: true)),
         ]
         for (what, request) in attempts {
             let pipe = try PipeEnds.make()
@@ -203,6 +205,13 @@ struct BrokerCrashHandoffTests {
                 #expect(error.code == .permissionDenied, "\(what): \(error)")
             }
             close(pipe.read)
+        }
+        // Nor may it open the handoff socket of a broker the supervisor is still handing back to.
+        do {
+            _ = try await peer.call(BrokerRequest.openHandoff, reply: [String: String].self)
+            Issue.record("a handoff peer sent open-handoff and was obeyed")
+        } catch {
+            #expect(error.code == .permissionDenied, "open-handoff: \(error)")
         }
         #expect(try await daemon.status().streams.allSatisfy { $0.process != "x" }, "nothing adopted")
         #expect(!daemon.log.contains("keeping a handoff process's fds"), "nothing deposited")
