@@ -162,7 +162,7 @@ struct BrokerCrashHandoffTests {
         try await eventually("the supervisor's copy closed", timeout: .seconds(20)) {
             !holders(of: target).contains { $0.hasPrefix("\(daemon.daemonPID) ") }
         }
-        #expect(daemon.log.contains("process streams drained") && daemon.log.contains("process=ex"))
+        try await eventually("the drain logged") { daemon.log.contains("process streams drained") && daemon.log.contains("process=ex") }
         #expect(try await daemon.stop() == .exited(0))
     }
 

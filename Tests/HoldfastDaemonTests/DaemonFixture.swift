@@ -209,6 +209,13 @@ final class DaemonFixture: Sendable {
 
     var log: String { String(decoding: readFile(logPath) ?? [], as: UTF8.self) }
 
+    /// Waits until the log has `line`. Every role's lines reach the file through a writer thread
+    /// of their own (`LogLineQueue`), so a line logged before an answer may land after the
+    /// answer is read: a test reads the log only through this wait, never once.
+    func waitForLog(_ line: String, timeout: Duration = .seconds(30)) async throws {
+        try await eventually("the log line '\(line)'", timeout: timeout) { log.contains(line) }
+    }
+
     /// SIGTERM, then the daemon must exit 0 on its own.
     func stop() async throws -> HoldfastPosix.ExitStatus {
         let pid = daemonPID

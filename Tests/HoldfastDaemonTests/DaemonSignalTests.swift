@@ -39,7 +39,7 @@ struct DaemonSignalTests {
         let reloaded = try await daemon.status()
         #expect(reloaded.pid == before.pid && reloaded.executableSHA256 == sha, "the same supervisor, the new binary")
         #expect(reloaded.processes.first { $0.id == "counter" }?.pid == before.processes.first { $0.id == "counter" }?.pid, "the same process")
-        #expect(daemon.log.contains("SIGHUP: reloading"))
+        try await daemon.waitForLog("SIGHUP: reloading")
 
         try await eventually("both roles serving", timeout: .seconds(30)) { try await daemon.status().roles.allSatisfy { $0.pid != nil } }
         let roles = try await daemon.status().roles

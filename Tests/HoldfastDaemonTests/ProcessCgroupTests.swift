@@ -226,7 +226,7 @@ struct ProcessCgroupTests {
         #expect(try await daemon.wait("n").exitCode == 0)
         let path = CgroupLocation.unifiedPath(procCgroup: String(decoding: await output.value, as: UTF8.self))
         #expect(path == own, "in the daemon's own cgroup")
-        #expect(daemon.log.contains("process runs without a cgroup"))
+        try await daemon.waitForLog("process runs without a cgroup")
         #expect(try await daemon.stop() == .exited(0))
     }
 
@@ -289,7 +289,7 @@ struct ProcessCgroupTests {
         try await daemon.startAgain()
         #expect(!leader.isAlive, "the new daemon ended the crashed one's process")
         #expect(!escaped.isAlive, "and what it started in a session of its own")
-        #expect(daemon.log.contains("ended what an earlier daemon's processes left running"))
+        try await daemon.waitForLog("ended what an earlier daemon's processes left running")
         #expect(try await daemon.status().processes.isEmpty)
         #expect(try await daemon.stop() == .exited(0))
     }

@@ -59,7 +59,7 @@ struct UpgradeWhileHeldTests {
         kill(stopped, SIGCONT)
         let outcome = try await upgrade.value
         #expect(outcome.status == .exited(0), "\(outcome.output)")
-        #expect(daemon.log.contains("quiesced for a live upgrade: every stream settled"), "the broker was asked and quiesced")
+        try await daemon.waitForLog("quiesced for a live upgrade: every stream settled")
         #expect(!daemon.log.contains("did not quiesce cleanly"))
         try writeFile(go, [])
         for (id, output) in outputs {
