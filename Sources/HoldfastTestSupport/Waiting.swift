@@ -26,41 +26,50 @@ public func eventually(
     }
 }
 
-/// Runs `body`, failing with `TimedOut` if it does not finish within `timeout`. The body must
-/// honour cancellation for the timeout to end it.
+/// Runs `body`, failing with `TimedOut` if it does not finish within `timeout`: the body is
+/// cancelled then, and not waited for. So a body that ignores cancellation — `await task.value`
+/// on a task collecting a stream that never ends, a read nothing will answer — fails the test
+/// with the name of what it waited for instead of hanging it until the suite's time limit.
 public func withTimeout<T: Sendable>(
     _ what: String = "operation", _ timeout: Duration = .seconds(10), _ body: @escaping @Sendable () async throws -> T
 ) async throws -> T {
-    try await withThrowingTaskGroup(of: T?.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: max(timeout, hangBoundFloor))
-            return nil
+    let work = Task { try await body() }
+    return try await withTaskCancellationHandler {
+        do {
+            return try await withDeadline(what, timeout) { try await work.value }
+        } catch {
+            work.cancel()
+            throw error
         }
-        defer { group.cancelAll() }
-        guard let first = try await group.next(), let value = first else { throw TimedOut(what: what) }
-        return value
+    } onCancel: {
+        work.cancel()
     }
 }
 
 /// Runs `body`, failing with `TimedOut` if it does not finish within `timeout`, whether or not
-/// it honours cancellation: on a timeout the body is left running, abandoned. For a wait on a
-/// process that may never answer (a control request to a daemon whose threads are stuck), where
-/// `withTimeout` would wait for the body's end and hang the test instead of failing it.
+/// it honours cancellation: on a timeout the body is left running, abandoned, not cancelled
+/// (`withTimeout` cancels it). For a wait on a process that may never answer (a control request
+/// to a daemon whose threads are stuck).
 public func withDeadline<T: Sendable>(
     _ what: String = "operation", _ timeout: Duration = .seconds(10), _ body: @escaping @Sendable () async throws -> T
 ) async throws -> T {
     let resumed = NIOLockedValueBox(false)
+    let timer = NIOLockedValueBox<Task<Void, Never>?>(nil)
     return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
         @Sendable func finish(_ result: Result<T, any Error>) {
             guard resumed.withLockedValue({ done in defer { done = true }; return !done }) else { return }
             continuation.resume(with: result)
+            // The timer's sleep ends with the wait (many waits in a loop leave no sleepers).
+            timer.withLockedValue { $0?.cancel() }
+        }
+        // The timer is kept before the body starts, so a body that finishes at once cancels it.
+        timer.withLockedValue { slot in
+            slot = Task {
+                guard (try? await Task.sleep(for: max(timeout, hangBoundFloor))) != nil else { return }
+                finish(.failure(TimedOut(what: what)))
+            }
         }
         Task { finish(await Result { try await body() }) }
-        Task {
-            try? await Task.sleep(for: max(timeout, hangBoundFloor))
-            finish(.failure(TimedOut(what: what)))
-        }
     }
 }
 
