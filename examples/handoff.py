@@ -12,9 +12,9 @@ As a library (put examples/ on sys.path):
     r, w = os.pipe()
     child = subprocess.Popen(["my-server"], stdout=w)    # the process writes into w
     os.close(w)
-    with handoff.Client("/run/holdfast/broker.sock") as broker:
-        broker.adopt("c1", [handoff.Stream("stdout", r, "vsock://host:6000", token="c1-stdout",
-                                           secret=SECRET_HEX_FROM_THE_HOST)])
+    handoff.adopt("/run/holdfast/broker.sock", "c1",     # settled if the broker dies inside
+                  [handoff.Stream("stdout", r, "vsock://host:6000", token="c1-stdout",
+                                  secret=SECRET_HEX_FROM_THE_HOST)])
     os.close(r)                                          # the broker holds its own copy now
     ...
     for description, fd in handoff.release("/run/holdfast/broker.sock", "c1"):
@@ -228,6 +228,42 @@ class Client:
         return answer.get("streams", [])
 
 
+def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30.0,
+          said=lambda message: None) -> None:
+    """`Client.adopt` on a connection of its own, settled if the broker dies inside it.
+
+    A broker that dies while it adopts a process may or may not have taken it: the connection
+    ends without an answer (ProtocolError). It hands the process to the supervisor before it
+    relays anything, so either the restarted broker has it (and `list` shows it), or the fds it
+    had received died with it and nothing of the process was read. So this asks the restarted
+    broker's `list` (answered only once every process is back with it), and adopts again, with
+    the same fds, if the process is not there — until `within` seconds have passed. The fds stay
+    ours throughout: close them once this returns. Any error the broker answers is raised at
+    once (`process-exists` too, unless an earlier try may have been taken meanwhile). `said` gets
+    a line per retry."""
+    deadline = time.monotonic() + within
+    unsettled = False  # an earlier try got no answer: it may have been taken
+    while True:
+        try:
+            with Client(path) as broker:
+                if unsettled and any(s.get("process") == process for s in broker.list()):
+                    said("the broker had taken it before it died: not adopted again")
+                    return
+                broker.adopt(process, streams)
+                return
+        except BrokerError as error:
+            # After a try without an answer, `process-exists` may be that try, answered late
+            # (a broker slower than our timeout): `list` settles it on the next round.
+            if not (unsettled and error.code == "process-exists") or time.monotonic() >= deadline:
+                raise
+        except (ProtocolError, ConnectionError, socket.timeout) as error:
+            if time.monotonic() >= deadline:
+                raise
+            said(f"the adopt got no answer ({error}): asking the broker whether it took it")
+            unsettled = True
+        time.sleep(0.2)
+
+
 def release(path: str, process: str, within: float = 30.0,
             said=lambda message: None) -> List[Tuple[dict, int]]:
     """`Client.release` on a connection of its own, asked again if the broker dies inside it.
@@ -309,8 +345,8 @@ def run_adopt(args: argparse.Namespace) -> int:
 
     # Adopt before starting the process: if the broker refuses, nothing was started.
     try:
-        with Client(args.socket) as broker:
-            broker.adopt(args.process, streams)
+        adopt(args.socket, args.process, streams,
+              said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
     except BaseException:
         for fd in theirs.values():
             os.close(fd)
@@ -332,9 +368,8 @@ def run_adopt(args: argparse.Namespace) -> int:
                                  stderr=stdio["stderr"])
     except OSError:
         # Nothing will ever write to those pipes: take the streams back, not leave them parked.
-        with Client(args.socket) as broker:
-            for _, fd in broker.release(args.process):
-                os.close(fd)
+        for _, fd in release(args.socket, args.process):
+            os.close(fd)
         raise
     finally:
         for fd in theirs.values():

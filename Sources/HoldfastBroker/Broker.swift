@@ -215,6 +215,7 @@ public final class Broker: Sendable {
     /// not kept across a crash.
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) {
         let process = adoption.process
+        Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
         var descriptors = peerDescriptors
         var request = adoption.request
         let slots: [Int]? = checkpoints == nil ? nil : handoffs.withLockedValue { table in
@@ -257,6 +258,7 @@ public final class Broker: Sendable {
             if !copies.isEmpty { await handoffGone(process) }
             throw error
         }
+        Failpoint.pass(Failpoint.brokerAdoptTaken, process: process)
     }
 
     /// A handoff peer's process left: its slots are cleared and free, the supervisor lets go of

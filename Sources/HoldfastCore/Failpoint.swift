@@ -1,3 +1,5 @@
+import NIOConcurrencyHelpers
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -5,13 +7,20 @@ import Glibc
 /// A place where a test makes a holdfast process die, as a crash would, at an instant no signal
 /// sent from outside could hit: `HOLDFAST_FAILPOINT=NAME:PROCESS` kills the process that passes
 /// `NAME` for process `PROCESS` with SIGKILL. Debug builds only: a release build (the package)
-/// has no failpoints, so no environment can make it die.
+/// has no failpoints, so no environment can make it die. Only a role's first incarnation is armed
+/// (`environment(_:forRole:)`): the one restarted after the kill runs on, as it would after a crash.
 public enum Failpoint {
     /// The broker stopped a handoff peer's process's streams and told the supervisor it is
     /// releasing it; the answer with the fds is not written yet.
     public static let brokerReleaseMarked = "broker-release-marked"
     /// The broker wrote the answer to a `release`; the supervisor was not told it ended yet.
     public static let brokerReleaseAnswered = "broker-release-answered"
+    /// The broker received a handoff peer's `adopt` with its fds; it has not handed copies to
+    /// the supervisor yet (the fds die with it).
+    public static let brokerAdoptReceived = "broker-adopt-received"
+    /// The broker handed a handoff peer's process to the supervisor and relays it; the answer
+    /// is not written yet (the next broker is handed the process).
+    public static let brokerAdoptTaken = "broker-adopt-taken"
     /// The broker told the supervisor a handoff peer's process exited; its drain has not begun.
     public static let brokerExitMarked = "broker-exit-marked"
 
@@ -25,8 +34,20 @@ public enum Failpoint {
     }
 
     #if DEBUG
-    private static let armed: String? = getenv("HOLDFAST_FAILPOINT").map { String(cString: $0) }
+    private static let armed: String? = getenv(variable).map { String(cString: $0) }
     #endif
+
+    static let variable = "HOLDFAST_FAILPOINT"
+    private static let rolesStarted = NIOLockedValueBox<Set<String>>([])
+
+    /// The environment to start `role` with: without `HOLDFAST_FAILPOINT` once the role was
+    /// started before, so a failpoint kills one incarnation and a retry the test makes of the same
+    /// request (an `adopt` asked again) reaches a broker that answers it.
+    public static func environment(_ environment: [String], forRole role: String) -> [String] {
+        let first = rolesStarted.withLockedValue { $0.insert(role).inserted }
+        if first { return environment }
+        return environment.filter { !$0.hasPrefix(variable + "=") }
+    }
 
     /// Dies here if a test armed `name` for `process` (debug builds only).
     @inline(__always)

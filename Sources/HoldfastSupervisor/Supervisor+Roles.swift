@@ -76,9 +76,9 @@ extension Supervisor {
 
     func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> ChildReaper.Child {
         // Not NOTIFY_SOCKET and the watchdog's variables: only the supervisor speaks for the service.
-        let environment = SpawnOptions.inheritedEnvironment().filter { entry in
+        let environment = Failpoint.environment(SpawnOptions.inheritedEnvironment().filter { entry in
             !ServiceNotify.environmentVariables.contains(String(entry.prefix { $0 != "=" }))
-        }
+        }, forRole: arguments[1])
         var options = SpawnOptions(executable: executable, arguments: arguments, environment: environment)
         if let user { options.user = (user.uid, user.gid, [user.gid]) }
         options.stdout = 1

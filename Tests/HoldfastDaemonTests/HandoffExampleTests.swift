@@ -167,7 +167,50 @@ extension HandoffExampleTests {
         #expect(released.stderr.contains("handoff.py: the release got no answer"), "stderr: \(released.stderr)")
         #expect(released.stdout.contains("\"descriptor\": \"\(identity)\""), "the pipe handed over: \(released.stdout)")
         #expect(try await daemon.rolePID("broker") != firstBroker, "the broker did die inside")
-        #expect(daemon.log.contains("a release kept for its peer handed over"))
+        try await daemon.waitForLog("a release kept for its peer handed over")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Where the broker dies inside an adopt: before it handed the process to the supervisor
+    /// (the fds it received die with it), or after, before its answer (the next broker is handed
+    /// the process back).
+    enum AdoptCrashMoment: String, CaseIterable, Sendable {
+        case beforeItsHandover, beforeItsAnswer
+        var failpoint: String { self == .beforeItsHandover ? Failpoint.brokerAdoptReceived : Failpoint.brokerAdoptTaken }
+    }
+
+    /// The broker dies inside `handoff.py adopt`: the command cannot tell from the silence
+    /// whether the process was taken, so it asks the restarted broker's `list` and adopts again
+    /// only if the process is not there. Either way the command starts and its output reaches
+    /// the host whole, once (sha256), and the process is held once: one stream, by the broker
+    /// that runs now.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker dies at a failpoint, which only debug builds have"),
+        arguments: AdoptCrashMoment.allCases)
+    func adoptSettlesWhetherTheBrokerTookItWhenItDiesInside(moment: AdoptCrashMoment) async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(moment.failpoint):h5"], brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let firstBroker = try await daemon.rolePID("broker")
+        var random = SeededRandom(seed: 0xAD0D7)
+        let data = (0..<(256 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        try writeFile(daemon.directory.file("data"), data)
+        let host = try daemon.streams.open(token: bytes("h5-stdout"), direction: .receive, secret: handoffSecret)
+        let received = collect(host)
+
+        let adopted = try await runHandoff(
+            daemon, ["adopt", "--process", "h5", "--stdout", daemon.streamAddress, "--wait", "--", "cat", daemon.directory.file("data")])
+        #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+        #expect(adopted.stderr.contains("handoff.py: the adopt got no answer"), "stderr: \(adopted.stderr)")
+        let taken = adopted.stderr.contains("the broker had taken it before it died: not adopted again")
+        #expect(taken == (moment == .beforeItsAnswer), "settled by list: \(adopted.stderr)")
+        #expect(try await daemon.rolePID("broker") != firstBroker, "the broker did die inside")
+        let all = try await withTimeout("stdout to its end", .seconds(30)) { await received.value }
+        #expect(sha256Hex(all) == sha256Hex(data), "every byte once, in order, then END")
+        let streams = try await daemon.status().streams.filter { $0.process == "h5" }
+        #expect(streams.count == 1 && streams.first?.kind == .stdout, "held once: \(streams)")
+        #expect(try await runHandoff(daemon, ["release", "--process", "h5"]).status == .exited(0))
         #expect(try await daemon.stop() == .exited(0))
     }
 
