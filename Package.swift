@@ -275,6 +275,7 @@ let package = Package(
         .testTarget(
             name: "HoldfastDaemonTests",
             dependencies: [
+                "CHoldfastTestShims",
                 "HoldfastCore",
                 "HoldfastHost",
                 "HoldfastPosix",

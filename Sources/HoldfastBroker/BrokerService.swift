@@ -87,19 +87,14 @@ public final class BrokerService: Sendable {
                 "waited": "\(Self.handoffOpenLimit.spoken)",
             ])
         }
+        var failures = LogPacer<Int>(interval: .seconds(10))
         while !Task.isCancelled {
-            let connection: AsyncFD
-            do {
-                connection = try await listener.accept()
-            } catch is DescriptorClosed {
-                return
-            } catch is CancellationError {
-                return
-            } catch {
-                logger.warning("handoff accept failed", metadata: ["error": "\(error)"])
-                try? await Task.sleep(for: .milliseconds(50))
-                continue
-            }
+            guard let connection = await listener.nextConnection(failed: { error in
+                guard let unsaid = failures.note(0) else { return }
+                logger.warning("handoff accept failed; the connection waits and is accepted again", metadata: [
+                    "error": "\(error)", "unsaid": "\(unsaid)",
+                ])
+            }) else { return }
             let channel = FDChannel(connection)
             let credentials: PeerCredentials
             do {

@@ -35,14 +35,7 @@ extension BridgeServer {
     /// The next accepted connection; nil once the listener is closed. A failing `accept` (no fds
     /// left: EMFILE) is retried after a pause instead of ending the server.
     func nextConnection() async -> AsyncFD? {
-        while true {
-            do {
-                return try await listener.accept()
-            } catch {
-                if state.withLockedValue({ $0.closed }) || error is DescriptorClosed { return nil }
-                try? await Task.sleep(for: .milliseconds(100))
-            }
-        }
+        await listener.nextConnection(pause: .milliseconds(100))
     }
 
     /// One guest connection: the handshake and the hello first (bounded together), then replies

@@ -55,19 +55,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     public func start() {
         let task = Task { [self] in
             while !Task.isCancelled {
-                let socket: AsyncFD
-                do {
-                    socket = try await listener.accept()
-                } catch is DescriptorClosed {
+                // Out of fds or memory for a moment (EMFILE, ENFILE, ENOBUFS) is counted and
+                // retried: the listener outlives it.
+                guard let socket = await listener.nextConnection(failed: { _ in state.withLockedValue { $0.acceptErrors &+= 1 } }) else {
                     return  // closed
-                } catch is CancellationError {
-                    return
-                } catch {
-                    // Out of fds or memory for a moment (EMFILE, ENFILE, ENOBUFS): the listener
-                    // must outlive it, so pause and accept again rather than stop for good.
-                    state.withLockedValue { $0.acceptErrors &+= 1 }
-                    try? await Task.sleep(for: .milliseconds(50))
-                    continue
                 }
                 let refusing = state.withLockedValue { s -> Bool in
                     s.accepted &+= 1

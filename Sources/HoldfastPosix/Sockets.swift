@@ -269,6 +269,28 @@ public final class Listener: Sendable {
         }
     }
 
+    /// The next accepted connection, or nil once the listener is closed or the task cancelled.
+    /// Any other failure — no fd left (EMFILE, ENFILE), no memory (ENOMEM, ENOBUFS), the epoll
+    /// watch limit — is a moment of scarcity, not the listener's end: the connection waits in the
+    /// backlog, `failed` is told, and the accept is tried again after `pause`. A server whose
+    /// loop ended at the first such error stayed deaf for good, however many fds came free.
+    public func nextConnection(pause: Duration = .milliseconds(50), failed: (any Error) -> Void = { _ in }) async -> AsyncFD? {
+        while !Task.isCancelled {
+            do {
+                return try await accept()
+            } catch is DescriptorClosed {
+                return nil
+            } catch is CancellationError {
+                return nil
+            } catch {
+                if socket.isClosed { return nil }
+                failed(error)
+                guard (try? await Task.sleep(for: pause)) != nil else { return nil }
+            }
+        }
+        return nil
+    }
+
     /// Stops listening; a pending `accept` throws. Removes the Unix socket file.
     public func close() {
         guard !socket.isClosed else { return }

@@ -16,8 +16,14 @@ extension Supervisor {
             guard let connection = try? AsyncFD(adopting: fd) else { continue }
             Task { await serveControlPeer(FDChannel(connection)) }
         }
+        var failures = LogPacer<Int>(interval: .seconds(10))
         while !Task.isCancelled {
-            guard let connection = try? await listener.accept() else { return }
+            guard let connection = await listener.nextConnection(failed: { error in
+                guard let unsaid = failures.note(0) else { return }
+                logger.warning("control socket: accept failed; the connection waits and is accepted again", metadata: [
+                    "error": "\(error)", "unsaid": "\(unsaid)",
+                ])
+            }) else { return }
             // While a live upgrade is under way a new client is not read from: its connection
             // goes to the next image with the listener (or back to this one's service if the
             // upgrade fails), so what it asks is answered by the binary that runs on.

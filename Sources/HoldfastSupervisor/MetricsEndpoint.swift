@@ -62,9 +62,15 @@ final class MetricsEndpoint: Sendable {
     }
 
     func serve() async {
+        var failures = LogPacer<Int>(interval: .seconds(10))
         while !Task.isCancelled {
             await open.acquire()
-            guard let connection = try? await listener.accept() else {
+            guard let connection = await listener.nextConnection(failed: { error in
+                guard let unsaid = failures.note(0) else { return }
+                logger.warning("metrics endpoint: accept failed; the connection waits and is accepted again", metadata: [
+                    "error": "\(error)", "unsaid": "\(unsaid)",
+                ])
+            }) else {
                 open.release()
                 return
             }

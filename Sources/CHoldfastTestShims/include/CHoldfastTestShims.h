@@ -39,4 +39,9 @@ const unsigned char *hft_stalled_page_bytes(const hft_stalled_page *page);
 /// Unmaps and frees (after join).
 void hft_stalled_page_destroy(hft_stalled_page *page);
 
+/// Sets another process's soft limit on open files (its hard limit kept): an operator's
+/// `prlimit --pid PID --nofile=N:`, which the test needs to run a daemon out of fds for a moment.
+/// 0, or -1 with errno. Swift cannot import glibc's prlimit (a GNU extension).
+int hft_set_nofile_soft(pid_t pid, unsigned long long soft);
+
 #endif
