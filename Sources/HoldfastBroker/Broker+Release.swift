@@ -130,6 +130,20 @@ struct KeptReleases: Sendable {
 
     func owner(of process: String) -> ProcessOwner? { kept[process]?.owner }
 
+    /// The kept releases' streams as `list` shows them (state `kept`, nothing moving), by process.
+    func status(ownedBy owner: ProcessOwner?) -> [(id: String, streams: [StreamStatus])] {
+        kept.filter { owner == nil || $0.value.owner == owner }.map { process, release in
+            (id: process, streams: release.streams.flatMap { stream -> [StreamStatus] in
+                func entry(_ address: String, direction: String? = nil) -> StreamStatus {
+                    StreamStatus(
+                        process: process, kind: stream.kind, direction: direction, mode: stream.mode, address: address, state: .kept,
+                        bytesToHost: 0, bytesFromHost: 0, reconnects: 0, undelivered: 0)
+                }
+                return [entry(stream.address)] + (stream.inputAddress.map { [entry($0, direction: "input")] } ?? [])
+            })
+        }
+    }
+
     var count: Int { kept.count }
 
     /// Keeps `release` for `process`: its generation, and the one it replaced (its fds to close).

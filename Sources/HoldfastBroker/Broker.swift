@@ -355,10 +355,17 @@ public final class Broker: Sendable {
 
     // MARK: Inspection
 
+    /// Every stream, by process id: the live ones, and those of releases kept for their peers
+    /// (state `kept`: a runtime that lost the answer, or restarted, sees what waits for it).
     public func list(ownedBy owner: ProcessOwner? = nil) -> [StreamStatus] {
-        processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }.sorted { $0.id < $1.id }
-            .flatMap { $0.status() }
+        let live = processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }
+            .map { (id: $0.id, streams: $0.status()) }
+        let kept = keptReleases.withLockedValue { $0.status(ownedBy: owner) }
+        return (live + kept).sorted { $0.id < $1.id }.flatMap(\.streams)
     }
+
+    /// The streams that are relayed (`list` without the kept releases).
+    func liveStreams() -> [StreamStatus] { list().filter { $0.state != .kept } }
 
     /// Who handed `process` over, nil if the broker has no such process.
     public func owner(of process: String) -> ProcessOwner? {
@@ -366,7 +373,7 @@ public final class Broker: Sendable {
     }
 
     public func stats() -> BrokerStats {
-        let streams = list()
+        let streams = liveStreams()
         let gone = totals.withLockedValue { $0 }
         let malloc = Memory.mallocUsage()
         let handoff = handoffGate.withLockedValue { ($0.served, $0.turnedAway) }

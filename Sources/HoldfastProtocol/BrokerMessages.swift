@@ -235,6 +235,10 @@ public enum StreamState: String, Codable, Sendable, CaseIterable {
     case closed
     /// Given up on after the drain timeout; what was not delivered is counted.
     case abandoned
+    /// Released, but the answer with its fd may not have reached the runtime (the broker died
+    /// inside the release, or the runtime left): not relayed, the fd kept for the runtime's next
+    /// `release` (`handoff.release_kept_for`).
+    case kept
 }
 
 public struct StreamStatus: Codable, Sendable, Equatable {

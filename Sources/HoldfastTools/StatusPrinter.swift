@@ -63,7 +63,7 @@ public enum StatusPrinter {
         func state(_ stream: StreamState) -> String {
             switch stream {
             case .connected: return paint(stream.rawValue, "32")
-            case .parked: return paint(stream.rawValue, "33")
+            case .parked, .kept: return paint(stream.rawValue, "33")
             case .abandoned: return paint(stream.rawValue, "31")
             case .closed: return stream.rawValue
             }

@@ -86,7 +86,13 @@ struct HandoffReleaseCrashTests {
         try await eventually("the process handed to the next broker", timeout: .seconds(20)) { daemon.log.contains("handed to the restarted broker") }
         try await daemon.waitForLog("a release a broker crash interrupted handed to the restarted broker to keep for its peer")
         // Kept, not relayed: nothing of it streams (the runtime may be reading these pipes).
-        #expect(try await daemon.status().streams.allSatisfy { $0.process != "rel" }, "not relayed by the next broker")
+        let shown = try await daemon.status().streams.filter { $0.process == "rel" }
+        #expect(shown.map(\.state) == [.kept, .kept] && shown.allSatisfy { $0.bytesToHost == 0 }, "not relayed by the next broker, shown kept: \(shown)")
+        // Its runtime (one that restarted, say) sees what waits for it: `list` on the handoff socket.
+        let listed = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let streams = try await listed.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self).streams
+        listed.close()
+        #expect(streams.filter { $0.process == "rel" }.map(\.kind) == [.stdout, .stdin] && streams.allSatisfy { $0.state == .kept }, "\(streams)")
         #expect(kill(pid, 0) == 0, "the process lives")
         // Held by the supervisor meanwhile (its copies; the broker, not dumpable, cannot be
         // looked into: that it let go shows below, as the stdin's end-of-file).
@@ -121,6 +127,7 @@ struct HandoffReleaseCrashTests {
         try await eventually("the supervisor's copies closed", timeout: .seconds(20)) { !pipes.contains(where: heldBySupervisor) }
         #expect(returned.map { linkTarget("/proc/self/fd/\($0)") } == pipes, "the same pipes came back")
         #expect(try await keptReleases() == 0, "none kept after")
+        #expect(try await daemon.status().streams.allSatisfy { $0.process != "rel" }, "nor shown")
 
         // The process wrote on into the pipe all along, and goes on: its lines are consecutive.
         let lines = try await readLines(returned[0], atLeast: 50)
