@@ -6,7 +6,8 @@ import Glibc
 
 /// A place where a test makes a holdfast process die, as a crash would, at an instant no signal
 /// sent from outside could hit: `HOLDFAST_FAILPOINT=NAME:PROCESS` kills the process that passes
-/// `NAME` for process `PROCESS` with SIGKILL. Debug builds only: a release build (the package)
+/// `NAME` for process `PROCESS` with SIGKILL (`pass`), or fails a step a scarce resource could
+/// fail (`fails`). Debug builds only: a release build (the package)
 /// has no failpoints, so no environment can make it die. Only a role's first incarnation is armed
 /// (`environment(_:forRole:)`): the one restarted after the kill runs on, as it would after a crash.
 public enum Failpoint {
@@ -23,6 +24,15 @@ public enum Failpoint {
     public static let brokerAdoptTaken = "broker-adopt-taken"
     /// The broker told the supervisor a handoff peer's process exited; its drain has not begun.
     public static let brokerExitMarked = "broker-exit-marked"
+
+    /// A start of the role (PROCESS: its name) fails before its spawn, as a fork refused under
+    /// a pids limit would (`fails`: its 2nd to 11th starts).
+    public static let roleStartFails = "role-start-fails"
+    /// A start of the role spawns it, then fails before its channel is watched, as epoll at its
+    /// watch limit would (`fails`: its 2nd to 11th starts).
+    public static let roleChannelFails = "role-channel-fails"
+    /// How many starts `fails` fails.
+    public static let failedStarts = 10
 
     /// Whether this build has failpoints (tests that need one skip without).
     public static var compiledIn: Bool {
@@ -47,6 +57,24 @@ public enum Failpoint {
         let first = rolesStarted.withLockedValue { $0.insert(role).inserted }
         if first { return environment }
         return environment.filter { !$0.hasPrefix(variable + "=") }
+    }
+
+    private static let passes = NIOLockedValueBox<[String: Int]>([:])
+
+    /// Whether a test armed `name` for `process` and this pass is one to fail: the second to the
+    /// `failedStarts + 1`th (the first succeeds, so the daemon starts and serves before its
+    /// role's restarts fail, and the one after them succeeds again). Never in a release build.
+    public static func fails(_ name: String, process: String) -> Bool {
+        #if DEBUG
+        guard let armed, armed == "\(name):\(process)" else { return false }
+        let pass = passes.withLockedValue { counts in
+            counts[name, default: 0] += 1
+            return counts[name, default: 0]
+        }
+        return pass >= 2 && pass <= failedStarts + 1
+        #else
+        return false
+        #endif
     }
 
     /// Dies here if a test armed `name` for `process` (debug builds only).

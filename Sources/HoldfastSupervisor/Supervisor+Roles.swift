@@ -34,44 +34,75 @@ extension Supervisor {
     func launchBroker(handoff: Listener?) throws -> RoleSupervisor.Incarnation {
         // Before every start: a process that took the broker's uid meanwhile would share it.
         try checkBrokerUIDIsItsOwn()
-        let (ours, theirs) = try FDChannel.pair()
-        defer { close(theirs) }
         let settings = String(decoding: ControlJSON.encode(brokerSettings), as: UTF8.self)
-        var arguments = ["holdfast", "broker", "--control-fd", String(theirs), "--settings", settings]
-        var keep = [theirs]
-        if let checkpoints {
-            arguments += ["--checkpoints-fd", String(checkpoints.descriptor)]
-            keep.append(checkpoints.descriptor)
-        }
-        if let rings {
-            arguments += ["--rings-fd", String(rings.descriptor)]
-            keep.append(rings.descriptor)
-        }
-        if let handoff {
-            arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
-            keep.append(handoff.descriptor)
-        }
         // The broker starts as its unprivileged user: it never holds root at all (it needs none:
         // everything it uses arrives as fds). It still checks, and drops itself if it must.
         var user: UserAccount?
         if let name = configuration.broker.user, Privileges.isRoot { user = UserAccount.resolve(name) }
-        let child = try spawnRole(arguments, keep: keep, user: user)
-        return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
+        return try startRole(user: user) { theirs in
+            var arguments = ["holdfast", "broker", "--control-fd", String(theirs), "--settings", settings]
+            var keep = [theirs]
+            if let checkpoints {
+                arguments += ["--checkpoints-fd", String(checkpoints.descriptor)]
+                keep.append(checkpoints.descriptor)
+            }
+            if let rings {
+                arguments += ["--rings-fd", String(rings.descriptor)]
+                keep.append(rings.descriptor)
+            }
+            if let handoff {
+                arguments += ["--handoff-fd", String(handoff.descriptor), "--handoff-path", configuration.handoff.socket]
+                keep.append(handoff.descriptor)
+            }
+            return (arguments, keep)
+        }
     }
 
     func launchBridge() throws -> RoleSupervisor.Incarnation {
+        try startRole { theirs in
+            var arguments = [
+                "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
+                "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
+                "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
+                "--authentication", configuration.bridge.authentication.rawValue,
+            ]
+            // The path, not the key: the worker (root) reads the file itself before every dial.
+            if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
+            return (arguments, [theirs])
+        }
+    }
+
+    /// Starts a role on a new channel (`command` gets the role's end and names the arguments and
+    /// the fds it keeps), leaving nothing behind when a step fails, because the role supervisor
+    /// tries again and again: a failed spawn (a fork refused under a pids limit) used to leak our
+    /// end of the channel, one fd per try; a channel that could not be watched after the spawn
+    /// (epoll at its watch limit) left the role running unsupervised — a broker holding its uid,
+    /// so that every next start was refused (`checkBrokerUIDIsItsOwn`) and no broker ran again.
+    private func startRole(
+        user: UserAccount? = nil, _ command: (_ theirs: Int32) -> (arguments: [String], keep: [Int32])
+    ) throws -> RoleSupervisor.Incarnation {
         let (ours, theirs) = try FDChannel.pair()
         defer { close(theirs) }
-        var arguments = [
-            "holdfast", "bridge", "--control-fd", String(theirs), "--address", configuration.bridge.address.description,
-            "--reconnect-initial-ms", String(configuration.bridge.reconnectInitial),
-            "--reconnect-max-ms", String(configuration.bridge.reconnectMax),
-            "--authentication", configuration.bridge.authentication.rawValue,
-        ]
-        // The path, not the key: the worker (root) reads the file itself before every dial.
-        if configuration.bridge.authentication == .hmacSHA256 { arguments += ["--key-file", configuration.bridge.keyFile] }
-        let child = try spawnRole(arguments, keep: [theirs])
-        return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
+        let (arguments, keep) = command(theirs)
+        let role = arguments[1]
+        let child: ChildReaper.Child
+        do {
+            if Failpoint.fails(Failpoint.roleStartFails, process: role) { throw SystemError("fork (failpoint)", errno: .resourceTemporarilyUnavailable) }
+            child = try spawnRole(arguments, keep: keep, user: user)
+        } catch {
+            close(ours)
+            throw error
+        }
+        do {
+            if Failpoint.fails(Failpoint.roleChannelFails, process: role) { throw SystemError("epoll_ctl (failpoint)", errno: .noSpace) }
+            return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
+        } catch {
+            close(ours)
+            // Not left to run without a channel: killed, and its exit dropped when reaped.
+            _ = reaper.signal(child, SIGKILL)
+            reaper.abandon(child)
+            throw error
+        }
     }
 
     func spawnRole(_ arguments: [String], keep: [Int32], user: UserAccount? = nil) throws -> ChildReaper.Child {
