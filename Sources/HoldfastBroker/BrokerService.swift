@@ -51,7 +51,17 @@ public final class BrokerService: Sendable {
             // The kernel gives the supervisor its own copies of the fds: ours close either way.
             defer { for fd in notification.descriptors { _ = close(fd) } }
             guard let channel = channel.withLockedValue({ $0 }) else { return }
-            try? await channel.send(notification.frame.encoded, descriptors: notification.descriptors)
+            do {
+                try await channel.send(notification.frame.encoded, descriptors: notification.descriptors)
+            } catch {
+                // A notification the supervisor never hears (a `drained`, a `handoff-deposited`)
+                // leaves it believing what is no longer so, for good. This broker ends instead:
+                // its channel closed, it exits, and the next one is handed everything again.
+                logger.critical("cannot tell the supervisor: ending the channel (a broker restart costs nothing)", metadata: [
+                    "error": "\(error)", "notification": "\(notification.frame.type)",
+                ])
+                channel.close()
+            }
         }
     }
 

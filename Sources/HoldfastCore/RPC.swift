@@ -203,6 +203,10 @@ public enum RPCServer {
                     delivered = true
                 } catch {
                     delivered = false
+                    // The peer waits for this reply and would wait for ever: the connection ends
+                    // instead (its requests fail as closed; a role's channel ending restarts it,
+                    // and the restart redoes what was lost).
+                    transport.close()
                 }
                 if let afterSent {
                     await afterSent(delivered)  // the fds are its own
@@ -286,6 +290,11 @@ public final class RPCClient: Sendable {
                 } catch {
                     state.withLockedValue { $0.pending.removeValue(forKey: id) }?
                         .resume(returning: .failure(HoldfastError(.channelClosed, error.description, cause: error)))
+                    // Said `channel-closed`, so made true: callers take it as the peer gone (a
+                    // role's successor redoes the request), which only a closed channel brings
+                    // about. Left open, a supervisor's lost `process-exited` or `bridge-up` was
+                    // never sent again and its exit never reported.
+                    transport.close()
                 }
             }
         }
@@ -364,6 +373,19 @@ public final class RPCClient: Sendable {
     }
 
     /// Whether `run()` has ended (the connection is gone).
+    /// Sends a notification (id 0, no reply). One that cannot be sent ends the channel, as a
+    /// request that cannot (`request`): nothing says it again, and the peer would go on
+    /// believing what it last heard (a bridge up that is down) — a role whose channel ends is
+    /// restarted and says it all again.
+    public func notify(_ type: UInt32, body: [UInt8] = []) async throws(FrameTransportError) {
+        do {
+            try await transport.send(ControlFrame(type: type, id: 0, body: body), descriptors: [])
+        } catch {
+            transport.close()
+            throw error
+        }
+    }
+
     public var isClosed: Bool { state.withLockedValue { $0.closed } }
 
     public func close() { transport.close() }

@@ -76,10 +76,14 @@ public final class FDChannel: Sendable {
 
     /// Sends one message with `descriptors` attached. The caller keeps its copies of the fds
     /// (close them after a successful send if they were only meant for the peer).
+    /// How many times a send the kernel refused for want of memory is tried again, 50 ms apart.
+    static let shortOfMemoryRetries = 20
+
     public func send(_ payload: [UInt8], descriptors: [Int32] = []) async throws(FDPassingError) {
         guard descriptors.count <= Self.maxDescriptorsPerMessage else {
             throw .sendLimitExceeded(count: descriptors.count, limit: Self.maxDescriptorsPerMessage)
         }
+        var shortOfMemory = 0
         while true {
             let seen = socket.registrationEdges(.write)
             let result: Int?
@@ -99,8 +103,20 @@ public final class FDChannel: Sendable {
                         }
                     }
                 }
-            } catch let error as SystemError {
-                throw .system(error)
+            } catch let failure as SystemError {
+                // The kernel short of memory for the message (ENOBUFS, ENOMEM) for a moment: a
+                // message lost between roles costs more than a pause, so it is tried again for a
+                // second before the caller is told.
+                if [ENOBUFS, ENOMEM].contains(failure.number), shortOfMemory < Self.shortOfMemoryRetries {
+                    shortOfMemory += 1
+                    do {
+                        try await Task.sleep(for: .milliseconds(50))
+                    } catch {
+                        throw .system(failure)
+                    }
+                    continue
+                }
+                throw .system(failure)
             } catch {
                 throw .system(SystemError("sendmsg(SCM_RIGHTS)", errno: .badFileDescriptor))
             }

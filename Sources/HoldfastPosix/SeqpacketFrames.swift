@@ -78,11 +78,6 @@ extension RPCClient {
         return client
     }
 
-    /// Sends a notification (id 0, no reply).
-    public func notify(_ type: UInt32, body: [UInt8] = []) async throws(FrameTransportError) {
-        try await transport.send(ControlFrame(type: type, id: 0, body: body), descriptors: [])
-    }
-
     public typealias ReceivedFrame = RPCResponse
 }
 

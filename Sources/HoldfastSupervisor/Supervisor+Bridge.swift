@@ -105,7 +105,11 @@ extension Supervisor {
         if let cgroup { cgroups?.release(cgroup) }
         if viaBridge, let channel = session.withLockedValue({ $0.bridgeChannel }) {
             let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))
-            Task { try? await channel.send(frame.encoded) }
+            Task {
+                // Not sent: the worker's channel ends, and its successor's hello carries the exit
+                // (it stays queued until the host acknowledges it), instead of the next redial.
+                do { try await channel.send(frame.encoded) } catch { channel.close() }
+            }
         }
         for waiter in waiters { waiter.resume(returning: report) }
         changes.notify()
