@@ -166,3 +166,50 @@ struct HandoffReleaseCrashTests {
         return Array(lines.dropFirst().dropLast())
     }
 }
+
+extension HandoffReleaseCrashTests {
+    /// A runtime that asks for a release and is gone before the answer (it crashed, or gave up
+    /// waiting): the broker cannot write the answer, and closing the fds would leave the
+    /// process's pipes to nobody. They are kept, unrelayed and shown `kept`, for the runtime's
+    /// next `release` on a new connection, which gets the same pipe; the process writes on.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aRuntimeThatLeavesInsideItsReleaseFindsTheFdsKept() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        _ = collect(try daemon.streams.open(token: bytes("g-out"), direction: .receive))
+        let out = try PipeEnds.make()
+        let pid = try processes.start(["sh", "-c", "i=0; while :; do i=$((i+1)); echo g $i || exit 3; sleep 0.005; done"], stdout: out.write)
+        defer { kill(-pid, SIGKILL) }
+        close(out.write)
+        let pipe = linkTarget("/proc/self/fd/\(out.read)")
+        let runtime = try await daemon.handOver("gone", [(.stdout, "g-out")], descriptors: [out.read])
+        try await eventually("the output relayed", timeout: .seconds(20)) {
+            try await daemon.status().streams.contains { $0.process == "gone" && $0.bytesToHost > 100 }
+        }
+
+        // The release is sent, and the runtime is gone before any answer could come.
+        let release = BrokerRequest.release(process: "gone")
+        try await runtime.transport.send(release.frame(id: 1), descriptors: [])
+        runtime.close()
+        try await daemon.waitForLog("a release's answer did not reach its peer: its fds are kept for the peer's next release")
+        let shown = try await daemon.status().streams.filter { $0.process == "gone" }
+        #expect(shown.map(\.state) == [.kept], "kept, not relayed: \(shown)")
+        #expect(kill(pid, 0) == 0, "the process lives (its pipe has a holder: no SIGPIPE)")
+
+        // Its next release, on a new connection: the same pipe.
+        let again = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        defer { again.close() }
+        let reply = try await again.request(release.frameType, body: release.body)
+        let streams = try ControlJSON.decode(ReleaseResponse.self, from: reply.frame.body, frameType: reply.frame.type).streams
+        #expect(streams.map(\.kind) == [.stdout] && reply.descriptors.count == 1, "\(streams)")
+        #expect(reply.descriptors.map { linkTarget("/proc/self/fd/\($0)") } == [pipe], "the same pipe came back")
+        try await daemon.waitForLog("a release kept for its peer handed over")
+        #expect(try await daemon.status().streams.allSatisfy { $0.process != "gone" }, "nothing kept after")
+        let lines = try await readLines(reply.descriptors[0], atLeast: 20)
+        let numbers = EveryKindOfStream.numbers(bytes(lines.joined()), prefix: "g")
+        #expect(numbers.count >= 20 && numbers == Array(numbers[0]...numbers[0] + numbers.count - 1), "the process wrote on: \(numbers.prefix(5))…")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
