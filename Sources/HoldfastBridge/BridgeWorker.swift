@@ -163,6 +163,9 @@ public enum BridgeWorker {
             backoff = options.reconnectInitial
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
+            if Failpoint.once(Failpoint.workerBreaksFraming, process: "bridge"), let channel = (client.transport as? SeqpacketFrames)?.channel {
+                try? await channel.send([0x00, 0x01, 0x02])
+            }
             let reason = await serve(frames, supervisor: client, logger: logger, tidier: tidier)
             link.withLockedValue { $0 = .down }
             await frames.writer.flush()  // an error reply explaining the close goes out first

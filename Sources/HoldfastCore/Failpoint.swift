@@ -31,6 +31,9 @@ public enum Failpoint {
     /// A start of the role spawns it, then fails before its channel is watched, as epoll at its
     /// watch limit would (`fails`: its 2nd to 11th starts).
     public static let roleChannelFails = "role-channel-fails"
+    /// The bridge worker, its bridge up, sends the supervisor a message that is not a control
+    /// frame (`once`), as a worker gone wrong would.
+    public static let workerBreaksFraming = "worker-breaks-framing"
     /// How many starts `fails` fails.
     public static let failedStarts = 10
 
@@ -72,6 +75,20 @@ public enum Failpoint {
             return counts[name, default: 0]
         }
         return pass >= 2 && pass <= failedStarts + 1
+        #else
+        return false
+        #endif
+    }
+
+    /// Whether a test armed `name` for `process` and this is its first pass. Never in a release
+    /// build.
+    public static func once(_ name: String, process: String) -> Bool {
+        #if DEBUG
+        guard let armed, armed == "\(name):\(process)" else { return false }
+        return passes.withLockedValue { counts in
+            counts[name, default: 0] += 1
+            return counts[name] == 1
+        }
         #else
         return false
         #endif

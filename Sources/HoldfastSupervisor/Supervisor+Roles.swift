@@ -185,7 +185,7 @@ extension Supervisor {
         session.withLockedValue { $0.bridgeChannel = channel }
         // The worker bounds what the host has in flight; this bounds what the worker can (a
         // worker gone wrong must not grow the supervisor either).
-        _ = await RPCServer.serve(
+        let end = await RPCServer.serve(
             channel, as: WorkerRequest.self, inFlight: 2 * BridgeProtocol.requestsInFlight,
             notification: { [self] frame in
                 tidier.noteWork()
@@ -194,6 +194,13 @@ extension Supervisor {
         ) { [self] request, _ async throws(HoldfastError) -> RPCReply in
             tidier.noteWork()
             return try await handle(request)
+        }
+        if case .broken(let why) = end {
+            // A worker gone wrong (its messages are not frames any more): nothing more is read
+            // from it, so it must not run on holding the host's connection, whose requests would
+            // wait for ever. Its channel ends; it exits on that and is started again.
+            logger.error("the bridge worker broke its channel's framing: ending it (the worker restarts)", metadata: ["reason": "\(why)"])
+            channel.close()
         }
         session.withLockedValue { if $0.bridgeChannel === channel { $0.bridgeChannel = nil } }
         // The worker died: the bridge is as good as lost. (Stopped for a live upgrade, the

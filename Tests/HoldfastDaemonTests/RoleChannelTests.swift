@@ -1,5 +1,6 @@
 import HoldfastCore
 import HoldfastPosix
+import HoldfastProtocol
 import HoldfastTestSupport
 import Logging
 import NIOConcurrencyHelpers
@@ -57,5 +58,41 @@ struct RoleChannelTests {
         running.cancel()
         let words = heard.withLockedValue { $0 }
         #expect(words == (1...words.count).map { "last words of incarnation \($0)" }, "each incarnation's, once, in order: \(words)")
+    }
+}
+
+extension RoleChannelTests {
+    /// A bridge worker gone wrong — it sends the supervisor something that is not a control
+    /// frame (a debug-build failpoint, right after its bridge came up) — is ended and started
+    /// again. Before, the supervisor stopped reading the worker's channel and left it open, so
+    /// the worker ran on holding the host's connection and every request the host sent through
+    /// it waited for ever.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the worker breaks its framing at a failpoint, which only debug builds have"))
+    func aWorkerThatBreaksItsChannelsFramingIsStartedAgain() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.workerBreaksFraming):bridge"])
+        defer { daemon.cleanUp() }
+        try await daemon.waitForLog("the bridge worker broke its channel's framing: ending it (the worker restarts)")
+        try await eventually("a second bridge worker started", timeout: .seconds(30)) {
+            daemon.log.split(separator: "\n").filter { $0.contains("role started") && $0.contains("role=bridge") }.count == 2
+        }
+        // The host is served through the new worker.
+        let listed = try await withDeadline("the host's list through the new worker", .seconds(30)) {
+            var answer: BridgeListResponse?
+            while answer == nil {
+                answer = try? await daemon.bridge.list(timeout: .seconds(2))
+                if answer == nil { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            return answer!
+        }
+        #expect(listed.processes.isEmpty)
+        let output = try daemon.streams.open(token: bytes("w-out"), direction: .receive)
+        let received = collect(output)
+        _ = try await daemon.launch(ProcessSpec(id: "w", argv: ["seq", "1", "2000"], stdout: daemon.spec("w-out")))
+        #expect(try await daemon.wait("w").exitCode == 0)
+        let all = try await withTimeout("the output") { await received.value }
+        #expect(all == bytes((1...2000).map { "\($0)\n" }.joined()))
+        #expect(try await daemon.stop() == .exited(0))
     }
 }
