@@ -189,10 +189,24 @@ extension HandoffReleaseCrashTests {
             try await daemon.status().streams.contains { $0.process == "gone" && $0.bytesToHost > 100 }
         }
 
-        // The release is sent, and the runtime is gone before any answer could come.
-        let release = BrokerRequest.release(process: "gone")
-        try await runtime.transport.send(release.frame(id: 1), descriptors: [])
         runtime.close()
+        // The release is sent on a connection of its own, closed before the broker can read it:
+        // the broker is stopped meanwhile (SIGSTOP; the connection waits in the listener's
+        // backlog, the request in its queue), so its answer finds nobody, whatever the load.
+        let release = BrokerRequest.release(process: "gone")
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGSTOP)
+        do {
+            let connection = try await Dialer.connect(to: .unix(path: daemon.directory.file("broker.sock")), kind: .seqpacket, timeout: .seconds(5))
+            let fd = try #require(connection.detach())
+            let frame = release.frame(id: 1).encoded
+            #expect(frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) } == frame.count)
+            close(fd)
+        } catch {
+            kill(broker, SIGCONT)
+            throw error
+        }
+        kill(broker, SIGCONT)
         try await daemon.waitForLog("a release's answer did not reach its peer: its fds are kept for the peer's next release")
         let shown = try await daemon.status().streams.filter { $0.process == "gone" }
         #expect(shown.map(\.state) == [.kept], "kept, not relayed: \(shown)")
