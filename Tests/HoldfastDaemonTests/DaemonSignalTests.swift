@@ -56,6 +56,10 @@ struct DaemonSignalTests {
         try await eventually("output after the reload") { output.count > atQuit + 100 }
         #expect(kill(daemon.daemonPID, SIGQUIT) == 0)
         #expect(try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(30)) == .exited(0))
+        // The host's log of exits is filled by a task of its own, which a loaded run schedules
+        // after the acknowledgement (and the daemon's end): waited for. Nothing can arrive
+        // after the daemon's end, so what is there arrived before it.
+        try await eventually("the exit at the host", timeout: .seconds(10)) { exits.all.contains { $0.id == "counter" } }
         let report = try #require(exits.all.first { $0.id == "counter" }, "the exit reached the host before the daemon ended")
         #expect(report.signal == SIGTERM && report.outputCutShort == nil && report.lost == nil, "\(report)")
         // Every line once, in order, up to the last one printed.
