@@ -75,11 +75,18 @@ public struct BridgeListResponse: Codable, Sendable, Equatable {
     public var streams: [StreamStatus]
     public var omittedProcesses: Int?
     public var omittedStreams: Int?
-    public init(processes: [ProcessStatus], streams: [StreamStatus], omittedProcesses: Int? = nil, omittedStreams: Int? = nil) {
+    /// Set when the broker did not give its list within the guest's bound (stopped, traced,
+    /// dying or restarting): `streams` is then empty for that reason, not because none exist.
+    public var streamsUnavailable: String?
+    public init(
+        processes: [ProcessStatus], streams: [StreamStatus], omittedProcesses: Int? = nil, omittedStreams: Int? = nil,
+        streamsUnavailable: String? = nil
+    ) {
         self.processes = processes
         self.streams = streams
         self.omittedProcesses = omittedProcesses
         self.omittedStreams = omittedStreams
+        self.streamsUnavailable = streamsUnavailable
     }
 }
 

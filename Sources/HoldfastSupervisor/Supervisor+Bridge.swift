@@ -58,11 +58,11 @@ extension Supervisor {
             return .empty
         case .list:
             // A broker that does not answer (stopped, or not finishing dying) costs the list its
-            // streams, not its answer.
-            let streams = await brokerStreams() ?? []
+            // streams, not its answer; the list says so.
+            let streams = await brokerStreams()
             let list = processStatuses()
             let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
-            let (reply, omitted) = FrameBudget.fit(streams) {
+            let (reply, omitted) = FrameBudget.fit(streams ?? []) {
                 BridgeListResponse(processes: processesFit, streams: $0)
             }
             var fitted = reply
@@ -70,6 +70,7 @@ extension Supervisor {
                 fitted.omittedStreams = omitted
                 fitted.omittedProcesses = processesOmitted
             }
+            if streams == nil { fitted.streamsUnavailable = brokerUnavailableExplanation() }
             return RPCReply(fitted)
         case .stats:
             guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }

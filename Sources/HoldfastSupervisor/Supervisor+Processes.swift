@@ -334,14 +334,17 @@ extension Supervisor {
 
     /// Every stream the broker holds, page by page (one reply holds what fits a frame); nil if
     /// a page is not answered within `brokerAnswerBound` (a stopped broker, or one that cannot
-    /// finish dying), so that `status` answers all the same.
+    /// finish dying), so that `status` answers all the same, or not at all (a broker that died
+    /// during the list: part of a list would show a monitor streams gone that are not).
     func brokerStreams() async -> [StreamStatus]? {
         guard let broker = broker() else { return [] }
         var streams: [StreamStatus] = []
         while true {
             let offset = streams.count
-            guard let answer = await ask(broker, .list(ListRequest(offset: offset)), reply: ListResponse.self) else { return nil }
-            guard let page = answer, !page.streams.isEmpty else { break }
+            guard let answer = await ask(broker, .list(ListRequest(offset: offset)), reply: ListResponse.self),
+                let page = answer
+            else { return nil }
+            guard !page.streams.isEmpty else { break }
             streams += page.streams
             if streams.count >= (page.total ?? streams.count) { break }
         }
@@ -370,11 +373,16 @@ extension Supervisor {
         return nil
     }
 
+    /// Why the broker's list is missing, as the kernel sees its process.
+    func brokerUnavailableExplanation() -> String {
+        roleStatuses.first { $0.name == "broker" }?.pid.map { ProcessRunState.of($0).explanation } ?? "not running"
+    }
+
     public func status() async -> StatusReport {
         let streams = await brokerStreams()
         var roles = roleStatuses
         if streams == nil, let index = roles.firstIndex(where: { $0.name == "broker" }) {
-            roles[index].notAnswering = roles[index].pid.map { ProcessRunState.of($0).explanation } ?? "not running"
+            roles[index].notAnswering = brokerUnavailableExplanation()
         }
         // The bridge worker is not asked anything here: a stopped or traced one (SIGSTOP, a
         // debugger) is seen in /proc. The host's requests and the exits wait for it meanwhile.

@@ -45,7 +45,7 @@ struct BrokerCrashHandoffTests {
         let typist = NumberedTypist { try await input.send($0) }
         _ = try await killBroker(of: daemon, times: Self.kills, pause: 50...300) { broker in
             try await eventually("the handoff process handed to broker \(broker)", timeout: .seconds(20)) {
-                try await daemon.status().streams.filter { $0.process == "handed" }.count == 2
+                try await daemon.brokerStreams().filter { $0.process == "handed" }.count == 2
             }
         }
         try await Task.sleep(for: .milliseconds(300))
@@ -74,7 +74,7 @@ struct BrokerCrashHandoffTests {
         #expect(lost.bytes == 0 && (transport == .socketPair || repeats.isEmpty), "the windows the broker made settle every interrupted take: \(lost.summary), \(repeats)")
         // Gone from the broker, the supervisor let go of its copies too.
         try await eventually("the deposit released", timeout: .seconds(20)) {
-            try await daemon.status().streams.allSatisfy { $0.process != "handed" }
+            try await daemon.brokerStreams().allSatisfy { $0.process != "handed" }
         }
         print("handoff process (\(transport)), \(Self.kills) broker kills: stdout \(data.count) bytes, \(lost.bytes) lost; stdin \(sent.count) bytes, \(repeats.count) possible repeats")
         #expect(try await daemon.stop() == .exited(0))
@@ -157,7 +157,7 @@ struct BrokerCrashHandoffTests {
         }
         // Drained and let go by the next broker: gone from it, and the supervisor's copy closed.
         try await eventually("the process gone from the next broker", timeout: .seconds(30)) {
-            try await daemon.status().streams.allSatisfy { $0.process != "ex" }
+            try await daemon.brokerStreams().allSatisfy { $0.process != "ex" }
         }
         try await eventually("the supervisor's copy closed", timeout: .seconds(20)) {
             !holders(of: target).contains { $0.hasPrefix("\(daemon.daemonPID) ") }
@@ -213,7 +213,7 @@ struct BrokerCrashHandoffTests {
         } catch {
             #expect(error.code == .permissionDenied, "open-handoff: \(error)")
         }
-        #expect(try await daemon.status().streams.allSatisfy { $0.process != "x" }, "nothing adopted")
+        #expect(try await daemon.brokerStreams().allSatisfy { $0.process != "x" }, "nothing adopted")
         #expect(!daemon.log.contains("keeping a handoff process's fds"), "nothing deposited")
         let report = try await daemon.wait("v")
         #expect(report.exitCode == 0)

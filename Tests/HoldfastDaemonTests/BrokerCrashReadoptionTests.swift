@@ -54,7 +54,7 @@ struct BrokerCrashReadoptionTests {
             // lines go out through a writer thread, so one about the last broker could otherwise
             // land after the offset below and pass for its successor's.
             try await eventually("round \(round): every process with the broker", timeout: .seconds(30)) {
-                try await daemon.status().streams.count >= count
+                try await daemon.brokerStreams().count >= count
             }
             var size = -1
             try await eventually("round \(round): the log written out") {
@@ -90,7 +90,7 @@ struct BrokerCrashReadoptionTests {
         }
         // The last broker takes every process over.
         try await eventually("every process handed to a broker that lives", timeout: .seconds(30)) {
-            let streams = try await daemon.status().streams
+            let streams = try await daemon.brokerStreams()
             return streams.count >= count
         }
         try writeFile(go, [])

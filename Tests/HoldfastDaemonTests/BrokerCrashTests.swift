@@ -53,7 +53,7 @@ struct BrokerCrashTests {
         _ = try await daemon.bridge.create(ProcessSpec(
             id: id, argv: ["sh", "-c", script], stdin: daemon.spec("\(id)-in"), stdout: daemon.spec("\(id)-out")))
         try await eventually("both streams connected") {
-            let streams = try await daemon.status().streams.filter { $0.process == id }
+            let streams = try await daemon.brokerStreams().filter { $0.process == id }
             return streams.count == 2 && streams.allSatisfy { $0.state == .connected }
         }
         // The host writes numbered lines to its stdin throughout.
@@ -123,7 +123,7 @@ struct BrokerCrashTests {
             argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.01; done; cat \(payloadPath) || exit 3; read -r line || exit 4; echo \"$line\""],
             stdin: daemon.spec("\(id)-in"), stdout: daemon.spec("\(id)-out")))
         try await eventually("both streams connected") {
-            let streams = try await daemon.status().streams.filter { $0.process == id }
+            let streams = try await daemon.brokerStreams().filter { $0.process == id }
             return streams.count == 2 && streams.allSatisfy { $0.state == .connected }
         }
         let broker = try #require(try await daemon.rolePID("broker"))
@@ -174,7 +174,7 @@ struct BrokerCrashTests {
         kill(broker, SIGKILL)
         try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
         try await eventually("the stream handed over again") {
-            try await daemon.status().streams.contains { $0.process == id }
+            try await daemon.brokerStreams().contains { $0.process == id }
         }
         #expect(try await daemon.status().processes.first { $0.id == id }?.state == .exited, "not reported while undrained")
         daemon.streams.setRefusing(false)

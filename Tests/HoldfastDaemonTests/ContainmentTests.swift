@@ -145,6 +145,11 @@ struct ContainmentTests {
         }
         // While it is stopped, `status` still answers (its broker part within a bound) and says so.
         #expect(kill(broker, SIGSTOP) == 0)
+        // Every thread: one still running answers the list (a fresh clone's loaded run did).
+        try await eventually("every thread of the broker stopped") {
+            let states = ProcessAccount.threadStates(of: broker)
+            return !states.isEmpty && states.allSatisfy { $0 == "T" }
+        }
         let whileStopped = try await withTimeout("status while the broker is stopped", .seconds(30)) { try await daemon.status() }
         #expect(kill(broker, SIGCONT) == 0)
         let stoppedRole = whileStopped.roles.first { $0.name == "broker" }

@@ -166,6 +166,23 @@ final class DaemonFixture: Sendable {
         return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
     }
 
+    /// The broker's streams as `status` shows them, asked until the broker answered: `status`
+    /// waits at most 2 s for the broker's list and otherwise shows no streams (the broker marked
+    /// not answering), which a loaded run's broker can miss. A one-shot `status().streams`
+    /// would then fail a check that something is shown, and pass one that something is not
+    /// for nothing.
+    func brokerStreams() async throws -> [StreamStatus] {
+        var streams: [StreamStatus] = []
+        try await eventually("the broker answering status's list") {
+            let report = try await status()
+            guard let broker = report.roles.first(where: { $0.name == "broker" }), broker.pid != nil, broker.notAnswering == nil
+            else { return false }
+            streams = report.streams
+            return true
+        }
+        return streams
+    }
+
     /// A control client's contract across a live upgrade (README, "Live upgrade"): a request the
     /// old image had read but not begun when it closed its gate is never answered by it (the
     /// connection goes with the image) and was never carried out, so it is sent again on a new

@@ -54,7 +54,7 @@ struct DaemonTests {
                 stdout: daemon.spec("\(id)-out")))
         }
         try await eventually("every stream connected") {
-            let streams = try await daemon.status().streams
+            let streams = try await daemon.brokerStreams()
             return streams.count == ids.count && streams.allSatisfy { $0.state == .connected }
         }
         try writeFile(go, [])
@@ -239,7 +239,7 @@ struct BrokerBoundaryTests {
         let printed = String(decoding: readFile(out) ?? [], as: UTF8.self)
         #expect(printed.contains("0x2 permission-denied"), "printed: \(printed)")
         try await eventually("the refusal in the log") { daemon.log.contains("handoff peer refused") && daemon.log.contains("uid=65534") }
-        #expect(try await daemon.status().streams.isEmpty, "nothing was adopted")
+        #expect(try await daemon.brokerStreams().isEmpty, "nothing was adopted")
         #expect(try await daemon.stop() == .exited(0))
     }
 
@@ -303,7 +303,7 @@ struct BrokerBoundaryTests {
             Issue.record("broker fds \(baseline.count) → \(descriptorTable(pid: broker).count): \(descriptorsAdded(baseline, descriptorTable(pid: broker)))")
         }
         #expect(try await daemon.rolePID("broker") == broker, "the broker did not restart")
-        #expect(try await daemon.status().streams.isEmpty)
+        #expect(try await daemon.brokerStreams().isEmpty)
         print("hostile handoff: \(printed)")
         #expect(try await daemon.stop() == .exited(0))
     }

@@ -38,7 +38,7 @@ struct DialFeedbackTests {
             id: "locked", argv: ["sh", "-c", "echo through-at-last; exec sleep 1000"], stdout: stdout.streamSpec(at: "unix:" + path)))
         var parked: StreamStatus?
         try await eventually("the stream parked with its dial error, over more than two redial cycles") {
-            parked = try await daemon.status().streams.first { $0.process == "locked" }
+            parked = try await daemon.brokerStreams().first { $0.process == "locked" }
             return parked?.state == .parked && (parked?.failedDials ?? 0) > 6
         }
         let error = try #require(parked?.lastDialError)
@@ -59,7 +59,7 @@ struct DialFeedbackTests {
         // Opened up: the stream connects on its own, and says so.
         #expect(chmod(path, 0o666) == 0)
         try await eventually("the bytes through", timeout: .seconds(60)) { received.withLockedValue { $0 } == bytes("through-at-last\n") }
-        let connected = try await daemon.status().streams.first { $0.process == "locked" }
+        let connected = try await daemon.brokerStreams().first { $0.process == "locked" }
         #expect(connected?.state == .connected && connected?.lastDialError == nil && connected?.failedDials == nil, "\(String(describing: connected))")
         try await eventually("the recovery logged") { daemon.log.contains("stream connected after failed dials") }
         #expect(try await daemon.stop() == .exited(0))

@@ -90,7 +90,7 @@ final class EveryKindOfStream: Sendable {
         let expected = runcStream == nil ? 6 : 7
         let raw = raw
         try await eventually("every process streaming", timeout: .seconds(60)) {
-            let streams = try await daemon.status().streams
+            let streams = try await daemon.brokerStreams()
             return streams.filter { $0.state == .connected }.count >= expected && raw.connectionCount >= 1
         }
     }

@@ -208,7 +208,7 @@ extension HandoffExampleTests {
         #expect(try await daemon.rolePID("broker") != firstBroker, "the broker did die inside")
         let all = try await withTimeout("stdout to its end", .seconds(30)) { await received.value }
         #expect(sha256Hex(all) == sha256Hex(data), "every byte once, in order, then END")
-        let streams = try await daemon.status().streams.filter { $0.process == "h5" }
+        let streams = try await daemon.brokerStreams().filter { $0.process == "h5" }
         #expect(streams.count == 1 && streams.first?.kind == .stdout, "held once: \(streams)")
         #expect(try await runHandoff(daemon, ["release", "--process", "h5"]).status == .exited(0))
         #expect(try await daemon.stop() == .exited(0))
@@ -243,7 +243,7 @@ extension HandoffExampleTests {
         let processes = Set(try ControlJSON.decode([StreamStatus].self, from: bytes(listed.stdout), frameType: 0).map(\.process))
         #expect(processes == ["h3"], "a peer sees its own processes only")
         #expect(try await runHandoff(daemon, ["release", "--process", "h3"]).status == .exited(0))
-        #expect(try await daemon.status().streams.contains { $0.process == "sup" }, "the supervisor's process kept its stream")
+        #expect(try await daemon.brokerStreams().contains { $0.process == "sup" }, "the supervisor's process kept its stream")
         #expect(try await daemon.stop() == .exited(0))
     }
 }

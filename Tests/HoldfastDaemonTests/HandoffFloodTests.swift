@@ -69,7 +69,7 @@ struct HandoffFloodTests {
         let output = try daemon.streams.open(token: bytes("victim-out"), direction: .receive)
         let received = collect(output)
         _ = try await daemon.launch(ProcessSpec(id: "victim", argv: counterCommand(1500, pause: "0.004"), stdout: daemon.spec("victim-out")))
-        try await eventually("the victim's stream connected") { try await daemon.status().streams.contains { $0.process == "victim" && $0.state == .connected } }
+        try await eventually("the victim's stream connected") { try await daemon.brokerStreams().contains { $0.process == "victim" && $0.state == .connected } }
         let baseline = openDescriptorCount(pid: broker)
 
         try writeFile(daemon.directory.file("flood.py"), bytes(Self.flooder))
@@ -109,7 +109,7 @@ struct HandoffFloodTests {
         let streams = try await runtime.call(BrokerRequest.list(ListRequest()), reply: ListResponse.self)
         #expect(streams.streams.isEmpty, "root handed nothing over: it sees none of the supervisor's streams")
         try await eventually("the victim's stream redialled during the flood") {
-            try await daemon.status().streams.contains { $0.process == "victim" && $0.state == .connected && $0.reconnects >= 1 }
+            try await daemon.brokerStreams().contains { $0.process == "victim" && $0.state == .connected && $0.reconnects >= 1 }
         }
         // The first refusals' 2 s answers have gone out by now.
         try await Task.sleep(for: .milliseconds(2500))

@@ -57,7 +57,7 @@ struct HandoffReleaseCrashTests {
             String(decoding: readFile(copy) ?? [], as: UTF8.self) == "before the release\n"
         }
         try await eventually("the output relayed", timeout: .seconds(20)) {
-            try await daemon.status().streams.contains { $0.process == "rel" && $0.kind == .stdout && $0.bytesToHost > 100 }
+            try await daemon.brokerStreams().contains { $0.process == "rel" && $0.kind == .stdout && $0.bytesToHost > 100 }
         }
         let firstBroker = try #require(try await daemon.rolePID("broker"))
 
@@ -89,9 +89,9 @@ struct HandoffReleaseCrashTests {
         // (A loaded broker may miss `status`'s 2 s bound for its list, which then shows no
         // streams: asked until it answers. A relayed stream is never `kept`.)
         try await eventually("the kept streams shown", timeout: .seconds(20)) {
-            try await daemon.status().streams.filter { $0.process == "rel" }.map(\.state) == [.kept, .kept]
+            try await daemon.brokerStreams().filter { $0.process == "rel" }.map(\.state) == [.kept, .kept]
         }
-        let shown = try await daemon.status().streams.filter { $0.process == "rel" }
+        let shown = try await daemon.brokerStreams().filter { $0.process == "rel" }
         #expect(shown.allSatisfy { $0.state == .kept && $0.bytesToHost == 0 }, "not relayed by the next broker, shown kept: \(shown)")
         // Its runtime (one that restarted, say) sees what waits for it: `list` on the handoff socket.
         let listed = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
@@ -132,7 +132,7 @@ struct HandoffReleaseCrashTests {
         try await eventually("the supervisor's copies closed", timeout: .seconds(20)) { !pipes.contains(where: heldBySupervisor) }
         #expect(returned.map { linkTarget("/proc/self/fd/\($0)") } == pipes, "the same pipes came back")
         #expect(try await keptReleases() == 0, "none kept after")
-        #expect(try await daemon.status().streams.allSatisfy { $0.process != "rel" }, "nor shown")
+        #expect(try await daemon.brokerStreams().allSatisfy { $0.process != "rel" }, "nor shown")
 
         // The process wrote on into the pipe all along, and goes on: its lines are consecutive.
         let lines = try await readLines(returned[0], atLeast: 50)
@@ -191,7 +191,7 @@ extension HandoffReleaseCrashTests {
         let pipe = linkTarget("/proc/self/fd/\(out.read)")
         let runtime = try await daemon.handOver("gone", [(.stdout, "g-out")], descriptors: [out.read])
         try await eventually("the output relayed", timeout: .seconds(20)) {
-            try await daemon.status().streams.contains { $0.process == "gone" && $0.bytesToHost > 100 }
+            try await daemon.brokerStreams().contains { $0.process == "gone" && $0.bytesToHost > 100 }
         }
 
         runtime.close()
@@ -214,7 +214,7 @@ extension HandoffReleaseCrashTests {
         kill(broker, SIGCONT)
         try await daemon.waitForLog("a release's answer did not reach its peer: its fds are kept for the peer's next release")
         try await eventually("the kept stream shown", timeout: .seconds(20)) {
-            try await daemon.status().streams.filter { $0.process == "gone" }.map(\.state) == [.kept]
+            try await daemon.brokerStreams().filter { $0.process == "gone" }.map(\.state) == [.kept]
         }
         #expect(kill(pid, 0) == 0, "the process lives (its pipe has a holder: no SIGPIPE)")
 
@@ -226,7 +226,7 @@ extension HandoffReleaseCrashTests {
         #expect(streams.map(\.kind) == [.stdout] && reply.descriptors.count == 1, "\(streams)")
         #expect(reply.descriptors.map { linkTarget("/proc/self/fd/\($0)") } == [pipe], "the same pipe came back")
         try await daemon.waitForLog("a release kept for its peer handed over")
-        #expect(try await daemon.status().streams.allSatisfy { $0.process != "gone" }, "nothing kept after")
+        #expect(try await daemon.brokerStreams().allSatisfy { $0.process != "gone" }, "nothing kept after")
         let lines = try await readLines(reply.descriptors[0], atLeast: 20)
         let numbers = EveryKindOfStream.numbers(bytes(lines.joined()), prefix: "g")
         #expect(numbers.count >= 20 && numbers == Array(numbers[0]...numbers[0] + numbers.count - 1), "the process wrote on: \(numbers.prefix(5))…")

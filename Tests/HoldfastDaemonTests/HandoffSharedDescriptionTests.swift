@@ -83,7 +83,7 @@ struct HandoffSharedDescriptionTests {
         // (Sent meanwhile: the host's send waits while the broker cannot write.)
         let sending = Task { try await input.send(sent) }
         try await eventually("the first 100 lines at the host, the stdin's first 64 KiB at the broker", timeout: .seconds(20)) {
-            let streams = try await daemon.status().streams.filter { $0.process == "shared" }
+            let streams = try await daemon.brokerStreams().filter { $0.process == "shared" }
             return streams.contains { $0.kind == .stdout && $0.bytesToHost >= 492 } && streams.contains { $0.kind == .stdin && $0.bytesFromHost >= 65536 }
         }
         try await Task.sleep(for: .seconds(1))
@@ -109,7 +109,7 @@ struct HandoffSharedDescriptionTests {
         #expect(readFile(copy) == sent, "stdin: exact (\(readFile(copy)?.count ?? -1) of \(sent.count) bytes)")
         // Every stream of it ended: the broker's copies are closed; the runtime's are as it left them.
         try await eventually("the process gone from the broker", timeout: .seconds(20)) {
-            try await daemon.status().streams.allSatisfy { $0.process != "shared" }
+            try await daemon.brokerStreams().allSatisfy { $0.process != "shared" }
         }
         #expect(fcntl(outPipe.read, F_GETFL) & O_NONBLOCK == 0)
         close(outPipe.read)

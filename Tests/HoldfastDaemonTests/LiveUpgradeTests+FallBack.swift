@@ -38,7 +38,7 @@ struct LiveUpgradeFallBackTests {
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "counter", argv: counterCommand(1500, prefix: "across", pause: "0.002"), stdout: daemon.spec("counter-out")))
         try await eventually("the stream connected", timeout: .seconds(30)) {
-            try await daemon.status().streams.contains { $0.state == .connected }
+            try await daemon.brokerStreams().contains { $0.state == .connected }
         }
         let before = try await daemon.status()
 
@@ -118,7 +118,7 @@ struct LiveUpgradeFallBackTests {
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "counter", argv: counterCommand(1500, prefix: "crash", pause: "0.002"), stdout: daemon.spec("counter-out")))
         try await eventually("the stream connected", timeout: .seconds(30)) {
-            try await daemon.status().streams.contains { $0.state == .connected }
+            try await daemon.brokerStreams().contains { $0.state == .connected }
         }
         let before = try await daemon.status()
         // The new image blocks opening the FIFO (after it read the state); a helper waits for

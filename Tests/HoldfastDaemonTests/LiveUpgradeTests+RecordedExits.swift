@@ -43,7 +43,7 @@ struct LiveUpgradeRecordedExitTests {
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "steady", argv: counterCommand(1500, prefix: "steady", pause: "0.002"), stdout: daemon.spec("steady")))
         try await eventually("every stream connected", timeout: .seconds(30)) {
-            try await daemon.status().streams.filter { $0.state == .connected }.count == 2
+            try await daemon.brokerStreams().filter { $0.state == .connected }.count == 2
         }
 
         // The state as the old image writes it in the window, then the real binary with it.

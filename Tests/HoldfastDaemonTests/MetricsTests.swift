@@ -79,7 +79,7 @@ struct MetricsTests {
         try await Task.sleep(for: .milliseconds(100))
         lightsOn(daemon)
         try await eventually("the stream to reconnect") {
-            try await daemon.status().streams.first { $0.process == "m" }.map { $0.reconnects >= 1 && $0.state == .connected } ?? false
+            try await daemon.brokerStreams().first { $0.process == "m" }.map { $0.reconnects >= 1 && $0.state == .connected } ?? false
         }
         try writeFile(gate, [])
         _ = try await daemon.wait("m")

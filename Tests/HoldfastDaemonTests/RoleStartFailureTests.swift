@@ -26,7 +26,7 @@ struct RoleStartFailureTests {
         let go = daemon.directory.file("go")
         let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1", "p2"], go: go)
         try await eventually("both streams connected") {
-            try await daemon.status().streams.filter { $0.state == .connected }.count == 2
+            try await daemon.brokerStreams().filter { $0.state == .connected }.count == 2
         }
         let supervisor = daemon.daemonPID
         let baseline = openDescriptorCount(pid: supervisor)
@@ -40,7 +40,7 @@ struct RoleStartFailureTests {
         }
         let next = try #require(try await daemon.rolePID("broker"))
         try await eventually("both streams taken over") {
-            try await daemon.status().streams.filter { $0.state == .connected }.count == 2
+            try await daemon.brokerStreams().filter { $0.state == .connected }.count == 2
         }
         // One process runs as the broker's uid: the broker that serves (before, with the channel
         // failing, each failed start left one running, and the first of them refused the rest).

@@ -145,7 +145,7 @@ struct StoppedRoleTests {
         _ = try await daemon.bridge.create(ProcessSpec(
             id: "counter", argv: counterCommand(400, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
         try await eventually("the counter streaming") { output.count > 0 }
-        #expect(try await daemon.status().streams.count == 1)
+        #expect(try await daemon.brokerStreams().count == 1)
         let broker = try #require(try await daemon.rolePID("broker"))
         func scrape() async throws -> String {
             try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
@@ -162,6 +162,10 @@ struct StoppedRoleTests {
         let first = try await daemon.status()
         #expect(first.streams.isEmpty && first.roles.first { $0.name == "broker" }?.notAnswering != nil, "\(first.roles)")
         _ = try await scrape()  // the metrics question goes overdue too
+        // The host's list answers too, and says why it has no streams.
+        let hostList = try await daemon.bridge.list()
+        #expect(hostList.streams.isEmpty && hostList.streamsUnavailable?.hasPrefix("stopped") == true, "\(hostList)")
+        #expect(hostList.processes.map(\.id) == ["counter"], "its processes all the same")
         let started = ContinuousClock.now
         for _ in 0..<10 {
             let report = try await daemon.status()
@@ -177,8 +181,10 @@ struct StoppedRoleTests {
 
         #expect(kill(broker, SIGCONT) == 0)
         try await eventually("the broker asked again once it goes on", timeout: .seconds(20)) {
-            try await daemon.status().streams.count == 1
+            try await daemon.brokerStreams().count == 1
         }
+        let answered = try await daemon.bridge.list()
+        #expect(answered.streams.count == 1 && answered.streamsUnavailable == nil, "\(answered)")
         #expect(try await scrape().contains("holdfast_broker_"), "the scrape has the broker's part again")
         try await eventually("the counter's exit", timeout: .seconds(60)) { exits.count("counter") == 1 }
         #expect(output.text == String(decoding: expectedLines(400, prefix: "by"), as: UTF8.self), "every line once, in order")
