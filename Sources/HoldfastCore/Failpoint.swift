@@ -34,8 +34,21 @@ public enum Failpoint {
     /// The bridge worker, its bridge up, sends the supervisor a message that is not a control
     /// frame (`once`), as a worker gone wrong would.
     public static let workerBreaksFraming = "worker-breaks-framing"
+    /// The supervisor's copy of the process's (PROCESS: its id) fds for a broker started after
+    /// a crash fails as at its open-file limit (EMFILE): its first 10 tries
+    /// (`fails(_:process:passes:)` with `firstTries`).
+    public static let readoptionCopyFails = "readoption-copy-fails"
+    /// The same, every try.
+    public static let readoptionCopyAlwaysFails = "readoption-copy-always-fails"
     /// How many starts `fails` fails.
     public static let failedStarts = 10
+    /// The passes `fails` fails by default: the first succeeds (the daemon starts and serves),
+    /// the `failedStarts` after it fail.
+    public static let afterTheFirst: ClosedRange<Int> = 2...(failedStarts + 1)
+    /// The first `failedStarts` passes.
+    public static let firstTries: ClosedRange<Int> = 1...failedStarts
+    /// Every pass.
+    public static let everyPass: ClosedRange<Int> = 1...Int.max
 
     /// Whether this build has failpoints (tests that need one skip without).
     public static var compiledIn: Bool {
@@ -64,17 +77,18 @@ public enum Failpoint {
 
     private static let passes = NIOLockedValueBox<[String: Int]>([:])
 
-    /// Whether a test armed `name` for `process` and this pass is one to fail: the second to the
-    /// `failedStarts + 1`th (the first succeeds, so the daemon starts and serves before its
-    /// role's restarts fail, and the one after them succeeds again). Never in a release build.
-    public static func fails(_ name: String, process: String) -> Bool {
+    /// Whether a test armed `name` for `process` and this pass is one to fail: one of `passes`
+    /// (by default the second to the `failedStarts + 1`th: the first succeeds, so the daemon
+    /// starts and serves before its role's restarts fail, and the one after them succeeds
+    /// again). Never in a release build.
+    public static func fails(_ name: String, process: String, passes failing: ClosedRange<Int> = afterTheFirst) -> Bool {
         #if DEBUG
         guard let armed, armed == "\(name):\(process)" else { return false }
         let pass = passes.withLockedValue { counts in
             counts[name, default: 0] += 1
             return counts[name, default: 0]
         }
-        return pass >= 2 && pass <= failedStarts + 1
+        return failing.contains(pass)
         #else
         return false
         #endif

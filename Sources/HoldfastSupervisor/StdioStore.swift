@@ -91,6 +91,8 @@ struct StdioStore {
         var process: String
         var request: AdoptRequest
         var descriptors: [Int32]
+        /// Who had it before this claim, to put back if it is handed over later (`unclaim`).
+        var previous: Adoption
     }
 
     /// The broker running now (its incarnation counts every start) and its channel.
@@ -213,9 +215,16 @@ struct StdioStore {
                 request.streams.append(stream)
             }
             held[process]?.nothingHandedOver = request.streams.isEmpty
-            claimed.append(Readoption(process: process, request: request, descriptors: descriptors))
+            claimed.append(Readoption(process: process, request: request, descriptors: descriptors, previous: entry.adoption))
         }
         return claimed
+    }
+
+    /// A claimed process could not be handed over yet (no fd for its copies, here or in the
+    /// broker): it is the broker's to take again, as if never claimed, at the next `claim`.
+    mutating func unclaim(_ claimed: Readoption, for incarnation: Int) {
+        guard held[claimed.process]?.adoption == .adopting(incarnation) else { return }
+        held[claimed.process]?.adoption = claimed.previous
     }
 
     /// A release a broker crash interrupted, for the next broker to keep: each stream whose fd
@@ -230,7 +239,7 @@ struct StdioStore {
             stream.inputWindow = nil
             request.streams.append(stream)
         }
-        return Readoption(process: process, request: request, descriptors: descriptors)
+        return Readoption(process: process, request: request, descriptors: descriptors, previous: entry.adoption)
     }
 
     /// `process`'s broker is releasing it to its handoff peer (`handoff-releasing`); nothing

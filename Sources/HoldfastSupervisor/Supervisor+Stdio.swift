@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import Logging
+import SystemPackage
 
 #if canImport(Glibc)
 import Glibc
@@ -14,17 +15,43 @@ extension Supervisor {
     /// again (copies of the kept fds, the same stream descriptions with `resume`), and every exit
     /// it was told of is told again, so it drains and reports it. Returns when every process
     /// was handed over, or the broker died meanwhile (its successor goes on).
+    ///
+    /// A process that cannot be handed over for want of fds (the copies here fail EMFILE or
+    /// ENFILE, or the broker refuses `too-many-open-files`) is tried again every
+    /// `readoptionRetryPause` for up to `readoptionFdWait`: a moment's scarcity costs its streams
+    /// nothing. Past that it is given up as before (its exit reported cut short), since creates
+    /// and handoff runtimes wait for this to end.
     func readopt(incarnation: Int, client: ControlClient) async {
+        var waitingSince: ContinuousClock.Instant?
+        func mayWait() -> Bool {
+            let now = ContinuousClock.now
+            if waitingSince == nil { waitingSince = now }
+            return now - waitingSince! < Self.readoptionFdWait
+        }
+        var waited: Set<String> = []
         while true {
             // Copies made under the lock: a process completing meanwhile closes its own fds.
-            let batch = stdio.withLockedValue { store -> [StdioStore.Readoption] in
+            let batch = stdio.withLockedValue { store -> [(item: StdioStore.Readoption, copyError: Errno?)] in
                 store.claim(for: incarnation, limit: Self.readoptionBatch).map { item in
                     var copy = item
+                    var copyError: Errno?
                     copy.descriptors = item.descriptors.map { fd in
-                        // An input the host ended: its successor only acknowledges and echoes, on /dev/null.
-                        fd == StdioStore.endedInput ? open("/dev/null", O_WRONLY | O_CLOEXEC) : fcntl(fd, F_DUPFD_CLOEXEC, 0)
+                        let copied: Int32
+                        if Failpoint.fails(Failpoint.readoptionCopyFails, process: item.process, passes: Failpoint.firstTries)
+                            || Failpoint.fails(Failpoint.readoptionCopyAlwaysFails, process: item.process, passes: Failpoint.everyPass)
+                        {
+                            copied = -1
+                            errno = EMFILE
+                        } else if fd == StdioStore.endedInput {
+                            // An input the host ended: its successor only acknowledges and echoes, on /dev/null.
+                            copied = open("/dev/null", O_WRONLY | O_CLOEXEC)
+                        } else {
+                            copied = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+                        }
+                        if copied < 0, copyError == nil { copyError = Errno(rawValue: errno) }
+                        return copied
                     }
-                    return copy
+                    return (copy, copyError)
                 }
             }
             guard !batch.isEmpty else { return }
@@ -33,8 +60,21 @@ extension Supervisor {
             // on would otherwise stay open in this image for good (a crash-looping broker, or
             // one killed just after a live upgrade's new image handed it everything, leaked up
             // to the batch's worth at each death: the soak's supervisor fd check found 12).
-            defer { for item in batch { for fd in item.descriptors where fd >= 0 { close(fd) } } }
-            for item in batch {
+            defer { for (item, _) in batch { for fd in item.descriptors where fd >= 0 { close(fd) } } }
+            var putBack = 0
+            /// Leaves `item` for the next round if fds may still come free; false once the wait is over.
+            func putBackForFds(_ item: StdioStore.Readoption, _ why: String) -> Bool {
+                guard mayWait() else { return false }
+                stdio.withLockedValue { $0.unclaim(item, for: incarnation) }
+                putBack += 1
+                if waited.insert(item.process).inserted {
+                    logger.warning("no fds to hand a process to the restarted broker: trying again", metadata: [
+                        "process": "\(item.process)", "error": "\(why)", "for": "\(Self.readoptionFdWait)",
+                    ])
+                }
+                return true
+            }
+            for (item, copyError) in batch {
                 // Its only stream (stdin) was ended: nothing to hand over; its exit is reported
                 // without a drain.
                 guard !item.request.streams.isEmpty else {
@@ -47,9 +87,11 @@ extension Supervisor {
                     await deliverExit(item.process)
                     continue
                 }
-                guard !item.descriptors.contains(where: { $0 < 0 }) else {
-                    logger.error("cannot copy a process's fds for the restarted broker", metadata: [
-                        "process": "\(item.process)", "error": "\(SystemError.last("fcntl(F_DUPFD_CLOEXEC)"))",
+                if let copyError {
+                    let error = SystemError("fcntl(F_DUPFD_CLOEXEC)", errno: copyError)
+                    if copyError == .tooManyOpenFiles || copyError == .tooManyOpenFilesInSystem, putBackForFds(item, "\(error)") { continue }
+                    logger.error("cannot copy a process's fds for the restarted broker: its streams are given up", metadata: [
+                        "process": "\(item.process)", "error": "\(error)",
                     ])
                     stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
                     await deliverExit(item.process)
@@ -70,6 +112,8 @@ extension Supervisor {
                     }
                 } catch where error.code == .channelClosed {
                     return  // this broker died too: the next one is handed everything
+                } catch where error.code == .tooManyOpenFiles && putBackForFds(item, "\(error)") {
+                    continue
                 } catch {
                     // Its streams are gone; its exit is still reported (cut short).
                     logger.error("the restarted broker refused a process's streams", metadata: [
@@ -85,6 +129,8 @@ extension Supervisor {
                 stdio.withLockedValue { $0.adopted(item.process, by: incarnation) }
                 await deliverExit(item.process)
             }
+            // Only what waits for fds is left to claim first: pause instead of spinning on it.
+            if putBack > 0 { try? await Task.sleep(for: Self.readoptionRetryPause) }
         }
     }
 

@@ -47,6 +47,10 @@ public final class Supervisor: Sendable {
     static let brokerWait = Duration.seconds(15)
     /// After a broker restart, processes are handed over this many at a time (`readopt`).
     static let readoptionBatch = 8
+    /// How long a broker started after a crash is tried again for a process it could not be
+    /// handed for want of fds (`readopt`), and how often.
+    static let readoptionFdWait: Duration = .seconds(10)
+    static let readoptionRetryPause: Duration = .milliseconds(100)
     /// The most fds one create takes while it starts: the process's stdio and windows (kept),
     /// their other ends, runc's console socket and pipes (closed once it runs).
     static let descriptorsPerStart = 24
