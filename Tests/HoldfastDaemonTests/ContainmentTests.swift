@@ -204,6 +204,12 @@ struct ContainmentTests {
         try await eventually("the counter streaming") { output.count > 0 }
 
         #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
+        // Every thread, before the exit happens: a group stop reaches each thread only when it
+        // next runs, and on a loaded machine one could still reap and report the exit.
+        try await eventually("every thread of the supervisor stopped") {
+            let states = ProcessAccount.threadStates(of: daemon.daemonPID)
+            return !states.isEmpty && states.allSatisfy { $0 == "T" }
+        }
         let stopped = ContinuousClock.now
         try writeFile(go, [])  // "ends" exits while the supervisor is stopped
         let created = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["true"])) }

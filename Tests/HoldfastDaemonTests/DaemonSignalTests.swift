@@ -110,6 +110,9 @@ struct DaemonSignalTests {
         #expect(after.roles.map(\.pid) == before.roles.map(\.pid), "the same roles: \(after.roles)")
         #expect(after.roles.map(\.restarts) == before.roles.map(\.restarts), "no role restarted: \(after.roles)")
         #expect(after.processes.first { $0.id == "counter" }?.pid == before.processes.first { $0.id == "counter" }?.pid)
+        // The lines reach the file through the log's writer thread: waited for, then counted.
+        try await daemon.waitForLog("SIGALRM ignored")
+        try await daemon.waitForLog("pid \(getpid()) (uid \(getuid())")
         let log = daemon.log
         #expect(log.components(separatedBy: "SIGALRM ignored").count - 1 == 1, "SIGALRM said once in 10 s however many came")
         #expect(log.contains("pid \(getpid()) (uid \(getuid())"), "the sender named")
