@@ -326,6 +326,7 @@ public final class Broker: Sendable {
         guard adopted.closeInput() else {
             throw HoldfastError(.noStdin, "process '\(process)' has no input stream")
         }
+        Failpoint.pass(Failpoint.brokerStdinClosed, process: process)
     }
 
     public func resize(_ request: ResizeRequest) async throws(HoldfastError) {

@@ -22,6 +22,9 @@ public enum Failpoint {
     /// The broker handed a handoff peer's process to the supervisor and relays it; the answer
     /// is not written yet (the next broker is handed the process).
     public static let brokerAdoptTaken = "broker-adopt-taken"
+    /// The broker closed the process's stdin for the host's `close-stdin`; neither the answer
+    /// nor its `input-ended` is written yet.
+    public static let brokerStdinClosed = "broker-stdin-closed"
     /// The broker told the supervisor a handoff peer's process exited; its drain has not begun.
     public static let brokerExitMarked = "broker-exit-marked"
 

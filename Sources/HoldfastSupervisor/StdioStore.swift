@@ -294,6 +294,12 @@ struct StdioStore {
         return .tell(client)
     }
 
+    /// Whether the store holds `process`'s stdin open (a pipe, not a terminal's).
+    func holdsInput(_ process: String) -> Bool {
+        guard let entry = held[process], let stdin = entry.request.streams.first(where: { $0.kind == .stdin }) else { return false }
+        return entry.descriptors[stdin.fd] >= 0
+    }
+
     /// The broker closed `process`'s stdin: returns the fd to close (nil if none is held).
     mutating func inputEnded(_ process: String, endedByHost: Bool) -> Int32? {
         guard let entry = held[process], let stdin = entry.request.streams.first(where: { $0.kind == .stdin }) else { return nil }

@@ -54,7 +54,7 @@ extension Supervisor {
             try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
             return .empty
         case .closeStdin(let request):
-            try await brokerRequest(.closeStdin(process: request.id))
+            try await closeStdin(request.id)
             return .empty
         case .list:
             // A broker that does not answer (stopped, or not finishing dying) costs the list its
@@ -73,17 +73,50 @@ extension Supervisor {
             if streams == nil { fitted.streamsUnavailable = brokerUnavailableExplanation() }
             return RPCReply(fitted)
         case .stats:
-            guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
-            return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
+            guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
+                throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
+            }
+            do {
+                return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
+            } catch where error.code == .channelClosed {
+                throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)", cause: error)
+            }
         case .acknowledgeExit(let request):
             acknowledgeExit(request.id)
             return .empty
         }
     }
 
+    /// Asks the broker, waiting for one that is restarting (as a create does) rather than
+    /// failing while it is.
     func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
-        guard let broker = broker() else { throw HoldfastError(.brokerUnavailable, "the broker is not running (restarting?)") }
-        _ = try await broker.request(request.frameType, body: request.body)
+        guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
+            throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
+        }
+        do {
+            _ = try await broker.request(request.frameType, body: request.body)
+        } catch where error.code == .channelClosed {
+            // Said as what it is: the host's client reads `channel-closed` as its own
+            // connection's end (`bridge-lost`).
+            throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)", cause: error)
+        }
+    }
+
+    /// The host's `close-stdin`. Our copy of the pipe closes first, then the broker's: the
+    /// process reads end-of-file once both are closed, and a broker that dies at any instant
+    /// of it cannot undo it. Before, the broker closed its copy and then told us; one killed in
+    /// between left ours open, the next broker was handed the stdin again, and the process
+    /// never read end-of-file (the host had been told `channel-closed`).
+    func closeStdin(_ id: String) async throws(HoldfastError) {
+        let closedHere = entry(id) != nil && stdio.withLockedValue { !$0.isHandoff(id) && $0.holdsInput(id) }
+        if closedHere { stdinEnded(id, endedByHost: false) }
+        do {
+            // The broker's copy too — also a broker restarted meanwhile, whose copy was made
+            // before ours closed.
+            try await brokerRequest(.closeStdin(process: id))
+        } catch where closedHere && [.channelClosed, .brokerUnavailable, .noSuchProcess, .noStdin].contains(error.code) {
+            // Its copy died with it, or it was never handed one: ours was the last.
+        }
     }
 
     /// The host has an exit: forget it, and the process with it.
