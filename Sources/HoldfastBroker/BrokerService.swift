@@ -272,7 +272,9 @@ public final class BrokerService: Sendable {
                 }
                 // A handoff peer's process handed back after a crash stays that peer's.
                 let owner = adoption!.request.handoffOwner.map { ProcessOwner.handoff(uid: $0) } ?? .supervisor
+                Failpoint.pass(Failpoint.brokerCreateReceived, process: adoption!.process)
                 try broker.adopt(adoption!, descriptors: descriptors, owner: owner)
+                Failpoint.pass(Failpoint.brokerCreateTaken, process: adoption!.process)
             }
             return .empty
         case .release(let process):

@@ -22,6 +22,12 @@ public enum Failpoint {
     /// The broker handed a handoff peer's process to the supervisor and relays it; the answer
     /// is not written yet (the next broker is handed the process).
     public static let brokerAdoptTaken = "broker-adopt-taken"
+    /// The broker received the supervisor's `adopt` of a process it starts (a create); it has
+    /// not adopted it yet.
+    public static let brokerCreateReceived = "broker-create-received"
+    /// The broker adopted a process the supervisor starts and relays it; the answer is not
+    /// written yet.
+    public static let brokerCreateTaken = "broker-create-taken"
     /// The broker closed the process's stdin for the host's `close-stdin`; neither the answer
     /// nor its `input-ended` is written yet.
     public static let brokerStdinClosed = "broker-stdin-closed"

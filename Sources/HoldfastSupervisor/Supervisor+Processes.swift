@@ -129,7 +129,19 @@ extension Supervisor {
                 } catch {
                     throw HoldfastError(.stdioFailed, "cannot make the streams' windows: \(error)")
                 }
-                _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: descriptors)
+                do {
+                    _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: descriptors)
+                } catch where error.code == .channelClosed {
+                    // The broker died with the adopt: whether it took the process or not, the
+                    // fds are ours and the slots clean or its own, so its successor is handed
+                    // the process like every other one it held (below: `keep`, then
+                    // `readoptIfBehind`). Killing it here, as before, made the host's create come
+                    // again (`bridge-lost`) and start the command twice — after output of the
+                    // first had been relayed, when the broker died after the adoption.
+                    logger.warning("the broker died while it was handed a new process: its successor takes it", metadata: [
+                        "process": "\(spec.id)", "broker": "\(incarnation)",
+                    ])
+                }
             } catch {
                 for fd in descriptors { close(fd) }
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
