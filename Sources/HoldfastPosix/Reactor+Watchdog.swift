@@ -52,7 +52,9 @@ extension Reactor {
     func watch() {
         var last: (runner: UInt64, started: UInt64)?
         var lastTick = ContinuousClock.now
-        var reportedLimit = false
+        // The stuck job the limit was reported for: once per job, whatever the ticks (a late
+        // tick judges nothing, and must not make the same job be reported again).
+        var limitReportedFor: (runner: UInt64, started: UInt64)?
         while true {
             Self.sleep(stallLimit)
             let now = ContinuousClock.now
@@ -62,15 +64,12 @@ extension Reactor {
                 let sample = q.inJob ? (runner: q.runner, started: q.started) : nil
                 let previous = last
                 last = late ? nil : sample
-                guard let sample, let previous, previous == sample else {
-                    reportedLimit = false
-                    return nil
-                }
+                guard let sample, let previous, previous == sample else { return nil }
                 let stuckTID = q.runnerTID
                 let fds = [outerSyscallFD.load(ordering: .relaxed), innerSyscallFD.load(ordering: .relaxed)].filter { $0 >= 0 }
                 guard q.stranded < maxStrandedThreads else {
-                    if reportedLimit { return nil }
-                    reportedLimit = true
+                    if let reported = limitReportedFor, reported == sample { return nil }
+                    limitReportedFor = sample
                     return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: false), nil, stuckTID)
                 }
                 // The jobs behind the stuck one go first, before anything queued since.
