@@ -57,15 +57,40 @@ public enum SecretFile {
     }
 
     /// The secret in `path`, made (32 random bytes, mode 0600) if the file does not exist yet.
+    /// Made whole before it appears: written to a file of its own in the same directory, then
+    /// linked to `path` (which fails if another made it first). Created in place, a `pipe`
+    /// started beside `receive` could find it existing and still empty, and refuse it (a loaded
+    /// run of the README's example did).
     public static func readOrCreate(_ path: String) throws(Failure) -> StreamSecret {
+        if access(path, F_OK) == 0 { return try read(path) }
         let secret = StreamSecret.random()
+        let directory = path.lastIndex(of: "/").map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        let staging = directory + "/.holdfast-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let fd = open(staging, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw .cannotCreate(path, String(cString: strerror(errno))) }
+        defer { unlink(staging) }
+        let text = Array((secret.hex + "\n").utf8)
+        let written = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let writeError = errno
+        close(fd)
+        guard written == text.count else { throw .cannotCreate(path, String(cString: strerror(writeError))) }
+        guard link(staging, path) == 0 else {
+            let linkError = errno
+            if linkError == EEXIST { return try read(path) }
+            // A file system without hard links: made in place, as far as that goes.
+            guard linkError == EPERM || linkError == EOPNOTSUPP else { throw .cannotCreate(path, String(cString: strerror(linkError))) }
+            return try createInPlace(path, text: text, secret: secret)
+        }
+        return secret
+    }
+
+    private static func createInPlace(_ path: String, text: [UInt8], secret: StreamSecret) throws(Failure) -> StreamSecret {
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fd < 0 {
             guard errno == EEXIST else { throw .cannotCreate(path, String(cString: strerror(errno))) }
             return try read(path)
         }
         defer { close(fd) }
-        let text = Array((secret.hex + "\n").utf8)
         guard text.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == text.count else {
             throw .cannotCreate(path, String(cString: strerror(errno)))
         }
