@@ -159,8 +159,15 @@ struct BrokerCrashHandoffTests {
         try await eventually("the process gone from the next broker", timeout: .seconds(30)) {
             try await daemon.brokerStreams().allSatisfy { $0.process != "ex" }
         }
-        try await eventually("the supervisor's copy closed", timeout: .seconds(20)) {
-            !holders(of: target).contains { $0.hasPrefix("\(daemon.daemonPID) ") }
+        do {
+            try await eventually("the supervisor's copy closed", timeout: .seconds(20)) {
+                !holders(of: target).contains { $0.hasPrefix("\(daemon.daemonPID) ") }
+            }
+        } catch {
+            // Once in a loaded full run (beside a fresh clone's build), not reproduced alone: the
+            // daemon's own account, for the next time.
+            Issue.record("\(error); holders: \(holders(of: target))\n\(daemon.log.suffix(8000))")
+            throw error
         }
         try await eventually("the drain logged") { daemon.log.contains("process streams drained") && daemon.log.contains("process=ex") }
         #expect(try await daemon.stop() == .exited(0))
