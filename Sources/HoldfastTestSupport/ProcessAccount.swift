@@ -89,14 +89,19 @@ public enum ProcessAccount {
     }
 
     static func numericEntries(_ directory: String) -> [pid_t] {
+        entryNames(directory).compactMap { pid_t($0) }.sorted()
+    }
+
+    /// The names in `directory` (without "." and ".."), unsorted; none if it cannot be read.
+    public static func entryNames(_ directory: String) -> [String] {
         guard let handle = opendir(directory) else { return [] }
         defer { closedir(handle) }
-        var entries: [pid_t] = []
+        var names: [String] = []
         while let entry = readdir(handle) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if let pid = pid_t(name) { entries.append(pid) }
+            if name != "." && name != ".." { names.append(name) }
         }
-        return entries.sorted()
+        return names
     }
 
     /// The first line of a small /proc file, or "-".

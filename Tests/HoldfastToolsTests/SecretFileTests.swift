@@ -32,24 +32,13 @@ struct SecretFileTests {
         #expect(try SecretFile.readOrCreate(path) == made, "an existing file is read, not replaced")
         var info = stat()
         #expect(stat(path, &info) == 0 && info.st_mode & 0o777 == 0o600)
-        #expect(Self.names(in: directory.path) == ["s.key"], "nothing else left in the directory")
+        #expect(ProcessAccount.entryNames(directory.path).sorted() == ["s.key"], "nothing else left in the directory")
     }
 
     struct Event: CustomStringConvertible {
         var mask: UInt32
         var name: String
         var description: String { "\(name): 0x\(String(mask, radix: 16))" }
-    }
-
-    static func names(in path: String) -> [String] {
-        guard let directory = opendir(path) else { return [] }
-        defer { closedir(directory) }
-        var names: [String] = []
-        while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names.sorted()
     }
 
     /// Every event queued on `watch` so far.
