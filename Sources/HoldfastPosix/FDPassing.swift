@@ -206,6 +206,16 @@ public final class FDChannel: Sendable {
     }
 
     public func close() { socket.close() }
+
+    /// Whether a message waits here unread (FIONREAD: the next message's length). False once
+    /// closed, at end-of-file, or if the kernel will not say.
+    public var hasUnreadMessage: Bool {
+        let waiting = try? socket.withSyscall { () -> Bool in
+            var length: Int32 = 0
+            return ioctl(socket.fd, UInt(FIONREAD), &length) == 0 && length > 0
+        }
+        return waiting ?? false
+    }
 }
 
 /// The credentials of the process at the other end of a Unix socket (SO_PEERCRED), as the

@@ -42,6 +42,11 @@ final class RoleSupervisor: Sendable {
     static let initialBackoff: Duration = .milliseconds(100)
     /// The longest back-off (`broker.restart_backoff_max` for the broker).
     private let maxBackoff: Duration
+    /// A dead role's channel that stays open (`closeWhenRead`) is closed after this long
+    /// without a message waiting in it...
+    private let channelQuietFor: Duration
+    /// ...or after this long in all.
+    private let channelReadFor: Duration
     /// A role that ran this long was not crash-looping: its next restart is immediate again.
     /// (60 s made a bridge worker killed every 15–45 s come back after 5 s each time in the
     /// soak; a crash loop dies within milliseconds of starting.)
@@ -65,8 +70,11 @@ final class RoleSupervisor: Sendable {
     init(
         name: String, logger: Logger, reaper: ChildReaper, launch: @escaping @Sendable () throws -> Incarnation,
         serve: @escaping @Sendable (Incarnation) async -> Void, onEvent: @escaping @Sendable (Event) -> Void = { _ in },
-        maxBackoff: Duration = .seconds(5), restarts: Int = 0, lastExit: String? = nil
+        maxBackoff: Duration = .seconds(5), restarts: Int = 0, lastExit: String? = nil,
+        channelQuietFor: Duration = .seconds(2), channelReadFor: Duration = .seconds(30)
     ) {
+        self.channelQuietFor = channelQuietFor
+        self.channelReadFor = channelReadFor
         state.withLockedValue {
             $0.restarts = restarts
             $0.lastExit = lastExit
@@ -125,9 +133,9 @@ final class RoleSupervisor: Sendable {
             // decides what the next one is handed). Closing our end at once threw unread frames
             // away: a loaded run reaped the broker before its last notification was read. Closed
             // here only if end-of-file does not come (a copy of its end left in another process).
-            let closer = TimeoutWheel.shared.schedule(after: Self.channelDrainLimit) { incarnation.channel.close() }
+            let closer = Task { await closeWhenRead(incarnation.channel) }
             await serving.value
-            TimeoutWheel.shared.cancel(closer)
+            closer.cancel()
             incarnation.channel.close()
             let (stopping, holder) = state.withLockedValue { s -> (Bool, CheckedContinuation<ExitStatus?, Never>?) in
                 s.current = nil
@@ -163,8 +171,26 @@ final class RoleSupervisor: Sendable {
     /// than SIGKILL for as long as the debugger likes, and the daemon's stop must not.
     static let stopLimit: Duration = .seconds(10)
 
-    /// How long a dead role's channel is read for what it wrote last before it is closed.
-    static let channelDrainLimit: Duration = .seconds(2)
+    /// Closes a dead role's channel that has not reached end-of-file (a copy of its end kept
+    /// elsewhere) once nothing is left in it to read: checked every `channelQuietFor`, at
+    /// most `channelReadFor` in all. Why not a fixed bound: a supervisor slow to read (a loaded
+    /// guest, or one stopped a moment by an operator, whose clock ran on meanwhile) found its
+    /// channel closed under the dead role's last notifications, and a lost `handoff-exited` or
+    /// `drained` is a process never let go. Why a bound all the same: a reader stuck for good
+    /// must not hold the role's restart for good.
+    private func closeWhenRead(_ channel: FDChannel) async {
+        let started = ContinuousClock.now
+        while (try? await Task.sleep(for: channelQuietFor)) != nil {
+            if channel.hasUnreadMessage, ContinuousClock.now - started < channelReadFor { continue }
+            if channel.hasUnreadMessage {
+                logger.error("a dead role's last messages were not read in time: its channel is closed under them", metadata: [
+                    "role": "\(name)", "waited": "\(channelReadFor)",
+                ])
+            }
+            channel.close()
+            return
+        }
+    }
 
     /// Stops restarting and signals the current incarnation; kills it if it has not ended
     /// within `stopLimit`.

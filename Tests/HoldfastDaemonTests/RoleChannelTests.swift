@@ -96,3 +96,110 @@ extension RoleChannelTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+extension RoleChannelTests {
+    /// A fake role whose end of the channel another process keeps open (so end-of-file never
+    /// comes): it writes `words` messages and is gone. Returns the role supervisor and what its
+    /// serve heard, incarnation by incarnation.
+    private static func roleThatLeavesItsEndOpen(
+        words: Int, serve read: @escaping @Sendable (Int, FDChannel, NIOLockedValueBox<[Int: [String]]>) async -> Void,
+        quietFor: Duration, readFor: Duration, reaper: ChildReaper
+    ) -> (RoleSupervisor, NIOLockedValueBox<[Int: [String]]>, NIOLockedValueBox<[Int32]>) {
+        let heard = NIOLockedValueBox<[Int: [String]]>([:])
+        let kept = NIOLockedValueBox<[Int32]>([])
+        let starts = NIOLockedValueBox(0)
+        let incarnationOf = NIOLockedValueBox<[pid_t: Int]>([:])
+        let role = RoleSupervisor(
+            name: "fake", logger: Logger(label: "test"), reaper: reaper,
+            launch: {
+                let start = starts.withLockedValue { $0 += 1; return $0 }
+                let (ours, theirs) = try FDChannel.pair()
+                for word in 1...words {
+                    let message = Array("incarnation \(start) word \(word)".utf8)
+                    #expect(send(theirs, message, message.count, 0) == message.count)
+                }
+                kept.withLockedValue { $0.append(theirs) }
+                let child = try reaper.spawn(SpawnOptions(executable: "/bin/true", arguments: ["true"]))
+                incarnationOf.withLockedValue { $0[child.pid] = start }
+                heard.withLockedValue { $0[start] = [] }
+                return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
+            },
+            serve: { incarnation in
+                let start = incarnationOf.withLockedValue { $0[incarnation.pid]! }
+                await read(start, incarnation.channel, heard)
+            },
+            maxBackoff: .milliseconds(100), channelQuietFor: quietFor, channelReadFor: readFor)
+        return (role, heard, kept)
+    }
+
+    /// A supervisor slow to read a dead role's channel still hears all of it: the reader starts
+    /// 600 ms after the role was started (it is reaped within a few ms), three times the quiet
+    /// period the channel is given here (200 ms; 2 s in the daemon), and the role's end is kept
+    /// open elsewhere, so only our close ends the channel. Before, it was closed a fixed time
+    /// after the reaping: a loaded supervisor (or one an operator stopped for a moment) lost the
+    /// role's last notifications under it — a broker's `handoff-exited` or `drained`, and so a
+    /// process never let go. And once it is read, it is closed without waiting the whole bound
+    /// (20 s here): the next incarnation comes.
+    @Test func aSlowReaderHearsEveryLastWordAndTheChannelClosesOnceRead() async throws {
+        guard try await isolated("aSlowReaderHearsEveryLastWordAndTheChannelClosesOnceRead", timeout: .seconds(60)) else { return }
+        let reaper = ChildReaper()
+        let (role, heard, kept) = Self.roleThatLeavesItsEndOpen(
+            words: 3,
+            serve: { start, channel, heard in
+                try? await Task.sleep(for: .milliseconds(600))
+                while let message = try? await channel.receive() {
+                    heard.withLockedValue { $0[start, default: []].append(String(decoding: message.payload, as: UTF8.self)) }
+                }
+            },
+            quietFor: .milliseconds(200), readFor: .seconds(20), reaper: reaper)
+        defer { for fd in kept.withLockedValue({ $0 }) { close(fd) } }
+        let running = Task { await role.run() }
+        try await eventually("a third incarnation, each channel closed well within its 20 s bound", timeout: .seconds(10)) {
+            reaper.reapAll()
+            return heard.withLockedValue { $0.count } >= 3
+        }
+        role.stop()
+        try await eventually("the role supervisor stopped", timeout: .seconds(20)) {
+            reaper.reapAll()
+            return role.pid == nil
+        }
+        running.cancel()
+        let words = heard.withLockedValue { $0 }
+        for start in 1...2 {
+            #expect(words[start] == (1...3).map { "incarnation \(start) word \($0)" }, "every word of incarnation \(start), once, in order: \(words)")
+        }
+    }
+
+    /// The bound all the same: a reader that keeps a dead role's channel busy for good (one
+    /// message a second, 20 waiting) does not hold the role's restart for good: the channel is
+    /// closed after 1.5 s here (30 s in the daemon), unread messages and all, and the next
+    /// incarnation starts.
+    @Test func aReaderThatNeverCatchesUpIsClosedAfterTheBound() async throws {
+        guard try await isolated("aReaderThatNeverCatchesUpIsClosedAfterTheBound", timeout: .seconds(60)) else { return }
+        let reaper = ChildReaper()
+        let (role, heard, kept) = Self.roleThatLeavesItsEndOpen(
+            words: 20,
+            serve: { start, channel, heard in
+                while let message = try? await channel.receive() {
+                    heard.withLockedValue { $0[start, default: []].append(String(decoding: message.payload, as: UTF8.self)) }
+                    try? await Task.sleep(for: .seconds(1))
+                }
+            },
+            quietFor: .milliseconds(200), readFor: .milliseconds(1500), reaper: reaper)
+        defer { for fd in kept.withLockedValue({ $0 }) { close(fd) } }
+        let running = Task { await role.run() }
+        try await eventually("a second incarnation", timeout: .seconds(15)) {
+            reaper.reapAll()
+            return heard.withLockedValue { $0.count } >= 2
+        }
+        let first = heard.withLockedValue { $0[1] ?? [] }
+        #expect(!first.isEmpty && first.count < 20, "the first incarnation's channel closed with words unread: heard \(first.count)")
+        #expect(first == (1...first.count).map { "incarnation 1 word \($0)" })
+        role.stop()
+        try await eventually("the role supervisor stopped", timeout: .seconds(30)) {
+            reaper.reapAll()
+            return role.pid == nil
+        }
+        running.cancel()
+    }
+}
