@@ -97,13 +97,13 @@ public final class TestProcesses: Sendable {
     }
 }
 
-/// The number of open fds of a process, from /proc/PID/fd.
 /// Waits until the closes handed to the reactor's thread so far (`Reactor.closeOnLoop`) have
 /// run: a job queued after them has. No sleep: a timer is an fd of its own.
 public func reactorClosesDone() async {
     await Task(executorPreference: Reactor.shared) {}.value
 }
 
+/// The number of open fds of a process, from /proc/PID/fd.
 public func openDescriptorCount(pid: pid_t = getpid()) -> Int {
     guard let directory = opendir("/proc/\(pid)/fd") else { return -1 }
     defer { closedir(directory) }
@@ -114,7 +114,21 @@ public func openDescriptorCount(pid: pid_t = getpid()) -> Int {
         }
         if name != "." && name != ".." { count += 1 }
     }
-    return count - 1  // the directory stream's own fd
+    // Our own directory stream's fd is in the listing only when we list ourselves.
+    return pid == getpid() ? count - 1 : count
+}
+
+/// A baseline of a process's open fds: the fewest of five readings 20 ms apart. One reading
+/// can catch an fd the process holds for a moment (a /proc file it reads, a connection it is
+/// answering); a count compared with it later would then wait for an fd that never comes back.
+public func settledDescriptorTable(pid: pid_t) async -> [Int32: String] {
+    var fewest = descriptorTable(pid: pid)
+    for _ in 1..<5 {
+        try? await Task.sleep(for: .milliseconds(20))
+        let reading = descriptorTable(pid: pid)
+        if reading.count < fewest.count { fewest = reading }
+    }
+    return fewest
 }
 
 /// What a /proc symlink points to (for failure messages).

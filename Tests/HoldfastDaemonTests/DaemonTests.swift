@@ -104,7 +104,7 @@ struct DaemonTests {
         let supervisor = daemon.daemonPID
         let broker = try #require(try await daemon.rolePID("broker"))
         try await Task.sleep(for: .milliseconds(200))
-        let baseline = (openDescriptorCount(pid: supervisor), openDescriptorCount(pid: broker), residentKiB(broker))
+        let baseline = (await settledDescriptorTable(pid: supervisor).count, await settledDescriptorTable(pid: broker).count, residentKiB(broker))
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<8 {
                 group.addTask {
@@ -290,7 +290,7 @@ struct BrokerBoundaryTests {
         }
         _ = try await runScript()
         try await Task.sleep(for: .milliseconds(200))
-        let baseline = descriptorTable(pid: broker)
+        let baseline = await settledDescriptorTable(pid: broker)
         let printed = try await runScript()
         #expect(printed.contains("300: send refused: errno 22"), "the kernel carries at most 253 fds: \(printed)")
         #expect(printed.contains("253: 0x2 "), "too many fds: refused \(printed)")

@@ -211,8 +211,8 @@ struct RuncTests {
         _ = try await daemon.bridge.create(ProcessSpec(id: "warm", argv: ["true"]))
         _ = try? await daemon.bridge.create(ProcessSpec(id: "warm-runc", argv: [], runtime: .runc, bundle: "/no-such-bundle"))
         try await Task.sleep(for: .milliseconds(300))
-        let supervisorBefore = descriptorTable(pid: daemon.daemonPID)
-        let brokerBefore = descriptorTable(pid: brokerPID)
+        let supervisorBefore = await settledDescriptorTable(pid: daemon.daemonPID)
+        let brokerBefore = await settledDescriptorTable(pid: brokerPID)
 
         for (id, path, needle) in [
             ("missing", daemon.directory.file("no-such-bundle"), "no such file"), ("norootfs", noRootfs.path, "rootfs"),
