@@ -188,9 +188,11 @@ class Client:
                 os.close(fd)
             raise
 
-    def adopt(self, process: str, streams: Sequence[Stream]) -> None:
+    def adopt(self, process: str, streams: Sequence[Stream]) -> bool:
         """Hands the streams' fds to the broker, which relays them from now on. Our fds stay
-        open: close them once this returns (the broker has its own copies)."""
+        open: close them once this returns (the broker has its own copies). Returns whether
+        the process survives a broker crash (False: the broker could not keep copies of its fds
+        or checkpoints for it, and says why in its log; it is relayed all the same)."""
         described = []
         for index, stream in enumerate(streams):
             # `fd` in the JSON is an index into the fds attached to this message.
@@ -206,7 +208,11 @@ class Client:
             if stream.input_secret is not None:
                 entry["inputSecret"] = stream.input_secret
             described.append(entry)
-        self.request(ADOPT, {"process": process, "streams": described}, [s.fd for s in streams])
+        answer, fds = self.request(ADOPT, {"process": process, "streams": described}, [s.fd for s in streams])
+        for fd in fds:
+            os.close(fd)
+        # A broker older than this field kept every process it could without saying so.
+        return bool(answer.get("survivesBrokerCrash", True))
 
     def release(self, process: str) -> List[Tuple[dict, int]]:
         """Stops relaying the process's streams and takes their fds back: a list of (stream
@@ -229,7 +235,7 @@ class Client:
 
 
 def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30.0,
-          said=lambda message: None) -> None:
+          said=lambda message: None) -> bool:
     """`Client.adopt` on a connection of its own, settled if the broker dies inside it.
 
     A broker that dies while it adopts a process may or may not have taken it: the connection
@@ -240,7 +246,8 @@ def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30
     the same fds, if the process is not there — until `within` seconds have passed. The fds stay
     ours throughout: close them once this returns. Any error the broker answers is raised at
     once (`process-exists` too, unless an earlier try may have been taken meanwhile). `said` gets
-    a line per retry."""
+    a line per retry. Returns whether the process survives a broker crash (`Client.adopt`; one
+    the restarted broker had taken did)."""
     deadline = time.monotonic() + within
     unsettled = False  # an earlier try got no answer: it may have been taken
     while True:
@@ -248,9 +255,8 @@ def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30
             with Client(path) as broker:
                 if unsettled and any(s.get("process") == process for s in broker.list()):
                     said("the broker had taken it before it died: not adopted again")
-                    return
-                broker.adopt(process, streams)
-                return
+                    return True
+                return broker.adopt(process, streams)
         except BrokerError as error:
             # After a try without an answer, `process-exists` may be that try, answered late
             # (a broker slower than our timeout): `list` settles it on the next round.
@@ -345,8 +351,8 @@ def run_adopt(args: argparse.Namespace) -> int:
 
     # Adopt before starting the process: if the broker refuses, nothing was started.
     try:
-        adopt(args.socket, args.process, streams,
-              said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
+        survives = adopt(args.socket, args.process, streams,
+                         said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
     except BaseException:
         for fd in theirs.values():
             os.close(fd)
@@ -354,7 +360,10 @@ def run_adopt(args: argparse.Namespace) -> int:
     finally:
         for fd in ours:
             os.close(fd)  # sent (the broker has its copy) or refused: either way not ours to keep
-    report = {"process": args.process, "streams": [
+    if not survives:
+        print("handoff.py: the broker relays the process but could not make it survive a broker crash "
+              "(its log says why)", file=sys.stderr, flush=True)
+    report = {"process": args.process, "survivesBrokerCrash": survives, "streams": [
         dict(kind=s.kind, address=s.address, mode=s.mode, **({"token": s.token} if s.token else {}))
         for s in streams]}
     if not command:

@@ -212,14 +212,22 @@ public final class Broker: Sendable {
     /// adoption, so a crash right after it finds them there), and a broker started after a
     /// crash of this one is handed it again by the supervisor, with the peer still its owner.
     /// Without a checkpoint area, free slots or fd copies it is adopted as before: relayed, but
-    /// not kept across a crash.
-    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) {
+    /// not kept across a crash. Returns whether it is kept (the peer is told so).
+    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> Bool {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
         var descriptors = peerDescriptors
         var request = adoption.request
-        let slots: [Int]? = checkpoints == nil ? nil : handoffs.withLockedValue { table in
-            table.take(for: process, count: request.streams.reduce(0) { $0 + ($1.mode == .resumable ? ($1.inputAddress != nil ? 2 : 1) : 0) })
+        let needed = request.streams.reduce(0) { $0 + ($1.mode == .resumable ? ($1.inputAddress != nil ? 2 : 1) : 0) }
+        let slots: [Int]? =
+            checkpoints == nil || Failpoint.fails(Failpoint.handoffSlotsTaken, process: process, passes: Failpoint.everyPass)
+            ? nil : handoffs.withLockedValue { $0.take(for: process, count: needed) }
+        if slots == nil {
+            // Said here and in the answer: a runtime that counts on crash-survival must know.
+            logger.warning("a handoff process is adopted without surviving a broker crash", metadata: [
+                "process": "\(process)",
+                "error": "\(checkpoints == nil ? "the broker has no checkpoint area" : "no free checkpoint slots for its \(needed) resumable streams (\(CheckpointMemory.handoffSlots.count) in all for handoff processes)")",
+            ])
         }
         var withSlots = adoption
         var copies: [Int32] = []
@@ -259,6 +267,7 @@ public final class Broker: Sendable {
             throw error
         }
         Failpoint.pass(Failpoint.brokerAdoptTaken, process: process)
+        return !copies.isEmpty
     }
 
     /// A handoff peer's process left: its slots are cleared and free, the supervisor lets go of

@@ -264,7 +264,8 @@ public final class BrokerService: Sendable {
         case .adopt:
             switch caller {
             case .handoff(let credentials):
-                try await broker.adoptFromHandoff(adoption!, descriptors: descriptors, uid: credentials.uid)
+                let kept = try await broker.adoptFromHandoff(adoption!, descriptors: descriptors, uid: credentials.uid)
+                return RPCReply(AdoptResponse(survivesBrokerCrash: kept))
             case .supervisor:
                 if adoption!.request.releasing == true {
                     try broker.keepInterruptedRelease(adoption!.request, descriptors: descriptors)

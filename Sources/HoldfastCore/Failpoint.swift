@@ -49,6 +49,9 @@ public enum Failpoint {
     public static let readoptionCopyFails = "readoption-copy-fails"
     /// The same, every try.
     public static let readoptionCopyAlwaysFails = "readoption-copy-always-fails"
+    /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
+    /// id), as with every slot of its range taken (`fails` with `everyPass`).
+    public static let handoffSlotsTaken = "handoff-slots-taken"
     /// How many starts `fails` fails.
     public static let failedStarts = 10
     /// The passes `fails` fails by default: the first succeeds (the daemon starts and serves),

@@ -408,6 +408,16 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
     }
 }
 
+/// What a handoff peer's `adopt` is answered (the supervisor's gets `{}`).
+public struct AdoptResponse: Codable, Sendable, Equatable {
+    /// Whether the broker deposited copies of the process's fds with the supervisor and gave
+    /// its resumable streams checkpoint slots, so a broker crash costs it nothing. False when it
+    /// could not (no slot of its range free, no fd for the copies, no checkpoint area; its log
+    /// says which): the process is relayed all the same, but gone with the broker if it dies.
+    public var survivesBrokerCrash: Bool
+    public init(survivesBrokerCrash: Bool) { self.survivesBrokerCrash = survivesBrokerCrash }
+}
+
 /// A release hands the fds back, in the order of `streams`.
 public struct ReleaseResponse: Codable, Sendable, Equatable {
     public var streams: [StreamDescription]

@@ -347,9 +347,11 @@ extension Supervisor {
     /// Every stream the broker holds, page by page (one reply holds what fits a frame); nil if
     /// a page is not answered within `brokerAnswerBound` (a stopped broker, or one that cannot
     /// finish dying), so that `status` answers all the same, or not at all (a broker that died
-    /// during the list: part of a list would show a monitor streams gone that are not).
+    /// during the list: part of a list would show a monitor streams gone that are not). Nil too
+    /// while no broker serves (restarting, or being handed its processes back): an empty list
+    /// then read as "every stream gone" to a monitor, which nothing marked.
     func brokerStreams() async -> [StreamStatus]? {
-        guard let broker = broker() else { return [] }
+        guard let broker = broker() else { return nil }
         var streams: [StreamStatus] = []
         while true {
             let offset = streams.count
@@ -385,9 +387,11 @@ extension Supervisor {
         return nil
     }
 
-    /// Why the broker's list is missing, as the kernel sees its process.
+    /// Why the broker's list is missing: not serving yet, or as the kernel sees its process.
     func brokerUnavailableExplanation() -> String {
-        roleStatuses.first { $0.name == "broker" }?.pid.map { ProcessRunState.of($0).explanation } ?? "not running"
+        guard let pid = roleStatuses.first(where: { $0.name == "broker" })?.pid else { return "not running: being restarted" }
+        guard broker() != nil else { return "starting: it is asked once it is up (after a restart, once every process is back with it)" }
+        return ProcessRunState.of(pid).explanation
     }
 
     public func status() async -> StatusReport {

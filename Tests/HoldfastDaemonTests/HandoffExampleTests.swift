@@ -452,3 +452,29 @@ private func brokerFDs(_ pid: pid_t) -> [String] {
     }
     return result.sorted()
 }
+
+extension HandoffExampleTests {
+    /// `handoff.py adopt` tells its user whether the process survives a broker crash: a
+    /// process the broker could not keep (every checkpoint slot of its range taken: a
+    /// debug-build failpoint) gets a line on stderr and `"survivesBrokerCrash": false` in the
+    /// report; one it kept, `true` and no line. Both are relayed.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker's slots are taken at a failpoint, which only debug builds have"))
+    func pythonSaysWhetherTheProcessSurvivesABrokerCrash() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.handoffSlotsTaken):h6"])
+        defer { daemon.cleanUp() }
+        for (process, survives) in [("h6", false), ("h7", true)] {
+            let host = collect(try daemon.streams.open(token: bytes("\(process)-stdout"), direction: .receive, secret: handoffSecret))
+            let adopted = try await runHandoff(
+                daemon, ["adopt", "--process", process, "--stdout", daemon.streamAddress, "--wait", "--", "echo", "from \(process)"])
+            #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+            #expect(adopted.stdout.contains("\"survivesBrokerCrash\": \(survives)"), "\(process): \(adopted.stdout)")
+            let warned = adopted.stderr.contains("could not make it survive a broker crash")
+            #expect(warned == !survives, "\(process): stderr: \(adopted.stderr)")
+            #expect(try await withTimeout("\(process)'s output", .seconds(20)) { await host.value } == bytes("from \(process)\n"))
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}

@@ -54,3 +54,43 @@ struct RoleStartFailureTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+extension RoleStartFailureTests {
+    /// While no broker serves — its 2nd to 11th starts fail here, about a second without one,
+    /// and after that it is handed its processes back before it answers — `status` marks the
+    /// broker as not answering and the host's `list` says why its streams are missing. Before,
+    /// both answered an empty stream list with no mark, which a monitor reads as "every stream
+    /// gone" (and a test waiting for a stream to be shown read as a wrong answer).
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the starts fail at a failpoint, which only debug builds have"))
+    func aStatusWhileNoBrokerServesSaysSoInsteadOfAnEmptyList() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.roleStartFails):broker"], brokerRestartBackoffMax: "100ms")
+        defer { daemon.cleanUp() }
+        let go = daemon.directory.file("go")
+        let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1"], go: go)
+        try await eventually("its stream shown") { try await daemon.brokerStreams().count == 1 }
+        let first = try #require(try await daemon.rolePID("broker"))
+
+        kill(first, SIGKILL)
+        var (marked, unmarkedEmpty, hostMarked): (Set<String>, Int, Set<String>) = ([], 0, [])
+        try await eventually("the next broker shows the stream", timeout: .seconds(60)) {
+            let report = try await daemon.status()
+            let broker = try #require(report.roles.first { $0.name == "broker" })
+            if let why = broker.notAnswering {
+                marked.insert(why)
+            } else if report.streams.isEmpty {
+                unmarkedEmpty += 1
+            }
+            if let listed = try? await daemon.bridge.list(timeout: .seconds(5)), listed.streams.isEmpty, let why = listed.streamsUnavailable {
+                hostMarked.insert(why)
+            }
+            return broker.pid != nil && broker.pid != first && broker.notAnswering == nil && report.streams.count == 1
+        }
+        #expect(unmarkedEmpty == 0, "a status with no streams and no word why, while no broker served")
+        #expect(marked.contains("not running: being restarted"), "status said the broker was being restarted: \(marked)")
+        #expect(hostMarked.contains("not running: being restarted"), "the host's list said why it had no streams: \(hostMarked)")
+        try await DescriptorLimitTests.expectEveryPrinterExact(daemon, ids: ["p1"], received: received, go: go)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
