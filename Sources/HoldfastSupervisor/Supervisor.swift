@@ -501,14 +501,24 @@ public final class Supervisor: Sendable {
     }
 
     /// The supervisor's metrics, then the broker's (absent while it restarts, or when it does not
-    /// answer within `brokerAnswerBound`: stopped by an operator, a scrape still gets ours).
+    /// answer within `brokerAnswerBound`: stopped by an operator, a scrape still gets ours, and
+    /// `holdfast_role_answering{role="broker"}` 0 says why the broker's part is missing).
     func metricsText() async -> String {
-        let (upgrades, fellBack) = session.withLockedValue { ($0.upgrades, $0.upgradesFellBack) }
-        var text = metrics.render(roles: roleStatuses, upgrades: upgrades, fellBack: fellBack)
+        var brokerPart: String?
         if let broker = broker(), let answer = await ask(broker, .metrics, reply: MetricsResponse.self), let reply = answer {
-            text += reply.text
+            brokerPart = reply.text
         }
-        return text
+        let roles = roleStatuses
+        let bridgeAnswering = roles.first { $0.name == "bridge" }?.pid.map { pid in
+            switch ProcessRunState.of(pid) {
+            case .running: true
+            case .stopped, .traced, .dying, .gone: false
+            }
+        }
+        let (upgrades, fellBack) = session.withLockedValue { ($0.upgrades, $0.upgradesFellBack) }
+        return metrics.render(
+            roles: roles, answering: ["broker": brokerPart != nil, "bridge": bridgeAnswering ?? false], upgrades: upgrades, fellBack: fellBack)
+            + (brokerPart ?? "")
     }
 
     // MARK: Service manager

@@ -14,6 +14,9 @@ final class SupervisorMetrics: Sendable {
     let startFailures: CoreMetrics.Counter
     let exits: CoreMetrics.Counter
     let restarts: [String: CoreMetrics.Counter]
+    /// 1 when the role answers: the broker gave this scrape its part, the bridge worker is not
+    /// stopped or traced; 0 otherwise (what `status` marks `notAnswering`).
+    let answering: [String: CoreMetrics.Gauge]
     let openFiles: CoreMetrics.Gauge
     let openFileLimit: CoreMetrics.Gauge
     let restartsFed = NIOLockedValueBox<[String: Int]>([:])
@@ -44,6 +47,11 @@ final class SupervisorMetrics: Sendable {
             restarts[role] = CoreMetrics.Counter(label: "holdfast_role_restarts_total", dimensions: [("role", role)], factory: factory)
         }
         self.restarts = restarts
+        var answering: [String: CoreMetrics.Gauge] = [:]
+        for role in ["broker", "bridge"] {
+            answering[role] = CoreMetrics.Gauge(label: "holdfast_role_answering", dimensions: [("role", role)], factory: factory)
+        }
+        self.answering = answering
         openFiles = CoreMetrics.Gauge(label: "holdfast_supervisor_open_fds", factory: factory)
         openFileLimit = CoreMetrics.Gauge(label: "holdfast_supervisor_fd_limit", factory: factory)
         upgrades = CoreMetrics.Counter(label: "holdfast_live_upgrades_total", factory: factory)
@@ -70,7 +78,8 @@ final class SupervisorMetrics: Sendable {
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).
-    func render(roles: [RoleStatus], upgrades upgradeCount: Int, fellBack fellBackCount: Int) -> String {
+    func render(roles: [RoleStatus], answering answered: [String: Bool], upgrades upgradeCount: Int, fellBack fellBackCount: Int) -> String {
+        for (role, gauge) in answering { gauge.record(answered[role] == true ? 1 : 0) }
         let (upgraded, fellBack) = upgradesFed.withLockedValue { fed -> (Int, Int) in
             defer { fed = (max(fed.upgrades, upgradeCount), max(fed.fellBack, fellBackCount)) }
             return (max(0, upgradeCount - fed.upgrades), max(0, fellBackCount - fed.fellBack))

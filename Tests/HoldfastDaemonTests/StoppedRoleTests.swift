@@ -27,7 +27,7 @@ struct StoppedRoleTests {
     /// carried out then, as its error said it might be).
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aStoppedBridgeWorkerHoldsOnlyTheHostsRequestsAndExits() async throws {
-        let daemon = try await DaemonFixture()
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -56,6 +56,8 @@ struct StoppedRoleTests {
         let status = try await withTimeout("status while the bridge worker is stopped", .seconds(10)) { try await daemon.status() }
         let role = status.roles.first { $0.name == "bridge" }
         #expect(role?.notAnswering?.hasPrefix("stopped") == true && role?.notAnswering?.contains("the host's requests") == true, "\(String(describing: role))")
+        let samples = parsePrometheus(try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n"))
+        #expect(samples["holdfast_role_answering{role=\"bridge\"}"] == 0 && samples["holdfast_role_answering{role=\"broker\"}"] == 1, "\(samples)")
         // The host's calls end at their timeout with a clear error (before: they waited for as
         // long as the connection lived), and what they asked may still be done later.
         for call in ["list", "signal"] {
@@ -172,6 +174,9 @@ struct StoppedRoleTests {
             #expect(report.roles.first { $0.name == "broker" }?.notAnswering != nil, "said not answering")
             let metrics = try await scrape()
             #expect(metrics.contains("holdfast_supervisor_open_fds") && !metrics.contains("holdfast_broker_"), "the supervisor's part alone")
+            // And says why: a scraper can alert on it, not only on series gone stale.
+            let samples = parsePrometheus(metrics)
+            #expect(samples["holdfast_role_answering{role=\"broker\"}"] == 0 && samples["holdfast_role_answering{role=\"bridge\"}"] == 1, "\(samples)")
         }
         let polled = ContinuousClock.now - started
         print("20 polls of a stopped broker (10 status, 10 scrapes): \(polled)")
@@ -185,7 +190,9 @@ struct StoppedRoleTests {
         }
         let answered = try await daemon.bridge.list()
         #expect(answered.streams.count == 1 && answered.streamsUnavailable == nil, "\(answered)")
-        #expect(try await scrape().contains("holdfast_broker_"), "the scrape has the broker's part again")
+        let again = try await scrape()
+        #expect(again.contains("holdfast_broker_"), "the scrape has the broker's part again")
+        #expect(parsePrometheus(again)["holdfast_role_answering{role=\"broker\"}"] == 1, "\(again)")
         try await eventually("the counter's exit", timeout: .seconds(60)) { exits.count("counter") == 1 }
         #expect(output.text == String(decoding: expectedLines(400, prefix: "by"), as: UTF8.self), "every line once, in order")
         #expect(try await Self.stop(daemon) == .exited(0))
