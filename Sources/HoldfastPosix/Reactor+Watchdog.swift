@@ -50,27 +50,25 @@ extension Reactor {
     /// the whole process not running: a tick that comes late (the broker stopped, the VM paused)
     /// judges nothing, as every thread stood still alike.
     func watch() {
-        var last: (runner: UInt64, started: UInt64)?
+        var judge = StallJudge(maxStrandedThreads: maxStrandedThreads)
         var lastTick = ContinuousClock.now
-        // The stuck job the limit was reported for: once per job, whatever the ticks (a late
-        // tick judges nothing, and must not make the same job be reported again).
-        var limitReportedFor: (runner: UInt64, started: UInt64)?
         while true {
             Self.sleep(stallLimit)
             let now = ContinuousClock.now
             let late = now - lastTick > stallLimit * 1.5
             lastTick = now
             let stall: (Stall, runner: UInt64?, stuckTID: pid_t)? = queue.withLockedValue { q in
-                let sample = q.inJob ? (runner: q.runner, started: q.started) : nil
-                let previous = last
-                last = late ? nil : sample
-                guard let sample, let previous, previous == sample else { return nil }
+                let sample = q.inJob ? StallJudge.Job(runner: q.runner, started: q.started) : nil
+                let verdict = judge.tick(running: sample, late: late, stranded: q.stranded)
                 let stuckTID = q.runnerTID
                 let fds = [outerSyscallFD.load(ordering: .relaxed), innerSyscallFD.load(ordering: .relaxed)].filter { $0 >= 0 }
-                guard q.stranded < maxStrandedThreads else {
-                    if let reported = limitReportedFor, reported == sample { return nil }
-                    limitReportedFor = sample
+                switch verdict {
+                case .nothing:
+                    return nil
+                case .reportLimit:
                     return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: false), nil, stuckTID)
+                case .takeOver:
+                    break
                 }
                 // The jobs behind the stuck one go first, before anything queued since.
                 q.jobs.insert(contentsOf: q.batch[q.next...], at: 0)
@@ -81,7 +79,6 @@ extension Reactor {
                 q.runnerTID = 0
                 q.stranded += 1
                 q.stalls += 1
-                last = nil
                 // The stuck thread is no longer the loop's: its syscall's end must not clear
                 // what the new one notes.
                 thread.store(0, ordering: .relaxed)
@@ -96,6 +93,55 @@ extension Reactor {
             // Reported from a task: a handler that logs may block (a full log pipe), and this
             // thread must go on watching.
             if let handler = stallHandler.withLockedValue({ $0 }) { Task.detached { handler(report) } }
+        }
+    }
+
+    /// The watchdog's judgment at each tick, apart from the clock and the threads: what the loop
+    /// runs now against what it ran at the tick before.
+    struct StallJudge: Sendable {
+        /// A job of the loop: the thread running it and when it started (one job per pair).
+        struct Job: Sendable, Equatable {
+            var runner: UInt64
+            var started: UInt64
+        }
+
+        enum Verdict: Sendable, Equatable {
+            /// Nothing stuck (or nothing that may be judged at this tick).
+            case nothing
+            /// The job ran from the tick before to this one: a new thread takes over.
+            case takeOver
+            /// The same, with `maxStrandedThreads` already stuck: said once per stuck job.
+            case reportLimit
+        }
+
+        let maxStrandedThreads: Int
+        private var last: Job?
+        /// The stuck job the limit was reported for: once per job, whatever the ticks (a late
+        /// tick judges nothing, and must not make the same job be reported again).
+        private var limitReportedFor: Job?
+
+        init(maxStrandedThreads: Int) {
+            self.maxStrandedThreads = maxStrandedThreads
+        }
+
+        /// `running`: the job in progress at this tick, if any; `late`: this tick came well after
+        /// its time (every thread stood still alike, so nothing is judged and the next tick
+        /// starts over); `stranded`: threads stuck so far.
+        mutating func tick(running: Job?, late: Bool, stranded: Int) -> Verdict {
+            let previous = last
+            last = late ? nil : running
+            // Late: not even against the tick before. (It was judged against it, so a job in
+            // progress when the broker was stopped, or the VM paused, was taken over when it went
+            // on — a thread stranded and a warning for a job that was never stuck.)
+            guard !late, let running, let previous, previous == running else { return .nothing }
+            guard stranded < maxStrandedThreads else {
+                if limitReportedFor == running { return .nothing }
+                limitReportedFor = running
+                return .reportLimit
+            }
+            // The next thread's jobs are new ones: nothing carries over.
+            last = nil
+            return .takeOver
         }
     }
 
