@@ -41,6 +41,8 @@ struct StopBrokerCrashTests {
         let expected = (1...lines).map { "\($0)\n" }.joined()
         print("the broker killed with \(killedAt) of \(expected.utf8.count) bytes at the host")
         #expect(killedAt < expected.utf8.count, "killed while the output drained")
+        // Acknowledged before the daemon let the process go; our reader may still be appending.
+        try? await eventually("every byte read here", timeout: .seconds(10)) { output.count >= expected.utf8.count }
         #expect(output.count == expected.utf8.count && output.text == expected, "every line once, in order: \(output.count) of \(expected.utf8.count) bytes")
         try await eventually("its exit at the host", timeout: .seconds(10)) { exits.count("last") > 0 }
         let reports = exits.all.filter { $0.id == "last" }
