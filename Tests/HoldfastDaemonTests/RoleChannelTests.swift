@@ -98,6 +98,17 @@ extension RoleChannelTests {
 }
 
 extension RoleChannelTests {
+    /// Stops a fake role's supervisor and its run loop (the reaper's loop driven here, as a
+    /// SIGCHLD would drive it).
+    private static func stop(_ role: RoleSupervisor, _ running: Task<Void, Never>, reaper: ChildReaper, within limit: Duration) async throws {
+        role.stop()
+        try await eventually("the role supervisor stopped", timeout: limit) {
+            reaper.reapAll()
+            return role.pid == nil
+        }
+        running.cancel()
+    }
+
     /// A fake role whose end of the channel another process keeps open (so end-of-file never
     /// comes): it writes `words` messages and is gone. Returns the role supervisor and what its
     /// serve heard, incarnation by incarnation.
@@ -158,12 +169,7 @@ extension RoleChannelTests {
             reaper.reapAll()
             return heard.withLockedValue { $0.count } >= 3
         }
-        role.stop()
-        try await eventually("the role supervisor stopped", timeout: .seconds(20)) {
-            reaper.reapAll()
-            return role.pid == nil
-        }
-        running.cancel()
+        try await Self.stop(role, running, reaper: reaper, within: .seconds(20))
         let words = heard.withLockedValue { $0 }
         for start in 1...2 {
             #expect(words[start] == (1...3).map { "incarnation \(start) word \($0)" }, "every word of incarnation \(start), once, in order: \(words)")
@@ -195,11 +201,6 @@ extension RoleChannelTests {
         let first = heard.withLockedValue { $0[1] ?? [] }
         #expect(!first.isEmpty && first.count < 20, "the first incarnation's channel closed with words unread: heard \(first.count)")
         #expect(first == (1...first.count).map { "incarnation 1 word \($0)" })
-        role.stop()
-        try await eventually("the role supervisor stopped", timeout: .seconds(30)) {
-            reaper.reapAll()
-            return role.pid == nil
-        }
-        running.cancel()
+        try await Self.stop(role, running, reaper: reaper, within: .seconds(30))
     }
 }
