@@ -180,6 +180,13 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// hello and installs it. A hello that does not fit (wrong token, an offset from the future
     /// or one already discarded) is refused with an ERROR frame; the stream is untouched.
     public func accept(_ transport: Transport, hello: StreamHello) async throws(StreamProtocolError) {
+        // Closed (by its owner, or given up after its drain timeout): this end no longer has the
+        // stream. Installing the connection would only close it, and the peer's dial would have
+        // succeeded — it would dial again at once, without end.
+        if slot.isClosed {
+            await Handshake.refuse(transport, .wrongToken)
+            throw .wrongToken
+        }
         if let problem = engine.validate(hello, token: token, ourRole: role, secret: secret, challenge: nil) {
             engine.count(\.refusedConnections)
             await Handshake.refuse(transport, problem)

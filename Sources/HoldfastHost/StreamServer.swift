@@ -169,7 +169,11 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
             await Handshake.refuse(transport, problem)
             return
         }
-        guard let stream = state.withLockedValue({ $0.streams[hello.token] }) else {
+        // A stream the application closed, or that gave up (its drain timeout), is one the host
+        // no longer has, though its token may still be registered: refused as unknown. Accepted,
+        // its closed slot would drop the connection at once, and the guest — whose dial had
+        // succeeded — would dial again at once, without end.
+        guard let stream = state.withLockedValue({ $0.streams[hello.token] }), !stream.isClosed else {
             state.withLockedValue { $0.refused &+= 1 }
             // The same work and the same refusal as a hello whose proof is wrong: a peer cannot
             // tell which tokens exist.

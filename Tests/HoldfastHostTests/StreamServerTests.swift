@@ -98,6 +98,48 @@ struct StreamServerTests {
         older.close()
         newer.close()
     }
+
+    /// A host stream that gave up (its drain timeout) or was closed, its token still registered,
+    /// must refuse the guest as a stream it no longer has. Accepting the handshake and then
+    /// dropping the connection made the guest's every dial a success that ended at once: it
+    /// redialled without a pause, for as long as the process lived (12,432 reconnects of one
+    /// stdin in a soak, two processes' worth of CPU spinning).
+    @Test(arguments: [false, true])
+    func aStreamTheHostGaveUpOnIsRefusedNotAcceptedAndDropped(closedByTheApplication: Bool) async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try server(directory)
+        defer { server.close() }
+        var configuration = ResumableConfiguration()
+        configuration.drainTimeout = .milliseconds(200)
+        let host = try server.open(token: bytes("stdin"), direction: .send, configuration: configuration)
+        try await FrameIO.write(bytes("never read"), to: GuestSender(stream: host))
+        if closedByTheApplication {
+            host.close()
+        } else {
+            #expect(await host.finish() == 10, "nobody connected within the drain timeout: the stream gives up on its 10 bytes")
+        }
+        #expect(server.stream(for: bytes("stdin")) != nil, "the application has not forgotten the token")
+
+        // A hello that proves the secret is refused as an unknown stream.
+        let connection = try await Dialer.connect(to: server.address)
+        try await FrameIO.write(
+            StreamAuthentication.sign(StreamHello(role: .guest, token: bytes("stdin"), receivedOffset: 0, attempt: 1), secret: host.secret).encoded,
+            to: connection)
+        try await expectRefusal(connection, .unknownToken)
+        connection.close()
+
+        // The guest's own stream dials as its policy paces it, and never counts a connection.
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("stdin"), secret: host.secret, direction: .receive)
+        defer { guest.close() }
+        guest.slot.disconnect()  // starts its first redial cycle, as a broker's adoption does
+        let reader = Task { for await _ in guest.chunks() {} }  // a relay reads all along
+        defer { reader.cancel() }
+        try await Task.sleep(for: .seconds(1))
+        let statistics = guest.slot.statistics
+        #expect(statistics.connects == 0, "\(guest.debugSummary)")
+        #expect(statistics.dialAttempts <= 15, "one dial per 100 ms at most: \(statistics.dialAttempts) in 1 s")
+    }
 }
 
 /// Lets FrameIO.write feed an OutboundStream in tests.
