@@ -4,9 +4,9 @@ import NIOConcurrencyHelpers
 
 /// Watches one stream's dials, so a stream that cannot connect says why and does not wait for
 /// the next bridge-up to try again:
-/// - a failed dial is logged with its reason once per cause (a cycle of 60 refusals is one
-///   warning, a new reason another), and `holdfast status` shows the last one while it is
-///   parked;
+/// - a failed dial is logged with its reason once per cause (`DialFailureReport`: a cycle of 60
+///   refusals is one warning, a new cause another), and `holdfast status` shows the last one
+///   while it is parked;
 /// - when a redial cycle gives up while the bridge is up (the host is there, this stream's
 ///   listener is not, or refuses the broker's user), another cycle starts after a back-off that
 ///   doubles from `firstRetry` up to `maxRetry` — the bridge going down stops that, the bridge
@@ -17,8 +17,7 @@ final class DialWatch: Sendable {
 
     private struct State: Sendable {
         var slot: (any ManagedSlot)?
-        var loggedReason: String?
-        var failuresSinceLogged = 0
+        var failures = DialFailureReport()
         var retries = 0
         var retry: Task<Void, Never>?
         var closed = false
@@ -53,27 +52,17 @@ final class DialWatch: Sendable {
     func event(_ event: SlotEvent) {
         switch event {
         case .dialFailed(_, let reason):
-            let first = state.withLockedValue { s -> Bool in
-                s.failuresSinceLogged += 1
-                guard s.loggedReason != reason else { return false }
-                s.loggedReason = reason
-                return true
-            }
-            if first {
+            if state.withLockedValue({ $0.failures.failed(reason) }) {
                 broker.logger.warning("stream dial failed: parked until a dial succeeds", metadata: metadata(["error": "\(reason)"]))
             }
         case .connected:
-            let (hadFailed, failures) = state.withLockedValue { s -> (Bool, Int) in
-                defer {
-                    s.loggedReason = nil
-                    s.failuresSinceLogged = 0
-                    s.retries = 0
-                    s.retry?.cancel()
-                    s.retry = nil
-                }
-                return (s.loggedReason != nil, s.failuresSinceLogged)
+            let failures = state.withLockedValue { s -> Int? in
+                s.retries = 0
+                s.retry?.cancel()
+                s.retry = nil
+                return s.failures.connected()
             }
-            if hadFailed {
+            if let failures {
                 broker.logger.info("stream connected after failed dials", metadata: metadata(["failedDials": "\(failures)"]))
             }
         case .gaveUp:

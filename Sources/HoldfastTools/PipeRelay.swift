@@ -101,6 +101,7 @@ public enum PipeRelay {
 final class PipeDialWatch: Sendable {
     private struct State: Sendable {
         var lastReason: String?
+        var failures = DialFailureReport()
         var failed = false
         var gaveUp: String?
         var giveUp: (@Sendable () -> Void)?
@@ -128,8 +129,8 @@ final class PipeDialWatch: Sendable {
         case .dialFailed(let attempt, let reason):
             let new = state.withLockedValue { s -> Bool in
                 s.failed = true
-                defer { s.lastReason = reason }
-                return s.lastReason != reason
+                s.lastReason = reason
+                return s.failures.failed(reason)
             }
             if new { say?("holdfast pipe: cannot connect to \(destination): \(reason) (attempt \(attempt) of \(attempts); retrying)") }
         case .connected:
@@ -137,6 +138,7 @@ final class PipeDialWatch: Sendable {
                 defer {
                     s.failed = false
                     s.lastReason = nil
+                    _ = s.failures.connected()
                 }
                 return s.failed
             }
