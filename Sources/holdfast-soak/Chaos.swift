@@ -112,15 +112,24 @@ enum Chaos {
         var cycle = ContinuousClock.now
         while cycle < end {
             let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
+            let off = ContinuousClock.now
             host.blackout()
             try? await Task.sleep(for: blackout)
             let on = host.lightsOn()
+            if on - off - blackout > .seconds(2) {
+                printLine("note: a blackout of \(milliseconds(blackout)) ms lasted \(milliseconds(on - off)) ms (this process was starved) at \(wallClock())")
+            }
             host.ledger.update {
                 $0.migrations += 1
                 $0.blackoutTotal += blackout
+                $0.blackoutOverruns.append(on - off - blackout)
                 $0.migrationEnds.append(on)
             }
-            let cycleEnd = cycle + settings.period
+            // The host is back for the rest of the period, as planned, however late this task
+            // woke: on a starved machine the blackout's sleep overruns, and ending the cycle on
+            // the clock would start the next blackout at once — lights on for no time, every
+            // dial refused, and a soak that measured its own machine, not the guest.
+            let cycleEnd = max(cycle + settings.period, on + (settings.period - blackout))
             // No kill in the last cycles of a phase: the restarted worker must see a migration
             // (and its redial back-off) before it is measured, as the one at the baseline had.
             if let due = nextKill, let range = settings.killEverySeconds, ContinuousClock.now >= due,
@@ -226,4 +235,17 @@ extension Chaos {
 
 func milliseconds(_ duration: Duration) -> Int {
     Int(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
+}
+
+/// The time of day (UTC), for lining a note up with the daemon's log.
+func wallClock() -> String {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    var parts = tm()
+    var seconds = now.tv_sec
+    gmtime_r(&seconds, &parts)
+    let milliseconds = now.tv_nsec / 1_000_000
+    func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
+    let fraction = milliseconds < 10 ? "00\(milliseconds)" : milliseconds < 100 ? "0\(milliseconds)" : "\(milliseconds)"
+    return "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)).\(fraction)Z"
 }

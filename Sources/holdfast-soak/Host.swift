@@ -229,6 +229,9 @@ final class Ledger: Sendable {
         var exitsChecked = 0
         var migrations = 0
         var blackoutTotal: Duration = .zero
+        /// How much longer than planned each blackout was (blackout to lights on): more than a
+        /// moment when the soak's own process was starved (its sleep overran).
+        var blackoutOverruns: [Duration] = []
         var migrationEnds: [ContinuousClock.Instant] = []
         var kills: [ContinuousClock.Instant] = []
         var brokerStops = 0

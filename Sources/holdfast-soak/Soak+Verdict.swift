@@ -115,6 +115,7 @@ extension Run {
             ("bytes guest → host (stdout, stderr, tty)", bytes(final.bytesToHost)),
             ("bytes host → guest (stdin, tty input)", bytes(final.bytesToGuest)),
             ("migrations", "\(final.migrations), one every \(options.migrationEvery) ms, blackout \(options.blackoutMin)–\(options.blackoutMax) ms (mean \(final.migrations > 0 ? String(milliseconds(final.blackoutTotal) / final.migrations) : "-") ms)"),
+            ("blackouts that overran their plan by more than 500 ms (the soak's own host starved: the guest saw the host away longer)", overruns(final)),
             ("bridge worker kills (SIGKILL)", "\(final.kills.count); restarts the daemon counted: \(bridgeRestarts.map(String.init) ?? "?")"),
             ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("broker kills (SIGKILL)", "\(final.brokerKills.count); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
@@ -201,6 +202,15 @@ func describe(_ footprints: RoleFootprints) -> String {
         let kinds = footprint.kinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
         return "\(role) (pid \(footprint.pid)) \(footprint.descriptors) fds [\(kinds)] \(mib(footprint.residentKiB))"
     }.joined(separator: "; ")
+}
+
+/// The blackouts that lasted more than half a second longer than planned, and the longest
+/// overrun: a number above 0 says the machine starved the soak itself, and its figures (and any
+/// stream that gave up) are to be read with that.
+func overruns(_ counters: Ledger.Counters) -> String {
+    let late = counters.blackoutOverruns.filter { $0 > .milliseconds(500) }
+    guard let longest = counters.blackoutOverruns.max() else { return "no blackouts" }
+    return "\(late.count) of \(counters.blackoutOverruns.count); longest overrun \(milliseconds(longest)) ms"
 }
 
 func latency(_ samples: [Duration]) -> String {

@@ -16,12 +16,15 @@ enum Worker {
         var tokens: [String] = []
         var consumers: [Task<Void, Never>] = []
         var checks: [StreamCheck] = []
+        // Every host stream of the process, by kind: what a stall report shows.
+        var hostStreams: [(String, ResumableStream<AsyncFD>)] = []
 
         func output(_ kind: String, _ expected: [Piece]) -> (StreamSpec, StreamCheck) {
             let token = "\(id)-\(kind)"
             tokens.append(token)
             // Ids (and so tokens) are never reused in a soak: a refusal here is a bug.
             let stream = try! host.open(token, .receive)
+            hostStreams.append((kind, stream))
             let check = StreamCheck(name: "\(id) (\(plan.kind.rawValue)) \(kind)", expected: expected)
             checks.append(check)
             consumers.append(Task {
@@ -55,6 +58,7 @@ enum Worker {
             let token = "\(id)-stdin"
             tokens.append(token)
             let stream = try! host.open(token, .send)
+            hostStreams.append(("stdin", stream))
             input = stream
             stdinSpec = stream.streamSpec(at: host.streamAddress)
         }
@@ -120,7 +124,11 @@ enum Worker {
         }
 
         let exitTimeout = Duration.seconds(Int(plan.expectedSeconds * 3) + 300)
+        let stallWatch = Task { [streams = hostStreams] in
+            await watchForStall(plan, streams: streams, host: host)
+        }
         let report = await host.exits.wait(id, timeout: exitTimeout)
+        stallWatch.cancel()
         for helper in helpers {
             if !(await finished(helper, within: .seconds(60))) {
                 problems.withLockedValue { $0.append("stdin feeder or signaller still running 60 s after the exit") }
@@ -171,6 +179,33 @@ enum Worker {
         }
         if !failures.isEmpty {
             host.ledger.fail("\(id) (\(plan.kind.rawValue), argv \(plan.argv.joined(separator: " ").prefix(160))): " + failures.joined(separator: "; "))
+        }
+    }
+
+    /// A process whose exit is a minute and a half late is reported as it stands, on both ends
+    /// of each of its streams (the host stream's slot and engine; the broker's view over the
+    /// bridge), then every minute, three times at most: a stall is diagnosed while it lasts,
+    /// not from its aftermath.
+    static func watchForStall(_ plan: Plan, streams: [(String, ResumableStream<AsyncFD>)], host: Host) async {
+        var wait = Duration.seconds(Int(plan.expectedSeconds * 1.5) + 90)
+        for _ in 0..<3 {
+            do { try await Task.sleep(for: wait) } catch { return }
+            var lines = ["STALL \(plan.id) (\(plan.kind.rawValue)): no exit yet"]
+            for (kind, stream) in streams {
+                lines.append("  host \(kind): \(stream.debugSummary.replacingOccurrences(of: "\n", with: " |"))")
+            }
+            if let list = try? await host.bridge.list(timeout: .seconds(10)) {
+                for stream in list.streams where stream.process == plan.id {
+                    lines.append(
+                        "  broker \(stream.kind)\(stream.direction.map { " \($0)" } ?? ""): \(stream.state), to host \(stream.bytesToHost), from host \(stream.bytesFromHost), reconnects \(stream.reconnects), undelivered \(stream.undelivered), failed dials \(stream.failedDials ?? 0), last error \(stream.lastDialError ?? "-")"
+                    )
+                }
+                if let process = list.processes.first(where: { $0.id == plan.id }) { lines.append("  broker process: \(process.state)") }
+            } else {
+                lines.append("  broker: no list over the bridge")
+            }
+            printLine(lines.joined(separator: "\n"))
+            wait = .seconds(60)
         }
     }
 

@@ -322,24 +322,34 @@ enum Workload {
     }
 
     /// Printable ASCII in lines of up to 100 bytes, ending with a newline.
+    /// Printable lines, `count` bytes ending in a newline. Written into a buffer with plain
+    /// loops: the soak runs from the debug build, where the generic `stride` and appends this
+    /// once used cost a third of the soak's own CPU — on a loaded 2-core machine enough to starve
+    /// its in-process host for seconds (the plans are made on the tasks that serve the host).
     private static func randomText(_ count: Int, _ rng: inout SeededGenerator) -> [UInt8] {
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(count)
-        var line = 0
         let lineLength = Int.random(in: 10...100, using: &rng)
-        while bytes.count < count - 1 {
-            let value = rng.next()
-            for shift in stride(from: 0, to: 64, by: 8) where bytes.count < count - 1 {
-                if line == lineLength {
-                    bytes.append(10)
-                    line = 0
-                } else {
-                    bytes.append(0x20 + UInt8(truncatingIfNeeded: value >> UInt64(shift)) % 95)
-                    line += 1
+        var bytes = [UInt8](repeating: 10, count: max(count, 1))  // the last byte stays a newline
+        let body = count - 1
+        var line = 0
+        var index = 0
+        bytes.withUnsafeMutableBufferPointer { out in
+            while index < body {
+                var value = rng.next()
+                var taken = 0
+                while taken < 8, index < body {
+                    if line == lineLength {
+                        out[index] = 10
+                        line = 0
+                    } else {
+                        out[index] = 0x20 &+ UInt8(truncatingIfNeeded: value) % 95
+                        line += 1
+                    }
+                    value >>= 8
+                    taken += 1
+                    index += 1
                 }
             }
         }
-        bytes.append(10)
         return bytes
     }
 
