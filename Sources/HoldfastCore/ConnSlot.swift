@@ -89,6 +89,9 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         }
     }
 
+    /// Brief connections in a row so far (see `briefConnection`).
+    var briefStreak: Int { state.withLockedValue { $0.briefStreak } }
+
     /// Callers parked in `current()`, waiting for a connection.
     var parkedCount: Int { state.withLockedValue { $0.parked.count } }
 
@@ -295,22 +298,23 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
     }
 
     private func disconnect(matching generation: UInt64?, reason: DisconnectReason) {
-        let (dropped, startCycle, epoch, drain): (Connection?, Bool, UInt64, Duration?) = state.withLockedValue { s in
+        let (dropped, startCycle, epoch, drain, firstPause): (Connection?, Bool, UInt64, Duration?, Duration?) = state.withLockedValue { s in
             switch s.phase {
             case .closed:
-                return (nil, false, 0, nil)
+                return (nil, false, 0, nil, nil)
             case .connected(let connection, let current):
-                if let generation, generation != current { return (nil, false, 0, nil) }
+                if let generation, generation != current { return (nil, false, 0, nil, nil) }
                 s.phase = .empty
                 s.emptyEpoch &+= 1
                 s.statistics.disconnects &+= 1
+                let streak = s.endConnection(briefUnder: Self.briefConnection)
                 let start = s.claimCycle(canDial: dial != nil)
-                return (connection, start, s.emptyEpoch, s.drainTimeout)
+                return (connection, start, s.emptyEpoch, s.drainTimeout, policy.pause(afterBriefConnections: streak))
             case .empty:
                 // A stale failure report must not restart anything; an explicit disconnect of an
                 // empty slot whose cycle ended does.
-                if generation != nil { return (nil, false, 0, nil) }
-                return (nil, s.claimCycle(canDial: dial != nil), s.emptyEpoch, nil)
+                if generation != nil { return (nil, false, 0, nil, nil) }
+                return (nil, s.claimCycle(canDial: dial != nil), s.emptyEpoch, nil, nil)
             }
         }
         if let dropped {
@@ -318,7 +322,21 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
             observer?(.disconnected(reason: reason))
         }
         if let drain { armDrainTimer(epoch: epoch, timeout: drain) }
-        if startCycle { self.startCycle() }
+        if startCycle { self.startCycle(pausingFirst: firstPause) }
+    }
+
+    /// A connection that ends this soon having carried nothing is brief: one of a row of them
+    /// is a peer that accepts and drops (a host that no longer has the stream, a proxy whose
+    /// backend is gone), and dialling it again at once would spin.
+    static var briefConnection: Duration { .seconds(1) }
+
+    /// The owner read a frame on connection `generation` (beyond the handshake): it carried
+    /// something, so its end is not a brief one. Owners that move bytes through the slot's own
+    /// `read`/`write` need not call it; the resumable engine calls it once per connection.
+    public func noteTraffic(generation: UInt64) {
+        state.withLockedValue { s in
+            if case .connected(_, generation) = s.phase { s.carried = true }
+        }
     }
 
     private func closeSlot(abandoned: Bool, ifEmptyAtEpoch epoch: UInt64? = nil) {
@@ -354,16 +372,20 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
         _ = TimeoutWheel.shared.schedule(after: timeout) { [self] in closeSlot(abandoned: true, ifEmptyAtEpoch: epoch) }
     }
 
-    private func startCycle() {
-        Task { [self] in await runCycle() }
+    private func startCycle(pausingFirst firstPause: Duration? = nil) {
+        Task { [self] in await runCycle(pausingFirst: firstPause) }
     }
 
     /// One redial cycle. The caller has already moved `cycle` out of `.idle`, so exactly one
     /// cycle runs per slot at a time; every exit path returns `cycle` to `.idle` under the same
     /// lock that observed the reason to stop, so a concurrent `disconnect` never finds a cycle
     /// that is about to end.
-    private func runCycle() async {
+    ///
+    /// `firstPause`: wait this long before the first dial (after a row of brief connections;
+    /// `redialNow` and `close` cut it short, as any pause between attempts).
+    private func runCycle(pausingFirst firstPause: Duration? = nil) async {
         guard let dial else { return }
+        if let firstPause { await pause(firstPause) }
         var attempt = 0
         while true {
             let proceed = state.withLockedValue { s -> Bool in
@@ -554,6 +576,14 @@ extension ConnSlot {
         var drainTimeout: Duration?
         var abandoned = false
         var statistics = SlotStatistics()
+        /// When the current connection was installed, whether its owner said it carried a frame
+        /// (`noteTraffic`), and the slot's own byte counts then: a connection that ends within
+        /// `briefConnection` having carried nothing is *brief*, and `briefStreak` counts them in
+        /// a row (see `RedialPolicy.pause(afterBriefConnections:)`).
+        var connectedAt: ContinuousClock.Instant?
+        var carried = false
+        var bytesAtConnect: UInt64 = 0
+        var briefStreak = 0
 
         func immediateLease() -> Lease?? {
             switch phase {
@@ -568,12 +598,25 @@ extension ConnSlot {
         {
             generation &+= 1
             phase = .connected(connection, generation)
+            connectedAt = .now
+            carried = false
+            bytesAtConnect = statistics.bytesRead &+ statistics.bytesWritten
             statistics.connects &+= 1
             statistics.lastDialError = nil
             statistics.dialFailuresSinceConnected = 0
             let waiting = Array(parked.values)
             parked.removeAll()
             return (previous, waiting, Lease(connection: connection, generation: generation))
+        }
+
+        /// The current connection is ending: was it brief (see `briefStreak`)? Returns the
+        /// streak so far.
+        mutating func endConnection(briefUnder limit: Duration) -> Int {
+            let carriedSomething = carried || statistics.bytesRead &+ statistics.bytesWritten != bytesAtConnect
+            let brief = connectedAt.map { ContinuousClock.now - $0 < limit } ?? false
+            briefStreak = brief && !carriedSomething ? briefStreak + 1 : 0
+            connectedAt = nil
+            return briefStreak
         }
 
         /// Claims the right to start a cycle: true if none is running and the slot can dial.

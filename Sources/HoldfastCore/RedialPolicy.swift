@@ -28,6 +28,21 @@ public struct RedialPolicy: Sendable, Equatable {
 
     public static let `default` = RedialPolicy()
 
+    /// The pause before redialling after `streak` brief connections in a row (connections that
+    /// ended within a second having carried nothing: a peer that accepts and drops). None for
+    /// the first — one brief connection is a migration's cut as often as not — then `interval`,
+    /// doubling per further one up to `maxInterval`. Without it such a peer is dialled again
+    /// the moment it drops, without end: a dial that "succeeds" never counts against a cycle.
+    public func pause(afterBriefConnections streak: Int) -> Duration? {
+        guard streak >= 2 else { return nil }
+        var delay = interval
+        for _ in 2..<streak {
+            delay = delay * 2
+            if delay >= maxInterval { return maxInterval }
+        }
+        return min(delay, maxInterval)
+    }
+
     /// The pause after the `attempt`-th failed dial (1-based).
     public func delay(afterAttempt attempt: Int) -> Duration {
         guard multiplier > 1.0, attempt > 1 else { return min(interval, maxInterval) }

@@ -7,10 +7,16 @@ extension ResumableStream.Engine {
     /// bytes never sent on this connection, drops the connection (not the stream).
     func readAcknowledgements(_ slot: ConnSlot<Session>) async {
         let reader = BufferedFrameReader()
+        var trafficNoted: UInt64?
         while let lease = await slot.current() {
             reader.reset(for: lease.generation)
             do {
                 let prefix = try await reader.next(from: lease.connection)
+                // A frame came back: this connection carried something (once per connection).
+                if trafficNoted != lease.generation {
+                    trafficNoted = lease.generation
+                    slot.noteTraffic(generation: lease.generation)
+                }
                 switch prefix.type {
                 case .ack:
                     try acknowledge(prefix.value, generation: lease.generation)
@@ -63,7 +69,7 @@ extension ResumableStream.Engine {
             if inboundFinished { return 0 }
             guard let lease = await slot.current() else { return 0 }
             do {
-                if let count = try await receiveOnce(into: buffer, from: lease) { return count }
+                if let count = try await receiveOnce(into: buffer, from: lease, slot: slot) { return count }
             } catch {
                 dropConnection(lease.generation, slot: slot, after: error)
             }
@@ -76,7 +82,9 @@ extension ResumableStream.Engine {
     /// A body is read straight into `buffer`. When the rest of the current body fits, the
     /// same readv also takes the next frame's header (into `inboundHeader`), so a stream of
     /// frames costs one read per body, not two.
-    private func receiveOnce(into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease) async throws -> Int? {
+    private func receiveOnce(
+        into buffer: UnsafeMutableRawBufferPointer, from lease: ConnSlot<Session>.Lease, slot: ConnSlot<Session>
+    ) async throws -> Int? {
         let cursor = state.withLockedValue { $0.receiver.reading(on: lease.generation) }
         let size = StreamFramePrefix.size
         if cursor.remaining > 0 {
@@ -88,12 +96,17 @@ extension ResumableStream.Engine {
             state.withLockedValue { $0.receiver.readHeader(count) }
             if cursor.headerFilled + count < size { return nil }
         }
-        let (prefix, inbound, pump) = try state.withLockedValue { s in
+        let (prefix, inbound, pump, firstFrame) = try state.withLockedValue { s in
             let prefix = try StreamFramePrefix.decode(UnsafeRawBufferPointer(inboundHeader.bytes))
             let inbound = try s.receiver.take(prefix)
+            // The connection's first frame: it carried something (the slot paces a row of
+            // connections that carry nothing).
+            let firstFrame = s.trafficNotedOn != lease.generation
+            s.trafficNotedOn = lease.generation
             // The end arrived: the pump acknowledges and echoes it.
-            return (prefix, inbound, inbound == .ended || inbound == .skipped ? s.ringDoorbell() : nil)
+            return (prefix, inbound, inbound == .ended || inbound == .skipped ? s.ringDoorbell() : nil, firstFrame)
         }
+        if firstFrame { slot.noteTraffic(generation: lease.generation) }
         switch inbound {
         case .body, .nothing:
             return nil

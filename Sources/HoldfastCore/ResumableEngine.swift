@@ -397,6 +397,8 @@ struct ResumableEngineState: Sendable {
     var echoWaiters: [CheckedContinuation<Void, Never>] = []
     var closed = false
     var drainWatch = false
+    /// Receive side: the connection whose first frame was told to the slot (`noteTraffic`).
+    var trafficNotedOn: UInt64 = 0
     /// The counters the engine keeps itself (refused connections, protocol errors); the rest of
     /// `ResumableStatistics` is read from the machines.
     var statistics = ResumableStatistics()
