@@ -327,8 +327,11 @@ public final class ConnSlot<Connection: ByteConnection>: Sendable {
 
     /// A connection that ends this soon having carried nothing is brief: one of a row of them
     /// is a peer that accepts and drops (a host that no longer has the stream, a proxy whose
-    /// backend is gone), and dialling it again at once would spin.
-    static var briefConnection: Duration { .seconds(1) }
+    /// backend is gone: within milliseconds), and dialling it again at once would spin. Short
+    /// enough that a migration's cut of an idle stream's connection seldom counts: under the
+    /// soak's migration every 2 s, a second in its place let idle streams build rows and wait
+    /// before redialling where a bridge-up had not yet come.
+    static var briefConnection: Duration { .milliseconds(250) }
 
     /// The owner read a frame on connection `generation` (beyond the handshake): it carried
     /// something, so its end is not a brief one. Owners that move bytes through the slot's own

@@ -29,7 +29,7 @@ public struct RedialPolicy: Sendable, Equatable {
     public static let `default` = RedialPolicy()
 
     /// The pause before redialling after `streak` brief connections in a row (connections that
-    /// ended within a second having carried nothing: a peer that accepts and drops). None for
+    /// ended within 250 ms having carried nothing: a peer that accepts and drops). None for
     /// the first — one brief connection is a migration's cut as often as not — then `interval`,
     /// doubling per further one up to `maxInterval`. Without it such a peer is dialled again
     /// the moment it drops, without end: a dial that "succeeds" never counts against a cycle.

