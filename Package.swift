@@ -206,6 +206,7 @@ let package = Package(
             dependencies: [
                 "HoldfastCore",
                 "HoldfastHost",
+                "HoldfastLogging",
                 "HoldfastPosix",
                 "HoldfastProtocol",
                 "HoldfastTools",

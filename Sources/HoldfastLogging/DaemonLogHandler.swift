@@ -86,7 +86,9 @@ public struct DaemonLogHandler: LogHandler {
         }
     }
 
-    static func timestamp() -> String {
+    /// The time of day as the daemon's log lines start (UTC, milliseconds): a tool that prints
+    /// beside the log uses it, so its lines can be matched with the log's.
+    public static func timestamp() -> String {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         var parts = tm()

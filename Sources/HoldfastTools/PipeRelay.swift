@@ -102,7 +102,6 @@ final class PipeDialWatch: Sendable {
     private struct State: Sendable {
         var lastReason: String?
         var failures = DialFailureReport()
-        var failed = false
         var gaveUp: String?
         var giveUp: (@Sendable () -> Void)?
     }
@@ -128,19 +127,14 @@ final class PipeDialWatch: Sendable {
         switch event {
         case .dialFailed(let attempt, let reason):
             let new = state.withLockedValue { s -> Bool in
-                s.failed = true
                 s.lastReason = reason
                 return s.failures.failed(reason)
             }
             if new { say?("holdfast pipe: cannot connect to \(destination): \(reason) (attempt \(attempt) of \(attempts); retrying)") }
         case .connected:
             let recovered = state.withLockedValue { s -> Bool in
-                defer {
-                    s.failed = false
-                    s.lastReason = nil
-                    _ = s.failures.connected()
-                }
-                return s.failed
+                s.lastReason = nil
+                return s.failures.connected() != nil  // a dial failed since the last connection
             }
             if recovered { say?("holdfast pipe: connected to \(destination)") }
         case .gaveUp:

@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastLogging
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTools
@@ -117,7 +118,7 @@ enum Chaos {
             try? await Task.sleep(for: blackout)
             let on = host.lightsOn()
             if on - off - blackout > .seconds(2) {
-                printLine("note: a blackout of \(milliseconds(blackout)) ms lasted \(milliseconds(on - off)) ms (this process was starved) at \(wallClock())")
+                printLine("note: a blackout of \(milliseconds(blackout)) ms lasted \(milliseconds(on - off)) ms (this process was starved) at \(DaemonLogHandler.timestamp())")
             }
             host.ledger.update {
                 $0.migrations += 1
@@ -237,15 +238,3 @@ func milliseconds(_ duration: Duration) -> Int {
     Int(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
 }
 
-/// The time of day (UTC), for lining a note up with the daemon's log.
-func wallClock() -> String {
-    var now = timespec()
-    clock_gettime(CLOCK_REALTIME, &now)
-    var parts = tm()
-    var seconds = now.tv_sec
-    gmtime_r(&seconds, &parts)
-    let milliseconds = now.tv_nsec / 1_000_000
-    func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
-    let fraction = milliseconds < 10 ? "00\(milliseconds)" : milliseconds < 100 ? "0\(milliseconds)" : "\(milliseconds)"
-    return "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)).\(fraction)Z"
-}
