@@ -23,6 +23,8 @@ public final class Broker: Sendable {
     /// Handoff peers' processes deposited with the supervisor, and the checkpoint slots this
     /// broker gave their streams (`CheckpointMemory.handoffSlots`).
     let handoffs = NIOLockedValueBox(HandoffSlots())
+    /// The supervisor's answers to deposits (`handoff-kept`), by process.
+    let depositAnswers = AwaitedAnswers<String, HandoffKept>()
     /// Released handoff processes whose answer may not have reached the peer, kept for its next
     /// `release` (Broker+Release.swift).
     let keptReleases = NIOLockedValueBox(KeptReleases())
@@ -105,22 +107,7 @@ public final class Broker: Sendable {
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
         let refusal = processes.withLockedValue { table -> HoldfastError? in
-            guard table[request.process] == nil else {
-                return HoldfastError(.processExists, "process '\(request.process)' already has streams in the broker")
-            }
-            if keptReleases.withLockedValue({ $0.owner(of: request.process) }) != nil {
-                return HoldfastError(
-                    .processExists, "process '\(request.process)' is being released: its fds are kept for its peer's next release (ask it first)")
-            }
-            // A token a live stream uses is taken: a second stream with it would take the
-            // first one's place at the host and splice its bytes onto the first one's.
-            if !identities.isEmpty {
-                for other in table.values {
-                    if let taken = other.identities.first(where: identities.contains) {
-                        return HoldfastError(.tokenInUse, "token '\(taken.token)' is in use by another stream")
-                    }
-                }
-            }
+            if let refusal = admissionRefusal(request.process, identities: identities, among: table) { return refusal }
             table[request.process] = process
             return nil
         }
@@ -205,32 +192,58 @@ public final class Broker: Sendable {
         logger.info("replay ring restored from shared memory", metadata: metadata)
     }
 
+    /// Why a process with this id and these resumable identities cannot be let in beside those
+    /// of `table`, if it cannot.
+    private func admissionRefusal(_ process: String, identities: Set<ResumableIdentity>, among table: [String: AdoptedProcess]) -> HoldfastError? {
+        guard table[process] == nil else {
+            return HoldfastError(.processExists, "process '\(process)' already has streams in the broker")
+        }
+        if keptReleases.withLockedValue({ $0.owner(of: process) }) != nil {
+            return HoldfastError(.processExists, "process '\(process)' is being released: its fds are kept for its peer's next release (ask it first)")
+        }
+        // A token a live stream uses is taken: a second stream with it would take the first
+        // one's place at the host and splice its bytes onto the first one's.
+        if !identities.isEmpty {
+            for other in table.values {
+                if let taken = other.identities.first(where: identities.contains) {
+                    return HoldfastError(.tokenInUse, "token '\(taken.token)' is in use by another stream")
+                }
+            }
+        }
+        return nil
+    }
+
     // MARK: Handoff peers' processes
 
+    /// How long a handoff adopt waits for the supervisor's word on its deposit (`handoff-kept`):
+    /// it answers at once unless stopped (a debugger, SIGSTOP); past this the process is let in
+    /// without crash-survival, and any copy the supervisor keeps later is let go.
+    static let depositAnswerWait: Duration = .seconds(5)
+
     /// A process a handoff peer hands over: its resumable streams get checkpoint slots of this
-    /// broker's range, copies of its fds go to the supervisor with its description (before the
-    /// adoption, so a crash right after it finds them there), and a broker started after a
-    /// crash of this one is handed it again by the supervisor, with the peer still its owner.
-    /// Without a checkpoint area, free slots or fd copies it is adopted as before: relayed, but
-    /// not kept across a crash. Returns whether it is kept (the peer is told so).
+    /// broker's range, copies of its fds go to the supervisor with its description, and only
+    /// once the supervisor says it keeps them (`handoff-kept`) is the process adopted — so a
+    /// crash right after finds them there, and a broker started after a crash of this one is
+    /// handed it again by the supervisor, with the peer still its owner. Without a checkpoint
+    /// area, free slots, fd copies or the supervisor's word it is adopted as before: relayed,
+    /// but not kept across a crash. Returns whether it is kept (the peer is told so).
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> Bool {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
+        // Refused at once for what refuses it for certain, before anything is deposited: a
+        // deposit the supervisor refuses (the id its own) would be warned of for nothing.
+        if let refusal = processes.withLockedValue({ admissionRefusal(process, identities: adoption.identities, among: $0) }) {
+            SeqpacketFrames.closeDescriptors(peerDescriptors)
+            throw refusal
+        }
         var descriptors = peerDescriptors
         var request = adoption.request
+        var adopting = adoption
+        var unkept: String?
         let needed = request.streams.reduce(0) { $0 + ($1.mode == .resumable ? ($1.inputAddress != nil ? 2 : 1) : 0) }
         let slots: [Int]? =
             checkpoints == nil || Failpoint.fails(Failpoint.handoffSlotsTaken, process: process, passes: Failpoint.everyPass)
             ? nil : handoffs.withLockedValue { $0.take(for: process, count: needed) }
-        if slots == nil {
-            // Said here and in the answer: a runtime that counts on crash-survival must know.
-            logger.warning("a handoff process is adopted without surviving a broker crash", metadata: [
-                "process": "\(process)",
-                "error": "\(checkpoints == nil ? "the broker has no checkpoint area" : "no free checkpoint slots for its \(needed) resumable streams (\(CheckpointMemory.handoffSlots.count) in all for handoff processes)")",
-            ])
-        }
-        var withSlots = adoption
-        var copies: [Int32] = []
         if let slots {
             var next = slots.makeIterator()
             for index in request.streams.indices where request.streams[index].mode == .resumable {
@@ -245,29 +258,68 @@ public final class Broker: Sendable {
                     "process": "\(process)", "error": "\(error)",
                 ])
             }
-            copies = descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
-            do throws(HoldfastError) {
-                guard !copies.contains(where: { $0 < 0 }) else { throw HoldfastError(.badDescriptor, "cannot copy the fds for the supervisor") }
-                withSlots = try AdoptCheck.validate(request, descriptorCount: descriptors.count)
-            } catch {
-                logger.warning("a handoff process is adopted without surviving a broker crash", metadata: ["process": "\(process)", "error": "\(error)"])
-                for fd in copies where fd >= 0 { _ = close(fd) }
-                copies = []
-                _ = handoffs.withLockedValue { $0.end(process) }
-                withSlots = adoption
-            }
+            unkept = await deposit(request, descriptors: descriptors, owner: uid, adopting: &adopting)
+        } else {
+            unkept = checkpoints == nil
+                ? "the broker has no checkpoint area"
+                : "no free checkpoint slots for its \(needed) resumable streams (\(CheckpointMemory.handoffSlots.count) in all for handoff processes)"
         }
-        if !copies.isEmpty {
-            await notifications.send(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
+        if let unkept {
+            // Said here and in the answer: a runtime that counts on crash-survival must know.
+            logger.warning("a handoff process is adopted without surviving a broker crash", metadata: ["process": "\(process)", "error": "\(unkept)"])
         }
         do {
-            try adopt(withSlots, descriptors: descriptors, owner: .handoff(uid: uid))
+            try adopt(adopting, descriptors: descriptors, owner: .handoff(uid: uid))
         } catch {
-            if !copies.isEmpty { await handoffGone(process) }
+            if unkept == nil { await handoffGone(process) }
             throw error
         }
         Failpoint.pass(Failpoint.brokerAdoptTaken, process: process)
-        return !copies.isEmpty
+        return unkept == nil
+    }
+
+    /// Hands the supervisor copies of a handoff process's fds (`request` names its slots) and
+    /// waits for its word. Nil when it keeps them (`adopting` becomes `request`); otherwise why
+    /// not, with the slots let go, any copy it kept after all let go too (`handoff-ended`, which
+    /// it reads after the deposit), and `adopting` left as the peer asked.
+    private func deposit(_ request: AdoptRequest, descriptors: [Int32], owner uid: UInt32, adopting: inout ValidatedAdoption) async -> String? {
+        let process = request.process
+        var copyFailure: SystemError?
+        var copies = descriptors.map { fd in
+            let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            if copy < 0 { copyFailure = SystemError.last("fcntl(F_DUPFD_CLOEXEC)") }
+            return copy
+        }
+        var withSlots: ValidatedAdoption?
+        do throws(HoldfastError) {
+            if let copyFailure { throw HoldfastError(.badDescriptor, "cannot copy the fds for the supervisor: \(copyFailure)") }
+            withSlots = try AdoptCheck.validate(request, descriptorCount: descriptors.count)
+        } catch {
+            for fd in copies where fd >= 0 { _ = close(fd) }
+            copies = []
+            _ = handoffs.withLockedValue { $0.end(process) }
+            return "\(error)"
+        }
+        let ticket = depositAnswers.expect(process)
+        await notifications.send(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
+        let answer = await depositAnswers.wait(ticket, timeout: Self.depositAnswerWait)
+        if let answer, answer.kept {
+            adopting = withSlots!
+            return nil
+        }
+        await handoffGone(process)
+        guard let answer else { return "the supervisor did not answer its deposit within \(Self.depositAnswerWait)" }
+        return "the supervisor did not keep copies of its fds: \(answer.reason ?? "no reason given")"
+    }
+
+    /// The supervisor's word on a deposit (`handoff-kept`). One nobody waits for any more (given
+    /// up on after `depositAnswerWait`) was let go by `handoff-ended` already.
+    func depositAnswered(_ answer: HandoffKept) {
+        if !depositAnswers.answer(answer.process, with: answer) {
+            logger.notice("the supervisor's word on a deposit came after the adopt stopped waiting for it", metadata: [
+                "process": "\(answer.process)", "kept": "\(answer.kept)",
+            ])
+        }
     }
 
     /// A handoff peer's process left: its slots are cleared and free, the supervisor lets go of

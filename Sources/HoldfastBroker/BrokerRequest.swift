@@ -20,6 +20,8 @@ extension BrokerRequest {
             guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor stops the broker") }
         case .openHandoff:
             guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor opens the handoff socket") }
+        case .handoffKept:
+            guard fromSupervisor else { throw HoldfastError(.permissionDenied, "only the supervisor answers deposits") }
         case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize:
             break
         }

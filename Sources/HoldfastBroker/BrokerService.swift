@@ -253,6 +253,8 @@ public final class BrokerService: Sendable {
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor stops the broker") }
             case .openHandoff:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor opens the handoff socket") }
+            case .handoffKept:
+                guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor answers deposits") }
             case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
             }
         } catch {
@@ -303,6 +305,9 @@ public final class BrokerService: Sendable {
             return .empty
         case .openHandoff:
             handoffOpened.set(true)
+            return .empty
+        case .handoffKept(let answer):
+            broker.depositAnswered(answer)
             return .empty
         case .processExited(let exited):
             try caller.mayManage(exited.process, in: broker)

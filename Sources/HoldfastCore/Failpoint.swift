@@ -52,6 +52,10 @@ public enum Failpoint {
     /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
     /// id), as with every slot of its range taken (`fails` with `everyPass`).
     public static let handoffSlotsTaken = "handoff-slots-taken"
+    /// The supervisor keeps a handoff peer's process's deposit (PROCESS: its id) and never
+    /// answers it (`fails` with `everyPass`), as a supervisor stopped by a debugger would not in
+    /// time: the broker's adopt stops waiting and lets the deposit go.
+    public static let depositUnanswered = "deposit-unanswered"
     /// How many starts `fails` fails.
     public static let failedStarts = 10
     /// The passes `fails` fails by default: the first succeeds (the daemon starts and serves),

@@ -21,9 +21,10 @@ public enum FrameTransportError: Error, Sendable, Equatable, CustomStringConvert
     case broken(String)
     /// A frame announced a body over the limit; `id` is its id, for the refusal.
     case oversized(id: UInt64, String)
-    /// Frame `id` arrived but cannot be served (its fds did not all arrive: the receiver is at
-    /// its limit on open files); the connection goes on.
-    case refused(id: UInt64, HoldfastError)
+    /// `frame` arrived but not all its fds did (the receiver is at its limit on open files):
+    /// a request is refused, a notification is delivered without them (its handler checks for
+    /// what it needs and says no); the connection goes on.
+    case refused(ControlFrame, HoldfastError)
 
     public var description: String {
         switch self {
@@ -148,10 +149,11 @@ public enum RPCServer {
                     try? await transport.send(
                         ControlFrame(type: RPCFrameType.error, id: id, body: HoldfastError(.frameTooLarge, why).errorFrameBody), descriptors: [])
                     return .broken(why)
-                case .refused(let id, let refusal):
-                    // That request only: the next one may fit.
-                    if id != 0 {
-                        try? await transport.send(ControlFrame(type: RPCFrameType.error, id: id, body: refusal.errorFrameBody), descriptors: [])
+                case .refused(let frame, let refusal):
+                    // That request only: the next one may fit. (No notification sent here
+                    // carries fds.)
+                    if frame.id != 0 {
+                        try? await transport.send(ControlFrame(type: RPCFrameType.error, id: frame.id, body: refusal.errorFrameBody), descriptors: [])
                     }
                     continue
                 }
@@ -334,9 +336,15 @@ public final class RPCClient: Sendable {
             let descriptors: [Int32]
             do {
                 (frame, descriptors) = try await transport.receive()
-            } catch .refused(let id, let refusal) {
+            } catch .refused(let frame, let refusal) {
+                if frame.id == 0 {
+                    // A notification whose fds did not arrive (a deposit): delivered without
+                    // them, so that its handler can say it was not kept rather than nothing.
+                    await onNotification(frame, [])
+                    continue
+                }
                 // A reply whose fds did not arrive: that request fails, the channel goes on.
-                state.withLockedValue { $0.pending.removeValue(forKey: id) }?.resume(returning: .failure(refusal))
+                state.withLockedValue { $0.pending.removeValue(forKey: frame.id) }?.resume(returning: .failure(refusal))
                 continue
             } catch {
                 break

@@ -24,7 +24,7 @@ public final class SeqpacketFrames: FrameTransport {
             // hit the same limit).
             guard let frame = try? ControlFrame.decode(datagram: payload) else { throw .broken(FDPassingError.descriptorsTruncated(payload: payload).description) }
             throw .refused(
-                id: frame.id,
+                frame,
                 HoldfastError(.tooManyOpenFiles, "the fds sent with this request did not all arrive: the receiver is at its limit on open files"))
         } catch {
             throw .broken(error.description)

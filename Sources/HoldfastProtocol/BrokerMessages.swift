@@ -21,6 +21,9 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// runtime's request before that would not find its process (`no-such-process` for a
     /// process about to be handed back, an adopt that would then collide with it).
     case openHandoff = 0x010C
+    /// Supervisor only: its answer to a `handoff-deposited` — whether it keeps the copies of the
+    /// process's fds (the broker's answer to the runtime's `adopt` says what this says).
+    case handoffKept = 0x010D
     // Responses (same id as the request).
     case ok = 0x0001
     case error = 0x0002
@@ -170,6 +173,20 @@ public struct HandoffDeposit: Codable, Sendable, Equatable {
     public init(request: AdoptRequest, owner: UInt32) {
         self.request = request
         self.owner = owner
+    }
+}
+
+/// The supervisor's answer to a deposit (`handoff-kept`): whether it keeps the copies, and if
+/// not, why (its log says so too).
+public struct HandoffKept: Codable, Sendable, Equatable {
+    public var process: String
+    public var kept: Bool
+    public var reason: String?
+
+    public init(process: String, kept: Bool, reason: String? = nil) {
+        self.process = process
+        self.kept = kept
+        self.reason = reason
     }
 }
 

@@ -149,6 +149,8 @@ public enum BrokerRequest: RPCRequest, Equatable {
     case quiesce
     /// Every process is handed over: serve the handoff socket (supervisor only).
     case openHandoff
+    /// Whether the supervisor keeps a deposit (supervisor only).
+    case handoffKept(HandoffKept)
 
     public static func decode(type: UInt32, body: [UInt8], descriptorCount: Int) throws(HoldfastError) -> BrokerRequest {
         guard let known = BrokerMessageType(rawValue: type) else { throw RPCBody.unknown(type) }
@@ -166,6 +168,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .resize: return .resize(try RPCBody.decode(ResizeRequest.self, body, type: type))
         case .quiesce: return .quiesce
         case .openHandoff: return .openHandoff
+        case .handoffKept: return .handoffKept(try RPCBody.decode(HandoffKept.self, body, type: type))
         case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing, .handoffExited: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
@@ -184,6 +187,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .resize: return BrokerMessageType.resize.rawValue
         case .quiesce: return BrokerMessageType.quiesce.rawValue
         case .openHandoff: return BrokerMessageType.openHandoff.rawValue
+        case .handoffKept: return BrokerMessageType.handoffKept.rawValue
         }
     }
 
@@ -195,6 +199,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .stats, .metrics, .disconnectAll, .bridgeUp, .quiesce, .openHandoff: return RPCBody.empty
         case .processExited(let request): return ControlJSON.encode(request)
         case .resize(let request): return ControlJSON.encode(request)
+        case .handoffKept(let answer): return ControlJSON.encode(answer)
         }
     }
 }

@@ -161,13 +161,17 @@ struct StdioStore {
 
     /// A handoff peer's process that broker `incarnation` adopted and deposited here (copies of
     /// its fds, its streams with the broker's checkpoint slots): handed to the next broker like
-    /// the supervisor's own. False (the caller closes the fds) if the id is held already.
-    mutating func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], adoptedBy incarnation: Int) -> Bool {
-        guard held[deposit.request.process] == nil else { return false }
+    /// the supervisor's own. Returns the slots of an earlier process of the same id kept only
+    /// for its stdin's END echo (the caller clears them: the new process takes the id, as with
+    /// `keep`), or nil (the caller closes the fds) if a live process holds the id.
+    mutating func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], adoptedBy incarnation: Int) -> [Int]? {
+        let process = deposit.request.process
+        guard held[process] == nil || held[process]?.keptForEcho == true else { return nil }
+        let evicted = held[process] == nil ? [] : release(process, evenForEcho: true)?.slots ?? []
         var request = deposit.request
         request.handoffOwner = deposit.owner
-        held[request.process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
-        return true
+        held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
+        return evicted
     }
 
     /// Up to `limit` of the processes broker `incarnation` (the current one) does not have yet,

@@ -202,21 +202,44 @@ extension Supervisor {
 
     /// A broker adopted a handoff peer's process and deposited copies of its fds: they are kept
     /// like a process of our own, so the broker after a crash of that one is handed them too.
+    /// The broker waits for our word (`handoff-kept`) before it relays the process, and tells
+    /// the runtime what it says.
     func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], from client: ControlClient) {
-        let kept = stdio.withLockedValue { store -> Bool in
-            guard deposit.request.streams.allSatisfy({ $0.fd >= 0 && $0.fd < descriptors.count }) else { return false }
-            return store.keepHandoff(deposit, descriptors: descriptors, adoptedBy: store.incarnation(of: client))
+        let process = deposit.request.process
+        let refusal = stdio.withLockedValue { store -> String? in
+            let named = deposit.request.streams.flatMap { stream in
+                [stream.fd] + [stream.window, stream.inputWindow].compactMap { $0 }.flatMap { [$0.read, $0.write] }
+            }
+            guard named.allSatisfy({ $0 >= 0 && $0 < descriptors.count }) else {
+                return descriptors.isEmpty
+                    ? "its fds did not arrive (the supervisor is at its limit on open files)"
+                    : "it names fds it did not bring (\(descriptors.count) came)"
+            }
+            guard let evicted = store.keepHandoff(deposit, descriptors: descriptors, adoptedBy: store.incarnation(of: client)) else {
+                return "the supervisor holds a process with this id"
+            }
+            for slot in evicted {
+                checkpoints?.checkpoint(slot)?.clear()
+                rings?.clear(slot)
+            }
+            return nil
         }
-        guard kept else {
+        if let refusal {
             SeqpacketFrames.closeDescriptors(descriptors)
             logger.error("a handoff process's fds were not kept: it will not survive a broker crash", metadata: [
-                "process": "\(deposit.request.process)", "descriptors": "\(descriptors.count)",
+                "process": "\(process)", "descriptors": "\(descriptors.count)", "error": "\(refusal)",
             ])
-            return
+        } else {
+            logger.info("keeping a handoff process's fds for a broker restart", metadata: [
+                "process": "\(process)", "owner": "\(deposit.owner)", "streams": "\(deposit.request.streams.count)",
+            ])
         }
-        logger.info("keeping a handoff process's fds for a broker restart", metadata: [
-            "process": "\(deposit.request.process)", "owner": "\(deposit.owner)", "streams": "\(deposit.request.streams.count)",
-        ])
+        guard !Failpoint.fails(Failpoint.depositUnanswered, process: process, passes: Failpoint.everyPass) else { return }
+        // Not awaited here: the answer's reply comes on the channel whose reading called us.
+        Task {
+            _ = try? await client.call(
+                BrokerRequest.handoffKept(HandoffKept(process: process, kept: refusal == nil, reason: refusal)), reply: [String: String].self)
+        }
     }
 
     /// A handoff peer's process left the broker: our copies close (its slots are the broker's).

@@ -1,3 +1,4 @@
+import CHoldfastTestShims
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -28,15 +29,7 @@ struct HandoffCrashSurvivalTests {
         defer { close(keptPipe.write) }
 
         func adopt(_ process: String, _ token: String, _ fd: Int32) async throws -> AdoptResponse {
-            let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
-            defer { runtime.close() }
-            let spec = daemon.spec(token)
-            let request = BrokerRequest.adopt(AdoptRequest(process: process, streams: [
-                StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
-            ]))
-            defer { close(fd) }
-            let reply = try await runtime.request(request.frameType, body: request.body, descriptors: [fd])
-            return try ControlJSON.decode(AdoptResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+            try await Self.adopt(process, token, fd, on: daemon)
         }
         #expect(try await adopt("kept", "k-out", keptPipe.read) == AdoptResponse(survivesBrokerCrash: true))
         #expect(try await adopt("unkept", "u-out", unkeptPipe.read) == AdoptResponse(survivesBrokerCrash: false))
@@ -61,6 +54,122 @@ struct HandoffCrashSurvivalTests {
         }
         let processes = Set(try await daemon.brokerStreams().map(\.process))
         #expect(processes == ["kept"], "the kept process is back, the unkept one is gone: \(processes)\n\(daemon.log.suffix(6000))")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A runtime's `adopt` of a process with one resumable stdout on `fd` (closed after: the
+    /// broker has its own copy), and the answer.
+    static func adopt(_ process: String, _ token: String, _ fd: Int32, on daemon: DaemonFixture) async throws -> AdoptResponse {
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        defer { runtime.close() }
+        let spec = daemon.spec(token)
+        let request = BrokerRequest.adopt(AdoptRequest(process: process, streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
+        ]))
+        defer { close(fd) }
+        let reply = try await runtime.request(request.frameType, body: request.body, descriptors: [fd])
+        return try ControlJSON.decode(AdoptResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+    }
+
+    /// The supervisor's fds that are the pipe `fd` is an end of.
+    static func copies(of fd: Int32, in pid: pid_t) -> [Int32] {
+        var status = stat()
+        guard fstat(fd, &status) == 0 else { return [] }
+        return descriptorTable(pid: pid).filter { $0.value == "pipe:[\(status.st_ino)]" }.map(\.key)
+    }
+
+    /// Writes 16 KiB into `pipe` and closes it; what the host got from `output` must be exact.
+    static func expectRelayedExact(_ pipe: PipeEnds, to output: Task<[UInt8], Never>, seed: UInt64) async throws {
+        var random = SeededRandom(seed: seed)
+        let written = (0..<(16 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        #expect(written.withUnsafeBytes { write(pipe.write, $0.baseAddress, $0.count) } == written.count)
+        close(pipe.write)
+        let received = try await withTimeout("the process's output", .seconds(30)) { await output.value }
+        #expect(sha256Hex(received) == sha256Hex(written), "\(received.count) of \(written.count) bytes")
+    }
+
+    /// The supervisor at its limit on open files when the broker deposits a handoff process's
+    /// fds: they do not arrive (MSG_CTRUNC). Before, the deposit was dropped without a word and
+    /// the runtime was told the process survives a broker crash; now the supervisor answers that
+    /// it keeps nothing, and the runtime is told `false`.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: prlimit on the daemon, and its broker runs as a uid of its own"))
+    func aDepositTheSupervisorHasNoFdsForIsAnsweredFalse() async throws {
+        let daemon = try await DaemonFixture(brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let pid = daemon.daemonPID
+        let before = try #require(OpenFileLimits.of(pid))
+        let output = collect(try daemon.streams.open(token: bytes("s-out"), direction: .receive))
+        _ = try daemon.streams.open(token: bytes("l-out"), direction: .receive)
+        let (short, later) = (try PipeEnds.make(), try PipeEnds.make())
+        defer { close(later.write) }
+
+        // A soft limit of 3, under every fd it has but its stdio: no fd can arrive at all.
+        try #require((0...2).allSatisfy { descriptorTable(pid: pid)[Int32($0)] != nil })
+        #expect(hft_set_nofile_soft(pid, 3) == 0, "prlimit: errno \(errno)")
+        // Recorded, not thrown: the limit must come back either way.
+        var answer: AdoptResponse?
+        await #expect(throws: Never.self) { answer = try await Self.adopt("short", "s-out", short.read, on: daemon) }
+        #expect(hft_set_nofile_soft(pid, before.soft) == 0, "prlimit back: errno \(errno)")
+        #expect(answer == AdoptResponse(survivesBrokerCrash: false))
+        try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
+        let lines = daemon.log.split(separator: "\n")
+        let refused = lines.filter { $0.contains("fds were not kept") }
+        #expect(refused.count == 1 && refused[0].contains("process=short") && refused[0].contains("did not arrive"), "\(refused)")
+        let warned = lines.filter { $0.contains("without surviving a broker crash") }
+        #expect(warned.count == 1 && warned[0].contains("process=short") && warned[0].contains("the supervisor did not keep"), "\(warned)")
+        #expect(Self.copies(of: short.write, in: pid).isEmpty, "the supervisor holds no copy of the process's pipe")
+        try await Self.expectRelayedExact(short, to: output, seed: 0x5407)
+
+        // Its fds back, the supervisor keeps the next deposit, and a crash costs that one nothing.
+        #expect(try await Self.adopt("later", "l-out", later.read, on: daemon) == AdoptResponse(survivesBrokerCrash: true))
+        #expect(!Self.copies(of: later.write, in: pid).isEmpty, "the supervisor holds the next process's pipe")
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGKILL)
+        try await eventually("the next broker", timeout: .seconds(30)) {
+            let next = try await daemon.rolePID("broker")
+            return next != nil && next != broker
+        }
+        let processes = Set(try await daemon.brokerStreams().map(\.process))
+        #expect(processes == ["later"], "\(processes)\n\(daemon.log.suffix(6000))")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A supervisor that does not answer a deposit in time (stopped by a debugger, say; here a
+    /// failpoint keeps the deposit and sends no answer): the adopt stops waiting after
+    /// `Broker.depositAnswerWait`, the runtime is told `false`, and the supervisor is told to let
+    /// go of what it kept — else it would hand the next broker a process whose checkpoint slots
+    /// this broker gave back, for another process to take.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the supervisor's answer is held back at a failpoint, which only debug builds have"))
+    func aDepositTheSupervisorDoesNotAnswerIsLetGo() async throws {
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.depositUnanswered):mute"], brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let pid = daemon.daemonPID
+        let output = collect(try daemon.streams.open(token: bytes("m-out"), direction: .receive))
+        _ = try daemon.streams.open(token: bytes("v-out"), direction: .receive)
+        let (mute, voiced) = (try PipeEnds.make(), try PipeEnds.make())
+        defer { close(voiced.write) }
+
+        #expect(try await Self.adopt("mute", "m-out", mute.read, on: daemon) == AdoptResponse(survivesBrokerCrash: false))
+        try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
+        let lines = daemon.log.split(separator: "\n")
+        #expect(lines.contains { $0.contains("keeping a handoff process's fds") && $0.contains("process=mute") }, "the supervisor kept it")
+        let warned = lines.filter { $0.contains("without surviving a broker crash") }
+        #expect(warned.count == 1 && warned[0].contains("process=mute") && warned[0].contains("did not answer"), "\(warned)")
+        try await eventually("the supervisor to let its copies go", timeout: .seconds(10)) { Self.copies(of: mute.write, in: pid).isEmpty }
+        try await Self.expectRelayedExact(mute, to: output, seed: 0x3073)
+
+        #expect(try await Self.adopt("voiced", "v-out", voiced.read, on: daemon) == AdoptResponse(survivesBrokerCrash: true))
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGKILL)
+        try await eventually("the next broker", timeout: .seconds(30)) {
+            let next = try await daemon.rolePID("broker")
+            return next != nil && next != broker
+        }
+        let processes = Set(try await daemon.brokerStreams().map(\.process))
+        #expect(processes == ["voiced"], "\(processes)\n\(daemon.log.suffix(6000))")
         #expect(try await daemon.stop() == .exited(0))
     }
 }

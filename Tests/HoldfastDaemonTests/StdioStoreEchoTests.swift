@@ -85,6 +85,19 @@ struct StdioStoreEchoTests {
         #expect(!store.isKeptForEcho("p1"))
     }
 
+    /// A handoff runtime's process of the id takes it over the same way: before, its deposit
+    /// was refused (the id held) and the runtime told it survives a broker crash when it did not.
+    @Test func aHandoffProcessOfTheIdTakesItOverButNotFromALiveProcess() throws {
+        var (store, _, inSlot) = try store()
+        let deposit = HandoffDeposit(request: AdoptRequest(process: "p1", streams: []), owner: 1000)
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == nil, "p1 is live: its id is not taken")
+        _ = store.release("p1")
+        #expect(store.isKeptForEcho("p1"))
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == [inSlot])
+        #expect(!store.isKeptForEcho("p1") && store.isHandoff("p1"))
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == nil, "a second deposit of the id is refused")
+    }
+
     @Test func aStdinTheProcessStoppedReadingIsNotKept() throws {
         var (store, _, _) = try store(endedByHost: false)
         let releasing = store.release("p1")
