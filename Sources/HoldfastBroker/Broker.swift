@@ -25,6 +25,9 @@ public final class Broker: Sendable {
     let handoffs = NIOLockedValueBox(HandoffSlots())
     /// The supervisor's answers to deposits (`handoff-kept`), by process.
     let depositAnswers = AwaitedAnswers<String, HandoffKept>()
+    /// Ids of handoff adopts between their first check and their adoption (waiting for the
+    /// supervisor's word): taken, for any other adopt, as if the process were in already.
+    private let pendingHandoffs = NIOLockedValueBox<Set<String>>([])
     /// Released handoff processes whose answer may not have reached the peer, kept for its next
     /// `release` (Broker+Release.swift).
     let keptReleases = NIOLockedValueBox(KeptReleases())
@@ -74,6 +77,11 @@ public final class Broker: Sendable {
     /// the request is closed and nothing is left behind. The request was checked once, at the
     /// broker's boundary (`AdoptCheck.validate` made `adoption`).
     public func adopt(_ adoption: ValidatedAdoption, descriptors: [Int32], owner: ProcessOwner = .supervisor) throws(HoldfastError) {
+        try adopt(adoption, descriptors: descriptors, owner: owner, claimedID: false)
+    }
+
+    /// `claimedID`: the id is this request's own pending handoff adopt (`adoptFromHandoff`).
+    private func adopt(_ adoption: ValidatedAdoption, descriptors: [Int32], owner: ProcessOwner, claimedID: Bool) throws(HoldfastError) {
         let request = adoption.request
         // A slot outside the area (or no area) would be memory the broker does not have.
         for stream in adoption.streams {
@@ -107,7 +115,7 @@ public final class Broker: Sendable {
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
         let refusal = processes.withLockedValue { table -> HoldfastError? in
-            if let refusal = admissionRefusal(request.process, identities: identities, among: table) { return refusal }
+            if let refusal = admissionRefusal(request.process, identities: identities, among: table, claimedID: claimedID) { return refusal }
             table[request.process] = process
             return nil
         }
@@ -194,9 +202,16 @@ public final class Broker: Sendable {
 
     /// Why a process with this id and these resumable identities cannot be let in beside those
     /// of `table`, if it cannot.
-    private func admissionRefusal(_ process: String, identities: Set<ResumableIdentity>, among table: [String: AdoptedProcess]) -> HoldfastError? {
+    /// The caller holds `processes`' lock (`table`); `claimedID`: the pending handoff adopt of
+    /// the id is the caller's own.
+    private func admissionRefusal(
+        _ process: String, identities: Set<ResumableIdentity>, among table: [String: AdoptedProcess], claimedID: Bool
+    ) -> HoldfastError? {
         guard table[process] == nil else {
             return HoldfastError(.processExists, "process '\(process)' already has streams in the broker")
+        }
+        if !claimedID, pendingHandoffs.withLockedValue({ $0.contains(process) }) {
+            return HoldfastError(.processExists, "process '\(process)' is being adopted (its runtime's request waits for the supervisor)")
         }
         if keptReleases.withLockedValue({ $0.owner(of: process) }) != nil {
             return HoldfastError(.processExists, "process '\(process)' is being released: its fds are kept for its peer's next release (ask it first)")
@@ -230,12 +245,21 @@ public final class Broker: Sendable {
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> Bool {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
-        // Refused at once for what refuses it for certain, before anything is deposited: a
-        // deposit the supervisor refuses (the id its own) would be warned of for nothing.
-        if let refusal = processes.withLockedValue({ admissionRefusal(process, identities: adoption.identities, among: $0) }) {
+        // Refused at once for what refuses it for certain, before anything is deposited (a
+        // deposit the supervisor refuses, the id its own, would be warned of for nothing); the
+        // id claimed until the adoption, so that no other adopt of it gets in while this one
+        // waits for the supervisor's word (one of the two would be refused after it, and the
+        // supervisor left holding the other's copies under the id).
+        let refusal = processes.withLockedValue { table -> HoldfastError? in
+            if let refusal = admissionRefusal(process, identities: adoption.identities, among: table, claimedID: false) { return refusal }
+            pendingHandoffs.withLockedValue { _ = $0.insert(process) }
+            return nil
+        }
+        if let refusal {
             SeqpacketFrames.closeDescriptors(peerDescriptors)
             throw refusal
         }
+        defer { pendingHandoffs.withLockedValue { _ = $0.remove(process) } }
         var descriptors = peerDescriptors
         var request = adoption.request
         var adopting = adoption
@@ -269,7 +293,7 @@ public final class Broker: Sendable {
             logger.warning("a handoff process is adopted without surviving a broker crash", metadata: ["process": "\(process)", "error": "\(unkept)"])
         }
         do {
-            try adopt(adopting, descriptors: descriptors, owner: .handoff(uid: uid))
+            try adopt(adopting, descriptors: descriptors, owner: .handoff(uid: uid), claimedID: true)
         } catch {
             if unkept == nil { await handoffGone(process) }
             throw error

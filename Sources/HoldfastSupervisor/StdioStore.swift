@@ -150,13 +150,16 @@ struct StdioStore {
     }
 
     /// A process's streams were adopted by broker `incarnation`; its host ends stay here.
-    /// Returns the slots of an earlier process of the same id that was kept only for its stdin's
-    /// END echo (the caller clears them): the new process takes the id, the old echo is given up.
+    /// Returns what an earlier entry of the id leaves (the caller closes the fds and clears the
+    /// slots): a process kept only for its stdin's END echo (the new process takes the id, the
+    /// old echo is given up), or a handoff peer's process the broker is done with — it let this
+    /// id in, so it no longer holds that one — whose `handoff-ended` is not read yet (the reply
+    /// to the adopt can overtake that notification). Overwritten, its copies stayed open for good.
     @discardableResult
-    mutating func keep(_ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int) -> [Int] {
-        let evicted = held[process]?.keptForEcho == true ? release(process, evenForEcho: true)?.slots ?? [] : []
+    mutating func keep(_ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int) -> (descriptors: [Int32], slots: [Int]) {
+        let evicted = held[process] == nil ? nil : release(process, evenForEcho: true)
         held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
-        return evicted
+        return evicted ?? ([], [])
     }
 
     /// A handoff peer's process that broker `incarnation` adopted and deposited here (copies of

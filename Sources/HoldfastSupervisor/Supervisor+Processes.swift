@@ -160,13 +160,17 @@ extension Supervisor {
                 throw error
             }
             // The broker has copies; ours stay until the process is done (Supervisor+Stdio.swift).
-            stdio.withLockedValue { store in
-                // An earlier process of this id still kept for its stdin's echo gives it up.
-                for slot in store.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation) {
+            let evicted = stdio.withLockedValue { store in
+                // An earlier process of this id still kept for its stdin's echo gives it up; a
+                // handoff process's copies the broker is done with close.
+                let evicted = store.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation)
+                for slot in evicted.slots {
                     checkpoints?.checkpoint(slot)?.clear()
                     rings?.clear(slot)
                 }
+                return evicted.descriptors
             }
+            for fd in evicted { Reactor.shared.closeOnLoop(fd) }
         }
         table.withLockedValue { $0.started(entry) }
         if let child = started.child { forked.withLockedValue { $0[spec.id] = child } }

@@ -172,4 +172,40 @@ struct HandoffCrashSurvivalTests {
         #expect(processes == ["voiced"], "\(processes)\n\(daemon.log.suffix(6000))")
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// A second adopt of an id while the first waits for the supervisor's word (here for ever: a
+    /// failpoint withholds it), from a runtime or a create: refused, as if the first were in.
+    /// Before, the second got in (its slots refused for the id, so without crash-survival) and
+    /// the first was refused once answered — after the supervisor had kept its copies under the
+    /// id, or, with a create, had them overwritten by the create's and left open for good.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the supervisor's answer is held back at a failpoint, which only debug builds have"))
+    func aSecondAdoptOfTheIdWhileTheFirstWaitsIsRefused() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.depositUnanswered):dup"])
+        defer { daemon.cleanUp() }
+        let pid = daemon.daemonPID
+        let output = collect(try daemon.streams.open(token: bytes("d1-out"), direction: .receive))
+        _ = try daemon.streams.open(token: bytes("d2-out"), direction: .receive)
+        _ = try daemon.streams.open(token: bytes("d3-out"), direction: .receive)
+        let (first, second) = (try PipeEnds.make(), try PipeEnds.make())
+        defer { close(second.write) }
+
+        let firstAnswer = Task { try await Self.adopt("dup", "d1-out", first.read, on: daemon) }
+        try await daemon.waitForLog("keeping a handoff process's fds")
+        let refused = await #expect(throws: HoldfastError.self) { try await Self.adopt("dup", "d2-out", second.read, on: daemon) }
+        #expect(refused?.code == .processExists && refused?.message.contains("is being adopted") == true, "\(String(describing: refused))")
+        let created = await #expect(throws: HoldfastError.self) {
+            try await daemon.launch(ProcessSpec(id: "dup", argv: ["true"], stdout: daemon.spec("d3-out")))
+        }
+        #expect(created?.code == .processExists, "\(String(describing: created))")
+
+        #expect(try await firstAnswer.value == AdoptResponse(survivesBrokerCrash: false))
+        let streams = try await daemon.brokerStreams().filter { $0.process == "dup" }
+        #expect(streams.count == 1, "one process of the id, with the first adopt's stream: \(streams)")
+        try await eventually("the supervisor to let the unanswered copies go", timeout: .seconds(10)) { Self.copies(of: first.write, in: pid).isEmpty }
+        #expect(Self.copies(of: second.write, in: pid).isEmpty, "nor does it hold the refused adopt's")
+        try await Self.expectRelayedExact(first, to: output, seed: 0xD0B1)
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }

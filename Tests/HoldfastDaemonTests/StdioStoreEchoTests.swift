@@ -81,7 +81,7 @@ struct StdioStoreEchoTests {
         var (store, _, inSlot) = try store()
         _ = store.release("p1")
         let evicted = store.keep("p1", request: AdoptRequest(process: "p1", streams: []), descriptors: [], adoptedBy: 1)
-        #expect(evicted == [inSlot])
+        #expect(evicted.slots == [inSlot] && evicted.descriptors.isEmpty)
         #expect(!store.isKeptForEcho("p1"))
     }
 
@@ -96,6 +96,20 @@ struct StdioStoreEchoTests {
         #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == [inSlot])
         #expect(!store.isKeptForEcho("p1") && store.isHandoff("p1"))
         #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == nil, "a second deposit of the id is refused")
+    }
+
+    /// The broker let a create of the id in, so it is done with the handoff process of that id,
+    /// whose `handoff-ended` the reply overtook: its copies are handed back to close. Before,
+    /// the new entry overwrote the old one and its fds stayed open in the supervisor for good.
+    @Test func aCreateOfAHandoffProcessesIdClosesItsCopies() throws {
+        var store = StdioStore(slots: 64)
+        let handoff = AdoptRequest(process: "h1", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: "unix:/run/out.sock", mode: .raw)
+        ])
+        #expect(store.keepHandoff(HandoffDeposit(request: handoff, owner: 1000), descriptors: [61], adoptedBy: 1) == [])
+        let evicted = store.keep("h1", request: AdoptRequest(process: "h1", streams: []), descriptors: [], adoptedBy: 1)
+        #expect(evicted.descriptors == [61] && evicted.slots.isEmpty)
+        #expect(!store.isHandoff("h1"))
     }
 
     @Test func aStdinTheProcessStoppedReadingIsNotKept() throws {
