@@ -444,8 +444,18 @@ public final class Broker: Sendable {
     /// Every stream, by process id: the live ones, and those of releases kept for their peers
     /// (state `kept`: a runtime that lost the answer, or restarted, sees what waits for it).
     public func list(ownedBy owner: ProcessOwner? = nil) -> [StreamStatus] {
-        let live = processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }
-            .map { (id: $0.id, streams: $0.status()) }
+        let all = processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }
+        // A runtime's process without a deposit with the supervisor is said to be so.
+        let unkept = handoffs.withLockedValue { slots in
+            Set(all.filter { if case .handoff = $0.owner { !slots.has($0.id) } else { false } }.map(\.id))
+        }
+        let live = all.map { process in
+            var streams = process.status()
+            if unkept.contains(process.id) {
+                for index in streams.indices { streams[index].survivesBrokerCrash = false }
+            }
+            return (id: process.id, streams: streams)
+        }
         let kept = keptReleases.withLockedValue { $0.status(ownedBy: owner) }
         return (live + kept).sorted { $0.id < $1.id }.flatMap(\.streams)
     }

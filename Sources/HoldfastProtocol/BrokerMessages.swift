@@ -278,12 +278,17 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     /// Bytes a broker crash took from this stream, reported to the host as a gap (absent when
     /// none).
     public var lostBytes: UInt64?
+    /// False for a stream of a process a runtime handed over that the supervisor holds no copy
+    /// of (its `adopt` was answered `survivesBrokerCrash: false`): a broker crash ends its relay.
+    /// Absent otherwise.
+    public var survivesBrokerCrash: Bool?
 
     public init(
         process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: StreamState,
         bytesToHost: UInt64, bytesFromHost: UInt64, reconnects: UInt64, undelivered: UInt64, lastDialError: String? = nil,
-        failedDials: UInt64? = nil, lostBytes: UInt64? = nil
+        failedDials: UInt64? = nil, lostBytes: UInt64? = nil, survivesBrokerCrash: Bool? = nil
     ) {
+        self.survivesBrokerCrash = survivesBrokerCrash
         self.lostBytes = lostBytes
         self.lastDialError = lastDialError
         self.failedDials = failedDials

@@ -120,6 +120,11 @@ public enum StatusPrinter {
             let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
             lines.append("\(name): \(paint("\(bytes(lost)) lost", "31")) in a broker crash (reported to the host as a gap)")
         }
+        // A runtime's process the supervisor holds no copy of, one line each.
+        var unkept: Set<String> = []
+        for stream in report.streams where stream.survivesBrokerCrash == false && unkept.insert(stream.process).inserted {
+            lines.append("\(stream.process): \(paint("not kept for a broker crash", "33")): handed over without crash-survival (the broker's log says why); a broker crash ends its relay")
+        }
         if let omitted = report.omittedStreams {
             let states = (report.streamStates ?? [:]).sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             lines.append("... and \(omitted) more streams (all streams: \(states))")

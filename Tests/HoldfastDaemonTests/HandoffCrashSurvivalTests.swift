@@ -3,6 +3,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import HoldfastTools
 import Testing
 
 #if canImport(Glibc)
@@ -36,6 +37,13 @@ struct HandoffCrashSurvivalTests {
         try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
         let warned = daemon.log.split(separator: "\n").filter { $0.contains("without surviving a broker crash") }
         #expect(warned.count == 1 && warned[0].contains("process=unkept") && warned[0].contains("no free checkpoint slots"), "\(warned)")
+        // And `status` says so, for the operator: the field on its streams, a line under the table.
+        let report = try await daemon.status()
+        let survival = Dictionary(grouping: report.streams, by: \.process).mapValues { $0.map(\.survivesBrokerCrash) }
+        #expect(survival["unkept"] == [false] && survival["kept"] == [nil], "\(survival)")
+        let rendered = StatusPrinter.render(report, colour: false).split(separator: "\n")
+        let unkeptLines = rendered.filter { $0.contains("not kept for a broker crash") }
+        #expect(unkeptLines.count == 1 && unkeptLines[0].hasPrefix("unkept: "), "\(rendered)")
 
         // Relayed all the same: what it writes reaches the host, exact.
         var random = SeededRandom(seed: 0x5A7E)
