@@ -164,17 +164,26 @@ struct StdioStore {
 
     /// A handoff peer's process that broker `incarnation` adopted and deposited here (copies of
     /// its fds, its streams with the broker's checkpoint slots): handed to the next broker like
-    /// the supervisor's own. Returns the slots of an earlier process of the same id kept only
-    /// for its stdin's END echo (the caller clears them: the new process takes the id, as with
-    /// `keep`), or nil (the caller closes the fds) if a live process holds the id.
-    mutating func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], adoptedBy incarnation: Int) -> [Int]? {
+    /// the supervisor's own. Refused (the caller closes the fds and says why) if the id is held:
+    /// by a live process, or by one of ours kept only for its stdin's END echo — a runtime's
+    /// process is told it is not kept rather than take the host's echo its crash-survival (the
+    /// host's own next process of the id does take it over: `keep`).
+    mutating func keepHandoff(_ deposit: HandoffDeposit, descriptors: [Int32], adoptedBy incarnation: Int) -> HandoffKeeping {
         let process = deposit.request.process
-        guard held[process] == nil || held[process]?.keptForEcho == true else { return nil }
-        let evicted = held[process] == nil ? [] : release(process, evenForEcho: true)?.slots ?? []
+        if let entry = held[process] { return entry.keptForEcho == true ? .heldForEcho : .held }
         var request = deposit.request
         request.handoffOwner = deposit.owner
         held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
-        return evicted
+        return .kept
+    }
+
+    /// What `keepHandoff` did.
+    enum HandoffKeeping: Equatable {
+        case kept
+        /// A live process holds the id.
+        case held
+        /// A process of ours holds the id for its stdin's END echo.
+        case heldForEcho
     }
 
     /// Up to `limit` of the processes broker `incarnation` (the current one) does not have yet,

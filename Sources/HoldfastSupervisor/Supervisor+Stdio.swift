@@ -215,14 +215,12 @@ extension Supervisor {
                     ? "its fds did not arrive (the supervisor is at its limit on open files)"
                     : "it names fds it did not bring (\(descriptors.count) came)"
             }
-            guard let evicted = store.keepHandoff(deposit, descriptors: descriptors, adoptedBy: store.incarnation(of: client)) else {
-                return "the supervisor holds a process with this id"
+            switch store.keepHandoff(deposit, descriptors: descriptors, adoptedBy: store.incarnation(of: client)) {
+            case .kept: return nil
+            case .held: return "the supervisor holds a process with this id"
+            case .heldForEcho:
+                return "the id is the host's process whose stdin's END echo is still owed (kept for a broker crash until the host has it)"
             }
-            for slot in evicted {
-                checkpoints?.checkpoint(slot)?.clear()
-                rings?.clear(slot)
-            }
-            return nil
         }
         if let refusal {
             SeqpacketFrames.closeDescriptors(descriptors)

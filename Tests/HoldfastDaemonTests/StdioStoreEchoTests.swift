@@ -85,17 +85,20 @@ struct StdioStoreEchoTests {
         #expect(!store.isKeptForEcho("p1"))
     }
 
-    /// A handoff runtime's process of the id takes it over the same way: before, its deposit
-    /// was refused (the id held) and the runtime told it survives a broker crash when it did not.
-    @Test func aHandoffProcessOfTheIdTakesItOverButNotFromALiveProcess() throws {
+    /// A handoff runtime's process of the id does not: a guest process must not take the host's
+    /// echo its crash-survival. Its deposit is refused, and said to be (the runtime is told
+    /// `survivesBrokerCrash: false`); once the echo is home the id is free for a deposit.
+    @Test func aHandoffProcessOfTheIdIsNotKeptWhileTheEchoIsOwed() throws {
         var (store, _, inSlot) = try store()
         let deposit = HandoffDeposit(request: AdoptRequest(process: "p1", streams: []), owner: 1000)
-        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == nil, "p1 is live: its id is not taken")
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == .held, "p1 is live")
         _ = store.release("p1")
-        #expect(store.isKeptForEcho("p1"))
-        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == [inSlot])
-        #expect(!store.isKeptForEcho("p1") && store.isHandoff("p1"))
-        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == nil, "a second deposit of the id is refused")
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == .heldForEcho)
+        #expect(store.isKeptForEcho("p1") && !store.isHandoff("p1"), "the echo is kept")
+        _ = store.inputSettled("p1", slot: inSlot)
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == .kept)
+        #expect(store.isHandoff("p1"))
+        #expect(store.keepHandoff(deposit, descriptors: [], adoptedBy: 1) == .held, "a second deposit of the id is refused")
     }
 
     /// The broker let a create of the id in, so it is done with the handoff process of that id,
@@ -106,7 +109,7 @@ struct StdioStoreEchoTests {
         let handoff = AdoptRequest(process: "h1", streams: [
             StreamDescription(kind: .stdout, fd: 0, address: "unix:/run/out.sock", mode: .raw)
         ])
-        #expect(store.keepHandoff(HandoffDeposit(request: handoff, owner: 1000), descriptors: [61], adoptedBy: 1) == [])
+        #expect(store.keepHandoff(HandoffDeposit(request: handoff, owner: 1000), descriptors: [61], adoptedBy: 1) == .kept)
         let evicted = store.keep("h1", request: AdoptRequest(process: "h1", streams: []), descriptors: [], adoptedBy: 1)
         #expect(evicted.descriptors == [61] && evicted.slots.isEmpty)
         #expect(!store.isHandoff("h1"))

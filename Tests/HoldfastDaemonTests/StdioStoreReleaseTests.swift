@@ -27,7 +27,7 @@ struct StdioStoreReleaseTests {
         handed.streams[1].checkpoint = 12289
         handed.streams[0].window = WindowPipe(read: 2, write: 3)
         let deposited = store.keepHandoff(HandoffDeposit(request: handed, owner: 1000), descriptors: [41, 42, 50, 51], adoptedBy: 1)
-        #expect(deposited == [])
+        #expect(deposited == .kept)
         let closedStdin = store.inputEnded("h", endedByHost: false)
         #expect(closedStdin == 42)
         var own = AdoptRequest(process: "own", streams: [

@@ -35,7 +35,7 @@ struct UpgradeStateTests {
         ])
         handoff.handoffOwner = nil
         let kept = store.keepHandoff(HandoffDeposit(request: handoff, owner: 1000), descriptors: [43], adoptedBy: 3)
-        #expect(kept == [])
+        #expect(kept == .kept)
         _ = store.inputEnded("p1", endedByHost: true)  // its stdin (fd 42) closed: -1 in the entry, not passed on
         return store
     }
