@@ -113,6 +113,18 @@ CLOSED_AT_ONCE = ("the broker closed the connection without an answer (it closes
                   "budgets at once, and a restarting broker drops them): retry")
 
 
+@dataclass(frozen=True)
+class Adopted:
+    """How an adopt was answered: whether the process survives a broker crash, and if not why
+    (the broker's log says the same). True or false as `survives`, so `if adopt(...):` reads as
+    whether it survives."""
+    survives: bool
+    reason: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return self.survives
+
+
 class Client:
     """One connection to the handoff socket. Requests are answered in order, one at a time."""
 
@@ -188,11 +200,11 @@ class Client:
                 os.close(fd)
             raise
 
-    def adopt(self, process: str, streams: Sequence[Stream]) -> bool:
+    def adopt(self, process: str, streams: Sequence[Stream]) -> Adopted:
         """Hands the streams' fds to the broker, which relays them from now on. Our fds stay
         open: close them once this returns (the broker has its own copies). Returns whether
-        the process survives a broker crash (False: the broker could not keep copies of its fds
-        or checkpoints for it, and says why in its log; it is relayed all the same)."""
+        the process survives a broker crash (false: the broker could not keep copies of its fds
+        or checkpoints for it, and `reason` says why; it is relayed all the same)."""
         described = []
         for index, stream in enumerate(streams):
             # `fd` in the JSON is an index into the fds attached to this message.
@@ -212,7 +224,7 @@ class Client:
         for fd in fds:
             os.close(fd)
         # A broker older than this field kept every process it could without saying so.
-        return bool(answer.get("survivesBrokerCrash", True))
+        return Adopted(bool(answer.get("survivesBrokerCrash", True)), answer.get("reason"))
 
     def release(self, process: str) -> List[Tuple[dict, int]]:
         """Stops relaying the process's streams and takes their fds back: a list of (stream
@@ -235,7 +247,7 @@ class Client:
 
 
 def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30.0,
-          said=lambda message: None) -> bool:
+          said=lambda message: None) -> Adopted:
     """`Client.adopt` on a connection of its own, settled if the broker dies inside it.
 
     A broker that dies while it adopts a process may or may not have taken it: the connection
@@ -255,7 +267,7 @@ def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30
             with Client(path) as broker:
                 if unsettled and any(s.get("process") == process for s in broker.list()):
                     said("the broker had taken it before it died: not adopted again")
-                    return True
+                    return Adopted(True)
                 return broker.adopt(process, streams)
         except BrokerError as error:
             # After a try without an answer, `process-exists` may be that try, answered late
@@ -361,11 +373,13 @@ def run_adopt(args: argparse.Namespace) -> int:
         for fd in ours:
             os.close(fd)  # sent (the broker has its copy) or refused: either way not ours to keep
     if not survives:
-        print("handoff.py: the broker relays the process but could not make it survive a broker crash "
-              "(its log says why)", file=sys.stderr, flush=True)
-    report = {"process": args.process, "survivesBrokerCrash": survives, "streams": [
+        print("handoff.py: the broker relays the process but could not make it survive a broker crash: "
+              f"{survives.reason or 'its log says why'}", file=sys.stderr, flush=True)
+    report = {"process": args.process, "survivesBrokerCrash": survives.survives, "streams": [
         dict(kind=s.kind, address=s.address, mode=s.mode, **({"token": s.token} if s.token else {}))
         for s in streams]}
+    if survives.reason:
+        report["reason"] = survives.reason
     if not command:
         print(json.dumps(report), flush=True)
         return 0

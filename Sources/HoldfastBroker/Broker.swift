@@ -241,8 +241,8 @@ public final class Broker: Sendable {
     /// crash right after finds them there, and a broker started after a crash of this one is
     /// handed it again by the supervisor, with the peer still its owner. Without a checkpoint
     /// area, free slots, fd copies or the supervisor's word it is adopted as before: relayed,
-    /// but not kept across a crash. Returns whether it is kept (the peer is told so).
-    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> Bool {
+    /// but not kept across a crash. Returns whether it is kept, and if not why (the peer is told).
+    public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> AdoptResponse {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
         // Refused at once for what refuses it for certain, before anything is deposited (a
@@ -299,7 +299,7 @@ public final class Broker: Sendable {
             throw error
         }
         Failpoint.pass(Failpoint.brokerAdoptTaken, process: process)
-        return unkept == nil
+        return AdoptResponse(survivesBrokerCrash: unkept == nil, reason: unkept)
     }
 
     /// Hands the supervisor copies of a handoff process's fds (`request` names its slots) and

@@ -266,8 +266,7 @@ public final class BrokerService: Sendable {
         case .adopt:
             switch caller {
             case .handoff(let credentials):
-                let kept = try await broker.adoptFromHandoff(adoption!, descriptors: descriptors, uid: credentials.uid)
-                return RPCReply(AdoptResponse(survivesBrokerCrash: kept))
+                return RPCReply(try await broker.adoptFromHandoff(adoption!, descriptors: descriptors, uid: credentials.uid))
             case .supervisor:
                 if adoption!.request.releasing == true {
                     try broker.keepInterruptedRelease(adoption!.request, descriptors: descriptors)

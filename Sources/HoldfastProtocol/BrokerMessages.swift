@@ -437,7 +437,12 @@ public struct AdoptResponse: Codable, Sendable, Equatable {
     /// could not (no slot of its range free, no fd for the copies, no checkpoint area; its log
     /// says which): the process is relayed all the same, but gone with the broker if it dies.
     public var survivesBrokerCrash: Bool
-    public init(survivesBrokerCrash: Bool) { self.survivesBrokerCrash = survivesBrokerCrash }
+    /// Why not, when `survivesBrokerCrash` is false (the broker's log says the same).
+    public var reason: String?
+    public init(survivesBrokerCrash: Bool, reason: String? = nil) {
+        self.survivesBrokerCrash = survivesBrokerCrash
+        self.reason = reason
+    }
 }
 
 /// A release hands the fds back, in the order of `streams`.

@@ -33,7 +33,8 @@ struct HandoffCrashSurvivalTests {
             try await Self.adopt(process, token, fd, on: daemon)
         }
         #expect(try await adopt("kept", "k-out", keptPipe.read) == AdoptResponse(survivesBrokerCrash: true))
-        #expect(try await adopt("unkept", "u-out", unkeptPipe.read) == AdoptResponse(survivesBrokerCrash: false))
+        let unkept = try await adopt("unkept", "u-out", unkeptPipe.read)
+        #expect(!unkept.survivesBrokerCrash && unkept.reason?.contains("no free checkpoint slots") == true, "\(unkept)")
         try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
         let warned = daemon.log.split(separator: "\n").filter { $0.contains("without surviving a broker crash") }
         #expect(warned.count == 1 && warned[0].contains("process=unkept") && warned[0].contains("no free checkpoint slots"), "\(warned)")
@@ -118,7 +119,7 @@ struct HandoffCrashSurvivalTests {
         var answer: AdoptResponse?
         await #expect(throws: Never.self) { answer = try await Self.adopt("short", "s-out", short.read, on: daemon) }
         #expect(hft_set_nofile_soft(pid, before.soft) == 0, "prlimit back: errno \(errno)")
-        #expect(answer == AdoptResponse(survivesBrokerCrash: false))
+        #expect(answer?.survivesBrokerCrash == false && answer?.reason?.contains("its fds did not arrive") == true, "why, in the answer: \(String(describing: answer))")
         try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
         let lines = daemon.log.split(separator: "\n")
         let refused = lines.filter { $0.contains("fds were not kept") }
@@ -160,7 +161,8 @@ struct HandoffCrashSurvivalTests {
         let (mute, voiced) = (try PipeEnds.make(), try PipeEnds.make())
         defer { close(voiced.write) }
 
-        #expect(try await Self.adopt("mute", "m-out", mute.read, on: daemon) == AdoptResponse(survivesBrokerCrash: false))
+        let muted = try await Self.adopt("mute", "m-out", mute.read, on: daemon)
+        #expect(!muted.survivesBrokerCrash && muted.reason?.contains("did not answer") == true, "\(muted)")
         try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
         let lines = daemon.log.split(separator: "\n")
         #expect(lines.contains { $0.contains("keeping a handoff process's fds") && $0.contains("process=mute") }, "the supervisor kept it")
@@ -208,7 +210,7 @@ struct HandoffCrashSurvivalTests {
         }
         #expect(created?.code == .processExists, "\(String(describing: created))")
 
-        #expect(try await firstAnswer.value == AdoptResponse(survivesBrokerCrash: false))
+        #expect(try await firstAnswer.value.survivesBrokerCrash == false)
         let streams = try await daemon.brokerStreams().filter { $0.process == "dup" }
         #expect(streams.count == 1, "one process of the id, with the first adopt's stream: \(streams)")
         try await eventually("the supervisor to let the unanswered copies go", timeout: .seconds(10)) { Self.copies(of: first.write, in: pid).isEmpty }
