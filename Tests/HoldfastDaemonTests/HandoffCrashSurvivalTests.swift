@@ -47,21 +47,10 @@ struct HandoffCrashSurvivalTests {
         #expect(unkeptLines.count == 1 && unkeptLines[0].hasPrefix("unkept: "), "\(rendered)")
 
         // Relayed all the same: what it writes reaches the host, exact.
-        var random = SeededRandom(seed: 0x5A7E)
-        let written = (0..<(16 * 1024)).map { _ in UInt8.random(in: 0...255, using: &random) }
-        #expect(written.withUnsafeBytes { write(unkeptPipe.write, $0.baseAddress, $0.count) } == written.count)
-        close(unkeptPipe.write)
-        let received = try await withTimeout("the unkept process's output", .seconds(30)) { await unkeptOutput.value }
-        #expect(sha256Hex(received) == sha256Hex(written), "\(received.count) of \(written.count) bytes")
+        try await Self.expectRelayedExact(unkeptPipe, to: unkeptOutput, seed: 0x5A7E)
 
         // And what each answer said holds: after a crash the next broker has the one, not the other.
-        let broker = try #require(try await daemon.rolePID("broker"))
-        kill(broker, SIGKILL)
-        try await eventually("the next broker", timeout: .seconds(30)) {
-            let next = try await daemon.rolePID("broker")
-            return next != nil && next != broker
-        }
-        let processes = Set(try await daemon.brokerStreams().map(\.process))
+        let processes = try await Self.processesAfterABrokerCrash(daemon)
         #expect(processes == ["kept"], "the kept process is back, the unkept one is gone: \(processes)\n\(daemon.log.suffix(6000))")
         #expect(try await daemon.stop() == .exited(0))
     }
@@ -78,6 +67,12 @@ struct HandoffCrashSurvivalTests {
         defer { close(fd) }
         let reply = try await runtime.request(request.frameType, body: request.body, descriptors: [fd])
         return try ControlJSON.decode(AdoptResponse.self, from: reply.frame.body, frameType: reply.frame.type)
+    }
+
+    /// The processes the broker has after one SIGKILL of it, once its successor serves.
+    static func processesAfterABrokerCrash(_ daemon: DaemonFixture) async throws -> Set<String> {
+        _ = try await killBroker(of: daemon, times: 1, pause: 0...0)
+        return Set(try await daemon.brokerStreams().map(\.process))
     }
 
     /// The supervisor's fds that are the pipe `fd` is an end of.
@@ -132,13 +127,7 @@ struct HandoffCrashSurvivalTests {
         // Its fds back, the supervisor keeps the next deposit, and a crash costs that one nothing.
         #expect(try await Self.adopt("later", "l-out", later.read, on: daemon) == AdoptResponse(survivesBrokerCrash: true))
         #expect(!Self.copies(of: later.write, in: pid).isEmpty, "the supervisor holds the next process's pipe")
-        let broker = try #require(try await daemon.rolePID("broker"))
-        kill(broker, SIGKILL)
-        try await eventually("the next broker", timeout: .seconds(30)) {
-            let next = try await daemon.rolePID("broker")
-            return next != nil && next != broker
-        }
-        let processes = Set(try await daemon.brokerStreams().map(\.process))
+        let processes = try await Self.processesAfterABrokerCrash(daemon)
         #expect(processes == ["later"], "\(processes)\n\(daemon.log.suffix(6000))")
         #expect(try await daemon.stop() == .exited(0))
     }
@@ -172,13 +161,7 @@ struct HandoffCrashSurvivalTests {
         try await Self.expectRelayedExact(mute, to: output, seed: 0x3073)
 
         #expect(try await Self.adopt("voiced", "v-out", voiced.read, on: daemon) == AdoptResponse(survivesBrokerCrash: true))
-        let broker = try #require(try await daemon.rolePID("broker"))
-        kill(broker, SIGKILL)
-        try await eventually("the next broker", timeout: .seconds(30)) {
-            let next = try await daemon.rolePID("broker")
-            return next != nil && next != broker
-        }
-        let processes = Set(try await daemon.brokerStreams().map(\.process))
+        let processes = try await Self.processesAfterABrokerCrash(daemon)
         #expect(processes == ["voiced"], "\(processes)\n\(daemon.log.suffix(6000))")
         #expect(try await daemon.stop() == .exited(0))
     }
