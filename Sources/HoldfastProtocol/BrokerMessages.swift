@@ -434,8 +434,9 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
 public struct AdoptResponse: Codable, Sendable, Equatable {
     /// Whether the broker deposited copies of the process's fds with the supervisor and gave
     /// its resumable streams checkpoint slots, so a broker crash costs it nothing. False when it
-    /// could not (no slot of its range free, no fd for the copies, no checkpoint area; its log
-    /// says which): the process is relayed all the same, but gone with the broker if it dies.
+    /// could not (no slot of its range free, no fd for the copies, no checkpoint area, the
+    /// supervisor refused the copies or did not answer within 5 s; `reason` and its log say
+    /// which): the process is relayed all the same, but gone with the broker if it dies.
     public var survivesBrokerCrash: Bool
     /// Why not, when `survivesBrokerCrash` is false (the broker's log says the same).
     public var reason: String?
