@@ -269,7 +269,13 @@ final class ManagedStream: Sendable {
         // forgot the stream, must not keep it for ever: bounded by the drain timeout.
         let resumedEnded = description.kind == .stdin && description.ended == true
         let settledSlot = description.mode == .resumable && description.kind == .stdin ? description.checkpoint : nil
-        let closeAll = { [self] in close() }
+        // A stdin that ends: a socket is shut down for writing first, so the process reads
+        // end-of-file even while another fd of the same socket stays open (the runtime handed it
+        // over for its stdout too, attached twice); closing our fd alone would never say it.
+        let endInput = { [self] in
+            if handle.isSocket { handle.shutdownWrite() }
+            close()
+        }
         // On the reactor's thread: a relay woken by readiness continues where it was seen.
         let task = Task(executorPreference: Reactor.shared) { () -> [RelayReport] in
             switch (output, input) {
@@ -303,14 +309,14 @@ final class ManagedStream: Sendable {
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
                     if !resumedEnded { inputClosed(false) }
-                    closeAll()
+                    endInput()
                     input.close()
                     if resumedEnded, let settledSlot { inputSettled(settledSlot) }
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
                 if !resumedEnded { inputClosed(true) }
-                closeAll()
+                endInput()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 if let settledSlot { inputSettled(settledSlot) }
                 return [report]

@@ -245,6 +245,10 @@ public final class Broker: Sendable {
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> AdoptResponse {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
+        if let refusal = Self.descriptorRefusal(adoption.request, peerDescriptors) {
+            SeqpacketFrames.closeDescriptors(peerDescriptors)
+            throw refusal
+        }
         // Refused at once for what refuses it for certain, before anything is deposited (a
         // deposit the supervisor refuses, the id its own, would be warned of for nothing); the
         // id claimed until the adoption, so that no other adopt of it gets in while this one
@@ -300,6 +304,23 @@ public final class Broker: Sendable {
         }
         Failpoint.pass(Failpoint.brokerAdoptTaken, process: process)
         return AdoptResponse(survivesBrokerCrash: unkept == nil, reason: unkept)
+    }
+
+    /// The first stream of a runtime's request whose fd cannot carry it (the wrong end of a
+    /// pipe, a pty's slave, a directory...), as the `bad-descriptor` it is refused with. Only a
+    /// runtime's fds are looked at: the supervisor makes its own pipes and terminals.
+    private static func descriptorRefusal(_ request: AdoptRequest, _ descriptors: [Int32]) -> HoldfastError? {
+        for (index, stream) in request.streams.enumerated() {
+            let fd = descriptors[stream.fd]
+            let refusal: String?
+            do {
+                refusal = AdoptCheck.descriptorRefusal(kind: stream.kind, facts: try DescriptorFacts.of(fd)).map { "fd \(stream.fd) is \($0)" }
+            } catch {
+                refusal = "fd \(stream.fd): \(error)"
+            }
+            if let refusal { return HoldfastError(.badDescriptor, "streams[\(index)] (\(stream.kind.rawValue)): \(refusal)") }
+        }
+        return nil
     }
 
     /// Hands the supervisor copies of a handoff process's fds (`request` names its slots) and

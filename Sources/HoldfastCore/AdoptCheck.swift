@@ -54,6 +54,7 @@ public enum AdoptCheck {
         var kinds = Set<StreamKind>()
         var slots = Set<Int>()
         var windowEnds = Set<Int>()
+        var streamOfFD: [Int: Int] = [:]
         var validated: [ValidatedStream] = []
         for (index, stream) in request.streams.enumerated() {
             let name = "streams[\(index)]"
@@ -62,6 +63,11 @@ public enum AdoptCheck {
             }
             guard stream.fd >= 0, stream.fd < descriptorCount else {
                 throw HoldfastError(.badRequest, "\(name): fd index \(stream.fd) but \(descriptorCount) fds attached")
+            }
+            // Each stream owns its fd: it closes it when it ends (a stdin the host ended, a
+            // release), which would cut the other stream off mid-read.
+            if let other = streamOfFD.updateValue(index, forKey: stream.fd) {
+                throw HoldfastError(.badRequest, "\(name): fd index \(stream.fd) is streams[\(other)]'s too: each stream needs an fd of its own (attach it twice, or a dup)")
             }
             var parsed: [SocketAddress] = []
             for (key, text) in [("address", stream.address), ("inputAddress", stream.inputAddress)] {

@@ -1,0 +1,41 @@
+import HoldfastCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension DescriptorFacts {
+    /// The facts of `fd`: its open flags, fstat, and for a socket SO_ACCEPTCONN and
+    /// getpeername. None of these waits (no ioctl: TIOCGWINSZ would wait for a terminal's size
+    /// lock, which its process can hold), and each is in the broker's seccomp allow-list.
+    public static func of(_ fd: Int32) throws(SystemError) -> DescriptorFacts {
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0 else { throw .last("fcntl(F_GETFL, fd \(fd))") }
+        let access = flags & O_ACCMODE
+        let readable = access == O_RDONLY || access == O_RDWR
+        let writable = access == O_WRONLY || access == O_RDWR
+        // O_PATH (not exported by Glibc's module): 010000000.
+        if flags & 0o10000000 != 0 { return DescriptorFacts(type: .pathOnly, readable: false, writable: false) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw .last("fstat(fd \(fd))") }
+        var listening = false
+        var connected = true
+        if info.st_mode & S_IFMT == S_IFSOCK {
+            var value: Int32 = 0
+            var size = socklen_t(MemoryLayout<Int32>.size)
+            listening = getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &size) == 0 && value != 0
+            var address = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            connected = withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) == 0 }
+            } || errno != ENOTCONN
+        }
+        // Linux's dev_t: major in bits 8-19 and 32-43, minor in bits 0-7 and 20-31.
+        let device = UInt64(info.st_rdev)
+        let major = UInt32(truncatingIfNeeded: ((device >> 8) & 0xfff) | ((device >> 32) & ~UInt64(0xfff)))
+        let minor = UInt32(truncatingIfNeeded: (device & 0xff) | ((device >> 12) & ~UInt64(0xff)))
+        let type = fileType(
+            mode: UInt32(info.st_mode), deviceMajor: major, deviceMinor: minor, socketListening: listening, socketConnected: connected)
+        return DescriptorFacts(type: type, readable: readable, writable: writable)
+    }
+}

@@ -1,0 +1,122 @@
+import CHoldfastShims
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the broker checks of each fd a runtime hands over (`DescriptorFacts.of`, then
+/// `AdoptCheck.descriptorRefusal`), on real fds of every kind a runtime could send by mistake.
+/// Before, every one of them but an O_PATH fd was adopted `ok`: a pipe's write end as a stdout
+/// was a stream `connected` for ever with nothing on it, a pipe's read end as a stdin `parked`
+/// with no error, a directory a stream `closed` at once — with nothing said anywhere.
+@Suite("The fds a runtime hands over are checked against their streams")
+struct HandoffDescriptorCheckTests {
+    /// Opens the fds, runs `body` with them, closes them.
+    private func withDescriptors(_ body: ([String: Int32]) throws -> Void) throws {
+        var fds: [String: Int32] = [:]
+        defer { for fd in fds.values where fd >= 0 { close(fd) } }
+        let pipe = try PipeEnds.make()
+        fds["pipe read"] = pipe.read
+        fds["pipe write"] = pipe.write
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
+        fds["socketpair"] = pair[0]
+        fds["socketpair other"] = pair[1]
+        fds["unconnected socket"] = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let listening = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        fds["listening socket"] = listening
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)  // abstract and autobound: an empty path
+        #expect(withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listening, $0, socklen_t(MemoryLayout<sa_family_t>.size)) }
+        } == 0)
+        #expect(listen(listening, 1) == 0)
+        var (master, slave): (Int32, Int32) = (-1, -1)
+        #expect(openpty(&master, &slave, nil, nil, nil) == 0)
+        fds["pty master"] = master
+        fds["pty slave"] = slave
+        fds["directory"] = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        fds["O_PATH"] = open("/etc/hostname", 0o10000000 | O_CLOEXEC)
+        fds["eventfd"] = hf_eventfd()
+        fds["file read-only"] = open("/etc/hostname", O_RDONLY | O_CLOEXEC)
+        fds["null write-only"] = open("/dev/null", O_WRONLY | O_CLOEXEC)
+        fds["null read-write"] = open("/dev/null", O_RDWR | O_CLOEXEC)
+        for (name, fd) in fds { #expect(fd >= 0, "\(name): errno \(errno)") }
+        try body(fds)
+    }
+
+    @Test func theFactsOfEachKindOfFdAreReadWithoutWaiting() throws {
+        try withDescriptors { fds in
+            func facts(_ name: String) -> DescriptorFacts? { try? DescriptorFacts.of(fds[name]!) }
+            #expect(facts("pipe read") == DescriptorFacts(type: .pipe, readable: true, writable: false))
+            #expect(facts("pipe write") == DescriptorFacts(type: .pipe, readable: false, writable: true))
+            #expect(facts("socketpair") == DescriptorFacts(type: .socket(listening: false, connected: true), readable: true, writable: true))
+            #expect(facts("unconnected socket")?.type == .socket(listening: false, connected: false))
+            #expect(facts("listening socket")?.type == .socket(listening: true, connected: false))
+            #expect(facts("pty master") == DescriptorFacts(type: .ptyMaster, readable: true, writable: true))
+            #expect(facts("pty slave")?.type == .ptySlave)
+            #expect(facts("directory")?.type == .directory)
+            #expect(facts("O_PATH")?.type == .pathOnly)
+            #expect(facts("eventfd")?.type == .anonymous)
+            #expect(facts("file read-only") == DescriptorFacts(type: .regularFile, readable: true, writable: false))
+            #expect(facts("null write-only") == DescriptorFacts(type: .characterDevice, readable: false, writable: true))
+        }
+        #expect(throws: SystemError.self) { try DescriptorFacts.of(-1) }
+    }
+
+    @Test func eachStreamTakesTheEndItCanUseAndIsToldWhatToHandOverOtherwise() throws {
+        try withDescriptors { fds in
+            func refusal(_ kind: StreamKind, _ name: String) -> String? {
+                guard let facts = try? DescriptorFacts.of(fds[name]!) else { return "no facts" }
+                return AdoptCheck.descriptorRefusal(kind: kind, facts: facts)
+            }
+            // What a runtime should hand over: taken.
+            for (kind, name) in [
+                (StreamKind.stdout, "pipe read"), (.stderr, "pipe read"), (.stdin, "pipe write"), (.tty, "pty master"),
+                (.stdout, "socketpair"), (.stdin, "socketpair"), (.stdout, "file read-only"), (.stdin, "null write-only"),
+                (.stdout, "null read-write"), (.stdout, "pty master"),
+            ] {
+                #expect(refusal(kind, name) == nil, "\(kind) on \(name)")
+            }
+            // The wrong end, said so with what to hand over instead.
+            #expect(refusal(.stdout, "pipe write") == "a pipe's write end: hand over its read end (the process writes into the write end)")
+            #expect(refusal(.stderr, "pipe write")?.hasPrefix("a pipe's write end") == true)
+            #expect(refusal(.stdin, "pipe read") == "a pipe's read end: hand over its write end (the process reads from the read end)")
+            #expect(refusal(.tty, "pty slave") == "a pty's slave end (the process's terminal): hand over the master")
+            #expect(refusal(.stdout, "null write-only") == "open for writing only: the broker reads a stdout from its fd")
+            #expect(refusal(.stdin, "file read-only") == "open for reading only: the broker writes the host's stdin into its fd")
+            // Not a terminal's master for a tty: resizes and both directions need one.
+            for name in ["pipe read", "socketpair", "file read-only", "null read-write"] {
+                #expect(refusal(.tty, name)?.hasPrefix("not a pty master") == true, "\(name)")
+            }
+            // Nothing a stream of any kind can use.
+            for kind in StreamKind.allCases {
+                #expect(refusal(kind, "directory") == "a directory")
+                #expect(refusal(kind, "O_PATH") == "an O_PATH fd, which cannot be read or written")
+                #expect(refusal(kind, "eventfd")?.hasPrefix("not a pipe, socket, terminal or file") == true)
+                #expect(refusal(kind, "listening socket") == "a listening socket: hand over a connected one")
+                #expect(refusal(kind, "unconnected socket") == "a socket that is not connected")
+            }
+        }
+        // A pty master open one way only (as fstat-free facts: a runtime could open /dev/ptmx so).
+        #expect(AdoptCheck.descriptorRefusal(kind: .tty, facts: DescriptorFacts(type: .ptyMaster, readable: true, writable: false))
+            == "a pty master open only for reading: a tty is relayed both ways")
+    }
+
+    @Test func twoStreamsOnOneFdIndexAreRefused() throws {
+        let shared = AdoptRequest(process: "p", streams: [
+            StreamDescription(kind: .stdin, fd: 0, address: "unix:/h", mode: .raw),
+            StreamDescription(kind: .stdout, fd: 0, address: "unix:/h", mode: .raw),
+        ])
+        #expect(throws: HoldfastError(.badRequest, "streams[1]: fd index 0 is streams[0]'s too: each stream needs an fd of its own (attach it twice, or a dup)")) {
+            try AdoptCheck.validate(shared, descriptorCount: 1)
+        }
+        var apart = shared
+        apart.streams[1].fd = 1
+        #expect(throws: Never.self) { try AdoptCheck.validate(apart, descriptorCount: 2) }
+    }
+}
