@@ -25,18 +25,25 @@ As a command:
 
     handoff.py --socket PATH adopt --process c1 --stdout vsock://host:6000 --secret-file c1.key -- my-server --flag
     handoff.py --socket PATH adopt --process c1 --mode raw --stdout unix:/run/h.sock --stdout-fd 3
+    handoff.py --socket PATH adopt --process c2 --tty vsock://host:6001 --tty-input vsock://host:6002 \
+        --secret-file c2.key --console-socket -- runc create --bundle /b/c2 --console-socket {console-socket} c2
     handoff.py --socket PATH list
     handoff.py --socket PATH release --process c1
 """
 
 import argparse
 import array
+import fcntl
 import json
 import os
+import select
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import termios
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -305,6 +312,71 @@ def release(path: str, process: str, within: float = 30.0,
         time.sleep(0.2)
 
 
+class ConsoleSocket:
+    """A console socket, as runc's `--console-socket PATH` takes one: a Unix stream socket the
+    runtime connects to and sends a container's pty master on, in one message (the pty's name as
+    the payload, the master by SCM_RIGHTS). Hand what `receive` returns to the broker as a "tty"
+    stream and close it here: the broker holds the master from then on (docs/PROTOCOL.md, "adopt").
+
+        with handoff.ConsoleSocket() as console:
+            runc = subprocess.Popen(["runc", "create", "--bundle", b, "--console-socket", console.path, "c2"])
+            master = console.receive(gave_up=lambda: runc.poll() not in (None, 0))
+        handoff.adopt(path, "c2", [handoff.Stream("tty", master, ADDRESS, token=..., secret=...)])
+        os.close(master)
+    """
+
+    def __init__(self):
+        # In a directory only we can enter (mkdtemp makes it 0700): nobody else can connect first
+        # and hand us a terminal of theirs.
+        self.directory = tempfile.mkdtemp(prefix="handoff-console-")
+        self.path = os.path.join(self.directory, "console.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(self.path)
+            self.sock.listen(1)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "ConsoleSocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def receive(self, within: float = 30.0, gave_up=lambda: False) -> int:
+        """Waits (at most `within` seconds, or until `gave_up()` says the runtime failed) for the
+        runtime's connection, and returns the pty master it sent: ours to close."""
+        deadline = time.monotonic() + within
+        while True:
+            # Asked before looking: a runtime that connected and then ended is seen connected.
+            ended = gave_up()
+            if select.select([self.sock], [], [], 0 if ended else 0.1)[0]:
+                break
+            if ended:
+                raise ProtocolError("the runtime ended without sending a terminal to the console socket")
+            if time.monotonic() >= deadline:
+                raise ProtocolError(f"no terminal came to the console socket within {within:g} s")
+        connection, _ = self.sock.accept()
+        with connection:
+            connection.settimeout(max(0.1, deadline - time.monotonic()))
+            _, ancillary, flags, _ = connection.recvmsg(
+                4096, socket.CMSG_SPACE(4 * array.array("i").itemsize), socket.MSG_CMSG_CLOEXEC)
+        received = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(data[:len(data) - len(data) % received.itemsize])
+        if flags & socket.MSG_CTRUNC or len(received) != 1:
+            for fd in received:
+                os.close(fd)
+            raise ProtocolError(f"the runtime sent {len(received)} fds to the console socket, not 1 (a pty master)")
+        return received[0]
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 KINDS = ("stdin", "stdout", "stderr")
@@ -333,8 +405,14 @@ def read_secret_file(path: str) -> str:
 
 def run_adopt(args: argparse.Namespace) -> int:
     named = [kind for kind in KINDS if getattr(args, kind)]
+    if args.tty:
+        if named:
+            raise UsageError(f"--tty is the process's whole stdio: not with --{named[0]}")
+        return run_adopt_tty(args)
+    if args.tty_fd is not None or args.console_socket or args.tty_input:
+        raise UsageError("--tty-fd, --tty-input and --console-socket go with --tty ADDRESS")
     if not named:
-        raise UsageError("name at least one of --stdin, --stdout, --stderr")
+        raise UsageError("name at least one of --stdin, --stdout, --stderr, --tty")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     piped = [kind for kind in named if getattr(args, f"{kind}_fd") is None]
     if piped and not command:
@@ -406,6 +484,85 @@ def run_adopt(args: argparse.Namespace) -> int:
     return code if code >= 0 else 128 - code
 
 
+def run_adopt_tty(args: argparse.Namespace) -> int:
+    """adopt --tty: the process's terminal, whose master comes from --tty-fd N, from COMMAND (a
+    runtime such as `runc create`) over a console socket, or from a pty made here for COMMAND."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.console_socket:
+        if not any("{console-socket}" in argument for argument in command):
+            raise UsageError("--console-socket: say where COMMAND takes the socket's path with {console-socket}, "
+                             "e.g. -- runc create --bundle B --console-socket {console-socket} ID")
+    elif args.tty_fd is None and not command:
+        raise UsageError("--tty needs --tty-fd N (a pty master), --console-socket with a COMMAND that sends one, "
+                         "or a COMMAND to start on a new terminal")
+    mode = args.tty_mode or args.mode
+    token = secret = input_token = input_secret = None
+    if mode == "resumable":
+        token = args.tty_token or f"{args.process}-tty"  # the host must open streams with these tokens
+        secret_file = args.tty_secret_file or args.secret_file
+        if secret_file is None:
+            raise UsageError("--tty is resumable: name its secret with --secret-file or --tty-secret-file")
+        secret = read_secret_file(secret_file)
+        if args.tty_input:
+            input_token = args.tty_input_token or f"{args.process}-tty-input"
+            input_secret = read_secret_file(args.tty_input_secret_file or secret_file)
+    said = lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True)
+
+    child, slave = None, None
+    if args.console_socket:
+        with ConsoleSocket() as console:
+            argv = [argument.replace("{console-socket}", console.path) for argument in command]
+            # Its stdout is not ours (ours carries the report); its stderr is, for its errors.
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            try:
+                master = console.receive(gave_up=lambda: child.poll() is not None)
+            except ProtocolError as error:
+                code = child.wait() if child.poll() is not None else None
+                raise ProtocolError(f"{error} ({'it exited with status %d' % code if code is not None else 'it still runs'})")
+    elif args.tty_fd is not None:
+        master = args.tty_fd
+    else:
+        master, slave = os.openpty()
+    stream = Stream("tty", master, args.tty, mode, token, secret, args.tty_input, input_token, input_secret)
+    try:
+        survives = adopt(args.socket, args.process, [stream], said=said)
+    except BaseException:
+        if slave is not None:
+            os.close(slave)
+        raise
+    finally:
+        if args.tty_fd is None:
+            os.close(master)  # the broker has its copy (or refused it): a master kept here would hold the terminal
+    if not survives:
+        said(f"the broker relays the process but could not make it survive a broker crash: {survives.reason or 'its log says why'}")
+    described = dict(kind="tty", address=args.tty, mode=mode, **({"token": token} if token else {}))
+    if args.tty_input:
+        described.update(inputAddress=args.tty_input, **({"inputToken": input_token} if input_token else {}))
+    report = {"process": args.process, "survivesBrokerCrash": survives.survives, "streams": [described]}
+    if survives.reason:
+        report["reason"] = survives.reason
+    if slave is not None:
+        # COMMAND on the terminal's slave: its stdio, its controlling terminal, a session of its own.
+        try:
+            child = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        except OSError:
+            for _, fd in release(args.socket, args.process):
+                os.close(fd)
+            raise
+        finally:
+            os.close(slave)
+    if child is None:
+        print(json.dumps(report), flush=True)
+        return 0
+    report["pid"] = child.pid
+    print(json.dumps(report), flush=True)
+    if not args.wait:
+        return 0
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
 def run_release(args: argparse.Namespace) -> int:
     returned = release(args.socket, args.process, said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
     for description, fd in returned:
@@ -462,6 +619,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                            help="its resumable secret, if not --secret-file's")
         adopt.add_argument(f"--{kind}-fd", type=int, metavar="N",
                            help=f"hand over inherited fd N as {kind}")
+    adopt.add_argument("--tty", metavar="ADDRESS",
+                       help="where the broker dials for a terminal's output: the process's whole stdio "
+                            "(not with --stdin/--stdout/--stderr)")
+    adopt.add_argument("--tty-mode", choices=MODES, help="the terminal's mode, if not --mode")
+    adopt.add_argument("--tty-token", metavar="TOKEN", help="its resumable token (default PROCESS-tty)")
+    adopt.add_argument("--tty-secret-file", metavar="FILE", help="its resumable secret, if not --secret-file's")
+    adopt.add_argument("--tty-input", metavar="ADDRESS", help="where the broker dials for the terminal's input")
+    adopt.add_argument("--tty-input-token", metavar="TOKEN", help="its resumable token (default PROCESS-tty-input)")
+    adopt.add_argument("--tty-input-secret-file", metavar="FILE", help="its secret, if not the terminal's")
+    source = adopt.add_mutually_exclusive_group()
+    source.add_argument("--tty-fd", type=int, metavar="N", help="hand over inherited fd N, a pty master")
+    source.add_argument("--console-socket", action="store_true",
+                        help="COMMAND (a runtime: runc create) sends the pty master to a console socket made here; "
+                             "{console-socket} in COMMAND is replaced by its path")
     adopt.add_argument("--wait", action="store_true", help="wait for COMMAND and exit with its status")
     adopt.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS... to start")
     adopt.set_defaults(run=run_adopt)

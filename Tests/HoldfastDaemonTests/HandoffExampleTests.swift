@@ -479,3 +479,82 @@ extension HandoffExampleTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+extension HandoffExampleTests {
+    /// The design's runc console socket, from a runtime's side: `handoff.py adopt --tty
+    /// --console-socket -- runc create ... --console-socket {console-socket}` makes the socket,
+    /// runs runc, takes the container's pty master runc sends there and hands it to the broker,
+    /// keeping no copy. Then `runc start`: the container's terminal reaches the host and the
+    /// host's typing reaches the container, exact, and its end ends the stream. A runtime that
+    /// ends without sending one, or a COMMAND that does not say where the socket goes, is told.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static"))
+    func aRuncContainersTerminalReachesTheBrokerThroughAConsoleSocket() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let root = daemon.directory.file("runc-root")
+        defer { _ = try? runCommand(["runc", "--root", root, "delete", "--force", "c1"]) }
+        let bundle = try TestBundle(
+            in: daemon.directory, name: "c1", args: ["sh", "-c", "echo ready; read line; echo \"got $line\""], terminal: true)
+        let output = Accumulator(try daemon.streams.open(token: bytes("c1-tty"), direction: .receive, secret: handoffSecret))
+        let input = try daemon.streams.open(token: bytes("c1-tty-input"), direction: .send, secret: handoffSecret)
+
+        let adopted = try await runHandoff(daemon, [
+            "adopt", "--process", "c1", "--tty", daemon.streamAddress, "--tty-input", daemon.streamAddress, "--console-socket",
+            "--wait", "--", "runc", "--root", root, "create", "--bundle", bundle.path, "--console-socket", "{console-socket}", "c1",
+        ])
+        #expect(adopted.status == .exited(0), "stderr: \(adopted.stderr)")
+        #expect(adopted.stdout.contains("\"survivesBrokerCrash\": true"), "\(adopted.stdout)")
+        let streams = try await daemon.brokerStreams().filter { $0.process == "c1" }
+        #expect(streams.count == 2 && streams.allSatisfy { $0.kind == .tty }, "the terminal's output and input: \(streams)")
+        #expect(try runCommand(["runc", "--root", root, "start", "c1"]) == .exited(0))
+
+        try await eventually("the container's first line", timeout: .seconds(20)) { output.text == "ready\n" }
+        try await input.send(bytes("hello\n"))
+        // The terminal echoes the line, then the shell answers; its end ends the stream.
+        try await eventually("the echo, the answer and the end", timeout: .seconds(20)) { output.text == "ready\nhello\ngot hello\n" }
+        try await eventually("the container gone", timeout: .seconds(20)) {
+            (try? commandOutput(["runc", "--root", root, "state", "c1"], in: daemon.directory))?.contains("\"stopped\"") == true
+        }
+        try await eventually("the terminal's stream ended (END sent once the last slave closed)", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().first { $0.process == "c1" && $0.direction == nil }?.state == .closed
+        }
+
+        // COMMAND must say where the socket goes; a runtime that ends without sending a terminal.
+        let unsaid = try await runHandoff(daemon, ["adopt", "--process", "c2", "--tty", daemon.streamAddress, "--console-socket", "--", "true"])
+        #expect(unsaid.status == .exited(2) && unsaid.stderr.contains("say where COMMAND takes the socket's path with {console-socket}"), "\(unsaid.stderr)")
+        let silent = try await runHandoff(daemon, [
+            "adopt", "--process", "c3", "--tty", daemon.streamAddress, "--console-socket", "--", "sh", "-c", "exit 3", "{console-socket}",
+        ])
+        #expect(silent.status == .exited(2), "\(silent.stderr)")
+        #expect(silent.stderr.contains("the runtime ended without sending a terminal to the console socket (it exited with status 3)"), "\(silent.stderr)")
+        #expect(try await daemon.brokerStreams().allSatisfy { $0.process == "c1" }, "nothing adopted for c2 or c3")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// `handoff.py adopt --tty ADDRESS -- COMMAND`: COMMAND on a new terminal (its stdio and
+    /// controlling terminal, a session of its own) whose master the broker holds.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func pythonStartsACommandOnATerminalTheBrokerRelays() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("p1-tty"), direction: .receive, secret: handoffSecret))
+        let input = try daemon.streams.open(token: bytes("p1-tty-input"), direction: .send, secret: handoffSecret)
+        let adopted = Task {
+            try await runHandoff(daemon, [
+                "adopt", "--process", "p1", "--tty", daemon.streamAddress, "--tty-input", daemon.streamAddress, "--wait", "--",
+                "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo on a terminal; read line; echo \"got $line\"",
+            ])
+        }
+        try await eventually("the first line", timeout: .seconds(20)) { output.text == "on a terminal\n" }
+        try await input.send(bytes("typed\n"))
+        try await eventually("the echo and the answer", timeout: .seconds(20)) { output.text == "on a terminal\ntyped\ngot typed\n" }
+        let run = try await adopted.value
+        #expect(run.status == .exited(0), "\(run.stderr)")
+        #expect(run.stdout.contains("\"inputToken\": \"p1-tty-input\""), "\(run.stdout)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
