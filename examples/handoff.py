@@ -28,6 +28,9 @@ As a command:
     handoff.py --socket PATH adopt --process c2 --tty vsock://host:6001 --tty-input vsock://host:6002 \
         --secret-file c2.key --console-socket -- runc create --bundle /b/c2 --console-socket {console-socket} c2
     handoff.py --socket PATH list
+    handoff.py --socket PATH resize --process c2 --rows 40 --columns 120
+    handoff.py --socket PATH close-stdin --process c1
+    handoff.py --socket PATH exited --process c1         # it exited: drain its output, let it go
     handoff.py --socket PATH release --process c1
 """
 
@@ -48,12 +51,14 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-# Message types (Sources/HoldfastProtocol/BrokerMessages.swift). Only these three are meant for
-# a runtime; the others on the same socket (stats, process-exited, close-stdin, resize) are the
-# supervisor's vocabulary.
+# Message types (Sources/HoldfastProtocol/BrokerMessages.swift): what a runtime may ask about the
+# processes its uid handed over (the rest of the broker's vocabulary is the supervisor's).
 ADOPT = 0x0101
 RELEASE = 0x0102
 LIST = 0x0103
+PROCESS_EXITED = 0x0107
+CLOSE_STDIN = 0x0108
+RESIZE = 0x0109
 OK = 0x0001
 ERROR = 0x0002
 
@@ -244,6 +249,24 @@ class Client:
                 os.close(fd)
             raise ProtocolError(f"release described {len(streams)} streams but carried {len(fds)} fds")
         return [(s, fds[s["fd"]]) for s in streams]
+
+    def process_exited(self, process: str, drain_timeout: Optional[float] = None) -> None:
+        """Says the process exited: the broker delivers what is left of its output (giving up
+        after the drain timeout without progress: `drain_timeout` seconds, or its configured
+        one), closes its fds and forgets it. It never learns of an exit otherwise: without this
+        (or a release) the process stays in its table, fds and all."""
+        body = {"process": process}
+        if drain_timeout is not None:
+            body["drainTimeoutMilliseconds"] = int(drain_timeout * 1000)
+        self.request(PROCESS_EXITED, body)
+
+    def close_stdin(self, process: str) -> None:
+        """Ends the process's stdin: it reads end-of-file once what the host sent is written."""
+        self.request(CLOSE_STDIN, {"process": process})
+
+    def resize(self, process: str, rows: int, columns: int) -> None:
+        """Sets the size of the process's terminal (its `tty` stream); it gets SIGWINCH."""
+        self.request(RESIZE, {"process": process, "rows": rows, "columns": columns})
 
     def list(self) -> List[dict]:
         """Every stream the broker holds (its own processes' too), with state and byte counts."""
@@ -590,6 +613,31 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_exited(args: argparse.Namespace) -> int:
+    with Client(args.socket) as broker:
+        broker.process_exited(args.process, args.drain_timeout)
+    return 0
+
+
+def run_close_stdin(args: argparse.Namespace) -> int:
+    with Client(args.socket) as broker:
+        broker.close_stdin(args.process)
+    return 0
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    with Client(args.socket) as broker:
+        broker.resize(args.process, args.rows, args.columns)
+    return 0
+
+
+def terminal_dimension(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 to 65535")
+    return value
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="handoff.py",
@@ -640,6 +688,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     release = commands.add_parser("release", help="take a process's stdio back, print what came")
     release.add_argument("--process", required=True)
     release.set_defaults(run=run_release)
+
+    exited = commands.add_parser(
+        "exited", help="say a process exited: the broker drains its output, then lets it go")
+    exited.add_argument("--process", required=True)
+    exited.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                        help="give up on output that makes no progress for this long (default: the broker's)")
+    exited.set_defaults(run=run_exited)
+
+    close_stdin = commands.add_parser("close-stdin", help="end a process's stdin")
+    close_stdin.add_argument("--process", required=True)
+    close_stdin.set_defaults(run=run_close_stdin)
+
+    resize = commands.add_parser("resize", help="set the size of a process's terminal")
+    resize.add_argument("--process", required=True)
+    resize.add_argument("--rows", type=terminal_dimension, required=True)
+    resize.add_argument("--columns", type=terminal_dimension, required=True)
+    resize.set_defaults(run=run_resize)
 
     listing = commands.add_parser("list", help="list every stream the broker holds")
     listing.add_argument("--json", action="store_true")

@@ -534,7 +534,8 @@ extension HandoffExampleTests {
     }
 
     /// `handoff.py adopt --tty ADDRESS -- COMMAND`: COMMAND on a new terminal (its stdio and
-    /// controlling terminal, a session of its own) whose master the broker holds.
+    /// controlling terminal, a session of its own) whose master the broker holds; `handoff.py
+    /// resize` sets its size, `handoff.py exited` lets the broker forget it.
     @Test(
         .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
         .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
@@ -546,15 +547,51 @@ extension HandoffExampleTests {
         let adopted = Task {
             try await runHandoff(daemon, [
                 "adopt", "--process", "p1", "--tty", daemon.streamAddress, "--tty-input", daemon.streamAddress, "--wait", "--",
-                "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo on a terminal; read line; echo \"got $line\"",
+                "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo on a terminal; read line; stty size; echo \"got $line\"",
             ])
         }
         try await eventually("the first line", timeout: .seconds(20)) { output.text == "on a terminal\n" }
+        let resized = try await runHandoff(daemon, ["resize", "--process", "p1", "--rows", "30", "--columns", "90"])
+        #expect(resized.status == .exited(0), "\(resized.stderr)")
         try await input.send(bytes("typed\n"))
-        try await eventually("the echo and the answer", timeout: .seconds(20)) { output.text == "on a terminal\ntyped\ngot typed\n" }
+        try await eventually("the echo, the size and the answer", timeout: .seconds(20)) {
+            output.text == "on a terminal\ntyped\n30 90\ngot typed\n"
+        }
         let run = try await adopted.value
         #expect(run.status == .exited(0), "\(run.stderr)")
         #expect(run.stdout.contains("\"inputToken\": \"p1-tty-input\""), "\(run.stdout)")
+        let exited = try await runHandoff(daemon, ["exited", "--process", "p1"])
+        #expect(exited.status == .exited(0), "\(exited.stderr)")
+        try await eventually("the broker let it go", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().allSatisfy { $0.process != "p1" }
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// `handoff.py close-stdin` ends a handed-over process's stdin: `cat` reads end-of-file
+    /// and the shell goes on; `resize` of a process without a terminal is refused with the
+    /// broker's code.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func pythonEndsAHandedOverProcesssStdin() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("p2-stdout"), direction: .receive, secret: handoffSecret))
+        let input = try daemon.streams.open(token: bytes("p2-stdin"), direction: .send, secret: handoffSecret)
+        let adopted = try await runHandoff(daemon, [
+            "adopt", "--process", "p2", "--stdin", daemon.streamAddress, "--stdout", daemon.streamAddress, "--", "sh", "-c", "cat; echo done",
+        ])
+        #expect(adopted.status == .exited(0), "\(adopted.stderr)")
+        try await input.send(bytes("line\n"))
+        try await eventually("cat's copy", timeout: .seconds(20)) { output.text == "line\n" }
+        let closed = try await runHandoff(daemon, ["close-stdin", "--process", "p2"])
+        #expect(closed.status == .exited(0), "\(closed.stderr)")
+        try await eventually("cat at end-of-file, the shell after it", timeout: .seconds(20)) { output.text == "line\ndone\n" }
+        let refused = try await runHandoff(daemon, ["resize", "--process", "p2", "--rows", "30", "--columns", "90"])
+        #expect(refused.status == .exited(1) && refused.stderr.contains("the broker refused resize: no-tty"), "\(refused.stderr)")
+        let bad = try await runHandoff(daemon, ["resize", "--process", "p2", "--rows", "0", "--columns", "90"])
+        #expect(bad.status == .exited(2) && bad.stderr.contains("0 is not 1 to 65535"), "\(bad.stderr)")
         #expect(try await daemon.stop() == .exited(0))
     }
 }
