@@ -255,7 +255,14 @@ public final class BrokerService: Sendable {
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor opens the handoff socket") }
             case .handoffKept:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor answers deposits") }
-            case .release, .list, .stats, .metrics, .processExited, .closeStdin, .resize: break
+            case .processExited(let exited):
+                // Milliseconds a peer chose: a negative one drained nothing, a huge one held the
+                // process's fds for ever. The host's own wait takes the same range.
+                if let milliseconds = exited.drainTimeoutMilliseconds, !(0...ProcessExitedRequest.longestDrainTimeout).contains(milliseconds) {
+                    throw HoldfastError(
+                        .badRequest, "drainTimeoutMilliseconds: \(milliseconds) is not 0 to \(ProcessExitedRequest.longestDrainTimeout) (a day)")
+                }
+            case .release, .list, .stats, .metrics, .closeStdin, .resize: break
             }
         } catch {
             SeqpacketFrames.closeDescriptors(descriptors)

@@ -236,6 +236,8 @@ public struct ProcessExitedRequest: Codable, Sendable, Equatable {
     /// How long a stream may make no progress before it gives up (milliseconds); the broker's
     /// configured drain timeout when absent.
     public var drainTimeoutMilliseconds: Int?
+    /// The longest drain timeout a request may ask for (milliseconds): a day.
+    public static let longestDrainTimeout = 86_400_000
     public init(process: String, drainTimeoutMilliseconds: Int? = nil) {
         self.process = process
         self.drainTimeoutMilliseconds = drainTimeoutMilliseconds

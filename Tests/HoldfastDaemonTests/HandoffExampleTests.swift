@@ -592,6 +592,17 @@ extension HandoffExampleTests {
         #expect(refused.status == .exited(1) && refused.stderr.contains("the broker refused resize: no-tty"), "\(refused.stderr)")
         let bad = try await runHandoff(daemon, ["resize", "--process", "p2", "--rows", "0", "--columns", "90"])
         #expect(bad.status == .exited(2) && bad.stderr.contains("0 is not 1 to 65535"), "\(bad.stderr)")
+        // A drain timeout out of range is refused and changes nothing (before, any was taken:
+        // Int.min let a process go at once while its pipe was still open).
+        let negative = try await runHandoff(daemon, ["exited", "--process", "p2", "--drain-timeout", "-1"])
+        #expect(negative.status == .exited(1), "\(negative.stderr)")
+        #expect(negative.stderr.contains("bad-request: drainTimeoutMilliseconds: -1000 is not 0 to 86400000 (a day)"), "\(negative.stderr)")
+        #expect(try await daemon.brokerStreams().contains { $0.process == "p2" })
+        let exited = try await runHandoff(daemon, ["exited", "--process", "p2", "--drain-timeout", "5"])
+        #expect(exited.status == .exited(0), "\(exited.stderr)")
+        try await eventually("the broker let it go", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().allSatisfy { $0.process != "p2" }
+        }
         #expect(try await daemon.stop() == .exited(0))
     }
 }
