@@ -41,6 +41,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// This kernel's pipes refused `RWF_NOWAIT` (EOPNOTSUPP): plain reads and writes, relying on
     /// the description's O_NONBLOCK, as before the flag existed.
     private let noWaitRefused = Atomic<Bool>(false)
+    /// Another holder of this foreign description cleared its O_NONBLOCK and it was set again
+    /// (`keepNonBlocking`): the holder's wish is put back when we let go.
+    private let restoredNonBlocking = Atomic<Bool>(false)
     /// The fd was blocking when adopted (restored when it is handed back by `detach`).
     private let wasBlocking: Bool
     let reactor: Reactor
@@ -227,6 +230,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             guard result < 0, Glibc.errno == EOPNOTSUPP else { return result }
             noWaitRefused.store(true, ordering: .relaxed)
         }
+        keepNonBlocking()
         return readv(fd, iov, Int32(count))
     }
 
@@ -244,7 +248,21 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             guard result < 0, Glibc.errno == EOPNOTSUPP else { return result }
             noWaitRefused.store(true, ordering: .relaxed)
         }
+        keepNonBlocking()
         return writev(fd, iov, Int32(count))
+    }
+
+    /// Sets O_NONBLOCK again on a foreign description another holder cleared it on: before a
+    /// read or write that has no per-call "do not wait" (a terminal, another character device,
+    /// a pipe whose kernel refuses RWF_NOWAIT), which would otherwise wait in the kernel on the
+    /// reactor's thread until the watchdog took over — and again at every call after. One fcntl
+    /// per call, on those fds only; a holder that clears it between the check and the call still
+    /// costs one wait (the watchdog's case).
+    private func keepNonBlocking() {
+        guard foreignDescription else { return }
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0, flags & O_NONBLOCK == 0 else { return }
+        if fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 { restoredNonBlocking.store(true, ordering: .relaxed) }
     }
 
     /// One non-blocking splice(2) from `source` into this fd, retried on EINTR, with both fds
@@ -255,6 +273,10 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         guard source.spliceNeverWaits(asSource: true), spliceNeverWaits(asSource: false) else { return (-1, EINVAL) }
         return try source.withSyscall {
             try withSyscall { () -> (count: Int, errno: Int32) in
+                // SPLICE_F_NONBLOCK covers the pipe side only: a terminal's side waits as its
+                // description says.
+                if !source.isPipe, !source.isSocket { source.keepNonBlocking() }
+                if !isPipe, !isSocket { keepNonBlocking() }
                 while true {
                     let count = hf_splice(source.fd, fd, limit)
                     if count >= 0 { return (count, 0) }
@@ -578,8 +600,18 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         if wasBlocking {
             let flags = fcntl(fd, F_GETFL)
             if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
+        } else {
+            restoreHoldersBlocking()
         }
         return fd
+    }
+
+    /// A holder cleared O_NONBLOCK and `keepNonBlocking` set it again: clear it as that holder
+    /// left it, now that we no longer read or write the fd.
+    private func restoreHoldersBlocking() {
+        guard restoredNonBlocking.load(ordering: .relaxed) else { return }
+        let flags = fcntl(fd, F_GETFL)
+        if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
     }
 
     /// Closes the fd. Waiters are woken with `DescriptorClosed`; the fd number itself is released
@@ -595,6 +627,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         #if DEBUG
         checkStillAdopted()
         #endif
+        restoreHoldersBlocking()
         // Deregister before the fd number can be released: epoll_ctl(DEL) on a number the kernel
         // already recycled would remove someone else's registration.
         reactor.deregister(registration, fd: fd)

@@ -115,4 +115,65 @@ struct HandoffSharedDescriptionTests {
         close(outPipe.read)
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// The same for a terminal, where no per-call flag exists (a pty master takes neither
+    /// RWF_NOWAIT nor MSG_DONTWAIT: only its description's O_NONBLOCK keeps a read of it from
+    /// waiting). The runtime keeps its copy of the master and clears O_NONBLOCK on it, twice;
+    /// then a line is typed, which the terminal echoes and its process answers 3 s later. Before, the broker's next read of the master waited in
+    /// the kernel: the watchdog took the loop to a new thread, the read's thread stayed stuck
+    /// until the terminal printed, and every read after it did the same. Now the broker sets the
+    /// flag again before it reads or writes a handed-over terminal: nothing stalls, and the
+    /// runtime's copy is left blocking again, as it made it, when the broker lets go.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aRuntimeThatClearsNonBlockingOnItsTerminalStallsNothing() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let before = try await ContainmentTests.roles(daemon)
+        let output = try daemon.streams.open(token: bytes("t-out"), direction: .receive)
+        let input = try daemon.streams.open(token: bytes("t-in"), direction: .send)
+        let received = collect(output)
+        var (master, slave): (Int32, Int32) = (-1, -1)
+        try #require(openpty(&master, &slave, nil, nil, nil) == 0)
+        defer { close(master) }
+        // Prints nothing until it reads a line, and then for 3 s: the broker's read of the master
+        // after the terminal's echo finds nothing.
+        let pid = try processes.start(["sh", "-c", "read line; sleep 3; echo \"got $line\""], stdin: slave, stdout: slave, stderr: slave)
+        close(slave)
+
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        defer { runtime.close() }
+        let (outSpec, inSpec) = (daemon.spec("t-out"), daemon.spec("t-in"))
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: "terminal", streams: [
+            StreamDescription(
+                kind: .tty, fd: 0, address: outSpec.address, mode: .resumable, token: outSpec.token, secret: outSpec.secret,
+                inputAddress: inSpec.address, inputToken: inSpec.token, inputSecret: inSpec.secret)
+        ]))
+        _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [master])
+        #expect(fcntl(master, F_GETFL) & O_NONBLOCK != 0, "the broker made the description non-blocking")
+        _ = fcntl(master, F_SETFL, fcntl(master, F_GETFL) & ~O_NONBLOCK)
+        try await Task.sleep(for: .seconds(1))
+        _ = fcntl(master, F_SETFL, fcntl(master, F_GETFL) & ~O_NONBLOCK)
+        // The line typed: its echo is read, and the read after it finds the terminal empty.
+        try await input.send(bytes("hello\n"))
+        let bystander = try await ContainmentTests.startBystander(daemon)
+        try await ContainmentTests.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(!daemon.log.contains("I/O thread stuck in the kernel"), "no I/O thread waited in the kernel")
+        let metrics = parsePrometheus(
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect((metrics["holdfast_broker_reactor_stalls_total"] ?? 0) == 0, "\(metrics.filter { $0.key.contains("reactor") })")
+
+        // The terminal works: the typed line was echoed and is answered, then it ends.
+        #expect(try await processes.wait(pid) == .exited(0))
+        let exited = BrokerRequest.processExited(ProcessExitedRequest(process: "terminal"))
+        _ = try await runtime.request(exited.frameType, body: exited.body)
+        let data = try await withTimeout("the terminal's output", .seconds(30)) { await received.value }
+        #expect(String(decoding: data, as: UTF8.self) == "hello\r\ngot hello\r\n")
+        try await eventually("the process gone from the broker", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().allSatisfy { $0.process != "terminal" }
+        }
+        #expect(fcntl(master, F_GETFL) & O_NONBLOCK == 0, "the runtime's copy blocking again, as it made it")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
