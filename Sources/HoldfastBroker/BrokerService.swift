@@ -256,8 +256,8 @@ public final class BrokerService: Sendable {
             case .handoffKept:
                 guard case .supervisor = caller else { throw HoldfastError(.permissionDenied, "only the supervisor answers deposits") }
             case .processExited(let exited):
-                // Milliseconds a peer chose: a negative one drained nothing, a huge one held the
-                // process's fds for ever. The host's own wait takes the same range.
+                // Milliseconds a peer chose: outside a day none means anything (Int.min let the
+                // process go at once, its pipe still open). The host's own wait takes this range.
                 if let milliseconds = exited.drainTimeoutMilliseconds, !(0...ProcessExitedRequest.longestDrainTimeout).contains(milliseconds) {
                     throw HoldfastError(
                         .badRequest, "drainTimeoutMilliseconds: \(milliseconds) is not 0 to \(ProcessExitedRequest.longestDrainTimeout) (a day)")
