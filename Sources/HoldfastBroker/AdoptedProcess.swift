@@ -420,6 +420,14 @@ final class AdoptedProcess: Sendable {
 
     private var all: [ManagedStream] { streams.withLockedValue { $0 } }
 
+    /// Its streams whose fds are open and whose bytes a read takes away, by file.
+    var consumedFiles: [(kind: StreamKind, file: FileIdentity)] {
+        all.compactMap { stream in
+            guard !stream.handle.isClosed, let file = stream.handle.consumedFile else { return nil }
+            return (stream.description.kind, file)
+        }
+    }
+
     func streamKind(onFD fd: Int32) -> StreamKind? {
         all.first { $0.handle.fd == fd }?.description.kind
     }

@@ -245,7 +245,7 @@ public final class Broker: Sendable {
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> AdoptResponse {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
-        if let refusal = Self.descriptorRefusal(adoption.request, peerDescriptors) {
+        if let refusal = descriptorRefusal(adoption.request, peerDescriptors, uid: uid) {
             SeqpacketFrames.closeDescriptors(peerDescriptors)
             throw refusal
         }
@@ -307,19 +307,32 @@ public final class Broker: Sendable {
     }
 
     /// The first stream of a runtime's request whose fd cannot carry it (the wrong end of a
-    /// pipe, a pty's slave, a directory...), as the `bad-descriptor` it is refused with. Only a
-    /// runtime's fds are looked at: the supervisor makes its own pipes and terminals.
-    private static func descriptorRefusal(_ request: AdoptRequest, _ descriptors: [Int32]) -> HoldfastError? {
-        for (index, stream) in request.streams.enumerated() {
-            let fd = descriptors[stream.fd]
-            let refusal: String?
-            do {
-                refusal = AdoptCheck.descriptorRefusal(kind: stream.kind, facts: try DescriptorFacts.of(fd)).map { "fd \(stream.fd) is \($0)" }
-            } catch {
-                refusal = "fd \(stream.fd): \(error)"
-            }
-            if let refusal { return HoldfastError(.badDescriptor, "streams[\(index)] (\(stream.kind.rawValue)): \(refusal)") }
+    /// pipe, a pty's slave, a directory...) or whose file another stream already reads (or
+    /// writes) the same way, as the `bad-descriptor` it is refused with. Only a runtime's fds
+    /// are looked at: the supervisor makes its own pipes and terminals. Another owner's process
+    /// is not named to the peer.
+    private func descriptorRefusal(_ request: AdoptRequest, _ descriptors: [Int32], uid: UInt32) -> HoldfastError? {
+        func refused(_ index: Int, _ reason: String) -> HoldfastError {
+            let stream = request.streams[index]
+            return HoldfastError(.badDescriptor, "streams[\(index)] (\(stream.kind.rawValue)): fd \(stream.fd) \(reason)")
         }
+        var checked: [(kind: StreamKind, facts: DescriptorFacts)] = []
+        for (index, stream) in request.streams.enumerated() {
+            let facts: DescriptorFacts
+            do {
+                facts = try DescriptorFacts.of(descriptors[stream.fd])
+            } catch {
+                return refused(index, "cannot be looked at: \(error)")
+            }
+            if let refusal = AdoptCheck.descriptorRefusal(kind: stream.kind, facts: facts) { return refused(index, "is \(refusal)") }
+            checked.append((stream.kind, facts))
+        }
+        let held = processes.withLockedValue { table in
+            table.values.flatMap { process in
+                process.consumedFiles.map { HeldStream(process: process.owner == .handoff(uid: uid) ? process.id : nil, kind: $0.kind, file: $0.file) }
+            }
+        }
+        if let (index, reason) = AdoptCheck.sharingRefusal(checked, held: held) { return refused(index, "is \(reason)") }
         return nil
     }
 

@@ -24,11 +24,25 @@ public struct DescriptorFacts: Sendable, Equatable {
     public var type: FileType
     public var readable: Bool
     public var writable: Bool
+    /// The file, for one whose bytes a read takes away (a pipe, a socket, a pty master): a
+    /// second stream reading it would split them with the first.
+    public var file: FileIdentity?
 
-    public init(type: FileType, readable: Bool, writable: Bool) {
+    public init(type: FileType, readable: Bool, writable: Bool, file: FileIdentity? = nil) {
         self.type = type
         self.readable = readable
         self.writable = writable
+        self.file = file
+    }
+
+    /// What the file is called in a refusal.
+    var fileName: String {
+        switch type {
+        case .pipe: return "pipe"
+        case .socket: return "socket"
+        case .ptyMaster: return "pty master"
+        default: return "file"
+        }
     }
 
     /// The file type from `st_mode`, a character device's `st_rdev` major and minor, and a
@@ -53,7 +67,74 @@ public struct DescriptorFacts: Sendable, Equatable {
     }
 }
 
+/// A file as the kernel names it: its device and inode (`st_dev`, `st_ino`).
+public struct FileIdentity: Hashable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
+
+    public init(device: UInt64, inode: UInt64) {
+        self.device = device
+        self.inode = inode
+    }
+}
+
+/// A stream the broker relays, as the check for shared files sees it.
+public struct HeldStream: Sendable, Equatable {
+    /// Its process, or nil when the asking peer may not see it (another owner's).
+    public var process: String?
+    public var kind: StreamKind
+    public var file: FileIdentity
+
+    public init(process: String?, kind: StreamKind, file: FileIdentity) {
+        self.process = process
+        self.kind = kind
+        self.file = file
+    }
+}
+
+extension StreamKind {
+    /// Its relay reads its fd: stdout, stderr, a tty's output.
+    var readsItsFile: Bool { self != .stdin }
+    /// Its relay writes its fd: stdin, a tty's input.
+    var writesItsFile: Bool { self == .stdin || self == .tty }
+}
+
 extension AdoptCheck {
+    /// The first stream of a request (index and why) whose file another stream already reads
+    /// where it would read, or writes where it would write: two readers of a pipe, a socket or
+    /// a pty master split its bytes between two host streams, two writers interleave two
+    /// hosts' input — silently, each host stream a part of the whole. A socket carrying a
+    /// process's stdin and stdout (one reader, one writer) is fine. `held`: the broker's
+    /// streams whose fds are open; `streams`: the request's, in order.
+    public static func sharingRefusal(
+        _ streams: [(kind: StreamKind, facts: DescriptorFacts)], held: [HeldStream]
+    ) -> (index: Int, reason: String)? {
+        var earlier: [(kind: StreamKind, file: FileIdentity)] = []
+        for (index, stream) in streams.enumerated() {
+            guard let file = stream.facts.file else { continue }
+            func clash(_ other: StreamKind) -> String? {
+                if stream.kind.readsItsFile, other.readsItsFile { return "reads" }
+                if stream.kind.writesItsFile, other.writesItsFile { return "writes" }
+                return nil
+            }
+            func consequence(_ verb: String) -> String {
+                verb == "reads" ? "two readers would split its bytes" : "two writers would interleave their input"
+            }
+            let name = stream.facts.fileName
+            if let other = earlier.first(where: { $0.file == file && clash($0.kind) != nil }) {
+                let verb = clash(other.kind)!
+                return (index, "the \(name) this request's \(other.kind.rawValue) \(verb) too: \(consequence(verb))")
+            }
+            if let other = held.first(where: { $0.file == file && clash($0.kind) != nil }) {
+                let verb = clash(other.kind)!
+                let whose = other.process.map { "process '\($0)''s" } ?? "another process's"
+                return (index, "the \(name) \(whose) \(other.kind.rawValue) already \(verb): \(consequence(verb))")
+            }
+            earlier.append((stream.kind, file))
+        }
+        return nil
+    }
+
     /// Why a stream of `kind` cannot be relayed on a fd with these facts, or nil if it can.
     ///
     /// A runtime that hands over the wrong end (a pipe's write end for a stdout, the slave of a

@@ -26,6 +26,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// A SOCK_STREAM socket (Unix, TCP, vsock): a read that returns less than it asked for took
     /// everything queued (`ReadHint`).
     public let isStreamSocket: Bool
+    /// The file, if a read takes its bytes away (a pipe, a socket, a pty master): the broker
+    /// lets no second stream read it (or write it) alongside this one's.
+    public let consumedFile: FileIdentity?
     /// A terminal's master (any character device here) is read 4 KiB at a time, its line
     /// discipline's buffer (`ByteReader.largestRead`); nil for anything else.
     public let largestRead: Int?
@@ -111,6 +114,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         size = socklen_t(MemoryLayout<Int32>.size)
         isUnixSocket = isSocket && getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &size) == 0 && domain == AF_UNIX
         largestRead = statted && (info.st_mode & S_IFMT) == S_IFCHR ? 4096 : nil
+        consumedFile = statted ? DescriptorFacts.consumedFile(info) : nil
         self.fd = fd
         self.reactor = reactor
         #if DEBUG

@@ -36,6 +36,15 @@ extension DescriptorFacts {
         let minor = UInt32(truncatingIfNeeded: (device & 0xff) | ((device >> 12) & ~UInt64(0xff)))
         let type = fileType(
             mode: UInt32(info.st_mode), deviceMajor: major, deviceMinor: minor, socketListening: listening, socketConnected: connected)
-        return DescriptorFacts(type: type, readable: readable, writable: writable)
+        return DescriptorFacts(type: type, readable: readable, writable: writable, file: consumedFile(info))
+    }
+
+    /// The file of `info` if a read takes its bytes away (a pipe, a socket, a pty master):
+    /// what two streams must not both read (or both write).
+    static func consumedFile(_ info: stat) -> FileIdentity? {
+        let device = UInt64(info.st_rdev)
+        let isPtyMaster = info.st_mode & S_IFMT == S_IFCHR && ((device >> 8) & 0xfff) == 5 && (device & 0xff) == 2 && device >> 20 == 0
+        guard info.st_mode & S_IFMT == S_IFIFO || info.st_mode & S_IFMT == S_IFSOCK || isPtyMaster else { return nil }
+        return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
     }
 }

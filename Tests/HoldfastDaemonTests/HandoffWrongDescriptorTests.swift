@@ -164,4 +164,45 @@ struct HandoffWrongDescriptorTests {
         #expect(received == Array("before\nafter\n".utf8))
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// A runtime that hands over a pipe a stream already reads — its own retry under another
+    /// id, a dup of the same end for stdout and stderr — is refused: two relays reading one
+    /// pipe split its bytes between two host streams, each a part of the whole, silently.
+    /// The first stream then gets every byte.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aPipeAnotherStreamReadsIsRefused() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = collect(try daemon.streams.open(token: bytes("f-out"), direction: .receive))
+        _ = try daemon.streams.open(token: bytes("s-out"), direction: .receive)
+        _ = try daemon.streams.open(token: bytes("s-err"), direction: .receive)
+        var (pipe, other) = (try PipeEnds.make(), try PipeEnds.make())
+        defer { for fd in [pipe.read, pipe.write, other.read, other.write] where fd >= 0 { close(fd) } }
+        func adopt(_ process: String, _ streams: [(StreamKind, String, Int32)]) async throws {
+            let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+            defer { runtime.close() }
+            let request = BrokerRequest.adopt(AdoptRequest(process: process, streams: streams.enumerated().map { index, stream in
+                let spec = daemon.spec(stream.1)
+                return StreamDescription(kind: stream.0, fd: index, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
+            }))
+            let copies = streams.map { dup($0.2) }
+            defer { for fd in copies { close(fd) } }
+            _ = try await runtime.request(request.frameType, body: request.body, descriptors: copies)
+        }
+        try await adopt("first", [(.stdout, "f-out", pipe.read)])
+        await #expect(throws: HoldfastError(.badDescriptor,
+            "streams[0] (stdout): fd 0 is the pipe process 'first''s stdout already reads: two readers would split its bytes")) {
+            try await adopt("second", [(.stdout, "s-out", pipe.read)])
+        }
+        await #expect(throws: HoldfastError(.badDescriptor,
+            "streams[1] (stderr): fd 1 is the pipe this request's stdout reads too: two readers would split its bytes")) {
+            try await adopt("third", [(.stdout, "s-out", other.read), (.stderr, "s-err", other.read)])
+        }
+        #expect(Set(try await daemon.brokerStreams().map(\.process)) == ["first"])
+        let ends = pipe
+        pipe.write = -1  // expectRelayedExact closes it
+        try await HandoffCrashSurvivalTests.expectRelayedExact(ends, to: output, seed: 0x5917)
+        _ = other
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }

@@ -51,7 +51,13 @@ struct HandoffDescriptorCheckTests {
 
     @Test func theFactsOfEachKindOfFdAreReadWithoutWaiting() throws {
         try withDescriptors { fds in
-            func facts(_ name: String) -> DescriptorFacts? { try? DescriptorFacts.of(fds[name]!) }
+            /// The facts without the file's identity (checked below).
+            func facts(_ name: String) -> DescriptorFacts? {
+                guard var facts = try? DescriptorFacts.of(fds[name]!) else { return nil }
+                facts.file = nil
+                return facts
+            }
+            func file(_ name: String) -> FileIdentity? { (try? DescriptorFacts.of(fds[name]!))?.file }
             #expect(facts("pipe read") == DescriptorFacts(type: .pipe, readable: true, writable: false))
             #expect(facts("pipe write") == DescriptorFacts(type: .pipe, readable: false, writable: true))
             #expect(facts("socketpair") == DescriptorFacts(type: .socket(listening: false, connected: true), readable: true, writable: true))
@@ -64,6 +70,12 @@ struct HandoffDescriptorCheckTests {
             #expect(facts("eventfd")?.type == .anonymous)
             #expect(facts("file read-only") == DescriptorFacts(type: .regularFile, readable: true, writable: false))
             #expect(facts("null write-only") == DescriptorFacts(type: .characterDevice, readable: false, writable: true))
+            // A file whose bytes a read takes away is named (a pipe's two ends are one file);
+            // one any number of readers may read is not.
+            #expect(file("pipe read") != nil && file("pipe read") == file("pipe write"))
+            #expect(file("socketpair") != nil && file("socketpair") != file("socketpair other"))
+            #expect(file("pty master") != nil && file("pty slave") == nil)
+            for name in ["file read-only", "null read-write", "directory", "eventfd"] { #expect(file(name) == nil, "\(name)") }
         }
         #expect(throws: SystemError.self) { try DescriptorFacts.of(-1) }
     }
@@ -118,5 +130,30 @@ struct HandoffDescriptorCheckTests {
         var apart = shared
         apart.streams[1].fd = 1
         #expect(throws: Never.self) { try AdoptCheck.validate(apart, descriptorCount: 2) }
+    }
+
+    @Test func aFileIsReadByOneStreamAndWrittenByOne() {
+        let pipe = FileIdentity(device: 14, inode: 100)
+        let socket = FileIdentity(device: 8, inode: 200)
+        func facts(_ type: DescriptorFacts.FileType, _ file: FileIdentity) -> DescriptorFacts {
+            DescriptorFacts(type: type, readable: true, writable: true, file: file)
+        }
+        let pipeStdout = HeldStream(process: "first", kind: .stdout, file: pipe)
+        // A second reader of a held pipe, named when the peer may see it, not otherwise.
+        #expect(AdoptCheck.sharingRefusal([(.stderr, facts(.pipe, pipe))], held: [pipeStdout])?.reason
+            == "the pipe process 'first''s stdout already reads: two readers would split its bytes")
+        #expect(AdoptCheck.sharingRefusal([(.stdout, facts(.pipe, pipe))], held: [HeldStream(process: nil, kind: .tty, file: pipe)])?.reason
+            == "the pipe another process's tty already reads: two readers would split its bytes")
+        // Two writers; two readers within one request (the second is the one refused).
+        #expect(AdoptCheck.sharingRefusal([(.stdin, facts(.pipe, pipe))], held: [HeldStream(process: "first", kind: .stdin, file: pipe)])?.reason
+            == "the pipe process 'first''s stdin already writes: two writers would interleave their input")
+        let twice = AdoptCheck.sharingRefusal([(.stdout, facts(.socket(listening: false, connected: true), socket)), (.stderr, facts(.socket(listening: false, connected: true), socket))], held: [])
+        #expect(twice?.index == 1 && twice?.reason == "the socket this request's stdout reads too: two readers would split its bytes")
+        // One reader and one writer: a socket carrying stdin and stdout, a pipe between two processes.
+        #expect(AdoptCheck.sharingRefusal([(.stdout, facts(.pipe, socket)), (.stdin, facts(.pipe, socket))], held: []) == nil)
+        #expect(AdoptCheck.sharingRefusal([(.stdin, facts(.pipe, pipe))], held: [pipeStdout]) == nil)
+        // A tty reads and writes: a second tty on one master clashes; files nobody consumes never do.
+        #expect(AdoptCheck.sharingRefusal([(.tty, facts(.ptyMaster, socket))], held: [HeldStream(process: "t", kind: .tty, file: socket)]) != nil)
+        #expect(AdoptCheck.sharingRefusal([(.stdout, DescriptorFacts(type: .regularFile, readable: true, writable: false))], held: [pipeStdout]) == nil)
     }
 }
