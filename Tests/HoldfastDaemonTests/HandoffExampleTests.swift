@@ -605,4 +605,34 @@ extension HandoffExampleTests {
         }
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// `handoff.py adopt --tty ADDRESS --tty-fd N`: a pty master the command inherited, handed
+    /// over (no command started); what its process writes on the slave reaches the host. `--tty`
+    /// with another stream, and `--tty-fd` without `--tty`, are usage errors.
+    @Test(
+        .enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"),
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func pythonHandsOverAnInheritedTerminal() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("p4-tty"), direction: .receive, secret: handoffSecret))
+        var (master, slave): (Int32, Int32) = (-1, -1)
+        try #require(openpty(&master, &slave, nil, nil, nil) == 0)
+        defer { close(slave) }
+        let adopted = try await runHandoff(
+            daemon, ["adopt", "--process", "p4", "--tty", daemon.streamAddress, "--tty-fd", String(master)], keep: [master])
+        close(master)
+        #expect(adopted.status == .exited(0), "\(adopted.stderr)")
+        #expect(adopted.stdout.contains("\"kind\": \"tty\"") && !adopted.stdout.contains("\"pid\""), "\(adopted.stdout)")
+        let line = Array("from the slave".utf8)
+        #expect(line.withUnsafeBytes { write(slave, $0.baseAddress, $0.count) } == line.count)
+        try await eventually("the slave's line at the host", timeout: .seconds(20)) { output.text == "from the slave" }
+
+        let both = try await runHandoff(daemon, ["adopt", "--process", "p5", "--tty", daemon.streamAddress, "--stdout", daemon.streamAddress, "--", "true"])
+        #expect(both.status == .exited(2) && both.stderr.contains("--tty is the process's whole stdio: not with --stdout"), "\(both.stderr)")
+        let orphan = try await runHandoff(daemon, ["adopt", "--process", "p5", "--stdout", daemon.streamAddress, "--tty-fd", "3", "--", "true"])
+        #expect(orphan.status == .exited(2) && orphan.stderr.contains("--tty-fd, --tty-input and --console-socket go with --tty ADDRESS"), "\(orphan.stderr)")
+        #expect(try await daemon.brokerStreams().map(\.process) == ["p4"])
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
