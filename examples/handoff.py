@@ -426,6 +426,34 @@ def read_secret_file(path: str) -> str:
     return text
 
 
+def said_on_stderr(line: str) -> None:
+    print(f"handoff.py: {line}", file=sys.stderr, flush=True)
+
+
+def adoption_report(process: str, survives: Adopted, streams: List[dict]) -> dict:
+    """What adopt prints (one JSON line), and the line on stderr for a process the broker could
+    not make survive a broker crash."""
+    if not survives:
+        said_on_stderr("the broker relays the process but could not make it survive a broker crash: "
+                       f"{survives.reason or 'its log says why'}")
+    report = {"process": process, "survivesBrokerCrash": survives.survives, "streams": streams}
+    if survives.reason:
+        report["reason"] = survives.reason
+    return report
+
+
+def report_and_wait(report: dict, child: Optional[subprocess.Popen], wait: bool) -> int:
+    """Prints the report (with COMMAND's pid, if one was started) and, with --wait, exits with
+    COMMAND's status. The broker does not learn of the exit: it relays until end-of-file."""
+    if child is not None:
+        report["pid"] = child.pid
+    print(json.dumps(report), flush=True)
+    if child is None or not wait:
+        return 0
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
 def run_adopt(args: argparse.Namespace) -> int:
     named = [kind for kind in KINDS if getattr(args, kind)]
     if args.tty:
@@ -464,8 +492,7 @@ def run_adopt(args: argparse.Namespace) -> int:
 
     # Adopt before starting the process: if the broker refuses, nothing was started.
     try:
-        survives = adopt(args.socket, args.process, streams,
-                         said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
+        survives = adopt(args.socket, args.process, streams, said=said_on_stderr)
     except BaseException:
         for fd in theirs.values():
             os.close(fd)
@@ -473,17 +500,11 @@ def run_adopt(args: argparse.Namespace) -> int:
     finally:
         for fd in ours:
             os.close(fd)  # sent (the broker has its copy) or refused: either way not ours to keep
-    if not survives:
-        print("handoff.py: the broker relays the process but could not make it survive a broker crash: "
-              f"{survives.reason or 'its log says why'}", file=sys.stderr, flush=True)
-    report = {"process": args.process, "survivesBrokerCrash": survives.survives, "streams": [
+    report = adoption_report(args.process, survives, [
         dict(kind=s.kind, address=s.address, mode=s.mode, **({"token": s.token} if s.token else {}))
-        for s in streams]}
-    if survives.reason:
-        report["reason"] = survives.reason
+        for s in streams])
     if not command:
-        print(json.dumps(report), flush=True)
-        return 0
+        return report_and_wait(report, None, False)
 
     # COMMAND's stdio without a pipe here is /dev/null, as for a process Holdfast starts itself.
     stdio = {kind: theirs.get(kind, subprocess.DEVNULL) for kind in KINDS}
@@ -498,13 +519,7 @@ def run_adopt(args: argparse.Namespace) -> int:
     finally:
         for fd in theirs.values():
             os.close(fd)  # the process has them now; keeping a write end would hide its EOF
-    report["pid"] = child.pid
-    print(json.dumps(report), flush=True)
-    if not args.wait:
-        return 0
-    # The broker does not learn of the exit: it relays until the pipes reach end-of-file.
-    code = child.wait()
-    return code if code >= 0 else 128 - code
+    return report_and_wait(report, child, args.wait)
 
 
 def run_adopt_tty(args: argparse.Namespace) -> int:
@@ -529,7 +544,6 @@ def run_adopt_tty(args: argparse.Namespace) -> int:
         if args.tty_input:
             input_token = args.tty_input_token or f"{args.process}-tty-input"
             input_secret = read_secret_file(args.tty_input_secret_file or secret_file)
-    said = lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True)
 
     child, slave = None, None
     if args.console_socket:
@@ -548,7 +562,7 @@ def run_adopt_tty(args: argparse.Namespace) -> int:
         master, slave = os.openpty()
     stream = Stream("tty", master, args.tty, mode, token, secret, args.tty_input, input_token, input_secret)
     try:
-        survives = adopt(args.socket, args.process, [stream], said=said)
+        survives = adopt(args.socket, args.process, [stream], said=said_on_stderr)
     except BaseException:
         if slave is not None:
             os.close(slave)
@@ -556,14 +570,10 @@ def run_adopt_tty(args: argparse.Namespace) -> int:
     finally:
         if args.tty_fd is None:
             os.close(master)  # the broker has its copy (or refused it): a master kept here would hold the terminal
-    if not survives:
-        said(f"the broker relays the process but could not make it survive a broker crash: {survives.reason or 'its log says why'}")
     described = dict(kind="tty", address=args.tty, mode=mode, **({"token": token} if token else {}))
     if args.tty_input:
         described.update(inputAddress=args.tty_input, **({"inputToken": input_token} if input_token else {}))
-    report = {"process": args.process, "survivesBrokerCrash": survives.survives, "streams": [described]}
-    if survives.reason:
-        report["reason"] = survives.reason
+    report = adoption_report(args.process, survives, [described])
     if slave is not None:
         # COMMAND on the terminal's slave: its stdio, its controlling terminal, a session of its own.
         try:
@@ -575,19 +585,11 @@ def run_adopt_tty(args: argparse.Namespace) -> int:
             raise
         finally:
             os.close(slave)
-    if child is None:
-        print(json.dumps(report), flush=True)
-        return 0
-    report["pid"] = child.pid
-    print(json.dumps(report), flush=True)
-    if not args.wait:
-        return 0
-    code = child.wait()
-    return code if code >= 0 else 128 - code
+    return report_and_wait(report, child, args.wait)
 
 
 def run_release(args: argparse.Namespace) -> int:
-    returned = release(args.socket, args.process, said=lambda line: print(f"handoff.py: {line}", file=sys.stderr, flush=True))
+    returned = release(args.socket, args.process, said=said_on_stderr)
     for description, fd in returned:
         # Which file came back ("pipe:[12345]": the same inode as the pipe handed over).
         description["descriptor"] = os.readlink(f"/proc/self/fd/{fd}")

@@ -30,21 +30,27 @@ extension DescriptorFacts {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) == 0 }
             } || errno != ENOTCONN
         }
+        let type = fileType(of: info, socketListening: listening, socketConnected: connected)
+        return DescriptorFacts(type: type, readable: readable, writable: writable, file: consumedFile(info, type: type))
+    }
+
+    /// The type of the file `info` describes (a socket's state as given).
+    static func fileType(of info: stat, socketListening: Bool = false, socketConnected: Bool = true) -> FileType {
         // Linux's dev_t: major in bits 8-19 and 32-43, minor in bits 0-7 and 20-31.
         let device = UInt64(info.st_rdev)
         let major = UInt32(truncatingIfNeeded: ((device >> 8) & 0xfff) | ((device >> 32) & ~UInt64(0xfff)))
         let minor = UInt32(truncatingIfNeeded: (device & 0xff) | ((device >> 12) & ~UInt64(0xff)))
-        let type = fileType(
-            mode: UInt32(info.st_mode), deviceMajor: major, deviceMinor: minor, socketListening: listening, socketConnected: connected)
-        return DescriptorFacts(type: type, readable: readable, writable: writable, file: consumedFile(info))
+        return fileType(
+            mode: UInt32(info.st_mode), deviceMajor: major, deviceMinor: minor, socketListening: socketListening,
+            socketConnected: socketConnected)
     }
 
     /// The file of `info` if a read takes its bytes away (a pipe, a socket, a pty master):
     /// what two streams must not both read (or both write).
-    static func consumedFile(_ info: stat) -> FileIdentity? {
-        let device = UInt64(info.st_rdev)
-        let isPtyMaster = info.st_mode & S_IFMT == S_IFCHR && ((device >> 8) & 0xfff) == 5 && (device & 0xff) == 2 && device >> 20 == 0
-        guard info.st_mode & S_IFMT == S_IFIFO || info.st_mode & S_IFMT == S_IFSOCK || isPtyMaster else { return nil }
-        return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+    static func consumedFile(_ info: stat, type: FileType? = nil) -> FileIdentity? {
+        switch type ?? fileType(of: info) {
+        case .pipe, .socket, .ptyMaster: return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+        default: return nil
+        }
     }
 }

@@ -41,6 +41,18 @@ struct HandoffSharedDescriptionTests {
         }
     }
 
+    /// While a bystander streams for 4 s: it is intact (every line, the roles' pids), no I/O
+    /// thread of the broker waited in the kernel (no warning) and the watchdog took nothing over
+    /// (its metric 0; the daemon serves metrics at `{run}/metrics.sock`).
+    static func expectNothingStalled(_ daemon: DaemonFixture, roles before: [String: (pid: pid_t?, restarts: Int)]) async throws {
+        let bystander = try await ContainmentTests.startBystander(daemon)
+        try await ContainmentTests.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(!daemon.log.contains("I/O thread stuck in the kernel"), "no I/O thread waited in the kernel")
+        let metrics = parsePrometheus(
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect((metrics["holdfast_broker_reactor_stalls_total"] ?? 0) == 0, "\(metrics.filter { $0.key.contains("reactor") })")
+    }
+
     /// The runtime keeps a copy of both pipe ends it hands over and clears O_NONBLOCK on them
     /// while its process leaves its stdout empty and its stdin full. No I/O thread is stuck (the
     /// watchdog's count stays 0, no warning), a bystander streams every line, the handed-over
@@ -89,12 +101,7 @@ struct HandoffSharedDescriptionTests {
         try await Task.sleep(for: .seconds(1))
         // Again, in case anything set it back, while a bystander streams for 4 s.
         for fd in [outPipe.read, inPipe.write] { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) }
-        let bystander = try await ContainmentTests.startBystander(daemon)
-        try await ContainmentTests.expectIntact(daemon, roles: before, bystander: bystander)
-        #expect(!daemon.log.contains("I/O thread stuck in the kernel"), "no I/O thread waited in the kernel")
-        let metrics = parsePrometheus(
-            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
-        #expect((metrics["holdfast_broker_reactor_stalls_total"] ?? 0) == 0, "\(metrics.filter { $0.key.contains("reactor") })")
+        try await Self.expectNothingStalled(daemon, roles: before)
 
         try writeFile(release, [])
         // The runtime lets go of its stdin copy, or `cat` would never see the end.
@@ -157,12 +164,7 @@ struct HandoffSharedDescriptionTests {
         _ = fcntl(master, F_SETFL, fcntl(master, F_GETFL) & ~O_NONBLOCK)
         // The line typed: its echo is read, and the read after it finds the terminal empty.
         try await input.send(bytes("hello\n"))
-        let bystander = try await ContainmentTests.startBystander(daemon)
-        try await ContainmentTests.expectIntact(daemon, roles: before, bystander: bystander)
-        #expect(!daemon.log.contains("I/O thread stuck in the kernel"), "no I/O thread waited in the kernel")
-        let metrics = parsePrometheus(
-            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
-        #expect((metrics["holdfast_broker_reactor_stalls_total"] ?? 0) == 0, "\(metrics.filter { $0.key.contains("reactor") })")
+        try await Self.expectNothingStalled(daemon, roles: before)
 
         // The terminal works: the typed line was echoed and is answered, then it ends.
         #expect(try await processes.wait(pid) == .exited(0))
