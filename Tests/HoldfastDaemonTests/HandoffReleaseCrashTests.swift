@@ -84,7 +84,13 @@ struct HandoffReleaseCrashTests {
             return broker != nil && broker != firstBroker
         }
         try await eventually("the process handed to the next broker", timeout: .seconds(20)) { daemon.log.contains("handed to the restarted broker") }
-        try await daemon.waitForLog("a release a broker crash interrupted handed to the restarted broker to keep for its peer")
+        do {
+            try await daemon.waitForLog("a release a broker crash interrupted handed to the restarted broker to keep for its peer")
+        } catch {
+            // Seen once in a loaded full run, not reproduced since: the log says which way it went.
+            Issue.record("the kept release was not handed over: the daemon's log ends\n\(daemon.log.suffix(8000))")
+            throw error
+        }
         // Kept, not relayed: nothing of it streams (the runtime may be reading these pipes).
         // (A loaded broker may miss `status`'s 2 s bound for its list, which then shows no
         // streams: asked until it answers. A relayed stream is never `kept`.)
