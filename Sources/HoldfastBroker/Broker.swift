@@ -231,8 +231,10 @@ public final class Broker: Sendable {
     // MARK: Handoff peers' processes
 
     /// How long a handoff adopt waits for the supervisor's word on its deposit (`handoff-kept`):
-    /// it answers at once unless stopped (a debugger, SIGSTOP); past this the process is let in
-    /// without crash-survival, and any copy the supervisor keeps later is let go.
+    /// it answers at once unless stopped (a debugger, SIGSTOP) or starved of CPU. Past this the
+    /// runtime is answered `survivesBrokerCrash: false` and the process is relayed with its
+    /// slots all the same: the deposit waits in the supervisor's channel, and once the word
+    /// comes (`depositAnswered`) the process survives a broker crash from then on.
     static let depositAnswerWait: Duration = .seconds(5)
 
     /// A process a handoff peer hands over: its resumable streams get checkpoint slots of this
@@ -240,8 +242,9 @@ public final class Broker: Sendable {
     /// once the supervisor says it keeps them (`handoff-kept`) is the process adopted — so a
     /// crash right after finds them there, and a broker started after a crash of this one is
     /// handed it again by the supervisor, with the peer still its owner. Without a checkpoint
-    /// area, free slots, fd copies or the supervisor's word it is adopted as before: relayed,
-    /// but not kept across a crash. Returns whether it is kept, and if not why (the peer is told).
+    /// area, free slots, fd copies or the supervisor's keeping them it is adopted as before:
+    /// relayed, but not kept across a crash; without its word within `depositAnswerWait`, kept
+    /// from whenever the word comes. Returns whether it is kept, and if not why (the peer is told).
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> AdoptResponse {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
@@ -299,7 +302,8 @@ public final class Broker: Sendable {
         do {
             try adopt(adopting, descriptors: descriptors, owner: .handoff(uid: uid), claimedID: true)
         } catch {
-            if unkept == nil { await handoffGone(process) }
+            // Its slots back, and whatever the supervisor kept (or keeps, late) let go.
+            await handoffGone(process)
             throw error
         }
         Failpoint.pass(Failpoint.brokerAdoptTaken, process: process)
@@ -338,8 +342,8 @@ public final class Broker: Sendable {
 
     /// Hands the supervisor copies of a handoff process's fds (`request` names its slots) and
     /// waits for its word. Nil when it keeps them (`adopting` becomes `request`); otherwise why
-    /// not, with the slots let go, any copy it kept after all let go too (`handoff-ended`, which
-    /// it reads after the deposit), and `adopting` left as the peer asked.
+    /// not: refused, with the slots let go and `adopting` left as the peer asked; or no word in
+    /// time, with `adopting` the request (its slots) and the word awaited.
     private func deposit(_ request: AdoptRequest, descriptors: [Int32], owner uid: UInt32, adopting: inout ValidatedAdoption) async -> String? {
         let process = request.process
         var copyFailure: SystemError?
@@ -361,21 +365,46 @@ public final class Broker: Sendable {
         let ticket = depositAnswers.expect(process)
         await notifications.send(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
         let answer = await depositAnswers.wait(ticket, timeout: Self.depositAnswerWait)
-        if let answer, answer.kept {
+        guard let answer else {
+            // No word in time: a supervisor stopped, or starved on a loaded guest. The deposit
+            // waits in its channel and will be read. Letting it go here (as this broker once
+            // did, with `handoff-ended` after it) left the process without crash-survival for
+            // its whole life, however soon the supervisor came back. Adopted with its slots
+            // instead: a crash after the supervisor kept the copies costs it nothing, and the
+            // process is said to survive once the word comes (`depositAnswered`).
+            adopting = withSlots!
+            handoffs.withLockedValue { $0.awaitWord(process) }
+            return "the supervisor did not answer its deposit within \(Self.depositAnswerWait.spoken): "
+                + "it survives a broker crash once the supervisor keeps its fds (`list` shows it then)"
+        }
+        if answer.kept {
             adopting = withSlots!
             return nil
         }
         await handoffGone(process)
-        guard let answer else { return "the supervisor did not answer its deposit within \(Self.depositAnswerWait)" }
         return "the supervisor did not keep copies of its fds: \(answer.reason ?? "no reason given")"
     }
 
-    /// The supervisor's word on a deposit (`handoff-kept`). One nobody waits for any more (given
-    /// up on after `depositAnswerWait`) was let go by `handoff-ended` already.
+    /// The supervisor's word on a deposit (`handoff-kept`): to the adopt that waits for it, or,
+    /// come after the adopt stopped waiting, to the process relayed meanwhile.
     func depositAnswered(_ answer: HandoffKept) {
-        if !depositAnswers.answer(answer.process, with: answer) {
-            logger.notice("the supervisor's word on a deposit came after the adopt stopped waiting for it", metadata: [
-                "process": "\(answer.process)", "kept": "\(answer.kept)",
+        let process = answer.process
+        if depositAnswers.answer(process, with: answer) { return }
+        switch handoffs.withLockedValue({ $0.settleWord(process, kept: answer.kept) }) {
+        case true?:
+            logger.notice("the supervisor kept a handoff process's fds after its adopt was answered: it survives a broker crash from now on", metadata: [
+                "process": "\(process)"
+            ])
+        case false?:
+            // Its slots stay its own until it leaves: its streams write their checkpoints there.
+            logger.warning("the supervisor did not keep a handoff process's fds: it does not survive a broker crash", metadata: [
+                "process": "\(process)", "error": "\(answer.reason ?? "no reason given")",
+            ])
+        case nil:
+            // The process left first (its `handoff-ended` follows the deposit: the supervisor
+            // let go of what it kept).
+            logger.notice("the supervisor's word on a deposit came after its process left", metadata: [
+                "process": "\(process)", "kept": "\(answer.kept)",
             ])
         }
     }
@@ -479,9 +508,9 @@ public final class Broker: Sendable {
     /// (state `kept`: a runtime that lost the answer, or restarted, sees what waits for it).
     public func list(ownedBy owner: ProcessOwner? = nil) -> [StreamStatus] {
         let all = processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }
-        // A runtime's process without a deposit with the supervisor is said to be so.
+        // A runtime's process the supervisor holds no copies of (yet) is said to be so.
         let unkept = handoffs.withLockedValue { slots in
-            Set(all.filter { if case .handoff = $0.owner { !slots.has($0.id) } else { false } }.map(\.id))
+            Set(all.filter { if case .handoff = $0.owner { !slots.isKept($0.id) } else { false } }.map(\.id))
         }
         let live = all.map { process in
             var streams = process.status()
@@ -686,11 +715,37 @@ struct HandoffSlots: Sendable {
         byProcess[process, default: []] += slots
     }
 
-    /// Whether `process` has slots here (its fds were deposited with the supervisor).
+    /// Whether `process` has slots here (its fds were deposited with the supervisor, which may
+    /// not have said yet whether it keeps them).
     func has(_ process: String) -> Bool { byProcess[process] != nil }
+
+    /// Processes with slots whose deposit the supervisor has not said it keeps: its word is
+    /// awaited (`awaitingWord`), or it said no.
+    private var unkept: Set<String> = []
+    private var awaitingWord: Set<String> = []
+
+    /// Whether the supervisor keeps copies of `process`'s fds: a broker crash then costs it nothing.
+    func isKept(_ process: String) -> Bool { has(process) && !unkept.contains(process) }
+
+    /// `process` was adopted before the supervisor's word on its deposit came.
+    mutating func awaitWord(_ process: String) {
+        guard has(process) else { return }
+        unkept.insert(process)
+        awaitingWord.insert(process)
+    }
+
+    /// The supervisor's word came for a process adopted without it: whether it keeps it, or nil
+    /// if no such process waits for it (it left).
+    mutating func settleWord(_ process: String, kept: Bool) -> Bool? {
+        guard awaitingWord.remove(process) != nil else { return nil }
+        if kept { unkept.remove(process) }
+        return kept
+    }
 
     /// `process` left: its slots, now free (nil if it had none here).
     mutating func end(_ process: String) -> [Int]? {
+        unkept.remove(process)
+        awaitingWord.remove(process)
         guard let slots = byProcess.removeValue(forKey: process) else { return nil }
         taken.subtract(slots)
         return slots

@@ -52,10 +52,12 @@ public enum Failpoint {
     /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
     /// id), as with every slot of its range taken (`fails` with `everyPass`).
     public static let handoffSlotsTaken = "handoff-slots-taken"
-    /// The supervisor keeps a handoff peer's process's deposit (PROCESS: its id) and never
-    /// answers it (`fails` with `everyPass`), as a supervisor stopped by a debugger would not in
-    /// time: the broker's adopt stops waiting and lets the deposit go.
-    public static let depositUnanswered = "deposit-unanswered"
+    /// The supervisor keeps a handoff peer's process's deposit (PROCESS: its id) and answers it
+    /// only after `lateAnswer` (`fails` with `everyPass`), as a supervisor stopped a moment by a
+    /// debugger, or starved of CPU, would: the broker's adopt stops waiting before the word comes.
+    public static let depositAnsweredLate = "deposit-answered-late"
+    /// How late `depositAnsweredLate` answers: past the broker's 5 s wait.
+    public static let lateAnswer: Duration = .seconds(7)
     /// How many starts `fails` fails.
     public static let failedStarts = 10
     /// The passes `fails` fails by default: the first succeeds (the daemon starts and serves),

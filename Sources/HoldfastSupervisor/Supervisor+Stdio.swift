@@ -232,9 +232,10 @@ extension Supervisor {
                 "process": "\(process)", "owner": "\(deposit.owner)", "streams": "\(deposit.request.streams.count)",
             ])
         }
-        guard !Failpoint.fails(Failpoint.depositUnanswered, process: process, passes: Failpoint.everyPass) else { return }
+        let late = Failpoint.fails(Failpoint.depositAnsweredLate, process: process, passes: Failpoint.everyPass)
         // Not awaited here: the answer's reply comes on the channel whose reading called us.
         Task {
+            if late { try? await Task.sleep(for: Failpoint.lateAnswer) }
             _ = try? await client.call(
                 BrokerRequest.handoffKept(HandoffKept(process: process, kept: refusal == nil, reason: refusal)), reply: [String: String].self)
         }
