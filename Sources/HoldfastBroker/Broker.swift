@@ -22,7 +22,7 @@ public final class Broker: Sendable {
     let processes = NIOLockedValueBox<[String: AdoptedProcess]>([:])
     /// Handoff peers' processes deposited with the supervisor, and the checkpoint slots this
     /// broker gave their streams (`CheckpointMemory.handoffSlots`).
-    let handoffs = NIOLockedValueBox(HandoffSlots())
+    let handoffs = NIOLockedValueBox(HandoffSlots(range: CheckpointMemory.handoffSlots))
     /// The supervisor's answers to deposits (`handoff-kept`), by process.
     let depositAnswers = AwaitedAnswers<String, HandoffKept>()
     /// Ids of handoff adopts between their first check and their adoption (waiting for the
@@ -412,11 +412,13 @@ public final class Broker: Sendable {
     /// A handoff peer's process left: its slots are cleared and free, the supervisor lets go of
     /// its copies.
     func handoffGone(_ process: String) async {
-        guard let slots = handoffs.withLockedValue({ $0.end(process) }) else { return }
+        // Cleared while still its: once free, another process may be given them.
+        guard let slots = handoffs.withLockedValue({ $0.slots(of: process) }) else { return }
         for slot in slots {
             checkpoints?.checkpoint(slot)?.clear()
             rings?.clear(slot)
         }
+        guard handoffs.withLockedValue({ $0.end(process) }) != nil else { return }
         await notifications.send(.handoffEnded(ProcessRequest(process: process)))
     }
 
@@ -686,68 +688,3 @@ public enum BrokerNotification: Sendable, Equatable {
     }
 }
 
-/// The checkpoint slots a broker gives handoff peers' streams (`CheckpointMemory.handoffSlots`),
-/// and which process has which. Taken round-robin: a slot comes back into use only after every
-/// other one did, so a stream that wrote one last value after its process left cannot land in
-/// a newer stream's slot.
-struct HandoffSlots: Sendable {
-    private var cursor = CheckpointMemory.handoffSlots.lowerBound
-    private var taken: Set<Int> = []
-    private var byProcess: [String: [Int]] = [:]
-
-    /// `count` free slots for `process`, nil if not that many are free.
-    mutating func take(for process: String, count: Int) -> [Int]? {
-        let range = CheckpointMemory.handoffSlots
-        guard byProcess[process] == nil, taken.count + count <= range.count else { return nil }
-        var slots: [Int] = []
-        while slots.count < count {
-            if !taken.contains(cursor) { slots.append(cursor) }
-            cursor = cursor + 1 == range.upperBound ? range.lowerBound : cursor + 1
-        }
-        taken.formUnion(slots)
-        byProcess[process] = slots
-        return slots
-    }
-
-    /// `process` has `slots` (named by the supervisor when it hands the process back).
-    mutating func claim(_ slots: [Int], for process: String) {
-        taken.formUnion(slots)
-        byProcess[process, default: []] += slots
-    }
-
-    /// Whether `process` has slots here (its fds were deposited with the supervisor, which may
-    /// not have said yet whether it keeps them).
-    func has(_ process: String) -> Bool { byProcess[process] != nil }
-
-    /// Processes with slots whose deposit the supervisor has not said it keeps: its word is
-    /// awaited (`awaitingWord`), or it said no.
-    private var unkept: Set<String> = []
-    private var awaitingWord: Set<String> = []
-
-    /// Whether the supervisor keeps copies of `process`'s fds: a broker crash then costs it nothing.
-    func isKept(_ process: String) -> Bool { has(process) && !unkept.contains(process) }
-
-    /// `process` was adopted before the supervisor's word on its deposit came.
-    mutating func awaitWord(_ process: String) {
-        guard has(process) else { return }
-        unkept.insert(process)
-        awaitingWord.insert(process)
-    }
-
-    /// The supervisor's word came for a process adopted without it: whether it keeps it, or nil
-    /// if no such process waits for it (it left).
-    mutating func settleWord(_ process: String, kept: Bool) -> Bool? {
-        guard awaitingWord.remove(process) != nil else { return nil }
-        if kept { unkept.remove(process) }
-        return kept
-    }
-
-    /// `process` left: its slots, now free (nil if it had none here).
-    mutating func end(_ process: String) -> [Int]? {
-        unkept.remove(process)
-        awaitingWord.remove(process)
-        guard let slots = byProcess.removeValue(forKey: process) else { return nil }
-        taken.subtract(slots)
-        return slots
-    }
-}
