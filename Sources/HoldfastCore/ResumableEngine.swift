@@ -148,6 +148,10 @@ extension ResumableStream {
         /// Receive side: every byte and the END arrived; what is left is echoing the END.
         var hasTheWholeInput: Bool { state.withLockedValue { direction == .receive && $0.receiver.isFinished } }
 
+        /// Send side: the source ended and the peer acknowledged every byte; what is left is the
+        /// END (sent, or to send) and its echo.
+        var hasOnlyTheEndLeft: Bool { state.withLockedValue { direction == .send && $0.sender.isDrained } }
+
         /// What we report as received in our hello.
         var receivedForHello: UInt64 { state.withLockedValue { direction == .receive ? $0.receiver.acknowledgeable : 0 } }
 

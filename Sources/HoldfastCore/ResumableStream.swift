@@ -142,9 +142,15 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                     // closed the stream, the connection cut before we saw that; or it restarted).
                     // Redialling on would hold the stream until the drain timeout for nobody. A
                     // peer that says so for a second, without a connection between, means it (a
-                    // host agent restarting registers its streams again within that).
+                    // host agent restarting registers its streams again within that). Likewise an
+                    // output whose every byte the peer acknowledged, redialling only to deliver
+                    // its END: the peer had it and closed the stream (a host application done at
+                    // END), or dropped the stream; either way nobody will take the END. Found by
+                    // the soak: a broker killed after the host had a handed-over process's END
+                    // and closed its stream left the successor redialling it until the drain
+                    // timeout (300 s there), the process in its table all along.
                     if case .refusedByPeer(let refusal)? = error as? StreamProtocolError, refusal.code == .unknownToken,
-                        inputEnded || engine.hasTheWholeInput, let slot = forgottenSlot.withLockedValue({ $0 })
+                        inputEnded || engine.hasTheWholeInput || engine.hasOnlyTheEndLeft, let slot = forgottenSlot.withLockedValue({ $0 })
                     {
                         let now = ContinuousClock.now
                         let since = forgottenSince.withLockedValue { first in
@@ -335,7 +341,8 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
     // MARK: Lifetime and inspection
 
-    /// How long an input with its END is refused "unknown stream" before it lets go.
+    /// How long an input with its END (or an output with only its END left) is refused
+    /// "unknown stream" before it lets go.
     static var forgottenAfter: Duration { .seconds(1) }
 
     public func close() {

@@ -76,4 +76,40 @@ struct HostGaveUpTests {
             #expect(try await daemon.stop() == .exited(0))
         }
     }
+
+    /// Found by the soak (RELIABILITY.md): a host application closes an output stream once it
+    /// has its END (done with it), and the broker is killed before it let the process go (here
+    /// the process closed its stdout and lives on). The successor resumes the stdout at its END
+    /// and dials to deliver the END again: every dial refused `unknown stream`. It redialled
+    /// until the drain timeout (300 s here), and the process's exit report waited as long. Now a
+    /// second of such refusals ends the stream, nothing undelivered, and the exit comes at once.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anOutputTheHostClosedAtItsEndIsLetGoByTheSuccessorAfterASecond() async throws {
+        try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
+            let done = daemon.directory.file("done")
+            let output = collect(try daemon.streams.open(token: bytes("closed-out"), direction: .receive))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "closed", argv: ["sh", "-c", "echo 'all of it'; exec >&-; while [ ! -e \(done) ]; do sleep 0.05; done"],
+                stdout: daemon.spec("closed-out")))
+            let received = try await withTimeout("the stdout and its END", .seconds(20)) { await output.value }
+            #expect(received == bytes("all of it\n"))
+            // The application is done with the stream: the host no longer knows it.
+            daemon.streams.close(token: bytes("closed-out"))
+
+            let broker = try #require(try await daemon.rolePID("broker"))
+            let killedBroker = ProcessIdentity(broker)
+            kill(broker, SIGKILL)
+            try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
+            try await eventually("the successor resumed the stdout") { daemon.log.contains("resumed streams a crashed broker held") }
+            try await eventually("the successor refused as an unknown stream") { daemon.log.contains("unknown stream") }
+            try writeFile(done, [])
+            let asked = ContinuousClock.now
+            try await eventually("the exit (the drain timeout is 300 s)", timeout: .seconds(20)) { exits.count("closed") == 1 }
+            print("an output the host closed at its END: the exit \(ContinuousClock.now - asked) after the process was let end")
+            let report = exits.all.first { $0.id == "closed" }
+            #expect(report?.exitCode == 0 && report?.undelivered == 0 && report?.outputCutShort == nil, "\(String(describing: report))")
+            try await eventually("no stream left in the broker") { (try? await daemon.bridge.stats(timeout: .seconds(5)))?.liveStreamObjects == 0 }
+            #expect(try await daemon.stop() == .exited(0))
+        }
+    }
 }
