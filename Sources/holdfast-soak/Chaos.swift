@@ -19,6 +19,11 @@ struct ChaosSettings: Sendable {
     /// The broker is stopped (SIGSTOP) for a random 50–500 ms, then continued, every this many
     /// seconds (random in the range); nil: never.
     var brokerStopEverySeconds: ClosedRange<Int>?
+    /// The supervisor is stopped (SIGSTOP) for a random 50–1500 ms, then continued, every this
+    /// many seconds (random in the range); nil: never. What an operator's debugger, a cgroup
+    /// freeze or a starved vCPU does to it: creates, exits, a broker's notifications and its
+    /// restart all wait, and nothing may be lost or repeated for it.
+    var supervisorStopEverySeconds: ClosedRange<Int>?
     /// The broker is killed with SIGKILL every this many seconds (random in the range); nil:
     /// never. Every stream must resume, every loss be reported exactly.
     var brokerKillEverySeconds: ClosedRange<Int>?
@@ -77,6 +82,18 @@ enum Chaos {
             }
         }
         defer { stops?.cancel() }
+        let supervisorStops = settings.supervisorStopEverySeconds.map { range in
+            Task { [rng] in
+                var rng = rng
+                for _ in 0..<4 { _ = rng.next() }
+                while true {
+                    try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
+                    guard ContinuousClock.now + .seconds(3) < end else { return }
+                    await stopSupervisor(for: .milliseconds(Int.random(in: 50...1500, using: &rng)), host: host, daemon: daemon)
+                }
+            }
+        }
+        defer { supervisorStops?.cancel() }
         // Like the bridge kills: the first early in the phase (so the warm-up's baseline is
         // taken after a restarted broker's paths ran once), none in its last seconds.
         let brokerKills = settings.brokerKillEverySeconds.map { range in
@@ -180,6 +197,15 @@ extension Chaos {
         try? await Task.sleep(for: pause)
         kill(pid, SIGCONT)
         host.ledger.update { $0.brokerStops += 1 }
+    }
+
+    /// The same done to the supervisor, by its pid (a live upgrade keeps it). Every create,
+    /// exit and stream must carry on, nothing restarted for it.
+    static func stopSupervisor(for pause: Duration, host: Host, daemon: Daemon) async {
+        kill(daemon.pid, SIGSTOP)
+        try? await Task.sleep(for: pause)
+        kill(daemon.pid, SIGCONT)
+        host.ledger.update { $0.supervisorStops += 1 }
     }
 
     /// A broker crash: SIGKILL. The supervisor holds every fd and checkpoint; the next broker

@@ -235,6 +235,7 @@ final class Ledger: Sendable {
         var migrationEnds: [ContinuousClock.Instant] = []
         var kills: [ContinuousClock.Instant] = []
         var brokerStops = 0
+        var supervisorStops = 0
         var brokerKills: [ContinuousClock.Instant] = []
         /// Each live upgrade's time, request to the new image serving with both roles.
         var upgrades: [Duration] = []
@@ -244,6 +245,8 @@ final class Ledger: Sendable {
         /// Bytes the streams reported lost to broker kills (GAP frames), and their exits' count.
         var lostBytes: UInt64 = 0
         var processesWithLoss = 0
+        /// `handed-over` adopts whose broker went away before answering, settled by the next one's `list`.
+        var adoptsSettled = 0
         var failureCount = 0
         var failures: [String] = []
     }

@@ -38,6 +38,9 @@ struct Soak: AsyncParsableCommand {
     @Option(help: "Longest time between bridge worker kills, seconds.") var killMax = 45
     @Option(help: "Shortest time between stops (SIGSTOP, 50–500 ms, SIGCONT) of the broker, seconds (0: none).") var stopMin = 5
     @Option(help: "Longest time between stops of the broker, seconds.") var stopMax = 15
+    @Option(help: "Shortest time between stops (SIGSTOP, 50–1500 ms, SIGCONT) of the supervisor, seconds (0: none).")
+    var supervisorStopMin = 10
+    @Option(help: "Longest time between stops of the supervisor, seconds.") var supervisorStopMax = 30
     @Option(help: "Shortest time between broker kills (SIGKILL), seconds (0: none).") var brokerKillMin = 20
     @Option(help: "Longest time between broker kills, seconds.") var brokerKillMax = 40
     @Option(help: "Shortest time between live upgrades (holdfast upgrade: the daemon re-executes its binary), seconds (0: none).")
@@ -62,6 +65,9 @@ struct Soak: AsyncParsableCommand {
         }
         guard killMin >= 0, killMin <= killMax else { throw ValidationError("need 0 <= kill-min <= kill-max") }
         guard stopMin >= 0, stopMin <= stopMax else { throw ValidationError("need 0 <= stop-min <= stop-max") }
+        guard supervisorStopMin >= 0, supervisorStopMin <= supervisorStopMax else {
+            throw ValidationError("need 0 <= supervisor-stop-min <= supervisor-stop-max")
+        }
         guard brokerKillMin >= 0, brokerKillMin <= brokerKillMax else { throw ValidationError("need 0 <= broker-kill-min <= broker-kill-max") }
         guard upgradeMin >= 0, upgradeMin <= upgradeMax else { throw ValidationError("need 0 <= upgrade-min <= upgrade-max") }
         if let checkpoints, checkpoints < 1 { throw ValidationError("checkpoints must be at least 1") }
@@ -88,7 +94,8 @@ struct Soak: AsyncParsableCommand {
             // reach their working set (RELIABILITY.md): a long soak warms up longer, so its RSS
             // is compared with a baseline that has.
             minutes: minutes, warmup: warmup ?? (minutes <= 5 ? 30 : min(300, Int(minutes * 10))), processes: processes, migrationEvery: migrationEvery, blackoutMin: blackoutMin,
-            blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax, brokerKillMin: brokerKillMin, brokerKillMax: brokerKillMax, upgradeMin: upgradeMin, upgradeMax: upgradeMax, fallbackEvery: fallbackEvery, rssTolerancePercent: rssTolerancePercent,
+            blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax,
+            supervisorStopMin: supervisorStopMin, supervisorStopMax: supervisorStopMax, brokerKillMin: brokerKillMin, brokerKillMax: brokerKillMax, upgradeMin: upgradeMin, upgradeMax: upgradeMax, fallbackEvery: fallbackEvery, rssTolerancePercent: rssTolerancePercent,
             rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, pauseWhenQuiet: pauseWhenQuiet, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
         host.close()
@@ -113,6 +120,8 @@ struct Settings: Sendable {
     var killMax: Int
     var stopMin: Int
     var stopMax: Int
+    var supervisorStopMin: Int
+    var supervisorStopMax: Int
     var brokerKillMin: Int
     var brokerKillMax: Int
     var upgradeMin: Int
@@ -150,6 +159,7 @@ struct Run {
             period: .milliseconds(options.migrationEvery), blackoutMilliseconds: options.blackoutMin...options.blackoutMax,
             killEverySeconds: options.killMin > 0 ? options.killMin...options.killMax : nil,
             brokerStopEverySeconds: options.stopMin > 0 ? options.stopMin...options.stopMax : nil,
+            supervisorStopEverySeconds: options.supervisorStopMin > 0 ? options.supervisorStopMin...options.supervisorStopMax : nil,
             brokerKillEverySeconds: options.brokerKillMin > 0 ? options.brokerKillMin...options.brokerKillMax : nil,
             upgradeEverySeconds: options.upgradeMin > 0 ? options.upgradeMin...options.upgradeMax : nil, fallbackEvery: options.fallbackEvery)
     }
@@ -157,7 +167,7 @@ struct Run {
     func drive() async -> Verdict {
         let started = ContinuousClock.now
         printLine(
-            "holdfast-soak: seed \(seed), \(options.processes) processes live, \(format(options.minutes)) min soak after \(options.warmup) s warm-up; migration every \(options.migrationEvery) ms (blackout \(options.blackoutMin)–\(options.blackoutMax) ms); bridge worker SIGKILL every \(options.killMin > 0 ? "\(options.killMin)–\(options.killMax) s" : "never"); broker SIGSTOP/SIGCONT every \(options.stopMin > 0 ? "\(options.stopMin)–\(options.stopMax) s" : "never"); broker SIGKILL every \(options.brokerKillMin > 0 ? "\(options.brokerKillMin)–\(options.brokerKillMax) s" : "never"); live upgrade every \(options.upgradeMin > 0 ? "\(options.upgradeMin)–\(options.upgradeMax) s" : "never")"
+            "holdfast-soak: seed \(seed), \(options.processes) processes live, \(format(options.minutes)) min soak after \(options.warmup) s warm-up; migration every \(options.migrationEvery) ms (blackout \(options.blackoutMin)–\(options.blackoutMax) ms); bridge worker SIGKILL every \(options.killMin > 0 ? "\(options.killMin)–\(options.killMax) s" : "never"); broker SIGSTOP/SIGCONT every \(options.stopMin > 0 ? "\(options.stopMin)–\(options.stopMax) s" : "never"); supervisor SIGSTOP/SIGCONT every \(options.supervisorStopMin > 0 ? "\(options.supervisorStopMin)–\(options.supervisorStopMax) s" : "never"); broker SIGKILL every \(options.brokerKillMin > 0 ? "\(options.brokerKillMin)–\(options.brokerKillMax) s" : "never"); live upgrade every \(options.upgradeMin > 0 ? "\(options.upgradeMin)–\(options.upgradeMax) s" : "never")"
         )
         printLine("daemon pid \(daemon.pid), run directory \(daemon.directory)")
         guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measureOnceUp(timeout: .seconds(30)) else {
@@ -289,7 +299,7 @@ struct Run {
                     createdIDs.withLockedValue { $0.append(plan.id) }
                     host.started()
                     group.addTask { [host] in
-                        await Worker.run(plan, host: host)
+                        await Worker.run(plan, host: host, handoffSocket: daemon.directory + "/broker.sock")
                         host.ended()
                     }
                     added += 1

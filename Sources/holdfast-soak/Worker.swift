@@ -11,7 +11,8 @@ import Glibc
 /// One process's life, as a host application lives it: open its streams, create it over the
 /// bridge, feed it, signal it, wait for its exit, then check every byte and the exit.
 enum Worker {
-    static func run(_ plan: Plan, host: Host) async {
+    /// `handoffSocket`: where a `handed-over` process is adopted (the broker's public socket).
+    static func run(_ plan: Plan, host: Host, handoffSocket: String) async {
         let id = plan.id
         var tokens: [String] = []
         var consumers: [Task<Void, Never>] = []
@@ -69,12 +70,29 @@ enum Worker {
         let spec = ProcessSpec(
             id: id, argv: plan.argv, tty: plan.tty, rows: plan.tty ? 24 : nil, columns: plan.tty ? 80 : nil, stdin: stdinSpec,
             stdout: stdoutSpec, stderr: stderrSpec)
-        if let problem = await create(spec, host: host) {
-            host.ledger.fail("\(id) (\(plan.kind.rawValue)): \(problem)")
-            for consumer in consumers { consumer.cancel() }
-            return
+        // A runtime's process: started here, its pipes handed to the broker; its exit is ours
+        // to see and to tell the broker (no exit report comes over the bridge).
+        var handedOver: HandOver.Outcome?
+        if plan.kind == .handedOver {
+            host.ledger.update { $0.started[plan.kind, default: 0] += 1 }
+            var streams = [(kind: StreamKind.stdout, spec: stdoutSpec)]
+            if let stderrSpec { streams.append((.stderr, stderrSpec)) }
+            do {
+                handedOver = try await HandOver.run(plan, streams: streams, socket: handoffSocket)
+            } catch {
+                host.ledger.fail("\(id) (\(plan.kind.rawValue), argv \(plan.argv.joined(separator: " ").prefix(160))): \(error)")
+                for consumer in consumers { consumer.cancel() }
+                return
+            }
+            host.ledger.update { $0.adoptsSettled += handedOver!.adoptsSettled }
+        } else {
+            if let problem = await create(spec, host: host) {
+                host.ledger.fail("\(id) (\(plan.kind.rawValue)): \(problem)")
+                for consumer in consumers { consumer.cancel() }
+                return
+            }
+            host.ledger.update { $0.started[plan.kind, default: 0] += 1 }
         }
-        host.ledger.update { $0.started[plan.kind, default: 0] += 1 }
 
         // Wait for the process to say it is ready (a tty in raw mode, a sleeper that started).
         @Sendable func ready() async -> Bool {
@@ -127,7 +145,7 @@ enum Worker {
         let stallWatch = Task { [streams = hostStreams] in
             await watchForStall(plan, streams: streams, host: host)
         }
-        let report = await host.exits.wait(id, timeout: exitTimeout)
+        let report = handedOver == nil ? await host.exits.wait(id, timeout: exitTimeout) : nil
         stallWatch.cancel()
         for helper in helpers {
             if !(await finished(helper, within: .seconds(60))) {
@@ -157,6 +175,10 @@ enum Worker {
                 failures.append("the guest reported \(report.lost ?? 0) bytes lost, the host's streams \(lostHere)")
             }
             if lostHere > 0 { host.ledger.update { $0.processesWithLoss += 1 } }
+            host.ledger.update { $0.exitsChecked += 1 }
+        } else if let handedOver {
+            if handedOver.status != .exited(plan.exitCode) { failures.append("\(handedOver.status), expected exit code \(plan.exitCode)") }
+            if checks.contains(where: { $0.result().lost > 0 }) { host.ledger.update { $0.processesWithLoss += 1 } }
             host.ledger.update { $0.exitsChecked += 1 }
         } else {
             failures.append("no exit within \(exitTimeout)")

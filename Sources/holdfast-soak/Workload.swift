@@ -104,6 +104,11 @@ enum Kind: String, CaseIterable, Sendable {
     /// stdout and prints its own line later: the exit is reported once that output drained, and
     /// the process's cgroup goes once the child ended too.
     case leavesAChild = "leaves-a-child"
+    /// A burst's command started by the soak as a container runtime would, its stdout and
+    /// stderr on pipes handed to the broker over the public handoff socket (`adopt`, settled
+    /// across a broker that dies inside it), its exit told with `process-exited`: the handoff
+    /// path under the same kills, stops and upgrades (`HandOver`).
+    case handedOver = "handed-over"
 }
 
 /// The `holdsItsPipe` process: python, argv[1] the milliseconds to hold, argv[2] the exit code.
@@ -173,8 +178,10 @@ enum Workload {
         let id = "p\(index)"
         let roll = Int.random(in: 0..<100, using: &rng)
         let kind: Kind =
-            roll < 50
+            roll < 46
             ? .burst
+            : roll < 50
+                ? .handedOver
             : roll < 65
                 ? .ticker
                 : roll < 84
@@ -183,6 +190,10 @@ enum Workload {
         let exitCode = Int32.random(in: 0...9, using: &rng)
         switch kind {
         case .burst: return burst(id, exitCode, budget, &rng)
+        case .handedOver:
+            var plan = burst(id, exitCode, budget, &rng)
+            plan.kind = .handedOver
+            return plan
         case .ticker: return ticker(id, exitCode, budget, &rng)
         case .echo: return echo(id, exitCode, budget, &rng)
         case .holdsItsPipe:
