@@ -46,6 +46,12 @@ extension ResumableStream.Engine {
     private func endEchoed(_ offset: UInt64) throws {
         let wake = try state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
             try s.sender.endEchoed(offset)
+            // The echo says every byte arrived, with or without an ACK before it: the checkpoint
+            // says so too. It did not: a broker killed after an echo that came alone left its
+            // successor believing the last bytes unacknowledged — it sent them again, to a host
+            // that may have closed the stream at its END, until the drain timeout, and then
+            // reported them undelivered.
+            checkpoint?.acknowledged(s.sender.acknowledged)
             return s.takeProgressWaiters()
         }
         for continuation in wake { continuation.resume() }

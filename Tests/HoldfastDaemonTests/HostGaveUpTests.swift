@@ -87,13 +87,16 @@ struct HostGaveUpTests {
     func anOutputTheHostClosedAtItsEndIsLetGoByTheSuccessorAfterASecond() async throws {
         try await withBridgeDaemon(drainTimeout: "300s") { daemon, exits in
             let done = daemon.directory.file("done")
-            let output = collect(try daemon.streams.open(token: bytes("closed-out"), direction: .receive))
+            let host = try daemon.streams.open(token: bytes("closed-out"), direction: .receive)
+            let output = collect(host)
             _ = try await daemon.bridge.create(ProcessSpec(
                 id: "closed", argv: ["sh", "-c", "echo 'all of it'; exec >&-; while [ ! -e \(done) ]; do sleep 0.05; done"],
                 stdout: daemon.spec("closed-out")))
             let received = try await withTimeout("the stdout and its END", .seconds(20)) { await output.value }
             #expect(received == bytes("all of it\n"))
-            // The application is done with the stream: the host no longer knows it.
+            // The application is done with the stream, as the host library's own processes are
+            // at END: its echo delivered, then closed. The host no longer knows it.
+            #expect(await host.closeAfterEndDelivered(timeout: .seconds(10)), "the broker has the END echo")
             daemon.streams.close(token: bytes("closed-out"))
 
             let broker = try #require(try await daemon.rolePID("broker"))
@@ -101,10 +104,18 @@ struct HostGaveUpTests {
             kill(broker, SIGKILL)
             try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
             try await eventually("the successor resumed the stdout") { daemon.log.contains("resumed streams a crashed broker held") }
+            // At its END, every byte acknowledged: the echo said so, and the checkpoint kept it.
+            let resumed = daemon.log.split(separator: "\n").filter { $0.contains("stream resumed from its checkpoint") }
+            #expect(resumed.count == 1 && resumed[0].contains("acknowledged=10 offset=10"), "\(resumed)")
             try await eventually("the successor refused as an unknown stream") { daemon.log.contains("unknown stream") }
             try writeFile(done, [])
             let asked = ContinuousClock.now
-            try await eventually("the exit (the drain timeout is 300 s)", timeout: .seconds(20)) { exits.count("closed") == 1 }
+            do {
+                try await eventually("the exit (the drain timeout is 300 s)", timeout: .seconds(20)) { exits.count("closed") == 1 }
+            } catch {
+                Issue.record("no exit: the daemon's log ends\n\(daemon.log.suffix(6000))")
+                throw error
+            }
             print("an output the host closed at its END: the exit \(ContinuousClock.now - asked) after the process was let end")
             let report = exits.all.first { $0.id == "closed" }
             #expect(report?.exitCode == 0 && report?.undelivered == 0 && report?.outputCutShort == nil, "\(String(describing: report))")
