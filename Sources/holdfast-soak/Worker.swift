@@ -159,6 +159,15 @@ enum Worker {
                 problems.withLockedValue { $0.append("\(checks[index].name) did not end within 60 s of the exit") }
             }
         }
+        // A handed-over process has no exit report to wait for: its outputs' END echoes may
+        // still be on their way. Closed as a host application does at END, once the broker
+        // evidently has the echo, or after a bound: a migration that cut the connection after
+        // the echo went out leaves nothing to tell it by (the broker, complete, does not come
+        // back), so a `false` here is not a failure. Closed at once instead, the host would
+        // leave a broker that has not read the echo redialling an END nobody takes.
+        if handedOver != nil {
+            for (_, stream) in hostStreams { _ = await stream.closeAfterEndDelivered(timeout: .seconds(5)) }
+        }
         for token in tokens { host.close(token) }
         for consumer in consumers { await consumer.value }
 
