@@ -83,7 +83,7 @@ enum HandOver {
         func adopt(_ request: AdoptRequest, descriptors: [Int32]) async throws(Failure) -> Int {
             let adopt = BrokerRequest.adopt(request)
             var settled = 0
-            for attempt in 1...attempts {
+            return try await untilAnswered("adopt") { attempt in
                 do {
                     let reply = try await send(adopt, descriptors: descriptors)
                     let answer = try ControlJSON.decode(AdoptResponse.self, from: reply.frame.body, frameType: reply.frame.type)
@@ -94,51 +94,51 @@ enum HandOver {
                 } catch let error as HoldfastError where error.code == .channelClosed {
                     // The broker went away inside the adopt: the next one says whether it took it.
                     settled += 1
-                    if try await listed(request.process) { return settled }
+                    return try await listed(request.process) ? settled : nil
                 } catch let error as HoldfastError where error.code == .processExists && attempt > 1 {
                     return settled  // an earlier attempt got in after all
-                } catch let failure as Failure {
-                    throw failure
-                } catch {
-                    throw Failure("adopt: \(error)")
                 }
-                try? await Task.sleep(for: pause)
             }
-            throw Failure("adopt: no broker answered in \(attempts) attempts")
         }
 
         func listed(_ process: String) async throws(Failure) -> Bool {
             let list = BrokerRequest.list(ListRequest())
-            for _ in 1...attempts {
-                do {
-                    let reply = try await send(list)
-                    return try ControlJSON.decode(ListResponse.self, from: reply.frame.body, frameType: reply.frame.type).streams.contains {
-                        $0.process == process
-                    }
-                } catch let error as HoldfastError where error.code == .channelClosed {
-                    try? await Task.sleep(for: pause)
-                } catch {
-                    throw Failure("list: \(error)")
+            return try await untilAnswered("list") { _ in
+                let reply = try await send(list)
+                return try ControlJSON.decode(ListResponse.self, from: reply.frame.body, frameType: reply.frame.type).streams.contains {
+                    $0.process == process
                 }
             }
-            throw Failure("list: no broker answered in \(attempts) attempts")
         }
 
         func exited(_ process: String) async throws(Failure) {
             let request = BrokerRequest.processExited(ProcessExitedRequest(process: process))
-            for attempt in 1...attempts {
+            try await untilAnswered("process-exited") { attempt in
                 do {
                     _ = try await send(request)
-                    return
-                } catch let error as HoldfastError where error.code == .channelClosed {
-                    try? await Task.sleep(for: pause)
                 } catch let error as HoldfastError where error.code == .noSuchProcess && attempt > 1 {
-                    return  // an earlier attempt reached a broker: it (or the next) drained the process
-                } catch {
-                    throw Failure("process-exited: \(error)")
+                    // An earlier attempt reached a broker: it (or the next) drained the process.
                 }
+                return ()
             }
-            throw Failure("process-exited: no broker answered in \(attempts) attempts")
+        }
+
+        /// `body` tried until it returns a value: again, after a pause, when it returns nil or
+        /// its broker went away (`channelClosed`); any other error is the failure of `what`.
+        func untilAnswered<T>(_ what: String, _ body: (_ attempt: Int) async throws -> T?) async throws(Failure) -> T {
+            for attempt in 1...attempts {
+                do {
+                    if let value = try await body(attempt) { return value }
+                } catch let error as HoldfastError where error.code == .channelClosed {
+                    // Sent again below, on a new connection.
+                } catch let failure as Failure {
+                    throw failure
+                } catch {
+                    throw Failure("\(what): \(error)")
+                }
+                try? await Task.sleep(for: pause)
+            }
+            throw Failure("\(what): no broker answered in \(attempts) attempts")
         }
 
         /// One request on a connection of its own; a connection refused or cut counts as `channelClosed`.
