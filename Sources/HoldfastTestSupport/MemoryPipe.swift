@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastProtocol
 import NIOConcurrencyHelpers
 
 /// An in-memory, bidirectional connection pair with fault injection, for testing the
@@ -11,6 +12,8 @@ import NIOConcurrencyHelpers
 ///   of the write that crosses it — the writer sees a short write, and whatever frame it was
 ///   (hello, data, ack, end) arrives truncated.
 /// - `holdDelivery`: bytes written are held back until `release` (delayed acks and hellos).
+/// - `dropFrames`: frames of one type toward one side vanish (a third-party peer that never
+///   sends them), every other byte arrives.
 public final class MemoryPipe: Sendable {
     public final class End: ByteConnection, CustomStringConvertible {
         let pipe: MemoryPipe
@@ -50,6 +53,45 @@ public final class MemoryPipe: Sendable {
         var readers: [Int: (side: Int, continuation: CheckedContinuation<Void, any Error>)] = [:]
         var nextReader = 0
         var transferred = 0
+        /// Frames of this type toward side 0 and side 1 are dropped (nil: none are).
+        var dropped: [StreamFrameType?] = [nil, nil]
+        var framing: [FrameCursor] = [FrameCursor(), FrameCursor()]
+    }
+
+    /// Where a direction's byte stream stands in its frames: the prefix being read, then how
+    /// much of the current frame's body is left and whether the frame is dropped.
+    private struct FrameCursor {
+        var prefix: [UInt8] = []
+        var bodyLeft = 0
+        var dropping = false
+        var droppedFrames = 0
+
+        /// The bytes of `bytes` to deliver, dropping every whole frame of `type`.
+        mutating func filter(_ bytes: UnsafeRawBufferPointer, dropping type: StreamFrameType) -> [UInt8] {
+            var kept: [UInt8] = []
+            var index = 0
+            while index < bytes.count {
+                if bodyLeft > 0 {
+                    let count = min(bodyLeft, bytes.count - index)
+                    if !dropping { kept += bytes[index..<index + count] }
+                    bodyLeft -= count
+                    index += count
+                    continue
+                }
+                let count = min(StreamFramePrefix.size - prefix.count, bytes.count - index)
+                prefix += bytes[index..<index + count]
+                index += count
+                guard prefix.count == StreamFramePrefix.size else { continue }
+                // A prefix that does not decode goes through as it is: the reader's error.
+                let decoded = prefix.withUnsafeBytes { try? StreamFramePrefix.decode($0) }
+                dropping = decoded?.type == type
+                if dropping { droppedFrames += 1 }
+                bodyLeft = decoded?.bodyLength ?? 0
+                if !dropping { kept += prefix }
+                prefix.removeAll(keepingCapacity: true)
+            }
+            return kept
+        }
     }
 
     private let state: NIOLockedValueBox<State>
@@ -72,6 +114,15 @@ public final class MemoryPipe: Sendable {
     /// Holds only what travels toward `side` (0: whoever dialed, 1: whoever accepted): that
     /// end stops hearing its peer while the other still does.
     public func holdDelivery(toSide side: Int) { state.withLockedValue { $0.heldToward[side] = true } }
+
+    /// Drops every frame of `type` written toward `side` (0: whoever dialed, 1: whoever
+    /// accepted) from now on: set it before the first frame, or the cursor starts mid-frame.
+    public func dropFrames(_ type: StreamFrameType, towardSide side: Int) {
+        state.withLockedValue { $0.dropped[side] = type }
+    }
+
+    /// Frames `dropFrames` has dropped, both ways.
+    public var droppedFrames: Int { state.withLockedValue { $0.framing[0].droppedFrames + $0.framing[1].droppedFrames } }
 
     public func releaseDelivery() {
         let readers = state.withLockedValue { s -> [CheckedContinuation<Void, any Error>] in
@@ -115,7 +166,11 @@ public final class MemoryPipe: Sendable {
                 cutNow = true
             }
             s.budget = s.budget.map { $0 - accepted }
-            s.queues[other] += bytes[..<accepted]
+            if let type = s.dropped[other] {
+                s.queues[other] += s.framing[other].filter(UnsafeRawBufferPointer(rebasing: bytes[..<accepted]), dropping: type)
+            } else {
+                s.queues[other] += bytes[..<accepted]
+            }
             s.transferred += accepted
             guard !s.held, !s.heldToward[other] else { return (accepted, [], cutNow) }
             var wake: [CheckedContinuation<Void, any Error>] = []

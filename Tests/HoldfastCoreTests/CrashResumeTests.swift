@@ -745,3 +745,35 @@ private final class MemoryWindow: ByteReader, @unchecked Sendable {
         }
     }
 }
+
+extension CrashResumeStreamTests {
+    /// A host that echoes END without an ACK before it (the protocol allows it: the echo says
+    /// every byte arrived). The checkpoint must say the bytes were acknowledged, or a broker
+    /// killed after the echo leaves its successor sending them again to a host that may have
+    /// closed the stream at its END — until the drain timeout, then reported undelivered.
+    /// Holdfast's own host always ACKs first; the link here drops every ACK toward the guest.
+    @Test func anEndEchoWithoutAnAckMarksTheCheckpointAcknowledged() async throws {
+        let memory = SlotMemory()
+        let dropped = NIOLockedValueBox<MemoryPipe?>(nil)
+        let pair = ResumablePair(
+            guestDirection: .send,
+            beforeAccept: { link in
+                link.dropFrames(.ack, towardSide: 0)
+                dropped.withLockedValue { $0 = link }
+            }, checkpoint: memory.checkpoint)
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource()
+        let sent = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        let receiver = Task { await pair.host.receiveAll() }
+        source.append(sent)
+        source.finish()
+        while try await pair.guest.pull(from: source, pool: .shared) != .endOfFile {}
+        #expect(await pair.guest.finish() == 0, "the echo alone tells the guest every byte arrived")
+        #expect(await receiver.value == sent)
+        #expect(try #require(dropped.withLockedValue { $0 }).droppedFrames > 0, "the host did send ACKs, and none reached the guest")
+        let recovered = try #require(memory.checkpoint.recovered)
+        #expect(recovered.taken == 10_000)
+        #expect(recovered.acknowledged == 10_000, "a successor must not send acknowledged bytes again")
+    }
+}
