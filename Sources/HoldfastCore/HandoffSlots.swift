@@ -11,7 +11,9 @@
 /// slot, while a broker started after a crash or a live upgrade *claims* whatever slots the
 /// processes it is handed had: when such a process left, its slots were often the very next
 /// the cursor took — found by the soak as a handed-over process's stderr line arriving as nine
-/// zero bytes (the right length, no broker crash in its life).
+/// zero bytes (the right length, no broker crash in its life). The ring area now refuses a
+/// stale storage's writes itself (`RegionOwnership`); the order stays, for the checkpoint's
+/// last store, which nothing guards.
 public struct HandoffSlots: Sendable {
     public let range: Range<Int>
     /// The next slot never taken nor claimed by this broker (`range.upperBound`: none left).

@@ -15,6 +15,10 @@ import NIOConcurrencyHelpers
 /// Pages of blocks given back are released (`release`, madvise MADV_REMOVE in the broker) once
 /// the ring has not needed them for `trimAfter`: a busy stream keeps reusing its resident blocks,
 /// an idle one holds none.
+///
+/// A storage made with a `claim` on its region writes the region's table and releases its
+/// pages only while that claim is the region's newest (`RegionOwnership`): a departed
+/// stream's storage can outlive its process, and its region may already be a newer stream's.
 public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
     public let blockSize: Int
     public let blockCount: Int
@@ -22,6 +26,7 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
     private let blocks: UnsafeMutableRawPointer
     private let release: @Sendable (UnsafeMutableRawBufferPointer) -> Void
     private let trimAfter: Duration
+    private let claim: RegionOwnership.Claim?
     private let state: NIOLockedValueBox<State>
 
     private struct State {
@@ -52,7 +57,7 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
     /// - Parameter region: `regionSize(...)` bytes, page-aligned, zero when never used.
     public init(
         region: UnsafeMutableRawPointer, blockSize: Int, blockCount: Int, trimAfter: Duration = .seconds(2),
-        release: @escaping @Sendable (UnsafeMutableRawBufferPointer) -> Void
+        claim: RegionOwnership.Claim? = nil, release: @escaping @Sendable (UnsafeMutableRawBufferPointer) -> Void
     ) {
         self.blockSize = blockSize
         self.blockCount = blockCount
@@ -60,12 +65,26 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
         self.blocks = region + Self.tableSize(blockCount: blockCount)
         self.release = release
         self.trimAfter = trimAfter
+        self.claim = claim
         self.state = NIOLockedValueBox(State(free: []))
     }
 
     deinit {
-        // The stream is done (its ring gave every block back): nothing of it stays resident.
-        for index in state.withLockedValue({ $0.resident }) { release(block(index)) }
+        // The stream is done (its ring gave every block back): nothing of it stays resident —
+        // unless its region is a newer stream's by now, whose blocks these pages may be.
+        let resident = state.withLockedValue { $0.resident }
+        whileOwner { for index in resident { release(block(index)) } }
+    }
+
+    /// Runs `body` (a write to the region's table or a release of its pages) if the region is
+    /// still this storage's.
+    @discardableResult
+    private func whileOwner(_ body: () -> Void) -> Bool {
+        guard let claim else {
+            body()
+            return true
+        }
+        return claim.whileCurrent(body)
     }
 
     private func block(_ index: Int) -> UnsafeMutableRawBufferPointer {
@@ -130,15 +149,17 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
             s.usedSinceTrim = true
             return index
         }
-        table[index] = offset + 1
+        whileOwner { table[index] = offset + 1 }
         return block(index)
     }
 
     public func recycleBlock(_ block: UnsafeMutableRawBufferPointer) {
         let index = index(of: block)
-        table[index] = 0
+        let owner = whileOwner { table[index] = 0 }
         let schedule = state.withLockedValue { s -> Bool in
             s.free.append(index)
+            // A block of a region that is no longer ours is not ours to release either.
+            guard owner else { return false }
             s.resident.insert(index)
             guard !s.trimScheduled else { return false }
             s.trimScheduled = true
@@ -172,7 +193,7 @@ public final class SharedRingStorage: RingBlockStorage, @unchecked Sendable {
                 return true
             }
             s.trimScheduled = false
-            for index in s.resident { release(block(index)) }
+            whileOwner { for index in s.resident { release(block(index)) } }
             s.resident.removeAll()
             return false
         }

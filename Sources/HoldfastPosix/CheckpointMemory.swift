@@ -1,5 +1,6 @@
 import CHoldfastShims
 import HoldfastCore
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -119,6 +120,9 @@ public final class RingMemory: Sendable {
     public let regionSize: Int
     public var slotCount: Int { memory.size / regionSize }
     public var descriptor: Int32 { memory.descriptor }
+    /// Each slot's owner in this process: the stream whose storage was made last (made on first
+    /// use, kept: at most one small object per slot).
+    private let owners = Mutex<[Int: RegionOwnership]>([:])
 
     /// Slots with a ring (a checkpoint slot beyond them gets a heap ring: lost in a crash, and
     /// reported as such).
@@ -147,7 +151,10 @@ public final class RingMemory: Sendable {
     /// The ring storage of `slot`; nil when the area has no such slot.
     public func storage(_ slot: Int) -> SharedRingStorage? {
         guard slot >= 0, slot < slotCount else { return nil }
-        return SharedRingStorage(region: memory.base + slot * regionSize, blockSize: blockSize, blockCount: blockCount) { block in
+        // The new stream's claim makes any earlier storage of the slot stale: a departed
+        // stream's storage still alive must not release this one's pages.
+        let claim = owner(of: slot).claim()
+        return SharedRingStorage(region: memory.base + slot * regionSize, blockSize: blockSize, blockCount: blockCount, claim: claim) { block in
             // The pages go back to the system; the next use faults in zeroed ones.
             _ = madvise(block.baseAddress, block.count, MADV_REMOVE)
         }
@@ -156,6 +163,16 @@ public final class RingMemory: Sendable {
     /// Releases every page of `slot`'s region (its process is gone: nothing will read it).
     public func clear(_ slot: Int) {
         guard slot >= 0, slot < slotCount else { return }
-        _ = madvise(memory.base + slot * regionSize, regionSize, MADV_REMOVE)
+        // No storage made before this touches the region again.
+        owner(of: slot).revoke { _ = madvise(memory.base + slot * regionSize, regionSize, MADV_REMOVE) }
+    }
+
+    private func owner(of slot: Int) -> RegionOwnership {
+        owners.withLock { owners in
+            if let owner = owners[slot] { return owner }
+            let owner = RegionOwnership()
+            owners[slot] = owner
+            return owner
+        }
     }
 }
