@@ -102,8 +102,14 @@ enum Chaos {
                 _ = rng.next()
                 _ = rng.next()
                 try await Task.sleep(for: .milliseconds(Int.random(in: 1000...max(1000, min(range.lowerBound, phase / 4) * 1000), using: &rng)))
+                var made = 0
                 while ContinuousClock.now + settings.period * 3 < end {
-                    await gate.exclusive { await killBroker(host: host, daemon: daemon) }
+                    made += 1
+                    // Every third kill waits for a handed-over process's adopt and lands 0–3 ms
+                    // after it goes out: a broker that dies inside an adopt (the runtime settles
+                    // it through the next broker's `list`). Random times almost never hit one.
+                    let atAnAdopt = made % 3 == 0 ? Duration.microseconds(Int.random(in: 0...3000, using: &rng)) : nil
+                    await gate.exclusive { await killBroker(host: host, daemon: daemon, afterTheNextAdopt: atAnAdopt) }
                     try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
                 }
             }
@@ -210,16 +216,27 @@ extension Chaos {
 
     /// A broker crash: SIGKILL. The supervisor holds every fd and checkpoint; the next broker
     /// takes every stream over.
-    static func killBroker(host: Host, daemon: Daemon) async {
+    ///
+    /// `afterTheNextAdopt`: the kill waits (up to 10 s) for a handed-over process's adopt to go
+    /// out, and lands this long after it.
+    static func killBroker(host: Host, daemon: Daemon, afterTheNextAdopt delay: Duration? = nil) async {
         guard let status = try? await daemon.status(timeout: .seconds(10)),
             let pid = status.roles.first(where: { $0.name == "broker" })?.pid
         else {
             printLine("note: the broker is restarting; no kill this time")
             return
         }
+        var aimed = false
+        if let delay, await host.adoptAim.nextAdopt(within: .seconds(10)) {
+            aimed = true
+            try? await Task.sleep(for: delay)
+        }
         kill(pid, SIGKILL)
         let now = ContinuousClock.now
-        host.ledger.update { $0.brokerKills.append(now) }
+        host.ledger.update {
+            $0.brokerKills.append(now)
+            if aimed { $0.brokerKillsAtAnAdopt += 1 }
+        }
     }
 }
 

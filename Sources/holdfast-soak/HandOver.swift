@@ -1,6 +1,7 @@
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
+import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -33,7 +34,9 @@ enum HandOver {
 
     /// Runs `plan`'s command with its stdout (and stderr) on pipes the broker relays to
     /// `streams`, in that order.
-    static func run(_ plan: Plan, streams: [(kind: StreamKind, spec: StreamSpec)], socket: String) async throws(Failure) -> Outcome {
+    static func run(
+        _ plan: Plan, streams: [(kind: StreamKind, spec: StreamSpec)], socket: String, aim: AdoptAim
+    ) async throws(Failure) -> Outcome {
         var ends: [Int32] = []
         defer { for fd in ends where fd >= 0 { close(fd) } }
         var reads: [Int32] = []
@@ -85,7 +88,7 @@ enum HandOver {
             var settled = 0
             return try await untilAnswered("adopt") { attempt in
                 do {
-                    let reply = try await send(adopt, descriptors: descriptors)
+                    let reply = try await send(adopt, descriptors: descriptors, aimed: aim)
                     let answer = try ControlJSON.decode(AdoptResponse.self, from: reply.frame.body, frameType: reply.frame.type)
                     // Every stream here is resumable and the supervisor answers at once: a
                     // process the next broker crash would lose is a failure.
@@ -142,7 +145,7 @@ enum HandOver {
         }
 
         /// One request on a connection of its own; a connection refused or cut counts as `channelClosed`.
-        func send(_ request: BrokerRequest, descriptors: [Int32] = []) async throws -> RPCClient.RPCResponse {
+        func send(_ request: BrokerRequest, descriptors: [Int32] = [], aimed aim: AdoptAim? = nil) async throws -> RPCClient.RPCResponse {
             let client: RPCClient
             do {
                 client = try await ControlClient.connect(to: socket, timeout: .seconds(10))
@@ -150,6 +153,8 @@ enum HandOver {
                 throw HoldfastError(.channelClosed, "connect(\(socket)): \(error)")
             }
             defer { client.close() }
+            // A broker kill waiting for an adopt fires now, as the request goes out.
+            aim?.adoptGoing()
             return try await client.request(request.frameType, body: request.body, descriptors: descriptors)
         }
     }
@@ -157,5 +162,39 @@ enum HandOver {
     private static func closeEnd(_ fd: Int32, in ends: inout [Int32]) {
         close(fd)
         if let index = ends.firstIndex(of: fd) { ends[index] = -1 }
+    }
+}
+
+/// A broker kill aimed at an adopt (`Chaos.killBroker`): the kill waits for a `handed-over`
+/// process's adopt to be on its way, then lands a moment later — before, inside or just after
+/// the broker handles it. One inside is settled through the next broker's `list` (counted in
+/// `Outcome.adoptsSettled`); kills at random times almost never land there.
+final class AdoptAim: Sendable {
+    private let waiter = NIOLockedValueBox<CheckedContinuation<Bool, Never>?>(nil)
+    private let timer = NIOLockedValueBox<Task<Void, Never>?>(nil)
+
+    /// Waits up to `limit` for the next adopt to go out: true if one did.
+    func nextAdopt(within limit: Duration) async -> Bool {
+        let aimed = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            waiter.withLockedValue { $0 = continuation }
+            timer.withLockedValue {
+                $0 = Task {
+                    try? await Task.sleep(for: limit)
+                    self.fire(false)
+                }
+            }
+        }
+        timer.withLockedValue { $0 }?.cancel()
+        return aimed
+    }
+
+    /// An adopt is going out (the runtime's side); a kill waiting for one fires.
+    func adoptGoing() { fire(true) }
+
+    private func fire(_ aimed: Bool) {
+        waiter.withLockedValue { w in
+            defer { w = nil }
+            return w
+        }?.resume(returning: aimed)
     }
 }

@@ -17,6 +17,8 @@ final class Host: Sendable {
     let reconnects = ReconnectTracker()
     let hellos: HelloLog
     let ledger = Ledger()
+    /// Where a broker kill waits for a handed-over process's adopt (`AdoptAim`).
+    let adoptAim = AdoptAim()
     private let liveCount = NIOLockedValueBox(0)
 
     init(directory: String) throws {
@@ -237,6 +239,8 @@ final class Ledger: Sendable {
         var brokerStops = 0
         var supervisorStops = 0
         var brokerKills: [ContinuousClock.Instant] = []
+        /// Broker kills that waited for an adopt to go out and landed a moment after it.
+        var brokerKillsAtAnAdopt = 0
         /// Each live upgrade's time, request to the new image serving with both roles.
         var upgrades: [Duration] = []
         /// Each upgrade onto a binary that could not take over and fell back, request to the

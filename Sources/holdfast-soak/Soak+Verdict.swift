@@ -120,7 +120,7 @@ extension Run {
             ("broker stops (SIGSTOP, 50–500 ms, SIGCONT)", "\(final.brokerStops)"),
             ("supervisor stops (SIGSTOP, 50–1500 ms, SIGCONT)", "\(final.supervisorStops)"),
             ("handed-over processes (adopted over the handoff socket, exit told with process-exited; exit status and bytes checked)", "\(final.started[.handedOver] ?? 0); adopts whose broker went away before answering, settled by the next one's list: \(final.adoptsSettled)"),
-            ("broker kills (SIGKILL)", "\(final.brokerKills.count); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
+            ("broker kills (SIGKILL)", "\(final.brokerKills.count) (\(final.brokerKillsAtAnAdopt) landed 0–3 ms after a handed-over process's adopt went out); restarts the daemon counted: \(brokerRestarts.map(String.init) ?? "?")"),
             ("live upgrades (holdfast upgrade: a re-exec, new roles; request → new image serving)", upgradeFigures(final.upgrades, counted: status?.upgrades)),
             ("upgrades that fell back (the new image could not take over: started on a configuration file that is not there, after its check; request → the previous image serving again)", upgradeFigures(final.fallbacks, counted: status?.upgradesFellBack)),
             ("offsets reported lost to broker kills (GAP; the bytes around each checked exactly)", "\(bytes(final.lostBytes)) in \(final.processesWithLoss) processes"),

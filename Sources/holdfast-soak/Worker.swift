@@ -78,7 +78,7 @@ enum Worker {
             var streams = [(kind: StreamKind.stdout, spec: stdoutSpec)]
             if let stderrSpec { streams.append((.stderr, stderrSpec)) }
             do {
-                handedOver = try await HandOver.run(plan, streams: streams, socket: handoffSocket)
+                handedOver = try await HandOver.run(plan, streams: streams, socket: handoffSocket, aim: host.adoptAim)
             } catch {
                 host.ledger.fail("\(id) (\(plan.kind.rawValue), argv \(plan.argv.joined(separator: " ").prefix(160))): \(error)")
                 for consumer in consumers { consumer.cancel() }
