@@ -141,8 +141,15 @@ public final class Broker: Sendable {
             logger.info("resumed an ended stdin a crashed broker held, for its END echo", metadata: ["process": "\(request.process)"])
             return
         }
+        // The checkpoint slots, so a fault in one slot's memory can be traced to the streams
+        // that had it (a slot is reused: the log says whose it was when).
+        let slots = request.streams.map { stream in
+            let kept = [stream.checkpoint, stream.inputCheckpoint].compactMap { $0 }
+            return kept.isEmpty ? "\(stream.kind.rawValue):-" : "\(stream.kind.rawValue):\(kept.map(String.init).joined(separator: "+"))"
+        }
         logger.info(adoption.resumes ? "resumed streams a crashed broker held" : "adopted streams", metadata: [
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
+            "slots": "\(slots.joined(separator: " "))",
         ])
     }
 
