@@ -598,6 +598,7 @@ public final class Broker: Sendable {
     /// leave it: its successor settles it from its window, or reports those bytes, never
     /// silently. Exit status 0: settled; 3: not settled in time.
     public func quiesce(within limit: Duration) {
+        Failpoint.pass(Failpoint.brokerQuiescing, process: "broker")
         let deadline = ContinuousClock.now + limit
         let started = ContinuousClock.now
         Task(executorPreference: Reactor.shared) { [self] in

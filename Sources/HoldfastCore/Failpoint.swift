@@ -33,6 +33,9 @@ public enum Failpoint {
     public static let brokerStdinClosed = "broker-stdin-closed"
     /// The broker told the supervisor a handoff peer's process exited; its drain has not begun.
     public static let brokerExitMarked = "broker-exit-marked"
+    /// The supervisor asked the broker to quiesce for a live upgrade; it has not begun (PROCESS:
+    /// `broker`). The kill lands wherever the broker's other threads are, a take included.
+    public static let brokerQuiescing = "broker-quiescing"
 
     /// A start of the role (PROCESS: its name) fails before its spawn, as a fork refused under
     /// a pids limit would (`fails`: its 2nd to 11th starts).
