@@ -105,11 +105,19 @@ enum Chaos {
                 var made = 0
                 while ContinuousClock.now + settings.period * 3 < end {
                     made += 1
-                    // Every third kill waits for a handed-over process's adopt and lands 0–3 ms
-                    // after it goes out: a broker that dies inside an adopt (the runtime settles
-                    // it through the next broker's `list`). Random times almost never hit one.
-                    let atAnAdopt = made % 3 == 0 ? Duration.microseconds(Int.random(in: 0...3000, using: &rng)) : nil
-                    await gate.exclusive { await killBroker(host: host, daemon: daemon, afterTheNextAdopt: atAnAdopt) }
+                    // Every third kill waits for a handed-over process's adopt or release and lands
+                    // 0–3 ms after it goes out: a broker that dies inside an adopt (the runtime
+                    // settles it through the next broker's `list`) or a release (asked again).
+                    // Random times almost never hit one.
+                    // A release is answered within a millisecond (an adopt waits for the
+                    // supervisor's word on its deposit): its kill comes sooner.
+                    let aimed: (HandoffAim.Request, Duration)? =
+                        made % 3 != 0
+                        ? nil
+                        : made % 6 == 0
+                            ? (.release, .microseconds(Int.random(in: 0...500, using: &rng)))
+                            : (.adopt, .microseconds(Int.random(in: 0...3000, using: &rng)))
+                    await gate.exclusive { await killBroker(host: host, daemon: daemon, aimedAt: aimed) }
                     try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
                 }
             }
@@ -217,25 +225,29 @@ extension Chaos {
     /// A broker crash: SIGKILL. The supervisor holds every fd and checkpoint; the next broker
     /// takes every stream over.
     ///
-    /// `afterTheNextAdopt`: the kill waits (up to 10 s) for a handed-over process's adopt to go
-    /// out, and lands this long after it.
-    static func killBroker(host: Host, daemon: Daemon, afterTheNextAdopt delay: Duration? = nil) async {
+    /// `aimedAt`: the kill waits (up to 10 s) for a handed-over process's next request of that
+    /// kind (adopt, release) to go out, and lands this long after it.
+    static func killBroker(host: Host, daemon: Daemon, aimedAt: (request: HandoffAim.Request, delay: Duration)? = nil) async {
         guard let status = try? await daemon.status(timeout: .seconds(10)),
             let pid = status.roles.first(where: { $0.name == "broker" })?.pid
         else {
             printLine("note: the broker is restarting; no kill this time")
             return
         }
-        var aimed = false
-        if let delay, await host.adoptAim.nextAdopt(within: .seconds(10)) {
-            aimed = true
-            try? await Task.sleep(for: delay)
+        var landed: HandoffAim.Request?
+        if let aimedAt, await host.handoffAim.next(aimedAt.request, within: .seconds(10)) {
+            landed = aimedAt.request
+            try? await Task.sleep(for: aimedAt.delay)
         }
         kill(pid, SIGKILL)
         let now = ContinuousClock.now
         host.ledger.update {
             $0.brokerKills.append(now)
-            if aimed { $0.brokerKillsAtAnAdopt += 1 }
+            switch landed {
+            case .adopt: $0.brokerKillsAtAnAdopt += 1
+            case .release: $0.brokerKillsAtARelease += 1
+            case nil: break
+            }
         }
     }
 }

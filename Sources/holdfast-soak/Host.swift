@@ -17,8 +17,8 @@ final class Host: Sendable {
     let reconnects = ReconnectTracker()
     let hellos: HelloLog
     let ledger = Ledger()
-    /// Where a broker kill waits for a handed-over process's adopt (`AdoptAim`).
-    let adoptAim = AdoptAim()
+    /// Where a broker kill waits for a handed-over process's adopt or release (`HandoffAim`).
+    let handoffAim = HandoffAim()
     private let liveCount = NIOLockedValueBox(0)
 
     init(directory: String) throws {
@@ -239,8 +239,10 @@ final class Ledger: Sendable {
         var brokerStops = 0
         var supervisorStops = 0
         var brokerKills: [ContinuousClock.Instant] = []
-        /// Broker kills that waited for an adopt to go out and landed a moment after it.
+        /// Broker kills that waited for an adopt or a release to go out and landed a moment
+        /// after it.
         var brokerKillsAtAnAdopt = 0
+        var brokerKillsAtARelease = 0
         /// Each live upgrade's time, request to the new image serving with both roles.
         var upgrades: [Duration] = []
         /// Each upgrade onto a binary that could not take over and fell back, request to the
@@ -251,6 +253,10 @@ final class Ledger: Sendable {
         var processesWithLoss = 0
         /// `handed-over` adopts whose broker went away before answering, settled by the next one's `list`.
         var adoptsSettled = 0
+        /// `handed-over` processes taken back midway (`release`), and releases asked again of
+        /// the next broker because theirs went away before answering.
+        var released = 0
+        var releasesAskedAgain = 0
         var failureCount = 0
         var failures: [String] = []
     }

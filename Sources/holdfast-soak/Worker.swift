@@ -51,8 +51,12 @@ enum Worker {
             return (stream.streamSpec(at: host.streamAddress), check)
         }
 
-        let (stdoutSpec, stdoutCheck) = output("stdout", plan.stdout)
-        let stderrSpec = plan.stderr.map { output("stderr", $0).0 }
+        // A process taken back midway: the host gets what it wrote before (its streams never
+        // end: the release closes their connections), the soak reads the rest (`HandOver`).
+        let split = plan.releaseAfterStep
+        let (stdoutSpec, stdoutCheck) = output("stdout", split.map { Array(plan.stdout[..<$0]) } ?? plan.stdout)
+        let stderrOutput = plan.stderr.map { stderr in output("stderr", split.map { Array(stderr[..<$0]) } ?? stderr) }
+        let stderrSpec = stderrOutput?.0
         var stdinSpec: StreamSpec?
         var input: ResumableStream<AsyncFD>?
         if plan.hasStdin {
@@ -77,14 +81,33 @@ enum Worker {
             host.ledger.update { $0.started[plan.kind, default: 0] += 1 }
             var streams = [(kind: StreamKind.stdout, spec: stdoutSpec)]
             if let stderrSpec { streams.append((.stderr, stderrSpec)) }
+            var release: HandOver.Release?
+            if let split {
+                let checks = [stdoutCheck] + (stderrOutput.map { [$0.1] } ?? [])
+                let before = [renderedCount(plan.stdout[..<split])] + (plan.stderr.map { [renderedCount($0[..<split])] } ?? [])
+                var rest = [("\(id) (handed-over) stdout", Array(plan.stdout[split...]))]
+                if let stderr = plan.stderr { rest.append(("\(id) (handed-over) stderr", Array(stderr[split...]))) }
+                release = HandOver.Release(
+                    delivered: { zip(checks, before).allSatisfy { $0.receivedBytes >= $1 } },
+                    rest: rest)
+            }
             do {
-                handedOver = try await HandOver.run(plan, streams: streams, socket: handoffSocket, aim: host.adoptAim)
+                handedOver = try await HandOver.run(plan, streams: streams, socket: handoffSocket, aim: host.handoffAim, release: release)
             } catch {
                 host.ledger.fail("\(id) (\(plan.kind.rawValue), argv \(plan.argv.joined(separator: " ").prefix(160))): \(error)")
                 for consumer in consumers { consumer.cancel() }
                 return
             }
-            host.ledger.update { $0.adoptsSettled += handedOver!.adoptsSettled }
+            host.ledger.update {
+                $0.adoptsSettled += handedOver!.adoptsSettled
+                if handedOver!.released { $0.released += 1 }
+                $0.releasesAskedAgain += handedOver!.releasesAskedAgain
+            }
+            // Released: the host's streams end here (the release closed their connections
+            // without END; the guest does not redial them).
+            if handedOver!.released {
+                for token in tokens { host.close(token) }
+            }
         } else {
             if let problem = await create(spec, host: host) {
                 host.ledger.fail("\(id) (\(plan.kind.rawValue)): \(problem)")
@@ -165,7 +188,7 @@ enum Worker {
         // the echo went out leaves nothing to tell it by (the broker, complete, does not come
         // back), so a `false` here is not a failure. Closed at once instead, the host would
         // leave a broker that has not read the echo redialling an END nobody takes.
-        if handedOver != nil {
+        if let handedOver, !handedOver.released {
             for (_, stream) in hostStreams { _ = await stream.closeAfterEndDelivered(timeout: .seconds(5)) }
         }
         for token in tokens { host.close(token) }
@@ -274,4 +297,16 @@ enum Worker {
             }
         }
     }
+}
+
+/// How many bytes `pieces` render to.
+func renderedCount(_ pieces: ArraySlice<Piece>) -> Int {
+    var count = 0
+    var scratch: [UInt8] = []
+    for piece in pieces {
+        scratch.removeAll(keepingCapacity: true)
+        piece.render(into: &scratch)
+        count += scratch.count
+    }
+    return count
 }

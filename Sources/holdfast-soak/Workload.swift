@@ -164,6 +164,10 @@ struct Plan: Sendable {
     var signalAfterMilliseconds = 0
     /// Roughly how long the process runs, unloaded.
     var expectedSeconds: Double
+    /// `handed-over` only: the process stops itself (SIGSTOP) after this many steps of its
+    /// burst, and the soak takes its stdio back (`release`) once the host has every byte so far,
+    /// continues it and reads the rest itself, as a runtime taking its process back does.
+    var releaseAfterStep: Int?
 
     var tty: Bool { kind == .tty }
     var hasStdin: Bool { kind == .echo || kind == .holdsItsPipe || kind == .tty }
@@ -191,7 +195,9 @@ enum Workload {
         switch kind {
         case .burst: return burst(id, exitCode, budget, &rng)
         case .handedOver:
-            var plan = burst(id, exitCode, budget, &rng)
+            // Half of them are taken back midway (`release`).
+            let released = Bool.random(using: &rng)
+            var plan = burst(id, exitCode, budget, &rng, stopAfterARandomStep: released)
             plan.kind = .handedOver
             return plan
         case .ticker: return ticker(id, exitCode, budget, &rng)
@@ -210,13 +216,18 @@ enum Workload {
         }
     }
 
-    private static func burst(_ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
+    /// `stopAfterARandomStep`: the script stops itself (`kill -STOP $$`) after a random step
+    /// but the last (`releaseAfterStep`); a burst of one step does not.
+    private static func burst(
+        _ id: String, _ exitCode: Int32, _ budget: Double, _ rng: inout SeededGenerator, stopAfterARandomStep: Bool = false
+    ) -> Plan {
         var steps = Int.random(in: 5...60, using: &rng)
         var sleeps = (0..<steps).map { _ in Int.random(in: 100...1000, using: &rng) }
         while steps > 1, Double(sleeps.reduce(0, +)) / 1000 > budget {
             steps -= 1
             sleeps.removeLast()
         }
+        let stopAfter = stopAfterARandomStep && steps > 1 ? Int.random(in: 1..<steps, using: &rng) : nil
         var script = ""
         var stdout: [Piece] = []
         var stderr: [Piece] = []
@@ -226,11 +237,14 @@ enum Workload {
             let line = "\(id) e\(step + 1)"
             stderr.append(.text(Array((line + "\n").utf8)))
             script += "\(piece.command); echo '\(line)' >&2; sleep \(seconds(sleeps[step])); "
+            if step + 1 == stopAfter { script += "kill -STOP $$; " }
         }
         script += "exit \(exitCode)"
-        return Plan(
+        var plan = Plan(
             id: id, kind: .burst, argv: ["sh", "-c", script], stdout: stdout, stderr: stderr, exitCode: exitCode,
             expectedSeconds: Double(sleeps.reduce(0, +)) / 1000)
+        plan.releaseAfterStep = stopAfter
+        return plan
     }
 
     /// Mostly small bursts, some of tens of KiB, a few of up to 1 MiB.
