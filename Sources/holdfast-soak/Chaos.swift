@@ -110,12 +110,13 @@ enum Chaos {
                     // settles it through the next broker's `list`) or a release (asked again).
                     // Random times almost never hit one.
                     // A release is answered within a millisecond (an adopt waits for the
-                    // supervisor's word on its deposit): its kill comes sooner.
-                    let aimed: (HandoffAim.Request, Duration)? =
+                    // supervisor's word on its deposit), sooner than a kill a moment later
+                    // lands: its kill comes as it goes out (nil delay), before it is written.
+                    let aimed: (HandoffAim.Request, Duration?)? =
                         made % 3 != 0
                         ? nil
                         : made % 6 == 0
-                            ? (.release, .microseconds(Int.random(in: 0...500, using: &rng)))
+                            ? (.release, nil)
                             : (.adopt, .microseconds(Int.random(in: 0...3000, using: &rng)))
                     await gate.exclusive { await killBroker(host: host, daemon: daemon, aimedAt: aimed) }
                     try await Task.sleep(for: .seconds(Int.random(in: range, using: &rng)))
@@ -226,8 +227,9 @@ extension Chaos {
     /// takes every stream over.
     ///
     /// `aimedAt`: the kill waits (up to 10 s) for a handed-over process's next request of that
-    /// kind (adopt, release) to go out, and lands this long after it.
-    static func killBroker(host: Host, daemon: Daemon, aimedAt: (request: HandoffAim.Request, delay: Duration)? = nil) async {
+    /// kind (adopt, release) to go out, and lands this long after it (nil: as it goes out,
+    /// before it is written).
+    static func killBroker(host: Host, daemon: Daemon, aimedAt: (request: HandoffAim.Request, delay: Duration?)? = nil) async {
         guard let status = try? await daemon.status(timeout: .seconds(10)),
             let pid = status.roles.first(where: { $0.name == "broker" })?.pid
         else {
@@ -235,11 +237,11 @@ extension Chaos {
             return
         }
         var landed: HandoffAim.Request?
-        if let aimedAt, await host.handoffAim.next(aimedAt.request, within: .seconds(10)) {
+        if let aimedAt, await host.handoffAim.next(aimedAt.request, within: .seconds(10), killAtOnce: aimedAt.delay == nil ? pid : nil) {
             landed = aimedAt.request
-            try? await Task.sleep(for: aimedAt.delay)
+            if let delay = aimedAt.delay { try? await Task.sleep(for: delay) }
         }
-        kill(pid, SIGKILL)
+        kill(pid, SIGKILL)  // (a second SIGKILL of a dead or dying process changes nothing)
         let now = ContinuousClock.now
         host.ledger.update {
             $0.brokerKills.append(now)

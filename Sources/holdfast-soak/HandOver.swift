@@ -300,13 +300,22 @@ final class HandoffAim: Sendable {
         case release
     }
 
-    private let waiter = NIOLockedValueBox<(request: Request, continuation: CheckedContinuation<Bool, Never>)?>(nil)
+    private struct Waiter {
+        var request: Request
+        var continuation: CheckedContinuation<Bool, Never>
+        /// Killed by the runtime's own task as the request goes out, before it is written.
+        var killAtOnce: pid_t?
+    }
+
+    private let waiter = NIOLockedValueBox<Waiter?>(nil)
     private let timer = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
-    /// Waits up to `limit` for the next `request` to go out: true if one did.
-    func next(_ request: Request, within limit: Duration) async -> Bool {
+    /// Waits up to `limit` for the next `request` to go out: true if one did. `killAtOnce`:
+    /// SIGKILLed then, before the request is written (a kill a moment after it, by the caller,
+    /// can come after a fast answer).
+    func next(_ request: Request, within limit: Duration, killAtOnce: pid_t? = nil) async -> Bool {
         let aimed = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            waiter.withLockedValue { $0 = (request, continuation) }
+            waiter.withLockedValue { $0 = Waiter(request: request, continuation: continuation, killAtOnce: killAtOnce) }
             timer.withLockedValue {
                 $0 = Task {
                     try? await Task.sleep(for: limit)
@@ -324,10 +333,14 @@ final class HandoffAim: Sendable {
     /// Resumes the waiter: with true when `request` is what it waits for, with false when
     /// `request` is nil (its time is up); another request leaves it waiting.
     private func fire(_ request: Request?) {
-        waiter.withLockedValue { w -> CheckedContinuation<Bool, Never>? in
-            guard let waiting = w, request == nil || request == waiting.request else { return nil }
-            w = nil
-            return waiting.continuation
-        }?.resume(returning: request != nil)
+        guard
+            let waiting = waiter.withLockedValue({ w -> Waiter? in
+                guard let waiting = w, request == nil || request == waiting.request else { return nil }
+                w = nil
+                return waiting
+            })
+        else { return }
+        if request != nil, let pid = waiting.killAtOnce { kill(pid, SIGKILL) }
+        waiting.continuation.resume(returning: request != nil)
     }
 }
