@@ -105,13 +105,13 @@ enum Chaos {
                 var made = 0
                 while ContinuousClock.now + settings.period * 3 < end {
                     made += 1
-                    // Every third kill waits for a handed-over process's adopt or release and lands
-                    // 0–3 ms after it goes out: a broker that dies inside an adopt (the runtime
-                    // settles it through the next broker's `list`) or a release (asked again).
-                    // Random times almost never hit one.
-                    // A release is answered within a millisecond (an adopt waits for the
-                    // supervisor's word on its deposit), sooner than a kill a moment later
-                    // lands: its kill comes as it goes out (nil delay), before it is written.
+                    // Every third kill waits for a handed-over process's adopt (every sixth, its
+                    // release) to go out: a broker that dies inside an adopt (the runtime settles
+                    // it through the next broker's `list`) or before a release (asked again of
+                    // the next one); random times almost never hit one. An adopt's kill lands
+                    // 0–3 ms after it (the adopt waits for the supervisor's word on its
+                    // deposit); a release is answered within a millisecond, sooner than a kill
+                    // a moment later lands, so its kill comes as it goes out (nil delay).
                     let aimed: (HandoffAim.Request, Duration?)? =
                         made % 3 != 0
                         ? nil

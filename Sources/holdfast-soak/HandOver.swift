@@ -318,7 +318,8 @@ final class HandoffAim: Sendable {
             waiter.withLockedValue { $0 = Waiter(request: request, continuation: continuation, killAtOnce: killAtOnce) }
             timer.withLockedValue {
                 $0 = Task {
-                    try? await Task.sleep(for: limit)
+                    // Cancelled: the request went out (a cancelled sleep returns at once).
+                    guard (try? await Task.sleep(for: limit)) != nil else { return }
                     self.fire(nil)
                 }
             }
