@@ -208,6 +208,13 @@ extension HandoffReleaseCrashTests {
         let broker = try #require(try await daemon.rolePID("broker"))
         kill(broker, SIGSTOP)
         do {
+            // The stop is the kernel's to finish: a broker thread still running could answer
+            // before the connection is closed (seen once in 13 runs under three busy loops: the
+            // answer delivered, nothing kept).
+            try await eventually("the broker's every thread stopped", timeout: .seconds(5)) {
+                let states = ProcessAccount.threadStates(of: broker)
+                return !states.isEmpty && states.allSatisfy { $0 == "T" }
+            }
             let connection = try await Dialer.connect(to: .unix(path: daemon.directory.file("broker.sock")), kind: .seqpacket, timeout: .seconds(5))
             let fd = try #require(connection.detach())
             let frame = release.frame(id: 1).encoded
@@ -218,7 +225,12 @@ extension HandoffReleaseCrashTests {
             throw error
         }
         kill(broker, SIGCONT)
-        try await daemon.waitForLog("a release's answer did not reach its peer: its fds are kept for the peer's next release")
+        do {
+            try await daemon.waitForLog("a release's answer did not reach its peer: its fds are kept for the peer's next release")
+        } catch {
+            Issue.record("the daemon's log ends\n\(daemon.log.suffix(6000))")
+            throw error
+        }
         try await eventually("the kept stream shown", timeout: .seconds(20)) {
             try await daemon.brokerStreams().filter { $0.process == "gone" }.map(\.state) == [.kept]
         }
