@@ -19,25 +19,54 @@ public enum ProcessRunState: Sendable, Equatable {
     case gone
 
     public static func of(_ pid: pid_t) -> ProcessRunState {
-        guard let leader = state(of: "/proc/\(pid)/stat") else { return .gone }
-        if let tracer = tracerPID(of: pid), tracer > 0 { return .traced(by: tracer) }
+        // The state and the tracer are two reads: a tracer that lets the process go between
+        // them (the supervisor letting a self-traced process go with the SIGSTOP it stopped
+        // on) made a tracing stop read as `stopped` a moment before the process took that
+        // SIGSTOP — and a SIGCONT sent on that word came first and was lost: the process
+        // stopped for good (a test waited for its exit for ever). The tracer is read before and
+        // after; a change means a let-go under way, read again.
+        var attempts = 0
+        while true {
+            attempts += 1
+            let before = tracerPID(of: pid)
+            guard let leader = state(of: "/proc/\(pid)/stat") else { return .gone }
+            let after = tracerPID(of: pid)
+            if before != after, attempts < 10 { continue }
+            return judged(pid, leader: leader, tracer: after ?? 0)
+        }
+    }
+
+    /// What a process is, from its main thread's state letter and its tracer (0: none).
+    static func judged(leader: Character, tracer: pid_t, dying: () -> ProcessRunState) -> ProcessRunState {
+        if tracer > 0 { return .traced(by: tracer) }
         switch leader {
-        case "T", "t": return .stopped
-        case "Z", "X":
-            // The main thread is a zombie: any task left is what keeps the process from dying.
-            var waiting: String?
-            if let directory = opendir("/proc/\(pid)/task") {
-                defer { closedir(directory) }
-                while let entry = readdir(directory) {
-                    let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-                    guard let tid = Int32(name), tid != pid, let task = state(of: "/proc/\(pid)/task/\(tid)/stat"), task != "Z" else { continue }
-                    waiting = firstLine(of: "/proc/\(pid)/task/\(tid)/wchan").flatMap { $0.isEmpty || $0 == "0" ? nil : $0 }
-                    if waiting != nil { break }
-                }
-            }
-            return .dying(waitingIn: waiting)
+        // A stop someone must continue.
+        case "T": return .stopped
+        // A tracing stop with no tracer: it is being let go — it runs, or stops on the signal
+        // it was let go with, which the next look sees as `T`.
+        case "t": return .running
+        case "Z", "X": return dying()
         default: return .running
         }
+    }
+
+    private static func judged(_ pid: pid_t, leader: Character, tracer: pid_t) -> ProcessRunState {
+        judged(leader: leader, tracer: tracer) { dyingState(pid) }
+    }
+
+    /// The main thread is a zombie: any task left is what keeps the process from dying.
+    private static func dyingState(_ pid: pid_t) -> ProcessRunState {
+        var waiting: String?
+        if let directory = opendir("/proc/\(pid)/task") {
+            defer { closedir(directory) }
+            while let entry = readdir(directory) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                guard let tid = Int32(name), tid != pid, let task = state(of: "/proc/\(pid)/task/\(tid)/stat"), task != "Z" else { continue }
+                waiting = firstLine(of: "/proc/\(pid)/task/\(tid)/wchan").flatMap { $0.isEmpty || $0 == "0" ? nil : $0 }
+                if waiting != nil { break }
+            }
+        }
+        return .dying(waitingIn: waiting)
     }
 
     /// The one-letter state of a /proc `stat` line: the field after the command's last ')'.

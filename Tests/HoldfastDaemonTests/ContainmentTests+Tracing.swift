@@ -84,7 +84,11 @@ extension ContainmentTests {
         defer { client.close() }
         let continuing = SupervisorRequest.signal(SignalRequest(id: "signals", signal: SIGCONT))
         _ = try await client.request(continuing.frameType, body: continuing.body)
-        let signals = try await daemon.wait("signals")
+        // Bounded: a SIGCONT lost in the let-go (ProcessRunState) left it stopped, and this wait
+        // held a fresh clone's suite for 13 minutes, past the time limit, until continued by hand.
+        let signals = try await withDeadline("the exit of the process continued after its SIGSTOP", .seconds(60)) {
+            try await daemon.wait("signals")
+        }
         #expect(signals.signal == SIGTERM && signals.exitCode == 128 + SIGTERM, "ended by its own SIGTERM: \(signals)")
         #expect(try await Self.text(signalsOutput) == "traced 0\nhandled 1\ntraced again 0\ncontinued\ntraced a third time 0\n")
 

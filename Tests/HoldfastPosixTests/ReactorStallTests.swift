@@ -206,6 +206,18 @@ struct ReactorStallTests {
 
 @Suite("A process's run state, from /proc")
 struct ProcessRunStateTests {
+    /// A tracing stop (`t`) with no tracer is a process being let go, not one stopped: a
+    /// SIGCONT sent on that word came before the SIGSTOP it was let go with, and was lost.
+    @Test func aTracingStopWithNoTracerIsNotAStop() {
+        let never: () -> ProcessRunState = { .gone }
+        #expect(ProcessRunState.judged(leader: "t", tracer: 0, dying: never) == .running)
+        #expect(ProcessRunState.judged(leader: "t", tracer: 77, dying: never) == .traced(by: 77))
+        #expect(ProcessRunState.judged(leader: "T", tracer: 0, dying: never) == .stopped)
+        #expect(ProcessRunState.judged(leader: "T", tracer: 77, dying: never) == .traced(by: 77))
+        #expect(ProcessRunState.judged(leader: "S", tracer: 0, dying: never) == .running)
+        #expect(ProcessRunState.judged(leader: "Z", tracer: 0, dying: { .dying(waitingIn: nil) }) == .dying(waitingIn: nil))
+    }
+
     @Test func theStateIsTheFieldAfterTheCommandsLastParenthesis() {
         #expect(ProcessRunState.state(ofStatLine: "4242 (holdfast) S 1 4242 4242 0 -1") == "S")
         #expect(ProcessRunState.state(ofStatLine: "4242 (a (b) c) T 1 4242") == "T", "a command with parentheses and spaces")
