@@ -181,9 +181,16 @@ class Client:
         # recvmsg rather than socket.recv_fds, which drops its flags argument: with
         # MSG_CMSG_CLOEXEC the fds handed back cannot leak into a process started meanwhile
         # (like Python's own fds, they are non-inheritable; pass them on explicitly).
-        reply, ancillary, flags, _ = self.sock.recvmsg(
-            HEADER.size + MAX_BODY, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize),
-            socket.MSG_CMSG_CLOEXEC)
+        def receive():
+            return self.sock.recvmsg(
+                HEADER.size + MAX_BODY, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize),
+                socket.MSG_CMSG_CLOEXEC)
+        try:
+            reply, ancillary, flags, _ = receive()
+        except ConnectionResetError:
+            # A broker that died with a message of ours unread: the kernel reports that once,
+            # ahead of what it wrote before it died (its answer, perhaps). Read on.
+            reply, ancillary, flags, _ = receive()
         received = array.array("i")
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

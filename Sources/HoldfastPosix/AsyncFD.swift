@@ -227,6 +227,11 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
             var message = msghdr()
             message.msg_iov = iov
             message.msg_iovlen = count
+            let result = recvmsg(fd, &message, Int32(MSG_DONTWAIT))
+            // A Unix seqpacket or datagram peer that closed with bytes of ours unread leaves
+            // ECONNRESET pending, reported ahead of the messages it sent before (a stream
+            // socket reports it after them): once reported it is consumed, and those are read.
+            guard result < 0, Glibc.errno == ECONNRESET, isUnixSocket, !isStreamSocket else { return result }
             return recvmsg(fd, &message, Int32(MSG_DONTWAIT))
         }
         if isPipe, !noWaitRefused.load(ordering: .relaxed) {

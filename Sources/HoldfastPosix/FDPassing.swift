@@ -178,10 +178,21 @@ public final class FDChannel: Sendable {
         var surplus: Int32 = 0
         var truncated: Int32 = 0
         var payloadTruncated: Int32 = 0
-        let got = fds.withUnsafeMutableBufferPointer { fdBuffer in
-            hf_recv_with_fds(
-                fd, buffer.baseAddress, maxPayload, fdBuffer.baseAddress, Int32(maxDescriptors), &count, &surplus,
-                &truncated, &payloadTruncated, 0)
+        func receiveOnce() -> Int {
+            fds.withUnsafeMutableBufferPointer { fdBuffer in
+                hf_recv_with_fds(
+                    fd, buffer.baseAddress, maxPayload, fdBuffer.baseAddress, Int32(maxDescriptors), &count, &surplus,
+                    &truncated, &payloadTruncated, 0)
+            }
+        }
+        var got = receiveOnce()
+        if got < 0, Glibc.errno == ECONNRESET {
+            // A peer that died with messages of ours unread leaves ECONNRESET pending here, and
+            // a seqpacket socket reports it before the messages the peer sent first (the error
+            // is checked ahead of the queue). Reporting it once consumed it: what the peer said
+            // before it died is read now, then end-of-file. Taken as the end, it lost a dying
+            // broker's last notifications (its `handoff-releasing`: a release kept was relayed).
+            got = receiveOnce()
         }
         if got < 0 {
             let error = Glibc.errno

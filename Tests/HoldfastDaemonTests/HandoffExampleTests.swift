@@ -216,6 +216,43 @@ extension HandoffExampleTests {
 
     /// A handoff peer manages only what its own uid handed over: not the supervisor's
     /// processes, not another allowed uid's; `list` shows it its own.
+    /// A broker that dies with a request of the runtime's unread leaves ECONNRESET pending on the
+    /// runtime's end, reported ahead of the answer it wrote before it died: handoff.py reads on.
+    /// (A stand-in broker that answers without reading, then closes: no daemon needed.)
+    @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"))
+    func anAnswerBehindTheResetOfABrokerThatDiedIsRead() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.file("broker.sock")
+        let listener = try Listener(binding: .unix(path: path), kind: .seqpacket)
+        defer { listener.close() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let output = directory.file("out")
+        let examples = String(handoffScript().dropLast("/handoff.py".count))
+        let program = """
+            import sys; sys.path.insert(0, sys.argv[1]); import handoff
+            answer, fds = handoff.Client(sys.argv[2]).request(0x0103, {})
+            open(sys.argv[3], "w").write(repr(answer))
+            """
+        let pid = try processes.start(["python3", "-c", program, examples, path, output])
+        let connection = try await listener.accept()
+        defer { connection.close() }
+        let channel = FDChannel(connection)
+        try await eventually("the request waits unread", timeout: .seconds(20)) { channel.hasUnreadMessage }
+        // Stopped while it waits for the answer, so that the answer and the close both come
+        // before its next read (otherwise it could read the answer before the close).
+        kill(pid, SIGSTOP)
+        try await eventually("python stopped", timeout: .seconds(20)) { ProcessAccount.threadStates(of: pid).allSatisfy { $0 == "T" } }
+        let body = Array(#"{"streams": [], "total": 0}"#.utf8)
+        try await channel.send(ControlFrame(type: RPCFrameType.ok, id: 1, body: body).encoded)
+        channel.close()
+        kill(pid, SIGCONT)
+        let status = try await processes.wait(pid, timeout: .seconds(30))
+        #expect(status == .exited(0), "handoff.py read the answer behind the reset")
+        #expect(String(decoding: readFile(output) ?? [], as: UTF8.self) == "{'streams': [], 'total': 0}")
+    }
+
     @Test(.enabled(if: pythonCanPassDescriptors(), "needs python3 3.9+ (socket.send_fds)"), .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aHandoffPeerManagesOnlyWhatItsUIDHandedOver() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0666\"\n  allowed_uids: [0, 65534]\n")
         defer { daemon.cleanUp() }
