@@ -97,10 +97,31 @@ extension Broker {
         keep(request.process, owner: .handoff(uid: uid), streams: streams, descriptors: kept)
     }
 
+    /// A handoff peer adopts `process` again while a release of it is kept for it: if it hands
+    /// over every pipe kept (the same files), it has them — the answer reached it, or it kept
+    /// copies of its own — and the kept copies would only hold the process's pipes open for
+    /// nobody: they close, the supervisor lets go of its copies of the old adoption, and the
+    /// adopt goes on. Otherwise the release stays kept and the adopt is refused
+    /// (`process-exists`, "ask it first"): closing a pipe the peer does not have would leave the
+    /// process without its holder.
+    func letGoOfAKeptReleaseHandedBack(_ process: String, uid: UInt32, request: AdoptRequest, descriptors: [Int32]) async {
+        let handedOver = Set(request.streams.compactMap { stream in
+            descriptors.indices.contains(stream.fd) ? (try? DescriptorFacts.of(descriptors[stream.fd]))?.file : nil
+        })
+        guard let kept = keptReleases.withLockedValue({ $0.takeHandedBack(process, by: .handoff(uid: uid), files: handedOver) }) else { return }
+        for fd in kept.descriptors { Reactor.shared.closeOnLoop(fd) }
+        logger.info("a release kept for its peer let go: the peer hands the same pipes over again", metadata: [
+            "process": "\(process)", "fds": "\(kept.descriptors.count)",
+        ])
+        await handoffGone(process)
+    }
+
     /// Keeps a release's fds for `releaseKeptFor`; then they close and the supervisor lets go.
     private func keep(_ process: String, owner: ProcessOwner, streams: [StreamDescription], descriptors: [Int32]) {
+        // Each pipe's identity, to recognise them if the peer hands them over again.
+        let files = descriptors.map { (try? DescriptorFacts.of($0))?.file }
         let (generation, replaced) = keptReleases.withLockedValue {
-            $0.keep(process, KeptReleases.Kept(owner: owner, streams: streams, descriptors: descriptors))
+            $0.keep(process, KeptReleases.Kept(owner: owner, streams: streams, descriptors: descriptors, files: files))
         }
         for fd in replaced?.descriptors ?? [] { Reactor.shared.closeOnLoop(fd) }
         Task { [self] in
@@ -122,6 +143,8 @@ struct KeptReleases: Sendable {
         var owner: ProcessOwner
         var streams: [StreamDescription]
         var descriptors: [Int32]
+        /// The file each descriptor is (nil: not known), to recognise them handed over again.
+        var files: [FileIdentity?] = []
         fileprivate var generation = 0
     }
 
@@ -153,6 +176,16 @@ struct KeptReleases: Sendable {
         release.generation = generations
         let replaced = kept.updateValue(release, forKey: process)
         return (generations, replaced)
+    }
+
+    /// The release kept for `process`, no longer kept, if `owner` kept it and `files` (what it
+    /// hands over now) holds every file kept; nil otherwise, and it stays kept.
+    mutating func takeHandedBack(_ process: String, by owner: ProcessOwner, files: Set<FileIdentity>) -> Kept? {
+        guard let release = kept[process], release.owner == owner, !release.files.isEmpty,
+            release.files.allSatisfy({ $0.map(files.contains) ?? false })
+        else { return nil }
+        kept[process] = nil
+        return release
     }
 
     /// The release kept for `process` (of `generation`, if given), no longer kept.

@@ -259,6 +259,7 @@ public final class Broker: Sendable {
             SeqpacketFrames.closeDescriptors(peerDescriptors)
             throw refusal
         }
+        await letGoOfAKeptReleaseHandedBack(process, uid: uid, request: adoption.request, descriptors: peerDescriptors)
         // Refused at once for what refuses it for certain, before anything is deposited (a
         // deposit the supervisor refuses, the id its own, would be warned of for nothing); the
         // id claimed until the adoption, so that no other adopt of it gets in while this one

@@ -290,6 +290,22 @@ func collect(_ stream: some InboundStream) -> Task<[UInt8], Never> {
     }
 }
 
+/// A host stream's bytes as they arrive (the stream need not end).
+final class Accumulated: Sendable {
+    let box = NIOLockedValueBox<[UInt8]>([])
+    func append(_ chunk: [UInt8]) { box.withLockedValue { $0 += chunk } }
+    var bytes: [UInt8] { box.withLockedValue { $0 } }
+    var count: Int { box.withLockedValue { $0.count } }
+}
+
+func accumulate(_ stream: some InboundStream) -> Accumulated {
+    let result = Accumulated()
+    Task {
+        for await chunk in stream.chunks() { result.append(chunk) }
+    }
+    return result
+}
+
 /// The lines `seq`-style loops print: "line 1\n" ... "line N\n".
 func expectedLines(_ count: Int, prefix: String = "line") -> [UInt8] {
     Array((1...count).map { "\(prefix) \($0)\n" }.joined().utf8)

@@ -399,22 +399,6 @@ private func readExactly(_ fd: AsyncFD, count: Int) async throws -> [UInt8] {
     return result
 }
 
-/// A host stream's bytes as they arrive (the stream need not end).
-private final class Accumulated: Sendable {
-    private let box = NIOLockedValueBox<[UInt8]>([])
-    func append(_ chunk: [UInt8]) { box.withLockedValue { $0 += chunk } }
-    var bytes: [UInt8] { box.withLockedValue { $0 } }
-    var count: Int { box.withLockedValue { $0.count } }
-}
-
-private func accumulate(_ stream: some InboundStream) -> Accumulated {
-    let result = Accumulated()
-    Task {
-        for await chunk in stream.chunks() { result.append(chunk) }
-    }
-    return result
-}
-
 /// A raw host listener that keeps every byte it is sent and counts connections that ended.
 private final class RecordingListener: Sendable {
     let listener: Listener

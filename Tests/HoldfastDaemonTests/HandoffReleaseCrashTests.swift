@@ -251,3 +251,87 @@ extension HandoffReleaseCrashTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+extension HandoffReleaseCrashTests {
+    /// A runtime that got its release's answer, the broker killed right after it, then hands the
+    /// same process over again while the next broker keeps that release for it: the kept copies
+    /// are of the very pipes it hands over, so they let go and the adopt goes on (before, it was
+    /// refused `process-exists` until the runtime asked for fds it already had, or the time kept
+    /// ran out). Other pipes under the id are still refused: the kept ones may be all the
+    /// process's pipes have.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker dies at a failpoint, which only debug builds have"))
+    func theSamePipesHandedOverAgainLetAKeptReleaseGo() async throws {
+        let daemon = try await DaemonFixture(
+            extraConfig: "handoff:\n  release_kept_for: 120s", environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.brokerReleaseAnswered):back"],
+            brokerRestartBackoffMax: "200ms")
+        defer { daemon.cleanUp() }
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        _ = collect(try daemon.streams.open(token: bytes("b-out"), direction: .receive))
+        let out = try PipeEnds.make()
+        let pid = try processes.start(["sh", "-c", "i=0; while :; do i=$((i+1)); echo b $i || exit 3; sleep 0.005; done"], stdout: out.write)
+        defer { kill(-pid, SIGKILL) }
+        close(out.write)
+        let pipe = linkTarget("/proc/self/fd/\(out.read)")
+        let runtime = try await daemon.handOver("back", [(.stdout, "b-out")], descriptors: [out.read])
+        defer { runtime.close() }
+        try await eventually("the output relayed", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().contains { $0.process == "back" && $0.bytesToHost > 100 }
+        }
+        let firstBroker = try #require(try await daemon.rolePID("broker"))
+        let release = BrokerRequest.release(process: "back")
+        let reply = try await runtime.request(release.frameType, body: release.body)
+        let returned = try #require(reply.descriptors.first)
+        var returnedOpen = reply.descriptors
+        defer { for fd in returnedOpen { close(fd) } }
+        #expect(linkTarget("/proc/self/fd/\(returned)") == pipe)
+        try await eventually("a broker after the one that died", timeout: .seconds(30)) {
+            let broker = try await daemon.rolePID("broker")
+            return broker != nil && broker != firstBroker
+        }
+        try await daemon.waitForLog("a release a broker crash interrupted handed to the restarted broker to keep for its peer")
+        try await eventually("the kept stream shown", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().filter { $0.process == "back" }.map(\.state) == [.kept]
+        }
+
+        // Another pipe under the id: refused, and the release stays kept.
+        let other = try PipeEnds.make()
+        defer { close(other.write) }
+        do {
+            _ = try await daemon.handOver("back", [(.stdout, "b2-out")], descriptors: [other.read])
+            Issue.record("another pipe was adopted under the id of a kept release")
+        } catch {
+            #expect((error as? HoldfastError)?.code == .processExists, "\(error)")
+        }
+        #expect(try await daemon.brokerStreams().filter { $0.process == "back" }.map(\.state) == [.kept])
+
+        // The same pipe: the kept release lets go and the process is adopted, crash-survival and all.
+        let again = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        defer { again.close() }
+        let received = accumulate(try daemon.streams.open(token: bytes("b2-out"), direction: .receive))
+        let spec = daemon.spec("b2-out")
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: "back", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: spec.address, mode: .resumable, token: spec.token, secret: spec.secret)
+        ]))
+        let answer = try await again.call(adopt, descriptors: [dup(returned)], reply: AdoptResponse.self)
+        #expect(answer.survivesBrokerCrash, "\(answer)")
+        try await daemon.waitForLog("a release kept for its peer let go: the peer hands the same pipes over again")
+        try await eventually("relayed again, nothing kept", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().filter { $0.process == "back" }.map(\.state) == [.connected]
+        }
+        #expect(daemon.log.components(separatedBy: "keeping a handoff process's fds").count - 1 == 2, "the supervisor keeps the new adoption's copies")
+        // The stream carries the process's lines on, consecutive, once the runtime stops reading
+        // its own copy (closed here).
+        for fd in returnedOpen { close(fd) }
+        returnedOpen = []
+        try await eventually("lines at the host", timeout: .seconds(20)) {
+            EveryKindOfStream.numbers(received.bytes, prefix: "b").count >= 50
+        }
+        let numbers = EveryKindOfStream.numbers(received.bytes, prefix: "b")
+        #expect(numbers == Array(numbers[0]...numbers[0] + numbers.count - 1), "\(numbers.prefix(5))…")
+        #expect(kill(pid, 0) == 0, "the process lives")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
