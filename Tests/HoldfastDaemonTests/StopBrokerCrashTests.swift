@@ -17,16 +17,18 @@ import Glibc
 struct StopBrokerCrashTests {
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func aBrokerKilledWhileTheStopDrainsLosesNothing() async throws {
-        let daemon = try await DaemonFixture(shutdown: (grace: "5s", timeout: "30s"), brokerRestartBackoffMax: "200ms")
+        let daemon = try await DaemonFixture(shutdown: (grace: "15s", timeout: "40s"), brokerRestartBackoffMax: "200ms")
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
         let lines = 1_000_000
         let output = Accumulator(try daemon.streams.open(token: bytes("last-out"), direction: .receive))
         // It writes everything only when stopped (about 6.9 MB: much more than the pipe holds, so the
-        // relay is still at it when the broker is killed).
+        // relay is still at it when the broker is killed), with a pause halfway: on a loaded
+        // machine this test's kill once came after every byte had gone (3 busy loops and ten
+        // other suites), and the pause keeps the second half for after the kill whatever the load.
         _ = try await daemon.bridge.create(ProcessSpec(
-            id: "last", argv: ["sh", "-c", "trap 'seq 1 \(lines); exit 0' TERM; while :; do sleep 0.05; done"],
+            id: "last", argv: ["sh", "-c", "trap 'seq 1 \(lines / 2); sleep 2; seq \(lines / 2 + 1) \(lines); exit 0' TERM; while :; do sleep 0.05; done"],
             stdout: daemon.spec("last-out")))
         try await eventually("its stream connected") { try await daemon.brokerStreams().contains { $0.state == .connected } }
         let broker = try #require(try await daemon.rolePID("broker"))
