@@ -77,7 +77,13 @@ struct LiveUpgradeFallBackTests {
         #expect(metrics.contains("holdfast_live_upgrade_fallbacks_total 1") && metrics.contains("holdfast_live_upgrades_total 0"), "\(metrics.split(separator: "\n").filter { $0.contains("upgrade") })")
         #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "across"),
             "every line once, in order, across the fallback")
-        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        do {
+            try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        } catch {
+            // Seen once in a heavily loaded loop (its output whole, its exit not within 30 s).
+            Issue.record("no exit for the counter: the daemon's log ends\n\(daemon.log.suffix(8000))")
+            throw error
+        }
         let report = try #require(exits.all.first { $0.id == "counter" })
         #expect(report.exitCode == 0 && report.lost == nil && report.outputCutShort == nil, "\(report)")
         // It serves: a create and its exit.

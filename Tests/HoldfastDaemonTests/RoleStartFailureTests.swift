@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import NIOConcurrencyHelpers
 import Testing
 
 #if canImport(Glibc)
@@ -65,7 +66,9 @@ extension RoleStartFailureTests {
         .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
         .enabled(if: Failpoint.compiledIn, "the starts fail at a failpoint, which only debug builds have"))
     func aStatusWhileNoBrokerServesSaysSoInsteadOfAnEmptyList() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.roleStartFails):broker"], brokerRestartBackoffMax: "100ms")
+        // Ten failed starts 300 ms apart: about 3 s without a broker, for the samples below to
+        // fall in (100 ms apart, a loaded machine's host `list` came after it every time).
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.roleStartFails):broker"], brokerRestartBackoffMax: "300ms")
         defer { daemon.cleanUp() }
         let go = daemon.directory.file("go")
         let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1"], go: go)
@@ -73,7 +76,18 @@ extension RoleStartFailureTests {
         let first = try #require(try await daemon.rolePID("broker"))
 
         kill(first, SIGKILL)
-        var (marked, unmarkedEmpty, hostMarked): (Set<String>, Int, Set<String>) = ([], 0, [])
+        // The host's list is asked on its own, beside `status`, not after it.
+        let hostMarks = NIOLockedValueBox<Set<String>>([])
+        let hostSampler = Task {
+            while !Task.isCancelled {
+                if let listed = try? await daemon.bridge.list(timeout: .seconds(5)), listed.streams.isEmpty, let why = listed.streamsUnavailable {
+                    hostMarks.withLockedValue { _ = $0.insert(why) }
+                }
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        defer { hostSampler.cancel() }
+        var (marked, unmarkedEmpty): (Set<String>, Int) = ([], 0)
         try await eventually("the next broker shows the stream", timeout: .seconds(60)) {
             let report = try await daemon.status()
             let broker = try #require(report.roles.first { $0.name == "broker" })
@@ -82,11 +96,11 @@ extension RoleStartFailureTests {
             } else if report.streams.isEmpty {
                 unmarkedEmpty += 1
             }
-            if let listed = try? await daemon.bridge.list(timeout: .seconds(5)), listed.streams.isEmpty, let why = listed.streamsUnavailable {
-                hostMarked.insert(why)
-            }
             return broker.pid != nil && broker.pid != first && broker.notAnswering == nil && report.streams.count == 1
         }
+        hostSampler.cancel()
+        await hostSampler.value
+        let hostMarked = hostMarks.withLockedValue { $0 }
         #expect(unmarkedEmpty == 0, "a status with no streams and no word why, while no broker served")
         #expect(marked.contains("not running: being restarted"), "status said the broker was being restarted: \(marked)")
         #expect(hostMarked.contains("not running: being restarted"), "the host's list said why it had no streams: \(hostMarked)")

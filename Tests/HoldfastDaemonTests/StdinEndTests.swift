@@ -217,10 +217,13 @@ struct StdinEndTests {
             let input = try held.open(token: bytes("k-in"), direction: .send, configuration: ResumableConfiguration(drainTimeout: .seconds(120)))
             let output = collect(try daemon.streams.open(token: bytes("k-out"), direction: .receive))
             let catDone = daemon.directory.file("cat-done")
-            // Alive after its stdin ended: its streams are still the supervisor's to hand over.
+            let go = daemon.directory.file("go")
+            // Alive after its stdin ended, until told: its streams are still the supervisor's to
+            // hand over. (A `sleep 2` ended first on a loaded machine: the successor then had
+            // only the ended stdin, and this test's log line never came.)
             _ = try await daemon.bridge.create(ProcessSpec(
-                id: "k", argv: ["sh", "-c", "cat; touch \(catDone); sleep 2"], stdin: input.streamSpec(at: "unix:" + path),
-                stdout: daemon.spec("k-out")))
+                id: "k", argv: ["sh", "-c", "cat; touch \(catDone); while [ ! -e \(go) ]; do sleep 0.05; done"],
+                stdin: input.streamSpec(at: "unix:" + path), stdout: daemon.spec("k-out")))
             try await eventually("stdin connected") { input.slot.phase == .connected }
             // From now on the host reads nothing the guest sends: no ACK, no echo.
             for connection in connections.withLockedValue({ $0 }) { connection.holdReads() }
@@ -235,6 +238,7 @@ struct StdinEndTests {
             // Without the successor's ACK and echo the host would wait out its 120 s drain timeout.
             let undelivered = try await withTimeout("the successor's ACK and END echo", .seconds(60)) { await finished.value }
             #expect(undelivered == 0, "every typed byte acknowledged")
+            try writeFile(go, [])
             #expect(await output.value == bytes("typed, then the broker dies\n"), "read once by the process")
             try await eventually("the exit", timeout: .seconds(30)) { exits.count("k") == 1 }
             #expect(exits.all.first { $0.id == "k" }?.exitCode == 0)
