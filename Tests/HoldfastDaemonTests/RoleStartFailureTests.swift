@@ -78,11 +78,23 @@ extension RoleStartFailureTests {
         kill(first, SIGKILL)
         // The host's list is asked on its own, beside `status`, not after it.
         let hostMarks = NIOLockedValueBox<Set<String>>([])
+        // What every sample saw, for the record if none saw the mark.
+        let hostSamples = NIOLockedValueBox<[String: Int]>([:])
         let hostSampler = Task {
             while !Task.isCancelled {
-                if let listed = try? await daemon.bridge.list(timeout: .seconds(5)), listed.streams.isEmpty, let why = listed.streamsUnavailable {
-                    hostMarks.withLockedValue { _ = $0.insert(why) }
+                let seen: String
+                do {
+                    let listed = try await daemon.bridge.list(timeout: .seconds(5))
+                    if listed.streams.isEmpty, let why = listed.streamsUnavailable {
+                        hostMarks.withLockedValue { _ = $0.insert(why) }
+                        seen = "no streams: \(why)"
+                    } else {
+                        seen = "\(listed.streams.count) streams, unavailable \(listed.streamsUnavailable ?? "-")"
+                    }
+                } catch {
+                    seen = "error \(error)"
                 }
+                hostSamples.withLockedValue { $0[seen, default: 0] += 1 }
                 try? await Task.sleep(for: .milliseconds(20))
             }
         }
@@ -103,7 +115,9 @@ extension RoleStartFailureTests {
         let hostMarked = hostMarks.withLockedValue { $0 }
         #expect(unmarkedEmpty == 0, "a status with no streams and no word why, while no broker served")
         #expect(marked.contains("not running: being restarted"), "status said the broker was being restarted: \(marked)")
-        #expect(hostMarked.contains("not running: being restarted"), "the host's list said why it had no streams: \(hostMarked)")
+        #expect(
+            hostMarked.contains("not running: being restarted"),
+            "the host's list said why it had no streams: \(hostMarked); its samples: \(hostSamples.withLockedValue { $0 }); the daemon's log ends\n\(daemon.log.suffix(3000))")
         try await DescriptorLimitTests.expectEveryPrinterExact(daemon, ids: ["p1"], received: received, go: go)
         #expect(try await daemon.stop() == .exited(0))
     }
