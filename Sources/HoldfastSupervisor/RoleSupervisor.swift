@@ -58,6 +58,8 @@ final class RoleSupervisor: Sendable {
         var restarts = 0
         var lastExit: String?
         var stopping = false
+        /// The signal `stop` asked the role to end with.
+        var stopSignal = SIGTERM
         /// A live upgrade holds the role down: its exit is not a death, it is not restarted
         /// until `release` (the upgrade failed) — or ever (this image was replaced).
         var held = false
@@ -118,13 +120,17 @@ final class RoleSupervisor: Sendable {
                 continue
             }
             let started = ContinuousClock.now
-            let restarts = state.withLockedValue {
-                $0.current = incarnation
-                $0.startedAt = started
-                return $0.restarts
+            let (restarts, stopSignal) = state.withLockedValue { s -> (Int, Int32?) in
+                s.current = incarnation
+                s.startedAt = started
+                return (s.restarts, s.stopping ? s.stopSignal : nil)
             }
             logger.info("role started", metadata: ["role": "\(name)", "pid": "\(incarnation.pid)"])
             onEvent(.started(pid: incarnation.pid, restarts: restarts))
+            // A stop that came while it was being started found no incarnation to ask: this one
+            // is asked now. (It was not: the daemon's stop waited for ever for a bridge worker
+            // started just after its SIGTERM, which nobody told to end.)
+            if let stopSignal { askToEnd(incarnation, signal: stopSignal) }
             let serving = Task { await serve(incarnation) }
             let status = if let child = incarnation.child { await reaper.wait(child) } else { await reaper.wait(incarnation.pid) }
             // Its end of the channel closed with it: the reader reaches end-of-file after the
@@ -194,26 +200,31 @@ final class RoleSupervisor: Sendable {
 
     /// Stops restarting and signals the current incarnation; kills it if it has not ended
     /// within `stopLimit`.
+    /// One being started meanwhile is asked as soon as it is (`run`).
     func stop(signal: Int32 = SIGTERM) {
         let (current, released) = state.withLockedValue { s -> (Incarnation?, CheckedContinuation<Void, Never>?) in
             s.stopping = true
+            s.stopSignal = signal
             defer { s.releaseWaiter = nil }
             return (s.current, s.releaseWaiter)
         }
-        if let current {
-            send(signal, to: current)
-            // Through its registration only: once reaped, nothing is sent (a fake role in a test
-            // has none, and its pid may be anyone's by then).
-            if let child = current.child {
-                _ = TimeoutWheel.shared.schedule(after: Self.stopLimit) { [self] in
-                    guard reaper.signal(child, SIGKILL) == .sent else { return }
-                    logger.warning("role did not end within \(Self.stopLimit.spoken) of being asked to stop: killed", metadata: [
-                        "role": "\(name)", "pid": "\(child.pid)", "state": "\(ProcessRunState.of(child.pid).explanation)",
-                    ])
-                }
+        if let current { askToEnd(current, signal: signal) }
+        released?.resume()
+    }
+
+    /// Signals `incarnation` to end, and kills it if it has not `stopLimit` later.
+    private func askToEnd(_ incarnation: Incarnation, signal: Int32) {
+        send(signal, to: incarnation)
+        // Through its registration only: once reaped, nothing is sent (a fake role in a test
+        // has none, and its pid may be anyone's by then).
+        if let child = incarnation.child {
+            _ = TimeoutWheel.shared.schedule(after: Self.stopLimit) { [self] in
+                guard reaper.signal(child, SIGKILL) == .sent else { return }
+                logger.warning("role did not end within \(Self.stopLimit.spoken) of being asked to stop: killed", metadata: [
+                    "role": "\(name)", "pid": "\(child.pid)", "state": "\(ProcessRunState.of(child.pid).explanation)",
+                ])
             }
         }
-        released?.resume()
     }
 
     /// Signals an incarnation through its registration with the reaper: never a pid the kernel
