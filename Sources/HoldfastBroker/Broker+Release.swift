@@ -105,6 +105,8 @@ extension Broker {
     /// (`process-exists`, "ask it first"): closing a pipe the peer does not have would leave the
     /// process without its holder.
     func letGoOfAKeptReleaseHandedBack(_ process: String, uid: UInt32, request: AdoptRequest, descriptors: [Int32]) async {
+        // Nothing to look at for the adopts of every other id (no fstat per fd).
+        guard keptReleases.withLockedValue({ $0.owner(of: process) }) == .handoff(uid: uid) else { return }
         let handedOver = Set(request.streams.compactMap { stream in
             descriptors.indices.contains(stream.fd) ? (try? DescriptorFacts.of(descriptors[stream.fd]))?.file : nil
         })

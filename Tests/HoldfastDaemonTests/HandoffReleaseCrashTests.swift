@@ -163,6 +163,25 @@ struct HandoffReleaseCrashTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A process printing "PREFIX N" lines every 5 ms on a pipe handed over as its stdout (process
+    /// `id`, host token "PREFIX-out"), once the host has its first lines: its pid (it leads a
+    /// session of its own: the caller ends its group), the pipe, and the runtime's connection.
+    func handOverAPrinter(
+        _ daemon: DaemonFixture, _ processes: TestProcesses, id: String, prefix: String
+    ) async throws -> (pid: pid_t, pipe: String, runtime: ControlClient) {
+        _ = collect(try daemon.streams.open(token: bytes("\(prefix)-out"), direction: .receive))
+        let out = try PipeEnds.make()
+        let pid = try processes.start(
+            ["sh", "-c", "i=0; while :; do i=$((i+1)); echo \(prefix) $i || exit 3; sleep 0.005; done"], stdout: out.write)
+        close(out.write)
+        let pipe = linkTarget("/proc/self/fd/\(out.read)")
+        let runtime = try await daemon.handOver(id, [(.stdout, "\(prefix)-out")], descriptors: [out.read])
+        try await eventually("the output relayed", timeout: .seconds(20)) {
+            try await daemon.brokerStreams().contains { $0.process == id && $0.bytesToHost > 100 }
+        }
+        return (pid, pipe, runtime)
+    }
+
     /// Reads lines from a non-blocking `fd` until `atLeast` complete ones came (10 s at most).
     func readLines(_ fd: Int32, atLeast count: Int) async throws -> [String] {
         var text: [UInt8] = []
@@ -191,16 +210,8 @@ extension HandoffReleaseCrashTests {
         defer { daemon.cleanUp() }
         let processes = TestProcesses()
         defer { processes.killAll() }
-        _ = collect(try daemon.streams.open(token: bytes("g-out"), direction: .receive))
-        let out = try PipeEnds.make()
-        let pid = try processes.start(["sh", "-c", "i=0; while :; do i=$((i+1)); echo g $i || exit 3; sleep 0.005; done"], stdout: out.write)
+        let (pid, pipe, runtime) = try await handOverAPrinter(daemon, processes, id: "gone", prefix: "g")
         defer { kill(-pid, SIGKILL) }
-        close(out.write)
-        let pipe = linkTarget("/proc/self/fd/\(out.read)")
-        let runtime = try await daemon.handOver("gone", [(.stdout, "g-out")], descriptors: [out.read])
-        try await eventually("the output relayed", timeout: .seconds(20)) {
-            try await daemon.brokerStreams().contains { $0.process == "gone" && $0.bytesToHost > 100 }
-        }
 
         runtime.close()
         // The release is sent on a connection of its own, closed before the broker can read it:
@@ -271,17 +282,9 @@ extension HandoffReleaseCrashTests {
         defer { daemon.cleanUp() }
         let processes = TestProcesses()
         defer { processes.killAll() }
-        _ = collect(try daemon.streams.open(token: bytes("b-out"), direction: .receive))
-        let out = try PipeEnds.make()
-        let pid = try processes.start(["sh", "-c", "i=0; while :; do i=$((i+1)); echo b $i || exit 3; sleep 0.005; done"], stdout: out.write)
+        let (pid, pipe, runtime) = try await handOverAPrinter(daemon, processes, id: "back", prefix: "b")
         defer { kill(-pid, SIGKILL) }
-        close(out.write)
-        let pipe = linkTarget("/proc/self/fd/\(out.read)")
-        let runtime = try await daemon.handOver("back", [(.stdout, "b-out")], descriptors: [out.read])
         defer { runtime.close() }
-        try await eventually("the output relayed", timeout: .seconds(20)) {
-            try await daemon.brokerStreams().contains { $0.process == "back" && $0.bytesToHost > 100 }
-        }
         let firstBroker = try #require(try await daemon.rolePID("broker"))
         let release = BrokerRequest.release(process: "back")
         let reply = try await runtime.request(release.frameType, body: release.body)
