@@ -417,10 +417,31 @@ int hf_memfd_create(const char *name) {
 }
 
 static int signal_pipe_fd = -1;
+// Records the handler wrote whole (a full pipe drops one): a live upgrade waits until the
+// signal loop has handled this many before it commits to its exec (hf_signal_records_written).
+static unsigned long signal_records_written = 0;
+
+// While a live upgrade commits to its exec: the signals (a bit each) the handler leaves pending
+// on one thread (held_tid, which blocks them) instead of writing them into the pipe.
+static unsigned long held_mask = 0;
+static pid_t held_tid = 0;
 
 static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
     (void)context;
     int saved = errno;
+    if (signo > 0 && signo < 64 && (__atomic_load_n(&held_mask, __ATOMIC_ACQUIRE) & (1UL << signo))) {
+        // Queued again on the holding thread with the sender as it came (a process may queue
+        // any siginfo to itself), so that whichever image unblocks it judges it as sent.
+        pid_t tid = __atomic_load_n(&held_tid, __ATOMIC_ACQUIRE);
+        if (tid > 0 && info != NULL && syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, signo, info) == 0) {
+            errno = saved;
+            return;
+        }
+        if (tid > 0 && syscall(SYS_tgkill, getpid(), tid, signo) == 0) {
+            errno = saved;
+            return;
+        }
+    }
     // One write of a whole record (well under PIPE_BUF): never split, never interleaved with
     // another handler's.
     hf_signal_record record = {signo, 0, 0};
@@ -428,8 +449,9 @@ static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
         record.sender_pid = info->si_pid;
         record.sender_uid = info->si_uid;
     }
-    ssize_t ignored = write(signal_pipe_fd, &record, sizeof(record));
-    (void)ignored;
+    if (write(signal_pipe_fd, &record, sizeof(record)) == (ssize_t)sizeof(record)) {
+        __atomic_fetch_add(&signal_records_written, 1, __ATOMIC_RELEASE);
+    }
     errno = saved;
 }
 
@@ -444,6 +466,24 @@ int hf_signal_to_pipe(int signo, int fd) {
     // ordinary stop or continue costs one waitpid that finds nothing.
     action.sa_flags = SA_RESTART | SA_SIGINFO;
     return sigaction(signo, &action, NULL);
+}
+
+void hf_signal_hold(pid_t tid, const int *signals, int count) {
+    unsigned long mask = 0;
+    for (int i = 0; i < count; i++) {
+        if (signals[i] > 0 && signals[i] < 64) mask |= 1UL << signals[i];
+    }
+    __atomic_store_n(&held_tid, tid, __ATOMIC_RELEASE);
+    __atomic_store_n(&held_mask, mask, __ATOMIC_RELEASE);
+}
+
+void hf_signal_release(void) {
+    __atomic_store_n(&held_mask, 0UL, __ATOMIC_RELEASE);
+    __atomic_store_n(&held_tid, 0, __ATOMIC_RELEASE);
+}
+
+unsigned long hf_signal_records_written(void) {
+    return __atomic_load_n(&signal_records_written, __ATOMIC_ACQUIRE);
 }
 
 int hf_sigrtmin(void) { return SIGRTMIN; }

@@ -61,6 +61,10 @@ public enum Failpoint {
     public static let depositAnsweredLate = "deposit-answered-late"
     /// How late `depositAnsweredLate` answers: past the broker's 5 s wait.
     public static let lateAnswer: Duration = .seconds(7)
+    /// A live upgrade has written its state down (PROCESS: `supervisor`); its exec waits
+    /// `lateExec` (`fails` with `everyPass`), as a slow state write or log flush would.
+    public static let upgradeExecLate = "upgrade-exec-late"
+    public static let lateExec: Duration = .seconds(3)
     /// How many starts `fails` fails.
     public static let failedStarts = 10
     /// The passes `fails` fails by default: the first succeeds (the daemon starts and serves),

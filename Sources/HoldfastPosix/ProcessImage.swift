@@ -67,6 +67,15 @@ public enum ProcessImage {
         hf_fallback_disarm()
     }
 
+    /// Blocks `signals` in the calling thread: on the thread that takes the process's signals,
+    /// they stay pending (across an exec too) until unblocked.
+    public static func block(_ signals: [Int32]) {
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        for signal in signals { sigaddset(&mask, signal) }
+        pthread_sigmask(SIG_BLOCK, &mask, nil)
+    }
+
     /// Unblocks `signals` in the calling thread (the new image, once its handlers are in place).
     public static func unblock(_ signals: [Int32]) {
         var mask = sigset_t()
@@ -76,9 +85,10 @@ public enum ProcessImage {
     }
 
     /// Unblocks every signal but `kept` (left as they are) in the calling thread: the main
-    /// thread, which takes the process's signals (the concurrency pool's threads block them all).
-    /// Its mask is whatever the thread that started or exec'd this image had: after a live
-    /// upgrade, a pool thread's.
+    /// thread, which takes the process's signals (the concurrency pool's threads block them, but
+    /// for the first, which it starts with its own mask). Its mask is whatever the thread that
+    /// started or exec'd this image had: after a live upgrade, the previous image's main thread,
+    /// with `replace`'s `blocked` added.
     public static func unblockAll(except kept: [Int32]) {
         var mask = sigset_t()
         sigfillset(&mask)

@@ -66,6 +66,28 @@ public final class SignalPipe: Sendable {
         }
     }
 
+    /// How many records the handler has written into the pipe since the process began (a record
+    /// the full pipe refused is not counted): a reader that counts what it handled knows when it
+    /// has handled every signal delivered before a moment.
+    public static var recordsWritten: UInt64 { UInt64(hf_signal_records_written()) }
+
+    /// Holds `signals` for the calling thread: blocks them here, and from now on the handler
+    /// writes none of them into the pipe: taken by whichever thread, each is queued again,
+    /// sender and all, on this one, where it stays pending (across an exec by this thread too)
+    /// until `letThrough`, or until the image after the exec unblocks it. Blocking alone would
+    /// not hold them: not every thread of the process blocks them (the first libdispatch
+    /// thread, started from the main thread, has the main thread's mask).
+    public static func holdOnThisThread(_ signals: [Int32]) {
+        ProcessImage.block(signals)
+        signals.withUnsafeBufferPointer { hf_signal_hold(hf_gettid(), $0.baseAddress, Int32($0.count)) }
+    }
+
+    /// Ends `holdOnThisThread` (on the same thread): what it held arrives now, to the pipe.
+    public static func letThrough(_ signals: [Int32]) {
+        hf_signal_release()
+        ProcessImage.unblock(signals)
+    }
+
     /// Lets the kernel discard `signal` (SIG_IGN) until `hear` is called: for a signal that
     /// comes in a flood. Pending ones are dropped too.
     public func mute(_ signal: Int32) {

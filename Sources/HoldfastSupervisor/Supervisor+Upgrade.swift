@@ -231,6 +231,33 @@ extension Supervisor {
         }
     }
 
+    /// The signals that ask the daemon to stop.
+    static let stopSignals = [SIGTERM, SIGINT, SIGQUIT]
+    /// How long an upgrade waits for the signal loop to handle what came before it held the stops.
+    static let signalLoopLimit = Duration.seconds(5)
+
+    /// Holds the stop signals pending on the spawn thread (the main thread, which executes the
+    /// new image): one that comes now stays pending, across the exec too, until an image
+    /// unblocks it — the new one once it has taken over, or this one if the upgrade fails.
+    func holdStops() {
+        SpawnThread.perform { SignalPipe.holdOnThisThread(Self.stopSignals) }
+    }
+
+    func letStopsThrough() {
+        SpawnThread.perform { SignalPipe.letThrough(Self.stopSignals) }
+    }
+
+    /// Waits until the signal loop has handled every signal the handler recorded so far (a stop
+    /// among them has set `shuttingDown` by then), or `deadline` (false).
+    func waitForTheSignalLoop(until deadline: ContinuousClock.Instant) async -> Bool {
+        let delivered = SignalPipe.recordsWritten
+        while signalsHandled.withLockedValue({ $0 }) < delivered {
+            guard ContinuousClock.now < deadline else { return false }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return true
+    }
+
     /// `holdfast upgrade`. Returns only if the upgrade did not happen (it throws why, and
     /// everything runs on as before); on success this image is gone and the connection that
     /// asked closes: the client finds the new image through the control socket.
@@ -243,10 +270,10 @@ extension Supervisor {
             session.withLockedValue { $0.upgrading = false }
             serveParkedControlClients()
         }]
-        func fail(_ message: String) -> HoldfastError {
+        func fail(_ message: String, _ code: HoldfastError.Code = .upgradeFailed) -> HoldfastError {
             for step in undo.reversed() { step() }
             logger.error("live upgrade failed: the daemon goes on as it was", metadata: ["reason": "\(message)"])
-            return HoldfastError(.upgradeFailed, message)
+            return HoldfastError(code, message)
         }
         guard let path = selfPath, let configPath else { throw fail("the daemon does not know its executable's path or its configuration file") }
         let started = ContinuousClock.now
@@ -272,6 +299,10 @@ extension Supervisor {
             throw fail(error.message)
         }
         logger.info("live upgrade: the new binary reads our state", metadata: ["check": "\(probed)"])
+        // A stop that began during the check wins before anything of it is disturbed: stopping
+        // the roles now would take the bridge (the exits' way to the host) and the broker (the
+        // drains) from under it until the upgrade noticed and started them again.
+        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
 
         // A broker restarted after a crash is reachable only once it has every stream back
         // (creates wait for the same): asked to quiesce before that, it never heard it and was
@@ -308,6 +339,7 @@ extension Supervisor {
             throw fail("creates or signals were still under way after \(Self.describe(Self.settleLimit))")
         }
         undo.append { [self] in upgradeGate.open() }
+        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
         // Each step that can take a while is in the log (a slow upgrade explains itself).
         logger.info("live upgrade: creates and signals under way finished; stopping the roles", metadata: beforeGate.merging([
             "waited": "\(ContinuousClock.now - settling)", "sinceStart": "\(ContinuousClock.now - started)",
@@ -343,8 +375,19 @@ extension Supervisor {
             logger.warning("live upgrade: the broker did not quiesce cleanly", metadata: ["status": "\(brokerExit)"])
         }
 
+        // A stop asked for from here on is carried out by whichever image runs next: held
+        // pending, it crosses the exec to the new image (or comes back to this one if the
+        // upgrade fails). One this image's signal loop took after the check below would have
+        // begun its stop here (every container signalled) and been forgotten by the new image,
+        // which ran on: the operator's `systemctl stop` lost, and systemd's SIGKILL after
+        // `TimeoutStopSec` ending every container with no drain.
+        holdStops()
+        undo.append { [self] in letStopsThrough() }
+        guard await waitForTheSignalLoop(until: ContinuousClock.now + Self.signalLoopLimit) else {
+            throw fail("the daemon's signal loop did not read its signals within \(Self.describe(Self.signalLoopLimit)): a stop among them could be lost")
+        }
         // A stop that began meanwhile wins: this image carries it out.
-        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop") }
+        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
 
         // 4. The state, written down with nothing reaped from now on (exits wait as zombies).
         let reaped = reaper.freeze()
@@ -371,6 +414,9 @@ extension Supervisor {
         DaemonLogHandler.flush(withinMilliseconds: 500)
         let unwritten = DaemonLogHandler.queue.unwritten
         state.unwrittenLogLines = unwritten > 0 ? unwritten : nil
+        if Failpoint.fails(Failpoint.upgradeExecLate, process: "supervisor", passes: Failpoint.everyPass) {
+            try? await Task.sleep(for: Failpoint.lateExec)
+        }
         let memfd: Int32
         do {
             memfd = try ProcessImage.memoryFile("holdfast-upgrade", ControlJSON.encode(state))

@@ -111,6 +111,10 @@ public final class Supervisor: Sendable {
     let resumption: Resumption?
     /// Creates and signals wait here while a live upgrade switches binaries.
     let upgradeGate = UpgradeGate()
+    /// How many records of the signal pipe the signal loop has handled (a live upgrade waits
+    /// until it has handled every signal delivered before it held the stops:
+    /// `waitForTheSignalLoop`).
+    let signalsHandled = NIOLockedValueBox<UInt64>(0)
     /// Every step of the start that can fail has passed, and something now runs: a failure
     /// after a live upgrade's exec no longer falls back to the previous binary from here on.
     let tookOver = NIOLockedValueBox(false)
@@ -324,6 +328,9 @@ public final class Supervisor: Sendable {
             var refusals = LogPacer<Int32>(interval: .seconds(10))
             var bursts = SignalBurstLimit()
             while let received = await signals.next() {
+                // Counted once handled (a stop's `beginStop` included), whichever way the
+                // iteration ends.
+                defer { signalsHandled.withLockedValue { $0 += 1 } }
                 let signal = received.number
                 switch signal {
                 case SIGCHLD:

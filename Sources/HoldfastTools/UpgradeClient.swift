@@ -2,6 +2,10 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// `holdfast upgrade`: asks the daemon to re-execute the binary now at its path (a live
 /// upgrade), then waits until the new image serves: the same pid, one upgrade more, both roles
 /// running.
@@ -40,6 +44,9 @@ public enum UpgradeClient {
             throw error
         } catch let error as HoldfastError where error.code == .channelClosed {
             // The image was replaced: the connection went with it.
+        } catch let error as HoldfastError where error.code == .shuttingDown {
+            throw Failure(
+                "the upgrade did not happen: the daemon (pid \(before.pid)) is stopping (\(error.message): a stop came first, systemctl stop or SIGTERM); the next start runs the binary now at its path")
         } catch let error as HoldfastError where error.code == .unknownType {
             throw Failure("this daemon (holdfast \(before.version)) cannot upgrade live: \(error.message)")
         } catch let error as HoldfastError {
@@ -57,6 +64,13 @@ public enum UpgradeClient {
         while ContinuousClock.now < deadline {
             let fetch = Task { try await StatusPrinter.fetch(socket: socket) }
             let result = await fetch.result(within: .seconds(5))
+            // No answer and no daemon process any more: said at once. Before, a daemon that
+            // stopped during the upgrade (its socket's file removed, so never "refused") was
+            // waited for until the timeout.
+            if case .failure? = result, processIsGone(before.pid) {
+                throw Failure(
+                    "the daemon (pid \(before.pid)) is gone: it exited during the upgrade — a stop came meanwhile (systemctl stop, SIGTERM), or the new binary failed to start with no way back to the previous one; its log says which (journalctl -u holdfast). Its containers ended with it")
+            }
             if case .failure(let error)? = result, StatusPrinter.isRefused(error) {
                 let since = refusedSince ?? ContinuousClock.now
                 refusedSince = since
@@ -89,6 +103,14 @@ public enum UpgradeClient {
             try? await Task.sleep(for: .milliseconds(50))
         }
         throw Failure("the daemon did not come back from the upgrade within \(timeout) (\(last)); see its log (journalctl -u holdfast)")
+    }
+}
+
+/// `pid` has exited: no such process, or a zombie (its parent has not reaped it yet).
+private func processIsGone(_ pid: pid_t) -> Bool {
+    switch ProcessRunState.of(pid) {
+    case .gone, .dying: return true
+    case .running, .stopped, .traced: return false
     }
 }
 

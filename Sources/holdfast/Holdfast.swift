@@ -21,9 +21,11 @@ import Glibc
 /// its parent its tracer. Under an async `main` it would sit in libdispatch's `sigsuspend` for
 /// good instead.
 ///
-/// It is also the thread that takes the process's signals (the pool's threads block them), so
-/// it unblocks all of them but the ones a live upgrade blocks across its exec: those stay as
-/// they came until the new image has taken over (`Supervisor.signalsBlockedAcrossExec`).
+/// It is also a thread that takes the process's signals, so it unblocks all of them but the
+/// ones a live upgrade blocks across its exec: those stay as they came until the new image has
+/// taken over (`Supervisor.signalsBlockedAcrossExec`). Not the only one: the pool's threads
+/// block them, but the first libdispatch thread, started from here, has this thread's mask (a
+/// live upgrade holds the stops through the handler: `SignalPipe.holdOnThisThread`).
 @main
 enum HoldfastMain {
     static func main() {

@@ -138,6 +138,14 @@ typedef struct {
 /// pipe): the classic self-pipe, safe with any number of threads. SA_RESTART and SA_SIGINFO are
 /// set (not SA_NOCLDSTOP). Returns 0 or -1 with errno.
 int hf_signal_to_pipe(int signo, int fd);
+/// How many records the `hf_signal_to_pipe` handler has written whole since the process began.
+unsigned long hf_signal_records_written(void);
+/// From now on the `hf_signal_to_pipe` handler writes none of `signals` into the pipe: it queues
+/// each again, with its siginfo, on thread `tid` (which must block them), where it stays pending
+/// (across an execve by that thread too) until that thread unblocks it.
+void hf_signal_hold(pid_t tid, const int *signals, int count);
+/// Ends `hf_signal_hold`: the handler writes every signal into the pipe again.
+void hf_signal_release(void);
 /// SIG_IGN for `signo` in this process (a child gets it too unless its spawn resets it).
 int hf_ignore_signal(int signo);
 /// The realtime signals this libc leaves to programs (SIGRTMIN and SIGRTMAX are functions of
