@@ -298,6 +298,11 @@ public final class ChildReaper: Sendable {
         case failed(errno: Int32)
     }
 
+    /// Whether `child` is not reaped yet: alive or a zombie, its pid still its own.
+    public func isUnreaped(_ child: Child) -> Bool {
+        state.withLockedValue { $0.registered[child.pid] == child.registration }
+    }
+
     /// Sends `signal` to `child` only while it is not reaped, under the lock reaping takes: until
     /// then its pid cannot name anything else (a zombie keeps it), so a signal for a process that
     /// just exited never reaches whichever process the kernel gave its pid to next.

@@ -35,7 +35,13 @@ extension Supervisor {
     func checkBrokerUIDIsItsOwn() throws(StartRefused) {
         guard !configuration.broker.allowSharedUID else { return }
         let uid = brokerUID
-        let sharers = ProcessScan.processes(withUID: uid)
+        // A role this supervisor SIGKILLed at a failed start and has not reaped yet is no
+        // sharer: it never runs its own code again, and its pid is its own until reaped.
+        let dying = rolesKilledAtStart.withLockedValue { killed in
+            killed.removeAll { !reaper.isUnreaped($0) }
+            return Set(killed.map(\.pid))
+        }
+        let sharers = ProcessScan.processes(withUID: uid).filter { !dying.contains($0) }
         guard !sharers.isEmpty else { return }
         let named = sharers.prefix(5).map { pid in "pid \(pid)" + (ProcessScan.commandName(of: pid).map { " (\($0))" } ?? "") }
         let more = sharers.count > 5 ? " and \(sharers.count - 5) more" : ""

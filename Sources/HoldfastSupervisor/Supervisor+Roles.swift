@@ -98,9 +98,13 @@ extension Supervisor {
             return .init(pid: child.pid, child: child, channel: FDChannel(try AsyncFD(adopting: ours)))
         } catch {
             close(ours)
-            // Not left to run without a channel: killed, and its exit dropped when reaped.
+            // Not left to run without a channel: killed, and its exit dropped when reaped. Until
+            // it is reaped it still runs as its uid: the next start's check of the broker's uid
+            // knows it for ours (on a loaded machine it outlived the 100 ms backoff, and that
+            // start was refused naming our own dying broker as a process sharing its uid).
             _ = reaper.signal(child, SIGKILL)
             reaper.abandon(child)
+            rolesKilledAtStart.withLockedValue { $0.append(child) }
             throw error
         }
     }

@@ -65,6 +65,16 @@ extension Supervisor {
             logger.warning("process output not drained before the stop: exit reported now", metadata: ["process": "\(entry.id)"])
             complete(entry.id, report)
         }
+        // A bridge that is down is waited for a moment first (`bridgeWaitAtStop`, within the
+        // timeout): one coming back from a migration, or the new bridge worker of a live
+        // upgrade the stop came right after, would otherwise lose every exit of this stop (a
+        // loaded run's stop ended 0.6 s after an upgrade, its new worker not connected yet).
+        // A host that is gone for good costs the stop that moment, no more.
+        if table.withLockedValue({ !$0.unacknowledgedExits.isEmpty }), session.withLockedValue({ $0.bridge != .up }) {
+            await waitUntil(min(deadline, ContinuousClock.now + Self.bridgeWaitAtStop)) { [self] in
+                session.withLockedValue { $0.bridge == .up } || table.withLockedValue { $0.unacknowledgedExits.isEmpty }
+            }
+        }
         // Give a connected host a moment to acknowledge those exits (bounded: a host that does
         // not answer must not hold the stop); what it did not acknowledge is lost with us.
         await waitUntil(deadline) { [self] in
@@ -85,6 +95,9 @@ extension Supervisor {
     }
 
     /// Waits until every process reported its exit (output drained), or `deadline`.
+    /// How long a stop waits for a bridge that is down to come back, when it has exits to report.
+    static let bridgeWaitAtStop = Duration.seconds(2)
+
     func waitUntilEveryProcessIsDone(until deadline: ContinuousClock.Instant) async -> Bool {
         await waitUntil(deadline) { [self] in table.withLockedValue { t in t.entries.allSatisfy { $0.phase == .done } } }
     }

@@ -111,6 +111,9 @@ public final class Supervisor: Sendable {
     let resumption: Resumption?
     /// Creates and signals wait here while a live upgrade switches binaries.
     let upgradeGate = UpgradeGate()
+    /// Roles killed at a start that failed after their spawn, until reaped (the broker's uid
+    /// check does not count them as sharers).
+    let rolesKilledAtStart = NIOLockedValueBox<[ChildReaper.Child]>([])
     /// How many records of the signal pipe the signal loop has handled (a live upgrade waits
     /// until it has handled every signal delivered before it held the stops:
     /// `waitForTheSignalLoop`).

@@ -35,8 +35,11 @@ struct LiveUpgradeStopTests {
     func aStopAskedForAsTheNewImageIsExecutedIsCarriedOutByIt() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
+        // The stop comes as the new image starts its roles: its exits reach the host once the
+        // new bridge worker is connected, within the shutdown timeout (the default's 30 s; 20 s
+        // here, where a loaded run's new worker took seconds).
         let daemon = try await DaemonFixture(
-            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeExecLate):supervisor"], executable: binary.path)
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeExecLate):supervisor"], executable: binary.path, shutdown: ("5s", "20s"))
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -66,7 +69,12 @@ struct LiveUpgradeStopTests {
         #expect(log.components(separatedBy: "shutting down").count == 2, "one stop")
 
         // The process was stopped by it, its output whole, its exit reported once.
-        try await eventually("the exit at the host", timeout: .seconds(30)) { exits.count("s") == 1 }
+        do {
+            try await eventually("the exit at the host", timeout: .seconds(30)) { exits.count("s") == 1 }
+        } catch {
+            Issue.record("\(error); the daemon's log ends\n\(daemon.log.suffix(5000))")
+            throw error
+        }
         let report = try #require(exits.all.first { $0.id == "s" })
         #expect(report.exitCode == 7 && report.lost == nil, "ended by the stop's SIGTERM: \(report)")
         let text = String(decoding: await output.value, as: UTF8.self)

@@ -1,0 +1,65 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A daemon stop that comes while the bridge is down (a migration under way, or the new bridge
+/// worker of a live upgrade not connected yet) and the bridge comes back a moment later: the
+/// stop's exits still reach the host. Before, the stop looked for a connected host once: the
+/// bridge down, it ended at once, and every exit of the stop was lost with the daemon (a loaded
+/// run's stop 0.6 s after an upgrade lost its one exit so).
+@Suite("A stop while the bridge is down", .serialized, .timeLimit(.minutes(2)))
+struct StopBridgeDownTests {
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aBridgeBackWithinMomentsStillHearsTheStopsExits() async throws {
+        let daemon = try await DaemonFixture(shutdown: ("2s", "10s"), bridgeThroughProxy: true)
+        defer { daemon.cleanUp() }
+        let proxy = try #require(daemon.proxy)
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        for id in ["a", "b"] {
+            _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"]))
+        }
+        // The bridge goes down and stays down (each redial is answered and closed at once) ...
+        proxy.impersonate { _ in }
+        proxy.dropAll()
+        try await eventually("the bridge down", timeout: .seconds(20)) { try await daemon.status().bridge != .up }
+        // ... the stop comes, and the bridge is back a second later.
+        let supervisor = daemon.daemonPID
+        #expect(kill(supervisor, SIGTERM) == 0)
+        try await Task.sleep(for: .seconds(1))
+        proxy.impersonate(nil)
+
+        let status = try await daemon.processes.wait(supervisor, timeout: .seconds(30))
+        #expect(status == .exited(0))
+        #expect(exits.count("a") == 1 && exits.count("b") == 1, "each exit of the stop reached the host once: \(exits.all); \(daemon.log.suffix(3000))")
+        #expect(exits.all.allSatisfy { $0.exitCode == 7 }, "\(exits.all)")
+    }
+
+    /// A host gone for good costs the stop that moment (2 s), no more: it does not wait out its
+    /// timeout for a bridge that does not come back.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aBridgeThatStaysDownDelaysTheStopOnlyAMoment() async throws {
+        let daemon = try await DaemonFixture(shutdown: ("2s", "30s"), bridgeThroughProxy: true)
+        defer { daemon.cleanUp() }
+        let proxy = try #require(daemon.proxy)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "a", argv: ["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"]))
+        proxy.impersonate { _ in }
+        proxy.dropAll()
+        try await eventually("the bridge down", timeout: .seconds(20)) { try await daemon.status().bridge != .up }
+        let supervisor = daemon.daemonPID
+        let asked = ContinuousClock.now
+        #expect(kill(supervisor, SIGTERM) == 0)
+        let status = try await daemon.processes.wait(supervisor, timeout: .seconds(40))
+        let took = ContinuousClock.now - asked
+        print("a stop with the bridge down for good took \(took)")
+        #expect(status == .exited(0))
+        #expect(took < .seconds(20), "not the 30 s timeout: \(took)")
+    }
+}
