@@ -94,10 +94,10 @@ extension Supervisor {
         }
     }
 
-    /// Waits until every process reported its exit (output drained), or `deadline`.
     /// How long a stop waits for a bridge that is down to come back, when it has exits to report.
     static let bridgeWaitAtStop = Duration.seconds(2)
 
+    /// Waits until every process reported its exit (output drained), or `deadline`.
     func waitUntilEveryProcessIsDone(until deadline: ContinuousClock.Instant) async -> Bool {
         await waitUntil(deadline) { [self] in table.withLockedValue { t in t.entries.allSatisfy { $0.phase == .done } } }
     }
