@@ -35,8 +35,16 @@ extension Supervisor {
         session.withLockedValue { $0.drainDeadline = drainsEnd }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
+        let signal = configuration.shutdown.signal
         for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
-            signalProcess(entry, configuration.shutdown.signal)
+            signalProcess(entry, signal)
+            // Followed by SIGCONT, as systemd does for a unit's processes: a process that is
+            // stopped (`kill -STOP 0` of its own, a Ctrl-Z the host typed into its terminal, an
+            // operator's SIGSTOP) would keep the signal pending until the grace's SIGKILL, and
+            // end killed instead of its own way. Its group too: what job control stopped with it.
+            guard ![SIGKILL, SIGSTOP, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU].contains(signal) else { continue }
+            signalProcess(entry, SIGCONT)
+            if entry.leadsProcessGroup { signalProcessGroup(entry, SIGCONT) }
         }
         let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
         var clean = await waitUntilEveryProcessIsDone(until: graceEnd)

@@ -290,6 +290,33 @@ struct ContainmentTests {
         #expect(await readerOut.value.isEmpty)
     }
 
+    /// A process that is stopped when the daemon stops (it stopped itself, as `kill -STOP 0` in
+    /// a container or a Ctrl-Z the host typed into its terminal would): the stop's SIGTERM is
+    /// followed by SIGCONT, as systemd does, so the process runs its handler and exits its own
+    /// way at once. Before, the SIGTERM stayed pending until the grace's SIGKILL (8 s here).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aStoppedProcessIsContinuedToHandleTheStop() async throws {
+        let daemon = try await DaemonFixture(shutdown: ("8s", "16s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let marker = daemon.directory.file("stopping")
+        let pid = try await daemon.bridge.create(ProcessSpec(
+            id: "stopped", argv: ["sh", "-c", "trap 'exit 5' TERM; touch \(marker); kill -STOP $$; while :; do sleep 0.05; done"]))
+        try await eventually("it stopped itself") {
+            guard access(marker, F_OK) == 0, case .stopped = ProcessRunState.of(pid) else { return false }
+            return true
+        }
+        let asked = ContinuousClock.now
+        #expect(try await daemon.stop() == .exited(0))
+        let took = ContinuousClock.now - asked
+        try await eventually("the exit at the host") { exits.count("stopped") == 1 }
+        let report = try #require(exits.all.first { $0.id == "stopped" })
+        print("a stopped process at a daemon stop: \(report), the stop took \(took)")
+        #expect(report.exitCode == 5 && report.signal == nil, "its trap ran: \(report)")
+        #expect(took < .seconds(6), "not held until the 8 s grace: \(took)")
+    }
+
     static var hasStrace: Bool { access("/usr/bin/strace", X_OK) == 0 }
 }
 
