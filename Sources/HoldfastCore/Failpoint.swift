@@ -65,6 +65,11 @@ public enum Failpoint {
     /// `lateExec` (`fails` with `everyPass`), as a slow state write or log flush would.
     public static let upgradeExecLate = "upgrade-exec-late"
     public static let lateExec: Duration = .seconds(3)
+    /// A create's process (PROCESS: its id) is started; it is not in the process table for
+    /// `lateSpawn` more (`fails` with `everyPass`), as a runc create or a slow broker adopt
+    /// would keep it.
+    public static let createSpawnedLate = "create-spawned-late"
+    public static let lateSpawn: Duration = .seconds(2)
     /// How many starts `fails` fails.
     public static let failedStarts = 10
     /// The passes `fails` fails by default: the first succeeds (the daemon starts and serves),

@@ -85,6 +85,19 @@ extension Supervisor {
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
             throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
+        // A stop that began while this create waited (for the broker, or behind a live
+        // upgrade) is not handed a new process to end. One that begins from here on waits for
+        // this spawn to be in the table (or to have failed) before its last round of signals.
+        let spawning = session.withLockedValue { s -> Bool in
+            guard !s.shuttingDown else { return false }
+            s.spawnsUnderWay += 1
+            return true
+        }
+        guard spawning else { throw HoldfastError(.shuttingDown, "the daemon is shutting down") }
+        defer {
+            session.withLockedValue { $0.spawnsUnderWay -= 1 }
+            changes.notify()
+        }
         let started: Launcher.Started
         var container: ProcessTable.Entry.Container?
         switch spec.runtime ?? .direct {
@@ -108,6 +121,9 @@ extension Supervisor {
                 started = try await runc.create(spec)
                 container = .init(id: spec.id, bundle: spec.bundle!)
             }
+        }
+        if Failpoint.fails(Failpoint.createSpawnedLate, process: spec.id, passes: Failpoint.everyPass) {
+            try? await Task.sleep(for: Failpoint.lateSpawn)
         }
         // Each resumable stream keeps its progress in a slot of the checkpoint area, so a broker
         // started after a crash resumes it.

@@ -36,17 +36,27 @@ extension Supervisor {
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
         let signal = configuration.shutdown.signal
-        for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
-            signalProcess(entry, signal)
-            // Followed by SIGCONT, as systemd does for a unit's processes: a process that is
-            // stopped (`kill -STOP 0` of its own, a Ctrl-Z the host typed into its terminal, an
-            // operator's SIGSTOP) would keep the signal pending until the grace's SIGKILL, and
-            // end killed instead of its own way. Its group too: what job control stopped with it.
-            guard ![SIGKILL, SIGSTOP, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU].contains(signal) else { continue }
-            signalProcess(entry, SIGCONT)
-            if entry.leadsProcessGroup { signalProcessGroup(entry, SIGCONT) }
+        var signalled: Set<String> = []
+        func signalEveryProcessNotYetSignalled() {
+            for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running && !signalled.contains(entry.id) {
+                signalled.insert(entry.id)
+                signalProcess(entry, signal)
+                // Followed by SIGCONT, as systemd does for a unit's processes: a process that is
+                // stopped (`kill -STOP 0` of its own, a Ctrl-Z the host typed into its terminal,
+                // an operator's SIGSTOP) would keep the signal pending until the grace's SIGKILL,
+                // and end killed instead of its own way. Its group too: what job control stopped.
+                guard ![SIGKILL, SIGSTOP, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU].contains(signal) else { continue }
+                signalProcess(entry, SIGCONT)
+                if entry.leadsProcessGroup { signalProcessGroup(entry, SIGCONT) }
+            }
         }
+        signalEveryProcessNotYetSignalled()
         let graceEnd = min(drainsEnd, ContinuousClock.now + .milliseconds(configuration.shutdown.grace))
+        // A create that was past its last check when the stop began puts its process in the
+        // table after the round above (a runc create takes a while; every create waits for the
+        // broker's adopt): it is signalled once it is there, not left to the grace's SIGKILL —
+        // nor, for a runc container, to run on past the daemon. No create starts one after.
+        if await waitUntil(graceEnd, { session.withLockedValue { $0.spawnsUnderWay == 0 } }) { signalEveryProcessNotYetSignalled() }
         var clean = await waitUntilEveryProcessIsDone(until: graceEnd)
         if !clean {
             for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase != .done {

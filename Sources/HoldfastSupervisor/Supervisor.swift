@@ -69,6 +69,9 @@ public final class Supervisor: Sendable {
         /// The bridge worker's channel while it runs (exits are pushed through it).
         var bridgeChannel: FDChannel?
         var shuttingDown = false
+        /// Creates between their last `shuttingDown` check and their process in the table (a
+        /// runc create, the broker's adopt): a stop signals what they start once they are done.
+        var spawnsUnderWay = 0
         /// While stopping: when every drain must be over, so that the exits still reach the host
         /// before the shutdown timeout (a process that exits now drains only until then).
         var drainDeadline: ContinuousClock.Instant?

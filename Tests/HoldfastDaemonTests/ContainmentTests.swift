@@ -317,6 +317,37 @@ struct ContainmentTests {
         #expect(took < .seconds(6), "not held until the 8 s grace: \(took)")
     }
 
+    /// A create whose process is started but not yet in the process table when the stop's
+    /// signals go out (a runc create, a broker adopt: here a failpoint holds it there 2 s): the
+    /// stop signals it once it is there. Before, it was missed and SIGKILLed at the grace's end
+    /// (8 s here); a runc container added after the grace could run on past the daemon.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the create waits at a failpoint, which only debug builds have"))
+    func aProcessACreateStartsAsTheStopBeginsIsSignalledToo() async throws {
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.createSpawnedLate):late"], shutdown: ("8s", "16s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let marker = daemon.directory.file("late-started")
+        let bridge = daemon.bridge
+        let create = Task {
+            try await bridge.create(ProcessSpec(
+                id: "late", argv: ["sh", "-c", "trap 'exit 5' TERM; touch \(marker); while :; do sleep 0.05; done"]))
+        }
+        try await eventually("its process started") { access(marker, F_OK) == 0 }
+        let asked = ContinuousClock.now
+        #expect(try await daemon.stop() == .exited(0))
+        let took = ContinuousClock.now - asked
+        _ = try? await create.value
+        try await eventually("the exit at the host") { exits.count("late") == 1 }
+        let report = try #require(exits.all.first { $0.id == "late" })
+        print("a process started as the stop began: \(report), the stop took \(took)")
+        #expect(report.exitCode == 5 && report.signal == nil, "its trap ran: the stop's SIGTERM reached it: \(report)")
+        #expect(took < .seconds(6), "not held until the 8 s grace: \(took)")
+    }
+
     static var hasStrace: Bool { access("/usr/bin/strace", X_OK) == 0 }
 }
 
