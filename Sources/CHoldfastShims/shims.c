@@ -430,16 +430,24 @@ static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
     (void)context;
     int saved = errno;
     if (signo > 0 && signo < 64 && (__atomic_load_n(&held_mask, __ATOMIC_ACQUIRE) & (1UL << signo))) {
-        // Queued again on the holding thread with the sender as it came (a process may queue
-        // any siginfo to itself), so that whichever image unblocks it judges it as sent.
+        // Queued again on the holding thread with its sender, so that whichever image unblocks
+        // it judges it as sent (a child's `kill $PPID` stays refused). As SI_QUEUE: the kernel
+        // lets a thread queue a kill()'s own code (SI_USER) only to itself, not to another
+        // thread (EPERM), and the pipe's record keeps a sender for any code <= 0.
         pid_t tid = __atomic_load_n(&held_tid, __ATOMIC_ACQUIRE);
-        if (tid > 0 && info != NULL && syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, signo, info) == 0) {
-            errno = saved;
-            return;
-        }
-        if (tid > 0 && syscall(SYS_tgkill, getpid(), tid, signo) == 0) {
-            errno = saved;
-            return;
+        if (tid > 0) {
+            siginfo_t again;
+            memset(&again, 0, sizeof(again));
+            again.si_signo = signo;
+            again.si_code = SI_QUEUE;
+            if (info != NULL && info->si_code <= 0) {
+                again.si_pid = info->si_pid;
+                again.si_uid = info->si_uid;
+            }
+            if (syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, signo, &again) == 0 || syscall(SYS_tgkill, getpid(), tid, signo) == 0) {
+                errno = saved;
+                return;
+            }
         }
     }
     // One write of a whole record (well under PIPE_BUF): never split, never interleaved with

@@ -84,6 +84,45 @@ struct LiveUpgradeStopTests {
         #expect(!counted.isEmpty && counted.elementsEqual((1...counted.count).map { "line \($0)" }), "every line once, in order")
     }
 
+    /// A container's `kill $PPID` (a direct process's parent is the supervisor) that comes while
+    /// the stops are held for the exec: it reaches the new image with its sender, which refuses
+    /// it as it refuses any child's stop. Held without its sender, it would have come from the
+    /// supervisor itself, and the new image would have stopped, every container with it.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the exec waits at a failpoint, which only debug builds have"))
+    func aChildsStopHeldAcrossTheExecIsStillRefused() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeExecLate):supervisor"], executable: binary.path)
+        defer { daemon.cleanUp() }
+        let go = daemon.directory.file("go")
+        let sent = daemon.directory.file("sent")
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "k", argv: ["sh", "-c", "while [ ! -e \(go) ]; do sleep 0.02; done; kill -TERM $PPID; touch \(sent); exec sleep 1000"]))
+        let supervisor = daemon.daemonPID
+        try binary.install(variant: 1)
+        let upgradeOutput = daemon.directory.file("upgrade.out")
+        let upgrade = try startUpgrade(daemon, output: upgradeOutput)
+        try await daemon.waitForLog("live upgrade: executing the new binary", timeout: .seconds(60))
+        try writeFile(go, [])
+        try await eventually("the container's kill sent") { access(sent, F_OK) == 0 }
+
+        let upgradeStatus = try await exitOf(upgrade, "holdfast upgrade", daemon)
+        let said = String(decoding: readFile(upgradeOutput) ?? [], as: UTF8.self)
+        #expect(upgradeStatus == .exited(0), "the upgrade went through: \(said)")
+        try await daemon.waitForLog("from a child of the supervisor refused")
+        let log = daemon.log
+        let resumed = try #require(log.range(of: "holdfast daemon resumed after a live upgrade"))
+        let refused = try #require(log.range(of: "from a child of the supervisor refused"))
+        #expect(resumed.upperBound <= refused.lowerBound, "refused by the new image: \(log.suffix(3000))")
+        #expect(!log.contains("shutting down"), "no stop: \(log.suffix(3000))")
+        let after = try await daemon.status()
+        #expect(after.pid == supervisor && after.upgrades == 1 && after.processes.contains { $0.id == "k" }, "the same daemon runs on, the process too")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A stop that comes while the new binary is checked, and is still stopping the processes
     /// when the check ends: the upgrade gives way before it stops anything. Before, it went on to
     /// stop the bridge worker (the exits' way to the host) and the broker (the stop's drains)
