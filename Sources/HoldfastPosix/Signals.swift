@@ -122,6 +122,17 @@ public enum PidFD {
     public static func send(_ signal: Int32, through pidfd: Int32) -> Bool { hf_pidfd_send_signal(pidfd, signal) == 0 }
 }
 
+/// A signal sent to ask a process to end is followed by SIGCONT, as systemd does: a process
+/// that is stopped (SIGSTOP, a Ctrl-Z, its own `kill -STOP 0`) would otherwise keep the signal
+/// pending until it is continued, or killed.
+public enum EndingSignal {
+    /// Whether SIGCONT follows `signal`: not SIGKILL (it needs none), nor a signal that itself
+    /// stops or continues.
+    public static func isFollowedByContinue(_ signal: Int32) -> Bool {
+        ![SIGKILL, SIGSTOP, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU].contains(signal)
+    }
+}
+
 public enum SignalDisposition {
     /// SIG_IGN for `signal` in this process (children get default dispositions back).
     public static func ignore(_ signal: Int32) {

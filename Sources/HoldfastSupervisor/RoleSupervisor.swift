@@ -232,7 +232,7 @@ final class RoleSupervisor: Sendable {
     /// to end is followed by SIGCONT, as systemd does: a role an operator stopped (SIGSTOP,
     /// Ctrl-Z) would otherwise hold it until continued, and its stop or a live upgrade with it.
     func send(_ signal: Int32, to incarnation: Incarnation) {
-        let continues = signal != SIGKILL && signal != SIGSTOP && signal != SIGCONT
+        let continues = EndingSignal.isFollowedByContinue(signal)
         if let child = incarnation.child {
             _ = reaper.signal(child, signal)
             if continues { _ = reaper.signal(child, SIGCONT) }

@@ -41,11 +41,10 @@ extension Supervisor {
             for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running && !signalled.contains(entry.id) {
                 signalled.insert(entry.id)
                 signalProcess(entry, signal)
-                // Followed by SIGCONT, as systemd does for a unit's processes: a process that is
-                // stopped (`kill -STOP 0` of its own, a Ctrl-Z the host typed into its terminal,
-                // an operator's SIGSTOP) would keep the signal pending until the grace's SIGKILL,
-                // and end killed instead of its own way. Its group too: what job control stopped.
-                guard ![SIGKILL, SIGSTOP, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU].contains(signal) else { continue }
+                // Followed by SIGCONT (`EndingSignal`): a stopped process would keep the signal
+                // pending until the grace's SIGKILL, and end killed instead of its own way. Its
+                // group too: what job control stopped with it.
+                guard EndingSignal.isFollowedByContinue(signal) else { continue }
                 signalProcess(entry, SIGCONT)
                 if entry.leadsProcessGroup { signalProcessGroup(entry, SIGCONT) }
             }

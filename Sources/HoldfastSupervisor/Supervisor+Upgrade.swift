@@ -275,6 +275,11 @@ extension Supervisor {
             logger.error("live upgrade failed: the daemon goes on as it was", metadata: ["reason": "\(message)"])
             return HoldfastError(code, message)
         }
+        // A stop that began meanwhile wins: this image carries it out (asked at each step
+        // before one that would disturb it).
+        func giveWayToAStop() throws(HoldfastError) {
+            guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
+        }
         guard let path = selfPath, let configPath else { throw fail("the daemon does not know its executable's path or its configuration file") }
         let started = ContinuousClock.now
         logger.info("live upgrade: checking the new binary", metadata: ["executable": "\(path)"])
@@ -302,7 +307,7 @@ extension Supervisor {
         // A stop that began during the check wins before anything of it is disturbed: stopping
         // the roles now would take the bridge (the exits' way to the host) and the broker (the
         // drains) from under it until the upgrade noticed and started them again.
-        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
+        try giveWayToAStop()
 
         // A broker restarted after a crash is reachable only once it has every stream back
         // (creates wait for the same): asked to quiesce before that, it never heard it and was
@@ -339,7 +344,7 @@ extension Supervisor {
             throw fail("creates or signals were still under way after \(Self.describe(Self.settleLimit))")
         }
         undo.append { [self] in upgradeGate.open() }
-        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
+        try giveWayToAStop()
         // Each step that can take a while is in the log (a slow upgrade explains itself).
         logger.info("live upgrade: creates and signals under way finished; stopping the roles", metadata: beforeGate.merging([
             "waited": "\(ContinuousClock.now - settling)", "sinceStart": "\(ContinuousClock.now - started)",
@@ -386,8 +391,7 @@ extension Supervisor {
         guard await waitForTheSignalLoop(until: ContinuousClock.now + Self.signalLoopLimit) else {
             throw fail("the daemon's signal loop did not read its signals within \(Self.describe(Self.signalLoopLimit)): a stop among them could be lost")
         }
-        // A stop that began meanwhile wins: this image carries it out.
-        guard !session.withLockedValue({ $0.shuttingDown }) else { throw fail("the daemon began to stop", .shuttingDown) }
+        try giveWayToAStop()
 
         // 4. The state, written down with nothing reaped from now on (exits wait as zombies).
         let reaped = reaper.freeze()
