@@ -10,6 +10,14 @@ public protocol FrameTransport: Sendable {
     /// Sends a frame (with fds, where the transport carries them) and returns once it is written.
     func send(_ frame: ControlFrame, descriptors: [Int32]) async throws(FrameTransportError)
     func close()
+    /// Sends nothing more, and lets the peer read the end, while what it sent is still read (a
+    /// peer that died: its last messages; a live one: it ends its side once it reads the end).
+    func stopSending()
+}
+
+extension FrameTransport {
+    /// Where the transport cannot end one direction alone: closed.
+    public func stopSending() { close() }
 }
 
 /// Why a transport gave no frame.
@@ -293,10 +301,14 @@ public final class RPCClient: Sendable {
                     state.withLockedValue { $0.pending.removeValue(forKey: id) }?
                         .resume(returning: .failure(HoldfastError(.channelClosed, error.description, cause: error)))
                     // Said `channel-closed`, so made true: callers take it as the peer gone (a
-                    // role's successor redoes the request), which only a closed channel brings
+                    // role's successor redoes the request), which only a channel that ends brings
                     // about. Left open, a supervisor's lost `process-exited` or `bridge-up` was
-                    // never sent again and its exit never reported.
-                    transport.close()
+                    // never sent again and its exit never reported. Ended for sending only: a
+                    // peer that died (the usual reason a send fails) may have last messages
+                    // unread here — a broker's `handoff-releasing`, written before it answered
+                    // a release and died — which closing threw away (a loaded full suite lost
+                    // one so: the supervisor's `list` to the dead broker failed first).
+                    transport.stopSending()
                 }
             }
         }
@@ -389,7 +401,7 @@ public final class RPCClient: Sendable {
         do {
             try await transport.send(ControlFrame(type: type, id: 0, body: body), descriptors: [])
         } catch {
-            transport.close()
+            transport.stopSending()  // as a request's (above): what the peer sent is still read
             throw error
         }
     }

@@ -47,6 +47,8 @@ public final class SeqpacketFrames: FrameTransport {
 
     public func close() { channel.close() }
 
+    public func stopSending() { channel.socket.shutdownWrite() }
+
     /// Closes fds a frame brought that nobody keeps, on the reactor's thread
     /// (`Reactor.closeOnLoop`: the last close of a pipe's end waits for a lock its sender may hold).
     @Sendable public static func closeDescriptors(_ descriptors: [Int32]) {

@@ -76,4 +76,22 @@ struct PeerDeathTests {
         await client.run()
         #expect(heard.withLock { $0 } == notes)
     }
+
+    /// The same, with a request of ours sent to the dead role before its last notifications
+    /// are read (a `status` asks the broker for its list while the supervisor has not yet read
+    /// what the dead broker last said): the send fails, and the notifications are still handed
+    /// on. Before, the failed send closed the channel and they were thrown away.
+    @Test func aRequestThatFailsOnADeadPeerLeavesItsLastNotificationsToBeRead() async throws {
+        let notes = (1...3).map { ControlFrame(type: 0x7E10, id: 0, body: bytes("note \($0)")) }
+        let (survivor, dying) = try FDChannel.pair()
+        let heard = Mutex<[ControlFrame]>([])
+        let client = ControlClient(channel: FDChannel(try AsyncFD(adopting: survivor))) { frame in heard.withLock { $0.append(frame) } }
+        let role = FDChannel(try AsyncFD(adopting: dying))
+        for note in notes { try await role.send(note.encoded) }
+        role.close()
+        // Not read yet (the client's reader has not started): the request to the dead role fails.
+        await #expect(throws: HoldfastError.self) { _ = try await client.request(0x7E12, body: bytes("list")) }
+        await client.run()
+        #expect(heard.withLock { $0 } == notes, "every notification the role sent before it died")
+    }
 }
