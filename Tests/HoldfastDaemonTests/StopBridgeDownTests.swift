@@ -23,9 +23,14 @@ struct StopBridgeDownTests {
         let proxy = try #require(daemon.proxy)
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
+        let ready = daemon.directory.file("trapped")
         for id in ["a", "b"] {
-            _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"]))
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: id, argv: ["sh", "-c", "trap 'exit 7' TERM; touch \(ready)-\(id); while :; do sleep 0.05; done"]))
         }
+        // Each has its trap in place (a loaded run's stop came before one had, which ended it
+        // 143 rather than 7).
+        try await eventually("both traps set") { ["a", "b"].allSatisfy { access("\(ready)-\($0)", F_OK) == 0 } }
         // The bridge goes down and stays down (each redial is answered and closed at once) ...
         proxy.impersonate { _ in }
         proxy.dropAll()
