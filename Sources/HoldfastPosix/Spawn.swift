@@ -110,6 +110,7 @@ public enum Spawner {
         let groups = options.user?.groups ?? []
         var step: UnsafePointer<CChar>?
         var child: ChildReaper.Child?
+        var failure: Int32 = 0
         let pid: pid_t = options.executable.withCString { path in
             withOptionalCString(options.directory) { directory in
                 groups.withUnsafeBufferPointer { groupBuffer in
@@ -154,13 +155,22 @@ public enum Spawner {
                         var reportFD: Int32 = -1
                         let forked = SpawnThread.shared.run { () -> (pid: pid_t, child: ChildReaper.Child?) in
                             var options = raw
-                            guard let reaper else { return (hf_spawn_fork(&options, &reportFD, &step), nil) }
-                            return reaper.registering { hf_spawn_fork(&options, &reportFD, &step) }
+                            // errno is the spawn thread's: read here, where the fork failed, or
+                            // the caller reads its own thread's (a fork refused for want of a
+                            // task said "Success (errno 0)").
+                            let fork = { () -> pid_t in
+                                let pid = hf_spawn_fork(&options, &reportFD, &step)
+                                if pid < 0 { failure = Glibc.errno }
+                                return pid
+                            }
+                            guard let reaper else { return (fork(), nil) }
+                            return reaper.registering(fork)
                         }
                         child = forked.child
                         guard forked.pid > 0 else { return forked.pid }
                         // Outside the reaper's lock too.
                         guard hf_spawn_result(reportFD, &step) == 0 else {
+                            failure = Glibc.errno
                             if reaper == nil { hf_reap_failed_child(forked.pid) }
                             return -1
                         }
@@ -170,10 +180,9 @@ public enum Spawner {
             }
         }
         guard pid > 0 else {
-            let error = Glibc.errno
             // A child that failed before exec exits 127: the reaper reaps it, nobody waits.
             if let reaper, let child { reaper.abandon(child) }
-            throw SpawnError(executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: error)
+            throw SpawnError(executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: failure)
         }
         return (pid, child)
     }

@@ -28,6 +28,10 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         /// The supervisor is near its limit on open files: a create is refused while it keeps
         /// enough for a broker restart to take every running process over.
         case tooManyOpenFiles = "too-many-open-files"
+        /// No task is left for a new process (fork's EAGAIN: the guest's `kernel.pid_max` or
+        /// `threads-max`, or a pids limit of the daemon's cgroup, such as its unit's
+        /// `TasksMax=`): nothing was started; asking again once processes end may succeed.
+        case tooManyProcesses = "too-many-processes"
         /// The broker already serves `handoff.max_connections` handoff connections.
         case tooManyConnections = "too-many-connections"
         case startFailed = "start-failed"

@@ -38,9 +38,11 @@ struct Launcher {
     }
 
     /// The error for a program that could not be started: exec's ENOENT is the shell's 127
-    /// ("command not found"), EACCES/ENOEXEC/EISDIR its 126 ("cannot execute"); a failure
-    /// before exec (the working directory, the user) is Holdfast's own.
+    /// ("command not found"), EACCES/ENOEXEC/EISDIR its 126 ("cannot execute"); a fork refused
+    /// for want of a task is `too-many-processes` (it may succeed later); a failure before exec
+    /// (the working directory, the user) is Holdfast's own.
     static func startFailure(_ error: SpawnError) -> HoldfastError {
+        if let failure = forkFailure(error) { return failure }
         guard error.step.hasPrefix("exec") else { return HoldfastError(.startFailed, error.description) }
         switch error.errno {
         case ENOENT, ENOTDIR:
@@ -49,6 +51,25 @@ struct Launcher {
             return HoldfastError(.cannotExecute, error.description)
         default:
             return HoldfastError(.startFailed, error.description)
+        }
+    }
+
+    /// The error for a spawn that failed in this process, before there was a child (its report
+    /// pipe, the fork), whatever it was starting: for want of a task or an fd it says so with
+    /// the code a caller can wait on; nil when the child's set-up or exec failed.
+    static func forkFailure(_ error: SpawnError) -> HoldfastError? {
+        switch (error.step, error.errno) {
+        case ("fork", EAGAIN):
+            HoldfastError(
+                .tooManyProcesses,
+                "\(error.description): the guest has no task left for it (a pids limit on the daemon's cgroup such as its unit's TasksMax=, or kernel.pid_max / kernel.threads-max); nothing was started, try again once processes end"
+            )
+        case ("pipe", EMFILE), ("pipe", ENFILE):
+            HoldfastError(.tooManyOpenFiles, error.description)
+        case ("fork", _), ("pipe", _):
+            HoldfastError(.startFailed, error.description)
+        default:
+            nil
         }
     }
 

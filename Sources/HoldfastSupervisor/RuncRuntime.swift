@@ -201,7 +201,8 @@ struct RuncRuntime: Sendable {
         do {
             child = try reaper.spawn(options)
         } catch {
-            throw HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
+            // No task or fd to start it with is not a missing runc.
+            throw Launcher.forkFailure(error) ?? HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
         let expired = NIOLockedValueBox(false)
         let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) { [reaper] in

@@ -466,6 +466,10 @@ extension Supervisor {
         } catch {
             close(output.read)
             close(output.write)
+            // Not forked at all: nothing is wrong with the binary.
+            if let failure = Launcher.forkFailure(error) {
+                throw HoldfastError(.upgradeFailed, "the new binary \(path) could not be started to be checked: \(failure.message)")
+            }
             let why: String
             switch error.errno {
             case ENOEXEC: why = "not a program the kernel runs (a corrupt or foreign file)"
