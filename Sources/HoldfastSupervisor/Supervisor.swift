@@ -502,15 +502,67 @@ public final class Supervisor: Sendable {
     }
 
     /// The metrics endpoint, when `metrics.address` names one.
+    ///
+    /// It is the one listener of ours that any guest process can take first: a TCP or vsock port
+    /// above 1023 is anyone's to bind. A daemon that failed to start over it (as it did) would
+    /// let an unprivileged process deny every container its service by holding a port, so the
+    /// endpoint listens in the background, trying again until the port is free.
     func metricsService() throws -> DaemonService? {
         guard let address = configuration.metrics.address else { return nil }
         // After a live upgrade it is listening already (passed across the exec).
-        let listener = try resumption?.state.descriptors.metrics.map { try Listener(adopting: $0, address: address) }
-            ?? Listener(binding: address, unixMode: 0o644)
-        metricsListener.withLockedValue { $0 = listener.descriptor }
-        let endpoint = MetricsEndpoint(listener: listener, logger: logger) { [self] in await metricsText() }
-        logger.info("metrics endpoint", metadata: ["address": "\(listener.boundAddress)"])
-        return DaemonService("metrics endpoint", stop: { listener.close() }) { await endpoint.serve() }
+        let adopted = try resumption?.state.descriptors.metrics.map { try Listener(adopting: $0, address: address) }
+        let current = NIOLockedValueBox<(listener: Listener?, stopped: Bool)>((adopted, false))
+        // Passed on by the next upgrade from now on, even before the service runs.
+        if let adopted { metricsListener.withLockedValue { $0 = adopted.descriptor } }
+        return DaemonService(
+            "metrics endpoint",
+            stop: {
+                let listener = current.withLockedValue { c -> Listener? in
+                    c.stopped = true
+                    return c.listener
+                }
+                listener?.close()
+            }
+        ) { [self] in
+            let bound: Listener? = if let adopted { adopted } else { await bindMetricsListener(address, into: current) }
+            guard let listener = bound else { return }
+            metricsListener.withLockedValue { $0 = listener.descriptor }
+            logger.info("metrics endpoint", metadata: ["address": "\(listener.boundAddress)"])
+            await MetricsEndpoint(listener: listener, logger: logger) { [self] in await metricsText() }.serve()
+        }
+    }
+
+    /// Binds the metrics endpoint's listener, trying again (after 1 s, doubling to 30 s) while
+    /// it cannot; nil once the daemon stops first. Said once, then every 5 minutes.
+    private func bindMetricsListener(_ address: SocketAddress, into current: NIOLockedValueBox<(listener: Listener?, stopped: Bool)>) async -> Listener? {
+        var pause: Duration = .seconds(1)
+        var failed = 0
+        var pacer = LogPacer<Int>(interval: .seconds(300))
+        while !Task.isCancelled {
+            do {
+                let listener = try Listener(binding: address, unixMode: 0o644)
+                let stopped = current.withLockedValue { c -> Bool in
+                    if !c.stopped { c.listener = listener }
+                    return c.stopped
+                }
+                guard !stopped else {
+                    listener.close()
+                    return nil
+                }
+                if failed > 0 { logger.notice("metrics endpoint: listening at last", metadata: ["address": "\(address)", "failedTries": "\(failed)"]) }
+                return listener
+            } catch {
+                failed += 1
+                if let unsaid = pacer.note(0) {
+                    logger.error(
+                        "metrics endpoint: cannot listen; containers are served meanwhile, and it tries again (after 1 s, doubling to 30 s)",
+                        metadata: ["address": "\(address)", "error": "\(error)", "unsaid": "\(unsaid)"])
+                }
+            }
+            try? await Task.sleep(for: pause)
+            pause = min(pause * 2, .seconds(30))
+        }
+        return nil
     }
 
     /// The supervisor's metrics, then the broker's (absent while it restarts, or when it does not

@@ -101,6 +101,31 @@ struct MetricsTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// Any process in the guest may bind a TCP port above 1023, the endpoint's before the daemon
+    /// starts among them. The daemon failed to start then (`bind: Address already in use`, exit
+    /// 1, every container denied its service by a process holding a port); now it serves, says
+    /// so, and listens once the port is free.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aPortTakenFirstKeepsNoContainerFromBeingServedAndIsListenedOnOnceFree() async throws {
+        let squatter = try Listener(binding: .tcp(host: "127.0.0.1", port: 0))
+        guard case .tcp(_, let port) = squatter.boundAddress else { throw SystemError("no port", errno: .invalidArgument) }
+        let endpoint = SocketAddress.tcp(host: "127.0.0.1", port: port)
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"tcp://127.0.0.1:\(port)\"")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        try await daemon.waitForLog("metrics endpoint: cannot listen; containers are served meanwhile")
+        #expect(daemon.log.contains("Address already in use"), "the reason logged")
+        _ = try await daemon.bridge.create(ProcessSpec(id: "served", argv: ["true"]))
+        try await eventually("a container served meanwhile") { exits.count("served") == 1 }
+        squatter.close()
+        try await daemon.waitForLog("metrics endpoint: listening at last", timeout: .seconds(40))
+        let response = try await httpExchange(endpoint, "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n")
+        #expect(response.hasPrefix("HTTP/1.1 200 OK"), "\(response.prefix(200))")
+        #expect(parsePrometheus(response)["holdfast_process_exits_total"] == 1, "the daemon's own metrics")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// Any process in the guest may dial the endpoint, and each connection is an fd of the
     /// supervisor. 300 connections that never send a head: the supervisor holds at most
     /// `maxConnections` of them at any moment (sampled while they come; before, it held every
