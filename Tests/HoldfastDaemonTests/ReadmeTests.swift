@@ -51,6 +51,7 @@ struct ReadmeTests {
         ("curl -s --unix-socket", .notRun("needs metrics.address, off by default: MetricsTests scrapes the same endpoint from a daemon that has it")),
         ("<6>holdfast.supervisor", .output),
         ("holdfast host run: too-many-open-files", .output),
+        ("holdfast host run: too-many-processes", .output),
         ("make fuzz ", .notRun("minutes of fuzzing: `make test` runs `make fuzz-smoke`")),
     ]
 
