@@ -11,6 +11,14 @@ import NIOConcurrencyHelpers
 /// RELIABILITY.md). Here cancelling removes an entry from a table and leaves nothing behind.
 ///
 /// Timeouts fire up to one `tick` late; waits that need precision do not belong here.
+///
+/// Time this process did not run is not time waited: a tick that comes more than `stallAllowance`
+/// after its time (the process stopped by SIGSTOP, a debugger or a cgroup freeze; the VM paused)
+/// moves every pending deadline on by how late it is. A timeout here bounds a wait for something
+/// outside (a host's acknowledgement, a peer's answer); while the process stood still it could
+/// see none of it, and what arrived meanwhile waits in its sockets. Without this a broker stopped
+/// longer than the drain timeout gave up, the moment it was continued, on streams whose host had
+/// been back all along.
 public final class TimeoutWheel: Sendable {
     /// Names a scheduled timeout, to cancel it.
     public struct Token: Sendable, Hashable {
@@ -18,7 +26,7 @@ public final class TimeoutWheel: Sendable {
     }
 
     private struct Entry {
-        let deadline: ContinuousClock.Instant
+        var deadline: ContinuousClock.Instant
         let fire: @Sendable () -> Void
     }
 
@@ -26,15 +34,23 @@ public final class TimeoutWheel: Sendable {
         var entries: [UInt64: Entry] = [:]
         var nextID: UInt64 = 0
         var ticking = false
+
+        mutating func postpone(by stall: Duration) {
+            for id in entries.keys { entries[id]!.deadline += stall }
+        }
     }
 
     public let tick: Duration
+    /// How late a tick may come before the time it was late by is taken for time the process
+    /// did not run.
+    public let stallAllowance: Duration
     private let state = NIOLockedValueBox(State())
 
     public static let shared = TimeoutWheel()
 
-    public init(tick: Duration = .milliseconds(50)) {
+    public init(tick: Duration = .milliseconds(50), stallAllowance: Duration = .seconds(1)) {
         self.tick = tick
+        self.stallAllowance = stallAllowance
     }
 
     /// Calls `fire` once, about `timeout` from now, unless cancelled first. `fire` runs on the
@@ -61,11 +77,15 @@ public final class TimeoutWheel: Sendable {
     public var pending: Int { state.withLockedValue { $0.entries.count } }
 
     private func run() async {
+        var lastTick = ContinuousClock.now
         while true {
             // Each tick's sleep runs to its end: nothing is left queued behind it.
             try? await Task.sleep(for: tick)
             let now = ContinuousClock.now
+            let late = now - lastTick - tick
+            lastTick = now
             let (due, keepTicking) = state.withLockedValue { s -> ([Entry], Bool) in
+                if late > stallAllowance { s.postpone(by: late) }
                 let due = s.entries.filter { $0.value.deadline <= now }
                 for id in due.keys { s.entries.removeValue(forKey: id) }
                 if s.entries.isEmpty { s.ticking = false }

@@ -394,4 +394,43 @@ struct StoppedRoleTests {
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 print("tracer: %d ended" % tid, flush=True)
         """
+
+    /// The broker stopped (SIGSTOP, a debugger's breakpoint) for longer than the drain timeout
+    /// while an exited process's output waits for a host that is away, and the host is back
+    /// before the broker is continued. The time the broker was stopped is not time its stream
+    /// failed to make progress: every byte reaches the host, none is reported undelivered.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aBrokerStoppedLongerThanTheDrainTimeoutStillDeliversWhatItHeld() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "3s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let id = "held"
+        let output = try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive)
+        let received = accumulate(output)
+        let payload = (0..<200_000).map { _ in UInt8.random(in: 0...255) }
+        let payloadPath = daemon.directory.file("payload")
+        try writeFile(payloadPath, payload)
+        daemon.streams.setRefusing(true)
+        _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["cat", payloadPath], stdout: daemon.spec("\(id)-out")))
+        try await eventually("the process exited, its output waiting") {
+            try await daemon.status().processes.first { $0.id == id }?.state == .exited
+        }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        #expect(kill(broker, SIGSTOP) == 0)
+        try await eventually("every thread of the broker stopped") {
+            let states = ProcessAccount.threadStates(of: broker)
+            return !states.isEmpty && states.allSatisfy { $0 == "T" }
+        }
+        daemon.streams.setRefusing(false)
+        try await Task.sleep(for: .seconds(5))  // the drain timeout is 3 s
+        #expect(kill(broker, SIGCONT) == 0)
+        try await eventually("the exit", timeout: .seconds(30)) { exits.count(id) == 1 }
+        let report = try #require(exits.all.first { $0.id == id })
+        #expect(report.undelivered == 0 && report.outputCutShort == nil, "nothing given up: \(report)")
+        try await eventually("every byte at the host") { received.count >= payload.count }
+        #expect(received.bytes == payload, "\(received.count) of \(payload.count) bytes")
+        #expect(try await daemon.rolePID("broker") == broker, "the same broker")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
