@@ -239,6 +239,16 @@ final class ManagedStream: Sendable {
 
     var transports: [StreamTransport] { [output, input].compactMap { $0 } }
 
+    /// Output bytes the stream took from the process and the host has not acknowledged (a
+    /// resumable stream's replay ring); 0 for raw mode, which keeps nothing. What still waits
+    /// in the pipe is not counted: asking the kernel takes the pipe's lock, which the process
+    /// may hold.
+    var unacknowledgedOutput: UInt64 {
+        guard case .resumable(let stream)? = output else { return 0 }
+        let statistics = stream.statistics
+        return statistics.offset - min(statistics.offset, statistics.acknowledged)
+    }
+
     func start(registry: SlotRegistry) {
         for transport in transports {
             registry.register(transport.managed)
@@ -472,15 +482,30 @@ final class AdoptedProcess: Sendable {
         let finished = await withTaskGroup(of: (Int, DrainedNotification.StreamResult).self) { group in
             for (index, stream) in outputs.enumerated() {
                 group.addTask {
-                    if let reports = await stream.finished(within: timeout + .seconds(1)), let report = reports.first {
+                    func ended(_ reports: [RelayReport]?) -> DrainedNotification.StreamResult? {
+                        guard let report = reports?.first else { return nil }
                         stream.close()
-                        return (index, .init(
+                        return .init(
                             kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue,
-                            lost: stream.output?.lostBytes))
+                            lost: stream.output?.lostBytes)
                     }
+                    if let result = ended(await stream.finished(within: timeout + .seconds(1))) { return (index, result) }
+                    // Still open. With bytes on their way and no connection it is making no
+                    // progress: its drain timeout gives it up within `timeout` of its last
+                    // progress (which may have come after the exit), or it reconnects and ends.
+                    // Waited for once more, so the count is exact: reported now, the bytes it
+                    // gave up a moment later went uncounted.
+                    if stream.unacknowledgedOutput > 0, stream.output?.state == .parked,
+                        let result = ended(await stream.finished(within: timeout + .seconds(1)))
+                    {
+                        return (index, result)
+                    }
+                    // Held open (an orphan of the process writes on, or its host keeps up): the
+                    // exit goes out now, with what is still on its way as a count that is not
+                    // final (the supervisor marks the exit cut short).
                     return (index, .init(
-                        kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: 0, ending: "still-open",
-                        lost: stream.output?.lostBytes))
+                        kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: stream.unacknowledgedOutput,
+                        ending: DrainedNotification.StreamResult.stillOpen, lost: stream.output?.lostBytes))
                 }
             }
             var byIndex: [Int: DrainedNotification.StreamResult] = [:]

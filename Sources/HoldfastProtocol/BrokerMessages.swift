@@ -404,6 +404,10 @@ public struct BrokerStats: Codable, Sendable, Equatable {
 /// abandoned after the drain timeout), so the process's exit can be reported after its output.
 public struct DrainedNotification: Codable, Sendable, Equatable {
     public struct StreamResult: Codable, Sendable, Equatable {
+        /// `ending` of an output the exit could not wait for (held open by another process, or
+        /// still flowing): its `undelivered` is what was still on its way, not a final count.
+        public static let stillOpen = "still-open"
+
         public var kind: StreamKind
         public var bytes: UInt64
         public var undelivered: UInt64

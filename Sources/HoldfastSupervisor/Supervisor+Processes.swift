@@ -283,6 +283,10 @@ extension Supervisor {
         if lost > 0 { report.lost = lost }
         let repeated = drained.streams.reduce(0) { $0 + ($1.repeated ?? 0) }
         if repeated > 0 { report.inputRepeated = repeated }
+        // An output still open with bytes on their way: the count is not final.
+        if drained.streams.contains(where: { $0.ending == DrainedNotification.StreamResult.stillOpen && $0.undelivered > 0 }) {
+            report.outputCutShort = true
+        }
         complete(drained.process, report)
     }
 
