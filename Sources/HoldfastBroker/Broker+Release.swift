@@ -126,14 +126,18 @@ extension Broker {
             $0.keep(process, KeptReleases.Kept(owner: owner, streams: streams, descriptors: descriptors, files: files))
         }
         for fd in replaced?.descriptors ?? [] { Reactor.shared.closeOnLoop(fd) }
-        Task { [self] in
-            try? await Task.sleep(for: releaseKeptFor)
-            guard let expired = keptReleases.withLockedValue({ $0.take(process, ifGeneration: generation) }) else { return }
-            for fd in expired.descriptors { Reactor.shared.closeOnLoop(fd) }
-            logger.warning("no release came for a process's kept fds: closed", metadata: [
-                "process": "\(process)", "keptFor": "\(releaseKeptFor.spoken)",
-            ])
-            await handoffGone(process)
+        // Through the wheel, which counts only time the broker ran: a broker held in a debugger
+        // past it would otherwise close them as it went on, before the release its peer asked
+        // for meanwhile (waiting in the socket) was read.
+        TimeoutWheel.shared.schedule(after: releaseKeptFor) { [self] in
+            Task { [self] in
+                guard let expired = keptReleases.withLockedValue({ $0.take(process, ifGeneration: generation) }) else { return }
+                for fd in expired.descriptors { Reactor.shared.closeOnLoop(fd) }
+                logger.warning("no release came for a process's kept fds: closed", metadata: [
+                    "process": "\(process)", "keptFor": "\(releaseKeptFor.spoken)",
+                ])
+                await handoffGone(process)
+            }
         }
     }
 }
