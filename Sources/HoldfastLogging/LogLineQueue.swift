@@ -43,7 +43,13 @@ public final class LogLineQueue: @unchecked Sendable {
         queued = .allocate(capacity: 1)
         pthread_cond_init(queued, nil)
         drained = .allocate(capacity: 1)
-        pthread_cond_init(drained, nil)
+        // Timed waits on the monotonic clock: a wall clock set back (NTP, an operator) during a
+        // flush would stretch its bound by as much.
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(drained, &attributes)
+        pthread_condattr_destroy(&attributes)
     }
 
     // The queue lives as long as its process (`DaemonLogHandler.queue`); a test's ends with its
@@ -73,7 +79,7 @@ public final class LogLineQueue: @unchecked Sendable {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         var deadline = timespec()
-        clock_gettime(CLOCK_REALTIME, &deadline)
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
         let nanoseconds = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
         deadline.tv_sec += milliseconds / 1000 + nanoseconds / 1_000_000_000
         deadline.tv_nsec = nanoseconds % 1_000_000_000
