@@ -252,8 +252,8 @@ func finishHostCommand(
         }
         if report.outputCutShort == true {
             writeError(
-                "holdfast \(name): the process's output was cut short in the guest (its daemon stopping, or its broker dying): "
-                    + "at least \(report.undelivered) bytes not delivered")
+                "holdfast \(name): the exit came before the process's output had drained in the guest (its daemon stopping, its broker "
+                    + "dying, or another process holding the output open): \(report.undelivered) bytes not delivered by then")
         } else if report.undelivered > 0 {
             writeError("holdfast \(name): \(report.undelivered) bytes of output were not delivered")
         }
