@@ -236,6 +236,11 @@ struct Launcher {
             }
         } catch {
             stdio.closeAll()
+            // The pty multiplexer's ENOSPC ("No space left on device") means no terminal is left.
+            if error.operation == "posix_openpt", error.number == ENOSPC {
+                throw HoldfastError(
+                    .stdioFailed, "\(error): every pseudo-terminal of the guest is in use (kernel.pty.max); try again once terminals close")
+            }
             throw HoldfastError(.stdioFailed, "\(error)")
         }
         return stdio
