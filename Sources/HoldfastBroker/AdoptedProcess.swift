@@ -492,10 +492,10 @@ final class AdoptedProcess: Sendable {
                     if let result = ended(await stream.finished(within: timeout + .seconds(1))) { return (index, result) }
                     // Still open. With bytes on their way and no connection it is making no
                     // progress: its drain timeout gives it up within `timeout` of its last
-                    // progress (which may have come after the exit), or it reconnects and ends.
-                    // Waited for once more, so the count is exact: reported now, the bytes it
-                    // gave up a moment later went uncounted.
-                    if stream.unacknowledgedOutput > 0, stream.output?.state == .parked,
+                    // progress (which may have come after the exit; or it has just done so), or
+                    // it reconnects and ends. Waited for once more, so the count is exact:
+                    // reported now, the bytes it gave up a moment later went uncounted.
+                    if stream.unacknowledgedOutput > 0, stream.output?.state != .connected,
                         let result = ended(await stream.finished(within: timeout + .seconds(1)))
                     {
                         return (index, result)
