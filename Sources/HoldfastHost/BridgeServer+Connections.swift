@@ -142,17 +142,19 @@ extension BridgeServer {
         return try await body()
     }
 
-    /// Registers a connection in its handshake; past `maxPendingHandshakes`, the oldest one is
+    /// Registers a connection in its handshake, among the privileged peers' or the others'
+    /// (`ReservedPorts.peerIsPrivileged`); past its pool's limit, the oldest of that pool is
     /// closed (its `serve` sees the failure and counts it refused).
     func admit(_ socket: AsyncFD) -> UInt64 {
+        let privileged = ReservedPorts.peerIsPrivileged(socket)
+        let limit = privileged ? Self.maxPrivilegedPendingHandshakes : Self.maxPendingHandshakes
         let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
             s.nextHandshake &+= 1
-            s.pendingHandshakes[s.nextHandshake] = socket
-            var oldest: AsyncFD?
-            if s.pendingHandshakes.count > Self.maxPendingHandshakes, let key = s.pendingHandshakes.keys.min() {
-                oldest = s.pendingHandshakes.removeValue(forKey: key)
-            }
-            return (s.nextHandshake, oldest)
+            s.pendingHandshakes[s.nextHandshake] = (socket, privileged)
+            if privileged { s.privilegedAdmitted += 1 }
+            let pool = s.pendingHandshakes.filter { $0.value.privileged == privileged }
+            guard pool.count > limit, let key = pool.keys.min() else { return (s.nextHandshake, nil) }
+            return (s.nextHandshake, s.pendingHandshakes.removeValue(forKey: key)?.socket)
         }
         oldest?.close()
         return ticket

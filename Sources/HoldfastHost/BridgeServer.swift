@@ -48,10 +48,15 @@ public final class BridgeServer: Sendable {
         }
     }
 
-    /// Unauthenticated connections in their handshake at once; one more closes the oldest (a
-    /// flood of silent connections costs bounded fds and never locks the guest out: its own
-    /// handshake takes one round trip, theirs up to `handshakeTimeout`).
+    /// Unauthenticated connections in their handshake at once, from unprivileged peers; one
+    /// more closes the oldest of them (a flood of silent connections costs bounded fds).
     public static let maxPendingHandshakes = 64
+    /// The same for connections from privileged peers (`ReservedPorts`: a TCP or vsock source
+    /// port below 1024, which the guest's bridge worker dials from), counted apart: a flood from
+    /// an unprivileged guest process, however fast, never pushes out the daemon's handshake.
+    /// (With one pool, one process dialling as fast as it could kept the guest off the bridge
+    /// for 15 s and more.)
+    public static let maxPrivilegedPendingHandshakes = 16
 
     /// What the guest says, in order, for an observer.
     public enum Event: Sendable, Equatable {
@@ -74,9 +79,10 @@ public final class BridgeServer: Sendable {
 
     struct State {
         var authentication: Authentication
-        var pendingHandshakes: [UInt64: AsyncFD] = [:]
+        var pendingHandshakes: [UInt64: (socket: AsyncFD, privileged: Bool)] = [:]
         var nextHandshake: UInt64 = 0
         var refused = 0
+        var privilegedAdmitted = 0
         var lastWarning: ContinuousClock.Instant?
         var warningsHeldBack = 0
         var connection: Connection?
@@ -335,6 +341,8 @@ public final class BridgeServer: Sendable {
     public var acceptedConnections: Int { state.withLockedValue { $0.accepted } }
     /// Connections refused: a handshake that failed, timed out or was pushed out by newer ones.
     public var refusedConnections: Int { state.withLockedValue { $0.refused } }
+    /// Connections admitted from a privileged peer (a reserved source port: `ReservedPorts`).
+    public var privilegedConnections: Int { state.withLockedValue { $0.privilegedAdmitted } }
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
     /// Creates sent again because the bridge was lost before their reply.
     public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
@@ -400,7 +408,7 @@ public final class BridgeServer: Sendable {
                 s.waitingForGuest.removeAll()
                 s.pendingHandshakes.removeAll()
             }
-            return (s.connection, Array(s.waitingForGuest.values), Array(s.pendingHandshakes.values))
+            return (s.connection, Array(s.waitingForGuest.values), s.pendingHandshakes.values.map(\.socket))
         }
         refusalChanges.notify()
         listener.close()

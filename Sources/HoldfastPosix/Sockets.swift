@@ -63,16 +63,19 @@ public struct ConnectTimedOut: Error, Sendable, CustomStringConvertible {
 public enum Dialer {
     /// Connects a stream socket to `address`, giving up after `timeout`. The returned connection
     /// is non-blocking and registered with the reactor. `sendBuffer` asks for that much send
-    /// buffer on a Unix stream socket (see `resumableSendBuffer`).
+    /// buffer on a Unix stream socket (see `resumableSendBuffer`). `fromReservedPort`: a TCP or
+    /// vsock connection comes from a port below 1024 if this process may bind one
+    /// (`ReservedPorts`: the peer then knows a privileged process dialled).
     public static func connect(
         to address: SocketAddress, kind: SocketKind = .stream, timeout: Duration = .seconds(2), sendBuffer: Int? = nil,
-        reactor: Reactor = .shared
+        fromReservedPort: Bool = false, reactor: Reactor = .shared
     ) async throws -> AsyncFD {
         let resolved = try ResolvedAddress(address)
         let fd = try retryingInterrupts("socket(\(address))") {
             socket(resolved.family, kind.rawValue | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
         if let sendBuffer, kind == .stream, resolved.family == AF_UNIX { requestSendBuffer(fd, bytes: sendBuffer) }
+        if fromReservedPort, resolved.family != AF_UNIX { _ = ReservedPorts.bind(fd, family: resolved.family) }
         let connection: AsyncFD
         do {
             connection = try AsyncFD(adopting: fd, reactor: reactor)

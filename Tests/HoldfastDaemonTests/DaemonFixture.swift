@@ -63,7 +63,7 @@ final class DaemonFixture: Sendable {
         extraConfig: String = "", environment: [String: String] = [:], executable: String? = nil, drainTimeout: String = "10s",
         shutdown: (grace: String, timeout: String) = ("1s", "5s"), brokerUser: uid_t? = nil, authenticated: Bool = true,
         bridgeThroughProxy: Bool = false, brokerRestartBackoffMax: String = "5s", openFileLimit: (soft: UInt64, hard: UInt64?)? = nil,
-        oomScoreAdjustment: Int32? = nil, logToPipe: Bool = false, ringCapacity: String? = nil
+        oomScoreAdjustment: Int32? = nil, logToPipe: Bool = false, ringCapacity: String? = nil, bridgeOverTCP: Bool = false
     ) async throws {
         if logToPipe {
             let ends = try PipeEnds.make()
@@ -80,9 +80,11 @@ final class DaemonFixture: Sendable {
         key = authenticated ? try BridgeKeyFile.loadOrCreate(directory.file("bridge.key")).key : nil
         let warnings = hostWarnings
         let bridgePath = directory.file(bridgeThroughProxy ? "real-bridge.sock" : "host-bridge.sock")
+        // Over TCP on loopback (`bridgeOverTCP`): as over vsock, the guest's source port tells
+        // the host what dialled (`ReservedPorts`).
         bridge = try BridgeServer(
-            listeningOn: .unix(path: bridgePath), authentication: key.map { .key($0) } ?? .none, unixMode: 0o666,
-            warn: { message in warnings.withLockedValue { $0.append(message) } })
+            listeningOn: bridgeOverTCP ? .tcp(host: "127.0.0.1", port: 0) : .unix(path: bridgePath), authentication: key.map { .key($0) } ?? .none,
+            unixMode: 0o666, warn: { message in warnings.withLockedValue { $0.append(message) } })
         bridge.start()
         proxy = bridgeThroughProxy ? try BridgeProxy(listeningOn: directory.file("host-bridge.sock"), forwardingTo: bridgePath) : nil
         streams = try StreamServer(listeningOn: .unix(path: directory.file("streams.sock")), unixMode: 0o666)
@@ -91,7 +93,7 @@ final class DaemonFixture: Sendable {
         let config = """
             run_directory: \(directory.path)
             bridge:
-              address: "unix:{run}/host-bridge.sock"
+              address: "\(bridgeOverTCP ? "\(bridge.boundAddress)" : "unix:{run}/host-bridge.sock")"
               \(authenticated ? "key_file: \"{run}/bridge.key\"" : "authentication: none")
               reconnect_initial: 50ms
               reconnect_max: 200ms

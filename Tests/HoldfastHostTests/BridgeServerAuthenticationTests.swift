@@ -102,9 +102,10 @@ struct BridgeServerAuthenticationTests {
         }
         var silent: [AsyncFD] = []
         defer { for connection in silent { connection.close() } }
-        let flood = 3 * BridgeServer.maxPendingHandshakes
+        let limit = BridgeServer.maxPendingHandshakes
+        let flood = 3 * limit
         for _ in 0..<flood { silent.append(try await Dialer.connect(to: bridge.address)) }
-        let pushedOut = flood - BridgeServer.maxPendingHandshakes
+        let pushedOut = flood - limit
         try await eventually("the oldest pushed out") { bridge.refusedConnections >= pushedOut }
         // The server closed its end of the oldest ones: they read end-of-file.
         func closedByTheServer(_ connection: AsyncFD) -> Bool {
@@ -112,12 +113,45 @@ struct BridgeServerAuthenticationTests {
             return (try? withUnsafeMutableBytes(of: &byte) { try connection.readNow(into: $0) }) == 0
         }
         try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy(closedByTheServer) }
-        #expect(!silent.suffix(BridgeServer.maxPendingHandshakes).contains(where: closedByTheServer), "the newest are still waited for")
+        #expect(!silent.suffix(limit).contains(where: closedByTheServer), "the newest are still waited for")
         let guest = try await ScriptedGuest.connect(bridge.address, key: key)
         defer { guest.socket.close() }
         #expect(await bridge.waitForGuest(timeout: .seconds(30)))
         #expect(bridge.acceptedConnections == 1)
         #expect(warnings.all.contains { $0.contains("connections in their handshake at once") }, "\(warnings.all)")
+    }
+
+    /// A connection from a reserved port (the guest's bridge worker dials from one; only a
+    /// privileged process can) is admitted apart: three times the pool's worth of silent
+    /// connections from ordinary ports push out their own oldest, never it. With one pool it was
+    /// the first to go. Over TCP on loopback, as vsock would be.
+    @Test(.enabled(if: geteuid() == 0, "needs root: binding a port below 1024"))
+    func silentConnectionsFromOrdinaryPortsNeverPushOutAPrivilegedOne() async throws {
+        let key = BridgeKey.generate()
+        let warnings = Warnings()
+        let bridge = try BridgeServer(
+            listeningOn: .tcp(host: "127.0.0.1", port: 0), authentication: .key(key), handshakeTimeout: .seconds(600), warn: warnings.sink)
+        bridge.start()
+        defer { bridge.close() }
+        let privileged = try await Dialer.connect(to: bridge.boundAddress, fromReservedPort: true)
+        defer { privileged.close() }
+        try await eventually("the privileged connection admitted") { bridge.privilegedConnections == 1 }
+        var silent: [AsyncFD] = []
+        defer { for connection in silent { connection.close() } }
+        let flood = 3 * BridgeServer.maxPendingHandshakes
+        for _ in 0..<flood { silent.append(try await Dialer.connect(to: bridge.boundAddress)) }
+        let pushedOut = flood - BridgeServer.maxPendingHandshakes
+        try await eventually("the oldest ordinary ones pushed out") { bridge.refusedConnections >= pushedOut }
+        func closedByTheServer(_ connection: AsyncFD) -> Bool {
+            var byte: UInt8 = 0
+            return (try? withUnsafeMutableBytes(of: &byte) { try connection.readNow(into: $0) }) == 0
+        }
+        try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy(closedByTheServer) }
+        #expect(!closedByTheServer(privileged), "the privileged connection, the oldest of all, is still waited for")
+        #expect(bridge.refusedConnections == pushedOut, "only ordinary ones pushed out")
+        // And it still completes its handshake: the guest gets in.
+        try await BridgeHandshake.proveToHost(on: privileged, key: key)
+        try await BridgeHandshake.receiveVerdict(on: privileged)
     }
 
     /// A new key (rotation): the connected guest stays; the next connection must prove the new one.

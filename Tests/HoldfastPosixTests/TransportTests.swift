@@ -44,6 +44,38 @@ struct TransportTests {
         server.close()
     }
 
+    /// A TCP dial from a reserved port (root may bind one): the accepted end sees a source port
+    /// below 1024 and counts its peer privileged; an ordinary dial's ephemeral port is not, nor
+    /// is a Unix socket's peer.
+    @Test(.enabled(if: geteuid() == 0, "needs root: binding a port below 1024"))
+    func aDialFromAReservedPortIsToldApart() async throws {
+        let listener = try Listener(binding: .tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        for reserved in [true, false] {
+            async let accepted = listener.accept()
+            let client = try await Dialer.connect(to: listener.boundAddress, timeout: .seconds(30), fromReservedPort: reserved)
+            let server = try await accepted
+            var storage = sockaddr_in()
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(client.fd, $0, &length) } }
+            let port = UInt32(UInt16(bigEndian: storage.sin_port))
+            #expect(ReservedPorts.range.contains(port) == reserved, "source port \(port)")
+            #expect(ReservedPorts.peerIsPrivileged(server) == reserved)
+            client.close()
+            server.close()
+        }
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let unix = try Listener(binding: .unix(path: directory.file("s.sock")))
+        defer { unix.close() }
+        async let accepted = unix.accept()
+        let client = try await Dialer.connect(to: .unix(path: directory.file("s.sock")), timeout: .seconds(30), fromReservedPort: true)
+        let server = try await accepted
+        #expect(!ReservedPorts.peerIsPrivileged(server), "root's, but over a Unix socket: a VMM may be the peer of every connection")
+        client.close()
+        server.close()
+    }
+
     @Test func refusedDialNamesTheAddress() async throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
