@@ -21,8 +21,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     public let address: SocketAddress
     public let handshakeTimeout: Duration
-    /// Connections past this many still saying hello are closed at once: a flood of silent
-    /// peers can hold at most this many fds, each for at most `handshakeTimeout`.
+    /// Connections still saying hello at once; one more closes the oldest of them: a flood of
+    /// silent peers holds at most this many fds, each for at most `handshakeTimeout`, and never
+    /// keeps a stream out. (It closed the newcomer instead: a guest process holding this many
+    /// silent connections, 820 new ones a second, turned away every redial of every stream.)
     public let maxConcurrentHandshakes: Int
     private let listener: Listener
     private let wrap: @Sendable (AsyncFD) -> Transport
@@ -35,7 +37,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var refused: UInt64 = 0
         var acceptErrors: UInt64 = 0
         var refusing = false
-        var handshaking = 0
+        /// Connections saying hello, by the order they came in (`admit`).
+        var handshakes: [UInt64: AsyncFD] = [:]
+        var nextHandshake: UInt64 = 0
+        var handshaking: Int { handshakes.count }
     }
 
     /// Binds now (so the address is known, and a bad one fails here); call `start()` to accept.
@@ -60,21 +65,24 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                 guard let socket = await listener.nextConnection(failed: { _ in state.withLockedValue { $0.acceptErrors &+= 1 } }) else {
                     return  // closed
                 }
-                let refusing = state.withLockedValue { s -> Bool in
+                // Admitted here, in accept order: "the oldest" a flood pushes out is the one that
+                // came first. A guest's hello follows its connect at once, so only a flood that
+                // brings `maxConcurrentHandshakes` connections within that moment reaches it.
+                let (ticket, oldest) = state.withLockedValue { s -> (UInt64?, AsyncFD?) in
                     s.accepted &+= 1
-                    if s.refusing { return true }
-                    if s.handshaking >= maxConcurrentHandshakes {
-                        s.refused &+= 1
-                        return true
-                    }
-                    s.handshaking += 1
-                    return false
+                    if s.refusing { return (nil, nil) }
+                    s.nextHandshake &+= 1
+                    s.handshakes[s.nextHandshake] = socket
+                    guard s.handshakes.count > maxConcurrentHandshakes, let key = s.handshakes.keys.min() else { return (s.nextHandshake, nil) }
+                    s.refused &+= 1
+                    return (s.nextHandshake, s.handshakes.removeValue(forKey: key))
                 }
-                if refusing {
-                    socket.close()  // a blackout (as if nobody listened), or a flood
+                oldest?.close()
+                guard let ticket else {
+                    socket.close()  // a blackout (as if nobody listened)
                     continue
                 }
-                Task { await handshake(wrap(socket)) }
+                Task { await handshake(wrap(socket), ticket: ticket) }
             }
         }
         state.withLockedValue { $0.acceptTask = task }
@@ -158,17 +166,21 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         for stream in streams { stream.close() }
     }
 
-    private func handshake(_ transport: Transport) async {
-        defer { state.withLockedValue { $0.handshaking -= 1 } }
+    private func handshake(_ transport: Transport, ticket: UInt64) async {
+        // Still listed unless pushed out (then already counted refused, and closed).
+        let stillListed = { [state] in state.withLockedValue { $0.handshakes.removeValue(forKey: ticket) != nil } }
         let hello: StreamHello
         do {
             hello = try await readHelloWithin(handshakeTimeout, transport)
         } catch {
-            state.withLockedValue { $0.refused &+= 1 }
+            if stillListed() { state.withLockedValue { $0.refused &+= 1 } }
             let problem = error as? StreamProtocolError ?? .truncated
             await Handshake.refuse(transport, problem)
             return
         }
+        // Said hello: no longer among those a flood pushes out (and if it was just now, its
+        // connection is closed: the guest redials).
+        guard stillListed() else { return }
         // A stream the application closed, or that gave up (its drain timeout), is one the host
         // no longer has, though its token may still be registered: refused as unknown. Accepted,
         // its closed slot would drop the connection at once, and the guest — whose dial had

@@ -12,6 +12,38 @@ import Glibc
 
 @Suite("StreamServer under a flood of hostile connections", .timeLimit(.minutes(5)))
 struct StreamServerFloodTests {
+    /// Silent connections fill the handshakes (a guest process holding them, never saying hello;
+    /// the handshake timeout longer than the test): a real stream's connection pushes out the
+    /// oldest of them and delivers. The server closed the newcomer instead, so every redial of
+    /// every stream was turned away while the flood held its place.
+    @Test func aSilentFloodPushesOutItsOwnOldestNotARealStream() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let limit = 16
+        let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: .seconds(600), maxConcurrentHandshakes: limit)
+        server.start()
+        defer { server.close() }
+        let host = try server.open(token: bytes("real"), direction: .receive)
+        let received = Task { () -> [UInt8] in
+            var all: [UInt8] = []
+            for await chunk in host.chunks() { all += chunk }
+            return all
+        }
+        var silent: [AsyncFD] = []
+        defer { for connection in silent { connection.close() } }
+        for _ in 0..<(3 * limit) { silent.append(try await Dialer.connect(to: server.address)) }
+        try await eventually("the oldest silent ones pushed out") { server.statistics.refused >= UInt64(2 * limit) }
+        #expect(server.statistics.handshaking == limit)
+        let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), secret: host.secret, direction: .send)
+        guest.slot.disconnect()  // starts its dialling
+        let payload = bytes("the real stream's bytes\n")
+        try await guest.send(payload)
+        let undelivered = try await withTimeout("the real stream's finish", .seconds(20)) { await guest.finish() }
+        #expect(undelivered == 0)
+        #expect(try await withTimeout("the host's bytes", .seconds(20)) { await received.value } == payload)
+        #expect(server.statistics.handshaking <= limit)
+    }
+
     /// 10,000 connection attempts in bursts of 500 — closed at once, garbage, a wrong token, a
     /// hello with an offset from the future, silent until cut off — while a real stream carries
     /// 8 MiB. The real stream delivers every byte (sha256), every hostile connection is refused
