@@ -37,10 +37,20 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var refused: UInt64 = 0
         var acceptErrors: UInt64 = 0
         var refusing = false
-        /// Connections saying hello, by the order they came in (`admit`).
+        /// Connections saying hello, by the order they came in.
         var handshakes: [UInt64: AsyncFD] = [:]
         var nextHandshake: UInt64 = 0
+        /// No connection saying hello came before this one (tickets only grow, so finding the
+        /// oldest walks forward from here: constant time per connection, amortised, where a
+        /// scan of up to `maxConcurrentHandshakes` at every accept of a flood would not be).
+        var oldestHandshake: UInt64 = 1
         var handshaking: Int { handshakes.count }
+
+        mutating func pushOutOldest() -> AsyncFD? {
+            guard !handshakes.isEmpty else { return nil }
+            while handshakes[oldestHandshake] == nil { oldestHandshake += 1 }
+            return handshakes.removeValue(forKey: oldestHandshake)
+        }
     }
 
     /// Binds now (so the address is known, and a bad one fails here); call `start()` to accept.
@@ -73,9 +83,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                     if s.refusing { return (nil, nil) }
                     s.nextHandshake &+= 1
                     s.handshakes[s.nextHandshake] = socket
-                    guard s.handshakes.count > maxConcurrentHandshakes, let key = s.handshakes.keys.min() else { return (s.nextHandshake, nil) }
+                    guard s.handshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
                     s.refused &+= 1
-                    return (s.nextHandshake, s.handshakes.removeValue(forKey: key))
+                    return (s.nextHandshake, s.pushOutOldest())
                 }
                 oldest?.close()
                 guard let ticket else {
