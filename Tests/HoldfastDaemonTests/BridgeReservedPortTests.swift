@@ -17,7 +17,7 @@ import Glibc
 /// 1024: only a privileged process can bind one, TCP and vsock alike), and the host admits such
 /// connections in a pool of their own (`BridgeServerAuthenticationTests` shows the pools apart).
 @Suite("The guest's bridge worker dials from a reserved port", .timeLimit(.minutes(3)))
-struct BridgeListenerFloodTests {
+struct BridgeReservedPortTests {
     /// Over TCP on loopback, as vsock would be: the host counts the guest's connection a
     /// privileged peer's, at the first connection and after a migration.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
