@@ -249,6 +249,12 @@ final class ManagedStream: Sendable {
         return statistics.offset - min(statistics.offset, statistics.acknowledged)
     }
 
+    /// A resumable output whose pipe has ended: no byte will be added, it only drains.
+    var outputEnded: Bool {
+        guard case .resumable(let stream)? = output else { return false }
+        return stream.producerEnded
+    }
+
     func start(registry: SlotRegistry) {
         for transport in transports {
             registry.register(transport.managed)
@@ -490,15 +496,18 @@ final class AdoptedProcess: Sendable {
                             lost: stream.output?.lostBytes)
                     }
                     if let result = ended(await stream.finished(within: timeout + .seconds(1))) { return (index, result) }
-                    // Still open. With bytes on their way and no connection it is making no
-                    // progress: its drain timeout gives it up within `timeout` of its last
-                    // progress (which may have come after the exit; or it has just done so), or
-                    // it reconnects and ends. Waited for once more, so the count is exact:
-                    // reported now, the bytes it gave up a moment later went uncounted.
-                    if stream.unacknowledgedOutput > 0, stream.output?.state != .connected,
-                        let result = ended(await stream.finished(within: timeout + .seconds(1)))
-                    {
-                        return (index, result)
+                    // Still running. Its pipe ended and it only drains what it holds (a slow
+                    // host, a loaded machine): that is bounded — the drain timeout gives it up
+                    // after `timeout` without progress, and nothing is added — so it is waited
+                    // for (up to ten more times), for an exact count. With bytes on their way
+                    // and no connection it is making no progress either: given up within
+                    // `timeout` of its last progress (which may have come after the exit), or
+                    // it reconnects and ends: waited for once more. Reported now instead, the
+                    // bytes it gave up a moment later went uncounted (and the ones it delivered
+                    // later counted as undelivered).
+                    for _ in 0..<10 where stream.outputEnded || (stream.unacknowledgedOutput > 0 && stream.output?.state != .connected) {
+                        if let result = ended(await stream.finished(within: timeout + .seconds(1))) { return (index, result) }
+                        if !stream.outputEnded { break }
                     }
                     // Held open (an orphan of the process writes on, or its host keeps up): the
                     // exit goes out now, with what is still on its way as a count that is not

@@ -92,6 +92,9 @@ extension ResumableStream {
             }
         }
 
+        /// Send side: the producer has ended (`finish`): what is left is a bounded drain.
+        var producerEnded: Bool { state.withLockedValue { $0.sender.finalOffset != nil } }
+
         var statistics: ResumableStatistics {
             state.withLockedValue { s in
                 var stats = s.statistics

@@ -355,6 +355,10 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
     public var statistics: ResumableStatistics { engine.statistics }
 
+    /// Send side: its producer has ended (`finish` was called), so no byte will be added: what is
+    /// left is a drain the drain timeout bounds.
+    public var producerEnded: Bool { engine.producerEnded }
+
     /// The slot's and the engine's internal state in two lines, for diagnosing a stuck stream.
     public var debugSummary: String { "\(slot.debugSummary)\n  engine: \(engine.debugSummary)" }
 

@@ -66,7 +66,7 @@ struct ProcessTable {
     /// Exits of processes the host created, oldest first, kept until the host acknowledges them.
     private(set) var unacknowledgedExits: [ExitReport] = []
     /// Who waits for which process's exit report. Not part of the snapshot.
-    private var waiters: [String: [CheckedContinuation<ExitReport, Never>]] = [:]
+    private var waiters: [String: [CheckedContinuation<ExitReport?, Never>]] = [:]
 
     init(instanceID: String) {
         self.instanceID = instanceID
@@ -127,7 +127,7 @@ struct ProcessTable {
     /// Marks it done with its final report and queues the exit for the host if the host asked
     /// for the process. Returns the waiters to wake (outside the lock), nil if it was already
     /// done or is unknown.
-    mutating func finish(_ id: String, _ report: ExitReport) -> [CheckedContinuation<ExitReport, Never>]? {
+    mutating func finish(_ id: String, _ report: ExitReport) -> [CheckedContinuation<ExitReport?, Never>]? {
         guard var entry = processes[id], entry.phase != .done else { return nil }
         entry.phase = .done
         entry.report = report
@@ -136,11 +136,27 @@ struct ProcessTable {
         return waiters.removeValue(forKey: id) ?? []
     }
 
-    /// Registers a waiter for `id`'s final report; returns the report instead if it is done.
-    mutating func wait(for id: String, _ continuation: CheckedContinuation<ExitReport, Never>) -> ExitReport? {
-        if let entry = processes[id], entry.phase == .done, let report = entry.report { return report }
+    /// What `wait(for:)` found.
+    enum ExitWait {
+        /// Done: its final report.
+        case done(ExitReport)
+        /// Registered: the continuation is resumed with the report once it is final.
+        case waiting
+        /// Not in the table (any more), or the id names a newer process than `pid`: nothing is
+        /// registered, and nothing would ever resume it.
+        case gone
+    }
+
+    /// Registers a waiter for the final report of `id` — the process `pid`, when given.
+    ///
+    /// A waiter registered for a process that is not in the table was never resumed: a
+    /// `holdfast wait` that came just as the host's acknowledgement made the table forget the
+    /// process (both take its exit) waited for ever.
+    mutating func wait(for id: String, pid: pid_t? = nil, _ continuation: CheckedContinuation<ExitReport?, Never>) -> ExitWait {
+        guard let entry = processes[id], pid == nil || entry.pid == pid else { return .gone }
+        if entry.phase == .done, let report = entry.report { return .done(report) }
         waiters[id, default: []].append(continuation)
-        return nil
+        return .waiting
     }
 
     /// Forgets a done process (its exit was taken by a waiter or acknowledged by the host) and

@@ -130,7 +130,7 @@ extension Supervisor {
     /// every hello until then). It is queued for the host before anyone waiting hears of it: a
     /// stop that waits for the processes and then for the acknowledgements finds it there.
     func complete(_ id: String, _ report: ExitReport) {
-        guard let (waiters, viaBridge, cgroup) = table.withLockedValue({ t -> ([CheckedContinuation<ExitReport, Never>], Bool, String?)? in
+        guard let (waiters, viaBridge, cgroup) = table.withLockedValue({ t -> ([CheckedContinuation<ExitReport?, Never>], Bool, String?)? in
             guard let waiters = t.finish(id, report) else { return nil }
             return (waiters, t[id]?.viaBridge ?? false, t[id]?.cgroup)
         }) else { return }

@@ -294,15 +294,24 @@ extension Supervisor {
     /// on), so `undelivered` is final. The process is forgotten once its exit is taken.
     public func wait(_ id: String) async throws(HoldfastError) -> ExitReport {
         guard let pid = entry(id)?.pid else { throw HoldfastError(.noSuchProcess, "no process '\(id)'") }
-        let report = await exitReport(id)
+        // Gone meanwhile: the host acknowledged its exit (the table forgot it) between the look
+        // above and the wait.
+        guard let report = await exitReport(id, pid: pid) else {
+            throw HoldfastError(.noSuchProcess, "no process '\(id)': its exit was taken meanwhile (the host acknowledged it)")
+        }
         table.withLockedValue { $0.forget(id, pid: pid) }
         return report
     }
 
-    /// Waits for `id`'s final exit report (the process must be in the table).
-    func exitReport(_ id: String) async -> ExitReport {
+    /// Waits for the final exit report of `id` (the process `pid`, when given); nil when it is
+    /// not in the table (any more).
+    func exitReport(_ id: String, pid: pid_t? = nil) async -> ExitReport? {
         await withCheckedContinuation { continuation in
-            if let done = table.withLockedValue({ $0.wait(for: id, continuation) }) { continuation.resume(returning: done) }
+            switch table.withLockedValue({ $0.wait(for: id, pid: pid, continuation) }) {
+            case .done(let report): continuation.resume(returning: report)
+            case .gone: continuation.resume(returning: nil)
+            case .waiting: break
+            }
         }
     }
 

@@ -48,6 +48,39 @@ struct ProcessTableSnapshotTests {
         return table
     }
 
+    /// A `holdfast wait` looks the process up, then waits for its exit: the host's
+    /// acknowledgement can make the table forget it in between (both take the exit). The wait
+    /// then registered a waiter nobody would ever resume — the request hung for good (seen once:
+    /// a test's `wait` left its process, the daemon and its cgroup behind for hours). Now it is
+    /// told the process is gone; a newer process under the id is not taken for the one looked at.
+    @Test func aWaitForAProcessTheTableNoLongerHasIsToldSoInsteadOfWaitingForEver() async throws {
+        var table = try populatedTable()
+        func outcome(_ id: String, pid: pid_t? = nil) async -> String {
+            var found = ""
+            _ = await withCheckedContinuation { (continuation: CheckedContinuation<ExitReport?, Never>) in
+                switch table.wait(for: id, pid: pid, continuation) {
+                case .done(let report):
+                    found = "done \(report.exitCode)"
+                    continuation.resume(returning: report)
+                case .gone:
+                    found = "gone"
+                    continuation.resume(returning: nil)
+                case .waiting:
+                    found = "waiting"
+                    for waiter in table.finish(id, ExitReport(id: id, exitCode: 3, signal: nil, undelivered: 0)) ?? [] {
+                        waiter.resume(returning: nil)
+                    }
+                }
+            }
+            return found
+        }
+        #expect(await outcome("p4") == "gone", "acknowledged and forgotten")
+        #expect(await outcome("nobody") == "gone")
+        #expect(await outcome("p2", pid: 1002) == "done 137")
+        #expect(await outcome("p2", pid: 4242) == "gone", "another process under the id")
+        #expect(await outcome("p0", pid: 1000) == "waiting", "running: woken when it is done")
+    }
+
     @Test func aTableWithProcessesExitsAndLedgerEntriesRoundTrips() throws {
         let table = try populatedTable()
         let snapshot = table.snapshot()
