@@ -152,9 +152,15 @@ extension BridgeServer {
             s.nextHandshake &+= 1
             s.pendingHandshakes[s.nextHandshake] = (socket, privileged)
             if privileged { s.privilegedAdmitted += 1 }
-            let pool = s.pendingHandshakes.filter { $0.value.privileged == privileged }
-            guard pool.count > limit, let key = pool.keys.min() else { return (s.nextHandshake, nil) }
-            return (s.nextHandshake, s.pendingHandshakes.removeValue(forKey: key)?.socket)
+            // One pass, no copy: how many of its pool are waiting, and the oldest of them.
+            var count = 0
+            var oldest: UInt64?
+            for (key, pending) in s.pendingHandshakes where pending.privileged == privileged {
+                count += 1
+                if oldest.map({ key < $0 }) ?? true { oldest = key }
+            }
+            guard count > limit, let oldest else { return (s.nextHandshake, nil) }
+            return (s.nextHandshake, s.pendingHandshakes.removeValue(forKey: oldest)?.socket)
         }
         oldest?.close()
         return ticket

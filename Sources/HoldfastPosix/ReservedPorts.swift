@@ -51,24 +51,22 @@ public enum ReservedPorts {
         for _ in 0..<16 {
             let port = UInt32.random(in: dialRange)
             var storage = sockaddr_storage()
+            func place<Address>(_ address: Address) -> socklen_t {
+                withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: address, as: Address.self) }
+                return socklen_t(MemoryLayout<Address>.size)
+            }
             let length: socklen_t
             switch family {
             case AF_INET:
-                length = withUnsafeMutableBytes(of: &storage) { raw in
-                    var address = sockaddr_in()
-                    address.sin_family = sa_family_t(AF_INET)
-                    address.sin_port = UInt16(port).bigEndian
-                    raw.storeBytes(of: address, as: sockaddr_in.self)
-                    return socklen_t(MemoryLayout<sockaddr_in>.size)
-                }
+                var address = sockaddr_in()
+                address.sin_family = sa_family_t(AF_INET)
+                address.sin_port = UInt16(port).bigEndian
+                length = place(address)
             case AF_INET6:
-                length = withUnsafeMutableBytes(of: &storage) { raw in
-                    var address = sockaddr_in6()
-                    address.sin6_family = sa_family_t(AF_INET6)
-                    address.sin6_port = UInt16(port).bigEndian
-                    raw.storeBytes(of: address, as: sockaddr_in6.self)
-                    return socklen_t(MemoryLayout<sockaddr_in6>.size)
-                }
+                var address = sockaddr_in6()
+                address.sin6_family = sa_family_t(AF_INET6)
+                address.sin6_port = UInt16(port).bigEndian
+                length = place(address)
             case hf_af_vsock():
                 length = hf_sockaddr_vm(&storage, hf_vmaddr_cid_any(), port)
             default:

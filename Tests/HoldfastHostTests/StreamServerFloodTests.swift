@@ -10,6 +10,15 @@ import Testing
 import Glibc
 #endif
 
+/// Every byte a host stream receives, up to its end.
+private func everything(_ stream: some InboundStream) -> Task<[UInt8], Never> {
+    Task {
+        var all: [UInt8] = []
+        for await chunk in stream.chunks() { all += chunk }
+        return all
+    }
+}
+
 @Suite("StreamServer under a flood of hostile connections", .timeLimit(.minutes(5)))
 struct StreamServerFloodTests {
     /// Silent connections fill the handshakes (a guest process holding them, never saying hello;
@@ -24,11 +33,7 @@ struct StreamServerFloodTests {
         server.start()
         defer { server.close() }
         let host = try server.open(token: bytes("real"), direction: .receive)
-        let received = Task { () -> [UInt8] in
-            var all: [UInt8] = []
-            for await chunk in host.chunks() { all += chunk }
-            return all
-        }
+        let received = everything(host)
         var silent: [AsyncFD] = []
         defer { for connection in silent { connection.close() } }
         for _ in 0..<(3 * limit) { silent.append(try await Dialer.connect(to: server.address)) }
@@ -63,11 +68,7 @@ struct StreamServerFloodTests {
             server.start()
             defer { server.close() }
             let host = try server.open(token: bytes("real"), direction: .receive)
-            let received = Task { () -> [UInt8] in
-                var all: [UInt8] = []
-                for await chunk in host.chunks() { all += chunk }
-                return all
-            }
+            let received = everything(host)
             let guest = GuestStreams.resumable(to: server.address, token: bytes("real"), secret: host.secret, direction: .send)
             guest.slot.disconnect()
             var random = SeededRandom(seed: 0x10_000)
