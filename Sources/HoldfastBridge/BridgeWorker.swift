@@ -114,6 +114,8 @@ public enum BridgeWorker {
                 continue
             }
             // The host proves itself first; our proof and hello go out together, then its verdict.
+            // Our challenge's nonce carries the key's voucher (`makeGuestNonce`): the host tells
+            // this connection from a flood by it at once, over any transport.
             if let key {
                 let proven = await handshake(connection, options: options, timeout: options.handshakeTimeout, logger: logger) {
                     () async throws(BridgeHandshake.Failure) in

@@ -42,6 +42,32 @@ public enum BridgeHandshake {
         return (0..<BridgeHandshakeWire.nonceSize).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
     }
 
+    /// A guest nonce that vouches for its connection (`BridgeHandshakeWire`): 16 random bytes
+    /// and the first 16 of their HMAC under the key. Still new every time (the random half is),
+    /// so nothing of the handshake's replay protection changes; but a host can tell from the
+    /// challenge alone, before it answers, that the dialler holds the key — which a flood of
+    /// connections from a guest process without it cannot fake.
+    public static func makeGuestNonce(key: BridgeKey) -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        let random = (0..<BridgeHandshakeWire.voucherSize).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
+        return random + voucher(key: key, random)
+    }
+
+    /// Whether `nonce` carries the key's voucher (compared in constant time). A guest that
+    /// predates vouchers sends a random nonce, which fails this but still authenticates.
+    public static func nonceIsVouched(_ nonce: [UInt8], key: BridgeKey) -> Bool {
+        let half = BridgeHandshakeWire.voucherSize
+        guard nonce.count == BridgeHandshakeWire.nonceSize else { return false }
+        let expected = voucher(key: key, Array(nonce[..<half]))
+        var difference: UInt8 = 0
+        for index in 0..<half { difference |= expected[index] ^ nonce[half + index] }
+        return difference == 0
+    }
+
+    static func voucher(key: BridgeKey, _ random: [UInt8]) -> [UInt8] {
+        Array(mac(key, BridgeHandshakeWire.voucherLabel + random).prefix(BridgeHandshakeWire.voucherSize))
+    }
+
     public static func hostProof(key: BridgeKey, guestNonce: [UInt8], hostNonce: [UInt8]) -> [UInt8] {
         mac(key, BridgeHandshakeWire.hostLabel + guestNonce + hostNonce)
     }
@@ -53,7 +79,7 @@ public enum BridgeHandshake {
     /// The guest's side, right after it dialled, for a guest with nothing to send before the
     /// verdict: `proveToHost`, then `receiveVerdict`.
     public static func authenticateHost(
-        on connection: some ByteConnection, key: BridgeKey, guestNonce: [UInt8] = makeNonce()
+        on connection: some ByteConnection, key: BridgeKey, guestNonce: [UInt8]? = nil
     ) async throws(Failure) {
         try await proveToHost(on: connection, key: key, guestNonce: guestNonce)
         try await receiveVerdict(on: connection)
@@ -63,10 +89,11 @@ public enum BridgeHandshake {
     /// Returns once the host has proved it holds the key: the guest may send its hello at once
     /// (the host reads it only if our proof checks out), then must read the verdict. On any
     /// failure nothing more has been sent (after a wrong host proof, not even ours); the caller
-    /// closes.
+    /// closes. The nonce vouches for the connection (`makeGuestNonce`) unless one is given.
     public static func proveToHost(
-        on connection: some ByteConnection, key: BridgeKey, guestNonce: [UInt8] = makeNonce()
+        on connection: some ByteConnection, key: BridgeKey, guestNonce: [UInt8]? = nil
     ) async throws(Failure) {
+        let guestNonce = guestNonce ?? makeGuestNonce(key: key)
         try await send(BridgeHandshakeWire.Challenge(guestNonce: guestNonce).encoded, on: connection)
         let answer: BridgeHandshakeWire.Answer
         let answerBytes = try await receive(BridgeHandshakeWire.answerSize, on: connection)
@@ -96,8 +123,11 @@ public enum BridgeHandshake {
     /// The host's side, right after it accepted a connection. Returns once the guest has proved
     /// it holds the key (and has been told so); the next bytes are its hello. On a wrong proof
     /// or a malformed challenge the refused verdict has been sent; the caller closes.
+    /// `challenged` receives the guest's nonce as soon as it is read, before the answer (the
+    /// server admits a connection whose nonce vouches for it apart from a flood).
     public static func authenticateGuest(
-        on connection: some ByteConnection, key: BridgeKey, hostNonce: [UInt8] = makeNonce()
+        on connection: some ByteConnection, key: BridgeKey, hostNonce: [UInt8] = makeNonce(),
+        challenged: (@Sendable ([UInt8]) -> Void)? = nil
     ) async throws(Failure) {
         let challenge: BridgeHandshakeWire.Challenge
         let challengeBytes = try await receive(BridgeHandshakeWire.challengeSize, on: connection)
@@ -108,6 +138,7 @@ public enum BridgeHandshake {
             throw .malformed(error)
         }
         let guestNonce = challenge.guestNonce
+        challenged?(guestNonce)
         let answer = BridgeHandshakeWire.Answer(
             hostNonce: hostNonce, hostProof: hostProof(key: key, guestNonce: guestNonce, hostNonce: hostNonce))
         try await send(answer.encoded, on: connection)

@@ -49,7 +49,10 @@ extension BridgeServer {
         do {
             first = try await withHandshakeTimeout(socket, timedOut: timedOut) {
                 if case .key(let key) = authentication {
-                    try await BridgeHandshake.authenticateGuest(on: socket, key: key)
+                    try await BridgeHandshake.authenticateGuest(on: socket, key: key) { [self] nonce in
+                        vouch(ticket, nonce: nonce, key: key)
+                    }
+
                 }
                 return try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
             }
@@ -142,34 +145,65 @@ extension BridgeServer {
         return try await body()
     }
 
-    /// Registers a connection in its handshake, among the privileged peers' or the others'
-    /// (`ReservedPorts.peerIsPrivileged`); past its pool's limit, the oldest of that pool is
-    /// closed (its `serve` sees the failure and counts it refused).
+    /// Registers a connection in its handshake, among the vouched-for or the others
+    /// (`maxVouchedPendingHandshakes`); past its pool's limit, the oldest of that pool is closed
+    /// (its `serve` sees the failure and counts it refused). A challenge already waiting on the
+    /// socket is looked at here, in the accept loop: a flood accepted before the connection's
+    /// own task first ran must not push it out before its voucher was read.
     func admit(_ socket: AsyncFD) -> UInt64 {
         let privileged = ReservedPorts.peerIsPrivileged(socket)
-        let limit = privileged ? Self.maxPrivilegedPendingHandshakes : Self.maxPendingHandshakes
+        let key = state.withLockedValue { s -> BridgeKey? in
+            if case .key(let key) = s.authentication { return key }
+            return nil
+        }
+        let nonce = privileged ? nil : key.flatMap { key in
+            socket.peekNow(BridgeHandshakeWire.challengeSize).flatMap { challenge in
+                (try? BridgeHandshakeWire.Challenge.decode(challenge)).map(\.guestNonce)
+            }.flatMap { BridgeHandshake.nonceIsVouched($0, key: key) ? $0 : nil }
+        }
         let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
+            let vouched = privileged || (nonce.map { s.recentVouchers.insertIfNew($0) } ?? false)
             s.nextHandshake &+= 1
-            s.pendingHandshakes[s.nextHandshake] = (socket, privileged)
-            if privileged { s.privilegedAdmitted += 1 }
-            // One pass, no copy: how many of its pool are waiting, and the oldest of them.
-            var count = 0
-            var oldest: UInt64?
-            for (key, pending) in s.pendingHandshakes where pending.privileged == privileged {
-                count += 1
-                if oldest.map({ key < $0 }) ?? true { oldest = key }
-            }
-            guard count > limit, let oldest else { return (s.nextHandshake, nil) }
-            return (s.nextHandshake, s.pendingHandshakes.removeValue(forKey: oldest)?.socket)
+            s.pendingHandshakes[s.nextHandshake] = (socket, vouched)
+            if vouched { s.vouchedAdmitted += 1 }
+            if privileged { s.reservedPortAdmitted += 1 }
+            return (s.nextHandshake, Self.pushOutOldest(vouched: vouched, &s))
         }
         oldest?.close()
         return ticket
     }
 
+    /// The guest's nonce, read by the connection's own task: a voucher not seen at `admit` (it
+    /// arrived later) moves the connection to the vouched pool, if it is still waiting.
+    func vouch(_ ticket: UInt64, nonce: [UInt8], key: BridgeKey) {
+        guard BridgeHandshake.nonceIsVouched(nonce, key: key) else { return }
+        let oldest = state.withLockedValue { s -> AsyncFD? in
+            guard let pending = s.pendingHandshakes[ticket], !pending.vouched, s.recentVouchers.insertIfNew(nonce) else { return nil }
+            s.pendingHandshakes[ticket] = (pending.socket, true)
+            s.vouchedAdmitted += 1
+            return Self.pushOutOldest(vouched: true, &s)
+        }
+        oldest?.close()
+    }
+
+    /// Past the limit of the pool `vouched` names, takes its oldest out of the pending
+    /// handshakes and returns it to be closed. One pass, no copy (a flood calls this per accept).
+    static func pushOutOldest(vouched: Bool, _ s: inout State) -> AsyncFD? {
+        let limit = vouched ? maxVouchedPendingHandshakes : maxPendingHandshakes
+        var count = 0
+        var oldest: UInt64?
+        for (key, pending) in s.pendingHandshakes where pending.vouched == vouched {
+            count += 1
+            if oldest.map({ key < $0 }) ?? true { oldest = key }
+        }
+        guard count > limit, let oldest else { return nil }
+        return s.pendingHandshakes.removeValue(forKey: oldest)?.socket
+    }
+
     /// Why a failed handshake is worth a warning, or nil: a peer that simply went away (the
     /// guest gave up on a connection held through a blackout) is not one.
     func refusalReason(_ error: any Error, timedOut: Bool, evicted: Bool) -> String? {
-        if evicted { return "more than \(Self.maxPendingHandshakes) connections in their handshake at once; the oldest was closed" }
+        if evicted { return "more connections in their handshake at once than allowed (\(Self.maxPendingHandshakes), or \(Self.maxVouchedPendingHandshakes) vouched for); the oldest was closed" }
         if timedOut { return "no handshake and hello within \(handshakeTimeout)" }
         switch error {
         case let failure as BridgeHandshake.Failure:

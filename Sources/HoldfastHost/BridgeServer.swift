@@ -48,15 +48,20 @@ public final class BridgeServer: Sendable {
         }
     }
 
-    /// Unauthenticated connections in their handshake at once, from unprivileged peers; one
-    /// more closes the oldest of them (a flood of silent connections costs bounded fds).
+    /// Unauthenticated connections in their handshake at once, from peers nothing vouches for;
+    /// one more closes the oldest of them (a flood of silent connections costs bounded fds).
     public static let maxPendingHandshakes = 64
-    /// The same for connections from privileged peers (`ReservedPorts`: a TCP or vsock source
-    /// port below 1024, which the guest's bridge worker dials from), counted apart: a flood from
-    /// an unprivileged guest process, however fast, never pushes out the daemon's handshake.
+    /// The same for connections something vouches for, counted apart: a source port below 1024
+    /// (`ReservedPorts`: TCP or vsock; the guest's bridge worker dials from one), or a challenge
+    /// whose nonce carries the key's voucher (`BridgeHandshake.makeGuestNonce`; over any
+    /// transport, a Unix socket fed by a VMM included). A flood from a guest process that has
+    /// neither the privilege nor the key, however fast, never pushes out the daemon's handshake.
     /// (With one pool, one process dialling as fast as it could kept the guest off the bridge
     /// for 15 s and more.)
-    public static let maxPrivilegedPendingHandshakes = 16
+    public static let maxVouchedPendingHandshakes = 16
+    /// Vouchers seen lately: one seen again (a recorded challenge replayed) vouches for nothing.
+    /// Only connections that hold the key add to it, so a flood cannot wash a voucher out.
+    public static let rememberedVouchers = 1024
 
     /// What the guest says, in order, for an observer.
     public enum Event: Sendable, Equatable {
@@ -79,10 +84,12 @@ public final class BridgeServer: Sendable {
 
     struct State {
         var authentication: Authentication
-        var pendingHandshakes: [UInt64: (socket: AsyncFD, privileged: Bool)] = [:]
+        var pendingHandshakes: [UInt64: (socket: AsyncFD, vouched: Bool)] = [:]
         var nextHandshake: UInt64 = 0
         var refused = 0
-        var privilegedAdmitted = 0
+        var vouchedAdmitted = 0
+        var reservedPortAdmitted = 0
+        var recentVouchers = RecentVouchers()
         var lastWarning: ContinuousClock.Instant?
         var warningsHeldBack = 0
         var connection: Connection?
@@ -341,8 +348,11 @@ public final class BridgeServer: Sendable {
     public var acceptedConnections: Int { state.withLockedValue { $0.accepted } }
     /// Connections refused: a handshake that failed, timed out or was pushed out by newer ones.
     public var refusedConnections: Int { state.withLockedValue { $0.refused } }
-    /// Connections admitted from a privileged peer (a reserved source port: `ReservedPorts`).
-    public var privilegedConnections: Int { state.withLockedValue { $0.privilegedAdmitted } }
+    /// Connections admitted as vouched for (a reserved source port, or the key's voucher in the
+    /// challenge: `maxVouchedPendingHandshakes`).
+    public var vouchedConnections: Int { state.withLockedValue { $0.vouchedAdmitted } }
+    /// Of those, the connections from a reserved source port (`ReservedPorts`).
+    public var reservedPortConnections: Int { state.withLockedValue { $0.reservedPortAdmitted } }
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
     /// Creates sent again because the bridge was lost before their reply.
     public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
@@ -422,6 +432,26 @@ public final class BridgeServer: Sendable {
 
 /// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
 /// passes half of it (amortised O(1), no unbounded prefix kept).
+/// The vouchers of the newest connections that carried one, oldest forgotten first.
+struct RecentVouchers: Sendable {
+    private var seen: Set<[UInt8]> = []
+    private var order: [[UInt8]] = []
+    private var next = 0
+
+    /// Records `voucher`; false if it was already there (a replay).
+    mutating func insertIfNew(_ voucher: [UInt8]) -> Bool {
+        guard seen.insert(voucher).inserted else { return false }
+        if order.count < BridgeServer.rememberedVouchers {
+            order.append(voucher)
+        } else {
+            seen.remove(order[next])
+            order[next] = voucher
+            next = (next + 1) % order.count
+        }
+        return true
+    }
+}
+
 struct IDQueue: Sendable {
     var items: [String] = []
     var head = 0

@@ -116,6 +116,11 @@ public enum BridgeKeyFormatError: Error, Sendable, Equatable, CustomStringConver
 /// guest proof = HMAC-SHA256(key, "holdfast-bridge v1 guest" ‖ host nonce ‖ guest nonce)
 ///
 /// Then control frames, the guest's hello first.
+///
+/// The guest nonce vouches for its connection at once: its first 16 bytes are random, its last
+/// 16 the first 16 of HMAC-SHA256(key, "holdfast-bridge v1 voucher" ‖ those 16). A host that
+/// holds the key can tell the guest's connection from a flood's by its first message, before
+/// any round trip; to anything else the nonce is 32 bytes that are new every time.
 public enum BridgeHandshakeWire {
     public static let magic: [UInt8] = Array("HFBA".utf8)
     public static let version: UInt8 = 1
@@ -129,6 +134,9 @@ public enum BridgeHandshakeWire {
     public static let verdictSize = headerSize
     public static let hostLabel: [UInt8] = Array("holdfast-bridge v1 host".utf8)
     public static let guestLabel: [UInt8] = Array("holdfast-bridge v1 guest".utf8)
+    public static let voucherLabel: [UInt8] = Array("holdfast-bridge v1 voucher".utf8)
+    /// The guest nonce's random half, then its voucher (a truncated HMAC of that half).
+    public static let voucherSize = 16
 
     /// Why a handshake message was not what it must be.
     public enum Malformed: Error, Sendable, Equatable, CustomStringConvertible {

@@ -25,6 +25,35 @@ struct BridgeHandshakeTests {
             == "2b68339f79025118befb9f9e9968aef63c14432ee71e61faeba5638b7662efc1")
     }
 
+    /// The voucher's known answer (docs/PROTOCOL.md has it too): key 00..1f, random half
+    /// 20..2f; the first 16 bytes of the HMAC computed independently with Python's hmac module.
+    @Test func theVoucherMatchesTheDocumentedVector() {
+        let vouched = Array(UInt8(0x20)..<0x30) + unhex("cf13d88da06fbe48df56dd3c0d2dd599")
+        #expect(BridgeHandshake.nonceIsVouched(vouched, key: Self.key))
+        for index in vouched.indices {
+            var changed = vouched
+            changed[index] ^= 0x01
+            #expect(!BridgeHandshake.nonceIsVouched(changed, key: Self.key), "byte \(index) changed")
+        }
+        #expect(!BridgeHandshake.nonceIsVouched(vouched, key: BridgeKey.generate()), "another key")
+        #expect(!BridgeHandshake.nonceIsVouched(Array(vouched.prefix(31)), key: Self.key))
+    }
+
+    /// A guest's nonce vouches for it under its key only, and is new every time (its random
+    /// half is): the handshake's replay protection is what it was. A random nonce (a guest that
+    /// predates vouchers) does not vouch, and still authenticates.
+    @Test func aGuestNonceVouchesUnderItsKeyOnlyAndIsNewEveryTime() async throws {
+        let nonces = (0..<100).map { _ in BridgeHandshake.makeGuestNonce(key: Self.key) }
+        #expect(Set(nonces).count == 100 && Set(nonces.map { $0.prefix(16) }).count == 100)
+        #expect(nonces.allSatisfy { $0.count == 32 && BridgeHandshake.nonceIsVouched($0, key: Self.key) })
+        #expect(!nonces.contains { BridgeHandshake.nonceIsVouched($0, key: BridgeKey.generate()) })
+        #expect(!(0..<100).contains { _ in BridgeHandshake.nonceIsVouched(BridgeHandshake.makeNonce(), key: Self.key) })
+        let (guest, host) = MemoryPipe().ends
+        let outcome = hostSide(host)
+        try await BridgeHandshake.authenticateHost(on: guest, key: Self.key, guestNonce: BridgeHandshake.makeNonce())
+        #expect(await outcome.value == nil, "an old guest's random nonce authenticates as before")
+    }
+
     @Test func bothEndsWithTheKeyAuthenticateAndTheNextBytesAreTheHello() async throws {
         let (guest, host) = MemoryPipe().ends
         let outcome = hostSide(host)
@@ -189,5 +218,10 @@ struct BridgeHandshakeTests {
 
     private func hex(_ bytes: [UInt8]) -> String {
         bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+    }
+
+    private func unhex(_ text: String) -> [UInt8] {
+        let digits = Array(text.utf8)
+        return stride(from: 0, to: digits.count, by: 2).map { UInt8(String(decoding: digits[$0..<$0 + 2], as: UTF8.self), radix: 16)! }
     }
 }

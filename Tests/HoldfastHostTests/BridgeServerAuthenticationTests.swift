@@ -135,7 +135,7 @@ struct BridgeServerAuthenticationTests {
         defer { bridge.close() }
         let privileged = try await Dialer.connect(to: bridge.boundAddress, fromReservedPort: true)
         defer { privileged.close() }
-        try await eventually("the privileged connection admitted") { bridge.privilegedConnections == 1 }
+        try await eventually("the privileged connection admitted") { bridge.vouchedConnections == 1 && bridge.reservedPortConnections == 1 }
         var silent: [AsyncFD] = []
         defer { for connection in silent { connection.close() } }
         let flood = 3 * BridgeServer.maxPendingHandshakes
@@ -152,6 +152,102 @@ struct BridgeServerAuthenticationTests {
         // And it still completes its handshake: the guest gets in.
         try await BridgeHandshake.proveToHost(on: privileged, key: key)
         try await BridgeHandshake.receiveVerdict(on: privileged)
+    }
+
+    /// Over a Unix listener (where a VMM's hybrid vsock hands the host every guest connection,
+    /// the daemon's and a flood's alike) the challenge's voucher sets the daemon's connection
+    /// apart: queued before the server accepts anything and followed by three pools' worth of
+    /// silent connections, it is admitted apart at accept (its challenge is already there), and
+    /// one whose challenge comes after it was accepted is moved apart when it is read. A
+    /// recorded challenge replayed vouches for nothing. With one pool both were pushed out first.
+    @Test func aChallengeThatVouchesIsNeverPushedOutOverAUnixListener() async throws {
+        let key = BridgeKey.generate()
+        let warnings = Warnings()
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let bridge = try BridgeServer(
+            listeningOn: .unix(path: directory.file("bridge.sock")), authentication: .key(key), handshakeTimeout: .seconds(600),
+            warn: warnings.sink)
+        defer { bridge.close() }
+        // Looks without reading: the answer to a challenge must stay for the handshake.
+        func closedByTheServer(_ connection: AsyncFD) -> Bool {
+            var byte: UInt8 = 0
+            return recv(connection.fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) == 0
+        }
+        let limit = BridgeServer.maxPendingHandshakes
+        var silent: [AsyncFD] = []
+        defer { for connection in silent { connection.close() } }
+
+        // Queued in the backlog with its challenge, then a flood behind it, before any accept.
+        let early = try await Dialer.connect(to: bridge.address)
+        defer { early.close() }
+        let earlyNonce = BridgeHandshake.makeGuestNonce(key: key)
+        let earlyChallenge = BridgeHandshakeWire.Challenge(guestNonce: earlyNonce).encoded
+        try await send(early, earlyChallenge)
+        for _ in 0..<(3 * limit) { silent.append(try await Dialer.connect(to: bridge.address)) }
+        bridge.start()
+        try await eventually("the oldest silent ones pushed out") { bridge.refusedConnections >= 2 * limit }
+        #expect(bridge.vouchedConnections == 1)
+        #expect(!closedByTheServer(early), "the vouched connection, accepted first, is still waited for")
+
+        // Accepted silent, its challenge afterwards; and a replay of the first challenge.
+        let late = try await Dialer.connect(to: bridge.address)
+        defer { late.close() }
+        let replay = try await Dialer.connect(to: bridge.address)
+        defer { replay.close() }
+        try await Task.sleep(for: .milliseconds(200))
+        let lateNonce = BridgeHandshake.makeGuestNonce(key: key)
+        try await send(late, BridgeHandshakeWire.Challenge(guestNonce: lateNonce).encoded)
+        try await send(replay, earlyChallenge)
+        try await eventually("the late challenge read") { bridge.vouchedConnections == 2 }
+        _ = try await readExactly(replay, BridgeHandshakeWire.answerSize)  // its challenge was read too
+        let before = bridge.refusedConnections
+        for _ in 0..<(2 * limit) { silent.append(try await Dialer.connect(to: bridge.address)) }
+        try await eventually("the replay pushed out with the flood") { closedByTheServer(replay) }
+        try await eventually("the flood's own oldest pushed out") { bridge.refusedConnections >= before + limit }
+        #expect(bridge.vouchedConnections == 2, "the replay vouched for nothing")
+        #expect(!closedByTheServer(early) && !closedByTheServer(late))
+
+        // Both complete their handshakes: the guest gets in, either way.
+        for (connection, nonce) in [(early, earlyNonce), (late, lateNonce)] {
+            let answer = try BridgeHandshakeWire.Answer.decode(try await readExactly(connection, BridgeHandshakeWire.answerSize))
+            try await send(connection, BridgeHandshake.guestProof(key: key, hostNonce: answer.hostNonce, guestNonce: nonce))
+            try await BridgeHandshake.receiveVerdict(on: connection)
+        }
+    }
+
+    /// A guest process dialling the host's Unix listener as fast as the host accepts (up to 200
+    /// connections ahead of it: a flood that fills the listener's backlog keeps everyone out, and
+    /// no admission rule helps there, README "Security"), holding the newest 200, while the guest
+    /// connects five times (the daemon redialling after drops): each handshake completes at its
+    /// first try. With one pool, the guest's handshakes were pushed out again and again (5 of 5
+    /// runs failed here; a probe's guest was kept out for 2 to 29 s and more). The host seeing
+    /// the challenge as it accepts matters as much: looking only when the connection's own task
+    /// read it, 5 of 5 runs failed too.
+    @Test func aFastFloodOverAUnixListenerNeverKeepsTheGuestOff() async throws {
+        let key = BridgeKey.generate()
+        let warnings = Warnings()
+        let (directory, bridge) = try Self.start(.key(key), warnings: warnings)
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let flooder = Flooder(path: directory.file("bridge.sock"), hold: 200, ahead: 200, seconds: 60) { bridge.refusedConnections }
+        defer { flooder.stop() }
+        // Under way for a while: every pending handshake of the ordinary pool is the flood's.
+        try await eventually("the flood under way") { bridge.refusedConnections > 10_000 }
+        for round in 1...5 {
+            let guest = try await withTimeout("the guest in, round \(round)", .seconds(60)) {
+                try await ScriptedGuest.connect(bridge.address, key: key)
+            }
+            try await eventually("the guest installed, round \(round)") { bridge.acceptedConnections == round }
+            guest.socket.close()
+        }
+        let during = bridge.refusedConnections
+        try await eventually("the flood still going after the last round") { bridge.refusedConnections > during + 1000 }
+        let flooded = flooder.stop()
+        #expect(flooded > 11_000, "the flood made \(flooded) connections")
+        #expect(bridge.vouchedConnections == 5)
     }
 
     /// A new key (rotation): the connected guest stays; the next connection must prove the new one.
@@ -189,5 +285,84 @@ struct BridgeServerAuthenticationTests {
         try await send(socket, ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)).encoded)
         #expect(await bridge.waitForGuest(timeout: .seconds(30)))
         #expect(bridge.lastHello?.bootID == "anyone")
+    }
+}
+
+/// A guest process's flood: a thread that dials a Unix socket as fast as the server takes its
+/// connections and holds the newest `hold` of them, until stopped or `seconds` have passed
+/// (bounded by itself).
+final class Flooder: @unchecked Sendable {
+    private var thread = pthread_t()
+    private let path: String
+    private let hold: Int
+    private let seconds: Int
+    private let ahead: Int
+    private let dealtWith: @Sendable () -> Int
+    private let stopped = NIOLockedValueBox(false)
+    private let made = NIOLockedValueBox(0)
+    private var joined = false
+
+    /// `dealtWith`: how many of its connections the server is done with; the flood stays at
+    /// most `ahead` connections ahead of that.
+    init(path: String, hold: Int, ahead: Int, seconds: Int, dealtWith: @escaping @Sendable () -> Int) {
+        self.path = path
+        self.ahead = ahead
+        self.dealtWith = dealtWith
+        self.hold = hold
+        self.seconds = seconds
+        let box = Unmanaged.passRetained(self)
+        pthread_create(&thread, nil, { argument in
+            let flooder = Unmanaged<Flooder>.fromOpaque(argument!).takeRetainedValue()
+            flooder.run()
+            return nil
+        }, box.toOpaque())
+    }
+
+    private func run() {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in path.utf8.enumerated() where index < raw.count - 1 { raw[index] = byte }
+        }
+        var held: [Int32] = []
+        var next = 0
+        var count = 0
+        let end = ContinuousClock.now + .seconds(seconds)
+        while !stopped.withLockedValue({ $0 }) && ContinuousClock.now < end {
+            if count - dealtWith() >= ahead {
+                usleep(100)
+                continue
+            }
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            guard fd >= 0 else { continue }
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            guard connected == 0 else {
+                close(fd)
+                continue
+            }
+            count += 1
+            if held.count < hold {
+                held.append(fd)
+            } else {
+                close(held[next])
+                held[next] = fd
+                next = (next + 1) % hold
+            }
+        }
+        for fd in held { close(fd) }
+        made.withLockedValue { $0 = count }
+    }
+
+    /// Stops the flood and waits for its thread; how many connections it made.
+    @discardableResult
+    func stop() -> Int {
+        stopped.withLockedValue { $0 = true }
+        if !joined {
+            joined = true
+            pthread_join(thread, nil)
+        }
+        return made.withLockedValue { $0 }
     }
 }
