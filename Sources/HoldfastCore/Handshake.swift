@@ -81,6 +81,16 @@ public enum Handshake {
     }
 
     /// Accepting side, first half: reads the dialer's hello (the caller bounds the wait).
+    /// The hello at the start of `bytes` (a peek at what a connection has sent so far), or nil
+    /// when it is not all there yet or is not a hello.
+    public static func hello(atStartOf bytes: [UInt8]) -> StreamHello? {
+        guard bytes.count >= StreamFramePrefix.size,
+            let prefix = bytes.withUnsafeBytes({ try? StreamFramePrefix.decode(UnsafeRawBufferPointer(rebasing: $0[..<StreamFramePrefix.size])) }),
+            prefix.type == .hello, bytes.count >= StreamFramePrefix.size + prefix.bodyLength
+        else { return nil }
+        return try? StreamHello.decode(prefix: prefix, body: Array(bytes[StreamFramePrefix.size..<StreamFramePrefix.size + prefix.bodyLength]))
+    }
+
     public static func readHello(from connection: some ByteConnection) async throws -> StreamHello {
         let (prefix, body) = try await FrameIO.readFrame(connection)
         return try StreamHello.decode(prefix: prefix, body: body)

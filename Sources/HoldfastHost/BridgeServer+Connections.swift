@@ -156,11 +156,7 @@ extension BridgeServer {
             if case .key(let key) = s.authentication { return key }
             return nil
         }
-        let nonce = privileged ? nil : key.flatMap { key in
-            socket.peekNow(BridgeHandshakeWire.challengeSize).flatMap { challenge in
-                (try? BridgeHandshakeWire.Challenge.decode(challenge)).map(\.guestNonce)
-            }.flatMap { BridgeHandshake.nonceIsVouched($0, key: key) ? $0 : nil }
-        }
+        let nonce = privileged ? nil : key.flatMap { key in Self.vouchedNonce(socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key) }
         let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
             let vouched = privileged || (nonce.map { s.recentVouchers.insertIfNew($0) } ?? false)
             s.nextHandshake &+= 1
@@ -171,6 +167,15 @@ extension BridgeServer {
         }
         oldest?.close()
         return ticket
+    }
+
+    /// The nonce of a challenge (peeked) that vouches for its connection, or nil.
+    static func vouchedNonce(_ challenge: [UInt8], key: BridgeKey) -> [UInt8]? {
+        guard challenge.count == BridgeHandshakeWire.challengeSize,
+            let nonce = (try? BridgeHandshakeWire.Challenge.decode(challenge))?.guestNonce,
+            BridgeHandshake.nonceIsVouched(nonce, key: key)
+        else { return nil }
+        return nonce
     }
 
     /// The guest's nonce, read by the connection's own task: a voucher not seen at `admit` (it

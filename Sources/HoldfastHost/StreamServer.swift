@@ -25,6 +25,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     /// silent peers holds at most this many fds, each for at most `handshakeTimeout`, and never
     /// keeps a stream out. (It closed the newcomer instead: a guest process holding this many
     /// silent connections, 820 new ones a second, turned away every redial of every stream.)
+    /// A connection whose hello is already there when it is accepted, and proves it holds an
+    /// open stream's secret, waits apart (as many again), where connections without one never
+    /// push it out: a flood the host accepts as fast as it comes would otherwise push out a
+    /// real hello before the connection's own task had read it.
     public let maxConcurrentHandshakes: Int
     private let listener: Listener
     private let wrap: @Sendable (AsyncFD) -> Transport
@@ -37,19 +41,37 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var refused: UInt64 = 0
         var acceptErrors: UInt64 = 0
         var refusing = false
-        /// Connections saying hello, by the order they came in.
-        var handshakes: [UInt64: AsyncFD] = [:]
+        /// Connections saying hello, by the order they came in: those whose hello proved itself
+        /// as they were accepted, and the others.
+        var handshakes = PendingHandshakes()
+        var provenHandshakes = PendingHandshakes()
         var nextHandshake: UInt64 = 0
-        /// No connection saying hello came before this one (tickets only grow, so finding the
-        /// oldest walks forward from here: constant time per connection, amortised, where a
-        /// scan of up to `maxConcurrentHandshakes` at every accept of a flood would not be).
-        var oldestHandshake: UInt64 = 1
-        var handshaking: Int { handshakes.count }
+        var provenAtAccept: UInt64 = 0
+        var handshaking: Int { handshakes.count + provenHandshakes.count }
+
+        /// Takes `ticket` out of whichever group it waits in; false if it waits in none (pushed
+        /// out meanwhile).
+        mutating func removeHandshake(_ ticket: UInt64) -> Bool {
+            handshakes.remove(ticket) || provenHandshakes.remove(ticket)
+        }
+    }
+
+    /// Connections in their handshake, by ticket.
+    struct PendingHandshakes: Sendable {
+        private var connections: [UInt64: AsyncFD] = [:]
+        /// No connection here came before this one (tickets only grow, so finding the oldest
+        /// walks forward from here: constant time per connection, amortised, where a scan of up
+        /// to `maxConcurrentHandshakes` at every accept of a flood would not be).
+        private var oldest: UInt64 = 1
+        var count: Int { connections.count }
+
+        mutating func add(_ ticket: UInt64, _ socket: AsyncFD) { connections[ticket] = socket }
+        mutating func remove(_ ticket: UInt64) -> Bool { connections.removeValue(forKey: ticket) != nil }
 
         mutating func pushOutOldest() -> AsyncFD? {
-            guard !handshakes.isEmpty else { return nil }
-            while handshakes[oldestHandshake] == nil { oldestHandshake += 1 }
-            return handshakes.removeValue(forKey: oldestHandshake)
+            guard !connections.isEmpty else { return nil }
+            while connections[oldest] == nil { oldest += 1 }
+            return connections.removeValue(forKey: oldest)
         }
     }
 
@@ -76,16 +98,24 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                     return  // closed
                 }
                 // Admitted here, in accept order: "the oldest" a flood pushes out is the one that
-                // came first. A guest's hello follows its connect at once, so only a flood that
-                // brings `maxConcurrentHandshakes` connections within that moment reaches it.
+                // came first. A guest's hello follows its connect at once, so it is usually
+                // here already: one that proves itself waits apart, out of a flood's reach.
+                let hello = Handshake.hello(atStartOf: socket.peekNow(upTo: StreamFramePrefix.size + StreamFramePrefix.maxHelloBody))
                 let (ticket, oldest) = state.withLockedValue { s -> (UInt64?, AsyncFD?) in
                     s.accepted &+= 1
                     if s.refusing { return (nil, nil) }
                     s.nextHandshake &+= 1
-                    s.handshakes[s.nextHandshake] = socket
+                    if let hello, let stream = s.streams[hello.token], StreamAuthentication.verify(hello, secret: stream.secret) {
+                        s.provenAtAccept &+= 1
+                        s.provenHandshakes.add(s.nextHandshake, socket)
+                        guard s.provenHandshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
+                        s.refused &+= 1
+                        return (s.nextHandshake, s.provenHandshakes.pushOutOldest())
+                    }
+                    s.handshakes.add(s.nextHandshake, socket)
                     guard s.handshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
                     s.refused &+= 1
-                    return (s.nextHandshake, s.pushOutOldest())
+                    return (s.nextHandshake, s.handshakes.pushOutOldest())
                 }
                 oldest?.close()
                 guard let ticket else {
@@ -149,6 +179,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
     }
 
+    /// Connections whose hello was there, and proved itself, as they were accepted.
+    public var provenAtAccept: UInt64 { state.withLockedValue { $0.provenAtAccept } }
+
     /// While refusing, every new connection is closed at once (a blackout: the host is away).
     public func setRefusing(_ refusing: Bool) {
         state.withLockedValue { $0.refusing = refusing }
@@ -178,7 +211,7 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
 
     private func handshake(_ transport: Transport, ticket: UInt64) async {
         // Still listed unless pushed out (then already counted refused, and closed).
-        let stillListed = { [state] in state.withLockedValue { $0.handshakes.removeValue(forKey: ticket) != nil } }
+        let stillListed = { [state] in state.withLockedValue { $0.removeHandshake(ticket) } }
         let hello: StreamHello
         do {
             hello = try await readHelloWithin(handshakeTimeout, transport)

@@ -306,14 +306,15 @@ public final class Listener: Sendable {
 }
 
 extension AsyncFD {
-    /// The first `count` bytes waiting on this socket, left there for the next read; nil while
-    /// fewer have arrived (or on any failure). For a server that sorts a connection by its first
-    /// message before it reads it (the bridge's voucher), without waiting for it.
-    public func peekNow(_ count: Int) -> [UInt8]? {
+    /// Up to `count` of the bytes waiting on this socket, left there for the next read (empty
+    /// while none have arrived, or on any failure). For a server that sorts a connection by its
+    /// first message before it reads it (the bridge's voucher, a stream's hello), without
+    /// waiting for it.
+    public func peekNow(upTo count: Int) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        let received = try? withSyscall { () -> Int in
+        let received = (try? withSyscall { () -> Int in
             bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress, count, Int32(MSG_PEEK | MSG_DONTWAIT)) }
-        }
-        return received == count ? bytes : nil
+        }) ?? -1
+        return Array(bytes.prefix(max(received, 0)))
     }
 }

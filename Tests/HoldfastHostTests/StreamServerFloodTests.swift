@@ -49,6 +49,67 @@ struct StreamServerFloodTests {
         #expect(server.statistics.handshaking <= limit)
     }
 
+    /// A guest process dialling the stream listener as fast as the host accepts (at most 200
+    /// connections ahead of it, holding the newest 200), with room for 64 hellos at once: a
+    /// real stream's connection, its hello sent with its connect as the broker does, is answered
+    /// every time (five redials), never pushed out by the connections accepted after it.
+    @Test func aFloodAsFastAsTheHostAcceptsNeverPushesOutARealHello() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: .seconds(600), maxConcurrentHandshakes: 64)
+        server.start()
+        defer { server.close() }
+        let host = try server.open(token: bytes("real"), direction: .receive)
+        defer { host.close() }
+        let flooder = Flooder(path: directory.file("s.sock"), hold: 200, ahead: 200, seconds: 60) { Int(server.statistics.refused) }
+        defer { flooder.stop() }
+        try await eventually("the flood under way") { server.statistics.refused > 10_000 }
+        for attempt in UInt64(1)...5 {
+            let connection = try await Dialer.connect(to: server.address)
+            defer { connection.close() }
+            let nonce = StreamAuthentication.nonce()
+            let hello = StreamAuthentication.sign(
+                StreamHello(role: .guest, token: bytes("real"), receivedOffset: 0, attempt: attempt, nonce: nonce), secret: host.secret)
+            try await send(connection, hello.encoded)
+            let answer = try await withTimeout("the host's hello, attempt \(attempt)", .seconds(30)) { try await Handshake.readHello(from: connection) }
+            #expect(answer.role == .host && StreamAuthentication.verify(answer, secret: host.secret, challenge: nonce), "attempt \(attempt)")
+        }
+        let during = server.statistics.refused
+        try await eventually("the flood still going after the last attempt") { server.statistics.refused > during + 1000 }
+        #expect(flooder.stop() > 11_000)
+        #expect(server.provenAtAccept == 5, "each hello was there, behind the flood in the backlog, when it was accepted")
+    }
+
+    /// Only a hello that proves it holds an open stream's secret waits apart: one signed with
+    /// another secret, or for a token not open here, waits with the others (and is refused).
+    @Test func onlyAHelloThatProvesItselfWaitsApart() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")), handshakeTimeout: .seconds(600), maxConcurrentHandshakes: 64)
+        defer { server.close() }
+        let host = try server.open(token: bytes("real"), direction: .receive)
+        defer { host.close() }
+        func hello(_ token: String, _ secret: StreamSecret) -> [UInt8] {
+            StreamAuthentication.sign(
+                StreamHello(role: .guest, token: bytes(token), receivedOffset: 0, attempt: 1, nonce: StreamAuthentication.nonce()), secret: secret
+            ).encoded
+        }
+        // All three wait in the backlog, hellos sent, before the server accepts anything.
+        var connections: [AsyncFD] = []
+        defer { for connection in connections { connection.close() } }
+        for message in [hello("real", .random()), hello("nobody", host.secret), hello("real", host.secret)] {
+            let connection = try await Dialer.connect(to: server.address)
+            try await send(connection, message)
+            connections.append(connection)
+        }
+        server.start()
+        try await eventually("the two false ones refused") { server.statistics.refused == 2 }
+        #expect(server.provenAtAccept == 1)
+        let real = connections[2]
+        let answer = try await withTimeout("the host's hello") { try await Handshake.readHello(from: real) }
+        #expect(answer.role == .host)
+    }
+
     /// 10,000 connection attempts in bursts of 500 — closed at once, garbage, a wrong token, a
     /// hello with an offset from the future, silent until cut off — while a real stream carries
     /// 8 MiB. The real stream delivers every byte (sha256), every hostile connection is refused
