@@ -80,7 +80,6 @@ public enum Handshake {
         return ResumableSession(transport: connection, peerHello: peer, ourReceivedOffset: hello.receivedOffset)
     }
 
-    /// Accepting side, first half: reads the dialer's hello (the caller bounds the wait).
     /// The hello at the start of `bytes` (a peek at what a connection has sent so far), or nil
     /// when it is not all there yet or is not a hello.
     public static func hello(atStartOf bytes: [UInt8]) -> StreamHello? {
@@ -91,6 +90,7 @@ public enum Handshake {
         return try? StreamHello.decode(prefix: prefix, body: Array(bytes[StreamFramePrefix.size..<StreamFramePrefix.size + prefix.bodyLength]))
     }
 
+    /// Accepting side, first half: reads the dialer's hello (the caller bounds the wait).
     public static func readHello(from connection: some ByteConnection) async throws -> StreamHello {
         let (prefix, body) = try await FrameIO.readFrame(connection)
         return try StreamHello.decode(prefix: prefix, body: body)

@@ -52,7 +52,6 @@ extension BridgeServer {
                     try await BridgeHandshake.authenticateGuest(on: socket, key: key) { [self] nonce in
                         vouch(ticket, nonce: nonce, key: key)
                     }
-
                 }
                 return try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody)
             }

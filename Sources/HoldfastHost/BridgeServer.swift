@@ -430,8 +430,6 @@ public final class BridgeServer: Sendable {
     }
 }
 
-/// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
-/// passes half of it (amortised O(1), no unbounded prefix kept).
 /// The vouchers of the newest connections that carried one, oldest forgotten first.
 struct RecentVouchers: Sendable {
     private var seen: Set<[UInt8]> = []
@@ -452,6 +450,8 @@ struct RecentVouchers: Sendable {
     }
 }
 
+/// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
+/// passes half of it (amortised O(1), no unbounded prefix kept).
 struct IDQueue: Sendable {
     var items: [String] = []
     var head = 0

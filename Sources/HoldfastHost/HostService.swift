@@ -67,10 +67,14 @@ public final class HostService: Sendable {
 
     /// `bridgeKey`: the key the guest must prove it holds; nil accepts any guest (`bridge.authentication: none`).
     /// `logSize`: bytes of each process's output kept for `host logs`; `logsKept`: how many
-    /// finished processes' logs are kept.
+    /// finished processes' logs are kept. `guestStreams`: the address the guest dials to reach
+    /// `streams`, when it is not `streams` itself — a VMM that hands the guest's vsock
+    /// connections to a Unix socket (Firecracker's and Cloud Hypervisor's hybrid vsock: listen
+    /// on `unix:UDS_PATH_PORT`, the guest dials `vsock://2:PORT`).
     public init(
-        bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, control: String, listInterval: Duration = .seconds(1),
-        logSize: Int = HostDefaults.logSize, logsKept: Int = HostDefaults.logsKept, say: @escaping @Sendable (String) -> Void
+        bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, guestStreams: SocketAddress? = nil, control: String,
+        listInterval: Duration = .seconds(1), logSize: Int = HostDefaults.logSize, logsKept: Int = HostDefaults.logsKept,
+        say: @escaping @Sendable (String) -> Void
     ) throws {
         self.say = say
         self.listInterval = listInterval
@@ -81,7 +85,7 @@ public final class HostService: Sendable {
             listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
         ) { [table] event in table.guestSaid(event) }
         self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
-        self.streamAddress = self.streams.address.description
+        self.streamAddress = (guestStreams ?? self.streams.address).description
         self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)
     }
 
@@ -92,7 +96,8 @@ public final class HostService: Sendable {
         ResourceLimits.raiseOpenFileLimit()
         bridge.start()
         streams.start()
-        say("holdfast host: bridge \(bridge.address), streams \(streams.address), control \(control.address)")
+        let dialled = streamAddress == streams.address.description ? "" : " (the guest dials \(streamAddress))"
+        say("holdfast host: bridge \(bridge.address), streams \(streams.address)\(dialled), control \(control.address)")
         let poller = Task { await pollGuestList() }
         while !Task.isCancelled, let connection = try? await control.accept() {
             Task { await serveClient(FDChannel(connection)) }

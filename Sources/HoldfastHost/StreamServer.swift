@@ -100,12 +100,17 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                 // Admitted here, in accept order: "the oldest" a flood pushes out is the one that
                 // came first. A guest's hello follows its connect at once, so it is usually
                 // here already: one that proves itself waits apart, out of a flood's reach.
+                // (The proof is checked outside the lock: a flood of hellos naming a real token
+                // costs the accept loop an HMAC each, not every other user of the state.)
                 let hello = Handshake.hello(atStartOf: socket.peekNow(upTo: StreamFramePrefix.size + StreamFramePrefix.maxHelloBody))
+                let proven = hello.map { hello in
+                    state.withLockedValue { $0.streams[hello.token]?.secret }.map { StreamAuthentication.verify(hello, secret: $0) } ?? false
+                } ?? false
                 let (ticket, oldest) = state.withLockedValue { s -> (UInt64?, AsyncFD?) in
                     s.accepted &+= 1
                     if s.refusing { return (nil, nil) }
                     s.nextHandshake &+= 1
-                    if let hello, let stream = s.streams[hello.token], StreamAuthentication.verify(hello, secret: stream.secret) {
+                    if proven {
                         s.provenAtAccept &+= 1
                         s.provenHandshakes.add(s.nextHandshake, socket)
                         guard s.provenHandshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }

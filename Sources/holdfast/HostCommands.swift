@@ -38,6 +38,10 @@ struct HostServe: AsyncParsableCommand, HostFamilyCommand {
 
     @Option(help: "Where the guest's bridge dials.") var bridge = HostDefaults.bridge
     @Option(help: "Where the guest's streams dial (any number of reconnections).") var streams = HostDefaults.streams
+    @Option(help: ArgumentHelp(
+        "The address the guest dials to reach --streams, when it is not --streams itself.",
+        discussion: "For a VMM that hands the guest's vsock connections to a Unix socket (Firecracker's and Cloud Hypervisor's hybrid vsock): --streams unix:/run/vm1/v.sock_1025 --guest-streams vsock://2:1025."))
+    var guestStreams: String?
     @Option(help: "The local control socket for host run/ps/kill.") var control = HostDefaults.control
     @Option(help: ArgumentHelp(
         "The bridge key the guest must prove it holds (hex digits, mode 0600).",
@@ -67,6 +71,7 @@ struct HostServe: AsyncParsableCommand, HostFamilyCommand {
         Memory.returnLargeBuffersToTheSystem()
         let bridgeAddress = try parseAddress(bridge)
         let streamsAddress = try parseAddress(streams)
+        let guestStreamsAddress = try guestStreams.map { try parseAddress($0) }
         // The control socket's directory (the run directory by default) is ours alone while we
         // serve: checked, locked (host.lock), and cleared only of our own stale sockets.
         let lock: RunDirectoryLock
@@ -101,7 +106,7 @@ struct HostServe: AsyncParsableCommand, HostFamilyCommand {
             }
         }
         let service = try HostService(
-            bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, control: control, logSize: parsedLogSize ?? HostDefaults.logSize,
+            bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, guestStreams: guestStreamsAddress, control: control, logSize: parsedLogSize ?? HostDefaults.logSize,
             logsKept: logsKept
         ) { writeLine($0) }
         defer { service.close() }

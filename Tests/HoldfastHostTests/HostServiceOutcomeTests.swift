@@ -81,11 +81,11 @@ struct HostServiceOutcomeTests {
         let serving: Task<Void, Never>
         let null: (input: Int32, output: Int32)
 
-        init() throws {
+        init(guestStreams: SocketAddress? = nil) throws {
             directory = try TemporaryDirectory()
             service = try HostService(
                 bridge: .unix(path: directory.file("bridge.sock")), bridgeKey: HostServiceOutcomeTests.key,
-                streams: .unix(path: directory.file("streams.sock")),
+                streams: .unix(path: directory.file("streams.sock")), guestStreams: guestStreams,
                 control: directory.file("host.sock"), listInterval: .milliseconds(50)) { _ in }
             serving = Task { [service] in await service.run() }
             null = (open("/dev/null", O_RDONLY | O_CLOEXEC), open("/dev/null", O_WRONLY | O_CLOEXEC))
@@ -137,6 +137,26 @@ struct HostServiceOutcomeTests {
                 stdio: HostClient.Stdio(input: setup.null.input, output: setup.null.output, error: setup.null.output))
         }
         #expect(late == outcome)
+    }
+
+    /// A host behind a VMM's hybrid vsock listens on a Unix socket and names, in each create,
+    /// the vsock address the guest dials (`--guest-streams`); without it, where it listens.
+    @Test func theStreamsOfACreateNameTheAddressTheGuestDials() async throws {
+        for guestStreams in [SocketAddress.vsock(cid: 2, port: 1025), nil] {
+            let setup = try Setup(guestStreams: guestStreams)
+            defer { setup.tearDown() }
+            try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+            let guest = try await ScriptedGuest(setup.bridge, instance: "a1")
+            defer { guest.close() }
+            let run = setup.run("job")
+            defer { run.cancel() }
+            try await eventually("the create") { guest.creates.withLockedValue { $0.count } == 1 }
+            let spec = try #require(guest.creates.withLockedValue { $0.first })
+            let expected = guestStreams?.description ?? "unix:\(setup.directory.file("streams.sock"))"
+            #expect(spec.stdout?.address == expected && spec.stderr?.address == expected, "\(String(describing: spec.stdout))")
+            guest.reportExit(ExitReport(id: "job", exitCode: 0, signal: nil, undelivered: 0))
+            _ = try await withTimeout("host run's outcome") { try await run.value }
+        }
     }
 
     @Test func aHelloFromAnotherDaemonInstanceLosesTheProcess() async throws {
