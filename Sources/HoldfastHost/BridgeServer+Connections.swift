@@ -156,15 +156,32 @@ extension BridgeServer {
             return nil
         }
         let nonce = privileged ? nil : key.flatMap { key in Self.vouchedNonce(socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key) }
-        let (ticket, oldest) = state.withLockedValue { s -> (UInt64, AsyncFD?) in
+        let (ticket, vouched, oldest) = state.withLockedValue { s -> (UInt64, Bool, (ticket: UInt64, socket: AsyncFD)?) in
             let vouched = privileged || (nonce.map { s.recentVouchers.insertIfNew($0) } ?? false)
             s.nextHandshake &+= 1
             s.pendingHandshakes[s.nextHandshake] = (socket, vouched)
             if vouched { s.vouchedAdmitted += 1 }
             if privileged { s.reservedPortAdmitted += 1 }
-            return (s.nextHandshake, Self.pushOutOldest(vouched: vouched, &s))
+            return (s.nextHandshake, vouched, Self.pushOutOldest(vouched: vouched, &s))
         }
-        oldest?.close()
+        guard let oldest else { return ticket }
+        // One of the others is looked at once more before it goes: its challenge may have come
+        // since it was accepted, and one that vouches now joins the vouched instead (the others
+        // are back at their limit without it). A daemon's connection accepted a moment before
+        // its challenge arrived so has the pool's whole turnover for it to come, not nothing.
+        if let key, !vouched,
+            let nonce = Self.vouchedNonce(oldest.socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key)
+        {
+            let next = state.withLockedValue { s -> (ticket: UInt64, socket: AsyncFD)? in
+                guard s.recentVouchers.insertIfNew(nonce) else { return oldest }
+                s.pendingHandshakes[oldest.ticket] = (oldest.socket, true)
+                s.vouchedAdmitted += 1
+                return Self.pushOutOldest(vouched: true, &s)
+            }
+            next?.socket.close()
+            return ticket
+        }
+        oldest.socket.close()
         return ticket
     }
 
@@ -181,18 +198,18 @@ extension BridgeServer {
     /// arrived later) moves the connection to the vouched pool, if it is still waiting.
     func vouch(_ ticket: UInt64, nonce: [UInt8], key: BridgeKey) {
         guard BridgeHandshake.nonceIsVouched(nonce, key: key) else { return }
-        let oldest = state.withLockedValue { s -> AsyncFD? in
+        let oldest = state.withLockedValue { s -> (ticket: UInt64, socket: AsyncFD)? in
             guard let pending = s.pendingHandshakes[ticket], !pending.vouched, s.recentVouchers.insertIfNew(nonce) else { return nil }
             s.pendingHandshakes[ticket] = (pending.socket, true)
             s.vouchedAdmitted += 1
             return Self.pushOutOldest(vouched: true, &s)
         }
-        oldest?.close()
+        oldest?.socket.close()
     }
 
     /// Past the limit of the pool `vouched` names, takes its oldest out of the pending
     /// handshakes and returns it to be closed. One pass, no copy (a flood calls this per accept).
-    static func pushOutOldest(vouched: Bool, _ s: inout State) -> AsyncFD? {
+    static func pushOutOldest(vouched: Bool, _ s: inout State) -> (ticket: UInt64, socket: AsyncFD)? {
         let limit = vouched ? maxVouchedPendingHandshakes : maxPendingHandshakes
         var count = 0
         var oldest: UInt64?
@@ -200,8 +217,8 @@ extension BridgeServer {
             count += 1
             if oldest.map({ key < $0 }) ?? true { oldest = key }
         }
-        guard count > limit, let oldest else { return nil }
-        return s.pendingHandshakes.removeValue(forKey: oldest)?.socket
+        guard count > limit, let oldest, let pending = s.pendingHandshakes.removeValue(forKey: oldest) else { return nil }
+        return (oldest, pending.socket)
     }
 
     /// Why a failed handshake is worth a warning, or nil: a peer that simply went away (the

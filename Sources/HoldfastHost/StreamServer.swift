@@ -46,7 +46,7 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var handshakes = PendingHandshakes()
         var provenHandshakes = PendingHandshakes()
         var nextHandshake: UInt64 = 0
-        var provenAtAccept: UInt64 = 0
+        var provenEarly: UInt64 = 0
         var handshaking: Int { handshakes.count + provenHandshakes.count }
 
         /// Takes `ticket` out of whichever group it waits in; false if it waits in none (pushed
@@ -65,13 +65,17 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         private var oldest: UInt64 = 1
         var count: Int { connections.count }
 
-        mutating func add(_ ticket: UInt64, _ socket: AsyncFD) { connections[ticket] = socket }
+        /// `ticket` may be older than every one here (a connection moved from the other group).
+        mutating func add(_ ticket: UInt64, _ socket: AsyncFD) {
+            connections[ticket] = socket
+            oldest = min(oldest, ticket)
+        }
         mutating func remove(_ ticket: UInt64) -> Bool { connections.removeValue(forKey: ticket) != nil }
 
-        mutating func pushOutOldest() -> AsyncFD? {
+        mutating func pushOutOldest() -> (UInt64, AsyncFD)? {
             guard !connections.isEmpty else { return nil }
             while connections[oldest] == nil { oldest += 1 }
-            return connections.removeValue(forKey: oldest)
+            return connections.removeValue(forKey: oldest).map { (oldest, $0) }
         }
     }
 
@@ -100,18 +104,13 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                 // Admitted here, in accept order: "the oldest" a flood pushes out is the one that
                 // came first. A guest's hello follows its connect at once, so it is usually
                 // here already: one that proves itself waits apart, out of a flood's reach.
-                // (The proof is checked outside the lock: a flood of hellos naming a real token
-                // costs the accept loop an HMAC each, not every other user of the state.)
-                let hello = Handshake.hello(atStartOf: socket.peekNow(upTo: StreamFramePrefix.size + StreamFramePrefix.maxHelloBody))
-                let proven = hello.map { hello in
-                    state.withLockedValue { $0.streams[hello.token]?.secret }.map { StreamAuthentication.verify(hello, secret: $0) } ?? false
-                } ?? false
-                let (ticket, oldest) = state.withLockedValue { s -> (UInt64?, AsyncFD?) in
+                let proven = provesItself(socket)
+                let (ticket, pushedOut) = state.withLockedValue { s -> (UInt64?, (UInt64, AsyncFD)?) in
                     s.accepted &+= 1
                     if s.refusing { return (nil, nil) }
                     s.nextHandshake &+= 1
                     if proven {
-                        s.provenAtAccept &+= 1
+                        s.provenEarly &+= 1
                         s.provenHandshakes.add(s.nextHandshake, socket)
                         guard s.provenHandshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
                         s.refused &+= 1
@@ -119,10 +118,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                     }
                     s.handshakes.add(s.nextHandshake, socket)
                     guard s.handshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
-                    s.refused &+= 1
                     return (s.nextHandshake, s.handshakes.pushOutOldest())
                 }
-                oldest?.close()
+                if let (oldTicket, oldest) = pushedOut { pushOut(oldest, ticket: oldTicket, proven: proven) }
                 guard let ticket else {
                     socket.close()  // a blackout (as if nobody listened)
                     continue
@@ -131,6 +129,38 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
             }
         }
         state.withLockedValue { $0.acceptTask = task }
+    }
+
+    /// Whether the hello waiting on `socket` (a peek: it stays for the handshake to read) proves
+    /// it holds an open stream's secret. The proof is checked outside the lock: a flood of
+    /// hellos naming a real token costs the accept loop an HMAC each, not every other user of
+    /// the state.
+    private func provesItself(_ socket: AsyncFD) -> Bool {
+        guard let hello = Handshake.hello(atStartOf: socket.peekNow(upTo: StreamFramePrefix.size + StreamFramePrefix.maxHelloBody)),
+            let secret = state.withLockedValue({ $0.streams[hello.token]?.secret })
+        else { return false }
+        return StreamAuthentication.verify(hello, secret: secret)
+    }
+
+    /// Closes the oldest connection of a full group (already out of it). One from the others is
+    /// looked at first: its hello may have come since it was accepted, and one that proves
+    /// itself now joins those waiting apart instead (the others are back at their limit
+    /// without it) — so a real stream's connection accepted a moment before its hello arrived
+    /// has the group's whole turnover for it to come, not nothing.
+    private func pushOut(_ socket: AsyncFD, ticket: UInt64, proven: Bool) {
+        if !proven, provesItself(socket) {
+            let next = state.withLockedValue { s -> (UInt64, AsyncFD)? in
+                s.provenEarly &+= 1
+                s.provenHandshakes.add(ticket, socket)
+                guard s.provenHandshakes.count > maxConcurrentHandshakes else { return nil }
+                s.refused &+= 1
+                return s.provenHandshakes.pushOutOldest()
+            }
+            next?.1.close()
+            return
+        }
+        if !proven { state.withLockedValue { $0.refused &+= 1 } }
+        socket.close()
     }
 
     /// Creates a host stream for `token` and registers it. For a guest's stdout/stderr use
@@ -184,8 +214,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
     }
 
-    /// Connections whose hello was there, and proved itself, as they were accepted.
-    public var provenAtAccept: UInt64 { state.withLockedValue { $0.provenAtAccept } }
+    /// Connections whose hello proved itself before their handshake read it: as they were
+    /// accepted, or as they were about to be pushed out.
+    public var provenEarly: UInt64 { state.withLockedValue { $0.provenEarly } }
 
     /// While refusing, every new connection is closed at once (a blackout: the host is away).
     public func setRefusing(_ refusing: Bool) {

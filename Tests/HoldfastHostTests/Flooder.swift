@@ -1,3 +1,4 @@
+import HoldfastPosix
 import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
@@ -86,4 +87,28 @@ final class Flooder: @unchecked Sendable {
         }
         return made.withLockedValue { $0 }
     }
+}
+
+/// Connects to the Unix socket at `path` and sends `first` with no suspension between the two
+/// (blocking calls, then the socket is handed to the reactor): the daemon's connection says its
+/// first message as it connects, which a test task's `await` between them would not, on a
+/// loaded machine, for as long as it waits to run again.
+func connectSending(_ path: String, _ first: [UInt8]) throws -> AsyncFD {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw SystemError.last("socket") }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (index, byte) in path.utf8.enumerated() where index < raw.count - 1 { raw[index] = byte }
+    }
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard connected == 0, first.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == first.count else {
+        let error = SystemError.last("connect and send to \(path)")
+        close(fd)
+        throw error
+    }
+    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+    return try AsyncFD(adopting: fd, reactor: .shared)
 }
