@@ -164,24 +164,7 @@ extension BridgeServer {
             if privileged { s.reservedPortAdmitted += 1 }
             return (s.nextHandshake, vouched, Self.pushOutOldest(vouched: vouched, &s))
         }
-        guard let oldest else { return ticket }
-        // One of the others is looked at once more before it goes: its challenge may have come
-        // since it was accepted, and one that vouches now joins the vouched instead (the others
-        // are back at their limit without it). A daemon's connection accepted a moment before
-        // its challenge arrived so has the pool's whole turnover for it to come, not nothing.
-        if let key, !vouched,
-            let nonce = Self.vouchedNonce(oldest.socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key)
-        {
-            let next = state.withLockedValue { s -> (ticket: UInt64, socket: AsyncFD)? in
-                guard s.recentVouchers.insertIfNew(nonce) else { return oldest }
-                s.pendingHandshakes[oldest.ticket] = (oldest.socket, true)
-                s.vouchedAdmitted += 1
-                return Self.pushOutOldest(vouched: true, &s)
-            }
-            next?.socket.close()
-            return ticket
-        }
-        oldest.socket.close()
+        if let oldest { pushOut(oldest, vouched: vouched, key: key) }
         return ticket
     }
 
@@ -198,13 +181,38 @@ extension BridgeServer {
     /// arrived later) moves the connection to the vouched pool, if it is still waiting.
     func vouch(_ ticket: UInt64, nonce: [UInt8], key: BridgeKey) {
         guard BridgeHandshake.nonceIsVouched(nonce, key: key) else { return }
-        let oldest = state.withLockedValue { s -> (ticket: UInt64, socket: AsyncFD)? in
-            guard let pending = s.pendingHandshakes[ticket], !pending.vouched, s.recentVouchers.insertIfNew(nonce) else { return nil }
-            s.pendingHandshakes[ticket] = (pending.socket, true)
-            s.vouchedAdmitted += 1
-            return Self.pushOutOldest(vouched: true, &s)
+        let oldest = state.withLockedValue { s -> (ticket: UInt64, socket: AsyncFD)?? in
+            guard let pending = s.pendingHandshakes[ticket], !pending.vouched else { return nil }
+            return Self.moveToVouched(ticket, pending.socket, nonce: nonce, &s)
         }
-        oldest?.socket.close()
+        if let oldest = oldest ?? nil { pushOut(oldest, vouched: true, key: key) }
+    }
+
+    /// Closes the oldest connection of a full pool (already out of it). One of the others is
+    /// looked at once more first: its challenge may have come since it was accepted, and one
+    /// that vouches now joins the vouched instead (the others are back at their limit without
+    /// it) — so a daemon's connection accepted a moment before its challenge arrived has the
+    /// pool's whole turnover for it to come, not nothing.
+    func pushOut(_ oldest: (ticket: UInt64, socket: AsyncFD), vouched: Bool, key: BridgeKey?) {
+        if !vouched, let key, let nonce = Self.vouchedNonce(oldest.socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key),
+            let next = state.withLockedValue({ Self.moveToVouched(oldest.ticket, oldest.socket, nonce: nonce, &$0) })
+        {
+            if let next { pushOut(next, vouched: true, key: key) }
+            return
+        }
+        oldest.socket.close()
+    }
+
+    /// Puts a waiting connection among the vouched, unless its voucher was seen before (a
+    /// replay: nil). Then the oldest vouched one if that pool is now past its limit, to be
+    /// pushed out (`.some(nil)`: none).
+    static func moveToVouched(
+        _ ticket: UInt64, _ socket: AsyncFD, nonce: [UInt8], _ s: inout State
+    ) -> (ticket: UInt64, socket: AsyncFD)?? {
+        guard s.recentVouchers.insertIfNew(nonce) else { return nil }
+        s.pendingHandshakes[ticket] = (socket, true)
+        s.vouchedAdmitted += 1
+        return .some(pushOutOldest(vouched: true, &s))
     }
 
     /// Past the limit of the pool `vouched` names, takes its oldest out of the pending

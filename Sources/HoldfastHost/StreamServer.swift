@@ -65,18 +65,17 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         private var oldest: UInt64 = 1
         var count: Int { connections.count }
 
-        /// `ticket` may be older than every one here (a connection moved from the other group).
-        mutating func add(_ ticket: UInt64, _ socket: AsyncFD) {
+        /// Adds a connection; past `limit`, takes the oldest out and returns it, to be pushed
+        /// out. `ticket` may be older than every one here (a connection moved from the other
+        /// group).
+        mutating func add(_ ticket: UInt64, _ socket: AsyncFD, limit: Int) -> (UInt64, AsyncFD)? {
             connections[ticket] = socket
             oldest = min(oldest, ticket)
-        }
-        mutating func remove(_ ticket: UInt64) -> Bool { connections.removeValue(forKey: ticket) != nil }
-
-        mutating func pushOutOldest() -> (UInt64, AsyncFD)? {
-            guard !connections.isEmpty else { return nil }
+            guard connections.count > limit else { return nil }
             while connections[oldest] == nil { oldest += 1 }
             return connections.removeValue(forKey: oldest).map { (oldest, $0) }
         }
+        mutating func remove(_ ticket: UInt64) -> Bool { connections.removeValue(forKey: ticket) != nil }
     }
 
     /// Binds now (so the address is known, and a bad one fails here); call `start()` to accept.
@@ -111,14 +110,9 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
                     s.nextHandshake &+= 1
                     if proven {
                         s.provenEarly &+= 1
-                        s.provenHandshakes.add(s.nextHandshake, socket)
-                        guard s.provenHandshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
-                        s.refused &+= 1
-                        return (s.nextHandshake, s.provenHandshakes.pushOutOldest())
+                        return (s.nextHandshake, s.provenHandshakes.add(s.nextHandshake, socket, limit: maxConcurrentHandshakes))
                     }
-                    s.handshakes.add(s.nextHandshake, socket)
-                    guard s.handshakes.count > maxConcurrentHandshakes else { return (s.nextHandshake, nil) }
-                    return (s.nextHandshake, s.handshakes.pushOutOldest())
+                    return (s.nextHandshake, s.handshakes.add(s.nextHandshake, socket, limit: maxConcurrentHandshakes))
                 }
                 if let (oldTicket, oldest) = pushedOut { pushOut(oldest, ticket: oldTicket, proven: proven) }
                 guard let ticket else {
@@ -151,15 +145,12 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         if !proven, provesItself(socket) {
             let next = state.withLockedValue { s -> (UInt64, AsyncFD)? in
                 s.provenEarly &+= 1
-                s.provenHandshakes.add(ticket, socket)
-                guard s.provenHandshakes.count > maxConcurrentHandshakes else { return nil }
-                s.refused &+= 1
-                return s.provenHandshakes.pushOutOldest()
+                return s.provenHandshakes.add(ticket, socket, limit: maxConcurrentHandshakes)
             }
-            next?.1.close()
+            if let (nextTicket, next) = next { pushOut(next, ticket: nextTicket, proven: true) }
             return
         }
-        if !proven { state.withLockedValue { $0.refused &+= 1 } }
+        state.withLockedValue { $0.refused &+= 1 }
         socket.close()
     }
 

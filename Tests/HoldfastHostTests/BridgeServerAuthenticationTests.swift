@@ -44,6 +44,14 @@ struct BridgeServerAuthenticationTests {
         }
     }
 
+    /// Whether the server closed its end of `connection`: it reads end-of-file. Looks without
+    /// reading, so whatever the server sent before (an answer to a challenge) stays for the
+    /// handshake.
+    static func closedByTheServer(_ connection: AsyncFD) -> Bool {
+        var byte: UInt8 = 0
+        return recv(connection.fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) == 0
+    }
+
     /// A guest is connected; impostors (no handshake, a wrong key) come and go: each is refused
     /// with nothing but the handshake's own messages, the guest stays the guest and gets the
     /// create, and the host warns.
@@ -108,12 +116,8 @@ struct BridgeServerAuthenticationTests {
         let pushedOut = flood - limit
         try await eventually("the oldest pushed out") { bridge.refusedConnections >= pushedOut }
         // The server closed its end of the oldest ones: they read end-of-file.
-        func closedByTheServer(_ connection: AsyncFD) -> Bool {
-            var byte: UInt8 = 0
-            return (try? withUnsafeMutableBytes(of: &byte) { try connection.readNow(into: $0) }) == 0
-        }
-        try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy(closedByTheServer) }
-        #expect(!silent.suffix(limit).contains(where: closedByTheServer), "the newest are still waited for")
+        try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy { Self.closedByTheServer($0) } }
+        #expect(!silent.suffix(limit).contains { Self.closedByTheServer($0) }, "the newest are still waited for")
         let guest = try await ScriptedGuest.connect(bridge.address, key: key)
         defer { guest.socket.close() }
         #expect(await bridge.waitForGuest(timeout: .seconds(30)))
@@ -142,12 +146,8 @@ struct BridgeServerAuthenticationTests {
         for _ in 0..<flood { silent.append(try await Dialer.connect(to: bridge.boundAddress)) }
         let pushedOut = flood - BridgeServer.maxPendingHandshakes
         try await eventually("the oldest ordinary ones pushed out") { bridge.refusedConnections >= pushedOut }
-        func closedByTheServer(_ connection: AsyncFD) -> Bool {
-            var byte: UInt8 = 0
-            return (try? withUnsafeMutableBytes(of: &byte) { try connection.readNow(into: $0) }) == 0
-        }
-        try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy(closedByTheServer) }
-        #expect(!closedByTheServer(privileged), "the privileged connection, the oldest of all, is still waited for")
+        try await eventually("the server's ends of the oldest closed") { silent.prefix(pushedOut).allSatisfy { Self.closedByTheServer($0) } }
+        #expect(!Self.closedByTheServer(privileged), "the privileged connection, the oldest of all, is still waited for")
         #expect(bridge.refusedConnections == pushedOut, "only ordinary ones pushed out")
         // And it still completes its handshake: the guest gets in.
         try await BridgeHandshake.proveToHost(on: privileged, key: key)
@@ -169,11 +169,6 @@ struct BridgeServerAuthenticationTests {
             listeningOn: .unix(path: directory.file("bridge.sock")), authentication: .key(key), handshakeTimeout: .seconds(600),
             warn: warnings.sink)
         defer { bridge.close() }
-        // Looks without reading: the answer to a challenge must stay for the handshake.
-        func closedByTheServer(_ connection: AsyncFD) -> Bool {
-            var byte: UInt8 = 0
-            return recv(connection.fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) == 0
-        }
         let limit = BridgeServer.maxPendingHandshakes
         var silent: [AsyncFD] = []
         defer { for connection in silent { connection.close() } }
@@ -188,7 +183,7 @@ struct BridgeServerAuthenticationTests {
         bridge.start()
         try await eventually("the oldest silent ones pushed out") { bridge.refusedConnections >= 2 * limit }
         #expect(bridge.vouchedConnections == 1)
-        #expect(!closedByTheServer(early), "the vouched connection, accepted first, is still waited for")
+        #expect(!Self.closedByTheServer(early), "the vouched connection, accepted first, is still waited for")
 
         // Accepted silent, its challenge afterwards; and a replay of the first challenge.
         let late = try await Dialer.connect(to: bridge.address)
@@ -203,10 +198,10 @@ struct BridgeServerAuthenticationTests {
         _ = try await readExactly(replay, BridgeHandshakeWire.answerSize)  // its challenge was read too
         let before = bridge.refusedConnections
         for _ in 0..<(2 * limit) { silent.append(try await Dialer.connect(to: bridge.address)) }
-        try await eventually("the replay pushed out with the flood") { closedByTheServer(replay) }
+        try await eventually("the replay pushed out with the flood") { Self.closedByTheServer(replay) }
         try await eventually("the flood's own oldest pushed out") { bridge.refusedConnections >= before + limit }
         #expect(bridge.vouchedConnections == 2, "the replay vouched for nothing")
-        #expect(!closedByTheServer(early) && !closedByTheServer(late))
+        #expect(!Self.closedByTheServer(early) && !Self.closedByTheServer(late))
 
         // Both complete their handshakes: the guest gets in, either way.
         for (connection, nonce) in [(early, earlyNonce), (late, lateNonce)] {
