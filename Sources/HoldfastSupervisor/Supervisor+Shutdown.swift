@@ -58,20 +58,37 @@ extension Supervisor {
         if await waitUntil(graceEnd, { session.withLockedValue { $0.spawnsUnderWay == 0 } }) { signalEveryProcessNotYetSignalled() }
         var clean = await waitUntilEveryProcessIsDone(until: graceEnd)
         if !clean {
-            for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase != .done {
-                if entry.phase == .running {
-                    logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(entry.id)"])
-                    signalProcess(entry, SIGKILL)
-                }
-                // What a direct process left behind (an orphan holding its output open, which
-                // would hold the drain) ends with it: everything in its cgroup, else its process
-                // group (which misses what called setsid).
-                if let cgroup = entry.cgroup, let cgroups, cgroups.kill(cgroup) {
-                    continue
-                }
-                if entry.leadsProcessGroup { signalProcessGroup(entry, SIGKILL) }
+            // SIGKILL for every process not yet done — and for one a create still spawning
+            // when the grace ended puts in the table later (a runc create slower than the
+            // grace, a slow broker adopt), once it is there: before, the empty table counted
+            // as every process done, so its exit was never reported and a runc container,
+            // in no cgroup of ours, ran on past the daemon.
+            var killed: Set<String> = []
+            func notYetKilled() -> [ProcessTable.Entry] {
+                table.withLockedValue { t in t.entries.filter { $0.phase != .done && !killed.contains($0.id) } }
             }
-            clean = await waitUntilEveryProcessIsDone(until: drainsEnd)
+            while true {
+                for entry in notYetKilled() {
+                    killed.insert(entry.id)
+                    if entry.phase == .running {
+                        logger.warning("process did not stop in time: SIGKILL", metadata: ["process": "\(entry.id)"])
+                        signalProcess(entry, SIGKILL)
+                    }
+                    // What a direct process left behind (an orphan holding its output open,
+                    // which would hold the drain) ends with it: everything in its cgroup, else
+                    // its process group (which misses what called setsid).
+                    if let cgroup = entry.cgroup, let cgroups, cgroups.kill(cgroup) {
+                        continue
+                    }
+                    if entry.leadsProcessGroup { signalProcessGroup(entry, SIGKILL) }
+                }
+                var newcomer = false
+                clean = await waitUntil(drainsEnd) { [self] in
+                    newcomer = !notYetKilled().isEmpty
+                    return newcomer || everyProcessIsDone()
+                }
+                if !clean || !newcomer { break }
+            }
         }
         // A process that exited but whose output could not drain in time (a host that reads
         // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
@@ -116,7 +133,13 @@ extension Supervisor {
 
     /// Waits until every process reported its exit (output drained), or `deadline`.
     func waitUntilEveryProcessIsDone(until deadline: ContinuousClock.Instant) async -> Bool {
-        await waitUntil(deadline) { [self] in table.withLockedValue { t in t.entries.allSatisfy { $0.phase == .done } } }
+        await waitUntil(deadline) { [self] in everyProcessIsDone() }
+    }
+
+    /// Every process reported its exit, and no create is still starting one (its process is
+    /// not in the table yet: an empty table is not a stop that is done).
+    func everyProcessIsDone() -> Bool {
+        session.withLockedValue { $0.spawnsUnderWay == 0 } && table.withLockedValue { t in t.entries.allSatisfy { $0.phase == .done } }
     }
 
     /// Waits until `condition` holds or `deadline` passes; re-checked at every change (a

@@ -348,6 +348,42 @@ struct ContainmentTests {
         #expect(took < .seconds(6), "not held until the 8 s grace: \(took)")
     }
 
+    /// A create whose process is in the table only after the grace has ended (the failpoint
+    /// holds it there 2 s; the grace is 1 s), a process that ignores SIGTERM: it is SIGKILLed
+    /// once it is there and its exit reported, and the stop waits for it no longer than that.
+    /// Before, the stop took the empty table for every process done: the exit was never
+    /// reported (a direct process was killed by the cgroup sweep, unseen) and a runc container,
+    /// in no cgroup of ours, ran on past the daemon.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the create waits at a failpoint, which only debug builds have"))
+    func aProcessACreateStartsAfterTheGraceIsKilledAndItsExitReported() async throws {
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.createSpawnedLate):late"], shutdown: ("1s", "16s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let marker = daemon.directory.file("late-started")
+        let bridge = daemon.bridge
+        let create = Task {
+            try await bridge.create(ProcessSpec(
+                id: "late", argv: ["sh", "-c", "trap '' TERM; echo $$ > \(marker).tmp; mv \(marker).tmp \(marker); while :; do sleep 0.05; done"]))
+        }
+        try await eventually("its process started") { access(marker, F_OK) == 0 }
+        let pid = try #require(pid_t(String(decoding: readFile(marker) ?? [], as: UTF8.self).filter(\.isNumber)))
+        let asked = ContinuousClock.now
+        let status = try await daemon.stop()
+        let took = ContinuousClock.now - asked
+        _ = try? await create.value
+        #expect(kill(pid, 0) == -1 && errno == ESRCH, "the late process ended with the daemon")
+        try await eventually("the exit at the host") { exits.count("late") == 1 }
+        let report = try #require(exits.all.first { $0.id == "late" })
+        print("a process started after the stop's grace: \(report), the stop took \(took), the daemon \(status)")
+        #expect(report.signal == SIGKILL, "killed once it was there: \(report)")
+        #expect(status == .exited(0))
+        #expect(took < .seconds(8), "not held until the drains' end (14 s): \(took)")
+    }
+
     static var hasStrace: Bool { access("/usr/bin/strace", X_OK) == 0 }
 }
 
