@@ -353,32 +353,62 @@ struct ContainmentTests {
     /// once it is there and its exit reported, and the stop waits for it no longer than that.
     /// Before, the stop took the empty table for every process done: the exit was never
     /// reported (a direct process was killed by the cgroup sweep, unseen) and a runc container,
-    /// in no cgroup of ours, ran on past the daemon.
+    /// in no cgroup of ours, ran on past the daemon (the runc case below).
     @Test(
         .enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"),
         .enabled(if: Failpoint.compiledIn, "the create waits at a failpoint, which only debug builds have"))
     func aProcessACreateStartsAfterTheGraceIsKilledAndItsExitReported() async throws {
+        try await Self.startedAfterTheGrace(runc: false)
+    }
+
+    @Test(
+        .enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static"),
+        .enabled(if: Failpoint.compiledIn, "the create waits at a failpoint, which only debug builds have"))
+    func aRuncContainerACreateStartsAfterTheGraceDoesNotOutliveTheDaemon() async throws {
+        try await Self.startedAfterTheGrace(runc: true)
+    }
+
+    static func startedAfterTheGrace(runc: Bool) async throws {
         let daemon = try await DaemonFixture(
             environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.createSpawnedLate):late"], shutdown: ("1s", "16s"))
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
+        let output = try daemon.streams.open(token: bytes("late-out"), direction: .receive)
+        let seen = NIOLockedValueBox<[UInt8]>([])
+        let reader = Task { for await chunk in output.chunks() { seen.withLockedValue { $0 += chunk } } }
+        defer { reader.cancel() }
+        let script = "trap '' TERM; echo started; while :; do sleep 0.05; done"
         let marker = daemon.directory.file("late-started")
-        let bridge = daemon.bridge
-        let create = Task {
-            try await bridge.create(ProcessSpec(
-                id: "late", argv: ["sh", "-c", "trap '' TERM; echo $$ > \(marker).tmp; mv \(marker).tmp \(marker); while :; do sleep 0.05; done"]))
+        let spec: ProcessSpec
+        if runc {
+            let bundle = try TestBundle(in: daemon.directory, name: "late", args: ["sh", "-c", script], terminal: false)
+            spec = ProcessSpec(id: "late", argv: [], stdout: daemon.spec("late-out"), runtime: .runc, bundle: bundle.path)
+        } else {
+            spec = ProcessSpec(id: "late", argv: ["sh", "-c", "touch \(marker); " + script], stdout: daemon.spec("late-out"))
         }
-        try await eventually("its process started") { access(marker, F_OK) == 0 }
-        let pid = try #require(pid_t(String(decoding: readFile(marker) ?? [], as: UTF8.self).filter(\.isNumber)))
+        let bridge = daemon.bridge
+        let create = Task { try await bridge.create(spec) }
+        // The process is started (its output is relayed only once the broker has adopted it,
+        // after the failpoint): a direct one's marker, the container in runc's list.
+        try await eventually("its process started") {
+            if !runc { return access(marker, F_OK) == 0 }
+            let listed = try commandOutput(["runc", "--root", daemon.directory.file("runc"), "list", "-q"], in: daemon.directory)
+            return listed.contains("late")
+        }
         let asked = ContinuousClock.now
         let status = try await daemon.stop()
         let took = ContinuousClock.now - asked
-        _ = try? await create.value
-        #expect(kill(pid, 0) == -1 && errno == ESRCH, "the late process ended with the daemon")
+        let pid = try await withTimeout("the create's answer") { try await create.value }
+        #expect(kill(pid, 0) == -1 && errno == ESRCH, "the late process (pid \(pid)) ended with the daemon")
+        if runc {
+            let listed = try commandOutput(["runc", "--root", daemon.directory.file("runc"), "list", "-q"], in: daemon.directory)
+            #expect(!listed.contains("late"), "the container deleted: \(listed)")
+        }
         try await eventually("the exit at the host") { exits.count("late") == 1 }
         let report = try #require(exits.all.first { $0.id == "late" })
-        print("a process started after the stop's grace: \(report), the stop took \(took), the daemon \(status)")
+        print("a \(runc ? "runc container" : "process") started after the stop's grace: \(report), the stop took \(took), the daemon \(status)")
+        #expect(seen.withLockedValue { $0 } == bytes("started\n"), "it ran, and its output reached the host")
         #expect(report.signal == SIGKILL, "killed once it was there: \(report)")
         #expect(status == .exited(0))
         #expect(took < .seconds(8), "not held until the drains' end (14 s): \(took)")
