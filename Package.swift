@@ -114,6 +114,7 @@ let package = Package(
         .target(
             name: "HoldfastSupervisor",
             dependencies: [
+                "CSeccomp",
                 "HoldfastConfig",
                 "HoldfastCore",
                 "HoldfastLogging",

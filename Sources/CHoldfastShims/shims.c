@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <linux/vm_sockets.h>
 #include <malloc.h>
 #include <signal.h>
@@ -234,6 +236,7 @@ struct spawn_failure {
 static const char *const spawn_steps[] = {
     "fork", "setsid", "TIOCSCTTY", "dup2", "chdir", "setgroups", "setgid", "setuid",
     "prctl(PDEATHSIG)", "execve", "fcntl", "setrlimit(RLIMIT_NOFILE)", "joining its cgroup",
+    "prctl(PR_SET_SECCOMP): the signal guard",
 };
 
 // Writes `value` (-1000…1000) to /proc/self/oom_score_adj, async-signal-safely (after fork).
@@ -361,6 +364,16 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
             if (setrlimit(RLIMIT_NOFILE, &limit) != 0) child_fail(report[1], 11);
         }
         if (o->cwd && chdir(o->cwd) != 0) child_fail(report[1], 4);
+        // A seccomp filter the caller built (a program of sock_filter entries): before the id
+        // change, while the child may still install one without no_new_privs (CAP_SYS_ADMIN),
+        // which would stop setuid programs in it from working.
+        if (o->seccomp_filter && o->seccomp_filter_length > 0) {
+            struct sock_fprog program = {
+                .len = (unsigned short)o->seccomp_filter_length,
+                .filter = (struct sock_filter *)o->seccomp_filter,
+            };
+            if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program, 0, 0) != 0) child_fail(report[1], 13);
+        }
         if (o->set_ids) {
             if (setgroups((size_t)o->ngroups, o->groups) != 0) child_fail(report[1], 5);
             if (setgid(o->gid) != 0) child_fail(report[1], 6);

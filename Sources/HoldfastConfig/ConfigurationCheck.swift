@@ -143,6 +143,10 @@ extension DaemonConfiguration {
             "runc.path": (runc.path, nil),
             "runc.root": (runc.root, nil),
             "metrics.address": (metrics.address?.description ?? "", metrics.address == nil ? "no metrics endpoint" : nil),
+            "processes.signal_guard": (
+                (processes ?? .init()).signalGuard ? "true" : "false",
+                (processes ?? .init()).signalGuard ? nil : "WARNING: a root direct process can stop or reload the daemon (a kill from anything it starts)"
+            ),
         ]
     }
 

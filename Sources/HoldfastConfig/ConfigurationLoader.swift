@@ -45,6 +45,7 @@ public enum ConfigurationLoader {
         ("runc.path", "runc"),
         ("runc.root", "{run}/runc"),
         ("metrics.address", ""),
+        ("processes.signal_guard", "true"),
         ("run_directory", "/run/holdfast"),
     ]
 
@@ -167,6 +168,7 @@ public enum ConfigurationLoader {
                 return .failure(Problem(error.reason))
             }
         }
+        let signalGuard = try parse("processes.signal_guard", ValueParsers.boolean)
         let run = try parse("run_directory") { text -> Result<String, Problem> in
             text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
         }
@@ -185,7 +187,8 @@ public enum ConfigurationLoader {
             control: .init(socket: control),
             runc: .init(path: runcPath, root: runcRoot),
             metrics: .init(address: metricsAddress),
-            runDirectory: environment[runDirectoryVariable] ?? run)
+            runDirectory: environment[runDirectoryVariable] ?? run,
+            processes: .init(signalGuard: signalGuard))
     }
 
     /// The dotted keys present in the file (leaves only).

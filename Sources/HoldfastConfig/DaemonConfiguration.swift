@@ -83,6 +83,18 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var address: SocketAddress?
     }
 
+    public struct Processes: Codable, Sendable, Equatable {
+        /// Every direct process starts under a seccomp filter that refuses (EPERM) a signal from
+        /// it, or from anything it starts, to the supervisor (its pid or process group) or to
+        /// every process at once (kill -1): a root one's external `kill $PPID` or `pkill` would
+        /// otherwise stop the daemon and every container.
+        public var signalGuard: Bool
+
+        public init(signalGuard: Bool = true) {
+            self.signalGuard = signalGuard
+        }
+    }
+
     public struct Control: Codable, Sendable, Equatable {
         /// The local socket `holdfast status` talks to.
         public var socket: String
@@ -98,6 +110,8 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var metrics: Metrics
     /// Where the daemon keeps its sockets (created if missing).
     public var runDirectory: String
+    /// Nil in a configuration an older image wrote down in a live upgrade: the defaults.
+    public var processes: Processes? = nil
 }
 
 /// A duration in whole milliseconds (JSON-friendly; the config file says "100ms", "2s", "1m").

@@ -57,6 +57,9 @@ public struct SpawnOptions: Sendable {
     /// An open `cgroup.procs` of a cgroup v2 directory: the child joins that cgroup before
     /// anything else, so all it starts is born inside it (`ProcessCgroups`).
     public var cgroupProcs: Int32?
+    /// A seccomp program (raw `struct sock_filter` entries, 8 bytes each) the child installs
+    /// before its ids change, kept across its exec and by all it starts (`SignalGuard`).
+    public var seccompFilter: [UInt8]?
 
     /// `arguments[0]` is the program name the child sees; `executable` is resolved with PATH when
     /// it has no slash.
@@ -115,66 +118,72 @@ public enum Spawner {
             withOptionalCString(options.directory) { directory in
                 groups.withUnsafeBufferPointer { groupBuffer in
                     options.keepDescriptors.withUnsafeBufferPointer { keep in
-                        var raw = hf_spawn_options()
-                        raw.path = path
-                        raw.argv = UnsafePointer(argv.pointer)
-                        raw.envp = UnsafePointer(envp.pointer)
-                        raw.cwd = directory
-                        raw.stdin_fd = options.stdin ?? -1
-                        raw.stdout_fd = options.stdout ?? -1
-                        raw.stderr_fd = options.stderr ?? -1
-                        raw.controlling_tty = options.controllingTerminal ? 1 : 0
-                        raw.new_session = options.newSession ? 1 : 0
-                        if let user = options.user {
-                            raw.set_ids = 1
-                            raw.uid = user.uid
-                            raw.gid = user.gid
-                            raw.groups = groupBuffer.baseAddress
-                            raw.ngroups = Int32(groupBuffer.count)
-                        }
-                        raw.pdeathsig = options.parentDeathSignal ?? 0
-                        raw.keep_fds = keep.baseAddress
-                        raw.nkeep_fds = Int32(keep.count)
-                        raw.reset_signals = 1
-                        if let adjustment = options.oomScoreAdjustment {
-                            raw.set_oom_score_adj = 1
-                            raw.oom_score_adj = adjustment
-                        }
-                        if let procs = options.cgroupProcs {
-                            raw.join_cgroup = 1
-                            raw.cgroup_procs_fd = procs
-                        }
-                        if let limit = options.openFileLimit {
-                            raw.nofile_soft = limit.soft
-                            raw.nofile_hard = limit.hard ?? 0
-                        }
-                        // The fork alone on the spawn thread (the child's parent for good); the
-                        // wait for its exec here, on the caller's: the child's set-up and exec can
-                        // block (a directory or binary on a hung file system), and the spawn
-                        // thread serves every other fork and lets go of tracees meanwhile.
-                        var reportFD: Int32 = -1
-                        let forked = SpawnThread.shared.run { () -> (pid: pid_t, child: ChildReaper.Child?) in
-                            var options = raw
-                            // errno is the spawn thread's: read here, where the fork failed, or
-                            // the caller reads its own thread's (a fork refused for want of a
-                            // task said "Success (errno 0)").
-                            let fork = { () -> pid_t in
-                                let pid = hf_spawn_fork(&options, &reportFD, &step)
-                                if pid < 0 { failure = Glibc.errno }
-                                return pid
+                        (options.seccompFilter ?? []).withUnsafeBytes { filter in
+                            var raw = hf_spawn_options()
+                            if options.seccompFilter != nil, let base = filter.baseAddress {
+                                raw.seccomp_filter = base
+                                raw.seccomp_filter_length = Int32(filter.count / 8)
                             }
-                            guard let reaper else { return (fork(), nil) }
-                            return reaper.registering(fork)
+                            raw.path = path
+                            raw.argv = UnsafePointer(argv.pointer)
+                            raw.envp = UnsafePointer(envp.pointer)
+                            raw.cwd = directory
+                            raw.stdin_fd = options.stdin ?? -1
+                            raw.stdout_fd = options.stdout ?? -1
+                            raw.stderr_fd = options.stderr ?? -1
+                            raw.controlling_tty = options.controllingTerminal ? 1 : 0
+                            raw.new_session = options.newSession ? 1 : 0
+                            if let user = options.user {
+                                raw.set_ids = 1
+                                raw.uid = user.uid
+                                raw.gid = user.gid
+                                raw.groups = groupBuffer.baseAddress
+                                raw.ngroups = Int32(groupBuffer.count)
+                            }
+                            raw.pdeathsig = options.parentDeathSignal ?? 0
+                            raw.keep_fds = keep.baseAddress
+                            raw.nkeep_fds = Int32(keep.count)
+                            raw.reset_signals = 1
+                            if let adjustment = options.oomScoreAdjustment {
+                                raw.set_oom_score_adj = 1
+                                raw.oom_score_adj = adjustment
+                            }
+                            if let procs = options.cgroupProcs {
+                                raw.join_cgroup = 1
+                                raw.cgroup_procs_fd = procs
+                            }
+                            if let limit = options.openFileLimit {
+                                raw.nofile_soft = limit.soft
+                                raw.nofile_hard = limit.hard ?? 0
+                            }
+                            // The fork alone on the spawn thread (the child's parent for good); the
+                            // wait for its exec here, on the caller's: the child's set-up and exec can
+                            // block (a directory or binary on a hung file system), and the spawn
+                            // thread serves every other fork and lets go of tracees meanwhile.
+                            var reportFD: Int32 = -1
+                            let forked = SpawnThread.shared.run { () -> (pid: pid_t, child: ChildReaper.Child?) in
+                                var options = raw
+                                // errno is the spawn thread's: read here, where the fork failed, or
+                                // the caller reads its own thread's (a fork refused for want of a
+                                // task said "Success (errno 0)").
+                                let fork = { () -> pid_t in
+                                    let pid = hf_spawn_fork(&options, &reportFD, &step)
+                                    if pid < 0 { failure = Glibc.errno }
+                                    return pid
+                                }
+                                guard let reaper else { return (fork(), nil) }
+                                return reaper.registering(fork)
+                            }
+                            child = forked.child
+                            guard forked.pid > 0 else { return forked.pid }
+                            // Outside the reaper's lock too.
+                            guard hf_spawn_result(reportFD, &step) == 0 else {
+                                failure = Glibc.errno
+                                if reaper == nil { hf_reap_failed_child(forked.pid) }
+                                return -1
+                            }
+                            return forked.pid
                         }
-                        child = forked.child
-                        guard forked.pid > 0 else { return forked.pid }
-                        // Outside the reaper's lock too.
-                        guard hf_spawn_result(reportFD, &step) == 0 else {
-                            failure = Glibc.errno
-                            if reaper == nil { hf_reap_failed_child(forked.pid) }
-                            return -1
-                        }
-                        return forked.pid
                     }
                 }
             }

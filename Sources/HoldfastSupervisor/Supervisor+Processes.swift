@@ -102,7 +102,7 @@ extension Supervisor {
         var container: ProcessTable.Entry.Container?
         switch spec.runtime ?? .direct {
         case .direct:
-            started = try Launcher.start(spec, reaper: reaper, cgroups: cgroups)
+            started = try Launcher.start(spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard)
             if let failure = started.cgroupFailure {
                 logger.warning("process runs without a cgroup: a stop ends its process group only", metadata: [
                     "process": "\(spec.id)", "error": "\(failure)",

@@ -96,6 +96,9 @@ public final class Supervisor: Sendable {
     let notifier: ServiceNotifier
 
     let runc: RuncRuntime
+    /// The seccomp program every direct process starts under (`SignalGuard`); nil when
+    /// `processes.signal_guard` is off, the daemon is not root, or it could not be built.
+    let signalGuard: [UInt8]?
     let metrics = SupervisorMetrics()
     /// Gives malloc's free pages back after bursts of requests.
     let tidier = MemoryTidier()
@@ -200,6 +203,7 @@ public final class Supervisor: Sendable {
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
             reaper: reaper, logger: logger)
+        signalGuard = Self.makeSignalGuard(enabled: (configuration.processes ?? .init()).signalGuard, logger: logger)
         if let state = resuming?.state {
             reaper.seed(Dictionary(state.reaped.map { ($0.pid, $0.status) }, uniquingKeysWith: { first, _ in first }))
             session.withLockedValue {
@@ -213,6 +217,23 @@ public final class Supervisor: Sendable {
                     $0.lastUpgradeFailure = reason
                 }
             }
+        }
+    }
+
+    /// The signal guard's program, or nil (said in the log either way but the default).
+    static func makeSignalGuard(enabled: Bool, logger: Logger) -> [UInt8]? {
+        guard enabled else {
+            logger.warning("processes.signal_guard is off: a root direct process, or anything it starts, can stop or reload the daemon with a signal")
+            return nil
+        }
+        // Installing a filter without no_new_privs takes CAP_SYS_ADMIN, which a daemon run as
+        // another user does not have (and its processes, of its own uid, could signal it anyway).
+        guard geteuid() == 0 else { return nil }
+        do {
+            return try SignalGuard.program(protecting: getpid(), group: getpgrp())
+        } catch {
+            logger.error("no signal guard for direct processes: a root one could stop the daemon with a signal", metadata: ["error": "\(error)"])
+            return nil
         }
     }
 

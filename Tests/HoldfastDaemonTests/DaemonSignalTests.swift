@@ -127,10 +127,13 @@ struct DaemonSignalTests {
     /// stop or a reload from a child of the supervisor is refused, whether the sender lives on
     /// or exits at once (reaped before the supervisor looks): the same daemon, no upgrade, a
     /// create served after, the refusals logged and counted, a bystander's every line; and a
-    /// SIGTERM from outside (this test) still stops it in order.
+    /// SIGTERM from outside (this test) still stops it in order. The supervisor's own refusal,
+    /// tested with the signal guard off (which otherwise stops these kills at the source:
+    /// `aSignalFromAnythingADirectProcessStartsNeverReachesTheSupervisor`).
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aContainerProcessCannotStopOrReloadItsParentTheSupervisor() async throws {
-        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        let daemon = try await DaemonFixture(
+            extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"\nprocesses:\n  signal_guard: false")
         defer { daemon.cleanUp() }
         let output = Accumulator(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(
@@ -160,6 +163,71 @@ struct DaemonSignalTests {
             .unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
         #expect(metrics["holdfast_signals_refused_total"] == 7, "every stop and reload asked by a child: \(metrics["holdfast_signals_refused_total"] ?? -1)")
 
+        let atStop = output.count
+        try await eventually("the bystander still streaming") { output.count > atStop + 200 }
+        #expect(try await daemon.stop() == .exited(0), "a SIGTERM from outside stops it")
+        let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
+        #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order: \(numbers.count) lines")
+    }
+
+    /// The supervisor refuses a stop from its own children, but a kill sent by anything they
+    /// start is not theirs: a script's external `/bin/kill $PPID`, a builtin kill in a
+    /// grandchild shell, `kill -q` (sigqueue), a kill of the supervisor's process group or of
+    /// every process (-1). Before, a root direct process's `sh -c '/bin/kill $PPID; …'` stopped
+    /// the daemon and every container (the sender, gone when the supervisor looked, could not be
+    /// placed). With the signal guard (on by default) each one fails with EPERM in the process:
+    /// nothing reaches the supervisor (no refusal counted, same pid, no upgrade), its own
+    /// signals still work, and a bystander streams every line. Signal 0 where a failure would
+    /// reach further than the test's own daemon (-1: every process on the machine).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aSignalFromAnythingADirectProcessStartsNeverReachesTheSupervisor() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "bystander", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("bystander-out")))
+        try await eventually("the bystander streaming") { output.count > 0 }
+        let before = try await daemon.status()
+        let hasPython = access("/usr/bin/python3", X_OK) == 0
+        // Every line: what was tried, and its exit status (0: the signal was sent).
+        let script = """
+            s=$PPID; g=$(sed 's/.*) //' /proc/$s/stat | cut -d' ' -f3)
+            echo "seccomp $(grep '^Seccomp:' /proc/$$/status | cut -f2)"
+            /bin/kill -s TERM $s; echo "external-term $?"
+            /bin/kill -s HUP $s; echo "external-hup $?"
+            /bin/kill -q 7 -s TERM $s; echo "sigqueue $?"
+            sh -c "kill -s TERM $s; echo grandchild-builtin \\$?"
+            (kill -s TERM $s; echo "subshell-builtin $?")
+            kill -0 -$g; echo "group $?"
+            kill -0 -1; echo "every-process $?"
+            kill -0 $$; echo "itself $?"
+            sleep 30 & kill -s TERM $!; echo "its-child $?"
+            \(hasPython ? "python3 -c \"import os; os.pidfd_open($s)\" 2>/dev/null; echo pidfd $?" : "echo pidfd 1")
+            """
+        let attempts = collect(try daemon.streams.open(token: bytes("attempts-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "attacker", argv: ["sh", "-c", script], stdout: daemon.spec("attempts-out")))
+        let report = try await withDeadline("the attacker's exit", .seconds(30)) { try await daemon.wait("attacker") }
+        let text = String(decoding: await attempts.value, as: UTF8.self)
+        print("a direct process's kills of the supervisor, each with its exit status:\n\(text)")
+        #expect(report.exitCode == 0, "\(report)")
+        var results: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            if parts.count == 2 { results[String(parts[0])] = String(parts[1]) }
+        }
+        #expect(results["seccomp"] == "2", "the process runs under a seccomp filter")
+        for refused in ["external-term", "external-hup", "sigqueue", "grandchild-builtin", "subshell-builtin", "group", "every-process", "pidfd"] {
+            #expect(results[refused].map { $0 != "0" } == true, "\(refused): refused (\(results[refused] ?? "not run"))")
+        }
+        #expect(results["itself"] == "0" && results["its-child"] == "0", "its own signals go: \(results)")
+
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.upgrades == 0, "neither stopped nor reloaded")
+        let metrics = parsePrometheus(try await httpExchange(
+            .unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect(metrics["holdfast_signals_refused_total"] == 0, "no kill reached the supervisor to be refused there")
+        _ = try await daemon.launch(ProcessSpec(id: "after", argv: ["sh", "-c", "exit 4"]))
+        #expect(try await withDeadline("a create after", .seconds(30)) { try await daemon.wait("after") }.exitCode == 4)
         let atStop = output.count
         try await eventually("the bystander still streaming") { output.count > atStop + 200 }
         #expect(try await daemon.stop() == .exited(0), "a SIGTERM from outside stops it")

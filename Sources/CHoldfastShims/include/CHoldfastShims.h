@@ -110,6 +110,8 @@ typedef struct {
     int oom_score_adj;
     int join_cgroup;           ///< 1: write "0" to cgroup_procs_fd first (the child joins that cgroup)
     int cgroup_procs_fd;       ///< an open cgroup.procs of a cgroup v2 directory (with join_cgroup)
+    const void *seccomp_filter; ///< NULL: none; else a seccomp program (struct sock_filter entries)
+    int seccomp_filter_length; ///< its number of entries (at most 4096)
 } hf_spawn_options;
 
 /// fork + exec in two steps, so that a caller can fork on one thread (the child's parent) and

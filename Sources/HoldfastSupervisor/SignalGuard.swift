@@ -1,0 +1,93 @@
+import CSeccomp
+import HoldfastPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A seccomp filter every direct process starts under (`processes.signal_guard`): no signal
+/// from it, or from anything it starts, reaches the supervisor. A direct process has no pid
+/// namespace, so a root one can signal the supervisor like any other process, and a stop
+/// (SIGTERM) ends every container. The supervisor refuses a stop or a reload from its own
+/// children (`refusedAsSentByAChild`), but not from their children — the sender of an external
+/// `/bin/kill $PPID` in a script, a `pkill -f daemon` or a `kill -TERM -1` is gone before the
+/// supervisor could tell whose it was. The filter makes the kernel refuse them at the source,
+/// with EPERM, as it refuses a process of another user:
+///
+/// - kill(2) to the supervisor's pid, to its process group, and to -1 (every process the caller
+///   may signal: without a pid namespace, every container of the VM and Holdfast itself for a
+///   root process);
+/// - tgkill/tkill to its main thread, rt_sigqueueinfo/rt_tgsigqueueinfo to it (`kill -q`,
+///   sigqueue(3)), and pidfd_open of it (no pidfd_send_signal without one).
+///
+/// Nothing else changes: every other syscall, and every other target, is allowed (the kernel
+/// caches such a filter's verdict per syscall, so a syscall with no rule costs no filter run).
+/// Architectures: the native one and those the CPU also runs (i386 and x32 beside x86-64, arm
+/// beside arm64), so a 32-bit `kill` is refused too. The pids are the supervisor's, which a live
+/// upgrade keeps (it re-executes in place); a process outlives no other supervisor.
+enum SignalGuard {
+    /// The program, as raw `struct sock_filter` entries, for `SpawnOptions.seccompFilter`.
+    static func program(protecting pid: pid_t, group: pid_t) throws(SystemError) -> [UInt8] {
+        guard let context = seccomp_init(hf_scmp_act_allow()) else { throw SystemError("seccomp_init", errno: .init(rawValue: ENOMEM)) }
+        defer { seccomp_release(context) }
+        // The filter is exported, not loaded here: none of libseccomp's own attributes (such as
+        // no_new_privs) apply; a syscall of an architecture not in it is allowed.
+        try check(seccomp_attr_set(context, SCMP_FLTATR_ACT_BADARCH, hf_scmp_act_allow()), "seccomp_attr_set(BADARCH)")
+        for name in compatibleArchitectures {
+            let arch = seccomp_arch_resolve_name(name)
+            guard arch != 0 else { continue }
+            let added = seccomp_arch_add(context, arch)
+            if added != 0 && added != -EEXIST { try check(added, "seccomp_arch_add(\(name))") }
+        }
+        let refused = hf_scmp_act_errno(EPERM)
+        // pid_t arguments compared on their low 32 bits: the kernel reads an int, whatever a raw
+        // syscall leaves in the register's upper half.
+        func refuse(_ name: String, argument: Int32, equal to: pid_t) throws(SystemError) {
+            let value = UInt64(UInt32(bitPattern: to))
+            let result = hf_scmp_rule(context, refused, name, argument, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, value)
+            // A syscall this architecture lacks (tkill on arm64) has nothing to refuse.
+            if result != 0 && result != -ENOENT && result != -EDOM { try check(result, "seccomp rule \(name)") }
+        }
+        var killTargets: Set<pid_t> = [pid, -pid, -1]
+        if group > 1 { killTargets.insert(-group) }
+        for target in killTargets.sorted() { try refuse("kill", argument: 0, equal: target) }
+        for name in ["tgkill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"] {
+            try refuse(name, argument: 0, equal: pid)
+        }
+        // Exported through a pipe (libseccomp 2.5 writes to an fd; the program is a few hundred
+        // bytes, far below a pipe's capacity).
+        let pipe = try PipeEnds.make()
+        defer { close(pipe.read) }
+        let exported = seccomp_export_bpf(context, pipe.write)
+        close(pipe.write)
+        try check(exported, "seccomp_export_bpf")
+        var program: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let got = buffer.withUnsafeMutableBytes { read(pipe.read, $0.baseAddress, $0.count) }
+            if got < 0 && errno == EINTR { continue }
+            guard got >= 0 else { throw .last("read(the exported seccomp program)") }
+            if got == 0 { break }
+            program += buffer[..<got]
+        }
+        guard !program.isEmpty, program.count % 8 == 0 else {
+            throw SystemError("seccomp_export_bpf: \(program.count) bytes, not a program", errno: .init(rawValue: EINVAL))
+        }
+        return program
+    }
+
+    /// The architectures whose syscalls a process on this one may make.
+    static var compatibleArchitectures: [String] {
+        #if arch(x86_64)
+        ["x86", "x32"]
+        #elseif arch(arm64)
+        ["arm"]
+        #else
+        []
+        #endif
+    }
+
+    private static func check(_ result: Int32, _ operation: String) throws(SystemError) {
+        guard result == 0 else { throw SystemError(operation, errno: .init(rawValue: -result)) }
+    }
+}
