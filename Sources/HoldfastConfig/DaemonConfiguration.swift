@@ -85,9 +85,9 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
 
     public struct Processes: Codable, Sendable, Equatable {
         /// Every direct process starts under a seccomp filter that refuses (EPERM) a signal from
-        /// it, or from anything it starts, to the supervisor (its pid or process group) or to
-        /// every process at once (kill -1): a root one's external `kill $PPID` or `pkill` would
-        /// otherwise stop the daemon and every container.
+        /// it, or from anything it starts, to the supervisor (its pid or process group) or, for
+        /// one started as root, to every process at once (kill -1): a root one's external
+        /// `kill $PPID` or `pkill` would otherwise stop the daemon and every container.
         public var signalGuard: Bool
 
         public init(signalGuard: Bool = true) {

@@ -249,7 +249,9 @@ struct Launcher {
     /// Creates the stdio, starts the process (runtime `direct`), and returns the host-side fds
     /// for the broker. On failure nothing is left open and no process is left running.
     /// `signalGuard`: the seccomp program it starts under (`SignalGuard`), if any.
-    static func start(_ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?, signalGuard: [UInt8]? = nil) throws(HoldfastError) -> Started {
+    static func start(
+        _ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?, signalGuard: SignalGuard.Programs? = nil
+    ) throws(HoldfastError) -> Started {
         try validate(spec)
         let account = spec.user.flatMap(UserAccount.forProcess) ?? UserAccount.lookup(String(geteuid()))
         var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: environment(for: spec, home: account?.home))
@@ -269,7 +271,7 @@ struct Launcher {
         // reaches the supervisor, the roles or another container.
         options.newSession = true
         // Nor may a signal of it, or of what it starts, reach the supervisor (`SignalGuard`).
-        options.seccompFilter = signalGuard
+        options.seccompFilter = signalGuard?.program(forUID: options.user?.uid ?? geteuid())
         // And its own cgroup, which also holds what leaves that session (`setsid`).
         // A cgroup that cannot be made (cgroup.max.descendants, a hierarchy gone read-only) is
         // no reason to refuse the process: it runs without, and its process group does the job.

@@ -14,9 +14,10 @@ import Glibc
 /// supervisor could tell whose it was. The filter makes the kernel refuse them at the source,
 /// with EPERM, as it refuses a process of another user:
 ///
-/// - kill(2) to the supervisor's pid, to its process group, and to -1 (every process the caller
-///   may signal: without a pid namespace, every container of the VM and Holdfast itself for a
-///   root process);
+/// - kill(2) to the supervisor's pid and to its process group; and, for a process started as
+///   root, to -1 (every process: without a pid namespace, every container of the VM and
+///   Holdfast itself). An unprivileged process's kill -1 reaches only its own uid's processes,
+///   none of them Holdfast's, and goes as in any Unix;
 /// - tgkill/tkill to its main thread, rt_sigqueueinfo/rt_tgsigqueueinfo to it (`kill -q`,
 ///   sigqueue(3)), and pidfd_open of it (no pidfd_send_signal without one).
 ///
@@ -26,8 +27,23 @@ import Glibc
 /// beside arm64), so a 32-bit `kill` is refused too. The pids are the supervisor's, which a live
 /// upgrade keeps (it re-executes in place); a process outlives no other supervisor.
 enum SignalGuard {
-    /// The program, as raw `struct sock_filter` entries, for `SpawnOptions.seccompFilter`.
-    static func program(protecting pid: pid_t, group: pid_t) throws(SystemError) -> [UInt8] {
+    /// The two programs, built once: one for a process started as root, one for the others.
+    struct Programs: Sendable {
+        let root: [UInt8]
+        let unprivileged: [UInt8]
+
+        init(protecting pid: pid_t, group: pid_t) throws(SystemError) {
+            root = try SignalGuard.program(protecting: pid, group: group, everyProcess: true)
+            unprivileged = try SignalGuard.program(protecting: pid, group: group, everyProcess: false)
+        }
+
+        /// The program for a process that starts as `uid`.
+        func program(forUID uid: uid_t) -> [UInt8] { uid == 0 ? root : unprivileged }
+    }
+
+    /// The program, as raw `struct sock_filter` entries, for `SpawnOptions.seccompFilter`;
+    /// `everyProcess`: refuse kill(-1) too.
+    static func program(protecting pid: pid_t, group: pid_t, everyProcess: Bool) throws(SystemError) -> [UInt8] {
         guard let context = seccomp_init(hf_scmp_act_allow()) else { throw SystemError("seccomp_init", errno: .init(rawValue: ENOMEM)) }
         defer { seccomp_release(context) }
         // The filter is exported, not loaded here: none of libseccomp's own attributes (such as
@@ -48,7 +64,8 @@ enum SignalGuard {
             // A syscall this architecture lacks (tkill on arm64) has nothing to refuse.
             if result != 0 && result != -ENOENT && result != -EDOM { try check(result, "seccomp rule \(name)") }
         }
-        var killTargets: Set<pid_t> = [pid, -pid, -1]
+        var killTargets: Set<pid_t> = [pid, -pid]
+        if everyProcess { killTargets.insert(-1) }
         if group > 1 { killTargets.insert(-group) }
         for target in killTargets.sorted() { try refuse("kill", argument: 0, equal: target) }
         for name in ["tgkill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"] {

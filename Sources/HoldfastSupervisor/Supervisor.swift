@@ -98,7 +98,7 @@ public final class Supervisor: Sendable {
     let runc: RuncRuntime
     /// The seccomp program every direct process starts under (`SignalGuard`); nil when
     /// `processes.signal_guard` is off, the daemon is not root, or it could not be built.
-    let signalGuard: [UInt8]?
+    let signalGuard: SignalGuard.Programs?
     let metrics = SupervisorMetrics()
     /// Gives malloc's free pages back after bursts of requests.
     let tidier = MemoryTidier()
@@ -221,7 +221,7 @@ public final class Supervisor: Sendable {
     }
 
     /// The signal guard's program, or nil (said in the log either way but the default).
-    static func makeSignalGuard(enabled: Bool, logger: Logger) -> [UInt8]? {
+    static func makeSignalGuard(enabled: Bool, logger: Logger) -> SignalGuard.Programs? {
         guard enabled else {
             logger.warning("processes.signal_guard is off: a root direct process, or anything it starts, can stop or reload the daemon with a signal")
             return nil
@@ -230,7 +230,7 @@ public final class Supervisor: Sendable {
         // another user does not have (and its processes, of its own uid, could signal it anyway).
         guard geteuid() == 0 else { return nil }
         do {
-            return try SignalGuard.program(protecting: getpid(), group: getpgrp())
+            return try SignalGuard.Programs(protecting: getpid(), group: getpgrp())
         } catch {
             logger.error("no signal guard for direct processes: a root one could stop the daemon with a signal", metadata: ["error": "\(error)"])
             return nil
