@@ -73,7 +73,8 @@ extension Supervisor {
 }
 
 /// Which host uid a runc container's process runs as: its config.json's `process.user.uid` (or
-/// an exec's own), mapped through `linux.uidMappings` when the container has a user namespace.
+/// an exec's own), mapped through `linux.uidMappings` when the container has a user namespace;
+/// and whether it shares this process's pid namespace.
 enum RuncBundleIdentity {
     private struct Config: Decodable {
         struct Process: Decodable {
@@ -87,9 +88,29 @@ enum RuncBundleIdentity {
                 var size: UInt32
             }
             var uidMappings: [Mapping]?
+            struct Namespace: Decodable {
+                var type: String
+                var path: String?
+            }
+            var namespaces: [Namespace]?
         }
         var process: Process?
         var linux: Linux?
+    }
+
+    /// Whether a container made from `bundle` shares this process's pid namespace: its
+    /// config.json names no pid namespace, or one at a path that is this one. A bundle that
+    /// cannot be read counts as sharing it (the guard then applies; runc says what is wrong).
+    static func sharesThisPIDNamespace(bundle: String) -> Bool {
+        guard let bytes = WholeFile.read(bundle + "/config.json"),
+            let config = try? JSONDecoder().decode(Config.self, from: Data(bytes))
+        else { return true }
+        guard let pid = config.linux?.namespaces?.first(where: { $0.type == "pid" }) else { return true }
+        guard let path = pid.path, !path.isEmpty else { return false }
+        var theirs = stat()
+        var ours = stat()
+        guard stat(path, &theirs) == 0, stat("/proc/self/ns/pid", &ours) == 0 else { return true }
+        return theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino
     }
 
     /// nil when the bundle cannot be read (runc will say why) or the uid is not mapped.

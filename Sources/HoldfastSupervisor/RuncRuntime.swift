@@ -32,6 +32,9 @@ struct RuncRuntime: Sendable {
     let workDirectory: String
     let reaper: ChildReaper
     let logger: Logger
+    /// The signal guard (`SignalGuard`), for a container that shares the supervisor's pid
+    /// namespace: `runc create` and `runc exec` start under it, and so does all they start.
+    var signalGuard: SignalGuard.Programs? = nil
     /// A runc command that takes longer than this is killed and reported as failed.
     static let commandTimeout: Duration = .seconds(60)
 
@@ -86,7 +89,9 @@ struct RuncRuntime: Sendable {
             console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
             if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
             arguments.append(spec.id)
-            try await run(arguments, log: scratch.logFile, stdio: stdio, what: "runc create")
+            try await run(
+                arguments, log: scratch.logFile, stdio: stdio, what: "runc create",
+                seccompFilter: signalGuardProgram(bundle: spec.bundle!, containerUID: nil))
         } catch {
             stdio.closeAll()
             await delete(spec.id)
@@ -136,7 +141,9 @@ struct RuncRuntime: Sendable {
         do throws(HoldfastError) {
             console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
             if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
-            try await run(arguments + [container], log: scratch.logFile, stdio: stdio, what: "runc exec")
+            try await run(
+                arguments + [container], log: scratch.logFile, stdio: stdio, what: "runc exec",
+                seccompFilter: signalGuardProgram(bundle: bundle, containerUID: spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }))
         } catch {
             stdio.closeAll()
             throw error
@@ -157,6 +164,17 @@ struct RuncRuntime: Sendable {
             stdio.closeAll()
             throw error
         }
+    }
+
+    /// The signal guard's program for a container made from `bundle` (an exec's process as
+    /// `containerUID`), or nil: a container with a pid namespace of its own cannot see the
+    /// supervisor (and a filter there would refuse its init's own kill -1). One without — the
+    /// bundle leaves the pid namespace out, or joins the supervisor's by path (`--pid=host` in
+    /// other tools) — can signal it like a direct process, so it gets the same guard, chosen by
+    /// the host uid its process runs as.
+    func signalGuardProgram(bundle: String, containerUID: uid_t?) -> [UInt8]? {
+        guard let signalGuard, RuncBundleIdentity.sharesThisPIDNamespace(bundle: bundle) else { return nil }
+        return signalGuard.program(forUID: RuncBundleIdentity.hostUID(bundle: bundle, containerUID: containerUID) ?? 0)
     }
 
     /// `runc kill ID SIGNAL`.
@@ -185,11 +203,12 @@ struct RuncRuntime: Sendable {
     /// Runs one runc command to its end (bounded), with `stdio` as its fds 0-2 (nil: /dev/null).
     /// A non-zero exit becomes an error carrying runc's own message.
     private func run(
-        _ arguments: [String], log: String, stdio: Launcher.Stdio = .init(), what: String
+        _ arguments: [String], log: String, stdio: Launcher.Stdio = .init(), what: String, seccompFilter: [UInt8]? = nil
     ) async throws(HoldfastError) {
         var options = SpawnOptions(
             executable: path, arguments: [path, "--root", root, "--log", log, "--log-format", "json"] + arguments,
             environment: Launcher.defaultEnvironment)
+        options.seccompFilter = seccompFilter
         options.stdin = stdio.stdin
         options.stdout = stdio.stdout
         options.stderr = stdio.stderr

@@ -200,10 +200,10 @@ public final class Supervisor: Sendable {
             rings = nil
             logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
         }
+        signalGuard = Self.makeSignalGuard(enabled: (configuration.processes ?? .init()).signalGuard, logger: logger)
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
-            reaper: reaper, logger: logger)
-        signalGuard = Self.makeSignalGuard(enabled: (configuration.processes ?? .init()).signalGuard, logger: logger)
+            reaper: reaper, logger: logger, signalGuard: signalGuard)
         if let state = resuming?.state {
             reaper.seed(Dictionary(state.reaped.map { ($0.pid, $0.status) }, uniquingKeysWith: { first, _ in first }))
             session.withLockedValue {

@@ -111,6 +111,53 @@ struct ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A runc container that shares the guest's pid namespace (its bundle leaves the pid
+    /// namespace out) can name the supervisor like a direct process, and its subshell's kill is
+    /// no child's: it gets the signal guard too. The container's kills of the supervisor (a
+    /// subshell's SIGTERM, a SIGHUP, the group and -1 with signal 0) each fail; its own signals
+    /// go; the daemon keeps its pid, no upgrade, nothing reached it to be refused. (Without the
+    /// guard: the subshell's SIGTERM stopped the daemon.)
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static"))
+    func aRuncContainerInTheGuestsPIDNamespaceCannotSignalTheSupervisor() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon)
+        let before = try await Self.roles(daemon)
+        let status = try await daemon.status()
+        let supervisor = daemon.daemonPID
+        let script = """
+            (kill -s TERM \(supervisor)); echo "subshell-term $?"
+            (kill -s HUP \(supervisor)); echo "subshell-hup $?"
+            kill -0 -\(supervisor); echo "group $?"
+            kill -0 -1; echo "every-process $?"
+            kill -0 $$; echo "itself $?"
+            """
+        let bundle = try TestBundle(in: daemon.directory, name: "hostpid", args: ["sh", "-c", script], terminal: false, hostPIDNamespace: true)
+        let output = collect(try daemon.streams.open(token: bytes("hostpid-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(
+            id: "hostpid", argv: [], stdout: daemon.spec("hostpid-out"), runtime: .runc, bundle: bundle.path))
+        let report = try await daemon.wait("hostpid")
+        let text = String(decoding: await output.value, as: UTF8.self)
+        print("a runc container in the guest's pid namespace, its kills of the supervisor:\n\(text)")
+        #expect(report.exitCode == 0, "\(report)")
+        var results: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            if parts.count == 2 { results[String(parts[0])] = String(parts[1]) }
+        }
+        for refused in ["subshell-term", "subshell-hup", "group", "every-process"] {
+            #expect(results[refused].map { $0 != "0" } == true, "\(refused): refused (\(results[refused] ?? "not run"))")
+        }
+        #expect(results["itself"] == "0", "its own signals go: \(results)")
+        let after = try await daemon.status()
+        #expect(after.pid == status.pid && after.upgrades == 0, "neither stopped nor reloaded")
+        let metrics = parsePrometheus(try await httpExchange(
+            .unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect(metrics["holdfast_signals_refused_total"] == 0, "no kill reached the supervisor to be refused there")
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A debugger, a profiler, a cgroup freeze or a stopped terminal must never cost the
     /// containers: the broker is stopped and continued 20 times, traced by `strace -f` for 2 s,
     /// and (where the machine has cgroup v2) frozen and thawed, while a counter streams to the

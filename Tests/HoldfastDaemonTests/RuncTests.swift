@@ -18,7 +18,9 @@ struct TestBundle {
 
     static let applets = ["sh", "echo", "cat", "sleep", "stty", "seq", "ls", "printf", "true", "head", "read"]
 
-    init(in directory: TemporaryDirectory, name: String, args: [String], terminal: Bool) throws {
+    /// `hostPIDNamespace`: the bundle leaves the pid namespace out (the container shares the
+    /// guest's, as `--pid=host` does elsewhere).
+    init(in directory: TemporaryDirectory, name: String, args: [String], terminal: Bool, hostPIDNamespace: Bool = false) throws {
         path = directory.file(name)
         let bin = path + "/rootfs/bin"
         for made in [path, path + "/rootfs", bin] { #expect(mkdir(made, 0o755) == 0) }
@@ -32,6 +34,12 @@ struct TestBundle {
         process["args"] = args
         process["terminal"] = terminal
         config["process"] = process
+        if hostPIDNamespace {
+            var linux = try #require(config["linux"] as? [String: Any])
+            let namespaces = try #require(linux["namespaces"] as? [[String: Any]])
+            linux["namespaces"] = namespaces.filter { $0["type"] as? String != "pid" }
+            config["linux"] = linux
+        }
         try writeFile(configPath, Array(try JSONSerialization.data(withJSONObject: config)))
     }
 
