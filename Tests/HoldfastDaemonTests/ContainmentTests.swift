@@ -140,11 +140,7 @@ struct ContainmentTests {
         let text = String(decoding: await output.value, as: UTF8.self)
         print("a runc container in the guest's pid namespace, its kills of the supervisor:\n\(text)")
         #expect(report.exitCode == 0, "\(report)")
-        var results: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ", maxSplits: 1)
-            if parts.count == 2 { results[String(parts[0])] = String(parts[1]) }
-        }
+        let results = attemptResults(text)
         for refused in ["subshell-term", "subshell-hup", "group", "every-process"] {
             #expect(results[refused].map { $0 != "0" } == true, "\(refused): refused (\(results[refused] ?? "not run"))")
         }

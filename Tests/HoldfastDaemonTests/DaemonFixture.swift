@@ -292,6 +292,16 @@ func collect(_ stream: some InboundStream) -> Task<[UInt8], Never> {
     }
 }
 
+/// The lines "WHAT STATUS" a test script prints for each thing it tries, as WHAT → STATUS.
+func attemptResults(_ text: String) -> [String: String] {
+    var results: [String: String] = [:]
+    for line in text.split(separator: "\n") {
+        let parts = line.split(separator: " ", maxSplits: 1)
+        if parts.count == 2 { results[String(parts[0])] = String(parts[1]) }
+    }
+    return results
+}
+
 /// A host stream's bytes as they arrive (the stream need not end).
 final class Accumulated: Sendable {
     let box = NIOLockedValueBox<[UInt8]>([])

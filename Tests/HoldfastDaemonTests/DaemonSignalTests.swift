@@ -210,11 +210,7 @@ struct DaemonSignalTests {
         let text = String(decoding: await attempts.value, as: UTF8.self)
         print("a direct process's kills of the supervisor, each with its exit status:\n\(text)")
         #expect(report.exitCode == 0, "\(report)")
-        var results: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ", maxSplits: 1)
-            if parts.count == 2 { results[String(parts[0])] = String(parts[1]) }
-        }
+        let results = attemptResults(text)
         #expect(results["seccomp"] == "2", "the process runs under a seccomp filter")
         for refused in ["external-term", "external-hup", "sigqueue", "grandchild-builtin", "subshell-builtin", "group", "every-process", "pidfd"] {
             #expect(results[refused].map { $0 != "0" } == true, "\(refused): refused (\(results[refused] ?? "not run"))")
