@@ -489,6 +489,34 @@ int hf_signal_to_pipe(int signo, int fd) {
     return sigaction(signo, &action, NULL);
 }
 
+static int parent_only_pipe_fd = -1;
+
+static void parent_only_handler(int signo, siginfo_t *info, void *context) {
+    (void)context;
+    int saved = errno;
+    // The kernel's own (si_code > 0) or the parent's: what it asks, the default action, at once
+    // (the signal is blocked inside its handler: raised here, it is taken as the handler returns).
+    if (info == NULL || info->si_code > 0 || info->si_pid == getppid()) {
+        signal(signo, SIG_DFL);
+        raise(signo);
+        errno = saved;
+        return;
+    }
+    hf_signal_record record = {signo, info->si_pid, info->si_uid};
+    (void)!write(parent_only_pipe_fd, &record, sizeof(record));
+    errno = saved;
+}
+
+int hf_signal_from_parent_only(int signo, int fd) {
+    parent_only_pipe_fd = fd;
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_sigaction = parent_only_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART | SA_SIGINFO;
+    return sigaction(signo, &action, NULL);
+}
+
 void hf_signal_hold(pid_t tid, const int *signals, int count) {
     unsigned long mask = 0;
     for (int i = 0; i < count; i++) {

@@ -64,6 +64,17 @@ public enum BridgeWorker {
         // Only the supervisor signals a role (SIGTERM to stop it); a stray SIGHUP, SIGUSR1 or
         // realtime signal an operator sends every holdfast process would otherwise end it.
         StraySignals.ignoreInThisRole()
+        // And SIGTERM from the supervisor alone: a container's `pkill holdfast` would end it.
+        do throws(SystemError) {
+            let stops = try StopFromParentOnly()
+            stops.sayRefusals { refused, unsaid in
+                logger.warning(
+                    "\(signalName(refused.number)) from another process than the supervisor ignored: only the supervisor stops the bridge worker",
+                    metadata: ["sentBy": "\(refused.sender)", "alsoIgnoredSinceLastSaid": "\(unsaid)"])
+            }
+        } catch {
+            logger.warning("cannot take SIGTERM from the supervisor alone: any process may end the bridge worker", metadata: ["error": "\(error)"])
+        }
         let link = NIOLockedValueBox(Link.down)
         let client = ControlClient(channel: supervisor) { frame in
             guard frame.type == BridgeMessageType.exit.rawValue else { return }

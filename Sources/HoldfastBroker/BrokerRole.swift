@@ -28,6 +28,13 @@ public enum BrokerRole {
         // realtime signal (`killall -USR1 holdfast`) would otherwise end it, and every stream
         // would have to be taken over by its successor.
         StraySignals.ignoreInThisRole()
+        // And SIGTERM from the supervisor alone: a container's `pkill holdfast` would end it.
+        let stops = try StopFromParentOnly()
+        stops.sayRefusals { refused, unsaid in
+            logger.warning(
+                "\(signalName(refused.number)) from another process than the supervisor ignored: only the supervisor stops the broker",
+                metadata: ["sentBy": "\(refused.sender)", "alsoIgnoredSinceLastSaid": "\(unsaid)"])
+        }
         let control = FDChannel(try AsyncFD(adopting: controlFD))
         let handoff = try handoffFD.map { try Listener(adopting: $0, address: .unix(path: handoffPath ?? "handoff")) }
         // The supervisor's checkpoint area, mapped before the filter is loaded (mmap of a shared

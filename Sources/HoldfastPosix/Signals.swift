@@ -46,6 +46,43 @@ public enum StraySignals {
     }
 }
 
+/// A role's stop signal taken from its parent, the supervisor, alone. From the supervisor (or
+/// the kernel) SIGTERM ends the role at once, by its default action, as before; from any other
+/// process — a container's `pkill holdfast`, which matches every holdfast process by name — it
+/// is ignored, and `refusals` yields it with its sender for the log. Before, such a kill ended
+/// the broker (its successor resumed the streams, but a raw stream's bytes in flight were lost)
+/// and the bridge worker. SIGKILL, which no handler sees, still ends a role: the supervisor
+/// restarts it.
+public final class StopFromParentOnly: Sendable {
+    private let reader: AsyncFD
+
+    public init(_ signal: Int32 = SIGTERM) throws(SystemError) {
+        let ends = try PipeEnds.make()
+        let flags = fcntl(ends.write, F_GETFL)
+        _ = fcntl(ends.write, F_SETFL, flags | O_NONBLOCK)
+        reader = try AsyncFD(adopting: ends.read)
+        guard hf_signal_from_parent_only(signal, ends.write) == 0 else { throw .last("sigaction(\(signalName(signal)))") }
+    }
+
+    /// The next signal refused, with its sender.
+    public func next() async -> ReceivedSignal? {
+        await SignalPipe.nextRecord(from: reader)
+    }
+
+    /// Says each refusal through `say` — the signal, and how many went unsaid since the last
+    /// one said — at most once per `interval` for each signal: a process sending it in a loop
+    /// must not flood the journal.
+    public func sayRefusals(every interval: Duration = .seconds(10), _ say: @escaping @Sendable (ReceivedSignal, Int) -> Void) {
+        Task { [self] in
+            var pacer = LogPacer<Int32>(interval: interval)
+            while let refused = await next() {
+                guard let unsaid = pacer.note(refused.number) else { continue }
+                say(refused, unsaid)
+            }
+        }
+    }
+}
+
 /// Delivers signals to a task through a self-pipe: the handler only writes a record of the
 /// signal (`hf_signal_record`: its number and sender) to a non-blocking pipe, which is safe
 /// whatever the process's threads are doing, and a task reads them in order. One per process (a
@@ -102,6 +139,11 @@ public final class SignalPipe: Sendable {
     /// The next signal delivered, in order. A burst of SIGCHLDs may arrive as fewer records than
     /// children exited (the pipe can fill); a reaper must loop on waitpid anyway.
     public func next() async -> ReceivedSignal? {
+        await Self.nextRecord(from: reader)
+    }
+
+    /// The next `hf_signal_record` a handler wrote into the pipe `reader` reads.
+    static func nextRecord(from reader: AsyncFD) async -> ReceivedSignal? {
         // Each record was one write under PIPE_BUF, so a read of one record's size takes a whole one.
         let size = MemoryLayout<hf_signal_record>.size
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: MemoryLayout<hf_signal_record>.alignment)

@@ -111,6 +111,37 @@ struct ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A root container's `pkill holdfast` matches every holdfast process by name: the guard
+    /// keeps it from the supervisor, and the roles take SIGTERM from the supervisor alone. Sent
+    /// from a direct root process to the broker and the bridge worker (twice each, from a
+    /// subshell too): both kills succeed as syscalls and change nothing — the same pids, no
+    /// restart, the refusal logged with its sender, a bystander's every line; then the
+    /// daemon's stop (the supervisor's SIGTERM to each role) ends both in order. Before, each
+    /// role ended and was restarted (the broker's raw streams losing their bytes in flight).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func theRolesTakeTheirStopFromTheSupervisorAlone() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let bystander = try await Self.startBystander(daemon)
+        let before = try await Self.roles(daemon)
+        let pids = before.values.compactMap(\.pid)
+        try #require(pids.count == 2, "a broker and a bridge worker: \(before)")
+        let targets = pids.map(String.init).joined(separator: " ")
+        let script = "for p in \(targets); do kill -s TERM $p && (kill -s TERM $p) && echo sent $p; done; sleep 1"
+        let attempts = collect(try daemon.streams.open(token: bytes("pkill-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "pkill", argv: ["sh", "-c", script], stdout: daemon.spec("pkill-out")))
+        let report = try await daemon.wait("pkill")
+        let text = String(decoding: await attempts.value, as: UTF8.self)
+        #expect(report.exitCode == 0, "\(report)")
+        #expect(text == pids.map { "sent \($0)\n" }.joined(), "every kill was sent: \(text.debugDescription)")
+        try await Self.expectIntact(daemon, roles: before, bystander: bystander)
+        try await eventually("the refusals said") {
+            daemon.log.contains("only the supervisor stops the broker") && daemon.log.contains("only the supervisor stops the bridge worker")
+        }
+        #expect(try await daemon.stop() == .exited(0), "the supervisor's own SIGTERM still stops them")
+        #expect(!daemon.log.contains("role did not end within"), "each role ended when the supervisor asked")
+    }
+
     /// A runc container that shares the guest's pid namespace (its bundle leaves the pid
     /// namespace out) can name the supervisor like a direct process, and its subshell's kill is
     /// no child's: it gets the signal guard too. The container's kills of the supervisor (a

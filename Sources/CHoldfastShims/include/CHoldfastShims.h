@@ -148,6 +148,10 @@ unsigned long hf_signal_records_written(void);
 void hf_signal_hold(pid_t tid, const int *signals, int count);
 /// Ends `hf_signal_hold`: the handler writes every signal into the pipe again.
 void hf_signal_release(void);
+/// Installs a handler for `signo` that takes it as its default action (raised again at once)
+/// when the parent process or the kernel sent it, and otherwise only writes an `hf_signal_record`
+/// of it to `fd` (a non-blocking pipe) and ignores it. Returns 0 or -1 with errno.
+int hf_signal_from_parent_only(int signo, int fd);
 /// SIG_IGN for `signo` in this process (a child gets it too unless its spawn resets it).
 int hf_ignore_signal(int signo);
 /// The realtime signals this libc leaves to programs (SIGRTMIN and SIGRTMAX are functions of
