@@ -49,10 +49,10 @@ public enum StraySignals {
 /// A role's stop signal taken from its parent, the supervisor, alone. From the supervisor (or
 /// the kernel) SIGTERM ends the role at once, by its default action, as before; from any other
 /// process — a container's `pkill holdfast`, which matches every holdfast process by name — it
-/// is ignored, and `refusals` yields it with its sender for the log. Before, such a kill ended
-/// the broker (its successor resumed the streams, but a raw stream's bytes in flight were lost)
-/// and the bridge worker. SIGKILL, which no handler sees, still ends a role: the supervisor
-/// restarts it.
+/// is ignored, and `next` (or `sayRefusals`) gives it with its sender for the log. Before, such
+/// a kill ended the broker (its successor resumed the streams, but a raw stream's bytes in
+/// flight were lost) and the bridge worker. SIGKILL, which no handler sees, still ends a role:
+/// the supervisor restarts it.
 public final class StopFromParentOnly: Sendable {
     private let reader: AsyncFD
 

@@ -98,13 +98,17 @@ enum RuncBundleIdentity {
         var linux: Linux?
     }
 
+    /// The parts of `bundle`'s config.json read here; nil if it cannot be read or parsed.
+    private static func config(of bundle: String) -> Config? {
+        guard let bytes = WholeFile.read(bundle + "/config.json") else { return nil }
+        return try? JSONDecoder().decode(Config.self, from: Data(bytes))
+    }
+
     /// Whether a container made from `bundle` shares this process's pid namespace: its
     /// config.json names no pid namespace, or one at a path that is this one. A bundle that
     /// cannot be read counts as sharing it (the guard then applies; runc says what is wrong).
     static func sharesThisPIDNamespace(bundle: String) -> Bool {
-        guard let bytes = WholeFile.read(bundle + "/config.json"),
-            let config = try? JSONDecoder().decode(Config.self, from: Data(bytes))
-        else { return true }
+        guard let config = config(of: bundle) else { return true }
         guard let pid = config.linux?.namespaces?.first(where: { $0.type == "pid" }) else { return true }
         guard let path = pid.path, !path.isEmpty else { return false }
         var theirs = stat()
@@ -115,9 +119,7 @@ enum RuncBundleIdentity {
 
     /// nil when the bundle cannot be read (runc will say why) or the uid is not mapped.
     static func hostUID(bundle: String, containerUID: uid_t?) -> uid_t? {
-        guard let bytes = WholeFile.read(bundle + "/config.json"),
-            let config = try? JSONDecoder().decode(Config.self, from: Data(bytes))
-        else { return nil }
+        guard let config = config(of: bundle) else { return nil }
         let uid = containerUID ?? config.process?.user?.uid ?? 0
         guard let mappings = config.linux?.uidMappings, !mappings.isEmpty else { return uid }
         for mapping in mappings where uid >= mapping.containerID && UInt64(uid) < UInt64(mapping.containerID) + UInt64(mapping.size) {
