@@ -21,6 +21,9 @@ import Glibc
 /// - tgkill/tkill to its main thread, rt_sigqueueinfo/rt_tgsigqueueinfo to it (`kill -q`,
 ///   sigqueue(3)), and pidfd_open of it (no pidfd_send_signal without one).
 ///
+/// Signal 0, which sends nothing, goes through: `kill -0 $PPID`, a script's check that its
+/// parent lives, answers as it did.
+///
 /// Nothing else changes: every other syscall, and every other target, is allowed (the kernel
 /// caches the verdict of a syscall no rule names: what is left is seccomp's entry cost, about
 /// 10 ns a syscall here).
@@ -58,21 +61,34 @@ enum SignalGuard {
         }
         let refused = hf_scmp_act_errno(EPERM)
         // pid_t arguments compared on their low 32 bits: the kernel reads an int, whatever a raw
-        // syscall leaves in the register's upper half.
-        func refuse(_ name: String, argument: Int32, equal to: pid_t) throws(SystemError) {
+        // syscall leaves in the register's upper half. Signal 0 sends nothing (`kill -0 $PPID`:
+        // is my parent alive?) and goes through, as it did.
+        func refuse(_ name: String, target argument: UInt32, equal to: pid_t, signal signalArgument: UInt32?) throws(SystemError) {
             let value = UInt64(UInt32(bitPattern: to))
-            let result = hf_scmp_rule(context, refused, name, argument, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, value)
+            let result: Int32
+            if let signalArgument {
+                // Whole: any bit set in the register refuses (a 0 with high bits set is refused
+                // too, which costs nothing).
+                result = hf_scmp_rule2(
+                    context, refused, name, argument, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, value, signalArgument, SCMP_CMP_NE, 0, 0)
+            } else {
+                result = hf_scmp_rule(context, refused, name, Int32(argument), SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, value)
+            }
             // A syscall this architecture lacks (tkill on arm64) has nothing to refuse.
             if result != 0 && result != -ENOENT && result != -EDOM { try check(result, "seccomp rule \(name)") }
         }
         var killTargets: Set<pid_t> = [pid, -pid]
         if everyProcess { killTargets.insert(-1) }
         if group > 1 { killTargets.insert(-group) }
-        for target in killTargets.sorted() { try refuse("kill", argument: 0, equal: target) }
-        for name in ["tgkill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"] {
-            try refuse(name, argument: 0, equal: pid)
+        for target in killTargets.sorted() { try refuse("kill", target: 0, equal: target, signal: 1) }
+        // The argument that holds the signal: tkill(tid, sig), tgkill(tgid, tid, sig),
+        // rt_sigqueueinfo(tgid, sig, info), rt_tgsigqueueinfo(tgid, tid, sig, info).
+        for (name, signalArgument) in [("tkill", 1), ("tgkill", 2), ("rt_sigqueueinfo", 1), ("rt_tgsigqueueinfo", 2)] as [(String, UInt32)] {
+            try refuse(name, target: 0, equal: pid, signal: signalArgument)
         }
-        // Exported through a pipe (libseccomp 2.5 writes to an fd; the program is about 300
+        // A pidfd sends any signal (pidfd_send_signal), whichever fd number it has: none of it.
+        try refuse("pidfd_open", target: 0, equal: pid, signal: nil)
+        // Exported through a pipe (libseccomp 2.5 writes to an fd; the program is about 600
         // bytes, far below a pipe's capacity).
         let pipe = try PipeEnds.make()
         defer { close(pipe.read) }
