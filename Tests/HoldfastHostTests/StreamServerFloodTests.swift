@@ -71,7 +71,7 @@ struct StreamServerFloodTests {
             let nonce = StreamAuthentication.nonce()
             let hello = StreamAuthentication.sign(
                 StreamHello(role: .guest, token: bytes("real"), receivedOffset: 0, attempt: attempt, nonce: nonce), secret: host.secret)
-            let connection = try connectSending(directory.file("s.sock"), hello.encoded)
+            let (connection, _) = try connectSendingRedialling(directory.file("s.sock"), hello.encoded)
             defer { connection.close() }
             let answer = try await withTimeout("the host's hello, attempt \(attempt)", .seconds(30)) { try await Handshake.readHello(from: connection) }
             #expect(answer.role == .host && StreamAuthentication.verify(answer, secret: host.secret, challenge: nonce), "attempt \(attempt)")
