@@ -476,17 +476,22 @@ static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
     errno = saved;
 }
 
-int hf_signal_to_pipe(int signo, int fd) {
-    signal_pipe_fd = fd;
+// SA_RESTART | SA_SIGINFO, nothing else blocked while it runs. No SA_NOCLDSTOP: it also silences
+// a tracee's stops (a child that made this process its tracer with PTRACE_TRACEME), which must
+// be let go at once (UnwantedTracee.swift). A child's ordinary stop or continue costs one waitpid
+// that finds nothing.
+static int install_siginfo_handler(int signo, void (*handler)(int, siginfo_t *, void *)) {
     struct sigaction action;
     memset(&action, 0, sizeof(action));
-    action.sa_sigaction = signal_to_pipe_handler;
+    action.sa_sigaction = handler;
     sigemptyset(&action.sa_mask);
-    // No SA_NOCLDSTOP: it also silences a tracee's stops (a child that made this process its
-    // tracer with PTRACE_TRACEME), which must be let go at once (UnwantedTracee.swift). A child's
-    // ordinary stop or continue costs one waitpid that finds nothing.
     action.sa_flags = SA_RESTART | SA_SIGINFO;
     return sigaction(signo, &action, NULL);
+}
+
+int hf_signal_to_pipe(int signo, int fd) {
+    signal_pipe_fd = fd;
+    return install_siginfo_handler(signo, signal_to_pipe_handler);
 }
 
 static int parent_only_pipe_fd = -1;
@@ -509,12 +514,7 @@ static void parent_only_handler(int signo, siginfo_t *info, void *context) {
 
 int hf_signal_from_parent_only(int signo, int fd) {
     parent_only_pipe_fd = fd;
-    struct sigaction action;
-    memset(&action, 0, sizeof(action));
-    action.sa_sigaction = parent_only_handler;
-    sigemptyset(&action.sa_mask);
-    action.sa_flags = SA_RESTART | SA_SIGINFO;
-    return sigaction(signo, &action, NULL);
+    return install_siginfo_handler(signo, parent_only_handler);
 }
 
 void hf_signal_hold(pid_t tid, const int *signals, int count) {

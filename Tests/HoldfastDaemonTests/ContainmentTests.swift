@@ -111,7 +111,7 @@ struct ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    /// A root container's `pkill holdfast` matches every holdfast process by name: the guard
+    /// A root container's kill of every holdfast process by name reaches the roles too: the guard
     /// keeps it from the supervisor, and the roles take SIGTERM from the supervisor alone. Sent
     /// from a direct root process to the broker and the bridge worker (twice each, from a
     /// subshell too): both kills succeed as syscalls and change nothing — the same pids, no
@@ -128,9 +128,9 @@ struct ContainmentTests {
         try #require(pids.count == 2, "a broker and a bridge worker: \(before)")
         let targets = pids.map(String.init).joined(separator: " ")
         let script = "for p in \(targets); do kill -s TERM $p && (kill -s TERM $p) && echo sent $p; done; sleep 1"
-        let attempts = collect(try daemon.streams.open(token: bytes("pkill-out"), direction: .receive))
-        _ = try await daemon.launch(ProcessSpec(id: "pkill", argv: ["sh", "-c", script], stdout: daemon.spec("pkill-out")))
-        let report = try await daemon.wait("pkill")
+        let attempts = collect(try daemon.streams.open(token: bytes("role-kills-out"), direction: .receive))
+        _ = try await daemon.launch(ProcessSpec(id: "role-kills", argv: ["sh", "-c", script], stdout: daemon.spec("role-kills-out")))
+        let report = try await daemon.wait("role-kills")
         let text = String(decoding: await attempts.value, as: UTF8.self)
         #expect(report.exitCode == 0, "\(report)")
         #expect(text == pids.map { "sent \($0)\n" }.joined(), "every kill was sent: \(text.debugDescription)")

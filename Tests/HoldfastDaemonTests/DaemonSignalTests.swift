@@ -27,10 +27,7 @@ struct DaemonSignalTests {
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
-        let output = Accumulator(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "counter", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("counter-out")))
-        try await eventually("the counter streaming") { output.count > 0 }
+        let output = try await Self.startCounter(daemon, id: "counter", token: "counter-out")
         let before = try await daemon.status()
 
         let sha = try binary.install(variant: 1)
@@ -79,10 +76,7 @@ struct DaemonSignalTests {
     func straySignalsToEveryHoldfastProcessChangeNothing() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let output = Accumulator(try daemon.streams.open(token: bytes("stray-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "counter", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("stray-out")))
-        try await eventually("the counter streaming") { output.count > 0 }
+        let output = try await Self.startCounter(daemon, id: "counter", token: "stray-out")
         try await eventually("both roles serving", timeout: .seconds(30)) { try await daemon.status().roles.allSatisfy { $0.pid != nil } }
         let before = try await daemon.status()
         let rolePIDs = before.roles.compactMap(\.pid)
@@ -135,10 +129,7 @@ struct DaemonSignalTests {
         let daemon = try await DaemonFixture(
             extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"\nprocesses:\n  signal_guard: false")
         defer { daemon.cleanUp() }
-        let output = Accumulator(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "bystander", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("bystander-out")))
-        try await eventually("the bystander streaming") { output.count > 0 }
+        let output = try await Self.startCounter(daemon, id: "bystander", token: "bystander-out")
         let before = try await daemon.status()
 
         // One that lives on after each kill, one that exits right after its kills.
@@ -184,10 +175,7 @@ struct DaemonSignalTests {
     func aSignalFromAnythingADirectProcessStartsNeverReachesTheSupervisor() async throws {
         let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
         defer { daemon.cleanUp() }
-        let output = Accumulator(try daemon.streams.open(token: bytes("bystander-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "bystander", argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec("bystander-out")))
-        try await eventually("the bystander streaming") { output.count > 0 }
+        let output = try await Self.startCounter(daemon, id: "bystander", token: "bystander-out")
         let before = try await daemon.status()
         let hasPython = access("/usr/bin/python3", X_OK) == 0
         // Every line: what was tried, and its exit status (0: the signal was sent).
@@ -266,6 +254,16 @@ struct DaemonSignalTests {
         for _ in 0..<200 { _ = sigqueue(daemon.daemonPID, signal, sigval()) }
         try await eventually("heard again after 10 s", timeout: .seconds(30)) { ((mask("SigCgt") ?? 0) & bit) != 0 }
         #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Starts `endlessCounter` as process `id`, its stdout on the host stream `token`, and
+    /// returns that stream once the first line has come.
+    static func startCounter(_ daemon: DaemonFixture, id: String, token: String) async throws -> Accumulator {
+        let output = Accumulator(try daemon.streams.open(token: bytes(token), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: id, argv: ["sh", "-c", DaemonSignalTests.endlessCounter], stdout: daemon.spec(token)))
+        try await eventually("the \(id) streaming") { output.count > 0 }
+        return output
     }
 
     static let endlessCounter = "i=0; while :; do i=$((i+1)); echo by $i || exit 3; [ $((i % 50)) -ne 0 ] || sleep 0.02; done"
