@@ -138,6 +138,13 @@ public func linkTarget(_ path: String) -> String {
     return count < 0 ? "(errno \(errno))" : String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
+/// This process's fds but the concurrency runtime's own timer fds, which it opens as it needs
+/// them, at moments no test chooses (a full suite's isolated fd-passing test once counted one
+/// more after than before): what a test that counts its fds before and after compares.
+public func ownDescriptorCount() -> Int {
+    descriptorTable().values.filter { $0 != "anon_inode:[timerfd]" }.count
+}
+
 /// A process's open fds, number → what it is ("pipe:[123]", "socket:[456]", a path), so a
 /// failed fd count can say which ones differ.
 public func descriptorTable(pid: pid_t = getpid()) -> [Int32: String] {

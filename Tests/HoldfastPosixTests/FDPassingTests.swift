@@ -21,7 +21,7 @@ struct FDPassingTests {
     @Test func passesPipesBothWaysAndTheReceiverOwnsThem() async throws {
         guard try await isolated("passesPipesBothWaysAndTheReceiverOwnsThem") else { return }
         _ = Reactor.shared
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
             let pipe = try PipeEnds.make()
@@ -42,13 +42,13 @@ struct FDPassingTests {
         }
         // Pipes and refused fds are closed on the reactor's thread, a moment later.
         await reactorClosesDone()
-        #expect(openDescriptorCount() == before)
+        #expect(ownDescriptorCount() == before, "fds now: \(descriptorTable())")
     }
 
     @Test func moreDescriptorsThanAskedAreAllClosedAndRefused() async throws {
         guard try await isolated("moreDescriptorsThanAskedAreAllClosedAndRefused") else { return }
         _ = Reactor.shared
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
             var fds: [Int32] = []
@@ -63,13 +63,13 @@ struct FDPassingTests {
         }
         // Pipes and refused fds are closed on the reactor's thread, a moment later.
         await reactorClosesDone()
-        #expect(openDescriptorCount() == before, "every received fd was closed")
+        #expect(ownDescriptorCount() == before, "every received fd was closed: \(descriptorTable())")
     }
 
     @Test func aTruncatedPayloadIsAnErrorAndItsDescriptorsAreClosed() async throws {
         guard try await isolated("aTruncatedPayloadIsAnErrorAndItsDescriptorsAreClosed") else { return }
         _ = Reactor.shared
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
             let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
@@ -83,7 +83,7 @@ struct FDPassingTests {
         }
         // Pipes and refused fds are closed on the reactor's thread, a moment later.
         await reactorClosesDone()
-        #expect(openDescriptorCount() == before)
+        #expect(ownDescriptorCount() == before, "fds now: \(descriptorTable())")
     }
 
     @Test func garbagePayloadIsReturnedForTheProtocolToRefuse() async throws {
@@ -91,7 +91,7 @@ struct FDPassingTests {
         // layer refuses it (tested with the broker). Here: no fds leak either way.
         guard try await isolated("garbagePayloadIsReturnedForTheProtocolToRefuse") else { return }
         _ = Reactor.shared
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
             try await left.send([0xFF, 0x00, 0x13, 0x37])
@@ -103,13 +103,13 @@ struct FDPassingTests {
         }
         // Pipes and refused fds are closed on the reactor's thread, a moment later.
         await reactorClosesDone()
-        #expect(openDescriptorCount() == before)
+        #expect(ownDescriptorCount() == before, "fds now: \(descriptorTable())")
     }
 
     @Test func aPeerClosingMidMessageIsEndOfFile() async throws {
         guard try await isolated("aPeerClosingMidMessageIsEndOfFile") else { return }
         _ = Reactor.shared
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         do {
             // A stream socket: the peer sends half a frame and closes.
             var fds: [Int32] = [-1, -1]
@@ -124,13 +124,13 @@ struct FDPassingTests {
         }
         // Pipes and refused fds are closed on the reactor's thread, a moment later.
         await reactorClosesDone()
-        #expect(openDescriptorCount() == before)
+        #expect(ownDescriptorCount() == before, "fds now: \(descriptorTable())")
     }
 
     @Test func aNonSocketIsAClearError() async throws {
         guard try await isolated("aNonSocketIsAClearError") else { return }
         _ = Reactor.shared
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         do {
             let pipe = try PipeEnds.make()
             let notASocket = FDChannel(try AsyncFD(adopting: pipe.read))
@@ -147,7 +147,7 @@ struct FDPassingTests {
         }
         // Pipes and refused fds are closed on the reactor's thread, a moment later.
         await reactorClosesDone()
-        #expect(openDescriptorCount() == before)
+        #expect(ownDescriptorCount() == before, "fds now: \(descriptorTable())")
     }
 
     @Test func aSenderCannotAttachMoreThanTheCap() async throws {
@@ -194,7 +194,7 @@ struct FDPassingTests {
         var fds: [Int32] = []
         for _ in 0..<8 { fds.append(open("/dev/null", O_RDONLY | O_CLOEXEC)) }
         // Room for three more fds in this process: eight cannot all arrive.
-        let before = openDescriptorCount()
+        let before = ownDescriptorCount()
         var limit = rlimit()
         getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
         let saved = limit
@@ -217,7 +217,7 @@ struct FDPassingTests {
         client.close()
         await served.value
         await reactorClosesDone()
-        #expect(openDescriptorCount() <= before - 8, "the fds that arrived with the refused requests were closed")
+        #expect(ownDescriptorCount() <= before - 8, "the fds that arrived with the refused requests were closed")
     }
 }
 
