@@ -116,6 +116,9 @@ struct HandoffCrashSurvivalTests {
         #expect(hft_set_nofile_soft(pid, before.soft) == 0, "prlimit back: errno \(errno)")
         #expect(answer?.survivesBrokerCrash == false && answer?.reason?.contains("its fds did not arrive") == true, "why, in the answer: \(String(describing: answer))")
         try await daemon.waitForLog("a handoff process is adopted without surviving a broker crash")
+        // The supervisor's line and the broker's come from two processes, each through its own
+        // log writer thread: the broker's can be written first (a fresh clone read the log then).
+        try await daemon.waitForLog("fds were not kept")
         let lines = daemon.log.split(separator: "\n")
         let refused = lines.filter { $0.contains("fds were not kept") }
         #expect(refused.count == 1 && refused[0].contains("process=short") && refused[0].contains("did not arrive"), "\(refused)")
