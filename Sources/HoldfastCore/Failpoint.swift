@@ -65,6 +65,10 @@ public enum Failpoint {
     /// `lateExec` (`fails` with `everyPass`), as a slow state write or log flush would.
     public static let upgradeExecLate = "upgrade-exec-late"
     public static let lateExec: Duration = .seconds(3)
+    /// A live upgrade's check of the new binary (`--check-resume-snapshot`; PROCESS: `check`)
+    /// takes `slowCheck` (`fails` with `everyPass`), as a loaded machine's would.
+    public static let upgradeCheckSlow = "upgrade-check-slow"
+    public static let slowCheck: Duration = .seconds(3)
     /// A create's process (PROCESS: its id) is started; it is not in the process table for
     /// `lateSpawn` more (`fails` with `everyPass`), as a runc create or a slow broker adopt
     /// would keep it.

@@ -83,6 +83,9 @@ public struct Resumption: Sendable {
     /// What `--check-resume-snapshot FD` prints: this binary reads that state (or throws why not).
     public static func check(_ fd: Int32) throws(HoldfastError) -> String {
         let resumption = try read(fd)
+        if Failpoint.fails(Failpoint.upgradeCheckSlow, process: "check", passes: Failpoint.everyPass) {
+            usleep(UInt32(Failpoint.slowCheck.components.seconds * 1_000_000))
+        }
         return "holdfast \(HoldfastVersion.string) reads the upgrade state of holdfast \(resumption.state.writtenBy) (version \(resumption.state.version), \(resumption.state.table.processes.count) processes)"
     }
 
@@ -236,15 +239,20 @@ extension Supervisor {
     /// How long an upgrade waits for the signal loop to handle what came before it held the stops.
     static let signalLoopLimit = Duration.seconds(5)
 
-    /// Holds the stop signals pending on the spawn thread (the main thread, which executes the
-    /// new image): one that comes now stays pending, across the exec too, until an image
-    /// unblocks it — the new one once it has taken over, or this one if the upgrade fails.
+    /// What `holdStops` holds: the stops, and SIGHUP — a reload asked for once the state is
+    /// being written down reaches the image that runs next, which reloads again (the binary it
+    /// runs was checked before the ask).
+    static let signalsHeldForTheExec = stopSignals + [SIGHUP]
+
+    /// Holds the stop signals (and SIGHUP) pending on the spawn thread (the main thread, which
+    /// executes the new image): one that comes now stays pending, across the exec too, until an
+    /// image unblocks it — the new one once it has taken over, or this one if the upgrade fails.
     func holdStops() {
-        SpawnThread.perform { SignalPipe.holdOnThisThread(Self.stopSignals) }
+        SpawnThread.perform { SignalPipe.holdOnThisThread(Self.signalsHeldForTheExec) }
     }
 
     func letStopsThrough() {
-        SpawnThread.perform { SignalPipe.letThrough(Self.stopSignals) }
+        SpawnThread.perform { SignalPipe.letThrough(Self.signalsHeldForTheExec) }
     }
 
     /// Waits until the signal loop has handled every signal the handler recorded so far (a stop
@@ -267,8 +275,12 @@ extension Supervisor {
             throw HoldfastError(.upgradeFailed, "another upgrade is under way")
         }
         var undo: [() -> Void] = [{ [self] in
-            session.withLockedValue { $0.upgrading = false }
+            let follows = session.withLockedValue { session in
+                defer { (session.upgrading, session.reloadFollows) = (false, false) }
+                return session.reloadFollows
+            }
             serveParkedControlClients()
+            if follows { reloadOnHangup() }
         }]
         func fail(_ message: String, _ code: HoldfastError.Code = .upgradeFailed) -> HoldfastError {
             for step in undo.reversed() { step() }
@@ -397,6 +409,8 @@ extension Supervisor {
         let reaped = reaper.freeze()
         undo.append { [self] in reaper.thaw() }
         var state = makeUpgradeState(path: path, configPath: configPath, reaped: reaped)
+        // Every SIGHUP handled so far (the signal loop is caught up; later ones are held).
+        if session.withLockedValue({ $0.reloadFollows }) { state.reloadFollows = true }
         // The way back, should the new image fail before it serves: this very image.
         let previousImage = open("/proc/self/exe", O_RDONLY | O_CLOEXEC)
         if previousImage >= 0 {

@@ -85,6 +85,8 @@ public final class Supervisor: Sendable {
         var lastUpgradeFailure: String?
         /// A live upgrade is under way (one at a time).
         var upgrading = false
+        /// A SIGHUP came while one was under way: another reload follows it (`reloadOnHangup`).
+        var reloadFollows = false
     }
     let session = NIOLockedValueBox(Session())
     /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the
@@ -323,7 +325,10 @@ public final class Supervisor: Sendable {
         if resumption != nil { reportExitsRecordedBeforeTheUpgrade() }
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
-        let readiness = Task { await announceReadiness() }
+        let readiness = Task { [self] in
+            await announceReadiness()
+            if resumption?.state.reloadFollows == true { reloadAskedDuringTheUpgrade() }
+        }
         if let state = resumption?.state, let reason = resumption?.fellBack {
             logger.error("live upgrade failed after its exec: the new binary could not take over, and this one took over again: every process and stream kept", metadata: [
                 "pid": "\(getpid())", "version": "\(HoldfastVersion.string)", "reason": "\(reason)",
@@ -501,13 +506,40 @@ public final class Supervisor: Sendable {
     /// does (it execs the binary at the daemon's path, which reads the configuration again;
     /// sshd does the same on SIGHUP). Before, its default action ended the supervisor, and every
     /// container with it. Its outcome is logged (there is no client to answer).
+    ///
+    /// One that comes while an upgrade is under way is not dropped: that upgrade checked its
+    /// binary before it (a package may have put a newer one at the path since), so one more
+    /// reload follows it — here if it fails, in the next image if it succeeds
+    /// (`UpgradeState.reloadFollows`). Any number of them make one.
     func reloadOnHangup() {
+        let follows = session.withLockedValue { session in
+            guard session.upgrading else { return false }
+            session.reloadFollows = true
+            return true
+        }
+        if follows {
+            logger.notice("SIGHUP during a live upgrade: another reload follows it (the binary or the configuration may have changed since it began)")
+            return
+        }
         logger.notice("SIGHUP: reloading (a live upgrade onto the binary at the daemon's path, which reads the configuration again)")
+        reload(because: "SIGHUP")
+    }
+
+    /// The reload a SIGHUP asked for during the previous image's upgrade, once this image
+    /// serves. An upgrade that began here meanwhile (a SIGHUP held across the exec) began after
+    /// the ask, and answers it.
+    func reloadAskedDuringTheUpgrade() {
+        guard session.withLockedValue({ !$0.upgrading && !$0.shuttingDown }) else { return }
+        logger.notice("reloading again: a SIGHUP came during the live upgrade that started this image")
+        reload(because: "SIGHUP during the last upgrade")
+    }
+
+    private func reload(because cause: String) {
         Task { [self] in
             do throws(HoldfastError) {
                 try await upgrade()
             } catch {
-                logger.warning("SIGHUP: no reload", metadata: ["reason": "\(error.message)"])
+                logger.warning("\(cause): no reload", metadata: ["reason": "\(error.message)"])
             }
         }
     }

@@ -94,6 +94,9 @@ struct UpgradeState: Codable, Sendable {
     /// The configuration the writer ran with: what it goes on with if, fallen back to, its
     /// configuration file no longer loads (the likely reason its successor could not take over).
     var configuration: DaemonConfiguration? = nil
+    /// A SIGHUP came during this upgrade (before its signals were held): the new image reloads
+    /// once more when it serves. Absent when none did.
+    var reloadFollows: Bool? = nil
 
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).

@@ -199,28 +199,4 @@ struct LiveUpgradeStopTests {
         #expect(said.contains("is gone: it exited during the upgrade") && said.contains("a stop came meanwhile"), "\(said)")
         #expect(waited < .seconds(30), "said within seconds, not at the 60 s timeout")
     }
-
-    /// The new binary's check (a process of its own, not the daemon's pid) as a stand-in: it
-    /// says it started (the returned file), waits `seconds`, then runs the real check.
-    func standInCheck(_ binary: InstalledBinary, real: String, _ daemon: DaemonFixture, seconds: Int) throws -> String {
-        let checking = daemon.directory.file("checking")
-        try binary.installStandIn(script: """
-                #!/bin/sh
-                if [ "$3" = "--check-resume-snapshot" ]; then
-                  touch \(checking); sleep \(seconds)
-                fi
-                exec \(real) daemon "$@"
-
-                """)
-        return checking
-    }
-
-    /// `holdfast upgrade` started (not waited for), what it says going to `output`.
-    func startUpgrade(_ daemon: DaemonFixture, output: String, timeout: Int? = nil) throws -> pid_t {
-        let out = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        defer { close(out) }
-        return try daemon.processes.start(
-            [holdfastExecutable(), "upgrade", "--socket", daemon.directory.file("control.sock")] + (timeout.map { ["--timeout", String($0)] } ?? []),
-            stdout: out, stderr: out)
-    }
 }

@@ -81,6 +81,31 @@ func runUpgrade(_ daemon: DaemonFixture, processes: TestProcesses) async throws 
     return (status, String(decoding: readFile(outputPath) ?? [], as: UTF8.self))
 }
 
+/// The new binary's check (a process of its own, not the daemon's pid) as a stand-in: it
+/// says it started (the returned file), waits `seconds`, then runs the real check — or, when
+/// `passes` is false, fails it, as a binary that cannot read the state would.
+func standInCheck(_ binary: InstalledBinary, real: String, _ daemon: DaemonFixture, seconds: Int, passes: Bool = true) throws -> String {
+    let checking = daemon.directory.file("checking")
+    try binary.installStandIn(script: """
+            #!/bin/sh
+            if [ "$3" = "--check-resume-snapshot" ]; then
+              touch \(checking); sleep \(seconds)\(passes ? "" : "; echo 'this stand-in cannot read the state'; exit 1")
+            fi
+            exec \(real) daemon "$@"
+
+            """)
+    return checking
+}
+
+/// `holdfast upgrade` started (not waited for), what it says going to `output`.
+func startUpgrade(_ daemon: DaemonFixture, output: String, timeout: Int? = nil) throws -> pid_t {
+    let out = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    defer { close(out) }
+    return try daemon.processes.start(
+        [holdfastExecutable(), "upgrade", "--socket", daemon.directory.file("control.sock")] + (timeout.map { ["--timeout", String($0)] } ?? []),
+        stdout: out, stderr: out)
+}
+
 @Suite("Live upgrade: a new binary takes over running processes with nothing lost", .serialized, .timeLimit(.minutes(5)))
 struct LiveUpgradeTests {
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
