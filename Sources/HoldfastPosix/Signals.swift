@@ -162,6 +162,37 @@ public enum PidFD {
     public static func open(_ pid: pid_t) -> Int32 { hf_pidfd_open(pid) }
 
     public static func send(_ signal: Int32, through pidfd: Int32) -> Bool { hf_pidfd_send_signal(pidfd, signal) == 0 }
+
+    /// Sends `signal` to each child `parent` has now (`/proc/PARENT/task/*/children`), through a
+    /// pidfd opened on it and then checked to name a child of `parent` still: never a later
+    /// holder of a pid `parent` reaped meanwhile. Returns how many were signalled.
+    @discardableResult
+    public static func signalChildren(of parent: pid_t, _ signal: Int32) -> Int {
+        guard let tasks = opendir("/proc/\(parent)/task") else { return 0 }
+        var children: Set<pid_t> = []
+        while let entry = readdir(tasks) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard Int32(name) != nil, let listed = WholeFile.read("/proc/\(parent)/task/\(name)/children") else { continue }
+            for field in String(decoding: listed, as: UTF8.self).split(separator: " ") { if let pid = pid_t(field) { children.insert(pid) } }
+        }
+        closedir(tasks)
+        var signalled = 0
+        for child in children {
+            let pidfd = open(child)
+            guard pidfd >= 0 else { continue }
+            defer { close(pidfd) }
+            guard parentPID(of: child) == parent, send(signal, through: pidfd) else { continue }
+            signalled += 1
+        }
+        return signalled
+    }
+
+    /// The parent of `pid` (`/proc/PID/stat`'s fourth field), or nil.
+    static func parentPID(of pid: pid_t) -> pid_t? {
+        guard let bytes = WholeFile.read("/proc/\(pid)/stat"), let close = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+        let fields = String(decoding: bytes[(close + 1)...], as: UTF8.self).split(separator: " ")
+        return fields.count > 1 ? pid_t(fields[1]) : nil
+    }
 }
 
 /// A signal sent to ask a process to end is followed by SIGCONT, as systemd does: a process

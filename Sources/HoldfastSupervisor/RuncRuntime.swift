@@ -37,6 +37,63 @@ struct RuncRuntime: Sendable {
     var signalGuard: SignalGuard.Programs? = nil
     /// A runc command that takes longer than this is killed and reported as failed.
     static let commandTimeout: Duration = .seconds(60)
+    /// The runc commands running now, by pid: a stop that ends ends them too
+    /// (`endCommandsUnderWay`). Shared by every copy of this value.
+    let commandsUnderWay = NIOLockedValueBox<[pid_t: (child: ChildReaper.Child, endedByStop: Bool)]>([:])
+
+    /// Ends every runc command still running — a `runc create` whose OCI hook hangs, say. First
+    /// (`.itsChildren`) what each one started, its hooks and the container's `runc init`: runc
+    /// sees them fail and undoes its work itself (the container's cgroups removed, nothing in
+    /// its state directory), and the create it served fails and deletes what is left. Then, for a
+    /// runc that does not end so, (`.withItsGroup`) runc itself with its process group. Returns
+    /// how many commands there were.
+    @discardableResult
+    func endCommandsUnderWay(_ how: CommandEnding) -> Int {
+        let running = commandsUnderWay.withLockedValue { commands in
+            for pid in commands.keys { commands[pid]?.endedByStop = true }
+            return commands.values.map(\.child)
+        }
+        for child in running {
+            switch how {
+            case .itsChildren: PidFD.signalChildren(of: child.pid, SIGKILL)
+            case .withItsGroup: _ = reaper.signalGroup(child, SIGKILL)
+            }
+        }
+        return running.count
+    }
+
+    enum CommandEnding {
+        case itsChildren
+        case withItsGroup
+    }
+
+    /// The containers in runc's state directory (`runc list -q`), or nil if runc could not say.
+    func list() async -> [String]? {
+        let scratch = Scratch(directory: workDirectory)
+        defer { scratch.remove() }
+        let output = open(scratch.processFile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard output >= 0 else { return nil }
+        defer { close(output) }
+        do throws(HoldfastError) {
+            try await run(["list", "-q"], log: scratch.logFile, stdio: Launcher.Stdio(stdout: output), what: "runc list")
+        } catch {
+            logger.warning("runc list failed", metadata: ["error": "\(error.message)"])
+            return nil
+        }
+        guard let bytes = WholeFile.read(scratch.processFile) else { return nil }
+        return String(decoding: bytes, as: UTF8.self).split(whereSeparator: \.isNewline).map(String.init)
+    }
+
+    /// Deletes (`runc delete --force`: its processes killed) every container in runc's state
+    /// directory that is not in `keeping`. The directory is Holdfast's own (`runc.root`), so such
+    /// a container is one nobody serves: left by a daemon that crashed, or made by a create that
+    /// was still under way when a stop ended. Returns the ones deleted.
+    func deleteContainers(notIn keeping: Set<String>) async -> [String] {
+        guard access(root, F_OK) == 0, let listed = await list() else { return [] }
+        let leftovers = listed.filter { !keeping.contains($0) }
+        for container in leftovers { await delete(container) }
+        return leftovers
+    }
 
     /// runc's rule for container ids; ours are the process ids the host gives.
     static func isValidContainerID(_ id: String) -> Bool {
@@ -223,6 +280,7 @@ struct RuncRuntime: Sendable {
             // No task or fd to start it with is not a missing runc.
             throw Launcher.forkFailure(error) ?? HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")
         }
+        commandsUnderWay.withLockedValue { $0[child.pid] = (child, false) }
         let expired = NIOLockedValueBox(false)
         let watchdog = TimeoutWheel.shared.schedule(after: Self.commandTimeout) { [reaper] in
             expired.withLockedValue { $0 = true }
@@ -232,8 +290,10 @@ struct RuncRuntime: Sendable {
         }
         let status = await reaper.wait(child)
         TimeoutWheel.shared.cancel(watchdog)
+        let endedByStop = commandsUnderWay.withLockedValue { $0.removeValue(forKey: child.pid)?.endedByStop ?? false }
         let timedOut = expired.withLockedValue { $0 }
         guard status != .exited(0) else { return }
+        if endedByStop { throw HoldfastError(.shuttingDown, "the daemon stopped while \(what) ran: ended with it (\(status))") }
         let message = Self.lastError(inLog: log) ?? (timedOut ? "timed out after \(Self.commandTimeout)" : "\(status)")
         throw HoldfastError(Self.failureCode(message), "\(what): \(message)")
     }

@@ -90,6 +90,18 @@ extension Supervisor {
                 if !clean || !newcomer { break }
             }
         }
+        // A create still under way at the drains' end (a runc create whose OCI hook hangs)
+        // would go on past the daemon and make a container nobody serves: its runc command
+        // ends now, with its hooks, and the create deletes what it made as it fails.
+        for ending in [RuncRuntime.CommandEnding.itsChildren, .withItsGroup] where session.withLockedValue({ $0.spawnsUnderWay > 0 }) {
+            let ended = runc.endCommandsUnderWay(ending)
+            logger.warning("a create was still under way when the drains ended: its runc command ended", metadata: [
+                "runcCommands": "\(ended)", "how": "\(ending)",
+            ])
+            await waitUntil(ContinuousClock.now + Self.undoneCreateWait) { [self] in
+                session.withLockedValue { $0.spawnsUnderWay == 0 }
+            }
+        }
         // A process that exited but whose output could not drain in time (a host that reads
         // nothing, a stream parked with the bridge down) is reported now, marked as cut short:
         // never an exit the host waits for forever.
@@ -126,7 +138,16 @@ extension Supervisor {
                 logger.warning("processes left running in cgroups after SIGKILL", metadata: ["cgroups": "\(stuck)"])
             }
         }
+        // Likewise a runc container still in runc's state directory: every process is done.
+        let leftovers = await runc.deleteContainers(notIn: [])
+        if !leftovers.isEmpty {
+            logger.warning("deleted runc containers left after every process was done", metadata: ["containers": "\(leftovers.sorted())"])
+        }
     }
+
+    /// How long a stop waits for a create whose runc command it ended to undo itself (`runc
+    /// delete`: milliseconds).
+    static let undoneCreateWait = Duration.seconds(2)
 
     /// How long a stop waits for a bridge that is down to come back, when it has exits to report.
     static let bridgeWaitAtStop = Duration.seconds(2)

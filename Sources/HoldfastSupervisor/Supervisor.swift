@@ -322,7 +322,7 @@ public final class Supervisor: Sendable {
         }
         // Last before anything serves: every check that can refuse the start has passed.
         await takeProcessCgroups()
-        if resumption != nil { reportExitsRecordedBeforeTheUpgrade() }
+        if resumption != nil { reportExitsRecordedBeforeTheUpgrade() } else { await endContainersAnEarlierDaemonLeft() }
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger))
         let running = Task { try await group.run() }
         let readiness = Task { [self] in
@@ -443,6 +443,26 @@ public final class Supervisor: Sendable {
         }
         processCgroups.withLockedValue { $0 = cgroups }
         logger.info("direct processes run in cgroups of their own", metadata: ["directory": "\(cgroups.directory)"])
+    }
+
+    /// runc's containers are in no cgroup of ours (runc makes their own): at a fresh start,
+    /// every container in runc's state directory — Holdfast's own (`runc.root`) — is one an
+    /// earlier daemon left (a crash: its containers ran on, reparented, nobody holding their
+    /// stdio, their ids taken), and is deleted with its processes. A live upgrade passes its
+    /// containers on and sweeps nothing.
+    func endContainersAnEarlierDaemonLeft() async {
+        // The signal loop, which reaps on SIGCHLD, starts after this: runc's exits are reaped
+        // here meanwhile (nothing else of ours has been started yet).
+        let reaping = Task { [reaper] in
+            while !Task.isCancelled {
+                reaper.reapAll()
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+        }
+        defer { reaping.cancel() }
+        let ended = await runc.deleteContainers(notIn: [])
+        guard !ended.isEmpty else { return }
+        logger.warning("ended the runc containers an earlier daemon left", metadata: ["containers": "\(ended.sorted())"])
     }
 
     /// Whether every process ended and drained within the shutdown timeout.

@@ -1,0 +1,108 @@
+import Foundation
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// runc containers are in no cgroup of ours: what a crashed daemon, or a create still under way
+/// when a stop ended, leaves in runc's state directory (`runc.root`, Holdfast's own) is ended
+/// by Holdfast itself, and its ids are free again.
+@Suite("runc: no container outlives the daemon that started it", .serialized, .timeLimit(.minutes(3)))
+struct RuncLeftoverTests {
+    static let enabled = DaemonFixture.canRun && TestBundle.canRun
+
+    func runcList(_ daemon: DaemonFixture) throws -> [String] {
+        let text = try commandOutput(["runc", "--root", daemon.directory.file("runc"), "list", "-q"], in: daemon.directory)
+        return text.split(separator: "\n").map(String.init)
+    }
+
+    /// A crash (SIGKILL of the supervisor) leaves its runc containers running, reparented, in
+    /// runc's state directory. Before, they ran on for ever, nobody holding their stdio, and a
+    /// create with the same id failed ("container with id exists"). Now the next daemon ends
+    /// them when it starts, says so, and the id serves a new container.
+    @Test(.enabled(if: enabled, "needs root, runc and busybox-static"))
+    func aRestartedDaemonEndsTheContainersACrashedOneLeft() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let bundle = try TestBundle(in: daemon.directory, name: "sleeper", args: ["sleep", "1000"], terminal: false)
+        let pid = try await daemon.launch(ProcessSpec(id: "leftover-r", argv: [], runtime: .runc, bundle: bundle.path))
+        let container = try #require(ProcessIdentity(pid), "the container's init runs")
+        defer { if container.isAlive { kill(container.pid, SIGKILL) } }
+        try await eventually("runc lists the container", timeout: .seconds(30)) { try self.runcList(daemon) == ["leftover-r"] }
+
+        kill(daemon.daemonPID, SIGKILL)
+        _ = try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(20))
+        #expect(container.isAlive, "a crash leaves the container running")
+
+        try await daemon.startAgain()
+        try await eventually("the leftover container ended", timeout: .seconds(30)) { !container.isAlive }
+        #expect(try runcList(daemon).isEmpty, "runc's state directory is empty")
+        try await daemon.waitForLog("ended the runc containers an earlier daemon left")
+
+        // The id is free: a new container by that name runs, and its output arrives.
+        let again = try TestBundle(in: daemon.directory, name: "again", args: ["echo", "the id is free"], terminal: false)
+        let output = collect(try daemon.streams.open(token: bytes("again-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "leftover-r", argv: [], stdout: daemon.spec("again-out"), runtime: .runc, bundle: again.path))
+        #expect(try await withTimeout("the new container's output", .seconds(30)) { await output.value } == Array("the id is free\n".utf8))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A runc create still under way when the stop's drains end (an OCI hook that hangs, as a
+    /// network hook waiting for its server would). Before, the daemon exited and runc went on:
+    /// once the hook ended, the container was created, after the daemon, never started, never
+    /// deleted, its id taken. Now the stop ends runc's command (and its hook) at the drains'
+    /// end and deletes what it made.
+    @Test(.enabled(if: enabled, "needs root, runc and busybox-static"))
+    func aCreateStillUnderWayWhenTheStopEndsLeavesNoContainer() async throws {
+        // Drains end 3 s after the stop (timeout 4 s less its last second for the exits).
+        let daemon = try await DaemonFixture(shutdown: ("1s", "4s"))
+        defer { daemon.cleanUp() }
+        let bundle = try TestBundle(in: daemon.directory, name: "hooked", args: ["sleep", "1000"], terminal: false)
+        let hookPIDFile = daemon.directory.file("hook.pid")
+        try Self.addHook(to: bundle, script: "echo $$ > \(hookPIDFile); exec sleep 8")
+        let create = Task { try await daemon.bridge.create(ProcessSpec(id: "leftover-h", argv: [], runtime: .runc, bundle: bundle.path)) }
+        var hookPID: pid_t = 0
+        try await eventually("the hook started", timeout: .seconds(30)) {
+            hookPID = readFile(hookPIDFile).flatMap { pid_t(String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+            return hookPID > 0
+        }
+        let hook = try #require(ProcessIdentity(hookPID), "the hook runs")
+        defer { if hook.isAlive { kill(hook.pid, SIGKILL) } }
+        let hookStarted = ContinuousClock.now
+
+        #expect(kill(daemon.daemonPID, SIGTERM) == 0)
+        let status = try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(30))
+        print("a stop with a runc create under way: the daemon \(status) after \(ContinuousClock.now - hookStarted)")
+        let answer = await create.result
+        print("the create: \(answer)")
+        #expect("\(answer)".contains("shutting-down"), "the create is answered with the stop: \(answer)")
+
+        #expect(status == .exited(0))
+        // The hook (8 s) would still run: it ended with runc's command.
+        #expect(ContinuousClock.now - hookStarted < .seconds(7), "the daemon stopped before the hook's end")
+        #expect(!hook.isAlive, "the hook was ended with runc's command")
+        // Past the hook's own end, had it gone on: nothing it would have made is there.
+        try await Task.sleep(until: hookStarted + .seconds(9))
+        #expect(try runcList(daemon).isEmpty, "no container left in runc's state directory")
+        // runc undid its own work: the container's cgroups (`/leftover-h` in each hierarchy) are gone.
+        let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
+        let left = cgroups.map { "/sys/fs/cgroup/\($0)/leftover-h" }.filter { (path: String) in access(path, F_OK) == 0 }
+        #expect(left.isEmpty, "the container's cgroups left: \(left)")
+        try await daemon.waitForLog("a create was still under way when the drains ended")
+    }
+
+    /// Adds a `createRuntime` hook (run by `runc create` in the guest's namespaces) that runs
+    /// `script` with sh.
+    static func addHook(to bundle: TestBundle, script: String) throws {
+        let configPath = bundle.path + "/config.json"
+        let written = try #require(readFile(configPath))
+        var config = try #require(try JSONSerialization.jsonObject(with: Data(written)) as? [String: Any])
+        config["hooks"] = ["createRuntime": [["path": "/bin/sh", "args": ["sh", "-c", script]]]]
+        try writeFile(configPath, Array(try JSONSerialization.data(withJSONObject: config)))
+    }
+}
