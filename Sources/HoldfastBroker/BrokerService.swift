@@ -239,6 +239,11 @@ public final class BrokerService: Sendable {
                 if case .handoff = caller, adoption!.needsTheSupervisor {
                     throw HoldfastError(.permissionDenied, "only the supervisor names checkpoint slots or resumes streams")
                 }
+                if adopt.streams.contains(where: { $0.resume == true }),
+                    Failpoint.fails(Failpoint.readoptionRefusedForFds, process: adopt.process, passes: Failpoint.firstTries)
+                {
+                    throw HoldfastError(.tooManyOpenFiles, "the fds sent with this request did not all arrive (failpoint)")
+                }
                 // A new process (nothing resumed) needs a socket per stream, and the streams
                 // already held need room to redial; one taken over after a restart is let in
                 // whatever the count: refusing it would only lose its streams (nor does a release

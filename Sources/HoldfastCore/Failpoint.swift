@@ -52,6 +52,12 @@ public enum Failpoint {
     public static let readoptionCopyFails = "readoption-copy-fails"
     /// The same, every try.
     public static let readoptionCopyAlwaysFails = "readoption-copy-always-fails"
+    /// The broker refuses the supervisor's readoption of the process (PROCESS: its id) as
+    /// `too-many-open-files`, as when the fds it was sent could not all be installed at its
+    /// limit (MSG_CTRUNC): its first 10 tries (`fails(_:process:passes:)` with `firstTries`).
+    /// Roles get failpoints in the first incarnation of each image only: reached after a live
+    /// upgrade, whose new image's first broker takes every stream over.
+    public static let readoptionRefusedForFds = "readoption-refused-for-fds"
     /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
     /// id), as with every slot of its range taken (`fails` with `everyPass`).
     public static let handoffSlotsTaken = "handoff-slots-taken"

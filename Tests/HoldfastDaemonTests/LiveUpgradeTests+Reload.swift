@@ -14,7 +14,7 @@ import Glibc
 /// is under way" in a log line and dropped: the daemon ran on with the older binary, no client
 /// to say so. Now one more reload follows the upgrade under way: in this image if that one
 /// fails, in the next one if it succeeds; any number of them make one.
-@Suite("Live upgrade: a reload asked for during one follows it", .serialized, .timeLimit(.minutes(3)))
+@Suite("Live upgrade: a reload asked for during one follows it; its asker killed does not stop it", .serialized, .timeLimit(.minutes(3)))
 struct LiveUpgradeReloadTests {
     /// SIGHUPs (three) while the new binary is checked, a newer binary at the path meanwhile:
     /// the upgrade under way finishes, then exactly one more, onto the newest binary, with the
@@ -115,6 +115,38 @@ struct LiveUpgradeReloadTests {
         #expect(after.processes.first { $0.id == "c" }?.pid == before.processes.first { $0.id == "c" }?.pid, "the same process")
         #expect(daemon.log.contains("SIGHUP during a live upgrade: another reload follows it"), "taken during the check")
         #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// The client that asked for the upgrade (`holdfast upgrade`: dpkg's postinst, systemd's
+    /// ExecReload) is killed while the new binary is checked — an interrupted `apt upgrade`, a
+    /// reload job that timed out. The upgrade is the daemon's to finish: the new binary runs,
+    /// the same pid, the same process, every line once.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the check waits at a failpoint, which only debug builds have"))
+    func anUpgradeWhoseClientIsKilledDuringTheCheckStillHappens() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeCheckSlow):check"], executable: binary.path)
+        defer { daemon.cleanUp() }
+        let output = try await DaemonSignalTests.startCounter(daemon, id: "counter", token: "counter-out")
+        let before = try await daemon.status()
+        let sha = try binary.install(variant: 1)
+        let upgrade = try startUpgrade(daemon, output: daemon.directory.file("upgrade.out"))
+        try await eventually("the new binary's check started", timeout: .seconds(30)) { Self.checkRunning(for: daemon) }
+        #expect(kill(upgrade, SIGKILL) == 0)
+        #expect(try await daemon.processes.wait(upgrade, timeout: .seconds(10)) == .signaled(SIGKILL))
+
+        try await eventually("the upgrade done", timeout: .seconds(60)) { (try? await daemon.status())?.upgrades == 1 }
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.executableSHA256 == sha, "the same supervisor, the new binary")
+        #expect(after.processes.first { $0.id == "counter" }?.pid == before.processes.first { $0.id == "counter" }?.pid, "the same process")
+        let atStop = output.count
+        try await eventually("output after the upgrade") { output.count > atStop + 100 }
+        #expect(try await daemon.stop() == .exited(0))
+        let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
+        #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order: \(numbers.count) lines")
     }
 
     /// Whether a process runs this daemon's check of a new binary (`--check-resume-snapshot`

@@ -46,6 +46,36 @@ struct ReadoptionScarcityTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The copies work, but the broker refuses the handover as `too-many-open-files` (the fds
+    /// sent did not all arrive: the broker at its limit): the supervisor tries that process
+    /// again too, and loses nothing. Reached through a live upgrade, whose new image's first
+    /// broker takes every stream over as a restarted broker does.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker refuses at a failpoint, which only debug builds have"))
+    func aProcessTheNextBrokerRefusesForWantOfFdsIsHandedOverWhenItHasRoom() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionRefusedForFds):p1"])
+        defer { daemon.cleanUp() }
+        let go = daemon.directory.file("go")
+        let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1", "p2"], go: go)
+        try await eventually("both streams connected") {
+            try await daemon.brokerStreams().filter { $0.state == .connected }.count == 2
+        }
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await eventually("the broker refused p1 once at least", timeout: .seconds(30)) { daemon.log.contains("did not all arrive (failpoint)") }
+        try writeFile(go, [])
+        for id in ["p1", "p2"] {
+            let report = try await daemon.wait(id)
+            #expect(report.exitCode == 0 && report.outputCutShort == nil, "\(id): \(report)")
+            let output = try await withTimeout("\(id)'s output", .seconds(30)) { await received[id]!.value }
+            #expect(output == DescriptorLimitTests.printed, "\(id)'s output, exact")
+        }
+        #expect(daemon.log.contains(Self.waiting), "tried again")
+        #expect(!daemon.log.contains("the restarted broker refused a process's streams"), "not given up")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(
         .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
         .enabled(if: Failpoint.compiledIn, "the copies fail at a failpoint, which only debug builds have"))
