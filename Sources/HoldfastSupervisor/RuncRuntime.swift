@@ -30,6 +30,8 @@ struct RuncRuntime: Sendable {
     let root: String
     /// Pid files, logs and console sockets live here for the length of one command.
     let workDirectory: String
+    /// The containers made and not deleted yet: what `deleteContainers` may delete.
+    let records: RuncContainerRecords
     let reaper: ChildReaper
     let logger: Logger
     /// The signal guard (`SignalGuard`), for a container that shares the supervisor's pid
@@ -84,13 +86,19 @@ struct RuncRuntime: Sendable {
         return String(decoding: bytes, as: UTF8.self).split(whereSeparator: \.isNewline).map(String.init)
     }
 
-    /// Deletes (`runc delete --force`: its processes killed) every container in runc's state
-    /// directory that is not in `keeping`. The directory is Holdfast's own (`runc.root`), so such
-    /// a container is one nobody serves: left by a daemon that crashed, or made by a create that
-    /// was still under way when a stop ended. Returns the ones deleted.
+    /// Deletes (`runc delete --force`: its processes killed) every container this daemon (or an
+    /// earlier one on this run directory) made and did not delete, but those in `keeping`: one
+    /// nobody serves, left by a daemon that crashed, or by a create still under way when a stop
+    /// ended. Only recorded ones (`RuncContainerRecords`): another tool's containers in the same
+    /// state directory are left alone. Returns the ones deleted.
     func deleteContainers(notIn keeping: Set<String>) async -> [String] {
-        guard access(root, F_OK) == 0, let listed = await list() else { return [] }
-        let leftovers = listed.filter { !keeping.contains($0) }
+        let recorded = Set(records.recorded()).subtracting(keeping)
+        guard !recorded.isEmpty else { return [] }
+        // A record whose container runc does not have (a create that failed before it made one,
+        // a delete the crash came after) is only forgotten.
+        guard let listed = await list() else { return [] }
+        let leftovers = recorded.intersection(listed).sorted()
+        for container in recorded.subtracting(listed) { records.forget(container) }
         for container in leftovers { await delete(container) }
         return leftovers
     }
@@ -141,6 +149,13 @@ struct RuncRuntime: Sendable {
         defer { scratch.remove() }
         var stdio = try Launcher.makeStdio(spec, terminal: false)
         var arguments = ["create", "--bundle", spec.bundle!, "--pid-file", scratch.pidFile]
+        // Recorded first: whatever ends this daemon from here on, the next start deletes it.
+        do {
+            try records.record(spec.id)
+        } catch {
+            stdio.closeAll()
+            throw HoldfastError(.runtimeFailed, "cannot record the container before creating it: \(error)")
+        }
         let console: ConsoleSocket?
         do throws(HoldfastError) {
             console = spec.tty ? try ConsoleSocket(path: scratch.consoleSocket) : nil
@@ -248,9 +263,12 @@ struct RuncRuntime: Sendable {
         defer { scratch.remove() }
         do throws(HoldfastError) {
             try await run(["delete", "--force", container], log: scratch.logFile, what: "runc delete")
+            records.forget(container)
         } catch {
             if !error.message.contains("does not exist") && !error.message.contains("not exist") {
                 logger.warning("runc delete failed", metadata: ["container": "\(container)", "error": "\(error.message)"])
+            } else {
+                records.forget(container)
             }
         }
     }

@@ -138,7 +138,7 @@ extension Supervisor {
                 logger.warning("processes left running in cgroups after SIGKILL", metadata: ["cgroups": "\(stuck)"])
             }
         }
-        // Likewise a runc container still in runc's state directory: every process is done.
+        // Likewise a runc container this daemon made that runc still has: every process is done.
         let leftovers = await runc.deleteContainers(notIn: [])
         if !leftovers.isEmpty {
             logger.warning("deleted runc containers left after every process was done", metadata: ["containers": "\(leftovers.sorted())"])

@@ -205,7 +205,8 @@ public final class Supervisor: Sendable {
         signalGuard = Self.makeSignalGuard(enabled: (configuration.processes ?? .init()).signalGuard, logger: logger)
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
-            reaper: reaper, logger: logger, signalGuard: signalGuard)
+            records: RuncContainerRecords(directory: configuration.runDirectory + "/runc-containers"), reaper: reaper, logger: logger,
+            signalGuard: signalGuard)
         if let state = resuming?.state {
             reaper.seed(Dictionary(state.reaped.map { ($0.pid, $0.status) }, uniquingKeysWith: { first, _ in first }))
             session.withLockedValue {
@@ -446,9 +447,9 @@ public final class Supervisor: Sendable {
     }
 
     /// runc's containers are in no cgroup of ours (runc makes their own): at a fresh start,
-    /// every container in runc's state directory — Holdfast's own (`runc.root`) — is one an
-    /// earlier daemon left (a crash: its containers ran on, reparented, nobody holding their
-    /// stdio, their ids taken), and is deleted with its processes. A live upgrade passes its
+    /// every container an earlier daemon made and did not delete (`RuncContainerRecords`) is
+    /// one it left (a crash: its containers ran on, reparented, nobody holding their stdio,
+    /// their ids taken), and is deleted with its processes. A live upgrade passes its
     /// containers on and sweeps nothing.
     func endContainersAnEarlierDaemonLeft() async {
         // The signal loop, which reaps on SIGCHLD, starts after this: runc's exits are reaped
@@ -735,6 +736,7 @@ public final class Supervisor: Sendable {
 
     func makeRunDirectory() throws {
         if mkdir(runc.workDirectory, 0o700) != 0, errno != EEXIST { throw SystemError.last("mkdir(\(runc.workDirectory))") }
+        try runc.records.make()
     }
 
     /// A process by id (nil: none).

@@ -33,7 +33,14 @@ struct RuncLeftoverTests {
         let pid = try await daemon.launch(ProcessSpec(id: "leftover-r", argv: [], runtime: .runc, bundle: bundle.path))
         let container = try #require(ProcessIdentity(pid), "the container's init runs")
         defer { if container.isAlive { kill(container.pid, SIGKILL) } }
-        try await eventually("runc lists the container", timeout: .seconds(30)) { try self.runcList(daemon) == ["leftover-r"] }
+        // Another tool's container in the same state directory (`runc.root` set to a shared
+        // one): not Holdfast's to end.
+        let root = daemon.directory.file("runc")
+        let foreignBundle = try TestBundle(in: daemon.directory, name: "foreign", args: ["sleep", "1000"], terminal: false)
+        #expect(try runCommand(["runc", "--root", root, "create", "--bundle", foreignBundle.path, "leftover-foreign"]) == .exited(0))
+        defer { _ = try? runCommand(["runc", "--root", root, "delete", "--force", "leftover-foreign"]) }
+        #expect(try runCommand(["runc", "--root", root, "start", "leftover-foreign"]) == .exited(0))
+        try await eventually("runc lists both containers", timeout: .seconds(30)) { try self.runcList(daemon).sorted() == ["leftover-foreign", "leftover-r"] }
 
         kill(daemon.daemonPID, SIGKILL)
         _ = try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(20))
@@ -41,7 +48,7 @@ struct RuncLeftoverTests {
 
         try await daemon.startAgain()
         try await eventually("the leftover container ended", timeout: .seconds(30)) { !container.isAlive }
-        #expect(try runcList(daemon).isEmpty, "runc's state directory is empty")
+        #expect(try runcList(daemon) == ["leftover-foreign"], "only Holdfast's container deleted")
         try await daemon.waitForLog("ended the runc containers an earlier daemon left")
 
         // The id is free: a new container by that name runs, and its output arrives.
@@ -50,6 +57,9 @@ struct RuncLeftoverTests {
         _ = try await daemon.bridge.create(ProcessSpec(id: "leftover-r", argv: [], stdout: daemon.spec("again-out"), runtime: .runc, bundle: again.path))
         #expect(try await withTimeout("the new container's output", .seconds(30)) { await output.value } == Array("the id is free\n".utf8))
         #expect(try await daemon.stop() == .exited(0))
+        // Deleted after its exit, and forgotten: nothing for the next start to sweep.
+        let records = (try? FileManager.default.contentsOfDirectory(atPath: daemon.directory.file("runc-containers"))) ?? ["unreadable"]
+        #expect(records.isEmpty, "records left: \(records)")
     }
 
     /// A runc create still under way when the stop's drains end (an OCI hook that hangs, as a

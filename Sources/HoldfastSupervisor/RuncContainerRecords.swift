@@ -1,0 +1,55 @@
+import HoldfastCore
+import HoldfastPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The runc containers this daemon made and has not deleted yet, one file each in a directory of
+/// the run directory (root only; it outlives a crash, not a reboot): what a sweep may delete.
+/// runc's state directory alone cannot say it — `runc.root` may be set to one other tools use
+/// (`/run/runc`, podman's and runc's own default), whose containers are not Holdfast's to end.
+/// A file is named by the sha256 of the id (ids may be longer than a file name, or `..`) and
+/// holds the id.
+struct RuncContainerRecords: Sendable {
+    let directory: String
+
+    func make() throws(SystemError) {
+        if mkdir(directory, 0o700) != 0, errno != EEXIST { throw .last("mkdir(\(directory))") }
+    }
+
+    /// Written before `runc create`: a crash from then on leaves the record for the next start.
+    func record(_ id: String) throws(SystemError) {
+        let path = file(id)
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw .last("open(\(path))") }
+        defer { close(fd) }
+        let bytes = Array(id.utf8)
+        guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else { throw .last("write(\(path))") }
+    }
+
+    /// Once runc has deleted it (or says it does not exist).
+    func forget(_ id: String) {
+        unlink(file(id))
+    }
+
+    /// The ids recorded.
+    func recorded() -> [String] {
+        guard let listing = opendir(directory) else { return [] }
+        defer { closedir(listing) }
+        var ids: [String] = []
+        while let entry = readdir(listing) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name.count == 64, let bytes = WholeFile.read("\(directory)/\(name)"), !bytes.isEmpty else { continue }
+            let id = String(decoding: bytes, as: UTF8.self)
+            if file(id) == "\(directory)/\(name)" { ids.append(id) }
+        }
+        return ids
+    }
+
+    private func file(_ id: String) -> String {
+        var hasher = StreamingSHA256()
+        Array(id.utf8).withUnsafeBytes { hasher.update($0) }
+        return "\(directory)/\(hasher.hex())"
+    }
+}
