@@ -87,15 +87,17 @@ struct RuncLeftoverTests {
 
         #expect(kill(daemon.daemonPID, SIGTERM) == 0)
         let status = try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(30))
-        print("a stop with a runc create under way: the daemon \(status) after \(ContinuousClock.now - hookStarted)")
-        let answer = await create.result
-        print("the create: \(answer)")
-        #expect("\(answer)".contains("shutting-down"), "the create is answered with the stop: \(answer)")
-
+        let stopped = ContinuousClock.now - hookStarted
+        print("a stop with a runc create under way: the daemon \(status) after \(stopped)")
         #expect(status == .exited(0))
         // The hook (8 s) would still run: it ended with runc's command.
-        #expect(ContinuousClock.now - hookStarted < .seconds(7), "the daemon stopped before the hook's end")
+        #expect(stopped < .seconds(7), "the daemon stopped before the hook's end")
         #expect(!hook.isAlive, "the hook was ended with runc's command")
+        // Failed: answered `shutting-down` if the answer left before the bridge closed, else the
+        // host's own no-guest (its retry, with the same key, goes to the next daemon).
+        let answer = await create.result
+        print("the create: \(answer)")
+        if case .success = answer { Issue.record("the create succeeded: \(answer)") }
         // Past the hook's own end, had it gone on: nothing it would have made is there.
         try await Task.sleep(until: hookStarted + .seconds(9))
         #expect(try runcList(daemon).isEmpty, "no container left in runc's state directory")
