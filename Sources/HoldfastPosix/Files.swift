@@ -38,6 +38,21 @@ public enum WholeFile {
     }
 }
 
+/// A directory's entries.
+public enum DirectoryListing {
+    /// The names in `path` but `.` and `..`, or nil if it cannot be opened.
+    public static func names(_ path: String) -> [String]? {
+        guard let directory = opendir(path) else { return nil }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}
+
 /// Directory trees.
 public enum FileTree {
     /// Removes `path` and everything under it, without following symlinks and without an `rm`
@@ -49,15 +64,7 @@ public enum FileTree {
             unlink(path)
             return
         }
-        if let directory = opendir(path) {
-            var names: [String] = []
-            while let entry = readdir(directory) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-                if name != "." && name != ".." { names.append(name) }
-            }
-            closedir(directory)
-            for name in names { remove(path + "/" + name) }
-        }
+        for name in DirectoryListing.names(path) ?? [] { remove(path + "/" + name) }
         rmdir(path)
     }
 }

@@ -168,14 +168,11 @@ public enum PidFD {
     /// holder of a pid `parent` reaped meanwhile. Returns how many were signalled.
     @discardableResult
     public static func signalChildren(of parent: pid_t, _ signal: Int32) -> Int {
-        guard let tasks = opendir("/proc/\(parent)/task") else { return 0 }
         var children: Set<pid_t> = []
-        while let entry = readdir(tasks) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard Int32(name) != nil, let listed = WholeFile.read("/proc/\(parent)/task/\(name)/children") else { continue }
+        for task in DirectoryListing.names("/proc/\(parent)/task") ?? [] {
+            guard let listed = WholeFile.read("/proc/\(parent)/task/\(task)/children") else { continue }
             for field in String(decoding: listed, as: UTF8.self).split(separator: " ") { if let pid = pid_t(field) { children.insert(pid) } }
         }
-        closedir(tasks)
         var signalled = 0
         for child in children {
             let pidfd = open(child)

@@ -35,16 +35,12 @@ struct RuncContainerRecords: Sendable {
 
     /// The ids recorded.
     func recorded() -> [String] {
-        guard let listing = opendir(directory) else { return [] }
-        defer { closedir(listing) }
-        var ids: [String] = []
-        while let entry = readdir(listing) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard name.count == 64, let bytes = WholeFile.read("\(directory)/\(name)"), !bytes.isEmpty else { continue }
+        (DirectoryListing.names(directory) ?? []).compactMap { name in
+            guard let bytes = WholeFile.read("\(directory)/\(name)"), !bytes.isEmpty else { return nil }
             let id = String(decoding: bytes, as: UTF8.self)
-            if file(id) == "\(directory)/\(name)" { ids.append(id) }
+            // Only what `record` wrote: the name is the content's digest.
+            return file(id) == "\(directory)/\(name)" ? id : nil
         }
-        return ids
     }
 
     private func file(_ id: String) -> String {

@@ -30,7 +30,7 @@ struct RuncRuntime: Sendable {
     let root: String
     /// Pid files, logs and console sockets live here for the length of one command.
     let workDirectory: String
-    /// The containers made and not deleted yet: what `deleteContainers` may delete.
+    /// The containers made and not deleted yet: what `deleteRecordedContainers` may delete.
     let records: RuncContainerRecords
     let reaper: ChildReaper
     let logger: Logger
@@ -87,12 +87,12 @@ struct RuncRuntime: Sendable {
     }
 
     /// Deletes (`runc delete --force`: its processes killed) every container this daemon (or an
-    /// earlier one on this run directory) made and did not delete, but those in `keeping`: one
-    /// nobody serves, left by a daemon that crashed, or by a create still under way when a stop
-    /// ended. Only recorded ones (`RuncContainerRecords`): another tool's containers in the same
-    /// state directory are left alone. Returns the ones deleted.
-    func deleteContainers(notIn keeping: Set<String>) async -> [String] {
-        let recorded = Set(records.recorded()).subtracting(keeping)
+    /// earlier one on this run directory) made and did not delete: at a fresh start, one a
+    /// crashed daemon left; at a stop's end, one made by a create that was still under way. Only
+    /// recorded ones (`RuncContainerRecords`): another tool's containers in the same state
+    /// directory are left alone. Returns the ones deleted.
+    func deleteRecordedContainers() async -> [String] {
+        let recorded = Set(records.recorded())
         guard !recorded.isEmpty else { return [] }
         // A record whose container runc does not have (a create that failed before it made one,
         // a delete the crash came after) is only forgotten.

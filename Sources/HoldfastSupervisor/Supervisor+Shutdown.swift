@@ -139,7 +139,7 @@ extension Supervisor {
             }
         }
         // Likewise a runc container this daemon made that runc still has: every process is done.
-        let leftovers = await runc.deleteContainers(notIn: [])
+        let leftovers = await runc.deleteRecordedContainers()
         if !leftovers.isEmpty {
             logger.warning("deleted runc containers left after every process was done", metadata: ["containers": "\(leftovers.sorted())"])
         }

@@ -461,7 +461,7 @@ public final class Supervisor: Sendable {
             }
         }
         defer { reaping.cancel() }
-        let ended = await runc.deleteContainers(notIn: [])
+        let ended = await runc.deleteRecordedContainers()
         guard !ended.isEmpty else { return }
         logger.warning("ended the runc containers an earlier daemon left", metadata: ["containers": "\(ended.sorted())"])
     }

@@ -152,14 +152,10 @@ struct LiveUpgradeReloadTests {
     /// Whether a process runs this daemon's check of a new binary (`--check-resume-snapshot`
     /// with its configuration file).
     static func checkRunning(for daemon: DaemonFixture) -> Bool {
-        guard let directory = opendir("/proc") else { return false }
-        defer { closedir(directory) }
-        while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard Int32(name) != nil, let bytes = readFile("/proc/\(name)/cmdline") else { continue }
+        (DirectoryListing.names("/proc") ?? []).contains { name in
+            guard Int32(name) != nil, let bytes = readFile("/proc/\(name)/cmdline") else { return false }
             let arguments = bytes.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-            if arguments.contains("--check-resume-snapshot"), arguments.contains(where: { $0.hasPrefix(daemon.directory.path) }) { return true }
+            return arguments.contains("--check-resume-snapshot") && arguments.contains { $0.hasPrefix(daemon.directory.path) }
         }
-        return false
     }
 }
