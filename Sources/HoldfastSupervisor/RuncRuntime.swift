@@ -94,11 +94,14 @@ struct RuncRuntime: Sendable {
     func deleteRecordedContainers() async -> [String] {
         let recorded = Set(records.recorded())
         guard !recorded.isEmpty else { return [] }
-        // A record whose container runc does not have is kept: the crashed daemon's `runc
-        // create` may still be running (its hook hanging, reparented, out of our reach) and
-        // make it later; the next sweep, or a create and delete of that id, settles it.
+        // A record whose container runc does not have (a create that failed before it made one,
+        // a delete the crash came after) is only forgotten. Kept, it could name another tool's
+        // container of that id later, in a shared `runc.root`. (A crashed daemon's `runc create`
+        // still running at the restart, its hook hanging: the runc here fails on its own once
+        // the hook ends — "unable to store init state" — and leaves nothing.)
         guard let listed = await list() else { return [] }
         let leftovers = recorded.intersection(listed).sorted()
+        for container in recorded.subtracting(listed) { records.forget(container) }
         for container in leftovers { await delete(container) }
         return leftovers
     }
