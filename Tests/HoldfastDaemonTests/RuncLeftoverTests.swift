@@ -10,8 +10,8 @@ import Glibc
 #endif
 
 /// runc containers are in no cgroup of ours: what a crashed daemon, or a create still under way
-/// when a stop ended, leaves in runc's state directory (`runc.root`, Holdfast's own) is ended
-/// by Holdfast itself, and its ids are free again.
+/// when a stop ended, leaves in runc's state directory is ended by Holdfast itself — only what
+/// it recorded making (`runc.root` may be shared) — and its ids are free again.
 @Suite("runc: no container outlives the daemon that started it", .serialized, .timeLimit(.minutes(3)))
 struct RuncLeftoverTests {
     static let enabled = DaemonFixture.canRun && TestBundle.canRun
@@ -101,9 +101,11 @@ struct RuncLeftoverTests {
         // Past the hook's own end, had it gone on: nothing it would have made is there.
         try await Task.sleep(until: hookStarted + .seconds(9))
         #expect(try runcList(daemon).isEmpty, "no container left in runc's state directory")
-        // runc undid its own work: the container's cgroups (`/leftover-h` in each hierarchy) are gone.
-        let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
-        let left = cgroups.map { "/sys/fs/cgroup/\($0)/leftover-h" }.filter { (path: String) in access(path, F_OK) == 0 }
+        // runc undid its own work: the container's cgroup (`/leftover-h`: at the root of a cgroup
+        // v2 hierarchy, or in each v1 one) is gone.
+        let hierarchies = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
+        let left = (["/sys/fs/cgroup/leftover-h"] + hierarchies.map { "/sys/fs/cgroup/\($0)/leftover-h" })
+            .filter { (path: String) in access(path, F_OK) == 0 }
         #expect(left.isEmpty, "the container's cgroups left: \(left)")
         try await daemon.waitForLog("a create was still under way when the drains ended")
     }
