@@ -94,14 +94,7 @@ public enum ProcessAccount {
 
     /// The names in `directory` (without "." and ".."), unsorted; none if it cannot be read.
     public static func entryNames(_ directory: String) -> [String] {
-        guard let handle = opendir(directory) else { return [] }
-        defer { closedir(handle) }
-        var names: [String] = []
-        while let entry = readdir(handle) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
+        DirectoryListing.names(directory) ?? []
     }
 
     /// The first line of a small /proc file, or "-".

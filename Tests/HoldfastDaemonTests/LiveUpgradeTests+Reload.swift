@@ -25,15 +25,8 @@ struct LiveUpgradeReloadTests {
     func hangupsDuringTheCheckAreFollowedByOneReloadOntoTheNewestBinary() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let daemon = try await DaemonFixture(
-            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeCheckSlow):check"], executable: binary.path)
+        let (daemon, output, before, _, upgrade) = try await Self.upgradeBeingChecked(binary)
         defer { daemon.cleanUp() }
-        let output = try await DaemonSignalTests.startCounter(daemon, id: "counter", token: "counter-out")
-        let before = try await daemon.status()
-        try binary.install(variant: 1)
-        let upgrade = try startUpgrade(daemon, output: daemon.directory.file("upgrade.out"))
-        // The check runs once the binary is open: what lands at the path from now on is not it.
-        try await eventually("the new binary's check started", timeout: .seconds(30)) { Self.checkRunning(for: daemon) }
 
         let newest = try binary.install(variant: 2)
         for _ in 0..<3 { #expect(kill(daemon.daemonPID, SIGHUP) == 0) }
@@ -50,12 +43,8 @@ struct LiveUpgradeReloadTests {
         #expect(try await daemon.status().upgrades == 2, "one reload followed, not three")
         #expect(daemon.log.components(separatedBy: "reloading again").count == 2)
 
-        let atStop = output.count
-        try await eventually("output after the reloads") { output.count > atStop + 100 }
-        #expect(try await daemon.stop() == .exited(0))
-        let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
-        #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order, across both upgrades: \(numbers.count) lines")
-        print("SIGHUP x3 during an upgrade's check: 2 upgrades (\(before.executableSHA256?.prefix(12) ?? "?") -> \(newest.prefix(12))), \(numbers.count) lines exact")
+        let lines = try await Self.stopCountingEveryLine(daemon, output)
+        print("SIGHUP x3 during an upgrade's check: 2 upgrades (\(before.executableSHA256?.prefix(12) ?? "?") -> \(newest.prefix(12))), \(lines) lines exact")
     }
 
     /// A SIGHUP that comes once the state is being written down (the exec waits at a failpoint)
@@ -127,14 +116,8 @@ struct LiveUpgradeReloadTests {
     func anUpgradeWhoseClientIsKilledDuringTheCheckStillHappens() async throws {
         let binary = try InstalledBinary()
         defer { binary.remove() }
-        let daemon = try await DaemonFixture(
-            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeCheckSlow):check"], executable: binary.path)
+        let (daemon, output, before, sha, upgrade) = try await Self.upgradeBeingChecked(binary)
         defer { daemon.cleanUp() }
-        let output = try await DaemonSignalTests.startCounter(daemon, id: "counter", token: "counter-out")
-        let before = try await daemon.status()
-        let sha = try binary.install(variant: 1)
-        let upgrade = try startUpgrade(daemon, output: daemon.directory.file("upgrade.out"))
-        try await eventually("the new binary's check started", timeout: .seconds(30)) { Self.checkRunning(for: daemon) }
         #expect(kill(upgrade, SIGKILL) == 0)
         #expect(try await daemon.processes.wait(upgrade, timeout: .seconds(10)) == .signaled(SIGKILL))
 
@@ -142,11 +125,39 @@ struct LiveUpgradeReloadTests {
         let after = try await daemon.status()
         #expect(after.pid == before.pid && after.executableSHA256 == sha, "the same supervisor, the new binary")
         #expect(after.processes.first { $0.id == "counter" }?.pid == before.processes.first { $0.id == "counter" }?.pid, "the same process")
+        _ = try await Self.stopCountingEveryLine(daemon, output)
+    }
+
+    /// A daemon whose checks of a new binary take 3 s (the failpoint), a counter streaming,
+    /// variant 1 at the path and `holdfast upgrade` started: returned once the check runs (the
+    /// binary is open by then, so what lands at the path from now on is not the one checked).
+    static func upgradeBeingChecked(
+        _ binary: InstalledBinary
+    ) async throws -> (daemon: DaemonFixture, output: Accumulator, before: StatusReport, checked: String, upgrade: pid_t) {
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.upgradeCheckSlow):check"], executable: binary.path)
+        do {
+            let output = try await DaemonSignalTests.startCounter(daemon, id: "counter", token: "counter-out")
+            let before = try await daemon.status()
+            let checked = try binary.install(variant: 1)
+            let upgrade = try startUpgrade(daemon, output: daemon.directory.file("upgrade.out"))
+            try await eventually("the new binary's check started", timeout: .seconds(30)) { checkRunning(for: daemon) }
+            return (daemon, output, before, checked, upgrade)
+        } catch {
+            daemon.cleanUp()
+            throw error
+        }
+    }
+
+    /// Stops the daemon once the counter printed more, and checks its every line arrived once, in
+    /// order; returns how many.
+    static func stopCountingEveryLine(_ daemon: DaemonFixture, _ output: Accumulator) async throws -> Int {
         let atStop = output.count
-        try await eventually("output after the upgrade") { output.count > atStop + 100 }
+        try await eventually("output after the upgrades") { output.count > atStop + 100 }
         #expect(try await daemon.stop() == .exited(0))
         let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
         #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order: \(numbers.count) lines")
+        return numbers.count
     }
 
     /// Whether a process runs this daemon's check of a new binary (`--check-resume-snapshot`
