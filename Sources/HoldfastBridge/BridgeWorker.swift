@@ -76,14 +76,29 @@ public enum BridgeWorker {
             logger.warning("cannot take SIGTERM from the supervisor alone: any process may end the bridge worker", metadata: ["error": "\(error)"])
         }
         let link = NIOLockedValueBox(Link.down)
+        let (finishAsked, finishAsking) = AsyncStream.makeStream(of: Void.self)
         let client = ControlClient(channel: supervisor) { frame in
-            guard frame.type == BridgeMessageType.exit.rawValue else { return }
-            link.withLockedValue { link in
-                switch link {
-                case .down: break
-                case .settingUp(let waiting): link = .settingUp(waiting + [frame])
-                case .up(let frames): frames.post(frame)
+            switch frame.type {
+            case BridgeMessageType.exit.rawValue:
+                link.withLockedValue { link in
+                    switch link {
+                    case .down: break
+                    case .settingUp(let waiting): link = .settingUp(waiting + [frame])
+                    case .up(let frames): frames.post(frame)
+                    }
                 }
+            case SupervisorMessageType.bridgeFinish.rawValue:
+                // Not waited for here: the replies it waits for come through this very channel.
+                finishAsking.yield()
+            default:
+                break
+            }
+        }
+        // The host's requests from their arrival to their reply's write.
+        let unanswered = UnansweredRequests()
+        Task {
+            for await _ in finishAsked {
+                await finish(unanswered: unanswered, link: link, supervisor: client)
             }
         }
         Task {
@@ -181,7 +196,7 @@ public enum BridgeWorker {
             if Failpoint.once(Failpoint.workerBreaksFraming, process: "bridge"), let channel = (client.transport as? SeqpacketFrames)?.channel {
                 try? await channel.send([0x00, 0x01, 0x02])
             }
-            let reason = await serve(frames, supervisor: client, logger: logger, tidier: tidier)
+            let reason = await serve(frames, supervisor: client, logger: logger, tidier: tidier, unanswered: unanswered)
             link.withLockedValue { $0 = .down }
             await frames.writer.flush()  // an error reply explaining the close goes out first
             connection.close()
@@ -233,13 +248,31 @@ public enum BridgeWorker {
         try? await client.notify(type.rawValue)
     }
 
+    /// The supervisor is about to stop this worker (a daemon stop): every reply owed to the host
+    /// is written first — the supervisor's answers to requests it forwarded (a create failed as
+    /// the stop ended its runc command), and the exits queued behind them — and then it is told.
+    /// Before, a SIGTERM ended the worker with them unwritten: the host waited for its create's
+    /// answer until its own timeout (`no-guest` after 30 s), or resent it to the next daemon.
+    /// Bounded by the supervisor, which stops the worker anyway after a moment.
+    static func finish(unanswered: UnansweredRequests, link: NIOLockedValueBox<Link>, supervisor: ControlClient) async {
+        await unanswered.waitUntilNone()
+        let frames = link.withLockedValue { link -> StreamFrames<AsyncFD>? in
+            guard case .up(let frames) = link else { return nil }
+            return frames
+        }
+        await frames?.writer.flush()
+        await notify(supervisor, .bridgeFinished)
+    }
+
     /// Serves the host's requests until the connection ends or breaks the framing; returns why.
     /// Each request is decoded here, in the restartable worker (a bad one is answered here and
     /// the supervisor never sees it), then forwarded; at most `BridgeProtocol.requestsInFlight`
     /// at a time, each holding its permit until its reply is written (`RPCServer`).
-    static func serve(_ frames: StreamFrames<AsyncFD>, supervisor: ControlClient, logger: Logger, tidier: MemoryTidier? = nil) async -> RPCServerEnd {
+    static func serve(
+        _ frames: StreamFrames<AsyncFD>, supervisor: ControlClient, logger: Logger, tidier: MemoryTidier? = nil, unanswered: UnansweredRequests? = nil
+    ) async -> RPCServerEnd {
         await RPCServer.serve(
-            frames, as: BridgeRequest.self, inFlight: BridgeProtocol.requestsInFlight,
+            frames, as: BridgeRequest.self, inFlight: BridgeProtocol.requestsInFlight, unanswered: unanswered,
             notification: { frame in
                 // The host sends the guest no notifications: a request without an id.
                 frames.post(ControlFrame(type: RPCFrameType.error, id: 0, body: HoldfastError(.badRequest, "a request needs a non-zero id").errorFrameBody))
@@ -249,6 +282,11 @@ public enum BridgeWorker {
         ) { request, _ async throws(HoldfastError) -> RPCReply in
             tidier?.noteWork()
             let reply = try await supervisor.request(WorkerRequest.host(request).frameType, body: request.body)
+            if Failpoint.compiledIn, let kind = BridgeMessageType(rawValue: request.frameType),
+                Failpoint.fails(Failpoint.bridgeReplyLate, process: "\(kind)", passes: Failpoint.everyPass)
+            {
+                try? await Task.sleep(for: Failpoint.lateReply)
+            }
             return RPCReply(body: reply.frame.body)
         }
     }

@@ -75,6 +75,11 @@ public enum Failpoint {
     /// takes `slowCheck` (`fails` with `everyPass`), as a loaded machine's would.
     public static let upgradeCheckSlow = "upgrade-check-slow"
     public static let slowCheck: Duration = .seconds(3)
+    /// The bridge worker holds its reply to the host's request of a kind (PROCESS: `list`,
+    /// `create`...) `lateReply` after the supervisor answered it (`fails` with `everyPass`), as a
+    /// worker starved of CPU, or a host connection whose buffers are full, would.
+    public static let bridgeReplyLate = "bridge-reply-late"
+    public static let lateReply: Duration = .seconds(1)
     /// A create's process (PROCESS: its id) is started; it is not in the process table for
     /// `lateSpawn` more (`fails` with `everyPass`), as a runc create or a slow broker adopt
     /// would keep it.

@@ -121,9 +121,11 @@ public enum RPCServer {
     /// it returns); replies (`ok`, `error`) sent to a server are stray and go to `stray`.
     /// `closeDescriptors` closes fds a refused request brought. Handlers still running when the
     /// connection ends are cancelled if `cancelWhenClosed` (a client's waits go with it), and
-    /// are otherwise left to finish (their replies go nowhere).
+    /// are otherwise left to finish (their replies go nowhere). `unanswered`, when given, counts
+    /// each request from its arrival to its reply's write (or failed write).
     public static func serve<Request: RPCRequest>(
         _ transport: some FrameTransport, as _: Request.Type, inFlight: Int, cancelWhenClosed: Bool = false,
+        unanswered: UnansweredRequests? = nil,
         notification: @escaping @Sendable (ControlFrame) async -> Void = { _ in },
         stray: @escaping @Sendable (ControlFrame) -> Void = { _ in },
         closeDescriptors: @escaping @Sendable ([Int32]) -> Void,
@@ -182,8 +184,10 @@ public enum RPCServer {
                 r.next &+= 1
                 return r.next
             }
+            unanswered?.arrived()
             let task = Task {
                 defer {
+                    unanswered?.answered()
                     limit.release()
                     running.withLockedValue { r in
                         if r.tasks.removeValue(forKey: key) == nil { r.finished.insert(key) }

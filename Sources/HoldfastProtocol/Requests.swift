@@ -104,7 +104,7 @@ public enum SupervisorRequest: RPCRequest, Equatable {
         case .signal: return .signal(try RPCBody.decode(SignalRequest.self, body, type: type))
         case .wait: return .wait(try RPCBody.decode(WaitRequest.self, body, type: type))
         case .upgrade: return .upgrade
-        case .bridgeUp, .bridgeDown, .bridgeHello, .ok, .error, nil: throw RPCBody.unknown(type)
+        case .bridgeUp, .bridgeDown, .bridgeHello, .bridgeFinish, .bridgeFinished, .ok, .error, nil: throw RPCBody.unknown(type)
         }
     }
 

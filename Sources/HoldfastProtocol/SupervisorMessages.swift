@@ -7,6 +7,10 @@ public enum SupervisorMessageType: UInt32, Sendable, CaseIterable {
     case bridgeDown = 0x0302
     // Bridge worker → supervisor (request): what the next bridge hello must carry.
     case bridgeHello = 0x0303
+    // Supervisor → bridge worker (notification), at a daemon stop before the worker is stopped:
+    // write every reply owed to the host; answered with `bridgeFinished` (notification) once done.
+    case bridgeFinish = 0x0304
+    case bridgeFinished = 0x0305
     // Local control socket requests.
     case status = 0x0401
     case launch = 0x0402

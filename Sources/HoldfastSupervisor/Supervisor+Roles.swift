@@ -253,6 +253,9 @@ extension Supervisor {
             logger.warning("bridge lost")
             if session.withLockedValue({ $0.ready }) { notifier.status("Bridge to \(configuration.bridge.address) lost: streams parked, redialling") }
             await tellBroker(.disconnectAll)
+        case .bridgeFinished:
+            session.withLockedValue { $0.bridgeFinishes += 1 }
+            changes.notify()
         default:
             break
         }

@@ -143,7 +143,33 @@ extension Supervisor {
         if !leftovers.isEmpty {
             logger.warning("deleted runc containers left after every process was done", metadata: ["containers": "\(leftovers.sorted())"])
         }
+        // The bridge worker stops soon after: what it owes the host goes out first (a create the
+        // drains' end failed was answered a moment ago, and the worker may not have written it).
+        await finishTheBridge(until: max(deadline, ContinuousClock.now + Self.bridgeFinishWait))
     }
+
+    /// Asks a connected bridge worker to write every reply it owes the host, and waits until it
+    /// says it did (or the bridge went down, or `deadline`). Before, the stop's SIGTERM could end
+    /// the worker with a reply unwritten: the host's create then waited for the guest until its
+    /// own timeout (`no-guest` after 30 s) instead of reading `shutting-down`.
+    func finishTheBridge(until deadline: ContinuousClock.Instant) async {
+        guard let channel = session.withLockedValue({ $0.bridge == .up ? $0.bridgeChannel : nil }) else { return }
+        let before = session.withLockedValue { $0.bridgeFinishes }
+        do {
+            try await channel.send(ControlFrame(type: SupervisorMessageType.bridgeFinish.rawValue, id: 0, body: []).encoded)
+        } catch {
+            return  // the worker is gone: nothing of it to wait for
+        }
+        let finished = await waitUntil(deadline) { [self] in
+            session.withLockedValue { $0.bridgeFinishes > before || $0.bridge != .up || $0.bridgeChannel !== channel }
+        }
+        if !finished {
+            logger.warning("the bridge worker did not say it wrote every reply to the host in time: some may be lost with its stop")
+        }
+    }
+
+    /// How long a stop waits, at least, for the bridge worker to write what it owes the host.
+    static let bridgeFinishWait = Duration.seconds(1)
 
     /// How long a stop waits for a create whose runc command it ended to undo itself (`runc
     /// delete`: milliseconds).

@@ -87,6 +87,9 @@ public final class Supervisor: Sendable {
         var upgrading = false
         /// A SIGHUP came while one was under way: another reload follows it (`reloadOnHangup`).
         var reloadFollows = false
+        /// How many times a bridge worker said it wrote every reply it owed the host
+        /// (`bridgeFinished`, asked by a stop before it stops the worker).
+        var bridgeFinishes = 0
     }
     let session = NIOLockedValueBox(Session())
     /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the

@@ -19,8 +19,9 @@ struct RPCSendFailureTests {
         let incoming: AsyncStream<ControlFrame>
         private let push: AsyncStream<ControlFrame>.Continuation
 
-        init() {
+        init(failing: Bool = true) {
             (incoming, push) = AsyncStream.makeStream(of: ControlFrame.self)
+            state.withLockedValue { $0.failing = failing }
         }
 
         var isClosed: Bool { state.withLockedValue { $0.closed } }

@@ -1,0 +1,53 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A daemon stop writes every reply the bridge worker owes the host before it stops the worker.
+/// Before, the stop's SIGTERM ended the worker with whatever it had not written: a create
+/// answered as the stop came (a runc create the drains' end failed, in about half the runs) never
+/// reached the host, which waited for the guest until its own timeout (`no-guest` after 30 s) —
+/// or sent the create again to the next daemon.
+@Suite("A stop writes the replies it owes", .serialized, .timeLimit(.minutes(2)))
+struct StopRepliesTests {
+    /// The worker holds its reply to a create for a second (the debug-build failpoint
+    /// `bridge-reply-late`, as a worker starved of CPU or a host connection with full buffers
+    /// would), and the stop comes meanwhile: the create's answer still reaches the host, and the
+    /// process's exit (its trap's 7) once.
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint holds the reply)"))
+    func aCreatesReplyTheWorkerHoldsWhenTheStopComesReachesTheHost() async throws {
+        let daemon = try await DaemonFixture(
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.bridgeReplyLate):create"], shutdown: ("2s", "10s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let trapped = daemon.directory.file("trapped")
+        let asked = ContinuousClock.now
+        let create = Task {
+            try await daemon.bridge.create(
+                ProcessSpec(id: "late", argv: ["sh", "-c", "trap 'exit 7' TERM; touch \(trapped); while :; do sleep 0.05; done"]),
+                timeout: .seconds(15))
+        }
+        // Started, its reply held by the worker: the stop comes now.
+        try await eventually("the process's trap set") { access(trapped, F_OK) == 0 }
+        #expect(ContinuousClock.now - asked < Failpoint.lateReply, "the stop comes while the reply is held")
+        let supervisor = daemon.daemonPID
+        #expect(kill(supervisor, SIGTERM) == 0)
+        let status = try await daemon.processes.wait(supervisor, timeout: .seconds(30))
+        #expect(status == .exited(0))
+        let answer = await create.result
+        let answered = ContinuousClock.now - asked
+        print("a create whose reply the worker held as the stop came: \(answer) after \(answered)")
+        if case .failure(let error) = answer { Issue.record("the create's reply was lost with the worker: \(error); \(daemon.log.suffix(2000))") }
+        #expect(answered < .seconds(10), "answered by the stopping daemon, not the host's timeout")
+        try await eventually("the exit reported") { exits.count("late") == 1 }
+        #expect(exits.all.map(\.exitCode) == [7], "\(exits.all)")
+        #expect(!daemon.log.contains("did not say it wrote every reply"), "\(daemon.log.suffix(2000))")
+    }
+}
