@@ -33,6 +33,16 @@ extension Supervisor {
         let acknowledgementWindow = min(.seconds(2), timeout / 4)
         let drainsEnd = deadline - acknowledgementWindow
         session.withLockedValue { $0.drainDeadline = drainsEnd }
+        // A role an operator stopped (SIGSTOP, Ctrl-Z) would hold what goes through it — the
+        // broker the drains and the creates waiting for its adopt, the bridge worker the exits —
+        // until its own SIGTERM at the end, too late for all of them: before, the output in a
+        // stopped broker's pipes was lost and a stopped worker's exits with it. It is continued
+        // now, as a live upgrade does. (A debugger's stop is not ended by SIGCONT: what goes
+        // through that role waits until the timeout, as before.)
+        let (broker, worker) = session.withLockedValue { ($0.broker, $0.bridgeWorker) }
+        for (name, role) in [("broker", broker), ("bridge worker", worker)] where role?.continueIfStopped() == true {
+            logger.notice("stopping: the \(name) was stopped (SIGSTOP, or a debugger): continued, so that the output drains and the exits go out")
+        }
         // The bridge stays up while the processes stop (new creates are refused as
         // `shutting-down`): their exits, after their output, still reach the host.
         let signal = configuration.shutdown.signal

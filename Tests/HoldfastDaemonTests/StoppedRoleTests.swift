@@ -277,6 +277,85 @@ struct StoppedRoleTests {
         }
     }
 
+    /// A daemon stop with the broker stopped by an operator (SIGSTOP) while a process's output
+    /// waits in its pipe and a create waits for the broker's adopt. Before, the broker was
+    /// continued only at the very end, with its own SIGTERM: the output never drained (the exit
+    /// `outputCutShort`, its lines lost), and the create held the stop to the drains' end. Now
+    /// the stop continues it first, as a live upgrade does: every line arrives, the exit (its
+    /// trap's 7) is whole, the create is answered and its process ended and reported.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aDaemonStopContinuesAStoppedBrokerSoItsOutputDrains() async throws {
+        let daemon = try await DaemonFixture(shutdown: ("2s", "10s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("held-out"), direction: .receive))
+        let go = daemon.directory.file("go")
+        let written = daemon.directory.file("written")
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "held", argv: ["sh", "-c", Self.writesWhenTold(go: go, written: written)], stdout: daemon.spec("held-out")))
+        let broker = try #require(try await daemon.rolePID("broker"))
+        #expect(kill(broker, SIGSTOP) == 0)
+        try await eventually("the broker stopped") { ProcessRunState.of(broker) == .stopped }
+        #expect(creat(go, 0o644) >= 0)
+        try await eventually("the lines written into the pipe") { access(written, F_OK) == 0 }
+        // A create meanwhile: its process starts, its adopt waits for the broker.
+        let lateOutput = collect(try daemon.streams.open(token: bytes("late-out"), direction: .receive))
+        let late = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["sleep", "1000"], stdout: daemon.spec("late-out")), timeout: .seconds(20)) }
+        try await eventually("the late create under way") { try await daemon.status().processes.contains { $0.id == "late" } }
+
+        let asked = ContinuousClock.now
+        #expect(try await Self.stop(daemon) == .exited(0))
+        print("a stop with the broker stopped took \(ContinuousClock.now - asked)")
+        // (Before, the stream never ended: the lines died with the broker.)
+        let delivered = try await withTimeout("the output's end", .seconds(10)) { await output.value }
+        #expect(delivered == expectedLines(1000), "every line the process wrote while the broker was stopped")
+        let held = exits.all.filter { $0.id == "held" }
+        #expect(held.count == 1 && held.first?.exitCode == 7 && held.first?.outputCutShort != true && held.first?.undelivered == 0, "\(held)")
+        let answer = await late.result
+        print("the create the stopped broker held: \(answer)")
+        if case .failure(let error) = answer { #expect((error as? HoldfastError)?.code == .shuttingDown, "\(error)") }
+        if case .success = answer { #expect(exits.count("late") == 1, "its exit reported: \(exits.all)") }
+        #expect(try await withTimeout("the late output's end", .seconds(10)) { await lateOutput.value }.isEmpty)
+        try await daemon.waitForLog("the broker was stopped")
+    }
+
+    /// The same with the bridge worker stopped: the process's exit waits in the worker's
+    /// channel. Before, the worker was continued only with its SIGTERM, at the end: the exit was
+    /// lost with it. Now it is continued first, and the exit reaches the host once.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aDaemonStopContinuesAStoppedBridgeWorkerSoTheExitsGoOut() async throws {
+        let daemon = try await DaemonFixture(shutdown: ("2s", "10s"))
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("held-out"), direction: .receive))
+        let go = daemon.directory.file("go")
+        let written = daemon.directory.file("written")
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "held", argv: ["sh", "-c", Self.writesWhenTold(go: go, written: written)], stdout: daemon.spec("held-out")))
+        let worker = try #require(try await daemon.rolePID("bridge"))
+        #expect(kill(worker, SIGSTOP) == 0)
+        try await eventually("the bridge worker stopped") { ProcessRunState.of(worker) == .stopped }
+        #expect(creat(go, 0o644) >= 0)
+        try await eventually("the lines written") { access(written, F_OK) == 0 }
+
+        #expect(try await Self.stop(daemon) == .exited(0))
+        #expect(try await withTimeout("the output's end", .seconds(10)) { await output.value } == expectedLines(1000))
+        // (Before, it never came: it died with the worker.)
+        try await eventually("the exit reported", timeout: .seconds(5)) { exits.count("held") >= 1 }
+        let held = exits.all.filter { $0.id == "held" }
+        #expect(held.count == 1 && held.first?.exitCode == 7 && held.first?.outputCutShort != true, "\(held)")
+        try await daemon.waitForLog("the bridge worker was stopped")
+    }
+
+    /// Waits for `go`, writes 1,000 lines (`expectedLines`) into its stdout, sets a SIGTERM trap
+    /// (exit 7), says so in `written`, and waits.
+    static func writesWhenTold(go: String, written: String) -> String {
+        "while [ ! -e \(go) ]; do sleep 0.02; done; i=0; while [ $i -lt 1000 ]; do i=$((i+1)); echo line $i; done; "
+            + "trap 'exit 7' TERM; touch \(written); while :; do sleep 0.05; done"
+    }
+
     /// A broker the upgrade cannot stop: every thread held by a tracer that never collects its
     /// death (a hung debugger), so even SIGKILL leaves a process its parent cannot reap. The
     /// upgrade gives up `brokerStopLimit` (15 s) after asking it, says so, and the daemon runs on
