@@ -120,15 +120,10 @@ public enum ProcessScan {
     /// uid, from the `Uid:` line of /proc/PID/status. A process that exits meanwhile is skipped,
     /// and so is a zombie (it can no longer do anything; its parent has yet to reap it).
     public static func processes(withUID uid: uid_t) -> [pid_t] {
-        guard let directory = opendir("/proc") else { return [] }
-        defer { closedir(directory) }
-        var found: [pid_t] = []
-        while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard let pid = pid_t(name), let status = status(of: pid), !status.isZombie else { continue }
-            if status.uids.contains(uid) { found.append(pid) }
-        }
-        return found.sorted()
+        (DirectoryListing.names("/proc") ?? []).compactMap { name -> pid_t? in
+            guard let pid = pid_t(name), let status = status(of: pid), !status.isZombie, status.uids.contains(uid) else { return nil }
+            return pid
+        }.sorted()
     }
 
     /// The real, effective, saved and filesystem uids of `pid`.
@@ -148,6 +143,13 @@ public enum ProcessScan {
             }
         }
         return uids.map { ($0, zombie) }
+    }
+
+    /// Whether `pid` is in this process's pid namespace (its /proc/PID/ns/pid is ours); nil
+    /// when either cannot be looked at (the process gone). Every process this one can see is
+    /// in its namespace or in one below it, whose processes cannot see this one's.
+    public static func sharesOurPIDNamespace(_ pid: pid_t) -> Bool? {
+        PIDNamespace.isOurs("/proc/\(pid)/ns/pid")
     }
 
     /// A process's command name (/proc/PID/comm), for messages.
@@ -221,4 +223,16 @@ public enum OOMScore {
     /// The adjustment children get (`protect`); nil: they inherit ours.
     public static var childAdjustment: Int32? { childValue.withLockedValue { $0 } }
     private static let childValue = NIOLockedValueBox<Int32?>(nil)
+}
+
+/// Pid namespaces, told apart by the identity (device and inode) of their /proc/PID/ns/pid.
+public enum PIDNamespace {
+    /// Whether the namespace at `path` (a /proc/PID/ns/pid, or a bind mount of one) is this
+    /// process's; nil when either cannot be looked at.
+    public static func isOurs(_ path: String) -> Bool? {
+        var theirs = stat()
+        var ours = stat()
+        guard stat(path, &theirs) == 0, stat("/proc/self/ns/pid", &ours) == 0 else { return nil }
+        return theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino
+    }
 }

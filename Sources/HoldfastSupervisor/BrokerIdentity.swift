@@ -20,10 +20,11 @@ public struct StartRefused: Error, Sendable, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// The broker's uid is its own: a process of the same uid could signal it (kill it, stop it)
-/// and, were it dumpable, take its fds with `pidfd_getfd` or trace it. So the supervisor starts
-/// it only when no process runs as that uid — at start-up and before every restart — and never
-/// starts a container process as that uid.
+/// The broker's uid is its own: a process of the same uid that can see it could signal it (kill
+/// it, stop it) and, were it dumpable (for a moment after its exec), take its fds with
+/// `pidfd_getfd` or trace it. So the supervisor starts it only when no process in its pid
+/// namespace runs as that uid — at start-up and before every restart — and never starts a
+/// container process as that uid. (One in a pid namespace below, a container's, cannot see it.)
 extension Supervisor {
     /// The uid the broker runs as: `broker.user`'s, or the daemon's own when it is empty.
     var brokerUID: uid_t {
@@ -41,16 +42,31 @@ extension Supervisor {
             killed.removeAll { !reaper.isUnreaped($0) }
             return Set(killed.map(\.pid))
         }
-        let sharers = ProcessScan.processes(withUID: uid).filter { !dying.contains($0) }
+        let others = ProcessScan.processes(withUID: uid).filter { !dying.contains($0) }
+        // One in a pid namespace below ours (a runc container's root with CAP_SETUID can take
+        // any uid: `setpriv --reuid`) cannot see the broker: no signal, trace or pidfd of its
+        // reaches it. Counted as a sharer, it kept every broker after a crash, and a live
+        // upgrade's, from starting for as long as it lived: every stream stopped.
+        let sharers = others.filter { ProcessScan.sharesOurPIDNamespace($0) ?? true }
+        let unseeing = others.filter { !sharers.contains($0) }
+        if !unseeing.isEmpty {
+            logger.warning(
+                "processes in another pid namespace run as the broker's uid: they cannot see the broker, which starts all the same",
+                metadata: ["uid": "\(uid)", "processes": "\(Self.name(unseeing))"])
+        }
         guard !sharers.isEmpty else { return }
-        let named = sharers.prefix(5).map { pid in "pid \(pid)" + (ProcessScan.commandName(of: pid).map { " (\($0))" } ?? "") }
-        let more = sharers.count > 5 ? " and \(sharers.count - 5) more" : ""
         let whose = configuration.broker.user.map { "broker.user '\($0)' (uid \(uid)) is not the broker's own" }
             ?? "broker.user is empty, so the broker would keep this daemon's uid \(uid), which is not its own"
         throw StartRefused(
-            "\(whose): \(named.joined(separator: ", "))\(more) run as it and could signal the broker; "
+            "\(whose): \(Self.name(sharers)) run as it and could signal the broker; "
                 + "give the broker a dedicated user or a uid no process uses (uid:N, e.g. from "
                 + "\(ReservedUIDs.range.lowerBound)-\(ReservedUIDs.range.upperBound)), or set broker.allow_shared_uid: true")
+    }
+
+    /// A few processes by pid and command name, for a message.
+    static func name(_ processes: [pid_t]) -> String {
+        let named = processes.prefix(5).map { pid in "pid \(pid)" + (ProcessScan.commandName(of: pid).map { " (\($0))" } ?? "") }
+        return named.joined(separator: ", ") + (processes.count > 5 ? " and \(processes.count - 5) more" : "")
     }
 
     /// A process the host or a local client asks for may not run as the broker's uid.
@@ -111,10 +127,7 @@ enum RuncBundleIdentity {
         guard let config = config(of: bundle) else { return true }
         guard let pid = config.linux?.namespaces?.first(where: { $0.type == "pid" }) else { return true }
         guard let path = pid.path, !path.isEmpty else { return false }
-        var theirs = stat()
-        var ours = stat()
-        guard stat(path, &theirs) == 0, stat("/proc/self/ns/pid", &ours) == 0 else { return true }
-        return theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino
+        return PIDNamespace.isOurs(path) ?? true
     }
 
     /// nil when the bundle cannot be read (runc will say why) or the uid is not mapped.

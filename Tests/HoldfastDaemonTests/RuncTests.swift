@@ -44,6 +44,26 @@ struct TestBundle {
     }
 
     static var canRun: Bool { access("/bin/busybox", X_OK) == 0 && (try? runCommand(["runc", "--version"])) == .exited(0) }
+
+    /// Gives the container's process `capabilities` too (bounding, effective and permitted sets),
+    /// and the guest's /usr (read-only; `lib` and `lib64` link into it, as on a merged-/usr
+    /// Debian), for programs busybox does not have.
+    func addCapabilitiesAndTheGuestsUsr(_ capabilities: [String]) throws {
+        for link in ["lib", "lib64"] { #expect(symlink("usr/" + link, path + "/rootfs/" + link) == 0) }
+        let configPath = path + "/config.json"
+        let written = try #require(readFile(configPath))
+        var config = try #require(try JSONSerialization.jsonObject(with: Data(written)) as? [String: Any])
+        var process = try #require(config["process"] as? [String: Any])
+        var sets = (process["capabilities"] as? [String: Any]) ?? [:]
+        for set in ["bounding", "effective", "permitted"] {
+            sets[set] = ((sets[set] as? [String]) ?? []) + capabilities
+        }
+        process["capabilities"] = sets
+        config["process"] = process
+        let mounts = (config["mounts"] as? [[String: Any]]) ?? []
+        config["mounts"] = mounts + [["destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]]]
+        try writeFile(configPath, Array(try JSONSerialization.data(withJSONObject: config)))
+    }
 }
 
 /// Runs a command to its end with its output discarded.
