@@ -35,10 +35,7 @@ public struct ConfigurationCheck: Sendable, Equatable, Codable {
     public var reason: String?
 
     /// Every key in the order of config/holdfast.yaml.
-    public static let keyOrder: [String] = {
-        let keys = ConfigurationLoader.keys.map(\.key)
-        return ["run_directory"] + keys.filter { $0 != "run_directory" }
-    }()
+    public static let keyOrder: [String] = ConfigurationLoader.keys.map(\.key)
 
     /// Loads `path` with the daemon's loader (same checks, same errors) and describes the result.
     public static func run(path: String, environment: [String: String] = ConfigurationLoader.currentEnvironment()) async

@@ -16,17 +16,19 @@ import Glibc
 /// list the keys the file actually has, so a misspelt key is an error rather than silently
 /// ignored.
 public enum ConfigurationLoader {
-    /// Every key the daemon understands, with its default (nil: required).
+    /// Every key the daemon understands, with its default (nil: required), in the order of
+    /// config/holdfast.yaml (`holdfast config check` lists them so).
     static let keys: [(key: String, fallback: String?)] = [
+        ("run_directory", "/run/holdfast"),
         ("bridge.address", nil),
         ("bridge.authentication", BridgeAuthenticationMethod.hmacSHA256.rawValue),
         ("bridge.key_file", "/etc/holdfast/bridge.key"),
         ("bridge.reconnect_initial", "100ms"),
         ("bridge.reconnect_max", "5s"),
         ("broker.user", ""),
-        ("broker.seccomp", "kill"),
         ("broker.allow_shared_uid", "false"),
         ("broker.restart_backoff_max", "5s"),
+        ("broker.seccomp", "kill"),
         ("handoff.socket", "{run}/broker.sock"),
         ("handoff.mode", "0660"),
         ("handoff.allowed_uids", "0"),
@@ -38,6 +40,7 @@ public enum ConfigurationLoader {
         ("streams.connect_timeout", "2s"),
         ("streams.drain_timeout", "30s"),
         ("streams.ring_capacity", "1MiB"),
+        ("processes.signal_guard", "true"),
         ("shutdown.signal", "SIGTERM"),
         ("shutdown.grace", "10s"),
         ("shutdown.timeout", "30s"),
@@ -45,8 +48,6 @@ public enum ConfigurationLoader {
         ("runc.path", "runc"),
         ("runc.root", "{run}/runc"),
         ("metrics.address", ""),
-        ("processes.signal_guard", "true"),
-        ("run_directory", "/run/holdfast"),
     ]
 
     /// The environment variable that moves every default path (`{run}` above) at once; it wins

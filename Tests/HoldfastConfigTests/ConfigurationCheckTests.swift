@@ -29,6 +29,22 @@ struct ConfigurationCheckTests {
         #expect(check.settings.map(\.key) == ConfigurationCheck.keyOrder)
         #expect(Set(check.settings.map(\.key)) == Set(ConfigurationLoader.keys.map(\.key)), "no key forgotten, none invented")
         #expect(check.settings.allSatisfy { $0.value != "?" }, "every key has a rendered value")
+        // The file's order is the shipped file's: every key in it, uncommented, in that order
+        // (the README and the man page call it the file that describes every key).
+        var section = ""
+        var keysInTheFile: [String] = []
+        for line in String(decoding: try #require(readFile("config/holdfast.yaml")), as: UTF8.self).split(separator: "\n") {
+            guard !line.hasPrefix("#"), !line.hasPrefix("  #"), let colon = line.firstIndex(of: ":") else { continue }
+            let name = line[..<colon].trimmingCharacters(in: .whitespaces)
+            if !line.hasPrefix(" ") {
+                section = name
+                if line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces).isEmpty { continue }
+                keysInTheFile.append(name)
+            } else {
+                keysInTheFile.append(section + "." + name)
+            }
+        }
+        #expect(keysInTheFile == ConfigurationCheck.keyOrder, "config/holdfast.yaml has every key, in the order `config check` lists them")
     }
 
     @Test func valuesAreInTheFilesSyntax() async throws {
