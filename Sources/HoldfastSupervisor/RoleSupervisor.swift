@@ -67,6 +67,9 @@ final class RoleSupervisor: Sendable {
         var holdWaiter: CheckedContinuation<ExitStatus?, Never>?
         /// The run loop waiting for `release` while held.
         var releaseWaiter: CheckedContinuation<Void, Never>?
+        /// Why the last start failed, until one succeeds: `status` says it (a broker refused for
+        /// a process that took its uid is not "being restarted").
+        var startFailure: String?
     }
 
     init(
@@ -101,6 +104,9 @@ final class RoleSupervisor: Sendable {
 
     var pid: pid_t? { state.withLockedValue { $0.current?.pid } }
 
+    /// Why the role is not running, when its last start failed (nil once one succeeds).
+    var startFailure: String? { state.withLockedValue { $0.current == nil ? $0.startFailure : nil } }
+
     /// Runs until `stop()`: start, serve, reap, back off, restart.
     func run() async {
         var backoff = Self.initialBackoff
@@ -114,6 +120,7 @@ final class RoleSupervisor: Sendable {
                 incarnation = try launch()
             } catch {
                 logger.error("cannot start role", metadata: ["role": "\(name)", "error": "\(error)"])
+                state.withLockedValue { $0.startFailure = "\(error)" }
                 onEvent(.cannotStart(error: "\(error)", retryIn: backoff))
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, maxBackoff)
@@ -123,6 +130,7 @@ final class RoleSupervisor: Sendable {
             let (restarts, stopSignal) = state.withLockedValue { s -> (Int, Int32?) in
                 s.current = incarnation
                 s.startedAt = started
+                s.startFailure = nil
                 return (s.restarts, s.stopping ? s.stopSignal : nil)
             }
             logger.info("role started", metadata: ["role": "\(name)", "pid": "\(incarnation.pid)"])

@@ -422,9 +422,17 @@ extension Supervisor {
 
     /// Why the broker's list is missing: not serving yet, or as the kernel sees its process.
     func brokerUnavailableExplanation() -> String {
-        guard let pid = roleStatuses.first(where: { $0.name == "broker" })?.pid else { return "not running: being restarted" }
+        guard let pid = roleStatuses.first(where: { $0.name == "broker" })?.pid else {
+            return Self.notRunning(session.withLockedValue { $0.broker })
+        }
         guard broker() != nil else { return "starting: it is asked once it is up (after a restart, once every process is back with it)" }
         return ProcessRunState.of(pid).explanation
+    }
+
+    /// A role with no process: being restarted, or — its last start failed — why not.
+    static func notRunning(_ role: RoleSupervisor?) -> String {
+        guard let failure = role?.startFailure else { return "not running: being restarted" }
+        return "not running: cannot be started, tried again and again: \(failure)"
     }
 
     public func status() async -> StatusReport {
@@ -435,13 +443,17 @@ extension Supervisor {
         }
         // The bridge worker is not asked anything here: a stopped or traced one (SIGSTOP, a
         // debugger) is seen in /proc. The host's requests and the exits wait for it meanwhile.
-        if let index = roles.firstIndex(where: { $0.name == "bridge" }), let pid = roles[index].pid {
-            let state = ProcessRunState.of(pid)
-            switch state {
-            case .stopped, .traced:
-                roles[index].notAnswering = state.explanation + "; the host's requests and the exits wait until then"
-            case .running, .dying, .gone:
-                break
+        if let index = roles.firstIndex(where: { $0.name == "bridge" }) {
+            if let pid = roles[index].pid {
+                let state = ProcessRunState.of(pid)
+                switch state {
+                case .stopped, .traced:
+                    roles[index].notAnswering = state.explanation + "; the host's requests and the exits wait until then"
+                case .running, .dying, .gone:
+                    break
+                }
+            } else if let worker = session.withLockedValue({ $0.bridgeWorker }), worker.startFailure != nil {
+                roles[index].notAnswering = Self.notRunning(worker)
             }
         }
         var report = StatusReport(

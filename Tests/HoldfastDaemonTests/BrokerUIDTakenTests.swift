@@ -62,6 +62,9 @@ struct BrokerUIDTakenTests {
         #expect(kill(broker, SIGKILL) == 0)
         try await daemon.waitForLog("could signal the broker")
         #expect(try await daemon.rolePID("broker") == nil, "not started while the taker can see it")
+        // `status` says why, not "being restarted".
+        let said = try await daemon.status().roles.first { $0.name == "broker" }?.notAnswering ?? ""
+        #expect(said.hasPrefix("not running: cannot be started") && said.contains("pid \(taker.process.pid)"), "\(said)")
         try await daemon.bridge.signal("taker-host-ns", SIGKILL)
         try await eventually("the taker gone") { !taker.process.isAlive }
         try await eventually("a new broker", timeout: .seconds(20)) { (try await daemon.rolePID("broker")) != nil }
