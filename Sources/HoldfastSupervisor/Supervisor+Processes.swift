@@ -146,7 +146,9 @@ extension Supervisor {
                     throw HoldfastError(.stdioFailed, "cannot make the streams' windows: \(error)")
                 }
                 do {
-                    _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: descriptors)
+                    try await adoptsUnderWay.await { [adopt, descriptors] () async throws(HoldfastError) in
+                        _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: descriptors)
+                    }
                 } catch where error.code == .channelClosed {
                     // The broker died with the adopt: whether it took the process or not, the
                     // fds are ours and the slots clean or its own, so its successor is handed
@@ -159,7 +161,10 @@ extension Supervisor {
                     ])
                 }
             } catch {
-                for fd in descriptors { close(fd) }
+                // Ended by the stop, the adopt may still be sending these (a send the broker's full
+                // queue holds): they close with the daemon, never under it (a number reused by
+                // then would go to the broker as this process's stream).
+                if error != AdoptsUnderWay.endedByTheStop { for fd in descriptors { close(fd) } }
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
                 if let child = started.child {
                     _ = reaper.signal(child, SIGKILL)

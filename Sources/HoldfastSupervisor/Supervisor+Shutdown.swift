@@ -100,6 +100,15 @@ extension Supervisor {
                 if !clean || !newcomer { break }
             }
         }
+        // A create still waiting for the broker's adopt (a broker held in a debugger answers
+        // nothing) fails now and ends its process (`AdoptsUnderWay`), so that its answer reaches
+        // the host before the bridge worker stops.
+        if session.withLockedValue({ $0.spawnsUnderWay > 0 }) {
+            let ended = adoptsUnderWay.endAll()
+            if ended > 0 {
+                logger.warning("a create was still waiting for the broker's adopt when the drains ended: it fails", metadata: ["creates": "\(ended)"])
+            }
+        }
         // A create still under way at the drains' end (a runc create whose OCI hook hangs)
         // would go on past the daemon and make a container nobody serves: its runc command
         // ends now, with its hooks, and the create deletes what it made as it fails.

@@ -43,6 +43,8 @@ public final class Supervisor: Sendable {
     let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.
     let brokerClient = Rendezvous<ControlClient>()
+    /// The creates' adopts being awaited: a stop's drains' end ends them.
+    let adoptsUnderWay = AdoptsUnderWay()
     /// How long a create waits for a broker that is starting or restarting.
     static let brokerWait = Duration.seconds(15)
     /// After a broker restart, processes are handed over this many at a time (`readopt`).

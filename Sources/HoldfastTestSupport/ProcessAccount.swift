@@ -59,6 +59,11 @@ public enum ProcessAccount {
     }
 
     /// Whether `pid` has exited and waits to be reaped.
+    /// The children of `parent` whose command name is `name` (all of them without one), sorted.
+    public static func children(of parent: pid_t, named name: String? = nil) -> [pid_t] {
+        processTable().filter { $0.value.parent == parent && (name == nil || $0.value.name == name) }.map(\.key).sorted()
+    }
+
     public static func isZombie(_ pid: pid_t) -> Bool {
         Stat(line("/proc/\(pid)/stat"))?.state == "Z"
     }

@@ -349,6 +349,43 @@ struct StoppedRoleTests {
         try await daemon.waitForLog("the bridge worker was stopped")
     }
 
+    /// A create whose process waits for the adopt of a broker held in a debugger (SIGCONT does not
+    /// end a ptrace stop) when the daemon stops. Before, the create held on past the drains: its
+    /// process was killed by the stop's cgroup sweep, its answer never reached the host, whose
+    /// create ended `no-guest` at its own timeout. Now the drains' end fails it: `shutting-down`,
+    /// answered before the bridge worker stops, and its process gone.
+    @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (the broker runs as a uid of its own) and python3"))
+    func aCreateWaitingForABrokerHeldInADebuggerFailsAtTheStop() async throws {
+        let daemon = try await DaemonFixture(shutdown: ("1s", "4s"))
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let tracer = try await Self.trace(broker, in: daemon)
+        let pinnedTracer = PinnedProcess(tracer)
+        defer { pinnedTracer?.signal(SIGKILL) }
+        let late = Task {
+            try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["sleep", "1000"], stdout: daemon.spec("late-out")), timeout: .seconds(40))
+        }
+        // Its process started, its adopt waiting for the held broker.
+        var sleeper: ProcessIdentity?
+        try await eventually("the late process started") {
+            sleeper = ProcessAccount.children(of: daemon.daemonPID, named: "sleep").compactMap(ProcessIdentity.init).first
+            return sleeper != nil
+        }
+        let stopped = ContinuousClock.now
+        #expect(kill(daemon.daemonPID, SIGTERM) == 0)
+        let answer = await late.result
+        let answered = ContinuousClock.now - stopped
+        print("a create waiting for a broker held in a debugger, at the stop: \(answer) after \(answered)")
+        switch answer {
+        case .success: Issue.record("the create succeeded: \(answer)")
+        case .failure(let error): #expect((error as? HoldfastError)?.code == .shuttingDown, "\(error)")
+        }
+        #expect(answered < .seconds(8), "answered by the stopping daemon at its drains' end (3 s), not the host's timeout")
+        #expect(try await daemon.processes.wait(daemon.daemonPID, timeout: .seconds(40)) == .exited(0))
+        #expect(sleeper?.isAlive == false, "its process ended with it")
+        try await daemon.waitForLog("a create was still waiting for the broker's adopt when the drains ended")
+    }
+
     /// Waits for `go`, writes 1,000 lines (`expectedLines`) into its stdout, sets a SIGTERM trap
     /// (exit 7), says so in `written`, and waits.
     static func writesWhenTold(go: String, written: String) -> String {
