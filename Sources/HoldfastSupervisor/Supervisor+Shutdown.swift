@@ -107,6 +107,11 @@ extension Supervisor {
             let ended = adoptsUnderWay.endAll()
             if ended > 0 {
                 logger.warning("a create was still waiting for the broker's adopt when the drains ended: it fails", metadata: ["creates": "\(ended)"])
+                // Their processes end (milliseconds): only a runc command still running is
+                // left for the ending below.
+                await waitUntil(ContinuousClock.now + Self.undoneCreateWait) { [self] in
+                    session.withLockedValue { $0.spawnsUnderWay == 0 }
+                }
             }
         }
         // A create still under way at the drains' end (a runc create whose OCI hook hangs)
