@@ -203,4 +203,23 @@ struct ProcessScanTests {
         #expect(ProcessScan.uids(of: live) == [uid, uid, uid, uid])
         #expect(ReservedUIDs.unused() != uid, "a uid in use is not handed out")
     }
+
+    /// Who can see the broker: a process in this pid namespace, not one in a namespace below
+    /// (`unshare --pid --fork`: its child is pid 1 of a new one, as a runc container's is).
+    @Test(.enabled(if: geteuid() == 0 && access("/usr/bin/unshare", X_OK) == 0, "needs root and unshare(1)"))
+    func aProcessInAPIDNamespaceBelowIsToldApart() async throws {
+        #expect(ProcessScan.sharesOurPIDNamespace(getpid()) == true)
+        #expect(PIDNamespace.isOurs("/proc/self/ns/pid") == true)
+        #expect(PIDNamespace.isOurs("/nonexistent/ns/pid") == nil, "cannot be looked at: nil, not a guess")
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let unshare = try processes.start(["/usr/bin/unshare", "--pid", "--fork", "--kill-child", "sleep", "300"])
+        #expect(ProcessScan.sharesOurPIDNamespace(unshare) == true, "unshare itself stays in ours")
+        var below: pid_t = 0
+        try await eventually("unshare's child") {
+            below = ProcessAccount.children(of: unshare, named: "sleep").first ?? 0
+            return below > 0
+        }
+        #expect(ProcessScan.sharesOurPIDNamespace(below) == false, "its child is in a namespace below")
+    }
 }
