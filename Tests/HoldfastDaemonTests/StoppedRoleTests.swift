@@ -289,16 +289,11 @@ struct StoppedRoleTests {
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
-        let output = collect(try daemon.streams.open(token: bytes("held-out"), direction: .receive))
-        let go = daemon.directory.file("go")
-        let written = daemon.directory.file("written")
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "held", argv: ["sh", "-c", Self.writesWhenTold(go: go, written: written)], stdout: daemon.spec("held-out")))
+        let writer = try await HeldWriter(daemon)
         let broker = try #require(try await daemon.rolePID("broker"))
         #expect(kill(broker, SIGSTOP) == 0)
         try await eventually("the broker stopped") { ProcessRunState.of(broker) == .stopped }
-        #expect(creat(go, 0o644) >= 0)
-        try await eventually("the lines written into the pipe") { access(written, F_OK) == 0 }
+        try await writer.write()
         // A create meanwhile: its process starts, its adopt waits for the broker.
         let lateOutput = collect(try daemon.streams.open(token: bytes("late-out"), direction: .receive))
         let late = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["sleep", "1000"], stdout: daemon.spec("late-out")), timeout: .seconds(20)) }
@@ -308,7 +303,7 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
         print("a stop with the broker stopped took \(ContinuousClock.now - asked)")
         // (Before, the stream never ended: the lines died with the broker.)
-        let delivered = try await withTimeout("the output's end", .seconds(10)) { await output.value }
+        let delivered = try await withTimeout("the output's end", .seconds(10)) { await writer.output.value }
         #expect(delivered == expectedLines(1000), "every line the process wrote while the broker was stopped")
         let held = exits.all.filter { $0.id == "held" }
         #expect(held.count == 1 && held.first?.exitCode == 7 && held.first?.outputCutShort != true && held.first?.undelivered == 0, "\(held)")
@@ -329,19 +324,14 @@ struct StoppedRoleTests {
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
-        let output = collect(try daemon.streams.open(token: bytes("held-out"), direction: .receive))
-        let go = daemon.directory.file("go")
-        let written = daemon.directory.file("written")
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "held", argv: ["sh", "-c", Self.writesWhenTold(go: go, written: written)], stdout: daemon.spec("held-out")))
+        let writer = try await HeldWriter(daemon)
         let worker = try #require(try await daemon.rolePID("bridge"))
         #expect(kill(worker, SIGSTOP) == 0)
         try await eventually("the bridge worker stopped") { ProcessRunState.of(worker) == .stopped }
-        #expect(creat(go, 0o644) >= 0)
-        try await eventually("the lines written") { access(written, F_OK) == 0 }
+        try await writer.write()
 
         #expect(try await Self.stop(daemon) == .exited(0))
-        #expect(try await withTimeout("the output's end", .seconds(10)) { await output.value } == expectedLines(1000))
+        #expect(try await withTimeout("the output's end", .seconds(10)) { await writer.output.value } == expectedLines(1000))
         // (Before, it never came: it died with the worker.)
         try await eventually("the exit reported", timeout: .seconds(5)) { exits.count("held") >= 1 }
         let held = exits.all.filter { $0.id == "held" }
@@ -386,11 +376,28 @@ struct StoppedRoleTests {
         try await daemon.waitForLog("a create was still waiting for the broker's adopt when the drains ended")
     }
 
-    /// Waits for `go`, writes 1,000 lines (`expectedLines`) into its stdout, sets a SIGTERM trap
-    /// (exit 7), says so in `written`, and waits.
-    static func writesWhenTold(go: String, written: String) -> String {
-        "while [ ! -e \(go) ]; do sleep 0.02; done; i=0; while [ $i -lt 1000 ]; do i=$((i+1)); echo line $i; done; "
-            + "trap 'exit 7' TERM; touch \(written); while :; do sleep 0.05; done"
+    /// A process `held` (over the bridge) that writes 1,000 lines (`expectedLines`) into its
+    /// stdout when told (`write`: once a role is stopped), then sets a SIGTERM trap (exit 7) and
+    /// waits; `output` is what the host receives of them.
+    struct HeldWriter {
+        let output: Task<[UInt8], Never>
+        private let go: String
+        private let written: String
+
+        init(_ daemon: DaemonFixture) async throws {
+            output = collect(try daemon.streams.open(token: bytes("held-out"), direction: .receive))
+            go = daemon.directory.file("go")
+            written = daemon.directory.file("written")
+            let script = "while [ ! -e \(go) ]; do sleep 0.02; done; i=0; while [ $i -lt 1000 ]; do i=$((i+1)); echo line $i; done; "
+                + "trap 'exit 7' TERM; touch \(written); while :; do sleep 0.05; done"
+            _ = try await daemon.bridge.create(ProcessSpec(id: "held", argv: ["sh", "-c", script], stdout: daemon.spec("held-out")))
+        }
+
+        /// Tells it to write, and returns once every line is in its pipe and the trap is set.
+        func write() async throws {
+            try writeFile(go, [])
+            try await eventually("the lines written into the pipe") { access(written, F_OK) == 0 }
+        }
     }
 
     /// A broker the upgrade cannot stop: every thread held by a tracer that never collects its
