@@ -26,8 +26,7 @@ struct BrokerUIDTakenTests {
     func aTakerThatCannotSeeTheBrokerDoesNotKeepItFromRestarting() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(id: "counter", argv: counterCommand(400, pause: "0.01"), stdout: daemon.spec("counter-out")))
+        let output = try await Self.startCounter(daemon)
         let broker = try #require(try await daemon.rolePID("broker"))
         let taker = try await Self.takeTheBrokersUID(daemon, id: "taker-own-ns", hostPIDNamespace: false)
         defer { taker.end() }
@@ -53,8 +52,7 @@ struct BrokerUIDTakenTests {
     func aTakerThatSeesTheBrokerHoldsItsRestartUntilItIsGone() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(id: "counter", argv: counterCommand(400, pause: "0.01"), stdout: daemon.spec("counter-out")))
+        let output = try await Self.startCounter(daemon)
         let broker = try #require(try await daemon.rolePID("broker"))
         let taker = try await Self.takeTheBrokersUID(daemon, id: "taker-host-ns", hostPIDNamespace: true)
         defer { taker.end() }
@@ -88,6 +86,13 @@ struct BrokerUIDTakenTests {
             let hierarchies = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
             for cgroup in ["/sys/fs/cgroup/\(id)"] + hierarchies.map({ "/sys/fs/cgroup/\($0)/\(id)" }) { rmdir(cgroup) }
         }
+    }
+
+    /// A counter of 400 lines over the bridge (about 4 s); what the host receives of it.
+    static func startCounter(_ daemon: DaemonFixture) async throws -> Task<[UInt8], Never> {
+        let output = collect(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "counter", argv: counterCommand(400, pause: "0.01"), stdout: daemon.spec("counter-out")))
+        return output
     }
 
     /// Starts a runc container, root with CAP_SETUID and CAP_SETGID, whose process becomes the

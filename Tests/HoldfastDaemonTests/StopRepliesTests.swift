@@ -51,3 +51,14 @@ struct StopRepliesTests {
         #expect(!daemon.log.contains("did not say it wrote every reply"), "\(daemon.log.suffix(2000))")
     }
 }
+
+/// A create the stopping daemon failed: answered `shutting-down`, and by the daemon within
+/// `bound` of the stop — not the host's own timeout (`no-guest`), as when the answer was lost.
+func expectAnsweredShuttingDown(_ answer: Result<Int32, any Error>, after answered: Duration, within bound: Duration = .seconds(8)) {
+    switch answer {
+    case .success: Issue.record("the create succeeded: \(answer)")
+    case .failure(let error): #expect((error as? HoldfastError)?.code == .shuttingDown, "\(error)")
+    }
+    #expect(answered < bound, "answered by the stopping daemon, not the host's timeout: \(answered)")
+}
+
