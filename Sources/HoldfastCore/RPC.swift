@@ -345,8 +345,11 @@ public final class RPCClient: Sendable {
         }
     }
 
-    /// Reads replies and notifications until the connection ends.
-    public func run() async {
+    /// Reads replies and notifications until the connection ends. `beforeFailingPending` runs
+    /// once the reader has stopped and before any request still waiting fails: an owner that
+    /// hands this client out takes it out of service there, so that a caller told "closed" and
+    /// asking again at once is never given it again.
+    public func run(beforeFailingPending: () -> Void = {}) async {
         while true {
             let frame: ControlFrame
             let descriptors: [Int32]
@@ -380,6 +383,7 @@ public final class RPCClient: Sendable {
                 waiter.resume(returning: .success(RPCResponse(frame: frame, descriptors: descriptors)))
             }
         }
+        beforeFailingPending()
         finish()
     }
 

@@ -96,9 +96,13 @@ extension BridgeServer {
         for report in hello.exits { deliver(report, on: connection) }
         for waiter in waiters { waiter.resume(returning: connection) }
 
-        // Replies to our requests, and exits; a reply to nothing we asked is ignored.
-        await connection.run { [self] report in deliver(report, on: connection) }
-        state.withLockedValue { if $0.connection === connection { $0.connection = nil } }
+        // Replies to our requests, and exits; a reply to nothing we asked is ignored. Out of
+        // service before its requests fail: a caller told `bridge-lost` that asks again at once
+        // waits for the next guest (handed this one, it failed again at once: the soak saw a
+        // signal fail 30 times in a moment and give up).
+        await connection.run(deliver: { [self] report in deliver(report, on: connection) }) { [self] in
+            state.withLockedValue { if $0.connection === connection { $0.connection = nil } }
+        }
         connection.close()
     }
 

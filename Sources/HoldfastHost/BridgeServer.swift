@@ -132,9 +132,10 @@ public final class BridgeServer: Sendable {
         }
 
         /// Reads replies and exits until the connection ends; `deliver` gets each exit.
-        func run(deliver: @escaping @Sendable (ExitReport) -> Void) async {
+        /// `ended` runs once the connection has ended and before its requests fail `bridge-lost`.
+        func run(deliver: @escaping @Sendable (ExitReport) -> Void, ended: () -> Void) async {
             onExit.withLockedValue { $0 = deliver }
-            await rpc.run()
+            await rpc.run(beforeFailingPending: ended)
             markServed()
         }
 

@@ -168,7 +168,9 @@ extension Supervisor {
         }
         this.withLockedValue { $0 = client }
         let number = stdio.withLockedValue { $0.brokerStarted(client) }
-        let running = Task { await client.run() }
+        // Out of service before its requests fail `channel-closed` (read by their callers as
+        // "ask again"): asked again at once, the dead broker's client must not be given out.
+        let running = Task { [brokerClient] in await client.run { brokerClient.clear { $0 === client } } }
         // A broker started after a crash gets every live process's streams back before anything
         // else (creates wait for it meanwhile); the first one gets none.
         await readopt(incarnation: number, client: client)

@@ -275,18 +275,25 @@ enum Worker {
         }
     }
 
-    /// Signals the process over the bridge, again if the bridge was lost before the reply.
+    /// Signals the process over the bridge, again at once if the bridge was lost before the
+    /// reply (as a host's retry loop would: the library must then wait for the next guest, not
+    /// hand out the lost connection again). Giving up says when each attempt failed, and how.
     static func send(_ signal: Int32, to id: String, host: Host) async -> String? {
+        let start = ContinuousClock.now
         var attempt = 0
+        var failures: [String] = []
         while true {
             attempt += 1
             do {
                 try await host.bridge.signal(id, signal, timeout: .seconds(120))
                 return nil
             } catch {
+                failures.append("\(Double(milliseconds(ContinuousClock.now - start)) / 1000) s: \(error.code): \(error.message)")
                 switch error.code {
                 case .bridgeLost, .noGuest:
-                    if attempt >= 30 { return "signal gave up after \(attempt) attempts: \(error.code)" }
+                    if attempt >= 30 {
+                        return "signal gave up after \(attempt) attempts: \(error.code) (each attempt's end, from the first's start: \(failures.joined(separator: "; ")))"
+                    }
                     if host.exits.has(id) { return nil }
                 case .notRunning, .noSuchProcess:
                     if attempt > 1 { return nil }  // the earlier attempt reached it
