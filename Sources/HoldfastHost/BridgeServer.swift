@@ -107,6 +107,7 @@ public final class BridgeServer: Sendable {
         var accepted = 0
         var lastHello: BridgeHello?
         var repeatedCreates = 0
+        var repeatedSignals = 0
     }
 
     /// One guest connection: its writer and the requests waiting for a reply on it.
@@ -269,23 +270,42 @@ public final class BridgeServer: Sendable {
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
         state.withLockedValue { _ = $0.deliveredExits.removeValue(forKey: spec.id) }
+        let (reply, hello) = try await repeatedWhileTheBridgeIsLost(timeout: timeout, counted: \.repeatedCreates) { remaining throws(HoldfastError) in
+            try await callReportingHello(.create(keyed), reply: LaunchResponse.self, timeout: remaining)
+        }
+        return CreatedProcess(pid: reply.pid, hello: hello)
+    }
+
+    /// Signals a process in the guest. Exactly once, across bridge drops, as `create`: the
+    /// signal carries a random idempotency key and is sent again on the next connection when
+    /// the bridge is lost before the reply, until `timeout`; the guest answers a repeat of a
+    /// signal it sent without signalling again (docs/PROTOCOL.md, "Repeating a signal"). A
+    /// repeat that finds the process exited is `not-running`: the first may be what ended it.
+    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
+        let request = SignalRequest(id: id, signal: signal, idempotencyKey: RandomIdentifier.make())
+        _ = try await repeatedWhileTheBridgeIsLost(timeout: timeout, counted: \.repeatedSignals) { remaining throws(HoldfastError) in
+            try await call(.signal(request), reply: [String: String].self, timeout: remaining)
+        }
+    }
+
+    /// `attempt` (a keyed request, so that a repeat is answered without being carried out
+    /// twice), again on the next connection whenever the bridge was lost before its reply,
+    /// until `timeout`; each repeat counted in `counted`. No guest within `timeout` is
+    /// `no-guest` for the whole of it.
+    private func repeatedWhileTheBridgeIsLost<Reply>(
+        timeout: Duration, counted: WritableKeyPath<State, Int>, _ attempt: (Duration) async throws(HoldfastError) -> Reply
+    ) async throws(HoldfastError) -> Reply {
         let deadline = ContinuousClock.now + timeout
         while true {
             do {
-                let (reply, hello) = try await callReportingHello(
-                    .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now))
-                return CreatedProcess(pid: reply.pid, hello: hello)
+                return try await attempt(max(.zero, deadline - ContinuousClock.now))
             } catch where error.code == .noGuest {
                 throw Self.noGuest(at: address, within: timeout)
             } catch {
                 guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
-                state.withLockedValue { $0.repeatedCreates += 1 }
+                state.withLockedValue { $0[keyPath: counted] += 1 }
             }
         }
-    }
-
-    public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
-        _ = try await call(.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self, timeout: timeout)
     }
 
     public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
@@ -357,6 +377,8 @@ public final class BridgeServer: Sendable {
     public var lastHello: BridgeHello? { state.withLockedValue { $0.lastHello } }
     /// Creates sent again because the bridge was lost before their reply.
     public var repeatedCreates: Int { state.withLockedValue { $0.repeatedCreates } }
+    /// Signals sent again because the bridge was lost before their reply.
+    public var repeatedSignals: Int { state.withLockedValue { $0.repeatedSignals } }
     /// Exits delivered whose acknowledgement the guest has not confirmed yet (bounded: a
     /// confirmed one is forgotten).
     public var unconfirmedExits: Int { state.withLockedValue { $0.deliveredExits.values.count { !$0 } } }

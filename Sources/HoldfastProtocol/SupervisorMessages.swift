@@ -118,9 +118,14 @@ public struct LaunchResponse: Codable, Sendable, Equatable {
 public struct SignalRequest: Codable, Sendable, Equatable {
     public var id: String
     public var signal: Int32
-    public init(id: String, signal: Int32) {
+    /// Names this signal so that sending it again (its reply was lost with the bridge) does not
+    /// deliver it twice: the guest answers a repeat without signalling again. 1 to
+    /// `ProcessSpec.maxIdempotencyKeyLength` bytes; `BridgeServer.signal` sets a random one.
+    public var idempotencyKey: String?
+    public init(id: String, signal: Int32, idempotencyKey: String? = nil) {
         self.id = id
         self.signal = signal
+        self.idempotencyKey = idempotencyKey
     }
 }
 

@@ -83,7 +83,7 @@ extension Supervisor {
         case .status: return RPCReply(Self.fitted(await status()))
         case .launch(let spec): return RPCReply(try await launch(spec))
         case .signal(let request):
-            try await signal(request.id, request.signal)
+            try await signal(request.id, request.signal, key: request.idempotencyKey)
             return .empty
         case .wait(let request): return RPCReply(try await wait(request.id))
         case .upgrade:

@@ -1,5 +1,4 @@
 import HoldfastProtocol
-import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
 import Glibc
@@ -19,33 +18,7 @@ import Glibc
 /// "is the id free" and "reserve it" are one step.
 struct CreateLedger {
     /// A create in progress. Repeats of it wait here for its outcome.
-    final class PendingStart: Sendable {
-        let key: String?
-        private let outcome = NIOLockedValueBox<(result: Result<pid_t, HoldfastError>?, waiters: [CheckedContinuation<Result<pid_t, HoldfastError>, Never>])>(
-            (nil, []))
-
-        init(key: String?) { self.key = key }
-
-        func resolve(_ result: Result<pid_t, HoldfastError>) {
-            let waiters = outcome.withLockedValue { o -> [CheckedContinuation<Result<pid_t, HoldfastError>, Never>] in
-                o.result = result
-                defer { o.waiters.removeAll() }
-                return o.waiters
-            }
-            for waiter in waiters { waiter.resume(returning: result) }
-        }
-
-        func wait() async -> Result<pid_t, HoldfastError> {
-            await withCheckedContinuation { continuation in
-                let known = outcome.withLockedValue { o -> Result<pid_t, HoldfastError>? in
-                    if let result = o.result { return result }
-                    o.waiters.append(continuation)
-                    return nil
-                }
-                if let known { continuation.resume(returning: known) }
-            }
-        }
-    }
+    typealias PendingStart = PendingOutcome<pid_t>
 
     enum Decision {
         /// The id is now reserved for this create: start the process, then `started` or `failed`.

@@ -43,6 +43,9 @@ struct ProcessTable {
         var phase: ProcessState = .running
         /// Known once the process exited; final once `phase` is `done` (output drained).
         var report: ExitReport?
+        /// The idempotency keys of the last signals sent to it (`SignalLedger`): a repeat of
+        /// one is not sent again. Absent from a state an earlier binary wrote.
+        var signalKeys: [String]? = nil
 
         var status: ProcessStatus { ProcessStatus(id: id, pid: pid, state: phase, exitCode: report?.exitCode) }
     }
@@ -63,6 +66,8 @@ struct ProcessTable {
     let instanceID: String
     private(set) var processes: [String: Entry] = [:]
     var creates = CreateLedger()
+    /// Signals being sent now. Not part of the snapshot: an upgrade waits for them first.
+    var signals = SignalLedger()
     /// Exits of processes the host created, oldest first, kept until the host acknowledges them.
     private(set) var unacknowledgedExits: [ExitReport] = []
     /// Who waits for which process's exit report. Not part of the snapshot.
@@ -109,6 +114,20 @@ struct ProcessTable {
     func id(ofPID pid: pid_t) -> String? { processes.values.first { $0.pid == pid }?.id }
 
     // MARK: Changes
+
+    /// Whether a signal to `id` is sent, waits for the same signal under way, or was sent.
+    mutating func decideSignal(to id: String, key: String?) -> SignalLedger.Decision {
+        signals.decide(process: id, key: key, sent: processes[id]?.signalKeys)
+    }
+
+    /// A keyed signal's sending is over; `sent`: it reached the process (a repeat is not sent).
+    mutating func signalSettled(to id: String, key: String?, sent: Bool) {
+        guard let key else { return }
+        signals.settled(process: id, key: key)
+        guard sent, var entry = processes[id] else { return }
+        SignalLedger.remember(key, in: &entry.signalKeys)
+        processes[id] = entry
+    }
 
     /// A started process replaces its id's reservation in one step.
     mutating func started(_ entry: Entry) {

@@ -48,7 +48,7 @@ extension Supervisor {
         case .create(let spec):
             return RPCReply(try await launch(spec, viaBridge: true))
         case .signal(let request):
-            try await signal(request.id, request.signal)
+            try await signal(request.id, request.signal, key: request.idempotencyKey)
             return .empty
         case .resize(let request):
             try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))

@@ -320,9 +320,38 @@ extension Supervisor {
         }
     }
 
-    public func signal(_ id: String, _ signal: Int32) async throws(HoldfastError) {
+    /// Sends `signal` to the process `id`. With a `key`, once: a repeat of a signal already
+    /// sent (its reply lost with the bridge) is answered without signalling again, and one that
+    /// comes while the first is being sent gets the first's outcome (`SignalLedger`).
+    public func signal(_ id: String, _ signal: Int32, key: String? = nil) async throws(HoldfastError) {
         await upgradeGate.enter()
         defer { upgradeGate.leave() }
+        if let key, key.isEmpty || key.utf8.count > ProcessSpec.maxIdempotencyKeyLength {
+            throw HoldfastError(.badRequest, "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
+        }
+        switch table.withLockedValue({ $0.decideSignal(to: id, key: key) }) {
+        case .repeated:
+            logger.info("signal repeated: already sent", metadata: ["process": "\(id)", "signal": "\(signalName(signal))"])
+        case .join(let first):
+            try await first.wait().get()
+        case .send(nil):
+            try await send(signal, to: id)
+        case .send(let pending?):
+            let outcome: Result<Void, HoldfastError>
+            do throws(HoldfastError) {
+                try await send(signal, to: id)
+                outcome = .success(())
+            } catch {
+                outcome = .failure(error)
+            }
+            table.withLockedValue { $0.signalSettled(to: id, key: pending.key, sent: (try? outcome.get()) != nil) }
+            pending.resolve(outcome)
+            try outcome.get()
+        }
+    }
+
+    /// Sends `signal` to the process `id`, as its runtime does.
+    private func send(_ signal: Int32, to id: String) async throws(HoldfastError) {
         guard let record = entry(id) else {
             throw HoldfastError(.noSuchProcess, "no process '\(id)'")
         }

@@ -1,3 +1,4 @@
+import Glibc
 import HoldfastCore
 import HoldfastHost
 import HoldfastPosix
@@ -5,9 +6,9 @@ import HoldfastProtocol
 import HoldfastTestSupport
 import Testing
 
-/// `BridgeServer.create` against a scripted guest: the bridge drops after the guest has the
-/// create and before it replies — the case where the host cannot know whether it ran.
-@Suite("The host's create is exactly once across bridge drops", .timeLimit(.minutes(5)))
+/// `BridgeServer.create` and `signal` against a scripted guest: the bridge drops after the guest
+/// has the request and before it replies — the case where the host cannot know whether it ran.
+@Suite("The host's create and signal are exactly once across bridge drops", .timeLimit(.minutes(5)))
 struct BridgeServerCreateTests {
     /// A guest's bridge connection: authenticates, says hello, then reads the host's requests.
     struct ScriptedGuest {
@@ -22,12 +23,18 @@ struct BridgeServerCreateTests {
         }
 
         func nextCreate() async throws -> (frame: ControlFrame, spec: ProcessSpec) {
-            let frame = try await withTimeout("the host's create") { try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody) }
-            #expect(frame.type == BridgeMessageType.create.rawValue)
-            return (frame, try ControlJSON.decode(ProcessSpec.self, from: frame.body, frameType: frame.type))
+            let (frame, spec) = try await next(.create, ProcessSpec.self)
+            return (frame, spec)
         }
 
-        func reply(to frame: ControlFrame, _ response: LaunchResponse) async throws {
+        /// The host's next request, which must be of `type`, and its body.
+        func next<Body: Decodable>(_ type: BridgeMessageType, _ body: Body.Type) async throws -> (frame: ControlFrame, body: Body) {
+            let frame = try await withTimeout("the host's \(type)") { try await ControlFrameIO.read(from: socket, maxBody: BridgeProtocol.maxBody) }
+            #expect(frame.type == type.rawValue)
+            return (frame, try ControlJSON.decode(Body.self, from: frame.body, frameType: frame.type))
+        }
+
+        func reply(to frame: ControlFrame, _ response: some Encodable) async throws {
             try await FrameIO.write(ControlFrame(type: BridgeMessageType.ok.rawValue, id: frame.id, body: ControlJSON.encode(response)).encoded, to: socket)
         }
     }
@@ -94,5 +101,31 @@ struct BridgeServerCreateTests {
             #expect(error as? HoldfastError == refusal)
         }
         #expect(bridge.repeatedCreates == 0, "only a lost bridge repeats a create")
+    }
+
+    /// A signal whose reply was lost is sent again on the next connection with the same key
+    /// (the guest answers a repeat without signalling again: `SignalOnceTests`).
+    @Test func aSignalWhoseReplyIsLostIsSentAgainWithTheSameKey() async throws {
+        let (directory, bridge) = try Self.startBridge()
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let address = bridge.address
+        let signalled = Task { try await bridge.signal("job", SIGTERM, timeout: .seconds(60)) }
+        let first = try await ScriptedGuest.connect(address, key: Self.key)
+        let (_, original) = try await first.next(.signal, SignalRequest.self)
+        let key = try #require(original.idempotencyKey, "the library names every signal")
+        #expect(key.utf8.count == 32)
+        first.socket.close()
+
+        let second = try await ScriptedGuest.connect(address, key: Self.key)
+        defer { second.socket.close() }
+        let (frame, repeated) = try await second.next(.signal, SignalRequest.self)
+        #expect(repeated == original, "the very same signal, key included")
+        try await second.reply(to: frame, [String: String]())
+        try await signalled.value
+        #expect(bridge.repeatedSignals == 1)
+        #expect(bridge.repeatedCreates == 0)
     }
 }

@@ -1,0 +1,80 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A signal whose reply was lost is sent again by the host (`BridgeServer.signal`, with the same
+/// idempotency key) and delivered once. Before, the host's retry delivered it twice: to many
+/// programs a second SIGTERM or SIGINT means "now, skip the graceful part".
+@Suite("A signal sent again after a lost reply is delivered once", .serialized, .timeLimit(.minutes(3)))
+struct SignalOnceTests {
+    /// A process that appends a line to `counted` for every SIGTERM it gets, and touches `ready`
+    /// once its trap is set.
+    static func counter(_ daemon: DaemonFixture, id: String) async throws -> (counted: String, pid: Int32) {
+        let counted = daemon.directory.file("\(id).terms")
+        let ready = daemon.directory.file("\(id).ready")
+        let pid = try await daemon.bridge.create(
+            ProcessSpec(id: id, argv: ["sh", "-c", "trap 'echo term >> \(counted)' TERM; touch \(ready); while :; do sleep 0.05; done"]),
+            timeout: .seconds(15))
+        try await eventually("\(id)'s trap set") { access(ready, F_OK) == 0 }
+        return (counted, pid)
+    }
+
+    static func terms(_ counted: String) -> Int {
+        String(decoding: readFile(counted) ?? [], as: UTF8.self).split(separator: "\n").count
+    }
+
+    /// The SIGTERM has reached the process and the worker holds its reply (the debug failpoint
+    /// `bridge-reply-late`, as a worker short of CPU would): `lose` loses that reply; the signal
+    /// call still succeeds, through one repeat, and the process counted one SIGTERM.
+    func expectDeliveredOnce(_ daemon: DaemonFixture, exits: ExitLog, losingTheReplyBy lose: () async throws -> Void) async throws {
+        let (counted, _) = try await Self.counter(daemon, id: "counts")
+        let asked = ContinuousClock.now
+        let signalled = Task { try await daemon.bridge.signal("counts", SIGTERM, timeout: .seconds(30)) }
+        try await eventually("the SIGTERM delivered") { Self.terms(counted) == 1 }
+        #expect(ContinuousClock.now - asked < Failpoint.lateReply, "the reply is still held")
+        try await lose()
+        try await signalled.value
+        #expect(daemon.bridge.repeatedSignals == 1, "sent again once")
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(Self.terms(counted) == 1, "delivered once: \(Self.terms(counted)) SIGTERMs counted")
+        #expect(daemon.log.contains("signal repeated: already sent"), "\(daemon.log.suffix(3000))")
+        try await daemon.bridge.signal("counts", SIGKILL, timeout: .seconds(30))
+        try await eventually("the exit reported") { exits.count("counts") == 1 }
+        #expect(exits.all.first?.exitCode == 128 + SIGKILL)
+    }
+
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint holds the reply)"))
+    func aSignalWhoseReplyIsLostWithTheBridgeIsDeliveredOnce() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.bridgeReplyLate):signal"])
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        try await expectDeliveredOnce(daemon, exits: exits) { daemon.bridge.drop(refusing: false) }
+    }
+
+    /// A live upgrade stops the bridge worker with the reply unwritten: the repeat reaches the
+    /// next binary, which knows the signal was sent (the process's keys are in the state it
+    /// was handed).
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint holds the reply)"))
+    func aSignalWhoseReplyALiveUpgradeLostIsDeliveredOnce() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.bridgeReplyLate):signal"], executable: binary.path)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        try await expectDeliveredOnce(daemon, exits: exits) {
+            _ = try binary.install(variant: 1)
+            let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+            #expect(upgrade.status == .exited(0), "\(upgrade.output)\n\(daemon.log.suffix(4000))")
+        }
+        #expect(try await daemon.status().upgrades == 1)
+    }
+}
