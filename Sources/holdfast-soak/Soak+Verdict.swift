@@ -131,6 +131,7 @@ extension Run {
             ("stream back after a migration (end of blackout → connected)", latency(streamFigures.latencies)),
             ("streams cut by a migration and not back before the next", "\(streamFigures.notBack)"),
             ("creates sent again (bridge lost before the reply; same idempotency key)", "\(host.bridge.repeatedCreates)"),
+            ("signals sent again (bridge lost before the reply; same idempotency key)", "\(host.bridge.repeatedSignals)"),
             ("signals sent over the bridge", "\(final.signalsSent)"),
             ("I/O thread takeovers (a holds-its-pipe process holding its pipe's lock; README, \"Security\")", daemon.takeovers),
             ("daemon shutdown (SIGTERM)", stopped.status.map { "\($0)" } ?? "no status"),
