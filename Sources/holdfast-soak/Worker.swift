@@ -196,9 +196,10 @@ enum Worker {
 
         var failures = problems.withLockedValue { $0 }
         if let report {
-            if report.exitCode != plan.exitCode || report.signal != plan.signal {
+            let expectedSignal = plan.trapsItsSignal ? nil : plan.signal
+            if report.exitCode != plan.exitCode || report.signal != expectedSignal {
                 failures.append(
-                    "exit code \(report.exitCode) signal \(report.signal.map(String.init) ?? "none"), expected \(plan.exitCode) signal \(plan.signal.map(String.init) ?? "none")")
+                    "exit code \(report.exitCode) signal \(report.signal.map(String.init) ?? "none"), expected \(plan.exitCode) signal \(expectedSignal.map(String.init) ?? "none")")
             }
             if report.undelivered != 0 { failures.append("the guest reported \(report.undelivered) undelivered bytes") }
             // What the guest reports lost to a broker crash is what the host's streams were told.

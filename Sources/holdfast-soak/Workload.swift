@@ -1,3 +1,5 @@
+import HoldfastPosix
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -161,6 +163,8 @@ struct Plan: Sendable {
     /// The signal that ends it (sent by the host for `.signalled`, by itself for
     /// `.killsItsGroup`).
     var signal: Int32?
+    /// It traps `signal` and exits by itself (its exit reports no signal).
+    var trapsItsSignal = false
     var signalAfterMilliseconds = 0
     /// Roughly how long the process runs, unloaded.
     var expectedSeconds: Double
@@ -319,10 +323,22 @@ enum Workload {
         let signal = [SIGTERM, SIGKILL, SIGINT, SIGHUP][Int.random(in: 0..<4, using: &rng)]
         let after = min(Int.random(in: 500...40_000, using: &rng), max(500, Int(budget * 1000)))
         let started = Array("\(id) started\n".utf8)
+        guard signal != SIGKILL else {
+            return Plan(
+                id: id, kind: .signalled, argv: ["sh", "-c", "echo '\(id) started'; exec sleep 3600"], stdout: [.text(started)],
+                readyBytes: started.count, exitCode: 128 + signal, signal: signal, signalAfterMilliseconds: after,
+                expectedSeconds: Double(after) / 1000)
+        }
+        // Trapped: it says how many it got, and lives on 3 s after the first (past a blackout),
+        // so a signal delivered twice — a repeat after a lost reply, sent again — shows in its
+        // output as a second line.
+        let name = String(signalName(signal).dropFirst(3))
+        let script = "n=0; trap 'n=$((n+1)); echo \"\(id) got \(name) $n\"' \(name); echo '\(id) started'; "
+            + "while [ $n -eq 0 ]; do sleep 0.05; done; sleep 3; exit \(128 + signal)"
         return Plan(
-            id: id, kind: .signalled, argv: ["sh", "-c", "echo '\(id) started'; exec sleep 3600"], stdout: [.text(started)],
-            readyBytes: started.count, exitCode: 128 + signal, signal: signal, signalAfterMilliseconds: after,
-            expectedSeconds: Double(after) / 1000)
+            id: id, kind: .signalled, argv: ["sh", "-c", script], stdout: [.text(started), .text(Array("\(id) got \(name) 1\n".utf8))],
+            readyBytes: started.count, exitCode: 128 + signal, signal: signal, trapsItsSignal: true, signalAfterMilliseconds: after,
+            expectedSeconds: Double(after) / 1000 + 3)
     }
 
     private static func killsItsGroup(_ id: String, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {

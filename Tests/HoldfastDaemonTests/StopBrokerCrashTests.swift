@@ -27,10 +27,14 @@ struct StopBrokerCrashTests {
         // relay is still at it when the broker is killed), with a pause halfway: on a loaded
         // machine this test's kill once came after every byte had gone (3 busy loops and ten
         // other suites), and the pause keeps the second half for after the kill whatever the load.
+        // The stop's SIGTERM must find the trap set (a full suite once sent it first: the shell
+        // died of it, with no output at all): it says so in a file.
+        let trapped = daemon.directory.file("trapped")
         _ = try await daemon.bridge.create(ProcessSpec(
-            id: "last", argv: ["sh", "-c", "trap 'seq 1 \(lines / 2); sleep 2; seq \(lines / 2 + 1) \(lines); exit 0' TERM; while :; do sleep 0.05; done"],
+            id: "last", argv: ["sh", "-c", "trap 'seq 1 \(lines / 2); sleep 2; seq \(lines / 2 + 1) \(lines); exit 0' TERM; touch \(trapped); while :; do sleep 0.05; done"],
             stdout: daemon.spec("last-out")))
         try await eventually("its stream connected") { try await daemon.brokerStreams().contains { $0.state == .connected } }
+        try await eventually("its trap set") { access(trapped, F_OK) == 0 }
         let broker = try #require(try await daemon.rolePID("broker"))
 
         kill(daemon.daemonPID, SIGTERM)
