@@ -59,6 +59,8 @@ struct ProcessTable {
         var processes: [Entry]
         var rememberedCreates: [CreateLedger.Remembered]
         var unacknowledgedExits: [ExitReport]
+        /// Absent from a state an earlier binary wrote (none remembered).
+        var rememberedSignals: [SignalLedger.Keyed]? = nil
     }
 
     /// New at every start (and kept across a live upgrade): tells the host a daemon restart
@@ -66,7 +68,8 @@ struct ProcessTable {
     let instanceID: String
     private(set) var processes: [String: Entry] = [:]
     var creates = CreateLedger()
-    /// Signals being sent now. Not part of the snapshot: an upgrade waits for them first.
+    /// Signals being sent now (not part of the snapshot: an upgrade waits for them first), and
+    /// the keys of signals sent to processes forgotten since.
     var signals = SignalLedger()
     /// Exits of processes the host created, oldest first, kept until the host acknowledges them.
     private(set) var unacknowledgedExits: [ExitReport] = []
@@ -86,13 +89,15 @@ struct ProcessTable {
         instanceID = snapshot.instanceID
         for entry in snapshot.processes { processes[entry.id] = entry }
         creates = CreateLedger(restoring: snapshot.rememberedCreates)
+        signals = SignalLedger(restoring: snapshot.rememberedSignals ?? [])
         unacknowledgedExits = snapshot.unacknowledgedExits
     }
 
     func snapshot() -> Snapshot {
         Snapshot(
             version: Snapshot.currentVersion, instanceID: instanceID, processes: processes.values.sorted { $0.id < $1.id },
-            rememberedCreates: creates.rememberedInOrder, unacknowledgedExits: unacknowledgedExits)
+            rememberedCreates: creates.rememberedInOrder, unacknowledgedExits: unacknowledgedExits,
+            rememberedSignals: signals.rememberedInOrder)
     }
 
     // MARK: Reading
@@ -179,11 +184,12 @@ struct ProcessTable {
     }
 
     /// Forgets a done process (its exit was taken by a waiter or acknowledged by the host) and
-    /// remembers its create's key. `pid` guards against forgetting a newer process of the id.
+    /// remembers its create's key and its signals'. `pid` guards against forgetting a newer process of the id.
     mutating func forget(_ id: String, pid: pid_t) {
         guard let entry = processes[id], entry.pid == pid, entry.phase == .done else { return }
         processes.removeValue(forKey: id)
         creates.forgotten(id: id, key: entry.idempotencyKey, pid: entry.pid)
+        signals.forgotten(process: id, keys: entry.signalKeys)
     }
 
     /// The host has the exit of `id`: forget the exit, and the process if the host created it.

@@ -6,9 +6,12 @@ import HoldfastProtocol
 /// and sends it again. Delivered twice, it is not the same request: to many programs a second
 /// SIGINT or SIGTERM means "now, without the graceful part" (a shell's second Ctrl-C, servers
 /// that skip their shutdown on the second). A signal that carries an idempotency key is
-/// recognised by it: while the first is being sent (the repeat waits for its outcome) and once
-/// it was sent (the process keeps its last `keysPerProcess` keys, which go with it across a
-/// live upgrade). A signal that failed is not remembered: sending it again is a new attempt.
+/// recognised by it: while the first is being sent (the repeat waits for its outcome), once it
+/// was sent (the process keeps its last `keysPerProcess` keys), and after the process was
+/// forgotten (the last `capacity` keys of forgotten processes are kept: a SIGKILL's repeat can
+/// come after the exit it caused was acknowledged, and a new process may have the id by then).
+/// All of it but what is under way goes across a live upgrade. A signal that failed is not
+/// remembered: sending it again is a new attempt.
 ///
 /// Pure bookkeeping, kept under the process table's lock: "was it sent" and "it is being sent
 /// now" are one step.
@@ -28,12 +31,34 @@ struct SignalLedger {
         case repeated
     }
 
-    private struct UnderWay: Hashable {
+    /// A signal to a process by its key (under way, or remembered after the process was
+    /// forgotten, as a snapshot keeps it).
+    struct Keyed: Codable, Hashable, Sendable {
         var process: String
         var key: String
     }
 
-    private var underWay: [UnderWay: PendingSignal] = [:]
+    /// How many keys of forgotten processes' signals are remembered.
+    let capacity: Int
+    private var underWay: [Keyed: PendingSignal] = [:]
+    private var remembered: Set<Keyed> = []
+    /// `remembered` oldest first, from `orderStart` on.
+    private var order: [Keyed] = []
+    private var orderStart = 0
+
+    init(capacity: Int = 4096) {
+        self.capacity = capacity
+    }
+
+    /// A ledger that remembers what a snapshot listed, in the same order.
+    init(capacity: Int = 4096, restoring entries: [Keyed]) {
+        self.init(capacity: capacity)
+        for entry in entries { remember(entry) }
+    }
+
+    /// The keys of forgotten processes' signals, oldest first (what a snapshot keeps).
+    var rememberedInOrder: [Keyed] { Array(order[orderStart...]) }
+    var rememberedCount: Int { remembered.count }
 
     /// Signals being sent now (their repeats would wait).
     var underWayCount: Int { underWay.count }
@@ -41,16 +66,35 @@ struct SignalLedger {
     /// `sent` is the keys the process keeps of signals already sent to it.
     mutating func decide(process: String, key: String?, sent: [String]?) -> Decision {
         guard let key else { return .send(nil) }
-        if sent?.contains(key) == true { return .repeated }
-        if let pending = underWay[UnderWay(process: process, key: key)] { return .join(pending) }
+        let keyed = Keyed(process: process, key: key)
+        if sent?.contains(key) == true || remembered.contains(keyed) { return .repeated }
+        if let pending = underWay[keyed] { return .join(pending) }
         let pending = PendingSignal(key: key)
-        underWay[UnderWay(process: process, key: key)] = pending
+        underWay[keyed] = pending
         return .send(pending)
     }
 
     /// The signal is no longer being sent (its outcome goes to `pending`'s waiters).
     mutating func settled(process: String, key: String) {
-        underWay.removeValue(forKey: UnderWay(process: process, key: key))
+        underWay.removeValue(forKey: Keyed(process: process, key: key))
+    }
+
+    /// The process was forgotten: the keys of the signals sent to it are remembered here.
+    mutating func forgotten(process: String, keys: [String]?) {
+        for key in keys ?? [] { remember(Keyed(process: process, key: key)) }
+    }
+
+    private mutating func remember(_ keyed: Keyed) {
+        guard remembered.insert(keyed).inserted else { return }
+        order.append(keyed)
+        while remembered.count > capacity {
+            remembered.remove(order[orderStart])
+            orderStart += 1
+        }
+        if orderStart > capacity {
+            order.removeFirst(orderStart)
+            orderStart = 0
+        }
     }
 
     /// Adds a sent signal's key to a process's, the oldest dropped past `keysPerProcess`.

@@ -82,4 +82,52 @@ struct SignalLedgerTests {
         let decoded = try ControlJSON.decode(ProcessTable.Entry.self, from: old, frameType: 0)
         #expect(decoded.signalKeys == nil)
     }
+
+    /// A repeat that comes after the process was forgotten (a SIGKILL's exit acknowledged
+    /// before its repeat arrived), or once a new process has its id: answered, not sent.
+    @Test func aForgottenProcesssSignalsAreRememberedNotSentToItsSuccessor() throws {
+        var table = ProcessTable(instanceID: "i")
+        table.started(entry("a"))
+        guard case .send(let kill?) = table.decideSignal(to: "a", key: "kill") else {
+            Issue.record("the SIGKILL was not sent")
+            return
+        }
+        table.signalSettled(to: "a", key: kill.key, sent: true)
+        table.exited("a", ExitReport(id: "a", exitCode: 137, signal: 9, undelivered: 0))
+        _ = table.finish("a", ExitReport(id: "a", exitCode: 137, signal: 9, undelivered: 0))
+        table.acknowledgeExit("a")
+        #expect(table["a"] == nil, "forgotten")
+        guard case .repeated = table.decideSignal(to: "a", key: "kill") else {
+            Issue.record("a repeat after the process was forgotten would be sent")
+            return
+        }
+        table.started(entry("a"))
+        guard case .repeated = table.decideSignal(to: "a", key: "kill") else {
+            Issue.record("the old process's signal would reach the new process of its id")
+            return
+        }
+        guard case .send = table.decideSignal(to: "a", key: "another") else {
+            Issue.record("a new signal to the new process was not sent")
+            return
+        }
+        // Across a live upgrade too.
+        var restored = try ProcessTable(restoring: table.snapshot())
+        guard case .repeated = restored.decideSignal(to: "a", key: "kill") else {
+            Issue.record("a live upgrade forgot a forgotten process's signals")
+            return
+        }
+    }
+
+    @Test func theForgottenProcessesKeysAreBounded() {
+        var ledger = SignalLedger(capacity: 3)
+        for number in 0..<5 { ledger.forgotten(process: "p\(number)", keys: ["k"]) }
+        #expect(ledger.rememberedCount == 3)
+        #expect(ledger.rememberedInOrder.map(\.process) == ["p2", "p3", "p4"], "the oldest dropped first")
+        guard case .send = ledger.decide(process: "p0", key: "k", sent: nil), case .repeated = ledger.decide(process: "p4", key: "k", sent: nil) else {
+            Issue.record("the bound kept the wrong keys")
+            return
+        }
+        for number in 5..<100 { ledger.forgotten(process: "p\(number)", keys: ["k"]) }
+        #expect(ledger.rememberedCount == 3 && ledger.rememberedInOrder.map(\.process) == ["p97", "p98", "p99"])
+    }
 }

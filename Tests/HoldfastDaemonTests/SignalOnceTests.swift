@@ -77,4 +77,28 @@ struct SignalOnceTests {
         }
         #expect(try await daemon.status().upgrades == 1)
     }
+
+    /// A SIGKILL's reply lost after the exit it caused was acknowledged and the process
+    /// forgotten: the repeat finds no process, and is answered as the signal it repeats (the
+    /// keys of a forgotten process's signals are remembered), not `no-such-process`, as the
+    /// soak once saw it.
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint holds the reply)"))
+    func aSIGKILLRepeatedAfterItsProcessWasForgottenIsAnswered() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.bridgeReplyLate):signal"])
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        _ = try await daemon.bridge.create(ProcessSpec(id: "gone", argv: ["sleep", "3600"]), timeout: .seconds(15))
+        let asked = ContinuousClock.now
+        let signalled = Task { try await daemon.bridge.signal("gone", SIGKILL, timeout: .seconds(30)) }
+        try await eventually("its exit at the host") { exits.count("gone") == 1 }
+        try await eventually("the guest forgot it") { try await !daemon.status().processes.contains { $0.id == "gone" } }
+        let forgotten = ContinuousClock.now - asked
+        #expect(forgotten < Failpoint.lateReply, "the reply is still held: \(forgotten)")
+        daemon.bridge.drop(refusing: false)
+        try await signalled.value
+        #expect(daemon.bridge.repeatedSignals == 1, "sent again once")
+        #expect(exits.all.map(\.signal) == [SIGKILL])
+        print("a SIGKILL's exit acknowledged and its process forgotten \(forgotten) after it was asked; its repeat answered")
+    }
 }
