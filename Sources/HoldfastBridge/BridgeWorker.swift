@@ -154,12 +154,12 @@ public enum BridgeWorker {
                 }
             }
             link.withLockedValue { $0 = .settingUp([]) }
-            let hello: BridgeHello
+            var hello: BridgeHello
             do {
-                let info = try await client.call(WorkerRequest.hello, reply: BridgeHello.self)
-                hello = BridgeHello(
-                    bootID: bootID(), processes: info.processes, exits: info.exits, instanceID: info.instanceID, daemonVersion: info.daemonVersion,
-                    upgrades: info.upgrades)
+                // The supervisor's, with the boot id added (every other field as it says: one
+                // copied field by field lost each new one, `keyedSignals` first).
+                hello = try await client.call(WorkerRequest.hello, reply: BridgeHello.self)
+                hello.bootID = bootID()
             } catch {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
                 link.withLockedValue { $0 = .down }

@@ -270,43 +270,74 @@ public final class BridgeServer: Sendable {
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
         state.withLockedValue { _ = $0.deliveredExits.removeValue(forKey: spec.id) }
-        let (reply, hello) = try await repeatedWhileTheBridgeIsLost(timeout: timeout, counted: \.repeatedCreates) { remaining throws(HoldfastError) in
-            try await callReportingHello(.create(keyed), reply: LaunchResponse.self, timeout: remaining)
-        }
+        let (reply, hello) = try await repeatedWhileTheBridgeIsLost(.create(keyed), reply: LaunchResponse.self, timeout: timeout, counted: \.repeatedCreates)
         return CreatedProcess(pid: reply.pid, hello: hello)
     }
 
     /// Signals a process in the guest. Exactly once, across bridge drops, as `create`: the
     /// signal carries a random idempotency key and is sent again on the next connection when
     /// the bridge is lost before the reply, until `timeout`; the guest answers a repeat of a
-    /// signal it sent without signalling again (docs/PROTOCOL.md, "Repeating a signal"). A
-    /// repeat that finds the process exited is `not-running`: the first may be what ended it.
+    /// signal it sent (`{}`, even if the process has exited or been forgotten since) without
+    /// signalling again (docs/PROTOCOL.md, "Repeating a signal"). Only to the same daemon, and
+    /// one that says it knows repeats (`keyedSignals` in its hello): to an older daemon, or one
+    /// that restarted meanwhile, a repeat could be a second signal, so the call ends
+    /// `bridge-lost` instead (it may or may not have been delivered), as before.
     public func signal(_ id: String, _ signal: Int32, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
         let request = SignalRequest(id: id, signal: signal, idempotencyKey: RandomIdentifier.make())
-        _ = try await repeatedWhileTheBridgeIsLost(timeout: timeout, counted: \.repeatedSignals) { remaining throws(HoldfastError) in
-            try await call(.signal(request), reply: [String: String].self, timeout: remaining)
+        _ = try await repeatedWhileTheBridgeIsLost(.signal(request), reply: [String: String].self, timeout: timeout, counted: \.repeatedSignals) { first, next in
+            first.keyedSignals == true && next.keyedSignals == true && next.instanceID != nil && next.instanceID == first.instanceID
         }
     }
 
-    /// `attempt` (a keyed request, so that a repeat is answered without being carried out
-    /// twice), again on the next connection whenever the bridge was lost before its reply,
-    /// until `timeout`; each repeat counted in `counted`. No guest within `timeout` is
-    /// `no-guest` for the whole of it.
-    private func repeatedWhileTheBridgeIsLost<Reply>(
-        timeout: Duration, counted: WritableKeyPath<State, Int>, _ attempt: (Duration) async throws(HoldfastError) -> Reply
-    ) async throws(HoldfastError) -> Reply {
+    /// Sends a keyed request (a repeat is answered without being carried out twice), again on
+    /// the next connection whenever the bridge was lost before its reply, until `timeout`; each
+    /// repeat counted in `counted`. A repeat goes only to a connection whose hello
+    /// `repeatableOn` accepts, given the first attempt's: otherwise the loss is the answer. No
+    /// guest within `timeout` is `no-guest` for the whole of it; once an attempt was lost, the
+    /// loss is (it may have been carried out).
+    private func repeatedWhileTheBridgeIsLost<Reply: Decodable>(
+        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration, counted: WritableKeyPath<State, Int>,
+        repeatableOn: (_ first: BridgeHello, _ next: BridgeHello) -> Bool = { _, _ in true }
+    ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
         let deadline = ContinuousClock.now + timeout
+        var firstSentTo: BridgeHello?
+        var lost: HoldfastError?
+        var refused = false
         while true {
             do {
-                return try await attempt(max(.zero, deadline - ContinuousClock.now))
+                return try await callReportingHello(request, reply: reply, timeout: max(.zero, deadline - ContinuousClock.now)) { hello throws(HoldfastError) in
+                    guard let first = firstSentTo else {
+                        firstSentTo = hello
+                        return
+                    }
+                    guard repeatableOn(first, hello) else {
+                        refused = true
+                        throw HoldfastError(
+                            .bridgeLost,
+                            "the bridge was lost before the guest replied, and the daemon connected now \(hello.instanceID != first.instanceID ? "is another one (it restarted)" : "cannot tell a repeat (an older release)"): not sent again; it may or may not have been carried out",
+                            cause: lost)
+                    }
+                    state.withLockedValue { $0[keyPath: counted] += 1 }
+                }
             } catch where error.code == .noGuest {
-                throw Self.noGuest(at: address, within: timeout)
+                throw lost ?? Self.noGuest(at: address, within: timeout)
             } catch {
-                guard error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
-                state.withLockedValue { $0[keyPath: counted] += 1 }
+                guard !refused, error.code == .bridgeLost, ContinuousClock.now < deadline else { throw error }
+                let loss = error
+                lost = loss
+                // The lost connection is out of service already (its requests fail after it is);
+                // a moment's pause all the same, so that nothing can make this a busy loop.
+                do {
+                    try await Task.sleep(for: Self.repeatPause)
+                } catch {
+                    throw loss  // cancelled: the loss is the answer
+                }
             }
         }
     }
+
+    /// The pause before a request lost with the bridge is sent again.
+    static let repeatPause: Duration = .milliseconds(20)
 
     public func resize(_ id: String, rows: UInt16, columns: UInt16, timeout: Duration = .seconds(10)) async throws(HoldfastError) {
         _ = try await call(.resize(ProcessResizeRequest(id: id, rows: rows, columns: columns)), reply: [String: String].self, timeout: timeout)
@@ -336,12 +367,15 @@ public final class BridgeServer: Sendable {
         try await callReportingHello(request, reply: reply, timeout: timeout).reply
     }
 
-    /// `call`, also returning the hello of the connection that carried the reply.
+    /// `call`, also returning the hello of the connection that carried the reply. `sending`
+    /// is told the hello of the connection the request is about to go out on, and may keep it
+    /// from going (what it throws is the call's error).
     public func callReportingHello<Reply: Decodable>(
-        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration
+        _ request: BridgeRequest, reply: Reply.Type, timeout: Duration, sending: (BridgeHello) throws(HoldfastError) -> Void = { _ in }
     ) async throws(HoldfastError) -> (reply: Reply, hello: BridgeHello) {
         let deadline = ContinuousClock.now + timeout
         guard let connection = await guest(within: timeout) else { throw Self.noGuest(at: address, within: timeout) }
+        try sending(connection.hello)
         // Bounded by what is left of `timeout`: the request's task goes on until the reply or the
         // connection's end (the channel does not take cancellation), its answer then unread.
         let exchange = Task { () -> Result<ControlFrame, HoldfastError> in

@@ -53,11 +53,16 @@ public struct BridgeHello: Codable, Sendable, Equatable {
     public var daemonVersion: String?
     /// Live upgrades this instance went through (absent: none, or an older daemon).
     public var upgrades: Int?
+    /// The daemon sends a signal that carries an idempotency key once, however often it is
+    /// repeated (docs/PROTOCOL.md, "Repeating a signal"). Absent: an older daemon, which would
+    /// send a repeat again — the host does not repeat a signal to it.
+    public var keyedSignals: Bool?
 
     public init(
         version: Int = BridgeProtocol.version, bootID: String, processes: [ProcessStatus], exits: [ExitReport], instanceID: String? = nil,
-        daemonVersion: String? = nil, upgrades: Int? = nil
+        daemonVersion: String? = nil, upgrades: Int? = nil, keyedSignals: Bool? = nil
     ) {
+        self.keyedSignals = keyedSignals
         self.instanceID = instanceID
         self.daemonVersion = daemonVersion
         self.upgrades = upgrades

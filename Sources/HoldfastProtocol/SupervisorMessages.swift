@@ -79,6 +79,13 @@ public struct ProcessSpec: Codable, Sendable, Equatable {
 
     public static let maxIdempotencyKeyLength = 256
 
+    /// Refuses an idempotency key (a create's or a signal's) that is empty or too long.
+    public static func checkIdempotencyKey(_ key: String?) throws(HoldfastError) {
+        if let key, key.isEmpty || key.utf8.count > maxIdempotencyKeyLength {
+            throw HoldfastError(.badRequest, "idempotencyKey must be 1 to \(maxIdempotencyKeyLength) bytes")
+        }
+    }
+
     public init(
         id: String, argv: [String], env: [String]? = nil, cwd: String? = nil, user: String? = nil, group: UInt32? = nil,
         tty: Bool = false, rows: UInt16? = nil, columns: UInt16? = nil, stdin: StreamSpec? = nil, stdout: StreamSpec? = nil,

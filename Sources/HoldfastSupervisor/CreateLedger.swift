@@ -34,14 +34,12 @@ struct CreateLedger {
     /// How many acknowledged creates are remembered by key after their process was forgotten.
     let capacity: Int
     private(set) var starting: [String: PendingStart] = [:]
-    private var remembered: [String: (key: String, pid: pid_t, sequence: UInt64)] = [:]
-    /// Ids in the order they were remembered (entries replaced since are skipped on eviction).
-    private var order: [(id: String, sequence: UInt64)] = []
-    private var orderStart = 0
-    private var sequence: UInt64 = 0
+    /// The keyed creates whose process was forgotten, by id.
+    private var remembered: RecentlyKept<String, Remembered>
 
     init(capacity: Int = 4096) {
         self.capacity = capacity
+        remembered = RecentlyKept(capacity: capacity)
     }
 
     /// A keyed create whose process was forgotten, as a snapshot keeps it.
@@ -53,9 +51,7 @@ struct CreateLedger {
 
     /// The remembered creates, oldest first (what a snapshot keeps; creates still starting are
     /// not in it).
-    var rememberedInOrder: [Remembered] {
-        remembered.sorted { $0.value.sequence < $1.value.sequence }.map { Remembered(id: $0.key, key: $0.value.key, pid: $0.value.pid) }
-    }
+    var rememberedInOrder: [Remembered] { remembered.inOrder.map(\.value) }
 
     /// A ledger that remembers what a snapshot listed, in the same order.
     init(capacity: Int = 4096, restoring entries: [Remembered]) {
@@ -65,7 +61,7 @@ struct CreateLedger {
 
     var rememberedCount: Int { remembered.count }
     /// Entries kept to know the eviction order (bounded: at most about 2 × capacity).
-    var orderLength: Int { order.count - orderStart }
+    var orderLength: Int { remembered.orderLength }
 
     /// `live` is the key and pid of the process the table still holds under this id, if any.
     mutating func decide(id: String, key: String?, live: (key: String?, pid: pid_t)?) -> Decision {
@@ -82,7 +78,7 @@ struct CreateLedger {
         }
         // A new create for this id (a different key, or none): whatever was remembered under
         // the id belongs to a create that is over.
-        remembered.removeValue(forKey: id)
+        remembered.remove(id)
         let pending = PendingStart(key: key)
         starting[id] = pending
         return .start(pending)
@@ -98,22 +94,6 @@ struct CreateLedger {
     /// so a late repeat of that create answers with its pid instead of running it again.
     mutating func forgotten(id: String, key: String?, pid: pid_t) {
         guard let key else { return }
-        sequence &+= 1
-        remembered[id] = (key, pid, sequence)
-        order.append((id, sequence))
-        while remembered.count > capacity, orderStart < order.count {
-            let oldest = order[orderStart]
-            orderStart += 1
-            if remembered[oldest.id]?.sequence == oldest.sequence { remembered.removeValue(forKey: oldest.id) }
-        }
-        // Keep the order list from growing with stale entries (an id reused again and again
-        // leaves one behind each time).
-        if order.count - orderStart > 2 * capacity {
-            order = remembered.map { (id: $0.key, sequence: $0.value.sequence) }.sorted { $0.sequence < $1.sequence }
-            orderStart = 0
-        } else if orderStart > capacity {
-            order.removeFirst(orderStart)
-            orderStart = 0
-        }
+        remembered.keep(Remembered(id: id, key: key, pid: pid), for: id)
     }
 }

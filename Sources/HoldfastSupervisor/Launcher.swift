@@ -97,9 +97,7 @@ struct Launcher {
             throw HoldfastError(.badRequest, "id must be 1 to 256 bytes")
         }
         try refuseNULBytes(spec)
-        if let key = spec.idempotencyKey, key.isEmpty || key.utf8.count > ProcessSpec.maxIdempotencyKeyLength {
-            throw HoldfastError(.badRequest, "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
-        }
+        try ProcessSpec.checkIdempotencyKey(spec.idempotencyKey)
         switch spec.runtime ?? .direct {
         case .direct:
             guard let program = spec.argv.first, !program.isEmpty else {

@@ -19,6 +19,9 @@ final class PendingOutcome<Value: Sendable>: Sendable {
         for waiter in waiters { waiter.resume(returning: result) }
     }
 
+    /// Repeats waiting for the outcome now.
+    var waiting: Int { outcome.withLockedValue { $0.waiters.count } }
+
     func wait() async -> Result<Value, HoldfastError> {
         await withCheckedContinuation { continuation in
             let known = outcome.withLockedValue { o -> Result<Value, HoldfastError>? in

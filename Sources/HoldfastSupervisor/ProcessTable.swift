@@ -125,12 +125,19 @@ struct ProcessTable {
         signals.decide(process: id, key: key, sent: processes[id]?.signalKeys)
     }
 
-    /// A keyed signal's sending is over; `sent`: it reached the process (a repeat is not sent).
-    mutating func signalSettled(to id: String, key: String?, sent: Bool) {
+    /// A keyed signal's sending is over; `sent`: it reached the process `pid` (a repeat is not
+    /// sent). Kept with the process, or — forgotten meanwhile (a `runc kill` outlasted by the
+    /// exit it caused and its acknowledgement), its id perhaps another process's by now — with
+    /// the forgotten processes' keys.
+    mutating func signalSettled(to id: String, pid: pid_t?, key: String?, sent: Bool) {
         guard let key else { return }
         signals.settled(process: id, key: key)
-        guard sent, var entry = processes[id] else { return }
-        SignalLedger.remember(key, in: &entry.signalKeys)
+        guard sent else { return }
+        guard var entry = processes[id], entry.pid == pid else {
+            signals.forgotten(process: id, keys: [key])
+            return
+        }
+        SignalLedger.keep(key, in: &entry.signalKeys)
         processes[id] = entry
     }
 

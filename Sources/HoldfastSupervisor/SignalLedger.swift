@@ -41,23 +41,21 @@ struct SignalLedger {
     /// How many keys of forgotten processes' signals are remembered.
     let capacity: Int
     private var underWay: [Keyed: PendingSignal] = [:]
-    private var remembered: Set<Keyed> = []
-    /// `remembered` oldest first, from `orderStart` on.
-    private var order: [Keyed] = []
-    private var orderStart = 0
+    private var remembered: RecentlyKept<Keyed, Void>
 
     init(capacity: Int = 4096) {
         self.capacity = capacity
+        remembered = RecentlyKept(capacity: capacity)
     }
 
     /// A ledger that remembers what a snapshot listed, in the same order.
     init(capacity: Int = 4096, restoring entries: [Keyed]) {
         self.init(capacity: capacity)
-        for entry in entries { remember(entry) }
+        for entry in entries { remembered.keep((), for: entry) }
     }
 
     /// The keys of forgotten processes' signals, oldest first (what a snapshot keeps).
-    var rememberedInOrder: [Keyed] { Array(order[orderStart...]) }
+    var rememberedInOrder: [Keyed] { remembered.inOrder.map(\.key) }
     var rememberedCount: Int { remembered.count }
 
     /// Signals being sent now (their repeats would wait).
@@ -67,7 +65,7 @@ struct SignalLedger {
     mutating func decide(process: String, key: String?, sent: [String]?) -> Decision {
         guard let key else { return .send(nil) }
         let keyed = Keyed(process: process, key: key)
-        if sent?.contains(key) == true || remembered.contains(keyed) { return .repeated }
+        if sent?.contains(key) == true || remembered[keyed] != nil { return .repeated }
         if let pending = underWay[keyed] { return .join(pending) }
         let pending = PendingSignal(key: key)
         underWay[keyed] = pending
@@ -81,24 +79,11 @@ struct SignalLedger {
 
     /// The process was forgotten: the keys of the signals sent to it are remembered here.
     mutating func forgotten(process: String, keys: [String]?) {
-        for key in keys ?? [] { remember(Keyed(process: process, key: key)) }
-    }
-
-    private mutating func remember(_ keyed: Keyed) {
-        guard remembered.insert(keyed).inserted else { return }
-        order.append(keyed)
-        while remembered.count > capacity {
-            remembered.remove(order[orderStart])
-            orderStart += 1
-        }
-        if orderStart > capacity {
-            order.removeFirst(orderStart)
-            orderStart = 0
-        }
+        for key in keys ?? [] { remembered.keep((), for: Keyed(process: process, key: key)) }
     }
 
     /// Adds a sent signal's key to a process's, the oldest dropped past `keysPerProcess`.
-    static func remember(_ key: String, in keys: inout [String]?) {
+    static func keep(_ key: String, in keys: inout [String]?) {
         var kept = keys ?? []
         kept.append(key)
         if kept.count > keysPerProcess { kept.removeFirst(kept.count - keysPerProcess) }

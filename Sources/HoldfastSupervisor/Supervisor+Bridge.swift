@@ -34,7 +34,7 @@ extension Supervisor {
             let (hello, _) = FrameBudget.fit(live) {
                 BridgeHello(
                     bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID, daemonVersion: HoldfastVersion.string,
-                    upgrades: upgrades > 0 ? upgrades : nil)
+                    upgrades: upgrades > 0 ? upgrades : nil, keyedSignals: true)
             }
             return RPCReply(hello)
         case .host(let request):

@@ -326,10 +326,9 @@ extension Supervisor {
     public func signal(_ id: String, _ signal: Int32, key: String? = nil) async throws(HoldfastError) {
         await upgradeGate.enter()
         defer { upgradeGate.leave() }
-        if let key, key.isEmpty || key.utf8.count > ProcessSpec.maxIdempotencyKeyLength {
-            throw HoldfastError(.badRequest, "idempotencyKey must be 1 to \(ProcessSpec.maxIdempotencyKeyLength) bytes")
-        }
-        switch table.withLockedValue({ $0.decideSignal(to: id, key: key) }) {
+        try ProcessSpec.checkIdempotencyKey(key)
+        let (decision, pid) = table.withLockedValue { ($0.decideSignal(to: id, key: key), $0[id]?.pid) }
+        switch decision {
         case .repeated:
             logger.info("signal repeated: already sent", metadata: ["process": "\(id)", "signal": "\(signalName(signal))"])
         case .join(let first):
@@ -344,7 +343,7 @@ extension Supervisor {
             } catch {
                 outcome = .failure(error)
             }
-            table.withLockedValue { $0.signalSettled(to: id, key: pending.key, sent: (try? outcome.get()) != nil) }
+            table.withLockedValue { $0.signalSettled(to: id, pid: pid, key: pending.key, sent: (try? outcome.get()) != nil) }
             pending.resolve(outcome)
             try outcome.get()
         }

@@ -170,11 +170,20 @@ extension Supervisor {
         let number = stdio.withLockedValue { $0.brokerStarted(client) }
         // Out of service before its requests fail `channel-closed` (read by their callers as
         // "ask again"): asked again at once, the dead broker's client must not be given out.
-        let running = Task { [brokerClient] in await client.run { brokerClient.clear { $0 === client } } }
+        // Ended before it was put in service (it died during the readoption): taken out again
+        // at once — `ended` is set before the clear, and read after the set.
+        let ended = NIOLockedValueBox(false)
+        let running = Task { [brokerClient] in
+            await client.run {
+                ended.withLockedValue { $0 = true }
+                brokerClient.clear { $0 === client }
+            }
+        }
         // A broker started after a crash gets every live process's streams back before anything
         // else (creates wait for it meanwhile); the first one gets none.
         await readopt(incarnation: number, client: client)
         brokerClient.set(client)
+        if ended.withLockedValue({ $0 }) { brokerClient.clear { $0 === client } }
         // Only now may runtimes ask it about their processes: every one is back.
         _ = try? await client.call(BrokerRequest.openHandoff, reply: [String: String].self)
         await running.value

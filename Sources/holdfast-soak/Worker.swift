@@ -276,33 +276,17 @@ enum Worker {
         }
     }
 
-    /// Signals the process over the bridge, again at once if the bridge was lost before the
-    /// reply (as a host's retry loop would: the library must then wait for the next guest, not
-    /// hand out the lost connection again). Giving up says when each attempt failed, and how.
+    /// Signals the process over the bridge, once: `BridgeServer.signal` itself sends it again
+    /// (same key) whenever the bridge is lost before the reply, and the guest delivers it once
+    /// (the process's trap would print a second line). Any error fails the process: the
+    /// process waits for this signal, so even `not-running` means something went wrong.
     static func send(_ signal: Int32, to id: String, host: Host) async -> String? {
         let start = ContinuousClock.now
-        var attempt = 0
-        var failures: [String] = []
-        while true {
-            attempt += 1
-            do {
-                try await host.bridge.signal(id, signal, timeout: .seconds(120))
-                return nil
-            } catch {
-                failures.append("\(Double(milliseconds(ContinuousClock.now - start)) / 1000) s: \(error.code): \(error.message)")
-                switch error.code {
-                case .bridgeLost, .noGuest:
-                    if attempt >= 30 {
-                        return "signal gave up after \(attempt) attempts: \(error.code) (each attempt's end, from the first's start: \(failures.joined(separator: "; ")))"
-                    }
-                    if host.exits.has(id) { return nil }
-                case .notRunning, .noSuchProcess:
-                    if attempt > 1 { return nil }  // the earlier attempt reached it
-                    return "signal \(signal) failed: \(error.code): \(error.message)"
-                default:
-                    return "signal \(signal) failed: \(error.code): \(error.message)"
-                }
-            }
+        do {
+            try await host.bridge.signal(id, signal, timeout: .seconds(300))
+            return nil
+        } catch {
+            return "signal \(signal) failed after \(Double(milliseconds(ContinuousClock.now - start)) / 1000) s: \(error.code): \(error.message)"
         }
     }
 }

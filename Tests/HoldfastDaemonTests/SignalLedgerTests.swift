@@ -16,7 +16,7 @@ struct SignalLedgerTests {
             Issue.record("a keyed signal's first copy was not sent")
             return
         }
-        table.signalSettled(to: "a", key: first.key, sent: true)
+        table.signalSettled(to: "a", pid: 4242, key: first.key, sent: true)
         guard case .repeated = table.decideSignal(to: "a", key: "k1") else {
             Issue.record("a repeat of a sent signal would be sent again")
             return
@@ -27,7 +27,7 @@ struct SignalLedgerTests {
             Issue.record("a key is taken as another process's")
             return
         }
-        table.signalSettled(to: "b", key: other.key, sent: false)
+        table.signalSettled(to: "b", pid: 4242, key: other.key, sent: false)
         guard case .send = table.decideSignal(to: "b", key: "k1") else {
             Issue.record("a signal that failed is not tried again")
             return
@@ -49,7 +49,11 @@ struct SignalLedgerTests {
         #expect(joined === first)
         #expect(table.signals.underWayCount == 1)
         let waiting = Task { await joined.wait() }
-        table.signalSettled(to: "a", key: "k", sent: false)
+        // Waiting before the outcome comes (after, it would only read it).
+        let deadline = ContinuousClock.now + .seconds(10)
+        while joined.waiting == 0, ContinuousClock.now < deadline { await Task.yield() }
+        #expect(joined.waiting == 1)
+        table.signalSettled(to: "a", pid: 4242, key: "k", sent: false)
         first.resolve(.failure(HoldfastError(.notRunning, "process 'a' has exited")))
         guard case .failure(let error) = await waiting.value else {
             Issue.record("the repeat did not get the first's failure")
@@ -67,7 +71,7 @@ struct SignalLedgerTests {
                 Issue.record("signal \(number) was not sent")
                 return
             }
-            table.signalSettled(to: "a", key: pending.key, sent: true)
+            table.signalSettled(to: "a", pid: 4242, key: pending.key, sent: true)
         }
         #expect(table["a"]?.signalKeys?.count == SignalLedger.keysPerProcess, "bounded")
         #expect(table["a"]?.signalKeys?.first == "k5", "the oldest dropped first")
@@ -77,10 +81,17 @@ struct SignalLedgerTests {
             Issue.record("a signal sent before a live upgrade would be sent again after it")
             return
         }
-        // A state written before signals had keys reads as none sent.
-        let old = Array(#"{"id":"a","pid":1,"viaBridge":true,"leadsProcessGroup":true,"streams":[],"phase":"running"}"#.utf8)
-        let decoded = try ControlJSON.decode(ProcessTable.Entry.self, from: old, frameType: 0)
-        #expect(decoded.signalKeys == nil)
+        // A state written before signals had keys reads as none sent, none remembered.
+        let old = Array(
+            #"{"version":1,"instanceID":"i","processes":[{"id":"a","pid":1,"viaBridge":true,"leadsProcessGroup":true,"streams":[],"phase":"running"}],"rememberedCreates":[],"unacknowledgedExits":[]}"#
+                .utf8)
+        let snapshot = try ControlJSON.decode(ProcessTable.Snapshot.self, from: old, frameType: 0)
+        #expect(snapshot.rememberedSignals == nil && snapshot.processes.first?.signalKeys == nil)
+        var earlier = try ProcessTable(restoring: snapshot)
+        guard case .send = earlier.decideSignal(to: "a", key: "k1") else {
+            Issue.record("a state without keys made a signal a repeat")
+            return
+        }
     }
 
     /// A repeat that comes after the process was forgotten (a SIGKILL's exit acknowledged
@@ -92,7 +103,7 @@ struct SignalLedgerTests {
             Issue.record("the SIGKILL was not sent")
             return
         }
-        table.signalSettled(to: "a", key: kill.key, sent: true)
+        table.signalSettled(to: "a", pid: 4242, key: kill.key, sent: true)
         table.exited("a", ExitReport(id: "a", exitCode: 137, signal: 9, undelivered: 0))
         _ = table.finish("a", ExitReport(id: "a", exitCode: 137, signal: 9, undelivered: 0))
         table.acknowledgeExit("a")

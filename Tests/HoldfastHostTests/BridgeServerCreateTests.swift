@@ -14,10 +14,12 @@ struct BridgeServerCreateTests {
     struct ScriptedGuest {
         let socket: AsyncFD
 
-        static func connect(_ address: SocketAddress, key: BridgeKey) async throws -> ScriptedGuest {
+        static func connect(
+            _ address: SocketAddress, key: BridgeKey,
+            hello: BridgeHello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: [])
+        ) async throws -> ScriptedGuest {
             let socket = try await Dialer.connect(to: address)
             try await BridgeHandshake.authenticateHost(on: socket, key: key)
-            let hello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: [])
             try await FrameIO.write(ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello)).encoded, to: socket)
             return ScriptedGuest(socket: socket)
         }
@@ -103,6 +105,11 @@ struct BridgeServerCreateTests {
         #expect(bridge.repeatedCreates == 0, "only a lost bridge repeats a create")
     }
 
+    /// A daemon's hello: `keyedSignals` if it knows a signal's repeat.
+    static func hello(instance: String, keyedSignals: Bool?) -> BridgeHello {
+        BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: [], instanceID: instance, keyedSignals: keyedSignals)
+    }
+
     /// A signal whose reply was lost is sent again on the next connection with the same key
     /// (the guest answers a repeat without signalling again: `SignalOnceTests`).
     @Test func aSignalWhoseReplyIsLostIsSentAgainWithTheSameKey() async throws {
@@ -113,13 +120,14 @@ struct BridgeServerCreateTests {
         }
         let address = bridge.address
         let signalled = Task { try await bridge.signal("job", SIGTERM, timeout: .seconds(60)) }
-        let first = try await ScriptedGuest.connect(address, key: Self.key)
+        let daemon = Self.hello(instance: "daemon-1", keyedSignals: true)
+        let first = try await ScriptedGuest.connect(address, key: Self.key, hello: daemon)
         let (_, original) = try await first.next(.signal, SignalRequest.self)
         let key = try #require(original.idempotencyKey, "the library names every signal")
         #expect(key.utf8.count == 32)
         first.socket.close()
 
-        let second = try await ScriptedGuest.connect(address, key: Self.key)
+        let second = try await ScriptedGuest.connect(address, key: Self.key, hello: daemon)
         defer { second.socket.close() }
         let (frame, repeated) = try await second.next(.signal, SignalRequest.self)
         #expect(repeated == original, "the very same signal, key included")
@@ -127,5 +135,42 @@ struct BridgeServerCreateTests {
         try await signalled.value
         #expect(bridge.repeatedSignals == 1)
         #expect(bridge.repeatedCreates == 0)
+    }
+
+    /// A signal's repeat goes only to the daemon that got the first, and one that knows a
+    /// repeat: to an older daemon (no `keyedSignals`) or one that restarted (another instance),
+    /// it would be a second signal. The call ends `bridge-lost`, and nothing is sent again.
+    @Test(arguments: [
+        (first: ("daemon-1", Bool?.none), next: ("daemon-1", Bool?.none)),
+        (first: ("daemon-1", true), next: ("daemon-2", true)),
+    ])
+    func aSignalIsNotSentAgainToADaemonThatCannotTellARepeat(first: (String, Bool?), next: (String, Bool?)) async throws {
+        let (directory, bridge) = try Self.startBridge()
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let address = bridge.address
+        let signalled = Task { () -> HoldfastError? in
+            do throws(HoldfastError) {
+                try await bridge.signal("job", SIGTERM, timeout: .seconds(60))
+                return nil
+            } catch {
+                return error
+            }
+        }
+        let lost = try await ScriptedGuest.connect(address, key: Self.key, hello: Self.hello(instance: first.0, keyedSignals: first.1))
+        _ = try await lost.next(.signal, SignalRequest.self)
+        lost.socket.close()
+        let other = try await ScriptedGuest.connect(address, key: Self.key, hello: Self.hello(instance: next.0, keyedSignals: next.1))
+        defer { other.socket.close() }
+        let error = try #require(await signalled.value, "the signal succeeded without an answer")
+        #expect(error.code == .bridgeLost && error.message.contains("not sent again"), "\(error)")
+        #expect(bridge.repeatedSignals == 0)
+        // Nothing came on the next connection: a list is the next frame it reads.
+        let listed = Task { try? await bridge.list(timeout: .seconds(30)) }
+        let (frame, _) = try await other.next(.list, [String: String].self)
+        try await other.reply(to: frame, BridgeListResponse(processes: [], streams: []))
+        _ = await listed.value
     }
 }
