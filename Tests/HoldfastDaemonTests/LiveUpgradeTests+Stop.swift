@@ -107,7 +107,13 @@ struct LiveUpgradeStopTests {
         try binary.install(variant: 1)
         let upgradeOutput = daemon.directory.file("upgrade.out")
         let upgrade = try startUpgrade(daemon, output: upgradeOutput)
-        try await daemon.waitForLog("live upgrade: executing the new binary", timeout: .seconds(60))
+        do {
+            try await daemon.waitForLog("live upgrade: executing the new binary", timeout: .seconds(60))
+        } catch {
+            // Once seen in a loaded full suite: say what the upgrade and the daemon said.
+            Issue.record("\(error); holdfast upgrade said: \(String(decoding: readFile(upgradeOutput) ?? [], as: UTF8.self)); the daemon's log ends \(daemon.log.suffix(4000))")
+            throw error
+        }
         try writeFile(go, [])
         try await eventually("the container's kill sent") { access(sent, F_OK) == 0 }
 
