@@ -70,7 +70,15 @@ final class RoleSupervisor: Sendable {
         /// Why the last start failed, until one succeeds: `status` says it (a broker refused for
         /// a process that took its uid is not "being restarted").
         var startFailure: String?
+        /// Starts that failed since the last one that succeeded.
+        var failedStarts = 0
+        /// A failing start is retried every few seconds for as long as its cause lasts (a
+        /// process holding the broker's uid, a pids limit): logged at once, then once a minute
+        /// for the same reason, with how many went unlogged.
+        var startFailureLog = LogPacer<String>(interval: RoleSupervisor.startFailureLogInterval)
     }
+
+    static let startFailureLogInterval: Duration = .seconds(60)
 
     init(
         name: String, logger: Logger, reaper: ChildReaper, launch: @escaping @Sendable () throws -> Incarnation,
@@ -119,21 +127,35 @@ final class RoleSupervisor: Sendable {
             do {
                 incarnation = try launch()
             } catch {
-                logger.error("cannot start role", metadata: ["role": "\(name)", "error": "\(error)"])
-                state.withLockedValue { $0.startFailure = "\(error)" }
+                let unlogged = state.withLockedValue { s -> Int? in
+                    s.startFailure = "\(error)"
+                    s.failedStarts += 1
+                    return s.startFailureLog.note("\(error)")
+                }
+                if let unlogged {
+                    var metadata: Logger.Metadata = ["role": "\(name)", "error": "\(error)"]
+                    if unlogged > 0 { metadata["failedStartsNotLogged"] = "\(unlogged)" }
+                    logger.error("cannot start role", metadata: metadata)
+                }
                 onEvent(.cannotStart(error: "\(error)", retryIn: backoff))
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, maxBackoff)
                 continue
             }
             let started = ContinuousClock.now
-            let (restarts, stopSignal) = state.withLockedValue { s -> (Int, Int32?) in
+            let (restarts, stopSignal, failedStarts) = state.withLockedValue { s -> (Int, Int32?, Int) in
                 s.current = incarnation
                 s.startedAt = started
                 s.startFailure = nil
-                return (s.restarts, s.stopping ? s.stopSignal : nil)
+                defer {
+                    s.failedStarts = 0
+                    s.startFailureLog = LogPacer(interval: Self.startFailureLogInterval)
+                }
+                return (s.restarts, s.stopping ? s.stopSignal : nil, s.failedStarts)
             }
-            logger.info("role started", metadata: ["role": "\(name)", "pid": "\(incarnation.pid)"])
+            var metadata: Logger.Metadata = ["role": "\(name)", "pid": "\(incarnation.pid)"]
+            if failedStarts > 0 { metadata["afterFailedStarts"] = "\(failedStarts)" }
+            logger.info("role started", metadata: metadata)
             onEvent(.started(pid: incarnation.pid, restarts: restarts))
             // A stop that came while it was being started found no incarnation to ask: this one
             // is asked now. (It was not: the daemon's stop waited for ever for a bridge worker
