@@ -191,7 +191,8 @@ struct ProcessTable {
     }
 
     /// Forgets a done process (its exit was taken by a waiter or acknowledged by the host) and
-    /// remembers its create's key and its signals'. `pid` guards against forgetting a newer process of the id.
+    /// remembers its create's key and its signals'. `pid` guards against forgetting a newer
+    /// process of the id.
     mutating func forget(_ id: String, pid: pid_t) {
         guard let entry = processes[id], entry.pid == pid, entry.phase == .done else { return }
         processes.removeValue(forKey: id)
