@@ -145,6 +145,10 @@ enum Chaos {
         var cycle = ContinuousClock.now
         while cycle < end {
             let blackout = Duration.milliseconds(Int.random(in: settings.blackoutMilliseconds, using: &rng))
+            // Signals aimed at this blackout go out now: it drops the bridge 0–3 ms later, as
+            // their replies come (a signal lost that way once failed the soak).
+            host.blackoutComing.notify()
+            try? await Task.sleep(for: .microseconds(Int.random(in: 0...3000, using: &rng)))
             let off = ContinuousClock.now
             host.blackout()
             try? await Task.sleep(for: blackout)

@@ -45,6 +45,15 @@ final class Host: Sendable {
 
     func close(_ token: String) { streams.close(token: Array(token.utf8)) }
 
+    /// Rings a moment before each blackout (`Chaos`): signallers aimed at it send then.
+    let blackoutComing = ChangeSignal()
+
+    /// Waits for the next blackout to be about to start (at most `within`).
+    func nextBlackout(within: Duration) async {
+        let generation = blackoutComing.generation
+        await blackoutComing.wait(since: generation, timeout: within)
+    }
+
     /// A migration as the guest sees it: the bridge and every stream connection drop at once,
     /// and nothing is accepted until `lightsOn`.
     func blackout() {
@@ -224,6 +233,8 @@ final class Ledger: Sendable {
         var started: [Kind: Int] = [:]
         var finished = 0
         var signalsSent = 0
+        /// Of those, sent the moment before a blackout (`Plan.signalAtABlackout`).
+        var signalsAtABlackout = 0
         var bytesToHost: UInt64 = 0
         var bytesToGuest: UInt64 = 0
         var streamsChecked = 0

@@ -159,6 +159,10 @@ enum Worker {
                     return
                 }
                 try? await Task.sleep(for: .milliseconds(plan.signalAfterMilliseconds))
+                if plan.signalAtABlackout {
+                    await host.nextBlackout(within: .seconds(6))
+                    host.ledger.update { $0.signalsAtABlackout += 1 }
+                }
                 if let problem = await send(signal, to: id, host: host) { problems.withLockedValue { $0.append(problem) } }
                 host.ledger.update { $0.signalsSent += 1 }
             })

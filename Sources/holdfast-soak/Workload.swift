@@ -165,6 +165,9 @@ struct Plan: Sendable {
     var signal: Int32?
     /// It traps `signal` and exits by itself (its exit reports no signal).
     var trapsItsSignal = false
+    /// The host sends `signal` the moment before the next migration drops the bridge, so that
+    /// its reply is lost more often than not: the signal is sent again, and must arrive once.
+    var signalAtABlackout = false
     var signalAfterMilliseconds = 0
     /// Roughly how long the process runs, unloaded.
     var expectedSeconds: Double
@@ -322,12 +325,13 @@ enum Workload {
     private static func signalled(_ id: String, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
         let signal = [SIGTERM, SIGKILL, SIGINT, SIGHUP][Int.random(in: 0..<4, using: &rng)]
         let after = min(Int.random(in: 500...40_000, using: &rng), max(500, Int(budget * 1000)))
+        let atABlackout = Bool.random(using: &rng)
         let started = Array("\(id) started\n".utf8)
         guard signal != SIGKILL else {
             return Plan(
                 id: id, kind: .signalled, argv: ["sh", "-c", "echo '\(id) started'; exec sleep 3600"], stdout: [.text(started)],
-                readyBytes: started.count, exitCode: 128 + signal, signal: signal, signalAfterMilliseconds: after,
-                expectedSeconds: Double(after) / 1000)
+                readyBytes: started.count, exitCode: 128 + signal, signal: signal, signalAtABlackout: atABlackout,
+                signalAfterMilliseconds: after, expectedSeconds: Double(after) / 1000)
         }
         // Trapped: it says how many it got, and lives on 3 s after the first (past a blackout),
         // so a signal delivered twice — a repeat after a lost reply, sent again — shows in its
@@ -337,8 +341,8 @@ enum Workload {
             + "while [ $n -eq 0 ]; do sleep 0.05; done; sleep 3; exit \(128 + signal)"
         return Plan(
             id: id, kind: .signalled, argv: ["sh", "-c", script], stdout: [.text(started), .text(Array("\(id) got \(name) 1\n".utf8))],
-            readyBytes: started.count, exitCode: 128 + signal, signal: signal, trapsItsSignal: true, signalAfterMilliseconds: after,
-            expectedSeconds: Double(after) / 1000 + 3)
+            readyBytes: started.count, exitCode: 128 + signal, signal: signal, trapsItsSignal: true, signalAtABlackout: atABlackout,
+            signalAfterMilliseconds: after, expectedSeconds: Double(after) / 1000 + 3)
     }
 
     private static func killsItsGroup(_ id: String, _ budget: Double, _ rng: inout SeededGenerator) -> Plan {
