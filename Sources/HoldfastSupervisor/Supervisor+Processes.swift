@@ -330,8 +330,10 @@ extension Supervisor {
         let (decision, pid) = table.withLockedValue { ($0.decideSignal(to: id, key: key), $0[id]?.pid) }
         switch decision {
         case .repeated:
+            metrics.signalRepeated()
             logger.info("signal repeated: already sent", metadata: ["process": "\(id)", "signal": "\(signalName(signal))"])
         case .join(let first):
+            metrics.signalRepeated()
             try await first.wait().get()
         case .send(nil):
             try await send(signal, to: id)

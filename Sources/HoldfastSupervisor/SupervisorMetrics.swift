@@ -28,6 +28,7 @@ final class SupervisorMetrics: Sendable {
     let traceeStopsHeld: CoreMetrics.Counter
     let straySignals: CoreMetrics.Counter
     let signalsRefused: CoreMetrics.Counter
+    let signalsRepeated: CoreMetrics.Counter
     let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
@@ -60,6 +61,7 @@ final class SupervisorMetrics: Sendable {
         traceeStopsHeld = CoreMetrics.Counter(label: "holdfast_tracee_stops_held_total", factory: factory)
         straySignals = CoreMetrics.Counter(label: "holdfast_stray_signals_ignored_total", factory: factory)
         signalsRefused = CoreMetrics.Counter(label: "holdfast_signals_refused_total", factory: factory)
+        signalsRepeated = CoreMetrics.Counter(label: "holdfast_signals_repeated_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -75,6 +77,7 @@ final class SupervisorMetrics: Sendable {
     func traceeStopsHeld(_ count: UInt64) { traceeStopsHeld.increment(by: Int64(clamping: count)) }
     func straySignalIgnored() { straySignals.increment() }
     func signalRefused() { signalsRefused.increment() }
+    func signalRepeated() { signalsRepeated.increment() }
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).

@@ -52,11 +52,15 @@ struct SignalOnceTests {
 
     @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint holds the reply)"))
     func aSignalWhoseReplyIsLostWithTheBridgeIsDeliveredOnce() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.bridgeReplyLate):signal"])
+        let daemon = try await DaemonFixture(
+            extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"", environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.bridgeReplyLate):signal"])
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
         try await expectDeliveredOnce(daemon, exits: exits) { daemon.bridge.drop(refusing: false) }
+        // An operator sees the repeat.
+        let response = try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n")
+        #expect(parsePrometheus(response)["holdfast_signals_repeated_total"] == 1, "\(response.suffix(2000))")
     }
 
     /// A live upgrade stops the bridge worker with the reply unwritten: the repeat reaches the
