@@ -63,7 +63,9 @@ final class HostProcessTable: Sendable {
             say(
                 "process \(report.id) exited: code \(report.exitCode)\(report.undelivered > 0 ? ", \(report.undelivered) bytes undelivered" : "")"
                     + "\((report.lost ?? 0) > 0 ? ", \(report.lost ?? 0) bytes lost with the guest's broker" : "")"
-                    + "\((report.inputRepeated ?? 0) > 0 ? ", up to \(report.inputRepeated ?? 0) stdin bytes may have reached it twice (a broker crash)" : "")")
+                    + "\((report.inputRepeated ?? 0) > 0 ? ", up to \(report.inputRepeated ?? 0) stdin bytes may have reached it twice (a broker crash)" : "")"
+                    + "\(report.wasLikelyOOMKilled ? ", killed by the OOM killer" : "")"
+                    + "\((report.oomKills ?? 0) > 0 ? " (\(report.oomKills ?? 0) OOM kills in its container)" : "")")
             let process = state.withLockedValue { s -> HostedProcess? in
                 if let process = s.processes[report.id] { return process }
                 s.otherExits.append(report)

@@ -159,10 +159,23 @@ public struct ExitReport: Codable, Sendable, Equatable {
     /// inside a write to its pipe: whether that write happened cannot be known, so it is done
     /// again; the offsets are in the daemon's log). Absent when none.
     public var inputRepeated: UInt64?
+    /// How many processes the kernel's OOM killer killed in the process's memory cgroup while
+    /// it ran: a runc container's (for its init, the container's life; for an exec, from its start
+    /// to its exit, so a kill of another process in the container counts too). With `signal` 9 it
+    /// says the process itself was most likely the one (`wasLikelyOOMKilled`). Absent when none,
+    /// and where the kernel keeps no count the daemon can read: a direct process (no memory
+    /// cgroup of its own), a container without memory accounting.
+    public var oomKills: UInt64?
+
+    /// Killed by SIGKILL while the OOM killer killed in its memory cgroup: what other tools call
+    /// "OOMKilled". (Another process's SIGKILL in the same moment cannot be told apart.)
+    public var wasLikelyOOMKilled: Bool { signal == 9 /* SIGKILL */ && (oomKills ?? 0) > 0 }
 
     public init(
-        id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil, lost: UInt64? = nil, inputRepeated: UInt64? = nil
+        id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil, lost: UInt64? = nil, inputRepeated: UInt64? = nil,
+        oomKills: UInt64? = nil
     ) {
+        self.oomKills = oomKills
         self.inputRepeated = inputRepeated
         self.id = id
         self.exitCode = exitCode
@@ -219,6 +232,9 @@ public struct ProcessStatus: Codable, Sendable, Equatable {
     /// processes are in it now.
     public var cpuSeconds: Double?
     public var tasks: Int?
+    /// `status` only, for a runc container's process whose memory cgroup counts OOM kills: how
+    /// many processes the OOM killer killed in its container since it started.
+    public var oomKills: UInt64?
 
     public init(id: String, pid: Int32, state: ProcessState, exitCode: Int32?) {
         self.id = id

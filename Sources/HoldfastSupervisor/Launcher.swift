@@ -157,6 +157,8 @@ struct Launcher {
         var cgroup: String? = nil
         /// Why a direct process runs without a cgroup although the daemon has them.
         var cgroupFailure: SystemError? = nil
+        /// A runc container process's memory cgroup's OOM kill count, read as it started.
+        var oomCounter: OOMKillCounter? = nil
     }
 
     /// A process's stdio before it starts: the ends the process gets, the ends the broker gets,

@@ -1,3 +1,4 @@
+import HoldfastPosix
 import HoldfastProtocol
 
 #if canImport(Glibc)
@@ -46,6 +47,10 @@ struct ProcessTable {
         /// The idempotency keys of the last signals sent to it (`SignalLedger`): a repeat of
         /// one is not sent again. Absent from a state an earlier binary wrote.
         var signalKeys: [String]? = nil
+        /// A runc container process's memory cgroup's OOM kill count as it started, read again at
+        /// its exit (`ExitReport.oomKills`). Absent for a direct process, and from a state an
+        /// earlier binary wrote.
+        var oomCounter: OOMKillCounter? = nil
 
         var status: ProcessStatus { ProcessStatus(id: id, pid: pid, state: phase, exitCode: report?.exitCode) }
     }

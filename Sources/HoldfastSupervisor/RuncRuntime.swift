@@ -184,9 +184,13 @@ struct RuncRuntime: Sendable {
             // Registered now, before `runc start` lets it run: its exit and signals are its own
             // from here on, whatever the kernel does with its pid.
             child = reaper.adopt(pid)
+            // Read before its program runs: the cgroup runc put it in, at the count it starts from.
+            let oomCounter = OOMKillCounter.locate(pid: pid)
             try await run(["start", spec.id], log: scratch.logFile, what: "runc start")
             logger.info("container started", metadata: ["process": "\(spec.id)", "pid": "\(pid)", "bundle": "\(spec.bundle!)"])
-            return Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
+            var started = Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
+            started.oomCounter = oomCounter
+            return started
         } catch {
             console?.close()
             stdio.closeAll()
@@ -233,7 +237,9 @@ struct RuncRuntime: Sendable {
             let pid = try readPidFile(scratch.pidFile)
             let child = reaper.adopt(pid)
             logger.info("exec started", metadata: ["process": "\(spec.id)", "container": "\(container)", "pid": "\(pid)"])
-            return Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
+            var started = Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
+            started.oomCounter = OOMKillCounter.locate(pid: pid)
+            return started
         } catch {
             console?.close()
             stdio.closeAll()

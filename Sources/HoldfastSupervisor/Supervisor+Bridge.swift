@@ -169,14 +169,17 @@ extension Supervisor {
     /// Every process by id, with creates still in progress as `starting` (pid 0).
     func processStatuses() -> [ProcessStatus] { table.withLockedValue { $0.statuses } }
 
-    /// `processStatuses` with each direct process's CPU time and process count from its cgroup
-    /// (`status`; the host's `list` and hello stay as they were).
+    /// `processStatuses` with each direct process's CPU time and process count from its cgroup,
+    /// and each runc container process's OOM kills so far (`status`; the host's `list` and hello
+    /// stay as they were).
     func processStatusesWithUsage() -> [ProcessStatus] {
         var statuses = processStatuses()
-        guard let cgroups else { return statuses }
-        let named = table.withLockedValue { t in Dictionary(t.entries.compactMap { e in e.cgroup.map { (e.id, $0) } }, uniquingKeysWith: { a, _ in a }) }
+        let entries = table.withLockedValue { t in Dictionary(t.entries.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a }) }
         for index in statuses.indices {
-            guard statuses[index].state != .done, let name = named[statuses[index].id], let usage = cgroups.usage(name) else { continue }
+            guard let entry = entries[statuses[index].id] else { continue }
+            // Exited: the count its exit report took (its cgroup may be gone by now).
+            statuses[index].oomKills = entry.report.map { $0.oomKills } ?? entry.oomCounter?.killsSinceStart()
+            guard statuses[index].state != .done, let cgroups, let name = entry.cgroup, let usage = cgroups.usage(name) else { continue }
             statuses[index].cpuSeconds = usage.cpuSeconds
             statuses[index].tasks = usage.tasks
         }

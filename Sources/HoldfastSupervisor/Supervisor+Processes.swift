@@ -135,7 +135,8 @@ extension Supervisor {
         }
         let entry = ProcessTable.Entry(
             id: spec.id, pid: started.pid, viaBridge: viaBridge, container: container, idempotencyKey: spec.idempotencyKey,
-            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, cgroup: started.cgroup, streams: adopt.streams)
+            leadsProcessGroup: (spec.runtime ?? .direct) == .direct, cgroup: started.cgroup, streams: adopt.streams,
+            oomCounter: started.oomCounter)
         metrics.processStarted(spec.runtime ?? .direct)
         if !adopt.streams.isEmpty {
             do throws(HoldfastError) {
@@ -212,15 +213,28 @@ extension Supervisor {
         // Tracked: an exit reaped but not yet written down here goes to the next image if a live
         // upgrade comes in between (ChildReaper.freeze).
         let status = if let child { await reaper.waitTracked(child) } else { await reaper.waitTracked(entry.pid) }
+        // Read before `runc delete` removes the container's cgroup with its count.
+        let oomKills = entry.oomCounter?.killsSinceStart()
         if let container = entry.container { await runc.delete(container.id) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
-        let report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
+        var report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
+        if let oomKills, oomKills > 0 {
+            report.oomKills = oomKills
+            metrics.oomKilled(oomKills)
+        }
         table.withLockedValue { $0.exited(entry.id, report) }
         if let child { forked.withLockedValue { if $0[entry.id] == child { $0[entry.id] = nil } } }
         if !entry.streams.isEmpty { stdio.withLockedValue { $0.exited(entry.id) } }
         reaper.settle(entry.pid)
-        logger.info("process exited", metadata: ["process": "\(entry.id)", "status": "\(status)"])
+        if report.wasLikelyOOMKilled {
+            logger.warning("process killed by the OOM killer", metadata: [
+                "process": "\(entry.id)", "oomKills": "\(oomKills ?? 0)", "counter": "\(entry.oomCounter?.file ?? "")",
+            ])
+        }
+        var metadata: Logger.Metadata = ["process": "\(entry.id)", "status": "\(status)"]
+        if let kills = report.oomKills { metadata["oomKills"] = "\(kills)" }
+        logger.info("process exited", metadata: metadata)
         metrics.processExited()
         guard !entry.streams.isEmpty else {
             complete(entry.id, report)

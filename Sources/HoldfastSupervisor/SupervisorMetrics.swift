@@ -29,6 +29,8 @@ final class SupervisorMetrics: Sendable {
     let straySignals: CoreMetrics.Counter
     let signalsRefused: CoreMetrics.Counter
     let signalsRepeated: CoreMetrics.Counter
+    /// OOM kills the exits of runc container processes counted (`ExitReport.oomKills`).
+    let oomKills: CoreMetrics.Counter
     let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
@@ -62,6 +64,7 @@ final class SupervisorMetrics: Sendable {
         straySignals = CoreMetrics.Counter(label: "holdfast_stray_signals_ignored_total", factory: factory)
         signalsRefused = CoreMetrics.Counter(label: "holdfast_signals_refused_total", factory: factory)
         signalsRepeated = CoreMetrics.Counter(label: "holdfast_signals_repeated_total", factory: factory)
+        oomKills = CoreMetrics.Counter(label: "holdfast_container_oom_kills_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -78,6 +81,7 @@ final class SupervisorMetrics: Sendable {
     func straySignalIgnored() { straySignals.increment() }
     func signalRefused() { signalsRefused.increment() }
     func signalRepeated() { signalsRepeated.increment() }
+    func oomKilled(_ count: UInt64) { oomKills.increment(by: Int64(clamping: count)) }
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).

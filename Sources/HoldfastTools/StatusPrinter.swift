@@ -90,10 +90,10 @@ public enum StatusPrinter {
             lines.append("no processes")
         } else {
             lines += TextTable.lines(
-                ["PROCESS", "PID", "STATE", "EXIT", "CPU", "PROCS"],
+                ["PROCESS", "PID", "STATE", "EXIT", "CPU", "PROCS", "OOM KILLS"],
                 report.processes.map {
                     [$0.id, String($0.pid), state($0.state), $0.exitCode.map(String.init) ?? "-", $0.cpuSeconds.map(cpu) ?? "-",
-                     $0.tasks.map(String.init) ?? "-"]
+                     $0.tasks.map(String.init) ?? "-", $0.oomKills.map(String.init) ?? "-"]
                 })
         }
         if let omitted = report.omittedProcesses { lines.append("... and \(omitted) more processes") }

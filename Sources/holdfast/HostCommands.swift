@@ -272,6 +272,13 @@ func finishHostCommand(
                 "holdfast \(name): the guest's broker crashed inside a write to the process's stdin: up to \(repeated) bytes of it "
                     + "may have reached the process twice (the offsets are in the daemon's log)")
         }
+        if report.wasLikelyOOMKilled {
+            writeError(
+                "holdfast \(name): killed by the guest kernel's OOM killer: its container reached its memory limit (or the guest ran "
+                    + "out of memory); \(report.oomKills ?? 0) OOM kills in the container while it ran")
+        } else if let kills = report.oomKills, kills > 0 {
+            writeError("holdfast \(name): the guest kernel's OOM killer killed \(kills) processes in its container while it ran")
+        }
         throw ExitCode(report.exitCode)
     case .lost(let loss, _):
         writeError("holdfast \(name): lost: \(loss.message)")

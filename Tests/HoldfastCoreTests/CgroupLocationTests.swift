@@ -50,4 +50,29 @@ struct CgroupLocationTests {
         #expect(CgroupLocation.directory(mountinfo: Self.unified, procCgroup: "4:memory:/x\n") == nil)
         #expect(CgroupLocation.directory(mountinfo: "garbage\n- -\n", procCgroup: "0::relative\n") == nil)
     }
+
+    @Test func aV2ContainersOOMCountIsItsMemoryEventsAndAV1OnesItsOOMControl() {
+        let v2 = CgroupLocation.oomKillCounterFiles(mountinfo: Self.unified, procCgroup: "0::/runc/box\n")
+        #expect(v2 == ["/sys/fs/cgroup/runc/box/memory.events"])
+        // Hybrid: runc put the container in v1 hierarchies; the unified one has no memory controller.
+        let proc = "12:memory:/box\n4:cpu,cpuacct:/box\n1:name=systemd:/box\n0::/box\n"
+        #expect(
+            CgroupLocation.oomKillCounterFiles(mountinfo: Self.hybrid, procCgroup: proc)
+                == ["/sys/fs/cgroup/unified/box/memory.events", "/sys/fs/cgroup/memory/box/memory.oom_control"])
+        #expect(CgroupLocation.v1Path(procCgroup: proc, controller: "cpu") == "/box", "a co-mounted controller")
+        #expect(CgroupLocation.v1Path(procCgroup: proc, controller: "cpuset") == nil)
+        #expect(CgroupLocation.v1Mounts(mountinfo: Self.hybrid, controller: "memory") == [.init(mountPoint: "/sys/fs/cgroup/memory", root: "/")])
+        #expect(CgroupLocation.v1Mounts(mountinfo: Self.hybrid, controller: "systemd").isEmpty, "name=systemd is not a controller")
+        // A v1 mount of a subtree shows only what is under its root.
+        let bound = "50 25 0:28 /pod /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        #expect(CgroupLocation.oomKillCounterFiles(mountinfo: bound, procCgroup: "4:memory:/pod/c1\n") == ["/sys/fs/cgroup/memory/c1/memory.oom_control"])
+        #expect(CgroupLocation.oomKillCounterFiles(mountinfo: bound, procCgroup: "4:memory:/other\n").isEmpty)
+    }
+
+    @Test func theOOMKillCountIsReadFromEitherFile() {
+        #expect(CgroupLocation.oomKills(in: "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n") == 2)
+        #expect(CgroupLocation.oomKills(in: "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n") == 7)
+        #expect(CgroupLocation.oomKills(in: "oom_kill_disable 0\nunder_oom 0\n") == nil, "a kernel before 4.13")
+        #expect(CgroupLocation.oomKills(in: "oom_kill x\n") == nil)
+    }
 }

@@ -1,3 +1,4 @@
+import HoldfastPosix
 import HoldfastProtocol
 import Testing
 
@@ -36,7 +37,8 @@ struct ProcessTableSnapshotTests {
                 ProcessTable.Entry(
                     id: id, pid: pid_t(1000 + index), viaBridge: index % 2 == 0,
                     container: index == 5 ? .init(id: id, bundle: "/bundles/\(id)") : nil, idempotencyKey: "key-\(index)",
-                    leadsProcessGroup: index != 5, streams: index < 3 ? streams : []))
+                    leadsProcessGroup: index != 5, streams: index < 3 ? streams : [],
+                    oomCounter: index == 5 ? OOMKillCounter(file: "/sys/fs/cgroup/p5/memory.events", atStart: 2) : nil))
         }
         // p1 exited, still draining; p2 and p3 done; p4 done and acknowledged (forgotten, key remembered).
         table.exited("p1", ExitReport(id: "p1", exitCode: 0, signal: nil, undelivered: 0))
@@ -99,6 +101,14 @@ struct ProcessTableSnapshotTests {
         #expect(restored.snapshot() == snapshot)
         #expect(restored.statuses == table.statuses)
         #expect(restored["p5"]?.container == .init(id: "p5", bundle: "/bundles/p5"))
+        #expect(restored["p5"]?.oomCounter == OOMKillCounter(file: "/sys/fs/cgroup/p5/memory.events", atStart: 2), "an OOM kill after the upgrade is counted from the start")
+        // A state an earlier binary wrote has no counters: its processes' exits say nothing of OOM kills.
+        let earlier = try ControlJSON.decode(
+            ProcessTable.Snapshot.self,
+            from: Array(
+                #"{"version":1,"instanceID":"i","processes":[{"id":"a","pid":1,"viaBridge":true,"leadsProcessGroup":true,"streams":[],"phase":"running"}],"rememberedCreates":[],"unacknowledgedExits":[]}"#
+                    .utf8), frameType: 0)
+        #expect(earlier.processes.first?.oomCounter == nil)
         #expect(restored["p0"]?.streams.first?.secret == table["p0"]?.streams.first?.secret)
 
         // The restored ledger still knows the forgotten create by its key, and the live ones.
