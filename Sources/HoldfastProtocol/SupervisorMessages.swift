@@ -166,16 +166,22 @@ public struct ExitReport: Codable, Sendable, Equatable {
     /// and where the kernel keeps no count the daemon can read: a direct process (no memory
     /// cgroup of its own), a container without memory accounting.
     public var oomKills: UInt64?
+    /// For a process killed by SIGKILL, any runtime's: whether the kernel's OOM killer was the
+    /// one, as its own log says ("Killed process PID"). Absent for any other exit, and where the
+    /// daemon cannot read the kernel's log (`/dev/kmsg`).
+    public var oomKilled: Bool?
 
-    /// Killed by SIGKILL while the OOM killer killed in its memory cgroup: what other tools call
-    /// "OOMKilled". (Another process's SIGKILL in the same moment cannot be told apart.)
-    public var wasLikelyOOMKilled: Bool { signal == 9 /* SIGKILL */ && (oomKills ?? 0) > 0 }
+    /// Killed by the OOM killer: what other tools call "OOMKilled". `oomKilled` where the daemon
+    /// read the kernel's log; otherwise a SIGKILL while the OOM killer killed in its container
+    /// (another process's SIGKILL in the same moment cannot be told apart then).
+    public var wasLikelyOOMKilled: Bool { oomKilled ?? (signal == 9 /* SIGKILL */ && (oomKills ?? 0) > 0) }
 
     public init(
         id: String, exitCode: Int32, signal: Int32?, undelivered: UInt64, outputCutShort: Bool? = nil, lost: UInt64? = nil, inputRepeated: UInt64? = nil,
-        oomKills: UInt64? = nil
+        oomKills: UInt64? = nil, oomKilled: Bool? = nil
     ) {
         self.oomKills = oomKills
+        self.oomKilled = oomKilled
         self.inputRepeated = inputRepeated
         self.id = id
         self.exitCode = exitCode

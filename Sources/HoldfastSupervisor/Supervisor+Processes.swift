@@ -100,6 +100,9 @@ extension Supervisor {
         }
         let started: Launcher.Started
         var container: ProcessTable.Entry.Container?
+        // The kernel's log read up to now, before the pid is taken: a record naming the pid
+        // after this is the new process's (`KernelOOMLog`).
+        kernelLog?.drain()
         switch spec.runtime ?? .direct {
         case .direct:
             started = try Launcher.start(spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard)
@@ -122,6 +125,7 @@ extension Supervisor {
                 container = .init(id: spec.id, bundle: spec.bundle!)
             }
         }
+        kernelLog?.watch(started.pid)
         if Failpoint.fails(Failpoint.createSpawnedLate, process: spec.id, passes: Failpoint.everyPass) {
             try? await Task.sleep(for: Failpoint.lateSpawn)
         }
@@ -179,6 +183,7 @@ extension Supervisor {
                     cgroups.release(cgroup)
                 }
                 if let container { await runc.delete(container.id) }
+                kernelLog?.forget(started.pid)
                 throw error
             }
             // The broker has copies; ours stay until the process is done (Supervisor+Stdio.swift).
@@ -219,6 +224,9 @@ extension Supervisor {
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
         var report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
+        // Its record was logged before the OOM killer's SIGKILL was sent, so it is there now.
+        let killedByOOM = kernelLog?.take(entry.pid)
+        if signal == SIGKILL { report.oomKilled = killedByOOM }
         if let oomKills, oomKills > 0 {
             report.oomKills = oomKills
             metrics.oomKilled(oomKills)
@@ -229,8 +237,10 @@ extension Supervisor {
         reaper.settle(entry.pid)
         if report.wasLikelyOOMKilled {
             logger.warning("process killed by the OOM killer", metadata: [
-                "process": "\(entry.id)", "oomKills": "\(oomKills ?? 0)", "counter": "\(entry.oomCounter?.file ?? "")",
+                "process": "\(entry.id)", "pid": "\(entry.pid)",
+                "source": "\(report.oomKilled == true ? "the kernel's log" : "its container's OOM kill count (\(entry.oomCounter?.file ?? ""))")",
             ])
+            metrics.processOOMKilled()
         }
         var metadata: Logger.Metadata = ["process": "\(entry.id)", "status": "\(status)"]
         if let kills = report.oomKills { metadata["oomKills"] = "\(kills)" }

@@ -532,6 +532,10 @@ extension Supervisor {
         }
         let roles = [broker, bridge].compactMap { $0 }.map { UpgradeState.Role(name: $0.name, restarts: $0.restarts, lastExit: $0.lastExit) }
         let uptime = ContinuousClock.now - startedAt
+        let kernelLog = self.kernelLog.map { log in
+            let handed = log.handover()
+            return UpgradeState.KernelLog(sequence: handed.sequence, watched: handed.watched, killed: handed.killed)
+        }
         return UpgradeState(
             version: UpgradeState.currentVersion, writtenBy: HoldfastVersion.string, upgrades: upgrades + 1,
             uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18, executable: path,
@@ -544,7 +548,8 @@ extension Supervisor {
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
             childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment,
-            upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure, configuration: configuration)
+            upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure, configuration: configuration,
+            kernelLog: kernelLog)
     }
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,

@@ -30,6 +30,10 @@ public final class Supervisor: Sendable {
     /// system has none to give.
     var cgroups: ProcessCgroups? { processCgroups.withLockedValue { $0 } }
     let processCgroups = NIOLockedValueBox<ProcessCgroups?>(nil)
+    /// Which processes the OOM killer killed, from the kernel's log: nil until `run` opened it,
+    /// and where it cannot be read (`takeKernelLog`).
+    var kernelLog: KernelOOMLog? { openedKernelLog.withLockedValue { $0 } }
+    let openedKernelLog = NIOLockedValueBox<KernelOOMLog?>(nil)
     /// The processes this image forked, by id, until their exit is recorded: signals go through
     /// their registration (`ChildReaper.signal`), never to a pid the kernel may have reused.
     let forked = NIOLockedValueBox<[String: ChildReaper.Child]>([:])
@@ -299,6 +303,7 @@ public final class Supervisor: Sendable {
             serve: { [self] incarnation in await serveBridge(incarnation) },
             onEvent: { [self] event in roleEvent("bridge worker", event) }, restarts: carried("bridge")?.restarts ?? 0,
             lastExit: carried("bridge")?.lastExit)
+        takeKernelLog()
         // The processes the previous binary started are ours: their exits are waited for again.
         if resumption != nil { watchResumedProcesses() }
         session.withLockedValue {
@@ -449,6 +454,24 @@ public final class Supervisor: Sendable {
         }
         processCgroups.withLockedValue { $0 = cgroups }
         logger.info("direct processes run in cgroups of their own", metadata: ["directory": "\(cgroups.directory)"])
+    }
+
+    /// Opens the kernel's log for the OOM killer's records (`KernelOOMLog`): after a live upgrade
+    /// from where the earlier image read, its watched processes and the kills it saw carried on.
+    /// Without it (no `/dev/kmsg`, no CAP_SYSLOG where `kernel.dmesg_restrict` is set) exits say
+    /// nothing of the OOM killer but a container's count.
+    func takeKernelLog() {
+        let carried = resumption?.state.kernelLog
+        do {
+            let running = table.withLockedValue { $0.entries.filter { $0.phase == .running }.map(\.pid) }
+            let log = try KernelOOMLog.open(
+                after: carried?.sequence, watched: carried?.watched ?? running, killed: carried?.killed ?? [])
+            openedKernelLog.withLockedValue { $0 = log }
+        } catch {
+            logger.notice("exits will not say whether the OOM killer killed a process: the kernel's log cannot be read", metadata: [
+                "reason": "\(error)",
+            ])
+        }
     }
 
     /// runc's containers are in no cgroup of ours (runc makes their own): at a fresh start,

@@ -31,6 +31,8 @@ final class SupervisorMetrics: Sendable {
     let signalsRepeated: CoreMetrics.Counter
     /// OOM kills the exits of runc container processes counted (`ExitReport.oomKills`).
     let oomKills: CoreMetrics.Counter
+    /// Exits of processes the OOM killer killed (`ExitReport.wasLikelyOOMKilled`), any runtime.
+    let oomKilledExits: CoreMetrics.Counter
     let upgradesFed = NIOLockedValueBox<(upgrades: Int, fellBack: Int)>((0, 0))
 
     init() {
@@ -65,6 +67,7 @@ final class SupervisorMetrics: Sendable {
         signalsRefused = CoreMetrics.Counter(label: "holdfast_signals_refused_total", factory: factory)
         signalsRepeated = CoreMetrics.Counter(label: "holdfast_signals_repeated_total", factory: factory)
         oomKills = CoreMetrics.Counter(label: "holdfast_container_oom_kills_total", factory: factory)
+        oomKilledExits = CoreMetrics.Counter(label: "holdfast_processes_oom_killed_total", factory: factory)
         bridgeUp.record(0)
     }
 
@@ -82,6 +85,7 @@ final class SupervisorMetrics: Sendable {
     func signalRefused() { signalsRefused.increment() }
     func signalRepeated() { signalsRepeated.increment() }
     func oomKilled(_ count: UInt64) { oomKills.increment(by: Int64(clamping: count)) }
+    func processOOMKilled() { oomKilledExits.increment() }
 
     /// The supervisor's metrics now; role restarts are read from the role table, its fds from
     /// /proc (it keeps several per process: creates are refused before they run out).

@@ -94,6 +94,17 @@ struct UpgradeState: Codable, Sendable {
     /// The configuration the writer ran with: what it goes on with if, fallen back to, its
     /// configuration file no longer loads (the likely reason its successor could not take over).
     var configuration: DaemonConfiguration? = nil
+    /// Where the earlier image had read the kernel's log to, the pids it watched there and
+    /// those of them the OOM killer killed (`KernelOOMLog`). Absent from an older binary's state,
+    /// and where the earlier image could not read the log.
+    var kernelLog: KernelLog? = nil
+
+    struct KernelLog: Codable, Sendable, Equatable {
+        var sequence: UInt64?
+        var watched: [Int32]
+        var killed: [Int32]
+    }
+
     /// A SIGHUP came during this upgrade (before its signals were held): the new image reloads
     /// once more when it serves. Absent when none did.
     var reloadFollows: Bool? = nil

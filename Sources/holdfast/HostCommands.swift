@@ -274,8 +274,8 @@ func finishHostCommand(
         }
         if report.wasLikelyOOMKilled {
             writeError(
-                "holdfast \(name): killed by the guest kernel's OOM killer: its container reached its memory limit (or the guest ran "
-                    + "out of memory); \(report.oomKills ?? 0) OOM kills in the container while it ran")
+                "holdfast \(name): killed by the guest kernel's OOM killer (a memory limit reached, or the guest out of memory)"
+                    + ((report.oomKills ?? 0) > 0 ? "; \(report.oomKills ?? 0) OOM kills in its container while it ran" : ""))
         } else if let kills = report.oomKills, kills > 0 {
             writeError("holdfast \(name): the guest kernel's OOM killer killed \(kills) processes in its container while it ran")
         }

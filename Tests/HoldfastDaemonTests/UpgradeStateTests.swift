@@ -48,10 +48,12 @@ struct UpgradeStateTests {
             configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20,
             runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock", handoffSocket: "/run/holdfast/broker.sock",
             descriptors: .init(control: 7, handoff: 8, checkpoints: 9, rings: 10), table: table.snapshot(), stdio: store.snapshot(),
-            reaped: [.init(pid: 4321, status: .exited(3))], roles: [.init(name: "broker", restarts: 2, lastExit: "exit code 0")])
+            reaped: [.init(pid: 4321, status: .exited(3))], roles: [.init(name: "broker", restarts: 2, lastExit: "exit code 0")],
+            kernelLog: .init(sequence: 1652, watched: [4321, 4400], killed: [4400]))
         #expect(Set(state.keptDescriptors) == [7, 8, 9, 10, 41, 43], "the listeners, the memory areas and every open stdio fd")
         let (decoded, restoredTable) = try UpgradeState.decode(Array(try JSONEncoder().encode(state)))
         #expect(decoded.stdio == state.stdio)
+        #expect(decoded.kernelLog == state.kernelLog, "where the kernel's log was read to, and the OOM kills seen but not yet reported")
         #expect(decoded.reaped == state.reaped && decoded.roles == state.roles && decoded.descriptors == state.descriptors)
         #expect(restoredTable.instanceID == "instance-9")
         // The next image's first broker is handed every process, and owes every exit.

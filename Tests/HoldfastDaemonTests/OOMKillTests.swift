@@ -1,0 +1,140 @@
+import Foundation
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A memory cgroup with a limit, made for one test (cgroup v2 under the root, where the memory
+/// controller is on for its children; or a v1 memory hierarchy): a process that writes its pid
+/// to `procs` is held to `limit` bytes, swap included.
+struct TestMemoryCgroup {
+    let path: String
+    var procs: String { path + "/cgroup.procs" }
+
+    static var v2Root: String? {
+        let subtree = (try? String(contentsOfFile: "/sys/fs/cgroup/cgroup.subtree_control", encoding: .utf8)) ?? ""
+        return subtree.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("memory") ? "/sys/fs/cgroup" : nil
+    }
+    static var v1Root: String? { access("/sys/fs/cgroup/memory/memory.limit_in_bytes", W_OK) == 0 ? "/sys/fs/cgroup/memory" : nil }
+    static var available: Bool { geteuid() == 0 && (v2Root != nil || v1Root != nil) }
+
+    init(limit: Int) throws {
+        let name = "holdfast-test-oom-\(UInt32.random(in: 0..<UInt32.max))"
+        if let root = Self.v2Root {
+            path = root + "/" + name
+            #expect(mkdir(path, 0o755) == 0)
+            try writeFile(path + "/memory.max", Array("\(limit)".utf8))
+            if access(path + "/memory.swap.max", W_OK) == 0 { try writeFile(path + "/memory.swap.max", Array("0".utf8)) }
+        } else {
+            path = try #require(Self.v1Root) + "/" + name
+            #expect(mkdir(path, 0o755) == 0)
+            try writeFile(path + "/memory.limit_in_bytes", Array("\(limit)".utf8))
+            if access(path + "/memory.memsw.limit_in_bytes", W_OK) == 0 { try writeFile(path + "/memory.memsw.limit_in_bytes", Array("\(limit)".utf8)) }
+        }
+    }
+
+    /// Removed once empty (its killed process reaped), waiting a little for that.
+    func remove() {
+        for _ in 0..<100 {
+            if rmdir(path) == 0 || errno == ENOENT { return }
+            usleep(20_000)
+        }
+    }
+}
+
+/// Any process the kernel's OOM killer ends — a direct one too, which has no memory cgroup of
+/// the daemon's — is reported so (`ExitReport.oomKilled`), from the kernel's own log; a SIGKILL
+/// from anyone else, or a process forging the kernel's record, is not.
+@Suite("OOM kills of any process, from the kernel's log", .timeLimit(.minutes(3)))
+struct OOMKillTests {
+    static var canRun: Bool {
+        DaemonFixture.canRun && TestBundle.canRun && TestMemoryCgroup.available && access("/dev/kmsg", R_OK) == 0
+    }
+
+    /// A shell that moves itself into `cgroup`, says so, and becomes an awk doubling a string
+    /// until the OOM killer ends it.
+    static func hog(into cgroup: TestMemoryCgroup) -> [String] {
+        ["/bin/sh", "-c", "echo $$ > \(cgroup.procs) && echo moved && exec /bin/busybox awk 'BEGIN { s = \"0123456789abcdef\"; while (1) s = s s }'"]
+    }
+
+    @Test(.enabled(if: canRun, "needs root, busybox-static, a memory cgroup hierarchy and /dev/kmsg"))
+    func aDirectProcessKilledByTheOOMKillerSaysSoAndOtherSIGKILLsDoNot() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let cgroup = try TestMemoryCgroup(limit: 32 << 20)
+        defer { cgroup.remove() }
+
+        let hogOut = collect(try daemon.streams.open(token: bytes("hog-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "hog", argv: Self.hog(into: cgroup), stdout: daemon.spec("hog-out")))
+        try await eventually("the hog's exit", timeout: .seconds(60)) { exits.count("hog") == 1 }
+        #expect(try await withTimeout("the hog's stdout", .seconds(30)) { await hogOut.value } == bytes("moved\n"))
+        let hog = try #require(exits.all.first { $0.id == "hog" })
+        #expect(hog.signal == SIGKILL && hog.exitCode == 128 + SIGKILL)
+        #expect(hog.oomKilled == true && hog.wasLikelyOOMKilled, "\(hog)")
+        #expect(hog.oomKills == nil, "a direct process has no container count")
+
+        // A SIGKILL from the host: read from the same log, not the OOM killer's.
+        let sleeperOut = Accumulator(try daemon.streams.open(token: bytes("sl-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "sleeper", argv: ["/bin/sh", "-c", "echo up; exec sleep 60"], stdout: daemon.spec("sl-out")))
+        try await eventually("the sleeper up", timeout: .seconds(30)) { sleeperOut.text == "up\n" }
+        try await daemon.bridge.signal("sleeper", SIGKILL)
+        try await eventually("the sleeper's exit", timeout: .seconds(30)) { exits.count("sleeper") == 1 }
+        let sleeper = try #require(exits.all.first { $0.id == "sleeper" })
+        #expect(sleeper.signal == SIGKILL && sleeper.oomKilled == false && !sleeper.wasLikelyOOMKilled, "\(sleeper)")
+
+        // A process that writes the OOM killer's record about itself into the kernel's log, as
+        // the kernel's (priority 0 and 3), then is killed by the host: the kernel gave the
+        // forgeries the user facility, so they do not count.
+        let forgerOut = Accumulator(try daemon.streams.open(token: bytes("fo-out"), direction: .receive))
+        let forge = "for p in 0 3; do echo \"<$p>Out of memory: Killed process $$ (sh) total-vm:1kB\" > /dev/kmsg; done; echo forged; exec sleep 60"
+        _ = try await daemon.bridge.create(ProcessSpec(id: "forger", argv: ["/bin/sh", "-c", forge], stdout: daemon.spec("fo-out")))
+        try await eventually("the forgeries written", timeout: .seconds(30)) { forgerOut.text == "forged\n" }
+        try await daemon.bridge.signal("forger", SIGKILL)
+        try await eventually("the forger's exit", timeout: .seconds(30)) { exits.count("forger") == 1 }
+        let forger = try #require(exits.all.first { $0.id == "forger" })
+        #expect(forger.signal == SIGKILL && forger.oomKilled == false && !forger.wasLikelyOOMKilled, "\(forger)")
+
+        // An exit that is not a SIGKILL says nothing of the OOM killer.
+        _ = try await daemon.bridge.create(ProcessSpec(id: "clean", argv: ["/bin/sh", "-c", "exit 3"]))
+        try await eventually("the clean exit", timeout: .seconds(30)) { exits.count("clean") == 1 }
+        let clean = try #require(exits.all.first { $0.id == "clean" })
+        #expect(clean.exitCode == 3 && clean.oomKilled == nil && !clean.wasLikelyOOMKilled)
+
+        let metrics = parsePrometheus(
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+        #expect(metrics["holdfast_processes_oom_killed_total"] == 1)
+        #expect(try await daemon.stop() == .exited(0))
+        #expect(daemon.log.contains("process killed by the OOM killer"))
+    }
+
+    /// A process started before a live upgrade and killed by the OOM killer after it: the next
+    /// image watches it in the kernel's log from where the earlier one had read.
+    @Test(.enabled(if: canRun, "needs root, busybox-static, a memory cgroup hierarchy and /dev/kmsg"))
+    func aProcessStartedBeforeALiveUpgradeIsStillToldOOMKilledAfterIt() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let cgroup = try TestMemoryCgroup(limit: 32 << 20)
+        defer { cgroup.remove() }
+        let go = daemon.directory.file("go")
+        var argv = Self.hog(into: cgroup)
+        argv[2] = "while [ ! -e \(go) ]; do sleep 0.05; done; " + argv[2]
+        _ = try await daemon.bridge.create(ProcessSpec(id: "later", argv: argv))
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == 1 }
+        try writeFile(go, [])
+        try await eventually("the hog's exit", timeout: .seconds(60)) { exits.count("later") == 1 }
+        let later = try #require(exits.all.first { $0.id == "later" })
+        #expect(later.signal == SIGKILL && later.oomKilled == true, "\(later)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
