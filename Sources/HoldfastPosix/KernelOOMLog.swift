@@ -16,32 +16,43 @@ import Glibc
 /// process that had the same pid was read before it was watched. (Left: an earlier holder killed
 /// and reaped in the instant between that read and the fork that reuses its pid at once: near
 /// `pid_max`, or with the pid counter moved back by root.) Reads never block (`O_NONBLOCK`), and
-/// one `drain` reads at most `recordsPerDrain` records, so a kernel that logs without end
-/// cannot hold the supervisor.
+/// one `drain` reads at most `recordsPerDrain` records, so a kernel that logs without end cannot
+/// hold the supervisor; where records may have gone unread (that bound reached, or records the
+/// kernel overwrote before they were read), the answer is "not known", never a guess.
 public final class KernelOOMLog: Sendable {
     private struct State {
-        var watched: Set<pid_t> = []
+        /// Each watched pid, with the count of overruns when it was first watched.
+        var watched: [pid_t: Int] = [:]
         var killed: Set<pid_t> = []
         /// The last record read, and the earlier image's last one: records up to it were read
         /// there (after a live upgrade).
         var lastSequence: UInt64?
         var readThrough: UInt64?
-        /// Records the kernel overwrote before they were read (EPIPE): a kill among them is missed.
-        var overrun = 0
+        /// How many times records may have gone unread: the kernel overwrote them before they
+        /// were read (EPIPE), or a drain stopped at its bound.
+        var overruns = 0
     }
 
     private let fd: Int32
     private let state: NIOLockedValueBox<State>
-    static let recordsPerDrain = 4096
+    let recordsPerDrain: Int
 
-    private init(fd: Int32, state: State) {
+    /// Reads records from `fd` (owned from here on): `/dev/kmsg`, or in tests a socket that
+    /// gives one record per read as it does.
+    init(fd: Int32, after sequence: UInt64?, watched: [pid_t], killed: [pid_t], recordsPerDrain: Int = 4096) {
         self.fd = fd
+        self.recordsPerDrain = recordsPerDrain
+        var state = State()
+        for pid in watched { state.watched[pid] = 0 }
+        state.killed = Set(killed).intersection(watched)
+        state.readThrough = sequence
+        state.lastSequence = sequence
         self.state = NIOLockedValueBox(state)
     }
 
     /// Opens the kernel's log. Fresh (`after` nil): from its end, so nothing logged before
     /// counts. After a live upgrade: from its start, skipping what the earlier image read (up to
-    /// its sequence number `after`), with its watched pids and the kills it saw.
+    /// its sequence number `after`), with the pids it watched and the kills of them it saw.
     public static func open(after sequence: UInt64? = nil, watched: [pid_t] = [], killed: [pid_t] = []) throws(SystemError) -> KernelOOMLog {
         let fd = Glibc.open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else { throw .last("open(/dev/kmsg)") }
@@ -50,12 +61,7 @@ public final class KernelOOMLog: Sendable {
             close(fd)
             throw error
         }
-        var state = State()
-        state.watched = Set(watched)
-        state.killed = Set(killed).intersection(state.watched)
-        state.readThrough = sequence
-        state.lastSequence = sequence
-        return KernelOOMLog(fd: fd, state: state)
+        return KernelOOMLog(fd: fd, after: sequence, watched: watched, killed: killed)
     }
 
     /// Reads what the kernel logged since the last read, noting each watched pid it killed.
@@ -67,65 +73,74 @@ public final class KernelOOMLog: Sendable {
     /// from here on that names it is its own.
     public func watch(_ pid: pid_t) {
         state.withLockedValue { state in
-            state.watched.insert(pid)
+            state.watched[pid] = state.overruns
             state.killed.remove(pid)
         }
     }
 
-    /// At `pid`'s exit: whether the OOM killer killed it (the log read up to now: its record
-    /// was written before the kill was sent). It is no longer watched.
-    public func take(_ pid: pid_t) -> Bool {
+    /// At `pid`'s exit: whether the OOM killer killed it, the log read up to now (its record
+    /// was written before the kill was sent). Nil when that cannot be known: it was not
+    /// watched, or records may have gone unread since it was. It is no longer watched.
+    public func take(_ pid: pid_t) -> Bool? {
         state.withLockedValue { state in
             drainLocked(&state)
-            state.watched.remove(pid)
-            return state.killed.remove(pid) != nil
+            let since = state.watched.removeValue(forKey: pid)
+            if state.killed.remove(pid) != nil { return true }
+            guard let since, since == state.overruns else { return nil }
+            return false
         }
     }
 
     /// `pid` is no longer watched (a process whose start failed).
     public func forget(_ pid: pid_t) {
         state.withLockedValue { state in
-            state.watched.remove(pid)
+            state.watched.removeValue(forKey: pid)
             state.killed.remove(pid)
         }
     }
 
-    /// What a live upgrade hands to the next image: the last record read, the pids watched and
-    /// those of them killed. The log is read up to now first.
+    /// What a live upgrade hands to the next image: the last record read, the pids watched
+    /// with nothing unread since (one with records that may have gone unread is left out: its
+    /// answer is not known there either) and those of them killed. The log is read up to now first.
     public func handover() -> (sequence: UInt64?, watched: [pid_t], killed: [pid_t]) {
         state.withLockedValue { state in
             drainLocked(&state)
-            return (state.lastSequence, state.watched.sorted(), state.killed.sorted())
+            let whole = state.watched.filter { $0.value == state.overruns }.keys
+            return (state.lastSequence, whole.sorted(), state.killed.sorted())
         }
     }
-
-    /// How many times records were overwritten before they were read.
-    public var overruns: Int { state.withLockedValue { $0.overrun } }
 
     private func drainLocked(_ state: inout State) {
         // A record is at most about 8 KiB with its continuation lines; a smaller buffer fails
         // its read with EINVAL.
         var buffer = [UInt8](repeating: 0, count: 16384)
-        for _ in 0..<Self.recordsPerDrain {
+        var records = 0
+        while true {
+            if records == recordsPerDrain {
+                // The rest is read next time; a kill among it is not known to a `take` before.
+                state.overruns += 1
+                return
+            }
             let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if count < 0 {
                 switch errno {
                 case EINTR: continue
                 case EPIPE:
                     // Overwritten before read: the next read goes on from the oldest record left.
-                    state.overrun += 1
+                    state.overruns += 1
                     continue
                 default: return  // EAGAIN: read up to now
                 }
             }
             if count == 0 { return }
+            records += 1
             guard let record = KernelLogRecord.parse(String(decoding: buffer[..<count], as: UTF8.self)) else { continue }
             if let through = state.readThrough {
                 if record.sequence <= through { continue }
                 state.readThrough = nil
             }
             state.lastSequence = record.sequence
-            if let pid = record.oomKilledPID, state.watched.contains(pid) { state.killed.insert(pid) }
+            if let pid = record.oomKilledPID, state.watched[pid] != nil { state.killed.insert(pid) }
         }
     }
 

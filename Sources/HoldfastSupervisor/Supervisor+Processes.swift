@@ -225,7 +225,7 @@ extension Supervisor {
         if case .signaled(let number) = status { signal = number }
         var report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
         // Its record was logged before the OOM killer's SIGKILL was sent, so it is there now.
-        let killedByOOM = kernelLog?.take(entry.pid)
+        let killedByOOM = kernelLog?.take(entry.pid) ?? nil
         if signal == SIGKILL { report.oomKilled = killedByOOM }
         if let oomKills, oomKills > 0 {
             report.oomKills = oomKills
