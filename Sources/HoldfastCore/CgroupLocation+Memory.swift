@@ -37,14 +37,8 @@ extension CgroupLocation {
 
     /// The cgroup v1 mounts of `controller` ("- cgroup cgroup rw,memory"), in mountinfo's order.
     public static func v1Mounts(mountinfo: String, controller: String) -> [Mount] {
-        mountinfo.split(separator: "\n").compactMap { line in
-            guard let separator = line.range(of: " - ") else { return nil }
-            let before = line[..<separator.lowerBound].split(separator: " ")
-            let after = line[separator.upperBound...].split(separator: " ")
-            guard before.count >= 5, after.count >= 3, after[0] == "cgroup",
-                after[2].split(separator: ",").contains(where: { $0 == controller })
-            else { return nil }
-            return Mount(mountPoint: unescape(before[4]), root: unescape(before[3]))
+        mounts(mountinfo: mountinfo) { type, options in
+            type == "cgroup" && (options?.split(separator: ",").contains { $0 == controller } ?? false)
         }
     }
 

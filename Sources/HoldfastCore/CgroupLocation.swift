@@ -17,13 +17,18 @@ public enum CgroupLocation {
 
     /// Every cgroup2 mount in a mountinfo text, in its order.
     public static func unifiedMounts(mountinfo: String) -> [Mount] {
+        mounts(mountinfo: mountinfo) { type, _ in type == "cgroup2" }
+    }
+
+    /// The mounts in a mountinfo text whose file system type and super options `accept` takes.
+    static func mounts(mountinfo: String, accept: (Substring, Substring?) -> Bool) -> [Mount] {
         mountinfo.split(separator: "\n").compactMap { line in
             // "36 25 0:31 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw": the optional
             // fields before " - " vary in number, so the file system type is found after it.
             guard let separator = line.range(of: " - ") else { return nil }
             let before = line[..<separator.lowerBound].split(separator: " ")
             let after = line[separator.upperBound...].split(separator: " ")
-            guard before.count >= 5, after.first == "cgroup2" else { return nil }
+            guard before.count >= 5, let type = after.first, accept(type, after.count >= 3 ? after[2] : nil) else { return nil }
             return Mount(mountPoint: unescape(before[4]), root: unescape(before[3]))
         }
     }

@@ -5,7 +5,8 @@
 /// after a newline). Pure.
 public struct KernelLogRecord: Equatable, Sendable {
     /// 0 only for the kernel's own records: a record written to `/dev/kmsg` from user space is
-    /// given LOG_USER (1) when it asks for facility 0, so no process can pass for the kernel.
+    /// given LOG_USER (1) when it asks for facility 0. (The kernel's own records may still quote
+    /// what a process chose: `oomKilledPID` reads only the OOM killer's.)
     public var facility: Int
     public var level: Int
     public var sequence: UInt64
@@ -29,19 +30,26 @@ public struct KernelLogRecord: Equatable, Sendable {
         return KernelLogRecord(facility: priority >> 3, level: priority & 7, sequence: sequence, text: text)
     }
 
-    /// The pid in the OOM killer's "Killed process PID (COMM)" record, from the kernel itself
-    /// (`Out of memory: Killed process 4321 (awk) ...`, `Memory cgroup out of memory: ...`,
-    /// `Killed process ...` before Linux 4.19); nil for every other record.
+    /// The pid in the OOM killer's "Killed process PID (COMM)" record, from the kernel itself:
+    /// the text starts with one of the OOM killer's own prefixes (`Out of memory: Killed
+    /// process 4321 (awk) ...`, `Memory cgroup out of memory: ...`, `Out of memory
+    /// (oom_kill_allocating_task): ...`). Nothing less: the kernel also logs, at its own
+    /// facility, text a process chose (a mount option it did not know, a process name), which
+    /// can say "Killed process" anywhere but there. Nil for every other record.
     public var oomKilledPID: Int32? {
         guard facility == 0 else { return nil }
-        let marker = "Killed process "
-        guard let found = text.range(of: marker) else { return nil }
-        let before = text[..<found.lowerBound]
-        // "Out of memory", "Memory cgroup out of memory", "Out of memory (oom_kill_allocating_task)".
-        guard before.isEmpty || (before.hasSuffix(": ") && before.lowercased().contains("out of memory")) else { return nil }
-        let after = text[found.upperBound...]
-        let digits = after.prefix { $0.isASCII && $0.isNumber }
-        guard !digits.isEmpty, after.dropFirst(digits.count).hasPrefix(" ("), let pid = Int32(digits), pid > 0 else { return nil }
-        return pid
+        for prefix in Self.oomKillPrefixes where text.hasPrefix(prefix) {
+            let after = text.dropFirst(prefix.count)
+            let digits = after.prefix { $0.isASCII && $0.isNumber }
+            guard !digits.isEmpty, after.dropFirst(digits.count).hasPrefix(" ("), let pid = Int32(digits), pid > 0 else { return nil }
+            return pid
+        }
+        return nil
     }
+
+    /// The OOM killer's records (mm/oom_kill.c, Linux 4.19 and later).
+    static let oomKillPrefixes = [
+        "Out of memory: Killed process ", "Memory cgroup out of memory: Killed process ",
+        "Out of memory (oom_kill_allocating_task): Killed process ",
+    ]
 }

@@ -28,11 +28,13 @@ public struct OOMKillCounter: Codable, Sendable, Equatable {
     /// OOM kills in (no memory controller on it, a kernel before 4.13) or `pid` is gone.
     public static func locate(pid: pid_t) -> OOMKillCounter? {
         guard let procCgroup = readSmallFile("/proc/\(pid)/cgroup"), let mountinfo = readSmallFile("/proc/self/mountinfo") else { return nil }
-        for file in CgroupLocation.oomKillCounterFiles(mountinfo: mountinfo, procCgroup: procCgroup) {
-            guard let text = readSmallFile(file), let count = CgroupLocation.oomKills(in: text) else { continue }
-            return OOMKillCounter(file: file, atStart: count)
-        }
-        return nil
+        return CgroupLocation.oomKillCounterFiles(mountinfo: mountinfo, procCgroup: procCgroup).lazy.compactMap(reading).first
+    }
+
+    /// The counter in `file` as it reads now: a container's, for an exec about to start in it.
+    public static func reading(_ file: String) -> OOMKillCounter? {
+        guard let text = readSmallFile(file), let count = CgroupLocation.oomKills(in: text) else { return nil }
+        return OOMKillCounter(file: file, atStart: count)
     }
 
     /// OOM kills in the cgroup since the process started; nil once the cgroup is gone (runc

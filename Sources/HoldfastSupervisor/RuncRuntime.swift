@@ -204,7 +204,9 @@ struct RuncRuntime: Sendable {
     /// `runc exec --detach`: `spec.argv` in the running container `container` (made from
     /// `bundle`), with its own streams; the process is reparented to the supervisor like a
     /// container's init.
-    func exec(_ spec: ProcessSpec, in container: String, bundle: String) async throws(HoldfastError) -> Launcher.Started {
+    func exec(
+        _ spec: ProcessSpec, in container: String, bundle: String, oomCounter: OOMKillCounter? = nil
+    ) async throws(HoldfastError) -> Launcher.Started {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
         do {
@@ -238,7 +240,7 @@ struct RuncRuntime: Sendable {
             let child = reaper.adopt(pid)
             logger.info("exec started", metadata: ["process": "\(spec.id)", "container": "\(container)", "pid": "\(pid)"])
             var started = Launcher.started(pid: pid, child: child, id: spec.id, stdio: stdio)
-            started.oomCounter = OOMKillCounter.locate(pid: pid)
+            started.oomCounter = oomCounter
             return started
         } catch {
             console?.close()

@@ -178,7 +178,8 @@ extension Supervisor {
         for index in statuses.indices {
             guard let entry = entries[statuses[index].id] else { continue }
             // Exited: the count its exit report took (its cgroup may be gone by now).
-            statuses[index].oomKills = entry.report.map { $0.oomKills } ?? entry.oomCounter?.killsSinceStart()
+            statuses[index].oomKills =
+                entry.oomCounter == nil ? nil : entry.report.map { $0.oomKills ?? 0 } ?? entry.oomCounter?.killsSinceStart()
             guard statuses[index].state != .done, let cgroups, let name = entry.cgroup, let usage = cgroups.usage(name) else { continue }
             statuses[index].cpuSeconds = usage.cpuSeconds
             statuses[index].tasks = usage.tasks

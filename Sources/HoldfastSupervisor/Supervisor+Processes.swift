@@ -102,7 +102,7 @@ extension Supervisor {
         var container: ProcessTable.Entry.Container?
         // The kernel's log read up to now, before the pid is taken: a record naming the pid
         // after this is the new process's (`KernelOOMLog`).
-        kernelLog?.drain()
+        let oomMark = kernelLog?.mark()
         switch spec.runtime ?? .direct {
         case .direct:
             started = try Launcher.start(spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard)
@@ -119,13 +119,16 @@ extension Supervisor {
                 guard target.phase == .running else {
                     throw HoldfastError(.notRunning, "container '\(target.id)' has exited")
                 }
-                started = try await runc.exec(spec, in: targetContainer.id, bundle: targetContainer.bundle)
+                // The container's count, read before the exec runs (the exec's own cgroup file
+                // would be read after it ran, and from a process the container controls).
+                let containerCounter = target.oomCounter.flatMap { OOMKillCounter.reading($0.file) }
+                started = try await runc.exec(spec, in: targetContainer.id, bundle: targetContainer.bundle, oomCounter: containerCounter)
             } else {
                 started = try await runc.create(spec)
                 container = .init(id: spec.id, bundle: spec.bundle!)
             }
         }
-        kernelLog?.watch(started.pid)
+        if let oomMark { kernelLog?.watch(spec.id, pid: started.pid, since: oomMark) }
         if Failpoint.fails(Failpoint.createSpawnedLate, process: spec.id, passes: Failpoint.everyPass) {
             try? await Task.sleep(for: Failpoint.lateSpawn)
         }
@@ -183,7 +186,7 @@ extension Supervisor {
                     cgroups.release(cgroup)
                 }
                 if let container { await runc.delete(container.id) }
-                kernelLog?.forget(started.pid)
+                kernelLog?.forget(spec.id)
                 throw error
             }
             // The broker has copies; ours stay until the process is done (Supervisor+Stdio.swift).
@@ -220,16 +223,16 @@ extension Supervisor {
         let status = if let child { await reaper.waitTracked(child) } else { await reaper.waitTracked(entry.pid) }
         // Read before `runc delete` removes the container's cgroup with its count.
         let oomKills = entry.oomCounter?.killsSinceStart()
+        let killedByOOM = kernelLog?.take(entry.id) ?? nil
         if let container = entry.container { await runc.delete(container.id) }
         var signal: Int32?
         if case .signaled(let number) = status { signal = number }
         var report = ExitReport(id: entry.id, exitCode: status.code, signal: signal, undelivered: 0)
-        // Its record was logged before the OOM killer's SIGKILL was sent, so it is there now.
-        let killedByOOM = kernelLog?.take(entry.pid) ?? nil
         if signal == SIGKILL { report.oomKilled = killedByOOM }
         if let oomKills, oomKills > 0 {
             report.oomKills = oomKills
-            metrics.oomKilled(oomKills)
+            // Counted once, at the container's end (an exec's count is part of its container's).
+            if entry.container != nil { metrics.oomKilled(oomKills) }
         }
         table.withLockedValue { $0.exited(entry.id, report) }
         if let child { forked.withLockedValue { if $0[entry.id] == child { $0[entry.id] = nil } } }

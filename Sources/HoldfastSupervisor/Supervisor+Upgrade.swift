@@ -532,10 +532,7 @@ extension Supervisor {
         }
         let roles = [broker, bridge].compactMap { $0 }.map { UpgradeState.Role(name: $0.name, restarts: $0.restarts, lastExit: $0.lastExit) }
         let uptime = ContinuousClock.now - startedAt
-        let kernelLog = self.kernelLog.map { log in
-            let handed = log.handover()
-            return UpgradeState.KernelLog(sequence: handed.sequence, watched: handed.watched, killed: handed.killed)
-        }
+        let kernelLog = self.kernelLog?.handover()
         return UpgradeState(
             version: UpgradeState.currentVersion, writtenBy: HoldfastVersion.string, upgrades: upgrades + 1,
             uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18, executable: path,

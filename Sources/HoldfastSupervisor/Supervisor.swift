@@ -456,16 +456,18 @@ public final class Supervisor: Sendable {
         logger.info("direct processes run in cgroups of their own", metadata: ["directory": "\(cgroups.directory)"])
     }
 
-    /// Opens the kernel's log for the OOM killer's records (`KernelOOMLog`): after a live upgrade
-    /// from where the earlier image read, its watched processes and the kills it saw carried on.
-    /// Without it (no `/dev/kmsg`, no CAP_SYSLOG where `kernel.dmesg_restrict` is set) exits say
-    /// nothing of the OOM killer but a container's count.
+    /// Opens the kernel's log for the OOM killer's records (`KernelOOMLog`); after a live
+    /// upgrade, the earlier image's, read on from where it stopped, with the processes it watched
+    /// and the kills it saw. Without it (no `/dev/kmsg`, no CAP_SYSLOG where
+    /// `kernel.dmesg_restrict` is set, a pid namespace of the daemon's own) exits say nothing of
+    /// the OOM killer but a container's count.
     func takeKernelLog() {
-        let carried = resumption?.state.kernelLog
+        if let handover = resumption?.state.kernelLog {
+            openedKernelLog.withLockedValue { $0 = KernelOOMLog.adopt(handover) }
+            return
+        }
         do {
-            let running = table.withLockedValue { $0.entries.filter { $0.phase == .running }.map(\.pid) }
-            let log = try KernelOOMLog.open(
-                after: carried?.sequence, watched: carried?.watched ?? running, killed: carried?.killed ?? [])
+            let log = try KernelOOMLog.open()
             openedKernelLog.withLockedValue { $0 = log }
         } catch {
             logger.notice("exits will not say whether the OOM killer killed a process: the kernel's log cannot be read", metadata: [

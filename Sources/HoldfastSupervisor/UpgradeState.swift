@@ -94,16 +94,11 @@ struct UpgradeState: Codable, Sendable {
     /// The configuration the writer ran with: what it goes on with if, fallen back to, its
     /// configuration file no longer loads (the likely reason its successor could not take over).
     var configuration: DaemonConfiguration? = nil
-    /// Where the earlier image had read the kernel's log to, the pids it watched there and
-    /// those of them the OOM killer killed (`KernelOOMLog`). Absent from an older binary's state,
-    /// and where the earlier image could not read the log.
-    var kernelLog: KernelLog? = nil
-
-    struct KernelLog: Codable, Sendable, Equatable {
-        var sequence: UInt64?
-        var watched: [Int32]
-        var killed: [Int32]
-    }
+    /// The kernel's log as the earlier image read it (`KernelOOMLog`): its fd, whose read
+    /// position crosses the exec, the processes it watched there and those of them the OOM
+    /// killer killed. Absent from an older binary's state (its processes' answers are then not
+    /// known), and where the earlier image could not read the log.
+    var kernelLog: KernelOOMLog.Handover? = nil
 
     /// A SIGHUP came during this upgrade (before its signals were held): the new image reloads
     /// once more when it serves. Absent when none did.
@@ -113,7 +108,7 @@ struct UpgradeState: Codable, Sendable {
     /// process's stdio the store holds (whatever kinds of fds it holds).
     var keptDescriptors: [Int32] {
         [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics].compactMap { $0 }
-            + descriptors.parkedControl + stdio.heldDescriptors + [previousImage].compactMap { $0 }
+            + descriptors.parkedControl + stdio.heldDescriptors + [previousImage, kernelLog?.descriptor].compactMap { $0 }
     }
 
     private struct Envelope: Decodable {

@@ -49,8 +49,8 @@ struct UpgradeStateTests {
             runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock", handoffSocket: "/run/holdfast/broker.sock",
             descriptors: .init(control: 7, handoff: 8, checkpoints: 9, rings: 10), table: table.snapshot(), stdio: store.snapshot(),
             reaped: [.init(pid: 4321, status: .exited(3))], roles: [.init(name: "broker", restarts: 2, lastExit: "exit code 0")],
-            kernelLog: .init(sequence: 1652, watched: [4321, 4400], killed: [4400]))
-        #expect(Set(state.keptDescriptors) == [7, 8, 9, 10, 41, 43], "the listeners, the memory areas and every open stdio fd")
+            kernelLog: .init(descriptor: 12, watched: ["p1": 4321, "p2": 4400], killed: ["p2"]))
+        #expect(Set(state.keptDescriptors) == [7, 8, 9, 10, 12, 41, 43], "the listeners, the memory areas, the kernel's log and every open stdio fd")
         let (decoded, restoredTable) = try UpgradeState.decode(Array(try JSONEncoder().encode(state)))
         #expect(decoded.stdio == state.stdio)
         #expect(decoded.kernelLog == state.kernelLog, "where the kernel's log was read to, and the OOM kills seen but not yet reported")
