@@ -235,6 +235,10 @@ final class Ledger: Sendable {
         var signalsSent = 0
         /// Of those, sent the moment before a blackout (`Plan.signalAtABlackout`).
         var signalsAtABlackout = 0
+        /// `out-of-memory` exits reported `oomKilled`, and SIGKILL exits of others reported
+        /// `oomKilled: false` (the kernel's log read, no OOM kill of theirs).
+        var oomKillsReported = 0
+        var sigkillsToldApart = 0
         var bytesToHost: UInt64 = 0
         var bytesToGuest: UInt64 = 0
         var streamsChecked = 0

@@ -132,6 +132,7 @@ extension Run {
             ("streams cut by a migration and not back before the next", "\(streamFigures.notBack)"),
             ("creates sent again (bridge lost before the reply; same idempotency key)", "\(host.bridge.repeatedCreates)"),
             ("signals sent again (bridge lost before the reply; same idempotency key)", "\(host.bridge.repeatedSignals)"),
+            ("out-of-memory processes (grown until the OOM killer ends them: each exit must say oomKilled, no other may)", "\(final.started[.outOfMemory] ?? 0), reported oomKilled \(final.oomKillsReported); other exits by SIGKILL the kernel's log told apart (oomKilled false): \(final.sigkillsToldApart)"),
             ("signals sent over the bridge", "\(final.signalsSent), of which \(final.signalsAtABlackout) the moment before a migration dropped the bridge"),
             ("I/O thread takeovers (a holds-its-pipe process holding its pipe's lock; README, \"Security\")", daemon.takeovers),
             ("daemon shutdown (SIGTERM)", stopped.status.map { "\($0)" } ?? "no status"),

@@ -97,7 +97,9 @@ struct Soak: AsyncParsableCommand {
             blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax,
             supervisorStopMin: supervisorStopMin, supervisorStopMax: supervisorStopMax, brokerKillMin: brokerKillMin, brokerKillMax: brokerKillMax, upgradeMin: upgradeMin, upgradeMax: upgradeMax, fallbackEvery: fallbackEvery, rssTolerancePercent: rssTolerancePercent,
             rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, pauseWhenQuiet: pauseWhenQuiet, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
-        let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon).drive()
+        let outOfMemory = OutOfMemoryCgroup.make(pid: getpid())
+        defer { outOfMemory?.remove() }
+        let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon, outOfMemory: outOfMemory).drive()
         host.close()
         if verdict.passed && !keep {
             removeTree(directory)
@@ -142,8 +144,11 @@ struct Run {
     let daemon: Daemon
     let nextIndex = NIOLockedValueBox(0)
     let createdIDs = NIOLockedValueBox<[String]>([])
+    /// Where `out-of-memory` processes go; nil: none are run.
+    let outOfMemory: OutOfMemoryCgroup?
 
-    init(options: Settings, seed: UInt64, host: Host, daemon: Daemon) {
+    init(options: Settings, seed: UInt64, host: Host, daemon: Daemon, outOfMemory: OutOfMemoryCgroup?) {
+        self.outOfMemory = outOfMemory
         self.options = options
         self.seed = seed
         self.host = host
@@ -170,6 +175,9 @@ struct Run {
             "holdfast-soak: seed \(seed), \(options.processes) processes live, \(format(options.minutes)) min soak after \(options.warmup) s warm-up; migration every \(options.migrationEvery) ms (blackout \(options.blackoutMin)–\(options.blackoutMax) ms); bridge worker SIGKILL every \(options.killMin > 0 ? "\(options.killMin)–\(options.killMax) s" : "never"); broker SIGSTOP/SIGCONT every \(options.stopMin > 0 ? "\(options.stopMin)–\(options.stopMax) s" : "never"); supervisor SIGSTOP/SIGCONT every \(options.supervisorStopMin > 0 ? "\(options.supervisorStopMin)–\(options.supervisorStopMax) s" : "never"); broker SIGKILL every \(options.brokerKillMin > 0 ? "\(options.brokerKillMin)–\(options.brokerKillMax) s" : "never"); live upgrade every \(options.upgradeMin > 0 ? "\(options.upgradeMin)–\(options.upgradeMax) s" : "never")"
         )
         printLine("daemon pid \(daemon.pid), run directory \(daemon.directory)")
+        printLine(
+            outOfMemory.map { "out-of-memory processes grow in \($0.path) (\(OutOfMemoryCgroup.limit >> 20) MiB) until the OOM killer ends them" }
+                ?? "no out-of-memory processes: no memory cgroup to make, or no /dev/kmsg to read")
         guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measureOnceUp(timeout: .seconds(30)) else {
             host.ledger.fail("the daemon did not come up: its log ends with:\n\(daemon.logTail)")
             return await finish(started: started, start: nil, baseline: nil, end: nil, checkpoints: [])
@@ -295,7 +303,7 @@ struct Run {
                         return i
                     }
                     let budget = Double(milliseconds(end - ContinuousClock.now)) / 1000 + 5
-                    let plan = Workload.plan(index: index, seed: seed, budgetSeconds: budget)
+                    let plan = Workload.plan(index: index, seed: seed, budgetSeconds: budget, outOfMemoryInto: outOfMemory?.procs)
                     createdIDs.withLockedValue { $0.append(plan.id) }
                     host.started()
                     group.addTask { [host] in

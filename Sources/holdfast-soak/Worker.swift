@@ -205,6 +205,17 @@ enum Worker {
                 failures.append(
                     "exit code \(report.exitCode) signal \(report.signal.map(String.init) ?? "none"), expected \(plan.exitCode) signal \(expectedSignal.map(String.init) ?? "none")")
             }
+            if plan.kind == .outOfMemory {
+                if report.oomKilled == true {
+                    host.ledger.update { $0.oomKillsReported += 1 }
+                } else {
+                    failures.append("killed by the OOM killer, reported oomKilled \(report.oomKilled.map(String.init) ?? "absent")")
+                }
+            } else if report.oomKilled == true {
+                failures.append("reported killed by the OOM killer, which it was not (exit code \(report.exitCode))")
+            } else if report.oomKilled == false {
+                host.ledger.update { $0.sigkillsToldApart += 1 }
+            }
             if report.undelivered != 0 { failures.append("the guest reported \(report.undelivered) undelivered bytes") }
             // What the guest reports lost to a broker crash is what the host's streams were told.
             let lostHere = checks.reduce(0) { $0 + $1.result().lost } + Int(input?.statistics.lost.bytes ?? 0)

@@ -111,7 +111,15 @@ enum Kind: String, CaseIterable, Sendable {
     /// across a broker that dies inside it), its exit told with `process-exited`: the handoff
     /// path under the same kills, stops and upgrades (`HandOver`).
     case handedOver = "handed-over"
+    /// Prints a line, moves itself into the soak's memory cgroup (`OutOfMemoryCgroup`) and
+    /// grows until the kernel's OOM killer ends it: its exit must say `oomKilled`, and no other
+    /// process's may. Run only where the soak could make that cgroup.
+    case outOfMemory = "out-of-memory"
 }
+
+/// The `outOfMemory` process's growth, in python: a MiB at a time, each one written (a page
+/// never touched is never charged to the cgroup).
+let memoryEater = "a = []\nwhile True:\n    a.append(b'x' * (1 << 20))\n"
 
 /// The `holdsItsPipe` process: python, argv[1] the milliseconds to hold, argv[2] the exit code.
 let pipeHolder = #"""
@@ -184,7 +192,8 @@ struct Plan: Sendable {
 enum Workload {
     /// The plan of process number `index`. `budgetSeconds` caps its length, so processes
     /// started near the end of a phase end with it.
-    static func plan(index: Int, seed: UInt64, budgetSeconds: Double) -> Plan {
+    /// `outOfMemoryInto`: the soak's memory cgroup's `cgroup.procs`, where it has one.
+    static func plan(index: Int, seed: UInt64, budgetSeconds: Double, outOfMemoryInto procs: String? = nil) -> Plan {
         var rng = SeededGenerator(seed: seed ^ (UInt64(index) &* 0xD129_0A2B_77C3_1F35))
         let id = "p\(index)"
         let roll = Int.random(in: 0..<100, using: &rng)
@@ -196,7 +205,11 @@ enum Workload {
             : roll < 65
                 ? .ticker
                 : roll < 84
-                    ? .echo : roll < 87 ? .holdsItsPipe : roll < 92 ? .tty : roll < 95 ? .signalled : roll < 98 ? .killsItsGroup : .leavesAChild
+                    ? .echo
+                    : roll < 87
+                        ? .holdsItsPipe
+                        : roll < 92
+                            ? .tty : roll < 95 ? .signalled : roll < 98 ? .killsItsGroup : roll == 98 && procs != nil ? .outOfMemory : .leavesAChild
         let budget = max(2, budgetSeconds)
         let exitCode = Int32.random(in: 0...9, using: &rng)
         switch kind {
@@ -220,6 +233,12 @@ enum Workload {
         case .signalled: return signalled(id, budget, &rng)
         case .killsItsGroup: return killsItsGroup(id, budget, &rng)
         case .leavesAChild: return leavesAChild(id, exitCode, budget, &rng)
+        case .outOfMemory:
+            let started = Array("\(id) started\n".utf8)
+            return Plan(
+                id: id, kind: .outOfMemory,
+                argv: ["sh", "-c", "echo '\(id) started'; echo $$ > \(procs ?? "/dev/null") && exec python3 -c \"$0\"", memoryEater],
+                stdout: [.text(started)], exitCode: 128 + SIGKILL, signal: SIGKILL, expectedSeconds: 1)
         }
     }
 
