@@ -12,10 +12,9 @@ import Glibc
 struct KernelOOMLogTests {
     /// The log's reading end (non-blocking) and the end records are written to.
     func logPair() throws -> (read: Int32, write: Int32) {
-        var fds: [Int32] = [-1, -1]
-        let type = Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue)
-        guard socketpair(AF_UNIX, type, 0, &fds) == 0 else { throw SystemError.last("socketpair") }
-        return (fds[0], fds[1])
+        let (reading, writing) = try FDChannel.pair()  // SOCK_SEQPACKET: one message per read
+        #expect(fcntl(reading, F_SETFL, fcntl(reading, F_GETFL) | O_NONBLOCK) == 0)
+        return (reading, writing)
     }
 
     func log(_ fd: Int32, _ record: String) {
