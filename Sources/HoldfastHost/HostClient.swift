@@ -318,7 +318,8 @@ public enum HostClient {
         return TextTable.lines(
             ["PROCESS", "PID", "STATE", "EXIT", "COMMAND"],
             list.processes.map {
-                [$0.id, $0.pid.map(String.init) ?? "-", $0.state.rawValue, $0.exitCode.map(String.init) ?? "-", $0.command ?? "-"]
+                [$0.id, $0.pid.map(String.init) ?? "-", $0.state.rawValue,
+                 ($0.exitCode.map(String.init) ?? "-") + ($0.oomKilled == true ? " (OOM killed)" : ""), $0.command ?? "-"]
             }
         ).joined(separator: "\n")
     }

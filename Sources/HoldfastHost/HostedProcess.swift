@@ -100,7 +100,8 @@ final class HostedProcess: Sendable {
             case .running: return HostProcessInfo(id: id, pid: s.pid, state: .running, exitCode: nil, command: command)
             case .ending(let outcome, _), .finished(let outcome):
                 return HostProcessInfo(
-                    id: id, pid: s.pid, state: outcome.exit == nil ? .lost : .exited, exitCode: outcome.exit?.exitCode, command: command)
+                    id: id, pid: s.pid, state: outcome.exit == nil ? .lost : .exited, exitCode: outcome.exit?.exitCode, command: command,
+                    oomKilled: outcome.exit?.wasLikelyOOMKilled == true ? true : nil)
             }
         }
     }

@@ -121,8 +121,11 @@ public struct HostProcessInfo: Codable, Sendable, Equatable {
     public var exitCode: Int32?
     /// The command as started through host serve (absent for a process it did not start).
     public var command: String?
+    /// Killed by the guest kernel's OOM killer (`ExitReport.wasLikelyOOMKilled`); absent otherwise.
+    public var oomKilled: Bool?
 
-    public init(id: String, pid: Int32?, state: State, exitCode: Int32?, command: String?) {
+    public init(id: String, pid: Int32?, state: State, exitCode: Int32?, command: String?, oomKilled: Bool? = nil) {
+        self.oomKilled = oomKilled
         self.id = id
         self.pid = pid
         self.state = state

@@ -115,6 +115,31 @@ struct OOMKillTests {
         #expect(daemon.log.contains("process killed by the OOM killer"))
     }
 
+    /// From the host's command line: `host run` says the OOM killer killed it and exits 137;
+    /// `host ps -a` marks it.
+    @Test(.enabled(if: canRun, "needs root, busybox-static, a memory cgroup hierarchy and /dev/kmsg"))
+    func hostRunAndPSSayTheOOMKillerDidIt() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let cgroup = try TestMemoryCgroup(limit: 32 << 20)
+        defer { cgroup.remove() }
+        let run = try await serve.cli(["run", "--id", "eater", "--"] + Self.hog(into: cgroup))
+        #expect(run.status == .exited(128 + SIGKILL), "\(run.err)")
+        #expect(run.out == "moved\n")
+        #expect(run.err.contains("killed by the guest kernel's OOM killer"), "\(run.err)")
+        let all = try await serve.cli(["ps", "-a"])
+        let line = all.out.split(separator: "\n").first { $0.hasPrefix("eater") }.map(String.init) ?? ""
+        #expect(line.contains("exited") && line.contains("137 (OOM killed)"), "\(all.out)")
+        // A SIGKILL from the host is not marked.
+        _ = try await serve.cli(["run", "-d", "--id", "napper", "--", "sleep", "1000"])
+        _ = try await serve.cli(["kill", "napper", "KILL"])
+        #expect(try await serve.cli(["wait", "napper"]).out == "137\n")
+        let after = try await serve.cli(["ps", "-a"])
+        let napper = after.out.split(separator: "\n").first { $0.hasPrefix("napper") }.map(String.init) ?? ""
+        #expect(napper.contains("137") && !napper.contains("OOM"), "\(after.out)")
+    }
+
     /// A process killed by the OOM killer while a live upgrade's exec waits (the earlier image
     /// has handed its state over and reaps nothing more; the kernel logs the kill meanwhile): the
     /// next image reads the log on from where the earlier one stopped, and reports it. Opened
