@@ -167,13 +167,14 @@ public struct ExitReport: Codable, Sendable, Equatable {
     /// cgroup of its own), a container without memory accounting.
     public var oomKills: UInt64?
     /// For a process killed by SIGKILL, any runtime's: whether the kernel's OOM killer was the
-    /// one, as its own log says ("Killed process PID"). Absent for any other exit, and where the
-    /// daemon cannot read the kernel's log (`/dev/kmsg`).
+    /// one, as its own log says ("Killed process PID"). Absent for any other exit, where the
+    /// daemon cannot read the kernel's log (`/dev/kmsg`), and where the answer cannot be known
+    /// (records of it may have gone unread; a process an older binary started).
     public var oomKilled: Bool?
 
-    /// Killed by the OOM killer: what other tools call "OOMKilled". `oomKilled` where the daemon
-    /// read the kernel's log; otherwise a SIGKILL while the OOM killer killed in its container
-    /// (another process's SIGKILL in the same moment cannot be told apart then).
+    /// Killed by the OOM killer: what other tools call "OOMKilled". `oomKilled` where it is
+    /// known; otherwise a SIGKILL while the OOM killer killed in its container (another
+    /// process's SIGKILL in the same moment cannot be told apart then).
     public var wasLikelyOOMKilled: Bool { oomKilled ?? (signal == 9 /* SIGKILL */ && (oomKills ?? 0) > 0) }
 
     public init(
