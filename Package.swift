@@ -210,6 +210,7 @@ let package = Package(
                 "HoldfastLogging",
                 "HoldfastPosix",
                 "HoldfastProtocol",
+                "HoldfastTestSupport",
                 "HoldfastTools",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

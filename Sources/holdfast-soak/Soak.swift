@@ -3,6 +3,7 @@ import HoldfastCore
 import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
+import HoldfastTestSupport
 import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
@@ -97,7 +98,9 @@ struct Soak: AsyncParsableCommand {
             blackoutMax: blackoutMax, killMin: killMin, killMax: killMax, stopMin: stopMin, stopMax: stopMax,
             supervisorStopMin: supervisorStopMin, supervisorStopMax: supervisorStopMax, brokerKillMin: brokerKillMin, brokerKillMax: brokerKillMax, upgradeMin: upgradeMin, upgradeMax: upgradeMax, fallbackEvery: fallbackEvery, rssTolerancePercent: rssTolerancePercent,
             rssToleranceKiB: rssToleranceKiB, progressEvery: progressEvery, pauseWhenQuiet: pauseWhenQuiet, checkpoints: checkpoints ?? max(1, Int(minutes / 5)))
-        let outOfMemory = OutOfMemoryCgroup.make(pid: getpid())
+        // Where the OOM killer ends the `out-of-memory` processes; none without the kernel's log,
+        // whose record each exit must be reported by.
+        let outOfMemory = access("/dev/kmsg", R_OK) == 0 ? MemoryLimitedCgroup.make(name: "holdfast-soak-oom-\(getpid())", limit: Run.outOfMemoryLimit) : nil
         defer { outOfMemory?.remove() }
         let verdict = await Run(options: settings, seed: seed, host: host, daemon: daemon, outOfMemory: outOfMemory).drive()
         host.close()
@@ -145,9 +148,10 @@ struct Run {
     let nextIndex = NIOLockedValueBox(0)
     let createdIDs = NIOLockedValueBox<[String]>([])
     /// Where `out-of-memory` processes go; nil: none are run.
-    let outOfMemory: OutOfMemoryCgroup?
+    let outOfMemory: MemoryLimitedCgroup?
+    static let outOfMemoryLimit = 48 << 20
 
-    init(options: Settings, seed: UInt64, host: Host, daemon: Daemon, outOfMemory: OutOfMemoryCgroup?) {
+    init(options: Settings, seed: UInt64, host: Host, daemon: Daemon, outOfMemory: MemoryLimitedCgroup?) {
         self.outOfMemory = outOfMemory
         self.options = options
         self.seed = seed
@@ -176,7 +180,7 @@ struct Run {
         )
         printLine("daemon pid \(daemon.pid), run directory \(daemon.directory)")
         printLine(
-            outOfMemory.map { "out-of-memory processes grow in \($0.path) (\(OutOfMemoryCgroup.limit >> 20) MiB) until the OOM killer ends them" }
+            outOfMemory.map { "out-of-memory processes grow in \($0.path) (\(Run.outOfMemoryLimit >> 20) MiB) until the OOM killer ends them" }
                 ?? "no out-of-memory processes: no memory cgroup to make, or no /dev/kmsg to read")
         guard await host.bridge.waitForGuest(timeout: .seconds(30)), let first = await measureOnceUp(timeout: .seconds(30)) else {
             host.ledger.fail("the daemon did not come up: its log ends with:\n\(daemon.logTail)")

@@ -111,7 +111,7 @@ enum Kind: String, CaseIterable, Sendable {
     /// across a broker that dies inside it), its exit told with `process-exited`: the handoff
     /// path under the same kills, stops and upgrades (`HandOver`).
     case handedOver = "handed-over"
-    /// Prints a line, moves itself into the soak's memory cgroup (`OutOfMemoryCgroup`) and
+    /// Prints a line, moves itself into the soak's memory cgroup (`MemoryLimitedCgroup`) and
     /// grows until the kernel's OOM killer ends it: its exit must say `oomKilled`, and no other
     /// process's may. Run only where the soak could make that cgroup.
     case outOfMemory = "out-of-memory"

@@ -10,56 +10,18 @@ import Testing
 import Glibc
 #endif
 
-/// A memory cgroup with a limit, made for one test (cgroup v2 under the root, where the memory
-/// controller is on for its children; or a v1 memory hierarchy): a process that writes its pid
-/// to `procs` is held to `limit` bytes, swap included.
-struct TestMemoryCgroup {
-    let path: String
-    var procs: String { path + "/cgroup.procs" }
-
-    static var v2Root: String? {
-        let subtree = (try? String(contentsOfFile: "/sys/fs/cgroup/cgroup.subtree_control", encoding: .utf8)) ?? ""
-        return subtree.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("memory") ? "/sys/fs/cgroup" : nil
-    }
-    static var v1Root: String? { access("/sys/fs/cgroup/memory/memory.limit_in_bytes", W_OK) == 0 ? "/sys/fs/cgroup/memory" : nil }
-    static var available: Bool { geteuid() == 0 && (v2Root != nil || v1Root != nil) }
-
-    init(limit: Int) throws {
-        let name = "holdfast-test-oom-\(UInt32.random(in: 0..<UInt32.max))"
-        if let root = Self.v2Root {
-            path = root + "/" + name
-            #expect(mkdir(path, 0o755) == 0)
-            try writeFile(path + "/memory.max", Array("\(limit)".utf8))
-            if access(path + "/memory.swap.max", W_OK) == 0 { try writeFile(path + "/memory.swap.max", Array("0".utf8)) }
-        } else {
-            path = try #require(Self.v1Root) + "/" + name
-            #expect(mkdir(path, 0o755) == 0)
-            try writeFile(path + "/memory.limit_in_bytes", Array("\(limit)".utf8))
-            if access(path + "/memory.memsw.limit_in_bytes", W_OK) == 0 { try writeFile(path + "/memory.memsw.limit_in_bytes", Array("\(limit)".utf8)) }
-        }
-    }
-
-    /// Removed once empty (its killed process reaped), waiting a little for that.
-    func remove() {
-        for _ in 0..<100 {
-            if rmdir(path) == 0 || errno == ENOENT { return }
-            usleep(20_000)
-        }
-    }
-}
-
 /// Any process the kernel's OOM killer ends — a direct one too, which has no memory cgroup of
 /// the daemon's — is reported so (`ExitReport.oomKilled`), from the kernel's own log; a SIGKILL
 /// from anyone else, or a process forging the kernel's record, is not.
 @Suite("OOM kills of any process, from the kernel's log", .timeLimit(.minutes(3)))
 struct OOMKillTests {
     static var canRun: Bool {
-        DaemonFixture.canRun && TestBundle.canRun && TestMemoryCgroup.available && access("/dev/kmsg", R_OK) == 0
+        DaemonFixture.canRun && TestBundle.canRun && MemoryLimitedCgroup.available && access("/dev/kmsg", R_OK) == 0
     }
 
     /// A shell that moves itself into `cgroup`, says so, and becomes an awk doubling a string
     /// until the OOM killer ends it.
-    static func hog(into cgroup: TestMemoryCgroup) -> [String] {
+    static func hog(into cgroup: MemoryLimitedCgroup) -> [String] {
         ["/bin/sh", "-c", "echo $$ > \(cgroup.procs) && echo moved && exec /bin/busybox awk 'BEGIN { s = \"0123456789abcdef\"; while (1) s = s s }'"]
     }
 
@@ -69,7 +31,7 @@ struct OOMKillTests {
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
-        let cgroup = try TestMemoryCgroup(limit: 32 << 20)
+        let cgroup = try #require(MemoryLimitedCgroup.make(name: "holdfast-test-oom-\(UInt32.random(in: 0..<UInt32.max))", limit: 32 << 20))
         defer { cgroup.remove() }
 
         let hogOut = collect(try daemon.streams.open(token: bytes("hog-out"), direction: .receive))
@@ -122,7 +84,7 @@ struct OOMKillTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let serve = try await HostServeFixture.start(daemon)
-        let cgroup = try TestMemoryCgroup(limit: 32 << 20)
+        let cgroup = try #require(MemoryLimitedCgroup.make(name: "holdfast-test-oom-\(UInt32.random(in: 0..<UInt32.max))", limit: 32 << 20))
         defer { cgroup.remove() }
         let run = try await serve.cli(["run", "--id", "eater", "--"] + Self.hog(into: cgroup))
         #expect(run.status == .exited(128 + SIGKILL), "\(run.err)")
@@ -152,7 +114,7 @@ struct OOMKillTests {
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
-        let cgroup = try TestMemoryCgroup(limit: 32 << 20)
+        let cgroup = try #require(MemoryLimitedCgroup.make(name: "holdfast-test-oom-\(UInt32.random(in: 0..<UInt32.max))", limit: 32 << 20))
         defer { cgroup.remove() }
         let go = daemon.directory.file("go")
         let ate = daemon.directory.file("ate")

@@ -2,36 +2,40 @@
 import Glibc
 #endif
 
-/// The memory cgroup the soak's `out-of-memory` processes move themselves into (cgroup v2 under
-/// the root, where the memory controller is on for its children, or a v1 memory hierarchy),
-/// held to `limit` bytes with no swap: there each one grows until the kernel's OOM killer ends
-/// it, and its exit must say so (`ExitReport.oomKilled`), under every fault of the soak.
-struct OutOfMemoryCgroup: Sendable {
-    let path: String
-    var procs: String { path + "/cgroup.procs" }
-    static let limit = 48 << 20
+/// A memory cgroup held to a limit with no swap (cgroup v2 under the root, where the memory
+/// controller is on for its children, or a v1 memory hierarchy), made for the OOM kill tests
+/// and the soak's `out-of-memory` processes: a process that writes its pid to `procs` grows
+/// there until the kernel's OOM killer ends it.
+public struct MemoryLimitedCgroup: Sendable {
+    public let path: String
+    public var procs: String { path + "/cgroup.procs" }
 
-    /// Nil where there is no memory cgroup to make, or the daemon could not read the kernel's
-    /// log (without it no exit can say it was the OOM killer's).
-    static func make(pid: pid_t) -> OutOfMemoryCgroup? {
-        guard access("/dev/kmsg", R_OK) == 0 else { return nil }
-        let name = "holdfast-soak-oom-\(pid)"
-        let subtree = readText("/sys/fs/cgroup/cgroup.subtree_control") ?? ""
-        if subtree.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("memory") {
+    /// Whether one can be made here: root, and a memory hierarchy to make it in.
+    public static var available: Bool {
+        geteuid() == 0 && (v2HasMemory || access("/sys/fs/cgroup/memory/memory.limit_in_bytes", W_OK) == 0)
+    }
+
+    private static var v2HasMemory: Bool {
+        (readText("/sys/fs/cgroup/cgroup.subtree_control") ?? "").split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("memory")
+    }
+
+    /// Makes `name` with `limit` bytes; nil where there is no memory hierarchy to make it in.
+    public static func make(name: String, limit: Int) -> MemoryLimitedCgroup? {
+        if v2HasMemory {
             let path = "/sys/fs/cgroup/" + name
             guard mkdir(path, 0o755) == 0 || errno == EEXIST, writeText(path + "/memory.max", "\(limit)") else { return nil }
             _ = writeText(path + "/memory.swap.max", "0")
-            return OutOfMemoryCgroup(path: path)
+            return MemoryLimitedCgroup(path: path)
         }
         guard access("/sys/fs/cgroup/memory/memory.limit_in_bytes", W_OK) == 0 else { return nil }
         let path = "/sys/fs/cgroup/memory/" + name
         guard mkdir(path, 0o755) == 0 || errno == EEXIST, writeText(path + "/memory.limit_in_bytes", "\(limit)") else { return nil }
         _ = writeText(path + "/memory.memsw.limit_in_bytes", "\(limit)")
-        return OutOfMemoryCgroup(path: path)
+        return MemoryLimitedCgroup(path: path)
     }
 
-    /// Removed once empty (the soak's processes all ended by then).
-    func remove() {
+    /// Removed once empty (its processes ended and reaped), waiting up to 2 s for that.
+    public func remove() {
         for _ in 0..<100 {
             if rmdir(path) == 0 || errno == ENOENT { return }
             usleep(20_000)
