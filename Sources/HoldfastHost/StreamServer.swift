@@ -161,14 +161,28 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     ///
     /// A token already open here is refused (`tokenInUse`): two streams behind one token would
     /// take each other's connections and splice their bytes together.
+    ///
+    /// `resumeAt` (a `.receive` stream only): this host end restarted — the application that
+    /// held the stream before died or was restarted — and its consumer already holds the
+    /// stream's first `resumeAt` bytes (what it had written to its file, say). Open it again
+    /// with the same token and secret: the guest, which keeps every byte the host did not
+    /// acknowledge, goes on from there, so nothing is lost and nothing repeats — provided the
+    /// stream acknowledged only what the consumer had kept, in the earlier life too
+    /// (`configuration.acknowledgeDelivered`, and `delivered(_:)` once bytes are kept; `Relay.input`
+    /// does both). Bytes acknowledged and then not kept are a gap the guest reports (`lost`);
+    /// an offset beyond what the guest ever sent is refused on every connection
+    /// (docs/PROTOCOL.md, "A host that restarted"). A `.send` stream cannot resume
+    /// (`cannotResumeSending`): what it had sent died with the application.
     public func open(
         token: [UInt8], direction: StreamDirection, secret: StreamSecret = .random(),
-        configuration: ResumableConfiguration = ResumableConfiguration(), observer: (@Sendable (SlotEvent) -> Void)? = nil
+        configuration: ResumableConfiguration = ResumableConfiguration(), resumeAt: UInt64? = nil,
+        observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) throws(StreamServerError) -> Stream {
         guard !token.isEmpty, token.count <= StreamHello.maxTokenLength else { throw .badToken(token.count) }
+        if resumeAt != nil, direction == .send { throw .cannotResumeSending(String(decoding: token, as: UTF8.self)) }
         let stream = Stream(
             token: token, secret: secret, role: .host, direction: direction, configuration: configuration,
-            executor: Reactor.shared, observer: observer)
+            executor: Reactor.shared, resumeAt: resumeAt, observer: observer)
         let taken = state.withLockedValue { s -> Bool in
             if s.streams[token] != nil { return true }
             s.streams[token] = stream
@@ -307,11 +321,16 @@ public enum StreamServerError: Error, Sendable, Equatable, CustomStringConvertib
     case tokenInUse(String)
     /// A token must be 1 to 256 bytes.
     case badToken(Int)
+    /// `resumeAt` was given for a stream this end sends (a stdin): its bytes died with the
+    /// application that held them.
+    case cannotResumeSending(String)
 
     public var description: String {
         switch self {
         case .tokenInUse(let token): return "token '\(token)' is in use by another open stream"
         case .badToken(let length): return "a token must be 1 to \(StreamHello.maxTokenLength) bytes, not \(length)"
+        case .cannotResumeSending(let token):
+            return "stream '\(token)' cannot resume: only a stream the host receives can (what a restarted host had sent is gone)"
         }
     }
 }

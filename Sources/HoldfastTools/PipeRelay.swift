@@ -151,27 +151,90 @@ final class PipeDialWatch: Sendable {
 }
 
 public enum StreamReceiver {
-    /// Listens on `address` and writes the stream to stdout until it ends: in resumable mode at
-    /// the sender's END; in raw mode when a connection ends after `connections` connections
-    /// (0: keep accepting forever). Returns the byte count.
+    /// Where `receive` writes what arrives.
+    public enum Destination: Sendable, Equatable {
+        case standardOutput
+        /// A file, made or emptied first.
+        case file(String)
+        /// A file this stream was being received into by an earlier `receive` that died or was
+        /// stopped (resumable mode): the stream resumes after the bytes it holds.
+        case resumingFile(String)
+    }
+
+    /// The stream ended with offsets the sender no longer had (a relay that crashed without
+    /// its ring, a host end that acknowledged bytes it then did not keep): what was written
+    /// lacks them.
+    public struct Gaps: Error, CustomStringConvertible {
+        public var bytes: UInt64
+        public var offsets: String
+        public var received: UInt64
+        public var description: String {
+            "\(bytes) bytes of the stream are missing from what was written (offsets \(offsets)): the sender no longer had them"
+        }
+    }
+
+    /// `receive --resume` could not go on from its file.
+    public struct CannotOpenOutput: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Listens on `address` and writes the stream to `destination` until it ends: in resumable
+    /// mode at the sender's END; in raw mode when a connection ends after `connections`
+    /// connections (0: keep accepting forever). Returns the byte count (with a resumed file:
+    /// the bytes this run received).
     /// With `discard`, received bytes are only counted (for measuring the transport alone).
     public static func run(
         listen address: SocketAddress, mode: StreamMode, token: String, secret: StreamSecret? = nil, connections: Int = 1,
-        discard: Bool = false
+        discard: Bool = false, destination: Destination = .standardOutput
     ) async throws -> UInt64 {
         try await withTaskExecutorPreference(Reactor.shared) {
             try await receive(
-                listen: address, mode: mode, token: token, secret: secret, connections: connections, discard: discard)
+                listen: address, mode: mode, token: token, secret: secret, connections: connections, discard: discard,
+                destination: destination)
+        }
+    }
+
+    /// The fd to write to, and how many bytes of the stream it already holds.
+    private static func openDestination(_ destination: Destination) throws -> (fd: Int32, holds: UInt64) {
+        switch destination {
+        case .standardOutput:
+            let fd = dup(1)
+            guard fd >= 0 else { throw SystemError.last("dup(stdout)") }
+            return (fd, 0)
+        case .file(let path):
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o666)
+            guard fd >= 0 else { throw SystemError.last("open(\(path))") }
+            return (fd, 0)
+        case .resumingFile(let path):
+            // Appending: every write lands after what the earlier run kept, whatever it was.
+            let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o666)
+            guard fd >= 0 else { throw SystemError.last("open(\(path))") }
+            var info = stat()
+            guard fstat(fd, &info) == 0 else {
+                let error = SystemError.last("fstat(\(path))")
+                close(fd)
+                throw error
+            }
+            guard info.st_mode & S_IFMT == S_IFREG else {
+                close(fd)
+                throw CannotOpenOutput(description: "\(path) is not a regular file: a stream resumes only into a file that holds its beginning")
+            }
+            return (fd, UInt64(info.st_size))
         }
     }
 
     private static func receive(
         listen address: SocketAddress, mode: StreamMode, token: String, secret: StreamSecret?, connections: Int,
-        discard: Bool
+        discard: Bool, destination: Destination
     ) async throws -> UInt64 {
-        let output = dup(1)
-        guard output >= 0 else { throw SystemError.last("dup(stdout)") }
-        let stdout = try AsyncFD(adopting: output)
+        let (output, holds) = try openDestination(destination)
+        let stdout: AsyncFD
+        do {
+            stdout = try AsyncFD(adopting: output)
+        } catch {
+            close(output)
+            throw error
+        }
         defer { stdout.close() }
         let sink: any ByteWriter = discard ? Discard() : stdout
         switch mode {
@@ -179,10 +242,19 @@ public enum StreamReceiver {
             let server = try StreamServer(listeningOn: address)
             defer { server.close() }
             guard let secret else { throw SecretFile.Failure.missing("--secret-file") }
-            let stream = try server.open(token: Array(token.utf8), direction: .receive, secret: secret)
+            // Only what is written is acknowledged (`Relay.input` confirms each write): a
+            // receive killed at any instant leaves its file holding exactly what the guest may
+            // forget, so the next one resumes at the file's size with nothing lost or repeated.
+            var configuration = ResumableConfiguration()
+            configuration.acknowledgeDelivered = true
+            let resumed: UInt64? = if case .resumingFile = destination { holds } else { nil }
+            let stream = try server.open(
+                token: Array(token.utf8), direction: .receive, secret: secret, configuration: configuration, resumeAt: resumed)
             server.start()
             let report = await Relay.input(from: stream, to: AnyWriter(sink), pool: BufferPool(bufferSize: 256 * 1024, retained: 2))
             _ = await stream.waitEndEchoed(timeout: .seconds(5))
+            let lost = stream.statistics.lost
+            if lost.bytes > 0 { throw Gaps(bytes: lost.bytes, offsets: lost.summary, received: report.bytes) }
             return report.bytes
         case .raw:
             let listener = try Listener(binding: address)

@@ -454,6 +454,18 @@ struct Receive: AsyncParsableCommand {
     var secretFile: String?
     @Option(help: "Raw mode: end after this many connections (0: never).") var connections = 1
     @Flag(help: "Do not write the stream: print how many bytes arrived.") var count = false
+    @Option(name: [.customShort("o"), .long], help: "Write the stream to this file (made, or emptied first) instead of standard output.")
+    var output: String?
+    @Flag(help: ArgumentHelp(
+        "Resumable mode, with --output: the file holds the start of this stream, written by an earlier 'holdfast receive' that was killed or stopped; go on after it.",
+        discussion: "Only bytes written to the file are acknowledged, so the sender still has every byte after them: run the same command again and the file ends up whole, nothing lost or repeated."))
+    var resume = false
+
+    func validate() throws {
+        if resume && mode != .resumable { throw ValidationError("--resume needs --mode resumable: a raw stream cannot go on where it stopped") }
+        if resume && output == nil { throw ValidationError("--resume needs --output FILE: the file the earlier run wrote") }
+        if count && output != nil { throw ValidationError("--count writes nothing: leave out --output") }
+    }
 
     func run() async throws {
         var secret: StreamSecret?
@@ -465,8 +477,18 @@ struct Receive: AsyncParsableCommand {
                 throw CommandFailure("holdfast receive: \(error)")
             }
         }
-        let total = try await StreamReceiver.run(
-            listen: try parseAddress(listen), mode: mode, token: token, secret: secret, connections: connections, discard: count)
+        let destination: StreamReceiver.Destination =
+            if let output { resume ? .resumingFile(output) : .file(output) } else { .standardOutput }
+        let total: UInt64
+        do {
+            total = try await StreamReceiver.run(
+                listen: try parseAddress(listen), mode: mode, token: token, secret: secret, connections: connections, discard: count,
+                destination: destination)
+        } catch let error as StreamReceiver.Gaps {
+            throw CommandFailure("holdfast receive: \(error)")
+        } catch let error as StreamReceiver.CannotOpenOutput {
+            throw CommandFailure("holdfast receive: \(error)")
+        }
         if count { print(total) }
     }
 }

@@ -41,6 +41,8 @@ struct ReadmeTests {
         ("# in the guest: a bundle whose program waits", .run),
         ("holdfast demo [--beats", .usage),
         ("holdfast receive --mode resumable", .run),
+        ("# a receiver killed at any instant", .notRun(
+            "its point is a kill at a moment mid-stream: HostRestartTests runs the same command, SIGKILLs it three times while pipe sends, and compares the file")),
         ("let server = try StreamServer", .swift),
         ("                 supervisor (root)", .output),
         ("# start my-server", .notRun(

@@ -1,0 +1,163 @@
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import HoldfastTools
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The host end of a stream dies (a host agent killed or restarted) and a new one takes the
+/// stream up where the old one's consumer stopped: `StreamServer.open(resumeAt:)`, and
+/// `holdfast receive --output FILE --resume` built on it.
+@Suite("A host end that restarts resumes its streams", .timeLimit(.minutes(5)))
+struct HostRestartTests {
+    /// `holdfast pipe` sends 24 MiB at a bounded pace; the `holdfast receive` writing it into a
+    /// file is SIGKILLed three times mid-stream and started again with the same command line:
+    /// the file ends up exactly the input (sha256), and every run after the first resumed
+    /// where the file ended.
+    @Test func aReceiverKilledMidStreamResumesItsFileExactly() async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let mib = 24
+        let data = directory.file("data")
+        let out = open(data, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let head = try processes.start(["head", "-c", String(mib << 20), "/dev/urandom"], stdout: out)
+        close(out)
+        #expect(try await processes.wait(head, timeout: .seconds(60)) == .exited(0))
+        let expected = sha256Hex(readFile(data) ?? [])
+
+        let socket = "unix:" + directory.file("s.sock")
+        let received = directory.file("received")
+        let receive = [
+            holdfastExecutable(), "receive", "--mode", "resumable", "--listen", socket, "--token", "out",
+            "--secret-file", directory.file("s.key"), "--output", received, "--resume",
+        ]
+        var receiver = try processes.start(receive)
+        // A MiB every 40 ms: the kills land mid-stream, and the sender's ring and pipe hold what
+        // arrives while no receiver is there.
+        let sender = try await startPipe(processes, socket: socket, key: directory.file("s.key"), directory: directory, feed: data, mib: mib)
+        var sizes: [Int] = []
+        for threshold in [3, 9, 15] {
+            try await eventually("the file past \(threshold) MiB", timeout: .seconds(60)) { fileSize(received) >= threshold << 20 }
+            processes.kill(receiver)
+            let kept = fileSize(received)
+            sizes.append(kept)
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(fileSize(received) == kept, "nothing is written while no receiver runs")
+            receiver = try processes.start(receive)
+        }
+        #expect(try await processes.wait(sender, timeout: .seconds(120)) == .exited(0))
+        #expect(try await processes.wait(receiver, timeout: .seconds(30)) == .exited(0))
+        #expect(fileSize(received) == mib << 20)
+        #expect(sha256Hex(readFile(received) ?? []) == expected)
+        print("receiver killed at \(sizes.map { "\($0) bytes" }.joined(separator: ", ")) written; each run after resumed there: \(mib) MiB exact")
+    }
+}
+
+extension HostRestartTests {
+    /// A container process created over the bridge writes 2,000,000 numbered lines (14.9 MB) to
+    /// a stdout whose host end is a separate `holdfast receive --resume` process — the host
+    /// agent of this stream — SIGKILLed twice mid-stream and started again: the file holds every
+    /// line once, in order, and the process's exit says nothing undelivered and nothing lost.
+    /// Meanwhile the broker parked the stream and the process blocked on its full pipe.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aContainersOutputSurvivesItsHostAgentBeingKilled() async throws {
+        try await withBridgeDaemon { daemon, exits in
+            let key = daemon.directory.file("agent.key")
+            let secret = try SecretFile.readOrCreate(key)
+            let socket = daemon.directory.file("agent.sock")
+            let received = daemon.directory.file("agent.out")
+            let receive = [
+                holdfastExecutable(), "receive", "--mode", "resumable", "--listen", "unix:" + socket, "--token", "seq-out",
+                "--secret-file", key, "--output", received, "--resume",
+            ]
+            // The broker dials as its own unprivileged uid: each new listener opened to it (the
+            // killed agent's socket file removed first, so the chmod is the new one's).
+            func startAgent() async throws -> pid_t {
+                unlink(socket)
+                let pid = try daemon.processes.start(receive)
+                try await eventually("the agent listening") { access(socket, F_OK) == 0 && chmod(socket, 0o666) == 0 }
+                return pid
+            }
+            var agent = try await startAgent()
+            let lines = 2_000_000
+            _ = try await daemon.bridge.create(ProcessSpec(
+                id: "seq", argv: ["seq", "1", String(lines)],
+                stdout: StreamSpec(address: "unix:" + socket, mode: .resumable, token: "seq-out", secret: secret)))
+            var killedAt: [Int] = []
+            for threshold in [2 << 20, 7 << 20] {
+                try await eventually("the agent's file past \(threshold) bytes", timeout: .seconds(60)) { fileSize(received) >= threshold }
+                daemon.processes.kill(agent)
+                killedAt.append(fileSize(received))
+                try await Task.sleep(for: .milliseconds(500))
+                #expect(exits.count("seq") == 0, "the process waits on its pipe while no host end is there")
+                agent = try await startAgent()
+            }
+            try await eventually("the exit", timeout: .seconds(60)) { exits.count("seq") == 1 }
+            #expect(try await daemon.processes.wait(agent, timeout: .seconds(30)) == .exited(0))
+            let expected = (1...lines).map { "\($0)\n" }.joined()
+            let got = readFile(received) ?? []
+            #expect(got.count == expected.utf8.count)
+            #expect(sha256Hex(got) == sha256Hex(Array(expected.utf8)), "every line once, in order")
+            let report = try #require(exits.all.first { $0.id == "seq" })
+            #expect(report.exitCode == 0 && report.undelivered == 0 && report.lost == nil && report.outputCutShort == nil, "\(report)")
+            print("host agent killed with \(killedAt.map(String.init).joined(separator: " and ")) bytes written; \(got.count) bytes exact, exit clean")
+            #expect(try await daemon.stop() == .exited(0))
+        }
+    }
+}
+
+extension HostRestartTests {
+    /// What cannot resume says so: a stream the host sends (its bytes died with the
+    /// application), and `receive --resume` without a file or in raw mode.
+    @Test func whatCannotResumeIsRefusedWithTheReason() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let server = try StreamServer(listeningOn: .unix(path: directory.file("s.sock")))
+        defer { server.close() }
+        #expect(throws: StreamServerError.cannotResumeSending("in")) {
+            try server.open(token: bytes("in"), direction: .send, resumeAt: 10)
+        }
+        let resumed = try server.open(token: bytes("out"), direction: .receive, resumeAt: 10)
+        #expect(resumed.statistics.offset == 10, "the stream goes on where its consumer stopped")
+
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        for (arguments, reason) in [
+            (["--mode", "resumable", "--secret-file", directory.file("k"), "--resume"], "--resume needs --output FILE"),
+            (["--mode", "raw", "--output", directory.file("o"), "--resume"], "--resume needs --mode resumable"),
+        ] {
+            let errPath = directory.file("err")
+            let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let pid = try processes.start(
+                [holdfastExecutable(), "receive", "--listen", "unix:" + directory.file("r.sock")] + arguments, stderr: err)
+            close(err)
+            #expect(try await processes.wait(pid) == .exited(64))
+            let said = String(decoding: readFile(errPath) ?? [], as: UTF8.self)
+            #expect(said.contains(reason), "\(said)")
+        }
+    }
+}
+
+/// `holdfast pipe` reading `feed` a MiB every 40 ms, to `socket`.
+private func startPipe(
+    _ processes: TestProcesses, socket: String, key: String, directory: TemporaryDirectory, feed: String, mib: Int
+) async throws -> pid_t {
+    try await eventually("the secret file") { access(key, R_OK) == 0 }
+    return try processes.start([
+        "sh", "-c",
+        "i=0; while [ $i -lt \(mib) ]; do dd if=\(feed) bs=1048576 skip=$i count=1 status=none; i=$((i+1)); sleep 0.04; done"
+            + " | exec \(holdfastExecutable()) pipe --mode resumable --to \(socket) --token out --secret-file \(key)",
+    ])
+}
+
+private func fileSize(_ path: String) -> Int {
+    var info = stat()
+    return stat(path, &info) == 0 ? Int(info.st_size) : 0
+}
