@@ -50,6 +50,11 @@ sed -e "s|/usr/bin/holdfast|$holdfast|g" -e "s|/etc/holdfast/|$root/etc/holdfast
     "$root/usr/lib/systemd/system/holdfast.service" > "$work/unit/holdfast.service"
 MANPATH=$root/usr/share/man systemd-analyze verify "$work/unit/holdfast.service"
 echo "systemd-analyze verify: clean"
+# The run directory must outlive a crash: it holds runc's state and the daemon's record of its
+# runc containers, which the restarted daemon deletes (systemd's default removes it at any stop).
+grep -qx 'RuntimeDirectoryPreserve=yes' "$work/unit/holdfast.service" \
+    || { echo "error: the unit lets systemd remove /run/holdfast when the daemon dies (RuntimeDirectoryPreserve=yes missing)"; exit 1; }
+echo "the run directory outlives a crash: RuntimeDirectoryPreserve=yes"
 
 step "holdfast --version"
 expected=$(dpkg-deb -f "$deb" Version)

@@ -84,13 +84,30 @@ else
     systemctl daemon-reload
     [[ $upgrade_ok == 0 ]] || journalctl -u holdfast --no-pager -n 200
 fi
-[[ -n $made_key ]] && rm -f /etc/holdfast/bridge.key
-rm -rf "$work"
 check "a newer package upgraded the running daemon live, nothing lost" '[[ $upgrade_ok == 0 ]]'
 check "the newer version is installed" '[[ $(dpkg-query -W -f="\${Version}" holdfast) == *+upgradecheck1 ]]'
 
 echo "== dpkg -r"
+daemon_pid=""
+if [[ ! -d /run/systemd/system ]]; then
+    # A daemon the image's init started (here: by hand, with a process running): the prerm must
+    # stop it before its binary goes, as systemd's stop would.
+    HOLDFAST_BRIDGE_ADDRESS=$bridge setsid /usr/bin/holdfast daemon --config /etc/holdfast/holdfast.yaml > "$work/daemon-remove.log" 2>&1 &
+    daemon_pid=$!
+    for _ in $(seq 150); do
+        /usr/bin/holdfast status --socket /run/holdfast/control.sock >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+fi
 dpkg -r holdfast
+if [[ -n $daemon_pid ]]; then
+    check "the prerm stopped the daemon the image's init had started" '[[ $(sed -n "s/.*) \(.\) .*/\1/p" /proc/$daemon_pid/stat 2>/dev/null) == Z || ! -d /proc/$daemon_pid ]]'
+    stopped=0
+    wait "$daemon_pid" || stopped=$?
+    check "it stopped in order (exit 0)" '[[ $stopped == 0 ]] || { cat "$work/daemon-remove.log"; false; }'
+fi
+[[ -n $made_key ]] && rm -f /etc/holdfast/bridge.key
+rm -rf "$work"
 check "the binary is gone" '[[ ! -e /usr/bin/holdfast ]]'
 check "the configuration stays until purge" '[[ -f /etc/holdfast/holdfast.yaml ]]'
 check "the user stays until purge" 'getent passwd holdfast >/dev/null'

@@ -126,14 +126,7 @@ extension BridgeServer {
             } catch {
                 if error.code == .bridgeLost { return }
             }
-            state.withLockedValue { s in
-                guard s.deliveredExits[report.id] == false else { return }
-                s.deliveredExits[report.id] = true
-                s.confirmedOrder.append(report.id)
-                while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
-                    if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
-                }
-            }
+            confirmAcknowledgement(of: report.id)
         }
     }
 

@@ -266,12 +266,52 @@ public final class BridgeServer: Sendable {
     public func createProcess(_ spec: ProcessSpec, timeout: Duration = .seconds(30)) async throws(HoldfastError) -> CreatedProcess {
         var keyed = spec
         if keyed.idempotencyKey == nil { keyed.idempotencyKey = RandomIdentifier.make() }
+        let deadline = ContinuousClock.now + timeout
+        try await settleEarlierExit(of: spec.id, deadline: deadline)
         // The id may be reused once its last exit was acknowledged: its next exit is news.
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
         state.withLockedValue { _ = $0.deliveredExits.removeValue(forKey: spec.id) }
-        let (reply, hello) = try await repeatedWhileTheBridgeIsLost(.create(keyed), reply: LaunchResponse.self, timeout: timeout, counted: \.repeatedCreates)
+        let (reply, hello) = try await repeatedWhileTheBridgeIsLost(
+            .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now), counted: \.repeatedCreates)
         return CreatedProcess(pid: reply.pid, hello: hello)
+    }
+
+    /// An earlier exit of `id` that was delivered but whose acknowledgement the guest never
+    /// confirmed (the connection that carried it was lost: a migration, a bridge worker's
+    /// death, a live upgrade) may still be in the guest's list, and comes again in its next
+    /// hello. Forgotten here before the id is created again, that copy would be delivered as
+    /// the new process's exit, and the new process's own exit then taken for a repeat and
+    /// dropped. So it is acknowledged first — on whichever connection comes, until the guest
+    /// confirms (it answers even for an exit it no longer holds) — and only then forgotten.
+    private func settleEarlierExit(of id: String, deadline: ContinuousClock.Instant) async throws(HoldfastError) {
+        while state.withLockedValue({ $0.deliveredExits[id] == false }) {
+            do {
+                _ = try await call(
+                    .acknowledgeExit(AcknowledgeExitRequest(id: id)), reply: [String: String].self,
+                    timeout: max(.zero, deadline - ContinuousClock.now))
+                confirmAcknowledgement(of: id)
+            } catch where error.code == .bridgeLost && ContinuousClock.now < deadline {
+                do {
+                    try await Task.sleep(for: Self.repeatPause)
+                } catch {
+                    throw HoldfastError(.bridgeLost, "the bridge was lost while an earlier exit of '\(id)' was being acknowledged", cause: error)
+                }
+            }
+        }
+    }
+
+    /// The guest confirmed our acknowledgement of `id`'s exit: it has forgotten that exit, and
+    /// we keep the id only against a late copy, among the newest confirmed ones.
+    func confirmAcknowledgement(of id: String) {
+        state.withLockedValue { s in
+            guard s.deliveredExits[id] == false else { return }
+            s.deliveredExits[id] = true
+            s.confirmedOrder.append(id)
+            while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
+                if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
+            }
+        }
     }
 
     /// Signals a process in the guest. Exactly once, across bridge drops, as `create`: the

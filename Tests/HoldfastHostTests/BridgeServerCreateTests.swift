@@ -4,6 +4,7 @@ import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import NIOConcurrencyHelpers
 import Testing
 
 /// `BridgeServer.create` and `signal` against a scripted guest: the bridge drops after the guest
@@ -103,6 +104,59 @@ struct BridgeServerCreateTests {
             #expect(error as? HoldfastError == refusal)
         }
         #expect(bridge.repeatedCreates == 0, "only a lost bridge repeats a create")
+    }
+
+    /// An exit delivered on a connection that was lost before the guest confirmed its
+    /// acknowledgement (a bridge worker killed right after the ack was written), then a create
+    /// of the same id: the guest's next hello still lists the old exit. It is not the new
+    /// process's — the application sees it once, and then the new process's own exit. Before,
+    /// the create forgot the old exit first: its copy in the hello was delivered as the new
+    /// process's, and the new process's real exit was dropped as a repeat.
+    @Test func anUnconfirmedExitIsNotTakenForANewProcessOfTheSameID() async throws {
+        let (directory, bridge) = try Self.startBridge()
+        defer {
+            bridge.close()
+            directory.remove()
+        }
+        let address = bridge.address
+        let delivered = NIOLockedValueBox<[ExitReport]>([])
+        let reader = Task { for await report in bridge.exits { delivered.withLockedValue { $0.append(report) } } }
+        defer { reader.cancel() }
+        let old = ExitReport(id: "job", exitCode: 3, signal: nil, undelivered: 0)
+        let hello = BridgeHello(bootID: "00000000-0000-0000-0000-000000000000", processes: [], exits: [old], instanceID: "same", keyedSignals: true)
+
+        // The exit is delivered; the connection dies with its acknowledgement unanswered.
+        let first = try await ScriptedGuest.connect(address, key: Self.key, hello: hello)
+        _ = try await first.next(.acknowledgeExit, AcknowledgeExitRequest.self)
+        first.socket.close()
+        try await eventually("the exit delivered") { delivered.withLockedValue { $0.count } == 1 }
+
+        // The application runs the id again; the guest's next hello still has the old exit.
+        let created = Task { () throws(HoldfastError) -> Int32 in
+            try await bridge.create(ProcessSpec(id: "job", argv: ["true"]), timeout: .seconds(60))
+        }
+        let second = try await ScriptedGuest.connect(address, key: Self.key, hello: hello)
+        defer { second.socket.close() }
+        var acknowledged = 0
+        while true {
+            let frame = try await withTimeout("the host's next request") { try await ControlFrameIO.read(from: second.socket, maxBody: BridgeProtocol.maxBody) }
+            if frame.type == BridgeMessageType.acknowledgeExit.rawValue {
+                acknowledged += 1
+                try await second.reply(to: frame, [String: String]())
+                continue
+            }
+            #expect(frame.type == BridgeMessageType.create.rawValue)
+            #expect(acknowledged >= 1, "the old exit acknowledged before the id was created again")
+            try await second.reply(to: frame, LaunchResponse(pid: 77))
+            break
+        }
+        #expect(try await created.value == 77)
+        // The new process's own exit.
+        let new = ExitReport(id: "job", exitCode: 0, signal: nil, undelivered: 0)
+        try await FrameIO.write(ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(new)).encoded, to: second.socket)
+        try await eventually("the new process's exit") { delivered.withLockedValue { $0.count } >= 2 }
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(delivered.withLockedValue { $0 }.map(\.exitCode) == [3, 0], "each exit once, the new process's its own")
     }
 
     /// A daemon's hello: `keyedSignals` if it knows a signal's repeat.
