@@ -23,12 +23,14 @@ enum StreamTransport: Sendable {
         _ endpoint: ValidatedEndpoint, mode: StreamModeName, direction: StreamDirection, settings: BrokerSettings,
         checkpoint: StreamCheckpoint? = nil, resumeAt: UInt64? = nil,
         ring: (storage: SharedRingStorage, restored: RestoredRing?, hole: Range<UInt64>?)? = nil, inputEnded: Bool = false,
-        observer: (@Sendable (SlotEvent) -> Void)? = nil
+        holdEndEcho: Bool = false, observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) -> StreamTransport {
         switch (mode, endpoint.token, endpoint.secret) {
         case (.resumable, let token?, let secret?):
+            var configuration = settings.resumable
+            configuration.holdEndEcho = holdEndEcho
             return .resumable(GuestStreams.resumable(
-                to: endpoint.address, token: token, secret: secret, direction: direction, configuration: settings.resumable,
+                to: endpoint.address, token: token, secret: secret, direction: direction, configuration: configuration,
                 policy: settings.redialPolicy, checkpoint: checkpoint, resumeAt: resumeAt, storage: ring?.storage, restoring: ring?.restored,
                 hole: ring?.hole, inputEnded: inputEnded,
                 observer: observer))
@@ -146,7 +148,7 @@ final class ManagedStream: Sendable {
     /// Tells the supervisor the stdin pipe was closed here: it holds a copy (so a broker crash
     /// gives the process no end-of-file), which must close too for the process to see one; and
     /// whether the host ended it (what a successor after a crash still owes the host).
-    private let inputClosed: @Sendable (_ endedByHost: Bool) -> Void
+    private let inputClosed: @Sendable (_ endedByHost: Bool) async -> Void
     /// Tells the supervisor a stdin the host ended is done with its END echo (its slot): the
     /// supervisor keeps such a stdin past the exit report until then (`input-settled`).
     private let inputSettled: @Sendable (_ checkpoint: Int) -> Void
@@ -179,7 +181,7 @@ final class ManagedStream: Sendable {
         outputWindow = measuredWindow
         inputStage = measuredStage
         self.lingerTimeout = broker.settings.drainTimeout
-        self.inputClosed = { [weak broker] endedByHost in broker?.inputEnded(process, endedByHost: endedByHost) }
+        self.inputClosed = { [weak broker] endedByHost in await broker?.inputEnded(process, endedByHost: endedByHost) }
         self.inputSettled = { [weak broker] checkpoint in broker?.inputSettled(process, checkpoint: checkpoint) }
         // Handed over only to acknowledge and echo: ended from the start, so a drain leaves it be.
         if description.kind == .stdin, description.ended == true { inputEnded.withLockedValue { $0 = true } }
@@ -207,7 +209,10 @@ final class ManagedStream: Sendable {
             }
             let made = StreamTransport.make(
                 endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt,
-                ring: ring, inputEnded: direction == .receive && resumeAt != nil && description.ended == true
+                ring: ring, inputEnded: direction == .receive && resumeAt != nil && description.ended == true,
+                // A stdin's END echo waits until the supervisor was told the host ended it
+                // (below, after the relay): it is what lets the host forget the stream.
+                holdEndEcho: description.kind == .stdin && description.ended != true
             ) { event in
                 metrics(event)
                 watch.event(event)
@@ -324,14 +329,21 @@ final class ManagedStream: Sendable {
                 // that moment) left the host waiting for a reconnect that never came, and
                 // reporting its last bytes as lost. The process exiting does not cut it short.
                 guard case .resumable(let stream) = input, report.ending == .endOfStream else {
-                    if !resumedEnded { inputClosed(false) }
+                    if !resumedEnded { await inputClosed(false) }
                     endInput()
                     input.close()
                     if resumedEnded, let settledSlot { inputSettled(settledSlot) }
                     return [report]
                 }
                 inputEnded.withLockedValue { $0 = true }
-                if !resumedEnded { inputClosed(true) }
+                // Written to the supervisor before the echo may go: once the host has the echo it
+                // forgets the stream, so a broker killed after it must leave the supervisor
+                // knowing the stdin ended (it hands the next broker the ended stdin, and closes
+                // its own copy: the process reads end-of-file). Told after the echo, as it was,
+                // a kill in between left the next broker a live stdin that never ended, its
+                // process waiting on it for good.
+                if !resumedEnded { await inputClosed(true) }
+                stream.releaseEndEcho()
                 endInput()
                 _ = await stream.closeAfterEndDelivered(timeout: lingerTimeout)
                 if let settledSlot { inputSettled(settledSlot) }

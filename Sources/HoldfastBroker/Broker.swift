@@ -430,9 +430,10 @@ public final class Broker: Sendable {
         await notifications.send(.handoffEnded(ProcessRequest(process: process)))
     }
 
-    /// A process's stdin pipe was closed here: the supervisor closes its copy.
-    func inputEnded(_ process: String, endedByHost: Bool) {
-        notifications.post(.inputEnded(InputEndedNotification(process: process, endedByHost: endedByHost)))
+    /// A process's stdin pipe was closed here: the supervisor closes its copy. Returns once
+    /// the notification was written (a broker killed after that still leaves it to be read).
+    func inputEnded(_ process: String, endedByHost: Bool) async {
+        await notifications.send(.inputEnded(InputEndedNotification(process: process, endedByHost: endedByHost)))
     }
 
     /// A stdin the host ended is done with its END echo: the supervisor lets its slot go.

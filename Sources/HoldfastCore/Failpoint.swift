@@ -31,6 +31,9 @@ public enum Failpoint {
     /// The broker closed the process's stdin for the host's `close-stdin`; neither the answer
     /// nor its `input-ended` is written yet.
     public static let brokerStdinClosed = "broker-stdin-closed"
+    /// A checkpointed stdin (in the broker: PROCESS `stdin`) wrote its END echo to the host,
+    /// which may now forget the stream.
+    public static let brokerEndEchoed = "broker-end-echoed"
     /// The broker told the supervisor a handoff peer's process exited; its drain has not begun.
     public static let brokerExitMarked = "broker-exit-marked"
     /// The supervisor asked the broker to quiesce for a live upgrade; it has not begun (PROCESS:

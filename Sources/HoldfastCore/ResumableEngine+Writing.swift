@@ -115,7 +115,10 @@ extension ResumableStream.Engine {
                 if !failed { state.withLockedValue { $0.receiver.wroteAck(offset, generation: generation) } }
             case .endEcho(let final):
                 failed = !(await writeControl(.end, value: final, on: lease.connection, prefix: prefix))
-                if !failed { endEchoWritten(generation: generation) }
+                if !failed {
+                    if checkpoint != nil { Failpoint.pass(Failpoint.brokerEndEchoed, process: "stdin") }
+                    endEchoWritten(generation: generation)
+                }
             }
             didWork = true
             if failed {

@@ -82,6 +82,7 @@ extension ResumableStream {
                         // A checkpointed receiver must acknowledge only what reached the process:
                         // its checkpoint counts delivered bytes, and a successor resumes there.
                         acknowledgeDelivered: configuration.acknowledgeDelivered || (checkpoint != nil && direction == .receive))))
+            if configuration.holdEndEcho { state.withLockedValue { $0.receiver.endEchoHeld = true } }
             checkpoint?.start(at: start, resumed: resumeAt != nil)
             // A hole is lost from the start: in the slot now (the range and the count), so a
             // broker killed before its GAP went out hands both to the next one, which must not
@@ -173,6 +174,16 @@ extension ResumableStream {
                 return (s.receiver.confirmed != nil && count > 0 ? s.ringDoorbell() : nil, s.receiver.acknowledgeable)
             }
             checkpoint?.took(upTo: delivered)
+            pump?.resume()
+        }
+
+        /// The END echo may go out (`ResumableConfiguration.holdEndEcho`).
+        func releaseEndEcho() {
+            let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                guard s.receiver.endEchoHeld else { return nil }
+                s.receiver.endEchoHeld = false
+                return s.ringDoorbell()
+            }
             pump?.resume()
         }
 

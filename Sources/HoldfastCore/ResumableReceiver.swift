@@ -77,6 +77,8 @@ struct ResumableReceiver: Sendable {
     private(set) var connection = Connection()
     /// The END echo went out on some connection.
     private(set) var endEchoSent = false
+    /// The echo waits for its owner (`ResumableConfiguration.holdEndEcho`) until released.
+    var endEchoHeld = false
     private(set) var cursor = Cursor()
     /// The offsets the sender said are gone (GAP frames): never delivered, reported instead.
     private(set) var lost = GapRecord()
@@ -237,7 +239,7 @@ struct ResumableReceiver: Sendable {
             ackDue = false
             return .ack(ackable)
         }
-        if let final = inboundFinal, final == ackable, !connection.endSent { return .endEcho(final: final) }
+        if let final = inboundFinal, final == ackable, !connection.endSent, !endEchoHeld { return .endEcho(final: final) }
         return .idle
     }
 

@@ -29,6 +29,12 @@ public struct ResumableConfiguration: Sendable, Equatable {
     /// that is not in the process's pipe yet, so a relay that crashes with bytes in its buffer
     /// loses none of them. The broker's stdin relays set it.
     public var acknowledgeDelivered = false
+    /// Receive side: the END echo waits for `releaseEndEcho()`. The echo tells the sender it may
+    /// forget the stream; an owner that must first make the end known elsewhere holds it until
+    /// then (the broker's stdin: the supervisor must know the host ended it before the host can
+    /// close the stream, or a broker killed in between leaves the next one a stdin that never
+    /// ends, redialling a host that no longer knows it).
+    public var holdEndEcho = false
 
     public init(
         ringCapacity: Int = 1 << 20, ackEvery: Int = 256 * 1024, ackDelay: Duration = .milliseconds(10),
@@ -313,6 +319,11 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
 
     public func delivered(_ count: Int) {
         engine.delivered(count)
+    }
+
+    /// The END echo this stream holds (`ResumableConfiguration.holdEndEcho`) may go out.
+    public func releaseEndEcho() {
+        engine.releaseEndEcho()
     }
 
     /// After `receive` returned 0: waits (bounded) until our END echo went out, so the sender

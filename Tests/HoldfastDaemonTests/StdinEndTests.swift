@@ -284,3 +284,41 @@ struct StdinEndTests {
         }
     }
 }
+
+/// The broker killed right after it wrote a stdin's END echo: the host, which has the echo, may
+/// forget the stream at once, so the supervisor must know by then that the stdin ended.
+@Suite("A broker killed right after a stdin's END echo", .timeLimit(.minutes(3)))
+struct StdinEndEchoCrashTests {
+    /// `cat` reads a line the host typed, then the host ends stdin; the broker is killed (a
+    /// debug-build failpoint) the moment its END echo is written. The next broker is handed the
+    /// stdin as ended, `cat` reads end-of-file and exits 0, reported once, its line exact. Before,
+    /// the broker told the supervisor after the echo: killed in between, the supervisor held the
+    /// stdin open and handed the next broker a live one, which redialled a host that had closed
+    /// the stream; `cat` never read end-of-file and its exit never came.
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (its failpoint)"))
+    func aBrokerKilledRightAfterTheEchoLeavesTheProcessItsEndOfFile() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.brokerEndEchoed):stdin"])
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let brokerBefore = try await daemon.status().roles.first { $0.name == "broker" }?.pid
+        let input = try daemon.streams.open(token: bytes("echoed-in"), direction: .send)
+        let output = collect(try daemon.streams.open(token: bytes("echoed-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "echoed", argv: ["cat"], stdin: daemon.spec("echoed-in"), stdout: daemon.spec("echoed-out")))
+        try await input.send(bytes("typed, then ended\n"))
+        let undelivered = try await withTimeout("the END echoed", .seconds(30)) { await input.finish() }
+        #expect(undelivered == 0)
+        // The host has its echo: it forgets the stream, as a host may.
+        daemon.streams.close(input)
+        try await eventually("cat's exit after end-of-file", timeout: .seconds(30)) { exits.count("echoed") == 1 }
+        #expect(exits.all.first { $0.id == "echoed" }?.exitCode == 0)
+        #expect(await output.value == bytes("typed, then ended\n"))
+        // The failpoint fired: the broker was killed and another serves.
+        try await eventually("a new broker") {
+            let broker = try await daemon.status().roles.first { $0.name == "broker" }
+            return broker?.pid != nil && broker?.pid != brokerBefore && (broker?.restarts ?? 0) >= 1
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
