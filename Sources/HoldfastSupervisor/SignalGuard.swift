@@ -19,7 +19,13 @@ import Glibc
 ///   Holdfast itself). An unprivileged process's kill -1 reaches only its own uid's processes,
 ///   none of them Holdfast's, and goes as in any Unix;
 /// - tgkill/tkill to its main thread, rt_sigqueueinfo/rt_tgsigqueueinfo to it (`kill -q`,
-///   sigqueue(3)), and pidfd_open of it (no pidfd_send_signal without one).
+///   sigqueue(3)), and pidfd_open of it;
+/// - fcntl(F_SETSIG) naming a signal the supervisor does not ignore (a file's owner is
+///   signalled by the kernel, with no sender, when it becomes ready).
+///
+/// Not refused, because seccomp cannot see it: a pidfd made by opening `/proc/PID` as a
+/// directory. Only a process meaning to attack does that — the guard refuses what programs do
+/// by habit — and a root direct process is past the trust boundary anyway (README, "Security").
 ///
 /// Signal 0, which sends nothing, goes through: `kill -0 $PPID`, a script's check that its
 /// parent lives, answers as it did.
@@ -88,6 +94,20 @@ enum SignalGuard {
         }
         // A pidfd sends any signal (pidfd_send_signal), whichever fd number it has: none of it.
         try refuse("pidfd_open", target: 0, equal: pid, signal: nil)
+        // The kernel signals a file's owner when it becomes ready (F_SETOWN, with O_ASYNC): the
+        // supervisor as owner, and F_SETSIG naming SIGTERM, gave a stop with no sender (no kill
+        // was made), SIGKILL an end. So F_SETSIG may name only what the supervisor ignores —
+        // SIGIO (its default), SIGUSR1 and the other stray signals, a realtime one (what servers
+        // that use it choose) — whatever the owner, and whatever fd.
+        let ignoredBySupervisor = Set(StraySignals.all)
+        for signal in Int32(1)...31 where !ignoredBySupervisor.contains(signal) {
+            for name in ["fcntl", "fcntl64"] {
+                let result = hf_scmp_rule2(
+                    context, refused, name, 1, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, UInt64(fcntlSetSignal), 2, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF,
+                    UInt64(signal))
+                if result != 0 && result != -ENOENT && result != -EDOM { try check(result, "seccomp rule \(name)") }
+            }
+        }
         // Exported through a pipe (libseccomp 2.5 writes to an fd; the program is about 600
         // bytes, far below a pipe's capacity).
         let pipe = try PipeEnds.make()
@@ -109,6 +129,9 @@ enum SignalGuard {
         }
         return program
     }
+
+    /// fcntl's F_SETSIG: 10 on every Linux architecture (glibc names it only under _GNU_SOURCE).
+    static let fcntlSetSignal: Int32 = 10
 
     /// The architectures whose syscalls a process on this one may make.
     static var compatibleArchitectures: [String] {

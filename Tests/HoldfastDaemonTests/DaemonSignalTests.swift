@@ -193,6 +193,8 @@ struct DaemonSignalTests {
             kill -0 $$; echo "itself $?"
             sleep 30 & kill -s TERM $!; echo "its-child $?"
             \(hasPython ? "python3 -c \"import os; os.pidfd_open($s)\" 2>/dev/null; echo pidfd $?" : "echo pidfd 1")
+            \(hasPython ? Self.signalledOwner(signal: SIGTERM, label: "owner-term") : "echo owner-term 1")
+            \(hasPython ? Self.signalledOwner(signal: SIGUSR1, label: "owner-usr1") : "echo owner-usr1 0")
             """
         let attempts = collect(try daemon.streams.open(token: bytes("attempts-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(id: "attacker", argv: ["sh", "-c", script], stdout: daemon.spec("attempts-out")))
@@ -202,12 +204,13 @@ struct DaemonSignalTests {
         #expect(report.exitCode == 0, "\(report)")
         let results = attemptResults(text)
         #expect(results["seccomp"] == "2", "the process runs under a seccomp filter")
-        for refused in ["external-term", "external-hup", "sigqueue", "grandchild-builtin", "subshell-builtin", "group", "every-process", "pidfd"] {
+        for refused in ["external-term", "external-hup", "sigqueue", "grandchild-builtin", "subshell-builtin", "group", "every-process", "pidfd", "owner-term"] {
             // 1: the kill failed (2 would be the shell refusing its own arguments: no kill at all).
             #expect(results[refused] == "1", "\(refused): refused (\(results[refused] ?? "not run"))")
         }
         #expect(results["itself"] == "0" && results["its-child"] == "0", "its own signals go: \(results)")
         #expect(results["liveness"] == "0", "signal 0, which sends nothing, goes: kill -0 $PPID answers as before")
+        #expect(results["owner-usr1"] == "0", "F_SETSIG naming a signal the supervisor ignores goes (and is ignored)")
 
         let after = try await daemon.status()
         #expect(after.pid == before.pid && after.upgrades == 0, "neither stopped nor reloaded")
@@ -221,6 +224,15 @@ struct DaemonSignalTests {
         #expect(try await daemon.stop() == .exited(0), "a SIGTERM from outside stops it")
         let numbers = EveryKindOfStream.numbers(Array(output.text.utf8), prefix: "by")
         #expect(!numbers.isEmpty && numbers == Array(1...numbers.last!), "every line once, in order: \(numbers.count) lines")
+    }
+
+    /// A shell line that makes the supervisor (`$s`) the owner of a pipe with O_ASYNC, asks the
+    /// kernel to signal it `signal` when the pipe becomes readable (F_SETSIG), and writes to
+    /// it; echoes `label` and python's exit status (1: the F_SETSIG was refused, nothing sent).
+    static func signalledOwner(signal: Int32, label: String) -> String {
+        "python3 -c \"import fcntl,os; r,w=os.pipe(); fcntl.fcntl(r,fcntl.F_SETOWN,$s); "
+            + "fcntl.fcntl(r,fcntl.F_SETFL,fcntl.fcntl(r,fcntl.F_GETFL)|os.O_ASYNC); fcntl.fcntl(r,10,\(signal)); "
+            + "os.write(w,b'x')\" 2>/dev/null; echo \(label) $?"
     }
 
     /// A stray signal sent in a loop took most of a CPU from the supervisor (about 40 µs of its
