@@ -152,16 +152,19 @@ extension BridgeServer {
             if case .key(let key) = s.authentication { return key }
             return nil
         }
-        let nonce = privileged ? nil : key.flatMap { key in Self.vouchedNonce(socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key) }
-        let (ticket, vouched, oldest) = state.withLockedValue { s -> (UInt64, Bool, (ticket: UInt64, socket: AsyncFD)?) in
-            let vouched = privileged || (nonce.map { s.recentVouchers.insertIfNew($0) } ?? false)
+        // Looked at from a reserved port too: the key outranks the port, which a guest process
+        // with CAP_NET_BIND_SERVICE (a root container's default) can dial from as well.
+        let nonce = key.flatMap { key in Self.vouchedNonce(socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key) }
+        let (ticket, tier, oldest) = state.withLockedValue { s -> (UInt64, AdmissionTier, (ticket: UInt64, socket: AsyncFD)?) in
+            let tier: AdmissionTier =
+                nonce.map({ s.recentVouchers.insertIfNew($0) }) == true ? .keyVouched : privileged ? .reservedPort : .ordinary
             s.nextHandshake &+= 1
-            s.pendingHandshakes[s.nextHandshake] = (socket, vouched)
-            if vouched { s.vouchedAdmitted += 1 }
+            s.pendingHandshakes[s.nextHandshake] = (socket, tier)
+            if tier != .ordinary { s.vouchedAdmitted += 1 }
             if privileged { s.reservedPortAdmitted += 1 }
-            return (s.nextHandshake, vouched, Self.pushOutOldest(vouched: vouched, &s))
+            return (s.nextHandshake, tier, Self.pushOutOldest(tier: tier, &s))
         }
-        if let oldest { pushOut(oldest, vouched: vouched, key: key) }
+        if let oldest { pushOut(oldest, tier: tier, key: key) }
         return ticket
     }
 
@@ -179,10 +182,10 @@ extension BridgeServer {
     func vouch(_ ticket: UInt64, nonce: [UInt8], key: BridgeKey) {
         guard BridgeHandshake.nonceIsVouched(nonce, key: key) else { return }
         let oldest = state.withLockedValue { s -> (ticket: UInt64, socket: AsyncFD)?? in
-            guard let pending = s.pendingHandshakes[ticket], !pending.vouched else { return nil }
-            return Self.moveToVouched(ticket, pending.socket, nonce: nonce, &s)
+            guard let pending = s.pendingHandshakes[ticket], pending.tier != .keyVouched else { return nil }
+            return Self.moveToVouched(ticket, pending.socket, from: pending.tier, nonce: nonce, &s)
         }
-        if let oldest = oldest ?? nil { pushOut(oldest, vouched: true, key: key) }
+        if let oldest = oldest ?? nil { pushOut(oldest, tier: .keyVouched, key: key) }
     }
 
     /// Closes the oldest connection of a full pool (already out of it). One of the others is
@@ -190,11 +193,11 @@ extension BridgeServer {
     /// that vouches now joins the vouched instead (the others are back at their limit without
     /// it) — so a daemon's connection accepted a moment before its challenge arrived has the
     /// pool's whole turnover for it to come, not nothing.
-    func pushOut(_ oldest: (ticket: UInt64, socket: AsyncFD), vouched: Bool, key: BridgeKey?) {
-        if !vouched, let key, let nonce = Self.vouchedNonce(oldest.socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key),
-            let next = state.withLockedValue({ Self.moveToVouched(oldest.ticket, oldest.socket, nonce: nonce, &$0) })
+    func pushOut(_ oldest: (ticket: UInt64, socket: AsyncFD), tier: AdmissionTier, key: BridgeKey?) {
+        if tier != .keyVouched, let key, let nonce = Self.vouchedNonce(oldest.socket.peekNow(upTo: BridgeHandshakeWire.challengeSize), key: key),
+            let next = state.withLockedValue({ Self.moveToVouched(oldest.ticket, oldest.socket, from: tier, nonce: nonce, &$0) })
         {
-            if let next { pushOut(next, vouched: true, key: key) }
+            if let next { pushOut(next, tier: .keyVouched, key: key) }
             return
         }
         oldest.socket.close()
@@ -204,21 +207,21 @@ extension BridgeServer {
     /// replay: nil). Then the oldest vouched one if that pool is now past its limit, to be
     /// pushed out (`.some(nil)`: none).
     static func moveToVouched(
-        _ ticket: UInt64, _ socket: AsyncFD, nonce: [UInt8], _ s: inout State
+        _ ticket: UInt64, _ socket: AsyncFD, from tier: AdmissionTier, nonce: [UInt8], _ s: inout State
     ) -> (ticket: UInt64, socket: AsyncFD)?? {
         guard s.recentVouchers.insertIfNew(nonce) else { return nil }
-        s.pendingHandshakes[ticket] = (socket, true)
-        s.vouchedAdmitted += 1
-        return .some(pushOutOldest(vouched: true, &s))
+        s.pendingHandshakes[ticket] = (socket, .keyVouched)
+        if tier == .ordinary { s.vouchedAdmitted += 1 }
+        return .some(pushOutOldest(tier: .keyVouched, &s))
     }
 
-    /// Past the limit of the pool `vouched` names, takes its oldest out of the pending
-    /// handshakes and returns it to be closed. One pass, no copy (a flood calls this per accept).
-    static func pushOutOldest(vouched: Bool, _ s: inout State) -> (ticket: UInt64, socket: AsyncFD)? {
-        let limit = vouched ? maxVouchedPendingHandshakes : maxPendingHandshakes
+    /// Past the limit of `tier`'s pool, takes its oldest out of the pending handshakes and
+    /// returns it to be closed. One pass, no copy (a flood calls this per accept).
+    static func pushOutOldest(tier: AdmissionTier, _ s: inout State) -> (ticket: UInt64, socket: AsyncFD)? {
+        let limit = tier == .ordinary ? maxPendingHandshakes : maxVouchedPendingHandshakes
         var count = 0
         var oldest: UInt64?
-        for (key, pending) in s.pendingHandshakes where pending.vouched == vouched {
+        for (key, pending) in s.pendingHandshakes where pending.tier == tier {
             count += 1
             if oldest.map({ key < $0 }) ?? true { oldest = key }
         }

@@ -51,13 +51,17 @@ public final class BridgeServer: Sendable {
     /// Unauthenticated connections in their handshake at once, from peers nothing vouches for;
     /// one more closes the oldest of them (a flood of silent connections costs bounded fds).
     public static let maxPendingHandshakes = 64
-    /// The same for connections something vouches for, counted apart: a source port below 1024
-    /// (`ReservedPorts`: TCP or vsock; the guest's bridge worker dials from one), or a challenge
-    /// whose nonce carries the key's voucher (`BridgeHandshake.makeGuestNonce`; over any
-    /// transport, a Unix socket fed by a VMM included). A flood from a guest process that has
-    /// neither the privilege nor the key, however fast, never pushes out the daemon's handshake.
-    /// (With one pool, one process dialling as fast as it could kept the guest off the bridge
-    /// for 15 s and more.)
+    /// The same for connections something vouches for, in two pools of this size apart: a
+    /// challenge whose nonce carries the key's voucher (`BridgeHandshake.makeGuestNonce`; over
+    /// any transport, a Unix socket fed by a VMM included), and, below it, a source port under
+    /// 1024 without one (`ReservedPorts`: TCP or vsock; the guest's bridge worker dials from
+    /// one, which is all that vouches for it with `authentication: none`). Each pool pushes out
+    /// only its own: a flood from a guest process that has neither the privilege nor the key,
+    /// however fast, never pushes out the daemon's handshake, and one that can bind a reserved
+    /// port (a root container keeps CAP_NET_BIND_SERVICE by default) never pushes out one that
+    /// holds the key. (With one pool, one process dialling as fast as it could kept the guest
+    /// off the bridge for 15 s and more; with the port and the key in one, a reserved-port
+    /// flood could.)
     public static let maxVouchedPendingHandshakes = 16
     /// Vouchers seen lately: one seen again (a recorded challenge replayed) vouches for nothing.
     /// Only connections that hold the key add to it, so a flood cannot wash a voucher out.
@@ -82,9 +86,16 @@ public final class BridgeServer: Sendable {
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
     public static let rememberedConfirmedExits = 4096
 
+    /// What vouches for a connection in its handshake: the pool it waits in.
+    enum AdmissionTier: Sendable, Equatable {
+        case ordinary
+        case reservedPort
+        case keyVouched
+    }
+
     struct State {
         var authentication: Authentication
-        var pendingHandshakes: [UInt64: (socket: AsyncFD, vouched: Bool)] = [:]
+        var pendingHandshakes: [UInt64: (socket: AsyncFD, tier: AdmissionTier)] = [:]
         var nextHandshake: UInt64 = 0
         var refused = 0
         var vouchedAdmitted = 0

@@ -154,6 +154,37 @@ struct BridgeServerAuthenticationTests {
         try await BridgeHandshake.receiveVerdict(on: privileged)
     }
 
+    /// The key outranks a reserved port: a guest process that can bind one (a root container
+    /// keeps CAP_NET_BIND_SERVICE by default) floods from ports below 1024, saying nothing,
+    /// three pools' worth; the daemon's connection — from a reserved port too, its challenge
+    /// carrying the key's voucher — waits in a pool of its own and is never pushed out. With
+    /// the port and the voucher in one pool, it was the first to go.
+    @Test(.enabled(if: geteuid() == 0, "needs root: binding a port below 1024"))
+    func aReservedPortFloodNeverPushesOutAConnectionThatHoldsTheKey() async throws {
+        let key = BridgeKey.generate()
+        let warnings = Warnings()
+        let bridge = try BridgeServer(
+            listeningOn: .tcp(host: "127.0.0.1", port: 0), authentication: .key(key), handshakeTimeout: .seconds(600), warn: warnings.sink)
+        defer { bridge.close() }
+        let limit = BridgeServer.maxVouchedPendingHandshakes
+        // Queued with its challenge before anything is accepted, the flood behind it.
+        let daemon = try await Dialer.connect(to: bridge.boundAddress, fromReservedPort: true)
+        defer { daemon.close() }
+        let nonce = BridgeHandshake.makeGuestNonce(key: key)
+        try await send(daemon, BridgeHandshakeWire.Challenge(guestNonce: nonce).encoded)
+        var flood: [AsyncFD] = []
+        defer { for connection in flood { connection.close() } }
+        for _ in 0..<(3 * limit) { flood.append(try await Dialer.connect(to: bridge.boundAddress, fromReservedPort: true)) }
+        bridge.start()
+        try await eventually("the flood's oldest pushed out") { bridge.refusedConnections >= 2 * limit }
+        #expect(bridge.reservedPortConnections == 3 * limit + 1)
+        #expect(!Self.closedByTheServer(daemon), "the connection that holds the key, the oldest of all, is still waited for")
+        #expect(bridge.refusedConnections == 2 * limit, "only the flood's own pushed out")
+        let answer = try BridgeHandshakeWire.Answer.decode(try await readExactly(daemon, BridgeHandshakeWire.answerSize))
+        try await send(daemon, BridgeHandshake.guestProof(key: key, hostNonce: answer.hostNonce, guestNonce: nonce))
+        try await BridgeHandshake.receiveVerdict(on: daemon)
+    }
+
     /// Over a Unix listener (where a VMM's hybrid vsock hands the host every guest connection,
     /// the daemon's and a flood's alike) the challenge's voucher sets the daemon's connection
     /// apart: queued before the server accepts anything and followed by three pools' worth of
