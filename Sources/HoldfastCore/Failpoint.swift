@@ -77,6 +77,9 @@ public enum Failpoint {
     /// A live upgrade's check of the new binary (`--check-resume-snapshot`; PROCESS: `check`)
     /// takes `slowCheck` (`fails` with `everyPass`), as a loaded machine's would.
     public static let upgradeCheckSlow = "upgrade-check-slow"
+    /// The check cannot start an I/O reactor (PROCESS: `check`; `fails` with `everyPass`), as
+    /// with every epoll watch of root's uid taken (ENOSPC).
+    public static let upgradeCheckReactorFails = "upgrade-check-reactor-fails"
     public static let slowCheck: Duration = .seconds(3)
     /// The bridge worker holds its reply to the host's request of a kind (PROCESS: `list`,
     /// `create`...) `lateReply` after the supervisor answered it (`fails` with `everyPass`), as a

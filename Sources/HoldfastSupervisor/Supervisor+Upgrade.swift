@@ -83,6 +83,19 @@ public struct Resumption: Sendable {
     /// What `--check-resume-snapshot FD` prints: this binary reads that state (or throws why not).
     public static func check(_ fd: Int32) throws(HoldfastError) -> String {
         let resumption = try read(fd)
+        // What the image needs before anything else: an I/O reactor (an epoll fd, an eventfd,
+        // a watch). Where the kernel refuses one — every epoll watch of root's uid taken, which a
+        // root container without a user namespace can do, as root's processes share the quota —
+        // the new image would die at its start, and so would the previous one taken back;
+        // refused here, the daemon runs on as it is.
+        do {
+            if Failpoint.fails(Failpoint.upgradeCheckReactorFails, process: "check", passes: Failpoint.everyPass) {
+                throw SystemError("epoll_ctl(ADD, eventfd)", errno: .init(rawValue: ENOSPC))
+            }
+            _ = try Reactor()
+        } catch {
+            throw HoldfastError(.incompatibleState, "this binary cannot start its I/O reactor here: \(error)")
+        }
         if Failpoint.fails(Failpoint.upgradeCheckSlow, process: "check", passes: Failpoint.everyPass) {
             usleep(UInt32(Failpoint.slowCheck.components.seconds * 1_000_000))
         }

@@ -323,6 +323,13 @@ struct LiveUpgradeTests {
             ("check fails", { try binary.replace(with: script("echo 'holdfast 9.9: cannot read this' >&2; exit 3"), mode: 0o755) },
              "failed its check (exit code 3): holdfast 9.9: cannot read this"),
             ("check crashes", { try binary.replace(with: script("kill -SEGV $$"), mode: 0o755) }, "failed its check (killed by signal 11"),
+            // The real binary, which could not start its I/O reactor here (every epoll watch of
+            // root's uid taken: a debug-build failpoint makes the kernel's ENOSPC): the new image
+            // would die at its start, and the previous one taken back with it.
+            ("no I/O reactor", {
+                try binary.replace(
+                    with: script("HOLDFAST_FAILPOINT=\(Failpoint.upgradeCheckReactorFails):check exec \(real) \"$@\""), mode: 0o755)
+            }, Failpoint.compiledIn ? "cannot start its I/O reactor here: epoll_ctl(ADD, eventfd)" : "cannot execute \(binary.path)"),
             // The real binary, handed the state as a newer daemon would write it (version 2).
             ("another state version", {
                 try binary.replace(with: script("sed 's/\"version\":1/\"version\":2/g' /proc/self/fd/$5 > \(state); exec \(real) \"$1\" \"$2\" \"$3\" \"$4\" 9 9<\(state)"), mode: 0o755)
