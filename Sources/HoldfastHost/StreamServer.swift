@@ -39,6 +39,8 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         var acceptTask: Task<Void, Never>?
         var accepted: UInt64 = 0
         var refused: UInt64 = 0
+        /// Why the last connection that said hello was refused.
+        var lastRefusal: String?
         var acceptErrors: UInt64 = 0
         var refusing = false
         /// Connections saying hello, by the order they came in: those whose hello proved itself
@@ -219,6 +221,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         state.withLockedValue { ($0.accepted, $0.refused, $0.acceptErrors, $0.handshaking, $0.streams.count) }
     }
 
+    /// Why the last connection that said hello (or failed to) was refused, if one was: for a tool
+    /// to say why nothing arrives.
+    public var lastRefusal: String? { state.withLockedValue { $0.lastRefusal } }
+
     /// Connections whose hello proved itself before their handshake read it: as they were
     /// accepted, or as they were about to be pushed out.
     public var provenEarly: UInt64 { state.withLockedValue { $0.provenEarly } }
@@ -257,8 +263,13 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         do {
             hello = try await readHelloWithin(handshakeTimeout, transport)
         } catch {
-            if stillListed() { state.withLockedValue { $0.refused &+= 1 } }
             let problem = error as? StreamProtocolError ?? .truncated
+            if stillListed() {
+                state.withLockedValue {
+                    $0.refused &+= 1
+                    $0.lastRefusal = "no valid hello (\(problem))"
+                }
+            }
             await Handshake.refuse(transport, problem)
             return
         }
@@ -270,7 +281,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         // its closed slot would drop the connection at once, and the guest — whose dial had
         // succeeded — would dial again at once, without end.
         guard let stream = state.withLockedValue({ $0.streams[hello.token] }), !stream.isClosed else {
-            state.withLockedValue { $0.refused &+= 1 }
+            state.withLockedValue {
+                $0.refused &+= 1
+                $0.lastRefusal = "a hello for a stream this end does not have (another token, or another secret)"
+            }
             // The same work and the same refusal as a hello whose proof is wrong: a peer cannot
             // tell which tokens exist.
             StreamAuthentication.verifyNothing(hello)
@@ -280,7 +294,10 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
         do {
             try await stream.accept(transport, hello: hello)
         } catch {
-            state.withLockedValue { $0.refused &+= 1 }
+            state.withLockedValue {
+                $0.refused &+= 1
+                $0.lastRefusal = "\(error)"
+            }
         }
     }
 

@@ -39,6 +39,10 @@ public enum StraySignals {
         [SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGSTKFLT, SIGXCPU, SIGXFSZ]
         + Array(hf_sigrtmin()...hf_sigrtmax())
 
+    /// The first realtime signal a program may use (glibc keeps the two below it, 32 and 33, for
+    /// itself: a process cannot handle them, and 32 ends a Swift one by its default action).
+    public static var firstRealtime: Int32 { hf_sigrtmin() }
+
     /// SIG_IGN for each of them and for SIGHUP, in a process that starts no other program (a
     /// role: an ignored signal stays ignored across an exec).
     public static func ignoreInThisRole() {

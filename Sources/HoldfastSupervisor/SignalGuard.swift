@@ -98,9 +98,11 @@ enum SignalGuard {
         // supervisor as owner, and F_SETSIG naming SIGTERM, gave a stop with no sender (no kill
         // was made), SIGKILL an end. So F_SETSIG may name only what the supervisor ignores —
         // SIGIO (its default), SIGUSR1 and the other stray signals, a realtime one (what servers
-        // that use it choose) — whatever the owner, and whatever fd.
+        // that use it choose) — whatever the owner, and whatever fd. Up to glibc's first
+        // realtime signal: 32 and 33 are glibc's own, which no process can handle, and 32 ends
+        // a Swift process by its default action.
         let ignoredBySupervisor = Set(StraySignals.all)
-        for signal in Int32(1)...31 where !ignoredBySupervisor.contains(signal) {
+        for signal in Int32(1)..<StraySignals.firstRealtime where !ignoredBySupervisor.contains(signal) {
             for name in ["fcntl", "fcntl64"] {
                 let result = hf_scmp_rule2(
                     context, refused, name, 1, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, UInt64(fcntlSetSignal), 2, SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF,
@@ -108,7 +110,7 @@ enum SignalGuard {
                 if result != 0 && result != -ENOENT && result != -EDOM { try check(result, "seccomp rule \(name)") }
             }
         }
-        // Exported through a pipe (libseccomp 2.5 writes to an fd; the program is about 600
+        // Exported through a pipe (libseccomp 2.5 writes to an fd; the program is about 1,100
         // bytes, far below a pipe's capacity).
         let pipe = try PipeEnds.make()
         defer { close(pipe.read) }

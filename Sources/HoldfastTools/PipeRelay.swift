@@ -173,6 +173,17 @@ public enum StreamReceiver {
         }
     }
 
+    /// Writing the stream failed before its end (a full disk, a closed pipe): `written` bytes
+    /// were written (and acknowledged); the sender still has the rest.
+    public struct Unfinished: Error, CustomStringConvertible {
+        public var written: UInt64
+        public var resumable: Bool
+        public var description: String {
+            "writing the stream failed after \(written) bytes; the sender still holds the rest"
+                + (resumable ? " (run the same command with --resume once there is room)" : "")
+        }
+    }
+
     /// `receive --resume` could not go on from its file.
     public struct CannotOpenOutput: Error, CustomStringConvertible {
         public var description: String
@@ -251,7 +262,29 @@ public enum StreamReceiver {
             let stream = try server.open(
                 token: Array(token.utf8), direction: .receive, secret: secret, configuration: configuration, resumeAt: resumed)
             server.start()
+            // A sender refused again and again (another token or secret; a file that holds more
+            // than it ever sent) would leave this waiting in silence: said on stderr, at most
+            // every 5 s.
+            let refusals = Task {
+                var said: UInt64 = 0
+                var lastSaid: ContinuousClock.Instant?
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .milliseconds(500))
+                    let refused = server.statistics.refused
+                    guard refused > said, lastSaid.map({ ContinuousClock.now - $0 >= .seconds(5) }) ?? true else { continue }
+                    said = refused
+                    lastSaid = .now
+                    let line = "holdfast receive: refused a connection: \(server.lastRefusal ?? "no hello") (\(refused) so far)\n"
+                    _ = line.utf8CString.withUnsafeBytes { write(2, $0.baseAddress, $0.count - 1) }
+                }
+            }
+            defer { refusals.cancel() }
             let report = await Relay.input(from: stream, to: AnyWriter(sink), pool: BufferPool(bufferSize: 256 * 1024, retained: 2))
+            // A write that failed (a full disk, a reader gone) ends the relay too: what was
+            // written is short, and only an exit status says so to a script.
+            guard report.ending == .endOfStream else {
+                throw Unfinished(written: report.bytes, resumable: destination != .standardOutput)
+            }
             _ = await stream.waitEndEchoed(timeout: .seconds(5))
             let lost = stream.statistics.lost
             if lost.bytes > 0 { throw Gaps(bytes: lost.bytes, offsets: lost.summary, received: report.bytes) }

@@ -486,6 +486,8 @@ struct Receive: AsyncParsableCommand {
                 destination: destination)
         } catch let error as StreamReceiver.Gaps {
             throw CommandFailure("holdfast receive: \(error)")
+        } catch let error as StreamReceiver.Unfinished {
+            throw CommandFailure("holdfast receive: \(error)")
         } catch let error as StreamReceiver.CannotOpenOutput {
             throw CommandFailure("holdfast receive: \(error)")
         }

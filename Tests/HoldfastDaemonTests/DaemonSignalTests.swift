@@ -194,6 +194,7 @@ struct DaemonSignalTests {
             sleep 30 & kill -s TERM $!; echo "its-child $?"
             \(hasPython ? "python3 -c \"import os; os.pidfd_open($s)\" 2>/dev/null; echo pidfd $?" : "echo pidfd 1")
             \(hasPython ? Self.signalledOwner(signal: SIGTERM, label: "owner-term") : "echo owner-term 1")
+            \(hasPython ? Self.signalledOwner(signal: 32, label: "owner-32") : "echo owner-32 1")
             \(hasPython ? Self.signalledOwner(signal: SIGUSR1, label: "owner-usr1") : "echo owner-usr1 0")
             """
         let attempts = collect(try daemon.streams.open(token: bytes("attempts-out"), direction: .receive))
@@ -204,7 +205,7 @@ struct DaemonSignalTests {
         #expect(report.exitCode == 0, "\(report)")
         let results = attemptResults(text)
         #expect(results["seccomp"] == "2", "the process runs under a seccomp filter")
-        for refused in ["external-term", "external-hup", "sigqueue", "grandchild-builtin", "subshell-builtin", "group", "every-process", "pidfd", "owner-term"] {
+        for refused in ["external-term", "external-hup", "sigqueue", "grandchild-builtin", "subshell-builtin", "group", "every-process", "pidfd", "owner-term", "owner-32"] {
             // 1: the kill failed (2 would be the shell refusing its own arguments: no kill at all).
             #expect(results[refused] == "1", "\(refused): refused (\(results[refused] ?? "not run"))")
         }

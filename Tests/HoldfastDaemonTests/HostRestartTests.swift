@@ -114,6 +114,47 @@ extension HostRestartTests {
 }
 
 extension HostRestartTests {
+    /// A write that fails (here /dev/full: ENOSPC) ends `receive` with exit 1 and how much was
+    /// written, not exit 0 with a short file a script would take for the stream.
+    @Test func aFailedWriteEndsReceiveWithAnError() async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let socket = "unix:" + directory.file("s.sock")
+        let errPath = directory.file("err")
+        let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let receiver = try processes.start(
+            [holdfastExecutable(), "receive", "--mode", "resumable", "--listen", socket, "--token", "out",
+             "--secret-file", directory.file("s.key"), "--output", "/dev/full"], stderr: err)
+        close(err)
+        _ = try await startPipe(processes, socket: socket, key: directory.file("s.key"), directory: directory, feed: "/dev/zero", mib: 1)
+        #expect(try await processes.wait(receiver, timeout: .seconds(30)) == .exited(1))
+        let said = String(decoding: readFile(errPath) ?? [], as: UTF8.self)
+        #expect(said.contains("holdfast receive: writing the stream failed after 0 bytes; the sender still holds the rest"), "\(said)")
+    }
+
+    /// A sender refused again and again (here: it names another stream) is said on stderr, with
+    /// why, rather than waited for in silence.
+    @Test func aRefusedSenderIsSaid() async throws {
+        let processes = TestProcesses()
+        defer { processes.killAll() }
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let socket = "unix:" + directory.file("s.sock")
+        let errPath = directory.file("err")
+        let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        _ = try processes.start(
+            [holdfastExecutable(), "receive", "--mode", "resumable", "--listen", socket, "--token", "another",
+             "--secret-file", directory.file("s.key"), "--output", directory.file("out"), "--resume"], stderr: err)
+        close(err)
+        _ = try await startPipe(processes, socket: socket, key: directory.file("s.key"), directory: directory, feed: "/dev/zero", mib: 1)
+        try await eventually("the refusal said") {
+            String(decoding: readFile(errPath) ?? [], as: UTF8.self)
+                .contains("holdfast receive: refused a connection: a hello for a stream this end does not have")
+        }
+    }
+
     /// What cannot resume says so: a stream the host sends (its bytes died with the
     /// application), and `receive --resume` without a file or in raw mode.
     @Test func whatCannotResumeIsRefusedWithTheReason() async throws {
