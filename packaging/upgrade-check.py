@@ -14,6 +14,7 @@ process printed arrived exactly once, in order.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,9 +32,17 @@ def status(run: str) -> dict:
 
 
 def main() -> int:
+    directory = tempfile.mkdtemp(prefix="holdfast-upgrade-check.")
+    try:
+        return check(directory)
+    finally:
+        # The counter's listener socket stays in it otherwise.
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def check(directory: str) -> int:
     newer = sys.argv[1]
     run = sys.argv[2] if len(sys.argv) > 2 else "/run/holdfast"
-    directory = tempfile.mkdtemp(prefix="holdfast-upgrade-check.")
     os.chmod(directory, 0o755)  # the broker, unprivileged, dials the listener in here
     before = status(run)
     lines = 5000

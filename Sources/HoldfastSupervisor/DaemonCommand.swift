@@ -55,11 +55,15 @@ public enum DaemonCommand {
         ResourceLimits.raiseOpenFileLimit(childrenKeep: resumption?.state.childOpenFileLimit)
         // The OOM killer must choose a container before the process whose death ends them all
         // (README, "Memory"); the containers get the adjustment the daemon found.
-        do {
-            try OOMScore.protect(OOMScore.supervisor, childrenKeep: resumption?.state.childOOMScoreAdjustment)
-        } catch {
-            // Lowering it takes CAP_SYS_RESOURCE, which a daemon run in a container may lack.
-            logger.warning("cannot protect the supervisor from the OOM killer (it needs CAP_SYS_RESOURCE)", metadata: ["error": "\(error)"])
+        // Not for a live upgrade's check, which serves nothing: where the daemon lacks
+        // CAP_SYS_RESOURCE its warning was the first line of every refused upgrade's reason.
+        if checkOnly == nil {
+            do {
+                try OOMScore.protect(OOMScore.supervisor, childrenKeep: resumption?.state.childOOMScoreAdjustment)
+            } catch {
+                // Lowering it takes CAP_SYS_RESOURCE, which a daemon run in a container may lack.
+                logger.warning("cannot protect the supervisor from the OOM killer (it needs CAP_SYS_RESOURCE)", metadata: ["error": "\(error)"])
+            }
         }
         let environment = ConfigurationLoader.currentEnvironment()
         let notifier = ServiceNotifier(environment: environment, logger: logger)

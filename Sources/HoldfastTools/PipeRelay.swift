@@ -205,6 +205,12 @@ public enum StreamReceiver {
         }
     }
 
+    /// Whether `fd` is a regular file (one `--resume` can go on in).
+    private static func isRegularFile(_ fd: Int32) -> Bool {
+        var info = stat()
+        return fstat(fd, &info) == 0 && info.st_mode & S_IFMT == S_IFREG
+    }
+
     /// The fd to write to, and how many bytes of the stream it already holds.
     private static func openDestination(_ destination: Destination) throws -> (fd: Int32, holds: UInt64) {
         switch destination {
@@ -283,7 +289,7 @@ public enum StreamReceiver {
             // A write that failed (a full disk, a reader gone) ends the relay too: what was
             // written is short, and only an exit status says so to a script.
             guard report.ending == .endOfStream else {
-                throw Unfinished(written: report.bytes, resumable: destination != .standardOutput)
+                throw Unfinished(written: report.bytes, resumable: destination != .standardOutput && isRegularFile(output))
             }
             _ = await stream.waitEndEchoed(timeout: .seconds(5))
             let lost = stream.statistics.lost
