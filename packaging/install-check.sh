@@ -26,6 +26,19 @@ if getent passwd holdfast >/dev/null; then
     exit 1
 fi
 check() { if eval "$2"; then echo "ok: $1"; else echo "FAIL: $1 ($2)"; exit 1; fi; }
+# Until the daemon answers on its control socket (up to 30 s).
+wait_for_daemon() {
+    for _ in $(seq 150); do
+        /usr/bin/holdfast status --socket /run/holdfast/control.sock >/dev/null 2>&1 && return
+        sleep 0.2
+    done
+}
+# A daemon started by hand, as an image's init would (no systemd): its pid in daemon_pid, its
+# output in $1.
+start_daemon_by_hand() {
+    HOLDFAST_BRIDGE_ADDRESS=$bridge setsid /usr/bin/holdfast daemon --config /etc/holdfast/holdfast.yaml > "$1" 2>&1 &
+    daemon_pid=$!
+}
 wants=/etc/systemd/system/multi-user.target.wants/holdfast.service
 
 echo "== dpkg -i (first installation)"
@@ -64,13 +77,9 @@ if [[ -d /run/systemd/system ]]; then
     systemctl daemon-reload
     systemctl start holdfast.service
 else
-    HOLDFAST_BRIDGE_ADDRESS=$bridge setsid /usr/bin/holdfast daemon --config /etc/holdfast/holdfast.yaml > "$work/daemon.log" 2>&1 &
-    daemon_pid=$!
+    start_daemon_by_hand "$work/daemon.log"
 fi
-for _ in $(seq 150); do
-    /usr/bin/holdfast status --socket /run/holdfast/control.sock >/dev/null 2>&1 && break
-    sleep 0.2
-done
+wait_for_daemon
 upgrade_ok=0
 python3 "$here/upgrade-check.py" "$work/newer.deb" /run/holdfast || upgrade_ok=$?
 if [[ -n $daemon_pid ]]; then
@@ -92,12 +101,8 @@ daemon_pid=""
 if [[ ! -d /run/systemd/system ]]; then
     # A daemon the image's init started (here: by hand, with a process running): the prerm must
     # stop it before its binary goes, as systemd's stop would.
-    HOLDFAST_BRIDGE_ADDRESS=$bridge setsid /usr/bin/holdfast daemon --config /etc/holdfast/holdfast.yaml > "$work/daemon-remove.log" 2>&1 &
-    daemon_pid=$!
-    for _ in $(seq 150); do
-        /usr/bin/holdfast status --socket /run/holdfast/control.sock >/dev/null 2>&1 && break
-        sleep 0.2
-    done
+    start_daemon_by_hand "$work/daemon-remove.log"
+    wait_for_daemon
 fi
 dpkg -r holdfast
 if [[ -n $daemon_pid ]]; then

@@ -41,7 +41,7 @@ struct HostRestartTests {
         var receiver = try processes.start(receive)
         // A MiB every 40 ms: the kills land mid-stream, and the sender's ring and pipe hold what
         // arrives while no receiver is there.
-        let sender = try await startPipe(processes, socket: socket, key: directory.file("s.key"), directory: directory, feed: data, mib: mib)
+        let sender = try await startPipe(processes, socket: socket, key: directory.file("s.key"), feed: data, mib: mib)
         var sizes: [Int] = []
         for threshold in [3, 9, 15] {
             try await eventually("the file past \(threshold) MiB", timeout: .seconds(60)) { fileSize(received) >= threshold << 20 }
@@ -123,12 +123,8 @@ extension HostRestartTests {
         defer { directory.remove() }
         let socket = "unix:" + directory.file("s.sock")
         let errPath = directory.file("err")
-        let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let receiver = try processes.start(
-            [holdfastExecutable(), "receive", "--mode", "resumable", "--listen", socket, "--token", "out",
-             "--secret-file", directory.file("s.key"), "--output", "/dev/full"], stderr: err)
-        close(err)
-        _ = try await startPipe(processes, socket: socket, key: directory.file("s.key"), directory: directory, feed: "/dev/zero", mib: 1)
+        let receiver = try startReceiver(processes, socket: socket, in: directory, token: "out", output: ["--output", "/dev/full"], stderr: errPath)
+        _ = try await startPipe(processes, socket: socket, key: directory.file("s.key"), feed: "/dev/zero", mib: 1)
         #expect(try await processes.wait(receiver, timeout: .seconds(30)) == .exited(1))
         let said = String(decoding: readFile(errPath) ?? [], as: UTF8.self)
         #expect(said.contains("holdfast receive: writing the stream failed after 0 bytes; the sender still holds the rest"), "\(said)")
@@ -143,12 +139,9 @@ extension HostRestartTests {
         defer { directory.remove() }
         let socket = "unix:" + directory.file("s.sock")
         let errPath = directory.file("err")
-        let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        _ = try processes.start(
-            [holdfastExecutable(), "receive", "--mode", "resumable", "--listen", socket, "--token", "another",
-             "--secret-file", directory.file("s.key"), "--output", directory.file("out"), "--resume"], stderr: err)
-        close(err)
-        _ = try await startPipe(processes, socket: socket, key: directory.file("s.key"), directory: directory, feed: "/dev/zero", mib: 1)
+        _ = try startReceiver(
+            processes, socket: socket, in: directory, token: "another", output: ["--output", directory.file("out"), "--resume"], stderr: errPath)
+        _ = try await startPipe(processes, socket: socket, key: directory.file("s.key"), feed: "/dev/zero", mib: 1)
         try await eventually("the refusal said") {
             String(decoding: readFile(errPath) ?? [], as: UTF8.self)
                 .contains("holdfast receive: refused a connection: a hello for a stream this end does not have")
@@ -186,10 +179,20 @@ extension HostRestartTests {
     }
 }
 
+/// `holdfast receive --mode resumable` of stream `token` on `socket` (its secret file in
+/// `directory`), with `output`'s options, its stderr into the file `stderr`.
+private func startReceiver(
+    _ processes: TestProcesses, socket: String, in directory: TemporaryDirectory, token: String, output: [String], stderr: String
+) throws -> pid_t {
+    let err = open(stderr, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    defer { close(err) }
+    return try processes.start(
+        [holdfastExecutable(), "receive", "--mode", "resumable", "--listen", socket, "--token", token,
+         "--secret-file", directory.file("s.key")] + output, stderr: err)
+}
+
 /// `holdfast pipe` reading `feed` a MiB every 40 ms, to `socket`.
-private func startPipe(
-    _ processes: TestProcesses, socket: String, key: String, directory: TemporaryDirectory, feed: String, mib: Int
-) async throws -> pid_t {
+private func startPipe(_ processes: TestProcesses, socket: String, key: String, feed: String, mib: Int) async throws -> pid_t {
     try await eventually("the secret file") { access(key, R_OK) == 0 }
     return try processes.start([
         "sh", "-c",
