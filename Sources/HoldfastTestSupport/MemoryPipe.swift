@@ -10,7 +10,10 @@ import NIOConcurrencyHelpers
 ///   a killed host agent); pending reads and writes fail.
 /// - a byte *budget*: after that many bytes written (either way) the link is cut in the middle
 ///   of the write that crosses it — the writer sees a short write, and whatever frame it was
-///   (hello, data, ack, end) arrives truncated.
+///   (hello, data, ack, end) arrives truncated: each end still reads what was written to it
+///   before the cut, then fails; nothing more is written either way. (Cutting at once, as
+///   `cut()` does, would lose the crossing write whole: with more bytes to replay than any
+///   budget, no link would ever carry one, and a pair would redial forever.)
 /// - `holdDelivery`: bytes written are held back until `release` (delayed acks and hellos).
 /// - `dropFrames`: frames of one type toward one side vanish (a third-party peer that never
 ///   sends them), every other byte arrives.
@@ -47,6 +50,8 @@ public final class MemoryPipe: Sendable {
         var cut = false
         var closed: [Bool] = [false, false]
         var budget: Int?
+        /// The budget ran out: writes fail either way; reads take what is queued, then fail.
+        var exhausted = false
         var held = false
         /// Bytes toward this side are held (one-way `holdDelivery(toSide:)`).
         var heldToward: [Bool] = [false, false]
@@ -106,7 +111,7 @@ public final class MemoryPipe: Sendable {
     /// The two ends: whoever dials takes one, whoever accepts the other.
     public var ends: (End, End) { (End(pipe: self, side: 0), End(pipe: self, side: 1)) }
 
-    public var isCut: Bool { state.withLockedValue { $0.cut } }
+    public var isCut: Bool { state.withLockedValue { $0.cut || $0.exhausted } }
     public var bytesTransferred: Int { state.withLockedValue { $0.transferred } }
 
     public func holdDelivery() { state.withLockedValue { $0.held = true } }
@@ -158,12 +163,13 @@ public final class MemoryPipe: Sendable {
     fileprivate func write(_ side: Int, _ bytes: UnsafeRawBufferPointer) throws(WriteFailure) {
         let other = 1 - side
         let (accepted, wake, cutNow) = state.withLockedValue { s -> (Int, [CheckedContinuation<Void, any Error>], Bool) in
-            if s.cut || s.closed[side] || s.closed[other] { return (-1, [], false) }
+            if s.cut || s.exhausted || s.closed[side] || s.closed[other] { return (-1, [], false) }
             var accepted = bytes.count
             var cutNow = false
             if let budget = s.budget, budget < bytes.count {
                 accepted = budget
                 cutNow = true
+                s.exhausted = true
             }
             s.budget = s.budget.map { $0 - accepted }
             if let type = s.dropped[other] {
@@ -172,6 +178,11 @@ public final class MemoryPipe: Sendable {
                 s.queues[other] += bytes[..<accepted]
             }
             s.transferred += accepted
+            if cutNow {
+                // Every reader, either side, learns of the cut once it has read what is queued.
+                defer { s.readers.removeAll() }
+                return (accepted, s.readers.values.map(\.continuation), cutNow)
+            }
             guard !s.held, !s.heldToward[other] else { return (accepted, [], cutNow) }
             var wake: [CheckedContinuation<Void, any Error>] = []
             for (key, reader) in s.readers where reader.side == other {
@@ -182,10 +193,7 @@ public final class MemoryPipe: Sendable {
         }
         for reader in wake { reader.resume() }
         if accepted < 0 { throw WriteFailure(accepted: 0, cause: LinkCut()) }
-        if cutNow {
-            cut()
-            throw WriteFailure(accepted: accepted, cause: LinkCut())
-        }
+        if cutNow { throw WriteFailure(accepted: accepted, cause: LinkCut()) }
     }
 
     fileprivate func readNow(_ side: Int, into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
@@ -193,7 +201,10 @@ public final class MemoryPipe: Sendable {
             if s.cut || s.closed[side] { throw LinkCut() }
             if s.held || s.heldToward[side] { return nil }
             let available = s.queues[side].count - s.heads[side]
-            guard available > 0 else { return s.closed[1 - side] ? 0 : nil }
+            guard available > 0 else {
+                if s.exhausted { throw LinkCut() }
+                return s.closed[1 - side] ? 0 : nil
+            }
             let count = min(available, buffer.count)
             let head = s.heads[side]
             s.queues[side].withUnsafeBytes { raw in
@@ -218,6 +229,7 @@ public final class MemoryPipe: Sendable {
                 let outcome: Result<Void, any Error>? = state.withLockedValue { s in
                     if s.cut || s.closed[side] { return .failure(LinkCut()) }
                     if !s.held, !s.heldToward[side], s.queues[side].count > s.heads[side] || s.closed[1 - side] { return .success(()) }
+                    if s.exhausted, s.queues[side].count == s.heads[side] { return .failure(LinkCut()) }
                     if Task.isCancelled { return .failure(CancellationError()) }
                     s.readers[id] = (side, continuation)
                     return nil

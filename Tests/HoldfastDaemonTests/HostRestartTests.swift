@@ -66,6 +66,14 @@ extension HostRestartTests {
     /// agent of this stream — SIGKILLed twice mid-stream and started again: the file holds every
     /// line once, in order, and the process's exit says nothing undelivered and nothing lost.
     /// Meanwhile the broker parked the stream and the process blocked on its full pipe.
+    ///
+    /// The lines come in three parts of about 5 MB, the process waiting for a gate file before
+    /// the second and the third; a gate opens just after a kill. So however late a loaded
+    /// machine lets the test see the file grow (an ungated `seq` could finish before the first
+    /// kill), the process has a whole part ahead of it while no agent runs — more than the
+    /// guest can hold (a 1 MiB ring and a 1 MiB pipe) — and can only wait. (A kill lands
+    /// mid-part or, when the test sees the file late, as the process waits at its gate: the
+    /// agent resumes at the file's size either way.)
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func aContainersOutputSurvivesItsHostAgentBeingKilled() async throws {
         try await withBridgeDaemon { daemon, exits in
@@ -87,14 +95,21 @@ extension HostRestartTests {
             }
             var agent = try await startAgent()
             let lines = 2_000_000
+            let parts = [(1, 700_000), (700_001, 1_400_000), (1_400_001, lines)]
+            let gates = [daemon.directory.file("gate1"), daemon.directory.file("gate2")]
+            let script = "seq \(parts[0].0) \(parts[0].1); while [ ! -e \(gates[0]) ]; do sleep 0.01; done; "
+                + "seq \(parts[1].0) \(parts[1].1); while [ ! -e \(gates[1]) ]; do sleep 0.01; done; "
+                + "exec seq \(parts[2].0) \(parts[2].1)"
             _ = try await daemon.bridge.create(ProcessSpec(
-                id: "seq", argv: ["seq", "1", String(lines)],
+                id: "seq", argv: ["sh", "-c", script],
                 stdout: StreamSpec(address: "unix:" + socket, mode: .resumable, token: "seq-out", secret: secret)))
+            func sizeOfLines(through line: Int) -> Int { (1...line).reduce(0) { $0 + String($1).utf8.count + 1 } }
             var killedAt: [Int] = []
-            for threshold in [2 << 20, 7 << 20] {
+            for (index, threshold) in [2 << 20, sizeOfLines(through: parts[0].1) + (2 << 20)].enumerated() {
                 try await eventually("the agent's file past \(threshold) bytes", timeout: .seconds(60)) { fileSize(received) >= threshold }
                 daemon.processes.kill(agent)
                 killedAt.append(fileSize(received))
+                try writeFile(gates[index], [])
                 try await Task.sleep(for: .milliseconds(500))
                 #expect(exits.count("seq") == 0, "the process waits on its pipe while no host end is there")
                 agent = try await startAgent()
@@ -192,13 +207,18 @@ private func startReceiver(
 }
 
 /// `holdfast pipe` reading `feed` a MiB every 40 ms, to `socket`.
+/// Starts `holdfast pipe` reading `mib` MiB of `feed`, a MiB every 40 ms, from a feeder of its
+/// own: two processes, each started (and so ended) by its pid — a shell pipeline would leave
+/// `holdfast pipe` a child of the shell, out of the test's reach. Returns `holdfast pipe`'s pid.
 private func startPipe(_ processes: TestProcesses, socket: String, key: String, feed: String, mib: Int) async throws -> pid_t {
     try await eventually("the secret file") { access(key, R_OK) == 0 }
-    return try processes.start([
-        "sh", "-c",
-        "i=0; while [ $i -lt \(mib) ]; do dd if=\(feed) bs=1048576 skip=$i count=1 status=none; i=$((i+1)); sleep 0.04; done"
-            + " | exec \(holdfastExecutable()) pipe --mode resumable --to \(socket) --token out --secret-file \(key)",
-    ])
+    let pipe = try PipeEnds.make()
+    defer { close(pipe.read); close(pipe.write) }
+    _ = try processes.start(
+        ["sh", "-c", "i=0; while [ $i -lt \(mib) ]; do dd if=\(feed) bs=1048576 skip=$i count=1 status=none; i=$((i+1)); sleep 0.04; done"],
+        stdout: pipe.write)
+    return try processes.start(
+        [holdfastExecutable(), "pipe", "--mode", "resumable", "--to", socket, "--token", "out", "--secret-file", key], stdin: pipe.read)
 }
 
 private func fileSize(_ path: String) -> Int {

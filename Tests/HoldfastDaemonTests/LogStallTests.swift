@@ -116,8 +116,11 @@ struct LogStallTests {
         }
         func text() -> String { String(decoding: drained.withLockedValue { $0 }, as: UTF8.self) }
         // The old image's queue went with its exec (nobody read for its 0.5 s): the new image says
-        // how many lines that was.
-        try await eventually("the new image's lines", timeout: .seconds(20)) { text().contains("resumed after a live upgrade") }
+        // how many lines that was, in a warning logged just after its "resumed" line (which a
+        // read can come between: wait for the warning itself).
+        try await eventually("the new image's lines", timeout: .seconds(20)) {
+            text().contains("resumed after a live upgrade") && text().contains("were not written")
+        }
         let lostLine = try #require(text().split(separator: "\n").first { $0.contains("log lines of the image before this live upgrade were not written") })
         let lost = lostLine.components(separatedBy: "up to ").last?.split(separator: " ").first.flatMap { Int($0) } ?? 0
         #expect(lost > 0, "\(lostLine)")
