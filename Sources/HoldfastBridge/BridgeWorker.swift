@@ -285,7 +285,7 @@ public enum BridgeWorker {
             if Failpoint.compiledIn, let kind = BridgeMessageType(rawValue: request.frameType),
                 Failpoint.fails(Failpoint.bridgeReplyLate, process: "\(kind)", passes: Failpoint.everyPass)
             {
-                try? await Task.sleep(for: Failpoint.lateReply)
+                await Failpoint.hold(Failpoint.lateReply)
             }
             return RPCReply(body: reply.frame.body)
         }

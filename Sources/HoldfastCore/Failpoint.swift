@@ -86,6 +86,12 @@ public enum Failpoint {
     /// worker starved of CPU, or a host connection whose buffers are full, would.
     public static let bridgeReplyLate = "bridge-reply-late"
     public static let lateReply: Duration = .seconds(1)
+    /// With a gate (`HOLDFAST_FAILPOINT_GATE=PATH`), a hold (`hold`) lasts until the file PATH
+    /// exists — at most `gateBound` — instead of its fixed time: a test opens the gate once it
+    /// has done what must happen meanwhile, so a machine too loaded to do it within a second
+    /// cannot let the held step through first.
+    public static let gateVariable = "HOLDFAST_FAILPOINT_GATE"
+    public static let gateBound: Duration = .seconds(60)
     /// A create's process (PROCESS: its id) is started; it is not in the process table for
     /// `lateSpawn` more (`fails` with `everyPass`), as a runc create or a slow broker adopt
     /// would keep it.
@@ -156,6 +162,26 @@ public enum Failpoint {
         }
         #else
         return false
+        #endif
+    }
+
+    #if DEBUG
+    private static let gate: String? = getenv(gateVariable).map { String(cString: $0) }
+    #endif
+
+    /// Holds an armed step: until the gate's file exists when a test named one
+    /// (`gateVariable`, at most `gateBound`), otherwise for `duration`. Ends early if the task
+    /// is cancelled. Does nothing in a release build.
+    public static func hold(_ duration: Duration) async {
+        #if DEBUG
+        guard let gate else {
+            try? await Task.sleep(for: duration)
+            return
+        }
+        let deadline = ContinuousClock.now + gateBound
+        while access(gate, F_OK) != 0, ContinuousClock.now < deadline, !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
         #endif
     }
 

@@ -269,8 +269,13 @@ struct ContainmentTests {
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
         let output = Accumulator(try daemon.streams.open(token: bytes("counter-out"), direction: .receive))
+        // It counts until told to stop: 400 lines once, which a loaded machine could all print
+        // before the supervisor was stopped, leaving no output during the stop to see.
+        let enough = daemon.directory.file("enough")
+        let printed = daemon.directory.file("printed")
         _ = try await daemon.launch(ProcessSpec(
-            id: "counter", argv: counterCommand(400, prefix: "by", pause: "0.01"), stdout: daemon.spec("counter-out")))
+            id: "counter", argv: ["sh", "-c", "i=0; while [ ! -e \(enough) ]; do i=$((i+1)); echo by $i; sleep 0.01; done; echo $i > \(printed)"],
+            stdout: daemon.spec("counter-out")))
         let typed = try daemon.streams.open(token: bytes("echo-in"), direction: .send)
         let echoed = Accumulator(try daemon.streams.open(token: bytes("echo-out"), direction: .receive))
         _ = try await daemon.launch(ProcessSpec(id: "echo", argv: ["cat"], stdin: daemon.spec("echo-in"), stdout: daemon.spec("echo-out")))
@@ -306,10 +311,12 @@ struct ContainmentTests {
         #expect(exits.all.first { $0.id == "ends" }?.exitCode == 7)
         _ = await typed.finish()
         #expect(try await daemon.wait("echo").exitCode == 0)
+        try writeFile(enough, [])
         let report = try await daemon.wait("counter")
         #expect(report.exitCode == 0 && report.undelivered == 0)
-        try await eventually("the counter's every line") { output.count == expectedLines(400, prefix: "by").count }
-        #expect(output.text == String(decoding: expectedLines(400, prefix: "by"), as: UTF8.self), "every line once, in order")
+        let lines = try #require(Int(String(decoding: readFile(printed) ?? [], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)))
+        try await eventually("the counter's every line") { output.count == expectedLines(lines, prefix: "by").count }
+        #expect(output.text == String(decoding: expectedLines(lines, prefix: "by"), as: UTF8.self), "every line once, in order")
         #expect(exits.count("ends") == 1, "reported once")
         let after = try await Self.roles(daemon)
         for (name, role) in before { #expect(after[name]?.pid == role.pid && after[name]?.restarts == role.restarts, "\(name) untouched") }

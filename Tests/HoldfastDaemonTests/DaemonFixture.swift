@@ -163,9 +163,25 @@ final class DaemonFixture: Sendable {
     }
 
     func status() async throws -> StatusReport {
-        let client = try await control()
-        defer { client.close() }
-        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
+        try await bounded("the daemon's status", .seconds(60)) {
+            let client = try await self.control()
+            defer { client.close() }
+            return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
+        }
+    }
+
+    /// A control call bounded by `timeout`: one never answered fails the test with the daemon's
+    /// last log lines instead of hanging the suite. (A call waits for its reply in a way that
+    /// ignores cancellation, so neither `withTimeout` nor a suite's time limit could end it; a
+    /// full suite once sat 15 minutes in such a wait with nothing said.)
+    func bounded<T: Sendable>(_ what: String, _ timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        do {
+            return try await withDeadline(what, timeout, body)
+        } catch let error as TimedOut {
+            let tail = log.split(separator: "\n").suffix(30).joined(separator: "\n")
+            Issue.record("\(what): no answer in \(timeout); the daemon's log ends with:\n\(tail)")
+            throw error
+        }
     }
 
     /// The broker's streams as `status` shows them, asked until the broker answered: `status`
@@ -174,15 +190,20 @@ final class DaemonFixture: Sendable {
     /// would then fail a check that something is shown, and pass one that something is not
     /// for nothing.
     func brokerStreams() async throws -> [StreamStatus] {
-        var streams: [StreamStatus] = []
+        try await statusTheBrokerAnswered().streams
+    }
+
+    /// `status`, asked until the broker answered its part (see `brokerStreams`).
+    func statusTheBrokerAnswered() async throws -> StatusReport {
+        var answered: StatusReport?
         try await eventually("the broker answering status's list") {
             let report = try await status()
             guard let broker = report.roles.first(where: { $0.name == "broker" }), broker.pid != nil, broker.notAnswering == nil
             else { return false }
-            streams = report.streams
+            answered = report
             return true
         }
-        return streams
+        return answered!
     }
 
     /// A control client's contract across a live upgrade (README, "Live upgrade"): a request the
@@ -194,9 +215,11 @@ final class DaemonFixture: Sendable {
         var attempt = 0
         while true {
             attempt += 1
-            let client = try await control()
+            let client = try await bounded("the connection for launch \(spec.id)", .seconds(60)) { try await self.control() }
             do {
-                let reply = try await client.call(SupervisorRequest.launch(spec), reply: LaunchResponse.self)
+                let reply = try await bounded("launch \(spec.id)", .seconds(120)) {
+                    try await client.call(SupervisorRequest.launch(spec), reply: LaunchResponse.self)
+                }
                 client.close()
                 if attempt > 1, reply.repeated == true {
                     Issue.record("launch \(spec.id) had run although its connection closed unanswered")
@@ -204,15 +227,19 @@ final class DaemonFixture: Sendable {
                 return reply.pid
             } catch {
                 client.close()
-                guard error.code == .channelClosed, attempt < 5 else { throw error }
+                guard (error as? HoldfastError)?.code == .channelClosed, attempt < 5 else { throw error }
             }
         }
     }
 
+    /// Bounded at 4 minutes: no test's process runs that long, and a wait that hangs fails
+    /// with the log rather than holding the suite.
     func wait(_ id: String) async throws -> ExitReport {
-        let client = try await control()
-        defer { client.close() }
-        return try await client.call(SupervisorRequest.wait(WaitRequest(id: id)), reply: ExitReport.self)
+        try await bounded("the exit of \(id)", .seconds(240)) {
+            let client = try await self.control()
+            defer { client.close() }
+            return try await client.call(SupervisorRequest.wait(WaitRequest(id: id)), reply: ExitReport.self)
+        }
     }
 
     func rolePID(_ name: String) async throws -> pid_t? {

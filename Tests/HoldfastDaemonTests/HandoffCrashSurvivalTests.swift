@@ -39,7 +39,7 @@ struct HandoffCrashSurvivalTests {
         let warned = daemon.log.split(separator: "\n").filter { $0.contains("without surviving a broker crash") }
         #expect(warned.count == 1 && warned[0].contains("process=unkept") && warned[0].contains("no free checkpoint slots"), "\(warned)")
         // And `status` says so, for the operator: the field on its streams, a line under the table.
-        let report = try await daemon.status()
+        let report = try await daemon.statusTheBrokerAnswered()
         let survival = Dictionary(grouping: report.streams, by: \.process).mapValues { $0.map(\.survivesBrokerCrash) }
         #expect(survival["unkept"] == [false] && survival["kept"] == [nil], "\(survival)")
         let rendered = StatusPrinter.render(report, colour: false).split(separator: "\n")

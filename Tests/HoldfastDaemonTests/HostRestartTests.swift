@@ -39,15 +39,19 @@ struct HostRestartTests {
             "--secret-file", directory.file("s.key"), "--output", received, "--resume",
         ]
         var receiver = try processes.start(receive)
-        // A MiB every 40 ms: the kills land mid-stream, and the sender's ring and pipe hold what
+        // A MiB every 40 ms, in parts of 6 MiB each fed once the kill before it is done: the kills
+        // land mid-stream (at worst at a part's end), never after the whole stream went by on a
+        // machine that let the test see the file late; the sender's ring and pipe hold what
         // arrives while no receiver is there.
-        let sender = try await startPipe(processes, socket: socket, key: directory.file("s.key"), feed: data, mib: mib)
+        let gate = directory.file("gate")
+        let sender = try await startPipe(processes, socket: socket, key: directory.file("s.key"), feed: data, mib: mib, gates: (gate, 6))
         var sizes: [Int] = []
-        for threshold in [3, 9, 15] {
+        for (index, threshold) in [3, 9, 15].enumerated() {
             try await eventually("the file past \(threshold) MiB", timeout: .seconds(60)) { fileSize(received) >= threshold << 20 }
             processes.kill(receiver)
             let kept = fileSize(received)
             sizes.append(kept)
+            try writeFile(gate + String(index + 1), [])
             try await Task.sleep(for: .milliseconds(300))
             #expect(fileSize(received) == kept, "nothing is written while no receiver runs")
             receiver = try processes.start(receive)
@@ -210,12 +214,17 @@ private func startReceiver(
 /// Starts `holdfast pipe` reading `mib` MiB of `feed`, a MiB every 40 ms, from a feeder of its
 /// own: two processes, each started (and so ended) by its pid — a shell pipeline would leave
 /// `holdfast pipe` a child of the shell, out of the test's reach. Returns `holdfast pipe`'s pid.
-private func startPipe(_ processes: TestProcesses, socket: String, key: String, feed: String, mib: Int) async throws -> pid_t {
+/// With `gates`, the feeder stops after each `every` MiB until the file `path` + N exists
+/// (N = 1, 2, …): the test opens a gate when it is ready for more, whatever the machine's pace.
+private func startPipe(
+    _ processes: TestProcesses, socket: String, key: String, feed: String, mib: Int, gates: (path: String, every: Int)? = nil
+) async throws -> pid_t {
     try await eventually("the secret file") { access(key, R_OK) == 0 }
     let pipe = try PipeEnds.make()
     defer { close(pipe.read); close(pipe.write) }
+    let gate = gates.map { "if [ $((i % \($0.every))) -eq 0 ] && [ $i -lt \(mib) ]; then while [ ! -e \($0.path)$((i / \($0.every))) ]; do sleep 0.01; done; fi; " } ?? ""
     _ = try processes.start(
-        ["sh", "-c", "i=0; while [ $i -lt \(mib) ]; do dd if=\(feed) bs=1048576 skip=$i count=1 status=none; i=$((i+1)); sleep 0.04; done"],
+        ["sh", "-c", "i=0; while [ $i -lt \(mib) ]; do dd if=\(feed) bs=1048576 skip=$i count=1 status=none; i=$((i+1)); sleep 0.04; \(gate)done"],
         stdout: pipe.write)
     return try processes.start(
         [holdfastExecutable(), "pipe", "--mode", "resumable", "--to", socket, "--token", "out", "--secret-file", key], stdin: pipe.read)
