@@ -46,6 +46,16 @@ struct MetricsTests {
         #expect(await answer("GET /metrics\r\n\r\n").hasPrefix("HTTP/1.1 400"))
         #expect(MetricsEndpoint.isComplete(Array("GET / HTTP/1.1\r\n\r\n".utf8)))
         #expect(!MetricsEndpoint.isComplete(Array("GET / HTTP/1.1\r\n".utf8)))
+        // After each read only the new bytes are looked at (and the 3 before them, where an end
+        // split by the read begins): a head sent a byte at a time costs one pass, not a pass
+        // per byte. An end before that is not looked for again, so this finds none:
+        let head = Array("GET / HTTP/1.1\r\n\r\nmore".utf8)
+        #expect(!MetricsEndpoint.headEnds(in: head, lookingFrom: head.count - 1))
+        // An end split across reads is found, wherever the split.
+        let whole = Array("GET / HTTP/1.1\r\n\r\n".utf8)
+        for split in (whole.count - 4)..<whole.count {
+            #expect(MetricsEndpoint.headEnds(in: whole, lookingFrom: split), "split at \(split)")
+        }
     }
 
     /// A daemon with the endpoint on a Unix socket: scraped before and after a process sends
