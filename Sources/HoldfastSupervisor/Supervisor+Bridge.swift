@@ -76,10 +76,15 @@ extension Supervisor {
             guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
                 throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
             }
-            do {
-                return RPCReply(try await broker.call(BrokerRequest.stats, reply: BrokerStats.self))
-            } catch where error.code == .channelClosed {
-                throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)", cause: error)
+            // Bounded like status's questions: a stopped broker must not hold the worker's
+            // permit (the host's other requests wait behind 32 such) for as long as it is stopped.
+            switch await ask(broker, .stats, reply: BrokerStats.self) {
+            case .some(.some(let stats)):
+                return RPCReply(stats)
+            case .some(.none):
+                throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)")
+            case .none:
+                throw HoldfastError(.brokerUnavailable, "the broker did not answer within \(Self.describe(Self.brokerAnswerBound)): \(brokerUnavailableExplanation())")
             }
         case .acknowledgeExit(let request):
             acknowledgeExit(request.id)
@@ -88,19 +93,42 @@ extension Supervisor {
     }
 
     /// Asks the broker, waiting for one that is restarting (as a create does) rather than
-    /// failing while it is.
+    /// failing while it is, and for its answer at most `brokerRequestBound`: a broker stopped or
+    /// held in a debugger would otherwise keep each such host request — and the bridge worker's
+    /// permit it holds — for as long as it stays stopped, and 32 of them (a terminal's resizes)
+    /// stopped the worker reading the host's connection: signals, stops, exits' acknowledgements
+    /// and, after a migration, the next connection's hello waited too. Past the bound the host
+    /// is told, and the request stays with the broker: carried out if it goes on.
     func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
             throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
-        do {
-            _ = try await broker.request(request.frameType, body: request.body)
-        } catch where error.code == .channelClosed {
-            // Said as what it is: the host's client reads `channel-closed` as its own
-            // connection's end (`bridge-lost`).
+        let call = Task { () async -> HoldfastError? in
+            do throws(HoldfastError) {
+                _ = try await broker.request(request.frameType, body: request.body)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        guard let outcome = await call.value(within: Self.brokerRequestBound) else {
+            throw HoldfastError(
+                .brokerUnavailable,
+                "the broker did not answer within \(Self.describe(Self.brokerRequestBound)) (\(brokerUnavailableExplanation())): the request stays with it, carried out if it goes on")
+        }
+        guard let error = outcome else { return }
+        // Said as what it is: the host's client reads `channel-closed` as its own connection's
+        // end (`bridge-lost`).
+        if error.code == .channelClosed {
             throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)", cause: error)
         }
+        throw error
     }
+
+    /// How long a host request the broker carries out (a resize, a close of stdin) waits for
+    /// its answer: longer than a loaded broker takes, shorter than the host's own timeout (10 s
+    /// by default), so the host reads why.
+    static let brokerRequestBound: Duration = .seconds(5)
 
     /// The host's `close-stdin`. Our copy of the pipe closes first, then the broker's: the
     /// process reads end-of-file once both are closed, and a broker that dies at any instant

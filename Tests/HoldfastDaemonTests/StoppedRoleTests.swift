@@ -147,6 +147,65 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// A stopped broker holds a host request that needs it (a resize, a close of stdin, stats)
+    /// for a bounded time, not for as long as it stays stopped: 40 resizes sent at once — more
+    /// than the bridge worker's 32 permits — are each answered `broker-unavailable`, saying the
+    /// broker did not answer, and a signal sent behind them (it needs no broker) is carried out.
+    /// Before, the resizes held every permit until the broker went on, and the worker stopped
+    /// reading the host's connection: the signal, and everything else, waited with them.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aStoppedBrokerHoldsTheHostsRequestsThatNeedItForABoundedTime() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        _ = try await daemon.bridge.create(ProcessSpec(id: "victim", argv: ["sleep", "1000"]))
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let pinned = try #require(PinnedProcess(broker))
+        #expect(kill(broker, SIGSTOP) == 0)
+        defer { pinned.signal(SIGCONT) }
+        try await eventually("every thread of the broker stopped") {
+            let states = ProcessAccount.threadStates(of: broker)
+            return !states.isEmpty && states.allSatisfy { $0 == "T" }
+        }
+        let bridge = daemon.bridge
+        let resizes = Task {
+            await withTaskGroup(of: HoldfastError?.self) { group in
+                for index in 0..<40 {
+                    group.addTask {
+                        do throws(HoldfastError) {
+                            try await bridge.resize("victim", rows: UInt16(20 + index), columns: 80, timeout: .seconds(60))
+                            return nil
+                        } catch {
+                            return error
+                        }
+                    }
+                }
+                var errors: [HoldfastError?] = []
+                for await error in group { errors.append(error) }
+                return errors
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))  // the resizes go out first
+        try await withTimeout("a signal behind the resizes", .seconds(40)) { try await bridge.signal("victim", SIGTERM, timeout: .seconds(30)) }
+        try await eventually("the victim's exit") { exits.count("victim") == 1 }
+        let errors = try await withTimeout("the resizes' answers", .seconds(40)) { await resizes.value }
+        let said = Set(errors.map { $0.map { "\($0.code): \($0.message)" } ?? "answered" })
+        #expect(errors.count == 40 && errors.allSatisfy { $0?.code == .brokerUnavailable && $0?.message.contains("did not answer within") == true }, "\(said)")
+        do {
+            _ = try await bridge.stats(timeout: .seconds(20))
+            Issue.record("stats answered by a stopped broker")
+        } catch {
+            #expect(error.code == .brokerUnavailable && error.message.contains("did not answer within"), "\(error)")
+        }
+        #expect(ProcessRunState.of(broker) == .stopped, "stopped throughout")
+        #expect(kill(broker, SIGCONT) == 0)
+        // Continued, it carries out what it was left with, and serves on.
+        let now = try await daemon.statusTheBrokerAnswered()
+        #expect(now.roles.allSatisfy { $0.restarts == 0 }, "\(now.roles)")
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// A stopped broker is asked a question of each kind once, not once per poll: the first
     /// `status` waits out the bound, the next ones (and scrapes) answer at once that it is not
     /// answering, and once it goes on it is asked again. Before, every poll waited 2 s and left
