@@ -30,7 +30,10 @@ extension Supervisor {
             let (withExits, _) = FrameBudget.fit(table.withLockedValue { $0.unacknowledgedExits }, budget: FrameBudget.bytes / 2) {
                 BridgeHello(bootID: "", processes: [], exits: $0)
             }
-            let upgrades = session.withLockedValue { $0.upgrades }
+            let upgrades = session.withLockedValue { s in
+                s.exitsInLastHello = Set(withExits.exits.map(\.id))
+                return s.upgrades
+            }
             let (hello, _) = FrameBudget.fit(live) {
                 BridgeHello(
                     bootID: "", processes: $0, exits: withExits.exits, instanceID: instanceID, daemonVersion: HoldfastVersion.string,
@@ -178,12 +181,14 @@ extension Supervisor {
     }
 
     /// Exits the hello had no room for (thousands ended during one blackout) go out now, one
-    /// frame each; the host acknowledges repeats, so sending one twice is harmless.
+    /// frame each; the host acknowledges repeats, so sending one twice is harmless. Which those
+    /// are is what the hello recorded it carried: fitting the list again here cut it elsewhere
+    /// when an acknowledgement (of the connection before, still queued) took an exit out of it
+    /// in between, and the first exit past the hello's cut was neither in it nor sent.
     func resendExitsLeftOutOfTheHello() {
-        let exits = table.withLockedValue { $0.unacknowledgedExits }
-        let (inHello, omitted) = FrameBudget.fit(exits, budget: FrameBudget.bytes / 2) { BridgeHello(bootID: "", processes: [], exits: $0) }
-        guard omitted > 0, let channel = session.withLockedValue({ $0.bridgeChannel }) else { return }
-        let rest = exits.dropFirst(inHello.exits.count)
+        let (carried, channel) = session.withLockedValue { ($0.exitsInLastHello, $0.bridgeChannel) }
+        let rest = table.withLockedValue { $0.unacknowledgedExits }.filter { !carried.contains($0.id) }
+        guard !rest.isEmpty, let channel else { return }
         Task {
             for report in rest {
                 let frame = ControlFrame(type: BridgeMessageType.exit.rawValue, id: 0, body: ControlJSON.encode(report))

@@ -96,6 +96,9 @@ public final class Supervisor: Sendable {
         /// How many times a bridge worker said it wrote every reply it owed the host
         /// (`bridgeFinished`, asked by a stop before it stops the worker).
         var bridgeFinishes = 0
+        /// The ids of the exits the last hello carried: those left out are sent once the bridge
+        /// is up (`resendExitsLeftOutOfTheHello`).
+        var exitsInLastHello: Set<String> = []
     }
     let session = NIOLockedValueBox(Session())
     /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the
