@@ -60,6 +60,17 @@ public struct PseudoTerminal: Sendable {
     public func resize(_ size: WindowSize) throws(SystemError) {
         try Terminal.resize(fd: master, to: size)
     }
+
+    /// Opens the slave end anew from `master` (TIOCGPTPEER: no path, so also a master runc
+    /// handed over). Held, it keeps the master from reading EIO — "no slave end open" — while
+    /// the process has closed its own, meaning to open its terminal again (`exec >/dev/tty`,
+    /// an init system that opens the console when it has something to say, getty): a relay
+    /// takes that EIO for the end of the stream, and what came after was lost. Nil where the
+    /// kernel cannot (before 4.13): then the relay ends there, as before.
+    public static func openPeer(ofMaster master: Int32) -> Int32? {
+        let fd = hf_open_pty_peer(master)
+        return fd >= 0 ? fd : nil
+    }
 }
 
 public enum Terminal {

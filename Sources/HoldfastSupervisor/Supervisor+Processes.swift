@@ -136,6 +136,9 @@ extension Supervisor {
         // started after a crash resumes it.
         var adopt = started.adopt
         var descriptors = started.descriptors
+        if spec.tty, !adopt.streams.isEmpty, let master = descriptors.first, let peer = PseudoTerminal.openPeer(ofMaster: master) {
+            terminalPeers.withLockedValue { $0[spec.id] = peer }
+        }
         let incarnation = stdio.withLockedValue { store -> Int in
             store.assignCheckpoints(&adopt)
             return store.incarnation(of: broker)
@@ -173,6 +176,7 @@ extension Supervisor {
                 // queue holds): they close with the daemon, never under it (a number reused by
                 // then would go to the broker as this process's stream).
                 if error != AdoptsUnderWay.endedByTheStop { for fd in descriptors { close(fd) } }
+                closeTerminalPeer(spec.id)
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
                 if let child = started.child {
                     _ = reaper.signal(child, SIGKILL)
@@ -221,6 +225,9 @@ extension Supervisor {
         // Tracked: an exit reaped but not yet written down here goes to the next image if a live
         // upgrade comes in between (ChildReaper.freeze).
         let status = if let child { await reaper.waitTracked(child) } else { await reaper.waitTracked(entry.pid) }
+        // Its terminal's end is now the end of what holds its slave: the process's children, or
+        // nothing, and the relay reads the rest, then EIO.
+        closeTerminalPeer(entry.id)
         // Read before `runc delete` removes the container's cgroup with its count.
         let oomKills = entry.oomCounter?.killsSinceStart()
         let killedByOOM = kernelLog?.take(entry.id) ?? nil
@@ -256,6 +263,11 @@ extension Supervisor {
         // The broker that has its streams is told (now, or once a restarted one has them);
         // its `drained` notification finishes it (processDrained).
         await deliverExit(entry.id)
+    }
+
+    /// Closes the slave end held for `id`'s terminal, if any (`terminalPeers`).
+    func closeTerminalPeer(_ id: String) {
+        if let peer = terminalPeers.withLockedValue({ $0.removeValue(forKey: id) }) { close(peer) }
     }
 
     /// What the signal loop has said of the stops of processes that made the supervisor their

@@ -43,6 +43,11 @@ public final class Supervisor: Sendable {
     /// The kinds of question (frame types) the broker left unanswered past `brokerAnswerBound`
     /// and has still not answered: not asked again until it does (`ask`).
     let overdueQuestions = NIOLockedValueBox<Set<UInt32>>([])
+    /// Each terminal process's slave end, held open from its start until its exit by process
+    /// id (`PseudoTerminal.openPeer`): the process may close its terminal and open it again,
+    /// and its output relay must not read the end meanwhile. Closed at the exit, so that the
+    /// master then reads its rest and the end. Not carried across a live upgrade (close-on-exec).
+    let terminalPeers = NIOLockedValueBox<[String: Int32]>([:])
     /// When the daemon started (before every live upgrade since: its uptime spans them).
     let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.

@@ -42,6 +42,9 @@ int hf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
 // MARK: terminals and processes
 
 int hf_set_window_size(int fd, uint16_t rows, uint16_t cols);
+/// A new fd of the terminal's slave end, from its master (TIOCGPTPEER, Linux 4.13), O_NOCTTY
+/// and close-on-exec; -1 with errno where the kernel cannot.
+int hf_open_pty_peer(int master);
 int hf_get_window_size(int fd, uint16_t *rows, uint16_t *cols);
 int hf_set_child_subreaper(void);
 int hf_set_no_new_privs(void);
