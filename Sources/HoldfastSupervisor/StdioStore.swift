@@ -378,6 +378,13 @@ struct StdioStore {
 
     /// Whether `process` is a handoff peer's (deposited by a broker).
     func isHandoff(_ process: String) -> Bool { held[process]?.request.handoffOwner != nil }
+
+    /// The first host end kept of a process of the supervisor's own — a terminal process's
+    /// master (`Launcher.makeStdio`, runc's console) — if still open; nil for a handed-over one.
+    func firstHostEnd(of process: String) -> Int32? {
+        guard let entry = held[process], entry.request.handoffOwner == nil, let first = entry.descriptors.first, first >= 0 else { return nil }
+        return first
+    }
 }
 
 /// The slot numbers of the checkpoint area. A freed slot is reused only after many others were

@@ -54,7 +54,7 @@ extension Supervisor {
             try await signal(request.id, request.signal, key: request.idempotencyKey)
             return .empty
         case .resize(let request):
-            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)))
+            try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)), for: request.id)
             return .empty
         case .closeStdin(let request):
             try await closeStdin(request.id)
@@ -76,18 +76,20 @@ extension Supervisor {
             if streams == nil { fitted.streamsUnavailable = brokerUnavailableExplanation() }
             return RPCReply(fitted)
         case .stats:
-            guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
-                throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
-            }
-            // Bounded like status's questions: a stopped broker must not hold the worker's
-            // permit (the host's other requests wait behind 32 such) for as long as it is stopped.
-            switch await ask(broker, .stats, reply: BrokerStats.self) {
-            case .some(.some(let stats)):
-                return RPCReply(stats)
-            case .some(.none):
-                throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)")
-            case .none:
-                throw HoldfastError(.brokerUnavailable, "the broker did not answer within \(Self.describe(Self.brokerAnswerBound)): \(brokerUnavailableExplanation())")
+            // Bounded like every host request the broker answers, with an overdue mark of its
+            // own (the upgrade's stuck-thread check asks for stats too, and must not be answered
+            // "overdue" because of the host's).
+            switch try await boundedBrokerRequest(.stats, key: "host-stats", bound: Self.brokerAnswerBound) {
+            case .answered(let frame):
+                do {
+                    return RPCReply(try ControlJSON.decode(BrokerStats.self, from: frame.body, frameType: frame.type))
+                } catch {
+                    throw HoldfastError(.badReply, "the broker's stats: \(error.description)")
+                }
+            case .failed(let error):
+                throw Self.brokerRequestError(error)
+            case .notAnswered(let overdue):
+                throw notAnswered("stats", overdue: overdue, bound: Self.brokerAnswerBound)
             }
         case .acknowledgeExit(let request):
             acknowledgeExit(request.id)
@@ -95,37 +97,66 @@ extension Supervisor {
         }
     }
 
-    /// Asks the broker, waiting for one that is restarting (as a create does) rather than
-    /// failing while it is, and for its answer at most `brokerRequestBound`: a broker stopped or
-    /// held in a debugger would otherwise keep each such host request — and the bridge worker's
-    /// permit it holds — for as long as it stays stopped, and 32 of them (a terminal's resizes)
-    /// stopped the worker reading the host's connection: signals, stops, exits' acknowledgements
-    /// and, after a migration, the next connection's hello waited too. Past the bound the host
-    /// is told, and the request stays with the broker: carried out if it goes on.
-    func brokerRequest(_ request: BrokerRequest) async throws(HoldfastError) {
+    /// Asks the broker for the host (a resize), through `boundedBrokerRequest` keyed by the
+    /// request's kind and process.
+    func brokerRequest(_ request: BrokerRequest, for process: String) async throws(HoldfastError) {
+        switch try await boundedBrokerRequest(request, key: "\(request.frameType):\(process)", bound: Self.brokerRequestBound) {
+        case .answered: return
+        case .failed(let error): throw Self.brokerRequestError(error)
+        case .notAnswered(let overdue): throw notAnswered("the request", overdue: overdue, bound: Self.brokerRequestBound)
+        }
+    }
+
+    /// What became of a host request sent to the broker.
+    enum BrokerRequestOutcome {
+        case answered(ControlFrame)
+        case failed(HoldfastError)
+        /// No answer within the bound (`overdue: false`), or not sent because the last request
+        /// of its key is still unanswered (`overdue: true`).
+        case notAnswered(overdue: Bool)
+    }
+
+    /// Sends `request` to the broker, waiting for one that is restarting (as a create does)
+    /// rather than failing while it is, and for its answer at most `bound`. Without the bound, a
+    /// broker stopped or held in a debugger kept each such host request — and the bridge
+    /// worker's permit it holds — for as long as it stayed stopped, and 32 of them (a terminal's
+    /// resizes) stopped the worker reading the host's connection: signals, stops, exits'
+    /// acknowledgements and, after a migration, the next connection's hello waited too. A
+    /// request past its bound stays with the broker (the channel takes no cancellation) and is
+    /// carried out if it goes on; while it does, another of the same `key` is not sent
+    /// (`.notAnswered(overdue: true)` at once), so a broker stopped for an hour is left one
+    /// request per key, not one per try. Throws only when no broker came within `brokerWait`.
+    func boundedBrokerRequest(_ request: BrokerRequest, key: String, bound: Duration) async throws(HoldfastError) -> BrokerRequestOutcome {
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
             throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
-        let call = Task { () async -> HoldfastError? in
+        guard overdueRequests.withLockedValue({ $0.insert(key).inserted }) else { return .notAnswered(overdue: true) }
+        let call = Task { [overdueRequests] () async -> BrokerRequestOutcome in
+            defer { overdueRequests.withLockedValue { _ = $0.remove(key) } }
             do throws(HoldfastError) {
-                _ = try await broker.request(request.frameType, body: request.body)
-                return nil
+                let response = try await broker.request(request.frameType, body: request.body)
+                for fd in response.descriptors { close(fd) }  // none is sent with these answers
+                return .answered(response.frame)
             } catch {
-                return error
+                return .failed(error)
             }
         }
-        guard let outcome = await call.value(within: Self.brokerRequestBound) else {
-            throw HoldfastError(
-                .brokerUnavailable,
-                "the broker did not answer within \(Self.describe(Self.brokerRequestBound)) (\(brokerUnavailableExplanation())): the request stays with it, carried out if it goes on")
-        }
-        guard let error = outcome else { return }
-        // Said as what it is: the host's client reads `channel-closed` as its own connection's
-        // end (`bridge-lost`).
-        if error.code == .channelClosed {
-            throw HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)", cause: error)
-        }
-        throw error
+        return await call.value(within: bound) ?? .notAnswered(overdue: false)
+    }
+
+    /// A broker's failure as the host reads it: `channel-closed` would read as the host's own
+    /// connection's end (`bridge-lost`).
+    static func brokerRequestError(_ error: HoldfastError) -> HoldfastError {
+        guard error.code == .channelClosed else { return error }
+        return HoldfastError(.brokerUnavailable, "the broker died during the request: ask again (it is restarted)", cause: error)
+    }
+
+    /// `broker-unavailable` for a request the broker did not answer in time.
+    func notAnswered(_ what: String, overdue: Bool, bound: Duration) -> HoldfastError {
+        let why = brokerUnavailableExplanation()
+        return overdue
+            ? HoldfastError(.brokerUnavailable, "the broker has not answered the last such request yet (\(why)): it is carried out when the broker goes on")
+            : HoldfastError(.brokerUnavailable, "the broker did not answer \(what) within \(Self.describe(bound)) (\(why)): it stays with it, carried out if it goes on")
     }
 
     /// How long a host request the broker carries out (a resize, a close of stdin) waits for
@@ -141,12 +172,22 @@ extension Supervisor {
     func closeStdin(_ id: String) async throws(HoldfastError) {
         let closedHere = entry(id) != nil && stdio.withLockedValue { !$0.isHandoff(id) && $0.holdsInput(id) }
         if closedHere { stdinEnded(id, endedByHost: false) }
-        do {
-            // The broker's copy too — also a broker restarted meanwhile, whose copy was made
-            // before ours closed.
-            try await brokerRequest(.closeStdin(process: id))
-        } catch where closedHere && [.channelClosed, .brokerUnavailable, .noSuchProcess, .noStdin].contains(error.code) {
-            // Its copy died with it, or it was never handed one: ours was the last.
+        // The broker's copy too — also a broker restarted meanwhile, whose copy was made before
+        // ours closed.
+        let request = BrokerRequest.closeStdin(process: id)
+        switch try await boundedBrokerRequest(request, key: "\(request.frameType):\(id)", bound: Self.brokerRequestBound) {
+        case .answered:
+            return
+        case .failed(let error) where closedHere && [.channelClosed, .brokerUnavailable, .noSuchProcess, .noStdin].contains(error.code):
+            return  // its copy died with it, or it was never handed one: ours was the last
+        case .failed(let error):
+            throw Self.brokerRequestError(error)
+        case .notAnswered(let overdue):
+            // Not done: the broker's copy stays open, and the process reads end-of-file only once
+            // the broker goes on and closes it (or dies). Said, not answered as done.
+            var error = notAnswered("the close", overdue: overdue, bound: Self.brokerRequestBound)
+            if closedHere { error.message += "; the supervisor's copy of the pipe is closed: the process reads end-of-file once the broker's is" }
+            throw error
         }
     }
 

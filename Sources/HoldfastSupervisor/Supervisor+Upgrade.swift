@@ -568,6 +568,12 @@ extension Supervisor {
     /// reaper first (`adopt`), before anything is forked here: its exit and signals stay its own.
     func watchResumedProcesses() {
         for entry in table.withLockedValue({ Array($0.entries) }) where entry.phase == .running {
+            // A terminal's slave end held again (the previous image's closed with its exec):
+            // `TIOCGPTPEER` on the kept first host end succeeds only for a pty master. Before any
+            // broker runs here, so no EIO of the moment between was read.
+            if let master = stdio.withLockedValue({ $0.firstHostEnd(of: entry.id) }), let peer = PseudoTerminal.openPeer(ofMaster: master) {
+                terminalPeers.withLockedValue { $0[entry.id] = peer }
+            }
             let child = reaper.adopt(entry.pid)
             if let child { forked.withLockedValue { $0[entry.id] = child } }
             Task { await watch(entry, child: child) }

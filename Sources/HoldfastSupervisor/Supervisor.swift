@@ -43,6 +43,9 @@ public final class Supervisor: Sendable {
     /// The kinds of question (frame types) the broker left unanswered past `brokerAnswerBound`
     /// and has still not answered: not asked again until it does (`ask`).
     let overdueQuestions = NIOLockedValueBox<Set<UInt32>>([])
+    /// The host requests the broker left unanswered past their bound, by key
+    /// (`boundedBrokerRequest`): one per key stays queued, never one per try.
+    let overdueRequests = NIOLockedValueBox<Set<String>>([])
     /// Each terminal process's slave end, held open from its start until its exit by process
     /// id (`PseudoTerminal.openPeer`): the process may close its terminal and open it again,
     /// and its output relay must not read the end meanwhile. Closed at the exit, so that the

@@ -148,11 +148,13 @@ struct StoppedRoleTests {
     }
 
     /// A stopped broker holds a host request that needs it (a resize, a close of stdin, stats)
-    /// for a bounded time, not for as long as it stays stopped: 40 resizes sent at once — more
-    /// than the bridge worker's 32 permits — are each answered `broker-unavailable`, saying the
-    /// broker did not answer, and a signal sent behind them (it needs no broker) is carried out.
-    /// Before, the resizes held every permit until the broker went on, and the worker stopped
-    /// reading the host's connection: the signal, and everything else, waited with them.
+    /// for a bounded time, not for as long as it stays stopped: of 40 resizes sent at once —
+    /// more than the bridge worker's 32 permits — the first is answered `broker-unavailable`
+    /// once its 5 s are up, the others at once (one is left queued with the broker, not 40), and
+    /// a signal sent behind them (it needs no broker) is carried out. A close of stdin is
+    /// answered that it is not done yet — the process reads end-of-file once the broker goes on —
+    /// not as done. Before, the resizes held every permit until the broker went on, and the
+    /// worker stopped reading the host's connection: the signal, and everything else, waited.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aStoppedBrokerHoldsTheHostsRequestsThatNeedItForABoundedTime() async throws {
         let daemon = try await DaemonFixture()
@@ -160,6 +162,9 @@ struct StoppedRoleTests {
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
         _ = try await daemon.bridge.create(ProcessSpec(id: "victim", argv: ["sleep", "1000"]))
+        _ = try daemon.streams.open(token: bytes("r-in"), direction: .send)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "reader", argv: ["sh", "-c", "cat > /dev/null"], stdin: daemon.spec("r-in")))
+        try await eventually("the reader's stdin connected") { try await daemon.brokerStreams().contains { $0.process == "reader" && $0.state == .connected } }
         let broker = try #require(try await daemon.rolePID("broker"))
         let pinned = try #require(PinnedProcess(broker))
         #expect(kill(broker, SIGSTOP) == 0)
@@ -191,15 +196,26 @@ struct StoppedRoleTests {
         try await eventually("the victim's exit") { exits.count("victim") == 1 }
         let errors = try await withTimeout("the resizes' answers", .seconds(40)) { await resizes.value }
         let said = Set(errors.map { $0.map { "\($0.code): \($0.message)" } ?? "answered" })
-        #expect(errors.count == 40 && errors.allSatisfy { $0?.code == .brokerUnavailable && $0?.message.contains("did not answer within") == true }, "\(said)")
+        #expect(errors.count == 40 && errors.allSatisfy { $0?.code == .brokerUnavailable }, "\(said)")
+        #expect(errors.filter { $0?.message.contains("did not answer the request within 5s") == true }.count == 1, "\(said)")
+        #expect(errors.filter { $0?.message.contains("has not answered the last such request yet") == true }.count == 39, "\(said)")
         do {
             _ = try await bridge.stats(timeout: .seconds(20))
             Issue.record("stats answered by a stopped broker")
         } catch {
-            #expect(error.code == .brokerUnavailable && error.message.contains("did not answer within"), "\(error)")
+            #expect(error.code == .brokerUnavailable && error.message.contains("did not answer stats within 2s"), "\(error)")
         }
+        do {
+            try await bridge.closeStdin("reader", timeout: .seconds(20))
+            Issue.record("a close of stdin answered as done while the broker holds the pipe open")
+        } catch {
+            #expect(error.code == .brokerUnavailable && error.message.contains("reads end-of-file once the broker's is"), "\(error)")
+        }
+        #expect(exits.count("reader") == 0, "the reader still waits for end-of-file")
         #expect(ProcessRunState.of(broker) == .stopped, "stopped throughout")
         #expect(kill(broker, SIGCONT) == 0)
+        try await eventually("the reader's exit once the broker closed its copy", timeout: .seconds(30)) { exits.count("reader") == 1 }
+        #expect(exits.all.first { $0.id == "reader" }?.exitCode == 0)
         // Continued, it carries out what it was left with, and serves on.
         let now = try await daemon.statusTheBrokerAnswered()
         #expect(now.roles.allSatisfy { $0.restarts == 0 }, "\(now.roles)")
