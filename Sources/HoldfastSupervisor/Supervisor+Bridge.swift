@@ -130,9 +130,10 @@ extension Supervisor {
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
             throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
-        guard overdueRequests.withLockedValue({ $0.insert(key).inserted }) else { return .notAnswered(overdue: true) }
-        let call = Task { [overdueRequests] () async -> BrokerRequestOutcome in
-            defer { overdueRequests.withLockedValue { _ = $0.remove(key) } }
+        // Marked only once overdue: requests of a key sent together to a broker that answers
+        // (two quick resizes) all go.
+        guard !overdueRequests.withLockedValue({ $0.contains(key) }) else { return .notAnswered(overdue: true) }
+        let call = Task { () async -> BrokerRequestOutcome in
             do throws(HoldfastError) {
                 let response = try await broker.request(request.frameType, body: request.body)
                 for fd in response.descriptors { close(fd) }  // none is sent with these answers
@@ -141,7 +142,13 @@ extension Supervisor {
                 return .failed(error)
             }
         }
-        return await call.value(within: bound) ?? .notAnswered(overdue: false)
+        if let outcome = await call.value(within: bound) { return outcome }
+        overdueRequests.withLockedValue { _ = $0.insert(key) }
+        Task { [overdueRequests] in
+            _ = await call.value
+            overdueRequests.withLockedValue { _ = $0.remove(key) }
+        }
+        return .notAnswered(overdue: false)
     }
 
     /// A broker's failure as the host reads it: `channel-closed` would read as the host's own
