@@ -116,22 +116,27 @@ extension Supervisor {
         case notAnswered(overdue: Bool)
     }
 
-    /// Sends `request` to the broker, waiting for one that is restarting (as a create does)
-    /// rather than failing while it is, and for its answer at most `bound`. Without the bound, a
-    /// broker stopped or held in a debugger kept each such host request — and the bridge
-    /// worker's permit it holds — for as long as it stayed stopped, and 32 of them (a terminal's
-    /// resizes) stopped the worker reading the host's connection: signals, stops, exits'
-    /// acknowledgements and, after a migration, the next connection's hello waited too. A
-    /// request past its bound stays with the broker (the channel takes no cancellation) and is
-    /// carried out if it goes on; while it does, another of the same `key` is not sent
-    /// (`.notAnswered(overdue: true)` at once), so a broker stopped for an hour is left one
-    /// request per key, not one per try. Throws only when no broker came within `brokerWait`.
+    /// `boundedRequest` to the broker, waiting for one that is restarting (as a create does)
+    /// rather than failing while it is. Without the bound, a broker stopped or held in a
+    /// debugger kept each host request that needs it — and the bridge worker's permit it holds —
+    /// for as long as it stayed stopped, and 32 of them (a terminal's resizes) stopped the worker
+    /// reading the host's connection: signals, stops, exits' acknowledgements and, after a
+    /// migration, the next connection's hello waited too. Throws only when no broker came
+    /// within `brokerWait`.
     func boundedBrokerRequest(_ request: BrokerRequest, key: String, bound: Duration) async throws(HoldfastError) -> BrokerRequestOutcome {
         guard let broker = await brokerClient.wait(timeout: Self.brokerWait) else {
             throw HoldfastError(.brokerUnavailable, "the broker has not been running for \(Self.describe(Self.brokerWait))")
         }
-        // Marked only once overdue: requests of a key sent together to a broker that answers
-        // (two quick resizes) all go.
+        return await boundedRequest(request, to: broker, key: key, bound: bound)
+    }
+
+    /// Sends `request` to `broker` and waits for its answer at most `bound`. A request past its
+    /// bound stays with the broker (the channel takes no cancellation) and is carried out if it
+    /// goes on; while it does, another of the same `key` is not sent (`.notAnswered(overdue:
+    /// true)` at once), so a broker stopped for an hour is left one request per key, not one per
+    /// try (a monitor polling `status`, a scraper, a resizing terminal). The key is marked only
+    /// once overdue: requests of a key sent together to a broker that answers all go.
+    func boundedRequest(_ request: BrokerRequest, to broker: ControlClient, key: String, bound: Duration) async -> BrokerRequestOutcome {
         guard !overdueRequests.withLockedValue({ $0.contains(key) }) else { return .notAnswered(overdue: true) }
         let call = Task { () async -> BrokerRequestOutcome in
             do throws(HoldfastError) {

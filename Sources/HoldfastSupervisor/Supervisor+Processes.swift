@@ -482,16 +482,11 @@ extension Supervisor {
     /// holds the broker in a debugger for an hour would otherwise pile up a request (and two
     /// tasks) per poll, every one of them answered in a burst when the broker goes on.
     func ask<Reply: Decodable & Sendable>(_ broker: ControlClient, _ request: BrokerRequest, reply: Reply.Type) async -> Reply?? {
-        let kind = request.frameType
-        guard !overdueQuestions.withLockedValue({ $0.contains(kind) }) else { return nil }
-        let call = Task { try? await broker.call(request, reply: reply) }
-        if let answer = await call.value(within: Self.brokerAnswerBound) { return answer }
-        overdueQuestions.withLockedValue { _ = $0.insert(kind) }
-        Task { [overdueQuestions] in
-            _ = await call.value
-            overdueQuestions.withLockedValue { _ = $0.remove(kind) }
+        switch await boundedRequest(request, to: broker, key: "question:\(request.frameType)", bound: Self.brokerAnswerBound) {
+        case .answered(let frame): return .some(try? ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type))
+        case .failed: return .some(nil)
+        case .notAnswered: return nil
         }
-        return nil
     }
 
     /// Why the broker's list is missing: not serving yet, or as the kernel sees its process.

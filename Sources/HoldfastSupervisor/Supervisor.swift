@@ -40,11 +40,9 @@ public final class Supervisor: Sendable {
     /// The last of what the supervisor told the broker about the bridge (`tellBroker`): each
     /// one is sent once the one before it was answered, so the broker hears them in order.
     let brokerNoticeTail = NIOLockedValueBox<Task<Void, Never>?>(nil)
-    /// The kinds of question (frame types) the broker left unanswered past `brokerAnswerBound`
-    /// and has still not answered: not asked again until it does (`ask`).
-    let overdueQuestions = NIOLockedValueBox<Set<UInt32>>([])
-    /// The host requests the broker left unanswered past their bound, by key
-    /// (`boundedBrokerRequest`): one per key stays queued, never one per try.
+    /// The requests the broker left unanswered past their bound and has still not answered, by
+    /// key (`boundedRequest`: `ask`'s questions by kind, the host's requests by kind and
+    /// process): one per key stays queued, never one per try.
     let overdueRequests = NIOLockedValueBox<Set<String>>([])
     /// Each terminal process's slave end, held open from its start until its exit by process
     /// id (`PseudoTerminal.openPeer`): the process may close its terminal and open it again,

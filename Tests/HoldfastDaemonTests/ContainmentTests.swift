@@ -223,10 +223,7 @@ struct ContainmentTests {
         // While it is stopped, `status` still answers (its broker part within a bound) and says so.
         #expect(kill(broker, SIGSTOP) == 0)
         // Every thread: one still running answers the list (a fresh clone's loaded run did).
-        try await eventually("every thread of the broker stopped") {
-            let states = ProcessAccount.threadStates(of: broker)
-            return !states.isEmpty && states.allSatisfy { $0 == "T" }
-        }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         let whileStopped = try await withTimeout("status while the broker is stopped", .seconds(30)) { try await daemon.status() }
         #expect(kill(broker, SIGCONT) == 0)
         let stoppedRole = whileStopped.roles.first { $0.name == "broker" }
@@ -288,10 +285,7 @@ struct ContainmentTests {
         #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
         // Every thread, before the exit happens: a group stop reaches each thread only when it
         // next runs, and on a loaded machine one could still reap and report the exit.
-        try await eventually("every thread of the supervisor stopped") {
-            let states = ProcessAccount.threadStates(of: daemon.daemonPID)
-            return !states.isEmpty && states.allSatisfy { $0 == "T" }
-        }
+        try await eventually("every thread of the supervisor stopped") { everyThreadStopped(daemon.daemonPID) }
         let stopped = ContinuousClock.now
         try writeFile(go, [])  // "ends" exits while the supervisor is stopped
         let created = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["true"])) }

@@ -350,6 +350,14 @@ func expectedLines(_ count: Int, prefix: String = "line") -> [UInt8] {
     Array((1...count).map { "\(prefix) \($0)\n" }.joined().utf8)
 }
 
+/// Whether every thread of `pid` is stopped (state T): a group stop reaches each thread only
+/// when it next runs, so a process a test SIGSTOPped may still act for a moment through a thread
+/// that was running; a test waits for this before it relies on the stop.
+func everyThreadStopped(_ pid: pid_t) -> Bool {
+    let states = ProcessAccount.threadStates(of: pid)
+    return !states.isEmpty && states.allSatisfy { $0 == "T" }
+}
+
 func counterCommand(_ count: Int, prefix: String = "line", pause: String = "0.005") -> [String] {
     ["sh", "-c", "i=0; while [ $i -lt \(count) ]; do i=$((i+1)); echo \(prefix) $i; sleep \(pause); done"]
 }

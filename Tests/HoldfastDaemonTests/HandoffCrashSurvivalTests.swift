@@ -157,10 +157,7 @@ struct HandoffCrashSurvivalTests {
         let answer: AdoptResponse
         do {
             // The stop is the kernel's to finish: every thread of it, before the adopt.
-            try await eventually("the supervisor's every thread stopped", timeout: .seconds(5)) {
-                let states = ProcessAccount.threadStates(of: pid)
-                return !states.isEmpty && states.allSatisfy { $0 == "T" }
-            }
+            try await eventually("the supervisor's every thread stopped", timeout: .seconds(5)) { everyThreadStopped(pid) }
             answer = try await Self.adopt("late", "m-out", pipe.read, on: daemon)
         } catch {
             kill(pid, SIGCONT)

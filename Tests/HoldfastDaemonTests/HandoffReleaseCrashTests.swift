@@ -224,10 +224,7 @@ extension HandoffReleaseCrashTests {
             // The stop is the kernel's to finish: a broker thread still running could answer
             // before the connection is closed (seen once in 13 runs under three busy loops: the
             // answer delivered, nothing kept).
-            try await eventually("the broker's every thread stopped", timeout: .seconds(5)) {
-                let states = ProcessAccount.threadStates(of: broker)
-                return !states.isEmpty && states.allSatisfy { $0 == "T" }
-            }
+            try await eventually("the broker's every thread stopped", timeout: .seconds(5)) { everyThreadStopped(broker) }
             let connection = try await Dialer.connect(to: .unix(path: daemon.directory.file("broker.sock")), kind: .seqpacket, timeout: .seconds(5))
             let fd = try #require(connection.detach())
             let frame = release.frame(id: 1).encoded

@@ -48,10 +48,7 @@ struct StoppedRoleTests {
         // Every thread, before the exit happens: a group stop reaches each thread only when it
         // next runs, and on a loaded machine one woken by the exit's message forwarded it first
         // (twice in full suites here) — the worker was not stopped yet, so that was no breach.
-        try await eventually("every thread of the bridge worker stopped") {
-            let states = ProcessAccount.threadStates(of: worker)
-            return !states.isEmpty && states.allSatisfy { $0 == "T" }
-        }
+        try await eventually("every thread of the bridge worker stopped") { everyThreadStopped(worker) }
         let stopped = ContinuousClock.now
         try writeFile(go, [])
         let created = Task { try await daemon.bridge.create(ProcessSpec(id: "late", argv: ["true"])) }
@@ -169,10 +166,7 @@ struct StoppedRoleTests {
         let pinned = try #require(PinnedProcess(broker))
         #expect(kill(broker, SIGSTOP) == 0)
         defer { pinned.signal(SIGCONT) }
-        try await eventually("every thread of the broker stopped") {
-            let states = ProcessAccount.threadStates(of: broker)
-            return !states.isEmpty && states.allSatisfy { $0 == "T" }
-        }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         let bridge = daemon.bridge
         let resizes = Task {
             await withTaskGroup(of: HoldfastError?.self) { group in
@@ -252,10 +246,7 @@ struct StoppedRoleTests {
         #expect(kill(broker, SIGSTOP) == 0)
         defer { pinned.signal(SIGCONT) }
         // Every thread: one still running could answer the first question (it did once in CI).
-        try await eventually("every thread of the broker stopped") {
-            let states = ProcessAccount.threadStates(of: broker)
-            return !states.isEmpty && states.allSatisfy { $0 == "T" }
-        }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         let first = try await daemon.status()
         #expect(first.streams.isEmpty && first.roles.first { $0.name == "broker" }?.notAnswering != nil, "\(first.roles)")
         _ = try await scrape()  // the metrics question goes overdue too
@@ -622,10 +613,7 @@ struct StoppedRoleTests {
         }
         let broker = try #require(try await daemon.rolePID("broker"))
         #expect(kill(broker, SIGSTOP) == 0)
-        try await eventually("every thread of the broker stopped") {
-            let states = ProcessAccount.threadStates(of: broker)
-            return !states.isEmpty && states.allSatisfy { $0 == "T" }
-        }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         daemon.streams.setRefusing(false)
         try await Task.sleep(for: .seconds(5))  // the drain timeout is 3 s
         #expect(kill(broker, SIGCONT) == 0)
