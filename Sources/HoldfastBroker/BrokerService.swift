@@ -287,6 +287,11 @@ public final class BrokerService: Sendable {
                 // A handoff peer's process handed back after a crash stays that peer's.
                 let owner = adoption!.request.handoffOwner.map { ProcessOwner.handoff(uid: $0) } ?? .supervisor
                 Failpoint.pass(Failpoint.brokerCreateReceived, process: adoption!.process)
+                if Failpoint.compiledIn, Failpoint.once(Failpoint.brokerCreateRefusedLate, process: adoption!.process) {
+                    await Failpoint.hold(Failpoint.lateAnswer)
+                    for fd in descriptors { close(fd) }
+                    throw HoldfastError(.stdioFailed, "refused (failpoint \(Failpoint.brokerCreateRefusedLate))")
+                }
                 try broker.adopt(adoption!, descriptors: descriptors, owner: owner)
                 Failpoint.pass(Failpoint.brokerCreateTaken, process: adoption!.process)
             }

@@ -28,6 +28,10 @@ public enum Failpoint {
     /// The broker adopted a process the supervisor starts and relays it; the answer is not
     /// written yet.
     public static let brokerCreateTaken = "broker-create-taken"
+    /// The broker holds the supervisor's `adopt` of a process it starts (until the gate opens,
+    /// or `lateAnswer`), then refuses it: what a broker out of room does, after the create was
+    /// answered. Not a kill: checked with `once`.
+    public static let brokerCreateRefusedLate = "broker-create-refused-late"
     /// The broker closed the process's stdin for the host's `close-stdin`; neither the answer
     /// nor its `input-ended` is written yet.
     public static let brokerStdinClosed = "broker-stdin-closed"

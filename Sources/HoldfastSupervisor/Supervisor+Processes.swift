@@ -148,6 +148,7 @@ extension Supervisor {
             leadsProcessGroup: (spec.runtime ?? .direct) == .direct, cgroup: started.cgroup, streams: adopt.streams,
             oomCounter: started.oomCounter)
         metrics.processStarted(spec.runtime ?? .direct)
+        var lateAdopt: Task<Result<Void, HoldfastError>, Never>?
         if !adopt.streams.isEmpty {
             do throws(HoldfastError) {
                 // And a window each, which a crash inside a read or a write is measured by.
@@ -156,9 +157,24 @@ extension Supervisor {
                 } catch {
                     throw HoldfastError(.stdioFailed, "cannot make the streams' windows: \(error)")
                 }
+                // The adopt sends copies of its own, closed once it has its answer: a create
+                // answered before that (`late`) keeps these, and its process may end and close
+                // them while the send is still under way (a number reused by then would go to
+                // the broker as this process's stream).
+                let sent = try Self.copies(of: descriptors)
                 do {
-                    try await adoptsUnderWay.await { [adopt, descriptors] () async throws(HoldfastError) in
-                        _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: descriptors)
+                    let outcome = try await adoptsUnderWay.await(within: Self.brokerRequestBound) { [adopt, sent] () async throws(HoldfastError) in
+                        defer { for fd in sent { close(fd) } }
+                        _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: sent)
+                    }
+                    if case .late(let adopting) = outcome {
+                        // The broker is stopped, held in a debugger or swamped: the process runs
+                        // and its output waits in its pipes, as every other process's does until
+                        // the broker goes on. The create is answered now, not when it does.
+                        lateAdopt = adopting
+                        logger.warning("the broker has not taken a new process's stdio yet: the create is answered, the output waits in its pipes", metadata: [
+                            "process": "\(spec.id)", "broker": "\(brokerUnavailableExplanation())", "waited": "\(Self.describe(Self.brokerRequestBound))",
+                        ])
                     }
                 } catch where error.code == .channelClosed {
                     // The broker died with the adopt: whether it took the process or not, the
@@ -172,10 +188,8 @@ extension Supervisor {
                     ])
                 }
             } catch {
-                // Ended by the stop, the adopt may still be sending these (a send the broker's full
-                // queue holds): they close with the daemon, never under it (a number reused by
-                // then would go to the broker as this process's stream).
-                if error != AdoptsUnderWay.endedByTheStop { for fd in descriptors { close(fd) } }
+                // The adopt sends (and closes) copies of its own: these are ours to close.
+                for fd in descriptors { close(fd) }
                 closeTerminalPeer(spec.id)
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
                 if let child = started.child {
@@ -212,9 +226,45 @@ extension Supervisor {
             "process": "\(spec.id)", "pid": "\(started.pid)", "runtime": "\((spec.runtime ?? .direct).rawValue)", "argv": "\(spec.argv)",
         ])
         Task { [child = started.child] in await watch(entry, child: child) }
+        // Followed from here, once the process is in the table: a refusal ends it as a process.
+        if let lateAdopt { Task { await lateAdoptFinished(spec.id, await lateAdopt.value, incarnation: incarnation) } }
         // The broker that adopted it may have died since, its successor already up.
         if !adopt.streams.isEmpty { await readoptIfBehind(incarnation) }
         return started.pid
+    }
+
+    /// The end of an adopt whose create was answered before it (`AdoptsUnderWay`'s `late`).
+    /// Taken, or the broker died with it (its successor is handed the process, as every other
+    /// one: it is kept): nothing more to do. Refused: nobody relays the process's stdio, and the
+    /// host was told it started, so it is ended as the host's SIGKILL would (its exit goes to the
+    /// host as every exit does), said in the log with the broker's reason.
+    func lateAdoptFinished(_ id: String, _ result: Result<Void, HoldfastError>, incarnation: Int) async {
+        switch result {
+        case .success:
+            logger.info("the broker took the stdio of a process whose create was answered before", metadata: ["process": "\(id)"])
+        case .failure(let error) where error.code == .channelClosed:
+            await readoptIfBehind(incarnation)
+        case .failure(let error):
+            logger.error("the broker refused the stdio of a process whose create was answered before: the process is killed", metadata: [
+                "process": "\(id)", "error": "\(error)",
+            ])
+            do throws(HoldfastError) { try await send(SIGKILL, to: id) } catch {}
+        }
+    }
+
+    /// Copies of `descriptors` (close-on-exec), all or none.
+    static func copies(of descriptors: [Int32]) throws(HoldfastError) -> [Int32] {
+        var copies: [Int32] = []
+        for fd in descriptors {
+            let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            guard copy >= 0 else {
+                let code = errno
+                for made in copies { close(made) }
+                throw HoldfastError(.stdioFailed, "cannot copy the process's fds for the broker: \(String(cString: strerror(code))) (errno \(code))")
+            }
+            copies.append(copy)
+        }
+        return copies
     }
 
     /// Waits for the process to exit, lets its output drain, then reports the exit.

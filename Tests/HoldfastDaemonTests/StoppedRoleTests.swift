@@ -218,6 +218,108 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// A create with stdio sent while the broker is stopped is answered once its process has
+    /// started and the broker has had 5 s to take its stdio, or at once while an earlier
+    /// create's adopt is still unanswered: of 40 creates — more than the bridge worker's 32
+    /// permits — every one is answered with its pid while the broker stays stopped, and a
+    /// signal sent behind them is carried out. Once the broker goes on, it takes each process's
+    /// stdio: every line of every process reaches the host once, in order, and every exit once
+    /// with nothing undelivered. Before, each create held its permit until the broker went on,
+    /// and the worker stopped reading the host's connection: the signal, and every other
+    /// request, waited with them.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func createsSentToAStoppedBrokerAreAnsweredAndTheirOutputFollowsOnceItGoesOn() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        _ = try await daemon.bridge.create(ProcessSpec(id: "victim", argv: ["sleep", "1000"]))
+        let count = 40
+        var outputs: [Accumulated] = []
+        for index in 0..<count {
+            outputs.append(accumulate(try daemon.streams.open(token: bytes("c\(index)-out"), direction: .receive)))
+        }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let pinned = try #require(PinnedProcess(broker))
+        #expect(kill(broker, SIGSTOP) == 0)
+        defer { pinned.signal(SIGCONT) }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
+        let bridge = daemon.bridge
+        let specs = (0..<count).map { index in
+            ProcessSpec(id: "c\(index)", argv: ["sh", "-c", "i=1; while [ $i -le 300 ]; do echo \"c\(index) $i\"; i=$((i+1)); done"], stdout: daemon.spec("c\(index)-out"))
+        }
+        let creates = Task {
+            await withTaskGroup(of: Result<Int32, HoldfastError>.self) { group in
+                for spec in specs {
+                    group.addTask {
+                        do throws(HoldfastError) {
+                            return .success(try await bridge.create(spec, timeout: .seconds(90)))
+                        } catch {
+                            return .failure(error)
+                        }
+                    }
+                }
+                var results: [Result<Int32, HoldfastError>] = []
+                for await result in group { results.append(result) }
+                return results
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))  // the creates go out first
+        try await withTimeout("a signal behind the creates", .seconds(60)) { try await bridge.signal("victim", SIGTERM, timeout: .seconds(50)) }
+        try await eventually("the victim's exit") { exits.count("victim") == 1 }
+        let results = try await withTimeout("the creates' answers", .seconds(80)) { await creates.value }
+        let failures = results.compactMap { result -> String? in
+            guard case .failure(let error) = result else { return nil }
+            return "\(error.code): \(error.message)"
+        }
+        #expect(failures.isEmpty, "\(failures)")
+        #expect(results.count == count)
+        #expect(ProcessRunState.of(broker) == .stopped, "stopped throughout")
+        #expect(outputs.allSatisfy { $0.count == 0 }, "nothing relayed by a stopped broker")
+        #expect(kill(broker, SIGCONT) == 0)
+        try await eventually("every create's exit", timeout: .seconds(90)) { (0..<count).allSatisfy { exits.count("c\($0)") == 1 } }
+        for index in 0..<count {
+            let report = exits.all.first { $0.id == "c\(index)" }
+            #expect(report?.exitCode == 0 && report?.undelivered == 0 && report?.outputCutShort == nil, "c\(index): \(String(describing: report))")
+            let expected = expectedLines(300, prefix: "c\(index)")
+            try await eventually("c\(index)'s output", timeout: .seconds(30)) { outputs[index].count >= expected.count }
+            #expect(outputs[index].bytes == expected, "c\(index): every line once, in order")
+        }
+        print("40 creates to a stopped broker: each answered, the signal behind them carried out, every line of each relayed once the broker went on")
+        let now = try await daemon.statusTheBrokerAnswered()
+        #expect(now.roles.allSatisfy { $0.restarts == 0 }, "\(now.roles)")
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
+    /// A create answered before the broker took its stdio, whose adopt the broker then refuses
+    /// (out of room, say): nobody would ever relay the process, and the host was told it
+    /// started, so it is killed — its exit reaches the host like any other — and the log says
+    /// why. The broker serves on: the next create is relayed.
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint holds the adopt)"))
+    func aProcessWhoseLateAdoptTheBrokerRefusesIsKilledAndItsExitReported() async throws {
+        let gate = try FailpointGate()
+        defer { gate.remove() }
+        let daemon = try await DaemonFixture(environment: gate.environment.merging(["HOLDFAST_FAILPOINT": "\(Failpoint.brokerCreateRefusedLate):refused"]) { $1 })
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        _ = try daemon.streams.open(token: bytes("refused-out"), direction: .receive)
+        let pid = try await daemon.bridge.create(ProcessSpec(id: "refused", argv: ["sleep", "1000"], stdout: daemon.spec("refused-out")))
+        #expect(kill(pid, 0) == 0, "answered with the process running")
+        #expect(exits.count("refused") == 0)
+        try gate.open()
+        try await eventually("the refused process's exit", timeout: .seconds(30)) { exits.count("refused") == 1 }
+        #expect(exits.all.first { $0.id == "refused" }?.signal == SIGKILL)
+        try await eventually("the log says why") { daemon.log.contains("the broker refused the stdio of a process whose create was answered before") }
+        let output = try daemon.streams.open(token: bytes("next-out"), direction: .receive)
+        let received = accumulate(output)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "next", argv: ["echo", "served on"], stdout: daemon.spec("next-out")))
+        try await eventually("the next create's exit") { exits.count("next") == 1 }
+        try await eventually("its output") { received.count >= 10 }
+        #expect(received.bytes == Array("served on\n".utf8))
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// A stopped broker is asked a question of each kind once, not once per poll: the first
     /// `status` waits out the bound, the next ones (and scrapes) answer at once that it is not
     /// answering, and once it goes on it is asked again. Before, every poll waited 2 s and left
