@@ -1,6 +1,8 @@
+import HoldfastConfig
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
+import Logging
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -27,21 +29,32 @@ public struct StartRefused: Error, Sendable, CustomStringConvertible {
 /// container process as that uid. (One in a pid namespace below, a container's, cannot see it.)
 extension Supervisor {
     /// The uid the broker runs as: `broker.user`'s, or the daemon's own when it is empty.
-    var brokerUID: uid_t {
+    var brokerUID: uid_t { Self.brokerUID(of: configuration) }
+
+    /// The uid a daemon with `configuration` runs its broker as.
+    static func brokerUID(of configuration: DaemonConfiguration) -> uid_t {
         configuration.broker.user.flatMap(UserAccount.resolve)?.uid ?? geteuid()
     }
 
     /// Throws when a process runs as the broker's uid (unless `broker.allow_shared_uid`),
     /// naming a few of them.
     func checkBrokerUIDIsItsOwn() throws(StartRefused) {
-        guard !configuration.broker.allowSharedUID else { return }
-        let uid = brokerUID
         // A role this supervisor SIGKILLed at a failed start and has not reaped yet is no
         // sharer: it never runs its own code again, and its pid is its own until reaped.
         let dying = rolesKilledAtStart.withLockedValue { killed in
             killed.removeAll { !reaper.isUnreaped($0) }
             return Set(killed.map(\.pid))
         }
+        try Self.checkBrokerUIDIsItsOwn(configuration, notCounting: dying, logger: logger)
+    }
+
+    /// `checkBrokerUIDIsItsOwn` for a daemon with `configuration`, not counting `dying`. Also
+    /// asked by a live upgrade's check, with the new configuration file: a `broker.user` changed
+    /// to a uid another process uses would otherwise be found only by the new image, after the
+    /// old broker quiesced — every start of the new one refused, every stream stopped.
+    static func checkBrokerUIDIsItsOwn(_ configuration: DaemonConfiguration, notCounting dying: Set<pid_t> = [], logger: Logger) throws(StartRefused) {
+        guard !configuration.broker.allowSharedUID else { return }
+        let uid = brokerUID(of: configuration)
         let others = ProcessScan.processes(withUID: uid).filter { !dying.contains($0) }
         // One in a pid namespace below ours (a runc container's root with CAP_SETUID can take
         // any uid: `setpriv --reuid`) cannot see the broker: no signal, trace or pidfd of its
@@ -52,13 +65,13 @@ extension Supervisor {
         if !unseeing.isEmpty {
             logger.warning(
                 "processes in another pid namespace run as the broker's uid: they cannot see the broker, which starts all the same",
-                metadata: ["uid": "\(uid)", "processes": "\(Self.name(unseeing))"])
+                metadata: ["uid": "\(uid)", "processes": "\(name(unseeing))"])
         }
         guard !sharers.isEmpty else { return }
         let whose = configuration.broker.user.map { "broker.user '\($0)' (uid \(uid)) is not the broker's own" }
             ?? "broker.user is empty, so the broker would keep this daemon's uid \(uid), which is not its own"
         throw StartRefused(
-            "\(whose): \(Self.name(sharers)) run as it and could signal the broker; "
+            "\(whose): \(name(sharers)) run as it and could signal the broker; "
                 + "give the broker a dedicated user or a uid no process uses (uid:N, e.g. from "
                 + "\(ReservedUIDs.range.lowerBound)-\(ReservedUIDs.range.upperBound)), or set broker.allow_shared_uid: true")
     }

@@ -121,7 +121,7 @@ public enum DaemonCommand {
         // must speak this supervisor's protocol).
         if let fd = checkOnly {
             do {
-                print(try Resumption.check(fd))
+                print(try Resumption.check(fd, configuration: configuration, logger: logger))
                 return 0
             } catch {
                 printError("holdfast \(HoldfastVersion.string) cannot take over: \(error.message)")

@@ -1,3 +1,4 @@
+import HoldfastConfig
 import HoldfastCore
 import HoldfastLogging
 import HoldfastPosix
@@ -81,8 +82,19 @@ public struct Resumption: Sendable {
     }
 
     /// What `--check-resume-snapshot FD` prints: this binary reads that state (or throws why not).
-    public static func check(_ fd: Int32) throws(HoldfastError) -> String {
+    public static func check(_ fd: Int32, configuration: DaemonConfiguration, logger: Logger) throws(HoldfastError) -> String {
         let resumption = try read(fd)
+        // A broker uid the configuration file changed: the new image starts its broker as it
+        // (the running one's is its own, and is not checked again). Found there, after the old
+        // broker quiesced, every start of the new one was refused and every stream stopped.
+        let running = resumption.state.configuration.map(Supervisor.brokerUID(of:))
+        if running != Supervisor.brokerUID(of: configuration) {
+            do {
+                try Supervisor.checkBrokerUIDIsItsOwn(configuration, logger: logger)
+            } catch {
+                throw HoldfastError(.incompatibleState, error.description)
+            }
+        }
         // What the image needs before anything else: an I/O reactor (an epoll fd, an eventfd,
         // a watch). Where the kernel refuses one — every epoll watch of root's uid taken, which a
         // root container without a user namespace can do, as root's processes share the quota —

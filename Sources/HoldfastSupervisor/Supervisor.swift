@@ -181,6 +181,11 @@ public final class Supervisor: Sendable {
             keep("run_directory", \.runDirectory, state.runDirectory)
             keep("control.socket", \.control.socket, state.controlSocket)
             keep("handoff.socket", \.handoff.socket, state.handoffSocket)
+            // runc keeps each running container's state under its root, and every later call
+            // for it (exec, kill, delete) must name that root: a changed one (or a changed
+            // run_directory, through the default "{run}/runc") left every container running
+            // unmanageable — "container does not exist" — and its state undeleted.
+            if let running = state.configuration?.runc.root { keep("runc.root", \.runc.root, running) }
         }
         self.configuration = configuration
         self.logger = logger

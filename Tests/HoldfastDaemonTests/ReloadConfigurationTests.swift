@@ -1,0 +1,100 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A reload (a live upgrade onto the same binary) that reads a changed configuration file: a
+/// change the new image could not live with is refused before anything stops, and one that
+/// would strand what runs now keeps its running value until the next start.
+@Suite("Reload: a changed configuration never strands what runs", .serialized, .timeLimit(.minutes(4)))
+struct ReloadConfigurationTests {
+    /// `broker.user` changed to a uid a process already runs as. Before, the check passed, the
+    /// old broker quiesced and exited, and the new image refused every start of its broker (the
+    /// uid is not its own): every stream stopped, every create failed after 15 s, and `holdfast
+    /// upgrade` timed out. Now the new binary's check refuses it, naming the process, and the
+    /// daemon runs on with its broker; once that process is gone, the same reload goes through
+    /// and the new broker runs as the new uid.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aBrokerUserChangedToAUIDAProcessUsesIsRefusedBeforeAnythingStops() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        var sharedUID = ReservedUIDs.unused()
+        while sharedUID == daemon.brokerUID { sharedUID = ReservedUIDs.unused() }
+        let sharer = try daemon.processes.start(["/bin/sleep", "1000"], user: sharedUID)
+        let configPath = daemon.directory.file("holdfast.yaml")
+        let config = String(decoding: readFile(configPath) ?? [], as: UTF8.self)
+        let changed = config.replacingOccurrences(of: "user: \"uid:\(daemon.brokerUID)\"", with: "user: \"uid:\(sharedUID)\"")
+        #expect(changed != config)
+        try writeFile(configPath, bytes(changed))
+        let broker = try #require(try await daemon.rolePID("broker"))
+
+        let refused = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(refused.status == .exited(1), "\(refused.output)")
+        #expect(refused.output.contains("is not the broker's own") && refused.output.contains("pid \(sharer)"), "says why: \(refused.output)")
+        #expect(try await daemon.rolePID("broker") == broker, "the same broker serves on")
+        #expect(try await daemon.status().upgrades == 0)
+        let output = try daemon.streams.open(token: bytes("after-out"), direction: .receive)
+        let received = accumulate(output)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "after", argv: ["echo", "relayed"], stdout: daemon.spec("after-out")))
+        try await eventually("the output of a create after the refusal") { received.count >= 8 }
+        #expect(received.bytes == bytes("relayed\n"))
+
+        // The process gone, the same reload goes through: the new broker runs as the new uid.
+        daemon.processes.kill(sharer)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        var newBroker: pid_t?
+        try await eventually("the new image's broker") {
+            newBroker = try await daemon.rolePID("broker")
+            return newBroker.map { $0 != broker } ?? false
+        }
+        #expect(newBroker.flatMap(Self.realUID) == sharedUID)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// `run_directory` moved (`runc.root` follows it through the default "{run}/runc"), or
+    /// `runc.root` itself, while a runc container runs. Before, the new image called runc with
+    /// the new root: the container "does not exist" — the host could not exec into it or stop
+    /// it, and its state was never deleted. Now `runc.root` keeps its running value until the
+    /// next start (logged), like `run_directory`.
+    @Test(.enabled(if: DaemonFixture.canRun && TestBundle.canRun, "needs root, runc and busybox-static"))
+    func aMovedRuncRootKeepsItsRunningValueAcrossAReload() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let bundle = try TestBundle(in: daemon.directory, name: "sleeper", args: ["sleep", "600"], terminal: false)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "box", argv: [], runtime: .runc, bundle: bundle.path))
+        let configPath = daemon.directory.file("holdfast.yaml")
+        let config = String(decoding: readFile(configPath) ?? [], as: UTF8.self)
+        try writeFile(configPath, bytes(config + "\nrunc:\n  root: \"{run}/runc-moved\"\n"))
+
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await daemon.waitForLog("runc.root changed: it takes effect at the next start")
+        let execOut = collect(try daemon.streams.open(token: bytes("x-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "box.x", argv: ["echo", "inside"], stdout: daemon.spec("x-out"), runtime: .runc, container: "box"))
+        #expect(await execOut.value == bytes("inside\n"), "an exec into the container after the reload")
+        try await daemon.bridge.signal("box", SIGKILL)
+        try await eventually("the container's exit", timeout: .seconds(20)) { exits.count("box") == 1 }
+        #expect(exits.all.first { $0.id == "box" }?.exitCode == 128 + SIGKILL)
+        try await eventually("runc delete") {
+            try commandOutput(["runc", "--root", daemon.directory.file("runc"), "list", "-q"], in: daemon.directory).isEmpty
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// The real uid of `pid` (the first field of /proc/PID/status's `Uid:` line).
+    static func realUID(_ pid: pid_t) -> uid_t? {
+        let status = String(decoding: readFile("/proc/\(pid)/status") ?? [], as: UTF8.self)
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Uid:") }) else { return nil }
+        return line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first.flatMap { uid_t($0) }
+    }
+}
