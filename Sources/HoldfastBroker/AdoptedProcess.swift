@@ -478,8 +478,10 @@ final class AdoptedProcess: Sendable {
         return (descriptions, fds)
     }
 
-    /// The process exited: inputs close; outputs get the drain timeout, then report.
-    func drain(timeout: Duration) async -> [DrainedNotification.StreamResult] {
+    /// The process exited: inputs close; outputs get the drain timeout, then report. Also
+    /// returns the outputs still open (held by an orphan of the process): still relayed, into
+    /// their slots, for the caller to follow to their end.
+    func drain(timeout: Duration) async -> (results: [DrainedNotification.StreamResult], heldOpen: [ManagedStream]) {
         var results: [DrainedNotification.StreamResult] = []
         for stream in all {
             if stream.output == nil {
@@ -534,6 +536,7 @@ final class AdoptedProcess: Sendable {
             return byIndex
         }
         results += outputs.indices.compactMap { finished[$0] }
+        let heldOpen = outputs.indices.filter { finished[$0]?.ending == DrainedNotification.StreamResult.stillOpen }.map { outputs[$0] }
         // An input reports only what crashes did to it (its bytes are not output to drain).
         for stream in all where stream.output == nil {
             let lost = stream.transports.reduce(0) { $0 + ($1.lostBytes ?? 0) }
@@ -544,7 +547,7 @@ final class AdoptedProcess: Sendable {
                     repeated: repeated > 0 ? repeated : nil))
             }
         }
-        return results
+        return (results, heldOpen)
     }
 
     func closeInput() -> Bool {

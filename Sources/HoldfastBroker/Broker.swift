@@ -459,7 +459,7 @@ public final class Broker: Sendable {
         }
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
-            let results = await adopted.drain(timeout: timeout)
+            let (results, heldOpen) = await adopted.drain(timeout: timeout)
             // Removed first, then counted in the totals: a `stats` in between sees the bytes
             // neither here nor there (a dip the metrics absorb), never twice.
             let removed = processes.withLockedValue { table -> Bool in
@@ -473,10 +473,36 @@ public final class Broker: Sendable {
             logger.info("process streams drained", metadata: [
                 "process": "\(request.process)", "undelivered": "\(undelivered)",
             ])
-            if removed { await handoffGone(request.process) }
+            // A handoff peer's slots are ours to free: not while an output held open still
+            // writes into them (nor is the id free meanwhile).
+            if removed, heldOpen.isEmpty { await handoffGone(request.process) }
             await notifications.send(.drained(DrainedNotification(process: request.process, streams: results)))
+            guard !heldOpen.isEmpty else { return }
+            await withTaskGroup(of: Void.self) { group in
+                for stream in heldOpen {
+                    group.addTask { [self] in
+                        // Relayed until the orphan lets go (end-of-file, then delivered) or the
+                        // host stops taking it (the drain timeout without progress).
+                        while await stream.finished(within: Self.heldOpenCheck) == nil {}
+                        stream.close()
+                        logger.info("an output held open past its process's exit ended", metadata: [
+                            "process": "\(request.process)", "stream": "\(stream.description.kind)",
+                        ])
+                        // Sent after `drained`, on the same channel: the supervisor knows the
+                        // slots are held open before it hears they are free.
+                        if !handoffs.withLockedValue({ $0.has(request.process) }), let slot = stream.description.checkpoint {
+                            notifications.post(.outputSettled(OutputSettledNotification(process: request.process, checkpoint: slot)))
+                        }
+                    }
+                }
+            }
+            if removed { await handoffGone(request.process) }
         }
     }
+
+    /// How often a wait for an output held open past its process's exit looks again (each
+    /// look costs a timeout in the wheel and a task).
+    static let heldOpenCheck: Duration = .seconds(600)
 
     public func closeStdin(_ process: String) throws(HoldfastError) {
         guard let adopted = processes.withLockedValue({ $0[process] }) else {
@@ -666,6 +692,8 @@ public enum BrokerNotification: Sendable, Equatable {
     /// A process's stdin pipe was closed by the broker.
     case inputEnded(InputEndedNotification)
     case inputSettled(InputSettledNotification)
+    /// An output held open past its process's exit ended: its slots may be reused.
+    case outputSettled(OutputSettledNotification)
     /// A handoff peer's process was adopted: its request and copies of its fds (the sender
     /// closes them once sent) for the supervisor to keep.
     case handoffDeposited(HandoffDeposit, descriptors: [Int32])
@@ -681,6 +709,7 @@ public enum BrokerNotification: Sendable, Equatable {
         case .drained(let drained): return ControlFrame(type: BrokerMessageType.drained.rawValue, id: 0, body: ControlJSON.encode(drained))
         case .inputEnded(let ended): return ControlFrame(type: BrokerMessageType.inputEnded.rawValue, id: 0, body: ControlJSON.encode(ended))
         case .inputSettled(let settled): return ControlFrame(type: BrokerMessageType.inputSettled.rawValue, id: 0, body: ControlJSON.encode(settled))
+        case .outputSettled(let settled): return ControlFrame(type: BrokerMessageType.outputSettled.rawValue, id: 0, body: ControlJSON.encode(settled))
         case .handoffDeposited(let deposit, _):
             return ControlFrame(type: BrokerMessageType.handoffDeposited.rawValue, id: 0, body: ControlJSON.encode(deposit))
         case .handoffEnded(let process): return ControlFrame(type: BrokerMessageType.handoffEnded.rawValue, id: 0, body: ControlJSON.encode(process))

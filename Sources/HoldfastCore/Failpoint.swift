@@ -111,6 +111,17 @@ public enum Failpoint {
     /// Every pass.
     public static let everyPass: ClosedRange<Int> = 1...Int.max
 
+    /// `HOLDFAST_SLOT_QUARANTINE=N` (debug builds only): a freed checkpoint slot waits N other
+    /// frees before it is reused, not 1,024, so a test reaches reuse without a thousand
+    /// processes. Nil otherwise.
+    public static let slotQuarantine: Int? = {
+        #if DEBUG
+        getenv("HOLDFAST_SLOT_QUARANTINE").flatMap { Int(String(cString: $0)) }
+        #else
+        nil
+        #endif
+    }()
+
     /// Whether this build has failpoints (tests that need one skip without).
     public static var compiledIn: Bool {
         #if DEBUG

@@ -54,6 +54,10 @@ public enum BrokerMessageType: UInt32, Sendable, CaseIterable {
     /// is told `process-exited` for it too — it drains and lets the process go, where it would
     /// otherwise relay the process for good (the peer, answered, never says it again).
     case handoffExited = 0x0207
+    /// An output reported `still-open` at its process's exit (an orphan of the process held it
+    /// and wrote on) ended: the supervisor, which kept its checkpoint slots out of reuse while
+    /// the broker relayed it into them, frees them.
+    case outputSettled = 0x0208
 }
 
 /// What a stream carries.
@@ -211,6 +215,16 @@ public struct InputEndedNotification: Codable, Sendable, Equatable {
 /// A stdin the host ended is done with its END echo (notification `input-settled`): the echo
 /// reached the host, or the stream gave up after the drain timeout. `checkpoint` is its slot,
 /// which tells this stdin from a later process's of the same id.
+/// `output-settled`: the output of `process` whose checkpoint slot is `checkpoint` ended.
+public struct OutputSettledNotification: Codable, Sendable, Equatable {
+    public var process: String
+    public var checkpoint: Int
+    public init(process: String, checkpoint: Int) {
+        self.process = process
+        self.checkpoint = checkpoint
+    }
+}
+
 public struct InputSettledNotification: Codable, Sendable, Equatable {
     public var process: String
     public var checkpoint: Int

@@ -169,7 +169,7 @@ public enum BrokerRequest: RPCRequest, Equatable {
         case .quiesce: return .quiesce
         case .openHandoff: return .openHandoff
         case .handoffKept: return .handoffKept(try RPCBody.decode(HandoffKept.self, body, type: type))
-        case .ok, .error, .drained, .inputEnded, .inputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing, .handoffExited: throw HoldfastError(.unknownType, "\(known) is not a request")
+        case .ok, .error, .drained, .inputEnded, .inputSettled, .outputSettled, .handoffDeposited, .handoffEnded, .handoffReleasing, .handoffExited: throw HoldfastError(.unknownType, "\(known) is not a request")
         }
     }
 

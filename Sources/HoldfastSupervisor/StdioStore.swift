@@ -1,3 +1,4 @@
+import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 
@@ -53,6 +54,10 @@ struct StdioStore {
         /// peer got the fds is not known here, so a broker after a crash is handed them to keep,
         /// unrelayed, for the peer's next `release` (`AdoptRequest.releasing`).
         var releasing: Bool?
+        /// Outputs the broker reported `still-open` at the exit (an orphan of the process holds
+        /// them and writes on): it relays them still, into their slots, so at the release those
+        /// slots are kept out of reuse (`heldOpen`) until it says they ended.
+        var outputsHeldOpen: Set<StreamKind>?
 
         /// Every fd this entry holds open (fd numbers survive an exec unchanged).
         var heldDescriptors: [Int32] { descriptors.filter { $0 >= 0 } }
@@ -64,18 +69,24 @@ struct StdioStore {
     struct Snapshot: Codable, Equatable, Sendable {
         var held: [String: Held]
         var slots: CheckpointSlots
+        /// `heldOpen`'s slots (absent from an older daemon's state): the broker relaying them
+        /// is gone by the exec, so the next image frees them once its first broker starts.
+        var heldOpen: [Int]? = nil
 
         /// Every fd its entries hold, in a stable order.
         var heldDescriptors: [Int32] { held.keys.sorted().flatMap { held[$0]!.heldDescriptors } }
     }
 
-    func snapshot() -> Snapshot { Snapshot(held: held, slots: slots) }
+    func snapshot() -> Snapshot {
+        Snapshot(held: held, slots: slots, heldOpen: heldOpen.isEmpty ? nil : heldOpen.values.flatMap(\.slots).sorted())
+    }
 
 
     /// The store a live upgrade wrote down: every process is for the first broker to take over
     /// (adopted by incarnation 0, which never ran here), and every exit is owed to it.
     init(restoring snapshot: Snapshot) {
         slots = snapshot.slots
+        for slot in snapshot.heldOpen ?? [] { heldOpen[slot] = HeldOpen(incarnation: 0, slots: [slot]) }
         held = snapshot.held.mapValues { entry in
             var entry = entry
             entry.adoption = .adopted(0)
@@ -100,6 +111,19 @@ struct StdioStore {
     private(set) var client: ControlClient?
     private(set) var held: [String: Held] = [:]
     var slots: CheckpointSlots
+
+    /// The slots of an output that outlived its process's exit report, by its checkpoint slot,
+    /// with the broker incarnation that relays it into them. Freed only once that broker says
+    /// the stream ended (`outputSettled`) or is gone (`releaseHeldOpen`): freed at the exit as
+    /// before, they went to another process's stream while the orphan's went on writing into
+    /// them — its bytes into the other's replay ring, the other's into its stream, both
+    /// streams' checkpoints overwritten by the other.
+    struct HeldOpen: Equatable, Sendable {
+        var incarnation: Int
+        var slots: [Int]
+    }
+
+    private(set) var heldOpen: [Int: HeldOpen] = [:]
 
     init(slots: Int) {
         self.slots = CheckpointSlots(count: slots)
@@ -142,11 +166,53 @@ struct StdioStore {
         }
     }
 
-    /// The slots `request` names, given back (its process never started).
-    mutating func freeCheckpoints(of request: AdoptRequest) -> [Int] {
-        let named = request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }
+    /// The slots `request` names but `kept`, given back (its process never started, or is done).
+    mutating func freeCheckpoints(of request: AdoptRequest, keeping kept: Set<Int> = []) -> [Int] {
+        let named = request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }.filter { !kept.contains($0) }
         for slot in named { slots.free(slot) }
         return named
+    }
+
+    /// The broker that has `process` reported these of its outputs `still-open` at its exit.
+    mutating func outputsHeldOpen(_ process: String, kinds: Set<StreamKind>) {
+        guard !kinds.isEmpty, held[process] != nil else { return }
+        held[process]?.outputsHeldOpen = kinds
+    }
+
+    /// The broker relaying an output held open past its process's exit says it ended (the
+    /// output's checkpoint slot): its slots are free, returned to be cleared. Nil for a slot
+    /// not held open (said twice, or by a broker whose slots were freed at its death).
+    mutating func outputSettled(slot: Int, by incarnation: Int) -> [Int]? {
+        guard let entry = heldOpen[slot], entry.incarnation == incarnation else { return nil }
+        heldOpen.removeValue(forKey: slot)
+        for slot in entry.slots { slots.free(slot) }
+        return entry.slots
+    }
+
+    /// The slots of outputs held open by brokers before `incarnation`, which are gone (one
+    /// broker runs at a time: a new one starts once the last was reaped), freed and returned
+    /// to be cleared.
+    mutating func releaseHeldOpen(before incarnation: Int) -> [Int] {
+        let gone = heldOpen.filter { $0.value.incarnation < incarnation }
+        for (key, entry) in gone {
+            heldOpen.removeValue(forKey: key)
+            for slot in entry.slots { slots.free(slot) }
+        }
+        return gone.values.flatMap(\.slots)
+    }
+
+    /// Records the held-open outputs of `entry` (being released) in `heldOpen`; returns their
+    /// slots, which the release must not free.
+    private mutating func keepHeldOpenSlots(of entry: Held) -> Set<Int> {
+        guard entry.request.handoffOwner == nil, let kinds = entry.outputsHeldOpen else { return [] }
+        var kept: Set<Int> = []
+        for stream in entry.request.streams where kinds.contains(stream.kind) {
+            guard let slot = stream.checkpoint else { continue }  // a raw output: no slot
+            let slots = [slot] + (stream.inputCheckpoint.map { [$0] } ?? [])
+            heldOpen[slot] = HeldOpen(incarnation: entry.adoption.incarnation, slots: slots)
+            kept.formUnion(slots)
+        }
+        return kept
     }
 
     /// A process's streams were adopted by broker `incarnation`; its host ends stay here.
@@ -341,6 +407,7 @@ struct StdioStore {
     /// bytes as undelivered. Everything else of the process is returned.
     mutating func release(_ process: String, evenForEcho: Bool = false) -> (descriptors: [Int32], slots: [Int])? {
         guard let entry = held.removeValue(forKey: process) else { return nil }
+        let heldOpenSlots = keepHeldOpenSlots(of: entry)
         if !evenForEcho, entry.request.handoffOwner == nil, entry.inputEndedByHost == true, entry.inputSettled != true,
             let stdin = entry.request.streams.first(where: { $0.kind == .stdin && $0.mode == .resumable }),
             let slot = stdin.checkpoint, entry.descriptors.indices.contains(stdin.fd), entry.descriptors[stdin.fd] < 0
@@ -353,11 +420,13 @@ struct StdioStore {
             kept.descriptors = [-1]
             kept.keptForEcho = true
             held[process] = kept
-            let others = entry.request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }.filter { $0 != slot }
+            let others = entry.request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }.filter {
+                $0 != slot && !heldOpenSlots.contains($0)
+            }
             for other in others { slots.free(other) }
             return (entry.descriptors.filter { $0 >= 0 }, others)
         }
-        let slots = entry.request.handoffOwner == nil ? freeCheckpoints(of: entry.request) : []
+        let slots = entry.request.handoffOwner == nil ? freeCheckpoints(of: entry.request, keeping: heldOpenSlots) : []
         return (entry.descriptors.filter { $0 >= 0 }, slots)
     }
 
@@ -397,7 +466,7 @@ struct CheckpointSlots: Codable, Equatable, Sendable {
     /// Slots never handed out here (the broker's, for handoff peers' streams).
     let reserved: Range<Int>
     /// Freed slots this many deep are reused before new ones.
-    static let quarantine = 1024
+    static let quarantine = Failpoint.slotQuarantine ?? 1024
     private var nextUnused = 0
     private var freed: [Int] = []
     private var freedHead = 0

@@ -381,6 +381,9 @@ extension Supervisor {
         if drained.streams.contains(where: { $0.ending == DrainedNotification.StreamResult.stillOpen && $0.undelivered > 0 }) {
             report.outputCutShort = true
         }
+        // Relayed on after the exit, into their slots: kept out of reuse until they end.
+        let heldOpen = Set(drained.streams.filter { $0.ending == DrainedNotification.StreamResult.stillOpen }.map(\.kind))
+        stdio.withLockedValue { $0.outputsHeldOpen(drained.process, kinds: heldOpen) }
         complete(drained.process, report)
     }
 

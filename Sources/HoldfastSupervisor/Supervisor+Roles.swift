@@ -153,6 +153,11 @@ extension Supervisor {
             case .inputSettled:
                 guard let settled = try? ControlJSON.decode(InputSettledNotification.self, from: frame.body, frameType: frame.type) else { return }
                 stdinSettled(settled.process, slot: settled.checkpoint)
+            case .outputSettled:
+                guard let settled = try? ControlJSON.decode(OutputSettledNotification.self, from: frame.body, frameType: frame.type),
+                    let from = this.withLockedValue({ $0 })
+                else { return }
+                outputSettled(slot: settled.checkpoint, from: from)
             case .handoffEnded:
                 guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 handoffEnded(ended.process)
@@ -167,7 +172,16 @@ extension Supervisor {
             }
         }
         this.withLockedValue { $0 = client }
-        let number = stdio.withLockedValue { $0.brokerStarted(client) }
+        let number = stdio.withLockedValue { store -> Int in
+            let number = store.brokerStarted(client)
+            // Outputs its predecessors relayed past their processes' exits died with them: their
+            // slots are free (a new broker starts only once the last one was reaped).
+            for slot in store.releaseHeldOpen(before: number) {
+                checkpoints?.checkpoint(slot)?.clear()
+                rings?.clear(slot)
+            }
+            return number
+        }
         // Out of service before its requests fail `channel-closed` (read by their callers as
         // "ask again"): asked again at once, the dead broker's client must not be given out.
         // Ended before it was put in service (it died during the readoption): taken out again

@@ -186,6 +186,18 @@ extension Supervisor {
         freeStdio { $0.inputSettled(process, slot: slot) }
     }
 
+    /// The broker (its channel `client`) says an output held open past its process's exit
+    /// ended (its checkpoint `slot`): the output's slots are cleared and free.
+    func outputSettled(slot: Int, from client: ControlClient) {
+        stdio.withLockedValue { store in
+            guard let slots = store.outputSettled(slot: slot, by: store.incarnation(of: client)) else { return }
+            for slot in slots {
+                checkpoints?.checkpoint(slot)?.clear()
+                rings?.clear(slot)
+            }
+        }
+    }
+
     /// Closes the fds and clears the slots `release` takes out of the store.
     private func freeStdio(_ release: (inout StdioStore) -> (descriptors: [Int32], slots: [Int])?) {
         let released = stdio.withLockedValue { store -> (descriptors: [Int32], slots: [Int])? in

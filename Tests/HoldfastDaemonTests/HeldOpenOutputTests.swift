@@ -1,0 +1,87 @@
+import HoldfastCore
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A process that exits leaving an orphan that holds its stdout and writes on: its exit is
+/// reported after the drain timeout (`still-open`) and the broker relays the orphan's output on.
+/// Before, the output's checkpoint and replay-ring slots were freed at the exit report and
+/// handed to the next process's stream while the orphan's went on writing into them: the
+/// orphan's bytes in the other's replay ring, both streams' checkpoints overwritten by the
+/// other — so a broker crash resumed the victim at the orphan's offsets. Now they stay out of
+/// reuse until the broker says the held-open output ended (or dies).
+@Suite("An output held open past its process's exit keeps its slots", .serialized, .timeLimit(.minutes(3)))
+struct HeldOpenOutputTests {
+    /// Slots reused at once (`HOLDFAST_SLOT_QUARANTINE=0`, debug builds), so the victim would be
+    /// given the orphan's: its every line arrives once, in order, across four dropped
+    /// connections (replays from its ring) and a broker crash (a resume from its checkpoint),
+    /// and the orphan's stream carries only the orphan's bytes.
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (the slot quarantine is set to 0)"))
+    func aVictimStreamIsNeverGivenTheSlotsOfAnOutputAnOrphanHoldsOpen() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_SLOT_QUARANTINE": "0"], drainTimeout: "1s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let stop = daemon.directory.file("orphan-stop")
+        defer { try? writeFile(stop, []) }
+        let orphanOutput = accumulate(try daemon.streams.open(token: bytes("a-out"), direction: .receive))
+        let line = String(repeating: "x", count: 79)
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "attacker", argv: ["sh", "-c", "(while [ ! -e \(stop) ]; do echo \(line); done) & exit 0"], stdout: daemon.spec("a-out")))
+        try await eventually("the attacker's exit, its output held open", timeout: .seconds(30)) { exits.count("attacker") == 1 }
+        try await daemon.waitForLog("process streams drained")
+        let countAtExit = orphanOutput.count
+
+        let victimOutput = accumulate(try daemon.streams.open(token: bytes("v-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "victim", argv: ["seq", "1", "300000"], stdout: daemon.spec("v-out")))
+        let broker = try #require(try await daemon.rolePID("broker"))
+        try await eventually("the victim part-way") { victimOutput.count > 50_000 }
+        #expect(orphanOutput.count > countAtExit, "the orphan's output is relayed on after the exit")
+        // Drops (the victim replays from its ring), then a crash (it resumes from its checkpoint).
+        for _ in 0..<4 {
+            _ = daemon.streams.dropAllConnections()
+            try await Task.sleep(for: .milliseconds(150))
+        }
+        #expect(kill(broker, SIGKILL) == 0)
+        try await eventually("the victim's exit", timeout: .seconds(60)) { exits.count("victim") == 1 }
+        let expected = Array((1...300_000).map { "\($0)\n" }.joined().utf8)
+        try await eventually("every line of the victim", timeout: .seconds(30)) { victimOutput.count >= expected.count }
+        #expect(victimOutput.count == expected.count && victimOutput.bytes == expected, "\(victimOutput.count) of \(expected.count) bytes, in order")
+        #expect(exits.all.first { $0.id == "victim" }?.undelivered == 0)
+        let foreign = orphanOutput.bytes.filter { $0 != UInt8(ascii: "x") && $0 != UInt8(ascii: "\n") }
+        #expect(foreign.isEmpty, "the orphan's stream carries only its own bytes: \(foreign.prefix(64))")
+        try writeFile(stop, [])
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Once the orphan lets go, the broker says the output ended (`output-settled`) and its slot
+    /// is free again: the next stream is given it (slots reused at once).
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (the slot quarantine is set to 0)"))
+    func theSlotsOfAnOutputHeldOpenAreFreeOnceItEnds() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_SLOT_QUARANTINE": "0"], drainTimeout: "1s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let stop = daemon.directory.file("orphan-stop")
+        defer { try? writeFile(stop, []) }
+        let orphanOutput = accumulate(try daemon.streams.open(token: bytes("a-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "attacker", argv: ["sh", "-c", "(while [ ! -e \(stop) ]; do echo held; sleep 0.05; done; echo last) & exit 0"], stdout: daemon.spec("a-out")))
+        try await eventually("the attacker's exit, its output held open", timeout: .seconds(30)) { exits.count("attacker") == 1 }
+        try await daemon.waitForLog("adopted streams pid=")
+        #expect(daemon.log.contains("process=attacker role=broker slots=stdout:0"), "the attacker has slot 0")
+        try writeFile(stop, [])
+        try await eventually("the orphan's last line") { String(decoding: orphanOutput.bytes, as: UTF8.self).hasSuffix("held\nlast\n") }
+        try await daemon.waitForLog("an output held open past its process's exit ended")
+        let output = accumulate(try daemon.streams.open(token: bytes("n-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "next", argv: ["echo", "next"], stdout: daemon.spec("n-out")))
+        try await eventually("the next process's output") { output.count >= 5 }
+        #expect(daemon.log.contains("process=next role=broker slots=stdout:0"), "the freed slot is given out again: \(daemon.log.suffix(1500))")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
