@@ -68,7 +68,7 @@ installed_size=$(du -sk --apparent-size --exclude=DEBIAN "$root" | cut -f1)
 sed -e "s|@VERSION@|$package_version|" -e "s|@ARCH@|$architecture|" -e "s|@MAINTAINER@|$maintainer|" \
     -e "s|@INSTALLED_SIZE@|$installed_size|" -e "s|@DEPENDS@|$depends|" "$debian/control.in" > "$root/DEBIAN/control"
 install -m 0644 "$debian/conffiles" "$root/DEBIAN/conffiles"
-for script in postinst prerm postrm; do install -m 0755 "$debian/$script" "$root/DEBIAN/$script"; done
+for script in preinst postinst prerm postrm; do install -m 0755 "$debian/$script" "$root/DEBIAN/$script"; done
 # md5sums: every file but the conffiles (dpkg keeps their sums itself), as dh_md5sums does.
 (cd "$root" && find . -type f ! -path './DEBIAN/*' -printf '%P\n' | LC_ALL=C sort | grep -vxF -f <(sed 's|^/||' DEBIAN/conffiles) \
     | xargs -d '\n' md5sum > DEBIAN/md5sums)

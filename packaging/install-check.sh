@@ -117,6 +117,17 @@ check "the binary is gone" '[[ ! -e /usr/bin/holdfast ]]'
 check "the configuration stays until purge" '[[ -f /etc/holdfast/holdfast.yaml ]]'
 check "the user stays until purge" 'getent passwd holdfast >/dev/null'
 
+echo "== dpkg -i after dpkg -r (a reinstallation)"
+reinstall_log=$(mktemp)
+dpkg -i "$deb" 2>&1 | tee "$reinstall_log"
+check "the binary is back" '[[ -x /usr/bin/holdfast ]]'
+check "no live upgrade was tried (nothing ran to upgrade)" '! grep -q "live upgrade" "$reinstall_log"'
+check "the preinst's note is gone" '[[ ! -e /run/holdfast-package ]]'
+if [[ -d /run/systemd/system ]]; then
+    check "the daemon was started again, as on a first installation" 'systemctl --quiet is-active holdfast.service'
+fi
+rm -f "$reinstall_log"
+
 echo "== dpkg -P"
 dpkg -P holdfast
 check "the configuration is gone" '[[ ! -e /etc/holdfast ]]'

@@ -191,7 +191,7 @@ final class ManagedStream: Sendable {
             let metrics = broker.metrics.slotObserver()
             // Broker.adopt checked the slot exists. Read before the stream starts, which
             // overwrites it.
-            let checkpoint = endpoint.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) }
+            var checkpoint = endpoint.checkpoint.flatMap { broker.checkpoints?.checkpoint($0) }
             let resumes = description.resume == true
             let level = (direction == .send ? measuredWindow : measuredStage)?.level
             let recovered = resumes ? checkpoint.flatMap { broker.recover($0, windowLevel: level, process: process, stream: name, direction: direction) } : nil
@@ -207,6 +207,15 @@ final class ManagedStream: Sendable {
                 if let restored { broker.restoredRing(restored, hole: hole, process: process, stream: name) }
                 ring = (storage, restored, hole)
             }
+            // What the interrupted take left unknown goes into the slot as the stream starts,
+            // before its new state: an output's hole (its bytes are never sent as data); an input's
+            // write the crash interrupted may have delivered its bytes, and the next ones start
+            // before them, so they may reach the process twice — counted, carried to later
+            // brokers and reported with the exit.
+            if resumeAt != nil {
+                let repeated = direction == .receive ? UInt64(recovered?.uncertain ?? 0) : 0
+                checkpoint?.takenOver = StreamCheckpoint.TakenOver(hole: ring?.hole, repeated: repeated)
+            }
             let made = StreamTransport.make(
                 endpoint, mode: description.mode, direction: direction, settings: broker.settings, checkpoint: checkpoint, resumeAt: resumeAt,
                 ring: ring, inputEnded: direction == .receive && resumeAt != nil && description.ended == true,
@@ -218,12 +227,6 @@ final class ManagedStream: Sendable {
                 watch.event(event)
             }
             watch.watch(made.managed)
-            // A write into the pipe the crash interrupted may have delivered its bytes: the
-            // next ones start before them, so they may reach the process twice. Counted in the
-            // slot (carried to later brokers) and reported with the exit.
-            if direction == .receive, resumeAt != nil, let recovered, recovered.uncertain > 0 {
-                checkpoint?.mayHaveRepeated(UInt64(recovered.uncertain))
-            }
             return made
         }
         switch description.kind {

@@ -115,6 +115,23 @@ public struct StreamCheckpoint: @unchecked Sendable {
 
     private let base: UnsafeMutableRawPointer
 
+    /// What a successor found its predecessor's interrupted take left unknown, written into the
+    /// slot by `start` *before* the new state: an output's hole, an input's bytes that may reach
+    /// the process twice. Written after it (as before), a successor killed between the two left
+    /// a slot that said nothing was pending and held no hole — its own successor sent the
+    /// unknown bytes as data, and counted no repeat.
+    public struct TakenOver: Sendable, Equatable {
+        public var hole: Range<UInt64>?
+        public var repeated: UInt64
+        public init(hole: Range<UInt64>? = nil, repeated: UInt64 = 0) {
+            self.hole = hole
+            self.repeated = repeated
+        }
+    }
+
+    /// Set by a successor before its stream starts (`start(at:resumed: true)` writes it).
+    public var takenOver = TakenOver()
+
     /// A view of the 64 bytes at `slot` (8-byte aligned, inside a shared mapping that outlives
     /// this value).
     public init(slot: UnsafeMutableRawPointer) {
@@ -132,9 +149,11 @@ public struct StreamCheckpoint: @unchecked Sendable {
         let restarts = carried ? load(.restarts) + 1 : 0
         store(carried ? load(.lost) : 0, .lost)
         store(carried ? load(.lostTo) : 0, .lostTo)
-        store(carried ? load(.repeated) : 0, .repeated)
-        store(carried ? load(.holeFrom) : 0, .holeFrom)
-        store(carried ? load(.holeTo) : 0, .holeTo)
+        let takenOver = resumed ? self.takenOver : TakenOver()
+        store((carried ? load(.repeated) : 0) + takenOver.repeated, .repeated)
+        store(takenOver.hole?.lowerBound ?? (carried ? load(.holeFrom) : 0), .holeFrom)
+        store(takenOver.hole?.upperBound ?? (carried ? load(.holeTo) : 0), .holeTo)
+        // Only now the state that says nothing is pending any more.
         store(offset, .state)
         store(0, .pendingLength)
         store(offset, .acknowledged)
@@ -171,12 +190,6 @@ public struct StreamCheckpoint: @unchecked Sendable {
 
     /// An input stream's bytes that may have reached its process twice, over every incarnation.
     public var repeated: UInt64 { load(.repeated) }
-
-    /// A resumed input stream may have written `count` more bytes twice (its predecessor died
-    /// inside a write of them).
-    public func mayHaveRepeated(_ count: UInt64) {
-        store(load(.repeated) + count, .repeated)
-    }
 
     /// Offsets whose bytes this stream will never send (the hole a resumed output starts with).
     public func hole(_ range: Range<UInt64>) {

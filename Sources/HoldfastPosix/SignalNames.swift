@@ -28,10 +28,13 @@ public enum SignalNames {
         if let match = standard.first(where: { $0.name == name }) { return match.number }
         if name == "RTMIN" { return realTimeFirst }
         if name == "RTMAX" { return highest }
-        if name.hasPrefix("RTMIN+"), let offset = Int32(name.dropFirst(6)), realTimeFirst + offset <= highest, offset >= 0 {
+        // The offset's range is checked before any arithmetic: `RTMIN+2147483614` overflowed
+        // Int32 and trapped the CLI.
+        let realTimeOffsets = 0...(highest - realTimeFirst)
+        if name.hasPrefix("RTMIN+"), let offset = Int32(name.dropFirst(6)), realTimeOffsets.contains(offset) {
             return realTimeFirst + offset
         }
-        if name.hasPrefix("RTMAX-"), let offset = Int32(name.dropFirst(6)), highest - offset >= realTimeFirst, offset >= 0 {
+        if name.hasPrefix("RTMAX-"), let offset = Int32(name.dropFirst(6)), realTimeOffsets.contains(offset) {
             return highest - offset
         }
         return nil

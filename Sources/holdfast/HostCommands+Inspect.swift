@@ -57,21 +57,43 @@ struct HostPS: AsyncParsableCommand, HostFamilyCommand {
 }
 
 struct HostKill: AsyncParsableCommand, HostFamilyCommand {
-    static let configuration = CommandConfiguration(commandName: "kill", abstract: "Signal a process in the guest.")
+    static let configuration = CommandConfiguration(
+        commandName: "kill", abstract: "Signal processes in the guest.",
+        discussion: """
+            Prints each id once it was signalled. With -s every argument is a process id \
+            (podman's and docker's form); without it, ID [SIGNAL]. Exits 125 if any could not \
+            be signalled (the others still are).
+            """)
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
-    @Argument(help: "The process id.") var id: String
-    @Argument(help: "The signal: a name (TERM, SIGKILL, RTMIN+1...) or a number from 1 to 64.") var signal = "TERM"
+    @Option(name: [.customShort("s"), .long], help: "The signal: a name (TERM, SIGKILL, RTMIN+1...) or a number from 1 to 64 (default TERM).")
+    var signal: String?
+    @Argument(help: "The process ids (without -s: ID [SIGNAL]).") var arguments: [String]
 
-    func validate() throws { _ = try parseSignal(signal) }
+    /// The ids and the signal the arguments name.
+    func target() throws -> (ids: [String], signal: Int32) {
+        guard !arguments.isEmpty else { throw ValidationError("name a process: holdfast host kill [-s SIGNAL] ID...") }
+        if let signal { return (arguments, try parseSignal(signal)) }
+        guard arguments.count <= 2 else {
+            throw ValidationError("more than one process: name the signal with -s (holdfast host kill -s SIGNAL ID...)")
+        }
+        return ([arguments[0]], try parseSignal(arguments.count == 2 ? arguments[1] : "TERM"))
+    }
+
+    func validate() throws { _ = try target() }
 
     func run() async throws {
-        let number = try parseSignal(signal)
-        do {
-            try await HostClient.signal(control: control, id: id, signal: number)
-        } catch {
-            writeError("holdfast host kill: \(error)")
-            throw ExitCode(HostExitCode.holdfastFailure)
+        let (ids, number) = try target()
+        var failed = false
+        for id in ids {
+            do {
+                try await HostClient.signal(control: control, id: id, signal: number)
+                print(id)
+            } catch {
+                writeError("holdfast host kill: \(id): \(error)")
+                failed = true
+            }
         }
+        if failed { throw ExitCode(HostExitCode.holdfastFailure) }
     }
 }
 

@@ -224,7 +224,7 @@ struct HostStop: AsyncParsableCommand, HostFamilyCommand {
         commandName: "stop",
         abstract: "Stop processes: a signal (default SIGTERM), then SIGKILL if one has not exited after --time seconds.",
         discussion: """
-            Prints each id once it has ended. A container's pid 1 ignores a signal it has no \\
+            Stops every process named at once; prints each id once it has ended. A container's pid 1 ignores a signal it has no \\
             handler for (SIGTERM included): --time bounds that wait. Exits 125 if a process is \\
             unknown to host serve or its end could not be seen.
             """)
@@ -241,29 +241,40 @@ struct HostStop: AsyncParsableCommand, HostFamilyCommand {
 
     func run() async throws {
         let number = try parseSignal(signal)
-        var failed = false
-        for id in ids {
-            let notice = sayIfSlow(
-                "holdfast host stop: waiting up to \(time)s for \(id) to exit after \(SignalNames.name(number)), then SIGKILL")
-            defer { notice.cancel() }
-            do {
-                let stopped = try await HostClient.stop(control: control, id: id, signal: number, timeout: .seconds(time))
-                notice.cancel()
-                if stopped.killed {
-                    writeError("holdfast host stop: \(id) did not exit within \(time)s of \(SignalNames.name(number)): killed with SIGKILL")
-                }
-                if let lost = stopped.outcome.lost {
-                    writeError("holdfast host stop: \(id): lost: \(lost.message)")
-                    failed = true
-                } else {
-                    print(id)
-                }
-            } catch {
-                notice.cancel()
-                writeError("holdfast host stop: \(id): \(error)")
-                failed = true
+        let (control, time) = (control, time)
+        // All at once, as podman and docker stop them: three that ignore the signal take --time
+        // once, not three times, and the last is not signalled 20 s after the first.
+        let failures = await withTaskGroup(of: Bool.self) { group in
+            for id in ids {
+                group.addTask { await Self.stop(id, signal: number, time: time, control: control) }
             }
+            var failures = 0
+            for await stopped in group where !stopped { failures += 1 }
+            return failures
         }
-        if failed { throw ExitCode(HostExitCode.holdfastFailure) }
+        if failures > 0 { throw ExitCode(HostExitCode.holdfastFailure) }
+    }
+
+    /// Stops `id`, printing it once it ended (or why not on stderr); false if it could not be.
+    static func stop(_ id: String, signal number: Int32, time: Int, control: String) async -> Bool {
+        let notice = sayIfSlow("holdfast host stop: waiting up to \(time)s for \(id) to exit after \(SignalNames.name(number)), then SIGKILL")
+        defer { notice.cancel() }
+        do {
+            let stopped = try await HostClient.stop(control: control, id: id, signal: number, timeout: .seconds(time))
+            notice.cancel()
+            if stopped.killed {
+                writeError("holdfast host stop: \(id) did not exit within \(time)s of \(SignalNames.name(number)): killed with SIGKILL")
+            }
+            if let lost = stopped.outcome.lost {
+                writeError("holdfast host stop: \(id): lost: \(lost.message)")
+                return false
+            }
+            print(id)
+            return true
+        } catch {
+            notice.cancel()
+            writeError("holdfast host stop: \(id): \(error)")
+            return false
+        }
     }
 }

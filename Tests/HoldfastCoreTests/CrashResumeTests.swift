@@ -81,14 +81,47 @@ struct StreamCheckpointTests {
     @Test func possibleRepeatsAreCarriedAcrossIncarnationsAndAdded() throws {
         let memory = SlotMemory()
         memory.checkpoint.start(at: 0, resumed: false)
-        memory.checkpoint.start(at: 500, resumed: true)
-        memory.checkpoint.mayHaveRepeated(100)
-        memory.checkpoint.start(at: 900, resumed: true)
-        memory.checkpoint.mayHaveRepeated(40)
+        var successor = memory.checkpoint
+        successor.takenOver = .init(repeated: 100)
+        successor.start(at: 500, resumed: true)
+        var next = memory.checkpoint
+        next.takenOver = .init(repeated: 40)
+        next.start(at: 900, resumed: true)
         #expect(memory.checkpoint.repeated == 140)
         #expect(try #require(memory.checkpoint.recovered).repeated == 140)
+        next.start(at: 0, resumed: false)
+        #expect(memory.checkpoint.repeated == 0, "a new stream in the slot starts clean (what was taken over counts only for a resume)")
+    }
+
+    /// A successor killed right after its stream started (before anything else it writes)
+    /// leaves what its predecessor's interrupted take left unknown in the slot: an output's
+    /// hole, an input's possible repeat. Before, `start` stored the new state (nothing pending)
+    /// first and the hole after: killed in between, the next one found neither, and sent the
+    /// unknown bytes as data.
+    @Test func whatAnInterruptedTakeLeftUnknownSurvivesTheSuccessorsOwnCrash() throws {
+        let memory = SlotMemory()
         memory.checkpoint.start(at: 0, resumed: false)
-        #expect(memory.checkpoint.repeated == 0, "a new stream in the slot starts clean")
+        memory.checkpoint.took(upTo: 1000)
+        memory.checkpoint.beginTake(at: 1000, upTo: 4096)  // killed inside this read
+        let found = try #require(memory.checkpoint.recovered)
+        #expect(found.uncertain == 4096)
+        var successor = memory.checkpoint
+        successor.takenOver = .init(hole: 1000..<5096)
+        successor.start(at: found.outputResumesAt, resumed: true)
+        // Killed now: the next one still knows the hole.
+        let next = try #require(memory.checkpoint.recovered)
+        #expect(next.uncertain == 0 && next.taken == 5096)
+        #expect(next.hole == 1000..<5096, "the unknown bytes are never sent as data")
+        let ring = RestoredRing(blocks: [], start: 0, end: 5096)
+        #expect(next.outputHole(in: ring) == 1000..<5096)
+        // An input the same way: the possible repeat is counted once the stream started.
+        let input = SlotMemory()
+        input.checkpoint.start(at: 0, resumed: false)
+        input.checkpoint.beginTake(at: 200, upTo: 64)
+        var taker = input.checkpoint
+        taker.takenOver = .init(repeated: 64)
+        taker.start(at: try #require(input.checkpoint.recovered).inputResumesAt, resumed: true)
+        #expect(try #require(input.checkpoint.recovered).repeated == 64)
     }
 
     @Test func aResumeCountsTheRestartAndStartsWhereItWasTold() throws {

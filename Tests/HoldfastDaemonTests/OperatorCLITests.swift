@@ -165,6 +165,9 @@ struct OperatorCLITests {
         let gone = try await serve.cli(["kill", "no-such-process", "TERM"])
         #expect(gone.status == .exited(125))
         #expect(gone.err.hasPrefix("holdfast host kill: no-such-process: "), "\(gone.err)")
+        // A real-time offset past Int32's range is an unknown signal, not a crash.
+        let huge = try await serve.cli(["kill", "-s", "RTMIN+2147483614", "anything"])
+        #expect(huge.status == .exited(125) && huge.err.contains("unknown signal 'RTMIN+2147483614'"), "\(huge.err)")
     }
 
     /// A client that goes away (killed) does not end the process's stdin: the next `attach`
@@ -312,6 +315,26 @@ struct OperatorCLITests {
         let attached = try await serve.cli(["attach", "echoer"], stdinPath: daemon.directory.file("typed"))
         #expect(attached.status == .exited(0), "\(attached.err)")
         #expect(attached.out == "typed later\n")
+
+        // Several at once, as podman does: three that ignore SIGTERM take --time once (3 s),
+        // not three times, and each prints its id; `kill -s` takes several ids too.
+        for id in ["deaf1", "deaf2", "deaf3"] {
+            _ = try await serve.cli(["run", "-d", "--id", id, "--", "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
+        }
+        let began = ContinuousClock.now
+        let together = try await serve.cli(["stop", "--time", "3", "deaf1", "deaf2", "deaf3"])
+        let took = ContinuousClock.now - began
+        #expect(together.status == .exited(0), "\(together.err)")
+        #expect(Set(together.out.split(separator: "\n")) == ["deaf1", "deaf2", "deaf3"], "\(together.out)")
+        #expect(took < .seconds(8), "stopped together: \(took)")
+        for id in ["napper1", "napper2"] { _ = try await serve.cli(["run", "-d", "--id", id, "--", "sleep", "1000"]) }
+        let killed = try await serve.cli(["kill", "-s", "KILL", "napper1", "napper2", "nobody-here"])
+        #expect(killed.status == .exited(125), "one of them unknown")
+        #expect(killed.out == "napper1\nnapper2\n", "\(killed.out)")
+        #expect(killed.err.hasPrefix("holdfast host kill: nobody-here: "), "\(killed.err)")
+        for id in ["napper1", "napper2"] { #expect(try await serve.cli(["wait", id]).out == "137\n") }
+        let ambiguous = try await serve.cli(["kill", "a", "b", "c"])
+        #expect(ambiguous.status == .exited(125) && ambiguous.err.contains("name the signal with -s"), "\(ambiguous.err)")
 
         // Unknown ids: one line, 125.
         for command in [["wait", "nobody-here"], ["stop", "nobody-here"], ["logs", "nobody-here"]] {
