@@ -8,6 +8,7 @@
 #include <linux/seccomp.h>
 #include <linux/vm_sockets.h>
 #include <malloc.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,6 +296,39 @@ static void cloexec_from_3(void) {
     }
 }
 
+// How this process was scheduled when it started (its nice value, policy and I/O priority),
+// read before main: what every child is given back. The forks happen on one thread (the
+// spawn thread, the main one), and a child inherits that thread's scheduling: an operator's
+// `renice -n 10 -p PID` or `chrt -f -p 50 PID` of the daemon (which changes that thread only)
+// went to every container started after it — a real-time container could starve the VM, and a
+// restarted broker ran at nice 19. The daemon's own start values (a unit's Nice=, say) are
+// inherited as before.
+static int start_nice = 0;
+static int start_policy = -1;
+static struct sched_param start_param;
+static long start_ioprio = -1;
+
+__attribute__((constructor)) static void record_start_scheduling(void) {
+    errno = 0;
+    int nice_value = getpriority(PRIO_PROCESS, 0);
+    if (errno == 0) start_nice = nice_value;
+    start_policy = sched_getscheduler(0);
+    if (start_policy >= 0 && sched_getparam(0, &start_param) != 0) start_policy = -1;
+#ifdef SYS_ioprio_get
+    start_ioprio = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0);
+#endif
+}
+
+// In the child: back to the start values (best effort: lowering a nice value or leaving a
+// real-time policy is refused without CAP_SYS_NICE; the child then keeps the parent's).
+static void restore_start_scheduling(void) {
+    if (start_policy >= 0) (void)sched_setscheduler(0, start_policy, &start_param);
+    (void)setpriority(PRIO_PROCESS, 0, start_nice);
+#ifdef SYS_ioprio_set
+    if (start_ioprio >= 0) (void)syscall(SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */, 0, (int)start_ioprio);
+#endif
+}
+
 void hf_reap_failed_child(pid_t pid) {
     int saved = errno;
     int status;
@@ -323,6 +357,7 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
         // The cgroup first: whatever the child starts from here on is born inside it, so a
         // kill of the cgroup reaches every descendant, however it left the process group.
         if (o->join_cgroup && write(o->cgroup_procs_fd, "0", 1) != 1) child_fail(report[1], 12);
+        restore_start_scheduling();
         if (o->reset_signals) {
             sigset_t empty;
             sigemptyset(&empty);
