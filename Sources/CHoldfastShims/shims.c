@@ -452,6 +452,14 @@ int hf_spawn_result(int report_fd, const char **failed_step) {
     return 0;
 }
 
+int hf_spawn_failure_decode(const void *bytes, size_t count, const char **failed_step) {
+    struct spawn_failure failure;
+    if (count != sizeof(failure)) return 0;
+    memcpy(&failure, bytes, sizeof(failure));
+    if (failed_step) *failed_step = spawn_steps[failure.step];
+    return failure.error;
+}
+
 int hf_malloc_mmap_threshold(int bytes) {
     return mallopt(M_MMAP_THRESHOLD, bytes) && mallopt(M_TRIM_THRESHOLD, bytes);
 }

@@ -326,6 +326,15 @@ public final class ChildReaper: Sendable {
         return child
     }
 
+    /// `spawn`, waiting for the child's exec through the reactor, not on the calling thread
+    /// (`Spawner.spawnAwaitingExec`): for a program whose start can hang (a container's
+    /// directory or binary on a stalled file system).
+    public func spawnAwaitingExec(_ options: SpawnOptions) async throws(SpawnError) -> Child {
+        let spawned = try await Spawner.spawnAwaitingExec(options, reaper: self)
+        guard let child = spawned.child else { preconditionFailure("a child forked for a reaper is registered") }
+        return child
+    }
+
     /// Runs `fork` (which returns a pid, or ≤ 0) under the lock reaping takes, and registers the
     /// child it forked: its exit cannot be reaped before it is registered.
     func registering(_ fork: () -> pid_t) -> (pid: pid_t, child: Child?) {

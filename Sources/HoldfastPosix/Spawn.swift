@@ -102,18 +102,81 @@ public enum Spawner {
         try spawn(options, reaper: nil).pid
     }
 
-    /// `spawn`, the child registered with `reaper` as it is forked (`ChildReaper.spawn`).
+    /// `spawn`, the child registered with `reaper` as it is forked (`ChildReaper.spawn`). The
+    /// wait for its exec blocks the calling thread.
     static func spawn(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
-        try spawnHere(options, reaper: reaper)
+        let forked = try fork(options, reaper: reaper)
+        var step: UnsafePointer<CChar>?
+        guard hf_spawn_result(forked.report, &step) == 0 else {
+            throw failed(forked, options: options, step: step, errno: Glibc.errno, reaper: reaper)
+        }
+        return (forked.pid, forked.child)
     }
 
-    private static func spawnHere(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
+    /// `spawn`, waiting for the child's exec without holding a thread: the report pipe is read
+    /// through the reactor. A child's set-up and exec can block for as long as a file system
+    /// hangs (its directory or binary on a stalled virtiofs, 9p or NFS mount); waited for on a
+    /// thread of the cooperative pool — one per CPU, which does not grow — as many such creates
+    /// as the guest has CPUs stopped the whole daemon: its control socket, the bridge's
+    /// requests, exit reports, the watchdog's keep-alive (and then systemd killed it with every
+    /// container).
+    static func spawnAwaitingExec(_ options: SpawnOptions, reaper: ChildReaper?) async throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
+        let forked = try fork(options, reaper: reaper)
+        let report: AsyncFD
+        do {
+            report = try AsyncFD(adopting: forked.report)
+        } catch {
+            // No reactor watch to be had (epoll's limit): the blocking wait, as before.
+            var step: UnsafePointer<CChar>?
+            guard hf_spawn_result(forked.report, &step) == 0 else {
+                throw failed(forked, options: options, step: step, errno: Glibc.errno, reaper: reaper)
+            }
+            return (forked.pid, forked.child)
+        }
+        defer { report.close() }
+        // End-of-file: the exec closed the (close-on-exec) write end. Otherwise the child's
+        // failure record, written whole (8 bytes) before it exits.
+        let record = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
+        defer { record.deallocate() }
+        var filled = 0
+        while filled < record.count {
+            let count = (try? await report.read(into: UnsafeMutableRawBufferPointer(rebasing: record[filled...]))) ?? 0
+            if count == 0 { break }
+            filled += count
+        }
+        var step: UnsafePointer<CChar>?
+        let error = hf_spawn_failure_decode(record.baseAddress, filled, &step)
+        guard error == 0 else { throw failed(forked, options: options, step: step, errno: error, reaper: reaper) }
+        return (forked.pid, forked.child)
+    }
+
+    /// A child forked, its exec not yet known (`report`: the pipe its failure record would come
+    /// through).
+    private struct Forked {
+        var pid: pid_t
+        var child: ChildReaper.Child?
+        var report: Int32
+    }
+
+    /// The error of a child that failed before its exec (it exits 127: the reaper reaps it and
+    /// nobody waits; without a reaper it is reaped here).
+    private static func failed(_ forked: Forked, options: SpawnOptions, step: UnsafePointer<CChar>?, errno: Int32, reaper: ChildReaper?) -> SpawnError {
+        if let reaper, let child = forked.child {
+            reaper.abandon(child)
+        } else if reaper == nil {
+            hf_reap_failed_child(forked.pid)
+        }
+        return SpawnError(executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: errno)
+    }
+
+    private static func fork(_ options: SpawnOptions, reaper: ChildReaper?) throws(SpawnError) -> Forked {
         let argv = CStringArray(options.arguments)
         let envp = CStringArray(options.environment)
         let groups = options.user?.groups ?? []
         var step: UnsafePointer<CChar>?
         var child: ChildReaper.Child?
         var failure: Int32 = 0
+        var report: Int32 = -1
         let pid: pid_t = options.executable.withCString { path in
             withOptionalCString(options.directory) { directory in
                 groups.withUnsafeBufferPointer { groupBuffer in
@@ -175,13 +238,7 @@ public enum Spawner {
                                 return reaper.registering(fork)
                             }
                             child = forked.child
-                            guard forked.pid > 0 else { return forked.pid }
-                            // Outside the reaper's lock too.
-                            guard hf_spawn_result(reportFD, &step) == 0 else {
-                                failure = Glibc.errno
-                                if reaper == nil { hf_reap_failed_child(forked.pid) }
-                                return -1
-                            }
+                            report = reportFD
                             return forked.pid
                         }
                     }
@@ -189,11 +246,10 @@ public enum Spawner {
             }
         }
         guard pid > 0 else {
-            // A child that failed before exec exits 127: the reaper reaps it, nobody waits.
-            if let reaper, let child { reaper.abandon(child) }
             throw SpawnError(executable: options.executable, step: step.map { String(cString: $0) } ?? "spawn", errno: failure)
         }
-        return (pid, child)
+        // The wait for its exec is the caller's, outside the spawn thread and the reaper's lock.
+        return Forked(pid: pid, child: child, report: report)
     }
 
     /// What one waitpid(WNOHANG) found.

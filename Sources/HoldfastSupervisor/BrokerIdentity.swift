@@ -83,7 +83,7 @@ extension Supervisor {
     }
 
     /// A process the host or a local client asks for may not run as the broker's uid.
-    func refuseTheBrokersUID(_ spec: ProcessSpec) throws(HoldfastError) {
+    func refuseTheBrokersUID(_ spec: ProcessSpec) async throws(HoldfastError) {
         guard !configuration.broker.allowSharedUID, configuration.broker.user != nil else { return }
         let broker = brokerUID
         let uid: uid_t?
@@ -93,7 +93,7 @@ extension Supervisor {
         case .runc:
             let bundle = spec.container.flatMap { id in entry(id)?.container?.bundle } ?? spec.bundle
             let inContainer = spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }
-            uid = bundle.flatMap { RuncBundleIdentity.hostUID(bundle: $0, containerUID: inContainer) }
+            if let bundle { uid = await RuncBundleIdentity.hostUID(bundle: bundle, containerUID: inContainer) } else { uid = nil }
         }
         if uid == broker {
             throw HoldfastError(.badUser, "the process would run as uid \(broker), the broker's: no other process may share the broker's uid")
@@ -127,25 +127,26 @@ enum RuncBundleIdentity {
         var linux: Linux?
     }
 
-    /// The parts of `bundle`'s config.json read here; nil if it cannot be read or parsed.
-    private static func config(of bundle: String) -> Config? {
-        guard let bytes = WholeFile.read(bundle + "/config.json") else { return nil }
+    /// The parts of `bundle`'s config.json read here; nil if it cannot be read or parsed. Read
+    /// off the cooperative pool: a bundle on a hung file system holds its create alone.
+    private static func config(of bundle: String) async -> Config? {
+        guard let bytes = await OffThreadWork.readWholeFile(bundle + "/config.json") else { return nil }
         return try? JSONDecoder().decode(Config.self, from: Data(bytes))
     }
 
     /// Whether a container made from `bundle` shares this process's pid namespace: its
     /// config.json names no pid namespace, or one at a path that is this one. A bundle that
     /// cannot be read counts as sharing it (the guard then applies; runc says what is wrong).
-    static func sharesThisPIDNamespace(bundle: String) -> Bool {
-        guard let config = config(of: bundle) else { return true }
+    static func sharesThisPIDNamespace(bundle: String) async -> Bool {
+        guard let config = await config(of: bundle) else { return true }
         guard let pid = config.linux?.namespaces?.first(where: { $0.type == "pid" }) else { return true }
         guard let path = pid.path, !path.isEmpty else { return false }
         return PIDNamespace.isOurs(path) ?? true
     }
 
     /// nil when the bundle cannot be read (runc will say why) or the uid is not mapped.
-    static func hostUID(bundle: String, containerUID: uid_t?) -> uid_t? {
-        guard let config = config(of: bundle) else { return nil }
+    static func hostUID(bundle: String, containerUID: uid_t?) async -> uid_t? {
+        guard let config = await config(of: bundle) else { return nil }
         let uid = containerUID ?? config.process?.user?.uid ?? 0
         guard let mappings = config.linux?.uidMappings, !mappings.isEmpty else { return uid }
         for mapping in mappings where uid >= mapping.containerID && UInt64(uid) < UInt64(mapping.containerID) + UInt64(mapping.size) {

@@ -251,7 +251,7 @@ struct Launcher {
     /// `signalGuard`: the seccomp program it starts under (`SignalGuard`), if any.
     static func start(
         _ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?, signalGuard: SignalGuard.Programs? = nil
-    ) throws(HoldfastError) -> Started {
+    ) async throws(HoldfastError) -> Started {
         try validate(spec)
         let account = spec.user.flatMap(UserAccount.forProcess) ?? UserAccount.lookup(String(geteuid()))
         var options = SpawnOptions(executable: spec.argv[0], arguments: spec.argv, environment: environment(for: spec, home: account?.home))
@@ -289,7 +289,9 @@ struct Launcher {
         defer { if let procs = options.cgroupProcs { close(procs) } }
         let child: ChildReaper.Child
         do {
-            child = try reaper.spawn(options)
+            // Its exec is awaited, never waited for on a thread of the cooperative pool: a
+            // directory or binary on a hung file system holds this create alone.
+            child = try await reaper.spawnAwaitingExec(options)
         } catch {
             stdio.closeAll()
             // Removed once the child that failed to start is reaped.

@@ -74,9 +74,9 @@ extension RuncRuntime {
     /// terminal flag and — the reason for not using runc's flags — its console size, which runc
     /// applies before the program starts. Set afterwards, a quick program (`stty size`) could
     /// run first and see a 0×0 terminal.
-    static func execProcess(bundle: String, spec: ProcessSpec) throws(HoldfastError) -> [UInt8] {
+    static func execProcess(bundle: String, spec: ProcessSpec) async throws(HoldfastError) -> [UInt8] {
         let path = bundle + "/config.json"
-        guard let bytes = WholeFile.read(path) else {
+        guard let bytes = await OffThreadWork.readWholeFile(path) else {
             throw HoldfastError(.runtimeFailed, "cannot read the container's config \(path)")
         }
         guard let config = try? JSONDecoder().decode(JSONValue.self, from: Data(bytes)), var process = config["process"],

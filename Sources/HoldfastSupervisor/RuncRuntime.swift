@@ -166,7 +166,7 @@ struct RuncRuntime: Sendable {
             arguments.append(spec.id)
             try await run(
                 arguments, log: scratch.logFile, stdio: stdio, what: "runc create",
-                seccompFilter: signalGuardProgram(bundle: spec.bundle!, containerUID: nil))
+                seccompFilter: await signalGuardProgram(bundle: spec.bundle!, containerUID: nil))
         } catch {
             stdio.closeAll()
             await delete(spec.id)
@@ -209,10 +209,9 @@ struct RuncRuntime: Sendable {
     ) async throws(HoldfastError) -> Launcher.Started {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
+        let process = try await Self.execProcess(bundle: bundle, spec: spec)
         do {
-            try WholeFile.write(scratch.processFile, try Self.execProcess(bundle: bundle, spec: spec), mode: 0o600)
-        } catch let error as HoldfastError {
-            throw error
+            try WholeFile.write(scratch.processFile, process, mode: 0o600)
         } catch {
             throw HoldfastError(.runtimeFailed, "cannot write the exec's process spec: \(error)")
         }
@@ -224,7 +223,7 @@ struct RuncRuntime: Sendable {
             if console != nil { arguments += ["--console-socket", scratch.consoleSocket] }
             try await run(
                 arguments + [container], log: scratch.logFile, stdio: stdio, what: "runc exec",
-                seccompFilter: signalGuardProgram(bundle: bundle, containerUID: spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }))
+                seccompFilter: await signalGuardProgram(bundle: bundle, containerUID: spec.user.flatMap { UInt32($0.split(separator: ":").first ?? "") }))
         } catch {
             stdio.closeAll()
             throw error
@@ -255,9 +254,9 @@ struct RuncRuntime: Sendable {
     /// bundle leaves the pid namespace out, or joins the supervisor's by path (`--pid=host` in
     /// other tools) — can signal it like a direct process, so it gets the same guard, chosen by
     /// the host uid its process runs as.
-    func signalGuardProgram(bundle: String, containerUID: uid_t?) -> [UInt8]? {
-        guard let signalGuard, RuncBundleIdentity.sharesThisPIDNamespace(bundle: bundle) else { return nil }
-        return signalGuard.program(forUID: RuncBundleIdentity.hostUID(bundle: bundle, containerUID: containerUID) ?? 0)
+    func signalGuardProgram(bundle: String, containerUID: uid_t?) async -> [UInt8]? {
+        guard let signalGuard, await RuncBundleIdentity.sharesThisPIDNamespace(bundle: bundle) else { return nil }
+        return signalGuard.program(forUID: await RuncBundleIdentity.hostUID(bundle: bundle, containerUID: containerUID) ?? 0)
     }
 
     /// `runc kill ID SIGNAL`.
@@ -304,7 +303,7 @@ struct RuncRuntime: Sendable {
         options.newSession = true
         let child: ChildReaper.Child
         do {
-            child = try reaper.spawn(options)
+            child = try await reaper.spawnAwaitingExec(options)
         } catch {
             // No task or fd to start it with is not a missing runc.
             throw Launcher.forkFailure(error) ?? HoldfastError(.runtimeMissing, "cannot run runc (runc.path '\(path)'): \(error)")

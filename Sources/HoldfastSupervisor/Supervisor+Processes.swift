@@ -33,7 +33,7 @@ extension Supervisor {
         await upgradeGate.enter()
         defer { upgradeGate.leave() }
         try Launcher.validate(spec)
-        try refuseTheBrokersUID(spec)
+        try await refuseTheBrokersUID(spec)
         try refuseWhenShortOfDescriptors()
         let decision = table.withLockedValue { table in
             table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table[spec.id].map { ($0.idempotencyKey, $0.pid) })
@@ -105,7 +105,7 @@ extension Supervisor {
         let oomMark = kernelLog?.mark()
         switch spec.runtime ?? .direct {
         case .direct:
-            started = try Launcher.start(spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard)
+            started = try await Launcher.start(spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard)
             if let failure = started.cgroupFailure {
                 logger.warning("process runs without a cgroup: a stop ends its process group only", metadata: [
                     "process": "\(spec.id)", "error": "\(failure)",

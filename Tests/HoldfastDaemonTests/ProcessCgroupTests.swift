@@ -270,6 +270,39 @@ struct ProcessCgroupTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// More creates whose processes cannot exec yet than the machine has CPUs (the Swift
+    /// runtime's cooperative pool has one thread per CPU, and does not grow): the daemon still
+    /// answers — `status`, a signal, the exit it causes — while they wait, and each starts when
+    /// let. Before, each create waited for its exec on a pool thread: with every thread so held,
+    /// nothing else ran (under systemd the watchdog then killed the daemon, and every container).
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func processesThatCannotStartYetHoldNothingElse() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        _ = try await daemon.bridge.create(ProcessSpec(id: "victim", argv: ["sleep", "1000"]))
+        let processes = try Self.processCgroupsDirectory(of: daemon)
+        try writeFile(processes + "/cgroup.freeze", bytes("1"))
+        let frozen = NIOLockedValueBox(true)
+        defer { if frozen.withLockedValue({ $0 }) { try? writeFile(processes + "/cgroup.freeze", bytes("0")) } }
+        let count = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) + 2
+        let held = (0..<count).map { index in
+            Task { try await daemon.launch(ProcessSpec(id: "held\(index)", argv: ["true"])) }
+        }
+        try await eventually("\(count) processes frozen before their exec") {
+            ProcessCgroups.processCgroupNames(in: processes).filter { !(readFile(processes + "/" + $0 + "/cgroup.procs") ?? []).isEmpty }.count >= count + 1
+        }
+        try await withDeadline("status while they wait", .seconds(15)) { _ = try await daemon.status() }
+        // The victim is frozen too (its cgroup is under the same directory): SIGKILL reaches it.
+        try await withDeadline("a signal while they wait", .seconds(15)) { try await daemon.bridge.signal("victim", SIGKILL) }
+        try writeFile(processes + "/cgroup.freeze", bytes("0"))
+        frozen.withLockedValue { $0 = false }
+        try await eventually("the victim's exit") { exits.count("victim") == 1 }
+        for task in held { _ = try await withDeadline("a held create once its process may start", .seconds(60)) { try await task.value } }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
     func aRestartedDaemonEndsWhatACrashedOneLeftRunning() async throws {
         let daemon = try await DaemonFixture()

@@ -9,7 +9,7 @@ import Testing
 struct RuncProcessSpecTests {
     /// Everything the container's process had is kept (capabilities, rlimits up to 2^64-1, the
     /// environment); the exec's args, terminal, console size, user and variables are set.
-    @Test func theContainersProcessIsKeptAndTheExecsFieldsSet() throws {
+    @Test func theContainersProcessIsKeptAndTheExecsFieldsSet() async throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let config = """
@@ -23,7 +23,7 @@ struct RuncProcessSpecTests {
         let spec = ProcessSpec(
             id: "x", argv: ["stty", "size"], env: ["A=2", "B=3"], cwd: "/tmp", user: "5:6", tty: true, rows: 33, columns: 99,
             runtime: .runc, container: "box")
-        let encoded = try RuncRuntime.execProcess(bundle: directory.path, spec: spec)
+        let encoded = try await RuncRuntime.execProcess(bundle: directory.path, spec: spec)
         let process = try #require(try JSONSerialization.jsonObject(with: Data(encoded)) as? [String: Any])
         #expect(process["args"] as? [String] == ["stty", "size"])
         #expect(process["terminal"] as? Bool == true)
@@ -41,11 +41,11 @@ struct RuncProcessSpecTests {
         plain.tty = false
         plain.env = nil
         let second = try #require(
-            try JSONSerialization.jsonObject(with: Data(try RuncRuntime.execProcess(bundle: directory.path, spec: plain))) as? [String: Any])
+            try JSONSerialization.jsonObject(with: Data(try await RuncRuntime.execProcess(bundle: directory.path, spec: plain))) as? [String: Any])
         #expect(second["consoleSize"] == nil)
         #expect(second["env"] as? [String] == ["PATH=/bin", "A=1"])
 
-        #expect(throws: HoldfastError.self) { try RuncRuntime.execProcess(bundle: directory.file("none"), spec: spec) }
+        await #expect(throws: HoldfastError.self) { try await RuncRuntime.execProcess(bundle: directory.file("none"), spec: spec) }
     }
 
     @Test func containerIDsFollowRuncsRule() {
