@@ -21,6 +21,17 @@ import Foundation
 struct UpgradeState: Codable, Sendable {
     static let currentVersion = 1
 
+    /// Which fields of meaning this binary writes and reads, counted up each time one is added
+    /// whose absence a reader would misread (1: everything up to this field's arrival; 2: the
+    /// slots of outputs held open past their process's exit, `StdioStore.Snapshot.heldOpen`).
+    /// A reader refuses a state of a revision above its own: an older binary decodes what it
+    /// knows and drops the rest without a word (a live *downgrade* then delivered a keyed
+    /// signal twice, relayed a handoff release two readers held, or gave slots still written
+    /// into to new streams). Binaries before revisions existed ignore it; a state without one
+    /// is revision 1.
+    static let currentRevision = 2
+    var revision: Int? = UpgradeState.currentRevision
+
     /// The fds the new image takes over, by what each one is.
     struct Descriptors: Codable, Sendable, Equatable {
         /// The control socket's listener: connections made during the switch wait in its backlog.
@@ -114,6 +125,7 @@ struct UpgradeState: Codable, Sendable {
     private struct Envelope: Decodable {
         var version: Int
         var writtenBy: String?
+        var revision: Int?
     }
 
     /// Reads a state, refusing (`incompatible-state`) a version this binary does not know —
@@ -129,6 +141,11 @@ struct UpgradeState: Codable, Sendable {
             throw HoldfastError(
                 .incompatibleState,
                 "the upgrade state was written as version \(envelope.version) (by holdfast \(envelope.writtenBy ?? "?")); this binary (holdfast \(HoldfastVersion.string)) reads version \(currentVersion)")
+        }
+        guard (envelope.revision ?? 1) <= currentRevision else {
+            throw HoldfastError(
+                .incompatibleState,
+                "the upgrade state was written by holdfast \(envelope.writtenBy ?? "?") (revision \(envelope.revision ?? 1)), newer than this binary (holdfast \(HoldfastVersion.string), revision \(currentRevision)): it would drop what it does not know. A live upgrade onto an older binary is refused; restart the daemon onto it (which ends every container process), or install holdfast \(envelope.writtenBy ?? "the running version") or newer")
         }
         let state: UpgradeState
         do {

@@ -8,11 +8,7 @@ import Testing
 import Glibc
 #endif
 
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
 
 @testable import HoldfastSupervisor
 
@@ -97,6 +93,34 @@ struct UpgradeStateTests {
                 && (error as? HoldfastError)?.message.contains("written as version 2 (by holdfast 9.0.0)") == true
         }
         #expect(throws: HoldfastError.self) { _ = try UpgradeState.decode(Array("not json".utf8)) }
+    }
+
+    /// A newer binary's state (a higher revision: fields of meaning this binary does not know)
+    /// is refused, saying what to do, so a live downgrade never drops them silently; its own
+    /// revision and an older binary's state (no revision: 1) are read.
+    @Test func aStateOfANewerRevisionIsRefusedAndAnOlderOneRead() throws {
+        let state = UpgradeState(
+            version: UpgradeState.currentVersion, writtenBy: "0.1.0", upgrades: 1, uptimeSeconds: 1, executable: "/usr/bin/holdfast",
+            configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20, runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock",
+            handoffSocket: "/run/holdfast/broker.sock", descriptors: .init(control: 7), table: ProcessTable(instanceID: "i").snapshot(),
+            stdio: try store().snapshot(), reaped: [], roles: [])
+        let encoded = try JSONEncoder().encode(state)
+        var object = try #require(try JSONSerialization.jsonObject(with: encoded) as? [String: Any])
+        #expect(object["revision"] as? Int == UpgradeState.currentRevision, "written with this binary's revision")
+        #expect(try UpgradeState.decode(Array(encoded)).state.revision == UpgradeState.currentRevision)
+        object["revision"] = UpgradeState.currentRevision + 1
+        object["writtenBy"] = "9.0.0"
+        let newer = Array(try JSONSerialization.data(withJSONObject: object))
+        #expect {
+            _ = try UpgradeState.decode(newer)
+        } throws: { error in
+            let message = (error as? HoldfastError)?.message ?? ""
+            return (error as? HoldfastError)?.code == .incompatibleState && message.contains("written by holdfast 9.0.0")
+                && message.contains("A live upgrade onto an older binary is refused")
+        }
+        object.removeValue(forKey: "revision")
+        let older = Array(try JSONSerialization.data(withJSONObject: object))
+        #expect(try UpgradeState.decode(older).state.revision == nil, "an older binary's state (revision 1) is read")
     }
 
     /// The fd store is written down whole (`StdioStore.Held` is Codable), so a field added to it
