@@ -535,7 +535,25 @@ extension Supervisor {
     /// holds the broker in a debugger for an hour would otherwise pile up a request (and two
     /// tasks) per poll, every one of them answered in a burst when the broker goes on.
     func ask<Reply: Decodable & Sendable>(_ broker: ControlClient, _ request: BrokerRequest, reply: Reply.Type) async -> Reply?? {
-        switch await boundedRequest(request, to: broker, key: "question:\(request.frameType)", bound: Self.brokerAnswerBound) {
+        // The same question (kind and body: a list's page) already in flight is not asked again:
+        // its answer is shared. Each answer costs the broker a walk of every stream and of its
+        // fds, on the channel it serves one request at a time; a guest process that kept 64
+        // scrapes of a TCP or vsock metrics endpoint in flight had it render 64 at once, and
+        // adopts, resizes and closes of stdin queued behind them.
+        let question = "\(request.frameType):" + String(decoding: request.body, as: UTF8.self)
+        let (asking, shared) = questionsInFlight.withLockedValue { inFlight -> (Task<BrokerRequestOutcome, Never>, Bool) in
+            if let asking = inFlight[question] { return (asking, true) }
+            let asking = Task { [self] in
+                let outcome = await boundedRequest(request, to: broker, key: "question:\(request.frameType)", bound: Self.brokerAnswerBound)
+                // Under the lock the entry was made under: always after it.
+                questionsInFlight.withLockedValue { _ = $0.removeValue(forKey: question) }
+                return outcome
+            }
+            inFlight[question] = asking
+            return (asking, false)
+        }
+        metrics.brokerQuestion(shared: shared)
+        switch await asking.value {
         case .answered(let frame): return .some(try? ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type))
         case .failed: return .some(nil)
         case .notAnswered: return nil

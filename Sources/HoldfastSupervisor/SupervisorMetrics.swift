@@ -29,6 +29,10 @@ final class SupervisorMetrics: Sendable {
     let straySignals: CoreMetrics.Counter
     let signalsRefused: CoreMetrics.Counter
     let signalsRepeated: CoreMetrics.Counter
+    /// Questions put to the broker (a status's streams, a scrape's metrics, stats), and those
+    /// answered by one already in flight (`Supervisor.ask`).
+    let brokerQuestions: CoreMetrics.Counter
+    let brokerQuestionsShared: CoreMetrics.Counter
     /// OOM kills the exits of runc container processes counted (`ExitReport.oomKills`).
     let oomKills: CoreMetrics.Counter
     /// Exits of processes the OOM killer killed (`ExitReport.wasLikelyOOMKilled`), any runtime.
@@ -66,6 +70,8 @@ final class SupervisorMetrics: Sendable {
         straySignals = CoreMetrics.Counter(label: "holdfast_stray_signals_ignored_total", factory: factory)
         signalsRefused = CoreMetrics.Counter(label: "holdfast_signals_refused_total", factory: factory)
         signalsRepeated = CoreMetrics.Counter(label: "holdfast_signals_repeated_total", factory: factory)
+        brokerQuestions = CoreMetrics.Counter(label: "holdfast_questions_to_broker_total", factory: factory)
+        brokerQuestionsShared = CoreMetrics.Counter(label: "holdfast_questions_to_broker_shared_total", factory: factory)
         oomKills = CoreMetrics.Counter(label: "holdfast_container_oom_kills_total", factory: factory)
         oomKilledExits = CoreMetrics.Counter(label: "holdfast_processes_oom_killed_total", factory: factory)
         bridgeUp.record(0)
@@ -84,6 +90,7 @@ final class SupervisorMetrics: Sendable {
     func straySignalIgnored() { straySignals.increment() }
     func signalRefused() { signalsRefused.increment() }
     func signalRepeated() { signalsRepeated.increment() }
+    func brokerQuestion(shared: Bool) { (shared ? brokerQuestionsShared : brokerQuestions).increment() }
     func oomKilled(_ count: UInt64) { oomKills.increment(by: Int64(clamping: count)) }
     func processOOMKilled() { oomKilledExits.increment() }
 

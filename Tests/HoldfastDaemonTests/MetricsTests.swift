@@ -182,4 +182,46 @@ struct MetricsTests {
         }
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// Scrapes in flight together share one question to the broker (each answer costs it a walk
+    /// of every stream and of its fds, on the channel it serves one request at a time): 12
+    /// scrapes sent while the broker is stopped for a moment (so they all come before its
+    /// answer) put one question to it, and every one of them gets the broker's part. Before,
+    /// each asked its own: 12 renders queued in the broker, adopts and resizes behind them.
+    /// (12: the endpoint keeps 16 connections waiting for their head, and closes the oldest
+    /// beyond that.)
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func scrapesInFlightTogetherShareOneQuestionToTheBroker() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let endpoint = SocketAddress.unix(path: daemon.directory.file("metrics.sock"))
+        func scrape() async throws -> [String: Double] {
+            parsePrometheus(try await httpExchange(endpoint, "GET /metrics HTTP/1.0\r\n\r\n"))
+        }
+        let before = try await scrape()
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let pinned = try #require(PinnedProcess(broker))
+        #expect(kill(broker, SIGSTOP) == 0)
+        defer { pinned.signal(SIGCONT) }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
+        let scrapes = Task {
+            try await withThrowingTaskGroup(of: [String: Double].self) { group in
+                for _ in 0..<12 { group.addTask { try await scrape() } }
+                var all: [[String: Double]] = []
+                for try await one in group { all.append(one) }
+                return all
+            }
+        }
+        try await Task.sleep(for: .milliseconds(700))  // within the 2 s the broker is given
+        #expect(kill(broker, SIGCONT) == 0)
+        let all = try await withTimeout("the scrapes", .seconds(30)) { try await scrapes.value }
+        let withTheBroker = all.filter { $0["holdfast_broker_processes"] != nil }.count
+        let after = try await scrape()
+        let asked = (after["holdfast_questions_to_broker_total"] ?? 0) - (before["holdfast_questions_to_broker_total"] ?? 0)
+        let shared = (after["holdfast_questions_to_broker_shared_total"] ?? 0) - (before["holdfast_questions_to_broker_shared_total"] ?? 0)
+        print("12 scrapes in flight together: \(Int(asked)) questions to the broker (the check's own scrape among them), \(Int(shared)) shared")
+        #expect(all.count == 12 && withTheBroker == 12, "every scrape has the broker's part: \(withTheBroker)")
+        #expect(asked <= 3 && shared >= 9, "asked \(asked), shared \(shared)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
