@@ -106,28 +106,24 @@ extension BridgeServer {
         connection.close()
     }
 
-    /// Delivers an exit once, and acknowledges it every time the guest reports it. When the
-    /// guest confirms the acknowledgement it has forgotten the exit (it will not repeat it), so
-    /// we forget it too.
+    /// Delivers an exit once, and acknowledges it every time the guest reports it — as it is
+    /// delivered, or (`byCaller`) once the caller said it handled it. When the guest confirms the
+    /// acknowledgement it has forgotten the exit (it will not repeat it), so we forget it too.
     func deliver(_ report: ExitReport, on connection: Connection) {
-        let first = state.withLockedValue { s -> Bool in
-            guard s.deliveredExits[report.id] == nil else { return false }
+        let (first, handled) = state.withLockedValue { s -> (Bool, Bool) in
+            let handled = s.handledExits.contains(report.id)
+            guard s.deliveredExits[report.id] == nil else { return (false, handled) }
             s.deliveredExits[report.id] = false
-            return true
+            return (true, handled)
         }
         if first {
             if let observer { observer(.exit(report)) } else { exitSink.yield(report) }
         }
-        Task { [self] in
-            // Any reply means the guest processed the acknowledgement (it answers ok even for an
-            // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
-            do throws(HoldfastError) {
-                _ = try await connection.request(.acknowledgeExit(AcknowledgeExitRequest(id: report.id)))
-            } catch {
-                if error.code == .bridgeLost { return }
-            }
-            confirmAcknowledgement(of: report.id)
-        }
+        // A repeat of one already confirmed (a resend racing the acknowledgement) is
+        // acknowledged again in either mode: the guest no longer waits for the caller.
+        let confirmed = state.withLockedValue { $0.deliveredExits[report.id] == true }
+        guard exitAcknowledgement == .onDelivery || handled || confirmed else { return }
+        sendAcknowledgement(of: report.id, on: connection)
     }
 
     func withHandshakeTimeout<T: Sendable>(

@@ -67,6 +67,20 @@ public final class BridgeServer: Sendable {
     /// Only connections that hold the key add to it, so a flood cannot wash a voucher out.
     public static let rememberedVouchers = 1024
 
+    /// When an exit is acknowledged to the guest (which forgets it once it has the
+    /// acknowledgement, and repeats it in every hello until then).
+    public enum ExitAcknowledgement: Sendable, Equatable {
+        /// As it is delivered (to `exits` or the observer): simple, but an exit delivered and
+        /// not yet handled when the host agent dies (a crash, a restart) is gone — the guest
+        /// was told the host had it.
+        case onDelivery
+        /// When the caller says it handled it (`acknowledgeExit`): until then the guest keeps it
+        /// and repeats it in every hello, so a host agent that dies before handling an exit is
+        /// given it again by the guest when it comes back (at least once across agent restarts,
+        /// exactly once within one `BridgeServer`).
+        case byCaller
+    }
+
     /// What the guest says, in order, for an observer.
     public enum Event: Sendable, Equatable {
         /// A guest connected: `hello.instanceID` and `hello.bootID` say whether it is the same
@@ -83,6 +97,7 @@ public final class BridgeServer: Sendable {
     let handshakeTimeout: Duration
     let warn: @Sendable (String) -> Void
     let observer: (@Sendable (Event) -> Void)?
+    let exitAcknowledgement: ExitAcknowledgement
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
     public static let rememberedConfirmedExits = 4096
 
@@ -112,6 +127,9 @@ public final class BridgeServer: Sendable {
         /// the acknowledgement); the newest `rememberedConfirmedExits` confirmed ids are kept for
         /// that, older ones forgotten, so memory does not grow with processes run.
         var deliveredExits: [String: Bool] = [:]
+        /// Exits the caller said it handled (`acknowledgeExit`, `byCaller`) whose acknowledgement
+        /// the guest has not confirmed yet: acknowledged on every connection that repeats them.
+        var handledExits: Set<String> = []
         var confirmedOrder = IDQueue()
         var refusing = false
         var closed = false
@@ -194,12 +212,13 @@ public final class BridgeServer: Sendable {
     public init(
         listeningOn address: SocketAddress, authentication: Authentication, unixMode: mode_t? = nil,
         handshakeTimeout: Duration = .seconds(5), warn: @escaping @Sendable (String) -> Void = BridgeServer.warnOnStandardError,
-        observer: (@Sendable (Event) -> Void)? = nil
+        observer: (@Sendable (Event) -> Void)? = nil, exitAcknowledgement: ExitAcknowledgement = .onDelivery
     ) throws {
         self.address = address
         self.handshakeTimeout = handshakeTimeout
         self.warn = warn
         self.observer = observer
+        self.exitAcknowledgement = exitAcknowledgement
         state = NIOLockedValueBox(State(authentication: authentication))
         listener = try Listener(binding: address, unixMode: unixMode)
         (hellos, helloSink) = AsyncStream<BridgeHello>.makeStream()
@@ -314,8 +333,36 @@ public final class BridgeServer: Sendable {
 
     /// The guest confirmed our acknowledgement of `id`'s exit: it has forgotten that exit, and
     /// we keep the id only against a late copy, among the newest confirmed ones.
+    /// The caller handled the exit of `id` (`exitAcknowledgement: .byCaller`): the guest is
+    /// told now if a guest is connected, and on every connection that repeats the exit until it
+    /// confirms. With `.onDelivery`, a no-op (it was acknowledged as it was delivered).
+    public func acknowledgeExit(_ id: String) {
+        guard exitAcknowledgement == .byCaller else { return }
+        let connection = state.withLockedValue { s -> Connection? in
+            guard s.deliveredExits[id] == false else { return nil }
+            s.handledExits.insert(id)
+            return s.connection
+        }
+        if let connection { sendAcknowledgement(of: id, on: connection) }
+    }
+
+    /// Acknowledges the exit of `id` on `connection`; the guest's answer confirms it.
+    func sendAcknowledgement(of id: String, on connection: Connection) {
+        Task { [self] in
+            // Any reply means the guest processed the acknowledgement (it answers ok even for an
+            // exit it no longer holds); no reply (the connection died) leaves it unconfirmed.
+            do throws(HoldfastError) {
+                _ = try await connection.request(.acknowledgeExit(AcknowledgeExitRequest(id: id)))
+            } catch {
+                if error.code == .bridgeLost { return }
+            }
+            confirmAcknowledgement(of: id)
+        }
+    }
+
     func confirmAcknowledgement(of id: String) {
         state.withLockedValue { s in
+            s.handledExits.remove(id)
             guard s.deliveredExits[id] == false else { return }
             s.deliveredExits[id] = true
             s.confirmedOrder.append(id)
