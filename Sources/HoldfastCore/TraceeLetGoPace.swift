@@ -21,17 +21,25 @@ public struct TraceeLetGoPace: Sendable {
         public var perProcessInterval: Duration
         /// Least time between two held let-gos of any processes.
         public var overallInterval: Duration
+        /// Free stops of every process together, per second (and at most this many at once);
+        /// past it a free stop is held like any other. Orphans are cheap to make and each had
+        /// its free stops: a loop of short-lived processes that stopped their 16 times each was
+        /// let go at once every time, unbounded.
+        public var freeStopsPerSecond: Int
 
-        public init(freeStops: Int, perProcessInterval: Duration, overallInterval: Duration) {
+        public init(freeStops: Int, perProcessInterval: Duration, overallInterval: Duration, freeStopsPerSecond: Int = 256) {
             self.freeStops = freeStops
             self.perProcessInterval = perProcessInterval
             self.overallInterval = overallInterval
+            self.freeStopsPerSecond = freeStopsPerSecond
         }
 
-        /// 16 stops free, then at most 100 per second per process and 200 per second in all.
-        /// A held stop costs the supervisor about 0.25 ms of CPU (its report, the reaper's wake,
-        /// the timer, the trip to the spawn thread: `bench/tracee-loop.sh`), so this bounds what
-        /// any number of looping processes take to about 5 % of a CPU (2 ms apart measured 10 %).
+        /// 16 stops free (256 a second in all), then at most 100 per second per process and 200
+        /// per second in all. A held stop costs the supervisor about 0.25 ms of CPU (its report,
+        /// the reaper's wake, the timer, the trip to the spawn thread: `bench/tracee-loop.sh`), a
+        /// free one about 46 µs, so this bounds what any number of looping processes — or of
+        /// processes made to stop a few times each — take to about 6 % of a CPU (2 ms apart
+        /// measured 10 %).
         public static let standard = Limits(freeStops: 16, perProcessInterval: .milliseconds(10), overallInterval: .milliseconds(5))
     }
 
@@ -43,9 +51,27 @@ public struct TraceeLetGoPace: Sendable {
     public let limits: Limits
     private var records: [Int32: Record] = [:]
     private var lastHeldLetGo: ContinuousClock.Instant?
+    /// Free stops left to every process together, and when it was last topped up.
+    private var freeBudget: Double
+    private var freeBudgetAt: ContinuousClock.Instant?
 
     public init(limits: Limits = .standard) {
         self.limits = limits
+        freeBudget = Double(limits.freeStopsPerSecond)
+    }
+
+    /// Takes one free stop from the budget every process shares, if one is left at `now`.
+    private mutating func takeFreeStop(at now: ContinuousClock.Instant) -> Bool {
+        let capacity = Double(limits.freeStopsPerSecond)
+        if let last = freeBudgetAt, now > last {
+            let elapsed = now - last
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            freeBudget = min(capacity, freeBudget + seconds * capacity)
+        }
+        if freeBudgetAt.map({ now > $0 }) ?? true { freeBudgetAt = now }
+        guard freeBudget >= 1 else { return false }
+        freeBudget -= 1
+        return true
     }
 
     /// `pid` stopped at `now`: nil to let it go now, or the instant to let it go at.
@@ -53,7 +79,7 @@ public struct TraceeLetGoPace: Sendable {
         var record = records[pid, default: Record()]
         record.stops += 1
         defer { records[pid] = record }
-        guard record.stops > limits.freeStops else {
+        if record.stops <= limits.freeStops, takeFreeStop(at: now) {
             record.lastLetGo = now
             return nil
         }

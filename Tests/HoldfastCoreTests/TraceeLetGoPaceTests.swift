@@ -58,8 +58,12 @@ struct TraceeLetGoPaceTests {
 
     @Test func theStandardLimitsBoundHeldLetGosToTwoHundredASecond() {
         let standard = TraceeLetGoPace.Limits.standard
-        #expect(standard.freeStops == 16)
-        var pace = TraceeLetGoPace()
+        #expect(standard.freeStops == 16 && standard.freeStopsPerSecond == 256)
+        // The held pace alone: the free stops of the set-up below are not counted against a
+        // budget (`freeStopsOfManyProcessesShareOneBudget` is about that).
+        var unbudgeted = standard
+        unbudgeted.freeStopsPerSecond = 1_000_000
+        var pace = TraceeLetGoPace(limits: unbudgeted)
         // 200 processes, each past its free stops, stopping as fast as they can for one second.
         var letGo = 0
         for pid: Int32 in 1...200 {
@@ -75,5 +79,27 @@ struct TraceeLetGoPaceTests {
         }
         #expect(letGo <= 201, "held let-gos in one second: \(letGo)")
         #expect(letGo >= 195, "the pace holds no more than it must: \(letGo)")
+    }
+
+    /// Short-lived processes that each stop their free stops (a loop of forks: each child, an
+    /// orphan of the last, calls PTRACE_TRACEME and stops 16 times): at most 256 let go at once
+    /// in all, the rest held no closer together than the overall interval. Before, every one of
+    /// them was let go at once, however many came.
+    @Test func freeStopsOfManyProcessesShareOneBudget() {
+        var pace = TraceeLetGoPace()
+        var atOnce = 0
+        var held: [ContinuousClock.Instant] = []
+        for pid: Int32 in 1...100 {
+            for _ in 0..<16 {
+                if let due = pace.stopped(pid, at: start) { held.append(due) } else { atOnce += 1 }
+            }
+            pace.exited(pid)
+        }
+        // 256 free, and the first held one (nothing held before it to be spaced from).
+        #expect(atOnce == 257, "let go at once: \(atOnce)")
+        #expect(held.count == 1600 - 257)
+        #expect(zip(held, held.dropFirst()).allSatisfy { $1 - $0 >= .milliseconds(5) }, "held ones 5 ms apart")
+        // A second later the budget is back: a debugger check's stops are free again.
+        for _ in 0..<16 { #expect(pace.stopped(500, at: start + .seconds(9)) == nil) }
     }
 }
