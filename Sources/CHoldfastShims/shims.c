@@ -308,15 +308,42 @@ static int start_policy = -1;
 static struct sched_param start_param;
 static long start_ioprio = -1;
 
+// Linux's SCHED_RESET_ON_FORK, ORed into a policy (sched.h has it only under _GNU_SOURCE).
+#define HF_SCHED_RESET_ON_FORK 0x40000000
+
 __attribute__((constructor)) static void record_start_scheduling(void) {
     errno = 0;
     int nice_value = getpriority(PRIO_PROCESS, 0);
     if (errno == 0) start_nice = nice_value;
     start_policy = sched_getscheduler(0);
     if (start_policy >= 0 && sched_getparam(0, &start_param) != 0) start_policy = -1;
+    if (start_policy >= 0 && (start_policy & HF_SCHED_RESET_ON_FORK)) {
+        // What the kernel gives a child at fork then (a unit's CPUSchedulingResetOnFork=yes):
+        // the normal policy, a nice value not below 0. Restored as read, the flag and a
+        // real-time policy went back onto every container.
+        start_policy = SCHED_OTHER;
+        start_param.sched_priority = 0;
+        if (start_nice < 0) start_nice = 0;
+    }
 #ifdef SYS_ioprio_get
     start_ioprio = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0);
 #endif
+}
+
+void hf_start_scheduling(int *nice_value, int *policy, int *priority, long *ioprio) {
+    *nice_value = start_nice;
+    *policy = start_policy;
+    *priority = start_param.sched_priority;
+    *ioprio = start_ioprio;
+}
+
+// A live upgrade's new image: the values the first image started with (this image's
+// constructor read them from the thread that exec'd it, which an operator may have reniced).
+void hf_set_start_scheduling(int nice_value, int policy, int priority, long ioprio) {
+    start_nice = nice_value;
+    start_policy = policy;
+    start_param.sched_priority = priority;
+    start_ioprio = ioprio;
 }
 
 // In the child: back to the start values (best effort: lowering a nice value or leaving a

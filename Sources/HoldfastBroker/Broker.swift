@@ -478,6 +478,10 @@ public final class Broker: Sendable {
             if removed, heldOpen.isEmpty { await handoffGone(request.process) }
             await notifications.send(.drained(DrainedNotification(process: request.process, streams: results)))
             guard !heldOpen.isEmpty else { return }
+            // Whose slots they are, decided now (a handoff peer may adopt the id anew meanwhile):
+            // the supervisor's, which it frees at `output-settled`, or a handoff peer's process's,
+            // which are ours (`handoffGone` below).
+            let supervisorsSlots = !handoffs.withLockedValue({ $0.has(request.process) })
             await withTaskGroup(of: Void.self) { group in
                 for stream in heldOpen {
                     group.addTask { [self] in
@@ -490,7 +494,7 @@ public final class Broker: Sendable {
                         ])
                         // Sent after `drained`, on the same channel: the supervisor knows the
                         // slots are held open before it hears they are free.
-                        if !handoffs.withLockedValue({ $0.has(request.process) }), let slot = stream.description.checkpoint {
+                        if supervisorsSlots, let slot = stream.description.checkpoint {
                             notifications.post(.outputSettled(OutputSettledNotification(process: request.process, checkpoint: slot)))
                         }
                     }

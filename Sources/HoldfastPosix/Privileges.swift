@@ -236,3 +236,29 @@ public enum PIDNamespace {
         return theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino
     }
 }
+
+/// The scheduling every child is given (nice value, policy, I/O priority): what the daemon
+/// started with, read before `main` (shims.c), never what an operator set on the daemon later
+/// (`renice`/`chrt` of its pid change the thread it forks from). A live upgrade carries it to
+/// the next image, whose own start values are those of the thread that exec'd it.
+public struct StartScheduling: Codable, Sendable, Equatable {
+    public var nice: Int32
+    public var policy: Int32
+    public var priority: Int32
+    public var ioPriority: Int
+
+    /// This process's.
+    public static var current: StartScheduling {
+        var nice: Int32 = 0
+        var policy: Int32 = 0
+        var priority: Int32 = 0
+        var ioPriority = 0
+        hf_start_scheduling(&nice, &policy, &priority, &ioPriority)
+        return StartScheduling(nice: nice, policy: policy, priority: priority, ioPriority: ioPriority)
+    }
+
+    /// Makes these the values children are given.
+    public func adopt() {
+        hf_set_start_scheduling(nice, policy, priority, ioPriority)
+    }
+}

@@ -126,7 +126,11 @@ public enum Spawner {
         do {
             report = try AsyncFD(adopting: forked.report)
         } catch {
-            // No reactor watch to be had (epoll's limit): the blocking wait, as before.
+            // No reactor watch to be had (epoll's limit): the blocking wait, as before — on a
+            // blocking fd again (the adoption made it non-blocking before its watch failed,
+            // and a read would find nothing yet and take the child for started).
+            let flags = fcntl(forked.report, F_GETFL)
+            if flags >= 0 { _ = fcntl(forked.report, F_SETFL, flags & ~O_NONBLOCK) }
             var step: UnsafePointer<CChar>?
             guard hf_spawn_result(forked.report, &step) == 0 else {
                 throw failed(forked, options: options, step: step, errno: Glibc.errno, reaper: reaper)

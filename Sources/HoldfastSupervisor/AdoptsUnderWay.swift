@@ -50,7 +50,11 @@ final class AdoptsUnderWay: Sendable {
     /// Awaits `adopt` at most `bound` (at once `.late` while another adopt is late): its result,
     /// `.late`, or `shutting-down` if the stop ends the wait first (the adopt itself goes on, its
     /// answer then unread).
-    func await(within bound: Duration, _ adopt: @escaping @Sendable () async throws(HoldfastError) -> Void) async throws(HoldfastError) -> Outcome {
+    /// `notStarted` runs when the stop's end came first and `adopt` never ran (what it would
+    /// have sent and closed is the caller's to close).
+    func await(
+        within bound: Duration, notStarted: @Sendable () -> Void = {}, _ adopt: @escaping @Sendable () async throws(HoldfastError) -> Void
+    ) async throws(HoldfastError) -> Outcome {
         let result = await withCheckedContinuation { (waiter: Waiter) in
             let registered = state.withLockedValue { s -> (key: UInt64, behindALateOne: Bool)? in
                 guard !s.ended else { return nil }
@@ -58,7 +62,10 @@ final class AdoptsUnderWay: Sendable {
                 s.waiting[s.next] = waiter
                 return (s.next, !s.late.isEmpty)
             }
-            guard let registered else { return waiter.resume(returning: .failure(Self.endedByTheStop)) }
+            guard let registered else {
+                notStarted()
+                return waiter.resume(returning: .failure(Self.endedByTheStop))
+            }
             let key = registered.key
             let adopting = Task { () async -> Result<Void, HoldfastError> in
                 do throws(HoldfastError) {

@@ -53,6 +53,9 @@ public enum DaemonCommand {
         // manager's soft limit of 1,024 would stop it at about 170 processes, and then a broker
         // restart could not even create its socketpair. Its children get the soft limit back.
         ResourceLimits.raiseOpenFileLimit(childrenKeep: resumption?.state.childOpenFileLimit)
+        // Children get the scheduling the first image started with, not this image's (an
+        // operator's renice of the daemon is this thread's, which exec'd it).
+        resumption?.state.childScheduling?.adopt()
         // The OOM killer must choose a container before the process whose death ends them all
         // (README, "Memory"); the containers get the adjustment the daemon found.
         // Not for a live upgrade's check, which serves nothing: where the daemon lacks

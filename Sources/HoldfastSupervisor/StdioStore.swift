@@ -222,10 +222,21 @@ struct StdioStore {
     /// id in, so it no longer holds that one — whose `handoff-ended` is not read yet (the reply
     /// to the adopt can overtake that notification). Overwritten, its copies stayed open for good.
     @discardableResult
-    mutating func keep(_ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int) -> (descriptors: [Int32], slots: [Int]) {
+    /// `stillAdopting`: broker `incarnation` has not answered the adopt yet (a create answered
+    /// late): its exit is not told until it has (`adopted`), since a `process-exited` could
+    /// overtake the adopt on the broker's channel.
+    mutating func keep(
+        _ process: String, request: AdoptRequest, descriptors: [Int32], adoptedBy incarnation: Int, stillAdopting: Bool = false
+    ) -> (descriptors: [Int32], slots: [Int]) {
         let evicted = held[process] == nil ? nil : release(process, evenForEcho: true)
-        held[process] = Held(request: request, descriptors: descriptors, adoption: .adopted(incarnation))
+        held[process] = Held(request: request, descriptors: descriptors, adoption: stillAdopting ? .adopting(incarnation) : .adopted(incarnation))
         return evicted ?? ([], [])
+    }
+
+    /// Whether `process` had a stdin pipe that was closed here (the host's close-stdin).
+    func inputClosed(_ process: String) -> Bool {
+        guard let entry = held[process], let stdin = entry.request.streams.first(where: { $0.kind == .stdin }) else { return false }
+        return entry.descriptors.indices.contains(stdin.fd) && entry.descriptors[stdin.fd] < 0
     }
 
     /// A handoff peer's process that broker `incarnation` adopted and deposited here (copies of

@@ -100,6 +100,10 @@ extension Supervisor {
     /// Asks the broker for the host (a resize), through `boundedBrokerRequest` keyed by the
     /// request's kind and process.
     func brokerRequest(_ request: BrokerRequest, for process: String) async throws(HoldfastError) {
+        // A process whose create was answered before the broker took it: not before it has.
+        guard await lateAdoptDone(process, within: Self.brokerRequestBound) else {
+            throw HoldfastError(.brokerUnavailable, "the broker has not taken the process's stdio yet (\(brokerUnavailableExplanation())): ask again once it has")
+        }
         switch try await boundedBrokerRequest(request, key: "\(request.frameType):\(process)", bound: Self.brokerRequestBound) {
         case .answered: return
         case .failed(let error): throw Self.brokerRequestError(error)
@@ -184,6 +188,13 @@ extension Supervisor {
     func closeStdin(_ id: String) async throws(HoldfastError) {
         let closedHere = entry(id) != nil && stdio.withLockedValue { !$0.isHandoff(id) && $0.holdsInput(id) }
         if closedHere { stdinEnded(id, endedByHost: false) }
+        // A process whose create was answered before the broker took it: the broker's copy
+        // comes with the adopt, and is closed once it is taken (`lateAdoptFinished`).
+        guard await lateAdoptDone(id, within: Self.brokerRequestBound) else {
+            var error = HoldfastError(.brokerUnavailable, "the broker has not taken the process's stdio yet (\(brokerUnavailableExplanation()))")
+            if closedHere { error.message += "; the supervisor's copy of the pipe is closed, the broker's is closed once it takes it: the process then reads end-of-file" }
+            throw error
+        }
         // The broker's copy too — also a broker restarted meanwhile, whose copy was made before
         // ours closed.
         let request = BrokerRequest.closeStdin(process: id)

@@ -163,7 +163,8 @@ extension Supervisor {
                 // the broker as this process's stream).
                 let sent = try Self.copies(of: descriptors)
                 do {
-                    let outcome = try await adoptsUnderWay.await(within: Self.brokerRequestBound) { [adopt, sent] () async throws(HoldfastError) in
+                    let outcome = try await adoptsUnderWay.await(within: Self.brokerRequestBound, notStarted: { for fd in sent { close(fd) } }) {
+                        [adopt, sent] () async throws(HoldfastError) in
                         defer { for fd in sent { close(fd) } }
                         _ = try await broker.request(BrokerRequest.adopt(adopt).frameType, body: BrokerRequest.adopt(adopt).body, descriptors: sent)
                     }
@@ -211,7 +212,7 @@ extension Supervisor {
             let evicted = stdio.withLockedValue { store in
                 // An earlier process of this id still kept for its stdin's echo gives it up; a
                 // handoff process's copies the broker is done with close.
-                let evicted = store.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation)
+                let evicted = store.keep(spec.id, request: adopt, descriptors: descriptors, adoptedBy: incarnation, stillAdopting: lateAdopt != nil)
                 for slot in evicted.slots {
                     checkpoints?.checkpoint(slot)?.clear()
                     rings?.clear(slot)
@@ -220,6 +221,8 @@ extension Supervisor {
             }
             for fd in evicted { Reactor.shared.closeOnLoop(fd) }
         }
+        // Before the process is in the table: a request for it finds its adopt under way.
+        if let lateAdopt { lateAdopts.withLockedValue { $0[spec.id] = lateAdopt } }
         table.withLockedValue { $0.started(entry) }
         if let child = started.child { forked.withLockedValue { $0[spec.id] = child } }
         logger.info("process started", metadata: [
@@ -227,29 +230,58 @@ extension Supervisor {
         ])
         Task { [child = started.child] in await watch(entry, child: child) }
         // Followed from here, once the process is in the table: a refusal ends it as a process.
-        if let lateAdopt { Task { await lateAdoptFinished(spec.id, await lateAdopt.value, incarnation: incarnation) } }
+        if let lateAdopt {
+            Task { [pid = started.pid] in await lateAdoptFinished(spec.id, pid: pid, await lateAdopt.value, incarnation: incarnation) }
+        }
         // The broker that adopted it may have died since, its successor already up.
         if !adopt.streams.isEmpty { await readoptIfBehind(incarnation) }
         return started.pid
     }
 
     /// The end of an adopt whose create was answered before it (`AdoptsUnderWay`'s `late`).
-    /// Taken, or the broker died with it (its successor is handed the process, as every other
-    /// one: it is kept): nothing more to do. Refused: nobody relays the process's stdio, and the
-    /// host was told it started, so it is ended as the host's SIGKILL would (its exit goes to the
-    /// host as every exit does), said in the log with the broker's reason.
-    func lateAdoptFinished(_ id: String, _ result: Result<Void, HoldfastError>, incarnation: Int) async {
+    /// Taken: the process is the broker's from now on — its exit, if it came meanwhile, is told
+    /// now (not before: it could have overtaken the adopt), and a close of its stdin the host
+    /// asked for meanwhile is carried out on the broker's copy too. The broker died with it: its
+    /// successor is handed the process, as every other one (it is kept). Refused: nobody relays
+    /// the process's stdio, and the host was told it started, so it is ended as the host's
+    /// SIGKILL would (its exit goes to the host as every exit does), said in the log with the
+    /// broker's reason.
+    func lateAdoptFinished(_ id: String, pid: pid_t, _ result: Result<Void, HoldfastError>, incarnation: Int) async {
+        defer { lateAdopts.withLockedValue { _ = $0.removeValue(forKey: id) } }
         switch result {
         case .success:
             logger.info("the broker took the stdio of a process whose create was answered before", metadata: ["process": "\(id)"])
+            let closeStdin = stdio.withLockedValue { store -> Bool in
+                store.adopted(id, by: incarnation)
+                return store.inputClosed(id)
+            }
+            if closeStdin {
+                let request = BrokerRequest.closeStdin(process: id)
+                _ = try? await boundedBrokerRequest(request, key: "\(request.frameType):\(id)", bound: Self.brokerRequestBound)
+            }
+            await deliverExit(id)
         case .failure(let error) where error.code == .channelClosed:
             await readoptIfBehind(incarnation)
         case .failure(let error):
             logger.error("the broker refused the stdio of a process whose create was answered before: the process is killed", metadata: [
                 "process": "\(id)", "error": "\(error)",
             ])
-            do throws(HoldfastError) { try await send(SIGKILL, to: id) } catch {}
+            // Its exit is reported as every exit is (cut short: the broker has no streams).
+            stdio.withLockedValue { $0.adopted(id, by: incarnation) }
+            // This very process (its id may have gone to another by now).
+            if let record = entry(id), record.pid == pid, record.phase != .done {
+                do throws(HoldfastError) { try await send(SIGKILL, to: id) } catch {}
+            }
+            await deliverExit(id)
         }
+    }
+
+    /// Waits (at most `bound`) for the late adopt of `id`, if one is under way: a request for
+    /// the process sent to the broker before the adopt (a resize, a close of stdin) would find no
+    /// such process there. False if it is still under way after `bound`.
+    func lateAdoptDone(_ id: String, within bound: Duration) async -> Bool {
+        guard let adopting = lateAdopts.withLockedValue({ $0[id] }) else { return true }
+        return await adopting.value(within: bound) != nil
     }
 
     /// Copies of `descriptors` (close-on-exec), all or none.
@@ -535,11 +567,26 @@ extension Supervisor {
     /// holds the broker in a debugger for an hour would otherwise pile up a request (and two
     /// tasks) per poll, every one of them answered in a burst when the broker goes on.
     func ask<Reply: Decodable & Sendable>(_ broker: ControlClient, _ request: BrokerRequest, reply: Reply.Type) async -> Reply?? {
-        // The same question (kind and body: a list's page) already in flight is not asked again:
-        // its answer is shared. Each answer costs the broker a walk of every stream and of its
-        // fds, on the channel it serves one request at a time; a guest process that kept 64
-        // scrapes of a TCP or vsock metrics endpoint in flight had it render 64 at once, and
-        // adopts, resizes and closes of stdin queued behind them.
+        let outcome: BrokerRequestOutcome
+        if case .metrics = request {
+            outcome = await sharedScrapeQuestion(request, to: broker)
+        } else {
+            outcome = await boundedRequest(request, to: broker, key: "question:\(request.frameType)", bound: Self.brokerAnswerBound)
+        }
+        switch outcome {
+        case .answered(let frame): return .some(try? ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type))
+        case .failed: return .some(nil)
+        case .notAnswered: return nil
+        }
+    }
+
+    /// A scrape's question to the broker, shared with the one already in flight if there is one.
+    /// Each answer costs the broker a walk of every stream and of its fds, on the channel it
+    /// serves one request at a time; a guest process that kept 64 scrapes of a TCP or vsock
+    /// metrics endpoint in flight had it render 64 at once, and adopts, resizes and closes of
+    /// stdin queued behind them. (Only scrapes: a `status` or `list` — root's, or the host's —
+    /// must see what happened before it was asked, which an answer already on its way may not.)
+    func sharedScrapeQuestion(_ request: BrokerRequest, to broker: ControlClient) async -> BrokerRequestOutcome {
         let question = "\(request.frameType):" + String(decoding: request.body, as: UTF8.self)
         let (asking, shared) = questionsInFlight.withLockedValue { inFlight -> (Task<BrokerRequestOutcome, Never>, Bool) in
             if let asking = inFlight[question] { return (asking, true) }
@@ -553,11 +600,7 @@ extension Supervisor {
             return (asking, false)
         }
         metrics.brokerQuestion(shared: shared)
-        switch await asking.value {
-        case .answered(let frame): return .some(try? ControlJSON.decode(Reply.self, from: frame.body, frameType: frame.type))
-        case .failed: return .some(nil)
-        case .notAnswered: return nil
-        }
+        return await asking.value
     }
 
     /// Why the broker's list is missing: not serving yet, or as the kernel sees its process.

@@ -157,7 +157,7 @@ extension Supervisor {
                 guard let settled = try? ControlJSON.decode(OutputSettledNotification.self, from: frame.body, frameType: frame.type),
                     let from = this.withLockedValue({ $0 })
                 else { return }
-                outputSettled(slot: settled.checkpoint, from: from)
+                outputSettled(settled.process, slot: settled.checkpoint, from: from)
             case .handoffEnded:
                 guard let ended = try? ControlJSON.decode(ProcessRequest.self, from: frame.body, frameType: frame.type) else { return }
                 handoffEnded(ended.process)

@@ -188,14 +188,16 @@ extension Supervisor {
 
     /// The broker (its channel `client`) says an output held open past its process's exit
     /// ended (its checkpoint `slot`): the output's slots are cleared and free.
-    func outputSettled(slot: Int, from client: ControlClient) {
-        stdio.withLockedValue { store in
-            guard let slots = store.outputSettled(slot: slot, by: store.incarnation(of: client)) else { return }
+    func outputSettled(_ process: String, slot: Int, from client: ControlClient) {
+        let freed = stdio.withLockedValue { store -> [Int]? in
+            guard let slots = store.outputSettled(slot: slot, by: store.incarnation(of: client)) else { return nil }
             for slot in slots {
                 checkpoints?.checkpoint(slot)?.clear()
                 rings?.clear(slot)
             }
+            return slots
         }
+        if let freed { logger.info("an output held open past its exit ended: its slots are free", metadata: ["process": "\(process)", "slots": "\(freed)"]) }
     }
 
     /// Closes the fds and clears the slots `release` takes out of the store.

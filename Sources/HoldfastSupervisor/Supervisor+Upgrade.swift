@@ -87,8 +87,9 @@ public struct Resumption: Sendable {
         // A broker uid the configuration file changed: the new image starts its broker as it
         // (the running one's is its own, and is not checked again). Found there, after the old
         // broker quiesced, every start of the new one was refused and every stream stopped.
-        let running = resumption.state.configuration.map(Supervisor.brokerUID(of:))
-        if running != Supervisor.brokerUID(of: configuration) {
+        // (A state without the configuration, an older binary's, says nothing of it: unchecked,
+        // as before — checked against the unchanged uid, the running broker would count.)
+        if let running = resumption.state.configuration.map(Supervisor.brokerUID(of:)), running != Supervisor.brokerUID(of: configuration) {
             do {
                 try Supervisor.checkBrokerUIDIsItsOwn(configuration, logger: logger)
             } catch {
@@ -570,7 +571,7 @@ extension Supervisor {
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
             childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment,
-            upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure, configuration: configuration,
+            childScheduling: .current, upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure, configuration: configuration,
             kernelLog: kernelLog)
     }
 

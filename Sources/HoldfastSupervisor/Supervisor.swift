@@ -44,7 +44,10 @@ public final class Supervisor: Sendable {
     /// key (`boundedRequest`: `ask`'s questions by kind, the host's requests by kind and
     /// process): one per key stays queued, never one per try.
     let overdueRequests = NIOLockedValueBox<Set<String>>([])
-    /// The questions to the broker in flight, by kind and body, for callers to share (`ask`).
+    /// Creates answered before the broker took their process's stdio: the adopt, by process
+    /// (`lateAdoptFinished` takes each out).
+    let lateAdopts = NIOLockedValueBox<[String: Task<Result<Void, HoldfastError>, Never>]>([:])
+    /// Scrapes' questions to the broker in flight, for scrapes to share (`sharedScrapeQuestion`).
     let questionsInFlight = NIOLockedValueBox<[String: Task<BrokerRequestOutcome, Never>]>([:])
     /// Each terminal process's slave end, held open from its start until its exit by process
     /// id (`PseudoTerminal.openPeer`): the process may close its terminal and open it again,

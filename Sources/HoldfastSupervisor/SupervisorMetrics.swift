@@ -29,8 +29,8 @@ final class SupervisorMetrics: Sendable {
     let straySignals: CoreMetrics.Counter
     let signalsRefused: CoreMetrics.Counter
     let signalsRepeated: CoreMetrics.Counter
-    /// Questions put to the broker (a status's streams, a scrape's metrics, stats), and those
-    /// answered by one already in flight (`Supervisor.ask`).
+    /// Scrapes that asked the broker for its metrics, and those answered by the question already
+    /// in flight (`Supervisor.sharedScrapeQuestion`).
     let brokerQuestions: CoreMetrics.Counter
     let brokerQuestionsShared: CoreMetrics.Counter
     /// OOM kills the exits of runc container processes counted (`ExitReport.oomKills`).

@@ -89,6 +89,9 @@ struct UpgradeState: Codable, Sendable {
     var childOpenFileLimit: UInt64? = nil
     /// Likewise the OOM score adjustment the daemon found (`OOMScore.protect`).
     var childOOMScoreAdjustment: Int32? = nil
+    /// Likewise the scheduling the first image started with (`StartScheduling`): the new
+    /// image's own would be what an operator set on the daemon since (`renice`, `chrt`).
+    var childScheduling: StartScheduling? = nil
     /// Log lines the previous image had queued and could not write before its exec (stderr not
     /// read: `LogLineQueue`), which the new image says; absent when none.
     var unwrittenLogLines: Int? = nil

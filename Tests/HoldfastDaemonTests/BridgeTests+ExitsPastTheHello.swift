@@ -25,6 +25,12 @@ extension BridgeTests {
             for pid in pids { kill(pid, SIGKILL) }
             // Reaped by the supervisor (which records each exit as it reaps it).
             try await eventually("every process reaped in the dark", timeout: .seconds(60)) { pids.allSatisfy { kill($0, 0) != 0 } }
+            // And each exit recorded, owed to the host (logged as it is queued): reaped is not
+            // yet recorded, and on a loaded machine the hello came before most were (it then
+            // carried fewer, and the path past the hello went untried).
+            try await eventually("every exit recorded in the dark", timeout: .seconds(60)) {
+                daemon.log.split(separator: "\n").filter { $0.contains("process exited") && $0.contains("process=many-") }.count == count
+            }
             #expect(exits.all.isEmpty, "nothing reaches the host in the dark")
             lightsOn(daemon)
             try await eventually("every exit at the host", timeout: .seconds(60)) { Set(exits.all.map(\.id)).count == count }

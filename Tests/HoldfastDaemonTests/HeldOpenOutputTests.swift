@@ -77,7 +77,7 @@ struct HeldOpenOutputTests {
         #expect(daemon.log.contains("process=attacker role=broker slots=stdout:0"), "the attacker has slot 0")
         try writeFile(stop, [])
         try await eventually("the orphan's last line") { String(decoding: orphanOutput.bytes, as: UTF8.self).hasSuffix("held\nlast\n") }
-        try await daemon.waitForLog("an output held open past its process's exit ended")
+        try await daemon.waitForLog("an output held open past its exit ended: its slots are free")
         let output = accumulate(try daemon.streams.open(token: bytes("n-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(id: "next", argv: ["echo", "next"], stdout: daemon.spec("n-out")))
         try await eventually("the next process's output") { output.count >= 5 }

@@ -57,6 +57,20 @@ struct SchedulingInheritanceTests {
         }
         #expect(next.flatMap { Self.statField($0, 19) } == startNice)
         #expect(next.flatMap { Self.statField($0, 41) } == 0)
+
+        // A live upgrade (a reload): the new image is exec'd by the reniced thread, and its own
+        // start values would be the operator's; it takes the first image's from the state.
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        #expect(Self.statField(daemon.daemonPID, 19) == startNice + 10, "the daemon's own thread keeps the renice")
+        let after = accumulate(try daemon.streams.open(token: bytes("u-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "u", argv: ["sh", "-c", "cat /proc/self/stat"], stdout: daemon.spec("u-out")))
+        try await eventually("its exit") { exits.count("u") == 1 }
+        try await eventually("its line") { after.bytes.last == UInt8(ascii: "\n") }
+        let upgraded = String(decoding: after.bytes, as: UTF8.self)
+        let upgradedFields = upgraded[upgraded.index(after: try #require(upgraded.lastIndex(of: ")")))...].split(separator: " ")
+        #expect(Int(upgradedFields[19 - 3]) == startNice, "after a live upgrade too: \(upgraded)")
+        #expect(Int(upgradedFields[41 - 3]) == 0, "after a live upgrade too: \(upgraded)")
         #expect(try await daemon.stop() == .exited(0))
     }
 }

@@ -127,6 +127,10 @@ typedef struct {
 /// and is left for the caller to reap: hf_reap_failed_child, or the caller's reaper).
 pid_t hf_spawn_fork(const hf_spawn_options *options, int *report_fd, const char **failed_step);
 int hf_spawn_result(int report_fd, const char **failed_step);
+/// The scheduling every spawned child is given back (what this process started with): read,
+/// and set (a live upgrade's new image takes the first image's).
+void hf_start_scheduling(int *nice_value, int *policy, int *priority, long *ioprio);
+void hf_set_start_scheduling(int nice_value, int policy, int priority, long ioprio);
 /// The failure a child's report carried (its errno, `failed_step` set), or 0 when `count`
 /// bytes are not a whole record (none: the exec happened).
 int hf_spawn_failure_decode(const void *bytes, size_t count, const char **failed_step);
