@@ -156,6 +156,12 @@ public enum ProcessScan {
     public static func commandName(of pid: pid_t) -> String? {
         readSmallFile("/proc/\(pid)/comm").flatMap { $0.split(separator: "\n").first.map(String.init) }
     }
+
+    /// The first `count` arguments `pid` was started with (/proc/PID/cmdline); nil if it is gone.
+    public static func arguments(of pid: pid_t, first count: Int) -> [String]? {
+        guard let text = readSmallFile("/proc/\(pid)/cmdline") else { return nil }
+        return Array(text.split(separator: "\0", omittingEmptySubsequences: false).prefix(count).map(String.init))
+    }
 }
 
 public enum ResourceLimits {

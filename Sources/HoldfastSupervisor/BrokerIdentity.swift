@@ -68,6 +68,13 @@ extension Supervisor {
                 metadata: ["uid": "\(uid)", "processes": "\(name(unseeing))"])
         }
         guard !sharers.isEmpty else { return }
+        // Another daemon's broker (started with another run directory, `HOLDFAST_RUN_DIR` say):
+        // said as what it is, not as a stray process that happens to have the uid.
+        if let other = sharers.first(where: { ProcessScan.arguments(of: $0, first: 2) == ["holdfast", "broker"] }) {
+            throw StartRefused(
+                "another holdfast daemon runs (pid \(other), a holdfast broker as uid \(uid), is its broker): one daemon per guest — "
+                    + "two would take each other's place on the host's bridge. Stop it first (its run directory is not \(configuration.runDirectory))")
+        }
         let whose = configuration.broker.user.map { "broker.user '\($0)' (uid \(uid)) is not the broker's own" }
             ?? "broker.user is empty, so the broker would keep this daemon's uid \(uid), which is not its own"
         throw StartRefused(

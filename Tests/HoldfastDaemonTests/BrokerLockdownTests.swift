@@ -407,6 +407,25 @@ struct BrokerLockdownTests {
         #expect(lstat(run + "/control.sock", &after) == 0 && after.st_ino == before.st_ino && after.st_uid == Self.nobody)
     }
 
+    /// A second daemon with a run directory of its own (`HOLDFAST_RUN_DIR` exported, say) and
+    /// the same `broker.user`: refused, saying another daemon runs and naming its broker —
+    /// before, the message spoke of a uid "not the broker's own", as for a stray process.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root"))
+    func aSecondDaemonWithAnotherRunDirectoryIsRefusedAsAnotherDaemon() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let base = try TemporaryDirectory("holdfast-second")
+        defer { base.remove() }
+        let config = try Self.writeConfig(base, run: base.file("run"), brokerUID: daemon.brokerUID)
+        let second = try Self.startDaemon(daemon.processes, config: config, log: base.file("second.log"))
+        #expect(try await daemon.processes.wait(second, timeout: .seconds(30)) == .exited(2))
+        let log = String(decoding: readFile(base.file("second.log")) ?? [], as: UTF8.self)
+        #expect(log.contains("another holdfast daemon runs (pid \(broker)"), "\(log)")
+        #expect(try await daemon.rolePID("broker") == broker, "the first daemon's broker untouched")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// One daemon per run directory: a second is refused with the first one's pid, and the
     /// first is untouched (its sockets still answer). The same for `host serve`.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root"))
