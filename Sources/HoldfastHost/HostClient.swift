@@ -272,7 +272,9 @@ public enum HostClient {
         }
         switch await detach.first() {
         case .detached(let cause):
-            // The process runs on: our sockets close, host serve keeps its output for the next client.
+            // The process runs on: host serve is told, so its output goes on into its log (not
+            // held for the next client), then our sockets close.
+            _ = try? await client.call(HostRequest.detach(ProcessIDRequest(id: started.id)), reply: [String: String].self)
             inputCopy?.cancel()
             for socket in outputSockets { socket.close() }
             for output in outputs { output.cancel() }

@@ -164,6 +164,9 @@ public final class HostService: Sendable {
         case .closeStdin(let request):
             try closeStdin(request.id)
             return .empty
+        case .detach(let request):
+            try detach(request.id)
+            return .empty
         case .list:
             return RPCReply(try await bridge.list())
         case .processes(let request):
@@ -503,6 +506,20 @@ public final class HostService: Sendable {
         say("process \(id): client attached (\(kinds.joined(separator: ", ")))")
         let pid = process.state.withLockedValue { $0.pid } ?? 0
         return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds, tty: process.tty)), local)
+    }
+
+    /// The client of `id` detached on purpose (its keys, Ctrl-C): the process's outputs stop
+    /// waiting for the next client and go on into its log, as a detached start's do — before,
+    /// they waited: `logs -f` showed nothing new, and the process blocked once its pipes and
+    /// rings were full, until someone attached.
+    private func detach(_ id: String) throws(HoldfastError) {
+        guard let (process, known) = table.lookup(id) else { throw Self.closing }
+        guard let process else {
+            if known != nil { return }  // it ended meanwhile
+            throw HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve")
+        }
+        for kind in ["stdout", "stderr"] { process.outlets[kind]?.letGoOfOutput() }
+        say("process \(id): client detached; its output goes on into its log")
     }
 
     /// A socket pair per outlet: ours attached to the outlet, theirs returned for the client.

@@ -246,7 +246,9 @@ final class HostedProcess: Sendable {
 
 /// Guest output (stdout, stderr, a tty's output) → the process's log and the attached client.
 /// A *held* output (a process started in the foreground) does not lose anything when its client
-/// goes away: the chunk waits for the next `attach` (back-pressure up to the guest). An output
+/// goes away unannounced (killed): the chunk waits for the next `attach` (back-pressure up to
+/// the guest). A client that detaches on purpose (its keys, Ctrl-C) says so first (`detach`),
+/// and the output is then let go of: it goes on as a detached one's. An output
 /// that is not held (a process started with `--detach`) goes on into the log while no client
 /// is attached, as conmon's does, and an `attach` follows it from then on. The stream's end —
 /// the guest's END, or host serve ending it — closes the client's socket after the last byte.
@@ -254,8 +256,7 @@ final class OutputRelay: Sendable {
     let kind: String
     let token: [UInt8]
     let stream: ResumableStream<AsyncFD>
-    let outlet = Outlet()
-    let held: Bool
+    let outlet: Outlet
     private let log: ProcessLog
     private let server: StreamServer<AsyncFD>
     private let state = NIOLockedValueBox<(waitingSince: ContinuousClock.Instant?, finished: Bool, endedByHost: Bool)>((nil, false, false))
@@ -266,7 +267,7 @@ final class OutputRelay: Sendable {
         self.token = token
         self.server = server
         self.log = log
-        self.held = held
+        self.outlet = Outlet(holding: held)
         self.stream = try server.open(token: token, direction: .receive)
     }
 
@@ -297,8 +298,11 @@ final class OutputRelay: Sendable {
             log.append(kind, chunk)
             while true {
                 let client: AsyncFD
-                if held {
-                    guard let socket = await outlet.current() else { break relaying }
+                if outlet.isHolding {
+                    guard let socket = await outlet.current() else {
+                        if outlet.isClosed { break relaying }
+                        continue  // let go of (the client detached): into the log only
+                    }
                     client = socket
                 } else {
                     if outlet.isClosed { break relaying }
@@ -396,9 +400,31 @@ final class InputRelay: Sendable {
 /// Where one stream of a `host run` process meets the client attached now. With no client, the
 /// stream's relay waits here (a suspended task).
 final class Outlet: Sendable {
-    private let state = NIOLockedValueBox<(socket: AsyncFD?, waiters: [CheckedContinuation<AsyncFD?, Never>], closed: Bool)>((nil, [], false))
+    private let state: NIOLockedValueBox<(socket: AsyncFD?, waiters: [CheckedContinuation<AsyncFD?, Never>], closed: Bool, holding: Bool)>
+
+    /// `holding`: what comes waits for a client (a stdin always; a foreground process's output,
+    /// until `letGoOfOutput`).
+    init(holding: Bool = true) {
+        state = NIOLockedValueBox((nil, [], false, holding))
+    }
 
     var isClosed: Bool { state.withLockedValue { $0.closed } }
+
+    /// Whether what comes waits for a client.
+    var isHolding: Bool { state.withLockedValue { $0.holding } }
+
+    /// The client detached on purpose (its keys, Ctrl-C): what comes goes on without waiting for
+    /// the next one (into the log), as for a process started detached. One waiting for a
+    /// client stops waiting.
+    func letGoOfOutput() {
+        let waiters = state.withLockedValue { s -> [CheckedContinuation<AsyncFD?, Never>] in
+            guard s.holding else { return [] }
+            s.holding = false
+            defer { s.waiters.removeAll() }
+            return s.socket == nil ? s.waiters : []
+        }
+        for waiter in waiters { waiter.resume(returning: nil) }
+    }
 
     /// The client attached now, without waiting for one.
     var attachedNow: AsyncFD? { state.withLockedValue { $0.socket } }
@@ -414,12 +440,14 @@ final class Outlet: Sendable {
         for waiter in waiters { waiter.resume(returning: nil) }
     }
 
-    /// The attached client's socket, waiting for one; nil once closed.
+    /// The attached client's socket, waiting for one while holding; nil once closed, or when
+    /// there is none and it no longer holds.
     func current() async -> AsyncFD? {
         await withCheckedContinuation { continuation in
             let ready = state.withLockedValue { s -> AsyncFD?? in
                 if s.closed { return .some(nil) }
                 if let socket = s.socket { return .some(socket) }
+                if !s.holding { return .some(nil) }
                 s.waiters.append(continuation)
                 return .none
             }

@@ -13,6 +13,7 @@
 /// | signal | `SignalRequest` | `{}` |
 /// | stop | `HostStopRequest` | `HostStopResponse`: a signal, then SIGKILL after the timeout, answered with the outcome |
 /// | logs | `HostLogsRequest` | `HostRunResponse` and one socket per output stream, carrying what host serve kept of it |
+/// | detach | `ProcessIDRequest` | `{}`: the client detached (its keys, Ctrl-C): the process's output goes on into its log while no client is attached, as a `--detach` start's does |
 /// | resize | `ProcessResizeRequest` | `{}` |
 /// | migrate | `MigrateRequest` | `HostMigrateResponse` after the blackout |
 /// | stats | `{}` | `HostStats`: what host serve holds (leak checks), whether a guest is connected |
@@ -29,6 +30,7 @@ public enum HostMessageType: UInt32, Sendable {
     case processes = 0x200A
     case stop = 0x200B
     case logs = 0x200C
+    case detach = 0x200D
 }
 
 /// `stats`: what host serve holds now. Each figure returns to its idle value once the processes

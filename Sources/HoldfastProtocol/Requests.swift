@@ -212,6 +212,8 @@ public enum HostRequest: RPCRequest, Equatable {
     case attach(ProcessIDRequest)
     case wait(HostWaitRequest)
     case closeStdin(ProcessIDRequest)
+    /// The client detached (its keys, Ctrl-C): the process's outputs stop waiting for one.
+    case detach(ProcessIDRequest)
     case list
     case processes(HostProcessesRequest)
     case signal(SignalRequest)
@@ -228,6 +230,7 @@ public enum HostRequest: RPCRequest, Equatable {
         case .attach: return .attach(try RPCBody.decode(ProcessIDRequest.self, body, type: type))
         case .wait: return .wait(try RPCBody.decode(HostWaitRequest.self, body, type: type))
         case .closeStdin: return .closeStdin(try RPCBody.decode(ProcessIDRequest.self, body, type: type))
+        case .detach: return .detach(try RPCBody.decode(ProcessIDRequest.self, body, type: type))
         case .list: return .list
         case .processes: return .processes(try RPCBody.decode(HostProcessesRequest.self, body, type: type))
         case .signal: return .signal(try RPCBody.decode(SignalRequest.self, body, type: type))
@@ -246,6 +249,7 @@ public enum HostRequest: RPCRequest, Equatable {
         case .attach: return HostMessageType.attach.rawValue
         case .wait: return HostMessageType.wait.rawValue
         case .closeStdin: return HostMessageType.closeStdin.rawValue
+        case .detach: return HostMessageType.detach.rawValue
         case .list: return HostMessageType.list.rawValue
         case .processes: return HostMessageType.processes.rawValue
         case .signal: return HostMessageType.signal.rawValue
@@ -260,7 +264,7 @@ public enum HostRequest: RPCRequest, Equatable {
     public var body: [UInt8] {
         switch self {
         case .run(let request): return ControlJSON.encode(request)
-        case .attach(let request), .closeStdin(let request): return ControlJSON.encode(request)
+        case .attach(let request), .closeStdin(let request), .detach(let request): return ControlJSON.encode(request)
         case .wait(let request): return ControlJSON.encode(request)
         case .list, .stats: return RPCBody.empty
         case .processes(let request): return ControlJSON.encode(request)

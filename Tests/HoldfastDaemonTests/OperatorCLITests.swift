@@ -214,6 +214,20 @@ struct OperatorCLITests {
         #expect(resumed.out == "got two\ngot three\nstdin-ended\n", "\(resumed.err)")
         #expect(resumed.status == .exited(0))
 
+        // After a detach the output is no longer held for the next client: it goes on into the
+        // log, as a `-d` start's does (before, the relay waited for a client with the chunk it
+        // had: `logs` stopped growing, and the process blocked once ~2 MiB waited).
+        let ticker = try serve.start(["run", "--id", "ticker", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.02; done"])
+        try await eventually("the ticker's first lines") { ticker.out.split(separator: "\n").count >= 5 }
+        kill(ticker.pid, SIGINT)
+        let detached = try await ticker.finish()
+        #expect(detached.err.contains("detached; reattach with: holdfast host attach ticker"), "\(detached.err)")
+        let atDetach = try await serve.cli(["logs", "ticker"]).out.split(separator: "\n").compactMap { Int($0) }.last ?? 0
+        try await eventually("the log grows after the detach") {
+            (try await serve.cli(["logs", "ticker"]).out.split(separator: "\n").compactMap { Int($0) }.last ?? 0) > atDetach + 25
+        }
+        _ = try await serve.cli(["stop", "--time", "1", "ticker"])
+
         // A process that ends without reading all its stdin: the client's writes fail, which is
         // neither a detach nor an error — it ends with the process's code.
         try writeFile(daemon.directory.file("big"), [UInt8](repeating: UInt8(ascii: "x"), count: 8 << 20))
