@@ -291,6 +291,33 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// A create answered before the stopped broker took its stdio, and then the stopped broker
+    /// killed (an operator gives up on the debugging session): its successor is handed the
+    /// process like every other one, and every line reaches the host once, the exit once with
+    /// nothing undelivered.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aProcessAnsweredBeforeAStoppedBrokerTookItIsTakenByItsSuccessor() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = accumulate(try daemon.streams.open(token: bytes("late-out"), direction: .receive))
+        let broker = try #require(try await daemon.rolePID("broker"))
+        #expect(kill(broker, SIGSTOP) == 0)
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
+        let pid = try await daemon.bridge.create(ProcessSpec(id: "late", argv: counterCommand(500, prefix: "late", pause: "0.002"), stdout: daemon.spec("late-out")))
+        #expect(pid > 0 && output.count == 0, "answered before the broker took it")
+        #expect(kill(broker, SIGKILL) == 0)  // stopped: a SIGKILL still ends it
+        try await eventually("a new broker", timeout: .seconds(30)) { (try await daemon.rolePID("broker")).map { $0 != broker } ?? false }
+        try await eventually("the exit", timeout: .seconds(60)) { exits.count("late") == 1 }
+        let report = exits.all.first { $0.id == "late" }
+        #expect(report?.exitCode == 0 && report?.undelivered == 0 && report?.outputCutShort == nil, "\(String(describing: report))")
+        let expected = expectedLines(500, prefix: "late")
+        try await eventually("every line", timeout: .seconds(30)) { output.count >= expected.count }
+        #expect(output.bytes == expected, "every line once, in order")
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// A create answered before the broker took its stdio, whose adopt the broker then refuses
     /// (out of room, say): nobody would ever relay the process, and the host was told it
     /// started, so it is killed — its exit reaches the host like any other — and the log says
