@@ -212,11 +212,12 @@ public struct InputEndedNotification: Codable, Sendable, Equatable {
     }
 }
 
-/// A stdin the host ended is done with its END echo (notification `input-settled`): the echo
-/// reached the host, or the stream gave up after the drain timeout. `checkpoint` is its slot,
-/// which tells this stdin from a later process's of the same id.
-/// `output-settled`: the output of `process` whose checkpoint slot is `checkpoint` ended.
-public struct OutputSettledNotification: Codable, Sendable, Equatable {
+/// A stream a process's exit report no longer waits for is done with its checkpoint slot:
+/// `input-settled`, a stdin the host ended is done with its END echo (the echo reached the host,
+/// or the stream gave up after the drain timeout); `output-settled`, an output held open past
+/// the exit ended. `checkpoint` is its slot, which tells the stream from a later process's of
+/// the same id.
+public struct SlotSettledNotification: Codable, Sendable, Equatable {
     public var process: String
     public var checkpoint: Int
     public init(process: String, checkpoint: Int) {
@@ -225,14 +226,8 @@ public struct OutputSettledNotification: Codable, Sendable, Equatable {
     }
 }
 
-public struct InputSettledNotification: Codable, Sendable, Equatable {
-    public var process: String
-    public var checkpoint: Int
-    public init(process: String, checkpoint: Int) {
-        self.process = process
-        self.checkpoint = checkpoint
-    }
-}
+public typealias InputSettledNotification = SlotSettledNotification
+public typealias OutputSettledNotification = SlotSettledNotification
 
 public struct ResizeRequest: Codable, Sendable, Equatable {
     public var process: String

@@ -29,11 +29,8 @@ struct HeldOpenOutputTests {
         defer { exits.cancel() }
         let stop = daemon.directory.file("orphan-stop")
         defer { try? writeFile(stop, []) }
-        let orphanOutput = accumulate(try daemon.streams.open(token: bytes("a-out"), direction: .receive))
         let line = String(repeating: "x", count: 79)
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "attacker", argv: ["sh", "-c", "(while [ ! -e \(stop) ]; do echo \(line); done) & exit 0"], stdout: daemon.spec("a-out")))
-        try await eventually("the attacker's exit, its output held open", timeout: .seconds(30)) { exits.count("attacker") == 1 }
+        let orphanOutput = try await Self.exitLeavingAnOrphan(daemon, exits, loop: "echo \(line)", stop: stop)
         try await daemon.waitForLog("process streams drained")
         let countAtExit = orphanOutput.count
 
@@ -69,10 +66,7 @@ struct HeldOpenOutputTests {
         defer { exits.cancel() }
         let stop = daemon.directory.file("orphan-stop")
         defer { try? writeFile(stop, []) }
-        let orphanOutput = accumulate(try daemon.streams.open(token: bytes("a-out"), direction: .receive))
-        _ = try await daemon.bridge.create(ProcessSpec(
-            id: "attacker", argv: ["sh", "-c", "(while [ ! -e \(stop) ]; do echo held; sleep 0.05; done; echo last) & exit 0"], stdout: daemon.spec("a-out")))
-        try await eventually("the attacker's exit, its output held open", timeout: .seconds(30)) { exits.count("attacker") == 1 }
+        let orphanOutput = try await Self.exitLeavingAnOrphan(daemon, exits, loop: "echo held; sleep 0.05", after: "echo last", stop: stop)
         try await daemon.waitForLog("adopted streams pid=")
         #expect(daemon.log.contains("process=attacker role=broker slots=stdout:0"), "the attacker has slot 0")
         try writeFile(stop, [])
@@ -83,5 +77,18 @@ struct HeldOpenOutputTests {
         try await eventually("the next process's output") { output.count >= 5 }
         #expect(daemon.log.contains("process=next role=broker slots=stdout:0"), "the freed slot is given out again: \(daemon.log.suffix(1500))")
         #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
+    /// an orphan that runs `loop` until the file `stop` exists (then `after`) on that stdout;
+    /// returns once the exit came (its output held open). What the host receives of it.
+    static func exitLeavingAnOrphan(
+        _ daemon: DaemonFixture, _ exits: ExitLog, loop: String, after: String = ":", stop: String
+    ) async throws -> Accumulated {
+        let output = accumulate(try daemon.streams.open(token: bytes("a-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "attacker", argv: ["sh", "-c", "(while [ ! -e \(stop) ]; do \(loop); done; \(after)) & exit 0"], stdout: daemon.spec("a-out")))
+        try await eventually("the attacker's exit, its output held open", timeout: .seconds(30)) { exits.count("attacker") == 1 }
+        return output
     }
 }
