@@ -153,6 +153,9 @@ struct Footprint: Sendable, Equatable {
     /// fd number → what it is ("socket", "pipe", "anon_inode:[eventfd]", a path...).
     var table: [Int32: String]
     var residentKiB: Int
+    /// The anonymous part of it (RssAnon: heap, arenas, stacks): what a leak grows; the rest is
+    /// file pages (the binary's code, touched as new paths run) and shared memory.
+    var anonymousKiB = 0
 
     var descriptors: Int { table.count }
 
@@ -184,10 +187,12 @@ struct Footprint: Sendable, Equatable {
         closedir(directory)
         let status = String(decoding: WholeFile.read("/proc/\(pid)/status") ?? [], as: UTF8.self)
         var rss = 0
-        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-            rss = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? 0
+        var anonymous = 0
+        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") || line.hasPrefix("RssAnon:") {
+            let kib = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? 0
+            if line.hasPrefix("VmRSS:") { rss = kib } else { anonymous = kib }
         }
-        return Footprint(pid: pid, table: table, residentKiB: rss)
+        return Footprint(pid: pid, table: table, residentKiB: rss, anonymousKiB: anonymous)
     }
 }
 

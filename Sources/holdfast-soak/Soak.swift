@@ -49,7 +49,7 @@ struct Soak: AsyncParsableCommand {
     @Option(help: "Longest time between live upgrades, seconds.") var upgradeMax = 60
     @Option(help: "Every this many live upgrades, one onto a new binary that cannot take over (it starts on a configuration file that is not there, after its check): it must fall back to the previous one with nothing lost (0: never).")
     var fallbackEvery = 3
-    @Option(help: "RSS may grow by this many percent over the baseline...") var rssTolerancePercent = 10
+    @Option(help: "Anonymous RSS may grow by this many percent of the baseline's RSS...") var rssTolerancePercent = 10
     @Option(help: "...or by this many KiB, whichever is more.") var rssToleranceKiB = 2048
     @Option(help: "Print a progress line every this many seconds.") var progressEvery = 30
     @Option(help: "Split the soak into this many parts, the roles measured in a quiet moment after each (default: one part per 5 minutes).")
@@ -199,6 +199,7 @@ struct Run {
             printLine("baseline after warm-up: " + describe(measured))
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
             printLine("  supervisor memory: " + memoryBreakdown(measured.supervisor.pid) + supervisorMallocLine(measured))
+            printLine("  bridge memory: " + memoryBreakdown(measured.bridge.pid))
             await pauseIfAsked(measured)
         } else {
             host.ledger.fail("no quiet moment after the warm-up to measure a baseline")
@@ -224,6 +225,7 @@ struct Run {
             printLine("checkpoint \(part)/\(parts) (\(clock(ContinuousClock.now - soakStarted)) into the soak): " + describe(measured))
             printLine("  broker memory: " + memoryBreakdown(measured.broker.pid) + mallocLine(measured))
             printLine("  supervisor memory: " + memoryBreakdown(measured.supervisor.pid) + supervisorMallocLine(measured))
+            printLine("  bridge memory: " + memoryBreakdown(measured.bridge.pid))
             await pauseIfAsked(measured)
             checkLiveObjects(measured, at: "checkpoint \(part)")
             if part < parts, let baseline {
