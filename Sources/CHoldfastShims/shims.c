@@ -296,6 +296,54 @@ static void cloexec_from_3(void) {
     }
 }
 
+// In the child, first thing: closes every fd from 3 up but those in `keep` (unsorted, at
+// most 64; numbers below 3 ignored). The fork copied every fd the parent had — other processes'
+// stdin write ends, other creates' pipes — and close-on-exec ends them only at an exec, which a
+// binary or working directory on a hung file system (or a frozen cgroup) can hold off for ever:
+// meanwhile a victim's close-stdin never reached it as end-of-file, and another create's output
+// never ended. Async-signal-safe. Falls back to close() one by one without close_range(2).
+static void close_all_but(const int *keep, int count) {
+    int sorted[64];
+    int n = 0;
+    for (int i = 0; i < count && n < 64; i++) {
+        int fd = keep[i];
+        if (fd < 3) continue;
+        int at = n;
+        while (at > 0 && sorted[at - 1] > fd) {
+            sorted[at] = sorted[at - 1];
+            at--;
+        }
+        if (at > 0 && sorted[at - 1] == fd) {
+            for (int j = at; j < n; j++) sorted[j] = sorted[j + 1];
+            continue;
+        }
+        sorted[at] = fd;
+        n++;
+    }
+    unsigned int from = 3;
+    for (int i = 0; i <= n; i++) {
+        unsigned int to = i < n ? (unsigned int)sorted[i] - 1 : ~0U;
+        if (to != ~0U && to < from) {
+            from = (unsigned int)sorted[i] + 1;
+            continue;
+        }
+#ifdef SYS_close_range
+        if (syscall(SYS_close_range, from, to, 0U) != 0)
+#endif
+        {
+            struct rlimit limit;
+            long highest = 65536;
+            if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur < 1048576)
+                highest = (long)limit.rlim_cur;
+            long last = to == ~0U ? highest - 1 : (long)to;
+            for (long fd = from; fd <= last; fd++) {
+                if (fcntl((int)fd, F_GETFD) >= 0) close((int)fd);
+            }
+        }
+        if (i < n) from = (unsigned int)sorted[i] + 1;
+    }
+}
+
 // How this process was scheduled when it started (its nice value, policy and I/O priority),
 // read before main: what every child is given back. The forks happen on one thread (the
 // spawn thread, the main one), and a child inherits that thread's scheduling: an operator's
@@ -381,6 +429,20 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
     }
     if (pid == 0) {
         // Child: async-signal-safe calls only.
+        // Only what the child needs stays open: nothing from here on (the cgroup's freezer
+        // included) may keep another process's pipes open through this copy of our fd table.
+        {
+            int keep[64];
+            int n = 0;
+            keep[n++] = report[1];
+            keep[n++] = o->stdin_fd;
+            keep[n++] = o->stdout_fd;
+            keep[n++] = o->stderr_fd;
+            if (o->join_cgroup) keep[n++] = o->cgroup_procs_fd;
+            if (o->nkeep_fds > 64 - n) child_fail(report[1], 10);
+            for (int i = 0; i < o->nkeep_fds; i++) keep[n++] = o->keep_fds[i];
+            close_all_but(keep, n);
+        }
         // The cgroup first: whatever the child starts from here on is born inside it, so a
         // kill of the cgroup reaches every descendant, however it left the process group.
         if (o->join_cgroup && write(o->cgroup_procs_fd, "0", 1) != 1) child_fail(report[1], 12);
@@ -431,7 +493,6 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
             if (limit.rlim_cur > limit.rlim_max) limit.rlim_cur = limit.rlim_max;
             if (setrlimit(RLIMIT_NOFILE, &limit) != 0) child_fail(report[1], 11);
         }
-        if (o->cwd && chdir(o->cwd) != 0) child_fail(report[1], 4);
         // A seccomp filter the caller built (a program of sock_filter entries): before the id
         // change, while the child may still install one without no_new_privs (CAP_SYS_ADMIN),
         // which would stop setuid programs in it from working.
@@ -447,6 +508,10 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
             if (setgid(o->gid) != 0) child_fail(report[1], 6);
             if (setuid(o->uid) != 0) child_fail(report[1], 7);
         }
+        // As the process's own user: entered as root, a symlink the user planted led it into a
+        // directory under one it may not enter (/root/app), and a working directory it could
+        // not enter at all was accepted.
+        if (o->cwd && chdir(o->cwd) != 0) child_fail(report[1], 4);
         // After the id change, which would clear it; and if the parent is already gone, act now.
         if (o->pdeathsig) {
             if (prctl(PR_SET_PDEATHSIG, o->pdeathsig, 0, 0, 0) != 0) child_fail(report[1], 8);

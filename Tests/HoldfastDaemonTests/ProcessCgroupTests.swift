@@ -303,6 +303,70 @@ struct ProcessCgroupTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A process that cannot exec yet holds no copy of another process's pipes. The fork gives
+    /// the child every fd the supervisor has — a running process's stdin write end among them —
+    /// and close-on-exec ends them only at the exec: while a binary or working directory on a hung
+    /// file system held it off, a victim's close-stdin never reached it as end-of-file.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aProcessThatCannotStartYetHoldsNoOtherProcessesPipes() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let input = try daemon.streams.open(token: bytes("v-in"), direction: .send)
+        let output = collect(try daemon.streams.open(token: bytes("v-out"), direction: .receive))
+        let victim = try await daemon.launch(ProcessSpec(id: "victim", argv: ["cat"], stdin: daemon.spec("v-in"), stdout: daemon.spec("v-out")))
+        try await input.send(bytes("typed\n"))
+        // Out of the directory about to be frozen, so that it can read its end-of-file.
+        let own = try #require(try Tracked(daemon.daemonPID).cgroup)
+        try writeFile(try Self.directory(of: own) + "/cgroup.procs", bytes("\(victim)"))
+        let processes = try Self.processCgroupsDirectory(of: daemon)
+        try writeFile(processes + "/cgroup.freeze", bytes("1"))
+        let frozen = NIOLockedValueBox(true)
+        defer { if frozen.withLockedValue({ $0 }) { try? writeFile(processes + "/cgroup.freeze", bytes("0")) } }
+        let held = Task { try await daemon.launch(ProcessSpec(id: "held", argv: ["true"])) }
+        try await eventually("the process frozen in its cgroup before its exec") {
+            ProcessCgroups.processCgroupNames(in: processes).contains { !(readFile(processes + "/" + $0 + "/cgroup.procs") ?? []).isEmpty }
+        }
+
+        try await daemon.bridge.closeStdin("victim")
+        let status = try await withDeadline("the victim's end-of-file while the other create waits", .seconds(20)) { try await daemon.wait("victim") }
+        #expect(status.exitCode == 0)
+        #expect(await output.value == bytes("typed\n"))
+
+        try writeFile(processes + "/cgroup.freeze", bytes("0"))
+        frozen.withLockedValue { $0 = false }
+        _ = try await withDeadline("the held create once its process may start", .seconds(60)) { try await held.value }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A process's working directory is entered as its own user. Entered as root, a directory it
+    /// may not enter was accepted, and a symlink it planted led it past a directory closed to
+    /// it (/root/app under a 0700 /root), where it could read what that directory protected.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func theWorkingDirectoryIsEnteredAsTheProcesssUser() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let closed = daemon.directory.file("closed")
+        #expect(mkdir(closed, 0o700) == 0)
+        let open = closed + "/open"
+        #expect(mkdir(open, 0o755) == 0)
+        try writeFile(open + "/secret", bytes("secret\n"))
+        let planted = daemon.directory.file("planted")
+        #expect(symlink(open, planted) == 0)
+        let output = collect(try daemon.streams.open(token: bytes("r-out"), direction: .receive))
+        let asRoot = try await daemon.launch(ProcessSpec(id: "root", argv: ["cat", "secret"], cwd: planted, stdout: daemon.spec("r-out")))
+        #expect(asRoot > 0)
+        #expect(await output.value == bytes("secret\n"), "root enters it")
+        for (id, cwd) in [("through-the-link", planted), ("into-it", open)] {
+            do {
+                _ = try await daemon.launch(ProcessSpec(id: id, argv: ["cat", "secret"], cwd: cwd, user: "65534"))
+                Issue.record("\(id): a process of uid 65534 started in \(cwd), under a directory only root may enter")
+            } catch let error as HoldfastError {
+                #expect(error.message.contains("chdir"), "\(id): \(error)")
+            }
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
     func aRestartedDaemonEndsWhatACrashedOneLeftRunning() async throws {
         let daemon = try await DaemonFixture()
