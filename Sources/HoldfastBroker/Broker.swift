@@ -114,6 +114,19 @@ public final class Broker: Sendable {
         })
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
+        if request.orphanedOutput == true {
+            // Its process is done and reported; an orphan of it writes on. Not in the table: the
+            // id may be the host's next process of that name by now.
+            process.start(streams, registry: registry)
+            logger.info("resumed an orphan's output a crashed broker relayed past its process's exit", metadata: [
+                "process": "\(request.process)", "streams": "\(request.streams.map(\.kind.rawValue))",
+            ])
+            Task { [self] in
+                await relayUntilEnded(streams, of: request.process, supervisorsSlots: true)
+                for stream in process.status() { record(finished: stream) }
+            }
+            return
+        }
         let refusal = processes.withLockedValue { table -> HoldfastError? in
             if let refusal = admissionRefusal(request.process, identities: identities, among: table, claimedID: claimedID) { return refusal }
             table[request.process] = process
@@ -482,25 +495,32 @@ public final class Broker: Sendable {
             // the supervisor's, which it frees at `output-settled`, or a handoff peer's process's,
             // which are ours (`handoffGone` below).
             let supervisorsSlots = !handoffs.withLockedValue({ $0.has(request.process) })
-            await withTaskGroup(of: Void.self) { group in
-                for stream in heldOpen {
-                    group.addTask { [self] in
-                        // Relayed until the orphan lets go (end-of-file, then delivered) or the
-                        // host stops taking it (the drain timeout without progress).
-                        while await stream.finished(within: Self.heldOpenCheck) == nil {}
-                        stream.close()
-                        logger.info("an output held open past its process's exit ended", metadata: [
-                            "process": "\(request.process)", "stream": "\(stream.description.kind)",
-                        ])
-                        // Sent after `drained`, on the same channel: the supervisor knows the
-                        // slots are held open before it hears they are free.
-                        if supervisorsSlots, let slot = stream.description.checkpoint {
-                            notifications.post(.outputSettled(OutputSettledNotification(process: request.process, checkpoint: slot)))
-                        }
+            await relayUntilEnded(heldOpen, of: request.process, supervisorsSlots: supervisorsSlots)
+            if removed { await handoffGone(request.process) }
+        }
+    }
+
+    /// Relays outputs held open past their process's exit (an orphan writes on) until each
+    /// ends, and says so for each slot of the supervisor's (`output-settled`: it frees the slots
+    /// and closes its copies of the fds).
+    func relayUntilEnded(_ streams: [ManagedStream], of process: String, supervisorsSlots: Bool) async {
+        await withTaskGroup(of: Void.self) { group in
+            for stream in streams {
+                group.addTask { [self] in
+                    // Relayed until the orphan lets go (end-of-file, then delivered) or the
+                    // host stops taking it (the drain timeout without progress).
+                    while await stream.finished(within: Self.heldOpenCheck) == nil {}
+                    stream.close()
+                    logger.info("an output held open past its process's exit ended", metadata: [
+                        "process": "\(process)", "stream": "\(stream.description.kind)",
+                    ])
+                    // Sent after `drained`, on the same channel: the supervisor knows the
+                    // slots are held open before it hears they are free.
+                    if supervisorsSlots, let slot = stream.description.checkpoint {
+                        notifications.post(.outputSettled(OutputSettledNotification(process: process, checkpoint: slot)))
                     }
                 }
             }
-            if removed { await handoffGone(request.process) }
         }
     }
 

@@ -34,7 +34,7 @@ public struct ValidatedAdoption: Sendable, Equatable {
     public var resumes: Bool { request.streams.contains { $0.resume == true } }
     /// It names checkpoint slots, resumes or hands over an ending input: only the supervisor, which owns the slots, may.
     public var needsTheSupervisor: Bool {
-        resumes || request.handoffOwner != nil || request.endingInput != nil || request.releasing != nil || request.streams.contains { $0.ended != nil } || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
+        resumes || request.handoffOwner != nil || request.endingInput != nil || request.releasing != nil || request.orphanedOutput != nil || request.streams.contains { $0.ended != nil } || streams.contains { $0.primary.checkpoint != nil || $0.ttyInput?.checkpoint != nil }
     }
 }
 
@@ -134,6 +134,17 @@ public enum AdoptCheck {
                     secret: resumable ? stream.inputSecret : nil, checkpoint: stream.inputCheckpoint)
             }
             validated.append(ValidatedStream(description: stream, primary: primary, ttyInput: input))
+        }
+        // An orphan's outputs resume where the broker before left them, each into its slot
+        // (the `output-settled` that frees it names the slot); nothing else is handed so.
+        if request.orphanedOutput == true {
+            guard request.handoffOwner == nil, request.endingInput == nil, request.releasing == nil else {
+                throw HoldfastError(.badRequest, "orphanedOutput: an orphan's outputs come alone")
+            }
+            for (index, stream) in request.streams.enumerated()
+            where stream.kind == .stdin || stream.mode != .resumable || stream.checkpoint == nil || stream.resume != true {
+                throw HoldfastError(.badRequest, "streams[\(index)]: an orphan's output is resumed into its checkpoint (\(stream.kind.rawValue) \(stream.mode.rawValue))")
+            }
         }
         if let shared = request.streams.first(where: { windowEnds.contains($0.fd) }) {
             throw HoldfastError(.badRequest, "fd index \(shared.fd) is both a \(shared.kind.rawValue) stream and a window")

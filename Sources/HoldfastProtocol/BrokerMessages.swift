@@ -158,13 +158,23 @@ public struct AdoptRequest: Codable, Sendable, Equatable {
     /// relays nothing of it and keeps its fds for that peer's next `release` (they answer it),
     /// closing them if none comes within `handoff.release_kept_for`. Supervisor only.
     public var releasing: Bool?
+    /// True: the process is done and its exit was reported, but an orphan of it still holds
+    /// these outputs (each resumable, with its checkpoint) and writes on: the broker before
+    /// relayed them past the exit and died. The broker resumes them, relays them until they end
+    /// and reports each `output-settled`; the id is not taken (the host may have a new process
+    /// of that name). Supervisor only.
+    public var orphanedOutput: Bool?
 
-    public init(process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil, endingInput: Bool? = nil, releasing: Bool? = nil) {
+    public init(
+        process: String, streams: [StreamDescription], handoffOwner: UInt32? = nil, endingInput: Bool? = nil, releasing: Bool? = nil,
+        orphanedOutput: Bool? = nil
+    ) {
         self.process = process
         self.streams = streams
         self.handoffOwner = handoffOwner
         self.endingInput = endingInput
         self.releasing = releasing
+        self.orphanedOutput = orphanedOutput
     }
 }
 

@@ -69,16 +69,21 @@ struct StdioStore {
     struct Snapshot: Codable, Equatable, Sendable {
         var held: [String: Held]
         var slots: CheckpointSlots
-        /// `heldOpen`'s slots (absent from an older daemon's state): the broker relaying them
-        /// is gone by the exec, so the next image frees them once its first broker starts.
+        /// `heldOpen`'s slots, as a revision-2 daemon wrote them (without their fds, which it
+        /// had closed): freed once the next image's first broker starts. Not written any more.
         var heldOpen: [Int]? = nil
+        /// `heldOpen` whole: each output's fds are kept across the exec, and the next image's
+        /// first broker resumes it.
+        var heldOpenOutputs: [HeldOpen]? = nil
 
         /// Every fd its entries hold, in a stable order.
-        var heldDescriptors: [Int32] { held.keys.sorted().flatMap { held[$0]!.heldDescriptors } }
+        var heldDescriptors: [Int32] {
+            held.keys.sorted().flatMap { held[$0]!.heldDescriptors } + (heldOpenOutputs ?? []).flatMap(\.descriptors)
+        }
     }
 
     func snapshot() -> Snapshot {
-        Snapshot(held: held, slots: slots, heldOpen: heldOpen.isEmpty ? nil : heldOpen.values.flatMap(\.slots).sorted())
+        Snapshot(held: held, slots: slots, heldOpenOutputs: heldOpen.isEmpty ? nil : heldOpen.keys.sorted().map { heldOpen[$0]! })
     }
 
 
@@ -87,6 +92,10 @@ struct StdioStore {
     init(restoring snapshot: Snapshot) {
         slots = snapshot.slots
         for slot in snapshot.heldOpen ?? [] { heldOpen[slot] = HeldOpen(incarnation: 0, slots: [slot]) }
+        for var output in snapshot.heldOpenOutputs ?? [] {
+            output.incarnation = 0
+            if let slot = output.slots.first { heldOpen[slot] = output }
+        }
         held = snapshot.held.mapValues { entry in
             var entry = entry
             entry.adoption = .adopted(0)
@@ -112,15 +121,25 @@ struct StdioStore {
     private(set) var held: [String: Held] = [:]
     var slots: CheckpointSlots
 
-    /// The slots of an output that outlived its process's exit report, by its checkpoint slot,
-    /// with the broker incarnation that relays it into them. Freed only once that broker says
-    /// the stream ended (`outputSettled`) or is gone (`releaseHeldOpen`): freed at the exit as
-    /// before, they went to another process's stream while the orphan's went on writing into
-    /// them — its bytes into the other's replay ring, the other's into its stream, both
-    /// streams' checkpoints overwritten by the other.
-    struct HeldOpen: Equatable, Sendable {
+    /// An output that outlived its process's exit report (an orphan of the process holds it and
+    /// writes on), by its checkpoint slot, with the broker incarnation that relays it. Its slots
+    /// stay out of reuse until the stream ends (`outputSettled`): freed at the exit, they went
+    /// to another process's stream while the orphan's went on writing into them — its bytes
+    /// into the other's replay ring, both checkpoints overwritten by the other. Its fds stay
+    /// here too, as a live process's do, and a broker after a crash (or a live upgrade's next
+    /// image) is handed it to resume (`handHeldOpen`): closed at the exit, the dying broker's
+    /// copies were the pipe's last reader — the orphan's next write took SIGPIPE, and what the
+    /// pipe and the ring held was lost, at every broker crash and every `dpkg -i`.
+    struct HeldOpen: Codable, Equatable, Sendable {
         var incarnation: Int
         var slots: [Int]
+        /// The process it was an output of (its id may be another process's by now).
+        var process: String? = nil
+        /// As the first broker got it, its fd indexes into `descriptors`; nil for one a
+        /// revision-2 daemon's state named by its slot only (freed at the next broker's start).
+        var stream: StreamDescription? = nil
+        /// The output's host end and its windows' ends.
+        var descriptors: [Int32] = []
     }
 
     private(set) var heldOpen: [Int: HeldOpen] = [:]
@@ -180,37 +199,82 @@ struct StdioStore {
     }
 
     /// The broker relaying an output held open past its process's exit says it ended (the
-    /// output's checkpoint slot): its slots are free, returned to be cleared. Nil for a slot
-    /// not held open (said twice, or by a broker whose slots were freed at its death).
-    mutating func outputSettled(slot: Int, by incarnation: Int) -> [Int]? {
+    /// output's checkpoint slot): its fds to close, and its slots, free, to be cleared. Nil
+    /// for a slot not held open (said twice, or by a broker that was not handed it).
+    mutating func outputSettled(slot: Int, by incarnation: Int) -> (descriptors: [Int32], slots: [Int])? {
         guard let entry = heldOpen[slot], entry.incarnation == incarnation else { return nil }
-        heldOpen.removeValue(forKey: slot)
+        return dropHeldOpen(slot: slot)
+    }
+
+    /// Lets go of the output held open in `slot`: its fds to close and its slots (free) to clear.
+    mutating func dropHeldOpen(slot: Int) -> (descriptors: [Int32], slots: [Int])? {
+        guard let entry = heldOpen.removeValue(forKey: slot) else { return nil }
         for slot in entry.slots { slots.free(slot) }
-        return entry.slots
+        return (entry.descriptors.filter { $0 >= 0 }, entry.slots)
     }
 
-    /// The slots of outputs held open by brokers before `incarnation`, which are gone (one
-    /// broker runs at a time: a new one starts once the last was reaped), freed and returned
-    /// to be cleared.
-    mutating func releaseHeldOpen(before incarnation: Int) -> [Int] {
-        let gone = heldOpen.filter { $0.value.incarnation < incarnation }
-        for (key, entry) in gone {
-            heldOpen.removeValue(forKey: key)
-            for slot in entry.slots { slots.free(slot) }
+    /// An output held open past its process's exit, for broker `incarnation` to resume.
+    struct HeldOpenHandover {
+        var slot: Int
+        var request: AdoptRequest
+        var descriptors: [Int32]
+    }
+
+    /// The outputs held open by brokers before `incarnation` (gone: one broker runs at a time,
+    /// and a new one starts once the last was reaped), each now broker `incarnation`'s to
+    /// resume (the caller copies the fds to send them); and the slots of those a revision-2
+    /// state named without their fds, freed, to be cleared.
+    mutating func handHeldOpen(to incarnation: Int) -> (handed: [HeldOpenHandover], freed: [Int]) {
+        var handed: [HeldOpenHandover] = []
+        var freed: [Int] = []
+        for (slot, entry) in heldOpen.sorted(by: { $0.key < $1.key }) where entry.incarnation < incarnation {
+            guard var stream = entry.stream, let process = entry.process, !entry.descriptors.isEmpty else {
+                freed += dropHeldOpen(slot: slot)?.slots ?? []
+                continue
+            }
+            heldOpen[slot]?.incarnation = incarnation
+            stream.resume = true
+            handed.append(HeldOpenHandover(
+                slot: slot, request: AdoptRequest(process: process, streams: [stream], orphanedOutput: true), descriptors: entry.descriptors))
         }
-        return gone.values.flatMap(\.slots)
+        return (handed, freed)
     }
 
-    /// Records the held-open outputs of `entry` (being released) in `heldOpen`; returns their
-    /// slots, which the release must not free.
-    private mutating func keepHeldOpenSlots(of entry: Held) -> Set<Int> {
-        guard entry.request.handoffOwner == nil, let kinds = entry.outputsHeldOpen else { return [] }
-        var kept: Set<Int> = []
-        for stream in entry.request.streams where kinds.contains(stream.kind) {
-            guard let slot = stream.checkpoint else { continue }  // a raw output: no slot
+    /// Records the held-open outputs of `entry` (being released) in `heldOpen`, with their fds;
+    /// returns their slots, which the release must not free, and their fds, which it must not
+    /// close.
+    private mutating func keepHeldOpen(of entry: Held) -> (slots: Set<Int>, descriptors: Set<Int32>) {
+        guard entry.request.handoffOwner == nil, let kinds = entry.outputsHeldOpen else { return ([], []) }
+        var kept: (slots: Set<Int>, descriptors: Set<Int32>) = ([], [])
+        for var stream in entry.request.streams where kinds.contains(stream.kind) {
+            guard let slot = stream.checkpoint else { continue }  // a raw output: no slot, not resumed
             let slots = [slot] + (stream.inputCheckpoint.map { [$0] } ?? [])
-            heldOpen[slot] = HeldOpen(incarnation: entry.adoption.incarnation, slots: slots)
-            kept.formUnion(slots)
+            var descriptors: [Int32] = []
+            func carry(_ index: Int) -> Int? {
+                guard entry.descriptors.indices.contains(index), entry.descriptors[index] >= 0 else { return nil }
+                descriptors.append(entry.descriptors[index])
+                return descriptors.count - 1
+            }
+            func carry(_ window: WindowPipe?) -> WindowPipe? {
+                guard let window, let read = carry(window.read) else { return nil }
+                guard let write = carry(window.write) else {
+                    descriptors.removeLast()
+                    return nil
+                }
+                return WindowPipe(read: read, write: write)
+            }
+            if let fd = carry(stream.fd) {
+                stream.fd = fd
+                stream.window = carry(stream.window)
+                stream.inputWindow = carry(stream.inputWindow)
+            } else {
+                descriptors = []
+            }
+            heldOpen[slot] = HeldOpen(
+                incarnation: entry.adoption.incarnation, slots: slots, process: descriptors.isEmpty ? nil : entry.request.process,
+                stream: descriptors.isEmpty ? nil : stream, descriptors: descriptors)
+            kept.slots.formUnion(slots)
+            kept.descriptors.formUnion(descriptors)
         }
         return kept
     }
@@ -418,7 +482,7 @@ struct StdioStore {
     /// bytes as undelivered. Everything else of the process is returned.
     mutating func release(_ process: String, evenForEcho: Bool = false) -> (descriptors: [Int32], slots: [Int])? {
         guard let entry = held.removeValue(forKey: process) else { return nil }
-        let heldOpenSlots = keepHeldOpenSlots(of: entry)
+        let (heldOpenSlots, heldOpenDescriptors) = keepHeldOpen(of: entry)
         if !evenForEcho, entry.request.handoffOwner == nil, entry.inputEndedByHost == true, entry.inputSettled != true,
             let stdin = entry.request.streams.first(where: { $0.kind == .stdin && $0.mode == .resumable }),
             let slot = stdin.checkpoint, entry.descriptors.indices.contains(stdin.fd), entry.descriptors[stdin.fd] < 0
@@ -435,10 +499,10 @@ struct StdioStore {
                 $0 != slot && !heldOpenSlots.contains($0)
             }
             for other in others { slots.free(other) }
-            return (entry.descriptors.filter { $0 >= 0 }, others)
+            return (entry.descriptors.filter { $0 >= 0 && !heldOpenDescriptors.contains($0) }, others)
         }
         let slots = entry.request.handoffOwner == nil ? freeCheckpoints(of: entry.request, keeping: heldOpenSlots) : []
-        return (entry.descriptors.filter { $0 >= 0 }, slots)
+        return (entry.descriptors.filter { $0 >= 0 && !heldOpenDescriptors.contains($0) }, slots)
     }
 
     /// The broker says `process`'s ended stdin (checkpoint `slot`) is done with its END echo.

@@ -172,16 +172,7 @@ extension Supervisor {
             }
         }
         this.withLockedValue { $0 = client }
-        let number = stdio.withLockedValue { store -> Int in
-            let number = store.brokerStarted(client)
-            // Outputs its predecessors relayed past their processes' exits died with them: their
-            // slots are free (a new broker starts only once the last one was reaped).
-            for slot in store.releaseHeldOpen(before: number) {
-                checkpoints?.checkpoint(slot)?.clear()
-                rings?.clear(slot)
-            }
-            return number
-        }
+        let number = stdio.withLockedValue { $0.brokerStarted(client) }
         // Out of service before its requests fail `channel-closed` (read by their callers as
         // "ask again"): asked again at once, the dead broker's client must not be given out.
         // Ended before it was put in service (it died during the readoption): taken out again
@@ -196,6 +187,7 @@ extension Supervisor {
         // A broker started after a crash gets every live process's streams back before anything
         // else (creates wait for it meanwhile); the first one gets none.
         await readopt(incarnation: number, client: client)
+        await resumeHeldOpenOutputs(incarnation: number, client: client)
         brokerClient.set(client)
         if ended.withLockedValue({ $0 }) { brokerClient.clear { $0 === client } }
         // Only now may runtimes ask it about their processes: every one is back.

@@ -187,17 +187,52 @@ extension Supervisor {
     }
 
     /// The broker (its channel `client`) says an output held open past its process's exit
-    /// ended (its checkpoint `slot`): the output's slots are cleared and free.
+    /// ended (its checkpoint `slot`): our copies of its fds close, its slots are cleared and free.
     func outputSettled(_ process: String, slot: Int, from client: ControlClient) {
         let freed = stdio.withLockedValue { store -> [Int]? in
-            guard let slots = store.outputSettled(slot: slot, by: store.incarnation(of: client)) else { return nil }
-            for slot in slots {
+            guard let freed = store.outputSettled(slot: slot, by: store.incarnation(of: client)) else { return nil }
+            for slot in freed.slots {
                 checkpoints?.checkpoint(slot)?.clear()
                 rings?.clear(slot)
             }
-            return slots
+            for fd in freed.descriptors { Reactor.shared.closeOnLoop(fd) }
+            return freed.slots
         }
         if let freed { logger.info("an output held open past its exit ended: its slots are free", metadata: ["process": "\(process)", "slots": "\(freed)"]) }
+    }
+
+    /// The outputs the brokers before `incarnation` relayed past their processes' exits (an
+    /// orphan of each writes on) are handed to it to resume, as a live process's streams are:
+    /// our fds kept their pipes' reader through the death. One it refuses is let go (its slots
+    /// freed, our fds closed: the orphan then meets a pipe without a reader, as before).
+    func resumeHeldOpenOutputs(incarnation: Int, client: ControlClient) async {
+        let (handed, freed) = stdio.withLockedValue { $0.handHeldOpen(to: incarnation) }
+        for slot in freed {
+            checkpoints?.checkpoint(slot)?.clear()
+            rings?.clear(slot)
+        }
+        for item in handed {
+            let copies = item.descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
+            defer { for fd in copies where fd >= 0 { close(fd) } }
+            let process = item.request.process
+            do throws(HoldfastError) {
+                if let failed = copies.firstIndex(where: { $0 < 0 }) {
+                    throw HoldfastError(.tooManyOpenFiles, "cannot copy fd \(item.descriptors[failed]): \(Errno(rawValue: errno))")
+                }
+                let adopt = BrokerRequest.adopt(item.request)
+                _ = try await client.request(adopt.frameType, body: adopt.body, descriptors: copies)
+                logger.info("an output held open past its process's exit handed to the restarted broker", metadata: [
+                    "process": "\(process)", "stream": "\(item.request.streams.map(\.kind.rawValue))", "broker": "\(incarnation)",
+                ])
+            } catch where error.code == .channelClosed {
+                return  // this broker died too: the next one is handed them
+            } catch {
+                logger.error("an output held open past its process's exit could not be handed to the restarted broker: let go", metadata: [
+                    "process": "\(process)", "error": "\(error)",
+                ])
+                freeStdio { $0.dropHeldOpen(slot: item.slot) }
+            }
+        }
     }
 
     /// Closes the fds and clears the slots `release` takes out of the store.

@@ -23,13 +23,14 @@ struct UpgradeState: Codable, Sendable {
 
     /// Which fields of meaning this binary writes and reads, counted up each time one is added
     /// whose absence a reader would misread (1: everything up to this field's arrival; 2: the
-    /// slots of outputs held open past their process's exit, `StdioStore.Snapshot.heldOpen`).
+    /// slots of outputs held open past their process's exit, `StdioStore.Snapshot.heldOpen`;
+    /// 3: those outputs whole, their fds kept, `StdioStore.Snapshot.heldOpenOutputs`).
     /// A reader refuses a state of a revision above its own: an older binary decodes what it
     /// knows and drops the rest without a word (a live *downgrade* then delivered a keyed
     /// signal twice, relayed a handoff release two readers held, or gave slots still written
     /// into to new streams). Binaries before revisions existed ignore it; a state without one
     /// is revision 1.
-    static let currentRevision = 2
+    static let currentRevision = 3
     var revision: Int? = UpgradeState.currentRevision
 
     /// The fds the new image takes over, by what each one is.

@@ -79,6 +79,43 @@ struct HeldOpenOutputTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The broker relaying an orphan's output past its process's exit is killed, and then the
+    /// daemon is live-upgraded: the orphan writes on, and every line it writes reaches the host
+    /// once, in order, to its last. Before, the supervisor closed its copies of the output's fds
+    /// at the exit report: the dying broker's were the pipe's last reader, so the orphan's next
+    /// write took SIGPIPE — its output cut, nothing said — at every broker crash and `dpkg -i`.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anOrphansOutputOutlivesABrokerCrashAndALiveUpgrade() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "1s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let stop = daemon.directory.file("orphan-stop")
+        defer { try? writeFile(stop, []) }
+        let output = try await Self.exitLeavingAnOrphan(daemon, exits, loop: "i=$((i+1)); echo $i; sleep 0.005", after: "echo last", stop: stop)
+        try await daemon.waitForLog("process streams drained")
+
+        let broker = try #require(try await daemon.rolePID("broker").flatMap(ProcessIdentity.init))
+        #expect(kill(broker.pid, SIGKILL) == 0)
+        try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: broker) }
+        let atRestart = output.count
+        try await eventually("the orphan's output relayed on by the new broker") { output.count > atRestart + 200 }
+        #expect(daemon.log.contains("an output held open past its process's exit handed to the restarted broker"))
+
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let atUpgrade = output.count
+        try await eventually("the orphan's output relayed on after the upgrade") { output.count > atUpgrade + 200 }
+
+        try writeFile(stop, [])
+        try await eventually("the orphan's last line", timeout: .seconds(30)) { String(decoding: output.bytes, as: UTF8.self).hasSuffix("\nlast\n") }
+        let lines = String(decoding: output.bytes, as: UTF8.self).split(separator: "\n")
+        let numbers = lines.dropLast().map { Int($0) }
+        #expect(numbers == Array(1...max(1, numbers.count)), "every line once, in order: \(lines.count) lines")
+        try await daemon.waitForLog("an output held open past its exit ended: its slots are free")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
     /// an orphan that runs `loop` until the file `stop` exists (then `after`) on that stdout;
     /// returns once the exit came (its output held open). What the host receives of it.
