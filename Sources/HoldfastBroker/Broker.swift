@@ -32,6 +32,9 @@ public final class Broker: Sendable {
     /// `release` (Broker+Release.swift).
     let keptReleases = NIOLockedValueBox(KeptReleases())
     private let totals = NIOLockedValueBox(Totals())
+    /// Processes out of the table whose outputs an orphan holds open past the exit, relayed on
+    /// (`relayUntilEnded`): a live upgrade's quiesce waits for their takes too.
+    private let relayedPastExit = NIOLockedValueBox<[ObjectIdentifier: AdoptedProcess]>([:])
     /// The handoff socket's connections (`BrokerService.serveHandoff`), counted in `stats`.
     let handoffGate: NIOLockedValueBox<HandoffConnectionGate>
     /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
@@ -122,7 +125,7 @@ public final class Broker: Sendable {
                 "process": "\(request.process)", "streams": "\(request.streams.map(\.kind.rawValue))",
             ])
             Task { [self] in
-                await relayUntilEnded(streams, of: request.process, supervisorsSlots: true)
+                await relayUntilEnded(streams, of: process, supervisorsSlots: true)
                 for stream in process.status() { record(finished: stream) }
             }
             return
@@ -495,7 +498,7 @@ public final class Broker: Sendable {
             // the supervisor's, which it frees at `output-settled`, or a handoff peer's process's,
             // which are ours (`handoffGone` below).
             let supervisorsSlots = !handoffs.withLockedValue({ $0.has(request.process) })
-            await relayUntilEnded(heldOpen, of: request.process, supervisorsSlots: supervisorsSlots)
+            await relayUntilEnded(heldOpen, of: adopted, supervisorsSlots: supervisorsSlots)
             if removed { await handoffGone(request.process) }
         }
     }
@@ -503,7 +506,10 @@ public final class Broker: Sendable {
     /// Relays outputs held open past their process's exit (an orphan writes on) until each
     /// ends, and says so for each slot of the supervisor's (`output-settled`: it frees the slots
     /// and closes its copies of the fds).
-    func relayUntilEnded(_ streams: [ManagedStream], of process: String, supervisorsSlots: Bool) async {
+    func relayUntilEnded(_ streams: [ManagedStream], of owner: AdoptedProcess, supervisorsSlots: Bool) async {
+        let process = owner.id
+        relayedPastExit.withLockedValue { $0[ObjectIdentifier(owner)] = owner }
+        defer { relayedPastExit.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(owner)) } }
         await withTaskGroup(of: Void.self) { group in
             for stream in streams {
                 group.addTask { [self] in
@@ -655,7 +661,8 @@ public final class Broker: Sendable {
         let started = ContinuousClock.now
         Task(executorPreference: Reactor.shared) { [self] in
             while true {
-                let pending = processes.withLockedValue { Array($0.values) }.flatMap { process in
+                let relayed = processes.withLockedValue { Array($0.values) } + relayedPastExit.withLockedValue { Array($0.values) }
+                let pending = relayed.flatMap { process in
                     process.checkpoints.filter { ($0.recovered?.uncertain ?? 0) > 0 }.map { _ in process.id }
                 }
                 if pending.isEmpty || ContinuousClock.now >= deadline {
