@@ -143,7 +143,14 @@ final class RoleSupervisor: Sendable {
                 continue
             }
             let started = ContinuousClock.now
-            let (restarts, stopSignal, failedStarts) = state.withLockedValue { s -> (Int, Int32?, Int) in
+            // A live upgrade's hold that came while this one was being started found none
+            // running, and went on without it: this one must not serve. (It did: the old image's
+            // broker took every stream while the state was written, outlived the exec — its
+            // channel closed, no parent-death signal, as it was forked by the thread that execs —
+            // and its orderly end cleared the rings the new image's broker was resuming from.)
+            // Decided under the lock `hold` reads `current` under: one or the other sees it.
+            let admitted = state.withLockedValue { s -> (restarts: Int, stopSignal: Int32?, failedStarts: Int)? in
+                guard !s.held else { return nil }
                 s.current = incarnation
                 s.startedAt = started
                 s.startFailure = nil
@@ -152,6 +159,15 @@ final class RoleSupervisor: Sendable {
                     s.startFailureLog = LogPacer(interval: Self.startFailureLogInterval)
                 }
                 return (s.restarts, s.stopping ? s.stopSignal : nil, s.failedStarts)
+            }
+            guard let (restarts, stopSignal, failedStarts) = admitted else {
+                logger.info("role started while a live upgrade held it down: ended before it served", metadata: [
+                    "role": "\(name)", "pid": "\(incarnation.pid)",
+                ])
+                send(SIGKILL, to: incarnation)
+                _ = if let child = incarnation.child { await reaper.wait(child) } else { await reaper.wait(incarnation.pid) }
+                incarnation.channel.close()
+                continue
             }
             var metadata: Logger.Metadata = ["role": "\(name)", "pid": "\(incarnation.pid)"]
             if failedStarts > 0 { metadata["afterFailedStarts"] = "\(failedStarts)" }
