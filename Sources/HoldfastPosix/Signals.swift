@@ -306,8 +306,16 @@ public final class ChildReaper: Sendable {
     /// Whether `pid` is a child of this process now (live or a zombie not reaped yet).
     private let isChild: @Sendable (pid_t) -> Bool
 
-    public init(isChild: @escaping @Sendable (pid_t) -> Bool = ChildReaper.isChildOfThisProcess) {
+    /// Exits collected per hold of the lock (`reapAll`).
+    public static let reapBatch = 64
+    /// Tests: called between two batches of one `reapAll`, outside the lock.
+    private let betweenBatches: (@Sendable () -> Void)?
+
+    public init(
+        isChild: @escaping @Sendable (pid_t) -> Bool = ChildReaper.isChildOfThisProcess, betweenBatches: (@Sendable () -> Void)? = nil
+    ) {
         self.isChild = isChild
+        self.betweenBatches = betweenBatches
     }
 
     /// /proc/PID/stat's parent pid is ours.
@@ -521,13 +529,40 @@ public final class ChildReaper: Sendable {
     }
 
     /// Reaps every child that has exited (call on SIGCHLD, and once at start).
+    ///
+    /// In batches of `reapBatch`, each one's waiters woken before the next: the lock is also what
+    /// every fork, every signal to a child and every exit wait takes, and a process that makes
+    /// children faster than they are reaped (`clone(CLONE_PARENT)` in a loop makes each one
+    /// ours) held it for as long as it went on — no create, no signal, no exit report for anyone,
+    /// and no exit handed over until the flood ended.
+    ///
+    /// At most 16 batches per call: past them the rest is reaped by a task of its own, so that
+    /// the caller (the daemon's signal loop) is back for its other signals — a SIGTERM — however
+    /// long a flood goes on.
     public func reapAll() {
+        var batches = 0
+        while reapBatch() {
+            betweenBatches?()
+            batches += 1
+            if batches == 16 {
+                Task.detached { self.reapAll() }
+                break
+            }
+        }
+        serveHeldStops()
+    }
+
+    /// One batch; true if it was full (more may be waiting).
+    private func reapBatch() -> Bool {
         // waitpid(WNOHANG) under the lock: a `wait` never sees a pid reaped but not recorded.
-        let (woken, stopped) = state.withLockedValue { s -> ([(CheckedContinuation<ExitStatus, Never>, ExitStatus)], [(pid: pid_t, signal: Int32)]) in
+        let (woken, stopped, full) = state.withLockedValue {
+            s -> ([(CheckedContinuation<ExitStatus, Never>, ExitStatus)], [(pid: pid_t, signal: Int32)], Bool) in
             var woken: [(CheckedContinuation<ExitStatus, Never>, ExitStatus)] = []
-            guard !s.frozen else { return (woken, []) }
+            guard !s.frozen else { return (woken, [], false) }
             defer { s.stopped = [] }
-            while let (pid, status) = Self.reapOne(&s) {
+            var reaped = 0
+            while reaped < Self.reapBatch, let (pid, status) = Self.reapOne(&s) {
+                reaped += 1
                 if let registration = s.registered.removeValue(forKey: pid) {
                     if s.abandoned.remove(registration) != nil { continue }
                     if let waiter = s.registeredWaiters.removeValue(forKey: registration) {
@@ -550,11 +585,11 @@ public final class ChildReaper: Sendable {
                     s.exited.removeValue(forKey: s.order.removeFirst())
                 }
             }
-            return (woken, s.stopped)
+            return (woken, s.stopped, reaped == Self.reapBatch)
         }
         for (waiter, status) in woken { waiter.resume(returning: status) }
         letGo(stopped)
-        serveHeldStops()
+        return full
     }
 
     /// Lets go of tracees found stopped (on the spawn thread, outside the lock) and counts them.

@@ -35,6 +35,34 @@ private func isRunning(_ pid: pid_t) -> Bool {
 
 @Suite("ChildReaper: every exit to its own waiter", .timeLimit(.minutes(5)))
 struct ChildReaperTests {
+    /// Exits are collected in batches, the lock given back and each batch's waiters woken before
+    /// the next: the lock is what every fork, signal and exit wait takes, and a process making
+    /// children faster than they were reaped (`clone(CLONE_PARENT)` in a loop) held it — and
+    /// every waiter — for as long as it went on. 200 zombies: at least three batches, the lock
+    /// free between them, every exit to its own waiter.
+    @Test func exitsAreReapedInBatchesWithTheLockGivenBackBetween() async throws {
+        guard try await isolated("exitsAreReapedInBatchesWithTheLockGivenBackBetween") else { return }
+        let pauses = NIOLockedValueBox(0)
+        let box = NIOLockedValueBox<ChildReaper?>(nil)
+        let reaper = ChildReaper(betweenBatches: {
+            // Takes the reaper's lock: held across the batches, this would never return.
+            _ = box.withLockedValue { $0 }?.isOrWasChild(getpid(), within: .seconds(1))
+            pauses.withLockedValue { $0 += 1 }
+        })
+        box.withLockedValue { $0 = reaper }
+        let count = 200
+        var children: [ChildReaper.Child] = []
+        for _ in 0..<count { children.append(try reaper.spawn(SpawnOptions(executable: "/bin/true", arguments: ["true"]))) }
+        try await eventually("every child exited, none reaped") {
+            children.allSatisfy { access("/proc/\($0.pid)", F_OK) == 0 && !isRunning($0.pid) }
+        }
+        reaper.reapAll()
+        #expect(pauses.withLockedValue { $0 } >= count / ChildReaper.reapBatch, "between batches of \(ChildReaper.reapBatch)")
+        for child in children {
+            #expect(try await bounded { await reaper.wait(child) } == .exited(0))
+        }
+    }
+
     /// Who sent the supervisor a signal is looked up after it was sent: a child that exited at
     /// once may already be reaped. It is still known as a child within the window, and only then.
     @Test func aChildReapedAMomentAgoIsStillKnownAsOne() async throws {
