@@ -191,6 +191,11 @@ public final class Supervisor: Sendable {
             // run_directory, through the default "{run}/runc") left every container running
             // unmanageable — "container does not exist" — and its state undeleted.
             if let running = state.configuration?.runc.root { keep("runc.root", \.runc.root, running) }
+            // Its listener is passed across the exec like the sockets above: a removed or changed
+            // address left it adopted by nobody, never closed — scrapes hung in its backlog.
+            if state.descriptors.metrics != nil, let running = state.configuration?.metrics.address {
+                keep("metrics.address", \.metrics.address, running)
+            }
         }
         self.configuration = configuration
         self.logger = logger
@@ -631,7 +636,11 @@ public final class Supervisor: Sendable {
     /// let an unprivileged process deny every container its service by holding a port, so the
     /// endpoint listens in the background, trying again until the port is free.
     func metricsService() throws -> DaemonService? {
-        guard let address = configuration.metrics.address else { return nil }
+        guard let address = configuration.metrics.address else {
+            // An older image's state says not where its listener was: kept, it is not served.
+            if let passed = resumption?.state.descriptors.metrics { close(passed) }
+            return nil
+        }
         // After a live upgrade it is listening already (passed across the exec).
         let adopted = try resumption?.state.descriptors.metrics.map { try Listener(adopting: $0, address: address) }
         let current = NIOLockedValueBox<(listener: Listener?, stopped: Bool)>((adopted, false))

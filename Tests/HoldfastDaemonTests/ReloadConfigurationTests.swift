@@ -59,6 +59,30 @@ struct ReloadConfigurationTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// `metrics.address` removed from the configuration before a reload. Its listener is passed
+    /// across the exec; before, the new image, configured with no endpoint, neither served nor
+    /// closed it: scrapes waited in its backlog for ever. It keeps its running value until the
+    /// next start now (logged), like the other sockets.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aRemovedMetricsAddressKeepsItsEndpointAcrossAReload() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let configPath = daemon.directory.file("holdfast.yaml")
+        let config = String(decoding: readFile(configPath) ?? [], as: UTF8.self)
+        let changed = config.replacingOccurrences(of: "metrics:\n  address: \"unix:{run}/metrics.sock\"", with: "")
+        #expect(changed != config)
+        try writeFile(configPath, bytes(changed))
+
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        let metrics = try await withDeadline("a scrape after the reload", .seconds(20)) {
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
+        }
+        #expect(metrics.hasPrefix("HTTP/1.") && metrics.contains("holdfast_"), "served on: \(metrics.prefix(200))")
+        try await daemon.waitForLog("metrics.address changed: it takes effect at the next start")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// `run_directory` moved (`runc.root` follows it through the default "{run}/runc"), or
     /// `runc.root` itself, while a runc container runs. Before, the new image called runc with
     /// the new root: the container "does not exist" — the host could not exec into it or stop
