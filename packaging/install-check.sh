@@ -82,6 +82,13 @@ fi
 wait_for_daemon
 upgrade_ok=0
 python3 "$here/upgrade-check.py" "$work/newer.deb" /run/holdfast || upgrade_ok=$?
+# An aborted upgrade: dpkg runs the old postinst with abort-upgrade NEW once the new package
+# failed to unpack, the old files back. The daemon runs that version: nothing to upgrade (it
+# reloaded, and said it "now runs the new version").
+upgrades() { timeout 10 holdfast status --socket /run/holdfast/control.sock 2>/dev/null | sed -n '1s/.*live upgrades: \([0-9]*\).*/\1/p'; }
+upgrades_before=$(upgrades)
+aborted=$(/var/lib/dpkg/info/holdfast.postinst abort-upgrade 9.9.9 2>&1) || true
+check "an aborted upgrade's postinst upgrades nothing" '[[ $(upgrades) == "$upgrades_before" ]] && ! grep -q "live upgrade\|new version" <<<"$aborted"'
 if [[ -n $daemon_pid ]]; then
     kill -TERM "$daemon_pid"
     wait "$daemon_pid" || true
