@@ -465,8 +465,10 @@ public final class Supervisor: Sendable {
             return
         }
         if resumption != nil {
-            // The processes the earlier image handed over keep theirs.
-            cgroups.track(table.withLockedValue { $0.entries.compactMap(\.cgroup) })
+            // The processes the earlier image handed over keep theirs. Not those done (their
+            // exits not yet taken): the earlier image released theirs, to go once empty —
+            // tracked again, one an orphan still filled stayed until the daemon's stop.
+            cgroups.track(table.withLockedValue { $0.entries.filter { $0.phase != .done }.compactMap(\.cgroup) })
         } else {
             let left = cgroups.cgroupNames()
             if !left.isEmpty {

@@ -391,6 +391,33 @@ struct ProcessCgroupTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A process done before a live upgrade (its exit not taken yet), whose orphan still fills
+    /// its cgroup: the earlier image released that cgroup to go once empty; the new image
+    /// tracked it again as a running process's, and it stayed until the daemon's stop.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aCgroupReleasedBeforeALiveUpgradeGoesOnceEmptyAfterIt() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let pidFile = daemon.directory.file("orphan.pid")
+        _ = try await daemon.launch(ProcessSpec(id: "o", argv: Self.escapingCommand(pidFile: pidFile, then: "exit 0")))
+        let orphan = try Tracked(try await Self.pid(in: pidFile))
+        defer { orphan.end() }
+        let cgroup = try Self.directory(of: try #require(orphan.cgroup))
+        try await eventually("the process done, its exit not taken", timeout: .seconds(30)) { try await daemon.status().processes.first { $0.id == "o" }?.state == .done }
+
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await eventually("the upgraded daemon serving") { (try? await daemon.status().upgrades) == 1 }
+        #expect(access(cgroup, F_OK) == 0, "still filled by the orphan")
+        orphan.end()
+        try await eventually("the orphan gone") { !orphan.isAlive }
+        // Another process's end tidies the cgroups that emptied.
+        _ = try await daemon.launch(ProcessSpec(id: "t", argv: ["true"]))
+        #expect(try await daemon.wait("t").exitCode == 0)
+        try await eventually("the emptied cgroup removed") { access(cgroup, F_OK) != 0 }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
     func aLiveUpgradeKeepsEachProcessInItsCgroup() async throws {
         let daemon = try await DaemonFixture(drainTimeout: "30s", shutdown: ("1s", "6s"))
