@@ -32,7 +32,8 @@ import streaming  # noqa: E402  (packaging/streaming.py: a handed-over process s
 
 
 def unused_uid() -> int:
-    """A uid of the range Holdfast picks from (65600-131071) with no password entry and no process."""
+    """A uid of the range Holdfast picks from (65600-99999) with no password entry, no process and
+    in no subordinate range of /etc/subuid."""
     used = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -44,15 +45,24 @@ def unused_uid() -> int:
                         used.update(int(field) for field in line.split()[1:])
         except OSError:
             continue
-    start = 65601 + os.getpid() % 60000
-    for uid in list(range(start, 131072)) + list(range(65601, start)):
-        if uid in used:
+    subordinate = []
+    try:
+        with open("/etc/subuid") as subuid:
+            for line in subuid:
+                fields = line.strip().split(":")
+                if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                    subordinate.append((int(fields[1]), int(fields[2])))
+    except OSError:
+        pass
+    start = 65601 + os.getpid() % 34000
+    for uid in list(range(start, 100000)) + list(range(65601, start)):
+        if uid in used or any(first <= uid < first + count for first, count in subordinate):
             continue
         try:
             pwd.getpwuid(uid)
         except KeyError:
             return uid
-    raise RuntimeError("no unused uid in 65601-131071")
+    raise RuntimeError("no unused uid in 65601-99999")
 
 
 def main() -> int:

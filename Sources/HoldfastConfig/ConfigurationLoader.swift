@@ -54,8 +54,9 @@ public enum ConfigurationLoader {
     /// over `run_directory` in the file, so parallel test runs never collide.
     public static let runDirectoryVariable = "HOLDFAST_RUN_DIR"
 
+    /// `subordinateUIDs`: /etc/subuid's ranges, read when nil (tests pass their own).
     public static func load(
-        path: String, environment: [String: String] = currentEnvironment()
+        path: String, environment: [String: String] = currentEnvironment(), subordinateUIDs: [SubordinateIDRange]? = nil
     ) async throws(ConfigurationError) -> DaemonConfiguration {
         func fail(_ key: String, _ reason: String) -> ConfigurationError {
             ConfigurationError(file: path, key: key, reason: reason)
@@ -137,6 +138,17 @@ public enum ConfigurationLoader {
             ["kill", "log", "off"].contains(text) ? .success(text) : .failure("must be kill, log or off")
         }
         let allowSharedUID = try parse("broker.allow_shared_uid", ValueParsers.boolean)
+        // A uid in someone's subordinate range is that user's to take in a user namespace of its
+        // own (newuidmap), where a signal from it is the broker's own uid's: not the broker's own.
+        if !allowSharedUID, let user, let uid = UserAccount.resolve(user)?.uid,
+            let range = SubordinateIDs.range(holding: uid, in: subordinateUIDs ?? SubordinateIDs.systemUIDRanges())
+        {
+            throw fail(
+                "broker.user",
+                "uid \(uid) lies in \(range.owner)'s subordinate uid range (\(SubordinateIDs.uidFile): \(range.line)): "
+                    + "\(range.owner)'s processes can take it in a user namespace of their own (newuidmap) and signal the broker; "
+                    + "give the broker a system user (adduser --system) or a uid outside every range, or set broker.allow_shared_uid: true")
+        }
         let restartBackoffMax = try parse("broker.restart_backoff_max", ValueParsers.positiveDuration)
         guard restartBackoffMax >= 100 else { throw fail("broker.restart_backoff_max", "must be at least 100ms (the first back-off)") }
         let handoffSocket = try parse("handoff.socket", ValueParsers.socketPath)

@@ -55,11 +55,13 @@ public struct UserAccount: Sendable, Equatable {
 }
 
 /// The uids Holdfast picks from when it needs one no other process has (a development or test
-/// broker): 65,600 to 131,071. systemd's users and groups document leaves 65,536–524,287
-/// unused, and Debian's adduser never allocates above 65,535, so no account is made there; the
-/// daemon still checks that no process runs as the uid before its broker takes it.
+/// broker): 65,600 to 99,999. systemd's users and groups document leaves 65,536–524,287
+/// unused, and Debian's adduser never allocates above 65,535, so no account is made there; and
+/// below 100,000, where useradd's subordinate ranges begin (SUB_UID_MIN: a uid in a user's
+/// range is that user's to take in a user namespace). The daemon still checks that no process
+/// runs as the uid, and that no subordinate range holds it, before its broker takes it.
 public enum ReservedUIDs {
-    public static let range: ClosedRange<uid_t> = 65_600...131_071
+    public static let range: ClosedRange<uid_t> = 65_600...99_999
     /// `config/holdfast-dev.yaml`'s broker: the first of the range.
     public static let development: uid_t = 65_600
 
@@ -68,10 +70,15 @@ public enum ReservedUIDs {
     /// daemons started at once (parallel tests, other test processes) get different ones.
     public static func unused() -> uid_t {
         let span = UInt32(range.count - 1)  // the first is the development config's
+        let subordinate = SubordinateIDs.systemUIDRanges()
         let start = (UInt32(truncatingIfNeeded: getpid()) &* 97 &+ nextOffset()) % span
         for step in 0..<span {
             let candidate = range.lowerBound + 1 + (start + step) % span
-            if UserAccount.lookup(String(candidate)) == nil, ProcessScan.processes(withUID: candidate).isEmpty { return candidate }
+            if UserAccount.lookup(String(candidate)) == nil, ProcessScan.processes(withUID: candidate).isEmpty,
+                SubordinateIDs.range(holding: candidate, in: subordinate) == nil
+            {
+                return candidate
+            }
         }
         return range.lowerBound + 1 + start
     }

@@ -105,6 +105,16 @@ extension Supervisor {
         if uid == broker {
             throw HoldfastError(.badUser, "the process would run as uid \(broker), the broker's: no other process may share the broker's uid")
         }
+        // A container in the guest's pid namespace whose user namespace maps the broker's uid:
+        // any process in it with CAP_SETUID (its root) can take that uid and signal the broker.
+        if spec.runtime == .runc, spec.container == nil, let bundle = spec.bundle, await RuncBundleIdentity.sharesThisPIDNamespace(bundle: bundle),
+            let mapping = await RuncBundleIdentity.mapping(holding: broker, bundle: bundle)
+        {
+            throw HoldfastError(
+                .badUser,
+                "the bundle's linux.uidMappings map uid \(broker), the broker's (\(mapping)), and the container shares the guest's pid namespace: "
+                    + "a process in it could take that uid and signal the broker; map a range without it, or give the container a pid namespace of its own")
+        }
     }
 }
 
@@ -149,6 +159,14 @@ enum RuncBundleIdentity {
         guard let pid = config.linux?.namespaces?.first(where: { $0.type == "pid" }) else { return true }
         guard let path = pid.path, !path.isEmpty else { return false }
         return PIDNamespace.isOurs(path) ?? true
+    }
+
+    /// The mapping of `bundle`'s `linux.uidMappings` that maps host uid `hostUID` into the
+    /// container ("containerID:hostID:size"), if any.
+    static func mapping(holding hostUID: uid_t, bundle: String) async -> String? {
+        guard let mappings = await config(of: bundle)?.linux?.uidMappings else { return nil }
+        return mappings.first { hostUID >= $0.hostID && UInt64(hostUID) < UInt64($0.hostID) + UInt64($0.size) }
+            .map { "\($0.containerID):\($0.hostID):\($0.size)" }
     }
 
     /// nil when the bundle cannot be read (runc will say why) or the uid is not mapped.

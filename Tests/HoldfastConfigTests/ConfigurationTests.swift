@@ -1,4 +1,5 @@
 import HoldfastCore
+import HoldfastPosix
 import HoldfastTestSupport
 import Testing
 
@@ -65,6 +66,29 @@ struct ConfigurationTests {
         #expect(config.broker.allowSharedUID == false)
         let shared = try await ConfigurationLoader.load(path: path, environment: ["HOLDFAST_BROKER_ALLOW_SHARED_UID": "true"])
         #expect(shared.broker.allowSharedUID)
+    }
+
+    /// A broker uid in a user's subordinate uid range (/etc/subuid: the default first range,
+    /// 100000:65536, held uids the README once recommended) is that user's to take in a user
+    /// namespace of its own, where its signals reach the broker: refused, saying whose range
+    /// and what to do; the same uid outside every range, or with sharing allowed, loads.
+    @Test func aBrokerUIDInASubordinateRangeIsRefused() async throws {
+        let ranges = SubordinateIDs.ranges(in: "# comment\nbob:200000:10\nalice:100000:65536\nbroken:1\n")
+        #expect(ranges.map(\.owner) == ["bob", "alice"])
+        #expect(SubordinateIDs.range(holding: 165_535, in: ranges)?.owner == "alice")
+        #expect(SubordinateIDs.range(holding: 165_536, in: ranges) == nil && SubordinateIDs.range(holding: 99_999, in: ranges) == nil)
+        let (directory, path) = try write("bridge:\n  address: vsock://3:5000\nbroker:\n  user: \"uid:100500\"\n")
+        defer { directory.remove() }
+        do {
+            _ = try await ConfigurationLoader.load(path: path, environment: [:], subordinateUIDs: ranges)
+            Issue.record("accepted a broker uid in alice's subordinate range")
+        } catch {
+            #expect(error.key == "broker.user")
+            #expect(error.reason.contains("alice's subordinate uid range (/etc/subuid: alice:100000:65536)"), "\(error.reason)")
+        }
+        _ = try await ConfigurationLoader.load(path: path, environment: [:], subordinateUIDs: [])
+        _ = try await ConfigurationLoader.load(path: path, environment: ["HOLDFAST_BROKER_ALLOW_SHARED_UID": "true"], subordinateUIDs: ranges)
+        #expect(ReservedUIDs.range.upperBound < 100_000, "the uids Holdfast picks lie below where subordinate ranges begin")
     }
 
     @Test func environmentOverridesOneKey() async throws {

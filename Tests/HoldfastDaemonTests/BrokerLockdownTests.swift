@@ -302,6 +302,13 @@ struct BrokerLockdownTests {
         let bundles: [(String, String)] = [
             ("as-the-broker", #"{"process": {"user": {"uid": \#(uid), "gid": 0}, "args": ["true"]}}"#),
             ("mapped-to-the-broker", #"{"process": {"user": {"uid": 0}}, "linux": {"uidMappings": [{"containerID": 0, "hostID": \#(uid), "size": 1}]}}"#),
+            // Its process runs as another uid, but in the guest's pid namespace with the
+            // broker's uid in its user namespace: its root could take it (setuid) and signal
+            // the broker.
+            (
+                "mapping-the-broker",
+                #"{"process": {"user": {"uid": 0}}, "linux": {"uidMappings": [{"containerID": 0, "hostID": \#(uid - 5), "size": 10}]}}"#
+            ),
         ]
         for (name, config) in bundles {
             mkdir(daemon.directory.file(name), 0o755)
