@@ -144,6 +144,7 @@ extension DaemonConfiguration {
                 (processes ?? .init()).signalGuard ? "true" : "false",
                 (processes ?? .init()).signalGuard ? nil : "WARNING: a root direct process can stop or reload the daemon (a kill from anything it starts)"
             ),
+            "processes.start_timeout": (Self.duration(processes?.startTimeout ?? Processes.defaultStartTimeout), nil),
         ]
     }
 

@@ -41,6 +41,7 @@ public enum ConfigurationLoader {
         ("streams.drain_timeout", "30s"),
         ("streams.ring_capacity", "1MiB"),
         ("processes.signal_guard", "true"),
+        ("processes.start_timeout", "1m"),
         ("shutdown.signal", "SIGTERM"),
         ("shutdown.grace", "10s"),
         ("shutdown.timeout", "30s"),
@@ -182,6 +183,7 @@ public enum ConfigurationLoader {
             }
         }
         let signalGuard = try parse("processes.signal_guard", ValueParsers.boolean)
+        let startTimeout = try parse("processes.start_timeout", ValueParsers.positiveDuration)
         let run = try parse("run_directory") { text -> Result<String, Problem> in
             text.hasPrefix("/") ? .success(text) : .failure("must be an absolute path")
         }
@@ -201,7 +203,7 @@ public enum ConfigurationLoader {
             runc: .init(path: runcPath, root: runcRoot),
             metrics: .init(address: metricsAddress),
             runDirectory: environment[runDirectoryVariable] ?? run,
-            processes: .init(signalGuard: signalGuard))
+            processes: .init(signalGuard: signalGuard, startTimeout: startTimeout))
     }
 
     /// The dotted keys present in the file (leaves only).

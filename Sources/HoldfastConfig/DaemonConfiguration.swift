@@ -89,9 +89,17 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         /// one started as root, to every process at once (kill -1): a root one's external
         /// `kill $PPID` or `pkill` would otherwise stop the daemon and every container.
         public var signalGuard: Bool
+        /// How long a direct process may take to reach its exec (its working directory entered,
+        /// its binary opened) before it is killed and its create fails: one on a file system
+        /// that does not answer would otherwise hold its create — a host request in flight, a
+        /// live upgrade's wait — for ever. Absent from a state an earlier binary wrote.
+        public var startTimeout: Milliseconds?
 
-        public init(signalGuard: Bool = true) {
+        public static let defaultStartTimeout: Milliseconds = 60_000
+
+        public init(signalGuard: Bool = true, startTimeout: Milliseconds = Processes.defaultStartTimeout) {
             self.signalGuard = signalGuard
+            self.startTimeout = startTimeout
         }
     }
 

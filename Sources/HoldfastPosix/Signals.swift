@@ -337,8 +337,8 @@ public final class ChildReaper: Sendable {
     /// `spawn`, waiting for the child's exec through the reactor, not on the calling thread
     /// (`Spawner.spawnAwaitingExec`): for a program whose start can hang (a container's
     /// directory or binary on a stalled file system).
-    public func spawnAwaitingExec(_ options: SpawnOptions) async throws(SpawnError) -> Child {
-        let spawned = try await Spawner.spawnAwaitingExec(options, reaper: self)
+    public func spawnAwaitingExec(_ options: SpawnOptions, within limit: Duration? = nil) async throws(SpawnError) -> Child {
+        let spawned = try await Spawner.spawnAwaitingExec(options, reaper: self, within: limit)
         guard let child = spawned.child else { preconditionFailure("a child forked for a reaper is registered") }
         return child
     }

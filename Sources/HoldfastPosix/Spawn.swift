@@ -85,9 +85,14 @@ public struct SpawnError: Error, Sendable, CustomStringConvertible {
     public var executable: String
     public var step: String
     public var errno: Int32
+    /// The child did not reach its exec within this, and was killed (`spawnAwaitingExec`).
+    public var timedOutAfter: Duration? = nil
 
     public var description: String {
-        "cannot start \(executable): \(step) failed: \(String(cString: strerror(errno))) (errno \(errno))"
+        if let timedOutAfter {
+            return "cannot start \(executable): it had not reached its exec \(timedOutAfter.spoken) after its fork (its working directory or binary on a file system that does not answer?): killed"
+        }
+        return "cannot start \(executable): \(step) failed: \(String(cString: strerror(errno))) (errno \(errno))"
     }
 }
 
@@ -120,7 +125,13 @@ public enum Spawner {
     /// as the guest has CPUs stopped the whole daemon: its control socket, the bridge's
     /// requests, exit reports, the watchdog's keep-alive (and then systemd killed it with every
     /// container).
-    static func spawnAwaitingExec(_ options: SpawnOptions, reaper: ChildReaper?) async throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
+    ///
+    /// `within`: a child that has not reached its exec by then is killed, and this throws
+    /// (`SpawnError.timedOutAfter`). A fatal signal ends a task a hung file system holds (FUSE,
+    /// NFS and virtiofs waits are killable; so is a frozen cgroup's).
+    static func spawnAwaitingExec(
+        _ options: SpawnOptions, reaper: ChildReaper?, within limit: Duration? = nil
+    ) async throws(SpawnError) -> (pid: pid_t, child: ChildReaper.Child?) {
         let forked = try fork(options, reaper: reaper)
         let report: AsyncFD
         do {
@@ -138,6 +149,20 @@ public enum Spawner {
             return (forked.pid, forked.child)
         }
         defer { report.close() }
+        // Past the limit the child is killed, once, and only while its exec is still awaited: a
+        // kill after it was taken for started would end a process its create reported running.
+        let wait = NIOLockedValueBox(ExecWait.awaited)
+        let timer = limit.map { limit in
+            TimeoutWheel.shared.schedule(after: limit) {
+                let kill = wait.withLockedValue { state -> Bool in
+                    guard state == .awaited else { return false }
+                    state = .timedOut
+                    return true
+                }
+                guard kill else { return }
+                if let reaper, let child = forked.child { _ = reaper.signal(child, SIGKILL) } else { Glibc.kill(forked.pid, SIGKILL) }
+            }
+        }
         // End-of-file: the exec closed the (close-on-exec) write end. Otherwise the child's
         // failure record, written whole (8 bytes) before it exits.
         let record = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
@@ -148,10 +173,27 @@ public enum Spawner {
             if count == 0 { break }
             filled += count
         }
+        if let timer { TimeoutWheel.shared.cancel(timer) }
+        let timedOut = wait.withLockedValue { state -> Bool in
+            defer { state = .answered }
+            return state == .timedOut
+        }
+        if timedOut, let limit {
+            // Its end-of-file came from its death, not from an exec.
+            var error = failed(forked, options: options, step: nil, errno: ETIMEDOUT, reaper: reaper)
+            error.step = "waiting for its exec"
+            error.timedOutAfter = limit
+            throw error
+        }
         var step: UnsafePointer<CChar>?
         let error = hf_spawn_failure_decode(record.baseAddress, filled, &step)
         guard error == 0 else { throw failed(forked, options: options, step: step, errno: error, reaper: reaper) }
         return (forked.pid, forked.child)
+    }
+
+    /// Where the wait for a child's exec stands (`spawnAwaitingExec`'s limit).
+    private enum ExecWait: Sendable {
+        case awaited, timedOut, answered
     }
 
     /// A child forked, its exec not yet known (`report`: the pipe its failure record would come

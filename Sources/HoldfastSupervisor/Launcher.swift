@@ -248,9 +248,11 @@ struct Launcher {
 
     /// Creates the stdio, starts the process (runtime `direct`), and returns the host-side fds
     /// for the broker. On failure nothing is left open and no process is left running.
-    /// `signalGuard`: the seccomp program it starts under (`SignalGuard`), if any.
+    /// `signalGuard`: the seccomp program it starts under (`SignalGuard`), if any;
+    /// `startTimeout`: how long the child may take to reach its exec before it is killed.
     static func start(
-        _ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?, signalGuard: SignalGuard.Programs? = nil
+        _ spec: ProcessSpec, reaper: ChildReaper, cgroups: ProcessCgroups?, signalGuard: SignalGuard.Programs? = nil,
+        startTimeout: Duration? = nil
     ) async throws(HoldfastError) -> Started {
         try validate(spec)
         let account = spec.user.flatMap(UserAccount.forProcess) ?? UserAccount.lookup(String(geteuid()))
@@ -291,7 +293,7 @@ struct Launcher {
         do {
             // Its exec is awaited, never waited for on a thread of the cooperative pool: a
             // directory or binary on a hung file system holds this create alone.
-            child = try await reaper.spawnAwaitingExec(options)
+            child = try await reaper.spawnAwaitingExec(options, within: startTimeout)
         } catch {
             stdio.closeAll()
             // Removed once the child that failed to start is reaped.

@@ -105,7 +105,9 @@ extension Supervisor {
         let oomMark = kernelLog?.mark()
         switch spec.runtime ?? .direct {
         case .direct:
-            started = try await Launcher.start(spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard)
+            started = try await Launcher.start(
+                spec, reaper: reaper, cgroups: cgroups, signalGuard: signalGuard,
+                startTimeout: .milliseconds(configuration.processes?.startTimeout ?? DaemonConfiguration.Processes.defaultStartTimeout))
             if let failure = started.cgroupFailure {
                 logger.warning("process runs without a cgroup: a stop ends its process group only", metadata: [
                     "process": "\(spec.id)", "error": "\(failure)",

@@ -338,6 +338,36 @@ struct ProcessCgroupTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A process that does not reach its exec within `processes.start_timeout` (here frozen
+    /// before it, as a binary or working directory on a file system that does not answer holds
+    /// it) is killed and its create fails, saying why; nothing of it is left. Before, the create
+    /// waited for as long as the file system hung — a host request in flight for good (32 such
+    /// and the host's connection stopped being read) and every live upgrade refused.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aProcessThatDoesNotReachItsExecInTimeIsKilledAndItsCreateFails() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "processes:\n  start_timeout: 2s")
+        defer { daemon.cleanUp() }
+        let processes = try Self.processCgroupsDirectory(of: daemon)
+        try writeFile(processes + "/cgroup.freeze", bytes("1"))
+        let frozen = NIOLockedValueBox(true)
+        defer { if frozen.withLockedValue({ $0 }) { try? writeFile(processes + "/cgroup.freeze", bytes("0")) } }
+        do {
+            _ = try await withDeadline("the create's answer", .seconds(30)) {
+                try await daemon.launch(ProcessSpec(id: "held", argv: ["true"]))
+            }
+            Issue.record("a process frozen before its exec was reported started")
+        } catch let error as HoldfastError {
+            #expect(error.code == .startFailed && error.message.contains("had not reached its exec 2s after its fork"), "\(error)")
+        }
+        try await eventually("its cgroup gone with it") { ProcessCgroups.processCgroupNames(in: processes).isEmpty }
+        #expect(try await daemon.status().processes.isEmpty)
+        try writeFile(processes + "/cgroup.freeze", bytes("0"))
+        frozen.withLockedValue { $0 = false }
+        _ = try await daemon.launch(ProcessSpec(id: "next", argv: ["true"]))
+        #expect(try await daemon.wait("next").exitCode == 0)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A process's working directory is entered as its own user. Entered as root, a directory it
     /// may not enter was accepted, and a symlink it planted led it past a directory closed to
     /// it (/root/app under a 0700 /root), where it could read what that directory protected.
