@@ -11,6 +11,10 @@ import Glibc
 /// has no failpoints, so no environment can make it die. Only a role's first incarnation is armed
 /// (`environment(_:forRole:)`): the one restarted after the kill runs on, as it would after a crash.
 public enum Failpoint {
+    /// A live upgrade's new image (not one fallen back to) fails where it adopts the metrics
+    /// listener, the last step of its take-over that can fail: it must fall back with every
+    /// passed listener still open.
+    public static let metricsAdoptionFails = "metrics-adoption-fails"
     /// The broker stopped a handoff peer's process's streams and told the supervisor it is
     /// releasing it; the answer with the fds is not written yet.
     public static let brokerReleaseMarked = "broker-release-marked"

@@ -220,6 +220,10 @@ public final class Listener: Sendable {
     /// The listening fd (to hand to a child process; it stays owned by this listener).
     public var descriptor: Int32 { socket.fd }
 
+    /// Stops managing the fd and hands it back open (a listener adopted across a live upgrade's
+    /// exec, given back for the image it falls back to). Nil if it was closed already.
+    public func detach() -> Int32? { socket.detach() }
+
     /// The address actually bound (differs from `address` for TCP or vsock port 0).
     public var boundAddress: SocketAddress {
         var storage = sockaddr_storage()

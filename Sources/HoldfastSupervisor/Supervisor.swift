@@ -289,20 +289,35 @@ public final class Supervisor: Sendable {
         try makeRunDirectory()
         let handoff: Listener?
         let control: Listener
-        if let descriptors = resumption?.state.descriptors {
-            handoff = try descriptors.handoff.map { try Listener(adopting: $0, address: .unix(path: configuration.handoff.socket)) }
-            control = try Listener(adopting: descriptors.control, address: .unix(path: configuration.control.socket))
-        } else {
-            handoff = try bindHandoff()
-            control = try Listener(binding: .unix(path: configuration.control.socket), kind: .seqpacket, unixMode: 0o600)
-        }
-        controlListener.withLockedValue { $0 = control.descriptor }
-        handoffListener.withLockedValue { $0 = handoff?.descriptor }
+        let metrics: DaemonService?
+        // Listeners passed across a live upgrade's exec, adopted: given back open if this image
+        // fails before it took over, for the previous one it falls back to. (Released, each closed
+        // its fd: the fallback then adopted closed fds — or numbers its own files had taken since.)
+        var adopted: [Listener] = []
+        do {
+            if let descriptors = resumption?.state.descriptors {
+                handoff = try descriptors.handoff.map { try Listener(adopting: $0, address: .unix(path: configuration.handoff.socket)) }
+                if let handoff { adopted.append(handoff) }
+                control = try Listener(adopting: descriptors.control, address: .unix(path: configuration.control.socket))
+                adopted.append(control)
+            } else {
+                handoff = try bindHandoff()
+                control = try Listener(binding: .unix(path: configuration.control.socket), kind: .seqpacket, unixMode: 0o600)
+            }
+            controlListener.withLockedValue { $0 = control.descriptor }
+            handoffListener.withLockedValue { $0 = handoff?.descriptor }
 
-        // Made here, as the last step that can fail: after a live upgrade's exec, a failure up to
-        // this point hands everything back to the previous binary (`Resumption.fallBack`), so
-        // nothing that runs, watches or reaps may have started before it.
-        let metrics = try metricsService()
+            // Made here, as the last step that can fail: after a live upgrade's exec, a failure up
+            // to this point hands everything back to the previous binary (`Resumption.fallBack`),
+            // so nothing that runs, watches or reaps may have started before it.
+            if let resumption, resumption.fellBack == nil, Failpoint.once(Failpoint.metricsAdoptionFails, process: "supervisor") {
+                throw SystemError("adopting the metrics listener (failpoint)", errno: .init(rawValue: ENOMEM))
+            }
+            metrics = try metricsService()
+        } catch {
+            for listener in adopted { _ = listener.detach() }
+            throw error
+        }
         tookOver.withLockedValue { $0 = true }
         resumption?.tookOver()
         // The previous image blocked them for the exec (the mask survives it): pending ones

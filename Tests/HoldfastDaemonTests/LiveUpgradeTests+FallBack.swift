@@ -108,6 +108,32 @@ struct LiveUpgradeFallBackTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A new image that fails at the last step of its take-over (adopting the metrics listener:
+    /// here a debug failpoint, in life an epoll watch refused) after it adopted the control and
+    /// handoff listeners falls back with them open: the previous image serves on all three.
+    /// Before, the adopted listeners were released on the way out, closing the passed fds: the
+    /// previous image adopted closed fds, could not take over either, and the daemon was gone —
+    /// with every container.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the failure is a failpoint, which only debug builds have"))
+    func aNewImageThatFailsAfterAdoptingItsListenersHandsThemBackOpen() async throws {
+        let daemon = try await DaemonFixture(
+            extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"",
+            environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.metricsAdoptionFails):supervisor"])
+        defer { daemon.cleanUp() }
+        let before = try await daemon.status()
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.upgradesFellBack == 1, "the previous image took over again")
+        let metrics = try await withDeadline("a scrape after the fallback", .seconds(20)) {
+            try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
+        }
+        #expect(metrics.hasPrefix("HTTP/1.") && metrics.contains("holdfast_"), "served on: \(metrics.prefix(200))")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A new image that crashes before it serves (here: a SIGSEGV while it waits to read its
     /// configuration, a FIFO nobody writes) falls back too: its handler for fatal signals,
     /// armed from the moment it read the state until it took over, executes the previous image.
