@@ -15,6 +15,9 @@ public enum Failpoint {
     /// listener, the last step of its take-over that can fail: it must fall back with every
     /// passed listener still open.
     public static let metricsAdoptionFails = "metrics-adoption-fails"
+    /// A live upgrade's new image (not one fallen back to) cannot map the checkpoint area it
+    /// was handed: it must fall back, the area's fd open for the previous image.
+    public static let inheritedAreaFails = "inherited-area-fails"
     /// The broker stopped a handoff peer's process's streams and told the supervisor it is
     /// releasing it; the answer with the fds is not written yet.
     public static let brokerReleaseMarked = "broker-release-marked"

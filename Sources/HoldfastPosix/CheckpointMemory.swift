@@ -42,30 +42,26 @@ public final class SharedMemory: @unchecked Sendable {
         return try map(fd, size: size)
     }
 
-    /// Maps an inherited memfd (taking ownership of `fd`: closed on failure too), its size read
-    /// with fstat.
+    /// Maps an inherited memfd, its size read with fstat: `fd` is owned from then on. On a
+    /// failure it stays open, the caller's: a live upgrade's new image that cannot map it falls
+    /// back to the previous one, which needs it (closed, the streams' progress was gone).
     public static func inherit(_ fd: Int32) throws(SystemError) -> SharedMemory {
         var info = stat()
-        guard fstat(fd, &info) == 0 else {
-            let error = SystemError.last("fstat(\(fd))")
-            close(fd)
-            throw error
-        }
+        guard fstat(fd, &info) == 0 else { throw .last("fstat(\(fd))") }
         guard info.st_size > 0 else {
-            close(fd)
             throw SystemError("shared memory fd \(fd) has no bytes", errno: .init(rawValue: EINVAL))
         }
         // Close-on-exec from here on: nothing the inheritor starts gets it.
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        return try map(fd, size: Int(info.st_size))
+        return try map(fd, size: Int(info.st_size), closingOnFailure: false)
     }
 
-    private static func map(_ fd: Int32, size: Int) throws(SystemError) -> SharedMemory {
+    private static func map(_ fd: Int32, size: Int, closingOnFailure: Bool = true) throws(SystemError) -> SharedMemory {
         let address = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         // MAP_FAILED is (void *)-1, a macro Swift does not import.
         guard let address, address != UnsafeMutableRawPointer(bitPattern: -1) else {
             let error = SystemError.last("mmap(memfd, \(size))")
-            close(fd)
+            if closingOnFailure { close(fd) }
             throw error
         }
         return SharedMemory(descriptor: fd, size: size, base: address)

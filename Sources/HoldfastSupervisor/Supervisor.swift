@@ -133,6 +133,10 @@ public final class Supervisor: Sendable {
     /// Where output streams keep their replay rings (every broker maps it): nil if the memfd
     /// could not be made, and then a broker crash loses what its rings held (reported).
     let rings: RingMemory?
+    /// A live upgrade's new image could not map the checkpoint or ring area it was handed: it
+    /// must not take over (every resumed stream would restart at 0, refused by the host) but
+    /// fall back, the area's fd still open for the previous image.
+    let inheritedAreaFailure: String?
     /// The host ends of every live process's stdio, and which broker has them (StdioStore.swift).
     let stdio: NIOLockedValueBox<StdioStore>
     /// The configuration file's path (a live upgrade passes it on), the path this binary runs
@@ -209,6 +213,9 @@ public final class Supervisor: Sendable {
         var checkpointError: (any Error)?
         do {
             if let fd = resuming?.state.descriptors.checkpoints {
+                if resuming?.fellBack == nil, Failpoint.once(Failpoint.inheritedAreaFails, process: "supervisor") {
+                    throw SystemError("mmap(memfd) (failpoint)", errno: .init(rawValue: ENOMEM))
+                }
                 checkpoints = try CheckpointMemory.inherit(fd)
             } else {
                 checkpoints = try CheckpointMemory.create()
@@ -222,7 +229,9 @@ public final class Supervisor: Sendable {
         } else {
             stdio = NIOLockedValueBox(StdioStore(slots: checkpoints?.slotCount ?? 0))
         }
+        var inheritedAreaFailure: String?
         if let checkpointError {
+            if resuming?.state.descriptors.checkpoints != nil { inheritedAreaFailure = "cannot map the checkpoint area: \(checkpointError)" }
             logger.error("no checkpoint area: streams will not survive a broker crash", metadata: ["error": "\(checkpointError)"])
         }
         do {
@@ -233,8 +242,10 @@ public final class Supervisor: Sendable {
             }
         } catch {
             rings = nil
+            if resuming?.state.descriptors.rings != nil { inheritedAreaFailure = inheritedAreaFailure ?? "cannot map the ring area: \(error)" }
             logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
         }
+        self.inheritedAreaFailure = inheritedAreaFailure
         signalGuard = Self.makeSignalGuard(enabled: (configuration.processes ?? .init()).signalGuard, logger: logger)
         runc = RuncRuntime(
             path: configuration.runc.path, root: configuration.runc.root, workDirectory: configuration.runDirectory + "/runc-work",
@@ -280,6 +291,7 @@ public final class Supervisor: Sendable {
     /// daemon holding it, a broker uid other processes use, or a socket path that is not ours.
     public func run() async throws -> Int32 {
         // After a live upgrade the sockets are ours already, listening (passed across the exec).
+        if let inheritedAreaFailure { throw StartRefused("the live upgrade's new image cannot take over: \(inheritedAreaFailure)") }
         let lock = try claimRunDirectory(socketsPassed: resumption != nil)
         defer { withExtendedLifetime(lock) {} }
         if resumption == nil { try checkBrokerUIDIsItsOwn() }

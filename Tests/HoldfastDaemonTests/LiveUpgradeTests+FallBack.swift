@@ -134,6 +134,36 @@ struct LiveUpgradeFallBackTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A new image that cannot map the checkpoint area it was handed (an mmap refused: here a
+    /// debug failpoint) falls back instead of taking over without it: the previous image serves
+    /// on with the area, so a broker crash after it still resumes a stream exactly. Before, the
+    /// new image took over, logging only: every resumed stream restarted at 0 (the host refuses
+    /// that), and no later broker crash was survived.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the failure is a failpoint, which only debug builds have"))
+    func aNewImageThatCannotMapTheCheckpointAreaFallsBack() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.inheritedAreaFails):supervisor"])
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let output = collect(try daemon.streams.open(token: bytes("area-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "counter", argv: counterCommand(1500, prefix: "area", pause: "0.002"), stdout: daemon.spec("area-out")))
+        let before = try await daemon.status()
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(1) && upgrade.output.contains("cannot map the checkpoint area"), "\(upgrade.output)")
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && after.upgradesFellBack == 1 && (after.upgrades ?? 0) == 0)
+        let broker = try #require(try await daemon.rolePID("broker").flatMap(ProcessIdentity.init))
+        #expect(kill(broker.pid, SIGKILL) == 0)
+        #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(1500, prefix: "area"),
+            "every line once, in order, across the fallback and a broker crash")
+        try await eventually("the counter's exit", timeout: .seconds(30)) { exits.count("counter") == 1 }
+        #expect(exits.all.first { $0.id == "counter" }?.lost == nil)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A new image that crashes before it serves (here: a SIGSEGV while it waits to read its
     /// configuration, a FIFO nobody writes) falls back too: its handler for fatal signals,
     /// armed from the moment it read the state until it took over, executes the previous image.
