@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import CHoldfastShims
 
 #if canImport(Glibc)
@@ -33,6 +34,15 @@ public enum RunDirectory {
         }
         try check(path, acceptedOwners: [geteuid()])
         return try RunDirectoryLock(path: path + "/" + lockName)
+    }
+
+    /// `claim`, for a live upgrade's new image that was handed the lock's fd across the exec:
+    /// the lock never left the daemon (released at the exec, a second daemon, or a purge's
+    /// "is one running?" test, could take it while the new image started). The directory is
+    /// checked as in `claim`.
+    public static func claim(_ path: String, lockName: String, passed fd: Int32) throws(Refusal) -> RunDirectoryLock {
+        try check(path, acceptedOwners: [geteuid()])
+        return try RunDirectoryLock(path: path + "/" + lockName, adopting: fd)
     }
 
     /// Checks that only root or this process's user can change what is in `path` (see the type's
@@ -151,7 +161,29 @@ public enum RunDirectory {
 /// (the fd is close-on-exec, so no child keeps it). The holder's pid is written in the file.
 public final class RunDirectoryLock: Sendable {
     public let path: String
-    private let descriptor: Int32
+    /// The locked file's fd (kept open across a live upgrade's exec).
+    public let descriptor: Int32
+
+    /// Takes over the lock held through `fd` (the same open file: its `flock` is held already,
+    /// and taking it again through it succeeds). Throws if `fd` is not that file, or not locked
+    /// through it.
+    init(path: String, adopting fd: Int32) throws(RunDirectory.Refusal) {
+        var passed = stat()
+        var named = stat()
+        guard fstat(fd, &passed) == 0, lstat(path, &named) == 0, passed.st_dev == named.st_dev, passed.st_ino == named.st_ino,
+            (passed.st_mode & S_IFMT) == S_IFREG, passed.st_uid == geteuid()
+        else {
+            throw RunDirectory.Refusal("fd \(fd), passed as the lock, is not \(path)")
+        }
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let error = errno
+            if error == EINTR { continue }
+            throw RunDirectory.Refusal("flock(\(path)) through the passed fd \(fd): \(RunDirectory.describe(error))")
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        self.path = path
+        self.descriptor = fd
+    }
 
     /// Takes the lock or throws: "already running" with the holder's pid when another holds it.
     init(path: String) throws(RunDirectory.Refusal) {
@@ -181,7 +213,13 @@ public final class RunDirectoryLock: Sendable {
         self.descriptor = fd
     }
 
-    deinit { close(descriptor) }
+    private let closesAtEnd = NIOLockedValueBox(true)
+
+    /// The fd stays open when this object goes (a live upgrade's new image that falls back:
+    /// the previous image takes the lock over through it).
+    public func leaveOpen() { closesAtEnd.withLockedValue { $0 = false } }
+
+    deinit { if closesAtEnd.withLockedValue({ $0 }) { close(descriptor) } }
 
     /// The pid the file holds (the lock's holder), read without moving anyone's offset.
     private static func readPID(_ fd: Int32) -> pid_t? {

@@ -567,7 +567,7 @@ extension Supervisor {
             descriptors: UpgradeState.Descriptors(
                 control: controlListener.withLockedValue { $0 } ?? -1, handoff: handoffListener.withLockedValue { $0 },
                 checkpoints: checkpoints?.descriptor, rings: rings?.descriptor, metrics: metricsListener.withLockedValue { $0 },
-                parkedControl: parkedControl.withLockedValue { $0 }),
+                parkedControl: parkedControl.withLockedValue { $0 }, runLock: runLockDescriptor.withLockedValue { $0 }),
             table: snapshot(), stdio: stdio.withLockedValue { $0.snapshot() },
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
             childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment,

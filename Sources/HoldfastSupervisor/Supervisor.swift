@@ -160,6 +160,8 @@ public final class Supervisor: Sendable {
     let controlListener = NIOLockedValueBox<Int32?>(nil)
     let handoffListener = NIOLockedValueBox<Int32?>(nil)
     let metricsListener = NIOLockedValueBox<Int32?>(nil)
+    /// The run directory's lock file's fd, passed across a live upgrade's exec.
+    let runLockDescriptor = NIOLockedValueBox<Int32?>(nil)
     /// Control clients that connected while a live upgrade was under way, not read from yet.
     let parkedControl = NIOLockedValueBox<[Int32]>([])
     /// The sha256 of the running executable, computed once (`status`).
@@ -292,8 +294,13 @@ public final class Supervisor: Sendable {
     public func run() async throws -> Int32 {
         // After a live upgrade the sockets are ours already, listening (passed across the exec).
         if let inheritedAreaFailure { throw StartRefused("the live upgrade's new image cannot take over: \(inheritedAreaFailure)") }
-        let lock = try claimRunDirectory(socketsPassed: resumption != nil)
-        defer { withExtendedLifetime(lock) {} }
+        let lock = try claimRunDirectory(socketsPassed: resumption != nil, lockPassed: resumption?.state.descriptors.runLock)
+        defer {
+            // Falling back: the previous image takes the lock over through this fd.
+            if resumption != nil, !tookOver.withLockedValue({ $0 }) { lock.leaveOpen() }
+            withExtendedLifetime(lock) {}
+        }
+        runLockDescriptor.withLockedValue { $0 = lock.descriptor }
         if resumption == nil { try checkBrokerUIDIsItsOwn() }
         try Subreaper.become()
         let signals = try SignalPipe(signals: Self.handledSignals)
@@ -805,9 +812,19 @@ public final class Supervisor: Sendable {
     /// it or above it) and locked ({run}/holdfast.lock: a second daemon is refused with our pid);
     /// then every Unix socket path we bind is checked and cleared of a previous instance's
     /// socket — never of one another user made or a process listens on.
-    func claimRunDirectory(socketsPassed: Bool = false) throws(StartRefused) -> RunDirectoryLock {
+    func claimRunDirectory(socketsPassed: Bool = false, lockPassed: Int32? = nil) throws(StartRefused) -> RunDirectoryLock {
         do throws(RunDirectory.Refusal) {
-            let lock = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock")
+            var passed: RunDirectoryLock?
+            if let lockPassed {
+                do throws(RunDirectory.Refusal) {
+                    passed = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock", passed: lockPassed)
+                } catch {
+                    // Not the lock any more (an image fallen back from closed it): claimed anew.
+                    logger.warning("the run directory's lock was not passed over whole: claiming it anew", metadata: ["error": "\(error)"])
+                }
+            }
+            let lock: RunDirectoryLock
+            if let passed { lock = passed } else { lock = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock") }
             var sockets: [String] = []
             if !socketsPassed {
                 sockets.append(configuration.control.socket)

@@ -47,6 +47,9 @@ struct UpgradeState: Codable, Sendable {
         /// Control clients that connected during the switch, nothing read from them yet: the
         /// next image serves them from their first request.
         var parkedControl: [Int32] = []
+        /// The run directory's lock file, locked (`RunDirectoryLock`): held across the exec.
+        /// Absent from an older binary's state (the new image claims the lock anew).
+        var runLock: Int32? = nil
     }
 
     /// A role's history, so `holdfast status` goes on counting across upgrades.
@@ -122,7 +125,8 @@ struct UpgradeState: Codable, Sendable {
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).
     var keptDescriptors: [Int32] {
-        [descriptors.control] + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics].compactMap { $0 }
+        [descriptors.control]
+            + [descriptors.handoff, descriptors.checkpoints, descriptors.rings, descriptors.metrics, descriptors.runLock].compactMap { $0 }
             + descriptors.parkedControl + stdio.heldDescriptors + [previousImage, kernelLog?.descriptor].compactMap { $0 }
     }
 

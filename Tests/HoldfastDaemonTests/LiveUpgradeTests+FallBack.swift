@@ -127,6 +127,7 @@ struct LiveUpgradeFallBackTests {
         #expect(upgrade.status == .exited(1), "the upgrade did not happen: \(upgrade.output)")
         let after = try await daemon.status()
         #expect(after.pid == before.pid && after.upgradesFellBack == 1, "the previous image took over again")
+        #expect(!daemon.log.contains("the run directory's lock was not passed over whole"), "the lock handed back too")
         let metrics = try await withDeadline("a scrape after the fallback", .seconds(20)) {
             try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
         }
