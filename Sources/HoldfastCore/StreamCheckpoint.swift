@@ -184,8 +184,11 @@ public struct StreamCheckpoint: @unchecked Sendable {
     /// The stream's loss over every incarnation is now `total` bytes, the highest of it ending
     /// at `to`.
     public func lost(total: UInt64, to: UInt64) {
-        store(to, .lostTo)
+        // The total first: a relay killed between the two stores leaves its successor counting
+        // the newest range once more (the exit over-reports the loss), never counted as done and
+        // missing from the total (a loss the exit did not report).
         store(total, .lost)
+        store(to, .lostTo)
     }
 
     /// An input stream's bytes that may have reached its process twice, over every incarnation.
