@@ -439,7 +439,10 @@ pid_t hf_spawn_fork(const hf_spawn_options *o, int *report_fd, const char **fail
             keep[n++] = o->stdout_fd;
             keep[n++] = o->stderr_fd;
             if (o->join_cgroup) keep[n++] = o->cgroup_procs_fd;
-            if (o->nkeep_fds > 64 - n) child_fail(report[1], 10);
+            if (o->nkeep_fds > 64 - n) {
+                errno = EMFILE;
+                child_fail(report[1], 10);
+            }
             for (int i = 0; i < o->nkeep_fds; i++) keep[n++] = o->keep_fds[i];
             close_all_but(keep, n);
         }

@@ -121,6 +121,9 @@ public final class Broker: Sendable {
             // Its process is done and reported; an orphan of it writes on. Not in the table: the
             // id may be the host's next process of that name by now.
             process.start(streams, registry: registry)
+            // Its process exited: the drain's bound applies as it did in the broker before (a
+            // host that stopped taking it lets it go after the drain timeout without progress).
+            for stream in streams { stream.output?.processExited(drainTimeout: settings.drainTimeout) }
             logger.info("resumed an orphan's output a crashed broker relayed past its process's exit", metadata: [
                 "process": "\(request.process)", "streams": "\(request.streams.map(\.kind.rawValue))",
             ])

@@ -137,7 +137,10 @@ public enum DaemonCommand {
             configuration: configuration, logger: logger, executable: executable, notifier: notifier, configPath: configPath, resuming: resumption)
         // After the start's checks something runs: a failure then is no longer a failed takeover.
         func failRunning(_ code: Int32, _ message: String) async -> Int32 {
-            supervisor.tookOver.withLockedValue { $0 } ? await failWithoutFallBack(code, message) : await fail(code, message)
+            // Alive until the fallback's exec: its memory areas' fds (and their mappings) close
+            // with it, and the previous image takes them over.
+            defer { withExtendedLifetime(supervisor) {} }
+            return supervisor.tookOver.withLockedValue { $0 } ? await failWithoutFallBack(code, message) : await fail(code, message)
         }
         do {
             return try await supervisor.run()

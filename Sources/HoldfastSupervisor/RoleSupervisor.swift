@@ -67,6 +67,10 @@ final class RoleSupervisor: Sendable {
         var holdWaiter: CheckedContinuation<ExitStatus?, Never>?
         /// The run loop waiting for `release` while held.
         var releaseWaiter: CheckedContinuation<Void, Never>?
+        /// An incarnation is being started (`launch` runs: forked, its exec not yet known), and
+        /// the holds waiting for that to be settled.
+        var launching = false
+        var launchWaiters: [CheckedContinuation<Void, Never>] = []
         /// Why the last start failed, until one succeeds: `status` says it (a broker refused for
         /// a process that took its uid is not "being restarted").
         var startFailure: String?
@@ -124,9 +128,11 @@ final class RoleSupervisor: Sendable {
                 continue
             }
             let incarnation: Incarnation
+            state.withLockedValue { $0.launching = true }
             do {
                 incarnation = try launch()
             } catch {
+                endLaunch()
                 let unlogged = state.withLockedValue { s -> Int? in
                     s.startFailure = "\(error)"
                     s.failedStarts += 1
@@ -167,8 +173,10 @@ final class RoleSupervisor: Sendable {
                 send(SIGKILL, to: incarnation)
                 _ = if let child = incarnation.child { await reaper.wait(child) } else { await reaper.wait(incarnation.pid) }
                 incarnation.channel.close()
+                endLaunch()
                 continue
             }
+            endLaunch()
             var metadata: Logger.Metadata = ["role": "\(name)", "pid": "\(incarnation.pid)"]
             if failedStarts > 0 { metadata["afterFailedStarts"] = "\(failedStarts)" }
             logger.info("role started", metadata: metadata)
@@ -304,10 +312,23 @@ final class RoleSupervisor: Sendable {
     /// its exit status once it was reaped and its channel served to the end (every notification
     /// it sent handled), nil if none was running (it was between restarts).
     func hold(within limit: Duration, ask: @Sendable (Incarnation) -> Void) async -> ExitStatus? {
-        let incarnation = state.withLockedValue { s -> Incarnation? in
+        // One being started is settled first (killed unserved, as `run` sees the hold): it is
+        // forked already, and an exec of this image meanwhile would leave it running.
+        let launching = state.withLockedValue { s -> Bool in
             s.held = true
-            return s.current
+            return s.launching
         }
+        if launching {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let settled = state.withLockedValue { s -> Bool in
+                    guard s.launching else { return true }
+                    s.launchWaiters.append(continuation)
+                    return false
+                }
+                if settled { continuation.resume() }
+            }
+        }
+        let incarnation = state.withLockedValue { $0.current }
         guard let incarnation else { return nil }
         let killer = TimeoutWheel.shared.schedule(after: limit) { [self] in send(SIGKILL, to: incarnation) }
         defer { TimeoutWheel.shared.cancel(killer) }
@@ -336,6 +357,19 @@ final class RoleSupervisor: Sendable {
         waiter?.resume()
         holder?.resume(returning: nil)
     }
+
+    /// A start is settled (started, refused, or killed unserved): the holds waiting go on.
+    private func endLaunch() {
+        let waiters = state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+            s.launching = false
+            defer { s.launchWaiters = [] }
+            return s.launchWaiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Whether a live upgrade holds the role down (tests).
+    var isHeld: Bool { state.withLockedValue { $0.held } }
 
     /// Waits while held; true if it waited (the role starts afresh).
     private func waitWhileHeld() async -> Bool {

@@ -212,25 +212,37 @@ extension Supervisor {
             rings?.clear(slot)
         }
         for item in handed {
-            let copies = item.descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
-            defer { for fd in copies where fd >= 0 { close(fd) } }
             let process = item.request.process
-            do throws(HoldfastError) {
-                if let failed = copies.firstIndex(where: { $0 < 0 }) {
-                    throw HoldfastError(.tooManyOpenFiles, "cannot copy fd \(item.descriptors[failed]): \(Errno(rawValue: errno))")
+            // Out of fds (here or in the broker: likeliest right after a crash) is waited out as
+            // `readopt` waits it out: given up at once, the orphan met a pipe without a reader.
+            let waitingSince = ContinuousClock.now
+            while true {
+                let copies = item.descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
+                defer { for fd in copies where fd >= 0 { close(fd) } }
+                do throws(HoldfastError) {
+                    if Failpoint.fails(Failpoint.readoptionCopyFails, process: process, passes: Failpoint.firstTries) {
+                        throw HoldfastError(.tooManyOpenFiles, "cannot copy the output's fds (failpoint)")
+                    }
+                    if let failed = copies.firstIndex(where: { $0 < 0 }) {
+                        throw HoldfastError(.tooManyOpenFiles, "cannot copy fd \(item.descriptors[failed]): \(Errno(rawValue: errno))")
+                    }
+                    let adopt = BrokerRequest.adopt(item.request)
+                    _ = try await client.request(adopt.frameType, body: adopt.body, descriptors: copies)
+                    logger.info("an output held open past its process's exit handed to the restarted broker", metadata: [
+                        "process": "\(process)", "stream": "\(item.request.streams.map(\.kind.rawValue))", "broker": "\(incarnation)",
+                    ])
+                } catch where error.code == .channelClosed {
+                    return  // this broker died too: the next one is handed them
+                } catch where error.code == .tooManyOpenFiles && ContinuousClock.now - waitingSince < Self.readoptionFdWait {
+                    try? await Task.sleep(for: Self.readoptionRetryPause)
+                    continue
+                } catch {
+                    logger.error("an output held open past its process's exit could not be handed to the restarted broker: let go", metadata: [
+                        "process": "\(process)", "error": "\(error)",
+                    ])
+                    freeStdio { $0.dropHeldOpen(slot: item.slot) }
                 }
-                let adopt = BrokerRequest.adopt(item.request)
-                _ = try await client.request(adopt.frameType, body: adopt.body, descriptors: copies)
-                logger.info("an output held open past its process's exit handed to the restarted broker", metadata: [
-                    "process": "\(process)", "stream": "\(item.request.streams.map(\.kind.rawValue))", "broker": "\(incarnation)",
-                ])
-            } catch where error.code == .channelClosed {
-                return  // this broker died too: the next one is handed them
-            } catch {
-                logger.error("an output held open past its process's exit could not be handed to the restarted broker: let go", metadata: [
-                    "process": "\(process)", "error": "\(error)",
-                ])
-                freeStdio { $0.dropHeldOpen(slot: item.slot) }
+                break
             }
         }
     }

@@ -233,7 +233,11 @@ public final class Supervisor: Sendable {
         }
         var inheritedAreaFailure: String?
         if let checkpointError {
-            if resuming?.state.descriptors.checkpoints != nil { inheritedAreaFailure = "cannot map the checkpoint area: \(checkpointError)" }
+            // Only a new image falls back for it: an image fallen back to has nowhere to go, and
+            // runs on without the area rather than end every container.
+            if resuming?.state.descriptors.checkpoints != nil, resuming?.fellBack == nil {
+                inheritedAreaFailure = "cannot map the checkpoint area: \(checkpointError)"
+            }
             logger.error("no checkpoint area: streams will not survive a broker crash", metadata: ["error": "\(checkpointError)"])
         }
         do {
@@ -244,7 +248,9 @@ public final class Supervisor: Sendable {
             }
         } catch {
             rings = nil
-            if resuming?.state.descriptors.rings != nil { inheritedAreaFailure = inheritedAreaFailure ?? "cannot map the ring area: \(error)" }
+            if resuming?.state.descriptors.rings != nil, resuming?.fellBack == nil {
+                inheritedAreaFailure = inheritedAreaFailure ?? "cannot map the ring area: \(error)"
+            }
             logger.error("no ring area: a broker crash will lose what its rings held (reported)", metadata: ["error": "\(error)"])
         }
         self.inheritedAreaFailure = inheritedAreaFailure
@@ -819,7 +825,9 @@ public final class Supervisor: Sendable {
                 do throws(RunDirectory.Refusal) {
                     passed = try RunDirectory.claim(configuration.runDirectory, lockName: "holdfast.lock", passed: lockPassed)
                 } catch {
-                    // Not the lock any more (an image fallen back from closed it): claimed anew.
+                    // Not the lock any more (an image fallen back from closed it, its number
+                    // taken since): that fd is not ours to keep; the lock is claimed anew.
+                    close(lockPassed)
                     logger.warning("the run directory's lock was not passed over whole: claiming it anew", metadata: ["error": "\(error)"])
                 }
             }

@@ -192,7 +192,8 @@ struct Footprint: Sendable, Equatable {
             let kib = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? 0
             if line.hasPrefix("VmRSS:") { rss = kib } else { anonymous = kib }
         }
-        return Footprint(pid: pid, table: table, residentKiB: rss, anonymousKiB: anonymous)
+        // A kernel without RssAnon (before 4.5): the whole RSS stands for it.
+        return Footprint(pid: pid, table: table, residentKiB: rss, anonymousKiB: status.contains("RssAnon:") ? anonymous : rss)
     }
 }
 

@@ -116,7 +116,33 @@ struct HeldOpenOutputTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
+    /// The same across a broker crash whose successor cannot copy the output's fds at first (out
+    /// of fds, as right after a crash: a debug failpoint fails its first tries): it is handed over
+    /// once they can be copied. Before, it was let go at the first failure — the supervisor's
+    /// copies closed, the orphan left a pipe without a reader.
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint fails the copies)"))
+    func anOrphansOutputWaitsOutAShortageOfFdsAfterABrokerCrash() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionCopyFails):attacker"], drainTimeout: "1s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let stop = daemon.directory.file("orphan-stop")
+        defer { try? writeFile(stop, []) }
+        let output = try await Self.exitLeavingAnOrphan(daemon, exits, loop: "i=$((i+1)); echo $i; sleep 0.005", after: "echo last", stop: stop)
+        try await daemon.waitForLog("process streams drained")
+        let broker = try #require(try await daemon.rolePID("broker").flatMap(ProcessIdentity.init))
+        #expect(kill(broker.pid, SIGKILL) == 0)
+        try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: broker) }
+        let atRestart = output.count
+        try await eventually("the orphan's output relayed on by the new broker", timeout: .seconds(30)) { output.count > atRestart + 200 }
+        try writeFile(stop, [])
+        try await eventually("the orphan's last line", timeout: .seconds(30)) { String(decoding: output.bytes, as: UTF8.self).hasSuffix("\nlast\n") }
+        let lines = String(decoding: output.bytes, as: UTF8.self).split(separator: "\n")
+        #expect(lines.dropLast().map { Int($0) } == Array(1...max(1, lines.count - 1)), "every line once, in order: \(lines.count) lines")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Starts "attacker" over the bridge    /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
     /// an orphan that runs `loop` until the file `stop` exists (then `after`) on that stdout;
     /// returns once the exit came (its output held open). What the host receives of it.
     static func exitLeavingAnOrphan(

@@ -57,13 +57,17 @@ struct RoleHoldTests {
             reaping.cancel()
         }
         try await eventually("the role being started") { launching.withLockedValue { $0 } }
-        let status = await role.hold(within: .seconds(5)) { _ in Issue.record("asked an incarnation to end: none was running") }
-        #expect(status == nil, "none running when the hold came")
+        let holding = Task { await role.hold(within: .seconds(5)) { _ in Issue.record("asked an incarnation to end: none was running") } }
+        try await eventually("the hold taken") { role.isHeld }
+        // The start finishes only now, with the hold waiting: as a fork whose exec report comes
+        // after the hold did.
         heldNow.withLockedValue { $0 = true }
-        try await eventually("the incarnation started meanwhile ended", timeout: .seconds(20)) {
-            guard let pid = started.withLockedValue({ $0.first }) else { return false }
-            return kill(pid, 0) != 0
-        }
+        let status = await holding.value
+        #expect(status == nil, "none running when the hold came")
+        // By the time the hold returns (and an upgrade would exec), the one started meanwhile is
+        // gone: it would otherwise outlive the exec.
+        let pid = try #require(started.withLockedValue { $0.first })
+        #expect(kill(pid, 0) != 0, "the incarnation started meanwhile was ended (and reaped) before the hold returned")
         try await Task.sleep(for: .milliseconds(200))
         #expect(served.withLockedValue { $0 } == 0, "it never served")
         #expect(role.pid == nil, "and is not the role's current incarnation")
