@@ -179,8 +179,14 @@ public enum Spawner {
             return state == .timedOut
         }
         if timedOut, let limit {
-            // Its end-of-file came from its death, not from an exec.
-            var error = failed(forked, options: options, step: nil, errno: ETIMEDOUT, reaper: reaper)
+            // Its end-of-file came from its death, not from an exec. Waited for a moment (what it
+            // was in may not let it die at once): its cgroup can go only once it is gone.
+            if let reaper, let child = forked.child {
+                let reaped = Task { await reaper.wait(child) }
+                _ = await reaped.value(within: .seconds(5))
+            }
+            var error = reaper == nil ? failed(forked, options: options, step: nil, errno: ETIMEDOUT, reaper: nil)
+                : SpawnError(executable: options.executable, step: "", errno: ETIMEDOUT)
             error.step = "waiting for its exec"
             error.timedOutAfter = limit
             throw error
