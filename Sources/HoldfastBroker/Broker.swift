@@ -94,12 +94,15 @@ public final class Broker: Sendable {
             }
         }
         var adopted: [AsyncFD?] = []
-        do {
+        do throws(SystemError) {
+            if adoption.resumes, Failpoint.fails(Failpoint.readoptionWatchRefused, process: request.process, passes: Failpoint.firstTries) {
+                throw SystemError("epoll_ctl(EPOLL_CTL_ADD) (failpoint)", errno: .noSpace)
+            }
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd, foreignDescription: true)) }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { Reactor.shared.closeOnLoop(fd) }
             for handle in adopted { handle?.close() }
-            throw HoldfastError(.badDescriptor, "\(error)")
+            throw Self.adoptionFailure(error)
         }
         let identities = adoption.identities
         let process = AdoptedProcess(id: request.process, owner: owner, identities: identities)
@@ -170,6 +173,20 @@ public final class Broker: Sendable {
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
             "slots": "\(slots.joined(separator: " "))",
         ])
+    }
+
+    /// An fd of an adopt that could not be taken (`AsyncFD(adopting:)`): a resource the kernel
+    /// ran short of — an epoll watch (the uid's `fs.epoll.max_user_watches`, which processes of
+    /// the broker's uid in other pid namespaces share), memory, an fd — is a shortage the
+    /// supervisor waits out and asks again (`resource-shortage`, `too-many-open-files`); taken
+    /// for a bad fd, a restarted broker's refusal left a running process unrelayed until the
+    /// next broker, its output pipe full and its writer blocked.
+    static func adoptionFailure(_ error: SystemError) -> HoldfastError {
+        switch error.errno {
+        case .tooManyOpenFiles, .tooManyOpenFilesInSystem: HoldfastError(.tooManyOpenFiles, "\(error)")
+        case .noSpace, .noMemory: HoldfastError(.resourceShortage, "\(error)")
+        default: HoldfastError(.badDescriptor, "\(error)")
+        }
     }
 
     /// What a stream taken over from a crashed broker resumes from, its checkpoint (read before

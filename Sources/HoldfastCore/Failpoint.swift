@@ -72,6 +72,9 @@ public enum Failpoint {
     /// Roles get failpoints in the first incarnation of each image only: reached after a live
     /// upgrade, whose new image's first broker takes every stream over.
     public static let readoptionRefusedForFds = "readoption-refused-for-fds"
+    /// The broker cannot watch the fds of a process it takes over (epoll's ENOSPC: the uid's
+    /// `fs.epoll.max_user_watches` used up): its first 10 tries. Reached after a live upgrade.
+    public static let readoptionWatchRefused = "readoption-watch-refused"
     /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
     /// id), as with every slot of its range taken (`fails` with `everyPass`).
     public static let handoffSlotsTaken = "handoff-slots-taken"

@@ -28,6 +28,10 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         /// The supervisor is near its limit on open files: a create is refused while it keeps
         /// enough for a broker restart to take every running process over.
         case tooManyOpenFiles = "too-many-open-files"
+        /// A kernel resource ran short where the request needed it (an epoll watch — the uid's
+        /// `fs.epoll.max_user_watches` — or memory): nothing was kept; asking again once it is
+        /// back may succeed.
+        case resourceShortage = "resource-shortage"
         /// No task is left for a new process (fork's EAGAIN: the guest's `kernel.pid_max` or
         /// `threads-max`, or a pids limit of the daemon's cgroup, such as its unit's
         /// `TasksMax=`): nothing was started; asking again once processes end may succeed.

@@ -112,7 +112,7 @@ extension Supervisor {
                     }
                 } catch where error.code == .channelClosed {
                     return  // this broker died too: the next one is handed everything
-                } catch where error.code == .tooManyOpenFiles && putBackForFds(item, "\(error)") {
+                } catch where (error.code == .tooManyOpenFiles || error.code == .resourceShortage) && putBackForFds(item, "\(error)") {
                     continue
                 } catch {
                     // Its streams are gone; its exit is still reported (cut short).
@@ -233,7 +233,9 @@ extension Supervisor {
                     ])
                 } catch where error.code == .channelClosed {
                     return  // this broker died too: the next one is handed them
-                } catch where error.code == .tooManyOpenFiles && ContinuousClock.now - waitingSince < Self.readoptionFdWait {
+                } catch where (error.code == .tooManyOpenFiles || error.code == .resourceShortage)
+                    && ContinuousClock.now - waitingSince < Self.readoptionFdWait
+                {
                     try? await Task.sleep(for: Self.readoptionRetryPause)
                     continue
                 } catch {

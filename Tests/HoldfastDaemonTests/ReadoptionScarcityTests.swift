@@ -46,6 +46,36 @@ struct ReadoptionScarcityTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The broker cannot watch a process's fds for a moment (epoll's ENOSPC: its uid's
+    /// `fs.epoll.max_user_watches`, shared with processes of that uid in other pid namespaces,
+    /// used up; or ENOMEM): it refuses `resource-shortage`, and the supervisor tries again as for
+    /// fds. Before, the refusal read as a bad fd: the process ran on unrelayed until the next
+    /// broker — its output pipe full, its writer blocked. Reached through a live upgrade.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker refuses at a failpoint, which only debug builds have"))
+    func aProcessTheNextBrokerCannotWatchForAMomentIsHandedOverWhenItCan() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionWatchRefused):p1"])
+        defer { daemon.cleanUp() }
+        let go = daemon.directory.file("go")
+        let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1", "p2"], go: go)
+        try await eventually("both streams connected") {
+            try await daemon.brokerStreams().filter { $0.state == .connected }.count == 2
+        }
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        try await eventually("the broker refused p1 once at least", timeout: .seconds(30)) { daemon.log.contains("EPOLL_CTL_ADD) (failpoint)") }
+        try writeFile(go, [])
+        for id in ["p1", "p2"] {
+            // Bounded: a process left unrelayed never exits (its output pipe full).
+            let report = try await withDeadline("\(id)'s exit", .seconds(60)) { try await daemon.wait(id) }
+            #expect(report.exitCode == 0 && report.outputCutShort == nil, "\(id): \(report)")
+            #expect(await received[id]!.value == DescriptorLimitTests.printed, "\(id)'s output, exact")
+        }
+        #expect(!daemon.log.contains("the restarted broker refused a process's streams"))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// The copies work, but the broker refuses the handover as `too-many-open-files` (the fds
     /// sent did not all arrive: the broker at its limit): the supervisor tries that process
     /// again too, and loses nothing. Reached through a live upgrade, whose new image's first
