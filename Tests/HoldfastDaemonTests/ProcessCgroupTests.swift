@@ -312,9 +312,11 @@ struct ProcessCgroupTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         let input = try daemon.streams.open(token: bytes("v-in"), direction: .send)
-        let output = collect(try daemon.streams.open(token: bytes("v-out"), direction: .receive))
+        let output = accumulate(try daemon.streams.open(token: bytes("v-out"), direction: .receive))
         let victim = try await daemon.launch(ProcessSpec(id: "victim", argv: ["cat"], stdin: daemon.spec("v-in"), stdout: daemon.spec("v-out")))
         try await input.send(bytes("typed\n"))
+        // Through before the close-stdin below, which ends the stdin whatever is still on its way.
+        try await eventually("what was typed, echoed", timeout: .seconds(30)) { output.count >= 6 }
         // Out of the directory about to be frozen, so that it can read its end-of-file.
         let own = try #require(try Tracked(daemon.daemonPID).cgroup)
         try writeFile(try Self.directory(of: own) + "/cgroup.procs", bytes("\(victim)"))
@@ -330,7 +332,7 @@ struct ProcessCgroupTests {
         try await daemon.bridge.closeStdin("victim")
         let status = try await withDeadline("the victim's end-of-file while the other create waits", .seconds(20)) { try await daemon.wait("victim") }
         #expect(status.exitCode == 0)
-        #expect(await output.value == bytes("typed\n"))
+        #expect(output.bytes == bytes("typed\n"))
 
         try writeFile(processes + "/cgroup.freeze", bytes("0"))
         frozen.withLockedValue { $0 = false }
