@@ -22,7 +22,18 @@ public enum RunDirectory {
     /// Why a directory or a socket path was refused: a sentence an operator can act on.
     public struct Refusal: Error, Sendable, Equatable, CustomStringConvertible {
         public var description: String
-        public init(_ description: String) { self.description = description }
+        /// A shortage the kernel said (memory, fds, space): not the directory's fault, and a
+        /// later start may succeed — the daemon exits 1 for it (restarted by its unit), not 2.
+        public var transient: Bool
+        public init(_ description: String, transient: Bool = false) {
+            self.description = description
+            self.transient = transient
+        }
+
+        /// What a failed call's errno says of a later try.
+        static func isShortage(_ error: Int32) -> Bool {
+            [ENOMEM, ENOBUFS, EMFILE, ENFILE, ENOSPC, EAGAIN].contains(error)
+        }
     }
 
     /// Creates `path` (mode 0755) if it is missing, checks it as a server's own directory, and
@@ -30,7 +41,8 @@ public enum RunDirectory {
     public static func claim(_ path: String, lockName: String) throws(Refusal) -> RunDirectoryLock {
         guard path.hasPrefix("/") else { throw Refusal("\(path): the run directory must be an absolute path") }
         if mkdir(path, 0o755) != 0, errno != EEXIST {
-            throw Refusal("cannot create the run directory \(path): \(describe(errno))")
+            let error = errno
+            throw Refusal("cannot create the run directory \(path): \(describe(error))", transient: Refusal.isShortage(error))
         }
         try check(path, acceptedOwners: [geteuid()])
         return try RunDirectoryLock(path: path + "/" + lockName)
@@ -121,6 +133,8 @@ public enum RunDirectory {
         case .foreign(let owner): throw Refusal("\(path): a socket owned by \(user(owner)), not made by us: not removed")
         case .notASocket: throw Refusal("\(path) exists and is not a socket: not removed")
         case .unreadable(let error): throw Refusal("\(path): \(describe(error))")
+        case .unknown(let error):
+            throw Refusal("\(path): cannot tell whether another process listens on it: \(describe(error))", transient: true)
         }
     }
 
@@ -188,7 +202,11 @@ public final class RunDirectoryLock: Sendable {
     /// Takes the lock or throws: "already running" with the holder's pid when another holds it.
     init(path: String) throws(RunDirectory.Refusal) {
         let fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw RunDirectory.Refusal("cannot open the lock file \(path): \(RunDirectory.describe(errno))") }
+        guard fd >= 0 else {
+            let error = errno
+            throw RunDirectory.Refusal(
+                "cannot open the lock file \(path): \(RunDirectory.describe(error))", transient: RunDirectory.Refusal.isShortage(error))
+        }
         var info = stat()
         guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_uid == geteuid() else {
             close(fd)
@@ -241,25 +259,36 @@ public enum UnixSocketFile: Equatable, Sendable {
     case foreign(owner: uid_t)
     case notASocket
     case unreadable(errno: Int32)
+    /// Whether a process listens on it could not be told (no socket to try it with: memory or
+    /// fds short). Taken for `live`, a start during a shortage was refused for good (exit 2,
+    /// which the unit does not restart), saying another instance ran.
+    case unknown(errno: Int32)
 
     public static func state(_ path: String) -> UnixSocketFile {
         var info = stat()
         guard lstat(path, &info) == 0 else { return errno == ENOENT ? .absent : .unreadable(errno: errno) }
         guard (info.st_mode & S_IFMT) == S_IFSOCK else { return .notASocket }
         guard info.st_uid == geteuid() else { return .foreign(owner: info.st_uid) }
-        return isListenedOn(path) ? .live : .stale
+        switch probe(path) {
+        case .listening: return .live
+        case .notListening: return .stale
+        case .unknown(let error): return .unknown(errno: error)
+        }
     }
 
-    /// A non-blocking connect: refused (or the file gone) means nobody listens. Anything else —
+    private enum Probe { case listening, notListening, unknown(Int32) }
+
+    /// A non-blocking connect: refused (or the file gone) means nobody listens; a shortage of
+    /// memory or fds (for the probe's socket, or the connect) says nothing. Anything else —
     /// accepted, a full backlog, a socket of another type — means the path is in use.
-    static func isListenedOn(_ path: String) -> Bool {
+    private static func probe(_ path: String) -> Probe {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return true }
+        guard fd >= 0 else { return .unknown(errno) }
         defer { close(fd) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return true }
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return .listening }
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             for (index, byte) in bytes.enumerated() { raw[index] = byte }
         }
@@ -267,7 +296,10 @@ public enum UnixSocketFile: Equatable, Sendable {
         let result = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) }
         }
-        if result == 0 { return true }
-        return !(errno == ECONNREFUSED || errno == ENOENT)
+        if result == 0 { return .listening }
+        let error = errno
+        if error == ECONNREFUSED || error == ENOENT { return .notListening }
+        if [ENOMEM, ENOBUFS, EMFILE, ENFILE].contains(error) { return .unknown(error) }
+        return .listening
     }
 }

@@ -19,7 +19,13 @@ import Glibc
 /// like a bad configuration (systemd's unit does not restart on it).
 public struct StartRefused: Error, Sendable, CustomStringConvertible {
     public var description: String
-    public init(_ description: String) { self.description = description }
+    /// A shortage (memory, fds, space) stood in the way, not the configuration or the system's
+    /// state: exit code 1, which the unit restarts, instead of 2, which it does not.
+    public var transient: Bool
+    public init(_ description: String, transient: Bool = false) {
+        self.description = description
+        self.transient = transient
+    }
 }
 
 /// The broker's uid is its own: a process of the same uid that can see it could signal it (kill

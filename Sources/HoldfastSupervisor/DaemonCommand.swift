@@ -145,7 +145,7 @@ public enum DaemonCommand {
         do {
             return try await supervisor.run()
         } catch let refused as StartRefused {
-            return await failRunning(2, "refusing to start: \(refused)")
+            return await failRunning(refused.transient ? 1 : 2, "refusing to start: \(refused)")
         } catch {
             return await failRunning(1, "daemon failed: \(error)")
         }

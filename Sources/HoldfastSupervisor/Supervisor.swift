@@ -842,7 +842,7 @@ public final class Supervisor: Sendable {
             for socket in sockets { try RunDirectory.prepareSocket(socket, runDirectory: configuration.runDirectory) }
             return lock
         } catch {
-            throw StartRefused("run directory: \(error)")
+            throw StartRefused("run directory: \(error)", transient: error.transient)
         }
     }
 

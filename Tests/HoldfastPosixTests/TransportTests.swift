@@ -191,6 +191,36 @@ struct TransportTests {
         #expect(throws: SystemError.self) { try Listener(binding: .unix(path: path)) }
         #expect(lstat(path, &after) == 0 && after.st_ino == before.st_ino && after.st_uid == 65534, "not unlinked")
     }
+
+    /// Whether a process listens on a socket file cannot be told when the probe gets no socket
+    /// (fds or memory short): said as such, and a start refused for it exits 1, which the unit
+    /// restarts. Taken for "another process listens on it", a start during a shortage (after a
+    /// crash it may have caused) was refused for good: exit 2, never restarted.
+    @Test func aShortageWhileProbingASocketFileIsNotTakenForALiveOne() async throws {
+        guard try await isolated("aShortageWhileProbingASocketFileIsNotTakenForALiveOne") else { return }
+        let directory = try TemporaryDirectory("holdfast-probe")
+        defer { directory.remove() }
+        let path = directory.file("s.sock")
+        makeStaleSocket(path)
+        #expect(UnixSocketFile.state(path) == .stale)
+        // The lowest free fd number as the limit: no new fd can be had.
+        var saved = rlimit()
+        #expect(getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved) == 0)
+        let lowestFree = fcntl(0, F_DUPFD, 0)
+        #expect(lowestFree >= 0)
+        close(lowestFree)
+        var short = saved
+        short.rlim_cur = rlim_t(lowestFree)
+        #expect(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &short) == 0)
+        let state = UnixSocketFile.state(path)
+        var refusal: RunDirectory.Refusal?
+        do { try RunDirectory.prepareSocket(path, runDirectory: directory.path) } catch { refusal = error }
+        #expect(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved) == 0)
+        #expect(state == .unknown(errno: EMFILE))
+        #expect(refusal?.transient == true && refusal?.description.contains("cannot tell whether another process listens") == true, "\(String(describing: refusal))")
+        #expect(access(path, F_OK) == 0, "not removed: it may be live")
+        #expect(UnixSocketFile.state(path) == .stale, "told once fds are back")
+    }
 }
 
 @Suite("AsyncFD", .timeLimit(.minutes(5)))
