@@ -75,6 +75,9 @@ public enum Failpoint {
     /// The broker cannot watch the fds of a process it takes over (epoll's ENOSPC: the uid's
     /// `fs.epoll.max_user_watches` used up): its first 10 tries. Reached after a live upgrade.
     public static let readoptionWatchRefused = "readoption-watch-refused"
+    /// `runc delete` of the container (named by its id) fails its first two tries, as it does
+    /// when runc cannot run (no task left, no inode for its log).
+    public static let runcDeleteFails = "runc-delete-fails"
     /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
     /// id), as with every slot of its range taken (`fails` with `everyPass`).
     public static let handoffSlotsTaken = "handoff-slots-taken"

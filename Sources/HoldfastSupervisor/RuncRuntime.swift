@@ -42,6 +42,11 @@ struct RuncRuntime: Sendable {
     /// The runc commands running now, by pid: a stop that ends ends them too
     /// (`endCommandsUnderWay`). Shared by every copy of this value.
     let commandsUnderWay = NIOLockedValueBox<[pid_t: (child: ChildReaper.Child, endedByStop: Bool)]>([:])
+    /// Containers whose `runc delete` failed for another reason than their absence (runc could
+    /// not run: no task left, no inode for its log): tried again with back-off, and at once
+    /// before a create of the same id. Tried once, such a container kept its id — every later
+    /// create of it failed "already exists" — and its cgroup until the daemon stopped.
+    let undeleted = NIOLockedValueBox<Set<String>>([])
 
     /// Ends every runc command still running — a `runc create` whose OCI hook hangs, say. First
     /// (`.itsChildren`) what each one started, its hooks and the container's `runc init`: runc
@@ -148,6 +153,7 @@ struct RuncRuntime: Sendable {
     /// `runc create` then `runc start`: the container runs when this returns. On failure no
     /// container is left (runc delete --force) and every fd is closed.
     func create(_ spec: ProcessSpec) async throws(HoldfastError) -> Launcher.Started {
+        await deleteIfLeftOver(spec.id)
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
         var stdio = try Launcher.makeStdio(spec, terminal: false)
@@ -269,17 +275,49 @@ struct RuncRuntime: Sendable {
     /// `runc delete --force ID`: after the container's exit, or to undo a failed create. A
     /// container that does not exist is not an error.
     func delete(_ container: String) async {
+        guard await !deleteOnce(container) else { return }
+        guard undeleted.withLockedValue({ $0.insert(container).inserted }) else { return }
+        Task { [self] in
+            var pause = Duration.seconds(1)
+            while undeleted.withLockedValue({ $0.contains(container) }) {
+                try? await Task.sleep(for: pause)
+                guard undeleted.withLockedValue({ $0.contains(container) }) else { return }
+                if await deleteOnce(container) {
+                    undeleted.withLockedValue { _ = $0.remove(container) }
+                    logger.info("runc delete went through on a later try", metadata: ["container": "\(container)"])
+                    return
+                }
+                pause = min(pause * 2, .seconds(60))
+            }
+        }
+    }
+
+    /// A container that could not be deleted before is tried again now, before a create of its
+    /// id (nothing if it is not one).
+    func deleteIfLeftOver(_ container: String) async {
+        guard undeleted.withLockedValue({ $0.contains(container) }) else { return }
+        if await deleteOnce(container) { undeleted.withLockedValue { _ = $0.remove(container) } }
+    }
+
+    /// One `runc delete --force`: true once the container is gone (deleted, or runc does not
+    /// have it).
+    private func deleteOnce(_ container: String) async -> Bool {
         let scratch = Scratch(directory: workDirectory)
         defer { scratch.remove() }
         do throws(HoldfastError) {
+            if Failpoint.fails(Failpoint.runcDeleteFails, process: container, passes: 1...2) {
+                throw HoldfastError(.runtimeFailed, "runc delete: fork failed: Resource temporarily unavailable (failpoint)")
+            }
             try await run(["delete", "--force", container], log: scratch.logFile, what: "runc delete")
             records.forget(container)
+            return true
         } catch {
             if !error.message.contains("does not exist") && !error.message.contains("not exist") {
-                logger.warning("runc delete failed", metadata: ["container": "\(container)", "error": "\(error.message)"])
-            } else {
-                records.forget(container)
+                logger.warning("runc delete failed: tried again", metadata: ["container": "\(container)", "error": "\(error.message)"])
+                return false
             }
+            records.forget(container)
+            return true
         }
     }
 

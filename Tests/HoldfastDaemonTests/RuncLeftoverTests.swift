@@ -62,6 +62,33 @@ struct RuncLeftoverTests {
         #expect(records.isEmpty, "records left: \(records)")
     }
 
+    /// A container whose `runc delete` at its exit fails (runc cannot run: no task left, no
+    /// inode for its log; here a debug failpoint fails the first two tries) is deleted on a
+    /// later try, and its id is free again. Before, the delete was tried once: the container's
+    /// state and cgroup stayed, and every create of its id failed "already exists" until the
+    /// daemon stopped.
+    @Test(
+        .enabled(if: enabled, "needs root, runc and busybox-static"),
+        .enabled(if: Failpoint.compiledIn, "runc delete fails at a failpoint, which only debug builds have"))
+    func aContainerWhoseDeleteFailsIsDeletedOnALaterTry() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.runcDeleteFails):box"])
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let bundle = try TestBundle(in: daemon.directory, name: "short", args: ["true"], terminal: false)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "box", argv: [], runtime: .runc, bundle: bundle.path))
+        try await eventually("the container's exit", timeout: .seconds(30)) { exits.count("box") == 1 }
+        try await daemon.waitForLog("runc delete failed: tried again")
+        try await withDeadline("the delete's later try", .seconds(30)) { try await daemon.waitForLog("runc delete went through on a later try") }
+        #expect(try runcList(daemon).isEmpty, "deleted")
+        // The id is free: a new container by that name runs.
+        let again = try TestBundle(in: daemon.directory, name: "again", args: ["echo", "the id is free"], terminal: false)
+        let output = collect(try daemon.streams.open(token: bytes("box-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(id: "box", argv: [], stdout: daemon.spec("box-out"), runtime: .runc, bundle: again.path))
+        #expect(try await withTimeout("the new container's output", .seconds(30)) { await output.value } == Array("the id is free\n".utf8))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A runc create still under way when the stop's drains end (an OCI hook that hangs, as a
     /// network hook waiting for its server would). Before, the daemon exited and runc went on:
     /// once the hook ended, the container was created, after the daemon, never started, never
