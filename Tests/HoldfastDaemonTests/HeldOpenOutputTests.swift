@@ -17,13 +17,18 @@ import Glibc
 /// reuse until the broker says the held-open output ended (or dies).
 @Suite("An output held open past its process's exit keeps its slots", .serialized, .timeLimit(.minutes(3)))
 struct HeldOpenOutputTests {
+    /// Short, so that the exit is reported soon; not shorter: it also bounds an output that makes
+    /// no progress (the host not taking it), and at 1 s a loaded machine's host reader stalled
+    /// once long enough for the orphan's output to be given up (a full suite: no byte after the exit).
+    static let drainTimeout = "3s"
+
     /// Slots reused at once (`HOLDFAST_SLOT_QUARANTINE=0`, debug builds), so the victim would be
     /// given the orphan's: its every line arrives once, in order, across four dropped
     /// connections (replays from its ring) and a broker crash (a resume from its checkpoint),
     /// and the orphan's stream carries only the orphan's bytes.
     @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (the slot quarantine is set to 0)"))
     func aVictimStreamIsNeverGivenTheSlotsOfAnOutputAnOrphanHoldsOpen() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_SLOT_QUARANTINE": "0"], drainTimeout: "1s")
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_SLOT_QUARANTINE": "0"], drainTimeout: Self.drainTimeout)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -60,7 +65,7 @@ struct HeldOpenOutputTests {
     /// is free again: the next stream is given it (slots reused at once).
     @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (the slot quarantine is set to 0)"))
     func theSlotsOfAnOutputHeldOpenAreFreeOnceItEnds() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_SLOT_QUARANTINE": "0"], drainTimeout: "1s")
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_SLOT_QUARANTINE": "0"], drainTimeout: Self.drainTimeout)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -86,7 +91,7 @@ struct HeldOpenOutputTests {
     /// write took SIGPIPE — its output cut, nothing said — at every broker crash and `dpkg -i`.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func anOrphansOutputOutlivesABrokerCrashAndALiveUpgrade() async throws {
-        let daemon = try await DaemonFixture(drainTimeout: "1s")
+        let daemon = try await DaemonFixture(drainTimeout: Self.drainTimeout)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -122,7 +127,7 @@ struct HeldOpenOutputTests {
     /// copies closed, the orphan left a pipe without a reader.
     @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (a failpoint fails the copies)"))
     func anOrphansOutputWaitsOutAShortageOfFdsAfterABrokerCrash() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionCopyFails):attacker"], drainTimeout: "1s")
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionCopyFails):attacker"], drainTimeout: Self.drainTimeout)
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
