@@ -132,8 +132,11 @@ extension RoleStartFailureTests {
         let hostMarked = hostMarks.withLockedValue { $0 }
         #expect(unmarkedEmpty == 0, "a status with no streams and no word why, while no broker served")
         #expect(marked.contains("not running: being restarted"), "status said the broker was being restarted: \(marked)")
+        // The host's samples, each asked on its own, may all miss the moment before the first
+        // failed start (a full suite under load did): any "not running" reason is the list
+        // saying why (after that moment it says the start cannot be done, and is tried again).
         #expect(
-            hostMarked.contains("not running: being restarted"),
+            hostMarked.contains { $0.hasPrefix("not running: ") },
             "the host's list said why it had no streams: \(hostMarked); its samples: \(hostSamples.withLockedValue { $0 }); the daemon's log ends\n\(daemon.log.suffix(3000))")
         try await DescriptorLimitTests.expectEveryPrinterExact(daemon, ids: ["p1"], received: received, go: go)
         #expect(try await daemon.stop() == .exited(0))
