@@ -211,11 +211,12 @@ extension Supervisor {
             checkpoints?.checkpoint(slot)?.clear()
             rings?.clear(slot)
         }
+        // Out of fds (here or in the broker: likeliest right after a crash) is waited out as
+        // `readopt` waits it out, one wait for all of them: given up at once, the orphan met a pipe
+        // without a reader.
+        var waitingSince: ContinuousClock.Instant?
         for item in handed {
             let process = item.request.process
-            // Out of fds (here or in the broker: likeliest right after a crash) is waited out as
-            // `readopt` waits it out: given up at once, the orphan met a pipe without a reader.
-            let waitingSince = ContinuousClock.now
             while true {
                 let copies = item.descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
                 defer { for fd in copies where fd >= 0 { close(fd) } }
@@ -234,8 +235,9 @@ extension Supervisor {
                 } catch where error.code == .channelClosed {
                     return  // this broker died too: the next one is handed them
                 } catch where (error.code == .tooManyOpenFiles || error.code == .resourceShortage)
-                    && ContinuousClock.now - waitingSince < Self.readoptionFdWait
+                    && ContinuousClock.now - (waitingSince ?? .now) < Self.readoptionFdWait
                 {
+                    if waitingSince == nil { waitingSince = .now }
                     try? await Task.sleep(for: Self.readoptionRetryPause)
                     continue
                 } catch {

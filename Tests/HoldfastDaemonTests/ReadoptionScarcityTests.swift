@@ -55,25 +55,7 @@ struct ReadoptionScarcityTests {
         .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
         .enabled(if: Failpoint.compiledIn, "the broker refuses at a failpoint, which only debug builds have"))
     func aProcessTheNextBrokerCannotWatchForAMomentIsHandedOverWhenItCan() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionWatchRefused):p1"])
-        defer { daemon.cleanUp() }
-        let go = daemon.directory.file("go")
-        let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1", "p2"], go: go)
-        try await eventually("both streams connected") {
-            try await daemon.brokerStreams().filter { $0.state == .connected }.count == 2
-        }
-        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
-        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
-        try await eventually("the broker refused p1 once at least", timeout: .seconds(30)) { daemon.log.contains("EPOLL_CTL_ADD) (failpoint)") }
-        try writeFile(go, [])
-        for id in ["p1", "p2"] {
-            // Bounded: a process left unrelayed never exits (its output pipe full).
-            let report = try await withDeadline("\(id)'s exit", .seconds(60)) { try await daemon.wait(id) }
-            #expect(report.exitCode == 0 && report.outputCutShort == nil, "\(id): \(report)")
-            #expect(await received[id]!.value == DescriptorLimitTests.printed, "\(id)'s output, exact")
-        }
-        #expect(!daemon.log.contains("the restarted broker refused a process's streams"))
-        #expect(try await daemon.stop() == .exited(0))
+        try await Self.refusedAfterAnUpgradeThenHandedOver(failpoint: Failpoint.readoptionWatchRefused, refusal: "EPOLL_CTL_ADD) (failpoint)")
     }
 
     /// The copies work, but the broker refuses the handover as `too-many-open-files` (the fds
@@ -84,7 +66,14 @@ struct ReadoptionScarcityTests {
         .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
         .enabled(if: Failpoint.compiledIn, "the broker refuses at a failpoint, which only debug builds have"))
     func aProcessTheNextBrokerRefusesForWantOfFdsIsHandedOverWhenItHasRoom() async throws {
-        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.readoptionRefusedForFds):p1"])
+        try await Self.refusedAfterAnUpgradeThenHandedOver(failpoint: Failpoint.readoptionRefusedForFds, refusal: "did not all arrive (failpoint)")
+    }
+
+    /// Two printers, p1 and p2; a live upgrade whose new image's first broker refuses p1's
+    /// handover at `failpoint` (its first tries, saying `refusal`); every line of both exact, no
+    /// exit cut short, and p1 never given up.
+    static func refusedAfterAnUpgradeThenHandedOver(failpoint: String, refusal: String) async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(failpoint):p1"])
         defer { daemon.cleanUp() }
         let go = daemon.directory.file("go")
         let received = try await DescriptorLimitTests.startPrinters(daemon, ids: ["p1", "p2"], go: go)
@@ -93,10 +82,11 @@ struct ReadoptionScarcityTests {
         }
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
-        try await eventually("the broker refused p1 once at least", timeout: .seconds(30)) { daemon.log.contains("did not all arrive (failpoint)") }
+        try await eventually("the broker refused p1 once at least", timeout: .seconds(30)) { daemon.log.contains(refusal) }
         try writeFile(go, [])
         for id in ["p1", "p2"] {
-            let report = try await daemon.wait(id)
+            // Bounded: a process left unrelayed never exits (its output pipe full).
+            let report = try await withDeadline("\(id)'s exit", .seconds(60)) { try await daemon.wait(id) }
             #expect(report.exitCode == 0 && report.outputCutShort == nil, "\(id): \(report)")
             let output = try await withTimeout("\(id)'s output", .seconds(30)) { await received[id]!.value }
             #expect(output == DescriptorLimitTests.printed, "\(id)'s output, exact")
