@@ -99,6 +99,9 @@ public final class Broker: Sendable {
                 throw SystemError("epoll_ctl(EPOLL_CTL_ADD) (failpoint)", errno: .noSpace)
             }
             for fd in descriptors { adopted.append(try AsyncFD(adopting: fd, foreignDescription: true)) }
+            if Failpoint.fails(Failpoint.streamShortage, process: request.process, passes: Failpoint.everyPass) {
+                for handle in adopted { handle?.injectShortages(Failpoint.injectedShortages) }
+            }
         } catch {
             for (index, fd) in descriptors.enumerated() where index >= adopted.count { Reactor.shared.closeOnLoop(fd) }
             for handle in adopted { handle?.close() }
@@ -645,6 +648,7 @@ public final class Broker: Sendable {
         stats.handoffTurnedAway = handoff.1
         let kept = keptReleases.withLockedValue { $0.count }
         stats.keptReleases = kept > 0 ? kept : nil
+        stats.ioShortages = Self.nonZero(AsyncFD.shortagesWaitedOut)
         return stats
     }
 

@@ -36,6 +36,7 @@ public final class BrokerMetrics: Sendable {
     private let handoffConnections: CoreMetrics.Gauge
     private let handoffTurnedAway: CoreMetrics.Counter
     private let keptReleases: CoreMetrics.Gauge
+    private let ioShortages: CoreMetrics.Counter
     private let fed = NIOLockedValueBox(Fed())
 
     private struct Fed {
@@ -46,6 +47,7 @@ public final class BrokerMetrics: Sendable {
         var lost: UInt64 = 0
         var reactorStalls = 0
         var handoffTurnedAway: UInt64 = 0
+        var ioShortages: UInt64 = 0
     }
 
     /// From 1 ms (a reconnect on a live host) to a minute (a long blackout).
@@ -86,6 +88,7 @@ public final class BrokerMetrics: Sendable {
         handoffTurnedAway = CoreMetrics.Counter(label: "holdfast_broker_handoff_connections_refused_total", factory: factory)
         // Releases kept for their peers (docs/PROTOCOL.md, "release").
         keptReleases = CoreMetrics.Gauge(label: "holdfast_broker_kept_releases", factory: factory)
+        ioShortages = CoreMetrics.Counter(label: "holdfast_broker_io_shortages_total", factory: factory)
     }
 
     /// An observer for one stream's slot: dial attempts and failures, redial cycles given up,
@@ -157,6 +160,12 @@ public final class BrokerMetrics: Sendable {
         }
         handoffTurnedAway.increment(by: Int64(clamping: newlyTurnedAway))
         keptReleases.record(Double(stats.keptReleases ?? 0))
+        let shortages = stats.ioShortages ?? 0
+        let newShortages = fed.withLockedValue { last -> UInt64 in
+            defer { last.ioShortages = max(last.ioShortages, shortages) }
+            return shortages &- min(shortages, last.ioShortages)
+        }
+        ioShortages.increment(by: Int64(clamping: newShortages))
         return registry.emitToString()
     }
 }

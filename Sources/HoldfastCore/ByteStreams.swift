@@ -87,7 +87,8 @@ public protocol ByteWriter: Sendable {
 public protocol StagingWriter: ByteWriter {
     /// Bytes in the stage, not yet moved on.
     var staged: Int { get }
-    /// Puts up to `bytes.count` bytes in the stage without waiting: how many went in.
+    /// Puts up to `bytes.count` bytes in the stage without waiting: how many went in (0 when
+    /// the stage is full, or the kernel refused an empty one memory: `flushStage` waits that out).
     func stage(_ bytes: UnsafeRawBufferPointer) throws(WriteFailure) -> Int
     /// Moves everything staged into the sink, waiting while it is full. A failure counts the
     /// bytes that did move.

@@ -78,6 +78,11 @@ public enum Failpoint {
     /// `runc delete` of the container (named by its id) fails its first two tries, as it does
     /// when runc cannot run (no task left, no inode for its log).
     public static let runcDeleteFails = "runc-delete-fails"
+    /// The broker's first `injectedShortages` reads, writes and splices on each fd of the
+    /// process (PROCESS: its id) it adopts fail as the kernel's do short of memory (ENOMEM,
+    /// EFAULT): not a stream's end. `fails` with `everyPass`.
+    public static let streamShortage = "stream-shortage"
+    public static let injectedShortages = 6
     /// The broker finds no free checkpoint slot for the handoff peer's process (PROCESS: its
     /// id), as with every slot of its range taken (`fails` with `everyPass`).
     public static let handoffSlotsTaken = "handoff-slots-taken"

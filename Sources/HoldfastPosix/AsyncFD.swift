@@ -69,6 +69,69 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         var deregistered = false
         var released = false
         var readHint = ReadHint.unknown
+        /// The last read was refused for want of memory (`isShortage`), not found empty.
+        var lastReadShort = false
+    }
+    #if DEBUG
+    /// Calls still to fail as in a shortage (`injectShortages`).
+    private let injectedShortages = Atomic<Int>(0)
+    #endif
+
+    // MARK: Shortages
+
+    /// A read, write or splice the kernel refused for want of memory: ENOMEM (a pipe page it
+    /// could not charge, a terminal's buffer), ENOBUFS (a socket's buffer), EFAULT (a page of
+    /// ours it had to fault in inside the call and could not: a replay-ring block given back and
+    /// used again, under a memory limit). None of them is the stream's end or the process's:
+    /// the bytes stay where they were (in the pipe, in our buffer), and the call is made again
+    /// after `shortageRetry`. Taken for an end, a stdout got its END while the process still
+    /// wrote (its next write a SIGPIPE) and a stdin was closed under its reader.
+    static func isShortage(_ number: Int32) -> Bool {
+        number == ENOMEM || number == ENOBUFS || number == EFAULT
+    }
+
+    /// How long a call refused for want of memory waits before it is made again: no readiness
+    /// report says when memory is back.
+    public static let shortageRetry: Duration = .milliseconds(100)
+
+    /// Calls refused for want of memory and waited out, in this process (a metric).
+    public static var shortagesWaitedOut: UInt64 { shortages.load(ordering: .relaxed) }
+    private static let shortages = Atomic<UInt64>(0)
+
+    /// Calls on this fd refused for want of memory and waited out (for tests).
+    var shortagesWaitedOutHere: Int { shortagesHere.load(ordering: .relaxed) }
+    private let shortagesHere = Atomic<Int>(0)
+
+    /// Counts a refused call and wakes `direction`'s waiters after `shortageRetry`.
+    func waitOutShortage(_ direction: Direction) {
+        Self.shortages.add(1, ordering: .relaxed)
+        shortagesHere.add(1, ordering: .relaxed)
+        registration.wakeLater(direction, after: Self.shortageRetry)
+    }
+
+    /// Whether the last read (or window fill) on this fd found the kernel short of memory
+    /// rather than nothing to read: its bytes are still there.
+    public var lastReadFoundShortage: Bool { usage.withLockedValue { $0.lastReadShort } }
+
+    /// Debug builds: the next `count` reads, writes and splices on this fd fail as in a
+    /// shortage (reads alternately EFAULT and ENOMEM, writes and splices ENOMEM), for tests
+    /// (`Failpoint.streamShortage`). Does nothing in a release build.
+    public func injectShortages(_ count: Int) {
+        #if DEBUG
+        injectedShortages.store(count, ordering: .relaxed)
+        #endif
+    }
+
+    /// An injected shortage for this call, if one is left: sets errno and says so.
+    func injectedShortage(_ number: Int32) -> Bool {
+        #if DEBUG
+        guard injectedShortages.load(ordering: .relaxed) > 0 else { return false }
+        let left = injectedShortages.subtract(1, ordering: .relaxed).newValue
+        Glibc.errno = number == EFAULT && left % 2 == 0 ? ENOMEM : number
+        return true
+        #else
+        return false
+        #endif
     }
 
     /// What the last read said about readability, so `waitReadable` can skip a probe.
@@ -173,6 +236,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
 
     public func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
         let seen = registration.edges(.read)
+        var short = false
         let result = try withSyscall { () throws(SystemError) -> Int? in
             var iov = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
             while true {
@@ -181,11 +245,15 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 switch Glibc.errno {
                 case EINTR: continue
                 case EAGAIN, EWOULDBLOCK: return nil
+                case let number where Self.isShortage(number):
+                    waitOutShortage(.read)
+                    short = true
+                    return nil
                 default: throw .last("read(fd \(fd))")
                 }
             }
         }
-        noteRead(result, asked: buffer.count, seen: seen)
+        noteRead(result, asked: buffer.count, seen: seen, short: short)
         return result
     }
 
@@ -194,6 +262,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
         if buffers.count == 1 { return try readNow(into: buffers[0]) }
         let seen = registration.edges(.read)
         var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        var short = false
         let result = try withSyscall { () throws(SystemError) -> Int? in
             while true {
                 let count = iov.withUnsafeMutableBufferPointer { readOnce($0.baseAddress!, min($0.count, AsyncFD.maxVectors)) }
@@ -201,12 +270,16 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 switch Glibc.errno {
                 case EINTR: continue
                 case EAGAIN, EWOULDBLOCK: return nil
+                case let number where Self.isShortage(number):
+                    waitOutShortage(.read)
+                    short = true
+                    return nil
                 default: throw .last("readv(fd \(fd))")
                 }
             }
         }
         let asked = buffers.prefix(AsyncFD.maxVectors).reduce(0) { $0 + $1.count }
-        noteRead(result, asked: asked, seen: seen)
+        noteRead(result, asked: asked, seen: seen, short: short)
         return result
     }
 
@@ -223,6 +296,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// preadv2 with RWF_NOWAIT on a pipe, readv elsewhere (a terminal: its O_NONBLOCK). The
     /// count, or -1 with errno.
     private func readOnce(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Int {
+        if injectedShortage(EFAULT) { return -1 }
         if isSocket {
             var message = msghdr()
             message.msg_iov = iov
@@ -246,6 +320,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// One write that never waits: sendmsg with MSG_DONTWAIT (and no SIGPIPE) on a socket,
     /// pwritev2 with RWF_NOWAIT on a pipe, writev elsewhere. The count, or -1 with errno.
     private func writeOnce(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Int {
+        if injectedShortage(ENOMEM) { return -1 }
         if isSocket {
             var message = msghdr()
             message.msg_iov = iov
@@ -286,6 +361,7 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 // description says.
                 if !source.isPipe, !source.isSocket { source.keepNonBlocking() }
                 if !isPipe, !isSocket { keepNonBlocking() }
+                if source.injectedShortage(ENOMEM) || injectedShortage(ENOMEM) { return (-1, ENOMEM) }
                 while true {
                     let count = hf_splice(source.fd, fd, limit)
                     if count >= 0 { return (count, 0) }
@@ -296,19 +372,27 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     }
 
     /// Records what a read (or a splice out of this fd) found: `nil` for nothing (EAGAIN).
-    func noteRead(_ result: Int?, seen: UInt64) {
-        usage.withLockedValue { $0.readHint = result == nil ? .wouldBlock(seen) : .ready }
+    func noteRead(_ result: Int?, seen: UInt64, short: Bool = false) {
+        usage.withLockedValue {
+            $0.readHint = result == nil ? .wouldBlock(seen) : .ready
+            $0.lastReadShort = short
+        }
     }
+
+
 
     /// A read of this fd that asked for `asked` bytes: on a stream socket, fewer (but some)
     /// means it took all that was queued.
-    private func noteRead(_ result: Int?, asked: Int, seen: UInt64) {
+    private func noteRead(_ result: Int?, asked: Int, seen: UInt64, short: Bool) {
         // Not after a hang-up: reported once, as an edge that may be counted already — the
         // next read must find the end-of-file, not a wait for an edge that never comes.
         if isStreamSocket, let result, result > 0, result < asked, !registration.hasHungUp {
-            usage.withLockedValue { $0.readHint = .wouldBlock(seen) }
+            usage.withLockedValue {
+                $0.readHint = .wouldBlock(seen)
+                $0.lastReadShort = false
+            }
         } else {
-            noteRead(result, seen: seen)
+            noteRead(result, seen: seen, short: short)
         }
     }
 
@@ -366,6 +450,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                         switch Glibc.errno {
                         case EINTR: continue
                         case EAGAIN, EWOULDBLOCK: return nil
+                        case let number where Self.isShortage(number):
+                            waitOutShortage(.write)
+                            return nil
                         default: throw .last(isSocket ? "sendmsg(fd \(fd))" : "writev(fd \(fd))")
                         }
                     }
@@ -491,6 +578,15 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                         throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
                     }
                 }
+            case let number where Self.isShortage(number):
+                // The kernel had no memory for the move (a pipe page, a socket buffer): neither
+                // end failed. Both are tried again after a pause (no readiness report comes).
+                waitOutShortage(.write)
+                do {
+                    try await registration.wait(.write, after: writeSeen)
+                } catch {
+                    throw writeFailure(accepted: moved, unconfirmed: unconfirmed, cause: error)
+                }
             case EINVAL where moved == 0:
                 // These two cannot be spliced after all (a socket family without splice
                 // support): copy from now on.
@@ -556,6 +652,9 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
                 switch Glibc.errno {
                 case EINTR: continue
                 case EAGAIN, EWOULDBLOCK: return nil
+                case let number where Self.isShortage(number):
+                    waitOutShortage(.write)
+                    return nil
                 default: throw .last(isSocket ? "send(fd \(fd))" : "write(fd \(fd))")
                 }
             }

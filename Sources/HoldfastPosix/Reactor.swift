@@ -402,6 +402,16 @@ final class Registration: Sendable {
         writers.resumeAll(with: .success(()))
     }
 
+    /// Counts an edge in `direction` after `delay`, as if the kernel had reported one: for a
+    /// call the kernel refused for want of memory (`AsyncFD.isShortage`), after which no
+    /// readiness report comes — the fd is as ready as it was.
+    func wakeLater(_ direction: Direction, after delay: Duration) {
+        Task.detached { [self] in
+            try? await Task.sleep(for: delay)
+            signal(readable: direction == .read, writable: direction == .write)
+        }
+    }
+
     func cancelAll() {
         let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             s.cancelled = true

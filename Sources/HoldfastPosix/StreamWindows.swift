@@ -102,7 +102,12 @@ public final class WindowedSource: ByteReader {
     public var largestRead: Int? { source.largestRead }
 
     public func waitReadable() async throws {
-        if level.load(ordering: .relaxed) > 0 { return }
+        if level.load(ordering: .relaxed) > 0 {
+            // The window's last read was refused for want of memory: its bytes wait there,
+            // and a read tried again at once would only be refused again.
+            if window.read.lastReadFoundShortage { try await window.read.waitReadable() }
+            return
+        }
         try await source.waitReadable()
     }
 
@@ -121,6 +126,11 @@ public final class WindowedSource: ByteReader {
         switch outcome.errno {
         case EAGAIN:
             source.noteRead(nil, seen: seen)
+            return .nothing
+        case let number where AsyncFD.isShortage(number):
+            // No memory for the move (a terminal's bytes copied into a page): tried again.
+            source.waitOutShortage(.read)
+            source.noteRead(nil, seen: seen, short: true)
             return .nothing
         case EINVAL:
             direct.store(true, ordering: .relaxed)
@@ -141,6 +151,9 @@ public final class WindowedSource: ByteReader {
             }
         }
         guard let count = try window.read.readNow(into: buffers), count > 0 else {
+            // Refused for want of memory: the bytes are still in the window (its level is what
+            // a successor settles a crash by, so it must stay true).
+            if window.read.lastReadFoundShortage { return nil }
             // The window is the supervisor's and ours alone: empty means our count was wrong.
             level.store(0, ordering: .relaxed)
             return nil
@@ -180,7 +193,23 @@ public final class StagingSink: StagingWriter {
 
     public var staged: Int { level.load(ordering: .relaxed) }
 
+    /// The stage's write-edge count when an empty stage refused bytes (`stage`), or `.max`.
+    private let refusedAt = Atomic<UInt64>(.max)
+
+    /// After an empty stage refused bytes for want of memory: waits until the stage's writers
+    /// are woken (the shortage's retry), so the caller's next `stage` is not refused at once.
+    private func waitOutRefusal() async throws(WriteFailure) {
+        let seen = refusedAt.exchange(.max, ordering: .relaxed)
+        guard seen != .max else { return }
+        do {
+            try await stage.write.waitForWriteEdge(after: seen)
+        } catch {
+            throw WriteFailure(accepted: 0, cause: error)
+        }
+    }
+
     public func stage(_ bytes: UnsafeRawBufferPointer) throws(WriteFailure) -> Int {
+        let seen = stage.write.registrationEdges(.write)
         let count: Int?
         do {
             count = try stage.write.writeNow(bytes)
@@ -189,7 +218,11 @@ public final class StagingSink: StagingWriter {
         }
         guard let count, count > 0 else {
             if staged > 0 { return 0 }
-            throw WriteFailure(accepted: 0, cause: SystemError("write(stage): no room in an empty stage", errno: .resourceTemporarilyUnavailable))
+            // An empty stage has room: only a kernel short of memory refuses it
+            // (`AsyncFD.isShortage`, which wakes the stage's writers later). `flushStage`
+            // waits for that.
+            refusedAt.store(seen, ordering: .relaxed)
+            return 0
         }
         level.add(count, ordering: .relaxed)
         return count
@@ -199,7 +232,10 @@ public final class StagingSink: StagingWriter {
         var moved = 0
         while true {
             let held = staged
-            guard held > 0 else { return }
+            guard held > 0 else {
+                try await waitOutRefusal()
+                return
+            }
             if direct.load(ordering: .relaxed) {
                 moved += try await bounce(held, movedBefore: moved)
                 continue
@@ -218,6 +254,13 @@ public final class StagingSink: StagingWriter {
             }
             switch outcome.errno {
             case EAGAIN:
+                do {
+                    try await sink.waitForWriteEdge(after: seen)
+                } catch {
+                    throw WriteFailure(accepted: moved, cause: error)
+                }
+            case let number where AsyncFD.isShortage(number):
+                sink.waitOutShortage(.write)
                 do {
                     try await sink.waitForWriteEdge(after: seen)
                 } catch {

@@ -392,6 +392,10 @@ public struct BrokerStats: Codable, Sendable, Equatable {
     /// Handoff peers' processes whose fds wait for the peer's next `release` (a release the
     /// broker died inside, or whose answer the peer was gone for); absent when none.
     public var keptReleases: Int?
+    /// Reads, writes and splices of streams the kernel refused for want of memory (ENOMEM,
+    /// ENOBUFS, EFAULT) and the broker tried again after a pause, since it started; absent
+    /// when none.
+    public var ioShortages: UInt64?
 
     public init(
         processes: Int, streams: Int, connected: Int, parked: Int, bytesToHost: UInt64, bytesFromHost: UInt64,
