@@ -48,6 +48,11 @@ public enum Relay {
             do {
                 try await source.waitReadable()
             } catch {
+                // Cancelled (a release, a live upgrade's quiesce, a stop): the source has not
+                // ended — the stream is closed by its owner, never finished. A finish here sent
+                // END for a process still writing, racing the owner's close of the connection:
+                // the host took the output for ended, and refused the next relay's resume.
+                if Task.isCancelled { return RelayReport(ending: .cancelled, bytes: relayed, undelivered: 0) }
                 return await finish(stream, relayed: relayed)
             }
             do {

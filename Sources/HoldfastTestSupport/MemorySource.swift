@@ -25,6 +25,8 @@ public final class MemorySource: ByteReader {
     /// How many reads returned data.
     public var reads: Int { state.withLockedValue { $0.reads } }
     public var remaining: Int { state.withLockedValue { $0.pending.count } }
+    /// Readers suspended in `waitReadable`.
+    public var waiters: Int { state.withLockedValue { $0.waiters.count } }
 
     public func append(_ bytes: [UInt8]) {
         wake { $0.pending += bytes }

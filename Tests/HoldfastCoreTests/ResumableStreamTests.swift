@@ -441,6 +441,30 @@ struct ResumableMemoryTests {
         #expect(guest.slot.phase == .abandoned)
     }
 
+    /// A relay cancelled while it waits for its source (a handoff `release`, a live upgrade's
+    /// quiesce, a stop: its owner closes the stream next) sends no END: the process has not
+    /// ended, and another relay resumes the stream. Before, the cancelled wait was taken for the
+    /// source's end and the stream finished — END on the wire unless the owner's close came
+    /// first. Nothing is closed here, so the END would go out.
+    @Test func aRelayCancelledWhileItsSourceIsQuietSendsNoEnd() async throws {
+        let pair = ResumablePair(guestDirection: .send)
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource(Array(repeating: 7, count: 1000))
+        let relay = Task { await Relay.output(from: source, to: pair.guest) }
+        let received = Task { await pair.host.receiveAll(limit: 2000) }
+        try await eventually("the bytes acknowledged") { pair.guest.statistics.acknowledged == 1000 }
+        try await eventually("the relay waiting for more") { source.remaining == 0 && source.waiters > 0 }
+        relay.cancel()
+        let report = await relay.value
+        #expect(report.ending == .cancelled, "\(report)")
+        #expect(!pair.guest.producerEnded, "not finished")
+        // Were END sent, the host's receive would end with the 1,000 bytes.
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(!pair.host.statistics.ended, "no END reached the host")
+        received.cancel()
+    }
+
     @Test func idleStreamHoldsNoRingMemory() async throws {
         let pair = ResumablePair(guestDirection: .send)
         defer { pair.close() }
