@@ -33,14 +33,23 @@ extension Broker {
 
     /// Stops relaying a process's streams and hands their fds back (in the order of the
     /// returned descriptions). Bytes a relay had read but not delivered are lost with it.
-    public func release(_ process: String) async throws(HoldfastError) -> Release {
-        if let kept = keptReleases.withLockedValue({ $0.take(process) }) {
+    /// `caller`: nil for the supervisor, which may release any process; a handoff peer only its own.
+    public func release(_ process: String, by caller: ProcessOwner? = nil) async throws(HoldfastError) -> Release {
+        if Failpoint.compiledIn, Failpoint.fails(Failpoint.brokerReleaseReceived, process: process, passes: Failpoint.everyPass) {
+            logger.info("failpoint: a release held before its look-up", metadata: ["process": "\(process)"])
+            await Failpoint.hold(Failpoint.gateBound)
+        }
+        let kept = keptReleases.withLockedValue { releases -> Result<KeptReleases.Kept, HoldfastError>? in
+            guard let owner = releases.owner(of: process) else { return nil }
+            if let refusal = Self.refusal(process, ownedBy: owner, to: caller) { return .failure(refusal) }
+            return releases.take(process).map { .success($0) }
+        }
+        if let kept {
+            let kept = try kept.get()
             logger.info("a release kept for its peer handed over", metadata: ["process": "\(process)", "fds": "\(kept.descriptors.count)"])
             return answer(process, owner: kept.owner, streams: kept.streams, descriptors: kept.descriptors)
         }
-        guard let adopted = processes.withLockedValue({ $0.removeValue(forKey: process) }) else {
-            throw HoldfastError(.noSuchProcess, "no streams for process '\(process)'")
-        }
+        let adopted = try managed(process, by: caller, removing: true)
         let (descriptions, fds) = await adopted.release(registry: registry)
         for stream in adopted.status() { record(finished: stream) }
         logger.info("released streams", metadata: ["process": "\(process)", "fds": "\(fds.count)"])

@@ -139,20 +139,24 @@ public final class Broker: Sendable {
             }
             return
         }
+        // In the table and started in one step, under the table's lock: a `release` or a
+        // `process-exited` that finds the process finds its streams running (between the two, a
+        // release answered no fds and freed its slots, then relays started for a process no
+        // longer in the table, into slots another peer's streams could be given).
         let refusal = processes.withLockedValue { table -> HoldfastError? in
             if let refusal = admissionRefusal(request.process, identities: identities, among: table, claimedID: claimedID) { return refusal }
             table[request.process] = process
+            if request.handoffOwner != nil {
+                // A handoff peer's process the supervisor hands back after a crash: its slots are ours.
+                handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }
+            }
+            process.start(streams, registry: registry)
             return nil
         }
         if let refusal {
             for stream in streams { stream.discard() }
             throw refusal
         }
-        if request.handoffOwner != nil {
-            // A handoff peer's process the supervisor hands back after a crash: its slots are ours.
-            handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }
-        }
-        process.start(streams, registry: registry)
         if request.endingInput == true {
             // Its process is done and reported: only the stdin's echo is owed, which its relay
             // sees home by itself (and reports `input-settled`). Not in the table, so that the
@@ -486,10 +490,9 @@ public final class Broker: Sendable {
     /// streams close; a `drained` notification follows when every output stream is done.
     /// `byPeer`: a handoff peer said it (the supervisor, which tells it again after a crash, is
     /// told so first); the supervisor's own word needs no telling back.
-    public func processExited(_ request: ProcessExitedRequest, byPeer: Bool = false) async throws(HoldfastError) {
-        guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
-            throw HoldfastError(.noSuchProcess, "no streams for process '\(request.process)'")
-        }
+    public func processExited(_ request: ProcessExitedRequest, by caller: ProcessOwner? = nil) async throws(HoldfastError) {
+        let adopted = try managed(request.process, by: caller)
+        let byPeer = caller != nil
         if byPeer, handoffs.withLockedValue({ $0.has(request.process) }) {
             // Written before the answer: a crash during the drain leaves the supervisor to tell
             // the next broker, which would otherwise relay the process for good.
@@ -557,20 +560,16 @@ public final class Broker: Sendable {
     /// look costs a timeout in the wheel and a task).
     static let heldOpenCheck: Duration = .seconds(600)
 
-    public func closeStdin(_ process: String) throws(HoldfastError) {
-        guard let adopted = processes.withLockedValue({ $0[process] }) else {
-            throw HoldfastError(.noSuchProcess, "no streams for process '\(process)'")
-        }
+    public func closeStdin(_ process: String, by caller: ProcessOwner? = nil) throws(HoldfastError) {
+        let adopted = try managed(process, by: caller)
         guard adopted.closeInput() else {
             throw HoldfastError(.noStdin, "process '\(process)' has no input stream")
         }
         Failpoint.pass(Failpoint.brokerStdinClosed, process: process)
     }
 
-    public func resize(_ request: ResizeRequest) async throws(HoldfastError) {
-        guard let adopted = processes.withLockedValue({ $0[request.process] }) else {
-            throw HoldfastError(.noSuchProcess, "no streams for process '\(request.process)'")
-        }
+    public func resize(_ request: ResizeRequest, by caller: ProcessOwner? = nil) async throws(HoldfastError) {
+        let adopted = try managed(request.process, by: caller)
         try await adopted.resize(WindowSize(rows: request.rows, columns: request.columns))
     }
 
@@ -616,9 +615,27 @@ public final class Broker: Sendable {
     /// The streams that are relayed (`list` without the kept releases).
     func liveStreams() -> [StreamStatus] { list().filter { $0.state != .kept } }
 
-    /// Who handed `process` over, nil if the broker has no such process.
-    public func owner(of process: String) -> ProcessOwner? {
-        processes.withLockedValue { $0[process]?.owner } ?? keptReleases.withLockedValue { $0.owner(of: process) }
+    /// The process `caller` manages (nil: the supervisor, which manages every process; a handoff
+    /// peer only those it handed over), looked up and checked in one step under the table's lock
+    /// — and taken out of the table with `removing`. Checked first and looked up again after, a
+    /// process of the supervisor's adopted between the two was a peer's to release, drain or
+    /// end the stdin of.
+    func managed(_ process: String, by caller: ProcessOwner?, removing: Bool = false) throws(HoldfastError) -> AdoptedProcess {
+        let found = processes.withLockedValue { table -> Result<AdoptedProcess, HoldfastError> in
+            guard let adopted = table[process] else {
+                return .failure(HoldfastError(.noSuchProcess, "no streams for process '\(process)'"))
+            }
+            if let refusal = Self.refusal(process, ownedBy: adopted.owner, to: caller) { return .failure(refusal) }
+            if removing { table.removeValue(forKey: process) }
+            return .success(adopted)
+        }
+        return try found.get()
+    }
+
+    /// Why `caller` (nil: the supervisor) may not manage `process`, handed over by `owner`.
+    static func refusal(_ process: String, ownedBy owner: ProcessOwner, to caller: ProcessOwner?) -> HoldfastError? {
+        guard let caller, caller != owner else { return nil }
+        return HoldfastError(.permissionDenied, "process '\(process)' was handed over by \(owner), not by you")
     }
 
     public func stats() -> BrokerStats {

@@ -35,11 +35,13 @@ public final class BrokerService: Sendable {
             }
         }
 
-        /// Throws unless this caller may manage `process` (a process the broker does not have
-        /// passes: the request itself then says no-such-process).
-        func mayManage(_ process: String, in broker: Broker) throws(HoldfastError) {
-            guard case .handoff = self, let owner = broker.owner(of: process), owner != self.owner else { return }
-            throw HoldfastError(.permissionDenied, "process '\(process)' was handed over by \(owner), not by you")
+        /// Whose processes this caller may manage, for the broker's check (made with its look-up
+        /// of the process, in one step): nil for the supervisor, which manages them all.
+        var manages: ProcessOwner? {
+            switch self {
+            case .supervisor: return nil
+            case .handoff: return owner
+            }
         }
     }
 
@@ -297,8 +299,7 @@ public final class BrokerService: Sendable {
             }
             return .empty
         case .release(let process):
-            try caller.mayManage(process, in: broker)
-            let release = try await broker.release(process)
+            let release = try await broker.release(process, by: caller.manages)
             return RPCReply(release.response, descriptors: release.descriptors, afterSent: release.afterSent)
         case .list(let page):
             let owner: ProcessOwner? = if case .supervisor = caller { nil } else { caller.owner }
@@ -326,17 +327,13 @@ public final class BrokerService: Sendable {
             broker.depositAnswered(answer)
             return .empty
         case .processExited(let exited):
-            try caller.mayManage(exited.process, in: broker)
-            let byPeer = if case .handoff = caller { true } else { false }
-            try await broker.processExited(exited, byPeer: byPeer)
+            try await broker.processExited(exited, by: caller.manages)
             return .empty
         case .closeStdin(let process):
-            try caller.mayManage(process, in: broker)
-            try broker.closeStdin(process)
+            try broker.closeStdin(process, by: caller.manages)
             return .empty
         case .resize(let resize):
-            try caller.mayManage(resize.process, in: broker)
-            try await broker.resize(resize)
+            try await broker.resize(resize, by: caller.manages)
             return .empty
         }
     }

@@ -21,6 +21,10 @@ public enum Failpoint {
     /// The broker stopped a handoff peer's process's streams and told the supervisor it is
     /// releasing it; the answer with the fds is not written yet.
     public static let brokerReleaseMarked = "broker-release-marked"
+    /// The broker received a `release` of the process and has not looked it up yet (`fails`
+    /// with `everyPass`): it holds (`hold`, gated), as a broker whose pool threads are all busy
+    /// would, while the process the request names is adopted.
+    public static let brokerReleaseReceived = "broker-release-received"
     /// The broker wrote the answer to a `release`; the supervisor was not told it ended yet.
     public static let brokerReleaseAnswered = "broker-release-answered"
     /// The broker received a handoff peer's `adopt` with its fds; it has not handed copies to
