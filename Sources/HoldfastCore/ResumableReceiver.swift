@@ -145,6 +145,12 @@ struct ResumableReceiver: Sendable {
         switch header.type {
         case .data:
             guard header.value <= received else { throw .dataGap(expected: received, got: header.value) }
+            // A sender's GAP may take `received` up to the last offset there is: a body past it
+            // would wrap the offset (or, added up, trap: this side's process — a host agent
+            // serving every VM's streams — ended by one frame).
+            guard UInt64(header.bodyLength) <= UInt64.max - header.value else {
+                throw .malformed("data past the largest offset a stream has")
+            }
             if let final = inboundFinal, header.value + UInt64(header.bodyLength) > final {
                 throw .malformed("data after the end of the stream")
             }
@@ -208,6 +214,7 @@ struct ResumableReceiver: Sendable {
     /// else is left for `take`.
     mutating func continueWith(_ header: StreamFramePrefix) -> Int? {
         guard cursor.remaining == 0, hasWholeHeader, header.type == .data, header.value == received,
+            UInt64(header.bodyLength) <= UInt64.max - header.value,
             inboundFinal.map({ header.value + UInt64(header.bodyLength) <= $0 }) ?? true
         else { return nil }
         cursor.headerFilled = 0

@@ -248,15 +248,18 @@ public struct GapRecord: Sendable, Equatable {
         var merged = range
         var kept: [Range<UInt64>] = []
         var covered: UInt64 = 0
+        // Lengths as offsets' differences: `Range.count` is an Int, and traps on a range longer
+        // than Int.max — which one GAP frame from a sender names.
         for existing in ranges {
             if existing.overlaps(merged) || existing.upperBound == merged.lowerBound || merged.upperBound == existing.lowerBound {
-                covered += UInt64(existing.clamped(to: range).count)
+                let clamped = existing.clamped(to: range)
+                covered += clamped.upperBound - clamped.lowerBound
                 merged = min(existing.lowerBound, merged.lowerBound)..<max(existing.upperBound, merged.upperBound)
             } else {
                 kept.append(existing)
             }
         }
-        bytes += UInt64(range.count) - covered
+        bytes += (range.upperBound - range.lowerBound) - covered
         kept.append(merged)
         kept.sort { $0.lowerBound < $1.lowerBound }
         ranges = Array(kept.prefix(Self.keptRanges))

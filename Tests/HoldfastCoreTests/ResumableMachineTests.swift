@@ -321,6 +321,34 @@ struct ResumableReceiverTests {
         #expect(receiver.inboundFinal == 1000 && receiver.isFinished)
     }
 
+    /// A GAP is a sender's word, and may name any offset: one past 2^63 was counted as a
+    /// `Range.count` (an Int) and trapped — the host agent, every VM's streams with it, ended by
+    /// one frame from anyone holding a stream's secret. Then DATA past the last offset wrapped
+    /// (or trapped) the received offset. Neither traps now; the DATA is refused.
+    @Test func aGapToTheFarthestOffsetsIsCountedAndDataPastTheLastIsRefused() throws {
+        var receiver = ResumableReceiver(ackEvery: 1 << 20)
+        try receive(&receiver, at: 0, 1000)
+        let far: UInt64 = (1 << 63) + 1
+        receiver.readHeader(StreamFramePrefix.size)
+        #expect(try receiver.take(header(.gap, far)) == .skipped)
+        #expect(receiver.received == far)
+        #expect(receiver.lost.bytes == far - 1000)
+        receiver.readHeader(StreamFramePrefix.size)
+        #expect(try receiver.take(header(.gap, .max)) == .skipped)
+        #expect(receiver.lost.bytes == UInt64.max - 1000, "both gaps, merged")
+        #expect(receiver.lost.ranges == [1000..<UInt64.max])
+        receiver.readHeader(StreamFramePrefix.size)
+        #expect(throws: StreamProtocolError.self) { try receiver.take(header(.data, .max, length: 1)) }
+        #expect(receiver.continueWith(header(.data, .max, length: 1)) == nil)
+        #expect(receiver.received == .max)
+        receiver.readHeader(StreamFramePrefix.size)
+        #expect(try receiver.take(header(.end, .max)) == .ended)
+        var record = GapRecord()
+        record.add(0..<UInt64.max)
+        record.add(5..<UInt64.max)
+        #expect(record.bytes == .max && record.ranges == [0..<UInt64.max])
+    }
+
     @Test func controlFramesASenderMaySendAndOnesItMayNot() throws {
         var receiver = ResumableReceiver(ackEvery: 1 << 20)
         #expect(try receiver.take(header(.ack, 0)) == .nothing)
