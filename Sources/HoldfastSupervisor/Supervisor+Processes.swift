@@ -191,10 +191,13 @@ extension Supervisor {
                     ])
                 }
             } catch {
-                // The adopt sends (and closes) copies of its own: these are ours to close.
-                for fd in descriptors { close(fd) }
-                closeTerminalPeer(spec.id)
                 _ = stdio.withLockedValue { $0.freeCheckpoints(of: adopt) }
+                // The process (and all it started) ends before its pipes are let go: the last
+                // close of a pipe takes the pipe's lock, which the process may hold as long as it
+                // likes (a write from a page it never lets arrive). Closed first, on a thread of
+                // the cooperative pool, that close waited for ever — two such creates and every
+                // task of the supervisor stood still. Killed first, it holds nothing; and the
+                // closes go to the reactor's loop, whose watchdog takes over a stuck thread.
                 if let child = started.child {
                     _ = reaper.signal(child, SIGKILL)
                     _ = await reaper.wait(child)
@@ -206,6 +209,9 @@ extension Supervisor {
                     cgroups.kill(cgroup)
                     cgroups.release(cgroup)
                 }
+                // The adopt sends (and closes) copies of its own: these are ours to close.
+                for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
+                closeTerminalPeer(spec.id)
                 if let container { await runc.delete(container.id) }
                 kernelLog?.forget(spec.id)
                 throw error

@@ -279,3 +279,64 @@ extension ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+/// A container that holds its own stdout pipe's lock inside the kernel from its start: it
+/// writes stdout from a page that never arrives, then says so (its pid) in the file argv[2].
+private let outputLockHolder = userfaultfdPage + #"""
+writer = threading.Thread(target=lambda: os.writev(1, [page]), daemon=True)
+writer.start()
+os.read(uffd, 32)  # the fault: the writer is in the kernel, holding the stdout pipe's lock
+with open(sys.argv[2] + ".tmp", "w") as said:
+    said.write(str(os.getpid()))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+wait_for_release()
+writer.join()
+"""#
+
+extension ContainmentTests {
+    /// A create whose adopt the broker refuses (out of room: here a debug-build failpoint
+    /// holds the adopt until the process holds its stdout pipe's lock, then refuses it). The
+    /// supervisor closed the process's pipes first — on a thread of its cooperative pool, and
+    /// the last close of a pipe takes its lock, held by the process for as long as it likes — and
+    /// only then killed it: the close waited for ever, the create was never answered, and two
+    /// such creates would stop every task of the supervisor. The process is killed first now,
+    /// and the pipes closed on the reactor's loop.
+    @Test(
+        .enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"),
+        .enabled(if: Failpoint.compiledIn, "the broker refuses at a failpoint, which only debug builds have"))
+    func aRefusedCreateWhoseProcessHoldsItsPipesLockIsKilledBeforeItsPipesClose() async throws {
+        let gate = try FailpointGate()
+        defer { gate.remove() }
+        var environment = gate.environment
+        environment["HOLDFAST_FAILPOINT"] = "\(Failpoint.brokerCreateRefusedLate):holder"
+        let daemon = try await DaemonFixture(environment: environment)
+        let release = daemon.directory.file("release")
+        defer {
+            try? writeFile(release, [])  // a holder left running lets go
+            daemon.cleanUp()
+        }
+        let script = daemon.directory.file("hold-output-lock.py")
+        try writeFile(script, Array(outputLockHolder.utf8))
+        let holding = daemon.directory.file("holding")
+        _ = try daemon.streams.open(token: bytes("holder-out"), direction: .receive)
+        let create = Task { () -> HoldfastError? in
+            do {
+                _ = try await daemon.launch(ProcessSpec(
+                    id: "holder", argv: ["python3", script, release, holding], stdout: daemon.spec("holder-out")))
+                return nil
+            } catch let error as HoldfastError {
+                return error
+            } catch {
+                return HoldfastError(.unknown, "\(error)")
+            }
+        }
+        try await eventually("the holder to hold its stdout's lock", timeout: .seconds(20)) { access(holding, F_OK) == 0 }
+        let pid = try #require(pid_t(String(decoding: readFile(holding) ?? [], as: UTF8.self)))
+        try gate.open()
+        let failure = try await withDeadline("the refused create's answer", .seconds(20)) { await create.value }
+        #expect(failure?.code == .stdioFailed, "\(String(describing: failure))")
+        #expect(kill(pid, 0) != 0, "the holder was killed (and reaped)")
+        _ = try await withTimeout("status", .seconds(10)) { try await daemon.status() }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
