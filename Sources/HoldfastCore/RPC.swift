@@ -387,17 +387,20 @@ public final class RPCClient: Sendable {
         finish()
     }
 
-    /// Fails every request still waiting and refuses new ones.
+    /// Fails every request still waiting and refuses new ones. The transport closes first: a
+    /// failed request's caller closes the fds it asked to send, whose numbers a new open may
+    /// take at once — a send still under way must find the transport closed, not pass that
+    /// file to the peer.
     private func finish() {
         let pending = state.withLockedValue { s -> [CheckedContinuation<Result<RPCResponse, HoldfastError>, Never>] in
             s.closed = true
             defer { s.pending.removeAll() }
             return Array(s.pending.values)
         }
+        transport.close()
         for waiter in pending {
             waiter.resume(returning: .failure(HoldfastError(.channelClosed, "the peer closed the control channel")))
         }
-        transport.close()
     }
 
     /// Whether `run()` has ended (the connection is gone).

@@ -29,6 +29,10 @@ extension Supervisor {
             // upgrade fails), so what it asks is answered by the binary that runs on.
             if session.withLockedValue({ $0.upgrading }), let fd = connection.detach() {
                 parkedControl.withLockedValue { $0.append(fd) }
+                // A failed upgrade's undo may have served the parked clients between the look
+                // above and the append: this one would wait for the next upgrade. Served now if
+                // so (the list is taken whole, so no client is served twice).
+                if !session.withLockedValue({ $0.upgrading }) { serveParkedControlClients() }
                 continue
             }
             Task { await serveControlPeer(FDChannel(connection)) }

@@ -520,9 +520,15 @@ extension Supervisor {
     func signalProcess(_ entry: ProcessTable.Entry, _ signal: Int32) {
         if let child = forked.withLockedValue({ $0[entry.id] }), child.pid == entry.pid {
             _ = reaper.signal(child, signal)
-        } else {
-            kill(entry.pid, signal)
+            return
         }
+        // By number only while the table still has the process running under it: `entry` may
+        // be older than the process's reap (a stop's rounds read the table, then signal one
+        // process after another), and once its exit is recorded its registration is gone and its
+        // number the kernel's to give to any new process.
+        let running = table.withLockedValue { $0[entry.id].map { $0.pid == entry.pid && $0.phase == .running } ?? false }
+        guard running else { return }
+        kill(entry.pid, signal)
     }
 
     /// Signals the process group a direct process leads (what it left behind: an orphan that
