@@ -276,11 +276,19 @@ class Client:
         self.request(RESIZE, {"process": process, "rows": rows, "columns": columns})
 
     def list(self) -> List[dict]:
-        """Every stream the broker holds (its own processes' too), with state and byte counts."""
-        answer, fds = self.request(LIST, {})
-        for fd in fds:
-            os.close(fd)
-        return answer.get("streams", [])
+        """Every stream of this runtime's processes the broker holds (a handoff peer sees only
+        what its uid handed over), with state and byte counts. The broker answers a page at a
+        time (at most 1,000 streams, and what fits one frame) with the `total`: every page is
+        asked for."""
+        streams: List[dict] = []
+        while True:
+            answer, fds = self.request(LIST, {"offset": len(streams)})
+            for fd in fds:
+                os.close(fd)
+            page = answer.get("streams", [])
+            streams += page
+            if not page or len(streams) >= answer.get("total", len(streams)):
+                return streams
 
 
 def adopt(path: str, process: str, streams: Sequence[Stream], within: float = 30.0,

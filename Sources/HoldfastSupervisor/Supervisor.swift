@@ -322,7 +322,17 @@ public final class Supervisor: Sendable {
         do {
             if let descriptors = resumption?.state.descriptors {
                 handoff = try descriptors.handoff.map { try Listener(adopting: $0, address: .unix(path: configuration.handoff.socket)) }
-                if let handoff { adopted.append(handoff) }
+                if let handoff {
+                    adopted.append(handoff)
+                    // `handoff.mode` takes effect across a reload (the socket is passed, not bound
+                    // again: before, a widened mode was left as it was, and a runtime in the newly
+                    // allowed group kept getting EACCES with nothing said).
+                    if chmod(configuration.handoff.socket, mode_t(configuration.handoff.mode)) != 0 {
+                        logger.warning("cannot set handoff.mode on the handoff socket", metadata: [
+                            "socket": "\(configuration.handoff.socket)", "errno": "\(errno)",
+                        ])
+                    }
+                }
                 control = try Listener(adopting: descriptors.control, address: .unix(path: configuration.control.socket))
                 adopted.append(control)
             } else {

@@ -59,6 +59,30 @@ struct ReloadConfigurationTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// `handoff.mode` widened before a reload (a runtime in the socket's group is to be let
+    /// in): the socket is passed across the exec, not bound again, and kept its old mode — the
+    /// runtime got EACCES, nothing said. The new image sets the configured mode.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aChangedHandoffModeTakesEffectAtAReload() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0600\"")
+        defer { daemon.cleanUp() }
+        let socket = daemon.directory.file("broker.sock")
+        func mode() -> mode_t {
+            var info = stat()
+            return stat(socket, &info) == 0 ? info.st_mode & 0o777 : 0
+        }
+        #expect(mode() == 0o600)
+        let configPath = daemon.directory.file("holdfast.yaml")
+        let config = String(decoding: readFile(configPath) ?? [], as: UTF8.self)
+        let changed = config.replacingOccurrences(of: "mode: \"0600\"", with: "mode: \"0660\"")
+        #expect(changed != config)
+        try writeFile(configPath, bytes(changed))
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(0), "\(upgrade.output)")
+        #expect(mode() == 0o660, "the configured mode, after the reload")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// `metrics.address` removed from the configuration before a reload. Its listener is passed
     /// across the exec; before, the new image, configured with no endpoint, neither served nor
     /// closed it: scrapes waited in its backlog for ever. It keeps its running value until the
