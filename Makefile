@@ -135,7 +135,7 @@ soak: release
 
 # A short soak from the debug build, for SOAK_MINUTES (2), as `make test` runs it.
 soak-smoke: build
-	@if [ "$$(id -u)" != 0 ]; then echo "skip: the soak needs root (the broker runs as 'nobody')"; \
+	@if [ "$$(id -u)" != 0 ]; then echo "skip: the soak needs root (its broker runs as a uid of its own)"; \
 	else $(BUILD_DIR)/debug/holdfast-soak --minutes $(SOAK_MINUTES) --fallback-every 2; fi
 
 clean:
