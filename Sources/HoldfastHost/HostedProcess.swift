@@ -348,11 +348,19 @@ final class InputRelay: Sendable {
     /// The client said its stdin ended.
     private let endRequested = NIOLockedValueBox(false)
 
+    /// How long the stdin's END waits for the guest without progress: as long as the process
+    /// lives (the relay is closed at its outcome). The stream's usual 30 s gave the END up when
+    /// the guest was away longer — a migration's blackout, a paused VM — and the host forgot the
+    /// stream: the guest's redials were refused as an unknown stream, the process never read
+    /// end-of-file and never exited, and nothing said so.
+    static let endWait: Duration = .seconds(86_400 * 365)
+
     /// Opens the host stream (with a new secret); refused if the token is open already.
     init(token: [UInt8], server: StreamServer<AsyncFD>) throws(StreamServerError) {
         self.token = token
         self.server = server
-        self.stream = try server.open(token: token, direction: .send)
+        self.stream = try server.open(
+            token: token, direction: .send, configuration: ResumableConfiguration(drainTimeout: Self.endWait))
     }
 
     func run() async {
