@@ -119,12 +119,23 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
         self.engine = engine
         // Set once the slot exists: a dial that learns the peer forgot the stream closes it.
         let forgottenSlot = NIOLockedValueBox<ConnSlot<Session>?>(nil)
-        // When the peer first said "unknown stream" with no connection since (nil: it has not).
-        let forgottenSince = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
+        // The run of "unknown stream" answers going on now (nil: none).
+        let forgotten = NIOLockedValueBox<ForgottenRun?>(nil)
+        // A pause in a run longer than the slowest redial and its dial's bound is no run: the
+        // peer was not asked meanwhile (this end stopped, the guest paused).
+        let longestPause = policy.maxInterval + policy.connectTimeout + Self.forgottenAfter
         var slotDial: ConnSlot<Session>.Dial?
         if let dial {
             slotDial = { [token, role] in
-                let transport = try await dial()
+                let transport: Transport
+                do {
+                    transport = try await dial()
+                } catch {
+                    // No answer from the peer (a host agent restarting, a blackout): what it
+                    // said before is not said "again and again" across this.
+                    forgotten.withLockedValue { $0 = nil }
+                    throw error
+                }
                 do {
                     let hello = StreamAuthentication.sign(
                         StreamHello(
@@ -136,7 +147,7 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                         engine.validate(peer, token: token, ourRole: role, secret: secret, challenge: hello.nonce)
                     }
                     engine.record(session)
-                    forgottenSince.withLockedValue { $0 = nil }
+                    forgotten.withLockedValue { $0 = nil }
                     return session
                 } catch {
                     transport.close()
@@ -158,12 +169,23 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
                     if case .refusedByPeer(let refusal)? = error as? StreamProtocolError, refusal.code == .unknownToken,
                         inputEnded || engine.hasTheWholeInput || engine.hasOnlyTheEndLeft, let slot = forgottenSlot.withLockedValue({ $0 })
                     {
+                        // Only a run of such answers — every dial for a second, at least three,
+                        // nothing else between — is the peer meaning it. Counted from the first
+                        // one ever, as before, one answer after a pause (a host agent that was
+                        // down for a while, a guest paused) closed the stream at once, while the
+                        // host was still registering its streams again.
                         let now = ContinuousClock.now
-                        let since = forgottenSince.withLockedValue { first in
-                            if first == nil { first = now }
-                            return first!
+                        let run = forgotten.withLockedValue { run -> ForgottenRun in
+                            if let going = run, now - going.last <= longestPause {
+                                run = ForgottenRun(since: going.since, last: now, answers: going.answers + 1)
+                            } else {
+                                run = ForgottenRun(since: now, last: now, answers: 1)
+                            }
+                            return run!
                         }
-                        if now - since >= Self.forgottenAfter { Task { slot.close() } }
+                        if run.answers >= Self.forgottenAnswers, now - run.since >= Self.forgottenAfter { Task { slot.close() } }
+                    } else {
+                        forgotten.withLockedValue { $0 = nil }
                     }
                     throw error
                 }
@@ -355,6 +377,15 @@ public final class ResumableStream<Transport: ByteConnection>: OutboundStream, I
     /// How long an input with its END (or an output with only its END left) is refused
     /// "unknown stream" before it lets go.
     static var forgottenAfter: Duration { .seconds(1) }
+    /// ...and at least this many of them.
+    static var forgottenAnswers: Int { 3 }
+
+    /// "unknown stream" answers in a row: the first's time, the last's, how many.
+    struct ForgottenRun: Sendable {
+        var since: ContinuousClock.Instant
+        var last: ContinuousClock.Instant
+        var answers: Int
+    }
 
     public func close() {
         slot.close()

@@ -465,6 +465,44 @@ struct ResumableMemoryTests {
         received.cancel()
     }
 
+    /// A stream with only its END left stops redialling a peer that says "unknown stream" again
+    /// and again for a second (it had the END and closed, or dropped the stream) — a run of such
+    /// answers, nothing else between. Counted from the first answer ever, one answer after a
+    /// pause in which the peer could not be reached (a host agent restarting, registering its
+    /// streams again) closed the stream at once. Now that answer begins a new run.
+    @Test func oneUnknownStreamAnswerAfterAPauseDoesNotEndTheStream() async throws {
+        struct NoListener: Error {}
+        let refusing = NIOLockedValueBox(true)
+        let dials = NIOLockedValueBox((refused: 0, failed: 0))
+        let guest = ResumableStream<MemoryPipe.End>(
+            token: bytes("t"), secret: .random(), role: .guest, direction: .send,
+            policy: RedialPolicy(attempts: 1_000_000, interval: .milliseconds(50), connectTimeout: .seconds(2)),
+            dial: {
+                guard refusing.withLockedValue({ $0 }) else {
+                    dials.withLockedValue { $0.failed += 1 }
+                    throw NoListener()
+                }
+                dials.withLockedValue { $0.refused += 1 }
+                let (guestEnd, hostEnd) = MemoryPipe().ends
+                Task {
+                    _ = try? await Handshake.readHello(from: hostEnd)
+                    await Handshake.refuse(hostEnd, .wrongToken)  // "unknown stream"
+                }
+                return guestEnd
+            })
+        defer { guest.close() }
+        let finished = Task { await guest.finish() }  // no byte: only the END is left
+        guest.slot.disconnect()
+        try await eventually("two answers") { dials.withLockedValue { $0.refused } >= 2 }
+        refusing.withLockedValue { $0 = false }
+        try await eventually("the peer unreachable for over a second") { dials.withLockedValue { $0.failed } >= 25 }
+        let before = dials.withLockedValue { $0.refused }
+        refusing.withLockedValue { $0 = true }
+        _ = try await withTimeout("the stream let go", .seconds(10)) { await finished.value }
+        let after = dials.withLockedValue { $0.refused } - before
+        #expect(after >= 3, "a new run of answers after the pause, not its first one: \(after)")
+    }
+
     @Test func idleStreamHoldsNoRingMemory() async throws {
         let pair = ResumablePair(guestDirection: .send)
         defer { pair.close() }
