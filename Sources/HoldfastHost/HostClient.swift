@@ -315,9 +315,10 @@ public enum HostClient {
     }
 
     /// `holdfast host ps` as text.
+    /// The table, its header always (an empty list is a header alone, as podman prints it, so
+    /// a script's `tail -n +2` holds).
     public static func render(_ list: HostProcessList) -> String {
-        guard !list.processes.isEmpty else { return "no processes" }
-        return TextTable.lines(
+        TextTable.lines(
             ["PROCESS", "PID", "STATE", "EXIT", "COMMAND"],
             list.processes.map {
                 [$0.id, $0.pid.map(String.init) ?? "-", $0.state.rawValue,

@@ -40,6 +40,13 @@ struct HostPS: AsyncParsableCommand, HostFamilyCommand {
     @Flag(name: .shortAndLong, help: "Also the processes that ended, with their exit status (host serve remembers the last 1,024).")
     var all = false
     @Flag(help: "Print JSON.") var json = false
+    @Flag(name: .shortAndLong, help: "Print the ids only, one per line (podman ps -q).") var quiet = false
+    @Option(help: "'json' prints JSON (as --json; podman's --format json).") var format: String?
+
+    func validate() throws {
+        if let format, format != "json" { throw ValidationError("--format: only 'json' (or leave it out for the table)") }
+        if quiet, json || format != nil { throw ValidationError("-q prints ids only: leave out --json/--format") }
+    }
 
     func run() async throws {
         let list: HostProcessList
@@ -52,7 +59,11 @@ struct HostPS: AsyncParsableCommand, HostFamilyCommand {
         if !list.guestAnswered {
             writeError("holdfast host ps: the guest is not connected to host serve: this is what host serve knows")
         }
-        print(json ? String(decoding: ControlJSON.encode(list), as: UTF8.self) : HostClient.render(list))
+        if quiet {
+            for process in list.processes { print(process.id) }
+        } else {
+            print(json || format == "json" ? String(decoding: ControlJSON.encode(list), as: UTF8.self) : HostClient.render(list))
+        }
     }
 }
 

@@ -292,6 +292,11 @@ struct OperatorCLITests {
         let listed = try await serve.cli(["ps"])
         #expect(listed.out.contains("stubborn") && listed.out.contains("running"), "\(listed.out)")
         #expect(listed.out.contains("COMMAND") && listed.out.contains("sh -c 'trap"), "\(listed.out)")
+        // podman's habits: -q the ids alone, --format json as --json.
+        #expect(try await serve.cli(["ps", "-q"]).out == "stubborn\n")
+        let formatted = try await serve.cli(["ps", "--format", "json"])
+        #expect(formatted.out == (try await serve.cli(["ps", "--json"])).out && formatted.out.hasPrefix("{"), "\(formatted.out)")
+        #expect(try await serve.cli(["ps", "--format", "table"]).status == .exited(125))
 
         // A waiter started before the stop gets the code once it ends.
         let waiter = try serve.start(["wait", "stubborn"])
@@ -305,6 +310,7 @@ struct OperatorCLITests {
 
         // ps forgets it; ps -a does not; its log outlives it.
         try await eventually("ps without it") { try await !serve.cli(["ps"]).out.contains("stubborn") }
+        #expect(try await serve.cli(["ps"]).out.hasPrefix("PROCESS"), "an empty list is its header alone")
         let all = try await serve.cli(["ps", "-a"])
         let line = all.out.split(separator: "\n").first { $0.hasPrefix("stubborn") }.map(String.init) ?? ""
         #expect(line.contains("exited") && line.contains("137"), "\(all.out)")
