@@ -29,10 +29,17 @@ public enum HostClient {
     public struct Interaction: Sendable {
         public var detachKeys: DetachKeys
         public var interrupted: (@Sendable () async -> Void)?
+        /// Returns a signal the client was sent that the process is to be sent too (then the
+        /// client lets go); nil when there will be none.
+        public var passOn: (@Sendable () async -> Int32?)?
 
-        public init(detachKeys: DetachKeys = .default, interrupted: (@Sendable () async -> Void)? = nil) {
+        public init(
+            detachKeys: DetachKeys = .default, interrupted: (@Sendable () async -> Void)? = nil,
+            passOn: (@Sendable () async -> Int32?)? = nil
+        ) {
             self.detachKeys = detachKeys
             self.interrupted = interrupted
+            self.passOn = passOn
         }
 
         /// No detaching: a library caller's or a test's client runs until the outcome.
@@ -252,6 +259,15 @@ public enum HostClient {
             Task {
                 await interrupted()
                 detach.fire(.interrupt)
+            }
+        }
+        if let passOn = interaction.passOn {
+            Task {
+                guard let signal = await passOn() else { return }
+                // Sent before letting go: the process gets it whether or not it still has a
+                // client (its output then goes on into its log, never waiting for one).
+                _ = try? await client.call(HostRequest.signal(SignalRequest(id: started.id, signal: signal)), reply: [String: String].self)
+                detach.fire(.passedOn(signal: signal))
             }
         }
         // host serve answers once the outcome is known and it has closed our output sockets

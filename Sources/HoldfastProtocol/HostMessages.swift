@@ -324,13 +324,18 @@ public struct LostProcess: Codable, Sendable, Equatable {
 public enum HostRunOutcome: Sendable, Equatable {
     case exited(ExitReport, endedByHost: [String])
     case lost(LostProcess, endedByHost: [String])
-    /// The client let go (the detach keys, Ctrl-C): the process runs on, its stdin open and its
-    /// output waiting for `host attach ID`.
+    /// The client let go (the detach keys, Ctrl-C, or a signal it passed on): the process runs
+    /// on (unless that signal ends it), its stdin open and its output going into its log for
+    /// `host attach ID` or `host logs ID`.
     case detached(id: String, by: DetachCause)
 
     public enum DetachCause: Sendable, Equatable {
         case detachKeys
         case interrupt
+        /// The client was sent this signal (SIGTERM, SIGHUP: `timeout`, a cancelled job, a
+        /// closed terminal) and passed it on to the process before it let go, as podman's
+        /// `--sig-proxy` does.
+        case passedOn(signal: Int32)
     }
 
     /// The client's exit status: the process's own (its code, or 128 + the signal that killed

@@ -165,13 +165,21 @@ struct DetachKeysOption: ParsableArguments {
 
     func validate() throws { _ = try keys() }
 
-    /// The interaction of a terminal client: these keys, and Ctrl-C as a detach.
+    /// The interaction of a terminal client: these keys, Ctrl-C as a detach, and SIGTERM or
+    /// SIGHUP (`timeout`, a cancelled job, a closed terminal) passed on to the process before
+    /// the client lets go — as podman's `--sig-proxy` does. Before, they killed the client
+    /// alone: the process ran on, its output waiting for a client that never came (its writes
+    /// blocked once the guest's buffers filled).
     func interaction() throws -> HostClient.Interaction {
         var interrupted: (@Sendable () async -> Void)?
         if let pipe = try? SignalPipe(signals: [SIGINT]) {
             interrupted = { _ = await pipe.next() }
         }
-        return HostClient.Interaction(detachKeys: try keys(), interrupted: interrupted)
+        var passOn: (@Sendable () async -> Int32?)?
+        if let pipe = try? SignalPipe(signals: [SIGTERM, SIGHUP]) {
+            passOn = { await pipe.next()?.number }
+        }
+        return HostClient.Interaction(detachKeys: try keys(), interrupted: interrupted, passOn: passOn)
     }
 }
 
@@ -291,16 +299,24 @@ func finishHostCommand(
             throw ExitCode.success
         case .interrupt:
             // Die of SIGINT, as a shell expects of an interrupted command (a script stops).
-            // (This thread may block it, as the concurrency pool's threads do: unblocked here.)
-            signal(SIGINT, SIG_DFL)
-            var interrupt = sigset_t()
-            sigemptyset(&interrupt)
-            sigaddset(&interrupt, SIGINT)
-            pthread_sigmask(SIG_UNBLOCK, &interrupt, nil)
-            raise(SIGINT)
-            throw ExitCode(128 + SIGINT)
+            dieOf(SIGINT)
+        case .passedOn(let number):
+            writeError("holdfast \(name): \(SignalNames.name(number)) passed on to \(id); its output goes on into its log (holdfast host logs \(id))")
+            dieOf(number)
         }
     }
+}
+
+/// Ends this client as killed by `number`, as a shell expects of a command that was sent it.
+/// (This thread may block it, as the concurrency pool's threads do: unblocked here.)
+private func dieOf(_ number: Int32) -> Never {
+    signal(number, SIG_DFL)
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, number)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    raise(number)
+    exit(128 + number)
 }
 
 /// Says, on stderr, what a command waits for if the wait is long; cancel it when done.

@@ -170,6 +170,28 @@ struct OperatorCLITests {
         #expect(huge.status == .exited(125) && huge.err.contains("unknown signal 'RTMIN+2147483614'"), "\(huge.err)")
     }
 
+    /// SIGTERM or SIGHUP to a `host run` client (`timeout`, a cancelled CI job, a closed
+    /// terminal) is passed on to the process, as podman's `--sig-proxy` does, and the client
+    /// lets go, dying of that signal. Before, it killed the client alone: the process ran on,
+    /// its output waiting for a client that never came.
+    @Test(.enabled(if: DaemonFixture.canRun, "\(needsRoot)"), arguments: [SIGTERM, SIGHUP])
+    func aSignalToTheClientIsPassedOnToTheProcess(signal: Int32) async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let script = "trap 'echo got-it; exit 3' TERM HUP; echo ready; while :; do sleep 0.05; done"
+        let client = try serve.start(["run", "--id", "trapper", "--", "sh", "-c", script])
+        try await eventually("the process ready") { client.out == "ready\n" }
+        kill(client.pid, signal)
+        let ended = try await client.finish()
+        #expect(ended.status == .signaled(signal), "dies of it, as a shell expects: \(ended.err)")
+        #expect(ended.err.contains("passed on to trapper"), "\(ended.err)")
+        let waited = try await serve.cli(["wait", "trapper"], within: .seconds(30))
+        #expect(waited.out == "3\n", "the process had the signal: \(waited.out)\(waited.err)")
+        #expect(try await serve.cli(["logs", "trapper"]).out == "ready\ngot-it\n", "what it wrote after, in its log")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A client that goes away (killed) does not end the process's stdin: the next `attach`
     /// takes it over — its lines arrive — and the end of *its* stdin is the end of the
     /// process's. Ctrl-C (SIGINT) detaches the same way and says how to reattach.
