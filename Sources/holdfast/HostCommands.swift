@@ -171,15 +171,27 @@ struct DetachKeysOption: ParsableArguments {
     /// alone: the process ran on, its output waiting for a client that never came (its writes
     /// blocked once the guest's buffers filled).
     func interaction() throws -> HostClient.Interaction {
-        var interrupted: (@Sendable () async -> Void)?
-        if let pipe = try? SignalPipe(signals: [SIGINT]) {
-            interrupted = { _ = await pipe.next() }
+        // One pipe for the three (a process has one signal pipe: a second one took the first's
+        // signals), each sorted to its own waiter.
+        guard let pipe = try? SignalPipe(signals: [SIGINT, SIGTERM, SIGHUP]) else {
+            return HostClient.Interaction(detachKeys: try keys())
         }
-        var passOn: (@Sendable () async -> Int32?)?
-        if let pipe = try? SignalPipe(signals: [SIGTERM, SIGHUP]) {
-            passOn = { await pipe.next()?.number }
+        let (interrupts, interrupt) = AsyncStream<Void>.makeStream()
+        let (passed, pass) = AsyncStream<Int32>.makeStream()
+        Task {
+            while let received = await pipe.next() {
+                if received.number == SIGINT { interrupt.yield() } else { pass.yield(received.number) }
+            }
         }
-        return HostClient.Interaction(detachKeys: try keys(), interrupted: interrupted, passOn: passOn)
+        return HostClient.Interaction(
+            detachKeys: try keys(),
+            interrupted: {
+                for await _ in interrupts { return }
+            },
+            passOn: {
+                for await number in passed { return number }
+                return nil
+            })
     }
 }
 
