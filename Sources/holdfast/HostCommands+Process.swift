@@ -32,7 +32,8 @@ struct HostRun: AsyncParsableCommand, HostFamilyCommand {
             write into it, and bytes in flight when a connection drops are lost).
             """)
     var mode: StreamModeName = .resumable
-    @Option(help: "The process id (default: a random one).") var id: String?
+    @Option(name: [.customLong("id"), .customLong("name")], help: "The process id (default: a random one); --name is podman's word for it.")
+    var id: String?
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
     @Option(help: "Raw mode: where the guest sends stdin's connection (any listener).") var stdin: String?
     @Option(help: "Raw mode: where the guest sends stdout (any listener, e.g. socat).") var stdout: String?
@@ -116,7 +117,8 @@ struct HostExec: AsyncParsableCommand, HostFamilyCommand {
     @Flag(name: .shortAndLong, help: "Keep stdin open for a later 'host attach' when detached (-d).") var interactive = false
     @Flag(name: .shortAndLong, help: "Start it and print its id (see 'host run --detach').") var detach = false
     @OptionGroup var environment: ProcessEnvironmentOptions
-    @Option(help: "The exec's process id (default: CONTAINER.execN).") var id: String?
+    @Option(name: [.customLong("id"), .customLong("name")], help: "The exec's process id (default: CONTAINER.execN); --name as for run.")
+    var id: String?
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
     @OptionGroup var drain: DrainTimeoutOption
     @OptionGroup var keys: DetachKeysOption

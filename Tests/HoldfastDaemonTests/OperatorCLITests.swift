@@ -314,7 +314,10 @@ struct OperatorCLITests {
         let listed = try await serve.cli(["ps"])
         #expect(listed.out.contains("stubborn") && listed.out.contains("running"), "\(listed.out)")
         #expect(listed.out.contains("COMMAND") && listed.out.contains("sh -c 'trap"), "\(listed.out)")
-        // podman's habits: -q the ids alone, --format json as --json.
+        // podman's habits: --name for --id, -q the ids alone, --format json as --json.
+        let named = try await serve.cli(["run", "-d", "--name", "named", "--", "true"])
+        #expect(named.out == "named\n", "\(named.err)")
+        #expect(try await serve.cli(["wait", "named"]).out == "0\n")
         #expect(try await serve.cli(["ps", "-q"]).out == "stubborn\n")
         let formatted = try await serve.cli(["ps", "--format", "json"])
         #expect(formatted.out == (try await serve.cli(["ps", "--json"])).out && formatted.out.hasPrefix("{"), "\(formatted.out)")
