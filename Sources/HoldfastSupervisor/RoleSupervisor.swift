@@ -237,11 +237,15 @@ final class RoleSupervisor: Sendable {
     /// guest, or one stopped a moment by an operator, whose clock ran on meanwhile) found its
     /// channel closed under the dead role's last notifications, and a lost `handoff-exited` or
     /// `drained` is a process never let go. Why a bound all the same: a reader stuck for good
-    /// must not hold the role's restart for good.
+    /// must not hold the role's restart for good. The bound counts checks, not the clock: time
+    /// the supervisor did not run (stopped by an operator or a debugger, the guest suspended —
+    /// the clock counts both) is not time it could read in. Counted by the clock, the first
+    /// check after a stop longer than the bound closed the channel under what it had not read.
     private func closeWhenRead(_ channel: FDChannel) async {
-        let started = ContinuousClock.now
+        var waited = Duration.zero
         while (try? await Task.sleep(for: channelQuietFor)) != nil {
-            if channel.hasUnreadMessage, ContinuousClock.now - started < channelReadFor { continue }
+            waited += channelQuietFor
+            if channel.hasUnreadMessage, waited < channelReadFor { continue }
             if channel.hasUnreadMessage {
                 logger.error("a dead role's last messages were not read in time: its channel is closed under them", metadata: [
                     "role": "\(name)", "waited": "\(channelReadFor)",

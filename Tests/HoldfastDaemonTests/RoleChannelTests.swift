@@ -176,6 +176,51 @@ extension RoleChannelTests {
         }
     }
 
+    /// The bound counts the supervisor's checks, not the clock: a supervisor stopped for 5 s
+    /// (SIGSTOP by an operator; a suspended guest's clock runs on the same way) while a dead
+    /// role's last words wait unread, then reading them 1 s after it goes on, hears all of them.
+    /// Counted by the clock, its first check after the stop found the 3 s bound passed and
+    /// closed the channel under them (a broker's `drained` or `handoff-exited` lost: a process
+    /// never let go). (In a process of its own: the test stops it.)
+    @Test func aStopOfTheSupervisorIsNotTimeItCouldReadADeadRolesChannelIn() async throws {
+        guard try await isolated("aStopOfTheSupervisorIsNotTimeItCouldReadADeadRolesChannelIn", timeout: .seconds(60)) else { return }
+        let reaper = ChildReaper()
+        let readNow = NIOLockedValueBox(false)
+        let (role, heard, kept) = Self.roleThatLeavesItsEndOpen(
+            words: 3,
+            serve: { start, channel, heard in
+                while start == 1, !readNow.withLockedValue({ $0 }) { try? await Task.sleep(for: .milliseconds(20)) }
+                while let message = try? await channel.receive() {
+                    heard.withLockedValue { $0[start, default: []].append(String(decoding: message.payload, as: UTF8.self)) }
+                }
+            },
+            quietFor: .milliseconds(200), readFor: .seconds(3), reaper: reaper)
+        defer { for fd in kept.withLockedValue({ $0 }) { close(fd) } }
+        let running = Task { await role.run() }
+        var first: pid_t?
+        try await eventually("the first incarnation, reaped", timeout: .seconds(10)) {
+            first = first ?? role.pid
+            reaper.reapAll()
+            guard let first else { return false }
+            return access("/proc/\(first)", F_OK) != 0
+        }
+        try await Task.sleep(for: .milliseconds(300))  // a check or so of the channel
+        // This process stopped for 5 s, as an operator's SIGSTOP would, then continued.
+        let stopper = try reaper.spawn(SpawnOptions(executable: "/bin/sh", arguments: ["sh", "-c", "kill -STOP $PPID; sleep 5; kill -CONT $PPID"]))
+        try await eventually("the stop over", timeout: .seconds(30)) {
+            reaper.reapAll()
+            return access("/proc/\(stopper.pid)", F_OK) != 0
+        }
+        try await Task.sleep(for: .seconds(1))
+        readNow.withLockedValue { $0 = true }
+        try await eventually("the second incarnation", timeout: .seconds(10)) {
+            reaper.reapAll()
+            return heard.withLockedValue { $0.count } >= 2
+        }
+        #expect(heard.withLockedValue { $0[1] } == (1...3).map { "incarnation 1 word \($0)" }, "every last word of the dead role")
+        try await Self.stop(role, running, reaper: reaper, within: .seconds(20))
+    }
+
     /// The bound all the same: a reader that keeps a dead role's channel busy for good (one
     /// message a second, 20 waiting) does not hold the role's restart for good: the channel is
     /// closed after 1.5 s here (30 s in the daemon), unread messages and all, and the next
