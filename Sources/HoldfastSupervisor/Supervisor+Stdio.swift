@@ -22,12 +22,10 @@ extension Supervisor {
     /// nothing. Past that it is given up as before (its exit reported cut short), since creates
     /// and handoff runtimes wait for this to end.
     func readopt(incarnation: Int, client: ControlClient) async {
-        var waitingSince: ContinuousClock.Instant?
-        func mayWait() -> Bool {
-            let now = ContinuousClock.now
-            if waitingSince == nil { waitingSince = now }
-            return now - waitingSince! < Self.readoptionFdWait
-        }
+        // The wait counts its pauses, not the clock: a supervisor stopped meanwhile (or a guest
+        // suspended) did not wait for fds while it stood still (RoleSupervisor.closeWhenRead).
+        var pausedFor = Duration.zero
+        func mayWait() -> Bool { pausedFor < Self.readoptionFdWait }
         var waited: Set<String> = []
         while true {
             // Copies made under the lock: a process completing meanwhile closes its own fds.
@@ -130,7 +128,10 @@ extension Supervisor {
                 await deliverExit(item.process)
             }
             // Only what waits for fds is left to claim first: pause instead of spinning on it.
-            if putBack > 0 { try? await Task.sleep(for: Self.readoptionRetryPause) }
+            if putBack > 0 {
+                try? await Task.sleep(for: Self.readoptionRetryPause)
+                pausedFor += Self.readoptionRetryPause
+            }
         }
     }
 
@@ -214,7 +215,7 @@ extension Supervisor {
         // Out of fds (here or in the broker: likeliest right after a crash) is waited out as
         // `readopt` waits it out, one wait for all of them: given up at once, the orphan met a pipe
         // without a reader.
-        var waitingSince: ContinuousClock.Instant?
+        var pausedFor = Duration.zero  // as in `readopt`: pauses, not the clock
         for item in handed {
             let process = item.request.process
             while true {
@@ -235,10 +236,10 @@ extension Supervisor {
                 } catch where error.code == .channelClosed {
                     return  // this broker died too: the next one is handed them
                 } catch where (error.code == .tooManyOpenFiles || error.code == .resourceShortage)
-                    && ContinuousClock.now - (waitingSince ?? .now) < Self.readoptionFdWait
+                    && pausedFor < Self.readoptionFdWait
                 {
-                    if waitingSince == nil { waitingSince = .now }
                     try? await Task.sleep(for: Self.readoptionRetryPause)
+                    pausedFor += Self.readoptionRetryPause
                     continue
                 } catch {
                     logger.error("an output held open past its process's exit could not be handed to the restarted broker: let go", metadata: [
