@@ -573,7 +573,10 @@ int hf_memfd_create(const char *name) {
     return memfd_create(name, MFD_CLOEXEC);
 }
 
-static int signal_pipe_fd = -1;
+// Each signal's pipe (the fd + 1; 0: none), so that a process may route different signals to
+// different pipes (a client's SIGINT/SIGTERM/SIGHUP to one, its SIGWINCH to another). One fd for
+// all, a second pipe took the first's signals: a terminal client's SIGTERM was read as a resize.
+static int signal_pipe_fds[65];
 // Records the handler wrote whole (a full pipe drops one): a live upgrade waits until the
 // signal loop has handled this many before it commits to its exec (hf_signal_records_written).
 static unsigned long signal_records_written = 0;
@@ -614,7 +617,8 @@ static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
         record.sender_pid = info->si_pid;
         record.sender_uid = info->si_uid;
     }
-    if (write(signal_pipe_fd, &record, sizeof(record)) == (ssize_t)sizeof(record)) {
+    int fd = (signo > 0 && signo < 65) ? __atomic_load_n(&signal_pipe_fds[signo], __ATOMIC_ACQUIRE) - 1 : -1;
+    if (fd >= 0 && write(fd, &record, sizeof(record)) == (ssize_t)sizeof(record)) {
         __atomic_fetch_add(&signal_records_written, 1, __ATOMIC_RELEASE);
     }
     errno = saved;
@@ -634,7 +638,11 @@ static int install_siginfo_handler(int signo, void (*handler)(int, siginfo_t *, 
 }
 
 int hf_signal_to_pipe(int signo, int fd) {
-    signal_pipe_fd = fd;
+    if (signo <= 0 || signo >= 65) {
+        errno = EINVAL;
+        return -1;
+    }
+    __atomic_store_n(&signal_pipe_fds[signo], fd + 1, __ATOMIC_RELEASE);
     return install_siginfo_handler(signo, signal_to_pipe_handler);
 }
 
@@ -682,6 +690,12 @@ unsigned long hf_signal_records_written(void) {
 int hf_sigrtmin(void) { return SIGRTMIN; }
 
 int hf_sigrtmax(void) { return SIGRTMAX; }
+
+int hf_signal_is_ignored(int signo) {
+    struct sigaction current;
+    if (sigaction(signo, NULL, &current) != 0) return 0;
+    return !(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_IGN;
+}
 
 int hf_ignore_signal(int signo) {
     struct sigaction action;

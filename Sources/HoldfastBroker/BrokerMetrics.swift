@@ -119,11 +119,15 @@ public final class BrokerMetrics: Sendable {
     func render(stats: BrokerStats, states: [StreamState]) -> String {
         let lostBytes = stats.lostBytes ?? 0
         let advance = fed.withLockedValue { last -> (UInt64, UInt64, UInt64, UInt64, UInt64) in
+            // Field by field: a new `Fed` here zeroed the counters fed below (reactor stalls,
+            // handoff connections turned away, I/O shortages), which then added their whole
+            // total again at every scrape.
             defer {
-                last = Fed(
-                    bytesToHost: max(last.bytesToHost, stats.bytesToHost), bytesFromHost: max(last.bytesFromHost, stats.bytesFromHost),
-                    reconnects: max(last.reconnects, stats.reconnects), undelivered: max(last.undelivered, stats.undelivered),
-                    lost: max(last.lost, lostBytes))
+                last.bytesToHost = max(last.bytesToHost, stats.bytesToHost)
+                last.bytesFromHost = max(last.bytesFromHost, stats.bytesFromHost)
+                last.reconnects = max(last.reconnects, stats.reconnects)
+                last.undelivered = max(last.undelivered, stats.undelivered)
+                last.lost = max(last.lost, lostBytes)
             }
             return (
                 stats.bytesToHost &- min(stats.bytesToHost, last.bytesToHost),

@@ -289,6 +289,8 @@ final class Registration: Sendable {
         var armed: UInt32 = 0
         /// The peer hung up (or the fd failed): reported once, as an edge, never again.
         var hungUp = false
+        /// Directions a `wakeLater` will signal (an always-ready fd waits for it too).
+        var wakePending: UInt32 = 0
     }
 
     /// The fd reported a hang-up or an error: no later edge will say so again.
@@ -348,7 +350,10 @@ final class Registration: Sendable {
     /// Waits until an edge after `seen` arrives in `direction`. Throws `DescriptorClosed` once the
     /// fd is deregistered and `CancellationError` if the task is cancelled.
     func wait(_ direction: Direction, after seen: UInt64) async throws {
-        if alwaysReady { return }
+        // An always-ready fd (a file epoll cannot watch) is ready at once — unless its last call
+        // was refused for want of memory: then it waits for the retry's wake-up, as any fd does
+        // (returning at once, its relay would spin on the refusal).
+        if alwaysReady, state.withLockedValue({ $0.wakePending & Self.mask(direction) == 0 }) { return }
         let id = state.withLockedValue { s -> UInt64 in
             s.nextWaiter &+= 1
             return s.nextWaiter
@@ -389,8 +394,14 @@ final class Registration: Sendable {
     func signal(readable: Bool, writable: Bool, hungUp: Bool = false) {
         let (readers, writers) = state.withLockedValue { s -> (Waiters, Waiters) in
             if hungUp { s.hungUp = true }
-            if readable { s.readEdges &+= 1 }
-            if writable { s.writeEdges &+= 1 }
+            if readable {
+                s.readEdges &+= 1
+                s.wakePending &= ~Self.mask(.read)
+            }
+            if writable {
+                s.writeEdges &+= 1
+                s.wakePending &= ~Self.mask(.write)
+            }
             let readers = readable ? s.readers.takeAll() : Waiters()
             let writers = writable ? s.writers.takeAll() : Waiters()
             let writeMask = Self.mask(.write)
@@ -406,6 +417,7 @@ final class Registration: Sendable {
     /// call the kernel refused for want of memory (`AsyncFD.isShortage`), after which no
     /// readiness report comes — the fd is as ready as it was.
     func wakeLater(_ direction: Direction, after delay: Duration) {
+        state.withLockedValue { $0.wakePending |= Self.mask(direction) }
         Task.detached { [self] in
             try? await Task.sleep(for: delay)
             signal(readable: direction == .read, writable: direction == .write)

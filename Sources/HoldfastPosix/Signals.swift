@@ -89,8 +89,8 @@ public final class StopFromParentOnly: Sendable {
 
 /// Delivers signals to a task through a self-pipe: the handler only writes a record of the
 /// signal (`hf_signal_record`: its number and sender) to a non-blocking pipe, which is safe
-/// whatever the process's threads are doing, and a task reads them in order. One per process (a
-/// signal has one handler).
+/// whatever the process's threads are doing, and a task reads them in order. A signal goes to the
+/// last pipe made for it (a signal has one handler); different signals may go to different pipes.
 public final class SignalPipe: Sendable {
     private let reader: AsyncFD
     private let writer: Int32
@@ -211,6 +211,11 @@ public enum SignalDisposition {
     /// SIG_IGN for `signal` in this process (children get default dispositions back).
     public static func ignore(_ signal: Int32) {
         _ = hf_ignore_signal(signal)
+    }
+
+    /// Whether `signal` is ignored now (SIG_IGN): as `nohup` starts a program with SIGHUP.
+    public static func isIgnored(_ signal: Int32) -> Bool {
+        hf_signal_is_ignored(signal) != 0
     }
 }
 

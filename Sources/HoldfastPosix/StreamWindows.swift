@@ -280,7 +280,17 @@ public final class StagingSink: StagingWriter {
         defer { buffer.deallocate() }
         let count: Int
         do {
-            count = try stage.read.readNow(into: buffer) ?? 0
+            guard let read = try stage.read.readNow(into: buffer) else {
+                // Refused for want of memory: the bytes are still in the stage, and its level
+                // (what a successor settles a crash by) stays true. Tried again once woken.
+                if stage.read.lastReadFoundShortage {
+                    try await stage.read.waitReadable()
+                    return 0
+                }
+                level.store(0, ordering: .relaxed)  // our count was wrong: nothing is there
+                return 0
+            }
+            count = read
         } catch {
             throw WriteFailure(accepted: movedBefore, cause: error)
         }

@@ -171,16 +171,28 @@ struct DetachKeysOption: ParsableArguments {
     /// alone: the process ran on, its output waiting for a client that never came (its writes
     /// blocked once the guest's buffers filled).
     func interaction() throws -> HostClient.Interaction {
-        // One pipe for the three (a process has one signal pipe: a second one took the first's
-        // signals), each sorted to its own waiter.
-        guard let pipe = try? SignalPipe(signals: [SIGINT, SIGTERM, SIGHUP]) else {
+        // One pipe for the three, each sorted to its own waiter. A signal ignored when the client
+        // started stays ignored: `nohup holdfast host run ...` outlives the terminal's hang-up,
+        // and passes nothing on.
+        let passedOn = [SIGTERM, SIGHUP].filter { !SignalDisposition.isIgnored($0) }
+        guard let pipe = try? SignalPipe(signals: [SIGINT] + passedOn) else {
             return HostClient.Interaction(detachKeys: try keys())
         }
         let (interrupts, interrupt) = AsyncStream<Void>.makeStream()
         let (passed, pass) = AsyncStream<Int32>.makeStream()
         Task {
+            var passing = false
             while let received = await pipe.next() {
-                if received.number == SIGINT { interrupt.yield() } else { pass.yield(received.number) }
+                if received.number == SIGINT {
+                    interrupt.yield()
+                } else if passing {
+                    // A second one while the first is passed on (a guest slow to answer): the
+                    // client ends now, as a second Ctrl-C or TERM is meant.
+                    dieOf(received.number)
+                } else {
+                    passing = true
+                    pass.yield(received.number)
+                }
             }
         }
         return HostClient.Interaction(

@@ -482,7 +482,10 @@ struct ResumableMemoryTests {
                     dials.withLockedValue { $0.failed += 1 }
                     throw NoListener()
                 }
-                dials.withLockedValue { $0.refused += 1 }
+                // Two answers, then the peer unreachable: switched here, so that no third answer
+                // of the first run can come, however slow the test's own task is.
+                let refused = dials.withLockedValue { $0.refused += 1; return $0.refused }
+                if refused == 2 { refusing.withLockedValue { $0 = false } }
                 let (guestEnd, hostEnd) = MemoryPipe().ends
                 Task {
                     _ = try? await Handshake.readHello(from: hostEnd)
@@ -494,7 +497,6 @@ struct ResumableMemoryTests {
         let finished = Task { await guest.finish() }  // no byte: only the END is left
         guest.slot.disconnect()
         try await eventually("two answers") { dials.withLockedValue { $0.refused } >= 2 }
-        refusing.withLockedValue { $0 = false }
         try await eventually("the peer unreachable for over a second") { dials.withLockedValue { $0.failed } >= 25 }
         let before = dials.withLockedValue { $0.refused }
         refusing.withLockedValue { $0 = true }

@@ -92,7 +92,7 @@ struct DaemonTests {
         let sink = try CountingListener(path: daemon.directory.file("raw.sock"))
         defer { sink.close() }
         let address = "unix:" + daemon.directory.file("raw.sock")
-        func lifecycle(_ index: Int) async throws {
+        @Sendable func lifecycle(_ index: Int) async throws {
             let id = "life-\(index)"
             _ = try await daemon.launch(ProcessSpec(
                 id: id, argv: ["sh", "-c", "echo out \(index); echo err \(index) >&2"],
@@ -134,26 +134,41 @@ struct DaemonTests {
         // at a time (measured: +250 KiB over the first, then −70 to +10 KiB a thousand). Only
         // creates over the bridge are remembered after their process, up to 4,096 of them.
         let heapBefore = try #require(status.mallocInUseKiB, "the status reports the supervisor's heap")
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for worker in 0..<8 {
-                group.addTask {
-                    for index in stride(from: 1020 + worker, to: 2020, by: 8) { try await lifecycle(index) }
+        func aThousand(from first: Int) async throws {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for worker in 0..<8 {
+                    group.addTask {
+                        for index in stride(from: first + worker, to: first + 1000, by: 8) { try await lifecycle(index) }
+                    }
                 }
+                try await group.waitForAll()
             }
-            try await group.waitForAll()
         }
         // Measured once the supervisor is done with the last exits (their reports and drains
         // finish after the waits return): amid the full suite, a reading taken at once was up to
         // +153 KiB, and a few seconds later back at the level alone (−64 to +23 KiB). A leak
         // does not come back down.
-        var heapAfter = Int.max
-        try? await eventually("the supervisor's heap back near its level", timeout: .seconds(15)) {
-            let status = try await daemon.status()
-            heapAfter = status.mallocInUseKiB ?? .max
-            return status.processes.isEmpty && heapAfter - heapBefore < 128
+        func settledHeap(near level: Int) async -> Int {
+            var heap = Int.max
+            try? await eventually("the supervisor's heap back near its level", timeout: .seconds(15)) {
+                let status = try await daemon.status()
+                heap = status.mallocInUseKiB ?? .max
+                return status.processes.isEmpty && heap - level < 128
+            }
+            return heap
         }
+        try await aThousand(from: 1020)
+        let heapAfter = await settledHeap(near: heapBefore)
         print("a second 1,000 lifecycles: supervisor malloc in use \(heapBefore) KiB → \(heapAfter) KiB")
-        #expect(heapAfter - heapBefore < 128, "the supervisor's heap must not grow with processes it forgot")
+        if heapAfter - heapBefore >= 128 {
+            // Amid a loaded full suite the level once stayed +196 and +214 KiB (alone: +8). A
+            // leak grows with every thousand; a level that moved once does not: a third thousand
+            // tells the two apart.
+            try await aThousand(from: 2020)
+            let third = await settledHeap(near: heapAfter)
+            print("a third 1,000 lifecycles: supervisor malloc in use \(heapAfter) KiB → \(third) KiB")
+            #expect(third - heapAfter < 128, "the supervisor's heap must not grow with processes it forgot")
+        }
         #expect(try await daemon.stop() == .exited(0))
     }
 

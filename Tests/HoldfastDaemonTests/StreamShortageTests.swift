@@ -41,6 +41,15 @@ struct StreamShortageTests {
         let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
         let stats = try await runtime.call(BrokerRequest.stats, reply: BrokerStats.self)
         #expect((stats.ioShortages ?? 0) >= UInt64(Failpoint.injectedShortages), "waited out, and counted: \(stats)")
+        // The metric says the same total at every scrape (a counter fed at each scrape once
+        // added its whole total again at the next).
+        func scraped() async throws -> String? {
+            let text = try await runtime.call(BrokerRequest.metrics, reply: MetricsResponse.self).text
+            return text.split(separator: "\n").first { $0.hasPrefix("holdfast_broker_io_shortages_total ") }.map(String.init)
+        }
+        let total = "holdfast_broker_io_shortages_total \(stats.ioShortages ?? 0)"
+        #expect(try await scraped() == total)
+        #expect(try await scraped() == total, "the same at the second scrape")
         #expect(!daemon.log.contains("SIGPIPE"))
         #expect(try await daemon.stop() == .exited(0))
     }

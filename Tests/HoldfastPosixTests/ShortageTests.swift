@@ -115,6 +115,28 @@ struct ShortageTests {
         #expect(try window.level() == 0)
     }
 
+    /// A file epoll cannot watch (a regular file: always ready) whose read is refused waits for
+    /// the retry like any fd. Its wait returned at once: the relay spun on the refusal on the
+    /// reactor's thread for as long as the shortage lasted, starting a timer task each turn.
+    @Test func anAlwaysReadyFileWhoseReadIsRefusedWaitsForTheRetry() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.file("data")
+        let written = pattern(0..<5000)
+        try writeFile(path, written)
+        let file = try AsyncFD(adopting: open(path, O_RDONLY | O_CLOEXEC))
+        defer { file.close() }
+        file.injectShortages(3)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 1)
+        defer { buffer.deallocate() }
+        let began = ContinuousClock.now
+        let count = try await file.read(into: buffer)
+        // A lower bound, which no load can break: three refusals are three waits of 100 ms.
+        #expect(ContinuousClock.now - began >= .milliseconds(250), "waited for each retry")
+        #expect(file.shortagesWaitedOutHere == 3)
+        #expect(Array(buffer[..<count]) == written)
+    }
+
     /// An empty stage the kernel refuses memory for: the bytes go in once it has some. Before:
     /// "no room in an empty stage", and the stdin was ended.
     @Test func aStageRefusedForWantOfMemoryTakesTheBytesWhenItCan() async throws {
@@ -134,5 +156,31 @@ struct ShortageTests {
         try await staging.write(UnsafeRawBufferPointer(buffer))
         #expect(staging.staged == 0)
         #expect(try await readExactly(reader, typed.count) == typed, "every byte once, in order")
+    }
+
+    /// A stage emptied through a buffer (a sink it is not spliced into: a handed-over socket,
+    /// or a terminal before Linux 6.5) whose read is refused keeps its level and moves its bytes
+    /// once it can. Its level was set to 0, as for a stage found empty: the bytes stayed in it,
+    /// counted delivered, and never reached the process.
+    @Test func aStageReadThroughABufferWhoseReadIsRefusedKeepsItsBytes() async throws {
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
+        let stagePipe = try PipeEnds.make()
+        let stage = WindowEnds(read: try AsyncFD(adopting: stagePipe.read), write: try AsyncFD(adopting: stagePipe.write))
+        // A runtime's socket, never spliced into (a splice could wait on it): the stage is
+        // emptied through a buffer, whose read of the stage the shortage hits.
+        let sink = try AsyncFD(adopting: pair[0], foreignDescription: true)
+        let process = try AsyncFD(adopting: pair[1])
+        defer { [sink, process].forEach { $0.close() }; stage.close() }
+        let staging = StagingSink(sink: sink, stage: stage, level: 0)
+        let typed = Array("typed into a socket\n".utf8)
+        stage.read.injectShortages(2)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: typed.count, alignment: 1)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: typed)
+        try await staging.write(UnsafeRawBufferPointer(buffer))
+        #expect(staging.staged == 0)
+        #expect(stage.read.shortagesWaitedOutHere == 2, "the buffer's reads were refused")
+        #expect(try await readExactly(process, typed.count) == typed, "every byte, once")
     }
 }

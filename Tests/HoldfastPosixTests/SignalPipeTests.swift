@@ -37,4 +37,20 @@ struct SignalPipeTests {
         var status: Int32 = 0
         #expect(waitpid(child, &status, 0) == child)
     }
+
+    /// Two pipes for different signals (a host client's INT/TERM/HUP to one, its SIGWINCH to
+    /// another): each signal reaches its own. The handler had one fd for every signal, so the
+    /// second pipe took the first's: a terminal client's SIGTERM was read as a window change, and
+    /// neither passed on nor ending the client.
+    @Test func twoPipesForDifferentSignalsEachGetTheirOwn() async throws {
+        guard try await isolated("twoPipesForDifferentSignalsEachGetTheirOwn", timeout: .seconds(30)) else { return }
+        let first = try SignalPipe(signals: [SIGUSR1])
+        let second = try SignalPipe(signals: [SIGUSR2])
+        #expect(kill(getpid(), SIGUSR1) == 0)
+        #expect(kill(getpid(), SIGUSR2) == 0)
+        let toFirst = try await withTimeout("SIGUSR1 at the first pipe", .seconds(10)) { await first.next() }
+        let toSecond = try await withTimeout("SIGUSR2 at the second pipe", .seconds(10)) { await second.next() }
+        #expect(toFirst?.number == SIGUSR1)
+        #expect(toSecond?.number == SIGUSR2)
+    }
 }

@@ -147,8 +147,9 @@ typedef struct {
 } hf_signal_record;
 
 /// Installs a handler for `signo` that writes an `hf_signal_record` to `fd` (a non-blocking
-/// pipe): the classic self-pipe, safe with any number of threads. SA_RESTART and SA_SIGINFO are
-/// set (not SA_NOCLDSTOP). Returns 0 or -1 with errno.
+/// pipe): the classic self-pipe, safe with any number of threads. Each signal has its own fd
+/// (the last one given for it). SA_RESTART and SA_SIGINFO are set (not SA_NOCLDSTOP). Returns 0
+/// or -1 with errno.
 int hf_signal_to_pipe(int signo, int fd);
 /// How many records the `hf_signal_to_pipe` handler has written whole since the process began.
 unsigned long hf_signal_records_written(void);
@@ -164,6 +165,8 @@ void hf_signal_release(void);
 int hf_signal_from_parent_only(int signo, int fd);
 /// SIG_IGN for `signo` in this process (a child gets it too unless its spawn resets it).
 int hf_ignore_signal(int signo);
+/// 1 if `signo` is ignored (SIG_IGN) in this process now — as `nohup` leaves SIGHUP.
+int hf_signal_is_ignored(int signo);
 /// The realtime signals this libc leaves to programs (SIGRTMIN and SIGRTMAX are functions of
 /// the running glibc, which keeps the first two for its threads).
 int hf_sigrtmin(void);
