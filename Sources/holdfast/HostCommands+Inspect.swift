@@ -76,7 +76,7 @@ struct HostKill: AsyncParsableCommand, HostFamilyCommand {
             be signalled (the others still are).
             """)
     @Option(help: "host serve's control socket.") var control = HostDefaults.control
-    @Option(name: [.customShort("s"), .long], help: "The signal: a name (TERM, SIGKILL, RTMIN+1...) or a number from 1 to 64 (default TERM).")
+    @Option(name: [.customShort("s"), .long], help: "The signal: a name (TERM, SIGKILL, RTMIN+1...) or a number from 1 to 64 (default KILL, as podman's: 'host stop' is the polite one).")
     var signal: String?
     @Argument(help: "The process ids (without -s: ID [SIGNAL]).") var arguments: [String]
 
@@ -87,7 +87,7 @@ struct HostKill: AsyncParsableCommand, HostFamilyCommand {
         guard arguments.count <= 2 else {
             throw ValidationError("more than one process: name the signal with -s (holdfast host kill -s SIGNAL ID...)")
         }
-        return ([arguments[0]], try parseSignal(arguments.count == 2 ? arguments[1] : "TERM"))
+        return ([arguments[0]], try parseSignal(arguments.count == 2 ? arguments[1] : "KILL"))
     }
 
     func validate() throws { _ = try target() }

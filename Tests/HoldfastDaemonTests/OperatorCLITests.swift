@@ -372,6 +372,10 @@ struct OperatorCLITests {
         #expect(together.status == .exited(0), "\(together.err)")
         #expect(Set(together.out.split(separator: "\n")) == ["deaf1", "deaf2", "deaf3"], "\(together.out)")
         #expect(took < .seconds(12), "stopped together (one after another takes 15 s and more): \(took)")
+        // Without a signal, KILL (podman's and docker's default): one deaf to TERM ends.
+        _ = try await serve.cli(["run", "-d", "--id", "deaf4", "--", "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
+        #expect(try await serve.cli(["kill", "deaf4"]).out == "deaf4\n")
+        #expect(try await serve.cli(["wait", "deaf4"], within: .seconds(30)).out == "137\n")
         for id in ["napper1", "napper2"] { _ = try await serve.cli(["run", "-d", "--id", id, "--", "sleep", "1000"]) }
         let killed = try await serve.cli(["kill", "-s", "KILL", "napper1", "napper2", "nobody-here"])
         #expect(killed.status == .exited(125), "one of them unknown")
