@@ -25,18 +25,27 @@ public final class TimeoutWheel: Sendable {
         fileprivate let id: UInt64
     }
 
-    private struct Entry {
+    struct Entry {
         var deadline: ContinuousClock.Instant
+        /// When it was scheduled: a stall before that is not time it waited.
+        let scheduled: ContinuousClock.Instant
         let fire: @Sendable () -> Void
     }
 
-    private struct State {
+    struct State {
         var entries: [UInt64: Entry] = [:]
         var nextID: UInt64 = 0
         var ticking = false
 
-        mutating func postpone(by stall: Duration) {
-            for id in entries.keys { entries[id]!.deadline += stall }
+        /// A tick came `stall` late at `now`: each deadline moves on by the part of the stall it
+        /// was pending for — all of it for a timeout scheduled before, none of what came before
+        /// its scheduling for one scheduled since (after a resume, before this tick). Moved by the
+        /// whole stall, a fresh connect timeout after a 60 s pause waited 62 s, not 2.
+        mutating func postpone(by stall: Duration, now: ContinuousClock.Instant) {
+            for id in entries.keys {
+                let entry = entries[id]!
+                entries[id]!.deadline += min(stall, now - entry.scheduled)
+            }
         }
     }
 
@@ -57,10 +66,11 @@ public final class TimeoutWheel: Sendable {
     /// wheel's task: it must not block.
     @discardableResult
     public func schedule(after timeout: Duration, _ fire: @escaping @Sendable () -> Void) -> Token {
-        let deadline = ContinuousClock.now + timeout
+        let now = ContinuousClock.now
+        let deadline = now + timeout
         let (id, start) = state.withLockedValue { s -> (UInt64, Bool) in
             s.nextID &+= 1
-            s.entries[s.nextID] = Entry(deadline: deadline, fire: fire)
+            s.entries[s.nextID] = Entry(deadline: deadline, scheduled: now, fire: fire)
             defer { s.ticking = true }
             return (s.nextID, !s.ticking)
         }
@@ -85,7 +95,7 @@ public final class TimeoutWheel: Sendable {
             let late = now - lastTick - tick
             lastTick = now
             let (due, keepTicking) = state.withLockedValue { s -> ([Entry], Bool) in
-                if late > stallAllowance { s.postpone(by: late) }
+                if late > stallAllowance { s.postpone(by: late, now: now) }
                 let due = s.entries.filter { $0.value.deadline <= now }
                 for id in due.keys { s.entries.removeValue(forKey: id) }
                 if s.entries.isEmpty { s.ticking = false }

@@ -65,4 +65,21 @@ struct TimeoutWheelTests {
         gate.withLockedValue { $0 = true }
         #expect(await slow.value == 9, "the task went on")
     }
+
+    /// A late tick (the process stopped, the guest paused) moves a timeout on by the part of
+    /// the stall it was pending for: one scheduled before it by all of it, one scheduled since (a
+    /// connect timeout set after the resume, before this tick) only by what passed since it was
+    /// set. Every deadline moved by the whole stall, a fresh 300 ms timeout after a 3 s stall
+    /// waited 3.3 s.
+    @Test func aLateTickMovesEachTimeoutByTheStallItWasPendingFor() {
+        let start = ContinuousClock.now
+        var state = TimeoutWheel.State()
+        state.entries[1] = .init(deadline: start + .seconds(1), scheduled: start, fire: {})
+        let fresh = start + .milliseconds(2950)
+        state.entries[2] = .init(deadline: fresh + .milliseconds(300), scheduled: fresh, fire: {})
+        let now = start + .seconds(3)
+        state.postpone(by: .milliseconds(2900), now: now)
+        #expect(state.entries[1]!.deadline == start + .milliseconds(3900), "pending for the whole stall")
+        #expect(state.entries[2]!.deadline == fresh + .milliseconds(350), "pending for 50 ms of it")
+    }
 }
