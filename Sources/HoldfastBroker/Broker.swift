@@ -414,7 +414,7 @@ public final class Broker: Sendable {
             return "\(error)"
         }
         let ticket = depositAnswers.expect(process)
-        await notifications.send(.handoffDeposited(HandoffDeposit(request: request, owner: uid), descriptors: copies))
+        await notifications.send(.handoffDeposited(HandoffDeposit(request: request, owner: uid, deposit: ticket.number), descriptors: copies))
         let answer = await depositAnswers.wait(ticket, timeout: Self.depositAnswerWait)
         guard let answer else {
             // No word in time: a supervisor stopped, or starved on a loaded guest. The deposit
@@ -424,7 +424,7 @@ public final class Broker: Sendable {
             // instead: a crash after the supervisor kept the copies costs it nothing, and the
             // process is said to survive once the word comes (`depositAnswered`).
             adopting = withSlots!
-            handoffs.withLockedValue { $0.awaitWord(process) }
+            handoffs.withLockedValue { $0.awaitWord(process, deposit: ticket.number) }
             return "the supervisor did not answer its deposit within \(Self.depositAnswerWait.spoken): "
                 + "it survives a broker crash once the supervisor keeps its fds (`list` shows it then)"
         }
@@ -440,8 +440,11 @@ public final class Broker: Sendable {
     /// come after the adopt stopped waiting, to the process relayed meanwhile.
     func depositAnswered(_ answer: HandoffKept) {
         let process = answer.process
-        if depositAnswers.answer(process, with: answer) { return }
-        switch handoffs.withLockedValue({ $0.settleWord(process, kept: answer.kept) }) {
+        // Matched by the deposit it answers, not only the id: a late answer to an earlier
+        // deposit (released since, the id adopted again) was taken for the later one's — a
+        // runtime told its process survives a broker crash on the word for another deposit.
+        if depositAnswers.answer(process, question: answer.deposit, with: answer) { return }
+        switch handoffs.withLockedValue({ $0.settleWord(process, kept: answer.kept, deposit: answer.deposit) }) {
         case true?:
             logger.notice("the supervisor kept a handoff process's fds after its adopt was answered: it survives a broker crash from now on", metadata: [
                 "process": "\(process)"
@@ -488,8 +491,9 @@ public final class Broker: Sendable {
 
     /// The process exited: its output streams drain (bounded by the drain timeout), its input
     /// streams close; a `drained` notification follows when every output stream is done.
-    /// `byPeer`: a handoff peer said it (the supervisor, which tells it again after a crash, is
-    /// told so first); the supervisor's own word needs no telling back.
+    /// `caller`: nil for the supervisor; a handoff peer may say it only of its own processes, and
+    /// the supervisor (which tells it again after a crash) is told so first — its own word needs
+    /// no telling back.
     public func processExited(_ request: ProcessExitedRequest, by caller: ProcessOwner? = nil) async throws(HoldfastError) {
         let adopted = try managed(request.process, by: caller)
         let byPeer = caller != nil

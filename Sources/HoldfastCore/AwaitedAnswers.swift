@@ -13,7 +13,8 @@ public final class AwaitedAnswers<Key: Hashable & Sendable, Answer: Sendable>: S
     /// question of the same key is never taken for this one.
     public struct Ticket: Sendable {
         let key: Key
-        let number: UInt64
+        /// Names this question to its answerer, which echoes it (`answer(_:question:with:)`).
+        public let number: UInt64
     }
 
     private enum Entry {
@@ -51,11 +52,13 @@ public final class AwaitedAnswers<Key: Hashable & Sendable, Answer: Sendable>: S
     }
 
     /// Gives `key` its answer. False when none is expected (never asked, or given up on): the
-    /// answerer may want to undo what it did on the question's word.
+    /// answerer may want to undo what it did on the question's word. `question`, the ticket's
+    /// number the answer echoes: an answer to an earlier question of the key (late, or overtaken
+    /// by a later one's) is not taken for the one expected now.
     @discardableResult
-    public func answer(_ key: Key, with answer: Answer) -> Bool {
+    public func answer(_ key: Key, question: UInt64? = nil, with answer: Answer) -> Bool {
         let (expected, waiter) = state.withLockedValue { s -> (Bool, CheckedContinuation<Answer?, Never>?) in
-            guard let current = s.entries[key] else { return (false, nil) }
+            guard let current = s.entries[key], question.map({ $0 == current.number }) ?? true else { return (false, nil) }
             switch current.entry {
             case .expected:
                 s.entries[key] = (current.number, .answered(answer))

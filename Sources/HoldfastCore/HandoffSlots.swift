@@ -29,7 +29,8 @@ public struct HandoffSlots: Sendable {
     /// Processes with slots whose deposit the supervisor has not said it keeps: its word is
     /// awaited (`awaitingWord`), or it said no.
     private var unkept: Set<String> = []
-    private var awaitingWord: Set<String> = []
+    /// ...by the deposit it awaits it for (nil: not numbered).
+    private var awaitingWord: [String: UInt64?] = [:]
 
     public init(range: Range<Int>) {
         self.range = range
@@ -84,16 +85,18 @@ public struct HandoffSlots: Sendable {
     public func isKept(_ process: String) -> Bool { has(process) && !unkept.contains(process) }
 
     /// `process` was adopted before the supervisor's word on its deposit came.
-    public mutating func awaitWord(_ process: String) {
+    public mutating func awaitWord(_ process: String, deposit: UInt64? = nil) {
         guard has(process) else { return }
         unkept.insert(process)
-        awaitingWord.insert(process)
+        awaitingWord[process] = .some(deposit)
     }
 
     /// The supervisor's word came for a process adopted without it: whether it keeps it, or nil
-    /// if no such process waits for it (it left).
-    public mutating func settleWord(_ process: String, kept: Bool) -> Bool? {
-        guard awaitingWord.remove(process) != nil else { return nil }
+    /// if no such process waits for it (it left, or the word is for another deposit of the id).
+    public mutating func settleWord(_ process: String, kept: Bool, deposit: UInt64? = nil) -> Bool? {
+        guard let awaited = awaitingWord[process] else { return nil }
+        if let deposit, let awaited, deposit != awaited { return nil }
+        awaitingWord[process] = nil
         if kept { unkept.remove(process) }
         return kept
     }
@@ -101,7 +104,7 @@ public struct HandoffSlots: Sendable {
     /// `process` left: its slots, now free (nil if it had none here), to be reused last.
     public mutating func end(_ process: String) -> [Int]? {
         unkept.remove(process)
-        awaitingWord.remove(process)
+        awaitingWord[process] = nil
         guard let slots = byProcess.removeValue(forKey: process) else { return nil }
         taken.subtract(slots)
         freed += slots

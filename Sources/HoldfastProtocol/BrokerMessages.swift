@@ -183,10 +183,15 @@ public struct AdoptRequest: Codable, Sendable, Equatable {
 public struct HandoffDeposit: Codable, Sendable, Equatable {
     public var request: AdoptRequest
     public var owner: UInt32
+    /// Names this deposit: the supervisor's `handoff-kept` echoes it, so that a late answer to
+    /// an earlier deposit of the same process id is not taken for this one's. Absent from an
+    /// older broker.
+    public var deposit: UInt64?
 
-    public init(request: AdoptRequest, owner: UInt32) {
+    public init(request: AdoptRequest, owner: UInt32, deposit: UInt64? = nil) {
         self.request = request
         self.owner = owner
+        self.deposit = deposit
     }
 }
 
@@ -196,11 +201,14 @@ public struct HandoffKept: Codable, Sendable, Equatable {
     public var process: String
     public var kept: Bool
     public var reason: String?
+    /// The deposit this answers (`HandoffDeposit.deposit`, echoed).
+    public var deposit: UInt64?
 
-    public init(process: String, kept: Bool, reason: String? = nil) {
+    public init(process: String, kept: Bool, reason: String? = nil, deposit: UInt64? = nil) {
         self.process = process
         self.kept = kept
         self.reason = reason
+        self.deposit = deposit
     }
 }
 

@@ -303,7 +303,8 @@ extension Supervisor {
         Task {
             if late { try? await Task.sleep(for: Failpoint.lateAnswer) }
             _ = try? await client.call(
-                BrokerRequest.handoffKept(HandoffKept(process: process, kept: refusal == nil, reason: refusal)), reply: [String: String].self)
+                BrokerRequest.handoffKept(HandoffKept(process: process, kept: refusal == nil, reason: refusal, deposit: deposit.deposit)),
+                reply: [String: String].self)
         }
     }
 

@@ -197,6 +197,42 @@ struct HandoffCrashSurvivalTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The supervisor's word on a deposit comes late (a failpoint holds every answer back 7 s,
+    /// past the adopt's 5 s wait); meanwhile the runtime releases the process and adopts the id
+    /// again. The first deposit's word, come while the second waits, was taken for the second's:
+    /// the runtime was told its process survives a broker crash on the word for another deposit
+    /// (had the supervisor refused the second, its process would have died with the next
+    /// broker). Answers are matched by deposit now: the second hears its own word is not in yet.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the supervisor's answer is held back at a failpoint, which only debug builds have"))
+    func aLateWordOnAnEarlierDepositIsNotTakenForTheNextOneOfTheID() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.depositAnsweredLate):again"])
+        defer { daemon.cleanUp() }
+        _ = try daemon.streams.open(token: bytes("a1-out"), direction: .receive)
+        _ = try daemon.streams.open(token: bytes("a2-out"), direction: .receive)
+        let (first, second) = (try PipeEnds.make(), try PipeEnds.make())
+        defer {
+            close(first.write)
+            close(second.write)
+        }
+        let firstAnswer = try await Self.adopt("again", "a1-out", first.read, on: daemon)
+        #expect(firstAnswer.survivesBrokerCrash == false, "its word 7 s late: \(firstAnswer)")
+        // Released and adopted again at once: the first's word comes about 2 s later, while the
+        // second waits for its own.
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        let release = BrokerRequest.release(process: "again")
+        let released = try await runtime.request(release.frameType, body: release.body)
+        for fd in released.descriptors { close(fd) }
+        runtime.close()
+        let secondAnswer = try await Self.adopt("again", "a2-out", second.read, on: daemon)
+        #expect(secondAnswer.survivesBrokerCrash == false, "the first deposit's word is not the second's: \(secondAnswer)")
+        #expect(secondAnswer.reason?.contains("did not answer") == true, "\(secondAnswer)")
+        // Its own word comes, late, and is taken as its own.
+        try await daemon.waitForLog("the supervisor kept a handoff process's fds after its adopt was answered", timeout: .seconds(20))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A second adopt of an id while the first waits for the supervisor's word (here past the
     /// adopt's wait: a failpoint holds it back 7 s), from a runtime or a create: refused, as if
     /// the first were in.
