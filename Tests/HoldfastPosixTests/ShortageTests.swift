@@ -85,8 +85,7 @@ struct ShortageTests {
     /// its bytes were not read until the process wrote again.
     @Test func aWindowWhoseReadIsRefusedKeepsItsLevelAndIsReadAgain() async throws {
         let process = try PipeEnds.make()
-        let windowPipe = try PipeEnds.make()
-        let window = WindowEnds(read: try AsyncFD(adopting: windowPipe.read), write: try AsyncFD(adopting: windowPipe.write))
+        let window = try makeWindow()
         let reader = try AsyncFD(adopting: process.read)
         let writer = try AsyncFD(adopting: process.write)
         defer { [reader, writer].forEach { $0.close() }; window.close() }
@@ -141,8 +140,7 @@ struct ShortageTests {
     /// "no room in an empty stage", and the stdin was ended.
     @Test func aStageRefusedForWantOfMemoryTakesTheBytesWhenItCan() async throws {
         let process = try PipeEnds.make()
-        let stagePipe = try PipeEnds.make()
-        let stage = WindowEnds(read: try AsyncFD(adopting: stagePipe.read), write: try AsyncFD(adopting: stagePipe.write))
+        let stage = try makeWindow()
         let sink = try AsyncFD(adopting: process.write)
         let reader = try AsyncFD(adopting: process.read)
         defer { [sink, reader].forEach { $0.close() }; stage.close() }
@@ -165,8 +163,7 @@ struct ShortageTests {
     @Test func aStageReadThroughABufferWhoseReadIsRefusedKeepsItsBytes() async throws {
         var pair: [Int32] = [-1, -1]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
-        let stagePipe = try PipeEnds.make()
-        let stage = WindowEnds(read: try AsyncFD(adopting: stagePipe.read), write: try AsyncFD(adopting: stagePipe.write))
+        let stage = try makeWindow()
         // A runtime's socket, never spliced into (a splice could wait on it): the stage is
         // emptied through a buffer, whose read of the stage the shortage hits.
         let sink = try AsyncFD(adopting: pair[0], foreignDescription: true)

@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// A window made of a real pipe, as the broker holds it.
-private func makeWindow(capacity: Int? = nil) throws -> WindowEnds {
+func makeWindow(capacity: Int? = nil) throws -> WindowEnds {
     let pipe = try PipeEnds.make(capacity: capacity)
     return WindowEnds(read: try AsyncFD(adopting: pipe.read), write: try AsyncFD(adopting: pipe.write))
 }
