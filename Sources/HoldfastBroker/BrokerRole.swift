@@ -1,6 +1,7 @@
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
+import NIOConcurrencyHelpers
 import Logging
 
 #if canImport(Glibc)
@@ -81,12 +82,17 @@ public enum BrokerRole {
         ])
 
         let service = BrokerService(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings)
+        // Paced: a process holding its pipe's lock again and again is taken over each time
+        // (counted in the metrics), and must not flood the journal.
+        let stallLog = NIOLockedValueBox(LogPacer<Bool>(interval: .seconds(10)))
         Reactor.shared.onStall { [broker = service.broker] stall in
+            guard let unsaid = stallLog.withLockedValue({ $0.note(stall.tookOver) }) else { return }
             var metadata = Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) })
             if let owner = stall.fds.lazy.compactMap({ broker.stream(onFD: $0) }).first {
                 metadata["process"] = "\(owner.process)"
                 metadata["stream"] = "\(owner.stream.rawValue)"
             }
+            if unsaid > 0 { metadata["unsaid"] = "\(unsaid)" }
             logger.log(level: stall.tookOver ? .warning : .error, "\(stall.message)", metadata: metadata)
         }
         let handoffTask = handoff.map { listener in Task { await service.serveHandoff(listener) } }

@@ -44,56 +44,164 @@ extension Reactor {
         stallHandler.withLockedValue { $0 = handler }
     }
 
-    /// The watchdog: samples the loop every `stallLimit`; the same job running at two samples in
-    /// a row has run for at least that long. A job of the data plane is one bounded pass of
-    /// non-blocking syscalls, so only the kernel holding one of them can make it that long — or
-    /// the whole process not running: a tick that comes late (the broker stopped, the VM paused)
-    /// judges nothing, as every thread stood still alike.
+    /// The watchdog. Two judgments:
+    /// - a job of the loop running at two samples `stallLimit` apart is stuck. A job of the data
+    ///   plane is one bounded pass of non-blocking syscalls, so only the kernel holding one of
+    ///   them can make it that long;
+    /// - one syscall of the loop's found asleep in the kernel at two samples in a row (while the
+    ///   loop is busy, they are `syscallLimit` apart) waits for a lock. A non-blocking syscall
+    ///   does not sleep but for a lock (or memory being reclaimed): a process that holds its
+    ///   pipe's lock for just under the first judgment's second, over and over, would otherwise
+    ///   stop every other stream nearly all the time, and never be judged.
+    /// Samples come every `syscallLimit` while the loop was seen busy in the last few seconds,
+    /// else every `stallLimit` (at most a second): an idle broker wakes once a second. A tick
+    /// that comes late (the broker stopped, the VM paused) judges nothing, as every thread stood
+    /// still alike.
     func watch() {
-        var judge = StallJudge(maxStrandedThreads: maxStrandedThreads)
+        var jobs = StallJudge(maxStrandedThreads: maxStrandedThreads)
+        var syscalls = SyscallJudge()
+        var pace = WatchPace(slow: min(stallLimit, .seconds(1)), fast: syscallLimit)
         var lastTick = ContinuousClock.now
+        var lastJobSample = lastTick
+        var lateSinceJobSample = false
         while true {
-            Self.sleep(stallLimit)
+            let interval = pace.interval(at: lastTick)
+            Self.sleep(interval)
             let now = ContinuousClock.now
-            let late = now - lastTick > stallLimit * 1.5
+            let late = now - lastTick > interval * 1.5 + .milliseconds(50)
             lastTick = now
-            let stall: (Stall, runner: UInt64?, stuckTID: pid_t)? = queue.withLockedValue { q in
-                let sample = q.inJob ? StallJudge.Job(runner: q.runner, started: q.started) : nil
-                let verdict = judge.tick(running: sample, late: late, stranded: q.stranded)
-                let stuckTID = q.runnerTID
-                let fds = [outerSyscallFD.load(ordering: .relaxed), innerSyscallFD.load(ordering: .relaxed)].filter { $0 >= 0 }
-                switch verdict {
-                case .nothing:
-                    return nil
-                case .reportLimit:
-                    return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: false), nil, stuckTID)
-                case .takeOver:
-                    break
-                }
-                // The jobs behind the stuck one go first, before anything queued since.
-                q.jobs.insert(contentsOf: q.batch[q.next...], at: 0)
-                q.batch = []
-                q.next = 0
-                q.inJob = false
-                q.runner &+= 1
-                q.runnerTID = 0
-                q.stranded += 1
-                q.stalls += 1
-                // The stuck thread is no longer the loop's: its syscall's end must not clear
-                // what the new one notes.
-                thread.store(0, ordering: .relaxed)
-                outerSyscallFD.store(-1, ordering: .relaxed)
-                innerSyscallFD.store(-1, ordering: .relaxed)
-                return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), q.runner, stuckTID)
+            lateSinceJobSample = lateSinceJobSample || late
+            let judgeJobs = now - lastJobSample >= stallLimit
+            let jobsLate = lateSinceJobSample || now - lastJobSample > stallLimit * 1.5 + syscallLimit
+            if judgeJobs {
+                lastJobSample = now
+                lateSinceJobSample = false
             }
-            guard let stall else { continue }
-            var report = stall.0
-            report.kernelFunction = Self.kernelFunction(of: stall.stuckTID)
-            if let runner = stall.runner { startRunner(runner) }
+            let (stall, busy, suspect): ((Stall, runner: UInt64?, stuckTID: pid_t)?, Bool, (SyscallJudge.Sample, pid_t)?) =
+                queue.withLockedValue { q in
+                    let inSyscall = syscallInProgress.load(ordering: .acquiring)
+                    let sample = q.inJob && inSyscall != 0 ? SyscallJudge.Sample(runner: q.runner, syscall: inSyscall) : nil
+                    let suspect = syscalls.tick(inSyscall: sample, late: late, stranded: q.stranded, maxStranded: maxStrandedThreads)
+                    guard judgeJobs else { return (nil, q.inJob, suspect.map { ($0, q.runnerTID) }) }
+                    let job = q.inJob ? StallJudge.Job(runner: q.runner, started: q.started) : nil
+                    let stuckTID = q.runnerTID
+                    switch jobs.tick(running: job, late: jobsLate, stranded: q.stranded) {
+                    case .nothing:
+                        return (nil, q.inJob, suspect.map { ($0, q.runnerTID) })
+                    case .reportLimit:
+                        return ((Stall(fds: syscallFDs(), strandedThreads: q.stranded, tookOver: false), nil, stuckTID), true, nil)
+                    case .takeOver:
+                        let fds = syscallFDs()
+                        let runner = takeOver(&q)
+                        return ((Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), runner, stuckTID), true, nil)
+                    }
+                }
+            if busy { pace.sawBusy(at: now) }
+            var taken = stall
+            if taken == nil, let (sample, tid) = suspect, Self.isAsleep(tid) {
+                // Asleep in the same syscall since the last sample: taken over unless it came
+                // back (or the loop moved on) while /proc was read.
+                taken = queue.withLockedValue { q in
+                    guard q.runner == sample.runner, q.inJob, syscallInProgress.load(ordering: .acquiring) == sample.syscall,
+                        q.stranded < maxStrandedThreads
+                    else { return nil }
+                    let fds = syscallFDs()
+                    let runner = takeOver(&q)
+                    return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), runner, tid)
+                }
+                if taken != nil { syscalls.reset() }
+            }
+            guard let taken else { continue }
+            var report = taken.0
+            report.kernelFunction = Self.kernelFunction(of: taken.stuckTID)
+            if let runner = taken.runner { startRunner(runner) }
             // Reported from a task: a handler that logs may block (a full log pipe), and this
             // thread must go on watching.
             if let handler = stallHandler.withLockedValue({ $0 }) { Task.detached { handler(report) } }
         }
+    }
+
+    /// The fds of the loop's syscall in progress, as the data plane noted them.
+    private func syscallFDs() -> [Int32] {
+        [outerSyscallFD.load(ordering: .relaxed), innerSyscallFD.load(ordering: .relaxed)].filter { $0 >= 0 }
+    }
+
+    /// Hands the loop to a new thread, under the queue's lock: the jobs behind the stuck one go
+    /// first, before anything queued since. Returns the new thread's runner number.
+    private func takeOver(_ q: inout JobQueue) -> UInt64 {
+        q.jobs.insert(contentsOf: q.batch[q.next...], at: 0)
+        q.batch = []
+        q.next = 0
+        q.inJob = false
+        q.runner &+= 1
+        q.runnerTID = 0
+        q.stranded += 1
+        q.stalls += 1
+        // The stuck thread is no longer the loop's: its syscall's end must not clear what the
+        // new one notes.
+        thread.store(0, ordering: .relaxed)
+        outerSyscallFD.store(-1, ordering: .relaxed)
+        innerSyscallFD.store(-1, ordering: .relaxed)
+        syscallInProgress.store(0, ordering: .relaxed)
+        return q.runner
+    }
+
+    /// Whether thread `tid` of this process sleeps (in the kernel: `S` or `D` in /proc), rather
+    /// than runs or waits for a CPU (`R`: a long copy on a busy machine is not a lock's wait).
+    static func isAsleep(_ tid: pid_t) -> Bool {
+        guard tid > 0, let line = ProcessRunState.firstLine(of: "/proc/self/task/\(tid)/stat"),
+            let state = ProcessRunState.state(ofStatLine: line)
+        else { return false }
+        return state == "S" || state == "D"
+    }
+
+    /// How often the watchdog samples: `fast` while the loop was seen in a job within the last
+    /// `busyLinger`, else `slow` — so an idle broker wakes once a second, and a process holding
+    /// its pipe's lock again and again keeps the sampling fast (the loop is in a job each time).
+    struct WatchPace: Sendable {
+        let slow: Duration
+        let fast: Duration
+        static let busyLinger: Duration = .seconds(5)
+        private var fastUntil: ContinuousClock.Instant?
+
+        init(slow: Duration, fast: Duration) {
+            self.slow = slow
+            self.fast = min(fast, slow)
+        }
+
+        func interval(at now: ContinuousClock.Instant) -> Duration {
+            guard let fastUntil, now < fastUntil else { return slow }
+            return fast
+        }
+
+        mutating func sawBusy(at now: ContinuousClock.Instant) {
+            fastUntil = now + Self.busyLinger
+        }
+    }
+
+    /// The second judgment, apart from the clock and the threads: the loop's syscall in
+    /// progress at this sample against the one at the sample before.
+    struct SyscallJudge: Sendable {
+        /// One syscall of the loop's: the thread running the loop and the syscall's number.
+        struct Sample: Sendable, Equatable {
+            var runner: UInt64
+            var syscall: UInt64
+        }
+
+        private var last: Sample?
+
+        /// `inSyscall`: the loop's syscall at this tick, if any; `late`: the tick came well after
+        /// its time (nothing is judged, and the next tick starts over). Returns the syscall if it
+        /// is the one in progress at the tick before: the caller asks whether its thread sleeps.
+        mutating func tick(inSyscall: Sample?, late: Bool, stranded: Int, maxStranded: Int) -> Sample? {
+            let previous = last
+            last = late ? nil : inSyscall
+            guard !late, let inSyscall, inSyscall == previous, stranded < maxStranded else { return nil }
+            return inSyscall
+        }
+
+        /// After a takeover: the next thread's syscalls are new ones.
+        mutating func reset() { last = nil }
     }
 
     /// The watchdog's judgment at each tick, apart from the clock and the threads: what the loop
@@ -161,23 +269,33 @@ extension Reactor {
 
     // MARK: Syscalls in progress
 
-    /// Notes that the loop's thread is about to make a syscall on `fd` (for a takeover's report);
-    /// nothing on any other thread. Returns what `endSyscall` needs.
+    /// Notes that the loop's thread is about to make a syscall on `fd` (for a takeover's report,
+    /// and, the outer one, numbered for the watchdog's second judgment); nothing on any other
+    /// thread. Returns what `endSyscall` needs: 0 nothing noted, 1 an inner one, else the number.
     @inline(__always)
-    func beginSyscall(on fd: Int32) -> Int {
+    func beginSyscall(on fd: Int32) -> UInt64 {
         guard isCurrent else { return 0 }
         if outerSyscallFD.load(ordering: .relaxed) < 0 {
             outerSyscallFD.store(fd, ordering: .relaxed)
-            return 1
+            // Only the loop's thread writes the count (a taken-over one is no longer current).
+            let number = syscallsBegun.load(ordering: .relaxed) &+ 1
+            syscallsBegun.store(number, ordering: .relaxed)
+            syscallInProgress.store(number, ordering: .releasing)
+            return number
         }
         innerSyscallFD.store(fd, ordering: .relaxed)
-        return 2
+        return 1
     }
 
     @inline(__always)
-    func endSyscall(_ noted: Int) {
+    func endSyscall(_ noted: UInt64) {
         guard noted != 0, isCurrent else { return }
-        if noted == 1 { outerSyscallFD.store(-1, ordering: .relaxed) } else { innerSyscallFD.store(-1, ordering: .relaxed) }
+        if noted == 1 {
+            innerSyscallFD.store(-1, ordering: .relaxed)
+        } else {
+            outerSyscallFD.store(-1, ordering: .relaxed)
+            syscallInProgress.store(0, ordering: .relaxed)
+        }
     }
 
     /// Starts the thread that runs the loop as `runner`, retrying while the system has no thread

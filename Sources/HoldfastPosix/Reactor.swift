@@ -60,12 +60,20 @@ public final class Reactor: TaskExecutor, Sendable {
     let thread = Atomic<UInt>(0)
     /// How long one job may run before the watchdog takes the loop to a new thread.
     let stallLimit: Duration
+    /// How long one syscall of the loop's may sleep in the kernel before the watchdog takes the
+    /// loop to a new thread (the watchdog's sampling interval while the loop is busy).
+    let syscallLimit: Duration
     /// The most threads left stuck at once; beyond it the watchdog only reports.
     let maxStrandedThreads: Int
     let stallHandler = NIOLockedValueBox<(@Sendable (Stall) -> Void)?>(nil)
     /// The fds of the syscall the loop's thread is in (`beginSyscall`): a splice has two.
     let outerSyscallFD = Atomic<Int32>(-1)
     let innerSyscallFD = Atomic<Int32>(-1)
+    /// The number of the loop's syscall in progress (0: none), what the watchdog samples: the
+    /// same number at two samples is one syscall that lasted from the first to the second.
+    let syscallInProgress = Atomic<UInt64>(0)
+    /// The last number given to a syscall of the loop's.
+    let syscallsBegun = Atomic<UInt64>(1)
 
     struct JobQueue {
         var jobs: [UnownedJob] = []
@@ -93,9 +101,15 @@ public final class Reactor: TaskExecutor, Sendable {
     /// - Parameters:
     ///   - stallLimit: a job still running after this long (measured between one and two times
     ///     it) is taken to be stuck in the kernel, and a new thread takes over the loop.
+    ///   - syscallLimit: one syscall found asleep in the kernel at two samples this far apart
+    ///     (while the loop is busy) is taken to wait for a lock a process holds, and a new thread
+    ///     takes over the loop.
     ///   - maxStrandedThreads: the most stuck threads kept at once.
-    public init(stallLimit: Duration = .seconds(1), maxStrandedThreads: Int = 64) throws(SystemError) {
+    public init(
+        stallLimit: Duration = .seconds(1), syscallLimit: Duration = .milliseconds(20), maxStrandedThreads: Int = 64
+    ) throws(SystemError) {
         self.stallLimit = stallLimit
+        self.syscallLimit = syscallLimit
         self.maxStrandedThreads = maxStrandedThreads
         // A write to a pipe whose reader is gone must fail with EPIPE, not kill the process.
         signal(SIGPIPE, SIG_IGN)

@@ -400,10 +400,12 @@ public final class Supervisor: Sendable {
         ]
         // A process holding its pipe's lock can stop a syscall of ours in the kernel (README,
         // "Security"); the reactor's watchdog takes over, and says so here.
+        let stallLog = NIOLockedValueBox(LogPacer<Bool>(interval: .seconds(10)))
         Reactor.shared.onStall { [logger] stall in
-            logger.log(
-                level: stall.tookOver ? .warning : .error, "\(stall.message)",
-                metadata: Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) }))
+            guard let unsaid = stallLog.withLockedValue({ $0.note(stall.tookOver) }) else { return }
+            var metadata = Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) })
+            if unsaid > 0 { metadata["unsaid"] = "\(unsaid)" }
+            logger.log(level: stall.tookOver ? .warning : .error, "\(stall.message)", metadata: metadata)
         }
         // Last before anything serves: every check that can refuse the start has passed.
         await takeProcessCgroups()

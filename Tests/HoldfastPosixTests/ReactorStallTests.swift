@@ -164,6 +164,110 @@ struct ReactorStallTests {
         #expect(try await again.value == bytes("again"))
     }
 
+    /// A process that holds its pipe's lock for less than the job judgment's second, again and
+    /// again, would stop every other stream nearly all the time and never be judged: a syscall
+    /// found asleep at two of the watchdog's fast samples is taken over. The job judgment is set
+    /// out of reach here (30 s), so only the syscall judgment can serve the bystander while the
+    /// lock is held; each of three holds is taken over, the victim's bytes exact each time.
+    @Test(.enabled(if: Self.canStallTheKernel, "needs root (or vm.unprivileged_userfaultfd=1) for a kernel-mode fault"))
+    func aLockHeldAgainAndAgainForLessThanTheStallLimitStopsNoOtherStream() async throws {
+        let reactor = try Reactor(stallLimit: .seconds(30), syscallLimit: .milliseconds(20))
+        let reports = NIOLockedValueBox<[Reactor.Stall]>([])
+        reactor.onStall { report in reports.withLockedValue { $0.append(report) } }
+        let other = try PipeEnds.make()
+        let otherReader = try AsyncFD(adopting: other.read, reactor: reactor)
+        let otherWriter = try AsyncFD(adopting: other.write, reactor: reactor)
+        defer { [otherReader, otherWriter].forEach { $0.close() } }
+
+        for round in 1...3 {
+            let victim = try PipeEnds.make()
+            var first = UInt8(ascii: "x")
+            #expect(write(victim.write, &first, 1) == 1)
+            let held = try HeldLock(writingTo: victim.write)
+            let ours = try AsyncFD(adopting: victim.read, reactor: reactor)
+            let stuck = Task(executorPreference: reactor) { try await readExactly(ours, 1 + 4096) }
+            try await eventually("our read of round \(round) to wait for the lock") {
+                Reactor.isAsleep(reactor.queue.withLockedValue { $0.runnerTID }) && reactor.syscallInProgress.load(ordering: .relaxed) != 0
+            }
+            let line = bytes("heard \(round)")
+            let heard = Task(executorPreference: reactor) { try await readExactly(otherReader, line.count) }
+            try await send(otherWriter, line)
+            #expect(try await withTimeout("the bystander", .seconds(30)) { try await heard.value } == line)
+            try #require(!held.isReleased, "round \(round): the bystander was served only when the lock was let go")
+
+            held.release()
+            #expect(held.join(reading: 0).result == 4096)
+            #expect(try await stuck.value == bytes("x") + [UInt8](repeating: UInt8(ascii: "z"), count: 4096))
+            ours.close()
+            close(victim.write)
+            try await eventually("round \(round)'s stuck thread to end") { reactor.strandedThreads == 0 }
+        }
+        #expect(reactor.stalls == 3, "each hold taken over once")
+        let all = reports.withLockedValue { $0 }
+        #expect(all.count == 3 && all.allSatisfy { $0.tookOver && $0.fds.count == 1 })
+    }
+
+    /// The syscall judgment without a held lock (and so without root): a syscall of the loop's
+    /// asleep is taken over; a job that runs outside any syscall (or inside one that is running,
+    /// not asleep) is not — it is no lock's wait, and the job judgment (here out of reach) is its
+    /// bound. Each lasts past the watchdog's first (idle, 1 s) sample, which makes the sampling
+    /// fast: the busy job is seen at many fast samples.
+    @Test func aSyscallAsleepIsTakenOverAndABusyJobIsNot() async throws {
+        let reactor = try Reactor(stallLimit: .seconds(30), syscallLimit: .milliseconds(20))
+        let pipe = try PipeEnds.make()
+        let fd = try AsyncFD(adopting: pipe.read, reactor: reactor)
+        defer {
+            fd.close()
+            close(pipe.write)
+        }
+        let busy = Task(executorPreference: reactor) {
+            var spins = 0
+            var end = ContinuousClock.now + .milliseconds(1200)
+            while ContinuousClock.now < end { spins &+= 1 }
+            end = ContinuousClock.now + .milliseconds(300)
+            try fd.withSyscall { while ContinuousClock.now < end { spins &+= 1 } }
+            return spins
+        }
+        #expect(try await busy.value > 0)
+        #expect(reactor.stalls == 0, "a busy job is not a lock's wait")
+
+        let asleep = Task(executorPreference: reactor) { try fd.withSyscall { Reactor.sleep(.milliseconds(1300)) } }
+        try await asleep.value
+        #expect(reactor.stalls == 1, "the sleeping syscall was taken over")
+        try await eventually("the stuck thread to end") { reactor.strandedThreads == 0 }
+        let served = Task(executorPreference: reactor) { reactor.isCurrent }
+        #expect(await served.value, "the new thread runs the loop")
+    }
+
+    /// The judgment itself, tick by tick.
+    @Test func theSyscallJudgmentWantsOneSyscallAtTwoTimelySamples() {
+        typealias Sample = Reactor.SyscallJudge.Sample
+        var judge = Reactor.SyscallJudge()
+        let a = Sample(runner: 0, syscall: 7)
+        #expect(judge.tick(inSyscall: a, late: false, stranded: 0, maxStranded: 4) == nil, "one sample judges nothing")
+        #expect(judge.tick(inSyscall: a, late: false, stranded: 0, maxStranded: 4) == a, "the same syscall at the next")
+        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 0, maxStranded: 4) == nil, "another one")
+        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: true, stranded: 0, maxStranded: 4) == nil, "a late tick")
+        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 0, maxStranded: 4) == nil, "starts over")
+        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 4, maxStranded: 4) == nil, "the limit")
+        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 3, maxStranded: 4) != nil)
+        judge.reset()
+        #expect(judge.tick(inSyscall: Sample(runner: 1, syscall: 8), late: false, stranded: 0, maxStranded: 4) == nil, "after a reset")
+        #expect(judge.tick(inSyscall: nil, late: false, stranded: 0, maxStranded: 4) == nil)
+        #expect(judge.tick(inSyscall: nil, late: false, stranded: 0, maxStranded: 4) == nil, "no syscall, nothing")
+    }
+
+    /// The watchdog samples fast only while the loop was seen busy: an idle broker wakes once a
+    /// second.
+    @Test func theWatchdogSamplesFastOnlyAfterSeeingTheLoopBusy() {
+        var pace = Reactor.WatchPace(slow: .seconds(1), fast: .milliseconds(20))
+        let start = ContinuousClock.now
+        #expect(pace.interval(at: start) == .seconds(1))
+        pace.sawBusy(at: start)
+        #expect(pace.interval(at: start + .seconds(1)) == .milliseconds(20))
+        #expect(pace.interval(at: start + Reactor.WatchPace.busyLinger) == .seconds(1))
+    }
+
     /// Beyond `maxStrandedThreads` the watchdog starts no thread: it reports once, and the loop
     /// goes on when the stuck thread comes back. Bounded: a guest cannot make the broker spawn
     /// threads without end.
