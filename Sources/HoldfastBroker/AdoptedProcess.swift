@@ -362,7 +362,15 @@ final class ManagedStream: Sendable {
     /// the process exits (it closes itself, bounded).
     var endedByHost: Bool { inputEnded.withLockedValue { $0 } }
 
-    /// Waits for the relay to finish (at most `timeout`); nil if it is still running.
+    /// Waits for the relay to finish, however long it takes.
+    func finished() async -> [RelayReport] {
+        guard let task = relay.withLockedValue({ $0 }) else { return [] }
+        return await task.value
+    }
+
+    /// Waits for the relay to finish (at most `timeout`); nil if it is still running. Each call
+    /// that times out leaves a waiter on the relay until it ends: for a bounded number of waits
+    /// (an unbounded wait is `finished()`).
     func finished(within timeout: Duration) async -> [RelayReport]? {
         guard let task = relay.withLockedValue({ $0 }) else { return [] }
         return await task.value(within: timeout)
@@ -434,8 +442,17 @@ final class AdoptedProcess: Sendable {
     let identities: Set<ResumableIdentity>
     private let streams = NIOLockedValueBox<[ManagedStream]>([])
     private let terminalSizer = NIOLockedValueBox<TerminalSizer?>(nil)
+    private let exitTold = NIOLockedValueBox(false)
 
     deinit { LiveObjects.processes.subtract(1, ordering: .relaxed) }
+
+    /// Notes that its exit was said; true only the first time (one drain per process).
+    func noteExit() -> Bool {
+        exitTold.withLockedValue { told in
+            defer { told = true }
+            return !told
+        }
+    }
 
     init(id: String, owner: ProcessOwner, identities: Set<ResumableIdentity> = []) {
         LiveObjects.processes.add(1, ordering: .relaxed)

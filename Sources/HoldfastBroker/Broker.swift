@@ -496,6 +496,11 @@ public final class Broker: Sendable {
     /// no telling back.
     public func processExited(_ request: ProcessExitedRequest, by caller: ProcessOwner? = nil) async throws(HoldfastError) {
         let adopted = try managed(request.process, by: caller)
+        // Said again (a runtime that retries, or one that repeats it on purpose): answered, and
+        // nothing more — the first drain reports. Each repeat started a drain of its own (a task,
+        // a timer per output, its own `drained`), held as long as the timeout it named: a peer
+        // repeating it with a day's timeout grew the broker without bound.
+        guard adopted.noteExit() else { return }
         let byPeer = caller != nil
         if byPeer, handoffs.withLockedValue({ $0.has(request.process) }) {
             // Written before the answer: a crash during the drain leaves the supervisor to tell
@@ -544,8 +549,11 @@ public final class Broker: Sendable {
             for stream in streams {
                 group.addTask { [self] in
                     // Relayed until the orphan lets go (end-of-file, then delivered) or the
-                    // host stops taking it (the drain timeout without progress).
-                    while await stream.finished(within: Self.heldOpenCheck) == nil {}
+                    // host stops taking it (the drain timeout without progress). One wait, not
+                    // a bounded one in a loop: each bounded wait that times out leaves a waiter
+                    // on the relay until it ends — an orphan that writes on for months made
+                    // one every ten minutes.
+                    _ = await stream.finished()
                     stream.close()
                     logger.info("an output held open past its process's exit ended", metadata: [
                         "process": "\(process)", "stream": "\(stream.description.kind)",
@@ -559,10 +567,6 @@ public final class Broker: Sendable {
             }
         }
     }
-
-    /// How often a wait for an output held open past its process's exit looks again (each
-    /// look costs a timeout in the wheel and a task).
-    static let heldOpenCheck: Duration = .seconds(600)
 
     public func closeStdin(_ process: String, by caller: ProcessOwner? = nil) throws(HoldfastError) {
         let adopted = try managed(process, by: caller)

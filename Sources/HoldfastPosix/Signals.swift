@@ -257,8 +257,7 @@ public final class ChildReaper: Sendable {
 
     private struct State: Sendable {
         var waiters: [pid_t: CheckedContinuation<ExitStatus, Never>] = [:]
-        var exited: [pid_t: ExitStatus] = [:]
-        var order: [pid_t] = []
+        var exited = KeptExits(limit: ChildReaper.kept)
         /// Pids whose exit matters beyond the waiter's task (`waitTracked`), and the exits
         /// handed to those waiters that they have not `settle`d yet.
         var tracked: Set<pid_t> = []
@@ -307,7 +306,7 @@ public final class ChildReaper: Sendable {
     }
 
     private let state = NIOLockedValueBox(State())
-    private static let kept = 4096
+    static let kept = 4096
     /// Whether `pid` is a child of this process now (live or a zombie not reaped yet).
     private let isChild: @Sendable (pid_t) -> Bool
 
@@ -379,10 +378,10 @@ public final class ChildReaper: Sendable {
             let child = Child(pid: pid, registration: s.nextRegistration)
             if holder != nil {
                 // Alive or a zombie not reaped yet: its pid is its own until reaped here.
-                if kept != nil { s.exited.removeValue(forKey: pid) }
+                if kept != nil { _ = s.exited.take(pid) }
                 s.registered[pid] = child.registration
             } else if let kept {
-                s.exited.removeValue(forKey: pid)
+                _ = s.exited.take(pid)
                 s.registeredExits[child.registration] = (pid, kept)
             }
             return child
@@ -464,7 +463,7 @@ public final class ChildReaper: Sendable {
     public func wait(_ pid: pid_t) async -> ExitStatus {
         await withCheckedContinuation { continuation in
             let done = state.withLockedValue { s -> ExitStatus? in
-                if let status = s.exited.removeValue(forKey: pid) {
+                if let status = s.exited.take(pid) {
                     // A child of ours has this pid: the kept exit was an earlier process's —
                     // unless that child is a registered one, whose exit is never kept here: then
                     // the kept exit is this waiter's (a runc init whose pid went to our next fork).
@@ -506,7 +505,7 @@ public final class ChildReaper: Sendable {
     public func freeze() -> [pid_t: ExitStatus] {
         let (exits, held) = state.withLockedValue { s in
             s.frozen = true
-            var exits = s.exited
+            var exits = s.exited.all
             for exit in s.registeredExits.values { exits[exit.pid] = exit.status }
             for (pid, status) in s.handed { exits[pid] = status }
             let held = s.held.map { (pid: $0.key, signal: $0.value.signal) }
@@ -526,10 +525,7 @@ public final class ChildReaper: Sendable {
     /// Exits an earlier image of this process reaped (`freeze`), kept for their waiters here.
     public func seed(_ exits: [pid_t: ExitStatus]) {
         state.withLockedValue { s in
-            for (pid, status) in exits where s.exited[pid] == nil {
-                s.exited[pid] = status
-                s.order.append(pid)
-            }
+            for (pid, status) in exits where s.exited[pid] == nil { s.exited.keep(pid, status) }
         }
     }
 
@@ -584,11 +580,7 @@ public final class ChildReaper: Sendable {
                     woken.append((waiter, status))
                     continue
                 }
-                s.exited[pid] = status
-                s.order.append(pid)
-                if s.order.count > Self.kept {
-                    s.exited.removeValue(forKey: s.order.removeFirst())
-                }
+                s.exited.keep(pid, status)
             }
             return (woken, s.stopped, reaped == Self.reapBatch)
         }
@@ -681,4 +673,41 @@ public final class ChildReaper: Sendable {
     /// What became of the stops of children that had made this process their tracer (for the
     /// daemon's log and metrics).
     public var traceesLetGo: TraceeStops { state.withLockedValue { $0.traceesLetGo } }
+}
+
+/// Exits reaped that no waiter asked for yet, the last `limit` of them, by pid. Each is numbered
+/// as it is kept, and the eviction list names the number: an exit taken by its waiter leaves its
+/// entry in the list, and once the pid was given to a later child whose exit is kept too, that
+/// stale entry's eviction took the later exit — a `runc exec` process that exited before it was
+/// adopted then had no exit, and its waiter waited for ever.
+struct KeptExits: Sendable {
+    let limit: Int
+    private var byPID: [pid_t: (status: ExitStatus, number: UInt64)] = [:]
+    /// Oldest first; entries whose exit was taken stay until their turn (then do nothing).
+    private var order: [(pid: pid_t, number: UInt64)] = []
+    private var next: UInt64 = 0
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    subscript(pid: pid_t) -> ExitStatus? { byPID[pid]?.status }
+
+    var all: [pid_t: ExitStatus] { byPID.mapValues(\.status) }
+
+    var count: Int { byPID.count }
+
+    mutating func keep(_ pid: pid_t, _ status: ExitStatus) {
+        next &+= 1
+        byPID[pid] = (status, next)
+        order.append((pid, next))
+        while order.count > limit {
+            let oldest = order.removeFirst()
+            if byPID[oldest.pid]?.number == oldest.number { byPID.removeValue(forKey: oldest.pid) }
+        }
+    }
+
+    mutating func take(_ pid: pid_t) -> ExitStatus? {
+        byPID.removeValue(forKey: pid)?.status
+    }
 }

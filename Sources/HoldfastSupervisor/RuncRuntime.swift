@@ -183,6 +183,7 @@ struct RuncRuntime: Sendable {
         do throws(HoldfastError) {
             if let console {
                 let master = try await console.receiveMaster()
+                // Before `runc start`: nothing of the container runs yet to hold the size lock.
                 try? Terminal.resize(fd: master, to: WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80))
                 stdio.hostEnds.insert(master, at: 0)
             }
@@ -237,9 +238,13 @@ struct RuncRuntime: Sendable {
         stdio.closeChildEnds()
         do throws(HoldfastError) {
             if let console {
-                let master = try await console.receiveMaster()
-                try? Terminal.resize(fd: master, to: WindowSize(rows: spec.rows ?? 24, columns: spec.columns ?? 80))
-                stdio.hostEnds.insert(master, at: 0)
+                // Not sized here: runc applied the process's `consoleSize` before it started.
+                // Here it would be a TIOCSWINSZ on a thread of the cooperative pool, on a
+                // terminal the container's processes can already open and hold the size lock of
+                // (README, "Security"): as many such execs as CPUs stopped every task of the
+                // supervisor. (A create's terminal is sized before `runc start`, while nothing
+                // of the container runs.)
+                stdio.hostEnds.insert(try await console.receiveMaster(), at: 0)
             }
             let pid = try readPidFile(scratch.pidFile)
             let child = reaper.adopt(pid)

@@ -228,4 +228,29 @@ struct HandoffFloodTests {
         }
         return result
     }
+
+    /// A runtime that says `process-exited` again and again, each time naming a day's drain
+    /// timeout, is answered each time and starts one drain. Each repeat started a drain of its
+    /// own (a task, a timer per output, its own `drained`), kept as long as the timeout it named:
+    /// repeated without end, the broker grew without bound.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aProcessExitedSaidAgainAndAgainStartsOneDrain() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let received = collect(try daemon.streams.open(token: bytes("rep-out"), direction: .receive))
+        let pipe = try PipeEnds.make()
+        let runtime = try await daemon.handOver("rep", [(.stdout, "rep-out")], descriptors: [pipe.read])
+        let line = bytes("before the exit\n")
+        #expect(line.withUnsafeBytes { write(pipe.write, $0.baseAddress, $0.count) } == line.count)
+        let exited = BrokerRequest.processExited(ProcessExitedRequest(process: "rep", drainTimeoutMilliseconds: 86_400_000))
+        for _ in 0..<200 { _ = try await runtime.request(exited.frameType, body: exited.body) }
+        // The process's last holder lets go: the drain ends at end-of-file, every repeat's too.
+        close(pipe.write)
+        #expect(try await withTimeout("the output to its end", .seconds(30)) { await received.value } == line)
+        try await eventually("the drain logged") { daemon.log.contains("process streams drained") && daemon.log.contains("process=rep") }
+        #expect(try await daemon.stop() == .exited(0))
+        let drains = daemon.log.split(separator: "\n").filter { $0.contains("process streams drained") && $0.contains("process=rep") }
+        #expect(drains.count == 1, "one drain for 200 words of one exit: \(drains.count)")
+    }
+
 }

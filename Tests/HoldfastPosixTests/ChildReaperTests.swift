@@ -299,3 +299,22 @@ struct ChildReaperTests {
         Issue.record("no pid came round again in 50 tries (something else forked each time)")
     }
 }
+
+@Suite("The reaper's kept exits")
+struct KeptExitsTests {
+    /// An exit its waiter took leaves its entry in the eviction list; when that entry's turn
+    /// comes, it must not take a later child's exit under the same pid (a `runc exec` process
+    /// that exited before it was adopted would have none, and its waiter would wait for ever).
+    @Test func aStaleEvictionEntryDoesNotTakeALaterExitOfTheSamePid() {
+        var kept = KeptExits(limit: 3)
+        kept.keep(100, .exited(1))
+        #expect(kept.take(100) == .exited(1), "its waiter took it")
+        kept.keep(100, .exited(2))  // the pid, given to a later child
+        kept.keep(101, .exited(0))
+        kept.keep(102, .exited(0))  // the stale entry's turn
+        #expect(kept[100] == .exited(2), "the later exit is kept")
+        kept.keep(103, .exited(0))  // now the later exit is the oldest
+        #expect(kept[100] == nil && kept.count == 3)
+        #expect(kept.all == [101: .exited(0), 102: .exited(0), 103: .exited(0)])
+    }
+}
