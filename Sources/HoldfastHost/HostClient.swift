@@ -228,8 +228,13 @@ public enum HostClient {
                     inputCopy = Task {
                         switch await copyInput(from: source, to: socket, keys: keys) {
                         case .endOfInput:
-                            // Every byte is on the socket: then the process's stdin may end.
+                            // Every byte is on the socket: then the process's stdin may end —
+                            // not a terminal's, which has no end-of-file to give (its process
+                            // never read one, and the input was gone for every later client: one
+                            // `attach` from a script, its stdin /dev/null, and nobody could type
+                            // into the process again). Our input alone stops there.
                             socket.shutdownWrite()
+                            if tty { break }
                             _ = try? await client.call(HostRequest.closeStdin(ProcessIDRequest(id: id)), reply: [String: String].self)
                         case .detachKeys:
                             detach.fire(.detachKeys)

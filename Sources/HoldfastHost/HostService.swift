@@ -233,6 +233,11 @@ public final class HostService: Sendable {
             throw Self.noSuchProcess(id)
         }
         guard let input = process.input else { throw HoldfastError(.noStdin, "process '\(id)' has no stdin stream") }
+        // A terminal has no end-of-file to give: its process would never read one, and its
+        // input would be gone for every later client.
+        guard !process.tty else {
+            throw HoldfastError(.badRequest, "process '\(id)' has a terminal, whose input has no end-of-file: type its EOF character (Ctrl-D) instead")
+        }
         input.endOfInput()
     }
 

@@ -124,9 +124,9 @@ let hostExitStatusHelp = """
     the create refused, or the process lost (the guest's daemon restarted, the guest rebooted, \
     or the process left the guest's list with no exit) — with one line on stderr saying why; \
     126 when the program cannot be executed, 127 when it is not found. The detach keys \
-    (default Ctrl-P Ctrl-Q, typed on a terminal) or Ctrl-C leave the process running and print \
-    how to reattach: exit 0 after the detach keys; after Ctrl-C the client ends as killed by \
-    SIGINT (130), so a script stops.
+    (default Ctrl-P Ctrl-Q, typed on a terminal) or Ctrl-C (without -t: with a terminal it is \
+    the process's) leave the process running and print how to reattach: exit 0 after the \
+    detach keys; after Ctrl-C the client ends as killed by SIGINT (130), so a script stops.
     """
 
 /// `--drain-timeout`, shared by the commands that wait for a process.

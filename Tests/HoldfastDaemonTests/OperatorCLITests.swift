@@ -286,12 +286,29 @@ struct OperatorCLITests {
         #expect(try await attach.finish().status == .exited(0))
         try await second.expect("detached; reattach with: holdfast host attach shell")
 
+        // From a script, its stdin /dev/null: that ends this client's input alone, not the
+        // terminal's (which has no end-of-file to give): the next client still types into the
+        // process. (Before, the client's end of input ended the process's stdin for good.) The
+        // second lets its end of input reach host serve before the next client takes over.
+        let scripted = try serve.start(["attach", "shell"])
+        try await Task.sleep(for: .seconds(1))
+        // Asked for by hand, host serve refuses it for a terminal.
+        let control = try await ControlClient.connect(to: serve.control)
+        defer { control.close() }
+        do {
+            _ = try await control.call(HostRequest.closeStdin(ProcessIDRequest(id: "shell")), reply: [String: String].self)
+            Issue.record("a terminal's input was ended")
+        } catch {
+            #expect(error.code == .badRequest && error.message.contains("Ctrl-D"), "\(error)")
+        }
+
         // A third: the process's exit code comes back through attach.
         let third = try TestTerminal()
         defer { third.close() }
         let last = try serve.start(["attach", "shell"], stdin: third.slave, stdout: third.slave)
         try await third.type("exit 3\n")
         #expect(try await last.finish().status == .exited(3))
+        #expect(try await scripted.finish().status == .exited(3), "the displaced client hears the outcome too")
     }
 
     /// `-d` prints the id and returns; `logs` shows the output kept (during and after), `-f`
