@@ -168,11 +168,13 @@ public enum HostClient {
             var saved = termios()
             if tcgetattr(stdio.input, &saved) == 0 {
                 rawTerminal = saved
+                LocalTerminal.note(fd: stdio.input, settings: saved)
                 try? Terminal.makeRaw(fd: stdio.input)
             }
         }
         defer {
             if var saved = rawTerminal { tcsetattr(stdio.input, TCSANOW, &saved) }
+            LocalTerminal.forget()
         }
         // Window changes follow the process: SIGWINCH → the terminal's new size → resize.
         var resizer: Task<Void, Never>?
@@ -196,6 +198,7 @@ public enum HostClient {
         // Our stdin's file status flags: reading it through the reactor makes it non-blocking,
         // which the terminal (shared with the shell) must not keep after we are gone.
         let inputFlags = fcntl(stdio.input, F_GETFL)
+        LocalTerminal.note(fd: stdio.input, flags: inputFlags)
         var input: AsyncFD?
         var inputCopy: Task<Void, Never>?
         defer {
@@ -445,5 +448,39 @@ final class DetachSignal: Sendable {
             }
             if let ready { continuation.resume(returning: ready) }
         }
+    }
+}
+
+/// The client's stdin as `wire` found it (its terminal settings, its file status flags) while
+/// `wire` has changed them, for a client that dies of a signal: `raise` runs no `defer`, and a
+/// second SIGTERM while the first was passed on left the shell a raw terminal (no echo, output
+/// in a staircase) whose reads failed with EAGAIN.
+public enum LocalTerminal {
+    private struct Saved: Sendable {
+        var fd: Int32
+        var settings: termios?
+        var flags: Int32?
+    }
+
+    private static let saved = NIOLockedValueBox<Saved?>(nil)
+
+    static func note(fd: Int32, settings: termios? = nil, flags: Int32? = nil) {
+        saved.withLockedValue { current in
+            var next = current ?? Saved(fd: fd)
+            if let settings { next.settings = settings }
+            if let flags, flags >= 0 { next.flags = flags }
+            current = next
+        }
+    }
+
+    static func forget() {
+        saved.withLockedValue { $0 = nil }
+    }
+
+    /// Puts the stdin back as it was found, if `wire` had changed it (from any thread).
+    public static func restore() {
+        guard let saved = saved.withLockedValue({ current in defer { current = nil }; return current }) else { return }
+        if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
+        if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
     }
 }

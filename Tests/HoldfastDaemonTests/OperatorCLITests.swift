@@ -192,6 +192,42 @@ struct OperatorCLITests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A second SIGTERM while the first is passed on ends a terminal client at once — and puts
+    /// its terminal back as it was (line editing, echo, blocking reads). Before, it died with
+    /// the terminal raw and non-blocking: the shell after it echoed nothing and its reads failed
+    /// with EAGAIN. The first one's pass-on waits here because the guest is away (a migration's
+    /// blackout).
+    @Test(.enabled(if: DaemonFixture.canRun, "\(needsRoot)")) func aClientKilledMidPassOnPutsItsTerminalBack() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let terminal = try TestTerminal()
+        defer { terminal.close() }
+        var before = termios()
+        #expect(tcgetattr(terminal.slave, &before) == 0)
+        let flagsBefore = fcntl(terminal.slave, F_GETFL)
+        let client = try serve.start(
+            ["run", "-t", "--id", "held", "--", "sh", "-c", "trap 'exit 3' TERM; echo ready; while :; do sleep 0.05; done"],
+            stdin: terminal.slave, stdout: terminal.slave)
+        try await terminal.expect("ready")
+        var raw = termios()
+        #expect(tcgetattr(terminal.slave, &raw) == 0 && raw.c_lflag & tcflag_t(ICANON) == 0, "the client made it raw")
+
+        let migration = Task { try await serve.cli(["migrate", "--blackout", "4000"], within: .seconds(60)) }
+        try await eventually("host serve sees the guest gone") { (try? await HostClient.stats(control: serve.control).guestConnected) == false }
+        kill(client.pid, SIGTERM)
+        try await Task.sleep(for: .milliseconds(300))
+        kill(client.pid, SIGTERM)
+        #expect(try await client.finish(within: .seconds(3)).status == .signaled(SIGTERM), "the second one ends it at once")
+        var after = termios()
+        #expect(tcgetattr(terminal.slave, &after) == 0)
+        #expect(after.c_lflag == before.c_lflag && after.c_iflag == before.c_iflag && after.c_oflag == before.c_oflag, "the terminal as it was")
+        #expect(fcntl(terminal.slave, F_GETFL) == flagsBefore, "and its flags")
+        #expect(try await migration.value.status == .exited(0))
+        _ = try await serve.cli(["stop", "held"])
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A client that goes away (killed) does not end the process's stdin: the next `attach`
     /// takes it over — its lines arrive — and the end of *its* stdin is the end of the
     /// process's. Ctrl-C (SIGINT) detaches the same way and says how to reattach.
