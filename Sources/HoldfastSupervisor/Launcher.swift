@@ -136,6 +136,11 @@ struct Launcher {
         if spec.tty, spec.stderr != nil {
             throw HoldfastError(.badRequest, "stderr: a tty process has one output stream (stdout)")
         }
+        // Its terminal's master is that stream: without it the master would be closed as the
+        // process starts, which hangs its terminal up (SIGHUP at its first read or write).
+        if spec.tty, spec.stdout == nil {
+            throw HoldfastError(.badRequest, "stdout: a tty process needs its output stream (stdout), which carries its terminal")
+        }
         // The broker checks the streams again when they are handed over, after the process has
         // started; nothing it would refuse may get that far.
         let streams = streamDescriptions(spec)
@@ -264,6 +269,13 @@ struct Launcher {
             options.user = (account.uid, gid, [gid])
         }
         var stdio = try makeStdio(spec, terminal: true)
+        // Its terminal is its user's, as login's and runc's are (the group stays devpts's):
+        // root's, `screen`, `ssh`, `script` and whatever opens its terminal by name refused it.
+        if spec.tty, let user = options.user, let slave = stdio.stdin, fchown(slave, user.uid, gid_t.max) != 0 {
+            let number = errno
+            stdio.closeAll()
+            throw HoldfastError(.stdioFailed, "fchown of the terminal to uid \(user.uid): \(SystemError("fchown", errno: .init(rawValue: number)))")
+        }
         options.stdin = stdio.stdin
         options.stdout = stdio.stdout
         options.stderr = stdio.stderr

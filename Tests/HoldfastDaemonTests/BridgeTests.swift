@@ -155,6 +155,27 @@ struct BridgeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A tty process run as another user owns its terminal (as login and runc make it): before,
+    /// it stayed root's, and what opens its terminal by name (`screen`, `script`) was refused.
+    /// A tty spec without stdout, whose terminal would be hung up at once, is refused.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aTtyProcessOwnsItsTerminalAndNeedsItsStdout() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = Accumulator(try daemon.streams.open(token: bytes("o-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "o", argv: ["sh", "-c", "stat -c %u \"$(tty)\"; id -u; echo hi > \"$(tty)\" && echo opened"], user: "65534", tty: true,
+            stdout: daemon.spec("o-out")))
+        try await eventually("its answer", timeout: .seconds(30)) { output.text.contains("opened") }
+        #expect(output.text.replacingOccurrences(of: "\r", with: "") == "65534\n65534\nhi\nopened\n", "\(output.text)")
+        do {
+            _ = try await daemon.bridge.create(ProcessSpec(id: "n", argv: ["true"], tty: true))
+            Issue.record("a tty process without stdout was started")
+        } catch {
+            #expect(error.code == .badRequest && error.message.contains("stdout"), "\(error)")
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// Raw mode with socat as the host end; socat is stopped and restarted between migrations
     /// and the stream reconnects each time: the file keeps growing, lines stay in order with no
     /// duplicate, and the last line arrives (raw mode may lose what a dying listener accepted).
