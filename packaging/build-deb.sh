@@ -34,7 +34,7 @@ trap 'rm -rf "$work"' EXIT
 root=$work/holdfast
 doc=$root/usr/share/doc/holdfast
 
-install -d "$root/DEBIAN" "$root/usr/bin" "$root/etc/holdfast" "$root/usr/lib/systemd/system" \
+install -d "$root/DEBIAN" "$root/usr/bin" "$root/etc/holdfast" "$root/etc/needrestart/conf.d" "$root/usr/lib/systemd/system" \
     "$root/usr/share/man/man1" "$doc" "$root/usr/share/lintian/overrides" \
     "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" "$root/usr/share/fish/vendor_completions.d"
 # Debug info and symbol tables are not shipped (Swift's reflection metadata lives in allocated
@@ -42,6 +42,8 @@ install -d "$root/DEBIAN" "$root/usr/bin" "$root/etc/holdfast" "$root/usr/lib/sy
 install -m 0755 "$binary" "$root/usr/bin/holdfast"
 strip --remove-section=.comment --remove-section=.note "$root/usr/bin/holdfast"
 install -m 0644 "$top/config/holdfast.yaml" "$root/etc/holdfast/holdfast.yaml"
+# needrestart never restarts the daemon (a restart ends every container): see the file.
+install -m 0644 "$here/needrestart/holdfast.conf" "$root/etc/needrestart/conf.d/holdfast.conf"
 install -m 0644 "$here/holdfast.service" "$root/usr/lib/systemd/system/holdfast.service"
 sed "s/@VERSION@/$version/" "$here/holdfast.1" | gzip -9n > "$root/usr/share/man/man1/holdfast.1.gz"
 install -m 0644 "$debian/copyright" "$doc/copyright"

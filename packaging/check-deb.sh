@@ -44,6 +44,17 @@ dpkg-deb -x "$deb" "$root"
 holdfast=$root/usr/bin/holdfast
 find "$root" -type f -printf '%m %p\n' | sed "s|$root||" | sort -k2
 
+step "needrestart"
+# The snippet needrestart reads (perl): holdfast.service, and only it, is never picked for a
+# restart; and it is a conffile (an administrator's change survives upgrades).
+grep -qx /etc/needrestart/conf.d/holdfast.conf "$work/control/conffiles" || { echo "error: the needrestart snippet is not a conffile"; exit 1; }
+perl -e 'our %nrconf; do $ARGV[0]; die "$@" if $@;
+    my @keys = grep { "holdfast.service" =~ $_ } keys %{$nrconf{override_rc}};
+    die "no override_rc entry for holdfast.service\n" unless @keys == 1 && $nrconf{override_rc}{$keys[0]} == 0;
+    die "the entry matches other units too\n" if "xholdfast.service" =~ $keys[0] || "holdfast.service.d" =~ $keys[0];' \
+    "$root/etc/needrestart/conf.d/holdfast.conf"
+echo "needrestart never restarts holdfast.service (a conffile)"
+
 step "systemd-analyze verify holdfast.service"
 mkdir "$work/unit"
 sed -e "s|/usr/bin/holdfast|$holdfast|g" -e "s|/etc/holdfast/|$root/etc/holdfast/|g" \
