@@ -114,7 +114,7 @@ public enum BridgeWorker {
             logger.warning(
                 "bridge authentication is off (bridge.authentication: none): any process in the guest can pose as this daemon to the host, and the host is not checked")
         }
-        var backoff = options.reconnectInitial
+        var backoff = SessionBackoff(initial: options.reconnectInitial, max: options.reconnectMax)
         while true {
             // No key, no dial: an unauthenticated connection would be refused anyway.
             var key: BridgeKey?
@@ -123,8 +123,7 @@ public enum BridgeWorker {
                     key = try BridgeKeyFile.load(path)
                 } catch {
                     logger.error("cannot use the bridge key; not dialling", metadata: ["bridge.key_file": "\(error)"])
-                    try? await Task.sleep(for: backoff)
-                    backoff = min(backoff * 2, options.reconnectMax)
+                    try? await Task.sleep(for: backoff.failed())
                     continue
                 }
             }
@@ -135,8 +134,7 @@ public enum BridgeWorker {
                 connection = try await Dialer.connect(to: options.address, timeout: options.connectTimeout, fromReservedPort: true)
             } catch {
                 logger.debug("bridge dial failed", metadata: ["address": "\(options.address)", "error": "\(error)"])
-                try? await Task.sleep(for: backoff)
-                backoff = min(backoff * 2, options.reconnectMax)
+                try? await Task.sleep(for: backoff.failed())
                 continue
             }
             // The host proves itself first; our proof and hello go out together, then its verdict.
@@ -148,8 +146,7 @@ public enum BridgeWorker {
                     try await BridgeHandshake.proveToHost(on: connection, key: key)
                 }
                 guard proven else {
-                    try? await Task.sleep(for: backoff)
-                    backoff = min(backoff * 2, options.reconnectMax)
+                    try? await Task.sleep(for: backoff.failed())
                     continue
                 }
             }
@@ -164,7 +161,7 @@ public enum BridgeWorker {
                 logger.warning("cannot get the hello from the supervisor", metadata: ["error": "\(error)"])
                 link.withLockedValue { $0 = .down }
                 connection.close()
-                try? await Task.sleep(for: backoff)
+                try? await Task.sleep(for: backoff.next)
                 continue
             }
             let helloFrame = ControlFrame(type: BridgeMessageType.hello.rawValue, id: 0, body: ControlJSON.encode(hello))
@@ -179,8 +176,7 @@ public enum BridgeWorker {
                 }
                 guard accepted else {
                     link.withLockedValue { $0 = .down }
-                    try? await Task.sleep(for: backoff)
-                    backoff = min(backoff * 2, options.reconnectMax)
+                    try? await Task.sleep(for: backoff.failed())
                     continue
                 }
             }
@@ -190,7 +186,7 @@ public enum BridgeWorker {
                 if case .settingUp(let waiting) = link { for frame in waiting { frames.post(frame) } }
                 link = .up(frames)
             }
-            backoff = options.reconnectInitial
+            let connectedAt = ContinuousClock.now
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
             if Failpoint.once(Failpoint.workerBreaksFraming, process: "bridge"), let channel = (client.transport as? SeqpacketFrames)?.channel {
@@ -200,9 +196,10 @@ public enum BridgeWorker {
             link.withLockedValue { $0 = .down }
             await frames.writer.flush()  // an error reply explaining the close goes out first
             connection.close()
-            logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)"])
+            let lasted = ContinuousClock.now - connectedAt
+            logger.warning("bridge lost", metadata: ["address": "\(options.address)", "reason": "\(reason)", "lasted": "\(lasted)"])
             await notify(client, .bridgeDown)
-            try? await Task.sleep(for: options.reconnectInitial)
+            try? await Task.sleep(for: backoff.ended(after: lasted))
         }
     }
 

@@ -63,12 +63,18 @@ extension BridgeServer {
             }
             return
         }
-        guard first.type == BridgeMessageType.hello.rawValue,
-            let hello = try? ControlJSON.decode(BridgeHello.self, from: first.body, frameType: first.type)
-        else {
+        let hello: BridgeHello
+        do {
+            guard first.type == BridgeMessageType.hello.rawValue else { throw HoldfastError(.badRequest, "its first frame is not a hello") }
+            hello = try ControlJSON.decode(BridgeHello.self, from: first.body, frameType: first.type)
+        } catch {
             state.withLockedValue { _ = $0.pendingHandshakes.removeValue(forKey: ticket) }
             socket.close()
-            refused(peer: peer, "its first frame is not a hello")
+            // Said with what did not decode: a guest newer than this host sends what it cannot
+            // read, and "not a hello" left nobody a clue.
+            refused(peer: peer, first.type == BridgeMessageType.hello.rawValue
+                ? "its hello does not decode (a guest of a version this host does not know?): \(error)"
+                : "its first frame is not a hello")
             return
         }
         let connection = Connection(socket, hello: hello)
