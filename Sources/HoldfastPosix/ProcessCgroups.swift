@@ -43,9 +43,10 @@ public final class ProcessCgroups: Sendable {
         /// The cgroups whose process the daemon still tracks: never removed as idle.
         var tracked: Set<String> = []
         /// Released ones that still held something (what a process left running): removed
-        /// once empty, at a later `removeIdle`. Kept apart so that a process's end tries a few
-        /// rmdirs, not a listing of thousands of cgroups.
-        var lingering: Set<String> = []
+        /// once empty, at a later `release` (a few of them, in turn) or `removeIdle` (all).
+        /// Kept apart so that a process's end tries a few rmdirs, not a listing of thousands of
+        /// cgroups. Oldest try first: each retry goes to the back.
+        var lingering: [String] = []
     }
 
     private let names = NIOLockedValueBox(Names())
@@ -116,18 +117,34 @@ public final class ProcessCgroups: Sendable {
         let present = cgroupNames()
         names.withLockedValue { names in
             names.tracked.formUnion(handedOver.filter(Self.isProcessCgroupName))
-            names.lingering = Set(present).subtracting(names.tracked)
+            names.lingering = present.filter { !names.tracked.contains($0) }
         }
     }
 
     /// The process is done: its cgroup goes as soon as it is empty (now, or once what the
-    /// process left running ends and a later `removeIdle` runs).
+    /// process left running ends and a later release or `removeIdle` finds it so). Each release
+    /// also tries `lingeringTriedPerRelease` of the lingering ones, in turn: trying every one
+    /// cost each exit as many rmdirs as cgroups lingered (each taking the kernel's cgroup lock,
+    /// which runc and every create need too) — thousands of them with a container that leaves
+    /// something running behind each process.
     public func release(_ name: String) {
         names.withLockedValue { names in
             guard names.tracked.remove(name) != nil else { return }
-            names.lingering.insert(name)
+            if rmdir(directory + "/" + name) != 0, errno != ENOENT { names.lingering.append(name) }
+            retryLingering(&names, atMost: Self.lingeringTriedPerRelease)
         }
-        removeIdle()
+    }
+
+    /// How many lingering cgroups a release tries to remove.
+    public static let lingeringTriedPerRelease = 8
+
+    /// Tries the oldest `limit` lingering cgroups; those still not empty go to the back.
+    private func retryLingering(_ names: inout Names, atMost limit: Int) {
+        let tried = min(limit, names.lingering.count)
+        guard tried > 0 else { return }
+        let still = names.lingering.prefix(tried).filter { rmdir(directory + "/" + $0) != 0 && errno != ENOENT }
+        names.lingering.removeFirst(tried)
+        names.lingering.append(contentsOf: still)
     }
 
     /// SIGKILL to every process in the cgroup `name` (`cgroup.kill`). False if the kernel refused
@@ -164,9 +181,7 @@ public final class ProcessCgroups: Sendable {
     /// Removes every cgroup that is no process's any more and is empty. One that still holds
     /// something (what a process left running after its exit was taken) stays until it empties.
     public func removeIdle() {
-        names.withLockedValue { names in
-            names.lingering = names.lingering.filter { rmdir(directory + "/" + $0) != 0 && errno != ENOENT }
-        }
+        names.withLockedValue { names in retryLingering(&names, atMost: names.lingering.count) }
     }
 
     /// Kills everything in every process cgroup, waits (up to `bound`) until they are empty,

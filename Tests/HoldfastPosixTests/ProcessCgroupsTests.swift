@@ -91,6 +91,42 @@ struct ProcessCgroupsTests {
         #expect(cgroups.cgroupNames().isEmpty, "every released, empty cgroup removed")
     }
 
+    /// A process's end tries a bounded number of the lingering cgroups (those a done process
+    /// left something running in), in turn: before, every one of them, each exit. A cgroup with
+    /// a child cgroup cannot be removed either, which stands in for a populated one here.
+    @Test(.enabled(if: available, "needs root and a writable cgroup v2 hierarchy with cgroup.kill"))
+    func aProcessEndTriesAFewLingeringCgroupsInTurn() async throws {
+        let cgroups = try Self.opened()
+        defer {
+            cgroups.endEverythingBlocking(within: .seconds(2))
+            cgroups.removeDirectory()
+        }
+        var lingering: [String] = []
+        for _ in 0..<50 {
+            let created = try cgroups.create()
+            close(created.procs)
+            #expect(mkdir(cgroups.directory + "/" + created.name + "/held", 0o755) == 0)
+            cgroups.release(created.name)
+            lingering.append(created.name)
+        }
+        #expect(Set(cgroups.cgroupNames()) == Set(lingering), "each one lingers")
+        for name in lingering { #expect(rmdir(cgroups.directory + "/" + name + "/held") == 0) }
+        // Now empty: one more process's end removes its own cgroup and 8 of them.
+        let one = try cgroups.create()
+        close(one.procs)
+        cgroups.release(one.name)
+        let left = Set(cgroups.cgroupNames())
+        let per = ProcessCgroups.lingeringTriedPerRelease
+        #expect(left.count == lingering.count - per && left.isSubset(of: lingering), "\(left.count) left of \(lingering.count)")
+        // Each later end tries the next ones: within 50 / 8 more ends, every one is gone.
+        for _ in 0..<((lingering.count - per + per - 1) / per) {
+            let next = try cgroups.create()
+            close(next.procs)
+            cgroups.release(next.name)
+        }
+        #expect(cgroups.cgroupNames().isEmpty, "every lingering cgroup removed in turn")
+    }
+
     /// A child joins before it execs: everything it starts is inside, and `cgroup.kill` ends all
     /// of it, what left its session included. In a test process of its own: its reaper reaps
     /// every child of the process, other tests' too.
