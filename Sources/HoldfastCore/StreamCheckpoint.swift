@@ -20,7 +20,9 @@
 /// another CPU: the reader only reads after the writer is dead.
 public struct StreamCheckpoint: @unchecked Sendable {
     public static let slotSize = 128
-    static let magic: UInt64 = 0x4846_434B_5054_3032  // "HFCKPT02"
+    /// Changed with the slot's layout: a slot of another layout is not read (nor is the area,
+    /// across a live upgrade: `UpgradeState.MemoryLayout`).
+    public static let magic: UInt64 = 0x4846_434B_5054_3032  // "HFCKPT02"
     static let pendingBit: UInt64 = 1 << 63
     /// The pending take goes through a window whose level before it is in `windowLevel`.
     static let windowBit: UInt64 = 1 << 62

@@ -122,6 +122,27 @@ struct UpgradeState: Codable, Sendable {
     /// once more when it serves. Absent when none did.
     var reloadFollows: Bool? = nil
 
+    /// How the writer's build lays out the shared memory areas handed over with the state (the
+    /// checkpoints' slots, the rings' blocks): compile-time constants a later release may
+    /// change. A reader laying them out otherwise refuses the state: it would have found no
+    /// valid checkpoint (every resumable stream started again at offset 0, which the host
+    /// refuses as an offset from the future, for ever) or read the rings at the wrong offsets.
+    /// Absent from an older binary's state: laid out as `current` (the only layout released).
+    struct MemoryLayout: Codable, Sendable, Equatable, CustomStringConvertible {
+        var checkpointSlotSize: Int
+        var checkpointMagic: UInt64
+        var ringBlockSize: Int
+
+        static let current = MemoryLayout(
+            checkpointSlotSize: StreamCheckpoint.slotSize, checkpointMagic: StreamCheckpoint.magic, ringBlockSize: ReplayRing.defaultBlockSize)
+
+        var description: String {
+            let magic = withUnsafeBytes(of: checkpointMagic.bigEndian) { String(decoding: $0, as: UTF8.self) }
+            return "checkpoint slots of \(checkpointSlotSize) bytes (\(magic)), ring blocks of \(ringBlockSize) bytes"
+        }
+    }
+    var memoryLayout: MemoryLayout? = .current
+
     /// Every fd the new image must find open: the listeners, the shared memory areas, and every
     /// process's stdio the store holds (whatever kinds of fds it holds).
     var keptDescriptors: [Int32] {
@@ -160,6 +181,12 @@ struct UpgradeState: Codable, Sendable {
             state = try JSONDecoder().decode(UpgradeState.self, from: Data(bytes))
         } catch {
             throw HoldfastError(.incompatibleState, "the upgrade state (version \(envelope.version)) is not readable: \(error)")
+        }
+        let layout = state.memoryLayout ?? .current
+        guard layout == .current else {
+            throw HoldfastError(
+                .incompatibleState,
+                "holdfast \(envelope.writtenBy ?? "?") lays out the streams' shared memory as \(layout); this binary (holdfast \(HoldfastVersion.string)) as \(MemoryLayout.current): taken over live, every resumable stream would start again from nothing. A live upgrade between them is refused; restart the daemon onto it (which ends every container process)")
         }
         return (state, try ProcessTable(restoring: state.table))
     }

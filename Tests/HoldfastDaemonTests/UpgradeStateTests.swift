@@ -123,6 +123,36 @@ struct UpgradeStateTests {
         #expect(try UpgradeState.decode(older).state.revision == nil, "an older binary's state (revision 1) is read")
     }
 
+    /// A state whose shared memory areas are laid out otherwise (a release that changed the
+    /// checkpoint slot or the ring block) is refused before the exec, saying so: taken over, its
+    /// checkpoints read as none and every resumable stream started again at 0, which the host
+    /// refuses for ever. The writer's own layout, and a state without one (older), are read.
+    @Test func aStateLaidOutOtherwiseIsRefused() throws {
+        let state = UpgradeState(
+            version: UpgradeState.currentVersion, writtenBy: "0.2.0", upgrades: 1, uptimeSeconds: 1, executable: "/usr/bin/holdfast",
+            configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20, runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock",
+            handoffSocket: "/run/holdfast/broker.sock", descriptors: .init(control: 7), table: ProcessTable(instanceID: "i").snapshot(),
+            stdio: try store().snapshot(), reaped: [], roles: [])
+        let encoded = try JSONEncoder().encode(state)
+        #expect(try UpgradeState.decode(Array(encoded)).state.memoryLayout == .current, "written with this build's layout")
+        var object = try #require(try JSONSerialization.jsonObject(with: encoded) as? [String: Any])
+        for change in [("checkpointSlotSize", 64 as Any), ("checkpointMagic", 0x4846_434B_5054_3031 as Any), ("ringBlockSize", 16384 as Any)] {
+            var layout = try #require(object["memoryLayout"] as? [String: Any])
+            layout[change.0] = change.1
+            var other = object
+            other["memoryLayout"] = layout
+            #expect {
+                _ = try UpgradeState.decode(Array(try JSONSerialization.data(withJSONObject: other)))
+            } throws: { error in
+                let message = (error as? HoldfastError)?.message ?? ""
+                return (error as? HoldfastError)?.code == .incompatibleState && message.contains("holdfast 0.2.0 lays out")
+                    && message.contains("A live upgrade between them is refused")
+            }
+        }
+        object.removeValue(forKey: "memoryLayout")
+        #expect(try UpgradeState.decode(Array(try JSONSerialization.data(withJSONObject: object))).state.memoryLayout == nil, "an older state is read")
+    }
+
     /// The fd store is written down whole (`StdioStore.Held` is Codable), so a field added to it
     /// travels by itself; but the fds it holds must stay open across the exec, which only those
     /// `heldDescriptors` lists do. Every `Int32` anywhere in an entry is an fd (stream fds are
