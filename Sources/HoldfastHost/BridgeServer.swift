@@ -445,8 +445,8 @@ public final class BridgeServer: Sendable {
         _ = try await call(.closeStdin(ProcessIDRequest(id: id)), reply: [String: String].self, timeout: timeout)
     }
 
-    public func list(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BridgeListResponse {
-        try await call(.list, reply: BridgeListResponse.self, timeout: timeout)
+    public func list(_ request: BridgeListRequest = BridgeListRequest(), timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BridgeListResponse {
+        try await call(.list(request), reply: BridgeListResponse.self, timeout: timeout)
     }
 
     public func stats(timeout: Duration = .seconds(10)) async throws(HoldfastError) -> BrokerStats {

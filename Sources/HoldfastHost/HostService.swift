@@ -134,13 +134,39 @@ public final class HostService: Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(for: listInterval)
             let (waiting, round) = table.beginListRound()
-            guard waiting, bridge.isConnected,
-                let (list, hello) = try? await bridge.callReportingHello(.list, reply: BridgeListResponse.self, timeout: .seconds(5)),
-                (list.omittedProcesses ?? 0) == 0
-            else { continue }
-            table.listed(Set(list.processes.map(\.id)), by: GuestIdentity(hello), round: round)
+            guard waiting, bridge.isConnected, let (ids, guest) = await guestProcessIDs() else { continue }
+            table.listed(ids, by: guest, round: round)
         }
     }
+
+    /// Every process id the guest lists, page by page, without its streams; nil if a page was
+    /// not answered, or the pages came from two guests (a reconnect between them). Before, one
+    /// `list` with the streams: past about 680 processes it was cut short and thrown away, and
+    /// processes gone from the guest were no longer noticed at all.
+    private func guestProcessIDs() async -> (Set<String>, GuestIdentity)? {
+        var ids: Set<String> = []
+        var guest: GuestIdentity?
+        var after: String?
+        for _ in 0..<Self.listPagesPerRound {
+            let request = BridgeRequest.list(BridgeListRequest(streams: false, processesAfter: after))
+            guard let (page, hello) = try? await bridge.callReportingHello(request, reply: BridgeListResponse.self, timeout: .seconds(5)) else {
+                return nil
+            }
+            let identity = GuestIdentity(hello)
+            if let guest, guest != identity { return nil }
+            guest = identity
+            ids.formUnion(page.processes.map(\.id))
+            // An older guest ignores the paging and sends its whole list, or cuts it short: then
+            // nothing is concluded from it, as before.
+            guard let omitted = page.omittedProcesses, omitted > 0 else { return guest.map { (ids, $0) } }
+            guard let last = page.processes.last?.id, last != after else { return nil }
+            after = last
+        }
+        return nil
+    }
+
+    /// The most pages one round asks for (each up to the frame's 64 KiB: about 1,400 processes).
+    static let listPagesPerRound = 64
 
     // MARK: The control socket
 

@@ -95,6 +95,22 @@ public struct BridgeListResponse: Codable, Sendable, Equatable {
     }
 }
 
+/// `list`'s body, every field optional: `{}` (or none) asks for everything, as before.
+public struct BridgeListRequest: Codable, Sendable, Equatable {
+    /// false: the processes alone, the broker not asked for its streams — what a host that polls
+    /// for processes gone from the guest needs, every second (the streams cost the guest a
+    /// listing of every stream each time, and crowded the processes out of the reply).
+    public var streams: Bool?
+    /// Only the processes whose id sorts after this one (by UTF-8 bytes): the next page of a list
+    /// whose `omittedProcesses` was not 0 (its last process's id).
+    public var processesAfter: String?
+
+    public init(streams: Bool? = nil, processesAfter: String? = nil) {
+        self.streams = streams
+        self.processesAfter = processesAfter
+    }
+}
+
 /// `acknowledge-exit`: the host has the exit of `id`; the guest forgets it.
 public struct AcknowledgeExitRequest: Codable, Sendable, Equatable {
     public var id: String

@@ -11,7 +11,7 @@ public enum BridgeRequest: RPCRequest, Equatable {
     case signal(SignalRequest)
     case resize(ProcessResizeRequest)
     case closeStdin(ProcessIDRequest)
-    case list
+    case list(BridgeListRequest = BridgeListRequest())
     case stats
     case acknowledgeExit(AcknowledgeExitRequest)
 
@@ -22,7 +22,7 @@ public enum BridgeRequest: RPCRequest, Equatable {
         case .signal: return .signal(try RPCBody.decode(SignalRequest.self, body, type: type))
         case .resize: return .resize(try RPCBody.decode(ProcessResizeRequest.self, body, type: type))
         case .closeStdin: return .closeStdin(try RPCBody.decode(ProcessIDRequest.self, body, type: type))
-        case .list: return .list
+        case .list: return .list(body.isEmpty ? BridgeListRequest() : try RPCBody.decode(BridgeListRequest.self, body, type: type))
         case .stats: return .stats
         case .acknowledgeExit: return .acknowledgeExit(try RPCBody.decode(AcknowledgeExitRequest.self, body, type: type))
         case .hello, .exit, .ok, .error, nil: throw RPCBody.unknown(type)
@@ -47,7 +47,8 @@ public enum BridgeRequest: RPCRequest, Equatable {
         case .signal(let request): return ControlJSON.encode(request)
         case .resize(let request): return ControlJSON.encode(request)
         case .closeStdin(let request): return ControlJSON.encode(request)
-        case .list, .stats: return RPCBody.empty
+        case .list(let request): return ControlJSON.encode(request)
+        case .stats: return RPCBody.empty
         case .acknowledgeExit(let request): return ControlJSON.encode(request)
         }
     }

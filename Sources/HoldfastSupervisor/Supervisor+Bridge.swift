@@ -59,11 +59,21 @@ extension Supervisor {
         case .closeStdin(let request):
             try await closeStdin(request.id)
             return .empty
-        case .list:
+        case .list(let request):
+            // Sorted by id, so that `processesAfter` pages through them.
+            var list = processStatuses().sorted { $0.id.utf8.lexicographicallyPrecedes($1.id.utf8) }
+            if let after = request.processesAfter { list.removeAll { !after.utf8.lexicographicallyPrecedes($0.id.utf8) } }
+            guard request.streams ?? true else {
+                // The processes alone: the broker is not asked (its listing of every stream, every
+                // second a host polls for processes gone), and they have the whole frame.
+                let (processesFit, processesOmitted) = FrameBudget.fit(list) { BridgeListResponse(processes: $0, streams: []) }
+                var reply = processesFit
+                if processesOmitted > 0 { reply.omittedProcesses = processesOmitted }
+                return RPCReply(reply)
+            }
             // A broker that does not answer (stopped, or not finishing dying) costs the list its
             // streams, not its answer; the list says so.
             let streams = await brokerStreams()
-            let list = processStatuses()
             let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
             let (reply, omitted) = FrameBudget.fit(streams ?? []) {
                 BridgeListResponse(processes: processesFit, streams: $0)

@@ -155,6 +155,30 @@ struct BridgeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// `list` without streams, paged: the processes alone, sorted by id, from after the id
+    /// given — and the broker is not asked (stopped here: a full list would wait for it and say
+    /// its streams are unavailable). A host polling for processes gone from the guest asks this
+    /// every second; the full list cost the guest a listing of every stream each time, and past
+    /// about 680 processes it was cut short and the host threw it away.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aListOfTheProcessesAlonePagesByID() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let ids = (0..<12).map { String(format: "pg-%02d", $0) }
+        for id in ids.shuffled() { _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["sleep", "60"])) }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        kill(broker, SIGSTOP)
+        defer { kill(broker, SIGCONT) }
+        let all = try await daemon.bridge.list(BridgeListRequest(streams: false))
+        #expect(all.processes.map(\.id) == ids, "every process, by id")
+        #expect(all.streams.isEmpty && all.streamsUnavailable == nil && all.omittedProcesses == nil, "the broker not asked")
+        let page = try await daemon.bridge.list(BridgeListRequest(streams: false, processesAfter: "pg-05"))
+        #expect(page.processes.map(\.id) == Array(ids.dropFirst(6)))
+        let full = try await daemon.bridge.list()
+        #expect(full.processes.map(\.id) == ids && full.streamsUnavailable != nil, "the full list, as before")
+        kill(broker, SIGCONT)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A tty process run as another user owns its terminal (as login and runc make it): before,
     /// it stayed root's, and what opens its terminal by name (`screen`, `script`) was refused.
     /// A tty spec without stdout, whose terminal would be hung up at once, is refused.

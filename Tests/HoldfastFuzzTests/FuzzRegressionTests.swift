@@ -40,7 +40,7 @@ struct FuzzRegressionTests {
         func decode(_ frame: ControlFrame) -> Result<BridgeRequest, HoldfastError> {
             Result { () throws(HoldfastError) in try BridgeRequest.decode(type: frame.type, body: frame.body, descriptorCount: 0) }
         }
-        #expect(try decode(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")).get() == .list)
+        #expect(try decode(Self.frame(BridgeMessageType.list.rawValue, id: 3, "{}")).get() == .list())
         #expect(try decode(Self.frame(BridgeMessageType.signal.rawValue, id: 3, #"{"id":"p","signal":15}"#)).get() == .signal(SignalRequest(id: "p", signal: 15)))
         #expect(RPCFrameType.isReply(BridgeMessageType.ok.rawValue), "a reply is never taken as a request")
         guard case .failure(let unknown) = decode(Self.frame(0x4242, id: 3, "{}")) else {
