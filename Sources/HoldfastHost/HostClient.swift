@@ -292,13 +292,18 @@ public enum HostClient {
         }
         Task {
             let result = await waiting.value
+            // Another client took the streams: this one lets go (its sockets are closed already).
+            if case .failure(let error) = result, error.code == .attachedElsewhere { detach.fire(.anotherClient) }
             detach.finish(result)
         }
         switch await detach.first() {
         case .detached(let cause):
             // The process runs on: host serve is told, so its output goes on into its log (not
-            // held for the next client), then our sockets close.
-            _ = try? await client.call(HostRequest.detach(ProcessIDRequest(id: started.id)), reply: [String: String].self)
+            // held for the next client), then our sockets close — unless another client has
+            // them: its output is that client's.
+            if cause != .anotherClient {
+                _ = try? await client.call(HostRequest.detach(ProcessIDRequest(id: started.id)), reply: [String: String].self)
+            }
             inputCopy?.cancel()
             for socket in outputSockets { socket.close() }
             for output in outputs { output.cancel() }

@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import NIOConcurrencyHelpers
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -175,18 +176,22 @@ public final class HostService: Sendable {
     /// client).
     private func serveClient(_ channel: FDChannel) async {
         defer { channel.close() }
+        let client = nextClient.wrappingAdd(1, ordering: .relaxed).newValue
         _ = await RPCServer.serve(channel, as: HostRequest.self, inFlight: 64, cancelWhenClosed: true) { [self] request, _ async throws(HoldfastError) -> RPCReply in
-            try await handle(request)
+            try await handle(request, from: client)
         }
     }
 
-    private func handle(_ request: HostRequest) async throws(HoldfastError) -> RPCReply {
+    /// Numbers the control clients (which one has a process's sockets: `HostedProcess.attached`).
+    private let nextClient = Atomic<UInt64>(0)
+
+    private func handle(_ request: HostRequest, from client: UInt64) async throws(HoldfastError) -> RPCReply {
         switch request {
         case .run(let request):
-            let (body, descriptors) = try await start(request)
+            let (body, descriptors) = try await start(request, client: client)
             return RPCReply(body: body, descriptors: descriptors)
         case .wait(let request):
-            return RPCReply(try await wait(request))
+            return RPCReply(try await wait(request, from: client))
         case .closeStdin(let request):
             try closeStdin(request.id)
             return .empty
@@ -210,7 +215,7 @@ public final class HostService: Sendable {
             try await bridge.resize(request.id, rows: request.rows, columns: request.columns)
             return .empty
         case .attach(let request):
-            let (body, descriptors) = try attach(request.id)
+            let (body, descriptors) = try attach(request.id, client: client)
             return RPCReply(body: body, descriptors: descriptors)
         case .stats:
             return RPCReply(stats)
@@ -229,7 +234,7 @@ public final class HostService: Sendable {
         }
     }
 
-    private func wait(_ request: HostWaitRequest) async throws(HoldfastError) -> HostWaitResponse {
+    private func wait(_ request: HostWaitRequest, from client: UInt64) async throws(HoldfastError) -> HostWaitResponse {
         if let milliseconds = request.drainTimeoutMilliseconds, !(0...86_400_000).contains(milliseconds) {
             throw HoldfastError(.badRequest, "the drain timeout must be 0 to 86400000 ms")
         }
@@ -241,8 +246,36 @@ public final class HostService: Sendable {
         if let milliseconds = request.drainTimeoutMilliseconds {
             process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
         }
-        guard let outcome = await process.waitForOutcome(untilExit: request.untilExit ?? false) else { throw Self.closing }
-        return outcome
+        let untilExit = request.untilExit ?? false
+        guard process.isAttached(client) else {
+            guard let outcome = await process.waitForOutcome(untilExit: untilExit) else { throw Self.closing }
+            return outcome
+        }
+        // The client with the sockets: it also hears when another client takes them (before, it
+        // sat raw and deaf until the process ended, and a signal to it — its terminal closed —
+        // was passed on to the process the other client now used).
+        enum Ending: Sendable {
+            case outcome(HostWaitResponse?)
+            case displaced(Bool)
+        }
+        let ending = await withTaskGroup(of: Ending.self) { group in
+            group.addTask { .outcome(await process.waitForOutcome(untilExit: untilExit)) }
+            group.addTask { .displaced(await process.waitUntilDisplaced(client)) }
+            var result: Ending = .outcome(nil)
+            for await next in group {
+                if case .displaced(false) = next { continue }  // cancelled: the outcome decides
+                result = next
+                break
+            }
+            group.cancelAll()
+            return result
+        }
+        switch ending {
+        case .outcome(let outcome?): return outcome
+        case .outcome(nil): throw Self.closing
+        case .displaced:
+            throw HoldfastError(.attachedElsewhere, "another client attached to '\(request.id)' and has its streams now")
+        }
     }
 
     private static let closing = HoldfastError(.closing, "host serve is closing")
@@ -425,7 +458,7 @@ public final class HostService: Sendable {
 
     /// Opens the process's streams here, creates it in the guest, and returns one local socket
     /// per stream for the client (none for a detached start: its client is a later `attach`).
-    private func start(_ request: HostRunRequest) async throws(HoldfastError) -> ([UInt8], [Int32]) {
+    private func start(_ request: HostRunRequest, client: UInt64) async throws(HoldfastError) -> ([UInt8], [Int32]) {
         let id = request.id ?? request.container.map { "\($0).exec\(UInt16.random(in: 0..<UInt16.max))" } ?? "p\(UInt32.random(in: 0..<UInt32.max))"
         let detached = request.detach ?? false
         // A detached process has stdin only if asked (-i) or if it has a terminal.
@@ -510,6 +543,7 @@ public final class HostService: Sendable {
         }
         // Which daemon runs it; if another one said hello meanwhile, it is already gone.
         table.created(process, pid: created.pid, by: GuestIdentity(created.hello))
+        if !detached { process.attached(by: client) }
         say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")\(detached ? " (detached)" : "")")
         return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: detached ? [] : kinds, tty: request.tty)), local)
     }
@@ -525,7 +559,7 @@ public final class HostService: Sendable {
     /// `host attach`: new local sockets for a process's streams; the previous client's are
     /// closed. Output produced while no client was attached waited for this one. A process
     /// already finished gets no sockets; its `wait` answers at once.
-    private func attach(_ id: String) throws(HoldfastError) -> ([UInt8], [Int32]) {
+    private func attach(_ id: String, client: UInt64) throws(HoldfastError) -> ([UInt8], [Int32]) {
         guard let (process, known) = table.lookup(id) else { throw Self.closing }
         guard let process else {
             if known != nil { return (ControlJSON.encode(HostRunResponse(id: id, pid: 0, streams: [])), []) }
@@ -534,6 +568,7 @@ public final class HostService: Sendable {
         let outlets = process.outlets
         let kinds = ["stdin", "stdout", "stderr"].filter { outlets[$0].map { !$0.isClosed } ?? false }
         let local = try connectClient(to: kinds.compactMap { outlets[$0] })
+        process.attached(by: client)
         say("process \(id): client attached (\(kinds.joined(separator: ", ")))")
         let pid = process.state.withLockedValue { $0.pid } ?? 0
         return (ControlJSON.encode(HostRunResponse(id: id, pid: pid, streams: kinds, tty: process.tty)), local)

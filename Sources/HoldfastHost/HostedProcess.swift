@@ -60,6 +60,10 @@ final class HostedProcess: Sendable {
         /// outcome alone (true).
         var waiters: [UInt64: (continuation: CheckedContinuation<HostWaitResponse?, Never>, untilExit: Bool)] = [:]
         var nextWaiter: UInt64 = 0
+        /// The control client whose sockets carry the streams now (`run` or `attach`), and the
+        /// waits of such clients for another to take its place (`waitUntilDisplaced`).
+        var attachedClient: UInt64?
+        var displacementWaiters: [UInt64: (client: UInt64, continuation: CheckedContinuation<Bool, Never>)] = [:]
     }
 
     let id: String
@@ -211,6 +215,42 @@ final class HostedProcess: Sendable {
             }
         } onCancel: {
             state.withLockedValue { $0.waiters.removeValue(forKey: id) }?.continuation.resume(returning: nil)
+        }
+    }
+
+    /// Control client `client` now has the streams' sockets: a client that had them is told,
+    /// through its `waitUntilDisplaced`.
+    func attached(by client: UInt64) {
+        let displaced = state.withLockedValue { s -> [CheckedContinuation<Bool, Never>] in
+            s.attachedClient = client
+            let gone = s.displacementWaiters.filter { $0.value.client != client }
+            for key in gone.keys { s.displacementWaiters.removeValue(forKey: key) }
+            return gone.values.map(\.continuation)
+        }
+        for waiter in displaced { waiter.resume(returning: true) }
+    }
+
+    /// Whether control client `client` has the streams' sockets now.
+    func isAttached(_ client: UInt64) -> Bool { state.withLockedValue { $0.attachedClient == client } }
+
+    /// Returns true once another client attached in place of `client`; false if cancelled first.
+    func waitUntilDisplaced(_ client: UInt64) async -> Bool {
+        let id = state.withLockedValue { s -> UInt64 in
+            s.nextWaiter &+= 1
+            return s.nextWaiter
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let done = state.withLockedValue { s -> Bool? in
+                    if s.attachedClient != client { return true }
+                    if Task.isCancelled { return false }
+                    s.displacementWaiters[id] = (client, continuation)
+                    return nil
+                }
+                if let done { continuation.resume(returning: done) }
+            }
+        } onCancel: {
+            state.withLockedValue { $0.displacementWaiters.removeValue(forKey: id) }?.continuation.resume(returning: false)
         }
     }
 

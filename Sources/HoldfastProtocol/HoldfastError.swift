@@ -66,6 +66,8 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
         case guestNotAnswering = "guest-not-answering"
         case noHostService = "no-host-service"
         case hostServeGone = "host-serve-gone"
+        /// Another client attached to the process: this one's streams were handed to it.
+        case attachedElsewhere = "attached-elsewhere"
         case closing = "closing"
         case localFailed = "local-failed"
         /// A code this build does not know (a newer peer's): the message starts with it.

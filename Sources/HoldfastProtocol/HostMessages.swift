@@ -336,6 +336,9 @@ public enum HostRunOutcome: Sendable, Equatable {
         /// closed terminal) and passed it on to the process before it let go, as podman's
         /// `--sig-proxy` does.
         case passedOn(signal: Int32)
+        /// Another client attached to the process (`host attach` elsewhere) and took its
+        /// streams: this one let go, passing nothing on.
+        case anotherClient
     }
 
     /// The client's exit status: the process's own (its code, or 128 + the signal that killed

@@ -317,6 +317,10 @@ func finishHostCommand(
         throw ExitCode(HostExitCode.holdfastFailure)
     case .detached(let id, let cause):
         // On a line of its own: a terminal in raw mode may have left the cursor mid-line.
+        guard cause != .anotherClient else {
+            writeError("\r\nanother client attached to \(id) and has it now; this one let go (holdfast host attach \(id) takes it back)")
+            throw ExitCode.success
+        }
         writeError("\r\ndetached; reattach with: holdfast host attach \(id)")
         switch cause {
         case .detachKeys:
@@ -327,6 +331,8 @@ func finishHostCommand(
         case .passedOn(let number):
             writeError("holdfast \(name): \(SignalNames.name(number)) passed on to \(id); its output goes on into its log (holdfast host logs \(id))")
             dieOf(number)
+        case .anotherClient:
+            throw ExitCode.success  // said above
         }
     }
 }

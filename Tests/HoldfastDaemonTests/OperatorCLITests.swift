@@ -342,9 +342,15 @@ struct OperatorCLITests {
         let third = try TestTerminal()
         defer { third.close() }
         let last = try serve.start(["attach", "shell"], stdin: third.slave, stdout: third.slave)
+        // The client it displaced lets go at once, saying so, while the process runs on (before,
+        // it sat deaf until the process ended, and a signal to it — its terminal closed — was
+        // passed on to the process the new client now used).
+        let displaced = try await scripted.finish(within: .seconds(30))
+        #expect(displaced.status == .exited(0) && displaced.err.contains("another client attached to shell"), "\(displaced.err)")
+        try await third.type("echo still-$((2+3))\n")
+        try await third.expect("still-5")
         try await third.type("exit 3\n")
         #expect(try await last.finish().status == .exited(3))
-        #expect(try await scripted.finish().status == .exited(3), "the displaced client hears the outcome too")
     }
 
     /// `-d` prints the id and returns; `logs` shows the output kept (during and after), `-f`
