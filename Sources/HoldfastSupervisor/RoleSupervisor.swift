@@ -136,7 +136,10 @@ final class RoleSupervisor: Sendable {
                 let unlogged = state.withLockedValue { s -> Int? in
                     s.startFailure = "\(error)"
                     s.failedStarts += 1
-                    return s.startFailureLog.note("\(error)")
+                    // Keyed by the text without its numbers: a refusal naming a pid (another
+                    // process running as the broker's user) is the same failure each time, and
+                    // keyed whole it was never paced and each new pid stayed in the pacer.
+                    return s.startFailureLog.note(String("\(error)".filter { !$0.isNumber }))
                 }
                 if let unlogged {
                     var metadata: Logger.Metadata = ["role": "\(name)", "error": "\(error)"]
