@@ -177,24 +177,19 @@ public enum HostClient {
             LocalTerminal.forget()
         }
         // Window changes follow the process: SIGWINCH → the terminal's new size → resize.
-        var resizer: Task<Void, Never>?
+        var resizers: [Task<Void, Never>] = []
         if tty, isatty(stdio.input) != 0, let winch = try? SignalPipe(signals: [SIGWINCH]) {
             let id = started.id
             let terminal = stdio.input
-            resizer = Task {
-                // The terminal may have changed size while no client was attached.
-                if let size = try? Terminal.size(of: terminal) {
-                    _ = try? await client.call(
-                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
-                }
-                while await winch.next() != nil {
-                    guard let size = try? Terminal.size(of: terminal) else { continue }
-                    _ = try? await client.call(
-                        HostRequest.resize(ProcessResizeRequest(id: id, rows: size.rows, columns: size.columns)), reply: [String: String].self)
-                }
-            }
+            let sizes = WantedSize()
+            // The terminal may have changed size while no client was attached.
+            sizes.want(try? Terminal.size(of: terminal))
+            resizers.append(Task {
+                while await winch.next() != nil { sizes.want(try? Terminal.size(of: terminal)) }
+            })
+            resizers.append(Task { await sizes.apply(id: id, through: client) })
         }
-        defer { resizer?.cancel() }
+        defer { for task in resizers { task.cancel() } }
         // Our stdin's file status flags: reading it through the reactor makes it non-blocking,
         // which the terminal (shared with the shell) must not keep after we are gone.
         let inputFlags = fcntl(stdio.input, F_GETFL)
@@ -487,5 +482,47 @@ public enum LocalTerminal {
         guard let saved = saved.withLockedValue({ current in defer { current = nil }; return current }) else { return }
         if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
         if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+    }
+}
+
+/// The size the client's terminal has, to be applied to the process's until one request for it
+/// is answered: a resize refused or lost (the guest away for a migration's blackout past the
+/// request's bound, a bridge that dropped with it on it) was never sent again, and the process
+/// kept the old size until the next resize.
+final class WantedSize: Sendable {
+    private let state = NIOLockedValueBox<(wanted: WindowSize?, applied: WindowSize?)>((nil, nil))
+    private let changed = ChangeSignal()
+
+    func want(_ size: WindowSize?) {
+        guard let size else { return }
+        state.withLockedValue { $0.wanted = size }
+        changed.notify()
+    }
+
+    /// Sends the wanted size until it is applied, again after each change, until cancelled. A
+    /// failure is tried again a second later (or at once for a newer size); a process gone or a
+    /// request refused as bad ends it.
+    func apply(id: String, through client: ControlClient) async {
+        while !Task.isCancelled {
+            let generation = changed.generation
+            let (wanted, applied) = state.withLockedValue { ($0.wanted, $0.applied) }
+            guard let wanted, wanted != applied else {
+                await changed.wait(since: generation, timeout: .seconds(3600))
+                continue
+            }
+            do {
+                _ = try await client.call(
+                    HostRequest.resize(ProcessResizeRequest(id: id, rows: wanted.rows, columns: wanted.columns)), reply: [String: String].self)
+                state.withLockedValue { $0.applied = wanted }
+            } catch {
+                switch error.code {
+                case .noSuchProcess, .badRequest, .notRunning, .noTTY, .channelClosed, .hostServeGone, .closing: return
+                case .resizeFailed:
+                    // The guest holds it, and applies it when the terminal lets go.
+                    state.withLockedValue { $0.applied = wanted }
+                default: await changed.wait(since: generation, timeout: .seconds(1))
+                }
+            }
+        }
     }
 }

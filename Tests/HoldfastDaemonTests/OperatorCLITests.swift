@@ -228,6 +228,32 @@ struct OperatorCLITests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A window resized while the guest is away past a request's bound (a migration's 12 s
+    /// blackout; a resize waits 10 s for the guest) reaches the process once it is back: the
+    /// client sends the size again until one is answered. Before, the failed request was the
+    /// end of it, and the process kept the old size until the next resize.
+    @Test(.enabled(if: DaemonFixture.canRun, "\(needsRoot)")) func aResizeDuringABlackoutReachesTheProcessAfter() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let terminal = try TestTerminal()
+        defer { terminal.close() }
+        let client = try serve.start(
+            ["run", "-t", "--id", "sized", "--", "sh", "-c", "trap 'stty size' WINCH; echo ready; while :; do sleep 0.1; done"],
+            stdin: terminal.slave, stdout: terminal.slave)
+        try await terminal.expect("ready")
+        let migration = Task { try await serve.cli(["migrate", "--blackout", "12000"], within: .seconds(60)) }
+        try await eventually("host serve sees the guest gone") { (try? await HostClient.stats(control: serve.control).guestConnected) == false }
+        try Terminal.resize(fd: terminal.slave, to: WindowSize(rows: 30, columns: 100))
+        kill(client.pid, SIGWINCH)
+        #expect(try await migration.value.status == .exited(0))
+        try await terminal.expect("30 100")
+        kill(client.pid, SIGINT)
+        _ = try await client.finish()
+        _ = try await serve.cli(["stop", "sized"])
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A client that goes away (killed) does not end the process's stdin: the next `attach`
     /// takes it over — its lines arrive — and the end of *its* stdin is the end of the
     /// process's. Ctrl-C (SIGINT) detaches the same way and says how to reattach.
