@@ -557,9 +557,11 @@ final class AdoptedProcess: Sendable {
         }
         results += outputs.indices.compactMap { finished[$0] }
         let heldOpen = outputs.indices.filter { finished[$0]?.ending == DrainedNotification.StreamResult.stillOpen }.map { outputs[$0] }
-        // An input reports only what crashes did to it (its bytes are not output to drain).
-        for stream in all where stream.output == nil {
-            let lost = stream.transports.reduce(0) { $0 + ($1.lostBytes ?? 0) }
+        // An input reports only what crashes did to it (its bytes are not output to drain) — a
+        // terminal's input too, in an entry of its own beside its output's (it was left out:
+        // typed bytes a broker crash repeated into the terminal were never reported).
+        for stream in all where stream.input != nil {
+            let lost = stream.input?.lostBytes ?? 0
             let repeated = stream.inputCheckpoint?.repeated ?? 0
             if lost > 0 || repeated > 0 {
                 results.append(.init(

@@ -32,14 +32,18 @@ public enum HostClient {
         /// Returns a signal the client was sent that the process is to be sent too (then the
         /// client lets go); nil when there will be none.
         public var passOn: (@Sendable () async -> Int32?)?
+        /// Called once the process has started (or been attached to), before its streams are
+        /// wired: until then there is nothing to detach from or pass a signal on to.
+        public var started: (@Sendable () -> Void)?
 
         public init(
             detachKeys: DetachKeys = .default, interrupted: (@Sendable () async -> Void)? = nil,
-            passOn: (@Sendable () async -> Int32?)? = nil
+            passOn: (@Sendable () async -> Int32?)? = nil, started: (@Sendable () -> Void)? = nil
         ) {
             self.detachKeys = detachKeys
             self.interrupted = interrupted
             self.passOn = passOn
+            self.started = started
         }
 
         /// No detaching: a library caller's or a test's client runs until the outcome.
@@ -151,6 +155,7 @@ public enum HostClient {
         _ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool, drainTimeout: Duration, stdio: Stdio,
         interaction: Interaction
     ) async throws(HoldfastError) -> HostRunOutcome {
+        interaction.started?()
         let started: HostRunResponse
         do {
             started = try ControlJSON.decode(HostRunResponse.self, from: reply.frame.body, frameType: reply.frame.type)

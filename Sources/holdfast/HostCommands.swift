@@ -5,6 +5,7 @@ import HoldfastHost
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTools
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -180,9 +181,19 @@ struct DetachKeysOption: ParsableArguments {
         }
         let (interrupts, interrupt) = AsyncStream<Void>.makeStream()
         let (passed, pass) = AsyncStream<Int32>.makeStream()
+        // Until the process has started (the create may wait 30 s for a guest) there is nothing
+        // to detach from or pass a signal on to: the client ends at once, as Ctrl-C means.
+        // Before, the signal waited for the start: Ctrl-C did nothing for as long, and the
+        // process was then started and left running with no client.
+        let starting = StartingFlag()
         Task {
             var passing = false
             while let received = await pipe.next() {
+                if starting.value.withLock({ $0 }) {
+                    writeError(
+                        "\nholdfast host: \(SignalNames.name(received.number)) before the process started; if the guest starts it still, 'holdfast host ps' lists it")
+                    dieOf(received.number)
+                }
                 if received.number == SIGINT {
                     interrupt.yield()
                 } else if passing {
@@ -203,7 +214,8 @@ struct DetachKeysOption: ParsableArguments {
             passOn: {
                 for await number in passed { return number }
                 return nil
-            })
+            },
+            started: { starting.value.withLock { $0 = false } })
     }
 }
 
@@ -335,6 +347,11 @@ func finishHostCommand(
             throw ExitCode.success  // said above
         }
     }
+}
+
+/// Whether a client's process is still being started (`DetachKeysOption.interaction`).
+private final class StartingFlag: Sendable {
+    let value = Mutex(true)
 }
 
 /// Ends this client as killed by `number`, as a shell expects of a command that was sent it.

@@ -478,6 +478,24 @@ struct OperatorCLITests {
         }
     }
 
+    /// Ctrl-C while the process is still being started (here no guest: the create waits up to
+    /// 30 s for one) ends the client at once, saying so. Before, the signal waited for the
+    /// start: Ctrl-C did nothing for as long, and a process started then was left running with
+    /// no client.
+    @Test(.enabled(if: DaemonFixture.canRun, "\(needsRoot)")) func aSignalBeforeTheStartEndsTheClientAtOnce() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        #expect(try await daemon.stop() == .exited(0))
+        try await eventually("host serve sees the guest gone") { (try? await HostClient.stats(control: serve.control).guestConnected) == false }
+        let client = try serve.start(["run", "--", "true"])
+        try await eventually("the client waits for a guest") { client.err.contains("no guest is connected") }
+        kill(client.pid, SIGINT)
+        let ended = try await client.finish(within: .seconds(10))
+        #expect(ended.status == .signaled(SIGINT), "\(ended.err)")
+        #expect(ended.err.contains("SIGINT before the process started"), "\(ended.err)")
+    }
+
     /// Feedback: `migrate` says what it did; a `run` with no guest says what it waits for and,
     /// at the end, for how long in words a person reads (not "29.999997352 seconds").
     @Test(.enabled(if: DaemonFixture.canRun, "\(needsRoot)")) func migrateAndWaitsSayWhatTheyDo() async throws {
