@@ -187,6 +187,7 @@ public enum BridgeWorker {
                 link = .up(frames)
             }
             let connectedAt = ContinuousClock.now
+            backoff.connected()
             logger.info("bridge connected", metadata: ["address": "\(options.address)", "pending-exits": "\(hello.exits.count)"])
             await notify(client, .bridgeUp)
             if Failpoint.once(Failpoint.workerBreaksFraming, process: "bridge"), let channel = (client.transport as? SeqpacketFrames)?.channel {

@@ -442,15 +442,19 @@ final class AdoptedProcess: Sendable {
     let identities: Set<ResumableIdentity>
     private let streams = NIOLockedValueBox<[ManagedStream]>([])
     private let terminalSizer = NIOLockedValueBox<TerminalSizer?>(nil)
-    private let exitTold = NIOLockedValueBox(false)
+    private let exitMarking = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
     deinit { LiveObjects.processes.subtract(1, ordering: .relaxed) }
 
-    /// Notes that its exit was said; true only the first time (one drain per process).
-    func noteExit() -> Bool {
-        exitTold.withLockedValue { told in
-            defer { told = true }
-            return !told
+    /// Its exit was said: the first call's `mark` runs (once), and every call gets it to await —
+    /// a repeat is answered only once what the first one writes before its answer is written.
+    /// `first`: this call is the one that drains.
+    func markExit(_ mark: @escaping @Sendable () async -> Void) -> (marking: Task<Void, Never>, first: Bool) {
+        exitMarking.withLockedValue { marking in
+            if let marking { return (marking, false) }
+            let task = Task { await mark() }
+            marking = task
+            return (task, true)
         }
     }
 

@@ -496,18 +496,21 @@ public final class Broker: Sendable {
     /// no telling back.
     public func processExited(_ request: ProcessExitedRequest, by caller: ProcessOwner? = nil) async throws(HoldfastError) {
         let adopted = try managed(request.process, by: caller)
-        // Said again (a runtime that retries, or one that repeats it on purpose): answered, and
-        // nothing more — the first drain reports. Each repeat started a drain of its own (a task,
-        // a timer per output, its own `drained`), held as long as the timeout it named: a peer
-        // repeating it with a day's timeout grew the broker without bound.
-        guard adopted.noteExit() else { return }
+        // Said again (a runtime that retries, or one that repeats it on purpose): answered once
+        // the first one's mark is written, and nothing more — the first drain reports. Each
+        // repeat started a drain of its own (a task, a timer per output, its own `drained`), held
+        // as long as the timeout it named: a peer repeating it with a day's timeout grew the
+        // broker without bound.
         let byPeer = caller != nil
-        if byPeer, handoffs.withLockedValue({ $0.has(request.process) }) {
+        let (marking, first) = adopted.markExit { [self] in
+            guard byPeer, handoffs.withLockedValue({ $0.has(request.process) }) else { return }
             // Written before the answer: a crash during the drain leaves the supervisor to tell
             // the next broker, which would otherwise relay the process for good.
             await notifications.send(.handoffExited(ProcessRequest(process: request.process)))
             Failpoint.pass(Failpoint.brokerExitMarked, process: request.process)
         }
+        await marking.value
+        guard first else { return }
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
             let (results, heldOpen) = await adopted.drain(timeout: timeout)

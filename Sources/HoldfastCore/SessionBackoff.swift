@@ -12,6 +12,8 @@ public struct SessionBackoff: Sendable, Equatable {
     public let max: Duration
     /// The pause a failure now waits.
     public private(set) var next: Duration
+    /// Sessions in a row that ended at once.
+    public private(set) var briefSessions = 0
 
     public init(initial: Duration, max: Duration) {
         self.initial = initial
@@ -26,9 +28,20 @@ public struct SessionBackoff: Sendable, Equatable {
         return pause
     }
 
+    /// A connection was made and its handshake passed: the pause the dials before it grew (a
+    /// blackout's) is over — unless the sessions before it ended at once, whose pause goes on
+    /// growing until one is in use.
+    public mutating func connected() {
+        if briefSessions == 0 { next = initial }
+    }
+
     /// A session ended after `lasted`: a brief one is a failure; one that was in use starts over.
     public mutating func ended(after lasted: Duration) -> Duration {
-        guard lasted >= Self.briefSession else { return failed() }
+        guard lasted >= Self.briefSession else {
+            briefSessions += 1
+            return failed()
+        }
+        briefSessions = 0
         next = initial
         return initial
     }

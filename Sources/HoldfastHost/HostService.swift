@@ -196,7 +196,7 @@ public final class HostService: Sendable {
             try closeStdin(request.id)
             return .empty
         case .detach(let request):
-            try detach(request.id)
+            try detach(request.id, client: client)
             return .empty
         case .list:
             return RPCReply(try await bridge.list())
@@ -247,6 +247,7 @@ public final class HostService: Sendable {
             process.state.withLockedValue { $0.drainTimeout = .milliseconds(milliseconds) }
         }
         let untilExit = request.untilExit ?? false
+        if process.wasDisplaced(client) { throw Self.attachedElsewhere(request.id) }
         guard process.isAttached(client) else {
             guard let outcome = await process.waitForOutcome(untilExit: untilExit) else { throw Self.closing }
             return outcome
@@ -274,8 +275,12 @@ public final class HostService: Sendable {
         case .outcome(let outcome?): return outcome
         case .outcome(nil): throw Self.closing
         case .displaced:
-            throw HoldfastError(.attachedElsewhere, "another client attached to '\(request.id)' and has its streams now")
+            throw Self.attachedElsewhere(request.id)
         }
+    }
+
+    private static func attachedElsewhere(_ id: String) -> HoldfastError {
+        HoldfastError(.attachedElsewhere, "another client attached to '\(id)' and has its streams now")
     }
 
     private static let closing = HoldfastError(.closing, "host serve is closing")
@@ -578,12 +583,15 @@ public final class HostService: Sendable {
     /// waiting for the next client and go on into its log, as a detached start's do — before,
     /// they waited: `logs -f` showed nothing new, and the process blocked once its pipes and
     /// rings were full, until someone attached.
-    private func detach(_ id: String) throws(HoldfastError) {
+    private func detach(_ id: String, client: UInt64) throws(HoldfastError) {
         guard let (process, known) = table.lookup(id) else { throw Self.closing }
         guard let process else {
             if known != nil { return }  // it ended meanwhile
             throw HoldfastError(.noSuchProcess, "no process '\(id)' started by this host serve")
         }
+        // A client another one displaced (its keys or Ctrl-C before it heard): the output is
+        // the new client's, not to be let go of.
+        guard !process.wasDisplaced(client) else { throw Self.attachedElsewhere(id) }
         for kind in ["stdout", "stderr"] { process.outlets[kind]?.letGoOfOutput() }
         say("process \(id): client detached; its output goes on into its log")
     }

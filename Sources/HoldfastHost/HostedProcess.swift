@@ -63,6 +63,9 @@ final class HostedProcess: Sendable {
         /// The control client whose sockets carry the streams now (`run` or `attach`), and the
         /// waits of such clients for another to take its place (`waitUntilDisplaced`).
         var attachedClient: UInt64?
+        /// The last clients that had the sockets before it (a few: a client asks within moments
+        /// of its attach, or not at all).
+        var formerClients: [UInt64] = []
         var displacementWaiters: [UInt64: (client: UInt64, continuation: CheckedContinuation<Bool, Never>)] = [:]
     }
 
@@ -222,6 +225,11 @@ final class HostedProcess: Sendable {
     /// through its `waitUntilDisplaced`.
     func attached(by client: UInt64) {
         let displaced = state.withLockedValue { s -> [CheckedContinuation<Bool, Never>] in
+            if let previous = s.attachedClient, previous != client {
+                s.formerClients.append(previous)
+                if s.formerClients.count > 16 { s.formerClients.removeFirst() }
+            }
+            s.formerClients.removeAll { $0 == client }
             s.attachedClient = client
             let gone = s.displacementWaiters.filter { $0.value.client != client }
             for key in gone.keys { s.displacementWaiters.removeValue(forKey: key) }
@@ -232,6 +240,14 @@ final class HostedProcess: Sendable {
 
     /// Whether control client `client` has the streams' sockets now.
     func isAttached(_ client: UInt64) -> Bool { state.withLockedValue { $0.attachedClient == client } }
+
+    /// Whether control client `client` had the sockets and another client took them: its
+    /// `wait` is answered `attached-elsewhere` (whenever it comes: a wait sent just after its
+    /// attach can arrive after the next client's), and its `detach` is refused (it would let go
+    /// of the new client's output).
+    func wasDisplaced(_ client: UInt64) -> Bool {
+        state.withLockedValue { $0.attachedClient != client && $0.formerClients.contains(client) }
+    }
 
     /// Returns true once another client attached in place of `client`; false if cancelled first.
     func waitUntilDisplaced(_ client: UInt64) async -> Bool {

@@ -63,31 +63,27 @@ extension Reactor {
         var pace = WatchPace(slow: min(stallLimit, .seconds(1)), fast: syscallLimit)
         var lastTick = ContinuousClock.now
         var lastJobSample = lastTick
-        var lateSinceJobSample = false
         while true {
             let interval = pace.interval(at: lastTick)
             Self.sleep(interval)
             let now = ContinuousClock.now
             let late = now - lastTick > interval * 1.5 + .milliseconds(50)
             lastTick = now
-            lateSinceJobSample = lateSinceJobSample || late
+            // The job judgment's own lateness is its samples' gap: a fast tick that came late
+            // (steal time) must not void it for the whole second.
             let judgeJobs = now - lastJobSample >= stallLimit
-            let jobsLate = lateSinceJobSample || now - lastJobSample > stallLimit * 1.5 + syscallLimit
-            if judgeJobs {
-                lastJobSample = now
-                lateSinceJobSample = false
-            }
-            let (stall, busy, suspect): ((Stall, runner: UInt64?, stuckTID: pid_t)?, Bool, (SyscallJudge.Sample, pid_t)?) =
+            let jobsLate = now - lastJobSample > stallLimit * 1.5 + syscallLimit
+            if judgeJobs { lastJobSample = now }
+            let (stall, busy, sample): ((Stall, runner: UInt64?, stuckTID: pid_t)?, Bool, (SyscallJudge.Sample, pid_t)?) =
                 queue.withLockedValue { q in
                     let inSyscall = syscallInProgress.load(ordering: .acquiring)
-                    let sample = q.inJob && inSyscall != 0 ? SyscallJudge.Sample(runner: q.runner, syscall: inSyscall) : nil
-                    let suspect = syscalls.tick(inSyscall: sample, late: late, stranded: q.stranded, maxStranded: maxStrandedThreads)
-                    guard judgeJobs else { return (nil, q.inJob, suspect.map { ($0, q.runnerTID) }) }
+                    let sample = q.inJob && inSyscall != 0 ? (SyscallJudge.Sample(runner: q.runner, syscall: inSyscall), q.runnerTID) : nil
+                    guard judgeJobs else { return (nil, q.inJob, sample) }
                     let job = q.inJob ? StallJudge.Job(runner: q.runner, started: q.started) : nil
                     let stuckTID = q.runnerTID
                     switch jobs.tick(running: job, late: jobsLate, stranded: q.stranded) {
                     case .nothing:
-                        return (nil, q.inJob, suspect.map { ($0, q.runnerTID) })
+                        return (nil, q.inJob, sample)
                     case .reportLimit:
                         return ((Stall(fds: syscallFDs(), strandedThreads: q.stranded, tookOver: false), nil, stuckTID), true, nil)
                     case .takeOver:
@@ -98,18 +94,28 @@ extension Reactor {
                 }
             if busy { pace.sawBusy(at: now) }
             var taken = stall
-            if taken == nil, let (sample, tid) = suspect, Self.isAsleep(tid) {
-                // Asleep in the same syscall since the last sample: taken over unless it came
-                // back (or the loop moved on) while /proc was read.
-                taken = queue.withLockedValue { q in
-                    guard q.runner == sample.runner, q.inJob, syscallInProgress.load(ordering: .acquiring) == sample.syscall,
-                        q.stranded < maxStrandedThreads
-                    else { return nil }
-                    let fds = syscallFDs()
-                    let runner = takeOver(&q)
-                    return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), runner, tid)
+            if taken != nil {
+                syscalls.reset()
+            } else {
+                // Its state read outside the queue's lock (the loop takes it for every job); only
+                // while a syscall is in progress.
+                let asleep = sample.map { Self.isAsleep($0.1) } ?? false
+                let stranded = strandedThreads
+                if let suspect = syscalls.tick(inSyscall: sample?.0, asleep: asleep, late: late, stranded: stranded, maxStranded: maxStrandedThreads),
+                    let tid = sample?.1
+                {
+                    // Asleep in the same syscall at both samples: taken over unless it came back
+                    // (or the loop moved on) since.
+                    taken = queue.withLockedValue { q in
+                        guard q.runner == suspect.runner, q.inJob, syscallInProgress.load(ordering: .acquiring) == suspect.syscall,
+                            q.stranded < maxStrandedThreads
+                        else { return nil }
+                        let fds = syscallFDs()
+                        let runner = takeOver(&q)
+                        return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), runner, tid)
+                    }
+                    if taken != nil { syscalls.reset() }
                 }
-                if taken != nil { syscalls.reset() }
             }
             guard let taken else { continue }
             var report = taken.0
@@ -188,15 +194,19 @@ extension Reactor {
             var syscall: UInt64
         }
 
-        private var last: Sample?
+        private var last: (sample: Sample, asleep: Bool)?
 
-        /// `inSyscall`: the loop's syscall at this tick, if any; `late`: the tick came well after
-        /// its time (nothing is judged, and the next tick starts over). Returns the syscall if it
-        /// is the one in progress at the tick before: the caller asks whether its thread sleeps.
-        mutating func tick(inSyscall: Sample?, late: Bool, stranded: Int, maxStranded: Int) -> Sample? {
+        /// `inSyscall`: the loop's syscall at this tick, if any, and whether its thread sleeps in
+        /// the kernel now; `late`: the tick came well after its time (nothing is judged, and the
+        /// next tick starts over). Returns the syscall if it is the one in progress at the tick
+        /// before and its thread slept at both: a lock's wait (or reclaim) of at least the
+        /// samples' interval, not a call that happened to be asleep at one instant.
+        mutating func tick(inSyscall: Sample?, asleep: Bool, late: Bool, stranded: Int, maxStranded: Int) -> Sample? {
             let previous = last
-            last = late ? nil : inSyscall
-            guard !late, let inSyscall, inSyscall == previous, stranded < maxStranded else { return nil }
+            last = late ? nil : inSyscall.map { ($0, asleep) }
+            guard !late, let inSyscall, let previous, previous.sample == inSyscall, previous.asleep, asleep, stranded < maxStranded else {
+                return nil
+            }
             return inSyscall
         }
 

@@ -332,7 +332,7 @@ struct StdioStore {
     /// entry for each batch cost 3,000 processes some 13 million string comparisons while every
     /// stream waited.
     static func first(_ limit: Int, of keys: some Sequence<String>) -> [String] {
-        guard limit < 64 else { return keys.sorted() }
+        guard limit < 64 else { return Array(keys.sorted().prefix(limit)) }
         var smallest: [String] = []
         for key in keys {
             if smallest.count == limit, let last = smallest.last, key >= last { continue }

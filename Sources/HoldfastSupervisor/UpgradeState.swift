@@ -131,14 +131,21 @@ struct UpgradeState: Codable, Sendable {
     struct MemoryLayout: Codable, Sendable, Equatable, CustomStringConvertible {
         var checkpointSlotSize: Int
         var checkpointMagic: UInt64
+        var checkpointSlots: Int
+        /// Where the slots handoff peers' processes take begin (the supervisor's are below).
+        var handoffSlotsFrom: Int
         var ringBlockSize: Int
+        var ringSlots: Int
 
         static let current = MemoryLayout(
-            checkpointSlotSize: StreamCheckpoint.slotSize, checkpointMagic: StreamCheckpoint.magic, ringBlockSize: ReplayRing.defaultBlockSize)
+            checkpointSlotSize: StreamCheckpoint.slotSize, checkpointMagic: StreamCheckpoint.magic,
+            checkpointSlots: CheckpointMemory.defaultSlotCount, handoffSlotsFrom: CheckpointMemory.handoffSlots.lowerBound,
+            ringBlockSize: ReplayRing.defaultBlockSize, ringSlots: RingMemory.defaultSlotCount)
 
         var description: String {
             let magic = withUnsafeBytes(of: checkpointMagic.bigEndian) { String(decoding: $0, as: UTF8.self) }
-            return "checkpoint slots of \(checkpointSlotSize) bytes (\(magic)), ring blocks of \(ringBlockSize) bytes"
+            return "\(checkpointSlots) checkpoint slots of \(checkpointSlotSize) bytes (\(magic)), handoff slots from \(handoffSlotsFrom), "
+                + "\(ringSlots) rings of \(ringBlockSize)-byte blocks"
         }
     }
     var memoryLayout: MemoryLayout? = .current

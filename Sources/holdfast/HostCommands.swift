@@ -127,7 +127,8 @@ let hostExitStatusHelp = """
     126 when the program cannot be executed, 127 when it is not found. The detach keys \
     (default Ctrl-P Ctrl-Q, typed on a terminal) or Ctrl-C (without -t: with a terminal it is \
     the process's) leave the process running and print how to reattach: exit 0 after the \
-    detach keys; after Ctrl-C the client ends as killed by SIGINT (130), so a script stops.
+    detach keys; after Ctrl-C the client ends as killed by SIGINT (130), so a script stops. \
+    Another client's attach takes the process from this one, which then exits 125, saying so.
     """
 
 /// `--drain-timeout`, shared by the commands that wait for a process.
@@ -330,8 +331,9 @@ func finishHostCommand(
     case .detached(let id, let cause):
         // On a line of its own: a terminal in raw mode may have left the cursor mid-line.
         guard cause != .anotherClient else {
+            // Not 0: a script's `host run job && next` must not go on as if the job were done.
             writeError("\r\nanother client attached to \(id) and has it now; this one let go (holdfast host attach \(id) takes it back)")
-            throw ExitCode.success
+            throw ExitCode(HostExitCode.holdfastFailure)
         }
         writeError("\r\ndetached; reattach with: holdfast host attach \(id)")
         switch cause {
@@ -344,7 +346,7 @@ func finishHostCommand(
             writeError("holdfast \(name): \(SignalNames.name(number)) passed on to \(id); its output goes on into its log (holdfast host logs \(id))")
             dieOf(number)
         case .anotherClient:
-            throw ExitCode.success  // said above
+            throw ExitCode(HostExitCode.holdfastFailure)  // said above
         }
     }
 }

@@ -16,4 +16,22 @@ struct SessionBackoffTests {
         #expect(backoff.failed() == .milliseconds(200), "failed dials double it too")
         #expect(backoff.next == .milliseconds(400))
     }
+
+    /// A blackout's failed dials grow the pause; the connection after it starts it over, so a
+    /// session then cut at once (a second migration) waits the first pause, not the blackout's.
+    /// Sessions that end at once, one after another, keep growing it through their connections.
+    @Test func aConnectionStartsOverTheDialsPauseButNotABriefStreaks() {
+        var backoff = SessionBackoff(initial: .milliseconds(100), max: .seconds(5))
+        for _ in 0..<10 { _ = backoff.failed() }
+        #expect(backoff.next == .seconds(5))
+        backoff.connected()
+        #expect(backoff.ended(after: .milliseconds(5)) == .milliseconds(100), "the blackout's pause is over")
+        backoff.connected()
+        #expect(backoff.ended(after: .milliseconds(5)) == .milliseconds(200), "a second brief session in a row")
+        backoff.connected()
+        #expect(backoff.ended(after: .milliseconds(5)) == .milliseconds(400))
+        backoff.connected()
+        #expect(backoff.ended(after: .seconds(10)) == .milliseconds(100), "one in use ends the streak")
+        #expect(backoff.briefSessions == 0)
+    }
 }

@@ -352,8 +352,10 @@ struct OperatorCLITests {
         // terminal's (which has no end-of-file to give): the next client still types into the
         // process. (Before, the client's end of input ended the process's stdin for good.) The
         // second lets its end of input reach host serve before the next client takes over.
+        let attaches = serve.log.components(separatedBy: "process shell: client attached").count
         let scripted = try serve.start(["attach", "shell"])
-        try await Task.sleep(for: .seconds(1))
+        try await eventually("the scripted client attached") { serve.log.components(separatedBy: "process shell: client attached").count > attaches }
+        try await Task.sleep(for: .milliseconds(500))
         // Asked for by hand, host serve refuses it for a terminal.
         let control = try await ControlClient.connect(to: serve.control)
         defer { control.close() }
@@ -362,6 +364,28 @@ struct OperatorCLITests {
             Issue.record("a terminal's input was ended")
         } catch {
             #expect(error.code == .badRequest && error.message.contains("Ctrl-D"), "\(error)")
+        }
+        // A client displaced before its wait or its detach comes is answered so at once (its
+        // detach would let go of the new client's output).
+        func attachBy(_ client: ControlClient) async throws {
+            let request = HostRequest.attach(ProcessIDRequest(id: "shell"))
+            for fd in try await client.request(request.frameType, body: request.body).descriptors { close(fd) }
+        }
+        let displacedClient = try await ControlClient.connect(to: serve.control)
+        defer { displacedClient.close() }
+        try await attachBy(displacedClient)
+        let displacing = try await ControlClient.connect(to: serve.control)
+        defer { displacing.close() }
+        try await attachBy(displacing)
+        for request in [HostRequest.wait(HostWaitRequest(id: "shell")), .detach(ProcessIDRequest(id: "shell"))] {
+            do {
+                _ = try await withTimeout("the displaced client's \(request)", .seconds(10)) { [displacedClient] in
+                    try await displacedClient.call(request, reply: [String: String].self)
+                }
+                Issue.record("\(request) from a displaced client was answered")
+            } catch let error as HoldfastError {
+                #expect(error.code == .attachedElsewhere, "\(error)")
+            }
         }
 
         // A third: the process's exit code comes back through attach.
@@ -372,7 +396,7 @@ struct OperatorCLITests {
         // it sat deaf until the process ended, and a signal to it — its terminal closed — was
         // passed on to the process the new client now used).
         let displaced = try await scripted.finish(within: .seconds(30))
-        #expect(displaced.status == .exited(0) && displaced.err.contains("another client attached to shell"), "\(displaced.err)")
+        #expect(displaced.status == .exited(125) && displaced.err.contains("another client attached to shell"), "\(displaced.err)")
         try await third.type("echo still-$((2+3))\n")
         try await third.expect("still-5")
         try await third.type("exit 3\n")

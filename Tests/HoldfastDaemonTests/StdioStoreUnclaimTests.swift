@@ -62,6 +62,7 @@ struct StdioStoreClaimOrderTests {
             #expect(StdioStore.first(limit, of: ids) == Array(ids.sorted().prefix(limit)), "limit \(limit)")
         }
         #expect(StdioStore.first(.max, of: ids) == ids.sorted())
+        #expect(StdioStore.first(100, of: ids) == Array(ids.sorted().prefix(100)), "a large limit too")
         #expect(StdioStore.first(8, of: ["b", "a", "b", "a"]) == ["a", "a", "b", "b"], "duplicates kept as a sort keeps them")
     }
 }

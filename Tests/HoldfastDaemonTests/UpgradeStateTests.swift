@@ -136,7 +136,11 @@ struct UpgradeStateTests {
         let encoded = try JSONEncoder().encode(state)
         #expect(try UpgradeState.decode(Array(encoded)).state.memoryLayout == .current, "written with this build's layout")
         var object = try #require(try JSONSerialization.jsonObject(with: encoded) as? [String: Any])
-        for change in [("checkpointSlotSize", 64 as Any), ("checkpointMagic", 0x4846_434B_5054_3031 as Any), ("ringBlockSize", 16384 as Any)] {
+        let changes: [(String, Any)] = [
+            ("checkpointSlotSize", 64), ("checkpointMagic", 0x4846_434B_5054_3031), ("checkpointSlots", 1024), ("handoffSlotsFrom", 100),
+            ("ringBlockSize", 16384), ("ringSlots", 8),
+        ]
+        for change in changes {
             var layout = try #require(object["memoryLayout"] as? [String: Any])
             layout[change.0] = change.1
             var other = object

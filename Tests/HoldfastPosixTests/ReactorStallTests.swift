@@ -186,8 +186,10 @@ struct ReactorStallTests {
             let held = try HeldLock(writingTo: victim.write)
             let ours = try AsyncFD(adopting: victim.read, reactor: reactor)
             let stuck = Task(executorPreference: reactor) { try await readExactly(ours, 1 + 4096) }
+            // (Fast sampling from round 2 on: taken over within 40 ms, maybe before this sees it.)
             try await eventually("our read of round \(round) to wait for the lock") {
-                Reactor.isAsleep(reactor.queue.withLockedValue { $0.runnerTID }) && reactor.syscallInProgress.load(ordering: .relaxed) != 0
+                reactor.stalls >= round
+                    || (Reactor.isAsleep(reactor.queue.withLockedValue { $0.runnerTID }) && reactor.syscallInProgress.load(ordering: .relaxed) != 0)
             }
             let line = bytes("heard \(round)")
             let heard = Task(executorPreference: reactor) { try await readExactly(otherReader, line.count) }
@@ -203,6 +205,7 @@ struct ReactorStallTests {
             try await eventually("round \(round)'s stuck thread to end") { reactor.strandedThreads == 0 }
         }
         #expect(reactor.stalls == 3, "each hold taken over once")
+        try await eventually("the third report") { reports.withLockedValue { $0.count } == 3 }
         let all = reports.withLockedValue { $0 }
         #expect(all.count == 3 && all.allSatisfy { $0.tookOver && $0.fds.count == 1 })
     }
@@ -239,22 +242,30 @@ struct ReactorStallTests {
         #expect(await served.value, "the new thread runs the loop")
     }
 
-    /// The judgment itself, tick by tick.
-    @Test func theSyscallJudgmentWantsOneSyscallAtTwoTimelySamples() {
+    /// The judgment itself, tick by tick: one syscall, asleep at two timely samples in a row.
+    @Test func theSyscallJudgmentWantsOneSyscallAsleepAtTwoTimelySamples() {
         typealias Sample = Reactor.SyscallJudge.Sample
         var judge = Reactor.SyscallJudge()
+        func tick(_ sample: Sample?, asleep: Bool = true, late: Bool = false, stranded: Int = 0) -> Sample? {
+            judge.tick(inSyscall: sample, asleep: asleep, late: late, stranded: stranded, maxStranded: 4)
+        }
         let a = Sample(runner: 0, syscall: 7)
-        #expect(judge.tick(inSyscall: a, late: false, stranded: 0, maxStranded: 4) == nil, "one sample judges nothing")
-        #expect(judge.tick(inSyscall: a, late: false, stranded: 0, maxStranded: 4) == a, "the same syscall at the next")
-        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 0, maxStranded: 4) == nil, "another one")
-        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: true, stranded: 0, maxStranded: 4) == nil, "a late tick")
-        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 0, maxStranded: 4) == nil, "starts over")
-        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 4, maxStranded: 4) == nil, "the limit")
-        #expect(judge.tick(inSyscall: Sample(runner: 0, syscall: 8), late: false, stranded: 3, maxStranded: 4) != nil)
+        #expect(tick(a) == nil, "one sample judges nothing")
+        #expect(tick(a) == a, "the same syscall asleep at the next")
+        let b = Sample(runner: 0, syscall: 8)
+        #expect(tick(b) == nil, "another one")
+        #expect(tick(b, late: true) == nil, "a late tick")
+        #expect(tick(b) == nil, "starts over")
+        #expect(tick(b, stranded: 4) == nil, "the limit")
+        #expect(tick(b, stranded: 3) != nil)
         judge.reset()
-        #expect(judge.tick(inSyscall: Sample(runner: 1, syscall: 8), late: false, stranded: 0, maxStranded: 4) == nil, "after a reset")
-        #expect(judge.tick(inSyscall: nil, late: false, stranded: 0, maxStranded: 4) == nil)
-        #expect(judge.tick(inSyscall: nil, late: false, stranded: 0, maxStranded: 4) == nil, "no syscall, nothing")
+        let c = Sample(runner: 1, syscall: 8)
+        #expect(tick(c) == nil, "after a reset")
+        #expect(tick(c, asleep: false) == nil, "running at the second sample")
+        #expect(tick(c) == nil, "running at the first: not asleep all along")
+        #expect(tick(c) == c)
+        #expect(tick(nil) == nil)
+        #expect(tick(nil) == nil, "no syscall, nothing")
     }
 
     /// The watchdog samples fast only while the loop was seen busy: an idle broker wakes once a
