@@ -115,6 +115,9 @@ public enum BridgeWorker {
                 "bridge authentication is off (bridge.authentication: none): any process in the guest can pose as this daemon to the host, and the host is not checked")
         }
         var backoff = SessionBackoff(initial: options.reconnectInitial, max: options.reconnectMax)
+        // Why the bridge is down, said once per cause between two connections (at debug, a
+        // guest whose host agent was down or whose address was wrong said nothing at all).
+        var dialFailures = DialFailureReport()
         while true {
             // No key, no dial: an unauthenticated connection would be refused anyway.
             var key: BridgeKey?
@@ -133,9 +136,15 @@ public enum BridgeWorker {
                 // any other guest process dials, which a flood cannot push out.
                 connection = try await Dialer.connect(to: options.address, timeout: options.connectTimeout, fromReservedPort: true)
             } catch {
-                logger.debug("bridge dial failed", metadata: ["address": "\(options.address)", "error": "\(error)"])
+                let tell = dialFailures.failed("\(error)")
+                logger.log(
+                    level: tell ? .warning : .debug, "cannot reach the host's bridge; redialling",
+                    metadata: ["address": "\(options.address)", "error": "\(error)", "failedDials": "\(dialFailures.failuresSinceConnected)"])
                 try? await Task.sleep(for: backoff.failed())
                 continue
+            }
+            if let failed = dialFailures.connected() {
+                logger.info("reached the host's bridge after failed dials", metadata: ["address": "\(options.address)", "failedDials": "\(failed)"])
             }
             // The host proves itself first; our proof and hello go out together, then its verdict.
             // Our challenge's nonce carries the key's voucher (`makeGuestNonce`): the host tells

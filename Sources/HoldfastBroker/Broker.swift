@@ -60,6 +60,22 @@ public final class Broker: Sendable {
         var reconnects: UInt64 = 0
         var undelivered: UInt64 = 0
         var lost: UInt64 = 0
+        /// What resumed streams had counted before this broker (their offsets and losses come
+        /// back from the checkpoints), taken off the counts `stats` gives: counted again, every
+        /// broker restart and live upgrade reported each live stream's whole life once more —
+        /// `holdfast_stream_lost_bytes_total` came back at every stream's past losses, as if the
+        /// upgrade had lost them.
+        var carriedToHost: UInt64 = 0
+        var carriedFromHost: UInt64 = 0
+        var carriedLost: UInt64 = 0
+
+        mutating func carry(_ streams: [StreamStatus]) {
+            for stream in streams {
+                carriedToHost &+= stream.bytesToHost
+                carriedFromHost &+= stream.bytesFromHost
+                carriedLost &+= stream.lostBytes ?? 0
+            }
+        }
     }
 
     public init(
@@ -123,9 +139,12 @@ public final class Broker: Sendable {
         })
         for (index, handle) in adopted.enumerated() where !used.contains(index) { handle?.close() }
 
+        // What resumed streams counted before this broker, read before they start moving.
+        let carried = request.streams.contains { $0.resume == true } ? streams.flatMap { $0.status(process: request.process) } : []
         if request.orphanedOutput == true {
             // Its process is done and reported; an orphan of it writes on. Not in the table: the
             // id may be the host's next process of that name by now.
+            totals.withLockedValue { $0.carry(carried) }
             process.start(streams, registry: registry)
             // Its process exited: the drain's bound applies as it did in the broker before (a
             // host that stopped taking it lets it go after the drain timeout without progress).
@@ -150,6 +169,7 @@ public final class Broker: Sendable {
                 // A handoff peer's process the supervisor hands back after a crash: its slots are ours.
                 handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }
             }
+            totals.withLockedValue { $0.carry(carried) }
             process.start(streams, registry: registry)
             return nil
         }
@@ -524,7 +544,9 @@ public final class Broker: Sendable {
             if removed { for stream in adopted.status() { record(finished: stream) } }
             let undelivered = results.reduce(0) { $0 + $1.undelivered }
             totals.withLockedValue { $0.undelivered &+= undelivered }
-            logger.info("process streams drained", metadata: [
+            // A warning when output was given up (the drain timeout): what `journalctl -p
+            // warning` must show; an exit with every byte delivered is routine.
+            logger.log(level: undelivered > 0 ? .warning : .info, "process streams drained", metadata: [
                 "process": "\(request.process)", "undelivered": "\(undelivered)",
             ])
             // A handoff peer's slots are ours to free: not while an output held open still
@@ -650,8 +672,10 @@ public final class Broker: Sendable {
     }
 
     public func stats() -> BrokerStats {
-        let streams = liveStreams()
+        // The totals first: a drain removes a process, then adds its streams to the totals, so
+        // read the other way a stream between the two was counted in both.
         let gone = totals.withLockedValue { $0 }
+        let streams = liveStreams()
         let malloc = Memory.mallocUsage()
         let handoff = handoffGate.withLockedValue { ($0.served, $0.turnedAway) }
         var stats = BrokerStats(
@@ -659,8 +683,8 @@ public final class Broker: Sendable {
             streams: streams.count,
             connected: streams.filter { $0.state == .connected }.count,
             parked: streams.filter { $0.state == .parked }.count,
-            bytesToHost: streams.reduce(gone.bytesToHost) { $0 + $1.bytesToHost },
-            bytesFromHost: streams.reduce(gone.bytesFromHost) { $0 + $1.bytesFromHost },
+            bytesToHost: Self.since(streams.reduce(gone.bytesToHost) { $0 + $1.bytesToHost }, gone.carriedToHost),
+            bytesFromHost: Self.since(streams.reduce(gone.bytesFromHost) { $0 + $1.bytesFromHost }, gone.carriedFromHost),
             reconnects: streams.reduce(gone.reconnects) { $0 + $1.reconnects },
             undelivered: gone.undelivered,
             openDescriptors: ProcessFigures.openDescriptors(),
@@ -669,7 +693,7 @@ public final class Broker: Sendable {
             mallocFreeKiB: malloc.free / 1024,
             liveProcessObjects: LiveObjects.processes.load(ordering: .relaxed),
             liveStreamObjects: LiveObjects.streams.load(ordering: .relaxed),
-            lostBytes: Self.nonZero(streams.reduce(gone.lost) { $0 + ($1.lostBytes ?? 0) }),
+            lostBytes: Self.nonZero(Self.since(streams.reduce(gone.lost) { $0 + ($1.lostBytes ?? 0) }, gone.carriedLost)),
             reactorStalls: Reactor.shared.stalls > 0 ? Reactor.shared.stalls : nil,
             strandedReactorThreads: Reactor.shared.strandedThreads > 0 ? Reactor.shared.strandedThreads : nil)
         stats.handoffConnections = handoff.0
@@ -756,6 +780,10 @@ public final class Broker: Sendable {
         Memory.returnFreePagesToTheSystem()
         return (finished, before, ProcessFigures.residentKiB(), ContinuousClock.now - started)
     }
+
+    /// `total` less what was carried in (never below 0: a stream released to its peer leaves
+    /// the sum, not what it carried in).
+    static func since(_ total: UInt64, _ carried: UInt64) -> UInt64 { total >= carried ? total - carried : 0 }
 
     func record(finished stream: StreamStatus) {
         streamsFinishedSinceTidy.withLockedValue { $0 += 1 }

@@ -109,7 +109,8 @@ final class RoleSupervisor: Sendable {
         state.withLockedValue { s in
             RoleStatus(
                 name: name, pid: s.current?.pid,
-                uptimeSeconds: s.startedAt.map { Double((ContinuousClock.now - $0).components.seconds) } ?? 0,
+                // Not running: no uptime (a broker that could not start for hours showed hours).
+                uptimeSeconds: s.current == nil ? 0 : s.startedAt.map { Double((ContinuousClock.now - $0).components.seconds) } ?? 0,
                 restarts: s.restarts, lastExit: s.lastExit)
         }
     }

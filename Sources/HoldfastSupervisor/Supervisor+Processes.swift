@@ -65,6 +65,15 @@ extension Supervisor {
         } catch {
             table.withLockedValue { $0.creates.release(id: spec.id) }
             reservation.resolve(.failure(error))
+            // Said here too: before, only the host's client heard why (a runc error, a start
+            // timeout on a hung mount, no terminal left), and the guest's journal nothing.
+            if let unsaid = startFailureLog.withLockedValue({ $0.note(error.code) }) {
+                var metadata: Logger.Metadata = [
+                    "process": "\(spec.id)", "runtime": "\(spec.runtime ?? .direct)", "code": "\(error.code.rawValue)", "error": "\(error.message)",
+                ]
+                if unsaid > 0 { metadata["unsaid"] = "\(unsaid)" }
+                logger.warning("a create failed: the process did not start", metadata: metadata)
+            }
             throw error
         }
     }

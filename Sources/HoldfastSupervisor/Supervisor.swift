@@ -54,6 +54,9 @@ public final class Supervisor: Sendable {
     /// and its output relay must not read the end meanwhile. Closed at the exit, so that the
     /// master then reads its rest and the end. Not carried across a live upgrade (close-on-exec).
     let terminalPeers = NIOLockedValueBox<[String: Int32]>([:])
+    /// Creates that failed to start, said in the log once per 10 s per error code (a host
+    /// retrying a create that cannot start must not flood it).
+    let startFailureLog = NIOLockedValueBox(LogPacer<HoldfastError.Code>(interval: .seconds(10)))
     /// When the daemon started (before every live upgrade since: its uptime spans them).
     let startedAt: ContinuousClock.Instant
     /// The broker's control channel while it runs; a create waits for it while it (re)starts.

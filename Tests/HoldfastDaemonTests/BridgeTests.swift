@@ -179,6 +179,20 @@ struct BridgeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// A bridge the guest cannot reach says why, once per cause, not once per dial (at debug, as
+    /// before, a guest whose host agent was down or whose address was wrong said nothing).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func anUnreachableBridgeSaysWhyOncePerCause() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        daemon.bridge.close()
+        try await eventually("the failure said", timeout: .seconds(20)) { daemon.log.contains("cannot reach the host's bridge") }
+        // Redials every 200 ms at most (the fixture's reconnect_max): a dozen more in 2.5 s.
+        try await Task.sleep(for: .milliseconds(2500))
+        let said = daemon.log.components(separatedBy: "cannot reach the host's bridge").count - 1
+        #expect((1...DialFailureReport.causesTold).contains(said), "said \(said) times")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A tty process run as another user owns its terminal (as login and runc make it): before,
     /// it stayed root's, and what opens its terminal by name (`screen`, `script`) was refused.
     /// A tty spec without stdout, whose terminal would be hung up at once, is refused.

@@ -58,6 +58,47 @@ struct MetricsTests {
         }
     }
 
+    /// A broker that takes over a live stream (here after the last one was killed; a live
+    /// upgrade does the same) counts only the bytes it moves: the stream's bytes before it come
+    /// back from its checkpoint, and were counted again — every restart reported each live
+    /// stream's whole life once more, and the lost-bytes counter came back at its past losses.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own")) func aBrokerThatTakesOverCountsOnlyWhatItMoves() async throws {
+        let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
+        defer { daemon.cleanUp() }
+        let endpoint = SocketAddress.unix(path: daemon.directory.file("metrics.sock"))
+        let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
+        func scrapeWithTheBroker() async throws -> [String: Double] {
+            var metrics: [String: Double] = [:]
+            try await eventually("a scrape with the broker's part") {
+                metrics = parsePrometheus(try await httpExchange(endpoint, "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
+                return metrics[toHost] != nil
+            }
+            return metrics
+        }
+        let output = Accumulator(try daemon.streams.open(token: bytes("c-out"), direction: .receive))
+        let gate = daemon.directory.file("go")
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "c",
+            argv: ["sh", "-c", "head -c 50000 /dev/zero; while [ ! -e \(gate) ]; do sleep 0.02; done; head -c 30000 /dev/zero"],
+            stdout: daemon.spec("c-out")))
+        try await eventually("the first part") { output.count == 50_000 }
+        try await eventually("the first broker counted it") { try await scrapeWithTheBroker()[toHost] == 50_000 }
+        let first = try #require(try await daemon.rolePID("broker"))
+        kill(first, SIGKILL)
+        try await eventually("the next broker relaying the stream", timeout: .seconds(30)) {
+            let broker = try await daemon.rolePID("broker")
+            guard broker != nil, broker != first else { return false }
+            return try await daemon.brokerStreams().contains { $0.process == "c" && $0.state == .connected }
+        }
+        try writeFile(gate, [])
+        _ = try await daemon.wait("c")
+        try await eventually("every byte at the host") { output.count == 80_000 }
+        let after = try await scrapeWithTheBroker()
+        #expect(after[toHost] == 30_000, "the next broker counted what it moved, not the stream's first 50,000 again")
+        #expect((after["holdfast_stream_lost_bytes_total"] ?? 0) == 0, "nothing lost")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// A daemon with the endpoint on a Unix socket: scraped before and after a process sends
     /// 100,000 bytes and a migration: the byte counter moves by exactly that, reconnects and the
     /// latency histogram count move, the bridge is up, one direct process started.
