@@ -93,7 +93,14 @@ public enum UpgradeClient {
                 if (report.upgrades ?? 0) > (before.upgrades ?? 0), report.roles.count == 2, report.roles.allSatisfy({ $0.pid != nil }) {
                     return Outcome(before: before, after: report, took: ContinuousClock.now - started)
                 }
-                last = "the new image is starting its roles"
+                // Taken over (the count moved): the new binary runs, whatever its roles do — a
+                // timeout said so would read as the old version kept.
+                if (report.upgrades ?? 0) > (before.upgrades ?? 0) {
+                    let waiting = report.roles.filter { $0.pid == nil }.map(\.name)
+                    last = "holdfast \(report.version) took over (pid \(report.pid)), but its \(waiting.joined(separator: " and ")) is not running yet"
+                } else {
+                    last = "the new image is starting its roles"
+                }
             case .failure(let error)?:
                 last = "\(error)"
             case nil:
