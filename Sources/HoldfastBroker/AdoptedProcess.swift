@@ -91,6 +91,13 @@ enum StreamTransport: Sendable {
         }
     }
 
+    /// Raw mode's loss: bytes a connection had accepted when it died, which may or may not have
+    /// reached the host (resumable mode replays them: 0).
+    var unconfirmed: UInt64 {
+        guard case .raw(let slot) = self else { return 0 }
+        return slot.statistics.bytesUnconfirmed
+    }
+
     /// While parked, why its last dial failed, and how many failed since it was last connected.
     var dialTrouble: (lastError: String?, failures: UInt64?) {
         guard state == .parked else { return (nil, nil) }
@@ -403,7 +410,7 @@ final class ManagedStream: Sendable {
             let (toHost, fromHost, reconnects) = output.figures
             result.append(StreamStatus(
                 process: process, kind: description.kind, mode: description.mode, address: description.address,
-                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: 0,
+                state: output.state, bytesToHost: toHost, bytesFromHost: fromHost, reconnects: reconnects, undelivered: output.unconfirmed,
                 lastDialError: output.dialTrouble.lastError, failedDials: output.dialTrouble.failures,
                 lostBytes: output.lostBytes))
         }

@@ -686,7 +686,8 @@ public final class Broker: Sendable {
             bytesToHost: Self.since(streams.reduce(gone.bytesToHost) { $0 + $1.bytesToHost }, gone.carriedToHost),
             bytesFromHost: Self.since(streams.reduce(gone.bytesFromHost) { $0 + $1.bytesFromHost }, gone.carriedFromHost),
             reconnects: streams.reduce(gone.reconnects) { $0 + $1.reconnects },
-            undelivered: gone.undelivered,
+            // With raw mode's loss: what dying connections had accepted (counted nowhere before).
+            undelivered: streams.reduce(gone.undelivered) { $0 + $1.undelivered },
             openDescriptors: ProcessFigures.openDescriptors(),
             residentKiB: ProcessFigures.residentKiB(),
             mallocInUseKiB: malloc.inUse / 1024,
@@ -791,6 +792,7 @@ public final class Broker: Sendable {
             $0.bytesToHost &+= stream.bytesToHost
             $0.bytesFromHost &+= stream.bytesFromHost
             $0.reconnects &+= stream.reconnects
+            $0.undelivered &+= stream.undelivered
             $0.lost &+= stream.lostBytes ?? 0
         }
     }
