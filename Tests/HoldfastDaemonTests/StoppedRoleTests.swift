@@ -725,7 +725,10 @@ struct StoppedRoleTests {
     /// failed to make progress: every byte reaches the host, none is reported undelivered.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aBrokerStoppedLongerThanTheDrainTimeoutStillDeliversWhatItHeld() async throws {
-        let daemon = try await DaemonFixture(drainTimeout: "3s")
+        // 6 s, stopped 8: a drain timeout short enough to pass while the broker is stopped, and
+        // long enough that a broker starved of CPU after it is continued (a loaded run: 3 s once
+        // passed with no progress there) is not given up for that.
+        let daemon = try await DaemonFixture(drainTimeout: "6s")
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -744,7 +747,7 @@ struct StoppedRoleTests {
         #expect(kill(broker, SIGSTOP) == 0)
         try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         daemon.streams.setRefusing(false)
-        try await Task.sleep(for: .seconds(5))  // the drain timeout is 3 s
+        try await Task.sleep(for: .seconds(8))  // the drain timeout is 6 s
         #expect(kill(broker, SIGCONT) == 0)
         try await eventually("the exit", timeout: .seconds(30)) { exits.count(id) == 1 }
         let report = try #require(exits.all.first { $0.id == id })
