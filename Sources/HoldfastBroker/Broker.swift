@@ -543,7 +543,10 @@ public final class Broker: Sendable {
             }
             if removed { for stream in adopted.status() { record(finished: stream) } }
             let undelivered = results.reduce(0) { $0 + $1.undelivered }
-            totals.withLockedValue { $0.undelivered &+= undelivered }
+            // Given up, not still on its way: an output held open is counted when it ends
+            // (`relayUntilEnded`); its count now is bytes in flight, not lost.
+            let givenUp = results.filter { $0.ending != DrainedNotification.StreamResult.stillOpen }.reduce(0) { $0 + $1.undelivered }
+            totals.withLockedValue { $0.undelivered &+= givenUp }
             // A warning when output was given up (the drain timeout): what `journalctl -p
             // warning` must show; an exit with every byte delivered is routine.
             logger.log(level: undelivered > 0 ? .warning : .info, "process streams drained", metadata: [
@@ -578,10 +581,14 @@ public final class Broker: Sendable {
                     // a bounded one in a loop: each bounded wait that times out leaves a waiter
                     // on the relay until it ends — an orphan that writes on for months made
                     // one every ten minutes.
-                    _ = await stream.finished()
+                    let reports = await stream.finished()
                     stream.close()
-                    logger.info("an output held open past its process's exit ended", metadata: [
-                        "process": "\(process)", "stream": "\(stream.description.kind)",
+                    // What it gave up (the host stopped taking it), counted and said now: its
+                    // exit report went out long before, with its bytes then in flight.
+                    let undelivered = reports.reduce(0) { $0 + $1.undelivered }
+                    if undelivered > 0 { totals.withLockedValue { $0.undelivered &+= undelivered } }
+                    logger.log(level: undelivered > 0 ? .warning : .info, "an output held open past its process's exit ended", metadata: [
+                        "process": "\(process)", "stream": "\(stream.description.kind)", "undelivered": "\(undelivered)",
                     ])
                     // Sent after `drained`, on the same channel: the supervisor knows the
                     // slots are held open before it hears they are free.
