@@ -343,9 +343,18 @@ public final class Broker: Sendable {
         var adopting = adoption
         var unkept: String?
         let needed = request.streams.reduce(0) { $0 + ($1.mode == .resumable ? ($1.inputAddress != nil ? 2 : 1) : 0) }
-        let slots: [Int]? =
-            checkpoints == nil || Failpoint.fails(Failpoint.handoffSlotsTaken, process: process, passes: Failpoint.everyPass)
-            ? nil : handoffs.withLockedValue { $0.take(for: process, count: needed) }
+        let slotsRefused = checkpoints == nil || Failpoint.fails(Failpoint.handoffSlotsTaken, process: process, passes: Failpoint.everyPass)
+        var slots: [Int]? = slotsRefused ? nil : handoffs.withLockedValue { $0.take(for: process, count: needed) }
+        // The id's slots from its last adoption are freed once its release's answer has reached
+        // the peer (a moment after the peer has it): a runtime that releases and adopts the id
+        // again at once found them not free yet, and its process went without crash-survival.
+        // Waited for, briefly.
+        if slots == nil, !slotsRefused {
+            for _ in 0..<100 where handoffs.withLockedValue({ $0.slots(of: process) != nil }) {
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+            slots = handoffs.withLockedValue { $0.take(for: process, count: needed) }
+        }
         if let slots {
             var next = slots.makeIterator()
             for index in request.streams.indices where request.streams[index].mode == .resumable {
@@ -364,7 +373,9 @@ public final class Broker: Sendable {
         } else {
             unkept = checkpoints == nil
                 ? "the broker has no checkpoint area"
-                : "no free checkpoint slots for its \(needed) resumable streams (\(CheckpointMemory.handoffSlots.count) in all for handoff processes)"
+                : handoffs.withLockedValue({ $0.slots(of: process) != nil })
+                    ? "the id's checkpoint slots from its last adoption are not free yet (its release is still being settled)"
+                    : "no free checkpoint slots for its \(needed) resumable streams (\(CheckpointMemory.handoffSlots.count) in all for handoff processes)"
         }
         if let unkept {
             // Said here and in the answer: a runtime that counts on crash-survival must know.
