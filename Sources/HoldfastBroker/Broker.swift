@@ -560,8 +560,9 @@ public final class Broker: Sendable {
             totals.withLockedValue { $0.undelivered &+= givenUp }
             // A warning when output was given up (the drain timeout): what `journalctl -p
             // warning` must show; an exit with every byte delivered is routine.
-            logger.log(level: undelivered > 0 ? .warning : .info, "process streams drained", metadata: [
-                "process": "\(request.process)", "undelivered": "\(undelivered)",
+            // (Bytes an output held open still has in flight are not given up: no warning for them.)
+            logger.log(level: givenUp > 0 ? .warning : .info, "process streams drained", metadata: [
+                "process": "\(request.process)", "undelivered": "\(undelivered)", "givenUp": "\(givenUp)",
             ])
             // A handoff peer's slots are ours to free: not while an output held open still
             // writes into them (nor is the id free meanwhile).
