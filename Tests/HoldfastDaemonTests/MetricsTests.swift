@@ -58,6 +58,21 @@ struct MetricsTests {
         }
     }
 
+    static let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
+
+    /// A scrape that has the broker's part. A scrape waits at most 2 s for it and otherwise leaves
+    /// it out, which a loaded run's broker can miss: the checks of it are made on one that has it.
+    static func scrapeWithTheBroker(_ endpoint: SocketAddress) async throws -> [String: Double] {
+        var metrics: [String: Double] = [:]
+        try await eventually("a scrape with the broker's part") {
+            let response = try await httpExchange(endpoint, "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n")
+            #expect(response.hasPrefix("HTTP/1.1 200 OK"))
+            metrics = parsePrometheus(response)
+            return metrics[toHost] != nil
+        }
+        return metrics
+    }
+
     /// A broker that takes over a live stream (here after the last one was killed; a live
     /// upgrade does the same) counts only the bytes it moves: the stream's bytes before it come
     /// back from its checkpoint, and were counted again — every restart reported each live
@@ -66,15 +81,8 @@ struct MetricsTests {
         let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
         defer { daemon.cleanUp() }
         let endpoint = SocketAddress.unix(path: daemon.directory.file("metrics.sock"))
-        let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
-        func scrapeWithTheBroker() async throws -> [String: Double] {
-            var metrics: [String: Double] = [:]
-            try await eventually("a scrape with the broker's part") {
-                metrics = parsePrometheus(try await httpExchange(endpoint, "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n"))
-                return metrics[toHost] != nil
-            }
-            return metrics
-        }
+        let toHost = Self.toHost
+        func scrapeWithTheBroker() async throws -> [String: Double] { try await Self.scrapeWithTheBroker(endpoint) }
         let output = Accumulator(try daemon.streams.open(token: bytes("c-out"), direction: .receive))
         let gate = daemon.directory.file("go")
         _ = try await daemon.bridge.create(ProcessSpec(
@@ -106,22 +114,8 @@ struct MetricsTests {
         let daemon = try await DaemonFixture(extraConfig: "metrics:\n  address: \"unix:{run}/metrics.sock\"")
         defer { daemon.cleanUp() }
         let endpoint = SocketAddress.unix(path: daemon.directory.file("metrics.sock"))
-        func scrape() async throws -> [String: Double] {
-            let response = try await httpExchange(endpoint, "GET /metrics HTTP/1.1\r\nHost: guest\r\n\r\n")
-            #expect(response.hasPrefix("HTTP/1.1 200 OK"))
-            return parsePrometheus(response)
-        }
-        let toHost = "holdfast_stream_bytes_total{direction=\"to_host\"}"
-        // A scrape waits at most 2 s for the broker's part and otherwise leaves it out, which a
-        // loaded run's broker can miss: the checks of it are made on a scrape that has it.
-        func scrapeWithTheBroker() async throws -> [String: Double] {
-            var metrics: [String: Double] = [:]
-            try await eventually("a scrape with the broker's part") {
-                metrics = try await scrape()
-                return metrics[toHost] != nil
-            }
-            return metrics
-        }
+        let toHost = Self.toHost
+        func scrapeWithTheBroker() async throws -> [String: Double] { try await Self.scrapeWithTheBroker(endpoint) }
         let before = try await scrapeWithTheBroker()
         #expect(before["holdfast_bridge_up"] == 1)
         #expect((before["holdfast_bridge_connects_total"] ?? 0) >= 1)

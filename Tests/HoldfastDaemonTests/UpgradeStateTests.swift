@@ -95,15 +95,20 @@ struct UpgradeStateTests {
         #expect(throws: HoldfastError.self) { _ = try UpgradeState.decode(Array("not json".utf8)) }
     }
 
+    /// A state with nothing in it but what every state has, as binary `writtenBy` writes it.
+    func minimalState(writtenBy: String) throws -> UpgradeState {
+        UpgradeState(
+            version: UpgradeState.currentVersion, writtenBy: writtenBy, upgrades: 1, uptimeSeconds: 1, executable: "/usr/bin/holdfast",
+            configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20, runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock",
+            handoffSocket: "/run/holdfast/broker.sock", descriptors: .init(control: 7), table: ProcessTable(instanceID: "i").snapshot(),
+            stdio: try store().snapshot(), reaped: [], roles: [])
+    }
+
     /// A newer binary's state (a higher revision: fields of meaning this binary does not know)
     /// is refused, saying what to do, so a live downgrade never drops them silently; its own
     /// revision and an older binary's state (no revision: 1) are read.
     @Test func aStateOfANewerRevisionIsRefusedAndAnOlderOneRead() throws {
-        let state = UpgradeState(
-            version: UpgradeState.currentVersion, writtenBy: "0.1.0", upgrades: 1, uptimeSeconds: 1, executable: "/usr/bin/holdfast",
-            configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20, runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock",
-            handoffSocket: "/run/holdfast/broker.sock", descriptors: .init(control: 7), table: ProcessTable(instanceID: "i").snapshot(),
-            stdio: try store().snapshot(), reaped: [], roles: [])
+        let state = try minimalState(writtenBy: "0.1.0")
         let encoded = try JSONEncoder().encode(state)
         var object = try #require(try JSONSerialization.jsonObject(with: encoded) as? [String: Any])
         #expect(object["revision"] as? Int == UpgradeState.currentRevision, "written with this binary's revision")
@@ -128,11 +133,7 @@ struct UpgradeStateTests {
     /// checkpoints read as none and every resumable stream started again at 0, which the host
     /// refuses for ever. The writer's own layout, and a state without one (older), are read.
     @Test func aStateLaidOutOtherwiseIsRefused() throws {
-        let state = UpgradeState(
-            version: UpgradeState.currentVersion, writtenBy: "0.2.0", upgrades: 1, uptimeSeconds: 1, executable: "/usr/bin/holdfast",
-            configPath: "/etc/holdfast/holdfast.yaml", ringCapacity: 1 << 20, runDirectory: "/run/holdfast", controlSocket: "/run/holdfast/control.sock",
-            handoffSocket: "/run/holdfast/broker.sock", descriptors: .init(control: 7), table: ProcessTable(instanceID: "i").snapshot(),
-            stdio: try store().snapshot(), reaped: [], roles: [])
+        let state = try minimalState(writtenBy: "0.2.0")
         let encoded = try JSONEncoder().encode(state)
         #expect(try UpgradeState.decode(Array(encoded)).state.memoryLayout == .current, "written with this build's layout")
         var object = try #require(try JSONSerialization.jsonObject(with: encoded) as? [String: Any])
