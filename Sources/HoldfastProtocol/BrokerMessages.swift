@@ -334,6 +334,25 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     }
 }
 
+extension StreamStatus {
+    /// How much an operator needs to see it, lowest first: a stream that lost bytes or was given
+    /// up on, then one that cannot connect or would not survive a broker crash, then the rest.
+    /// A report cut to one frame keeps the lowest, so that with thousands of streams the few in
+    /// trouble are the ones shown, not the first by id.
+    public var attentionRank: Int {
+        if state == .abandoned || (lostBytes ?? 0) > 0 { return 0 }
+        if (state == .parked && lastDialError != nil) || survivesBrokerCrash == false || state == .kept { return 1 }
+        return 2
+    }
+}
+
+extension Array where Element == StreamStatus {
+    /// The streams with those needing attention first, each rank in its former order.
+    public func troubledFirst() -> [StreamStatus] {
+        enumerated().sorted { ($0.element.attentionRank, $0.offset) < ($1.element.attentionRank, $1.offset) }.map(\.element)
+    }
+}
+
 /// `list`: a page of streams, `offset` into the broker's list (sorted by process), at most
 /// `limit` (and never more than fits one frame).
 public struct ListRequest: Codable, Sendable, Equatable {

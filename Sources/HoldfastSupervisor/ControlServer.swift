@@ -72,7 +72,8 @@ extension Supervisor {
             report.streams = []
             return report
         }
-        var (report, streamsOmitted) = FrameBudget.fit(full.streams) { streams in
+        // Those in trouble first: a report cut short keeps them (README "Operate").
+        var (report, streamsOmitted) = FrameBudget.fit(full.streams.troubledFirst()) { streams in
             var report = withProcesses
             report.streams = streams
             return report

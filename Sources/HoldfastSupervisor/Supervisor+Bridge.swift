@@ -75,7 +75,8 @@ extension Supervisor {
             // streams, not its answer; the list says so.
             let streams = await brokerStreams()
             let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
-            let (reply, omitted) = FrameBudget.fit(streams ?? []) {
+            // Those in trouble first, so that a list cut short keeps them (PROTOCOL.md `list`).
+            let (reply, omitted) = FrameBudget.fit((streams ?? []).troubledFirst()) {
                 BridgeListResponse(processes: processesFit, streams: $0)
             }
             var fitted = reply
