@@ -149,7 +149,7 @@ public final class Broker: Sendable {
             // Its process exited: the drain's bound applies as it did in the broker before (a
             // host that stopped taking it lets it go after the drain timeout without progress).
             for stream in streams { stream.output?.processExited(drainTimeout: settings.drainTimeout) }
-            logger.info("resumed an orphan's output a crashed broker relayed past its process's exit", metadata: [
+            logger.info("resumed an orphan's output the previous broker relayed past its process's exit", metadata: [
                 "process": "\(request.process)", "streams": "\(request.streams.map(\.kind.rawValue))",
             ])
             Task { [self] in
@@ -187,7 +187,7 @@ public final class Broker: Sendable {
                 return true
             }
             if removed { for stream in process.status() { record(finished: stream) } }
-            logger.info("resumed an ended stdin a crashed broker held, for its END echo", metadata: ["process": "\(request.process)"])
+            logger.info("resumed an ended stdin the previous broker held, for its END echo", metadata: ["process": "\(request.process)"])
             return
         }
         // The checkpoint slots, so a fault in one slot's memory can be traced to the streams
@@ -196,7 +196,7 @@ public final class Broker: Sendable {
             let kept = [stream.checkpoint, stream.inputCheckpoint].compactMap { $0 }
             return kept.isEmpty ? "\(stream.kind.rawValue):-" : "\(stream.kind.rawValue):\(kept.map(String.init).joined(separator: "+"))"
         }
-        logger.info(adoption.resumes ? "resumed streams a crashed broker held" : "adopted streams", metadata: [
+        logger.info(adoption.resumes ? "resumed streams the previous broker held" : "adopted streams", metadata: [
             "process": "\(request.process)", "streams": "\(request.streams.map { "\($0.kind.rawValue)/\($0.mode.rawValue)" })",
             "slots": "\(slots.joined(separator: " "))",
         ])

@@ -27,6 +27,8 @@ extension Supervisor {
         var pausedFor = Duration.zero
         func mayWait() -> Bool { pausedFor < Self.readoptionFdWait }
         var waited: Set<String> = []
+        var handed = 0
+        defer { if handed > 0 { logHandover(of: handed, to: incarnation) } }
         while true {
             // Copies made under the lock: a process completing meanwhile closes its own fds.
             let batch = stdio.withLockedValue { store -> [(item: StdioStore.Readoption, copyError: Errno?)] in
@@ -98,6 +100,7 @@ extension Supervisor {
                 do {
                     let adopt = BrokerRequest.adopt(item.request)
                     _ = try await client.request(adopt.frameType, body: adopt.body, descriptors: item.descriptors)
+                    handed += 1
                     logger.info(
                         item.request.releasing == true
                             ? "a release a broker crash interrupted handed to the restarted broker to keep for its peer"
@@ -133,6 +136,26 @@ extension Supervisor {
                 pausedFor += Self.readoptionRetryPause
             }
         }
+    }
+
+    /// One line for a readoption (the processes handed before it ended), saying why the broker changed: a live upgrade's hand-over
+    /// (the first broker of an image the upgrade started; the old broker quiesced, so nothing
+    /// was cut) or the previous broker's end (a crash: each stream's own line says what it cost).
+    func logHandover(of count: Int, to incarnation: Int) {
+        let first = session.withLockedValue { s -> Bool in
+            s.brokersHandedProcesses += 1
+            return s.brokersHandedProcesses == 1
+        }
+        let why: String
+        if first, let resumption {
+            why = resumption.fellBack == nil ? "a live upgrade" : "a live upgrade that fell back to this binary"
+        } else {
+            why = "the previous broker's end (\(session.withLockedValue { $0.broker?.lastExit } ?? "unknown"))"
+        }
+        // Not "streams handed to …": that is each process's own line, which tests count.
+        logger.info("the restarted broker took processes over", metadata: [
+            "processes": "\(count)", "broker": "\(incarnation)", "after": "\(why)",
+        ])
     }
 
     /// Tells the broker that has `process`'s streams that it exited (once per broker); the

@@ -98,6 +98,9 @@ struct BrokerCrashTests {
         // before it, and the restart count says one per kill.
         #expect(brokers.count == Self.kills + 1 && zip(brokers, brokers.dropFirst()).allSatisfy { $0 != $1 }, "a new broker each time: \(brokers)")
         #expect(try await daemon.status().roles.first { $0.name == "broker" }?.restarts == Self.kills)
+        // Each take-over says why the broker changed: its predecessor's death, not an upgrade.
+        #expect(daemon.log.contains("the restarted broker took processes over") && daemon.log.contains("after=the previous broker's end (killed by signal 9"))
+        #expect(!daemon.log.contains("after=a live upgrade"))
         print(
             "\(Self.kills) broker kills: stdout \(data.count) bytes received, \(lost.bytes) lost in \(lost.ranges.count) ranges (\(lost.summary)); "
                 + "stdin \(sent.count) bytes sent, \(repeats.count) possible repeats")

@@ -113,7 +113,7 @@ struct HostGaveUpTests {
             let killedBroker = ProcessIdentity(broker)
             kill(broker, SIGKILL)
             try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
-            try await eventually("the successor resumed the stdout") { daemon.log.contains("resumed streams a crashed broker held") }
+            try await eventually("the successor resumed the stdout") { daemon.log.contains("resumed streams the previous broker held") }
             // At its END, every byte acknowledged: the echo said so, and the checkpoint kept it.
             let resumed = daemon.log.split(separator: "\n").filter { $0.contains("stream resumed from its checkpoint") }
             #expect(resumed.count == 1 && resumed[0].contains("acknowledged=10 offset=10"), "\(resumed)")

@@ -142,6 +142,9 @@ struct LiveUpgradeTests {
             throw error
         }
         #expect(daemon.bridge.lastHello?.instanceID == instance, "the same instance: an upgrade, not a restart")
+        // The log says why the broker changed: the upgrade, not a crash.
+        #expect(daemon.log.contains("the restarted broker took processes over") && daemon.log.contains("after=a live upgrade"), "\(daemon.log.suffix(3000))")
+        #expect(!daemon.log.contains("crashed broker"))
         let metrics = try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")
         #expect(metrics.hasPrefix("HTTP/1.") && metrics.contains("holdfast_"), "the metrics endpoint serves after the upgrade: \(metrics.prefix(200))")
         try await Task.sleep(for: .milliseconds(300))

@@ -191,7 +191,7 @@ struct StdinEndTests {
             kill(broker, SIGKILL)
             try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: killedBroker) }
             try await eventually("the successor resumed the kept stdin") {
-                daemon.log.contains("resumed an ended stdin a crashed broker held, for its END echo")
+                daemon.log.contains("resumed an ended stdin the previous broker held, for its END echo")
             }
             let letGo = ContinuousClock.now
             try await eventually("the successor lets the forgotten stdin go (its drain timeout is 300 s)", timeout: .seconds(30)) {
@@ -242,7 +242,7 @@ struct StdinEndTests {
             #expect(await output.value == bytes("typed, then the broker dies\n"), "read once by the process")
             try await eventually("the exit", timeout: .seconds(30)) { exits.count("k") == 1 }
             #expect(exits.all.first { $0.id == "k" }?.exitCode == 0)
-            try await eventually("the resume logged") { daemon.log.contains("resumed streams a crashed broker held") && daemon.log.contains("process=k ") }
+            try await eventually("the resume logged") { daemon.log.contains("resumed streams the previous broker held") && daemon.log.contains("process=k ") }
             #expect(try await daemon.stop() == .exited(0))
         }
     }
@@ -278,7 +278,7 @@ struct StdinEndTests {
             let undelivered = try await withTimeout("the successor's ACK and END echo", .seconds(60)) { await finished.value }
             #expect(undelivered == 0, "every typed byte acknowledged")
             // Logged after the stream started, which may send the echo home first.
-            try await eventually("the successor's log line") { daemon.log.contains("resumed an ended stdin a crashed broker held, for its END echo") }
+            try await eventually("the successor's log line") { daemon.log.contains("resumed an ended stdin the previous broker held, for its END echo") }
             #expect(exits.count("e") == 1, "the exit reported once")
             #expect(try await daemon.stop() == .exited(0))
         }

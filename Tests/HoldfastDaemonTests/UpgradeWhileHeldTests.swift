@@ -42,7 +42,7 @@ struct UpgradeWhileHeldTests {
         while successor == nil && ContinuousClock.now < deadline {
             let tail = BrokerCrashReadoptionTests.logTail(daemon.logPath, from: offset)
             offset = tail.end
-            if let line = tail.text.split(separator: "\n").first(where: { $0.contains("resumed streams a crashed broker held") }),
+            if let line = tail.text.split(separator: "\n").first(where: { $0.contains("resumed streams the previous broker held") }),
                 let field = line.split(separator: " ").first(where: { $0.hasPrefix("pid=") })
             {
                 successor = pid_t(field.dropFirst(4))
