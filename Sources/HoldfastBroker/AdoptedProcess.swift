@@ -615,6 +615,12 @@ final class AdoptedProcess: Sendable {
         all.flatMap { $0.status(process: id) }
     }
 
+    /// The status of its streams but `excluded` (those held open past its exit, counted when
+    /// each ends).
+    func status(excluding excluded: [ManagedStream]) -> [StreamStatus] {
+        all.filter { stream in !excluded.contains { $0 === stream } }.flatMap { $0.status(process: id) }
+    }
+
     /// Where its streams keep their progress (a quiesce waits until none is inside a take).
     var checkpoints: [StreamCheckpoint] {
         all.flatMap { [$0.outputCheckpoint, $0.inputCheckpoint].compactMap { $0 } }

@@ -34,7 +34,13 @@ public final class Broker: Sendable {
     private let totals = NIOLockedValueBox(Totals())
     /// Processes out of the table whose outputs an orphan holds open past the exit, relayed on
     /// (`relayUntilEnded`): a live upgrade's quiesce waits for their takes too.
-    private let relayedPastExit = NIOLockedValueBox<[ObjectIdentifier: AdoptedProcess]>([:])
+    /// Each such stream is listed (`heldOpenPastExit`) and counted live in `stats` until it
+    /// ends, then in the totals.
+    private let relayedPastExit = NIOLockedValueBox<[ObjectIdentifier: RelayedPastExit]>([:])
+    struct RelayedPastExit {
+        var owner: AdoptedProcess
+        var streams: [ManagedStream]
+    }
     /// The handoff socket's connections (`BrokerService.serveHandoff`), counted in `stats`.
     let handoffGate: NIOLockedValueBox<HandoffConnectionGate>
     /// Streams finished since malloc's free pages were last given back (`tidyMemory`).
@@ -153,8 +159,8 @@ public final class Broker: Sendable {
                 "process": "\(request.process)", "streams": "\(request.streams.map(\.kind.rawValue))",
             ])
             Task { [self] in
+                // Each stream is counted in the totals as it ends (`relayUntilEnded`).
                 await relayUntilEnded(streams, of: process, supervisorsSlots: true)
-                for stream in process.status() { record(finished: stream) }
             }
             return
         }
@@ -545,6 +551,9 @@ public final class Broker: Sendable {
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
             let (results, heldOpen) = await adopted.drain(timeout: timeout)
+            // Those held open stay listed and counted live (before it leaves the table: no
+            // moment when they are counted nowhere), each counted in the totals as it ends.
+            if !heldOpen.isEmpty { holdPastExit(heldOpen, of: adopted) }
             // Removed first, then counted in the totals: a `stats` in between sees the bytes
             // neither here nor there (a dip the metrics absorb), never twice.
             let removed = processes.withLockedValue { table -> Bool in
@@ -552,7 +561,9 @@ public final class Broker: Sendable {
                 table.removeValue(forKey: request.process)
                 return true
             }
-            if removed { for stream in adopted.status() { record(finished: stream) } }
+            if removed { for stream in adopted.status(excluding: heldOpen) { record(finished: stream) } }
+            // Not ours to count: a release took it out of the table (and counted every stream).
+            if !removed, !heldOpen.isEmpty { relayedPastExit.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(adopted)) } }
             let undelivered = results.reduce(0) { $0 + $1.undelivered }
             // Given up, not still on its way: an output held open is counted when it ends
             // (`relayUntilEnded`); its count now is bytes in flight, not lost.
@@ -573,7 +584,7 @@ public final class Broker: Sendable {
             // the supervisor's, which it frees at `output-settled`, or a handoff peer's process's,
             // which are ours (`handoffGone` below).
             let supervisorsSlots = !handoffs.withLockedValue({ $0.has(request.process) })
-            await relayUntilEnded(heldOpen, of: adopted, supervisorsSlots: supervisorsSlots)
+            await relayUntilEnded(heldOpen, of: adopted, supervisorsSlots: supervisorsSlots, counted: removed)
             if removed { await handoffGone(request.process) }
         }
     }
@@ -581,10 +592,11 @@ public final class Broker: Sendable {
     /// Relays outputs held open past their process's exit (an orphan writes on) until each
     /// ends, and says so for each slot of the supervisor's (`output-settled`: it frees the slots
     /// and closes its copies of the fds).
-    func relayUntilEnded(_ streams: [ManagedStream], of owner: AdoptedProcess, supervisorsSlots: Bool) async {
+    /// `counted`: listed and counted in the totals as each ends (false when a release already
+    /// counted them).
+    func relayUntilEnded(_ streams: [ManagedStream], of owner: AdoptedProcess, supervisorsSlots: Bool, counted: Bool = true) async {
         let process = owner.id
-        relayedPastExit.withLockedValue { $0[ObjectIdentifier(owner)] = owner }
-        defer { relayedPastExit.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(owner)) } }
+        if counted { holdPastExit(streams, of: owner) }
         await withTaskGroup(of: Void.self) { group in
             for stream in streams {
                 group.addTask { [self] in
@@ -595,6 +607,15 @@ public final class Broker: Sendable {
                     // one every ten minutes.
                     let reports = await stream.finished()
                     stream.close()
+                    // Out of the list, then into the totals (a dip, never twice: see the drain).
+                    if counted {
+                        let status = stream.status(process: process)
+                        relayedPastExit.withLockedValue { relayed in
+                            relayed[ObjectIdentifier(owner)]?.streams.removeAll { $0 === stream }
+                            if relayed[ObjectIdentifier(owner)]?.streams.isEmpty == true { relayed.removeValue(forKey: ObjectIdentifier(owner)) }
+                        }
+                        for ended in status { record(finished: ended) }
+                    }
                     // What it gave up (the host stopped taking it), counted and said now: its
                     // exit report went out long before, with its bytes then in flight.
                     let undelivered = reports.reduce(0) { $0 + $1.undelivered }
@@ -610,6 +631,11 @@ public final class Broker: Sendable {
                 }
             }
         }
+    }
+
+    /// Lists `streams` (held open past `owner`'s exit) until each ends.
+    private func holdPastExit(_ streams: [ManagedStream], of owner: AdoptedProcess) {
+        relayedPastExit.withLockedValue { $0[ObjectIdentifier(owner)] = RelayedPastExit(owner: owner, streams: streams) }
     }
 
     public func closeStdin(_ process: String, by caller: ProcessOwner? = nil) throws(HoldfastError) {
@@ -661,7 +687,18 @@ public final class Broker: Sendable {
             return (id: process.id, streams: streams)
         }
         let kept = keptReleases.withLockedValue { $0.status(ownedBy: owner) }
-        return (live + kept).sorted { $0.id < $1.id }.flatMap(\.streams)
+        // Outputs an orphan holds open past its process's exit: relayed on, so listed (and
+        // counted in `stats`) until they end, said to be so.
+        let pastExit = relayedPastExit.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner.owner == owner }.map { relayed in
+            (id: relayed.owner.id, streams: relayed.streams.flatMap { stream in
+                stream.status(process: relayed.owner.id).map { status in
+                    var status = status
+                    status.heldOpenPastExit = true
+                    return status
+                }
+            })
+        }
+        return (live + kept + pastExit).sorted { $0.id < $1.id }.flatMap(\.streams)
     }
 
     /// The streams that are relayed (`list` without the kept releases).
@@ -757,7 +794,7 @@ public final class Broker: Sendable {
         let started = ContinuousClock.now
         Task(executorPreference: Reactor.shared) { [self] in
             while true {
-                let relayed = processes.withLockedValue { Array($0.values) } + relayedPastExit.withLockedValue { Array($0.values) }
+                let relayed = processes.withLockedValue { Array($0.values) } + relayedPastExit.withLockedValue { $0.values.map(\.owner) }
                 let pending = relayed.flatMap { process in
                     process.checkpoints.filter { ($0.recovered?.uncertain ?? 0) > 0 }.map { _ in process.id }
                 }

@@ -311,6 +311,10 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     /// of (its `adopt` was answered `survivesBrokerCrash: false`): a broker crash ends its relay.
     /// Absent otherwise.
     public var survivesBrokerCrash: Bool?
+    /// True for an output its process's exit left open (an orphan of it, `sh -c 'cmd &'`,
+    /// writes on): relayed until the orphan lets go; its process's exit was reported long ago
+    /// (with the bytes then in flight). Absent otherwise.
+    public var heldOpenPastExit: Bool?
 
     public init(
         process: String, kind: StreamKind, direction: String? = nil, mode: StreamModeName, address: String, state: StreamState,

@@ -120,6 +120,11 @@ public enum StatusPrinter {
             let name = stream.process + " " + stream.kind.rawValue + (stream.direction.map { "/\($0)" } ?? "")
             lines.append("\(name): \(paint("\(bytes(lost)) lost", "31")) in a broker crash (reported to the host as a gap)")
         }
+        // An output an orphan holds open past its process's exit (its exit reported long ago).
+        for stream in report.streams where stream.heldOpenPastExit == true {
+            let name = stream.process + " " + stream.kind.rawValue
+            lines.append("\(name): \(paint("held open past its process's exit", "33")) (a process it left writes on): relayed until it lets go")
+        }
         // A runtime's process the supervisor holds no copy of, one line each.
         var unkept: Set<String> = []
         for stream in report.streams where stream.survivesBrokerCrash == false && unkept.insert(stream.process).inserted {

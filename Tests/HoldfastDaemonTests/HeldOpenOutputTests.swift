@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import HoldfastTools
 import Testing
 
 #if canImport(Glibc)
@@ -84,6 +85,40 @@ struct HeldOpenOutputTests {
         _ = try await daemon.bridge.create(ProcessSpec(id: "next", argv: ["echo", "next"], stdout: daemon.spec("n-out")))
         try await eventually("the next process's output") { output.count >= 5 }
         #expect(daemon.log.contains("process=next role=broker slots=stdout:0"), "the freed slot is given out again: \(daemon.log.suffix(1500))")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// An output held open past its process's exit is in `status` (said to be so) and its bytes
+    /// in the broker's counters while the orphan writes, and once it ends the counter holds every
+    /// byte the host received. Before, it vanished from `status` at the exit and the counters
+    /// stopped at the bytes it had then: an orphan writing for months was seen nowhere.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anOutputHeldOpenIsListedAndCountedUntilItEnds() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: Self.drainTimeout)
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let stop = daemon.directory.file("orphan-stop")
+        defer { try? writeFile(stop, []) }
+        let output = try await Self.exitLeavingAnOrphan(daemon, exits, loop: "echo held-open-line; sleep 0.01", after: "echo last", stop: stop)
+        try await daemon.waitForLog("process streams drained")
+        try await eventually("listed as held open past the exit") {
+            try await daemon.brokerStreams().contains { $0.process == "attacker" && $0.kind == .stdout && $0.heldOpenPastExit == true }
+        }
+        let shown = StatusPrinter.render(try await daemon.statusTheBrokerAnswered(), colour: false)
+        #expect(shown.contains("attacker stdout: held open past its process's exit"), "\(shown)")
+        // Counted as it goes: the counter passes what the host had at the drain.
+        let atDrain = output.count
+        try await eventually("the counter past the drain's bytes", timeout: .seconds(20)) {
+            (try await daemon.bridge.stats().bytesToHost) > UInt64(atDrain + 2000)
+        }
+        try writeFile(stop, [])
+        try await eventually("the orphan's last line", timeout: .seconds(30)) { String(decoding: output.bytes, as: UTF8.self).hasSuffix("\nlast\n") }
+        try await daemon.waitForLog("an output held open past its process's exit ended")
+        try await eventually("no longer listed") { try await !daemon.brokerStreams().contains { $0.process == "attacker" } }
+        let stats = try await daemon.bridge.stats()
+        #expect(stats.bytesToHost == UInt64(output.count), "every byte the host received, counted once: \(stats.bytesToHost) of \(output.count)")
+        #expect(stats.undelivered == 0)
         #expect(try await daemon.stop() == .exited(0))
     }
 
