@@ -205,6 +205,12 @@ public enum RPCServer {
                         throw error
                     }
                     let answer = try await handle(request, descriptors)
+                    // A reply the peer could not read would break its channel: said instead.
+                    guard answer.body.count <= ControlFrame.defaultMaxBody else {
+                        if let afterSent = answer.afterSent { await afterSent(false) } else { closeDescriptors(answer.descriptors) }
+                        throw HoldfastError(
+                            .frameTooLarge, "the reply is \(answer.body.count) bytes, more than the \(ControlFrame.defaultMaxBody) a frame may carry")
+                    }
                     sent = answer.descriptors
                     afterSent = answer.afterSent
                     reply = ControlFrame(type: RPCFrameType.ok, id: frame.id, body: answer.body)
@@ -288,6 +294,12 @@ public final class RPCClient: Sendable {
             return s.nextID
         }
         guard let id else { throw HoldfastError(.channelClosed, "the control channel is closed") }
+        // Refused here, that request alone: sent, the peer could not read it and its channel
+        // broke (every request on it failed with it).
+        guard body.count <= ControlFrame.defaultMaxBody else {
+            throw HoldfastError(
+                .frameTooLarge, "the request is \(body.count) bytes, more than the \(ControlFrame.defaultMaxBody) a frame may carry")
+        }
         let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<RPCResponse, HoldfastError>, Never>) in
             let closed = state.withLockedValue { s -> Bool in
                 if s.closed { return true }

@@ -99,7 +99,10 @@ public enum ControlFrameError: Error, Sendable, Equatable, CustomStringConvertib
 public enum ControlJSON {
     public static func encode<T: Encodable>(_ value: T) -> [UInt8] {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        // Slashes as they are: escaped (`\/`, Foundation's default) a path-heavy body grew up to
+        // twice its size, so that a request a host sent within the frame limit (a create with a
+        // long PATH-like variable) no longer fit it when the bridge worker passed it on.
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // Encoding our own Codable types cannot fail; a failure here is a programming error.
         return Array((try? encoder.encode(value)) ?? Data("{}".utf8))
     }

@@ -93,8 +93,19 @@ public struct HoldfastError: Error, Sendable, Equatable, CustomStringConvertible
 
     // MARK: The wire
 
-    /// The body of an `error` frame saying this.
-    public var errorFrameBody: [UInt8] { ControlJSON.encode(self) }
+    /// The body of an `error` frame saying this. A message that names what the peer sent (an id,
+    /// a path) is cut to `maxWireMessage` bytes: an error about a 60 KiB id must still fit the
+    /// frame the peer can read (past it, the peer's channel broke — a bridge worker restarted
+    /// and every stream parked over one bad request).
+    public var errorFrameBody: [UInt8] {
+        guard message.utf8.count > Self.maxWireMessage else { return ControlJSON.encode(self) }
+        var cut = self
+        cut.message = String(decoding: message.utf8.prefix(Self.maxWireMessage), as: UTF8.self) + "… (cut to \(Self.maxWireMessage) bytes)"
+        return ControlJSON.encode(cut)
+    }
+
+    /// The most of a message an `error` frame carries (well inside a frame even escaped).
+    public static let maxWireMessage = 4096
 
     /// From an `error` frame's body; a body that is not a JSON error keeps its text.
     public init(errorFrameBody body: [UInt8], frameType: UInt32) {
