@@ -586,6 +586,16 @@ static unsigned long signal_records_written = 0;
 static unsigned long held_mask = 0;
 static pid_t held_tid = 0;
 
+// 1 while a SIGCHLD record is in the pipe unread: further SIGCHLDs write none (a reaper loops on
+// waitpid, so one record stands for any number of exits). A record per exit let a flood of
+// exiting children (orphans reparented to us, CLONE_PARENT loops) fill the pipe, and the full
+// pipe dropped the next record: `systemctl stop`'s SIGTERM, lost without a word.
+static int sigchld_unread = 0;
+
+void hf_signal_record_taken(int signo) {
+    if (signo == SIGCHLD) __atomic_store_n(&sigchld_unread, 0, __ATOMIC_RELEASE);
+}
+
 static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
     (void)context;
     int saved = errno;
@@ -610,6 +620,10 @@ static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
             }
         }
     }
+    if (signo == SIGCHLD && __atomic_exchange_n(&sigchld_unread, 1, __ATOMIC_ACQ_REL) == 1) {
+        errno = saved;
+        return;
+    }
     // One write of a whole record (well under PIPE_BUF): never split, never interleaved with
     // another handler's.
     hf_signal_record record = {signo, 0, 0};
@@ -620,6 +634,9 @@ static void signal_to_pipe_handler(int signo, siginfo_t *info, void *context) {
     int fd = (signo > 0 && signo < 65) ? __atomic_load_n(&signal_pipe_fds[signo], __ATOMIC_ACQUIRE) - 1 : -1;
     if (fd >= 0 && write(fd, &record, sizeof(record)) == (ssize_t)sizeof(record)) {
         __atomic_fetch_add(&signal_records_written, 1, __ATOMIC_RELEASE);
+    } else if (signo == SIGCHLD) {
+        // Not in the pipe: the next SIGCHLD tries again.
+        __atomic_store_n(&sigchld_unread, 0, __ATOMIC_RELEASE);
     }
     errno = saved;
 }

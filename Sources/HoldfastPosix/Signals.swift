@@ -140,8 +140,8 @@ public final class SignalPipe: Sendable {
         _ = hf_signal_to_pipe(signal, writer)
     }
 
-    /// The next signal delivered, in order. A burst of SIGCHLDs may arrive as fewer records than
-    /// children exited (the pipe can fill); a reaper must loop on waitpid anyway.
+    /// The next signal delivered, in order. SIGCHLDs arrive as fewer records than children
+    /// exited (one is in the pipe at a time); a reaper must loop on waitpid anyway.
     public func next() async -> ReceivedSignal? {
         await Self.nextRecord(from: reader)
     }
@@ -154,6 +154,8 @@ public final class SignalPipe: Sendable {
         defer { buffer.deallocate() }
         guard let count = try? await reader.read(into: buffer), count == size else { return nil }
         let record = buffer.load(as: hf_signal_record.self)
+        // Before the caller reaps: a SIGCHLD from here on writes a record again.
+        hf_signal_record_taken(record.signo)
         guard record.sender_pid > 0 else { return ReceivedSignal(number: record.signo) }
         return ReceivedSignal(number: record.signo, senderPID: record.sender_pid, senderUID: record.sender_uid)
     }

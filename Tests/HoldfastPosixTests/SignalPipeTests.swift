@@ -1,4 +1,5 @@
 import CHoldfastShims
+import Foundation
 import HoldfastTestSupport
 import Testing
 
@@ -52,5 +53,38 @@ struct SignalPipeTests {
         let toSecond = try await withTimeout("SIGUSR2 at the second pipe", .seconds(10)) { await second.next() }
         #expect(toFirst?.number == SIGUSR1)
         #expect(toSecond?.number == SIGUSR2)
+    }
+
+    /// A flood of SIGCHLDs (children exiting faster than they are reaped) does not fill the pipe:
+    /// one record stands for them all until it is read, and a SIGTERM after them arrives. Before,
+    /// each wrote a record, the full pipe dropped the next — the operator's stop was lost.
+    @Test func aFloodOfChildExitsCannotCrowdOutAStop() async throws {
+        guard try await isolated("aFloodOfChildExitsCannotCrowdOutAStop", timeout: .seconds(30)) else { return }
+        let signals = try SignalPipe(signals: [SIGCHLD, SIGTERM])
+        // raise() runs the handler before it returns, on a thread of our own that does not
+        // block them (the pool's threads do): 6,000 records' worth, more than a pipe holds.
+        // Read only once they are all in: the pipe holds what the flood left.
+        let raised = DispatchSemaphore(value: 0)
+        let raiser = Thread {
+            ProcessImage.unblock([SIGCHLD, SIGTERM])
+            for _ in 0..<6000 { raise(SIGCHLD) }
+            raise(SIGTERM)
+            raised.signal()
+        }
+        raiser.start()
+        #expect(raised.wait(timeout: .now() + 20) == .success)
+        var chld = 0
+        var term = false
+        while !term {
+            guard let signal = try await withTimeout("the next record", .seconds(5), { await signals.next() }) else { break }
+            if signal.number == SIGCHLD { chld += 1 }
+            if signal.number == SIGTERM { term = true }
+        }
+        #expect(term, "the SIGTERM after the flood arrived")
+        #expect(chld == 1, "one SIGCHLD record for the flood: \(chld)")
+        // Read, it is written again for the next exit.
+        #expect(kill(getpid(), SIGCHLD) == 0)
+        let next = try await withTimeout("a SIGCHLD after the read", .seconds(5)) { await signals.next() }
+        #expect(next?.number == SIGCHLD)
     }
 }
