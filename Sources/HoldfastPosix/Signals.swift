@@ -43,10 +43,13 @@ public enum StraySignals {
     /// itself: a process cannot handle them, and 32 ends a Swift one by its default action).
     public static var firstRealtime: Int32 { hf_sigrtmin() }
 
-    /// SIG_IGN for each of them and for SIGHUP, in a process that starts no other program (a
-    /// role: an ignored signal stays ignored across an exec).
+    /// SIG_IGN for each of them and for SIGHUP, SIGINT and SIGQUIT, in a process that starts no
+    /// other program (a role: an ignored signal stays ignored across an exec). A role is stopped
+    /// by its supervisor's SIGTERM alone; `pkill -INT holdfast` or `killall -QUIT holdfast` ended
+    /// both roles (a raw stream's bytes in flight lost), as `pkill holdfast` did before SIGTERM
+    /// was taken from the parent only.
     public static func ignoreInThisRole() {
-        for signal in all + [SIGHUP] { SignalDisposition.ignore(signal) }
+        for signal in all + [SIGHUP, SIGINT, SIGQUIT] { SignalDisposition.ignore(signal) }
     }
 }
 

@@ -88,7 +88,9 @@ struct DaemonSignalTests {
             #expect(kill(daemon.daemonPID, signal) == 0, "\(signalName(signal))")
             for role in rolePIDs { #expect(kill(role, signal) == 0, "\(signalName(signal)) to role \(role)") }
         }
-        for role in rolePIDs { #expect(kill(role, SIGHUP) == 0) }
+        // And the signals that stop or reload the supervisor: a role is stopped by its SIGTERM
+        // alone (`pkill -INT holdfast`, `killall -QUIT holdfast` ended both roles before).
+        for role in rolePIDs { for signal in [SIGHUP, SIGINT, SIGQUIT] { #expect(kill(role, signal) == 0) } }
         // The same signal again and again: said once (the first), the rest counted.
         for _ in 0..<20 { _ = kill(daemon.daemonPID, SIGALRM) }
         try await eventually("each said") {
