@@ -392,8 +392,16 @@ extension Supervisor {
         // it had in flight on the next connection); the broker quiesces and exits: every stream
         // settled in its checkpoint, nothing in a take.
         let (brokerRole, bridgeRole) = session.withLockedValue { ($0.broker, $0.bridgeWorker) }
-        let bridgeExit = await bridgeRole?.hold(within: .seconds(5)) { incarnation in bridgeRole?.send(SIGTERM, to: incarnation) }
+        let bridgePID = bridgeRole?.pid
+        let bridgeHolding = Task { await bridgeRole?.hold(within: .seconds(5)) { incarnation in bridgeRole?.send(SIGTERM, to: incarnation) } }
         undo.append { bridgeRole?.release() }
+        // Bounded as the broker's is below: a worker a tracer holds (strace or gdb stopped with
+        // it) is a zombie only its tracer can reap, and unbounded this wait kept the gate closed
+        // — every create and signal waiting — for as long as the tracer lived.
+        guard let bridgeExit = await bridgeHolding.value(within: Self.brokerStopLimit) else {
+            let state = bridgePID.map { ProcessRunState.of($0).explanation } ?? "unknown"
+            throw fail("the bridge worker did not finish stopping within \(Self.describe(Self.brokerStopLimit)): \(state); it is replaced once it is gone")
+        }
         let client = broker()
         let brokerPID = brokerRole?.pid
         let holding = Task {

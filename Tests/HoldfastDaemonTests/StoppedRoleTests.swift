@@ -649,6 +649,44 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// The same for the bridge worker: held by a hung debugger, the upgrade gives up on it after
+    /// 15 s, naming the tracer, opens its gate again (a create is served at once) and the daemon
+    /// runs on; once the tracer lets go a new worker connects. Before, the upgrade waited on the
+    /// worker without a bound: every create and signal waited at the closed gate for as long as
+    /// the tracer lived.
+    @Test(.enabled(if: DaemonFixture.canRun && ContainmentTests.hasPython, "needs root (the broker runs as a uid of its own) and python3"))
+    func anUpgradeGivesUpOnABridgeWorkerItCannotStopAndTheDaemonRunsOn() async throws {
+        let binary = try InstalledBinary()
+        defer { binary.remove() }
+        let daemon = try await DaemonFixture(executable: binary.path)
+        defer { daemon.cleanUp() }
+        let before = try await daemon.status()
+        let worker = try #require(before.roles.first { $0.name == "bridge" }?.pid)
+        let tracer = try await Self.trace(worker, in: daemon, hungFor: 120)
+        let pinnedTracer = PinnedProcess(tracer)
+        defer { pinnedTracer?.signal(SIGKILL) }
+
+        try binary.install(variant: 1)
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(1), "\(upgrade.output)")
+        #expect(upgrade.output.contains("the bridge worker did not finish stopping within 15s: held by a tracer (pid \(tracer)"), "\(upgrade.output)")
+        let after = try await daemon.status()
+        #expect(after.pid == before.pid && (after.upgrades ?? 0) == 0 && after.executableSHA256 == before.executableSHA256, "the old daemon runs on")
+        // The gate is open again: a create on the control socket is answered now.
+        let pid = try await withTimeout("a launch after the failed upgrade", .seconds(10)) {
+            try await daemon.launch(ProcessSpec(id: "after", argv: ["true"]))
+        }
+        #expect(pid > 0)
+
+        kill(tracer, SIGTERM)
+        #expect(try await daemon.processes.wait(tracer, timeout: .seconds(40)) == .signaled(SIGTERM))
+        try await eventually("a new bridge worker, connected", timeout: .seconds(30)) {
+            let now = try await daemon.rolePID("bridge")
+            return now != nil && now != worker && daemon.bridge.isConnected
+        }
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// SIGSTOPs the broker and the bridge worker, as an operator would, and waits until both are.
     static func stopBothRoles(_ daemon: DaemonFixture) async throws {
         let status = try await daemon.status()
