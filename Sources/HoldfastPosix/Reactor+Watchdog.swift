@@ -1,4 +1,6 @@
 import CHoldfastShims
+import NIOConcurrencyHelpers
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -39,6 +41,11 @@ extension Reactor {
     /// Threads taken over whose stuck job has not returned yet.
     public var strandedThreads: Int { queue.withLockedValue { $0.stranded } }
 
+    /// Whether a thread waits for the next takeover (made ahead: `makeSpare`).
+    public var hasSpareThread: Bool { spare.withLockedValue { $0 != nil } }
+    /// Takeovers put off because no thread could be made.
+    public var takeoversPutOff: Int { takeoversWithoutThread.load(ordering: .relaxed) }
+
     /// Calls `handler` (from a task of its own) at every takeover.
     public func onStall(_ handler: @escaping @Sendable (Stall) -> Void) {
         stallHandler.withLockedValue { $0 = handler }
@@ -58,6 +65,7 @@ extension Reactor {
     /// that comes late (the broker stopped, the VM paused) judges nothing, as every thread stood
     /// still alike.
     func watch() {
+        makeSpare()
         var jobs = StallJudge(maxStrandedThreads: maxStrandedThreads)
         var syscalls = SyscallJudge()
         var pace = WatchPace(slow: min(stallLimit, .seconds(1)), fast: syscallLimit)
@@ -74,7 +82,7 @@ extension Reactor {
             let judgeJobs = now - lastJobSample >= stallLimit
             let jobsLate = now - lastJobSample > stallLimit * 1.5 + syscallLimit
             if judgeJobs { lastJobSample = now }
-            let (stall, busy, sample): ((Stall, runner: UInt64?, stuckTID: pid_t)?, Bool, (SyscallJudge.Sample, pid_t)?) =
+            let (stall, busy, sample): ((Stall, runner: (UInt64, SpareThread)?, stuckTID: pid_t)?, Bool, (SyscallJudge.Sample, pid_t)?) =
                 queue.withLockedValue { q in
                     let inSyscall = syscallInProgress.load(ordering: .acquiring)
                     let sample = q.inJob && inSyscall != 0 ? (SyscallJudge.Sample(runner: q.runner, syscall: inSyscall), q.runnerTID) : nil
@@ -87,9 +95,12 @@ extension Reactor {
                     case .reportLimit:
                         return ((Stall(fds: syscallFDs(), strandedThreads: q.stranded, tookOver: false), nil, stuckTID), true, nil)
                     case .takeOver:
+                        // No thread to hand the loop to: the stuck one keeps it (it may yet
+                        // come back), judged again at the next ticks.
+                        guard let next = takeSpare() else { return (nil, true, nil) }
                         let fds = syscallFDs()
                         let runner = takeOver(&q)
-                        return ((Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), runner, stuckTID), true, nil)
+                        return ((Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), (runner, next), stuckTID), true, nil)
                     }
                 }
             if busy { pace.sawBusy(at: now) }
@@ -108,11 +119,11 @@ extension Reactor {
                     // (or the loop moved on) since.
                     taken = queue.withLockedValue { q in
                         guard q.runner == suspect.runner, q.inJob, syscallInProgress.load(ordering: .acquiring) == suspect.syscall,
-                            q.stranded < maxStrandedThreads
+                            q.stranded < maxStrandedThreads, let next = takeSpare()
                         else { return nil }
                         let fds = syscallFDs()
                         let runner = takeOver(&q)
-                        return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), runner, tid)
+                        return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), (runner, next), tid)
                     }
                     if taken != nil { syscalls.reset() }
                 }
@@ -120,7 +131,10 @@ extension Reactor {
             guard let taken else { continue }
             var report = taken.0
             report.kernelFunction = Self.kernelFunction(of: taken.stuckTID)
-            if let runner = taken.runner { startRunner(runner) }
+            if let (runner, next) = taken.runner {
+                next.run(as: runner)
+                makeSpare()
+            }
             // Reported from a task: a handler that logs may block (a full log pipe), and this
             // thread must go on watching.
             if let handler = stallHandler.withLockedValue({ $0 }) { Task.detached { handler(report) } }
@@ -308,17 +322,32 @@ extension Reactor {
         }
     }
 
-    /// Starts the thread that runs the loop as `runner`, retrying while the system has no thread
-    /// to give: without it nothing in the process moves.
-    private func startRunner(_ runner: UInt64) {
-        while true {
-            do {
-                try Self.startThread("reactor") { [self] in runLoop(as: runner) }
-                return
-            } catch {
-                Self.sleep(.milliseconds(10))
+    /// Makes the thread the next takeover hands the loop to, unless one waits already. Made ahead:
+    /// made at the takeover, a system out of tasks (a container forking up to `threads-max`)
+    /// left the loop with no thread at all — the stuck one, superseded, went away when its
+    /// syscall returned — and every stream of the process stopped until a task came free. A
+    /// takeover with no spare is put off instead (`takeSpare`); the next tick tries again.
+    func makeSpare() {
+        guard spare.withLockedValue({ $0 == nil }) else { return }
+        let thread = SpareThread()
+        do {
+            try Self.startThread("reactor") { [self] in
+                guard let runner = thread.waitForTurn() else { return }
+                runLoop(as: runner)
             }
+            spare.withLockedValue { $0 = thread }
+        } catch {
+            // None to be had now: the next takeover is put off until one is (`takeSpare`).
         }
+    }
+
+    /// The spare thread, taken for a takeover (nil: none could be made; counted).
+    private func takeSpare() -> SpareThread? {
+        if let thread = spare.withLockedValue({ s in defer { s = nil }; return s }) { return thread }
+        makeSpare()
+        if let thread = spare.withLockedValue({ s in defer { s = nil }; return s }) { return thread }
+        takeoversWithoutThread.add(1, ordering: .relaxed)
+        return nil
     }
 
     static func sleep(_ duration: Duration) {
@@ -336,3 +365,23 @@ extension Reactor {
     }
 }
 
+
+/// A thread started ahead of need, blocked until it is given the loop to run (`run(as:)`).
+final class SpareThread: Sendable {
+    private let turn = ConditionLock<Int>(value: 0)
+    private let runner = Atomic<UInt64>(0)
+
+    /// On the spare thread: blocks until `run(as:)`, then returns the runner number.
+    func waitForTurn() -> UInt64? {
+        turn.lock(whenValue: 1)
+        turn.unlock()
+        return runner.load(ordering: .acquiring)
+    }
+
+    /// Hands the loop to the spare thread as `runner`.
+    func run(as number: UInt64) {
+        runner.store(number, ordering: .releasing)
+        turn.lock()
+        turn.unlock(withValue: 1)
+    }
+}

@@ -66,6 +66,10 @@ public final class Reactor: TaskExecutor, Sendable {
     /// The most threads left stuck at once; beyond it the watchdog only reports.
     let maxStrandedThreads: Int
     let stallHandler = NIOLockedValueBox<(@Sendable (Stall) -> Void)?>(nil)
+    /// A thread made ahead, waiting to run the loop for the next takeover (Reactor+Watchdog).
+    let spare = NIOLockedValueBox<SpareThread?>(nil)
+    /// Takeovers put off because no thread could be made (the system's tasks exhausted).
+    let takeoversWithoutThread = Atomic<Int>(0)
     /// The fds of the syscall the loop's thread is in (`beginSyscall`): a splice has two.
     let outerSyscallFD = Atomic<Int32>(-1)
     let innerSyscallFD = Atomic<Int32>(-1)

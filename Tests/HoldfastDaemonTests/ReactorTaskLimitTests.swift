@@ -1,0 +1,51 @@
+@testable import HoldfastPosix
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The reactor's takeover when the system has no task to give (a container forked up to
+/// `threads-max` or `pids.max`): the loop goes on, on the thread made for it ahead.
+@Suite("A takeover with no thread to be had", .timeLimit(.minutes(2)))
+struct ReactorTaskLimitTests {
+    /// A syscall of the loop's asleep 1.3 s while this process may make no new thread (its pids
+    /// cgroup full): it is taken over by the spare thread made at the reactor's start, and a job
+    /// queued during the hold is served within it. Before, the takeover superseded the stuck
+    /// thread and then tried to make one, failing every 10 ms: the stuck one, back from its
+    /// syscall, went away, and nothing ran the loop until a task came free — every stream of
+    /// the broker stopped.
+    @Test(.enabled(if: PidsLimit.available, "needs root and a pids cgroup controller"))
+    func aTakeoverWithNoThreadToBeHadStillServesTheLoop() async throws {
+        guard try await isolated("aTakeoverWithNoThreadToBeHadStillServesTheLoop", timeout: .seconds(60)) else { return }
+        let reactor = try Reactor(stallLimit: .seconds(30), syscallLimit: .milliseconds(20))
+        let pipe = try PipeEnds.make()
+        let fd = try AsyncFD(adopting: pipe.read, reactor: reactor)
+        // The pool's threads and the reactor's spare made while threads may still be had.
+        try await eventually("the reactor's spare thread") { reactor.hasSpareThread }
+        await withTaskGroup(of: Void.self) { group in for _ in 0..<8 { group.addTask { try? await Task.sleep(for: .milliseconds(20)) } } }
+        let limit = try PidsLimit()
+        try limit.add(getpid())
+        defer {
+            try? limit.set("max")
+            limit.remove()
+        }
+        let current = String(decoding: readFile("\(limit.path)/pids.current") ?? [], as: UTF8.self).filter(\.isNumber)
+        try limit.set(current.isEmpty ? "1" : current)
+
+        let asleep = Task(executorPreference: reactor) { try fd.withSyscall { Reactor.sleep(.milliseconds(1300)) } }
+        // Queued while the loop's thread sleeps: served by the spare within the hold.
+        try await Task.sleep(for: .milliseconds(300))
+        let started = ContinuousClock.now
+        let served = Task(executorPreference: reactor) { reactor.isCurrent }
+        #expect(try await withTimeout("a job served during the hold", .seconds(5)) { await served.value })
+        let waited = ContinuousClock.now - started
+        try await withTimeout("the sleeping syscall's end", .seconds(10)) { try await asleep.value }
+        #expect(reactor.stalls == 1, "taken over")
+        #expect(waited < .milliseconds(1000), "served within the hold, not after it: \(waited)")
+        try? limit.set("max")
+        fd.close()
+        close(pipe.write)
+    }
+}
