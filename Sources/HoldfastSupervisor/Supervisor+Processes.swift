@@ -507,8 +507,26 @@ extension Supervisor {
         }
         guard record.phase == .running else { throw HoldfastError(.notRunning, "process '\(id)' has exited") }
         if let container = record.container {
-            try await runc.kill(container.id, signal: signal)
-            return
+            do {
+                try await runc.kill(container.id, signal: signal)
+                return
+            } catch where error.code == .tooManyProcesses {
+                // No task to start runc with (the guest's pids exhausted: often by this very
+                // container). `runc kill ID SIG` signals the container's init alone, which is a
+                // registered child of ours: signalled directly, so a runaway container can still
+                // be killed from the host. (Refused, its answer said "try again once processes
+                // end" — impossible while it forks.)
+                guard let child = forked.withLockedValue({ $0[id] }) else { throw error }
+                switch reaper.signal(child, signal) {
+                case .sent:
+                    logger.warning("no task to start runc with: the signal sent to the container's init directly", metadata: [
+                        "process": "\(id)", "signal": "\(signalName(signal))",
+                    ])
+                    return
+                case .reaped: throw HoldfastError(.notRunning, "process '\(id)' has exited")
+                case .failed: throw error
+                }
+            }
         }
         if let child = forked.withLockedValue({ $0[id] }) {
             switch reaper.signal(child, signal) {

@@ -132,6 +132,30 @@ struct TaskLimitTests {
         #expect(exits.all.first { $0.id == "hello" }?.exitCode == 0)
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// A runc container the host kills while the guest has no task to start runc with (a fork
+    /// bomb's doing, often the container's own): the signal goes to the container's init
+    /// directly, and its exit comes. Before, the kill was refused `too-many-processes` ("try
+    /// again once processes end"): a runaway container could not be killed from the host.
+    @Test(.enabled(if: DaemonFixture.canRun && PidsLimit.available && TestBundle.canRun, "needs root, a pids cgroup controller, runc and busybox-static"))
+    func aRuncContainerIsKilledEvenWithNoTaskToStartRuncWith() async throws {
+        let limit = try PidsLimit()
+        defer { limit.remove() }
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let bundle = try TestBundle(in: daemon.directory, name: "web", args: ["sleep", "1000"], terminal: false)
+        _ = try await daemon.bridge.create(ProcessSpec(id: "web", argv: [], runtime: .runc, bundle: bundle.path))
+        try limit.add(daemon.daemonPID)
+        try limit.set("1")
+        try await daemon.bridge.signal("web", SIGKILL)
+        try await eventually("its exit", timeout: .seconds(30)) { exits.count("web") == 1 }
+        #expect(exits.all.first { $0.id == "web" }?.signal == SIGKILL, "\(exits.all)")
+        #expect(daemon.log.contains("the signal sent to the container's init directly"))
+        try limit.set("max")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
 
 /// A pids cgroup of the test's own (cgroup v1's pids hierarchy, or the unified one's pids
