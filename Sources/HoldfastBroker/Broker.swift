@@ -300,6 +300,15 @@ public final class Broker: Sendable {
                     return HoldfastError(.tokenInUse, "token '\(taken.token)' is in use by another stream")
                 }
             }
+            // So is one of an output an orphan holds open past its process's exit (out of the
+            // table, relayed on): a new stream with its token spliced onto it at the host.
+            for relayed in relayedPastExit.withLockedValue({ Array($0.values) }) {
+                let held = ResumableIdentity.all(in: relayed.streams.map(\.description))
+                if let taken = held.first(where: identities.contains) {
+                    return HoldfastError(
+                        .tokenInUse, "token '\(taken.token)' is in use by an output of process '\(relayed.owner.id)' an orphan holds open past its exit")
+                }
+            }
         }
         return nil
     }

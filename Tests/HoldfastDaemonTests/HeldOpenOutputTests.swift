@@ -112,6 +112,14 @@ struct HeldOpenOutputTests {
         try await eventually("the counter past the drain's bytes", timeout: .seconds(20)) {
             (try await daemon.bridge.stats().bytesToHost) > UInt64(atDrain + 2000)
         }
+        // Its token is still in use: a new process given it is refused (it would splice onto
+        // the orphan's stream at the host).
+        do {
+            let pid = try await daemon.bridge.create(ProcessSpec(id: "reuser", argv: ["echo", "x"], stdout: daemon.spec("a-out")))
+            Issue.record("a stream took the token of an output held open: pid \(pid)")
+        } catch {
+            #expect(error.code == .tokenInUse && error.message.contains("an orphan holds open past its exit"), "\(error)")
+        }
         try writeFile(stop, [])
         try await eventually("the orphan's last line", timeout: .seconds(30)) { String(decoding: output.bytes, as: UTF8.self).hasSuffix("\nlast\n") }
         try await daemon.waitForLog("an output held open past its process's exit ended")
