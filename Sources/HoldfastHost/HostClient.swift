@@ -251,8 +251,16 @@ public enum HostClient {
                 case "stdout", "stderr":
                     let output = try AsyncFD(adopting: dup(kind == "stdout" ? stdio.output : stdio.error), foreignDescription: true)
                     outputSockets.append(socket)
+                    let id = started.id
                     outputs.append(Task {
-                        await copy(from: socket, to: output)
+                        await copy(from: socket, to: output) {
+                            // Our reader went away (`host run … | head -1`): the process gets
+                            // SIGPIPE, as in a local pipeline, and the rest of its output is
+                            // read and dropped, as its writes would fail there. Before, nothing
+                            // read it any more: the process blocked once the buffers were full,
+                            // and the client waited for its outcome for ever.
+                            _ = try? await client.call(HostRequest.signal(SignalRequest(id: id, signal: SIGPIPE)), reply: [String: String].self)
+                        }
                         if let fd = output.detach() { close(fd) }
                         socket.close()
                     })
@@ -408,14 +416,19 @@ public enum HostClient {
         return .stopped
     }
 
-    static func copy(from source: AsyncFD, to sink: AsyncFD) async {
+    /// Copies until `source` ends. Once `sink` fails (its reader gone), `sinkGone` is called
+    /// and the rest of `source` is read and dropped.
+    static func copy(from source: AsyncFD, to sink: AsyncFD, sinkGone: @Sendable () async -> Void = {}) async {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
         defer { buffer.deallocate() }
+        var sinking = true
         while let count = try? await source.read(into: buffer), count > 0 {
+            guard sinking else { continue }
             do {
                 try await sink.write(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             } catch {
-                return
+                sinking = false
+                await sinkGone()
             }
         }
     }
