@@ -15,10 +15,31 @@ public enum StatusPrinter {
         return directory + "/control.sock"
     }
 
-    public static func fetch(socket: String) async throws -> StatusReport {
+    /// The daemon's status, or an error once `timeout` passed without an answer saying what its
+    /// process is doing (a connection is taken into the listen backlog even while the daemon
+    /// is stopped or held by a debugger: unbounded, `holdfast status` hung there).
+    public static func fetch(socket: String, timeout: Duration = .seconds(10)) async throws -> StatusReport {
         let client = try await ControlClient.connect(to: socket)
         defer { client.close() }
-        return try await client.call(SupervisorRequest.status, reply: StatusReport.self)
+        // The listener's pid, as the kernel recorded it when it began listening.
+        let daemon = (client.transport as? SeqpacketFrames).flatMap { try? PeerCredentials.of($0.channel.socket).pid }
+        let asking = Task { () -> Result<StatusReport, HoldfastError> in
+            do throws(HoldfastError) {
+                return .success(try await client.call(SupervisorRequest.status, reply: StatusReport.self))
+            } catch {
+                return .failure(error)
+            }
+        }
+        guard let result = await asking.value(within: timeout) else {
+            let state = daemon.map { "pid \($0) is \(ProcessRunState.of($0).explanation)" } ?? "its pid is unknown"
+            throw NotAnswering(description: "it did not answer within \(timeout): \(state)")
+        }
+        return try result.get()
+    }
+
+    /// The daemon took the connection and did not answer.
+    public struct NotAnswering: Error, CustomStringConvertible {
+        public var description: String
     }
 
     /// What to check when the daemon's control socket cannot be reached.

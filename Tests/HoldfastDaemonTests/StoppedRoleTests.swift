@@ -687,6 +687,30 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// `holdfast status` against a stopped daemon (SIGSTOP, a debugger at its prompt): it ends
+    /// within its bound (10 s) saying the daemon's pid is stopped. Before, it hung in the
+    /// connection the listen backlog had taken, for as long as the daemon stood still.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func statusAgainstAStoppedDaemonSaysSoWithinItsBound() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
+        defer { kill(daemon.daemonPID, SIGCONT) }
+        try await eventually("the daemon stopped") { ProcessRunState.of(daemon.daemonPID) == .stopped }
+        let path = daemon.directory.file("status.err")
+        let err = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let pid = try daemon.processes.start(
+            [holdfastExecutable(), "status", "--socket", daemon.directory.file("control.sock")], stdout: err, stderr: err)
+        close(err)
+        let status = try await daemon.processes.wait(pid, timeout: .seconds(30))
+        let said = String(decoding: readFile(path) ?? [], as: UTF8.self)
+        #expect(status != .exited(0), "\(said)")
+        #expect(said.contains("did not answer within 10") && said.contains("pid \(daemon.daemonPID) is stopped"), "\(said)")
+        kill(daemon.daemonPID, SIGCONT)
+        #expect(try await daemon.status().pid == daemon.daemonPID, "it answers once continued")
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// SIGSTOPs the broker and the bridge worker, as an operator would, and waits until both are.
     static func stopBothRoles(_ daemon: DaemonFixture) async throws {
         let status = try await daemon.status()
