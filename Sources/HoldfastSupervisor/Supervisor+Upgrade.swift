@@ -475,6 +475,16 @@ extension Supervisor {
         } catch {
             throw fail("cannot write the state down: \(error)")
         }
+        // Once more at the last moment: a handler already past its hold check when the hold
+        // began (a window of instructions) wrote its record after the signal loop was seen caught
+        // up, and a stop the loop began from it since (the log flush above waits up to 500 ms)
+        // would be forgotten by the new image. This image carries it out instead.
+        do {
+            try giveWayToAStop()
+        } catch {
+            close(memfd)
+            throw error
+        }
         let arguments = [path, "daemon", "--config", configPath, "--resume-from", String(memfd)]
         let error = ProcessImage.replace(
             executable: executable, arguments: arguments, keep: state.keptDescriptors + [memfd], blocked: Self.signalsBlockedAcrossExec)
