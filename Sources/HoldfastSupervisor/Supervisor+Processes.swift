@@ -468,6 +468,15 @@ extension Supervisor {
         await upgradeGate.enter()
         defer { upgradeGate.leave() }
         try ProcessSpec.checkIdempotencyKey(key)
+        // A process still starting (its create accepted, its program perhaps already running,
+        // the broker's adopt not yet done): signalled once it has started. Answered
+        // `no-such-process` before, a host's cancel (`host stop` while the create waited for a
+        // slow broker) concluded nothing ran, and the process then ran on.
+        if let starting = table.withLockedValue({ $0[id] == nil ? $0.creates.starting[id] : nil }) {
+            if case .failure(let error) = await starting.wait() {
+                throw HoldfastError(.noSuchProcess, "no process '\(id)': its create failed (\(error.code.rawValue))")
+            }
+        }
         let (decision, pid) = table.withLockedValue { ($0.decideSignal(to: id, key: key), $0[id]?.pid) }
         switch decision {
         case .repeated:

@@ -89,6 +89,10 @@ struct HostRun: AsyncParsableCommand, HostFamilyCommand {
             id: id, argv: argv, tty: tty, mode: mode, rows: size?.rows, columns: size?.columns, env: environment.environment(tty: tty),
             cwd: environment.cwd, rawAddresses: raw.isEmpty ? nil : raw, runtime: runtime == .direct ? nil : runtime, bundle: bundle,
             user: user, group: group, interactive: interactive ? true : nil)
+        // Its signals are handled from before the wait is announced: a Ctrl-C right after the
+        // "waiting for a guest" line (before, it could come before the handler, and killed the
+        // client without a word).
+        let interaction = detach ? nil : try keys.interaction()
         await announceGuestWait("host run", control: control)
         if detach {
             do {
@@ -99,7 +103,7 @@ struct HostRun: AsyncParsableCommand, HostFamilyCommand {
             }
             return
         }
-        let interaction = try keys.interaction()
+        guard let interaction else { return }
         try await finishHostCommand("host run", drainTimeout: drain.drainTimeout) { () throws(HoldfastError) in
             try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout, interaction: interaction)
         }
@@ -148,6 +152,10 @@ struct HostExec: AsyncParsableCommand, HostFamilyCommand {
         let request = HostRunRequest(
             id: id, argv: argv, tty: tty, rows: size?.rows, columns: size?.columns, env: environment.environment(tty: tty),
             cwd: environment.cwd, runtime: .runc, container: container, user: environment.user, interactive: interactive ? true : nil)
+        // Its signals are handled from before the wait is announced: a Ctrl-C right after the
+        // "waiting for a guest" line (before, it could come before the handler, and killed the
+        // client without a word).
+        let interaction = detach ? nil : try keys.interaction()
         await announceGuestWait("host exec", control: control)
         if detach {
             do {
@@ -158,7 +166,7 @@ struct HostExec: AsyncParsableCommand, HostFamilyCommand {
             }
             return
         }
-        let interaction = try keys.interaction()
+        guard let interaction else { return }
         try await finishHostCommand("host exec", drainTimeout: drain.drainTimeout) { () throws(HoldfastError) in
             try await HostClient.run(control: control, request: request, drainTimeout: drainTimeout, interaction: interaction)
         }

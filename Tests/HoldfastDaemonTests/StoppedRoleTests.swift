@@ -291,6 +291,39 @@ struct StoppedRoleTests {
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
+    /// A signal to a process still starting (its create waits for a stopped broker's adopt; its
+    /// program already runs) is carried out once the process has started, and its exit comes.
+    /// Before, it was answered `no-such-process`: a host's cancel concluded nothing ran, and the
+    /// process then ran on.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aSignalToAProcessStillStartingIsSentOnceItHasStarted() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let pinned = try #require(PinnedProcess(broker))
+        #expect(kill(broker, SIGSTOP) == 0)
+        defer { pinned.signal(SIGCONT) }
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
+        let bridge = daemon.bridge
+        let create = Task { () -> Result<Int32, HoldfastError> in
+            do throws(HoldfastError) {
+                return .success(try await bridge.create(ProcessSpec(id: "s", argv: ["sleep", "1000"]), timeout: .seconds(60)))
+            } catch {
+                return .failure(error)
+            }
+        }
+        try await eventually("the process starting") { try await bridge.list(BridgeListRequest(streams: false)).processes.contains { $0.id == "s" && $0.state == .starting } }
+        try await withTimeout("the signal", .seconds(40)) { try await bridge.signal("s", SIGKILL, timeout: .seconds(30)) }
+        let pid = try await withTimeout("the create's answer", .seconds(60)) { try await create.value.get() }
+        #expect(pid > 0)
+        try await eventually("its exit", timeout: .seconds(30)) { exits.count("s") == 1 }
+        #expect(exits.all.first { $0.id == "s" }?.signal == SIGKILL)
+        #expect(kill(broker, SIGCONT) == 0)
+        #expect(try await Self.stop(daemon) == .exited(0))
+    }
+
     /// A create answered before the stopped broker took its stdio, and then the stopped broker
     /// killed (an operator gives up on the debugging session): its successor is handed the
     /// process like every other one, and every line reaches the host once, the exit once with
