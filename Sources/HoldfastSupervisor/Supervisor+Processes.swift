@@ -85,7 +85,25 @@ extension Supervisor {
     func refuseWhenShortOfDescriptors() throws(HoldfastError) {
         try ProcessFigures.ensureDescriptorRoom(
             needed: Self.descriptorsPerStart, reserve: Self.descriptorReserve, holder: "the daemon", keptFor: "for a broker restart")
+        // The broker's too, before anything is started: it checks its own room only at the
+        // adopt, after the program had run — and a create it refused then had run its program
+        // (files written, output made) and been killed, answered as if refused before it
+        // started, so a host's retry ran it again. It runs out first wherever its limit is
+        // below the daemon's share (each process costs it more fds than the supervisor).
+        if let pid = session.withLockedValue({ $0.broker?.pid }), let broker = ProcessFigures.descriptors(of: pid),
+            UInt64(broker.open + Self.brokerDescriptorsPerStart + Self.brokerDescriptorReserve) > broker.limit
+        {
+            throw HoldfastError(
+                .tooManyOpenFiles,
+                "the broker holds \(broker.open) fds of its limit of \(broker.limit) and keeps \(Self.brokerDescriptorReserve) for the streams it serves "
+                    + "to redial; nothing was started: raise the daemon's hard limit (LimitNOFILE= in its unit: README, \"Open files\") or end some processes")
+        }
     }
+
+    /// What a new process costs the broker at most (a socket and a relay's fds per stream, a
+    /// tty's two) and what it keeps free (`BrokerService.descriptorReserve`).
+    static let brokerDescriptorsPerStart = 12
+    static let brokerDescriptorReserve = 64
 
     /// Starts the process of a create that holds its id's reservation; the record replaces the
     /// reservation in one step.

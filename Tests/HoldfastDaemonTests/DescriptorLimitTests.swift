@@ -121,6 +121,42 @@ struct DescriptorLimitTests {
         }
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// At a limit where the broker runs out before the supervisor (full stdio costs it more fds
+    /// per process), a create is refused before its program runs: the refused one never ran.
+    /// Before, the broker refused it only at the adopt — its program had run (a file touched, 1
+    /// MiB of output possible), then it was killed, and the answer was the same as a refusal
+    /// before the start, so a host's retry ran it again.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aCreateTheBrokerHasNoRoomForIsRefusedBeforeItsProgramRuns() async throws {
+        let daemon = try await DaemonFixture(openFileLimit: (soft: 1024, hard: 1024))
+        defer { daemon.cleanUp() }
+        var refusal: HoldfastError?
+        var refusedID = ""
+        for index in 0..<150 {
+            let id = "f\(index)"
+            let ran = daemon.directory.file("ran-\(id)")
+            do {
+                _ = try daemon.streams.open(token: bytes("\(id)-in"), direction: .send)
+                _ = try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive)
+                _ = try daemon.streams.open(token: bytes("\(id)-err"), direction: .receive)
+                _ = try await daemon.launch(ProcessSpec(
+                    id: id, argv: ["sh", "-c", "touch \(ran); exec cat"], stdin: daemon.spec("\(id)-in"), stdout: daemon.spec("\(id)-out"),
+                    stderr: daemon.spec("\(id)-err")))
+            } catch let error as HoldfastError {
+                refusal = error
+                refusedID = id
+                break
+            }
+        }
+        let refused = try #require(refusal, "150 full-stdio processes at a limit of 1,024 fds were all created")
+        #expect(refused.code == .tooManyOpenFiles && refused.message.contains("the broker holds"), "\(refused)")
+        #expect(refused.message.contains("nothing was started"), "\(refused)")
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(access(daemon.directory.file("ran-\(refusedID)"), F_OK) != 0, "the refused create's program never ran")
+        print("created \(refusedID.dropFirst()) full-stdio processes at a limit of 1,024 fds; then: \(refused)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
 
 /// A process's limits on open files, from /proc/PID/limits.

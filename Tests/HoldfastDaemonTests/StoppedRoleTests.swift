@@ -307,14 +307,17 @@ struct StoppedRoleTests {
         defer { pinned.signal(SIGCONT) }
         try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         let bridge = daemon.bridge
+        let ran = daemon.directory.file("ran")
         let create = Task { () -> Result<Int32, HoldfastError> in
             do throws(HoldfastError) {
-                return .success(try await bridge.create(ProcessSpec(id: "s", argv: ["sleep", "1000"]), timeout: .seconds(60)))
+                return .success(try await bridge.create(ProcessSpec(id: "s", argv: ["sh", "-c", "touch \(ran); exec sleep 1000"]), timeout: .seconds(60)))
             } catch {
                 return .failure(error)
             }
         }
-        try await eventually("the process starting") { try await bridge.list(BridgeListRequest(streams: false)).processes.contains { $0.id == "s" && $0.state == .starting } }
+        // Its program runs; its create waits (up to 5 s) for the stopped broker's adopt. (A list
+        // polled for `starting` missed that window on a loaded machine.)
+        try await eventually("its program running") { access(ran, F_OK) == 0 }
         try await withTimeout("the signal", .seconds(40)) { try await bridge.signal("s", SIGKILL, timeout: .seconds(30)) }
         let pid = try await withTimeout("the create's answer", .seconds(60)) { try await create.value.get() }
         #expect(pid > 0)
