@@ -542,8 +542,20 @@ public final class HostService: Sendable {
             created = try await bridge.createProcess(spec, timeout: HostDefaults.guestWait)
         } catch {
             for fd in local { _ = Glibc.close(fd) }
-            table.unregister(process)
             process.abandon()
+            guard error.code == .guestNotAnswering || error.code == .bridgeLost else {
+                table.unregister(process)
+                throw error
+            }
+            // The guest took the create and did not answer (stopped, traced, a migration that
+            // outlasted the wait): it may start the process yet — with no client, its streams
+            // closed here, not in `ps`, unreachable by `attach`. It is ended if it does start,
+            // and its id stays taken until that is settled (a new `run` of the id meanwhile
+            // would be the one killed).
+            Task { [bridge, table, say] in
+                await Self.endIfItStartsLate(id, bridge: bridge, say: say)
+                table.unregister(process)
+            }
             throw error
         }
         // Which daemon runs it; if another one said hello meanwhile, it is already gone.
@@ -552,6 +564,34 @@ public final class HostService: Sendable {
         say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")\(detached ? " (detached)" : "")")
         return (ControlJSON.encode(HostRunResponse(id: id, pid: created.pid, streams: detached ? [] : kinds, tty: request.tty)), local)
     }
+
+    /// A create whose answer did not come: SIGKILL to the id until the guest answers. A guest
+    /// signals a process still starting once it has started, and answers `no-such-process` for
+    /// one whose create failed or never came (an older guest answers that at once for one still
+    /// starting: then the process is left, as before). Tried for up to an hour, then given up.
+    static func endIfItStartsLate(_ id: String, bridge: BridgeServer, say: @Sendable (String) -> Void) async {
+        let giveUp = ContinuousClock.now + lateStartWatch
+        // `no-such-process` twice, 5 s apart: the guest handles requests concurrently, so a kill
+        // sent after the create may be handled before it (then the process starts after all).
+        var absent = 0
+        while ContinuousClock.now < giveUp {
+            do throws(HoldfastError) {
+                try await bridge.signal(id, SIGKILL, timeout: .seconds(60))
+                say("process \(id) started after its create was given up on (no client had it): killed")
+                return
+            } catch where error.code == .noSuchProcess || error.code == .notRunning {
+                absent += 1
+                if absent >= 2 || error.code == .notRunning { return }
+                try? await Task.sleep(for: .seconds(5))
+            } catch {
+                absent = 0
+                try? await Task.sleep(for: .seconds(2))
+            }
+        }
+        say("process \(id): its create was given up on, and the guest did not say within \(lateStartWatch) whether it ran; if it did, 'holdfast host kill \(id)' ends it")
+    }
+
+    static let lateStartWatch = Duration.seconds(3600)
 
     /// argv as a shell would show it (`ps`): words with spaces or quotes quoted.
     static func commandLine(_ argv: [String]) -> String {

@@ -31,3 +31,32 @@ struct HostRunPipeTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+/// A `host run` whose create the guest took and did not answer within the client's 30 s (its
+/// bridge worker stopped): the client fails; when the guest later starts the process after all,
+/// host serve kills it (no client has it, its streams are closed) and says so. Before, it ran
+/// on unreachable: not in `ps`, its streams refused, blocked once its pipes filled.
+@Suite("A create given up on that the guest carries out late", .timeLimit(.minutes(3)))
+struct HostRunLateStartTests {
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aProcessStartedAfterItsCreateWasGivenUpOnIsKilled() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let worker = try #require(try await daemon.rolePID("bridge"))
+        let pinned = try #require(PinnedProcess(worker))
+        #expect(kill(worker, SIGSTOP) == 0)
+        defer { pinned.signal(SIGCONT) }
+        let ran = daemon.directory.file("late-ran")
+        let run = try await serve.cli(["run", "--id", "late", "--", "sh", "-c", "touch \(ran); exec sleep 1000"], within: .seconds(90))
+        #expect(run.status == .exited(125), "\(run.err)")
+        #expect(access(ran, F_OK) != 0, "not started while the worker was stopped")
+        #expect(kill(worker, SIGCONT) == 0)
+        try await eventually("the late start", timeout: .seconds(30)) { access(ran, F_OK) == 0 }
+        try await eventually("host serve killed it", timeout: .seconds(60)) { serve.log.contains("process late started after its create was given up on") }
+        try await eventually("its exit in the guest", timeout: .seconds(30)) {
+            try await daemon.status().processes.first { $0.id == "late" }.map { $0.state == .done } ?? true
+        }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
