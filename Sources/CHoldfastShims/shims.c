@@ -655,6 +655,8 @@ static int install_siginfo_handler(int signo, void (*handler)(int, siginfo_t *, 
 }
 
 int hf_signal_to_pipe(int signo, int fd) {
+    // A new pipe for SIGCHLD: a record left unread in one given up must not silence this one.
+    if (signo == SIGCHLD) __atomic_store_n(&sigchld_unread, 0, __ATOMIC_RELEASE);
     if (signo <= 0 || signo >= 65) {
         errno = EINVAL;
         return -1;

@@ -51,6 +51,9 @@ extension Broker {
         }
         let adopted = try managed(process, by: caller, removing: true)
         let (descriptions, fds) = await adopted.release(registry: registry)
+        // Counted here, every stream: listed no longer as held open past an exit (a drain may
+        // have listed one just before this release took the process out).
+        forgetHeldOpen(of: adopted)
         for stream in adopted.status() { record(finished: stream) }
         logger.info("released streams", metadata: ["process": "\(process)", "fds": "\(fds.count)"])
         if handoffs.withLockedValue({ $0.has(process) }) {

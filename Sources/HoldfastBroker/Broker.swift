@@ -561,8 +561,14 @@ public final class Broker: Sendable {
         Task { [self] in
             let (results, heldOpen) = await adopted.drain(timeout: timeout)
             // Those held open stay listed and counted live (before it leaves the table: no
-            // moment when they are counted nowhere), each counted in the totals as it ends.
-            if !heldOpen.isEmpty { holdPastExit(heldOpen, of: adopted) }
+            // moment when they are counted nowhere; `list` skips them while it is still there),
+            // each counted in the totals as it ends. Under the table's lock, and only while the
+            // process is in it: a release that took it out has counted every stream already.
+            if !heldOpen.isEmpty {
+                processes.withLockedValue { table in
+                    if table[request.process] === adopted { holdPastExit(heldOpen, of: adopted) }
+                }
+            }
             // Removed first, then counted in the totals: a `stats` in between sees the bytes
             // neither here nor there (a dip the metrics absorb), never twice.
             let removed = processes.withLockedValue { table -> Bool in
@@ -647,6 +653,11 @@ public final class Broker: Sendable {
         relayedPastExit.withLockedValue { $0[ObjectIdentifier(owner)] = RelayedPastExit(owner: owner, streams: streams) }
     }
 
+    /// `owner`'s outputs are no longer listed as held open (a release counted them).
+    func forgetHeldOpen(of owner: AdoptedProcess) {
+        relayedPastExit.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(owner)) }
+    }
+
     public func closeStdin(_ process: String, by caller: ProcessOwner? = nil) throws(HoldfastError) {
         let adopted = try managed(process, by: caller)
         guard adopted.closeInput() else {
@@ -683,7 +694,8 @@ public final class Broker: Sendable {
     /// Every stream, by process id: the live ones, and those of releases kept for their peers
     /// (state `kept`: a runtime that lost the answer, or restarted, sees what waits for it).
     public func list(ownedBy owner: ProcessOwner? = nil) -> [StreamStatus] {
-        let all = processes.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner == owner }
+        let inTable = processes.withLockedValue { Array($0.values) }
+        let all = inTable.filter { owner == nil || $0.owner == owner }
         // A runtime's process the supervisor holds no copies of (yet) is said to be so.
         let unkept = handoffs.withLockedValue { slots in
             Set(all.filter { if case .handoff = $0.owner { !slots.isKept($0.id) } else { false } }.map(\.id))
@@ -698,7 +710,13 @@ public final class Broker: Sendable {
         let kept = keptReleases.withLockedValue { $0.status(ownedBy: owner) }
         // Outputs an orphan holds open past its process's exit: relayed on, so listed (and
         // counted in `stats`) until they end, said to be so.
-        let pastExit = relayedPastExit.withLockedValue { Array($0.values) }.filter { owner == nil || $0.owner.owner == owner }.map { relayed in
+        // Not those whose process is still in the table (a drain lists them here just before it
+        // takes the process out): listed twice, `stats` counted them twice, and the metrics'
+        // counters, which never go down, kept the excess.
+        let tableIDs = Set(inTable.map(ObjectIdentifier.init))
+        let pastExit = relayedPastExit.withLockedValue { Array($0.values) }.filter { relayed in
+            (owner == nil || relayed.owner.owner == owner) && !tableIDs.contains(ObjectIdentifier(relayed.owner))
+        }.map { relayed in
             (id: relayed.owner.id, streams: relayed.streams.flatMap { stream in
                 stream.status(process: relayed.owner.id).map { status in
                     var status = status

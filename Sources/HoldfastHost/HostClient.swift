@@ -89,7 +89,7 @@ public enum HostClient {
         let client = try await connect(control)
         defer { client.close() }
         let reply = try await client.request(HostRequest.attach(ProcessIDRequest(id: id)).frameType, body: HostRequest.attach(ProcessIDRequest(id: id)).body)
-        return try await wire(client, reply, tty: tty, drainTimeout: drainTimeout, stdio: stdio, interaction: interaction)
+        return try await wire(client, reply, tty: tty, drainTimeout: drainTimeout, stdio: stdio, interaction: interaction, startedIt: false)
     }
 
     /// Waits for a process's outcome, whether or not its output has been read (`host wait`).
@@ -151,9 +151,12 @@ public enum HostClient {
 
     /// Relays `stdio` to the sockets of a `run`/`attach` reply until the process's outcome, or
     /// until the client detaches.
+    /// `startedIt`: this client started the process (`run`, `exec`), so a reader of its output
+    /// that goes away ends the process as in a local pipeline (SIGPIPE); an `attach` lets go
+    /// instead (a viewer's `| head` must not kill a service).
     static func wire(
         _ client: ControlClient, _ reply: ControlClient.ReceivedFrame, tty: Bool, drainTimeout: Duration, stdio: Stdio,
-        interaction: Interaction
+        interaction: Interaction, startedIt: Bool = true
     ) async throws(HoldfastError) -> HostRunOutcome {
         interaction.started?()
         let started: HostRunResponse
@@ -254,12 +257,17 @@ public enum HostClient {
                     let id = started.id
                     outputs.append(Task {
                         await copy(from: socket, to: output) {
-                            // Our reader went away (`host run … | head -1`): the process gets
-                            // SIGPIPE, as in a local pipeline, and the rest of its output is
-                            // read and dropped, as its writes would fail there. Before, nothing
-                            // read it any more: the process blocked once the buffers were full,
-                            // and the client waited for its outcome for ever.
+                            // Our reader went away (`host run … | head -1`). Before, nothing read
+                            // the output any more: the process blocked once the buffers were
+                            // full, and the client waited for its outcome for ever.
+                            guard startedIt else {
+                                detach.fire(.readerGone)
+                                return false
+                            }
+                            // The process gets SIGPIPE, as in a local pipeline, and the rest of
+                            // its output is read and dropped, as its writes would fail there.
                             _ = try? await client.call(HostRequest.signal(SignalRequest(id: id, signal: SIGPIPE)), reply: [String: String].self)
+                            return true
                         }
                         if let fd = output.detach() { close(fd) }
                         socket.close()
@@ -416,9 +424,10 @@ public enum HostClient {
         return .stopped
     }
 
-    /// Copies until `source` ends. Once `sink` fails (its reader gone), `sinkGone` is called
-    /// and the rest of `source` is read and dropped.
-    static func copy(from source: AsyncFD, to sink: AsyncFD, sinkGone: @Sendable () async -> Void = {}) async {
+    /// Copies until `source` ends or a write to `sink` fails. A write that failed because the
+    /// sink's reader went away (EPIPE; not a cancelled copy, a detach) calls `readerGone`, which
+    /// says whether to read the rest of `source` and drop it (true) or stop.
+    static func copy(from source: AsyncFD, to sink: AsyncFD, readerGone: (@Sendable () async -> Bool)? = nil) async {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 8)
         defer { buffer.deallocate() }
         var sinking = true
@@ -427,8 +436,8 @@ public enum HostClient {
             do {
                 try await sink.write(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             } catch {
+                guard let readerGone, !Task.isCancelled, (error.cause as? SystemError)?.number == EPIPE, await readerGone() else { return }
                 sinking = false
-                await sinkGone()
             }
         }
     }

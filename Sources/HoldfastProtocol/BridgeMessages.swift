@@ -104,10 +104,16 @@ public struct BridgeListRequest: Codable, Sendable, Equatable {
     /// Only the processes whose id sorts after this one (by UTF-8 bytes): the next page of a list
     /// whose `omittedProcesses` was not 0 (its last process's id).
     public var processesAfter: String?
+    /// The streams alone, from this index of the broker's list (sorted by process, as many as
+    /// fit): the next page after one whose `omittedStreams` was not 0 (its offset plus the
+    /// streams it carried). The processes are left out (`processes` empty). Without it the
+    /// streams in trouble come first and the rest are only counted.
+    public var streamsOffset: Int?
 
-    public init(streams: Bool? = nil, processesAfter: String? = nil) {
+    public init(streams: Bool? = nil, processesAfter: String? = nil, streamsOffset: Int? = nil) {
         self.streams = streams
         self.processesAfter = processesAfter
+        self.streamsOffset = streamsOffset
     }
 }
 

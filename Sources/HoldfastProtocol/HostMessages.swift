@@ -339,6 +339,9 @@ public enum HostRunOutcome: Sendable, Equatable {
         /// Another client attached to the process (`host attach` elsewhere) and took its
         /// streams: this one let go, passing nothing on.
         case anotherClient
+        /// The client's output was closed by its reader (`host attach ID | head -1`): it let go,
+        /// the process runs on.
+        case readerGone
     }
 
     /// The client's exit status: the process's own (its code, or 128 + the signal that killed

@@ -74,6 +74,17 @@ extension Supervisor {
             // A broker that does not answer (stopped, or not finishing dying) costs the list its
             // streams, not its answer; the list says so.
             let streams = await brokerStreams()
+            if let offset = request.streamsOffset {
+                // A page of the streams in the broker's order (by process): a host can read
+                // every stream, not only those that fit one reply.
+                let all = streams ?? []
+                let page = Array(all.dropFirst(max(0, offset)))
+                let (reply, omitted) = FrameBudget.fit(page) { BridgeListResponse(processes: [], streams: $0) }
+                var fitted = reply
+                if omitted > 0 { fitted.omittedStreams = omitted }
+                if streams == nil { fitted.streamsUnavailable = brokerUnavailableExplanation() }
+                return RPCReply(fitted)
+            }
             let (processesFit, processesOmitted) = FrameBudget.fit(list, budget: FrameBudget.bytes / 2) { $0 }
             // Those in trouble first, so that a list cut short keeps them (PROTOCOL.md `list`).
             let (reply, omitted) = FrameBudget.fit((streams ?? []).troubledFirst()) {

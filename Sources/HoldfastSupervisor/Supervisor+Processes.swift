@@ -34,7 +34,6 @@ extension Supervisor {
         defer { upgradeGate.leave() }
         try Launcher.validate(spec)
         try await refuseTheBrokersUID(spec)
-        try refuseWhenShortOfDescriptors()
         let decision = table.withLockedValue { table in
             table.creates.decide(id: spec.id, key: spec.idempotencyKey, live: table[spec.id].map { ($0.idempotencyKey, $0.pid) })
         }
@@ -56,6 +55,16 @@ extension Supervisor {
             }
         case .start(let pending):
             reservation = pending
+        }
+        // Only a create that starts something is refused for want of fds: a repeat of one that
+        // started (its reply lost with the bridge) is answered `repeated` whatever the count —
+        // refused, the host was told "nothing was started" of a process that runs.
+        do {
+            try refuseWhenShortOfDescriptors()
+        } catch {
+            table.withLockedValue { $0.creates.release(id: spec.id) }
+            reservation.resolve(.failure(error))
+            throw error
         }
         do {
             let pid = try await startProcess(spec, viaBridge: viaBridge)
@@ -90,8 +99,11 @@ extension Supervisor {
         // (files written, output made) and been killed, answered as if refused before it
         // started, so a host's retry ran it again. It runs out first wherever its limit is
         // below the daemon's share (each process costs it more fds than the supervisor).
+        // Every create admitted and not yet adopted counts (this one included): they read the
+        // same count, and each will take its share.
+        let admitted = max(1, table.withLockedValue { $0.creates.starting.count })
         if let pid = session.withLockedValue({ $0.broker?.pid }), let broker = ProcessFigures.descriptors(of: pid),
-            UInt64(broker.open + Self.brokerDescriptorsPerStart + Self.brokerDescriptorReserve) > broker.limit
+            UInt64(broker.open + admitted * Self.brokerDescriptorsPerStart + Self.brokerDescriptorReserve) > broker.limit
         {
             throw HoldfastError(
                 .tooManyOpenFiles,

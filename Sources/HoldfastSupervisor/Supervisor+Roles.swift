@@ -173,6 +173,7 @@ extension Supervisor {
         }
         this.withLockedValue { $0 = client }
         let number = stdio.withLockedValue { $0.brokerStarted(client) }
+        session.withLockedValue { if $0.firstBrokerOfImage == nil { $0.firstBrokerOfImage = number } }
         // Out of service before its requests fail `channel-closed` (read by their callers as
         // "ask again"): asked again at once, the dead broker's client must not be given out.
         // Ended before it was put in service (it died during the readoption): taken out again

@@ -142,10 +142,7 @@ extension Supervisor {
     /// (the first broker of an image the upgrade started; the old broker quiesced, so nothing
     /// was cut) or the previous broker's end (a crash: each stream's own line says what it cost).
     func logHandover(of count: Int, to incarnation: Int) {
-        let first = session.withLockedValue { s -> Bool in
-            s.brokersHandedProcesses += 1
-            return s.brokersHandedProcesses == 1
-        }
+        let first = session.withLockedValue { $0.firstBrokerOfImage == incarnation }
         let why: String
         if first, let resumption {
             why = resumption.fellBack == nil ? "a live upgrade" : "a live upgrade that fell back to this binary"

@@ -479,6 +479,10 @@ extension Supervisor {
         // began (a window of instructions) wrote its record after the signal loop was seen caught
         // up, and a stop the loop began from it since (the log flush above waits up to 500 ms)
         // would be forgotten by the new image. This image carries it out instead.
+        guard await waitForTheSignalLoop(until: ContinuousClock.now + Self.signalLoopLimit) else {
+            close(memfd)
+            throw fail("the daemon's signal loop did not read its signals within \(Self.describe(Self.signalLoopLimit)): a stop among them could be lost")
+        }
         do {
             try giveWayToAStop()
         } catch {

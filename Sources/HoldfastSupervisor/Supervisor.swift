@@ -113,9 +113,10 @@ public final class Supervisor: Sendable {
         /// The ids of the exits the last hello carried: those left out are sent once the bridge
         /// is up (`resendExitsLeftOutOfTheHello`).
         var exitsInLastHello: Set<String> = []
-        /// Brokers this image has handed processes to: the first of an image a live upgrade
-        /// started takes them over from the upgrade, not from a crash (the log says which).
-        var brokersHandedProcesses = 0
+        /// The incarnation of the first broker this image started: the first of an image a live
+        /// upgrade started takes the processes over from the upgrade, not from a crash (the log
+        /// says which).
+        var firstBrokerOfImage: Int?
     }
     let session = NIOLockedValueBox(Session())
     /// Rings when a process finishes, an exit is acknowledged or the bridge changes state: the

@@ -335,7 +335,9 @@ func finishHostCommand(
             writeError("\r\nanother client attached to \(id) and has it now; this one let go (holdfast host attach \(id) takes it back)")
             throw ExitCode(HostExitCode.holdfastFailure)
         }
-        writeError("\r\ndetached; reattach with: holdfast host attach \(id)")
+        writeError(cause == .readerGone
+            ? "holdfast \(name): its output's reader went away: detached; \(id) runs on (holdfast host attach \(id))"
+            : "\r\ndetached; reattach with: holdfast host attach \(id)")
         switch cause {
         case .detachKeys:
             throw ExitCode.success
@@ -347,6 +349,9 @@ func finishHostCommand(
             dieOf(number)
         case .anotherClient:
             throw ExitCode(HostExitCode.holdfastFailure)  // said above
+        case .readerGone:
+            // As a writer into a closed pipe ends (`cat log | head -1`).
+            dieOf(SIGPIPE)
         }
     }
 }

@@ -59,4 +59,23 @@ struct BridgeFrameSizeTests {
         try await eventually("the bystander's exit") { exits.count("bystander") == 1 }
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// `list` with `streamsOffset`: the streams alone, a page from that index in the broker's
+    /// order (by process), so a host can read every stream, not only those that fit one reply.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func theStreamsAreReadPageByPage() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        for id in ["c", "a", "b"] {
+            _ = try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive)
+            _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["sleep", "60"], stdout: daemon.spec("\(id)-out")))
+        }
+        try await eventually("three streams") { try await daemon.bridge.list(BridgeListRequest(streamsOffset: 0)).streams.count == 3 }
+        let first = try await daemon.bridge.list(BridgeListRequest(streamsOffset: 0))
+        #expect(first.streams.map(\.process) == ["a", "b", "c"] && first.processes.isEmpty && first.omittedStreams == nil, "\(first)")
+        let rest = try await daemon.bridge.list(BridgeListRequest(streamsOffset: 2))
+        #expect(rest.streams.map(\.process) == ["c"])
+        #expect(try await daemon.bridge.list(BridgeListRequest(streamsOffset: 5)).streams.isEmpty)
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }

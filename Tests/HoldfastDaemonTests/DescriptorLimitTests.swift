@@ -140,9 +140,11 @@ struct DescriptorLimitTests {
                 _ = try daemon.streams.open(token: bytes("\(id)-in"), direction: .send)
                 _ = try daemon.streams.open(token: bytes("\(id)-out"), direction: .receive)
                 _ = try daemon.streams.open(token: bytes("\(id)-err"), direction: .receive)
-                _ = try await daemon.launch(ProcessSpec(
+                var spec = ProcessSpec(
                     id: id, argv: ["sh", "-c", "touch \(ran); exec cat"], stdin: daemon.spec("\(id)-in"), stdout: daemon.spec("\(id)-out"),
-                    stderr: daemon.spec("\(id)-err")))
+                    stderr: daemon.spec("\(id)-err"))
+                spec.idempotencyKey = "key-\(id)"
+                _ = try await daemon.launch(spec)
             } catch let error as HoldfastError {
                 refusal = error
                 refusedID = id
@@ -154,6 +156,13 @@ struct DescriptorLimitTests {
         #expect(refused.message.contains("nothing was started"), "\(refused)")
         try await Task.sleep(for: .milliseconds(300))
         #expect(access(daemon.directory.file("ran-\(refusedID)"), F_OK) != 0, "the refused create's program never ran")
+        // A repeat of a create that did start (its reply lost, say) is answered as one, not
+        // refused for want of fds: it started nothing new.
+        var again = ProcessSpec(id: "f0", argv: ["sh", "-c", "exec cat"])
+        again.idempotencyKey = "key-f0"
+        let control = try await daemon.control()
+        let answer = try await control.call(SupervisorRequest.launch(again), reply: LaunchResponse.self)
+        #expect(answer.repeated == true, "\(answer)")
         print("created \(refusedID.dropFirst()) full-stdio processes at a limit of 1,024 fds; then: \(refused)")
         #expect(try await daemon.stop() == .exited(0))
     }

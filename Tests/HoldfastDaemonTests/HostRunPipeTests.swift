@@ -30,6 +30,36 @@ struct HostRunPipeTests {
         #expect(finished.status == .exited(128 + SIGPIPE), "the process's outcome: it died of SIGPIPE")
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// `host attach ID | head -1` and `host logs -f ID | head -1`: the client ends (as killed
+    /// by SIGPIPE, for attach), and the process runs on — a viewer's pipe must not kill a
+    /// service. Before, attach waited for the process's outcome for ever, its output unread.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aViewerWhoseReaderWentAwayLetsGoAndTheProcessRunsOn() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let started = try await serve.cli(["run", "-d", "--id", "svc", "--", "sh", "-c", "while :; do echo tick; sleep 0.01; done"])
+        #expect(started.status == .exited(0), "\(started.err)")
+        for command in [["attach", "svc"], ["logs", "-f", "svc"]] {
+            let pipe = try PipeEnds.make()
+            let client = try serve.start(command, stdout: pipe.write)
+            close(pipe.write)
+            var first: [UInt8] = []
+            var byte: UInt8 = 0
+            while first.last != UInt8(ascii: "\n"), read(pipe.read, &byte, 1) == 1 { first.append(byte) }
+            #expect(first == Array("tick\n".utf8), "\(command)")
+            close(pipe.read)
+            let ended = try await client.finish(within: .seconds(30))
+            #expect(ended.status != .exited(0) || command[0] == "logs", "\(command): \(ended.status)")
+            if command[0] == "attach" { #expect(ended.status == .signaled(SIGPIPE), "\(ended.status)") }
+        }
+        // Still running: its output goes on.
+        let ps = try await serve.cli(["ps"])
+        #expect(ps.out.contains("svc") && ps.out.contains("running"), "\(ps.out)")
+        _ = try await serve.cli(["kill", "svc"])
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
 
 /// A `host run` whose create the guest took and did not answer within the client's 30 s (its

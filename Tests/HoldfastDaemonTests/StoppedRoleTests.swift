@@ -308,9 +308,12 @@ struct StoppedRoleTests {
         try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         let bridge = daemon.bridge
         let ran = daemon.directory.file("ran")
+        _ = try daemon.streams.open(token: bytes("s-out"), direction: .receive)
         let create = Task { () -> Result<Int32, HoldfastError> in
             do throws(HoldfastError) {
-                return .success(try await bridge.create(ProcessSpec(id: "s", argv: ["sh", "-c", "touch \(ran); exec sleep 1000"]), timeout: .seconds(60)))
+                // With a stream: the create waits (up to 5 s) for the stopped broker's adopt.
+                return .success(try await bridge.create(
+                    ProcessSpec(id: "s", argv: ["sh", "-c", "touch \(ran); exec sleep 1000"], stdout: daemon.spec("s-out")), timeout: .seconds(60)))
             } catch {
                 return .failure(error)
             }
@@ -321,9 +324,10 @@ struct StoppedRoleTests {
         try await withTimeout("the signal", .seconds(40)) { try await bridge.signal("s", SIGKILL, timeout: .seconds(30)) }
         let pid = try await withTimeout("the create's answer", .seconds(60)) { try await create.value.get() }
         #expect(pid > 0)
+        // Its exit is reported once the broker (going on now) has drained its output.
+        #expect(kill(broker, SIGCONT) == 0)
         try await eventually("its exit", timeout: .seconds(30)) { exits.count("s") == 1 }
         #expect(exits.all.first { $0.id == "s" }?.signal == SIGKILL)
-        #expect(kill(broker, SIGCONT) == 0)
         #expect(try await Self.stop(daemon) == .exited(0))
     }
 
