@@ -21,12 +21,18 @@ extension Reactor {
         /// False when `maxStrandedThreads` were already stuck: no new thread took over, and the
         /// loop waits for a stuck thread to come back.
         public var tookOver: Bool
+        /// True when no thread could be made to take over (the guest's tasks exhausted): the
+        /// takeover is put off to the next judgment.
+        public var noThread = false
 
         /// What a role's log says of it (a warning if `tookOver`, else an error).
         public var message: String {
-            tookOver
-                ? "I/O thread stuck in the kernel (a process holds its pipe's lock); a new thread serves the other streams"
-                : "I/O thread stuck in the kernel, and the limit of stuck threads is reached: every stream waits for it"
+            if tookOver { return "I/O thread stuck in the kernel (a process holds its pipe's lock); a new thread serves the other streams" }
+            if noThread {
+                return "I/O thread stuck in the kernel, and no thread could be made to take over (the guest has no task to give: a pids limit, "
+                    + "threads-max): every stream waits for it until one can"
+            }
+            return "I/O thread stuck in the kernel, and the limit of stuck threads is reached: every stream waits for it"
         }
 
         /// The log line's fields.
@@ -97,7 +103,11 @@ extension Reactor {
                     case .takeOver:
                         // No thread to hand the loop to: the stuck one keeps it (it may yet
                         // come back), judged again at the next ticks.
-                        guard let next = takeSpare() else { return (nil, true, nil) }
+                        guard let next = takeSpare() else {
+                            var report = Stall(fds: syscallFDs(), strandedThreads: q.stranded, tookOver: false)
+                            report.noThread = true
+                            return ((report, nil, stuckTID), true, nil)
+                        }
                         let fds = syscallFDs()
                         let runner = takeOver(&q)
                         return ((Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), (runner, next), stuckTID), true, nil)
@@ -119,8 +129,13 @@ extension Reactor {
                     // (or the loop moved on) since.
                     taken = queue.withLockedValue { q in
                         guard q.runner == suspect.runner, q.inJob, syscallInProgress.load(ordering: .acquiring) == suspect.syscall,
-                            q.stranded < maxStrandedThreads, let next = takeSpare()
+                            q.stranded < maxStrandedThreads
                         else { return nil }
+                        guard let next = takeSpare() else {
+                            var report = Stall(fds: syscallFDs(), strandedThreads: q.stranded, tookOver: false)
+                            report.noThread = true
+                            return (report, nil, tid)
+                        }
                         let fds = syscallFDs()
                         let runner = takeOver(&q)
                         return (Stall(fds: fds, strandedThreads: q.stranded, tookOver: true), (runner, next), tid)

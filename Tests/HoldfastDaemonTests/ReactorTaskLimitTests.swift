@@ -1,5 +1,6 @@
 @testable import HoldfastPosix
 import HoldfastTestSupport
+import NIOConcurrencyHelpers
 import Testing
 
 #if canImport(Glibc)
@@ -20,6 +21,8 @@ struct ReactorTaskLimitTests {
     func aTakeoverWithNoThreadToBeHadStillServesTheLoop() async throws {
         guard try await isolated("aTakeoverWithNoThreadToBeHadStillServesTheLoop", timeout: .seconds(60)) else { return }
         let reactor = try Reactor(stallLimit: .seconds(30), syscallLimit: .milliseconds(20))
+        let reports = NIOLockedValueBox<[Reactor.Stall]>([])
+        reactor.onStall { report in reports.withLockedValue { $0.append(report) } }
         let pipe = try PipeEnds.make()
         let fd = try AsyncFD(adopting: pipe.read, reactor: reactor)
         // The pool's threads and the reactor's spare made while threads may still be had.
@@ -44,6 +47,20 @@ struct ReactorTaskLimitTests {
         try await withTimeout("the sleeping syscall's end", .seconds(10)) { try await asleep.value }
         #expect(reactor.stalls == 1, "taken over")
         #expect(waited < .seconds(3), "served within the hold, not after it: \(waited)")
+        // The spare is spent and no other can be made: the next hold is not taken over, and
+        // says why (the loop goes on once the syscall returns).
+        #expect(!reactor.hasSpareThread)
+        // The stuck thread's end freed a task: taken up again.
+        try await eventually("the stuck thread's end") { reactor.strandedThreads == 0 }
+        let now = String(decoding: readFile("\(limit.path)/pids.current") ?? [], as: UTF8.self).filter(\.isNumber)
+        try limit.set(now.isEmpty ? "1" : now)
+        let second = Task(executorPreference: reactor) { try fd.withSyscall { Reactor.sleep(.seconds(3)) } }
+        try await withTimeout("the second hold's end", .seconds(20)) { try await second.value }
+        #expect(reactor.stalls == 1, "not taken over")
+        #expect(reactor.takeoversPutOff > 0)
+        #expect(reports.withLockedValue { $0 }.contains { $0.noThread && !$0.tookOver && $0.message.contains("no thread could be made") })
+        let after = Task(executorPreference: reactor) { reactor.isCurrent }
+        #expect(try await withTimeout("a job after the hold", .seconds(10)) { await after.value })
         try? limit.set("max")
         fd.close()
         close(pipe.write)
