@@ -501,8 +501,15 @@ final class AdoptedProcess: Sendable {
             stream.close()  // the windows: the handle is detached
             var description = stream.description
             description.fd = fds.count
+            // What the supervisor alone may name (its slots, its windows, a resume): the runtime
+            // gets the streams as it could adopt them again (it was refused `permission-denied`
+            // naming them).
             description.window = nil
             description.inputWindow = nil
+            description.checkpoint = nil
+            description.inputCheckpoint = nil
+            description.resume = nil
+            description.ended = nil
             descriptions.append(description)
             fds.append(fd)
         }

@@ -284,7 +284,9 @@ public final class Broker: Sendable {
         _ process: String, identities: Set<ResumableIdentity>, among table: [String: AdoptedProcess], claimedID: Bool
     ) -> HoldfastError? {
         guard table[process] == nil else {
-            return HoldfastError(.processExists, "process '\(process)' already has streams in the broker")
+            return HoldfastError(
+                .processExists,
+                "process '\(process)' already has streams in the broker (after its exit they drain to the host first, up to the drain timeout without progress: the id is free once `list` no longer shows it)")
         }
         if !claimedID, pendingHandoffs.withLockedValue({ $0.contains(process) }) {
             return HoldfastError(.processExists, "process '\(process)' is being adopted (its runtime's request waits for the supervisor)")

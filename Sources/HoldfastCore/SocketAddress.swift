@@ -14,9 +14,17 @@ public enum SocketAddress: Sendable, Hashable, Codable, CustomStringConvertible 
     /// The longest path a sockaddr_un holds, without its terminating NUL.
     public static let maxUnixPathLength = 107
 
+    /// The longest address text taken: a DNS name is at most 253 bytes, a Unix path 107, so any
+    /// real address fits; a longer one (a host of 60 KiB, a CID padded with zeros) only grew the
+    /// requests that carry it past what a frame holds.
+    public static let maxLength = 512
+
     public init(parsing text: String) throws(AddressError) {
         func fail(_ part: String, _ reason: String) -> AddressError {
-            AddressError(input: text, part: part, reason: reason)
+            AddressError(input: String(text.prefix(64)) + (text.utf8.count > 64 ? "…" : ""), part: part, reason: reason)
+        }
+        guard text.utf8.count <= Self.maxLength else {
+            throw fail("", "the address is \(text.utf8.count) bytes; at most \(Self.maxLength) are taken")
         }
         if text.hasPrefix("vsock://") {
             let rest = text.dropFirst("vsock://".count)

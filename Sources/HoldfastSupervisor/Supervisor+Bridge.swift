@@ -54,6 +54,7 @@ extension Supervisor {
             try await signal(request.id, request.signal, key: request.idempotencyKey)
             return .empty
         case .resize(let request):
+            try refuseUnlessTheHosts(request.id)
             try await brokerRequest(.resize(ResizeRequest(process: request.id, rows: request.rows, columns: request.columns)), for: request.id)
             return .empty
         case .closeStdin(let request):
@@ -208,6 +209,7 @@ extension Supervisor {
     /// between left ours open, the next broker was handed the stdin again, and the process
     /// never read end-of-file (the host had been told `channel-closed`).
     func closeStdin(_ id: String) async throws(HoldfastError) {
+        try refuseUnlessTheHosts(id)
         let closedHere = entry(id) != nil && stdio.withLockedValue { !$0.isHandoff(id) && $0.holdsInput(id) }
         if closedHere { stdinEnded(id, endedByHost: false) }
         // A process whose create was answered before the broker took it: the broker's copy
@@ -234,6 +236,15 @@ extension Supervisor {
             if closedHere { error.message += "; the supervisor's copy of the pipe is closed: the process reads end-of-file once the broker's is" }
             throw error
         }
+    }
+
+    /// The host's requests reach its own processes alone: a process a runtime handed over on
+    /// the handoff socket shares the broker's ids, and the broker (asked by the supervisor, which
+    /// may manage any process) would have closed its stdin or resized it, its runtime never told.
+    func refuseUnlessTheHosts(_ id: String) throws(HoldfastError) {
+        guard entry(id) == nil else { return }
+        let handedOver = stdio.withLockedValue { $0.isHandoff(id) }
+        throw HoldfastError(.noSuchProcess, handedOver ? "no process '\(id)' of the host's (a runtime handed over a process of that id)" : "no process '\(id)'")
     }
 
     /// The host has an exit: forget it, and the process with it.

@@ -56,6 +56,14 @@ extension Supervisor {
         case .start(let pending):
             reservation = pending
         }
+        // An id a runtime's handed-over process has (the broker would refuse the adopt only after
+        // the program had run, then killed it): refused before anything starts.
+        if stdio.withLockedValue({ $0.isHandoff(spec.id) }) {
+            table.withLockedValue { $0.creates.release(id: spec.id) }
+            let error = HoldfastError(.processExists, "a process with id '\(spec.id)' exists: a runtime handed it over on the handoff socket")
+            reservation.resolve(.failure(error))
+            throw error
+        }
         // Only a create that starts something is refused for want of fds: a repeat of one that
         // started (its reply lost with the bridge) is answered `repeated` whatever the count —
         // refused, the host was told "nothing was started" of a process that runs.
