@@ -53,4 +53,13 @@ struct SocketAddressTests {
         #expect(address.description == text)
         #expect(try SocketAddress(parsing: address.description) == address)
     }
+
+    /// An address past 512 bytes is refused, however it would parse: a 60 KiB tcp host (or a
+    /// CID padded with zeros) grew a handoff adopt's deposit past a frame, and the broker restarted.
+    @Test func anAddressPast512BytesIsRefused() {
+        #expect(throws: AddressError.self) { try SocketAddress(parsing: "tcp://" + String(repeating: "h", count: 600) + ":9") }
+        #expect(throws: AddressError.self) { try SocketAddress(parsing: "vsock://" + String(repeating: "0", count: 600) + "2:9") }
+        #expect((try? SocketAddress(parsing: "tcp://" + String(repeating: "h", count: 253) + ":9")) != nil)
+    }
 }
+
