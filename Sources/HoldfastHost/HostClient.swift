@@ -144,9 +144,7 @@ public enum HostClient {
 
     /// `host ps`: the guest's processes as host serve knows them (`all`: the finished ones too).
     public static func processes(control: String, all: Bool) async throws(HoldfastError) -> HostProcessList {
-        let client = try await connect(control)
-        defer { client.close() }
-        return try await client.call(HostRequest.processes(HostProcessesRequest(all: all)), reply: HostProcessList.self)
+        try await quickCall(control, HostRequest.processes(HostProcessesRequest(all: all)), reply: HostProcessList.self)
     }
 
     /// Relays `stdio` to the sockets of a `run`/`attach` reply until the process's outcome, or
@@ -335,21 +333,15 @@ public enum HostClient {
     }
 
     public static func list(control: String) async throws(HoldfastError) -> BridgeListResponse {
-        let client = try await connect(control)
-        defer { client.close() }
-        return try await client.call(HostRequest.list, reply: BridgeListResponse.self)
+        try await quickCall(control, HostRequest.list, reply: BridgeListResponse.self)
     }
 
     public static func stats(control: String) async throws(HoldfastError) -> HostStats {
-        let client = try await connect(control)
-        defer { client.close() }
-        return try await client.call(HostRequest.stats, reply: HostStats.self)
+        try await quickCall(control, HostRequest.stats, reply: HostStats.self)
     }
 
     public static func signal(control: String, id: String, signal: Int32) async throws(HoldfastError) {
-        let client = try await connect(control)
-        defer { client.close() }
-        _ = try await client.call(HostRequest.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self)
+        _ = try await quickCall(control, HostRequest.signal(SignalRequest(id: id, signal: signal)), reply: [String: String].self)
     }
 
     @discardableResult
@@ -370,6 +362,31 @@ public enum HostClient {
                  ($0.exitCode.map(String.init) ?? "-") + ($0.oomKilled == true ? " (OOM killed)" : ""), $0.command ?? "-"]
             }
         ).joined(separator: "\n")
+    }
+
+    /// A request host serve answers within its own bounds (a guest that does not answer is its
+    /// `guest-not-answering`, within seconds): past `bound` without an answer, host serve itself
+    /// is stopped, traced or wedged, and the error says what its process is doing. Unbounded,
+    /// `host ps` or `host kill` against a host serve stopped with Ctrl-Z hung without a word.
+    static func quickCall<Reply: Decodable & Sendable>(
+        _ control: String, _ request: HostRequest, reply: Reply.Type, within bound: Duration = .seconds(30)
+    ) async throws(HoldfastError) -> Reply {
+        let client = try await connect(control)
+        defer { client.close() }
+        // host serve's pid, as the kernel recorded it when it began listening.
+        let server = (client.transport as? SeqpacketFrames).flatMap { try? PeerCredentials.of($0.channel.socket).pid }
+        let asking = Task { () -> Result<Reply, HoldfastError> in
+            do throws(HoldfastError) {
+                return .success(try await client.call(request, reply: reply))
+            } catch {
+                return .failure(error)
+            }
+        }
+        guard let result = await asking.value(within: bound) else {
+            let state = server.map { "pid \($0) is \(ProcessRunState.of($0).explanation)" } ?? "its pid is unknown"
+            throw HoldfastError(.noHostService, "'holdfast host serve' at \(control) did not answer within \(bound.spoken): \(state)")
+        }
+        return try result.get()
     }
 
     static func connect(_ control: String) async throws(HoldfastError) -> ControlClient {

@@ -8,6 +8,10 @@ import Glibc
 /// live upgrade does (systemd's daemon-reexec). The fds to keep lose `FD_CLOEXEC` just before
 /// the exec; every other fd this process opened is close-on-exec and goes.
 public enum ProcessImage {
+    /// stdout's stdio buffer flushed at each line, into a pipe too (`print` of a CLI whose
+    /// lines a script reads as they come).
+    public static func lineBufferStandardOutput() { hf_line_buffer_stdout() }
+
     /// Execs the file open at `executable` (`fexecve`: the very file that was checked, not
     /// whatever its path names by now) with `arguments` and this process's environment, keeping
     /// `keep` open and `blocked` blocked (a SIGTERM arriving before the new image has handlers

@@ -162,9 +162,16 @@ extension Supervisor {
             }
         case .runc:
             if let target = spec.container {
-                guard let target = entry(target), let targetContainer = target.container else {
+                guard let found = entry(target), let targetContainer = found.container else {
+                    // A direct process of that id: exec runs inside a runc container only.
+                    if entry(target) != nil {
+                        throw HoldfastError(
+                            .noSuchContainer,
+                            "'\(target)' is a direct process, not a runc container: exec runs a command inside a container started with --runtime runc --bundle PATH")
+                    }
                     throw HoldfastError(.noSuchContainer, "no runc container '\(target)'")
                 }
+                let target = found
                 guard target.phase == .running else {
                     throw HoldfastError(.notRunning, "container '\(target.id)' has exited")
                 }

@@ -56,6 +56,9 @@ struct Holdfast: AsyncParsableCommand {
     static func main() async {
         let arguments = Array(CommandLine.arguments.dropFirst())
         let hostFamily = arguments.first == "host"
+        // A line as soon as it is printed, into a pipe too: `host wait a b | head -1` got its
+        // first line only when the last process ended (stdio buffers a pipe fully).
+        if hostFamily { ProcessImage.lineBufferStandardOutput() }
         var command: any ParsableCommand
         do {
             command = try parseAsRoot(arguments)

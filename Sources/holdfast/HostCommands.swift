@@ -153,7 +153,7 @@ struct DrainTimeoutOption: ParsableArguments {
 struct DetachKeysOption: ParsableArguments {
     @Option(
         help: ArgumentHelp(
-            "The keys that detach this client from the process, leaving it running (typed on a terminal).",
+            "The keys that detach this client from a process with a terminal (-t), leaving it running; without one, Ctrl-C detaches.",
             discussion: "Comma-separated, each a character or ctrl-X (a-z, @, [, \\, ], ^, _); an empty string turns detaching off."))
     var detachKeys = DetachKeys.defaultNotation
 
@@ -276,7 +276,8 @@ struct ProcessEnvironmentOptions: ParsableArguments {
 func commandAfterOptions(_ captured: [String]) throws -> [String] {
     if captured.first == "--" { return Array(captured.dropFirst()) }
     if let first = captured.first, first.hasPrefix("-"), first != "-" {
-        throw ValidationError("unknown option '\(first)' (options go before the command; put '--' before a command that starts with '-')")
+        throw ValidationError(
+            "unknown option '\(first)': not an option of this command (see --help); if it is the command's own, put '--' before the command")
     }
     return captured
 }

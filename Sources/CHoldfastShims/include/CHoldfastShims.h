@@ -154,6 +154,8 @@ int hf_signal_to_pipe(int signo, int fd);
 /// The reader took a record of `signo` from the pipe: for SIGCHLD, the next one writes a record
 /// again (one SIGCHLD record is in the pipe at a time).
 void hf_signal_record_taken(int signo);
+/// stdout line-buffered (stdio's FILE *stdout is not for Swift 6 to touch).
+void hf_line_buffer_stdout(void);
 /// How many records the `hf_signal_to_pipe` handler has written whole since the process began.
 unsigned long hf_signal_records_written(void);
 /// From now on the `hf_signal_to_pipe` handler writes none of `signals` into the pipe: it queues

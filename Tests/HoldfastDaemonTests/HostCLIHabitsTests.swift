@@ -1,0 +1,67 @@
+import HoldfastPosix
+import HoldfastTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// podman habits at the `holdfast host` CLI.
+@Suite("host CLI: podman habits", .timeLimit(.minutes(3)))
+struct HostCLIHabitsTests {
+    /// `host kill 1 2` (two ids, podman's form) is refused, not read as SIGINT to 1; `host exec`
+    /// on a direct process says it is one; `host wait A B | head -1` gets A's line as soon as A
+    /// ends (stdout line-buffered into a pipe).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func killExecAndWaitAsAPodmanUserExpects() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        for id in ["1", "2"] {
+            let started = try await serve.cli(["run", "-d", "--id", id, "--", "sleep", "1000"])
+            #expect(started.status == .exited(0), "\(started.err)")
+        }
+        let ambiguous = try await serve.cli(["kill", "1", "2"])
+        #expect(ambiguous.status == .exited(125) && ambiguous.err.contains("both a signal and a process's id"), "\(ambiguous.err)")
+        let ps = try await serve.cli(["ps"])
+        #expect(ps.out.split(separator: "\n").filter { $0.contains("running") }.count == 2, "neither was signalled: \(ps.out)")
+
+        let exec = try await serve.cli(["exec", "1", "--", "ls"])
+        #expect(exec.status == .exited(125) && exec.err.contains("is a direct process, not a runc container"), "\(exec.err)")
+
+        // `wait quick 2 | head -1`: quick's status as soon as it ends, not when 2 does.
+        _ = try await serve.cli(["run", "-d", "--id", "quick", "--", "true"])
+        let pipe = try PipeEnds.make()
+        let waiting = try serve.start(["wait", "quick", "2"], stdout: pipe.write)
+        close(pipe.write)
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
+        let reader = Task { () -> [UInt8] in
+            while line.last != UInt8(ascii: "\n"), read(pipe.read, &byte, 1) == 1 { line.append(byte) }
+            return line
+        }
+        let first = try await withTimeout("quick's status through the pipe", .seconds(20)) { await reader.value }
+        #expect(first == Array("0\n".utf8), "\(String(decoding: first, as: UTF8.self))")
+        close(pipe.read)
+        _ = try await serve.cli(["kill", "-s", "KILL", "1", "2"])
+        _ = try await waiting.finish(within: .seconds(30))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// A request to a stopped `host serve` (Ctrl-Z in its terminal) ends within its bound,
+    /// saying host serve's pid is stopped. Before, `host ps` hung without a word.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aStoppedHostServeIsSaidNotWaitedForEver() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        #expect(kill(serve.pid, SIGSTOP) == 0)
+        defer { kill(serve.pid, SIGCONT) }
+        try await eventually("host serve stopped") { ProcessRunState.of(serve.pid) == .stopped }
+        let ps = try await serve.cli(["ps"], within: .seconds(60))
+        #expect(ps.status == .exited(125), "\(ps.err)")
+        #expect(ps.err.contains("did not answer within") && ps.err.contains("pid \(serve.pid) is stopped"), "\(ps.err)")
+        kill(serve.pid, SIGCONT)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
