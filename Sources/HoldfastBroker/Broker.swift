@@ -660,11 +660,17 @@ public final class Broker: Sendable {
         relayedPastExit.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(owner)) }
     }
 
-    public func closeStdin(_ process: String, by caller: ProcessOwner? = nil) throws(HoldfastError) {
+    public func closeStdin(_ process: String, by caller: ProcessOwner? = nil) async throws(HoldfastError) {
         let adopted = try managed(process, by: caller)
         guard adopted.closeInput() else {
             throw HoldfastError(.noStdin, "process '\(process)' has no input stream")
         }
+        // A runtime's close: the supervisor closes its copy of the pipe before the runtime is
+        // answered (the host's close-stdin has the supervisor close its own first). Told later
+        // by the relay, a broker killed in between left the supervisor's copy open, the next
+        // broker was handed a live stdin, and the process never read the end-of-file its
+        // runtime had been told `ok` for.
+        if caller != nil { await inputEnded(process, endedByHost: false) }
         Failpoint.pass(Failpoint.brokerStdinClosed, process: process)
     }
 

@@ -330,7 +330,7 @@ public final class BrokerService: Sendable {
             try await broker.processExited(exited, by: caller.manages)
             return .empty
         case .closeStdin(let process):
-            try broker.closeStdin(process, by: caller.manages)
+            try await broker.closeStdin(process, by: caller.manages)
             return .empty
         case .resize(let resize):
             try await broker.resize(resize, by: caller.manages)

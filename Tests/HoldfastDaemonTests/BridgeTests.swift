@@ -168,6 +168,9 @@ struct BridgeTests {
         let broker = try #require(try await daemon.rolePID("broker"))
         kill(broker, SIGSTOP)
         defer { kill(broker, SIGCONT) }
+        // Every thread of it stopped before the lists (a full suite's run once got the full
+        // list answered: the stop not yet in effect on a thread that was serving).
+        try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }
         let all = try await daemon.bridge.list(BridgeListRequest(streams: false))
         #expect(all.processes.map(\.id) == ids, "every process, by id")
         #expect(all.streams.isEmpty && all.streamsUnavailable == nil && all.omittedProcesses == nil, "the broker not asked")

@@ -65,6 +65,37 @@ struct CloseStdinCrashTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The same for a runtime's `close-stdin` on the handoff socket: the broker has the
+    /// supervisor close its copy before it answers. Before, it answered first and the relay
+    /// told the supervisor later: a broker killed in between left the supervisor's copy open,
+    /// and the process never read end-of-file.
+    @Test(
+        .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
+        .enabled(if: Failpoint.compiledIn, "the broker dies at a failpoint, which only debug builds have"))
+    func aRuntimesCloseStdinSurvivesTheBrokersDeathRightAfter() async throws {
+        let daemon = try await DaemonFixture(environment: ["HOLDFAST_FAILPOINT": "\(Failpoint.brokerStdinClosed):hcat"])
+        defer { daemon.cleanUp() }
+        let input = try daemon.streams.open(token: bytes("hcat-in"), direction: .send)
+        defer { withExtendedLifetime(input) {} }
+        let output = Accumulator(try daemon.streams.open(token: bytes("hcat-out"), direction: .receive))
+        let stdin = try PipeEnds.make()
+        let stdout = try PipeEnds.make()
+        let cat = try daemon.processes.start(["sh", "-c", "cat; echo got-eof"], stdin: stdin.read, stdout: stdout.write)
+        close(stdin.read)
+        close(stdout.write)
+        let runtime = try await daemon.handOver("hcat", [(.stdin, "hcat-in"), (.stdout, "hcat-out")], descriptors: [stdin.write, stdout.read])
+        defer { runtime.close() }
+        try await input.send(bytes("one\n"))
+        try await eventually("the line echoed") { output.text == "one\n" }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let close = BrokerRequest.closeStdin(process: "hcat")
+        _ = try? await runtime.request(close.frameType, body: close.body)
+        try await eventually("the broker, dead inside, replaced") { try await daemon.rolePID("broker").map { $0 != broker } ?? false }
+        try await eventually("the process read end-of-file", timeout: .seconds(30)) { output.text == "one\ngot-eof\n" }
+        #expect(try await daemon.processes.wait(cat, timeout: .seconds(30)) == .exited(0))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(
         .enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"),
         .enabled(if: Failpoint.compiledIn, "the broker's restarts fail at a failpoint, which only debug builds have"))
