@@ -499,17 +499,8 @@ final class AdoptedProcess: Sendable {
             for transport in stream.transports { registry.unregister(transport.managed) }
             guard let fd = stream.handle.detach() else { continue }
             stream.close()  // the windows: the handle is detached
-            var description = stream.description
+            var description = stream.description.asReleased
             description.fd = fds.count
-            // What the supervisor alone may name (its slots, its windows, a resume): the runtime
-            // gets the streams as it could adopt them again (it was refused `permission-denied`
-            // naming them).
-            description.window = nil
-            description.inputWindow = nil
-            description.checkpoint = nil
-            description.inputCheckpoint = nil
-            description.resume = nil
-            description.ended = nil
             descriptions.append(description)
             fds.append(fd)
         }

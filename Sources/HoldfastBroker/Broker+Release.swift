@@ -95,11 +95,8 @@ extension Broker {
             used.insert(stream.fd)
             kept.append(descriptors[stream.fd])
             stream.fd = kept.count - 1
-            // As a live release answers: no windows (the broker's own), nothing to resume.
-            stream.window = nil
-            stream.inputWindow = nil
-            stream.resume = nil
-            streams.append(stream)
+            // As a live release answers: adoptable again as it is.
+            streams.append(stream.asReleased)
         }
         for (index, fd) in descriptors.enumerated() where !used.contains(index) { Reactor.shared.closeOnLoop(fd) }
         handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }

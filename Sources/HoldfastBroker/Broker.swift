@@ -670,7 +670,11 @@ public final class Broker: Sendable {
         // by the relay, a broker killed in between left the supervisor's copy open, the next
         // broker was handed a live stdin, and the process never read the end-of-file its
         // runtime had been told `ok` for.
-        if caller != nil { await inputEnded(process, endedByHost: false) }
+        // Only where the supervisor holds a copy (a deposit), and bounded as the deposit's own
+        // word is: a supervisor stopped with its channel full must not hold the runtime.
+        if caller != nil, handoffs.withLockedValue({ $0.has(process) }) {
+            _ = await Task { await inputEnded(process, endedByHost: false) }.value(within: Self.depositAnswerWait)
+        }
         Failpoint.pass(Failpoint.brokerStdinClosed, process: process)
     }
 

@@ -227,7 +227,8 @@ public enum HostClient {
                     // Our stdin → the guest; not awaited: a process may exit without reading it all.
                     let source = try AsyncFD(adopting: dup(stdio.input), foreignDescription: true)
                     input = source
-                    let keys = isatty(stdio.input) != 0 ? interaction.detachKeys : try! DetachKeys(parsing: "")
+                    // Read in raw mode only, as podman does: the process's terminal (-t).
+                    let keys = tty && isatty(stdio.input) != 0 ? interaction.detachKeys : try! DetachKeys(parsing: "")
                     let id = started.id
                     inputCopy = Task {
                         switch await copyInput(from: source, to: socket, keys: keys) {
@@ -384,7 +385,9 @@ public enum HostClient {
         }
         guard let result = await asking.value(within: bound) else {
             let state = server.map { "pid \($0) is \(ProcessRunState.of($0).explanation)" } ?? "its pid is unknown"
-            throw HoldfastError(.noHostService, "'holdfast host serve' at \(control) did not answer within \(bound.spoken): \(state)")
+            throw HoldfastError(
+                .noHostService,
+                "'holdfast host serve' at \(control) did not answer within \(bound.spoken): \(state); the request may still be carried out when it goes on")
         }
         return try result.get()
     }

@@ -553,8 +553,7 @@ public final class HostService: Sendable {
             // and its id stays taken until that is settled (a new `run` of the id meanwhile
             // would be the one killed).
             Task { [bridge, table, say] in
-                await Self.endIfItStartsLate(id, bridge: bridge, say: say)
-                table.unregister(process)
+                await Self.endIfItStartsLate(process, in: table, bridge: bridge, say: say)
             }
             throw error
         }
@@ -569,26 +568,41 @@ public final class HostService: Sendable {
     /// signals a process still starting once it has started, and answers `no-such-process` for
     /// one whose create failed or never came (an older guest answers that at once for one still
     /// starting: then the process is left, as before). Tried for up to an hour, then given up.
-    static func endIfItStartsLate(_ id: String, bridge: BridgeServer, say: @Sendable (String) -> Void) async {
+    /// Meanwhile the id stays taken (`process` registered, starting); the watch ends it with an
+    /// outcome (so a `wait` or `attach` parked on it is answered), and stops at once if its exit
+    /// came (host serve then forgot it: the id may be a new process's by the next signal).
+    static func endIfItStartsLate(_ process: HostedProcess, in table: HostProcessTable, bridge: BridgeServer, say: @Sendable (String) -> Void) async {
+        let id = process.id
         let giveUp = ContinuousClock.now + lateStartWatch
+        func stillOurs() -> Bool { table.lookup(id)?.process === process }
+        func end(_ message: String) {
+            guard stillOurs() else { return }
+            table.end(process, HostWaitResponse(lost: LostProcess(reason: .vanished, message: message)))
+        }
         // `no-such-process` twice, 5 s apart: the guest handles requests concurrently, so a kill
         // sent after the create may be handled before it (then the process starts after all).
         var absent = 0
-        while ContinuousClock.now < giveUp {
+        while ContinuousClock.now < giveUp, stillOurs() {
             do throws(HoldfastError) {
                 try await bridge.signal(id, SIGKILL, timeout: .seconds(60))
                 say("process \(id) started after its create was given up on (no client had it): killed")
+                end("process \(id) started after its create was given up on, with no client: killed")
                 return
             } catch where error.code == .noSuchProcess || error.code == .notRunning {
                 absent += 1
-                if absent >= 2 || error.code == .notRunning { return }
+                if absent >= 2 || error.code == .notRunning {
+                    end("process \(id): its create was given up on, and the guest never started it")
+                    return
+                }
                 try? await Task.sleep(for: .seconds(5))
             } catch {
                 absent = 0
                 try? await Task.sleep(for: .seconds(2))
             }
         }
+        guard stillOurs() else { return }
         say("process \(id): its create was given up on, and the guest did not say within \(lateStartWatch) whether it ran; if it did, 'holdfast host kill \(id)' ends it")
+        end("process \(id): its create was given up on; whether the guest ran it is unknown")
     }
 
     static let lateStartWatch = Duration.seconds(3600)

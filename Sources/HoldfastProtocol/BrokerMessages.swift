@@ -338,6 +338,22 @@ public struct StreamStatus: Codable, Sendable, Equatable {
     }
 }
 
+extension StreamDescription {
+    /// As a release gives it back to its runtime: what the supervisor alone may name (its
+    /// checkpoint slots, the windows, a resume or an ended input) left out, so that the runtime
+    /// can adopt it again as it is (naming them is refused `permission-denied`).
+    public var asReleased: StreamDescription {
+        var released = self
+        released.window = nil
+        released.inputWindow = nil
+        released.checkpoint = nil
+        released.inputCheckpoint = nil
+        released.resume = nil
+        released.ended = nil
+        return released
+    }
+}
+
 extension StreamStatus {
     /// How much an operator needs to see it, lowest first: a stream that lost bytes or was given
     /// up on, then one that cannot connect or would not survive a broker crash, then the rest.

@@ -96,11 +96,19 @@ struct HostKill: AsyncParsableCommand, HostFamilyCommand {
         let (ids, number) = try target()
         // `kill 1 2` in podman's habit (two ids) read as ID SIGNAL would send SIGINT to 1 alone:
         // refused when the second word is also a process's id.
-        if signal == nil, arguments.count == 2,
-            let known = try? await HostClient.processes(control: control, all: false), known.processes.contains(where: { $0.id == arguments[1] })
-        {
-            writeError("holdfast host kill: '\(arguments[1])' is both a signal and a process's id: name the signal with -s (holdfast host kill -s SIGNAL ID...)")
-            throw ExitCode(HostExitCode.holdfastFailure)
+        if signal == nil, arguments.count == 2 {
+            let known: HostProcessList
+            do {
+                known = try await HostClient.processes(control: control, all: true)
+            } catch {
+                // Unchecked, it could be the two-id habit: not sent (a SIGINT to the first).
+                writeError("holdfast host kill: \(error)")
+                throw ExitCode(HostExitCode.holdfastFailure)
+            }
+            if known.processes.contains(where: { $0.id == arguments[1] }) {
+                writeError("holdfast host kill: '\(arguments[1])' is both a signal and a process's id: name the signal with -s (holdfast host kill -s SIGNAL ID...)")
+                throw ExitCode(HostExitCode.holdfastFailure)
+            }
         }
         var failed = false
         for id in ids {

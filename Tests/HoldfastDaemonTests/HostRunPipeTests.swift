@@ -84,6 +84,9 @@ struct HostRunLateStartTests {
         #expect(kill(worker, SIGCONT) == 0)
         try await eventually("the late start", timeout: .seconds(30)) { access(ran, F_OK) == 0 }
         try await eventually("host serve killed it", timeout: .seconds(60)) { serve.log.contains("process late started after its create was given up on") }
+        // Its outcome is given: a `wait` on it is answered (not parked for ever).
+        let waited = try await serve.cli(["wait", "late"], within: .seconds(30))
+        #expect(waited.status == .exited(125) && waited.err.contains("given up on"), "\(waited.err)")
         try await eventually("its exit in the guest", timeout: .seconds(30)) {
             try await daemon.status().processes.first { $0.id == "late" }.map { $0.state == .done } ?? true
         }
