@@ -335,10 +335,13 @@ public final class Broker: Sendable {
     public func adoptFromHandoff(_ adoption: ValidatedAdoption, descriptors peerDescriptors: [Int32], uid: UInt32) async throws(HoldfastError) -> AdoptResponse {
         let process = adoption.process
         Failpoint.pass(Failpoint.brokerAdoptReceived, process: process)
-        if let refusal = descriptorRefusal(adoption.request, peerDescriptors, uid: uid) {
+        let (sharing, checkedFiles) = descriptorRefusalRegistering(adoption.request, peerDescriptors, uid: uid)
+        if let sharing {
             SeqpacketFrames.closeDescriptors(peerDescriptors)
-            throw refusal
+            throw sharing
         }
+        // In the table by the end of this adopt, or refused: no longer pending either way.
+        defer { filesAdopted(checkedFiles) }
         await letGoOfAKeptReleaseHandedBack(process, uid: uid, request: adoption.request, descriptors: peerDescriptors)
         // Refused at once for what refuses it for certain, before anything is deposited (a
         // deposit the supervisor refuses, the id its own, would be warned of for nothing); the
@@ -414,7 +417,36 @@ public final class Broker: Sendable {
     /// writes) the same way, as the `bad-descriptor` it is refused with. Only a runtime's fds
     /// are looked at: the supervisor makes its own pipes and terminals. Another owner's process
     /// is not named to the peer.
-    private func descriptorRefusal(_ request: AdoptRequest, _ descriptors: [Int32], uid: UInt32) -> HoldfastError? {
+    /// The files of handoff adopts checked and not yet in the table (the deposit's wait lies
+    /// between): a second adopt of the same pipe meanwhile — another id, another connection —
+    /// is refused as if the first were adopted. Checked against the table alone, both were
+    /// answered `ok` and the pipe's bytes split between two host streams.
+    private let filesBeingAdopted = NIOLockedValueBox<(next: UInt64, entries: [UInt64: (uid: UInt32, files: [HeldStream])])>((0, [:]))
+
+    /// `descriptorRefusal`, and on success the files registered as being adopted until the
+    /// returned token is let go (`filesAdopted`).
+    private func descriptorRefusalRegistering(_ request: AdoptRequest, _ descriptors: [Int32], uid: UInt32) -> (HoldfastError?, UInt64?) {
+        var token: UInt64?
+        let refusal = descriptorRefusal(request, descriptors, uid: uid) { checked in
+            // Under the table's lock (as the held ones are read): one adopt after another.
+            let ours = checked.compactMap { stream in stream.facts.file.map { HeldStream(process: request.process, kind: stream.kind, file: $0) } }
+            filesBeingAdopted.withLockedValue { pending in
+                pending.next &+= 1
+                pending.entries[pending.next] = (uid, ours)
+                token = pending.next
+            }
+        }
+        return (refusal, token)
+    }
+
+    private func filesAdopted(_ token: UInt64?) {
+        guard let token else { return }
+        filesBeingAdopted.withLockedValue { _ = $0.entries.removeValue(forKey: token) }
+    }
+
+    private func descriptorRefusal(
+        _ request: AdoptRequest, _ descriptors: [Int32], uid: UInt32, register: ([(kind: StreamKind, facts: DescriptorFacts)]) -> Void = { _ in }
+    ) -> HoldfastError? {
         func refused(_ index: Int, _ reason: String) -> HoldfastError {
             let stream = request.streams[index]
             return HoldfastError(.badDescriptor, "streams[\(index)] (\(stream.kind.rawValue)): fd \(stream.fd) \(reason)")
@@ -430,13 +462,20 @@ public final class Broker: Sendable {
             if let refusal = AdoptCheck.descriptorRefusal(kind: stream.kind, facts: facts) { return refused(index, "is \(refusal)") }
             checked.append((stream.kind, facts))
         }
-        let held = processes.withLockedValue { table in
-            table.values.flatMap { process in
+        return processes.withLockedValue { table -> HoldfastError? in
+            let held = table.values.flatMap { process in
                 process.consumedFiles.map { HeldStream(process: process.owner == .handoff(uid: uid) ? process.id : nil, kind: $0.kind, file: $0.file) }
             }
+            // Another adopt's, checked and waiting for its deposit: named only as another's. Not
+            // one of the same id by the same peer: a retry of that adopt, which the id's own
+            // check answers (`process-exists`, being adopted).
+            let pending = filesBeingAdopted.withLockedValue { state in
+                state.entries.values.filter { !($0.uid == uid && $0.files.first?.process == request.process) }.flatMap(\.files)
+            }.map { HeldStream(process: nil, kind: $0.kind, file: $0.file) }
+            if let (index, reason) = AdoptCheck.sharingRefusal(checked, held: held + pending) { return refused(index, "is \(reason)") }
+            register(checked)
+            return nil
         }
-        if let (index, reason) = AdoptCheck.sharingRefusal(checked, held: held) { return refused(index, "is \(reason)") }
-        return nil
     }
 
     /// Hands the supervisor copies of a handoff process's fds (`request` names its slots) and

@@ -69,4 +69,39 @@ struct HandoffIdentityTests {
         for fd in reply.descriptors { close(fd) }
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// Two adopts of one pipe at once, under two ids, while the first waits for the supervisor's
+    /// word on its deposit (the supervisor stopped): one is refused `bad-descriptor`. Before,
+    /// the check looked at the table alone: both were answered and the pipe's bytes were split
+    /// between two host streams.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func onePipeAdoptedTwiceAtOnceIsRefusedOnce() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        _ = try daemon.streams.open(token: bytes("one-out"), direction: .receive)
+        _ = try daemon.streams.open(token: bytes("two-out"), direction: .receive)
+        let pipe = try PipeEnds.make()
+        defer { close(pipe.write) }
+        let copy = dup(pipe.read)
+        #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
+        defer { kill(daemon.daemonPID, SIGCONT) }
+        try await eventually("the supervisor stopped") { ProcessRunState.of(daemon.daemonPID) == .stopped }
+        func adopt(_ process: String, _ fd: Int32) async -> Result<AdoptResponse, HoldfastError> {
+            do {
+                return .success(try await HandoffCrashSurvivalTests.adopt(process, "\(process)-out", fd, on: daemon))
+            } catch let error as HoldfastError {
+                return .failure(error)
+            } catch {
+                return .failure(HoldfastError(.unknown, "\(error)"))
+            }
+        }
+        async let first = adopt("one", pipe.read)
+        async let second = adopt("two", copy)
+        let results = await [first, second]
+        kill(daemon.daemonPID, SIGCONT)
+        let refused = results.compactMap { result -> HoldfastError? in if case .failure(let error) = result { error } else { nil } }
+        #expect(refused.count == 1 && refused.first?.code == .badDescriptor, "\(results)")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
+
