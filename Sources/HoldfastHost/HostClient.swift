@@ -126,10 +126,14 @@ public enum HostClient {
             throw HoldfastError(.badReply, "expected \(response.streams.count) log sockets, got \(reply.descriptors.count)")
         }
         var copies: [Task<Void, Never>] = []
+        // Both noted before either is made non-blocking: they are often one description (a
+        // terminal), and a flag read after the first copy began would be put back as it was then.
+        for target in [stdio.output, stdio.error] { LocalTerminal.note(fd: target, flags: fcntl(target, F_GETFL)) }
         do {
             for (kind, fd) in zip(response.streams, reply.descriptors) {
                 let socket = try AsyncFD(adopting: fd)
-                let output = try AsyncFD(adopting: dup(kind == "stderr" ? stdio.error : stdio.output), foreignDescription: true)
+                let target = kind == "stderr" ? stdio.error : stdio.output
+                let output = try AsyncFD(adopting: dup(target), foreignDescription: true)
                 copies.append(Task {
                     await copy(from: socket, to: output)
                     if let fd = output.detach() { close(fd) }
@@ -200,6 +204,9 @@ public enum HostClient {
         // which the terminal (shared with the shell) must not keep after we are gone.
         let inputFlags = fcntl(stdio.input, F_GETFL)
         LocalTerminal.note(fd: stdio.input, flags: inputFlags)
+        // The outputs' too, before anything is made non-blocking (with a terminal the three are
+        // often one description: a flag read later would be put back non-blocking).
+        for target in [stdio.output, stdio.error] { LocalTerminal.note(fd: target, flags: fcntl(target, F_GETFL)) }
         var input: AsyncFD?
         var inputCopy: Task<Void, Never>?
         defer {
@@ -251,7 +258,8 @@ public enum HostClient {
                         socket.close()
                     }
                 case "stdout", "stderr":
-                    let output = try AsyncFD(adopting: dup(kind == "stdout" ? stdio.output : stdio.error), foreignDescription: true)
+                    let target = kind == "stdout" ? stdio.output : stdio.error
+                    let output = try AsyncFD(adopting: dup(target), foreignDescription: true)
                     outputSockets.append(socket)
                     let id = started.id
                     outputs.append(Task {
@@ -509,26 +517,32 @@ public enum LocalTerminal {
         var flags: Int32?
     }
 
-    private static let saved = NIOLockedValueBox<Saved?>(nil)
+    /// By fd: the stdin (settings, flags), and the stdout and stderr whose flags a copy into
+    /// them changed (a `logs -f` ended by Ctrl-C left the terminal's description non-blocking:
+    /// the next program writing to it failed with EAGAIN).
+    private static let saved = NIOLockedValueBox<[Int32: Saved]>([:])
 
     static func note(fd: Int32, settings: termios? = nil, flags: Int32? = nil) {
-        saved.withLockedValue { current in
-            var next = current ?? Saved(fd: fd)
+        saved.withLockedValue { all in
+            var next = all[fd] ?? Saved(fd: fd)
             if let settings { next.settings = settings }
-            if let flags, flags >= 0 { next.flags = flags }
-            current = next
+            if let flags, flags >= 0, next.flags == nil { next.flags = flags }
+            all[fd] = next
         }
     }
 
     static func forget() {
-        saved.withLockedValue { $0 = nil }
+        saved.withLockedValue { $0 = [:] }
     }
 
-    /// Puts the stdin back as it was found, if `wire` had changed it (from any thread).
+    /// Puts the stdin (and outputs) back as they were found, if the client had changed them
+    /// (from any thread).
     public static func restore() {
-        guard let saved = saved.withLockedValue({ current in defer { current = nil }; return current }) else { return }
-        if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
-        if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+        let all = saved.withLockedValue { current in defer { current = [:] }; return current }
+        for saved in all.values {
+            if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
+            if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+        }
     }
 }
 

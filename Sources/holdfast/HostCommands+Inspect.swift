@@ -25,6 +25,12 @@ struct HostLogs: AsyncParsableCommand, HostFamilyCommand {
     @Argument(help: "The process id.") var id: String
 
     func run() async throws {
+        // Ended by a signal (Ctrl-C is how `-f` is left), the outputs' flags are put back first.
+        if let signals = try? SignalPipe(signals: [SIGINT, SIGTERM, SIGHUP].filter { !SignalDisposition.isIgnored($0) }) {
+            Task {
+                if let received = await signals.next() { dieOf(received.number) }
+            }
+        }
         do {
             try await HostClient.logs(control: control, id: id, follow: follow)
         } catch {
@@ -57,7 +63,8 @@ struct HostPS: AsyncParsableCommand, HostFamilyCommand {
             throw ExitCode(HostExitCode.holdfastFailure)
         }
         if !list.guestAnswered {
-            writeError("holdfast host ps: the guest is not connected to host serve: this is what host serve knows")
+            writeError(
+                "holdfast host ps: the guest did not answer (not connected to host serve, or connected but stopped or overloaded: 'holdfast status' in the guest says which): this is what host serve knows")
         }
         if quiet {
             for process in list.processes { print(process.id) }

@@ -364,7 +364,7 @@ private final class StartingFlag: Sendable {
 
 /// Ends this client as killed by `number`, as a shell expects of a command that was sent it.
 /// (This thread may block it, as the concurrency pool's threads do: unblocked here.)
-private func dieOf(_ number: Int32) -> Never {
+func dieOf(_ number: Int32) -> Never {
     // No `defer` runs past `raise`: the terminal is put back here.
     LocalTerminal.restore()
     signal(number, SIG_DFL)

@@ -64,4 +64,26 @@ struct HostCLIHabitsTests {
         kill(serve.pid, SIGCONT)
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// `host logs -f` left with Ctrl-C (as it is meant to be) puts its output's flags back: the
+    /// terminal it shares with the shell is not left non-blocking. Before, the next program
+    /// writing to it failed with EAGAIN.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func logsFollowEndedByCtrlCLeavesTheTerminalBlocking() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        _ = try await serve.cli(["run", "-d", "--id", "svc", "--", "sh", "-c", "while :; do echo tick; sleep 0.05; done"])
+        let terminal = try TestTerminal()
+        #expect(fcntl(terminal.slave, F_GETFL) & O_NONBLOCK == 0)
+        let client = try serve.start(["logs", "-f", "svc"], stdout: terminal.slave)
+        try await terminal.expect("tick")
+        #expect(kill(client.pid, SIGINT) == 0)
+        let ended = try await client.finish(within: .seconds(20))
+        #expect(ended.status == .signaled(SIGINT))
+        #expect(fcntl(terminal.slave, F_GETFL) & O_NONBLOCK == 0, "the terminal's description is blocking again")
+        _ = try await serve.cli(["kill", "svc"])
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
+
