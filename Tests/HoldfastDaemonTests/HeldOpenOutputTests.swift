@@ -167,7 +167,9 @@ struct HeldOpenOutputTests {
         try await eventually("a new broker") { try await daemon.roleIsAnother("broker", than: broker) }
         let atRestart = output.count
         try await eventually("the orphan's output relayed on by the new broker", timeout: .seconds(30)) { output.count > atRestart + 200 }
-        #expect(daemon.log.contains("an output held open past its process's exit handed to the restarted broker"))
+        // Through the log's writer thread: waited for (read at once, a fresh clone's loaded run
+        // found it not yet written).
+        try await daemon.waitForLog("an output held open past its process's exit handed to the restarted broker")
 
         if thenAnUpgrade {
             let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
