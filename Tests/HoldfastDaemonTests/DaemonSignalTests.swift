@@ -89,7 +89,7 @@ struct DaemonSignalTests {
             for role in rolePIDs { #expect(kill(role, signal) == 0, "\(signalName(signal)) to role \(role)") }
         }
         // And the signals that stop or reload the supervisor: a role is stopped by its SIGTERM
-        // alone (`pkill -INT holdfast`, `killall -QUIT holdfast` ended both roles before).
+        // alone (INT or QUIT sent by name to every holdfast process ended both roles before).
         for role in rolePIDs { for signal in [SIGHUP, SIGINT, SIGQUIT] { #expect(kill(role, signal) == 0) } }
         // The same signal again and again: said once (the first), the rest counted.
         for _ in 0..<20 { _ = kill(daemon.daemonPID, SIGALRM) }
