@@ -511,7 +511,7 @@ final class DetachSignal: Sendable {
 /// second SIGTERM while the first was passed on left the shell a raw terminal (no echo, output
 /// in a staircase) whose reads failed with EAGAIN.
 public enum LocalTerminal {
-    private struct Saved: Sendable {
+    fileprivate struct Saved: Sendable {
         var fd: Int32
         var settings: termios?
         var flags: Int32?
@@ -533,6 +533,43 @@ public enum LocalTerminal {
 
     static func forget() {
         saved.withLockedValue { $0 = [:] }
+    }
+
+    /// The client's changes to the noted fds as they are now, to be put back by `resume`.
+    public struct Suspended: Sendable {
+        fileprivate var current: [Saved]
+    }
+
+    /// For a client about to stop (Ctrl-Z: SIGTSTP): puts the noted fds back as they were found,
+    /// keeping the notes, and returns the client's own settings for `resume`. Before, a client
+    /// stopped this way left the shell's terminal non-blocking (and raw, with `-t`) until `fg`:
+    /// the next program reading it failed with EAGAIN.
+    public static func suspend() -> Suspended {
+        let all = saved.withLockedValue { Array($0.values) }
+        var current: [Saved] = []
+        for saved in all {
+            var now = Saved(fd: saved.fd)
+            if var settings = saved.settings {
+                var mine = termios()
+                if tcgetattr(saved.fd, &mine) == 0 { now.settings = mine }
+                tcsetattr(saved.fd, TCSANOW, &settings)
+            }
+            if let flags = saved.flags {
+                let mine = fcntl(saved.fd, F_GETFL)
+                if mine >= 0 { now.flags = mine }
+                _ = fcntl(saved.fd, F_SETFL, flags)
+            }
+            current.append(now)
+        }
+        return Suspended(current: current)
+    }
+
+    /// After `suspend`, once continued (`fg`): the client's settings again (raw, non-blocking).
+    public static func resume(_ suspended: Suspended) {
+        for saved in suspended.current {
+            if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
+            if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+        }
     }
 
     /// Puts the stdin (and outputs) back as they were found, if the client had changed them

@@ -26,9 +26,13 @@ struct HostLogs: AsyncParsableCommand, HostFamilyCommand {
 
     func run() async throws {
         // Ended by a signal (Ctrl-C is how `-f` is left), the outputs' flags are put back first.
-        if let signals = try? SignalPipe(signals: [SIGINT, SIGTERM, SIGHUP].filter { !SignalDisposition.isIgnored($0) }) {
+        // Ctrl-Z stops it with them put back, until `fg`.
+        if let signals = try? SignalPipe(signals: [SIGINT, SIGTERM, SIGHUP, SIGTSTP].filter { !SignalDisposition.isIgnored($0) }) {
             Task {
-                if let received = await signals.next() { dieOf(received.number) }
+                while let received = await signals.next() {
+                    guard received.number == SIGTSTP else { dieOf(received.number) }
+                    stopForTheShell(received.number, then: signals)
+                }
             }
         }
         do {

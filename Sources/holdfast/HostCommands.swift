@@ -177,7 +177,8 @@ struct DetachKeysOption: ParsableArguments {
         // started stays ignored: `nohup holdfast host run ...` outlives the terminal's hang-up,
         // and passes nothing on.
         let passedOn = [SIGTERM, SIGHUP].filter { !SignalDisposition.isIgnored($0) }
-        guard let pipe = try? SignalPipe(signals: [SIGINT] + passedOn) else {
+        let stops = [SIGTSTP].filter { !SignalDisposition.isIgnored($0) }
+        guard let pipe = try? SignalPipe(signals: [SIGINT] + passedOn + stops) else {
             return HostClient.Interaction(detachKeys: try keys())
         }
         let (interrupts, interrupt) = AsyncStream<Void>.makeStream()
@@ -190,6 +191,12 @@ struct DetachKeysOption: ParsableArguments {
         Task {
             var passing = false
             while let received = await pipe.next() {
+                if received.number == SIGTSTP {
+                    // Not passed on: Ctrl-Z stops this client, as it would a local command (with
+                    // `-t` the terminal is raw, and Ctrl-Z reaches the process instead).
+                    stopForTheShell(received.number, then: pipe)
+                    continue
+                }
                 if starting.value.withLock({ $0 }) {
                     writeError(
                         "\nholdfast host: \(SignalNames.name(received.number)) before the process started; if the guest starts it still, 'holdfast host ps' lists it")
@@ -374,6 +381,24 @@ func dieOf(_ number: Int32) -> Never {
     pthread_sigmask(SIG_UNBLOCK, &set, nil)
     raise(number)
     exit(128 + number)
+}
+
+/// Stops this client as the shell asks (Ctrl-Z: SIGTSTP) with the terminal put back first, and
+/// takes it up again once continued (`fg`, `bg`). Before, the stop was the kernel's default: the
+/// shell got back a terminal left non-blocking (and raw, with `-t`) until the client went on,
+/// and the next program reading it failed with EAGAIN. (A process group the kernel counts as
+/// orphaned is not stopped by SIGTSTP: the client then just goes on.)
+func stopForTheShell(_ number: Int32, then pipe: SignalPipe) {
+    let suspended = LocalTerminal.suspend()
+    signal(number, SIG_DFL)
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, number)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    // Returns once the client is continued.
+    raise(number)
+    pipe.hear(number)
+    LocalTerminal.resume(suspended)
 }
 
 /// Says, on stderr, what a command waits for if the wait is long; cancel it when done.

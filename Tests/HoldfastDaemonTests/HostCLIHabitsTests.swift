@@ -1,3 +1,4 @@
+import Foundation
 import HoldfastPosix
 import HoldfastTestSupport
 import Testing
@@ -83,6 +84,71 @@ struct HostCLIHabitsTests {
         #expect(ended.status == .signaled(SIGINT))
         #expect(fcntl(terminal.slave, F_GETFL) & O_NONBLOCK == 0, "the terminal's description is blocking again")
         _ = try await serve.cli(["kill", "svc"])
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
+    /// Ctrl-Z (SIGTSTP) stops a `host run -t` client with the shell's terminal put back: out of
+    /// raw mode and blocking; `fg` (SIGCONT) makes it raw and non-blocking again, and typing
+    /// reaches the process. Before, the kernel's default stop left the terminal raw and
+    /// non-blocking for the shell. The client runs as a job does, in a process group of its own
+    /// under a shell with job control (`set -m`): the kernel does not stop an orphaned group.
+    /// (The shell is given no terminal, so it takes none as its controlling terminal and the
+    /// job is not a background one to it; the job opens the terminal by its path.)
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func ctrlZStopsTheClientWithTheTerminalPutBack() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon)
+        let terminal = try TestTerminal()
+        defer { terminal.close() }
+        let path = try #require(try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(terminal.slave)"))
+        let pidFile = daemon.directory.file("job.pid")
+        let nothing = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(nothing) }
+        let shell = try daemon.processes.start(
+            ["/bin/bash", "-c", "set -m; \"$@\" < \(path) > \(path) 2>&1 & echo $! > \(pidFile); while kill -0 $! 2>/dev/null; do sleep 0.1; done",
+             "bash", holdfastExecutable(), "host", "run", "--control", serve.control, "-t", "--id", "job", "--", "cat"],
+            stdin: nothing, stdout: nothing, stderr: nothing)
+        var client: pid_t = 0
+        try await eventually("the job's pid") {
+            client = pid_t(String(decoding: readFile(pidFile) ?? [], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            return client > 0
+        }
+        defer {
+            kill(client, SIGCONT)
+            kill(client, SIGKILL)
+        }
+        #expect(getpgid(client) == client && getpgid(client) != getpgid(shell), "the job has a process group of its own")
+        func canonical() -> Bool {
+            var settings = termios()
+            return tcgetattr(terminal.slave, &settings) == 0 && settings.c_lflag & tcflag_t(ICANON) != 0
+        }
+        /// The job's description of the terminal (its stdin), as /proc shows its flags (octal).
+        func blocking() -> Bool {
+            let info = String(decoding: readFile("/proc/\(client)/fdinfo/0") ?? [], as: UTF8.self)
+            guard let line = info.split(separator: "\n").first(where: { $0.hasPrefix("flags:") }),
+                let flags = Int32(line.dropFirst("flags:".count).trimmingCharacters(in: .whitespaces), radix: 8)
+            else { return false }
+            return flags & O_NONBLOCK == 0
+        }
+        try await eventually("the client made the terminal raw and non-blocking") { !canonical() && !blocking() }
+        try await terminal.type("one\r")
+        try await terminal.expect("one")
+
+        #expect(kill(client, SIGTSTP) == 0)
+        try await eventually("the client stopped") { ProcessRunState.of(client) == .stopped }
+        #expect(canonical(), "the terminal out of raw mode for the shell")
+        #expect(blocking(), "the terminal's description blocking for the shell")
+
+        #expect(kill(client, SIGCONT) == 0)
+        try await eventually("raw and non-blocking again") { !canonical() && !blocking() }
+        try await terminal.type("two\r")
+        try await terminal.expect("two")
+
+        let killed = try await serve.cli(["kill", "job"])
+        #expect(killed.status == .exited(0), "\(killed.err)")
+        #expect(try await daemon.processes.wait(shell, timeout: .seconds(30)) == .exited(0))
+        #expect(canonical(), "put back at the end")
         #expect(try await daemon.stop() == .exited(0))
     }
 }

@@ -582,6 +582,9 @@ final class TestTerminal: Sendable {
         }
     }
 
+    /// What the terminal has shown so far.
+    var shown: String { screen.value }
+
     func close() {
         master.close()
         Glibc.close(slave)
