@@ -264,10 +264,14 @@ extension ResumableStream {
         /// connection — the next connection's doorbell does.
         func commit(_ count: Int, of regions: [UnsafeMutableRawBufferPointer]) {
             let offered = regions.reduce(0) { $0 + $1.count }
-            let end = state.withLockedValue { s -> UInt64 in
+            let (end, quiet) = state.withLockedValue { s -> (UInt64, CheckedContinuation<Void, Never>?) in
                 s.sender.commit(count, offered: offered)
-                return s.sender.offset
+                // The drain watch of a quiet orphan's output: its clock runs again.
+                let quiet = count > 0 ? s.quietWaiter : nil
+                if quiet != nil { s.quietWaiter = nil }
+                return (s.sender.offset, quiet)
             }
+            quiet?.resume()
             checkpoint?.took(upTo: end)
         }
 
@@ -279,11 +283,13 @@ extension ResumableStream {
         }
 
         func finish(_ slot: ConnSlot<Session>) async -> UInt64 {
-            let pump = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+            let (pump, quiet) = state.withLockedValue { s -> (CheckedContinuation<Void, Never>?, CheckedContinuation<Void, Never>?) in
                 s.sender.end()
-                return s.ringDoorbell()
+                defer { s.quietWaiter = nil }
+                return (s.ringDoorbell(), s.quietWaiter)
             }
             pump?.resume()
+            quiet?.resume()
             await waitForCompletion(slot, until: .finished)
             return state.withLockedValue { $0.sender.undelivered }
         }
@@ -301,18 +307,40 @@ extension ResumableStream {
         }
 
         /// Waits until `goal` is reached, giving up — and abandoning the stream — once nothing
-        /// progressed for the drain timeout. Progress is any acknowledgement or END echo.
+        /// progressed for the drain timeout while something was owed. Progress is any
+        /// acknowledgement or END echo. An output with nothing owed whose source has not ended
+        /// (an orphan holding the process's stdout, quiet between lines) is waited on with no
+        /// clock: the timeout bounds a peer that stops taking bytes, and there are none for it
+        /// to take. Before, such an orphan's stream was abandoned a drain timeout after the exit
+        /// with the host connected: its next line was dropped and its next write died of SIGPIPE.
         private func waitForCompletion(_ slot: ConnSlot<Session>, until goal: State.Goal) async {
             while true {
-                let (finished, mark) = state.withLockedValue { s in
-                    (s.reached(goal, direction: direction) || s.closed, s.sender.acknowledged)
+                let (finished, mark, quiet) = state.withLockedValue { s in
+                    (s.reached(goal, direction: direction) || s.closed, s.sender.acknowledged, s.owesNothingYet(goal, direction: direction))
                 }
                 if finished { return }
+                if quiet {
+                    await waitWhileQuiet(goal)
+                    continue
+                }
                 let progressed = await waitForProgress(since: mark, timeout: configuration.drainTimeout)
                 if !progressed {
                     abandon(slot)
                     return
                 }
+            }
+        }
+
+        /// Suspends while the stream owes nothing and its source goes on (`owesNothingYet`):
+        /// until the producer commits bytes, ends, or the stream closes.
+        private func waitWhileQuiet(_ goal: State.Goal) async {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLockedValue { s -> Bool in
+                    guard s.owesNothingYet(goal, direction: direction), !s.closed else { return true }
+                    s.quietWaiter = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
             }
         }
 
@@ -366,8 +394,10 @@ extension ResumableStream {
                 s.producer = nil
                 let progress = Array(s.progressWaiters.values)
                 s.progressWaiters.removeAll()
-                let echo = s.echoWaiters
+                var echo = s.echoWaiters
                 s.echoWaiters.removeAll()
+                if let quiet = s.quietWaiter { echo.append(quiet) }
+                s.quietWaiter = nil
                 return (pump, producer, progress, echo)
             }
             pump?.resume()
@@ -411,6 +441,8 @@ struct ResumableEngineState: Sendable {
     var doorbell = false
     var pumpWaiter: CheckedContinuation<Void, Never>?
     var progressWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    /// The drain watch, while the stream owes nothing and its source goes on.
+    var quietWaiter: CheckedContinuation<Void, Never>?
     var nextWaiter: UInt64 = 0
     var echoWaiters: [CheckedContinuation<Void, Never>] = []
     var closed = false
@@ -434,6 +466,13 @@ struct ResumableEngineState: Sendable {
         case .finished: return sender.isComplete
         case .drained: return direction == .send ? sender.isDrained : receiver.inboundFinal != nil
         }
+    }
+
+    /// Whether a drain toward `goal` has nothing to wait for from the peer yet: an output with
+    /// every byte acknowledged whose producer has not ended (its process exited, and a process
+    /// it left holds the pipe).
+    func owesNothingYet(_ goal: Goal, direction: StreamDirection) -> Bool {
+        goal == .drained && direction == .send && sender.ring.count == 0 && sender.finalOffset == nil
     }
 
     /// Whether anything moved since the acknowledged offset was `mark` (or nothing will any more).

@@ -441,6 +441,32 @@ struct ResumableMemoryTests {
         #expect(guest.slot.phase == .abandoned)
     }
 
+    /// An output held open past its process's exit by a quiet orphan (`nohup ./heartbeat &`,
+    /// a line a minute) is not given up while it owes nothing: the drain timeout bounds a host
+    /// that stops taking bytes, and there were none to take. Before, the drain watch abandoned
+    /// the stream one timeout after the exit with the host connected: the orphan's next line
+    /// was dropped (counted undelivered) and its next write died of SIGPIPE.
+    @Test func aQuietOrphansOutputIsNotGivenUpWhileItOwesNothing() async throws {
+        let pair = ResumablePair(guestDirection: .send, configuration: ResumableConfiguration(drainTimeout: .milliseconds(200)))
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource(Array(repeating: 1, count: 10))
+        let relay = Task { await Relay.output(from: source, to: pair.guest) }
+        let received = Task { await pair.host.receiveAll() }
+        try await eventually("the first line acknowledged") { pair.guest.statistics.acknowledged == 10 }
+        pair.guest.processExited()
+        // Quiet for three drain timeouts, the host connected all along.
+        try await Task.sleep(for: .milliseconds(600))
+        #expect(pair.guest.slot.phase != .abandoned, "not given up while nothing was owed")
+        source.append(Array(repeating: 2, count: 10))
+        source.finish()
+        let report = try await withTimeout("the relay's end") { await relay.value }
+        #expect(report.undelivered == 0, "\(report)")
+        // A stream given up never ends at the host: closing the pair ends its receive.
+        if report.undelivered != 0 { pair.close() }
+        #expect(await received.value == Array(repeating: 1, count: 10) + Array(repeating: 2, count: 10))
+    }
+
     /// A relay cancelled while it waits for its source (a handoff `release`, a live upgrade's
     /// quiesce, a stop: its owner closes the stream next) sends no END: the process has not
     /// ended, and another relay resumes the stream. Before, the cancelled wait was taken for the

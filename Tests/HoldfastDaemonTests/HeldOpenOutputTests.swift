@@ -190,6 +190,34 @@ struct HeldOpenOutputTests {
     /// Starts "attacker" over the bridge    /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
     /// an orphan that runs `loop` until the file `stop` exists (then `after`) on that stdout;
     /// returns once the exit came (its output held open). What the host receives of it.
+    /// An orphan that holds the output and stays quiet longer than the drain timeout (a
+    /// heartbeat every minute) is still relayed when it writes again, and its writes go on
+    /// succeeding. Before, the broker gave the stream up one drain timeout after the exit, the
+    /// host connected all along: the next line was dropped, and the one after died of SIGPIPE
+    /// (the pipe had no reader left).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aQuietOrphansNextLinesArriveAndItsWritesSucceed() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "2s")
+        defer { daemon.cleanUp() }
+        let exits = ExitLog(daemon.bridge)
+        defer { exits.cancel() }
+        let done = daemon.directory.file("orphan-done")
+        let output = accumulate(try daemon.streams.open(token: bytes("q-out"), direction: .receive))
+        _ = try await daemon.bridge.create(ProcessSpec(
+            id: "quiet", argv: ["sh", "-c", "(sleep 6; echo late; sleep 1; echo later; touch \(done)) & echo hi"], stdout: daemon.spec("q-out")))
+        try await eventually("the exit, its output held open", timeout: .seconds(30)) { exits.count("quiet") == 1 }
+        let expected = "hi\nlate\nlater\n"
+        do {
+            try await eventually("the orphan's lines", timeout: .seconds(60)) { output.count >= expected.utf8.count }
+        } catch {
+            Issue.record("got \(String(decoding: output.bytes, as: UTF8.self))")
+            throw error
+        }
+        #expect(String(decoding: output.bytes, as: UTF8.self) == expected)
+        try await eventually("the orphan's end, its writes having succeeded") { readFile(done) != nil }
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     static func exitLeavingAnOrphan(
         _ daemon: DaemonFixture, _ exits: ExitLog, loop: String, after: String = ":", stop: String
     ) async throws -> Accumulated {
