@@ -75,7 +75,8 @@ struct BrokerUIDTakenTests {
     /// A container process that took the broker's uid, ended by pid (and its cgroups removed)
     /// whatever the test's outcome: a daemon the fixture kills leaves its runc containers.
     struct Taker {
-        let id: String
+        /// Its bundle's `cgroupsPath`: the cgroup runc made for it, under each hierarchy.
+        let cgroupsPath: String
         let process: ProcessIdentity
         let pinned: PinnedProcess
 
@@ -86,7 +87,7 @@ struct BrokerUIDTakenTests {
                 while process.isAlive && ContinuousClock.now < deadline { usleep(10_000) }
             }
             let hierarchies = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
-            for cgroup in ["/sys/fs/cgroup/\(id)"] + hierarchies.map({ "/sys/fs/cgroup/\($0)/\(id)" }) { rmdir(cgroup) }
+            for cgroup in ["/sys/fs/cgroup" + cgroupsPath] + hierarchies.map({ "/sys/fs/cgroup/\($0)" + cgroupsPath }) { rmdir(cgroup) }
         }
     }
 
@@ -107,7 +108,7 @@ struct BrokerUIDTakenTests {
             hostPIDNamespace: hostPIDNamespace)
         try bundle.addCapabilitiesAndTheGuestsUsr(["CAP_SETUID", "CAP_SETGID"])
         let pid = try await daemon.bridge.create(ProcessSpec(id: id, argv: [], runtime: .runc, bundle: bundle.path))
-        let taker = Taker(id: id, process: try #require(ProcessIdentity(pid)), pinned: try #require(PinnedProcess(pid)))
+        let taker = Taker(cgroupsPath: bundle.cgroupsPath, process: try #require(ProcessIdentity(pid)), pinned: try #require(PinnedProcess(pid)))
         try await eventually("the container's process under the broker's uid") { ProcessScan.uids(of: pid)?.first == uid }
         return taker
     }

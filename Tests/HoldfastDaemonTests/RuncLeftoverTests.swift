@@ -130,10 +130,10 @@ struct RuncLeftoverTests {
         // what it had made is undone (runc's own clean-up; waited for, as a loaded machine's
         // runc may finish it after the stop's bounded wait).
         try await eventually("no container left in runc's state directory") { try runcList(daemon).isEmpty }
-        // runc undid its own work: the container's cgroup (`/leftover-h`: at the root of a cgroup
-        // v2 hierarchy, or in each v1 one) is gone.
+        // runc undid its own work: the container's cgroup (the bundle's `cgroupsPath`: at the
+        // root of a cgroup v2 hierarchy, or in each v1 one) is gone.
         let hierarchies = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
-        let left = (["/sys/fs/cgroup/leftover-h"] + hierarchies.map { "/sys/fs/cgroup/\($0)/leftover-h" })
+        let left = (["/sys/fs/cgroup" + bundle.cgroupsPath] + hierarchies.map { "/sys/fs/cgroup/\($0)" + bundle.cgroupsPath })
             .filter { (path: String) in access(path, F_OK) == 0 }
         #expect(left.isEmpty, "the container's cgroups left: \(left)")
         try await daemon.waitForLog("a create was still under way when the drains ended")
