@@ -349,7 +349,8 @@ struct BrokerBoundaryTests {
         defer { processes.killAll() }
         let pid = try processes.start([holdfastExecutable(), "seccomp-probe", "--action", "log", "open-write"], stdout: -1, stderr: -1)
         #expect(try await processes.wait(pid) == .exited(0), "log lets it through (and the kernel logs it)")
-        unlink("/tmp/holdfast-seccomp-probe")
+        // The file it made is its own (SeccompProbe: `/tmp/holdfast-seccomp-probe-PID`).
+        unlink("/tmp/holdfast-seccomp-probe-\(pid)")
     }
 }
 
