@@ -59,6 +59,9 @@ public enum SeccompProbe {
     struct Prepared {
         var fd: Int32 = -1
         var page: UnsafeMutableRawPointer?
+        /// The file `open-write` creates: the probe's own (`/tmp/holdfast-seccomp-probe-PID`),
+        /// so probes run at once never share one, and a test removes the one its probe made.
+        var path = ""
     }
 
     private static func prepare(_ attempt: Attempt) throws -> Prepared {
@@ -77,6 +80,9 @@ public enum SeccompProbe {
             let page = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             guard page != MAP_FAILED else { throw SystemError.last("mmap") }
             prepared.page = page
+        case .openWrite:
+            // Made before the profile is loaded: only the open runs under it.
+            prepared.path = "/tmp/holdfast-seccomp-probe-\(getpid())"
         default:
             break
         }
@@ -94,7 +100,7 @@ public enum SeccompProbe {
         case .ptrace:
             return hf_ptrace_attach(getppid())
         case .openWrite:
-            return Int(open("/tmp/holdfast-seccomp-probe", O_WRONLY | O_CREAT | O_CLOEXEC, 0o600))
+            return Int(open(prepared.path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600))
         case .openRead:
             return Int(open("/proc/self/status", O_RDONLY | O_CLOEXEC))
         case .socketUnix:

@@ -91,8 +91,13 @@ struct ConnSlotBeyondTests {
     }
 
     @Test func closingAnEmptySlotNeverHangs() async throws {
-        let slot = Slot(policy: RedialPolicy(attempts: 1000, interval: .seconds(30)), dial: DialScript(.fail).dial)
-        slot.disconnect()  // a cycle sleeping for 30 s
+        // An hour between attempts (`maxInterval` too, which caps the pause: 5 s by default):
+        // longer than any wait below (each is at least 30 s, `hangBoundFloor`), so only `close`
+        // can end the sleeping cycle. With 30 s capped to 5 s, the pause ended on its own within
+        // the waits' bounds, and a close that woke nothing passed.
+        let slot = Slot(
+            policy: RedialPolicy(attempts: 1000, interval: .seconds(3600), maxInterval: .seconds(3600)), dial: DialScript(.fail).dial)
+        slot.disconnect()  // a cycle sleeping for an hour
         let writer = Task { try? await slot.write(bytes("pending")) }
         let reader = Task { await slot.readBytes() }
         try await Task.sleep(for: .milliseconds(20))

@@ -43,7 +43,7 @@ struct BrokerCrashHandoffTests {
         try await eventually("the deposit kept", timeout: .seconds(20)) { daemon.log.contains("keeping a handoff process's fds") }
 
         let typist = NumberedTypist { try await input.send($0) }
-        _ = try await killBroker(of: daemon, times: Self.kills, pause: 50...300) { broker in
+        let brokers = try await killBroker(of: daemon, times: Self.kills, pause: 50...300) { broker in
             try await eventually("the handoff process handed to broker \(broker)", timeout: .seconds(20)) {
                 try await daemon.brokerStreams().filter { $0.process == "handed" }.count == 2
             }
@@ -67,6 +67,9 @@ struct BrokerCrashHandoffTests {
         let lost = output.statistics.lost
         #expect(matchesAcrossGaps(data, all: expectedLines(last, prefix: "h"), gaps: lost.ranges), "stdout: \(data.count) bytes, lost \(lost.summary)")
         try await eventually("cat's copy complete", timeout: .seconds(20)) { (readFile(copy) ?? []).count >= sent.count }
+        // The last broker's take-over lines are in the file once its line for the process's
+        // streams, logged after them through the same writer thread, is.
+        try await daemon.waitForLog("resumed streams the previous broker held pid=\(brokers.last!) process=handed ")
         let repeats = inputRepeats(in: daemon.log, process: "handed")
         #expect(matches(readFile(copy) ?? [], sent: sent, repeats: repeats), "stdin exact but for logged repeats \(repeats)")
         // A handed-over socket takes no stage (it is never spliced into): a kill inside a write

@@ -73,7 +73,9 @@ struct BrokerCrashReadoptionTests {
                 let tail = Self.logTail(daemon.logPath, from: offset)
                 offset = tail.end
                 handed = tail.text.components(separatedBy: Self.handedLine).count - 1
-                if handed == 0 { usleep(200) }
+                // A millisecond's sleep, not a busy usleep: this loop runs on the concurrency
+                // pool, whose threads the daemon fixture's and other tests' tasks need.
+                if handed == 0 { try await Task.sleep(for: .milliseconds(1)) }
             }
             try #require(handed > 0, "round \(round): the successor was handed a process within 30 s")
             let successor = try #require(try await daemon.rolePID("broker"))

@@ -85,7 +85,10 @@ struct BrokerCrashTests {
 
         // Input: every byte the host sent, in order, once: a write into the stage a crash
         // interrupted is settled by the stage's level. (Were it not, the log would name the
-        // bytes that might repeat, and the exit would count them.)
+        // bytes that might repeat, and the exit would count them.) The last broker's lines of
+        // its take-over are read once its line for the process's streams, logged after them
+        // through the same writer thread, is in the file.
+        try await daemon.waitForLog("resumed streams the previous broker held pid=\(brokers.last!) process=\(id) ")
         let repeats = inputRepeats(in: daemon.log, process: id)
         let copied = readFile(copy) ?? []
         #expect(inputUndelivered == 0)

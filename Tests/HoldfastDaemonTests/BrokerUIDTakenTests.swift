@@ -37,7 +37,9 @@ struct BrokerUIDTakenTests {
         }
         #expect(taker.process.isAlive, "the taker runs on: it was let be")
         #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(400), "every line once across the crash")
-        #expect(daemon.log.contains("in another pid namespace"), "the log says why it was let be: \(daemon.log.suffix(2000))")
+        // The log says why it was let be (waited for: its line reaches the file through the
+        // log's writer thread).
+        try await daemon.waitForLog("in another pid namespace")
 
         // A live upgrade starts a broker too.
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
@@ -73,7 +75,8 @@ struct BrokerUIDTakenTests {
     /// A container process that took the broker's uid, ended by pid (and its cgroups removed)
     /// whatever the test's outcome: a daemon the fixture kills leaves its runc containers.
     struct Taker {
-        let id: String
+        /// Its bundle's `cgroupsPath`: the cgroup runc made for it, under each hierarchy.
+        let cgroupsPath: String
         let process: ProcessIdentity
         let pinned: PinnedProcess
 
@@ -84,7 +87,7 @@ struct BrokerUIDTakenTests {
                 while process.isAlive && ContinuousClock.now < deadline { usleep(10_000) }
             }
             let hierarchies = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []
-            for cgroup in ["/sys/fs/cgroup/\(id)"] + hierarchies.map({ "/sys/fs/cgroup/\($0)/\(id)" }) { rmdir(cgroup) }
+            for cgroup in ["/sys/fs/cgroup" + cgroupsPath] + hierarchies.map({ "/sys/fs/cgroup/\($0)" + cgroupsPath }) { rmdir(cgroup) }
         }
     }
 
@@ -105,7 +108,7 @@ struct BrokerUIDTakenTests {
             hostPIDNamespace: hostPIDNamespace)
         try bundle.addCapabilitiesAndTheGuestsUsr(["CAP_SETUID", "CAP_SETGID"])
         let pid = try await daemon.bridge.create(ProcessSpec(id: id, argv: [], runtime: .runc, bundle: bundle.path))
-        let taker = Taker(id: id, process: try #require(ProcessIdentity(pid)), pinned: try #require(PinnedProcess(pid)))
+        let taker = Taker(cgroupsPath: bundle.cgroupsPath, process: try #require(ProcessIdentity(pid)), pinned: try #require(PinnedProcess(pid)))
         try await eventually("the container's process under the broker's uid") { ProcessScan.uids(of: pid)?.first == uid }
         return taker
     }

@@ -221,6 +221,9 @@ extension ContainmentTests {
             let answer = try await withTimeout("a resize's answer while the lock is held", .seconds(60)) { await resized.value }
             #expect(answer?.code == .resizeFailed && answer?.message.contains("applied when it lets go") == true, "\(String(describing: answer))")
         }
+        // The watchdog's line reaches the file through the log's writer thread: waited for
+        // before the lines are counted.
+        try await daemon.waitForLog("I/O thread stuck in the kernel")
         let warnings = daemon.log.split(separator: "\n").filter { $0.contains("I/O thread stuck in the kernel") }
         #expect(warnings.count == 1, "one thread held for three resizes: \(warnings)")
         #expect(warnings.first?.contains("process=t ") == true && warnings.first?.contains("stream=tty") == true)
@@ -265,6 +268,7 @@ extension ContainmentTests {
 
         try writeFile(release, [])
         try await eventually("a new broker", timeout: .seconds(30)) { try await daemon.roleIsAnother("broker", than: killedBroker) }
+        let newBroker = try #require(try await daemon.rolePID("broker"))
         try await input.send(bytes("third\n"))
         #expect(await input.finish() == 0)
         let report = try await daemon.wait("holder")
@@ -273,6 +277,9 @@ extension ContainmentTests {
         let prefix = bytes("ready\nholding\necho:")
         #expect(Array(all.prefix(prefix.count)) == prefix)
         let echoed = Array(all.dropFirst(prefix.count))
+        // The new broker's take-over lines are in the file once its line for the holder's
+        // streams, logged after them through the same writer thread, is.
+        try await daemon.waitForLog("resumed streams the previous broker held pid=\(newBroker) process=holder ")
         let repeats = inputRepeats(in: daemon.log, process: "holder")
         print("the holder's stdin after the broker's death: \(String(decoding: echoed, as: UTF8.self).debugDescription), repeats named in the log: \(repeats)")
         #expect(matches(echoed, sent: bytes("first\nsecond\nthird\n"), repeats: repeats), "the stdin as sent")

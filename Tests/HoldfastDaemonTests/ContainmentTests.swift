@@ -242,8 +242,13 @@ struct ContainmentTests {
             try await eventually("the broker thawed") { !freezer.isFrozen }
             try freezer.release(broker)
             print("broker frozen and thawed in cgroup \(freezer.path)")
+        } else if CgroupFreezer.unifiedHierarchyMounted {
+            // As root (this test's trait) with cgroup v2 mounted, unified or hybrid's v2 part, a
+            // cgroup of ours can be made and frozen: a freezer that could not be is a failure,
+            // not a part silently left out.
+            Issue.record("cgroup v2 is mounted, yet no freezer cgroup could be made in it as root: the freeze part did not run")
         } else {
-            print("no writable cgroup v2 on this machine: the freeze part did not run")
+            print("no cgroup v2 mounted on this machine (cgroup v1 alone): the freeze part did not run")
         }
 
         try await typing.value
@@ -385,14 +390,13 @@ struct ContainmentTests {
             guard access(marker, F_OK) == 0, case .stopped = ProcessRunState.of(pid) else { return false }
             return true
         }
-        let asked = ContinuousClock.now
         #expect(try await daemon.stop() == .exited(0))
-        let took = ContinuousClock.now - asked
         try await eventually("the exit at the host") { exits.count("stopped") == 1 }
         let report = try #require(exits.all.first { $0.id == "stopped" })
-        print("a stopped process at a daemon stop: \(report), the stop took \(took)")
+        print("a stopped process at a daemon stop: \(report)")
+        // Its trap's 5, not the grace's SIGKILL: the SIGTERM reached a process that ran again.
+        // (No time is asserted: the exit code tells the two apart under any load.)
         #expect(report.exitCode == 5 && report.signal == nil, "its trap ran: \(report)")
-        #expect(took < .seconds(6), "not held until the 8 s grace: \(took)")
     }
 
     /// A create whose process is started but not yet in the process table when the stop's
@@ -415,15 +419,13 @@ struct ContainmentTests {
                 id: "late", argv: ["sh", "-c", "trap 'exit 5' TERM; touch \(marker); while :; do sleep 0.05; done"]))
         }
         try await eventually("its process started") { access(marker, F_OK) == 0 }
-        let asked = ContinuousClock.now
         #expect(try await daemon.stop() == .exited(0))
-        let took = ContinuousClock.now - asked
         _ = try? await create.value
         try await eventually("the exit at the host") { exits.count("late") == 1 }
         let report = try #require(exits.all.first { $0.id == "late" })
-        print("a process started as the stop began: \(report), the stop took \(took)")
+        print("a process started as the stop began: \(report)")
+        // Its trap's 5, not the grace's SIGKILL (no time asserted: the exit code tells).
         #expect(report.exitCode == 5 && report.signal == nil, "its trap ran: the stop's SIGTERM reached it: \(report)")
-        #expect(took < .seconds(6), "not held until the 8 s grace: \(took)")
     }
 
     /// A create whose process is in the table only after the grace has ended (the failpoint
@@ -474,9 +476,7 @@ struct ContainmentTests {
             let listed = try commandOutput(["runc", "--root", daemon.directory.file("runc"), "list", "-q"], in: daemon.directory)
             return listed.contains("late")
         }
-        let asked = ContinuousClock.now
         let status = try await daemon.stop()
-        let took = ContinuousClock.now - asked
         let pid = try await withTimeout("the create's answer") { try await create.value }
         #expect(kill(pid, 0) == -1 && errno == ESRCH, "the late process (pid \(pid)) ended with the daemon")
         if runc {
@@ -485,11 +485,15 @@ struct ContainmentTests {
         }
         try await eventually("the exit at the host") { exits.count("late") == 1 }
         let report = try #require(exits.all.first { $0.id == "late" })
-        print("a \(runc ? "runc container" : "process") started after the stop's grace: \(report), the stop took \(took), the daemon \(status)")
+        print("a \(runc ? "runc container" : "process") started after the stop's grace: \(report), the daemon \(status)")
         #expect(seen.withLockedValue { $0 } == bytes("started\n"), "it ran, and its output reached the host")
         #expect(report.signal == SIGKILL, "killed once it was there: \(report)")
         #expect(status == .exited(0))
-        #expect(took < .seconds(8), "not held until the drains' end (14 s): \(took)")
+        // Not held until the drains' end (14 s): the stop's wait for every process ended with
+        // every process done, which its last line says (`clean=false` when the drains' end cut
+        // it short). No time is asserted.
+        try await daemon.waitForLog("holdfast daemon stopped")
+        #expect(daemon.log.contains("holdfast daemon stopped clean=true"), "\(daemon.log.suffix(3000))")
     }
 
     static var hasStrace: Bool { access("/usr/bin/strace", X_OK) == 0 }
@@ -500,6 +504,14 @@ struct ContainmentTests {
 struct CgroupFreezer {
     let path: String
     let mount: String
+
+    /// Whether a cgroup v2 hierarchy is mounted here whole (its root at `/`): then `make`, as
+    /// root, must succeed — in a unified hierarchy as in a hybrid one, whose v2 part has no
+    /// controllers and needs none (`cgroup.freeze` is a core file: kernels 5.2 and later).
+    static var unifiedHierarchyMounted: Bool {
+        guard let mountinfo = readFile("/proc/self/mountinfo") else { return false }
+        return CgroupLocation.unifiedMounts(mountinfo: String(decoding: mountinfo, as: UTF8.self)).contains { $0.root == "/" }
+    }
 
     static func make() -> CgroupFreezer? {
         guard let mountinfo = readFile("/proc/self/mountinfo") else { return nil }

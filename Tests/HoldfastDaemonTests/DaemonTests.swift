@@ -64,17 +64,19 @@ struct DaemonTests {
         daemon.bridge.drop(refusing: true)
         daemon.streams.dropAllConnections()
         try await eventually("every stream parked (disconnect-all)") {
-            let report = try await daemon.status()
             // A stream whose process finished meanwhile (a slow machine) is closed, not parked.
-            // (Not the bridge's state, which may already be up again on a slow machine.)
-            return report.streams.allSatisfy { $0.state != .connected }
+            // (Not the bridge's state, which may already be up again on a slow machine.) The
+            // broker's own list: `status` shows none when the broker did not answer in time,
+            // and every one of none is parked.
+            try await daemon.brokerStreams().allSatisfy { $0.state != .connected }
         }
         try await Task.sleep(for: .milliseconds(500))
         daemon.streams.setRefusing(false)
         daemon.bridge.drop(refusing: false)
         try await eventually("every stream back", timeout: .seconds(10)) {
-            let report = try await daemon.status()
-            return report.bridge == .up && report.streams.allSatisfy { $0.state == .connected || $0.state == .closed }
+            let bridge = try await daemon.status().bridge
+            let streams = try await daemon.brokerStreams()  // not `status`'s, empty when the broker was slow
+            return bridge == .up && streams.allSatisfy { $0.state == .connected || $0.state == .closed }
         }
         for id in ids {
             let report = try await daemon.wait(id)
@@ -347,7 +349,8 @@ struct BrokerBoundaryTests {
         defer { processes.killAll() }
         let pid = try processes.start([holdfastExecutable(), "seccomp-probe", "--action", "log", "open-write"], stdout: -1, stderr: -1)
         #expect(try await processes.wait(pid) == .exited(0), "log lets it through (and the kernel logs it)")
-        unlink("/tmp/holdfast-seccomp-probe")
+        // The file it made is its own (SeccompProbe: `/tmp/holdfast-seccomp-probe-PID`).
+        unlink("/tmp/holdfast-seccomp-probe-\(pid)")
     }
 }
 

@@ -45,8 +45,11 @@ struct DialFeedbackTests {
         #expect(error.contains("Permission denied"), "\(error)")
         #expect(error.contains(path), "\(error)")
 
-        // One warning for the one cause, however many dials failed.
-        let warnings = daemon.log.split(separator: "\n").filter { $0.contains("stream dial failed") && $0.contains("process=locked") }
+        // One warning for the one cause, however many dials failed (it reaches the file through
+        // the broker's log writer thread: waited for before the lines are counted).
+        func dialWarnings() -> [Substring] { daemon.log.split(separator: "\n").filter { $0.contains("stream dial failed") && $0.contains("process=locked") } }
+        try await eventually("the dial warning in the log") { !dialWarnings().isEmpty }
+        let warnings = dialWarnings()
         #expect(warnings.count == 1, "\(warnings)")
         #expect(warnings.first?.contains("Permission denied") == true && warnings.first?.contains("stream=stdout") == true)
 

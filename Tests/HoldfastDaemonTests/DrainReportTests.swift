@@ -22,7 +22,12 @@ struct DrainReportTests {
     /// never counted — the host lost them under an exit that said 0.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func bytesGivenUpAfterTheRelaysWaitAreStillCounted() async throws {
-        let daemon = try await DaemonFixture(drainTimeout: "2s")
+        // A 10 s drain timeout: the host's progress below must land more than a second after
+        // the exit (so the give-up it puts off comes past the relay's wait, a drain timeout and a
+        // second from the exit) and before the stream gives up on its earlier progress (a drain
+        // timeout after that). With 2 s the window was under a second wide, and a loaded run's
+        // late status poll or late wake-up could miss it.
+        let daemon = try await DaemonFixture(drainTimeout: "10s")
         defer { daemon.cleanUp() }
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
@@ -51,9 +56,9 @@ struct DrainReportTests {
         try await eventually("the process exited, its output on its way") {
             try await daemon.status().processes.first { $0.id == id }?.state == .exited
         }
-        // Progress 1.3 s into the 2 s drain timeout: the stream's next give-up is 2 s after it,
-        // past the relay's wait (3 s from the exit).
-        try await Task.sleep(for: .milliseconds(1300))
+        // Progress 2 s into the 10 s drain timeout: the stream's next give-up is 10 s after it,
+        // past the relay's wait (11 s from the exit).
+        try await Task.sleep(for: .seconds(2))
         allowed.withLockedValue { $0 += 8192 }
         try await eventually("the host read on") { received.count >= 8192 + 4096 }
         try await Task.sleep(for: .milliseconds(100))  // its acknowledgement sent

@@ -76,7 +76,7 @@ struct HeldOpenOutputTests {
         let stop = daemon.directory.file("orphan-stop")
         defer { try? writeFile(stop, []) }
         let orphanOutput = try await Self.exitLeavingAnOrphan(daemon, exits, loop: "echo held; sleep 0.05", after: "echo last", stop: stop)
-        try await daemon.waitForLog("adopted streams pid=")
+        try await daemon.waitForLog("process=attacker role=broker slots=")
         #expect(daemon.log.contains("process=attacker role=broker slots=stdout:0"), "the attacker has slot 0")
         try writeFile(stop, [])
         try await eventually("the orphan's last line") { String(decoding: orphanOutput.bytes, as: UTF8.self).hasSuffix("held\nlast\n") }
@@ -84,6 +84,9 @@ struct HeldOpenOutputTests {
         let output = accumulate(try daemon.streams.open(token: bytes("n-out"), direction: .receive))
         _ = try await daemon.bridge.create(ProcessSpec(id: "next", argv: ["echo", "next"], stdout: daemon.spec("n-out")))
         try await eventually("the next process's output") { output.count >= 5 }
+        // Its adopt's line, whichever slot it names, reaches the file through the log's writer
+        // thread: waited for before it is read.
+        try await daemon.waitForLog("process=next role=broker slots=")
         #expect(daemon.log.contains("process=next role=broker slots=stdout:0"), "the freed slot is given out again: \(daemon.log.suffix(1500))")
         #expect(try await daemon.stop() == .exited(0))
     }

@@ -68,10 +68,16 @@ struct HostGaveUpTests {
             // One line per cause: the refusal, and whatever the host's absence looked like before —
             // of this stdin, since it was last connected (a loaded machine's first dial of a
             // stream can fail too, and another cause is told then: a fifth line, counted before).
-            let sinceTheHostLeft = String(decoding: Array(daemon.log.utf8.dropFirst(logBefore)), as: UTF8.self)
-            let warnings = sinceTheHostLeft.split(separator: "\n").filter {
-                $0.contains("stream dial failed") && $0.contains("process=gave-up ") && $0.hasSuffix("stream=stdin")
+            // (The broker's lines reach the file through its log's writer thread: the refusal's
+            // is waited for before they are counted.)
+            func stdinWarnings() -> [Substring] {
+                let sinceTheHostLeft = String(decoding: Array(daemon.log.utf8.dropFirst(logBefore)), as: UTF8.self)
+                return sinceTheHostLeft.split(separator: "\n").filter {
+                    $0.contains("stream dial failed") && $0.contains("process=gave-up ") && $0.hasSuffix("stream=stdin")
+                }
             }
+            try await eventually("the refusal's line in the log") { stdinWarnings().contains { $0.contains("unknown stream") } }
+            let warnings = stdinWarnings()
             #expect(warnings.filter { $0.contains("unknown stream") }.count == 1, "\(warnings)")
             #expect(warnings.count <= DialFailureReport.causesTold, "\(warnings)")
 

@@ -246,13 +246,13 @@ struct LiveUpgradeFallBackTests {
                 exec \(real) daemon "$@"
 
                 """)
-        let started = ContinuousClock.now
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
-        let took = ContinuousClock.now - started
-        print("holdfast upgrade onto an image that dies at once: \(upgrade.status) after \(took): \(upgrade.output)")
+        print("holdfast upgrade onto an image that dies at once: \(upgrade.status): \(upgrade.output)")
         #expect(upgrade.status == .exited(1))
+        // "is gone" is said only when the socket refused (or the daemon's process went) before
+        // the 60 s timeout, which says "did not come back" instead: no time is asserted.
         #expect(upgrade.output.contains("is gone") && upgrade.output.contains("pid \(before.pid)"), "\(upgrade.output)")
-        #expect(took < .seconds(30), "said when the socket refused, not at the 60 s timeout: \(took)")
+        #expect(!upgrade.output.contains("did not come back from the upgrade"), "not the timeout: \(upgrade.output)")
         #expect(kill(before.pid, 0) != 0 || ProcessAccount.isZombie(before.pid), "the daemon is gone")
     }
 

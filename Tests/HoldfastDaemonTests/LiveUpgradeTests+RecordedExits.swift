@@ -65,7 +65,11 @@ struct LiveUpgradeRecordedExitTests {
         let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
         #expect(upgrade.status == .exited(0), "\(upgrade.output)")
         #expect(kill(quietPID, 0) != 0 && kill(loudPID, 0) != 0, "the wrapper ended both")
-        let said = daemon.log.split(separator: "\n").filter { $0.contains("process exited before the live upgrade, not reported yet") }
+        // The new image's lines reach the file through its log's writer thread, maybe after the
+        // upgrade's answer: both waited for before they are read.
+        func found() -> [Substring] { daemon.log.split(separator: "\n").filter { $0.contains("process exited before the live upgrade, not reported yet") } }
+        try await eventually("the new image's line for each recorded exit") { found().count >= 2 }
+        let said = found()
         #expect(said.count == 2 && said.contains { $0.contains("process=quiet") && $0.contains("after=nothing") }
             && said.contains { $0.contains("process=loud") && $0.contains("after=its output drains") }, "the new image says what it found: \(said)")
 

@@ -195,14 +195,14 @@ struct LiveUpgradeStopTests {
         try await eventually("the new binary's check started", timeout: .seconds(30)) { access(checking, F_OK) == 0 }
         #expect(kill(supervisor, SIGTERM) == 0)
         #expect(try await exitOf(supervisor, "the daemon", daemon) == .exited(0))
-        let stopped = ContinuousClock.now
 
         let upgradeStatus = try await exitOf(upgrade, "holdfast upgrade", daemon)
-        let waited = ContinuousClock.now - stopped
         let said = String(decoding: readFile(upgradeOutput) ?? [], as: UTF8.self)
-        print("holdfast upgrade whose daemon stopped meanwhile: \(upgradeStatus) \(waited) after the daemon's exit: \(said)")
+        print("holdfast upgrade whose daemon stopped meanwhile: \(upgradeStatus): \(said)")
         #expect(upgradeStatus == .exited(1))
+        // Said when the daemon's process was seen gone, before the 60 s timeout (whose words are
+        // "did not come back"): the words tell, no time is asserted.
         #expect(said.contains("is gone: it exited during the upgrade") && said.contains("a stop came meanwhile"), "\(said)")
-        #expect(waited < .seconds(30), "said within seconds, not at the 60 s timeout")
+        #expect(!said.contains("did not come back from the upgrade"), "not the timeout: \(said)")
     }
 }

@@ -142,7 +142,9 @@ struct LiveUpgradeTests {
             throw error
         }
         #expect(daemon.bridge.lastHello?.instanceID == instance, "the same instance: an upgrade, not a restart")
-        // The log says why the broker changed: the upgrade, not a crash.
+        // The log says why the broker changed: the upgrade, not a crash (the line waited for: it
+        // reaches the file through the log's writer thread, maybe after the upgrade's answer).
+        try await daemon.waitForLog("the restarted broker took processes over")
         #expect(daemon.log.contains("the restarted broker took processes over") && daemon.log.contains("after=a live upgrade"), "\(daemon.log.suffix(3000))")
         #expect(!daemon.log.contains("crashed broker"))
         let metrics = try await httpExchange(.unix(path: daemon.directory.file("metrics.sock")), "GET /metrics HTTP/1.0\r\n\r\n")

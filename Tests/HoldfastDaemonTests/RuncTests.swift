@@ -15,6 +15,11 @@ import Glibc
 /// config `runc spec` writes, with the process's args and terminal flag set.
 struct TestBundle {
     let path: String
+    /// The container's cgroup (`linux.cgroupsPath`), under each hierarchy's root: one of this
+    /// bundle's own, named after the test's directory and the bundle. runc's default is the
+    /// container's id (`/box`), which tests run at once share when they name their containers
+    /// alike: their processes met in one cgroup, and one test's `runc delete` acted on the other's.
+    let cgroupsPath: String
 
     static let applets = ["sh", "echo", "cat", "sleep", "stty", "seq", "ls", "printf", "true", "head", "read"]
 
@@ -22,6 +27,9 @@ struct TestBundle {
     /// guest's, as `--pid=host` does elsewhere).
     init(in directory: TemporaryDirectory, name: String, args: [String], terminal: Bool, hostPIDNamespace: Bool = false) throws {
         path = directory.file(name)
+        // Flat (no parent of its own to remove): runc removes the container's cgroup at its
+        // delete, not the directories above it.
+        cgroupsPath = "/holdfast-test-\(directory.path.split(separator: "/").last.map(String.init) ?? "bundle")-\(name)"
         let bin = path + "/rootfs/bin"
         for made in [path, path + "/rootfs", bin] { #expect(mkdir(made, 0o755) == 0) }
         try writeFile(bin + "/busybox", try #require(readFile("/bin/busybox")), mode: 0o755)
@@ -34,12 +42,13 @@ struct TestBundle {
         process["args"] = args
         process["terminal"] = terminal
         config["process"] = process
+        var linux = try #require(config["linux"] as? [String: Any])
+        linux["cgroupsPath"] = cgroupsPath
         if hostPIDNamespace {
-            var linux = try #require(config["linux"] as? [String: Any])
             let namespaces = try #require(linux["namespaces"] as? [[String: Any]])
             linux["namespaces"] = namespaces.filter { $0["type"] as? String != "pid" }
-            config["linux"] = linux
         }
+        config["linux"] = linux
         try writeFile(configPath, Array(try JSONSerialization.data(withJSONObject: config)))
     }
 

@@ -30,7 +30,6 @@ struct StopRepliesTests {
         let exits = ExitLog(daemon.bridge)
         defer { exits.cancel() }
         let trapped = daemon.directory.file("trapped")
-        let asked = ContinuousClock.now
         let create = Task {
             try await daemon.bridge.create(
                 ProcessSpec(id: "late", argv: ["sh", "-c", "trap 'exit 7' TERM; touch \(trapped); while :; do sleep 0.05; done"]),
@@ -45,24 +44,24 @@ struct StopRepliesTests {
         try gate.open()
         let status = try await daemon.processes.wait(supervisor, timeout: .seconds(30))
         #expect(status == .exited(0))
+        // A reply lost with the worker fails the create at the host's own timeout (15 s): a
+        // failure, whatever the time it took.
         let answer = await create.result
-        let answered = ContinuousClock.now - asked
-        print("a create whose reply the worker held as the stop came: \(answer) after \(answered)")
+        print("a create whose reply the worker held as the stop came: \(answer)")
         if case .failure(let error) = answer { Issue.record("the create's reply was lost with the worker: \(error); \(daemon.log.suffix(2000))") }
-        #expect(answered < .seconds(10), "answered by the stopping daemon, not the host's timeout")
         try await eventually("the exit reported") { exits.count("late") == 1 }
         #expect(exits.all.map(\.exitCode) == [7], "\(exits.all)")
         #expect(!daemon.log.contains("did not say it wrote every reply"), "\(daemon.log.suffix(2000))")
     }
 }
 
-/// A create the stopping daemon failed: answered `shutting-down`, and by the daemon within
-/// `bound` of the stop — not the host's own timeout (`no-guest`), as when the answer was lost.
-func expectAnsweredShuttingDown(_ answer: Result<Int32, any Error>, after answered: Duration, within bound: Duration = .seconds(8)) {
+/// A create the stopping daemon failed: answered `shutting-down`, by the daemon — not the
+/// host's own timeout (`no-guest`), as when the answer was lost. The code says which; no time
+/// is asserted (a loaded machine's stop may take seconds).
+func expectAnsweredShuttingDown(_ answer: Result<Int32, any Error>) {
     switch answer {
     case .success: Issue.record("the create succeeded: \(answer)")
     case .failure(let error): #expect((error as? HoldfastError)?.code == .shuttingDown, "\(error)")
     }
-    #expect(answered < bound, "answered by the stopping daemon, not the host's timeout: \(answered)")
 }
 

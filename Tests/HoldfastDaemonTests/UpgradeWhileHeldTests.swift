@@ -48,7 +48,9 @@ struct UpgradeWhileHeldTests {
                 successor = pid_t(field.dropFirst(4))
                 if let successor { kill(successor, SIGSTOP) }
             } else {
-                usleep(200)
+                // A millisecond's sleep, not a busy usleep: this loop runs on the concurrency
+                // pool, whose threads the daemon fixture's and other tests' tasks need.
+                try await Task.sleep(for: .milliseconds(1))
             }
         }
         let stopped = try #require(successor, "the successor was handed a process within 30 s")

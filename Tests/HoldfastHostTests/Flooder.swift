@@ -7,7 +7,8 @@ import Glibc
 
 /// A guest process's flood: a thread that dials a Unix socket as fast as the server takes its
 /// connections and holds the newest `hold` of them, until stopped or `seconds` have passed
-/// (bounded by itself).
+/// (bounded by itself: a backstop, well past the test's own bounds; a test ends its flood with
+/// `stop()`, so the flood's end never races what the test waits for).
 final class Flooder: @unchecked Sendable {
     private var thread = pthread_t()
     private let path: String

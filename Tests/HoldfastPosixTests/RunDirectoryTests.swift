@@ -92,7 +92,7 @@ struct RunDirectoryTests {
         withExtendedLifetime(lock) {}
     }
 
-    @Test func aSecondClaimIsRefusedWithTheHoldersPIDUntilItIsReleased() throws {
+    @Test func aSecondClaimIsRefusedWithTheHoldersPIDUntilItIsReleased() async throws {
         let base = try TemporaryDirectory()
         defer { base.remove() }
         var first: RunDirectoryLock? = try RunDirectory.claim(base.path, lockName: "holdfast.lock")
@@ -103,8 +103,9 @@ struct RunDirectoryTests {
         withExtendedLifetime(first) {}
         first = nil
         // Released with the lock's fd. Another test's spawn may have forked this process a moment
-        // ago and hold a copy of the fd until its exec (close-on-exec): a bounded wait for that.
-        func claimAgain() throws -> RunDirectoryLock {
+        // ago and hold a copy of the fd until its exec (close-on-exec): a bounded wait for that,
+        // sleeping as a task does (a blocking usleep held a concurrency pool thread throughout).
+        func claimAgain() async throws -> RunDirectoryLock {
             let deadline = ContinuousClock.now + .seconds(30)
             while true {
                 let attempt = Result { () throws(RunDirectory.Refusal) -> RunDirectoryLock in
@@ -112,10 +113,10 @@ struct RunDirectoryTests {
                 }
                 if case .success = attempt { return try attempt.get() }
                 if ContinuousClock.now >= deadline { return try attempt.get() }
-                usleep(10_000)
+                try await Task.sleep(for: .milliseconds(10))
             }
         }
-        let again = try claimAgain()
+        let again = try await claimAgain()
         withExtendedLifetime((other, again)) {}
     }
 
