@@ -53,11 +53,29 @@ public enum ValueParsers {
 
     public static func signal(_ text: String) -> Result<Int32, Problem> {
         let names = signalNames
-        if let number = Int32(text), number > 0, number < 65 { return .success(number) }
-        let name = text.uppercased().hasPrefix("SIG") ? String(text.uppercased().dropFirst(3)) : text.uppercased()
-        guard let number = names[name] else { return .failure("expected a signal such as SIGTERM, SIGINT or a number") }
+        let number: Int32
+        if let given = Int32(text), given > 0, given < 65 {
+            number = given
+        } else {
+            let name = text.uppercased().hasPrefix("SIG") ? String(text.uppercased().dropFirst(3)) : text.uppercased()
+            guard let named = names[name] ?? neverEnds.first(where: { $0.value == name })?.key else {
+                return .failure("expected a signal such as SIGTERM, SIGINT or a number")
+            }
+            number = named
+        }
+        // A signal whose default is to do nothing, or to stop, never ends a process: every stop
+        // would wait out the whole grace and end everything with SIGKILL.
+        if let name = neverEnds[number] {
+            return .failure("SIG\(name) does not end a process (it is ignored, or stops or continues it, by default): use SIGTERM, SIGINT, SIGHUP, SIGQUIT or SIGUSR1/2")
+        }
         return .success(number)
     }
+
+    /// Signals whose default action is to ignore them or to stop or continue the process
+    /// (signal(7)), by name.
+    static let neverEnds: [Int32: String] = [
+        SIGCHLD: "CHLD", SIGCONT: "CONT", SIGSTOP: "STOP", SIGTSTP: "TSTP", SIGTTIN: "TTIN", SIGTTOU: "TTOU", SIGURG: "URG", SIGWINCH: "WINCH",
+    ]
 
     /// "true" or "false" (YAML's yes/no spellings too).
     public static func boolean(_ text: String) -> Result<Bool, Problem> {
@@ -78,8 +96,11 @@ public enum ValueParsers {
     public static func idList(_ text: String) -> Result<[UInt32], Problem> {
         var ids: [UInt32] = []
         for part in text.split(separator: ",") {
-            let item = part.filter { $0 != " " && $0 != "[" && $0 != "]" }
+            let trimmed: (Character) -> Bool = { $0.isWhitespace || $0 == "[" || $0 == "]" }
+            let item = String(part.drop(while: trimmed).reversed().drop(while: trimmed).reversed())
             if item.isEmpty { continue }
+            // "1000 1001" once read as 10001001: the ids meant were refused, another let in.
+            if item.contains(where: \.isWhitespace) { return .failure("'\(item)': separate ids with commas (1000, 1001)") }
             guard let id = UInt32(item) else { return .failure("'\(item)' is not a numeric id") }
             ids.append(id)
         }

@@ -27,12 +27,16 @@ public struct DescriptorFacts: Sendable, Equatable {
     /// The file, for one whose bytes a read takes away (a pipe, a socket, a pty master): a
     /// second stream reading it would split them with the first.
     public var file: FileIdentity?
+    /// A socket that keeps message boundaries (SOCK_SEQPACKET, SOCK_DGRAM): a read shorter than
+    /// a message drops the rest of it.
+    public var keepsMessages: Bool
 
-    public init(type: FileType, readable: Bool, writable: Bool, file: FileIdentity? = nil) {
+    public init(type: FileType, readable: Bool, writable: Bool, file: FileIdentity? = nil, keepsMessages: Bool = false) {
         self.type = type
         self.readable = readable
         self.writable = writable
         self.file = file
+        self.keepsMessages = keepsMessages
     }
 
     /// What the file is called in a refusal.
@@ -153,6 +157,10 @@ extension AdoptCheck {
             return "a listening socket: hand over a connected one"
         case .socket(_, let connected) where !connected:
             return "a socket that is not connected"
+        case .socket where facts.keepsMessages:
+            // A message longer than the read that takes it loses its rest in the kernel: the
+            // relay reads what its ring has room for, so bytes would go without a word.
+            return "a SOCK_SEQPACKET or SOCK_DGRAM socket (a read shorter than a message drops the rest of it, so its bytes could not be relayed exactly): hand over a SOCK_STREAM socket or a pipe"
         default:
             break
         }

@@ -246,7 +246,7 @@ extension ResumableStream {
                 if let outcome { return try outcome.get() }
                 await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                     let resumeNow = state.withLockedValue { s -> Bool in
-                        if s.closed || !s.sender.ring.isFull || slot.isClosed { return true }
+                        if s.closed || s.sender.canTake || slot.isClosed { return true }
                         s.producer = continuation
                         return false
                     }

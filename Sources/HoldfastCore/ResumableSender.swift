@@ -97,8 +97,19 @@ struct ResumableSender: Sendable {
     /// Writable ring space, up to `limit` bytes as regions in stream order; empty while the ring
     /// is full. Fill a prefix, then `commit`.
     func reserve(upTo limit: Int) -> [UnsafeMutableRawBufferPointer] {
-        ring.reserve(upTo: limit)
+        guard canTake else { return [] }
+        return ring.reserve(upTo: limit)
     }
+
+    /// The fewest bytes of room a read is offered. A pipe whose writer made it packetized
+    /// (O_DIRECT on its write end) gives a read shorter than a packet (up to a page: 64 KiB on
+    /// some arm64 kernels) that much, and the kernel drops the rest of the packet: a process
+    /// could make its own bytes vanish with no gap reported. So the producer waits for this
+    /// much room (or an empty ring, if the ring is smaller) instead of reading a sliver.
+    static var smallestOffer: Int { 64 * 1024 }
+
+    /// Whether the ring has room for a read (`smallestOffer`).
+    var canTake: Bool { ring.room >= min(Self.smallestOffer, ring.capacity) }
 
     /// The producer filled the first `count` of the `offered` bytes it reserved.
     mutating func commit(_ count: Int, offered: Int) {

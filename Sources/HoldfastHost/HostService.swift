@@ -100,7 +100,15 @@ public final class HostService: Sendable {
         let dialled = streamAddress == streams.address.description ? "" : " (the guest dials \(streamAddress))"
         say("holdfast host: bridge \(bridge.address), streams \(streams.address)\(dialled), control \(control.address)")
         let poller = Task { await pollGuestList() }
-        while !Task.isCancelled, let connection = try? await control.accept() {
+        // An accept that fails (EMFILE with many processes' sockets and logs held) is a moment of
+        // scarcity: tried again, said at most every 10 s. Before, the loop ended at the first
+        // one, and every `holdfast host` command after it hung in the backlog until its bound.
+        var failures = LogPacer<Int>(interval: .seconds(10))
+        let say = say
+        while let connection = await control.nextConnection(failed: { error in
+            guard let unsaid = failures.note(0) else { return }
+            say("warning: a control connection could not be accepted (\(error)); it waits and is accepted again\(unsaid > 0 ? " (\(unsaid) more since the last warning)" : "")")
+        }) {
             Task { await serveClient(FDChannel(connection)) }
         }
         poller.cancel()

@@ -20,10 +20,14 @@ extension DescriptorFacts {
         guard fstat(fd, &info) == 0 else { throw .last("fstat(fd \(fd))") }
         var listening = false
         var connected = true
+        var keepsMessages = false
         if info.st_mode & S_IFMT == S_IFSOCK {
             var value: Int32 = 0
             var size = socklen_t(MemoryLayout<Int32>.size)
             listening = getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &size) == 0 && value != 0
+            var socketType: Int32 = 0
+            size = socklen_t(MemoryLayout<Int32>.size)
+            keepsMessages = getsockopt(fd, SOL_SOCKET, SO_TYPE, &socketType, &size) == 0 && socketType != Int32(SOCK_STREAM.rawValue)
             var address = sockaddr_storage()
             var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
             connected = withUnsafeMutablePointer(to: &address) {
@@ -31,7 +35,7 @@ extension DescriptorFacts {
             } || errno != ENOTCONN
         }
         let type = fileType(of: info, socketListening: listening, socketConnected: connected)
-        return DescriptorFacts(type: type, readable: readable, writable: writable, file: consumedFile(info, type: type))
+        return DescriptorFacts(type: type, readable: readable, writable: writable, file: consumedFile(info, type: type), keepsMessages: keepsMessages)
     }
 
     /// The type of the file `info` describes (a socket's state as given).

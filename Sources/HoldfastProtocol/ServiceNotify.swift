@@ -15,6 +15,9 @@ public enum ServiceNotify {
         case status(String)
         /// The main process (only needed when another process notifies on its behalf).
         case mainPID(Int32)
+        /// Asks systemd (236 and later) for this much more time from now for the current
+        /// start or stop, past the unit's TimeoutStopSec= (which does not know our own bound).
+        case extendTimeout(microseconds: UInt64)
 
         public var assignment: String {
             switch self {
@@ -24,6 +27,7 @@ public enum ServiceNotify {
             // A newline would start a new assignment: status text is one line.
             case .status(let text): return "STATUS=" + String(text.map { $0.isNewline ? " " : $0 })
             case .mainPID(let pid): return "MAINPID=\(pid)"
+            case .extendTimeout(let microseconds): return "EXTEND_TIMEOUT_USEC=\(microseconds)"
             }
         }
     }

@@ -680,12 +680,22 @@ public final class Supervisor: Sendable {
         }
     }
 
+    /// What a stop takes after shutdown.timeout: the roles stopping (each bounded), the state
+    /// written, the exit.
+    static let rolesStopAllowance = Duration.seconds(15)
+
     func beginStop(_ signal: Int32) {
         session.withLockedValue { $0.shuttingDown = true }
         logger.info("shutting down", metadata: ["signal": "\(signalName(signal))"])
         let running = table.withLockedValue { $0.ids(in: .running).count }
+        // The stop takes up to shutdown.timeout, then the roles' own ends (bounded at 10 s
+        // each): systemd is told, so a timeout longer than the unit's TimeoutStopSec= (45 s) is
+        // not cut short by its SIGKILL of the whole cgroup — containers, and the exits and
+        // output still on their way, with it.
+        let bound = Duration.milliseconds(configuration.shutdown.timeout) + Self.rolesStopAllowance
         notifier.post([
             .stopping,
+            .extendTimeout(microseconds: UInt64(bound.components.seconds) * 1_000_000),
             .status("Shutting down (\(signalName(signal))): stopping \(running) container process\(running == 1 ? "" : "es")"),
         ])
     }

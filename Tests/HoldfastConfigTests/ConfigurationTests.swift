@@ -122,7 +122,15 @@ struct ConfigurationTests {
         ("bridge:\n  address: vsock://3:1\nstreams:\n  redial_attempts: 0\n", "streams.redial_attempts", "between 1"),
         ("bridge:\n  address: vsock://3:1\nstreams:\n  ring_capacity: 1KiB\n", "streams.ring_capacity", "between"),
         ("bridge:\n  address: vsock://3:1\nshutdown:\n  signal: SIGWHAT\n", "shutdown.signal", "signal"),
+        // A signal that never ends a process: every stop would wait out the grace, then SIGKILL.
+        ("bridge:\n  address: vsock://3:1\nshutdown:\n  signal: SIGSTOP\n", "shutdown.signal", "does not end a process"),
+        ("bridge:\n  address: vsock://3:1\nshutdown:\n  signal: 18\n", "shutdown.signal", "SIGCONT does not end a process"),
+        ("bridge:\n  address: vsock://3:1\nshutdown:\n  signal: WINCH\n", "shutdown.signal", "does not end a process"),
+        // Read as 10001001 before: the ids meant refused, another let in.
+        ("bridge:\n  address: vsock://3:1\nhandoff:\n  allowed_uids: 1000 1001\n", "handoff.allowed_uids", "separate ids with commas"),
         ("bridge:\n  address: vsock://3:1\nshutdown:\n  grace: 40s\n", "shutdown.timeout", "shorter"),
+        // No time left for the drains after the grace's SIGKILL.
+        ("bridge:\n  address: vsock://3:1\nshutdown:\n  grace: 10s\n  timeout: 10s\n", "shutdown.timeout", "at least 2s longer"),
         ("bridge:\n  address: vsock://3:1\nstreams:\n  redial_atempts: 5\n", "streams.redial_atempts", "did you mean 'streams.redial_attempts'"),
     ])
     func refusesWithFileKeyAndReason(yaml: String, key: String, reason: String) async throws {
@@ -136,6 +144,22 @@ struct ConfigurationTests {
             #expect(error.key == key)
             #expect(error.reason.contains(reason), "reason was: \(error.reason)")
             #expect(error.description.hasPrefix("\(path): \(key): "))
+        }
+    }
+
+    /// An id list is the ids it names: an empty one is empty (gids only), not the default [0];
+    /// ids are separated by commas, in a YAML list or a plain string, and so from the
+    /// environment.
+    @Test func anIdListIsExactlyTheIdsItNames() async throws {
+        let (directory, path) = try write("bridge:\n  address: vsock://3:1\nhandoff:\n  allowed_uids: []\n  allowed_gids: [0, 1001]\n")
+        defer { directory.remove() }
+        let config = try await ConfigurationLoader.load(path: path, environment: [:])
+        #expect(config.handoff.allowedUIDs == [])
+        #expect(config.handoff.allowedGIDs == [0, 1001])
+        let listed = try await ConfigurationLoader.load(path: path, environment: ["HOLDFAST_HANDOFF_ALLOWED_UIDS": " 0, 1000 "])
+        #expect(listed.handoff.allowedUIDs == [0, 1000])
+        await #expect(throws: ConfigurationError.self) {
+            try await ConfigurationLoader.load(path: path, environment: ["HOLDFAST_HANDOFF_ALLOWED_UIDS": "0 1000"])
         }
     }
 

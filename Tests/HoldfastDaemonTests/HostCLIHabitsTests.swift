@@ -151,5 +151,42 @@ struct HostCLIHabitsTests {
         #expect(canonical(), "put back at the end")
         #expect(try await daemon.stop() == .exited(0))
     }
+
+    /// host serve goes on accepting on its control socket after an accept failed for want of
+    /// fds: the connection waits, the failure is said, and once fds come free `host ps` is
+    /// answered. Before, the accept loop ended at the first failure, and every `holdfast host`
+    /// command after it hung in the backlog.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func hostServeAcceptsAgainAfterRunningOutOfFds() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let serve = try await HostServeFixture.start(daemon, openFileLimit: (soft: 128, hard: 128))
+        // Connections host serve accepts and holds (each costs it an fd) until it has none.
+        var held: [Int32] = []
+        defer { for fd in held { close(fd) } }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { path in
+            for (index, byte) in serve.control.utf8.enumerated() { path[index] = byte }
+        }
+        for _ in 0..<200 {
+            let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { break }
+            held.append(fd)
+            _ = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+        }
+        // host serve at its limit: the next accept fails (EMFILE).
+        try await eventually("host serve holding every fd it may") {
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(serve.pid)/fd").count) ?? 0) >= 127
+        }
+        for fd in held { close(fd) }
+        held = []
+        let ps = try await serve.cli(["ps"], within: .seconds(60))
+        #expect(ps.status == .exited(0), "answered once fds came free: \(ps.err)")
+        #expect(serve.log.contains("a control connection could not be accepted"), "the failure was said: \(serve.log.suffix(1000))")
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
 

@@ -18,9 +18,8 @@ struct SystemdNotifyTests {
         let directory = try TemporaryDirectory("holdfast-notify")
         defer { directory.remove() }
         let systemd = try NotifyListener(path: directory.file("notify.sock"))
-        let daemon = try await DaemonFixture(environment: [
-            "NOTIFY_SOCKET": systemd.notifySocket, "WATCHDOG_USEC": "400000",
-        ])
+        let daemon = try await DaemonFixture(
+            environment: ["NOTIFY_SOCKET": systemd.notifySocket, "WATCHDOG_USEC": "400000"], shutdown: ("1s", "50s"))
         defer { daemon.cleanUp() }
         try await eventually("READY=1", timeout: .seconds(10)) { systemd.assignments.contains("READY=1") }
         let atReady = systemd.assignments
@@ -58,7 +57,10 @@ struct SystemdNotifyTests {
         #expect(try await daemon.stop() == .exited(0))
         let all = systemd.assignments
         let stopping = try #require(all.firstIndex(of: "STOPPING=1"), "\(all)")
-        #expect(all[stopping + 1].hasPrefix("STATUS=Shutting down (SIGTERM)"))
+        // systemd is asked for the stop's own bound (shutdown.timeout 50 s + 15 s), so a timeout
+        // past the unit's TimeoutStopSec= (45 s) is not cut short by its SIGKILL.
+        #expect(all[stopping + 1] == "EXTEND_TIMEOUT_USEC=65000000", "\(all)")
+        #expect(all[stopping + 2].hasPrefix("STATUS=Shutting down (SIGTERM)"))
         #expect(all.filter { $0 == "READY=1" }.count == 1, "READY=1 once, however often roles restart")
     }
 

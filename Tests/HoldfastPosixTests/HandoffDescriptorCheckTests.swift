@@ -26,6 +26,14 @@ struct HandoffDescriptorCheckTests {
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
         fds["socketpair"] = pair[0]
         fds["socketpair other"] = pair[1]
+        var packets: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &packets) == 0)
+        fds["seqpacket"] = packets[0]
+        fds["seqpacket other"] = packets[1]
+        var datagrams: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &datagrams) == 0)
+        fds["datagram"] = datagrams[0]
+        fds["datagram other"] = datagrams[1]
         fds["unconnected socket"] = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         let listening = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         fds["listening socket"] = listening
@@ -112,6 +120,10 @@ struct HandoffDescriptorCheckTests {
                 #expect(refusal(kind, "eventfd")?.hasPrefix("not a pipe, socket, terminal or file") == true)
                 #expect(refusal(kind, "listening socket") == "a listening socket: hand over a connected one")
                 #expect(refusal(kind, "unconnected socket") == "a socket that is not connected")
+                // A read shorter than a message drops its rest: bytes would go without a word.
+                for name in ["seqpacket", "datagram"] {
+                    #expect(refusal(kind, name)?.hasPrefix("a SOCK_SEQPACKET or SOCK_DGRAM socket") == true, "\(kind) on \(name)")
+                }
             }
         }
         // A pty master open one way only (as fstat-free facts: a runtime could open /dev/ptmx so).

@@ -76,6 +76,69 @@ struct RelayIntegrationTests {
         source.close()
     }
 
+    /// A process that makes its stdout pipe packetized (O_DIRECT on its write end) loses nothing
+    /// through a resumable relay whose ring is often nearly full: a read shorter than a packet
+    /// would take that much and the kernel would drop the rest of the packet. Before, a ring
+    /// with a sliver of room offered a read of the sliver (bytes gone, no gap reported).
+    @Test func aPacketizedPipeLosesNothingThroughANearlyFullRing() async throws {
+        #if arch(x86_64)
+        let directIO: Int32 = 0o40000
+        #else
+        let directIO: Int32 = 0o200000
+        #endif
+        let pipe = try PipeEnds.make()
+        #expect(fcntl(pipe.write, F_SETFL, fcntl(pipe.write, F_GETFL) | directIO) == 0, "O_DIRECT on the write end")
+        // 2,000 records of 4,000 bytes, each its own packet, each different.
+        var sent: [UInt8] = []
+        for record in 0..<2_000 { sent += (0..<4_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ record) } }
+        let writer = pipe.write
+        let records = sent
+        let writing = Task.detached {
+            records.withUnsafeBytes { all in
+                for start in stride(from: 0, to: all.count, by: 4_000) {
+                    var done = 0
+                    while done < 4_000 {
+                        let count = write(writer, all.baseAddress! + start + done, 4_000 - done)
+                        if count <= 0 { return }
+                        done += count
+                    }
+                }
+            }
+            close(writer)
+        }
+        // A small ring, and a host that takes odd amounts with pauses: the ring's room is
+        // often less than a record.
+        let pair = ResumablePair(guestDirection: .send, configuration: ResumableConfiguration(ringCapacity: 128 * 1024, drainTimeout: .seconds(60)))
+        defer { pair.close() }
+        pair.start()
+        let source = try AsyncFD(adopting: pipe.read)
+        defer { source.close() }
+        let relay = Task { await Relay.output(from: source, to: pair.guest) }
+        let host = pair.host
+        let receiving = Task { () -> [UInt8] in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 3_001, alignment: 1)
+            defer { buffer.deallocate() }
+            var received: [UInt8] = []
+            var turns = 0
+            while true {
+                await host.waitReceivable()
+                let count = await host.receive(into: buffer)
+                if count == 0 { break }
+                received += buffer[..<count]
+                turns += 1
+                if turns % 16 == 0 { try? await Task.sleep(for: .milliseconds(1)) }
+            }
+            return received
+        }
+        await writing.value
+        let report = try await withTimeout("the relay's end", .seconds(120)) { await relay.value }
+        let received = try await withTimeout("the host's end", .seconds(120)) { await receiving.value }
+        #expect(report.undelivered == 0, "\(report)")
+        #expect(received.count == sent.count, "\(received.count) of \(sent.count) bytes")
+        let same = received == sent
+        #expect(same, "every byte, in order")
+    }
+
     @Test func parkedRelayStopsReadingSoTheProducerBlocksAndNothingIsLost() async throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
