@@ -50,6 +50,7 @@ public enum AdoptCheck {
         guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
             throw HoldfastError(.badRequest, "process id must be 1 to 256 bytes")
         }
+        if let refusal = ProcessIdentifier.controlCharacterRefusal(request.process) { throw HoldfastError(.badRequest, "process id \(refusal)") }
         guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
         var kinds = Set<StreamKind>()
         var slots = Set<Int>()
@@ -177,5 +178,20 @@ public struct ResumableIdentity: Hashable, Sendable {
             }
             return identities
         }
+    }
+}
+
+/// What a process id may hold.
+public enum ProcessIdentifier {
+    /// Why `id` is refused for a control character (C0, DEL, C1), or nil. An id reaches logs,
+    /// the journal and operators' terminals: a newline in one forged a journal entry, an escape
+    /// sequence wrote to the terminal of whoever ran `holdfast status`.
+    public static func controlCharacterRefusal(_ id: String) -> String? {
+        for (index, scalar) in id.unicodeScalars.enumerated()
+        where scalar.value < 0x20 || scalar.value == 0x7F || (0x80...0x9F).contains(scalar.value) {
+            let hex = String(scalar.value, radix: 16, uppercase: true)
+            return "holds a control character (U+\(String(repeating: "0", count: max(0, 4 - hex.count)) + hex) at character \(index)): ids are printable text"
+        }
+        return nil
     }
 }

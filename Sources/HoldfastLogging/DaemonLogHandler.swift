@@ -69,9 +69,35 @@ public struct DaemonLogHandler: LogHandler {
         level: Logger.Level, label: String, message: String, metadata: Logger.Metadata, journal: Bool, timestamp: String?
     ) -> String {
         let fields = metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let body = fields.isEmpty ? message : "\(message) \(fields)"
+        let body = escapingControls(fields.isEmpty ? message : "\(message) \(fields)")
         if journal { return "<\(priority(level))>\(label): \(body)" }
         return "\(timestamp ?? "") \(level) \(label): \(body)"
+    }
+
+    /// `text` with its control characters written out (`\n`, `\u{1b}`): a line carries what
+    /// others chose (an id a runtime named, runc's error text, a peer's reason), and a newline
+    /// in it began a journal entry of its own (`<2>holdfast.supervisor: ...`, forged at any
+    /// priority), an escape sequence reached the terminal of whoever read the log.
+    static func escapingControls(_ text: String) -> String {
+        func isControl(_ scalar: Unicode.Scalar) -> Bool {
+            scalar.value < 0x20 && scalar != "\t" || scalar.value == 0x7F || (0x80...0x9F).contains(scalar.value)
+        }
+        guard text.unicodeScalars.contains(where: isControl) else { return text }
+        var escaped = String.UnicodeScalarView()
+        for scalar in text.unicodeScalars {
+            guard isControl(scalar) else {
+                escaped.append(scalar)
+                continue
+            }
+            let spelled: String
+            switch scalar {
+            case "\n": spelled = "\\n"
+            case "\r": spelled = "\\r"
+            default: spelled = "\\u{" + String(scalar.value, radix: 16) + "}"
+            }
+            escaped.append(contentsOf: spelled.unicodeScalars)
+        }
+        return String(escaped)
     }
 
     /// The syslog priority sd-daemon(3) prefixes use.

@@ -1,3 +1,4 @@
+import CHoldfastShims
 import HoldfastCore
 
 #if canImport(Glibc)

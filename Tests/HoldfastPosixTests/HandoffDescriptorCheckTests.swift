@@ -144,6 +144,17 @@ struct HandoffDescriptorCheckTests {
         #expect(throws: Never.self) { try AdoptCheck.validate(apart, descriptorCount: 2) }
     }
 
+    /// An id reaches logs, the journal and operators' terminals: one holding a control
+    /// character (a newline that would forge a journal entry, an escape sequence) is refused.
+    @Test func anIdWithAControlCharacterIsRefused() {
+        for id in ["x\n<2>holdfast.supervisor: upgrade failed", "a\u{1b}]52;c;AAAA\u{07}", "del\u{7f}", "c1\u{9b}"] {
+            let request = AdoptRequest(process: id, streams: [StreamDescription(kind: .stdout, fd: 0, address: "unix:/h", mode: .raw)])
+            #expect(throws: HoldfastError.self) { try AdoptCheck.validate(request, descriptorCount: 1) }
+            #expect(ProcessIdentifier.controlCharacterRefusal(id)?.contains("holds a control character") == true, "\(id.debugDescription)")
+        }
+        #expect(ProcessIdentifier.controlCharacterRefusal("web-1.exec2 ünïcode") == nil)
+    }
+
     @Test func aFileIsReadByOneStreamAndWrittenByOne() {
         let pipe = FileIdentity(device: 14, inode: 100)
         let socket = FileIdentity(device: 8, inode: 200)
