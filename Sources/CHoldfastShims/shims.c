@@ -125,6 +125,28 @@ ssize_t hf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds,
     return got;
 }
 
+ssize_t hf_recvmsg_taking_fds(int sock, struct iovec *iov, int iovcnt, int flags, int *fds, int *nfds) {
+    union {
+        char buffer[CMSG_SPACE(sizeof(int) * 253)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {0};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)iovcnt;
+    msg.msg_control = control.buffer;
+    msg.msg_controllen = sizeof(control.buffer);
+    *nfds = 0;
+    ssize_t got = recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC);
+    if (got < 0) return got;
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *received = (int *)CMSG_DATA(cmsg);
+        for (size_t i = 0; i < count && *nfds < 253; i++) memcpy(&fds[(*nfds)++], &received[i], sizeof(int));
+    }
+    return got;
+}
+
 int hf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid) {
     struct ucred cred;
     socklen_t len = sizeof(cred);

@@ -111,7 +111,7 @@ public final class Broker: Sendable {
         // A slot outside the area (or no area) would be memory the broker does not have.
         for stream in adoption.streams {
             for slot in [stream.primary.checkpoint, stream.ttyInput?.checkpoint].compactMap({ $0 }) where checkpoints?.checkpoint(slot) == nil {
-                for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
+                for fd in descriptors { ForeignCloser.shared.close(fd) }
                 throw HoldfastError(.badRequest, "checkpoint slot \(slot) is not in the broker's checkpoint area (\(checkpoints?.slotCount ?? 0) slots)")
             }
         }
@@ -125,7 +125,7 @@ public final class Broker: Sendable {
                 for handle in adopted { handle?.injectShortages(Failpoint.injectedShortages) }
             }
         } catch {
-            for (index, fd) in descriptors.enumerated() where index >= adopted.count { Reactor.shared.closeOnLoop(fd) }
+            for (index, fd) in descriptors.enumerated() where index >= adopted.count { ForeignCloser.shared.close(fd) }
             for handle in adopted { handle?.close() }
             throw Self.adoptionFailure(error)
         }

@@ -101,6 +101,9 @@ public final class BrokerService: Sendable {
         }
         var failures = LogPacer<Int>(interval: .seconds(10))
         while !Task.isCancelled {
+            // Connections turned away close on closer threads (`ForeignCloser`): a flood must not
+            // outrun those closes and take the fds the streams redial with.
+            await ForeignCloser.letClosesCatchUp()
             guard let connection = await listener.nextConnection(failed: { error in
                 guard let unsaid = failures.note(0) else { return }
                 logger.warning("handoff accept failed; the connection waits and is accepted again", metadata: [
@@ -113,7 +116,7 @@ public final class BrokerService: Sendable {
                 credentials = try PeerCredentials.of(channel.socket)
             } catch {
                 logger.warning("handoff peer without credentials", metadata: ["error": "\(error)"])
-                channel.close()
+                channel.closeForeign()
                 continue
             }
             // Decided here, on the accepting task, so a flood never becomes a task per connection.
@@ -129,17 +132,17 @@ public final class BrokerService: Sendable {
             case .serve:
                 Task {
                     defer { handoffGate.withLockedValue { $0.release(verdict) } }
-                    defer { channel.close() }
+                    defer { channel.closeForeign() }
                     await serve(channel, caller: .handoff(credentials))
                 }
             case .refuse(let refusal):
                 Task {
                     defer { handoffGate.withLockedValue { $0.release(verdict) } }
-                    defer { channel.close() }
+                    defer { channel.closeForeign() }
                     await refuse(channel, credentials, why: refusal)
                 }
             case .drop:
-                channel.close()
+                channel.closeForeign()
                 logTurnedAway(dropped: true) {
                     logger.warning(
                         "handoff connection closed at once: every place to serve or refuse one is taken",

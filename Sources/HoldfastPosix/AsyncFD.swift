@@ -287,9 +287,14 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// waits, whatever its description's O_NONBLOCK says: always for a pipe; for a socket, only
     /// out of a Unix one (a splice waits for a socket's room, and for a TCP or vsock socket's
     /// data, as the description says). Ours are non-blocking for good; a foreign one may not be.
+    ///
+    /// Never out of a foreign socket, though: a splice out of a Unix socket lets go of the fds
+    /// its messages carry inside the call (the kernel releases them, and a release can wait: a
+    /// lingering TCP socket's close), on the loop's thread. Its bytes are copied instead, the
+    /// fds taken and closed elsewhere (`readOnce`).
     public func spliceNeverWaits(asSource: Bool) -> Bool {
         guard isSocket, foreignDescription else { return true }
-        return asSource && isUnixSocket
+        return false
     }
 
     /// One read that never waits (`foreignDescription`): recvmsg with MSG_DONTWAIT on a socket,
@@ -297,6 +302,23 @@ public final class AsyncFD: ByteConnection, CustomStringConvertible {
     /// count, or -1 with errno.
     private func readOnce(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Int {
         if injectedShortage(EFAULT) { return -1 }
+        if isSocket, isUnixSocket, foreignDescription {
+            // A process can send fds over its own stdout socket. Read without a control buffer,
+            // the kernel let go of them inside the call, on this thread (the loop's), and their
+            // releases can wait for as long as the process pleases: 65 such messages stranded
+            // every thread the loop's watchdog may make. Taken here, they close on a closer thread.
+            return withUnsafeTemporaryAllocation(of: Int32.self, capacity: 253) { fds -> Int in
+                var taken: Int32 = 0
+                var result = hf_recvmsg_taking_fds(fd, iov, Int32(count), Int32(MSG_DONTWAIT), fds.baseAddress, &taken)
+                if result < 0, Glibc.errno == ECONNRESET, !isStreamSocket {
+                    result = hf_recvmsg_taking_fds(fd, iov, Int32(count), Int32(MSG_DONTWAIT), fds.baseAddress, &taken)
+                }
+                let saved = Glibc.errno
+                if taken > 0 { ForeignCloser.shared.close(Array(fds.prefix(Int(taken)))) }
+                Glibc.errno = saved
+                return result
+            }
+        }
         if isSocket {
             var message = msghdr()
             message.msg_iov = iov

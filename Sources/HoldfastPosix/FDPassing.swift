@@ -11,11 +11,11 @@ public struct ReceivedMessage: Sendable {
     public var payload: [UInt8]
     public var descriptors: [Int32]
 
-    /// Closes every fd that came with the message (for a message that is refused), on the
-    /// reactor's thread (`Reactor.closeOnLoop`: a pipe's last close waits for a lock its sender
-    /// may hold).
+    /// Closes every fd that came with the message (for a message that is refused) on a closer
+    /// thread (`ForeignCloser`): a last close runs the file's release, which its sender can make
+    /// wait (a pipe's lock, a lingering TCP socket, a FUSE file).
     public func closeDescriptors() {
-        for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
+        ForeignCloser.shared.close(descriptors)
     }
 }
 
@@ -170,10 +170,17 @@ public final class FDChannel: Sendable {
         }
     }
 
+    /// SCM_MAX_FD: the most fds the kernel lets one message carry.
+    static let mostDescriptorsAMessageCarries = 253
+
     private static func receiveNow(
         _ fd: Int32, buffer: UnsafeMutableRawBufferPointer, maxPayload: Int, maxDescriptors: Int
     ) -> Result<ReceivedMessage, FDPassingError>? {
-        var fds = [Int32](repeating: -1, count: max(maxDescriptors, 1))
+        // Room for every fd a message can carry (SCM_MAX_FD), whatever this receiver accepts: the
+        // kernel lets go of fds that do not fit, and a surplus closed in the shim was closed on
+        // this thread — each a release its sender can make wait. Past `maxDescriptors` they are
+        // refused here and closed on a closer thread.
+        var fds = [Int32](repeating: -1, count: Self.mostDescriptorsAMessageCarries)
         var count: Int32 = 0
         var surplus: Int32 = 0
         var truncated: Int32 = 0
@@ -181,7 +188,7 @@ public final class FDChannel: Sendable {
         func receiveOnce() -> Int {
             fds.withUnsafeMutableBufferPointer { fdBuffer in
                 hf_recv_with_fds(
-                    fd, buffer.baseAddress, maxPayload, fdBuffer.baseAddress, Int32(maxDescriptors), &count, &surplus,
+                    fd, buffer.baseAddress, maxPayload, fdBuffer.baseAddress, Int32(Self.mostDescriptorsAMessageCarries), &count, &surplus,
                     &truncated, &payloadTruncated, 0)
             }
         }
@@ -200,6 +207,10 @@ public final class FDChannel: Sendable {
             return .failure(.system(SystemError("recvmsg", errno: .init(rawValue: error))))
         }
         let received = ReceivedMessage(payload: Array(buffer[..<got]), descriptors: Array(fds[..<Int(count)]))
+        if Int(count) > maxDescriptors {
+            received.closeDescriptors()
+            return .failure(.tooManyDescriptors(received: Int(count + surplus), limit: maxDescriptors))
+        }
         if truncated != 0 {
             received.closeDescriptors()
             return .failure(.descriptorsTruncated(payload: received.payload))
@@ -217,6 +228,17 @@ public final class FDChannel: Sendable {
     }
 
     public func close() { socket.close() }
+
+    /// Closes the connection of a peer that is not Holdfast (a handoff peer) on a closer thread:
+    /// what it sent and nobody read is let go of with the socket, fds included, and their
+    /// releases can wait (`ForeignCloser`). A plain `close` let them go on this thread.
+    public func closeForeign() {
+        guard let fd = socket.detach() else {
+            socket.close()  // a syscall on it under way: closed when that ends, as before
+            return
+        }
+        ForeignCloser.shared.close(fd)
+    }
 
     /// Whether a message waits here unread (FIONREAD: the next message's length). False once
     /// closed, at end-of-file, or if the kernel will not say.

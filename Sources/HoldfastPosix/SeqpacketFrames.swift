@@ -49,10 +49,10 @@ public final class SeqpacketFrames: FrameTransport {
 
     public func stopSending() { channel.socket.shutdownWrite() }
 
-    /// Closes fds a frame brought that nobody keeps, on the reactor's thread
-    /// (`Reactor.closeOnLoop`: the last close of a pipe's end waits for a lock its sender may hold).
+    /// Closes fds a frame brought that nobody keeps, on a closer thread (`ForeignCloser`: the
+    /// last close of a file runs its release, which its sender can make wait).
     @Sendable public static func closeDescriptors(_ descriptors: [Int32]) {
-        for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
+        ForeignCloser.shared.close(descriptors)
     }
 }
 

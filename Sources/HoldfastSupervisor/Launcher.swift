@@ -96,8 +96,8 @@ struct Launcher {
         guard !spec.id.isEmpty, spec.id.utf8.count <= 256 else {
             throw HoldfastError(.badRequest, "id must be 1 to 256 bytes")
         }
-        if let refusal = ProcessIdentifier.controlCharacterRefusal(spec.id) { throw HoldfastError(.badRequest, "id \(refusal)") }
         try refuseNULBytes(spec)
+        if let refusal = ProcessIdentifier.controlCharacterRefusal(spec.id) { throw HoldfastError(.badRequest, "id \(refusal)") }
         try ProcessSpec.checkIdempotencyKey(spec.idempotencyKey)
         switch spec.runtime ?? .direct {
         case .direct:

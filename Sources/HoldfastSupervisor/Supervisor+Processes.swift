@@ -264,7 +264,7 @@ extension Supervisor {
                     cgroups.release(cgroup)
                 }
                 // The adopt sends (and closes) copies of its own: these are ours to close.
-                for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
+                for fd in descriptors { ForeignCloser.shared.close(fd) }
                 closeTerminalPeer(spec.id)
                 if let container { await runc.delete(container.id) }
                 kernelLog?.forget(spec.id)
@@ -281,7 +281,7 @@ extension Supervisor {
                 }
                 return evicted.descriptors
             }
-            for fd in evicted { Reactor.shared.closeOnLoop(fd) }
+            for fd in evicted { ForeignCloser.shared.close(fd) }
         }
         // Before the process is in the table: a request for it finds its adopt under way.
         if let lateAdopt { lateAdopts.withLockedValue { $0[spec.id] = lateAdopt } }

@@ -191,7 +191,7 @@ extension Supervisor {
     func stdinEnded(_ process: String, endedByHost: Bool) {
         guard let fd = stdio.withLockedValue({ $0.inputEnded(process, endedByHost: endedByHost) }) else { return }
         // The pipe's last close: the process may hold the pipe's lock (README, "Security").
-        Reactor.shared.closeOnLoop(fd)
+        ForeignCloser.shared.close(fd)
     }
 
     /// `process` is done: its host ends close, its checkpoint slots are cleared and free — but
@@ -216,7 +216,7 @@ extension Supervisor {
                 checkpoints?.checkpoint(slot)?.clear()
                 rings?.clear(slot)
             }
-            for fd in freed.descriptors { Reactor.shared.closeOnLoop(fd) }
+            for fd in freed.descriptors { ForeignCloser.shared.close(fd) }
             return freed.slots
         }
         if let freed { logger.info("an output held open past its exit ended: its slots are free", metadata: ["process": "\(process)", "slots": "\(freed)"]) }
@@ -283,7 +283,7 @@ extension Supervisor {
             }
             return released
         }
-        for fd in released?.descriptors ?? [] { Reactor.shared.closeOnLoop(fd) }
+        for fd in released?.descriptors ?? [] { ForeignCloser.shared.close(fd) }
     }
 
     /// A broker adopted a handoff peer's process and deposited copies of its fds: they are kept

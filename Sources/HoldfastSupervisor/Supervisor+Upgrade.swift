@@ -84,17 +84,20 @@ public struct Resumption: Sendable {
     /// What `--check-resume-snapshot FD` prints: this binary reads that state (or throws why not).
     public static func check(_ fd: Int32, configuration: DaemonConfiguration, logger: Logger) throws(HoldfastError) -> String {
         let resumption = try read(fd)
-        // A broker uid the configuration file changed: the new image starts its broker as it
-        // (the running one's is its own, and is not checked again). Found there, after the old
-        // broker quiesced, every start of the new one was refused and every stream stopped.
-        // (A state without the configuration, an older binary's, says nothing of it: unchecked,
-        // as before — checked against the unchanged uid, the running broker would count.)
-        if let running = resumption.state.configuration.map(Supervisor.brokerUID(of:)), running != Supervisor.brokerUID(of: configuration) {
-            do {
-                try Supervisor.checkBrokerUIDIsItsOwn(configuration, logger: logger)
-            } catch {
-                throw HoldfastError(.incompatibleState, error.description)
-            }
+        // The uid the new image starts its broker as, changed by the configuration file or not:
+        // another process that took it since the running broker started (a `--pid=host`
+        // container's root with `setpriv --reuid`, an operator's `sudo -u holdfast`) would have
+        // every start of the new broker refused once the old one quiesced — every stream
+        // stopped. Checked here, before anything stops, without the running broker itself: the
+        // supervisor's child as that uid (this check is the supervisor's child too). Before,
+        // only a changed uid was checked.
+        let uid = Supervisor.brokerUID(of: configuration)
+        let supervisor = getppid()
+        let runningBroker = Set(ProcessScan.processes(withUID: uid).filter { ProcessScan.parent(of: $0) == supervisor })
+        do {
+            try Supervisor.checkBrokerUIDIsItsOwn(configuration, notCounting: runningBroker, logger: logger)
+        } catch {
+            throw HoldfastError(.incompatibleState, error.description)
         }
         // What the image needs before anything else: an I/O reactor (an epoll fd, an eventfd,
         // a watch). Where the kernel refuses one — every epoll watch of root's uid taken, which a

@@ -101,6 +101,8 @@ public final class TestProcesses: Sendable {
 /// run: a job queued after them has. No sleep: a timer is an fd of its own.
 public func reactorClosesDone() async {
     await Task(executorPreference: Reactor.shared) {}.value
+    // And fds from outside closed on closer threads (`ForeignCloser`), bounded.
+    for _ in 0..<3000 where ForeignCloser.outstanding > 0 { try? await Task.sleep(for: .milliseconds(10)) }
 }
 
 /// The number of open fds of a process, from /proc/PID/fd.

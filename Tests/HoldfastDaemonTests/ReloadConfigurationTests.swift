@@ -62,6 +62,32 @@ struct ReloadConfigurationTests {
     /// `handoff.mode` widened before a reload (a runtime in the socket's group is to be let
     /// in): the socket is passed across the exec, not bound again, and kept its old mode — the
     /// runtime got EACCES, nothing said. The new image sets the configured mode.
+    /// A process that took the broker's (unchanged) uid while the broker ran — a `--pid=host`
+    /// container's root with `setpriv --reuid`, an operator's `sudo -u` — refuses a live upgrade
+    /// before anything stops, naming it; the running broker is not counted. Before, only a
+    /// changed uid was checked: the old broker quiesced, every start of the new one was refused,
+    /// and every stream stopped.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
+    func aProcessThatTookTheBrokersUIDRefusesAnUpgradeBeforeAnythingStops() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let sharer = try daemon.processes.start(["/bin/sleep", "1000"], user: daemon.brokerUID)
+        let refused = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(refused.status == .exited(1), "\(refused.output)")
+        #expect(refused.output.contains("is not the broker's own") && refused.output.contains("pid \(sharer)"), "says why: \(refused.output)")
+        #expect(!refused.output.contains("pid \(broker)"), "the running broker is not counted: \(refused.output)")
+        #expect(try await daemon.rolePID("broker") == broker, "the same broker serves on")
+        #expect(try await daemon.status().upgrades == 0)
+        // The process gone, the upgrade goes through (the running broker itself never counted).
+        daemon.processes.kill(sharer)
+        try await eventually("the sharer gone") { ProcessScan.uids(of: sharer) == nil }
+        let upgraded = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgraded.status == .exited(0), "\(upgraded.output)")
+        #expect(try await daemon.status().upgrades == 1)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aChangedHandoffModeTakesEffectAtAReload() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0600\"")

@@ -21,6 +21,7 @@ struct FDPassingTests {
     @Test func passesPipesBothWaysAndTheReceiverOwnsThem() async throws {
         guard try await isolated("passesPipesBothWaysAndTheReceiverOwnsThem") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
@@ -48,6 +49,7 @@ struct FDPassingTests {
     @Test func moreDescriptorsThanAskedAreAllClosedAndRefused() async throws {
         guard try await isolated("moreDescriptorsThanAskedAreAllClosedAndRefused") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
@@ -69,6 +71,7 @@ struct FDPassingTests {
     @Test func aTruncatedPayloadIsAnErrorAndItsDescriptorsAreClosed() async throws {
         guard try await isolated("aTruncatedPayloadIsAnErrorAndItsDescriptorsAreClosed") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
@@ -91,6 +94,7 @@ struct FDPassingTests {
         // layer refuses it (tested with the broker). Here: no fds leak either way.
         guard try await isolated("garbagePayloadIsReturnedForTheProtocolToRefuse") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let before = ownDescriptorCount()
         do {
             let (left, right) = try channels()
@@ -109,6 +113,7 @@ struct FDPassingTests {
     @Test func aPeerClosingMidMessageIsEndOfFile() async throws {
         guard try await isolated("aPeerClosingMidMessageIsEndOfFile") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let before = ownDescriptorCount()
         do {
             // A stream socket: the peer sends half a frame and closes.
@@ -130,6 +135,7 @@ struct FDPassingTests {
     @Test func aNonSocketIsAClearError() async throws {
         guard try await isolated("aNonSocketIsAClearError") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let before = ownDescriptorCount()
         do {
             let pipe = try PipeEnds.make()
@@ -180,6 +186,7 @@ struct FDPassingTests {
     @Test func aRequestWhoseDescriptorsDoNotFitIsRefusedAndTheChannelGoesOn() async throws {
         guard try await isolated("aRequestWhoseDescriptorsDoNotFitIsRefusedAndTheChannelGoesOn") else { return }
         _ = Reactor.shared
+        _ = ForeignCloser.shared  // its queue (a pipe): made before the count, as refused fds go to it
         let (serverEnd, clientEnd) = try channels()
         let served = Task {
             _ = await RPCServer.serve(

@@ -36,6 +36,12 @@ ssize_t hf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, 
 ssize_t hf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
                          int *surplus, int *truncated, int *payload_truncated, int flags);
 
+/// recvmsg into `iov` with room for every fd a message can carry (SCM_MAX_FD, 253), taken with
+/// MSG_CMSG_CLOEXEC into `fds` (which holds 253) and counted in *nfds, for the caller to close
+/// where a close may wait: without a control buffer the kernel lets go of them inside the call,
+/// on the calling thread. Returns bytes received or -1 with errno.
+ssize_t hf_recvmsg_taking_fds(int sock, struct iovec *iov, int iovcnt, int flags, int *fds, int *nfds);
+
 /// Peer credentials of a connected Unix socket (SO_PEERCRED). Returns 0 or -1 with errno.
 int hf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
 
