@@ -109,13 +109,18 @@ def main() -> int:
             uid = unused_uid()
             environment["HOLDFAST_BROKER_USER"] = f"uid:{uid}"
             print(f"smoke test: no user 'holdfast' here (postinst creates it): the broker runs as uid {uid}")
-        # The package ships no bridge key (each VM gets its own): without one the daemon does not
-        # start, and says why.
-        missing = subprocess.run(
-            [binary, "daemon", "--config", config], env=dict(environment, HOLDFAST_BRIDGE_KEY_FILE=f"{directory}/no.key"),
+        # The package ships no bridge key (each VM gets its own): an unsafe one stops the daemon
+        # from starting, and it says why (one not there yet is waited for: the bridge stays down
+        # until it is written, a key provisioned after boot).
+        unsafe = f"{directory}/unsafe.key"
+        with open(unsafe, "w") as handle:
+            handle.write(os.urandom(32).hex() + "\n")
+        os.chmod(unsafe, 0o644)
+        refused = subprocess.run(
+            [binary, "daemon", "--config", config], env=dict(environment, HOLDFAST_BRIDGE_KEY_FILE=unsafe),
             capture_output=True, text=True, timeout=20)
-        if missing.returncode != 2 or "bridge.key_file" not in missing.stdout + missing.stderr:
-            print(f"smoke test: FAIL: without a bridge key: exit {missing.returncode}: {missing.stdout} {missing.stderr}")
+        if refused.returncode != 2 or "bridge.key_file" not in refused.stdout + refused.stderr:
+            print(f"smoke test: FAIL: with a bridge key others can read: exit {refused.returncode}: {refused.stdout} {refused.stderr}")
             return 1
         # As a VM builder provisions it: 64 hex digits, root-only.
         key = f"{directory}/bridge.key"

@@ -118,14 +118,22 @@ public enum BridgeWorker {
         // Why the bridge is down, said once per cause between two connections (at debug, a
         // guest whose host agent was down or whose address was wrong said nothing at all).
         var dialFailures = DialFailureReport()
+        // The key's last problem, said once until it changes (a key provisioned after boot is
+        // waited for: every `reconnect_max` a line of the same words said nothing new).
+        var keyProblem: String?
         while true {
             // No key, no dial: an unauthenticated connection would be refused anyway.
             var key: BridgeKey?
             if case .keyFile(let path) = options.authentication {
                 do {
                     key = try BridgeKeyFile.load(path)
+                    if keyProblem != nil { logger.notice("the bridge key is usable now: dialling", metadata: ["bridge.key_file": "\(path)"]) }
+                    keyProblem = nil
                 } catch {
-                    logger.error("cannot use the bridge key; not dialling", metadata: ["bridge.key_file": "\(error)"])
+                    if keyProblem != "\(error)" {
+                        logger.error("cannot use the bridge key; not dialling until it is usable (looked for again before each dial)", metadata: ["bridge.key_file": "\(error)"])
+                    }
+                    keyProblem = "\(error)"
                     try? await Task.sleep(for: backoff.failed())
                     continue
                 }

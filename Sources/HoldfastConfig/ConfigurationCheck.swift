@@ -64,6 +64,13 @@ public struct ConfigurationCheck: Sendable, Equatable, Codable {
             let (value, note) = values[key] ?? ("?", nil)
             return Setting(key: key, value: value, source: source, note: note)
         }
+        // A key file the daemon would refuse to start with (unsafe, malformed) makes the file
+        // invalid, as the daemon's exit 2 would: "valid" before, then `systemctl restart` ended
+        // every container and the daemon stayed down. (One not there yet is waited for; one
+        // this uid cannot read is only a note: the daemon runs as root.)
+        if let problem = configuration.keyFileProblem {
+            return ConfigurationCheck(file: path, valid: false, settings: settings, key: "bridge.key_file", reason: problem)
+        }
         return ConfigurationCheck(file: path, valid: true, settings: settings, key: nil, reason: nil)
     }
 
@@ -157,7 +164,24 @@ extension DaemonConfiguration {
         } catch {
             switch error.kind {
             case .unreadable where geteuid() != 0: return "cannot check it as uid \(geteuid()): \(error.reason)"
+            case .missing: return "not there yet: the daemon starts with the bridge down until it is (\(error.reason))"
             default: return "the daemon will refuse to start: \(error.reason)"
+            }
+        }
+    }
+
+    /// Why the daemon would refuse to start over its key file, or nil: not for a key not there
+    /// yet (waited for), nor one this uid cannot read when not root (the daemon runs as root).
+    var keyFileProblem: String? {
+        guard bridge.authentication == .hmacSHA256 else { return nil }
+        do {
+            _ = try BridgeKeyFile.load(bridge.keyFile)
+            return nil
+        } catch {
+            switch error.kind {
+            case .missing: return nil
+            case .unreadable where geteuid() != 0: return nil
+            default: return "\(error)"
             }
         }
     }

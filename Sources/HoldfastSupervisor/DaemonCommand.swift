@@ -111,9 +111,13 @@ public enum DaemonCommand {
                 let hint = error.kind == .missing ? " (provision the VM's bridge key there: README \"Security\"; or set bridge.authentication: none)" : ""
                 let problem = ConfigurationError(file: configPath, key: "bridge.key_file", reason: "\(error)\(hint)")
                 // Fallen back to: the containers run on, the bridge worker retries its dials
-                // (it reads the key before each) until the key is back.
-                guard resumption?.fellBack != nil else { return await fail(2, "bad configuration: \(problem)") }
-                logger.error("no usable bridge key: the bridge stays down until there is one; every container runs on", metadata: ["error": "\(problem)"])
+                // (it reads the key before each) until the key is back. A key not there yet is
+                // waited for the same way: one provisioned after boot (a host agent writing it,
+                // a configuration disk mounted late) left the daemon down for good before
+                // (exit 2, which systemd does not restart). An unsafe or malformed one is the
+                // operator's to fix: the daemon does not start.
+                guard resumption?.fellBack != nil || error.kind == .missing else { return await fail(2, "bad configuration: \(problem)") }
+                logger.error("no usable bridge key: the bridge stays down until there is one (the bridge worker looks before each dial); every container runs on", metadata: ["error": "\(problem)"])
             }
         case .none:
             logger.warning(
