@@ -244,6 +244,12 @@ public final class BrokerService: Sendable {
                 if case .handoff = caller, adoption!.needsTheSupervisor {
                     throw HoldfastError(.permissionDenied, "only the supervisor names checkpoint slots or resumes streams")
                 }
+                // A new id from a runtime (the supervisor's were checked at their create; one it
+                // hands back after a crash or an upgrade is taken as it is: refusing an id an older
+                // release let in would lose that process's streams).
+                if case .handoff = caller, let refusal = ProcessIdentifier.controlCharacterRefusal(adopt.process) {
+                    throw HoldfastError(.badRequest, "process id \(refusal)")
+                }
                 if adopt.streams.contains(where: { $0.resume == true }),
                     Failpoint.fails(Failpoint.readoptionRefusedForFds, process: adopt.process, passes: Failpoint.firstTries)
                 {

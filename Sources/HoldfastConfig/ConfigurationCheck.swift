@@ -106,7 +106,7 @@ extension ConfigurationLoader {
 
 extension DaemonConfiguration {
     /// Every key's value in the file's syntax, with a note where the value means more.
-    var effectiveValues: [String: (value: String, note: String?)] {
+    public var effectiveValues: [String: (value: String, note: String?)] {
         func ids(_ list: [UInt32]) -> String { "[" + list.map(String.init).joined(separator: ", ") + "]" }
         var userNote: String?
         if let name = broker.user, let account = UserAccount.resolve(name) {

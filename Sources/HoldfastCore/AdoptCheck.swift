@@ -50,7 +50,6 @@ public enum AdoptCheck {
         guard !request.process.isEmpty, request.process.utf8.count <= 256 else {
             throw HoldfastError(.badRequest, "process id must be 1 to 256 bytes")
         }
-        if let refusal = ProcessIdentifier.controlCharacterRefusal(request.process) { throw HoldfastError(.badRequest, "process id \(refusal)") }
         guard !request.streams.isEmpty else { throw HoldfastError(.badRequest, "no streams") }
         var kinds = Set<StreamKind>()
         var slots = Set<Int>()

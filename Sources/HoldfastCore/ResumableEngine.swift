@@ -316,15 +316,17 @@ extension ResumableStream {
         private func waitForCompletion(_ slot: ConnSlot<Session>, until goal: State.Goal) async {
             while true {
                 let (finished, mark, quiet) = state.withLockedValue { s in
-                    (s.reached(goal, direction: direction) || s.closed, s.sender.acknowledged, s.owesNothingYet(goal, direction: direction))
+                    (s.reached(goal, direction: direction) || s.closed, s.sender.acknowledged, s.isQuiet(goal, direction: direction, slot: slot))
                 }
                 if finished { return }
                 if quiet {
-                    await waitWhileQuiet(goal)
+                    await waitWhileQuiet(goal, slot: slot)
                     continue
                 }
                 let progressed = await waitForProgress(since: mark, timeout: configuration.drainTimeout)
-                if !progressed {
+                // Quiet again by now (connected, nothing owed: a connection back after a drop,
+                // or the last bytes acknowledged as the timer fired): nothing to give up on.
+                if !progressed, !state.withLockedValue({ $0.isQuiet(goal, direction: direction, slot: slot) }) {
                     abandon(slot)
                     return
                 }
@@ -333,10 +335,10 @@ extension ResumableStream {
 
         /// Suspends while the stream owes nothing and its source goes on (`owesNothingYet`):
         /// until the producer commits bytes, ends, or the stream closes.
-        private func waitWhileQuiet(_ goal: State.Goal) async {
+        private func waitWhileQuiet(_ goal: State.Goal, slot: ConnSlot<Session>) async {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLockedValue { s -> Bool in
-                    guard s.owesNothingYet(goal, direction: direction), !s.closed else { return true }
+                    guard s.isQuiet(goal, direction: direction, slot: slot), !s.closed else { return true }
                     s.quietWaiter = continuation
                     return false
                 }
@@ -377,6 +379,13 @@ extension ResumableStream {
 
         func slotChanged(_ event: SlotEvent) {
             switch event {
+            case .disconnected:
+                // A quiet drain watch runs its clock again: a host that dropped the stream (its
+                // own drain bound, a restart) is given up on after the drain timeout, as before.
+                state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                    defer { s.quietWaiter = nil }
+                    return s.quietWaiter
+                }?.resume()
             case .connected:
                 state.withLockedValue { $0.ringDoorbell() }?.resume()
             case .closed, .abandoned:
@@ -473,6 +482,13 @@ struct ResumableEngineState: Sendable {
     /// it left holds the pipe).
     func owesNothingYet(_ goal: Goal, direction: StreamDirection) -> Bool {
         goal == .drained && direction == .send && sender.ring.count == 0 && sender.finalOffset == nil
+    }
+
+    /// `owesNothingYet` with its host connected: the drain watch waits with no clock. Not
+    /// while disconnected: a host that dropped the stream (host serve's own drain bound, a host
+    /// agent gone) must not keep it, its slots and its fds, for as long as the orphan lives.
+    func isQuiet<Connection: ByteConnection>(_ goal: Goal, direction: StreamDirection, slot: ConnSlot<Connection>) -> Bool {
+        owesNothingYet(goal, direction: direction) && slot.phase == .connected
     }
 
     /// Whether anything moved since the acknowledged offset was `mark` (or nothing will any more).

@@ -170,13 +170,6 @@ public enum ProcessScan {
         return Array(text.split(separator: "\0", omittingEmptySubsequences: false).prefix(count).map(String.init))
     }
 
-    /// `pid`'s parent (/proc/PID/stat's fourth field, after the command name in parentheses,
-    /// which may hold anything); nil if it is gone.
-    public static func parent(of pid: pid_t) -> pid_t? {
-        guard let text = readSmallFile("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        return fields.count > 1 ? pid_t(fields[1]) : nil
-    }
 }
 
 public enum ResourceLimits {

@@ -278,6 +278,22 @@ public struct StatusReport: Codable, Sendable, Equatable {
     /// free inside its heap and arenas (RSS that is not in use). The soak tracks both.
     public var mallocInUseKiB: Int?
     public var mallocFreeKiB: Int?
+    /// Keys the configuration file changed that a live upgrade cannot apply (the fds they name
+    /// are passed across it): they take effect at the next start (absent: none).
+    public var settingsAwaitingRestart: [PendingSetting]?
+
+    /// A configured value not in effect until the next start.
+    public struct PendingSetting: Codable, Sendable, Equatable {
+        public var key: String
+        public var running: String
+        public var configured: String
+
+        public init(key: String, running: String, configured: String) {
+            self.key = key
+            self.running = running
+            self.configured = configured
+        }
+    }
 
     public init(
         version: String, pid: Int32, uptimeSeconds: Double, bridge: BridgeState, roles: [RoleStatus], processes: [ProcessStatus],

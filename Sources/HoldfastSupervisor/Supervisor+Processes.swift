@@ -745,6 +745,7 @@ extension Supervisor {
             report.upgradesFellBack = s.upgradesFellBack > 0 ? s.upgradesFellBack : nil
             report.lastUpgradeFailure = s.lastUpgradeFailure
         }
+        report.settingsAwaitingRestart = settingsAwaitingRestart
         let malloc = Memory.mallocUsage()
         report.mallocInUseKiB = malloc.inUse / 1024
         report.mallocFreeKiB = malloc.free / 1024

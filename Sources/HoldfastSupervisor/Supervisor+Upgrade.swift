@@ -88,16 +88,20 @@ public struct Resumption: Sendable {
         // another process that took it since the running broker started (a `--pid=host`
         // container's root with `setpriv --reuid`, an operator's `sudo -u holdfast`) would have
         // every start of the new broker refused once the old one quiesced — every stream
-        // stopped. Checked here, before anything stops, without the running broker itself: the
-        // supervisor's child as that uid (this check is the supervisor's child too). Before,
-        // only a changed uid was checked.
+        // stopped. Checked here, before anything stops, without the running broker itself (its
+        // pid in the state; only while the uid is unchanged: a changed one is not its). Before,
+        // only a changed uid was checked. A state without the broker's pid (an older binary's)
+        // is checked as before: only a changed uid, the running broker otherwise counting.
         let uid = Supervisor.brokerUID(of: configuration)
-        let supervisor = getppid()
-        let runningBroker = Set(ProcessScan.processes(withUID: uid).filter { ProcessScan.parent(of: $0) == supervisor })
-        do {
-            try Supervisor.checkBrokerUIDIsItsOwn(configuration, notCounting: runningBroker, logger: logger)
-        } catch {
-            throw HoldfastError(.incompatibleState, error.description)
+        let runningUID = resumption.state.configuration.map(Supervisor.brokerUID(of:))
+        let runningBroker: Set<pid_t>? =
+            runningUID == uid ? resumption.state.brokerPID.map { [$0] } : (runningUID == nil ? nil : [])
+        if let runningBroker {
+            do {
+                try Supervisor.checkBrokerUIDIsItsOwn(configuration, notCounting: runningBroker, logger: logger)
+            } catch {
+                throw HoldfastError(.incompatibleState, error.description)
+            }
         }
         // What the image needs before anything else: an I/O reactor (an epoll fd, an eventfd,
         // a watch). Where the kernel refuses one — every epoll watch of root's uid taken, which a
@@ -597,7 +601,7 @@ extension Supervisor {
             reaped: reaped.map { UpgradeState.Reaped(pid: $0.key, status: $0.value) }.sorted { $0.pid < $1.pid }, roles: roles,
             childOpenFileLimit: ResourceLimits.childOpenFileSoftLimit, childOOMScoreAdjustment: OOMScore.childAdjustment,
             childScheduling: .current, upgradesFellBack: fellBack > 0 ? fellBack : nil, lastUpgradeFailure: lastFailure, configuration: configuration,
-            kernelLog: kernelLog)
+            kernelLog: kernelLog, brokerPID: broker?.pid)
     }
 
     /// After a live upgrade: every process the previous image ran is watched again (its exit,

@@ -22,6 +22,8 @@ import Glibc
 /// it down gracefully on SIGTERM/SIGINT.
 public final class Supervisor: Sendable {
     public let configuration: DaemonConfiguration
+    /// Configured values a live upgrade could not apply (`keep` in `init`).
+    let settingsAwaitingRestart: [StatusReport.PendingSetting]?
     let logger: Logger
     let executable: String
     let reaper = ChildReaper()
@@ -185,6 +187,8 @@ public final class Supervisor: Sendable {
         resuming: Resumption? = nil
     ) {
         var configuration = configuration
+        var kept: [String] = []
+        let configured = configuration
         if let state = resuming?.state {
             // What the passed fds are fixed for their life: a changed value takes effect at the
             // next start, not across a live upgrade (the rest of the configuration does).
@@ -194,6 +198,7 @@ public final class Supervisor: Sendable {
                     "running": "\(running)", "configured": "\(configuration[keyPath: path])",
                 ])
                 configuration[keyPath: path] = running
+                kept.append(key)
             }
             keep("streams.ring_capacity", \.streams.ringCapacity, state.ringCapacity)
             keep("run_directory", \.runDirectory, state.runDirectory)
@@ -211,6 +216,18 @@ public final class Supervisor: Sendable {
             }
         }
         self.configuration = configuration
+        // Said by `holdfast upgrade` and `holdfast status` too: before, only the log said that
+        // a reload left a changed ring capacity (or socket, or runc root) as it was.
+        if !kept.isEmpty {
+            let (wanted, running) = (configured.effectiveValues, configuration.effectiveValues)
+            // In the file's syntax, as `holdfast config check` shows them ("" for none).
+            func shown(_ value: String?) -> String { value.map { $0.isEmpty ? "\"\"" : $0 } ?? "?" }
+            settingsAwaitingRestart = kept.map {
+                StatusReport.PendingSetting(key: $0, running: shown(running[$0]?.value), configured: shown(wanted[$0]?.value))
+            }
+        } else {
+            settingsAwaitingRestart = nil
+        }
         self.logger = logger
         self.executable = executable
         self.configPath = configPath

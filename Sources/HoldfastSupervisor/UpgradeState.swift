@@ -117,6 +117,9 @@ struct UpgradeState: Codable, Sendable {
     /// killer killed. Absent from an older binary's state (its processes' answers are then not
     /// known), and where the earlier image could not read the log.
     var kernelLog: KernelOOMLog.Handover? = nil
+    /// The broker running as the state was written (absent from an older binary's state): not
+    /// counted as a process that took the broker's uid when the next binary checks it.
+    var brokerPID: Int32? = nil
 
     /// A SIGHUP came during this upgrade (before its signals were held): the new image reloads
     /// once more when it serves. Absent when none did.

@@ -94,6 +94,9 @@ public enum StatusPrinter {
         var lines = [
             "holdfast \(report.version)  pid \(report.pid)  up \(duration(report.uptimeSeconds))  bridge: \(state(report.bridge))\(upgrades)", "",
         ]
+        for pending in (report.settingsAwaitingRestart ?? []).reversed() {
+            lines.insert("\(pending.key): configured \(pending.configured), running \(pending.running) until the next start", at: 1)
+        }
         if let fellBack = report.upgradesFellBack, fellBack > 0 {
             lines.insert(
                 "live upgrades that fell back: \(fellBack) (the new binary could not take over; this one did again), the last: \(report.lastUpgradeFailure ?? "?")",

@@ -173,6 +173,10 @@ struct Upgrade: AsyncParsableCommand {
             let running = after.processes.filter { $0.state == .running }.count
             print(
                 "upgraded: holdfast \(before.version) (sha256 \(before.executableSHA256?.prefix(12) ?? "?")) -> holdfast \(after.version) (sha256 \(after.executableSHA256?.prefix(12) ?? "?")), pid \(after.pid), \(running) process\(running == 1 ? "" : "es") still running, upgrade \(after.upgrades ?? 0) since start, in \(outcome.took.spoken)")
+            // What the reload could not apply: before, only the log said so.
+            for pending in after.settingsAwaitingRestart ?? [] {
+                print("\(pending.key): configured \(pending.configured), running \(pending.running) until the next start (a live upgrade passes its fds on)")
+            }
         } catch {
             throw CommandFailure("upgrade failed: \(error.description)")
         }

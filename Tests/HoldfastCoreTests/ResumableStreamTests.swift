@@ -467,6 +467,30 @@ struct ResumableMemoryTests {
         #expect(await received.value == Array(repeating: 1, count: 10) + Array(repeating: 2, count: 10))
     }
 
+    /// The same quiet output, once its host drops the stream (host serve's own drain bound, a
+    /// host agent gone): given up after the drain timeout, as before — not kept, with its
+    /// slots and fds, for as long as the orphan lives.
+    @Test func aQuietOrphansOutputIsGivenUpOnceItsHostDropsIt() async throws {
+        let pair = ResumablePair(
+            guestDirection: .send, configuration: ResumableConfiguration(drainTimeout: .milliseconds(200)),
+            policy: RedialPolicy(attempts: 1_000_000, interval: .milliseconds(5), connectTimeout: .seconds(5)))
+        defer { pair.close() }
+        pair.start()
+        let source = MemorySource(Array(repeating: 1, count: 10))
+        let relay = Task { await Relay.output(from: source, to: pair.guest) }
+        defer { relay.cancel() }
+        let host = pair.host
+        let receiving = Task { await host.receiveAll() }
+        defer { receiving.cancel() }
+        try await eventually("the line acknowledged") { pair.guest.statistics.acknowledged == 10 }
+        pair.guest.processExited()
+        try await Task.sleep(for: .milliseconds(400))
+        #expect(pair.guest.slot.phase != .abandoned, "kept while its host is connected")
+        pair.host.close()
+        try await eventually("given up once the host dropped it") { pair.guest.slot.phase == .abandoned }
+        source.finish()
+    }
+
     /// A relay cancelled while it waits for its source (a handoff `release`, a live upgrade's
     /// quiesce, a stop: its owner closes the stream next) sends no END: the process has not
     /// ended, and another relay resumes the stream. Before, the cancelled wait was taken for the

@@ -48,6 +48,27 @@ struct BrokerUIDTakenTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// The same container (a child of the supervisor, as every runc init is) refuses a live
+    /// upgrade before anything stops, naming it: only the running broker itself is not
+    /// counted (its pid in the upgrade's state). The counter runs on, whole.
+    @Test(.enabled(if: enabled, "needs root, runc and busybox-static"))
+    func aTakerThatSeesTheBrokerRefusesALiveUpgradeBeforeAnythingStops() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let output = try await Self.startCounter(daemon)
+        let broker = try #require(try await daemon.rolePID("broker"))
+        let taker = try await Self.takeTheBrokersUID(daemon, id: "taker-upgrade", hostPIDNamespace: true)
+        defer { taker.end() }
+        let upgrade = try await runUpgrade(daemon, processes: daemon.processes)
+        #expect(upgrade.status == .exited(1), "\(upgrade.output)")
+        #expect(upgrade.output.contains("pid \(taker.process.pid)"), "names the taker: \(upgrade.output)")
+        #expect(try await daemon.rolePID("broker") == broker, "the same broker serves on")
+        #expect(try await daemon.status().upgrades == 0)
+        #expect(try await withTimeout("the counter's output", .seconds(60)) { await output.value } == expectedLines(400))
+        try await daemon.bridge.signal("taker-upgrade", SIGKILL)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     /// In the guest's pid namespace (`--pid=host`) it can see the broker: the restart waits for
     /// it to be gone, as before; then the broker comes back and the counter's output is whole.
     @Test(.enabled(if: enabled, "needs root, runc and busybox-static"))

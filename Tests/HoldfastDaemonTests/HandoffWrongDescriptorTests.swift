@@ -15,6 +15,36 @@ import Glibc
 /// told all was well, the host waiting for bytes that could never come.
 @Suite("A runtime that hands over the wrong fd is told so", .timeLimit(.minutes(3)))
 struct HandoffWrongDescriptorTests {
+    /// An id holding a control character (a newline that would forge a journal entry, an
+    /// escape sequence for whoever runs `holdfast status`) is refused from a runtime and at a
+    /// create, saying why; a process the supervisor hands back after a crash is not checked
+    /// again (an older release let such ids in: refusing them would lose their streams).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func anIdWithAControlCharacterIsRefusedFromARuntimeAndAtACreate() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let pipe = try PipeEnds.make()
+        defer { close(pipe.write) }
+        let adopted: Result<ControlClient, any Error>
+        do {
+            adopted = .success(try await daemon.handOver("job\n<2>holdfast.supervisor: forged", [(.stdout, "forged-out")], descriptors: [pipe.read]))
+        } catch {
+            adopted = .failure(error)
+        }
+        let adoptError = (try? adopted.get()) == nil ? "\(adopted)" : "adopted"
+        #expect(adoptError.contains("bad-request") && adoptError.contains("holds a control character (U+000A"), "\(adoptError)")
+        let created: String
+        do {
+            _ = try await daemon.bridge.create(ProcessSpec(id: "a\u{1b}]52;c;AAAA", argv: ["true"]))
+            created = "started"
+        } catch {
+            created = "\(error.code) \(error.message)"
+        }
+        #expect(created.contains("holds a control character (U+001B"), "\(created)")
+        #expect(!daemon.log.contains("forged"), "nothing of it in the log as a line of its own")
+        #expect(try await daemon.stop() == .exited(0))
+    }
+
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func theWrongEndIsRefusedNothingIsKeptAndTheRightEndIsRelayed() async throws {
         let daemon = try await DaemonFixture()

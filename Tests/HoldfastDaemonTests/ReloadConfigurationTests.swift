@@ -130,6 +130,11 @@ struct ReloadConfigurationTests {
         }
         #expect(metrics.hasPrefix("HTTP/1.") && metrics.contains("holdfast_"), "served on: \(metrics.prefix(200))")
         try await daemon.waitForLog("metrics.address changed: it takes effect at the next start")
+        // Said where the operator looks, not only in the log: `holdfast upgrade` and `status`.
+        let said = "metrics.address: configured \"\", running unix:\(daemon.directory.file("metrics.sock")) until the next start"
+        #expect(upgrade.output.contains(said), "\(upgrade.output)")
+        let pending = try await daemon.status().settingsAwaitingRestart
+        #expect(pending == [StatusReport.PendingSetting(key: "metrics.address", running: "unix:\(daemon.directory.file("metrics.sock"))", configured: "\"\"")])
         #expect(try await daemon.stop() == .exited(0))
     }
 
