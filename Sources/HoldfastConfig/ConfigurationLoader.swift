@@ -168,11 +168,7 @@ public enum ConfigurationLoader {
         let grace = try parse("shutdown.grace", ValueParsers.positiveDuration)
         let timeout = try parse("shutdown.timeout", ValueParsers.positiveDuration)
         guard timeout >= grace else { throw fail("shutdown.timeout", "must not be shorter than shutdown.grace") }
-        // After the grace's SIGKILL the output drains and the exits go out, in what is left of
-        // the timeout: with none left (grace = timeout) every output not drained by then was cut.
-        guard timeout >= grace + 2_000 else {
-            throw fail("shutdown.timeout", "must be at least 2s longer than shutdown.grace: what follows the grace's SIGKILL (the output draining, the exits going out) needs that time")
-        }
+
         let control = try parse("control.socket", ValueParsers.socketPath)
         guard !control.isEmpty else { throw fail("control.socket", "is required") }
         let runcPath = try parse("runc.path") { text -> Result<String, Problem> in

@@ -68,6 +68,15 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var grace: Milliseconds
         /// The whole shutdown, relays draining included, ends within this.
         public var timeout: Milliseconds
+
+        /// Why this timeout leaves the drains too little, or nil. After the grace's SIGKILL the
+        /// output drains and the exits go out in what is left of it: with under 2 s left (grace
+        /// = timeout) every output not drained by then is cut. A warning, not a refusal (a file
+        /// that loaded before must not stop a reboot's start).
+        public var timeoutWarning: String? {
+            guard timeout < grace + 2_000 else { return nil }
+            return "WARNING: less than 2s longer than shutdown.grace: the output's drain and the exits after the grace's SIGKILL get \(max(0, timeout - grace))ms"
+        }
     }
 
     public struct Runc: Codable, Sendable, Equatable {

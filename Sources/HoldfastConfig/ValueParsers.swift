@@ -63,12 +63,16 @@ public enum ValueParsers {
             }
             number = named
         }
-        // A signal whose default is to do nothing, or to stop, never ends a process: every stop
-        // would wait out the whole grace and end everything with SIGKILL.
-        if let name = neverEnds[number] {
-            return .failure("SIG\(name) does not end a process (it is ignored, or stops or continues it, by default): use SIGTERM, SIGINT, SIGHUP, SIGQUIT or SIGUSR1/2")
-        }
         return .success(number)
+    }
+
+    /// Why `number` makes a poor shutdown signal, or nil: one whose default is to do nothing,
+    /// or to stop or continue the process, ends nothing, and every stop waits out the whole
+    /// grace, then ends everything with SIGKILL. A warning (the daemon's log at start, `config
+    /// check`), not a refusal: a file that loaded before must not stop a reboot's start.
+    public static func shutdownSignalWarning(_ number: Int32) -> String? {
+        guard let name = neverEnds[number] else { return nil }
+        return "WARNING: SIG\(name) does not end a process (ignored, or stops or continues it, by default): every stop waits out shutdown.grace, then SIGKILLs; use SIGTERM, SIGINT, SIGHUP, SIGQUIT or SIGUSR1/2"
     }
 
     /// Signals whose default action is to ignore them or to stop or continue the process

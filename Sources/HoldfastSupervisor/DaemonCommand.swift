@@ -123,6 +123,12 @@ public enum DaemonCommand {
             logger.warning(
                 "bridge.authentication is none: the bridge is not authenticated; any process in the guest that can dial \(configuration.bridge.address) can pose as this daemon to the host")
         }
+        // Loaded (a file that loaded before must not stop a start), but said.
+        for (key, warning) in [
+            ("shutdown.signal", ValueParsers.shutdownSignalWarning(configuration.shutdown.signal)), ("shutdown.timeout", configuration.shutdown.timeoutWarning),
+        ] {
+            if let warning { logger.warning("\(key): \(warning)") }
+        }
         // The roles are this binary, re-executed through /proc/self/exe: the very file this
         // process runs, even after an upgrade replaced /usr/bin/holdfast (a role restarted later
         // must speak this supervisor's protocol).
