@@ -126,8 +126,11 @@ ssize_t hf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds,
 }
 
 ssize_t hf_recvmsg_taking_fds(int sock, struct iovec *iov, int iovcnt, int flags, int *fds, int *nfds) {
+    // Room for 253 fds and whatever else a holder of the socket may have asked the kernel to
+    // attach (SO_PASSCRED, SO_PASSSEC, SO_PASSPIDFD): without it the fds that do not fit are
+    // let go of inside the call, here.
     union {
-        char buffer[CMSG_SPACE(sizeof(int) * 253)];
+        char buffer[CMSG_SPACE(sizeof(int) * 253) + 512];
         struct cmsghdr align;
     } control;
     struct msghdr msg = {0};
@@ -139,10 +142,17 @@ ssize_t hf_recvmsg_taking_fds(int sock, struct iovec *iov, int iovcnt, int flags
     ssize_t got = recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC);
     if (got < 0) return got;
     for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        if (cmsg->cmsg_level != SOL_SOCKET) continue;
+        // SCM_RIGHTS, and SCM_PIDFD (0x04, Linux 6.5: one pidfd a message when SO_PASSPIDFD is
+        // set): every fd installed here is the caller's to close.
+        if (cmsg->cmsg_type != SCM_RIGHTS && cmsg->cmsg_type != 0x04) continue;
         size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         int *received = (int *)CMSG_DATA(cmsg);
-        for (size_t i = 0; i < count && *nfds < 253; i++) memcpy(&fds[(*nfds)++], &received[i], sizeof(int));
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, &received[i], sizeof(int));
+            if (*nfds < 253) fds[(*nfds)++] = fd; else close(fd);
+        }
     }
     return got;
 }

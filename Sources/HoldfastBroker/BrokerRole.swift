@@ -85,6 +85,8 @@ public enum BrokerRole {
         // Paced: a process holding its pipe's lock again and again is taken over each time
         // (counted in the metrics), and must not flood the journal.
         let stallLog = NIOLockedValueBox(LogPacer<Bool>(interval: .seconds(10)))
+        // Its queue made now, not at a first use that might meet a full fd table.
+        _ = ForeignCloser.shared
         Reactor.shared.onStall { [broker = service.broker] stall in
             guard let unsaid = stallLog.withLockedValue({ $0.note(stall.tookOver) }) else { return }
             var metadata = Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) })

@@ -511,7 +511,7 @@ final class DetachSignal: Sendable {
 /// second SIGTERM while the first was passed on left the shell a raw terminal (no echo, output
 /// in a staircase) whose reads failed with EAGAIN.
 public enum LocalTerminal {
-    fileprivate struct Saved: Sendable {
+    private struct Saved: Sendable {
         var fd: Int32
         var settings: termios?
         var flags: Int32?
@@ -535,38 +535,54 @@ public enum LocalTerminal {
         saved.withLockedValue { $0 = [:] }
     }
 
-    /// The client's changes to the noted fds as they are now, to be put back by `resume`.
-    public struct Suspended: Sendable {
-        fileprivate var current: [Saved]
-    }
+    /// The client's own settings of the noted fds while they are put back for the shell
+    /// (`suspend`), until `resume` applies them again.
+    private static let whileSuspended = NIOLockedValueBox<[Saved]?>(nil)
 
-    /// For a client about to stop (Ctrl-Z: SIGTSTP): puts the noted fds back as they were found,
-    /// keeping the notes, and returns the client's own settings for `resume`. Before, a client
-    /// stopped this way left the shell's terminal non-blocking (and raw, with `-t`) until `fg`:
-    /// the next program reading it failed with EAGAIN.
-    public static func suspend() -> Suspended {
+    /// For a client about to stop (Ctrl-Z: SIGTSTP; SIGTTIN or SIGTTOU in the background):
+    /// puts the noted fds back as they were found, keeping the notes and the client's own
+    /// settings for `resume`. Before, a client stopped this way left the shell's terminal
+    /// non-blocking (and raw, with `-t`) until `fg`: the next program reading it failed with
+    /// EAGAIN. Suspended twice (put in the background, then stopped reading there), the
+    /// client's settings from the first stay the ones to resume.
+    public static func suspend() {
         let all = saved.withLockedValue { Array($0.values) }
-        var current: [Saved] = []
-        for saved in all {
-            var now = Saved(fd: saved.fd)
-            if var settings = saved.settings {
-                var mine = termios()
-                if tcgetattr(saved.fd, &mine) == 0 { now.settings = mine }
-                tcsetattr(saved.fd, TCSANOW, &settings)
+        whileSuspended.withLockedValue { mine in
+            guard mine == nil else { return }
+            mine = all.map { saved in
+                var now = Saved(fd: saved.fd)
+                if saved.settings != nil {
+                    var settings = termios()
+                    if tcgetattr(saved.fd, &settings) == 0 { now.settings = settings }
+                }
+                if saved.flags != nil {
+                    let flags = fcntl(saved.fd, F_GETFL)
+                    if flags >= 0 { now.flags = flags }
+                }
+                return now
             }
-            if let flags = saved.flags {
-                let mine = fcntl(saved.fd, F_GETFL)
-                if mine >= 0 { now.flags = mine }
-                _ = fcntl(saved.fd, F_SETFL, flags)
-            }
-            current.append(now)
         }
-        return Suspended(current: current)
+        for saved in all {
+            if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
+            if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+        }
     }
 
-    /// After `suspend`, once continued (`fg`): the client's settings again (raw, non-blocking).
-    public static func resume(_ suspended: Suspended) {
-        for saved in suspended.current {
+    /// After `suspend`, once continued: the client's settings again (raw, non-blocking) — only
+    /// in the foreground (`fg`). Continued in the background (`bg`), the shell keeps its
+    /// terminal as it is, and the client's first read of it stops it again (SIGTTIN), until
+    /// `fg`.
+    public static func resume() {
+        let mine = whileSuspended.withLockedValue { $0 }
+        guard let mine else { return }
+        // In the background of the terminal it controls (a terminal that is not the client's
+        // controlling one has no foreground to ask about: tcgetpgrp fails).
+        for saved in mine where isatty(saved.fd) != 0 {
+            let foreground = tcgetpgrp(saved.fd)
+            if foreground >= 0, foreground != getpgrp() { return }
+        }
+        whileSuspended.withLockedValue { $0 = nil }
+        for saved in mine {
             if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
             if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
         }

@@ -27,6 +27,10 @@ public final class ForeignCloser: Sendable {
     private let queue: (read: Int32, write: Int32)?
     /// Kept apart from the queue, so that asking (`outstanding`) makes no pipe.
     private static let counts = Mutex<(threads: Int, busy: Int, queued: Int)>((0, 0, 0))
+    /// Closes the full queue pipe had no room for (16,384 waiting behind stuck ones): kept
+    /// here, taken by the next closer thread free. Falling back to the loop instead would hand
+    /// the loop the very closes this type keeps from it.
+    private static let overflow = Mutex<[Int32]>([])
 
     init() {
         guard let ends = try? PipeEnds.make() else {
@@ -62,15 +66,17 @@ public final class ForeignCloser: Sendable {
                 Self.counts.withLock { $0.threads -= 1 }
             }
         }
-        let anyThread = Self.counts.withLock { $0.threads > 0 }
-        var number = fd
-        let written = anyThread ? withUnsafeBytes(of: &number) { write(queue.write, $0.baseAddress, $0.count) } : -1
-        guard written == MemoryLayout<Int32>.size else {
-            // No thread could be made at all (the guest out of tasks), or the queue is full
-            // (16,384 closes waiting behind stuck ones): the loop's watchdog is the last resort.
+        guard Self.counts.withLock({ $0.threads > 0 }) else {
+            // No thread could be made at all (the guest out of tasks): the loop's watchdog is
+            // the last resort.
             Self.counts.withLock { $0.queued -= 1 }
             Reactor.shared.closeOnLoop(fd)
             return
+        }
+        var number = fd
+        let written = withUnsafeBytes(of: &number) { write(queue.write, $0.baseAddress, $0.count) }
+        if written != MemoryLayout<Int32>.size {
+            Self.overflow.withLock { $0.append(fd) }
         }
     }
 
@@ -105,6 +111,11 @@ public final class ForeignCloser: Sendable {
                 $0.busy += 1
             }
             _ = Glibc.close(fd)
+            // Then what the full queue had no room for, one at a time, counted as queued.
+            while let more = Self.overflow.withLock({ $0.popLast() }) {
+                _ = Glibc.close(more)
+                Self.counts.withLock { $0.queued -= 1 }
+            }
             Self.counts.withLock { $0.busy -= 1 }
         }
     }

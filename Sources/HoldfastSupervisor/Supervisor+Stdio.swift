@@ -190,8 +190,10 @@ extension Supervisor {
     /// The broker closed `process`'s stdin: ours closes too, so the process sees end-of-file.
     func stdinEnded(_ process: String, endedByHost: Bool) {
         guard let fd = stdio.withLockedValue({ $0.inputEnded(process, endedByHost: endedByHost) }) else { return }
-        // The pipe's last close: the process may hold the pipe's lock (README, "Security").
-        ForeignCloser.shared.close(fd)
+        // The pipe's last close: the process may hold the pipe's lock (README, "Security"), and
+        // the loop's watchdog takes over a close that waits. Not a closer thread: eight stuck
+        // there would hold every other process's end-of-file behind them.
+        Reactor.shared.closeOnLoop(fd)
     }
 
     /// `process` is done: its host ends close, its checkpoint slots are cleared and free — but

@@ -425,6 +425,8 @@ public final class Supervisor: Sendable {
         // A process holding its pipe's lock can stop a syscall of ours in the kernel (README,
         // "Security"); the reactor's watchdog takes over, and says so here.
         let stallLog = NIOLockedValueBox(LogPacer<Bool>(interval: .seconds(10)))
+        // Its queue made now, not at a first use that might meet a full fd table.
+        _ = ForeignCloser.shared
         Reactor.shared.onStall { [logger] stall in
             guard let unsaid = stallLog.withLockedValue({ $0.note(stall.tookOver) }) else { return }
             var metadata = Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) })

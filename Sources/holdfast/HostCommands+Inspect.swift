@@ -27,10 +27,11 @@ struct HostLogs: AsyncParsableCommand, HostFamilyCommand {
     func run() async throws {
         // Ended by a signal (Ctrl-C is how `-f` is left), the outputs' flags are put back first.
         // Ctrl-Z stops it with them put back, until `fg`.
-        if let signals = try? SignalPipe(signals: [SIGINT, SIGTERM, SIGHUP, SIGTSTP].filter { !SignalDisposition.isIgnored($0) }) {
+        let stops = DetachKeysOption.stopSignals
+        if let signals = try? SignalPipe(signals: ([SIGINT, SIGTERM, SIGHUP] + stops).filter { !SignalDisposition.isIgnored($0) }) {
             Task {
                 while let received = await signals.next() {
-                    guard received.number == SIGTSTP else { dieOf(received.number) }
+                    guard stops.contains(received.number) else { dieOf(received.number) }
                     stopForTheShell(received.number, then: signals)
                 }
             }

@@ -172,12 +172,16 @@ struct DetachKeysOption: ParsableArguments {
     /// the client lets go — as podman's `--sig-proxy` does. Before, they killed the client
     /// alone: the process ran on, its output waiting for a client that never came (its writes
     /// blocked once the guest's buffers filled).
+    /// The signals that stop a client for the shell (`stopForTheShell`): Ctrl-Z, and a read or
+    /// a terminal change from the background.
+    static let stopSignals = [SIGTSTP, SIGTTIN, SIGTTOU]
+
     func interaction() throws -> HostClient.Interaction {
         // One pipe for the three, each sorted to its own waiter. A signal ignored when the client
         // started stays ignored: `nohup holdfast host run ...` outlives the terminal's hang-up,
         // and passes nothing on.
         let passedOn = [SIGTERM, SIGHUP].filter { !SignalDisposition.isIgnored($0) }
-        let stops = [SIGTSTP].filter { !SignalDisposition.isIgnored($0) }
+        let stops = Self.stopSignals.filter { !SignalDisposition.isIgnored($0) }
         guard let pipe = try? SignalPipe(signals: [SIGINT] + passedOn + stops) else {
             return HostClient.Interaction(detachKeys: try keys())
         }
@@ -191,7 +195,7 @@ struct DetachKeysOption: ParsableArguments {
         Task {
             var passing = false
             while let received = await pipe.next() {
-                if received.number == SIGTSTP {
+                if Self.stopSignals.contains(received.number) {
                     // Not passed on: Ctrl-Z stops this client, as it would a local command (with
                     // `-t` the terminal is raw, and Ctrl-Z reaches the process instead).
                     stopForTheShell(received.number, then: pipe)
@@ -389,7 +393,7 @@ func dieOf(_ number: Int32) -> Never {
 /// and the next program reading it failed with EAGAIN. (A process group the kernel counts as
 /// orphaned is not stopped by SIGTSTP: the client then just goes on.)
 func stopForTheShell(_ number: Int32, then pipe: SignalPipe) {
-    let suspended = LocalTerminal.suspend()
+    LocalTerminal.suspend()
     signal(number, SIG_DFL)
     var set = sigset_t()
     sigemptyset(&set)
@@ -398,7 +402,7 @@ func stopForTheShell(_ number: Int32, then pipe: SignalPipe) {
     // Returns once the client is continued.
     raise(number)
     pipe.hear(number)
-    LocalTerminal.resume(suspended)
+    LocalTerminal.resume()
 }
 
 /// Says, on stderr, what a command waits for if the wait is long; cancel it when done.
