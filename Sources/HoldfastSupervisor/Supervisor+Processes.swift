@@ -251,7 +251,7 @@ extension Supervisor {
                 // likes (a write from a page it never lets arrive). Closed first, on a thread of
                 // the cooperative pool, that close waited for ever — two such creates and every
                 // task of the supervisor stood still. Killed first, it holds nothing; and the
-                // closes go to the reactor's loop, whose watchdog takes over a stuck thread.
+                // closes go to closer threads of their own (`ForeignCloser`), never the pool.
                 if let child = started.child {
                     _ = reaper.signal(child, SIGKILL)
                     _ = await reaper.wait(child)

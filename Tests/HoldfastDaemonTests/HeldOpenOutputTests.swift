@@ -190,9 +190,6 @@ struct HeldOpenOutputTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    /// Starts "attacker" over the bridge    /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
-    /// an orphan that runs `loop` until the file `stop` exists (then `after`) on that stdout;
-    /// returns once the exit came (its output held open). What the host receives of it.
     /// An orphan that holds the output and stays quiet longer than the drain timeout (a
     /// heartbeat every minute) is still relayed when it writes again, and its writes go on
     /// succeeding. Before, the broker gave the stream up one drain timeout after the exit, the
@@ -221,6 +218,9 @@ struct HeldOpenOutputTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// Starts "attacker" over the bridge with its stdout to the host: it exits at once, leaving
+    /// an orphan that runs `loop` until the file `stop` exists (then `after`) on that stdout;
+    /// returns once the exit came (its output held open). What the host receives of it.
     static func exitLeavingAnOrphan(
         _ daemon: DaemonFixture, _ exits: ExitLog, loop: String, after: String = ":", stop: String
     ) async throws -> Accumulated {

@@ -59,9 +59,6 @@ struct ReloadConfigurationTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
-    /// `handoff.mode` widened before a reload (a runtime in the socket's group is to be let
-    /// in): the socket is passed across the exec, not bound again, and kept its old mode — the
-    /// runtime got EACCES, nothing said. The new image sets the configured mode.
     /// A process that took the broker's (unchanged) uid while the broker ran — a `--pid=host`
     /// container's root with `setpriv --reuid`, an operator's `sudo -u` — refuses a live upgrade
     /// before anything stops, naming it; the running broker is not counted. Before, only a
@@ -88,6 +85,9 @@ struct ReloadConfigurationTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 
+    /// `handoff.mode` widened before a reload (a runtime in the socket's group is to be let
+    /// in): the socket is passed across the exec, not bound again, and kept its old mode — the
+    /// runtime got EACCES, nothing said. The new image sets the configured mode.
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the broker runs as a uid of its own"))
     func aChangedHandoffModeTakesEffectAtAReload() async throws {
         let daemon = try await DaemonFixture(extraConfig: "handoff:\n  mode: \"0600\"")
