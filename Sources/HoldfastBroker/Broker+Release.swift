@@ -74,7 +74,7 @@ extension Broker {
                 return
             }
             // The peer has its own copies (or, the supervisor's process, nobody asks again).
-            for fd in descriptors { ForeignCloser.shared.close(fd) }
+            for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
             Failpoint.pass(Failpoint.brokerReleaseAnswered, process: process)
             await handoffGone(process)
         }
@@ -85,7 +85,7 @@ extension Broker {
     /// next `release`, and its checkpoint slots stay taken until that or `releaseKeptFor`.
     public func keepInterruptedRelease(_ request: AdoptRequest, descriptors: [Int32]) throws(HoldfastError) {
         guard let uid = request.handoffOwner else {
-            for fd in descriptors { ForeignCloser.shared.close(fd) }
+            for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
             throw HoldfastError(.badRequest, "only a handoff peer's process is kept for its release")
         }
         var streams: [StreamDescription] = []
@@ -98,7 +98,7 @@ extension Broker {
             // As a live release answers: adoptable again as it is.
             streams.append(stream.asReleased)
         }
-        for (index, fd) in descriptors.enumerated() where !used.contains(index) { ForeignCloser.shared.close(fd) }
+        for (index, fd) in descriptors.enumerated() where !used.contains(index) { Reactor.shared.closeOnLoop(fd) }
         handoffs.withLockedValue { $0.claim(request.streams.flatMap { [$0.checkpoint, $0.inputCheckpoint].compactMap { $0 } }, for: request.process) }
         logger.warning("a release a broker crash interrupted: its fds are kept for the peer's next release", metadata: [
             "process": "\(request.process)", "owner": "\(uid)", "keptFor": "\(releaseKeptFor.spoken)",
@@ -120,7 +120,7 @@ extension Broker {
             descriptors.indices.contains(stream.fd) ? (try? DescriptorFacts.of(descriptors[stream.fd]))?.file : nil
         })
         guard let kept = keptReleases.withLockedValue({ $0.takeHandedBack(process, by: .handoff(uid: uid), files: handedOver) }) else { return }
-        for fd in kept.descriptors { ForeignCloser.shared.close(fd) }
+        for fd in kept.descriptors { Reactor.shared.closeOnLoop(fd) }
         logger.info("a release kept for its peer let go: the peer hands the same pipes over again", metadata: [
             "process": "\(process)", "fds": "\(kept.descriptors.count)",
         ])
@@ -134,14 +134,14 @@ extension Broker {
         let (generation, replaced) = keptReleases.withLockedValue {
             $0.keep(process, KeptReleases.Kept(owner: owner, streams: streams, descriptors: descriptors, files: files))
         }
-        for fd in replaced?.descriptors ?? [] { ForeignCloser.shared.close(fd) }
+        for fd in replaced?.descriptors ?? [] { Reactor.shared.closeOnLoop(fd) }
         // Through the wheel, which counts only time the broker ran: a broker held in a debugger
         // past it would otherwise close them as it went on, before the release its peer asked
         // for meanwhile (waiting in the socket) was read.
         TimeoutWheel.shared.schedule(after: releaseKeptFor) { [self] in
             Task { [self] in
                 guard let expired = keptReleases.withLockedValue({ $0.take(process, ifGeneration: generation) }) else { return }
-                for fd in expired.descriptors { ForeignCloser.shared.close(fd) }
+                for fd in expired.descriptors { Reactor.shared.closeOnLoop(fd) }
                 logger.warning("no release came for a process's kept fds: closed", metadata: [
                     "process": "\(process)", "keptFor": "\(releaseKeptFor.spoken)",
                 ])

@@ -59,7 +59,7 @@ public enum Relay {
                 switch try await stream.pull(from: source, pool: pool) {
                 case .moved(let count):
                     relayed &+= UInt64(count)
-                    sinceYield += count
+                    sinceYield += max(count, smallestCharge)
                 case .nothing: continue
                 case .endOfFile: return await finish(stream, relayed: relayed)
                 }
@@ -151,7 +151,7 @@ public enum Relay {
                         undelivered: UInt64(count - error.accepted))
                 }
             }
-            sinceYield += count
+            sinceYield += max(count, smallestCharge)
             if sinceYield >= yieldEvery {
                 sinceYield = 0
                 await Task.yield()
@@ -189,6 +189,12 @@ public enum Relay {
     /// A relay that always finds data and room lets other tasks on its executor run after this
     /// many bytes (relays share the reactor's thread: one busy stream must not starve the rest).
     static let yieldEvery = 4 << 20
+    /// What each pass counts toward `yieldEvery` at least: a pipe its writer made packetized
+    /// (O_DIRECT) gives one packet a read, one byte if the writer writes bytes, and counted by
+    /// bytes such a relay held the loop for 4 Mi reads while every other stream waited (and
+    /// past a second the watchdog took it for a stuck syscall). At least 64 KiB: a yield every
+    /// 64 passes at most.
+    static let smallestCharge = 64 << 10
 
     private static func finish(_ stream: some OutboundStream, relayed: UInt64) async -> RelayReport {
         let undelivered = await stream.finish()

@@ -251,7 +251,7 @@ extension Supervisor {
                 // likes (a write from a page it never lets arrive). Closed first, on a thread of
                 // the cooperative pool, that close waited for ever — two such creates and every
                 // task of the supervisor stood still. Killed first, it holds nothing; and the
-                // closes go to closer threads of their own (`ForeignCloser`), never the pool.
+                // closes go to the reactor's loop, whose watchdog takes over a stuck thread.
                 if let child = started.child {
                     _ = reaper.signal(child, SIGKILL)
                     _ = await reaper.wait(child)
@@ -264,7 +264,7 @@ extension Supervisor {
                     cgroups.release(cgroup)
                 }
                 // The adopt sends (and closes) copies of its own: these are ours to close.
-                for fd in descriptors { ForeignCloser.shared.close(fd) }
+                for fd in descriptors { Reactor.shared.closeOnLoop(fd) }
                 closeTerminalPeer(spec.id)
                 if let container { await runc.delete(container.id) }
                 kernelLog?.forget(spec.id)
@@ -281,7 +281,7 @@ extension Supervisor {
                 }
                 return evicted.descriptors
             }
-            for fd in evicted { ForeignCloser.shared.close(fd) }
+            for fd in evicted { Reactor.shared.closeOnLoop(fd) }
         }
         // Before the process is in the table: a request for it finds its adopt under way.
         if let lateAdopt { lateAdopts.withLockedValue { $0[spec.id] = lateAdopt } }

@@ -218,7 +218,7 @@ extension Supervisor {
                 checkpoints?.checkpoint(slot)?.clear()
                 rings?.clear(slot)
             }
-            for fd in freed.descriptors { ForeignCloser.shared.close(fd) }
+            for fd in freed.descriptors { Reactor.shared.closeOnLoop(fd) }
             return freed.slots
         }
         if let freed { logger.info("an output held open past its exit ended: its slots are free", metadata: ["process": "\(process)", "slots": "\(freed)"]) }
@@ -285,7 +285,7 @@ extension Supervisor {
             }
             return released
         }
-        for fd in released?.descriptors ?? [] { ForeignCloser.shared.close(fd) }
+        for fd in released?.descriptors ?? [] { Reactor.shared.closeOnLoop(fd) }
     }
 
     /// A broker adopted a handoff peer's process and deposited copies of its fds: they are kept

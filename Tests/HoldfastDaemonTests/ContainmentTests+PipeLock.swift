@@ -133,12 +133,9 @@ extension ContainmentTests {
             finishing = Task { await input.finish() }
         case .endsInput:
             finishing = Task { await input.finish() }
-            // The last close of the stdin's write end waits for the lock: the broker's (on its
-            // loop: the watchdog takes over) or the supervisor's kept copy (on a closer thread
-            // of its own, `ForeignCloser`: nothing to take over), whichever closes second. Both
-            // are under way once the broker has closed its end and told the supervisor (a moment:
-            // nothing below depends on which, nor on when).
-            try await Task.sleep(for: .seconds(2))
+            // The last close of the stdin's write end waits for the lock: the supervisor's (its
+            // kept copy) or the broker's, whichever closes second.
+            try await eventually("a watchdog to take over") { daemon.log.contains("I/O thread stuck in the kernel") }
         }
 
         let bystander = try await Self.startBystander(daemon)

@@ -136,7 +136,7 @@ struct HostCLIHabitsTests {
         try await terminal.expect("one")
 
         #expect(kill(client, SIGTSTP) == 0)
-        try await eventually("the client stopped") { ProcessRunState.of(client) == .stopped }
+        try await eventually("the client stopped", timeout: .seconds(60)) { ProcessRunState.of(client) == .stopped }
         #expect(canonical(), "the terminal out of raw mode for the shell")
         #expect(blocking(), "the terminal's description blocking for the shell")
 
