@@ -270,3 +270,57 @@ func processState(_ pid: pid_t) -> String {
     guard let close = text.lastIndex(of: ")") else { return "?" }
     return String(text[text.index(close, offsetBy: 2)])
 }
+
+/// A source that gives one byte a read, always — a packetized pipe (O_DIRECT) a process writes
+/// single bytes into — counting its reads.
+final class OneByteSource: ByteReader {
+    private let count = NIOLockedValueBox(0)
+    var reads: Int { count.withLockedValue { $0 } }
+    var largestRead: Int? { 1 }
+    func waitReadable() async throws {}
+    func read(into buffer: UnsafeMutableRawBufferPointer) async throws -> Int { readOne(buffer) }
+    func readNow(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? { readOne(buffer) }
+    private func readOne(_ buffer: UnsafeMutableRawBufferPointer) -> Int {
+        buffer[0] = UInt8(ascii: "x")
+        count.withLockedValue { $0 += 1 }
+        return 1
+    }
+}
+
+@Suite("A relay shares its loop", .timeLimit(.minutes(3)))
+struct RelaySharingTests {
+    /// A relay whose every read brings one byte still lets the other jobs of its loop run
+    /// within a few dozen reads. Before, it counted bytes toward its yield (every 4 MiB): such
+    /// a source held the loop for up to 4 Mi reads while every other stream waited.
+    @Test func aRelayOfOneByteReadsLetsTheLoopsOtherJobsRun() async throws {
+        let reactor = try Reactor(stallLimit: .seconds(60))
+        let pair = ResumablePair(guestDirection: .send)
+        defer { pair.close() }
+        pair.start()
+        let host = pair.host
+        let receiving = Task {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 1)
+            defer { buffer.deallocate() }
+            while !Task.isCancelled {
+                await host.waitReceivable()
+                if await host.receive(into: buffer) == 0 { break }
+            }
+        }
+        defer { receiving.cancel() }
+        let source = OneByteSource()
+        let guest = pair.guest
+        let relay = Task(executorPreference: reactor) { await Relay.output(from: source, to: guest) }
+        defer { relay.cancel() }
+        try await eventually("the relay reading") { source.reads > 10_000 }
+        // A job queued behind the busy relay on the same loop: how many reads it waited.
+        var waited: [Int] = []
+        for _ in 0..<5 {
+            let queuedAt = source.reads
+            let ranAt = try await withTimeout("the loop's other job", .seconds(60)) {
+                await Task(executorPreference: reactor) { source.reads }.value
+            }
+            waited.append(ranAt - queuedAt)
+        }
+        #expect(waited.allSatisfy { $0 < 4096 }, "reads a job queued behind the relay waited: \(waited)")
+    }
+}
