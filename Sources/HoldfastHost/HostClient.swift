@@ -515,6 +515,12 @@ public enum LocalTerminal {
         var fd: Int32
         var settings: termios?
         var flags: Int32?
+
+        /// Sets the fd's terminal settings and status flags to these (those noted).
+        func apply() {
+            if var settings { tcsetattr(fd, TCSANOW, &settings) }
+            if let flags { _ = fcntl(fd, F_SETFL, flags) }
+        }
     }
 
     /// By fd: the stdin (settings, flags), and the stdout and stderr whose flags a copy into
@@ -563,8 +569,7 @@ public enum LocalTerminal {
             }
         }
         for saved in all {
-            if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
-            if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+            saved.apply()
         }
     }
 
@@ -583,8 +588,7 @@ public enum LocalTerminal {
         }
         whileSuspended.withLockedValue { $0 = nil }
         for saved in mine {
-            if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
-            if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+            saved.apply()
         }
     }
 
@@ -593,8 +597,7 @@ public enum LocalTerminal {
     public static func restore() {
         let all = saved.withLockedValue { current in defer { current = [:] }; return current }
         for saved in all.values {
-            if var settings = saved.settings { tcsetattr(saved.fd, TCSANOW, &settings) }
-            if let flags = saved.flags { _ = fcntl(saved.fd, F_SETFL, flags) }
+            saved.apply()
         }
     }
 }

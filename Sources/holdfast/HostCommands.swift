@@ -378,13 +378,20 @@ private final class StartingFlag: Sendable {
 func dieOf(_ number: Int32) -> Never {
     // No `defer` runs past `raise`: the terminal is put back here.
     LocalTerminal.restore()
+    raiseWithItsDefaultAction(number)
+    exit(128 + number)
+}
+
+/// Raises `number` on this thread with the kernel's default action for it (this thread may
+/// block it, as the concurrency pool's threads do: unblocked here). Returns only if that action
+/// lets the process go on (a stop, once continued).
+private func raiseWithItsDefaultAction(_ number: Int32) {
     signal(number, SIG_DFL)
     var set = sigset_t()
     sigemptyset(&set)
     sigaddset(&set, number)
     pthread_sigmask(SIG_UNBLOCK, &set, nil)
     raise(number)
-    exit(128 + number)
 }
 
 /// Stops this client as the shell asks (Ctrl-Z: SIGTSTP) with the terminal put back first, and
@@ -394,13 +401,8 @@ func dieOf(_ number: Int32) -> Never {
 /// orphaned is not stopped by SIGTSTP: the client then just goes on.)
 func stopForTheShell(_ number: Int32, then pipe: SignalPipe) {
     LocalTerminal.suspend()
-    signal(number, SIG_DFL)
-    var set = sigset_t()
-    sigemptyset(&set)
-    sigaddset(&set, number)
-    pthread_sigmask(SIG_UNBLOCK, &set, nil)
     // Returns once the client is continued.
-    raise(number)
+    raiseWithItsDefaultAction(number)
     pipe.hear(number)
     LocalTerminal.resume()
 }
