@@ -68,6 +68,7 @@ let package = Package(
         .target(
             name: "HoldfastLogging",
             dependencies: [
+                "HoldfastProtocol",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

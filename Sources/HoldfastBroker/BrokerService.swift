@@ -250,6 +250,17 @@ public final class BrokerService: Sendable {
                 if case .handoff = caller, let refusal = ProcessIdentifier.controlCharacterRefusal(adopt.process) {
                     throw HoldfastError(.badRequest, "process id \(refusal)")
                 }
+                // Its addresses too: `holdfast status` prints a parked stream's address to root's
+                // terminal.
+                if case .handoff = caller {
+                    for stream in adopt.streams {
+                        for address in [stream.address, stream.inputAddress].compactMap({ $0 }) {
+                            if let refusal = TerminalText.controlCharacterRefusal(address, "addresses") {
+                                throw HoldfastError(.badAddress, "\(stream.kind.rawValue) address \(refusal)")
+                            }
+                        }
+                    }
+                }
                 if adopt.streams.contains(where: { $0.resume == true }),
                     Failpoint.fails(Failpoint.readoptionRefusedForFds, process: adopt.process, passes: Failpoint.firstTries)
                 {

@@ -186,11 +186,6 @@ public enum ProcessIdentifier {
     /// the journal and operators' terminals: a newline in one forged a journal entry, an escape
     /// sequence wrote to the terminal of whoever ran `holdfast status`.
     public static func controlCharacterRefusal(_ id: String) -> String? {
-        for (index, scalar) in id.unicodeScalars.enumerated()
-        where scalar.value < 0x20 || scalar.value == 0x7F || (0x80...0x9F).contains(scalar.value) {
-            let hex = String(scalar.value, radix: 16, uppercase: true)
-            return "holds a control character (U+\(String(repeating: "0", count: max(0, 4 - hex.count)) + hex) at character \(index)): ids are printable text"
-        }
-        return nil
+        TerminalText.controlCharacterRefusal(id, "ids")
     }
 }

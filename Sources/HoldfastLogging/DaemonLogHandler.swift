@@ -1,3 +1,4 @@
+import HoldfastProtocol
 import Logging
 
 #if canImport(Glibc)
@@ -68,37 +69,45 @@ public struct DaemonLogHandler: LogHandler {
     static func format(
         level: Logger.Level, label: String, message: String, metadata: Logger.Metadata, journal: Bool, timestamp: String?
     ) -> String {
-        let fields = metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let body = escapingControls(fields.isEmpty ? message : "\(message) \(fields)")
+        let fields = metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\(clipped(escapingControls("\($0.value)"), to: valueLimit))" }
+            .joined(separator: " ")
+        let said = clipped(escapingControls(message), to: messageLimit)
+        let body = clipped(fields.isEmpty ? said : "\(said) \(fields)", to: lineLimit)
         if journal { return "<\(priority(level))>\(label): \(body)" }
         return "\(timestamp ?? "") \(level) \(label): \(body)"
+    }
+
+    /// The most a value, a message and a whole line may take, in UTF-8 bytes. journald splits a
+    /// line past its `LineMax` (48 KiB) and reads a priority prefix again at the start of each
+    /// piece: a host's argv (up to 64 KiB in "process started") or runc's error text placed so
+    /// that `<0>holdfast.supervisor: ...` began at the split forged an entry at any priority. A
+    /// value is clipped on its own, so the keys after a long one (`id` after `argv`) still show.
+    static let valueLimit = 2048
+    static let messageLimit = 4096
+    static let lineLimit = 32 << 10
+
+    /// `text` cut to at most `limit` UTF-8 bytes (at a character's boundary), saying how much was
+    /// left out.
+    static func clipped(_ text: String, to limit: Int) -> String {
+        let length = text.utf8.count
+        guard length > limit else { return text }
+        var kept = String.UnicodeScalarView()
+        var used = 0
+        let room = limit - 32  // for the note
+        for scalar in text.unicodeScalars {
+            let size = String(scalar).utf8.count
+            if used + size > room { break }
+            kept.append(scalar)
+            used += size
+        }
+        return String(kept) + "…(\(length - used) bytes more)"
     }
 
     /// `text` with its control characters written out (`\n`, `\u{1b}`): a line carries what
     /// others chose (an id a runtime named, runc's error text, a peer's reason), and a newline
     /// in it began a journal entry of its own (`<2>holdfast.supervisor: ...`, forged at any
     /// priority), an escape sequence reached the terminal of whoever read the log.
-    static func escapingControls(_ text: String) -> String {
-        func isControl(_ scalar: Unicode.Scalar) -> Bool {
-            scalar.value < 0x20 && scalar != "\t" || scalar.value == 0x7F || (0x80...0x9F).contains(scalar.value)
-        }
-        guard text.unicodeScalars.contains(where: isControl) else { return text }
-        var escaped = String.UnicodeScalarView()
-        for scalar in text.unicodeScalars {
-            guard isControl(scalar) else {
-                escaped.append(scalar)
-                continue
-            }
-            let spelled: String
-            switch scalar {
-            case "\n": spelled = "\\n"
-            case "\r": spelled = "\\r"
-            default: spelled = "\\u{" + String(scalar.value, radix: 16) + "}"
-            }
-            escaped.append(contentsOf: spelled.unicodeScalars)
-        }
-        return String(escaped)
-    }
+    static func escapingControls(_ text: String) -> String { TerminalText.escaped(text) }
 
     /// The syslog priority sd-daemon(3) prefixes use.
     static func priority(_ level: Logger.Level) -> Int {

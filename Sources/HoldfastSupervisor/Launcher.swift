@@ -115,6 +115,9 @@ struct Launcher {
         }
         for (name, stream) in [("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr)] {
             guard let stream else { continue }
+            if let refusal = TerminalText.controlCharacterRefusal(stream.address, "addresses") {
+                throw HoldfastError(.badAddress, "\(name).address \(refusal)")
+            }
             do {
                 _ = try SocketAddress(parsing: stream.address)
             } catch {

@@ -66,6 +66,7 @@ public enum StatusPrinter {
     }
 
     public static func render(_ report: StatusReport, colour: Bool) -> String {
+        let report = printable(report)
         func paint(_ text: String, _ code: String) -> String { colour ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text }
         // Green for working, yellow for waiting, red for lost.
         func state(_ bridge: BridgeState) -> String {
@@ -159,6 +160,41 @@ public enum StatusPrinter {
             lines.append("... and \(omitted) more streams (all streams: \(states))")
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// The report with the text others chose written out where it holds control characters:
+    /// ids and addresses a runtime handed over, errors from outside. Printed as they came, an
+    /// escape sequence in one reached root's terminal (title, clipboard, hidden lines), and
+    /// threw the table's columns out.
+    static func printable(_ report: StatusReport) -> StatusReport {
+        let escaped = { (text: String) in TerminalText.escaped(text) }
+        var report = report
+        report.lastUpgradeFailure = report.lastUpgradeFailure.map(escaped)
+        report.settingsAwaitingRestart = report.settingsAwaitingRestart?.map { pending in
+            var pending = pending
+            pending.configured = escaped(pending.configured)
+            pending.running = escaped(pending.running)
+            return pending
+        }
+        report.roles = report.roles.map { role in
+            var role = role
+            role.lastExit = role.lastExit.map(escaped)
+            role.notAnswering = role.notAnswering.map(escaped)
+            return role
+        }
+        report.processes = report.processes.map { process in
+            var process = process
+            process.id = escaped(process.id)
+            return process
+        }
+        report.streams = report.streams.map { stream in
+            var stream = stream
+            stream.process = escaped(stream.process)
+            stream.address = escaped(stream.address)
+            stream.lastDialError = stream.lastDialError.map(escaped)
+            return stream
+        }
+        return report
     }
 
     static func duration(_ seconds: Double) -> String {

@@ -15,9 +15,9 @@ import Glibc
 /// told all was well, the host waiting for bytes that could never come.
 @Suite("A runtime that hands over the wrong fd is told so", .timeLimit(.minutes(3)))
 struct HandoffWrongDescriptorTests {
-    /// An id holding a control character (a newline that would forge a journal entry, an
-    /// escape sequence for whoever runs `holdfast status`) is refused from a runtime and at a
-    /// create, saying why; a process the supervisor hands back after a crash is not checked
+    /// An id or an address holding a control character (a newline that would forge a journal
+    /// entry, an escape sequence for whoever runs `holdfast status`) is refused from a runtime
+    /// and at a create, saying why; a process the supervisor hands back after a crash is not checked
     /// again (an older release let such ids in: refusing them would lose their streams).
     @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
     func anIdWithAControlCharacterIsRefusedFromARuntimeAndAtACreate() async throws {
@@ -41,6 +41,32 @@ struct HandoffWrongDescriptorTests {
             created = "\(error.code) \(error.message)"
         }
         #expect(created.contains("holds a control character (U+001B"), "\(created)")
+        // An address too: `holdfast status` prints a parked stream's address to root's terminal.
+        let runtime = try await ControlClient.connect(to: daemon.directory.file("broker.sock"))
+        defer { runtime.close() }
+        let hostile = "unix:/x\u{1b}]0;owned\u{07}\u{1b}[2J"
+        let spec = daemon.spec("addr-out")
+        let adopt = BrokerRequest.adopt(AdoptRequest(process: "addr", streams: [
+            StreamDescription(kind: .stdout, fd: 0, address: hostile, mode: .resumable, token: spec.token, secret: spec.secret),
+        ]))
+        let second = try PipeEnds.make()
+        defer { close(second.read); close(second.write) }
+        let addressError: String
+        do {
+            _ = try await runtime.request(adopt.frameType, body: adopt.body, descriptors: [second.read])
+            addressError = "adopted"
+        } catch {
+            addressError = "\(error)"
+        }
+        #expect(addressError.contains("bad-address") && addressError.contains("holds a control character (U+001B at character 7)"), "\(addressError)")
+        let createdWithAddress: String
+        do {
+            _ = try await daemon.bridge.create(ProcessSpec(id: "addr2", argv: ["true"], stdout: StreamSpec(address: hostile, mode: .raw)))
+            createdWithAddress = "started"
+        } catch {
+            createdWithAddress = "\(error.code) \(error.message)"
+        }
+        #expect(createdWithAddress.contains("stdout.address holds a control character (U+001B"), "\(createdWithAddress)")
         #expect(!daemon.log.contains("forged"), "nothing of it in the log as a line of its own")
         #expect(try await daemon.stop() == .exited(0))
     }

@@ -37,4 +37,25 @@ struct DaemonLogHandlerTests {
         // Plain text (a tab too) is left as it is.
         #expect(DaemonLogHandler.escapingControls("a\tb c") == "a\tb c")
     }
+
+    /// journald splits a line past 48 KiB and reads a priority prefix again at the start of each
+    /// piece: a long value (a host's argv in "process started") placed so that `<0>...` began at
+    /// the split forged an entry. Each value is clipped on its own, the line as a whole too, and
+    /// the keys after a long value still show.
+    @Test func aLongLineIsClippedBelowWhatTheJournalSplits() {
+        let argv = String(repeating: "a", count: 49_130) + "<0>holdfast.supervisor: forged" + String(repeating: "é", count: 20_000)
+        let line = DaemonLogHandler.format(
+            level: .info, label: "holdfast.supervisor", message: String(repeating: "m", count: 70_000),
+            metadata: ["argv": .string(argv), "id": "c1"], journal: true, timestamp: nil)
+        #expect(line.utf8.count < 16 << 10, "\(line.utf8.count) bytes")
+        #expect(!line.contains("forged"))
+        #expect(line.hasSuffix(" id=c1"), "the key after the long value shows")
+        #expect(line.contains("…(\(argv.utf8.count - (2048 - 32)) bytes more) id=c1"))
+        // Many values, each under the limit: the line as a whole is clipped.
+        let many = Logger.Metadata(uniqueKeysWithValues: (0..<40).map { ("k\($0)", .string(String(repeating: "v", count: 2000))) })
+        let wide = DaemonLogHandler.format(level: .info, label: "x", message: "m", metadata: many, journal: true, timestamp: nil)
+        #expect(wide.utf8.count <= (32 << 10) + 32 && wide.contains("bytes more)"))
+        // A short line is left as it is.
+        #expect(DaemonLogHandler.clipped("short", to: 2048) == "short")
+    }
 }
