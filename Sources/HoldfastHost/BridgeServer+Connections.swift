@@ -116,10 +116,14 @@ extension BridgeServer {
     /// delivered, or (`byCaller`) once the caller said it handled it. When the guest confirms the
     /// acknowledgement it has forgotten the exit (it will not repeat it), so we forget it too.
     func deliver(_ report: ExitReport, on connection: Connection) {
+        guard (1...Self.maximumIDLength).contains(report.id.utf8.count) else {
+            ignoredExit(report.id)
+            return
+        }
         let (first, handled) = state.withLockedValue { s -> (Bool, Bool) in
             let handled = s.handledExits.contains(report.id)
             guard s.deliveredExits[report.id] == nil else { return (false, handled) }
-            s.deliveredExits[report.id] = false
+            s.delivered(report.id)
             return (true, handled)
         }
         if first {
@@ -256,6 +260,21 @@ extension BridgeServer {
     func describePeer(_ socket: AsyncFD) -> String {
         guard case .unix = address, let credentials = try? PeerCredentials.of(socket) else { return "" }
         return " from pid \(credentials.pid) (uid \(credentials.uid))"
+    }
+
+    /// An exit whose id no create could have made (empty, or past 256 bytes): not delivered nor
+    /// acknowledged, and said at most once a second with how many since.
+    func ignoredExit(_ id: String) {
+        let now = ContinuousClock.now
+        let count = state.withLockedValue { s -> Int? in
+            s.ignoredExits += 1
+            if let last = s.lastIgnoredWarning, now - last < .seconds(1) { return nil }
+            s.lastIgnoredWarning = now
+            defer { s.ignoredExits = 0 }
+            return s.ignoredExits
+        }
+        guard let count else { return }
+        warn("bridge \(address): ignored \(count) exit report\(count == 1 ? "" : "s") whose id is not 1 to \(Self.maximumIDLength) bytes (the last \(id.utf8.count) bytes): no create makes one")
     }
 
     /// Counts a refused connection and warns, at most once a second (an impostor dialling every

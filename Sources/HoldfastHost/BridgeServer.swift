@@ -100,6 +100,14 @@ public final class BridgeServer: Sendable {
     let exitAcknowledgement: ExitAcknowledgement
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
     public static let rememberedConfirmedExits = 4096
+    /// How many exits may wait for the guest's confirmation at once. A guest holds each exit
+    /// until it is acknowledged, so a real one has no more than it has processes; one that sends
+    /// exits of ids without end and never confirms grew this table for good (the oldest are
+    /// forgotten past it: a late repeat of one would be delivered again).
+    public static let maximumUnconfirmedExits = 65_536
+    /// An exit's id is at most this long: the guest refuses longer ones at a create, so a longer
+    /// one is not from a process it ran (ignored, said).
+    public static let maximumIDLength = 256
 
     /// What vouches for a connection in its handshake: the pool it waits in.
     enum AdmissionTier: Sendable, Equatable {
@@ -131,6 +139,35 @@ public final class BridgeServer: Sendable {
         /// the guest has not confirmed yet: acknowledged on every connection that repeats them.
         var handledExits: Set<String> = []
         var confirmedOrder = IDQueue()
+        /// Ids delivered and not confirmed, oldest first (with ids confirmed or forgotten since
+        /// among them, skipped), and how many are still unconfirmed.
+        var unconfirmedOrder = IDQueue()
+        var unconfirmed = 0
+        var ignoredExits = 0
+        var lastIgnoredWarning: ContinuousClock.Instant?
+
+        /// Records a first delivery of `id`, forgetting the oldest unconfirmed past the bound.
+        mutating func delivered(_ id: String) {
+            deliveredExits[id] = false
+            unconfirmed += 1
+            unconfirmedOrder.append(id)
+            while unconfirmed > BridgeServer.maximumUnconfirmedExits, let oldest = unconfirmedOrder.popFirst() {
+                guard deliveredExits[oldest] == false else { continue }
+                deliveredExits.removeValue(forKey: oldest)
+                handledExits.remove(oldest)
+                unconfirmed -= 1
+            }
+            // Ids confirmed or forgotten since stay in the queue until they are popped: dropped
+            // when they outnumber the live ones, so the queue stays within twice the table.
+            if unconfirmedOrder.count > 2 * unconfirmed + 1024 {
+                unconfirmedOrder = IDQueue(items: unconfirmedOrder.remaining.filter { deliveredExits[$0] == false })
+            }
+        }
+
+        /// Forgets `id`'s exit (its id is created again).
+        mutating func forgetExit(_ id: String) {
+            if deliveredExits.removeValue(forKey: id) == false { unconfirmed -= 1 }
+        }
         var refusing = false
         var closed = false
         var accepted = 0
@@ -190,8 +227,27 @@ public final class BridgeServer: Sendable {
             }
         }
 
+        /// Requests sent on it and not answered yet.
+        private let outstanding = NIOLockedValueBox(0)
+        /// A guest that leaves this many requests unanswered has stopped serving this connection
+        /// (a bug, or a guest that reads and never answers): it is dropped, failing them, and the
+        /// guest redials. Kept open, each timed-out request left its waiter and frame behind for
+        /// as long as the connection lasted, and every poll and acknowledgement added more.
+        static let maximumOutstanding = 1024
+
         /// Sends a request; the guest's reply, or `bridge-lost` if the connection ends first.
         func request(_ request: BridgeRequest) async throws(HoldfastError) -> ControlFrame {
+            let room = outstanding.withLockedValue { count -> Bool in
+                guard count < Self.maximumOutstanding else { return false }
+                count += 1
+                return true
+            }
+            guard room else {
+                close()
+                throw HoldfastError(
+                    .bridgeLost, "the guest left \(Self.maximumOutstanding) requests on its bridge connection unanswered: the connection was dropped (the guest redials)")
+            }
+            defer { outstanding.withLockedValue { $0 -= 1 } }
             do throws(HoldfastError) {
                 return try await rpc.request(request.frameType, body: request.body).frame
             } catch {
@@ -301,7 +357,7 @@ public final class BridgeServer: Sendable {
         // The id may be reused once its last exit was acknowledged: its next exit is news.
         // (Before the first attempt: an exit of this very create may arrive before a repeat's
         // reply, and must then not be delivered twice.)
-        state.withLockedValue { _ = $0.deliveredExits.removeValue(forKey: spec.id) }
+        state.withLockedValue { $0.forgetExit(spec.id) }
         let (reply, hello) = try await repeatedWhileTheBridgeIsLost(
             .create(keyed), reply: LaunchResponse.self, timeout: max(.zero, deadline - ContinuousClock.now), counted: \.repeatedCreates)
         return CreatedProcess(pid: reply.pid, hello: hello)
@@ -365,6 +421,7 @@ public final class BridgeServer: Sendable {
             s.handledExits.remove(id)
             guard s.deliveredExits[id] == false else { return }
             s.deliveredExits[id] = true
+            s.unconfirmed -= 1
             s.confirmedOrder.append(id)
             while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
                 if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
@@ -610,6 +667,9 @@ struct RecentVouchers: Sendable {
 struct IDQueue: Sendable {
     var items: [String] = []
     var head = 0
+
+    /// What is still queued, oldest first.
+    var remaining: ArraySlice<String> { items[head...] }
 
     var count: Int { items.count - head }
 

@@ -1,0 +1,117 @@
+import Glibc
+import HoldfastCore
+import HoldfastHost
+import HoldfastPosix
+import HoldfastProtocol
+import HoldfastTestSupport
+import NIOConcurrencyHelpers
+import Testing
+
+/// The host side does not trust the guest: a guest that is not Holdfast (a compromised VM) can
+/// send what it likes on the bridge, and must not grow the host agent's memory without bound.
+@Suite("A hostile guest cannot grow the host's tables", .timeLimit(.minutes(5)))
+struct BridgeServerHostileGuestTests {
+    typealias Guest = BridgeServerCreateTests.ScriptedGuest
+
+    static func exitFrame(_ id: String) -> [UInt8] {
+        ControlFrame(
+            type: BridgeMessageType.exit.rawValue, id: 0,
+            body: ControlJSON.encode(ExitReport(id: id, exitCode: 0, signal: nil, undelivered: 0))
+        ).encoded
+    }
+
+    /// A bridge server whose exits are counted by an observer (nothing buffered unread).
+    static func start(_ directory: TemporaryDirectory, warned: NIOLockedValueBox<[String]>? = nil) throws -> (BridgeServer, NIOLockedValueBox<[String]>) {
+        let delivered = NIOLockedValueBox<[String]>([])
+        let bridge = try BridgeServer(
+            listeningOn: .unix(path: directory.file("bridge.sock")), authentication: .key(BridgeServerCreateTests.key),
+            warn: { text in warned?.withLockedValue { $0.append(text) } },
+            observer: { event in
+                if case .exit(let report) = event { delivered.withLockedValue { $0.append(report.id) } }
+            })
+        bridge.start()
+        return (bridge, delivered)
+    }
+
+    /// Exits of new ids without end, never confirming an acknowledgement, over 70 connections:
+    /// each is delivered once, and the table of exits waiting for confirmation keeps at most
+    /// `maximumUnconfirmedExits` (the oldest forgotten). Before, it kept every one for good.
+    @Test func exitsOfNewIdsWithoutEndKeepABoundedTable() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let (bridge, delivered) = try Self.start(directory)
+        defer { bridge.close() }
+        let rounds = 70
+        let perRound = 1000
+        for round in 0..<rounds {
+            let guest = try await Guest.connect(bridge.address, key: BridgeServerCreateTests.key)
+            var batch: [UInt8] = []
+            for index in 0..<perRound { batch += Self.exitFrame("r\(round)-\(index)") }
+            try await FrameIO.write(batch, to: guest.socket)
+            // Closed without answering: every acknowledgement on it fails, unconfirmed.
+            try await eventually("round \(round) delivered", timeout: .seconds(60)) {
+                delivered.withLockedValue { $0.count } == (round + 1) * perRound
+            }
+            guest.socket.close()
+        }
+        let ids = delivered.withLockedValue { $0 }
+        #expect(Set(ids).count == rounds * perRound, "each delivered once")
+        #expect(bridge.unconfirmedExits <= BridgeServer.maximumUnconfirmedExits, "\(bridge.unconfirmedExits) waiting")
+        #expect(bridge.rememberedExits <= BridgeServer.maximumUnconfirmedExits, "\(bridge.rememberedExits) remembered")
+        #expect(rounds * perRound > BridgeServer.maximumUnconfirmedExits, "the test sends past the bound")
+    }
+
+    /// A guest that reads the host's requests and answers none is dropped once it leaves 1,024
+    /// unanswered (it redials): kept, every poll and acknowledgement left a waiter behind for as
+    /// long as the connection lasted.
+    @Test func aGuestThatLeavesRequestsUnansweredIsDropped() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let (bridge, delivered) = try Self.start(directory)
+        defer { bridge.close() }
+        let guest = try await Guest.connect(bridge.address, key: BridgeServerCreateTests.key)
+        defer { guest.socket.close() }
+        var batch: [UInt8] = []
+        for index in 0..<1100 { batch += Self.exitFrame("job-\(index)") }
+        try await FrameIO.write(batch, to: guest.socket)
+        // Reads the acknowledgements the host asks for, answering none, until the host hangs up.
+        let (requests, ending) = try await withTimeout("the host to drop the connection", .seconds(60)) { () async throws -> (Int, String) in
+            var count = 0
+            while true {
+                do {
+                    let frame = try await ControlFrameIO.read(from: guest.socket, maxBody: BridgeProtocol.maxBody)
+                    if frame.type == BridgeMessageType.acknowledgeExit.rawValue { count += 1 }
+                } catch {
+                    return (count, "\(error)")
+                }
+            }
+        }
+        // How many of them the host wrote before it hung up depends on its writer's pace; never
+        // more than the bound.
+        #expect(requests <= 1024, "\(requests) acknowledgements asked before the drop (\(ending))")
+        #expect(ending == "end of stream", "the host hung up")
+        #expect(delivered.withLockedValue { $0.count } >= 1024)
+    }
+
+    /// An exit whose id no create could have made (past 256 bytes) is neither delivered nor
+    /// acknowledged, and the host says so once.
+    @Test func anExitWithAnIdNoCreateMakesIsIgnoredAndSaid() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let warned = NIOLockedValueBox<[String]>([])
+        let (bridge, delivered) = try Self.start(directory, warned: warned)
+        defer { bridge.close() }
+        let guest = try await Guest.connect(bridge.address, key: BridgeServerCreateTests.key)
+        defer { guest.socket.close() }
+        let long = String(repeating: "x", count: 60_000)
+        let frames = Self.exitFrame(long) + Self.exitFrame("") + Self.exitFrame("fine")
+        try await FrameIO.write(frames, to: guest.socket)
+        try await eventually("the valid exit delivered") { delivered.withLockedValue { $0 } == ["fine"] }
+        let (acknowledgement, body) = try await guest.next(.acknowledgeExit, AcknowledgeExitRequest.self)
+        #expect(body.id == "fine", "only the valid one acknowledged")
+        try await guest.reply(to: acknowledgement, [String: String]())
+        #expect(bridge.rememberedExits == 1)
+        let said = warned.withLockedValue { $0 }.filter { $0.contains("ignored") }
+        #expect(said.count == 1 && said[0].contains("whose id is not 1 to 256 bytes (the last 60000 bytes)"), "\(said)")
+    }
+}
