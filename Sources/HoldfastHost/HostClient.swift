@@ -367,8 +367,10 @@ public enum HostClient {
         TextTable.lines(
             ["PROCESS", "PID", "STATE", "EXIT", "COMMAND"],
             list.processes.map {
-                [$0.id, $0.pid.map(String.init) ?? "-", $0.state.rawValue,
-                 ($0.exitCode.map(String.init) ?? "-") + ($0.oomKilled == true ? " (OOM killed)" : ""), $0.command ?? "-"]
+                // Ids and commands the guest listed, written out where they hold control
+                // characters: a guest's escape sequence must not reach the operator's terminal.
+                [TerminalText.escaped($0.id), $0.pid.map(String.init) ?? "-", $0.state.rawValue,
+                 ($0.exitCode.map(String.init) ?? "-") + ($0.oomKilled == true ? " (OOM killed)" : ""), TerminalText.escaped($0.command ?? "-")]
             }
         ).joined(separator: "\n")
     }

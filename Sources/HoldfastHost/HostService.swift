@@ -77,6 +77,10 @@ public final class HostService: Sendable {
         listInterval: Duration = .seconds(1), logSize: Int = HostDefaults.logSize, logsKept: Int = HostDefaults.logsKept,
         say: @escaping @Sendable (String) -> Void
     ) throws {
+        // Each line written out where it holds control characters: lines carry what the guest
+        // sent (an exit's id, its boot id, an error's text), and a compromised guest's escape
+        // sequence reached the operator's terminal, its newline forged a line of the log.
+        let say: @Sendable (String) -> Void = { text in say(TerminalText.escaped(text)) }
         self.say = say
         self.listInterval = listInterval
         self.logSize = logSize

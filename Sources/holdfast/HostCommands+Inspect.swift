@@ -72,7 +72,7 @@ struct HostPS: AsyncParsableCommand, HostFamilyCommand {
                 "holdfast host ps: the guest did not answer (not connected to host serve, or connected but stopped or overloaded: 'holdfast status' in the guest says which): this is what host serve knows")
         }
         if quiet {
-            for process in list.processes { print(process.id) }
+            for process in list.processes { print(TerminalText.escaped(process.id)) }
         } else {
             print(json || format == "json" ? String(decoding: ControlJSON.encode(list), as: UTF8.self) : HostClient.render(list))
         }
@@ -188,9 +188,11 @@ func currentDirectory() -> String {
     return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
-/// One line to stdout, unbuffered: a log read while the service runs must be current.
+/// One line to stdout, unbuffered: a log read while the service runs must be current. Control
+/// characters but line breaks are written out: a line may carry what a guest sent (an exit's
+/// id, an error's text), and the guest may be compromised.
 func writeLine(_ text: String) {
-    var line = Array((text + "\n").utf8)
+    var line = Array((TerminalText.escaped(text, keepingLineBreaks: true) + "\n").utf8)
     var offset = 0
     while offset < line.count {
         let count = line[offset...].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
@@ -200,9 +202,9 @@ func writeLine(_ text: String) {
     line.removeAll()
 }
 
-/// One line to stderr, unbuffered.
+/// One line to stderr, unbuffered; control characters but line breaks written out (`writeLine`).
 func writeError(_ text: String) {
-    let line = Array((text + "\n").utf8)
+    let line = Array((TerminalText.escaped(text, keepingLineBreaks: true) + "\n").utf8)
     var offset = 0
     while offset < line.count {
         let count = line[offset...].withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }

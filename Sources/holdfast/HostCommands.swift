@@ -109,7 +109,7 @@ struct HostServe: AsyncParsableCommand, HostFamilyCommand {
         let service = try HostService(
             bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, guestStreams: guestStreamsAddress, control: control, logSize: parsedLogSize ?? HostDefaults.logSize,
             logsKept: logsKept
-        ) { writeLine($0) }
+        ) { writeLine(TerminalText.escaped($0)) }  // one line each: a guest's newline forges none
         defer { service.close() }
         let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
         let serving = Task { await service.run() }

@@ -81,12 +81,12 @@ struct HostServiceOutcomeTests {
         let serving: Task<Void, Never>
         let null: (input: Int32, output: Int32)
 
-        init(guestStreams: SocketAddress? = nil) throws {
+        init(guestStreams: SocketAddress? = nil, say: @escaping @Sendable (String) -> Void = { _ in }) throws {
             directory = try TemporaryDirectory()
             service = try HostService(
                 bridge: .unix(path: directory.file("bridge.sock")), bridgeKey: HostServiceOutcomeTests.key,
                 streams: .unix(path: directory.file("streams.sock")), guestStreams: guestStreams,
-                control: directory.file("host.sock"), listInterval: .milliseconds(50)) { _ in }
+                control: directory.file("host.sock"), listInterval: .milliseconds(50), say: say)
             serving = Task { [service] in await service.run() }
             null = (open("/dev/null", O_RDONLY | O_CLOEXEC), open("/dev/null", O_WRONLY | O_CLOEXEC))
         }
@@ -111,6 +111,29 @@ struct HostServiceOutcomeTests {
             close(null.output)
             directory.remove()
         }
+    }
+
+    /// A compromised guest's text holds escape sequences and newlines: an exit of an id nobody
+    /// created, and ids it lists. host serve's lines write them out, and so does `host ps`'s
+    /// table: none reaches the operator's terminal, and no line is forged.
+    @Test func whatAGuestSaysReachesNoTerminalAsControlCharacters() async throws {
+        let said = NIOLockedValueBox<[String]>([])
+        let setup = try Setup { line in said.withLockedValue { $0.append(line) } }
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let hostile = "x\u{1b}]0;owned\u{07}\u{1b}[2J\n[forged] holdfast host: all well"
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1", exits: [ExitReport(id: hostile, exitCode: 0, signal: nil, undelivered: 0)])
+        defer { guest.close() }
+        guest.listed.withLockedValue { $0 = [hostile] }
+        try await eventually("the exit said") { said.withLockedValue { $0 }.contains { $0.contains("owned") } }
+        let lines = said.withLockedValue { $0 }
+        let controls = lines.flatMap { $0.unicodeScalars.filter(TerminalText.isControl) }
+        #expect(controls.isEmpty, "\(lines)")
+        #expect(lines.contains { $0.contains(#"x\u{1b}]0;owned\u{7}\u{1b}[2J\n[forged]"#) }, "\(lines)")
+        let list = try await HostClient.processes(control: setup.directory.file("host.sock"), all: true)
+        #expect(list.processes.contains { $0.id == hostile }, "listed as the guest said (JSON keeps it exact)")
+        let table = HostClient.render(list)
+        #expect(!table.unicodeScalars.contains { $0 != "\n" && TerminalText.isControl($0) }, "\(table.debugDescription)")
     }
 
     @Test func anExitEndsTheRunAndStreamsThatNeverEndAreEndedAfterTheDrainTimeout() async throws {
