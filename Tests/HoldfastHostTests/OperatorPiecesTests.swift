@@ -80,6 +80,28 @@ struct OperatorPiecesTests {
         #expect(String(decoding: tail.suffix(10), as: UTF8.self) == "0123456789")
     }
 
+    /// A guest that sends its output a byte at a time made a run of each byte (some 100 bytes of
+    /// memory per byte kept). Appends of one stream join its last run, and a log keeps at most
+    /// `capacity / 128` runs even when the streams alternate byte by byte; a follower whose
+    /// cursor is inside a run that grew gets only the new bytes.
+    @Test func aLogOfTinyChunksKeepsFewRuns() {
+        let log = ProcessLog(capacity: 64 << 10, streams: ["stdout", "stderr"])
+        for _ in 0..<65_536 { log.append("stdout", [UInt8(ascii: "o")]) }
+        #expect(log.entryCount == 1 && log.byteCount == 64 << 10)
+        for index in 0..<65_536 { log.append(index % 2 == 0 ? "stdout" : "stderr", [UInt8(ascii: "x")]) }
+        #expect(log.entryCount <= 512, "\(log.entryCount) runs (at most capacity / 128)")
+        let kept = log.entries(after: 0).entries
+        #expect(kept.count == log.entryCount && kept.allSatisfy { $0.bytes == [UInt8(ascii: "x")] })
+
+        let follow = ProcessLog(capacity: 1000, streams: ["stdout"])
+        follow.append("stdout", Array("abc".utf8))
+        let cursor = follow.entries(after: 0).entries.last!.sequence
+        follow.append("stdout", Array("def".utf8))
+        #expect(follow.entries(after: 0).entries.map { String(decoding: $0.bytes, as: UTF8.self) } == ["abcdef"])
+        #expect(follow.entries(after: cursor).entries.map { String(decoding: $0.bytes, as: UTF8.self) } == ["def"])
+        #expect(follow.entries(after: follow.entries(after: 0).entries.last!.sequence).entries.isEmpty)
+    }
+
     @Test func durationsAreSpokenTheWayTheyAreWritten() {
         #expect(Duration.seconds(30).spoken == "30s")
         #expect((Duration.seconds(30) - .nanoseconds(2_647)).spoken == "30s")
