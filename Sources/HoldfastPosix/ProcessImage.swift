@@ -100,6 +100,26 @@ public enum ProcessImage {
         pthread_sigmask(SIG_UNBLOCK, &mask, nil)
     }
 
+    /// Opens /dev/null onto whichever of fds 0, 1 and 2 the process was started without (an
+    /// init that starts the daemon with its stdio closed). Left closed, the first file the
+    /// daemon opened took that number: with fd 2 the checkpoint area, every log line was written
+    /// over the streams' checkpoints; with fd 1 or 0, a socket or a pipe end got bytes it was
+    /// never meant to. Returns the fds it opened.
+    @discardableResult
+    public static func fillClosedStandardDescriptors() -> [Int32] {
+        var filled: [Int32] = []
+        for fd: Int32 in 0...2 where fcntl(fd, F_GETFD) == -1 && errno == EBADF {
+            // The lowest free number: this one, as 0...fd-1 are open by now.
+            let opened = open("/dev/null", O_RDWR)
+            if opened == fd {
+                filled.append(fd)
+            } else if opened >= 0 {
+                close(opened)
+            }
+        }
+        return filled
+    }
+
     /// Marks inherited fds close-on-exec again: nothing the new image starts gets them.
     public static func closeOnExec(_ fds: [Int32]) {
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }

@@ -29,6 +29,7 @@ import Glibc
 @main
 enum HoldfastMain {
     static func main() {
+        ProcessImage.fillClosedStandardDescriptors()
         ProcessImage.unblockAll(except: Supervisor.signalsBlockedAcrossExec)
         SpawnThread.serveOnThisThread { await Holdfast.main() }
     }
