@@ -254,6 +254,12 @@ final class ManagedStream: Sendable {
 
     var transports: [StreamTransport] { [output, input].compactMap { $0 } }
 
+    /// A raw output's loss so far (`StreamTransport.unconfirmed`), nil when none.
+    var rawUnconfirmed: UInt64? {
+        let count = output?.unconfirmed ?? 0
+        return count > 0 ? count : nil
+    }
+
     /// Output bytes the stream took from the process and the host has not acknowledged (a
     /// resumable stream's replay ring); 0 for raw mode, which keeps nothing. What still waits
     /// in the pipe is not counted: asking the kernel takes the pipe's lock, which the process
@@ -536,7 +542,7 @@ final class AdoptedProcess: Sendable {
                         stream.close()
                         return .init(
                             kind: stream.description.kind, bytes: report.bytes, undelivered: report.undelivered, ending: report.ending.rawValue,
-                            lost: stream.output?.lostBytes)
+                            lost: stream.output?.lostBytes, unconfirmed: stream.rawUnconfirmed)
                     }
                     if let result = ended(await stream.finished(within: timeout + .seconds(1))) { return (index, result) }
                     // Still running. Its pipe ended and it only drains what it holds (a slow
@@ -557,7 +563,7 @@ final class AdoptedProcess: Sendable {
                     // final (the supervisor marks the exit cut short).
                     return (index, .init(
                         kind: stream.description.kind, bytes: stream.output?.figures.0 ?? 0, undelivered: stream.unacknowledgedOutput,
-                        ending: DrainedNotification.StreamResult.stillOpen, lost: stream.output?.lostBytes))
+                        ending: DrainedNotification.StreamResult.stillOpen, lost: stream.output?.lostBytes, unconfirmed: stream.rawUnconfirmed))
                 }
             }
             var byIndex: [Int: DrainedNotification.StreamResult] = [:]

@@ -620,7 +620,7 @@ public final class Broker: Sendable {
             if removed { for stream in adopted.status(excluding: heldOpen) { record(finished: stream) } }
             // Not ours to count: a release took it out of the table (and counted every stream).
             if !removed, !heldOpen.isEmpty { relayedPastExit.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(adopted)) } }
-            let undelivered = results.reduce(0) { $0 + $1.undelivered }
+            let undelivered = results.reduce(0) { $0 + $1.undelivered + ($1.unconfirmed ?? 0) }
             // Given up, not still on its way: an output held open is counted when it ends
             // (`relayUntilEnded`); its count now is bytes in flight, not lost.
             let givenUp = results.filter { $0.ending != DrainedNotification.StreamResult.stillOpen }.reduce(0) { $0 + $1.undelivered }

@@ -488,7 +488,15 @@ public struct DrainedNotification: Codable, Sendable, Equatable {
         /// Input streams: bytes a broker crash inside a write to the process's pipe may have
         /// delivered twice (absent when none).
         public var repeated: UInt64?
-        public init(kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String, lost: UInt64? = nil, repeated: UInt64? = nil) {
+        /// Raw mode's loss: bytes connections had taken when they died, which may or may not
+        /// have reached the host (absent when none). Not in `undelivered` (the broker's totals
+        /// count them apart); the exit report's `undelivered` adds them.
+        public var unconfirmed: UInt64?
+        public init(
+            kind: StreamKind, bytes: UInt64, undelivered: UInt64, ending: String, lost: UInt64? = nil, repeated: UInt64? = nil,
+            unconfirmed: UInt64? = nil
+        ) {
+            self.unconfirmed = unconfirmed
             self.repeated = repeated
             self.kind = kind
             self.bytes = bytes

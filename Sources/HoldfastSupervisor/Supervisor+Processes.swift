@@ -466,7 +466,9 @@ extension Supervisor {
     /// Bytes a broker crash took count as undelivered: the exit never looks clean over them.
     func processDrained(_ drained: DrainedNotification) {
         guard var report = entry(drained.process)?.report else { return }
-        report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered }
+        // Raw mode's bytes that connections took as they died count too: they may not have
+        // arrived (before, only `status` and the metrics said so, and the exit said 0).
+        report.undelivered = drained.streams.reduce(0) { $0 + $1.undelivered + ($1.unconfirmed ?? 0) }
         let lost = drained.streams.reduce(0) { $0 + ($1.lost ?? 0) }
         if lost > 0 { report.lost = lost }
         let repeated = drained.streams.reduce(0) { $0 + ($1.repeated ?? 0) }
