@@ -83,14 +83,19 @@ public enum BrokerRole {
 
         let service = BrokerService(settings: settings, logger: logger, checkpoints: checkpoints, rings: rings)
         // Paced: a process holding its pipe's lock again and again is taken over each time
-        // (counted in the metrics), and must not flood the journal.
-        let stallLog = NIOLockedValueBox(LogPacer<Bool>(interval: .seconds(10)))
+        // (counted in the metrics), and must not flood the journal. Paced per process: paced
+        // as one, a process that stalled every few seconds had every window's line, and another
+        // one's stall (the one keeping a thread in the kernel) was only counted, never named —
+        // and the operator is told to look for the process the last warning names.
+        let stallLog = NIOLockedValueBox(LogPacer<StallLogKey>(interval: .seconds(10)))
         // Its queue made now, not at a first use that might meet a full fd table.
         _ = ForeignCloser.shared
         Reactor.shared.onStall { [broker = service.broker] stall in
-            guard let unsaid = stallLog.withLockedValue({ $0.note(stall.tookOver) }) else { return }
+            let owner = stall.fds.lazy.compactMap({ broker.stream(onFD: $0) }).first
+            let key = StallLogKey(tookOver: stall.tookOver, process: owner?.process)
+            guard let unsaid = stallLog.withLockedValue({ $0.note(key) }) else { return }
             var metadata = Logger.Metadata(uniqueKeysWithValues: stall.fields.map { ($0, .string($1)) })
-            if let owner = stall.fds.lazy.compactMap({ broker.stream(onFD: $0) }).first {
+            if let owner {
                 metadata["process"] = "\(owner.process)"
                 metadata["stream"] = "\(owner.stream.rawValue)"
             }
@@ -117,4 +122,10 @@ public enum BrokerRole {
         handoff?.close()
         await service.broker.shutdown()
     }
+}
+
+/// What the broker's stall lines are paced by: each process's stalls apart from another's.
+struct StallLogKey: Hashable, Sendable {
+    var tookOver: Bool
+    var process: String?
 }

@@ -18,6 +18,18 @@ public struct LogPacer<Key: Hashable & Sendable>: Sendable {
             return nil
         }
         lastSaid[key] = now
+        // Keys of the past (a process long gone) are let go, so a pacer keyed by something
+        // others choose stays small: one said over an interval ago is said at once anyway.
+        if lastSaid.count > Self.keysKept {
+            lastSaid = lastSaid.filter { now - $0.value < interval }
+            unsaid = unsaid.filter { lastSaid[$0.key] != nil }
+        }
         return unsaid.removeValue(forKey: key) ?? 0
     }
+
+    /// The keys it holds.
+    public var keyCount: Int { lastSaid.count }
+
+    /// Past this many keys, those said over an interval ago are forgotten.
+    static var keysKept: Int { 1024 }
 }

@@ -25,4 +25,16 @@ struct LogPacerTests {
         #expect(pacer.note(12, at: start + .milliseconds(1)) == nil)
         #expect(pacer.note(34, at: start + .milliseconds(2)) == 0)
     }
+
+    /// Keyed by what others choose (a process id), a pacer forgets keys said over an interval
+    /// ago once it holds more than 1,024: 100,000 ids stalling once each do not grow it, and a
+    /// key still within its interval keeps its pace.
+    @Test func keysOfThePastAreLetGo() {
+        var pacer = LogPacer<String>(interval: .seconds(10))
+        let start = ContinuousClock.now
+        #expect(pacer.note("busy", at: start + .seconds(99_999)) == 0)
+        for index in 0..<100_000 { #expect(pacer.note("p\(index)", at: start + .seconds(index)) == 0) }
+        #expect(pacer.keyCount <= 1024 + 10, "\(pacer.keyCount) keys")
+        #expect(pacer.note("busy", at: start + .seconds(100_000)) == nil, "still within its interval")
+    }
 }
