@@ -26,9 +26,12 @@ import Glibc
 /// passes an `observer`, which then receives both, in that order, instead of `hellos`/`exits`.
 public final class BridgeServer: Sendable {
     public let address: SocketAddress
-    /// Every guest hello, in order (boot id, live processes, pending exits). Empty (finished at
+    /// Every guest hello, in order (boot id, live processes, pending exits); the newest
+    /// `helloBacklog` kept while nobody reads (a guest that redials without end with 64 KiB
+    /// hellos filled the memory of a host agent that never iterates this). Empty (finished at
     /// once) when an observer was given.
     public let hellos: AsyncStream<BridgeHello>
+    public static let helloBacklog = 16
     /// Each process exit, once. Empty (finished at once) when an observer was given.
     public let exits: AsyncStream<ExitReport>
 
@@ -277,7 +280,7 @@ public final class BridgeServer: Sendable {
         self.exitAcknowledgement = exitAcknowledgement
         state = NIOLockedValueBox(State(authentication: authentication))
         listener = try Listener(binding: address, unixMode: unixMode)
-        (hellos, helloSink) = AsyncStream<BridgeHello>.makeStream()
+        (hellos, helloSink) = AsyncStream<BridgeHello>.makeStream(bufferingPolicy: .bufferingNewest(Self.helloBacklog))
         (exits, exitSink) = AsyncStream<ExitReport>.makeStream()
         if observer != nil {
             helloSink.finish()

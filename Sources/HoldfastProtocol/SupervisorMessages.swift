@@ -242,6 +242,13 @@ public struct ProcessStatus: Codable, Sendable, Equatable {
     /// `status` only, for a runc container's process whose memory cgroup counts OOM kills: how
     /// many processes the OOM killer killed in its container since it started.
     public var oomKills: UInt64?
+    /// Once its exit is final (`done`), what its exit report says was lost, until the exit is
+    /// taken: bytes of its output never delivered (`undelivered`), bytes broker crashes took
+    /// (`lost`), and whether the count was cut short. Absent when none. Before, a process whose
+    /// output was given up on showed `done` and its exit code, as if its output were whole.
+    public var undelivered: UInt64?
+    public var lost: UInt64?
+    public var outputCutShort: Bool?
 
     public init(id: String, pid: Int32, state: ProcessState, exitCode: Int32?) {
         self.id = id

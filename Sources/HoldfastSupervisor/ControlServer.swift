@@ -66,7 +66,10 @@ extension Supervisor {
         var states: [String: Int] = [:]
         for stream in full.streams { states[stream.state.rawValue, default: 0] += 1 }
         counted.streamStates = states
-        let (withProcesses, processesOmitted) = FrameBudget.fit(full.processes, budget: FrameBudget.bytes / 2) { processes in
+        // Processes whose exit says output was lost first: a report cut short keeps them.
+        let lossy = { (process: ProcessStatus) in process.undelivered != nil || process.lost != nil }
+        let processes = full.processes.filter(lossy) + full.processes.filter { !lossy($0) }
+        let (withProcesses, processesOmitted) = FrameBudget.fit(processes, budget: FrameBudget.bytes / 2) { processes in
             var report = counted
             report.processes = processes
             report.streams = []

@@ -52,7 +52,15 @@ struct ProcessTable {
         /// earlier binary wrote.
         var oomCounter: OOMKillCounter? = nil
 
-        var status: ProcessStatus { ProcessStatus(id: id, pid: pid, state: phase, exitCode: report?.exitCode) }
+        var status: ProcessStatus {
+            var status = ProcessStatus(id: id, pid: pid, state: phase, exitCode: report?.exitCode)
+            if phase == .done, let report {
+                status.undelivered = report.undelivered > 0 ? report.undelivered : nil
+                status.lost = report.lost
+                status.outputCutShort = report.outputCutShort
+            }
+            return status
+        }
     }
 
     /// The written-down form. `version` changes whenever a field changes meaning; a reader

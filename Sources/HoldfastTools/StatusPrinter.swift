@@ -122,6 +122,16 @@ public enum StatusPrinter {
                 })
         }
         if let omitted = report.omittedProcesses { lines.append("... and \(omitted) more processes") }
+        // What a finished process's exit report says was lost, one line each (its streams are
+        // gone from the table below by now).
+        for process in report.processes where process.undelivered != nil || process.lost != nil {
+            var parts: [String] = []
+            if let undelivered = process.undelivered {
+                parts.append("\(bytes(undelivered)) of output not delivered" + (process.outputCutShort == true ? " (at least: the count was cut short)" : ""))
+            }
+            if let lost = process.lost { parts.append("\(bytes(lost)) lost in broker crashes") }
+            lines.append("\(process.id): \(paint(parts.joined(separator: ", "), "31"))")
+        }
         lines.append("")
         if report.streams.isEmpty {
             lines.append("no streams")

@@ -268,6 +268,11 @@ struct BridgeAuthenticationTests {
             }
             #expect(logText().contains("\(config): bridge.key_file: \(keyPath): \(fault.reason)"), "\(logText())")
             #expect(logText().contains("bridge.authentication: none"), "says how to do without")
+            // The bridge worker's own look first: under load it may start after the key is
+            // written, find it at once, and have nothing to say (a loaded full suite did so).
+            try await eventually("the bridge worker to miss the key", timeout: .seconds(60)) {
+                logText().contains("cannot use the bridge key; not dialling until it is usable")
+            }
             // The key arrives: the worker finds it before its next dial (the host is not there).
             try writeFile(keyPath, bytes(secret + "\n"), mode: 0o600)
             try await eventually("the key found", timeout: .seconds(60)) { logText().contains("the bridge key is usable now: dialling") }
