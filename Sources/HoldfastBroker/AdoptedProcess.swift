@@ -389,6 +389,17 @@ final class ManagedStream: Sendable {
         return await task.value(within: timeout)
     }
 
+    /// Stops relaying, waiting at most `bound` for the relay to end: false when it has not (its
+    /// write is inside the kernel, waiting for a pipe lock another process holds), and the fd
+    /// must not be closed until it has — its number could be reused under the write.
+    func stop(within bound: Duration) async -> Bool {
+        let task = relay.withLockedValue { $0 }
+        task?.cancel()
+        for transport in transports { transport.close() }
+        guard let task else { return true }
+        return await task.value(within: bound) != nil
+    }
+
     /// Stops relaying and closes the streams; the fd stays open for `detach`.
     func stop() async {
         let task = relay.withLockedValue { $0 }
@@ -516,15 +527,29 @@ final class AdoptedProcess: Sendable {
     /// The process exited: inputs close; outputs get the drain timeout, then report. Also
     /// returns the outputs still open (held by an orphan of the process): still relayed, into
     /// their slots, for the caller to follow to their end.
-    func drain(timeout: Duration) async -> (results: [DrainedNotification.StreamResult], heldOpen: [ManagedStream]) {
+    /// `onStuckInput`: told of an input whose relay did not stop within `inputStopBound`.
+    func drain(
+        timeout: Duration, onStuckInput: (StreamKind) -> Void = { _ in }
+    ) async -> (results: [DrainedNotification.StreamResult], heldOpen: [ManagedStream]) {
         var results: [DrainedNotification.StreamResult] = []
         for stream in all {
             if stream.output == nil {
                 // An input the host ended finishes on its own (its END echo must reach the
-                // host); any other stops now.
+                // host); any other stops now — within a bound: its relay may be inside a write
+                // the kernel holds (an orphan of the process holds the stdin pipe's lock, its
+                // watchdog has taken the loop over), and waiting for it held the exit report
+                // until the orphan let go, for good if it never did. The fd closes once that
+                // write returns.
                 if !stream.endedByHost {
-                    await stream.stop()
-                    stream.close()
+                    if await stream.stop(within: Self.inputStopBound) {
+                        stream.close()
+                    } else {
+                        onStuckInput(stream.description.kind)
+                        Task {
+                            await stream.stop()
+                            stream.close()
+                        }
+                    }
                 }
                 continue
             }
@@ -586,6 +611,9 @@ final class AdoptedProcess: Sendable {
         }
         return (results, heldOpen)
     }
+
+    /// How long a drain waits for an input's relay to stop.
+    static let inputStopBound = Duration.seconds(2)
 
     func closeInput() -> Bool {
         let inputs = all.compactMap(\.input)

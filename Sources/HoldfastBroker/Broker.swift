@@ -600,7 +600,11 @@ public final class Broker: Sendable {
         guard first else { return }
         let timeout = request.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? settings.drainTimeout
         Task { [self] in
-            let (results, heldOpen) = await adopted.drain(timeout: timeout)
+            let (results, heldOpen) = await adopted.drain(timeout: timeout) { kind in
+                logger.warning(
+                    "the process exited while its \(kind.rawValue) relay waits in the kernel (another process holds the pipe's lock): its exit is reported without waiting, and the bytes of that write are not confirmed delivered",
+                    metadata: ["process": "\(request.process)", "stream": "\(kind.rawValue)"])
+            }
             // Those held open stay listed and counted live (before it leaves the table: no
             // moment when they are counted nowhere; `list` skips them while it is still there),
             // each counted in the totals as it ends. Under the table's lock, and only while the

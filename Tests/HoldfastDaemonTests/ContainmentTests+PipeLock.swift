@@ -346,3 +346,81 @@ extension ContainmentTests {
         #expect(try await daemon.stop() == .exited(0))
     }
 }
+
+/// `pipeLockHolder`'s hold, made by an orphan: the process forks and exits (once argv[3]
+/// appears) while its child holds the stdin pipe's lock with the host's next bytes waiting on
+/// it. argv[1] releases the child, argv[2] is created once it holds the lock.
+private let orphanedPipeLockHolder = #"""
+import os, sys, time
+if os.fork() != 0:
+    os.write(1, b"parent\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os._exit(0)
+
+"""# + userfaultfdPage + #"""
+got = []
+reader = threading.Thread(target=lambda: got.append(os.readv(0, [page])))
+reader.start()
+os.write(1, b"ready\n")
+os.read(uffd, 32)  # the fault: the reader is in the kernel, holding the stdin pipe's lock
+open(sys.argv[2], "w").close()
+wait_for_release()
+reader.join()
+data = page[:got[0]]
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    data += chunk
+os.write(1, b"echo:" + data)
+"""#
+
+extension ContainmentTests {
+    /// The process exits while an orphan of it holds its stdin pipe's lock, and the broker's
+    /// write of the host's next bytes waits for that lock. The exit is reported without waiting
+    /// for the write (the drain waited for it without a bound: no exit until the orphan let go),
+    /// the log says why, and once the orphan lets go what it read arrives whole through the
+    /// output it holds open.
+    @Test(.enabled(if: DaemonFixture.canRun && Self.hasPython, "needs root (a kernel-mode userfaultfd fault) and python3"))
+    func anExitIsReportedWhileAnOrphanHoldsTheStdinPipesLock() async throws {
+        let daemon = try await DaemonFixture(drainTimeout: "2s")
+        defer { daemon.cleanUp() }
+        let before = try await Self.roles(daemon)
+        let script = daemon.directory.file("orphan-lock.py")
+        try writeFile(script, Array(orphanedPipeLockHolder.utf8))
+        let (release, held, exitNow) = (daemon.directory.file("release"), daemon.directory.file("held"), daemon.directory.file("exit-now"))
+        let input = try daemon.streams.open(token: bytes("orphan-in"), direction: .send)
+        let received = NIOLockedValueBox<[UInt8]>([])
+        let output = try daemon.streams.open(token: bytes("orphan-out"), direction: .receive)
+        let collector = Task { for await chunk in output.chunks() { received.withLockedValue { $0 += chunk } } }
+        let errors = collect(try daemon.streams.open(token: bytes("orphan-err"), direction: .receive))
+        func said(_ text: String) -> Bool { String(decoding: received.withLockedValue { $0 }, as: UTF8.self).contains(text) }
+        _ = try await daemon.launch(ProcessSpec(
+            id: "parent", argv: ["python3", script, release, held, exitNow], stdin: daemon.spec("orphan-in"), stdout: daemon.spec("orphan-out"),
+            stderr: daemon.spec("orphan-err")))
+        do {
+            try await eventually("the orphan ready") { said("ready\n") }
+        } catch {
+            try writeFile(exitNow, [])
+            try writeFile(release, [])
+            Issue.record("its output: \(String(decoding: received.withLockedValue { $0 }, as: UTF8.self)); its stderr: \(String(decoding: await errors.value, as: UTF8.self))")
+            throw error
+        }
+        try await input.send(bytes("first\n"))
+        try await eventually("the orphan to hold the stdin's lock") { access(held, F_OK) == 0 }
+        try await input.send(bytes("second\n"))
+        try await eventually("the broker's write to wait for the lock") { daemon.log.contains("I/O thread stuck in the kernel") }
+        try writeFile(exitNow, [])
+        let exit = try await withTimeout("the exit while the orphan holds the lock", .seconds(40)) { try await daemon.wait("parent") }
+        #expect(exit.exitCode == 0)
+        #expect(access(release, F_OK) != 0, "reported while the orphan still held the lock")
+        try await daemon.waitForLog("its exit is reported without waiting")
+        try writeFile(release, [])
+        try await eventually("the orphan's echo", timeout: .seconds(30)) { said("echo:first\nsecond\n") }
+        collector.cancel()
+        try await Self.expectRolesUnchanged(daemon, since: before)
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
