@@ -293,7 +293,7 @@ let package = Package(
         .testTarget(
             name: "HoldfastToolsTests",
             dependencies: [
-                "HoldfastLogging", "HoldfastTestSupport", "HoldfastTools",
+                "HoldfastLogging", "HoldfastProtocol", "HoldfastTestSupport", "HoldfastTools",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

@@ -20,8 +20,11 @@ public struct LogPacer<Key: Hashable & Sendable>: Sendable {
         lastSaid[key] = now
         // Keys of the past (a process long gone) are let go, so a pacer keyed by something
         // others choose stays small: one said over an interval ago is said at once anyway.
+        // A key with occurrences still unsaid is kept (its next line says how many), unless the
+        // pacer holds four times as many.
         if lastSaid.count > Self.keysKept {
-            lastSaid = lastSaid.filter { now - $0.value < interval }
+            let keepUnsaid = lastSaid.count <= 4 * Self.keysKept
+            lastSaid = lastSaid.filter { now - $0.value < interval || (keepUnsaid && unsaid[$0.key] != nil) }
             unsaid = unsaid.filter { lastSaid[$0.key] != nil }
         }
         return unsaid.removeValue(forKey: key) ?? 0

@@ -77,7 +77,7 @@ extension BridgeServer {
                 : "its first frame is not a hello")
             return
         }
-        let connection = Connection(socket, hello: hello)
+        let connection = Connection(socket, hello: hello, unansweredAge: unansweredRequestAge)
         // Authenticated: out of the pending handshakes (a flood can no longer push it out) and
         // in as the guest, in one step — unless it was pushed out or the server closed meanwhile.
         let installed = state.withLockedValue { s -> (previous: Connection?, waiters: [CheckedContinuation<Connection?, Never>])? in

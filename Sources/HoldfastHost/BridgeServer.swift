@@ -101,6 +101,9 @@ public final class BridgeServer: Sendable {
     let warn: @Sendable (String) -> Void
     let observer: (@Sendable (Event) -> Void)?
     let exitAcknowledgement: ExitAcknowledgement
+    /// How long the oldest of `Connection.maximumOutstanding` unanswered requests may wait before
+    /// its connection is dropped.
+    let unansweredRequestAge: Duration
     /// How many confirmed exits are remembered against late repeats (see `State.deliveredExits`).
     public static let rememberedConfirmedExits = 4096
     /// How many exits may wait for the guest's confirmation at once. A guest holds each exit
@@ -141,35 +144,49 @@ public final class BridgeServer: Sendable {
         /// Exits the caller said it handled (`acknowledgeExit`, `byCaller`) whose acknowledgement
         /// the guest has not confirmed yet: acknowledged on every connection that repeats them.
         var handledExits: Set<String> = []
-        var confirmedOrder = IDQueue()
-        /// Ids delivered and not confirmed, oldest first (with ids confirmed or forgotten since
-        /// among them, skipped), and how many are still unconfirmed.
-        var unconfirmedOrder = IDQueue()
+        var confirmedOrder = IDQueue<String>()
+        /// Deliveries not confirmed, oldest first, each with the generation of its delivery (an
+        /// id created again is delivered again: its earlier entry here is stale, skipped), and
+        /// how many are still unconfirmed.
+        var unconfirmedOrder = IDQueue<(id: String, generation: UInt64)>()
+        var deliveryGeneration: [String: UInt64] = [:]
+        var nextGeneration: UInt64 = 0
         var unconfirmed = 0
         var ignoredExits = 0
         var lastIgnoredWarning: ContinuousClock.Instant?
 
+        /// Whether `entry` is the unconfirmed delivery it names (not confirmed, forgotten or
+        /// delivered again since).
+        func isLive(_ entry: (id: String, generation: UInt64)) -> Bool {
+            deliveredExits[entry.id] == false && deliveryGeneration[entry.id] == entry.generation
+        }
+
         /// Records a first delivery of `id`, forgetting the oldest unconfirmed past the bound.
         mutating func delivered(_ id: String) {
+            nextGeneration &+= 1
             deliveredExits[id] = false
+            deliveryGeneration[id] = nextGeneration
             unconfirmed += 1
-            unconfirmedOrder.append(id)
+            unconfirmedOrder.append((id, nextGeneration))
             while unconfirmed > BridgeServer.maximumUnconfirmedExits, let oldest = unconfirmedOrder.popFirst() {
-                guard deliveredExits[oldest] == false else { continue }
-                deliveredExits.removeValue(forKey: oldest)
-                handledExits.remove(oldest)
+                guard isLive(oldest) else { continue }
+                deliveredExits.removeValue(forKey: oldest.id)
+                deliveryGeneration.removeValue(forKey: oldest.id)
+                handledExits.remove(oldest.id)
                 unconfirmed -= 1
             }
-            // Ids confirmed or forgotten since stay in the queue until they are popped: dropped
-            // when they outnumber the live ones, so the queue stays within twice the table.
+            // Stale entries stay in the queue until they are popped: dropped when they outnumber
+            // the live ones, so the queue stays within twice the table.
             if unconfirmedOrder.count > 2 * unconfirmed + 1024 {
-                unconfirmedOrder = IDQueue(items: unconfirmedOrder.remaining.filter { deliveredExits[$0] == false })
+                let live = unconfirmedOrder.remaining.filter { isLive($0) }
+                unconfirmedOrder = IDQueue(items: Array(live))
             }
         }
 
         /// Forgets `id`'s exit (its id is created again).
         mutating func forgetExit(_ id: String) {
             if deliveredExits.removeValue(forKey: id) == false { unconfirmed -= 1 }
+            deliveryGeneration.removeValue(forKey: id)
         }
         var refusing = false
         var closed = false
@@ -189,7 +206,8 @@ public final class BridgeServer: Sendable {
         /// Set once this connection's reader has stopped delivering (its last exit is out).
         private let served = NIOLockedValueBox<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
 
-        init(_ socket: AsyncFD, hello: BridgeHello) {
+        init(_ socket: AsyncFD, hello: BridgeHello, unansweredAge: Duration) {
+            self.unansweredAge = unansweredAge
             self.hello = hello
             frames = StreamFrames(socket, maxBody: BridgeProtocol.maxBody)
             let onExit = self.onExit
@@ -230,27 +248,37 @@ public final class BridgeServer: Sendable {
             }
         }
 
-        /// Requests sent on it and not answered yet.
-        private let outstanding = NIOLockedValueBox(0)
-        /// A guest that leaves this many requests unanswered has stopped serving this connection
-        /// (a bug, or a guest that reads and never answers): it is dropped, failing them, and the
-        /// guest redials. Kept open, each timed-out request left its waiter and frame behind for
-        /// as long as the connection lasted, and every poll and acknowledgement added more.
+        /// Requests sent on it and not answered yet, by a number of their own, with when each
+        /// was sent.
+        private let outstanding = NIOLockedValueBox<(next: UInt64, sent: [UInt64: ContinuousClock.Instant])>((0, [:]))
+        /// A guest that leaves this many requests unanswered, the oldest for longer than
+        /// `unansweredAge`, has stopped serving this connection (a bug, or a guest that reads and
+        /// never answers): it is dropped, failing them, and the guest redials. Kept open, each
+        /// timed-out request left its waiter and frame behind for as long as the connection
+        /// lasted, and every poll and acknowledgement added more. A burst alone drops nothing:
+        /// the guest takes 32 requests at a time, and a fleet's creates, or the acknowledgements
+        /// of 2,000 exits a hello brings, wait their turn.
         static let maximumOutstanding = 1024
+        let unansweredAge: Duration
 
         /// Sends a request; the guest's reply, or `bridge-lost` if the connection ends first.
         func request(_ request: BridgeRequest) async throws(HoldfastError) -> ControlFrame {
-            let room = outstanding.withLockedValue { count -> Bool in
-                guard count < Self.maximumOutstanding else { return false }
-                count += 1
-                return true
+            let now = ContinuousClock.now
+            let (number, stalled) = outstanding.withLockedValue { state -> (UInt64, Bool) in
+                if state.sent.count >= Self.maximumOutstanding, let oldest = state.sent.values.min(), now - oldest > unansweredAge {
+                    return (0, true)
+                }
+                state.next &+= 1
+                state.sent[state.next] = now
+                return (state.next, false)
             }
-            guard room else {
+            guard !stalled else {
                 close()
                 throw HoldfastError(
-                    .bridgeLost, "the guest left \(Self.maximumOutstanding) requests on its bridge connection unanswered: the connection was dropped (the guest redials)")
+                    .bridgeLost,
+                    "the guest left \(Self.maximumOutstanding) requests on its bridge connection unanswered, the oldest for over \(unansweredAge): the connection was dropped (the guest redials)")
             }
-            defer { outstanding.withLockedValue { $0 -= 1 } }
+            defer { outstanding.withLockedValue { _ = $0.sent.removeValue(forKey: number) } }
             do throws(HoldfastError) {
                 return try await rpc.request(request.frameType, body: request.body).frame
             } catch {
@@ -271,8 +299,10 @@ public final class BridgeServer: Sendable {
     public init(
         listeningOn address: SocketAddress, authentication: Authentication, unixMode: mode_t? = nil,
         handshakeTimeout: Duration = .seconds(5), warn: @escaping @Sendable (String) -> Void = BridgeServer.warnOnStandardError,
-        observer: (@Sendable (Event) -> Void)? = nil, exitAcknowledgement: ExitAcknowledgement = .onDelivery
+        observer: (@Sendable (Event) -> Void)? = nil, exitAcknowledgement: ExitAcknowledgement = .onDelivery,
+        unansweredRequestAge: Duration = .seconds(30)
     ) throws {
+        self.unansweredRequestAge = unansweredRequestAge
         self.address = address
         self.handshakeTimeout = handshakeTimeout
         self.warn = warn
@@ -427,7 +457,10 @@ public final class BridgeServer: Sendable {
             s.unconfirmed -= 1
             s.confirmedOrder.append(id)
             while s.confirmedOrder.count > Self.rememberedConfirmedExits, let oldest = s.confirmedOrder.popFirst() {
-                if s.deliveredExits[oldest] == true { s.deliveredExits.removeValue(forKey: oldest) }
+                if s.deliveredExits[oldest] == true {
+                    s.deliveredExits.removeValue(forKey: oldest)
+                    s.deliveryGeneration.removeValue(forKey: oldest)
+                }
             }
         }
     }
@@ -667,18 +700,18 @@ struct RecentVouchers: Sendable {
 
 /// A first-in first-out queue of ids: an array read from a moving head, compacted when the head
 /// passes half of it (amortised O(1), no unbounded prefix kept).
-struct IDQueue: Sendable {
-    var items: [String] = []
+struct IDQueue<Element: Sendable>: Sendable {
+    var items: [Element] = []
     var head = 0
 
     /// What is still queued, oldest first.
-    var remaining: ArraySlice<String> { items[head...] }
+    var remaining: ArraySlice<Element> { items[head...] }
 
     var count: Int { items.count - head }
 
-    mutating func append(_ id: String) { items.append(id) }
+    mutating func append(_ item: Element) { items.append(item) }
 
-    mutating func popFirst() -> String? {
+    mutating func popFirst() -> Element? {
         guard head < items.count else { return nil }
         let first = items[head]
         head += 1

@@ -38,8 +38,10 @@ final class ProcessLog: Sendable {
     private let state: NIOLockedValueBox<State>
 
     /// A run takes appended bytes of its stream up to this size: a chunk per DATA frame from the
-    /// guest would otherwise be a run each.
-    static let largestMergedEntry = 64 << 10
+    /// guest would otherwise be a run each. Small: once the log is full each append trims the
+    /// oldest run from its front, and a follower's copy of the newest one is copied again as it
+    /// grows, so a run's size is what one append may cost (at 64 KiB, a 100-byte line moved 64 KiB).
+    static let largestMergedEntry = 4096
 
     /// `streams`: the output streams that will write here ("stdout", "stderr"); the log ends
     /// once each has called `end`.
@@ -127,12 +129,13 @@ final class ProcessLog: Sendable {
                 if s.entries[middle].sequence <= sequence { low = middle + 1 } else { high = middle }
             }
             var found: [Entry] = []
-            for var entry in s.entries[low...] where !entry.bytes.isEmpty {
-                if entry.start < sequence {
-                    entry.bytes.removeFirst(Int(sequence - entry.start))
-                    entry.start = sequence
+            for entry in s.entries[low...] where !entry.bytes.isEmpty {
+                guard entry.start < sequence else {
+                    found.append(entry)
+                    continue
                 }
-                found.append(entry)
+                // Only the bytes past the cursor are copied.
+                found.append(Entry(start: sequence, kind: entry.kind, bytes: Array(entry.bytes[Int(sequence - entry.start)...])))
             }
             return (found, s.ended)
         }

@@ -9,15 +9,23 @@ public enum TerminalText {
     }
 
     /// `text` with its control characters written out (`\n`, `\r`, `\u{1b}`). With
-    /// `keepingLineBreaks`, `\n` and `\r` stay (a message of ours laid out on several lines).
+    /// `keepingLineBreaks`, `\n` and a `\r` just before one stay (a message of ours laid out on
+    /// several lines, a raw terminal's `\r\n`); a lone `\r`, which writes over a line, does not.
     public static func escaped(_ text: String, keepingLineBreaks: Bool = false) -> String {
-        func escapes(_ scalar: Unicode.Scalar) -> Bool {
-            isControl(scalar) && !(keepingLineBreaks && (scalar == "\n" || scalar == "\r"))
+        // Most text holds none: returned as it is, nothing allocated (every daemon log value).
+        guard text.unicodeScalars.contains(where: isControl) else { return text }
+        let scalars = Array(text.unicodeScalars)
+        func escapes(_ index: Int) -> Bool {
+            let scalar = scalars[index]
+            guard isControl(scalar) else { return false }
+            guard keepingLineBreaks else { return true }
+            if scalar == "\n" { return false }
+            return !(scalar == "\r" && index + 1 < scalars.count && scalars[index + 1] == "\n")
         }
-        guard text.unicodeScalars.contains(where: escapes) else { return text }
+        guard scalars.indices.contains(where: escapes) else { return text }
         var escaped = String.UnicodeScalarView()
-        for scalar in text.unicodeScalars {
-            guard escapes(scalar) else {
+        for (index, scalar) in scalars.enumerated() {
+            guard escapes(index) else {
                 escaped.append(scalar)
                 continue
             }

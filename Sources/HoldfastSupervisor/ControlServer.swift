@@ -67,7 +67,7 @@ extension Supervisor {
         for stream in full.streams { states[stream.state.rawValue, default: 0] += 1 }
         counted.streamStates = states
         // Processes whose exit says output was lost first: a report cut short keeps them.
-        let lossy = { (process: ProcessStatus) in process.undelivered != nil || process.lost != nil }
+        let lossy = { (process: ProcessStatus) in process.lost != nil || (process.undelivered != nil && process.outputCutShort != true) }
         let processes = full.processes.filter(lossy) + full.processes.filter { !lossy($0) }
         let (withProcesses, processesOmitted) = FrameBudget.fit(processes, budget: FrameBudget.bytes / 2) { processes in
             var report = counted

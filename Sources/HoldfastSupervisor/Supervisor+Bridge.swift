@@ -296,12 +296,14 @@ extension Supervisor {
 
     func broker() -> ControlClient? { brokerClient.current }
 
-    /// Every process by id, with creates still in progress as `starting` (pid 0).
+    /// Every process by id, with creates still in progress as `starting` (pid 0), and a
+    /// finished one's loss from its exit report (`ProcessStatus.undelivered`; the host's `list`
+    /// carries it too).
     func processStatuses() -> [ProcessStatus] { table.withLockedValue { $0.statuses } }
 
     /// `processStatuses` with each direct process's CPU time and process count from its cgroup,
     /// and each runc container process's OOM kills so far (`status`; the host's `list` and hello
-    /// stay as they were).
+    /// go without them).
     func processStatusesWithUsage() -> [ProcessStatus] {
         var statuses = processStatuses()
         let entries = table.withLockedValue { t in Dictionary(t.entries.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a }) }

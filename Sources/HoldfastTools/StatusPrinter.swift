@@ -124,13 +124,19 @@ public enum StatusPrinter {
         if let omitted = report.omittedProcesses { lines.append("... and \(omitted) more processes") }
         // What a finished process's exit report says was lost, one line each (its streams are
         // gone from the table below by now).
+        // An exit cut short counts what was still on its way (an output held open goes on): not
+        // a loss, not final.
         for process in report.processes where process.undelivered != nil || process.lost != nil {
             var parts: [String] = []
             if let undelivered = process.undelivered {
-                parts.append("\(bytes(undelivered)) of output not delivered" + (process.outputCutShort == true ? " (at least: the count was cut short)" : ""))
+                parts.append(
+                    process.outputCutShort == true
+                        ? "\(bytes(undelivered)) of output still on its way at the exit (not a final count)"
+                        : "\(bytes(undelivered)) of output not delivered")
             }
             if let lost = process.lost { parts.append("\(bytes(lost)) lost in broker crashes") }
-            lines.append("\(process.id): \(paint(parts.joined(separator: ", "), "31"))")
+            let loss = process.lost != nil || (process.undelivered != nil && process.outputCutShort != true)
+            lines.append("\(process.id): \(paint(parts.joined(separator: ", "), loss ? "31" : "33"))")
         }
         lines.append("")
         if report.streams.isEmpty {

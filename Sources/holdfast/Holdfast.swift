@@ -29,7 +29,11 @@ import Glibc
 @main
 enum HoldfastMain {
     static func main() {
-        ProcessImage.fillClosedStandardDescriptors()
+        // The daemon and its roles only: a command a user runs with its stdout closed should
+        // fail on it (EBADF), not write into /dev/null and say all went well.
+        if let command = CommandLine.arguments.dropFirst().first, ["daemon", "broker", "bridge"].contains(command) {
+            ProcessImage.fillClosedStandardDescriptors()
+        }
         ProcessImage.unblockAll(except: Supervisor.signalsBlockedAcrossExec)
         SpawnThread.serveOnThisThread { await Holdfast.main() }
     }

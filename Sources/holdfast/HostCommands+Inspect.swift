@@ -39,7 +39,7 @@ struct HostLogs: AsyncParsableCommand, HostFamilyCommand {
         do {
             try await HostClient.logs(control: control, id: id, follow: follow)
         } catch {
-            writeError("holdfast host logs: \(error)")
+            writeError("holdfast host logs: \(guestText(error))")
             throw ExitCode(HostExitCode.holdfastFailure)
         }
     }
@@ -64,7 +64,7 @@ struct HostPS: AsyncParsableCommand, HostFamilyCommand {
         do {
             list = try await HostClient.processes(control: control, all: all)
         } catch {
-            writeError("holdfast host ps: \(error)")
+            writeError("holdfast host ps: \(guestText(error))")
             throw ExitCode(HostExitCode.holdfastFailure)
         }
         if !list.guestAnswered {
@@ -114,7 +114,7 @@ struct HostKill: AsyncParsableCommand, HostFamilyCommand {
                 known = try await HostClient.processes(control: control, all: true)
             } catch {
                 // Unchecked, it could be the two-id habit: not sent (a SIGINT to the first).
-                writeError("holdfast host kill: \(error)")
+                writeError("holdfast host kill: \(guestText(error))")
                 throw ExitCode(HostExitCode.holdfastFailure)
             }
             if known.processes.contains(where: { $0.id == arguments[1] }) {
@@ -128,7 +128,7 @@ struct HostKill: AsyncParsableCommand, HostFamilyCommand {
                 try await HostClient.signal(control: control, id: id, signal: number)
                 print(id)
             } catch {
-                writeError("holdfast host kill: \(id): \(error)")
+                writeError("holdfast host kill: \(id): \(guestText(error))")
                 failed = true
             }
         }
@@ -151,7 +151,7 @@ struct HostMigrate: AsyncParsableCommand, HostFamilyCommand {
         do {
             result = try await HostClient.migrate(control: control, blackout: .milliseconds(blackout))
         } catch {
-            writeError("holdfast host migrate: \(error)")
+            writeError("holdfast host migrate: \(guestText(error))")
             throw ExitCode(HostExitCode.holdfastFailure)
         }
         let blackout = Duration.milliseconds(result.blackoutMilliseconds).spoken
@@ -187,6 +187,11 @@ func currentDirectory() -> String {
     guard getcwd(&buffer, buffer.count) != nil else { return "." }
     return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
+
+/// Text that came from the guest (through host serve), for a line of ours: every control
+/// character written out, line breaks too — a guest's `\n` forged a line of ours, its `\r` wrote
+/// over the start of one.
+func guestText(_ value: some CustomStringConvertible) -> String { TerminalText.escaped(value.description) }
 
 /// One line to stdout, unbuffered: a log read while the service runs must be current. Control
 /// characters but line breaks are written out: a line may carry what a guest sent (an exit's

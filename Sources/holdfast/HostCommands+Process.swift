@@ -98,7 +98,7 @@ struct HostRun: AsyncParsableCommand, HostFamilyCommand {
             do {
                 print(try await HostClient.start(control: control, request: request).id)
             } catch {
-                writeError("holdfast host run: \(error)")
+                writeError("holdfast host run: \(guestText(error))")
                 throw ExitCode(HostExitCode.status(for: error))
             }
             return
@@ -161,7 +161,7 @@ struct HostExec: AsyncParsableCommand, HostFamilyCommand {
             do {
                 print(try await HostClient.start(control: control, request: request).id)
             } catch {
-                writeError("holdfast host exec: \(error)")
+                writeError("holdfast host exec: \(guestText(error))")
                 throw ExitCode(HostExitCode.status(for: error))
             }
             return
@@ -217,11 +217,11 @@ struct HostWait: AsyncParsableCommand, HostFamilyCommand {
                 if let exit = outcome.exit {
                     print(exit.exitCode)
                 } else {
-                    writeError("holdfast host wait: \(id): lost: \(outcome.lost?.message ?? "no outcome")")
+                    writeError("holdfast host wait: \(id): lost: \(guestText(outcome.lost?.message ?? "no outcome"))")
                     failed = true
                 }
             } catch {
-                writeError("holdfast host wait: \(id): \(error)")
+                writeError("holdfast host wait: \(id): \(guestText(error))")
                 failed = true
             }
         }
@@ -276,14 +276,14 @@ struct HostStop: AsyncParsableCommand, HostFamilyCommand {
                 writeError("holdfast host stop: \(id) did not exit within \(time)s of \(SignalNames.name(number)): killed with SIGKILL")
             }
             if let lost = stopped.outcome.lost {
-                writeError("holdfast host stop: \(id): lost: \(lost.message)")
+                writeError("holdfast host stop: \(id): lost: \(guestText(lost.message))")
                 return false
             }
             print(id)
             return true
         } catch {
             notice.cancel()
-            writeError("holdfast host stop: \(id): \(error)")
+            writeError("holdfast host stop: \(id): \(guestText(error))")
             return false
         }
     }

@@ -302,7 +302,7 @@ func finishHostCommand(
     do {
         outcome = try await body()
     } catch {
-        writeError("holdfast \(name): \(error)")
+        writeError("holdfast \(name): \(guestText(error))")
         throw ExitCode(HostExitCode.status(for: error))
     }
     switch outcome {
@@ -338,7 +338,7 @@ func finishHostCommand(
         }
         throw ExitCode(report.exitCode)
     case .lost(let loss, _):
-        writeError("holdfast \(name): lost: \(loss.message)")
+        writeError("holdfast \(name): lost: \(guestText(loss.message))")
         throw ExitCode(HostExitCode.holdfastFailure)
     case .detached(let id, let cause):
         // On a line of its own: a terminal in raw mode may have left the cursor mid-line.

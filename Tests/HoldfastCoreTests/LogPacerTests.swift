@@ -37,4 +37,14 @@ struct LogPacerTests {
         #expect(pacer.keyCount <= 1024 + 10, "\(pacer.keyCount) keys")
         #expect(pacer.note("busy", at: start + .seconds(100_000)) == nil, "still within its interval")
     }
+
+    /// A key forgotten with occurrences unsaid lost their count: it is kept until said.
+    @Test func aKeyWithOccurrencesUnsaidIsNotForgotten() {
+        var pacer = LogPacer<String>(interval: .seconds(10))
+        let start = ContinuousClock.now
+        #expect(pacer.note("k", at: start) == 0)
+        for offset in 1...5 { #expect(pacer.note("k", at: start + .milliseconds(offset)) == nil) }
+        for index in 0..<1025 { _ = pacer.note("other-\(index)", at: start + .seconds(11)) }
+        #expect(pacer.note("k", at: start + .seconds(12)) == 5)
+    }
 }

@@ -1,3 +1,4 @@
+import HoldfastProtocol
 import Logging
 import Testing
 
@@ -57,5 +58,14 @@ struct DaemonLogHandlerTests {
         #expect(wide.utf8.count <= (32 << 10) + 32 && wide.contains("bytes more)"))
         // A short line is left as it is.
         #expect(DaemonLogHandler.clipped("short", to: 2048) == "short")
+    }
+
+    /// Our own messages keep their line breaks (a usage text, a raw terminal's `\r\n`); a lone
+    /// `\r`, which writes over a line, and every other control character are written out.
+    @Test func lineBreaksOfOursStayAndALoneCarriageReturnDoesNot() {
+        #expect(TerminalText.escaped("a\nb\r\nc", keepingLineBreaks: true) == "a\nb\r\nc")
+        #expect(TerminalText.escaped("ok\rforged\u{1b}[2K", keepingLineBreaks: true) == #"ok\rforged\u{1b}[2K"#)
+        #expect(TerminalText.escaped("a\nb") == #"a\nb"#)
+        #expect(TerminalText.escaped("tab\tand ünïcode") == "tab\tand ünïcode")
     }
 }
