@@ -134,7 +134,11 @@ struct HandoffFloodTests {
         #expect(counts["connected"] == 600, "every connect accepted: \(printed)")
         #expect((1...8).contains(counts["answered"] ?? 0), "at most 8 refusals answered at once: \(printed)")
         #expect(counts["open"] == 0, "none held: \(printed)")
-        #expect(most.withLockedValue { $0 } <= baseline + 16, "the broker's fds: \(baseline) before, \(most.withLockedValue { $0 }) at most during the flood")
+        // Bounded whatever the flood's size: up to 8 refusals being answered, up to 8 closes in
+        // flight on the closer threads (the accept loop waits at most 50 ms for them to catch
+        // up, which a loaded machine can outlast), root's connection, the victim's redial, and
+        // a few taken for a moment. 600 connections held would be 600.
+        #expect(most.withLockedValue { $0 } <= baseline + 24, "the broker's fds: \(baseline) before, \(most.withLockedValue { $0 }) at most during the flood")
 
         let report = try await daemon.wait("victim")
         #expect(report.exitCode == 0)
