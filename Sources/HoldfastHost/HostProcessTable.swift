@@ -31,6 +31,17 @@ final class HostProcessTable: Sendable {
         var listRound: UInt64 = 0
         var closed = false
         var trimScheduled = false
+
+        /// Forgets the oldest outcomes (and their logs) past `kept`.
+        mutating func forgetOldestOutcomes(keeping kept: Int) {
+            guard outcomeOrder.count > kept else { return }
+            let excess = outcomeOrder.count - kept
+            for id in outcomeOrder.prefix(excess) where processes[id] == nil {
+                outcomes.removeValue(forKey: id)
+                if finished.removeValue(forKey: id)?.log != nil { logOrder.removeAll { $0 == id } }
+            }
+            outcomeOrder.removeFirst(excess)
+        }
     }
 
     private let state = NIOLockedValueBox(State())
@@ -72,7 +83,27 @@ final class HostProcessTable: Sendable {
                 if s.otherExits.count > Self.rememberedOutcomes { s.otherExits.removeFirst(s.otherExits.count - Self.rememberedOutcomes) }
                 return nil
             }
-            if let process { end(process, HostWaitResponse(exit: report)) }
+            if let process {
+                end(process, HostWaitResponse(exit: report))
+            } else {
+                remember(otherExit: report)
+            }
+        }
+    }
+
+    /// The exit of a process this host serve does not hold — one an earlier host serve started
+    /// (it was restarted), or another client of the bridge — is kept as an outcome, for `wait`
+    /// and `ps -a` to give. The guest forgets an exit once it is acknowledged, as this one is:
+    /// kept only in the log line above, a restart lost every exit that came after it.
+    private func remember(otherExit report: ExitReport) {
+        let info = HostProcessInfo(
+            id: report.id, pid: nil, state: .exited, exitCode: report.exitCode, command: nil,
+            oomKilled: report.wasLikelyOOMKilled ? true : nil)
+        state.withLockedValue { s in
+            guard s.processes[report.id] == nil else { return }
+            if s.outcomes.updateValue(HostWaitResponse(exit: report), forKey: report.id) == nil { s.outcomeOrder.append(report.id) }
+            s.finished[report.id] = Finished(info: info, log: nil)
+            s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
         }
     }
 
@@ -103,14 +134,7 @@ final class HostProcessTable: Sendable {
                 for id in s.logOrder.prefix(s.logOrder.count - logsKept) { s.finished[id]?.log = nil }
                 s.logOrder.removeFirst(s.logOrder.count - logsKept)
             }
-            if s.outcomeOrder.count > Self.rememberedOutcomes {
-                let excess = s.outcomeOrder.count - Self.rememberedOutcomes
-                for id in s.outcomeOrder.prefix(excess) where s.processes[id] == nil {
-                    s.outcomes.removeValue(forKey: id)
-                    if s.finished.removeValue(forKey: id)?.log != nil { s.logOrder.removeAll { $0 == id } }
-                }
-                s.outcomeOrder.removeFirst(excess)
-            }
+            s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
             guard s.processes.isEmpty, !s.trimScheduled else { return false }
             s.trimScheduled = true
             return true

@@ -136,6 +136,28 @@ struct HostServiceOutcomeTests {
         #expect(!table.unicodeScalars.contains { $0 != "\n" && TerminalText.isControl($0) }, "\(table.debugDescription)")
     }
 
+    /// A host serve that was restarted holds none of the processes its predecessor started, and
+    /// their exits come to it (in the hello, or later). They are acknowledged to the guest, which
+    /// then forgets them: kept only in a log line before, the exit code was lost for good. Now
+    /// `wait` gives it and `ps -a` lists it.
+    @Test func anExitOfAProcessAnEarlierHostServeStartedIsKept() async throws {
+        let setup = try Setup()
+        defer { setup.tearDown() }
+        try await eventually("host serve's control socket") { access(setup.directory.file("host.sock"), F_OK) == 0 }
+        let earlier = ExitReport(id: "from-before", exitCode: 7, signal: nil, undelivered: 0)
+        let guest = try await ScriptedGuest(setup.bridge, instance: "a1", exits: [earlier])
+        defer { guest.close() }
+        try await eventually("the exit acknowledged") { guest.acknowledged.withLockedValue { $0 } == ["from-before"] }
+        let outcome = try await HostClient.waitForExit(control: setup.directory.file("host.sock"), id: "from-before")
+        #expect(outcome.exit == earlier, "\(outcome)")
+        let later = ExitReport(id: "later", exitCode: 0, signal: 9, undelivered: 0)
+        guest.reportExit(later)
+        try await eventually("the later exit acknowledged") { guest.acknowledged.withLockedValue { $0 }.contains("later") }
+        let list = try await HostClient.processes(control: setup.directory.file("host.sock"), all: true)
+        let listed = list.processes.filter { ["from-before", "later"].contains($0.id) }.map { "\($0.id) \($0.state) \($0.exitCode ?? -1)" }
+        #expect(Set(listed) == ["from-before exited 7", "later exited 0"], "\(listed)")
+    }
+
     @Test func anExitEndsTheRunAndStreamsThatNeverEndAreEndedAfterTheDrainTimeout() async throws {
         let setup = try Setup()
         defer { setup.tearDown() }
