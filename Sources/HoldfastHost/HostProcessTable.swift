@@ -252,8 +252,13 @@ final class HostProcessTable: Sendable {
 
     // MARK: Inspection
 
+    /// Every exit delivered, each once (an exit of a process this table did not hold is in
+    /// `otherExits`, and kept as an outcome too: counted once, from there).
     var exitsSeen: [ExitReport] {
-        state.withLockedValue { s in s.outcomes.values.compactMap(\.exit) + s.otherExits }
+        state.withLockedValue { s in
+            let others = Set(s.otherExits.map(\.id))
+            return s.outcomes.filter { !others.contains($0.key) }.values.compactMap(\.exit) + s.otherExits
+        }
     }
 
     var counts: (processes: Int, outcomes: Int) {
