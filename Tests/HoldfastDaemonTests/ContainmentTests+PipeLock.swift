@@ -35,13 +35,20 @@ def wait_for_release():
 /// page that never arrives (userfaultfd; a hung FUSE file's mapping does the same without
 /// privileges), so the broker's next write to that pipe waits for the lock, uninterruptibly.
 /// Released by a file appearing (or after 60 s), it echoes all it read.
-private let pipeLockHolder = userfaultfdPage + #"""
+private let pipeLockHolder = userfaultfdPage + stdinLockBody
+
+/// After `userfaultfdPage`: reads stdin into the page that never arrives, says "holding" (and
+/// creates argv[2], if given) once it holds the stdin pipe's lock, waits for the release, then
+/// echoes all it read.
+private let stdinLockBody = #"""
 got = []
 reader = threading.Thread(target=lambda: got.append(os.readv(0, [page])))
 reader.start()
 os.write(1, b"ready\n")
 os.read(uffd, 32)  # the fault: the reader is in the kernel, holding the stdin pipe's lock
 os.write(1, b"holding\n")
+if len(sys.argv) > 2:
+    open(sys.argv[2], "w").close()
 wait_for_release()
 reader.join()
 data = page[:got[0]]
@@ -359,23 +366,7 @@ if os.fork() != 0:
         time.sleep(0.05)
     os._exit(0)
 
-"""# + userfaultfdPage + #"""
-got = []
-reader = threading.Thread(target=lambda: got.append(os.readv(0, [page])))
-reader.start()
-os.write(1, b"ready\n")
-os.read(uffd, 32)  # the fault: the reader is in the kernel, holding the stdin pipe's lock
-open(sys.argv[2], "w").close()
-wait_for_release()
-reader.join()
-data = page[:got[0]]
-while True:
-    chunk = os.read(0, 65536)
-    if not chunk:
-        break
-    data += chunk
-os.write(1, b"echo:" + data)
-"""#
+"""# + userfaultfdPage + stdinLockBody
 
 extension ContainmentTests {
     /// The process exits while an orphan of it holds its stdin pipe's lock, and the broker's
