@@ -52,7 +52,18 @@ struct TerminalLimitTests {
             #expect(error.code == .stdioFailed, "\(error)")
             #expect(error.message.contains("every pseudo-terminal of the guest is in use"), "\(error)")
         }
-        #expect(await settledDescriptorTable(pid: daemon.daemonPID).count == before, "nothing of the refused create left open")
+        // At most as many as before, once settled: the counter's stream and the creates' own
+        // work may hold an fd for a moment on either reading (a loaded clone run once read one
+        // of those into the count after the refusal).
+        var after = 0
+        do {
+            try await eventually("nothing of the refused create left open", timeout: .seconds(10)) {
+                after = await settledDescriptorTable(pid: daemon.daemonPID).count
+                return after <= before
+            }
+        } catch {
+            Issue.record("the supervisor's fds: \(before) before the refused create, \(after) after")
+        }
         try await eventually("the counter's every line, meanwhile") { counter.count == expectedLines(200).count }
         #expect(counter.text == String(decoding: expectedLines(200), as: UTF8.self))
         try writeFile(gate, [])
