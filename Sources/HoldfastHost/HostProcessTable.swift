@@ -31,6 +31,14 @@ final class HostProcessTable: Sendable {
         var listRound: UInt64 = 0
         var closed = false
         var trimScheduled = false
+        /// The state directory's files of the finished processes remembered.
+        var files: [String: ProcessFiles] = [:]
+        /// File work decided under the lock, done after it: whole directories to remove (an
+        /// outcome forgotten), and logs to drop (no longer among the `logsKept`).
+        var filesToRemove: [ProcessFiles] = []
+        var logsToDrop: [ProcessFiles] = []
+        /// Says an exit was handled (`exitAcknowledgement: .byCaller`, with a state directory).
+        var acknowledge: (@Sendable (String) -> Void)?
 
         /// Forgets the oldest outcomes (and their logs) past `kept`.
         mutating func forgetOldestOutcomes(keeping kept: Int) {
@@ -39,8 +47,19 @@ final class HostProcessTable: Sendable {
             for id in outcomeOrder.prefix(excess) where processes[id] == nil {
                 outcomes.removeValue(forKey: id)
                 if finished.removeValue(forKey: id)?.log != nil { logOrder.removeAll { $0 == id } }
+                if let gone = files.removeValue(forKey: id) { filesToRemove.append(gone) }
             }
             outcomeOrder.removeFirst(excess)
+        }
+
+        /// Drops the logs of the oldest finished processes past `kept`.
+        mutating func dropOldestLogs(keeping kept: Int) {
+            guard logOrder.count > kept else { return }
+            for id in logOrder.prefix(logOrder.count - kept) {
+                finished[id]?.log = nil
+                if let files = files[id] { logsToDrop.append(files) }
+            }
+            logOrder.removeFirst(logOrder.count - kept)
         }
     }
 
@@ -48,10 +67,47 @@ final class HostProcessTable: Sendable {
     private let say: @Sendable (String) -> Void
     /// How many finished processes' logs are kept.
     let logsKept: Int
+    /// Where outcomes and logs are kept across a restart (nil: in memory only).
+    let stateDirectory: HostStateDirectory?
 
-    init(logsKept: Int = 64, say: @escaping @Sendable (String) -> Void) {
+    init(logsKept: Int = 64, stateDirectory: HostStateDirectory? = nil, say: @escaping @Sendable (String) -> Void) {
         self.say = say
         self.logsKept = logsKept
+        self.stateDirectory = stateDirectory
+    }
+
+    /// How an exit is acknowledged to the guest once it is kept (with a state directory).
+    func acknowledgeExits(with acknowledge: @escaping @Sendable (String) -> Void) {
+        state.withLockedValue { $0.acknowledge = acknowledge }
+    }
+
+    /// Does the file work the last change decided (outside the lock).
+    private func doFileWork() {
+        let (remove, drop) = state.withLockedValue { s -> ([ProcessFiles], [ProcessFiles]) in
+            defer {
+                s.filesToRemove.removeAll()
+                s.logsToDrop.removeAll()
+            }
+            return (s.filesToRemove, s.logsToDrop)
+        }
+        for files in remove { files.remove() }
+        for files in drop { files.removeLogs() }
+    }
+
+    /// Writes the process's outcome down (with a state directory); false if that failed.
+    private func keep(_ outcome: HostWaitResponse, of id: String, in files: ProcessFiles?) -> Bool {
+        guard let files else { return true }
+        do {
+            try files.write(outcome)
+            return true
+        } catch {
+            say("warning: process \(id): its outcome cannot be kept in the state directory (\(error)); the guest is not told it arrived, and says it again")
+            return false
+        }
+    }
+
+    private func acknowledge(_ id: String) {
+        state.withLockedValue { $0.acknowledge }?(id)
     }
 
     // MARK: What the guest says
@@ -77,16 +133,28 @@ final class HostProcessTable: Sendable {
                     + "\((report.inputRepeated ?? 0) > 0 ? ", up to \(report.inputRepeated ?? 0) stdin bytes may have reached it twice (a broker crash)" : "")"
                     + "\(report.wasLikelyOOMKilled ? ", killed by the OOM killer" : "")"
                     + "\((report.oomKills ?? 0) > 0 ? " (\(report.oomKills ?? 0) OOM kills in its container)" : "")")
-            let process = state.withLockedValue { s -> HostedProcess? in
-                if let process = s.processes[report.id] { return process }
+            enum Holder {
+                case process(HostedProcess)
+                /// Already kept: delivered again after a restart of host serve between keeping
+                /// it and its acknowledgement.
+                case kept
+                case nobody
+            }
+            let holder = state.withLockedValue { s -> Holder in
+                if let process = s.processes[report.id] { return .process(process) }
+                if s.outcomes[report.id]?.exit == report { return .kept }
                 s.otherExits.append(report)
                 if s.otherExits.count > Self.rememberedOutcomes { s.otherExits.removeFirst(s.otherExits.count - Self.rememberedOutcomes) }
-                return nil
+                return .nobody
             }
-            if let process {
-                end(process, HostWaitResponse(exit: report))
-            } else {
-                remember(otherExit: report)
+            switch holder {
+            case .process(let process):
+                end(process, HostWaitResponse(exit: report), keeping: false)
+                if keep(process.knownOutcome ?? HostWaitResponse(exit: report), of: process.id, in: process.files) { acknowledge(report.id) }
+            case .kept:
+                acknowledge(report.id)
+            case .nobody:
+                if remember(otherExit: report) { acknowledge(report.id) }
             }
         }
     }
@@ -95,21 +163,44 @@ final class HostProcessTable: Sendable {
     /// (it was restarted), or another client of the bridge — is kept as an outcome, for `wait`
     /// and `ps -a` to give. The guest forgets an exit once it is acknowledged, as this one is:
     /// kept only in the log line above, a restart lost every exit that came after it.
-    private func remember(otherExit report: ExitReport) {
+    /// Returns whether it was kept (written to the state directory, if there is one).
+    private func remember(otherExit report: ExitReport) -> Bool {
         let info = HostProcessInfo(
             id: report.id, pid: nil, state: .exited, exitCode: report.exitCode, command: nil,
             oomKilled: report.wasLikelyOOMKilled ? true : nil)
-        state.withLockedValue { s in
-            guard s.processes[report.id] == nil else { return }
-            if s.outcomes.updateValue(HostWaitResponse(exit: report), forKey: report.id) == nil { s.outcomeOrder.append(report.id) }
-            s.finished[report.id] = Finished(info: info, log: nil)
-            s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
+        let outcome = HostWaitResponse(exit: report)
+        var files: ProcessFiles?
+        if let stateDirectory {
+            do {
+                let made = try stateDirectory.newProcess()
+                files = made
+                try made.write(HostProcessRecord(id: report.id, command: nil, tty: false, streams: []))
+                try made.write(outcome)
+                made.markFinished()
+            } catch {
+                files?.remove()
+                say("warning: the exit of process \(report.id) cannot be kept in the state directory (\(error)); the guest is not told it arrived, and says it again")
+                return false
+            }
         }
+        let superseded = state.withLockedValue { s -> Bool in
+            guard s.processes[report.id] == nil else { return true }
+            if s.outcomes.updateValue(outcome, forKey: report.id) == nil { s.outcomeOrder.append(report.id) }
+            s.finished[report.id] = Finished(info: info, log: nil)
+            if let files, let earlier = s.files.updateValue(files, forKey: report.id) { s.filesToRemove.append(earlier) }
+            s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
+            return false
+        }
+        if superseded { files?.remove() }
+        doFileWork()
+        return true
     }
 
-    /// The process's outcome is known (the first one stands).
-    func end(_ process: HostedProcess, _ outcome: HostWaitResponse) {
+    /// The process's outcome is known (the first one stands); written down unless the caller
+    /// does (`keeping` false).
+    func end(_ process: HostedProcess, _ outcome: HostWaitResponse, keeping: Bool = true) {
         guard process.end(with: outcome) else { return }
+        if keeping { _ = keep(outcome, of: process.id, in: process.files) }
         if let lost = outcome.lost { say("process \(process.id) lost: \(lost.message)") }
         if let finished = process.finishIfEnding() { forget(process, finished) }
     }
@@ -124,22 +215,60 @@ final class HostProcessTable: Sendable {
         let info = process.info
         let log = process.log.byteCount > 0 ? process.log : nil
         let logsKept = logsKept
+        // host serve is closing: its processes are not finished, only left (their streams closed
+        // here), and the next host serve on the state directory takes them up as they were.
+        guard !state.withLockedValue({ $0.closed }) else { return }
+        if let files = process.files {
+            // The outcome as handed over (with the streams host serve ended), then marked done.
+            _ = keep(outcome, of: process.id, in: files)
+            files.markFinished()
+        }
         let idle = state.withLockedValue { s -> Bool in
             if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
             if s.outcomes.updateValue(outcome, forKey: process.id) == nil { s.outcomeOrder.append(process.id) }
             s.finished[process.id] = Finished(info: info, log: log)
+            if let files = process.files, let earlier = s.files.updateValue(files, forKey: process.id), earlier !== files {
+                s.filesToRemove.append(earlier)
+            }
             s.logOrder.removeAll { $0 == process.id }
             if log != nil { s.logOrder.append(process.id) }
-            if s.logOrder.count > logsKept {
-                for id in s.logOrder.prefix(s.logOrder.count - logsKept) { s.finished[id]?.log = nil }
-                s.logOrder.removeFirst(s.logOrder.count - logsKept)
-            }
+            s.dropOldestLogs(keeping: logsKept)
             s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
             guard s.processes.isEmpty, !s.trimScheduled else { return false }
             s.trimScheduled = true
             return true
         }
+        doFileWork()
         if idle { Task { await trimWhenIdle() } }
+    }
+
+    /// A process a new host serve found in its state directory still running (or draining):
+    /// held again, as the record left it.
+    func restore(_ process: HostedProcess, pid: Int32?, guest: GuestIdentity?, outcome: HostWaitResponse?) {
+        state.withLockedValue { $0.processes[process.id] = process }
+        process.state.withLockedValue { p in
+            p.guest = guest
+            p.pid = pid
+            p.createdInRound = 0
+            if pid != nil, case .starting = p.phase { p.phase = .running }
+        }
+        if let outcome { end(process, outcome, keeping: false) }
+    }
+
+    /// A finished process a new host serve found in its state directory: its outcome (and log)
+    /// remembered as before the restart.
+    func restoreFinished(_ info: HostProcessInfo, outcome: HostWaitResponse, log: ProcessLog?, files: ProcessFiles) {
+        let logsKept = logsKept
+        state.withLockedValue { s in
+            if s.outcomes.updateValue(outcome, forKey: info.id) == nil { s.outcomeOrder.append(info.id) }
+            s.finished[info.id] = Finished(info: info, log: log)
+            if let earlier = s.files.updateValue(files, forKey: info.id) { s.filesToRemove.append(earlier) }
+            s.logOrder.removeAll { $0 == info.id }
+            if log != nil { s.logOrder.append(info.id) }
+            s.dropOldestLogs(keeping: logsKept)
+            s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
+        }
+        doFileWork()
     }
 
     /// Once nothing has run for a second: small allocations freed by many threads leave pages

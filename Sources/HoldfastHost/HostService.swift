@@ -19,6 +19,9 @@ public enum HostDefaults {
     public static var keyFile: String { "\(runDirectory)/bridge.key" }
     public static var streams: String { "unix:\(runDirectory)/host-streams.sock" }
     public static var control: String { "\(runDirectory)/host.sock" }
+    /// Where host serve keeps its processes' records, output and outcomes across its own
+    /// restart (`HostStateDirectory`).
+    public static var stateDirectory: String { "\(runDirectory)/host-state" }
     /// After a process's outcome is known, how long an output stream may go without a byte
     /// before host serve ends it: the guest's own default `streams.drain_timeout`.
     public static let drainTimeout: Duration = .seconds(30)
@@ -62,6 +65,10 @@ public final class HostService: Sendable {
     private let listInterval: Duration
     private let table: HostProcessTable
     private let logSize: Int
+    private let stateDirectory: HostStateDirectory?
+    /// Processes restored whose create had not been answered when the earlier host serve died:
+    /// watched as any unanswered create once the bridge is up (`endIfItStartsLate`).
+    private let restoredUnanswered: [HostedProcess]
 
     /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
     public static let rememberedOutcomes = HostProcessTable.rememberedOutcomes
@@ -71,11 +78,14 @@ public final class HostService: Sendable {
     /// finished processes' logs are kept. `guestStreams`: the address the guest dials to reach
     /// `streams`, when it is not `streams` itself — a VMM that hands the guest's vsock
     /// connections to a Unix socket (Firecracker's and Cloud Hypervisor's hybrid vsock: listen
-    /// on `unix:UDS_PATH_PORT`, the guest dials `vsock://2:PORT`).
+    /// on `unix:UDS_PATH_PORT`, the guest dials `vsock://2:PORT`). `stateDirectory`: where its
+    /// processes are kept across its own restart (`HostStateDirectory`); a host serve started
+    /// again on the same directory takes them up where they were, nothing lost. Nil keeps
+    /// everything in memory only.
     public init(
         bridge: SocketAddress, bridgeKey: BridgeKey?, streams: SocketAddress, guestStreams: SocketAddress? = nil, control: String,
         listInterval: Duration = .seconds(1), logSize: Int = HostDefaults.logSize, logsKept: Int = HostDefaults.logsKept,
-        say: @escaping @Sendable (String) -> Void
+        stateDirectory: String? = nil, say: @escaping @Sendable (String) -> Void
     ) throws {
         // Each line written out where it holds control characters: lines carry what the guest
         // sent (an exit's id, its boot id, an error's text), and a compromised guest's escape
@@ -84,14 +94,115 @@ public final class HostService: Sendable {
         self.say = say
         self.listInterval = listInterval
         self.logSize = logSize
-        let table = HostProcessTable(logsKept: logsKept, say: say)
+        let kept = try stateDirectory.map { path throws(HoldfastError) in try HostStateDirectory(path: path) }
+        self.stateDirectory = kept
+        let table = HostProcessTable(logsKept: logsKept, stateDirectory: kept, say: say)
         self.table = table
-        self.bridge = try BridgeServer(
-            listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") }
-        ) { [table] event in table.guestSaid(event) }
-        self.streams = try StreamServer(listeningOn: streams, unixMode: 0o666)
-        self.streamAddress = (guestStreams ?? self.streams.address).description
+        // With a state directory an exit is acknowledged to the guest only once it is written
+        // down: a host serve killed in between is given it again by the guest's next hello.
+        let bridgeServer = try BridgeServer(
+            listeningOn: bridge, authentication: bridgeKey.map { .key($0) } ?? .none, unixMode: 0o666, warn: { say("warning: \($0)") },
+            observer: { [table] event in table.guestSaid(event) }, exitAcknowledgement: kept == nil ? .onDelivery : .byCaller)
+        self.bridge = bridgeServer
+        if kept != nil { table.acknowledgeExits { [weak bridgeServer] id in bridgeServer?.acknowledgeExit(id) } }
+        let streamServer = try StreamServer<AsyncFD>(listeningOn: streams, unixMode: 0o666)
+        self.streams = streamServer
+        self.streamAddress = (guestStreams ?? streamServer.address).description
         self.control = try Listener(binding: .unix(path: control), kind: .seqpacket, unixMode: 0o600)
+        restoredUnanswered = kept.map {
+            Self.restore(from: $0, table: table, streams: streamServer, logSize: logSize, say: say)
+        } ?? []
+    }
+
+    /// Takes up the processes an earlier host serve kept in `directory`: each unfinished one's
+    /// streams opened again with their tokens and secrets, resuming where its files end (before
+    /// the stream server and the bridge start, so that the guest finds them there), and the
+    /// finished ones remembered for `wait`, `ps -a` and `logs`.
+    private static func restore(
+        from directory: HostStateDirectory, table: HostProcessTable, streams: StreamServer<AsyncFD>, logSize: Int,
+        say: @escaping @Sendable (String) -> Void
+    ) -> [HostedProcess] {
+        var unanswered: [HostedProcess] = []
+        var running = 0
+        var finished = 0
+        for found in directory.restore(say: say) {
+            let record = found.record
+            let outputKinds = record.streams.map(\.kind).filter { $0 != "stdin" }
+            let log = ProcessLog(capacity: logSize, streams: outputKinds)
+            if found.finished, let outcome = found.outcome {
+                for kind in outputKinds {
+                    if let file = try? found.files.outputLog(kind, keep: logSize) {
+                        log.append(kind, file.tail(logSize))
+                        file.close()
+                    }
+                }
+                log.endAll()
+                let info = HostProcessInfo(
+                    id: record.id, pid: record.pid, state: outcome.exit == nil ? .lost : .exited, exitCode: outcome.exit?.exitCode,
+                    command: record.command, oomKilled: outcome.exit?.wasLikelyOOMKilled == true ? true : nil)
+                table.restoreFinished(info, outcome: outcome, log: log.byteCount > 0 ? log : nil, files: found.files)
+                finished += 1
+                continue
+            }
+            var input: InputRelay?
+            var outputs: [OutputRelay] = []
+            do {
+                for stream in record.streams {
+                    let token = Array(stream.token.utf8)
+                    if stream.kind == "stdin" {
+                        input = try InputRelay(
+                            token: token, server: streams, secret: stream.secret, offset: try found.files.inputOffset(), files: found.files,
+                            resume: true, ended: found.files.stdinEnded)
+                    } else {
+                        let file = try found.files.outputLog(stream.kind, keep: logSize)
+                        log.append(stream.kind, file.tail(logSize))
+                        // Not held: no client is attached after a restart; what comes goes into
+                        // the log, and an `attach` follows it from then on.
+                        outputs.append(
+                            try OutputRelay(
+                                kind: stream.kind, token: token, server: streams, log: log, held: false, secret: stream.secret, file: file,
+                                resume: true, say: { say("process \(record.id): \($0)") }))
+                    }
+                }
+            } catch {
+                input?.close()
+                for output in outputs { output.discard() }
+                say("warning: process \(record.id) kept in \(found.files.directory) cannot be taken up again: \(error)")
+                continue
+            }
+            let drainTimeout = record.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? HostDefaults.drainTimeout
+            let process = HostedProcess(
+                id: record.id, outputs: outputs, input: input, log: log, command: record.command ?? "", tty: record.tty,
+                drainTimeout: drainTimeout, files: found.files)
+            let guest = record.bootID.map { GuestIdentity(bootID: $0, instanceID: record.instanceID) }
+            table.restore(process, pid: record.pid, guest: guest, outcome: found.outcome)
+            startRelays(of: process, table: table, say: say)
+            if record.pid == nil, found.outcome == nil { unanswered.append(process) }
+            running += 1
+        }
+        if running + finished > 0 {
+            say("holdfast host: took up \(running) processes and \(finished) finished ones from \(directory.path)")
+        }
+        return unanswered
+    }
+
+    /// Relays a process's streams until they end.
+    private static func startRelays(of process: HostedProcess, table: HostProcessTable, say: @escaping @Sendable (String) -> Void) {
+        let id = process.id
+        if let input = process.input {
+            Task {
+                await input.run()
+                Self.reportLoss(of: input.stream, id: id, kind: "stdin", say: say)
+            }
+        }
+        for output in process.outputs {
+            Task { [table] in
+                await output.run(endEchoTimeout: { process.state.withLockedValue { $0.drainTimeout } }) {
+                    Self.reportLoss(of: output.stream, id: id, kind: output.kind, say: say)
+                    table.outputFinished(process)
+                }
+            }
+        }
     }
 
     /// Serves until the task is cancelled.
@@ -99,11 +210,19 @@ public final class HostService: Sendable {
         // Each process it serves holds its streams' sockets and its log: a shell's soft limit of
         // 1,024 would refuse the streams of a few hundred processes.
         ResourceLimits.raiseOpenFileLimit()
-        bridge.start()
+        // The streams first: a guest that says hello learns nothing of a restored process's
+        // stream being unknown for a moment.
         streams.start()
+        bridge.start()
         let dialled = streamAddress == streams.address.description ? "" : " (the guest dials \(streamAddress))"
         say("holdfast host: bridge \(bridge.address), streams \(streams.address)\(dialled), control \(control.address)")
         let poller = Task { await pollGuestList() }
+        for process in restoredUnanswered {
+            say("process \(process.id): its create was not answered before host serve stopped; it is killed if it runs (no client has it)")
+            Task { [bridge, table, say] in
+                await Self.endIfItStartsLate(process, in: table, bridge: bridge, say: say)
+            }
+        }
         // An accept that fails (EMFILE with many processes' sockets and logs held) is a moment of
         // scarcity: tried again, said at most every 10 s. Before, the loop ended at the first
         // one, and every `holdfast host` command after it hung in the backlog until its bound.
@@ -491,59 +610,67 @@ public final class HostService: Sendable {
         }
         if table.isTaken(id) { throw HoldfastError(.processExists, "host serve already runs a process '\(id)'") }
 
+        // With a state directory: the process's record, with its streams' secrets, is written
+        // before the create goes out, and its output is kept there as it comes.
+        let files = try stateDirectory?.newProcess()
         var input: InputRelay?
         var outputs: [OutputRelay] = []
+        func discardStreams() {
+            input?.close()
+            for output in outputs { output.discard() }
+            files?.remove()
+        }
         let log = ProcessLog(capacity: logSize, streams: kinds.filter { $0 != "stdin" })
-        do throws(StreamServerError) {
+        var record = HostProcessRecord(id: id, command: nil, tty: request.tty, streams: [])
+        do {
             for kind in kinds {
                 let token = Array("\(id)-\(kind)".utf8)
                 if kind == "stdin" {
-                    let relay = try InputRelay(token: token, server: streams)
+                    let relay = try InputRelay(token: token, server: streams, offset: try files?.inputOffset(), files: files)
                     input = relay
                     specs[kind] = relay.stream.streamSpec(at: streamAddress)
+                    record.streams.append(HostProcessRecord.Stream(kind: kind, token: "\(id)-\(kind)", secret: relay.stream.secret))
                 } else {
-                    let relay = try OutputRelay(kind: kind, token: token, server: streams, log: log, held: !detached)
+                    let relay = try OutputRelay(
+                        kind: kind, token: token, server: streams, log: log, held: !detached, file: try files?.outputLog(kind, keep: logSize),
+                        say: { [say] in say("process \(id): \($0)") })
                     outputs.append(relay)
                     specs[kind] = relay.stream.streamSpec(at: streamAddress)
+                    record.streams.append(HostProcessRecord.Stream(kind: kind, token: "\(id)-\(kind)", secret: relay.stream.secret))
                 }
             }
+        } catch let error as HoldfastError {
+            discardStreams()
+            throw error
         } catch {
-            input?.close()
-            for output in outputs { output.discard() }
+            discardStreams()
             throw HoldfastError(.processExists, "host serve already has a stream of a process '\(id)': \(error)")
         }
         let command = request.bundle.map { "runc container from \($0)" } ?? Self.commandLine(request.argv)
+        record.command = command
+        do throws(HoldfastError) {
+            try files?.write(record)
+        } catch {
+            discardStreams()
+            throw error
+        }
         let process = HostedProcess(
-            id: id, outputs: outputs, input: input, log: log, command: command, tty: request.tty, drainTimeout: HostDefaults.drainTimeout)
+            id: id, outputs: outputs, input: input, log: log, command: command, tty: request.tty, drainTimeout: HostDefaults.drainTimeout,
+            files: files)
         let local: [Int32]
         do {
             local = detached ? [] : try connectClient(to: kinds.compactMap { process.outlets[$0] })
         } catch {
-            input?.close()
-            for output in outputs { output.discard() }
+            discardStreams()
             throw error
         }
         guard table.register(process) else {
             for fd in local { _ = Glibc.close(fd) }
-            input?.close()
-            for output in outputs { output.discard() }
+            discardStreams()
             throw HoldfastError(.processExists, "host serve already runs a process '\(id)'")
         }
         let say = say
-        if let input {
-            Task {
-                await input.run()
-                Self.reportLoss(of: input.stream, id: id, kind: "stdin", say: say)
-            }
-        }
-        for output in outputs {
-            Task { [table] in
-                await output.run(endEchoTimeout: { process.state.withLockedValue { $0.drainTimeout } }) {
-                    Self.reportLoss(of: output.stream, id: id, kind: output.kind, say: say)
-                    table.outputFinished(process)
-                }
-            }
-        }
+        Self.startRelays(of: process, table: table, say: say)
 
         let spec = ProcessSpec(
             id: id, argv: request.argv, env: request.env, cwd: request.cwd, user: request.user, group: request.group, tty: request.tty,
@@ -557,6 +684,7 @@ public final class HostService: Sendable {
             process.abandon()
             guard error.code == .guestNotAnswering || error.code == .bridgeLost else {
                 table.unregister(process)
+                files?.remove()
                 throw error
             }
             // The guest took the create and did not answer (stopped, traced, a migration that
@@ -570,6 +698,16 @@ public final class HostService: Sendable {
             throw error
         }
         // Which daemon runs it; if another one said hello meanwhile, it is already gone.
+        record.pid = created.pid
+        record.bootID = created.hello.bootID
+        record.instanceID = created.hello.instanceID
+        if let files {
+            do throws(HoldfastError) {
+                try files.write(record)
+            } catch {
+                say("warning: process \(id): \(error); a restart of host serve would take it for a create never answered")
+            }
+        }
         table.created(process, pid: created.pid, by: GuestIdentity(created.hello))
         if !detached { process.attached(by: client) }
         say("process \(id) started in the guest: pid \(created.pid), \(request.bundle.map { "runc container from \($0)" } ?? "\(request.argv)")\(detached ? " (detached)" : "")")

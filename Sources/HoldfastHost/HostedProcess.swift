@@ -17,6 +17,11 @@ struct GuestIdentity: Sendable, Equatable {
         instanceID = hello.instanceID
     }
 
+    init(bootID: String, instanceID: String?) {
+        self.bootID = bootID
+        self.instanceID = instanceID
+    }
+
     /// Why a process this daemon ran is lost, if `newer` is another daemon.
     func loss(to newer: GuestIdentity, process: String) -> LostProcess? {
         if newer.bootID != bootID {
@@ -77,10 +82,17 @@ final class HostedProcess: Sendable {
     /// The command, for `host ps`.
     let command: String
     let tty: Bool
+    /// Where its record, output and outcome are kept across a restart of host serve (nil
+    /// without a state directory).
+    let files: ProcessFiles?
     let state: NIOLockedValueBox<State>
 
-    init(id: String, outputs: [OutputRelay], input: InputRelay?, log: ProcessLog, command: String, tty: Bool, drainTimeout: Duration) {
+    init(
+        id: String, outputs: [OutputRelay], input: InputRelay?, log: ProcessLog, command: String, tty: Bool, drainTimeout: Duration,
+        files: ProcessFiles? = nil
+    ) {
         self.id = id
+        self.files = files
         self.outputs = outputs
         self.input = input
         self.log = log
@@ -315,16 +327,29 @@ final class OutputRelay: Sendable {
     let outlet: Outlet
     private let log: ProcessLog
     private let server: StreamServer<AsyncFD>
+    /// Where each byte is kept before the guest is told it arrived (a state directory): a
+    /// restart of host serve resumes at the file's end.
+    private let file: OutputLogFile?
+    private let say: @Sendable (String) -> Void
     private let state = NIOLockedValueBox<(waitingSince: ContinuousClock.Instant?, finished: Bool, endedByHost: Bool)>((nil, false, false))
 
-    /// Opens the host stream (with a new secret); refused if the token is open already.
-    init(kind: String, token: [UInt8], server: StreamServer<AsyncFD>, log: ProcessLog, held: Bool) throws(StreamServerError) {
+    /// Opens the host stream (with a new secret, or the one a restart restores, resuming at
+    /// `file`'s end); refused if the token is open already.
+    init(
+        kind: String, token: [UInt8], server: StreamServer<AsyncFD>, log: ProcessLog, held: Bool, secret: StreamSecret = .random(),
+        file: OutputLogFile? = nil, resume: Bool = false, say: @escaping @Sendable (String) -> Void = { _ in }
+    ) throws(StreamServerError) {
         self.kind = kind
         self.token = token
         self.server = server
         self.log = log
+        self.file = file
+        self.say = say
         self.outlet = Outlet(holding: held)
-        self.stream = try server.open(token: token, direction: .receive)
+        var configuration = ResumableConfiguration()
+        configuration.acknowledgeDelivered = file != nil
+        self.stream = try server.open(
+            token: token, direction: .receive, secret: secret, configuration: configuration, resumeAt: resume ? file?.end : nil)
     }
 
     /// Since when the relay has been waiting for the guest's next byte; nil while it is
@@ -347,11 +372,20 @@ final class OutputRelay: Sendable {
     /// and forgotten (after making sure the guest has our END echo, bounded by `endEchoTimeout`).
     func run(endEchoTimeout: @escaping @Sendable () -> Duration, finished: @escaping @Sendable () -> Void) async {
         var chunks = stream.chunks().makeAsyncIterator()
+        var fileFailureSaid = false
+        defer { file?.close() }
         relaying: while true {
             state.withLockedValue { $0.waitingSince = .now }
             guard let chunk = await chunks.next() else { break }
             state.withLockedValue { $0.waitingSince = nil }
             log.append(kind, chunk)
+            if let file {
+                if !file.append(chunk), let failure = file.failure, failure != "closed", !fileFailureSaid {
+                    fileFailureSaid = true
+                    say("warning: \(kind) can no longer be kept in the state directory (\(failure)): a restart of host serve now would lose what it has not kept")
+                }
+                stream.delivered(chunk.count)
+            }
             while true {
                 let client: AsyncFD
                 if outlet.isHolding {
@@ -386,6 +420,7 @@ final class OutputRelay: Sendable {
 
     /// For a relay that never ran (its process could not be started).
     func discard() {
+        file?.close()
         log.end(kind)
         outlet.close()
         server.close(stream)
@@ -403,6 +438,10 @@ final class InputRelay: Sendable {
     private let server: StreamServer<AsyncFD>
     /// The client said its stdin ended.
     private let endRequested = NIOLockedValueBox(false)
+    /// With a state directory: the bytes handed to the stream, counted before each hand-over,
+    /// and where the end is written down.
+    private let offset: InputOffsetFile?
+    private let files: ProcessFiles?
 
     /// How long the stdin's END waits for the guest without progress: as long as the process
     /// lives (the relay is closed at its outcome). The stream's usual 30 s gave the END up when
@@ -411,12 +450,24 @@ final class InputRelay: Sendable {
     /// end-of-file and never exited, and nothing said so.
     static let endWait: Duration = .seconds(86_400 * 365)
 
-    /// Opens the host stream (with a new secret); refused if the token is open already.
-    init(token: [UInt8], server: StreamServer<AsyncFD>) throws(StreamServerError) {
+    /// Opens the host stream (with a new secret, or the one a restart restores, resuming at what
+    /// `offset` counted: `ended` if the client had ended stdin); refused if the token is open
+    /// already.
+    init(
+        token: [UInt8], server: StreamServer<AsyncFD>, secret: StreamSecret = .random(), offset: InputOffsetFile? = nil,
+        files: ProcessFiles? = nil, resume: Bool = false, ended: Bool = false
+    ) throws(StreamServerError) {
         self.token = token
         self.server = server
+        self.offset = offset
+        self.files = files
         self.stream = try server.open(
-            token: token, direction: .send, configuration: ResumableConfiguration(drainTimeout: Self.endWait))
+            token: token, direction: .send, secret: secret, configuration: ResumableConfiguration(drainTimeout: Self.endWait),
+            resumeAt: resume ? offset?.value : nil)
+        if ended {
+            endRequested.withLockedValue { $0 = true }
+            outlet.close()
+        }
     }
 
     func run() async {
@@ -439,6 +490,9 @@ final class InputRelay: Sendable {
                 if endRequested.withLockedValue({ $0 }) { break }
                 continue
             }
+            // Counted first: a restart between the two leaves the count at or past what the
+            // guest received, never below it (the difference is a gap, not a repeat).
+            offset?.advance(by: count)
             do {
                 try await stream.send(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             } catch {
@@ -451,6 +505,7 @@ final class InputRelay: Sendable {
     /// The client's stdin ended, after the last byte it wrote on its socket: once that socket
     /// has been read to its end, the guest's stdin ends.
     func endOfInput() {
+        try? files?.markStdinEnded()
         endRequested.withLockedValue { $0 = true }
         outlet.closeIfNoClient()
     }

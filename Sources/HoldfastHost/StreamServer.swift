@@ -164,24 +164,29 @@ public final class StreamServer<Transport: ByteConnection>: Sendable {
     /// A token already open here is refused (`tokenInUse`): two streams behind one token would
     /// take each other's connections and splice their bytes together.
     ///
-    /// `resumeAt` (a `.receive` stream only): this host end restarted — the application that
-    /// held the stream before died or was restarted — and its consumer already holds the
-    /// stream's first `resumeAt` bytes (what it had written to its file, say). Open it again
-    /// with the same token and secret: the guest, which keeps every byte the host did not
-    /// acknowledge, goes on from there, so nothing is lost and nothing repeats — provided the
-    /// stream acknowledged only what the consumer had kept, in the earlier life too
-    /// (`configuration.acknowledgeDelivered`, and `delivered(_:)` once bytes are kept; `Relay.input`
-    /// does both). Bytes acknowledged and then not kept are a gap the guest reports (`lost`);
-    /// an offset beyond what the guest ever sent is refused on every connection
-    /// (docs/PROTOCOL.md, "A host that restarted"). A `.send` stream cannot resume
-    /// (`cannotResumeSending`): what it had sent died with the application.
+    /// `resumeAt`: this host end restarted — the application that held the stream before died
+    /// or was restarted. Open the stream again with the same token and secret.
+    /// - A `.receive` stream: its consumer already holds the stream's first `resumeAt` bytes
+    ///   (what it had written to its file, say). The guest, which keeps every byte the host did
+    ///   not acknowledge, goes on from there, so nothing is lost and nothing repeats — provided
+    ///   the stream acknowledged only what the consumer had kept, in the earlier life too
+    ///   (`configuration.acknowledgeDelivered`, and `delivered(_:)` once bytes are kept;
+    ///   `Relay.input` does both). Bytes acknowledged and then not kept are a gap the guest
+    ///   reports (`lost`); an offset beyond what the guest ever sent is refused on every
+    ///   connection.
+    /// - A `.send` stream (a stdin): `resumeAt` is how many bytes the earlier life had handed to
+    ///   `send`, counted before each hand-over (so it is never below what the guest received).
+    ///   What the earlier life had sent and the guest had not received died with it: the guest
+    ///   and this end count those offsets as lost (a GAP), and the stream goes on from
+    ///   `resumeAt` — nothing repeats, and the process's stdin stays open for what comes next.
+    ///
+    /// docs/PROTOCOL.md, "A host that restarted".
     public func open(
         token: [UInt8], direction: StreamDirection, secret: StreamSecret = .random(),
         configuration: ResumableConfiguration = ResumableConfiguration(), resumeAt: UInt64? = nil,
         observer: (@Sendable (SlotEvent) -> Void)? = nil
     ) throws(StreamServerError) -> Stream {
         guard !token.isEmpty, token.count <= StreamHello.maxTokenLength else { throw .badToken(token.count) }
-        if resumeAt != nil, direction == .send { throw .cannotResumeSending(String(decoding: token, as: UTF8.self)) }
         let stream = Stream(
             token: token, secret: secret, role: .host, direction: direction, configuration: configuration,
             executor: Reactor.shared, resumeAt: resumeAt, observer: observer)
@@ -338,16 +343,11 @@ public enum StreamServerError: Error, Sendable, Equatable, CustomStringConvertib
     case tokenInUse(String)
     /// A token must be 1 to 256 bytes.
     case badToken(Int)
-    /// `resumeAt` was given for a stream this end sends (a stdin): its bytes died with the
-    /// application that held them.
-    case cannotResumeSending(String)
 
     public var description: String {
         switch self {
         case .tokenInUse(let token): return "token '\(token)' is in use by another open stream"
         case .badToken(let length): return "a token must be 1 to \(StreamHello.maxTokenLength) bytes, not \(length)"
-        case .cannotResumeSending(let token):
-            return "stream '\(token)' cannot resume: only a stream the host receives can (what a restarted host had sent is gone)"
         }
     }
 }

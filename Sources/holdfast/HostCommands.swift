@@ -53,6 +53,10 @@ struct HostServe: AsyncParsableCommand, HostFamilyCommand {
     @Option(help: "How much of each process's output to keep for 'host logs' (bytes; K, M suffixes).")
     var logSize = "1M"
     @Option(help: "How many finished processes' logs to keep.") var logsKept = HostDefaults.logsKept
+    @Option(help: ArgumentHelp(
+        "Where to keep each process's record, output and outcome, so that a restart of host serve loses none of them; 'none' keeps them in memory only.",
+        discussion: "Default: host-state next to the control socket (\(HostDefaults.stateDirectory)). A host serve started again on the same directory takes its processes up where they were: their output resumes with nothing lost or repeated, their stdin stays open, and wait, attach, logs and ps know them."))
+    var stateDir: String?
 
     func validate() throws {
         guard parsedLogSize != nil else { throw ValidationError("--log-size '\(logSize)': expected bytes, e.g. 65536, 512K or 4M") }
@@ -106,10 +110,15 @@ struct HostServe: AsyncParsableCommand, HostFamilyCommand {
                 throw CommandFailure("holdfast host serve: bridge key \(error)")
             }
         }
-        let service = try HostService(
-            bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, guestStreams: guestStreamsAddress, control: control, logSize: parsedLogSize ?? HostDefaults.logSize,
-            logsKept: logsKept
-        ) { writeLine(TerminalText.escaped($0)) }  // one line each: a guest's newline forges none
+        let service: HostService
+        do {
+            service = try HostService(
+                bridge: bridgeAddress, bridgeKey: key, streams: streamsAddress, guestStreams: guestStreamsAddress, control: control,
+                logSize: parsedLogSize ?? HostDefaults.logSize, logsKept: logsKept, stateDirectory: stateDir == "none" ? nil : stateDir ?? directory + "/host-state"
+            ) { writeLine(TerminalText.escaped($0)) }  // one line each: a guest's newline forges none
+        } catch let error as HoldfastError {
+            throw CommandFailure("holdfast host serve: \(error.message)")
+        }
         defer { service.close() }
         let signals = try SignalPipe(signals: [SIGINT, SIGTERM])
         let serving = Task { await service.run() }
