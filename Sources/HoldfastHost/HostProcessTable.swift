@@ -31,12 +31,13 @@ final class HostProcessTable: Sendable {
         var listRound: UInt64 = 0
         var closed = false
         var trimScheduled = false
-        /// The state directory's files of the finished processes remembered.
-        var files: [String: ProcessFiles] = [:]
+        /// The numbers of the finished processes' directories in the state directory (numbers,
+        /// not paths: a thousand outcomes kept should not cost a thousand path strings).
+        var files: [String: UInt64] = [:]
         /// File work decided under the lock, done after it: whole directories to remove (an
         /// outcome forgotten), and logs to drop (no longer among the `logsKept`).
-        var filesToRemove: [ProcessFiles] = []
-        var logsToDrop: [ProcessFiles] = []
+        var filesToRemove: [UInt64] = []
+        var logsToDrop: [UInt64] = []
         /// Says an exit was handled (`exitAcknowledgement: .byCaller`, with a state directory).
         var acknowledge: (@Sendable (String) -> Void)?
 
@@ -83,26 +84,50 @@ final class HostProcessTable: Sendable {
 
     /// Does the file work the last change decided (outside the lock).
     private func doFileWork() {
-        let (remove, drop) = state.withLockedValue { s -> ([ProcessFiles], [ProcessFiles]) in
+        guard let stateDirectory else { return }
+        let (remove, drop) = state.withLockedValue { s -> ([UInt64], [UInt64]) in
             defer {
                 s.filesToRemove.removeAll()
                 s.logsToDrop.removeAll()
             }
             return (s.filesToRemove, s.logsToDrop)
         }
-        for files in remove { files.remove() }
-        for files in drop { files.removeLogs() }
+        for number in remove { stateDirectory.files(number).remove() }
+        for number in drop { stateDirectory.files(number).removeLogs() }
     }
 
-    /// Writes the process's outcome down (with a state directory); false if that failed.
-    private func keep(_ outcome: HostWaitResponse, of id: String, in files: ProcessFiles?) -> Bool {
-        guard let files else { return true }
-        do {
-            try files.write(outcome)
+    /// Writes the process's outcome down as it stands now (with a state directory); false if
+    /// that failed.
+    private func keep(_ process: HostedProcess, quietly: Bool = false) -> Bool {
+        guard let files = process.files else { return true }
+        do throws(HoldfastError) {
+            try files.writeOutcome { process.knownOutcome }
             return true
         } catch {
-            say("warning: process \(id): its outcome cannot be kept in the state directory (\(error)); the guest is not told it arrived, and says it again")
+            if !quietly {
+                say("warning: process \(process.id): its outcome cannot be kept in the state directory (\(error)); the guest is not told it arrived until it can be (tried again every 5 s)")
+            }
             return false
+        }
+    }
+
+    /// Acknowledges exit `id` once `kept` succeeds, trying every 5 s while it fails (the bridge
+    /// delivers an exit once per connection: a failed keep is not given a second chance by
+    /// the guest until it reconnects).
+    /// `kept(retry)`: `retry` is false on the first try only.
+    private func acknowledge(_ id: String, once kept: @escaping @Sendable (_ retry: Bool) -> Bool) {
+        if kept(false) {
+            acknowledge(id)
+            return
+        }
+        Task { [self] in
+            while !state.withLockedValue({ $0.closed }) {
+                try? await Task.sleep(for: .seconds(5))
+                if kept(true) {
+                    acknowledge(id)
+                    return
+                }
+            }
         }
     }
 
@@ -139,8 +164,11 @@ final class HostProcessTable: Sendable {
                 /// it and its acknowledgement.
                 case kept
                 case nobody
+                /// host serve is stopping: its processes are no longer held.
+                case closing
             }
             let holder = state.withLockedValue { s -> Holder in
+                if s.closed { return .closing }
                 if let process = s.processes[report.id] { return .process(process) }
                 if s.outcomes[report.id]?.exit == report { return .kept }
                 s.otherExits.append(report)
@@ -150,11 +178,14 @@ final class HostProcessTable: Sendable {
             switch holder {
             case .process(let process):
                 end(process, HostWaitResponse(exit: report), keeping: false)
-                if keep(process.knownOutcome ?? HostWaitResponse(exit: report), of: process.id, in: process.files) { acknowledge(report.id) }
+                acknowledge(report.id) { [self] retry in keep(process, quietly: retry) }
             case .kept:
                 acknowledge(report.id)
             case .nobody:
-                if remember(otherExit: report) { acknowledge(report.id) }
+                acknowledge(report.id) { [self] retry in remember(otherExit: report, quietly: retry) }
+            case .closing:
+                // Not acknowledged: the guest gives it to the next host serve.
+                return
             }
         }
     }
@@ -164,7 +195,7 @@ final class HostProcessTable: Sendable {
     /// and `ps -a` to give. The guest forgets an exit once it is acknowledged, as this one is:
     /// kept only in the log line above, a restart lost every exit that came after it.
     /// Returns whether it was kept (written to the state directory, if there is one).
-    private func remember(otherExit report: ExitReport) -> Bool {
+    private func remember(otherExit report: ExitReport, quietly: Bool = false) -> Bool {
         let info = HostProcessInfo(
             id: report.id, pid: nil, state: .exited, exitCode: report.exitCode, command: nil,
             oomKilled: report.wasLikelyOOMKilled ? true : nil)
@@ -174,12 +205,17 @@ final class HostProcessTable: Sendable {
             do {
                 let made = try stateDirectory.newProcess()
                 files = made
-                try made.write(HostProcessRecord(id: report.id, command: nil, tty: false, streams: []))
+                // The outcome before the record: a directory without a record is removed at
+                // the next start, one with a record and no outcome would be taken for a create
+                // never answered.
                 try made.write(outcome)
+                try made.write(HostProcessRecord(id: report.id, command: nil, tty: false, streams: []))
                 made.markFinished()
             } catch {
                 files?.remove()
-                say("warning: the exit of process \(report.id) cannot be kept in the state directory (\(error)); the guest is not told it arrived, and says it again")
+                if !quietly {
+                    say("warning: the exit of process \(report.id) cannot be kept in the state directory (\(error)); the guest is not told it arrived until it can be (tried again every 5 s)")
+                }
                 return false
             }
         }
@@ -187,7 +223,7 @@ final class HostProcessTable: Sendable {
             guard s.processes[report.id] == nil else { return true }
             if s.outcomes.updateValue(outcome, forKey: report.id) == nil { s.outcomeOrder.append(report.id) }
             s.finished[report.id] = Finished(info: info, log: nil)
-            if let files, let earlier = s.files.updateValue(files, forKey: report.id) { s.filesToRemove.append(earlier) }
+            if let files, let earlier = s.files.updateValue(files.number, forKey: report.id) { s.filesToRemove.append(earlier) }
             s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
             return false
         }
@@ -200,7 +236,7 @@ final class HostProcessTable: Sendable {
     /// does (`keeping` false).
     func end(_ process: HostedProcess, _ outcome: HostWaitResponse, keeping: Bool = true) {
         guard process.end(with: outcome) else { return }
-        if keeping { _ = keep(outcome, of: process.id, in: process.files) }
+        if keeping { _ = keep(process) }
         if let lost = outcome.lost { say("process \(process.id) lost: \(lost.message)") }
         if let finished = process.finishIfEnding() { forget(process, finished) }
     }
@@ -220,14 +256,13 @@ final class HostProcessTable: Sendable {
         guard !state.withLockedValue({ $0.closed }) else { return }
         if let files = process.files {
             // The outcome as handed over (with the streams host serve ended), then marked done.
-            _ = keep(outcome, of: process.id, in: files)
-            files.markFinished()
+            if keep(process) { files.markFinished() }
         }
         let idle = state.withLockedValue { s -> Bool in
             if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
             if s.outcomes.updateValue(outcome, forKey: process.id) == nil { s.outcomeOrder.append(process.id) }
             s.finished[process.id] = Finished(info: info, log: log)
-            if let files = process.files, let earlier = s.files.updateValue(files, forKey: process.id), earlier !== files {
+            if let files = process.files, let earlier = s.files.updateValue(files.number, forKey: process.id), earlier != files.number {
                 s.filesToRemove.append(earlier)
             }
             s.logOrder.removeAll { $0 == process.id }
@@ -262,7 +297,7 @@ final class HostProcessTable: Sendable {
         state.withLockedValue { s in
             if s.outcomes.updateValue(outcome, forKey: info.id) == nil { s.outcomeOrder.append(info.id) }
             s.finished[info.id] = Finished(info: info, log: log)
-            if let earlier = s.files.updateValue(files, forKey: info.id) { s.filesToRemove.append(earlier) }
+            if let earlier = s.files.updateValue(files.number, forKey: info.id), earlier != files.number { s.filesToRemove.append(earlier) }
             s.logOrder.removeAll { $0 == info.id }
             if log != nil { s.logOrder.append(info.id) }
             s.dropOldestLogs(keeping: logsKept)

@@ -60,15 +60,19 @@ public final class HostService: Sendable {
     static func reportLoss(of stream: ResumableStream<AsyncFD>, id: String, kind: String, say: @Sendable (String) -> Void) {
         let lost = stream.statistics.lost
         guard lost.bytes > 0 else { return }
-        say("process \(id) \(kind): \(lost.bytes) bytes lost with the guest's broker (offsets \(lost.summary))")
+        // A stdin's loss is the host's: bytes a host serve that died had taken from a client and
+        // not delivered (a restart on its state directory counts them). An output's is the
+        // guest's broker's.
+        let cause = kind == "stdin" ? "taken by a host serve that died and never delivered" : "lost with the guest's broker"
+        say("process \(id) \(kind): \(lost.bytes) bytes \(cause) (offsets \(lost.summary))")
     }
     private let listInterval: Duration
     private let table: HostProcessTable
     private let logSize: Int
     private let stateDirectory: HostStateDirectory?
     /// Processes restored whose create had not been answered when the earlier host serve died:
-    /// watched as any unanswered create once the bridge is up (`endIfItStartsLate`).
-    private let restoredUnanswered: [HostedProcess]
+    /// sent again with the same idempotency key once the bridge is up (`createAgain`).
+    private let restoredUnanswered: [(HostedProcess, HostProcessRecord)]
 
     /// Outcomes kept for a `wait` or `attach` that comes after the process was forgotten.
     public static let rememberedOutcomes = HostProcessTable.rememberedOutcomes
@@ -121,8 +125,8 @@ public final class HostService: Sendable {
     private static func restore(
         from directory: HostStateDirectory, table: HostProcessTable, streams: StreamServer<AsyncFD>, logSize: Int,
         say: @escaping @Sendable (String) -> Void
-    ) -> [HostedProcess] {
-        var unanswered: [HostedProcess] = []
+    ) -> [(HostedProcess, HostProcessRecord)] {
+        var unanswered: [(HostedProcess, HostProcessRecord)] = []
         var running = 0
         var finished = 0
         for found in directory.restore(say: say) {
@@ -131,7 +135,7 @@ public final class HostService: Sendable {
             let log = ProcessLog(capacity: logSize, streams: outputKinds)
             if found.finished, let outcome = found.outcome {
                 for kind in outputKinds {
-                    if let file = try? found.files.outputLog(kind, keep: logSize) {
+                    if let file = found.files.existingOutputLog(kind, keep: logSize) {
                         log.append(kind, file.tail(logSize))
                         file.close()
                     }
@@ -152,16 +156,22 @@ public final class HostService: Sendable {
                     if stream.kind == "stdin" {
                         input = try InputRelay(
                             token: token, server: streams, secret: stream.secret, offset: try found.files.inputOffset(), files: found.files,
-                            resume: true, ended: found.files.stdinEnded)
+                            resume: true, ended: found.files.stdinEnded, say: { say("process \(record.id): \($0)") })
                     } else {
                         let file = try found.files.outputLog(stream.kind, keep: logSize)
                         log.append(stream.kind, file.tail(logSize))
+                        if found.files.hasEnded(stream.kind) {
+                            // Its END had arrived: the guest no longer has the stream.
+                            file.close()
+                            log.end(stream.kind)
+                            continue
+                        }
                         // Not held: no client is attached after a restart; what comes goes into
                         // the log, and an `attach` follows it from then on.
                         outputs.append(
                             try OutputRelay(
                                 kind: stream.kind, token: token, server: streams, log: log, held: false, secret: stream.secret, file: file,
-                                resume: true, say: { say("process \(record.id): \($0)") }))
+                                files: found.files, resume: true, say: { say("process \(record.id): \($0)") }))
                     }
                 }
             } catch {
@@ -170,14 +180,13 @@ public final class HostService: Sendable {
                 say("warning: process \(record.id) kept in \(found.files.directory) cannot be taken up again: \(error)")
                 continue
             }
-            let drainTimeout = record.drainTimeoutMilliseconds.map { Duration.milliseconds($0) } ?? HostDefaults.drainTimeout
             let process = HostedProcess(
                 id: record.id, outputs: outputs, input: input, log: log, command: record.command ?? "", tty: record.tty,
-                drainTimeout: drainTimeout, files: found.files)
+                drainTimeout: HostDefaults.drainTimeout, files: found.files)
             let guest = record.bootID.map { GuestIdentity(bootID: $0, instanceID: record.instanceID) }
             table.restore(process, pid: record.pid, guest: guest, outcome: found.outcome)
             startRelays(of: process, table: table, say: say)
-            if record.pid == nil, found.outcome == nil { unanswered.append(process) }
+            if record.pid == nil, found.outcome == nil { unanswered.append((process, record)) }
             running += 1
         }
         if running + finished > 0 {
@@ -217,10 +226,9 @@ public final class HostService: Sendable {
         let dialled = streamAddress == streams.address.description ? "" : " (the guest dials \(streamAddress))"
         say("holdfast host: bridge \(bridge.address), streams \(streams.address)\(dialled), control \(control.address)")
         let poller = Task { await pollGuestList() }
-        for process in restoredUnanswered {
-            say("process \(process.id): its create was not answered before host serve stopped; it is killed if it runs (no client has it)")
+        for (process, record) in restoredUnanswered {
             Task { [bridge, table, say] in
-                await Self.endIfItStartsLate(process, in: table, bridge: bridge, say: say)
+                await Self.createAgain(process, record: record, in: table, bridge: bridge, say: say)
             }
         }
         // An accept that fails (EMFILE with many processes' sockets and logs held) is a moment of
@@ -238,9 +246,11 @@ public final class HostService: Sendable {
     }
 
     public func close() {
+        // The bridge first: an exit that came after the table let go of its processes would be
+        // taken for another client's, and acknowledged; the guest keeps it for the next one.
+        bridge.close()
         for process in table.close() { process.abandon() }
         control.close()
-        bridge.close()
         streams.close()
     }
 
@@ -626,14 +636,15 @@ public final class HostService: Sendable {
             for kind in kinds {
                 let token = Array("\(id)-\(kind)".utf8)
                 if kind == "stdin" {
-                    let relay = try InputRelay(token: token, server: streams, offset: try files?.inputOffset(), files: files)
+                    let relay = try InputRelay(
+                        token: token, server: streams, offset: try files?.inputOffset(), files: files, say: { [say] in say("process \(id): \($0)") })
                     input = relay
                     specs[kind] = relay.stream.streamSpec(at: streamAddress)
                     record.streams.append(HostProcessRecord.Stream(kind: kind, token: "\(id)-\(kind)", secret: relay.stream.secret))
                 } else {
                     let relay = try OutputRelay(
                         kind: kind, token: token, server: streams, log: log, held: !detached, file: try files?.outputLog(kind, keep: logSize),
-                        say: { [say] in say("process \(id): \($0)") })
+                        files: files, say: { [say] in say("process \(id): \($0)") })
                     outputs.append(relay)
                     specs[kind] = relay.stream.streamSpec(at: streamAddress)
                     record.streams.append(HostProcessRecord.Stream(kind: kind, token: "\(id)-\(kind)", secret: relay.stream.secret))
@@ -648,6 +659,13 @@ public final class HostService: Sendable {
         }
         let command = request.bundle.map { "runc container from \($0)" } ?? Self.commandLine(request.argv)
         record.command = command
+        // Keyed here (not by the bridge) so that the record has the key: a host serve killed
+        // before the answer sends this create again, and the guest knows it for the same one.
+        let spec = ProcessSpec(
+            id: id, argv: request.argv, env: request.env, cwd: request.cwd, user: request.user, group: request.group, tty: request.tty,
+            rows: request.rows, columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
+            runtime: request.runtime, bundle: request.bundle, container: request.container, idempotencyKey: RandomIdentifier.make())
+        record.spec = spec
         do throws(HoldfastError) {
             try files?.write(record)
         } catch {
@@ -672,10 +690,6 @@ public final class HostService: Sendable {
         let say = say
         Self.startRelays(of: process, table: table, say: say)
 
-        let spec = ProcessSpec(
-            id: id, argv: request.argv, env: request.env, cwd: request.cwd, user: request.user, group: request.group, tty: request.tty,
-            rows: request.rows, columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
-            runtime: request.runtime, bundle: request.bundle, container: request.container)
         let created: BridgeServer.CreatedProcess
         do {
             created = try await bridge.createProcess(spec, timeout: HostDefaults.guestWait)
@@ -756,6 +770,37 @@ public final class HostService: Sendable {
     }
 
     static let lateStartWatch = Duration.seconds(3600)
+
+    /// A process whose create an earlier host serve sent and died before the answer: sent
+    /// again, same idempotency key, so the guest answers with the first one's pid (it started)
+    /// or starts it now (it never came). Its output goes into its log: no client has it.
+    static func createAgain(
+        _ process: HostedProcess, record: HostProcessRecord, in table: HostProcessTable, bridge: BridgeServer,
+        say: @escaping @Sendable (String) -> Void
+    ) async {
+        let id = process.id
+        guard var spec = record.spec, spec.idempotencyKey != nil else {
+            // A record without the create (it cannot be sent again): ended if it runs.
+            say("process \(id): its create was not answered before host serve stopped; it is killed if it runs (no client has it)")
+            await endIfItStartsLate(process, in: table, bridge: bridge, say: say)
+            return
+        }
+        spec.id = id
+        do throws(HoldfastError) {
+            let created = try await bridge.createProcess(spec, timeout: HostDefaults.guestWait)
+            var answered = record
+            answered.pid = created.pid
+            answered.bootID = created.hello.bootID
+            answered.instanceID = created.hello.instanceID
+            try? process.files?.write(answered)
+            table.created(process, pid: created.pid, by: GuestIdentity(created.hello))
+            say("process \(id): its create, unanswered when host serve stopped, is answered now: pid \(created.pid)")
+        } catch where error.code == .guestNotAnswering || error.code == .bridgeLost {
+            await endIfItStartsLate(process, in: table, bridge: bridge, say: say)
+        } catch {
+            table.end(process, HostWaitResponse(lost: LostProcess(reason: .vanished, message: "process \(id): its create was refused: \(error.message)")))
+        }
+    }
 
     /// argv as a shell would show it (`ps`): words with spaces or quotes quoted.
     static func commandLine(_ argv: [String]) -> String {

@@ -40,7 +40,14 @@ final class HostStateDirectory: Sendable {
                 throw HoldfastError(.localFailed, "cannot create the state directory \(directory): \(SystemError.last("mkdir"))")
             }
         }
-        let fd = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        // Only this user (or root) may change what is in it: it holds the streams' secrets, and
+        // a file planted there would be taken up as a process of ours.
+        do throws(RunDirectory.Refusal) {
+            try RunDirectory.check(path, acceptedOwners: [geteuid()])
+        } catch {
+            throw HoldfastError(.localFailed, "refusing the state directory: \(error)")
+        }
+        let fd = open(path + "/lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw HoldfastError(.localFailed, "cannot open \(path)/lock: \(SystemError.last("open"))") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             close(fd)
@@ -63,6 +70,11 @@ final class HostStateDirectory: Sendable {
         return ProcessFiles(directory: directory, number: number)
     }
 
+    /// The directory of process `number`.
+    func files(_ number: UInt64) -> ProcessFiles {
+        ProcessFiles(directory: path + "/processes/" + Self.name(number), number: number)
+    }
+
     static func name(_ number: UInt64) -> String {
         let digits = String(number)
         return String(repeating: "0", count: max(0, 10 - digits.count)) + digits
@@ -77,12 +89,17 @@ final class HostStateDirectory: Sendable {
             let files = ProcessFiles(directory: path + "/processes/" + Self.name(number), number: number)
             files.removeLeftovers()
             guard let bytes = WholeFile.read(files.directory + "/record.json") else {
-                files.remove()
+                // A create that never went out has no output; one with output whose record went
+                // (a /tmp cleaner aging it out) is left for the operator, not deleted.
+                if files.hasOutput {
+                    say("warning: \(files.directory) has output but no record.json: left as it is (not taken up)")
+                } else {
+                    files.remove()
+                }
                 continue
             }
-            guard let record = try? ControlJSON.decode(HostProcessRecord.self, from: bytes, frameType: 0) else {
-                say("warning: \(files.directory)/record.json cannot be read: removed")
-                files.remove()
+            guard let record = try? ControlJSON.decode(HostProcessRecord.self, from: bytes, frameType: 0), record.isSound else {
+                say("warning: \(files.directory)/record.json is not a record host serve wrote: left as it is (not taken up)")
                 continue
             }
             let outcome = WholeFile.read(files.directory + "/outcome.json").flatMap {
@@ -120,13 +137,24 @@ struct HostProcessRecord: Codable, Sendable {
     var pid: Int32?
     var bootID: String?
     var instanceID: String?
-    var drainTimeoutMilliseconds: Int?
+    /// The create as sent, with its idempotency key: a host serve killed before the reply sends
+    /// it again, and the guest answers with the first one's pid (or starts it, if it never came).
+    var spec: ProcessSpec?
+
+    static let streamKinds: Set<String> = ["stdin", "stdout", "stderr"]
+
+    /// Names only streams a process has, each once (a kind is part of a file's name).
+    var isSound: Bool {
+        !id.isEmpty && streams.allSatisfy { Self.streamKinds.contains($0.kind) } && Set(streams.map(\.kind)).count == streams.count
+    }
 }
 
 /// One process's directory (`HostStateDirectory`).
 final class ProcessFiles: Sendable {
     let directory: String
     let number: UInt64
+    /// One write at a time: the bridge's reader and a relay may both write the outcome.
+    private let writing = NIOLock()
 
     init(directory: String, number: UInt64) {
         self.directory = directory
@@ -141,6 +169,30 @@ final class ProcessFiles: Sendable {
         try replace("outcome.json", ControlJSON.encode(outcome))
     }
 
+    /// Writes the outcome `current` gives at the moment of writing (writes are one at a time,
+    /// so the last one written is the newest).
+    func writeOutcome(_ current: () -> HostWaitResponse?) throws(HoldfastError) {
+        writing.lock()
+        defer { writing.unlock() }
+        guard let outcome = current() else { return }
+        try replaceUnlocked("outcome.json", ControlJSON.encode(outcome))
+    }
+
+    /// The guest ended output `kind` (its END arrived): a new host serve does not wait for it.
+    func markEnded(_ kind: String) throws(HoldfastError) {
+        try replace("\(kind).ended", [])
+    }
+
+    func hasEnded(_ kind: String) -> Bool { access(directory + "/\(kind).ended", F_OK) == 0 }
+
+    /// Whether any output was kept (more than a log's header).
+    var hasOutput: Bool {
+        ["stdout", "stderr"].contains { kind in
+            var info = stat()
+            return lstat(directory + "/\(kind).log", &info) == 0 && info.st_size > OutputLogFile.headerSize
+        }
+    }
+
     func markFinished() {
         try? replace("finished", [])
     }
@@ -151,8 +203,15 @@ final class ProcessFiles: Sendable {
 
     var stdinEnded: Bool { access(directory + "/stdin.ended", F_OK) == 0 }
 
+    /// `create`: a missing file is made (offset 0); otherwise nil when missing.
     func outputLog(_ kind: String, keep: Int) throws(HoldfastError) -> OutputLogFile {
         try OutputLogFile(path: directory + "/\(kind).log", keep: keep)
+    }
+
+    /// The output kept of a finished process, if any.
+    func existingOutputLog(_ kind: String, keep: Int) -> OutputLogFile? {
+        guard access(directory + "/\(kind).log", F_OK) == 0 else { return nil }
+        return try? OutputLogFile(path: directory + "/\(kind).log", keep: keep)
     }
 
     func inputOffset() throws(HoldfastError) -> InputOffsetFile {
@@ -168,17 +227,19 @@ final class ProcessFiles: Sendable {
 
     /// A write that a crash cut short leaves a `.tmp` file; the file it was to replace stands.
     func removeLeftovers() {
-        for name in DirectoryListing.names(directory) ?? [] where name.hasSuffix(".tmp") { unlink(directory + "/" + name) }
+        for name in DirectoryListing.names(directory) ?? [] where name.hasSuffix(".tmp") || name.hasSuffix(".cut") { unlink(directory + "/" + name) }
     }
 
     /// Writes `name` whole or not at all (a temporary file renamed over it).
     private func replace(_ name: String, _ bytes: [UInt8]) throws(HoldfastError) {
+        writing.lock()
+        defer { writing.unlock() }
+        try replaceUnlocked(name, bytes)
+    }
+
+    private func replaceUnlocked(_ name: String, _ bytes: [UInt8]) throws(HoldfastError) {
         let path = directory + "/" + name
-        do {
-            try WholeFile.write(path + ".tmp", bytes, mode: 0o600)
-        } catch {
-            throw HoldfastError(.localFailed, "cannot write \(path): \(error)")
-        }
+        try writeWhole(path + ".tmp", bytes)
         guard rename(path + ".tmp", path) == 0 else {
             throw HoldfastError(.localFailed, "cannot write \(path): \(SystemError.last("rename"))")
         }
@@ -207,7 +268,7 @@ final class OutputLogFile: Sendable {
         self.path = path
         self.keep = keep
         if access(path, F_OK) != 0 { try Self.create(path, base: 0, tail: []) }
-        let fd = open(path, O_RDWR | O_APPEND | O_CLOEXEC)
+        let fd = open(path, O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { throw HoldfastError(.localFailed, "cannot open \(path): \(SystemError.last("open"))") }
         var header = [UInt8](repeating: 0, count: Self.headerSize)
         var info = stat()
@@ -216,19 +277,25 @@ final class OutputLogFile: Sendable {
             throw HoldfastError(.localFailed, "\(path) has no header: not a holdfast output log")
         }
         let base = header.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
-        state = NIOLockedValueBox(State(fd: fd, base: base, size: UInt64(info.st_size) - UInt64(Self.headerSize)))
+        let size = UInt64(info.st_size) - UInt64(Self.headerSize)
+        guard base <= UInt64.max - size, (info.st_mode & S_IFMT) == S_IFREG else {
+            Glibc.close(fd)
+            throw HoldfastError(.localFailed, "\(path) is not a holdfast output log (its header names an offset past 2^64)")
+        }
+        state = NIOLockedValueBox(State(fd: fd, base: base, size: size))
     }
 
     private static func create(_ path: String, base: UInt64, tail: [UInt8]) throws(HoldfastError) {
         let header = (0..<headerSize).map { UInt8(truncatingIfNeeded: base >> (8 * UInt64($0))) }
-        do {
-            try WholeFile.write(path + ".tmp", header + tail, mode: 0o600)
-        } catch {
-            throw HoldfastError(.localFailed, "cannot write \(path): \(error)")
-        }
+        try writeWhole(path + ".tmp", header + tail)
         guard rename(path + ".tmp", path) == 0 else {
             throw HoldfastError(.localFailed, "cannot write \(path): \(SystemError.last("rename"))")
         }
+    }
+
+    deinit {
+        let fd = state.withLockedValue { $0.fd }
+        if fd >= 0 { Glibc.close(fd) }
     }
 
     /// The stream offset after the last byte kept: where a new host serve resumes.
@@ -262,15 +329,33 @@ final class OutputLogFile: Sendable {
         }
     }
 
-    /// Keeps only the newest `keep` bytes (a new file renamed over the old one).
+    /// Keeps only the newest `keep` bytes (a new file renamed over the old one), copied a MiB
+    /// at a time (a `--log-size` of a GiB must not take a GiB of memory).
     private func cut(_ s: inout State) {
         let kept = min(UInt64(keep), s.size)
-        var tail = [UInt8](repeating: 0, count: Int(kept))
-        let offset = off_t(UInt64(Self.headerSize) + s.size - kept)
-        guard kept == 0 || pread(s.fd, &tail, Int(kept), offset) == Int(kept) else { return }
         let base = s.base + s.size - kept
-        guard (try? Self.create(path, base: base, tail: tail)) != nil else { return }
-        let fd = open(path, O_RDWR | O_APPEND | O_CLOEXEC)
+        guard (try? Self.create(path + ".cut", base: base, tail: [])) != nil else { return }
+        let out = open(path + ".cut", O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
+        guard out >= 0 else { return }
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var copied: UInt64 = 0
+        while copied < kept {
+            let want = Int(min(UInt64(chunk.count), kept - copied))
+            let offset = off_t(UInt64(Self.headerSize) + s.size - kept + copied)
+            let read = pread(s.fd, &chunk, want, offset)
+            guard read == want, chunk.withUnsafeBytes({ Glibc.write(out, $0.baseAddress, want) }) == want else {
+                Glibc.close(out)
+                unlink(path + ".cut")
+                return
+            }
+            copied += UInt64(want)
+        }
+        Glibc.close(out)
+        guard rename(path + ".cut", path) == 0 else {
+            unlink(path + ".cut")
+            return
+        }
+        let fd = open(path, O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else {
             s.failed = "\(SystemError.last("open(\(path))"))"
             return
@@ -308,7 +393,7 @@ final class InputOffsetFile: Sendable {
     private let count: NIOLockedValueBox<UInt64>
 
     init(path: String) throws(HoldfastError) {
-        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw HoldfastError(.localFailed, "cannot open \(path): \(SystemError.last("open"))") }
         var bytes = [UInt8](repeating: 0, count: 8)
         let read = pread(fd, &bytes, 8, 0)
@@ -324,9 +409,25 @@ final class InputOffsetFile: Sendable {
     @discardableResult
     func advance(by bytes: Int) -> Bool {
         count.withLockedValue { total in
-            total += UInt64(bytes)
-            let encoded = (0..<8).map { UInt8(truncatingIfNeeded: total >> (8 * UInt64($0))) }
-            return pwrite(fd, encoded, 8, 0) == 8
+            let next = total + UInt64(bytes)
+            let encoded = (0..<8).map { UInt8(truncatingIfNeeded: next >> (8 * UInt64($0))) }
+            guard pwrite(fd, encoded, 8, 0) == 8 else { return false }
+            total = next
+            return true
         }
+    }
+}
+
+/// Creates or truncates `path` (never through a symbolic link) and writes every byte.
+private func writeWhole(_ path: String, _ bytes: [UInt8]) throws(HoldfastError) {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { throw HoldfastError(.localFailed, "cannot write \(path): \(SystemError.last("open"))") }
+    defer { close(fd) }
+    var offset = 0
+    while offset < bytes.count {
+        let count = bytes[offset...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        if count < 0 && errno == EINTR { continue }
+        guard count > 0 else { throw HoldfastError(.localFailed, "cannot write \(path): \(SystemError.last("write"))") }
+        offset += count
     }
 }

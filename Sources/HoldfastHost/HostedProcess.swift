@@ -330,6 +330,9 @@ final class OutputRelay: Sendable {
     /// Where each byte is kept before the guest is told it arrived (a state directory): a
     /// restart of host serve resumes at the file's end.
     private let file: OutputLogFile?
+    /// Where the stream's end is written down before the guest hears it arrived (the END echo
+    /// is held until then): a new host serve does not wait for an output that had ended.
+    private let files: ProcessFiles?
     private let say: @Sendable (String) -> Void
     private let state = NIOLockedValueBox<(waitingSince: ContinuousClock.Instant?, finished: Bool, endedByHost: Bool)>((nil, false, false))
 
@@ -337,17 +340,19 @@ final class OutputRelay: Sendable {
     /// `file`'s end); refused if the token is open already.
     init(
         kind: String, token: [UInt8], server: StreamServer<AsyncFD>, log: ProcessLog, held: Bool, secret: StreamSecret = .random(),
-        file: OutputLogFile? = nil, resume: Bool = false, say: @escaping @Sendable (String) -> Void = { _ in }
+        file: OutputLogFile? = nil, files: ProcessFiles? = nil, resume: Bool = false, say: @escaping @Sendable (String) -> Void = { _ in }
     ) throws(StreamServerError) {
         self.kind = kind
         self.token = token
         self.server = server
         self.log = log
         self.file = file
+        self.files = files
         self.say = say
         self.outlet = Outlet(holding: held)
         var configuration = ResumableConfiguration()
         configuration.acknowledgeDelivered = file != nil
+        configuration.holdEndEcho = files != nil
         self.stream = try server.open(
             token: token, direction: .receive, secret: secret, configuration: configuration, resumeAt: resume ? file?.end : nil)
     }
@@ -408,6 +413,14 @@ final class OutputRelay: Sendable {
             }
         }
         let endedByGuest = stream.statistics.ended
+        if endedByGuest, let files {
+            do throws(HoldfastError) {
+                try files.markEnded(kind)
+            } catch {
+                say("warning: \(kind)'s end cannot be written down (\(error)): a restart of host serve now would wait for it a drain timeout")
+            }
+            stream.releaseEndEcho()
+        }
         log.end(kind)
         outlet.close()
         state.withLockedValue { $0.finished = true }
@@ -442,6 +455,7 @@ final class InputRelay: Sendable {
     /// and where the end is written down.
     private let offset: InputOffsetFile?
     private let files: ProcessFiles?
+    private let say: @Sendable (String) -> Void
 
     /// How long the stdin's END waits for the guest without progress: as long as the process
     /// lives (the relay is closed at its outcome). The stream's usual 30 s gave the END up when
@@ -455,12 +469,13 @@ final class InputRelay: Sendable {
     /// already.
     init(
         token: [UInt8], server: StreamServer<AsyncFD>, secret: StreamSecret = .random(), offset: InputOffsetFile? = nil,
-        files: ProcessFiles? = nil, resume: Bool = false, ended: Bool = false
+        files: ProcessFiles? = nil, resume: Bool = false, ended: Bool = false, say: @escaping @Sendable (String) -> Void = { _ in }
     ) throws(StreamServerError) {
         self.token = token
         self.server = server
         self.offset = offset
         self.files = files
+        self.say = say
         self.stream = try server.open(
             token: token, direction: .send, secret: secret, configuration: ResumableConfiguration(drainTimeout: Self.endWait),
             resumeAt: resume ? offset?.value : nil)
@@ -491,21 +506,37 @@ final class InputRelay: Sendable {
                 continue
             }
             // Counted first: a restart between the two leaves the count at or past what the
-            // guest received, never below it (the difference is a gap, not a repeat).
-            offset?.advance(by: count)
+            // guest received, never below it (the difference is a gap, not a repeat). A count
+            // that cannot be written (a full disk) holds the bytes back until it can: sent
+            // uncounted, they would leave a restart below the guest, refused for good.
+            if let offset {
+                var said = false
+                while !offset.advance(by: count) {
+                    if !said {
+                        said = true
+                        say("warning: the stdin count cannot be written to the state directory; stdin waits until it can")
+                    }
+                    try? await Task.sleep(for: .seconds(1))
+                    if outlet.isClosed { return }
+                }
+            }
             do {
                 try await stream.send(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
             } catch {
                 return
             }
         }
-        if endRequested.withLockedValue({ $0 }) { _ = await stream.finish() }
+        if endRequested.withLockedValue({ $0 }) {
+            // Written once the client's socket was read to its end: a restart before this
+            // leaves stdin open (a later client may end it), never ends it short.
+            try? files?.markStdinEnded()
+            _ = await stream.finish()
+        }
     }
 
     /// The client's stdin ended, after the last byte it wrote on its socket: once that socket
     /// has been read to its end, the guest's stdin ends.
     func endOfInput() {
-        try? files?.markStdinEnded()
         endRequested.withLockedValue { $0 = true }
         outlet.closeIfNoClient()
     }

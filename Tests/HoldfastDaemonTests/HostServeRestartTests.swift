@@ -2,6 +2,7 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
+import Foundation
 import Testing
 
 #if canImport(Glibc)
@@ -93,4 +94,75 @@ struct HostServeRestartTests {
 private func fileSize(_ path: String) -> Int {
     var info = stat()
     return stat(path, &info) == 0 ? Int(info.st_size) : 0
+}
+
+extension HostServeRestartTests {
+    /// The other ways host serve goes and comes: stopped in order (SIGTERM) mid-stream; killed
+    /// between a create and its answer (its record has no pid: the create is sent again with
+    /// its key, and the guest answers with the process it started); stdin bytes the dead one
+    /// had taken and not delivered (its count 10 past what reached the guest: said as lost,
+    /// and stdin still open); and outputs whose END had arrived (not waited for again).
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func aStopInOrderAnUnansweredCreateAndAStdinGapAreTakenUp() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        var serve = try await HostServeFixture.start(daemon)
+        let counter = "for b in $(seq 0 39); do seq $((b*500+1)) $((b*500+500)); sleep 0.1; done"
+        let expected = (1...20_000).map { "\($0)\n" }.joined()
+        for arguments in [
+            ["run", "-d", "--name", "counter", "--", "sh", "-c", counter],
+            ["run", "-d", "-i", "--name", "reader", "--", "sh", "-c", "read a; echo got-$a"],
+            ["run", "-d", "--name", "closer", "--", "sh", "-c", "exec >&- 2>&-; sleep 2; exit 4"],
+        ] {
+            let started = try await serve.cli(arguments)
+            #expect(started.status == .exited(0), "\(started.err)")
+        }
+        let state = daemon.directory.file("host-state/processes/")
+        try await eventually("the counter under way", timeout: .seconds(20)) { fileSize(state + "0000000001/stdout.log") > 8 + 20_000 }
+        try await eventually("the closer's outputs ended", timeout: .seconds(20)) {
+            access(state + "0000000003/stdout.ended", F_OK) == 0 && access(state + "0000000003/stderr.ended", F_OK) == 0
+        }
+        kill(serve.pid, SIGTERM)
+        #expect(try await daemon.processes.wait(serve.pid, timeout: .seconds(20)) == .exited(0))
+        #expect(fileSize(state + "0000000001/stdout.log") - 8 < expected.utf8.count, "the stop landed mid-stream")
+
+        // As if killed before the counter's create was answered, and after counting 10 stdin
+        // bytes for the reader that never reached the guest.
+        let recordPath = state + "0000000001/record.json"
+        var record = try #require(try JSONSerialization.jsonObject(with: Data(readFile(recordPath) ?? [])) as? [String: Any])
+        #expect(record["pid"] != nil && (record["spec"] as? [String: Any])?["idempotencyKey"] != nil, "\(record)")
+        record["pid"] = nil
+        try writeFile(recordPath, Array(try JSONSerialization.data(withJSONObject: record)))
+        try writeFile(state + "0000000002/stdin.offset", [10, 0, 0, 0, 0, 0, 0, 0])
+
+        serve = try await HostServeFixture.start(daemon)
+        #expect(serve.log.contains("took up 3 processes"), "\(serve.log)")
+        try await eventually("the create answered again", timeout: .seconds(30)) { serve.log.contains("process counter: its create, unanswered") }
+
+        let typed = try PipeEnds.make()
+        defer { close(typed.read) }
+        let attach = try serve.start(["attach", "reader"], stdin: typed.read)
+        try await Task.sleep(for: .milliseconds(300))
+        _ = "two\n".withCString { write(typed.write, $0, 4) }
+        close(typed.write)
+        let attached = try await attach.finish(within: .seconds(60))
+        #expect(attached.status == .exited(0), "\(attached.err)")
+        #expect(attached.out == "got-two\n", "stdin open after the gap: \(attached.out)")
+        try await eventually("the stdin gap said", timeout: .seconds(20)) {
+            serve.log.contains("process reader stdin: 10 bytes taken by a host serve that died and never delivered")
+        }
+
+        #expect(try await serve.cli(["wait", "closer"]).out == "4\n")
+        // Handed over: had its ended outputs been opened again, it would be after the drain
+        // timeout (30 s), with both named as ended by the host.
+        try await eventually("the closer handed over", timeout: .seconds(60)) { access(state + "0000000003/finished", F_OK) == 0 }
+        let outcome = String(decoding: readFile(state + "0000000003/outcome.json") ?? [], as: UTF8.self)
+        #expect(outcome.contains("\"exitCode\":4") && !outcome.contains("endedByHost"), "outputs that had ended are not waited for: \(outcome)")
+        #expect(try await serve.cli(["wait", "counter"]).out == "0\n")
+        let logs = try await serve.cli(["logs", "counter"])
+        #expect(logs.out == expected, "\(logs.out.utf8.count) of \(expected.utf8.count) bytes")
+        kill(serve.pid, SIGTERM)
+        _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(20))
+        #expect(try await daemon.stop() == .exited(0))
+    }
 }
