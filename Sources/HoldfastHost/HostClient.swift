@@ -308,7 +308,7 @@ public enum HostClient {
             do throws(HoldfastError) {
                 return .success(try await client.call(waitRequest, reply: HostWaitResponse.self))
             } catch where error.code == .channelClosed {
-                return .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process runs on in the guest, and a host serve started again on the same state directory takes it up with its output kept: holdfast host attach \(started.id)"))
+                return .failure(HoldfastError(.hostServeGone, "host serve closed its control connection before the process's outcome was known (did it stop?); the process runs on in the guest, and a host serve started again on the same state directory (not --state-dir none) takes it up with its output kept: holdfast host attach \(started.id)"))
             } catch {
                 return .failure(error)
             }
