@@ -185,6 +185,10 @@ struct DetachKeysOption: ParsableArguments {
     /// a terminal change from the background.
     static let stopSignals = [SIGTSTP, SIGTTIN, SIGTTOU]
 
+    /// Who sent the signal passed on (said as the client lets go: "from pid 4242 (uid 0,
+    /// timeout)"): a script's `timeout`, a cancelled CI job, an operator, or a stray kill.
+    static let passedOnSender = Mutex<String?>(nil)
+
     func interaction() throws -> HostClient.Interaction {
         // One pipe for the three, each sorted to its own waiter. A signal ignored when the client
         // started stays ignored: `nohup holdfast host run ...` outlives the terminal's hang-up,
@@ -223,6 +227,8 @@ struct DetachKeysOption: ParsableArguments {
                     dieOf(received.number)
                 } else {
                     passing = true
+                    let sender = received.sender
+                    Self.passedOnSender.withLock { $0 = sender }
                     pass.yield(received.number)
                 }
             }
@@ -366,7 +372,8 @@ func finishHostCommand(
             // Die of SIGINT, as a shell expects of an interrupted command (a script stops).
             dieOf(SIGINT)
         case .passedOn(let number):
-            writeError("holdfast \(name): \(SignalNames.name(number)) passed on to \(id); its output goes on into its log (holdfast host logs \(id))")
+            let sender = DetachKeysOption.passedOnSender.withLock { $0 }.map { " (from \($0))" } ?? ""
+            writeError("holdfast \(name): \(SignalNames.name(number))\(sender) passed on to \(id); its output goes on into its log (holdfast host logs \(id))")
             dieOf(number)
         case .anotherClient:
             throw ExitCode(HostExitCode.holdfastFailure)  // said above

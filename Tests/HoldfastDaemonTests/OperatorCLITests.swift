@@ -186,6 +186,7 @@ struct OperatorCLITests {
         let ended = try await client.finish()
         #expect(ended.status == .signaled(signal), "dies of it, as a shell expects: \(ended.err)")
         #expect(ended.err.contains("passed on to trapper"), "\(ended.err)")
+        #expect(ended.err.contains("(from pid \(getpid()) (uid \(getuid())"), "who sent it is said: \(ended.err)")
         let waited = try await serve.cli(["wait", "trapper"], within: .seconds(30))
         #expect(waited.out == "3\n", "the process had the signal: \(waited.out)\(waited.err)")
         #expect(try await serve.cli(["logs", "trapper"]).out == "ready\ngot-it\n", "what it wrote after, in its log")
