@@ -55,6 +55,10 @@ public enum Failpoint {
     /// `broker`). The kill lands wherever the broker's other threads are, a take included.
     public static let brokerQuiescing = "broker-quiescing"
 
+    /// host serve (PROCESS `host-serve`) received a chunk of a process's output and has not
+    /// written it to its state directory yet (`fails`, its 20th chunk): it waits long enough for
+    /// any acknowledgement of the chunk to reach the guest, then dies (SIGKILL). None may have.
+    public static let hostServeChunkReceived = "host-serve-chunk-received"
     /// A start of the role (PROCESS: its name) fails before its spawn, as a fork refused under
     /// a pids limit would (`fails`: its 2nd to 11th starts).
     public static let roleStartFails = "role-start-fails"

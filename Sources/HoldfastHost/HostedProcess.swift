@@ -383,6 +383,10 @@ final class OutputRelay: Sendable {
             state.withLockedValue { $0.waitingSince = .now }
             guard let chunk = await chunks.next() else { break }
             state.withLockedValue { $0.waitingSince = nil }
+            if file != nil, Failpoint.fails(Failpoint.hostServeChunkReceived, process: "host-serve", passes: 20...20) {
+                try? await Task.sleep(for: .milliseconds(500))
+                Failpoint.pass(Failpoint.hostServeChunkReceived, process: "host-serve")
+            }
             log.append(kind, chunk)
             if let file {
                 if !file.append(chunk), let failure = file.failure, failure != "closed", !fileFailureSaid {

@@ -16,7 +16,9 @@ struct HostServeFixture {
     let control: String
     let logPath: String
 
-    static func start(_ daemon: DaemonFixture, openFileLimit: (soft: UInt64, hard: UInt64?)? = nil) async throws -> HostServeFixture {
+    static func start(
+        _ daemon: DaemonFixture, openFileLimit: (soft: UInt64, hard: UInt64?)? = nil, environment: [String]? = nil
+    ) async throws -> HostServeFixture {
         daemon.bridge.close()
         let dir = daemon.directory
         let control = dir.file("host.sock")
@@ -25,7 +27,7 @@ struct HostServeFixture {
         let pid = try daemon.processes.start(
             [holdfastExecutable(), "host", "serve", "--bridge", "unix:" + dir.file("host-bridge.sock"),
              "--streams", "unix:" + dir.file("host-streams.sock"), "--control", control],
-            stdout: log, stderr: log, openFileLimit: openFileLimit)
+            stdout: log, stderr: log, environment: environment, openFileLimit: openFileLimit)
         close(log)
         let serve = HostServeFixture(daemon: daemon, pid: pid, control: control, logPath: logPath)
         do {

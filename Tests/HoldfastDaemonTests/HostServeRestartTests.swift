@@ -69,7 +69,7 @@ struct HostServeRestartTests {
         #expect(waited.status == .exited(0), "\(waited.out)\(waited.err)")
         let logs = try await serve.cli(["logs", "counter"])
         #expect(logs.out.utf8.count == expected.utf8.count, "every byte, once: \(logs.out.utf8.count) of \(expected.utf8.count)")
-        #expect(logs.out == expected, "the counter's output is exactly 1...20000 across the restart")
+        #expect(sameBytes(Array(logs.out.utf8), Array(expected.utf8)), "the counter's output is exactly 1...20000 across the restart: \(difference(Array(logs.out.utf8), Array(expected.utf8)))")
 
         let quick = try await serve.cli(["wait", "quick"])
         #expect(quick.status == .exited(0) && quick.out == "7\n", "the exit that came while host serve was away: \(quick.out)\(quick.err)")
@@ -84,11 +84,24 @@ struct HostServeRestartTests {
         serve = try await HostServeFixture.start(daemon)
         #expect(serve.log.contains("3 finished ones"), "\(serve.log)")
         #expect(try await serve.cli(["wait", "quick"]).out == "7\n")
-        #expect(try await serve.cli(["logs", "counter"]).out == expected)
+        let thirdLife = Array(try await serve.cli(["logs", "counter"]).out.utf8)
+        #expect(sameBytes(thirdLife, Array(expected.utf8)), "\(difference(thirdLife, Array(expected.utf8)))")
         kill(serve.pid, SIGTERM)
         _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(20))
         #expect(try await daemon.stop() == .exited(0))
     }
+}
+
+/// Whether two byte strings are equal (a plain `==` in an expectation prints both whole).
+private func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool { a == b }
+
+/// Where two byte strings first differ, briefly.
+private func difference(_ got: [UInt8], _ expected: [UInt8]) -> String {
+    guard let at = zip(got, expected).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset else {
+        return got.count == expected.count ? "equal" : "\(got.count) bytes of \(expected.count), equal as far as both go"
+    }
+    func around(_ bytes: [UInt8]) -> String { String(decoding: bytes[max(0, at - 16)..<min(bytes.count, at + 16)], as: UTF8.self).debugDescription }
+    return "\(got.count) bytes of \(expected.count); first difference at \(at): \(around(got)) where \(around(expected)) was expected"
 }
 
 private func fileSize(_ path: String) -> Int {
@@ -160,7 +173,80 @@ extension HostServeRestartTests {
         #expect(outcome.contains("\"exitCode\":4") && !outcome.contains("endedByHost"), "outputs that had ended are not waited for: \(outcome)")
         #expect(try await serve.cli(["wait", "counter"]).out == "0\n")
         let logs = try await serve.cli(["logs", "counter"])
-        #expect(logs.out == expected, "\(logs.out.utf8.count) of \(expected.utf8.count) bytes")
+        #expect(sameBytes(Array(logs.out.utf8), Array(expected.utf8)), "\(difference(Array(logs.out.utf8), Array(expected.utf8)))")
+        kill(serve.pid, SIGTERM)
+        _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(20))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
+extension HostServeRestartTests {
+    /// host serve SIGKILLed eight times at random moments while a process prints 150,000
+    /// numbered lines, started again each time: its kept output is exactly the lines, once
+    /// each (compared whole), and the exit arrives.
+    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    func hostServeKilledEightTimesMidStreamLosesNothing() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        var serve = try await HostServeFixture.start(daemon)
+        let counter = "for b in $(seq 0 59); do seq $((b*2500+1)) $((b*2500+2500)); sleep 0.1; done"
+        let expected = Array((1...150_000).map { "\($0)\n" }.joined().utf8)
+        let started = try await serve.cli(["run", "-d", "--name", "counter", "--", "sh", "-c", counter])
+        #expect(started.status == .exited(0), "\(started.err)")
+        let output = daemon.directory.file("host-state/processes/0000000001/stdout.log")
+        var keptAtKills: [Int] = []
+        for _ in 0..<8 {
+            try await Task.sleep(for: .milliseconds(Int.random(in: 200...700)))
+            kill(serve.pid, SIGKILL)
+            _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(10))
+            keptAtKills.append(fileSize(output) - 8)
+            serve = try await HostServeFixture.start(daemon)
+        }
+        print("host serve killed at \(keptAtKills) bytes kept of \(expected.count)")
+        let waited = try await serve.cli(["wait", "counter"], within: .seconds(120))
+        #expect(waited.out == "0\n", "\(waited.out)\(waited.err)")
+        try await eventually("the counter handed over", timeout: .seconds(60)) {
+            access(daemon.directory.file("host-state/processes/0000000001/finished"), F_OK) == 0
+        }
+        let kept = Array((readFile(output) ?? []).dropFirst(8))
+        #expect(kept.count == expected.count, "every byte once: \(kept.count) of \(expected.count)")
+        #expect(sameBytes(kept, expected), "the kept output is exactly 1...150000: \(difference(kept, expected))")
+        #expect(keptAtKills.contains { $0 > 0 && $0 < expected.count }, "a kill landed mid-stream: \(keptAtKills)")
+        kill(serve.pid, SIGTERM)
+        _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(20))
+        #expect(try await daemon.stop() == .exited(0))
+    }
+}
+
+extension HostServeRestartTests {
+    /// host serve dies holding a chunk it received and had not yet written down, having
+    /// waited long enough for an acknowledgement of it to reach the guest (a failpoint: an
+    /// instant no kill from outside can aim at). None may have gone: the next host serve
+    /// resumes before the chunk, and the output is exact. Acknowledged on receipt, the chunk
+    /// was gone for good (a gap the guest counts).
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (the failpoint)"))
+    func aChunkNotYetKeptIsNeverAcknowledged() async throws {
+        let daemon = try await DaemonFixture()
+        defer { daemon.cleanUp() }
+        let armed = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
+            + ["HOLDFAST_FAILPOINT=\(Failpoint.hostServeChunkReceived):host-serve"]
+        var serve = try await HostServeFixture.start(daemon, environment: armed)
+        let counter = "for b in $(seq 0 39); do seq $((b*500+1)) $((b*500+500)); sleep 0.05; done"
+        let expected = Array((1...20_000).map { "\($0)\n" }.joined().utf8)
+        let started = try await serve.cli(["run", "-d", "--name", "counter", "--", "sh", "-c", counter])
+        #expect(started.status == .exited(0), "\(started.err)")
+        let died = try await daemon.processes.wait(serve.pid, timeout: .seconds(60))
+        #expect(died == .signaled(SIGKILL), "host serve died at the failpoint")
+        serve = try await HostServeFixture.start(daemon)
+        #expect(try await serve.cli(["wait", "counter"], within: .seconds(60)).out == "0\n")
+        let output = daemon.directory.file("host-state/processes/0000000001/stdout.log")
+        try await eventually("the counter handed over", timeout: .seconds(60)) {
+            access(daemon.directory.file("host-state/processes/0000000001/finished"), F_OK) == 0
+        }
+        let kept = Array((readFile(output) ?? []).dropFirst(8))
+        #expect(kept.count == expected.count, "\(kept.count) of \(expected.count) bytes")
+        #expect(sameBytes(kept, expected), "exactly 1...20000: \(difference(kept, expected))")
+        #expect(!serve.log.contains("lost"), "\(serve.log)")
         kill(serve.pid, SIGTERM)
         _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(20))
         #expect(try await daemon.stop() == .exited(0))
