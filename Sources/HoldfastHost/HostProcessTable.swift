@@ -14,6 +14,15 @@ final class HostProcessTable: Sendable {
         var info: HostProcessInfo
         /// Its log, among the newest `logsKept` (nil once dropped, or if it printed nothing).
         var log: ProcessLog?
+        /// The number of its directory in the state directory, if it has one (a number, not a
+        /// path: a thousand outcomes kept should not cost a thousand path strings).
+        var files: UInt64? = nil
+
+        /// Puts `self` in `finished` for `id`; a directory of an earlier process of that id that
+        /// is not this one's is to be removed.
+        func replacing(_ id: String, in finished: inout [String: Finished], removing: inout [UInt64]) {
+            if let earlier = finished.updateValue(self, forKey: id)?.files, earlier != files { removing.append(earlier) }
+        }
     }
 
     private struct State: Sendable {
@@ -31,9 +40,6 @@ final class HostProcessTable: Sendable {
         var listRound: UInt64 = 0
         var closed = false
         var trimScheduled = false
-        /// The numbers of the finished processes' directories in the state directory (numbers,
-        /// not paths: a thousand outcomes kept should not cost a thousand path strings).
-        var files: [String: UInt64] = [:]
         /// File work decided under the lock, done after it: whole directories to remove (an
         /// outcome forgotten), and logs to drop (no longer among the `logsKept`).
         var filesToRemove: [UInt64] = []
@@ -47,8 +53,9 @@ final class HostProcessTable: Sendable {
             let excess = outcomeOrder.count - kept
             for id in outcomeOrder.prefix(excess) where processes[id] == nil {
                 outcomes.removeValue(forKey: id)
-                if finished.removeValue(forKey: id)?.log != nil { logOrder.removeAll { $0 == id } }
-                if let gone = files.removeValue(forKey: id) { filesToRemove.append(gone) }
+                let gone = finished.removeValue(forKey: id)
+                if gone?.log != nil { logOrder.removeAll { $0 == id } }
+                if let number = gone?.files { filesToRemove.append(number) }
             }
             outcomeOrder.removeFirst(excess)
         }
@@ -58,7 +65,7 @@ final class HostProcessTable: Sendable {
             guard logOrder.count > kept else { return }
             for id in logOrder.prefix(logOrder.count - kept) {
                 finished[id]?.log = nil
-                if let files = files[id] { logsToDrop.append(files) }
+                if let number = finished[id]?.files { logsToDrop.append(number) }
             }
             logOrder.removeFirst(logOrder.count - kept)
         }
@@ -222,8 +229,7 @@ final class HostProcessTable: Sendable {
         let superseded = state.withLockedValue { s -> Bool in
             guard s.processes[report.id] == nil else { return true }
             if s.outcomes.updateValue(outcome, forKey: report.id) == nil { s.outcomeOrder.append(report.id) }
-            s.finished[report.id] = Finished(info: info, log: nil)
-            if let files, let earlier = s.files.updateValue(files.number, forKey: report.id) { s.filesToRemove.append(earlier) }
+            Finished(info: info, log: nil, files: files?.number).replacing(report.id, in: &s.finished, removing: &s.filesToRemove)
             s.forgetOldestOutcomes(keeping: Self.rememberedOutcomes)
             return false
         }
@@ -261,10 +267,7 @@ final class HostProcessTable: Sendable {
         let idle = state.withLockedValue { s -> Bool in
             if s.processes[process.id] === process { s.processes.removeValue(forKey: process.id) }
             if s.outcomes.updateValue(outcome, forKey: process.id) == nil { s.outcomeOrder.append(process.id) }
-            s.finished[process.id] = Finished(info: info, log: log)
-            if let files = process.files, let earlier = s.files.updateValue(files.number, forKey: process.id), earlier != files.number {
-                s.filesToRemove.append(earlier)
-            }
+            Finished(info: info, log: log, files: process.files?.number).replacing(process.id, in: &s.finished, removing: &s.filesToRemove)
             s.logOrder.removeAll { $0 == process.id }
             if log != nil { s.logOrder.append(process.id) }
             s.dropOldestLogs(keeping: logsKept)
@@ -296,8 +299,7 @@ final class HostProcessTable: Sendable {
         let logsKept = logsKept
         state.withLockedValue { s in
             if s.outcomes.updateValue(outcome, forKey: info.id) == nil { s.outcomeOrder.append(info.id) }
-            s.finished[info.id] = Finished(info: info, log: log)
-            if let earlier = s.files.updateValue(files.number, forKey: info.id), earlier != files.number { s.filesToRemove.append(earlier) }
+            Finished(info: info, log: log, files: files.number).replacing(info.id, in: &s.finished, removing: &s.filesToRemove)
             s.logOrder.removeAll { $0 == info.id }
             if log != nil { s.logOrder.append(info.id) }
             s.dropOldestLogs(keeping: logsKept)

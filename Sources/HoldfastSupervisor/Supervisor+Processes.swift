@@ -616,19 +616,27 @@ extension Supervisor {
 
     /// Signals the process group a direct process leads (what it left behind: an orphan that
     /// holds its output open). While the leader is not reaped, through its registration: exact.
-    /// After, by number. That number is still this group's while any member of the group or of
-    /// its session lives (the kernel gives a number out again only once no process uses it as
-    /// a pid, a group or a session), and the stop sends this only for a process whose output
-    /// is still held open, as a rule by such a member. It can reach another group only if
-    /// every member ended in the instant before it and the kernel handed the number to a new
-    /// process that made itself a group leader in that same instant.
+    /// After, each member whose group it is: those in the process's cgroup, or without one,
+    /// those that descend from this supervisor (`ProcessGroupMembers`). Never the number: once
+    /// every member has ended the kernel may give it to a new process that leads a group of its
+    /// own — at once, when something rewinds `ns_last_pid` (the test suite does) — and a stop's
+    /// SIGCONT or SIGKILL reached that stranger.
     func signalProcessGroup(_ entry: ProcessTable.Entry, _ signal: Int32) {
         if let child = forked.withLockedValue({ $0[entry.id] }), child.pid == entry.pid,
             reaper.signalGroup(child, signal) != .reaped
         {
             return
         }
-        kill(-entry.pid, signal)
+        // The leader is reaped. With a cgroup, the group's members are found there — ours,
+        // whatever the kernel did with the number: a group whose members had all ended has no
+        // claim on it, and a new process of that number that leads a group of its own (any
+        // `setsid` child on the machine) would otherwise be sent a stop's SIGCONT or SIGKILL.
+        if let cgroup = entry.cgroup, let cgroups {
+            for member in cgroups.members(cgroup) where getpgid(member) == entry.pid { kill(member, signal) }
+            return
+        }
+        // Without one, those of the group that descend from this supervisor (their subreaper).
+        for member in ProcessGroupMembers.of(group: entry.pid, descendingFrom: getpid()) { kill(member, signal) }
     }
 
     // MARK: Status

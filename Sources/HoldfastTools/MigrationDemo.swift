@@ -87,14 +87,20 @@ public enum MigrationDemo {
 
     /// SIGTERM and a bounded wait (the daemon shuts down gracefully), then SIGKILL.
     private static func stop(_ daemon: pid_t, say: @Sendable (String) -> Void) async {
+        // The SIGKILL goes through a pidfd: sent by number after the waiter reaped the daemon
+        // (the timer's sleep ending as it is cancelled), it reached whatever process the
+        // kernel gave the number to next.
+        let pidfd = PidFD.open(daemon)
+        defer { if pidfd >= 0 { close(pidfd) } }
         kill(daemon, SIGTERM)
         let waiter = Task { try? await Spawner.waitForExit(daemon) }
         let timer = Task {
-            try? await Task.sleep(for: .seconds(10))
-            kill(daemon, SIGKILL)
+            guard (try? await Task.sleep(for: .seconds(10))) != nil, pidfd >= 0 else { return }
+            _ = PidFD.send(SIGKILL, through: pidfd)
         }
         if let status = await waiter.value { say("demo: daemon stopped (\(status))") }
         timer.cancel()
+        _ = await timer.value
     }
 
     private static func drive(

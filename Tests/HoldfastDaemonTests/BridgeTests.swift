@@ -167,7 +167,8 @@ struct BridgeTests {
         for id in ids.shuffled() { _ = try await daemon.bridge.create(ProcessSpec(id: id, argv: ["sleep", "60"])) }
         let broker = try #require(try await daemon.rolePID("broker"))
         kill(broker, SIGSTOP)
-        defer { kill(broker, SIGCONT) }
+        let continued = PinnedProcess(broker)  // signalled through its pidfd: never a later holder of its number
+        defer { continued?.signal(SIGCONT) }
         // Every thread of it stopped before the lists (a full suite's run once got the full
         // list answered: the stop not yet in effect on a thread that was serving).
         try await eventually("every thread of the broker stopped") { everyThreadStopped(broker) }

@@ -153,7 +153,8 @@ struct HandoffCrashSurvivalTests {
 
         let stopped = ContinuousClock.now
         #expect(kill(pid, SIGSTOP) == 0)
-        defer { kill(pid, SIGCONT) }
+        let continued = PinnedProcess(pid)  // signalled through its pidfd: never a later holder of its number
+        defer { continued?.signal(SIGCONT) }
         let answer: AdoptResponse
         do {
             // The stop is the kernel's to finish: every thread of it, before the adopt.

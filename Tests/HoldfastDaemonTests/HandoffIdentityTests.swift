@@ -84,7 +84,8 @@ struct HandoffIdentityTests {
         defer { close(pipe.write) }
         let copy = dup(pipe.read)
         #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
-        defer { kill(daemon.daemonPID, SIGCONT) }
+        let continued = PinnedProcess(daemon.daemonPID)  // signalled through its pidfd: never a later holder of its number
+        defer { continued?.signal(SIGCONT) }
         try await eventually("the supervisor stopped") { ProcessRunState.of(daemon.daemonPID) == .stopped }
         func adopt(_ process: String, _ fd: Int32) async -> Result<AdoptResponse, HoldfastError> {
             do {

@@ -44,7 +44,10 @@ struct HandoffReleaseCrashTests {
             stdin: inPipe.read, stdout: outPipe.write)
         // Its subshell and `cat` are in its process group (it leads a session of its own): a
         // test that fails halfway ends them too, not only the shell.
-        defer { kill(-pid, SIGKILL) }
+        // Only while the shell is unreaped: its number (and so its group's) is then still its
+        // own. After the wait below the kernel may give it to another test's process.
+        var reaped = false
+        defer { if !reaped { kill(-pid, SIGKILL) } }
         close(outPipe.write)
         close(inPipe.read)
         let pipes = [linkTarget("/proc/self/fd/\(outPipe.read)"), linkTarget("/proc/self/fd/\(inPipe.write)")]
@@ -157,6 +160,7 @@ struct HandoffReleaseCrashTests {
         #expect(kill(pid, 0) == 0, "no SIGPIPE, no write error: the process lives")
         kill(pid, SIGTERM)
         #expect(try await processes.wait(pid) == .signaled(SIGTERM))
+        reaped = true
         close(returned[0])
         _ = received
         print("release interrupted \(moment.rawValue): pipes held throughout, \(numbers.count) lines read after it, consecutive")

@@ -114,9 +114,12 @@ struct HostCLIHabitsTests {
             client = pid_t(String(decoding: readFile(pidFile) ?? [], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
             return client > 0
         }
+        // Pinned: bash reaps the client when it ends, and a signal sent by number after that
+        // reaches whatever process the kernel gave the number to next (another test's client).
+        let pinned = try #require(PinnedProcess(client), "the client still there to pin")
         defer {
-            kill(client, SIGCONT)
-            kill(client, SIGKILL)
+            pinned.signal(SIGCONT)
+            pinned.signal(SIGKILL)
         }
         #expect(getpgid(client) == client && getpgid(client) != getpgid(shell), "the job has a process group of its own")
         func canonical() -> Bool {
@@ -136,12 +139,12 @@ struct HostCLIHabitsTests {
         // Both: the remote terminal's echo and cat's line (nothing left in flight at the stop).
         try await eventually("'one' twice on the terminal") { terminal.shown.components(separatedBy: "one").count - 1 >= 2 }
 
-        #expect(kill(client, SIGTSTP) == 0)
+        #expect(pinned.signal(SIGTSTP))
         try await eventually("the client stopped", timeout: .seconds(60)) { ProcessRunState.of(client) == .stopped }
         #expect(canonical(), "the terminal out of raw mode for the shell")
         #expect(blocking(), "the terminal's description blocking for the shell")
 
-        #expect(kill(client, SIGCONT) == 0)
+        #expect(pinned.signal(SIGCONT))
         try await eventually("raw and non-blocking again") { !canonical() && !blocking() }
         try await eventually("the client running again") { ProcessRunState.of(client) != .stopped }
         try await terminal.type("two\r")
@@ -162,7 +165,7 @@ struct HostCLIHabitsTests {
             }
             let ended = String(decoding: readFile(pidFile + ".status") ?? [], as: UTF8.self)
             print("ctrlZ: 'two' not echoed within 10 s; the terminal showed \(terminal.shown.debugDescription); canonical \(canonical()), blocking \(blocking()); client threads \(states); the job's exit status \(ended.isEmpty ? "none yet" : ended)")
-            #expect(kill(client, 0) == 0 && !canonical(), "the client still runs, its terminal raw")
+            #expect(pinned.signal(0) && !canonical(), "the client still runs, its terminal raw")
             try await terminal.type("two\r")
         }
         try await eventually("'two' twice on the terminal", timeout: .seconds(30)) { twiceTwo() }

@@ -185,9 +185,11 @@ struct HostRunEndsTests {
         #expect(after.processes == 0 && after.streams == 0)
         // What stays is bounded: the last 1,024 outcomes and the exit ids the bridge keeps
         // against repeats (4,096 at most). A run's streams, relays and sockets (kilobytes each)
-        // are gone: 1,000 of them would be megabytes.
+        // are gone: 1,000 of them would be megabytes. The slack (256 KiB) is the allocator's
+        // under a loaded suite (a full suite's run kept 1.12 MB where the test alone kept 0.98;
+        // with the state directory each outcome also keeps its directory's number).
         let retained = after.heapInUse - before.heapInUse
-        #expect(retained < 1024 * min(count, HostService.rememberedOutcomes) + 64 * 1024, "\(retained) bytes of heap kept after \(count) runs")
+        #expect(retained < 1024 * min(count, HostService.rememberedOutcomes) + 256 * 1024, "\(retained) bytes of heap kept after \(count) runs")
     }
 }
 

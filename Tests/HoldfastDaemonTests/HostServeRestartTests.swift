@@ -21,13 +21,17 @@ struct HostServeRestartTests {
         defer { daemon.cleanUp() }
         var serve = try await HostServeFixture.start(daemon)
 
-        // 20,000 numbered lines in 40 bursts, 100 ms apart: the kill lands mid-stream.
-        let counter = "for b in $(seq 0 39); do seq $((b*500+1)) $((b*500+500)); sleep 0.1; done"
+        // 20,000 numbered lines, the second half once the gate is there (after the kill: it
+        // lands mid-stream however loaded the machine).
+        let gate = daemon.directory.file("gate")
+        let counter = "for b in $(seq 0 39); do [ $b = 20 ] && while [ ! -e \(gate) ]; do sleep 0.05; done; seq $((b*500+1)) $((b*500+500)); sleep 0.02; done"
         let expected = (1...20_000).map { "\($0)\n" }.joined()
+        let firstHalf = (1...10_000).map { "\($0)\n" }.joined().utf8.count
         var started = try await serve.cli(["run", "-d", "--name", "counter", "--", "sh", "-c", counter])
         #expect(started.status == .exited(0), "\(started.err)")
         // Exits while host serve is away: its exit must not be lost with it.
-        started = try await serve.cli(["run", "-d", "--name", "quick", "--", "sh", "-c", "sleep 2; echo done-quick; exit 7"])
+        started = try await serve.cli(
+            ["run", "-d", "--name", "quick", "--", "sh", "-c", "while [ ! -e \(gate) ]; do sleep 0.05; done; echo done-quick; exit 7"])
         #expect(started.status == .exited(0), "\(started.err)")
         started = try await serve.cli(["run", "-d", "-i", "--name", "reader", "--", "sh", "-c", "read a; echo got-$a; read b; echo got-$b"])
         #expect(started.status == .exited(0), "\(started.err)")
@@ -40,7 +44,7 @@ struct HostServeRestartTests {
         try await eventually("the first line read", timeout: .seconds(20)) { attach.out.contains("got-one") }
 
         let outputFile = daemon.directory.file("host-state/processes/0000000001/stdout.log")
-        try await eventually("the counter under way", timeout: .seconds(20)) { fileSize(outputFile) > 8 + 20_000 }
+        try await eventually("the counter's first half kept", timeout: .seconds(60)) { fileSize(outputFile) == 8 + firstHalf }
         kill(serve.pid, SIGKILL)
         _ = try await daemon.processes.wait(serve.pid, timeout: .seconds(10))
         let keptAtKill = fileSize(outputFile) - 8
@@ -49,7 +53,8 @@ struct HostServeRestartTests {
         #expect(gone.status == .exited(125), "the attached client says host serve went away: \(gone.err)")
         #expect(gone.err.contains("holdfast host attach reader") || gone.err.contains("host serve"), "\(gone.err)")
 
-        try await Task.sleep(for: .seconds(3))  // `quick` exits while nobody is there
+        try writeFile(gate, [])
+        try await Task.sleep(for: .seconds(1))  // `quick` exits while nobody is there (as a rule)
         serve = try await HostServeFixture.start(daemon)
         #expect(serve.log.contains("took up 3 processes"), "\(serve.log)")
         #expect(keptAtKill < expected.utf8.count, "the kill landed mid-stream (\(keptAtKill) bytes kept)")
@@ -120,8 +125,10 @@ extension HostServeRestartTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         var serve = try await HostServeFixture.start(daemon)
-        let counter = "for b in $(seq 0 39); do seq $((b*500+1)) $((b*500+500)); sleep 0.1; done"
+        let gate = daemon.directory.file("gate")
+        let counter = "for b in $(seq 0 39); do [ $b = 20 ] && while [ ! -e \(gate) ]; do sleep 0.05; done; seq $((b*500+1)) $((b*500+500)); sleep 0.02; done"
         let expected = (1...20_000).map { "\($0)\n" }.joined()
+        let firstHalf = (1...10_000).map { "\($0)\n" }.joined().utf8.count
         for arguments in [
             ["run", "-d", "--name", "counter", "--", "sh", "-c", counter],
             ["run", "-d", "-i", "--name", "reader", "--", "sh", "-c", "read a; echo got-$a"],
@@ -131,7 +138,7 @@ extension HostServeRestartTests {
             #expect(started.status == .exited(0), "\(started.err)")
         }
         let state = daemon.directory.file("host-state/processes/")
-        try await eventually("the counter under way", timeout: .seconds(20)) { fileSize(state + "0000000001/stdout.log") > 8 + 20_000 }
+        try await eventually("the counter's first half kept", timeout: .seconds(60)) { fileSize(state + "0000000001/stdout.log") == 8 + firstHalf }
         try await eventually("the closer's outputs ended", timeout: .seconds(20)) {
             access(state + "0000000003/stdout.ended", F_OK) == 0 && access(state + "0000000003/stderr.ended", F_OK) == 0
         }
@@ -150,6 +157,7 @@ extension HostServeRestartTests {
 
         serve = try await HostServeFixture.start(daemon)
         #expect(serve.log.contains("took up 3 processes"), "\(serve.log)")
+        try writeFile(gate, [])
         try await eventually("the create answered again", timeout: .seconds(30)) { serve.log.contains("process counter: its create, unanswered") }
 
         let typed = try PipeEnds.make()

@@ -731,7 +731,8 @@ struct StoppedRoleTests {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
         #expect(kill(daemon.daemonPID, SIGSTOP) == 0)
-        defer { kill(daemon.daemonPID, SIGCONT) }
+        let continued = PinnedProcess(daemon.daemonPID)  // signalled through its pidfd: never a later holder of its number
+        defer { continued?.signal(SIGCONT) }
         try await eventually("the daemon stopped") { ProcessRunState.of(daemon.daemonPID) == .stopped }
         let path = daemon.directory.file("status.err")
         let err = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
