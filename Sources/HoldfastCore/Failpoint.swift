@@ -59,6 +59,9 @@ public enum Failpoint {
     /// written it to its state directory yet (`fails`, its 20th chunk): it waits long enough for
     /// any acknowledgement of the chunk to reach the guest, then dies (SIGKILL). None may have.
     public static let hostServeChunkReceived = "host-serve-chunk-received"
+    /// host serve (PROCESS `host-serve`) had its create answered and has not written the pid
+    /// down yet: it dies (SIGKILL). The next one finds the create unanswered.
+    public static let hostServeCreateAnswered = "host-serve-create-answered"
     /// A start of the role (PROCESS: its name) fails before its spawn, as a fork refused under
     /// a pids limit would (`fails`: its 2nd to 11th starts).
     public static let roleStartFails = "role-start-fails"

@@ -84,6 +84,9 @@ final class HostProcessTable: Sendable {
         self.stateDirectory = stateDirectory
     }
 
+    /// The daemon the bridge's last hello came from (nil before the first).
+    var currentGuest: GuestIdentity? { state.withLockedValue { $0.guest } }
+
     /// How an exit is acknowledged to the guest once it is kept (with a state directory).
     func acknowledgeExits(with acknowledge: @escaping @Sendable (String) -> Void) {
         state.withLockedValue { $0.acknowledge = acknowledge }
@@ -177,7 +180,9 @@ final class HostProcessTable: Sendable {
             let holder = state.withLockedValue { s -> Holder in
                 if s.closed { return .closing }
                 if let process = s.processes[report.id] { return .process(process) }
-                if s.outcomes[report.id]?.exit == report { return .kept }
+                // By id and code: a field the guest adds on a later delivery must not make it
+                // another exit, whose keeping would replace this one's directory, log and all.
+                if let kept = s.outcomes[report.id]?.exit, kept.id == report.id, kept.exitCode == report.exitCode { return .kept }
                 s.otherExits.append(report)
                 if s.otherExits.count > Self.rememberedOutcomes { s.otherExits.removeFirst(s.otherExits.count - Self.rememberedOutcomes) }
                 return .nobody
@@ -287,7 +292,9 @@ final class HostProcessTable: Sendable {
         process.state.withLockedValue { p in
             p.guest = guest
             p.pid = pid
-            p.createdInRound = 0
+            // One whose create is unanswered is not in the guest's list until it is sent again:
+            // no list may prove it gone before that (`created` sets the round).
+            p.createdInRound = pid == nil ? .max : 0
             if pid != nil, case .starting = p.phase { p.phase = .running }
         }
         if let outcome { end(process, outcome, keeping: false) }

@@ -666,6 +666,13 @@ public final class HostService: Sendable {
             rows: request.rows, columns: request.columns, stdin: specs["stdin"], stdout: specs["stdout"], stderr: specs["stderr"],
             runtime: request.runtime, bundle: request.bundle, container: request.container, idempotencyKey: RandomIdentifier.make())
         record.spec = spec
+        // The daemon it goes to, as far as known: a restart that finds the create unanswered
+        // sends it again only to that daemon (another one has no memory of its key, and would
+        // run it a second time).
+        if let guest = table.currentGuest {
+            record.bootID = guest.bootID
+            record.instanceID = guest.instanceID
+        }
         do throws(HoldfastError) {
             try files?.write(record)
         } catch {
@@ -705,16 +712,25 @@ public final class HostService: Sendable {
             // outlasted the wait): it may start the process yet — with no client, its streams
             // closed here, not in `ps`, unreachable by `attach`. It is ended if it does start,
             // and its id stays taken until that is settled (a new `run` of the id meanwhile
-            // would be the one killed).
+            // would be the one killed). Its record loses the create: a restart meanwhile must
+            // not send again what its client was told had failed.
+            if let files {
+                var givenUp = record
+                givenUp.spec = nil
+                try? files.write(givenUp)
+            }
             Task { [bridge, table, say] in
                 await Self.endIfItStartsLate(process, in: table, bridge: bridge, say: say)
             }
             throw error
         }
+        Failpoint.pass(Failpoint.hostServeCreateAnswered, process: "host-serve")
         // Which daemon runs it; if another one said hello meanwhile, it is already gone.
         record.pid = created.pid
         record.bootID = created.hello.bootID
         record.instanceID = created.hello.instanceID
+        // Answered: the create (its environment too) is no longer needed on disk.
+        record.spec = nil
         if let files {
             do throws(HoldfastError) {
                 try files.write(record)
@@ -786,12 +802,24 @@ public final class HostService: Sendable {
             return
         }
         spec.id = id
+        // Only to the daemon it was sent to: wait for the guest's hello (which ends the process
+        // as lost if another daemon says it), then send it again if nothing settled it.
+        let deadline = ContinuousClock.now + HostDefaults.guestWait
+        while table.currentGuest == nil, ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+        guard process.isUnresolved else { return }
+        if let bootID = record.bootID, let now = table.currentGuest,
+            let loss = GuestIdentity(bootID: bootID, instanceID: record.instanceID).loss(to: now, process: id)
+        {
+            table.end(process, HostWaitResponse(lost: loss))
+            return
+        }
         do throws(HoldfastError) {
             let created = try await bridge.createProcess(spec, timeout: HostDefaults.guestWait)
             var answered = record
             answered.pid = created.pid
             answered.bootID = created.hello.bootID
             answered.instanceID = created.hello.instanceID
+            answered.spec = nil
             try? process.files?.write(answered)
             table.created(process, pid: created.pid, by: GuestIdentity(created.hello))
             say("process \(id): its create, unanswered when host serve stopped, is answered now: pid \(created.pid)")

@@ -21,7 +21,9 @@ import Glibc
 ///   the file's first byte, little-endian), then the bytes. Cut to the newest `--log-size` bytes
 ///   when it grows past twice that (at least 1 MiB).
 /// - `stdin.offset`: how many stdin bytes were handed to the stream, written before they are;
-///   `stdin.ended` once the client ended stdin.
+///   `stdin.ended` once the client ended stdin (its socket read to the end).
+/// - `stdout.ended`, `stderr.ended`: that output's END arrived (written before the guest is
+///   told so): a new host serve does not open it again.
 /// - `outcome.json`: its exit or loss, written before the exit is acknowledged to the guest.
 /// - `finished`: outcome and output handed over; kept for `wait`, `ps -a` and `logs`.
 ///
@@ -203,7 +205,7 @@ final class ProcessFiles: Sendable {
 
     var stdinEnded: Bool { access(directory + "/stdin.ended", F_OK) == 0 }
 
-    /// `create`: a missing file is made (offset 0); otherwise nil when missing.
+    /// The output file of `kind`, made (at offset 0) if missing.
     func outputLog(_ kind: String, keep: Int) throws(HoldfastError) -> OutputLogFile {
         try OutputLogFile(path: directory + "/\(kind).log", keep: keep)
     }
@@ -254,7 +256,10 @@ final class OutputLogFile: Sendable {
         var base: UInt64
         /// Bytes after the header.
         var size: UInt64
-        var failed: String?
+        var closed = false
+        /// The size past which the next cut is tried (a failed one is not tried again at every
+        /// chunk: each would copy up to `keep` bytes).
+        var cutAbove: UInt64
     }
 
     static let headerSize = 8
@@ -282,7 +287,7 @@ final class OutputLogFile: Sendable {
             Glibc.close(fd)
             throw HoldfastError(.localFailed, "\(path) is not a holdfast output log (its header names an offset past 2^64)")
         }
-        state = NIOLockedValueBox(State(fd: fd, base: base, size: size))
+        state = NIOLockedValueBox(State(fd: fd, base: base, size: size, cutAbove: Self.cutThreshold(keep)))
     }
 
     private static func create(_ path: String, base: UInt64, tail: [UInt8]) throws(HoldfastError) {
@@ -301,41 +306,52 @@ final class OutputLogFile: Sendable {
     /// The stream offset after the last byte kept: where a new host serve resumes.
     var end: UInt64 { state.withLockedValue { $0.base + $0.size } }
 
-    /// Why the file stopped taking bytes, if it did.
-    var failure: String? { state.withLockedValue { $0.failed } }
+    static func cutThreshold(_ keep: Int) -> UInt64 { UInt64(max(2 * keep, 1 << 20)) }
 
-    /// Keeps `bytes`. False (and the reason in `failure`) when they could not be written: the
-    /// caller acknowledges them anyway (its memory has them), and a restart then finds the file
-    /// short of what the guest was told, which the guest reports as a gap (lost bytes).
-    @discardableResult
-    func append(_ bytes: [UInt8]) -> Bool {
+    /// What `append` did.
+    enum Appended: Sendable, Equatable {
+        case all
+        /// The first `written` bytes went in (counted: a restart resumes after them); the rest
+        /// could not (a full disk), for the reason given.
+        case part(written: Int, reason: String)
+        /// The file was closed (its stream ended here).
+        case closed
+    }
+
+    /// Keeps `bytes`, or as many as it can. The caller tells the guest a byte arrived only once
+    /// it is kept, and offers the rest again later: the guest holds what is not acknowledged,
+    /// so a full disk holds the stream back rather than losing bytes at the next restart.
+    func append(_ bytes: ArraySlice<UInt8>) -> Appended {
         state.withLockedValue { s in
-            guard s.failed == nil else { return false }
+            guard !s.closed else { return .closed }
             var offset = 0
             while offset < bytes.count {
-                let count = bytes[offset...].withUnsafeBytes { Glibc.write(s.fd, $0.baseAddress, $0.count) }
+                let count = bytes[(bytes.startIndex + offset)...].withUnsafeBytes { Glibc.write(s.fd, $0.baseAddress, $0.count) }
                 if count < 0 && errno == EINTR { continue }
                 guard count > 0 else {
-                    s.failed = "\(SystemError.last("write(\(path))"))"
-                    // Whatever part went in is counted: a restart resumes at the file's end.
+                    let reason = "\(SystemError.last("write(\(path))"))"
                     s.size += UInt64(offset)
-                    return false
+                    return .part(written: offset, reason: reason)
                 }
                 offset += count
             }
             s.size += UInt64(bytes.count)
-            if s.size > UInt64(max(2 * keep, 1 << 20)) { cut(&s) }
-            return true
+            if s.size > s.cutAbove { cut(&s) }
+            return .all
         }
     }
 
     /// Keeps only the newest `keep` bytes (a new file renamed over the old one), copied a MiB
     /// at a time (a `--log-size` of a GiB must not take a GiB of memory).
     private func cut(_ s: inout State) {
+        // Tried again only once another `keep` bytes came, if this one fails.
+        s.cutAbove = s.size + UInt64(max(keep, 1 << 20))
         let kept = min(UInt64(keep), s.size)
         let base = s.base + s.size - kept
         guard (try? Self.create(path + ".cut", base: base, tail: [])) != nil else { return }
-        let out = open(path + ".cut", O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
+        // Opened before the rename, read-write: it becomes the file's fd once renamed over it
+        // (reopening by name after could fail, leaving writes to the old, unlinked file).
+        let out = open(path + ".cut", O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
         guard out >= 0 else { return }
         var chunk = [UInt8](repeating: 0, count: 1 << 20)
         var copied: UInt64 = 0
@@ -350,18 +366,13 @@ final class OutputLogFile: Sendable {
             }
             copied += UInt64(want)
         }
-        Glibc.close(out)
         guard rename(path + ".cut", path) == 0 else {
+            Glibc.close(out)
             unlink(path + ".cut")
             return
         }
-        let fd = open(path, O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else {
-            s.failed = "\(SystemError.last("open(\(path))"))"
-            return
-        }
         Glibc.close(s.fd)
-        s.fd = fd
+        s.fd = out
         s.base = base
         s.size = kept
     }
@@ -380,7 +391,7 @@ final class OutputLogFile: Sendable {
         state.withLockedValue { s in
             if s.fd >= 0 { Glibc.close(s.fd) }
             s.fd = -1
-            s.failed = s.failed ?? "closed"
+            s.closed = true
         }
     }
 }

@@ -377,7 +377,6 @@ final class OutputRelay: Sendable {
     /// and forgotten (after making sure the guest has our END echo, bounded by `endEchoTimeout`).
     func run(endEchoTimeout: @escaping @Sendable () -> Duration, finished: @escaping @Sendable () -> Void) async {
         var chunks = stream.chunks().makeAsyncIterator()
-        var fileFailureSaid = false
         defer { file?.close() }
         relaying: while true {
             state.withLockedValue { $0.waitingSince = .now }
@@ -389,9 +388,24 @@ final class OutputRelay: Sendable {
             }
             log.append(kind, chunk)
             if let file {
-                if !file.append(chunk), let failure = file.failure, failure != "closed", !fileFailureSaid {
-                    fileFailureSaid = true
-                    say("warning: \(kind) can no longer be kept in the state directory (\(failure)): a restart of host serve now would lose what it has not kept")
+                // Kept before the guest hears it arrived. A write that cannot be done (a full
+                // disk) is tried again each second, the rest of the chunk only: meanwhile the
+                // guest holds the bytes, and its process waits once its buffers are full.
+                var rest = chunk[...]
+                var said = false
+                keeping: while true {
+                    switch file.append(rest) {
+                    case .all, .closed:
+                        break keeping
+                    case .part(let written, let reason):
+                        rest = rest.dropFirst(written)
+                        if !said {
+                            said = true
+                            say("warning: \(kind) cannot be written to the state directory (\(reason)); it waits until it can (the guest holds it)")
+                        }
+                        try? await Task.sleep(for: .seconds(1))
+                        if outlet.isClosed || wasEndedByHost { break keeping }
+                    }
                 }
                 stream.delivered(chunk.count)
             }
@@ -455,6 +469,9 @@ final class InputRelay: Sendable {
     private let server: StreamServer<AsyncFD>
     /// The client said its stdin ended.
     private let endRequested = NIOLockedValueBox(false)
+    /// Closed here (the process's outcome known, or host serve stopping): the loop's end is
+    /// not the client's, whatever it asked — its socket may still hold bytes.
+    private let closedHere = NIOLockedValueBox(false)
     /// With a state directory: the bytes handed to the stream, counted before each hand-over,
     /// and where the end is written down.
     private let offset: InputOffsetFile?
@@ -530,7 +547,7 @@ final class InputRelay: Sendable {
                 return
             }
         }
-        if endRequested.withLockedValue({ $0 }) {
+        if endRequested.withLockedValue({ $0 }), !closedHere.withLockedValue({ $0 }) {
             // Written once the client's socket was read to its end: a restart before this
             // leaves stdin open (a later client may end it), never ends it short.
             try? files?.markStdinEnded()
@@ -546,6 +563,7 @@ final class InputRelay: Sendable {
     }
 
     func close() {
+        closedHere.withLockedValue { $0 = true }
         outlet.close()
         server.close(stream)
     }

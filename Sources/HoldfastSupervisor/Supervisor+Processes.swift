@@ -616,27 +616,17 @@ extension Supervisor {
 
     /// Signals the process group a direct process leads (what it left behind: an orphan that
     /// holds its output open). While the leader is not reaped, through its registration: exact.
-    /// After, each member whose group it is: those in the process's cgroup, or without one,
-    /// those that descend from this supervisor (`ProcessGroupMembers`). Never the number: once
-    /// every member has ended the kernel may give it to a new process that leads a group of its
-    /// own — at once, when something rewinds `ns_last_pid` (the test suite does) — and a stop's
-    /// SIGCONT or SIGKILL reached that stranger.
+    /// After, to the group only while no process has the number as its pid
+    /// (`ProcessGroupSignal`): once every member has ended, the kernel may give the number to a
+    /// new process that leads a group of its own — at once, when something moves `ns_last_pid`
+    /// back (the test suite does) — and a stop's SIGCONT or SIGKILL reached that stranger.
     func signalProcessGroup(_ entry: ProcessTable.Entry, _ signal: Int32) {
         if let child = forked.withLockedValue({ $0[entry.id] }), child.pid == entry.pid,
             reaper.signalGroup(child, signal) != .reaped
         {
             return
         }
-        // The leader is reaped. With a cgroup, the group's members are found there — ours,
-        // whatever the kernel did with the number: a group whose members had all ended has no
-        // claim on it, and a new process of that number that leads a group of its own (any
-        // `setsid` child on the machine) would otherwise be sent a stop's SIGCONT or SIGKILL.
-        if let cgroup = entry.cgroup, let cgroups {
-            for member in cgroups.members(cgroup) where getpgid(member) == entry.pid { kill(member, signal) }
-            return
-        }
-        // Without one, those of the group that descend from this supervisor (their subreaper).
-        for member in ProcessGroupMembers.of(group: entry.pid, descendingFrom: getpid()) { kill(member, signal) }
+        _ = ProcessGroupSignal.sendAfterLeaderReaped(group: entry.pid, signal)
     }
 
     // MARK: Status

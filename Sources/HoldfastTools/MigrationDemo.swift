@@ -95,8 +95,9 @@ public enum MigrationDemo {
         kill(daemon, SIGTERM)
         let waiter = Task { try? await Spawner.waitForExit(daemon) }
         let timer = Task {
-            guard (try? await Task.sleep(for: .seconds(10))) != nil, pidfd >= 0 else { return }
-            _ = PidFD.send(SIGKILL, through: pidfd)
+            guard (try? await Task.sleep(for: .seconds(10))) != nil else { return }
+            // Without pidfds (before Linux 5.3): by number, the waiter not done yet.
+            if pidfd >= 0 { _ = PidFD.send(SIGKILL, through: pidfd) } else { kill(daemon, SIGKILL) }
         }
         if let status = await waiter.value { say("demo: daemon stopped (\(status))") }
         timer.cancel()

@@ -115,22 +115,31 @@ private func fileSize(_ path: String) -> Int {
 }
 
 extension HostServeRestartTests {
-    /// The other ways host serve goes and comes: stopped in order (SIGTERM) mid-stream; killed
-    /// between a create and its answer (its record has no pid: the create is sent again with
-    /// its key, and the guest answers with the process it started); stdin bytes the dead one
-    /// had taken and not delivered (its count 10 past what reached the guest: said as lost,
-    /// and stdin still open); and outputs whose END had arrived (not waited for again).
-    @Test(.enabled(if: DaemonFixture.canRun, "needs root: the daemon's broker runs as a uid of its own"))
+    /// The other ways host serve goes and comes: killed between a create and its answer (a
+    /// failpoint: the create is sent again with its recorded key, and the guest answers with
+    /// the process it started); stopped in order (SIGTERM) mid-stream; stdin bytes the dead one
+    /// had taken and not delivered (its count 10 past what reached the guest: said as lost, and
+    /// stdin still open); and outputs whose END had arrived (not waited for again).
+    @Test(.enabled(if: DaemonFixture.canRun && Failpoint.compiledIn, "needs root and a debug build (the failpoint)"))
     func aStopInOrderAnUnansweredCreateAndAStdinGapAreTakenUp() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        var serve = try await HostServeFixture.start(daemon)
+        let armed = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
+            + ["HOLDFAST_FAILPOINT=\(Failpoint.hostServeCreateAnswered):host-serve"]
+        var serve = try await HostServeFixture.start(daemon, environment: armed)
         let gate = daemon.directory.file("gate")
         let counter = "for b in $(seq 0 39); do [ $b = 20 ] && while [ ! -e \(gate) ]; do sleep 0.05; done; seq $((b*500+1)) $((b*500+500)); sleep 0.02; done"
         let expected = (1...20_000).map { "\($0)\n" }.joined()
         let firstHalf = (1...10_000).map { "\($0)\n" }.joined().utf8.count
+        // host serve dies as the counter's create is answered, before it writes the pid down.
+        let unanswered = try await serve.cli(["run", "-d", "--name", "counter", "--", "sh", "-c", counter])
+        #expect(unanswered.status == .exited(125), "its client hears host serve went away: \(unanswered.err)")
+        #expect(try await daemon.processes.wait(serve.pid, timeout: .seconds(20)) == .signaled(SIGKILL))
+        serve = try await HostServeFixture.start(daemon)
+        #expect(serve.log.contains("took up 1 processes"), "\(serve.log)")
+        try await eventually("the create answered again", timeout: .seconds(30)) { serve.log.contains("process counter: its create, unanswered") }
+        #expect(!serve.log.contains("refused"), "the guest knew the create by its key: \(serve.log)")
         for arguments in [
-            ["run", "-d", "--name", "counter", "--", "sh", "-c", counter],
             ["run", "-d", "-i", "--name", "reader", "--", "sh", "-c", "read a; echo got-$a"],
             ["run", "-d", "--name", "closer", "--", "sh", "-c", "exec >&- 2>&-; sleep 2; exit 4"],
         ] {
@@ -146,19 +155,15 @@ extension HostServeRestartTests {
         #expect(try await daemon.processes.wait(serve.pid, timeout: .seconds(20)) == .exited(0))
         #expect(fileSize(state + "0000000001/stdout.log") - 8 < expected.utf8.count, "the stop landed mid-stream")
 
-        // As if killed before the counter's create was answered, and after counting 10 stdin
-        // bytes for the reader that never reached the guest.
-        let recordPath = state + "0000000001/record.json"
-        var record = try #require(try JSONSerialization.jsonObject(with: Data(readFile(recordPath) ?? [])) as? [String: Any])
-        #expect(record["pid"] != nil && (record["spec"] as? [String: Any])?["idempotencyKey"] != nil, "\(record)")
-        record["pid"] = nil
-        try writeFile(recordPath, Array(try JSONSerialization.data(withJSONObject: record)))
+        // As if the dead one had counted 10 stdin bytes for the reader that never reached the
+        // guest. The counter's record no longer holds its create (answered).
+        let record = String(decoding: readFile(state + "0000000001/record.json") ?? [], as: UTF8.self)
+        #expect(record.contains("\"pid\"") && !record.contains("\"spec\""), "\(record)")
         try writeFile(state + "0000000002/stdin.offset", [10, 0, 0, 0, 0, 0, 0, 0])
 
         serve = try await HostServeFixture.start(daemon)
         #expect(serve.log.contains("took up 3 processes"), "\(serve.log)")
         try writeFile(gate, [])
-        try await eventually("the create answered again", timeout: .seconds(30)) { serve.log.contains("process counter: its create, unanswered") }
 
         let typed = try PipeEnds.make()
         defer { close(typed.read) }
