@@ -1,3 +1,4 @@
+import Foundation
 import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
@@ -37,6 +38,12 @@ struct HostServeFixture {
             throw error
         }
         return serve
+    }
+
+    /// host serve armed to die at `failpoint` (debug builds), with this process's environment.
+    static func start(_ daemon: DaemonFixture, failpoint: String) async throws -> HostServeFixture {
+        let environment = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" } + ["HOLDFAST_FAILPOINT=\(failpoint):host-serve"]
+        return try await start(daemon, environment: environment)
     }
 
     var log: String { String(decoding: readFile(logPath) ?? [], as: UTF8.self) }

@@ -2,7 +2,6 @@ import HoldfastCore
 import HoldfastPosix
 import HoldfastProtocol
 import HoldfastTestSupport
-import Foundation
 import Testing
 
 #if canImport(Glibc)
@@ -124,9 +123,7 @@ extension HostServeRestartTests {
     func aStopInOrderAnUnansweredCreateAndAStdinGapAreTakenUp() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let armed = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
-            + ["HOLDFAST_FAILPOINT=\(Failpoint.hostServeCreateAnswered):host-serve"]
-        var serve = try await HostServeFixture.start(daemon, environment: armed)
+        var serve = try await HostServeFixture.start(daemon, failpoint: Failpoint.hostServeCreateAnswered)
         let gate = daemon.directory.file("gate")
         let counter = "for b in $(seq 0 39); do [ $b = 20 ] && while [ ! -e \(gate) ]; do sleep 0.05; done; seq $((b*500+1)) $((b*500+500)); sleep 0.02; done"
         let expected = (1...20_000).map { "\($0)\n" }.joined()
@@ -241,9 +238,7 @@ extension HostServeRestartTests {
     func aChunkNotYetKeptIsNeverAcknowledged() async throws {
         let daemon = try await DaemonFixture()
         defer { daemon.cleanUp() }
-        let armed = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
-            + ["HOLDFAST_FAILPOINT=\(Failpoint.hostServeChunkReceived):host-serve"]
-        var serve = try await HostServeFixture.start(daemon, environment: armed)
+        var serve = try await HostServeFixture.start(daemon, failpoint: Failpoint.hostServeChunkReceived)
         let counter = "for b in $(seq 0 39); do seq $((b*500+1)) $((b*500+500)); sleep 0.05; done"
         let expected = Array((1...20_000).map { "\($0)\n" }.joined().utf8)
         let started = try await serve.cli(["run", "-d", "--name", "counter", "--", "sh", "-c", counter])
